@@ -1,0 +1,750 @@
+//! The event: what is published, stored and delivered.
+//!
+//! The JSON form is the seed's, field for field (`id`, `source`, `type`, `status`, `retry_count`,
+//! `error`, `payload`, `user_id`, `session_id`, `instance_id`, `schema`, `entity`, `operation`,
+//! `created_at`, `processed_at`, `completed_at`, `metadata`), so events cross between this crate
+//! and the Go broker in both directions. One field is ours: `partition_key`, written only when set
+//! and ignored by the Go decoder.
+//!
+//! - Ids are UUID v7: they sort by creation time.
+//! - Times are RFC 3339 in UTC with nanoseconds; any RFC 3339 offset is accepted on input.
+//! - The payload is raw JSON text. It is validated once when set and never parsed or re-encoded
+//!   on its way through the broker or a provider; [`Event::payload`] decodes it on demand.
+//!
+//! ```
+//! use eventbroker::{Event, EventSource};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+//! struct User { id: u64, name: String }
+//!
+//! let event = Event::for_entity(EventSource::Database, "public", "users", "create")
+//!     .with_user_id(123)
+//!     .with_session_id("session-456")
+//!     .with_payload(&User { id: 123, name: "John Doe".into() })?;
+//!
+//! assert_eq!(event.event_type, "public.users.create");
+//! assert_eq!(event.payload::<User>()?.name, "John Doe");
+//!
+//! let json = event.to_json();
+//! assert_eq!(Event::from_json(&json)?, event);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::error::{DecodeError, PayloadError};
+
+/// Free-form context attached to an event: string keys, JSON values, kept in key order.
+pub type Metadata = BTreeMap<String, serde_json::Value>;
+
+/// A unique event id: a UUID v7, so ids sort by creation time.
+///
+/// ```
+/// use eventbroker::EventId;
+///
+/// let a = EventId::new();
+/// let b = EventId::new();
+/// assert!(a < b);
+/// assert_eq!(a.to_string().parse::<EventId>()?, a);
+/// # Ok::<(), uuid::Error>(())
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    /// A new time-ordered id.
+    #[allow(clippy::new_without_default)] // A default id that is fresh each time would surprise.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID, of any version (the Go seed writes v4).
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hyphenated(), f)
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({})", self.0.hyphenated())
+    }
+}
+
+impl FromStr for EventId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSource {
+    /// A database change (the CRUD hooks and PostgreSQL capture use this).
+    Database,
+    /// A websocket connection.
+    Websocket,
+    /// A browser or other front end.
+    Frontend,
+    /// The system itself: health, maintenance, lifecycle.
+    System,
+    /// Internal plumbing between components.
+    Internal,
+}
+
+impl EventSource {
+    /// Every source, in declaration order.
+    pub const ALL: [Self; 5] =
+        [Self::Database, Self::Websocket, Self::Frontend, Self::System, Self::Internal];
+
+    /// The JSON name: `database`, `websocket`, `frontend`, `system` or `internal`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Database => "database",
+            Self::Websocket => "websocket",
+            Self::Frontend => "frontend",
+            Self::System => "system",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for EventSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An [`EventSource`] or [`EventStatus`] name that is not one of the known ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {given:?}; expected one of {expected}")]
+pub struct UnknownName {
+    what: &'static str,
+    given: String,
+    expected: &'static str,
+}
+
+impl FromStr for EventSource {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownName {
+            what: "event source",
+            given: s.to_owned(),
+            expected: "database, websocket, frontend, system, internal",
+        })
+    }
+}
+
+/// Where an event is in its life: `pending` on accept, `processing` when a worker takes it, then
+/// `completed` (every handler succeeded, or none matched) or `failed` (a handler gave up after
+/// its retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventStatus {
+    /// Accepted, not yet taken by a worker.
+    Pending,
+    /// A worker is running its handlers.
+    Processing,
+    /// Every handler succeeded, or none matched.
+    Completed,
+    /// At least one handler failed after its last retry.
+    Failed,
+}
+
+impl EventStatus {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Self; 4] = [Self::Pending, Self::Processing, Self::Completed, Self::Failed];
+
+    /// The JSON name: `pending`, `processing`, `completed` or `failed`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether the event's life is over (`completed` or `failed`).
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed)
+    }
+}
+
+impl fmt::Display for EventStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EventStatus {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownName {
+            what: "event status",
+            given: s.to_owned(),
+            expected: "pending, processing, completed, failed",
+        })
+    }
+}
+
+/// An event's payload: one JSON value, kept as the exact text it was given or decoded from.
+/// Equality compares the text.
+///
+/// ```
+/// use eventbroker::Payload;
+///
+/// let p = Payload::from_json(r#"{"id": 1}"#.to_owned())?;
+/// assert_eq!(p.as_str(), r#"{"id": 1}"#);
+/// # Ok::<(), eventbroker::PayloadError>(())
+/// ```
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Box<RawValue>);
+
+impl Payload {
+    /// Wraps JSON text after checking that it is one valid JSON value.
+    ///
+    /// # Errors
+    /// [`PayloadError::InvalidJson`] when it is not.
+    pub fn from_json(json: String) -> Result<Self, PayloadError> {
+        RawValue::from_string(json).map(Self).map_err(PayloadError::InvalidJson)
+    }
+
+    /// Serializes `value` to compact JSON.
+    ///
+    /// # Errors
+    /// [`PayloadError::Serialize`] when `value` cannot be written as JSON.
+    pub fn from_value<T: Serialize + ?Sized>(value: &T) -> Result<Self, PayloadError> {
+        serde_json::value::to_raw_value(value).map(Self).map_err(PayloadError::Serialize)
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Decodes the JSON as `T`.
+    ///
+    /// # Errors
+    /// [`PayloadError::Decode`] when the JSON does not have the shape of `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
+        serde_json::from_str(self.as_str())
+            .map_err(|source| PayloadError::Decode { target: std::any::type_name::<T>(), source })
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Payload {}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Payload").field(&self.as_str()).finish()
+    }
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The type `schema.entity.operation`, as database events are named.
+///
+/// ```
+/// assert_eq!(eventbroker::event_type("public", "users", "create"), "public.users.create");
+/// ```
+pub fn event_type(schema: &str, entity: &str, operation: &str) -> String {
+    let mut t = String::with_capacity(schema.len() + entity.len() + operation.len() + 2);
+    t.push_str(schema);
+    t.push('.');
+    t.push_str(entity);
+    t.push('.');
+    t.push_str(operation);
+    t
+}
+
+/// An event. Fields are public and named as in the seed's JSON; the `with_*` methods build one
+/// up fluently. The broker validates `event_type` at publish and fills `instance_id` when empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unique id.
+    pub id: EventId,
+    /// Where it came from.
+    pub source: EventSource,
+    /// Dot-separated type that subscriptions match, e.g. `public.users.create`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Lifecycle status.
+    pub status: EventStatus,
+    /// Retries spent on the delivery that failed last (0 until one is retried).
+    pub retry_count: u32,
+    /// The last handler error, when it failed; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// Raw JSON payload; `None` is written as `null`.
+    #[serde(default)]
+    pub payload: Option<Payload>,
+    /// Id of the user who caused the event; 0 when none.
+    #[serde(default)]
+    pub user_id: i64,
+    /// Session that caused the event; empty when none.
+    #[serde(default)]
+    pub session_id: String,
+    /// Broker instance that published the event.
+    #[serde(default)]
+    pub instance_id: String,
+    /// Database schema, for database events.
+    #[serde(default)]
+    pub schema: String,
+    /// Database entity (table), for database events.
+    #[serde(default)]
+    pub entity: String,
+    /// `create`, `update`, `delete` or `read`, for database events.
+    #[serde(default)]
+    pub operation: String,
+    /// When the event was created.
+    pub created_at: Timestamp,
+    /// When a worker began processing it.
+    #[serde(default)]
+    pub processed_at: Option<Timestamp>,
+    /// When processing ended, successfully or not.
+    #[serde(default)]
+    pub completed_at: Option<Timestamp>,
+    /// Additional context; `null` in the JSON reads as empty.
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub metadata: Metadata,
+    /// Key that picks the shard; events with equal keys are handled in publish order. `None`
+    /// means the event type. Not part of the seed's format; written only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+}
+
+impl Event {
+    /// A pending event of `event_type` from `source`, with a fresh id and the current time.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource, EventStatus};
+    ///
+    /// let e = Event::new(EventSource::System, "system.health.check");
+    /// assert_eq!(e.status, EventStatus::Pending);
+    /// assert!(e.payload.is_none());
+    /// ```
+    pub fn new(source: EventSource, event_type: impl Into<String>) -> Self {
+        Self {
+            id: EventId::new(),
+            source,
+            event_type: event_type.into(),
+            status: EventStatus::Pending,
+            retry_count: 0,
+            error: String::new(),
+            payload: None,
+            user_id: 0,
+            session_id: String::new(),
+            instance_id: String::new(),
+            schema: String::new(),
+            entity: String::new(),
+            operation: String::new(),
+            created_at: Timestamp::now(),
+            processed_at: None,
+            completed_at: None,
+            metadata: Metadata::new(),
+            partition_key: None,
+        }
+    }
+
+    /// A database-style event: type `schema.entity.operation`, with those three fields set.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource};
+    ///
+    /// let e = Event::for_entity(EventSource::Database, "public", "users", "delete");
+    /// assert_eq!((e.event_type.as_str(), e.entity.as_str()), ("public.users.delete", "users"));
+    /// ```
+    pub fn for_entity(source: EventSource, schema: &str, entity: &str, operation: &str) -> Self {
+        let mut event = Self::new(source, event_type(schema, entity, operation));
+        event.schema = schema.to_owned();
+        event.entity = entity.to_owned();
+        event.operation = operation.to_owned();
+        event
+    }
+
+    /// The key that picks this event's shard: [`Event::partition_key`] when set, else the type.
+    pub fn partition(&self) -> &str {
+        self.partition_key.as_deref().unwrap_or(&self.event_type)
+    }
+
+    /// Serializes `value` as the payload.
+    ///
+    /// # Errors
+    /// [`PayloadError::Serialize`] when `value` cannot be written as JSON (a map with non-string
+    /// keys, a failing `Serialize` impl). The event is left unchanged.
+    pub fn set_payload<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), PayloadError> {
+        self.payload = Some(Payload::from_value(value)?);
+        Ok(())
+    }
+
+    /// Sets the payload from JSON text, which is validated and then kept byte for byte.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource};
+    ///
+    /// let mut e = Event::new(EventSource::Frontend, "chat.message");
+    /// e.set_payload_json(r#"{"room": "lobby"}"#)?;
+    /// assert_eq!(e.payload_json(), Some(r#"{"room": "lobby"}"#));
+    /// assert!(e.set_payload_json("{oops").is_err());
+    /// # Ok::<(), eventbroker::PayloadError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`PayloadError::InvalidJson`] when the text is not one valid JSON value. The event is left
+    /// unchanged.
+    pub fn set_payload_json(&mut self, json: impl Into<String>) -> Result<(), PayloadError> {
+        self.payload = Some(Payload::from_json(json.into())?);
+        Ok(())
+    }
+
+    /// Decodes the payload as `T`.
+    ///
+    /// # Errors
+    /// [`PayloadError::Empty`] when there is no payload (absent or `null`);
+    /// [`PayloadError::Decode`] when it does not have the shape of `T`.
+    pub fn payload<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
+        self.payload.as_ref().filter(|p| p.as_str() != "null").ok_or(PayloadError::Empty)?.decode()
+    }
+
+    /// The payload's JSON text, or `None` when there is none. A JSON `null` counts as none.
+    pub fn payload_json(&self) -> Option<&str> {
+        self.payload.as_ref().map(Payload::as_str).filter(|raw| *raw != "null")
+    }
+
+    /// Sets [`Event::user_id`].
+    #[must_use]
+    pub fn with_user_id(mut self, user_id: i64) -> Self {
+        self.user_id = user_id;
+        self
+    }
+
+    /// Sets [`Event::session_id`].
+    #[must_use]
+    pub fn with_session_id(mut self, session_id: impl Into<String>) -> Self {
+        self.session_id = session_id.into();
+        self
+    }
+
+    /// Sets [`Event::instance_id`]. The broker fills it when left empty.
+    #[must_use]
+    pub fn with_instance_id(mut self, instance_id: impl Into<String>) -> Self {
+        self.instance_id = instance_id.into();
+        self
+    }
+
+    /// Sets [`Event::schema`], [`Event::entity`] and [`Event::operation`]; the type is left as is.
+    #[must_use]
+    pub fn with_entity(mut self, schema: &str, entity: &str, operation: &str) -> Self {
+        schema.clone_into(&mut self.schema);
+        entity.clone_into(&mut self.entity);
+        operation.clone_into(&mut self.operation);
+        self
+    }
+
+    /// Sets one metadata entry.
+    #[must_use]
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the partition key: events with the same key are handled in publish order.
+    #[must_use]
+    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+        self.partition_key = Some(key.into());
+        self
+    }
+
+    /// Sets the payload from a serializable value; see [`Event::set_payload`].
+    ///
+    /// # Errors
+    /// As [`Event::set_payload`].
+    pub fn with_payload<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, PayloadError> {
+        self.set_payload(value)?;
+        Ok(self)
+    }
+
+    /// The event as compact JSON in the seed's format.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an event always serializes: its map keys are strings")
+    }
+
+    /// Decodes an event from JSON text with `serde_json`.
+    ///
+    /// # Errors
+    /// [`DecodeError::Json`] when the text is not an event: invalid JSON, a missing required field
+    /// (`id`, `source`, `type`, `status`, `retry_count`, `created_at`), an unknown source or status,
+    /// a duplicate field.
+    pub fn from_json(json: &str) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_str(json)?)
+    }
+
+    /// Decodes an event from JSON bytes with `simd-json`, giving the same event as
+    /// [`Event::from_json`] for the same input. `json` is used as scratch space and left
+    /// scrambled; pass a copy if the bytes are still needed.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource};
+    ///
+    /// let event = Event::new(EventSource::System, "a.b").with_payload(&[1, 2, 3])?;
+    /// let mut bytes = event.to_json().into_bytes();
+    /// assert_eq!(Event::from_json_simd(&mut bytes)?, event);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`DecodeError::SimdJson`] for the same inputs [`Event::from_json`] rejects.
+    pub fn from_json_simd(json: &mut [u8]) -> Result<Self, DecodeError> {
+        // simd-json unescapes strings in place and has no raw-value support, so the payload's exact
+        // bytes are copied out before parsing; the parse that follows validates the whole document.
+        let payload = raw_json::top_level_value(json, "payload").map(|range| json[range].to_vec());
+        let wire: SimdWire = simd_json::serde::from_slice(json)?;
+        let payload = match payload {
+            Some(bytes) if bytes != b"null" => {
+                let text = String::from_utf8(bytes).map_err(|e| DecodeError::Payload(e.to_string()))?;
+                Some(Payload::from_json(text).map_err(|e| DecodeError::Payload(e.to_string()))?)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            id: wire.id,
+            source: wire.source,
+            event_type: wire.event_type,
+            status: wire.status,
+            retry_count: wire.retry_count,
+            error: wire.error,
+            payload,
+            user_id: wire.user_id,
+            session_id: wire.session_id,
+            instance_id: wire.instance_id,
+            schema: wire.schema,
+            entity: wire.entity,
+            operation: wire.operation,
+            created_at: wire.created_at,
+            processed_at: wire.processed_at,
+            completed_at: wire.completed_at,
+            metadata: wire.metadata,
+            partition_key: wire.partition_key,
+        })
+    }
+}
+
+/// [`Event`]'s fields as simd-json's serde front end can read them: the payload is only checked
+/// for presence here, its text having been cut out beforehand.
+#[derive(Deserialize)]
+struct SimdWire {
+    id: EventId,
+    source: EventSource,
+    #[serde(rename = "type")]
+    event_type: String,
+    status: EventStatus,
+    retry_count: u32,
+    #[serde(default)]
+    error: String,
+    #[serde(default, rename = "payload")]
+    _payload: serde::de::IgnoredAny,
+    #[serde(default)]
+    user_id: i64,
+    #[serde(default)]
+    session_id: String,
+    #[serde(default)]
+    instance_id: String,
+    #[serde(default)]
+    schema: String,
+    #[serde(default)]
+    entity: String,
+    #[serde(default)]
+    operation: String,
+    created_at: Timestamp,
+    #[serde(default)]
+    processed_at: Option<Timestamp>,
+    #[serde(default)]
+    completed_at: Option<Timestamp>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    metadata: Metadata,
+    #[serde(default)]
+    partition_key: Option<String>,
+}
+
+fn null_as_empty<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Metadata, D::Error> {
+    Ok(Option::<Metadata>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Finds a value's raw text in a JSON object without decoding it.
+mod raw_json {
+    use std::ops::Range;
+
+    /// The byte range of the value under `key` in the top-level object of `json`, or `None` when
+    /// the key is absent or the text is not an object. The text is not validated here; a caller
+    /// parses the whole document afterwards, and a range taken from invalid JSON is never used.
+    pub(super) fn top_level_value(json: &[u8], key: &str) -> Option<Range<usize>> {
+        let mut i = skip_ws(json, 0);
+        if json.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = skip_ws(json, i + 1);
+        let mut found = None;
+        while json.get(i) == Some(&b'"') {
+            let key_end = string_end(json, i)?;
+            let this_key = &json[i + 1..key_end - 1];
+            i = skip_ws(json, key_end);
+            if json.get(i) != Some(&b':') {
+                return None;
+            }
+            let value_start = skip_ws(json, i + 1);
+            let value_end = value_end(json, value_start)?;
+            if found.is_none() && key_matches(this_key, key) {
+                found = Some(value_start..value_end);
+            }
+            i = skip_ws(json, value_end);
+            match json.get(i) {
+                Some(b',') => i = skip_ws(json, i + 1),
+                Some(b'}') => return found,
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    fn key_matches(raw_key: &[u8], key: &str) -> bool {
+        if raw_key.contains(&b'\\') {
+            // An escaped key ("p\u0061yload") is rare; decode it properly.
+            let mut quoted = Vec::with_capacity(raw_key.len() + 2);
+            quoted.push(b'"');
+            quoted.extend_from_slice(raw_key);
+            quoted.push(b'"');
+            serde_json::from_slice::<String>(&quoted).is_ok_and(|k| k == key)
+        } else {
+            raw_key == key.as_bytes()
+        }
+    }
+
+    fn skip_ws(json: &[u8], mut i: usize) -> usize {
+        while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            i += 1;
+        }
+        i
+    }
+
+    /// Index just past the closing quote of the string opening at `start`.
+    fn string_end(json: &[u8], start: usize) -> Option<usize> {
+        let mut i = start + 1;
+        loop {
+            match json.get(i)? {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// Index just past the value starting at `start`.
+    fn value_end(json: &[u8], start: usize) -> Option<usize> {
+        match json.get(start)? {
+            b'"' => string_end(json, start),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut i = start;
+                loop {
+                    match json.get(i)? {
+                        b'"' => {
+                            i = string_end(json, i)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(i + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => {
+                let len = json[start..]
+                    .iter()
+                    .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                    .unwrap_or(json.len() - start);
+                Some(start + len)
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::top_level_value;
+
+        fn value<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+            top_level_value(json.as_bytes(), key).map(|r| &json[r])
+        }
+
+        #[test]
+        fn finds_values_of_every_shape() {
+            let doc = r#" { "a" : "x\"}" , "payload":{"k":[1,{"z":"]"}]} ,"n": -1.5e3,"t":true}"#;
+            assert_eq!(value(doc, "a"), Some(r#""x\"}""#));
+            assert_eq!(value(doc, "payload"), Some(r#"{"k":[1,{"z":"]"}]}"#));
+            assert_eq!(value(doc, "n"), Some("-1.5e3"));
+            assert_eq!(value(doc, "t"), Some("true"));
+            assert_eq!(value(doc, "missing"), None);
+        }
+
+        #[test]
+        fn nested_keys_are_not_top_level() {
+            assert_eq!(value(r#"{"outer":{"payload":1},"payload":2}"#, "payload"), Some("2"));
+            assert_eq!(value(r#"{"outer":{"payload":1}}"#, "payload"), None);
+        }
+
+        #[test]
+        fn escaped_keys_match() {
+            assert_eq!(value(r#"{"p\u0061yload":[true]}"#, "payload"), Some("[true]"));
+        }
+
+        #[test]
+        fn malformed_input_gives_none_not_a_panic() {
+            for doc in
+                ["", "[", "{", r#"{"a"#, r#"{"a":"#, r#"{"a":{"#, r#"{"a" 1}"#, "{\"a\":\"\\", "{\"a\":1,"]
+            {
+                assert_eq!(value(doc, "a"), None, "{doc:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! `eventbroker`: publish and subscribe to events in-process, and across instances through a
+//! provider, with a lock-free dispatch engine.
+//!
+//! ```text
+//! publish ─▶ shard ring buffers ─▶ dedicated OS worker threads ─▶ compiled pattern trie ─▶ handlers
+//!                                           │
+//!                                           └─▶ provider writer thread ─▶ batched writes
+//! ```
+//!
+//! - [`Event`]: the seed's event, wire-compatible JSON, raw JSON payloads.
+//! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`](crate::pattern) for the language.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod error;
+mod event;
+pub mod pattern;
+mod subscription;
+mod sync;
+
+pub use crate::error::{
+    BoxError, DecodeError, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
+    SyntaxErrorKind,
+};
+pub use crate::event::{
+    Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
+};
+pub use crate::pattern::{MAX_NAME_LEN, MAX_SEGMENTS, Pattern, validate_event_type};
+pub use crate::subscription::SubscriptionId;

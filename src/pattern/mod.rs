@@ -1,0 +1,349 @@
+//! The pattern language: event types, subscription patterns, and how they match.
+//!
+//! An event type is a dot-separated list of segments, `schema.entity.operation` by convention
+//! (`public.users.create`). Matching is case-sensitive. A pattern is a type whose segments may
+//! also be wildcards:
+//!
+//! | segment | matches |
+//! |---|---|
+//! | a literal, `users` | exactly that segment |
+//! | `*` | exactly one segment |
+//! | `>` (last segment only) | one or more remaining segments |
+//!
+//! A pattern that is exactly `*` matches every type, whatever its length; this keeps the seed's
+//! rule that `*` means "all events".
+//!
+//! ```
+//! use eventbroker::Pattern;
+//!
+//! let p = Pattern::parse("public.*.create")?;
+//! assert!(p.matches("public.users.create"));
+//! assert!(!p.matches("public.users.update"));
+//!
+//! let tail = Pattern::parse("audit.>")?;
+//! assert!(tail.matches("audit.login"));
+//! assert!(tail.matches("audit.login.failed"));
+//! assert!(!tail.matches("audit"));
+//! # Ok::<(), eventbroker::PatternError>(())
+//! ```
+//!
+//! ## Limits
+//! Types and patterns are at most [`MAX_NAME_LEN`] (255) bytes and [`MAX_SEGMENTS`] (32)
+//! segments. Segments are non-empty and contain no whitespace or control characters. Wildcards
+//! are whole segments; an event type contains none. Types are checked when published, patterns
+//! when parsed, each with an error naming the input and the byte where it goes wrong.
+//!
+//! ## Compiled matching
+//! [`Pattern::matches`] tests one pattern and is the reference. A broker holds many patterns in a
+//! [`PatternSet`], a trie whose match cost depends on the type's segments and the wildcard
+//! branches taken, never on the number of patterns, and repeated types hit a [`MatchCache`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{EventTypeError, PatternError, SyntaxErrorKind};
+
+/// Longest event type or pattern accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Most segments an event type or pattern may have.
+pub const MAX_SEGMENTS: usize = 32;
+
+/// One segment of a parsed pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Segment {
+    /// Matches this exact text.
+    Literal(Box<str>),
+    /// `*`: exactly one segment.
+    Star,
+    /// `>`: one or more segments; always last.
+    Tail,
+}
+
+/// A parsed subscription pattern.
+///
+/// ```
+/// use eventbroker::Pattern;
+///
+/// let all = Pattern::parse("*")?;
+/// assert!(all.matches("public.users.create"));
+/// assert!(all.matches("anything"));
+///
+/// let deletes: Pattern = "*.*.delete".parse()?;
+/// assert!(deletes.matches("public.posts.delete"));
+/// assert!(!deletes.matches("public.posts"));
+/// # Ok::<(), eventbroker::PatternError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Pattern {
+    text: Box<str>,
+    segments: Box<[Segment]>,
+}
+
+impl Pattern {
+    /// Parses `pattern`, or says what is wrong with it and at which byte.
+    ///
+    /// # Errors
+    /// [`PatternError`] for an empty pattern, an empty segment, a wildcard mixed into a segment
+    /// (`us*rs`), `>` before the last segment, whitespace or control characters, or a pattern
+    /// over [`MAX_NAME_LEN`] bytes or [`MAX_SEGMENTS`] segments.
+    pub fn parse(pattern: &str) -> Result<Self, PatternError> {
+        let mut segments = Vec::with_capacity(4);
+        scan(pattern, |offset, segment, is_last| {
+            segments.push(match segment {
+                "*" => Segment::Star,
+                ">" if is_last => Segment::Tail,
+                ">" => return Err((offset, SyntaxErrorKind::TailNotLast)),
+                literal => {
+                    if let Some((i, wildcard)) = literal.char_indices().find(|&(_, c)| is_wildcard(c)) {
+                        return Err((offset + i, SyntaxErrorKind::WildcardInSegment { wildcard }));
+                    }
+                    Segment::Literal(literal.into())
+                }
+            });
+            Ok(())
+        })
+        .map_err(|(position, kind)| PatternError::new(pattern, position, kind))?;
+        Ok(Self { text: pattern.into(), segments: segments.into_boxed_slice() })
+    }
+
+    /// The pattern's text, as parsed.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether this pattern is exactly `*`, which matches every type.
+    pub fn is_match_all(&self) -> bool {
+        &*self.text == "*"
+    }
+
+    /// Whether `event_type` matches. This is the reference matcher: it walks the one pattern.
+    /// For many patterns at once use a [`PatternSet`].
+    ///
+    /// `event_type` is not validated here; an invalid type simply matches what its text matches.
+    pub fn matches(&self, event_type: &str) -> bool {
+        if self.is_match_all() {
+            return true;
+        }
+        let mut parts = event_type.split('.');
+        for segment in &self.segments {
+            match segment {
+                Segment::Tail => return parts.next().is_some(),
+                Segment::Star => {
+                    if parts.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Literal(literal) => {
+                    if parts.next() != Some(&**literal) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
+
+    pub(crate) fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+}
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Pattern").field(&self.text).finish()
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for Pattern {
+    type Err = PatternError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<&str> for Pattern {
+    type Error = PatternError;
+
+    fn try_from(s: &str) -> Result<Self, Self::Error> {
+        Self::parse(s)
+    }
+}
+
+impl AsRef<str> for Pattern {
+    fn as_ref(&self) -> &str {
+        &self.text
+    }
+}
+
+impl serde::Serialize for Pattern {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.text)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Pattern {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks that `event_type` can be published: the pattern rules, with no wildcards at all.
+///
+/// ```
+/// use eventbroker::validate_event_type;
+///
+/// assert!(validate_event_type("public.users.create").is_ok());
+/// assert!(validate_event_type("public.*.create").is_err());
+/// ```
+///
+/// # Errors
+/// [`EventTypeError`] naming the type, the byte, and the broken rule.
+pub fn validate_event_type(event_type: &str) -> Result<(), EventTypeError> {
+    scan(event_type, |offset, segment, _| match segment.char_indices().find(|&(_, c)| is_wildcard(c)) {
+        Some((i, wildcard)) => Err((offset + i, SyntaxErrorKind::WildcardInType { wildcard })),
+        None => Ok(()),
+    })
+    .map_err(|(position, kind)| EventTypeError::new(event_type, position, kind))
+}
+
+fn is_wildcard(c: char) -> bool {
+    c == '*' || c == '>'
+}
+
+/// Checks the rules shared by types and patterns and hands each segment, with its byte offset
+/// and whether it is the last, to `segment`. Allocates nothing: it runs on every publish.
+fn scan(
+    input: &str,
+    mut segment: impl FnMut(usize, &str, bool) -> Result<(), (usize, SyntaxErrorKind)>,
+) -> Result<(), (usize, SyntaxErrorKind)> {
+    if input.is_empty() {
+        return Err((0, SyntaxErrorKind::Empty));
+    }
+    if input.len() > MAX_NAME_LEN {
+        return Err((MAX_NAME_LEN, SyntaxErrorKind::TooLong { len: input.len(), max: MAX_NAME_LEN }));
+    }
+    if let Some((i, ch)) = input.char_indices().find(|&(_, c)| c.is_whitespace() || c.is_control()) {
+        return Err((i, SyntaxErrorKind::InvalidChar { ch }));
+    }
+    let count = input.bytes().filter(|&b| b == b'.').count() + 1;
+    if count > MAX_SEGMENTS {
+        let position = input.match_indices('.').nth(MAX_SEGMENTS - 1).map_or(0, |(i, _)| i + 1);
+        return Err((position, SyntaxErrorKind::TooManySegments { count, max: MAX_SEGMENTS }));
+    }
+    let mut offset = 0;
+    for (index, text) in input.split('.').enumerate() {
+        if text.is_empty() {
+            return Err((offset, SyntaxErrorKind::EmptySegment));
+        }
+        segment(offset, text, index + 1 == count)?;
+        offset += text.len() + 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_table_holds() {
+        let table = include_str!("../../tests/data/seed_patterns.tsv");
+        let mut rows = 0;
+        for line in table.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+            let cols: Vec<&str> = line.split('\t').collect();
+            let [pattern, event_type, expected] = cols[..] else { panic!("bad row {line:?}") };
+            let expected: bool = expected.parse().unwrap();
+            let p = Pattern::parse(pattern).unwrap();
+            assert_eq!(p.matches(event_type), expected, "{pattern} vs {event_type}");
+            rows += 1;
+        }
+        assert_eq!(rows, 22);
+    }
+
+    #[test]
+    fn tail_matches_one_or_more() {
+        let p = Pattern::parse("a.>").unwrap();
+        assert!(p.matches("a.b"));
+        assert!(p.matches("a.b.c.d"));
+        assert!(!p.matches("a"));
+        assert!(!p.matches("b.c"));
+        assert!(Pattern::parse(">").unwrap().matches("x"));
+        assert!(Pattern::parse("*.>").unwrap().matches("x.y"));
+        assert!(!Pattern::parse("*.>").unwrap().matches("x"));
+    }
+
+    #[test]
+    fn matching_is_case_sensitive() {
+        assert!(!Pattern::parse("Public.users").unwrap().matches("public.users"));
+    }
+
+    fn err(pattern: &str) -> (usize, SyntaxErrorKind) {
+        let e = Pattern::parse(pattern).unwrap_err();
+        assert_eq!(e.pattern(), pattern);
+        (e.position(), e.kind().clone())
+    }
+
+    #[test]
+    fn every_invalid_form_is_typed_with_its_position() {
+        use SyntaxErrorKind as K;
+        assert_eq!(err(""), (0, K::Empty));
+        assert_eq!(err("a..b"), (2, K::EmptySegment));
+        assert_eq!(err(".a"), (0, K::EmptySegment));
+        assert_eq!(err("a."), (2, K::EmptySegment));
+        assert_eq!(err("a.>.b"), (2, K::TailNotLast));
+        assert_eq!(err("us*rs"), (2, K::WildcardInSegment { wildcard: '*' }));
+        assert_eq!(err("a.b>"), (3, K::WildcardInSegment { wildcard: '>' }));
+        assert_eq!(err("a.**"), (2, K::WildcardInSegment { wildcard: '*' }));
+        assert_eq!(err("a b"), (1, K::InvalidChar { ch: ' ' }));
+        assert_eq!(err("a.\u{7}"), (2, K::InvalidChar { ch: '\u{7}' }));
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(err(&long), (MAX_NAME_LEN, K::TooLong { len: MAX_NAME_LEN + 1, max: MAX_NAME_LEN }));
+        let many = vec!["s"; MAX_SEGMENTS + 2].join(".");
+        assert_eq!(
+            err(&many),
+            (2 * MAX_SEGMENTS, K::TooManySegments { count: MAX_SEGMENTS + 2, max: MAX_SEGMENTS })
+        );
+    }
+
+    #[test]
+    fn limits_are_inclusive() {
+        assert!(Pattern::parse(&"a".repeat(MAX_NAME_LEN)).is_ok());
+        assert!(Pattern::parse(&vec!["s"; MAX_SEGMENTS].join(".")).is_ok());
+        assert!(validate_event_type(&vec!["s"; MAX_SEGMENTS].join(".")).is_ok());
+    }
+
+    #[test]
+    fn event_types_reject_wildcards_anywhere() {
+        let e = validate_event_type("public.*.create").unwrap_err();
+        assert_eq!((e.position(), e.kind()), (7, &SyntaxErrorKind::WildcardInType { wildcard: '*' }));
+        let e = validate_event_type("a.b>c").unwrap_err();
+        assert_eq!(e.position(), 3);
+        assert!(validate_event_type("").is_err());
+        assert!(validate_event_type("ünïcode.é").is_ok());
+    }
+
+    #[test]
+    fn error_messages_name_the_numbers() {
+        let many = vec!["s"; 40].join(".");
+        assert_eq!(
+            Pattern::parse(&many).unwrap_err().to_string(),
+            format!("invalid pattern {many:?} at byte 64: it has 40 segments; the limit is 32")
+        );
+    }
+
+    #[test]
+    fn serde_round_trip_validates() {
+        let p: Pattern = serde_json::from_str("\"a.*.>\"").unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), "\"a.*.>\"");
+        assert!(serde_json::from_str::<Pattern>("\"a..b\"").is_err());
+    }
+}
