@@ -248,6 +248,11 @@ impl Payload {
         self.0.get()
     }
 
+    /// Whether this is a value rather than JSON `null`; an event holds a `null` payload as `None`.
+    fn is_value(&self) -> bool {
+        self.as_str() != "null"
+    }
+
     /// Decodes the JSON as `T`.
     ///
     /// # Errors
@@ -403,17 +408,18 @@ impl Event {
         self.partition_key.as_deref().unwrap_or(&self.event_type)
     }
 
-    /// Serializes `value` as the payload.
+    /// Serializes `value` as the payload. A value that serializes to `null` clears it.
     ///
     /// # Errors
     /// [`PayloadError::Serialize`] when `value` cannot be written as JSON (a map with non-string
     /// keys, a failing `Serialize` impl). The event is left unchanged.
     pub fn set_payload<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), PayloadError> {
-        self.payload = Some(Payload::from_value(value)?);
+        self.payload = Some(Payload::from_value(value)?).filter(Payload::is_value);
         Ok(())
     }
 
-    /// Sets the payload from JSON text, which is validated and then kept byte for byte.
+    /// Sets the payload from JSON text, which is validated and then kept byte for byte; `null`
+    /// clears it.
     ///
     /// ```
     /// use eventbroker::{Event, EventSource};
@@ -429,7 +435,7 @@ impl Event {
     /// [`PayloadError::InvalidJson`] when the text is not one valid JSON value. The event is left
     /// unchanged.
     pub fn set_payload_json(&mut self, json: impl Into<String>) -> Result<(), PayloadError> {
-        self.payload = Some(Payload::from_json(json.into())?);
+        self.payload = Some(Payload::from_json(json.into())?).filter(Payload::is_value);
         Ok(())
     }
 
@@ -439,12 +445,12 @@ impl Event {
     /// [`PayloadError::Empty`] when there is no payload (absent or `null`);
     /// [`PayloadError::Decode`] when it does not have the shape of `T`.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
-        self.payload.as_ref().filter(|p| p.as_str() != "null").ok_or(PayloadError::Empty)?.decode()
+        self.payload.as_ref().filter(|p| p.is_value()).ok_or(PayloadError::Empty)?.decode()
     }
 
     /// The payload's JSON text, or `None` when there is none. A JSON `null` counts as none.
     pub fn payload_json(&self) -> Option<&str> {
-        self.payload.as_ref().map(Payload::as_str).filter(|raw| *raw != "null")
+        self.payload.as_ref().filter(|p| p.is_value()).map(Payload::as_str)
     }
 
     /// Sets [`Event::user_id`].
