@@ -190,7 +190,11 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Opens a stream of the events stored through this provider from now on whose type matches
     /// `pattern`. Events stored before the call are not delivered; use [`Provider::replay`] for
-    /// those.
+    /// those. Each new matching event is offered to the stream before the [`store_batch`] call
+    /// that stored it returns, in store order; see [`EventStream`] for what happens when the
+    /// stream is full.
+    ///
+    /// [`store_batch`]: Provider::store_batch
     ///
     /// This is local tailing of what this provider stores. Events that other instances store in
     /// a shared backend reach the broker through the provider's inbound subscription instead.
