@@ -10,7 +10,7 @@
 //! - [`Event`]: the seed's event, wire-compatible JSON, raw JSON payloads.
 //! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`](crate::pattern) for the language.
 //! - [`Provider`]: the batch-first storage trait, with [`MemoryProvider`] always compiled; see
-//!   [`provider`](crate::provider) for the contract every backend keeps.
+//!   [`provider`] for the contract every backend keeps.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 

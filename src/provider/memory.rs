@@ -270,12 +270,18 @@ impl Provider for MemoryProvider {
 
     fn store_batch(&self, events: &[Arc<Event>]) -> Result<(), ProviderError> {
         let mut guard = self.shared.write("store_batch")?;
+        // Taken while the store lock is held (the documented lock order), so deliveries happen in
+        // store order even when stores run on several threads.
+        let mut delivery = self.shared.hub.begin_delivery();
+        let tailing = !delivery.is_idle();
         let state = &mut *guard;
-        let mut fresh = Vec::with_capacity(events.len());
+        let mut fresh = Vec::new();
         for event in events {
             if state.events.upsert(event) {
                 state.published += 1;
-                fresh.push(event);
+                if tailing {
+                    fresh.push(event);
+                }
             } else {
                 state.replaced += 1;
             }
@@ -284,13 +290,9 @@ impl Provider for MemoryProvider {
                 state.evicted += 1;
             }
         }
-        // Taken before the store lock is released, so streams see stores in store order.
-        let mut delivery = self.shared.hub.begin_delivery();
-        drop(guard);
-        if !delivery.is_idle() {
-            for event in fresh {
-                delivery.send(event);
-            }
+        drop(guard); // Streams are fed without the store lock.
+        for event in fresh {
+            delivery.send(event);
         }
         Ok(())
     }

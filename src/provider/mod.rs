@@ -81,7 +81,7 @@ use crate::event::{Event, EventId, EventSource, EventStatus};
 use crate::pattern::Pattern;
 
 mod dead_letter;
-mod memory;
+pub mod memory;
 mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
