@@ -9,12 +9,15 @@
 //!
 //! - [`Event`]: the seed's event, wire-compatible JSON, raw JSON payloads.
 //! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`](crate::pattern) for the language.
+//! - [`Provider`]: the batch-first storage trait, with [`MemoryProvider`] always compiled; see
+//!   [`provider`] for the contract every backend keeps.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 mod error;
 mod event;
 pub mod pattern;
+pub mod provider;
 mod subscription;
 mod sync;
 
@@ -26,4 +29,8 @@ pub use crate::event::{
     Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
 };
 pub use crate::pattern::{MAX_NAME_LEN, MAX_SEGMENTS, Pattern, validate_event_type};
+pub use crate::provider::{
+    DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventStream, MemoryConfig, MemoryProvider,
+    Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
+};
 pub use crate::subscription::SubscriptionId;

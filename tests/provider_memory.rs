@@ -1,0 +1,474 @@
+//! The memory provider: the conformance suite, then what only the memory provider promises
+//! (LRU eviction, expiry, bounds, lagging streams, closing under load).
+
+#[macro_use]
+mod conformance;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use eventbroker::{
+    DeadLetter, DeadLetterFilter, Event, EventFilter, EventId, EventSource, EventStatus, MemoryConfig,
+    MemoryProvider, Pattern, Provider, ProviderErrorKind, ReplayFrom, StatusUpdate, StreamError,
+    SubscriptionId,
+};
+use jiff::{SignedDuration, Timestamp};
+use proptest::prelude::*;
+
+conformance_suite!(memory, MemoryProvider::default);
+
+/// A memory provider without the cleanup thread, so tests decide when cleanup runs.
+fn provider(max_events: usize) -> MemoryProvider {
+    MemoryProvider::new(MemoryConfig { max_events, cleanup_interval: None, ..MemoryConfig::default() })
+}
+
+fn event(ty: &str) -> Arc<Event> {
+    Arc::new(Event::new(EventSource::System, ty))
+}
+
+fn ago(secs: i64) -> Timestamp {
+    Timestamp::now().checked_sub(SignedDuration::from_secs(secs)).expect("in range")
+}
+
+fn specific(provider: &MemoryProvider, key: &str) -> u64 {
+    provider.stats().expect("stats").provider_specific[key].as_u64().expect("a count")
+}
+
+fn stored(provider: &MemoryProvider, id: EventId) -> bool {
+    provider.get(id).expect("get").is_some()
+}
+
+#[test]
+fn defaults_are_as_documented() {
+    let config = MemoryConfig::default();
+    assert_eq!(config.max_events, 10_000);
+    assert_eq!(config.max_age, Some(Duration::from_secs(24 * 3600)));
+    assert_eq!(config.cleanup_interval, Some(Duration::from_secs(60)));
+    assert_eq!(config.stream_capacity, 1024);
+    assert_eq!(config.max_dead_letters, 10_000);
+    assert_eq!(MemoryProvider::default().config(), &config);
+}
+
+#[test]
+#[allow(clippy::many_single_char_names)] // a to f name the events in the order they are stored.
+fn eviction_is_least_recently_used_not_first_stored() {
+    let provider = provider(3);
+    let [a, b, c, d, e, f] = ["a", "b", "c", "d", "e", "f"].map(event);
+    provider.store_batch(&[a.clone(), b.clone(), c.clone()]).expect("store");
+
+    // A get refreshes `a`: `b` is now the least recently used. (FIFO would evict `a`.)
+    assert!(provider.get(a.id).expect("get").is_some());
+    provider.store_batch(std::slice::from_ref(&d)).expect("store");
+    assert_eq!(provider.list(&EventFilter::new()).expect("list").len(), 3);
+    assert!(!stored(&provider, b.id), "b was least recently used");
+    // These checks are gets, so they refresh too: from least to most recent it is now a, c, d.
+    assert!(stored(&provider, a.id) && stored(&provider, c.id) && stored(&provider, d.id));
+
+    // A status update counts as use as well: refresh `a`, so `c` goes next.
+    provider.update_status_batch(&[StatusUpdate::new(a.id, EventStatus::Processing)]).expect("update");
+    provider.store_batch(std::slice::from_ref(&e)).expect("store");
+    assert!(!stored(&provider, c.id), "c was least recently used");
+
+    // Storing again counts as use too: re-storing `d` leaves `a` the least recent.
+    provider.store_batch(std::slice::from_ref(&d)).expect("store again");
+    provider.store_batch(std::slice::from_ref(&f)).expect("store");
+    let left: Vec<EventId> = provider.list(&EventFilter::new()).expect("list").iter().map(|e| e.id).collect();
+    assert_eq!(left, vec![d.id, e.id, f.id]);
+
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.total_events, 3);
+    assert_eq!(specific(&provider, "evicted"), 3);
+    assert_eq!(specific(&provider, "replaced"), 1);
+    assert_eq!(stats.events_published, 6);
+}
+
+#[test]
+fn list_and_replay_do_not_refresh_recency() {
+    let provider = provider(2);
+    let [a, b, c] = ["a", "b", "c"].map(event);
+    provider.store_batch(&[a.clone(), b.clone()]).expect("store");
+    provider.list(&EventFilter::new()).expect("list");
+    provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    provider.store_batch(&[c]).expect("store");
+    assert!(!stored(&provider, a.id));
+    assert!(stored(&provider, b.id));
+}
+
+#[test]
+fn max_events_zero_keeps_nothing_but_streams_still_see_events() {
+    let provider = provider(0);
+    let mut stream = provider.stream(&Pattern::parse("*").expect("pattern")).expect("stream");
+    let e = event("gone.at.once");
+    provider.store_batch(std::slice::from_ref(&e)).expect("store");
+    assert!(!stored(&provider, e.id));
+    assert_eq!(stream.try_recv().expect("delivered").id, e.id);
+    assert_eq!(provider.stats().expect("stats").total_events, 0);
+}
+
+#[test]
+fn cleanup_now_removes_only_old_finished_events() {
+    let provider = MemoryProvider::new(MemoryConfig {
+        max_age: Some(Duration::from_secs(3600)),
+        cleanup_interval: None,
+        ..MemoryConfig::default()
+    });
+    let make = |status, created_at| {
+        let mut e = Event::new(EventSource::System, "jobs.run");
+        e.status = status;
+        e.created_at = created_at;
+        e
+    };
+    let old: Vec<Event> = EventStatus::ALL.into_iter().map(|s| make(s, ago(2 * 3600))).collect();
+    let fresh: Vec<Event> = EventStatus::ALL.into_iter().map(|s| make(s, ago(60))).collect();
+    let all: Vec<Arc<Event>> = old.iter().chain(&fresh).cloned().map(Arc::new).collect();
+    provider.store_batch(&all).expect("store");
+
+    assert_eq!(provider.cleanup_now().expect("cleanup"), 2);
+    for e in &old {
+        assert_eq!(stored(&provider, e.id), !e.status.is_terminal(), "{}", e.status);
+    }
+    assert!(fresh.iter().all(|e| stored(&provider, e.id)));
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.completed_events, stats.failed_events), (6, 1, 1));
+    assert_eq!(specific(&provider, "expired"), 2);
+    assert_eq!(provider.cleanup_now().expect("cleanup again"), 0);
+
+    // An event finished later expires on the next pass.
+    provider.update_status_batch(&[StatusUpdate::new(old[0].id, EventStatus::Completed)]).expect("update");
+    assert_eq!(provider.cleanup_now().expect("cleanup"), 1);
+
+    provider.close().expect("close");
+    assert_eq!(provider.cleanup_now().expect_err("closed").kind(), &ProviderErrorKind::Closed);
+}
+
+#[test]
+fn cleanup_without_max_age_removes_nothing() {
+    let provider = MemoryProvider::new(MemoryConfig { max_age: None, ..MemoryConfig::default() });
+    let mut e = Event::new(EventSource::System, "jobs.run");
+    e.status = EventStatus::Completed;
+    e.created_at = ago(365 * 24 * 3600);
+    provider.store_batch(&[Arc::new(e)]).expect("store");
+    assert_eq!(provider.cleanup_now().expect("cleanup"), 0);
+}
+
+#[test]
+fn the_cleanup_thread_expires_events_on_its_own() {
+    let provider = MemoryProvider::new(MemoryConfig {
+        max_age: Some(Duration::from_secs(3600)),
+        cleanup_interval: Some(Duration::from_millis(10)),
+        ..MemoryConfig::default()
+    });
+    let mut e = Event::new(EventSource::System, "jobs.run");
+    e.status = EventStatus::Failed;
+    e.created_at = ago(2 * 3600);
+    provider.store_batch(&[Arc::new(e.clone())]).expect("store");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.list(&EventFilter::new()).expect("list").len() == 1 {
+        assert!(Instant::now() < deadline, "the cleanup thread did not run");
+        thread::sleep(Duration::from_millis(5));
+    }
+    // The thread names itself once running; it is running now. Linux keeps 15 bytes of a name.
+    #[cfg(target_os = "linux")]
+    assert!(thread_names().iter().any(|name| name == "eventbroker-mem"), "{:?}", thread_names());
+    assert_eq!(specific(&provider, "expired"), 1);
+}
+
+#[cfg(target_os = "linux")]
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("procfs")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_owned())
+        .collect()
+}
+
+#[test]
+fn close_and_drop_do_not_wait_for_the_cleanup_tick() {
+    let config =
+        MemoryConfig { cleanup_interval: Some(Duration::from_secs(3600)), ..MemoryConfig::default() };
+    let started = Instant::now();
+    let closed = MemoryProvider::new(config.clone());
+    closed.close().expect("close");
+    drop(closed);
+    drop(MemoryProvider::new(config));
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn dead_letters_are_bounded_dropping_the_earliest_failed() {
+    let provider = MemoryProvider::new(MemoryConfig { max_dead_letters: 3, ..MemoryConfig::default() });
+    let letters: Vec<DeadLetter> = (0..5)
+        .map(|i| {
+            let mut letter = DeadLetter::new(
+                Event::new(EventSource::System, "mail.send"),
+                SubscriptionId::from_raw(1),
+                "mail.*",
+                "boom",
+                3,
+            );
+            letter.failed_at = ago(100 - i);
+            letter
+        })
+        .collect();
+    // Stored newest first, so the bound has to look at failed_at, not arrival.
+    let newest_first: Vec<DeadLetter> = letters.iter().rev().cloned().collect();
+    provider.store_dead_letters(&newest_first[..2]).expect("store");
+    provider.store_dead_letters(&newest_first[2..]).expect("store");
+
+    let kept = provider.list_dead_letters(&DeadLetterFilter::new()).expect("list");
+    assert_eq!(kept, letters[2..].to_vec());
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.dead_letters, 3);
+    assert_eq!(specific(&provider, "dead_letters_dropped"), 2);
+}
+
+#[test]
+fn a_full_stream_lags_at_the_exact_place_of_the_gap() {
+    let provider = MemoryProvider::new(MemoryConfig { stream_capacity: 2, ..MemoryConfig::default() });
+    let mut stream = provider.stream(&Pattern::parse("t.>").expect("pattern")).expect("stream");
+    let e: Vec<Arc<Event>> = (0..8).map(|_| event("t.x")).collect();
+
+    provider.store_batch(&e[..3]).expect("store"); // e2 does not fit
+    assert_eq!(stream.recv().expect("e0").id, e[0].id);
+    provider.store_batch(&e[3..5]).expect("store"); // e3 fits, e4 does not
+    assert_eq!(stream.recv().expect("e1").id, e[1].id);
+    assert_eq!(stream.recv(), Err(StreamError::Lagged(1)), "e2 was missed before e3");
+    assert_eq!(stream.recv().expect("e3").id, e[3].id);
+    assert_eq!(stream.try_recv(), Err(StreamError::Lagged(1)), "e4 was missed at the end");
+    assert_eq!(stream.try_recv(), Err(StreamError::Empty));
+    provider.store_batch(&e[5..]).expect("store"); // e5, e6 fit, e7 does not
+    provider.close().expect("close");
+    assert_eq!(stream.recv().expect("e5").id, e[5].id);
+    assert_eq!(stream.recv().expect("e6").id, e[6].id);
+    assert_eq!(stream.recv(), Err(StreamError::Lagged(1)), "a trailing gap is reported before the end");
+    assert_eq!(stream.recv(), Err(StreamError::Closed));
+}
+
+#[test]
+fn a_stream_nobody_reads_never_blocks_the_provider() {
+    let provider = MemoryProvider::new(MemoryConfig { stream_capacity: 1, ..MemoryConfig::default() });
+    let mut stream = provider.stream(&Pattern::parse("*").expect("pattern")).expect("stream");
+    let events: Vec<Arc<Event>> = (0..10_000).map(|_| event("flood.x")).collect();
+    let started = Instant::now();
+    provider.store_batch(&events).expect("store");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    assert_eq!(specific(&provider, "streams_missed"), 9_999);
+    assert_eq!(provider.stats().expect("stats").events_consumed, 1);
+    assert_eq!(stream.recv().expect("first").id, events[0].id);
+    assert_eq!(stream.recv(), Err(StreamError::Lagged(9_999)));
+    assert_eq!(stream.try_recv(), Err(StreamError::Empty));
+}
+
+#[test]
+fn close_never_hangs_with_streams_in_every_state() {
+    let provider =
+        Arc::new(MemoryProvider::new(MemoryConfig { stream_capacity: 2, ..MemoryConfig::default() }));
+    let all = Pattern::parse("*").expect("pattern");
+    let mut full = provider.stream(&all).expect("stream");
+    let mut blocked = provider.stream(&Pattern::parse("never.>").expect("pattern")).expect("stream");
+    let mut awaiting = provider.stream(&Pattern::parse("never.>").expect("pattern")).expect("stream");
+    let iterated = provider.stream(&all).expect("stream");
+    drop(provider.stream(&all).expect("stream")); // a dropped receiver
+    provider.store_batch(&(0..10).map(|_| event("load.x")).collect::<Vec<_>>()).expect("store");
+
+    let blocked = thread::spawn(move || blocked.recv());
+    let awaiting = thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        runtime.block_on(awaiting.recv_async())
+    });
+    let iterated = thread::spawn(move || iterated.count());
+    thread::sleep(Duration::from_millis(50));
+
+    let started = Instant::now();
+    provider.close().expect("close");
+    assert!(started.elapsed() < Duration::from_secs(1), "close took {:?}", started.elapsed());
+    assert_eq!(blocked.join().expect("no panic"), Err(StreamError::Closed));
+    assert_eq!(awaiting.join().expect("no panic"), Err(StreamError::Closed));
+    assert_eq!(iterated.join().expect("no panic"), 3, "two events, one lag report, then the end");
+    assert_eq!(full.recv().map(|e| e.event_type.clone()), Ok("load.x".to_owned()));
+    assert_eq!(full.recv().map(|e| e.event_type.clone()), Ok("load.x".to_owned()));
+    assert_eq!(full.recv(), Err(StreamError::Lagged(8)));
+    assert_eq!(full.recv(), Err(StreamError::Closed));
+}
+
+#[test]
+fn threads_storing_updating_and_reading_at_once_stay_consistent() {
+    const THREADS: usize = 4;
+    const ROUNDS: usize = 200;
+    let provider = MemoryProvider::new(MemoryConfig {
+        max_events: 500,
+        stream_capacity: THREADS * ROUNDS * 20,
+        cleanup_interval: Some(Duration::from_millis(1)),
+        max_age: Some(Duration::from_secs(60)),
+        ..MemoryConfig::default()
+    });
+    let mut stream = provider.stream(&Pattern::parse("smoke.>").expect("pattern")).expect("stream");
+    thread::scope(|s| {
+        for t in 0..THREADS {
+            let provider = &provider;
+            s.spawn(move || {
+                for round in 0..ROUNDS {
+                    let batch: Vec<Arc<Event>> = (0..20)
+                        .map(|i| {
+                            let mut e = Event::new(EventSource::System, format!("smoke.t{t}.r{}", round % 4));
+                            e.user_id = i64::from(i);
+                            if i % 5 == 0 {
+                                e.created_at = ago(3600); // expires once finished
+                            }
+                            Arc::new(e)
+                        })
+                        .collect();
+                    provider.store_batch(&batch).expect("store");
+                    let updates: Vec<StatusUpdate> = batch
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| StatusUpdate::new(e.id, EventStatus::ALL[(i + round) % 4]))
+                        .collect();
+                    provider.update_status_batch(&updates).expect("update");
+                    provider.get(batch[3].id).expect("get");
+                    provider.delete(batch[7].id).expect("delete");
+                    let listed = provider
+                        .list(&EventFilter::new().with_status(EventStatus::Completed).with_limit(50))
+                        .expect("list");
+                    assert!(listed.iter().all(|e| e.status == EventStatus::Completed));
+                    assert!(
+                        listed.windows(2).all(|w| (w[0].created_at, w[0].id) < (w[1].created_at, w[1].id))
+                    );
+                    provider.stats().expect("stats");
+                }
+            });
+        }
+    });
+
+    let stats = provider.stats().expect("stats");
+    let all = provider.list(&EventFilter::new()).expect("list");
+    assert!(all.len() <= 500);
+    assert_recount(&provider);
+    assert_eq!(stats.events_published, (THREADS * ROUNDS * 20) as u64);
+
+    // The stream saw every event, in the order the provider sequenced them.
+    let streamed: Vec<EventId> = std::iter::from_fn(|| stream.try_recv().ok()).map(|e| e.id).collect();
+    assert_eq!(streamed.len(), THREADS * ROUNDS * 20);
+    let seqs: HashMap<EventId, u64> = provider
+        .replay(ReplayFrom::Beginning, None, usize::MAX)
+        .expect("replay")
+        .into_iter()
+        .map(|s| (s.event.id, s.seq))
+        .collect();
+    let in_stream_order: Vec<u64> = streamed.iter().filter_map(|id| seqs.get(id).copied()).collect();
+    assert!(in_stream_order.windows(2).all(|w| w[0] < w[1]), "stream order is store order");
+}
+
+/// The stats' counts equal a recount of what `list` returns.
+fn assert_recount(provider: &MemoryProvider) {
+    let stats = provider.stats().expect("stats");
+    let all = provider.list(&EventFilter::new()).expect("list");
+    assert_eq!(stats.total_events, all.len() as u64);
+    for status in EventStatus::ALL {
+        let recount = all.iter().filter(|e| e.status == status).count() as u64;
+        assert_eq!(stats.count(status), recount, "{status}");
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Store(usize, EventStatus),
+    Update(usize, EventStatus),
+    Get(usize),
+    Delete(usize),
+    Cleanup,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let status = prop::sample::select(EventStatus::ALL.to_vec());
+    prop_oneof![
+        4 => (0..POOL, status.clone()).prop_map(|(i, s)| Op::Store(i, s)),
+        3 => (0..POOL, status).prop_map(|(i, s)| Op::Update(i, s)),
+        2 => (0..POOL).prop_map(Op::Get),
+        1 => (0..POOL).prop_map(Op::Delete),
+        1 => Just(Op::Cleanup),
+    ]
+}
+
+const POOL: usize = 12;
+const MAX_EVENTS: usize = 5;
+
+proptest! {
+    /// Against a model (a recency-ordered list): after any sequence of operations the provider
+    /// holds exactly the model's events with the model's statuses, evicts the model's least
+    /// recently used, expires what the model expires, and its stats equal a recount.
+    #[test]
+    fn matches_an_lru_model(ops in prop::collection::vec(op(), 1..60)) {
+        let provider = MemoryProvider::new(MemoryConfig {
+            max_events: MAX_EVENTS,
+            max_age: Some(Duration::from_secs(3600)),
+            cleanup_interval: None,
+            ..MemoryConfig::default()
+        });
+        let pool: Vec<Event> = (0..POOL)
+            .map(|i| {
+                let mut e = Event::new(EventSource::System, format!("model.e{i}"));
+                e.created_at = ago(if i % 3 == 0 { 7200 } else { 60 });
+                e
+            })
+            .collect();
+        // Most recently used last.
+        let mut model: Vec<Event> = Vec::new();
+        let (mut evicted, mut expired) = (0u64, 0u64);
+        for op in ops {
+            match op {
+                Op::Store(i, status) => {
+                    let mut e = pool[i].clone();
+                    e.status = status;
+                    provider.store_batch(&[Arc::new(e.clone())]).expect("store");
+                    model.retain(|m| m.id != e.id);
+                    model.push(e);
+                    while model.len() > MAX_EVENTS {
+                        model.remove(0);
+                        evicted += 1;
+                    }
+                }
+                Op::Update(i, status) => {
+                    provider.update_status_batch(&[StatusUpdate::new(pool[i].id, status)]).expect("update");
+                    if let Some(at) = model.iter().position(|m| m.id == pool[i].id) {
+                        let mut e = model.remove(at);
+                        e.status = status;
+                        model.push(e);
+                    }
+                }
+                Op::Get(i) => {
+                    let got = provider.get(pool[i].id).expect("get");
+                    let at = model.iter().position(|m| m.id == pool[i].id);
+                    prop_assert_eq!(got.as_ref(), at.map(|at| &model[at]));
+                    if let Some(at) = at {
+                        let e = model.remove(at);
+                        model.push(e);
+                    }
+                }
+                Op::Delete(i) => {
+                    let existed = model.iter().any(|m| m.id == pool[i].id);
+                    prop_assert_eq!(provider.delete(pool[i].id).expect("delete"), existed);
+                    model.retain(|m| m.id != pool[i].id);
+                }
+                Op::Cleanup => {
+                    let cutoff = ago(3600);
+                    let before = model.len();
+                    model.retain(|m| !(m.status.is_terminal() && m.created_at < cutoff));
+                    let removed = before - model.len();
+                    expired += removed as u64;
+                    prop_assert_eq!(provider.cleanup_now().expect("cleanup"), removed);
+                }
+            }
+            let mut expected = model.clone();
+            expected.sort_by_key(|e| (e.created_at, e.id));
+            prop_assert_eq!(provider.list(&EventFilter::new()).expect("list"), expected);
+            assert_recount(&provider);
+            prop_assert_eq!(specific(&provider, "evicted"), evicted);
+            prop_assert_eq!(specific(&provider, "expired"), expired);
+        }
+    }
+}
