@@ -25,5 +25,8 @@ pub use crate::error::{
 pub use crate::event::{
     Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
 };
-pub use crate::pattern::{MAX_NAME_LEN, MAX_SEGMENTS, Pattern, validate_event_type};
+pub use crate::pattern::{
+    CacheStats, EntryId, MAX_NAME_LEN, MAX_SEGMENTS, MatchCache, Matches, Pattern, PatternSet,
+    validate_event_type,
+};
 pub use crate::subscription::SubscriptionId;

@@ -38,9 +38,14 @@
 //! [`PatternSet`], a trie whose match cost depends on the type's segments and the wildcard
 //! branches taken, never on the number of patterns, and repeated types hit a [`MatchCache`].
 
+mod cache;
+mod trie;
+
 use std::fmt;
 use std::str::FromStr;
 
+pub use self::cache::{CacheStats, MatchCache};
+pub use self::trie::{EntryId, Matches, PatternSet};
 use crate::error::{EventTypeError, PatternError, SyntaxErrorKind};
 
 /// Longest event type or pattern accepted, in bytes.
