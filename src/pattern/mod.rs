@@ -234,7 +234,9 @@ fn scan(
         return Err((0, SyntaxErrorKind::Empty));
     }
     if input.len() > MAX_NAME_LEN {
-        return Err((MAX_NAME_LEN, SyntaxErrorKind::TooLong { len: input.len(), max: MAX_NAME_LEN }));
+        // The character that crosses the limit, by its first byte: a position always slices.
+        let position = (0..=MAX_NAME_LEN).rev().find(|&i| input.is_char_boundary(i)).unwrap_or(0);
+        return Err((position, SyntaxErrorKind::TooLong { len: input.len(), max: MAX_NAME_LEN }));
     }
     if let Some((i, ch)) = input.char_indices().find(|&(_, c)| c.is_whitespace() || c.is_control()) {
         return Err((i, SyntaxErrorKind::InvalidChar { ch }));
@@ -317,6 +319,17 @@ mod tests {
             err(&many),
             (2 * MAX_SEGMENTS, K::TooManySegments { count: MAX_SEGMENTS + 2, max: MAX_SEGMENTS })
         );
+    }
+
+    #[test]
+    fn a_too_long_input_is_blamed_on_a_character_boundary() {
+        // Found by `fuzz/fuzz_targets/parse.rs`: byte 255 fell inside the 128th 'é'.
+        let long = "é".repeat(130);
+        let kind = SyntaxErrorKind::TooLong { len: 260, max: MAX_NAME_LEN };
+        assert_eq!(err(&long), (254, kind.clone()));
+        let e = validate_event_type(&long).unwrap_err();
+        assert_eq!((e.position(), e.kind()), (254, &kind));
+        assert!(long.is_char_boundary(e.position()));
     }
 
     #[test]
