@@ -4,9 +4,14 @@
 use eventbroker::{EntryId, MatchCache, Pattern, PatternSet};
 use proptest::prelude::*;
 
-/// Literals come from a tiny alphabet so that random patterns and types actually meet.
+/// Literals come mostly from a tiny alphabet so that random patterns and types actually meet,
+/// sometimes from a wider one so that nodes get more than `INLINE_LITERALS` (8) literal children
+/// and switch to a hash map.
 fn literal() -> impl Strategy<Value = String> {
-    prop_oneof![Just("a"), Just("b"), Just("c"), Just("dd")].prop_map(str::to_owned)
+    prop_oneof![
+        8 => prop_oneof![Just("a"), Just("b"), Just("c"), Just("dd")].prop_map(str::to_owned),
+        3 => (0..12u8).prop_map(|i| format!("m{i}")),
+    ]
 }
 
 fn pattern() -> impl Strategy<Value = Pattern> {

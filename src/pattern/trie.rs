@@ -224,8 +224,8 @@ fn split_tail(pattern: &Pattern) -> (&[Segment], bool) {
 /// set.insert(&Pattern::parse("public.*.create")?, "welcome");
 /// set.insert(&Pattern::parse("public.>")?, "mirror");
 ///
-/// let hits = set.matches("public.users.create");
-/// assert_eq!(hits.values().copied().collect::<Vec<_>>(), ["audit", "welcome", "mirror"]);
+/// let hits: Vec<&str> = set.matches("public.users.create").values().copied().collect();
+/// assert_eq!(hits, ["audit", "welcome", "mirror"]);
 /// assert!(set.matches("admin.users.create").is_empty());
 ///
 /// let snapshot = set.clone();
