@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use eventbroker::{MatchCache, Pattern, PatternSet};
@@ -124,7 +124,9 @@ impl Fixture {
     fn new(size: usize) -> Self {
         let mix = Mix::new(size);
         let patterns = mix.patterns(size);
+        let started = Instant::now();
         let set: PatternSet<u64> = patterns.iter().cloned().zip(0..).collect();
+        let built = started.elapsed();
         let list = (size <= BASELINE_MAX).then(|| patterns.into_iter().zip(0..).collect());
         let queries = mix.types(QUERIES, 7);
         let pool = mix.distinct_types(OVERFLOW_TYPES, 11);
@@ -135,7 +137,7 @@ impl Fixture {
         let matched: usize = queries.iter().map(|t| set.matches(t).len()).sum();
         let tenths = matched * 10 / queries.len();
         eprintln!(
-            "matching: {size} entries, {}.{} matches per queried type on average",
+            "matching: {size} entries built in {built:.2?}, {}.{} matches per queried type on average",
             tenths / 10,
             tenths % 10
         );
@@ -236,6 +238,27 @@ fn cache_overflow(c: &mut Criterion, fixtures: &[Fixture]) {
     group.finish();
 }
 
+/// What a subscribe costs a broker that publishes snapshots: clone the set, insert into the clone
+/// (copying the path it shares with the original), drop the clone again.
+fn update(c: &mut Criterion, fixtures: &[Fixture]) {
+    let mut group = c.benchmark_group("set_update");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(1));
+    let patterns = [Pattern::parse("s1.e1.create").expect("valid"), Pattern::parse("s1.*.>").expect("valid")];
+    for f in fixtures {
+        group.bench_with_input(BenchmarkId::new("clone_insert", f.size), f, |b, f| {
+            b.iter(|| {
+                let mut next = f.set.clone();
+                for p in &patterns {
+                    next.insert(p, 0);
+                }
+                next
+            });
+        });
+    }
+    group.finish();
+}
+
 fn report_hits(group: &str, size: usize, cache: &MatchCache<u64>) {
     let stats = cache.stats();
     let lookups = stats.hits + stats.misses;
@@ -253,6 +276,7 @@ fn matching(c: &mut Criterion) {
     cold(c, &fixtures);
     cache_hit(c, &fixtures);
     cache_overflow(c, &fixtures);
+    update(c, &fixtures);
 }
 
 criterion_group!(benches, matching);

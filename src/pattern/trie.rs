@@ -1,7 +1,8 @@
 //! [`PatternSet`]: many patterns compiled into one persistent segment trie.
 //!
 //! Each trie node has literal edges (a short inline list, a hash map past
-//! [`INLINE_LITERALS`] children), at most one `*` edge, the entries whose pattern ends in `>`
+//! [`INLINE_LITERALS`] (8) children, [`SHARDS`] (64) maps behind their own `Arc`s past
+//! [`SHARDED_LITERALS`] (1024)), at most one `*` edge, the entries whose pattern ends in `>`
 //! right below it, and the entries whose pattern ends at it. Patterns that are exactly `*` live
 //! in a list of their own and match every type.
 //!
@@ -27,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 use std::ops::{ControlFlow, Deref};
 // The trie is data, not a synchronisation mechanism: nodes are immutable once shared, and the
 // swap that publishes a set belongs to the broker. So it uses std's `Arc` (for `make_mut`, which
@@ -43,6 +45,15 @@ use super::{MAX_SEGMENTS, Pattern, Segment};
 /// map. Most nodes of a `schema.entity.op` trie have a handful of children, and comparing a few
 /// short strings beats hashing one.
 pub(crate) const INLINE_LITERALS: usize = 8;
+
+/// Literal children past which a node splits its map into [`SHARDS`] maps, each behind its own
+/// `Arc`. Copying a node for a change (path copying) clones every `Arc` it holds, about 20 ns per
+/// child counting the drop of the old copy later; a sharded node costs `SHARDS` of those plus the
+/// one shard that changes. At 1024 children a plain map copies in ~20 µs.
+pub(crate) const SHARDED_LITERALS: usize = 1024;
+
+/// Shards of a node with more than [`SHARDED_LITERALS`] literal children; a power of two.
+pub(crate) const SHARDS: usize = 64;
 
 /// Results of one match kept inline, without a heap allocation.
 const INLINE_MATCHES: usize = 8;
@@ -111,11 +122,23 @@ fn position(entries: &[Entry<impl Sized>], id: EntryId) -> Option<usize> {
 
 type LiteralMap<T> = HashMap<Arc<str>, Arc<Node<T>>, FixedState>;
 
-/// A node's literal edges: a short list, or a map once there are many.
+/// Picks a node's shard for a segment. Seeded apart from the maps' own hasher, so the keys of one
+/// shard still spread over its map.
+static SHARD_HASHER: FixedState = FixedState::with_seed(0x5EED_0F_5A4D);
+
+fn shard_of(segment: &str) -> usize {
+    let bits = SHARDS.trailing_zeros();
+    usize::try_from(SHARD_HASHER.hash_one(segment) >> (64 - bits)).unwrap_or(0)
+}
+
+/// A node's literal edges: a short list, a map once there are many, and maps behind their own
+/// `Arc`s once there are very many, so that copying the node stays cheap.
 #[derive(Clone)]
 enum Literals<T> {
     Inline(Vec<(Arc<str>, Arc<Node<T>>)>),
     Map(LiteralMap<T>),
+    /// `SHARDS` maps; a segment lives in `shards[shard_of(segment)]`.
+    Sharded(Box<[Arc<LiteralMap<T>>]>),
 }
 
 impl<T> Literals<T> {
@@ -123,39 +146,50 @@ impl<T> Literals<T> {
         match self {
             Self::Inline(list) => list.iter().find(|(key, _)| **key == *segment).map(|(_, node)| node),
             Self::Map(map) => map.get(segment),
+            Self::Sharded(shards) => shards[shard_of(segment)].get(segment),
         }
     }
 
+    /// The edge to `segment`, for a change below it: copies its shard if shared.
     fn get_mut(&mut self, segment: &str) -> Option<&mut Arc<Node<T>>> {
         match self {
             Self::Inline(list) => list.iter_mut().find(|(key, _)| **key == *segment).map(|(_, node)| node),
             Self::Map(map) => map.get_mut(segment),
+            Self::Sharded(shards) => Arc::make_mut(&mut shards[shard_of(segment)]).get_mut(segment),
         }
     }
 
     fn get_or_insert(&mut self, segment: &str) -> &mut Arc<Node<T>> {
-        if let Self::Inline(list) = self
-            && list.len() >= INLINE_LITERALS
-            && !list.iter().any(|(key, _)| **key == *segment)
-        {
-            *self = Self::Map(std::mem::take(list).into_iter().collect());
-        }
         match self {
+            Self::Inline(list) if list.len() >= INLINE_LITERALS && self.get(segment).is_none() => {
+                let Self::Inline(list) = self else { unreachable!() };
+                *self = Self::Map(std::mem::take(list).into_iter().collect());
+            }
+            Self::Map(map) if map.len() >= SHARDED_LITERALS && !map.contains_key(segment) => {
+                let mut shards: Vec<LiteralMap<T>> = (0..SHARDS).map(|_| LiteralMap::default()).collect();
+                for (key, node) in map.drain() {
+                    shards[shard_of(&key)].insert(key, node);
+                }
+                *self = Self::Sharded(shards.into_iter().map(Arc::new).collect());
+            }
+            _ => {}
+        }
+        let map = match self {
             Self::Inline(list) => {
                 let i = list.iter().position(|(key, _)| **key == *segment).unwrap_or_else(|| {
                     list.push((segment.into(), Arc::default()));
                     list.len() - 1
                 });
-                &mut list[i].1
+                return &mut list[i].1;
             }
-            Self::Map(map) => {
-                // Look up first: `entry` would allocate the key even when it is there.
-                if !map.contains_key(segment) {
-                    map.insert(segment.into(), Arc::default());
-                }
-                map.get_mut(segment).expect("inserted above")
-            }
+            Self::Map(map) => map,
+            Self::Sharded(shards) => Arc::make_mut(&mut shards[shard_of(segment)]),
+        };
+        // Look up first: `entry` would allocate the key even when it is there.
+        if !map.contains_key(segment) {
+            map.insert(segment.into(), Arc::default());
         }
+        map.get_mut(segment).expect("inserted above")
     }
 
     fn remove(&mut self, segment: &str) {
@@ -164,6 +198,9 @@ impl<T> Literals<T> {
             Self::Map(map) => {
                 map.remove(segment);
             }
+            Self::Sharded(shards) => {
+                Arc::make_mut(&mut shards[shard_of(segment)]).remove(segment);
+            }
         }
     }
 
@@ -171,6 +208,7 @@ impl<T> Literals<T> {
         match self {
             Self::Inline(list) => list.is_empty(),
             Self::Map(map) => map.is_empty(),
+            Self::Sharded(shards) => shards.iter().all(|shard| shard.is_empty()),
         }
     }
 }
@@ -739,6 +777,36 @@ mod tests {
             assert_eq!(set.remove(&p(&format!("s{i}.x")), id), Some(i));
         }
         assert!(set.root.is_empty());
+    }
+
+    #[test]
+    fn very_wide_nodes_shard_and_copy_one_shard() {
+        let mut set = PatternSet::new();
+        let n = SHARDED_LITERALS * 3;
+        let ids: Vec<_> = (0..n).map(|i| set.insert(&p(&format!("s{i}.x")), i)).collect();
+        let Literals::Sharded(shards) = &set.root.literals else { panic!("not sharded") };
+        assert!(shards.iter().all(|shard| !shard.is_empty()), "keys spread over every shard");
+        for i in 0..n {
+            assert_eq!(values(&set, &format!("s{i}.x")), [i]);
+        }
+        assert!(set.matches("s.x").is_empty());
+
+        let snapshot = set.clone();
+        set.insert(&p("s7.y"), n);
+        let (Literals::Sharded(old), Literals::Sharded(new)) = (&snapshot.root.literals, &set.root.literals)
+        else {
+            panic!("still sharded")
+        };
+        let shared = old.iter().zip(new.iter()).filter(|(a, b)| Arc::ptr_eq(a, b)).count();
+        assert_eq!(shared, SHARDS - 1, "only the changed shard was copied");
+        assert_eq!(values(&set, "s7.y"), [n]);
+        assert!(snapshot.matches("s7.y").is_empty());
+
+        for (i, id) in ids.into_iter().enumerate() {
+            assert_eq!(set.remove(&p(&format!("s{i}.x")), id), Some(i));
+        }
+        assert_eq!(values(&set, "s7.y"), [n]);
+        assert_eq!(values(&snapshot, "s7.x"), [7]);
     }
 
     #[test]
