@@ -8,7 +8,9 @@
 //! ```
 //!
 //! - [`Event`]: the seed's event, wire-compatible JSON, raw JSON payloads.
-//! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`](crate::pattern) for the language.
+//! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`] for the language.
+//! - [`PatternSet`]: subscriptions compiled into a persistent trie, matched in time independent of
+//!   their number; [`MatchCache`]: a worker's cache of `type → matches`.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 

@@ -22,7 +22,7 @@
 //! When far more types are in play than fit, most lookups miss. A miss then costs the cold match
 //! plus one hash, one probe and copying the type and the values into a reused slot: on the
 //! `matching` bench, with 10× more distinct types than capacity, the cached path costs about
-//! the same as the cold match (see the pattern module docs for the figures). There is no sweep,
+//! the same as the cold match (figures in the pattern module's docs). There is no sweep,
 //! no map rehashing and no allocation that could make the cache a net loss, the fate of the
 //! random-evict cache NATS measured at 100k subjects. A hit costs a hash and a compare: tens of
 //! nanoseconds.
@@ -87,7 +87,7 @@ pub struct CacheStats {
 ///
 /// Results are tied to the [`PatternSet::generation`] they were computed under, so the same cache
 /// can serve a worker across every new version of the set it is handed. See the
-/// [module docs](self) for replacement and costs.
+/// [pattern module](crate::pattern#guarantees) for costs.
 ///
 /// ```
 /// use eventbroker::{MatchCache, Pattern, PatternSet};

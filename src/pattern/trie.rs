@@ -6,25 +6,14 @@
 //! right below it, and the entries whose pattern ends at it. Patterns that are exactly `*` live
 //! in a list of their own and match every type.
 //!
-//! ## Cost of a match
-//! A match splits the type once and walks the trie depth-first. At each node it takes at most
-//! two edges: the literal child named by the type's next segment (one hash lookup) and the `*`
-//! child. So it visits at most `2^(s+1) - 1` nodes for a type of `s` segments (15 for
-//! `schema.entity.op`), and in practice as many as the wildcard branches that actually exist
-//! along the type's path — typically 2 to 6. The number of entries in the set does not appear:
-//! on the `matching` bench a cold match costs about the same at 1,000 and at 1,000,000 entries
-//! (see the crate's `benches/matching.rs` and the figures in the pattern module's docs). Results
-//! are sorted by [`EntryId`]; up to [`Matches::INLINE`] (8) of them are returned without touching
-//! the heap, and so is a type of up to [`MAX_SEGMENTS`](super::MAX_SEGMENTS) segments.
+//! The guarantees, with measured numbers, are in [the pattern module's docs](super): a match
+//! visits at most two children per node (the literal named by the next segment, and `*`), never
+//! anything proportional to the number of entries; a change copies only its path, wide nodes
+//! copying one shard of their children.
 //!
-//! ## Cost of a change
-//! Nodes sit behind [`Arc`]s and change through [`Arc::make_mut`]. Cloning a set is O(1): two
-//! reference counts. An `insert` or `remove` on a set whose nodes are shared with a clone copies
-//! only the nodes on the pattern's path (at most 33), each copy costing its number of children
-//! and entries; every other node stays shared. On a set that shares nothing (a bulk build) the
-//! same code mutates in place, about 1 µs per insert. The intended use is a master set behind a
-//! mutex that is cloned, changed, and published to readers through an atomic pointer swap;
-//! readers hold a snapshot and never lock.
+//! Nodes sit behind [`Arc`]s and change through [`Arc::make_mut`], so a node shared with another
+//! version is copied on the way down and an unshared one is changed in place: the one code path
+//! serves bulk builds and snapshot updates alike.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -124,7 +113,7 @@ type LiteralMap<T> = HashMap<Arc<str>, Arc<Node<T>>, FixedState>;
 
 /// Picks a node's shard for a segment. Seeded apart from the maps' own hasher, so the keys of one
 /// shard still spread over its map.
-static SHARD_HASHER: FixedState = FixedState::with_seed(0x5EED_0F_5A4D);
+static SHARD_HASHER: FixedState = FixedState::with_seed(0x9E37_79B9_7F4A_7C15);
 
 fn shard_of(segment: &str) -> usize {
     let bits = SHARDS.trailing_zeros();
@@ -247,7 +236,7 @@ fn split_tail(pattern: &Pattern) -> (&[Segment], bool) {
 /// A compiled set of `(Pattern, value)` entries: which values does an event type match?
 ///
 /// Matching costs the type's segments times the wildcard branches taken, never the number of
-/// entries (see the [module docs](self) for numbers). Results come back in [`EntryId`] order,
+/// entries (see [the pattern module](crate::pattern#guarantees) for guarantees and numbers). Results come back in [`EntryId`] order,
 /// which is insertion order; an entry matches at most once, and two entries with the same pattern
 /// are two results.
 ///
