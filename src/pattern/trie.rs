@@ -362,14 +362,29 @@ impl<T> PatternSet<T> {
     /// # Ok::<(), eventbroker::PatternError>(())
     /// ```
     pub fn matches(&self, event_type: &str) -> Matches<'_, T> {
+        let mut matches = Matches { hits: SmallVec::new() };
+        self.collect(event_type, &mut matches.hits);
+        matches
+    }
+
+    /// Appends clones of the matched values to `out`, in id order: [`matches`](Self::matches)
+    /// without handing the (id, reference) pairs back through a return value.
+    pub(crate) fn clone_matches_into(&self, event_type: &str, out: &mut Vec<T>)
+    where
+        T: Clone,
+    {
         let mut hits = SmallVec::new();
+        self.collect(event_type, &mut hits);
+        out.extend(hits.iter().map(|&(_, value)| value.clone()));
+    }
+
+    fn collect<'s>(&'s self, event_type: &str, hits: &mut Hits<'s, T>) {
         let _ = self.visit(event_type, |entries| {
             hits.extend(entries.iter().map(|e| (e.id, &e.value)));
             ControlFlow::Continue(())
         });
         // Each visited list is sorted already; a few runs of a few items sort in nanoseconds.
         hits.sort_unstable_by_key(|&(id, _)| id);
-        Matches { hits }
     }
 
     /// Whether any entry matches `event_type`; stops at the first.
@@ -431,7 +446,18 @@ impl<T> PatternSet<T> {
             if entries.is_empty() { ControlFlow::Continue(()) } else { found(entries) }
         };
         report(&self.match_all)?;
-        let segments: SmallVec<[&str; MAX_SEGMENTS]> = event_type.split('.').collect();
+        // A plain byte loop: types are short, and `str::split`'s searcher costs more than it
+        // saves on them. Filled in place, as collecting would build the 512-byte array aside and
+        // then copy it.
+        let mut segments: SmallVec<[&str; MAX_SEGMENTS]> = SmallVec::new();
+        let mut start = 0;
+        for (i, byte) in event_type.bytes().enumerate() {
+            if byte == b'.' {
+                segments.push(&event_type[start..i]);
+                start = i + 1;
+            }
+        }
+        segments.push(&event_type[start..]);
         // Depth-first: each level leaves at most one sibling behind, so the stack never holds
         // more than `segments + 1` nodes.
         let mut stack: SmallVec<[(&'s Node<T>, usize); MAX_SEGMENTS + 1]> = SmallVec::new();
@@ -637,8 +663,10 @@ impl<T: Clone> FromIterator<(Pattern, T)> for PatternSet<T> {
 /// # Ok::<(), eventbroker::PatternError>(())
 /// ```
 pub struct Matches<'s, T> {
-    hits: SmallVec<[(EntryId, &'s T); INLINE_MATCHES]>,
+    hits: Hits<'s, T>,
 }
+
+type Hits<'s, T> = SmallVec<[(EntryId, &'s T); INLINE_MATCHES]>;
 
 impl<'s, T> Matches<'s, T> {
     /// How many results fit without a heap allocation.
