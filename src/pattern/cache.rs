@@ -321,10 +321,11 @@ impl<T: Clone> MatchCache<T> {
 impl<T> MatchCache<T> {
     /// The admission rule: a type not in the cache gets a slot on its second miss within the
     /// doorkeeper's window, so types seen once (one-off names, a scan through more types than
-    /// fit) never push out types in use, and cost a miss no more than matching without a cache.
+    /// fit) never push out types in use, and their misses cost little more than a cold match.
+    /// Clearing the window costs one word per 16 slots, once per as many first misses as slots.
     fn admit(&mut self, hash: u64) -> bool {
-        // The low bits, not the high ones that pick the set.
-        // `seen` holds a power of two of bits, so a mask picks one.
+        // Low bits of the hash (the high ones pick the set); `seen` holds a power of two of
+        // bits, so a mask picks one.
         let bit = usize::try_from(hash >> 1).unwrap_or(usize::MAX) & (self.seen.len() * 64 - 1);
         let (word, mask) = (bit / 64, 1u64 << (bit % 64));
         if self.seen[word] & mask != 0 {

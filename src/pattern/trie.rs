@@ -150,8 +150,9 @@ impl<T> Literals<T> {
 
     fn get_or_insert(&mut self, segment: &str) -> &mut Arc<Node<T>> {
         match self {
-            Self::Inline(list) if list.len() >= INLINE_LITERALS && self.get(segment).is_none() => {
-                let Self::Inline(list) = self else { unreachable!() };
+            Self::Inline(list)
+                if list.len() >= INLINE_LITERALS && !list.iter().any(|(key, _)| **key == *segment) =>
+            {
                 *self = Self::Map(std::mem::take(list).into_iter().collect());
             }
             Self::Map(map) if map.len() >= SHARDED_LITERALS && !map.contains_key(segment) => {
@@ -236,9 +237,9 @@ fn split_tail(pattern: &Pattern) -> (&[Segment], bool) {
 /// A compiled set of `(Pattern, value)` entries: which values does an event type match?
 ///
 /// Matching costs the type's segments times the wildcard branches taken, never the number of
-/// entries (see [the pattern module](crate::pattern#guarantees) for guarantees and numbers). Results come back in [`EntryId`] order,
-/// which is insertion order; an entry matches at most once, and two entries with the same pattern
-/// are two results.
+/// entries (see [the pattern module](crate::pattern#guarantees) for guarantees and numbers).
+/// Results come back in [`EntryId`] order, which is insertion order; an entry matches at most
+/// once, and two entries with the same pattern are two results.
 ///
 /// A set is a persistent value: [`Clone`] is O(1), and changing a clone copies only the path
 /// that changes, so the original snapshot is untouched and readers holding it never lock.
