@@ -8,7 +8,9 @@
 //! ```
 //!
 //! - [`Event`]: the seed's event, wire-compatible JSON, raw JSON payloads.
-//! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`](crate::pattern) for the language.
+//! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`] for the language.
+//! - [`PatternSet`]: subscriptions compiled into a persistent trie, matched in time independent of
+//!   their number; [`MatchCache`]: a worker's cache of `type → matches`.
 //! - [`Provider`]: the batch-first storage trait, with [`MemoryProvider`] always compiled; see
 //!   [`provider`] for the contract every backend keeps.
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -25,10 +27,11 @@ pub use crate::error::{
     BoxError, DecodeError, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
     SyntaxErrorKind,
 };
-pub use crate::event::{
-    Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
+pub use crate::event::{Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type};
+pub use crate::pattern::{
+    CacheStats, EntryId, MAX_NAME_LEN, MAX_SEGMENTS, MatchCache, Matches, Pattern, PatternSet,
+    validate_event_type,
 };
-pub use crate::pattern::{MAX_NAME_LEN, MAX_SEGMENTS, Pattern, validate_event_type};
 pub use crate::provider::{
     DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventStream, MemoryConfig, MemoryProvider,
     Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,

@@ -37,10 +37,84 @@
 //! [`Pattern::matches`] tests one pattern and is the reference. A broker holds many patterns in a
 //! [`PatternSet`], a trie whose match cost depends on the type's segments and the wildcard
 //! branches taken, never on the number of patterns, and repeated types hit a [`MatchCache`].
+//!
+//! ```
+//! use eventbroker::{MatchCache, Pattern, PatternSet};
+//!
+//! let mut subscriptions = PatternSet::new();
+//! subscriptions.insert(&Pattern::parse("public.*.create")?, "welcome-mail");
+//! subscriptions.insert(&Pattern::parse("audit.>")?, "audit-log");
+//! subscriptions.insert(&Pattern::parse("*")?, "metrics");
+//!
+//! // A worker keeps one cache and looks every event's type up through it.
+//! let mut cache = MatchCache::new(4096);
+//! assert_eq!(cache.get_or_match(&subscriptions, "public.users.create"), ["welcome-mail", "metrics"]);
+//! assert_eq!(cache.get_or_match(&subscriptions, "audit.login.failed"), ["audit-log", "metrics"]);
+//!
+//! // Subscribing publishes a new version; a reader still holding the old one is unaffected,
+//! // and the cache notices the new generation by itself.
+//! let published = subscriptions.clone();
+//! subscriptions.insert(&Pattern::parse("audit.login.*")?, "alarm");
+//! assert_eq!(cache.get_or_match(&published, "audit.login.failed"), ["audit-log", "metrics"]);
+//! assert_eq!(cache.get_or_match(&subscriptions, "audit.login.failed"), ["audit-log", "metrics", "alarm"]);
+//! # Ok::<(), eventbroker::PatternError>(())
+//! ```
+//!
+//! ### Guarantees
+//! - **Order.** A set returns its matches in [`EntryId`] order, which is insertion order, and so
+//!   does the cache. An entry matches at most once; two entries with the same pattern are two
+//!   matches.
+//! - **Cold match: O(segments × wildcard branches).** A match splits the type once and walks the
+//!   trie depth-first, taking at each node the literal edge named by the next segment (one hash
+//!   lookup) and the `*` edge, and collecting the `>` entries hanging there. That is at most
+//!   `2^(s+1) - 1` nodes for a type of `s` segments (15 for `schema.entity.op`); in practice it
+//!   is the wildcard branches that exist along the type's path. Nothing is proportional to the
+//!   number of entries.
+//! - **No allocation on the match path** for up to 8 results ([`Matches::INLINE`]) and types of up
+//!   to [`MAX_SEGMENTS`] segments; a warm cache allocates nothing on hits, nor on misses whose
+//!   type and values fit the slot buffers they replace.
+//! - **Persistent versions.** [`Clone`] of a set is O(1). `insert` and `remove` on a set that
+//!   shares nodes with a clone copy only the pattern's path (at most 33 nodes), each copy costing
+//!   its children and entries, with nodes of more than 1024 literal children split into 64
+//!   separately shared maps so a copy costs 64 plus a 64th of them. Every other node stays
+//!   shared, and the clone never sees the change. On a set that shares nothing, the same calls
+//!   mutate in place. A `remove` that finds nothing copies nothing.
+//! - **Generations.** Every version of every set carries a [`PatternSet::generation`] unique in
+//!   the process; a [`MatchCache`] result is only served for the generation it was computed
+//!   under, so a cache can follow a broker's successive snapshots, or serve several sets, and
+//!   never returns a stale result. A new generation costs the cache nothing up front.
+//! - **Bounded cache, no thrashing.** A cache holds its capacity (rounded up to a power of two)
+//!   in 8-way sets with least-recently-used replacement: a hit is one hash, one probe of a cache
+//!   line and one string compare; a miss is the cold match plus copying the type and the values
+//!   into a slot that keeps its buffers. With far more types in play than it holds, the cache
+//!   costs about what matching without it costs.
+//! - **No locks.** Matching reads an immutable snapshot; the cache is per thread (`&mut self`).
+//!
+//! ### Measured
+//! `cargo bench --bench matching` on the development machine (2 vCPU, shared with other builds;
+//! compare ratios within one run), values `u64`, a `schema.entity.op` mix of literals, `*`, `>`
+//! and catch-alls in which a queried type matches about 5.5 entries at every size. Per type:
+//!
+//! | entries | cold match | cache hit | 10× more types than the cache: cached / cold | scanning every pattern | clone + insert |
+//! |---:|---:|---:|---:|---:|---:|
+//! | 10 | 58 ns | 6 ns | 1.18× | 142 ns | 0.3 µs |
+//! | 1,000 | 77 ns | 6 ns | 1.13× | 13 µs | 1.1 µs |
+//! | 100,000 | 97 ns | 6 ns | 0.98× | 1.2 ms (12,600× the trie) | 2.0 µs |
+//! | 1,000,000 | 96 ns | 6 ns | 0.94× | not run | 6.5 µs |
+//!
+//! The cold figures query 256 types, whose trie paths stay in the CPU caches. Spread over 10,240
+//! types, the nodes a match touches are mostly out of the caches at large sizes, and a cold match
+//! costs 185 ns at 100,000 entries and 290 ns at 1,000,000: memory latency, not more work.
+//! Building a set of a million entries in place takes about a second.
+
+mod cache;
+mod trie;
 
 use std::fmt;
 use std::str::FromStr;
 
+pub use self::cache::{CacheStats, MatchCache};
+pub use self::trie::{EntryId, Matches, PatternSet};
 use crate::error::{EventTypeError, PatternError, SyntaxErrorKind};
 
 /// Longest event type or pattern accepted, in bytes.
@@ -229,7 +303,9 @@ fn scan(
         return Err((0, SyntaxErrorKind::Empty));
     }
     if input.len() > MAX_NAME_LEN {
-        return Err((MAX_NAME_LEN, SyntaxErrorKind::TooLong { len: input.len(), max: MAX_NAME_LEN }));
+        // The character that crosses the limit, by its first byte: a position always slices.
+        let position = (0..=MAX_NAME_LEN).rev().find(|&i| input.is_char_boundary(i)).unwrap_or(0);
+        return Err((position, SyntaxErrorKind::TooLong { len: input.len(), max: MAX_NAME_LEN }));
     }
     if let Some((i, ch)) = input.char_indices().find(|&(_, c)| c.is_whitespace() || c.is_control()) {
         return Err((i, SyntaxErrorKind::InvalidChar { ch }));
@@ -312,6 +388,17 @@ mod tests {
             err(&many),
             (2 * MAX_SEGMENTS, K::TooManySegments { count: MAX_SEGMENTS + 2, max: MAX_SEGMENTS })
         );
+    }
+
+    #[test]
+    fn a_too_long_input_is_blamed_on_a_character_boundary() {
+        // Found by `fuzz/fuzz_targets/parse.rs`: byte 255 fell inside the 128th 'é'.
+        let long = "é".repeat(130);
+        let kind = SyntaxErrorKind::TooLong { len: 260, max: MAX_NAME_LEN };
+        assert_eq!(err(&long), (254, kind.clone()));
+        let e = validate_event_type(&long).unwrap_err();
+        assert_eq!((e.position(), e.kind()), (254, &kind));
+        assert!(long.is_char_boundary(e.position()));
     }
 
     #[test]
