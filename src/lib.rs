@@ -12,12 +12,14 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod dispatch;
 mod error;
 mod event;
 pub mod pattern;
 mod subscription;
 mod sync;
 
+pub use crate::dispatch::wait::WaitStrategy;
 pub use crate::error::{
     BoxError, DecodeError, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
     SyntaxErrorKind,
@@ -27,3 +29,11 @@ pub use crate::event::{
 };
 pub use crate::pattern::{MAX_NAME_LEN, MAX_SEGMENTS, Pattern, validate_event_type};
 pub use crate::subscription::SubscriptionId;
+
+/// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here
+/// may change or vanish in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, ring};
+    pub use crate::dispatch::wait::WaitOutcome;
+}
