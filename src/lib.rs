@@ -9,6 +9,7 @@
 //!
 //! - [`Event`]: the seed's event, wire-compatible JSON, raw JSON payloads.
 //! - [`Pattern`]: `public.*.create`, `audit.>`, `*`; see [`pattern`](crate::pattern) for the language.
+//! - [`WaitStrategy`]: how an idle shard worker waits (spin, yield, park), trading latency for CPU.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 

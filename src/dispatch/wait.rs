@@ -91,16 +91,18 @@ impl WaitStrategy {
 
     /// While spinning, the clock is read every this many polls (`Instant::now` costs about one
     /// poll), so a deadline is honoured within ≈ 1.5 µs.
-    const CLOCK_EVERY: u32 = 64;
+    const CLOCK_EVERY: u64 = 64;
 
-    /// What to do after the `round`-th unsuccessful poll (counting from 0).
-    fn phase(self, round: u32) -> Phase {
+    /// What to do after the `round`-th unsuccessful poll (counting from 0). Rounds count in `u64`
+    /// so that they never wrap or saturate (2⁶⁴ polls take millennia), which would stop the clock
+    /// checks of a long busy spin.
+    fn phase(self, round: u64) -> Phase {
         match self {
             Self::BusySpin => Phase::Spin,
-            Self::Yielding if round < Self::DEFAULT_SPINS => Phase::Spin,
+            Self::Yielding if round < u64::from(Self::DEFAULT_SPINS) => Phase::Spin,
             Self::Yielding => Phase::Yield,
-            Self::Blocking { spins, .. } if round < spins => Phase::Spin,
-            Self::Blocking { spins, yields } if round - spins < yields => Phase::Yield,
+            Self::Blocking { spins, .. } if round < u64::from(spins) => Phase::Spin,
+            Self::Blocking { spins, yields } if round - u64::from(spins) < u64::from(yields) => Phase::Yield,
             Self::Blocking { .. } => Phase::Park,
         }
     }
@@ -121,7 +123,7 @@ impl WaitStrategy {
         deadline: Option<Instant>,
         mut poll: impl FnMut() -> Poll,
     ) -> WaitOutcome {
-        let mut round: u32 = 0;
+        let mut round: u64 = 0;
         loop {
             match poll() {
                 Poll::Ready => return WaitOutcome::Ready,
@@ -145,7 +147,7 @@ impl WaitStrategy {
                     Poll::Pending | Poll::Empty => {}
                 },
             }
-            round = round.saturating_add(1);
+            round += 1;
         }
     }
 }
@@ -322,9 +324,12 @@ mod tests {
         let phases: Vec<_> = (0..4).map(|round| strategy.phase(round)).collect();
         assert_eq!(phases, [Phase::Spin, Phase::Spin, Phase::Yield, Phase::Park]);
         assert_eq!(PARK_NOW.phase(0), Phase::Park);
-        assert_eq!(WaitStrategy::BusySpin.phase(u32::MAX), Phase::Spin);
+        assert_eq!(WaitStrategy::BusySpin.phase(u64::MAX), Phase::Spin);
         assert_eq!(WaitStrategy::Yielding.phase(0), Phase::Spin);
-        assert_eq!(WaitStrategy::Yielding.phase(u32::MAX), Phase::Yield);
+        assert_eq!(WaitStrategy::Yielding.phase(u64::MAX), Phase::Yield);
+        let longest = WaitStrategy::Blocking { spins: u32::MAX, yields: u32::MAX };
+        assert_eq!(longest.phase(u64::from(u32::MAX) * 2 - 1), Phase::Yield);
+        assert_eq!(longest.phase(u64::from(u32::MAX) * 2), Phase::Park);
     }
 
     #[test]
