@@ -51,7 +51,7 @@ use std::{fmt, ptr};
 
 use crossbeam_utils::CachePadded;
 
-use super::wait::{Poll, Sleeper, WaitOutcome, WaitStrategy};
+use super::wait::{Poll, Pollable, Sleeper, WaitOutcome, WaitStrategy};
 use crate::sync::Ordering::{Acquire, Relaxed, Release};
 use crate::sync::hint::spin_loop;
 use crate::sync::{Arc, AtomicUsize, UnsafeCell};
@@ -452,10 +452,9 @@ impl<T> Consumer<T> {
     ///
     /// If a consumer that has parked once waits on another thread (producers unpark the first).
     pub fn wait(&mut self, strategy: WaitStrategy, deadline: Option<Instant>) -> WaitOutcome {
-        let this = &*self;
         // SAFETY: `&mut self`: this is the ring's only consumer, waiting on one thread at a time,
         // and the sleeper is its ring's.
-        unsafe { strategy.wait(&this.shared.sleeper, deadline, || this.poll()) }
+        unsafe { strategy.wait(&self.shared.sleeper, deadline, &*self) }
     }
 
     /// Closes the ring, as [`Producer::close`] does.
@@ -471,23 +470,6 @@ impl<T> Consumer<T> {
     /// The number of slots, as given to [`ring`].
     pub fn capacity(&self) -> usize {
         self.shared.capacity()
-    }
-
-    /// One look at the ring, for `wait`. Loads the tail unless a value is ready: inside the park
-    /// handshake that load is the consumer's Dekker read.
-    fn poll(&self) -> Poll {
-        // Relaxed: a peek; `take` loads the stamp again with Acquire before touching the value.
-        if self.shared.slot(self.head).stamp.load(Relaxed) == self.head | FULL {
-            return Poll::Ready;
-        }
-        // Relaxed: in the park handshake the SeqCst fences order this load (see `wait`); else
-        // it is a snapshot, and a final one once MARK is set (the tail never moves again).
-        let tail = self.shared.tail.load(Relaxed);
-        match (tail & !MARK == self.head, tail & MARK != 0) {
-            (true, true) => Poll::Closed,
-            (true, false) => Poll::Empty,
-            (false, _) => Poll::Pending,
-        }
     }
 
     /// Takes the value at `head` if it is published, frees its slot, and advances the local head.
@@ -513,6 +495,28 @@ impl<T> Consumer<T> {
         // Release: pairs with the Acquire loads in `try_push_batch` and `is_full_at`: every slot
         // below `head` is freed and its value read.
         self.shared.head.store(self.head, Release);
+    }
+}
+
+impl<T> Pollable for Consumer<T> {
+    fn is_ready(&self) -> bool {
+        // Relaxed: a peek; `take` loads the stamp again with Acquire before touching the value.
+        self.shared.slot(self.head).stamp.load(Relaxed) == self.head | FULL
+    }
+
+    /// Loads the tail unless a value is ready.
+    fn poll(&self) -> Poll {
+        if self.is_ready() {
+            return Poll::Ready;
+        }
+        // Relaxed: in the park handshake the SeqCst fences order this load (see `wait`); else
+        // it is a snapshot, and a final one once MARK is set (the tail never moves again).
+        let tail = self.shared.tail.load(Relaxed);
+        match (tail & !MARK == self.head, tail & MARK != 0) {
+            (true, true) => Poll::Closed,
+            (true, false) => Poll::Empty,
+            (false, _) => Poll::Pending,
+        }
     }
 }
 

@@ -5,14 +5,26 @@
 //!
 //! | phase | default length | cost while idle | wake-up latency |
 //! |---|---|---|---|
-//! | spin (`spin_loop` between polls) | 256 polls, ≈ 6 µs (≈ 22 ns a poll on a Zen core) | one core | ≈ 30 ns (a cache-line handoff) |
-//! | yield (`yield_now` between polls) | 32 polls, ≈ 11 µs on an idle core, longer when others run | the core, if nobody else wants it | ≈ 0.4 µs |
+//! | spin (8 `spin_loop` hints between polls) | 64 polls, ≈ 11 µs | one core | ≤ 0.2 µs |
+//! | yield (`yield_now` between polls) | 16 polls, ≈ 6 µs on an idle core, longer when others run | the core, if nobody else wants it | ≈ 0.4 µs |
 //! | park (until a producer unparks it) | unbounded | none | ≈ 20 µs (a futex wake) |
 //!
-//! The two active phases together last about one park/unpark round trip, the classic
-//! competitive-spinning choice: a burst whose events arrive within ~15 µs of each other finds the
-//! worker awake, and an idle worker costs at most twice what an oracle would have paid before it
-//! stops using the CPU altogether.
+//! (Durations measured on the project's reference machine, a Zen-class core where one
+//! `spin_loop` hint costs ≈ 22 ns and a `yield_now` ≈ 0.35 µs.) The two active phases together
+//! last about one park/unpark round trip, the classic competitive-spinning choice: a burst whose
+//! events arrive within ~15 µs of each other finds the worker awake, and an idle worker costs at
+//! most twice what an oracle would have paid before it stops using the CPU altogether.
+//!
+//! ## Why spinning polls are spaced out
+//!
+//! A spinning consumer that has caught up reads the very slot the producer writes next. Polled
+//! after every hint (≈ 22 ns), it takes that cache line away from each push in turn, and the
+//! producer's claim (a locked CAS, which waits for its earlier stores) stalls on the transfer:
+//! ≈ 45 ns a push in the SPSC bench, worse than `crossbeam-channel`. Eight hints between polls let
+//! the producer write a few slots undisturbed: ≈ 15–25 ns a push, for at most ≈ 0.2 µs of added
+//! latency. While spinning, a poll reads only that slot; the tail, which producers CAS, is read
+//! every eighth poll (to notice a close), in the yield phase, and in the park handshake: a
+//! consumer reading it on every poll took the line from every claim (≈ 440 ns a push).
 //!
 //! ## No lost wake-ups
 //!
@@ -50,7 +62,7 @@ use crate::sync::{AtomicBool, UnsafeCell, fence};
 /// // Dedicated cores, lowest latency: every worker keeps a core busy, forever.
 /// let latency = WaitStrategy::BusySpin;
 /// // Park sooner than the default: about 1 µs of spinning, then sleep.
-/// let frugal = WaitStrategy::Blocking { spins: 50, yields: 0 };
+/// let frugal = WaitStrategy::Blocking { spins: 5, yields: 0 };
 /// assert_ne!(latency, frugal);
 /// assert_eq!(
 ///     WaitStrategy::default(),
@@ -62,9 +74,10 @@ use crate::sync::{AtomicBool, UnsafeCell, fence};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WaitStrategy {
-    /// Poll the ring in a tight loop with a `spin_loop` hint between polls; never yield, never
-    /// park. Lowest latency (a hand-off costs a cache-line transfer, ≈ 30 ns), but each worker
-    /// burns a whole core even when idle. Only for machines with a core to spare per shard.
+    /// Poll the ring in a loop with 8 `spin_loop` hints between polls; never yield, never park.
+    /// Lowest latency (a hand-off costs a cache-line transfer plus at most ≈ 0.2 µs), but each
+    /// worker burns a whole core even when idle. Only for machines with a core to spare per
+    /// shard.
     BusySpin,
     /// Spin [`DEFAULT_SPINS`](WaitStrategy::DEFAULT_SPINS) polls, then call `yield_now` between
     /// polls; never park. An idle worker gives its core to any thread that wants it, but still
@@ -74,24 +87,27 @@ pub enum WaitStrategy {
     /// close, or the worker's next timer) wakes the worker. An idle worker uses no CPU; waking a
     /// parked one costs ≈ 20 µs.
     Blocking {
-        /// Polls with a `spin_loop` hint between them (≈ 22 ns each on this project's reference
-        /// machine) before yielding.
+        /// Polls with 8 `spin_loop` hints between them (≈ 0.18 µs each on this project's
+        /// reference machine) before yielding.
         spins: u32,
-        /// Polls with a `yield_now` between them (≈ 0.35 µs each when no other thread is runnable)
-        /// before parking.
+        /// Polls with a `yield_now` between them (≈ 0.35 µs each when no other thread is
+        /// runnable) before parking.
         yields: u32,
     },
 }
 
 impl WaitStrategy {
-    /// Default spin polls before yielding: 256, ≈ 6 µs.
-    pub const DEFAULT_SPINS: u32 = 256;
-    /// Default yields before parking: 32, ≈ 11 µs on an otherwise idle core.
-    pub const DEFAULT_YIELDS: u32 = 32;
+    /// Default spin polls before yielding: 64, ≈ 11 µs.
+    pub const DEFAULT_SPINS: u32 = 64;
+    /// Default yields before parking: 16, ≈ 6 µs on an otherwise idle core.
+    pub const DEFAULT_YIELDS: u32 = 16;
 
-    /// While spinning, the clock is read every this many polls (`Instant::now` costs about one
-    /// poll), so a deadline is honoured within ≈ 1.5 µs.
-    const CLOCK_EVERY: u64 = 64;
+    /// `spin_loop` hints between two polls while spinning (see the module docs).
+    const HINTS_PER_SPIN: u32 = 8;
+
+    /// While spinning, every this many polls (≈ 1.4 µs) is a full look at the ring and the clock:
+    /// a close or a deadline is noticed within that. The other polls read only the next slot.
+    const FULL_LOOK_EVERY: u64 = 8;
 
     /// What to do after the `round`-th unsuccessful poll (counting from 0). Rounds count in `u64`
     /// so that they never wrap or saturate (2⁶⁴ polls take millennia), which would stop the clock
@@ -107,41 +123,46 @@ impl WaitStrategy {
         }
     }
 
-    /// Waits until `poll` reports [`Poll::Ready`] or [`Poll::Closed`], or `deadline` passes.
+    /// Waits until `ring` is ready or closed and drained, or `deadline` passes.
     ///
-    /// `poll` is called before every wait step, and once more inside the park handshake after
-    /// the consumer has announced its sleep; there it must load the ring's tail (see the module
-    /// docs).
+    /// Each round first looks at the ring: a full [`Pollable::poll`] in the yield and park phases
+    /// and every [`FULL_LOOK_EVERY`](Self::FULL_LOOK_EVERY) spins, else only
+    /// [`Pollable::is_ready`] (see the module docs for why).
     ///
     /// # Safety
     ///
-    /// `sleeper` must be the [`Sleeper`] of the ring `poll` looks at, and only that ring's single
-    /// consumer may call this, from one thread at a time.
+    /// `sleeper` must be the [`Sleeper`] of `ring`, and only that ring's single consumer may call
+    /// this, from one thread at a time.
     pub(crate) unsafe fn wait(
         self,
         sleeper: &Sleeper,
         deadline: Option<Instant>,
-        mut poll: impl FnMut() -> Poll,
+        ring: &impl Pollable,
     ) -> WaitOutcome {
         let mut round: u64 = 0;
         loop {
-            match poll() {
-                Poll::Ready => return WaitOutcome::Ready,
-                Poll::Closed => return WaitOutcome::Closed,
-                Poll::Pending | Poll::Empty => {}
-            }
             let phase = self.phase(round);
-            if let Some(deadline) = deadline
-                && (phase != Phase::Spin || round % Self::CLOCK_EVERY == 0)
-                && Instant::now() >= deadline
-            {
-                return WaitOutcome::TimedOut;
+            if phase != Phase::Spin || round % Self::FULL_LOOK_EVERY == 0 {
+                match ring.poll() {
+                    Poll::Ready => return WaitOutcome::Ready,
+                    Poll::Closed => return WaitOutcome::Closed,
+                    Poll::Pending | Poll::Empty => {}
+                }
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                    return WaitOutcome::TimedOut;
+                }
+            } else if ring.is_ready() {
+                return WaitOutcome::Ready;
             }
             match phase {
-                Phase::Spin => spin_loop(),
+                Phase::Spin => {
+                    for _ in 0..Self::HINTS_PER_SPIN {
+                        spin_loop();
+                    }
+                }
                 Phase::Yield => thread::yield_now(),
                 // SAFETY: forwarded from this function's contract.
-                Phase::Park => match unsafe { sleeper.park(deadline, &mut poll) } {
+                Phase::Park => match unsafe { sleeper.park(deadline, ring) } {
                     Poll::Ready => return WaitOutcome::Ready,
                     Poll::Closed => return WaitOutcome::Closed,
                     Poll::Pending | Poll::Empty => {}
@@ -167,7 +188,18 @@ enum Phase {
     Park,
 }
 
-/// What one look at the ring found.
+/// The consumer's view of its ring, as [`WaitStrategy::wait`] looks at it.
+pub(crate) trait Pollable {
+    /// Whether the next value is published. Reads only its slot, the line its producer writes
+    /// anyway; cheap to repeat while spinning.
+    fn is_ready(&self) -> bool;
+
+    /// A full look, the tail included. Inside the park handshake, that tail load is the consumer's
+    /// Dekker read (see the module docs).
+    fn poll(&self) -> Poll;
+}
+
+/// What a full look at the ring found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Poll {
     /// The next value is published: a pop will return it.
@@ -227,14 +259,14 @@ impl Sleeper {
         self.sleeping.load(Acquire).then_some(SleepingConsumer(self))
     }
 
-    /// Consumer side: announces the sleep, looks at the ring once more with `poll`, and parks
-    /// (until `deadline`, if any) only if `poll` found it [`Poll::Empty`]. Returns what `poll`
-    /// found; after an `Empty` the caller polls again, since the wake-up may be spurious.
+    /// Consumer side: announces the sleep, looks at `ring` once more, and parks (until
+    /// `deadline`, if any) only if it found it [`Poll::Empty`]. Returns what it found; after an
+    /// `Empty` the caller looks again, since the wake-up may be spurious.
     ///
     /// # Safety
     ///
     /// Only the ring's single consumer may call this, from one thread at a time.
-    unsafe fn park(&self, deadline: Option<Instant>, poll: &mut impl FnMut() -> Poll) -> Poll {
+    unsafe fn park(&self, deadline: Option<Instant>, ring: &impl Pollable) -> Poll {
         // SAFETY: forwarded from this function's contract.
         unsafe { self.bind_current_thread() };
         // Release: publishes `thread` to the producer whose Acquire load in `check_after_claim`
@@ -242,7 +274,7 @@ impl Sleeper {
         self.sleeping.store(true, Release);
         // SeqCst fence: the consumer half of the Dekker handshake (see `check_after_claim`).
         fence(SeqCst);
-        let found = poll();
+        let found = ring.poll();
         match found {
             Poll::Empty => match deadline {
                 None => thread::park(),
