@@ -202,9 +202,20 @@ fn bench_ring<T: Item>(
     worker.join().expect("the consumer panicked");
 }
 
-fn bench_crossbeam<T: Item>(group: &mut BenchmarkGroup<'_, WallTime>, producers: u64) {
+/// A channel baseline: `rx` drained on its own thread, `send` pushing one item (blocking while
+/// full), the consumer stopping when every sender is gone.
+fn bench_channel<T, S, R>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    producers: u64,
+    (tx, rx): (S, R),
+    send: fn(&S, T),
+) where
+    T: Item,
+    S: Clone + Send + Sync,
+    R: IntoIterator<Item = T> + Send + 'static,
+{
     let received = Received::default();
-    let (tx, rx) = crossbeam_channel::bounded::<T>(CAPACITY);
     let worker = {
         let received = Arc::clone(&received);
         thread::spawn(move || {
@@ -217,14 +228,10 @@ fn bench_crossbeam<T: Item>(group: &mut BenchmarkGroup<'_, WallTime>, producers:
             black_box(sum);
         })
     };
-    group.bench_function(BenchmarkId::new("crossbeam-channel", T::NAME), |b| {
+    group.bench_function(BenchmarkId::new(name, T::NAME), |b| {
         b.iter_custom(|iters| {
             measure(iters, producers, &received, |shares| {
-                run_producers(shares, &tx, |tx, items| {
-                    for item in items {
-                        tx.send(item).expect("the consumer is alive");
-                    }
-                });
+                run_producers(shares, &tx, |tx, items| items.into_iter().for_each(|item| send(tx, item)));
             })
         });
     });
@@ -232,34 +239,18 @@ fn bench_crossbeam<T: Item>(group: &mut BenchmarkGroup<'_, WallTime>, producers:
     worker.join().expect("the consumer panicked");
 }
 
-fn bench_std<T: Item>(group: &mut BenchmarkGroup<'_, WallTime>, producers: u64) {
-    let received = Received::default();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(CAPACITY);
-    let worker = {
-        let received = Arc::clone(&received);
-        thread::spawn(move || {
-            let (mut count, mut sum) = (0u64, 0u64);
-            for item in rx {
-                sum = sum.wrapping_add(item.value());
-                count += 1;
-                received.store(count, Ordering::Release);
-            }
-            black_box(sum);
-        })
-    };
-    group.bench_function(BenchmarkId::new("std-sync-channel", T::NAME), |b| {
-        b.iter_custom(|iters| {
-            measure(iters, producers, &received, |shares| {
-                run_producers(shares, &tx, |tx, items| {
-                    for item in items {
-                        tx.send(item).expect("the consumer is alive");
-                    }
-                });
-            })
-        });
+fn bench_crossbeam<T: Item>(group: &mut BenchmarkGroup<'_, WallTime>, producers: u64) {
+    let channel = crossbeam_channel::bounded::<T>(CAPACITY);
+    bench_channel(group, "crossbeam-channel", producers, channel, |tx, item| {
+        tx.send(item).expect("the consumer is alive");
     });
-    drop(tx);
-    worker.join().expect("the consumer panicked");
+}
+
+fn bench_std<T: Item>(group: &mut BenchmarkGroup<'_, WallTime>, producers: u64) {
+    let channel = std::sync::mpsc::sync_channel::<T>(CAPACITY);
+    bench_channel(group, "std-sync-channel", producers, channel, |tx, item| {
+        tx.send(item).expect("the consumer is alive");
+    });
 }
 
 /// The disruptor's event handler: sums, and publishes the count at the end of each batch.

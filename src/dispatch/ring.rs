@@ -194,6 +194,7 @@ impl<T> Shared<T> {
     fn is_full_at(&self, tail: usize) -> bool {
         // Acquire: pairs with the Release store in `Consumer::publish_head`.
         let head = self.head.load(Acquire);
+        // Signed: a stale `tail` behind `head` is not full (the caller reloads it).
         distance(tail, head) >= distance(self.lap(), 0)
     }
 
