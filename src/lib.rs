@@ -13,9 +13,11 @@
 //!   their number; [`MatchCache`]: a worker's cache of `type → matches`.
 //! - [`Provider`]: the batch-first storage trait, with [`MemoryProvider`] always compiled; see
 //!   [`provider`] for the contract every backend keeps.
+//! - [`WaitStrategy`]: how an idle shard worker waits (spin, yield, park), trading latency for CPU.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod dispatch;
 mod error;
 mod event;
 pub mod pattern;
@@ -23,6 +25,7 @@ pub mod provider;
 mod subscription;
 mod sync;
 
+pub use crate::dispatch::wait::WaitStrategy;
 pub use crate::error::{
     BoxError, DecodeError, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
     SyntaxErrorKind,
@@ -37,3 +40,11 @@ pub use crate::provider::{
     Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
 };
 pub use crate::subscription::SubscriptionId;
+
+/// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here
+/// may change or vanish in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, ring};
+    pub use crate::dispatch::wait::WaitOutcome;
+}

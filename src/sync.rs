@@ -6,6 +6,11 @@
 //! must import from here, never from `std::sync` directly.
 
 #[cfg(not(eventbroker_loom))]
+#[allow(
+    unused_imports,
+    dead_code,
+    reason = "each build, and each stage of the crate, uses a different subset"
+)]
 mod imp {
     pub(crate) use std::sync::Arc;
     pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
@@ -37,12 +42,14 @@ mod imp {
         }
 
         /// Runs `f` with a shared raw pointer to the contents.
+        #[allow(clippy::inline_always, reason = "a zero-cost wrapper; it must vanish in debug builds too")]
         #[inline(always)]
         pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
             f(self.0.get())
         }
 
         /// Runs `f` with a mutable raw pointer to the contents.
+        #[allow(clippy::inline_always, reason = "a zero-cost wrapper; it must vanish in debug builds too")]
         #[inline(always)]
         pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
             f(self.0.get())
@@ -51,6 +58,11 @@ mod imp {
 }
 
 #[cfg(eventbroker_loom)]
+#[allow(
+    unused_imports,
+    dead_code,
+    reason = "each build, and each stage of the crate, uses a different subset"
+)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
     pub(crate) use loom::sync::Arc;
