@@ -5,6 +5,9 @@
 //! hot path are small enums that hand the event back, so nothing the caller owned is lost.
 
 use std::error::Error as StdError;
+use std::sync::Arc;
+
+use crate::Event;
 
 /// A boxed error from a dependency, kept as the `source` of one of ours.
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -201,6 +204,9 @@ pub enum ProviderErrorKind {
 
 /// A provider operation that failed: which provider, which operation, and why.
 ///
+/// Cloning is cheap (the source is shared), so one failed batch write can be reported to every
+/// caller waiting on it.
+///
 /// ```
 /// use eventbroker::{ProviderError, ProviderErrorKind};
 ///
@@ -208,14 +214,14 @@ pub enum ProviderErrorKind {
 /// assert_eq!(err.to_string(), "memory provider: store_batch failed: the provider is closed");
 /// assert!(!err.is_transient());
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{provider} provider: {operation} failed: {kind}")]
 pub struct ProviderError {
     provider: &'static str,
     operation: &'static str,
     kind: ProviderErrorKind,
     #[source]
-    source: Option<BoxError>,
+    source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
 }
 
 impl ProviderError {
@@ -227,7 +233,7 @@ impl ProviderError {
     /// Attaches the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
-        self.source = Some(source.into());
+        self.source = Some(Arc::from(source.into()));
         self
     }
 
@@ -251,4 +257,194 @@ impl ProviderError {
     pub fn is_transient(&self) -> bool {
         matches!(self.kind, ProviderErrorKind::Unavailable(_) | ProviderErrorKind::Backend(_))
     }
+}
+
+/// A configuration value that is out of range or inconsistent, named by its key as in the YAML
+/// configuration (`retry_policy.jitter`, `buffer_size`).
+///
+/// ```
+/// use eventbroker::ConfigError;
+///
+/// let err = ConfigError::new("worker_count", "must be at least 1, got 0");
+/// assert_eq!(err.to_string(), "invalid configuration: worker_count: must be at least 1, got 0");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    key: String,
+    reason: String,
+}
+
+impl ConfigError {
+    /// An error about `key`.
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { key: key.into(), reason: reason.into() }
+    }
+
+    /// The configuration key at fault.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// What is wrong with it.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+/// A broker that could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The operating system refused to start a worker or writer thread.
+    #[error("could not start thread {thread}: {source}")]
+    Spawn {
+        /// The thread's name.
+        thread: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One delivery (an event to one subscription) that failed after its last retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFailure {
+    /// The subscription whose handler failed.
+    pub subscription_id: crate::SubscriptionId,
+    /// Its pattern.
+    pub pattern: String,
+    /// The handler's last error (a panic is reported as `handler panicked: <message>`).
+    pub error: String,
+    /// Attempts made, the first included.
+    pub attempts: u32,
+}
+
+/// An event the broker did not take, handed back whenever it was not delivered.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::{Broker, Event, EventSource, PublishError};
+///
+/// let broker = Broker::builder().build()?;
+/// broker.shutdown(Duration::from_secs(1));
+/// let err = broker.publish(Event::new(EventSource::System, "a.b")).unwrap_err();
+/// assert!(matches!(err, PublishError::Closed(_)));
+/// let event = err.into_event().expect("a closed broker hands the event back");
+/// assert_eq!(event.event_type, "a.b");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// No room: the event's shard ring is full, or the provider writer's backlog is (the provider
+    /// is down or slower than publishing). Slow down or retry; nothing was stored or delivered.
+    #[error("the broker is full; the event was not accepted")]
+    Full(Box<Event>),
+    /// The broker is shut down or shutting down.
+    #[error("the broker is shut down; the event was not accepted")]
+    Closed(Box<Event>),
+    /// The event's type cannot be published.
+    #[error("{error}")]
+    InvalidType {
+        /// The event, unchanged.
+        event: Box<Event>,
+        /// What is wrong with its type.
+        error: EventTypeError,
+    },
+    /// `publish_sync`: the event was delivered, and these deliveries failed after their retries
+    /// (each was dead-lettered).
+    #[error("{} of the event's deliveries failed; first: {}: {}", .0.len(), .0[0].pattern, .0[0].error)]
+    HandlerFailed(Vec<DeliveryFailure>),
+    /// `publish_confirmed`: the event was accepted and dispatched, but its write to the provider
+    /// failed. The writer keeps retrying it in the background; durability is unconfirmed.
+    #[error("the event was dispatched but not confirmed durable: {0}")]
+    NotPersisted(#[source] ProviderError),
+}
+
+impl PublishError {
+    /// The event, when it was handed back (`Full`, `Closed`, `InvalidType`).
+    pub fn into_event(self) -> Option<Event> {
+        match self {
+            Self::Full(event) | Self::Closed(event) | Self::InvalidType { event, .. } => Some(*event),
+            Self::HandlerFailed(_) | Self::NotPersisted(_) => None,
+        }
+    }
+}
+
+/// A batch that was not wholly accepted. Events are accepted per shard in order, so what was
+/// rejected is, for each partition key, a suffix of that key's events: publishing `rejected` again
+/// keeps each key's order.
+#[derive(Debug, thiserror::Error)]
+#[error("{accepted} events accepted, {} handed back: {reason}", rejected.len())]
+pub struct BatchPublishError {
+    /// How many events were accepted.
+    pub accepted: usize,
+    /// The events not accepted, in their original order.
+    pub rejected: Vec<Event>,
+    /// Why the first rejected event was not accepted.
+    pub reason: BatchRejection,
+}
+
+/// Why events of a batch were handed back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchRejection {
+    /// A shard or the writer backlog was full.
+    #[error("the broker is full")]
+    Full,
+    /// The broker is shut down.
+    #[error("the broker is shut down")]
+    Closed,
+    /// One event's type is invalid; no event of the batch was accepted.
+    #[error("event {index} of the batch: {error}")]
+    InvalidType {
+        /// Its position in the batch.
+        index: usize,
+        /// What is wrong with its type.
+        error: EventTypeError,
+    },
+}
+
+/// A subscription that could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// The pattern does not parse.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    /// The broker is shut down.
+    #[error("the broker is shut down")]
+    Closed,
+}
+
+/// A broker operation that goes through the provider (dead letters, redrive, replay, flush).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The provider failed.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// The writer did not confirm within the time allowed.
+    #[error("the provider writer did not finish within {0:?}")]
+    Timeout(std::time::Duration),
+    /// No dead letter has this id.
+    #[error("no dead letter with id {0}")]
+    NoSuchDeadLetter(String),
+    /// The dead letter's subscription is gone and no current subscription has its pattern; the
+    /// dead letter was kept.
+    #[error("no subscription for pattern {pattern:?} to redrive to; the dead letter was kept")]
+    NoSubscriber {
+        /// The dead letter's pattern.
+        pattern: String,
+    },
+    /// The pattern given does not parse.
+    #[error(transparent)]
+    Pattern(#[from] PatternError),
+    /// The broker is shut down.
+    #[error("the broker is shut down")]
+    Closed,
 }

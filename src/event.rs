@@ -397,9 +397,9 @@ impl Event {
     /// ```
     pub fn for_entity(source: EventSource, schema: &str, entity: &str, operation: &str) -> Self {
         let mut event = Self::new(source, event_type(schema, entity, operation));
-        event.schema = schema.to_owned();
-        event.entity = entity.to_owned();
-        event.operation = operation.to_owned();
+        schema.clone_into(&mut event.schema);
+        entity.clone_into(&mut event.entity);
+        operation.clone_into(&mut event.operation);
         event
     }
 
@@ -507,6 +507,9 @@ impl Event {
     }
 
     /// The event as compact JSON in the seed's format.
+    ///
+    /// # Panics
+    /// Never: every field serializes (the metadata's keys are strings, the payload is JSON).
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an event always serializes: its map keys are strings")
     }

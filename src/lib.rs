@@ -17,6 +17,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod broker;
 mod dispatch;
 mod error;
 mod event;
@@ -25,19 +26,28 @@ pub mod provider;
 mod subscription;
 mod sync;
 
+pub use crate::broker::{
+    Backpressure, Broker, BrokerBuilder, BrokerStats, MAX_BUFFER_SIZE, MAX_WORKERS, Mode, RedriveOutcome,
+    ReplayReport, ShutdownReport,
+};
+pub use crate::dispatch::retry::RetryPolicy;
+pub use crate::dispatch::shard::ShardStats;
 pub use crate::dispatch::wait::WaitStrategy;
 pub use crate::error::{
-    BoxError, DecodeError, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
-    SyntaxErrorKind,
+    BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, DecodeError,
+    DeliveryFailure, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
+    PublishError, SubscribeError, SyntaxErrorKind,
 };
-pub use crate::event::{Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type};
+pub use crate::event::{
+    Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
+};
 pub use crate::pattern::{
     CacheStats, EntryId, MAX_NAME_LEN, MAX_SEGMENTS, MatchCache, Matches, Pattern, PatternSet,
     validate_event_type,
 };
 pub use crate::provider::{
     DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventStream, MemoryConfig, MemoryProvider,
-    Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
+    Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError, WriterConfig, WriterStats,
 };
 pub use crate::subscription::SubscriptionId;
 

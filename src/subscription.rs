@@ -31,3 +31,116 @@ impl fmt::Debug for SubscriptionId {
         write!(f, "SubscriptionId({})", self.0)
     }
 }
+
+/// What a handler reports when a delivery does not succeed.
+#[derive(Debug)]
+pub(crate) enum DeliveryError {
+    /// The handler failed (or panicked); the delivery may be retried.
+    Failed(String),
+    /// The subscriber is gone (a stream whose receiver was dropped); the subscription ends.
+    Gone,
+}
+
+/// The handler as the broker stores it: user closures are wrapped to this shape.
+pub(crate) type Handler = dyn Fn(&std::sync::Arc<crate::Event>) -> Result<(), DeliveryError> + Send + Sync;
+
+/// One subscription: its pattern and handler. Shared by every snapshot that holds it.
+pub(crate) struct Subscription {
+    pub(crate) id: SubscriptionId,
+    pub(crate) pattern: crate::Pattern,
+    pub(crate) handler: Box<Handler>,
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("pattern", &self.pattern)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The compiled subscriptions readers match against.
+pub(crate) type SubscriptionSet = crate::PatternSet<std::sync::Arc<Subscription>>;
+
+/// Every subscription of a broker.
+///
+/// Readers (workers, `publish_sync`) load the current [`SubscriptionSet`] with one lock-free
+/// atomic load and match against it. Writers (`subscribe`, `unsubscribe`) serialise on a mutex,
+/// derive the next set from the master copy — path copying, so only the nodes on the pattern's
+/// path are copied — and publish it with one atomic store.
+///
+/// Guarantee: an event published after `unsubscribe` returns is never delivered to that
+/// subscription; events already in flight may still be. Likewise an event published after
+/// `subscribe` returns is delivered to the new subscription if it matches.
+pub(crate) struct SubscriptionTable {
+    current: crate::sync::ArcCell<SubscriptionSet>,
+    master: parking_lot::Mutex<Master>,
+}
+
+struct Master {
+    set: SubscriptionSet,
+    entries: std::collections::HashMap<SubscriptionId, (std::sync::Arc<Subscription>, crate::EntryId)>,
+    next_id: u64,
+}
+
+impl SubscriptionTable {
+    pub(crate) fn new() -> Self {
+        Self {
+            current: crate::sync::ArcCell::new(crate::sync::Arc::new(SubscriptionSet::new())),
+            master: parking_lot::Mutex::new(Master {
+                set: SubscriptionSet::new(),
+                entries: std::collections::HashMap::new(),
+                next_id: 1,
+            }),
+        }
+    }
+
+    /// The current set; lock-free.
+    pub(crate) fn load(&self) -> crate::sync::Arc<SubscriptionSet> {
+        self.current.load()
+    }
+
+    pub(crate) fn subscribe(&self, pattern: crate::Pattern, handler: Box<Handler>) -> SubscriptionId {
+        let mut master = self.master.lock();
+        let id = SubscriptionId(master.next_id);
+        master.next_id += 1;
+        let subscription = std::sync::Arc::new(Subscription { id, pattern, handler });
+        let entry = master.set.insert(&subscription.pattern, std::sync::Arc::clone(&subscription));
+        master.entries.insert(id, (subscription, entry));
+        // Release (inside ArcCell::store): a reader that loads the new set sees the subscription.
+        self.current.store(crate::sync::Arc::new(master.set.clone()));
+        id
+    }
+
+    /// Removes `id`; `false` when there is no such subscription (any more).
+    pub(crate) fn unsubscribe(&self, id: SubscriptionId) -> bool {
+        let mut master = self.master.lock();
+        let Some((subscription, entry)) = master.entries.remove(&id) else { return false };
+        master.set.remove(&subscription.pattern, entry);
+        self.current.store(crate::sync::Arc::new(master.set.clone()));
+        true
+    }
+
+    /// The live subscription with this id.
+    pub(crate) fn get(&self, id: SubscriptionId) -> Option<std::sync::Arc<Subscription>> {
+        self.master.lock().entries.get(&id).map(|(s, _)| std::sync::Arc::clone(s))
+    }
+
+    /// Live subscriptions whose pattern is exactly `pattern`, in subscription order.
+    pub(crate) fn live_with_pattern(&self, pattern: &str) -> Vec<std::sync::Arc<Subscription>> {
+        let master = self.master.lock();
+        let mut found: Vec<_> = master
+            .entries
+            .values()
+            .filter(|(s, _)| s.pattern.as_str() == pattern)
+            .map(|(s, _)| std::sync::Arc::clone(s))
+            .collect();
+        found.sort_by_key(|s| s.id);
+        found
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.master.lock().entries.len()
+    }
+}

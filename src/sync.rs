@@ -32,6 +32,24 @@ mod imp {
         pub(crate) use std::hint::spin_loop;
     }
 
+    /// An atomically replaceable `Arc`: readers load without locking (arc-swap), writers store.
+    pub(crate) struct ArcCell<T>(arc_swap::ArcSwap<T>);
+
+    impl<T> ArcCell<T> {
+        pub(crate) fn new(value: Arc<T>) -> Self {
+            Self(arc_swap::ArcSwap::new(value))
+        }
+
+        /// The current value. Lock-free; sees every `store` that happened before it.
+        pub(crate) fn load(&self) -> Arc<T> {
+            self.0.load_full()
+        }
+
+        pub(crate) fn store(&self, value: Arc<T>) {
+            self.0.store(value);
+        }
+    }
+
     /// `UnsafeCell` with loom's closure-based API, so call sites read the same under both builds.
     #[derive(Debug)]
     pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
@@ -67,6 +85,24 @@ mod imp {
     pub(crate) use loom::cell::UnsafeCell;
     pub(crate) use loom::sync::Arc;
     pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+
+    /// loom cannot see inside arc-swap; a mutex gives the same observable behaviour (each load
+    /// sees one whole stored value, and every store that happened before it) for the model.
+    pub(crate) struct ArcCell<T>(loom::sync::Mutex<Arc<T>>);
+
+    impl<T> ArcCell<T> {
+        pub(crate) fn new(value: Arc<T>) -> Self {
+            Self(loom::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn load(&self) -> Arc<T> {
+            Arc::clone(&self.0.lock().unwrap())
+        }
+
+        pub(crate) fn store(&self, value: Arc<T>) {
+            *self.0.lock().unwrap() = value;
+        }
+    }
 
     pub(crate) mod thread {
         pub(crate) use loom::thread::{JoinHandle, Thread, current, park, yield_now};

@@ -3,6 +3,12 @@
 //! - [`ring`]: the bounded MPSC ring buffer each shard queues events in.
 //! - [`wait`]: how an idle worker waits ([`WaitStrategy`](wait::WaitStrategy)) and how
 //!   publishers wake it.
+//! - [`shard`]: the shards, each a ring and a worker thread, and the routing of events to them.
+//! - [`worker`]: the worker loop: batched draining, matching, delivery, retries.
+//! - [`retry`]: the retry policy and the delay queue retries wait in.
 
+pub(crate) mod retry;
 pub(crate) mod ring;
+pub(crate) mod shard;
 pub(crate) mod wait;
+pub(crate) mod worker;

@@ -51,7 +51,7 @@ use std::{fmt, ptr};
 
 use crossbeam_utils::CachePadded;
 
-use super::wait::{Poll, Pollable, Sleeper, WaitOutcome, WaitStrategy};
+use super::wait::{Poll, Pollable, Sleeper, SleepingConsumer, WaitOutcome, WaitStrategy};
 use crate::sync::Ordering::{Acquire, Relaxed, Release};
 use crate::sync::hint::spin_loop;
 use crate::sync::{Arc, AtomicUsize, UnsafeCell};
@@ -325,9 +325,102 @@ impl<T: Send> Producer<T> {
         if values.is_empty() {
             return Ok(0);
         }
-        let shared = &*self.shared;
+        let claim = self.shared.claim(values.len())?;
+        for (offset, value) in values.drain(..claim.count).enumerate() {
+            let claimed = claim.first.wrapping_add(offset * ONE);
+            // SAFETY: we claimed `claimed`, and it is below `head + capacity`.
+            unsafe { self.shared.slot(claimed).publish(claimed, value) };
+        }
+        if let Some(consumer) = claim.sleeping {
+            consumer.unpark();
+        }
+        Ok(claim.count)
+    }
+}
+
+impl<T: Send + Default> Producer<T> {
+    /// Claims up to `want` consecutive slots (at least one) with one CAS, for values written
+    /// later by [`Reservation::commit`]: the first phase of a two-phase publish. The consumer
+    /// cannot pass a reserved slot until it is committed, so commit promptly and do nothing that
+    /// blocks in between; a reservation dropped uncommitted fills its slots with `T::default()`,
+    /// which the consumer then pops, so it can never stall the ring.
+    ///
+    /// # Errors
+    ///
+    /// [`PushBatchError::Full`] if not one slot is free, [`PushBatchError::Closed`] if the ring is
+    /// closed.
+    pub fn try_reserve(&self, want: usize) -> Result<Reservation<'_, T>, PushBatchError> {
+        let claim = self.shared.claim(want.max(1))?;
+        let end = claim.first.wrapping_add(claim.count * ONE);
+        Ok(Reservation { shared: &self.shared, next: claim.first, end, sleeping: claim.sleeping })
+    }
+}
+
+/// Consecutive ring slots claimed by [`Producer::try_reserve`] and not yet written.
+pub struct Reservation<'a, T: Send + Default> {
+    shared: &'a Shared<T>,
+    /// Stamp of the next position to write.
+    next: usize,
+    /// Stamp one past the last position claimed.
+    end: usize,
+    /// The consumer, when it was asleep at the claim: woken once the values are published.
+    sleeping: Option<SleepingConsumer<'a>>,
+}
+
+impl<T: Send + Default> Reservation<'_, T> {
+    /// How many slots are reserved.
+    pub fn len(&self) -> usize {
+        usize::try_from(distance(self.end, self.next)).unwrap_or(0) / ONE
+    }
+
+    /// Whether every slot is written (never, before `commit`).
+    pub fn is_empty(&self) -> bool {
+        self.next == self.end
+    }
+
+    /// Writes `values` into the reserved slots, in order, and publishes them. Values beyond
+    /// [`len`](Self::len) are not taken; slots left over get `T::default()`.
+    pub fn commit(mut self, values: impl IntoIterator<Item = T>) {
+        for value in values.into_iter().take(self.len()) {
+            // SAFETY: `next` is a position this reservation claimed and has not written.
+            unsafe { self.shared.slot(self.next).publish(self.next, value) };
+            self.next = self.next.wrapping_add(ONE);
+        }
+    }
+}
+
+impl<T: Send + Default> Drop for Reservation<'_, T> {
+    fn drop(&mut self) {
+        while self.next != self.end {
+            // SAFETY: as in `commit`: a claimed, unwritten position.
+            unsafe { self.shared.slot(self.next).publish(self.next, T::default()) };
+            self.next = self.next.wrapping_add(ONE);
+        }
+        if let Some(consumer) = self.sleeping.take() {
+            consumer.unpark();
+        }
+    }
+}
+
+impl<T: Send + Default> fmt::Debug for Reservation<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation").field("len", &self.len()).finish_non_exhaustive()
+    }
+}
+
+/// Consecutive positions claimed with one CAS.
+struct Claim<'a> {
+    /// Stamp of the first position.
+    first: usize,
+    count: usize,
+    sleeping: Option<SleepingConsumer<'a>>,
+}
+
+impl<T> Shared<T> {
+    /// Claims up to `want` (≥ 1) consecutive positions with one CAS on the tail.
+    fn claim(&self, want: usize) -> Result<Claim<'_>, PushBatchError> {
         // Relaxed: a guess, checked by the CAS.
-        let mut tail = shared.tail.load(Relaxed);
+        let mut tail = self.tail.load(Relaxed);
         loop {
             if tail & MARK != 0 {
                 return Err(PushBatchError::Closed);
@@ -335,33 +428,25 @@ impl<T: Send> Producer<T> {
             // Acquire: pairs with the Release store in `Consumer::publish_head`: every slot below
             // `head` is free and its old value read, so positions up to `head + capacity` are
             // ours to write once claimed.
-            let head = shared.head.load(Acquire);
+            let head = self.head.load(Acquire);
             let used = distance(tail, head);
             if used < 0 {
                 // The consumer is past our `tail`: it is stale.
                 // Relaxed: a guess, as above.
-                tail = shared.tail.load(Relaxed);
+                tail = self.tail.load(Relaxed);
                 continue;
             }
             #[allow(clippy::cast_sign_loss, reason = "0 ≤ used, and used ≤ lap since head ≤ tail")]
-            let free = (shared.lap().saturating_sub(used as usize)) / ONE;
-            let count = free.min(values.len());
+            let free = (self.lap().saturating_sub(used as usize)) / ONE;
+            let count = free.min(want);
             if count == 0 {
                 return Err(PushBatchError::Full);
             }
             // Relaxed: as in `try_push`.
-            match shared.tail.compare_exchange_weak(tail, tail.wrapping_add(count * ONE), Relaxed, Relaxed) {
+            match self.tail.compare_exchange_weak(tail, tail.wrapping_add(count * ONE), Relaxed, Relaxed) {
                 Ok(_) => {
-                    let sleeping = shared.sleeper.check_after_claim();
-                    for (offset, value) in values.drain(..count).enumerate() {
-                        let claimed = tail.wrapping_add(offset * ONE);
-                        // SAFETY: we claimed `claimed`, and it is below `head + capacity`.
-                        unsafe { shared.slot(claimed).publish(claimed, value) };
-                    }
-                    if let Some(consumer) = sleeping {
-                        consumer.unpark();
-                    }
-                    return Ok(count);
+                    let sleeping = self.sleeper.check_after_claim();
+                    return Ok(Claim { first: tail, count, sleeping });
                 }
                 Err(current) => tail = current,
             }

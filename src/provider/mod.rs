@@ -83,10 +83,12 @@ use crate::pattern::Pattern;
 mod dead_letter;
 pub mod memory;
 mod stream;
+pub(crate) mod writer;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::memory::{MemoryConfig, MemoryProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
+pub use self::writer::{WriterConfig, WriterStats};
 
 /// A storage backend for events, their status and their dead letters.
 ///

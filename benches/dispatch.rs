@@ -1,0 +1,398 @@
+//! Dispatch throughput and publish→handler latency, against the channels people reach for today,
+//! on the same workload in the same run.
+//!
+//! Workload: one event type (`public.users.create`); each published event is a clone of a template
+//! `Event` (two short strings), handed to S handlers in order on one consumer thread; the last
+//! handler counts it. Contenders:
+//! - `broker`: this crate, async mode, one shard, status tracking off (matching on top of the
+//!   handoff; the event is wrapped in an `Arc` by the broker). Default wait strategy
+//!   (spin, yield, park) unless the name says `busy-spin`.
+//! - `crossbeam`: `crossbeam_channel::bounded(1024)` carrying `Arc<Event>` to a thread that calls
+//!   the S handlers (no matching). The receiver blocks when empty.
+//! - `tokio-broadcast`: `tokio::sync::broadcast::channel(1024)`, one receiver thread
+//!   (`blocking_recv`) calling the S handlers; broadcast has no backpressure, so publishers wait
+//!   while the channel holds 1023 values rather than letting the receiver lag and lose events.
+//! - `disruptor`: the `disruptor` crate, slots of `Option<Arc<Event>>`, busy-spin consumer.
+//!
+//! Run: `cargo bench --bench dispatch`. Throughput is criterion's (elements = events); the latency
+//! table (p50/p99/p99.9, hdrhistogram) is printed at the end.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use disruptor::{BusySpin, Producer as _};
+use eventbroker::{Backpressure, Broker, Event, EventSource, WaitStrategy};
+use hdrhistogram::Histogram;
+
+const TYPE: &str = "public.users.create";
+/// Patterns of the 8-subscriber case: all match `TYPE`, in the realistic forms.
+const PATTERNS: [&str; 8] = [
+    "public.users.create",
+    "public.*.create",
+    "*.users.create",
+    "public.>",
+    "*.*.create",
+    "public.users.*",
+    ">",
+    "*",
+];
+const CAPACITY: usize = 1024;
+
+fn template() -> Event {
+    Event::new(EventSource::Database, TYPE).with_instance_id("bench")
+}
+
+type Handler = Box<dyn Fn(&Event) + Send + Sync>;
+
+/// S handlers; the last counts the event.
+fn handlers(subscribers: usize, handled: &Arc<AtomicU64>) -> Vec<Handler> {
+    (0..subscribers)
+        .map(|i| -> Handler {
+            if i + 1 == subscribers {
+                let handled = Arc::clone(handled);
+                Box::new(move |e: &Event| {
+                    black_box(e.event_type.len());
+                    handled.fetch_add(1, Ordering::Relaxed);
+                })
+            } else {
+                Box::new(|e: &Event| {
+                    black_box(e.event_type.len());
+                })
+            }
+        })
+        .collect()
+}
+
+fn wait_for(handled: &AtomicU64, target: u64) {
+    while handled.load(Ordering::Acquire) < target {
+        std::thread::yield_now();
+    }
+}
+
+/// A contender: something events are published into by `publishers` threads.
+trait Pipeline: Sync {
+    /// Publishes `n` events, `batch` at a time, from the calling thread.
+    fn publish(&self, n: u64, batch: usize);
+    fn handled(&self) -> &AtomicU64;
+}
+
+struct BrokerPipeline {
+    broker: Broker,
+    handled: Arc<AtomicU64>,
+    template: Event,
+}
+
+impl BrokerPipeline {
+    fn new(subscribers: usize, wait: WaitStrategy) -> Self {
+        let broker = Broker::builder()
+            .workers(1)
+            .buffer_size(CAPACITY)
+            .track_status(false)
+            .wait_strategy(wait)
+            .backpressure(Backpressure::Block(Duration::from_secs(60)))
+            .build()
+            .unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        for (pattern, handler) in PATTERNS.iter().zip(handlers(subscribers, &handled)) {
+            broker
+                .subscribe(pattern, move |e: &Event| {
+                    handler(e);
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .unwrap();
+        }
+        Self { broker, handled, template: template() }
+    }
+}
+
+impl Pipeline for BrokerPipeline {
+    fn publish(&self, n: u64, batch: usize) {
+        if batch == 1 {
+            for _ in 0..n {
+                self.broker.publish(self.template.clone()).unwrap();
+            }
+        } else {
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(batch as u64);
+                self.broker.publish_batch((0..k).map(|_| self.template.clone()).collect()).unwrap();
+                left -= k;
+            }
+        }
+    }
+
+    fn handled(&self) -> &AtomicU64 {
+        &self.handled
+    }
+}
+
+struct CrossbeamPipeline {
+    tx: crossbeam_channel::Sender<Arc<Event>>,
+    handled: Arc<AtomicU64>,
+    template: Event,
+}
+
+impl CrossbeamPipeline {
+    fn new(subscribers: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded::<Arc<Event>>(CAPACITY);
+        let handled = Arc::new(AtomicU64::new(0));
+        let hs = handlers(subscribers, &handled);
+        std::thread::spawn(move || {
+            for e in rx {
+                for h in &hs {
+                    h(&e);
+                }
+            }
+        });
+        Self { tx, handled, template: template() }
+    }
+}
+
+impl Pipeline for CrossbeamPipeline {
+    fn publish(&self, n: u64, _batch: usize) {
+        // No batch API: a batch is that many sends.
+        for _ in 0..n {
+            self.tx.send(Arc::new(self.template.clone())).unwrap();
+        }
+    }
+
+    fn handled(&self) -> &AtomicU64 {
+        &self.handled
+    }
+}
+
+struct BroadcastPipeline {
+    tx: tokio::sync::broadcast::Sender<Arc<Event>>,
+    handled: Arc<AtomicU64>,
+    template: Event,
+}
+
+impl BroadcastPipeline {
+    fn new(subscribers: usize) -> Self {
+        let (tx, mut rx) = tokio::sync::broadcast::channel::<Arc<Event>>(CAPACITY);
+        let handled = Arc::new(AtomicU64::new(0));
+        let hs = handlers(subscribers, &handled);
+        std::thread::spawn(move || {
+            while let Ok(e) = rx.blocking_recv() {
+                for h in &hs {
+                    h(&e);
+                }
+            }
+        });
+        Self { tx, handled, template: template() }
+    }
+}
+
+impl Pipeline for BroadcastPipeline {
+    fn publish(&self, n: u64, _batch: usize) {
+        for _ in 0..n {
+            while self.tx.len() >= CAPACITY - 1 {
+                std::thread::yield_now();
+            }
+            self.tx.send(Arc::new(self.template.clone())).unwrap();
+        }
+    }
+
+    fn handled(&self) -> &AtomicU64 {
+        &self.handled
+    }
+}
+
+type DisruptorProducer = disruptor::MultiProducer<Option<Arc<Event>>, disruptor::SingleConsumerBarrier>;
+
+struct DisruptorPipeline {
+    // The multi-producer handle is cloned per publishing thread.
+    producer: parking_lot::Mutex<DisruptorProducer>,
+    handled: Arc<AtomicU64>,
+    template: Event,
+}
+
+impl DisruptorPipeline {
+    fn new(subscribers: usize) -> Self {
+        let handled = Arc::new(AtomicU64::new(0));
+        let hs = handlers(subscribers, &handled);
+        let producer = disruptor::build_multi_producer(CAPACITY, || None, BusySpin)
+            .handle_events_with(move |slot: &Option<Arc<Event>>, _seq, _end| {
+                if let Some(e) = slot {
+                    for h in &hs {
+                        h(e);
+                    }
+                }
+            })
+            .build();
+        Self { producer: parking_lot::Mutex::new(producer), handled, template: template() }
+    }
+}
+
+impl Pipeline for DisruptorPipeline {
+    fn publish(&self, n: u64, batch: usize) {
+        let mut producer = self.producer.lock().clone();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(batch as u64);
+            if k == 1 {
+                producer.publish(|slot| *slot = Some(Arc::new(self.template.clone())));
+            } else {
+                producer.batch_publish(usize::try_from(k).unwrap(), |slots| {
+                    for slot in slots {
+                        *slot = Some(Arc::new(self.template.clone()));
+                    }
+                });
+            }
+            left -= k;
+        }
+    }
+
+    fn handled(&self) -> &AtomicU64 {
+        &self.handled
+    }
+}
+
+/// Publishes `iters` events from `publishers` threads and waits until all are handled.
+fn run(pipeline: &dyn Pipeline, publishers: u64, batch: usize, iters: u64) -> Duration {
+    let target = pipeline.handled().load(Ordering::Acquire) + iters;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for p in 0..publishers {
+            let share = iters / publishers + u64::from(p < iters % publishers);
+            s.spawn(move || pipeline.publish(share, batch));
+        }
+    });
+    wait_for(pipeline.handled(), target);
+    started.elapsed()
+}
+
+fn throughput(c: &mut Criterion) {
+    let mut group = c.benchmark_group("dispatch_throughput");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    for publishers in [1u64, 2] {
+        for subscribers in [1usize, 8] {
+            for batch in [1usize, 64] {
+                let case = format!("p{publishers}-s{subscribers}-b{batch}");
+                let contenders: Vec<(&str, Box<dyn Pipeline>)> = vec![
+                    ("broker", Box::new(BrokerPipeline::new(subscribers, WaitStrategy::default()))),
+                    ("crossbeam", Box::new(CrossbeamPipeline::new(subscribers))),
+                    ("tokio-broadcast", Box::new(BroadcastPipeline::new(subscribers))),
+                    ("disruptor", Box::new(DisruptorPipeline::new(subscribers))),
+                ];
+                for (name, pipeline) in &contenders {
+                    group.bench_function(BenchmarkId::new(*name, &case), |b| {
+                        b.iter_custom(|iters| run(pipeline.as_ref(), publishers, batch, iters));
+                    });
+                }
+            }
+        }
+    }
+    group.finish();
+}
+
+/// One publisher, one subscriber: publish, wait until handled, repeat (`gap` apart); the handler
+/// records publish→handler time.
+fn latency(name: &str, gap: Duration, samples: u64) -> Histogram<u64> {
+    let epoch = Instant::now();
+    let histogram = Arc::new(parking_lot::Mutex::new(Histogram::<u64>::new(3).unwrap()));
+    let handled = Arc::new(AtomicU64::new(0));
+    let record = {
+        let (histogram, handled) = (Arc::clone(&histogram), Arc::clone(&handled));
+        move |e: &Event| {
+            let now = u64::try_from(epoch.elapsed().as_nanos()).unwrap();
+            let sent = u64::try_from(e.user_id).unwrap();
+            histogram.lock().record(now.saturating_sub(sent).max(1)).unwrap();
+            handled.fetch_add(1, Ordering::Release);
+        }
+    };
+    let stamped = |t: &Event| {
+        let mut e = t.clone();
+        e.user_id = i64::try_from(epoch.elapsed().as_nanos()).unwrap();
+        e
+    };
+    let t = template();
+    let mut publish: Box<dyn FnMut()> = match name {
+        "broker" | "broker busy-spin" => {
+            let wait = if name == "broker" { WaitStrategy::default() } else { WaitStrategy::BusySpin };
+            let broker =
+                Broker::builder().workers(1).track_status(false).wait_strategy(wait).build().unwrap();
+            broker
+                .subscribe(TYPE, move |e: &Event| {
+                    record(e);
+                    Ok::<(), std::convert::Infallible>(())
+                })
+                .unwrap();
+            Box::new(move || broker.publish(stamped(&t)).unwrap())
+        }
+        "crossbeam" => {
+            let (tx, rx) = crossbeam_channel::bounded::<Arc<Event>>(CAPACITY);
+            std::thread::spawn(move || {
+                for e in rx {
+                    record(&e);
+                }
+            });
+            Box::new(move || tx.send(Arc::new(stamped(&t))).unwrap())
+        }
+        "tokio-broadcast" => {
+            let (tx, mut rx) = tokio::sync::broadcast::channel::<Arc<Event>>(CAPACITY);
+            std::thread::spawn(move || {
+                while let Ok(e) = rx.blocking_recv() {
+                    record(&e);
+                }
+            });
+            Box::new(move || {
+                tx.send(Arc::new(stamped(&t))).unwrap();
+            })
+        }
+        "disruptor busy-spin" => {
+            let mut producer = disruptor::build_single_producer(CAPACITY, || None, BusySpin)
+                .handle_events_with(move |slot: &Option<Arc<Event>>, _, _| {
+                    if let Some(e) = slot {
+                        record(e);
+                    }
+                })
+                .build();
+            Box::new(move || producer.publish(|slot| *slot = Some(Arc::new(stamped(&t)))))
+        }
+        other => unreachable!("{other}"),
+    };
+    for i in 1..=samples {
+        publish();
+        wait_for(&handled, i);
+        if !gap.is_zero() {
+            let until = Instant::now() + gap;
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    drop(publish);
+    histogram.lock().clone()
+}
+
+fn latency_report(test_mode: bool) {
+    let samples = if test_mode { 500 } else { 100_000 };
+    println!("\npublish→handler latency, 1 publisher, 1 subscriber, {samples} samples each (ns)");
+    println!("{:<22} {:>12} {:>8} {:>8} {:>8} {:>8}", "contender", "gap", "p50", "p99", "p99.9", "max");
+    for gap in [Duration::ZERO, Duration::from_micros(50)] {
+        for name in ["broker", "broker busy-spin", "crossbeam", "tokio-broadcast", "disruptor busy-spin"] {
+            let h = latency(name, gap, samples);
+            println!(
+                "{name:<22} {:>12} {:>8} {:>8} {:>8} {:>8}",
+                format!("{gap:?}"),
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.value_at_quantile(0.999),
+                h.max()
+            );
+        }
+    }
+}
+
+fn main() {
+    let test_mode = std::env::args().any(|a| a == "--test");
+    let mut criterion = Criterion::default().configure_from_args();
+    throughput(&mut criterion);
+    criterion.final_summary();
+    latency_report(test_mode);
+}

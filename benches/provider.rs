@@ -1,0 +1,100 @@
+//! Events per second through the broker and the memory provider with the full status lifecycle
+//! (store, processing, completed), batched writer against per-event writes, in the same run.
+//!
+//! - `batched`: the default writer (up to 512 events or 1 ms per batch).
+//! - `per-event writer`: the same writer limited to one item per write (`max_batch: 1`), so each
+//!   store and each status change is its own provider call.
+//! - `per-event direct`: no writer: the publisher itself stores each event and writes its
+//!   processing and completed statuses, one provider call each, as the Go seed does.
+//!
+//! Run: `cargo bench --bench provider`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use eventbroker::{
+    Broker, Event, EventSource, EventStatus, MemoryConfig, MemoryProvider, Provider, StatusUpdate,
+    WriterConfig,
+};
+
+const TYPE: &str = "public.users.create";
+
+fn provider() -> Arc<MemoryProvider> {
+    Arc::new(MemoryProvider::new(MemoryConfig { max_events: 100_000, ..MemoryConfig::default() }))
+}
+
+fn broker(writer: WriterConfig) -> (Broker, Arc<MemoryProvider>, Arc<AtomicU64>) {
+    let provider = provider();
+    let broker = Broker::builder().workers(1).provider(provider.clone()).writer(writer).build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&handled);
+    broker
+        .subscribe(TYPE, move |_: &Event| {
+            h.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap();
+    (broker, provider, handled)
+}
+
+fn lifecycle(c: &mut Criterion) {
+    let mut group = c.benchmark_group("provider_lifecycle");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
+
+    for (name, writer) in [
+        ("batched", WriterConfig::default()),
+        (
+            "per-event writer",
+            WriterConfig { max_batch: 1, max_delay: Duration::ZERO, ..WriterConfig::default() },
+        ),
+    ] {
+        let (broker, _provider, handled) = broker(writer);
+        group.bench_function(BenchmarkId::new(name, "memory"), |b| {
+            b.iter_custom(|iters| {
+                let target = handled.load(Ordering::Relaxed) + iters;
+                let started = Instant::now();
+                for _ in 0..iters {
+                    broker.publish(template.clone()).unwrap();
+                }
+                while handled.load(Ordering::Relaxed) < target {
+                    std::thread::yield_now();
+                }
+                broker.flush(Duration::from_secs(60)).unwrap();
+                started.elapsed()
+            });
+        });
+        broker.shutdown(Duration::from_secs(30));
+    }
+
+    let direct = provider();
+    group.bench_function(BenchmarkId::new("per-event direct", "memory"), |b| {
+        b.iter_custom(|iters| {
+            let started = Instant::now();
+            for _ in 0..iters {
+                let event = Arc::new(template.clone());
+                direct.store_batch(std::slice::from_ref(&event)).unwrap();
+                for status in [EventStatus::Processing, EventStatus::Completed] {
+                    let now = Some(jiff::Timestamp::now());
+                    let update = StatusUpdate {
+                        id: event.id,
+                        status,
+                        error: String::new(),
+                        retry_count: 0,
+                        processed_at: now,
+                        completed_at: if status == EventStatus::Completed { now } else { None },
+                    };
+                    direct.update_status_batch(std::slice::from_ref(&update)).unwrap();
+                }
+            }
+            started.elapsed()
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lifecycle);
+criterion_main!(benches);

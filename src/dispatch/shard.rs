@@ -1,0 +1,172 @@
+//! The shards: one ring and one worker thread each, and the routing of events to them.
+//!
+//! An event goes to the shard its partition key hashes to (the event type unless the event sets
+//! [`Event::partition_key`](crate::Event::partition_key)); one shard has one worker, so events of
+//! one key are handled in the order they were published.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+
+use crate::dispatch::ring::{self, Producer};
+use crate::dispatch::worker::{Job, ShardCounters, Worker, WorkerConfig, WorkerReport, WorkerShared};
+use crate::error::BuildError;
+
+/// Counters of one shard, as reported by [`Broker::stats`](crate::Broker::stats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShardStats {
+    /// Events taken from the ring by the worker.
+    pub dispatched: u64,
+    /// Events whose deliveries all succeeded (or that matched nothing).
+    pub completed: u64,
+    /// Events with a delivery that failed after its retries.
+    pub failed: u64,
+    /// Events no subscription matched (also counted as completed).
+    pub unrouted: u64,
+    /// Failed handler calls, retries included.
+    pub handler_failures: u64,
+    /// Retries scheduled.
+    pub retries: u64,
+    /// Deliveries dead-lettered.
+    pub dead_letters: u64,
+    /// Deliveries waiting in the delay queue now.
+    pub pending_retries: u64,
+    /// Events waiting in the ring now (approximate while publishers are active).
+    pub queued: usize,
+    /// Ring capacity.
+    pub capacity: usize,
+}
+
+pub(crate) struct Shard {
+    pub(crate) producer: Producer<Job>,
+    counters: Arc<ShardCounters>,
+}
+
+impl Shard {
+    fn close(&self) {
+        self.producer.close();
+    }
+}
+
+pub(crate) struct ShardSet {
+    shards: Box<[Shard]>,
+    hasher: foldhash::fast::FixedState,
+    workers: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    exited: Receiver<WorkerReport>,
+}
+
+impl ShardSet {
+    /// Starts `count` shards of `capacity` slots, each with its worker thread.
+    pub(crate) fn spawn(
+        count: usize,
+        capacity: usize,
+        instance: &str,
+        shared: &Arc<WorkerShared>,
+        config: WorkerConfig,
+    ) -> Result<Self, BuildError> {
+        let (exit_tx, exited) = crossbeam_channel::unbounded();
+        let mut shards = Vec::with_capacity(count);
+        let mut workers = Vec::with_capacity(count);
+        for index in 0..count {
+            let (producer, consumer) = ring::ring::<Job>(capacity);
+            let counters = Arc::new(ShardCounters::default());
+            let worker = Worker::new(Arc::clone(shared), Arc::clone(&counters), config, consumer);
+            let exit_tx = exit_tx.clone();
+            // Linux shows 15 bytes of a thread name; the index comes first so it survives.
+            let name = format!("eb-w{index}-{instance}");
+            let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
+                let report = worker.run();
+                let _ = exit_tx.send(report);
+            });
+            match spawned {
+                Ok(handle) => workers.push(handle),
+                Err(source) => {
+                    // Stop the workers already started before reporting.
+                    for started in &shards {
+                        Shard::close(started);
+                    }
+                    return Err(BuildError::Spawn { thread: name, source });
+                }
+            }
+            shards.push(Shard { producer, counters });
+        }
+        Ok(Self {
+            shards: shards.into_boxed_slice(),
+            hasher: foldhash::fast::FixedState::with_seed(0x5eed_b10c),
+            workers: parking_lot::Mutex::new(workers),
+            exited,
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard for a partition key.
+    pub(crate) fn index_for(&self, key: &str) -> usize {
+        let hash = self.hasher.hash_one(key);
+        // Lemire's multiply-shift maps the hash onto 0..len without a division.
+        #[allow(clippy::cast_possible_truncation, reason = "the result is below len, a usize")]
+        let index = ((u128::from(hash) * self.shards.len() as u128) >> 64) as usize;
+        index
+    }
+
+    pub(crate) fn shard(&self, index: usize) -> &Shard {
+        &self.shards[index]
+    }
+
+    /// Closes every ring: later pushes fail with `Closed`; workers drain what was accepted.
+    pub(crate) fn close(&self) {
+        for shard in &*self.shards {
+            shard.close();
+        }
+    }
+
+    /// Waits until every worker has exited or `deadline` passes. Returns the reports of the
+    /// workers that exited and whether all did.
+    pub(crate) fn join(&self, deadline: Instant) -> (Vec<WorkerReport>, bool) {
+        let mut workers = self.workers.lock();
+        let mut reports = Vec::with_capacity(workers.len());
+        while reports.len() < workers.len() {
+            match self.exited.recv_deadline(deadline) {
+                Ok(report) => reports.push(report),
+                Err(_) => return (reports, false),
+            }
+        }
+        for handle in workers.drain(..) {
+            let _ = handle.join();
+        }
+        (reports, true)
+    }
+
+    /// Events waiting in every ring.
+    pub(crate) fn queued(&self) -> usize {
+        self.shards.iter().map(|s| s.producer.len()).sum()
+    }
+
+    pub(crate) fn stats(&self) -> Vec<ShardStats> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let c = &shard.counters;
+                ShardStats {
+                    dispatched: c.dispatched.load(Ordering::Relaxed),
+                    completed: c.completed.load(Ordering::Relaxed),
+                    failed: c.failed.load(Ordering::Relaxed),
+                    unrouted: c.unrouted.load(Ordering::Relaxed),
+                    handler_failures: c.handler_failures.load(Ordering::Relaxed),
+                    retries: c.retries.load(Ordering::Relaxed),
+                    dead_letters: c.dead_letters.load(Ordering::Relaxed),
+                    pending_retries: c.pending_retries.load(Ordering::Relaxed),
+                    queued: shard.producer.len(),
+                    capacity: shard.producer.capacity(),
+                }
+            })
+            .collect()
+    }
+}

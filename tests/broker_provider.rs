@@ -1,0 +1,349 @@
+//! The broker with its provider: the batched writer, failures and recovery, confirmed publishing,
+//! dead letters, redrive and replay.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use eventbroker::{
+    Broker, BrokerError, DeadLetter, DeadLetterFilter, DeadLetterId, Event, EventFilter, EventId,
+    EventSource, EventStatus, EventStream, MemoryProvider, Pattern, Provider, ProviderError,
+    ProviderErrorKind, ProviderStats, PublishError, ReplayFrom, RetryPolicy, StatusUpdate, StoredEvent,
+};
+
+/// A memory provider whose writes can be made to fail, and that counts them.
+struct Flaky {
+    inner: MemoryProvider,
+    down: AtomicBool,
+    permanent: AtomicBool,
+    store_calls: AtomicU64,
+    stored_events: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Flaky {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            inner: MemoryProvider::default(),
+            down: AtomicBool::new(false),
+            permanent: AtomicBool::new(false),
+            store_calls: AtomicU64::new(0),
+            stored_events: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    fn check(&self, operation: &'static str) -> Result<(), ProviderError> {
+        if self.down.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            let kind = if self.permanent.load(Ordering::SeqCst) {
+                ProviderErrorKind::InvalidInput("rejected by test".into())
+            } else {
+                ProviderErrorKind::Unavailable("connection refused (test)".into())
+            };
+            return Err(ProviderError::new("flaky", operation, kind));
+        }
+        Ok(())
+    }
+}
+
+impl Provider for Flaky {
+    fn name(&self) -> &'static str {
+        "flaky"
+    }
+    fn store_batch(&self, events: &[Arc<Event>]) -> Result<(), ProviderError> {
+        self.check("store_batch")?;
+        self.store_calls.fetch_add(1, Ordering::SeqCst);
+        self.stored_events.fetch_add(events.len() as u64, Ordering::SeqCst);
+        self.inner.store_batch(events)
+    }
+    fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
+        self.check("update_status_batch")?;
+        self.inner.update_status_batch(updates)
+    }
+    fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
+        self.inner.get(id)
+    }
+    fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        self.inner.list(filter)
+    }
+    fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
+        self.inner.delete(id)
+    }
+    fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
+        self.check("store_dead_letters")?;
+        self.inner.store_dead_letters(letters)
+    }
+    fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
+        self.inner.list_dead_letters(filter)
+    }
+    fn take_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
+        self.inner.take_dead_letter(id)
+    }
+    fn replay(
+        &self,
+        from: ReplayFrom,
+        pattern: Option<&Pattern>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ProviderError> {
+        self.inner.replay(from, pattern, limit)
+    }
+    fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
+        self.inner.stream(pattern)
+    }
+    fn stats(&self) -> Result<ProviderStats, ProviderError> {
+        self.inner.stats()
+    }
+    fn flush(&self) -> Result<(), ProviderError> {
+        self.inner.flush()
+    }
+    fn close(&self) -> Result<(), ProviderError> {
+        self.inner.close()
+    }
+}
+
+fn event(event_type: &str) -> Event {
+    Event::new(EventSource::Internal, event_type)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn a_provider_outage_loses_nothing_and_local_dispatch_goes_on() {
+    let provider = Flaky::new();
+    let broker = Broker::builder().provider(provider.clone()).build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&handled);
+    broker
+        .subscribe("outage.*", move |_: &Event| {
+            h.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    provider.down.store(true, Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        let e = event(if i % 2 == 0 { "outage.a" } else { "outage.b" });
+        ids.push(e.id);
+        broker.publish(e).unwrap();
+    }
+    wait_until("local dispatch during the outage", Duration::from_secs(10), || {
+        handled.load(Ordering::Relaxed) == 1000
+    });
+    wait_until("the writer to hit the outage", Duration::from_secs(10), || broker.stats().writer.errors >= 2);
+    assert_eq!(provider.stored_events.load(Ordering::SeqCst), 0);
+    assert_eq!(broker.stats().writer.backlog, 1000, "every accepted event is held for the provider");
+    assert!(matches!(broker.flush(Duration::from_secs(5)), Err(BrokerError::Provider(_))));
+
+    provider.down.store(false, Ordering::SeqCst);
+    broker.flush(Duration::from_secs(10)).unwrap();
+    assert_eq!(provider.stored_events.load(Ordering::SeqCst), 1000);
+    for id in ids {
+        let stored = provider.get(id).unwrap().expect("every event reached the provider");
+        assert_eq!(stored.status, EventStatus::Completed, "and its final status");
+    }
+    let stats = broker.stats();
+    assert_eq!((stats.writer.backlog, stats.writer.dropped), (0, 0));
+    assert!(!broker.shutdown(Duration::from_secs(5)).timed_out);
+}
+
+#[test]
+fn a_long_outage_turns_into_backpressure_not_loss() {
+    let provider = Flaky::new();
+    let broker = Broker::builder()
+        .provider(provider.clone())
+        .backpressure(eventbroker::Backpressure::Reject)
+        .writer(eventbroker::WriterConfig { max_backlog: 100, ..eventbroker::WriterConfig::default() })
+        .build()
+        .unwrap();
+    provider.down.store(true, Ordering::SeqCst);
+    let mut accepted = 0;
+    let rejected = loop {
+        match broker.publish(event("backlog")) {
+            Ok(()) => accepted += 1,
+            Err(PublishError::Full(e)) => break e,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    };
+    assert_eq!(accepted, 100);
+    provider.down.store(false, Ordering::SeqCst);
+    broker.flush(Duration::from_secs(10)).unwrap();
+    assert_eq!(provider.stored_events.load(Ordering::SeqCst), 100);
+    broker.publish(*rejected).unwrap();
+    broker.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn permanent_write_errors_are_counted_and_reported() {
+    let provider = Flaky::new();
+    let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
+    provider.down.store(true, Ordering::SeqCst);
+    provider.permanent.store(true, Ordering::SeqCst);
+    let err = broker.publish_confirmed(event("perm")).unwrap_err();
+    let PublishError::NotPersisted(error) = err else { panic!("expected NotPersisted, got {err}") };
+    assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)));
+    assert_eq!(broker.stats().writer.dropped, 1);
+    assert_eq!(broker.stats().writer.backlog, 0);
+    broker.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn confirmed_publishes_share_provider_writes() {
+    let provider = Flaky::new();
+    let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
+    let confirmed: Mutex<Vec<EventId>> = Mutex::default();
+    thread::scope(|s| {
+        for t in 0..8 {
+            let (broker, confirmed) = (&broker, &confirmed);
+            s.spawn(move || {
+                for i in 0..50 {
+                    let e = event("confirmed.x").with_user_id(t * 1000 + i);
+                    let id = e.id;
+                    broker.publish_confirmed(e).unwrap();
+                    confirmed.lock().unwrap().push(id);
+                }
+            });
+        }
+    });
+    let confirmed = confirmed.into_inner().unwrap();
+    assert_eq!(confirmed.len(), 400);
+    let writes = provider.store_calls.load(Ordering::SeqCst);
+    assert!(writes < 400, "{writes} provider writes for 400 confirmed events: no group commit");
+    for id in &confirmed {
+        assert!(provider.get(*id).unwrap().is_some(), "a confirmed event is readable at once");
+    }
+    println!("400 confirmed events in {writes} provider writes");
+    broker.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn a_confirmed_publish_during_an_outage_reports_it_and_is_written_later() {
+    let provider = Flaky::new();
+    let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
+    provider.down.store(true, Ordering::SeqCst);
+    let e = event("confirm.later");
+    let id = e.id;
+    let err = broker.publish_confirmed(e).unwrap_err();
+    assert!(matches!(&err, PublishError::NotPersisted(e) if e.is_transient()), "{err}");
+    provider.down.store(false, Ordering::SeqCst);
+    broker.flush(Duration::from_secs(10)).unwrap();
+    assert!(provider.get(id).unwrap().is_some(), "the writer kept retrying");
+    broker.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn dead_letters_can_be_listed_and_redriven() {
+    let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let (h, d) = (Arc::clone(&healthy), Arc::clone(&delivered));
+    let sub = broker
+        .subscribe("orders.*", move |e: &Event| {
+            if !h.load(Ordering::SeqCst) {
+                return Err(format!("cannot handle {}", e.event_type));
+            }
+            d.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    broker.publish(event("orders.paid").with_user_id(42)).unwrap();
+    broker.publish(event("orders.shipped")).unwrap();
+    wait_until("dead letters", Duration::from_secs(5), || broker.stats().dead_letters == 2);
+    let letters = broker.dead_letters(&DeadLetterFilter::default()).unwrap();
+    assert_eq!(letters.len(), 2);
+    let paid = letters.iter().find(|l| l.event.event_type == "orders.paid").unwrap();
+    assert_eq!((paid.subscription_id, paid.pattern.as_str(), paid.attempts), (sub, "orders.*", 1));
+    assert_eq!(paid.error, "cannot handle orders.paid");
+    assert_eq!((paid.event.status, paid.event.user_id), (EventStatus::Failed, 42));
+
+    // Still failing: the redrive fails again and the dead letter is replaced.
+    let outcome = broker.redrive(paid.id).unwrap();
+    assert_eq!((outcome.delivered, outcome.failed.len()), (0, 1));
+    assert_eq!(broker.dead_letters(&DeadLetterFilter::default()).unwrap().len(), 2);
+
+    healthy.store(true, Ordering::SeqCst);
+    for letter in broker.dead_letters(&DeadLetterFilter::default()).unwrap() {
+        let outcome = broker.redrive(letter.id).unwrap();
+        assert_eq!((outcome.delivered, outcome.failed.len()), (1, 0));
+    }
+    assert_eq!(delivered.load(Ordering::SeqCst), 2);
+    assert!(broker.dead_letters(&DeadLetterFilter::default()).unwrap().is_empty());
+    assert!(matches!(broker.redrive(paid.id), Err(BrokerError::NoSuchDeadLetter(_))));
+    broker.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn redrive_finds_a_new_subscription_with_the_same_pattern() {
+    let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();
+    let old = broker.subscribe("audit.>", |_: &Event| Err::<(), _>("old handler broken")).unwrap();
+    broker.publish(event("audit.login")).unwrap();
+    wait_until("the dead letter", Duration::from_secs(5), || broker.stats().dead_letters == 1);
+    broker.unsubscribe(old);
+    let letter = broker.dead_letters(&DeadLetterFilter::default()).unwrap().remove(0);
+    let err = broker.redrive(letter.id).unwrap_err();
+    assert!(matches!(err, BrokerError::NoSubscriber { ref pattern } if pattern == "audit.>"), "{err}");
+    assert_eq!(broker.dead_letters(&DeadLetterFilter::default()).unwrap().len(), 1, "kept");
+
+    let got: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let g = Arc::clone(&got);
+    broker
+        .subscribe("audit.>", move |e: &Event| {
+            g.lock().unwrap().push(e.clone());
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    assert_eq!(broker.redrive(letter.id).unwrap().delivered, 1);
+    let got = got.lock().unwrap();
+    assert_eq!(got[0].id, letter.event.id, "the same event");
+    assert_eq!(got[0].metadata["redriven_from"], letter.id.to_string());
+    broker.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn replay_redelivers_stored_events_in_order() {
+    let broker = Broker::builder().workers(2).build().unwrap();
+    let first_pass = Arc::new(AtomicU64::new(0));
+    let f = Arc::clone(&first_pass);
+    let sub = broker
+        .subscribe("r.*", move |_: &Event| {
+            f.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    let mut published = Vec::new();
+    for i in 0..1200 {
+        let e = event(if i % 3 == 0 { "r.a" } else { "r.b" }).with_user_id(i).with_partition_key("one");
+        published.push((e.id, e.event_type.clone()));
+        broker.publish(e).unwrap();
+    }
+    wait_until("the first pass", Duration::from_secs(10), || first_pass.load(Ordering::SeqCst) == 1200);
+    broker.unsubscribe(sub);
+
+    let replayed: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let r = Arc::clone(&replayed);
+    broker
+        .subscribe("r.*", move |e: &Event| {
+            r.lock().unwrap().push(e.clone());
+            Ok::<(), String>(())
+        })
+        .unwrap();
+    let report = broker.replay(ReplayFrom::Beginning, Some("r.a")).unwrap();
+    assert_eq!(report.replayed, 400);
+    wait_until("the replay", Duration::from_secs(10), || replayed.lock().unwrap().len() == 400);
+    let replayed = replayed.lock().unwrap();
+    let expected: Vec<EventId> = published.iter().filter(|(_, t)| t == "r.a").map(|(id, _)| *id).collect();
+    assert_eq!(replayed.iter().map(|e| e.id).collect::<Vec<_>>(), expected, "oldest first, r.a only");
+    assert!(replayed.iter().all(|e| e.metadata["replay"] == true));
+
+    let resumed = broker.replay(ReplayFrom::Sequence(report.last_seq.unwrap() + 1), Some("r.a")).unwrap();
+    assert_eq!(resumed.replayed, 0, "resuming after the last replayed sequence finds no more r.a");
+    assert!(matches!(broker.replay(ReplayFrom::Beginning, Some("r..")), Err(BrokerError::Pattern(_))));
+    broker.shutdown(Duration::from_secs(5));
+}
