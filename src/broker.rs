@@ -27,9 +27,10 @@
 //! provider. Dropping the last handle of a broker does the same with a 30 s timeout.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::dispatch::intake::Intake;
 use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::ring::{PushBatchError as ReserveError, Reservation};
 use crate::dispatch::shard::{ShardSet, ShardStats};
@@ -240,8 +241,7 @@ impl BrokerBuilder {
                 provider,
                 shared,
                 shards,
-                closed: AtomicBool::new(false),
-                sync_in_flight: AtomicUsize::new(0),
+                intake: Intake::new(),
                 sync: SyncCounters::default(),
                 rejected: AtomicU64::new(0),
                 shutdown: parking_lot::Mutex::new(false),
@@ -371,10 +371,8 @@ struct Inner {
     provider: Arc<dyn Provider>,
     shared: Arc<WorkerShared>,
     shards: ShardSet,
-    /// Set once by shutdown. `SeqCst`, with `sync_in_flight`: a `publish_sync` either sees it set
-    /// and backs out, or shutdown sees the publish in flight and waits for it.
-    closed: AtomicBool,
-    sync_in_flight: AtomicUsize,
+    /// Closed once by shutdown; `publish_sync` runs inside it.
+    intake: Intake,
     sync: SyncCounters,
     rejected: AtomicU64,
     /// Whether shutdown has run; held while it runs so a second call waits for the first.
@@ -494,7 +492,7 @@ impl Broker {
         handler: Box<Handler>,
     ) -> Result<SubscriptionId, SubscribeError> {
         let pattern = Pattern::parse(pattern)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
+        if self.inner.intake.is_closed() {
             return Err(SubscribeError::Closed);
         }
         Ok(self.inner.shared.table.subscribe(pattern, handler))
@@ -546,9 +544,13 @@ impl Broker {
     /// [`PublishError::InvalidType`] or [`PublishError::Closed`] with the event.
     pub fn publish_sync(&self, event: Event) -> Result<(), PublishError> {
         let inner = &*self.inner;
-        // SeqCst pairs with `shutdown`: see `Inner::closed`.
-        inner.sync_in_flight.fetch_add(1, Ordering::SeqCst);
-        let _in_flight = InFlight(&inner.sync_in_flight);
+        let Some(_entered) = inner.intake.enter() else {
+            // Closed: `admit` reports it (or an invalid type, which takes precedence).
+            return Err(match inner.admit(event) {
+                Err(error) => error,
+                Ok(event) => PublishError::Closed(Box::new(event)),
+            });
+        };
         let event = Arc::new(inner.admit(event)?);
         inner.sync.published.fetch_add(1, Ordering::Relaxed);
         if inner.track_status {
@@ -739,7 +741,7 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::Provider`] when the provider fails.
     pub fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BrokerError> {
-        if !self.inner.closed.load(Ordering::SeqCst) {
+        if !self.inner.intake.is_closed() {
             self.flush(FLUSH_TIMEOUT)?;
         }
         Ok(self.inner.provider.list_dead_letters(filter)?)
@@ -755,7 +757,7 @@ impl Broker {
     /// take it (the dead letter is kept); [`BrokerError::Provider`]; [`BrokerError::Closed`].
     pub fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
         let inner = &*self.inner;
-        if inner.closed.load(Ordering::SeqCst) {
+        if inner.intake.is_closed() {
             return Err(BrokerError::Closed);
         }
         self.flush(FLUSH_TIMEOUT)?;
@@ -904,15 +906,6 @@ pub struct ReplayReport {
     pub last_seq: Option<u64>,
 }
 
-/// Decrements the in-flight count of `publish_sync` when dropped, panics included.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Takes back an event that was wrapped for publishing but not accepted. Nothing else holds it
 /// then, so this does not copy.
 fn unwrap_event(event: Arc<Event>) -> Event {
@@ -925,7 +918,7 @@ impl Inner {
         if let Err(error) = validate_event_type(&event.event_type) {
             return Err(PublishError::InvalidType { event: Box::new(event), error });
         }
-        if self.closed.load(Ordering::SeqCst) {
+        if self.intake.is_closed() {
             return Err(PublishError::Closed(Box::new(event)));
         }
         if event.instance_id.is_empty() {
@@ -1008,13 +1001,12 @@ impl Inner {
             return ShutdownReport { already_shut_down: true, ..ShutdownReport::default() };
         }
         *done = true;
-        // SeqCst pairs with `publish_sync`; see `Inner::closed`.
-        self.closed.store(true, Ordering::SeqCst);
+        self.intake.close();
         let queued_at_start = self.shards.queued() as u64;
         *self.shared.shutdown_deadline.lock() = Some(deadline);
         self.shards.close();
         let mut backoff = Backoff::new();
-        while self.sync_in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while !self.intake.is_idle() && Instant::now() < deadline {
             backoff.wait();
         }
         let (reports, all_exited) = self.shards.join(deadline);

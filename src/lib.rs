@@ -55,6 +55,45 @@ pub use crate::subscription::SubscriptionId;
 /// may change or vanish in any release.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, ring};
+    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, Reservation, ring};
     pub use crate::dispatch::wait::WaitOutcome;
+
+    #[cfg(eventbroker_loom)]
+    pub use crate::dispatch::intake::{Entered, Intake};
+
+    /// A broker's subscription table with handlers that do nothing: what the loom model of the
+    /// snapshot swap needs, and no more.
+    #[cfg(eventbroker_loom)]
+    pub struct Subscriptions(crate::subscription::SubscriptionTable);
+
+    #[cfg(eventbroker_loom)]
+    impl Subscriptions {
+        /// An empty table.
+        #[allow(clippy::new_without_default, reason = "loom-tests only")]
+        pub fn new() -> Self {
+            Self(crate::subscription::SubscriptionTable::new())
+        }
+
+        /// Subscribes a handler that does nothing.
+        ///
+        /// # Panics
+        /// If `pattern` does not parse.
+        pub fn subscribe(&self, pattern: &str) -> crate::SubscriptionId {
+            let pattern = crate::Pattern::parse(pattern).expect("a valid pattern");
+            self.0.subscribe(pattern, Box::new(|_| Ok(())))
+        }
+
+        /// Removes a subscription.
+        pub fn unsubscribe(&self, id: crate::SubscriptionId) -> bool {
+            self.0.unsubscribe(id)
+        }
+
+        /// Loads the current snapshot once, as a worker does, and returns the ids it matches for
+        /// `event_type`, in handler order, and the snapshot's size.
+        pub fn matches(&self, event_type: &str) -> (Vec<crate::SubscriptionId>, usize) {
+            let set = self.0.load();
+            let ids = set.matches(event_type).values().map(|s| s.id).collect();
+            (ids, set.len())
+        }
+    }
 }

@@ -673,6 +673,36 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_dropped_uncommitted_fills_its_slots_with_defaults() {
+        let (producer, mut consumer) = ring::<Option<u32>>(4);
+        let reservation = producer.try_reserve(3).unwrap();
+        assert_eq!(reservation.len(), 3);
+        assert_eq!(consumer.pop(), None, "the consumer waits at a reserved slot");
+        drop(reservation);
+        let mut out = Vec::new();
+        assert_eq!(consumer.pop_batch(&mut out, 8), 3);
+        assert_eq!(out, [None, None, None]);
+        producer.try_reserve(2).unwrap().commit([Some(1)]);
+        assert_eq!(consumer.pop(), Some(Some(1)));
+        assert_eq!(consumer.pop(), Some(None), "a short commit fills the rest");
+    }
+
+    #[test]
+    fn a_parked_consumer_is_woken_by_a_commit() {
+        let (producer, mut consumer) = ring::<Option<u32>>(4);
+        let waiter = std::thread::spawn(move || {
+            let outcome = consumer
+                .wait(WaitStrategy::default(), Some(Instant::now() + std::time::Duration::from_secs(30)));
+            (outcome, consumer.pop())
+        });
+        while !producer.shared.sleeper.is_sleeping() {
+            std::thread::yield_now();
+        }
+        producer.try_reserve(1).unwrap().commit([Some(7)]);
+        assert_eq!(waiter.join().unwrap(), (WaitOutcome::Ready, Some(Some(7))));
+    }
+
+    #[test]
     fn dropping_the_consumer_closes_the_ring() {
         let (producer, consumer) = ring::<u32>(2);
         drop(consumer);
@@ -719,6 +749,11 @@ mod tests {
     enum Op {
         Push(u16),
         PushBatch(Vec<u16>),
+        /// Reserve up to `want` slots, then commit `values` (slots beyond them get the default).
+        Reserve {
+            want: usize,
+            values: Vec<u16>,
+        },
         Pop,
         PopBatch(usize),
         Close,
@@ -728,6 +763,8 @@ mod tests {
         prop_oneof![
             6 => any::<u16>().prop_map(Op::Push),
             3 => proptest::collection::vec(any::<u16>(), 0..10).prop_map(Op::PushBatch),
+            3 => (0..10usize, proptest::collection::vec(1..u16::MAX, 0..10))
+                .prop_map(|(want, values)| Op::Reserve { want, values }),
             6 => Just(Op::Pop),
             3 => (0..10usize).prop_map(Op::PopBatch),
             1 => Just(Op::Close),
@@ -776,6 +813,22 @@ mod tests {
                         prop_assert_eq!(producer.try_push_batch(&mut batch), expected);
                         let taken = expected.unwrap_or(0);
                         prop_assert_eq!(batch, &values[taken..]);
+                    }
+                    Op::Reserve { want, values } => {
+                        let fits = (capacity - model.len()).min(want.max(1));
+                        match producer.try_reserve(want) {
+                            Ok(reservation) => {
+                                prop_assert!(!closed && fits > 0);
+                                prop_assert_eq!(reservation.len(), fits);
+                                model.extend(values.iter().copied().chain(std::iter::repeat(0)).take(fits));
+                                reservation.commit(values);
+                            }
+                            Err(error) => {
+                                let expected = if closed { PushBatchError::Closed } else { PushBatchError::Full };
+                                prop_assert_eq!(error, expected);
+                                prop_assert!(closed || fits == 0);
+                            }
+                        }
                     }
                     Op::Pop => prop_assert_eq!(consumer.pop(), model.pop_front()),
                     Op::PopBatch(max) => {
