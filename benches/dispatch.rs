@@ -273,14 +273,16 @@ fn throughput(c: &mut Criterion) {
         for subscribers in [1usize, 8] {
             for batch in [1usize, 64] {
                 let case = format!("p{publishers}-s{subscribers}-b{batch}");
-                let contenders: Vec<(&str, Box<dyn Pipeline>)> = vec![
-                    ("broker", Box::new(BrokerPipeline::new(subscribers, WaitStrategy::default()))),
-                    ("crossbeam", Box::new(CrossbeamPipeline::new(subscribers))),
-                    ("tokio-broadcast", Box::new(BroadcastPipeline::new(subscribers))),
-                    ("disruptor", Box::new(DisruptorPipeline::new(subscribers))),
-                ];
-                for (name, pipeline) in &contenders {
-                    group.bench_function(BenchmarkId::new(*name, &case), |b| {
+                // One contender alive at a time: the disruptor's busy-spinning consumer would
+                // otherwise take a core from the others' runs.
+                for name in ["broker", "crossbeam", "tokio-broadcast", "disruptor"] {
+                    let pipeline: Box<dyn Pipeline> = match name {
+                        "broker" => Box::new(BrokerPipeline::new(subscribers, WaitStrategy::default())),
+                        "crossbeam" => Box::new(CrossbeamPipeline::new(subscribers)),
+                        "tokio-broadcast" => Box::new(BroadcastPipeline::new(subscribers)),
+                        _ => Box::new(DisruptorPipeline::new(subscribers)),
+                    };
+                    group.bench_function(BenchmarkId::new(name, &case), |b| {
                         b.iter_custom(|iters| run(pipeline.as_ref(), publishers, batch, iters));
                     });
                 }

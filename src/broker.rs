@@ -30,6 +30,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::dispatch::backpressure::Backoff;
+pub use crate::dispatch::backpressure::Backpressure;
 use crate::dispatch::intake::Intake;
 use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::ring::{PushBatchError as ReserveError, Reservation};
@@ -55,22 +57,6 @@ pub enum Mode {
     /// Queued to a shard's worker thread.
     #[default]
     Async,
-}
-
-/// What publishing does when the event's shard (or the provider writer's backlog) is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backpressure {
-    /// Return [`PublishError::Full`] at once.
-    Reject,
-    /// Wait for room up to this long, then return [`PublishError::Full`].
-    Block(Duration),
-}
-
-impl Default for Backpressure {
-    /// Block for up to 1 s.
-    fn default() -> Self {
-        Self::Block(Duration::from_secs(1))
-    }
 }
 
 /// Configures and starts a [`Broker`].
@@ -508,6 +494,7 @@ impl Broker {
     ///
     /// # Errors
     /// As [`Broker::publish_async`] or [`Broker::publish_sync`].
+    #[inline]
     pub fn publish(&self, event: Event) -> Result<(), PublishError> {
         match self.inner.mode {
             Mode::Async => self.publish_async(event),
@@ -523,7 +510,6 @@ impl Broker {
     pub fn publish_async(&self, event: Event) -> Result<(), PublishError> {
         let event = self.inner.admit(event)?;
         let shard = self.inner.shards.index_for(event.partition());
-        let event = Arc::new(event);
         let reservation = match self.inner.reserve(shard, 1, 1) {
             Ok(reservation) => reservation,
             Err(rejected) => return Err(self.inner.rejected(rejected, event)),
@@ -548,10 +534,10 @@ impl Broker {
             // Closed: `admit` reports it (or an invalid type, which takes precedence).
             return Err(match inner.admit(event) {
                 Err(error) => error,
-                Ok(event) => PublishError::Closed(Box::new(event)),
+                Ok(event) => PublishError::Closed(Box::new(unwrap_event(event))),
             });
         };
-        let event = Arc::new(inner.admit(event)?);
+        let event = inner.admit(event)?;
         inner.sync.published.fetch_add(1, Ordering::Relaxed);
         if inner.track_status {
             inner.shared.writer.store(vec![Arc::clone(&event)]);
@@ -708,7 +694,6 @@ impl Broker {
     pub fn publish_confirmed(&self, event: Event) -> Result<(), PublishError> {
         let event = self.inner.admit(event)?;
         let shard = self.inner.shards.index_for(event.partition());
-        let event = Arc::new(event);
         let reservation = match self.inner.reserve(shard, 1, 1) {
             Ok(reservation) => reservation,
             Err(rejected) => return Err(self.inner.rejected(rejected, event)),
@@ -885,6 +870,8 @@ impl Broker {
 
 /// How long broker operations that read through the provider wait for the writer to flush.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replay waits for room in a shard: as long as it takes, in practice.
+const REPLAY_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// Events fetched from the provider per replay call.
 const REPLAY_PAGE: usize = 512;
 
@@ -914,7 +901,9 @@ fn unwrap_event(event: Arc<Event>) -> Event {
 
 impl Inner {
     /// Checks an event can be published and fills in the instance id.
-    fn admit(&self, mut event: Event) -> Result<Event, PublishError> {
+    /// Moves the event to the heap, once: it is 300-odd bytes, and the handlers share it.
+    #[inline]
+    fn admit(&self, mut event: Event) -> Result<Arc<Event>, PublishError> {
         if let Err(error) = validate_event_type(&event.event_type) {
             return Err(PublishError::InvalidType { event: Box::new(event), error });
         }
@@ -924,42 +913,56 @@ impl Inner {
         if event.instance_id.is_empty() {
             event.instance_id.clone_from(&self.instance_id);
         }
-        Ok(event)
+        Ok(Arc::new(event))
     }
 
     /// Reserves between `min` and `want` consecutive slots of `shard`, waiting per the
     /// backpressure policy; writer backlog is checked too when statuses are tracked.
     fn reserve(&self, shard: usize, want: usize, min: usize) -> Result<Reservation<'_, Job>, ReserveError> {
-        let deadline = match self.backpressure {
+        let patience = match self.backpressure {
             Backpressure::Reject => None,
-            Backpressure::Block(timeout) => Some(Instant::now() + timeout),
+            Backpressure::Block(timeout) => Some(timeout),
         };
-        self.reserve_until(shard, want, min, deadline)
+        self.reserve_within(shard, want, min, patience)
     }
 
-    fn reserve_until(
+    /// As [`Inner::reserve`], waiting up to `patience` (not at all when `None`). The clock is read
+    /// only once a first attempt fails.
+    fn reserve_within(
         &self,
         shard: usize,
         want: usize,
         min: usize,
-        deadline: Option<Instant>,
+        patience: Option<Duration>,
     ) -> Result<Reservation<'_, Job>, ReserveError> {
-        let producer = &self.shards.shard(shard).producer;
+        let shard = self.shards.shard(shard);
+        let producer = &shard.producer;
+        let mut deadline = None;
         let mut backoff = Backoff::new();
         loop {
-            if !self.track_status || self.shared.writer.has_room(min) {
+            let backlogged = self.track_status && !self.shared.writer.has_room(min);
+            if !backlogged {
                 match producer.try_reserve(want) {
-                    Ok(reservation) if reservation.len() >= min => return Ok(reservation),
-                    Ok(_) => unreachable!("a reservation holds at least one slot"),
+                    Ok(reservation) => return Ok(reservation),
                     Err(ReserveError::Closed) => return Err(ReserveError::Closed),
                     Err(ReserveError::Full) => {}
                 }
             } else if producer.is_closed() {
                 return Err(ReserveError::Closed);
             }
-            match deadline {
-                Some(deadline) if Instant::now() < deadline => backoff.wait(),
-                _ => return Err(ReserveError::Full),
+            let Some(patience) = patience else { return Err(ReserveError::Full) };
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + patience);
+            if Instant::now() >= deadline {
+                return Err(ReserveError::Full);
+            }
+            if backoff.snooze() {
+                continue;
+            }
+            if backlogged {
+                // The writer signals nobody when it catches up: poll on a growing timer.
+                backoff.sleep();
+            } else {
+                shard.space.wait_until(deadline, || !producer.is_full() || producer.is_closed());
             }
         }
     }
@@ -979,12 +982,10 @@ impl Inner {
     fn publish_blocking(&self, event: Event) -> Result<(), BrokerError> {
         let event = self.admit(event).map_err(|_| BrokerError::Closed)?;
         let shard = self.shards.index_for(event.partition());
-        let event = Arc::new(event);
         let reservation =
-            self.reserve_until(shard, 1, 1, Some(Instant::now() + Duration::MAX / 4)).map_err(|error| {
-                match error {
-                    ReserveError::Closed | ReserveError::Full => BrokerError::Closed,
-                }
+            self.reserve_within(shard, 1, 1, Some(REPLAY_WAIT)).map_err(|error| match error {
+                ReserveError::Closed => BrokerError::Closed,
+                ReserveError::Full => BrokerError::Timeout(REPLAY_WAIT),
             })?;
         if self.track_status {
             self.shared.writer.store(vec![Arc::clone(&event)]);
@@ -1007,7 +1008,9 @@ impl Inner {
         self.shards.close();
         let mut backoff = Backoff::new();
         while !self.intake.is_idle() && Instant::now() < deadline {
-            backoff.wait();
+            if !backoff.snooze() {
+                backoff.sleep();
+            }
         }
         let (reports, all_exited) = self.shards.join(deadline);
         let undelivered = if all_exited { 0 } else { self.shards.queued() as u64 };
@@ -1028,29 +1031,5 @@ impl Inner {
         };
         tracing::info!(?report, "event broker shut down");
         report
-    }
-}
-
-/// Waits a little longer each time: spin, then yield, then sleep up to 1 ms.
-struct Backoff {
-    step: u32,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self { step: 0 }
-    }
-
-    fn wait(&mut self) {
-        match self.step {
-            0..=6 => {
-                for _ in 0..(1 << self.step) {
-                    std::hint::spin_loop();
-                }
-            }
-            7..=10 => std::thread::yield_now(),
-            n => std::thread::sleep(Duration::from_micros(10 << (n - 11).min(7))),
-        }
-        self.step = self.step.saturating_add(1);
     }
 }

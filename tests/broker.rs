@@ -118,7 +118,8 @@ fn a_full_shard_hands_the_event_back_and_stores_nothing() {
         }
     }
     let rejected = rejected.expect("a 4-slot shard behind a stuck handler fills up");
-    assert!((4..=5).contains(&accepted.len()), "4 in the ring, maybe 1 in the handler: {}", accepted.len());
+    // 4 in the ring, and up to one drained batch (4) in the worker's hands.
+    assert!((4..=8).contains(&accepted.len()), "{}", accepted.len());
     assert_eq!(broker.stats().rejected, 1);
     release.store(true, Ordering::Release);
     broker.flush(Duration::from_secs(5)).unwrap();
@@ -670,7 +671,8 @@ fn a_partly_full_batch_hands_back_each_keys_suffix_in_order() {
     let err = broker.publish_batch(events).unwrap_err();
     assert_eq!(err.reason, BatchRejection::Full);
     assert_eq!(err.accepted + err.rejected.len(), 20);
-    assert!((8..=9).contains(&err.accepted), "{}", err.accepted);
+    // The ring holds 8; the worker may have drained 8 more into its hands before its handler stuck.
+    assert!((8..=16).contains(&err.accepted), "{}", err.accepted);
     let ids: Vec<i64> = err.rejected.iter().map(|e| e.user_id).collect();
     let first = i64::try_from(err.accepted).unwrap();
     assert_eq!(ids, (first..20).collect::<Vec<_>>(), "the rejected suffix, in order");
@@ -680,7 +682,8 @@ fn a_partly_full_batch_hands_back_each_keys_suffix_in_order() {
 
 #[test]
 fn streams_deliver_to_sync_and_async_receivers() {
-    let broker = Broker::builder().build().unwrap();
+    // One shard: the two types are then handled in publish order.
+    let broker = Broker::builder().workers(1).build().unwrap();
     let sync_rx = broker.subscribe_stream("st.*").unwrap();
     let async_rx = broker.subscribe_stream_bounded("st.b", 8).unwrap();
     broker.publish(event("st.a")).unwrap();

@@ -6,8 +6,10 @@
 //! - [`shard`]: the shards, each a ring and a worker thread, and the routing of events to them.
 //! - [`worker`]: the worker loop: batched draining, matching, delivery, retries.
 //! - [`retry`]: the retry policy and the delay queue retries wait in.
+//! - [`backpressure`]: what a publisher does when its shard is full, and how it is woken.
 //! - [`intake`]: whether the broker accepts work, and the synchronous publishes in flight.
 
+pub(crate) mod backpressure;
 pub(crate) mod intake;
 pub(crate) mod retry;
 pub(crate) mod ring;

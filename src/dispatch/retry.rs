@@ -173,6 +173,10 @@ impl<T> DelayQueue<T> {
         self.heap.len()
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
     /// Removes every item, earliest first.
     pub(crate) fn drain_in_order(&mut self) -> Vec<T> {
         let mut all = std::mem::take(&mut self.heap).into_sorted_vec();

@@ -268,49 +268,17 @@ impl<T: Send> Producer<T> {
     /// [`PushError::Full`] if `capacity` values are waiting, [`PushError::Closed`] if the ring is
     /// closed; either carries `value` back.
     pub fn try_push(&self, value: T) -> Result<(), PushError<T>> {
-        let shared = &*self.shared;
-        // Relaxed: a guess, checked against the slot's stamp and by the CAS.
-        let mut tail = shared.tail.load(Relaxed);
-        loop {
-            if tail & MARK != 0 {
-                return Err(PushError::Closed(value));
-            }
-            let slot = shared.slot(tail);
-            // Acquire: pairs with the Release store in `Consumer::take` that freed the slot, so
-            // the consumer's read of the previous value happens before our write.
-            let stamp = slot.stamp.load(Acquire);
-            match distance(stamp, tail) {
-                0 => {
-                    // Relaxed: the claim needs only atomicity; the slot's contents are ordered by
-                    // its stamp, and the sleeping check by the fence in `check_after_claim`.
-                    match shared.tail.compare_exchange_weak(tail, tail.wrapping_add(ONE), Relaxed, Relaxed) {
-                        Ok(_) => {
-                            let sleeping = shared.sleeper.check_after_claim();
-                            // SAFETY: we claimed `tail`, and its slot's stamp said it is free.
-                            unsafe { slot.publish(tail, value) };
-                            if let Some(consumer) = sleeping {
-                                consumer.unpark();
-                            }
-                            return Ok(());
-                        }
-                        Err(current) => tail = current,
-                    }
-                }
-                // The slot still holds (or is being written with) the value one lap behind: full,
-                // unless `tail` is stale.
-                lag if lag < 0 => {
-                    if shared.is_full_at(tail) {
-                        return Err(PushError::Full(value));
-                    }
-                    spin_loop();
-                    // Relaxed: a guess, as above.
-                    tail = shared.tail.load(Relaxed);
-                }
-                // Another producer claimed this position: `tail` is stale.
-                // Relaxed: a guess, as above.
-                _ => tail = shared.tail.load(Relaxed),
-            }
+        let claim = match self.shared.claim_one() {
+            Ok(claim) => claim,
+            Err(PushBatchError::Full) => return Err(PushError::Full(value)),
+            Err(PushBatchError::Closed) => return Err(PushError::Closed(value)),
+        };
+        // SAFETY: we claimed `claim.first`, and its slot's stamp said it is free.
+        unsafe { self.shared.slot(claim.first).publish(claim.first, value) };
+        if let Some(consumer) = claim.sleeping {
+            consumer.unpark();
         }
+        Ok(())
     }
 
     /// Pushes as many values from the front of `values` as there are free slots, claiming them
@@ -350,7 +318,7 @@ impl<T: Send + Default> Producer<T> {
     /// [`PushBatchError::Full`] if not one slot is free, [`PushBatchError::Closed`] if the ring is
     /// closed.
     pub fn try_reserve(&self, want: usize) -> Result<Reservation<'_, T>, PushBatchError> {
-        let claim = self.shared.claim(want.max(1))?;
+        let claim = if want <= 1 { self.shared.claim_one()? } else { self.shared.claim(want)? };
         let end = claim.first.wrapping_add(claim.count * ONE);
         Ok(Reservation { shared: &self.shared, next: claim.first, end, sleeping: claim.sleeping })
     }
@@ -417,6 +385,47 @@ struct Claim<'a> {
 }
 
 impl<T> Shared<T> {
+    /// Claims one position. Unlike [`Shared::claim`] it reads the slot's stamp, not the
+    /// consumer's `head`, so a producer keeping up does not pull the consumer's cache line.
+    fn claim_one(&self) -> Result<Claim<'_>, PushBatchError> {
+        // Relaxed: a guess, checked against the slot's stamp and by the CAS.
+        let mut tail = self.tail.load(Relaxed);
+        loop {
+            if tail & MARK != 0 {
+                return Err(PushBatchError::Closed);
+            }
+            // Acquire: pairs with the Release store in `Consumer::take` that freed the slot, so
+            // the consumer's read of the previous value happens before our write.
+            let stamp = self.slot(tail).stamp.load(Acquire);
+            match distance(stamp, tail) {
+                0 => {
+                    // Relaxed: the claim needs only atomicity; the slot's contents are ordered by
+                    // its stamp, and the sleeping check by the fence in `check_after_claim`.
+                    match self.tail.compare_exchange_weak(tail, tail.wrapping_add(ONE), Relaxed, Relaxed) {
+                        Ok(_) => {
+                            let sleeping = self.sleeper.check_after_claim();
+                            return Ok(Claim { first: tail, count: 1, sleeping });
+                        }
+                        Err(current) => tail = current,
+                    }
+                }
+                // The slot still holds (or is being written with) the value one lap behind: full,
+                // unless `tail` is stale.
+                lag if lag < 0 => {
+                    if self.is_full_at(tail) {
+                        return Err(PushBatchError::Full);
+                    }
+                    spin_loop();
+                    // Relaxed: a guess, as above.
+                    tail = self.tail.load(Relaxed);
+                }
+                // Another producer claimed this position: `tail` is stale.
+                // Relaxed: a guess, as above.
+                _ => tail = self.tail.load(Relaxed),
+            }
+        }
+    }
+
     /// Claims up to `want` (≥ 1) consecutive positions with one CAS on the tail.
     fn claim(&self, want: usize) -> Result<Claim<'_>, PushBatchError> {
         // Relaxed: a guess, checked by the CAS.
@@ -469,6 +478,11 @@ impl<T> Producer<T> {
     /// Whether [`len`](Self::len) is 0.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether every slot is claimed (a snapshot, like [`len`](Self::len)).
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.capacity()
     }
 
     /// The number of slots, as given to [`ring`].

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use crossbeam_channel::Receiver;
 
+use crate::dispatch::backpressure::SpaceWaiters;
 use crate::dispatch::ring::{self, Producer};
 use crate::dispatch::worker::{Job, ShardCounters, Worker, WorkerConfig, WorkerReport, WorkerShared};
 use crate::error::BuildError;
@@ -44,12 +45,16 @@ pub struct ShardStats {
 
 pub(crate) struct Shard {
     pub(crate) producer: Producer<Job>,
+    /// Publishers parked on this shard while it is full.
+    pub(crate) space: Arc<SpaceWaiters>,
     counters: Arc<ShardCounters>,
 }
 
 impl Shard {
+    /// Closes the ring and wakes parked publishers, who then find it closed.
     fn close(&self) {
         self.producer.close();
+        self.space.notify();
     }
 }
 
@@ -75,7 +80,9 @@ impl ShardSet {
         for index in 0..count {
             let (producer, consumer) = ring::ring::<Job>(capacity);
             let counters = Arc::new(ShardCounters::default());
-            let worker = Worker::new(Arc::clone(shared), Arc::clone(&counters), config, consumer);
+            let space = Arc::new(SpaceWaiters::new());
+            let worker =
+                Worker::new(Arc::clone(shared), Arc::clone(&counters), Arc::clone(&space), config, consumer);
             let exit_tx = exit_tx.clone();
             // Linux shows 15 bytes of a thread name; the index comes first so it survives.
             let name = format!("eb-w{index}-{instance}");
@@ -86,6 +93,7 @@ impl ShardSet {
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(source) => {
+                    producer.close();
                     // Stop the workers already started before reporting.
                     for started in &shards {
                         Shard::close(started);
@@ -93,7 +101,7 @@ impl ShardSet {
                     return Err(BuildError::Spawn { thread: name, source });
                 }
             }
-            shards.push(Shard { producer, counters });
+            shards.push(Shard { producer, space, counters });
         }
         Ok(Self {
             shards: shards.into_boxed_slice(),
@@ -109,6 +117,9 @@ impl ShardSet {
 
     /// The shard for a partition key.
     pub(crate) fn index_for(&self, key: &str) -> usize {
+        if self.shards.len() == 1 {
+            return 0;
+        }
         let hash = self.hasher.hash_one(key);
         // Lemire's multiply-shift maps the hash onto 0..len without a division.
         #[allow(clippy::cast_possible_truncation, reason = "the result is below len, a usize")]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use jiff::Timestamp;
 
+use crate::dispatch::backpressure::SpaceWaiters;
 use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
@@ -61,7 +62,7 @@ pub(crate) struct ShardCounters {
 }
 
 /// The same counts, kept locally by the worker and stored into [`ShardCounters`] once per turn.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Counts {
     dispatched: u64,
     completed: u64,
@@ -128,6 +129,8 @@ struct OpenEvent {
 pub(crate) struct Worker {
     shared: Arc<WorkerShared>,
     counters: Arc<ShardCounters>,
+    /// Publishers waiting for this shard to have room; signalled after every drained batch.
+    space: Arc<SpaceWaiters>,
     config: WorkerConfig,
     consumer: Consumer<Job>,
     cache: MatchCache<Arc<Subscription>>,
@@ -140,6 +143,8 @@ pub(crate) struct Worker {
     dead: Vec<DeadLetter>,
     gone: Vec<SubscriptionId>,
     counts: Counts,
+    /// The counts and pending retries as last stored into `counters`.
+    published: (Counts, usize),
     rng: fastrand::Rng,
 }
 
@@ -147,12 +152,14 @@ impl Worker {
     pub(crate) fn new(
         shared: Arc<WorkerShared>,
         counters: Arc<ShardCounters>,
+        space: Arc<SpaceWaiters>,
         config: WorkerConfig,
         consumer: Consumer<Job>,
     ) -> Self {
         Self {
             shared,
             counters,
+            space,
             config,
             consumer,
             cache: MatchCache::new(config.cache_capacity),
@@ -164,6 +171,7 @@ impl Worker {
             dead: Vec::new(),
             gone: Vec::new(),
             counts: Counts::default(),
+            published: (Counts::default(), 0),
             rng: fastrand::Rng::new(),
         }
     }
@@ -172,9 +180,12 @@ impl Worker {
         loop {
             let taken = self.consumer.pop_batch(&mut self.batch, self.config.max_batch);
             if taken > 0 {
+                self.space.notify();
                 self.dispatch_batch();
             }
-            self.run_due_retries(Instant::now());
+            if !self.retries.is_empty() {
+                self.run_due_retries(Instant::now());
+            }
             self.end_turn();
             if taken > 0 {
                 continue;
@@ -381,6 +392,10 @@ impl Worker {
     /// Hands this turn's statuses and dead letters to the writer, ends gone subscriptions, and
     /// publishes the counters.
     fn end_turn(&mut self) {
+        let now = (self.counts, self.retries.len());
+        if now == self.published && self.statuses.is_empty() && self.dead.is_empty() && self.gone.is_empty() {
+            return;
+        }
         if !self.statuses.is_empty() {
             self.shared.writer.status(std::mem::take(&mut self.statuses));
         }
@@ -400,6 +415,7 @@ impl Worker {
         c.retries.store(n.retries, Ordering::Relaxed);
         c.dead_letters.store(n.dead_letters, Ordering::Relaxed);
         c.pending_retries.store(self.retries.len() as u64, Ordering::Relaxed);
+        self.published = now;
     }
 }
 

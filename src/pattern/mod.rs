@@ -282,11 +282,36 @@ impl<'de> serde::Deserialize<'de> for Pattern {
 /// # Errors
 /// [`EventTypeError`] naming the type, the byte, and the broken rule.
 pub fn validate_event_type(event_type: &str) -> Result<(), EventTypeError> {
+    if is_plain_valid_type(event_type.as_bytes()) {
+        return Ok(());
+    }
     scan(event_type, |offset, segment, _| match segment.char_indices().find(|&(_, c)| is_wildcard(c)) {
         Some((i, wildcard)) => Err((offset + i, SyntaxErrorKind::WildcardInType { wildcard })),
         None => Ok(()),
     })
     .map_err(|(position, kind)| EventTypeError::new(event_type, position, kind))
+}
+
+/// One pass over the bytes, accepting only what is plainly valid: printable ASCII, no wildcard,
+/// no empty segment, within the limits. Anything else (non-ASCII included) goes to `scan`, which
+/// decides exactly and builds the error. Every publish runs this.
+fn is_plain_valid_type(bytes: &[u8]) -> bool {
+    if bytes.is_empty() || bytes.len() > MAX_NAME_LEN {
+        return false;
+    }
+    let mut segments = 1;
+    let mut previous = b'.';
+    for &b in bytes {
+        match b {
+            b'.' if previous == b'.' => return false,
+            b'.' => segments += 1,
+            b'*' | b'>' => return false,
+            0x21..=0x7e => {}
+            _ => return false,
+        }
+        previous = b;
+    }
+    previous != b'.' && segments <= MAX_SEGMENTS
 }
 
 fn is_wildcard(c: char) -> bool {
@@ -425,6 +450,24 @@ mod tests {
             Pattern::parse(&many).unwrap_err().to_string(),
             format!("invalid pattern {many:?} at byte 64: it has 40 segments; the limit is 32")
         );
+    }
+
+    proptest::proptest! {
+        /// The one-pass check accepts only what the exact scanner accepts, and together they
+        /// give the scanner's verdict on everything.
+        #[test]
+        fn the_fast_type_check_agrees_with_the_scanner(input in "[a.*> é\\t\\x7f]{0,40}|[a-z.]{250,260}") {
+            let exact = scan(&input, |offset, segment, _| {
+                match segment.char_indices().find(|&(_, c)| is_wildcard(c)) {
+                    Some((i, wildcard)) => Err((offset + i, SyntaxErrorKind::WildcardInType { wildcard })),
+                    None => Ok(()),
+                }
+            });
+            if is_plain_valid_type(input.as_bytes()) {
+                proptest::prop_assert!(exact.is_ok(), "{input:?}");
+            }
+            proptest::prop_assert_eq!(validate_event_type(&input).is_ok(), exact.is_ok());
+        }
     }
 
     #[test]
