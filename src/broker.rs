@@ -515,7 +515,7 @@ impl Broker {
             Err(rejected) => return Err(self.inner.rejected(rejected, event)),
         };
         if self.inner.track_status {
-            self.inner.shared.writer.store(vec![Arc::clone(&event)]);
+            self.inner.shared.writer.store(Arc::clone(&event));
         }
         reservation.commit(std::iter::once(Some(event)));
         Ok(())
@@ -540,7 +540,7 @@ impl Broker {
         let event = inner.admit(event)?;
         inner.sync.published.fetch_add(1, Ordering::Relaxed);
         if inner.track_status {
-            inner.shared.writer.store(vec![Arc::clone(&event)]);
+            inner.shared.writer.store(Arc::clone(&event));
             inner.shared.writer.status(vec![
                 StatusUpdate::new(event.id, EventStatus::Processing)
                     .with_processed_at(jiff::Timestamp::now()),
@@ -652,7 +652,7 @@ impl Broker {
                             group.drain(..reservation.len()).map(|(_, e)| e).collect();
                         accepted += taken.len();
                         if inner.track_status {
-                            inner.shared.writer.store(taken.clone());
+                            inner.shared.writer.store_many(taken.clone());
                         }
                         reservation.commit(taken.into_iter().map(Some));
                     }
@@ -988,7 +988,7 @@ impl Inner {
                 ReserveError::Full => BrokerError::Timeout(REPLAY_WAIT),
             })?;
         if self.track_status {
-            self.shared.writer.store(vec![Arc::clone(&event)]);
+            self.shared.writer.store(Arc::clone(&event));
         }
         reservation.commit(std::iter::once(Some(event)));
         Ok(())

@@ -75,7 +75,9 @@ pub struct WriterStats {
 type Reply = Sender<Result<(), ProviderError>>;
 
 enum WriteOp {
-    Store(Vec<Arc<Event>>, Option<Reply>),
+    /// One event: the common case, without a `Vec` to allocate.
+    StoreOne(Arc<Event>, Option<Reply>),
+    Store(Vec<Arc<Event>>),
     Status(Vec<StatusUpdate>),
     DeadLetters(Vec<DeadLetter>),
     /// Write everything gathered so far now, then answer.
@@ -129,17 +131,23 @@ impl ProviderWriter {
         self.backlog.load(Ordering::Relaxed) + n <= self.max_backlog
     }
 
+    /// Queues an event to store. The caller checked [`ProviderWriter::has_room`].
+    pub(crate) fn store(&self, event: Arc<Event>) {
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        self.send(WriteOp::StoreOne(event, None));
+    }
+
     /// Queues events to store. The caller checked [`ProviderWriter::has_room`].
-    pub(crate) fn store(&self, events: Vec<Arc<Event>>) {
+    pub(crate) fn store_many(&self, events: Vec<Arc<Event>>) {
         self.backlog.fetch_add(events.len(), Ordering::Relaxed);
-        self.send(WriteOp::Store(events, None));
+        self.send(WriteOp::Store(events));
     }
 
     /// Queues an event to store and returns where its write's outcome will be reported.
     pub(crate) fn store_confirmed(&self, event: Arc<Event>) -> Receiver<Result<(), ProviderError>> {
         let (reply, outcome) = crossbeam_channel::bounded(1);
         self.backlog.fetch_add(1, Ordering::Relaxed);
-        self.send(WriteOp::Store(vec![event], Some(reply)));
+        self.send(WriteOp::StoreOne(event, Some(reply)));
         outcome
     }
 
@@ -349,9 +357,13 @@ impl WriterThread {
     fn take(&mut self, op: WriteOp, stopping: &mut Option<(Reply, Instant)>) -> bool {
         self.batch.opened.get_or_insert_with(Instant::now);
         match op {
-            WriteOp::Store(events, reply) => {
-                self.batch.stores.extend(events);
+            WriteOp::StoreOne(event, reply) => {
+                self.batch.stores.push(event);
                 self.batch.store_replies.extend(reply);
+                false
+            }
+            WriteOp::Store(events) => {
+                self.batch.stores.extend(events);
                 false
             }
             WriteOp::Status(updates) => {
