@@ -38,64 +38,26 @@ use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
-use uuid::Uuid;
 
 use crate::error::{DecodeError, PayloadError};
 
 /// Free-form context attached to an event: string keys, JSON values, kept in key order.
 pub type Metadata = BTreeMap<String, serde_json::Value>;
 
-/// A unique event id: a UUID v7, so ids sort by creation time.
-///
-/// ```
-/// use eventbroker::EventId;
-///
-/// let a = EventId::new();
-/// let b = EventId::new();
-/// assert!(a < b);
-/// assert_eq!(a.to_string().parse::<EventId>()?, a);
-/// # Ok::<(), uuid::Error>(())
-/// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EventId(Uuid);
-
-impl EventId {
-    /// A new time-ordered id.
-    #[allow(clippy::new_without_default)] // A default id that is fresh each time would surprise.
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// Wraps an existing UUID, of any version (the Go seed writes v4).
-    pub const fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
-
-    /// The UUID.
-    pub const fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
-}
-
-impl fmt::Display for EventId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
-    }
-}
-
-impl fmt::Debug for EventId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EventId({})", self.0.hyphenated())
-    }
-}
-
-impl FromStr for EventId {
-    type Err = uuid::Error;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(Self)
-    }
+crate::id::uuid_v7_id! {
+    /// A unique event id: a UUID v7, so ids sort by creation time.
+    ///
+    /// ```
+    /// use eventbroker::EventId;
+    ///
+    /// let a = EventId::new();
+    /// let b = EventId::new();
+    /// assert!(a < b);
+    /// assert_eq!(a.to_string().parse::<EventId>()?, a);
+    /// assert_eq!(format!("{a:?}"), format!("EventId({a})"));
+    /// # Ok::<(), uuid::Error>(())
+    /// ```
+    EventId
 }
 
 /// Where an event came from.

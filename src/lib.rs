@@ -21,6 +21,7 @@ mod broker;
 mod dispatch;
 mod error;
 mod event;
+mod id;
 pub mod pattern;
 pub mod provider;
 mod subscription;

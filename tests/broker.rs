@@ -7,13 +7,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use eventbroker::{
-    Backpressure, BatchRejection, Broker, DeadLetterFilter, Event, EventFilter, EventSource, EventStatus,
-    MemoryConfig, MemoryProvider, Mode, Provider, PublishError, RetryPolicy, SubscribeError,
+    Backpressure, BatchRejection, Broker, DeadLetterFilter, Event, EventFilter, EventStatus, MemoryConfig,
+    MemoryProvider, Mode, Provider, PublishError, RetryPolicy, SubscribeError,
 };
 
-fn event(event_type: &str) -> Event {
-    Event::new(EventSource::Internal, event_type)
-}
+mod common;
+use common::{event, wait_until};
 
 fn quick_retries(max_retries: u32) -> RetryPolicy {
     RetryPolicy {
@@ -27,14 +26,6 @@ fn quick_retries(max_retries: u32) -> RetryPolicy {
 
 fn failing(message: &'static str) -> impl Fn(&Event) -> Result<(), String> + Send + Sync + 'static {
     move |_| Err(message.to_owned())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
 }
 
 #[test]

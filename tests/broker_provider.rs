@@ -4,13 +4,16 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eventbroker::{
     Broker, BrokerError, DeadLetter, DeadLetterFilter, DeadLetterId, Event, EventFilter, EventId,
-    EventSource, EventStatus, EventStream, MemoryProvider, Pattern, Provider, ProviderError,
-    ProviderErrorKind, ProviderStats, PublishError, ReplayFrom, RetryPolicy, StatusUpdate, StoredEvent,
+    EventStatus, EventStream, MemoryProvider, Pattern, Provider, ProviderError, ProviderErrorKind,
+    ProviderStats, PublishError, ReplayFrom, RetryPolicy, StatusUpdate, StoredEvent,
 };
+
+mod common;
+use common::{event, wait_until};
 
 /// A memory provider whose writes can be made to fail, and that counts them.
 struct Flaky {
@@ -100,18 +103,6 @@ impl Provider for Flaky {
     }
     fn close(&self) -> Result<(), ProviderError> {
         self.inner.close()
-    }
-}
-
-fn event(event_type: &str) -> Event {
-    Event::new(EventSource::Internal, event_type)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(2));
     }
 }
 

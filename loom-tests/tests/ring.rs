@@ -22,16 +22,12 @@ use eventbroker::WaitStrategy;
 use loom::sync::Arc;
 use loom::thread;
 
+mod common;
+use common::model;
+
 /// Straight to the park handshake: the phase under test. Spinning and yielding only poll, and their
 /// many polls would exhaust loom's branch budget.
 const PARK_AT_ONCE: WaitStrategy = WaitStrategy::Blocking { spins: 0, yields: 0 };
-
-/// Runs `f` under loom with a preemption bound of `LOOM_MAX_PREEMPTIONS`, or `default_bound`.
-fn model(default_bound: usize, f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound.get_or_insert(default_bound);
-    builder.check(f);
-}
 
 /// Pops `count` values, waiting by `strategy` between pops.
 fn pop_n<T>(consumer: &mut Consumer<T>, count: usize, strategy: WaitStrategy) -> Vec<T> {

@@ -8,11 +8,8 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use loom::thread;
 
-fn model(default_bound: usize, f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound.get_or_insert(default_bound);
-    builder.check(f);
-}
+mod common;
+use common::model;
 
 /// A synchronous publish racing shutdown: either the publish backs out, or shutdown, having
 /// closed the intake and seen it idle, also sees the publish's work done. Never a publish that

@@ -7,11 +7,8 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 
-fn model(default_bound: usize, f: impl Fn() + Sync + Send + 'static) {
-    let mut builder = loom::model::Builder::new();
-    builder.preemption_bound.get_or_insert(default_bound);
-    builder.check(f);
-}
+mod common;
+use common::model;
 
 /// Every snapshot a reader loads is whole (its matches agree with its size), a reader that knows
 /// `subscribe` returned sees the subscription until the unsubscribe begins, and one that knows

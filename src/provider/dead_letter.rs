@@ -1,68 +1,26 @@
 //! Dead letters: deliveries that failed after their last retry, kept so they can be inspected and
 //! redriven.
 
-use std::fmt;
-use std::str::FromStr;
-
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::event::Event;
 use crate::pattern::Pattern;
 use crate::subscription::SubscriptionId;
 
-/// A unique dead-letter id: a UUID v7, so ids sort by creation time.
-///
-/// ```
-/// use eventbroker::DeadLetterId;
-///
-/// let a = DeadLetterId::new();
-/// let b = DeadLetterId::new();
-/// assert!(a < b);
-/// assert_eq!(a.to_string().parse::<DeadLetterId>()?, a);
-/// # Ok::<(), uuid::Error>(())
-/// ```
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct DeadLetterId(Uuid);
-
-impl DeadLetterId {
-    /// A new time-ordered id.
-    #[allow(clippy::new_without_default)] // A default id that is fresh each time would surprise.
-    pub fn new() -> Self {
-        Self(Uuid::now_v7())
-    }
-
-    /// Wraps an existing UUID, of any version.
-    pub const fn from_uuid(uuid: Uuid) -> Self {
-        Self(uuid)
-    }
-
-    /// The UUID.
-    pub const fn as_uuid(&self) -> &Uuid {
-        &self.0
-    }
-}
-
-impl fmt::Display for DeadLetterId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0.hyphenated(), f)
-    }
-}
-
-impl fmt::Debug for DeadLetterId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DeadLetterId({})", self.0.hyphenated())
-    }
-}
-
-impl FromStr for DeadLetterId {
-    type Err = uuid::Error;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(Self)
-    }
+crate::id::uuid_v7_id! {
+    /// A unique dead-letter id: a UUID v7, so ids sort by creation time.
+    ///
+    /// ```
+    /// use eventbroker::DeadLetterId;
+    ///
+    /// let a = DeadLetterId::new();
+    /// let b = DeadLetterId::new();
+    /// assert!(a < b);
+    /// assert_eq!(a.to_string().parse::<DeadLetterId>()?, a);
+    /// # Ok::<(), uuid::Error>(())
+    /// ```
+    DeadLetterId
 }
 
 /// One delivery (an event to one subscription) that failed after its last retry.
