@@ -10,7 +10,8 @@
 //! [`Broker::publish_sync`] and [`Broker::publish_async`] choose explicitly, whatever the mode.
 //!
 //! ## Backpressure
-//! A shard holds [`BrokerBuilder::buffer_size`] events. When it is full, [`Backpressure::Reject`]
+//! A shard's ring holds [`BrokerBuilder::buffer_size`] events (its worker may hold one more batch
+//! of up to 256 it is working through). When the ring is full, [`Backpressure::Reject`]
 //! returns [`PublishError::Full`] at once, with the event; [`Backpressure::Block`] (the default,
 //! 1 s) waits for room up to its timeout first. Nothing is dropped silently: an event is either
 //! accepted, and then handled and tracked, or handed back.
@@ -509,16 +510,11 @@ impl Broker {
     /// [`PublishError::Closed`], each handing the event back.
     pub fn publish_async(&self, event: Event) -> Result<(), PublishError> {
         let event = self.inner.admit(event)?;
-        let shard = self.inner.shards.index_for(event.partition());
-        let reservation = match self.inner.reserve(shard, 1, 1) {
-            Ok(reservation) => reservation,
-            Err(rejected) => return Err(self.inner.rejected(rejected, event)),
-        };
-        if self.inner.track_status {
-            self.inner.shared.writer.store(Arc::clone(&event));
+        let store = if self.inner.track_status { Store::Tracked } else { Store::Untracked };
+        match self.inner.enqueue(event, self.inner.patience(), store) {
+            Ok(()) => Ok(()),
+            Err((error, event)) => Err(self.inner.rejected(error, event)),
         }
-        reservation.commit(std::iter::once(Some(event)));
-        Ok(())
     }
 
     /// Runs the matched handlers on this thread, in subscription order, retrying failures per the
@@ -646,7 +642,7 @@ impl Broker {
         let mut reason = None;
         for (shard, mut group) in by_shard.into_iter().enumerate() {
             while !group.is_empty() {
-                match inner.reserve(shard, group.len(), 1) {
+                match inner.reserve(shard, group.len(), inner.patience()) {
                     Ok(reservation) => {
                         let taken: Vec<Arc<Event>> =
                             group.drain(..reservation.len()).map(|(_, e)| e).collect();
@@ -693,13 +689,11 @@ impl Broker {
     /// dispatched (the writer keeps retrying it when the error is transient).
     pub fn publish_confirmed(&self, event: Event) -> Result<(), PublishError> {
         let event = self.inner.admit(event)?;
-        let shard = self.inner.shards.index_for(event.partition());
-        let reservation = match self.inner.reserve(shard, 1, 1) {
-            Ok(reservation) => reservation,
-            Err(rejected) => return Err(self.inner.rejected(rejected, event)),
-        };
-        let outcome = self.inner.shared.writer.store_confirmed(Arc::clone(&event));
-        reservation.commit(std::iter::once(Some(event)));
+        let (reply, outcome) = crossbeam_channel::bounded(1);
+        if let Err((error, event)) = self.inner.enqueue(event, self.inner.patience(), Store::Confirmed(reply))
+        {
+            return Err(self.inner.rejected(error, event));
+        }
         match outcome.recv() {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(PublishError::NotPersisted(error)),
@@ -893,6 +887,16 @@ pub struct ReplayReport {
     pub last_seq: Option<u64>,
 }
 
+/// How an enqueued event reaches the provider.
+enum Store {
+    /// Not at all (status tracking is off).
+    Untracked,
+    /// Through the writer, with its status changes.
+    Tracked,
+    /// Through the writer, reporting the write's outcome here.
+    Confirmed(crate::provider::writer::Reply),
+}
+
 /// Takes back an event that was wrapped for publishing but not accepted. Nothing else holds it
 /// then, so this does not copy.
 fn unwrap_event(event: Arc<Event>) -> Event {
@@ -916,23 +920,45 @@ impl Inner {
         Ok(Arc::new(event))
     }
 
-    /// Reserves between `min` and `want` consecutive slots of `shard`, waiting per the
-    /// backpressure policy; writer backlog is checked too when statuses are tracked.
-    fn reserve(&self, shard: usize, want: usize, min: usize) -> Result<Reservation<'_, Job>, ReserveError> {
-        let patience = match self.backpressure {
+    /// How long a publish may wait for room, per the backpressure policy.
+    fn patience(&self) -> Option<Duration> {
+        match self.backpressure {
             Backpressure::Reject => None,
             Backpressure::Block(timeout) => Some(timeout),
-        };
-        self.reserve_within(shard, want, min, patience)
+        }
     }
 
-    /// As [`Inner::reserve`], waiting up to `patience` (not at all when `None`). The clock is read
-    /// only once a first attempt fails.
-    fn reserve_within(
+    /// The two-phase publish of one event: reserve a slot on its shard, hand the event's store to
+    /// the writer, then commit the slot. The writer therefore always has the store before the
+    /// worker can send any status of the event, and an event refused for room is stored nowhere.
+    /// A refused event comes back with the reason.
+    fn enqueue(
+        &self,
+        event: Arc<Event>,
+        patience: Option<Duration>,
+        store: Store,
+    ) -> Result<(), (ReserveError, Arc<Event>)> {
+        let shard = self.shards.index_for(event.partition());
+        let reservation = match self.reserve(shard, 1, patience) {
+            Ok(reservation) => reservation,
+            Err(error) => return Err((error, event)),
+        };
+        match store {
+            Store::Untracked => {}
+            Store::Tracked => self.shared.writer.store(Arc::clone(&event)),
+            Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&event), reply),
+        }
+        reservation.commit(std::iter::once(Some(event)));
+        Ok(())
+    }
+
+    /// Reserves up to `want` consecutive slots of `shard` (at least one), waiting up to `patience`
+    /// (not at all when `None`); the writer's backlog must have room too when statuses are
+    /// tracked. The clock is read only once a first attempt fails.
+    fn reserve(
         &self,
         shard: usize,
         want: usize,
-        min: usize,
         patience: Option<Duration>,
     ) -> Result<Reservation<'_, Job>, ReserveError> {
         let shard = self.shards.shard(shard);
@@ -940,7 +966,7 @@ impl Inner {
         let mut deadline = None;
         let mut backoff = Backoff::new();
         loop {
-            let backlogged = self.track_status && !self.shared.writer.has_room(min);
+            let backlogged = self.track_status && !self.shared.writer.has_room(1);
             if !backlogged {
                 match producer.try_reserve(want) {
                     Ok(reservation) => return Ok(reservation),
@@ -981,17 +1007,12 @@ impl Inner {
     /// Publishes asynchronously, waiting for room however long it takes (replay).
     fn publish_blocking(&self, event: Event) -> Result<(), BrokerError> {
         let event = self.admit(event).map_err(|_| BrokerError::Closed)?;
-        let shard = self.shards.index_for(event.partition());
-        let reservation =
-            self.reserve_within(shard, 1, 1, Some(REPLAY_WAIT)).map_err(|error| match error {
-                ReserveError::Closed => BrokerError::Closed,
-                ReserveError::Full => BrokerError::Timeout(REPLAY_WAIT),
-            })?;
-        if self.track_status {
-            self.shared.writer.store(Arc::clone(&event));
+        let store = if self.track_status { Store::Tracked } else { Store::Untracked };
+        match self.enqueue(event, Some(REPLAY_WAIT), store) {
+            Ok(()) => Ok(()),
+            Err((ReserveError::Closed, _)) => Err(BrokerError::Closed),
+            Err((ReserveError::Full, _)) => Err(BrokerError::Timeout(REPLAY_WAIT)),
         }
-        reservation.commit(std::iter::once(Some(event)));
-        Ok(())
     }
 
     fn shutdown(&self, timeout: Duration) -> ShutdownReport {

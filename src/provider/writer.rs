@@ -72,7 +72,7 @@ pub struct WriterStats {
 }
 
 /// A waiting caller's answer channel.
-type Reply = Sender<Result<(), ProviderError>>;
+pub(crate) type Reply = Sender<Result<(), ProviderError>>;
 
 enum WriteOp {
     /// One event: the common case, without a `Vec` to allocate.
@@ -143,12 +143,10 @@ impl ProviderWriter {
         self.send(WriteOp::Store(events));
     }
 
-    /// Queues an event to store and returns where its write's outcome will be reported.
-    pub(crate) fn store_confirmed(&self, event: Arc<Event>) -> Receiver<Result<(), ProviderError>> {
-        let (reply, outcome) = crossbeam_channel::bounded(1);
+    /// Queues an event to store; the write's outcome is sent to `reply`.
+    pub(crate) fn store_confirmed(&self, event: Arc<Event>, reply: Reply) {
         self.backlog.fetch_add(1, Ordering::Relaxed);
         self.send(WriteOp::StoreOne(event, Some(reply)));
-        outcome
     }
 
     pub(crate) fn status(&self, updates: Vec<StatusUpdate>) {
