@@ -38,7 +38,7 @@ use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::ring::{PushBatchError as ReserveError, Reservation};
 use crate::dispatch::shard::{ShardSet, ShardStats};
 use crate::dispatch::wait::WaitStrategy;
-use crate::dispatch::worker::{self, Job, WorkerConfig, WorkerShared};
+use crate::dispatch::worker::{self, CallerDelivery, Job, WorkerConfig, WorkerShared};
 use crate::error::{
     BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, DeliveryFailure,
     PublishError, SubscribeError,
@@ -549,32 +549,20 @@ impl Broker {
         let mut failures = Vec::new();
         let mut retries_made = 0;
         for subscription in &subscriptions {
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                match worker::deliver(subscription, &event) {
-                    Ok(()) => break,
-                    Err(DeliveryError::Gone) => {
-                        inner.shared.table.unsubscribe(subscription.id);
-                        break;
+            let failed_attempts =
+                match worker::deliver_on_caller(&inner.shared.table, subscription, &event, &inner.retry) {
+                    CallerDelivery::Delivered { attempts } => attempts - 1,
+                    CallerDelivery::Gone => 0,
+                    CallerDelivery::Failed(failure) => {
+                        let attempts = failure.attempts;
+                        failures.push(failure);
+                        attempts
                     }
-                    Err(DeliveryError::Failed(error)) => {
-                        inner.sync.handler_failures.fetch_add(1, Ordering::Relaxed);
-                        if attempts > inner.retry.max_retries {
-                            failures.push(DeliveryFailure {
-                                subscription_id: subscription.id,
-                                pattern: subscription.pattern.to_string(),
-                                error,
-                                attempts,
-                            });
-                            break;
-                        }
-                        inner.sync.retries.fetch_add(1, Ordering::Relaxed);
-                        retries_made = retries_made.max(attempts);
-                        worker::sync_backoff(&inner.retry, attempts);
-                    }
-                }
-            }
+                };
+            let retries = failed_attempts.min(inner.retry.max_retries);
+            inner.sync.handler_failures.fetch_add(u64::from(failed_attempts), Ordering::Relaxed);
+            inner.sync.retries.fetch_add(u64::from(retries), Ordering::Relaxed);
+            retries_made = retries_made.max(retries);
         }
         if subscriptions.is_empty() {
             inner.sync.unrouted.fetch_add(1, Ordering::Relaxed);
@@ -761,25 +749,9 @@ impl Broker {
         let event = Arc::new(event);
         let mut outcome = RedriveOutcome { delivered: 0, failed: Vec::new() };
         for subscription in &targets {
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                match worker::deliver(subscription, &event) {
-                    Ok(()) | Err(DeliveryError::Gone) => {
-                        outcome.delivered += 1;
-                        break;
-                    }
-                    Err(DeliveryError::Failed(error)) if attempts > inner.retry.max_retries => {
-                        outcome.failed.push(DeliveryFailure {
-                            subscription_id: subscription.id,
-                            pattern: subscription.pattern.to_string(),
-                            error,
-                            attempts,
-                        });
-                        break;
-                    }
-                    Err(DeliveryError::Failed(_)) => worker::sync_backoff(&inner.retry, attempts),
-                }
+            match worker::deliver_on_caller(&inner.shared.table, subscription, &event, &inner.retry) {
+                CallerDelivery::Delivered { .. } | CallerDelivery::Gone => outcome.delivered += 1,
+                CallerDelivery::Failed(failure) => outcome.failed.push(failure),
             }
         }
         if !outcome.failed.is_empty() {

@@ -211,9 +211,7 @@ impl Worker {
             if due > now {
                 std::thread::sleep(due - now);
             }
-            let before = self.retries.len();
-            self.run_due_retries(Instant::now());
-            report.retries_run += (before - self.retries.len()) as u64;
+            report.retries_run += self.run_due_retries(Instant::now());
             self.end_turn();
         }
         for retry in self.retries.drain_in_order() {
@@ -310,8 +308,11 @@ impl Worker {
         }
     }
 
-    fn run_due_retries(&mut self, now: Instant) {
+    /// Runs the retries due at `now`; returns how many ran (rescheduled ones included).
+    fn run_due_retries(&mut self, now: Instant) -> u64 {
+        let mut ran = 0;
         while let Some(retry) = self.retries.pop_due(now) {
+            ran += 1;
             if self.shared.table.get(retry.subscription.id).is_none() {
                 // Unsubscribed while waiting: the event is kept as a dead letter, not dropped.
                 let failure = DeliveryFailure {
@@ -352,6 +353,7 @@ impl Worker {
                 }
             }
         }
+        ran
     }
 
     /// Dead-letters a delivery and settles its event.
@@ -427,10 +429,47 @@ pub(crate) fn finished(id: EventId, status: EventStatus, error: String, retries:
         .with_completed_at(Timestamp::now())
 }
 
-/// Sleeps for a retry in `publish_sync`, on the caller's thread.
-pub(crate) fn sync_backoff(policy: &RetryPolicy, retry: u32) {
-    let delay = policy.delay_for_retry(retry, fastrand::f64());
-    if delay > Duration::ZERO {
-        std::thread::sleep(delay);
+/// How a delivery made on the caller's thread ended.
+pub(crate) enum CallerDelivery {
+    /// The handler succeeded, after this many attempts.
+    Delivered { attempts: u32 },
+    /// The subscriber is gone (a dropped stream); it has been unsubscribed.
+    Gone,
+    /// Every attempt failed.
+    Failed(DeliveryFailure),
+}
+
+/// Delivers on the caller's thread (`publish_sync`, `redrive`), retrying per `policy` with the
+/// backoff slept between attempts.
+pub(crate) fn deliver_on_caller(
+    table: &SubscriptionTable,
+    subscription: &Subscription,
+    event: &Arc<Event>,
+    policy: &RetryPolicy,
+) -> CallerDelivery {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match deliver(subscription, event) {
+            Ok(()) => return CallerDelivery::Delivered { attempts },
+            Err(DeliveryError::Gone) => {
+                table.unsubscribe(subscription.id);
+                return CallerDelivery::Gone;
+            }
+            Err(DeliveryError::Failed(error)) if attempts > policy.max_retries => {
+                return CallerDelivery::Failed(DeliveryFailure {
+                    subscription_id: subscription.id,
+                    pattern: subscription.pattern.to_string(),
+                    error,
+                    attempts,
+                });
+            }
+            Err(DeliveryError::Failed(_)) => {
+                let delay = policy.delay_for_retry(attempts, fastrand::f64());
+                if delay > Duration::ZERO {
+                    std::thread::sleep(delay);
+                }
+            }
+        }
     }
 }
