@@ -39,11 +39,11 @@ use crate::dispatch::ring::{PushBatchError as ReserveError, Reservation};
 use crate::dispatch::shard::{ShardSet, ShardStats};
 use crate::dispatch::wait::WaitStrategy;
 use crate::dispatch::worker::{self, CallerDelivery, Job, WorkerConfig, WorkerShared};
+use crate::dispatch::writer::{ProviderWriter, WriterConfig, WriterStats};
 use crate::error::{
     BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, DeliveryFailure,
     PublishError, SubscribeError,
 };
-use crate::provider::writer::{ProviderWriter, WriterConfig, WriterStats};
 use crate::provider::{
     DeadLetter, DeadLetterFilter, DeadLetterId, MemoryProvider, Provider, ReplayFrom, StatusUpdate,
 };
@@ -201,7 +201,7 @@ impl BrokerBuilder {
         }
         let instance_id = self.instance_id.filter(|id| !id.is_empty()).unwrap_or_else(default_instance_id);
         let provider = self.provider.unwrap_or_else(|| Arc::new(MemoryProvider::default()));
-        let writer = ProviderWriter::spawn(Arc::clone(&provider), self.writer)
+        let writer = ProviderWriter::spawn(Arc::clone(&provider), None, self.writer)
             .map_err(|source| BuildError::Spawn { thread: "eventbroker-writer".into(), source })?;
         let shared = Arc::new(WorkerShared {
             table: Arc::new(SubscriptionTable::new()),
@@ -730,16 +730,14 @@ impl Broker {
         self.flush(FLUSH_TIMEOUT)?;
         let letter = inner
             .provider
-            .take_dead_letter(id)?
+            .get_dead_letter(id)?
             .ok_or_else(|| BrokerError::NoSuchDeadLetter(id.to_string()))?;
         let targets = match inner.shared.table.get(letter.subscription_id) {
             Some(subscription) => vec![subscription],
             None => inner.shared.table.live_with_pattern(&letter.pattern),
         };
         if targets.is_empty() {
-            let pattern = letter.pattern.clone();
-            inner.provider.store_dead_letters(&[letter])?;
-            return Err(BrokerError::NoSubscriber { pattern });
+            return Err(BrokerError::NoSubscriber { pattern: letter.pattern });
         }
         let mut event = letter.event.clone();
         event.status = EventStatus::Pending;
@@ -759,6 +757,7 @@ impl Broker {
                 outcome.failed.iter().map(|f| worker::dead_letter(&event, f)).collect();
             inner.provider.store_dead_letters(&letters)?;
         }
+        inner.provider.delete_dead_letter(id)?;
         Ok(outcome)
     }
 
@@ -866,7 +865,7 @@ enum Store {
     /// Through the writer, with its status changes.
     Tracked,
     /// Through the writer, reporting the write's outcome here.
-    Confirmed(crate::provider::writer::Reply),
+    Confirmed(crate::dispatch::writer::Reply),
 }
 
 /// Takes back an event that was wrapped for publishing but not accepted. Nothing else holds it

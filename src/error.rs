@@ -191,13 +191,23 @@ pub enum ProviderErrorKind {
     /// The provider was closed; nothing more can be written or read.
     #[error("the provider is closed")]
     Closed,
-    /// The backend cannot be reached or refused the request; trying again later may succeed.
+    /// The backend cannot be reached, refused the request for now, or did not answer in time;
+    /// trying again later may succeed. The only transient kind.
     #[error("the backend is unavailable: {0}")]
     Unavailable(String),
     /// The request itself is wrong (a bad filter, an invalid identifier); retrying cannot help.
     #[error("invalid request: {0}")]
     InvalidInput(String),
-    /// Any other failure reported by the backend.
+    /// The backend cannot serve this request at all (see
+    /// [`Capabilities`](crate::Capabilities)); retrying cannot help.
+    #[error("not supported by this backend")]
+    NotSupported,
+    /// The provider panicked inside the call. The broker caught it and carries on; the write is
+    /// treated as permanently failed.
+    #[error("the provider panicked: {0}")]
+    Panicked(String),
+    /// Any other failure the backend reported, which retrying will not fix (a constraint
+    /// violation, a rejected payload). Report outages as [`ProviderErrorKind::Unavailable`].
     #[error("{0}")]
     Backend(String),
 }
@@ -213,6 +223,8 @@ pub enum ProviderErrorKind {
 /// let err = ProviderError::new("memory", "store_batch", ProviderErrorKind::Closed);
 /// assert_eq!(err.to_string(), "memory provider: store_batch failed: the provider is closed");
 /// assert!(!err.is_transient());
+/// let down = ProviderError::new("redis", "fetch", ProviderErrorKind::Unavailable("connection refused".into()));
+/// assert!(down.is_transient());
 /// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{provider} provider: {operation} failed: {kind}")]
@@ -228,6 +240,11 @@ impl ProviderError {
     /// An error of `provider` (its name, e.g. `"redis"`) in `operation` (e.g. `"store_batch"`).
     pub fn new(provider: &'static str, operation: &'static str, kind: ProviderErrorKind) -> Self {
         Self { provider, operation, kind, source: None }
+    }
+
+    /// The error of a backend that cannot serve `operation` at all.
+    pub fn not_supported(provider: &'static str, operation: &'static str) -> Self {
+        Self::new(provider, operation, ProviderErrorKind::NotSupported)
     }
 
     /// Attaches the underlying error.
@@ -252,10 +269,11 @@ impl ProviderError {
         &self.kind
     }
 
-    /// Whether retrying the same request later may succeed. The provider writer retries transient
-    /// errors with backoff and reports the rest at once.
+    /// Whether retrying the same request later may succeed: only for
+    /// [`ProviderErrorKind::Unavailable`]. The broker's writer retries transient errors with
+    /// backoff and gives up on the others at once.
     pub fn is_transient(&self) -> bool {
-        matches!(self.kind, ProviderErrorKind::Unavailable(_) | ProviderErrorKind::Backend(_))
+        matches!(self.kind, ProviderErrorKind::Unavailable(_))
     }
 }
 

@@ -26,6 +26,8 @@ pub mod pattern;
 pub mod provider;
 mod subscription;
 mod sync;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use crate::broker::{
     Backpressure, Broker, BrokerBuilder, BrokerStats, MAX_BUFFER_SIZE, MAX_WORKERS, Mode, RedriveOutcome,
@@ -34,6 +36,7 @@ pub use crate::broker::{
 pub use crate::dispatch::retry::RetryPolicy;
 pub use crate::dispatch::shard::ShardStats;
 pub use crate::dispatch::wait::WaitStrategy;
+pub use crate::dispatch::writer::{WriterConfig, WriterStats};
 pub use crate::error::{
     BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, DecodeError,
     DeliveryFailure, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
@@ -47,8 +50,9 @@ pub use crate::pattern::{
     validate_event_type,
 };
 pub use crate::provider::{
-    DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventStream, MemoryConfig, MemoryProvider,
-    Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError, WriterConfig, WriterStats,
+    Ack, AckOutcome, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId,
+    EventFilter, EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, MemoryConfig,
+    MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
 };
 pub use crate::subscription::SubscriptionId;
 

@@ -1,23 +1,21 @@
 //! The memory provider: the conformance suite, then what only the memory provider promises
 //! (LRU eviction, expiry, bounds, lagging streams, closing under load).
 
-#[macro_use]
-mod conformance;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use eventbroker::testing::conformance::Scope;
 use eventbroker::{
-    DeadLetter, DeadLetterFilter, Event, EventFilter, EventId, EventSource, EventStatus, MemoryConfig,
-    MemoryProvider, Pattern, Provider, ProviderErrorKind, ReplayFrom, StatusUpdate, StreamError,
-    SubscriptionId,
+    DeadLetter, DeadLetterFilter, Event, EventFilter, EventId, EventSink, EventSource, EventStatus,
+    EventStore, MemoryConfig, MemoryProvider, Pattern, Provider, ProviderErrorKind, ReplayFrom, StatusUpdate,
+    StreamError, SubscriptionId,
 };
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 
-conformance_suite!(memory, MemoryProvider::default);
+eventbroker::conformance_suite!(memory, eventbroker::testing::conformance::MemoryBackend::new);
 
 /// A memory provider without the cleanup thread, so tests decide when cleanup runs.
 fn provider(max_events: usize) -> MemoryProvider {
@@ -56,11 +54,11 @@ fn defaults_are_as_documented() {
 fn eviction_is_least_recently_used_not_first_stored() {
     let provider = provider(3);
     let [a, b, c, d, e, f] = ["a", "b", "c", "d", "e", "f"].map(event);
-    provider.store_batch(&[a.clone(), b.clone(), c.clone()]).expect("store");
+    provider.store_batch(&[a.clone(), b.clone(), c.clone()], None).expect("store");
 
     // A get refreshes `a`: `b` is now the least recently used. (FIFO would evict `a`.)
     assert!(provider.get(a.id).expect("get").is_some());
-    provider.store_batch(std::slice::from_ref(&d)).expect("store");
+    provider.store_batch(std::slice::from_ref(&d), None).expect("store");
     assert_eq!(provider.list(&EventFilter::new()).expect("list").len(), 3);
     assert!(!stored(&provider, b.id), "b was least recently used");
     // These checks are gets, so they refresh too: from least to most recent it is now a, c, d.
@@ -68,12 +66,12 @@ fn eviction_is_least_recently_used_not_first_stored() {
 
     // A status update counts as use as well: refresh `a`, so `c` goes next.
     provider.update_status_batch(&[StatusUpdate::new(a.id, EventStatus::Processing)]).expect("update");
-    provider.store_batch(std::slice::from_ref(&e)).expect("store");
+    provider.store_batch(std::slice::from_ref(&e), None).expect("store");
     assert!(!stored(&provider, c.id), "c was least recently used");
 
     // Storing again counts as use too: re-storing `d` leaves `a` the least recent.
-    provider.store_batch(std::slice::from_ref(&d)).expect("store again");
-    provider.store_batch(std::slice::from_ref(&f)).expect("store");
+    provider.store_batch(std::slice::from_ref(&d), None).expect("store again");
+    provider.store_batch(std::slice::from_ref(&f), None).expect("store");
     let left: Vec<EventId> = provider.list(&EventFilter::new()).expect("list").iter().map(|e| e.id).collect();
     assert_eq!(left, vec![d.id, e.id, f.id]);
 
@@ -88,10 +86,10 @@ fn eviction_is_least_recently_used_not_first_stored() {
 fn list_and_replay_do_not_refresh_recency() {
     let provider = provider(2);
     let [a, b, c] = ["a", "b", "c"].map(event);
-    provider.store_batch(&[a.clone(), b.clone()]).expect("store");
+    provider.store_batch(&[a.clone(), b.clone()], None).expect("store");
     provider.list(&EventFilter::new()).expect("list");
     provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
-    provider.store_batch(&[c]).expect("store");
+    provider.store_batch(&[c], None).expect("store");
     assert!(!stored(&provider, a.id));
     assert!(stored(&provider, b.id));
 }
@@ -101,7 +99,7 @@ fn max_events_zero_keeps_nothing_but_streams_still_see_events() {
     let provider = provider(0);
     let mut stream = provider.stream(&Pattern::parse("*").expect("pattern")).expect("stream");
     let e = event("gone.at.once");
-    provider.store_batch(std::slice::from_ref(&e)).expect("store");
+    provider.store_batch(std::slice::from_ref(&e), None).expect("store");
     assert!(!stored(&provider, e.id));
     assert_eq!(stream.try_recv().expect("delivered").id, e.id);
     assert_eq!(provider.stats().expect("stats").total_events, 0);
@@ -123,7 +121,7 @@ fn cleanup_now_removes_only_old_finished_events() {
     let old: Vec<Event> = EventStatus::ALL.into_iter().map(|s| make(s, ago(2 * 3600))).collect();
     let fresh: Vec<Event> = EventStatus::ALL.into_iter().map(|s| make(s, ago(60))).collect();
     let all: Vec<Arc<Event>> = old.iter().chain(&fresh).cloned().map(Arc::new).collect();
-    provider.store_batch(&all).expect("store");
+    provider.store_batch(&all, None).expect("store");
 
     assert_eq!(provider.cleanup_now().expect("cleanup"), 2);
     for e in &old {
@@ -149,7 +147,7 @@ fn cleanup_without_max_age_removes_nothing() {
     let mut e = Event::new(EventSource::System, "jobs.run");
     e.status = EventStatus::Completed;
     e.created_at = ago(365 * 24 * 3600);
-    provider.store_batch(&[Arc::new(e)]).expect("store");
+    provider.store_batch(&[Arc::new(e)], None).expect("store");
     assert_eq!(provider.cleanup_now().expect("cleanup"), 0);
 }
 
@@ -163,7 +161,7 @@ fn the_cleanup_thread_expires_events_on_its_own() {
     let mut e = Event::new(EventSource::System, "jobs.run");
     e.status = EventStatus::Failed;
     e.created_at = ago(2 * 3600);
-    provider.store_batch(&[Arc::new(e.clone())]).expect("store");
+    provider.store_batch(&[Arc::new(e.clone())], None).expect("store");
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while provider.list(&EventFilter::new()).expect("list").len() == 1 {
@@ -231,15 +229,15 @@ fn a_full_stream_lags_at_the_exact_place_of_the_gap() {
     let mut stream = provider.stream(&Pattern::parse("t.>").expect("pattern")).expect("stream");
     let e: Vec<Arc<Event>> = (0..8).map(|_| event("t.x")).collect();
 
-    provider.store_batch(&e[..3]).expect("store"); // e2 does not fit
+    provider.store_batch(&e[..3], None).expect("store"); // e2 does not fit
     assert_eq!(stream.recv().expect("e0").id, e[0].id);
-    provider.store_batch(&e[3..5]).expect("store"); // e3 fits, e4 does not
+    provider.store_batch(&e[3..5], None).expect("store"); // e3 fits, e4 does not
     assert_eq!(stream.recv().expect("e1").id, e[1].id);
     assert_eq!(stream.recv(), Err(StreamError::Lagged(1)), "e2 was missed before e3");
     assert_eq!(stream.recv().expect("e3").id, e[3].id);
     assert_eq!(stream.try_recv(), Err(StreamError::Lagged(1)), "e4 was missed at the end");
     assert_eq!(stream.try_recv(), Err(StreamError::Empty));
-    provider.store_batch(&e[5..]).expect("store"); // e5, e6 fit, e7 does not
+    provider.store_batch(&e[5..], None).expect("store"); // e5, e6 fit, e7 does not
     provider.close().expect("close");
     assert_eq!(stream.recv().expect("e5").id, e[5].id);
     assert_eq!(stream.recv().expect("e6").id, e[6].id);
@@ -253,7 +251,7 @@ fn a_stream_nobody_reads_never_blocks_the_provider() {
     let mut stream = provider.stream(&Pattern::parse("*").expect("pattern")).expect("stream");
     let events: Vec<Arc<Event>> = (0..10_000).map(|_| event("flood.x")).collect();
     let started = Instant::now();
-    provider.store_batch(&events).expect("store");
+    provider.store_batch(&events, None).expect("store");
     assert!(started.elapsed() < Duration::from_secs(5));
 
     assert_eq!(specific(&provider, "streams_missed"), 9_999);
@@ -273,7 +271,7 @@ fn close_never_hangs_with_streams_in_every_state() {
     let mut awaiting = provider.stream(&Pattern::parse("never.>").expect("pattern")).expect("stream");
     let iterated = provider.stream(&all).expect("stream");
     drop(provider.stream(&all).expect("stream")); // a dropped receiver
-    provider.store_batch(&(0..10).map(|_| event("load.x")).collect::<Vec<_>>()).expect("store");
+    provider.store_batch(&(0..10).map(|_| event("load.x")).collect::<Vec<_>>(), None).expect("store");
 
     let blocked = thread::spawn(move || blocked.recv());
     let awaiting = thread::spawn(move || {
@@ -322,7 +320,7 @@ fn threads_storing_updating_and_reading_at_once_stay_consistent() {
                             Arc::new(e)
                         })
                         .collect();
-                    provider.store_batch(&batch).expect("store");
+                    provider.store_batch(&batch, None).expect("store");
                     let updates: Vec<StatusUpdate> = batch
                         .iter()
                         .enumerate()
@@ -424,7 +422,7 @@ proptest! {
                 Op::Store(i, status) => {
                     let mut e = pool[i].clone();
                     e.status = status;
-                    provider.store_batch(&[Arc::new(e.clone())]).expect("store");
+                    provider.store_batch(&[Arc::new(e.clone())], None).expect("store");
                     model.retain(|m| m.id != e.id);
                     model.push(e);
                     while model.len() > MAX_EVENTS {
@@ -471,4 +469,87 @@ proptest! {
             prop_assert_eq!(specific(&provider, "expired"), expired);
         }
     }
+}
+
+// Streams: local tailing of what this provider stores (`MemoryProvider::stream`).
+
+const STREAM_WAIT: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_stream_receives_matching_new_events_in_order() {
+    let provider = &MemoryProvider::default();
+    let scope = Scope::new();
+    let before = scope.event("orders.created");
+    provider.store_batch(&[Arc::new(before)], None).expect("store before the stream opens");
+
+    let mut stream = provider.stream(&scope.pattern("orders.>")).expect("stream");
+    let mut orders = vec![scope.event("orders.created"), scope.event("orders.paid.late")];
+    orders[0].set_payload_json(r#"{"total": 10.50}"#).expect("valid JSON");
+    let other = scope.event("users.created");
+    provider.store_batch(&shared(&[orders[0].clone(), other, orders[1].clone()]), None).expect("store");
+    orders.push(scope.event("orders.shipped"));
+    provider.store_batch(&[Arc::new(orders[2].clone())], None).expect("store");
+    // A re-store is not a new event; the stream does not see it again.
+    provider.store_batch(&[Arc::new(orders[0].clone())], None).expect("store again");
+    orders.push(scope.event("orders.closed"));
+    provider.store_batch(&[Arc::new(orders[3].clone())], None).expect("store");
+
+    for order in &orders {
+        let got = stream.recv_timeout(STREAM_WAIT).expect("a matching event");
+        assert_eq!(&*got, order);
+    }
+    assert_eq!(stream.recv_timeout(Duration::from_millis(200)), Err(StreamError::Timeout), "nothing else");
+    assert_eq!(stream.try_recv(), Err(StreamError::Empty));
+}
+
+#[test]
+fn a_stream_receives_in_async_code() {
+    let provider = &MemoryProvider::default();
+    let scope = Scope::new();
+    let mut stream = provider.stream(&scope.all()).expect("stream");
+    let event = scope.event("async.tick");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    thread::scope(|s| {
+        s.spawn(|| {
+            thread::sleep(Duration::from_millis(50)); // Let the receiver wait first.
+            provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+        });
+        let got = runtime
+            .block_on(async { tokio::time::timeout(STREAM_WAIT, stream.recv_async()).await })
+            .expect("in time")
+            .expect("an event");
+        assert_eq!(*got, event);
+    });
+}
+
+#[test]
+fn close_ends_streams_after_what_they_buffered() {
+    let provider = &MemoryProvider::default();
+    let scope = Scope::new();
+    let mut buffered = provider.stream(&scope.all()).expect("stream");
+    let mut waiting = provider.stream(&scope.pattern("never")).expect("stream");
+    let event = scope.event("close.tick");
+    provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+
+    thread::scope(|s| {
+        let blocked = s.spawn(move || waiting.recv());
+        thread::sleep(Duration::from_millis(20)); // Usually blocked in `recv` by now.
+        provider.close().expect("close");
+        assert_eq!(
+            blocked.join().expect("no panic"),
+            Err(StreamError::Closed),
+            "a blocked receiver wakes up"
+        );
+    });
+    provider.close().expect("a second close is fine");
+    assert_eq!(provider.stream(&scope.all()).map(drop).unwrap_err().kind(), &ProviderErrorKind::Closed);
+
+    // Closing ends the open stream after what it had buffered.
+    assert_eq!(buffered.recv_timeout(STREAM_WAIT).as_deref(), Ok(&event));
+    assert_eq!(buffered.recv_timeout(STREAM_WAIT), Err(StreamError::Closed));
+    assert_eq!(buffered.try_recv(), Err(StreamError::Closed), "and stays ended");
+}
+
+fn shared(events: &[Event]) -> Vec<Arc<Event>> {
+    events.iter().cloned().map(Arc::new).collect()
 }

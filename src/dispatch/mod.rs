@@ -16,3 +16,4 @@ pub(crate) mod ring;
 pub(crate) mod shard;
 pub(crate) mod wait;
 pub(crate) mod worker;
+pub(crate) mod writer;

@@ -29,38 +29,51 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use eventbroker::{Event, EventSource, MemoryConfig, MemoryProvider, Provider};
+//! use eventbroker::{Event, EventSink, EventSource, EventStore, MemoryConfig, MemoryProvider, ProviderStats};
 //!
 //! let provider = MemoryProvider::new(MemoryConfig { max_events: 2, ..MemoryConfig::default() });
 //! let [a, b, c] = ["a.x", "b.x", "c.x"].map(|t| Arc::new(Event::new(EventSource::System, t)));
-//! provider.store_batch(&[Arc::clone(&a), Arc::clone(&b)])?;
+//! provider.store_batch(&[Arc::clone(&a), Arc::clone(&b)], None)?;
 //! provider.get(a.id)?; // `a` is now more recently used than `b`
-//! provider.store_batch(&[Arc::clone(&c)])?;
+//! provider.store_batch(&[Arc::clone(&c)], None)?;
 //! assert!(provider.get(b.id)?.is_none()); // `b` was evicted
 //! assert!(provider.get(a.id)?.is_some());
 //! assert_eq!(provider.stats()?.provider_specific["evicted"], 1);
 //! # Ok::<(), eventbroker::ProviderError>(())
 //! ```
+//!
+//! ## The in-process bus
+//! Brokers that share one `MemoryProvider` (each given the same `Arc`) receive each other's events
+//! exactly as instances sharing a Redis, NATS or PostgreSQL server do: fan-out or work-queue
+//! groups, no echo, redelivery of what a vanished member fetched and never acknowledged after
+//! [`InboundConfig::claim_idle`], filters applied before anything is handed out. Groups live as
+//! long as the provider and read its sequence index, so a group that falls more than
+//! [`MemoryConfig::max_events`] events behind loses the evicted ones (counted as `bus_lost` when
+//! they were pending). Hand-outs, redeliveries, skipped echoes and filtered events are counted as
+//! `bus_redelivered`, `bus_echoes_skipped`, `bus_filtered`, next to `bus_pending`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::mem;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 
+use self::bus::{Bell, Bus, Log, SourceId};
 use self::lru::Lru;
 use super::{
-    DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventStream, Provider, ProviderStats,
-    ReplayFrom, StatusUpdate, StoredEvent, StreamHub, closed_error,
+    Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
+    EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
+    StatusUpdate, StoredEvent, StreamHub, closed_error,
 };
 use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
 use crate::sync::thread;
 
+mod bus;
 mod lru;
 
 const NAME: &str = "memory";
@@ -121,12 +134,15 @@ struct Shared {
     /// Lock order: `state`, then the hub's lock, never the other way round.
     state: RwLock<State>,
     hub: StreamHub,
+    /// Rung when events that some consumer group may want are stored.
+    bell: Bell,
 }
 
 struct State {
     closed: bool,
     events: EventTable,
     letters: LetterTable,
+    bus: Bus,
     published: u64,
     replaced: u64,
     evicted: u64,
@@ -150,12 +166,14 @@ impl MemoryProvider {
                 closed: false,
                 events: EventTable::new(),
                 letters: LetterTable::new(),
+                bus: Bus::default(),
                 published: 0,
                 replaced: 0,
                 evicted: 0,
                 expired: 0,
             }),
             hub: StreamHub::new(config.stream_capacity),
+            bell: Bell::default(),
             config,
         });
         let cleaner = interval.and_then(|interval| Cleaner::start(Arc::downgrade(&shared), interval));
@@ -263,22 +281,21 @@ impl Cleaner {
     }
 }
 
-impl Provider for MemoryProvider {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn store_batch(&self, events: &[Arc<Event>]) -> Result<(), ProviderError> {
+impl EventSink for MemoryProvider {
+    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
         let mut guard = self.shared.write("store_batch")?;
         // Taken while the store lock is held (the documented lock order), so deliveries happen in
         // store order even when stores run on several threads.
         let mut delivery = self.shared.hub.begin_delivery();
         let tailing = !delivery.is_idle();
         let state = &mut *guard;
+        let origin: Option<Arc<str>> = origin.map(Arc::from);
         let mut fresh = Vec::new();
+        let mut stored_new = false;
         for event in events {
-            if state.events.upsert(event) {
+            if state.events.upsert(event, origin.as_ref()) {
                 state.published += 1;
+                stored_new = true;
                 if tailing {
                     fresh.push(event);
                 }
@@ -290,9 +307,13 @@ impl Provider for MemoryProvider {
                 state.evicted += 1;
             }
         }
-        drop(guard); // Streams are fed without the store lock.
+        let ring = stored_new && state.bus.interested(origin.as_deref());
+        drop(guard); // Streams are fed, and fetchers woken, without the store lock.
         for event in fresh {
             delivery.send(event);
+        }
+        if ring {
+            self.shared.bell.ring();
         }
         Ok(())
     }
@@ -305,6 +326,21 @@ impl Provider for MemoryProvider {
         Ok(())
     }
 
+    fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
+        let mut state = self.shared.write("store_dead_letters")?;
+        for letter in letters {
+            state.letters.upsert(letter.clone(), self.shared.config.max_dead_letters);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), ProviderError> {
+        // Writes are applied before they return; there is nothing buffered to wait for.
+        self.shared.read("flush").map(drop)
+    }
+}
+
+impl EventStore for MemoryProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let found = self.shared.write("get")?.events.touch(id);
         Ok(found.map(|event| Event::clone(&event)))
@@ -319,22 +355,6 @@ impl Provider for MemoryProvider {
         Ok(self.shared.write("delete")?.events.remove(id).is_some())
     }
 
-    fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
-        let mut state = self.shared.write("store_dead_letters")?;
-        for letter in letters {
-            state.letters.upsert(letter.clone(), self.shared.config.max_dead_letters);
-        }
-        Ok(())
-    }
-
-    fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
-        Ok(self.shared.read("list_dead_letters")?.letters.list(filter))
-    }
-
-    fn take_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
-        Ok(self.shared.write("take_dead_letter")?.letters.remove(id))
-    }
-
     fn replay(
         &self,
         from: ReplayFrom,
@@ -345,18 +365,23 @@ impl Provider for MemoryProvider {
         Ok(page.into_iter().map(|(seq, event)| StoredEvent { seq, event: Event::clone(&event) }).collect())
     }
 
-    fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
-        // Opened under the state lock, so `close` either ends this stream or refuses it.
-        let state = self.shared.read("stream")?;
-        let stream = self.shared.hub.open(pattern.clone());
-        drop(state);
-        Ok(stream)
+    fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
+        Ok(self.shared.read("list_dead_letters")?.letters.list(filter))
+    }
+
+    fn get_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
+        Ok(self.shared.read("get_dead_letter")?.letters.get(id).cloned())
+    }
+
+    fn delete_dead_letter(&self, id: DeadLetterId) -> Result<bool, ProviderError> {
+        Ok(self.shared.write("delete_dead_letter")?.letters.remove(id).is_some())
     }
 
     fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let state = self.shared.read("stats")?;
         let count = |status| state.events.count(status);
         let hub = &self.shared.hub;
+        let bus = &state.bus;
         Ok(ProviderStats {
             provider_type: NAME.to_owned(),
             total_events: state.events.len() as u64,
@@ -365,8 +390,8 @@ impl Provider for MemoryProvider {
             completed_events: count(EventStatus::Completed),
             failed_events: count(EventStatus::Failed),
             events_published: state.published,
-            events_consumed: hub.delivered(),
-            active_subscribers: hub.active() as u64,
+            events_consumed: hub.delivered() + bus.handed_out,
+            active_subscribers: (hub.active() + bus.open_sources()) as u64,
             dead_letters: state.letters.len() as u64,
             provider_specific: BTreeMap::from([
                 ("max_events".to_owned(), self.shared.config.max_events.into()),
@@ -375,13 +400,46 @@ impl Provider for MemoryProvider {
                 ("replaced".to_owned(), state.replaced.into()),
                 ("dead_letters_dropped".to_owned(), state.letters.dropped.into()),
                 ("streams_missed".to_owned(), hub.missed().into()),
+                ("bus_pending".to_owned(), bus.pending().into()),
+                ("bus_redelivered".to_owned(), bus.redelivered.into()),
+                ("bus_echoes_skipped".to_owned(), bus.echoes_skipped.into()),
+                ("bus_filtered".to_owned(), bus.filtered.into()),
+                ("bus_lost".to_owned(), bus.lost.into()),
             ]),
         })
     }
+}
 
-    fn flush(&self) -> Result<(), ProviderError> {
-        // Writes are applied before they return; there is nothing buffered to wait for.
-        self.shared.read("flush").map(drop)
+impl Provider for MemoryProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            inbound: true,
+            work_queue: true,
+            filter_at_source: true,
+            list: true,
+            delete: true,
+            replay: true,
+            durable: false,
+        }
+    }
+
+    fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
+        let mut guard = self.shared.write("open_inbound")?;
+        let state = &mut *guard;
+        let source = state.bus.join(config, &state.events, Instant::now());
+        drop(guard);
+        // Whatever a predecessor left may be due at once.
+        self.shared.bell.ring();
+        Ok(Arc::new(MemoryInbound {
+            shared: Arc::clone(&self.shared),
+            group: config.group().key(),
+            source,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }))
     }
 
     fn close(&self) -> Result<(), ProviderError> {
@@ -391,13 +449,131 @@ impl Provider for MemoryProvider {
             (
                 mem::replace(&mut state.events, EventTable::new()),
                 mem::replace(&mut state.letters, LetterTable::new()),
+                mem::take(&mut state.bus),
             )
         };
         drop(released); // Freed outside the lock.
         self.shared.hub.close();
+        self.shared.bell.ring(); // Waiting fetchers find the provider closed.
         let cleaner = self.cleaner.lock().take();
         if let Some(cleaner) = cleaner {
             cleaner.stop();
+        }
+        Ok(())
+    }
+}
+
+impl MemoryProvider {
+    /// Opens a stream of the events stored through this provider from now on whose type matches
+    /// `pattern`: local tailing, in store order. Events stored before the call are not delivered;
+    /// use [`EventStore::replay`] for those. See [`EventStream`] for what happens when the stream
+    /// is full. (Other brokers' events reach a broker through [`Provider::open_inbound`].)
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use eventbroker::{Event, EventSink, EventSource, MemoryProvider, Pattern};
+    ///
+    /// let provider = MemoryProvider::default();
+    /// let mut stream = provider.stream(&Pattern::parse("audit.>")?)?;
+    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "audit.login"))], None)?;
+    /// assert_eq!(stream.try_recv()?.event_type, "audit.login");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ProviderErrorKind::Closed`](crate::ProviderErrorKind::Closed) after [`Provider::close`].
+    pub fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
+        // Opened under the state lock, so `close` either ends this stream or refuses it.
+        let state = self.shared.read("stream")?;
+        let stream = self.shared.hub.open(pattern.clone());
+        drop(state);
+        Ok(stream)
+    }
+}
+
+/// One broker's membership of a consumer group of the in-process bus.
+///
+/// Dropped without [`Inbound::close`], it is a broker that vanished: its unacknowledged events
+/// stay owned until the claim idle time passes, as they would for a crashed process.
+struct MemoryInbound {
+    shared: Arc<Shared>,
+    /// The group's key.
+    group: String,
+    source: SourceId,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl MemoryInbound {
+    /// The state, for writing, unless this source or the provider is closed.
+    fn state(&self, operation: &'static str) -> Result<RwLockWriteGuard<'_, State>, ProviderError> {
+        // Relaxed: a flag read under (and set before) the state lock, which orders it.
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(closed_error(NAME, operation));
+        }
+        self.shared.write(operation)
+    }
+}
+
+impl Inbound for MemoryInbound {
+    fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<InboundEvent>, ProviderError> {
+        let started = Instant::now();
+        let deadline = started.checked_add(wait).unwrap_or(started + Duration::from_secs(86_400));
+        loop {
+            let seen = self.shared.bell.count();
+            let now = Instant::now();
+            let mut guard = self.state("fetch")?;
+            let state = &mut *guard;
+            let fetched = state.bus.fetch(&self.group, self.source, max, &state.events, now);
+            drop(guard);
+            if !fetched.events.is_empty() || max == 0 {
+                return Ok(fetched
+                    .events
+                    .into_iter()
+                    .map(|h| InboundEvent {
+                        event: h.event,
+                        token: AckToken::new(h.seq),
+                        deliveries: h.deliveries,
+                    })
+                    .collect());
+            }
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let until = fetched.next_due.map_or(deadline, |due| due.min(deadline));
+            self.shared.bell.wait(seen, until);
+        }
+    }
+
+    fn ack(&self, acks: &[Ack]) -> Result<(), ProviderError> {
+        self.state("ack")?.bus.ack(&self.group, acks.iter().map(|a| a.token));
+        Ok(())
+    }
+
+    fn nak(&self, tokens: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
+        let now = Instant::now();
+        let due = now.checked_add(delay).unwrap_or(now + Duration::from_secs(86_400));
+        self.state("nak")?.bus.nak(&self.group, tokens, due);
+        self.shared.bell.ring();
+        Ok(())
+    }
+
+    fn extend(&self, tokens: &[AckToken]) -> Result<(), ProviderError> {
+        self.state("extend")?.bus.extend(&self.group, self.source, tokens, Instant::now());
+        Ok(())
+    }
+
+    fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
+        self.state("set_filter")?.bus.set_filter(&self.group, self.source, patterns);
+        Ok(())
+    }
+
+    fn close(&self) -> Result<(), ProviderError> {
+        let mut state = self.shared.state.write();
+        // Relaxed: see `state`.
+        if !self.closed.swap(true, std::sync::atomic::Ordering::Relaxed) && !state.closed {
+            state.bus.leave(&self.group, self.source, Instant::now());
+            drop(state);
+            self.shared.bell.ring();
         }
         Ok(())
     }
@@ -407,6 +583,8 @@ impl Provider for MemoryProvider {
 struct Entry {
     event: Arc<Event>,
     seq: u64,
+    /// The consumer group that published it, if a broker did.
+    origin: Option<Arc<str>>,
 }
 
 /// The stored events: a recency list holding them, and indexes by id, by `(created_at, id)` (for
@@ -450,8 +628,9 @@ impl EventTable {
         self.by_status[status_index(status)]
     }
 
-    /// Stores `event` as the most recently used; `true` when its id was not stored yet.
-    fn upsert(&mut self, event: &Arc<Event>) -> bool {
+    /// Stores `event` as the most recently used; `true` when its id was not stored yet. A re-store
+    /// keeps the first store's sequence number and origin.
+    fn upsert(&mut self, event: &Arc<Event>, origin: Option<&Arc<str>>) -> bool {
         let id = event.id;
         if let Some(&slot) = self.by_id.get(&id) {
             let entry = self.lru.get_mut(slot);
@@ -467,7 +646,7 @@ impl EventTable {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let slot = self.lru.push_front(Entry { event: Arc::clone(event), seq });
+        let slot = self.lru.push_front(Entry { event: Arc::clone(event), seq, origin: origin.cloned() });
         self.by_id.insert(id, slot);
         self.by_time.insert((event.created_at, id), slot);
         self.by_seq.insert(seq, slot);
@@ -549,6 +728,24 @@ impl EventTable {
     }
 }
 
+impl Log for EventTable {
+    fn get(&self, seq: u64) -> Option<(&Arc<Event>, Option<&str>)> {
+        let entry = self.lru.get(*self.by_seq.get(&seq)?);
+        Some((&entry.event, entry.origin.as_deref()))
+    }
+
+    fn from(&self, first: u64) -> impl Iterator<Item = (u64, &Arc<Event>, Option<&str>)> {
+        self.by_seq.range(first..).map(|(&seq, &slot)| {
+            let entry = self.lru.get(slot);
+            (seq, &entry.event, entry.origin.as_deref())
+        })
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+}
+
 /// The stored dead letters, in `(failed_at, id)` order.
 struct LetterTable {
     by_time: BTreeMap<(Timestamp, DeadLetterId), DeadLetter>,
@@ -576,6 +773,11 @@ impl LetterTable {
                 self.dropped += 1;
             }
         }
+    }
+
+    fn get(&self, id: DeadLetterId) -> Option<&DeadLetter> {
+        let failed_at = self.failed_at.get(&id)?;
+        self.by_time.get(&(*failed_at, id))
     }
 
     fn remove(&mut self, id: DeadLetterId) -> Option<DeadLetter> {

@@ -109,12 +109,17 @@ pub(crate) struct ProviderWriter {
 }
 
 impl ProviderWriter {
-    pub(crate) fn spawn(provider: Arc<dyn Provider>, config: WriterConfig) -> std::io::Result<Self> {
+    pub(crate) fn spawn(
+        provider: Arc<dyn Provider>,
+        origin: Option<String>,
+        config: WriterConfig,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let backlog = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(Counters::default());
         let thread = WriterThread {
             provider,
+            origin,
             rx,
             config,
             backlog: Arc::clone(&backlog),
@@ -262,6 +267,8 @@ fn merge(earlier: &mut StatusUpdate, later: StatusUpdate) {
 
 struct WriterThread {
     provider: Arc<dyn Provider>,
+    /// The consumer group key stores are tagged with, when the broker takes part in delivery.
+    origin: Option<String>,
     rx: Receiver<WriteOp>,
     config: WriterConfig,
     backlog: Arc<AtomicUsize>,
@@ -391,7 +398,7 @@ impl WriterThread {
         let mut wrote = false;
         self.fold_statuses_into_stores();
         if !self.batch.stores.is_empty() {
-            let result = self.provider.store_batch(&self.batch.stores);
+            let result = self.provider.store_batch(&self.batch.stores, self.origin.as_deref());
             let n = self.batch.stores.len();
             let outcome = match settle(result, "store_batch", n, &self.counters) {
                 Settled::Retry(error) => {

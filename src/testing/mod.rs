@@ -1,0 +1,18 @@
+//! Test utilities (feature `test-util`): the provider conformance suite and a fault-injecting
+//! provider.
+//!
+//! - [`conformance`]: every scenario a provider must pass, single-provider and across instances,
+//!   and [`conformance_suite!`](crate::conformance_suite), which turns them into `#[test]`s for a
+//!   backend. Each backend of this crate runs it, and a provider of your own can too.
+//! - [`FaultyProvider`]: wraps any provider and makes chosen calls fail, hang, panic or slow down,
+//!   to test what a broker does when its backend misbehaves.
+//!
+//! ```toml
+//! [dev-dependencies]
+//! eventbroker = { version = "0.1", features = ["test-util"] }
+//! ```
+
+pub mod conformance;
+mod fault;
+
+pub use self::fault::{Fault, FaultyProvider, Operation};
