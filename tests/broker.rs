@@ -612,7 +612,10 @@ fn shutdown_is_idempotent_and_later_calls_are_refused() {
     assert!(clone.shutdown(Duration::from_secs(5)).already_shut_down);
     assert!(matches!(broker.publish_async(event("a")), Err(PublishError::Closed(_))));
     assert!(matches!(broker.publish(event("a")), Err(SyncPublishError::Rejected(PublishError::Closed(_)))));
-    assert!(matches!(broker.publish_sync(event("a")), Err(SyncPublishError::Rejected(PublishError::Closed(_)))));
+    assert!(matches!(
+        broker.publish_sync(event("a")),
+        Err(SyncPublishError::Rejected(PublishError::Closed(_)))
+    ));
     assert!(matches!(broker.subscribe("a", |_: &Event| Ok::<(), String>(())), Err(SubscribeError::Closed)));
     let batch = broker.publish_batch(vec![event("a"), event("b")]).unwrap_err();
     assert_eq!((batch.accepted, batch.rejected.len(), batch.reason), (0, 2, BatchRejection::Closed));

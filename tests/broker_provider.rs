@@ -108,7 +108,8 @@ fn a_long_outage_turns_into_backpressure_not_loss() {
 fn permanent_write_errors_are_counted_and_reported() {
     let (_memory, provider) = flaky();
     let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
-    let rejected = Fault::Fail { kind: ProviderErrorKind::InvalidInput("rejected by test".into()), times: None };
+    let rejected =
+        Fault::Fail { kind: ProviderErrorKind::InvalidInput("rejected by test".into()), times: None };
     outage(&provider, &rejected);
     let err = broker.publish_confirmed(event("perm"), Duration::from_secs(10)).unwrap_err();
     let ConfirmError::NotPersisted(error) = err else { panic!("expected NotPersisted, got {err}") };
