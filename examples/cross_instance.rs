@@ -38,11 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let seen_by_api = counter(&api, "orders.>")?;
     let audited = counter(&audit, "orders.>")?;
-    let mailed_1 = counter(&mailer_1, "orders.created")?;
-    let mailed_2 = counter(&mailer_2, "orders.created")?;
+    let first_mailer = counter(&mailer_1, "orders.created")?;
+    let second_mailer = counter(&mailer_2, "orders.created")?;
 
-    let n = 1_000;
-    for i in 0..n {
+    let n: u64 = 1_000;
+    for i in 0..1_000 {
         let order = Event::new(EventSource::Internal, "orders.created")
             .with_user_id(i)
             .with_partition_key(format!("customer-{}", i % 10));
@@ -50,21 +50,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mailed = || mailed_1.load(Ordering::Relaxed) + mailed_2.load(Ordering::Relaxed);
-    while (audited.load(Ordering::Relaxed) < n as u64 || mailed() < n as u64) && Instant::now() < deadline {
+    let mailed = || first_mailer.load(Ordering::Relaxed) + second_mailer.load(Ordering::Relaxed);
+    while (audited.load(Ordering::Relaxed) < n || mailed() < n) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
     println!("api saw its own orders:    {}", seen_by_api.load(Ordering::Relaxed));
     println!("audit (fan-out) received:  {}", audited.load(Ordering::Relaxed));
     println!(
         "mailers (work-queue) split: {} + {} = {}",
-        mailed_1.load(Ordering::Relaxed),
-        mailed_2.load(Ordering::Relaxed),
+        first_mailer.load(Ordering::Relaxed),
+        second_mailer.load(Ordering::Relaxed),
         mailed()
     );
-    assert_eq!(seen_by_api.load(Ordering::Relaxed), n as u64, "once each, never echoed back");
-    assert_eq!(audited.load(Ordering::Relaxed), n as u64, "fan-out: every order");
-    assert_eq!(mailed(), n as u64, "work-queue: every order, each by one mailer");
+    assert_eq!(seen_by_api.load(Ordering::Relaxed), n, "once each, never echoed back");
+    assert_eq!(audited.load(Ordering::Relaxed), n, "fan-out: every order");
+    assert_eq!(mailed(), n, "work-queue: every order, each by one mailer");
 
     for broker in [&api, &audit, &mailer_1, &mailer_2] {
         let report = broker.shutdown(Duration::from_secs(10));
