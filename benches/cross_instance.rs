@@ -62,8 +62,8 @@ fn across(c: &mut Criterion) {
                 started.elapsed()
             });
         });
-        a.shutdown(Duration::from_secs(30));
-        b.shutdown(Duration::from_secs(30));
+        let _ = a.shutdown(Duration::from_secs(30));
+        let _ = b.shutdown(Duration::from_secs(30));
     }
     group.finish();
 }

@@ -79,7 +79,7 @@ fn lifecycle(c: &mut Criterion) {
                 started.elapsed()
             });
         });
-        broker.shutdown(Duration::from_secs(30));
+        let _ = broker.shutdown(Duration::from_secs(30));
     }
 
     let inline = provider();
@@ -117,7 +117,7 @@ fn lifecycle(c: &mut Criterion) {
             started.elapsed()
         });
     });
-    broker.shutdown(Duration::from_secs(30));
+    let _ = broker.shutdown(Duration::from_secs(30));
     group.finish();
 }
 

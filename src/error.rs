@@ -309,6 +309,13 @@ impl ConfigError {
     pub fn reason(&self) -> &str {
         &self.reason
     }
+
+    /// The same error about `prefix.key`: a setting's error seen from the configuration that holds
+    /// it (`worker_count` → `event_broker.worker_count`).
+    pub(crate) fn within(mut self, prefix: &str) -> Self {
+        self.key = format!("{prefix}.{}", self.key);
+        self
+    }
 }
 
 /// A broker that could not be built.
@@ -321,6 +328,17 @@ pub enum BuildError {
     /// The provider refused what the broker needs from it at start (its inbound source).
     #[error(transparent)]
     Provider(ProviderError),
+    /// The configuration says `enabled: false`.
+    #[error("the event broker is disabled by its configuration (event_broker.enabled: false)")]
+    Disabled,
+    /// The configuration asks for something whose cargo feature is not compiled in.
+    #[error("{key}: needs the cargo feature `{feature}` of eventbroker, which is not enabled")]
+    MissingFeature {
+        /// The configuration key that asks for it.
+        key: String,
+        /// The cargo feature to enable.
+        feature: &'static str,
+    },
     /// The operating system refused to start a worker or writer thread.
     #[error("could not start thread {thread}: {source}")]
     Spawn {
@@ -354,7 +372,7 @@ pub struct DeliveryFailure {
 /// use eventbroker::{Broker, Event, EventSource, PublishError};
 ///
 /// let broker = Broker::builder().build()?;
-/// broker.shutdown(Duration::from_secs(1));
+/// let _ = broker.shutdown(Duration::from_secs(1));
 /// let err = broker.publish_async(Event::new(EventSource::System, "a.b")).unwrap_err();
 /// assert!(matches!(err, PublishError::Closed(_)));
 /// let event = err.into_event();
@@ -379,20 +397,30 @@ pub enum PublishError {
         /// What is wrong with its type.
         error: EventTypeError,
     },
+    /// Published through [`eventbroker::publish`](crate::publish) (or its siblings) before
+    /// [`eventbroker::init`](crate::init).
+    #[error("no default broker: call eventbroker::init first; the event was not accepted")]
+    NotInitialized(Box<Event>),
 }
 
 impl PublishError {
     /// The event handed back.
     pub fn into_event(self) -> Event {
         match self {
-            Self::Full(event) | Self::Closed(event) | Self::InvalidType { event, .. } => *event,
+            Self::Full(event)
+            | Self::Closed(event)
+            | Self::NotInitialized(event)
+            | Self::InvalidType { event, .. } => *event,
         }
     }
 
     /// The event handed back, by reference.
     pub fn event(&self) -> &Event {
         match self {
-            Self::Full(event) | Self::Closed(event) | Self::InvalidType { event, .. } => event,
+            Self::Full(event)
+            | Self::Closed(event)
+            | Self::NotInitialized(event)
+            | Self::InvalidType { event, .. } => event,
         }
     }
 }
@@ -535,6 +563,37 @@ pub enum SubscribeError {
     /// The broker is shut down.
     #[error("the broker is shut down")]
     Closed,
+    /// Subscribed through [`eventbroker::subscribe`](crate::subscribe) before
+    /// [`eventbroker::init`](crate::init).
+    #[error("no default broker: call eventbroker::init first")]
+    NotInitialized,
+}
+
+/// There is no default broker yet: [`eventbroker::init`](crate::init) has not been called (or
+/// failed).
+///
+/// ```
+/// // In a process that never called `eventbroker::init`:
+/// assert!(matches!(eventbroker::global(), Err(eventbroker::NotInitialized)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no default broker: call eventbroker::init first")]
+pub struct NotInitialized;
+
+/// Why [`eventbroker::init`](crate::init) did not set the default broker.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// A default broker is already set (a process has one, for its lifetime, even once shut
+    /// down).
+    #[error("the default broker is already initialized (instance {instance_id})")]
+    AlreadyInitialized {
+        /// The instance id of the broker already set.
+        instance_id: String,
+    },
+    /// The broker could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
 }
 
 /// A broker operation that goes through the provider (dead letters, redrive, replay, flush).
@@ -582,4 +641,50 @@ pub enum BrokerError {
     /// The broker is shut down.
     #[error("the broker is shut down")]
     Closed,
+}
+
+/// Why [`Broker::drain`](crate::Broker::drain) could not confirm that everything accepted before it
+/// was handled and written.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::{Broker, DrainError};
+///
+/// let broker = Broker::builder().build()?;
+/// let _ = broker.shutdown(Duration::from_secs(5));
+/// assert!(matches!(broker.drain(Duration::from_secs(1)), Err(DrainError::Closed)));
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DrainError {
+    /// The timeout passed with events accepted before the call still queued or being handled, or
+    /// with deliveries waiting for a retry.
+    #[error(
+        "not drained within {timeout:?}: {unfinished} events accepted before the call are unfinished, \
+         {retrying} deliveries wait for a retry"
+    )]
+    TimedOut {
+        /// The timeout given.
+        timeout: Duration,
+        /// Events accepted before the call that had not ended (completed, or failed and
+        /// dead-lettered).
+        unfinished: u64,
+        /// Deliveries waiting for a retry at the timeout; each holds its event unfinished.
+        retrying: u64,
+    },
+    /// Every event was handled, but the provider writer did not confirm their statuses, dead
+    /// letters and acknowledgements: see the inner error.
+    #[error("every event was handled, but their writes were not confirmed: {0}")]
+    Write(#[source] BrokerError),
+    /// Called from a handler of this broker: the handler's own worker could never finish.
+    #[error("drain was called from a handler of the same broker, which would wait for itself")]
+    InHandler,
+    /// The broker is shut down, or shut down while draining.
+    #[error("the broker is shut down")]
+    Closed,
+    /// Called through [`eventbroker::drain`](crate::drain) before
+    /// [`eventbroker::init`](crate::init).
+    #[error("no default broker: call eventbroker::init first")]
+    NotInitialized,
 }

@@ -468,6 +468,36 @@ impl Event {
         Ok(self)
     }
 
+    /// Sets the payload from a JSON value; `Value::Null` clears it. Unlike
+    /// [`Event::with_payload`] this cannot fail, so it keeps a builder chain infallible: build the
+    /// value with `serde_json::json!`, or convert a type whose serialization cannot fail with
+    /// `serde_json::to_value` where its error is handled.
+    ///
+    /// `with_payload` stays fallible because `Serialize` is: a map with non-string keys, or a
+    /// hand-written impl that returns an error, has no JSON form.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource};
+    /// use serde_json::json;
+    ///
+    /// let event = Event::new(EventSource::Database, "public.users.create")
+    ///     .with_user_id(123)
+    ///     .with_payload_value(json!({"id": 123, "name": "John Doe"}));
+    /// assert_eq!(event.payload_json(), Some(r#"{"id":123,"name":"John Doe"}"#));
+    /// ```
+    ///
+    /// # Panics
+    /// Never: a `Value`'s map keys are strings and its numbers finite, so it always serializes.
+    #[must_use]
+    #[allow(clippy::needless_pass_by_value, reason = "a builder takes what `json!` makes, by value")]
+    pub fn with_payload_value(mut self, value: serde_json::Value) -> Self {
+        self.payload = Some(Payload(
+            serde_json::value::to_raw_value(&value).expect("a serde_json::Value always serializes"),
+        ))
+        .filter(Payload::is_value);
+        self
+    }
+
     /// The event as compact JSON in the seed's format.
     ///
     /// # Panics

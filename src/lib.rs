@@ -18,11 +18,15 @@
 #![warn(missing_docs)]
 
 mod broker;
+pub mod config;
 mod deadline;
 mod dispatch;
 mod error;
 mod event;
+mod global;
+pub mod hooks;
 mod id;
+pub mod metrics;
 pub mod pattern;
 pub mod provider;
 mod subscription;
@@ -41,11 +45,16 @@ pub use crate::dispatch::wait::WaitStrategy;
 pub use crate::dispatch::writer::{WriterConfig, WriterStats};
 pub use crate::error::{
     BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, ConfirmError,
-    DecodeError, DeliveryFailure, EventTypeError, HandlerFailures, PatternError, PayloadError, ProviderError,
-    ProviderErrorKind, PublishError, SubscribeError, SyncPublishError, SyntaxErrorKind,
+    DecodeError, DeliveryFailure, DrainError, EventTypeError, HandlerFailures, InitError, NotInitialized,
+    PatternError, PayloadError, ProviderError, ProviderErrorKind, PublishError, SubscribeError,
+    SyncPublishError, SyntaxErrorKind,
 };
 pub use crate::event::{
     Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
+};
+pub use crate::global::{
+    drain, global, init, init_builder, publish, publish_async, publish_sync, shutdown, subscribe,
+    subscribe_infallible,
 };
 pub use crate::pattern::{
     CacheStats, EntryId, MAX_NAME_LEN, MAX_SEGMENTS, MatchCache, Matches, Pattern, PatternSet,

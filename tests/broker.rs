@@ -219,7 +219,8 @@ fn a_panicking_handler_fails_its_delivery_and_the_worker_lives() {
     let error = &letters[0].error;
     assert!(error.starts_with("handler panicked: every 10th event panics"), "{error}");
     broker.publish(event("p").with_user_id(1001)).unwrap();
-    broker.shutdown(Duration::from_secs(10));
+    let report = broker.shutdown(Duration::from_secs(10));
+    assert!(report.is_clean(), "{report:?}");
     assert_eq!(handled.load(Ordering::Relaxed), 901, "the worker survived 100 panics");
 }
 
@@ -267,7 +268,8 @@ fn retries_follow_the_policy_per_delivery() {
     assert_eq!(stored[0].status, EventStatus::Failed);
     assert_eq!(stored[0].retry_count, 3);
     assert_eq!(stored[0].error, "down");
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -297,7 +299,8 @@ fn jitter_only_shortens_retry_delays() {
             assert!(gap >= Duration::from_millis(20), "jitter shortened a delay below half: {gap:?}");
         }
     }
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -381,7 +384,8 @@ fn max_retries_zero_turns_retries_off() {
         })
         .unwrap();
     broker.publish(event("once")).unwrap();
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
     assert_eq!(calls.load(Ordering::Relaxed), 1);
     assert_eq!(broker.stats().dead_letters, 1);
 }
@@ -430,7 +434,8 @@ fn unsubscribing_under_heavy_publishing_is_safe() {
         }
         stop.store(true, Ordering::Relaxed);
     });
-    broker.shutdown(Duration::from_secs(10));
+    let report = broker.shutdown(Duration::from_secs(10));
+    assert!(report.is_clean(), "{report:?}");
     assert!(delivered.load(Ordering::Relaxed) > 0);
     assert_eq!(after_unsubscribe.load(Ordering::Relaxed), 0);
     assert_eq!(broker.stats().subscriptions, 0);
@@ -453,7 +458,8 @@ fn handlers_run_in_subscription_order_on_one_shared_event() {
         for _ in 0..20 {
             broker.publish(event("a.b.c")).unwrap();
         }
-        broker.shutdown(Duration::from_secs(5));
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
         let order = order.lock().unwrap();
         assert_eq!(order.len(), 100);
         for chunk in order.chunks(5) {
@@ -488,7 +494,8 @@ fn sync_publish_returns_failures_after_retries() {
     broker.publish(event("s.y")).unwrap();
     let stats = broker.stats();
     assert_eq!((stats.completed, stats.failed, stats.retries, stats.dead_letters), (1, 1, 2, 1));
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -519,7 +526,8 @@ fn the_status_lifecycle_reaches_the_provider() {
         assert_eq!(e.instance_id, broker.instance_id(), "the broker fills instance_id");
     }
     assert_eq!(broker.stats().unrouted, 1);
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -534,7 +542,8 @@ fn async_counts_are_kept() {
     wait_until("processing", Duration::from_secs(5), || broker.stats().processed == 30);
     let stats = broker.stats();
     assert_eq!((stats.published, stats.completed, stats.failed, stats.queued), (30, 20, 10, 0));
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -561,7 +570,8 @@ fn queue_size_reflects_the_rings() {
     assert_eq!(broker.stats().queued, 10);
     release.store(true, Ordering::Release);
     wait_until("the drain", Duration::from_secs(5), || broker.stats().queued == 0);
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -657,7 +667,8 @@ fn invalid_types_are_refused_with_the_event() {
         broker.subscribe("a.>.b", |_: &Event| Ok::<(), String>(())),
         Err(SubscribeError::Pattern(_))
     ));
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -684,7 +695,8 @@ fn a_partly_full_batch_hands_back_each_keys_suffix_in_order() {
     let first = i64::try_from(err.accepted).unwrap();
     assert_eq!(ids, (first..20).collect::<Vec<_>>(), "the rejected suffix, in order");
     release.store(true, Ordering::Release);
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -703,7 +715,8 @@ fn streams_deliver_to_sync_and_async_receivers() {
         tokio::time::timeout(Duration::from_secs(5), async_rx.recv_async()).await.unwrap().unwrap()
     });
     assert!(Arc::ptr_eq(&got, &b), "streams share the event, not a copy");
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -725,7 +738,8 @@ fn a_full_stream_is_a_failed_delivery_and_a_dropped_one_unsubscribes() {
     wait_until("the gone receiver to unsubscribe", Duration::from_secs(5), || {
         broker.stats().subscriptions == 0
     });
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -741,7 +755,8 @@ fn configuration_errors_name_the_setting() {
     assert_eq!(key(Broker::builder().retry_policy(bad_retry)), "retry_policy.jitter");
     let broker = Broker::builder().buffer_size(1000).build().unwrap();
     assert_eq!(broker.stats().shards[0].capacity, 1024, "rounded up to a power of two");
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]

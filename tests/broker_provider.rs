@@ -101,7 +101,8 @@ fn a_long_outage_turns_into_backpressure_not_loss() {
     broker.flush(Duration::from_secs(10)).unwrap();
     assert_eq!(stored_events(&memory), 100);
     broker.publish(*rejected).unwrap();
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -116,7 +117,8 @@ fn permanent_write_errors_are_counted_and_reported() {
     assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)));
     assert_eq!(broker.stats().writer.dropped, 1);
     assert_eq!(broker.stats().writer.backlog, 0);
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.flush_error.is_some(), "the write given up is reported: {report:?}");
 }
 
 #[test]
@@ -145,7 +147,8 @@ fn confirmed_publishes_share_provider_writes() {
         assert!(provider.get(*id).unwrap().is_some(), "a confirmed event is readable at once");
     }
     println!("400 confirmed events in {writes} provider writes");
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -160,7 +163,8 @@ fn a_confirmed_publish_during_an_outage_reports_it_and_is_written_later() {
     recover(&provider);
     broker.flush(Duration::from_secs(10)).unwrap();
     assert!(provider.get(id).unwrap().is_some(), "the writer kept retrying");
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -201,7 +205,8 @@ fn dead_letters_can_be_listed_and_redriven() {
     assert_eq!(delivered.load(Ordering::SeqCst), 2);
     assert!(broker.dead_letters(&DeadLetterFilter::default()).unwrap().is_empty());
     assert!(matches!(broker.redrive(paid.id), Err(BrokerError::NoSuchDeadLetter(_))));
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -228,7 +233,8 @@ fn redrive_finds_a_new_subscription_with_the_same_pattern() {
     let got = got.lock().unwrap();
     assert_eq!(got[0].id, letter.event.id, "the same event");
     assert_eq!(got[0].metadata["redriven_from"], letter.id.to_string());
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }
 
 #[test]
@@ -270,5 +276,6 @@ fn replay_redelivers_stored_events_in_order() {
     let resumed = broker.replay(ReplayFrom::Sequence(report.last_seq.unwrap() + 1), Some("r.a")).unwrap();
     assert_eq!(resumed.replayed, 0, "resuming after the last replayed sequence finds no more r.a");
     assert!(matches!(broker.replay(ReplayFrom::Beginning, Some("r..")), Err(BrokerError::Pattern(_))));
-    broker.shutdown(Duration::from_secs(5));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
 }

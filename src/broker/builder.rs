@@ -16,6 +16,7 @@ use crate::dispatch::wait::WaitStrategy;
 use crate::dispatch::worker::{WorkerConfig, WorkerShared};
 use crate::dispatch::writer::{ProviderWriter, WriterConfig};
 use crate::error::{BuildError, ConfigError};
+use crate::metrics::{EngineMetrics, MetricsConfig};
 use crate::provider::{ConsumerGroup, InboundConfig, MemoryProvider, Provider};
 use crate::subscription::SubscriptionTable;
 
@@ -100,26 +101,27 @@ pub const MAX_BUFFER_SIZE: usize = 1 << 24;
 ///     .wait_strategy(WaitStrategy::default())
 ///     .build()?;
 /// assert_eq!(broker.instance_id(), "api-1");
-/// broker.shutdown(Duration::from_secs(5));
+/// assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
 /// # Ok::<(), eventbroker::BuildError>(())
 /// ```
 #[must_use]
 pub struct BrokerBuilder {
-    pub(super) mode: Mode,
-    pub(super) workers: usize,
-    pub(super) buffer_size: usize,
-    pub(super) instance_id: Option<String>,
-    pub(super) retry: RetryPolicy,
-    pub(super) backpressure: Backpressure,
-    pub(super) wait: WaitStrategy,
-    pub(super) provider: Option<Arc<dyn Provider>>,
-    pub(super) distribution: Option<Distribution>,
-    pub(super) claim_idle: Duration,
-    pub(super) track_status: bool,
-    pub(super) writer: WriterConfig,
-    pub(super) cache_capacity: usize,
-    pub(super) max_batch: usize,
-    pub(super) drop_timeout: Duration,
+    pub(crate) mode: Mode,
+    pub(crate) workers: usize,
+    pub(crate) buffer_size: usize,
+    pub(crate) instance_id: Option<String>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) backpressure: Backpressure,
+    pub(crate) wait: WaitStrategy,
+    pub(crate) provider: Option<Arc<dyn Provider>>,
+    pub(crate) distribution: Option<Distribution>,
+    pub(crate) claim_idle: Duration,
+    pub(crate) track_status: bool,
+    pub(crate) writer: WriterConfig,
+    pub(crate) cache_capacity: usize,
+    pub(crate) max_batch: usize,
+    pub(crate) drop_timeout: Duration,
+    pub(crate) metrics: MetricsConfig,
 }
 
 impl Default for BrokerBuilder {
@@ -142,6 +144,7 @@ impl Default for BrokerBuilder {
             cache_capacity: 4096,
             max_batch: 256,
             drop_timeout: Duration::from_secs(30),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -243,6 +246,25 @@ impl BrokerBuilder {
         self
     }
 
+    /// How the broker records metrics through the `metrics` facade (feature `metrics`); see
+    /// [`crate::metrics`]. Default [`MetricsConfig::default`]: recorded into whatever recorder the
+    /// application installs, at no cost while it installs none.
+    ///
+    /// ```
+    /// use eventbroker::Broker;
+    /// use eventbroker::metrics::MetricsConfig;
+    ///
+    /// let broker = Broker::builder()
+    ///     .metrics(MetricsConfig { namespace: Some("orders".into()), ..MetricsConfig::default() })
+    ///     .build()?;
+    /// # Ok::<(), eventbroker::BuildError>(())
+    /// ```
+    #[cfg(feature = "metrics")]
+    pub fn metrics(mut self, config: MetricsConfig) -> Self {
+        self.metrics = config;
+        self
+    }
+
     /// Checks the settings, opens the inbound source when the broker receives from other
     /// instances, and starts the worker, writer and inbound threads.
     ///
@@ -276,11 +298,13 @@ impl BrokerBuilder {
         )
         .map_err(|source| BuildError::Spawn { thread: "eventbroker-writer".into(), source })?;
         let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
+        let metrics = EngineMetrics::new(&self.metrics, &instance_id);
         let shared = Arc::new(WorkerShared {
             table: Arc::new(SubscriptionTable::new()),
             writer: Arc::new(writer),
             shutdown_deadline: parking_lot::Mutex::new(None),
             engine: id,
+            metrics: metrics.clone(),
         });
         let config = WorkerConfig {
             retry: self.retry,
@@ -312,8 +336,11 @@ impl BrokerBuilder {
             rejected: AtomicU64::new(0),
             shutdown: parking_lot::Mutex::new(false),
             drop_timeout: self.drop_timeout,
+            metrics,
         });
         let broker = Broker { handle: Arc::new(Handle { engine: Arc::clone(&engine) }) };
+        #[cfg(feature = "metrics")]
+        engine.start_metrics_reporter()?;
         if let Some(pump) = inbound {
             pump.sync_filter(&engine.shared.table);
             let name = format!("eb-in-{}", engine.instance_id);
@@ -324,7 +351,7 @@ impl BrokerBuilder {
         Ok(broker)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.workers == 0 || self.workers > MAX_WORKERS {
             return Err(ConfigError::new(
                 "worker_count",
@@ -356,7 +383,7 @@ impl BrokerBuilder {
         if matches!(&self.distribution, Some(Distribution::WorkQueue(group)) if group.is_empty()) {
             return Err(ConfigError::new("distribution", "a work-queue group needs a name"));
         }
-        Ok(())
+        self.metrics.validate()
     }
 }
 

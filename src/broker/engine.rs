@@ -17,6 +17,7 @@ use crate::dispatch::writer::Reply;
 use crate::error::{
     BatchPublishError, BatchRejection, ConfirmError, HandlerFailures, PublishError, SyncPublishError,
 };
+use crate::metrics::EngineMetrics;
 use crate::provider::Provider;
 use crate::subscription::SubscriptionTable;
 use crate::{Backpressure, Distribution, Event, Mode, validate_event_type};
@@ -50,6 +51,8 @@ pub(crate) struct Engine {
     pub(crate) shutdown: parking_lot::Mutex<bool>,
     /// How long dropping the last handle waits for shutdown.
     pub(crate) drop_timeout: Duration,
+    /// The metric state, when the broker records metrics.
+    pub(crate) metrics: Option<Arc<EngineMetrics>>,
 }
 
 /// How an enqueued event reaches the provider.
@@ -223,8 +226,18 @@ impl Engine {
     }
 
     pub(crate) fn publish_async(&self, event: Event) -> Result<(), PublishError> {
+        self.publish_within(event, self.patience())
+    }
+
+    /// Queues the event, waiting up to `patience` for room (not at all when `None`).
+    #[inline]
+    pub(crate) fn publish_within(
+        &self,
+        event: Event,
+        patience: Option<Duration>,
+    ) -> Result<(), PublishError> {
         let event = self.admit(event)?;
-        match self.enqueue(Job::local(event), self.patience(), self.store_for_publish()) {
+        match self.enqueue(Job::local(event), patience, self.store_for_publish()) {
             Ok(()) => Ok(()),
             Err((error, job)) => Err(self.rejected(error, job.event)),
         }
@@ -246,6 +259,7 @@ impl Engine {
             self.shared.writer.store(Arc::clone(&event));
         }
         self.sync.published.fetch_add(1, Ordering::Relaxed);
+        let clock = self.metrics.as_ref().and_then(|m| m.sync_begin());
         let job = Job::local(event);
         let mut outbox = Outbox::default();
         outbox.processing(&job, jiff::Timestamp::now(), self.track_status);
@@ -260,6 +274,9 @@ impl Engine {
             || self.shared.shutdown_deadline(),
         );
         drop(set);
+        if let Some(metrics) = &self.metrics {
+            metrics.sync_end(&job.event, &outbox.counts, clock);
+        }
         self.sync.add(&outbox.counts);
         self.shared.writer.settle(&mut outbox);
         if failures.is_empty() {

@@ -45,13 +45,15 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::error::{
-    BatchPublishError, BoxError, BrokerError, ConfirmError, PublishError, SubscribeError, SyncPublishError,
+    BatchPublishError, BoxError, BrokerError, ConfirmError, DrainError, PublishError, SubscribeError,
+    SyncPublishError,
 };
 use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, Provider, ReplayFrom};
 use crate::subscription::{DeliveryError, Handler};
 use crate::{Event, Pattern, SubscriptionId};
 
 mod builder;
+mod drain;
 mod engine;
 mod recovery;
 mod shutdown;
@@ -100,7 +102,8 @@ struct Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.engine.shutdown(self.engine.drop_timeout);
+        // Shutdown logs its report, at warn level when it is not clean; nobody is left to read it.
+        let _report = self.engine.shutdown(self.engine.drop_timeout);
     }
 }
 
@@ -312,6 +315,29 @@ impl Broker {
         self.engine().publish_async(event)
     }
 
+    /// Queues the event on its shard without waiting for room, whatever the [`Backpressure`]
+    /// policy: a full shard (or writer backlog) hands it back at once. For callers that must never
+    /// block, such as the [CRUD hooks](crate::hooks) or code on an async runtime's threads.
+    ///
+    /// ```
+    /// use eventbroker::{Broker, Event, EventSource, PublishError};
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// match broker.try_publish(Event::new(EventSource::Internal, "cache.invalidated")) {
+    ///     Ok(()) => {}
+    ///     Err(PublishError::Full(event)) => eprintln!("busy; dropping {}", event.id),
+    ///     Err(other) => return Err(other.into()),
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Broker::publish_async`], never waiting.
+    #[inline]
+    pub fn try_publish(&self, event: Event) -> Result<(), PublishError> {
+        self.engine().publish_within(event, None)
+    }
+
     /// Runs the matched handlers on this thread, in subscription order, retrying failures per the
     /// retry policy (sleeping between attempts), and returns once every delivery has ended.
     ///
@@ -333,7 +359,7 @@ impl Broker {
     /// let broker = Broker::builder().build()?;
     /// let events = (0..100).map(|i| Event::new(EventSource::System, format!("batch.e{}", i % 7))).collect();
     /// broker.publish_batch(events)?;
-    /// broker.shutdown(Duration::from_secs(5));
+    /// broker.drain(Duration::from_secs(5))?;
     /// assert_eq!(broker.stats().processed, 100);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
@@ -372,6 +398,42 @@ impl Broker {
     /// [`BrokerError::Closed`] after shutdown.
     pub fn flush(&self, timeout: Duration) -> Result<(), BrokerError> {
         self.engine().shared.writer.flush(timeout)
+    }
+
+    /// Waits until every event accepted before this call — published here, or fetched from other
+    /// instances and placed into a shard — has been handled (completed, or failed and
+    /// dead-lettered, retries included), and the statuses, dead letters and acknowledgements this
+    /// produced are written to the provider. The broker keeps running: what tests and graceful
+    /// handovers need. Events published while it waits are not waited for, though a delivery of
+    /// theirs waiting for a retry holds it up (it waits until no retry is pending). Costs publishing
+    /// nothing: it polls the counters the workers publish each turn.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource};
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// let seen = Arc::new(AtomicUsize::new(0));
+    /// let counter = Arc::clone(&seen);
+    /// broker.subscribe_infallible("orders.*", move |_| {
+    ///     counter.fetch_add(1, Ordering::Relaxed);
+    /// })?;
+    /// for _ in 0..100 {
+    ///     broker.publish(Event::new(EventSource::Internal, "orders.created"))?;
+    /// }
+    /// broker.drain(Duration::from_secs(5))?;
+    /// assert_eq!(seen.load(Ordering::Relaxed), 100);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`DrainError::TimedOut`] with what was left; [`DrainError::Write`] when the provider
+    /// writer did not confirm the writes (as [`Broker::flush`]); [`DrainError::InHandler`] from a
+    /// handler of this broker; [`DrainError::Closed`] after shutdown.
+    pub fn drain(&self, timeout: Duration) -> Result<(), DrainError> {
+        self.engine().drain(timeout)
     }
 
     /// Dead letters in the provider, after flushing the writer so recent failures are included.

@@ -50,6 +50,7 @@ pub enum CloseOutcome {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use = "a shutdown that timed out may have left events unhandled or unwritten: check `is_clean()`"]
 pub struct ShutdownReport {
     /// Events that were waiting in rings when shutdown began and were then handled.
     pub drained: u64,
@@ -171,6 +172,10 @@ impl Engine {
         };
         // Handlers (and whatever they captured, broker handles included) go now.
         self.shared.table.clear();
+        if let Some(metrics) = &self.metrics {
+            // One last report: the drained queue, no workers.
+            metrics.stop_reporter(deadline);
+        }
         let returned = reports.iter().map(|r| r.returned_at_shutdown).sum::<u64>()
             + self.inbound.as_ref().map_or(0, |pump| pump.stats().returned);
         let report = ShutdownReport {

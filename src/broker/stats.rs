@@ -123,3 +123,20 @@ impl Engine {
         }
     }
 }
+
+impl Engine {
+    /// Starts the thread that reports this broker's gauges and engine-wide counters, when it
+    /// records metrics (see [`crate::metrics`]).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn start_metrics_reporter(self: &std::sync::Arc<Self>) -> Result<(), crate::BuildError> {
+        if let Some(metrics) = &self.metrics {
+            let engine = std::sync::Arc::downgrade(self);
+            let source = Box::new(move || engine.upgrade().map(|e| (e.stats(), e.intake.is_closed())));
+            metrics.start_reporter(source).map_err(|source| crate::BuildError::Spawn {
+                thread: format!("eb-metrics-{}", self.instance_id),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}

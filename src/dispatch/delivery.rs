@@ -99,6 +99,9 @@ pub(crate) struct Counts {
     pub(crate) handler_failures: u64,
     pub(crate) retries: u64,
     pub(crate) dead_letters: u64,
+    /// Ring slots a publisher reserved and abandoned (taken as `None`): no event, but taken, so
+    /// `Broker::drain` counts them as ended.
+    pub(crate) abandoned: u64,
 }
 
 /// The deliveries of one job still in flight, and how those that ended went.
@@ -117,6 +120,11 @@ impl Tally {
     /// A delivery ended well after `attempts`.
     pub(crate) fn delivered(&mut self, attempts: u32) {
         self.retries = self.retries.max(attempts.saturating_sub(1));
+    }
+
+    /// Whether a delivery of the job failed for good.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed
     }
 
     /// A delivery will be retried; `attempts` made so far.

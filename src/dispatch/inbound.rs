@@ -63,6 +63,10 @@ pub struct InboundStats {
     pub invalid: u64,
     /// Fetched events given back at shutdown, unplaced.
     pub returned: u64,
+    /// How long before its fetch the oldest event of the last non-empty fetch was created (by its
+    /// publisher's clock); zero after a fetch that found nothing, when this instance has caught
+    /// up. How far behind the other instances this one runs.
+    pub lag: Duration,
 }
 
 #[derive(Default)]
@@ -72,6 +76,8 @@ struct Counters {
     filter_errors: AtomicU64,
     invalid: AtomicU64,
     returned: AtomicU64,
+    /// `InboundStats::lag`, in microseconds.
+    lag_micros: AtomicU64,
 }
 
 /// A broker's inbound source and the thread that drains it.
@@ -161,6 +167,7 @@ impl InboundPump {
             filter_errors: load(&c.filter_errors),
             invalid: load(&c.invalid),
             returned: load(&c.returned),
+            lag: Duration::from_micros(load(&c.lag_micros)),
         }
     }
 
@@ -176,6 +183,7 @@ impl InboundPump {
             match self.source.fetch(room, FETCH_WAIT) {
                 Ok(events) => {
                     backoff = FIRST_BACKOFF;
+                    self.note_lag(&events);
                     self.place_all(target, events);
                 }
                 Err(error) if matches!(error.kind(), ProviderErrorKind::Closed) => {
@@ -192,6 +200,19 @@ impl InboundPump {
                 }
             }
         }
+    }
+
+    /// Records how far behind its publishers a fetched batch is: once per fetch, never per event
+    /// on the workers.
+    fn note_lag(&self, events: &[InboundEvent]) {
+        let oldest = events.iter().map(|e| e.event.created_at).min();
+        let lag = oldest.map_or(Duration::ZERO, |created| {
+            // A publisher's clock ahead of ours reads as no lag.
+            Duration::try_from(jiff::Timestamp::now().duration_since(created)).unwrap_or(Duration::ZERO)
+        });
+        let micros = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
+        // Relaxed: a statistic.
+        self.counters.lag_micros.store(micros, Ordering::Relaxed);
     }
 
     fn place_all(&self, target: &impl Target, events: Vec<InboundEvent>) {

@@ -480,6 +480,14 @@ impl<T> Producer<T> {
         self.len() == 0
     }
 
+    /// Positions claimed since the ring was made (wrapping): every value accepted so far, popped
+    /// or not, plus claims still being written. What `Broker::drain` counts down to.
+    pub fn claimed(&self) -> usize {
+        // Relaxed: a claim that happened before the caller's call is visible by coherence; later
+        // ones may or may not be counted, which is what "so far" means.
+        (self.shared.tail.load(Relaxed) & !MARK) / ONE
+    }
+
     /// Whether every slot is claimed (a snapshot, like [`len`](Self::len)).
     pub fn is_full(&self) -> bool {
         self.len() >= self.capacity()

@@ -185,6 +185,26 @@ impl ShardSet {
             .sum()
     }
 
+    /// Ring positions claimed so far, per shard: every job accepted before this call (and maybe a
+    /// few after).
+    pub(crate) fn claimed(&self) -> Vec<u64> {
+        self.shards.iter().map(|s| s.producer.claimed() as u64).collect()
+    }
+
+    /// How far shard `index` is from having ended its first `target` jobs: the jobs short of it,
+    /// and the deliveries waiting for a retry (one of which may belong to an earlier job).
+    pub(crate) fn shortfall(&self, index: usize, target: u64) -> (u64, u64) {
+        let c = &self.shards[index].counters;
+        // Acquire, the three: pair with the Release stores that end `Worker::end_turn`, so the
+        // `pending_retries` read after them is from the same turn or a later one. Jobs end in ring
+        // order except those waiting for retries, so "`target` ended and no retry pending" in one
+        // turn means the first `target` all ended.
+        let ended = c.completed.load(Ordering::Acquire)
+            + c.failed.load(Ordering::Acquire)
+            + c.abandoned.load(Ordering::Acquire);
+        (target.saturating_sub(ended), c.pending_retries.load(Ordering::Relaxed))
+    }
+
     /// Free slots over every ring (a snapshot).
     pub(crate) fn free_slots(&self) -> usize {
         self.shards.iter().map(|s| s.producer.capacity().saturating_sub(s.producer.len())).sum()

@@ -31,6 +31,7 @@ use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
+use crate::metrics::{EngineMetrics, WorkerMetrics};
 use crate::provider::StatusUpdate;
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
 use crate::{EventId, EventStatus, MatchCache};
@@ -55,6 +56,8 @@ pub(crate) struct WorkerShared {
     pub(crate) shutdown_deadline: parking_lot::Mutex<Option<Instant>>,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
+    /// The broker's metric state, when it records metrics.
+    pub(crate) metrics: Option<Arc<EngineMetrics>>,
 }
 
 impl WorkerShared {
@@ -90,6 +93,7 @@ pub(crate) struct ShardCounters {
     pub(crate) dead_letters: AtomicU64,
     pub(crate) pending_retries: AtomicU64,
     pub(crate) internal_errors: AtomicU64,
+    pub(crate) abandoned: AtomicU64,
 }
 
 /// What a worker did after shutdown began.
@@ -151,6 +155,7 @@ pub(crate) struct Worker {
     published: Published,
     last_extend: Instant,
     rng: fastrand::Rng,
+    metrics: WorkerMetrics,
 }
 
 #[derive(Default, PartialEq, Eq, Clone, Copy)]
@@ -170,6 +175,7 @@ impl Worker {
         consumer: Consumer<Option<Job>>,
         index: usize,
     ) -> Self {
+        let metrics = WorkerMetrics::new(shared.metrics.as_ref());
         Self {
             shared,
             counters,
@@ -191,6 +197,7 @@ impl Worker {
             published: Published::default(),
             last_extend: Instant::now(),
             rng: fastrand::Rng::new(),
+            metrics,
         }
     }
 
@@ -279,8 +286,12 @@ impl Worker {
             self.counters.started.store(self.started, Ordering::Relaxed);
             if let Some(job) = job {
                 self.in_flight = Some(InFlight { id: job.event.id, origin: job.origin, registered: false });
+                let probe = self.metrics.begin(&job, &self.outbox.counts);
                 self.dispatch_one(&set, job);
+                self.metrics.end(probe, &self.outbox.counts);
                 self.in_flight = None;
+            } else {
+                self.outbox.counts.abandoned += 1;
             }
         }
     }
@@ -381,6 +392,7 @@ impl Worker {
         open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
         if open.tally.outstanding == 0 {
             let open = self.open.remove(key);
+            self.metrics.settled_late(&open.job.event, open.tally.failed());
             self.outbox.settle(&open.job, open.tally, self.config.track_status);
         }
     }
@@ -458,6 +470,7 @@ impl Worker {
             }
             self.shared.writer.settle(&mut self.outbox);
         }
+        self.metrics.end_turn();
         let now = Published {
             counts: self.outbox.counts,
             started: self.started,
@@ -469,14 +482,17 @@ impl Worker {
         }
         let c = &self.counters;
         let n = now.counts;
-        c.completed.store(n.completed, Ordering::Relaxed);
-        c.failed.store(n.failed, Ordering::Relaxed);
+        c.pending_retries.store(now.pending_retries as u64, Ordering::Relaxed);
         c.unrouted.store(n.unrouted, Ordering::Relaxed);
         c.handler_failures.store(n.handler_failures, Ordering::Relaxed);
         c.retries.store(n.retries, Ordering::Relaxed);
         c.dead_letters.store(n.dead_letters, Ordering::Relaxed);
-        c.pending_retries.store(now.pending_retries as u64, Ordering::Relaxed);
         c.internal_errors.store(now.internal_errors, Ordering::Relaxed);
+        // Release, the three that count ended jobs, after `pending_retries`: pairs with the Acquire
+        // loads in `Engine::drain`, which then reads a `pending_retries` at least this current.
+        c.abandoned.store(n.abandoned, Ordering::Release);
+        c.completed.store(n.completed, Ordering::Release);
+        c.failed.store(n.failed, Ordering::Release);
         self.published = now;
     }
 }

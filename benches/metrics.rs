@@ -1,0 +1,119 @@
+//! What metrics cost the publish → handler path, in one run: metrics off, metrics on with no
+//! recorder installed, and metrics on with the Prometheus recorder installed. The recorder cannot
+//! be uninstalled, so the cases run in that order.
+//!
+//! Workload: the dispatch bench's realistic one: 2 000 event types `svc.entity<N>.<op>` across
+//! the five sources, each event built per publish (a fresh `Event` with a short payload), 1 000
+//! mixed subscriptions (literals, `*` segments, `>` tails), one shard, status tracking off, so the
+//! broker's own per-event work is all that is measured.
+//!
+//! Run: `cargo bench --features metrics --bench metrics`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use eventbroker::metrics::MetricsConfig;
+use eventbroker::{Backpressure, Broker, Event, EventSource};
+
+const TYPES: usize = 2_000;
+const OPS: [&str; 4] = ["create", "update", "delete", "read"];
+
+fn event_type(i: usize) -> String {
+    format!("svc{}.entity{}.{}", i % 10, i / 4, OPS[i % 4])
+}
+
+/// 1 000 subscriptions: every fourth type literally, then wildcard patterns over the services.
+fn patterns() -> Vec<String> {
+    let mut patterns: Vec<String> = (0..TYPES).step_by(4).take(900).map(event_type).collect();
+    for svc in 0..10 {
+        patterns.push(format!("svc{svc}.*.create"));
+        patterns.push(format!("svc{svc}.>"));
+        for op in OPS {
+            patterns.push(format!("svc{svc}.*.{op}"));
+        }
+        for entity in 0..4 {
+            patterns.push(format!("*.entity{entity}.*"));
+        }
+    }
+    patterns.truncate(1_000);
+    patterns
+}
+
+struct Rig {
+    broker: Broker,
+    handled: Arc<AtomicU64>,
+    types: Vec<String>,
+    next: usize,
+}
+
+impl Rig {
+    fn new(metrics: MetricsConfig) -> Self {
+        let broker = Broker::builder()
+            .workers(1)
+            .buffer_size(4096)
+            .track_status(false)
+            .backpressure(Backpressure::Block(Duration::from_secs(60)))
+            .metrics(metrics)
+            .build()
+            .expect("a broker");
+        let handled = Arc::new(AtomicU64::new(0));
+        // The catch-all counts each event once; the rest only look at it.
+        let counter = Arc::clone(&handled);
+        broker
+            .subscribe_infallible("*", move |_| {
+                counter.fetch_add(1, Ordering::Relaxed);
+            })
+            .expect("a pattern");
+        for pattern in patterns() {
+            broker
+                .subscribe_infallible(&pattern, |e: &Event| {
+                    black_box(e.user_id);
+                })
+                .expect("a pattern");
+        }
+        Self { broker, handled, types: (0..TYPES).map(event_type).collect(), next: 0 }
+    }
+
+    /// Publishes `n` fresh events and waits until all are handled.
+    fn run(&mut self, n: u64) -> Duration {
+        let target = self.handled.load(Ordering::Relaxed) + n;
+        let started = Instant::now();
+        for _ in 0..n {
+            let i = self.next;
+            self.next = (self.next + 1) % self.types.len();
+            let event = Event::new(EventSource::ALL[i % 5], self.types[i].clone())
+                .with_user_id(i64::try_from(i).unwrap_or(i64::MAX))
+                .with_payload_value(serde_json::json!({ "id": i }));
+            self.broker.publish(event).expect("accepted");
+        }
+        while self.handled.load(Ordering::Relaxed) < target {
+            std::thread::yield_now();
+        }
+        started.elapsed()
+    }
+}
+
+fn publish_with_and_without_a_recorder(c: &mut Criterion) {
+    let mut group = c.benchmark_group("metrics_publish");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+
+    let mut off = Rig::new(MetricsConfig { enabled: false, ..MetricsConfig::default() });
+    group.bench_function("metrics off", |b| b.iter_custom(|n| off.run(n)));
+    let mut none = Rig::new(MetricsConfig::default());
+    group.bench_function("no recorder", |b| b.iter_custom(|n| none.run(n)));
+
+    metrics::set_global_recorder(metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder())
+        .expect("the only recorder of this bench");
+    let mut prometheus = Rig::new(MetricsConfig::default());
+    group.bench_function("prometheus recorder", |b| b.iter_custom(|n| prometheus.run(n)));
+    let mut every = Rig::new(MetricsConfig { timing_sample: 1, ..MetricsConfig::default() });
+    group.bench_function("prometheus, every event timed", |b| b.iter_custom(|n| every.run(n)));
+    group.finish();
+}
+
+criterion_group!(benches, publish_with_and_without_a_recorder);
+criterion_main!(benches);

@@ -1,0 +1,415 @@
+//! Recording (feature `metrics`): a broker's shared metric state, and each worker's per-turn
+//! aggregation by `(source, type)`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Histogram, Label, Unit};
+
+use super::{MetricsConfig, OTHER_TYPE};
+use crate::dispatch::delivery::{Counts, Job, Origin};
+use crate::{Event, EventSource};
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Whether a recorder is installed: anything but the facade's zero-sized no-op recorder.
+pub(super) fn recorder_installed() -> bool {
+    metrics::with_recorder(|recorder| std::mem::size_of_val(recorder) != 0)
+}
+
+/// A broker's metric state, shared by its workers, its synchronous publishes and its reporter.
+pub(crate) struct EngineMetrics {
+    pub(super) config: MetricsConfig,
+    /// Whether a recorder is installed; refreshed by the reporter. Relaxed: a switch read once
+    /// per worker turn; a turn that misses a change records from the next.
+    active: AtomicBool,
+    /// Event types with label values of their own, at most `config.max_types`.
+    admitted: parking_lot::Mutex<HashSet<Box<str>, foldhash::fast::RandomState>>,
+    /// Events recorded as `other`, not yet added to their counter (Relaxed: a count).
+    folded: AtomicU64,
+    /// Handles of synchronous publishes, which have no worker table.
+    sync_handles: parking_lot::Mutex<FastMap<(EventSource, Box<str>), Handles>>,
+    pub(super) instance_id: String,
+    pub(super) reporter: super::reporter::Reporter,
+}
+
+impl EngineMetrics {
+    /// The metric state of a broker, or `None` when metrics are off.
+    pub(crate) fn new(config: &MetricsConfig, instance_id: &str) -> Option<Arc<Self>> {
+        if !config.enabled {
+            return None;
+        }
+        Some(Arc::new(Self {
+            config: config.clone(),
+            active: AtomicBool::new(recorder_installed()),
+            admitted: parking_lot::Mutex::new(HashSet::default()),
+            folded: AtomicU64::new(0),
+            sync_handles: parking_lot::Mutex::new(FastMap::default()),
+            instance_id: instance_id.to_owned(),
+            reporter: super::reporter::Reporter::default(),
+        }))
+    }
+
+    pub(crate) fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::Relaxed);
+    }
+
+    /// Events folded into `other` since the last call.
+    pub(super) fn take_folded(&self) -> u64 {
+        self.folded.swap(0, Ordering::Relaxed)
+    }
+
+    /// The label value of `event_type`: itself while fewer than `max_types` types have one (or it
+    /// already has), else `other`.
+    fn admit(&self, event_type: &str) -> Option<Box<str>> {
+        let mut admitted = self.admitted.lock();
+        if admitted.contains(event_type) {
+            return Some(event_type.into());
+        }
+        if admitted.len() < self.config.max_types {
+            admitted.insert(event_type.into());
+            return Some(event_type.into());
+        }
+        None
+    }
+
+    fn handles(&self, source: EventSource, label: &str) -> Handles {
+        let labels = [Label::new("source", source.as_str()), Label::new("type", label.to_owned())];
+        let name = |n: &str| self.config.name(n);
+        let processed = |status: &'static str| {
+            let mut labels = labels.to_vec();
+            labels.push(Label::new("status", status));
+            metrics::counter!(name("events_processed_total"), labels)
+        };
+        Handles {
+            published: metrics::counter!(name("events_published_total"), labels.to_vec()),
+            completed: processed("completed"),
+            failed: processed("failed"),
+            duration: metrics::histogram!(name("event_processing_duration_seconds"), labels.to_vec()),
+        }
+    }
+
+    /// The clock of a synchronous publish, when metrics are being recorded.
+    pub(crate) fn sync_begin(&self) -> Option<Instant> {
+        self.is_active().then(Instant::now)
+    }
+
+    /// Records a synchronous publish of `event` whose deliveries produced `counts`.
+    pub(crate) fn sync_end(&self, event: &Event, counts: &Counts, started: Option<Instant>) {
+        let Some(started) = started else { return };
+        let elapsed = started.elapsed();
+        let label = self.admit(&event.event_type);
+        if label.is_none() {
+            self.folded.fetch_add(1, Ordering::Relaxed);
+        }
+        let label = label.unwrap_or_else(|| OTHER_TYPE.into());
+        let mut cache = self.sync_handles.lock();
+        let handles = cache
+            .entry((event.source, label))
+            .or_insert_with_key(|(source, label)| self.handles(*source, label));
+        handles.published.increment(1);
+        handles.completed.increment(counts.completed);
+        handles.failed.increment(counts.failed);
+        handles.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+/// The recorder's handles of one `(source, type)`.
+struct Handles {
+    published: Counter,
+    completed: Counter,
+    failed: Counter,
+    duration: Histogram,
+}
+
+/// What one `(source, type)` gathered this turn, and its handles once resolved.
+struct Slot {
+    source: EventSource,
+    label: Box<str>,
+    published: u64,
+    completed: u64,
+    failed: u64,
+    /// Sampled durations, in seconds.
+    samples: Vec<f64>,
+    handles: Option<Handles>,
+    touched: bool,
+}
+
+/// What [`WorkerMetrics::begin`] hands to [`WorkerMetrics::end`] for one job.
+#[derive(Clone, Copy)]
+pub(crate) struct Probe {
+    /// `u32::MAX`: not recording.
+    slot: u32,
+    completed: u64,
+    failed: u64,
+    started: Option<Instant>,
+}
+
+impl Probe {
+    const OFF: Self = Self { slot: u32::MAX, completed: 0, failed: 0, started: None };
+}
+
+/// A worker's metrics: counts per `(source, type)`, gathered over a turn and handed to the
+/// recorder at its end. Owned by the worker thread alone.
+pub(crate) struct WorkerMetrics {
+    shared: Option<Arc<EngineMetrics>>,
+    /// The shared switch, read once per turn.
+    active: bool,
+    /// Slot of each admitted type, per source (indexed by `source as usize`), so a lookup borrows
+    /// the event's type instead of building a key.
+    index: [FastMap<Box<str>, u32>; EventSource::ALL.len()],
+    /// Types this worker found folded, so it asks the shared table once per type; cleared when it
+    /// reaches `4 × max_types` entries, to stay bounded under any stream of types.
+    folded: HashSet<Box<str>, foldhash::fast::RandomState>,
+    /// The `other` slot per source.
+    other: [Option<u32>; EventSource::ALL.len()],
+    slots: Vec<Slot>,
+    touched: Vec<u32>,
+    /// The previous lookup, tried first: events of one type often come in runs.
+    last: Option<(EventSource, u32)>,
+    folded_now: u64,
+    /// Events left until the next timed one.
+    countdown: u32,
+}
+
+impl WorkerMetrics {
+    pub(crate) fn new(shared: Option<&Arc<EngineMetrics>>) -> Self {
+        Self {
+            active: shared.is_some_and(|s| s.is_active()),
+            shared: shared.cloned(),
+            index: Default::default(),
+            folded: HashSet::default(),
+            other: [None; EventSource::ALL.len()],
+            slots: Vec::new(),
+            touched: Vec::new(),
+            last: None,
+            folded_now: 0,
+            countdown: 1,
+        }
+    }
+
+    /// A job is about to be handled: counts it as published (when it is this broker's) and may
+    /// start its clock. `counts` are the worker's counts before it.
+    #[inline]
+    pub(crate) fn begin(&mut self, job: &Job, counts: &Counts) -> Probe {
+        if !self.active {
+            return Probe::OFF;
+        }
+        self.begin_active(job, counts)
+    }
+
+    fn begin_active(&mut self, job: &Job, counts: &Counts) -> Probe {
+        let slot = self.slot_for(job.event.source, &job.event.event_type);
+        if matches!(job.origin, Origin::Local | Origin::Replayed) {
+            self.slot_mut(slot).published += 1;
+        }
+        self.countdown -= 1;
+        let started = if self.countdown == 0 {
+            self.countdown = self.shared.as_ref().map_or(1, |s| s.config.timing_sample);
+            Some(Instant::now())
+        } else {
+            None
+        };
+        Probe { slot, completed: counts.completed, failed: counts.failed, started }
+    }
+
+    /// The job of `probe` was handled: what `counts` gained since `begin` is its outcome (nothing
+    /// when it waits for retries; [`settled_late`](Self::settled_late) counts it then).
+    #[inline]
+    pub(crate) fn end(&mut self, probe: Probe, counts: &Counts) {
+        if probe.slot == u32::MAX {
+            return;
+        }
+        let slot = self.slot_mut(probe.slot);
+        slot.completed += counts.completed - probe.completed;
+        slot.failed += counts.failed - probe.failed;
+        if let Some(started) = probe.started {
+            slot.samples.push(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A job that waited for retries ended.
+    pub(crate) fn settled_late(&mut self, event: &Event, failed: bool) {
+        if !self.active {
+            return;
+        }
+        let slot = self.slot_for(event.source, &event.event_type);
+        let slot = self.slot_mut(slot);
+        if failed {
+            slot.failed += 1;
+        } else {
+            slot.completed += 1;
+        }
+    }
+
+    fn slot_mut(&mut self, slot: u32) -> &mut Slot {
+        let index = slot as usize;
+        if !self.slots[index].touched {
+            self.slots[index].touched = true;
+            self.touched.push(slot);
+        }
+        &mut self.slots[index]
+    }
+
+    fn slot_for(&mut self, source: EventSource, event_type: &str) -> u32 {
+        if let Some((last_source, slot)) = self.last {
+            if last_source == source && &*self.slots[slot as usize].label == event_type {
+                return slot;
+            }
+        }
+        let slot = match self.index[source as usize].get(event_type) {
+            Some(&slot) => slot,
+            None => self.slot_on_miss(source, event_type),
+        };
+        self.last = Some((source, slot));
+        slot
+    }
+
+    fn slot_on_miss(&mut self, source: EventSource, event_type: &str) -> u32 {
+        let admitted = match &self.shared {
+            Some(shared) if !self.folded.contains(event_type) => shared.admit(event_type),
+            _ => None,
+        };
+        if let Some(label) = admitted {
+            let slot = self.push_slot(source, label.clone());
+            self.index[source as usize].insert(label, slot);
+            return slot;
+        }
+        let max_types = self.shared.as_ref().map_or(0, |s| s.config.max_types);
+        if self.folded.len() >= 4 * max_types {
+            self.folded.clear();
+        }
+        self.folded.insert(event_type.into());
+        self.folded_now += 1;
+        if let Some(slot) = self.other[source as usize] {
+            return slot;
+        }
+        let slot = self.push_slot(source, OTHER_TYPE.into());
+        self.other[source as usize] = Some(slot);
+        slot
+    }
+
+    fn push_slot(&mut self, source: EventSource, label: Box<str>) -> u32 {
+        let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX - 1);
+        self.slots.push(Slot {
+            source,
+            label,
+            published: 0,
+            completed: 0,
+            failed: 0,
+            samples: Vec::new(),
+            handles: None,
+            touched: false,
+        });
+        slot
+    }
+
+    /// Hands the turn's counts to the recorder, and picks up the shared switch for the next turn.
+    pub(crate) fn end_turn(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        self.active = shared.is_active();
+        if self.folded_now > 0 {
+            shared.folded.fetch_add(std::mem::take(&mut self.folded_now), Ordering::Relaxed);
+        }
+        for slot in self.touched.drain(..) {
+            let slot = &mut self.slots[slot as usize];
+            slot.touched = false;
+            let handles = slot.handles.get_or_insert_with(|| shared.handles(slot.source, &slot.label));
+            if slot.published > 0 {
+                handles.published.increment(std::mem::take(&mut slot.published));
+            }
+            if slot.completed > 0 {
+                handles.completed.increment(std::mem::take(&mut slot.completed));
+            }
+            if slot.failed > 0 {
+                handles.failed.increment(std::mem::take(&mut slot.failed));
+            }
+            for sample in slot.samples.drain(..) {
+                handles.duration.record(sample);
+            }
+        }
+    }
+}
+
+/// Describes every metric to the recorder (units and help texts).
+pub(super) fn describe(config: &MetricsConfig) {
+    let name = |n: &str| config.name(n);
+    metrics::describe_counter!(
+        name("events_published_total"),
+        Unit::Count,
+        "Events published, by source and type."
+    );
+    metrics::describe_counter!(
+        name("events_processed_total"),
+        Unit::Count,
+        "Events whose handling ended, by source, type and status (completed or failed)."
+    );
+    metrics::describe_histogram!(
+        name("event_processing_duration_seconds"),
+        Unit::Seconds,
+        "Time spent in the handlers of one event (first attempt), sampled."
+    );
+    metrics::describe_counter!(
+        name("events_folded_total"),
+        Unit::Count,
+        "Events recorded with type=\"other\"."
+    );
+    metrics::describe_gauge!(
+        name("queue_size"),
+        Unit::Count,
+        "Events accepted and not yet begun by a worker."
+    );
+    metrics::describe_gauge!(name("workers_active"), Unit::Count, "Worker threads running.");
+    metrics::describe_gauge!(name("pending_retries"), Unit::Count, "Deliveries waiting for a retry.");
+    metrics::describe_gauge!(
+        name("writer_backlog"),
+        Unit::Count,
+        "Stored events not yet written to the provider."
+    );
+    metrics::describe_gauge!(
+        name("inbound_lag_seconds"),
+        Unit::Seconds,
+        "Age at fetch of the oldest event of the last batch from other instances."
+    );
+    metrics::describe_counter!(
+        name("events_rejected_total"),
+        Unit::Count,
+        "Publishes refused because the broker was full."
+    );
+    metrics::describe_counter!(name("retries_total"), Unit::Count, "Retries scheduled.");
+    metrics::describe_counter!(name("handler_failures_total"), Unit::Count, "Failed handler calls.");
+    metrics::describe_counter!(name("dead_letters_total"), Unit::Count, "Deliveries dead-lettered.");
+    metrics::describe_counter!(
+        name("internal_errors_total"),
+        Unit::Count,
+        "Panics caught on workers outside handlers."
+    );
+    metrics::describe_counter!(name("writer_batches_total"), Unit::Count, "Batches written to the provider.");
+    metrics::describe_counter!(name("writer_errors_total"), Unit::Count, "Provider calls that failed.");
+    metrics::describe_counter!(
+        name("writer_dropped_total"),
+        Unit::Count,
+        "Writes given up after permanent errors."
+    );
+    metrics::describe_counter!(
+        name("inbound_events_total"),
+        Unit::Count,
+        "Events fetched from other instances."
+    );
+    metrics::describe_counter!(
+        name("inbound_fetch_errors_total"),
+        Unit::Count,
+        "Failed fetches from other instances."
+    );
+}
+
+/// Seconds as a gauge value.
+pub(super) fn seconds(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}

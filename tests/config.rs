@@ -1,0 +1,560 @@
+//! Configuration from YAML: every example of the seed's README loads, each kind of bad value gets
+//! an error naming its key, `${VAR}` expansion, defaults and `EVENTBROKER_*` overrides.
+//!
+//! Variables come from `Env::from_vars` maps, never from the process environment, so these tests
+//! run in parallel without touching each other (the one test of the process environment only
+//! reads `PATH`).
+
+use std::time::Duration;
+
+use eventbroker::config::{Config, Env, NatsStorageKind, ProviderKind};
+use eventbroker::{Backpressure, BuildError, ConfigError, Distribution, Mode, RetryPolicy, WaitStrategy};
+
+fn load(yaml: &str) -> Config {
+    Config::from_yaml_str_with(yaml, &Env::from_vars([("HOSTNAME", "host-1")]))
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+}
+
+fn load_with(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_yaml_str_with(yaml, &Env::from_vars(vars.iter().copied()))
+}
+
+fn error(yaml: &str) -> ConfigError {
+    match load_with(yaml, &[]) {
+        Ok(config) => panic!("expected an error, got {config:?}\n{yaml}"),
+        Err(error) => error,
+    }
+}
+
+const QUICK_START: &str = r#"
+event_broker:
+  enabled: true
+  provider: memory  # memory, redis, nats, database
+  mode: async       # sync, async
+  worker_count: 10
+  buffer_size: 1000
+  instance_id: "${HOSTNAME}"
+"#;
+
+#[test]
+fn the_seed_quick_start_loads_and_builds() {
+    let config = load(QUICK_START);
+    assert!(config.enabled);
+    assert_eq!(config.provider, ProviderKind::Memory);
+    assert_eq!(config.mode, Mode::Async);
+    assert_eq!(config.worker_count, 10);
+    assert_eq!(config.buffer_size, 1000);
+    assert_eq!(config.instance_id, "host-1");
+    let broker = config.build().unwrap();
+    assert_eq!(broker.instance_id(), "host-1");
+    let stats = broker.stats();
+    assert_eq!((stats.workers, stats.distribution), (10, Distribution::Local));
+    assert_eq!(stats.shards[0].capacity, 1024, "1000 rounds up to a power of two");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+#[test]
+fn the_seed_provider_examples_load() {
+    let memory = load("event_broker:\n  provider: memory\n");
+    assert_eq!(memory.provider, ProviderKind::Memory);
+
+    let redis = load(
+        r#"
+event_broker:
+  provider: redis
+  redis:
+    stream_name: "resolvespec:events"
+    consumer_group: "resolvespec-workers"
+    host: "localhost"
+    port: 6379
+"#,
+    );
+    assert_eq!(redis.provider, ProviderKind::Redis);
+    assert_eq!(redis.redis.stream_name.as_deref(), Some("resolvespec:events"));
+    assert_eq!(redis.redis.consumer_group.as_deref(), Some("resolvespec-workers"));
+    assert_eq!(redis.redis.url(), "redis://localhost:6379/0");
+    assert_eq!(redis.distribution, None, "fan-out, the provider's default");
+
+    let nats = load(
+        r#"
+event_broker:
+  provider: nats
+  nats:
+    url: "nats://localhost:4222"
+    stream_name: "RESOLVESPEC_EVENTS"
+"#,
+    );
+    assert_eq!(nats.provider, ProviderKind::Nats);
+    assert_eq!(nats.nats.url.as_deref(), Some("nats://localhost:4222"));
+    assert_eq!(nats.nats.stream_name.as_deref(), Some("RESOLVESPEC_EVENTS"));
+
+    let database = load(
+        r#"
+event_broker:
+  provider: database
+  database:
+    table_name: "events"
+    channel: "resolvespec_events"
+"#,
+    );
+    assert_eq!(database.provider, ProviderKind::Database);
+    assert_eq!(database.database.table_name.as_deref(), Some("events"));
+    assert_eq!(database.database.channel.as_deref(), Some("resolvespec_events"));
+}
+
+#[test]
+fn the_seed_mode_and_retry_examples_load() {
+    let r#async = load("event_broker:\n  mode: async\n  worker_count: 10\n  buffer_size: 1000\n");
+    assert_eq!((r#async.mode, r#async.worker_count), (Mode::Async, 10));
+    let sync = load("event_broker:\n  mode: sync\n");
+    assert_eq!(sync.mode, Mode::Sync);
+
+    let retry = load(
+        r"
+event_broker:
+  retry_policy:
+    max_retries: 3
+    initial_delay: 1s
+    max_delay: 30s
+    backoff_factor: 2.0  # Exponential backoff
+",
+    );
+    assert_eq!(
+        retry.retry_policy,
+        RetryPolicy {
+            max_retries: 3,
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            backoff_factor: 2.0,
+            ..RetryPolicy::default()
+        }
+    );
+}
+
+#[test]
+fn the_implementation_plan_example_loads_and_keeps_the_applications_other_keys_out() {
+    let config = load(
+        r#"
+server:
+  port: 8080
+event_broker:
+  enabled: true
+  provider: redis
+  mode: async
+  worker_count: 10
+  buffer_size: 1000
+  instance_id: "${HOSTNAME}"
+  redis:
+    stream_name: "resolvespec:events"
+    consumer_group: "resolvespec-workers"
+    host: "localhost"
+    port: 6379
+"#,
+    );
+    assert_eq!(config.provider, ProviderKind::Redis);
+}
+
+#[test]
+fn an_empty_section_is_the_documented_defaults() {
+    let config = load("event_broker: {}\n");
+    assert_eq!(config, Config::default());
+    assert!(config.enabled);
+    assert_eq!(config.provider, ProviderKind::Memory);
+    assert_eq!(config.mode, Mode::Async);
+    assert_eq!(config.buffer_size, 1024);
+    assert_eq!(config.retry_policy, RetryPolicy::default());
+    assert_eq!(config.backpressure, Backpressure::Block(Duration::from_secs(1)));
+    assert_eq!(config.wait_strategy, WaitStrategy::default());
+    assert!(config.track_status);
+    assert_eq!(config.claim_idle, Duration::from_secs(30));
+    assert_eq!(config.match_cache_capacity, 4096);
+    assert_eq!(config.drop_shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(config.metrics.max_types, 256);
+    assert_eq!(config.worker_count, std::thread::available_parallelism().map_or(1, std::num::NonZero::get));
+}
+
+#[test]
+fn every_crate_setting_loads() {
+    let config = load(
+        r"
+event_broker:
+  backpressure:
+    policy: reject
+  wait_strategy:
+    kind: blocking
+    spins: 5
+    yields: 0
+  track_status: false
+  writer:
+    max_batch: 64
+    max_delay: 250us
+    max_backlog: 1_000
+  distribution:
+    mode: work_queue
+    group: mailers
+  claim_idle: 1m30s
+  match_cache_capacity: 128
+  drop_shutdown_timeout: 5s
+  memory:
+    max_events: 500
+    max_age: none
+    cleanup_interval: off
+  metrics:
+    enabled: false
+    namespace: orders
+    max_types: 10
+    timing_sample: 1
+    report_interval: 100ms
+  retry_policy:
+    jitter: 0
+",
+    );
+    assert_eq!(config.backpressure, Backpressure::Reject);
+    assert_eq!(config.wait_strategy, WaitStrategy::Blocking { spins: 5, yields: 0 });
+    assert!(!config.track_status);
+    assert_eq!(
+        (config.writer.max_batch, config.writer.max_delay, config.writer.max_backlog),
+        (64, Duration::from_micros(250), 1000)
+    );
+    assert_eq!(config.distribution, Some(Distribution::WorkQueue("mailers".into())));
+    assert_eq!(config.claim_idle, Duration::from_secs(90));
+    assert_eq!(config.match_cache_capacity, 128);
+    assert_eq!(config.drop_shutdown_timeout, Duration::from_secs(5));
+    assert_eq!(
+        (config.memory.max_events, config.memory.max_age, config.memory.cleanup_interval),
+        (500, None, None)
+    );
+    assert!(!config.metrics.enabled);
+    assert_eq!(config.metrics.namespace.as_deref(), Some("orders"));
+    assert_eq!((config.metrics.max_types, config.metrics.timing_sample), (10, 1));
+    assert_eq!(config.retry_policy.jitter.to_bits(), 0.0_f64.to_bits());
+
+    let spin =
+        load("event_broker:\n  wait_strategy:\n    kind: busy_spin\n  backpressure:\n    timeout: 250ms\n");
+    assert_eq!(spin.wait_strategy, WaitStrategy::BusySpin);
+    assert_eq!(spin.backpressure, Backpressure::Block(Duration::from_millis(250)));
+}
+
+#[test]
+fn the_seed_consumer_group_names_a_work_queue() {
+    let config = load(
+        "event_broker:\n  provider: redis\n  redis:\n    consumer_group: workers\n  distribution:\n    mode: work_queue\n",
+    );
+    assert_eq!(config.distribution, Some(Distribution::WorkQueue("workers".into())));
+}
+
+#[test]
+fn a_bad_mode_names_the_key_and_the_value() {
+    let err = error("event_broker:\n  mode: asnyc\n");
+    assert_eq!(err.key(), "event_broker.mode");
+    assert_eq!(err.reason(), r#"expected sync or async, got "asnyc""#);
+    assert_eq!(
+        err.to_string(),
+        r#"invalid configuration: event_broker.mode: expected sync or async, got "asnyc""#
+    );
+}
+
+/// A YAML text, the key its error names, and words of the reason.
+const BAD_VALUES: &[(&str, &str, &str)] = &[
+    (
+        "event_broker:\n  provider: kafka\n",
+        "event_broker.provider",
+        r#"expected memory, redis, nats or database, got "kafka""#,
+    ),
+    (
+        "event_broker:\n  worker_count: ten\n",
+        "event_broker.worker_count",
+        r#"expected a whole number, got "ten""#,
+    ),
+    ("event_broker:\n  worker_count: -2\n", "event_broker.worker_count", "expected a whole number, got -2"),
+    ("event_broker:\n  worker_count: 0\n", "event_broker.worker_count", "must be between 1 and 1024, got 0"),
+    ("event_broker:\n  buffer_size: 1\n", "event_broker.buffer_size", "must be between 2 and"),
+    (
+        "event_broker:\n  enabled: yes please\n",
+        "event_broker.enabled",
+        r#"expected true or false, got "yes please""#,
+    ),
+    (
+        "event_broker:\n  claim_idle: 5\n",
+        "event_broker.claim_idle",
+        "expected a duration like 250ms, 1s or 1m30s, got 5",
+    ),
+    ("event_broker:\n  claim_idle: 5 parsecs\n", "event_broker.claim_idle", r#"got "5 parsecs""#),
+    ("event_broker:\n  claim_idle: 1ms\n", "event_broker.claim_idle", "must be at least 10ms"),
+    (
+        "event_broker:\n  retry_policy:\n    backoff_factor: 0.5\n",
+        "event_broker.retry_policy.backoff_factor",
+        "at least 1, got 0.5",
+    ),
+    (
+        "event_broker:\n  retry_policy:\n    jitter: 2\n",
+        "event_broker.retry_policy.jitter",
+        "must lie in [0, 1], got 2",
+    ),
+    (
+        "event_broker:\n  retry_policy:\n    initial_delay: 1m\n    max_delay: 1s\n",
+        "event_broker.retry_policy.initial_delay",
+        "above max_delay",
+    ),
+    ("event_broker:\n  retry_policy: 3\n", "event_broker.retry_policy", "expected a mapping of keys, got 3"),
+    (
+        "event_broker:\n  instance_id: [a, b]\n",
+        "event_broker.instance_id",
+        "expected a single value, got a list",
+    ),
+    (
+        "event_broker:\n  backpressure:\n    policy: reject\n    timeout: 1s\n",
+        "event_broker.backpressure.timeout",
+        "only applies to policy block",
+    ),
+    (
+        "event_broker:\n  wait_strategy:\n    kind: busy_spin\n    spins: 3\n",
+        "event_broker.wait_strategy.spins",
+        "only apply to kind blocking",
+    ),
+    (
+        "event_broker:\n  distribution:\n    mode: work_queue\n",
+        "event_broker.distribution.group",
+        "needs a group name",
+    ),
+    (
+        "event_broker:\n  distribution:\n    mode: fan_out\n    group: g\n",
+        "event_broker.distribution.group",
+        "only applies to mode work_queue",
+    ),
+    ("event_broker:\n  writer:\n    max_batch: 0\n", "event_broker.writer.max_batch", "must be at least 1"),
+    (
+        "event_broker:\n  metrics:\n    namespace: 9lives\n",
+        "event_broker.metrics.namespace",
+        "is not a metric name prefix",
+    ),
+    (
+        "event_broker:\n  metrics:\n    timing_sample: 0\n",
+        "event_broker.metrics.timing_sample",
+        "must be at least 1",
+    ),
+    ("event_broker:\n  redis:\n    port: 70000\n", "event_broker.redis.port", "70000 is too large"),
+    ("event_broker:\n  redis:\n    port: 0\n", "event_broker.redis.port", "must be between 1 and 65535"),
+    (
+        "event_broker:\n  redis:\n    url: http://cache\n",
+        "event_broker.redis.url",
+        r#"expected a URL starting with redis:// or rediss://, got "http://cache""#,
+    ),
+    (
+        "event_broker:\n  redis:\n    url: redis://cache\n    host: cache\n",
+        "event_broker.redis.host",
+        "not both",
+    ),
+    (
+        "event_broker:\n  redis:\n    stream_name: a b\n",
+        "event_broker.redis.stream_name",
+        "has characters other than",
+    ),
+    ("event_broker:\n  nats:\n    url: http://x\n", "event_broker.nats.url", "nats://"),
+    (
+        "event_broker:\n  nats:\n    replicas: 9\n",
+        "event_broker.nats.replicas",
+        "must be between 1 and 5, got 9",
+    ),
+    (
+        "event_broker:\n  nats:\n    storage: tape\n",
+        "event_broker.nats.storage",
+        r#"expected file or memory, got "tape""#,
+    ),
+    ("event_broker:\n  nats:\n    user: u\n", "event_broker.nats.password", "go together"),
+    (
+        "event_broker:\n  nats:\n    token: t\n    nkey: k\n",
+        "event_broker.nats.user",
+        "one way to authenticate",
+    ),
+    (
+        "event_broker:\n  nats:\n    subject_prefix: a.*\n",
+        "event_broker.nats.subject_prefix",
+        "not a subject prefix",
+    ),
+    (
+        "event_broker:\n  database:\n    table_name: 1events\n",
+        "event_broker.database.table_name",
+        "is not an identifier",
+    ),
+    ("event_broker:\n  database:\n    url: mysql://db\n", "event_broker.database.url", "postgres://"),
+    (
+        "event_broker:\n  database:\n    pool_size: 0\n",
+        "event_broker.database.pool_size",
+        "must be at least 1",
+    ),
+    ("event_broker:\n  instance_id: \"${HOST\"\n", "event_broker.instance_id", "unterminated ${"),
+];
+
+#[test]
+fn each_kind_of_bad_value_gets_its_error() {
+    for &(yaml, key, reason) in BAD_VALUES {
+        let err = error(yaml);
+        assert_eq!(err.key(), key, "{yaml}: {err}");
+        assert!(err.reason().contains(reason), "{yaml}: {err}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_reported_with_their_path() {
+    let err = error("event_broker:\n  worker_cuont: 3\n");
+    assert_eq!(err.key(), "event_broker.worker_cuont");
+    assert!(err.reason().starts_with("unknown key; expected enabled, provider, mode, worker_count"), "{err}");
+    let err = error("event_broker:\n  retry_policy:\n    max_retry: 3\n");
+    assert_eq!(err.key(), "event_broker.retry_policy.max_retry");
+    assert!(err.reason().contains("max_retries"), "{err}");
+    let err = error("event_broker:\n  redis:\n    hots: cache\n");
+    assert_eq!(err.key(), "event_broker.redis.hots");
+    assert!(err.reason().contains("host"), "{err}");
+}
+
+#[test]
+fn invalid_yaml_and_a_missing_section_say_where() {
+    let err = error("event_broker:\n  mode: [async\n");
+    assert!(err.key().starts_with("line "), "{err}");
+    assert!(err.reason().starts_with("invalid YAML"), "{err}");
+    let err = error("server:\n  port: 80\n");
+    assert_eq!(err.key(), "event_broker");
+    assert!(err.reason().starts_with("missing"), "{err}");
+    let err = error("event_broker: {}\n---\nother: {}\n");
+    assert!(err.reason().contains("2 YAML documents"), "{err}");
+}
+
+#[test]
+fn variables_expand_in_values() {
+    let yaml = r#"
+event_broker:
+  worker_count: ${WORKERS:-3}
+  buffer_size: "${BUFFER}"
+  instance_id: "${POD}-${ZONE:-eu}"
+  redis:
+    password: "${REDIS_PASSWORD}"
+    host: "$${literal}"
+"#;
+    let config =
+        load_with(yaml, &[("BUFFER", "4096"), ("POD", "api-7"), ("REDIS_PASSWORD", "s3cret")]).unwrap();
+    assert_eq!(config.worker_count, 3);
+    assert_eq!(config.buffer_size, 4096);
+    assert_eq!(config.instance_id, "api-7-eu");
+    assert_eq!(config.redis.password.as_deref(), Some("s3cret"));
+    assert_eq!(config.redis.host.as_deref(), Some("${literal}"));
+
+    let config =
+        load_with(yaml, &[("WORKERS", "8"), ("BUFFER", "64"), ("POD", "p"), ("ZONE", "us")]).unwrap();
+    assert_eq!((config.worker_count, config.buffer_size), (8, 64));
+    assert_eq!(config.instance_id, "p-us");
+    assert_eq!(config.redis.password, None, "an unset variable expands to nothing");
+
+    let err = load_with(yaml, &[("BUFFER", "lots"), ("POD", "p")]).unwrap_err();
+    assert_eq!(err.key(), "event_broker.buffer_size");
+    assert!(err.reason().contains(r#"got "lots""#), "{err}");
+}
+
+#[test]
+fn the_process_environment_is_read_by_default() {
+    let path = std::env::var("PATH").expect("PATH is set in a test process");
+    let config = Config::from_yaml_str("event_broker:\n  redis:\n    password: \"${PATH}\"\n").unwrap();
+    assert_eq!(config.redis.password.as_deref(), Some(path.as_str()));
+}
+
+#[test]
+fn an_unset_instance_id_falls_back_to_the_host_name() {
+    let config = load_with(QUICK_START, &[]).unwrap();
+    assert_eq!(config.instance_id, "", "an unset HOSTNAME expands to nothing");
+    let broker = config.build().unwrap();
+    assert!(!broker.instance_id().is_empty());
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+#[test]
+fn overrides_replace_keys_at_any_depth() {
+    let vars = [
+        ("EVENTBROKER_WORKER_COUNT", "4"),
+        ("EVENTBROKER_MODE", "sync"),
+        ("EVENTBROKER_RETRY_POLICY_MAX_RETRIES", "0"),
+        ("EVENTBROKER_REDIS_HOST", "cache.internal"),
+        ("EVENTBROKER_NATS_STORAGE", "memory"),
+        ("EVENTBROKER_METRICS_ENABLED", "false"),
+        ("HOSTNAME", "h"),
+    ];
+    let config = load_with(QUICK_START, &vars).unwrap();
+    assert_eq!(config.worker_count, 4, "the override wins over the file's 10");
+    assert_eq!(config.mode, Mode::Sync);
+    assert_eq!(config.retry_policy.max_retries, 0);
+    assert_eq!(config.redis.host.as_deref(), Some("cache.internal"));
+    assert_eq!(config.nats.storage, Some(NatsStorageKind::Memory));
+    assert!(!config.metrics.enabled);
+    assert_eq!(config.buffer_size, 1000, "keys without an override keep the file's value");
+
+    let from_env = Config::from_env_with(&Env::from_vars([("EVENTBROKER_BUFFER_SIZE", "64")])).unwrap();
+    assert_eq!(from_env.buffer_size, 64);
+}
+
+#[test]
+fn bad_overrides_name_the_variable() {
+    let err = load_with(QUICK_START, &[("EVENTBROKER_MODE", "asnyc")]).unwrap_err();
+    assert_eq!(err.key(), "event_broker.mode");
+    assert_eq!(err.reason(), r#"expected sync or async, got "asnyc" (from EVENTBROKER_MODE)"#);
+    let err = load_with(QUICK_START, &[("EVENTBROKER_WORKERS", "4")]).unwrap_err();
+    assert_eq!(err.key(), "EVENTBROKER_WORKERS");
+    assert!(err.reason().contains("no configuration key"), "{err}");
+}
+
+#[test]
+fn files_load_and_an_unreadable_one_names_its_path() {
+    let dir = std::env::temp_dir().join(format!("eventbroker-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, "event_broker:\n  mode: sync\n").unwrap();
+    let config = Config::from_yaml_file(&path).unwrap();
+    assert_eq!(config.mode, Mode::Sync);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = Config::from_yaml_file(&path).unwrap_err();
+    assert_eq!(err.key(), path.display().to_string());
+    assert!(err.reason().starts_with("cannot read the file"), "{err}");
+}
+
+#[test]
+fn a_disabled_configuration_builds_no_broker() {
+    let config = load("event_broker:\n  enabled: false\n");
+    assert!(matches!(config.build(), Err(BuildError::Disabled)));
+}
+
+#[test]
+fn a_configured_broker_delivers() {
+    let config = load("event_broker:\n  worker_count: 2\n  retry_policy:\n    max_retries: 0\n");
+    let broker = config.build().unwrap();
+    let events = broker.subscribe_stream("public.users.*").unwrap();
+    broker
+        .publish(eventbroker::Event::for_entity(
+            eventbroker::EventSource::Database,
+            "public",
+            "users",
+            "create",
+        ))
+        .unwrap();
+    broker.drain(Duration::from_secs(10)).unwrap();
+    assert_eq!(events.try_recv().unwrap().event_type, "public.users.create");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// Without a provider's feature, building names the feature; run by `scripts/test` with only the
+/// `yaml` feature.
+#[cfg(not(feature = "redis"))]
+#[test]
+fn a_provider_whose_feature_is_off_names_the_feature() {
+    let config = load("event_broker:\n  provider: redis\n");
+    match config.build() {
+        Err(BuildError::MissingFeature { key, feature }) => {
+            assert_eq!((key.as_str(), feature), ("event_broker.provider", "redis"));
+        }
+        other => panic!("expected MissingFeature, got {other:?}"),
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+#[test]
+fn metrics_without_their_feature_name_the_feature() {
+    let config = load("event_broker:\n  metrics:\n    enabled: true\n");
+    assert!(matches!(config.build(), Err(BuildError::MissingFeature { feature: "metrics", .. })));
+}

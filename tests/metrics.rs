@@ -1,0 +1,186 @@
+//! Metrics: scraped over HTTP from the `metrics_server` example's server, with a Prometheus
+//! recorder installed for the whole binary. Each test uses a namespace of its own, so the tests
+//! run in parallel on the one recorder without reading each other's series.
+
+mod common;
+
+#[allow(dead_code, reason = "the example's `main` is not used here, only its `serve`")]
+#[path = "../examples/metrics_server.rs"]
+mod metrics_server;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use common::{event, wait_until};
+use eventbroker::metrics::MetricsConfig;
+use eventbroker::{Broker, Event, EventSource, RetryPolicy};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The Prometheus recorder, installed once, and the example's server over it on an ephemeral
+/// loopback port; returns where to scrape.
+fn server() -> SocketAddr {
+    static SERVER: OnceLock<SocketAddr> = OnceLock::new();
+    *SERVER.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle: PrometheusHandle = recorder.handle();
+        metrics::set_global_recorder(recorder).expect("the only recorder of this binary");
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("a loopback port"));
+        let address = server.server_addr().to_ip().expect("an IP listener");
+        // The server lives as long as the test binary; its thread ends with the process.
+        std::thread::spawn(move || metrics_server::serve(&server, &handle));
+        address
+    })
+}
+
+/// `GET /metrics` over a plain TCP connection, every step bounded.
+fn scrape() -> String {
+    let mut stream = TcpStream::connect_timeout(&server(), WAIT).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_write_timeout(Some(WAIT)).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the series `name` whose labels include every one of `labels`.
+fn value(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+        let matches =
+            series_name == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Scrapes until `name{labels}` reads `expected`, or fails after `WAIT`.
+fn wait_for_value(name: &str, labels: &[(&str, &str)], expected: f64) {
+    let mut last = None;
+    wait_until(&format!("{name}{labels:?} to read {expected}"), WAIT, || {
+        last = value(&scrape(), name, labels);
+        last == Some(expected)
+    });
+}
+
+fn broker(namespace: &str, configure: impl FnOnce(MetricsConfig) -> MetricsConfig) -> Broker {
+    server();
+    let config = configure(MetricsConfig {
+        namespace: Some(namespace.to_owned()),
+        report_interval: Duration::from_millis(20),
+        ..MetricsConfig::default()
+    });
+    Broker::builder().workers(2).retry_policy(RetryPolicy::none()).metrics(config).build().unwrap()
+}
+
+#[test]
+fn counters_carry_the_seeds_names_labels_and_values() {
+    let broker = broker("seed", |c| c);
+    broker.subscribe_infallible("public.users.*", |_| {}).unwrap();
+    broker.subscribe("orders.*", |_| Err::<(), _>("declined")).unwrap();
+    for _ in 0..25 {
+        broker.publish(Event::for_entity(EventSource::Database, "public", "users", "create")).unwrap();
+    }
+    for _ in 0..3 {
+        broker.publish(Event::new(EventSource::Frontend, "orders.paid")).unwrap();
+    }
+    broker.publish_sync(Event::for_entity(EventSource::Database, "public", "users", "create")).unwrap();
+    broker.drain(WAIT).unwrap();
+
+    let users = [("source", "database"), ("type", "public.users.create")];
+    let orders = [("source", "frontend"), ("type", "orders.paid")];
+    let body = scrape();
+    assert_eq!(value(&body, "seed_eventbroker_events_published_total", &users), Some(26.0), "{body}");
+    assert_eq!(
+        value(
+            &body,
+            "seed_eventbroker_events_processed_total",
+            &[users[0], users[1], ("status", "completed")]
+        ),
+        Some(26.0)
+    );
+    assert_eq!(
+        value(
+            &body,
+            "seed_eventbroker_events_processed_total",
+            &[orders[0], orders[1], ("status", "failed")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(value(&body, "seed_eventbroker_events_published_total", &orders), Some(3.0));
+    let timed =
+        value(&body, "seed_eventbroker_event_processing_duration_seconds_count", &users).unwrap_or(0.0);
+    assert!((1.0..=26.0).contains(&timed), "sampled durations: {timed}\n{body}");
+    assert!(body.contains("# TYPE seed_eventbroker_events_published_total counter"), "{body}");
+
+    // Engine-wide counters and gauges come with the next report.
+    wait_for_value("seed_eventbroker_dead_letters_total", &[], 3.0);
+    wait_for_value("seed_eventbroker_workers_active", &[], 2.0);
+    wait_for_value("seed_eventbroker_queue_size", &[], 0.0);
+    assert!(broker.shutdown(WAIT).is_clean());
+    wait_for_value("seed_eventbroker_workers_active", &[], 0.0);
+}
+
+#[test]
+fn gauges_follow_the_queue_both_ways() {
+    let broker = broker("gauges", |c| c);
+    let (release, gate) = crossbeam_channel::bounded::<()>(0);
+    broker
+        .subscribe_infallible("slow.>", move |_| {
+            let _ = gate.recv_timeout(WAIT);
+        })
+        .unwrap();
+    // One shard holds them all: one partition key.
+    for _ in 0..6 {
+        broker.publish(Event::new(EventSource::Internal, "slow.work").with_partition_key("k")).unwrap();
+    }
+    // The worker is in the first event's handler; the other five wait for it.
+    wait_for_value("gauges_eventbroker_queue_size", &[], 5.0);
+    for _ in 0..6 {
+        release.send_timeout((), WAIT).unwrap();
+    }
+    broker.drain(WAIT).unwrap();
+    wait_for_value("gauges_eventbroker_queue_size", &[], 0.0);
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+#[test]
+fn types_beyond_the_limit_fold_into_other_and_are_counted() {
+    let broker = broker("fold", |c| MetricsConfig { max_types: 3, timing_sample: 1, ..c });
+    broker.subscribe_infallible(">", |_| {}).unwrap();
+    for kind in ["a", "b", "c", "d", "e"] {
+        for _ in 0..4 {
+            broker.publish(Event::new(EventSource::System, format!("fold.{kind}"))).unwrap();
+        }
+    }
+    broker.drain(WAIT).unwrap();
+    let body = scrape();
+    let published = |t: &str| value(&body, "fold_eventbroker_events_published_total", &[("type", t)]);
+    let own: Vec<&str> = ["fold.a", "fold.b", "fold.c", "fold.d", "fold.e"]
+        .into_iter()
+        .filter(|t| published(t).is_some())
+        .collect();
+    assert_eq!(own.len(), 3, "{body}");
+    assert!(own.iter().all(|t| published(t) == Some(4.0)), "{body}");
+    assert_eq!(published("other"), Some(8.0), "{body}");
+    let labelled = body.lines().filter(|l| l.starts_with("fold_eventbroker_events_published_total{")).count();
+    assert_eq!(labelled, 4, "three types and other\n{body}");
+    wait_for_value("fold_eventbroker_events_folded_total", &[], 8.0);
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+#[test]
+fn a_broker_without_metrics_records_nothing() {
+    let broker = broker("off", |c| MetricsConfig { enabled: false, ..c });
+    broker.subscribe_infallible(">", |_| {}).unwrap();
+    broker.publish(event("off.x")).unwrap();
+    broker.drain(WAIT).unwrap();
+    assert!(!scrape().contains("off_eventbroker_"));
+    assert!(broker.shutdown(WAIT).is_clean());
+}
