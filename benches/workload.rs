@@ -67,7 +67,8 @@ impl Workload {
             patterns.push(format!("{s}.{e}.{op}"));
         }
         let set: PatternSet<()> = patterns.iter().map(|p| (Pattern::parse(p).unwrap(), ())).collect();
-        let fan_out = types.iter().map(|(s, e, op)| set.matches(&format!("{s}.{e}.{op}")).len() as u64).collect();
+        let fan_out =
+            types.iter().map(|(s, e, op)| set.matches(&format!("{s}.{e}.{op}")).len() as u64).collect();
         Self { types, patterns, fan_out }
     }
 
@@ -81,7 +82,7 @@ impl Workload {
     fn event(&self, index: usize, n: u64) -> Event {
         let (schema, entity, op) = &self.types[index];
         let mut event = Event::for_entity(EventSource::Database, schema, entity, op)
-            .with_user_id(1000 + (n % 97).cast_signed())
+            .with_user_id(1000 + i64::try_from(n % 97).unwrap())
             .with_session_id("sess-4f2a9c1e");
         event
             .set_payload_json(format!(
@@ -154,8 +155,9 @@ struct CrossbeamContender {
 impl CrossbeamContender {
     fn new(workload: &Workload, shards: usize) -> Self {
         let delivered = Arc::new(AtomicU64::new(0));
-        let set: Arc<PatternSet<Handler>> =
-            Arc::new(workload.patterns.iter().map(|p| (Pattern::parse(p).unwrap(), handler(&delivered))).collect());
+        let set: Arc<PatternSet<Handler>> = Arc::new(
+            workload.patterns.iter().map(|p| (Pattern::parse(p).unwrap(), handler(&delivered))).collect(),
+        );
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         for _ in 0..shards {
@@ -177,7 +179,7 @@ impl CrossbeamContender {
 
 impl Contender for CrossbeamContender {
     fn publish(&self, event: Event) {
-        let shard = (self.hasher.hash_one(&event.event_type) % self.senders.len() as u64) as usize;
+        let shard = usize::try_from(self.hasher.hash_one(&event.event_type) % self.senders.len() as u64).unwrap();
         self.senders[shard].send(Arc::new(event)).unwrap();
     }
 
@@ -196,8 +198,14 @@ impl Drop for CrossbeamContender {
 }
 
 /// Publishes `iters` events from `publishers` threads and waits until every delivery is made.
-fn run(contender: &dyn Contender, workload: &Workload, schedule: &[usize], publishers: usize, iters: u64) -> Duration {
-    let per = (iters as usize).div_ceil(publishers);
+fn run(
+    contender: &dyn Contender,
+    workload: &Workload,
+    schedule: &[usize],
+    publishers: usize,
+    iters: u64,
+) -> Duration {
+    let per = usize::try_from(iters).unwrap().div_ceil(publishers);
     let total: Vec<usize> = (0..publishers * per).map(|i| schedule[i % schedule.len()]).collect();
     let target = contender.delivered() + workload.deliveries(&total);
     let started = Instant::now();
@@ -242,8 +250,8 @@ fn throughput(c: &mut Criterion, workload: &Workload) {
 }
 
 /// Paces one publisher at `rate` events/s for `duration`, and records publish → first handler.
-fn paced_latency(workload: &Workload, tracked: bool, rate: u64, duration: Duration) -> Histogram<u64> {
-    let n = (rate as f64 * duration.as_secs_f64()) as usize;
+fn paced_latency(workload: &Workload, tracked: bool, rate: u32, duration: Duration) -> Histogram<u64> {
+    let n = usize::try_from(u128::from(rate) * duration.as_millis() / 1000).unwrap();
     let broker = Broker::builder()
         .workers(2)
         .track_status(tracked)
@@ -251,16 +259,18 @@ fn paced_latency(workload: &Workload, tracked: bool, rate: u64, duration: Durati
         .build()
         .unwrap();
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
-    let histogram = Arc::new(parking_lot::Mutex::new(Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).unwrap()));
+    let histogram =
+        Arc::new(parking_lot::Mutex::new(Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).unwrap()));
     let epoch = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
     {
-        let (sent, histogram, delivered) = (Arc::clone(&sent), Arc::clone(&histogram), Arc::clone(&delivered));
+        let (sent, histogram, delivered) =
+            (Arc::clone(&sent), Arc::clone(&histogram), Arc::clone(&delivered));
         broker
             .subscribe_infallible("*", move |e| {
-                let seq = e.metadata["seq"].as_u64().unwrap() as usize;
+                let seq = usize::try_from(e.metadata["seq"].as_u64().unwrap()).unwrap();
                 let at = sent[seq].load(Ordering::Acquire);
-                let now = epoch.elapsed().as_nanos() as u64;
+                let now = nanos_since(epoch);
                 histogram.lock().record(now.saturating_sub(at).max(1)).unwrap();
                 delivered.fetch_add(1, Ordering::Relaxed);
             })
@@ -271,15 +281,15 @@ fn paced_latency(workload: &Workload, tracked: bool, rate: u64, duration: Durati
         broker.subscribe_infallible(pattern, move |e| h(e)).unwrap();
     }
     let schedule = workload.schedule(n, 2);
-    let gap = Duration::from_nanos(1_000_000_000 / rate);
+    let gap = Duration::from_nanos(1_000_000_000 / u64::from(rate));
     let start = Instant::now();
     for (seq, &t) in schedule.iter().enumerate() {
-        let due = start + gap * seq as u32;
+        let due = start + gap * u32::try_from(seq).unwrap();
         while Instant::now() < due {
             std::hint::spin_loop();
         }
         let event = workload.event(t, seq as u64).with_metadata("seq", seq as u64);
-        sent[seq].store(epoch.elapsed().as_nanos() as u64, Ordering::Release);
+        sent[seq].store(nanos_since(epoch), Ordering::Release);
         broker.publish_async(event).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -287,8 +297,11 @@ fn paced_latency(workload: &Workload, tracked: bool, rate: u64, duration: Durati
         std::thread::sleep(Duration::from_millis(1));
     }
     broker.shutdown(Duration::from_secs(30));
-    let histogram = histogram.lock().clone();
-    histogram
+    histogram.lock().clone()
+}
+
+fn nanos_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn latency_table(workload: &Workload) {
@@ -297,6 +310,7 @@ fn latency_table(workload: &Workload) {
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, tracked) in [("default", true), ("untracked", false)] {
         let h = paced_latency(workload, tracked, 100_000, Duration::from_secs(2));
+        #[allow(clippy::cast_precision_loss, reason = "microseconds for a table")]
         let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
@@ -304,15 +318,20 @@ fn latency_table(workload: &Workload) {
             us(0.9),
             us(0.99),
             us(0.999),
-            h.max() as f64 / 1000.0
+            us(1.0)
         );
     }
 }
 
 fn main() {
     let workload = Workload::new();
+    #[allow(clippy::cast_precision_loss, reason = "an average for a log line")]
     let mean = workload.fan_out.iter().sum::<u64>() as f64 / workload.fan_out.len() as f64;
-    println!("workload: {} types, {} subscriptions, {mean:.2} handlers per event", workload.types.len(), workload.patterns.len());
+    println!(
+        "workload: {} types, {} subscriptions, {mean:.2} handlers per event",
+        workload.types.len(),
+        workload.patterns.len()
+    );
     let mut criterion = Criterion::default().configure_from_args();
     throughput(&mut criterion, &workload);
     criterion.final_summary();
