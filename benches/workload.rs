@@ -179,7 +179,8 @@ impl CrossbeamContender {
 
 impl Contender for CrossbeamContender {
     fn publish(&self, event: Event) {
-        let shard = usize::try_from(self.hasher.hash_one(&event.event_type) % self.senders.len() as u64).unwrap();
+        let shard =
+            usize::try_from(self.hasher.hash_one(&event.event_type) % self.senders.len() as u64).unwrap();
         self.senders[shard].send(Arc::new(event)).unwrap();
     }
 
