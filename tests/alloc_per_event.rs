@@ -64,7 +64,11 @@ fn the_default_path_allocates_a_bounded_few_times_per_event() {
 
     let broker = Broker::builder().workers(1).build().unwrap();
     for pattern in ["public.customers.update", "public.*.update", "*.customers.*", "public.>", "*"] {
-        broker.subscribe_infallible(pattern, |e: &Event| drop(std::hint::black_box(e.entity.len()))).unwrap();
+        broker
+            .subscribe_infallible(pattern, |e: &Event| {
+                std::hint::black_box(e.entity.len());
+            })
+            .unwrap();
     }
     let wait_for = |target: u64| {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -89,7 +93,11 @@ fn the_default_path_allocates_a_bounded_few_times_per_event() {
 
     #[allow(clippy::cast_precision_loss, reason = "a ratio for a report")]
     let per = |count: u64| count as f64 / n as f64;
-    println!("allocations per event: building {:.2}, publishing and handling {:.2}", per(built), per(published));
+    println!(
+        "allocations per event: building {:.2}, publishing and handling {:.2}",
+        per(built),
+        per(published)
+    );
     assert!(per(built) <= 8.0, "building an event allocates {:.2} times", per(built));
     assert!(per(published) <= 4.0, "publishing and handling allocate {:.2} times per event", per(published));
 }
