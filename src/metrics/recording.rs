@@ -2,8 +2,8 @@
 //! aggregation by `(source, type)`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram, Label, Unit};
@@ -13,6 +13,7 @@ use crate::dispatch::delivery::{Counts, Job, Origin};
 use crate::{Event, EventSource};
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type TypeSet = HashSet<Box<str>, foldhash::fast::RandomState>;
 
 /// Whether a recorder is installed: anything but the facade's zero-sized no-op recorder.
 pub(super) fn recorder_installed() -> bool {
@@ -26,7 +27,9 @@ pub(crate) struct EngineMetrics {
     /// per worker turn; a turn that misses a change records from the next.
     active: AtomicBool,
     /// Event types with label values of their own, at most `config.max_types`.
-    admitted: parking_lot::Mutex<HashSet<Box<str>, foldhash::fast::RandomState>>,
+    admitted: parking_lot::Mutex<TypeSet>,
+    /// `admitted` once full: it never changes again, so it is read without the lock.
+    frozen: OnceLock<TypeSet>,
     /// Events recorded as `other`, not yet added to their counter (Relaxed: a count).
     folded: AtomicU64,
     /// Handles of synchronous publishes, which have no worker table.
@@ -44,7 +47,8 @@ impl EngineMetrics {
         Some(Arc::new(Self {
             config: config.clone(),
             active: AtomicBool::new(recorder_installed()),
-            admitted: parking_lot::Mutex::new(HashSet::default()),
+            admitted: parking_lot::Mutex::new(TypeSet::default()),
+            frozen: OnceLock::new(),
             folded: AtomicU64::new(0),
             sync_handles: parking_lot::Mutex::new(FastMap::default()),
             instance_id: instance_id.to_owned(),
@@ -68,12 +72,18 @@ impl EngineMetrics {
     /// The label value of `event_type`: itself while fewer than `max_types` types have one (or it
     /// already has), else `other`.
     fn admit(&self, event_type: &str) -> Option<Box<str>> {
+        if let Some(frozen) = self.frozen.get() {
+            return frozen.contains(event_type).then(|| event_type.into());
+        }
         let mut admitted = self.admitted.lock();
         if admitted.contains(event_type) {
             return Some(event_type.into());
         }
         if admitted.len() < self.config.max_types {
             admitted.insert(event_type.into());
+            if admitted.len() == self.config.max_types {
+                let _ = self.frozen.set(admitted.clone());
+            }
             return Some(event_type.into());
         }
         None
@@ -165,8 +175,8 @@ pub(crate) struct WorkerMetrics {
     /// the event's type instead of building a key.
     index: [FastMap<Box<str>, u32>; EventSource::ALL.len()],
     /// Types this worker found folded, so it asks the shared table once per type; cleared when it
-    /// reaches `4 × max_types` entries, to stay bounded under any stream of types.
-    folded: HashSet<Box<str>, foldhash::fast::RandomState>,
+    /// reaches `16 × max_types` entries, to stay bounded under any stream of types.
+    folded: TypeSet,
     /// The `other` slot per source.
     other: [Option<u32>; EventSource::ALL.len()],
     slots: Vec<Slot>,
@@ -184,7 +194,7 @@ impl WorkerMetrics {
             active: shared.is_some_and(|s| s.is_active()),
             shared: shared.cloned(),
             index: Default::default(),
-            folded: HashSet::default(),
+            folded: TypeSet::default(),
             other: [None; EventSource::ALL.len()],
             slots: Vec::new(),
             touched: Vec::new(),
@@ -282,7 +292,7 @@ impl WorkerMetrics {
             return slot;
         }
         let max_types = self.shared.as_ref().map_or(0, |s| s.config.max_types);
-        if self.folded.len() >= 4 * max_types {
+        if self.folded.len() >= 16 * max_types {
             self.folded.clear();
         }
         self.folded.insert(event_type.into());
