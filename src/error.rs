@@ -581,6 +581,13 @@ pub enum SubscribeError {
 pub struct NotInitialized;
 
 /// Why [`eventbroker::init`](crate::init) did not set the default broker.
+///
+/// ```
+/// let mut config = eventbroker::config::Config::default();
+/// config.enabled = false;
+/// let err = eventbroker::init(&config).unwrap_err();
+/// assert!(matches!(err, eventbroker::InitError::Build(eventbroker::BuildError::Disabled)));
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum InitError {

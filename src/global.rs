@@ -38,6 +38,16 @@ static INIT: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
 /// Builds the default broker (and its provider) from `config` and returns a handle to it.
 ///
+/// ```
+/// use eventbroker::config::Config;
+///
+/// eventbroker::init(&Config::default())?;
+/// let again = eventbroker::init(&Config::default());
+/// assert!(matches!(again, Err(eventbroker::InitError::AlreadyInitialized { .. })));
+/// # let _ = eventbroker::shutdown(std::time::Duration::from_secs(5));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
 /// # Errors
 /// [`InitError::AlreadyInitialized`] when a default broker exists; [`InitError::Build`] when the
 /// broker cannot be built (a disabled configuration included).
@@ -80,6 +90,14 @@ pub fn global() -> Result<Broker, NotInitialized> {
 }
 
 /// [`Broker::publish`] on the default broker.
+///
+/// ```
+/// use eventbroker::{Event, EventSource, PublishError, SyncPublishError};
+///
+/// // Before `init` the event is handed back.
+/// let err = eventbroker::publish(Event::new(EventSource::System, "app.started")).unwrap_err();
+/// assert!(matches!(err, SyncPublishError::Rejected(PublishError::NotInitialized(_))));
+/// ```
 ///
 /// # Errors
 /// As [`Broker::publish`]; [`PublishError::NotInitialized`] (in
@@ -147,6 +165,15 @@ pub fn drain(timeout: Duration) -> Result<(), DrainError> {
 
 /// [`Broker::shutdown`] on the default broker. The broker stays the default: later calls get
 /// `Closed` errors, and `init` still reports it as initialized.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// eventbroker::init_builder(eventbroker::Broker::builder().workers(1))?;
+/// let report = eventbroker::shutdown(Duration::from_secs(5))?;
+/// assert!(report.is_clean());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// # Errors
 /// [`NotInitialized`] before [`init`].

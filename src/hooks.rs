@@ -131,6 +131,18 @@ impl UserContext {
 }
 
 /// What became of one hook call's event. The caller's operation is unaffected either way.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::Broker;
+/// use eventbroker::hooks::{CrudHookConfig, CrudHooks, HookOutcome, UserContext};
+///
+/// let broker = Broker::builder().build()?;
+/// let hooks = CrudHooks::new(&broker, CrudHookConfig::default());
+/// let _ = broker.shutdown(Duration::from_secs(5));
+/// assert_eq!(hooks.after_delete(&UserContext::new(1), "public", "users", &7), HookOutcome::Closed);
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HookOutcome {
@@ -148,6 +160,17 @@ pub enum HookOutcome {
 }
 
 /// What [`CrudHooks`] did, per outcome.
+///
+/// ```
+/// use eventbroker::Broker;
+/// use eventbroker::hooks::{CrudHookConfig, CrudHooks, UserContext};
+///
+/// let broker = Broker::builder().build()?;
+/// let hooks = CrudHooks::new(&broker, CrudHookConfig::default());
+/// hooks.after_read(&UserContext::new(1), "public", "users", &[1, 2, 3]);
+/// assert_eq!(hooks.stats().disabled, 1); // reads are off by default
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CrudHookStats {
@@ -163,8 +186,25 @@ pub struct CrudHookStats {
     pub invalid: u64,
 }
 
-/// Publishes CRUD events for an application; cheap to share (`Arc` it, or keep it in the
-/// application state). See the [module docs](self).
+/// Publishes CRUD events for an application; share it (`Arc` it, or keep it in the application
+/// state). See the [module docs](self).
+///
+/// ```
+/// use std::sync::Arc;
+/// use eventbroker::Broker;
+/// use eventbroker::hooks::{CrudHookConfig, CrudHooks, UserContext};
+///
+/// let broker = Broker::builder().build()?;
+/// let hooks = Arc::new(CrudHooks::new(&broker, CrudHookConfig { read: true, ..CrudHookConfig::default() }));
+/// let handler_hooks = Arc::clone(&hooks);
+/// let delete_user = move |id: u64| {
+///     // ... the DELETE succeeded ...
+///     handler_hooks.after_delete(&UserContext::new(42), "public", "users", &id);
+/// };
+/// delete_user(7);
+/// assert_eq!(hooks.stats().published, 1);
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
 #[derive(Debug)]
 pub struct CrudHooks {
     broker: Broker,

@@ -127,6 +127,13 @@ pub use self::sections::{DatabaseSection, NatsSection, NatsStorageKind, RedisSec
 use self::reader::{Node, Reader, Section};
 
 /// Which provider [`Config::build`] makes.
+///
+/// ```
+/// use eventbroker::config::{Config, ProviderKind};
+///
+/// assert_eq!(Config::default().provider, ProviderKind::Memory);
+/// assert_eq!(ProviderKind::Database.as_str(), "database");
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ProviderKind {
@@ -246,6 +253,16 @@ impl Config {
     /// Reads the `event_broker` mapping of a YAML document, expanding `${VAR}` and applying
     /// `EVENTBROKER_*` overrides from the process environment.
     ///
+    /// ```
+    /// use eventbroker::config::Config;
+    ///
+    /// let config = Config::from_yaml_str("event_broker:\n  mode: sync\n  worker_count: 2\n")?;
+    /// assert_eq!(config.worker_count, 2);
+    /// let err = Config::from_yaml_str("event_broker:\n  mode: asnyc\n").unwrap_err();
+    /// assert_eq!(err.to_string(), r#"invalid configuration: event_broker.mode: expected sync or async, got "asnyc""#);
+    /// # Ok::<(), eventbroker::ConfigError>(())
+    /// ```
+    ///
     /// # Errors
     /// [`ConfigError`] naming the key and what is wrong with it: invalid YAML (the key is then
     /// the line and column), a missing `event_broker` mapping, an unknown key, a bad value.
@@ -284,6 +301,11 @@ impl Config {
 
     /// Reads a YAML file as [`Config::from_yaml_str`] does.
     ///
+    /// ```no_run
+    /// let broker = eventbroker::config::Config::from_yaml_file("/etc/myapp/config.yaml")?.build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     /// As [`Config::from_yaml_str`]; when the file cannot be read, a [`ConfigError`] whose key is
     /// the path.
@@ -298,6 +320,15 @@ impl Config {
 
     /// The defaults with the `EVENTBROKER_*` overrides of the process environment.
     ///
+    /// ```
+    /// // With no EVENTBROKER_ variable set, the defaults.
+    /// # if std::env::vars().all(|(k, _)| !k.starts_with("EVENTBROKER_")) {
+    /// let config = eventbroker::config::Config::from_env()?;
+    /// assert_eq!(config, eventbroker::config::Config::default());
+    /// # }
+    /// # Ok::<(), eventbroker::ConfigError>(())
+    /// ```
+    ///
     /// # Errors
     /// [`ConfigError`] naming the variable and key of a bad value, or an `EVENTBROKER_` variable
     /// that names no key.
@@ -306,6 +337,16 @@ impl Config {
     }
 
     /// As [`Config::from_env`], reading variables from `env`.
+    ///
+    /// ```
+    /// use eventbroker::config::{Config, Env};
+    ///
+    /// let env = Env::from_vars([("EVENTBROKER_RETRY_POLICY_MAX_RETRIES", "0")]);
+    /// assert_eq!(Config::from_env_with(&env)?.retry_policy.max_retries, 0);
+    /// let typo = Env::from_vars([("EVENTBROKER_WORKERS", "4")]);
+    /// assert_eq!(Config::from_env_with(&typo).unwrap_err().key(), "EVENTBROKER_WORKERS");
+    /// # Ok::<(), eventbroker::ConfigError>(())
+    /// ```
     ///
     /// # Errors
     /// As [`Config::from_env`].
@@ -437,6 +478,17 @@ impl Config {
     }
 
     /// Builds the provider and the broker.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::config::Config;
+    ///
+    /// let mut config = Config::default();
+    /// config.worker_count = 1;
+    /// let broker = config.build()?;
+    /// assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    /// # Ok::<(), eventbroker::BuildError>(())
+    /// ```
     ///
     /// # Errors
     /// As [`Config::builder`], and as [`BrokerBuilder::build`].

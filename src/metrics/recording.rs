@@ -149,6 +149,8 @@ struct Slot {
     samples: Vec<f64>,
     handles: Option<Handles>,
     touched: bool,
+    /// Whether this is an `other` slot: its events count as folded.
+    folds: bool,
 }
 
 /// What [`WorkerMetrics::begin`] hands to [`WorkerMetrics::end`] for one job.
@@ -171,12 +173,12 @@ pub(crate) struct WorkerMetrics {
     shared: Option<Arc<EngineMetrics>>,
     /// The shared switch, read once per turn.
     active: bool,
-    /// Slot of each admitted type, per source (indexed by `source as usize`), so a lookup borrows
-    /// the event's type instead of building a key.
+    /// Slot of each type seen, per source (indexed by `source as usize`), so a lookup borrows the
+    /// event's type instead of building a key. Folded types point to their source's `other` slot.
     index: [FastMap<Box<str>, u32>; EventSource::ALL.len()],
-    /// Types this worker found folded, so it asks the shared table once per type; cleared when it
-    /// reaches `16 × max_types` entries, to stay bounded under any stream of types.
-    folded: TypeSet,
+    /// Entries of `index` that point to an `other` slot; past `16 × max_types` they are dropped,
+    /// to stay bounded under any stream of types (a dropped type is simply looked up again).
+    folded_entries: usize,
     /// The `other` slot per source.
     other: [Option<u32>; EventSource::ALL.len()],
     slots: Vec<Slot>,
@@ -194,7 +196,7 @@ impl WorkerMetrics {
             active: shared.is_some_and(|s| s.is_active()),
             shared: shared.cloned(),
             index: Default::default(),
-            folded: TypeSet::default(),
+            folded_entries: 0,
             other: [None; EventSource::ALL.len()],
             slots: Vec::new(),
             touched: Vec::new(),
@@ -216,6 +218,9 @@ impl WorkerMetrics {
 
     fn begin_active(&mut self, job: &Job, counts: &Counts) -> Probe {
         let slot = self.slot_for(job.event.source, &job.event.event_type);
+        if self.slots[slot as usize].folds {
+            self.folded_now += 1;
+        }
         if matches!(job.origin, Origin::Local | Origin::Replayed) {
             self.slot_mut(slot).published += 1;
         }
@@ -267,45 +272,55 @@ impl WorkerMetrics {
         &mut self.slots[index]
     }
 
+    /// The slot of `(source, event_type)`: one hash lookup, or none when the previous event had
+    /// the same type.
     fn slot_for(&mut self, source: EventSource, event_type: &str) -> u32 {
-        if let Some((last_source, slot)) = self.last {
-            if last_source == source && &*self.slots[slot as usize].label == event_type {
-                return slot;
+        match self.last {
+            Some((last_source, slot))
+                if last_source == source && &*self.slots[slot as usize].label == event_type =>
+            {
+                slot
+            }
+            _ => {
+                let slot = match self.index[source as usize].get(event_type) {
+                    Some(&slot) => slot,
+                    None => self.slot_on_miss(source, event_type),
+                };
+                self.last = Some((source, slot));
+                slot
             }
         }
-        let slot = match self.index[source as usize].get(event_type) {
-            Some(&slot) => slot,
-            None => self.slot_on_miss(source, event_type),
-        };
-        self.last = Some((source, slot));
-        slot
     }
 
+    /// A type this worker has not seen (or forgot): its own slot when the broker admits it, else
+    /// its source's `other` slot.
     fn slot_on_miss(&mut self, source: EventSource, event_type: &str) -> u32 {
-        let admitted = match &self.shared {
-            Some(shared) if !self.folded.contains(event_type) => shared.admit(event_type),
-            _ => None,
-        };
-        if let Some(label) = admitted {
-            let slot = self.push_slot(source, label.clone());
+        if let Some(label) = self.shared.as_ref().and_then(|shared| shared.admit(event_type)) {
+            let slot = self.push_slot(source, label.clone(), false);
             self.index[source as usize].insert(label, slot);
             return slot;
         }
+        let other = if let Some(slot) = self.other[source as usize] {
+            slot
+        } else {
+            let slot = self.push_slot(source, OTHER_TYPE.into(), true);
+            self.other[source as usize] = Some(slot);
+            slot
+        };
         let max_types = self.shared.as_ref().map_or(0, |s| s.config.max_types);
-        if self.folded.len() >= 16 * max_types {
-            self.folded.clear();
+        if self.folded_entries >= 16 * max_types {
+            let slots = &self.slots;
+            for index in &mut self.index {
+                index.retain(|_, slot| !slots[*slot as usize].folds);
+            }
+            self.folded_entries = 0;
         }
-        self.folded.insert(event_type.into());
-        self.folded_now += 1;
-        if let Some(slot) = self.other[source as usize] {
-            return slot;
-        }
-        let slot = self.push_slot(source, OTHER_TYPE.into());
-        self.other[source as usize] = Some(slot);
-        slot
+        self.index[source as usize].insert(event_type.into(), other);
+        self.folded_entries += 1;
+        other
     }
 
-    fn push_slot(&mut self, source: EventSource, label: Box<str>) -> u32 {
+    fn push_slot(&mut self, source: EventSource, label: Box<str>, folds: bool) -> u32 {
         let slot = u32::try_from(self.slots.len()).unwrap_or(u32::MAX - 1);
         self.slots.push(Slot {
             source,
@@ -316,6 +331,7 @@ impl WorkerMetrics {
             samples: Vec::new(),
             handles: None,
             touched: false,
+            folds,
         });
         slot
     }
@@ -422,4 +438,55 @@ pub(super) fn describe(config: &MetricsConfig) {
 /// Seconds as a gauge value.
 pub(super) fn seconds(duration: Duration) -> f64 {
     duration.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::delivery::Job;
+
+    fn worker(max_types: usize) -> WorkerMetrics {
+        let config = MetricsConfig { enabled: true, max_types, ..MetricsConfig::default() };
+        let shared = EngineMetrics::new(&config, "test").expect("enabled");
+        WorkerMetrics::new(Some(&shared))
+    }
+
+    #[test]
+    fn types_past_the_limit_share_one_other_slot_per_source() {
+        let mut w = worker(2);
+        let a = w.slot_for(EventSource::System, "a.x");
+        let b = w.slot_for(EventSource::System, "b.x");
+        let c = w.slot_for(EventSource::System, "c.x");
+        let d = w.slot_for(EventSource::System, "d.x");
+        assert_ne!(a, b);
+        assert_eq!(c, d, "both folded");
+        assert_eq!(&*w.slots[c as usize].label, OTHER_TYPE);
+        assert_eq!(w.slot_for(EventSource::System, "a.x"), a, "an admitted type keeps its slot");
+        let db = w.slot_for(EventSource::Database, "a.x");
+        assert_eq!(&*w.slots[db as usize].label, "a.x");
+        let other_db = w.slot_for(EventSource::Database, "c.x");
+        assert_ne!(other_db, c, "one other slot per source");
+    }
+
+    #[test]
+    fn the_folded_index_stays_bounded() {
+        let mut w = worker(1);
+        for i in 0..100 {
+            w.slot_for(EventSource::System, &format!("t.{i}"));
+        }
+        let entries: usize = w.index.iter().map(HashMap::len).sum();
+        assert!(entries <= 1 + 16, "{entries} entries");
+        assert_eq!(w.slots.len(), 2, "one admitted type and one other slot");
+    }
+
+    #[test]
+    fn without_a_recorder_a_worker_looks_nothing_up() {
+        let mut w = worker(8);
+        w.active = false;
+        let job = Job::local(Arc::new(Event::new(EventSource::System, "a.b")));
+        let probe = w.begin(&job, &Counts::default());
+        w.end(probe, &Counts::default());
+        w.end_turn();
+        assert!(w.slots.is_empty() && w.touched.is_empty());
+    }
 }
