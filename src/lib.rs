@@ -14,6 +14,16 @@
 //! - [`Provider`]: the batch-first storage trait, with [`MemoryProvider`] always compiled; see
 //!   [`provider`] for the contract every backend keeps.
 //! - [`WaitStrategy`]: how an idle shard worker waits (spin, yield, park), trading latency for CPU.
+//!
+//! Around the engine, for adopting it:
+//! - [`config`]: the seed's `event_broker:` YAML (feature `yaml`), `${VAR}` expansion,
+//!   `EVENTBROKER_*` overrides, and the factory that builds a broker and its provider.
+//! - [`init`], [`global`], [`publish`], [`subscribe`], [`shutdown`]: a process-wide default broker,
+//!   as the seed's package-level API.
+//! - [`hooks`]: CRUD hooks that publish `schema.entity.operation` events without ever blocking or
+//!   failing the caller.
+//! - [`metrics`]: the seed's metrics through the `metrics` facade (feature `metrics`).
+//! - [`Broker::drain`]: wait until everything published so far is handled and written.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
