@@ -5,6 +5,8 @@
 //! - `store_batch/N`: [`EventSink::store_batch`] of N events, as the broker's writer calls it: one
 //!   transaction, binary `COPY`, one `pg_notify`.
 //! - `store_batch/1`: the same path one event at a time.
+//! - `store_batch without secondary indexes/10000`: the same, into a table with only its primary
+//!   key and unique id: what the indexes for delivery, `list` and type patterns cost.
 //! - `insert autocommit/1`: the baseline of the Go seed's provider: one prepared single-row
 //!   `INSERT` per event, each its own transaction, on a plain tokio-postgres client.
 //!
@@ -73,6 +75,20 @@ fn store(c: &mut Criterion) {
         )))
         .unwrap();
 
+    // A second schema whose events table keeps only its primary key and unique id.
+    let bare_schema = format!("{schema}_bare");
+    let bare = PostgresProvider::connect(PostgresConfig {
+        schema: bare_schema.clone(),
+        ..provider.config().clone()
+    })
+    .unwrap();
+    plain
+        .runtime
+        .block_on(plain.client.batch_execute(&format!(
+            "DROP INDEX \"{bare_schema}\".events_tx_seq, \"{bare_schema}\".events_created, \"{bare_schema}\".events_type"
+        )))
+        .unwrap();
+
     let mut group = c.benchmark_group("postgres_store");
     group.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     for batch in [1, 100, 1_000, 10_000] {
@@ -85,6 +101,14 @@ fn store(c: &mut Criterion) {
             );
         });
     }
+    group.throughput(Throughput::Elements(10_000));
+    group.bench_function(BenchmarkId::new("store_batch without secondary indexes", 10_000), |b| {
+        b.iter_batched(
+            || events(10_000),
+            |batch| bare.store_batch(&batch, None).unwrap(),
+            BatchSize::PerIteration,
+        );
+    });
     group.throughput(Throughput::Elements(1));
     group.bench_function(BenchmarkId::new("insert autocommit", 1), |b| {
         b.iter_batched(
@@ -118,8 +142,9 @@ fn store(c: &mut Criterion) {
     });
     group.finish();
 
-    drop(provider);
-    plain.runtime.block_on(plain.client.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))).unwrap();
+    drop((provider, bare));
+    let drop_schemas = format!("DROP SCHEMA \"{schema}\" CASCADE; DROP SCHEMA \"{bare_schema}\" CASCADE");
+    plain.runtime.block_on(plain.client.batch_execute(&drop_schemas)).unwrap();
 }
 
 criterion_group!(benches, store);

@@ -343,3 +343,32 @@ fn status_updates_fold_like_apply_to() {
     }
     assert_eq!(provider.get(event.id).expect("get"), Some(expected));
 }
+
+/// A broker on the provider: what it publishes is stored through its batched writer and ends
+/// completed, with the timestamps of its lifecycle.
+#[test]
+fn a_broker_persists_the_lifecycle_of_what_it_publishes() {
+    let backend = PostgresBackend::new();
+    let provider = Arc::new(backend.provider());
+    let broker =
+        eventbroker::Broker::builder().workers(2).provider(provider.clone()).build().expect("broker");
+    let scope = Scope::new();
+    broker.subscribe(&scope.ty(">"), |_: &Event| Ok::<(), std::convert::Infallible>(())).expect("subscribe");
+    let published: Vec<Event> = (0..200).map(|i| scope.event(&format!("orders.t{}", i % 4))).collect();
+    for event in &published {
+        broker.publish(event.clone()).expect("publish");
+    }
+    broker.flush(Duration::from_secs(30)).expect("the writer persisted everything");
+    let deadline = Instant::now() + ARRIVE;
+    loop {
+        let stored = scope.list(&*provider);
+        let done = stored.iter().filter(|e| e.status == EventStatus::Completed).count();
+        if done == published.len() {
+            assert!(stored.iter().all(|e| e.processed_at.is_some() && e.completed_at.is_some()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of {} completed", published.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.shutdown(Duration::from_secs(10));
+}

@@ -172,6 +172,8 @@ pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<Postg
         Ok(())
     })?;
     shared.start_listener();
+    // Relaxed: a gauge, read for stats only.
+    shared.open_sources.fetch_add(1, Ordering::Relaxed);
     Ok(PostgresInbound {
         shared: Arc::clone(shared),
         owner: format!("{}/{:016x}", config.consumer(), fastrand::u64(..)),
@@ -339,6 +341,17 @@ impl PostgresInbound {
     }
 }
 
+impl Drop for PostgresInbound {
+    /// A source dropped without `close` is a member that vanished: its claims stay, to be taken
+    /// over after the claim idle time; it only stops counting as open.
+    fn drop(&mut self) {
+        // Relaxed: see `check_open`.
+        if !self.closed.swap(true, Ordering::Relaxed) {
+            self.shared.open_sources.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The event as its publisher stored it: later status changes are the publisher's bookkeeping,
 /// not part of what other instances receive.
 fn as_published(mut event: Event) -> Event {
@@ -372,6 +385,8 @@ impl Inbound for PostgresInbound {
                 let mut wake: watch::Receiver<u64> = backend.wake_ups();
                 wake.borrow_and_update();
                 let fetched = self.fetch_once(max).await?;
+                // Relaxed: a counter, read for stats only.
+                self.shared.consumed.fetch_add(fetched.len() as u64, Ordering::Relaxed);
                 if !fetched.is_empty() || max == 0 {
                     return Ok(fetched);
                 }
@@ -425,7 +440,11 @@ impl Inbound for PostgresInbound {
 
     fn close(&self) -> Result<(), ProviderError> {
         // Relaxed: see `check_open`.
-        if self.closed.swap(true, Ordering::Relaxed) || self.shared.backend.is_closed() {
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.shared.open_sources.fetch_sub(1, Ordering::Relaxed);
+        if self.shared.backend.is_closed() {
             return Ok(());
         }
         let sql = &self.shared.inbound_sql;

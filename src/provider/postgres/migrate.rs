@@ -1,5 +1,6 @@
-//! Bringing the schema to the current version: each step of [`Names::migrations_sql`] not yet
-//! recorded in `<table>_migrations` is applied, in one transaction under an advisory lock on the
+//! Bringing the schema to the current version: each step of
+//! [`Names::migrations_sql`](super::schema::Names::migrations_sql) not yet recorded in
+//! `<table>_migrations` is applied, in one transaction under an advisory lock on the
 //! schema, so providers connecting at once neither race nor apply a step twice.
 
 use super::NAME;

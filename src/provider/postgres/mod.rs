@@ -28,9 +28,11 @@
 //! | `created_at_ns`, `processed_at_ns`, `completed_at_ns` | nanoseconds since the Unix epoch (`timestamptz` keeps microseconds; the round trip keeps all nine digits; years 1677–2262) |
 //! | `payload json`, `metadata json` | the text byte for byte (`json`, unlike `jsonb`, keeps it) |
 //!
-//! Indexes: `id` (unique), `(tx, seq)` for delivery, `(created_at_ns, id)` for `list` order and
-//! time windows, `(status, created_at_ns)` for the status filter and retention, and `type` for
-//! type patterns with a literal prefix. The other `list` filters narrow what those indexes find.
+//! Indexes: `id` (unique), `(tx, seq)` for delivery, `(created_at_ns, id)` for `list` order, time
+//! windows and retention, and `type` for type patterns with a literal prefix. The other `list`
+//! filters narrow what those find: every index slows every `COPY` (each of these costs about a
+//! tenth of the write rate), and `status` changes twice in every event's life, so indexing it
+//! would also make every status update rewrite every index.
 //! Schema, table and channel names are validated identifiers (letters, digits, `_`): anything
 //! else, `events; drop table x` included, is refused with
 //! [`InvalidInput`](crate::ProviderErrorKind::InvalidInput). Every value is a bound parameter.
@@ -127,6 +129,20 @@ const NAME: &str = "postgres";
 /// Each `PostgresProvider` is one client of the server, with its own runtime, pool and listener:
 /// brokers in one process may share one (an `Arc`), and brokers in different processes each
 /// connect their own, exactly alike. Dropping it closes it.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+/// use eventbroker::{Broker, ConsumerGroup, InboundConfig, Provider};
+///
+/// let config = PostgresConfig::new("host=127.0.0.1 user=postgres dbname=app");
+/// let provider = Arc::new(PostgresProvider::connect(config)?);
+/// let broker = Broker::builder().instance_id("api-1").provider(provider.clone()).build()?;
+///
+/// // What another process sharing the tables would do to receive this one's events:
+/// let source = provider.open_inbound(&InboundConfig::new("api-2", ConsumerGroup::Instance("api-2".into())))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct PostgresProvider {
     shared: Arc<Shared>,
 }
@@ -142,6 +158,10 @@ struct Shared {
     listener_started: AtomicBool,
     /// Events this handle stored for the first time, re-stores, and events retention deleted.
     published: AtomicU64,
+    /// Events this handle's inbound sources handed out (redeliveries included), and the sources
+    /// open now.
+    consumed: AtomicU64,
+    open_sources: AtomicU64,
     replaced: AtomicU64,
     expired: AtomicU64,
     /// Serialises starting the background tasks with closing.
@@ -151,6 +171,19 @@ struct Shared {
 impl PostgresProvider {
     /// Validates `config`, starts the runtime, connects and migrates the schema to the current
     /// version, and starts the retention task.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+    ///
+    /// let provider = PostgresProvider::connect(PostgresConfig {
+    ///     pool_size: 8,
+    ///     operation_timeout: Duration::from_secs(5),
+    ///     ..PostgresConfig::new("postgresql://app:secret@127.0.0.1:5432/app").with_schema("broker")
+    /// })?;
+    /// assert_eq!(provider.config().schema, "broker");
+    /// # Ok::<(), eventbroker::ProviderError>(())
+    /// ```
     ///
     /// # Errors
     /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
@@ -170,6 +203,8 @@ impl PostgresProvider {
             listener: Arc::default(),
             listener_started: AtomicBool::new(false),
             published: AtomicU64::new(0),
+            consumed: AtomicU64::new(0),
+            open_sources: AtomicU64::new(0),
             replaced: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             lifecycle: Mutex::new(()),
@@ -231,6 +266,14 @@ impl PostgresProvider {
 
     /// Deletes completed and failed events older than [`PostgresConfig::max_age`] now, rather
     /// than at the next cleanup interval; returns how many were deleted (0 without a `max_age`).
+    ///
+    /// ```no_run
+    /// # use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+    /// let provider = PostgresProvider::connect(PostgresConfig { cleanup_interval: None, ..PostgresConfig::default() })?;
+    /// let deleted = provider.cleanup_now()?;
+    /// println!("deleted {deleted} finished events older than a day");
+    /// # Ok::<(), eventbroker::ProviderError>(())
+    /// ```
     ///
     /// # Errors
     /// [`Closed`](crate::ProviderErrorKind::Closed) after `close`; a backend failure otherwise.
@@ -358,8 +401,8 @@ impl EventStore for PostgresProvider {
             completed_events: count(EventStatus::Completed),
             failed_events: count(EventStatus::Failed),
             events_published: shared.published.load(Ordering::Relaxed),
-            events_consumed: 0,
-            active_subscribers: 0,
+            events_consumed: shared.consumed.load(Ordering::Relaxed),
+            active_subscribers: shared.open_sources.load(Ordering::Relaxed),
             dead_letters,
             provider_specific: BTreeMap::from([
                 ("table".to_owned(), shared.backend.names.events().into()),

@@ -17,7 +17,7 @@ use crate::event::Event;
 /// Events written here have no origin: every consumer group receives them, the publishing
 /// instance's own included (its broker did not dispatch them locally). They become deliverable
 /// when the transaction commits, and are never seen if it rolls back. The
-/// [`tokio_postgres`](super::tokio_postgres) re-exported by this module is the version to use.
+/// [`tokio_postgres`] re-exported by this module is the version to use.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {

@@ -31,7 +31,8 @@ impl RetentionSql {
             delete_expired: format!(
                 "DELETE FROM {events} WHERE seq IN (
                      SELECT seq FROM {events}
-                     WHERE status IN ('completed', 'failed') AND created_at_ns < $1
+                     WHERE created_at_ns < $1 AND status IN ('completed', 'failed')
+                     ORDER BY created_at_ns
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED
                  )"

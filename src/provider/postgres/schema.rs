@@ -120,7 +120,6 @@ impl Names {
              );
              CREATE INDEX {by_tx} ON {events} (tx, seq);
              CREATE INDEX {by_time} ON {events} (created_at_ns, id);
-             CREATE INDEX {by_status} ON {events} (status, created_at_ns);
              CREATE INDEX {by_type} ON {events} (\"type\" text_pattern_ops);
              COMMENT ON TABLE {events} IS 'eventbroker events ({table}); created_at_ns and the other *_ns \
                  columns are nanoseconds since the Unix epoch: to_timestamp(created_at_ns / 1e9)';
@@ -167,7 +166,6 @@ impl Names {
             id_key = index("_id_key"),
             by_tx = index("_tx_seq"),
             by_time = index("_created"),
-            by_status = index("_status"),
             by_type = index("_type"),
             letters_by_time = index("_dl_failed"),
         )

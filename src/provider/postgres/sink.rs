@@ -20,7 +20,7 @@ use futures_util::SinkExt;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::backend::Backend;
+use super::backend::{Backend, Conn};
 use super::codec::{self, CopyBatch, INSERT_COLUMNS};
 use super::schema::Names;
 use crate::error::ProviderError;
@@ -127,11 +127,13 @@ pub(super) fn store_batch(
     let channel = backend.names.channel.as_str();
     backend.call(OP, async {
         let fail = |err| Backend::error(OP, &sql.events, err);
-        let mut conn = backend.conn(OP).await?;
-        let tx = conn.transaction().await.map_err(fail)?;
-        tx.batch_execute("SAVEPOINT fresh").await.map_err(fail)?;
-        let copy = tx.prepare_cached(&sql.copy).await.map_err(fail)?;
-        let mut sink = Box::pin(tx.copy_in(&copy).await.map_err(fail)?);
+        // The transaction is driven by hand rather than through a `Transaction` guard so that
+        // statements can share round trips; a connection left inside it is closed by `Conn`'s
+        // drop, which rolls it back.
+        let conn = backend.conn(OP).await?;
+        conn.batch_execute("BEGIN; SAVEPOINT fresh").await.map_err(fail)?;
+        let copy = conn.prepare_cached(&sql.copy).await.map_err(fail)?;
+        let mut sink = Box::pin(conn.copy_in(&copy).await.map_err(fail)?);
         let copied = match sink.send(data.clone()).await {
             Ok(()) => sink.as_mut().finish().await,
             Err(err) => Err(err),
@@ -139,27 +141,40 @@ pub(super) fn store_batch(
         let stored = match copied {
             Ok(rows) => Stored { inserted: rows, replaced: repeated },
             Err(err) if err.code().is_some_and(|c| c.code() == UNIQUE_VIOLATION) => {
-                tx.batch_execute("ROLLBACK TO SAVEPOINT fresh").await.map_err(fail)?;
-                tx.batch_execute(&sql.create_staging).await.map_err(fail)?;
-                let copy = tx.prepare_cached(&sql.copy_staging).await.map_err(fail)?;
-                let mut sink = Box::pin(tx.copy_in(&copy).await.map_err(fail)?);
-                sink.send(data).await.map_err(fail)?;
-                sink.as_mut().finish().await.map_err(fail)?;
-                let upsert = tx.prepare_cached(&sql.upsert).await.map_err(fail)?;
-                let inserted: i64 = tx.query_one(&upsert, &[]).await.map_err(fail)?.get(0);
-                let inserted = inserted.unsigned_abs();
+                let inserted = upsert(&conn, sql, data).await.map_err(fail)?;
                 Stored { inserted, replaced: unique.len() as u64 - inserted + repeated }
             }
             Err(err) => return Err(fail(err)),
         };
         if stored.inserted > 0 {
-            let notify = tx.prepare_cached(&sql.notify).await.map_err(fail)?;
-            tx.execute(&notify, &[&channel, &events_table]).await.map_err(fail)?;
+            let notify = conn.prepare_cached(&sql.notify).await.map_err(fail)?;
+            // Pipelined: both go out before either reply is read. Should the notification fail,
+            // the server answers the COMMIT of the failed transaction by rolling it back.
+            let params: [&(dyn ToSql + Sync); 2] = [&channel, &events_table];
+            let (notified, committed) =
+                tokio::join!(conn.execute(&notify, &params), conn.batch_execute("COMMIT"));
+            notified.map_err(fail)?;
+            committed.map_err(fail)?;
+        } else {
+            conn.batch_execute("COMMIT").await.map_err(fail)?;
         }
-        tx.commit().await.map_err(fail)?;
         conn.release();
         Ok(stored)
     })
+}
+
+/// The path for a batch that stores ids already stored: back to the savepoint, the batch into
+/// the staging table, then the upsert. Returns how many ids were new.
+async fn upsert(conn: &Conn, sql: &SinkSql, data: bytes::Bytes) -> Result<u64, tokio_postgres::Error> {
+    conn.batch_execute("ROLLBACK TO SAVEPOINT fresh").await?;
+    conn.batch_execute(&sql.create_staging).await?;
+    let copy = conn.prepare_cached(&sql.copy_staging).await?;
+    let mut sink = Box::pin(conn.copy_in(&copy).await?);
+    sink.send(data).await?;
+    sink.as_mut().finish().await?;
+    let upsert = conn.prepare_cached(&sql.upsert).await?;
+    let inserted: i64 = conn.query_one(&upsert, &[]).await?.try_get(0)?;
+    Ok(inserted.unsigned_abs())
 }
 
 /// `events` with ids repeated within the batch folded: each id once, at its first place, with the
