@@ -298,6 +298,9 @@ fn retention_deletes_old_finished_events_in_bounded_batches() {
         ..backend.config()
     });
     let scope = Scope::new();
+    // A member that fetches everything and never acknowledges: its claims must not outlive the
+    // events they point at.
+    let holder = source(&provider, &scope, "holder");
     let old = Timestamp::now().checked_sub(SignedDuration::from_hours(2)).expect("in range");
     let events: Vec<Event> = (0..40)
         .map(|i| {
@@ -310,6 +313,12 @@ fn retention_deletes_old_finished_events_in_bounded_batches() {
         })
         .collect();
     provider.store_batch(&shared(&events), None).expect("store");
+    let mut held = 0;
+    let deadline = Instant::now() + ARRIVE;
+    while held < events.len() {
+        assert!(Instant::now() < deadline, "only {held} of {} fetched", events.len());
+        held += holder.fetch(64, Duration::from_millis(200)).expect("fetch").len();
+    }
     let finished_and_old = events.iter().filter(|e| e.created_at == old && e.status.is_terminal()).count();
     assert_eq!(provider.cleanup_now().expect("cleanup"), finished_and_old as u64);
     let left: Vec<EventId> = scope.list(&provider).iter().map(|e| e.id).collect();
@@ -321,6 +330,11 @@ fn retention_deletes_old_finished_events_in_bounded_batches() {
     };
     assert_eq!(left, kept, "pending, processing and recent events stay");
     assert_eq!(provider.cleanup_now().expect("cleanup again"), 0);
+    let claims = Sql::connect()
+        .expect("connect")
+        .numbers(&format!("SELECT count(*) FROM {}", backend.qualified("events_claims")), &[])
+        .expect("count claims");
+    assert_eq!(claims, vec![i64::try_from(kept.len()).expect("small")], "claims of deleted events are gone");
     assert_eq!(provider.stats().expect("stats").provider_specific["expired"], finished_and_old);
 }
 

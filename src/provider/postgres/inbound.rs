@@ -15,7 +15,9 @@
 //! holding it this time) and new events past the cursor are read, claimed and the cursor
 //! advanced. The type filter, and the origin check that keeps a group's own events from it, run
 //! in the server: unwanted events never cross the network, and the cursor passes them, so they
-//! count as handled for the group.
+//! count as handled for the group. The filter applied is the fetching member's own: members of a
+//! shared group are expected to subscribe alike, and an event only another member would want is
+//! passed over when this member reads it.
 //!
 //! ## Why the cursor is `(tx, seq)`, not `seq`
 //! `seq` values are taken when rows are inserted, but rows become visible when their transaction

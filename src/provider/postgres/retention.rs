@@ -2,6 +2,8 @@
 //! [`max_age`](super::PostgresConfig::max_age) are deleted, in statements of at most
 //! [`cleanup_batch`](super::PostgresConfig::cleanup_batch) rows, by a background task on the
 //! provider's runtime and by [`PostgresProvider::cleanup_now`](super::PostgresProvider::cleanup_now).
+//! Claims whose event is gone (deleted, or expired while a group that stopped fetching held it)
+//! are deleted the same way.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -21,6 +23,7 @@ const MAX_BATCHES_PER_RUN: usize = 1_000;
 pub(super) struct RetentionSql {
     events: String,
     delete_expired: String,
+    delete_orphan_claims: String,
 }
 
 impl RetentionSql {
@@ -36,6 +39,16 @@ impl RetentionSql {
                      LIMIT $2
                      FOR UPDATE SKIP LOCKED
                  )"
+            ),
+            // Claims of events that are gone: a group that is no longer fetching (an instance that
+            // never came back) would otherwise keep them for ever.
+            delete_orphan_claims: format!(
+                "DELETE FROM {claims} WHERE (group_key, seq) IN (
+                     SELECT c.group_key, c.seq FROM {claims} AS c
+                     WHERE NOT EXISTS (SELECT 1 FROM {events} AS e WHERE e.seq = c.seq)
+                     LIMIT $1
+                 )",
+                claims = names.claims(),
             ),
             events,
         }
@@ -59,6 +72,12 @@ pub(super) async fn cleanup(
         let n =
             shared.backend.execute(operation, &sql.events, &sql.delete_expired, &[&cutoff, &batch]).await?;
         deleted += n;
+        if n < config.cleanup_batch as u64 {
+            break;
+        }
+    }
+    for _ in 0..MAX_BATCHES_PER_RUN {
+        let n = shared.backend.execute(operation, &sql.events, &sql.delete_orphan_claims, &[&batch]).await?;
         if n < config.cleanup_batch as u64 {
             break;
         }
