@@ -10,10 +10,11 @@
 //!
 //! ## One fetch
 //! One transaction: first the claims that are due (`FOR UPDATE SKIP LOCKED`, so two members
-//! never take the same one), given to this member; then, if there is room, the group's row is
-//! locked (`FOR UPDATE SKIP LOCKED`: a member that finds it locked leaves new events to the member
-//! holding it this time) and new events past the cursor are read, claimed and the cursor
-//! advanced. The type filter, and the origin check that keeps a group's own events from it, run
+//! never take the same one and neither waits for the other), given to this member; then, if
+//! there is room, the group's row is locked (`FOR UPDATE`: members of a shared group take turns,
+//! each waiting at most for the other's short transaction, then reading on from where it left
+//! the cursor) and new events past the cursor are read, claimed and the cursor advanced. A member
+//! takes only as many as it has room for, so members with room share the stream. The type filter, and the origin check that keeps a group's own events from it, run
 //! in the server: unwanted events never cross the network, and the cursor passes them, so they
 //! count as handled for the group. The filter applied is the fetching member's own: members of a
 //! shared group are expected to subscribe alike, and an event only another member would want is
@@ -118,7 +119,7 @@ impl InboundSql {
             lock_group: format!(
                 "SELECT cursor_tx, cursor_seq, start_xmax, start_xip,
                         pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-                 FROM {groups} WHERE group_key = $1 FOR UPDATE SKIP LOCKED"
+                 FROM {groups} WHERE group_key = $1 FOR UPDATE"
             ),
             read_new: format!(
                 "SELECT seq, tx, {EVENT_COLUMNS} FROM {events}
@@ -259,8 +260,7 @@ impl PostgresInbound {
         Ok(fetched)
     }
 
-    /// Reads up to `room` new events past the group's cursor, claims them and moves the cursor;
-    /// nothing when another member holds the group's row.
+    /// Reads up to `room` new events past the group's cursor, claims them and moves the cursor.
     async fn take_new(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
@@ -272,7 +272,7 @@ impl PostgresInbound {
         let fail = |err| Backend::error(OP, &sql.claims, err);
         let lock = tx.prepare_cached(&sql.lock_group).await.map_err(fail)?;
         let Some(group) = tx.query_opt(&lock, &[&self.group]).await.map_err(fail)? else {
-            return Ok(()); // Another member is taking new events right now.
+            return Ok(()); // The group is gone: its tables were emptied under it.
         };
         let cursor: (i64, i64) = (group.try_get(0).map_err(fail)?, group.try_get(1).map_err(fail)?);
         let start_xmax: i64 = group.try_get(2).map_err(fail)?;

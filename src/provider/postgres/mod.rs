@@ -51,7 +51,8 @@
 //! lost while the listener reconnects (with backoff, 50 ms doubling to 2 s). Consumer groups keep
 //! their cursor in `<table>_groups` and their unacknowledged events in `<table>_claims`, so a
 //! fan-out instance restarted under the same id resumes where it stopped, and members of a shared
-//! group claim with `FOR UPDATE SKIP LOCKED`. Ack tokens are `seq`s; cursors never derive from ids.
+//! group take what falls due with `FOR UPDATE SKIP LOCKED` and new events in turns on the group's
+//! row. Ack tokens are `seq`s; cursors never derive from ids.
 //!
 //! The cursor is `(tx, seq)`, read only below the oldest running transaction: concurrent
 //! transactions commit out of `seq` order, and a cursor on `seq` alone would skip a lower `seq`
