@@ -112,7 +112,7 @@ fn a_batch_retried_after_a_lost_commit_reply_duplicates_nothing() {
     let first: Vec<Event> = (0..5).map(|_| scope.event("orders.create")).collect();
     writer.store_batch(&shared(&first), None).expect("store");
     let seqs = |p: &PostgresProvider| -> Vec<(EventId, u64)> {
-        p.replay(ReplayFrom::Beginning, Some(&scope.all()), 100)
+        p.replay(ReplayFrom::Beginning, Some(&scope.all()), 1000)
             .expect("replay")
             .into_iter()
             .map(|s| (s.event.id, s.seq))
@@ -136,6 +136,26 @@ fn a_batch_retried_after_a_lost_commit_reply_duplicates_nothing() {
     assert_eq!(stats.provider_specific["replaced"], 10);
     let got = take(&*inbound, 7);
     assert_eq!(got.len(), 7);
+    assert_quiet(&*inbound, Duration::from_millis(300), "re-stores are not delivered again");
+
+    // The same with batches large enough to be copied: the retried COPY fails on the first stored
+    // id and the batch goes through the staging table instead.
+    let large: Vec<Event> = (0..100).map(|_| scope.event("orders.bulk")).collect();
+    writer.store_batch(&shared(&large), None).expect("store a large batch");
+    let before = seqs(&writer);
+    let mut retried = large.clone();
+    retried[50].status = EventStatus::Completed;
+    let fresh = scope.event("orders.bulk");
+    retried.insert(10, fresh.clone());
+    writer.store_batch(&shared(&retried), None).expect("retry it with one new event");
+    let after = seqs(&writer);
+    assert_eq!(&after[..before.len()], &before[..], "re-stores keep their seqs");
+    assert_eq!(after[before.len()..].iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![fresh.id]);
+    assert_eq!(writer.get(large[50].id).expect("get").map(|e| e.status), Some(EventStatus::Completed));
+    let stats = writer.stats().expect("stats");
+    assert_eq!(stats.events_published, 7 + 101);
+    assert_eq!(stats.provider_specific["replaced"], 10 + 100);
+    assert_eq!(take(&*inbound, 101).len(), 101);
     assert_quiet(&*inbound, Duration::from_millis(300), "re-stores are not delivered again");
 }
 

@@ -4,6 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use jiff::Timestamp;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::error::{ProviderError, ProviderErrorKind};
@@ -24,6 +25,10 @@ const INSERT_COLUMN_COUNT: i16 = 19;
 pub(super) const EVENT_COLUMNS: &str = "id, source, \"type\", status, retry_count, error, payload::text, \
      user_id, session_id, instance_id, \"schema\", entity, operation, created_at_ns, processed_at_ns, \
      completed_at_ns, metadata::text, partition_key";
+
+/// The wake-up a write sends: on channel `$1`, the highest `seq` this session took in table `$2`
+/// (a `"schema"."table"` name). Listeners treat it as a hint only.
+pub(super) const NOTIFY: &str = "SELECT pg_notify($1, currval(pg_get_serial_sequence($2, 'seq'))::text)";
 
 /// `PGCOPY\n\377\r\n\0`, then flags and header-extension length, both 0.
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -138,6 +143,121 @@ fn put_opt_i64(buf: &mut BytesMut, value: Option<i64>) {
     match value {
         Some(v) => put_i64(buf, v),
         None => buf.put_i32(-1),
+    }
+}
+
+/// An `INSERT` of the events bound as [`EventColumns::params`] (`$1` to `$18`) into `table`, in
+/// array order, with `origin` (SQL: `NULL` or a placeholder) and ending with `tail` (the
+/// `ON CONFLICT` clause and any `RETURNING`).
+pub(super) fn insert_from_arrays(table: &str, origin: &str, tail: &str) -> String {
+    format!(
+        "INSERT INTO {table} ({INSERT_COLUMNS})
+         SELECT id, {origin}, source, \"type\", status, retry_count, error, payload::json, user_id,
+                session_id, instance_id, \"schema\", entity, operation, created_at_ns,
+                processed_at_ns, completed_at_ns, metadata::json, partition_key
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                     $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[],
+                     $13::text[], $14::bigint[], $15::bigint[], $16::bigint[], $17::text[], $18::text[])
+             WITH ORDINALITY
+             AS e(id, source, \"type\", status, retry_count, error, payload, user_id, session_id,
+                  instance_id, \"schema\", entity, operation, created_at_ns, processed_at_ns,
+                  completed_at_ns, metadata, partition_key, ord)
+         ORDER BY ord
+         {tail}"
+    )
+}
+
+/// Events as one array per column, to bind to [`insert_from_arrays`]'s statement.
+pub(super) struct EventColumns<'a> {
+    ids: Vec<Uuid>,
+    sources: Vec<&'static str>,
+    types: Vec<&'a str>,
+    statuses: Vec<&'static str>,
+    retries: Vec<i64>,
+    errors: Vec<&'a str>,
+    payloads: Vec<Option<&'a str>>,
+    users: Vec<i64>,
+    sessions: Vec<&'a str>,
+    instances: Vec<&'a str>,
+    schemas: Vec<&'a str>,
+    entities: Vec<&'a str>,
+    operations: Vec<&'a str>,
+    created: Vec<i64>,
+    processed: Vec<Option<i64>>,
+    completed: Vec<Option<i64>>,
+    metadata: Vec<String>,
+    partition_keys: Vec<Option<&'a str>>,
+}
+
+impl<'a> EventColumns<'a> {
+    pub(super) fn of(events: &[&'a Event], operation: &'static str) -> Result<Self, ProviderError> {
+        let n = events.len();
+        let mut c = EventColumns {
+            ids: Vec::with_capacity(n),
+            sources: Vec::with_capacity(n),
+            types: Vec::with_capacity(n),
+            statuses: Vec::with_capacity(n),
+            retries: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            payloads: Vec::with_capacity(n),
+            users: Vec::with_capacity(n),
+            sessions: Vec::with_capacity(n),
+            instances: Vec::with_capacity(n),
+            schemas: Vec::with_capacity(n),
+            entities: Vec::with_capacity(n),
+            operations: Vec::with_capacity(n),
+            created: Vec::with_capacity(n),
+            processed: Vec::with_capacity(n),
+            completed: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+            partition_keys: Vec::with_capacity(n),
+        };
+        let nanos = |at: Option<Timestamp>, field| at.map(|at| to_nanos(at, field, operation)).transpose();
+        for &event in events {
+            c.ids.push(*event.id.as_uuid());
+            c.sources.push(event.source.as_str());
+            c.types.push(&event.event_type);
+            c.statuses.push(event.status.as_str());
+            c.retries.push(i64::from(event.retry_count));
+            c.errors.push(&event.error);
+            c.payloads.push(event.payload_json());
+            c.users.push(event.user_id);
+            c.sessions.push(&event.session_id);
+            c.instances.push(&event.instance_id);
+            c.schemas.push(&event.schema);
+            c.entities.push(&event.entity);
+            c.operations.push(&event.operation);
+            c.created.push(to_nanos(event.created_at, "created_at", operation)?);
+            c.processed.push(nanos(event.processed_at, "processed_at")?);
+            c.completed.push(nanos(event.completed_at, "completed_at")?);
+            c.metadata.push(metadata_json(event, operation)?);
+            c.partition_keys.push(event.partition_key.as_deref());
+        }
+        Ok(c)
+    }
+
+    /// `$1` to `$18` of [`insert_from_arrays`]'s statement.
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 18] {
+        [
+            &self.ids,
+            &self.sources,
+            &self.types,
+            &self.statuses,
+            &self.retries,
+            &self.errors,
+            &self.payloads,
+            &self.users,
+            &self.sessions,
+            &self.instances,
+            &self.schemas,
+            &self.entities,
+            &self.operations,
+            &self.created,
+            &self.processed,
+            &self.completed,
+            &self.metadata,
+            &self.partition_keys,
+        ]
     }
 }
 

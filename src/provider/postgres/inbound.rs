@@ -384,17 +384,18 @@ impl Inbound for PostgresInbound {
             let started = Instant::now();
             let deadline = started.checked_add(wait).unwrap_or(started + Duration::from_secs(86_400));
             loop {
+                // Subscribed before looking, so a wake-up that comes during the query is not lost.
                 let mut wake: watch::Receiver<u64> = backend.wake_ups();
                 wake.borrow_and_update();
+                self.check_open(OP)?;
+                if backend.is_closed() {
+                    return Err(closed_error(NAME, OP));
+                }
                 let fetched = self.fetch_once(max).await?;
                 // Relaxed: a counter, read for stats only.
                 self.shared.consumed.fetch_add(fetched.len() as u64, Ordering::Relaxed);
                 if !fetched.is_empty() || max == 0 {
                     return Ok(fetched);
-                }
-                self.check_open(OP)?;
-                if backend.is_closed() {
-                    return Err(closed_error(NAME, OP));
                 }
                 let now = Instant::now();
                 if now >= deadline {

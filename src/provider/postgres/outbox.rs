@@ -1,9 +1,8 @@
 //! The transactional outbox: storing events inside the caller's own transaction.
 
 use tokio_postgres::GenericClient;
-use uuid::Uuid;
 
-use super::codec::{self, INSERT_COLUMNS};
+use super::codec::{self, EventColumns};
 use super::config::PostgresConfig;
 use super::schema::Names;
 use super::{NAME, backend::Backend};
@@ -59,20 +58,8 @@ impl Outbox {
     pub(super) fn from_names(names: &Names) -> Self {
         let table = names.events();
         Self {
-            insert: format!(
-                "INSERT INTO {table} ({INSERT_COLUMNS})
-                 SELECT id, NULL, source, \"type\", status, retry_count, error, payload::json, user_id,
-                        session_id, instance_id, \"schema\", entity, operation, created_at_ns,
-                        processed_at_ns, completed_at_ns, metadata::json, partition_key
-                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                             $7::text[], $8::bigint[], $9::text[], $10::text[], $11::text[], $12::text[],
-                             $13::text[], $14::bigint[], $15::bigint[], $16::bigint[], $17::text[], $18::text[])
-                     AS e(id, source, \"type\", status, retry_count, error, payload, user_id, session_id,
-                          instance_id, \"schema\", entity, operation, created_at_ns, processed_at_ns,
-                          completed_at_ns, metadata, partition_key)
-                 ON CONFLICT (id) DO NOTHING"
-            ),
-            notify: "SELECT pg_notify($1, currval(pg_get_serial_sequence($2, 'seq'))::text)".to_owned(),
+            insert: codec::insert_from_arrays(&table, "NULL", "ON CONFLICT (id) DO NOTHING"),
+            notify: codec::NOTIFY.to_owned(),
             channel: names.channel.as_str().to_owned(),
             table,
         }
@@ -96,108 +83,12 @@ impl Outbox {
         if events.is_empty() {
             return Ok(());
         }
-        let columns = Columns::of(events)?;
-        let c = &columns;
+        let events: Vec<&Event> = events.iter().collect();
+        let columns = EventColumns::of(&events, OP)?;
         let fail = |err| Backend::error(OP, &self.table, err);
-        client
-            .execute(
-                &self.insert,
-                &[
-                    &c.ids,
-                    &c.sources,
-                    &c.types,
-                    &c.statuses,
-                    &c.retries,
-                    &c.errors,
-                    &c.payloads,
-                    &c.users,
-                    &c.sessions,
-                    &c.instances,
-                    &c.schemas,
-                    &c.entities,
-                    &c.operations,
-                    &c.created,
-                    &c.processed,
-                    &c.completed,
-                    &c.metadata,
-                    &c.partition_keys,
-                ],
-            )
-            .await
-            .map_err(fail)?;
+        client.execute(&self.insert, &columns.params()).await.map_err(fail)?;
         client.execute(&self.notify, &[&self.channel, &self.table]).await.map_err(fail)?;
         tracing::trace!(count = events.len(), table = %self.table, "{NAME} provider: outbox stored events");
         Ok(())
-    }
-}
-
-/// Events as one array per column, to bind.
-struct Columns<'a> {
-    ids: Vec<Uuid>,
-    sources: Vec<&'static str>,
-    types: Vec<&'a str>,
-    statuses: Vec<&'static str>,
-    retries: Vec<i64>,
-    errors: Vec<&'a str>,
-    payloads: Vec<Option<&'a str>>,
-    users: Vec<i64>,
-    sessions: Vec<&'a str>,
-    instances: Vec<&'a str>,
-    schemas: Vec<&'a str>,
-    entities: Vec<&'a str>,
-    operations: Vec<&'a str>,
-    created: Vec<i64>,
-    processed: Vec<Option<i64>>,
-    completed: Vec<Option<i64>>,
-    metadata: Vec<String>,
-    partition_keys: Vec<Option<&'a str>>,
-}
-
-impl<'a> Columns<'a> {
-    fn of(events: &'a [Event]) -> Result<Self, ProviderError> {
-        const OP: &str = "outbox_publish";
-        let mut c = Columns {
-            ids: Vec::with_capacity(events.len()),
-            sources: Vec::with_capacity(events.len()),
-            types: Vec::with_capacity(events.len()),
-            statuses: Vec::with_capacity(events.len()),
-            retries: Vec::with_capacity(events.len()),
-            errors: Vec::with_capacity(events.len()),
-            payloads: Vec::with_capacity(events.len()),
-            users: Vec::with_capacity(events.len()),
-            sessions: Vec::with_capacity(events.len()),
-            instances: Vec::with_capacity(events.len()),
-            schemas: Vec::with_capacity(events.len()),
-            entities: Vec::with_capacity(events.len()),
-            operations: Vec::with_capacity(events.len()),
-            created: Vec::with_capacity(events.len()),
-            processed: Vec::with_capacity(events.len()),
-            completed: Vec::with_capacity(events.len()),
-            metadata: Vec::with_capacity(events.len()),
-            partition_keys: Vec::with_capacity(events.len()),
-        };
-        for event in events {
-            let nanos =
-                |at: Option<jiff::Timestamp>, field| at.map(|at| codec::to_nanos(at, field, OP)).transpose();
-            c.ids.push(*event.id.as_uuid());
-            c.sources.push(event.source.as_str());
-            c.types.push(&event.event_type);
-            c.statuses.push(event.status.as_str());
-            c.retries.push(i64::from(event.retry_count));
-            c.errors.push(&event.error);
-            c.payloads.push(event.payload_json());
-            c.users.push(event.user_id);
-            c.sessions.push(&event.session_id);
-            c.instances.push(&event.instance_id);
-            c.schemas.push(&event.schema);
-            c.entities.push(&event.entity);
-            c.operations.push(&event.operation);
-            c.created.push(codec::to_nanos(event.created_at, "created_at", OP)?);
-            c.processed.push(nanos(event.processed_at, "processed_at")?);
-            c.completed.push(nanos(event.completed_at, "completed_at")?);
-            c.metadata.push(codec::metadata_json(event, OP)?);
-            c.partition_keys.push(event.partition_key.as_deref());
-        }
-        Ok(c)
     }
 }

@@ -2,7 +2,9 @@
 //! letters in one statement each.
 //!
 //! ## Storing a batch
-//! One transaction: `SAVEPOINT`, `COPY … FROM STDIN (FORMAT binary)` straight into the events
+//! A batch of up to 32 distinct events is one `INSERT … SELECT … FROM unnest(…) ON CONFLICT (id)
+//! DO UPDATE`, pipelined with `BEGIN`, the notification and `COMMIT`: one round trip. A larger
+//! batch is one transaction: `SAVEPOINT`, `COPY … FROM STDIN (FORMAT binary)` straight into the events
 //! table, one `pg_notify` carrying the batch's highest `seq`, `COMMIT`. The `COPY` data is encoded
 //! on the caller's thread. When an id is already stored (a batch retried after a lost commit
 //! reply, or an event stored again) the `COPY` fails on the unique id; the transaction rolls back
@@ -21,11 +23,15 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::backend::{Backend, Conn};
-use super::codec::{self, CopyBatch, INSERT_COLUMNS};
+use super::codec::{self, CopyBatch, EventColumns, INSERT_COLUMNS};
 use super::schema::Names;
 use crate::error::ProviderError;
 use crate::event::{Event, EventId};
 use crate::provider::{DeadLetter, StatusUpdate};
+
+/// Batches of up to this many distinct events are inserted with one statement of arrays; larger
+/// ones are copied. Below it a `COPY`'s extra round trips cost more than it saves.
+const SMALL_BATCH: usize = 32;
 
 /// SQLSTATE `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
@@ -33,6 +39,7 @@ const UNIQUE_VIOLATION: &str = "23505";
 /// The statements of the sink, built once from the validated names.
 pub(super) struct SinkSql {
     events: String,
+    insert_rows: String,
     copy: String,
     create_staging: String,
     copy_staging: String,
@@ -52,7 +59,13 @@ impl SinkSql {
             .map(|column| format!("{column} = EXCLUDED.{column}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let insert_rows = codec::insert_from_arrays(
+            &events,
+            "$19",
+            &format!("ON CONFLICT (id) DO UPDATE SET {replaced} RETURNING (xmax = 0) AS inserted"),
+        );
         Self {
+            insert_rows: format!("WITH stored AS ({insert_rows}) SELECT count(*) FILTER (WHERE inserted) FROM stored"),
             copy: format!("COPY {events} ({INSERT_COLUMNS}) FROM STDIN (FORMAT binary)"),
             // Per connection, emptied at every commit; `ord` keeps the batch order.
             create_staging: "CREATE TEMP TABLE IF NOT EXISTS eventbroker_staging (
@@ -73,7 +86,7 @@ impl SinkSql {
                  )
                  SELECT count(*) FILTER (WHERE inserted) FROM stored"
             ),
-            notify: "SELECT pg_notify($1, currval(pg_get_serial_sequence($2, 'seq'))::text)".to_owned(),
+            notify: codec::NOTIFY.to_owned(),
             update_status: format!(
                 "UPDATE {events} AS e SET status = u.status, error = u.error, retry_count = u.retry_count,
                      processed_at_ns = COALESCE(u.processed_at_ns, e.processed_at_ns),
@@ -115,14 +128,69 @@ pub(super) fn store_batch(
     events: &[Arc<Event>],
     origin: Option<&str>,
 ) -> Result<Stored, ProviderError> {
-    const OP: &str = "store_batch";
     let unique = fold_repeated_ids(events);
-    let mut batch = CopyBatch::new(unique.len());
-    for event in &unique {
-        batch.push(event, origin)?;
+    let batch = Batch { repeated: (events.len() - unique.len()) as u64, unique, origin };
+    if batch.unique.len() <= SMALL_BATCH {
+        insert_rows(backend, sql, &batch)
+    } else {
+        copy_rows(backend, sql, &batch)
     }
-    let data = batch.finish();
-    let repeated = (events.len() - unique.len()) as u64;
+}
+
+/// A batch to store, its repeated ids folded.
+struct Batch<'a> {
+    unique: Vec<&'a Event>,
+    origin: Option<&'a str>,
+    /// Elements folded into an earlier one with the same id.
+    repeated: u64,
+}
+
+impl Batch<'_> {
+    /// What storing it did, given how many of its ids were new.
+    fn stored(&self, inserted: u64) -> Stored {
+        Stored { inserted, replaced: self.unique.len() as u64 - inserted + self.repeated }
+    }
+}
+
+/// A small batch: one `INSERT … ON CONFLICT DO UPDATE` of arrays, sent pipelined with `BEGIN`, the
+/// notification and `COMMIT`, so the batch costs one round trip and one commit.
+fn insert_rows(backend: &Backend, sql: &SinkSql, batch: &Batch<'_>) -> Result<Stored, ProviderError> {
+    const OP: &str = "store_batch";
+    let columns = EventColumns::of(&batch.unique, OP)?;
+    let mut params = columns.params().to_vec();
+    params.push(&batch.origin);
+    let events_table = backend.names.events();
+    let channel = backend.names.channel.as_str();
+    let notify_params: [&(dyn ToSql + Sync); 2] = [&channel, &events_table];
+    backend.call(OP, async {
+        let fail = |err| Backend::error(OP, &sql.events, err);
+        let conn = backend.conn(OP).await?;
+        let insert = conn.prepare_cached(&sql.insert_rows).await.map_err(fail)?;
+        let notify = conn.prepare_cached(&sql.notify).await.map_err(fail)?;
+        // Should a statement fail, the ones after it fail too and the COMMIT rolls back.
+        let (begun, inserted, notified, committed) = tokio::join!(
+            conn.batch_execute("BEGIN"),
+            conn.query_one(&insert, &params),
+            conn.execute(&notify, &notify_params),
+            conn.batch_execute("COMMIT"),
+        );
+        begun.map_err(fail)?;
+        let inserted: i64 = inserted.and_then(|row| row.try_get(0)).map_err(fail)?;
+        notified.map_err(fail)?;
+        committed.map_err(fail)?;
+        conn.release();
+        Ok(batch.stored(inserted.unsigned_abs()))
+    })
+}
+
+/// A larger batch: binary `COPY`; see the module docs.
+fn copy_rows(backend: &Backend, sql: &SinkSql, batch: &Batch<'_>) -> Result<Stored, ProviderError> {
+    const OP: &str = "store_batch";
+    let mut copy = CopyBatch::new(batch.unique.len());
+    for event in &batch.unique {
+        copy.push(event, batch.origin)?;
+    }
+    let data = copy.finish();
     let events_table = backend.names.events();
     let channel = backend.names.channel.as_str();
     backend.call(OP, async {
@@ -139,10 +207,9 @@ pub(super) fn store_batch(
             Err(err) => Err(err),
         };
         let stored = match copied {
-            Ok(rows) => Stored { inserted: rows, replaced: repeated },
+            Ok(rows) => batch.stored(rows),
             Err(err) if err.code().is_some_and(|c| c.code() == UNIQUE_VIOLATION) => {
-                let inserted = upsert(&conn, sql, data).await.map_err(fail)?;
-                Stored { inserted, replaced: unique.len() as u64 - inserted + repeated }
+                batch.stored(upsert(&conn, sql, data).await.map_err(fail)?)
             }
             Err(err) => return Err(fail(err)),
         };
