@@ -77,6 +77,22 @@
 //! transient kind the broker's writer retries), reconnection attempts backing off from 50 ms to 2 s.
 //! Errors name the table and carry PostgreSQL's SQLSTATE.
 //!
+//! ## Measured
+//! `cargo bench --features postgres --bench provider_postgres`, PostgreSQL 15 on the same 2-vCPU
+//! machine, which other builds kept busy (load average 8 to 11, so compare within the run):
+//!
+//! | write | events/s |
+//! |---|---:|
+//! | `store_batch` of 10 000 (binary `COPY`) | 34 000 |
+//! | the same into a table without the secondary indexes | 58 000 |
+//! | `store_batch` of 1 000 | 18 000 |
+//! | `store_batch` of 100 (`COPY`) | 9 400 |
+//! | `store_batch` of 1 (one pipelined `INSERT`, with its `pg_notify`) | 184 |
+//! | baseline: one autocommit `INSERT` per event, plain client | 404 |
+//!
+//! Batching gains 180× over storing events one at a time, and 80× over the autocommit baseline;
+//! one event costs a commit (an fsync) whatever is done around it.
+//!
 //! ## Replay and concurrent writers
 //! [`EventStore::replay`] returns what is committed, in `seq` order. A page read while another
 //! transaction holding a lower `seq` is still open does not contain that event, and paging on from
