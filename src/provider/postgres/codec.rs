@@ -360,7 +360,7 @@ mod tests {
         let nanos = to_nanos(at, "created_at", "store_batch").expect("fits");
         assert_eq!(nanos, 1_700_000_000_123_456_789);
         assert_eq!(from_nanos(nanos), at);
-        let far = Timestamp::new(9_000_000_000, 0).expect("valid");
+        let far = Timestamp::new(10_000_000_000, 0).expect("valid"); // 2286
         let err = to_nanos(far, "created_at", "store_batch").expect_err("does not fit");
         assert!(err.to_string().contains("outside the range"), "{err}");
     }
