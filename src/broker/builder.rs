@@ -276,11 +276,14 @@ impl BrokerBuilder {
         )
         .map_err(|source| BuildError::Spawn { thread: "eventbroker-writer".into(), source })?;
         let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
+        let store_events = self.track_status || group.is_some();
+        let inline = store_events && provider.capabilities().inline_writes;
         let shared = Arc::new(WorkerShared {
             table: Arc::new(SubscriptionTable::new()),
             writer: Arc::new(writer),
             shutdown_deadline: parking_lot::Mutex::new(None),
             engine: id,
+            inline: inline.then(|| Arc::clone(&provider)),
         });
         let config = WorkerConfig {
             retry: self.retry,
@@ -295,7 +298,9 @@ impl BrokerBuilder {
         let inbound = source.map(|source| Arc::new(InboundPump::new(source)));
         let engine = Arc::new(Engine {
             id,
-            store_events: self.track_status || group.is_some(),
+            store_events,
+            inline,
+            origin: group.as_ref().map(ConsumerGroup::key),
             instance_id,
             mode: self.mode,
             distribution,

@@ -37,6 +37,11 @@ pub(crate) struct Engine {
     /// Whether published events are written to the provider: to track their status, or because
     /// other instances receive them from it.
     pub(crate) store_events: bool,
+    /// Whether they are written inline, on the publishing thread, rather than through the writer
+    /// (a provider with [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)).
+    pub(crate) inline: bool,
+    /// The consumer group key stores are tagged with, when the broker takes part in delivery.
+    pub(crate) origin: Option<String>,
     pub(crate) buffer_size: usize,
     pub(crate) provider: Arc<dyn Provider>,
     pub(crate) shared: Arc<WorkerShared>,
@@ -112,18 +117,31 @@ impl Engine {
         store: Store,
     ) -> Result<(), (ReserveError, Job)> {
         let shard = self.shards.index_for(job.event.partition());
-        let stored = !matches!(store, Store::No);
-        let reservation = match self.reserve(shard, 1, patience, stored) {
+        let backlogged = !matches!(store, Store::No) && !self.inline;
+        let reservation = match self.reserve(shard, 1, patience, backlogged) {
             Ok(reservation) => reservation,
             Err(error) => return Err((error, job)),
         };
         match store {
             Store::No => {}
+            Store::Yes if self.inline => {
+                let _ = self.store_inline(std::slice::from_ref(&job.event));
+            }
             Store::Yes => self.shared.writer.store(Arc::clone(&job.event)),
+            Store::Confirmed(reply) if self.inline => {
+                let _ = reply.send(self.store_inline(std::slice::from_ref(&job.event)));
+            }
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
         }
         reservation.commit(std::iter::once(Some(job)));
         Ok(())
+    }
+
+    /// Stores `events` on this thread: the inline path of a provider cheap enough for it. A failure
+    /// (a closed provider) is counted and reported by the next flush, like the writer's.
+    fn store_inline(&self, events: &[Arc<Event>]) -> Result<(), crate::ProviderError> {
+        let origin = self.origin.as_deref();
+        self.shared.writer.inline("store_batch", events.len(), || self.provider.store_batch(events, origin))
     }
 
     /// Reserves up to `want` consecutive slots of `shard` (at least one), with as much backlog room
@@ -239,7 +257,9 @@ impl Engine {
             });
         };
         let event = self.admit(event)?;
-        if self.store_events {
+        if self.store_events && self.inline {
+            let _ = self.store_inline(std::slice::from_ref(&event));
+        } else if self.store_events {
             if !self.admit_backlog(self.patience()) {
                 return Err(self.rejected(ReserveError::Full, event).into());
             }
@@ -261,7 +281,7 @@ impl Engine {
         );
         drop(set);
         self.sync.add(&outbox.counts);
-        self.shared.writer.settle(&mut outbox);
+        worker::settle(&self.shared, &mut outbox);
         if failures.is_empty() {
             Ok(())
         } else {
@@ -294,12 +314,14 @@ impl Engine {
         let mut reason = None;
         for (shard, mut group) in by_shard.into_iter().enumerate() {
             while !group.is_empty() {
-                match self.reserve(shard, group.len(), self.patience(), self.store_events) {
+                match self.reserve(shard, group.len(), self.patience(), self.store_events && !self.inline) {
                     Ok(reservation) => {
                         let taken: Vec<Arc<Event>> =
                             group.drain(..reservation.len()).map(|(_, e)| e).collect();
                         accepted += taken.len();
-                        if self.store_events {
+                        if self.store_events && self.inline {
+                            let _ = self.store_inline(&taken);
+                        } else if self.store_events {
                             self.shared.writer.store_many(taken.clone());
                         }
                         reservation.commit(taken.into_iter().map(|event| Some(Job::local(event))));

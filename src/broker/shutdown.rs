@@ -163,7 +163,8 @@ impl Engine {
         }
         // Shared providers (the in-process bus, or one the application keeps) stay open for the
         // others; the last holder closes it.
-        let provider_close = if Arc::strong_count(&self.provider) == 1 {
+        let held_here = 1 + usize::from(self.shared.inline.is_some());
+        let provider_close = if Arc::strong_count(&self.provider) == held_here {
             let provider = Arc::clone(&self.provider);
             close_bounded("eb-close-provider", deadline, move || provider.close().map_err(|e| e.to_string()))
         } else {

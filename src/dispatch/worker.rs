@@ -31,7 +31,7 @@ use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
-use crate::provider::StatusUpdate;
+use crate::provider::{Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
 use crate::{EventId, EventStatus, MatchCache};
 
@@ -55,6 +55,10 @@ pub(crate) struct WorkerShared {
     pub(crate) shutdown_deadline: parking_lot::Mutex<Option<Instant>>,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
+    /// The provider, when status changes are written inline by the workers (a provider with
+    /// [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)) rather than through
+    /// the writer.
+    pub(crate) inline: Option<Arc<dyn Provider>>,
 }
 
 impl WorkerShared {
@@ -259,7 +263,7 @@ impl Worker {
             .filter(|job| job.origin == Origin::Local)
             .map(|job| StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now))
             .collect();
-        self.shared.writer.status(statuses);
+        write_statuses(&self.shared, statuses);
     }
 
     fn dispatch_batch(&mut self) {
@@ -456,7 +460,7 @@ impl Worker {
             for id in self.outbox.gone.drain(..) {
                 self.shared.table.unsubscribe(id);
             }
-            self.shared.writer.settle(&mut self.outbox);
+            settle(&self.shared, &mut self.outbox);
         }
         let now = Published {
             counts: self.outbox.counts,
@@ -479,6 +483,31 @@ impl Worker {
         c.internal_errors.store(now.internal_errors, Ordering::Relaxed);
         self.published = now;
     }
+}
+
+/// Writes status changes: inline when the provider is cheap enough, else through the writer.
+fn write_statuses(shared: &WorkerShared, statuses: Vec<StatusUpdate>) {
+    if statuses.is_empty() {
+        return;
+    }
+    match &shared.inline {
+        Some(provider) => {
+            let _ = shared
+                .writer
+                .inline("update_status_batch", statuses.len(), || provider.update_status_batch(&statuses));
+        }
+        None => shared.writer.status(statuses),
+    }
+}
+
+/// Hands what deliveries produced to the provider: statuses inline when the provider is cheap
+/// enough, the rest (dead letters and acknowledgements, which must keep their order) through the
+/// writer.
+pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
+    if shared.inline.is_some() {
+        write_statuses(shared, std::mem::take(&mut outbox.statuses));
+    }
+    shared.writer.settle(outbox);
 }
 
 /// Values under stable keys: O(1) insert and remove, keys reused after removal.

@@ -1,6 +1,14 @@
 //! The provider writer: one thread per broker that turns stores, status changes, dead letters and
 //! the acknowledgements of inbound events into batched provider calls.
 //!
+//! A provider whose writes are cheap in-process work ([`Capabilities::inline_writes`], the memory
+//! provider) is not written through this thread: publishers store their events and workers write
+//! status changes inline, as events go, so no event waits for one thread. Dead letters and
+//! acknowledgements still come here, where their order is kept, and failures of inline writes are
+//! counted and reported here like the writer's own.
+//!
+//! [`Capabilities::inline_writes`]: crate::Capabilities::inline_writes
+//!
 //! ## Batching
 //! Work is gathered until the batch holds [`WriterConfig::max_batch`] items (512 by default) or
 //! [`WriterConfig::max_delay`] (1 ms) has passed since its first item, then written in this order:
@@ -67,7 +75,9 @@ impl Default for WriterConfig {
     }
 }
 
-/// What the writer has done, as counted by the writer thread.
+/// What the writer has done, as counted by the writer thread. Writes a provider takes inline (see
+/// the module docs) are not counted here, except when they fail: the provider's own stats count
+/// them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriterStats {
@@ -140,9 +150,15 @@ struct Counters {
     late: AtomicU64,
 }
 
+/// Writes given up since a flush last reported any: how many, and the last error. Shared by the
+/// writer thread and the threads that write inline.
+type Unreported = Arc<parking_lot::Mutex<Option<(u64, ProviderError)>>>;
+
 /// The broker's handle on its writer thread.
 pub(crate) struct ProviderWriter {
     tx: Sender<WriteOp>,
+    provider_name: &'static str,
+    unreported: Unreported,
     /// Stored events admitted and not yet written. Raised by publishers' admission before sending,
     /// lowered by the writer after `store_batch` settles. Relaxed everywhere: it is an admission
     /// count; no memory is published through it.
@@ -164,6 +180,8 @@ impl ProviderWriter {
         let (tx, rx) = crossbeam_channel::unbounded();
         let backlog = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(Counters::default());
+        let unreported = Unreported::default();
+        let provider_name = provider.name();
         let thread = WriterThread {
             provider,
             inbound,
@@ -174,14 +192,22 @@ impl ProviderWriter {
             counters: Arc::clone(&counters),
             batch: Batch::default(),
             poisoned: HashSet::new(),
-            unreported: None,
+            unreported: Arc::clone(&unreported),
             backoff: FIRST_BACKOFF,
             retry_at: None,
             stopping: None,
         };
         let handle =
             std::thread::Builder::new().name("eventbroker-writer".into()).spawn(move || thread.run())?;
-        Ok(Self { tx, backlog, counters, max_backlog: config.max_backlog, thread: Mutex::new(Some(handle)) })
+        Ok(Self {
+            tx,
+            provider_name,
+            unreported,
+            backlog,
+            counters,
+            max_backlog: config.max_backlog,
+            thread: Mutex::new(Some(handle)),
+        })
     }
 
     /// Admits up to `n` more stored events into the backlog; returns how many (0 when full). Each
@@ -325,6 +351,24 @@ impl ProviderWriter {
         }
     }
 
+    /// Runs one provider call on the calling thread (an inline write), catching a panic; a failure
+    /// is counted and reported like the writer's own, by the next flush.
+    pub(crate) fn inline<T>(
+        &self,
+        operation: &'static str,
+        items: usize,
+        f: impl FnOnce() -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let result = guarded(self.provider_name, operation, &self.counters, f);
+        if let Err(error) = &result {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(items as u64, Ordering::Relaxed);
+            tracing::error!(%error, operation, items, "an inline provider write failed; the items are dropped");
+            record_drop(&self.unreported, items, error);
+        }
+        result
+    }
+
     /// Sends `op`, which carries `stores` admitted events.
     fn send(&self, op: WriteOp, stores: usize) {
         // The writer outlives every sender except after a timed-out shutdown, when late work from
@@ -409,7 +453,7 @@ struct WriterThread {
     /// Inbound events whose dead letters were given up: their acks become naks.
     poisoned: HashSet<AckToken>,
     /// The last write given up since a flush reported one, and how many were.
-    unreported: Option<(u64, ProviderError)>,
+    unreported: Unreported,
     backoff: Duration,
     /// When a failed batch may be tried again.
     retry_at: Option<Instant>,
@@ -525,7 +569,7 @@ impl WriterThread {
 
     /// A flush's answer: the writes given up since a flush last reported them, once.
     fn report(&mut self) -> Result<(), BrokerError> {
-        match self.unreported.take() {
+        match self.unreported.lock().take() {
             None => Ok(()),
             Some((dropped, error)) => Err(BrokerError::WritesDropped { dropped, error }),
         }
@@ -574,15 +618,7 @@ impl WriterThread {
         operation: &'static str,
         f: impl FnOnce() -> Result<T, ProviderError>,
     ) -> Result<T, ProviderError> {
-        match catch_unwind(AssertUnwindSafe(f)) {
-            Ok(result) => result,
-            Err(payload) => {
-                let message = delivery::panic_message(&*payload);
-                delivery::drop_contained(payload);
-                self.counters.panics.fetch_add(1, Ordering::Relaxed);
-                Err(ProviderError::new(self.provider.name(), operation, ProviderErrorKind::Panicked(message)))
-            }
-        }
+        guarded(self.provider.name(), operation, &self.counters, f)
     }
 
     /// Settles a call's outcome: counted when written, kept for a retry when transient, given up
@@ -596,8 +632,7 @@ impl WriterThread {
                 self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
                 let closed = matches!(error.kind(), ProviderErrorKind::Closed);
                 tracing::error!(%error, what, items = n, closed, "provider write failed permanently; the items are dropped");
-                let dropped = self.unreported.as_ref().map_or(0, |(d, _)| *d) + n as u64;
-                self.unreported = Some((dropped, error.clone()));
+                record_drop(&self.unreported, n, &error);
                 Settled::Dropped(error)
             }
         }
@@ -762,6 +797,31 @@ impl WriterThread {
             }
         }
     }
+}
+
+/// Runs one provider call, turning a panic inside it into a permanent error.
+fn guarded<T>(
+    provider: &'static str,
+    operation: &'static str,
+    counters: &Counters,
+    f: impl FnOnce() -> Result<T, ProviderError>,
+) -> Result<T, ProviderError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = delivery::panic_message(&*payload);
+            delivery::drop_contained(payload);
+            counters.panics.fetch_add(1, Ordering::Relaxed);
+            Err(ProviderError::new(provider, operation, ProviderErrorKind::Panicked(message)))
+        }
+    }
+}
+
+/// Remembers `items` writes given up with `error`, for the next flush to report.
+fn record_drop(unreported: &Unreported, items: usize, error: &ProviderError) {
+    let mut unreported = unreported.lock();
+    let dropped = unreported.as_ref().map_or(0, |(d, _)| *d) + items as u64;
+    *unreported = Some((dropped, error.clone()));
 }
 
 /// A stop nobody waits for (every sender dropped): retried for a short grace period.

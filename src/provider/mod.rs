@@ -246,6 +246,10 @@ pub struct Capabilities {
     pub replay: bool,
     /// What was stored survives a restart of the process (and of the backend, as configured).
     pub durable: bool,
+    /// The sink's calls are in-process work that neither blocks nor fails but when closed (the
+    /// memory provider): a broker then calls them on its publishing and worker threads as events
+    /// go, instead of batching them through its writer thread, which keeps only retries.
+    pub inline_writes: bool,
 }
 
 /// A storage backend, with its sink, its store and, where it connects instances, its inbound

@@ -269,8 +269,13 @@ impl EventFilter {
     /// assert!(!EventFilter::new().with_source(EventSource::System).matches(&event));
     /// ```
     pub fn matches(&self, event: &Event) -> bool {
+        self.matches_with_status(event, event.status)
+    }
+
+    /// [`matches`](Self::matches) with `status` in place of the event's own.
+    pub(crate) fn matches_with_status(&self, event: &Event, status: EventStatus) -> bool {
         self.source.is_none_or(|s| s == event.source)
-            && self.status.is_none_or(|s| s == event.status)
+            && self.status.is_none_or(|s| s == status)
             && self.user_id.is_none_or(|u| u == event.user_id)
             && self.schema.as_ref().is_none_or(|s| *s == event.schema)
             && self.entity.as_ref().is_none_or(|e| *e == event.entity)

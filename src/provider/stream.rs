@@ -7,6 +7,7 @@
 use std::fmt;
 use std::mem;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -293,6 +294,8 @@ struct HubState {
 pub struct StreamHub {
     capacity: usize,
     state: Mutex<HubState>,
+    /// Streams in `state`, kept current under its lock, read without it by [`StreamHub::is_tailed`].
+    open: AtomicUsize,
 }
 
 impl StreamHub {
@@ -301,6 +304,7 @@ impl StreamHub {
         Self {
             capacity: capacity.max(1),
             state: Mutex::new(HubState { closed: false, taps: Vec::new(), delivered: 0, missed: 0 }),
+            open: AtomicUsize::new(0),
         }
     }
 
@@ -319,6 +323,8 @@ impl StreamHub {
             // Receivers that never matched an event are only noticed here.
             state.taps.retain(|tap| !tap.tx.is_disconnected());
             state.taps.push(Tap { pattern, tx, missed: Arc::clone(&missed) });
+            // Relaxed: a hint for stores, which take the lock before relying on it.
+            self.open.store(state.taps.len(), Ordering::Relaxed);
         }
         EventStream { rx, missed, held: None }
     }
@@ -326,7 +332,14 @@ impl StreamHub {
     /// Locks the hub for sending; sends through the returned delivery reach every stream in the
     /// order they are made.
     pub fn begin_delivery(&self) -> StreamDelivery<'_> {
-        StreamDelivery { state: self.state.lock() }
+        StreamDelivery { state: self.state.lock(), open: &self.open }
+    }
+
+    /// Whether any stream is open: when not, a provider need not offer events at all. A snapshot:
+    /// a stream opening at the same time as a store may miss that event.
+    pub fn is_tailed(&self) -> bool {
+        // Relaxed: see `open`.
+        self.open.load(Ordering::Relaxed) > 0
     }
 
     /// Ends every stream: receivers get what is buffered, then [`StreamError::Closed`]. Streams
@@ -335,6 +348,7 @@ impl StreamHub {
         let taps = {
             let mut state = self.state.lock();
             state.closed = true;
+            self.open.store(0, Ordering::Relaxed);
             mem::take(&mut state.taps)
         };
         drop(taps); // Dropping the senders is what ends the streams.
@@ -363,13 +377,21 @@ impl fmt::Debug for StreamHub {
             .field("capacity", &self.capacity)
             .field("streams", &state.taps.len())
             .field("closed", &state.closed)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 /// Exclusive access to a [`StreamHub`] for sending; from [`StreamHub::begin_delivery`].
 pub struct StreamDelivery<'a> {
     state: MutexGuard<'a, HubState>,
+    open: &'a AtomicUsize,
+}
+
+impl Drop for StreamDelivery<'_> {
+    fn drop(&mut self) {
+        // Relaxed: see `StreamHub::open`; streams whose receiver was dropped are gone now.
+        self.open.store(self.state.taps.len(), Ordering::Relaxed);
+    }
 }
 
 impl StreamDelivery<'_> {
