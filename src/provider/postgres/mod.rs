@@ -449,6 +449,8 @@ impl Provider for PostgresProvider {
             delete: true,
             replay: true,
             durable: true,
+            // Every write is a network round trip and a commit: it goes through the writer.
+            inline_writes: false,
         }
     }
 
