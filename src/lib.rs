@@ -56,6 +56,8 @@ pub use crate::provider::{
     EventFilter, EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, MemoryConfig,
     MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
 };
+#[cfg(feature = "postgres")]
+pub use crate::provider::{PostgresConfig, PostgresProvider};
 pub use crate::subscription::SubscriptionId;
 
 /// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
