@@ -93,12 +93,16 @@ mod dead_letter;
 mod inbound;
 pub mod memory;
 mod query;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent};
 pub use self::memory::{MemoryConfig, MemoryProvider};
 pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
 
 /// The writes a broker's writer thread makes, in batches: the minimum every backend implements.
