@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod broker;
+mod deadline;
 mod dispatch;
 mod error;
 mod event;
@@ -30,17 +31,18 @@ mod sync;
 pub mod testing;
 
 pub use crate::broker::{
-    Backpressure, Broker, BrokerBuilder, BrokerStats, MAX_BUFFER_SIZE, MAX_WORKERS, Mode, RedriveOutcome,
-    ReplayReport, ShutdownReport,
+    Backpressure, Broker, BrokerBuilder, BrokerStats, CloseOutcome, Distribution, MAX_BUFFER_SIZE,
+    MAX_WORKERS, Mode, RedriveOutcome, ReplayReport, ShutdownReport, WeakBroker,
 };
+pub use crate::dispatch::inbound::InboundStats;
 pub use crate::dispatch::retry::RetryPolicy;
 pub use crate::dispatch::shard::ShardStats;
 pub use crate::dispatch::wait::WaitStrategy;
 pub use crate::dispatch::writer::{WriterConfig, WriterStats};
 pub use crate::error::{
-    BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, DecodeError,
-    DeliveryFailure, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
-    PublishError, SubscribeError, SyntaxErrorKind,
+    BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, ConfirmError,
+    DecodeError, DeliveryFailure, EventTypeError, HandlerFailures, PatternError, PayloadError, ProviderError,
+    ProviderErrorKind, PublishError, SubscribeError, SyncPublishError, SyntaxErrorKind,
 };
 pub use crate::event::{
     Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
