@@ -113,7 +113,12 @@ pub(super) struct Pool {
 impl Pool {
     pub(super) fn new(dialer: Dialer) -> Self {
         let backoff = Backoff::new(dialer.max_backoff);
-        Self { dialer, idle: Mutex::new(Vec::new()), backoff: Mutex::new(backoff), reconnects: AtomicU64::new(0) }
+        Self {
+            dialer,
+            idle: Mutex::new(Vec::new()),
+            backoff: Mutex::new(backoff),
+            reconnects: AtomicU64::new(0),
+        }
     }
 
     pub(super) fn dialer(&self) -> &Dialer {
@@ -228,7 +233,8 @@ pub(super) fn map_error(operation: &'static str, what: &str, error: &RedisError)
         )
         || error.code().is_some_and(|code| code == "OOM" || code == "BUSY");
     let text = format!("{what}: {}", redact(&error.to_string()));
-    let kind = if transient { ProviderErrorKind::Unavailable(text) } else { ProviderErrorKind::Backend(text) };
+    let kind =
+        if transient { ProviderErrorKind::Unavailable(text) } else { ProviderErrorKind::Backend(text) };
     ProviderError::new(NAME, operation, kind).with_source(error.clone())
 }
 

@@ -84,8 +84,12 @@ impl RedisInbound {
         shared.pool.run("open_inbound", &group, |conn| create_group(conn, &stream, &group))?;
         let inherited = inherited_entries(&shared, &group, config.consumer())?;
         if !inherited.is_empty() {
-            tracing::info!(group, consumer = config.consumer(), count = inherited.len(),
-                "redis provider: redelivering entries a previous incarnation left unacknowledged");
+            tracing::info!(
+                group,
+                consumer = config.consumer(),
+                count = inherited.len(),
+                "redis provider: redelivering entries a previous incarnation left unacknowledged"
+            );
         }
         Counters::add(&shared.counters.open_sources, 1);
         Ok(Self {
@@ -126,7 +130,12 @@ impl RedisInbound {
 
     /// One pass: own due entries, abandoned ones, then new ones (blocking until `deadline` when
     /// nothing else came). Returns what the member wants, having acknowledged the rest.
-    fn fetch_once(&self, conn: &mut Connection, max: usize, deadline: Instant) -> Result<Vec<InboundEvent>, RedisError> {
+    fn fetch_once(
+        &self,
+        conn: &mut Connection,
+        max: usize,
+        deadline: Instant,
+    ) -> Result<Vec<InboundEvent>, RedisError> {
         let stream = &self.shared.keys.stream;
         let now = Instant::now();
         let mut got: Vec<(Entry, u32)> = Vec::new();
@@ -176,7 +185,11 @@ impl RedisInbound {
                 None
             };
             let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP").arg(&self.group).arg(&self.consumer).arg("COUNT").arg((max - got.len()).min(MAX_PER_CALL));
+            read.arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg((max - got.len()).min(MAX_PER_CALL));
             if let Some(block) = block.filter(|b| b.as_millis() > 0) {
                 read.arg("BLOCK").arg(Self::idle_ms(block));
             }
@@ -189,7 +202,11 @@ impl RedisInbound {
 
     /// Turns fetched entries into events for the member; acknowledges echoes, unwanted and
     /// malformed entries.
-    fn sort_out(&self, conn: &mut Connection, got: Vec<(Entry, u32)>) -> Result<Vec<InboundEvent>, RedisError> {
+    fn sort_out(
+        &self,
+        conn: &mut Connection,
+        got: Vec<(Entry, u32)>,
+    ) -> Result<Vec<InboundEvent>, RedisError> {
         let counters = &self.shared.counters;
         let filter = self.filter.lock().clone();
         let mut out = Vec::with_capacity(got.len());
@@ -203,7 +220,11 @@ impl RedisInbound {
             let event = match entry.event() {
                 Ok(event) => event,
                 Err(error) => {
-                    tracing::warn!(group = self.group, reason = error.0, "redis provider: acknowledging an entry that holds no event");
+                    tracing::warn!(
+                        group = self.group,
+                        reason = error.0,
+                        "redis provider: acknowledging an entry that holds no event"
+                    );
                     Counters::add(&counters.malformed, 1);
                     done.push(entry.id);
                     continue;
@@ -215,7 +236,11 @@ impl RedisInbound {
                 continue;
             }
             let Some(seq) = seq_of_entry(&entry.id) else {
-                tracing::warn!(group = self.group, entry = entry.id, "redis provider: acknowledging an entry whose id maps to no token");
+                tracing::warn!(
+                    group = self.group,
+                    entry = entry.id,
+                    "redis provider: acknowledging an entry whose id maps to no token"
+                );
                 Counters::add(&counters.malformed, 1);
                 done.push(entry.id);
                 continue;
@@ -246,8 +271,11 @@ impl RedisInbound {
     /// The group is gone (its stream was deleted, or Redis restarted without persistence): create
     /// it again at the end of the stream, forgetting what the old one had pending.
     fn recreate_group(&self, conn: &mut Connection) -> Result<(), RedisError> {
-        tracing::warn!(group = self.group, stream = self.shared.keys.stream,
-            "redis provider: the consumer group is gone; creating it again at the end of the stream");
+        tracing::warn!(
+            group = self.group,
+            stream = self.shared.keys.stream,
+            "redis provider: the consumer group is gone; creating it again at the end of the stream"
+        );
         let mut state = self.state.lock();
         state.inherited.clear();
         state.delayed.clear();
@@ -257,7 +285,12 @@ impl RedisInbound {
     }
 
     /// Sets the idle time of `tokens` this member still owns (see the `TOUCH` script).
-    fn touch(&self, operation: &'static str, tokens: &[AckToken], idle: Duration) -> Result<(), ProviderError> {
+    fn touch(
+        &self,
+        operation: &'static str,
+        tokens: &[AckToken],
+        idle: Duration,
+    ) -> Result<(), ProviderError> {
         let stream = &self.shared.keys.stream;
         for chunk in tokens.chunks(MAX_PER_CALL) {
             let mut call = self.shared.scripts.touch.prepare_invoke();
@@ -351,7 +384,8 @@ impl crate::provider::Inbound for RedisInbound {
         // Members of a shared group hand what they hold to the others at once, rather than after
         // the claim idle time.
         let held = pending_of(&self.shared, &self.group, &self.consumer, "-", MAX_PER_CALL)?;
-        let tokens: Vec<AckToken> = held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
+        let tokens: Vec<AckToken> =
+            held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
         self.touch("close", &tokens, self.claim_idle)
     }
 }
@@ -369,7 +403,8 @@ impl Drop for RedisInbound {
 /// Creates `group` at the stream's current end (and the stream, if need be); an existing group is
 /// kept as it is.
 fn create_group(conn: &mut Connection, stream: &str, group: &str) -> Result<(), RedisError> {
-    let created = redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("$").arg("MKSTREAM").exec(conn);
+    let created =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("$").arg("MKSTREAM").exec(conn);
     match created {
         Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
         other => other,
@@ -391,12 +426,18 @@ fn pending_of(
     let rows = reply::array(value).unwrap_or_default();
     Ok(rows
         .into_iter()
-        .filter_map(|row| reply::array(row).and_then(|fields| fields.into_iter().next()).and_then(reply::string))
+        .filter_map(|row| {
+            reply::array(row).and_then(|fields| fields.into_iter().next()).and_then(reply::string)
+        })
         .collect())
 }
 
 /// Every entry pending in `consumer` now: what its previous incarnation left unacknowledged.
-fn inherited_entries(shared: &Shared, group: &str, consumer: &str) -> Result<VecDeque<String>, ProviderError> {
+fn inherited_entries(
+    shared: &Shared,
+    group: &str,
+    consumer: &str,
+) -> Result<VecDeque<String>, ProviderError> {
     let mut all = VecDeque::new();
     let mut start = "-".to_owned();
     loop {
@@ -418,7 +459,8 @@ fn malformed_reply(error: reply::Malformed) -> RedisError {
 
 /// `{lost, {id, fields, deliveries}…}` from the claim script.
 fn claimed_entries(value: Value) -> Result<(usize, Vec<(Entry, u32)>), reply::Malformed> {
-    let mut items = reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
+    let mut items =
+        reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
     let lost = items.next().as_ref().and_then(reply::int).unwrap_or(0);
     let claimed = items.map(claimed_entry).collect::<Result<Vec<_>, _>>()?;
     Ok((usize::try_from(lost).unwrap_or(0), claimed))
@@ -426,16 +468,20 @@ fn claimed_entries(value: Value) -> Result<(usize, Vec<(Entry, u32)>), reply::Ma
 
 /// `{cursor, lost, {id, fields, deliveries}…}` from the abandoned-claim script.
 fn abandoned_entries(value: Value) -> Result<(String, usize, Vec<(Entry, u32)>), reply::Malformed> {
-    let mut items = reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
-    let cursor = items.next().and_then(reply::string).ok_or_else(|| reply::Malformed::new("claims have no cursor"))?;
+    let mut items =
+        reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
+    let cursor =
+        items.next().and_then(reply::string).ok_or_else(|| reply::Malformed::new("claims have no cursor"))?;
     let lost = items.next().as_ref().and_then(reply::int).unwrap_or(0);
     let claimed = items.map(claimed_entry).collect::<Result<Vec<_>, _>>()?;
     Ok((cursor, usize::try_from(lost).unwrap_or(0), claimed))
 }
 
 fn claimed_entry(value: Value) -> Result<(Entry, u32), reply::Malformed> {
-    let mut parts = reply::array(value).ok_or_else(|| reply::Malformed::new("a claim is not an array"))?.into_iter();
-    let id = parts.next().and_then(reply::string).ok_or_else(|| reply::Malformed::new("a claim has no id"))?;
+    let mut parts =
+        reply::array(value).ok_or_else(|| reply::Malformed::new("a claim is not an array"))?.into_iter();
+    let id =
+        parts.next().and_then(reply::string).ok_or_else(|| reply::Malformed::new("a claim has no id"))?;
     let fields = parts.next().and_then(reply::pairs).unwrap_or_default();
     let deliveries = parts.next().as_ref().and_then(reply::int).unwrap_or(2);
     Ok((Entry { id, fields }, u32::try_from(deliveries).unwrap_or(u32::MAX)))

@@ -82,7 +82,9 @@ pub(super) fn validate_member_name(what: &'static str, value: &str) -> Result<()
     } else {
         Err(invalid(
             "open_inbound",
-            format!("{what} {value:?} must be 1 to {MAX_NAME_LEN} bytes without whitespace or control characters"),
+            format!(
+                "{what} {value:?} must be 1 to {MAX_NAME_LEN} bytes without whitespace or control characters"
+            ),
         ))
     }
 }
@@ -166,8 +168,13 @@ mod tests {
     #[test]
     fn time_keys_sort_as_time_then_id() {
         let id = "0190a0b0-0000-7000-8000-000000000000";
-        let times = [Timestamp::MIN, Timestamp::new(-1, 999_999_999).expect("valid"), Timestamp::UNIX_EPOCH,
-            Timestamp::new(1_700_000_000, 1).expect("valid"), Timestamp::MAX];
+        let times = [
+            Timestamp::MIN,
+            Timestamp::new(-1, 999_999_999).expect("valid"),
+            Timestamp::UNIX_EPOCH,
+            Timestamp::new(1_700_000_000, 1).expect("valid"),
+            Timestamp::MAX,
+        ];
         let keys: Vec<String> = times.iter().map(|t| time_key(*t, id)).collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
         assert!(keys.iter().all(|k| k.len() == TIME_DIGITS + 1 + id.len()));

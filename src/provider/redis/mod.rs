@@ -360,7 +360,11 @@ impl Shared {
     }
 
     fn malformed(&self, operation: &'static str, what: &Malformed) -> ProviderError {
-        ProviderError::new(NAME, operation, ProviderErrorKind::Backend(format!("{}: {}", self.keys.prefix, what.0)))
+        ProviderError::new(
+            NAME,
+            operation,
+            ProviderErrorKind::Backend(format!("{}: {}", self.keys.prefix, what.0)),
+        )
     }
 }
 
@@ -474,7 +478,8 @@ impl EventStore for RedisProvider {
             let value: Value = shared.pool.run("list", &keys.time, |conn| call.invoke(conn))?;
             let (time_keys, records) = list_page(value).map_err(|error| shared.malformed("list", &error))?;
             for record in records {
-                let Some(event) = reply::record(record).map_err(|error| shared.malformed("list", &error))? else {
+                let Some(event) = reply::record(record).map_err(|error| shared.malformed("list", &error))?
+                else {
                     continue; // Expired or trimmed between the index and the record.
                 };
                 if !filter.matches(&event) {
@@ -529,11 +534,13 @@ impl EventStore for RedisProvider {
             let mut call = shared.scripts.replay_page.prepare_invoke();
             call.key(&keys.stream).arg(&keys.status).arg(&start).arg(PAGE);
             let value: Value = shared.pool.run("replay", &keys.stream, |conn| call.invoke(conn))?;
-            let page = reply::array(value).ok_or_else(|| shared.malformed("replay", &Malformed::new("not an array")))?;
+            let page = reply::array(value)
+                .ok_or_else(|| shared.malformed("replay", &Malformed::new("not an array")))?;
             let read = page.len();
             let mut last = None;
             for item in page {
-                let (entry_id, found) = replay_item(item).map_err(|error| shared.malformed("replay", &error))?;
+                let (entry_id, found) =
+                    replay_item(item).map_err(|error| shared.malformed("replay", &error))?;
                 last = Some(entry_id);
                 let Some((seq, event)) = found else { continue };
                 let wanted = not_before.is_none_or(|at| event.created_at >= at)
@@ -571,7 +578,8 @@ impl EventStore for RedisProvider {
             let (order_keys, values) =
                 dead_page(value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
             for value in values.into_iter().flatten() {
-                let letter = dead_letter(&value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
+                let letter =
+                    dead_letter(&value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
                 if !filter.matches(&letter) {
                     continue;
                 }
@@ -691,7 +699,8 @@ impl Provider for RedisProvider {
 
 /// `{time keys, records}` from the list script.
 fn list_page(value: Value) -> Result<(Vec<String>, Vec<Value>), Malformed> {
-    let mut parts = reply::array(value).ok_or_else(|| Malformed::new("a list page is not an array"))?.into_iter();
+    let mut parts =
+        reply::array(value).ok_or_else(|| Malformed::new("a list page is not an array"))?.into_iter();
     let time_keys = parts
         .next()
         .and_then(reply::array)
@@ -705,9 +714,12 @@ fn list_page(value: Value) -> Result<(Vec<String>, Vec<Value>), Malformed> {
 /// the entry holds a live event of ours, its sequence number and the stored event (`None` for an
 /// entry whose event expired, or one written by something else).
 fn replay_item(item: Value) -> Result<(String, Option<(u64, Event)>), Malformed> {
-    let mut parts = reply::array(item).ok_or_else(|| Malformed::new("a replay item is not an array"))?.into_iter();
-    let entry_id = parts.next().and_then(reply::string).ok_or_else(|| Malformed::new("a replay item has no id"))?;
-    let mut entry = Entry { id: entry_id.clone(), fields: parts.next().and_then(reply::pairs).unwrap_or_default() };
+    let mut parts =
+        reply::array(item).ok_or_else(|| Malformed::new("a replay item is not an array"))?.into_iter();
+    let entry_id =
+        parts.next().and_then(reply::string).ok_or_else(|| Malformed::new("a replay item has no id"))?;
+    let mut entry =
+        Entry { id: entry_id.clone(), fields: parts.next().and_then(reply::pairs).unwrap_or_default() };
     let hash = parts.next().and_then(StatusHash::decode).unwrap_or_default();
     if !hash.is_record_of(&entry_id) {
         return Ok((entry_id, None));
@@ -729,14 +741,19 @@ fn dead_page(value: Value) -> Result<(Vec<String>, Vec<Option<Vec<u8>>>), Malfor
         .and_then(reply::array)
         .and_then(|keys| keys.into_iter().map(reply::string).collect::<Option<Vec<_>>>())
         .ok_or_else(|| Malformed::new("a dead-letter page has no order keys"))?;
-    let values = parts.next().and_then(reply::array).unwrap_or_default().into_iter().map(reply::bytes).collect();
+    let values =
+        parts.next().and_then(reply::array).unwrap_or_default().into_iter().map(reply::bytes).collect();
     Ok((order_keys, values))
 }
 
 /// A stored dead letter: `<order key> <JSON>`.
 fn dead_letter(value: &[u8]) -> Result<DeadLetter, Malformed> {
-    let at = value.iter().position(|&b| b == b' ').ok_or_else(|| Malformed::new("a dead letter has no order key"))?;
-    serde_json::from_slice(&value[at + 1..]).map_err(|error| Malformed::new(format!("a dead letter: {error}")))
+    let at = value
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or_else(|| Malformed::new("a dead letter has no order key"))?;
+    serde_json::from_slice(&value[at + 1..])
+        .map_err(|error| Malformed::new(format!("a dead letter: {error}")))
 }
 
 /// `{counts, stream length, dead letters}` from the stats script.
@@ -752,7 +769,8 @@ fn stats_reply(value: Value) -> Result<(BTreeMap<String, u64>, u64, u64), Malfor
             (String::from_utf8_lossy(&name).into_owned(), u64::try_from(n).unwrap_or(0))
         })
         .collect();
-    let mut number = || parts.next().as_ref().and_then(reply::int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+    let mut number =
+        || parts.next().as_ref().and_then(reply::int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
     let stream_length = number();
     let dead_letters = number();
     Ok((counts, stream_length, dead_letters))

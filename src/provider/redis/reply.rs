@@ -144,7 +144,8 @@ impl StatusHash {
             event.error = error;
         }
         if let Some(count) = self.retry_count {
-            event.retry_count = count.parse().map_err(|_| format!("retry_count {count:?} is not a number"))?;
+            event.retry_count =
+                count.parse().map_err(|_| format!("retry_count {count:?} is not a number"))?;
         }
         if let Some(at) = self.processed_at {
             event.processed_at = Some(timestamp(&at)?);
