@@ -7,7 +7,7 @@
 //! the current backoff ago (50 ms doubling to [`RedisConfig::max_backoff`]), in which case it fails
 //! at once: a down server costs a caller one connect timeout per backoff period, not one per call.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -106,7 +106,10 @@ pub(super) struct Pool {
     dialer: Dialer,
     idle: Mutex<Vec<Connection>>,
     backoff: Mutex<Backoff>,
-    /// Connections made after a failure, over the pool's life.
+    /// Set when a connection was dropped after a failure: the next one made replaces it.
+    lost: AtomicBool,
+    /// Connections made to replace one lost to a failure, over the provider's life (the pool's
+    /// and the inbound sources' together).
     pub(super) reconnects: AtomicU64,
 }
 
@@ -117,6 +120,7 @@ impl Pool {
             dialer,
             idle: Mutex::new(Vec::new()),
             backoff: Mutex::new(backoff),
+            lost: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
         }
     }
@@ -145,6 +149,8 @@ impl Pool {
                 } else {
                     drop(conn);
                     self.idle.lock().clear();
+                    // Relaxed: a statistic's flag.
+                    self.lost.store(true, Ordering::Relaxed);
                 }
                 Err(map_error(operation, what, &error))
             }
@@ -155,7 +161,7 @@ impl Pool {
         if let Some(conn) = self.idle.lock().pop() {
             return Ok(conn);
         }
-        connect(&self.dialer, &self.backoff, &self.reconnects, operation)
+        connect(&self.dialer, &self.backoff, &self.lost, &self.reconnects, operation)
     }
 
     fn give_back(&self, conn: Connection) {
@@ -171,10 +177,12 @@ impl Pool {
     }
 }
 
-/// A new connection through `backoff`: fails at once while a recent attempt failed.
+/// A new connection through `backoff`: fails at once while a recent attempt failed. Counted in
+/// `reconnects` when `lost` says it replaces a connection lost to a failure.
 pub(super) fn connect(
     dialer: &Dialer,
     backoff: &Mutex<Backoff>,
+    lost: &AtomicBool,
     reconnects: &AtomicU64,
     operation: &'static str,
 ) -> Result<Connection, ProviderError> {
@@ -191,17 +199,17 @@ pub(super) fn connect(
     }
     match dialer.dial() {
         Ok(conn) => {
-            let mut backoff = backoff.lock();
-            if backoff.not_before.is_some() {
-                // Relaxed: a statistic.
+            // Relaxed: a statistic and its flag.
+            if lost.swap(false, Ordering::Relaxed) {
                 reconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("redis provider: reconnected");
             }
-            backoff.succeeded();
+            backoff.lock().succeeded();
             Ok(conn)
         }
         Err(error) => {
             backoff.lock().failed(now);
+            lost.store(true, Ordering::Relaxed);
             tracing::warn!(error = %redact(&error.to_string()), "redis provider: cannot connect");
             Err(map_error(operation, "connect", &error))
         }

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -38,7 +38,8 @@ pub(super) struct RedisInbound {
     /// The connection blocking reads run on; only `fetch` uses it.
     conn: Mutex<Option<Connection>>,
     backoff: Mutex<Backoff>,
-    reconnects: AtomicU64,
+    /// Set when the fetch connection was dropped after a failure.
+    lost: AtomicBool,
     state: Mutex<FetchState>,
     /// `None` until the first `set_filter`: everything is wanted.
     filter: Mutex<Option<Arc<PatternSet<()>>>>,
@@ -100,7 +101,7 @@ impl RedisInbound {
             shared_group: config.group().is_shared(),
             claim_idle: config.claim_idle(),
             conn: Mutex::new(None),
-            reconnects: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
             state: Mutex::new(FetchState {
                 inherited,
                 delayed: Vec::new(),
@@ -259,7 +260,9 @@ impl RedisInbound {
 
     fn connection<'a>(&self, slot: &'a mut Option<Connection>) -> Result<&'a mut Connection, ProviderError> {
         if slot.is_none() {
-            let conn = conn::connect(self.shared.pool.dialer(), &self.backoff, &self.reconnects, "fetch")?;
+            let dialer = self.shared.pool.dialer();
+            let conn =
+                conn::connect(dialer, &self.backoff, &self.lost, &self.shared.pool.reconnects, "fetch")?;
             // Blocking reads last up to MAX_BLOCK on top of the usual bound.
             conn.set_read_timeout(Some(self.shared.pool.dialer().timeout() + MAX_BLOCK))
                 .map_err(|error| conn::map_error("fetch", &self.group, &error))?;
@@ -327,6 +330,8 @@ impl crate::provider::Inbound for RedisInbound {
                 Err(error) => {
                     if !conn::keeps_connection(&error) {
                         *slot = None;
+                        // Relaxed: a statistic's flag.
+                        self.lost.store(true, Ordering::Relaxed);
                     }
                     return Err(conn::map_error("fetch", &self.group, &error));
                 }
