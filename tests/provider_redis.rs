@@ -293,10 +293,10 @@ fn two_providers_fan_out_and_share_a_queue_at_volume() {
     let from_b: Vec<Event> = (0..1000).map(|_| scope.event("from.b")).collect();
     std::thread::scope(|s| {
         s.spawn(|| {
-            from_a.chunks(100).for_each(|c| pa.store_batch(&shared(c), Some(&ga.key())).expect("store"))
+            from_a.chunks(100).for_each(|c| pa.store_batch(&shared(c), Some(&ga.key())).expect("store"));
         });
         s.spawn(|| {
-            from_b.chunks(100).for_each(|c| pb.store_batch(&shared(c), Some(&gb.key())).expect("store"))
+            from_b.chunks(100).for_each(|c| pb.store_batch(&shared(c), Some(&gb.key())).expect("store"));
         });
     });
 
@@ -306,17 +306,21 @@ fn two_providers_fan_out_and_share_a_queue_at_volume() {
     assert_eq!(ids(&got_a), from_b.iter().map(|e| e.id).collect::<Vec<_>>(), "a: b's events, once, in order");
     assert_eq!(ids(&got_b), from_a.iter().map(|e| e.id).collect::<Vec<_>>(), "b: a's events, once, in order");
 
-    let (mut in_qa, mut in_qb) = (Vec::new(), Vec::new());
+    let (mut first_member, mut second_member) = (Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(20);
-    while in_qa.len() + in_qb.len() < 2000 {
-        assert!(Instant::now() < deadline, "only {} of 2000 reached the queue", in_qa.len() + in_qb.len());
-        for (source, into) in [(&qa, &mut in_qa), (&qb, &mut in_qb)] {
+    while first_member.len() + second_member.len() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 2000 reached the queue",
+            first_member.len() + second_member.len()
+        );
+        for (source, into) in [(&qa, &mut first_member), (&qb, &mut second_member)] {
             let batch = source.fetch(64, Duration::from_millis(50)).expect("fetch");
             source.ack(&batch.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
             into.extend(batch);
         }
     }
-    let all: Vec<EventId> = ids(&in_qa).into_iter().chain(ids(&in_qb)).collect();
+    let all: Vec<EventId> = ids(&first_member).into_iter().chain(ids(&second_member)).collect();
     assert_eq!(all.len(), 2000, "no event reached both members");
     let unique: HashSet<EventId> = all.into_iter().collect();
     assert_eq!(unique, from_a.iter().chain(&from_b).map(|e| e.id).collect::<HashSet<_>>());

@@ -58,15 +58,25 @@ struct FetchState {
 }
 
 impl FetchState {
-    /// Own entries to hand out again now: due naks first, then inherited ones; at most `max`.
-    fn own_due(&self, now: Instant, max: usize) -> Vec<String> {
-        let due = self.delayed.iter().filter(|(at, _)| *at <= now).map(|(_, id)| id.clone());
-        due.chain(self.inherited.iter().cloned()).take(max.min(MAX_PER_CALL)).collect()
+    /// Own entries to hand out again now, at most `max`: due naks first, then inherited ones (how
+    /// many of those is the second value).
+    fn own_due(&self, now: Instant, max: usize) -> (Vec<String>, usize) {
+        let max = max.min(MAX_PER_CALL);
+        let mut ids: Vec<String> =
+            self.delayed.iter().filter(|(at, _)| *at <= now).map(|(_, id)| id.clone()).take(max).collect();
+        let naked = ids.len();
+        ids.extend(self.inherited.iter().take(max - naked).cloned());
+        let inherited = ids.len() - naked;
+        (ids, inherited)
     }
 
-    fn forget(&mut self, ids: &[String]) {
-        self.delayed.retain(|(_, id)| !ids.contains(id));
-        self.inherited.retain(|id| !ids.contains(id));
+    /// Forgets what [`FetchState::own_due`] returned, once it was handed out.
+    fn forget(&mut self, ids: &[String], inherited: usize) {
+        let naked = &ids[..ids.len() - inherited];
+        if !naked.is_empty() {
+            self.delayed.retain(|(_, id)| !naked.contains(id));
+        }
+        self.inherited.drain(..inherited.min(self.inherited.len()));
     }
 
     /// The next moment something other than a new entry may be ready.
@@ -141,7 +151,7 @@ impl RedisInbound {
         let now = Instant::now();
         let mut got: Vec<(Entry, u32)> = Vec::new();
 
-        let own = self.state.lock().own_due(now, max);
+        let (own, inherited) = self.state.lock().own_due(now, max);
         if !own.is_empty() {
             let mut call = self.shared.scripts.claim_own.prepare_invoke();
             call.key(stream).arg(&self.group).arg(&self.consumer);
@@ -152,7 +162,7 @@ impl RedisInbound {
             let (lost, claimed) = claimed_entries(value).map_err(malformed_reply)?;
             Counters::add(&self.shared.counters.lost, lost);
             got.extend(claimed);
-            self.state.lock().forget(&own);
+            self.state.lock().forget(&own, inherited);
         }
 
         let scan = {
@@ -198,7 +208,7 @@ impl RedisInbound {
             let value: Value = read.query(conn)?;
             got.extend(new_entries(value).map_err(malformed_reply)?.into_iter().map(|entry| (entry, 1)));
         }
-        Ok(self.sort_out(conn, got)?)
+        self.sort_out(conn, got)
     }
 
     /// Turns fetched entries into events for the member; acknowledges echoes, unwanted and
@@ -282,7 +292,7 @@ impl RedisInbound {
         let mut state = self.state.lock();
         state.inherited.clear();
         state.delayed.clear();
-        state.claim_cursor = "-".to_owned();
+        "-".clone_into(&mut state.claim_cursor);
         drop(state);
         create_group(conn, &self.shared.keys.stream, &self.group)
     }
@@ -388,7 +398,7 @@ impl crate::provider::Inbound for RedisInbound {
         }
         // Members of a shared group hand what they hold to the others at once, rather than after
         // the claim idle time.
-        let held = pending_of(&self.shared, &self.group, &self.consumer, "-", MAX_PER_CALL)?;
+        let held = pending_of(&self.shared, "close", &self.group, &self.consumer, "-", MAX_PER_CALL)?;
         let tokens: Vec<AckToken> =
             held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
         self.touch("close", &tokens, self.claim_idle)
@@ -419,13 +429,14 @@ fn create_group(conn: &mut Connection, stream: &str, group: &str) -> Result<(), 
 /// Up to `count` ids pending in `consumer`, from `start` on.
 fn pending_of(
     shared: &Shared,
+    operation: &'static str,
     group: &str,
     consumer: &str,
     start: &str,
     count: usize,
 ) -> Result<Vec<String>, ProviderError> {
     let stream = &shared.keys.stream;
-    let value: Value = shared.pool.run("open_inbound", group, |conn| {
+    let value: Value = shared.pool.run(operation, group, |conn| {
         redis::cmd("XPENDING").arg(stream).arg(group).arg(start).arg("+").arg(count).arg(consumer).query(conn)
     })?;
     let rows = reply::array(value).unwrap_or_default();
@@ -446,7 +457,7 @@ fn inherited_entries(
     let mut all = VecDeque::new();
     let mut start = "-".to_owned();
     loop {
-        let page = pending_of(shared, group, consumer, &start, PENDING_PAGE)?;
+        let page = pending_of(shared, "open_inbound", group, consumer, &start, PENDING_PAGE)?;
         let full = page.len() == PENDING_PAGE;
         if let Some(last) = page.last() {
             start = format!("({last}");
@@ -463,7 +474,7 @@ fn malformed_reply(error: reply::Malformed) -> RedisError {
 }
 
 /// `{lost, {id, fields, deliveries}…}` from the claim script.
-fn claimed_entries(value: Value) -> Result<(usize, Vec<(Entry, u32)>), reply::Malformed> {
+fn claimed_entries(value: Value) -> Result<(usize, Claimed), reply::Malformed> {
     let mut items =
         reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
     let lost = items.next().as_ref().and_then(reply::int).unwrap_or(0);
@@ -471,8 +482,11 @@ fn claimed_entries(value: Value) -> Result<(usize, Vec<(Entry, u32)>), reply::Ma
     Ok((usize::try_from(lost).unwrap_or(0), claimed))
 }
 
+/// Entries handed out again, each with its delivery count.
+type Claimed = Vec<(Entry, u32)>;
+
 /// `{cursor, lost, {id, fields, deliveries}…}` from the abandoned-claim script.
-fn abandoned_entries(value: Value) -> Result<(String, usize, Vec<(Entry, u32)>), reply::Malformed> {
+fn abandoned_entries(value: Value) -> Result<(String, usize, Claimed), reply::Malformed> {
     let mut items =
         reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
     let cursor =

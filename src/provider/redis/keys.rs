@@ -106,7 +106,7 @@ pub(super) struct TimeDigits(pub(super) Timestamp);
 impl Display for TimeDigits {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let shifted = self.0.as_nanosecond() + EPOCH_SHIFT_NS;
-        write!(f, "{shifted:0width$}", width = TIME_DIGITS)
+        write!(f, "{shifted:0TIME_DIGITS$}")
     }
 }
 

@@ -238,6 +238,22 @@ impl fmt::Debug for RedisConfig {
 /// the writer thread, queries and acks run side by side; each inbound source has a connection of
 /// its own for its blocking reads. Two `RedisProvider`s with the same settings behave like two
 /// processes sharing the server.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use eventbroker::{Broker, Distribution, Provider, RedisConfig, RedisProvider};
+///
+/// let provider: Arc<dyn Provider> = Arc::new(RedisProvider::new(RedisConfig::new("redis://127.0.0.1:6379"))?);
+/// // Two instances of a service: every event one publishes reaches the other's handlers once.
+/// let api_1 = Broker::builder().provider(Arc::clone(&provider)).instance_id("api-1").build()?;
+/// let api_2 = Broker::builder().provider(provider).instance_id("api-2").distribution(Distribution::FanOut).build()?;
+/// api_2.subscribe_infallible("orders.>", |event| println!("api-2 got {}", event.id))?;
+/// api_1.publish_async(eventbroker::Event::new(eventbroker::EventSource::System, "orders.created"))?;
+/// api_1.shutdown(Duration::from_secs(5));
+/// api_2.shutdown(Duration::from_secs(5));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct RedisProvider {
     shared: Arc<Shared>,
 }
@@ -732,8 +748,12 @@ fn replay_item(item: Value) -> Result<(String, Option<(u64, Event)>), Malformed>
     Ok((entry_id, Some((seq, event))))
 }
 
+/// A page of dead letters: their order keys, and their stored values (`None` for one deleted
+/// between the index and the read).
+type DeadPage = (Vec<String>, Vec<Option<Vec<u8>>>);
+
 /// `{order keys, values}` from the dead-letter page script.
-fn dead_page(value: Value) -> Result<(Vec<String>, Vec<Option<Vec<u8>>>), Malformed> {
+fn dead_page(value: Value) -> Result<DeadPage, Malformed> {
     let mut parts =
         reply::array(value).ok_or_else(|| Malformed::new("a dead-letter page is not an array"))?.into_iter();
     let order_keys = parts

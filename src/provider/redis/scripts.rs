@@ -66,7 +66,7 @@ local function flush_counts()
 end
 ";
 
-/// `store_batch`. ARGV: status key prefix, max_len (0: none), trim slack, trim chunk, ttl ms (0:
+/// `store_batch`. ARGV: status key prefix, `max_len` (0: none), trim slack, trim chunk, ttl ms (0:
 /// none), origin ('' for none), then per event: id, JSON, type, source, status, instance id, time
 /// key. Returns how many ids were new.
 const STORE: &str = r"
@@ -149,7 +149,7 @@ return fresh
 ";
 
 /// `update_status_batch`. ARGV: status key prefix, ttl ms (0: none), then per update: id, status,
-/// error, retry count, processed_at, completed_at ('' keeps the stored value).
+/// error, retry count, `processed_at`, `completed_at` ('' keeps the stored value).
 const UPDATE: &str = r"
 local ttl = tonumber(ARGV[2])
 for i = 3, #ARGV, 6 do
