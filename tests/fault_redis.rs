@@ -140,6 +140,13 @@ fn redis_stopped_during_a_publish_loop_loses_and_duplicates_nothing() {
     assert!(broker.shutdown(Duration::from_secs(10)).is_clean());
 }
 
+/// A namespace whose calls give up after 300 ms, a provider on it and a scope.
+fn impatient() -> (RedisBackend, eventbroker::RedisProvider, Scope) {
+    let backend = RedisBackend::with(|c| c.timeout = Duration::from_millis(300));
+    let provider = backend.provider();
+    (backend, provider, Scope::new())
+}
+
 /// Resumes a stopped (SIGSTOP) Redis when dropped.
 struct Resume(u32);
 
@@ -147,6 +154,15 @@ impl Drop for Resume {
     fn drop(&mut self) {
         let _ = Command::new("kill").arg("-CONT").arg(self.0.to_string()).status();
     }
+}
+
+/// Stops the Redis process (SIGSTOP) until the guard is dropped: a server that accepts
+/// connections and answers nothing.
+fn hang() -> Resume {
+    let pid = redis_pid();
+    let status = Command::new("kill").arg("-STOP").arg(pid.to_string()).status().expect("kill runs");
+    assert!(status.success(), "kill -STOP {pid}: {status}");
+    Resume(pid)
 }
 
 fn redis_pid() -> u32 {
@@ -162,16 +178,11 @@ fn redis_pid() -> u32 {
 #[test]
 fn a_hung_server_times_out_and_the_retried_batch_lands_once() {
     let _serial = serial();
-    let backend = RedisBackend::with(|c| c.timeout = Duration::from_millis(300));
-    let provider = backend.provider();
-    let scope = Scope::new();
+    let (backend, provider, scope) = impatient();
     let events: Vec<Arc<Event>> = (0..200).map(|_| Arc::new(scope.event("hung"))).collect();
     provider.ping().expect("Redis is up");
 
-    let pid = redis_pid();
-    let status = Command::new("kill").arg("-STOP").arg(pid.to_string()).status().expect("kill runs");
-    assert!(status.success());
-    let resume = Resume(pid);
+    let resume = hang();
     let started = Instant::now();
     let error = provider.store_batch(&events, Some("instance:a")).expect_err("a hung server");
     assert!(matches!(error.kind(), ProviderErrorKind::Unavailable(_)), "{error}");
@@ -253,5 +264,52 @@ fn killed_connections_are_replaced_without_loss() {
     assert_eq!(delivered, stored, "every event once, in order");
     assert!(source.fetch(16, Duration::from_millis(300)).expect("fetch").is_empty());
     assert!(provider.stats().expect("stats").provider_specific["reconnects"].as_u64() >= Some(1));
+    source.close().expect("close");
+}
+
+/// A fetch fails on a hung server, and its read may have moved entries into the member's pending
+/// list without their reaching it (here made certain by reading them in the member's name behind
+/// its back): the next fetch hands them out all the same: none lost, none twice.
+#[test]
+fn a_fetch_whose_reply_was_lost_loses_nothing() {
+    let _serial = serial();
+    let (backend, provider, scope) = impatient();
+    let source = provider
+        .open_inbound(&InboundConfig::new("lossy", ConsumerGroup::Instance("lossy".into())))
+        .expect("open_inbound");
+    source.set_filter(&[scope.all()]).expect("set_filter");
+    assert!(source.fetch(16, Duration::ZERO).expect("a fetch while Redis answers").is_empty());
+    let events: Vec<Arc<Event>> = (0..5).map(|_| Arc::new(scope.event("lost.reply"))).collect();
+    provider.store_batch(&events, None).expect("store");
+
+    let resume = hang();
+    let error = source.fetch(16, Duration::ZERO).expect_err("a hung server");
+    assert!(error.is_transient(), "{error}");
+    drop(resume);
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("instance:lossy")
+        .arg("lossy")
+        .arg("COUNT")
+        .arg(100)
+        .arg("STREAMS")
+        .arg(backend.stream())
+        .arg(">")
+        .query(&mut raw())
+        .expect("a read whose reply nobody sees");
+
+    let mut delivered = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while delivered.len() < events.len() {
+        assert!(Instant::now() < deadline, "{} of {} delivered", delivered.len(), events.len());
+        if let Ok(got) = source.fetch(16, Duration::from_millis(200)) {
+            source.ack(&got.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
+            delivered.extend(got.iter().map(|e| e.event.id));
+        }
+    }
+    let unique: HashSet<EventId> = delivered.iter().copied().collect();
+    assert_eq!(unique, events.iter().map(|e| e.id).collect::<HashSet<_>>());
+    assert_eq!(delivered.len(), events.len(), "none twice");
+    assert!(source.fetch(16, Duration::from_millis(300)).expect("fetch").is_empty());
     source.close().expect("close");
 }

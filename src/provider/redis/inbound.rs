@@ -1,7 +1,7 @@
 //! One broker's membership of a Redis consumer group; see the module docs of
 //! [`redis`](super) for how a fetch proceeds.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -46,10 +46,16 @@ pub(super) struct RedisInbound {
     closed: AtomicBool,
 }
 
-/// What a fetch hands out before new entries.
+/// What a fetch hands out before new entries, and what the member holds.
 struct FetchState {
-    /// Entries the predecessor of this consumer left pending, read when the source opened.
+    /// Own pending entries to hand out again: what the predecessor of this consumer left, read
+    /// when the source opened, and what a failed fetch may have read without handing it out.
     inherited: VecDeque<String>,
+    /// Entries handed out and neither acknowledged nor given back.
+    outstanding: HashSet<String>,
+    /// Set when a fetch failed after Redis may have moved entries into this member's pending list:
+    /// the next fetch looks for those first.
+    resync: bool,
     /// Entries given back with a nak, and when they are due again.
     delayed: Vec<(Instant, String)>,
     /// Where the next scan of the pending list starts (`-` or `(<id>`).
@@ -93,7 +99,7 @@ impl RedisInbound {
         validate_member_name("consumer", config.consumer())?;
         let stream = shared.keys.stream.clone();
         shared.pool.run("open_inbound", &group, |conn| create_group(conn, &stream, &group))?;
-        let inherited = inherited_entries(&shared, &group, config.consumer())?;
+        let inherited = inherited_entries(&shared, "open_inbound", &group, config.consumer())?;
         if !inherited.is_empty() {
             tracing::info!(
                 group,
@@ -114,6 +120,8 @@ impl RedisInbound {
             lost: AtomicBool::new(false),
             state: Mutex::new(FetchState {
                 inherited,
+                outstanding: HashSet::new(),
+                resync: false,
                 delayed: Vec::new(),
                 claim_cursor: "-".to_owned(),
                 next_claim_scan: Instant::now(),
@@ -264,6 +272,7 @@ impl RedisInbound {
         if !done.is_empty() {
             redis::cmd("XACK").arg(&self.shared.keys.stream).arg(&self.group).arg(&done).exec(conn)?;
         }
+        self.state.lock().outstanding.extend(out.iter().map(|e| entry_of_seq(e.token.get())));
         Counters::add(&counters.consumed, out.len());
         Ok(out)
     }
@@ -291,10 +300,35 @@ impl RedisInbound {
         );
         let mut state = self.state.lock();
         state.inherited.clear();
+        state.outstanding.clear();
         state.delayed.clear();
         "-".clone_into(&mut state.claim_cursor);
         drop(state);
         create_group(conn, &self.shared.keys.stream, &self.group)
+    }
+
+    /// After a failed fetch: queues this member's pending entries that it neither handed out nor
+    /// holds for a nak, which a read whose reply was lost left there.
+    fn resync(&self) -> Result<(), ProviderError> {
+        let pending = inherited_entries(&self.shared, "fetch", &self.group, &self.consumer)?;
+        let mut state = self.state.lock();
+        let known: HashSet<&String> = state
+            .outstanding
+            .iter()
+            .chain(state.inherited.iter())
+            .chain(state.delayed.iter().map(|(_, id)| id))
+            .collect();
+        let unseen: Vec<String> = pending.into_iter().filter(|id| !known.contains(id)).collect();
+        if !unseen.is_empty() {
+            tracing::info!(
+                group = self.group,
+                count = unseen.len(),
+                "redis provider: handing out entries a failed fetch left pending"
+            );
+        }
+        state.inherited.extend(unseen);
+        state.resync = false;
+        Ok(())
     }
 
     /// Sets the idle time of `tokens` this member still owns (see the `TOUCH` script).
@@ -328,6 +362,9 @@ impl crate::provider::Inbound for RedisInbound {
         let mut slot = self.conn.lock();
         loop {
             self.check_open("fetch")?;
+            if self.state.lock().resync {
+                self.resync()?;
+            }
             let conn = self.connection(&mut slot)?;
             match self.fetch_once(conn, max, deadline) {
                 Ok(events) if !events.is_empty() || Instant::now() >= deadline => return Ok(events),
@@ -343,6 +380,7 @@ impl crate::provider::Inbound for RedisInbound {
                         // Relaxed: a statistic's flag.
                         self.lost.store(true, Ordering::Relaxed);
                     }
+                    self.state.lock().resync = true;
                     return Err(conn::map_error("fetch", &self.group, &error));
                 }
             }
@@ -357,6 +395,10 @@ impl crate::provider::Inbound for RedisInbound {
             self.shared.pool.run("ack", &self.group, |conn| {
                 redis::cmd("XACK").arg(stream).arg(&self.group).arg(&ids).exec(conn)
             })?;
+            let mut state = self.state.lock();
+            for id in &ids {
+                state.outstanding.remove(id);
+            }
         }
         Ok(())
     }
@@ -369,6 +411,7 @@ impl crate::provider::Inbound for RedisInbound {
         let mut state = self.state.lock();
         for token in tokens {
             let id = entry_of_seq(token.get());
+            state.outstanding.remove(&id);
             state.delayed.retain(|(_, held)| *held != id);
             state.delayed.push((due, id));
         }
@@ -448,16 +491,18 @@ fn pending_of(
         .collect())
 }
 
-/// Every entry pending in `consumer` now: what its previous incarnation left unacknowledged.
+/// Every entry pending in `consumer` now: at open, what its previous incarnation left
+/// unacknowledged.
 fn inherited_entries(
     shared: &Shared,
+    operation: &'static str,
     group: &str,
     consumer: &str,
 ) -> Result<VecDeque<String>, ProviderError> {
     let mut all = VecDeque::new();
     let mut start = "-".to_owned();
     loop {
-        let page = pending_of(shared, "open_inbound", group, consumer, &start, PENDING_PAGE)?;
+        let page = pending_of(shared, operation, group, consumer, &start, PENDING_PAGE)?;
         let full = page.len() == PENDING_PAGE;
         if let Some(last) = page.last() {
             start = format!("({last}");
