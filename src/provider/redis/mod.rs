@@ -82,8 +82,18 @@
 //! redelivery, so a `nak` with delay `d` sets the entries' idle time to `claim_idle - d` (another
 //! member may take them once `d` has passed) and the source itself hands them out again when `d`
 //! has passed. Closing a source of a shared group releases its pending entries to the other
-//! members at once. A group whose stream vanished (a Redis restarted without persistence) is
-//! created again at the end of the new stream.
+//! members at once. A fetch that fails after Redis may have moved entries into the member's
+//! pending list (a read whose reply was lost) makes the next fetch hand out the ones the member
+//! neither holds nor gave back. A group whose stream vanished (a Redis restarted without
+//! persistence) is created again at the end of the new stream.
+//!
+//! The stream carries every group's events, so a member reads, and acknowledges unseen, the events
+//! its own group published (echoes) and those its filter does not want
+//! ([`Capabilities::filter_at_source`] is false): fan-out costs each instance one read of every
+//! event. Counted in [`ProviderStats::provider_specific`]: `inbound_echoes_skipped`,
+//! `inbound_filtered`, `inbound_redelivered`, `inbound_lost` (pending entries found deleted or
+//! trimmed) and `inbound_malformed`, next to `stream_length`, `trimmed`, `expired`, `replaced`,
+//! `dead_letters_dropped` and `reconnects`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
