@@ -60,6 +60,22 @@ pub use crate::provider::{
 pub use crate::provider::{RedisConfig, RedisProvider};
 pub use crate::subscription::SubscriptionId;
 
+/// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
+/// `store_batch`, ...) are callable on any provider, `Arc<dyn Provider>` included, once the traits
+/// are in scope.
+///
+/// ```
+/// use eventbroker::prelude::*;
+/// use eventbroker::{Broker, EventFilter};
+///
+/// let broker = Broker::builder().build()?;
+/// assert!(broker.provider().list(&EventFilter::new())?.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub mod prelude {
+    pub use crate::provider::{EventSink, EventStore, Inbound, Provider, ProviderExt};
+}
+
 /// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here
 /// may change or vanish in any release.
 #[doc(hidden)]

@@ -119,6 +119,7 @@ pub struct BrokerBuilder {
     pub(super) writer: WriterConfig,
     pub(super) cache_capacity: usize,
     pub(super) max_batch: usize,
+    pub(super) drop_timeout: Duration,
 }
 
 impl Default for BrokerBuilder {
@@ -140,6 +141,7 @@ impl Default for BrokerBuilder {
             writer: WriterConfig::default(),
             cache_capacity: 4096,
             max_batch: 256,
+            drop_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -235,6 +237,12 @@ impl BrokerBuilder {
         self
     }
 
+    /// How long dropping the last handle waits for the shutdown it runs. Default 30 s.
+    pub fn drop_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.drop_timeout = timeout;
+        self
+    }
+
     /// Checks the settings, opens the inbound source when the broker receives from other
     /// instances, and starts the worker, writer and inbound threads.
     ///
@@ -303,6 +311,7 @@ impl BrokerBuilder {
             sync: SyncCounters::default(),
             rejected: AtomicU64::new(0),
             shutdown: parking_lot::Mutex::new(false),
+            drop_timeout: self.drop_timeout,
         });
         let broker = Broker { handle: Arc::new(Handle { engine: Arc::clone(&engine) }) };
         if let Some(pump) = inbound {

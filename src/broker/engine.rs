@@ -48,6 +48,8 @@ pub(crate) struct Engine {
     pub(crate) rejected: AtomicU64,
     /// Whether shutdown has begun; held while its synchronous part runs.
     pub(crate) shutdown: parking_lot::Mutex<bool>,
+    /// How long dropping the last handle waits for shutdown.
+    pub(crate) drop_timeout: Duration,
 }
 
 /// How an enqueued event reaches the provider.

@@ -34,8 +34,10 @@
 //! [`Broker::shutdown`] stops fetching and accepting, drains every shard, runs the retries that
 //! come due before its timeout (dead-lettering the rest), flushes the provider writer and closes
 //! the provider — unless something else still holds it (other brokers on the same in-process bus,
-//! or the application), which then closes it; every step is bounded by the timeout. Dropping the last [`Broker`] handle does the
-//! same with a 30 s timeout. A handler that needs the broker should capture a [`WeakBroker`]
+//! or the application), which then closes it; every step is bounded by the timeout. Dropping the
+//! last [`Broker`] handle does the same, with a 30 s timeout by default
+//! ([`BrokerBuilder::drop_shutdown_timeout`]). A handler that needs the broker should capture a
+//! [`WeakBroker`]
 //! ([`Broker::downgrade`]): a strong handle inside a handler keeps the broker alive until an
 //! explicit `shutdown`, which then drops the handlers and the cycle with them.
 
@@ -96,12 +98,9 @@ struct Handle {
     engine: Arc<Engine>,
 }
 
-/// How long dropping the last handle waits for shutdown.
-const DROP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
-
 impl Drop for Handle {
     fn drop(&mut self) {
-        self.engine.shutdown(DROP_SHUTDOWN_TIMEOUT);
+        self.engine.shutdown(self.engine.drop_timeout);
     }
 }
 

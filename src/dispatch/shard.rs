@@ -156,13 +156,11 @@ impl ShardSet {
         let mut workers = self.workers.lock();
         let mut reports = Vec::with_capacity(workers.len());
         while reports.len() < workers.len() {
-            match self.exited.recv_deadline(deadline) {
-                Ok(report) => reports.push(report),
-                Err(_) => {
-                    let running = workers.len() - reports.len();
-                    return (reports, running);
-                }
-            }
+            let Ok(report) = self.exited.recv_deadline(deadline) else {
+                let running = workers.len() - reports.len();
+                return (reports, running);
+            };
+            reports.push(report);
         }
         for handle in workers.drain(..) {
             let _ = handle.join();

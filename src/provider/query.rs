@@ -285,12 +285,12 @@ impl EventFilter {
 /// Where [`Provider::replay`] starts.
 ///
 /// ```
-/// use eventbroker::{Event, EventSource, MemoryProvider, Provider, ReplayFrom};
+/// use eventbroker::{Event, EventSink, EventSource, EventStore, MemoryProvider, ReplayFrom};
 /// use std::sync::Arc;
 ///
 /// let provider = MemoryProvider::default();
 /// let events: Vec<_> = (0..5).map(|_| Arc::new(Event::new(EventSource::System, "system.tick"))).collect();
-/// provider.store_batch(&events)?;
+/// provider.store_batch(&events, None)?;
 ///
 /// // Page through history two events at a time.
 /// let mut from = ReplayFrom::Beginning;

@@ -41,7 +41,7 @@ struct Delivery {
 }
 
 /// A bounded receiver of newly stored events whose type matches a pattern, from
-/// [`Provider::stream`](super::Provider::stream). Usable from blocking code ([`recv`],
+/// [`MemoryProvider::stream`](super::MemoryProvider::stream). Usable from blocking code ([`recv`],
 /// [`recv_timeout`], [`try_recv`], or as an [`Iterator`]) and from async code ([`recv_async`]).
 ///
 /// ## Lagging
@@ -60,15 +60,15 @@ struct Delivery {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use eventbroker::{Event, EventSource, MemoryConfig, MemoryProvider, Pattern, Provider, StreamError};
+/// use eventbroker::{Event, EventSink, EventSource, MemoryConfig, MemoryProvider, Pattern, Provider, StreamError};
 ///
 /// let provider = MemoryProvider::new(MemoryConfig { stream_capacity: 2, ..MemoryConfig::default() });
 /// let mut stream = provider.stream(&Pattern::parse("orders.>")?)?;
 ///
 /// let orders: Vec<_> =
 ///     (0..3).map(|_| Arc::new(Event::new(EventSource::System, "orders.created"))).collect();
-/// provider.store_batch(&orders)?; // the third does not fit in the buffer of 2
-/// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "users.created"))])?; // no match
+/// provider.store_batch(&orders, None)?; // the third does not fit in the buffer of 2
+/// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "users.created"))], None)?; // no match
 ///
 /// assert_eq!(stream.recv()?.id, orders[0].id);
 /// assert_eq!(stream.recv()?.id, orders[1].id);
@@ -137,10 +137,10 @@ impl EventStream {
     ///
     /// ```
     /// # use std::sync::Arc;
-    /// # use eventbroker::{Event, EventSource, MemoryProvider, Pattern, Provider};
+    /// # use eventbroker::{Event, EventSink, EventSource, MemoryProvider, Pattern};
     /// # let provider = MemoryProvider::default();
     /// let mut stream = provider.stream(&Pattern::parse("*")?)?;
-    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "system.tick"))])?;
+    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "system.tick"))], None)?;
     /// let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     /// let event = runtime.block_on(stream.recv_async())?;
     /// assert_eq!(event.event_type, "system.tick");

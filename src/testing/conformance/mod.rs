@@ -23,6 +23,7 @@
 //! deltas of backend-wide stats take [`EXCLUSIVE`] for writing, so no other scenario of the same
 //! test binary writes meanwhile. What a backend cannot do (see [`Capabilities`](crate::Capabilities))
 //! is checked to fail with `NotSupported` instead.
+#![allow(clippy::missing_panics_doc, reason = "scenarios report a failure by panicking, as tests do")]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
