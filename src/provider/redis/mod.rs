@@ -37,11 +37,12 @@
 //! ## Writes
 //! - **One round trip per batch.** `store_batch`, `update_status_batch` and `store_dead_letters`
 //!   each run one Lua script over the whole batch (in chunks of 1024), so a batch is applied
-//!   atomically and costs one round trip. A new event costs four commands inside Redis (`HMGET`,
-//!   `XADD`, `HSET`, `ZADD`); a status update two (`HMGET`, `HSET`), plus `PEXPIRE` and `ZADD` when
-//!   it finishes the event.
-//! - **Idempotent stores.** The script checks the event's status hash before its `XADD`: an id
-//!   already stored is a re-store, which puts the new body in the hash and keeps the stream entry,
+//!   atomically and costs one round trip. Inside Redis a new event costs two commands (`XADD`,
+//!   `HSET`) and a status update two (`HMGET`, `HSET`, plus `PEXPIRE` when it finishes the event);
+//!   a batch adds one `EXISTS` over all its ids and one `ZADD` per index.
+//! - **Idempotent stores.** The script checks the events' status hashes before their `XADD`s (one
+//!   `EXISTS` for the batch, then a lookup per event only when some id is stored): an id already
+//!   stored is a re-store, which puts the new body in the hash and keeps the stream entry,
 //!   so the event keeps its sequence number and origin and is not delivered again. A batch retried
 //!   after a lost reply therefore never creates a second entry.
 //! - **Bounded stream.** Once the stream holds more than [`RedisConfig::max_len`] entries (100 000

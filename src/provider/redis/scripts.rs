@@ -10,7 +10,8 @@ use redis::Script;
 /// deltas (applied once at the end), and the expiry of finished statuses.
 ///
 /// An expiry member is `<c|f><entry id> <time key>`: whether the event completed or failed, and
-/// enough to remove it from every index even after Redis expired its status hash.
+/// enough to remove it from every index even after Redis expired its status hash. Adds to the two
+/// sorted sets are gathered into one `ZADD` each at the end of a script.
 const PRELUDE: &str = r"
 local stream, counts, time, expiry = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local prefix = ARGV[1]
@@ -28,13 +29,38 @@ local function server_ms()
   end
   return now_ms
 end
+-- Sorted-set adds gathered into one ZADD per set at the end of the script; a removal of a
+-- member added earlier in the same script cancels the add instead.
+local function later(key) return {key = key, add = {}, n = 0} end
+local function zadd_later(set, score, member)
+  if set.add[member] == nil then set.n = set.n + 1 end
+  set.add[member] = score
+end
+local function zrem(set, member)
+  if set.add[member] ~= nil then
+    set.add[member] = nil
+    set.n = set.n - 1
+  else
+    redis.call('ZREM', set.key, member)
+  end
+end
+local function zflush(set)
+  if set.n == 0 then return end
+  local args = {'ZADD', set.key}
+  for member, score in pairs(set.add) do
+    args[#args + 1] = score
+    args[#args + 1] = member
+  end
+  redis.call(unpack(args))
+end
+local times, expiries = later(time), later(expiry)
 -- Keeps the expiry of one event in step with its status: `old` and `new` are statuses.
 local function reschedule(key, entry, tk, old_tk, old, new, ttl)
   local of, nf = flag(old), flag(new)
-  if of then redis.call('ZREM', expiry, of .. entry .. ' ' .. old_tk) end
+  if of then zrem(expiries, of .. entry .. ' ' .. old_tk) end
   if nf and ttl > 0 then
     redis.call('PEXPIRE', key, ttl)
-    redis.call('ZADD', expiry, server_ms() + ttl, nf .. entry .. ' ' .. tk)
+    zadd_later(expiries, server_ms() + ttl, nf .. entry .. ' ' .. tk)
   elseif of then
     redis.call('PERSIST', key)
   end
@@ -49,17 +75,20 @@ local function purge(limit)
     local h = redis.call('HMGET', key, 'entry', 'time')
     if h[1] == entry then
       redis.call('DEL', key)
-      redis.call('ZREM', time, tk)
+      zrem(times, tk)
     elseif h[2] ~= tk then
-      redis.call('ZREM', time, tk)
+      zrem(times, tk)
     end
-    redis.call('ZREM', expiry, m)
+    zrem(expiries, m)
     if string.sub(m, 1, 1) == 'c' then add('completed', -1) else add('failed', -1) end
     add('total', -1)
     add('expired', 1)
   end
 end
-local function flush_counts()
+-- Applies what the script gathered: index adds and counter deltas.
+local function finish()
+  zflush(times)
+  zflush(expiries)
   for field, n in pairs(delta) do
     if n ~= 0 then redis.call('HINCRBY', counts, field, n) end
   end
@@ -74,18 +103,26 @@ local max_len, slack, chunk, ttl, origin =
   tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local next_id = '*'
 local fresh = 0
+-- One EXISTS for the batch: when none of its ids is stored (the usual case), no event needs its
+-- own lookup; one stored earlier in this batch is looked up all the same.
+local keys = {'EXISTS'}
+for i = 7, #ARGV, 7 do keys[#keys + 1] = prefix .. ARGV[i] end
+local any_stored = redis.call(unpack(keys)) > 0
+local seen = {}
 for i = 7, #ARGV, 7 do
   local id, json, ty, src, st, inst, tk =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
   local key = prefix .. id
-  local old = redis.call('HMGET', key, 'entry', 'status', 'time')
+  local old = {false}
+  if any_stored or seen[id] then old = redis.call('HMGET', key, 'entry', 'status', 'time') end
+  seen[id] = true
   if old[1] then
     -- A re-store: the body is replaced in the hash; the entry, its sequence number and its origin stay.
     redis.call('HSET', key, 'event', json, 'status', st, 'time', tk)
     redis.call('HDEL', key, 'error', 'retry_count', 'processed_at', 'completed_at')
     if old[3] ~= tk then
-      redis.call('ZREM', time, old[3])
-      redis.call('ZADD', time, 0, tk)
+      zrem(times, old[3])
+      zadd_later(times, 0, tk)
     end
     reschedule(key, old[1], tk, old[3], old[2], st, ttl)
     if old[2] ~= st then add(old[2], -1) add(st, 1) end
@@ -103,7 +140,7 @@ for i = 7, #ARGV, 7 do
       next_id = '*'
     end
     redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
-    redis.call('ZADD', time, 0, tk)
+    zadd_later(times, 0, tk)
     reschedule(key, entry, tk, tk, nil, st, ttl)
     add(st, 1)
     add('total', 1)
@@ -124,7 +161,7 @@ if max_len > 0 then
           local h = redis.call('HMGET', key, 'entry', 'status', 'time')
           if h[1] == entry then
             redis.call('DEL', key)
-            redis.call('ZREM', time, h[3])
+            zrem(times, h[3])
             reschedule(key, entry, h[3], h[3], h[2], nil, 0)
             add(h[2], -1)
             add('total', -1)
@@ -144,7 +181,7 @@ if max_len > 0 then
   end
 end
 purge(256)
-flush_counts()
+finish()
 return fresh
 ";
 
@@ -170,7 +207,7 @@ for i = 3, #ARGV, 6 do
   end
 end
 purge(256)
-flush_counts()
+finish()
 return 0
 ";
 
@@ -180,12 +217,12 @@ local key = prefix .. ARGV[2]
 local h = redis.call('HMGET', key, 'entry', 'status', 'time')
 if not h[1] then return 0 end
 redis.call('DEL', key)
-redis.call('ZREM', time, h[3])
+zrem(times, h[3])
 redis.call('XDEL', stream, h[1])
 reschedule(key, h[1], h[3], h[3], h[2], nil, 0)
 add(h[2], -1)
 add('total', -1)
-flush_counts()
+finish()
 return 1
 ";
 
@@ -193,7 +230,7 @@ return 1
 /// dead letters (KEYS[5]).
 const STATS: &str = r"
 purge(1024)
-flush_counts()
+finish()
 return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[5])}
 ";
 
