@@ -58,6 +58,8 @@ pub use crate::provider::{
 };
 #[cfg(feature = "postgres")]
 pub use crate::provider::{PostgresConfig, PostgresProvider};
+#[cfg(feature = "redis")]
+pub use crate::provider::{RedisConfig, RedisProvider};
 pub use crate::subscription::SubscriptionId;
 
 /// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,

@@ -95,6 +95,8 @@ pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod query;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
@@ -103,6 +105,8 @@ pub use self::memory::{MemoryConfig, MemoryProvider};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresConfig, PostgresProvider};
 pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
 
 /// The writes a broker's writer thread makes, in batches: the minimum every backend implements.
