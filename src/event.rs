@@ -43,6 +43,7 @@ use self::decode::{Decoded, Dialect, EventVisitor};
 use crate::error::{DecodeError, PayloadError};
 
 mod decode;
+mod raw_json;
 
 /// Free-form context attached to an event: string keys, JSON values, kept in key order.
 pub type Metadata = BTreeMap<String, serde_json::Value>;
@@ -202,8 +203,9 @@ impl Payload {
     /// # Errors
     /// [`PayloadError::InvalidJson`] when it is not.
     pub fn from_json(json: String) -> Result<Self, PayloadError> {
-        decode::check_json(&json).map_err(PayloadError::InvalidJson)?;
-        RawValue::from_string(json).map(Self).map_err(PayloadError::InvalidJson)
+        let raw = RawValue::from_string(json).map_err(PayloadError::InvalidJson)?;
+        raw_json::check_value(raw.get()).map_err(PayloadError::InvalidJson)?;
+        Ok(Self(raw))
     }
 
     /// Serializes `value` to compact JSON.
@@ -213,7 +215,7 @@ impl Payload {
     /// [`Event::MAX_JSON_DEPTH`].
     pub fn from_value<T: Serialize + ?Sized>(value: &T) -> Result<Self, PayloadError> {
         let raw = serde_json::value::to_raw_value(value).map_err(PayloadError::Serialize)?;
-        decode::check_json(raw.get()).map_err(PayloadError::Serialize)?;
+        raw_json::check_value(raw.get()).map_err(PayloadError::Serialize)?;
         Ok(Self(raw))
     }
 
@@ -242,7 +244,7 @@ impl Payload {
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
-        decode::check_json(raw.get()).map_err(serde::de::Error::custom)?;
+        raw_json::check_value(raw.get()).map_err(serde::de::Error::custom)?;
         Ok(Self(raw))
     }
 }
@@ -580,148 +582,5 @@ impl<'de> Deserialize<'de> for Event {
         let decoded =
             deserializer.deserialize_struct("Event", decode::FIELDS, EventVisitor(Dialect::Serde))?;
         Ok(decoded.event)
-    }
-}
-
-/// Finds a value's raw text in a JSON object without decoding it.
-mod raw_json {
-    use std::ops::Range;
-
-    /// The byte range of the value under `key` in the top-level object of `json`, or `None` when
-    /// the key is absent or the text is not an object. The text is not validated here; a caller
-    /// parses the whole document afterwards, and a range taken from invalid JSON is never used.
-    pub(super) fn top_level_value(json: &[u8], key: &str) -> Option<Range<usize>> {
-        let mut i = skip_ws(json, 0);
-        if json.get(i) != Some(&b'{') {
-            return None;
-        }
-        i = skip_ws(json, i + 1);
-        let mut found = None;
-        while json.get(i) == Some(&b'"') {
-            let key_end = string_end(json, i)?;
-            let this_key = &json[i + 1..key_end - 1];
-            i = skip_ws(json, key_end);
-            if json.get(i) != Some(&b':') {
-                return None;
-            }
-            let value_start = skip_ws(json, i + 1);
-            let value_end = value_end(json, value_start)?;
-            if found.is_none() && key_matches(this_key, key) {
-                found = Some(value_start..value_end);
-            }
-            i = skip_ws(json, value_end);
-            match json.get(i) {
-                Some(b',') => i = skip_ws(json, i + 1),
-                Some(b'}') => return found,
-                _ => return None,
-            }
-        }
-        None
-    }
-
-    fn key_matches(raw_key: &[u8], key: &str) -> bool {
-        if raw_key.contains(&b'\\') {
-            // An escaped key ("p\u0061yload") is rare; decode it properly.
-            let mut quoted = Vec::with_capacity(raw_key.len() + 2);
-            quoted.push(b'"');
-            quoted.extend_from_slice(raw_key);
-            quoted.push(b'"');
-            serde_json::from_slice::<String>(&quoted).is_ok_and(|k| k == key)
-        } else {
-            raw_key == key.as_bytes()
-        }
-    }
-
-    fn skip_ws(json: &[u8], mut i: usize) -> usize {
-        while matches!(json.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-            i += 1;
-        }
-        i
-    }
-
-    /// Index just past the closing quote of the string opening at `start`.
-    fn string_end(json: &[u8], start: usize) -> Option<usize> {
-        let mut i = start + 1;
-        loop {
-            match json.get(i)? {
-                b'\\' => i += 2,
-                b'"' => return Some(i + 1),
-                _ => i += 1,
-            }
-        }
-    }
-
-    /// Index just past the value starting at `start`.
-    fn value_end(json: &[u8], start: usize) -> Option<usize> {
-        match json.get(start)? {
-            b'"' => string_end(json, start),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                let mut i = start;
-                loop {
-                    match json.get(i)? {
-                        b'"' => {
-                            i = string_end(json, i)?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                return Some(i + 1);
-                            }
-                        }
-                        _ => {}
-                    }
-                    i += 1;
-                }
-            }
-            _ => {
-                let len = json[start..]
-                    .iter()
-                    .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
-                    .unwrap_or(json.len() - start);
-                Some(start + len)
-            }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::top_level_value;
-
-        fn value<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-            top_level_value(json.as_bytes(), key).map(|r| &json[r])
-        }
-
-        #[test]
-        fn finds_values_of_every_shape() {
-            let doc = r#" { "a" : "x\"}" , "payload":{"k":[1,{"z":"]"}]} ,"n": -1.5e3,"t":true}"#;
-            assert_eq!(value(doc, "a"), Some(r#""x\"}""#));
-            assert_eq!(value(doc, "payload"), Some(r#"{"k":[1,{"z":"]"}]}"#));
-            assert_eq!(value(doc, "n"), Some("-1.5e3"));
-            assert_eq!(value(doc, "t"), Some("true"));
-            assert_eq!(value(doc, "missing"), None);
-        }
-
-        #[test]
-        fn nested_keys_are_not_top_level() {
-            assert_eq!(value(r#"{"outer":{"payload":1},"payload":2}"#, "payload"), Some("2"));
-            assert_eq!(value(r#"{"outer":{"payload":1}}"#, "payload"), None);
-        }
-
-        #[test]
-        fn escaped_keys_match() {
-            assert_eq!(value(r#"{"p\u0061yload":[true]}"#, "payload"), Some("[true]"));
-        }
-
-        #[test]
-        fn malformed_input_gives_none_not_a_panic() {
-            for doc in
-                ["", "[", "{", r#"{"a"#, r#"{"a":"#, r#"{"a":{"#, r#"{"a" 1}"#, "{\"a\":\"\\", "{\"a\":1,"]
-            {
-                assert_eq!(value(doc, "a"), None, "{doc:?}");
-            }
-        }
     }
 }

@@ -1,8 +1,10 @@
 //! How an event's JSON is read: one visitor, driven by `serde_json` ([`Event::from_json`], and
 //! `Event`'s `Deserialize`) and by `simd-json` ([`Event::from_json_simd`]), so that the two accept
 //! the same documents and give the same events. The rules are stated on [`Event::from_json`];
-//! [`Dialect`] is the one place where the two parsers differ, and [`Checked`] the one check every
-//! payload and unknown field passes.
+//! [`Dialect`] is the one place where the two parsers differ. Metadata values are built and
+//! unknown fields walked by visitors that count depth ([`ValueSeed`], [`Checked`]); the payload,
+//! kept as text, is checked on its bytes by `raw_json::check_value`, which is tested against
+//! [`Checked`].
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -370,7 +372,9 @@ impl Checked {
     const ROOT: Self = Self { depth_left: Event::MAX_JSON_DEPTH };
 }
 
-/// Checks JSON text (a payload) against the rules, as one value with nothing after it.
+/// Checks JSON text against the rules, as one value with nothing after it, through the visitor:
+/// the reference `raw_json::check_value` is tested against.
+#[cfg(test)]
 pub(super) fn check_json(text: &str) -> Result<(), serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     Checked::ROOT.deserialize(&mut deserializer)?;
