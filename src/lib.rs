@@ -80,10 +80,35 @@ pub mod prelude {
 
 /// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here
 /// may change or vanish in any release.
+///
+/// Everything here is sound to use from safe code. The two-phase publish is not here outside loom
+/// builds: a forgotten reservation would stall the ring's consumer for good.
+///
+/// ```compile_fail,E0624
+/// let (producer, _consumer) = eventbroker::__private::ring::<Option<u8>>(2);
+/// let _ = producer.try_reserve(1);
+/// ```
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, Reservation, ring};
+    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, ring};
     pub use crate::dispatch::wait::WaitOutcome;
+
+    #[cfg(eventbroker_loom)]
+    pub use crate::dispatch::ring::Reservation;
+
+    /// [`Producer::try_reserve`](crate::dispatch::ring::Producer::try_reserve), for the loom
+    /// models of the broker's two-phase publish.
+    ///
+    /// # Errors
+    ///
+    /// As `try_reserve`: the ring is full or closed.
+    #[cfg(eventbroker_loom)]
+    pub fn try_reserve<T: Send + Default>(
+        producer: &Producer<T>,
+        want: usize,
+    ) -> Result<Reservation<'_, T>, PushBatchError> {
+        producer.try_reserve(want)
+    }
 
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::intake::{Entered, Intake};
