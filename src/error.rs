@@ -61,6 +61,13 @@ pub enum SyntaxErrorKind {
         /// The character found.
         ch: char,
     },
+    /// A format or invisible character (Unicode `Cf` or `Default_Ignorable_Code_Point`, such as
+    /// U+200B or U+FEFF): two names that look the same would differ.
+    #[error("invisible or format character U+{:04X} is not allowed", u32::from(*.ch))]
+    InvisibleChar {
+        /// The character found.
+        ch: char,
+    },
 }
 
 /// A subscription pattern that does not parse.

@@ -75,7 +75,15 @@ pub use crate::provider::{
     EventFilter, EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, MemoryConfig,
     MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
 };
+#[cfg(feature = "postgres")]
+pub use crate::provider::{PostgresConfig, PostgresProvider};
+#[cfg(feature = "redis")]
+pub use crate::provider::{RedisConfig, RedisProvider};
 pub use crate::subscription::SubscriptionId;
+/// The string type of an event's short fields (type, schema, entity, operation, session and
+/// instance ids): a `String` that keeps up to 24 bytes inline, without allocating. It dereferences
+/// to `&str` and converts from and into `String`.
+pub use compact_str::CompactString;
 
 /// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
 /// `store_batch`, ...) are callable on any provider, `Arc<dyn Provider>` included, once the traits
@@ -95,10 +103,35 @@ pub mod prelude {
 
 /// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here
 /// may change or vanish in any release.
+///
+/// Everything here is sound to use from safe code. The two-phase publish is not here outside loom
+/// builds: a forgotten reservation would stall the ring's consumer for good.
+///
+/// ```compile_fail,E0624
+/// let (producer, _consumer) = eventbroker::__private::ring::<Option<u8>>(2);
+/// let _ = producer.try_reserve(1);
+/// ```
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, Reservation, ring};
+    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, ring};
     pub use crate::dispatch::wait::WaitOutcome;
+
+    #[cfg(eventbroker_loom)]
+    pub use crate::dispatch::ring::Reservation;
+
+    /// [`Producer::try_reserve`](crate::dispatch::ring::Producer::try_reserve), for the loom
+    /// models of the broker's two-phase publish.
+    ///
+    /// # Errors
+    ///
+    /// As `try_reserve`: the ring is full or closed.
+    #[cfg(eventbroker_loom)]
+    pub fn try_reserve<T: Send + Default>(
+        producer: &Producer<T>,
+        want: usize,
+    ) -> Result<Reservation<'_, T>, PushBatchError> {
+        producer.try_reserve(want)
+    }
 
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::intake::{Entered, Intake};

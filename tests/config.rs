@@ -495,9 +495,16 @@ fn bad_overrides_name_the_variable() {
     let err = load_with(QUICK_START, &[("EVENTBROKER_MODE", "asnyc")]).unwrap_err();
     assert_eq!(err.key(), "event_broker.mode");
     assert_eq!(err.reason(), r#"expected sync or async, got "asnyc" (from EVENTBROKER_MODE)"#);
-    let err = load_with(QUICK_START, &[("EVENTBROKER_WORKERS", "4")]).unwrap_err();
-    assert_eq!(err.key(), "EVENTBROKER_WORKERS");
+    let err = load_with(QUICK_START, &[("EVENTBROKER_RETRY_POLICY_MAX_RETRY", "0")]).unwrap_err();
+    assert_eq!(err.key(), "EVENTBROKER_RETRY_POLICY_MAX_RETRY");
     assert!(err.reason().contains("no configuration key"), "{err}");
+    let err = load_with(QUICK_START, &[("EVENTBROKER_REDIS_HOTS", "cache")]).unwrap_err();
+    assert_eq!(err.key(), "EVENTBROKER_REDIS_HOTS");
+    // Outside the sections the prefix is shared with other tools (this crate's tests use
+    // EVENTBROKER_TEST_REDIS_URL): logged and ignored.
+    let config =
+        load_with(QUICK_START, &[("EVENTBROKER_TEST_REDIS_URL", "redis://127.0.0.1"), ("HOSTNAME", "h")]);
+    assert_eq!(config.unwrap().worker_count, 10);
 }
 
 #[test]
@@ -557,4 +564,53 @@ fn a_provider_whose_feature_is_off_names_the_feature() {
 fn metrics_without_their_feature_name_the_feature() {
     let config = load("event_broker:\n  metrics:\n    enabled: true\n");
     assert!(matches!(config.build(), Err(BuildError::MissingFeature { feature: "metrics", .. })));
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[path = "redis_support/mod.rs"]
+mod redis_support;
+
+#[cfg(all(feature = "postgres", feature = "test-util"))]
+#[path = "postgres_support/mod.rs"]
+mod postgres_support;
+
+/// Builds a broker from `yaml`, publishes through it, drains, and reads the event back from the
+/// provider the factory made.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+fn delivers_and_stores(yaml: &str) {
+    let config = load(yaml);
+    let broker = config.build().unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let events = broker.subscribe_stream("public.users.*").unwrap();
+    let event =
+        eventbroker::Event::for_entity(eventbroker::EventSource::Database, "public", "users", "create");
+    let id = event.id;
+    broker.publish(event).unwrap();
+    broker.drain(Duration::from_secs(30)).unwrap();
+    assert_eq!(events.try_recv().unwrap().id, id);
+    let stored = broker.provider().get(id).unwrap().expect("stored by the configured provider");
+    assert_eq!(stored.status, eventbroker::EventStatus::Completed);
+    let report = broker.shutdown(Duration::from_secs(30));
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[cfg(all(feature = "redis", feature = "test-util"))]
+#[test]
+fn the_factory_builds_the_redis_provider_from_its_section() {
+    let backend = redis_support::RedisBackend::new();
+    delivers_and_stores(&format!(
+        "event_broker:\n  provider: redis\n  worker_count: 1\n  redis:\n    url: {}\n    key_prefix: \"{}\"\n    stream_name: \"resolvespec:events\"\n    consumer_group: resolvespec-workers\n",
+        redis_support::url(),
+        backend.prefix(),
+    ));
+}
+
+#[cfg(all(feature = "postgres", feature = "test-util"))]
+#[test]
+fn the_factory_builds_the_postgres_provider_from_its_section() {
+    let backend = postgres_support::PostgresBackend::new();
+    delivers_and_stores(&format!(
+        "event_broker:\n  provider: database\n  worker_count: 1\n  database:\n    url: \"{}\"\n    schema: {}\n    table_name: events\n    channel: resolvespec_events\n",
+        postgres_support::url(),
+        backend.schema,
+    ));
 }

@@ -31,10 +31,24 @@ fn redis(_: &Config) -> Result<Arc<dyn Provider>, BuildError> {
     Err(missing("redis"))
 }
 
+/// The Redis Streams provider from the `redis` section; unset fields keep the provider's
+/// defaults. Connects (bounded by the section's `timeout`).
 #[cfg(feature = "redis")]
-fn redis(_: &Config) -> Result<Arc<dyn Provider>, BuildError> {
-    // The Redis provider maps `config.redis` here once its module lands.
-    Err(missing("redis"))
+fn redis(config: &Config) -> Result<Arc<dyn Provider>, BuildError> {
+    use crate::provider::redis::{RedisConfig, RedisProvider};
+    let section = &config.redis;
+    let mut redis = RedisConfig::default();
+    if section.url.is_some() || section.has_address_parts() {
+        redis.url = section.url();
+    }
+    set(&mut redis.stream, section.stream_name.clone());
+    set(&mut redis.key_prefix, section.key_prefix.clone());
+    set(&mut redis.max_len, section.max_len);
+    set(&mut redis.status_ttl, section.status_ttl);
+    set(&mut redis.max_dead_letters, section.max_dead_letters);
+    set(&mut redis.timeout, section.timeout);
+    set(&mut redis.client_name, section.client_name.clone());
+    Ok(Arc::new(RedisProvider::new(redis).map_err(BuildError::Provider)?))
 }
 
 #[cfg(not(feature = "nats"))]
@@ -53,10 +67,36 @@ fn postgres(_: &Config) -> Result<Arc<dyn Provider>, BuildError> {
     Err(missing("postgres"))
 }
 
+/// The PostgreSQL provider from the `database` section; unset fields keep the provider's
+/// defaults. Connects (bounded by the section's `connect_timeout`) and creates its tables when
+/// missing.
 #[cfg(feature = "postgres")]
-fn postgres(_: &Config) -> Result<Arc<dyn Provider>, BuildError> {
-    // The PostgreSQL provider maps `config.database` here once its module lands.
-    Err(missing("postgres"))
+fn postgres(config: &Config) -> Result<Arc<dyn Provider>, BuildError> {
+    use crate::provider::postgres::{PostgresConfig, PostgresProvider};
+    let section = &config.database;
+    let mut postgres = PostgresConfig::default();
+    if section.url.is_some() || section.has_address_parts() {
+        postgres.url = section.url();
+    }
+    set(&mut postgres.schema, section.schema.clone());
+    set(&mut postgres.table, section.table_name.clone());
+    if section.channel.is_some() {
+        postgres.channel.clone_from(&section.channel);
+    }
+    set(&mut postgres.pool_size, section.pool_size);
+    set(&mut postgres.poll_interval, section.poll_interval);
+    set(&mut postgres.max_age, section.max_age);
+    set(&mut postgres.connect_timeout, section.connect_timeout);
+    set(&mut postgres.operation_timeout, section.operation_timeout);
+    set(&mut postgres.application_name, section.application_name.clone());
+    Ok(Arc::new(PostgresProvider::connect(postgres).map_err(BuildError::Provider)?))
+}
+
+#[cfg(any(feature = "redis", feature = "nats", feature = "postgres"))]
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *field = value;
+    }
 }
 
 /// Adds the metrics settings to `builder`.

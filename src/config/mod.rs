@@ -45,7 +45,9 @@
 //!   Expansion happens after parsing, so a value cannot inject YAML.
 //! - **Overrides**: `EVENTBROKER_` followed by a key's path in capitals, dots as underscores,
 //!   replaces that key: `EVENTBROKER_WORKER_COUNT=4`, `EVENTBROKER_RETRY_POLICY_MAX_RETRIES=0`,
-//!   `EVENTBROKER_REDIS_HOST=cache`. An `EVENTBROKER_` variable that names no key is an error.
+//!   `EVENTBROKER_REDIS_HOST=cache`. A variable under a section's prefix that names no key
+//!   (`EVENTBROKER_RETRY_POLICY_MAX_RETRY`) is an error; other `EVENTBROKER_` variables that name
+//!   no key are logged and ignored, as other tools use the prefix too.
 //!   [`Env::from_vars`] replaces the process environment for both (tests, secrets loaded from
 //!   elsewhere).
 //! - **Errors** name the key and the bad value (`event_broker.mode: expected sync or async, got
@@ -331,7 +333,7 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError`] naming the variable and key of a bad value, or an `EVENTBROKER_` variable
-    /// that names no key.
+    /// under a section's prefix that names no key.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_env_with(&Env::process())
     }
@@ -343,8 +345,8 @@ impl Config {
     ///
     /// let env = Env::from_vars([("EVENTBROKER_RETRY_POLICY_MAX_RETRIES", "0")]);
     /// assert_eq!(Config::from_env_with(&env)?.retry_policy.max_retries, 0);
-    /// let typo = Env::from_vars([("EVENTBROKER_WORKERS", "4")]);
-    /// assert_eq!(Config::from_env_with(&typo).unwrap_err().key(), "EVENTBROKER_WORKERS");
+    /// let typo = Env::from_vars([("EVENTBROKER_RETRY_POLICY_MAX_RETRY", "0")]);
+    /// assert_eq!(Config::from_env_with(&typo).unwrap_err().key(), "EVENTBROKER_RETRY_POLICY_MAX_RETRY");
     /// # Ok::<(), eventbroker::ConfigError>(())
     /// ```
     ///

@@ -43,11 +43,13 @@ impl fmt::Display for Node {
 pub(crate) struct Reader<'e> {
     env: &'e Env,
     used: RefCell<BTreeSet<String>>,
+    /// Override prefixes of the nested sections read (`EVENTBROKER_RETRY_POLICY_`, ...).
+    sections: RefCell<Vec<String>>,
 }
 
 impl<'e> Reader<'e> {
     pub(crate) fn new(env: &'e Env) -> Self {
-        Self { env, used: RefCell::new(BTreeSet::new()) }
+        Self { env, used: RefCell::new(BTreeSet::new()), sections: RefCell::new(Vec::new()) }
     }
 
     /// The root section, `event_broker`, over `node` (`Null` when the document has none).
@@ -55,16 +57,23 @@ impl<'e> Reader<'e> {
         Section::new(self, "event_broker".to_owned(), node)
     }
 
-    /// Fails on an `EVENTBROKER_*` variable that overrides no key.
+    /// Fails on an `EVENTBROKER_*` variable under a section's prefix that overrides no key
+    /// (`EVENTBROKER_RETRY_POLICY_MAX_RETRY`); logs and ignores other unused ones
+    /// (`EVENTBROKER_WORKERS`), since other tools, this crate's own tests among them, use the
+    /// prefix for settings of their own.
     pub(crate) fn finish(&self) -> Result<(), ConfigError> {
         let used = self.used.borrow();
-        match self.env.override_names().into_iter().find(|name| !used.contains(name)) {
-            None => Ok(()),
-            Some(name) => Err(ConfigError::new(
-                name,
-                "no configuration key has this name (see the table in `eventbroker::config`)",
-            )),
+        let sections = self.sections.borrow();
+        for name in self.env.override_names().into_iter().filter(|name| !used.contains(name)) {
+            if sections.iter().any(|prefix| name.starts_with(prefix.as_str())) {
+                return Err(ConfigError::new(
+                    name,
+                    "no configuration key has this name (see the table in `eventbroker::config`)",
+                ));
+            }
+            tracing::warn!(variable = %name, "an EVENTBROKER_ variable names no configuration key; ignored");
         }
+        Ok(())
     }
 }
 
@@ -113,6 +122,9 @@ pub(crate) struct Section<'r, 'e> {
 
 impl<'r, 'e> Section<'r, 'e> {
     fn new(reader: &'r Reader<'e>, path: String, node: Node) -> Result<Self, ConfigError> {
+        if path.contains('.') {
+            reader.sections.borrow_mut().push(format!("{}_", env::override_name(&path)));
+        }
         let entries = match node {
             Node::Null => Vec::new(),
             Node::Map(entries) => entries,

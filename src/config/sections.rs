@@ -25,7 +25,8 @@ use crate::error::ConfigError;
 #[non_exhaustive]
 pub struct RedisSection {
     /// `redis://[user][:password@]host[:port][/db]` or `rediss://…`; when set, `host`, `port`,
-    /// `username`, `password`, `db` and `tls` must not be.
+    /// `username`, `password`, `db` and `tls` must not be. When neither it nor a part is set, the
+    /// provider's default (`redis://127.0.0.1:6379`).
     pub url: Option<String>,
     /// Default `localhost`.
     pub host: Option<String>,
@@ -77,6 +78,16 @@ impl RedisSection {
         };
         let host = self.host.as_deref().unwrap_or("localhost");
         format!("{scheme}://{auth}{host}:{}/{}", self.port.unwrap_or(6379), self.db.unwrap_or(0))
+    }
+
+    /// Whether any of `host`, `port`, `username`, `password`, `db` or `tls` is set.
+    pub(crate) fn has_address_parts(&self) -> bool {
+        self.host.is_some()
+            || self.port.is_some()
+            || self.username.is_some()
+            || self.password.is_some()
+            || self.db.is_some()
+            || self.tls.is_some()
     }
 
     pub(super) fn read(s: &mut Section<'_, '_>) -> Result<Self, ConfigError> {
@@ -291,8 +302,9 @@ impl NatsSection {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DatabaseSection {
-    /// `postgres://user:password@host:port/dbname?...`; when set, `host`, `port`, `user`,
-    /// `password` and `dbname` must not be.
+    /// `postgres://user:password@host:port/dbname?...`, or libpq's `host=… port=… dbname=…`;
+    /// when set, `host`, `port`, `user`, `password` and `dbname` must not be. When neither it nor
+    /// a part is set, the provider's default (`postgresql://postgres@127.0.0.1:5432/postgres`).
     pub url: Option<String>,
     /// Default `localhost`.
     pub host: Option<String>,
@@ -304,23 +316,24 @@ pub struct DatabaseSection {
     pub password: Option<String>,
     /// Default `postgres`.
     pub dbname: Option<String>,
-    /// Schema of the tables; the provider's default is `public`.
+    /// Schema of the tables, created when missing; the provider's default is `eventbroker`.
     pub schema: Option<String>,
     /// The events table; the provider's default is `events`.
     pub table_name: Option<String>,
-    /// The `LISTEN`/`NOTIFY` channel; the provider's default derives it from the table.
+    /// The `LISTEN`/`NOTIFY` channel; the provider's default is `<schema>_<table>`.
     pub channel: Option<String>,
-    /// Connections in the pool.
+    /// Connections in the pool; the provider's default is 4.
     pub pool_size: Option<usize>,
-    /// How often readers poll besides waking on `NOTIFY`.
+    /// How often readers poll besides waking on `NOTIFY`; the provider's default is 250 ms.
     pub poll_interval: Option<Duration>,
-    /// Age past which finished events are deleted (`none`: never).
+    /// Age past which finished events are deleted (`none`: never); the provider's default is
+    /// 24 hours.
     pub max_age: Option<Option<Duration>>,
-    /// Bound of a connection attempt.
+    /// Bound of a connection attempt; the provider's default is 5 s.
     pub connect_timeout: Option<Duration>,
-    /// Bound of each statement.
+    /// Bound of each statement; the provider's default is 10 s.
     pub operation_timeout: Option<Duration>,
-    /// `application_name` of the connections.
+    /// `application_name` of the connections; the provider's default is `eventbroker`.
     pub application_name: Option<String>,
 }
 
@@ -345,6 +358,15 @@ impl DatabaseSection {
             self.port.unwrap_or(5432),
             self.dbname.as_deref().unwrap_or("postgres"),
         )
+    }
+
+    /// Whether any of `host`, `port`, `user`, `password` or `dbname` is set.
+    pub(crate) fn has_address_parts(&self) -> bool {
+        self.host.is_some()
+            || self.port.is_some()
+            || self.user.is_some()
+            || self.password.is_some()
+            || self.dbname.is_some()
     }
 
     pub(super) fn read(s: &mut Section<'_, '_>) -> Result<Self, ConfigError> {
@@ -372,7 +394,12 @@ impl DatabaseSection {
             ("password", section.password.is_some()),
             ("dbname", section.dbname.is_some()),
         ];
-        check_url(s, section.url.as_deref(), &["postgres", "postgresql"], &parts, section.port)?;
+        // libpq's `key=value` form (`host=db port=5432 dbname=app`) is a URL here too.
+        let url = section.url.as_deref().filter(|url| url.contains("://") || !url.contains('='));
+        check_url(s, url, &["postgres", "postgresql"], &parts, section.port)?;
+        if url.is_none() && section.url.is_some() && section.has_address_parts() {
+            return Err(s.invalid("host", "set either url or its parts (host, port, ...), not both"));
+        }
         for (key, value) in
             [("schema", &section.schema), ("table_name", &section.table_name), ("channel", &section.channel)]
         {

@@ -453,40 +453,40 @@ mod tests {
 
     #[test]
     fn types_past_the_limit_share_one_other_slot_per_source() {
-        let mut w = worker(2);
-        let a = w.slot_for(EventSource::System, "a.x");
-        let b = w.slot_for(EventSource::System, "b.x");
-        let c = w.slot_for(EventSource::System, "c.x");
-        let d = w.slot_for(EventSource::System, "d.x");
-        assert_ne!(a, b);
-        assert_eq!(c, d, "both folded");
-        assert_eq!(&*w.slots[c as usize].label, OTHER_TYPE);
-        assert_eq!(w.slot_for(EventSource::System, "a.x"), a, "an admitted type keeps its slot");
-        let db = w.slot_for(EventSource::Database, "a.x");
-        assert_eq!(&*w.slots[db as usize].label, "a.x");
-        let other_db = w.slot_for(EventSource::Database, "c.x");
-        assert_ne!(other_db, c, "one other slot per source");
+        let mut metrics = worker(2);
+        let first = metrics.slot_for(EventSource::System, "a.x");
+        let second = metrics.slot_for(EventSource::System, "b.x");
+        let third = metrics.slot_for(EventSource::System, "c.x");
+        let fourth = metrics.slot_for(EventSource::System, "d.x");
+        assert_ne!(first, second);
+        assert_eq!(third, fourth, "both folded");
+        assert_eq!(&*metrics.slots[third as usize].label, OTHER_TYPE);
+        assert_eq!(metrics.slot_for(EventSource::System, "a.x"), first, "an admitted type keeps its slot");
+        let database = metrics.slot_for(EventSource::Database, "a.x");
+        assert_eq!(&*metrics.slots[database as usize].label, "a.x");
+        let other_database = metrics.slot_for(EventSource::Database, "c.x");
+        assert_ne!(other_database, third, "one other slot per source");
     }
 
     #[test]
     fn the_folded_index_stays_bounded() {
-        let mut w = worker(1);
+        let mut metrics = worker(1);
         for i in 0..100 {
-            w.slot_for(EventSource::System, &format!("t.{i}"));
+            metrics.slot_for(EventSource::System, &format!("t.{i}"));
         }
-        let entries: usize = w.index.iter().map(HashMap::len).sum();
+        let entries: usize = metrics.index.iter().map(HashMap::len).sum();
         assert!(entries <= 1 + 16, "{entries} entries");
-        assert_eq!(w.slots.len(), 2, "one admitted type and one other slot");
+        assert_eq!(metrics.slots.len(), 2, "one admitted type and one other slot");
     }
 
     #[test]
     fn without_a_recorder_a_worker_looks_nothing_up() {
-        let mut w = worker(8);
-        w.active = false;
+        let mut metrics = worker(8);
+        metrics.active = false;
         let job = Job::local(Arc::new(Event::new(EventSource::System, "a.b")));
-        let probe = w.begin(&job, &Counts::default());
-        w.end(probe, &Counts::default());
-        w.end_turn();
-        assert!(w.slots.is_empty() && w.touched.is_empty());
+        let probe = metrics.begin(&job, &Counts::default());
+        metrics.end(probe, &Counts::default());
+        metrics.end_turn();
+        assert!(metrics.slots.is_empty() && metrics.touched.is_empty());
     }
 }

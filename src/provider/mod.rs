@@ -19,9 +19,9 @@
 //! | backend | type | cargo feature |
 //! |---|---|---|
 //! | in-process, bounded, LRU; an in-process bus | [`MemoryProvider`] | always compiled |
-//! | Redis Streams | — | `redis` (reserved) |
+//! | Redis Streams | `RedisProvider` (module `redis`) | `redis` |
 //! | NATS JetStream | — | `nats` (reserved) |
-//! | PostgreSQL | — | `postgres` (reserved) |
+//! | PostgreSQL, with CRUD capture and a transactional outbox | `PostgresProvider` (module `postgres`) | `postgres` |
 //!
 //! Every provider passes the same conformance suite (`eventbroker::testing::conformance`, feature
 //! `test-util`), single-broker and two-broker scenarios alike, so the contract below is what a
@@ -92,13 +92,21 @@ use crate::pattern::Pattern;
 mod dead_letter;
 mod inbound;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod query;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent};
 pub use self::memory::{MemoryConfig, MemoryProvider};
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresConfig, PostgresProvider};
 pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
 
 /// The writes a broker's writer thread makes, in batches: the minimum every backend implements.
