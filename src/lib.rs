@@ -54,6 +54,8 @@ pub use crate::provider::{
     EventFilter, EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, MemoryConfig,
     MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
 };
+#[cfg(feature = "nats")]
+pub use crate::provider::{NatsConfig, NatsProvider};
 pub use crate::subscription::SubscriptionId;
 
 /// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here

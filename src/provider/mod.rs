@@ -92,12 +92,16 @@ use crate::pattern::Pattern;
 mod dead_letter;
 mod inbound;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 mod query;
 mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent};
 pub use self::memory::{MemoryConfig, MemoryProvider};
+#[cfg(feature = "nats")]
+pub use self::nats::{NatsConfig, NatsProvider};
 pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
 
