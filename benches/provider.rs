@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use eventbroker::{
-    Broker, Event, EventId, EventSource, EventStatus, MemoryConfig, MemoryProvider, Provider, StatusUpdate,
-    WriterConfig,
+    Broker, Distribution, Event, EventId, EventSink, EventSource, EventStatus, MemoryConfig, MemoryProvider,
+    StatusUpdate, WriterConfig,
 };
 
 const TYPE: &str = "public.users.create";
@@ -33,7 +33,13 @@ fn provider() -> Arc<MemoryProvider> {
 
 fn broker(writer: WriterConfig) -> (Broker, Arc<MemoryProvider>, Arc<AtomicU64>) {
     let provider = provider();
-    let broker = Broker::builder().workers(1).provider(provider.clone()).writer(writer).build().unwrap();
+    let broker = Broker::builder()
+        .workers(1)
+        .provider(provider.clone())
+        .distribution(Distribution::Local)
+        .writer(writer)
+        .build()
+        .unwrap();
     let handled = Arc::new(AtomicU64::new(0));
     let h = Arc::clone(&handled);
     broker
@@ -102,7 +108,7 @@ fn lifecycle(c: &mut Criterion) {
                 let event = fresh(&template);
                 // The seed stores the event as published; the copy is the price of this
                 // crate's owned-event API for a baseline that stores outside the broker.
-                inline.store_batch(&[Arc::new(event.clone())]).unwrap();
+                inline.store_batch(&[Arc::new(event.clone())], None).unwrap();
                 broker.publish(event).unwrap();
             }
             while handled.load(Ordering::Relaxed) < target {

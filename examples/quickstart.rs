@@ -70,16 +70,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let recent = broker.provider().list(&EventFilter::default().with_entity("posts"))?;
     println!("events for entity posts: {}", recent.len());
     assert_eq!(stored.status, EventStatus::Completed);
+    let held = broker.provider().stats()?;
+    println!(
+        "the memory provider holds {} events ({} completed), its bound; {} stored in all",
+        held.total_events, held.completed_events, held.events_published
+    );
 
     let report = broker.shutdown(Duration::from_secs(10));
     let stats = broker.stats();
     println!(
-        "shutdown: drained {} queued events in {:?}, timed out: {}",
-        report.drained, report.elapsed, report.timed_out
+        "shutdown: drained {} queued events in {:?}, clean: {}",
+        report.drained,
+        report.elapsed,
+        report.is_clean()
     );
     println!(
-        "stats: published {}, processed {}, completed {}, failed {}, unrouted {}, batches written {}",
-        stats.published, stats.processed, stats.completed, stats.failed, stats.unrouted, stats.writer.batches
+        "stats: published {}, processed {}, completed {}, failed {}, unrouted {}",
+        stats.published, stats.processed, stats.completed, stats.failed, stats.unrouted
     );
     println!(
         "handled {} creates and {} deletes in {:?}",

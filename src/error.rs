@@ -6,6 +6,7 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::Event;
 
@@ -57,6 +58,13 @@ pub enum SyntaxErrorKind {
     /// Whitespace or a control character.
     #[error("character {ch:?} is not allowed")]
     InvalidChar {
+        /// The character found.
+        ch: char,
+    },
+    /// A format or invisible character (Unicode `Cf` or `Default_Ignorable_Code_Point`, such as
+    /// U+200B or U+FEFF): two names that look the same would differ.
+    #[error("invisible or format character U+{:04X} is not allowed", u32::from(*.ch))]
+    InvisibleChar {
         /// The character found.
         ch: char,
     },
@@ -317,6 +325,9 @@ pub enum BuildError {
     /// A setting is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The provider refused what the broker needs from it at start (its inbound source).
+    #[error(transparent)]
+    Provider(ProviderError),
     /// The operating system refused to start a worker or writer thread.
     #[error("could not start thread {thread}: {source}")]
     Spawn {
@@ -341,7 +352,9 @@ pub struct DeliveryFailure {
     pub attempts: u32,
 }
 
-/// An event the broker did not take, handed back whenever it was not delivered.
+/// An event the broker did not accept, handed back: nothing was stored or delivered.
+///
+/// Every variant carries the event; [`PublishError::into_event`] takes it back.
 ///
 /// ```
 /// use std::time::Duration;
@@ -349,9 +362,9 @@ pub struct DeliveryFailure {
 ///
 /// let broker = Broker::builder().build()?;
 /// broker.shutdown(Duration::from_secs(1));
-/// let err = broker.publish(Event::new(EventSource::System, "a.b")).unwrap_err();
+/// let err = broker.publish_async(Event::new(EventSource::System, "a.b")).unwrap_err();
 /// assert!(matches!(err, PublishError::Closed(_)));
-/// let event = err.into_event().expect("a closed broker hands the event back");
+/// let event = err.into_event();
 /// assert_eq!(event.event_type, "a.b");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
@@ -359,7 +372,7 @@ pub struct DeliveryFailure {
 #[non_exhaustive]
 pub enum PublishError {
     /// No room: the event's shard ring is full, or the provider writer's backlog is (the provider
-    /// is down or slower than publishing). Slow down or retry; nothing was stored or delivered.
+    /// is down or slower than publishing). Slow down or retry.
     #[error("the broker is full; the event was not accepted")]
     Full(Box<Event>),
     /// The broker is shut down or shutting down.
@@ -373,24 +386,116 @@ pub enum PublishError {
         /// What is wrong with its type.
         error: EventTypeError,
     },
-    /// `publish_sync`: the event was delivered, and these deliveries failed after their retries
-    /// (each was dead-lettered).
-    #[error("{} of the event's deliveries failed; first: {}: {}", .0.len(), .0[0].pattern, .0[0].error)]
-    HandlerFailed(Vec<DeliveryFailure>),
-    /// `publish_confirmed`: the event was accepted and dispatched, but its write to the provider
-    /// failed. The writer keeps retrying it in the background; durability is unconfirmed.
-    #[error("the event was dispatched but not confirmed durable: {0}")]
-    NotPersisted(#[source] ProviderError),
 }
 
 impl PublishError {
-    /// The event, when it was handed back (`Full`, `Closed`, `InvalidType`).
-    pub fn into_event(self) -> Option<Event> {
+    /// The event handed back.
+    pub fn into_event(self) -> Event {
         match self {
-            Self::Full(event) | Self::Closed(event) | Self::InvalidType { event, .. } => Some(*event),
-            Self::HandlerFailed(_) | Self::NotPersisted(_) => None,
+            Self::Full(event) | Self::Closed(event) | Self::InvalidType { event, .. } => *event,
         }
     }
+
+    /// The event handed back, by reference.
+    pub fn event(&self) -> &Event {
+        match self {
+            Self::Full(event) | Self::Closed(event) | Self::InvalidType { event, .. } => event,
+        }
+    }
+}
+
+/// The deliveries of a synchronously published event that failed after their retries; each was
+/// dead-lettered. Never empty when the broker reports it.
+///
+/// ```
+/// use eventbroker::{DeliveryFailure, HandlerFailures, SubscriptionId};
+///
+/// let failures = HandlerFailures::new(vec![DeliveryFailure {
+///     subscription_id: SubscriptionId::from_raw(1),
+///     pattern: "orders.*".into(),
+///     error: "smtp timeout".into(),
+///     attempts: 4,
+/// }]);
+/// assert_eq!(failures.to_string(), "1 of the event's deliveries failed; first: orders.*: smtp timeout");
+/// assert_eq!(HandlerFailures::new(Vec::new()).to_string(), "no delivery failed");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerFailures(Vec<DeliveryFailure>);
+
+impl HandlerFailures {
+    /// Wraps the failures.
+    pub fn new(failures: Vec<DeliveryFailure>) -> Self {
+        Self(failures)
+    }
+
+    /// The failures, in subscription order.
+    pub fn failures(&self) -> &[DeliveryFailure] {
+        &self.0
+    }
+
+    /// The failures, owned.
+    pub fn into_failures(self) -> Vec<DeliveryFailure> {
+        self.0
+    }
+}
+
+impl std::fmt::Display for HandlerFailures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.first() {
+            None => f.write_str("no delivery failed"),
+            Some(first) => write!(
+                f,
+                "{} of the event's deliveries failed; first: {}: {}",
+                self.0.len(),
+                first.pattern,
+                first.error
+            ),
+        }
+    }
+}
+
+impl StdError for HandlerFailures {}
+
+/// Why [`Broker::publish_sync`](crate::Broker::publish_sync) (and [`Broker::publish`](crate::Broker::publish))
+/// did not deliver cleanly: the event was handed back, or it was delivered and some deliveries
+/// failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncPublishError {
+    /// The event was not accepted; it is handed back.
+    #[error(transparent)]
+    Rejected(#[from] PublishError),
+    /// The event was delivered; these deliveries failed after their retries and were
+    /// dead-lettered.
+    #[error(transparent)]
+    HandlerFailed(HandlerFailures),
+}
+
+impl SyncPublishError {
+    /// The event, when it was handed back.
+    pub fn into_event(self) -> Option<Event> {
+        match self {
+            Self::Rejected(error) => Some(error.into_event()),
+            Self::HandlerFailed(_) => None,
+        }
+    }
+}
+
+/// Why [`Broker::publish_confirmed`](crate::Broker::publish_confirmed) could not confirm the event
+/// durable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfirmError {
+    /// The event was not accepted; it is handed back.
+    #[error(transparent)]
+    Rejected(#[from] PublishError),
+    /// The event was accepted and dispatched, but its write failed. When the error is transient
+    /// the writer keeps retrying it in the background; durability is unconfirmed.
+    #[error("the event was dispatched but not confirmed durable: {0}")]
+    NotPersisted(#[source] ProviderError),
+    /// The event was accepted and dispatched, but its write did not finish within the timeout.
+    #[error("the event was dispatched but its write was not confirmed within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// A batch that was not wholly accepted. Events are accepted per shard in order, so what was
@@ -446,9 +551,18 @@ pub enum BrokerError {
     /// The provider failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
+    /// Writes were given up since the last flush reported any (permanent provider errors): the
+    /// provider does not hold them.
+    #[error("{dropped} writes were given up after permanent provider errors; the last: {error}")]
+    WritesDropped {
+        /// How many items (events, status updates, dead letters, acknowledgements).
+        dropped: u64,
+        /// The last error.
+        error: ProviderError,
+    },
     /// The writer did not confirm within the time allowed.
     #[error("the provider writer did not finish within {0:?}")]
-    Timeout(std::time::Duration),
+    Timeout(Duration),
     /// No dead letter has this id.
     #[error("no dead letter with id {0}")]
     NoSuchDeadLetter(String),
@@ -458,6 +572,16 @@ pub enum BrokerError {
     NoSubscriber {
         /// The dead letter's pattern.
         pattern: String,
+    },
+    /// A replay could not place an event: its shard stayed full (at once when the replay runs in
+    /// a handler on that shard's own worker, which alone could make room). Resume from
+    /// `resume_from` once there is room.
+    #[error("replay stopped after {replayed} events: a shard stayed full")]
+    ReplayFull {
+        /// Events replayed before it stopped.
+        replayed: u64,
+        /// Where to resume.
+        resume_from: crate::ReplayFrom,
     },
     /// The pattern given does not parse.
     #[error(transparent)]

@@ -10,10 +10,11 @@ macro_rules! uuid_v7_id {
         pub struct $name(uuid::Uuid);
 
         impl $name {
-            /// A new time-ordered id.
+            /// A new time-ordered id: a UUID v7 from this thread's generator (no system call), in
+            /// increasing order among the ids this thread makes.
             #[allow(clippy::new_without_default)] // A default id that is fresh each time would surprise.
             pub fn new() -> Self {
-                Self(uuid::Uuid::now_v7())
+                Self($crate::id::next_v7())
             }
 
             /// Wraps an existing UUID, of any version (the Go seed writes v4).
@@ -50,3 +51,95 @@ macro_rules! uuid_v7_id {
 }
 
 pub(crate) use uuid_v7_id;
+
+/// A UUID v7 (RFC 9562) from this thread's generator: the Unix time in milliseconds, a 12-bit
+/// counter that keeps the ids of one thread increasing within a millisecond (and across a clock
+/// that steps back), and 62 random bits from a generator seeded once per thread. No system call
+/// and no shared state, so making ids scales with threads; uniqueness rests on the 62 random bits
+/// (plus the counter), as v7's does.
+pub(crate) fn next_v7() -> uuid::Uuid {
+    thread_local! {
+        static GENERATOR: std::cell::RefCell<V7> = std::cell::RefCell::new(V7::seeded());
+    }
+    GENERATOR.with_borrow_mut(V7::next)
+}
+
+/// One thread's v7 state.
+struct V7 {
+    /// The millisecond of the last id, which never goes down.
+    millis: u64,
+    /// The 12-bit counter of the last id.
+    counter: u16,
+    rng: fastrand::Rng,
+}
+
+/// The counter's range: 12 bits.
+const COUNTER_MAX: u16 = 0x0FFF;
+
+impl V7 {
+    fn seeded() -> Self {
+        Self { millis: 0, counter: 0, rng: fastrand::Rng::new() }
+    }
+
+    fn next(&mut self) -> uuid::Uuid {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        if now > self.millis {
+            self.millis = now;
+            // A random start in the lower half leaves room to count up within the millisecond.
+            self.counter = self.rng.u16(..=COUNTER_MAX / 2);
+        } else if self.counter < COUNTER_MAX {
+            self.counter += 1;
+        } else {
+            // 4 096 ids within one millisecond: borrow the next one, which keeps the order.
+            self.millis += 1;
+            self.counter = self.rng.u16(..=COUNTER_MAX / 2);
+        }
+        let millis = u128::from(self.millis & 0xFFFF_FFFF_FFFF);
+        let random = u128::from(self.rng.u64(..) & ((1 << 62) - 1));
+        let bits = (millis << 80) | (0x7 << 76) | (u128::from(self.counter) << 64) | (0b10 << 62) | random;
+        uuid::Uuid::from_u128(bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_version_7_and_increase_within_a_thread() {
+        let ids: Vec<uuid::Uuid> = (0..20_000).map(|_| next_v7()).collect();
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "strictly increasing on one thread");
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        let (seconds, _) = ids[0].get_timestamp().expect("v7 has a timestamp").to_unix();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        assert!(now.abs_diff(seconds) < 5, "the timestamp is now");
+    }
+
+    #[test]
+    fn a_full_millisecond_borrows_the_next_one_and_keeps_the_order() {
+        let mut generator =
+            V7 { millis: u64::MAX >> 20, counter: COUNTER_MAX - 1, rng: fastrand::Rng::with_seed(1) };
+        let a = generator.next();
+        let b = generator.next();
+        let c = generator.next();
+        assert!(a < b && b < c, "{a} {b} {c}");
+    }
+
+    #[test]
+    fn threads_make_distinct_ids() {
+        let ids: Vec<uuid::Uuid> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                (0..4).map(|_| s.spawn(|| (0..5_000).map(|_| next_v7()).collect::<Vec<_>>())).collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+    }
+}

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod broker;
+mod deadline;
 mod dispatch;
 mod error;
 mod event;
@@ -30,17 +31,18 @@ mod sync;
 pub mod testing;
 
 pub use crate::broker::{
-    Backpressure, Broker, BrokerBuilder, BrokerStats, MAX_BUFFER_SIZE, MAX_WORKERS, Mode, RedriveOutcome,
-    ReplayReport, ShutdownReport,
+    Backpressure, Broker, BrokerBuilder, BrokerStats, CloseOutcome, Distribution, MAX_BUFFER_SIZE,
+    MAX_WORKERS, Mode, RedriveOutcome, ReplayReport, ShutdownReport, WeakBroker,
 };
+pub use crate::dispatch::inbound::InboundStats;
 pub use crate::dispatch::retry::RetryPolicy;
 pub use crate::dispatch::shard::ShardStats;
 pub use crate::dispatch::wait::WaitStrategy;
 pub use crate::dispatch::writer::{WriterConfig, WriterStats};
 pub use crate::error::{
-    BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, DecodeError,
-    DeliveryFailure, EventTypeError, PatternError, PayloadError, ProviderError, ProviderErrorKind,
-    PublishError, SubscribeError, SyntaxErrorKind,
+    BatchPublishError, BatchRejection, BoxError, BrokerError, BuildError, ConfigError, ConfirmError,
+    DecodeError, DeliveryFailure, EventTypeError, HandlerFailures, PatternError, PayloadError, ProviderError,
+    ProviderErrorKind, PublishError, SubscribeError, SyncPublishError, SyntaxErrorKind,
 };
 pub use crate::event::{
     Event, EventId, EventSource, EventStatus, Metadata, Payload, UnknownName, event_type,
@@ -56,14 +58,59 @@ pub use crate::provider::{
 };
 #[cfg(feature = "nats")]
 pub use crate::provider::{NatsConfig, NatsProvider};
+#[cfg(feature = "postgres")]
+pub use crate::provider::{PostgresConfig, PostgresProvider};
+#[cfg(feature = "redis")]
+pub use crate::provider::{RedisConfig, RedisProvider};
 pub use crate::subscription::SubscriptionId;
+
+/// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
+/// `store_batch`, ...) are callable on any provider, `Arc<dyn Provider>` included, once the traits
+/// are in scope.
+///
+/// ```
+/// use eventbroker::prelude::*;
+/// use eventbroker::{Broker, EventFilter};
+///
+/// let broker = Broker::builder().build()?;
+/// assert!(broker.provider().list(&EventFilter::new())?.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub mod prelude {
+    pub use crate::provider::{EventSink, EventStore, Inbound, Provider, ProviderExt};
+}
 
 /// Not part of the API: internals re-exported for `loom-tests/` and `benches/` only. Anything here
 /// may change or vanish in any release.
+///
+/// Everything here is sound to use from safe code. The two-phase publish is not here outside loom
+/// builds: a forgotten reservation would stall the ring's consumer for good.
+///
+/// ```compile_fail,E0624
+/// let (producer, _consumer) = eventbroker::__private::ring::<Option<u8>>(2);
+/// let _ = producer.try_reserve(1);
+/// ```
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, Reservation, ring};
+    pub use crate::dispatch::ring::{Consumer, Producer, PushBatchError, PushError, ring};
     pub use crate::dispatch::wait::WaitOutcome;
+
+    #[cfg(eventbroker_loom)]
+    pub use crate::dispatch::ring::Reservation;
+
+    /// [`Producer::try_reserve`](crate::dispatch::ring::Producer::try_reserve), for the loom
+    /// models of the broker's two-phase publish.
+    ///
+    /// # Errors
+    ///
+    /// As `try_reserve`: the ring is full or closed.
+    #[cfg(eventbroker_loom)]
+    pub fn try_reserve<T: Send + Default>(
+        producer: &Producer<T>,
+        want: usize,
+    ) -> Result<Reservation<'_, T>, PushBatchError> {
+        producer.try_reserve(want)
+    }
 
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::intake::{Entered, Intake};

@@ -143,4 +143,27 @@ impl SubscriptionTable {
     pub(crate) fn len(&self) -> usize {
         self.master.lock().entries.len()
     }
+
+    /// The distinct patterns of the live subscriptions, and the generation of the set they are
+    /// from: what an inbound source is told to filter by.
+    pub(crate) fn patterns(&self) -> (Vec<crate::Pattern>, u64) {
+        let master = self.master.lock();
+        let mut patterns: Vec<crate::Pattern> =
+            master.entries.values().map(|(s, _)| s.pattern.clone()).collect();
+        patterns.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        patterns.dedup_by(|a, b| a.as_str() == b.as_str());
+        (patterns, master.set.generation())
+    }
+
+    /// Ends every subscription, dropping the handlers (and what they captured) now.
+    pub(crate) fn clear(&self) {
+        let mut master = self.master.lock();
+        let removed = std::mem::take(&mut master.entries);
+        for (subscription, entry) in removed.values() {
+            master.set.remove(&subscription.pattern, *entry);
+        }
+        self.current.store(crate::sync::Arc::new(master.set.clone()));
+        drop(master);
+        drop(removed); // Handlers are dropped outside the lock: their drops may take it.
+    }
 }

@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use eventbroker::prelude::*;
 use eventbroker::{
-    Backpressure, BatchRejection, Broker, DeadLetterFilter, Event, EventFilter, EventStatus, MemoryConfig,
-    MemoryProvider, Mode, Provider, PublishError, RetryPolicy, SubscribeError,
+    Backpressure, BatchRejection, Broker, CloseOutcome, DeadLetterFilter, Event, EventFilter, EventStatus,
+    MemoryConfig, MemoryProvider, Mode, PublishError, RetryPolicy, SubscribeError, SyncPublishError,
 };
 
 mod common;
@@ -99,7 +100,7 @@ fn a_full_shard_hands_the_event_back_and_stores_nothing() {
     for i in 0..100 {
         let e = event("slow").with_metadata("i", i);
         let id = e.id;
-        match broker.publish(e) {
+        match broker.publish_async(e) {
             Ok(()) => accepted.push(id),
             Err(PublishError::Full(e)) => {
                 rejected = Some(*e);
@@ -145,7 +146,7 @@ fn blocking_backpressure_waits_for_room_then_times_out() {
     let mut accepted = 0;
     let timed_out = loop {
         let started = Instant::now();
-        match broker.publish(event("gate")) {
+        match broker.publish_async(event("gate")) {
             Ok(()) => accepted += 1,
             Err(PublishError::Full(_)) => break started.elapsed(),
             Err(other) => panic!("unexpected {other}"),
@@ -475,7 +476,8 @@ fn sync_publish_returns_failures_after_retries() {
         .unwrap();
     let bad = broker.subscribe("s.x", failing("nope")).unwrap();
     let err = broker.publish(event("s.x")).unwrap_err();
-    let PublishError::HandlerFailed(failures) = err else { panic!("expected HandlerFailed, got {err}") };
+    let SyncPublishError::HandlerFailed(failures) = err else { panic!("expected HandlerFailed, got {err}") };
+    let failures = failures.failures();
     assert_eq!(failures.len(), 1);
     assert_eq!(
         (failures[0].subscription_id, failures[0].attempts, failures[0].error.as_str()),
@@ -581,7 +583,7 @@ fn publishing_racing_shutdown_never_panics_or_loses_an_accepted_event() {
             for _ in 0..2 {
                 s.spawn(|| {
                     loop {
-                        match broker.publish(event("race.x")) {
+                        match broker.publish_async(event("race.x")) {
                             Ok(()) => accepted.fetch_add(1, Ordering::Relaxed),
                             Err(PublishError::Closed(_)) => {
                                 closed.fetch_add(1, Ordering::Relaxed);
@@ -608,8 +610,12 @@ fn shutdown_is_idempotent_and_later_calls_are_refused() {
     let clone = broker.clone();
     assert!(!broker.shutdown(Duration::from_secs(5)).already_shut_down);
     assert!(clone.shutdown(Duration::from_secs(5)).already_shut_down);
-    assert!(matches!(broker.publish(event("a")), Err(PublishError::Closed(_))));
-    assert!(matches!(broker.publish_sync(event("a")), Err(PublishError::Closed(_))));
+    assert!(matches!(broker.publish_async(event("a")), Err(PublishError::Closed(_))));
+    assert!(matches!(broker.publish(event("a")), Err(SyncPublishError::Rejected(PublishError::Closed(_)))));
+    assert!(matches!(
+        broker.publish_sync(event("a")),
+        Err(SyncPublishError::Rejected(PublishError::Closed(_)))
+    ));
     assert!(matches!(broker.subscribe("a", |_: &Event| Ok::<(), String>(())), Err(SubscribeError::Closed)));
     let batch = broker.publish_batch(vec![event("a"), event("b")]).unwrap_err();
     assert_eq!((batch.accepted, batch.rejected.len(), batch.reason), (0, 2, BatchRejection::Closed));
@@ -739,7 +745,7 @@ fn configuration_errors_name_the_setting() {
 }
 
 #[test]
-fn stored_events_respect_the_memory_bound_and_shutdown_closes_the_provider() {
+fn stored_events_respect_the_memory_bound_and_a_shared_provider_stays_open() {
     let provider = Arc::new(MemoryProvider::new(MemoryConfig { max_events: 100, ..MemoryConfig::default() }));
     let broker = Broker::builder().provider(provider.clone()).build().unwrap();
     for i in 0..1000 {
@@ -749,6 +755,17 @@ fn stored_events_respect_the_memory_bound_and_shutdown_closes_the_provider() {
     broker.flush(Duration::from_secs(5)).unwrap();
     assert_eq!(provider.stats().unwrap().total_events, 100);
     assert_eq!(provider.list(&EventFilter::default()).unwrap().len(), 100);
-    broker.shutdown(Duration::from_secs(10));
-    assert_eq!(provider.stats().unwrap_err().kind(), &eventbroker::ProviderErrorKind::Closed);
+    let report = broker.shutdown(Duration::from_secs(10));
+    assert_eq!(report.provider_close, CloseOutcome::LeftOpen, "the test still holds the provider");
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(provider.stats().unwrap().total_events, 100, "readable after the broker is gone");
+}
+
+#[test]
+fn shutdown_closes_a_provider_nobody_else_holds() {
+    let broker = Broker::builder().build().unwrap();
+    broker.publish(event("solo")).unwrap();
+    let report = broker.shutdown(Duration::from_secs(10));
+    assert_eq!(report.provider_close, CloseOutcome::Closed);
+    assert_eq!(broker.provider().stats().unwrap_err().kind(), &eventbroker::ProviderErrorKind::Closed);
 }

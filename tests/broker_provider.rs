@@ -6,109 +6,42 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use eventbroker::prelude::*;
+use eventbroker::testing::{Fault, FaultyProvider, Operation};
 use eventbroker::{
-    Broker, BrokerError, DeadLetter, DeadLetterFilter, DeadLetterId, Event, EventFilter, EventId,
-    EventStatus, EventStream, MemoryProvider, Pattern, Provider, ProviderError, ProviderErrorKind,
-    ProviderStats, PublishError, ReplayFrom, RetryPolicy, StatusUpdate, StoredEvent,
+    Broker, BrokerError, ConfirmError, DeadLetterFilter, Event, EventId, EventStatus, MemoryProvider,
+    ProviderErrorKind, PublishError, ReplayFrom, RetryPolicy,
 };
 
 mod common;
 use common::{event, wait_until};
 
-/// A memory provider whose writes can be made to fail, and that counts them.
-struct Flaky {
-    inner: MemoryProvider,
-    down: AtomicBool,
-    permanent: AtomicBool,
-    store_calls: AtomicU64,
-    stored_events: AtomicU64,
-    failures: AtomicU64,
+/// A memory provider behind a fault injector: the memory provider to look at what was stored, the
+/// faulty one to give the broker.
+fn flaky() -> (Arc<MemoryProvider>, Arc<FaultyProvider>) {
+    let memory = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(memory.clone());
+    (memory, faulty)
 }
 
-impl Flaky {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            inner: MemoryProvider::default(),
-            down: AtomicBool::new(false),
-            permanent: AtomicBool::new(false),
-            store_calls: AtomicU64::new(0),
-            stored_events: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-        })
-    }
-
-    fn check(&self, operation: &'static str) -> Result<(), ProviderError> {
-        if self.down.load(Ordering::SeqCst) {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            let kind = if self.permanent.load(Ordering::SeqCst) {
-                ProviderErrorKind::InvalidInput("rejected by test".into())
-            } else {
-                ProviderErrorKind::Unavailable("connection refused (test)".into())
-            };
-            return Err(ProviderError::new("flaky", operation, kind));
-        }
-        Ok(())
+/// Makes every write of the writer fail with `fault` (reads still work).
+fn outage(faulty: &FaultyProvider, fault: &Fault) {
+    for op in [Operation::StoreBatch, Operation::UpdateStatusBatch, Operation::StoreDeadLetters] {
+        faulty.inject(op, fault.clone());
     }
 }
 
-impl Provider for Flaky {
-    fn name(&self) -> &'static str {
-        "flaky"
-    }
-    fn store_batch(&self, events: &[Arc<Event>]) -> Result<(), ProviderError> {
-        self.check("store_batch")?;
-        self.store_calls.fetch_add(1, Ordering::SeqCst);
-        self.stored_events.fetch_add(events.len() as u64, Ordering::SeqCst);
-        self.inner.store_batch(events)
-    }
-    fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
-        self.check("update_status_batch")?;
-        self.inner.update_status_batch(updates)
-    }
-    fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
-        self.inner.get(id)
-    }
-    fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
-        self.inner.list(filter)
-    }
-    fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
-        self.inner.delete(id)
-    }
-    fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
-        self.check("store_dead_letters")?;
-        self.inner.store_dead_letters(letters)
-    }
-    fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
-        self.inner.list_dead_letters(filter)
-    }
-    fn take_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
-        self.inner.take_dead_letter(id)
-    }
-    fn replay(
-        &self,
-        from: ReplayFrom,
-        pattern: Option<&Pattern>,
-        limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError> {
-        self.inner.replay(from, pattern, limit)
-    }
-    fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
-        self.inner.stream(pattern)
-    }
-    fn stats(&self) -> Result<ProviderStats, ProviderError> {
-        self.inner.stats()
-    }
-    fn flush(&self) -> Result<(), ProviderError> {
-        self.inner.flush()
-    }
-    fn close(&self) -> Result<(), ProviderError> {
-        self.inner.close()
-    }
+fn recover(faulty: &FaultyProvider) {
+    faulty.heal_all();
+}
+
+fn stored_events(memory: &MemoryProvider) -> u64 {
+    memory.stats().unwrap().events_published
 }
 
 #[test]
 fn a_provider_outage_loses_nothing_and_local_dispatch_goes_on() {
-    let provider = Flaky::new();
+    let (memory, provider) = flaky();
     let broker = Broker::builder().provider(provider.clone()).build().unwrap();
     let handled = Arc::new(AtomicU64::new(0));
     let h = Arc::clone(&handled);
@@ -118,7 +51,7 @@ fn a_provider_outage_loses_nothing_and_local_dispatch_goes_on() {
             Ok::<(), String>(())
         })
         .unwrap();
-    provider.down.store(true, Ordering::SeqCst);
+    outage(&provider, &Fault::unavailable());
     let mut ids = Vec::new();
     for i in 0..1000 {
         let e = event(if i % 2 == 0 { "outage.a" } else { "outage.b" });
@@ -129,56 +62,57 @@ fn a_provider_outage_loses_nothing_and_local_dispatch_goes_on() {
         handled.load(Ordering::Relaxed) == 1000
     });
     wait_until("the writer to hit the outage", Duration::from_secs(10), || broker.stats().writer.errors >= 2);
-    assert_eq!(provider.stored_events.load(Ordering::SeqCst), 0);
+    assert_eq!(stored_events(&memory), 0);
     assert_eq!(broker.stats().writer.backlog, 1000, "every accepted event is held for the provider");
     assert!(matches!(broker.flush(Duration::from_secs(5)), Err(BrokerError::Provider(_))));
 
-    provider.down.store(false, Ordering::SeqCst);
+    recover(&provider);
     broker.flush(Duration::from_secs(10)).unwrap();
-    assert_eq!(provider.stored_events.load(Ordering::SeqCst), 1000);
+    assert_eq!(stored_events(&memory), 1000);
     for id in ids {
         let stored = provider.get(id).unwrap().expect("every event reached the provider");
         assert_eq!(stored.status, EventStatus::Completed, "and its final status");
     }
     let stats = broker.stats();
     assert_eq!((stats.writer.backlog, stats.writer.dropped), (0, 0));
-    assert!(!broker.shutdown(Duration::from_secs(5)).timed_out);
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
 }
 
 #[test]
 fn a_long_outage_turns_into_backpressure_not_loss() {
-    let provider = Flaky::new();
+    let (memory, provider) = flaky();
     let broker = Broker::builder()
         .provider(provider.clone())
         .backpressure(eventbroker::Backpressure::Reject)
         .writer(eventbroker::WriterConfig { max_backlog: 100, ..eventbroker::WriterConfig::default() })
         .build()
         .unwrap();
-    provider.down.store(true, Ordering::SeqCst);
+    outage(&provider, &Fault::unavailable());
     let mut accepted = 0;
     let rejected = loop {
-        match broker.publish(event("backlog")) {
+        match broker.publish_async(event("backlog")) {
             Ok(()) => accepted += 1,
             Err(PublishError::Full(e)) => break e,
             Err(other) => panic!("unexpected {other}"),
         }
     };
     assert_eq!(accepted, 100);
-    provider.down.store(false, Ordering::SeqCst);
+    recover(&provider);
     broker.flush(Duration::from_secs(10)).unwrap();
-    assert_eq!(provider.stored_events.load(Ordering::SeqCst), 100);
+    assert_eq!(stored_events(&memory), 100);
     broker.publish(*rejected).unwrap();
     broker.shutdown(Duration::from_secs(5));
 }
 
 #[test]
 fn permanent_write_errors_are_counted_and_reported() {
-    let provider = Flaky::new();
+    let (_memory, provider) = flaky();
     let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
-    provider.down.store(true, Ordering::SeqCst);
-    provider.permanent.store(true, Ordering::SeqCst);
-    let err = broker.publish_confirmed(event("perm")).unwrap_err();
-    let PublishError::NotPersisted(error) = err else { panic!("expected NotPersisted, got {err}") };
+    let rejected =
+        Fault::Fail { kind: ProviderErrorKind::InvalidInput("rejected by test".into()), times: None };
+    outage(&provider, &rejected);
+    let err = broker.publish_confirmed(event("perm"), Duration::from_secs(10)).unwrap_err();
+    let ConfirmError::NotPersisted(error) = err else { panic!("expected NotPersisted, got {err}") };
     assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)));
     assert_eq!(broker.stats().writer.dropped, 1);
     assert_eq!(broker.stats().writer.backlog, 0);
@@ -187,7 +121,7 @@ fn permanent_write_errors_are_counted_and_reported() {
 
 #[test]
 fn confirmed_publishes_share_provider_writes() {
-    let provider = Flaky::new();
+    let (_memory, provider) = flaky();
     let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
     let confirmed: Mutex<Vec<EventId>> = Mutex::default();
     thread::scope(|s| {
@@ -197,7 +131,7 @@ fn confirmed_publishes_share_provider_writes() {
                 for i in 0..50 {
                     let e = event("confirmed.x").with_user_id(t * 1000 + i);
                     let id = e.id;
-                    broker.publish_confirmed(e).unwrap();
+                    broker.publish_confirmed(e, Duration::from_secs(10)).unwrap();
                     confirmed.lock().unwrap().push(id);
                 }
             });
@@ -205,7 +139,7 @@ fn confirmed_publishes_share_provider_writes() {
     });
     let confirmed = confirmed.into_inner().unwrap();
     assert_eq!(confirmed.len(), 400);
-    let writes = provider.store_calls.load(Ordering::SeqCst);
+    let writes = provider.calls(Operation::StoreBatch);
     assert!(writes < 400, "{writes} provider writes for 400 confirmed events: no group commit");
     for id in &confirmed {
         assert!(provider.get(*id).unwrap().is_some(), "a confirmed event is readable at once");
@@ -216,14 +150,14 @@ fn confirmed_publishes_share_provider_writes() {
 
 #[test]
 fn a_confirmed_publish_during_an_outage_reports_it_and_is_written_later() {
-    let provider = Flaky::new();
+    let (_memory, provider) = flaky();
     let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
-    provider.down.store(true, Ordering::SeqCst);
+    outage(&provider, &Fault::unavailable());
     let e = event("confirm.later");
     let id = e.id;
-    let err = broker.publish_confirmed(e).unwrap_err();
-    assert!(matches!(&err, PublishError::NotPersisted(e) if e.is_transient()), "{err}");
-    provider.down.store(false, Ordering::SeqCst);
+    let err = broker.publish_confirmed(e, Duration::from_secs(10)).unwrap_err();
+    assert!(matches!(&err, ConfirmError::NotPersisted(e) if e.is_transient()), "{err}");
+    recover(&provider);
     broker.flush(Duration::from_secs(10)).unwrap();
     assert!(provider.get(id).unwrap().is_some(), "the writer kept retrying");
     broker.shutdown(Duration::from_secs(5));

@@ -157,6 +157,130 @@ fn bad_documents_are_rejected_by_both_decoders() {
     }
 }
 
+/// The required fields of an event, without the closing brace: append fields, then `}`.
+const HEAD: &str = r#"{"id":"3f8e9a1c-5b2d-4e7f-9a1b-2c3d4e5f6a7b","source":"database","type":"a","status":"pending","created_at":"2025-01-27T10:15:30Z""#;
+
+/// An event document: the required fields, `retry_count` 0 unless `fields` sets it, and `fields`.
+fn doc_with(fields: &str) -> String {
+    let retry = if fields.contains("\"retry_count\"") { "" } else { ",\"retry_count\":0" };
+    format!("{HEAD}{retry},{fields}}}")
+}
+
+/// Decodes `doc` with both decoders and fails unless they agree: the same event, or both errors.
+fn decode_both(doc: &str) -> Option<Event> {
+    let serde = Event::from_json(doc);
+    let mut bytes = doc.as_bytes().to_vec();
+    let simd = Event::from_json_simd(&mut bytes);
+    match (serde, simd) {
+        (Ok(serde), Ok(simd)) => {
+            assert_eq!(serde, simd, "the decoders disagree on {doc:.200}");
+            Some(serde)
+        }
+        (Err(_), Err(_)) => None,
+        (serde, simd) => panic!("serde: {serde:?}, simd: {simd:?}, on {doc:.200}"),
+    }
+}
+
+/// `[[…[1]…]]`: arrays nested `depth` deep.
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[test]
+fn negative_zero_is_the_float_minus_zero_to_both_decoders() {
+    assert!(decode_both(&doc_with(r#""retry_count":-0"#)).is_none(), "retry_count is unsigned");
+    assert!(decode_both(&doc_with(r#""user_id":-0"#)).is_none(), "user_id is an integer");
+    assert_eq!(decode_both(&doc_with(r#""user_id":-1"#)).unwrap().user_id, -1);
+    let event = decode_both(&doc_with(r#""metadata":{"z":-0,"f":-0.0,"i":0}"#)).unwrap();
+    let z = event.metadata["z"].as_f64().unwrap();
+    assert!(event.metadata["z"].is_f64() && z == 0.0 && z.is_sign_negative(), "{:?}", event.metadata);
+    assert!(event.metadata["i"].is_u64(), "{:?}", event.metadata);
+    assert_eq!(decode_both(&doc_with(r#""payload":-0"#)).unwrap().payload_json(), Some("-0"));
+}
+
+#[test]
+fn lone_surrogates_are_refused_wherever_they_are() {
+    for fields in [
+        r#""payload":"\ud800""#,
+        r#""payload":{"k":["\udfff"]}"#,
+        r#""payload":{"\ud800":1}"#,
+        r#""metadata":{"k":"\ud800"}"#,
+        r#""later_field":"\ud800x""#,
+        r#""later_field":{"\udc00":true}"#,
+    ] {
+        assert!(decode_both(&doc_with(fields)).is_none(), "{fields}");
+    }
+    let pair = decode_both(&doc_with(r#""payload":"\ud83d\ude00""#)).unwrap();
+    assert_eq!(pair.payload::<String>().unwrap(), "\u{1F600}");
+
+    let mut event = Event::new(EventSource::System, "a.b");
+    assert!(matches!(event.set_payload_json(r#""\ud800""#), Err(PayloadError::InvalidJson(_))));
+    assert!(matches!(event.set_payload_json(r#"{"\udc00":1}"#), Err(PayloadError::InvalidJson(_))));
+    assert!(event.payload.is_none());
+}
+
+#[test]
+fn numbers_beyond_f64_are_refused_wherever_they_are() {
+    for fields in [
+        r#""payload":1e400"#,
+        r#""payload":[-1e400]"#,
+        r#""payload":1e99999999999999999999"#,
+        r#""metadata":{"k":1e400}"#,
+        r#""later_field":{"n":-1e400}"#,
+    ] {
+        assert!(decode_both(&doc_with(fields)).is_none(), "{fields}");
+    }
+    // Underflow is not overflow: both read it as 0, and the payload keeps its text.
+    let tiny = decode_both(&doc_with(r#""payload":1e-400,"metadata":{"k":1e-400}"#)).unwrap();
+    assert_eq!(tiny.payload_json(), Some("1e-400"));
+    assert_eq!(tiny.payload::<f64>().unwrap().to_bits(), 0.0f64.to_bits());
+    assert_eq!(tiny.metadata["k"], json!(0.0));
+    let big = decode_both(&doc_with(r#""payload":123456789012345678901234567890"#)).unwrap();
+    assert_eq!(big.payload::<f64>().unwrap().to_bits(), 1.234_567_890_123_456_8e29f64.to_bits());
+
+    let mut event = Event::new(EventSource::System, "a.b");
+    assert!(matches!(event.set_payload_json("1e400"), Err(PayloadError::InvalidJson(_))));
+    assert!(matches!(event.set_payload_json("[0, -1e309]"), Err(PayloadError::InvalidJson(_))));
+    assert!(event.payload.is_none());
+}
+
+#[test]
+fn nesting_is_limited_to_max_json_depth_everywhere() {
+    let limit = Event::MAX_JSON_DEPTH;
+    assert_eq!(limit, 100);
+    for at in ["payload", "metadata", "later_field"] {
+        let field = |depth: usize| {
+            let value = nested(depth);
+            if at == "metadata" {
+                format!(r#""metadata":{{"k":{value}}}"#)
+            } else {
+                format!(r#""{at}":{value}"#)
+            }
+        };
+        let deepest = decode_both(&doc_with(&field(limit))).unwrap_or_else(|| panic!("{at} at the limit"));
+        if at == "payload" {
+            deepest.payload::<Value>().expect("a payload at the limit decodes");
+        }
+        for depth in [limit + 1, 1_000, 10_000] {
+            assert!(decode_both(&doc_with(&field(depth))).is_none(), "{at} {depth} deep");
+        }
+    }
+
+    let mut event = Event::new(EventSource::System, "a.b");
+    event.set_payload_json(nested(limit)).unwrap();
+    event.payload::<Value>().unwrap();
+    assert!(matches!(event.set_payload_json(nested(limit + 1)), Err(PayloadError::InvalidJson(_))));
+    let too_deep: Value = (0..=limit).fold(json!(1), |inner, _| json!([inner]));
+    assert!(matches!(event.set_payload(&too_deep), Err(PayloadError::Serialize(_))));
+    assert_eq!(event.payload_json(), Some(nested(limit).as_str()), "a refused payload changes nothing");
+}
+
+#[test]
+fn an_event_is_a_json_object() {
+    let array = r#"["3f8e9a1c-5b2d-4e7f-9a1b-2c3d4e5f6a7b","database","a","pending",0,"",null,0,"","","","","","2025-01-27T10:15:30Z",null,null,null,null]"#;
+    assert!(decode_both(array).is_none());
+}
+
 #[test]
 fn helpers_build_what_they_say() {
     assert_eq!(event_type("auth", "sessions", "create"), "auth.sessions.create");
@@ -243,5 +367,109 @@ proptest! {
         let simd = Event::from_json_simd(&mut bytes).unwrap();
         prop_assert_eq!(&simd, &Event::from_json(&json).unwrap());
         prop_assert_eq!(simd, event);
+    }
+}
+
+/// JSON text the two parsers are most likely to read differently: `-0`, numbers at and beyond the
+/// ends of `f64` and of the integer types, surrogate escapes, control escapes, nesting around the
+/// depth limit.
+fn arb_json_text() -> impl Strategy<Value = String> {
+    let atom = prop_oneof![
+        prop::sample::select(vec![
+            "-0",
+            "0",
+            "-0.0",
+            "0.0",
+            "-1",
+            "7",
+            "1.5",
+            "1e2",
+            "1E+2",
+            "-1e400",
+            "1e400",
+            "1e-400",
+            "2.4703282292062328e-324",
+            "1.7976931348623157e308",
+            "1.7976931348623159e308",
+            "4294967295",
+            "4294967296",
+            "9223372036854775807",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "18446744073709551616",
+            "123456789012345678901234567890",
+            "true",
+            "false",
+            "null",
+            r#""a""#,
+            r#""\ud800""#,
+            r#""\udc00x""#,
+            r#""\ud83d\ude00""#,
+            r#""\u0000""#,
+            r#""é\n\"""#,
+            r#""""#,
+        ])
+        .prop_map(str::to_owned),
+        (-1e300f64..1e300).prop_map(|f| f.to_string()),
+        any::<i64>().prop_map(|i| i.to_string()),
+    ];
+    let tree = atom.prop_recursive(3, 16, 3, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(|items| format!("[{}]", items.join(","))),
+            prop::collection::vec(
+                (prop::sample::select(vec![r#""k""#, r#""\ud800""#, r#""""#]), inner),
+                0..3
+            )
+            .prop_map(|entries| {
+                let entries: Vec<String> = entries.into_iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                format!("{{{}}}", entries.join(","))
+            }),
+        ]
+    });
+    (tree, prop_oneof![4 => Just(0usize), 1 => Just(Event::MAX_JSON_DEPTH - 2), 1 => Just(Event::MAX_JSON_DEPTH + 1)])
+        .prop_map(|(tree, wrap)| format!("{}{tree}{}", "[".repeat(wrap), "]".repeat(wrap)))
+}
+
+prop_compose! {
+    /// An event document with tricky text in one or more of the places each decoder reads
+    /// differently: the integer fields, the payload, metadata values, an unknown field.
+    fn arb_tricky_document()(
+        retry_count in prop::option::of(arb_json_text()),
+        user_id in prop::option::of(arb_json_text()),
+        payload in prop::option::of(arb_json_text()),
+        metadata in prop::option::of(arb_json_text()),
+        unknown in prop::option::of(arb_json_text()),
+        unknown_first in any::<bool>(),
+    ) -> String {
+        let mut fields = Vec::new();
+        let unknown = unknown.map(|value| format!(r#""later_field":{value}"#));
+        if unknown_first {
+            fields.extend(unknown.clone());
+        }
+        fields.push(format!(r#""retry_count":{}"#, retry_count.unwrap_or_else(|| "3".into())));
+        fields.extend(user_id.map(|value| format!(r#""user_id":{value}"#)));
+        fields.extend(payload.map(|value| format!(r#""payload":{value}"#)));
+        fields.extend(metadata.map(|value| format!(r#""metadata":{{"k":{value}}}"#)));
+        if !unknown_first {
+            fields.extend(unknown);
+        }
+        doc_with(&fields.join(","))
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    /// The decoders agree on every document, and what they accept survives: its payload decodes as
+    /// a `Value`, and the event re-encodes to JSON that decodes to the same event.
+    #[test]
+    fn decoders_agree_on_tricky_documents(doc in arb_tricky_document()) {
+        if let Some(event) = decode_both(&doc) {
+            if event.payload.is_some() {
+                prop_assert!(event.payload::<Value>().is_ok(), "{:?}", event.payload_json());
+            }
+            prop_assert_eq!(decode_both(&event.to_json()), Some(event));
+        }
     }
 }

@@ -109,16 +109,16 @@ fn a_server_restarted_during_a_publish_loop_stores_every_accepted_event_once() {
         .expect("open_inbound");
     source.set_filter(&[scope.all()]).expect("set_filter");
 
-    let restarted = Arc::new(AtomicBool::new(false));
+    let server_back = Arc::new(AtomicBool::new(false));
     let restarter = thread::spawn({
-        let restarted = Arc::clone(&restarted);
+        let server_back = Arc::clone(&server_back);
         move || {
             thread::sleep(Duration::from_millis(300));
             stop_server();
             // Longer than the request timeout: stores fail and are retried, not just delayed.
             thread::sleep(Duration::from_millis(2500));
             ensure_service();
-            restarted.store(true, Ordering::Relaxed);
+            server_back.store(true, Ordering::Relaxed);
         }
     });
     // Store until the server is back, and 20 batches more.
@@ -127,7 +127,7 @@ fn a_server_restarted_during_a_publish_loop_stores_every_accepted_event_once() {
     let (mut failures, mut after) = (0, 0);
     for round in 0.. {
         assert!(Instant::now() < deadline, "the loop did not end");
-        if restarted.load(Ordering::Relaxed) {
+        if server_back.load(Ordering::Relaxed) {
             after += 1;
             if after > 20 {
                 break;
@@ -208,7 +208,7 @@ impl Proxy {
                         conns.lock().extend([client, server]);
                     }
                     Err(error) if error.kind() == ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_millis(5))
+                        thread::sleep(Duration::from_millis(5));
                     }
                     Err(_) => return,
                 }
@@ -241,7 +241,7 @@ impl Drop for Proxy {
 /// nothing.
 fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool, stop: &AtomicBool) {
     from.set_read_timeout(Some(Duration::from_millis(20))).expect("timeout");
-    let mut buffer = [0; 64 * 1024];
+    let mut buffer = vec![0; 64 * 1024];
     while !stop.load(Ordering::Relaxed) {
         if frozen.load(Ordering::Relaxed) {
             thread::sleep(Duration::from_millis(5));

@@ -1,7 +1,8 @@
 //! `PatternSet` and `MatchCache` against the reference matcher, `Pattern::matches`, on random
-//! pattern sets, types and insert/remove interleavings.
+//! pattern sets, types and insert/remove interleavings; and the character rule that keeps two
+//! names that look alike from being different keys.
 
-use eventbroker::{EntryId, MatchCache, Pattern, PatternSet};
+use eventbroker::{EntryId, MatchCache, Pattern, PatternSet, validate_event_type};
 use proptest::prelude::*;
 
 /// Literals come mostly from a tiny alphabet so that random patterns and types actually meet,
@@ -160,4 +161,24 @@ fn every_seed_row_holds_in_one_set() {
             .collect();
         assert_eq!(hits, reference, "{event_type}");
     }
+}
+
+/// Two subscriptions that print the same must be the same: a zero-width space or a byte-order mark
+/// is refused, in a type and in a pattern, at the byte where it starts.
+#[test]
+fn names_that_look_alike_are_alike() {
+    for (name, position) in
+        [("orders.created\u{200b}", 14), ("\u{feff}orders.created", 0), ("orders.cr\u{ad}eated", 9)]
+    {
+        let e = validate_event_type(name).expect_err(name);
+        assert_eq!(e.position(), position, "{e}");
+        let e = Pattern::parse(name).expect_err(name);
+        assert_eq!(e.position(), position, "{e}");
+        assert!(
+            e.to_string().contains(&format!("U+{:04X}", u32::from(name[position..].chars().next().unwrap()))),
+            "{e}"
+        );
+    }
+    let e = Pattern::parse("orders.\u{2060}*").unwrap_err();
+    assert_eq!(e.position(), 7);
 }

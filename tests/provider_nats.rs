@@ -202,7 +202,7 @@ fn a_filter_keeps_other_types_on_the_server() {
     let durable = format!("eb-i-{instance}");
     let stream = backend.config().stream_name.clone();
     let (delivered, pending) = with_client(async |js| {
-        let mut stream = js.get_stream(&stream).await.expect("stream");
+        let stream = js.get_stream(&stream).await.expect("stream");
         let info = stream.consumer_info(&durable).await.expect("consumer info");
         (info.delivered.consumer_sequence, info.num_pending)
     });

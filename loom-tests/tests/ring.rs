@@ -17,7 +17,7 @@
 
 use std::collections::VecDeque;
 
-use eventbroker::__private::{Consumer, PushBatchError, PushError, WaitOutcome, ring};
+use eventbroker::__private::{Consumer, PushBatchError, PushError, WaitOutcome, ring, try_reserve};
 use eventbroker::WaitStrategy;
 use loom::sync::Arc;
 use loom::thread;
@@ -184,5 +184,23 @@ fn the_last_handle_drops_what_is_left() {
         drop(producer);
 
         consumer.join().unwrap();
+    });
+}
+
+/// A reservation forgotten instead of committed (the broker never does this, and safe code outside
+/// the crate cannot reach one): the value claimed after it, pushed while the consumer goes, is
+/// dropped exactly once — with the ring or as a refused push — and the unwritten slot is never read.
+#[test]
+fn a_forgotten_reservation_is_skipped_when_the_ring_drops() {
+    model(2, || {
+        let (producer, consumer) = ring::<Option<Arc<u8>>>(2);
+        std::mem::forget(try_reserve(&producer, 1).unwrap());
+        let pusher = {
+            let producer = producer.clone();
+            thread::spawn(move || drop(producer.try_push(Some(Arc::new(1)))))
+        };
+        drop(consumer);
+        pusher.join().unwrap();
+        drop(producer);
     });
 }

@@ -2,7 +2,7 @@
 //! shutdown share, and a reserved ring slot racing the ring's close.
 #![cfg(eventbroker_loom)]
 
-use eventbroker::__private::{Intake, PushBatchError, WaitOutcome, ring};
+use eventbroker::__private::{Intake, PushBatchError, WaitOutcome, ring, try_reserve};
 use eventbroker::WaitStrategy;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -52,7 +52,7 @@ fn a_reservation_racing_close_is_drained_or_refused() {
         let outcome = Arc::new(AtomicUsize::new(0)); // 1 = committed, 2 = refused
         let publisher = {
             let (producer, outcome) = (producer.clone(), Arc::clone(&outcome));
-            thread::spawn(move || match producer.try_reserve(1) {
+            thread::spawn(move || match try_reserve(&producer, 1) {
                 Ok(reservation) => {
                     reservation.commit([Some(7)]);
                     outcome.store(1, Ordering::Relaxed);

@@ -58,6 +58,12 @@ impl Intake {
         was_open
     }
 
+    /// How many synchronous publishes are inside now (a snapshot, for reports).
+    pub fn in_flight(&self) -> usize {
+        // Relaxed: a count for a report; nothing is read on the strength of it.
+        self.in_flight.load(Relaxed)
+    }
+
     /// Whether nothing is inside. After `close`, once true it stays true, and everything the
     /// publishes that were inside did happens before it.
     pub fn is_idle(&self) -> bool {

@@ -8,8 +8,14 @@
 //! - [`retry`]: the retry policy and the delay queue retries wait in.
 //! - [`backpressure`]: what a publisher does when its shard is full, and how it is woken.
 //! - [`intake`]: whether the broker accepts work, and the synchronous publishes in flight.
+//! - [`delivery`]: one handler call for one job, and the bookkeeping of a job's deliveries, shared
+//!   by the workers and the caller-thread paths.
+//! - [`inbound`]: the thread that feeds other instances' events into the shards.
+//! - [`writer`]: the thread that batches stores, statuses, dead letters and acks to the provider.
 
 pub(crate) mod backpressure;
+pub(crate) mod delivery;
+pub(crate) mod inbound;
 pub(crate) mod intake;
 pub(crate) mod retry;
 pub(crate) mod ring;

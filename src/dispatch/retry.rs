@@ -85,7 +85,8 @@ impl RetryPolicy {
             self.max_delay.as_secs_f64()
         };
         let shortened = base * (1.0 - self.jitter * unit.clamp(0.0, 1.0));
-        Duration::from_secs_f64(shortened.max(0.0))
+        // Saturates: a delay near `Duration::MAX` rounds up past it as an `f64`.
+        Duration::try_from_secs_f64(shortened.max(0.0)).unwrap_or(Duration::MAX)
     }
 
     /// Checks the fields make sense together.
@@ -195,6 +196,20 @@ mod tests {
         let secs: Vec<f64> = (1..=7).map(|n| p.delay_for_retry(n, 0.9).as_secs_f64()).collect();
         assert_eq!(secs, [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]);
         assert_eq!(p.delay_for_retry(u32::MAX, 0.0), Duration::from_secs(30), "no overflow");
+    }
+
+    #[test]
+    fn the_longest_delays_saturate_instead_of_panicking() {
+        let p = RetryPolicy {
+            max_retries: u32::MAX,
+            initial_delay: Duration::MAX,
+            max_delay: Duration::MAX,
+            backoff_factor: 2.0,
+            jitter: 0.0,
+        };
+        assert!(p.validate().is_ok());
+        assert_eq!(p.delay_for_retry(1, 0.0), Duration::MAX);
+        assert_eq!(p.delay_for_retry(u32::MAX, 0.5), Duration::MAX);
     }
 
     #[test]

@@ -27,7 +27,8 @@
 //! - **Progress**: a push is lock-free (a failed CAS means another producer's succeeded); a pop
 //!   is wait-free, but it cannot pass a slot whose producer was preempted between claim and
 //!   publish (a few instructions).
-//! - **Drop**: values still in the ring when the last handle goes are dropped with it.
+//! - **Drop**: values still in the ring when the last handle goes are dropped with it, each once:
+//!   dropping goes by the slots' stamps, not by the positions claimed.
 //!
 //! ## Positions and stamps
 //!
@@ -211,19 +212,20 @@ impl<T> Shared<T> {
 
 impl<T> Drop for Shared<T> {
     fn drop(&mut self) {
-        // Relaxed: `&mut self`; every handle is gone, and `Arc`'s drop ordered their accesses
+        // Relaxed, all: `&mut self`; every handle is gone, and `Arc`'s drop ordered their accesses
         // before this one.
         let head = self.head.load(Relaxed);
-        let tail = self.tail.load(Relaxed) & !MARK;
-        let mut position = head;
-        while position != tail {
-            let slot = self.slot(position);
-            // Every claim is published before its `try_push` returns, and nothing between the
-            // two can panic.
-            debug_assert_eq!(slot.stamp.load(Relaxed), position | FULL);
-            // SAFETY: the stamp says the slot holds position `position`'s value, never popped.
-            slot.value.with_mut(|value| unsafe { (*value).assume_init_drop() });
-            position = position.wrapping_add(ONE);
+        // One lap from `head` visits every slot once, oldest value first. A slot is dropped only
+        // if its stamp says it holds a value: a position claimed and never written (a
+        // `Reservation` forgotten instead of dropped) holds nothing, or the bytes of a value
+        // popped a lap earlier, and is skipped.
+        for offset in 0..self.capacity() {
+            let slot = self.slot(head.wrapping_add(offset * ONE));
+            if slot.stamp.load(Relaxed) & FULL != 0 {
+                // SAFETY: a FULL stamp means the value is initialised and was never popped
+                // (`Slot::value`'s invariant); `&mut self` makes this the last access.
+                slot.value.with_mut(|value| unsafe { (*value).assume_init_drop() });
+            }
         }
     }
 }
@@ -311,13 +313,16 @@ impl<T: Send + Default> Producer<T> {
     /// later by [`Reservation::commit`]: the first phase of a two-phase publish. The consumer
     /// cannot pass a reserved slot until it is committed, so commit promptly and do nothing that
     /// blocks in between; a reservation dropped uncommitted fills its slots with `T::default()`,
-    /// which the consumer then pops, so it can never stall the ring.
+    /// which the consumer then pops. A reservation *forgotten* (`mem::forget`, an `Rc` cycle)
+    /// publishes nothing and stalls the consumer at its first slot for good, which is why this is
+    /// crate-private (loom builds hand it to the models through `__private::try_reserve`). The
+    /// ring stays sound even then: its drop skips the unwritten slots.
     ///
     /// # Errors
     ///
     /// [`PushBatchError::Full`] if not one slot is free, [`PushBatchError::Closed`] if the ring is
     /// closed.
-    pub fn try_reserve(&self, want: usize) -> Result<Reservation<'_, T>, PushBatchError> {
+    pub(crate) fn try_reserve(&self, want: usize) -> Result<Reservation<'_, T>, PushBatchError> {
         let claim = if want <= 1 { self.shared.claim_one()? } else { self.shared.claim(want)? };
         let end = claim.first.wrapping_add(claim.count * ONE);
         Ok(Reservation { shared: &self.shared, next: claim.first, end, sleeping: claim.sleeping })
@@ -337,13 +342,8 @@ pub struct Reservation<'a, T: Send + Default> {
 
 impl<T: Send + Default> Reservation<'_, T> {
     /// How many slots are reserved.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         usize::try_from(distance(self.end, self.next)).unwrap_or(0) / ONE
-    }
-
-    /// Whether every slot is written (never, before `commit`).
-    pub fn is_empty(&self) -> bool {
-        self.next == self.end
     }
 
     /// Writes `values` into the reserved slots, in order, and publishes them. Values beyond
@@ -757,6 +757,29 @@ mod tests {
         assert_eq!(drops.load(Ordering::Relaxed), 5);
         drop(producer);
         assert_eq!(drops.load(Ordering::Relaxed), 7);
+    }
+
+    /// A reservation that is forgotten, not dropped, leaves its slots claimed and unwritten, with
+    /// the bytes of values popped a lap earlier still in them: dropping the ring must skip them.
+    #[test]
+    fn a_forgotten_reservation_leaves_the_ring_sound_to_drop() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let counted = || Some(Counted(Arc::clone(&drops)));
+        let (producer, mut consumer) = ring::<Option<Counted>>(4);
+        for _ in 0..4 {
+            producer.try_push(counted()).unwrap();
+        }
+        assert_eq!(consumer.pop_batch(&mut Vec::new(), 4), 4);
+        assert_eq!(drops.load(Ordering::Relaxed), 4);
+        producer.try_push(counted()).unwrap();
+        std::mem::forget(producer.try_reserve(2).unwrap());
+        producer.try_push(counted()).unwrap();
+        assert!(consumer.pop().is_some_and(|value| value.is_some()));
+        assert_eq!(drops.load(Ordering::Relaxed), 5);
+        assert!(consumer.pop().is_none(), "the consumer waits at the forgotten slot");
+        drop(consumer);
+        drop(producer);
+        assert_eq!(drops.load(Ordering::Relaxed), 6, "each value dropped once, and only values");
     }
 
     #[derive(Debug, Clone)]

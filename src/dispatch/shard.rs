@@ -13,16 +13,19 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 
 use crate::dispatch::backpressure::SpaceWaiters;
+use crate::dispatch::delivery::Job;
 use crate::dispatch::ring::{self, Producer};
-use crate::dispatch::worker::{Job, ShardCounters, Worker, WorkerConfig, WorkerReport, WorkerShared};
+use crate::dispatch::worker::{ShardCounters, Worker, WorkerConfig, WorkerReport, WorkerShared};
 use crate::error::BuildError;
 
 /// Counters of one shard, as reported by [`Broker::stats`](crate::Broker::stats).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ShardStats {
-    /// Events taken from the ring by the worker.
+    /// Events taken from the ring by the worker (counted as they are taken).
     pub dispatched: u64,
+    /// Events taken by the worker whose handling has not begun yet (the rest of its batch).
+    pub in_hand: u64,
     /// Events whose deliveries all succeeded (or that matched nothing).
     pub completed: u64,
     /// Events with a delivery that failed after its retries.
@@ -37,6 +40,9 @@ pub struct ShardStats {
     pub dead_letters: u64,
     /// Deliveries waiting in the delay queue now.
     pub pending_retries: u64,
+    /// Panics the worker caught outside any handler (each ended the job it hit as failed, or gave
+    /// an inbound one back); it carried on.
+    pub internal_errors: u64,
     /// Events waiting in the ring now (approximate while publishers are active).
     pub queued: usize,
     /// Ring capacity.
@@ -44,7 +50,7 @@ pub struct ShardStats {
 }
 
 pub(crate) struct Shard {
-    pub(crate) producer: Producer<Job>,
+    pub(crate) producer: Producer<Option<Job>>,
     /// Publishers parked on this shard while it is full.
     pub(crate) space: Arc<SpaceWaiters>,
     counters: Arc<ShardCounters>,
@@ -78,11 +84,17 @@ impl ShardSet {
         let mut shards = Vec::with_capacity(count);
         let mut workers = Vec::with_capacity(count);
         for index in 0..count {
-            let (producer, consumer) = ring::ring::<Job>(capacity);
+            let (producer, consumer) = ring::ring::<Option<Job>>(capacity);
             let counters = Arc::new(ShardCounters::default());
             let space = Arc::new(SpaceWaiters::new());
-            let worker =
-                Worker::new(Arc::clone(shared), Arc::clone(&counters), Arc::clone(&space), config, consumer);
+            let worker = Worker::new(
+                Arc::clone(shared),
+                Arc::clone(&counters),
+                Arc::clone(&space),
+                config,
+                consumer,
+                index,
+            );
             let exit_tx = exit_tx.clone();
             // Linux shows 15 bytes of a thread name; the index comes first so it survives.
             let name = format!("eb-w{index}-{instance}");
@@ -139,20 +151,21 @@ impl ShardSet {
     }
 
     /// Waits until every worker has exited or `deadline` passes. Returns the reports of the
-    /// workers that exited and whether all did.
-    pub(crate) fn join(&self, deadline: Instant) -> (Vec<WorkerReport>, bool) {
+    /// workers that exited and how many are still running.
+    pub(crate) fn join(&self, deadline: Instant) -> (Vec<WorkerReport>, usize) {
         let mut workers = self.workers.lock();
         let mut reports = Vec::with_capacity(workers.len());
         while reports.len() < workers.len() {
-            match self.exited.recv_deadline(deadline) {
-                Ok(report) => reports.push(report),
-                Err(_) => return (reports, false),
-            }
+            let Ok(report) = self.exited.recv_deadline(deadline) else {
+                let running = workers.len() - reports.len();
+                return (reports, running);
+            };
+            reports.push(report);
         }
         for handle in workers.drain(..) {
             let _ = handle.join();
         }
-        (reports, true)
+        (reports, 0)
     }
 
     /// Events waiting in every ring.
@@ -160,13 +173,32 @@ impl ShardSet {
         self.shards.iter().map(|s| s.producer.len()).sum()
     }
 
+    /// Events taken by workers whose handling has not begun.
+    pub(crate) fn in_hand(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                // Relaxed: statistics (see `ShardCounters`).
+                let c = &s.counters;
+                c.dispatched.load(Ordering::Relaxed).saturating_sub(c.started.load(Ordering::Relaxed))
+            })
+            .sum()
+    }
+
+    /// Free slots over every ring (a snapshot).
+    pub(crate) fn free_slots(&self) -> usize {
+        self.shards.iter().map(|s| s.producer.capacity().saturating_sub(s.producer.len())).sum()
+    }
+
     pub(crate) fn stats(&self) -> Vec<ShardStats> {
         self.shards
             .iter()
             .map(|shard| {
                 let c = &shard.counters;
+                let dispatched = c.dispatched.load(Ordering::Relaxed);
                 ShardStats {
-                    dispatched: c.dispatched.load(Ordering::Relaxed),
+                    dispatched,
+                    in_hand: dispatched.saturating_sub(c.started.load(Ordering::Relaxed)),
                     completed: c.completed.load(Ordering::Relaxed),
                     failed: c.failed.load(Ordering::Relaxed),
                     unrouted: c.unrouted.load(Ordering::Relaxed),
@@ -174,6 +206,7 @@ impl ShardSet {
                     retries: c.retries.load(Ordering::Relaxed),
                     dead_letters: c.dead_letters.load(Ordering::Relaxed),
                     pending_retries: c.pending_retries.load(Ordering::Relaxed),
+                    internal_errors: c.internal_errors.load(Ordering::Relaxed),
                     queued: shard.producer.len(),
                     capacity: shard.producer.capacity(),
                 }

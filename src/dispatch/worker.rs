@@ -1,13 +1,21 @@
 //! The worker: one dedicated OS thread per shard, the only consumer of its ring.
 //!
-//! Each turn it drains up to [`WorkerConfig::max_batch`] events with one ring update, loads the
-//! subscription set once (one atomic load), and for each event runs the matched handlers in
+//! Each turn it drains up to [`WorkerConfig::max_batch`] jobs with one ring update, loads the
+//! subscription set once (one atomic load), and for each job runs the matched handlers in
 //! subscription order, matching through its own [`MatchCache`]. A handler's failure or panic is
 //! contained to its delivery: the delivery waits in the worker's [`DelayQueue`] for its retry and
-//! the worker moves on, so a failing subscriber never stalls the events behind it. Status changes
-//! and dead letters are handed to the provider writer once per turn, not once per event.
+//! the worker moves on, so a failing subscriber never stalls the jobs behind it. Status changes,
+//! dead letters and acknowledgements are handed to the provider writer once per turn, not once per
+//! event.
+//!
+//! ## Nothing kills a worker
+//! Handler panics are caught per delivery. Anything else that panics on a worker — there is nothing
+//! known to, but a worker must outlive the unknown — is caught per turn: the job it was handling
+//! ends as failed (a local one) or is given back for redelivery (an inbound one), the panic is
+//! counted in [`ShardStats::internal_errors`](crate::ShardStats::internal_errors) and logged, and
+//! the worker carries on with the next job.
 
-use std::collections::HashMap;
+use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,19 +23,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 use jiff::Timestamp;
+use smallvec::SmallVec;
 
 use crate::dispatch::backpressure::SpaceWaiters;
+use crate::dispatch::delivery::{self, Counts, Job, Origin, Outbox, Tally};
 use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
-use crate::error::DeliveryFailure;
-use crate::provider::{DeadLetter, StatusUpdate};
-use crate::subscription::{DeliveryError, Subscription, SubscriptionSet, SubscriptionTable};
-use crate::{Event, EventId, EventStatus, MatchCache, SubscriptionId};
-
-/// The ring's item: `None` is a slot that was reserved and then abandoned.
-pub(crate) type Job = Option<Arc<Event>>;
+use crate::provider::{Provider, StatusUpdate};
+use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
+use crate::{EventId, EventStatus, MatchCache};
 
 /// Settings every worker shares.
 #[derive(Debug, Clone, Copy)]
@@ -37,6 +43,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) wait: WaitStrategy,
     pub(crate) cache_capacity: usize,
     pub(crate) max_batch: usize,
+    /// How often inbound jobs waiting for retries have their claim extended (`None`: no inbound).
+    pub(crate) extend_every: Option<Duration>,
 }
 
 /// What workers share with the broker.
@@ -45,13 +53,39 @@ pub(crate) struct WorkerShared {
     pub(crate) writer: Arc<ProviderWriter>,
     /// Set by shutdown: retries due before it still run; later ones are dead-lettered.
     pub(crate) shutdown_deadline: parking_lot::Mutex<Option<Instant>>,
+    /// Which broker the workers belong to, for [`current`].
+    pub(crate) engine: u64,
+    /// The provider, when status changes are written inline by the workers (a provider with
+    /// [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)) rather than through
+    /// the writer.
+    pub(crate) inline: Option<Arc<dyn Provider>>,
+}
+
+impl WorkerShared {
+    pub(crate) fn shutdown_deadline(&self) -> Option<Instant> {
+        *self.shutdown_deadline.lock()
+    }
+}
+
+thread_local! {
+    /// The broker and shard this thread is the worker of.
+    static CURRENT: Cell<Option<(u64, usize)>> = const { Cell::new(None) };
+}
+
+/// The shard this thread is the worker of, if it is a worker of broker `engine`: a publish from a
+/// handler into its own worker's full shard must never wait for room only that worker can free.
+pub(crate) fn current(engine: u64) -> Option<usize> {
+    CURRENT.get().filter(|(e, _)| *e == engine).map(|(_, shard)| shard)
 }
 
 /// Counters of one shard, written by its worker only (so plain stores suffice) and read by
 /// `Broker::stats`. Relaxed throughout: they are statistics, and publish no other memory.
 #[derive(Default)]
 pub(crate) struct ShardCounters {
+    /// Jobs taken from the ring, stored as soon as they are taken.
     pub(crate) dispatched: CachePadded<AtomicU64>,
+    /// Jobs whose handling began; `dispatched - started` are in the worker's hands, not started.
+    pub(crate) started: AtomicU64,
     pub(crate) completed: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) unrouted: AtomicU64,
@@ -59,18 +93,7 @@ pub(crate) struct ShardCounters {
     pub(crate) retries: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
     pub(crate) pending_retries: AtomicU64,
-}
-
-/// The same counts, kept locally by the worker and stored into [`ShardCounters`] once per turn.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Counts {
-    dispatched: u64,
-    completed: u64,
-    failed: u64,
-    unrouted: u64,
-    handler_failures: u64,
-    retries: u64,
-    dead_letters: u64,
+    pub(crate) internal_errors: AtomicU64,
 }
 
 /// What a worker did after shutdown began.
@@ -78,52 +101,33 @@ struct Counts {
 pub(crate) struct WorkerReport {
     pub(crate) retries_run: u64,
     pub(crate) dead_lettered_at_shutdown: u64,
-}
-
-/// Runs one handler, turning a panic into a failure.
-pub(crate) fn deliver(subscription: &Subscription, event: &Arc<Event>) -> Result<(), DeliveryError> {
-    match catch_unwind(AssertUnwindSafe(|| (subscription.handler)(event))) {
-        Ok(result) => result,
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(ToString::to_string)
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string panic payload".to_owned());
-            Err(DeliveryError::Failed(format!("handler panicked: {message}")))
-        }
-    }
-}
-
-/// Builds the dead letter of a delivery that gave up.
-pub(crate) fn dead_letter(event: &Event, failure: &DeliveryFailure) -> DeadLetter {
-    let mut failed = event.clone();
-    failed.status = EventStatus::Failed;
-    failed.error.clone_from(&failure.error);
-    failed.retry_count = failure.attempts.saturating_sub(1);
-    DeadLetter::new(
-        failed,
-        failure.subscription_id,
-        failure.pattern.clone(),
-        failure.error.clone(),
-        failure.attempts,
-    )
+    /// Inbound jobs with retries still pending, given back for redelivery instead.
+    pub(crate) returned_at_shutdown: u64,
 }
 
 /// A delivery waiting for its next attempt.
 struct Retry {
-    event: Arc<Event>,
+    /// The job's entry in [`Worker::open`].
+    job: usize,
     subscription: Arc<Subscription>,
     /// Attempts made so far.
     attempts: u32,
 }
 
-/// An event with deliveries still waiting for retries.
-struct OpenEvent {
-    outstanding: u32,
-    failed: bool,
-    error: String,
-    retries: u32,
+/// A job with deliveries waiting for retries.
+struct Open {
+    job: Job,
+    tally: Tally,
+}
+
+/// The job being handled, by id and origin only (no reference count to move on the hot path),
+/// for what to do with it should something on the worker panic.
+#[derive(Clone, Copy)]
+struct InFlight {
+    id: EventId,
+    origin: Origin,
+    /// Whether it has an entry in `open` (then its retries settle it).
+    registered: bool,
 }
 
 pub(crate) struct Worker {
@@ -132,20 +136,33 @@ pub(crate) struct Worker {
     /// Publishers waiting for this shard to have room; signalled after every drained batch.
     space: Arc<SpaceWaiters>,
     config: WorkerConfig,
-    consumer: Consumer<Job>,
+    consumer: Consumer<Option<Job>>,
+    index: usize,
     cache: MatchCache<Arc<Subscription>>,
     /// Generation of the set the cache was last used with.
     cache_generation: u64,
     retries: DelayQueue<Retry>,
-    open: HashMap<EventId, OpenEvent>,
-    batch: Vec<Job>,
-    statuses: Vec<StatusUpdate>,
-    dead: Vec<DeadLetter>,
-    gone: Vec<SubscriptionId>,
-    counts: Counts,
-    /// The counts and pending retries as last stored into `counters`.
-    published: (Counts, usize),
+    open: Slab<Open>,
+    /// The jobs taken this turn; `next` is the first not yet handled.
+    batch: Vec<Option<Job>>,
+    next: usize,
+    in_flight: Option<InFlight>,
+    outbox: Outbox,
+    dispatched: u64,
+    started: u64,
+    internal_errors: u64,
+    /// What was last stored into `counters`.
+    published: Published,
+    last_extend: Instant,
     rng: fastrand::Rng,
+}
+
+#[derive(Default, PartialEq, Eq, Clone, Copy)]
+struct Published {
+    counts: Counts,
+    started: u64,
+    pending_retries: usize,
+    internal_errors: u64,
 }
 
 impl Worker {
@@ -154,7 +171,8 @@ impl Worker {
         counters: Arc<ShardCounters>,
         space: Arc<SpaceWaiters>,
         config: WorkerConfig,
-        consumer: Consumer<Job>,
+        consumer: Consumer<Option<Job>>,
+        index: usize,
     ) -> Self {
         Self {
             shared,
@@ -162,47 +180,233 @@ impl Worker {
             space,
             config,
             consumer,
+            index,
             cache: MatchCache::new(config.cache_capacity),
             cache_generation: 0,
             retries: DelayQueue::new(),
-            open: HashMap::new(),
+            open: Slab::default(),
             batch: Vec::with_capacity(config.max_batch),
-            statuses: Vec::with_capacity(config.max_batch * 2),
-            dead: Vec::new(),
-            gone: Vec::new(),
-            counts: Counts::default(),
-            published: (Counts::default(), 0),
+            next: 0,
+            in_flight: None,
+            outbox: Outbox::default(),
+            dispatched: 0,
+            started: 0,
+            internal_errors: 0,
+            published: Published::default(),
+            last_extend: Instant::now(),
             rng: fastrand::Rng::new(),
         }
     }
 
     pub(crate) fn run(mut self) -> WorkerReport {
+        CURRENT.set(Some((self.shared.engine, self.index)));
         loop {
-            let taken = self.consumer.pop_batch(&mut self.batch, self.config.max_batch);
-            if taken > 0 {
-                self.space.notify();
-                self.dispatch_batch();
-            }
-            if !self.retries.is_empty() {
-                self.run_due_retries(Instant::now());
-            }
-            self.end_turn();
-            if taken > 0 {
-                continue;
-            }
-            match self.consumer.wait(self.config.wait, self.retries.next_due()) {
-                WaitOutcome::Ready | WaitOutcome::TimedOut => {}
-                WaitOutcome::Closed => break,
+            match catch_unwind(AssertUnwindSafe(|| self.turn())) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(payload) => self.contain(payload),
             }
         }
-        self.finish()
+        let mut report = WorkerReport::default();
+        while let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.finish(&mut report))) {
+            self.contain(payload);
+        }
+        CURRENT.set(None);
+        report
     }
 
-    /// The ring is closed and drained: run retries that come due before the shutdown deadline,
-    /// dead-letter the rest.
-    fn finish(mut self) -> WorkerReport {
-        let mut report = WorkerReport::default();
-        let deadline = (*self.shared.shutdown_deadline.lock()).unwrap_or_else(Instant::now);
+    /// One turn: take a batch (or go on with the one a panic interrupted), handle it, run the
+    /// retries due, hand the results over. `false` once the ring is closed and drained.
+    fn turn(&mut self) -> bool {
+        let mut took = false;
+        if self.next >= self.batch.len() {
+            self.batch.clear();
+            self.next = 0;
+            let taken = self.consumer.pop_batch(&mut self.batch, self.config.max_batch);
+            if taken > 0 {
+                took = true;
+                self.space.notify();
+                self.dispatched += taken as u64;
+                self.counters.dispatched.store(self.dispatched, Ordering::Relaxed);
+                self.mark_processing();
+            }
+        }
+        if self.next < self.batch.len() {
+            took = true;
+            self.dispatch_batch();
+        }
+        if !self.retries.is_empty() {
+            self.run_due_retries(Instant::now());
+        }
+        self.extend_waiting_inbound();
+        self.end_turn();
+        if took {
+            return true;
+        }
+        match self.consumer.wait(self.config.wait, self.retries.next_due()) {
+            WaitOutcome::Ready | WaitOutcome::TimedOut => true,
+            WaitOutcome::Closed => false,
+        }
+    }
+
+    /// Sends the batch's `processing` statuses at once, not with the completions, so a slow batch
+    /// shows as processing.
+    fn mark_processing(&mut self) {
+        if !self.config.track_status {
+            return;
+        }
+        let now = Timestamp::now();
+        let statuses: Vec<StatusUpdate> = self
+            .batch
+            .iter()
+            .flatten()
+            .filter(|job| job.origin == Origin::Local)
+            .map(|job| StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now))
+            .collect();
+        write_statuses(&self.shared, statuses);
+    }
+
+    fn dispatch_batch(&mut self) {
+        let set = self.shared.table.load();
+        if set.generation() != self.cache_generation {
+            // Drop the old set's subscriptions now rather than when their slots are reused, so an
+            // unsubscribed handler (and what it owns) is released promptly.
+            self.cache.clear();
+            self.cache_generation = set.generation();
+        }
+        while self.next < self.batch.len() {
+            let job = self.batch[self.next].take();
+            self.next += 1;
+            self.started += 1;
+            // Relaxed: a statistic (see `ShardCounters`), stored per job so shutdown can tell the
+            // jobs in hand apart from those begun.
+            self.counters.started.store(self.started, Ordering::Relaxed);
+            if let Some(job) = job {
+                self.in_flight = Some(InFlight { id: job.event.id, origin: job.origin, registered: false });
+                self.dispatch_one(&set, job);
+                self.in_flight = None;
+            }
+        }
+    }
+
+    fn dispatch_one(&mut self, set: &SubscriptionSet, job: Job) {
+        let track = self.config.track_status;
+        let subscriptions = self.cache.get_or_match(set, &job.event.event_type);
+        if subscriptions.is_empty() {
+            self.outbox.unrouted(&job, track);
+            return;
+        }
+        let mut tally = Tally::default();
+        let mut retry_later: SmallVec<[Arc<Subscription>; 2]> = SmallVec::new();
+        for subscription in subscriptions {
+            let outcome = delivery::attempt(subscription, &job.event);
+            let Some(error) = self.outbox.record(subscription, outcome) else { continue };
+            if self.config.retry.max_retries == 0 {
+                self.outbox.give_up(&job, &delivery::failure(subscription, error, 1), &mut tally);
+            } else {
+                tally.retrying(1, &error);
+                retry_later.push(Arc::clone(subscription));
+            }
+        }
+        if retry_later.is_empty() {
+            self.outbox.settle(&job, tally, track);
+            return;
+        }
+        tally.outstanding = u32::try_from(retry_later.len()).unwrap_or(u32::MAX);
+        let key = self.open.insert(Open { job, tally });
+        if let Some(in_flight) = &mut self.in_flight {
+            in_flight.registered = true;
+        }
+        let now = Instant::now();
+        for subscription in retry_later {
+            let delay = self.config.retry.delay_for_retry(1, self.rng.f64());
+            self.retries
+                .push(crate::deadline::after(now, delay), Retry { job: key, subscription, attempts: 1 });
+            self.outbox.retry_scheduled();
+        }
+    }
+
+    /// Runs the retries that were due at `now`, when the turn began; returns how many ran.
+    /// A retry rescheduled with no delay waits for the next turn, so even `u32::MAX` retries
+    /// without delay cannot keep a turn from ending.
+    fn run_due_retries(&mut self, now: Instant) -> u64 {
+        let mut due = Vec::new();
+        while let Some(retry) = self.retries.pop_due(now) {
+            due.push(retry);
+        }
+        let ran = due.len() as u64;
+        for retry in due {
+            self.run_retry(retry);
+        }
+        ran
+    }
+
+    fn run_retry(&mut self, retry: Retry) {
+        let Some(open) = self.open.get(retry.job) else { return };
+        let event = Arc::clone(&open.job.event);
+        if self.shared.table.get(retry.subscription.id).is_none() {
+            // Unsubscribed while waiting: the event is kept as a dead letter, not dropped.
+            let error = "unsubscribed before the retry was due".to_owned();
+            self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
+            return;
+        }
+        let outcome = delivery::attempt(&retry.subscription, &event);
+        match self.outbox.record(&retry.subscription, outcome) {
+            None => self.resolve(retry.job, retry.attempts + 1),
+            Some(error) => {
+                let attempts = retry.attempts + 1;
+                if attempts <= self.config.retry.max_retries {
+                    if let Some(open) = self.open.get_mut(retry.job) {
+                        open.tally.retrying(attempts, &error);
+                    }
+                    let delay = self.config.retry.delay_for_retry(attempts, self.rng.f64());
+                    let due = crate::deadline::from_now(delay);
+                    self.retries.push(due, Retry { attempts, ..retry });
+                    self.outbox.retry_scheduled();
+                } else {
+                    self.give_up(retry.job, &delivery::failure(&retry.subscription, error, attempts));
+                }
+            }
+        }
+    }
+
+    /// Dead-letters a delivery of open job `key` and settles the job if it was its last.
+    fn give_up(&mut self, key: usize, failure: &crate::DeliveryFailure) {
+        if let Some(open) = self.open.get_mut(key) {
+            self.outbox.give_up(&open.job, failure, &mut open.tally);
+            self.resolve(key, failure.attempts);
+        }
+    }
+
+    /// One outstanding delivery of open job `key` ended after `attempts`.
+    fn resolve(&mut self, key: usize, attempts: u32) {
+        let Some(open) = self.open.get_mut(key) else { return };
+        open.tally.delivered(attempts);
+        open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
+        if open.tally.outstanding == 0 {
+            let open = self.open.remove(key);
+            self.outbox.settle(&open.job, open.tally, self.config.track_status);
+        }
+    }
+
+    /// Restarts the claim idle time of inbound jobs waiting for retries, so the group does not hand
+    /// them to another member meanwhile.
+    fn extend_waiting_inbound(&mut self) {
+        let Some(every) = self.config.extend_every else { return };
+        if self.open.len() == 0 || self.last_extend.elapsed() < every {
+            return;
+        }
+        self.last_extend = Instant::now();
+        self.outbox.extends.extend(self.open.iter().filter_map(|open| match open.job.origin {
+            Origin::Inbound(token) => Some(token),
+            Origin::Local | Origin::Replayed => None,
+        }));
+    }
+
+    /// The ring is closed and drained: run retries that come due before the shutdown deadline;
+    /// dead-letter the rest (local jobs) or give them back for redelivery (inbound jobs).
+    fn finish(&mut self, report: &mut WorkerReport) {
+        let deadline = self.shared.shutdown_deadline().unwrap_or_else(Instant::now);
         while let Some(due) = self.retries.next_due() {
             if due > deadline {
                 break;
@@ -215,261 +419,177 @@ impl Worker {
             self.end_turn();
         }
         for retry in self.retries.drain_in_order() {
-            let failure = DeliveryFailure {
-                subscription_id: retry.subscription.id,
-                pattern: retry.subscription.pattern.to_string(),
-                error: format!("the broker shut down before retry {} was due", retry.attempts),
-                attempts: retry.attempts,
-            };
-            self.give_up(&retry.event, &failure);
+            let Some(open) = self.open.get(retry.job) else { continue };
+            if let Origin::Inbound(token) = open.job.origin {
+                // Another member, or this instance's next incarnation, gets it again.
+                self.open.remove(retry.job);
+                self.outbox.naks.push(token);
+                report.returned_at_shutdown += 1;
+                continue;
+            }
+            let error = format!("the broker shut down before retry {} was due", retry.attempts);
+            self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
             report.dead_lettered_at_shutdown += 1;
         }
         self.end_turn();
-        report
     }
 
-    fn dispatch_batch(&mut self) {
-        let set = self.shared.table.load();
-        if set.generation() != self.cache_generation {
-            // Drop the old set's subscriptions now rather than when their slots are reused, so an
-            // unsubscribed handler (and what it owns) is released promptly.
-            self.cache.clear();
-            self.cache_generation = set.generation();
+    /// A panic escaped a turn outside any handler: count it, log it, and settle the job it hit.
+    fn contain(&mut self, payload: Box<dyn std::any::Any + Send>) {
+        let message = delivery::panic_message(&*payload);
+        delivery::drop_contained(payload);
+        self.internal_errors += 1;
+        tracing::error!(shard = self.index, %message, "a worker caught a panic outside any handler; it carries on");
+        let Some(in_flight) = self.in_flight.take().filter(|f| !f.registered) else { return };
+        match in_flight.origin {
+            Origin::Inbound(token) => self.outbox.naks.push(token),
+            Origin::Local if self.config.track_status => self.outbox.statuses.push(
+                StatusUpdate::new(in_flight.id, EventStatus::Failed)
+                    .with_error(format!("internal error: {message}"))
+                    .with_completed_at(Timestamp::now()),
+            ),
+            Origin::Local | Origin::Replayed => {}
         }
-        if self.config.track_status {
-            let now = Timestamp::now();
-            self.statuses.extend(
-                self.batch
-                    .iter()
-                    .flatten()
-                    .map(|event| StatusUpdate::new(event.id, EventStatus::Processing).with_processed_at(now)),
-            );
-            // Sent now, not with the completions, so a slow batch shows as processing.
-            self.shared.writer.status(std::mem::take(&mut self.statuses));
-        }
-        let mut batch = std::mem::take(&mut self.batch);
-        for event in batch.drain(..).flatten() {
-            self.counts.dispatched += 1;
-            self.dispatch_one(&set, &event);
-        }
-        self.batch = batch;
+        self.outbox.counts.failed += 1;
     }
 
-    fn dispatch_one(&mut self, set: &SubscriptionSet, event: &Arc<Event>) {
-        let subscriptions = self.cache.get_or_match(set, &event.event_type);
-        if subscriptions.is_empty() {
-            self.counts.unrouted += 1;
-            self.counts.completed += 1;
-            if self.config.track_status {
-                self.statuses.push(finished(event.id, EventStatus::Completed, String::new(), 0));
-            }
-            return;
-        }
-        let mut open = OpenEvent { outstanding: 0, failed: false, error: String::new(), retries: 0 };
-        for subscription in subscriptions {
-            match deliver(subscription, event) {
-                Ok(()) => {}
-                Err(DeliveryError::Gone) => self.gone.push(subscription.id),
-                Err(DeliveryError::Failed(error)) => {
-                    self.counts.handler_failures += 1;
-                    if self.config.retry.max_retries == 0 {
-                        let failure = DeliveryFailure {
-                            subscription_id: subscription.id,
-                            pattern: subscription.pattern.to_string(),
-                            error,
-                            attempts: 1,
-                        };
-                        self.dead.push(dead_letter(event, &failure));
-                        self.counts.dead_letters += 1;
-                        open.failed = true;
-                        open.error = failure.error;
-                    } else {
-                        let delay = self.config.retry.delay_for_retry(1, self.rng.f64());
-                        self.retries.push(
-                            Instant::now() + delay,
-                            Retry {
-                                event: Arc::clone(event),
-                                subscription: Arc::clone(subscription),
-                                attempts: 1,
-                            },
-                        );
-                        self.counts.retries += 1;
-                        open.outstanding += 1;
-                        open.retries = 1;
-                        open.error = error;
-                    }
-                }
-            }
-        }
-        if open.outstanding > 0 {
-            self.open.insert(event.id, open);
-        } else {
-            self.close_event(event.id, open);
-        }
-    }
-
-    /// Runs the retries due at `now`; returns how many ran (rescheduled ones included).
-    fn run_due_retries(&mut self, now: Instant) -> u64 {
-        let mut ran = 0;
-        while let Some(retry) = self.retries.pop_due(now) {
-            ran += 1;
-            if self.shared.table.get(retry.subscription.id).is_none() {
-                // Unsubscribed while waiting: the event is kept as a dead letter, not dropped.
-                let failure = DeliveryFailure {
-                    subscription_id: retry.subscription.id,
-                    pattern: retry.subscription.pattern.to_string(),
-                    error: "unsubscribed before the retry was due".to_owned(),
-                    attempts: retry.attempts,
-                };
-                self.give_up(&retry.event, &failure);
-                continue;
-            }
-            match deliver(&retry.subscription, &retry.event) {
-                Ok(()) => self.resolve(retry.event.id, None, retry.attempts),
-                Err(DeliveryError::Gone) => {
-                    self.gone.push(retry.subscription.id);
-                    self.resolve(retry.event.id, None, retry.attempts);
-                }
-                Err(DeliveryError::Failed(error)) => {
-                    self.counts.handler_failures += 1;
-                    let attempts = retry.attempts + 1;
-                    if attempts <= self.config.retry.max_retries {
-                        let delay = self.config.retry.delay_for_retry(attempts, self.rng.f64());
-                        if let Some(open) = self.open.get_mut(&retry.event.id) {
-                            open.retries = open.retries.max(attempts);
-                            open.error.clone_from(&error);
-                        }
-                        self.retries.push(now + delay, Retry { attempts, ..retry });
-                        self.counts.retries += 1;
-                    } else {
-                        let failure = DeliveryFailure {
-                            subscription_id: retry.subscription.id,
-                            pattern: retry.subscription.pattern.to_string(),
-                            error,
-                            attempts,
-                        };
-                        self.give_up(&retry.event, &failure);
-                    }
-                }
-            }
-        }
-        ran
-    }
-
-    /// Dead-letters a delivery and settles its event.
-    fn give_up(&mut self, event: &Arc<Event>, failure: &DeliveryFailure) {
-        self.dead.push(dead_letter(event, failure));
-        self.counts.dead_letters += 1;
-        self.resolve(event.id, Some(failure.error.clone()), failure.attempts);
-    }
-
-    /// One outstanding delivery of `id` ended, failed when `error` is set.
-    fn resolve(&mut self, id: EventId, error: Option<String>, attempts: u32) {
-        let Some(open) = self.open.get_mut(&id) else { return };
-        open.outstanding -= 1;
-        open.retries = open.retries.max(attempts.saturating_sub(1));
-        if let Some(error) = error {
-            open.failed = true;
-            open.error = error;
-        }
-        if open.outstanding == 0 {
-            let open = self.open.remove(&id).expect("present above");
-            self.close_event(id, open);
-        }
-    }
-
-    fn close_event(&mut self, id: EventId, open: OpenEvent) {
-        let status = if open.failed { EventStatus::Failed } else { EventStatus::Completed };
-        if open.failed {
-            self.counts.failed += 1;
-        } else {
-            self.counts.completed += 1;
-        }
-        if self.config.track_status {
-            let error = if open.failed { open.error } else { String::new() };
-            self.statuses.push(finished(id, status, error, open.retries));
-        }
-    }
-
-    /// Hands this turn's statuses and dead letters to the writer, ends gone subscriptions, and
-    /// publishes the counters.
+    /// Hands this turn's results to the writer, ends gone subscriptions, and publishes the
+    /// counters.
     fn end_turn(&mut self) {
-        let now = (self.counts, self.retries.len());
-        if now == self.published && self.statuses.is_empty() && self.dead.is_empty() && self.gone.is_empty() {
+        if self.outbox.has_work() {
+            for id in self.outbox.gone.drain(..) {
+                self.shared.table.unsubscribe(id);
+            }
+            settle(&self.shared, &mut self.outbox);
+        }
+        let now = Published {
+            counts: self.outbox.counts,
+            started: self.started,
+            pending_retries: self.retries.len(),
+            internal_errors: self.internal_errors,
+        };
+        if now == self.published {
             return;
-        }
-        if !self.statuses.is_empty() {
-            self.shared.writer.status(std::mem::take(&mut self.statuses));
-        }
-        if !self.dead.is_empty() {
-            self.shared.writer.dead_letters(std::mem::take(&mut self.dead));
-        }
-        for id in self.gone.drain(..) {
-            self.shared.table.unsubscribe(id);
         }
         let c = &self.counters;
-        let n = self.counts;
-        c.dispatched.store(n.dispatched, Ordering::Relaxed);
+        let n = now.counts;
         c.completed.store(n.completed, Ordering::Relaxed);
         c.failed.store(n.failed, Ordering::Relaxed);
         c.unrouted.store(n.unrouted, Ordering::Relaxed);
         c.handler_failures.store(n.handler_failures, Ordering::Relaxed);
         c.retries.store(n.retries, Ordering::Relaxed);
         c.dead_letters.store(n.dead_letters, Ordering::Relaxed);
-        c.pending_retries.store(self.retries.len() as u64, Ordering::Relaxed);
+        c.pending_retries.store(now.pending_retries as u64, Ordering::Relaxed);
+        c.internal_errors.store(now.internal_errors, Ordering::Relaxed);
         self.published = now;
     }
 }
 
-/// The final status of an event.
-pub(crate) fn finished(id: EventId, status: EventStatus, error: String, retries: u32) -> StatusUpdate {
-    StatusUpdate::new(id, status)
-        .with_error(error)
-        .with_retry_count(retries)
-        .with_completed_at(Timestamp::now())
+/// Writes status changes: inline when the provider is cheap enough, else through the writer.
+fn write_statuses(shared: &WorkerShared, statuses: Vec<StatusUpdate>) {
+    if statuses.is_empty() {
+        return;
+    }
+    match &shared.inline {
+        Some(provider) => {
+            let _ = shared
+                .writer
+                .inline("update_status_batch", statuses.len(), || provider.update_status_batch(&statuses));
+        }
+        None => shared.writer.status(statuses),
+    }
 }
 
-/// How a delivery made on the caller's thread ended.
-pub(crate) enum CallerDelivery {
-    /// The handler succeeded, after this many attempts.
-    Delivered { attempts: u32 },
-    /// The subscriber is gone (a dropped stream); it has been unsubscribed.
-    Gone,
-    /// Every attempt failed.
-    Failed(DeliveryFailure),
+/// Hands what deliveries produced to the provider: statuses inline when the provider is cheap
+/// enough, the rest (dead letters and acknowledgements, which must keep their order) through the
+/// writer.
+pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
+    if shared.inline.is_some() {
+        write_statuses(shared, std::mem::take(&mut outbox.statuses));
+    }
+    shared.writer.settle(outbox);
 }
 
-/// Delivers on the caller's thread (`publish_sync`, `redrive`), retrying per `policy` with the
-/// backoff slept between attempts.
+/// Values under stable keys: O(1) insert and remove, keys reused after removal.
+struct Slab<T> {
+    entries: Vec<Option<T>>,
+    free: Vec<usize>,
+    len: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Self { entries: Vec::new(), free: Vec::new(), len: 0 }
+    }
+}
+
+impl<T> Slab<T> {
+    fn insert(&mut self, value: T) -> usize {
+        self.len += 1;
+        if let Some(key) = self.free.pop() {
+            self.entries[key] = Some(value);
+            key
+        } else {
+            self.entries.push(Some(value));
+            self.entries.len() - 1
+        }
+    }
+
+    fn get(&self, key: usize) -> Option<&T> {
+        self.entries.get(key)?.as_ref()
+    }
+
+    fn get_mut(&mut self, key: usize) -> Option<&mut T> {
+        self.entries.get_mut(key)?.as_mut()
+    }
+
+    /// # Panics
+    /// When `key` holds nothing: a caller out of step with its own keys, a bug.
+    fn remove(&mut self, key: usize) -> T {
+        let value = self.entries[key].take().expect("removing an empty slab entry");
+        self.free.push(key);
+        self.len -= 1;
+        value
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().flatten()
+    }
+}
+
+/// Delivers on the caller's thread, for `publish_sync`: `job`'s deliveries to the subscriptions
+/// `set` matches, with inline retries, settled into `outbox`. Returns the failures.
 pub(crate) fn deliver_on_caller(
     table: &SubscriptionTable,
-    subscription: &Subscription,
-    event: &Arc<Event>,
+    set: &SubscriptionSet,
+    job: &Job,
     policy: &RetryPolicy,
-) -> CallerDelivery {
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        match deliver(subscription, event) {
-            Ok(()) => return CallerDelivery::Delivered { attempts },
-            Err(DeliveryError::Gone) => {
-                table.unsubscribe(subscription.id);
-                return CallerDelivery::Gone;
-            }
-            Err(DeliveryError::Failed(error)) if attempts > policy.max_retries => {
-                return CallerDelivery::Failed(DeliveryFailure {
-                    subscription_id: subscription.id,
-                    pattern: subscription.pattern.to_string(),
-                    error,
-                    attempts,
-                });
-            }
-            Err(DeliveryError::Failed(_)) => {
-                let delay = policy.delay_for_retry(attempts, fastrand::f64());
-                if delay > Duration::ZERO {
-                    std::thread::sleep(delay);
-                }
+    track_status: bool,
+    outbox: &mut Outbox,
+    shutdown: impl Fn() -> Option<Instant>,
+) -> Vec<crate::DeliveryFailure> {
+    let subscriptions: SmallVec<[Arc<Subscription>; 8]> =
+        set.matches(&job.event.event_type).values().cloned().collect();
+    if subscriptions.is_empty() {
+        outbox.unrouted(job, track_status);
+        return Vec::new();
+    }
+    let mut tally = Tally::default();
+    let mut failures = Vec::new();
+    for subscription in &subscriptions {
+        match delivery::deliver_inline(table, subscription, &job.event, policy, outbox, &shutdown) {
+            delivery::Inline::Delivered { attempts } => tally.delivered(attempts),
+            delivery::Inline::Gone => {}
+            delivery::Inline::Failed(failure) => {
+                outbox.give_up(job, &failure, &mut tally);
+                failures.push(failure);
             }
         }
     }
+    outbox.settle(job, tally, track_status);
+    failures
 }

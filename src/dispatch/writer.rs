@@ -1,28 +1,42 @@
-//! The provider writer: one thread per broker that turns stores, status changes and dead letters
-//! into batched provider calls.
+//! The provider writer: one thread per broker that turns stores, status changes, dead letters and
+//! the acknowledgements of inbound events into batched provider calls.
+//!
+//! A provider whose writes are cheap in-process work ([`Capabilities::inline_writes`], the memory
+//! provider) is not written through this thread: publishers store their events and workers write
+//! status changes inline, as events go, so no event waits for one thread. Dead letters and
+//! acknowledgements still come here, where their order is kept, and failures of inline writes are
+//! counted and reported here like the writer's own.
+//!
+//! [`Capabilities::inline_writes`]: crate::Capabilities::inline_writes
 //!
 //! ## Batching
-//! Work is gathered until the batch holds [`WriterConfig::max_batch`] events (512 by default) or
-//! [`WriterConfig::max_delay`] (1 ms) has passed since its first item, then written with at most
-//! three calls, in this order: `store_batch`, `update_status_batch`, `store_dead_letters`. Status
-//! changes of one event within a batch are merged into one update, so an event accepted and
-//! completed within a millisecond costs one stored row and one update, not three writes.
+//! Work is gathered until the batch holds [`WriterConfig::max_batch`] items (512 by default) or
+//! [`WriterConfig::max_delay`] (1 ms) has passed since its first item, then written in this order:
+//! `store_batch`, `update_status_batch`, `store_dead_letters`, then the inbound source's `ack`,
+//! `nak` and `extend`. Status changes of one event within a batch are merged into one update, so an
+//! event accepted and completed within a millisecond costs one stored row, not three writes.
 //!
 //! ## Ordering
 //! An event's store is always sent before any of its status changes (the publisher sends it
 //! before committing the ring slot the worker takes it from), and a batch writes stores before
-//! statuses, so the provider never sees a status for an event it has not been given.
+//! statuses, so the provider never sees a status for an event it has not been given. An inbound
+//! event's acknowledgement is written after its dead letters are stored: if they cannot be stored,
+//! the event is given back (`nak`) instead, to be redelivered — nothing is lost.
 //!
 //! ## Failures
 //! A transient provider error ([`ProviderError::is_transient`]) keeps the batch and retries it
 //! with exponential backoff (10 ms doubling to 1 s) while new work keeps arriving; nothing is
 //! dropped. Memory stays bounded because publishers are admitted only while fewer than
-//! [`WriterConfig::max_backlog`] stored events are unwritten; past that, `publish` reports
-//! `Full`. A permanent error (invalid input, a closed provider) cannot be fixed by retrying:
-//! the affected writes are logged, counted in [`WriterStats::dropped`], and reported to any
-//! confirmed publisher waiting on them.
+//! [`WriterConfig::max_backlog`] stored events are unwritten; past that, publishing reports
+//! `Full`. A permanent error (invalid input, a closed provider, a panic inside the provider)
+//! cannot be fixed by retrying: the affected writes are logged, counted in
+//! [`WriterStats::dropped`], reported to any confirmed publisher waiting on them, and reported by
+//! the next flush. A provider that panics is caught; the writer thread never dies of it. A provider
+//! that hangs holds the writer, but not the broker: the backlog bound turns into `Full` for
+//! publishers, and shutdown stops waiting at its deadline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -30,14 +44,23 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use crate::dispatch::delivery::{self, Outbox};
 use crate::error::{BrokerError, ProviderError, ProviderErrorKind};
-use crate::provider::{DeadLetter, Provider, StatusUpdate};
+use crate::provider::{Ack, AckToken, DeadLetter, Inbound, Provider, StatusUpdate};
 use crate::{Event, EventId};
 
 /// How the writer batches.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::WriterConfig;
+///
+/// let config = WriterConfig { max_delay: Duration::from_millis(5), ..WriterConfig::default() };
+/// assert_eq!((config.max_batch, config.max_backlog), (512, 65_536));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterConfig {
-    /// Most events (stores plus status changes) per batch.
+    /// Most items (stores, status changes, dead letters, acknowledgements) per batch.
     pub max_batch: usize,
     /// Longest time the first item of a batch waits before the batch is written.
     pub max_delay: Duration,
@@ -46,16 +69,19 @@ pub struct WriterConfig {
 }
 
 impl Default for WriterConfig {
-    /// 512 events or 1 ms per batch; a backlog of 65 536 events.
+    /// 512 items or 1 ms per batch; a backlog of 65 536 events.
     fn default() -> Self {
         Self { max_batch: 512, max_delay: Duration::from_millis(1), max_backlog: 65_536 }
     }
 }
 
-/// What the writer has done, as counted by the writer thread.
+/// What the writer has done, as counted by the writer thread. Writes a provider takes inline (see
+/// the module docs) are not counted here, except when they fail: the provider's own stats count
+/// them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WriterStats {
-    /// Batches written (each is one to three provider calls).
+    /// Batches written (each is one to six provider calls).
     pub batches: u64,
     /// Events stored.
     pub stored: u64,
@@ -63,10 +89,21 @@ pub struct WriterStats {
     pub status_updates: u64,
     /// Dead letters written.
     pub dead_letters: u64,
+    /// Inbound events acknowledged.
+    pub acks: u64,
+    /// Inbound events given back for redelivery (unfinished at shutdown, or whose dead letters
+    /// could not be stored).
+    pub naks: u64,
+    /// Claim extensions of inbound events waiting for retries.
+    pub extends: u64,
     /// Provider calls that failed (each failure of a retried batch counts).
     pub errors: u64,
     /// Writes given up after a permanent provider error.
     pub dropped: u64,
+    /// Provider calls that panicked (caught; counted in `errors` and `dropped` too).
+    pub panics: u64,
+    /// Writes that arrived after the writer had stopped (a shutdown that timed out), discarded.
+    pub late: u64,
     /// Stored events accepted but not yet written.
     pub backlog: usize,
 }
@@ -74,16 +111,28 @@ pub struct WriterStats {
 /// A waiting caller's answer channel.
 pub(crate) type Reply = Sender<Result<(), ProviderError>>;
 
+/// What workers and caller-thread deliveries settle in one go: it lands in one batch, so an
+/// event's acknowledgement is never written before its dead letters.
+struct Settlement {
+    statuses: Vec<StatusUpdate>,
+    dead_letters: Vec<DeadLetter>,
+    letter_tokens: Vec<AckToken>,
+    acks: Vec<Ack>,
+    naks: Vec<AckToken>,
+    extends: Vec<AckToken>,
+}
+
 enum WriteOp {
     /// One event: the common case, without a `Vec` to allocate.
     StoreOne(Arc<Event>, Option<Reply>),
     Store(Vec<Arc<Event>>),
     Status(Vec<StatusUpdate>),
-    DeadLetters(Vec<DeadLetter>),
-    /// Write everything gathered so far now, then answer.
-    Flush(Reply),
+    Settle(Settlement),
+    /// Write everything gathered so far now, then answer; `true` to be told of writes given up
+    /// (which then count as reported).
+    Flush(Sender<Result<(), BrokerError>>, bool),
     /// Write everything, retrying until the deadline, then stop.
-    Shutdown(Reply, Instant),
+    Shutdown(Sender<Result<(), BrokerError>>, Instant),
 }
 
 #[derive(Default)]
@@ -92,16 +141,27 @@ struct Counters {
     stored: AtomicU64,
     status_updates: AtomicU64,
     dead_letters: AtomicU64,
+    acks: AtomicU64,
+    naks: AtomicU64,
+    extends: AtomicU64,
     errors: AtomicU64,
     dropped: AtomicU64,
+    panics: AtomicU64,
+    late: AtomicU64,
 }
+
+/// Writes given up since a flush last reported any: how many, and the last error. Shared by the
+/// writer thread and the threads that write inline.
+type Unreported = Arc<parking_lot::Mutex<Option<(u64, ProviderError)>>>;
 
 /// The broker's handle on its writer thread.
 pub(crate) struct ProviderWriter {
     tx: Sender<WriteOp>,
-    /// Stored events sent and not yet written. Incremented by publishers before sending,
-    /// decremented by the writer after `store_batch` succeeds (or the store is dropped). Relaxed
-    /// everywhere: it is an admission estimate; no memory is published through it.
+    provider_name: &'static str,
+    unreported: Unreported,
+    /// Stored events admitted and not yet written. Raised by publishers' admission before sending,
+    /// lowered by the writer after `store_batch` settles. Relaxed everywhere: it is an admission
+    /// count; no memory is published through it.
     backlog: Arc<AtomicUsize>,
     counters: Arc<Counters>,
     max_backlog: usize,
@@ -109,89 +169,162 @@ pub(crate) struct ProviderWriter {
 }
 
 impl ProviderWriter {
+    /// Starts the writer thread. `origin` tags every store (the broker's consumer group key, when
+    /// it takes part in delivery); `inbound` receives the acknowledgements.
     pub(crate) fn spawn(
         provider: Arc<dyn Provider>,
+        inbound: Option<Arc<dyn Inbound>>,
         origin: Option<String>,
         config: WriterConfig,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let backlog = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(Counters::default());
+        let unreported = Unreported::default();
+        let provider_name = provider.name();
         let thread = WriterThread {
             provider,
+            inbound,
             origin,
             rx,
             config,
             backlog: Arc::clone(&backlog),
             counters: Arc::clone(&counters),
             batch: Batch::default(),
+            poisoned: HashSet::new(),
+            unreported: Arc::clone(&unreported),
+            backoff: FIRST_BACKOFF,
+            retry_at: None,
+            stopping: None,
         };
         let handle =
             std::thread::Builder::new().name("eventbroker-writer".into()).spawn(move || thread.run())?;
-        Ok(Self { tx, backlog, counters, max_backlog: config.max_backlog, thread: Mutex::new(Some(handle)) })
+        Ok(Self {
+            tx,
+            provider_name,
+            unreported,
+            backlog,
+            counters,
+            max_backlog: config.max_backlog,
+            thread: Mutex::new(Some(handle)),
+        })
     }
 
-    /// Whether `n` more stored events fit in the backlog.
-    pub(crate) fn has_room(&self, n: usize) -> bool {
-        self.backlog.load(Ordering::Relaxed) + n <= self.max_backlog
+    /// Admits up to `n` more stored events into the backlog; returns how many (0 when full). Each
+    /// admitted event must then be sent with `store*`, or given back with [`release`](Self::release).
+    pub(crate) fn try_admit(&self, n: usize) -> usize {
+        // Relaxed: see `backlog`.
+        let mut current = self.backlog.load(Ordering::Relaxed);
+        loop {
+            let take = self.max_backlog.saturating_sub(current).min(n);
+            if take == 0 {
+                return 0;
+            }
+            match self.backlog.compare_exchange_weak(
+                current,
+                current + take,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return take,
+                Err(now) => current = now,
+            }
+        }
     }
 
-    /// Queues an event to store. The caller checked [`ProviderWriter::has_room`].
+    /// Gives back `n` admitted events that will not be sent after all.
+    pub(crate) fn release(&self, n: usize) {
+        if n > 0 {
+            self.backlog.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues an admitted event to store.
     pub(crate) fn store(&self, event: Arc<Event>) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        self.send(WriteOp::StoreOne(event, None));
+        self.send(WriteOp::StoreOne(event, None), 1);
     }
 
-    /// Queues events to store. The caller checked [`ProviderWriter::has_room`].
+    /// Queues admitted events to store.
     pub(crate) fn store_many(&self, events: Vec<Arc<Event>>) {
-        self.backlog.fetch_add(events.len(), Ordering::Relaxed);
-        self.send(WriteOp::Store(events));
+        let n = events.len();
+        if n > 0 {
+            self.send(WriteOp::Store(events), n);
+        }
     }
 
-    /// Queues an event to store; the write's outcome is sent to `reply`.
+    /// Queues an admitted event to store; the write's outcome is sent to `reply`.
     pub(crate) fn store_confirmed(&self, event: Arc<Event>, reply: Reply) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        self.send(WriteOp::StoreOne(event, Some(reply)));
+        self.send(WriteOp::StoreOne(event, Some(reply)), 1);
     }
 
     pub(crate) fn status(&self, updates: Vec<StatusUpdate>) {
         if !updates.is_empty() {
-            self.send(WriteOp::Status(updates));
+            self.send(WriteOp::Status(updates), 0);
         }
     }
 
-    pub(crate) fn dead_letters(&self, letters: Vec<DeadLetter>) {
-        if !letters.is_empty() {
-            self.send(WriteOp::DeadLetters(letters));
+    /// Takes what `outbox` has for the writer (statuses, dead letters, acknowledgements), leaving
+    /// its counts.
+    pub(crate) fn settle(&self, outbox: &mut Outbox) {
+        let settlement = Settlement {
+            statuses: std::mem::take(&mut outbox.statuses),
+            dead_letters: std::mem::take(&mut outbox.dead_letters),
+            letter_tokens: std::mem::take(&mut outbox.letter_tokens),
+            acks: std::mem::take(&mut outbox.acks),
+            naks: std::mem::take(&mut outbox.naks),
+            extends: std::mem::take(&mut outbox.extends),
+        };
+        let empty = settlement.statuses.is_empty()
+            && settlement.dead_letters.is_empty()
+            && settlement.acks.is_empty()
+            && settlement.naks.is_empty()
+            && settlement.extends.is_empty();
+        if !empty {
+            self.send(WriteOp::Settle(settlement), 0);
         }
     }
 
     /// Writes everything queued so far and waits up to `timeout` for the outcome.
+    ///
+    /// `Ok` means every write queued before the call is with the provider, and no write was given
+    /// up since the previous flush reported one: a flush reports each write given up once.
     pub(crate) fn flush(&self, timeout: Duration) -> Result<(), BrokerError> {
+        self.flush_inner(timeout, true)
+    }
+
+    /// Writes everything queued so far, so reads through the provider see it; does not report
+    /// (nor count as reporting) writes given up, which are the user's flush's to report.
+    pub(crate) fn flush_for_read(&self, timeout: Duration) -> Result<(), BrokerError> {
+        self.flush_inner(timeout, false)
+    }
+
+    fn flush_inner(&self, timeout: Duration, report: bool) -> Result<(), BrokerError> {
         let (reply, outcome) = crossbeam_channel::bounded(1);
-        if self.tx.send(WriteOp::Flush(reply)).is_err() {
+        if self.tx.send(WriteOp::Flush(reply, report)).is_err() {
             return Err(BrokerError::Closed);
         }
-        match outcome.recv_timeout(timeout) {
-            Ok(result) => result.map_err(BrokerError::Provider),
+        match outcome.recv_deadline(crate::deadline::from_now(timeout)) {
+            Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => Err(BrokerError::Timeout(timeout)),
             Err(RecvTimeoutError::Disconnected) => Err(BrokerError::Closed),
         }
     }
 
     /// Writes everything queued, stops the thread and waits for it, up to `timeout`. Returns the
-    /// outcome of the final flush. Safe to call twice.
+    /// outcome of the final flush (a write given up and not yet reported makes it fail). Safe to
+    /// call twice. On timeout the thread is left to finish on its own.
     pub(crate) fn shutdown(&self, timeout: Duration) -> Result<(), BrokerError> {
         let Some(handle) = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
         else {
             return Ok(());
         };
+        let deadline = crate::deadline::from_now(timeout);
         let (reply, outcome) = crossbeam_channel::bounded(1);
-        if self.tx.send(WriteOp::Shutdown(reply, Instant::now() + timeout)).is_err() {
+        if self.tx.send(WriteOp::Shutdown(reply, deadline)).is_err() {
             return Err(BrokerError::Closed);
         }
-        let result = match outcome.recv_timeout(timeout) {
-            Ok(result) => result.map_err(BrokerError::Provider),
+        let result = match outcome.recv_deadline(deadline) {
+            Ok(result) => result,
             Err(RecvTimeoutError::Timeout) => return Err(BrokerError::Timeout(timeout)),
             Err(RecvTimeoutError::Disconnected) => Err(BrokerError::Closed),
         };
@@ -201,21 +334,48 @@ impl ProviderWriter {
 
     pub(crate) fn stats(&self) -> WriterStats {
         let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         WriterStats {
-            batches: c.batches.load(Ordering::Relaxed),
-            stored: c.stored.load(Ordering::Relaxed),
-            status_updates: c.status_updates.load(Ordering::Relaxed),
-            dead_letters: c.dead_letters.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
-            dropped: c.dropped.load(Ordering::Relaxed),
+            batches: load(&c.batches),
+            stored: load(&c.stored),
+            status_updates: load(&c.status_updates),
+            dead_letters: load(&c.dead_letters),
+            acks: load(&c.acks),
+            naks: load(&c.naks),
+            extends: load(&c.extends),
+            errors: load(&c.errors),
+            dropped: load(&c.dropped),
+            panics: load(&c.panics),
+            late: load(&c.late),
             backlog: self.backlog.load(Ordering::Relaxed),
         }
     }
 
-    fn send(&self, op: WriteOp) {
+    /// Runs one provider call on the calling thread (an inline write), catching a panic; a failure
+    /// is counted and reported like the writer's own, by the next flush.
+    pub(crate) fn inline<T>(
+        &self,
+        operation: &'static str,
+        items: usize,
+        f: impl FnOnce() -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let result = guarded(self.provider_name, operation, &self.counters, f);
+        if let Err(error) = &result {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped.fetch_add(items as u64, Ordering::Relaxed);
+            tracing::error!(%error, operation, items, "an inline provider write failed; the items are dropped");
+            record_drop(&self.unreported, items, error);
+        }
+        result
+    }
+
+    /// Sends `op`, which carries `stores` admitted events.
+    fn send(&self, op: WriteOp, stores: usize) {
         // The writer outlives every sender except after a timed-out shutdown, when late work from
-        // a worker still draining has nowhere to go; the shutdown report counts it as undelivered.
+        // a worker still draining has nowhere to go: it is counted, and the report says so.
         if self.tx.send(op).is_err() {
+            self.release(stores);
+            self.counters.late.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("provider writer is stopped; a late write was discarded");
         }
     }
@@ -230,18 +390,28 @@ struct Batch {
     statuses: HashMap<EventId, StatusUpdate>,
     order: Vec<EventId>,
     dead_letters: Vec<DeadLetter>,
-    flush_replies: Vec<Reply>,
+    letter_tokens: Vec<AckToken>,
+    acks: Vec<Ack>,
+    naks: Vec<AckToken>,
+    extends: Vec<AckToken>,
+    /// Flushes waiting, and whether each wants writes given up reported.
+    flush_replies: Vec<(Sender<Result<(), BrokerError>>, bool)>,
     /// When the first item arrived.
     opened: Option<Instant>,
 }
 
 impl Batch {
     fn len(&self) -> usize {
-        self.stores.len() + self.statuses.len() + self.dead_letters.len()
+        self.stores.len()
+            + self.statuses.len()
+            + self.dead_letters.len()
+            + self.acks.len()
+            + self.naks.len()
+            + self.extends.len()
     }
 
     fn has_writes(&self) -> bool {
-        !(self.stores.is_empty() && self.statuses.is_empty() && self.dead_letters.is_empty())
+        self.len() > 0
     }
 
     fn add_status(&mut self, update: StatusUpdate) {
@@ -265,8 +435,14 @@ fn merge(earlier: &mut StatusUpdate, later: StatusUpdate) {
     earlier.completed_at = later.completed_at.or(earlier.completed_at);
 }
 
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long an inbound event whose dead letters could not be stored waits before it is redelivered.
+const WITHHELD_ACK_REDELIVERY: Duration = Duration::from_secs(1);
+
 struct WriterThread {
     provider: Arc<dyn Provider>,
+    inbound: Option<Arc<dyn Inbound>>,
     /// The consumer group key stores are tagged with, when the broker takes part in delivery.
     origin: Option<String>,
     rx: Receiver<WriteOp>,
@@ -274,133 +450,206 @@ struct WriterThread {
     backlog: Arc<AtomicUsize>,
     counters: Arc<Counters>,
     batch: Batch,
+    /// Inbound events whose dead letters were given up: their acks become naks.
+    poisoned: HashSet<AckToken>,
+    /// The last write given up since a flush reported one, and how many were.
+    unreported: Unreported,
+    backoff: Duration,
+    /// When a failed batch may be tried again.
+    retry_at: Option<Instant>,
+    /// Set when asked to stop: who to answer, and until when a failing write is retried.
+    stopping: Option<(Sender<Result<(), BrokerError>>, Instant)>,
 }
 
-const FIRST_BACKOFF: Duration = Duration::from_millis(10);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Whether the writer goes on after a step.
+enum Step {
+    Continue,
+    Stop,
+}
 
 impl WriterThread {
     fn run(mut self) {
-        let mut backoff = FIRST_BACKOFF;
-        let mut retry_at: Option<Instant> = None;
-        // Set when asked to stop: who to answer, and until when a failing write is retried.
-        let mut stopping: Option<(Reply, Instant)> = None;
         loop {
-            let deadline = match (self.batch.opened, retry_at) {
-                (_, Some(at)) => Some(at),
-                (Some(opened), None) => Some(opened + self.config.max_delay),
-                (None, None) => None,
-            };
-            let op = match deadline {
-                None => self.rx.recv().ok(),
-                Some(at) => match self.rx.recv_deadline(at) {
-                    Ok(op) => Some(op),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        stopping.get_or_insert_with(orphan_stop);
-                        None
-                    }
-                },
-            };
-            let mut urgent = false;
-            if let Some(op) = op {
-                urgent |= self.take(op, &mut stopping);
-                // Drain what is already queued without waiting: this is where batches grow.
-                while self.batch.len() < self.config.max_batch {
-                    match self.rx.try_recv() {
-                        Ok(op) => urgent |= self.take(op, &mut stopping),
-                        Err(_) => break,
-                    }
-                }
-            } else if deadline.is_none() {
-                // Every sender is gone: write what is left and stop.
-                stopping.get_or_insert_with(orphan_stop);
-            }
-
-            let now = Instant::now();
-            let due = self.batch.len() >= self.config.max_batch
-                || self.batch.opened.is_some_and(|opened| now >= opened + self.config.max_delay)
-                || urgent
-                || stopping.is_some();
-            let retry_due = retry_at.is_none_or(|at| now >= at);
-            if due && retry_due {
-                match self.write() {
-                    Ok(()) => {
-                        backoff = FIRST_BACKOFF;
-                        retry_at = None;
-                    }
-                    Err(error) => {
-                        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%error, retry_in = ?backoff, "provider write failed; the batch is kept");
-                        for reply in self.batch.flush_replies.drain(..) {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                        retry_at = Some(now + backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        if let Some((reply, until)) = stopping.take_if(|(_, until)| now + backoff > *until) {
-                            tracing::error!(%error, ?until, "provider writer stopped with writes unwritten");
-                            let _ = reply.send(Err(error));
-                            return;
-                        }
-                    }
-                }
-            }
-            if !self.batch.has_writes() {
-                self.batch.opened = None;
-                for reply in self.batch.flush_replies.drain(..) {
-                    let _ = reply.send(Ok(()));
-                }
-                if let Some((reply, _)) = stopping.take() {
-                    let _ = reply.send(Ok(()));
-                    return;
+            match catch_unwind(AssertUnwindSafe(|| self.step())) {
+                Ok(Step::Continue) => {}
+                Ok(Step::Stop) => return,
+                Err(payload) => {
+                    let message = delivery::panic_message(&*payload);
+                    delivery::drop_contained(payload);
+                    self.counters.panics.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%message, "the provider writer caught a panic; it carries on");
                 }
             }
         }
     }
 
+    /// Waits for work (or a due write), gathers what is queued, and writes when the batch is due.
+    fn step(&mut self) -> Step {
+        let deadline = match (self.batch.opened, self.retry_at) {
+            (_, Some(at)) => Some(at),
+            (Some(opened), None) => Some(crate::deadline::after(opened, self.config.max_delay)),
+            (None, None) => None,
+        };
+        let op = match deadline {
+            None => self.rx.recv().ok(),
+            Some(at) => match self.rx.recv_deadline(at) {
+                Ok(op) => Some(op),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.stopping.get_or_insert_with(orphan_stop);
+                    None
+                }
+            },
+        };
+        let mut urgent = false;
+        if let Some(op) = op {
+            urgent |= self.take(op);
+            // Drain what is already queued without waiting: this is where batches grow.
+            while self.batch.len() < self.config.max_batch {
+                match self.rx.try_recv() {
+                    Ok(op) => urgent |= self.take(op),
+                    Err(_) => break,
+                }
+            }
+        } else if deadline.is_none() {
+            // Every sender is gone: write what is left and stop.
+            self.stopping.get_or_insert_with(orphan_stop);
+        }
+
+        let now = Instant::now();
+        let due = self.batch.len() >= self.config.max_batch
+            || self
+                .batch
+                .opened
+                .is_some_and(|opened| now >= crate::deadline::after(opened, self.config.max_delay))
+            || urgent
+            || self.stopping.is_some();
+        let retry_due = self.retry_at.is_none_or(|at| now >= at);
+        if due && retry_due {
+            match self.write() {
+                Ok(()) => {
+                    self.backoff = FIRST_BACKOFF;
+                    self.retry_at = None;
+                }
+                Err(error) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, retry_in = ?self.backoff, "provider write failed; the batch is kept");
+                    for (reply, _) in self.batch.flush_replies.drain(..) {
+                        let _ = reply.send(Err(BrokerError::Provider(error.clone())));
+                    }
+                    self.retry_at = Some(crate::deadline::after(now, self.backoff));
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    let next_try = crate::deadline::after(now, self.backoff);
+                    if let Some((reply, until)) = self.stopping.take_if(|(_, until)| next_try > *until) {
+                        tracing::error!(%error, ?until, "provider writer stopped with writes unwritten");
+                        let _ = reply.send(Err(BrokerError::Provider(error)));
+                        return Step::Stop;
+                    }
+                }
+            }
+        }
+        if !self.batch.has_writes() {
+            self.batch.opened = None;
+            let replies = std::mem::take(&mut self.batch.flush_replies);
+            let stop = self.stopping.take();
+            if !replies.is_empty() || stop.is_some() {
+                let reporting = stop.is_some() || replies.iter().any(|(_, report)| *report);
+                let outcome = if reporting { self.report() } else { Ok(()) };
+                for (reply, report) in replies {
+                    let _ = reply.send(if report { outcome.clone() } else { Ok(()) });
+                }
+                if let Some((reply, _)) = stop {
+                    let _ = reply.send(outcome);
+                    return Step::Stop;
+                }
+            }
+        }
+        Step::Continue
+    }
+
+    /// A flush's answer: the writes given up since a flush last reported them, once.
+    fn report(&mut self) -> Result<(), BrokerError> {
+        match self.unreported.lock().take() {
+            None => Ok(()),
+            Some((dropped, error)) => Err(BrokerError::WritesDropped { dropped, error }),
+        }
+    }
+
     /// Adds one operation to the batch; `true` when it asks for an immediate write.
-    fn take(&mut self, op: WriteOp, stopping: &mut Option<(Reply, Instant)>) -> bool {
+    fn take(&mut self, op: WriteOp) -> bool {
         self.batch.opened.get_or_insert_with(Instant::now);
+        let batch = &mut self.batch;
         match op {
             WriteOp::StoreOne(event, reply) => {
-                self.batch.stores.push(event);
-                self.batch.store_replies.extend(reply);
-                false
+                batch.stores.push(event);
+                batch.store_replies.extend(reply);
             }
-            WriteOp::Store(events) => {
-                self.batch.stores.extend(events);
-                false
-            }
+            WriteOp::Store(events) => batch.stores.extend(events),
             WriteOp::Status(updates) => {
                 for update in updates {
-                    self.batch.add_status(update);
+                    batch.add_status(update);
                 }
-                false
             }
-            WriteOp::DeadLetters(letters) => {
-                self.batch.dead_letters.extend(letters);
-                false
+            WriteOp::Settle(settlement) => {
+                for update in settlement.statuses {
+                    batch.add_status(update);
+                }
+                batch.dead_letters.extend(settlement.dead_letters);
+                batch.letter_tokens.extend(settlement.letter_tokens);
+                batch.acks.extend(settlement.acks);
+                batch.naks.extend(settlement.naks);
+                batch.extends.extend(settlement.extends);
             }
-            WriteOp::Flush(reply) => {
-                self.batch.flush_replies.push(reply);
-                true
+            WriteOp::Flush(reply, report) => {
+                batch.flush_replies.push((reply, report));
+                return true;
             }
             WriteOp::Shutdown(reply, until) => {
-                *stopping = Some((reply, until));
-                true
+                self.stopping = Some((reply, until));
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs one provider call, turning a panic inside it into a permanent error.
+    fn call<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce() -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        guarded(self.provider.name(), operation, &self.counters, f)
+    }
+
+    /// Settles a call's outcome: counted when written, kept for a retry when transient, given up
+    /// (counted, logged, remembered for the next flush) when permanent.
+    fn settle(&mut self, result: Result<(), ProviderError>, what: &'static str, n: usize) -> Settled {
+        match result {
+            Ok(()) => Settled::Written,
+            Err(error) if error.is_transient() => Settled::Retry(error),
+            Err(error) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
+                let closed = matches!(error.kind(), ProviderErrorKind::Closed);
+                tracing::error!(%error, what, items = n, closed, "provider write failed permanently; the items are dropped");
+                record_drop(&self.unreported, n, &error);
+                Settled::Dropped(error)
             }
         }
     }
 
     /// Writes the batch part by part; a part that succeeds is cleared, so a retry redoes only
-    /// what failed. Permanent failures drop their part with a log line.
+    /// what failed. Permanent failures drop their part.
     fn write(&mut self) -> Result<(), ProviderError> {
         let mut wrote = false;
         self.fold_statuses_into_stores();
         if !self.batch.stores.is_empty() {
-            let result = self.provider.store_batch(&self.batch.stores, self.origin.as_deref());
             let n = self.batch.stores.len();
-            let outcome = match settle(result, "store_batch", n, &self.counters) {
+            let result = {
+                let (provider, stores, origin) = (&self.provider, &self.batch.stores, self.origin.as_deref());
+                self.call("store_batch", || provider.store_batch(stores, origin))
+            };
+            let outcome = match self.settle(result, "store_batch", n) {
                 Settled::Retry(error) => {
                     // Waiters learn of the failure now; the stores stay for the next attempt.
                     for reply in self.batch.store_replies.drain(..) {
@@ -427,8 +676,8 @@ impl WriterThread {
         } else {
             let updates: Vec<StatusUpdate> =
                 self.batch.order.iter().filter_map(|id| self.batch.statuses.get(id).cloned()).collect();
-            let result = self.provider.update_status_batch(&updates);
-            match settle(result, "update_status_batch", updates.len(), &self.counters) {
+            let result = self.call("update_status_batch", || self.provider.update_status_batch(&updates));
+            match self.settle(result, "update_status_batch", updates.len()) {
                 Settled::Written => {
                     self.counters.status_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
                     wrote = true;
@@ -440,31 +689,101 @@ impl WriterThread {
             self.batch.order.clear();
         }
         if !self.batch.dead_letters.is_empty() {
-            let result = self.provider.store_dead_letters(&self.batch.dead_letters);
             let n = self.batch.dead_letters.len();
-            match settle(result, "store_dead_letters", n, &self.counters) {
+            let result = self
+                .call("store_dead_letters", || self.provider.store_dead_letters(&self.batch.dead_letters));
+            match self.settle(result, "store_dead_letters", n) {
                 Settled::Written => {
                     self.counters.dead_letters.fetch_add(n as u64, Ordering::Relaxed);
                     wrote = true;
                 }
-                Settled::Dropped(_) => {}
+                Settled::Dropped(_) => self.poisoned.extend(self.batch.letter_tokens.iter().copied()),
                 Settled::Retry(error) => return Err(error),
             }
             self.batch.dead_letters.clear();
         }
+        self.batch.letter_tokens.clear();
+        wrote |= self.write_acknowledgements()?;
         if wrote {
             self.counters.batches.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
-}
 
-/// A stop nobody waits for (every sender dropped): retried for a short grace period.
-fn orphan_stop() -> (Reply, Instant) {
-    (crossbeam_channel::bounded(1).0, Instant::now() + Duration::from_secs(5))
-}
+    /// Writes the acks, naks and extensions of inbound events, after everything they depend on.
+    /// An ack whose event's dead letters were given up becomes a nak: the event comes back rather
+    /// than being lost.
+    fn write_acknowledgements(&mut self) -> Result<bool, ProviderError> {
+        let Some(inbound) = self.inbound.clone() else {
+            self.batch.acks.clear();
+            self.batch.naks.clear();
+            self.batch.extends.clear();
+            return Ok(false);
+        };
+        let mut wrote = false;
+        if !self.poisoned.is_empty() {
+            let poisoned = &mut self.poisoned;
+            let mut withheld = Vec::new();
+            self.batch.acks.retain(|ack| {
+                let keep = !poisoned.remove(&ack.token);
+                if !keep {
+                    withheld.push(ack.token);
+                }
+                keep
+            });
+            if !withheld.is_empty() {
+                tracing::warn!(
+                    events = withheld.len(),
+                    "inbound events whose dead letters were lost are given back"
+                );
+                let result = self.call("nak", || inbound.nak(&withheld, WITHHELD_ACK_REDELIVERY));
+                if let Settled::Written = self.settle(result, "nak", withheld.len()) {
+                    self.counters.naks.fetch_add(withheld.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+        if !self.batch.acks.is_empty() {
+            let n = self.batch.acks.len();
+            let result = self.call("ack", || inbound.ack(&self.batch.acks));
+            match self.settle(result, "ack", n) {
+                Settled::Written => {
+                    self.counters.acks.fetch_add(n as u64, Ordering::Relaxed);
+                    wrote = true;
+                }
+                Settled::Dropped(_) => {}
+                Settled::Retry(error) => return Err(error),
+            }
+            self.batch.acks.clear();
+        }
+        if !self.batch.naks.is_empty() {
+            let n = self.batch.naks.len();
+            let result = self.call("nak", || inbound.nak(&self.batch.naks, Duration::ZERO));
+            match self.settle(result, "nak", n) {
+                Settled::Written => {
+                    self.counters.naks.fetch_add(n as u64, Ordering::Relaxed);
+                    wrote = true;
+                }
+                Settled::Dropped(_) => {}
+                Settled::Retry(error) => return Err(error),
+            }
+            self.batch.naks.clear();
+        }
+        if !self.batch.extends.is_empty() {
+            let n = self.batch.extends.len();
+            let result = self.call("extend", || inbound.extend(&self.batch.extends));
+            match self.settle(result, "extend", n) {
+                Settled::Written => {
+                    self.counters.extends.fetch_add(n as u64, Ordering::Relaxed);
+                    wrote = true;
+                }
+                // An extension is only worth its moment: a failed one is not retried.
+                Settled::Dropped(_) | Settled::Retry(_) => {}
+            }
+            self.batch.extends.clear();
+        }
+        Ok(wrote)
+    }
 
-impl WriterThread {
     /// An event stored and updated within one batch is stored once, already updated: one
     /// provider call instead of two. The copy is made only when someone else still shares the
     /// event (a handler or a worker), which is the cost the provider would pay on update anyway.
@@ -480,22 +799,38 @@ impl WriterThread {
     }
 }
 
+/// Runs one provider call, turning a panic inside it into a permanent error.
+fn guarded<T>(
+    provider: &'static str,
+    operation: &'static str,
+    counters: &Counters,
+    f: impl FnOnce() -> Result<T, ProviderError>,
+) -> Result<T, ProviderError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = delivery::panic_message(&*payload);
+            delivery::drop_contained(payload);
+            counters.panics.fetch_add(1, Ordering::Relaxed);
+            Err(ProviderError::new(provider, operation, ProviderErrorKind::Panicked(message)))
+        }
+    }
+}
+
+/// Remembers `items` writes given up with `error`, for the next flush to report.
+fn record_drop(unreported: &Unreported, items: usize, error: &ProviderError) {
+    let mut unreported = unreported.lock();
+    let dropped = unreported.as_ref().map_or(0, |(d, _)| *d) + items as u64;
+    *unreported = Some((dropped, error.clone()));
+}
+
+/// A stop nobody waits for (every sender dropped): retried for a short grace period.
+fn orphan_stop() -> (Sender<Result<(), BrokerError>>, Instant) {
+    (crossbeam_channel::bounded(1).0, crate::deadline::from_now(Duration::from_secs(5)))
+}
+
 enum Settled {
     Written,
     Retry(ProviderError),
     Dropped(ProviderError),
-}
-
-fn settle(result: Result<(), ProviderError>, what: &str, n: usize, counters: &Counters) -> Settled {
-    match result {
-        Ok(()) => Settled::Written,
-        Err(error) if error.is_transient() => Settled::Retry(error),
-        Err(error) => {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-            counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
-            let closed = matches!(error.kind(), ProviderErrorKind::Closed);
-            tracing::error!(%error, what, items = n, closed, "provider write failed permanently; the items are dropped");
-            Settled::Dropped(error)
-        }
-    }
 }

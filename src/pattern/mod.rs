@@ -29,9 +29,11 @@
 //!
 //! ## Limits
 //! Types and patterns are at most [`MAX_NAME_LEN`] (255) bytes and [`MAX_SEGMENTS`] (32)
-//! segments. Segments are non-empty and contain no whitespace or control characters. Wildcards
-//! are whole segments; an event type contains none. Types are checked when published, patterns
-//! when parsed, each with an error naming the input and the byte where it goes wrong.
+//! segments. Segments are non-empty and contain no whitespace, control, format or otherwise
+//! invisible characters (U+200B, U+FEFF: see [`SyntaxErrorKind::InvisibleChar`]), so two names that
+//! look the same are the same. Wildcards are whole segments; an event type contains none. Types
+//! are checked when published, patterns when parsed, each with an error naming the input and the
+//! byte where it goes wrong.
 //!
 //! ## Compiled matching
 //! [`Pattern::matches`] tests one pattern and is the reference. A broker holds many patterns in a
@@ -159,8 +161,8 @@ impl Pattern {
     ///
     /// # Errors
     /// [`PatternError`] for an empty pattern, an empty segment, a wildcard mixed into a segment
-    /// (`us*rs`), `>` before the last segment, whitespace or control characters, or a pattern
-    /// over [`MAX_NAME_LEN`] bytes or [`MAX_SEGMENTS`] segments.
+    /// (`us*rs`), `>` before the last segment, whitespace, control, format or invisible characters,
+    /// or a pattern over [`MAX_NAME_LEN`] bytes or [`MAX_SEGMENTS`] segments.
     pub fn parse(pattern: &str) -> Result<Self, PatternError> {
         let mut segments = Vec::with_capacity(4);
         scan(pattern, |offset, segment, is_last| {
@@ -318,6 +320,58 @@ fn is_wildcard(c: char) -> bool {
     c == '*' || c == '>'
 }
 
+/// The characters refused as invisible, in sorted, disjoint, inclusive ranges: the union of
+/// `General_Category=Format` (Cf) and `Default_Ignorable_Code_Point`, Unicode 16.0
+/// (`extracted/DerivedGeneralCategory.txt` and `DerivedCoreProperties.txt`; regex-syntax's tables
+/// give the same, and a test checks the ranges against `\p{Cf}` and
+/// `\p{Default_Ignorable_Code_Point}` through it). Zero-width spaces and joiners, the byte-order
+/// mark, bidi controls, soft hyphens, variation selectors, Hangul fillers, tag characters, and
+/// the code points reserved to be ignorable. Whitespace (with U+2028 and U+2029) and control
+/// characters are refused by `char::is_whitespace` and `char::is_control`.
+const INVISIBLE: [(char, char); 25] = [
+    ('\u{00ad}', '\u{00ad}'),
+    ('\u{034f}', '\u{034f}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061c}', '\u{061c}'),
+    ('\u{06dd}', '\u{06dd}'),
+    ('\u{070f}', '\u{070f}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08e2}', '\u{08e2}'),
+    ('\u{115f}', '\u{1160}'),
+    ('\u{17b4}', '\u{17b5}'),
+    ('\u{180b}', '\u{180f}'),
+    ('\u{200b}', '\u{200f}'),
+    ('\u{202a}', '\u{202e}'),
+    ('\u{2060}', '\u{206f}'),
+    ('\u{3164}', '\u{3164}'),
+    ('\u{fe00}', '\u{fe0f}'),
+    ('\u{feff}', '\u{feff}'),
+    ('\u{ffa0}', '\u{ffa0}'),
+    ('\u{fff0}', '\u{fffb}'),
+    ('\u{110bd}', '\u{110bd}'),
+    ('\u{110cd}', '\u{110cd}'),
+    ('\u{13430}', '\u{1343f}'),
+    ('\u{1bca0}', '\u{1bca3}'),
+    ('\u{1d173}', '\u{1d17a}'),
+    ('\u{e0000}', '\u{e0fff}'),
+];
+
+/// Whether `c` is in [`INVISIBLE`]. ASCII never is, and costs one comparison.
+fn is_invisible(c: char) -> bool {
+    c >= INVISIBLE[0].0
+        && INVISIBLE
+            .binary_search_by(|&(first, last)| {
+                if last < c {
+                    std::cmp::Ordering::Less
+                } else if first > c {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Equal
+                }
+            })
+            .is_ok()
+}
+
 /// Checks the rules shared by types and patterns and hands each segment, with its byte offset
 /// and whether it is the last, to `segment`. Allocates nothing: it runs on every publish.
 fn scan(
@@ -332,8 +386,22 @@ fn scan(
         let position = (0..=MAX_NAME_LEN).rev().find(|&i| input.is_char_boundary(i)).unwrap_or(0);
         return Err((position, SyntaxErrorKind::TooLong { len: input.len(), max: MAX_NAME_LEN }));
     }
-    if let Some((i, ch)) = input.char_indices().find(|&(_, c)| c.is_whitespace() || c.is_control()) {
-        return Err((i, SyntaxErrorKind::InvalidChar { ch }));
+    for (i, ch) in input.char_indices() {
+        // ASCII first, and cheaply: its whitespace and control characters are those up to ' ',
+        // and DEL; it has no invisible ones.
+        let kind = if ch.is_ascii() {
+            if ch > ' ' && ch != '\x7f' {
+                continue;
+            }
+            SyntaxErrorKind::InvalidChar { ch }
+        } else if ch.is_whitespace() || ch.is_control() {
+            SyntaxErrorKind::InvalidChar { ch }
+        } else if is_invisible(ch) {
+            SyntaxErrorKind::InvisibleChar { ch }
+        } else {
+            continue;
+        };
+        return Err((i, kind));
     }
     let count = input.bytes().filter(|&b| b == b'.').count() + 1;
     if count > MAX_SEGMENTS {
@@ -416,6 +484,60 @@ mod tests {
     }
 
     #[test]
+    fn invisible_characters_are_refused_where_they_are() {
+        use SyntaxErrorKind as K;
+        assert_eq!(err("a\u{200b}b"), (1, K::InvisibleChar { ch: '\u{200b}' }));
+        assert_eq!(err("\u{feff}public.*"), (0, K::InvisibleChar { ch: '\u{feff}' }));
+        assert_eq!(err("é.x\u{2060}"), (4, K::InvisibleChar { ch: '\u{2060}' }));
+        assert_eq!(err("a.\u{3164}"), (2, K::InvisibleChar { ch: '\u{3164}' }), "a Hangul filler");
+        assert_eq!(
+            err("a\u{2028}b"),
+            (1, K::InvalidChar { ch: '\u{2028}' }),
+            "a line separator is whitespace"
+        );
+        let e = validate_event_type("public.users\u{200b}.create").unwrap_err();
+        assert_eq!((e.position(), e.kind()), (12, &K::InvisibleChar { ch: '\u{200b}' }));
+        assert_eq!(
+            e.to_string(),
+            "invalid event type \"public.users\\u{200b}.create\" at byte 12: \
+             invisible or format character U+200B is not allowed"
+        );
+        let e = Pattern::parse("audit.\u{e0041}").unwrap_err();
+        assert!(e.to_string().ends_with("character U+E0041 is not allowed"), "{e}");
+    }
+
+    #[test]
+    fn the_ascii_shortcut_refuses_exactly_whitespace_and_control() {
+        for ch in (0..0x80u8).map(char::from) {
+            let refused = Pattern::parse(&format!("a{ch}")).is_err_and(|e| e.position() == 1);
+            assert_eq!(
+                refused && !matches!(ch, '.' | '*' | '>'),
+                ch.is_whitespace() || ch.is_control(),
+                "{ch:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_invisible_table_is_sorted_and_its_edges_are_exact() {
+        assert!(INVISIBLE.iter().all(|&(first, last)| first <= last));
+        assert!(
+            INVISIBLE.windows(2).all(|w| u32::from(w[0].1) + 1 < u32::from(w[1].0)),
+            "disjoint, not adjacent"
+        );
+        for &(first, last) in &INVISIBLE {
+            for ch in [first, last] {
+                let e = validate_event_type(&format!("a.b{ch}")).unwrap_err();
+                assert_eq!((e.position(), e.kind()), (3, &SyntaxErrorKind::InvisibleChar { ch }));
+            }
+            let beside = [u32::from(first) - 1, u32::from(last) + 1].map(|c| char::from_u32(c).unwrap());
+            for ch in beside.into_iter().filter(|c| !c.is_whitespace() && !c.is_control()) {
+                assert!(validate_event_type(&format!("a.b{ch}")).is_ok(), "U+{:04X}", u32::from(ch));
+            }
+        }
+    }
+
+    #[test]
     fn a_too_long_input_is_blamed_on_a_character_boundary() {
         // Found by `fuzz/fuzz_targets/parse.rs`: byte 255 fell inside the 128th 'é'.
         let long = "é".repeat(130);
@@ -467,6 +589,20 @@ mod tests {
                 proptest::prop_assert!(exact.is_ok(), "{input:?}");
             }
             proptest::prop_assert_eq!(validate_event_type(&input).is_ok(), exact.is_ok());
+        }
+    }
+
+    proptest::proptest! {
+        /// The table against regex-syntax's Unicode tables (the version proptest builds with),
+        /// sampled from both sides.
+        #[test]
+        fn the_invisible_table_is_unicode_format_and_default_ignorable(
+            refused in proptest::string::string_regex(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]").unwrap(),
+            kept in proptest::string::string_regex(r"[^\p{Cf}\p{Default_Ignorable_Code_Point}]").unwrap(),
+        ) {
+            let (refused, kept) = (refused.chars().next().unwrap(), kept.chars().next().unwrap());
+            proptest::prop_assert!(is_invisible(refused), "U+{:04X}", u32::from(refused));
+            proptest::prop_assert!(!is_invisible(kept), "U+{:04X}", u32::from(kept));
         }
     }
 

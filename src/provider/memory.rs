@@ -5,17 +5,23 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch`, `update_status_batch` | O(log n) per event (time and sequence indexes), O(1) LRU |
-//! | `get`, `delete` | O(log n) |
-//! | `list` | O(log n + events scanned in the filter's time window) |
+//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append |
+//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it |
+//! | `get`, `delete` | O(1) (`delete`: O(log n) to mark its sequence number gone) |
+//! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
-//! | `stats` | O(1): counters are kept on every change |
+//! | `stats` | O(shards): counters are kept on every change |
+//!
+//! The events are split into shards by id (16 of them from 4 096 events up, one below), each with
+//! its own lock, so publishers and workers writing at once rarely meet; the provider is cheap enough
+//! to be written inline by the threads that publish and handle events
+//! ([`Capabilities::inline_writes`]), without a writer thread in between.
 //!
 //! ## Bounds
-//! - At most [`MemoryConfig::max_events`] events (10 000 by default). Storing one more evicts the
-//!   least recently used: storing, `get` and status updates count as use; `list`, `replay` and
-//!   `stats` do not. Eviction ignores status, so an event still pending can be evicted; size the
-//!   bound above the number of events in flight.
+//! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly. Storing one more
+//!   evicts the least recently used of its shard (of all events, below 4 096): storing, `get` and
+//!   status updates count as use; `list`, `replay` and `stats` do not. Eviction ignores status, so an
+//!   event still pending can be evicted; size the bound above the number of events in flight.
 //! - Completed and failed events created more than [`MemoryConfig::max_age`] ago (24 h by
 //!   default) are removed by a background thread, `eventbroker-memory-cleanup`, that wakes every
 //!   [`MemoryConfig::cleanup_interval`] (1 min by default), and by
@@ -46,23 +52,26 @@
 //! Brokers that share one `MemoryProvider` (each given the same `Arc`) receive each other's events
 //! exactly as instances sharing a Redis, NATS or PostgreSQL server do: fan-out or work-queue
 //! groups, no echo, redelivery of what a vanished member fetched and never acknowledged after
-//! [`InboundConfig::claim_idle`], filters applied before anything is handed out. Groups live as
-//! long as the provider and read its sequence index, so a group that falls more than
-//! [`MemoryConfig::max_events`] events behind loses the evicted ones (counted as `bus_lost` when
-//! they were pending). Hand-outs, redeliveries, skipped echoes and filtered events are counted as
-//! `bus_redelivered`, `bus_echoes_skipped`, `bus_filtered`, next to `bus_pending`.
+//! [`InboundConfig::claim_idle`], filters applied before anything is handed out. Once a first group
+//! exists, every newly stored event is also appended to the bus's log (a shared reference, not a
+//! copy), which keeps what some group still has to read, at most [`MemoryConfig::max_events`]
+//! entries: a group that falls further behind loses the oldest, counted as `bus_lost`. Hand-outs,
+//! redeliveries, skipped echoes and filtered events are counted as `bus_redelivered`,
+//! `bus_echoes_skipped` and `bus_filtered`, next to `bus_pending` and `bus_logged`. Without groups
+//! (a broker alone with its own provider) nothing of the bus costs anything.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::mem;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use uuid::Uuid;
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
-use self::bus::{Bell, Bus, Log, SourceId};
-use self::lru::Lru;
+use self::bus::{Bell, Bus, SourceId};
+use self::letters::LetterTable;
+use self::table::EventTable;
 use super::{
     Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
     EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
@@ -74,12 +83,16 @@ use crate::pattern::Pattern;
 use crate::sync::thread;
 
 mod bus;
+mod letters;
 mod lru;
+mod table;
 
 const NAME: &str = "memory";
 
-/// Sorts before every real id at the same time, to start a range at a time.
-const MIN_ID: EventId = EventId::from_uuid(Uuid::nil());
+/// Shards of a provider holding at least [`SHARDED_FROM`] events.
+const SHARDS: usize = 16;
+/// Below this bound, one shard: least-recently-used eviction is then exact over every event.
+const SHARDED_FROM: usize = 4096;
 
 /// Settings of a [`MemoryProvider`].
 ///
@@ -93,7 +106,7 @@ const MIN_ID: EventId = EventId::from_uuid(Uuid::nil());
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// Most events kept; storing more evicts the least recently used. Default 10 000. With 0 an
-    /// event is evicted as soon as it is stored (streams still receive it).
+    /// event is evicted as soon as it is stored (streams and consumer groups still receive it).
     pub max_events: usize,
     /// Completed and failed events created longer ago than this are removed by cleanup. Default
     /// 24 hours; `None` keeps them until evicted.
@@ -121,9 +134,10 @@ impl Default for MemoryConfig {
 
 /// The in-process [`Provider`]; see the [module docs](self) for its bounds and costs.
 ///
-/// Thread-safe: one read-write lock guards the events and dead letters, held only for the index
-/// work itself; events are copied out and streams fed after it is released. `close` (also run on
-/// drop) stops the cleanup thread and joins it; it never waits longer than one cleanup pass.
+/// Thread-safe: the events live in shards, each behind its own read-write lock held only for the
+/// index work itself; dead letters and the bus have locks of their own; events are copied out and
+/// streams fed after the locks are released. `close` (also run on drop) stops the cleanup thread
+/// and joins it; it never waits longer than one cleanup pass.
 pub struct MemoryProvider {
     shared: Arc<Shared>,
     cleaner: Mutex<Option<Cleaner>>,
@@ -131,22 +145,36 @@ pub struct MemoryProvider {
 
 struct Shared {
     config: MemoryConfig,
-    /// Lock order: `state`, then the hub's lock, never the other way round.
-    state: RwLock<State>,
+    shards: Box<[RwLock<Shard>]>,
+    letters: RwLock<Letters>,
+    bus: Mutex<Bus>,
+    /// Whether any consumer group exists: read on every store, without the bus's lock. Once true,
+    /// always true (groups are durable).
+    bus_active: AtomicBool,
+    /// The next sequence number. Taken under the lock of the shard the event goes to, so each
+    /// shard's numbers increase.
+    next_seq: AtomicU64,
+    /// Set by `close`, after every shard and the letters are closed under their locks.
+    closed: AtomicBool,
     hub: StreamHub,
     /// Rung when events that some consumer group may want are stored.
     bell: Bell,
 }
 
-struct State {
+struct Shard {
     closed: bool,
     events: EventTable,
-    letters: LetterTable,
-    bus: Bus,
+    /// Most events this shard keeps: its part of `max_events`.
+    bound: usize,
     published: u64,
     replaced: u64,
     evicted: u64,
     expired: u64,
+}
+
+struct Letters {
+    closed: bool,
+    table: LetterTable,
 }
 
 /// The background cleanup thread and the channel that stops it.
@@ -161,17 +189,28 @@ impl MemoryProvider {
     /// `cleanup_interval` are set.
     pub fn new(config: MemoryConfig) -> Self {
         let interval = config.cleanup_interval.filter(|_| config.max_age.is_some());
+        let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
+        let shards = (0..count)
+            .map(|i| {
+                let bound = config.max_events / count + usize::from(i < config.max_events % count);
+                RwLock::new(Shard {
+                    closed: false,
+                    events: EventTable::new(),
+                    bound,
+                    published: 0,
+                    replaced: 0,
+                    evicted: 0,
+                    expired: 0,
+                })
+            })
+            .collect();
         let shared = Arc::new(Shared {
-            state: RwLock::new(State {
-                closed: false,
-                events: EventTable::new(),
-                letters: LetterTable::new(),
-                bus: Bus::default(),
-                published: 0,
-                replaced: 0,
-                evicted: 0,
-                expired: 0,
-            }),
+            shards,
+            letters: RwLock::new(Letters { closed: false, table: LetterTable::new() }),
+            bus: Mutex::new(Bus::new(config.max_events)),
+            bus_active: AtomicBool::new(false),
+            next_seq: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
             config,
@@ -194,6 +233,37 @@ impl MemoryProvider {
     pub fn cleanup_now(&self) -> Result<usize, ProviderError> {
         self.shared.cleanup(Timestamp::now(), "cleanup_now")
     }
+
+    /// Opens a stream of the events stored through this provider from now on whose type matches
+    /// `pattern`: local tailing, in store order per storing thread. Events stored before the call
+    /// are not delivered; use [`EventStore::replay`] for those. See [`EventStream`] for what
+    /// happens when the stream is full. (Other brokers' events reach a broker through
+    /// [`Provider::open_inbound`].)
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use eventbroker::{Event, EventSink, EventSource, MemoryProvider, Pattern};
+    ///
+    /// let provider = MemoryProvider::default();
+    /// let mut stream = provider.stream(&Pattern::parse("audit.>")?)?;
+    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "audit.login"))], None)?;
+    /// assert_eq!(stream.try_recv()?.event_type, "audit.login");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ProviderErrorKind::Closed`](crate::ProviderErrorKind::Closed) after [`Provider::close`].
+    pub fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
+        // Opened under the letters' lock, which `close` takes too: `close` either ends this stream
+        // or refuses it.
+        let letters = self.shared.letters.read();
+        if letters.closed {
+            return Err(closed_error(NAME, "stream"));
+        }
+        let stream = self.shared.hub.open(pattern.clone());
+        drop(letters);
+        Ok(stream)
+    }
 }
 
 impl Default for MemoryProvider {
@@ -211,43 +281,73 @@ impl Drop for MemoryProvider {
 
 impl std::fmt::Debug for MemoryProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = self.shared.state.read();
+        let events: usize = self.shared.shards.iter().map(|s| s.read().events.len()).sum();
         f.debug_struct("MemoryProvider")
             .field("config", &self.shared.config)
-            .field("events", &state.events.len())
-            .field("dead_letters", &state.letters.len())
-            .field("closed", &state.closed)
+            .field("shards", &self.shared.shards.len())
+            .field("events", &events)
+            .field("dead_letters", &self.shared.letters.read().table.len())
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl Shared {
-    fn read(&self, operation: &'static str) -> Result<RwLockReadGuard<'_, State>, ProviderError> {
-        let state = self.state.read();
-        if state.closed { Err(closed_error(NAME, operation)) } else { Ok(state) }
+    /// The shard an event id lives in: ids are random in their low bits (UUID v7 and v4 alike).
+    fn shard_of(&self, id: EventId) -> usize {
+        #[allow(clippy::cast_possible_truncation, reason = "only the low bits pick the shard")]
+        let low = id.as_uuid().as_u128() as usize;
+        low % self.shards.len()
     }
 
-    fn write(&self, operation: &'static str) -> Result<RwLockWriteGuard<'_, State>, ProviderError> {
-        let state = self.state.write();
-        if state.closed { Err(closed_error(NAME, operation)) } else { Ok(state) }
+    fn shard(
+        &self,
+        index: usize,
+        operation: &'static str,
+    ) -> Result<RwLockWriteGuard<'_, Shard>, ProviderError> {
+        let shard = self.shards[index].write();
+        if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(shard) }
+    }
+
+    /// Runs `f` on each shard under its read lock, unless closed.
+    fn each_shard<T>(
+        &self,
+        operation: &'static str,
+        mut f: impl FnMut(&Shard) -> T,
+    ) -> Result<Vec<T>, ProviderError> {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let shard = shard.read();
+                if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(f(&shard)) }
+            })
+            .collect()
+    }
+
+    fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
+        // Acquire: pairs with the Release store in `close`.
+        if self.closed.load(Ordering::Acquire) { Err(closed_error(NAME, operation)) } else { Ok(()) }
     }
 
     fn cleanup(&self, now: Timestamp, operation: &'static str) -> Result<usize, ProviderError> {
         let Some(max_age) = self.config.max_age else {
-            return self.read(operation).map(|_| 0);
+            return self.check_open(operation).map(|()| 0);
         };
         let cutoff = now.saturating_sub(max_age).unwrap_or(Timestamp::MIN);
-        let mut state = self.write(operation)?;
-        let expired = state.events.finished_before(cutoff);
-        for &id in &expired {
-            state.events.remove(id);
+        let mut removed = 0;
+        for index in 0..self.shards.len() {
+            let mut shard = self.shard(index, operation)?;
+            let expired = shard.events.finished_before(cutoff);
+            for &id in &expired {
+                shard.events.remove(id);
+            }
+            shard.expired += expired.len() as u64;
+            removed += expired.len();
         }
-        state.expired += expired.len() as u64;
-        drop(state);
-        if !expired.is_empty() {
-            tracing::debug!(count = expired.len(), %cutoff, "memory provider: expired finished events");
+        if removed > 0 {
+            tracing::debug!(count = removed, %cutoff, "memory provider: expired finished events");
         }
-        Ok(expired.len())
+        Ok(removed)
     }
 }
 
@@ -283,76 +383,111 @@ impl Cleaner {
 
 impl EventSink for MemoryProvider {
     fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
-        let mut guard = self.shared.write("store_batch")?;
-        // Taken while the store lock is held (the documented lock order), so deliveries happen in
-        // store order even when stores run on several threads.
-        let mut delivery = self.shared.hub.begin_delivery();
-        let tailing = !delivery.is_idle();
-        let state = &mut *guard;
-        let origin: Option<Arc<str>> = origin.map(Arc::from);
-        let mut fresh = Vec::new();
-        let mut stored_new = false;
+        let shared = &*self.shared;
+        shared.check_open("store_batch")?;
+        let tailing = shared.hub.is_tailed();
+        // Acquire: pairs with the Release store in `open_inbound`; a group that joined before this
+        // store began sees its events.
+        let logging = shared.bus_active.load(Ordering::Acquire);
+        let mut fresh: Vec<&Arc<Event>> = Vec::new();
+        let mut guard: Option<(usize, RwLockWriteGuard<'_, Shard>)> = None;
         for event in events {
-            if state.events.upsert(event, origin.as_ref()) {
-                state.published += 1;
-                stored_new = true;
-                if tailing {
+            let index = shared.shard_of(event.id);
+            if guard.as_ref().is_none_or(|(held, _)| *held != index) {
+                drop(guard.take()); // One shard lock at a time.
+                guard = Some((index, shared.shard(index, "store_batch")?));
+            }
+            let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
+            // Relaxed: the number only needs to be unique and increasing within the shard, whose
+            // lock is held.
+            if held.events.upsert(event, || shared.next_seq.fetch_add(1, Ordering::Relaxed)) {
+                held.published += 1;
+                if tailing || logging {
                     fresh.push(event);
                 }
             } else {
-                state.replaced += 1;
+                held.replaced += 1;
             }
-            while state.events.len() > self.shared.config.max_events {
-                state.events.evict_least_recent();
-                state.evicted += 1;
+            while held.events.len() > held.bound && held.events.evict_least_recent() {
+                held.evicted += 1;
             }
         }
-        let ring = stored_new && state.bus.interested(origin.as_deref());
-        drop(guard); // Streams are fed, and fetchers woken, without the store lock.
-        for event in fresh {
-            delivery.send(event);
+        drop(guard);
+        if fresh.is_empty() {
+            return Ok(());
         }
-        if ring {
-            self.shared.bell.ring();
+        if logging && shared.bus.lock().append(fresh.iter().copied(), origin) {
+            shared.bell.ring();
+        }
+        if tailing {
+            let mut delivery = shared.hub.begin_delivery();
+            for event in fresh {
+                delivery.send(event);
+            }
         }
         Ok(())
     }
 
     fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
-        let mut state = self.shared.write("update_status_batch")?;
+        let shared = &*self.shared;
+        shared.check_open("update_status_batch")?;
+        let mut guard: Option<(usize, RwLockWriteGuard<'_, Shard>)> = None;
         for update in updates {
-            state.events.update(update);
+            let index = shared.shard_of(update.id);
+            if guard.as_ref().is_none_or(|(held, _)| *held != index) {
+                drop(guard.take()); // One shard lock at a time.
+                guard = Some((index, shared.shard(index, "update_status_batch")?));
+            }
+            if let Some((_, shard)) = guard.as_mut() {
+                shard.events.update(update);
+            }
         }
         Ok(())
     }
 
     fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
-        let mut state = self.shared.write("store_dead_letters")?;
+        let mut guard = self.shared.letters.write();
+        if guard.closed {
+            return Err(closed_error(NAME, "store_dead_letters"));
+        }
         for letter in letters {
-            state.letters.upsert(letter.clone(), self.shared.config.max_dead_letters);
+            guard.table.upsert(letter.clone(), self.shared.config.max_dead_letters);
         }
         Ok(())
     }
 
     fn flush(&self) -> Result<(), ProviderError> {
         // Writes are applied before they return; there is nothing buffered to wait for.
-        self.shared.read("flush").map(drop)
+        self.shared.check_open("flush")
     }
 }
 
 impl EventStore for MemoryProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
-        let found = self.shared.write("get")?.events.touch(id);
-        Ok(found.map(|event| Event::clone(&event)))
+        let shared = &*self.shared;
+        Ok(shared.shard(shared.shard_of(id), "get")?.events.touch(id))
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
-        let page = self.shared.read("list")?.events.list(filter);
-        Ok(page.iter().map(|event| Event::clone(event)).collect())
+        let take = filter.offset.saturating_add(filter.limit.unwrap_or(usize::MAX));
+        let mut found: Vec<_> = self
+            .shared
+            .each_shard("list", |shard| shard.events.list(filter, take))?
+            .into_iter()
+            .flatten()
+            .collect();
+        found.sort_unstable_by_key(|(key, _)| *key);
+        Ok(found
+            .into_iter()
+            .skip(filter.offset)
+            .take(filter.limit.unwrap_or(usize::MAX))
+            .map(|(_, e)| e)
+            .collect())
     }
 
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
-        Ok(self.shared.write("delete")?.events.remove(id).is_some())
+        let shared = &*self.shared;
+        Ok(shared.shard(shared.shard_of(id), "delete")?.events.remove(id).is_some())
     }
 
     fn replay(
@@ -361,52 +496,82 @@ impl EventStore for MemoryProvider {
         pattern: Option<&Pattern>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, ProviderError> {
-        let page = self.shared.read("replay")?.events.replay(from, pattern, limit);
-        Ok(page.into_iter().map(|(seq, event)| StoredEvent { seq, event: Event::clone(&event) }).collect())
+        let mut found: Vec<_> = self
+            .shared
+            .each_shard("replay", |shard| shard.events.replay(from, pattern, limit))?
+            .into_iter()
+            .flatten()
+            .collect();
+        found.sort_unstable_by_key(|(seq, _)| *seq);
+        found.truncate(limit);
+        Ok(found.into_iter().map(|(seq, event)| StoredEvent { seq, event }).collect())
     }
 
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
-        Ok(self.shared.read("list_dead_letters")?.letters.list(filter))
+        let letters = self.shared.letters.read();
+        if letters.closed {
+            return Err(closed_error(NAME, "list_dead_letters"));
+        }
+        Ok(letters.table.list(filter))
     }
 
     fn get_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
-        Ok(self.shared.read("get_dead_letter")?.letters.get(id).cloned())
+        let letters = self.shared.letters.read();
+        if letters.closed {
+            return Err(closed_error(NAME, "get_dead_letter"));
+        }
+        Ok(letters.table.get(id).cloned())
     }
 
     fn delete_dead_letter(&self, id: DeadLetterId) -> Result<bool, ProviderError> {
-        Ok(self.shared.write("delete_dead_letter")?.letters.remove(id).is_some())
+        let mut letters = self.shared.letters.write();
+        if letters.closed {
+            return Err(closed_error(NAME, "delete_dead_letter"));
+        }
+        Ok(letters.table.remove(id).is_some())
     }
 
     fn stats(&self) -> Result<ProviderStats, ProviderError> {
-        let state = self.shared.read("stats")?;
-        let count = |status| state.events.count(status);
-        let hub = &self.shared.hub;
-        let bus = &state.bus;
-        Ok(ProviderStats {
-            provider_type: NAME.to_owned(),
-            total_events: state.events.len() as u64,
-            pending_events: count(EventStatus::Pending),
-            processing_events: count(EventStatus::Processing),
-            completed_events: count(EventStatus::Completed),
-            failed_events: count(EventStatus::Failed),
-            events_published: state.published,
-            events_consumed: hub.delivered() + bus.handed_out,
-            active_subscribers: (hub.active() + bus.open_sources()) as u64,
-            dead_letters: state.letters.len() as u64,
-            provider_specific: BTreeMap::from([
-                ("max_events".to_owned(), self.shared.config.max_events.into()),
-                ("evicted".to_owned(), state.evicted.into()),
-                ("expired".to_owned(), state.expired.into()),
-                ("replaced".to_owned(), state.replaced.into()),
-                ("dead_letters_dropped".to_owned(), state.letters.dropped.into()),
-                ("streams_missed".to_owned(), hub.missed().into()),
-                ("bus_pending".to_owned(), bus.pending().into()),
-                ("bus_redelivered".to_owned(), bus.redelivered.into()),
-                ("bus_echoes_skipped".to_owned(), bus.echoes_skipped.into()),
-                ("bus_filtered".to_owned(), bus.filtered.into()),
-                ("bus_lost".to_owned(), bus.lost.into()),
-            ]),
-        })
+        let shared = &*self.shared;
+        let mut stats = ProviderStats::new(NAME);
+        let (mut evicted, mut expired, mut replaced) = (0_u64, 0_u64, 0_u64);
+        shared.each_shard("stats", |shard| {
+            let events = &shard.events;
+            stats.total_events += events.len() as u64;
+            stats.pending_events += events.count(EventStatus::Pending);
+            stats.processing_events += events.count(EventStatus::Processing);
+            stats.completed_events += events.count(EventStatus::Completed);
+            stats.failed_events += events.count(EventStatus::Failed);
+            stats.events_published += shard.published;
+            evicted += shard.evicted;
+            expired += shard.expired;
+            replaced += shard.replaced;
+        })?;
+        let letters = shared.letters.read();
+        if letters.closed {
+            return Err(closed_error(NAME, "stats"));
+        }
+        let bus = shared.bus.lock();
+        let hub = &shared.hub;
+        stats.events_consumed = hub.delivered() + bus.handed_out;
+        stats.active_subscribers = (hub.active() + bus.open_sources()) as u64;
+        stats.dead_letters = letters.table.len() as u64;
+        stats.provider_specific = BTreeMap::from([
+            ("max_events".to_owned(), shared.config.max_events.into()),
+            ("shards".to_owned(), shared.shards.len().into()),
+            ("evicted".to_owned(), evicted.into()),
+            ("expired".to_owned(), expired.into()),
+            ("replaced".to_owned(), replaced.into()),
+            ("dead_letters_dropped".to_owned(), letters.table.dropped.into()),
+            ("streams_missed".to_owned(), hub.missed().into()),
+            ("bus_pending".to_owned(), bus.pending().into()),
+            ("bus_logged".to_owned(), bus.logged().into()),
+            ("bus_redelivered".to_owned(), bus.redelivered.into()),
+            ("bus_echoes_skipped".to_owned(), bus.echoes_skipped.into()),
+            ("bus_filtered".to_owned(), bus.filtered.into()),
+            ("bus_lost".to_owned(), bus.lost.into()),
+        ]);
+        Ok(stats)
     }
 }
 
@@ -424,70 +589,56 @@ impl Provider for MemoryProvider {
             delete: true,
             replay: true,
             durable: false,
+            inline_writes: true,
         }
     }
 
     fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
-        let mut guard = self.shared.write("open_inbound")?;
-        let state = &mut *guard;
-        let source = state.bus.join(config, &state.events, Instant::now());
-        drop(guard);
+        let shared = &*self.shared;
+        let mut bus = shared.bus.lock();
+        shared.check_open("open_inbound")?;
+        let source = bus.join(config, Instant::now());
+        // Release: pairs with the Acquire load in `store_batch`.
+        shared.bus_active.store(true, Ordering::Release);
+        drop(bus);
         // Whatever a predecessor left may be due at once.
-        self.shared.bell.ring();
+        shared.bell.ring();
         Ok(Arc::new(MemoryInbound {
             shared: Arc::clone(&self.shared),
             group: config.group().key(),
             source,
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }))
     }
 
     fn close(&self) -> Result<(), ProviderError> {
-        let released = {
-            let mut state = self.shared.state.write();
-            state.closed = true;
-            (
-                mem::replace(&mut state.events, EventTable::new()),
-                mem::replace(&mut state.letters, LetterTable::new()),
-                mem::take(&mut state.bus),
-            )
+        let shared = &*self.shared;
+        let mut released = Vec::with_capacity(shared.shards.len());
+        for lock in &*shared.shards {
+            let mut part = lock.write();
+            part.closed = true;
+            released.push(mem::replace(&mut part.events, EventTable::new()));
+        }
+        let letters = {
+            let mut letters = shared.letters.write();
+            letters.closed = true;
+            mem::replace(&mut letters.table, LetterTable::new())
         };
-        drop(released); // Freed outside the lock.
-        self.shared.hub.close();
-        self.shared.bell.ring(); // Waiting fetchers find the provider closed.
+        let bus = {
+            let mut bus = shared.bus.lock();
+            // Release: pairs with the Acquire loads in `check_open`; set under the bus lock so a
+            // source opening now either is refused or sees a closed provider in every call.
+            shared.closed.store(true, Ordering::Release);
+            mem::replace(&mut *bus, Bus::new(0))
+        };
+        drop((released, letters, bus)); // Freed outside the locks.
+        shared.hub.close();
+        shared.bell.ring(); // Waiting fetchers find the provider closed.
         let cleaner = self.cleaner.lock().take();
         if let Some(cleaner) = cleaner {
             cleaner.stop();
         }
         Ok(())
-    }
-}
-
-impl MemoryProvider {
-    /// Opens a stream of the events stored through this provider from now on whose type matches
-    /// `pattern`: local tailing, in store order. Events stored before the call are not delivered;
-    /// use [`EventStore::replay`] for those. See [`EventStream`] for what happens when the stream
-    /// is full. (Other brokers' events reach a broker through [`Provider::open_inbound`].)
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use eventbroker::{Event, EventSink, EventSource, MemoryProvider, Pattern};
-    ///
-    /// let provider = MemoryProvider::default();
-    /// let mut stream = provider.stream(&Pattern::parse("audit.>")?)?;
-    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "audit.login"))], None)?;
-    /// assert_eq!(stream.try_recv()?.event_type, "audit.login");
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`ProviderErrorKind::Closed`](crate::ProviderErrorKind::Closed) after [`Provider::close`].
-    pub fn stream(&self, pattern: &Pattern) -> Result<EventStream, ProviderError> {
-        // Opened under the state lock, so `close` either ends this stream or refuses it.
-        let state = self.shared.read("stream")?;
-        let stream = self.shared.hub.open(pattern.clone());
-        drop(state);
-        Ok(stream)
     }
 }
 
@@ -500,38 +651,36 @@ struct MemoryInbound {
     /// The group's key.
     group: String,
     source: SourceId,
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl MemoryInbound {
-    /// The state, for writing, unless this source or the provider is closed.
-    fn state(&self, operation: &'static str) -> Result<RwLockWriteGuard<'_, State>, ProviderError> {
-        // Relaxed: a flag read under (and set before) the state lock, which orders it.
-        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+    /// The bus, unless this source or the provider is closed.
+    fn bus(&self, operation: &'static str) -> Result<parking_lot::MutexGuard<'_, Bus>, ProviderError> {
+        let bus = self.shared.bus.lock();
+        // Relaxed: set under the bus lock, which orders it.
+        if self.closed.load(Ordering::Relaxed) {
             return Err(closed_error(NAME, operation));
         }
-        self.shared.write(operation)
+        self.shared.check_open(operation)?;
+        Ok(bus)
     }
 }
 
 impl Inbound for MemoryInbound {
     fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<InboundEvent>, ProviderError> {
-        let started = Instant::now();
-        let deadline = started.checked_add(wait).unwrap_or(started + Duration::from_secs(86_400));
+        let deadline = crate::deadline::from_now(wait);
         loop {
             let seen = self.shared.bell.count();
             let now = Instant::now();
-            let mut guard = self.state("fetch")?;
-            let state = &mut *guard;
-            let fetched = state.bus.fetch(&self.group, self.source, max, &state.events, now);
-            drop(guard);
+            let fetched = self.bus("fetch")?.fetch(&self.group, self.source, max, now);
             if !fetched.events.is_empty() || max == 0 {
                 return Ok(fetched
                     .events
                     .into_iter()
                     .map(|h| InboundEvent {
                         event: h.event,
-                        token: AckToken::new(h.seq),
+                        token: AckToken::new(h.position),
                         deliveries: h.deliveries,
                     })
                     .collect());
@@ -545,253 +694,35 @@ impl Inbound for MemoryInbound {
     }
 
     fn ack(&self, acks: &[Ack]) -> Result<(), ProviderError> {
-        self.state("ack")?.bus.ack(&self.group, acks.iter().map(|a| a.token));
+        self.bus("ack")?.ack(&self.group, acks.iter().map(|a| a.token));
         Ok(())
     }
 
     fn nak(&self, tokens: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
-        let now = Instant::now();
-        let due = now.checked_add(delay).unwrap_or(now + Duration::from_secs(86_400));
-        self.state("nak")?.bus.nak(&self.group, tokens, due);
+        let due = crate::deadline::from_now(delay);
+        self.bus("nak")?.nak(&self.group, tokens, due);
         self.shared.bell.ring();
         Ok(())
     }
 
     fn extend(&self, tokens: &[AckToken]) -> Result<(), ProviderError> {
-        self.state("extend")?.bus.extend(&self.group, self.source, tokens, Instant::now());
+        self.bus("extend")?.extend(&self.group, self.source, tokens, Instant::now());
         Ok(())
     }
 
     fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
-        self.state("set_filter")?.bus.set_filter(&self.group, self.source, patterns);
+        self.bus("set_filter")?.set_filter(&self.group, self.source, patterns);
         Ok(())
     }
 
     fn close(&self) -> Result<(), ProviderError> {
-        let mut state = self.shared.state.write();
-        // Relaxed: see `state`.
-        if !self.closed.swap(true, std::sync::atomic::Ordering::Relaxed) && !state.closed {
-            state.bus.leave(&self.group, self.source, Instant::now());
-            drop(state);
+        let mut bus = self.shared.bus.lock();
+        // Relaxed: see `bus`.
+        if !self.closed.swap(true, Ordering::Relaxed) && !self.shared.closed.load(Ordering::Acquire) {
+            bus.leave(&self.group, self.source, Instant::now());
+            drop(bus);
             self.shared.bell.ring();
         }
         Ok(())
-    }
-}
-
-/// One stored event and its sequence number.
-struct Entry {
-    event: Arc<Event>,
-    seq: u64,
-    /// The consumer group that published it, if a broker did.
-    origin: Option<Arc<str>>,
-}
-
-/// The stored events: a recency list holding them, and indexes by id, by `(created_at, id)` (for
-/// `list` and expiry) and by sequence (for `replay`), all pointing at recency-list slots.
-struct EventTable {
-    lru: Lru<Entry>,
-    by_id: HashMap<EventId, usize, foldhash::fast::RandomState>,
-    by_time: BTreeMap<(Timestamp, EventId), usize>,
-    by_seq: BTreeMap<u64, usize>,
-    /// Stored events per status, indexed by [`status_index`].
-    by_status: [u64; 4],
-    next_seq: u64,
-}
-
-const fn status_index(status: EventStatus) -> usize {
-    match status {
-        EventStatus::Pending => 0,
-        EventStatus::Processing => 1,
-        EventStatus::Completed => 2,
-        EventStatus::Failed => 3,
-    }
-}
-
-impl EventTable {
-    fn new() -> Self {
-        Self {
-            lru: Lru::new(),
-            by_id: HashMap::default(),
-            by_time: BTreeMap::new(),
-            by_seq: BTreeMap::new(),
-            by_status: [0; 4],
-            next_seq: 1,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.lru.len()
-    }
-
-    fn count(&self, status: EventStatus) -> u64 {
-        self.by_status[status_index(status)]
-    }
-
-    /// Stores `event` as the most recently used; `true` when its id was not stored yet. A re-store
-    /// keeps the first store's sequence number and origin.
-    fn upsert(&mut self, event: &Arc<Event>, origin: Option<&Arc<str>>) -> bool {
-        let id = event.id;
-        if let Some(&slot) = self.by_id.get(&id) {
-            let entry = self.lru.get_mut(slot);
-            let old = mem::replace(&mut entry.event, Arc::clone(event));
-            if old.created_at != event.created_at {
-                self.by_time.remove(&(old.created_at, id));
-                self.by_time.insert((event.created_at, id), slot);
-            }
-            self.by_status[status_index(old.status)] -= 1;
-            self.by_status[status_index(event.status)] += 1;
-            self.lru.touch(slot);
-            return false;
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let slot = self.lru.push_front(Entry { event: Arc::clone(event), seq, origin: origin.cloned() });
-        self.by_id.insert(id, slot);
-        self.by_time.insert((event.created_at, id), slot);
-        self.by_seq.insert(seq, slot);
-        self.by_status[status_index(event.status)] += 1;
-        true
-    }
-
-    /// The event with `id`, now the most recently used.
-    fn touch(&mut self, id: EventId) -> Option<Arc<Event>> {
-        let slot = *self.by_id.get(&id)?;
-        self.lru.touch(slot);
-        Some(Arc::clone(&self.lru.get(slot).event))
-    }
-
-    /// Applies `update` when its event is stored, which then counts as used.
-    fn update(&mut self, update: &StatusUpdate) {
-        let Some(&slot) = self.by_id.get(&update.id) else { return };
-        let event = Arc::make_mut(&mut self.lru.get_mut(slot).event);
-        self.by_status[status_index(event.status)] -= 1;
-        update.apply_to(event);
-        self.by_status[status_index(event.status)] += 1;
-        self.lru.touch(slot);
-    }
-
-    fn remove(&mut self, id: EventId) -> Option<Entry> {
-        let slot = self.by_id.remove(&id)?;
-        let entry = self.lru.remove(slot);
-        self.by_time.remove(&(entry.event.created_at, id));
-        self.by_seq.remove(&entry.seq);
-        self.by_status[status_index(entry.event.status)] -= 1;
-        Some(entry)
-    }
-
-    fn evict_least_recent(&mut self) {
-        if let Some(slot) = self.lru.back() {
-            let id = self.lru.get(slot).event.id;
-            self.remove(id);
-        }
-    }
-
-    /// Ids of completed and failed events created before `cutoff`.
-    fn finished_before(&self, cutoff: Timestamp) -> Vec<EventId> {
-        self.by_time
-            .range(..(cutoff, MIN_ID))
-            .filter(|&(_, &slot)| self.lru.get(slot).event.status.is_terminal())
-            .map(|(&(_, id), _)| id)
-            .collect()
-    }
-
-    /// The page of events `filter` selects, in `(created_at, id)` order.
-    fn list(&self, filter: &EventFilter) -> Vec<Arc<Event>> {
-        let start = filter.start_time.unwrap_or(Timestamp::MIN);
-        let in_window = self.by_time.range((start, MIN_ID)..);
-        let in_window =
-            in_window.take_while(|((created_at, _), _)| filter.end_time.is_none_or(|end| *created_at < end));
-        in_window
-            .map(|(_, &slot)| &self.lru.get(slot).event)
-            .filter(|event| filter.matches(event))
-            .skip(filter.offset)
-            .take(filter.limit.unwrap_or(usize::MAX))
-            .cloned()
-            .collect()
-    }
-
-    fn replay(&self, from: ReplayFrom, pattern: Option<&Pattern>, limit: usize) -> Vec<(u64, Arc<Event>)> {
-        let (first_seq, not_before) = match from {
-            ReplayFrom::Beginning => (0, None),
-            ReplayFrom::Sequence(seq) => (seq, None),
-            ReplayFrom::Time(at) => (0, Some(at)),
-        };
-        self.by_seq
-            .range(first_seq..)
-            .map(|(&seq, &slot)| (seq, &self.lru.get(slot).event))
-            .filter(|(_, event)| not_before.is_none_or(|at| event.created_at >= at))
-            .filter(|(_, event)| pattern.is_none_or(|p| p.matches(&event.event_type)))
-            .take(limit)
-            .map(|(seq, event)| (seq, Arc::clone(event)))
-            .collect()
-    }
-}
-
-impl Log for EventTable {
-    fn get(&self, seq: u64) -> Option<(&Arc<Event>, Option<&str>)> {
-        let entry = self.lru.get(*self.by_seq.get(&seq)?);
-        Some((&entry.event, entry.origin.as_deref()))
-    }
-
-    fn from(&self, first: u64) -> impl Iterator<Item = (u64, &Arc<Event>, Option<&str>)> {
-        self.by_seq.range(first..).map(|(&seq, &slot)| {
-            let entry = self.lru.get(slot);
-            (seq, &entry.event, entry.origin.as_deref())
-        })
-    }
-
-    fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-}
-
-/// The stored dead letters, in `(failed_at, id)` order.
-struct LetterTable {
-    by_time: BTreeMap<(Timestamp, DeadLetterId), DeadLetter>,
-    failed_at: HashMap<DeadLetterId, Timestamp, foldhash::fast::RandomState>,
-    dropped: u64,
-}
-
-impl LetterTable {
-    fn new() -> Self {
-        Self { by_time: BTreeMap::new(), failed_at: HashMap::default(), dropped: 0 }
-    }
-
-    fn len(&self) -> usize {
-        self.by_time.len()
-    }
-
-    fn upsert(&mut self, letter: DeadLetter, max: usize) {
-        if let Some(old) = self.failed_at.insert(letter.id, letter.failed_at) {
-            self.by_time.remove(&(old, letter.id));
-        }
-        self.by_time.insert((letter.failed_at, letter.id), letter);
-        while self.by_time.len() > max {
-            if let Some(((_, id), _)) = self.by_time.pop_first() {
-                self.failed_at.remove(&id);
-                self.dropped += 1;
-            }
-        }
-    }
-
-    fn get(&self, id: DeadLetterId) -> Option<&DeadLetter> {
-        let failed_at = self.failed_at.get(&id)?;
-        self.by_time.get(&(*failed_at, id))
-    }
-
-    fn remove(&mut self, id: DeadLetterId) -> Option<DeadLetter> {
-        let failed_at = self.failed_at.remove(&id)?;
-        self.by_time.remove(&(failed_at, id))
-    }
-
-    fn list(&self, filter: &DeadLetterFilter) -> Vec<DeadLetter> {
-        self.by_time
-            .values()
-            .filter(|letter| filter.matches(letter))
-            .skip(filter.offset)
-            .take(filter.limit.unwrap_or(usize::MAX))
-            .cloned()
-            .collect()
     }
 }

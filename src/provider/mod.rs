@@ -94,7 +94,11 @@ mod inbound;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod query;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
@@ -102,7 +106,11 @@ pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, Inbou
 pub use self::memory::{MemoryConfig, MemoryProvider};
 #[cfg(feature = "nats")]
 pub use self::nats::{NatsConfig, NatsProvider};
+#[cfg(feature = "postgres")]
+pub use self::postgres::{PostgresConfig, PostgresProvider};
 pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
 
 /// The writes a broker's writer thread makes, in batches: the minimum every backend implements.
@@ -246,6 +254,10 @@ pub struct Capabilities {
     pub replay: bool,
     /// What was stored survives a restart of the process (and of the backend, as configured).
     pub durable: bool,
+    /// The sink's calls are in-process work that neither blocks nor fails but when closed (the
+    /// memory provider): a broker then calls them on its publishing and worker threads as events
+    /// go, instead of batching them through its writer thread, which keeps only retries.
+    pub inline_writes: bool,
 }
 
 /// A storage backend, with its sink, its store and, where it connects instances, its inbound

@@ -269,8 +269,13 @@ impl EventFilter {
     /// assert!(!EventFilter::new().with_source(EventSource::System).matches(&event));
     /// ```
     pub fn matches(&self, event: &Event) -> bool {
+        self.matches_with_status(event, event.status)
+    }
+
+    /// [`matches`](Self::matches) with `status` in place of the event's own.
+    pub(crate) fn matches_with_status(&self, event: &Event, status: EventStatus) -> bool {
         self.source.is_none_or(|s| s == event.source)
-            && self.status.is_none_or(|s| s == event.status)
+            && self.status.is_none_or(|s| s == status)
             && self.user_id.is_none_or(|u| u == event.user_id)
             && self.schema.as_ref().is_none_or(|s| *s == event.schema)
             && self.entity.as_ref().is_none_or(|e| *e == event.entity)
@@ -285,12 +290,12 @@ impl EventFilter {
 /// Where [`Provider::replay`] starts.
 ///
 /// ```
-/// use eventbroker::{Event, EventSource, MemoryProvider, Provider, ReplayFrom};
+/// use eventbroker::{Event, EventSink, EventSource, EventStore, MemoryProvider, ReplayFrom};
 /// use std::sync::Arc;
 ///
 /// let provider = MemoryProvider::default();
 /// let events: Vec<_> = (0..5).map(|_| Arc::new(Event::new(EventSource::System, "system.tick"))).collect();
-/// provider.store_batch(&events)?;
+/// provider.store_batch(&events, None)?;
 ///
 /// // Page through history two events at a time.
 /// let mut from = ReplayFrom::Beginning;

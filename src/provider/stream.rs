@@ -7,6 +7,7 @@
 use std::fmt;
 use std::mem;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -41,7 +42,7 @@ struct Delivery {
 }
 
 /// A bounded receiver of newly stored events whose type matches a pattern, from
-/// [`Provider::stream`](super::Provider::stream). Usable from blocking code ([`recv`],
+/// [`MemoryProvider::stream`](super::MemoryProvider::stream). Usable from blocking code ([`recv`],
 /// [`recv_timeout`], [`try_recv`], or as an [`Iterator`]) and from async code ([`recv_async`]).
 ///
 /// ## Lagging
@@ -60,15 +61,15 @@ struct Delivery {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use eventbroker::{Event, EventSource, MemoryConfig, MemoryProvider, Pattern, Provider, StreamError};
+/// use eventbroker::{Event, EventSink, EventSource, MemoryConfig, MemoryProvider, Pattern, Provider, StreamError};
 ///
 /// let provider = MemoryProvider::new(MemoryConfig { stream_capacity: 2, ..MemoryConfig::default() });
 /// let mut stream = provider.stream(&Pattern::parse("orders.>")?)?;
 ///
 /// let orders: Vec<_> =
 ///     (0..3).map(|_| Arc::new(Event::new(EventSource::System, "orders.created"))).collect();
-/// provider.store_batch(&orders)?; // the third does not fit in the buffer of 2
-/// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "users.created"))])?; // no match
+/// provider.store_batch(&orders, None)?; // the third does not fit in the buffer of 2
+/// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "users.created"))], None)?; // no match
 ///
 /// assert_eq!(stream.recv()?.id, orders[0].id);
 /// assert_eq!(stream.recv()?.id, orders[1].id);
@@ -137,10 +138,10 @@ impl EventStream {
     ///
     /// ```
     /// # use std::sync::Arc;
-    /// # use eventbroker::{Event, EventSource, MemoryProvider, Pattern, Provider};
+    /// # use eventbroker::{Event, EventSink, EventSource, MemoryProvider, Pattern};
     /// # let provider = MemoryProvider::default();
     /// let mut stream = provider.stream(&Pattern::parse("*")?)?;
-    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "system.tick"))])?;
+    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "system.tick"))], None)?;
     /// let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     /// let event = runtime.block_on(stream.recv_async())?;
     /// assert_eq!(event.event_type, "system.tick");
@@ -293,6 +294,8 @@ struct HubState {
 pub struct StreamHub {
     capacity: usize,
     state: Mutex<HubState>,
+    /// Streams in `state`, kept current under its lock, read without it by [`StreamHub::is_tailed`].
+    open: AtomicUsize,
 }
 
 impl StreamHub {
@@ -301,6 +304,7 @@ impl StreamHub {
         Self {
             capacity: capacity.max(1),
             state: Mutex::new(HubState { closed: false, taps: Vec::new(), delivered: 0, missed: 0 }),
+            open: AtomicUsize::new(0),
         }
     }
 
@@ -319,6 +323,8 @@ impl StreamHub {
             // Receivers that never matched an event are only noticed here.
             state.taps.retain(|tap| !tap.tx.is_disconnected());
             state.taps.push(Tap { pattern, tx, missed: Arc::clone(&missed) });
+            // Relaxed: a hint for stores, which take the lock before relying on it.
+            self.open.store(state.taps.len(), Ordering::Relaxed);
         }
         EventStream { rx, missed, held: None }
     }
@@ -326,7 +332,14 @@ impl StreamHub {
     /// Locks the hub for sending; sends through the returned delivery reach every stream in the
     /// order they are made.
     pub fn begin_delivery(&self) -> StreamDelivery<'_> {
-        StreamDelivery { state: self.state.lock() }
+        StreamDelivery { state: self.state.lock(), open: &self.open }
+    }
+
+    /// Whether any stream is open: when not, a provider need not offer events at all. A snapshot:
+    /// a stream opening at the same time as a store may miss that event.
+    pub fn is_tailed(&self) -> bool {
+        // Relaxed: see `open`.
+        self.open.load(Ordering::Relaxed) > 0
     }
 
     /// Ends every stream: receivers get what is buffered, then [`StreamError::Closed`]. Streams
@@ -335,6 +348,7 @@ impl StreamHub {
         let taps = {
             let mut state = self.state.lock();
             state.closed = true;
+            self.open.store(0, Ordering::Relaxed);
             mem::take(&mut state.taps)
         };
         drop(taps); // Dropping the senders is what ends the streams.
@@ -363,13 +377,21 @@ impl fmt::Debug for StreamHub {
             .field("capacity", &self.capacity)
             .field("streams", &state.taps.len())
             .field("closed", &state.closed)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 /// Exclusive access to a [`StreamHub`] for sending; from [`StreamHub::begin_delivery`].
 pub struct StreamDelivery<'a> {
     state: MutexGuard<'a, HubState>,
+    open: &'a AtomicUsize,
+}
+
+impl Drop for StreamDelivery<'_> {
+    fn drop(&mut self) {
+        // Relaxed: see `StreamHub::open`; streams whose receiver was dropped are gone now.
+        self.open.store(self.state.taps.len(), Ordering::Relaxed);
+    }
 }
 
 impl StreamDelivery<'_> {

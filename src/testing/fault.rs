@@ -355,7 +355,8 @@ impl Provider for FaultyProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        // Its calls can hang, fail and panic now: a broker must not make them inline.
+        Capabilities { inline_writes: false, ..self.inner.capabilities() }
     }
 
     fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {

@@ -1,15 +1,19 @@
-//! The in-process bus: consumer groups over the memory provider's sequence index, so brokers that
-//! share one [`MemoryProvider`](super::MemoryProvider) receive each other's events exactly as
-//! instances sharing a server do.
+//! The in-process bus: consumer groups over a log of the events stored since the first group
+//! joined, so brokers that share one [`MemoryProvider`](super::MemoryProvider) receive each other's
+//! events exactly as instances sharing a server do.
 //!
-//! A group keeps a cursor (the next sequence number it has not looked at) and the events it handed
-//! out and has not had acknowledged (`pending`, by sequence number). A fetch first hands out pending
-//! events that are due again — given back with a delay, abandoned past the claim idle time, or left
-//! by the previous incarnation of a fan-out instance — then new events past the cursor, skipping
-//! the group's own (echo) and those no member's filter wants. Everything happens under the
-//! provider's state lock; waiting fetchers sleep on a [`Bell`] that stores ring.
+//! The log holds each newly stored event once, as it was stored, with the group key of the broker
+//! that stored it. A group keeps a cursor (the next log position it has not looked at) and the
+//! events it handed out and has not had acknowledged (`pending`, by log position, which is also the
+//! ack token). A fetch first hands out pending events that are due again — given back with a delay,
+//! abandoned past the claim idle time, or left by the previous incarnation of a fan-out instance —
+//! then new events past the cursor, skipping the group's own (echo) and those no member's filter
+//! wants. The log keeps at most `max_events` entries (the provider's bound): a group that falls
+//! further behind loses the oldest, counted as `bus_lost`. Entries every group has passed are
+//! dropped at once. Everything happens under the bus's own lock, never a shard's; waiting fetchers
+//! sleep on a [`Bell`] that stores ring.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,9 +26,20 @@ use crate::provider::{AckToken, InboundConfig};
 /// Identifies one opened source (one broker's membership) within the bus.
 pub(super) type SourceId = u64;
 
-/// The consumer groups of one provider.
-#[derive(Default)]
+/// One stored event in the log.
+struct Logged {
+    event: Arc<Event>,
+    /// The group key of the broker that stored it, if a broker did.
+    origin: Option<Arc<str>>,
+}
+
+/// The consumer groups of one provider, and the log they read.
 pub(super) struct Bus {
+    log: VecDeque<Logged>,
+    /// Log position of `log[0]`.
+    base: u64,
+    /// Most entries the log keeps.
+    max_log: usize,
     groups: HashMap<String, Group>,
     next_source: SourceId,
     /// Events handed out again after a nak, a claim or a restart.
@@ -33,7 +48,7 @@ pub(super) struct Bus {
     pub(super) echoes_skipped: u64,
     /// Events skipped because no member's filter wanted them.
     pub(super) filtered: u64,
-    /// Pending events that were deleted, evicted or expired before they were acknowledged.
+    /// Events a group lost because the log dropped them before the group read them.
     pub(super) lost: u64,
     /// Events handed out, redeliveries included.
     pub(super) handed_out: u64,
@@ -42,7 +57,7 @@ pub(super) struct Bus {
 struct Group {
     /// Whether several brokers share it (work-queue); fan-out groups have one live member.
     shared: bool,
-    /// The next sequence number the group has not looked at.
+    /// The next log position the group has not looked at.
     cursor: u64,
     pending: BTreeMap<u64, Pending>,
     members: HashMap<SourceId, Member>,
@@ -69,19 +84,9 @@ impl Member {
     }
 }
 
-/// What a group may hand out: an event stored under a sequence number, with its origin.
-pub(super) trait Log {
-    /// The stored event with sequence number `seq`, if it is still stored.
-    fn get(&self, seq: u64) -> Option<(&Arc<Event>, Option<&str>)>;
-    /// Stored events from `first` on, in sequence order.
-    fn from(&self, first: u64) -> impl Iterator<Item = (u64, &Arc<Event>, Option<&str>)>;
-    /// The sequence number the next stored event will get.
-    fn next_seq(&self) -> u64;
-}
-
 /// One event a fetch hands out.
 pub(super) struct Handout {
-    pub(super) seq: u64,
+    pub(super) position: u64,
     pub(super) event: Arc<Event>,
     pub(super) deliveries: u32,
 }
@@ -94,14 +99,78 @@ pub(super) struct Fetched {
 }
 
 impl Bus {
+    pub(super) fn new(max_log: usize) -> Self {
+        Self {
+            log: VecDeque::new(),
+            base: 0,
+            max_log,
+            groups: HashMap::new(),
+            next_source: 0,
+            redelivered: 0,
+            echoes_skipped: 0,
+            filtered: 0,
+            lost: 0,
+            handed_out: 0,
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.base + self.log.len() as u64
+    }
+
+    /// Logs newly stored events; `true` when some group may want them (one they did not come from).
+    pub(super) fn append<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a Arc<Event>>,
+        origin: Option<&str>,
+    ) -> bool {
+        let origin: Option<Arc<str>> = origin.map(Arc::from);
+        let before = self.log.len();
+        self.log.extend(
+            events.into_iter().map(|event| Logged { event: Arc::clone(event), origin: origin.clone() }),
+        );
+        if self.log.len() == before {
+            return false;
+        }
+        self.trim();
+        self.groups.keys().any(|key| Some(key.as_str()) != origin.as_deref())
+    }
+
+    /// Drops log entries no group needs any more, and the oldest beyond the bound.
+    fn trim(&mut self) {
+        let needed = self
+            .groups
+            .values()
+            .map(|g| g.pending.keys().next().map_or(g.cursor, |&first| first.min(g.cursor)))
+            .min()
+            .unwrap_or_else(|| self.end());
+        while self.base < needed && self.log.pop_front().is_some() {
+            self.base += 1;
+        }
+        while self.log.len() > self.max_log && self.log.pop_front().is_some() {
+            self.base += 1;
+        }
+        let base = self.base;
+        for group in self.groups.values_mut() {
+            if group.cursor < base {
+                self.lost += base - group.cursor;
+                group.cursor = base;
+            }
+            let kept = group.pending.split_off(&base);
+            self.lost += group.pending.len() as u64;
+            group.pending = kept;
+        }
+    }
+
     /// Joins `config`'s group (creating it at the log's current end) and returns the new source.
     /// A fan-out instance that joins again takes over what its predecessor left unacknowledged.
-    pub(super) fn join(&mut self, config: &InboundConfig, log: &impl Log, now: Instant) -> SourceId {
+    pub(super) fn join(&mut self, config: &InboundConfig, now: Instant) -> SourceId {
         let id = self.next_source;
         self.next_source += 1;
+        let end = self.end();
         let group = self.groups.entry(config.group().key()).or_insert_with(|| Group {
             shared: config.group().is_shared(),
-            cursor: log.next_seq(),
+            cursor: end,
             pending: BTreeMap::new(),
             members: HashMap::new(),
         });
@@ -137,71 +206,65 @@ impl Bus {
     }
 
     /// Hands out up to `max` events to `source`: pending events due again, then new ones.
-    pub(super) fn fetch(
-        &mut self,
-        group_key: &str,
-        source: SourceId,
-        max: usize,
-        log: &impl Log,
-        now: Instant,
-    ) -> Fetched {
+    pub(super) fn fetch(&mut self, group_key: &str, source: SourceId, max: usize, now: Instant) -> Fetched {
         let mut fetched = Fetched { events: Vec::new(), next_due: None };
+        let base = self.base;
         let Some(group) = self.groups.get_mut(group_key) else { return fetched };
         let Some(claim_idle) = group.members.get(&source).map(|m| m.claim_idle) else { return fetched };
 
-        let mut gone = Vec::new();
-        for (&seq, pending) in &mut group.pending {
+        for (&position, pending) in &mut group.pending {
             if fetched.events.len() >= max {
                 break;
             }
             let due = match pending.available_at {
                 Some(at) => at,
                 None if pending.owner == source => continue,
-                None => pending.handed_at.checked_add(claim_idle).unwrap_or(pending.handed_at),
+                None => crate::deadline::after(pending.handed_at, claim_idle),
             };
             if due > now {
                 fetched.next_due = Some(fetched.next_due.map_or(due, |d: Instant| d.min(due)));
                 continue;
             }
-            let Some((event, _)) = log.get(seq) else {
-                gone.push(seq);
-                continue;
+            let Some(logged) = usize::try_from(position - base).ok().and_then(|i| self.log.get(i)) else {
+                continue; // Trimmed: counted as lost by `trim`.
             };
             pending.owner = source;
             pending.handed_at = now;
             pending.available_at = None;
             pending.deliveries = pending.deliveries.saturating_add(1);
             self.redelivered += 1;
-            fetched.events.push(Handout { seq, event: as_published(event), deliveries: pending.deliveries });
-        }
-        for seq in gone {
-            group.pending.remove(&seq);
-            self.lost += 1;
+            fetched.events.push(Handout {
+                position,
+                event: Arc::clone(&logged.event),
+                deliveries: pending.deliveries,
+            });
         }
 
-        let origin = group_key;
-        let mut cursor = group.cursor;
-        for (seq, event, from) in log.from(group.cursor) {
+        let mut position = group.cursor;
+        let start = usize::try_from(group.cursor - base).unwrap_or(usize::MAX);
+        for logged in self.log.iter().skip(start) {
             if fetched.events.len() >= max {
                 break;
             }
-            cursor = seq + 1;
-            if from == Some(origin) {
+            let at = position;
+            position += 1;
+            if logged.origin.as_deref() == Some(group_key) {
                 self.echoes_skipped += 1;
                 continue;
             }
-            let wanted = group.members.values().filter(|m| m.open).any(|m| m.wants(&event.event_type));
+            let wanted = group.members.values().filter(|m| m.open).any(|m| m.wants(&logged.event.event_type));
             if !wanted {
                 self.filtered += 1;
                 continue;
             }
             group
                 .pending
-                .insert(seq, Pending { owner: source, handed_at: now, available_at: None, deliveries: 1 });
-            fetched.events.push(Handout { seq, event: as_published(event), deliveries: 1 });
+                .insert(at, Pending { owner: source, handed_at: now, available_at: None, deliveries: 1 });
+            fetched.events.push(Handout { position: at, event: Arc::clone(&logged.event), deliveries: 1 });
         }
-        group.cursor = group.cursor.max(cursor);
+        group.cursor = position;
         self.handed_out += fetched.events.len() as u64;
+        self.trim();
         fetched
     }
 
@@ -210,6 +273,7 @@ impl Bus {
         for token in tokens {
             group.pending.remove(&token.get());
         }
+        self.trim();
     }
 
     pub(super) fn nak(&mut self, group: &str, tokens: &[AckToken], due: Instant) {
@@ -240,31 +304,10 @@ impl Bus {
         self.groups.values().map(|g| g.pending.len()).sum()
     }
 
-    /// Whether an event stored from `origin` may interest some group (one it did not come from).
-    pub(super) fn interested(&self, origin: Option<&str>) -> bool {
-        self.groups.keys().any(|key| Some(key.as_str()) != origin)
+    /// Entries in the log now.
+    pub(super) fn logged(&self) -> usize {
+        self.log.len()
     }
-}
-
-/// The event as its publisher stored it: later status changes are the publisher's bookkeeping,
-/// not part of what other instances receive.
-fn as_published(event: &Arc<Event>) -> Arc<Event> {
-    let e = &**event;
-    let untouched = e.status == crate::EventStatus::Pending
-        && e.error.is_empty()
-        && e.retry_count == 0
-        && e.processed_at.is_none()
-        && e.completed_at.is_none();
-    if untouched {
-        return Arc::clone(event);
-    }
-    let mut copy = e.clone();
-    copy.status = crate::EventStatus::Pending;
-    copy.error.clear();
-    copy.retry_count = 0;
-    copy.processed_at = None;
-    copy.completed_at = None;
-    Arc::new(copy)
 }
 
 /// Wakes fetchers waiting for new events. A counter under a mutex, so a fetcher that read it

@@ -245,11 +245,11 @@ impl Source {
 
     /// Sorts out a pulled batch: echoes and unwanted events are acknowledged, undecodable messages
     /// terminated, the rest handed out.
-    async fn sort(
-        &self,
-        pulled: Vec<Delivered>,
-        wanted: Option<&PatternSet<()>>,
-    ) -> Result<Vec<InboundEvent>, ProviderError> {
+    async fn sort(&self, pulled: Vec<Delivered>) -> Result<Vec<InboundEvent>, ProviderError> {
+        // Read after the pull: `set_filter` changes these patterns before the server's filter, so
+        // they are never older than the filter the pulled messages passed.
+        let wanted = self.wanted.lock().clone();
+        let wanted = wanted.as_deref();
         let counters = &self.shared.inbound;
         let client = &self.shared.conn.client;
         let prefix = &self.shared.layout.prefix;
@@ -315,14 +315,13 @@ impl Source {
         const OPERATION: &str = "fetch";
         let conn = &self.shared.conn;
         let stream = &self.shared.layout.events;
-        let wanted = self.wanted.lock().clone();
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = FIRST_POLL;
         loop {
             let pulled =
                 pull(&conn.client, OPERATION, stream, &self.durable, max, conn.request_timeout).await?;
             if !pulled.is_empty() {
-                let events = self.sort(pulled, wanted.as_deref()).await?;
+                let events = self.sort(pulled).await?;
                 if !events.is_empty() {
                     return Ok(events);
                 }
@@ -462,6 +461,9 @@ impl Inbound for NatsInbound {
             config.filter_subject = cover(prefix, patterns);
             config.filter_subjects.clear();
         }
+        // The patterns first, the server's filter second: see `Source::sort`.
+        let set: PatternSet<()> = patterns.iter().map(|p| (p.clone(), ())).collect();
+        *source.wanted.lock() = Some(Arc::new(set));
         if config != *source.consumer.lock() {
             let shared_for_call = Arc::clone(shared);
             let written = config.clone();
@@ -471,8 +473,6 @@ impl Inbound for NatsInbound {
             })?;
             *source.consumer.lock() = config;
         }
-        let set: PatternSet<()> = patterns.iter().map(|p| (p.clone(), ())).collect();
-        *source.wanted.lock() = Some(Arc::new(set));
         Ok(())
     }
 

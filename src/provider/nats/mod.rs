@@ -438,6 +438,7 @@ impl Provider for NatsProvider {
             delete: true,
             replay: true,
             durable: self.shared.config.storage == NatsStorage::File,
+            inline_writes: false,
         }
     }
 

@@ -27,7 +27,7 @@ const QUIET: Duration = Duration::from_millis(400);
 fn open(
     provider: &dyn Provider,
     consumer: &str,
-    group: ConsumerGroup,
+    group: &ConsumerGroup,
     filter: &Pattern,
 ) -> Option<Arc<dyn Inbound>> {
     let caps = provider.capabilities();
@@ -92,7 +92,7 @@ pub fn a_new_group_starts_at_the_end(backend: &dyn TestBackend) {
     let provider = backend.connect();
     let scope = Scope::new();
     store(&*provider, &events(&scope, "before", 3), None);
-    let Some(source) = open(&*provider, &scope.name("a"), scope.instance("a"), &scope.all()) else { return };
+    let Some(source) = open(&*provider, &scope.name("a"), &scope.instance("a"), &scope.all()) else { return };
     let after = events(&scope, "after", 1);
     store(&*provider, &after, None);
 
@@ -112,8 +112,8 @@ pub fn fan_out_delivers_every_other_group_event_once_without_echo(backend: &dyn 
     let (pa, pb) = (backend.connect(), backend.connect());
     let scope = Scope::new();
     let (ga, gb) = (scope.instance("a"), scope.instance("b"));
-    let Some(a) = open(&*pa, &scope.name("a"), ga.clone(), &scope.all()) else { return };
-    let b = open(&*pb, &scope.name("b"), gb.clone(), &scope.all()).expect("a second group");
+    let Some(a) = open(&*pa, &scope.name("a"), &ga, &scope.all()) else { return };
+    let b = open(&*pb, &scope.name("b"), &gb, &scope.all()).expect("a second group");
 
     let from_a = events(&scope, "from.a", 3);
     let from_b = events(&scope, "from.b", 3);
@@ -142,8 +142,8 @@ pub fn work_queue_members_share_the_events(backend: &dyn TestBackend) {
     let (p1, p2) = (backend.connect(), backend.connect());
     let scope = Scope::new();
     let group = ConsumerGroup::Shared(scope.name("workers"));
-    let Some(m1) = open(&*p1, &scope.name("m1"), group.clone(), &scope.all()) else { return };
-    let m2 = open(&*p2, &scope.name("m2"), group, &scope.all()).expect("a second member");
+    let Some(m1) = open(&*p1, &scope.name("m1"), &group, &scope.all()) else { return };
+    let m2 = open(&*p2, &scope.name("m2"), &group, &scope.all()).expect("a second member");
     let stored = events(&scope, "job", 20);
     store(&*p1, &stored, None);
 
@@ -175,8 +175,8 @@ pub fn a_work_queue_group_never_receives_its_own_events(backend: &dyn TestBacken
     let scope = Scope::new();
     let queue = ConsumerGroup::Shared(scope.name("q"));
     let other = scope.instance("x");
-    let Some(member) = open(&*p1, &scope.name("m1"), queue.clone(), &scope.all()) else { return };
-    let outsider = open(&*p2, &scope.name("x"), other.clone(), &scope.all()).expect("an instance group");
+    let Some(member) = open(&*p1, &scope.name("m1"), &queue, &scope.all()) else { return };
+    let outsider = open(&*p2, &scope.name("x"), &other, &scope.all()).expect("an instance group");
 
     let from_queue = events(&scope, "from.queue", 3);
     let from_other = events(&scope, "from.other", 2);
@@ -199,7 +199,7 @@ pub fn events_come_in_store_order(backend: &dyn TestBackend) {
     let _shared = EXCLUSIVE.read();
     let provider = backend.connect();
     let scope = Scope::new();
-    let Some(source) = open(&*provider, &scope.name("a"), scope.instance("a"), &scope.all()) else { return };
+    let Some(source) = open(&*provider, &scope.name("a"), &scope.instance("a"), &scope.all()) else { return };
     let stored: Vec<Event> = (0..50).map(|i| scope.event(&format!("t{}", i % 7))).collect();
     for chunk in stored.chunks(10) {
         store(&*provider, chunk, None);
@@ -217,7 +217,7 @@ pub fn unacked_events_go_to_another_member_after_the_claim_idle_time(backend: &d
     let (p1, p2) = (backend.connect(), backend.connect());
     let scope = Scope::new();
     let group = ConsumerGroup::Shared(scope.name("workers"));
-    let Some(doomed) = open(&*p1, &scope.name("m1"), group.clone(), &scope.all()) else { return };
+    let Some(doomed) = open(&*p1, &scope.name("m1"), &group, &scope.all()) else { return };
     let stored = events(&scope, "job", 4);
     store(&*p1, &stored, None);
     let fetched = take(&*doomed, 4);
@@ -225,7 +225,7 @@ pub fn unacked_events_go_to_another_member_after_the_claim_idle_time(backend: &d
     let fetched_at = Instant::now();
     drop(doomed); // Vanishes without closing: a crashed member.
 
-    let survivor = open(&*p2, &scope.name("m2"), group, &scope.all()).expect("a second member");
+    let survivor = open(&*p2, &scope.name("m2"), &group, &scope.all()).expect("a second member");
     let got = take(&*survivor, 3);
     assert!(fetched_at.elapsed() >= CLAIM_IDLE.mul_f32(0.9), "claimed before the idle time passed");
     assert_eq!(id_set(ids(&got)), id_set(ids(&fetched[1..])), "the unacked ones, and only those");
@@ -242,11 +242,11 @@ pub fn extend_keeps_an_event_from_being_claimed(backend: &dyn TestBackend) {
     let (p1, p2) = (backend.connect(), backend.connect());
     let scope = Scope::new();
     let group = ConsumerGroup::Shared(scope.name("workers"));
-    let Some(slow) = open(&*p1, &scope.name("m1"), group.clone(), &scope.all()) else { return };
+    let Some(slow) = open(&*p1, &scope.name("m1"), &group, &scope.all()) else { return };
     let stored = events(&scope, "job", 2);
     store(&*p1, &stored, None);
     let fetched = take(&*slow, 2);
-    let other = open(&*p2, &scope.name("m2"), group, &scope.all()).expect("a second member");
+    let other = open(&*p2, &scope.name("m2"), &group, &scope.all()).expect("a second member");
 
     let mut claimed = Vec::new();
     let until = Instant::now() + CLAIM_IDLE * 3;
@@ -267,7 +267,7 @@ pub fn a_nak_redelivers_after_its_delay(backend: &dyn TestBackend) {
     let _shared = EXCLUSIVE.read();
     let provider = backend.connect();
     let scope = Scope::new();
-    let Some(source) = open(&*provider, &scope.name("a"), scope.instance("a"), &scope.all()) else { return };
+    let Some(source) = open(&*provider, &scope.name("a"), &scope.instance("a"), &scope.all()) else { return };
     let stored = events(&scope, "job", 1);
     store(&*provider, &stored, None);
     let first = take(&*source, 1);
@@ -290,7 +290,7 @@ pub fn a_restarted_instance_resumes_where_it_left_off(backend: &dyn TestBackend)
     let _shared = EXCLUSIVE.read();
     let scope = Scope::new();
     let first_life = backend.connect();
-    let Some(before) = open(&*first_life, &scope.name("a"), scope.instance("a"), &scope.all()) else {
+    let Some(before) = open(&*first_life, &scope.name("a"), &scope.instance("a"), &scope.all()) else {
         return;
     };
     let stored = events(&scope, "job", 5);
@@ -300,7 +300,7 @@ pub fn a_restarted_instance_resumes_where_it_left_off(backend: &dyn TestBackend)
     drop(before); // Crashed: never closed, two events unacknowledged.
 
     let second_life = backend.connect();
-    let after = open(&*second_life, &scope.name("a"), scope.instance("a"), &scope.all()).expect("reopen");
+    let after = open(&*second_life, &scope.name("a"), &scope.instance("a"), &scope.all()).expect("reopen");
     let got = take(&*after, 4);
     let expected = id_set(stored[1..].iter().map(|e| e.id));
     assert_eq!(id_set(ids(&got)), expected, "the unacked and the unfetched, not the acked");
@@ -316,7 +316,7 @@ pub fn the_filter_keeps_unwanted_events_back(backend: &dyn TestBackend) {
     let provider = backend.connect();
     let scope = Scope::new();
     let billing = scope.pattern("billing.>");
-    let Some(source) = open(&*provider, &scope.name("a"), scope.instance("a"), &billing) else { return };
+    let Some(source) = open(&*provider, &scope.name("a"), &scope.instance("a"), &billing) else { return };
     let stored = [scope.event("billing.paid"), scope.event("users.created"), scope.event("billing.refunded")];
     store(&*provider, &stored, None);
     let got = take(&*source, 2);
@@ -341,7 +341,7 @@ pub fn a_waiting_fetch_wakes_when_an_event_arrives(backend: &dyn TestBackend) {
     let _shared = EXCLUSIVE.read();
     let provider = backend.connect();
     let scope = Scope::new();
-    let Some(source) = open(&*provider, &scope.name("a"), scope.instance("a"), &scope.all()) else { return };
+    let Some(source) = open(&*provider, &scope.name("a"), &scope.instance("a"), &scope.all()) else { return };
     let event = scope.event("wake");
     std::thread::scope(|s| {
         let waiting = s.spawn(|| {
@@ -364,7 +364,7 @@ pub fn a_closed_source_refuses_every_call(backend: &dyn TestBackend) {
     let _shared = EXCLUSIVE.read();
     let provider = backend.connect();
     let scope = Scope::new();
-    let Some(source) = open(&*provider, &scope.name("a"), scope.instance("a"), &scope.all()) else { return };
+    let Some(source) = open(&*provider, &scope.name("a"), &scope.instance("a"), &scope.all()) else { return };
     store(&*provider, &events(&scope, "job", 1), None);
     let got = take(&*source, 1);
     source.close().expect("close");

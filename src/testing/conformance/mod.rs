@@ -23,6 +23,7 @@
 //! deltas of backend-wide stats take [`EXCLUSIVE`] for writing, so no other scenario of the same
 //! test binary writes meanwhile. What a backend cannot do (see [`Capabilities`](crate::Capabilities))
 //! is checked to fail with `NotSupported` instead.
+#![allow(clippy::missing_panics_doc, reason = "scenarios report a failure by panicking, as tests do")]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use crate::{
     ProviderError, ProviderErrorKind,
 };
 
+pub mod cross;
 pub mod inbound;
 pub mod store;
 
@@ -112,6 +114,12 @@ macro_rules! conformance_suite {
                 inbound::the_filter_keeps_unwanted_events_back,
                 inbound::a_waiting_fetch_wakes_when_an_event_arrives,
                 inbound::a_closed_source_refuses_every_call,
+                cross::fan_out_each_broker_handles_every_event_once,
+                cross::work_queue_each_event_is_handled_by_one_broker,
+                cross::a_broker_torn_down_loses_nothing_it_fetched,
+                cross::per_key_order_holds_across_instances,
+                cross::events_nobody_wants_never_reach_the_handlers,
+                cross::a_fetch_error_does_not_stop_local_dispatch,
             ],
         );
     };

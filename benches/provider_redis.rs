@@ -1,0 +1,226 @@
+//! Writes to the real Redis on 127.0.0.1:6379, batched against one round trip per event, in the
+//! same run; then events per second persisted with the full status lifecycle.
+//!
+//! `redis_writes` (512 events per iteration):
+//! - `store_batch`: the provider's way, one script call (one round trip) for the batch;
+//! - `store_one_at_a_time`: the same script, one call per event;
+//! - `xadd_pipelined` / `xadd_one_at_a_time`: bare `XADD`s of the same JSON, pipelined or one
+//!   round trip each (the Go seed's write): the floor and the baseline, without the provider's
+//!   indexes.
+//!
+//! `redis_lifecycle` (events per second, stored pending and then completed):
+//! - `store+update batches`: `store_batch` then `update_status_batch` of 512;
+//! - `broker local` / `broker fan-out`: a broker with the default writer, status tracking on, one
+//!   no-op handler; fan-out also reads its own events back from the stream to skip them (echo).
+//!
+//! Run: `scripts/ensure-service redis && cargo bench --features redis --bench provider_redis`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use eventbroker::{
+    Broker, Distribution, Event, EventId, EventSink, EventSource, EventStatus, Provider, RedisConfig,
+    RedisProvider, StatusUpdate,
+};
+
+const TYPE: &str = "public.users.create";
+const BATCH: usize = 512;
+
+fn url() -> String {
+    std::env::var("EVENTBROKER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn config(prefix: &str) -> RedisConfig {
+    RedisConfig { key_prefix: prefix.into(), ..RedisConfig::new(url()) }
+}
+
+fn events(n: usize) -> Vec<Arc<Event>> {
+    (0..n)
+        .map(|i| {
+            let mut event = Event::for_entity(EventSource::Database, "public", "users", "create")
+                .with_instance_id("bench")
+                .with_user_id(i64::try_from(i).unwrap_or(0));
+            event.set_payload_json(r#"{"id":42,"name":"Zoë","email":"zoe@example.com"}"#).unwrap();
+            Arc::new(event)
+        })
+        .collect()
+}
+
+fn raw() -> redis::Connection {
+    redis::Client::open(url()).unwrap().get_connection_with_timeout(Duration::from_secs(5)).unwrap()
+}
+
+/// Deletes every key under `prefix:`.
+fn delete_prefix(prefix: &str) {
+    let mut conn = raw();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query(&mut conn)
+            .unwrap();
+        if !keys.is_empty() {
+            redis::cmd("UNLINK").arg(&keys).exec(&mut conn).unwrap();
+        }
+        if next == 0 {
+            return;
+        }
+        cursor = next;
+    }
+}
+
+fn prefix(name: &str) -> String {
+    format!("ebbench:{name}:{}", EventId::new().as_uuid().simple())
+}
+
+fn writes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("redis_writes");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+
+    let ns = prefix("writes");
+    let provider = RedisProvider::new(config(&ns)).unwrap();
+    group.bench_function(BenchmarkId::new("store_batch", BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| provider.store_batch(&batch, None).unwrap(),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.bench_function(BenchmarkId::new("store_one_at_a_time", BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| batch.iter().for_each(|e| provider.store_batch(std::slice::from_ref(e), None).unwrap()),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+
+    let stream = format!("{ns}:raw");
+    let mut conn = raw();
+    let xadd = |event: &Event| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream).arg("MAXLEN").arg("~").arg(100_000).arg("*");
+        cmd.arg("event")
+            .arg(event.to_json())
+            .arg("id")
+            .arg(event.id.to_string())
+            .arg("type")
+            .arg(&event.event_type);
+        cmd.arg("source").arg(event.source.as_str()).arg("status").arg(event.status.as_str());
+        cmd.arg("instance_id").arg(&event.instance_id);
+        cmd
+    };
+    group.bench_function(BenchmarkId::new("xadd_pipelined", BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| {
+                let mut pipe = redis::pipe();
+                for event in &batch {
+                    pipe.add_command(xadd(event)).ignore();
+                }
+                pipe.exec(&mut conn).unwrap();
+            },
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.bench_function(BenchmarkId::new("xadd_one_at_a_time", BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| batch.iter().for_each(|e| xadd(e).exec(&mut conn).unwrap()),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+    drop(provider);
+    delete_prefix(&ns);
+}
+
+fn lifecycle(c: &mut Criterion) {
+    let mut group = c.benchmark_group("redis_lifecycle");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
+
+    let ns = prefix("lifecycle");
+    let provider = RedisProvider::new(config(&ns)).unwrap();
+    group.bench_function(BenchmarkId::new("store+update batches", "redis"), |b| {
+        b.iter_custom(|iters| {
+            let batch = events(usize::try_from(iters).unwrap());
+            let started = Instant::now();
+            for chunk in batch.chunks(BATCH) {
+                provider.store_batch(chunk, None).unwrap();
+                let now = jiff::Timestamp::now();
+                let updates: Vec<StatusUpdate> = chunk
+                    .iter()
+                    .map(|e| {
+                        StatusUpdate::new(e.id, EventStatus::Completed)
+                            .with_processed_at(now)
+                            .with_completed_at(now)
+                    })
+                    .collect();
+                provider.update_status_batch(&updates).unwrap();
+            }
+            started.elapsed()
+        });
+    });
+    drop(provider);
+    delete_prefix(&ns);
+
+    for (name, distribution) in
+        [("broker local", Distribution::Local), ("broker fan-out", Distribution::FanOut)]
+    {
+        let ns = prefix("broker");
+        let provider: Arc<dyn Provider> = Arc::new(RedisProvider::new(config(&ns)).unwrap());
+        let broker = Broker::builder()
+            .workers(1)
+            .provider(provider)
+            .distribution(distribution)
+            .track_status(true)
+            .instance_id("bench")
+            .build()
+            .unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        let h = Arc::clone(&handled);
+        broker
+            .subscribe_infallible(TYPE, move |_| {
+                h.fetch_add(1, Ordering::Relaxed);
+            })
+            .unwrap();
+        group.bench_function(BenchmarkId::new(name, "redis"), |b| {
+            b.iter_custom(|iters| {
+                let batch = events(usize::try_from(iters).unwrap());
+                let target = handled.load(Ordering::Relaxed) + iters;
+                let started = Instant::now();
+                for event in batch {
+                    let mut event = Arc::unwrap_or_clone(event);
+                    loop {
+                        match broker.publish_async(event) {
+                            Ok(()) => break,
+                            Err(eventbroker::PublishError::Full(back)) => {
+                                event = *back;
+                                std::thread::yield_now();
+                            }
+                            Err(error) => panic!("{error}"),
+                        }
+                    }
+                }
+                while handled.load(Ordering::Relaxed) < target {
+                    std::thread::yield_now();
+                }
+                broker.flush(Duration::from_secs(120)).unwrap();
+                started.elapsed()
+            });
+        });
+        broker.shutdown(Duration::from_secs(30));
+        delete_prefix(&ns);
+    }
+    group.finish();
+}
+
+criterion_group!(benches, writes, lifecycle);
+criterion_main!(benches);

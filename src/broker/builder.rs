@@ -1,0 +1,396 @@
+//! [`BrokerBuilder`]: a broker's settings, checked, and the threads started.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::engine::Engine;
+use super::stats::SyncCounters;
+use super::{Broker, Handle};
+use crate::dispatch::backpressure::Backpressure;
+use crate::dispatch::inbound::InboundPump;
+use crate::dispatch::intake::Intake;
+use crate::dispatch::retry::RetryPolicy;
+use crate::dispatch::shard::ShardSet;
+use crate::dispatch::wait::WaitStrategy;
+use crate::dispatch::worker::{WorkerConfig, WorkerShared};
+use crate::dispatch::writer::{ProviderWriter, WriterConfig};
+use crate::error::{BuildError, ConfigError};
+use crate::provider::{ConsumerGroup, InboundConfig, MemoryProvider, Provider};
+use crate::subscription::SubscriptionTable;
+
+/// How [`Broker::publish`] delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// On the caller's thread, before `publish` returns.
+    Sync,
+    /// Queued to a shard's worker thread.
+    #[default]
+    Async,
+}
+
+/// How a broker shares events with the other brokers of its provider: other instances of the
+/// service, across a Redis, NATS or PostgreSQL server, or other brokers in this process sharing one
+/// [`MemoryProvider`].
+///
+/// Either way, an instance's own events reach its own subscribers once, through its shards, and
+/// never again from the provider (no echo); delivery across instances is at least once; events of
+/// one partition key from one publisher are handled in publish order on every instance.
+///
+/// ```
+/// use std::sync::Arc;
+/// use eventbroker::{Broker, Distribution, MemoryProvider};
+///
+/// let bus = Arc::new(MemoryProvider::default());
+/// let api = Broker::builder().provider(bus.clone()).instance_id("api-1").build()?;
+/// let mailer = Broker::builder()
+///     .provider(bus)
+///     .instance_id("mailer-1")
+///     .distribution(Distribution::WorkQueue("mailers".into()))
+///     .build()?;
+/// assert_eq!(api.stats().distribution, Distribution::FanOut);
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Distribution {
+    /// This broker neither receives other brokers' events nor tags its own for them; its events
+    /// are written to the provider only when status tracking is on. The default of a broker with
+    /// its own memory provider, which nobody else shares.
+    Local,
+    /// Every instance receives every event the others publish, once, under a durable group named
+    /// by its instance id: an instance restarted under the same id resumes where it left off. The
+    /// default with a provider set through [`BrokerBuilder::provider`].
+    FanOut,
+    /// Instances naming the same group share the events the others publish, each event to one of
+    /// them. Members should subscribe alike: an event no subscription of the member that took it
+    /// matches counts as handled. Events published by a member are handled by that member, never
+    /// by the rest of its group.
+    WorkQueue(String),
+}
+
+impl Distribution {
+    /// The consumer group this broker receives in, when it receives at all.
+    fn group(&self, instance_id: &str) -> Option<ConsumerGroup> {
+        match self {
+            Self::Local => None,
+            Self::FanOut => Some(ConsumerGroup::Instance(instance_id.to_owned())),
+            Self::WorkQueue(name) => Some(ConsumerGroup::Shared(name.clone())),
+        }
+    }
+}
+
+/// Most worker threads a broker may have.
+pub const MAX_WORKERS: usize = 1024;
+/// Largest ring, in events per shard.
+pub const MAX_BUFFER_SIZE: usize = 1 << 24;
+
+/// Configures and starts a [`Broker`].
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::{Backpressure, Broker, Mode, RetryPolicy, WaitStrategy};
+///
+/// let broker = Broker::builder()
+///     .mode(Mode::Async)
+///     .workers(2)
+///     .buffer_size(1024)
+///     .instance_id("api-1")
+///     .retry_policy(RetryPolicy { max_retries: 2, ..RetryPolicy::default() })
+///     .backpressure(Backpressure::Reject)
+///     .wait_strategy(WaitStrategy::default())
+///     .build()?;
+/// assert_eq!(broker.instance_id(), "api-1");
+/// broker.shutdown(Duration::from_secs(5));
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
+#[must_use]
+pub struct BrokerBuilder {
+    pub(super) mode: Mode,
+    pub(super) workers: usize,
+    pub(super) buffer_size: usize,
+    pub(super) instance_id: Option<String>,
+    pub(super) retry: RetryPolicy,
+    pub(super) backpressure: Backpressure,
+    pub(super) wait: WaitStrategy,
+    pub(super) provider: Option<Arc<dyn Provider>>,
+    pub(super) distribution: Option<Distribution>,
+    pub(super) claim_idle: Duration,
+    pub(super) track_status: bool,
+    pub(super) writer: WriterConfig,
+    pub(super) cache_capacity: usize,
+    pub(super) max_batch: usize,
+    pub(super) drop_timeout: Duration,
+}
+
+impl Default for BrokerBuilder {
+    /// The defaults: async, one worker per CPU, 1024 events per shard, the memory provider, the
+    /// seed's retry policy, block up to 1 s when full.
+    fn default() -> Self {
+        Self {
+            mode: Mode::Async,
+            workers: std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            buffer_size: 1024,
+            instance_id: None,
+            retry: RetryPolicy::default(),
+            backpressure: Backpressure::default(),
+            wait: WaitStrategy::default(),
+            provider: None,
+            distribution: None,
+            claim_idle: InboundConfig::DEFAULT_CLAIM_IDLE,
+            track_status: true,
+            writer: WriterConfig::default(),
+            cache_capacity: 4096,
+            max_batch: 256,
+            drop_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Numbers brokers apart, for the thread-local that tells a worker of this broker.
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
+
+impl BrokerBuilder {
+    /// [`Mode::Sync`] or [`Mode::Async`] (default).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Number of shards, each with one worker thread. Default: the number of CPUs.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Events each shard's ring holds, rounded up to a power of two. Default 1024.
+    pub fn buffer_size(mut self, events: usize) -> Self {
+        self.buffer_size = events;
+        self
+    }
+
+    /// This instance's id, written into events published without one, and (fan-out) the name of
+    /// its durable group. Default: the host name.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Retry policy of every delivery. Default: [`RetryPolicy::default`].
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// What publishing does when a shard is full. Default: block up to 1 s.
+    pub fn backpressure(mut self, backpressure: Backpressure) -> Self {
+        self.backpressure = backpressure;
+        self
+    }
+
+    /// How idle workers wait. Default: spin, then yield, then park.
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Where events, statuses and dead letters are stored, and through which this broker meets the
+    /// other instances. Default: a [`MemoryProvider`] of its own. Give several brokers the same
+    /// provider (or providers on the same server) to connect them; see [`Distribution`].
+    pub fn provider(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.provider = Some(provider);
+        self
+    }
+
+    /// How this broker shares events with the other brokers of its provider. Default:
+    /// [`Distribution::FanOut`] when a provider is set, [`Distribution::Local`] otherwise.
+    pub fn distribution(mut self, distribution: Distribution) -> Self {
+        self.distribution = Some(distribution);
+        self
+    }
+
+    /// How long an event fetched from another instance may stay unacknowledged before the group
+    /// redelivers it (to another member, or to this instance's next incarnation). Deliveries waiting
+    /// for a retry are extended meanwhile; a single handler call that runs longer than this may see
+    /// its event redelivered. Default 30 s.
+    pub fn claim_idle(mut self, idle: Duration) -> Self {
+        self.claim_idle = idle;
+        self
+    }
+
+    /// Whether every event's status changes are written to the provider (default `true`). With
+    /// `false` the provider gets only dead letters, confirmed publishes and, when the broker
+    /// shares events with other instances, the events themselves: the lowest-overhead setting.
+    pub fn track_status(mut self, track: bool) -> Self {
+        self.track_status = track;
+        self
+    }
+
+    /// How the provider writer batches. Default: [`WriterConfig::default`].
+    pub fn writer(mut self, config: WriterConfig) -> Self {
+        self.writer = config;
+        self
+    }
+
+    /// Distinct event types each worker's match cache holds. Default 4096.
+    pub fn match_cache_capacity(mut self, types: usize) -> Self {
+        self.cache_capacity = types;
+        self
+    }
+
+    /// How long dropping the last handle waits for the shutdown it runs. Default 30 s.
+    pub fn drop_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.drop_timeout = timeout;
+        self
+    }
+
+    /// Checks the settings, opens the inbound source when the broker receives from other
+    /// instances, and starts the worker, writer and inbound threads.
+    ///
+    /// # Errors
+    /// [`BuildError::Config`] naming the bad setting; [`BuildError::Provider`] when the inbound
+    /// source cannot be opened; [`BuildError::Spawn`] when a thread cannot be started.
+    pub fn build(self) -> Result<Broker, BuildError> {
+        self.validate()?;
+        let instance_id = self.instance_id.filter(|id| !id.is_empty()).unwrap_or_else(default_instance_id);
+        let distribution = self.distribution.unwrap_or(if self.provider.is_some() {
+            Distribution::FanOut
+        } else {
+            Distribution::Local
+        });
+        let provider = self.provider.unwrap_or_else(|| Arc::new(MemoryProvider::default()));
+        let group = distribution.group(&instance_id);
+        let source = match &group {
+            None => None,
+            Some(group) => {
+                check_capabilities(&*provider, group)?;
+                let config =
+                    InboundConfig::new(instance_id.clone(), group.clone()).with_claim_idle(self.claim_idle);
+                Some(provider.open_inbound(&config).map_err(BuildError::Provider)?)
+            }
+        };
+        let writer = ProviderWriter::spawn(
+            Arc::clone(&provider),
+            source.clone(),
+            group.as_ref().map(ConsumerGroup::key),
+            self.writer,
+        )
+        .map_err(|source| BuildError::Spawn { thread: "eventbroker-writer".into(), source })?;
+        let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
+        let store_events = self.track_status || group.is_some();
+        let inline = store_events && provider.capabilities().inline_writes;
+        let shared = Arc::new(WorkerShared {
+            table: Arc::new(SubscriptionTable::new()),
+            writer: Arc::new(writer),
+            shutdown_deadline: parking_lot::Mutex::new(None),
+            engine: id,
+            inline: inline.then(|| Arc::clone(&provider)),
+        });
+        let config = WorkerConfig {
+            retry: self.retry,
+            track_status: self.track_status,
+            wait: self.wait,
+            cache_capacity: self.cache_capacity,
+            max_batch: self.max_batch,
+            extend_every: source.as_ref().map(|_| self.claim_idle / 3),
+        };
+        let capacity = self.buffer_size.next_power_of_two();
+        let shards = ShardSet::spawn(self.workers, capacity, &instance_id, &shared, config)?;
+        let inbound = source.map(|source| Arc::new(InboundPump::new(source)));
+        let engine = Arc::new(Engine {
+            id,
+            store_events,
+            inline,
+            origin: group.as_ref().map(ConsumerGroup::key),
+            instance_id,
+            mode: self.mode,
+            distribution,
+            retry: self.retry,
+            backpressure: self.backpressure,
+            track_status: self.track_status,
+            buffer_size: capacity,
+            provider,
+            shared,
+            shards,
+            inbound: inbound.clone(),
+            intake: Intake::new(),
+            sync: SyncCounters::default(),
+            rejected: AtomicU64::new(0),
+            shutdown: parking_lot::Mutex::new(false),
+            drop_timeout: self.drop_timeout,
+        });
+        let broker = Broker { handle: Arc::new(Handle { engine: Arc::clone(&engine) }) };
+        if let Some(pump) = inbound {
+            pump.sync_filter(&engine.shared.table);
+            let name = format!("eb-in-{}", engine.instance_id);
+            // On failure, dropping `broker` shuts the rest down again.
+            pump.start(Arc::clone(&engine), name.clone())
+                .map_err(|source| BuildError::Spawn { thread: name, source })?;
+        }
+        Ok(broker)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(ConfigError::new(
+                "worker_count",
+                format!("must be between 1 and {MAX_WORKERS}, got {}", self.workers),
+            ));
+        }
+        if self.buffer_size < 2 || self.buffer_size > MAX_BUFFER_SIZE {
+            return Err(ConfigError::new(
+                "buffer_size",
+                format!("must be between 2 and {MAX_BUFFER_SIZE}, got {}", self.buffer_size),
+            ));
+        }
+        self.retry.validate()?;
+        if self.writer.max_batch == 0 {
+            return Err(ConfigError::new("writer.max_batch", "must be at least 1"));
+        }
+        if self.writer.max_backlog == 0 {
+            return Err(ConfigError::new("writer.max_backlog", "must be at least 1"));
+        }
+        if self.cache_capacity == 0 {
+            return Err(ConfigError::new("match_cache_capacity", "must be at least 1"));
+        }
+        if self.claim_idle < Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "claim_idle",
+                format!("must be at least 10ms, got {:?}", self.claim_idle),
+            ));
+        }
+        if matches!(&self.distribution, Some(Distribution::WorkQueue(group)) if group.is_empty()) {
+            return Err(ConfigError::new("distribution", "a work-queue group needs a name"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the provider can deliver across instances in `group`'s way.
+fn check_capabilities(provider: &dyn Provider, group: &ConsumerGroup) -> Result<(), ConfigError> {
+    let caps = provider.capabilities();
+    if !caps.inbound {
+        return Err(ConfigError::new(
+            "distribution",
+            format!(
+                "the {} provider cannot deliver events across instances; use Distribution::Local",
+                provider.name()
+            ),
+        ));
+    }
+    if group.is_shared() && !caps.work_queue {
+        return Err(ConfigError::new(
+            "distribution",
+            format!("the {} provider has no work-queue groups; use Distribution::FanOut", provider.name()),
+        ));
+    }
+    Ok(())
+}
+
+fn default_instance_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("eventbroker-{}", std::process::id()))
+}

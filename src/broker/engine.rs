@@ -1,0 +1,386 @@
+//! The engine behind a [`Broker`](super::Broker): admission, the publish paths, and what the
+//! inbound thread feeds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::dispatch::backpressure::Backoff;
+use crate::dispatch::delivery::{Job, Outbox};
+use crate::dispatch::inbound::{InboundPump, Target};
+use crate::dispatch::intake::Intake;
+use crate::dispatch::retry::RetryPolicy;
+use crate::dispatch::ring::{PushBatchError as ReserveError, Reservation};
+use crate::dispatch::shard::ShardSet;
+use crate::dispatch::worker::{self, WorkerShared};
+use crate::dispatch::writer::Reply;
+use crate::error::{
+    BatchPublishError, BatchRejection, ConfirmError, HandlerFailures, PublishError, SyncPublishError,
+};
+use crate::provider::Provider;
+use crate::subscription::SubscriptionTable;
+use crate::{Backpressure, Distribution, Event, Mode, validate_event_type};
+
+use super::stats::SyncCounters;
+
+/// Everything a broker runs: shared by its handles, its inbound thread and, after a shutdown
+/// begun on one of its own workers, the thread that completes it.
+pub(crate) struct Engine {
+    /// Tells this broker's workers apart from other brokers' (see [`worker::current`]).
+    pub(crate) id: u64,
+    pub(crate) instance_id: String,
+    pub(crate) mode: Mode,
+    pub(crate) distribution: Distribution,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) backpressure: Backpressure,
+    pub(crate) track_status: bool,
+    /// Whether published events are written to the provider: to track their status, or because
+    /// other instances receive them from it.
+    pub(crate) store_events: bool,
+    /// Whether they are written inline, on the publishing thread, rather than through the writer
+    /// (a provider with [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)).
+    pub(crate) inline: bool,
+    /// The consumer group key stores are tagged with, when the broker takes part in delivery.
+    pub(crate) origin: Option<String>,
+    pub(crate) buffer_size: usize,
+    pub(crate) provider: Arc<dyn Provider>,
+    pub(crate) shared: Arc<WorkerShared>,
+    pub(crate) shards: ShardSet,
+    pub(crate) inbound: Option<Arc<InboundPump>>,
+    /// Closed once by shutdown; `publish_sync` runs inside it.
+    pub(crate) intake: Intake,
+    pub(crate) sync: SyncCounters,
+    pub(crate) rejected: AtomicU64,
+    /// Whether shutdown has begun; held while its synchronous part runs.
+    pub(crate) shutdown: parking_lot::Mutex<bool>,
+    /// How long dropping the last handle waits for shutdown.
+    pub(crate) drop_timeout: Duration,
+}
+
+/// How an enqueued event reaches the provider.
+pub(crate) enum Store {
+    /// Not at all.
+    No,
+    /// Through the writer.
+    Yes,
+    /// Through the writer, reporting the write's outcome here.
+    Confirmed(Reply),
+}
+
+/// Takes back an event that was wrapped for publishing but not accepted. Nothing else holds it
+/// then, so this does not copy.
+pub(crate) fn unwrap_event(event: Arc<Event>) -> Event {
+    Arc::try_unwrap(event).unwrap_or_else(|shared| (*shared).clone())
+}
+
+impl Engine {
+    pub(crate) fn table(&self) -> &SubscriptionTable {
+        &self.shared.table
+    }
+
+    /// Checks an event can be published and fills in the instance id. Moves the event to the
+    /// heap, once: it is 300-odd bytes, and the handlers share it.
+    #[inline]
+    pub(crate) fn admit(&self, mut event: Event) -> Result<Arc<Event>, PublishError> {
+        if let Err(error) = validate_event_type(&event.event_type) {
+            return Err(PublishError::InvalidType { event: Box::new(event), error });
+        }
+        if self.intake.is_closed() {
+            return Err(PublishError::Closed(Box::new(event)));
+        }
+        if event.instance_id.is_empty() {
+            event.instance_id.clone_from(&self.instance_id);
+        }
+        Ok(Arc::new(event))
+    }
+
+    /// How long a publish may wait for room, per the backpressure policy.
+    pub(crate) fn patience(&self) -> Option<Duration> {
+        match self.backpressure {
+            Backpressure::Reject => None,
+            Backpressure::Block(timeout) => Some(timeout),
+        }
+    }
+
+    fn store_for_publish(&self) -> Store {
+        if self.store_events { Store::Yes } else { Store::No }
+    }
+
+    /// The two-phase publish of one job: reserve a slot on its shard (and room in the writer's
+    /// backlog when the event is stored), hand the event's store to the writer, then commit the
+    /// slot. The writer therefore always has the store before the worker can send any status of
+    /// the event, and an event refused for room is stored nowhere.
+    pub(crate) fn enqueue(
+        &self,
+        job: Job,
+        patience: Option<Duration>,
+        store: Store,
+    ) -> Result<(), (ReserveError, Job)> {
+        let shard = self.shards.index_for(job.event.partition());
+        let backlogged = !matches!(store, Store::No) && !self.inline;
+        let reservation = match self.reserve(shard, 1, patience, backlogged) {
+            Ok(reservation) => reservation,
+            Err(error) => return Err((error, job)),
+        };
+        match store {
+            Store::No => {}
+            Store::Yes if self.inline => {
+                let _ = self.store_inline(std::slice::from_ref(&job.event));
+            }
+            Store::Yes => self.shared.writer.store(Arc::clone(&job.event)),
+            Store::Confirmed(reply) if self.inline => {
+                let _ = reply.send(self.store_inline(std::slice::from_ref(&job.event)));
+            }
+            Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
+        }
+        reservation.commit(std::iter::once(Some(job)));
+        Ok(())
+    }
+
+    /// Stores `events` on this thread: the inline path of a provider cheap enough for it. A failure
+    /// (a closed provider) is counted and reported by the next flush, like the writer's.
+    fn store_inline(&self, events: &[Arc<Event>]) -> Result<(), crate::ProviderError> {
+        let origin = self.origin.as_deref();
+        self.shared.writer.inline("store_batch", events.len(), || self.provider.store_batch(events, origin))
+    }
+
+    /// Reserves up to `want` consecutive slots of `shard` (at least one), with as much backlog room
+    /// when `stored`, waiting up to `patience` (not at all when `None`, nor when the caller is the
+    /// shard's own worker: only it could make room). The clock is read only once a first attempt
+    /// fails.
+    pub(crate) fn reserve(
+        &self,
+        shard: usize,
+        want: usize,
+        patience: Option<Duration>,
+        stored: bool,
+    ) -> Result<Reservation<'_, Option<Job>>, ReserveError> {
+        let patience = patience.filter(|_| worker::current(self.id) != Some(shard));
+        let shard = self.shards.shard(shard);
+        let producer = &shard.producer;
+        let writer = &self.shared.writer;
+        let mut deadline = None;
+        let mut backoff = Backoff::new();
+        loop {
+            let admitted = if stored { writer.try_admit(want) } else { want };
+            let backlogged = admitted == 0;
+            if !backlogged {
+                match producer.try_reserve(admitted) {
+                    Ok(reservation) => {
+                        if stored {
+                            writer.release(admitted - reservation.len());
+                        }
+                        return Ok(reservation);
+                    }
+                    Err(error) => {
+                        if stored {
+                            writer.release(admitted);
+                        }
+                        if error == ReserveError::Closed {
+                            return Err(ReserveError::Closed);
+                        }
+                    }
+                }
+            } else if producer.is_closed() {
+                return Err(ReserveError::Closed);
+            }
+            let Some(patience) = patience else { return Err(ReserveError::Full) };
+            let deadline = *deadline.get_or_insert_with(|| crate::deadline::from_now(patience));
+            if Instant::now() >= deadline {
+                return Err(ReserveError::Full);
+            }
+            if backoff.snooze() {
+                continue;
+            }
+            if backlogged {
+                // The writer signals nobody when it catches up: poll on a growing timer.
+                backoff.sleep();
+            } else {
+                shard.space.wait_until(deadline, || !producer.is_full() || producer.is_closed());
+            }
+        }
+    }
+
+    /// Waits up to `patience` for room for one stored event in the writer's backlog (for
+    /// `publish_sync`, which takes no ring slot).
+    fn admit_backlog(&self, patience: Option<Duration>) -> bool {
+        let writer = &self.shared.writer;
+        let mut deadline = None;
+        let mut backoff = Backoff::new();
+        loop {
+            if writer.try_admit(1) == 1 {
+                return true;
+            }
+            let Some(patience) = patience else { return false };
+            let deadline = *deadline.get_or_insert_with(|| crate::deadline::from_now(patience));
+            if Instant::now() >= deadline || self.intake.is_closed() {
+                return false;
+            }
+            if !backoff.snooze() {
+                backoff.sleep();
+            }
+        }
+    }
+
+    pub(crate) fn rejected(&self, error: ReserveError, event: Arc<Event>) -> PublishError {
+        let event = Box::new(unwrap_event(event));
+        match error {
+            ReserveError::Full => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                PublishError::Full(event)
+            }
+            ReserveError::Closed => PublishError::Closed(event),
+        }
+    }
+
+    pub(crate) fn publish(&self, event: Event) -> Result<(), SyncPublishError> {
+        match self.mode {
+            Mode::Async => Ok(self.publish_async(event)?),
+            Mode::Sync => self.publish_sync(event),
+        }
+    }
+
+    pub(crate) fn publish_async(&self, event: Event) -> Result<(), PublishError> {
+        let event = self.admit(event)?;
+        match self.enqueue(Job::local(event), self.patience(), self.store_for_publish()) {
+            Ok(()) => Ok(()),
+            Err((error, job)) => Err(self.rejected(error, job.event)),
+        }
+    }
+
+    pub(crate) fn publish_sync(&self, event: Event) -> Result<(), SyncPublishError> {
+        let Some(_entered) = self.intake.enter() else {
+            // Closed: `admit` reports it (or an invalid type, which takes precedence).
+            return Err(match self.admit(event) {
+                Err(error) => error.into(),
+                Ok(event) => PublishError::Closed(Box::new(unwrap_event(event))).into(),
+            });
+        };
+        let event = self.admit(event)?;
+        if self.store_events && self.inline {
+            let _ = self.store_inline(std::slice::from_ref(&event));
+        } else if self.store_events {
+            if !self.admit_backlog(self.patience()) {
+                return Err(self.rejected(ReserveError::Full, event).into());
+            }
+            self.shared.writer.store(Arc::clone(&event));
+        }
+        self.sync.published.fetch_add(1, Ordering::Relaxed);
+        let job = Job::local(event);
+        let mut outbox = Outbox::default();
+        outbox.processing(&job, jiff::Timestamp::now(), self.track_status);
+        let set = self.table().load();
+        let failures = worker::deliver_on_caller(
+            self.table(),
+            &set,
+            &job,
+            &self.retry,
+            self.track_status,
+            &mut outbox,
+            || self.shared.shutdown_deadline(),
+        );
+        drop(set);
+        self.sync.add(&outbox.counts);
+        worker::settle(&self.shared, &mut outbox);
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(SyncPublishError::HandlerFailed(HandlerFailures::new(failures)))
+        }
+    }
+
+    pub(crate) fn publish_batch(&self, events: Vec<Event>) -> Result<(), BatchPublishError> {
+        if let Some((index, error)) = events
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| validate_event_type(&e.event_type).err().map(|err| (i, err)))
+        {
+            return Err(BatchPublishError {
+                accepted: 0,
+                rejected: events,
+                reason: BatchRejection::InvalidType { index, error },
+            });
+        }
+        // Each event keeps its position in the batch, to hand rejected ones back in order.
+        let mut by_shard: Vec<Vec<(usize, Arc<Event>)>> = vec![Vec::new(); self.shards.len()];
+        for (position, mut event) in events.into_iter().enumerate() {
+            if event.instance_id.is_empty() {
+                event.instance_id.clone_from(&self.instance_id);
+            }
+            by_shard[self.shards.index_for(event.partition())].push((position, Arc::new(event)));
+        }
+        let mut accepted = 0;
+        let mut rejected: Vec<(usize, Arc<Event>)> = Vec::new();
+        let mut reason = None;
+        for (shard, mut group) in by_shard.into_iter().enumerate() {
+            while !group.is_empty() {
+                match self.reserve(shard, group.len(), self.patience(), self.store_events && !self.inline) {
+                    Ok(reservation) => {
+                        let taken: Vec<Arc<Event>> =
+                            group.drain(..reservation.len()).map(|(_, e)| e).collect();
+                        accepted += taken.len();
+                        if self.store_events && self.inline {
+                            let _ = self.store_inline(&taken);
+                        } else if self.store_events {
+                            self.shared.writer.store_many(taken.clone());
+                        }
+                        reservation.commit(taken.into_iter().map(|event| Some(Job::local(event))));
+                    }
+                    Err(error) => {
+                        reason.get_or_insert(match error {
+                            ReserveError::Full => BatchRejection::Full,
+                            ReserveError::Closed => BatchRejection::Closed,
+                        });
+                        if error == ReserveError::Full {
+                            self.rejected.fetch_add(group.len() as u64, Ordering::Relaxed);
+                        }
+                        rejected.append(&mut group);
+                    }
+                }
+            }
+        }
+        match reason {
+            None => Ok(()),
+            Some(reason) => {
+                rejected.sort_unstable_by_key(|(position, _)| *position);
+                let rejected = rejected.into_iter().map(|(_, event)| unwrap_event(event)).collect();
+                Err(BatchPublishError { accepted, rejected, reason })
+            }
+        }
+    }
+
+    pub(crate) fn publish_confirmed(&self, event: Event, timeout: Duration) -> Result<(), ConfirmError> {
+        let event = self.admit(event)?;
+        let (reply, outcome) = crossbeam_channel::bounded(1);
+        if let Err((error, job)) = self.enqueue(Job::local(event), self.patience(), Store::Confirmed(reply)) {
+            return Err(self.rejected(error, job.event).into());
+        }
+        match outcome.recv_deadline(crate::deadline::from_now(timeout)) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(ConfirmError::NotPersisted(error)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(ConfirmError::TimedOut(timeout)),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(ConfirmError::NotPersisted(
+                crate::provider::closed_error(self.provider.name(), "store_batch"),
+            )),
+        }
+    }
+}
+
+impl Target for Engine {
+    fn room(&self) -> usize {
+        self.shards.free_slots()
+    }
+
+    fn place(&self, job: Job, patience: Duration) -> Result<(), (Job, bool)> {
+        self.enqueue(job, Some(patience), Store::No)
+            .map_err(|(error, job)| (job, error == ReserveError::Closed))
+    }
+
+    fn table(&self) -> &SubscriptionTable {
+        &self.shared.table
+    }
+
+    fn settle(&self, outbox: &mut Outbox) {
+        self.shared.writer.settle(outbox);
+    }
+}

@@ -1,0 +1,430 @@
+//! The broker: the public face of the engine.
+//!
+//! ## Modes
+//! - [`Mode::Async`] (default): [`Broker::publish`] queues the event on its shard's ring and
+//!   returns; the shard's worker thread runs the handlers. Events with the same partition key
+//!   (the type, unless [`Event::partition_key`] is set) are handled in publish order.
+//! - [`Mode::Sync`]: [`Broker::publish`] runs the matched handlers on the caller's thread, in
+//!   subscription order, and returns their failures after retries.
+//!
+//! [`Broker::publish_sync`] and [`Broker::publish_async`] choose explicitly, whatever the mode.
+//!
+//! ## Across instances
+//! Brokers that share a provider receive each other's events ([`Distribution`]): fan-out (every
+//! instance gets every event) or work-queue (a group shares them). Inbound events enter the shards
+//! like local ones (same ordering per partition key, same handlers, same retries) and are
+//! acknowledged to the provider only once every delivery has ended, completed or dead-lettered
+//! durably: at least once, never echoed back to their publisher.
+//!
+//! ## Backpressure
+//! A shard's ring holds [`BrokerBuilder::buffer_size`] events (its worker may hold one more batch
+//! of up to 256 it is working through). When the ring is full, [`Backpressure::Reject`] returns
+//! [`PublishError::Full`] at once, with the event; [`Backpressure::Block`] (the default, 1 s)
+//! waits for room up to its timeout first — except in a handler publishing into its own worker's
+//! shard, which only that worker could empty: there it never waits. Nothing is dropped silently:
+//! an event is either accepted, and then handled and tracked, or handed back.
+//!
+//! ## Delivery
+//! Handlers run in subscription order. A handler that fails or panics is retried per the
+//! [`RetryPolicy`], without delaying other handlers or other events; after the last retry the
+//! delivery becomes a dead letter ([`Broker::dead_letters`], [`Broker::redrive`]). An event
+//! published after [`Broker::unsubscribe`] returns never reaches that subscription.
+//!
+//! ## Handles and shutdown
+//! [`Broker::shutdown`] stops fetching and accepting, drains every shard, runs the retries that
+//! come due before its timeout (dead-lettering the rest), flushes the provider writer and closes
+//! the provider — unless something else still holds it (other brokers on the same in-process bus,
+//! or the application), which then closes it; every step is bounded by the timeout. Dropping the
+//! last [`Broker`] handle does the same, with a 30 s timeout by default
+//! ([`BrokerBuilder::drop_shutdown_timeout`]). A handler that needs the broker should capture a
+//! [`WeakBroker`]
+//! ([`Broker::downgrade`]): a strong handle inside a handler keeps the broker alive until an
+//! explicit `shutdown`, which then drops the handlers and the cycle with them.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::error::{
+    BatchPublishError, BoxError, BrokerError, ConfirmError, PublishError, SubscribeError, SyncPublishError,
+};
+use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, Provider, ReplayFrom};
+use crate::subscription::{DeliveryError, Handler};
+use crate::{Event, Pattern, SubscriptionId};
+
+mod builder;
+mod engine;
+mod recovery;
+mod shutdown;
+mod stats;
+
+pub use self::builder::{BrokerBuilder, Distribution, MAX_BUFFER_SIZE, MAX_WORKERS, Mode};
+pub use self::recovery::{RedriveOutcome, ReplayReport};
+pub use self::shutdown::{CloseOutcome, ShutdownReport};
+pub use self::stats::BrokerStats;
+pub use crate::dispatch::backpressure::Backpressure;
+
+use self::engine::Engine;
+use self::recovery::FLUSH_TIMEOUT;
+
+/// An event broker. Cheap to clone: clones share one engine, which shuts down when the last is
+/// dropped (or at [`Broker::shutdown`]).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::time::Duration;
+/// use eventbroker::{Broker, Event, EventSource};
+///
+/// let broker = Broker::builder().build()?;
+/// let seen = Arc::new(AtomicUsize::new(0));
+/// let counter = Arc::clone(&seen);
+/// broker.subscribe_infallible("public.users.*", move |event: &Event| {
+///     assert_eq!(event.schema, "public");
+///     counter.fetch_add(1, Ordering::Relaxed);
+/// })?;
+/// broker.publish(Event::for_entity(EventSource::Database, "public", "users", "create"))?;
+/// let report = broker.shutdown(Duration::from_secs(5));
+/// assert!(report.is_clean());
+/// assert_eq!(seen.load(Ordering::Relaxed), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Broker {
+    handle: Arc<Handle>,
+}
+
+/// What user handles share: its drop (the last handle gone) shuts the engine down.
+struct Handle {
+    engine: Arc<Engine>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.engine.shutdown(self.engine.drop_timeout);
+    }
+}
+
+/// A handle that does not keep the broker alive: what a handler should capture to publish or
+/// subscribe from inside the broker. [`upgrade`](Self::upgrade) gives a [`Broker`] while any strong
+/// handle exists.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::{Broker, Event, EventSource};
+///
+/// let broker = Broker::builder().build()?;
+/// let weak = broker.downgrade();
+/// broker.subscribe_infallible("orders.created", move |event: &Event| {
+///     if let Some(broker) = weak.upgrade() {
+///         let _ = broker.publish(Event::new(EventSource::Internal, "orders.audited"));
+///     }
+/// })?;
+/// let audited = broker.subscribe_stream("orders.audited")?;
+/// broker.publish(Event::new(EventSource::Internal, "orders.created"))?;
+/// assert!(audited.recv_timeout(Duration::from_secs(5)).is_ok());
+/// drop(broker); // the handler's weak handle does not keep it alive
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct WeakBroker {
+    handle: Weak<Handle>,
+}
+
+impl WeakBroker {
+    /// A strong handle, unless every one is gone (the broker is shutting down or shut down).
+    pub fn upgrade(&self) -> Option<Broker> {
+        self.handle.upgrade().map(|handle| Broker { handle })
+    }
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("instance_id", &self.engine().instance_id).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle").field("instance_id", &self.engine.instance_id).finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// A builder with the defaults: async, one worker per CPU, 1024 events per shard, the memory
+    /// provider, the seed's retry policy, block up to 1 s when full.
+    pub fn builder() -> BrokerBuilder {
+        BrokerBuilder::default()
+    }
+
+    fn engine(&self) -> &Arc<Engine> {
+        &self.handle.engine
+    }
+
+    /// A handle that does not keep the broker alive; see [`WeakBroker`].
+    pub fn downgrade(&self) -> WeakBroker {
+        WeakBroker { handle: Arc::downgrade(&self.handle) }
+    }
+
+    /// This instance's id.
+    pub fn instance_id(&self) -> &str {
+        &self.engine().instance_id
+    }
+
+    /// The configured mode.
+    pub fn mode(&self) -> Mode {
+        self.engine().mode
+    }
+
+    /// The provider events are stored in.
+    pub fn provider(&self) -> &Arc<dyn Provider> {
+        &self.engine().provider
+    }
+
+    /// Subscribes `handler` to the types matching `pattern`. Handlers of one event run in
+    /// subscription order; a returned error or a panic counts as a failed delivery.
+    ///
+    /// When the broker receives from other instances, the new pattern reaches the provider's
+    /// filter before this returns, so events other instances publish from then on are delivered.
+    ///
+    /// # Errors
+    /// [`SubscribeError::Pattern`] when the pattern does not parse; [`SubscribeError::Closed`]
+    /// after shutdown.
+    pub fn subscribe<F, E>(&self, pattern: &str, handler: F) -> Result<SubscriptionId, SubscribeError>
+    where
+        F: Fn(&Event) -> Result<(), E> + Send + Sync + 'static,
+        E: Into<BoxError>,
+    {
+        let handler: Box<Handler> = Box::new(move |event: &Arc<Event>| {
+            handler(event).map_err(|e| DeliveryError::Failed(e.into().to_string()))
+        });
+        self.subscribe_handler(pattern, handler)
+    }
+
+    /// Subscribes a handler that cannot fail (it may still panic, which counts as a failure).
+    ///
+    /// ```
+    /// use eventbroker::{Broker, Event};
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// broker.subscribe_infallible("audit.>", |event: &Event| println!("{}", event.event_type))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`].
+    pub fn subscribe_infallible<F>(&self, pattern: &str, handler: F) -> Result<SubscriptionId, SubscribeError>
+    where
+        F: Fn(&Event) + Send + Sync + 'static,
+    {
+        let handler: Box<Handler> = Box::new(move |event: &Arc<Event>| {
+            handler(event);
+            Ok(())
+        });
+        self.subscribe_handler(pattern, handler)
+    }
+
+    /// Subscribes a bounded channel: matching events arrive on the returned receiver, from sync
+    /// code (`recv`) or async code (`recv_async().await`). It holds as many events as one shard
+    /// ([`BrokerBuilder::buffer_size`]); see [`Broker::subscribe_stream_bounded`].
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`].
+    pub fn subscribe_stream(&self, pattern: &str) -> Result<flume::Receiver<Arc<Event>>, SubscribeError> {
+        self.subscribe_stream_bounded(pattern, self.engine().buffer_size)
+    }
+
+    /// Like [`Broker::subscribe_stream`] with a receiver of `capacity` events. A full receiver
+    /// is a failed delivery (retried, then dead-lettered), never a silent loss. Dropping the
+    /// receiver ends the subscription.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource};
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// let events = broker.subscribe_stream_bounded("audit.>", 16)?;
+    /// broker.publish(Event::new(EventSource::System, "audit.login"))?;
+    /// let event = events.recv_timeout(Duration::from_secs(5))?;
+    /// assert_eq!(event.event_type, "audit.login");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`].
+    pub fn subscribe_stream_bounded(
+        &self,
+        pattern: &str,
+        capacity: usize,
+    ) -> Result<flume::Receiver<Arc<Event>>, SubscribeError> {
+        let (tx, rx) = flume::bounded(capacity.max(1));
+        let handler: Box<Handler> =
+            Box::new(move |event: &Arc<Event>| match tx.try_send(Arc::clone(event)) {
+                Ok(()) => Ok(()),
+                Err(flume::TrySendError::Full(_)) => {
+                    Err(DeliveryError::Failed(format!("stream receiver is full ({capacity} events)")))
+                }
+                Err(flume::TrySendError::Disconnected(_)) => Err(DeliveryError::Gone),
+            });
+        self.subscribe_handler(pattern, handler)?;
+        Ok(rx)
+    }
+
+    fn subscribe_handler(
+        &self,
+        pattern: &str,
+        handler: Box<Handler>,
+    ) -> Result<SubscriptionId, SubscribeError> {
+        let pattern = Pattern::parse(pattern)?;
+        let engine = self.engine();
+        if engine.intake.is_closed() {
+            return Err(SubscribeError::Closed);
+        }
+        let id = engine.shared.table.subscribe(pattern, handler);
+        if let Some(pump) = &engine.inbound {
+            pump.sync_filter(&engine.shared.table);
+        }
+        Ok(id)
+    }
+
+    /// Ends a subscription; `false` when there was none with this id. Events published after this
+    /// returns never reach it; events already in flight may.
+    pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
+        self.engine().shared.table.unsubscribe(id)
+    }
+
+    /// Publishes per the broker's [`Mode`].
+    ///
+    /// # Errors
+    /// As [`Broker::publish_async`] (wrapped in [`SyncPublishError::Rejected`]) or
+    /// [`Broker::publish_sync`].
+    #[inline]
+    pub fn publish(&self, event: Event) -> Result<(), SyncPublishError> {
+        self.engine().publish(event)
+    }
+
+    /// Queues the event on its shard and returns.
+    ///
+    /// # Errors
+    /// [`PublishError::InvalidType`], [`PublishError::Full`] (per the [`Backpressure`] policy) or
+    /// [`PublishError::Closed`], each handing the event back.
+    #[inline]
+    pub fn publish_async(&self, event: Event) -> Result<(), PublishError> {
+        self.engine().publish_async(event)
+    }
+
+    /// Runs the matched handlers on this thread, in subscription order, retrying failures per the
+    /// retry policy (sleeping between attempts), and returns once every delivery has ended.
+    ///
+    /// # Errors
+    /// [`SyncPublishError::HandlerFailed`] listing the deliveries that failed after their retries
+    /// (the event was delivered to the others; the failures were dead-lettered);
+    /// [`SyncPublishError::Rejected`] with the event when it was not accepted.
+    pub fn publish_sync(&self, event: Event) -> Result<(), SyncPublishError> {
+        self.engine().publish_sync(event)
+    }
+
+    /// Queues many events at once: events are grouped by shard and each group takes its ring
+    /// slots with one atomic claim. Always asynchronous, whatever the mode.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource};
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// let events = (0..100).map(|i| Event::new(EventSource::System, format!("batch.e{}", i % 7))).collect();
+    /// broker.publish_batch(events)?;
+    /// broker.shutdown(Duration::from_secs(5));
+    /// assert_eq!(broker.stats().processed, 100);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`BatchPublishError`] with the events not accepted. An invalid type rejects the whole
+    /// batch; a full shard rejects that shard's remaining events (a suffix per partition key, so
+    /// republishing them keeps each key's order); after shutdown, the events not yet accepted.
+    pub fn publish_batch(&self, events: Vec<Event>) -> Result<(), BatchPublishError> {
+        self.engine().publish_batch(events)
+    }
+
+    /// Queues the event like [`Broker::publish_async`], then waits up to `timeout` until the
+    /// provider has persisted the batch holding it. Concurrent confirmed publishes share one
+    /// provider write (group commit), so the wait is about one writer period
+    /// ([`WriterConfig::max_delay`](crate::WriterConfig::max_delay), 1 ms by default) plus the write.
+    ///
+    /// The event is dispatched to local subscribers either way; this is for callers that must not
+    /// lose an event to a crash.
+    ///
+    /// # Errors
+    /// [`ConfirmError::Rejected`] before anything was accepted; after the event was accepted and
+    /// dispatched, [`ConfirmError::NotPersisted`] with the provider's error (the writer keeps
+    /// retrying it when the error is transient) or [`ConfirmError::TimedOut`].
+    pub fn publish_confirmed(&self, event: Event, timeout: Duration) -> Result<(), ConfirmError> {
+        self.engine().publish_confirmed(event, timeout)
+    }
+
+    /// Writes everything handed to the provider writer so far and waits up to `timeout` for it.
+    /// Reads through the provider see every event and status accepted before this call.
+    ///
+    /// # Errors
+    /// [`BrokerError::WritesDropped`] when writes were given up after permanent provider errors
+    /// since a flush last reported any (each is reported once); [`BrokerError::Provider`] when the
+    /// write is failing now (the writer keeps retrying it); [`BrokerError::Timeout`];
+    /// [`BrokerError::Closed`] after shutdown.
+    pub fn flush(&self, timeout: Duration) -> Result<(), BrokerError> {
+        self.engine().shared.writer.flush(timeout)
+    }
+
+    /// Dead letters in the provider, after flushing the writer so recent failures are included.
+    ///
+    /// # Errors
+    /// [`BrokerError::Provider`] when the provider fails.
+    pub fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BrokerError> {
+        let engine = self.engine();
+        if !engine.intake.is_closed() {
+            engine.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
+        }
+        Ok(engine.provider.list_dead_letters(filter)?)
+    }
+
+    /// Delivers a dead letter again, on this thread, to the subscription that failed it, or, when
+    /// that subscription is gone, to the live subscriptions with the same pattern (as after a
+    /// restart). Retries follow the broker's policy. The dead letter is deleted only after the
+    /// delivery ran and, when it failed again, after its new dead letter was stored: a failure in
+    /// between keeps it (it may then be delivered twice, never lost).
+    ///
+    /// # Errors
+    /// [`BrokerError::NoSuchDeadLetter`]; [`BrokerError::NoSubscriber`] when no subscription can
+    /// take it (the dead letter is kept); [`BrokerError::Provider`]; [`BrokerError::Closed`].
+    pub fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
+        self.engine().redrive(id)
+    }
+
+    /// Re-delivers stored events, oldest first, to the current subscribers: every event from
+    /// `from` on whose type matches `pattern` (all when `None`) goes through the shards again with
+    /// `"replay": true` in its metadata. The stored events and their status history are left as
+    /// they are. Waits for room as needed (from a handler, only as long as the backpressure policy
+    /// allows, and never for its own worker's shard).
+    ///
+    /// # Errors
+    /// [`BrokerError::Pattern`]; [`BrokerError::Provider`]; [`BrokerError::ReplayFull`] with where
+    /// to resume; [`BrokerError::Closed`] when shutdown interrupts the replay.
+    pub fn replay(&self, from: ReplayFrom, pattern: Option<&str>) -> Result<ReplayReport, BrokerError> {
+        self.engine().replay(from, pattern)
+    }
+
+    /// Counters of the whole broker, each shard, the writer and the inbound thread.
+    pub fn stats(&self) -> BrokerStats {
+        self.engine().stats()
+    }
+
+    /// Stops fetching and accepting events, drains every shard, runs retries that come due before
+    /// `timeout` (dead-lettering the rest, or giving inbound ones back to their group), flushes the
+    /// provider writer and closes the provider (unless others still hold it: see
+    /// [`CloseOutcome::LeftOpen`]). Bounded by `timeout`, whatever the provider or the
+    /// handlers do; a second call returns at once with [`ShutdownReport::already_shut_down`].
+    /// Called from a handler of this broker, it does not wait for its own worker: see
+    /// [`ShutdownReport::deferred`].
+    pub fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        self.engine().shutdown(timeout)
+    }
+}

@@ -1,0 +1,131 @@
+//! Recovery: redriving dead letters and replaying stored history, neither of which can lose what
+//! it starts from.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::engine::{Engine, Store};
+use crate::dispatch::delivery::{self, Inline, Job, Origin, Outbox};
+use crate::dispatch::ring::PushBatchError as ReserveError;
+use crate::dispatch::worker;
+use crate::error::{BrokerError, DeliveryFailure};
+use crate::provider::{DeadLetterId, ProviderExt, ReplayFrom};
+use crate::{EventStatus, Pattern};
+
+/// How long broker operations that read through the provider wait for the writer to flush.
+pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a replay waits for room in a shard: as long as it takes, in practice.
+const REPLAY_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+/// Events fetched from the provider per replay call.
+const REPLAY_PAGE: usize = 512;
+
+/// What [`Broker::redrive`](crate::Broker::redrive) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedriveOutcome {
+    /// Subscriptions the event was delivered to.
+    pub delivered: usize,
+    /// Deliveries that failed again (each is a new dead letter).
+    pub failed: Vec<DeliveryFailure>,
+}
+
+/// What [`Broker::replay`](crate::Broker::replay) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplayReport {
+    /// Events published again.
+    pub replayed: u64,
+    /// Sequence of the last event replayed; resume from the next one.
+    pub last_seq: Option<u64>,
+}
+
+impl Engine {
+    pub(crate) fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
+        if self.intake.is_closed() {
+            return Err(BrokerError::Closed);
+        }
+        self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
+        let letter = self
+            .provider
+            .get_dead_letter(id)?
+            .ok_or_else(|| BrokerError::NoSuchDeadLetter(id.to_string()))?;
+        let targets = match self.shared.table.get(letter.subscription_id) {
+            Some(subscription) => vec![subscription],
+            None => self.shared.table.live_with_pattern(&letter.pattern),
+        };
+        if targets.is_empty() {
+            return Err(BrokerError::NoSubscriber { pattern: letter.pattern });
+        }
+        let mut event = letter.event.clone();
+        event.status = EventStatus::Pending;
+        event.error.clear();
+        event.retry_count = 0;
+        event.metadata.insert("redriven_from".into(), letter.id.to_string().into());
+        let job = Job { event: Arc::new(event), origin: Origin::Replayed };
+        let mut outbox = Outbox::default();
+        let mut outcome = RedriveOutcome { delivered: 0, failed: Vec::new() };
+        for subscription in &targets {
+            let inline = delivery::deliver_inline(
+                &self.shared.table,
+                subscription,
+                &job.event,
+                &self.retry,
+                &mut outbox,
+                || self.shared.shutdown_deadline(),
+            );
+            match inline {
+                Inline::Delivered { .. } | Inline::Gone => outcome.delivered += 1,
+                Inline::Failed(failure) => outcome.failed.push(failure),
+            }
+        }
+        // The letter goes only once what replaces it is stored: a failure in between keeps it.
+        if !outcome.failed.is_empty() {
+            let letters: Vec<_> =
+                outcome.failed.iter().map(|f| delivery::dead_letter(&job.event, f)).collect();
+            self.provider.store_dead_letters(&letters)?;
+        }
+        self.provider.delete_dead_letter(id)?;
+        Ok(outcome)
+    }
+
+    pub(crate) fn replay(
+        &self,
+        from: ReplayFrom,
+        pattern: Option<&str>,
+    ) -> Result<ReplayReport, BrokerError> {
+        let pattern = pattern.map(Pattern::parse).transpose()?;
+        self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
+        // A handler's worker must not wait a day on a shard whose worker may be waiting on it.
+        let patience = if worker::current(self.id).is_some() { self.patience() } else { Some(REPLAY_WAIT) };
+        let mut report = ReplayReport::default();
+        for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
+            for stored in page? {
+                let mut event = stored.event;
+                event.status = EventStatus::Pending;
+                event.metadata.insert("replay".into(), true.into());
+                let event = match self.admit(event) {
+                    Ok(event) => event,
+                    Err(crate::PublishError::InvalidType { error, .. }) => {
+                        tracing::warn!(%error, seq = stored.seq, "replay skips a stored event whose type cannot be published");
+                        continue;
+                    }
+                    Err(_) => return Err(BrokerError::Closed),
+                };
+                let job = Job { event, origin: Origin::Replayed };
+                match self.enqueue(job, patience, Store::No) {
+                    Ok(()) => {}
+                    Err((ReserveError::Closed, _)) => return Err(BrokerError::Closed),
+                    Err((ReserveError::Full, _)) => {
+                        return Err(BrokerError::ReplayFull {
+                            replayed: report.replayed,
+                            resume_from: ReplayFrom::Sequence(stored.seq),
+                        });
+                    }
+                }
+                report.replayed += 1;
+                report.last_seq = Some(stored.seq);
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,223 @@
+//! Shutdown: stop fetching and accepting, drain, flush, acknowledge, close — all by a deadline.
+//!
+//! The order matters for "nothing lost": the inbound thread stops first (what it holds goes back to
+//! the group), then intake closes and the rings drain through the workers (retries due before the
+//! deadline run; later ones are dead-lettered, or given back when inbound), then the writer writes
+//! every store, status, dead letter and acknowledgement, then the inbound source and the provider
+//! close. Each wait is bounded by the one deadline; a provider that hangs is left behind on a
+//! thread of its own and reported, never waited for past the deadline.
+//!
+//! Called from one of the broker's own workers (a handler calling `shutdown`, or dropping the last
+//! handle), shutdown cannot wait for that worker: it does what does not wait, returns a report
+//! marked [`ShutdownReport::deferred`], and a thread of its own completes the rest.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::engine::Engine;
+use crate::dispatch::worker;
+
+/// How closing the provider (or the inbound source) went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseOutcome {
+    /// It closed.
+    #[default]
+    Closed,
+    /// It returned an error (it counts as closed all the same).
+    Failed(String),
+    /// It had not returned by the deadline; it was left to finish on its own thread.
+    TimedOut,
+    /// Not closed: someone else still holds the provider (other brokers sharing it, or the
+    /// application), and closes it when done with it.
+    LeftOpen,
+    /// Not attempted: shutdown completes in the background ([`ShutdownReport::deferred`]).
+    Deferred,
+}
+
+/// What [`Broker::shutdown`](crate::Broker::shutdown) did. [`is_clean`](Self::is_clean) says
+/// whether everything accepted was handled and written.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::Broker;
+///
+/// let broker = Broker::builder().build()?;
+/// let report = broker.shutdown(Duration::from_secs(5));
+/// assert!(report.is_clean(), "{report:?}");
+/// assert!(broker.shutdown(Duration::from_secs(5)).already_shut_down);
+/// # Ok::<(), eventbroker::BuildError>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Events that were waiting in rings when shutdown began and were then handled.
+    pub drained: u64,
+    /// Retries that ran during shutdown.
+    pub retries_run: u64,
+    /// Retries not due before the deadline, dead-lettered instead.
+    pub dead_lettered: u64,
+    /// Inbound events given back to their group (unfinished retries, or fetched and not yet
+    /// placed), to be redelivered to another member or this instance's next incarnation.
+    pub returned: u64,
+    /// Events accepted and never handled: in rings, or taken by a worker that had not begun them,
+    /// when the deadline passed (0 unless `timed_out`).
+    pub undelivered: u64,
+    /// Synchronous publishes still running at the deadline; their final statuses may be lost.
+    pub sync_in_flight: u64,
+    /// Workers still running at the deadline (a handler that had not returned); they finish on
+    /// their own, and what they write after the writer stopped is counted as
+    /// [`WriterStats::late`](crate::WriterStats::late).
+    pub detached_workers: usize,
+    /// Whether the deadline passed before every worker, synchronous publish and the inbound thread
+    /// finished.
+    pub timed_out: bool,
+    /// The final flush's failure: writes not written by the deadline, or given up after permanent
+    /// errors since the last flush reported any.
+    pub flush_error: Option<String>,
+    /// How closing the provider went.
+    pub provider_close: CloseOutcome,
+    /// How long shutdown took.
+    pub elapsed: Duration,
+    /// `true` when the broker was already shut down and this call did nothing.
+    pub already_shut_down: bool,
+    /// `true` when shutdown was called on one of the broker's own workers: intake and fetching are
+    /// stopped and the rings closed; draining, flushing and closing complete on a background thread
+    /// (bounded by the same deadline), and the counts above are zero.
+    pub deferred: bool,
+}
+
+impl ShutdownReport {
+    /// Whether shutdown finished by its deadline with nothing left unhandled or unwritten.
+    pub fn is_clean(&self) -> bool {
+        !self.timed_out
+            && self.undelivered == 0
+            && self.sync_in_flight == 0
+            && self.detached_workers == 0
+            && self.flush_error.is_none()
+            && matches!(self.provider_close, CloseOutcome::Closed | CloseOutcome::LeftOpen)
+    }
+}
+
+impl Engine {
+    pub(crate) fn shutdown(self: &Arc<Self>, timeout: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        let deadline = crate::deadline::after(started, timeout);
+        let mut done = self.shutdown.lock();
+        if *done {
+            return ShutdownReport { already_shut_down: true, ..ShutdownReport::default() };
+        }
+        *done = true;
+        if let Some(pump) = &self.inbound {
+            pump.stop();
+        }
+        self.intake.close();
+        let queued_at_start = self.shards.queued() as u64 + self.shards.in_hand();
+        *self.shared.shutdown_deadline.lock() = Some(deadline);
+        self.shards.close();
+        if worker::current(self.id).is_some() {
+            let engine = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("eb-stop-{}", self.instance_id))
+                .spawn(move || engine.complete_shutdown(started, deadline, queued_at_start));
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start the thread that completes a shutdown begun in a handler");
+            }
+            let report = ShutdownReport {
+                deferred: true,
+                provider_close: CloseOutcome::Deferred,
+                elapsed: started.elapsed(),
+                ..ShutdownReport::default()
+            };
+            tracing::info!(?report, "event broker shutting down from one of its own handlers");
+            return report;
+        }
+        let report = self.complete_shutdown(started, deadline, queued_at_start);
+        drop(done);
+        report
+    }
+
+    /// The part of shutdown that waits: for the inbound thread, synchronous publishes, workers,
+    /// the writer, the source and the provider, each until `deadline` at most.
+    fn complete_shutdown(&self, started: Instant, deadline: Instant, queued_at_start: u64) -> ShutdownReport {
+        let inbound_exited = self.inbound.as_ref().is_none_or(|pump| pump.join(deadline));
+        let mut backoff = crate::dispatch::backpressure::Backoff::new();
+        while !self.intake.is_idle() && Instant::now() < deadline {
+            if !backoff.snooze() {
+                backoff.sleep();
+            }
+        }
+        let sync_in_flight = self.intake.in_flight() as u64;
+        let (reports, detached_workers) = self.shards.join(deadline);
+        let undelivered =
+            if detached_workers == 0 { 0 } else { self.shards.queued() as u64 + self.shards.in_hand() };
+        let flush = self.shared.writer.shutdown(deadline.saturating_duration_since(Instant::now()));
+        if let Some(pump) = &self.inbound {
+            let source = Arc::clone(pump.source());
+            let outcome = close_bounded("eb-close-inbound", deadline, move || {
+                source.close().map_err(|e| e.to_string())
+            });
+            if outcome != CloseOutcome::Closed {
+                tracing::warn!(?outcome, "closing the inbound source did not go cleanly");
+            }
+        }
+        // Shared providers (the in-process bus, or one the application keeps) stay open for the
+        // others; the last holder closes it.
+        let held_here = 1 + usize::from(self.shared.inline.is_some());
+        let provider_close = if Arc::strong_count(&self.provider) == held_here {
+            let provider = Arc::clone(&self.provider);
+            close_bounded("eb-close-provider", deadline, move || provider.close().map_err(|e| e.to_string()))
+        } else {
+            CloseOutcome::LeftOpen
+        };
+        // Handlers (and whatever they captured, broker handles included) go now.
+        self.shared.table.clear();
+        let returned = reports.iter().map(|r| r.returned_at_shutdown).sum::<u64>()
+            + self.inbound.as_ref().map_or(0, |pump| pump.stats().returned);
+        let report = ShutdownReport {
+            drained: queued_at_start.saturating_sub(undelivered),
+            retries_run: reports.iter().map(|r| r.retries_run).sum(),
+            dead_lettered: reports.iter().map(|r| r.dead_lettered_at_shutdown).sum(),
+            returned,
+            undelivered,
+            sync_in_flight,
+            detached_workers,
+            timed_out: detached_workers > 0 || sync_in_flight > 0 || !inbound_exited,
+            flush_error: flush.err().map(|e| e.to_string()),
+            provider_close,
+            elapsed: started.elapsed(),
+            already_shut_down: false,
+            deferred: false,
+        };
+        if report.is_clean() {
+            tracing::info!(?report, "event broker shut down");
+        } else {
+            tracing::warn!(?report, "event broker shut down, not cleanly");
+        }
+        report
+    }
+}
+
+/// Runs `close` on a thread of its own and waits for it until `deadline`; a close that hangs is
+/// left to finish there.
+fn close_bounded(
+    name: &str,
+    deadline: Instant,
+    close: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> CloseOutcome {
+    let (done, outcome) = crossbeam_channel::bounded(1);
+    let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        let _ = done.send(close());
+    });
+    if let Err(error) = spawned {
+        return CloseOutcome::Failed(format!("cannot start a thread to close on: {error}"));
+    }
+    match outcome.recv_deadline(deadline) {
+        Ok(Ok(())) => CloseOutcome::Closed,
+        Ok(Err(error)) => CloseOutcome::Failed(error),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => CloseOutcome::TimedOut,
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+            CloseOutcome::Failed("the provider panicked while closing".to_owned())
+        }
+    }
+}

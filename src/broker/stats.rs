@@ -1,0 +1,125 @@
+//! A broker's counters: [`BrokerStats`], assembled from the shards, the caller-thread deliveries,
+//! the writer and the inbound thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::engine::Engine;
+use crate::dispatch::delivery::Counts;
+use crate::dispatch::inbound::InboundStats;
+use crate::dispatch::shard::ShardStats;
+use crate::{Distribution, Mode, WriterStats};
+
+/// Counts of `publish_sync` deliveries, kept apart from the shards'. Relaxed: statistics.
+#[derive(Default)]
+pub(crate) struct SyncCounters {
+    pub(crate) published: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    unrouted: AtomicU64,
+    handler_failures: AtomicU64,
+    retries: AtomicU64,
+    dead_letters: AtomicU64,
+}
+
+impl SyncCounters {
+    pub(crate) fn add(&self, counts: &Counts) {
+        let add = |a: &AtomicU64, n: u64| {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        };
+        add(&self.completed, counts.completed);
+        add(&self.failed, counts.failed);
+        add(&self.unrouted, counts.unrouted);
+        add(&self.handler_failures, counts.handler_failures);
+        add(&self.retries, counts.retries);
+        add(&self.dead_letters, counts.dead_letters);
+    }
+}
+
+/// A broker's counters at one moment; see [`Broker::stats`](crate::Broker::stats).
+///
+/// Every count covers local and inbound events alike, except `published` (accepted here) and the
+/// [`inbound`](Self::inbound) counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// This instance's id.
+    pub instance_id: String,
+    /// The configured mode.
+    pub mode: Mode,
+    /// How this broker shares events with other instances.
+    pub distribution: Distribution,
+    /// Number of shards (worker threads).
+    pub workers: usize,
+    /// Live subscriptions.
+    pub subscriptions: usize,
+    /// Events accepted: waiting in rings, taken by workers (counted as they are taken), or
+    /// delivered synchronously. Inbound events are counted in [`InboundStats::fetched`] instead.
+    pub published: u64,
+    /// Events whose handling ended (completed + failed).
+    pub processed: u64,
+    /// Events whose deliveries all succeeded, or that matched nothing.
+    pub completed: u64,
+    /// Events with a delivery that failed after its retries.
+    pub failed: u64,
+    /// Events that matched no subscription.
+    pub unrouted: u64,
+    /// Failed handler calls, retries included.
+    pub handler_failures: u64,
+    /// Retries scheduled (async) or made (sync).
+    pub retries: u64,
+    /// Deliveries dead-lettered.
+    pub dead_letters: u64,
+    /// Publishes refused with `Full`.
+    pub rejected: u64,
+    /// Events waiting in rings now.
+    pub queued: usize,
+    /// Deliveries waiting for a retry now.
+    pub pending_retries: u64,
+    /// Panics caught on workers outside any handler.
+    pub internal_errors: u64,
+    /// The provider writer's counters.
+    pub writer: WriterStats,
+    /// The inbound thread's counters (all zero when the broker receives nothing).
+    pub inbound: InboundStats,
+    /// Per-shard counters.
+    pub shards: Vec<ShardStats>,
+}
+
+impl Engine {
+    pub(crate) fn stats(&self) -> BrokerStats {
+        let shards = self.shards.stats();
+        let sum = |f: fn(&ShardStats) -> u64| shards.iter().map(f).sum::<u64>();
+        let s = &self.sync;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let queued: usize = shards.iter().map(|s| s.queued).sum();
+        let completed = sum(|s| s.completed) + load(&s.completed);
+        let failed = sum(|s| s.failed) + load(&s.failed);
+        let inbound = self.inbound.as_ref().map(|pump| pump.stats()).unwrap_or_default();
+        // Inbound jobs pass through the rings too; they are not this broker's publishes.
+        let through_rings = sum(|s| s.dispatched) + queued as u64;
+        BrokerStats {
+            instance_id: self.instance_id.clone(),
+            mode: self.mode,
+            distribution: self.distribution.clone(),
+            workers: self.shards.len(),
+            subscriptions: self.shared.table.len(),
+            published: through_rings.saturating_sub(inbound.fetched) + load(&s.published),
+            processed: completed + failed,
+            completed,
+            failed,
+            unrouted: sum(|s| s.unrouted) + load(&s.unrouted),
+            handler_failures: sum(|s| s.handler_failures) + load(&s.handler_failures),
+            retries: sum(|s| s.retries) + load(&s.retries),
+            dead_letters: sum(|s| s.dead_letters) + load(&s.dead_letters),
+            rejected: load(&self.rejected),
+            queued,
+            pending_retries: sum(|s| s.pending_retries),
+            internal_errors: sum(|s| s.internal_errors),
+            writer: self.shared.writer.stats(),
+            inbound,
+            shards,
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Deadline arithmetic that cannot overflow: no setting or input (`Duration::MAX` included) may
+//! make a thread panic computing when to stop waiting.
+
+use std::time::{Duration, Instant};
+
+/// About a century: what "no deadline" saturates to. Far enough to never be reached, near enough
+/// that every platform's `Instant` can represent it.
+const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// `start + wait`, or a point about a century away when that overflows.
+pub(crate) fn after(start: Instant, wait: Duration) -> Instant {
+    start.checked_add(wait.min(FAR)).or_else(|| start.checked_add(Duration::from_secs(3600))).unwrap_or(start)
+}
+
+/// `after(Instant::now(), wait)`.
+pub(crate) fn from_now(wait: Duration) -> Instant {
+    after(Instant::now(), wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_waits_saturate_instead_of_panicking() {
+        let now = Instant::now();
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(365 * 24 * 3600));
+        assert_eq!(after(now, Duration::from_millis(5)), now + Duration::from_millis(5));
+        assert!(from_now(Duration::MAX) > now);
+    }
+}

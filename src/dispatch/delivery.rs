@@ -1,0 +1,318 @@
+//! Delivery: running one handler for one job, and the bookkeeping that turns how a job's deliveries
+//! ended into its final status, its dead letters, its acknowledgement and the counters.
+//!
+//! Shared by the shard workers, whose retries wait in a delay queue, and the caller-thread paths
+//! (`publish_sync`, `redrive`), whose retries sleep on the caller. Either way a job is tracked by
+//! itself, never by its event id: the same event published twice (a clone, a replay) is two jobs
+//! with two sets of deliveries.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+
+use crate::dispatch::retry::RetryPolicy;
+use crate::error::DeliveryFailure;
+use crate::provider::{Ack, AckToken, DeadLetter, StatusUpdate};
+use crate::subscription::{DeliveryError, Subscription, SubscriptionTable};
+use crate::{Event, EventStatus, SubscriptionId};
+
+/// How a job entered the engine, which decides what its bookkeeping writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Published on this broker: stored by the publisher, statuses tracked when configured.
+    Local,
+    /// Re-delivered from the store by `replay`: the stored event and its history stay untouched.
+    Replayed,
+    /// Fetched from another instance: acknowledged once every delivery has ended.
+    Inbound(AckToken),
+}
+
+/// One event on its way to its handlers: the ring's item (`None` is a slot reserved and then
+/// abandoned).
+#[derive(Debug, Clone)]
+pub(crate) struct Job {
+    pub(crate) event: Arc<Event>,
+    pub(crate) origin: Origin,
+}
+
+impl Job {
+    pub(crate) fn local(event: Arc<Event>) -> Self {
+        Self { event, origin: Origin::Local }
+    }
+
+    /// Whether this job's status changes are written (given that status tracking is on).
+    fn tracked(&self) -> bool {
+        self.origin == Origin::Local
+    }
+}
+
+/// How one attempt of one delivery went.
+pub(crate) enum Attempt {
+    Delivered,
+    /// The subscriber is gone (a stream whose receiver was dropped): the subscription ends.
+    Gone,
+    /// The handler returned an error or panicked.
+    Failed(String),
+}
+
+/// Runs one handler once. A panic is caught and becomes a failure; a panic payload whose own drop
+/// panics is contained too, so nothing a handler does can unwind into its caller.
+pub(crate) fn attempt(subscription: &Subscription, event: &Arc<Event>) -> Attempt {
+    match catch_unwind(AssertUnwindSafe(|| (subscription.handler)(event))) {
+        Ok(Ok(())) => Attempt::Delivered,
+        Ok(Err(DeliveryError::Gone)) => Attempt::Gone,
+        Ok(Err(DeliveryError::Failed(error))) => Attempt::Failed(error),
+        Err(payload) => {
+            let message = panic_message(&*payload);
+            drop_contained(payload);
+            Attempt::Failed(format!("handler panicked: {message}"))
+        }
+    }
+}
+
+/// The text of a panic payload.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(ToString::to_string)
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
+}
+
+/// Drops a panic payload without letting a panic in its `Drop` escape. The payload of such a
+/// second panic is leaked, not dropped: dropping it could panic again.
+pub(crate) fn drop_contained(payload: Box<dyn Any + Send>) {
+    if let Err(nested) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(nested);
+    }
+}
+
+/// Counts of what deliveries did, kept by whoever runs them and published as statistics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) completed: u64,
+    pub(crate) failed: u64,
+    pub(crate) unrouted: u64,
+    pub(crate) handler_failures: u64,
+    pub(crate) retries: u64,
+    pub(crate) dead_letters: u64,
+}
+
+/// The deliveries of one job still in flight, and how those that ended went.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Deliveries not yet ended (waiting for a retry).
+    pub(crate) outstanding: u32,
+    failed: bool,
+    /// The last failure's error.
+    error: String,
+    /// Most retries any delivery of the job took.
+    retries: u32,
+}
+
+impl Tally {
+    /// A delivery ended well after `attempts`.
+    pub(crate) fn delivered(&mut self, attempts: u32) {
+        self.retries = self.retries.max(attempts.saturating_sub(1));
+    }
+
+    /// A delivery will be retried; `attempts` made so far.
+    pub(crate) fn retrying(&mut self, attempts: u32, error: &str) {
+        self.retries = self.retries.max(attempts);
+        error.clone_into(&mut self.error);
+    }
+}
+
+/// What deliveries produced for the writer (statuses, dead letters, acknowledgements) and for the
+/// counters, gathered over a worker turn or one caller-thread publish.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    pub(crate) statuses: Vec<StatusUpdate>,
+    pub(crate) dead_letters: Vec<DeadLetter>,
+    /// Tokens of inbound jobs with a dead letter in `dead_letters`: if those letters cannot be
+    /// stored, these jobs must not be acknowledged.
+    pub(crate) letter_tokens: Vec<AckToken>,
+    pub(crate) acks: Vec<Ack>,
+    /// Inbound jobs given back unfinished (shutdown), redelivered at once.
+    pub(crate) naks: Vec<AckToken>,
+    /// Inbound jobs still being worked on: their claim idle time restarts.
+    pub(crate) extends: Vec<AckToken>,
+    /// Subscriptions whose subscriber is gone, to end.
+    pub(crate) gone: Vec<SubscriptionId>,
+    pub(crate) counts: Counts,
+}
+
+impl Outbox {
+    /// Whether there is anything for the writer or the subscription table.
+    pub(crate) fn has_work(&self) -> bool {
+        !(self.statuses.is_empty()
+            && self.dead_letters.is_empty()
+            && self.acks.is_empty()
+            && self.naks.is_empty()
+            && self.extends.is_empty()
+            && self.gone.is_empty())
+    }
+
+    /// Records one attempt's outcome for `subscription`; `Some(error)` when it failed.
+    pub(crate) fn record(&mut self, subscription: &Subscription, outcome: Attempt) -> Option<String> {
+        match outcome {
+            Attempt::Delivered => None,
+            Attempt::Gone => {
+                self.gone.push(subscription.id);
+                None
+            }
+            Attempt::Failed(error) => {
+                self.counts.handler_failures += 1;
+                Some(error)
+            }
+        }
+    }
+
+    /// A retry was scheduled.
+    pub(crate) fn retry_scheduled(&mut self) {
+        self.counts.retries += 1;
+    }
+
+    /// A delivery gave up: its dead letter goes to the writer, and its job is marked failed.
+    pub(crate) fn give_up(&mut self, job: &Job, failure: &DeliveryFailure, tally: &mut Tally) {
+        self.dead_letters.push(dead_letter(&job.event, failure));
+        if let Origin::Inbound(token) = job.origin {
+            self.letter_tokens.push(token);
+        }
+        self.counts.dead_letters += 1;
+        tally.failed = true;
+        failure.error.clone_into(&mut tally.error);
+        tally.retries = tally.retries.max(failure.attempts.saturating_sub(1));
+    }
+
+    /// Every delivery of `job` has ended: its final status (when tracked), its acknowledgement
+    /// (when inbound) and the counts.
+    pub(crate) fn settle(&mut self, job: &Job, tally: Tally, track_status: bool) {
+        let status = if tally.failed { EventStatus::Failed } else { EventStatus::Completed };
+        if tally.failed {
+            self.counts.failed += 1;
+        } else {
+            self.counts.completed += 1;
+        }
+        if track_status && job.tracked() {
+            let error = if tally.failed { tally.error } else { String::new() };
+            self.statuses.push(finished(job.event.id, status, error, tally.retries));
+        }
+        if let Origin::Inbound(token) = job.origin {
+            self.acks.push(if tally.failed { Ack::dead_lettered(token) } else { Ack::handled(token) });
+        }
+    }
+
+    /// `job` matched no subscription: it completes at once.
+    pub(crate) fn unrouted(&mut self, job: &Job, track_status: bool) {
+        self.counts.unrouted += 1;
+        self.settle(job, Tally::default(), track_status);
+    }
+
+    /// `job` is being processed: its `processing` status, when tracked.
+    pub(crate) fn processing(&mut self, job: &Job, at: Timestamp, track_status: bool) {
+        if track_status && job.tracked() {
+            self.statuses
+                .push(StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(at));
+        }
+    }
+}
+
+/// Builds the dead letter of a delivery that gave up.
+pub(crate) fn dead_letter(event: &Event, failure: &DeliveryFailure) -> DeadLetter {
+    let mut failed = event.clone();
+    failed.status = EventStatus::Failed;
+    failed.error.clone_from(&failure.error);
+    failed.retry_count = failure.attempts.saturating_sub(1);
+    DeadLetter::new(
+        failed,
+        failure.subscription_id,
+        failure.pattern.clone(),
+        failure.error.clone(),
+        failure.attempts,
+    )
+}
+
+/// The failure of a delivery to `subscription` after `attempts`.
+pub(crate) fn failure(subscription: &Subscription, error: String, attempts: u32) -> DeliveryFailure {
+    DeliveryFailure {
+        subscription_id: subscription.id,
+        pattern: subscription.pattern.to_string(),
+        error,
+        attempts,
+    }
+}
+
+/// The final status of an event.
+fn finished(id: crate::EventId, status: EventStatus, error: String, retries: u32) -> StatusUpdate {
+    StatusUpdate::new(id, status)
+        .with_error(error)
+        .with_retry_count(retries)
+        .with_completed_at(Timestamp::now())
+}
+
+/// How a delivery made on the caller's thread ended.
+pub(crate) enum Inline {
+    /// The handler succeeded, after this many attempts.
+    Delivered { attempts: u32 },
+    /// The subscriber is gone (a dropped stream); it has been unsubscribed.
+    Gone,
+    /// Every attempt failed, or the broker shut down before the next one was due.
+    Failed(DeliveryFailure),
+}
+
+/// Delivers on the caller's thread (`publish_sync`, `redrive`), retrying per `policy` with the
+/// backoff slept between attempts. A retry not due before `shutdown()` (the broker's shutdown
+/// deadline, once shutdown began) is not made: the delivery fails, as a worker's would.
+pub(crate) fn deliver_inline(
+    table: &SubscriptionTable,
+    subscription: &Subscription,
+    event: &Arc<Event>,
+    policy: &RetryPolicy,
+    outbox: &mut Outbox,
+    shutdown: impl Fn() -> Option<Instant>,
+) -> Inline {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let error = match attempt(subscription, event) {
+            Attempt::Delivered => return Inline::Delivered { attempts },
+            Attempt::Gone => {
+                table.unsubscribe(subscription.id);
+                return Inline::Gone;
+            }
+            Attempt::Failed(error) => {
+                outbox.counts.handler_failures += 1;
+                error
+            }
+        };
+        if attempts > policy.max_retries {
+            return Inline::Failed(failure(subscription, error, attempts));
+        }
+        let due = crate::deadline::from_now(policy.delay_for_retry(attempts, fastrand::f64()));
+        if !sleep_until(due, &shutdown) {
+            let error = format!("the broker shut down before retry {attempts} was due (last error: {error})");
+            return Inline::Failed(failure(subscription, error, attempts));
+        }
+        outbox.retry_scheduled();
+    }
+}
+
+/// Sleeps until `due`, in slices so a shutdown is noticed; `false` when the shutdown deadline
+/// comes before `due`.
+fn sleep_until(due: Instant, shutdown: &impl Fn() -> Option<Instant>) -> bool {
+    const SLICE: Duration = Duration::from_millis(20);
+    loop {
+        if shutdown().is_some_and(|deadline| due > deadline) {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= due {
+            return true;
+        }
+        std::thread::sleep((due - now).min(SLICE));
+    }
+}

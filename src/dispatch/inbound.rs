@@ -1,0 +1,255 @@
+//! The inbound thread: other instances' events, fetched from the provider's [`Inbound`] source and
+//! placed into the shards like local ones.
+//!
+//! One named thread per broker (`eventbroker-inbound`) loops: push the subscription patterns to
+//! the source when they changed, ask for as many events as the shards have free slots (at most
+//! [`FETCH_MAX`]), wait for them up to [`FETCH_WAIT`], and place each into its partition's shard,
+//! waiting for room there if need be. Nothing is buffered beyond the one batch being placed, so a
+//! slow broker leaves events on the server: backpressure reaches the provider. Each event travels
+//! with its ack token; the worker that handles it settles it, and the writer acknowledges it after
+//! its dead letters (see [`writer`](super::writer)).
+//!
+//! A fetch error does not stop anything: local dispatch goes on, and fetching resumes with backoff
+//! (10 ms doubling to 1 s). At shutdown the thread stops fetching first and gives back (`nak`)
+//! whatever it fetched and could not place, so another member or the next incarnation gets it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::dispatch::delivery::{Job, Origin, Outbox, dead_letter};
+use crate::error::{DeliveryFailure, ProviderErrorKind};
+use crate::provider::{AckToken, Inbound, InboundEvent};
+use crate::subscription::SubscriptionTable;
+use crate::{SubscriptionId, validate_event_type};
+
+/// Most events one fetch asks for.
+pub(crate) const FETCH_MAX: usize = 256;
+/// How long one fetch waits for the first event; also how soon a shutdown is noticed.
+pub(crate) const FETCH_WAIT: Duration = Duration::from_millis(100);
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What the inbound thread feeds: the broker's shards.
+pub(crate) trait Target: Send + Sync + 'static {
+    /// Free ring slots over every shard (a snapshot).
+    fn room(&self) -> usize;
+
+    /// Places `job` into its shard, waiting up to `patience` for room; the job back when there was
+    /// none, or when the broker is closed (`closed` then).
+    fn place(&self, job: Job, patience: Duration) -> Result<(), (Job, bool)>;
+
+    /// The subscription table the filter is derived from.
+    fn table(&self) -> &SubscriptionTable;
+
+    /// Hands dead letters and acknowledgements to the writer.
+    fn settle(&self, outbox: &mut Outbox);
+}
+
+/// Counts of the inbound thread, for [`BrokerStats`](crate::BrokerStats).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InboundStats {
+    /// Events fetched from other instances and placed into the shards.
+    pub fetched: u64,
+    /// Fetches that failed (each retried with backoff).
+    pub fetch_errors: u64,
+    /// Filter pushes that failed (retried on the next loop).
+    pub filter_errors: u64,
+    /// Fetched events whose type is invalid: dead-lettered and acknowledged, never handled.
+    pub invalid: u64,
+    /// Fetched events given back at shutdown, unplaced.
+    pub returned: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    fetched: AtomicU64,
+    fetch_errors: AtomicU64,
+    filter_errors: AtomicU64,
+    invalid: AtomicU64,
+    returned: AtomicU64,
+}
+
+/// A broker's inbound source and the thread that drains it.
+pub(crate) struct InboundPump {
+    source: Arc<dyn Inbound>,
+    stop: AtomicBool,
+    /// Generation of the subscription set last pushed as the filter; `u64::MAX` before the first.
+    pushed: parking_lot::Mutex<u64>,
+    counters: Counters,
+    thread: parking_lot::Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
+}
+
+impl InboundPump {
+    pub(crate) fn new(source: Arc<dyn Inbound>) -> Self {
+        Self {
+            source,
+            stop: AtomicBool::new(false),
+            pushed: parking_lot::Mutex::new(u64::MAX),
+            counters: Counters::default(),
+            thread: parking_lot::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn source(&self) -> &Arc<dyn Inbound> {
+        &self.source
+    }
+
+    /// Starts the thread, which feeds `target` until [`stop`](Self::stop).
+    pub(crate) fn start<T: Target>(self: &Arc<Self>, target: Arc<T>, name: String) -> std::io::Result<()> {
+        let (exited_tx, exited) = crossbeam_channel::bounded(1);
+        let pump = Arc::clone(self);
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            pump.run(&*target);
+            drop(target);
+            let _ = exited_tx.send(());
+        })?;
+        *self.thread.lock() = Some((handle, exited));
+        Ok(())
+    }
+
+    /// Pushes the subscription patterns to the source if they changed since the last push. Called
+    /// by `subscribe` (so an event published by another instance after `subscribe` returns is
+    /// let through) and on every loop of the thread (which catches up after unsubscribes and
+    /// failed pushes).
+    pub(crate) fn sync_filter(&self, table: &SubscriptionTable) {
+        let mut pushed = self.pushed.lock();
+        if *pushed == table.load().generation() {
+            return;
+        }
+        let (patterns, generation) = table.patterns();
+        match self.source.set_filter(&patterns) {
+            Ok(()) => *pushed = generation,
+            Err(error) => {
+                self.counters.filter_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "pushing the subscription filter to the inbound source failed; retrying");
+            }
+        }
+    }
+
+    /// Asks the thread to stop fetching; it gives back what it holds and exits.
+    pub(crate) fn stop(&self) {
+        // Relaxed: a request; the thread reads it between fetches, and the join orders the rest.
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Waits for the thread to exit until `deadline`; `false` if it is still running (a fetch that
+    /// hangs in the provider), in which case it is left to finish on its own.
+    pub(crate) fn join(&self, deadline: Instant) -> bool {
+        let Some((handle, exited)) = self.thread.lock().take() else { return true };
+        if exited.recv_deadline(deadline).is_err() {
+            return false;
+        }
+        let _ = handle.join();
+        true
+    }
+
+    pub(crate) fn stats(&self) -> InboundStats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        InboundStats {
+            fetched: load(&c.fetched),
+            fetch_errors: load(&c.fetch_errors),
+            filter_errors: load(&c.filter_errors),
+            invalid: load(&c.invalid),
+            returned: load(&c.returned),
+        }
+    }
+
+    fn run(&self, target: &impl Target) {
+        let mut backoff = FIRST_BACKOFF;
+        while !self.stopping() {
+            self.sync_filter(target.table());
+            let room = target.room().min(FETCH_MAX);
+            if room == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            match self.source.fetch(room, FETCH_WAIT) {
+                Ok(events) => {
+                    backoff = FIRST_BACKOFF;
+                    self.place_all(target, events);
+                }
+                Err(error) if matches!(error.kind(), ProviderErrorKind::Closed) => {
+                    tracing::warn!(%error, "the inbound source is closed; no more events from other instances");
+                    return;
+                }
+                Err(error) => {
+                    let errors = self.counters.fetch_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                    if errors.is_power_of_two() {
+                        tracing::warn!(%error, errors, retry_in = ?backoff, "fetching from other instances failed; local dispatch goes on");
+                    }
+                    self.sleep_unless_stopped(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn place_all(&self, target: &impl Target, events: Vec<InboundEvent>) {
+        let mut events = events.into_iter();
+        let mut invalid = Outbox::default();
+        while let Some(inbound) = events.next() {
+            if let Err(error) = validate_event_type(&inbound.event.event_type) {
+                // It can never match a subscription; kept as a dead letter, not dropped.
+                let failure = DeliveryFailure {
+                    subscription_id: SubscriptionId::from_raw(0),
+                    pattern: String::new(),
+                    error: error.to_string(),
+                    attempts: 0,
+                };
+                invalid.dead_letters.push(dead_letter(&inbound.event, &failure));
+                invalid.letter_tokens.push(inbound.token);
+                invalid.acks.push(crate::Ack::dead_lettered(inbound.token));
+                self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let token = inbound.token;
+            let mut job = Job { event: inbound.event, origin: Origin::Inbound(token) };
+            loop {
+                match target.place(job, FETCH_WAIT) {
+                    Ok(()) => {
+                        self.counters.fetched.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Err((_, closed)) if closed || self.stopping() => {
+                        let mut tokens = vec![token];
+                        tokens.extend(events.by_ref().map(|e| e.token));
+                        self.give_back(&tokens);
+                        target.settle(&mut invalid);
+                        return;
+                    }
+                    Err((back, _)) => job = back,
+                }
+            }
+        }
+        target.settle(&mut invalid);
+    }
+
+    /// Gives fetched events back to the group, directly: the writer may be stopping too.
+    fn give_back(&self, tokens: &[AckToken]) {
+        self.counters.returned.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+        if let Err(error) = self.source.nak(tokens, Duration::ZERO) {
+            tracing::warn!(%error, events = tokens.len(), "giving unplaced inbound events back failed; the group redelivers them after its claim idle time");
+        }
+    }
+
+    fn sleep_unless_stopped(&self, wait: Duration) {
+        let until = crate::deadline::from_now(wait);
+        while !self.stopping() {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(10)));
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! One shard of the memory provider's events: a recency list holding them, an index by id and an
+//! index by sequence number, and the counts `stats` reports.
+//!
+//! The event is kept as it was stored (shared, never copied) and its status fields beside it, so a
+//! status update writes a few fields instead of copying an event that handlers may still share.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+use super::lru::Lru;
+use crate::event::{Event, EventId, EventStatus};
+use crate::pattern::Pattern;
+use crate::provider::{EventFilter, ReplayFrom, StatusUpdate};
+
+/// The status fields of a stored event, kept apart from the event itself.
+#[derive(Debug, Clone)]
+pub(super) struct Lifecycle {
+    pub(super) status: EventStatus,
+    pub(super) error: String,
+    pub(super) retry_count: u32,
+    pub(super) processed_at: Option<Timestamp>,
+    pub(super) completed_at: Option<Timestamp>,
+}
+
+impl Lifecycle {
+    fn of(event: &Event) -> Self {
+        Self {
+            status: event.status,
+            error: event.error.clone(),
+            retry_count: event.retry_count,
+            processed_at: event.processed_at,
+            completed_at: event.completed_at,
+        }
+    }
+
+    /// The same semantics as [`StatusUpdate::apply_to`].
+    fn apply(&mut self, update: &StatusUpdate) {
+        self.status = update.status;
+        self.error.clone_from(&update.error);
+        self.retry_count = update.retry_count;
+        if let Some(at) = update.processed_at {
+            self.processed_at = Some(at);
+        }
+        if let Some(at) = update.completed_at {
+            self.completed_at = Some(at);
+        }
+    }
+}
+
+/// One stored event: as stored, its status now, and its sequence number.
+pub(super) struct Entry {
+    pub(super) event: Arc<Event>,
+    pub(super) status: Lifecycle,
+    pub(super) seq: u64,
+}
+
+impl Entry {
+    /// An owned copy of the event with its current status.
+    pub(super) fn to_event(&self) -> Event {
+        let mut event = Event::clone(&self.event);
+        let s = &self.status;
+        event.status = s.status;
+        event.error.clone_from(&s.error);
+        event.retry_count = s.retry_count;
+        event.processed_at = s.processed_at;
+        event.completed_at = s.completed_at;
+        event
+    }
+
+    fn matches(&self, filter: &EventFilter) -> bool {
+        filter.matches_with_status(&self.event, self.status.status)
+    }
+}
+
+/// Slot of a sequence index entry whose event is gone.
+const GONE: usize = usize::MAX;
+
+/// Sequence numbers of one shard, in increasing order (they are handed out under the shard's lock),
+/// with the recency-list slot of each; removed events leave a tombstone until compaction.
+#[derive(Default)]
+struct SeqIndex {
+    entries: Vec<(u64, usize)>,
+    gone: usize,
+}
+
+impl SeqIndex {
+    fn push(&mut self, seq: u64, slot: usize) {
+        debug_assert!(self.entries.last().is_none_or(|&(last, _)| last < seq), "sequence numbers increase");
+        self.entries.push((seq, slot));
+    }
+
+    fn remove(&mut self, seq: u64) {
+        if let Ok(i) = self.entries.binary_search_by_key(&seq, |&(s, _)| s) {
+            self.entries[i].1 = GONE;
+            self.gone += 1;
+            if self.gone > 64 && self.gone * 2 > self.entries.len() {
+                self.entries.retain(|&(_, slot)| slot != GONE);
+                self.gone = 0;
+            }
+        }
+    }
+
+    /// `(seq, slot)` from `first` on, in order.
+    fn from(&self, first: u64) -> impl Iterator<Item = (u64, usize)> + '_ {
+        let start = self.entries.partition_point(|&(s, _)| s < first);
+        self.entries[start..].iter().copied().filter(|&(_, slot)| slot != GONE)
+    }
+}
+
+/// One shard's events.
+pub(super) struct EventTable {
+    lru: Lru<Entry>,
+    by_id: HashMap<EventId, usize, foldhash::fast::RandomState>,
+    by_seq: SeqIndex,
+    /// Stored events per status, indexed by [`status_index`].
+    by_status: [u64; 4],
+}
+
+const fn status_index(status: EventStatus) -> usize {
+    match status {
+        EventStatus::Pending => 0,
+        EventStatus::Processing => 1,
+        EventStatus::Completed => 2,
+        EventStatus::Failed => 3,
+    }
+}
+
+impl EventTable {
+    pub(super) fn new() -> Self {
+        Self { lru: Lru::new(), by_id: HashMap::default(), by_seq: SeqIndex::default(), by_status: [0; 4] }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lru.len()
+    }
+
+    pub(super) fn count(&self, status: EventStatus) -> u64 {
+        self.by_status[status_index(status)]
+    }
+
+    /// Stores `event` as the most recently used; a new id gets the sequence number `next_seq()`
+    /// gives (called only then). `true` when the id was not stored yet; a re-store keeps its
+    /// sequence number and takes the new event and its status.
+    pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
+        if let Some(&slot) = self.by_id.get(&event.id) {
+            let entry = self.lru.get_mut(slot);
+            self.by_status[status_index(entry.status.status)] -= 1;
+            entry.event = Arc::clone(event);
+            entry.status = Lifecycle::of(event);
+            self.by_status[status_index(event.status)] += 1;
+            self.lru.touch(slot);
+            return false;
+        }
+        let seq = next_seq();
+        let slot = self.lru.push_front(Entry { event: Arc::clone(event), status: Lifecycle::of(event), seq });
+        self.by_id.insert(event.id, slot);
+        self.by_seq.push(seq, slot);
+        self.by_status[status_index(event.status)] += 1;
+        true
+    }
+
+    /// The event with `id`, with its status, now the most recently used.
+    pub(super) fn touch(&mut self, id: EventId) -> Option<Event> {
+        let slot = *self.by_id.get(&id)?;
+        self.lru.touch(slot);
+        Some(self.lru.get(slot).to_event())
+    }
+
+    /// Applies `update` when its event is stored, which then counts as used.
+    pub(super) fn update(&mut self, update: &StatusUpdate) {
+        let Some(&slot) = self.by_id.get(&update.id) else { return };
+        let status = &mut self.lru.get_mut(slot).status;
+        self.by_status[status_index(status.status)] -= 1;
+        status.apply(update);
+        self.by_status[status_index(status.status)] += 1;
+        self.lru.touch(slot);
+    }
+
+    pub(super) fn remove(&mut self, id: EventId) -> Option<Entry> {
+        let slot = self.by_id.remove(&id)?;
+        let entry = self.lru.remove(slot);
+        self.by_seq.remove(entry.seq);
+        self.by_status[status_index(entry.status.status)] -= 1;
+        Some(entry)
+    }
+
+    /// Evicts the least recently used event; `false` when there was none.
+    pub(super) fn evict_least_recent(&mut self) -> bool {
+        let Some(slot) = self.lru.back() else { return false };
+        let id = self.lru.get(slot).event.id;
+        self.remove(id).is_some()
+    }
+
+    /// Ids of completed and failed events created before `cutoff`.
+    pub(super) fn finished_before(&self, cutoff: Timestamp) -> Vec<EventId> {
+        self.lru
+            .iter()
+            .filter(|entry| entry.status.status.is_terminal() && entry.event.created_at < cutoff)
+            .map(|entry| entry.event.id)
+            .collect()
+    }
+
+    /// The first `take` events `filter` selects (offset and limit aside), in `(created_at, id)`
+    /// order, with their keys: this shard's part of a `list`.
+    pub(super) fn list(&self, filter: &EventFilter, take: usize) -> Vec<((Timestamp, EventId), Event)> {
+        let mut keys: Vec<((Timestamp, EventId), usize)> = self
+            .lru
+            .iter_slots()
+            .filter(|(_, entry)| entry.matches(filter))
+            .map(|(slot, entry)| ((entry.event.created_at, entry.event.id), slot))
+            .collect();
+        keys.sort_unstable_by_key(|(key, _)| *key);
+        keys.into_iter().take(take).map(|(key, slot)| (key, self.lru.get(slot).to_event())).collect()
+    }
+
+    /// Up to `limit` events from `from` on, whose type matches `pattern`, in sequence order.
+    pub(super) fn replay(
+        &self,
+        from: ReplayFrom,
+        pattern: Option<&Pattern>,
+        limit: usize,
+    ) -> Vec<(u64, Event)> {
+        let (first_seq, not_before) = match from {
+            ReplayFrom::Beginning => (0, None),
+            ReplayFrom::Sequence(seq) => (seq, None),
+            ReplayFrom::Time(at) => (0, Some(at)),
+        };
+        self.by_seq
+            .from(first_seq)
+            .map(|(seq, slot)| (seq, self.lru.get(slot)))
+            .filter(|(_, entry)| not_before.is_none_or(|at| entry.event.created_at >= at))
+            .filter(|(_, entry)| pattern.is_none_or(|p| p.matches(&entry.event.event_type)))
+            .take(limit)
+            .map(|(seq, entry)| (seq, entry.to_event()))
+            .collect()
+    }
+}

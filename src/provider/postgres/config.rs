@@ -1,0 +1,165 @@
+//! [`PostgresConfig`]: where the server is, which schema and table the provider owns, and its
+//! timeouts, pool, polling and retention.
+
+use std::time::Duration;
+
+use super::NAME;
+use super::ident::Ident;
+use super::schema::{Names, SUFFIX_RESERVE};
+use crate::error::{ConfigError, ProviderError, ProviderErrorKind};
+
+/// Settings of a [`PostgresProvider`](super::PostgresProvider).
+///
+/// Names (`schema`, `table`, `channel`) must be identifiers: ASCII letters, digits and `_`, not
+/// starting with a digit, at most 63 bytes (50 for `table`, which gets suffixes). They are used
+/// quoted, so case matters. Anything else is refused when the provider connects, with an
+/// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) error naming the setting.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::provider::postgres::PostgresConfig;
+///
+/// let config = PostgresConfig::new("host=127.0.0.1 user=postgres dbname=app")
+///     .with_schema("broker")
+///     .with_max_age(Some(Duration::from_secs(3600)));
+/// assert_eq!(config.table, "events");
+/// assert_eq!(config.channel_name(), "broker_events");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// A libpq-style connection string (`host=127.0.0.1 user=postgres dbname=app`) or URL
+    /// (`postgresql://user:secret@127.0.0.1:5432/app`). Default:
+    /// `postgresql://postgres@127.0.0.1:5432/postgres`. TLS is not supported: use it on a trusted
+    /// network or through a local socket.
+    pub url: String,
+    /// The schema holding the provider's tables, created when missing. Default `eventbroker`.
+    pub schema: String,
+    /// The events table; the other tables are named after it (`<table>_claims`, ...). Default
+    /// `events`.
+    pub table: String,
+    /// The `LISTEN`/`NOTIFY` channel; `None` (the default) means `<schema>_<table>`.
+    pub channel: Option<String>,
+    /// Most pooled connections, each opened on first need. Default 4. Inbound sources listen on
+    /// one more connection of their own.
+    pub pool_size: usize,
+    /// How long connecting may take. Default 5 s.
+    pub connect_timeout: Duration,
+    /// How long any one call may take, waiting for a pooled connection included; past it the call
+    /// fails as [`Unavailable`](crate::ProviderErrorKind::Unavailable) and the server cancels the
+    /// statement (`statement_timeout`). Default 10 s.
+    pub operation_timeout: Duration,
+    /// How often a waiting inbound fetch looks for events without a notification: the safety net
+    /// for wake-ups lost while the listener reconnects, and when naks and claims fall due. Default
+    /// 250 ms.
+    pub poll_interval: Duration,
+    /// Completed and failed events created longer ago than this are deleted. Default 24 hours;
+    /// `None` keeps them.
+    pub max_age: Option<Duration>,
+    /// How often the background cleanup runs. Default 1 minute; `None` runs none (call
+    /// [`PostgresProvider::cleanup_now`](super::PostgresProvider::cleanup_now) instead).
+    pub cleanup_interval: Option<Duration>,
+    /// Most events one cleanup statement deletes; cleanup repeats until fewer are left, so no
+    /// statement holds locks on more rows than this. Default 5 000.
+    pub cleanup_batch: usize,
+    /// The `application_name` of every connection, as `pg_stat_activity` shows it. Default
+    /// `eventbroker`.
+    pub application_name: String,
+    /// Worker threads of the provider's runtime, which drives the sockets. Default 1.
+    pub runtime_threads: usize,
+}
+
+impl PostgresConfig {
+    /// Default settings for the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), ..Self::default() }
+    }
+
+    /// Sets the schema.
+    #[must_use]
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Sets the events table.
+    #[must_use]
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// Sets the notification channel.
+    #[must_use]
+    pub fn with_channel(mut self, channel: impl Into<String>) -> Self {
+        self.channel = Some(channel.into());
+        self
+    }
+
+    /// Sets the retention of completed and failed events.
+    #[must_use]
+    pub fn with_max_age(mut self, max_age: Option<Duration>) -> Self {
+        self.max_age = max_age;
+        self
+    }
+
+    /// Sets the application name connections report.
+    #[must_use]
+    pub fn with_application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
+    /// The channel in use: [`channel`](Self::channel), or `<schema>_<table>`.
+    pub fn channel_name(&self) -> String {
+        self.channel.clone().unwrap_or_else(|| format!("{}_{}", self.schema, self.table))
+    }
+
+    /// Validates the names and numbers, giving the names the provider builds its SQL from.
+    pub(super) fn validate(&self) -> Result<Names, ProviderError> {
+        const OP: &str = "connect";
+        let names = Names {
+            schema: Ident::parse("schema", &self.schema, 0).map_err(|e| e.into_provider_error(OP))?,
+            table: Ident::parse("table", &self.table, SUFFIX_RESERVE)
+                .map_err(|e| e.into_provider_error(OP))?,
+            channel: Ident::parse("channel", &self.channel_name(), 0)
+                .map_err(|e| e.into_provider_error(OP))?,
+        };
+        let positive = [
+            ("connect_timeout", self.connect_timeout),
+            ("operation_timeout", self.operation_timeout),
+            ("poll_interval", self.poll_interval),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, d)| d.is_zero()) {
+            return Err(invalid_config(OP, ConfigError::new(*key, "must be longer than zero")));
+        }
+        if self.cleanup_batch == 0 {
+            return Err(invalid_config(OP, ConfigError::new("cleanup_batch", "must be at least 1, got 0")));
+        }
+        Ok(names)
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgresql://postgres@127.0.0.1:5432/postgres".to_owned(),
+            schema: "eventbroker".to_owned(),
+            table: "events".to_owned(),
+            channel: None,
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(250),
+            max_age: Some(Duration::from_secs(24 * 60 * 60)),
+            cleanup_interval: Some(Duration::from_secs(60)),
+            cleanup_batch: 5_000,
+            application_name: "eventbroker".to_owned(),
+            runtime_threads: 1,
+        }
+    }
+}
+
+/// A configuration error as the provider reports it.
+pub(super) fn invalid_config(operation: &'static str, error: ConfigError) -> ProviderError {
+    ProviderError::new(NAME, operation, ProviderErrorKind::InvalidInput(error.to_string())).with_source(error)
+}

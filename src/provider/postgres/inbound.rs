@@ -1,0 +1,460 @@
+//! The inbound source: consumer groups over the events table, with cursors and claims stored in
+//! the database, so every process sharing the tables shares the groups.
+//!
+//! ## Tables
+//! - `<table>_groups`: one row per group with its cursor `(cursor_tx, cursor_seq)`: every event
+//!   at or before it in `(tx, seq)` order has been looked at by the group.
+//! - `<table>_claims`: one row per event handed to the group and not yet acknowledged: its owner
+//!   (one opened source), when it was claimed, when it is due again (after a nak, a departure or a
+//!   restart), and how many times it was handed out. An ack deletes the row.
+//!
+//! ## One fetch
+//! One transaction: first the claims that are due (`FOR UPDATE SKIP LOCKED`, so two members
+//! never take the same one and neither waits for the other), given to this member; then, if
+//! there is room, the group's row is locked (`FOR UPDATE`: members of a shared group take turns,
+//! each waiting at most for the other's short transaction, then reading on from where it left
+//! the cursor) and new events past the cursor are read, claimed and the cursor advanced. A member
+//! takes only as many as it has room for, so members with room share the stream. The type filter, and the origin check that keeps a group's own events from it, run
+//! in the server: unwanted events never cross the network, and the cursor passes them, so they
+//! count as handled for the group. The filter applied is the fetching member's own: members of a
+//! shared group are expected to subscribe alike, and an event only another member would want is
+//! passed over when this member reads it.
+//!
+//! ## Why the cursor is `(tx, seq)`, not `seq`
+//! `seq` values are taken when rows are inserted, but rows become visible when their transaction
+//! commits, and transactions commit in any order: while a transaction holding `seq` 10 is still
+//! open, one holding 11 may commit. A cursor that moved to 11 would skip 10 for good when it
+//! commits. Every row therefore records its transaction (`tx`, the top-level transaction id), and
+//! a fetch reads only rows whose transaction is older than the oldest transaction still running
+//! (`pg_snapshot_xmin(pg_current_snapshot())`, the technique Watermill's SQL adapter uses): no
+//! such row can still appear, since every transaction below that horizon has ended. Rows are read
+//! in `(tx, seq)` order and the cursor is that pair, so it only ever passes rows that are final.
+//! When a read returns fewer rows than asked, everything below the horizon has been seen and the
+//! cursor jumps to `(horizon - 1, max)`, so skipped rows are never scanned twice.
+//!
+//! The price: an event becomes deliverable only once every transaction that started before it
+//! committed has ended. A transaction left open anywhere on the server (idle in transaction)
+//! holds delivery back until it ends; `idle_in_transaction_session_timeout` bounds that.
+//!
+//! ## Where a new group starts
+//! A group is created with its cursor at `(xmin - 1, max)` of the creating snapshot and that
+//! snapshot's `xmax` and in-progress list: of the rows above the cursor, only those the snapshot
+//! did not see (written by a transaction still running then, or started since) are new to it.
+//! History stored before the group existed is never delivered, and an event whose transaction was
+//! running when the group was created is.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use tokio_postgres::types::ToSql;
+
+use super::backend::Backend;
+use super::codec::{self, EVENT_COLUMNS, pattern_regex};
+use super::schema::Names;
+use super::{NAME, Shared};
+use crate::error::ProviderError;
+use crate::event::{Event, EventStatus};
+use crate::pattern::Pattern;
+use crate::provider::{Ack, AckToken, Inbound, InboundConfig, InboundEvent, closed_error};
+use crate::sync::{AtomicBool, Ordering};
+
+/// Most events one fetch hands out, whatever the caller asks for.
+const MAX_PER_FETCH: usize = 4096;
+
+/// The statements of the inbound sources, built once from the validated names.
+pub(super) struct InboundSql {
+    claims: String,
+    create_group: String,
+    release_group: String,
+    take_due: String,
+    drop_lost: String,
+    lock_group: String,
+    read_new: String,
+    claim_new: String,
+    move_cursor: String,
+    ack: String,
+    nak: String,
+    extend: String,
+    leave: String,
+}
+
+impl InboundSql {
+    pub(super) fn new(names: &Names) -> Self {
+        let (events, groups, claims) = (names.events(), names.groups(), names.claims());
+        Self {
+            create_group: format!(
+                "INSERT INTO {groups} (group_key, cursor_tx, cursor_seq, start_xmax, start_xip)
+                 SELECT $1, pg_snapshot_xmin(snap)::text::bigint - 1, 9223372036854775807,
+                        pg_snapshot_xmax(snap)::text::bigint,
+                        ARRAY(SELECT xip::text::bigint FROM pg_snapshot_xip(snap) AS xip)
+                 FROM (SELECT pg_current_snapshot() AS snap) AS now
+                 ON CONFLICT (group_key) DO NOTHING"
+            ),
+            release_group: format!("UPDATE {claims} SET due_at = now() WHERE group_key = $1"),
+            take_due: format!(
+                "WITH due AS (
+                     SELECT seq FROM {claims}
+                     WHERE group_key = $1
+                       AND (due_at <= now()
+                            OR (due_at IS NULL AND owner <> $2
+                                AND claimed_at <= now() - $3::bigint * interval '1 millisecond'))
+                     ORDER BY seq
+                     LIMIT $4
+                     FOR UPDATE SKIP LOCKED
+                 ), taken AS (
+                     UPDATE {claims} AS c
+                     SET owner = $2, claimed_at = now(), due_at = NULL, deliveries = c.deliveries + 1
+                     FROM due WHERE c.group_key = $1 AND c.seq = due.seq
+                     RETURNING c.seq, c.deliveries
+                 )
+                 SELECT taken.seq, taken.deliveries, e.seq IS NOT NULL, {columns}
+                 FROM taken LEFT JOIN {events} AS e ON e.seq = taken.seq
+                 ORDER BY taken.seq",
+                columns = prefixed("e", EVENT_COLUMNS),
+            ),
+            drop_lost: format!("DELETE FROM {claims} WHERE group_key = $1 AND seq = ANY($2)"),
+            lock_group: format!(
+                "SELECT cursor_tx, cursor_seq, start_xmax, start_xip,
+                        pg_snapshot_xmin(pg_current_snapshot())::text::bigint
+                 FROM {groups} WHERE group_key = $1 FOR UPDATE"
+            ),
+            read_new: format!(
+                "SELECT seq, tx, {EVENT_COLUMNS} FROM {events}
+                 WHERE (tx, seq) > ($1, $2) AND tx < $3
+                   AND (tx >= $4 OR tx = ANY($5))
+                   AND origin IS DISTINCT FROM $6
+                   AND ($7 OR \"type\" ~ ANY($8))
+                 ORDER BY tx, seq
+                 LIMIT $9"
+            ),
+            claim_new: format!(
+                "INSERT INTO {claims} (group_key, seq, owner, claimed_at)
+                 SELECT $1, seq, $2, now() FROM unnest($3::bigint[]) AS seq
+                 ON CONFLICT (group_key, seq) DO NOTHING"
+            ),
+            move_cursor: format!("UPDATE {groups} SET cursor_tx = $2, cursor_seq = $3 WHERE group_key = $1"),
+            ack: format!("DELETE FROM {claims} WHERE group_key = $1 AND seq = ANY($2)"),
+            nak: format!(
+                "UPDATE {claims} SET due_at = now() + $3::bigint * interval '1 millisecond'
+                 WHERE group_key = $1 AND seq = ANY($2)"
+            ),
+            extend: format!(
+                "UPDATE {claims} SET claimed_at = now() WHERE group_key = $1 AND owner = $2 AND seq = ANY($3)"
+            ),
+            leave: format!("UPDATE {claims} SET due_at = now() WHERE group_key = $1 AND owner = $2"),
+            claims,
+        }
+    }
+}
+
+/// `columns` (a comma-separated list, casts included) each prefixed with `alias.`.
+fn prefixed(alias: &str, columns: &str) -> String {
+    columns.split(", ").map(|column| format!("{alias}.{}", column.trim())).collect::<Vec<_>>().join(", ")
+}
+
+/// Creates the group of `config` if it is new (at the current end of history), and, for a
+/// fan-out group, makes what a predecessor of this instance left unacknowledged due at once.
+pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<PostgresInbound, ProviderError> {
+    const OP: &str = "open_inbound";
+    let backend = &shared.backend;
+    let sql = &shared.inbound_sql;
+    let group = config.group().key();
+    backend.call(OP, async {
+        let fail = |err| Backend::error(OP, &sql.claims, err);
+        let conn = backend.conn(OP).await?;
+        let create = conn.prepare_cached(&sql.create_group).await.map_err(fail)?;
+        conn.execute(&create, &[&group]).await.map_err(fail)?;
+        if !config.group().is_shared() {
+            let release = conn.prepare_cached(&sql.release_group).await.map_err(fail)?;
+            conn.execute(&release, &[&group]).await.map_err(fail)?;
+        }
+        conn.release();
+        Ok(())
+    })?;
+    shared.start_listener();
+    // Relaxed: a gauge, read for stats only.
+    shared.open_sources.fetch_add(1, Ordering::Relaxed);
+    Ok(PostgresInbound {
+        shared: Arc::clone(shared),
+        owner: format!("{}/{:016x}", config.consumer(), fastrand::u64(..)),
+        group,
+        claim_idle_ms: i64::try_from(config.claim_idle().as_millis()).unwrap_or(i64::MAX),
+        filter: Mutex::new(Filter::Everything),
+        closed: AtomicBool::new(false),
+    })
+}
+
+/// What a member wants.
+#[derive(Debug, Clone)]
+enum Filter {
+    /// Before the first `set_filter`: every type.
+    Everything,
+    /// The types matching one of these regular expressions (none: nothing).
+    Matching(Vec<String>),
+}
+
+/// One opened membership of a consumer group. Dropped without [`Inbound::close`], it is a member
+/// that vanished: its claims stay until the claim idle time passes, as for a crashed process.
+pub(super) struct PostgresInbound {
+    shared: Arc<Shared>,
+    /// The group's key: what the group's rows and its members' events' origin say.
+    group: String,
+    /// This source's name in the claims: the instance id and a random suffix, so a restarted
+    /// instance is a different owner from its predecessor.
+    owner: String,
+    claim_idle_ms: i64,
+    filter: Mutex<Filter>,
+    closed: AtomicBool,
+}
+
+impl PostgresInbound {
+    fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
+        // Relaxed: a flag with no data behind it; calls racing `close` may run once more.
+        if self.closed.load(Ordering::Relaxed) { Err(closed_error(NAME, operation)) } else { Ok(()) }
+    }
+
+    /// One pass: due claims, then new events; one transaction.
+    async fn fetch_once(&self, max: usize) -> Result<Vec<InboundEvent>, ProviderError> {
+        const OP: &str = "fetch";
+        let sql = &self.shared.inbound_sql;
+        let fail = |err| Backend::error(OP, &sql.claims, err);
+        let mut conn = self.shared.backend.conn(OP).await?;
+        let tx = conn.transaction().await.map_err(fail)?;
+        let mut fetched = Vec::new();
+
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let take_due = tx.prepare_cached(&sql.take_due).await.map_err(fail)?;
+        let due = tx
+            .query(&take_due, &[&self.group, &self.owner, &self.claim_idle_ms, &limit])
+            .await
+            .map_err(fail)?;
+        let mut lost = Vec::new();
+        for row in &due {
+            let seq: i64 = row.try_get(0).map_err(fail)?;
+            if !row.try_get::<_, bool>(2).map_err(fail)? {
+                lost.push(seq); // Deleted since it was handed out: retention, or a user's delete.
+                continue;
+            }
+            let deliveries: i32 = row.try_get(1).map_err(fail)?;
+            let event = as_published(codec::decode_event(row, 3, OP)?);
+            fetched.push(InboundEvent {
+                event: Arc::new(event),
+                token: AckToken::new(seq.unsigned_abs()),
+                deliveries: deliveries.unsigned_abs(),
+            });
+        }
+        if !lost.is_empty() {
+            let drop_lost = tx.prepare_cached(&sql.drop_lost).await.map_err(fail)?;
+            tx.execute(&drop_lost, &[&self.group, &lost]).await.map_err(fail)?;
+        }
+
+        let room = max - fetched.len();
+        if room > 0 {
+            self.take_new(&tx, room, &mut fetched).await?;
+        }
+        tx.commit().await.map_err(fail)?;
+        conn.release();
+        Ok(fetched)
+    }
+
+    /// Reads up to `room` new events past the group's cursor, claims them and moves the cursor.
+    async fn take_new(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        room: usize,
+        fetched: &mut Vec<InboundEvent>,
+    ) -> Result<(), ProviderError> {
+        const OP: &str = "fetch";
+        let sql = &self.shared.inbound_sql;
+        let fail = |err| Backend::error(OP, &sql.claims, err);
+        let lock = tx.prepare_cached(&sql.lock_group).await.map_err(fail)?;
+        let Some(group) = tx.query_opt(&lock, &[&self.group]).await.map_err(fail)? else {
+            return Ok(()); // The group is gone: its tables were emptied under it.
+        };
+        let cursor: (i64, i64) = (group.try_get(0).map_err(fail)?, group.try_get(1).map_err(fail)?);
+        let start_xmax: i64 = group.try_get(2).map_err(fail)?;
+        let start_xip: Vec<i64> = group.try_get(3).map_err(fail)?;
+        let horizon: i64 = group.try_get(4).map_err(fail)?;
+        let (everything, regexes) = match &*self.filter.lock() {
+            Filter::Everything => (true, Vec::new()),
+            Filter::Matching(regexes) => (false, regexes.clone()),
+        };
+        let limit = i64::try_from(room).unwrap_or(i64::MAX);
+        let read = tx.prepare_cached(&sql.read_new).await.map_err(fail)?;
+        let rows = tx
+            .query(
+                &read,
+                &[
+                    &cursor.0,
+                    &cursor.1,
+                    &horizon,
+                    &start_xmax,
+                    &start_xip,
+                    &self.group,
+                    &everything,
+                    &regexes,
+                    &limit,
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        let mut seqs = Vec::with_capacity(rows.len());
+        let mut last = cursor;
+        for row in &rows {
+            let seq: i64 = row.try_get(0).map_err(fail)?;
+            last = (row.try_get(1).map_err(fail)?, seq);
+            seqs.push(seq);
+            fetched.push(InboundEvent {
+                event: Arc::new(as_published(codec::decode_event(row, 2, OP)?)),
+                token: AckToken::new(seq.unsigned_abs()),
+                deliveries: 1,
+            });
+        }
+        // A short read saw everything below the horizon: the cursor may pass all of it.
+        let next = if rows.len() < room { last.max((horizon - 1, i64::MAX)) } else { last };
+        if !seqs.is_empty() {
+            let claim = tx.prepare_cached(&sql.claim_new).await.map_err(fail)?;
+            tx.execute(&claim, &[&self.group, &self.owner, &seqs]).await.map_err(fail)?;
+        }
+        if next > cursor {
+            let advance = tx.prepare_cached(&sql.move_cursor).await.map_err(fail)?;
+            tx.execute(&advance, &[&self.group, &next.0, &next.1]).await.map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `statement` with the group, then `extra` parameters, as one call of `operation`.
+    fn update_claims(
+        &self,
+        operation: &'static str,
+        statement: &str,
+        extra: &[&(dyn ToSql + Sync)],
+    ) -> Result<(), ProviderError> {
+        self.check_open(operation)?;
+        let backend = &self.shared.backend;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.group];
+        params.extend_from_slice(extra);
+        backend
+            .call(operation, backend.execute(operation, &self.shared.inbound_sql.claims, statement, &params))
+            .map(drop)
+    }
+}
+
+impl Drop for PostgresInbound {
+    /// A source dropped without `close` is a member that vanished: its claims stay, to be taken
+    /// over after the claim idle time; it only stops counting as open.
+    fn drop(&mut self) {
+        // Relaxed: see `check_open`.
+        if !self.closed.swap(true, Ordering::Relaxed) {
+            self.shared.open_sources.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The event as its publisher stored it: later status changes are the publisher's bookkeeping,
+/// not part of what other instances receive.
+fn as_published(mut event: Event) -> Event {
+    event.status = EventStatus::Pending;
+    event.error.clear();
+    event.retry_count = 0;
+    event.processed_at = None;
+    event.completed_at = None;
+    event
+}
+
+fn tokens(tokens: impl Iterator<Item = AckToken>) -> Vec<i64> {
+    tokens.map(|t| i64::try_from(t.get()).unwrap_or(i64::MAX)).collect()
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Inbound for PostgresInbound {
+    fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<InboundEvent>, ProviderError> {
+        const OP: &str = "fetch";
+        self.check_open(OP)?;
+        let backend = &self.shared.backend;
+        let max = max.min(MAX_PER_FETCH);
+        let limit = wait.saturating_add(backend.config.operation_timeout);
+        backend.run(OP, limit, async {
+            let started = Instant::now();
+            let deadline = started.checked_add(wait).unwrap_or(started + Duration::from_secs(86_400));
+            loop {
+                // Subscribed before looking, so a wake-up that comes during the query is not lost.
+                let mut wake: watch::Receiver<u64> = backend.wake_ups();
+                wake.borrow_and_update();
+                self.check_open(OP)?;
+                if backend.is_closed() {
+                    return Err(closed_error(NAME, OP));
+                }
+                let fetched = self.fetch_once(max).await?;
+                // Relaxed: a counter, read for stats only.
+                self.shared.consumed.fetch_add(fetched.len() as u64, Ordering::Relaxed);
+                if !fetched.is_empty() || max == 0 {
+                    return Ok(fetched);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                let nap = (deadline - now).min(backend.config.poll_interval);
+                // Woken by a notification, a reconnected listener or `close`; else the poll.
+                let _ = tokio::time::timeout(nap, wake.changed()).await;
+            }
+        })
+    }
+
+    fn ack(&self, acks: &[Ack]) -> Result<(), ProviderError> {
+        if acks.is_empty() {
+            return self.check_open("ack");
+        }
+        let seqs = tokens(acks.iter().map(|a| a.token));
+        self.update_claims("ack", &self.shared.inbound_sql.ack, &[&seqs])
+    }
+
+    fn nak(&self, tokens_: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
+        if tokens_.is_empty() {
+            return self.check_open("nak");
+        }
+        let seqs = tokens(tokens_.iter().copied());
+        let delay = millis(delay);
+        self.update_claims("nak", &self.shared.inbound_sql.nak, &[&seqs, &delay])?;
+        self.shared.backend.wake_all(); // A nak without delay is due at once.
+        Ok(())
+    }
+
+    fn extend(&self, tokens_: &[AckToken]) -> Result<(), ProviderError> {
+        if tokens_.is_empty() {
+            return self.check_open("extend");
+        }
+        let seqs = tokens(tokens_.iter().copied());
+        self.update_claims("extend", &self.shared.inbound_sql.extend, &[&self.owner, &seqs])
+    }
+
+    fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
+        self.check_open("set_filter")?;
+        *self.filter.lock() = Filter::Matching(patterns.iter().map(pattern_regex).collect());
+        Ok(())
+    }
+
+    fn close(&self) -> Result<(), ProviderError> {
+        // Relaxed: see `check_open`.
+        if self.closed.swap(true, Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.shared.open_sources.fetch_sub(1, Ordering::Relaxed);
+        if self.shared.backend.is_closed() {
+            return Ok(());
+        }
+        let sql = &self.shared.inbound_sql;
+        let backend = &self.shared.backend;
+        let released = backend
+            .call("close", backend.execute("close", &sql.claims, &sql.leave, &[&self.group, &self.owner]));
+        backend.wake_all(); // Other members may take what this one gave back.
+        released.map(drop)
+    }
+}

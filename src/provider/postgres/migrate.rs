@@ -1,0 +1,53 @@
+//! Bringing the schema to the current version: each step of
+//! [`Names::migrations_sql`](super::schema::Names::migrations_sql) not yet recorded in
+//! `<table>_migrations` is applied, in one transaction under an advisory lock on the
+//! schema, so providers connecting at once neither race nor apply a step twice.
+
+use super::NAME;
+use super::backend::Backend;
+use crate::error::ProviderError;
+
+pub(super) fn migrate(backend: &Backend) -> Result<(), ProviderError> {
+    const OP: &str = "connect";
+    let names = &backend.names;
+    let (bootstrap, steps) = names.migrations_sql();
+    let lock_key = names.migration_lock_key();
+    let migrations = names.migrations_table();
+    let record = format!("INSERT INTO {migrations} (version) VALUES ($1)");
+    let read_applied = format!("SELECT version FROM {migrations}");
+    backend.call(OP, async {
+        let fail = |err| Backend::error(OP, &migrations, err);
+        let mut conn = backend.conn(OP).await?;
+        let tx = conn.transaction().await.map_err(fail)?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&lock_key]).await.map_err(fail)?;
+        tx.batch_execute(&bootstrap).await.map_err(fail)?;
+        let applied: Vec<i32> = tx
+            .query(&read_applied, &[])
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(fail)?;
+        for (version, step) in &steps {
+            if applied.contains(version) {
+                continue;
+            }
+            tx.batch_execute(step).await.map_err(fail)?;
+            tx.execute(&record, &[version]).await.map_err(fail)?;
+            tracing::info!(version, table = %names.events(), "{NAME} provider: applied migration");
+        }
+        let known = steps.last().map_or(0, |(version, _)| *version);
+        if let Some(newer) = applied.iter().find(|&&v| v > known) {
+            tracing::warn!(
+                version = newer,
+                known,
+                table = %names.events(),
+                "{NAME} provider: the schema has a migration this version does not know; carrying on"
+            );
+        }
+        tx.commit().await.map_err(fail)?;
+        conn.release();
+        Ok(())
+    })
+}

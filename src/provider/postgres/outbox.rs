@@ -1,0 +1,94 @@
+//! The transactional outbox: storing events inside the caller's own transaction.
+
+use tokio_postgres::GenericClient;
+
+use super::codec::{self, EventColumns};
+use super::config::PostgresConfig;
+use super::schema::Names;
+use super::{NAME, backend::Backend};
+use crate::error::ProviderError;
+use crate::event::Event;
+
+/// Publishes events through the caller's own PostgreSQL transaction, so an event exists if and only
+/// if that transaction commits: the classic transactional outbox, without the relay, as the events
+/// table is what every broker's inbound source reads.
+///
+/// Events written here have no origin: every consumer group receives them, the publishing
+/// instance's own included (its broker did not dispatch them locally). They become deliverable
+/// when the transaction commits, and are never seen if it rolls back. The
+/// [`tokio_postgres`] re-exported by this module is the version to use.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use eventbroker::provider::postgres::{Outbox, PostgresConfig, tokio_postgres};
+/// use eventbroker::{Event, EventSource};
+///
+/// let config = PostgresConfig::new("host=127.0.0.1 user=postgres dbname=app");
+/// let outbox = Outbox::new(&config)?;
+/// let (mut client, connection) = tokio_postgres::connect(&config.url, tokio_postgres::NoTls).await?;
+/// tokio::spawn(connection);
+///
+/// let tx = client.transaction().await?;
+/// tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&7_i64]).await?;
+/// let event = Event::new(EventSource::Database, "billing.account.debited").with_user_id(7);
+/// outbox.publish(&tx, &[event]).await?;
+/// tx.commit().await?; // The event is delivered now; with a rollback it would never be.
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    insert: String,
+    notify: String,
+    table: String,
+    channel: String,
+}
+
+impl Outbox {
+    /// An outbox writing to the tables `config` names. It connects nothing: the tables must exist,
+    /// which a [`PostgresProvider`](super::PostgresProvider) with the same names ensures.
+    ///
+    /// # Errors
+    /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not a valid
+    /// identifier.
+    pub fn new(config: &PostgresConfig) -> Result<Self, ProviderError> {
+        Ok(Self::from_names(&config.validate()?))
+    }
+
+    pub(super) fn from_names(names: &Names) -> Self {
+        let table = names.events();
+        Self {
+            insert: codec::insert_from_arrays(&table, "NULL", "ON CONFLICT (id) DO NOTHING"),
+            notify: codec::NOTIFY.to_owned(),
+            channel: names.channel.as_str().to_owned(),
+            table,
+        }
+    }
+
+    /// Stores `events` through `client` (a `Transaction`, or a `Client` for an implicit one),
+    /// with one wake-up for the brokers that fires when the transaction commits. Ids already
+    /// stored are left as they are.
+    ///
+    /// # Errors
+    /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for an event whose timestamps do
+    /// not fit a row (before 1677 or after 2262) or whose metadata does not serialize; otherwise
+    /// the statement's error, as the provider reports it. The caller's transaction is then in an
+    /// error state, and rolls back.
+    pub async fn publish<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<(), ProviderError> {
+        const OP: &str = "outbox_publish";
+        if events.is_empty() {
+            return Ok(());
+        }
+        let events: Vec<&Event> = events.iter().collect();
+        let columns = EventColumns::of(&events, OP)?;
+        let fail = |err| Backend::error(OP, &self.table, err);
+        client.execute(&self.insert, &columns.params()).await.map_err(fail)?;
+        client.execute(&self.notify, &[&self.channel, &self.table]).await.map_err(fail)?;
+        tracing::trace!(count = events.len(), table = %self.table, "{NAME} provider: outbox stored events");
+        Ok(())
+    }
+}

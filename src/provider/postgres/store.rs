@@ -1,0 +1,305 @@
+//! The queries: get, list, delete, replay, dead letters and stats, each one statement with every
+//! value bound.
+//!
+//! `list` builds its `WHERE` from the filter's fields that are set (a type pattern becomes an
+//! anchored regular expression, so a literal prefix uses the `type` index), then orders by
+//! `(created_at_ns, id)` and applies `OFFSET` and `LIMIT`. `replay` reads in `seq` order.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::backend::Backend;
+use super::codec::{self, EVENT_COLUMNS, pattern_regex};
+use super::schema::Names;
+use crate::error::ProviderError;
+use crate::event::{Event, EventId, EventStatus};
+use crate::pattern::Pattern;
+use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, ReplayFrom, StoredEvent};
+
+/// The statements of the store, built once from the validated names.
+pub(super) struct StoreSql {
+    events: String,
+    dead_letters: String,
+    get: String,
+    delete: String,
+    get_letter: String,
+    delete_letter: String,
+    count_by_status: String,
+    count_letters: String,
+}
+
+impl StoreSql {
+    pub(super) fn new(names: &Names) -> Self {
+        let events = names.events();
+        let dead_letters = names.dead_letters();
+        Self {
+            get: format!("SELECT {EVENT_COLUMNS} FROM {events} WHERE id = $1"),
+            delete: format!("DELETE FROM {events} WHERE id = $1"),
+            get_letter: format!("SELECT {LETTER_COLUMNS} FROM {dead_letters} WHERE id = $1"),
+            delete_letter: format!("DELETE FROM {dead_letters} WHERE id = $1"),
+            count_by_status: format!("SELECT status, count(*) FROM {events} GROUP BY status"),
+            count_letters: format!("SELECT count(*) FROM {dead_letters}"),
+            events,
+            dead_letters,
+        }
+    }
+}
+
+/// A query with a `WHERE` built from optional conditions, each value bound as `$n`.
+struct Query<'a> {
+    conditions: Vec<String>,
+    params: Vec<Box<dyn ToSql + Sync + Send + 'a>>,
+}
+
+impl<'a> Query<'a> {
+    fn new() -> Self {
+        Self { conditions: Vec::new(), params: Vec::new() }
+    }
+
+    /// Adds `condition`, in which `$?` stands for `value`'s placeholder.
+    fn and(&mut self, condition: &str, value: impl ToSql + Sync + Send + 'a) {
+        self.params.push(Box::new(value));
+        self.conditions.push(condition.replace("$?", &format!("${}", self.params.len())));
+    }
+
+    /// A placeholder for `value`, for `LIMIT` and `OFFSET`.
+    fn bind(&mut self, value: impl ToSql + Sync + Send + 'a) -> String {
+        self.params.push(Box::new(value));
+        format!("${}", self.params.len())
+    }
+
+    /// `OFFSET $n LIMIT $m` for a page of `offset` results on and at most `limit` of them.
+    fn page(&mut self, offset: usize, limit: Option<usize>) -> String {
+        let offset = self.bind(bigint(offset));
+        match limit {
+            Some(limit) => format!("OFFSET {offset} LIMIT {}", self.bind(bigint(limit))),
+            None => format!("OFFSET {offset}"),
+        }
+    }
+
+    fn where_clause(&self) -> String {
+        if self.conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.conditions.join(" AND "))
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+    }
+}
+
+/// `LIMIT`/`OFFSET` values: PostgreSQL takes `bigint`, so anything larger means "all".
+fn bigint(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(super) fn get(backend: &Backend, sql: &StoreSql, id: EventId) -> Result<Option<Event>, ProviderError> {
+    const OP: &str = "get";
+    let id = *id.as_uuid();
+    let rows = backend.call(OP, backend.query(OP, &sql.events, &sql.get, &[&id]))?;
+    rows.first().map(|row| codec::decode_event(row, 0, OP)).transpose()
+}
+
+pub(super) fn list(
+    backend: &Backend,
+    sql: &StoreSql,
+    filter: &EventFilter,
+) -> Result<Vec<Event>, ProviderError> {
+    const OP: &str = "list";
+    if filter.limit == Some(0) {
+        return backend.call(OP, async { Ok(Vec::new()) });
+    }
+    let mut query = Query::new();
+    if let Some(source) = filter.source {
+        query.and("source = $?", source.as_str());
+    }
+    if let Some(status) = filter.status {
+        query.and("status = $?", status.as_str());
+    }
+    if let Some(user_id) = filter.user_id {
+        query.and("user_id = $?", user_id);
+    }
+    for (column, value) in [
+        ("\"schema\"", &filter.schema),
+        ("entity", &filter.entity),
+        ("operation", &filter.operation),
+        ("instance_id", &filter.instance_id),
+    ] {
+        if let Some(value) = value {
+            query.and(&format!("{column} = $?"), value.as_str());
+        }
+    }
+    if let Some(pattern) = &filter.event_type {
+        query.and("\"type\" ~ $?", pattern_regex(pattern));
+    }
+    if let Some(start) = filter.start_time {
+        query.and("created_at_ns >= $?", codec::to_nanos(start, "start_time", OP)?);
+    }
+    if let Some(end) = filter.end_time {
+        query.and("created_at_ns < $?", codec::to_nanos(end, "end_time", OP)?);
+    }
+    let page = query.page(filter.offset, filter.limit);
+    let statement = format!(
+        "SELECT {EVENT_COLUMNS} FROM {} {} ORDER BY created_at_ns, id {page}",
+        sql.events,
+        query.where_clause()
+    );
+    let rows = backend.call(OP, backend.query(OP, &sql.events, &statement, &query.params()))?;
+    rows.iter().map(|row| codec::decode_event(row, 0, OP)).collect()
+}
+
+pub(super) fn delete(backend: &Backend, sql: &StoreSql, id: EventId) -> Result<bool, ProviderError> {
+    const OP: &str = "delete";
+    let id = *id.as_uuid();
+    execute(backend, OP, &sql.events, &sql.delete, id).map(|n| n > 0)
+}
+
+/// Runs a statement that takes one id, returning the rows it affected.
+fn execute(
+    backend: &Backend,
+    operation: &'static str,
+    table: &str,
+    statement: &str,
+    id: Uuid,
+) -> Result<u64, ProviderError> {
+    backend.call(operation, backend.execute(operation, table, statement, &[&id]))
+}
+
+pub(super) fn replay(
+    backend: &Backend,
+    sql: &StoreSql,
+    from: ReplayFrom,
+    pattern: Option<&Pattern>,
+    limit: usize,
+) -> Result<Vec<StoredEvent>, ProviderError> {
+    const OP: &str = "replay";
+    if limit == 0 {
+        return backend.call(OP, async { Ok(Vec::new()) });
+    }
+    let mut query = Query::new();
+    match from {
+        ReplayFrom::Beginning => {}
+        ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
+        ReplayFrom::Time(at) => query.and("created_at_ns >= $?", codec::to_nanos(at, "from", OP)?),
+    }
+    if let Some(pattern) = pattern {
+        query.and("\"type\" ~ $?", pattern_regex(pattern));
+    }
+    let limit = query.bind(bigint(limit));
+    let statement = format!(
+        "SELECT seq, {EVENT_COLUMNS} FROM {} {} ORDER BY seq LIMIT {limit}",
+        sql.events,
+        query.where_clause()
+    );
+    let rows = backend.call(OP, backend.query(OP, &sql.events, &statement, &query.params()))?;
+    rows.iter()
+        .map(|row| {
+            let seq: i64 = row.get(0);
+            Ok(StoredEvent { seq: seq.unsigned_abs(), event: codec::decode_event(row, 1, OP)? })
+        })
+        .collect()
+}
+
+/// The columns of a dead letter, as `get_letter` and `list_dead_letters` select them.
+const LETTER_COLUMNS: &str = "event::text, subscription_id, pattern, error, attempts, failed_at_ns, id";
+
+fn decode_letter(row: &tokio_postgres::Row, operation: &'static str) -> Result<DeadLetter, ProviderError> {
+    let fail =
+        |err: tokio_postgres::Error| codec::corrupt(operation, format!("unexpected dead letter row: {err}"));
+    let id: Uuid = row.try_get(6).map_err(fail)?;
+    let event: &str = row.try_get(0).map_err(fail)?;
+    let subscription: i64 = row.try_get(1).map_err(fail)?;
+    let attempts: i64 = row.try_get(4).map_err(fail)?;
+    let bad = |what: &str, err: &dyn std::fmt::Display| {
+        codec::corrupt(operation, format!("dead letter {id}: {what}: {err}"))
+    };
+    Ok(DeadLetter {
+        id: DeadLetterId::from_uuid(id),
+        event: Event::from_json(event).map_err(|e| bad("event", &e))?,
+        subscription_id: crate::SubscriptionId::from_raw(u64::from_ne_bytes(subscription.to_ne_bytes())),
+        pattern: row.try_get(2).map_err(fail)?,
+        error: row.try_get(3).map_err(fail)?,
+        attempts: u32::try_from(attempts).map_err(|e| bad("attempts", &e))?,
+        failed_at: codec::from_nanos(row.try_get(5).map_err(fail)?),
+    })
+}
+
+pub(super) fn list_dead_letters(
+    backend: &Backend,
+    sql: &StoreSql,
+    filter: &DeadLetterFilter,
+) -> Result<Vec<DeadLetter>, ProviderError> {
+    const OP: &str = "list_dead_letters";
+    if filter.limit == Some(0) {
+        return backend.call(OP, async { Ok(Vec::new()) });
+    }
+    let mut query = Query::new();
+    if let Some(pattern) = &filter.event_type {
+        query.and("event_type ~ $?", pattern_regex(pattern));
+    }
+    if let Some(subscription) = filter.subscription_id {
+        query.and("subscription_id = $?", i64::from_ne_bytes(subscription.get().to_ne_bytes()));
+    }
+    if let Some(start) = filter.start_time {
+        query.and("failed_at_ns >= $?", codec::to_nanos(start, "start_time", OP)?);
+    }
+    if let Some(end) = filter.end_time {
+        query.and("failed_at_ns < $?", codec::to_nanos(end, "end_time", OP)?);
+    }
+    let page = query.page(filter.offset, filter.limit);
+    let statement = format!(
+        "SELECT {LETTER_COLUMNS} FROM {} {} ORDER BY failed_at_ns, id {page}",
+        sql.dead_letters,
+        query.where_clause()
+    );
+    let rows = backend.call(OP, backend.query(OP, &sql.dead_letters, &statement, &query.params()))?;
+    rows.iter().map(|row| decode_letter(row, OP)).collect()
+}
+
+pub(super) fn get_dead_letter(
+    backend: &Backend,
+    sql: &StoreSql,
+    id: DeadLetterId,
+) -> Result<Option<DeadLetter>, ProviderError> {
+    const OP: &str = "get_dead_letter";
+    let id = *id.as_uuid();
+    let rows = backend.call(OP, backend.query(OP, &sql.dead_letters, &sql.get_letter, &[&id]))?;
+    rows.first().map(|row| decode_letter(row, OP)).transpose()
+}
+
+pub(super) fn delete_dead_letter(
+    backend: &Backend,
+    sql: &StoreSql,
+    id: DeadLetterId,
+) -> Result<bool, ProviderError> {
+    const OP: &str = "delete_dead_letter";
+    execute(backend, OP, &sql.dead_letters, &sql.delete_letter, *id.as_uuid()).map(|n| n > 0)
+}
+
+/// Stored events per status, and stored dead letters.
+pub(super) fn counts(
+    backend: &Backend,
+    sql: &StoreSql,
+) -> Result<(BTreeMap<EventStatus, u64>, u64), ProviderError> {
+    const OP: &str = "stats";
+    let (by_status, letters) = backend.call(OP, async {
+        let by_status = backend.query(OP, &sql.events, &sql.count_by_status, &[]).await?;
+        let letters = backend.query(OP, &sql.dead_letters, &sql.count_letters, &[]).await?;
+        Ok((by_status, letters))
+    })?;
+    let mut counts = BTreeMap::new();
+    for row in &by_status {
+        let status: &str = row.get(0);
+        let count: i64 = row.get(1);
+        let status = status
+            .parse::<EventStatus>()
+            .map_err(|err| codec::corrupt(OP, format!("{}: status column: {err}", sql.events)))?;
+        counts.insert(status, count.unsigned_abs());
+    }
+    let letters: i64 = letters.first().map_or(0, |row| row.get(0));
+    Ok((counts, letters.unsigned_abs()))
+}

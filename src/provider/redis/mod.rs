@@ -1,0 +1,810 @@
+//! Redis Streams: durable storage and cross-instance delivery through one Redis server
+//! (feature `redis`).
+//!
+//! Every broker (or service) sharing one Redis uses a **key prefix**, and everything this provider
+//! keeps lives under it, so several can share a server without seeing each other. Connections use
+//! the blocking client with socket timeouts ([`RedisConfig::timeout`], 5 s by default) on every
+//! call, reconnect with exponential backoff (50 ms doubling to [`RedisConfig::max_backoff`], 2 s),
+//! and accept `redis://` and `rediss://` (TLS, through rustls) URLs with a username and password.
+//! While Redis is down every call fails with [`ProviderErrorKind::Unavailable`], the one transient
+//! kind: the broker's writer keeps its batch and retries, and local dispatch goes on.
+//!
+//! ## Layout
+//! With prefix `P` (default `eventbroker`) and stream name `S` (default `events`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:S` | stream | one entry per stored event: `event` (the seed's JSON), `id`, `type`, `source`, `status`, `instance_id` (the seed's fields) and `origin` (the publishing group's [`ConsumerGroup::key`], absent for none) |
+//! | `P:status:<event id>` | hash | the event's record: `entry` (its stream entry id), `time`, `status`, and whatever changed since it was stored (`error`, `retry_count`, `processed_at`, `completed_at`, or a whole re-stored `event`) |
+//! | `P:time` | sorted set | `<created_at as 21 digits>:<id>`, all scored 0: `(created_at, id)` order by `BYLEX`, exact to the nanosecond |
+//! | `P:expiry` | sorted set | finished events by the time their status expires |
+//! | `P:counts` | hash | stored events in total and per status, and what was trimmed, expired or replaced |
+//! | `P:dead` | hash | dead letters by id, each `<order key> <JSON>` |
+//! | `P:dead:order` | sorted set | `<failed_at as 21 digits>:<dead letter id>`: `(failed_at, id)` order |
+//!
+//! Statuses never become stream entries (SEED-PITFALLS 4): a status change is a write to the
+//! event's hash. Once an event is finished (completed or failed), its hash gets a TTL of
+//! [`RedisConfig::status_ttl`] (7 days by default, as the seed's), and the event is then gone from
+//! every query; pending and processing events never expire. The expiry is also recorded in
+//! `P:expiry`, so the scripts remove the event from every index with exact counts even when Redis
+//! expired the hash first. Dead letters live in a hash and a sorted set rather than a stream, since
+//! they are read, replaced and deleted by id and listed by `failed_at`, which is not store order.
+//!
+//! Entries written by something else (the Go seed, `redis-cli XADD` with the seed's fields) are
+//! delivered to inbound sources like any other; having no status hash, they are not part of the
+//! store (`get`, `list`, `replay`, `stats`).
+//!
+//! ## Writes
+//! - **One round trip per batch.** `store_batch`, `update_status_batch` and `store_dead_letters`
+//!   each run one Lua script over the whole batch (in chunks of 1024), so a batch is applied
+//!   atomically and costs one round trip. Inside Redis a new event costs two commands (`XADD`,
+//!   `HSET`) and a status update two (`HMGET`, `HSET`, plus `PEXPIRE` when it finishes the event);
+//!   a batch adds one `EXISTS` over all its ids and one `ZADD` per index.
+//! - **Idempotent stores.** The script checks the events' status hashes before their `XADD`s (one
+//!   `EXISTS` for the batch, then a lookup per event only when some id is stored): an id already
+//!   stored is a re-store, which puts the new body in the hash and keeps the stream entry,
+//!   so the event keeps its sequence number and origin and is not delivered again. A batch retried
+//!   after a lost reply therefore never creates a second entry.
+//! - **Bounded stream.** Once the stream holds more than [`RedisConfig::max_len`] entries (100 000
+//!   by default) plus 1 % slack, the store script removes the oldest (up to 1024 per call) and
+//!   their events from every index: an approximate `MAXLEN` with exact counts. A consumer group
+//!   more than `max_len` entries behind loses the trimmed ones.
+//!
+//! ## Reads
+//! Nothing on a read path blocks (no `XREAD BLOCK`; SEED-PITFALLS 2). `get` is one script call
+//! (the hash, then the entry). `list` walks `P:time` in pages of 256 from the filter's
+//! `start_time` to its `end_time` (`[start, end)`), applies every other filter, then the offset and
+//! the limit: O(events in the time window). `replay` walks the stream in pages of 256 from the
+//! requested entry; `ReplayFrom::Time` walks it from the beginning.
+//!
+//! **Sequence numbers** are stream entry ids packed into a `u64`: entry `ms-n` is
+//! `ms << 20 | n`. Entry ids strictly increase, so these do too, and the mapping is exact while `n`
+//! stays below 2²⁰, which the store script guarantees for its own entries by moving to the next
+//! millisecond when `n` reaches 2¹⁹ (Redis' clock would have to stand still for half a million
+//! `XADD`s). [`ReplayFrom::Sequence`]`(s)` reads from entry `(s >> 20)-(s & 0xFFFFF)`.
+//!
+//! ## Inbound delivery
+//! Each [`ConsumerGroup`] is a Redis consumer group named by its key (`instance:<id>` for fan-out,
+//! `shared:<name>` for a work-queue), created at the stream's current end (`$`, with `MKSTREAM`)
+//! the first time any member opens it (SEED-PITFALLS 3); its members are Redis consumers named by
+//! their instance id. A fetch, on the source's own connection:
+//! 1. hands out again this member's own pending entries that are due: those its predecessor left
+//!    (read from the pending list when the source opened) and those given back with a nak;
+//! 2. takes over entries other members left pending for [`InboundConfig::claim_idle`], scanning the
+//!    pending list at most every `min(claim_idle / 4, 1 s)` (`XPENDING … IDLE` then `XCLAIM`, in one
+//!    script; `XAUTOCLAIM` cannot leave out the member's own entries, which it must not hand
+//!    itself twice while a handler still runs);
+//! 3. reads new entries with `XREADGROUP … >`, blocking at most 500 ms at a time within `wait`.
+//!
+//! Entries the group published itself (echo) and entries whose type the member's filter does not
+//! want are acknowledged (`XACK`, for this group only) without being delivered; so are entries
+//! that hold no event (counted as `inbound_malformed`). `ack` is one `XACK`. `extend` resets the
+//! idle time of the entries the member still owns (`XCLAIM … JUSTID`). Redis has no delayed
+//! redelivery, so a `nak` with delay `d` sets the entries' idle time to `claim_idle - d` (another
+//! member may take them once `d` has passed) and the source itself hands them out again when `d`
+//! has passed. Closing a source of a shared group releases its pending entries to the other
+//! members at once. A fetch that fails after Redis may have moved entries into the member's
+//! pending list (a read whose reply was lost) makes the next fetch hand out the ones the member
+//! neither holds nor gave back. A group whose stream vanished (a Redis restarted without
+//! persistence) is created again at the end of the new stream.
+//!
+//! The stream carries every group's events, so a member reads, and acknowledges unseen, the events
+//! its own group published (echoes) and those its filter does not want
+//! ([`Capabilities::filter_at_source`] is false): fan-out costs each instance one read of every
+//! event. Counted in [`ProviderStats::provider_specific`]: `inbound_echoes_skipped`,
+//! `inbound_filtered`, `inbound_redelivered`, `inbound_lost` (pending entries found deleted or
+//! trimmed) and `inbound_malformed`, next to `stream_length`, `trimmed`, `expired`, `replaced`,
+//! `dead_letters_dropped` and `reconnects`.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use eventbroker::{Event, EventSink, EventSource, EventStore, RedisConfig, RedisProvider};
+//!
+//! let provider = RedisProvider::new(RedisConfig {
+//!     key_prefix: "orders-service".into(),
+//!     ..RedisConfig::new("redis://:secret@127.0.0.1:6379/0")
+//! })?;
+//! let event = Arc::new(Event::new(EventSource::System, "orders.created"));
+//! provider.store_batch(&[Arc::clone(&event)], None)?;
+//! assert_eq!(provider.get(event.id)?.map(|e| e.id), Some(event.id));
+//! # Ok::<(), eventbroker::ProviderError>(())
+//! ```
+//!
+//! [`ConsumerGroup::key`]: crate::ConsumerGroup::key
+//! [`ConsumerGroup`]: crate::ConsumerGroup
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+
+use self::conn::{Dialer, Pool};
+use self::keys::{Keys, entry_of_seq, lex_from, lex_to, seq_of_entry, time_key};
+use self::reply::{Entry, Malformed, StatusHash};
+use self::scripts::Scripts;
+use super::{
+    Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink, EventStore, Inbound,
+    InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, closed_error,
+};
+use crate::error::{ProviderError, ProviderErrorKind};
+use crate::event::{Event, EventId};
+use crate::pattern::Pattern;
+
+mod conn;
+mod inbound;
+mod keys;
+mod reply;
+mod scripts;
+
+const NAME: &str = "redis";
+
+/// Most events, updates or dead letters per script call.
+const WRITE_CHUNK: usize = 1024;
+/// Most entries the store script trims per call.
+const TRIM_CHUNK: usize = 1024;
+/// Time keys, entries or dead letters read per round trip by `list`, `replay` and
+/// `list_dead_letters`.
+const PAGE: usize = 256;
+
+/// Settings of a [`RedisProvider`].
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::RedisConfig;
+///
+/// let config = RedisConfig {
+///     key_prefix: "billing".into(),
+///     max_len: 1_000_000,
+///     status_ttl: Some(Duration::from_secs(24 * 3600)),
+///     ..RedisConfig::new("rediss://app:secret@redis.internal:6380/2")
+/// };
+/// assert_eq!(config.stream, "events");
+/// assert!(!format!("{config:?}").contains("secret"), "Debug hides the password");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[user][:password@]host[:port][/db]`, or `rediss://…` for TLS. Default
+    /// `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// What every key starts with (`<prefix>:`); brokers or services that must not see each other
+    /// use different prefixes. ASCII letters, digits and `_ - . : { }`. Default `eventbroker`.
+    pub key_prefix: String,
+    /// The stream's name under the prefix. Default `events`.
+    pub stream: String,
+    /// Most entries the stream keeps, approximately (1 % slack); the oldest go first, with their
+    /// events. 0 keeps everything. Default 100 000.
+    pub max_len: usize,
+    /// How long a finished (completed or failed) event is kept after its last status change;
+    /// `None` keeps it until trimmed. Default 7 days.
+    pub status_ttl: Option<Duration>,
+    /// Most dead letters kept; beyond that the one that failed earliest is dropped. Default 100 000.
+    pub max_dead_letters: usize,
+    /// Bound of every call: connecting, and each read or write of a command. Default 5 s.
+    pub timeout: Duration,
+    /// Longest wait between connection attempts while Redis is unreachable. Default 2 s.
+    pub max_backoff: Duration,
+    /// The name connections give themselves (`CLIENT SETNAME`), as `CLIENT LIST` shows them.
+    /// Default `eventbroker`.
+    pub client_name: String,
+}
+
+impl RedisConfig {
+    /// The default settings with `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), ..Self::default() }
+    }
+
+    fn validate(&self) -> Result<(), ProviderError> {
+        keys::validate_key_part("key prefix", &self.key_prefix)?;
+        keys::validate_key_part("stream name", &self.stream)?;
+        keys::validate_key_part("client name", &self.client_name)?;
+        if self.timeout.is_zero() {
+            return Err(keys::invalid("configure", "timeout must be above zero".into()));
+        }
+        if self.status_ttl.is_some_and(|ttl| ttl.as_millis() == 0) {
+            return Err(keys::invalid("configure", "status_ttl must be at least 1 ms, or None".into()));
+        }
+        Ok(())
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "eventbroker".into(),
+            stream: "events".into(),
+            max_len: 100_000,
+            status_ttl: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_dead_letters: 100_000,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(2),
+            client_name: "eventbroker".into(),
+        }
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &conn::redact(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("stream", &self.stream)
+            .field("max_len", &self.max_len)
+            .field("status_ttl", &self.status_ttl)
+            .field("max_dead_letters", &self.max_dead_letters)
+            .field("timeout", &self.timeout)
+            .field("max_backoff", &self.max_backoff)
+            .field("client_name", &self.client_name)
+            .finish()
+    }
+}
+
+/// The Redis Streams [`Provider`]; see the [module docs](self) for the layout and guarantees.
+///
+/// Thread-safe and cheap to share: calls take a pooled connection (up to 8 idle ones are kept), so
+/// the writer thread, queries and acks run side by side; each inbound source has a connection of
+/// its own for its blocking reads. Two `RedisProvider`s with the same settings behave like two
+/// processes sharing the server.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use eventbroker::{Broker, Distribution, Provider, RedisConfig, RedisProvider};
+///
+/// let provider: Arc<dyn Provider> = Arc::new(RedisProvider::new(RedisConfig::new("redis://127.0.0.1:6379"))?);
+/// // Two instances of a service: every event one publishes reaches the other's handlers once.
+/// let api_1 = Broker::builder().provider(Arc::clone(&provider)).instance_id("api-1").build()?;
+/// let api_2 = Broker::builder().provider(provider).instance_id("api-2").distribution(Distribution::FanOut).build()?;
+/// api_2.subscribe_infallible("orders.>", |event| println!("api-2 got {}", event.id))?;
+/// api_1.publish_async(eventbroker::Event::new(eventbroker::EventSource::System, "orders.created"))?;
+/// api_1.shutdown(Duration::from_secs(5));
+/// api_2.shutdown(Duration::from_secs(5));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct RedisProvider {
+    shared: Arc<Shared>,
+}
+
+/// What the provider and its inbound sources share.
+struct Shared {
+    config: RedisConfig,
+    keys: Keys,
+    pool: Pool,
+    scripts: Scripts,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+/// What this handle did; Relaxed everywhere: statistics, nothing is published through them.
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    consumed: AtomicU64,
+    open_sources: AtomicU64,
+    redelivered: AtomicU64,
+    echoes_skipped: AtomicU64,
+    filtered: AtomicU64,
+    lost: AtomicU64,
+    malformed: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn sub_one(counter: &AtomicU64) {
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+impl RedisProvider {
+    /// A provider with `config`. Connects lazily: Redis need not be up yet (see
+    /// [`RedisProvider::ping`]).
+    ///
+    /// ```
+    /// use eventbroker::{ProviderErrorKind, RedisConfig, RedisProvider};
+    ///
+    /// let bad = RedisProvider::new(RedisConfig { key_prefix: "has space".into(), ..RedisConfig::default() });
+    /// assert!(matches!(bad.unwrap_err().kind(), ProviderErrorKind::InvalidInput(_)));
+    /// let bad = RedisProvider::new(RedisConfig::new("http://127.0.0.1"));
+    /// assert!(matches!(bad.unwrap_err().kind(), ProviderErrorKind::InvalidInput(_)));
+    /// ```
+    ///
+    /// # Errors
+    /// [`ProviderErrorKind::InvalidInput`] for a URL that does not parse or an invalid name.
+    pub fn new(config: RedisConfig) -> Result<Self, ProviderError> {
+        config.validate()?;
+        let dialer = Dialer::new(&config)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                keys: Keys::new(&config.key_prefix, &config.stream),
+                pool: Pool::new(dialer),
+                scripts: Scripts::new(),
+                closed: AtomicBool::new(false),
+                counters: Counters::default(),
+                config,
+            }),
+        })
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &RedisConfig {
+        &self.shared.config
+    }
+
+    /// Checks that Redis answers, within the timeout.
+    ///
+    /// ```no_run
+    /// # use eventbroker::{RedisConfig, RedisProvider};
+    /// let provider = RedisProvider::new(RedisConfig::default())?;
+    /// provider.ping()?;
+    /// # Ok::<(), eventbroker::ProviderError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ProviderErrorKind::Unavailable`] when it does not; `Closed` after close.
+    pub fn ping(&self) -> Result<(), ProviderError> {
+        self.shared.check_open("ping")?;
+        self.shared.pool.run("ping", "PING", |conn| redis::cmd("PING").exec(conn))
+    }
+}
+
+impl Drop for RedisProvider {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+impl fmt::Debug for RedisProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisProvider")
+            .field("config", &self.shared.config)
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
+        // Acquire: pairs with the Release in `close`, so a call that sees the provider open also
+        // sees everything done before it was closed (nothing is, but the pairing keeps it honest).
+        if self.closed.load(Ordering::Acquire) { Err(closed_error(NAME, operation)) } else { Ok(()) }
+    }
+
+    fn ttl_ms(&self) -> u128 {
+        self.config.status_ttl.map_or(0, |ttl| ttl.as_millis())
+    }
+
+    fn malformed(&self, operation: &'static str, what: &Malformed) -> ProviderError {
+        ProviderError::new(
+            NAME,
+            operation,
+            ProviderErrorKind::Backend(format!("{}: {}", self.keys.prefix, what.0)),
+        )
+    }
+}
+
+impl EventSink for RedisProvider {
+    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("store_batch")?;
+        let keys = &shared.keys;
+        let slack = shared.config.max_len / 100;
+        for chunk in events.chunks(WRITE_CHUNK) {
+            let mut call = shared.scripts.store.prepare_invoke();
+            call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry);
+            call.arg(&keys.status)
+                .arg(shared.config.max_len)
+                .arg(slack)
+                .arg(TRIM_CHUNK)
+                .arg(shared.ttl_ms().to_string())
+                .arg(origin.unwrap_or(""));
+            for event in chunk {
+                call.arg(event.id.to_string())
+                    .arg(event.to_json())
+                    .arg(&event.event_type)
+                    .arg(event.source.as_str())
+                    .arg(event.status.as_str())
+                    .arg(&event.instance_id)
+                    .arg(time_key(event.created_at, event.id));
+            }
+            let fresh: usize = shared.pool.run("store_batch", &keys.stream, |conn| call.invoke(conn))?;
+            Counters::add(&shared.counters.published, fresh);
+        }
+        Ok(())
+    }
+
+    fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("update_status_batch")?;
+        let keys = &shared.keys;
+        let stamp = |at: Option<jiff::Timestamp>| at.map(|at| at.to_string()).unwrap_or_default();
+        for chunk in updates.chunks(WRITE_CHUNK) {
+            let mut call = shared.scripts.update.prepare_invoke();
+            call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry);
+            call.arg(&keys.status).arg(shared.ttl_ms().to_string());
+            for update in chunk {
+                call.arg(update.id.to_string())
+                    .arg(update.status.as_str())
+                    .arg(&update.error)
+                    .arg(update.retry_count)
+                    .arg(stamp(update.processed_at))
+                    .arg(stamp(update.completed_at));
+            }
+            shared.pool.run("update_status_batch", &keys.status, |conn| call.invoke::<()>(conn))?;
+        }
+        Ok(())
+    }
+
+    fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("store_dead_letters")?;
+        let keys = &shared.keys;
+        for chunk in letters.chunks(WRITE_CHUNK) {
+            let mut call = shared.scripts.dead_store.prepare_invoke();
+            call.key(&keys.dead).key(&keys.dead_order).key(&keys.counts);
+            call.arg(shared.config.max_dead_letters);
+            for letter in chunk {
+                let json = serde_json::to_string(letter).map_err(|error| {
+                    ProviderError::new(
+                        NAME,
+                        "store_dead_letters",
+                        ProviderErrorKind::InvalidInput(format!("dead letter {}: {error}", letter.id)),
+                    )
+                })?;
+                call.arg(letter.id.to_string()).arg(time_key(letter.failed_at, letter.id)).arg(json);
+            }
+            shared.pool.run("store_dead_letters", &keys.dead, |conn| call.invoke::<()>(conn))?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), ProviderError> {
+        // Every write is applied by Redis before its call returns; nothing is buffered here.
+        self.shared.check_open("flush")
+    }
+}
+
+impl EventStore for RedisProvider {
+    fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("get")?;
+        let key = shared.keys.status_of(id);
+        let mut call = shared.scripts.get.prepare_invoke();
+        call.key(&shared.keys.stream).arg(&key);
+        let value: Value = shared.pool.run("get", &key, |conn| call.invoke(conn))?;
+        reply::record(value).map_err(|error| shared.malformed("get", &error))
+    }
+
+    fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("list")?;
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let keys = &shared.keys;
+        let mut skip = filter.offset;
+        let mut from = lex_from(filter.start_time);
+        let to = lex_to(filter.end_time);
+        loop {
+            let mut call = shared.scripts.list_page.prepare_invoke();
+            call.key(&keys.time).key(&keys.stream).arg(&keys.status).arg(&from).arg(&to).arg(PAGE);
+            let value: Value = shared.pool.run("list", &keys.time, |conn| call.invoke(conn))?;
+            let (time_keys, records) = list_page(value).map_err(|error| shared.malformed("list", &error))?;
+            for record in records {
+                let Some(event) = reply::record(record).map_err(|error| shared.malformed("list", &error))?
+                else {
+                    continue; // Expired or trimmed between the index and the record.
+                };
+                if !filter.matches(&event) {
+                    continue;
+                }
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                out.push(event);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+            match time_keys.last() {
+                Some(last) if time_keys.len() == PAGE => from = format!("({last}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("delete")?;
+        let keys = &shared.keys;
+        let mut call = shared.scripts.delete.prepare_invoke();
+        call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry);
+        call.arg(&keys.status).arg(id.to_string());
+        let deleted: i64 = shared.pool.run("delete", &keys.status_of(id), |conn| call.invoke(conn))?;
+        Ok(deleted == 1)
+    }
+
+    fn replay(
+        &self,
+        from: ReplayFrom,
+        pattern: Option<&Pattern>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("replay")?;
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let (mut start, not_before) = match from {
+            ReplayFrom::Beginning | ReplayFrom::Sequence(0) => ("-".to_owned(), None),
+            ReplayFrom::Sequence(seq) => (entry_of_seq(seq), None),
+            ReplayFrom::Time(at) => ("-".to_owned(), Some(at)),
+        };
+        let keys = &shared.keys;
+        loop {
+            let mut call = shared.scripts.replay_page.prepare_invoke();
+            call.key(&keys.stream).arg(&keys.status).arg(&start).arg(PAGE);
+            let value: Value = shared.pool.run("replay", &keys.stream, |conn| call.invoke(conn))?;
+            let page = reply::array(value)
+                .ok_or_else(|| shared.malformed("replay", &Malformed::new("not an array")))?;
+            let read = page.len();
+            let mut last = None;
+            for item in page {
+                let (entry_id, found) =
+                    replay_item(item).map_err(|error| shared.malformed("replay", &error))?;
+                last = Some(entry_id);
+                let Some((seq, event)) = found else { continue };
+                let wanted = not_before.is_none_or(|at| event.created_at >= at)
+                    && pattern.is_none_or(|p| p.matches(&event.event_type));
+                if wanted {
+                    out.push(StoredEvent { seq, event });
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            match last {
+                Some(last) if read == PAGE => start = format!("({last}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("list_dead_letters")?;
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let keys = &shared.keys;
+        let mut skip = filter.offset;
+        let mut from = lex_from(filter.start_time);
+        let to = lex_to(filter.end_time);
+        loop {
+            let mut call = shared.scripts.dead_page.prepare_invoke();
+            call.key(&keys.dead_order).key(&keys.dead).arg(&from).arg(&to).arg(PAGE);
+            let value: Value = shared.pool.run("list_dead_letters", &keys.dead, |conn| call.invoke(conn))?;
+            let (order_keys, values) =
+                dead_page(value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
+            for value in values.into_iter().flatten() {
+                let letter =
+                    dead_letter(&value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
+                if !filter.matches(&letter) {
+                    continue;
+                }
+                if skip > 0 {
+                    skip -= 1;
+                    continue;
+                }
+                out.push(letter);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+            match order_keys.last() {
+                Some(last) if order_keys.len() == PAGE => from = format!("({last}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    fn get_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("get_dead_letter")?;
+        let keys = &shared.keys;
+        let value: Option<Vec<u8>> = shared.pool.run("get_dead_letter", &keys.dead, |conn| {
+            redis::cmd("HGET").arg(&keys.dead).arg(id.to_string()).query(conn)
+        })?;
+        value
+            .map(|value| dead_letter(&value).map_err(|error| shared.malformed("get_dead_letter", &error)))
+            .transpose()
+    }
+
+    fn delete_dead_letter(&self, id: DeadLetterId) -> Result<bool, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("delete_dead_letter")?;
+        let keys = &shared.keys;
+        let mut call = shared.scripts.dead_delete.prepare_invoke();
+        call.key(&keys.dead).key(&keys.dead_order).arg(id.to_string());
+        let deleted: i64 = shared.pool.run("delete_dead_letter", &keys.dead, |conn| call.invoke(conn))?;
+        Ok(deleted == 1)
+    }
+
+    fn stats(&self) -> Result<ProviderStats, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("stats")?;
+        let keys = &shared.keys;
+        let mut call = shared.scripts.stats.prepare_invoke();
+        call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry).key(&keys.dead);
+        call.arg(&keys.status);
+        let value: Value = shared.pool.run("stats", &keys.counts, |conn| call.invoke(conn))?;
+        let (counts, stream_length, dead_letters) =
+            stats_reply(value).map_err(|error| shared.malformed("stats", &error))?;
+        let count = |name: &str| counts.get(name).copied().unwrap_or(0);
+        let c = &shared.counters;
+        let mut specific = BTreeMap::new();
+        let mut put = |name: &str, value: serde_json::Value| {
+            specific.insert(name.to_owned(), value);
+        };
+        put("key_prefix", shared.config.key_prefix.clone().into());
+        put("stream", keys.stream.clone().into());
+        put("stream_length", stream_length.into());
+        put("max_len", shared.config.max_len.into());
+        for name in ["trimmed", "expired", "replaced", "dead_letters_dropped"] {
+            put(name, count(name).into());
+        }
+        put("reconnects", Counters::get(&shared.pool.reconnects).into());
+        put("inbound_redelivered", Counters::get(&c.redelivered).into());
+        put("inbound_echoes_skipped", Counters::get(&c.echoes_skipped).into());
+        put("inbound_filtered", Counters::get(&c.filtered).into());
+        put("inbound_lost", Counters::get(&c.lost).into());
+        put("inbound_malformed", Counters::get(&c.malformed).into());
+        Ok(ProviderStats {
+            provider_type: NAME.to_owned(),
+            total_events: count("total"),
+            pending_events: count("pending"),
+            processing_events: count("processing"),
+            completed_events: count("completed"),
+            failed_events: count("failed"),
+            events_published: Counters::get(&c.published),
+            events_consumed: Counters::get(&c.consumed),
+            active_subscribers: Counters::get(&c.open_sources),
+            dead_letters,
+            provider_specific: specific,
+        })
+    }
+}
+
+impl Provider for RedisProvider {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            inbound: true,
+            work_queue: true,
+            filter_at_source: false,
+            list: true,
+            delete: true,
+            replay: true,
+            durable: true,
+            // Every write is a round trip to the server: it goes through the writer, batched.
+            inline_writes: false,
+        }
+    }
+
+    fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
+        self.shared.check_open("open_inbound")?;
+        Ok(Arc::new(inbound::RedisInbound::open(Arc::clone(&self.shared), config)?))
+    }
+
+    fn close(&self) -> Result<(), ProviderError> {
+        // Release: pairs with the Acquire in `check_open`.
+        if !self.shared.closed.swap(true, Ordering::Release) {
+            self.shared.pool.clear();
+        }
+        Ok(())
+    }
+}
+
+/// `{time keys, records}` from the list script.
+fn list_page(value: Value) -> Result<(Vec<String>, Vec<Value>), Malformed> {
+    let mut parts =
+        reply::array(value).ok_or_else(|| Malformed::new("a list page is not an array"))?.into_iter();
+    let time_keys = parts
+        .next()
+        .and_then(reply::array)
+        .and_then(|keys| keys.into_iter().map(reply::string).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| Malformed::new("a list page has no time keys"))?;
+    let records = parts.next().and_then(reply::array).unwrap_or_default();
+    Ok((time_keys, records))
+}
+
+/// One `{entry id, fields, status hash}` of the replay script: the entry id (for paging) and, when
+/// the entry holds a live event of ours, its sequence number and the stored event (`None` for an
+/// entry whose event expired, or one written by something else).
+fn replay_item(item: Value) -> Result<(String, Option<(u64, Event)>), Malformed> {
+    let mut parts =
+        reply::array(item).ok_or_else(|| Malformed::new("a replay item is not an array"))?.into_iter();
+    let entry_id =
+        parts.next().and_then(reply::string).ok_or_else(|| Malformed::new("a replay item has no id"))?;
+    let mut entry =
+        Entry { id: entry_id.clone(), fields: parts.next().and_then(reply::pairs).unwrap_or_default() };
+    let hash = parts.next().and_then(StatusHash::decode).unwrap_or_default();
+    if !hash.is_record_of(&entry_id) {
+        return Ok((entry_id, None));
+    }
+    let seq = seq_of_entry(&entry_id)
+        .ok_or_else(|| Malformed::new(format!("entry id {entry_id} does not map to a sequence number")))?;
+    let event = hash
+        .into_event(entry.take_field("event"))
+        .map_err(|reason| Malformed::new(format!("entry {entry_id}: {reason}")))?;
+    Ok((entry_id, Some((seq, event))))
+}
+
+/// A page of dead letters: their order keys, and their stored values (`None` for one deleted
+/// between the index and the read).
+type DeadPage = (Vec<String>, Vec<Option<Vec<u8>>>);
+
+/// `{order keys, values}` from the dead-letter page script.
+fn dead_page(value: Value) -> Result<DeadPage, Malformed> {
+    let mut parts =
+        reply::array(value).ok_or_else(|| Malformed::new("a dead-letter page is not an array"))?.into_iter();
+    let order_keys = parts
+        .next()
+        .and_then(reply::array)
+        .and_then(|keys| keys.into_iter().map(reply::string).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| Malformed::new("a dead-letter page has no order keys"))?;
+    let values =
+        parts.next().and_then(reply::array).unwrap_or_default().into_iter().map(reply::bytes).collect();
+    Ok((order_keys, values))
+}
+
+/// A stored dead letter: `<order key> <JSON>`.
+fn dead_letter(value: &[u8]) -> Result<DeadLetter, Malformed> {
+    let at = value
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or_else(|| Malformed::new("a dead letter has no order key"))?;
+    serde_json::from_slice(&value[at + 1..])
+        .map_err(|error| Malformed::new(format!("a dead letter: {error}")))
+}
+
+/// `{counts, stream length, dead letters}` from the stats script.
+fn stats_reply(value: Value) -> Result<(BTreeMap<String, u64>, u64, u64), Malformed> {
+    let mut parts = reply::array(value).ok_or_else(|| Malformed::new("stats are not an array"))?.into_iter();
+    let counts = parts
+        .next()
+        .and_then(reply::pairs)
+        .ok_or_else(|| Malformed::new("stats have no counters"))?
+        .into_iter()
+        .map(|(name, n)| {
+            let n = std::str::from_utf8(&n).ok().and_then(|n| n.parse::<i64>().ok()).unwrap_or(0);
+            (String::from_utf8_lossy(&name).into_owned(), u64::try_from(n).unwrap_or(0))
+        })
+        .collect();
+    let mut number =
+        || parts.next().as_ref().and_then(reply::int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+    let stream_length = number();
+    let dead_letters = number();
+    Ok((counts, stream_length, dead_letters))
+}

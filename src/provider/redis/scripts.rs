@@ -1,0 +1,422 @@
+//! The Lua scripts: every write that must be atomic, or that reads what another command just
+//! returned, runs as one script, so a batch costs one round trip and a retried batch lands once.
+//!
+//! Scripts touch keys derived from the namespace's status key prefix besides those passed in
+//! `KEYS`: fine on a standalone server or one shard, not across a cluster's slots.
+
+use redis::Script;
+
+/// Helpers every write script starts with: status flags of finished events, server time, counter
+/// deltas (applied once at the end), and the expiry of finished statuses.
+///
+/// An expiry member is `<c|f><entry id> <time key>`: whether the event completed or failed, and
+/// enough to remove it from every index even after Redis expired its status hash. Adds to the two
+/// sorted sets are gathered into one `ZADD` each at the end of a script.
+const PRELUDE: &str = r"
+local stream, counts, time, expiry = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[1]
+local delta = {}
+local function add(field, n) delta[field] = (delta[field] or 0) + n end
+local function flag(status)
+  if status == 'completed' then return 'c' elseif status == 'failed' then return 'f' end
+  return nil
+end
+local now_ms = nil
+local function server_ms()
+  if not now_ms then
+    local t = redis.call('TIME')
+    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now_ms
+end
+-- Sorted-set adds gathered into one ZADD per set at the end of the script; a removal of a
+-- member added earlier in the same script cancels the add instead.
+local function later(key) return {key = key, add = {}, n = 0} end
+local function zadd_later(set, score, member)
+  if set.add[member] == nil then set.n = set.n + 1 end
+  set.add[member] = score
+end
+local function zrem(set, member)
+  if set.add[member] ~= nil then
+    set.add[member] = nil
+    set.n = set.n - 1
+  else
+    redis.call('ZREM', set.key, member)
+  end
+end
+local function zflush(set)
+  if set.n == 0 then return end
+  local args = {'ZADD', set.key}
+  for member, score in pairs(set.add) do
+    args[#args + 1] = score
+    args[#args + 1] = member
+  end
+  redis.call(unpack(args))
+end
+local times, expiries = later(time), later(expiry)
+-- Keeps the expiry of one event in step with its status: `old` and `new` are statuses.
+local function reschedule(key, entry, tk, old_tk, old, new, ttl)
+  local of, nf = flag(old), flag(new)
+  if of then zrem(expiries, of .. entry .. ' ' .. old_tk) end
+  if nf and ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+    zadd_later(expiries, server_ms() + ttl, nf .. entry .. ' ' .. tk)
+  elseif of then
+    redis.call('PERSIST', key)
+  end
+end
+-- Removes up to `limit` finished events whose status expired, with exact bookkeeping.
+local function purge(limit)
+  local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', server_ms(), 'LIMIT', 0, limit)
+  for _, m in ipairs(due) do
+    local sp = string.find(m, ' ', 2, true)
+    local entry, tk = string.sub(m, 2, sp - 1), string.sub(m, sp + 1)
+    local key = prefix .. string.sub(tk, 23)
+    local h = redis.call('HMGET', key, 'entry', 'time')
+    if h[1] == entry then
+      redis.call('DEL', key)
+      zrem(times, tk)
+    elseif h[2] ~= tk then
+      zrem(times, tk)
+    end
+    zrem(expiries, m)
+    if string.sub(m, 1, 1) == 'c' then add('completed', -1) else add('failed', -1) end
+    add('total', -1)
+    add('expired', 1)
+  end
+end
+-- Applies what the script gathered: index adds and counter deltas.
+local function finish()
+  zflush(times)
+  zflush(expiries)
+  for field, n in pairs(delta) do
+    if n ~= 0 then redis.call('HINCRBY', counts, field, n) end
+  end
+end
+";
+
+/// `store_batch`. ARGV: status key prefix, `max_len` (0: none), trim slack, trim chunk, ttl ms (0:
+/// none), origin ('' for none), then per event: id, JSON, type, source, status, instance id, time
+/// key. Returns how many ids were new.
+const STORE: &str = r"
+local max_len, slack, chunk, ttl, origin =
+  tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local next_id = '*'
+local fresh = 0
+-- One EXISTS for the batch: when none of its ids is stored (the usual case), no event needs its
+-- own lookup; one stored earlier in this batch is looked up all the same.
+local keys = {'EXISTS'}
+for i = 7, #ARGV, 7 do keys[#keys + 1] = prefix .. ARGV[i] end
+local any_stored = redis.call(unpack(keys)) > 0
+local seen = {}
+for i = 7, #ARGV, 7 do
+  local id, json, ty, src, st, inst, tk =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+  local key = prefix .. id
+  local old = {false}
+  if any_stored or seen[id] then old = redis.call('HMGET', key, 'entry', 'status', 'time') end
+  seen[id] = true
+  if old[1] then
+    -- A re-store: the body is replaced in the hash; the entry, its sequence number and its origin stay.
+    redis.call('HSET', key, 'event', json, 'status', st, 'time', tk)
+    redis.call('HDEL', key, 'error', 'retry_count', 'processed_at', 'completed_at')
+    if old[3] ~= tk then
+      zrem(times, old[3])
+      zadd_later(times, 0, tk)
+    end
+    reschedule(key, old[1], tk, old[3], old[2], st, ttl)
+    if old[2] ~= st then add(old[2], -1) add(st, 1) end
+    add('replaced', 1)
+  else
+    local args = {'XADD', stream, next_id, 'event', json, 'id', id, 'type', ty, 'source', src,
+      'status', st, 'instance_id', inst}
+    if origin ~= '' then args[#args + 1] = 'origin' args[#args + 1] = origin end
+    local entry = redis.call(unpack(args))
+    -- Keeps the sequence part of entry ids below 2^19, so every id maps to a sequence number.
+    local dash = string.find(entry, '-', 1, true)
+    if tonumber(string.sub(entry, dash + 1)) >= 524288 then
+      next_id = string.format('%.0f', tonumber(string.sub(entry, 1, dash - 1)) + 1) .. '-0'
+    else
+      next_id = '*'
+    end
+    redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
+    zadd_later(times, 0, tk)
+    reschedule(key, entry, tk, tk, nil, st, ttl)
+    add(st, 1)
+    add('total', 1)
+    fresh = fresh + 1
+  end
+end
+-- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
+-- remove the oldest (up to `chunk`), and the events they hold from every index.
+if max_len > 0 then
+  local excess = redis.call('XLEN', stream) - max_len
+  if excess > slack then
+    local olds = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(excess, chunk))
+    for _, e in ipairs(olds) do
+      local entry, f = e[1], e[2]
+      for j = 1, #f, 2 do
+        if f[j] == 'id' then
+          local key = prefix .. f[j + 1]
+          local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+          if h[1] == entry then
+            redis.call('DEL', key)
+            zrem(times, h[3])
+            reschedule(key, entry, h[3], h[3], h[2], nil, 0)
+            add(h[2], -1)
+            add('total', -1)
+            add('trimmed', 1)
+          end
+          break
+        end
+      end
+    end
+    if #olds > 0 then
+      local last = olds[#olds][1]
+      local dash = string.find(last, '-', 1, true)
+      local min_id = string.sub(last, 1, dash - 1) .. '-' ..
+        string.format('%.0f', tonumber(string.sub(last, dash + 1)) + 1)
+      redis.call('XTRIM', stream, 'MINID', min_id)
+    end
+  end
+end
+purge(256)
+finish()
+return fresh
+";
+
+/// `update_status_batch`. ARGV: status key prefix, ttl ms (0: none), then per update: id, status,
+/// error, retry count, `processed_at`, `completed_at` ('' keeps the stored value).
+const UPDATE: &str = r"
+local ttl = tonumber(ARGV[2])
+for i = 3, #ARGV, 6 do
+  local key, st = prefix .. ARGV[i], ARGV[i + 1]
+  local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+  if h[1] then
+    local args = {'HSET', key, 'status', st, 'error', ARGV[i + 2], 'retry_count', ARGV[i + 3]}
+    if ARGV[i + 4] ~= '' then args[#args + 1] = 'processed_at' args[#args + 1] = ARGV[i + 4] end
+    if ARGV[i + 5] ~= '' then args[#args + 1] = 'completed_at' args[#args + 1] = ARGV[i + 5] end
+    redis.call(unpack(args))
+    if h[2] ~= st then
+      reschedule(key, h[1], h[3], h[3], h[2], st, ttl)
+      add(h[2], -1)
+      add(st, 1)
+    elseif flag(st) then
+      reschedule(key, h[1], h[3], h[3], h[2], st, ttl)
+    end
+  end
+end
+purge(256)
+finish()
+return 0
+";
+
+/// `delete`. ARGV: status key prefix, event id. Returns 1 when the event was stored.
+const DELETE: &str = r"
+local key = prefix .. ARGV[2]
+local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+if not h[1] then return 0 end
+redis.call('DEL', key)
+zrem(times, h[3])
+redis.call('XDEL', stream, h[1])
+reschedule(key, h[1], h[3], h[3], h[2], nil, 0)
+add(h[2], -1)
+add('total', -1)
+finish()
+return 1
+";
+
+/// `stats`: purges what expired, then returns the counters, the stream's length and the number of
+/// dead letters (KEYS[5]).
+const STATS: &str = r"
+purge(1024)
+finish()
+return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[5])}
+";
+
+/// Reads one event's record: its status hash and, unless a re-store put the body in the hash, its
+/// stream entry. KEYS: stream; ARGV: status key. `false` when not stored.
+const GET: &str = r"
+local h = redis.call('HGETALL', ARGV[1])
+if #h == 0 then return false end
+local entry, replaced = nil, false
+for j = 1, #h, 2 do
+  if h[j] == 'entry' then entry = h[j + 1] elseif h[j] == 'event' then replaced = true end
+end
+if replaced or not entry then return {h, {}} end
+return {h, redis.call('XRANGE', KEYS[1], entry, entry)}
+";
+
+/// One page of `list`: up to ARGV[4] time keys in `[ARGV[2], ARGV[3]]` (BYLEX bounds) with their
+/// records. KEYS: time index, stream; ARGV[1]: status key prefix. Returns the time keys and, for
+/// each, its status hash and its stream entry (empty when the body is in the hash).
+const LIST_PAGE: &str = r"
+local keys = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[3], 'BYLEX', 'LIMIT', 0, ARGV[4])
+local records = {}
+for i, tk in ipairs(keys) do
+  local h = redis.call('HGETALL', ARGV[1] .. string.sub(tk, 23))
+  local entry, replaced = nil, false
+  for j = 1, #h, 2 do
+    if h[j] == 'entry' then entry = h[j + 1] elseif h[j] == 'event' then replaced = true end
+  end
+  local e = {}
+  if entry and not replaced then e = redis.call('XRANGE', KEYS[2], entry, entry) end
+  records[i] = {h, e}
+end
+return {keys, records}
+";
+
+/// One page of `replay`: up to ARGV[3] stream entries from ARGV[2] (an XRANGE start), each with the
+/// status hash of the event it holds. KEYS: stream; ARGV[1]: status key prefix.
+const REPLAY_PAGE: &str = r"
+local entries = redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])
+local out = {}
+for i, e in ipairs(entries) do
+  local h = {}
+  local f = e[2]
+  for j = 1, #f, 2 do
+    if f[j] == 'id' then h = redis.call('HGETALL', ARGV[1] .. f[j + 1]) break end
+  end
+  out[i] = {e[1], f, h}
+end
+return out
+";
+
+/// `store_dead_letters`. KEYS: letters, order index, counts; ARGV: most kept, then per letter: id,
+/// order key, JSON. A letter is stored as `<order key> <JSON>`.
+const DEAD_STORE: &str = r"
+for i = 2, #ARGV, 3 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then redis.call('ZREM', KEYS[2], string.sub(old, 1, string.find(old, ' ', 1, true) - 1)) end
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
+  redis.call('ZADD', KEYS[2], 0, ARGV[i + 1])
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[1])
+if over > 0 then
+  local popped = redis.call('ZPOPMIN', KEYS[2], over)
+  for j = 1, #popped, 2 do redis.call('HDEL', KEYS[1], string.sub(popped[j], 23)) end
+  redis.call('HINCRBY', KEYS[3], 'dead_letters_dropped', over)
+end
+return 0
+";
+
+/// `delete_dead_letter`. KEYS: letters, order index; ARGV: id. Returns 1 when it was stored.
+const DEAD_DELETE: &str = r"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+redis.call('ZREM', KEYS[2], string.sub(old, 1, string.find(old, ' ', 1, true) - 1))
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+";
+
+/// One page of dead letters: order keys in `[ARGV[1], ARGV[2]]` (BYLEX), at most ARGV[3], with
+/// their stored values. KEYS: order index, letters.
+const DEAD_PAGE: &str = r"
+local keys = redis.call('ZRANGE', KEYS[1], ARGV[1], ARGV[2], 'BYLEX', 'LIMIT', 0, ARGV[3])
+if #keys == 0 then return {keys, {}} end
+local args = {'HMGET', KEYS[2]}
+for i, k in ipairs(keys) do args[i + 2] = string.sub(k, 23) end
+return {keys, redis.call(unpack(args))}
+";
+
+/// Hands this member's own pending entries to it again (its predecessor's, or ones it gave back
+/// with a nak), skipping any another member has claimed since. KEYS: stream; ARGV: group,
+/// consumer, entry ids. Returns the number of entries found deleted, then `{id, fields,
+/// deliveries}` per entry.
+const CLAIM_OWN: &str = r"
+local ids, counts = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    ids[#ids + 1] = ARGV[i]
+    counts[ARGV[i]] = p[1][4]
+  end
+end
+if #ids == 5 then return {0} end
+local claimed = redis.call(unpack(ids))
+local out = {#ids - 5 - #claimed}
+for _, e in ipairs(claimed) do out[#out + 1] = {e[1], e[2], counts[e[1]] + 1} end
+return out
+";
+
+/// Takes over entries other members of the group left pending for at least ARGV[3] ms: scans the
+/// pending list from cursor ARGV[4] (`-` or `(<id>`) over up to ARGV[5] entries, and claims up to
+/// ARGV[6] that belong to someone else. (`XAUTOCLAIM` would also take back this member's own idle
+/// entries, which a live member must not hand out to itself twice.) KEYS: stream; ARGV[1..2]:
+/// group, consumer. Returns the next cursor, the number of entries found deleted, then `{id,
+/// fields, deliveries}` per claimed entry.
+const CLAIM_ABANDONED: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
+local ids, counts = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}, {}
+local max, cursor, stopped = tonumber(ARGV[6]), '-', false
+for _, x in ipairs(p) do
+  if #ids - 5 >= max then stopped = true break end
+  cursor = '(' .. x[1]
+  if x[2] ~= ARGV[2] then
+    ids[#ids + 1] = x[1]
+    counts[x[1]] = x[4]
+  end
+end
+if not stopped and #p < tonumber(ARGV[5]) then cursor = '-' end
+if #ids == 5 then return {cursor, 0} end
+local claimed = redis.call(unpack(ids))
+local out = {cursor, #ids - 5 - #claimed}
+for _, e in ipairs(claimed) do out[#out + 1] = {e[1], e[2], counts[e[1]] + 1} end
+return out
+";
+
+/// Sets the idle time of entries this member still owns to ARGV[3] ms, without counting a
+/// delivery: 0 is `extend`; `claim_idle - delay` is a nak (another member may take the entry once
+/// the delay has passed). KEYS: stream; ARGV: group, consumer, idle ms, entry ids.
+const TOUCH: &str = r"
+local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then args[#args + 1] = ARGV[i] end
+end
+if #args == 5 then return 0 end
+local n = #args - 5
+args[#args + 1] = 'IDLE'
+args[#args + 1] = ARGV[3]
+args[#args + 1] = 'JUSTID'
+redis.call(unpack(args))
+return n
+";
+
+/// The provider's scripts, hashed once.
+pub(super) struct Scripts {
+    pub(super) store: Script,
+    pub(super) update: Script,
+    pub(super) delete: Script,
+    pub(super) stats: Script,
+    pub(super) get: Script,
+    pub(super) list_page: Script,
+    pub(super) replay_page: Script,
+    pub(super) dead_store: Script,
+    pub(super) dead_delete: Script,
+    pub(super) dead_page: Script,
+    pub(super) claim_own: Script,
+    pub(super) claim_abandoned: Script,
+    pub(super) touch: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        Self {
+            store: with_prelude(STORE),
+            update: with_prelude(UPDATE),
+            delete: with_prelude(DELETE),
+            stats: with_prelude(STATS),
+            get: Script::new(GET),
+            list_page: Script::new(LIST_PAGE),
+            replay_page: Script::new(REPLAY_PAGE),
+            dead_store: Script::new(DEAD_STORE),
+            dead_delete: Script::new(DEAD_DELETE),
+            dead_page: Script::new(DEAD_PAGE),
+            claim_own: Script::new(CLAIM_OWN),
+            claim_abandoned: Script::new(CLAIM_ABANDONED),
+            touch: Script::new(TOUCH),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Brokers sharing one backend, end to end: what [`Distribution`](crate::Distribution) promises.
+//!
+//! Each scenario builds brokers on handles from one [`TestBackend`] (two processes, as far as the
+//! backend can tell), subscribes to its [`Scope`] only, and waits for what must arrive with a
+//! bound. A backend without inbound sources is checked to refuse cross-instance brokers instead.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::{EXCLUSIVE, Scope, TestBackend, wait_until};
+use crate::testing::{Fault, FaultyProvider, Operation};
+use crate::{Broker, BuildError, Distribution, Event, EventId, Provider, RetryPolicy};
+
+/// How long a scenario waits for what must arrive.
+const ARRIVE: Duration = Duration::from_secs(20);
+/// How long a scenario watches for what must not arrive.
+const QUIET: Duration = Duration::from_millis(500);
+/// Claim idle time of the brokers: short, so a torn-down member's events move on quickly.
+const CLAIM_IDLE: Duration = Duration::from_secs(1);
+const SHUTDOWN: Duration = Duration::from_secs(10);
+
+/// What a broker's handlers saw, in order.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<Arc<Event>>>>);
+
+impl Seen {
+    fn len(&self) -> usize {
+        self.0.lock().len()
+    }
+
+    fn ids(&self) -> Vec<EventId> {
+        self.0.lock().iter().map(|e| e.id).collect()
+    }
+
+    fn subscribe(&self, broker: &Broker, pattern: &str) {
+        let seen = self.clone();
+        broker
+            .subscribe_infallible(pattern, move |event| seen.0.lock().push(Arc::new(event.clone())))
+            .expect("subscribe");
+    }
+}
+
+/// A broker on `provider` in `distribution`, or `None` (after checking it is refused) when the
+/// backend cannot deliver across instances.
+fn broker(provider: Arc<dyn Provider>, instance: &str, distribution: Distribution) -> Option<Broker> {
+    broker_with(provider, instance, distribution, 1024)
+}
+
+/// [`broker`] with rings of `buffer_size` events per shard (two shards).
+fn broker_with(
+    provider: Arc<dyn Provider>,
+    instance: &str,
+    distribution: Distribution,
+    buffer_size: usize,
+) -> Option<Broker> {
+    let caps = provider.capabilities();
+    let supported = caps.inbound && (caps.work_queue || !matches!(distribution, Distribution::WorkQueue(_)));
+    let built = Broker::builder()
+        .provider(provider)
+        .instance_id(instance)
+        .distribution(distribution)
+        .workers(2)
+        .buffer_size(buffer_size)
+        .claim_idle(CLAIM_IDLE)
+        .retry_policy(RetryPolicy {
+            initial_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(20),
+            ..RetryPolicy::default()
+        })
+        .build();
+    match built {
+        Ok(broker) => Some(broker),
+        Err(BuildError::Config(error)) if !supported => {
+            assert_eq!(error.key(), "distribution", "{error}");
+            None
+        }
+        Err(error) => panic!("building a broker for {instance}: {error}"),
+    }
+}
+
+fn publish_all(broker: &Broker, events: &[Event]) {
+    for event in events {
+        broker.publish_async(event.clone()).expect("publish");
+    }
+}
+
+fn set(ids: impl IntoIterator<Item = EventId>) -> HashSet<EventId> {
+    ids.into_iter().collect()
+}
+
+fn assert_clean_shutdown(broker: &Broker) {
+    let report = broker.shutdown(SHUTDOWN);
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// Fan-out: each of two brokers publishes N; each broker's handlers see all 2N exactly once — its
+/// own once (no echo), the other's once.
+pub fn fan_out_each_broker_handles_every_event_once(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let Some(a) = broker(backend.connect(), &scope.name("a"), Distribution::FanOut) else { return };
+    let b = broker(backend.connect(), &scope.name("b"), Distribution::FanOut).expect("a second broker");
+    let (seen_a, seen_b) = (Seen::default(), Seen::default());
+    seen_a.subscribe(&a, scope.all().as_str());
+    seen_b.subscribe(&b, scope.all().as_str());
+
+    let n = 50;
+    let from_a: Vec<Event> = (0..n).map(|i| scope.event(&format!("a.t{}", i % 5))).collect();
+    let from_b: Vec<Event> = (0..n).map(|i| scope.event(&format!("b.t{}", i % 5))).collect();
+    publish_all(&a, &from_a);
+    publish_all(&b, &from_b);
+    let all = set(from_a.iter().chain(&from_b).map(|e| e.id));
+    wait_until("a to see every event", ARRIVE, || seen_a.len() >= 2 * n);
+    wait_until("b to see every event", ARRIVE, || seen_b.len() >= 2 * n);
+    std::thread::sleep(QUIET);
+    for (name, seen) in [("a", &seen_a), ("b", &seen_b)] {
+        let ids = seen.ids();
+        assert_eq!(ids.len(), 2 * n, "{name} saw duplicates (an echo or a redelivery)");
+        assert_eq!(set(ids), all, "{name} saw exactly the events of both");
+    }
+    assert_eq!(a.stats().inbound.fetched, n as u64, "a fetched b's events, not its own");
+    assert_clean_shutdown(&a);
+    assert_clean_shutdown(&b);
+}
+
+/// Work-queue: events a publisher outside the group publishes are each handled by exactly one
+/// member; events a member publishes are handled by that member alone.
+pub fn work_queue_each_event_is_handled_by_one_broker(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let group = Distribution::WorkQueue(scope.name("workers"));
+    // Small rings and slow handlers: each member can take only a few events at a time, so both
+    // take a share however fast the other fetches.
+    let Some(w1) = broker_with(backend.connect(), &scope.name("w1"), group.clone(), 4) else { return };
+    let w2 = broker_with(backend.connect(), &scope.name("w2"), group, 4).expect("a second member");
+    let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
+    let (seen1, seen2) = (Seen::default(), Seen::default());
+    for (broker, seen) in [(&w1, &seen1), (&w2, &seen2)] {
+        let seen = seen.clone();
+        broker
+            .subscribe_infallible(scope.all().as_str(), move |event| {
+                seen.0.lock().push(Arc::new(event.clone()));
+                std::thread::sleep(Duration::from_millis(2));
+            })
+            .expect("subscribe");
+    }
+
+    let from_outside: Vec<Event> = (0..60).map(|i| scope.event(&format!("job.t{}", i % 6))).collect();
+    let from_member: Vec<Event> = (0..10).map(|_| scope.event("job.local")).collect();
+    publish_all(&publisher, &from_outside);
+    publish_all(&w1, &from_member);
+    let total = from_outside.len() + from_member.len();
+    wait_until("the group to handle every event", ARRIVE, || seen1.len() + seen2.len() >= total);
+    std::thread::sleep(QUIET);
+    let (ids1, ids2) = (seen1.ids(), seen2.ids());
+    assert_eq!(ids1.len() + ids2.len(), total, "an event was handled twice");
+    assert!(set(ids1.iter().copied()).is_disjoint(&set(ids2.iter().copied())));
+    let handled = set(ids1.iter().chain(&ids2).copied());
+    assert_eq!(handled, set(from_outside.iter().chain(&from_member).map(|e| e.id)));
+    let member_events = set(from_member.iter().map(|e| e.id));
+    assert!(set(ids1).is_superset(&member_events), "a member's own events stay with it");
+    assert!(!ids2.is_empty() && seen1.len() > from_member.len(), "both members took a share");
+    for broker in [&w1, &w2, &publisher] {
+        assert_clean_shutdown(broker);
+    }
+}
+
+/// A member that vanishes (its connection cut, as a crashed process) while holding fetched,
+/// unacknowledged events: the survivor gets every one of them after the claim idle time — none
+/// lost, and duplicates only of events the vanished member never acknowledged.
+pub fn a_broker_torn_down_loses_nothing_it_fetched(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let group = Distribution::WorkQueue(scope.name("workers"));
+    let faulty = FaultyProvider::new(backend.connect());
+    let Some(doomed) = broker(faulty.clone(), &scope.name("doomed"), group.clone()) else { return };
+    let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
+
+    // The doomed member's handler holds on to whatever it gets until released.
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Seen::default();
+    {
+        let (release, held) = (Arc::clone(&release), held.clone());
+        doomed
+            .subscribe_infallible(scope.all().as_str(), move |event| {
+                held.0.lock().push(Arc::new(event.clone()));
+                let until = Instant::now() + ARRIVE;
+                while !release.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+            .expect("subscribe");
+    }
+    let events: Vec<Event> = (0..40).map(|i| scope.event(&format!("job.t{}", i % 8))).collect();
+    publish_all(&publisher, &events);
+    wait_until("the doomed member to hold events", ARRIVE, || held.len() > 0);
+    faulty.cut(&Fault::unavailable());
+    release.store(true, Ordering::Relaxed);
+    let report = doomed.shutdown(Duration::from_secs(1));
+    assert!(!report.is_clean(), "nothing could be acknowledged through a cut connection: {report:?}");
+
+    // The survivor joins the group once the doomed member holds events it will never acknowledge.
+    let survivor = broker(backend.connect(), &scope.name("survivor"), group).expect("a second member");
+    let survived = Seen::default();
+    survived.subscribe(&survivor, scope.all().as_str());
+
+    let all = set(events.iter().map(|e| e.id));
+    wait_until("the survivor to handle every event", ARRIVE, || set(survived.ids()) == all);
+    std::thread::sleep(QUIET);
+    let ids = survived.ids();
+    assert_eq!(ids.len(), all.len(), "the survivor handled an event twice");
+    assert!(held.ids().iter().all(|id| all.contains(id)));
+    assert_clean_shutdown(&survivor);
+    assert_clean_shutdown(&publisher);
+    faulty.heal_all();
+}
+
+/// Events of one partition key from one publisher are handled in publish order on another
+/// instance, whatever its number of shards.
+pub fn per_key_order_holds_across_instances(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let Some(publisher) = broker(backend.connect(), &scope.name("p"), Distribution::FanOut) else { return };
+    let receiver = broker(backend.connect(), &scope.name("r"), Distribution::FanOut).expect("a receiver");
+    let seen = Seen::default();
+    seen.subscribe(&receiver, scope.all().as_str());
+
+    let keys = 4;
+    let per_key = 50;
+    let events: Vec<Event> = (0..keys * per_key)
+        .map(|i| {
+            scope
+                .event(&format!("order.t{}", i % 7))
+                .with_partition_key(format!("k{}", i % keys))
+                .with_metadata("n", i / keys)
+        })
+        .collect();
+    publish_all(&publisher, &events);
+    wait_until("every event", ARRIVE, || seen.len() >= events.len());
+    let mut by_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for event in seen.0.lock().iter() {
+        let key = event.partition_key.clone().expect("the key travels with the event");
+        by_key.entry(key).or_default().push(event.metadata["n"].as_u64().expect("a number"));
+    }
+    assert_eq!(by_key.len(), keys);
+    for (key, order) in by_key {
+        let expected: Vec<u64> = (0..per_key as u64).collect();
+        assert_eq!(order, expected, "key {key} out of order");
+    }
+    assert_clean_shutdown(&publisher);
+    assert_clean_shutdown(&receiver);
+}
+
+/// Events no subscription wants never reach the handlers; a backend that filters at the source
+/// never even hands them to the broker.
+pub fn events_nobody_wants_never_reach_the_handlers(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let Some(publisher) = broker(backend.connect(), &scope.name("p"), Distribution::FanOut) else { return };
+    let provider = backend.connect();
+    let filters_at_source = provider.capabilities().filter_at_source;
+    let receiver = broker(provider, &scope.name("r"), Distribution::FanOut).expect("a receiver");
+    let seen = Seen::default();
+    seen.subscribe(&receiver, scope.pattern("billing.>").as_str());
+
+    let billing: Vec<Event> = (0..10).map(|_| scope.event("billing.paid")).collect();
+    let other: Vec<Event> = (0..10).map(|_| scope.event("users.created")).collect();
+    for (b, o) in billing.iter().zip(&other) {
+        publish_all(&publisher, &[o.clone(), b.clone()]);
+    }
+    wait_until("the wanted events", ARRIVE, || seen.len() >= billing.len());
+    std::thread::sleep(QUIET);
+    assert_eq!(set(seen.ids()), set(billing.iter().map(|e| e.id)));
+    assert_eq!(seen.len(), billing.len());
+    if filters_at_source {
+        assert_eq!(receiver.stats().inbound.fetched, billing.len() as u64, "unwanted events were fetched");
+    }
+    assert_clean_shutdown(&publisher);
+    assert_clean_shutdown(&receiver);
+}
+
+/// A source that fails to fetch does not stop local dispatch; once it recovers, fetching resumes
+/// and nothing published meanwhile is lost.
+pub fn a_fetch_error_does_not_stop_local_dispatch(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let faulty = FaultyProvider::new(backend.connect());
+    let Some(receiver) = broker(faulty.clone(), &scope.name("r"), Distribution::FanOut) else { return };
+    let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
+    let seen = Seen::default();
+    seen.subscribe(&receiver, scope.all().as_str());
+
+    faulty.inject(Operation::Fetch, Fault::unavailable());
+    // Once a fetch has failed, none begun before the fault is still waiting for events.
+    wait_until("failed fetches", ARRIVE, || receiver.stats().inbound.fetch_errors > 0);
+    let remote: Vec<Event> = (0..5).map(|_| scope.event("remote")).collect();
+    publish_all(&publisher, &remote);
+    let local: Vec<Event> = (0..10).map(|_| scope.event("local")).collect();
+    publish_all(&receiver, &local);
+    wait_until("local dispatch", ARRIVE, || seen.len() >= local.len());
+    std::thread::sleep(QUIET);
+    assert_eq!(set(seen.ids()), set(local.iter().map(|e| e.id)), "nothing remote while fetching fails");
+
+    faulty.heal(Operation::Fetch);
+    let all = set(local.iter().chain(&remote).map(|e| e.id));
+    wait_until("the remote events after recovery", ARRIVE, || set(seen.ids()) == all);
+    std::thread::sleep(QUIET);
+    assert_eq!(seen.len(), all.len());
+    assert_clean_shutdown(&receiver);
+    assert_clean_shutdown(&publisher);
+}

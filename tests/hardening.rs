@@ -1,0 +1,516 @@
+//! The engine against misbehaving handlers, providers and settings: every blocking call has a
+//! bound, nothing kills a worker or the writer, and reports tell the truth. One test per case of
+//! the hardening review, numbered as there.
+
+use std::panic::panic_any;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use eventbroker::prelude::*;
+use eventbroker::testing::{Fault, FaultyProvider, Operation};
+use eventbroker::{
+    Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, Distribution, Event, EventStatus,
+    HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom, RetryPolicy, SyncPublishError,
+    WriterConfig,
+};
+
+mod common;
+use common::{event, wait_until};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn quick_retries(max_retries: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_retries,
+        initial_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+        backoff_factor: 2.0,
+        jitter: 0.0,
+    }
+}
+
+/// A faulty memory provider held only through a weak reference, so a broker given it is its sole
+/// owner (and closes it at shutdown).
+fn sole_faulty() -> (Arc<FaultyProvider>, std::sync::Weak<FaultyProvider>) {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let weak = Arc::downgrade(&faulty);
+    (faulty, weak)
+}
+
+/// Names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+                .map(|name| name.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A gate handlers wait on, bounded so a failing test cannot hang.
+#[derive(Clone, Default)]
+struct Gate(Arc<AtomicBool>);
+
+impl Gate {
+    fn wait(&self) {
+        let until = Instant::now() + WAIT;
+        while !self.0.load(Ordering::Acquire) && Instant::now() < until {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn open(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+// 1. A provider whose `close` never returns makes neither `shutdown` nor `Drop` hang.
+#[test]
+fn a_provider_whose_close_hangs_does_not_hang_shutdown_or_drop() {
+    let (faulty, weak) = sole_faulty();
+    faulty.inject(Operation::Close, Fault::Hang { at_most: Duration::from_secs(60) });
+    let broker = Broker::builder().provider(faulty).build().unwrap();
+    broker.publish(event("close.hang")).unwrap();
+    let started = Instant::now();
+    let report = broker.shutdown(Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+    assert_eq!(report.provider_close, CloseOutcome::TimedOut);
+    assert!(!report.is_clean());
+    weak.upgrade().expect("the close is still running").heal_all();
+
+    let (faulty, weak) = sole_faulty();
+    faulty.inject(Operation::Close, Fault::Hang { at_most: Duration::from_secs(60) });
+    let broker =
+        Broker::builder().provider(faulty).drop_shutdown_timeout(Duration::from_millis(500)).build().unwrap();
+    let started = Instant::now();
+    drop(broker);
+    assert!(started.elapsed() < Duration::from_secs(5), "drop took {:?}", started.elapsed());
+    weak.upgrade().expect("the close is still running").heal_all();
+}
+
+// 2. `publish_confirmed` returns by its timeout when `store_batch` hangs.
+#[test]
+fn a_confirmed_publish_is_bounded_when_the_provider_hangs() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder().provider(faulty.clone()).build().unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::Hang { at_most: Duration::from_secs(60) });
+    let started = Instant::now();
+    let err = broker.publish_confirmed(event("confirm.hang"), Duration::from_millis(300)).unwrap_err();
+    assert!(matches!(err, ConfirmError::TimedOut(t) if t == Duration::from_millis(300)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(err.to_string().contains("300ms"), "the error names the timeout: {err}");
+    faulty.heal_all();
+    broker.flush(WAIT).unwrap();
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+/// What a handler publishing into its own shard saw: how long it took, how many publishes were
+/// refused, and how its replay ended.
+type SelfPublish = (Duration, usize, Result<u64, BrokerError>);
+
+// 3. A handler publishing or replaying into its own full shard fails fast instead of waiting on
+// itself.
+#[test]
+fn a_handler_never_waits_on_its_own_full_shard() {
+    let broker = Broker::builder()
+        .workers(1)
+        .buffer_size(2)
+        .backpressure(Backpressure::Block(Duration::from_secs(5)))
+        .build()
+        .unwrap();
+    for i in 0..20 {
+        broker.publish(event("history.x").with_user_id(i)).unwrap();
+    }
+    wait_until("history", WAIT, || broker.stats().processed == 20);
+    broker.flush(WAIT).unwrap();
+
+    let outcome: Arc<Mutex<Option<SelfPublish>>> = Arc::default();
+    let (weak, out) = (broker.downgrade(), Arc::clone(&outcome));
+    broker
+        .subscribe_infallible("self.trigger", move |_| {
+            let broker = weak.upgrade().expect("alive");
+            let started = Instant::now();
+            let mut full = 0;
+            for _ in 0..10 {
+                if let Err(PublishError::Full(_)) = broker.publish_async(event("self.echo")) {
+                    full += 1;
+                }
+            }
+            let replay = broker.replay(ReplayFrom::Beginning, Some("history.>")).map(|r| r.replayed);
+            *out.lock().unwrap() = Some((started.elapsed(), full, replay));
+        })
+        .unwrap();
+    broker.publish(event("self.trigger")).unwrap();
+    wait_until("the handler", WAIT, || outcome.lock().unwrap().is_some());
+    let (took, full, replay) = outcome.lock().unwrap().take().unwrap();
+    assert!(took < Duration::from_secs(2), "the handler waited {took:?} on its own shard");
+    assert!(full >= 8, "a 2-slot shard takes 2 of 10; the rest are handed back at once ({full})");
+    assert!(matches!(replay, Err(BrokerError::ReplayFull { .. })), "{replay:?}");
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 4a. A handler that calls `shutdown` does not wait for its own worker.
+#[test]
+fn shutdown_from_a_handler_is_deferred_not_deadlocked() {
+    let broker = Broker::builder().workers(2).instance_id("self-stop").build().unwrap();
+    let report = Arc::new(Mutex::new(None));
+    let (weak, r) = (broker.downgrade(), Arc::clone(&report));
+    broker
+        .subscribe_infallible("stop", move |_| {
+            let started = Instant::now();
+            let got = weak.upgrade().expect("alive").shutdown(Duration::from_secs(30));
+            *r.lock().unwrap() = Some((got, started.elapsed()));
+        })
+        .unwrap();
+    broker.publish(event("stop")).unwrap();
+    wait_until("the handler's shutdown", WAIT, || report.lock().unwrap().is_some());
+    let (got, took) = report.lock().unwrap().take().unwrap();
+    assert!(got.deferred && !got.timed_out, "{got:?}");
+    assert!(took < Duration::from_secs(2), "shutdown from a handler took {took:?}");
+    wait_until("the workers to exit", WAIT, || !thread_names().iter().any(|n| n.contains("self-stop")));
+    assert!(broker.shutdown(WAIT).already_shut_down);
+}
+
+// 4b. A handler that drops the last handle does not wait for its own worker, and a handler
+// holding only a weak handle does not keep the broker alive.
+#[test]
+fn the_last_handle_dropped_in_a_handler_or_held_weakly_shuts_the_broker_down() {
+    let broker = Broker::builder().workers(1).instance_id("drop-in").build().unwrap();
+    let slot: Arc<Mutex<Option<Broker>>> = Arc::new(Mutex::new(Some(broker.clone())));
+    let took = Arc::new(Mutex::new(None));
+    let (s, t) = (Arc::clone(&slot), Arc::clone(&took));
+    broker
+        .subscribe_infallible("drop", move |_| {
+            let started = Instant::now();
+            drop(s.lock().unwrap().take());
+            *t.lock().unwrap() = Some(started.elapsed());
+        })
+        .unwrap();
+    broker.publish(event("drop")).unwrap();
+    drop(broker);
+    wait_until("the handler", WAIT, || took.lock().unwrap().is_some());
+    let took = took.lock().unwrap().unwrap();
+    assert!(took < Duration::from_secs(2), "dropping the last handle in a handler took {took:?}");
+    wait_until("the workers to exit", WAIT, || !thread_names().iter().any(|n| n.contains("drop-in")));
+
+    let broker = Broker::builder().workers(1).instance_id("weak-cap").build().unwrap();
+    let weak = broker.downgrade();
+    broker.subscribe_infallible("x", move |_| drop(weak.upgrade())).unwrap();
+    broker.publish(event("x")).unwrap();
+    drop(broker);
+    wait_until("the workers to exit", WAIT, || !thread_names().iter().any(|n| n.contains("weak-cap")));
+}
+
+// 5. Endless zero-delay retries run once per turn, so the rest of the shard goes on.
+#[test]
+fn endless_zero_delay_retries_do_not_starve_the_shard() {
+    let broker = Broker::builder()
+        .workers(1)
+        .retry_policy(RetryPolicy {
+            max_retries: u32::MAX,
+            initial_delay: Duration::ZERO,
+            max_delay: Duration::ZERO,
+            backoff_factor: 1.0,
+            jitter: 0.0,
+        })
+        .build()
+        .unwrap();
+    broker.subscribe("always.fails", |_: &Event| Err::<(), _>("no")).unwrap();
+    let good = broker.subscribe_stream("then.good").unwrap();
+    broker.publish(event("always.fails")).unwrap();
+    broker.publish(event("then.good")).unwrap();
+    assert!(good.recv_timeout(Duration::from_secs(5)).is_ok(), "the good event starved behind the retries");
+    let report = broker.shutdown(Duration::from_millis(200));
+    assert_eq!(report.dead_lettered, 1, "the endless retry is dead-lettered at shutdown: {report:?}");
+}
+
+// 6. A provider that panics does not kill the writer: the write is dropped and counted, the writer
+// goes on, and the next flush says so.
+#[test]
+fn a_panicking_provider_does_not_kill_the_writer() {
+    let memory = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(memory.clone());
+    let broker = Broker::builder().provider(faulty.clone()).build().unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::Panic { times: Some(1) });
+    for _ in 0..10 {
+        broker.publish(event("panicky")).unwrap();
+    }
+    let err = broker.flush(WAIT).unwrap_err();
+    assert!(matches!(err, BrokerError::WritesDropped { .. }), "{err}");
+    let stats = broker.stats().writer;
+    assert_eq!(stats.panics, 1);
+    assert!(stats.dropped >= 1 && stats.errors >= 1, "{stats:?}");
+    for _ in 0..10 {
+        broker.publish(event("after")).unwrap();
+    }
+    broker.flush(WAIT).unwrap();
+    assert_eq!(
+        memory
+            .list(&eventbroker::EventFilter::new().with_event_type("after".parse().unwrap()))
+            .unwrap()
+            .len(),
+        10
+    );
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        panic!("a panic payload that panics when dropped");
+    }
+}
+
+// 7. No input kills a worker: `Duration::MAX` retry delays, and a panic payload whose own drop
+// panics.
+#[test]
+fn no_input_kills_a_worker() {
+    let broker = Broker::builder()
+        .workers(1)
+        .retry_policy(RetryPolicy {
+            max_retries: 3,
+            initial_delay: Duration::MAX,
+            max_delay: Duration::MAX,
+            backoff_factor: 2.0,
+            jitter: 0.5,
+        })
+        .build()
+        .unwrap();
+    broker.subscribe("far.retry", |_: &Event| Err::<(), _>("later")).unwrap();
+    broker.subscribe_infallible("evil.payload", |_| panic_any(PanicsOnDrop)).unwrap();
+    let good = broker.subscribe_stream("still.good").unwrap();
+    broker.publish(event("far.retry")).unwrap();
+    broker.publish(event("evil.payload")).unwrap();
+    broker.publish(event("still.good")).unwrap();
+    assert!(good.recv_timeout(Duration::from_secs(5)).is_ok(), "the worker died");
+    wait_until("both failures counted", WAIT, || broker.stats().handler_failures == 2);
+    assert_eq!(broker.stats().internal_errors, 0, "both were contained where they happened");
+    let report = broker.shutdown(Duration::from_millis(200));
+    assert_eq!(report.dead_lettered, 2, "both failed deliveries wait a near-eternity: {report:?}");
+}
+
+// 8. `Duration::MAX` is a valid timeout everywhere: shutdown, blocking backpressure, the writer's
+// batching delay.
+#[test]
+fn duration_max_is_a_valid_timeout_everywhere() {
+    let gate = Gate::default();
+    let broker = Broker::builder()
+        .workers(1)
+        .buffer_size(2)
+        .backpressure(Backpressure::Block(Duration::MAX))
+        .writer(WriterConfig { max_delay: Duration::MAX, ..WriterConfig::default() })
+        .build()
+        .unwrap();
+    let g = gate.clone();
+    broker.subscribe_infallible("gated", move |_| g.wait()).unwrap();
+    thread::scope(|s| {
+        let publisher = s.spawn(|| {
+            for _ in 0..10 {
+                broker.publish(event("gated")).unwrap();
+            }
+        });
+        thread::sleep(Duration::from_millis(100)); // The shard fills; the publisher blocks.
+        gate.open();
+        publisher.join().expect("no overflow while blocked");
+    });
+    broker.flush(WAIT).unwrap();
+    assert!(broker.shutdown(Duration::MAX).is_clean());
+}
+
+// 10. A flush that covers a dropped write reports it — once.
+#[test]
+fn flush_reports_writes_given_up_once() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder().provider(faulty.clone()).build().unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::permanent());
+    for _ in 0..5 {
+        broker.publish(event("dropped")).unwrap();
+    }
+    wait_until("the drop", WAIT, || broker.stats().writer.dropped >= 5);
+    let err = broker.flush(WAIT).unwrap_err();
+    let BrokerError::WritesDropped { dropped, .. } = err else { panic!("expected WritesDropped, got {err}") };
+    assert!(dropped >= 5, "{dropped}");
+    assert_eq!(
+        faulty.calls(Operation::StoreBatch),
+        broker.stats().writer.batches + 1,
+        "a permanent error is not retried"
+    );
+    broker.flush(WAIT).expect("reported once");
+
+    faulty.inject(Operation::StoreBatch, Fault::permanent());
+    broker.publish(event("dropped.again")).unwrap();
+    let report = broker.shutdown(WAIT);
+    assert!(report.flush_error.is_some(), "shutdown's flush reports what was dropped since: {report:?}");
+    assert!(!report.is_clean());
+}
+
+// 11. The shutdown report counts events a worker took and never began, synchronous publishes cut
+// off, and workers left running.
+#[test]
+fn the_shutdown_report_counts_what_a_timed_out_shutdown_left() {
+    let gate = Gate::default();
+    let broker = Broker::builder().workers(1).build().unwrap();
+    let g = gate.clone();
+    broker.subscribe_infallible("slow", move |_| g.wait()).unwrap();
+    for _ in 0..5 {
+        broker.publish(event("slow")).unwrap();
+    }
+    wait_until("the worker to take the batch", WAIT, || broker.stats().shards[0].in_hand == 4);
+    let report = broker.shutdown(Duration::from_millis(200));
+    assert!(report.timed_out, "{report:?}");
+    assert_eq!(report.detached_workers, 1);
+    assert_eq!(report.undelivered, 4, "taken by the worker and never begun: {report:?}");
+    gate.open();
+
+    let gate = Gate::default();
+    let broker = Broker::builder().mode(Mode::Sync).build().unwrap();
+    let g = gate.clone();
+    broker.subscribe_infallible("sync.slow", move |_| g.wait()).unwrap();
+    thread::scope(|s| {
+        s.spawn(|| broker.publish(event("sync.slow")));
+        thread::sleep(Duration::from_millis(100));
+        let report = broker.shutdown(Duration::from_millis(200));
+        assert_eq!(report.sync_in_flight, 1, "{report:?}");
+        assert!(report.timed_out && !report.is_clean());
+        gate.open();
+    });
+}
+
+// 12. `published` counts the events in a worker's current batch.
+#[test]
+fn published_counts_events_the_worker_holds() {
+    let gate = Gate::default();
+    let inside = Arc::new(AtomicBool::new(false));
+    let broker = Broker::builder().workers(1).build().unwrap();
+    let (g, i) = (gate.clone(), Arc::clone(&inside));
+    broker
+        .subscribe_infallible("held", move |_| {
+            i.store(true, Ordering::Release);
+            g.wait();
+        })
+        .unwrap();
+    for _ in 0..3 {
+        broker.publish(event("held")).unwrap();
+    }
+    wait_until("the worker inside a handler", WAIT, || inside.load(Ordering::Acquire));
+    assert_eq!(broker.stats().published, 3);
+    gate.open();
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 13. The same event published twice is two jobs with their own deliveries.
+#[test]
+fn duplicate_ids_are_tracked_per_job() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
+    broker.subscribe("dup", |_: &Event| Err::<(), _>("always")).unwrap();
+    let e = event("dup");
+    broker.publish(e.clone()).unwrap();
+    broker.publish(e).unwrap();
+    wait_until("both settled", WAIT, || broker.stats().processed == 2);
+    broker.flush(WAIT).unwrap();
+    let stats = broker.stats();
+    assert_eq!(
+        (stats.published, stats.processed, stats.failed, stats.dead_letters, stats.retries),
+        (2, 2, 2, 2, 2)
+    );
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 14. The writer's backlog bound holds for `publish_sync` and `publish_batch` too.
+#[test]
+fn sync_and_batch_publishes_respect_the_writer_backlog() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .backpressure(Backpressure::Reject)
+        .writer(WriterConfig { max_backlog: 10, ..WriterConfig::default() })
+        .build()
+        .unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    let mut accepted = 0;
+    for _ in 0..20 {
+        match broker.publish_sync(event("sync.backlog")) {
+            Ok(()) => accepted += 1,
+            Err(SyncPublishError::Rejected(PublishError::Full(_))) => {}
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(accepted, 10);
+    let err = broker.publish_batch((0..20).map(|_| event("batch.backlog")).collect()).unwrap_err();
+    assert_eq!(err.accepted, 0, "the backlog is full");
+    assert!(broker.stats().writer.backlog <= 10);
+    faulty.heal_all();
+    broker.flush(WAIT).unwrap();
+    let err = broker.publish_batch((0..20).map(|_| event("batch.backlog")).collect()).unwrap_err();
+    assert_eq!((err.accepted, err.rejected.len()), (10, 10), "a batch takes only what the backlog holds");
+    assert!(broker.stats().writer.backlog <= 10);
+    broker.flush(WAIT).unwrap();
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 16. An empty list of handler failures displays without panicking.
+#[test]
+fn an_empty_handler_failure_list_displays() {
+    assert_eq!(HandlerFailures::new(Vec::new()).to_string(), "no delivery failed");
+    let err = SyncPublishError::HandlerFailed(HandlerFailures::new(Vec::new()));
+    assert_eq!(err.to_string(), "no delivery failed");
+}
+
+// Recovery cannot lose what it starts from: a redrive whose replacement letter cannot be stored
+// keeps the original.
+#[test]
+fn redrive_keeps_the_dead_letter_until_its_replacement_is_stored() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .distribution(Distribution::Local)
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    broker.subscribe("orders.paid", |_: &Event| Err::<(), _>("still broken")).unwrap();
+    broker.publish(event("orders.paid")).unwrap();
+    wait_until("the dead letter", WAIT, || broker.stats().dead_letters == 1);
+    let letter = broker.dead_letters(&eventbroker::DeadLetterFilter::new()).unwrap().remove(0);
+    faulty.inject(Operation::StoreDeadLetters, Fault::permanent());
+    assert!(broker.redrive(letter.id).is_err());
+    assert_eq!(faulty.get_dead_letter(letter.id).unwrap().map(|l| l.id), Some(letter.id), "kept");
+    faulty.heal_all();
+    assert_eq!(broker.redrive(letter.id).unwrap().failed.len(), 1);
+    assert!(faulty.get_dead_letter(letter.id).unwrap().is_none(), "replaced once the new one is stored");
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// Replay delivers again without touching the stored events or their status history.
+#[test]
+fn replay_leaves_the_stored_history_alone() {
+    let memory = Arc::new(MemoryProvider::default());
+    let broker = Broker::builder().provider(memory.clone()).build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&handled);
+    broker
+        .subscribe_infallible("history.x", move |_| {
+            h.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    let e = event("history.x");
+    let id = e.id;
+    broker.publish(e).unwrap();
+    wait_until("the first delivery", WAIT, || handled.load(Ordering::Relaxed) == 1);
+    broker.flush(WAIT).unwrap();
+    let before = memory.get(id).unwrap().unwrap();
+    assert_eq!(before.status, EventStatus::Completed);
+    let stored_before = memory.stats().unwrap().events_published;
+
+    assert_eq!(broker.replay(ReplayFrom::Beginning, Some("history.>")).unwrap().replayed, 1);
+    wait_until("the replayed delivery", WAIT, || handled.load(Ordering::Relaxed) == 2);
+    broker.flush(WAIT).unwrap();
+    assert_eq!(memory.get(id).unwrap().unwrap(), before, "status, timestamps and payload untouched");
+    assert_eq!(memory.stats().unwrap().events_published, stored_before, "nothing stored again");
+    assert!(broker.shutdown(WAIT).is_clean());
+}

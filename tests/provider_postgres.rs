@@ -1,0 +1,408 @@
+//! The PostgreSQL provider against the server on 127.0.0.1:5432 (`scripts/ensure-service
+//! postgres`): the conformance suite, then what only this provider promises — validated names,
+//! idempotent re-stores, delivery that survives out-of-order commits, CRUD capture seen from
+//! `psql`, the transactional outbox, retention and migrations. Each test works in its own schema.
+
+mod postgres_support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+use eventbroker::testing::conformance::Scope;
+use eventbroker::{
+    Ack, ConsumerGroup, Event, EventId, EventSink, EventSource, EventStatus, EventStore, Inbound,
+    InboundConfig, InboundEvent, Provider, ProviderErrorKind, ProviderExt, ReplayFrom, StatusUpdate,
+};
+use jiff::{SignedDuration, Timestamp};
+use postgres_support::{PostgresBackend, Sql, shared, source};
+
+eventbroker::conformance_suite!(postgres, crate::postgres_support::PostgresBackend::new);
+
+/// How long a test waits for events that must arrive.
+const ARRIVE: Duration = Duration::from_secs(10);
+
+/// Fetches and acks until `n` events have come; fails after [`ARRIVE`].
+fn take(source: &dyn Inbound, n: usize) -> Vec<InboundEvent> {
+    let deadline = Instant::now() + ARRIVE;
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} events arrived within {ARRIVE:?}", got.len());
+        let batch = source.fetch(n - got.len(), Duration::from_millis(200)).expect("fetch");
+        source.ack(&batch.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
+        got.extend(batch);
+    }
+    got
+}
+
+/// Fetches for `quiet` and asserts nothing came.
+fn assert_quiet(source: &dyn Inbound, quiet: Duration, what: &str) {
+    let got = source.fetch(16, quiet).expect("fetch");
+    assert!(
+        got.is_empty(),
+        "{what}: unexpected {:?}",
+        got.iter().map(|e| &e.event.event_type).collect::<Vec<_>>()
+    );
+}
+
+fn ids(events: &[InboundEvent]) -> Vec<EventId> {
+    events.iter().map(|e| e.event.id).collect()
+}
+
+#[test]
+fn names_that_are_not_identifiers_are_refused_before_connecting() {
+    for (config, needle) in [
+        (
+            PostgresConfig::default().with_table("events; drop table x"),
+            "invalid table name \"events; drop table x\"",
+        ),
+        (PostgresConfig::default().with_schema("public\"--"), "invalid schema name"),
+        (PostgresConfig::default().with_channel("wake up"), "invalid channel name"),
+        (PostgresConfig::default().with_table("t".repeat(51)), "the limit is 50"),
+        (
+            PostgresConfig { operation_timeout: Duration::ZERO, ..PostgresConfig::default() },
+            "operation_timeout",
+        ),
+    ] {
+        let err = PostgresProvider::connect(config).expect_err("refused");
+        assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{err} should say {needle}");
+    }
+}
+
+#[test]
+fn a_capture_target_must_be_an_identifier_and_not_a_table_of_the_provider() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let err = provider.install_crud_capture("users; drop table x").expect_err("refused");
+    assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(_)), "{err}");
+    let err = provider.install_crud_capture(&backend.qualified("events")).expect_err("refused");
+    assert!(err.to_string().contains("own tables"), "{err}");
+    let err = provider.install_crud_capture(&backend.qualified("no_such_table")).expect_err("no table");
+    assert!(
+        matches!(err.kind(), ProviderErrorKind::Backend(_)) && err.to_string().contains("no_such_table"),
+        "{err}"
+    );
+}
+
+#[test]
+fn migrations_apply_once_however_often_providers_connect() {
+    let backend = PostgresBackend::new();
+    let providers: Vec<PostgresProvider> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3).map(|_| s.spawn(|| backend.provider())).collect();
+        handles.into_iter().map(|h| h.join().expect("connect does not panic")).collect()
+    });
+    let sql = Sql::connect().expect("connect");
+    let versions = sql
+        .numbers(&format!("SELECT version::bigint FROM {}", backend.qualified("events_migrations")), &[])
+        .expect("versions");
+    assert_eq!(versions, vec![1]);
+    drop(providers);
+}
+
+/// A batch stored again after a lost commit reply, alone or mixed with new events, adds no row,
+/// keeps every seq and is not delivered again.
+#[test]
+fn a_batch_retried_after_a_lost_commit_reply_duplicates_nothing() {
+    let backend = PostgresBackend::new();
+    let (writer, reader) = (backend.provider(), backend.provider());
+    let scope = Scope::new();
+    let inbound = source(&reader, &scope, "reader");
+    let first: Vec<Event> = (0..5).map(|_| scope.event("orders.create")).collect();
+    writer.store_batch(&shared(&first), None).expect("store");
+    let seqs = |p: &PostgresProvider| -> Vec<(EventId, u64)> {
+        p.replay(ReplayFrom::Beginning, Some(&scope.all()), 1000)
+            .expect("replay")
+            .into_iter()
+            .map(|s| (s.event.id, s.seq))
+            .collect()
+    };
+    let before = seqs(&writer);
+
+    // The retry: the same batch, then the same batch with two new events around it.
+    writer.store_batch(&shared(&first), None).expect("store again");
+    let (new_a, new_b) = (scope.event("orders.create"), scope.event("orders.create"));
+    let mut mixed = vec![new_a.clone()];
+    mixed.extend(first.iter().cloned());
+    mixed.push(new_b.clone());
+    writer.store_batch(&shared(&mixed), None).expect("store mixed");
+
+    let after = seqs(&writer);
+    assert_eq!(&after[..5], &before[..], "re-stores keep their seqs");
+    assert_eq!(after.iter().map(|(id, _)| *id).skip(5).collect::<Vec<_>>(), vec![new_a.id, new_b.id]);
+    let stats = writer.stats().expect("stats");
+    assert_eq!(stats.events_published, 7);
+    assert_eq!(stats.provider_specific["replaced"], 10);
+    let got = take(&*inbound, 7);
+    assert_eq!(got.len(), 7);
+    assert_quiet(&*inbound, Duration::from_millis(300), "re-stores are not delivered again");
+
+    // The same with batches large enough to be copied: the retried COPY fails on the first stored
+    // id and the batch goes through the staging table instead.
+    let large: Vec<Event> = (0..100).map(|_| scope.event("orders.bulk")).collect();
+    writer.store_batch(&shared(&large), None).expect("store a large batch");
+    let before = seqs(&writer);
+    let mut retried = large.clone();
+    retried[50].status = EventStatus::Completed;
+    let fresh = scope.event("orders.bulk");
+    retried.insert(10, fresh.clone());
+    writer.store_batch(&shared(&retried), None).expect("retry it with one new event");
+    let after = seqs(&writer);
+    assert_eq!(&after[..before.len()], &before[..], "re-stores keep their seqs");
+    assert_eq!(after[before.len()..].iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![fresh.id]);
+    assert_eq!(writer.get(large[50].id).expect("get").map(|e| e.status), Some(EventStatus::Completed));
+    let stats = writer.stats().expect("stats");
+    assert_eq!(stats.events_published, 7 + 101);
+    assert_eq!(stats.provider_specific["replaced"], 10 + 100);
+    assert_eq!(take(&*inbound, 101).len(), 101);
+    assert_quiet(&*inbound, Duration::from_millis(300), "re-stores are not delivered again");
+}
+
+/// Two writers whose transactions commit out of seq order: the one holding the lower seq commits
+/// last. A cursor on seq alone would have passed it; nothing is lost.
+#[test]
+fn concurrent_writers_committing_out_of_seq_order_lose_nothing() {
+    let backend = PostgresBackend::new();
+    let (writer, reader) = (backend.provider(), backend.provider());
+    let scope = Scope::new();
+    let inbound = source(&reader, &scope, "reader");
+    let mut sql = Sql::connect().expect("connect");
+    let outbox = writer.outbox();
+
+    let slow = scope.event("slow");
+    let fast = scope.event("fast");
+    let runtime = sql.runtime().handle().clone();
+    let client = sql.client();
+    let tx = runtime.block_on(client.transaction()).expect("begin");
+    // The slow writer takes its seq first and keeps its transaction open.
+    runtime
+        .block_on(outbox.publish(&tx, std::slice::from_ref(&slow)))
+        .expect("publish in the open transaction");
+    writer.store_batch(&[Arc::new(fast.clone())], None).expect("the fast writer commits");
+
+    let committed = writer.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
+    assert_eq!(
+        committed.iter().map(|s| s.event.id).collect::<Vec<_>>(),
+        vec![fast.id],
+        "only fast is visible"
+    );
+    assert_quiet(&*inbound, Duration::from_millis(300), "fast, while a lower seq is still in flight");
+
+    runtime.block_on(tx.commit()).expect("the slow writer commits");
+    let stored = writer.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
+    assert_eq!(stored.iter().map(|s| s.event.id).collect::<Vec<_>>(), vec![slow.id, fast.id]);
+    assert!(stored[0].seq < stored[1].seq, "slow holds the lower seq yet committed last");
+    let got = take(&*inbound, 2);
+    assert_eq!(ids(&got), vec![slow.id, fast.id], "both, in commit order");
+    assert_quiet(&*inbound, Duration::from_millis(300), "each once");
+
+    // Many writers at once, from several providers: every event exactly once.
+    let writers: Vec<PostgresProvider> = (0..3).map(|_| backend.provider()).collect();
+    let stored: Vec<EventId> = std::thread::scope(|s| {
+        let handles: Vec<_> = writers
+            .iter()
+            .map(|w| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    for _ in 0..20 {
+                        let batch: Vec<Event> = (0..5).map(|_| scope.event("burst")).collect();
+                        w.store_batch(&shared(&batch), None).expect("store");
+                        mine.extend(batch.iter().map(|e| e.id));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("writer")).collect()
+    });
+    let mut got = ids(&take(&*inbound, stored.len()));
+    let mut expected = stored;
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected);
+    assert_quiet(&*inbound, Duration::from_millis(300), "each once");
+}
+
+/// `psql`, a client that knows nothing of the broker, inserts, updates and deletes rows of a
+/// captured table; the inbound source hands out the three events with their types and payloads.
+#[test]
+fn crud_capture_turns_psql_changes_into_events() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let users = backend.qualified("users");
+    sql.batch(&format!("CREATE TABLE {users} (id bigint PRIMARY KEY, name text NOT NULL)")).expect("create");
+    provider.install_crud_capture(&users).expect("install");
+    provider.install_crud_capture(&users).expect("installing again replaces");
+
+    let source = provider
+        .open_inbound(&InboundConfig::new("capture", ConsumerGroup::Instance("capture".into())))
+        .expect("open");
+    source
+        .set_filter(&[eventbroker::Pattern::parse(&format!("{users}.*")).expect("pattern")])
+        .expect("filter");
+    let script = format!(
+        "INSERT INTO {users} VALUES (1, 'Zoë');
+         UPDATE {users} SET name = 'Zoe' WHERE id = 1;
+         DELETE FROM {users} WHERE id = 1;"
+    );
+    let status = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &postgres_support::url(), "-c", &script])
+        .status()
+        .expect("psql runs");
+    assert!(status.success(), "psql failed: {status}");
+
+    let got = take(&*source, 3);
+    let types: Vec<&str> = got.iter().map(|e| e.event.event_type.as_str()).collect();
+    assert_eq!(types, [format!("{users}.create"), format!("{users}.update"), format!("{users}.delete")]);
+    let payload = |i: usize| -> serde_json::Value { got[i].event.payload().expect("a JSON payload") };
+    assert_eq!(payload(0), serde_json::json!({"id": 1, "name": "Zoë"}));
+    assert_eq!(
+        payload(1),
+        serde_json::json!({"old": {"id": 1, "name": "Zoë"}, "new": {"id": 1, "name": "Zoe"}})
+    );
+    assert_eq!(payload(2), serde_json::json!({"id": 1, "name": "Zoe"}));
+    for (event, operation) in got.iter().zip(["create", "update", "delete"]) {
+        let e = &event.event;
+        assert_eq!(
+            (e.source, e.schema.as_str(), e.entity.as_str()),
+            (EventSource::Database, &*backend.schema, "users")
+        );
+        assert_eq!(e.operation, operation);
+        assert_eq!(e.id.as_uuid().get_version_num(), 7, "capture ids are UUID v7");
+    }
+
+    assert!(provider.remove_crud_capture(&users).expect("remove"));
+    assert!(!provider.remove_crud_capture(&users).expect("remove again"), "nothing left to remove");
+    sql.batch(&format!("INSERT INTO {users} VALUES (2, 'after')")).expect("insert");
+    assert_quiet(&*source, Duration::from_millis(300), "changes after the capture was removed");
+}
+
+/// An event published through the outbox exists iff the caller's transaction commits.
+#[test]
+fn the_outbox_delivers_once_on_commit_and_never_on_rollback() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let inbound = source(&provider, &scope, "reader");
+    let outbox = provider.outbox();
+    let mut sql = Sql::connect().expect("connect");
+    let runtime = sql.runtime().handle().clone();
+    let client = sql.client();
+
+    let rolled_back = scope.event("billing.debited");
+    let tx = runtime.block_on(client.transaction()).expect("begin");
+    runtime.block_on(outbox.publish(&tx, std::slice::from_ref(&rolled_back))).expect("publish");
+    runtime.block_on(tx.rollback()).expect("rollback");
+
+    let mut committed = scope.event("billing.debited");
+    committed.set_payload_json(r#"{ "amount" : 10.50 }"#).expect("json");
+    let tx = runtime.block_on(client.transaction()).expect("begin");
+    runtime.block_on(outbox.publish(&tx, std::slice::from_ref(&committed))).expect("publish");
+    runtime.block_on(tx.commit()).expect("commit");
+
+    let got = take(&*inbound, 1);
+    assert_eq!(*got[0].event, committed, "every field, the payload byte for byte");
+    assert_quiet(&*inbound, Duration::from_millis(400), "the rolled-back event, or a second delivery");
+    assert_eq!(provider.get(rolled_back.id).expect("get"), None);
+}
+
+/// Retention deletes finished events older than `max_age`, in bounded batches, and nothing else.
+#[test]
+fn retention_deletes_old_finished_events_in_bounded_batches() {
+    let backend = PostgresBackend::new();
+    let provider = postgres_support::connect(PostgresConfig {
+        max_age: Some(Duration::from_secs(3600)),
+        cleanup_batch: 7,
+        ..backend.config()
+    });
+    let scope = Scope::new();
+    // A member that fetches everything and never acknowledges: its claims must not outlive the
+    // events they point at.
+    let holder = source(&provider, &scope, "holder");
+    let old = Timestamp::now().checked_sub(SignedDuration::from_hours(2)).expect("in range");
+    let events: Vec<Event> = (0..40)
+        .map(|i| {
+            let mut event = scope.event("jobs.run");
+            event.status = EventStatus::ALL[i % 4];
+            if i < 30 {
+                event.created_at = old;
+            }
+            event
+        })
+        .collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    let mut held = 0;
+    let deadline = Instant::now() + ARRIVE;
+    while held < events.len() {
+        assert!(Instant::now() < deadline, "only {held} of {} fetched", events.len());
+        held += holder.fetch(64, Duration::from_millis(200)).expect("fetch").len();
+    }
+    let finished_and_old = events.iter().filter(|e| e.created_at == old && e.status.is_terminal()).count();
+    assert_eq!(provider.cleanup_now().expect("cleanup"), finished_and_old as u64);
+    let left: Vec<EventId> = scope.list(&provider).iter().map(|e| e.id).collect();
+    let kept: Vec<EventId> = {
+        let mut kept: Vec<&Event> =
+            events.iter().filter(|e| e.created_at != old || !e.status.is_terminal()).collect();
+        kept.sort_by_key(|e| (e.created_at, e.id));
+        kept.iter().map(|e| e.id).collect()
+    };
+    assert_eq!(left, kept, "pending, processing and recent events stay");
+    assert_eq!(provider.cleanup_now().expect("cleanup again"), 0);
+    let claims = Sql::connect()
+        .expect("connect")
+        .numbers(&format!("SELECT count(*) FROM {}", backend.qualified("events_claims")), &[])
+        .expect("count claims");
+    assert_eq!(claims, vec![i64::try_from(kept.len()).expect("small")], "claims of deleted events are gone");
+    assert_eq!(provider.stats().expect("stats").provider_specific["expired"], finished_and_old);
+}
+
+/// Status updates of one batch fold per id, and the stored event follows `StatusUpdate::apply_to`.
+#[test]
+fn status_updates_fold_like_apply_to() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let event = provider.store_one(&scope.event("jobs.run")).expect("store");
+    let started = Timestamp::new(1_700_000_000, 1).expect("valid");
+    let updates = [
+        StatusUpdate::new(event.id, EventStatus::Processing).with_processed_at(started),
+        StatusUpdate::new(event.id, EventStatus::Failed).with_error("boom").with_retry_count(2),
+    ];
+    provider.update_status_batch(&updates).expect("update");
+    let mut expected = Event::clone(&event);
+    for update in &updates {
+        update.apply_to(&mut expected);
+    }
+    assert_eq!(provider.get(event.id).expect("get"), Some(expected));
+}
+
+/// A broker on the provider: what it publishes is stored through its batched writer and ends
+/// completed, with the timestamps of its lifecycle.
+#[test]
+fn a_broker_persists_the_lifecycle_of_what_it_publishes() {
+    let backend = PostgresBackend::new();
+    let provider = Arc::new(backend.provider());
+    let broker =
+        eventbroker::Broker::builder().workers(2).provider(provider.clone()).build().expect("broker");
+    let scope = Scope::new();
+    broker.subscribe(&scope.ty(">"), |_: &Event| Ok::<(), std::convert::Infallible>(())).expect("subscribe");
+    let published: Vec<Event> = (0..200).map(|i| scope.event(&format!("orders.t{}", i % 4))).collect();
+    for event in &published {
+        broker.publish(event.clone()).expect("publish");
+    }
+    broker.flush(Duration::from_secs(30)).expect("the writer persisted everything");
+    let deadline = Instant::now() + ARRIVE;
+    loop {
+        let stored = scope.list(&*provider);
+        let done = stored.iter().filter(|e| e.status == EventStatus::Completed).count();
+        if done == published.len() {
+            assert!(stored.iter().all(|e| e.processed_at.is_some() && e.completed_at.is_some()));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of {} completed", published.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker.shutdown(Duration::from_secs(10));
+}

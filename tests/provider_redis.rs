@@ -1,0 +1,438 @@
+//! The Redis provider against the real server on 127.0.0.1:6379: the whole conformance suite
+//! (single-provider, consumer groups and two brokers), then what only this backend promises.
+
+mod redis_support;
+
+eventbroker::conformance_suite!(conformance, crate::redis_support::RedisBackend::new);
+
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eventbroker::testing::conformance::Scope;
+use eventbroker::{
+    Ack, ConsumerGroup, Event, EventFilter, EventId, EventSink, EventSource, EventStatus, EventStore,
+    Inbound, InboundConfig, InboundEvent, Provider, ProviderErrorKind, RedisConfig, RedisProvider,
+    ReplayFrom, StatusUpdate,
+};
+use redis_support::{RedisBackend, raw};
+
+fn shared(events: &[Event]) -> Vec<Arc<Event>> {
+    events.iter().cloned().map(Arc::new).collect()
+}
+
+fn stream_ids(backend: &RedisBackend) -> Vec<(String, EventId)> {
+    let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(backend.stream())
+        .arg("-")
+        .arg("+")
+        .query::<redis::streams::StreamRangeReply>(&mut raw())
+        .expect("XRANGE")
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let fields = entry
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value::<String>(v).expect("a string field")))
+                .collect();
+            (entry.id, fields)
+        })
+        .collect();
+    entries.into_iter().map(|(entry, fields)| (entry, fields["id"].parse().expect("an event id"))).collect()
+}
+
+fn specific(provider: &RedisProvider, key: &str) -> u64 {
+    provider.stats().expect("stats").provider_specific[key].as_u64().expect("a count")
+}
+
+/// Fetches from `source` until `n` events came (bounded by 20 s), acknowledging each batch.
+fn take_acked(source: &dyn Inbound, n: usize) -> Vec<InboundEvent> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < n {
+        assert!(Instant::now() < deadline, "only {} of {n} events arrived", got.len());
+        let batch = source.fetch(256, Duration::from_millis(200)).expect("fetch");
+        let acks: Vec<Ack> = batch.iter().map(|e| Ack::handled(e.token)).collect();
+        source.ack(&acks).expect("ack");
+        got.extend(batch);
+    }
+    got
+}
+
+fn open(provider: &RedisProvider, consumer: &str, group: ConsumerGroup, scope: &Scope) -> Arc<dyn Inbound> {
+    let source = provider
+        .open_inbound(&InboundConfig::new(consumer, group).with_claim_idle(Duration::from_secs(30)))
+        .expect("open_inbound");
+    source.set_filter(&[scope.all()]).expect("set_filter");
+    source
+}
+
+/// The Go seed's `Store` wrote entries with the fields `event` (its JSON), `id`, `type`, `source`,
+/// `status` and `instance_id`. One written by `redis-cli` reaches every group, as the seed wrote it.
+#[test]
+fn a_seed_shaped_entry_written_by_redis_cli_is_delivered() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let source = open(&provider, "api-1", ConsumerGroup::Instance("api-1".into()), &scope);
+
+    let id = "5f0c6a2e-8f4b-4c1d-9a7e-3b2d1c0f9e8a";
+    let ty = scope.ty("public.users.create");
+    let json = format!(
+        r#"{{"id":"{id}","source":"database","type":"{ty}","status":"pending","retry_count":0,"payload":{{"id":42,"name":"Zoë"}},"user_id":7,"session_id":"s-1","instance_id":"go-seed-1","schema":"public","entity":"users","operation":"create","created_at":"2024-05-01T10:20:30.123456789Z","processed_at":null,"completed_at":null,"metadata":{{"trace":"abc"}}}}"#
+    );
+    let status = Command::new("redis-cli")
+        .args(["-u", &redis_support::url(), "XADD", &backend.stream(), "MAXLEN", "~", "10000", "*"])
+        .args(["event", &json, "id", id, "type", &ty, "source", "database", "status", "pending"])
+        .args(["instance_id", "go-seed-1"])
+        .status()
+        .expect("redis-cli runs");
+    assert!(status.success(), "redis-cli XADD failed: {status}");
+
+    let got = take_acked(&*source, 1);
+    let event = &got[0].event;
+    assert_eq!(event.id.to_string(), id);
+    assert_eq!(
+        (event.event_type.as_str(), event.source, event.status),
+        (ty.as_str(), EventSource::Database, EventStatus::Pending)
+    );
+    assert_eq!((event.user_id, event.instance_id.as_str(), event.entity.as_str()), (7, "go-seed-1", "users"));
+    assert_eq!(event.payload_json(), Some(r#"{"id":42,"name":"Zoë"}"#));
+    assert_eq!(event.metadata["trace"], "abc");
+    assert_eq!(got[0].deliveries, 1);
+    source.close().expect("close");
+}
+
+/// A batch whose reply was lost is retried whole: every id stays one stream entry, with its first
+/// sequence number, counted once.
+#[test]
+fn a_retried_batch_adds_no_second_entry() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> = (0..300).map(|i| scope.event(&format!("retry.t{}", i % 3))).collect();
+    provider.store_batch(&shared(&events), Some("instance:a")).expect("store");
+    let first = stream_ids(&backend);
+    for _ in 0..3 {
+        provider.store_batch(&shared(&events), Some("instance:a")).expect("store again");
+    }
+    assert_eq!(stream_ids(&backend), first, "the same entries, no more");
+    assert_eq!(
+        first.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+        events.iter().map(|e| e.id).collect::<Vec<_>>()
+    );
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.events_published), (300, 300));
+    assert_eq!(stats.provider_specific["replaced"], 900);
+}
+
+/// Replay's sequence numbers are the stream entry ids, packed: `ms << 20 | n`.
+#[test]
+fn sequence_numbers_are_the_entry_ids() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> = (0..50).map(|_| scope.event("seq")).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 100).expect("replay");
+    let entries = stream_ids(&backend);
+    assert_eq!(replayed.len(), entries.len());
+    for (stored, (entry, id)) in replayed.iter().zip(&entries) {
+        let (ms, n) = entry.split_once('-').expect("ms-n");
+        let packed = ms.parse::<u64>().expect("ms") << 20 | n.parse::<u64>().expect("n");
+        assert_eq!((stored.seq, stored.event.id), (packed, *id));
+    }
+}
+
+/// Statuses live in hashes, never in the stream; finished ones carry the TTL, others none.
+#[test]
+fn statuses_are_hashes_with_a_ttl_once_finished() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> = (0..3).map(|_| scope.event("jobs.run")).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    provider
+        .update_status_batch(&[
+            StatusUpdate::new(events[0].id, EventStatus::Processing),
+            StatusUpdate::new(events[1].id, EventStatus::Completed),
+            StatusUpdate::new(events[2].id, EventStatus::Failed).with_error("boom"),
+        ])
+        .expect("update");
+    assert_eq!(stream_ids(&backend).len(), 3, "status changes add no entries");
+    let mut conn = raw();
+    let ttl = |conn: &mut redis::Connection, id: EventId| -> i64 {
+        redis::cmd("PTTL").arg(format!("{}:status:{id}", backend.prefix())).query(conn).expect("PTTL")
+    };
+    let status = |conn: &mut redis::Connection, id: EventId| -> String {
+        redis::cmd("HGET")
+            .arg(format!("{}:status:{id}", backend.prefix()))
+            .arg("status")
+            .query(conn)
+            .expect("HGET")
+    };
+    assert_eq!(status(&mut conn, events[0].id), "processing");
+    assert_eq!(ttl(&mut conn, events[0].id), -1, "an unfinished event does not expire");
+    let week = 7 * 24 * 3600 * 1000;
+    assert!((week - 60_000..=week).contains(&ttl(&mut conn, events[1].id)));
+    assert!((week - 60_000..=week).contains(&ttl(&mut conn, events[2].id)));
+
+    // Back to pending (a redrive): the TTL goes.
+    provider.update_status_batch(&[StatusUpdate::new(events[2].id, EventStatus::Pending)]).expect("update");
+    assert_eq!(ttl(&mut conn, events[2].id), -1);
+}
+
+/// Finished events expire after the status TTL, and every count follows.
+#[test]
+fn finished_events_expire_with_exact_counts() {
+    let backend = RedisBackend::with(|c| c.status_ttl = Some(Duration::from_millis(300)));
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> = (0..4).map(|_| scope.event("expire")).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    provider
+        .update_status_batch(&[
+            StatusUpdate::new(events[0].id, EventStatus::Completed),
+            StatusUpdate::new(events[1].id, EventStatus::Failed),
+        ])
+        .expect("update");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while provider.stats().expect("stats").total_events > 2 {
+        assert!(Instant::now() < deadline, "finished events did not expire");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = provider.stats().expect("stats");
+    assert_eq!(
+        (stats.total_events, stats.pending_events, stats.completed_events, stats.failed_events),
+        (2, 2, 0, 0)
+    );
+    assert_eq!(stats.provider_specific["expired"], 2);
+    assert_eq!(
+        scope.list(&provider).iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![events[2].id, events[3].id]
+    );
+    assert_eq!(provider.get(events[0].id).expect("get"), None);
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    assert_eq!(replayed.len(), 2, "expired events leave replay too");
+}
+
+/// The stream stays near `max_len`: the oldest entries go, with their events, and counts stay exact.
+#[test]
+fn the_stream_is_trimmed_with_its_events() {
+    let backend = RedisBackend::with(|c| c.max_len = 100);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> = (0..350).map(|_| scope.event("trim")).collect();
+    for chunk in events.chunks(50) {
+        provider.store_batch(&shared(chunk), None).expect("store");
+    }
+    provider
+        .update_status_batch(&[StatusUpdate::new(events[349].id, EventStatus::Completed)])
+        .expect("update");
+    let kept = stream_ids(&backend);
+    assert!(kept.len() <= 101, "{} entries kept", kept.len());
+    let listed: Vec<EventId> = scope.list(&provider).iter().map(|e| e.id).collect();
+    let kept_ids: Vec<EventId> = kept.iter().map(|(_, id)| *id).collect();
+    assert_eq!(listed, kept_ids, "list holds exactly the events still in the stream");
+    assert_eq!(kept_ids.last(), Some(&events[349].id), "the newest stay");
+    assert_eq!(provider.get(events[0].id).expect("get"), None, "the oldest went");
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.total_events, kept.len() as u64);
+    assert_eq!(stats.pending_events + stats.completed_events, stats.total_events);
+    assert_eq!(stats.provider_specific["trimmed"], 350 - kept.len() as u64);
+}
+
+/// Two key prefixes on one server are two worlds: nothing stored or published in one shows in the
+/// other.
+#[test]
+fn key_prefixes_keep_services_apart() {
+    let (one, two) = (RedisBackend::new(), RedisBackend::new());
+    let (p1, p2) = (one.provider(), two.provider());
+    let scope = Scope::new();
+    let listener = open(&p2, "b", ConsumerGroup::Instance("b".into()), &scope);
+    let event = scope.event("apart");
+    p1.store_batch(&[Arc::new(event.clone())], Some("instance:a")).expect("store");
+    assert_eq!(p2.get(event.id).expect("get"), None);
+    assert!(p2.list(&EventFilter::new()).expect("list").is_empty());
+    assert_eq!(p2.stats().expect("stats").total_events, 0);
+    assert!(listener.fetch(16, Duration::from_millis(300)).expect("fetch").is_empty());
+    assert_eq!(p1.get(event.id).expect("get").map(|e| e.id), Some(event.id));
+    listener.close().expect("close");
+}
+
+/// Reads never block, whatever the stream holds: at its end, empty, or absent.
+#[test]
+fn reads_never_block() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let started = Instant::now();
+    assert_eq!(provider.get(EventId::new()).expect("get"), None);
+    assert!(provider.list(&EventFilter::new()).expect("list").is_empty());
+    assert!(provider.replay(ReplayFrom::Sequence(1 << 60), None, 10).expect("replay").is_empty());
+    assert!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").is_empty());
+    assert!(started.elapsed() < Duration::from_secs(2), "reads took {:?}", started.elapsed());
+}
+
+/// Fan-out and work-queue at volume, between two providers (two processes as far as Redis can
+/// tell): 2 × 1000 events, each to every other group exactly once, and to one member of a queue.
+#[test]
+fn two_providers_fan_out_and_share_a_queue_at_volume() {
+    let backend = RedisBackend::new();
+    let (pa, pb) = (backend.provider(), backend.provider());
+    let scope = Scope::new();
+    let (ga, gb) = (ConsumerGroup::Instance(scope.name("a")), ConsumerGroup::Instance(scope.name("b")));
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let a = open(&pa, &scope.name("a"), ga.clone(), &scope);
+    let b = open(&pb, &scope.name("b"), gb.clone(), &scope);
+    let qa = open(&pa, &scope.name("a"), queue.clone(), &scope);
+    let qb = open(&pb, &scope.name("b"), queue, &scope);
+
+    let from_a: Vec<Event> = (0..1000).map(|_| scope.event("from.a")).collect();
+    let from_b: Vec<Event> = (0..1000).map(|_| scope.event("from.b")).collect();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            from_a.chunks(100).for_each(|c| pa.store_batch(&shared(c), Some(&ga.key())).expect("store"));
+        });
+        s.spawn(|| {
+            from_b.chunks(100).for_each(|c| pb.store_batch(&shared(c), Some(&gb.key())).expect("store"));
+        });
+    });
+
+    let ids = |events: &[InboundEvent]| events.iter().map(|e| e.event.id).collect::<Vec<_>>();
+    let got_a = take_acked(&*a, 1000);
+    let got_b = take_acked(&*b, 1000);
+    assert_eq!(ids(&got_a), from_b.iter().map(|e| e.id).collect::<Vec<_>>(), "a: b's events, once, in order");
+    assert_eq!(ids(&got_b), from_a.iter().map(|e| e.id).collect::<Vec<_>>(), "b: a's events, once, in order");
+
+    let (mut first_member, mut second_member) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first_member.len() + second_member.len() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 2000 reached the queue",
+            first_member.len() + second_member.len()
+        );
+        for (source, into) in [(&qa, &mut first_member), (&qb, &mut second_member)] {
+            let batch = source.fetch(64, Duration::from_millis(50)).expect("fetch");
+            source.ack(&batch.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
+            into.extend(batch);
+        }
+    }
+    let all: Vec<EventId> = ids(&first_member).into_iter().chain(ids(&second_member)).collect();
+    assert_eq!(all.len(), 2000, "no event reached both members");
+    let unique: HashSet<EventId> = all.into_iter().collect();
+    assert_eq!(unique, from_a.iter().chain(&from_b).map(|e| e.id).collect::<HashSet<_>>());
+    for source in [a, b, qa, qb] {
+        assert!(source.fetch(16, Duration::from_millis(200)).expect("fetch").is_empty(), "nothing twice");
+        source.close().expect("close");
+    }
+    assert_eq!(specific(&pa, "inbound_echoes_skipped") + specific(&pb, "inbound_echoes_skipped"), 2000);
+}
+
+/// A member of a shared group that closes hands what it held to the others at once, long before
+/// the claim idle time (30 s here).
+#[test]
+fn a_closing_queue_member_releases_its_events_at_once() {
+    let backend = RedisBackend::new();
+    let (p1, p2) = (backend.provider(), backend.provider());
+    let scope = Scope::new();
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let leaving = open(&p1, "m1", queue.clone(), &scope);
+    let staying = open(&p2, "m2", queue, &scope);
+    let events: Vec<Event> = (0..5).map(|_| scope.event("job")).collect();
+    p1.store_batch(&shared(&events), None).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::new();
+    while held.len() < 5 {
+        assert!(Instant::now() < deadline, "the first member got only {}", held.len());
+        held.extend(leaving.fetch(5, Duration::from_millis(100)).expect("fetch"));
+    }
+    leaving.close().expect("close");
+    let started = Instant::now();
+    let got = take_acked(&*staying, 5);
+    assert!(started.elapsed() < Duration::from_secs(5), "released after {:?}", started.elapsed());
+    assert!(got.iter().all(|e| e.deliveries == 2), "{got:?}");
+    staying.close().expect("close");
+}
+
+/// A group whose stream vanished (Redis restarted without persistence, or the key was deleted) is
+/// created again, and delivery carries on with what is stored from then on.
+#[test]
+fn a_lost_group_is_created_again() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let source = open(&provider, "a", ConsumerGroup::Instance("a".into()), &scope);
+    provider.store_batch(&[Arc::new(scope.event("before"))], None).expect("store");
+    take_acked(&*source, 1);
+    let _: i64 = redis::cmd("DEL").arg(backend.stream()).query(&mut raw()).expect("DEL");
+    // The first fetch finds the group gone and creates it again at the (new) end.
+    assert!(source.fetch(16, Duration::from_millis(100)).expect("fetch").is_empty());
+    let after = scope.event("after");
+    provider.store_batch(&[Arc::new(after.clone())], None).expect("store");
+    let got = take_acked(&*source, 1);
+    assert_eq!(got[0].event.id, after.id);
+    source.close().expect("close");
+}
+
+/// Usernames and passwords go into the URL; a wrong one is reported, not retried forever; a TLS
+/// URL against a plain server fails its handshake within the timeout.
+#[test]
+fn credentials_and_tls_urls() {
+    let user = format!("ebtest-{}", EventId::new().as_uuid().simple());
+    let mut conn = raw();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">s3cret-pw")
+        .arg("~ebtest:*")
+        .arg("+@all")
+        .exec(&mut conn)
+        .expect("ACL SETUSER");
+    let with_url = |url: String| {
+        RedisBackend::with(|c| {
+            c.url = url;
+            c.timeout = Duration::from_secs(2);
+        })
+    };
+    let good = with_url(format!("redis://{user}:s3cret-pw@127.0.0.1:6379/0"));
+    let provider = good.provider();
+    provider.ping().expect("the right password connects");
+    provider.store_batch(&[Arc::new(Event::new(EventSource::System, "auth.ok"))], None).expect("store");
+    assert_eq!(provider.stats().expect("stats").total_events, 1);
+
+    let bad = with_url(format!("redis://{user}:wrong@127.0.0.1:6379/0")).provider();
+    let error = bad.ping().expect_err("a wrong password");
+    assert!(!error.to_string().contains("wrong"), "the password is not in the error: {error}");
+
+    let tls = with_url("rediss://127.0.0.1:6379".into()).provider();
+    let started = Instant::now();
+    let error = tls.ping().expect_err("a TLS handshake with a plain server");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        matches!(error.kind(), ProviderErrorKind::Unavailable(_) | ProviderErrorKind::Backend(_)),
+        "{error}"
+    );
+    redis::cmd("ACL").arg("DELUSER").arg(&user).exec(&mut conn).expect("ACL DELUSER");
+}
+
+/// Configuration mistakes are caught when the provider is built, with the value in the message.
+#[test]
+fn invalid_settings_are_refused() {
+    for config in [
+        RedisConfig { key_prefix: "a b".into(), ..RedisConfig::default() },
+        RedisConfig { stream: "x*".into(), ..RedisConfig::default() },
+        RedisConfig { timeout: Duration::ZERO, ..RedisConfig::default() },
+        RedisConfig::new("mysql://127.0.0.1"),
+    ] {
+        let error = RedisProvider::new(config).expect_err("invalid");
+        assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
+    }
+    let provider = RedisBackend::new().provider();
+    let group = ConsumerGroup::Shared("has space".into());
+    let error = provider.open_inbound(&InboundConfig::new("m", group)).map(drop).expect_err("invalid group");
+    assert!(error.to_string().contains("has space"), "{error}");
+}
