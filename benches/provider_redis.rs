@@ -111,9 +111,9 @@ fn writes(c: &mut Criterion) {
             .arg("id")
             .arg(event.id.to_string())
             .arg("type")
-            .arg(&event.event_type);
+            .arg(event.event_type.as_str());
         cmd.arg("source").arg(event.source.as_str()).arg("status").arg(event.status.as_str());
-        cmd.arg("instance_id").arg(&event.instance_id);
+        cmd.arg("instance_id").arg(event.instance_id.as_str());
         cmd
     };
     group.bench_function(BenchmarkId::new("xadd_pipelined", BATCH), |b| {

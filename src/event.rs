@@ -34,6 +34,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use compact_str::CompactString;
 use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -296,7 +297,7 @@ pub struct Event {
     pub source: EventSource,
     /// Dot-separated type that subscriptions match, e.g. `public.users.create`.
     #[serde(rename = "type")]
-    pub event_type: String,
+    pub event_type: CompactString,
     /// Lifecycle status.
     pub status: EventStatus,
     /// Retries spent on the delivery that failed last (0 until one is retried).
@@ -309,15 +310,15 @@ pub struct Event {
     /// Id of the user who caused the event; 0 when none.
     pub user_id: i64,
     /// Session that caused the event; empty when none.
-    pub session_id: String,
+    pub session_id: CompactString,
     /// Broker instance that published the event.
-    pub instance_id: String,
+    pub instance_id: CompactString,
     /// Database schema, for database events.
-    pub schema: String,
+    pub schema: CompactString,
     /// Database entity (table), for database events.
-    pub entity: String,
+    pub entity: CompactString,
     /// `create`, `update`, `delete` or `read`, for database events.
-    pub operation: String,
+    pub operation: CompactString,
     /// When the event was created.
     pub created_at: Timestamp,
     /// When a worker began processing it.
@@ -329,7 +330,7 @@ pub struct Event {
     /// Key that picks the shard; events with equal keys are handled in publish order. `None`
     /// means the event type. Not part of the seed's format; written only when set.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub partition_key: Option<String>,
+    pub partition_key: Option<CompactString>,
 }
 
 impl Event {
@@ -349,7 +350,7 @@ impl Event {
     /// assert_eq!(e.status, EventStatus::Pending);
     /// assert!(e.payload.is_none());
     /// ```
-    pub fn new(source: EventSource, event_type: impl Into<String>) -> Self {
+    pub fn new(source: EventSource, event_type: impl Into<CompactString>) -> Self {
         Self {
             id: EventId::new(),
             source,
@@ -359,11 +360,11 @@ impl Event {
             error: String::new(),
             payload: None,
             user_id: 0,
-            session_id: String::new(),
-            instance_id: String::new(),
-            schema: String::new(),
-            entity: String::new(),
-            operation: String::new(),
+            session_id: CompactString::const_new(""),
+            instance_id: CompactString::const_new(""),
+            schema: CompactString::const_new(""),
+            entity: CompactString::const_new(""),
+            operation: CompactString::const_new(""),
             created_at: Timestamp::now(),
             processed_at: None,
             completed_at: None,
@@ -381,10 +382,17 @@ impl Event {
     /// assert_eq!((e.event_type.as_str(), e.entity.as_str()), ("public.users.delete", "users"));
     /// ```
     pub fn for_entity(source: EventSource, schema: &str, entity: &str, operation: &str) -> Self {
-        let mut event = Self::new(source, event_type(schema, entity, operation));
-        schema.clone_into(&mut event.schema);
-        entity.clone_into(&mut event.entity);
-        operation.clone_into(&mut event.operation);
+        let mut event_type = CompactString::with_capacity(schema.len() + entity.len() + operation.len() + 2);
+        for (i, part) in [schema, entity, operation].into_iter().enumerate() {
+            if i > 0 {
+                event_type.push('.');
+            }
+            event_type.push_str(part);
+        }
+        let mut event = Self::new(source, event_type);
+        event.schema = CompactString::from(schema);
+        event.entity = CompactString::from(entity);
+        event.operation = CompactString::from(operation);
         event
     }
 
@@ -449,14 +457,14 @@ impl Event {
 
     /// Sets [`Event::session_id`].
     #[must_use]
-    pub fn with_session_id(mut self, session_id: impl Into<String>) -> Self {
+    pub fn with_session_id(mut self, session_id: impl Into<CompactString>) -> Self {
         self.session_id = session_id.into();
         self
     }
 
     /// Sets [`Event::instance_id`]. The broker fills it when left empty.
     #[must_use]
-    pub fn with_instance_id(mut self, instance_id: impl Into<String>) -> Self {
+    pub fn with_instance_id(mut self, instance_id: impl Into<CompactString>) -> Self {
         self.instance_id = instance_id.into();
         self
     }
@@ -464,9 +472,9 @@ impl Event {
     /// Sets [`Event::schema`], [`Event::entity`] and [`Event::operation`]; the type is left as is.
     #[must_use]
     pub fn with_entity(mut self, schema: &str, entity: &str, operation: &str) -> Self {
-        schema.clone_into(&mut self.schema);
-        entity.clone_into(&mut self.entity);
-        operation.clone_into(&mut self.operation);
+        self.schema = CompactString::from(schema);
+        self.entity = CompactString::from(entity);
+        self.operation = CompactString::from(operation);
         self
     }
 
@@ -479,7 +487,7 @@ impl Event {
 
     /// Sets the partition key: events with the same key are handled in publish order.
     #[must_use]
-    pub fn with_partition_key(mut self, key: impl Into<String>) -> Self {
+    pub fn with_partition_key(mut self, key: impl Into<CompactString>) -> Self {
         self.partition_key = Some(key.into());
         self
     }

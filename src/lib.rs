@@ -63,6 +63,10 @@ pub use crate::provider::{PostgresConfig, PostgresProvider};
 #[cfg(feature = "redis")]
 pub use crate::provider::{RedisConfig, RedisProvider};
 pub use crate::subscription::SubscriptionId;
+/// The string type of an event's short fields (type, schema, entity, operation, session and
+/// instance ids): a `String` that keeps up to 24 bytes inline, without allocating. It dereferences
+/// to `&str` and converts from and into `String`.
+pub use compact_str::CompactString;
 
 /// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
 /// `store_batch`, ...) are callable on any provider, `Arc<dyn Provider>` included, once the traits

@@ -1,4 +1,6 @@
-//! Heap allocations per event on the default path: an event built as a CRUD hook builds it,
+//! Heap allocations per event on the default path (before the short strings were inline and the
+//! memory provider was written inline: 7 to build, about 2 to publish and handle): an event built
+//! as a CRUD hook builds it,
 //! published with default settings (status tracking on, the memory provider, inline writes) and
 //! delivered to five handlers. Counted by a global allocator over every thread.
 //!
@@ -98,6 +100,8 @@ fn the_default_path_allocates_a_bounded_few_times_per_event() {
         per(built),
         per(published)
     );
-    assert!(per(built) <= 8.0, "building an event allocates {:.2} times", per(built));
-    assert!(per(published) <= 4.0, "publishing and handling allocate {:.2} times per event", per(published));
+    // Building: the payload's text, and its conversion to a boxed `RawValue` (the short strings are
+    // inline). Publishing: the `Arc` the handlers share.
+    assert!(per(built) <= 2.5, "building an event allocates {:.2} times", per(built));
+    assert!(per(published) <= 1.5, "publishing and handling allocate {:.2} times per event", per(published));
 }

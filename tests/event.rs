@@ -345,11 +345,11 @@ prop_compose! {
         event.user_id = user_id;
         let [session, instance, schema, entity, operation]: [String; 5] = strings.try_into().unwrap();
         (event.session_id, event.instance_id, event.schema, event.entity, event.operation) =
-            (session, instance, schema, entity, operation);
+            (session.into(), instance.into(), schema.into(), entity.into(), operation.into());
         event.created_at = Timestamp::from_nanosecond(i128::from(nanos)).unwrap();
         event.processed_at = processed.map(|n| Timestamp::from_nanosecond(i128::from(nanos) + i128::from(n)).unwrap());
         event.metadata = metadata.into_iter().collect();
-        event.partition_key = partition_key;
+        event.partition_key = partition_key.map(Into::into);
         event
     }
 }

@@ -287,8 +287,8 @@ fn close_never_hangs_with_streams_in_every_state() {
     assert_eq!(blocked.join().expect("no panic"), Err(StreamError::Closed));
     assert_eq!(awaiting.join().expect("no panic"), Err(StreamError::Closed));
     assert_eq!(iterated.join().expect("no panic"), 3, "two events, one lag report, then the end");
-    assert_eq!(full.recv().map(|e| e.event_type.clone()), Ok("load.x".to_owned()));
-    assert_eq!(full.recv().map(|e| e.event_type.clone()), Ok("load.x".to_owned()));
+    assert_eq!(full.recv().map(|e| e.event_type.to_string()), Ok("load.x".to_owned()));
+    assert_eq!(full.recv().map(|e| e.event_type.to_string()), Ok("load.x".to_owned()));
     assert_eq!(full.recv(), Err(StreamError::Lagged(8)));
     assert_eq!(full.recv(), Err(StreamError::Closed));
 }

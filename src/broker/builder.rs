@@ -301,7 +301,7 @@ impl BrokerBuilder {
             store_events,
             inline,
             origin: group.as_ref().map(ConsumerGroup::key),
-            instance_id,
+            instance_id: instance_id.into(),
             mode: self.mode,
             distribution,
             retry: self.retry,

@@ -28,7 +28,7 @@ use super::stats::SyncCounters;
 pub(crate) struct Engine {
     /// Tells this broker's workers apart from other brokers' (see [`worker::current`]).
     pub(crate) id: u64,
-    pub(crate) instance_id: String,
+    pub(crate) instance_id: compact_str::CompactString,
     pub(crate) mode: Mode,
     pub(crate) distribution: Distribution,
     pub(crate) retry: RetryPolicy,

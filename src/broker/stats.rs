@@ -100,7 +100,7 @@ impl Engine {
         // Inbound jobs pass through the rings too; they are not this broker's publishes.
         let through_rings = sum(|s| s.dispatched) + queued as u64;
         BrokerStats {
-            instance_id: self.instance_id.clone(),
+            instance_id: self.instance_id.to_string(),
             mode: self.mode,
             distribution: self.distribution.clone(),
             workers: self.shards.len(),

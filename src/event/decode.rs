@@ -9,6 +9,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 
+use compact_str::CompactString;
 use jiff::Timestamp;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
@@ -159,22 +160,22 @@ impl<'de> Visitor<'de> for EventVisitor {
 struct Fields {
     id: Option<EventId>,
     source: Option<EventSource>,
-    event_type: Option<String>,
+    event_type: Option<CompactString>,
     status: Option<EventStatus>,
     retry_count: Option<u32>,
     error: Option<String>,
     payload: Option<Option<Payload>>,
     user_id: Option<i64>,
-    session_id: Option<String>,
-    instance_id: Option<String>,
-    schema: Option<String>,
-    entity: Option<String>,
-    operation: Option<String>,
+    session_id: Option<CompactString>,
+    instance_id: Option<CompactString>,
+    schema: Option<CompactString>,
+    entity: Option<CompactString>,
+    operation: Option<CompactString>,
     created_at: Option<Timestamp>,
     processed_at: Option<Option<Timestamp>>,
     completed_at: Option<Option<Timestamp>>,
     metadata: Option<Metadata>,
-    partition_key: Option<Option<String>>,
+    partition_key: Option<Option<CompactString>>,
 }
 
 /// Fills `slot` with `read()`, refusing a field seen twice.

@@ -19,9 +19,9 @@
 //! | backend | type | cargo feature |
 //! |---|---|---|
 //! | in-process, bounded, LRU; an in-process bus | [`MemoryProvider`] | always compiled |
-//! | Redis Streams | — | `redis` (reserved) |
+//! | Redis Streams | `RedisProvider` (module `redis`) | `redis` |
 //! | NATS JetStream | — | `nats` (reserved) |
-//! | PostgreSQL | — | `postgres` (reserved) |
+//! | PostgreSQL, with CRUD capture and a transactional outbox | `PostgresProvider` (module `postgres`) | `postgres` |
 //!
 //! Every provider passes the same conformance suite (`eventbroker::testing::conformance`, feature
 //! `test-util`), single-broker and two-broker scenarios alike, so the contract below is what a

@@ -413,10 +413,10 @@ impl EventSink for RedisProvider {
             for event in chunk {
                 call.arg(event.id.to_string())
                     .arg(event.to_json())
-                    .arg(&event.event_type)
+                    .arg(event.event_type.as_str())
                     .arg(event.source.as_str())
                     .arg(event.status.as_str())
-                    .arg(&event.instance_id)
+                    .arg(event.instance_id.as_str())
                     .arg(time_key(event.created_at, event.id));
             }
             let fresh: usize = shared.pool.run("store_batch", &keys.stream, |conn| call.invoke(conn))?;

@@ -241,7 +241,7 @@ pub fn per_key_order_holds_across_instances(backend: &dyn TestBackend) {
         .collect();
     publish_all(&publisher, &events);
     wait_until("every event", ARRIVE, || seen.len() >= events.len());
-    let mut by_key: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut by_key: HashMap<crate::CompactString, Vec<u64>> = HashMap::new();
     for event in seen.0.lock().iter() {
         let key = event.partition_key.clone().expect("the key travels with the event");
         by_key.entry(key).or_default().push(event.metadata["n"].as_u64().expect("a number"));

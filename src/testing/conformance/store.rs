@@ -84,7 +84,7 @@ fn full_event(scope: &Scope) -> Event {
         .with_metadata("trace", "00-abc-01")
         .with_metadata("nested", serde_json::json!({"k": [1, 2.5, null, "ü"]}))
         .with_partition_key("tenant-7");
-    event.event_type = scope.ty("public.users.update");
+    event.event_type = scope.ty("public.users.update").into();
     event.status = EventStatus::Failed;
     event.retry_count = 3;
     "handler \"mail\" failed: timeout ✉".clone_into(&mut event.error);
@@ -508,7 +508,7 @@ pub fn dead_letters_store_list_filter_get_delete(provider: &dyn Provider) {
     .into_iter()
     .map(|(second, sub, ty)| {
         let mut event = full_event(&scope);
-        event.event_type = scope.ty(ty);
+        event.event_type = scope.ty(ty).into();
         let mut letter = DeadLetter::new(event, sub, scope.ty("*.create"), format!("failed at {second}"), 4);
         letter.failed_at = t(second);
         letter
