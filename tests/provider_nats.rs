@@ -408,7 +408,7 @@ fn invalid_settings_and_types_are_refused() {
     let scope = Scope::new();
     let good = scope.event("ok");
     let mut bad = scope.event("ok");
-    bad.event_type = format!("{}..x", scope.ty("a"));
+    bad.event_type = format!("{}..x", scope.ty("a")).into();
     let error = provider.store_batch(&shared(&[good.clone(), bad]), None).expect_err("an empty segment");
     assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
     assert_eq!(provider.get(good.id).expect("get"), None, "nothing of the batch was stored");
