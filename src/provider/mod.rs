@@ -20,7 +20,7 @@
 //! |---|---|---|
 //! | in-process, bounded, LRU; an in-process bus | [`MemoryProvider`] | always compiled |
 //! | Redis Streams | `RedisProvider` (module `redis`) | `redis` |
-//! | NATS JetStream | — | `nats` (reserved) |
+//! | NATS JetStream | `NatsProvider` (module `nats`) | `nats` |
 //! | PostgreSQL, with CRUD capture and a transactional outbox | `PostgresProvider` (module `postgres`) | `postgres` |
 //!
 //! Every provider passes the same conformance suite (`eventbroker::testing::conformance`, feature
