@@ -80,17 +80,17 @@ fn parts(c: &mut Criterion) {
                 r#"{{"id":{},"name":"customer","email":"c@example.com","plan":"pro"}}"#,
                 black_box(42)
             ))
-        })
+        });
     });
     group.bench_function("raw_from_string", |b| {
-        b.iter(|| black_box(serde_json::value::RawValue::from_string(black_box(text).to_owned()).unwrap()))
+        b.iter(|| black_box(serde_json::value::RawValue::from_string(black_box(text).to_owned()).unwrap()));
     });
     group.bench_function("set_payload_json", |b| {
         let mut e = Event::new(EventSource::System, "a.b");
         b.iter(|| e.set_payload_json(black_box(text).to_owned()).unwrap());
     });
     group.bench_function("for_entity", |b| {
-        b.iter(|| black_box(Event::for_entity(EventSource::Database, "public", "customers", "update")))
+        b.iter(|| black_box(Event::for_entity(EventSource::Database, "public", "customers", "update")));
     });
     group.bench_function("timestamp_now", |b| b.iter(|| black_box(jiff::Timestamp::now())));
     group.bench_function("id", |b| b.iter(|| black_box(eventbroker::EventId::new())));

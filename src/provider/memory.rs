@@ -433,9 +433,9 @@ impl EventSink for MemoryProvider {
         shared.check_open("update_status_batch")?;
         if shared.shards.len() == 1 || updates.len() < 2 {
             if let Some(first) = updates.first() {
-                let mut shard = shared.shard(shared.shard_of(first.id), "update_status_batch")?;
+                let mut held = shared.shard(shared.shard_of(first.id), "update_status_batch")?;
                 for update in updates {
-                    shard.events.update(update);
+                    held.events.update(update);
                 }
             }
             return Ok(());
@@ -446,9 +446,9 @@ impl EventSink for MemoryProvider {
             updates.iter().enumerate().map(|(i, u)| (shared.shard_of(u.id), i)).collect();
         order.sort_unstable();
         for run in order.chunk_by(|a, b| a.0 == b.0) {
-            let mut shard = shared.shard(run[0].0, "update_status_batch")?;
+            let mut held = shared.shard(run[0].0, "update_status_batch")?;
             for &(_, i) in run {
-                shard.events.update(&updates[i]);
+                held.events.update(&updates[i]);
             }
         }
         Ok(())
