@@ -85,7 +85,7 @@ fn writes(c: &mut Criterion) {
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
 
     let ns = prefix("writes");
-    let provider = RedisProvider::new(config(&ns)).unwrap();
+    let provider = RedisProvider::connect(config(&ns)).unwrap();
     group.bench_function(BenchmarkId::new("store_batch", BATCH), |b| {
         b.iter_batched(
             || events(BATCH),
@@ -147,7 +147,7 @@ fn lifecycle(c: &mut Criterion) {
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(5));
 
     let ns = prefix("lifecycle");
-    let provider = RedisProvider::new(config(&ns)).unwrap();
+    let provider = RedisProvider::connect(config(&ns)).unwrap();
     group.bench_function(BenchmarkId::new("store+update batches", "redis"), |b| {
         b.iter_custom(|iters| {
             let batch = events(usize::try_from(iters).unwrap());
@@ -175,7 +175,7 @@ fn lifecycle(c: &mut Criterion) {
         [("broker local", Distribution::Local), ("broker fan-out", Distribution::FanOut)]
     {
         let ns = prefix("broker");
-        let provider: Arc<dyn Provider> = Arc::new(RedisProvider::new(config(&ns)).unwrap());
+        let provider: Arc<dyn Provider> = Arc::new(RedisProvider::connect(config(&ns)).unwrap());
         let broker = Broker::builder()
             .workers(1)
             .provider(provider)

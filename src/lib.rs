@@ -75,6 +75,8 @@ pub use crate::provider::{
     EventFilter, EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, MemoryConfig,
     MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, StreamError,
 };
+#[cfg(feature = "nats")]
+pub use crate::provider::{NatsConfig, NatsProvider};
 #[cfg(feature = "postgres")]
 pub use crate::provider::{PostgresConfig, PostgresProvider};
 #[cfg(feature = "redis")]

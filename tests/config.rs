@@ -72,7 +72,7 @@ event_broker:
     assert_eq!(redis.provider, ProviderKind::Redis);
     assert_eq!(redis.redis.stream_name.as_deref(), Some("resolvespec:events"));
     assert_eq!(redis.redis.consumer_group.as_deref(), Some("resolvespec-workers"));
-    assert_eq!(redis.redis.url(), "redis://localhost:6379/0");
+    assert_eq!(redis.redis.url().as_deref(), Some("redis://localhost:6379/0"));
     assert_eq!(redis.distribution, None, "fan-out, the provider's default");
 
     let nats = load(
@@ -576,7 +576,7 @@ mod postgres_support;
 
 /// Builds a broker from `yaml`, publishes through it, drains, and reads the event back from the
 /// provider the factory made.
-#[cfg(any(feature = "redis", feature = "postgres"))]
+#[cfg(all(feature = "test-util", any(feature = "redis", feature = "nats", feature = "postgres")))]
 fn delivers_and_stores(yaml: &str) {
     let config = load(yaml);
     let broker = config.build().unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -612,5 +612,19 @@ fn the_factory_builds_the_postgres_provider_from_its_section() {
         "event_broker:\n  provider: database\n  worker_count: 1\n  database:\n    url: \"{}\"\n    schema: {}\n    table_name: events\n    channel: resolvespec_events\n",
         postgres_support::url(),
         backend.schema,
+    ));
+}
+
+#[cfg(all(feature = "nats", feature = "test-util"))]
+#[test]
+fn the_factory_builds_the_nats_provider_from_its_section() {
+    // The backend's streams, removed when it drops; the broker connects with the section's values.
+    let backend = eventbroker::provider::nats::NatsBackend::new();
+    let layout = backend.config();
+    delivers_and_stores(&format!(
+        "event_broker:\n  provider: nats\n  worker_count: 1\n  nats:\n    url: \"{}\"\n    stream_name: {}\n    subject_prefix: {}\n    storage: memory\n",
+        eventbroker::provider::nats::NatsBackend::url(),
+        layout.stream_name,
+        layout.subject_prefix,
     ));
 }

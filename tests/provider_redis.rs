@@ -428,7 +428,7 @@ fn invalid_settings_are_refused() {
         RedisConfig { timeout: Duration::ZERO, ..RedisConfig::default() },
         RedisConfig::new("mysql://127.0.0.1"),
     ] {
-        let error = RedisProvider::new(config).expect_err("invalid");
+        let error = RedisProvider::connect(config).expect_err("invalid");
         assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
     }
     let provider = RedisBackend::new().provider();

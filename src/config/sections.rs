@@ -17,7 +17,7 @@ use crate::error::ConfigError;
 /// let config = Config::from_yaml_str(
 ///     "event_broker:\n  provider: redis\n  redis:\n    host: cache.internal\n    port: 6380\n",
 /// )?;
-/// assert_eq!(config.redis.url(), "redis://cache.internal:6380/0");
+/// assert_eq!(config.redis.url().as_deref(), Some("redis://cache.internal:6380/0"));
 /// # }
 /// # Ok::<(), eventbroker::ConfigError>(())
 /// ```
@@ -62,10 +62,13 @@ pub struct RedisSection {
 
 impl RedisSection {
     /// The URL to connect to: `url`, or one built from `host`, `port`, `username`, `password`,
-    /// `db` and `tls`.
-    pub fn url(&self) -> String {
+    /// `db` and `tls` when any is set; `None` leaves the provider's default.
+    pub fn url(&self) -> Option<String> {
         if let Some(url) = &self.url {
-            return url.clone();
+            return Some(url.clone());
+        }
+        if !self.has_address_parts() {
+            return None;
         }
         let scheme = if self.tls == Some(true) { "rediss" } else { "redis" };
         let auth = match (&self.username, &self.password) {
@@ -77,11 +80,11 @@ impl RedisSection {
             ),
         };
         let host = self.host.as_deref().unwrap_or("localhost");
-        format!("{scheme}://{auth}{host}:{}/{}", self.port.unwrap_or(6379), self.db.unwrap_or(0))
+        Some(format!("{scheme}://{auth}{host}:{}/{}", self.port.unwrap_or(6379), self.db.unwrap_or(0)))
     }
 
     /// Whether any of `host`, `port`, `username`, `password`, `db` or `tls` is set.
-    pub(crate) fn has_address_parts(&self) -> bool {
+    fn has_address_parts(&self) -> bool {
         self.host.is_some()
             || self.port.is_some()
             || self.username.is_some()
@@ -339,29 +342,35 @@ pub struct DatabaseSection {
 
 impl DatabaseSection {
     /// The URL to connect to: `url`, or one built from `host`, `port`, `user`, `password` and
-    /// `dbname`.
+    /// `dbname` when any is set; `None` leaves the provider's default.
     ///
     /// ```
     /// use eventbroker::config::DatabaseSection;
     ///
-    /// assert_eq!(DatabaseSection::default().url(), "postgres://postgres@localhost:5432/postgres");
+    /// let mut section = DatabaseSection::default();
+    /// assert_eq!(section.url(), None);
+    /// section.dbname = Some("app".into());
+    /// assert_eq!(section.url().as_deref(), Some("postgres://postgres@localhost:5432/app"));
     /// ```
-    pub fn url(&self) -> String {
+    pub fn url(&self) -> Option<String> {
         if let Some(url) = &self.url {
-            return url.clone();
+            return Some(url.clone());
+        }
+        if !self.has_address_parts() {
+            return None;
         }
         let password = self.password.as_deref().map(|p| format!(":{p}")).unwrap_or_default();
-        format!(
+        Some(format!(
             "postgres://{}{password}@{}:{}/{}",
             self.user.as_deref().unwrap_or("postgres"),
             self.host.as_deref().unwrap_or("localhost"),
             self.port.unwrap_or(5432),
             self.dbname.as_deref().unwrap_or("postgres"),
-        )
+        ))
     }
 
     /// Whether any of `host`, `port`, `user`, `password` or `dbname` is set.
-    pub(crate) fn has_address_parts(&self) -> bool {
+    fn has_address_parts(&self) -> bool {
         self.host.is_some()
             || self.port.is_some()
             || self.user.is_some()

@@ -431,15 +431,24 @@ impl EventSink for MemoryProvider {
     fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
-        let mut guard: Option<(usize, RwLockWriteGuard<'_, Shard>)> = None;
-        for update in updates {
-            let index = shared.shard_of(update.id);
-            if guard.as_ref().is_none_or(|(held, _)| *held != index) {
-                drop(guard.take()); // One shard lock at a time.
-                guard = Some((index, shared.shard(index, "update_status_batch")?));
+        if shared.shards.len() == 1 || updates.len() < 2 {
+            if let Some(first) = updates.first() {
+                let mut held = shared.shard(shared.shard_of(first.id), "update_status_batch")?;
+                for update in updates {
+                    held.events.update(update);
+                }
             }
-            if let Some((_, shard)) = guard.as_mut() {
-                shard.events.update(update);
+            return Ok(());
+        }
+        // Each shard's lock once, its updates in slice order (a later update of an id wins: an id
+        // is always in the same shard, and ties keep their slice order).
+        let mut order: Vec<(usize, usize)> =
+            updates.iter().enumerate().map(|(i, u)| (shared.shard_of(u.id), i)).collect();
+        order.sort_unstable();
+        for run in order.chunk_by(|a, b| a.0 == b.0) {
+            let mut held = shared.shard(run[0].0, "update_status_batch")?;
+            for &(_, i) in run {
+                held.events.update(&updates[i]);
             }
         }
         Ok(())

@@ -20,7 +20,7 @@
 //! |---|---|---|
 //! | in-process, bounded, LRU; an in-process bus | [`MemoryProvider`] | always compiled |
 //! | Redis Streams | `RedisProvider` (module `redis`) | `redis` |
-//! | NATS JetStream | — | `nats` (reserved) |
+//! | NATS JetStream | `NatsProvider` (module `nats`) | `nats` |
 //! | PostgreSQL, with CRUD capture and a transactional outbox | `PostgresProvider` (module `postgres`) | `postgres` |
 //!
 //! Every provider passes the same conformance suite (`eventbroker::testing::conformance`, feature
@@ -92,6 +92,8 @@ use crate::pattern::Pattern;
 mod dead_letter;
 mod inbound;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod query;
@@ -102,6 +104,8 @@ mod stream;
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent};
 pub use self::memory::{MemoryConfig, MemoryProvider};
+#[cfg(feature = "nats")]
+pub use self::nats::{NatsConfig, NatsProvider};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresConfig, PostgresProvider};
 pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};

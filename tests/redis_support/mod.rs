@@ -65,7 +65,7 @@ impl RedisBackend {
     }
 
     pub fn provider(&self) -> RedisProvider {
-        RedisProvider::new(self.config()).expect("a valid configuration")
+        RedisProvider::connect(self.config()).expect("a valid configuration")
     }
 
     /// The key of the event stream.

@@ -100,7 +100,7 @@
 //! use std::sync::Arc;
 //! use eventbroker::{Event, EventSink, EventSource, EventStore, RedisConfig, RedisProvider};
 //!
-//! let provider = RedisProvider::new(RedisConfig {
+//! let provider = RedisProvider::connect(RedisConfig {
 //!     key_prefix: "orders-service".into(),
 //!     ..RedisConfig::new("redis://:secret@127.0.0.1:6379/0")
 //! })?;
@@ -255,7 +255,7 @@ impl fmt::Debug for RedisConfig {
 /// use std::time::Duration;
 /// use eventbroker::{Broker, Distribution, Provider, RedisConfig, RedisProvider};
 ///
-/// let provider: Arc<dyn Provider> = Arc::new(RedisProvider::new(RedisConfig::new("redis://127.0.0.1:6379"))?);
+/// let provider: Arc<dyn Provider> = Arc::new(RedisProvider::connect(RedisConfig::new("redis://127.0.0.1:6379"))?);
 /// // Two instances of a service: every event one publishes reaches the other's handlers once.
 /// let api_1 = Broker::builder().provider(Arc::clone(&provider)).instance_id("api-1").build()?;
 /// let api_2 = Broker::builder().provider(provider).instance_id("api-2").distribution(Distribution::FanOut).build()?;
@@ -309,21 +309,23 @@ impl Counters {
 }
 
 impl RedisProvider {
-    /// A provider with `config`. Connects lazily: Redis need not be up yet (see
-    /// [`RedisProvider::ping`]).
+    /// A provider with `config`, as [`NatsProvider::connect`](crate::provider::nats::NatsProvider::connect)
+    /// and [`PostgresProvider::connect`](crate::provider::postgres::PostgresProvider::connect) make
+    /// theirs. The settings are checked now; the connection is made on first use, so Redis need not
+    /// be up yet (see [`RedisProvider::ping`]).
     ///
     /// ```
     /// use eventbroker::{ProviderErrorKind, RedisConfig, RedisProvider};
     ///
-    /// let bad = RedisProvider::new(RedisConfig { key_prefix: "has space".into(), ..RedisConfig::default() });
+    /// let bad = RedisProvider::connect(RedisConfig { key_prefix: "has space".into(), ..RedisConfig::default() });
     /// assert!(matches!(bad.unwrap_err().kind(), ProviderErrorKind::InvalidInput(_)));
-    /// let bad = RedisProvider::new(RedisConfig::new("http://127.0.0.1"));
+    /// let bad = RedisProvider::connect(RedisConfig::new("http://127.0.0.1"));
     /// assert!(matches!(bad.unwrap_err().kind(), ProviderErrorKind::InvalidInput(_)));
     /// ```
     ///
     /// # Errors
     /// [`ProviderErrorKind::InvalidInput`] for a URL that does not parse or an invalid name.
-    pub fn new(config: RedisConfig) -> Result<Self, ProviderError> {
+    pub fn connect(config: RedisConfig) -> Result<Self, ProviderError> {
         config.validate()?;
         let dialer = Dialer::new(&config)?;
         Ok(Self {
@@ -347,7 +349,7 @@ impl RedisProvider {
     ///
     /// ```no_run
     /// # use eventbroker::{RedisConfig, RedisProvider};
-    /// let provider = RedisProvider::new(RedisConfig::default())?;
+    /// let provider = RedisProvider::connect(RedisConfig::default())?;
     /// provider.ping()?;
     /// # Ok::<(), eventbroker::ProviderError>(())
     /// ```

@@ -1,0 +1,513 @@
+//! The inbound source: a durable pull consumer per consumer group on the event stream.
+//!
+//! - Fan-out groups (`instance:<id>`) and shared groups (`shared:<name>`) each get one durable
+//!   consumer, named from the group key (`eb-i-<id>`, `eb-s-<name>`; bytes other than ASCII
+//!   letters, digits and `-` written as `_XX`). A group seen for the first time starts with the
+//!   events stored after its consumer is made (deliver policy `new`); a consumer that exists is
+//!   resumed where it stands.
+//! - `ack_wait` is the group's claim idle time: an event fetched and not acknowledged within it is
+//!   handed out again, to any member (`+WPI`, from [`extend`](Inbound::extend), restarts the
+//!   clock). A restarted instance gets what its predecessor left unacknowledged once that time has
+//!   passed.
+//! - [`set_filter`](Inbound::set_filter) sets the consumer's filter subject(s), so events no
+//!   pattern wants stay on the server (see the `subject` module for how patterns become
+//!   filters); the exact patterns are checked again after fetching, which only matters when a
+//!   2.9 server's single filter had to be widened. Members of a shared group share its filter.
+//! - [`fetch`](Inbound::fetch) polls: a pull request for what is available now, and when nothing
+//!   is, another after a pause that doubles from 1 ms up to
+//!   [`NatsConfig::fetch_poll_interval`](super::NatsConfig::fetch_poll_interval) (20 ms by default),
+//!   until its wait is over. An idle source thus sends up to 50 small requests a second, and an
+//!   event published to an idle group waits up to that interval. Requests are never held open on
+//!   the server: a 2.9.10 server left a held request unanswered while a redelivery came due and
+//!   then handed out an acknowledged event again (seen in about one nak-with-delay in six).
+//! - Echoes — events whose `Eventbroker-Origin` header is this group — are fetched (a filter cannot
+//!   select on headers) and acknowledged at once, never handed out.
+//! - A message whose body is not an event is terminated (`+TERM`) and counted as `undecodable`.
+//! - The server hands an unacknowledged event out again once the claim idle time has passed, to
+//!   whichever member pulls first. When that is the member still holding it (its broker is still
+//!   working on it), the redelivery is held, not handed out twice, and counted as
+//!   `held_redeliveries`: another member takes it over only by pulling first, which every member
+//!   with an open long poll does in turn.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::Shared;
+use super::connection::{Delivered, api, pull, refused, unavailable};
+use super::subject::{Filter, cover, disjoint_cover, event_type_of};
+use super::wire::{ORIGIN, TYPE, decode_event};
+use crate::error::{ProviderError, ProviderErrorKind};
+use crate::pattern::{Pattern, PatternSet};
+use crate::provider::{
+    Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent, closed_error,
+};
+
+const NAME: &str = super::connection::NAME;
+
+/// Longest durable consumer name made from a group key.
+const MAX_DURABLE: usize = 200;
+
+/// The first pause of a fetch that found nothing; pauses double up to
+/// [`NatsConfig::fetch_poll_interval`](super::NatsConfig::fetch_poll_interval).
+const FIRST_POLL: Duration = Duration::from_millis(1);
+
+/// Most acknowledgement subjects a source keeps for events it handed out and the broker has not
+/// acknowledged or given back; beyond that the oldest are forgotten (their events are redelivered
+/// after the claim idle time).
+const MAX_TOKENS: usize = 1 << 20;
+
+/// The durable consumer name of `group`.
+pub(super) fn durable_name(group: &ConsumerGroup) -> Result<String, ProviderError> {
+    let (tag, name) = match group {
+        ConsumerGroup::Instance(name) => ("eb-i-", name),
+        ConsumerGroup::Shared(name) => ("eb-s-", name),
+    };
+    if name.is_empty() {
+        return Err(invalid("open_inbound", "the consumer group name is empty".to_owned()));
+    }
+    let mut durable = String::from(tag);
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            durable.push(char::from(byte));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(durable, "_{byte:02X}");
+        }
+    }
+    if durable.len() > MAX_DURABLE {
+        return Err(invalid(
+            "open_inbound",
+            format!(
+                "consumer group {name:?} makes a consumer name of {} bytes; the limit is {MAX_DURABLE}",
+                durable.len()
+            ),
+        ));
+    }
+    Ok(durable)
+}
+
+fn invalid(operation: &'static str, message: String) -> ProviderError {
+    ProviderError::new(NAME, operation, ProviderErrorKind::InvalidInput(message))
+}
+
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The settings of a group's durable consumer that the provider manages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+struct DurableConfig {
+    durable_name: String,
+    deliver_policy: String,
+    ack_policy: String,
+    ack_wait: u64,
+    max_deliver: i64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    filter_subject: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    filter_subjects: Vec<String>,
+    replay_policy: String,
+    max_ack_pending: i64,
+}
+
+#[derive(Serialize)]
+struct CreateDurable<'a> {
+    stream_name: &'a str,
+    config: &'a DurableConfig,
+}
+
+#[derive(Deserialize)]
+struct ConsumerInfo {
+    config: DurableConfig,
+}
+
+/// Counts of what this handle's sources did.
+#[derive(Debug, Default)]
+pub(super) struct InboundCounters {
+    pub(super) open: AtomicU64,
+    pub(super) handed_out: AtomicU64,
+    pub(super) echoes_skipped: AtomicU64,
+    pub(super) filtered_after_fetch: AtomicU64,
+    pub(super) undecodable: AtomicU64,
+    pub(super) held_redeliveries: AtomicU64,
+}
+
+/// Opens the source of `config`'s group, creating its durable consumer or bringing an existing
+/// one's claim idle time and pending limit to this provider's.
+pub(super) async fn open(
+    shared: Arc<Shared>,
+    config: InboundConfig,
+) -> Result<Arc<dyn Inbound>, ProviderError> {
+    const OPERATION: &str = "open_inbound";
+    let durable = durable_name(config.group())?;
+    let stream = shared.layout.events.clone();
+    let mut desired = DurableConfig {
+        durable_name: durable.clone(),
+        deliver_policy: "new".to_owned(),
+        ack_policy: "explicit".to_owned(),
+        ack_wait: nanos(config.claim_idle().max(Duration::from_millis(1))),
+        max_deliver: -1,
+        filter_subject: Filter::all().subject(&shared.layout.prefix),
+        filter_subjects: Vec::new(),
+        replay_policy: "instant".to_owned(),
+        max_ack_pending: i64::try_from(shared.config.max_ack_pending).unwrap_or(i64::MAX),
+    };
+    let existing: Result<ConsumerInfo, _> = api(
+        &shared.conn.js,
+        OPERATION,
+        format!("CONSUMER.INFO.{stream}.{durable}"),
+        &super::connection::Empty {},
+    )
+    .await?;
+    let current = match existing {
+        Ok(info) => {
+            // Keep where it stands and what it filters; members that come back set their filter.
+            desired.deliver_policy.clone_from(&info.config.deliver_policy);
+            desired.filter_subject.clone_from(&info.config.filter_subject);
+            desired.filter_subjects.clone_from(&info.config.filter_subjects);
+            Some(info.config)
+        }
+        Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => None,
+        Err(error) => {
+            return Err(refused(OPERATION, &format!("consumer {durable} of stream {stream}"), &error));
+        }
+    };
+    let needs_write = current.as_ref().is_none_or(|current| {
+        current.ack_wait != desired.ack_wait || current.max_ack_pending != desired.max_ack_pending
+    });
+    if needs_write {
+        write_consumer(&shared, OPERATION, &desired).await?;
+    }
+    shared.inbound.open.fetch_add(1, Ordering::Relaxed);
+    Ok(Arc::new(NatsInbound {
+        inner: Arc::new(Source {
+            shared,
+            group_key: config.group().key(),
+            durable,
+            consumer: Mutex::new(desired),
+            wanted: Mutex::new(None),
+            tokens: Mutex::new(BTreeMap::new()),
+            closed: AtomicBool::new(false),
+        }),
+    }))
+}
+
+/// Creates the durable consumer `config` describes, or updates it to `config`.
+async fn write_consumer(
+    shared: &Shared,
+    operation: &'static str,
+    config: &DurableConfig,
+) -> Result<(), ProviderError> {
+    #[derive(Deserialize)]
+    struct Written {}
+    let stream = &shared.layout.events;
+    let subject = format!("CONSUMER.DURABLE.CREATE.{stream}.{}", config.durable_name);
+    let written: Result<Written, _> =
+        api(&shared.conn.js, operation, subject, &CreateDurable { stream_name: stream, config }).await?;
+    written.map(drop).map_err(|error| {
+        refused(operation, &format!("write consumer {} of stream {stream}", config.durable_name), &error)
+    })
+}
+
+/// One broker's source; see the module docs.
+struct NatsInbound {
+    inner: Arc<Source>,
+}
+
+struct Source {
+    shared: Arc<Shared>,
+    group_key: String,
+    durable: String,
+    /// The consumer's settings as this source last wrote them.
+    consumer: Mutex<DurableConfig>,
+    /// The patterns of the last `set_filter`; `None` before the first: everything is wanted.
+    wanted: Mutex<Option<Arc<PatternSet<()>>>>,
+    /// Acknowledgement subjects of the events handed out, by stream sequence (the token).
+    tokens: Mutex<BTreeMap<u64, String>>,
+    closed: AtomicBool,
+}
+
+impl Source {
+    fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
+        // Relaxed: a flag; a call racing `close` may still run once, which is harmless.
+        if self.closed.load(Ordering::Relaxed) || self.shared.closed.load(Ordering::Relaxed) {
+            return Err(closed_error(NAME, operation));
+        }
+        Ok(())
+    }
+
+    /// Sorts out a pulled batch: echoes and unwanted events are acknowledged, undecodable messages
+    /// terminated, the rest handed out.
+    async fn sort(&self, pulled: Vec<Delivered>) -> Result<Vec<InboundEvent>, ProviderError> {
+        // Read after the pull: `set_filter` changes these patterns before the server's filter, so
+        // they are never older than the filter the pulled messages passed.
+        let wanted = self.wanted.lock().clone();
+        let wanted = wanted.as_deref();
+        let counters = &self.shared.inbound;
+        let client = &self.shared.conn.client;
+        let prefix = &self.shared.layout.prefix;
+        let mut events = Vec::with_capacity(pulled.len());
+        for delivered in pulled {
+            if delivered.header(ORIGIN) == Some(self.group_key.as_str()) {
+                counters.echoes_skipped.fetch_add(1, Ordering::Relaxed);
+                publish_ack(client, "fetch", &delivered.reply, ACK).await?;
+                continue;
+            }
+            // Unwanted events are told apart by their type alone: the header, else the subject.
+            let event_type = delivered
+                .header(TYPE)
+                .map(str::to_owned)
+                .or_else(|| event_type_of(prefix, &delivered.message.subject));
+            if let (Some(set), Some(event_type)) = (wanted, &event_type) {
+                if !set.is_match(event_type) {
+                    counters.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
+                    publish_ack(client, "fetch", &delivered.reply, ACK).await?;
+                    continue;
+                }
+            }
+            let event = match decode_event(&delivered.message.payload) {
+                Ok(event) => event,
+                Err(error) => {
+                    tracing::warn!(seq = delivered.seq, subject = %delivered.message.subject, %error,
+                        "nats provider: terminating a message that is not an event");
+                    counters.undecodable.fetch_add(1, Ordering::Relaxed);
+                    publish_ack(client, "fetch", &delivered.reply, TERM).await?;
+                    continue;
+                }
+            };
+            if event_type.is_none() && wanted.is_some_and(|set| !set.is_match(&event.event_type)) {
+                counters.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
+                publish_ack(client, "fetch", &delivered.reply, ACK).await?;
+                continue;
+            }
+            let mut tokens = self.tokens.lock();
+            if let Some(reply) = tokens.get_mut(&delivered.seq) {
+                // Redelivered past the claim idle time to the member that still holds it: the
+                // broker is working on it and will acknowledge it, so it is not handed out twice;
+                // the newest acknowledgement subject is kept.
+                *reply = delivered.reply;
+                counters.held_redeliveries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            tokens.insert(delivered.seq, delivered.reply);
+            while tokens.len() > MAX_TOKENS {
+                tokens.pop_first();
+            }
+            drop(tokens);
+            events.push(InboundEvent {
+                event: Arc::new(event),
+                token: AckToken::new(delivered.seq),
+                deliveries: delivered.count,
+            });
+        }
+        counters.handed_out.fetch_add(events.len() as u64, Ordering::Relaxed);
+        Ok(events)
+    }
+
+    async fn fetch(self: Arc<Self>, max: usize, wait: Duration) -> Result<Vec<InboundEvent>, ProviderError> {
+        const OPERATION: &str = "fetch";
+        let conn = &self.shared.conn;
+        let stream = &self.shared.layout.events;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = FIRST_POLL;
+        loop {
+            let pulled =
+                pull(&conn.client, OPERATION, stream, &self.durable, max, conn.request_timeout).await?;
+            if !pulled.is_empty() {
+                let events = self.sort(pulled).await?;
+                if !events.is_empty() {
+                    return Ok(events);
+                }
+                // Everything was an echo or unwanted: look again at once.
+                pause = FIRST_POLL;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            tokio::time::sleep(pause.min(left)).await;
+            pause = pause.saturating_mul(2).min(self.shared.config.fetch_poll_interval);
+        }
+    }
+
+    /// Sends `body` to the acknowledgement subject of each token still known, then flushes; the
+    /// tokens are forgotten once the server has the acknowledgements, unless `keep`.
+    fn acknowledge(
+        &self,
+        operation: &'static str,
+        tokens: Vec<(AckToken, &'static [u8])>,
+        body_extra: Option<&[u8]>,
+        keep: bool,
+    ) -> Result<(), ProviderError> {
+        self.check_open(operation)?;
+        let replies: Vec<(u64, String, bytes::Bytes)> = {
+            let known = self.tokens.lock();
+            tokens
+                .into_iter()
+                .filter_map(|(token, body)| {
+                    let reply = known.get(&token.get())?.clone();
+                    let body = match body_extra {
+                        Some(extra) => [body, b" ", extra].concat().into(),
+                        None => bytes::Bytes::from_static(body),
+                    };
+                    Some((token.get(), reply, body))
+                })
+                .collect()
+        };
+        if replies.is_empty() {
+            return Ok(());
+        }
+        let client = self.shared.conn.client.clone();
+        let sent: Vec<u64> = replies.iter().map(|(seq, _, _)| *seq).collect();
+        self.shared.conn.call(operation, self.shared.conn.request_timeout, async move {
+            for (_, reply, body) in replies {
+                client
+                    .publish(reply, body)
+                    .await
+                    .map_err(|error| unavailable(operation, format!("acknowledgement: {error}")))?;
+            }
+            client
+                .flush()
+                .await
+                .map_err(|error| unavailable(operation, format!("acknowledgement flush: {error}")))
+        })?;
+        if !keep {
+            let mut known = self.tokens.lock();
+            for seq in sent {
+                known.remove(&seq);
+            }
+        }
+        Ok(())
+    }
+}
+
+const ACK: &[u8] = b"+ACK";
+const TERM: &[u8] = b"+TERM";
+const NAK: &[u8] = b"-NAK";
+const IN_PROGRESS: &[u8] = b"+WPI";
+
+async fn publish_ack(
+    client: &async_nats::Client,
+    operation: &'static str,
+    reply: &str,
+    body: &'static [u8],
+) -> Result<(), ProviderError> {
+    client
+        .publish(reply.to_owned(), bytes::Bytes::from_static(body))
+        .await
+        .map_err(|error| unavailable(operation, format!("acknowledgement: {error}")))
+}
+
+impl Inbound for NatsInbound {
+    fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<InboundEvent>, ProviderError> {
+        const OPERATION: &str = "fetch";
+        self.inner.check_open(OPERATION)?;
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let conn = &self.inner.shared.conn;
+        let limit = wait.saturating_add(conn.request_timeout.saturating_mul(3));
+        conn.call(OPERATION, limit, Arc::clone(&self.inner).fetch(max, wait))
+    }
+
+    fn ack(&self, acks: &[Ack]) -> Result<(), ProviderError> {
+        let tokens = acks
+            .iter()
+            .map(|ack| {
+                let body = match ack.outcome {
+                    AckOutcome::Handled => ACK,
+                    // The delivery failed for good and its dead letter is stored: a final failure.
+                    AckOutcome::DeadLettered => TERM,
+                };
+                (ack.token, body)
+            })
+            .collect();
+        self.inner.acknowledge("ack", tokens, None, false)
+    }
+
+    fn nak(&self, tokens: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
+        let extra = (!delay.is_zero()).then(|| format!("{{\"delay\":{}}}", nanos(delay)).into_bytes());
+        self.inner.acknowledge("nak", tokens.iter().map(|&t| (t, NAK)).collect(), extra.as_deref(), false)
+    }
+
+    fn extend(&self, tokens: &[AckToken]) -> Result<(), ProviderError> {
+        self.inner.acknowledge("extend", tokens.iter().map(|&t| (t, IN_PROGRESS)).collect(), None, true)
+    }
+
+    fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
+        const OPERATION: &str = "set_filter";
+        let source = &self.inner;
+        source.check_open(OPERATION)?;
+        let shared = &source.shared;
+        let prefix = &shared.layout.prefix;
+        let mut config = source.consumer.lock().clone();
+        if shared.conn.multi_filter() {
+            let subjects = disjoint_cover(prefix, patterns);
+            if subjects.len() == 1 {
+                config.filter_subject.clone_from(&subjects[0]);
+                config.filter_subjects.clear();
+            } else {
+                config.filter_subject.clear();
+                config.filter_subjects = subjects;
+            }
+        } else {
+            config.filter_subject = cover(prefix, patterns);
+            config.filter_subjects.clear();
+        }
+        // The patterns first, the server's filter second: see `Source::sort`.
+        let set: PatternSet<()> = patterns.iter().map(|p| (p.clone(), ())).collect();
+        *source.wanted.lock() = Some(Arc::new(set));
+        if config != *source.consumer.lock() {
+            let shared_for_call = Arc::clone(shared);
+            let written = config.clone();
+            let limit = shared.conn.request_timeout;
+            shared.conn.call(OPERATION, limit, async move {
+                write_consumer(&shared_for_call, OPERATION, &written).await
+            })?;
+            *source.consumer.lock() = config;
+        }
+        Ok(())
+    }
+
+    fn close(&self) -> Result<(), ProviderError> {
+        // Relaxed: see `check_open`.
+        if !self.inner.closed.swap(true, Ordering::Relaxed) {
+            self.inner.tokens.lock().clear();
+            self.inner.shared.inbound.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsInbound {
+    fn drop(&mut self) {
+        // A source dropped without `close` is a vanished broker: its events stay with the group.
+        if !self.inner.closed.swap(true, Ordering::Relaxed) {
+            self.inner.shared.inbound.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_names_are_injective_and_bounded() {
+        let name = |g: ConsumerGroup| durable_name(&g).expect("valid");
+        assert_eq!(name(ConsumerGroup::Instance("api-1".into())), "eb-i-api-1");
+        assert_eq!(name(ConsumerGroup::Shared("api-1".into())), "eb-s-api-1");
+        assert_eq!(name(ConsumerGroup::Instance("a.b c_d".into())), "eb-i-a_2Eb_20c_5Fd");
+        assert_ne!(name(ConsumerGroup::Instance("a_2E".into())), name(ConsumerGroup::Instance("a.".into())));
+        let err = durable_name(&ConsumerGroup::Shared("x".repeat(300))).expect_err("too long");
+        assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(_)), "{err}");
+        assert!(durable_name(&ConsumerGroup::Shared(String::new())).is_err());
+    }
+}
