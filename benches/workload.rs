@@ -336,7 +336,9 @@ fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     throughput(&mut criterion, &workload);
     criterion.final_summary();
-    if !std::env::args().any(|a| a == "--test" || a == "--list") {
+    // `cargo bench` passes `--bench`; `cargo test --benches` (CI) does not.
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test" || a == "--list") {
         latency_table(&workload);
     }
 }
