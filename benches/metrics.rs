@@ -130,7 +130,9 @@ fn interleaved(rigs: &mut [&mut Rig]) -> Vec<f64> {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
+    // `cargo bench` passes `--bench`; `cargo test --benches` and `-- --test` only check that the
+    // bench runs, which criterion does once per function.
+    let quick = !std::env::args().any(|a| a == "--bench") || std::env::args().any(|a| a == "--test");
     let mut criterion = Criterion::default().configure_from_args();
     let mut group = criterion.benchmark_group("metrics_publish");
     group.throughput(Throughput::Elements(1));
