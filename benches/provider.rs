@@ -1,12 +1,16 @@
-//! Events per second through the broker and the memory provider with the full status lifecycle
-//! (store, processing, completed), batched writer against per-event writes, in the same run.
+//! The memory provider and the status lifecycle, in the same run:
 //!
-//! - `batched`: the default writer (up to 512 events or 1 ms per batch).
-//! - `per-event writer`: the same writer limited to one item per write (`max_batch: 1`), so each
-//!   store and each status change is its own provider call.
-//! - `inline per-event`: the Go seed's flow, without the writer: the publisher stores each event
-//!   before publishing it, and the handler, on the worker, writes the processing and completed
-//!   statuses; one provider call each, on the hot threads.
+//! - `memory_provider`: the provider alone, as the broker drives it for each event: store it, then
+//!   its `processing` and `completed` updates in batches of 256 (a worker's batch). Elements are
+//!   events: the cost per event of store plus statuses.
+//! - `provider_lifecycle`: events per second through the broker with the full lifecycle (stored,
+//!   processing, completed), one shard:
+//!   - `inline`: the default: publishers store and workers write statuses on their own threads;
+//!   - `writer`: the same memory provider written through the writer thread (as a network provider
+//!     is), batched up to 512 items or 1 ms;
+//!   - `per-event writer`: the writer limited to one item per write;
+//!   - `seed flow`: the Go seed's flow, without the broker's help: the publisher stores each event
+//!     before publishing it, and the handler writes its two statuses, one call each.
 //!
 //! Run: `cargo bench --bench provider`.
 
@@ -15,9 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use eventbroker::prelude::*;
 use eventbroker::{
-    Broker, Distribution, Event, EventId, EventSink, EventSource, EventStatus, MemoryConfig, MemoryProvider,
-    StatusUpdate, WriterConfig,
+    Broker, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, Distribution, Event, EventFilter,
+    EventId, EventSource, EventStatus, MemoryConfig, MemoryProvider, Pattern, ProviderError, ProviderStats,
+    ReplayFrom, StatusUpdate, StoredEvent, WriterConfig,
 };
 
 const TYPE: &str = "public.users.create";
@@ -27,15 +33,76 @@ fn fresh(template: &Event) -> Event {
     Event { id: EventId::new(), ..template.clone() }
 }
 
-fn provider() -> Arc<MemoryProvider> {
+fn memory() -> Arc<MemoryProvider> {
     Arc::new(MemoryProvider::new(MemoryConfig { max_events: 100_000, ..MemoryConfig::default() }))
 }
 
-fn broker(writer: WriterConfig) -> (Broker, Arc<MemoryProvider>, Arc<AtomicU64>) {
-    let provider = provider();
+/// The memory provider as a network provider looks to the broker: written through the writer.
+struct ThroughTheWriter(Arc<MemoryProvider>);
+
+impl EventSink for ThroughTheWriter {
+    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
+        self.0.store_batch(events, origin)
+    }
+    fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
+        self.0.update_status_batch(updates)
+    }
+    fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
+        self.0.store_dead_letters(letters)
+    }
+    fn flush(&self) -> Result<(), ProviderError> {
+        self.0.flush()
+    }
+}
+
+impl EventStore for ThroughTheWriter {
+    fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
+        self.0.get(id)
+    }
+    fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        self.0.list(filter)
+    }
+    fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
+        self.0.delete(id)
+    }
+    fn replay(
+        &self,
+        from: ReplayFrom,
+        pattern: Option<&Pattern>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ProviderError> {
+        self.0.replay(from, pattern, limit)
+    }
+    fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
+        self.0.list_dead_letters(filter)
+    }
+    fn get_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
+        self.0.get_dead_letter(id)
+    }
+    fn delete_dead_letter(&self, id: DeadLetterId) -> Result<bool, ProviderError> {
+        self.0.delete_dead_letter(id)
+    }
+    fn stats(&self) -> Result<ProviderStats, ProviderError> {
+        self.0.stats()
+    }
+}
+
+impl Provider for ThroughTheWriter {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { inline_writes: false, ..self.0.capabilities() }
+    }
+    fn close(&self) -> Result<(), ProviderError> {
+        self.0.close()
+    }
+}
+
+fn broker(provider: Arc<dyn Provider>, writer: WriterConfig) -> (Broker, Arc<AtomicU64>) {
     let broker = Broker::builder()
         .workers(1)
-        .provider(provider.clone())
+        .provider(provider)
         .distribution(Distribution::Local)
         .writer(writer)
         .build()
@@ -43,12 +110,43 @@ fn broker(writer: WriterConfig) -> (Broker, Arc<MemoryProvider>, Arc<AtomicU64>)
     let handled = Arc::new(AtomicU64::new(0));
     let h = Arc::clone(&handled);
     broker
-        .subscribe(TYPE, move |_: &Event| {
+        .subscribe_infallible(TYPE, move |_: &Event| {
             h.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), std::convert::Infallible>(())
         })
         .unwrap();
-    (broker, provider, handled)
+    (broker, handled)
+}
+
+fn memory_provider(c: &mut Criterion) {
+    let mut group = c.benchmark_group("memory_provider");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
+    let provider = memory();
+    group.bench_function("store_and_two_statuses", |b| {
+        b.iter_custom(|iters| {
+            let events: Vec<Arc<Event>> = (0..iters).map(|_| Arc::new(fresh(&template))).collect();
+            let started = Instant::now();
+            for chunk in events.chunks(256) {
+                for event in chunk {
+                    provider.store_batch(std::slice::from_ref(event), None).unwrap();
+                }
+                let now = jiff::Timestamp::now();
+                let processing: Vec<StatusUpdate> = chunk
+                    .iter()
+                    .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
+                    .collect();
+                provider.update_status_batch(&processing).unwrap();
+                let completed: Vec<StatusUpdate> = chunk
+                    .iter()
+                    .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
+                    .collect();
+                provider.update_status_batch(&completed).unwrap();
+            }
+            started.elapsed()
+        });
+    });
+    group.finish();
 }
 
 fn lifecycle(c: &mut Criterion) {
@@ -57,14 +155,17 @@ fn lifecycle(c: &mut Criterion) {
     group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
     let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
 
-    for (name, writer) in [
-        ("batched", WriterConfig::default()),
+    let contenders: [(&str, Arc<dyn Provider>, WriterConfig); 3] = [
+        ("inline", memory(), WriterConfig::default()),
+        ("writer", Arc::new(ThroughTheWriter(memory())), WriterConfig::default()),
         (
             "per-event writer",
+            Arc::new(ThroughTheWriter(memory())),
             WriterConfig { max_batch: 1, max_delay: Duration::ZERO, ..WriterConfig::default() },
         ),
-    ] {
-        let (broker, _provider, handled) = broker(writer);
+    ];
+    for (name, provider, writer) in contenders {
+        let (broker, handled) = broker(provider, writer);
         group.bench_function(BenchmarkId::new(name, "memory"), |b| {
             b.iter_custom(|iters| {
                 let target = handled.load(Ordering::Relaxed) + iters;
@@ -79,13 +180,13 @@ fn lifecycle(c: &mut Criterion) {
                 started.elapsed()
             });
         });
-        let _ = broker.shutdown(Duration::from_secs(30));
+        assert!(broker.shutdown(Duration::from_secs(30)).is_clean());
     }
 
-    let inline = provider();
+    let seed = memory();
     let broker = Broker::builder().workers(1).track_status(false).build().unwrap();
     let handled = Arc::new(AtomicU64::new(0));
-    let (h, p) = (Arc::clone(&handled), Arc::clone(&inline));
+    let (h, p) = (Arc::clone(&handled), Arc::clone(&seed));
     broker
         .subscribe(TYPE, move |event: &Event| {
             for status in [EventStatus::Processing, EventStatus::Completed] {
@@ -97,10 +198,10 @@ fn lifecycle(c: &mut Criterion) {
                 p.update_status_batch(std::slice::from_ref(&update))?;
             }
             h.fetch_add(1, Ordering::Relaxed);
-            Ok::<(), eventbroker::ProviderError>(())
+            Ok::<(), ProviderError>(())
         })
         .unwrap();
-    group.bench_function(BenchmarkId::new("inline per-event", "memory"), |b| {
+    group.bench_function(BenchmarkId::new("seed flow", "memory"), |b| {
         b.iter_custom(|iters| {
             let target = handled.load(Ordering::Relaxed) + iters;
             let started = Instant::now();
@@ -108,7 +209,7 @@ fn lifecycle(c: &mut Criterion) {
                 let event = fresh(&template);
                 // The seed stores the event as published; the copy is the price of this
                 // crate's owned-event API for a baseline that stores outside the broker.
-                inline.store_batch(&[Arc::new(event.clone())], None).unwrap();
+                seed.store_batch(&[Arc::new(event.clone())], None).unwrap();
                 broker.publish(event).unwrap();
             }
             while handled.load(Ordering::Relaxed) < target {
@@ -117,9 +218,9 @@ fn lifecycle(c: &mut Criterion) {
             started.elapsed()
         });
     });
-    let _ = broker.shutdown(Duration::from_secs(30));
+    assert!(broker.shutdown(Duration::from_secs(30)).is_clean());
     group.finish();
 }
 
-criterion_group!(benches, lifecycle);
+criterion_group!(benches, memory_provider, lifecycle);
 criterion_main!(benches);

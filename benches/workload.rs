@@ -324,6 +324,37 @@ fn latency_table(workload: &Workload) {
     }
 }
 
+/// This process's resident set, in MiB (Linux).
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// RSS of the default settings after a warm-up that fills the memory provider to its bound, and
+/// after a million events more: what grows beyond what the provider holds.
+fn rss_table(workload: &Workload) {
+    let contender = BrokerContender::new(workload, 2, true);
+    let schedule = workload.schedule(1 << 16, 3);
+    run(&contender, workload, &schedule, 1, 50_000);
+    contender.broker.drain(Duration::from_secs(60)).unwrap();
+    let warm = rss_mib();
+    run(&contender, workload, &schedule, 1, 1_000_000);
+    contender.broker.drain(Duration::from_secs(60)).unwrap();
+    let after = rss_mib();
+    let held = contender.broker.provider().stats().unwrap().total_events;
+    println!(
+        "\nRSS, default settings, 2 workers: {warm:.1} MiB after 50 000 events (the provider holds {held}), {after:.1} MiB after 1 000 000 more: +{:.1} MiB",
+        after - warm
+    );
+    assert!(contender.broker.shutdown(Duration::from_secs(30)).is_clean());
+}
+
 fn main() {
     let workload = Workload::new();
     #[allow(clippy::cast_precision_loss, reason = "an average for a log line")]
@@ -340,5 +371,6 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test" || a == "--list") {
         latency_table(&workload);
+        rss_table(&workload);
     }
 }
