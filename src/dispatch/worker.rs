@@ -109,6 +109,9 @@ pub(crate) struct WorkerReport {
     pub(crate) returned_at_shutdown: u64,
 }
 
+/// How long before the shutdown deadline a worker stops running retries and dead-letters the rest.
+const FINISH_MARGIN: Duration = Duration::from_millis(20);
+
 /// A delivery waiting for its next attempt.
 struct Retry {
     /// The job's entry in [`Worker::open`].
@@ -263,13 +266,14 @@ impl Worker {
             return;
         }
         let now = Timestamp::now();
-        let statuses: Vec<StatusUpdate> = self
-            .batch
-            .iter()
-            .flatten()
-            .filter(|job| job.origin == Origin::Local)
-            .map(|job| StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now))
-            .collect();
+        let statuses = &mut self.outbox.statuses;
+        statuses.extend(
+            self.batch
+                .iter()
+                .flatten()
+                .filter(|job| job.origin == Origin::Local)
+                .map(|job| StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now)),
+        );
         write_statuses(&self.shared, statuses);
     }
 
@@ -419,8 +423,11 @@ impl Worker {
     /// dead-letter the rest (local jobs) or give them back for redelivery (inbound jobs).
     fn finish(&mut self, report: &mut WorkerReport) {
         let deadline = self.shared.shutdown_deadline().unwrap_or_else(Instant::now);
+        // Retries stop a little before the deadline, so what is left is dead-lettered (and the
+        // worker gone) by then: retries that keep coming due at once would otherwise run up to it.
+        let last_start = deadline.checked_sub(FINISH_MARGIN).unwrap_or(deadline);
         while let Some(due) = self.retries.next_due() {
-            if due > deadline {
+            if due > deadline || Instant::now() >= last_start {
                 break;
             }
             let now = Instant::now();
@@ -502,7 +509,8 @@ impl Worker {
 }
 
 /// Writes status changes: inline when the provider is cheap enough, else through the writer.
-fn write_statuses(shared: &WorkerShared, statuses: Vec<StatusUpdate>) {
+/// Takes the updates out of `statuses`, keeping its buffer when they are written inline.
+fn write_statuses(shared: &WorkerShared, statuses: &mut Vec<StatusUpdate>) {
     if statuses.is_empty() {
         return;
     }
@@ -510,9 +518,10 @@ fn write_statuses(shared: &WorkerShared, statuses: Vec<StatusUpdate>) {
         Some(provider) => {
             let _ = shared
                 .writer
-                .inline("update_status_batch", statuses.len(), || provider.update_status_batch(&statuses));
+                .inline("update_status_batch", statuses.len(), || provider.update_status_batch(statuses));
+            statuses.clear();
         }
-        None => shared.writer.status(statuses),
+        None => shared.writer.status(std::mem::take(statuses)),
     }
 }
 
@@ -521,7 +530,7 @@ fn write_statuses(shared: &WorkerShared, statuses: Vec<StatusUpdate>) {
 /// writer.
 pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
     if shared.inline.is_some() {
-        write_statuses(shared, std::mem::take(&mut outbox.statuses));
+        write_statuses(shared, &mut outbox.statuses);
     }
     shared.writer.settle(outbox);
 }

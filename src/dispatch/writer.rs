@@ -266,6 +266,15 @@ impl ProviderWriter {
     /// Takes what `outbox` has for the writer (statuses, dead letters, acknowledgements), leaving
     /// its counts.
     pub(crate) fn settle(&self, outbox: &mut Outbox) {
+        let empty = outbox.statuses.is_empty()
+            && outbox.dead_letters.is_empty()
+            && outbox.acks.is_empty()
+            && outbox.naks.is_empty()
+            && outbox.extends.is_empty();
+        if empty {
+            // Nothing to send: the outbox keeps its buffers for the next turn.
+            return;
+        }
         let settlement = Settlement {
             statuses: std::mem::take(&mut outbox.statuses),
             dead_letters: std::mem::take(&mut outbox.dead_letters),
@@ -274,14 +283,7 @@ impl ProviderWriter {
             naks: std::mem::take(&mut outbox.naks),
             extends: std::mem::take(&mut outbox.extends),
         };
-        let empty = settlement.statuses.is_empty()
-            && settlement.dead_letters.is_empty()
-            && settlement.acks.is_empty()
-            && settlement.naks.is_empty()
-            && settlement.extends.is_empty();
-        if !empty {
-            self.send(WriteOp::Settle(settlement), 0);
-        }
+        self.send(WriteOp::Settle(settlement), 0);
     }
 
     /// Writes everything queued so far and waits up to `timeout` for the outcome.

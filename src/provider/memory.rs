@@ -442,7 +442,7 @@ impl EventSink for MemoryProvider {
         }
         // Each shard's lock once, its updates in slice order (a later update of an id wins: an id
         // is always in the same shard, and ties keep their slice order).
-        let mut order: Vec<(usize, usize)> =
+        let mut order: smallvec::SmallVec<[(usize, usize); 256]> =
             updates.iter().enumerate().map(|(i, u)| (shared.shard_of(u.id), i)).collect();
         order.sort_unstable();
         for run in order.chunk_by(|a, b| a.0 == b.0) {
