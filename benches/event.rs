@@ -93,10 +93,10 @@ fn parts(c: &mut Criterion) {
                 r#"{{"id":{},"name":"customer","email":"c@example.com","plan":"pro"}}"#,
                 black_box(42)
             ))
-        })
+        });
     });
     group.bench_function("raw_from_string", |b| {
-        b.iter(|| black_box(serde_json::value::RawValue::from_string(black_box(text).to_owned()).unwrap()))
+        b.iter(|| black_box(serde_json::value::RawValue::from_string(black_box(text).to_owned()).unwrap()));
     });
     group.bench_function("set_payload_json", |b| {
         let mut e = Event::new(EventSource::System, "a.b");
@@ -110,7 +110,7 @@ fn parts(c: &mut Criterion) {
     let crud = crud_event(42);
     group.bench_function("to_json", |b| b.iter(|| black_box(black_box(&crud).to_json())));
     group.bench_function("for_entity", |b| {
-        b.iter(|| black_box(Event::for_entity(EventSource::Database, "public", "customers", "update")))
+        b.iter(|| black_box(Event::for_entity(EventSource::Database, "public", "customers", "update")));
     });
     group.bench_function("timestamp_now", |b| b.iter(|| black_box(jiff::Timestamp::now())));
     group.bench_function("id", |b| b.iter(|| black_box(eventbroker::EventId::new())));

@@ -200,13 +200,27 @@ pub struct Payload(Box<RawValue>);
 
 impl Payload {
     /// Wraps JSON text after checking that it is one JSON value that keeps the payload's rules.
+    /// The check is one pass over the bytes, grammar and rules together; the text is not parsed.
+    /// Whitespace around the value is dropped, as `serde_json`'s `RawValue` drops it.
+    ///
+    /// ```
+    /// use eventbroker::Payload;
+    ///
+    /// assert_eq!(Payload::from_json(" [1, 2]\n".to_owned())?.as_str(), "[1, 2]");
+    /// # Ok::<(), eventbroker::PayloadError>(())
+    /// ```
     ///
     /// # Errors
-    /// [`PayloadError::InvalidJson`] when it is not.
+    /// [`PayloadError::InvalidJson`] when it is not: `serde_json`'s error when the text is not
+    /// JSON, else the rule it breaks first.
     pub fn from_json(json: String) -> Result<Self, PayloadError> {
-        let raw = RawValue::from_string(json).map_err(PayloadError::InvalidJson)?;
-        raw_json::check_value(raw.get()).map_err(PayloadError::InvalidJson)?;
-        Ok(Self(raw))
+        let value = raw_json::check_payload(&json).map_err(PayloadError::InvalidJson)?;
+        let json = if value.len() == json.len() { json } else { json[value].to_owned() };
+        // SAFETY: `check_payload` accepts only text that is one JSON value as `serde_json` reads
+        // it (fuzzed against `serde_json` by the `payload_diff` target), and `json` is now exactly
+        // that value's text, without the whitespace around it: the contract of
+        // `from_string_unchecked`.
+        Ok(Self(unsafe { RawValue::from_string_unchecked(json) }))
     }
 
     /// Serializes `value` to compact JSON.
@@ -216,7 +230,7 @@ impl Payload {
     /// [`Event::MAX_JSON_DEPTH`].
     pub fn from_value<T: Serialize + ?Sized>(value: &T) -> Result<Self, PayloadError> {
         let raw = serde_json::value::to_raw_value(value).map_err(PayloadError::Serialize)?;
-        raw_json::check_value(raw.get()).map_err(PayloadError::Serialize)?;
+        raw_json::check_payload(raw.get()).map_err(PayloadError::Serialize)?;
         Ok(Self(raw))
     }
 
@@ -245,7 +259,7 @@ impl Payload {
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
-        raw_json::check_value(raw.get()).map_err(serde::de::Error::custom)?;
+        raw_json::check_payload(raw.get()).map_err(serde::de::Error::custom)?;
         Ok(Self(raw))
     }
 }
