@@ -143,6 +143,35 @@ fn raw_payload_errors_are_serde_jsons_for_text_that_is_not_json() {
 }
 
 #[test]
+fn an_event_reads_the_clock_once_for_its_id_and_its_time() {
+    let events: Vec<Event> = (0..1_000).map(|_| Event::new(EventSource::System, "a.b")).collect();
+    for event in &events {
+        let (seconds, nanos) = event.id.as_uuid().get_timestamp().expect("a v7 id has a time").to_unix();
+        let millis = i64::try_from(seconds).unwrap() * 1_000 + i64::from(nanos / 1_000_000);
+        assert_eq!(millis, event.created_at.as_millisecond());
+    }
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id), "ids increase on one thread");
+}
+
+#[test]
+fn entity_events_are_typed_schema_entity_operation_at_any_length() {
+    // Inline up to 24 bytes, on the heap past them; multi-byte characters are kept whole.
+    for (schema, entity, operation) in [
+        ("a", "b", "c"),
+        ("public", "customers", "updat"),
+        ("public", "customers", "update"),
+        ("public", "customers", "update!"),
+        ("inventory", "warehouse_locations", "update"),
+        ("é", "ü😀", "ß"),
+    ] {
+        let event = Event::for_entity(EventSource::Database, schema, entity, operation);
+        assert_eq!(event.event_type, event_type(schema, entity, operation));
+        assert_eq!((event.schema.as_str(), event.entity.as_str()), (schema, entity));
+        assert_eq!(event.operation, operation);
+    }
+}
+
+#[test]
 fn typed_payload_errors_say_what_went_wrong() {
     #[derive(serde::Deserialize, Debug)]
     #[allow(dead_code)]
