@@ -58,10 +58,19 @@ pub(crate) use uuid_v7_id;
 /// and no shared state, so making ids scales with threads; uniqueness rests on the 62 random bits
 /// (plus the counter), as v7's does.
 pub(crate) fn next_v7() -> uuid::Uuid {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+    next_v7_at(now)
+}
+
+/// [`next_v7`] for a caller that has read the clock already: `unix_millis` is the current Unix
+/// time in milliseconds. An event reads the clock once for its id and its `created_at`.
+pub(crate) fn next_v7_at(unix_millis: u64) -> uuid::Uuid {
     thread_local! {
         static GENERATOR: std::cell::RefCell<V7> = std::cell::RefCell::new(V7::seeded());
     }
-    GENERATOR.with_borrow_mut(V7::next)
+    GENERATOR.with_borrow_mut(|generator| generator.next_at(unix_millis))
 }
 
 /// One thread's v7 state.
@@ -81,10 +90,9 @@ impl V7 {
         Self { millis: 0, counter: 0, rng: fastrand::Rng::new() }
     }
 
-    fn next(&mut self) -> uuid::Uuid {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+    /// The next id at Unix time `now` (milliseconds); a `now` behind the last id's counts as the
+    /// last id's millisecond.
+    fn next_at(&mut self, now: u64) -> uuid::Uuid {
         if now > self.millis {
             self.millis = now;
             // A random start in the lower half leaves room to count up within the millisecond.
@@ -126,10 +134,22 @@ mod tests {
     fn a_full_millisecond_borrows_the_next_one_and_keeps_the_order() {
         let mut generator =
             V7 { millis: u64::MAX >> 20, counter: COUNTER_MAX - 1, rng: fastrand::Rng::with_seed(1) };
-        let a = generator.next();
-        let b = generator.next();
-        let c = generator.next();
+        let now = generator.millis;
+        let a = generator.next_at(now);
+        let b = generator.next_at(now);
+        let c = generator.next_at(now);
         assert!(a < b && b < c, "{a} {b} {c}");
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_keeps_the_order() {
+        let mut generator = V7 { millis: 0, counter: 0, rng: fastrand::Rng::with_seed(2) };
+        let ids: Vec<uuid::Uuid> =
+            [1_000, 1_000, 999, 5, 1_000, 1_001].into_iter().map(|now| generator.next_at(now)).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+        let millis = |id: &uuid::Uuid| id.get_timestamp().expect("v7 has a timestamp").to_unix();
+        assert_eq!(millis(&ids[3]), (1, 0), "a step back keeps the last millisecond");
+        assert_eq!(millis(&ids[5]), (1, 1_000_000));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The event model: wire compatibility with the Go seed, round trips, and the two decoders.
 
-use eventbroker::{DecodeError, Event, EventId, EventSource, EventStatus, PayloadError, event_type};
+use eventbroker::{DecodeError, Event, EventId, EventSource, EventStatus, Payload, PayloadError, event_type};
 use jiff::Timestamp;
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -116,6 +116,59 @@ fn payload_text_is_kept_byte_for_byte() {
     assert_eq!(back.payload_json(), Some(text));
     let mut bytes = event.to_json().into_bytes();
     assert_eq!(Event::from_json_simd(&mut bytes).unwrap().payload_json(), Some(text));
+}
+
+#[test]
+fn payload_text_is_the_value_without_the_whitespace_around_it() {
+    let mut event = Event::new(EventSource::Internal, "x.y");
+    event.set_payload_json(" \n\t{\"a\": [1, 2]}\r\n ").unwrap();
+    assert_eq!(event.payload_json(), Some(r#"{"a": [1, 2]}"#));
+    assert!(event.to_json().contains(r#""payload":{"a": [1, 2]},"#), "{}", event.to_json());
+    event.set_payload_json(" null ").unwrap();
+    assert!(event.payload.is_none(), "a JSON null with whitespace around it clears the payload");
+}
+
+#[test]
+fn raw_payload_errors_are_serde_jsons_for_text_that_is_not_json() {
+    let message = |text: &str| Payload::from_json(text.to_owned()).unwrap_err().to_string();
+    assert_eq!(
+        message(r#"{"id": "#),
+        "the payload is not valid JSON: EOF while parsing a value at line 1 column 7"
+    );
+    assert_eq!(message("[1,]"), "the payload is not valid JSON: expected value at line 1 column 4");
+    assert_eq!(
+        message(r#"["\udc00"]"#),
+        "the payload is not valid JSON: lone surrogate in a \\u escape at byte 2"
+    );
+}
+
+#[test]
+fn an_event_reads_the_clock_once_for_its_id_and_its_time() {
+    let events: Vec<Event> = (0..1_000).map(|_| Event::new(EventSource::System, "a.b")).collect();
+    for event in &events {
+        let (seconds, nanos) = event.id.as_uuid().get_timestamp().expect("a v7 id has a time").to_unix();
+        let millis = i64::try_from(seconds).unwrap() * 1_000 + i64::from(nanos / 1_000_000);
+        assert_eq!(millis, event.created_at.as_millisecond());
+    }
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id), "ids increase on one thread");
+}
+
+#[test]
+fn entity_events_are_typed_schema_entity_operation_at_any_length() {
+    // Inline up to 24 bytes, on the heap past them; multi-byte characters are kept whole.
+    for (schema, entity, operation) in [
+        ("a", "b", "c"),
+        ("public", "customers", "updat"),
+        ("public", "customers", "update"),
+        ("public", "customers", "update!"),
+        ("inventory", "warehouse_locations", "update"),
+        ("é", "ü😀", "ß"),
+    ] {
+        let event = Event::for_entity(EventSource::Database, schema, entity, operation);
+        assert_eq!(event.event_type, event_type(schema, entity, operation));
+        assert_eq!((event.schema.as_str(), event.entity.as_str()), (schema, entity));
+        assert_eq!(event.operation, operation);
+    }
 }
 
 #[test]

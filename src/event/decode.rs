@@ -3,7 +3,7 @@
 //! the same documents and give the same events. The rules are stated on [`Event::from_json`];
 //! [`Dialect`] is the one place where the two parsers differ. Metadata values are built and
 //! unknown fields walked by visitors that count depth ([`ValueSeed`], [`Checked`]); the payload,
-//! kept as text, is checked on its bytes by `raw_json::check_value`, which is tested against
+//! kept as text, is checked on its bytes by `raw_json::check_payload`, which is tested against
 //! [`Checked`].
 
 use std::fmt;
@@ -374,7 +374,7 @@ impl Checked {
 }
 
 /// Checks JSON text against the rules, as one value with nothing after it, through the visitor:
-/// the reference `raw_json::check_value` is tested against.
+/// the reference `raw_json::check_payload` is tested against.
 #[cfg(test)]
 pub(super) fn check_json(text: &str) -> Result<(), serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
