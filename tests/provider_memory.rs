@@ -64,16 +64,16 @@ fn eviction_is_least_recently_used_not_first_stored() {
     // These checks are gets, so they refresh too: from least to most recent it is now a, c, d.
     assert!(stored(&provider, a.id) && stored(&provider, c.id) && stored(&provider, d.id));
 
-    // A status update counts as use as well: refresh `a`, so `c` goes next.
+    // A status update does not count as use: updating `a` leaves it the least recent, so it goes.
     provider.update_status_batch(&[StatusUpdate::new(a.id, EventStatus::Processing)]).expect("update");
     provider.store_batch(std::slice::from_ref(&e), None).expect("store");
-    assert!(!stored(&provider, c.id), "c was least recently used");
+    assert!(!stored(&provider, a.id), "a was least recently used, its status update aside");
 
-    // Storing again counts as use too: re-storing `d` leaves `a` the least recent.
-    provider.store_batch(std::slice::from_ref(&d), None).expect("store again");
+    // Storing again counts as use: re-storing `c` leaves `d` the least recent.
+    provider.store_batch(std::slice::from_ref(&c), None).expect("store again");
     provider.store_batch(std::slice::from_ref(&f), None).expect("store");
     let left: Vec<EventId> = provider.list(&EventFilter::new()).expect("list").iter().map(|e| e.id).collect();
-    assert_eq!(left, vec![d.id, e.id, f.id]);
+    assert_eq!(left, vec![c.id, e.id, f.id]);
 
     let stats = provider.stats().expect("stats");
     assert_eq!(stats.total_events, 3);
@@ -432,10 +432,9 @@ proptest! {
                 }
                 Op::Update(i, status) => {
                     provider.update_status_batch(&[StatusUpdate::new(pool[i].id, status)]).expect("update");
-                    if let Some(at) = model.iter().position(|m| m.id == pool[i].id) {
-                        let mut e = model.remove(at);
+                    // An update does not count as use: the event keeps its place.
+                    if let Some(e) = model.iter_mut().find(|m| m.id == pool[i].id) {
                         e.status = status;
-                        model.push(e);
                     }
                 }
                 Op::Get(i) => {

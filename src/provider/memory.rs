@@ -19,8 +19,9 @@
 //!
 //! ## Bounds
 //! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly. Storing one more
-//!   evicts the least recently used of its shard (of all events, below 4 096): storing, `get` and
-//!   status updates count as use; `list`, `replay` and `stats` do not. Eviction ignores status, so an
+//!   evicts the least recently used of its shard (of all events, below 4 096): storing and `get`
+//!   count as use; status updates, `list`, `replay` and `stats` do not (in the broker's flow, events
+//!   leave in the order they were stored unless read). Eviction ignores status, so an
 //!   event still pending can be evicted; size the bound above the number of events in flight.
 //! - Completed and failed events created more than [`MemoryConfig::max_age`] ago (24 h by
 //!   default) are removed by a background thread, `eventbroker-memory-cleanup`, that wakes every
@@ -441,13 +442,20 @@ impl EventSink for MemoryProvider {
             return Ok(());
         }
         // Each shard's lock once, its updates in slice order (a later update of an id wins: an id
-        // is always in the same shard, and ties keep their slice order).
-        let mut order: smallvec::SmallVec<[(usize, usize); 256]> =
-            updates.iter().enumerate().map(|(i, u)| (shared.shard_of(u.id), i)).collect();
-        order.sort_unstable();
-        for run in order.chunk_by(|a, b| a.0 == b.0) {
-            let mut held = shared.shard(run[0].0, "update_status_batch")?;
-            for &(_, i) in run {
+        // is always in the same shard). A pass per shard over a byte per update is cheaper than
+        // sorting them.
+        let shard_of: smallvec::SmallVec<[u8; 256]> = updates
+            .iter()
+            .map(|u| u8::try_from(shared.shard_of(u.id)).expect("fewer than 256 shards"))
+            .collect();
+        let mut counts = [0usize; SHARDS];
+        for &index in &shard_of {
+            counts[usize::from(index)] += 1;
+        }
+        for (index, &count) in counts.iter().enumerate().filter(|&(_, &count)| count > 0) {
+            let mut held = shared.shard(index, "update_status_batch")?;
+            let in_shard = shard_of.iter().enumerate().filter(|&(_, &of)| usize::from(of) == index);
+            for (i, _) in in_shard.take(count) {
                 held.events.update(&updates[i]);
             }
         }

@@ -4,7 +4,7 @@
 //! The event is kept as it was stored (shared, never copied) and its status fields beside it, so a
 //! status update writes a few fields instead of copying an event that handlers may still share.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use jiff::Timestamp;
@@ -51,6 +51,9 @@ impl Lifecycle {
 
 /// One stored event: as stored, its status now, and its sequence number.
 pub(super) struct Entry {
+    /// The event's id, kept beside it: evicting reads it without touching the event itself,
+    /// which by then is cold in cache.
+    pub(super) id: EventId,
     pub(super) event: Arc<Event>,
     pub(super) status: Lifecycle,
     pub(super) seq: u64,
@@ -78,34 +81,43 @@ impl Entry {
 const GONE: usize = usize::MAX;
 
 /// Sequence numbers of one shard, in increasing order (they are handed out under the shard's lock),
-/// with the recency-list slot of each; removed events leave a tombstone until compaction.
+/// with the recency-list slot of each; removed events leave a tombstone until compaction, except at
+/// the front, which is popped at once: eviction removes the oldest events, so in the broker's flow
+/// (store, then status updates soon after) removal is O(1).
 #[derive(Default)]
 struct SeqIndex {
-    entries: Vec<(u64, usize)>,
+    entries: VecDeque<(u64, usize)>,
     gone: usize,
 }
 
 impl SeqIndex {
     fn push(&mut self, seq: u64, slot: usize) {
-        debug_assert!(self.entries.last().is_none_or(|&(last, _)| last < seq), "sequence numbers increase");
-        self.entries.push((seq, slot));
+        debug_assert!(self.entries.back().is_none_or(|&(last, _)| last < seq), "sequence numbers increase");
+        self.entries.push_back((seq, slot));
     }
 
     fn remove(&mut self, seq: u64) {
-        if let Ok(i) = self.entries.binary_search_by_key(&seq, |&(s, _)| s) {
+        if self.entries.front().is_some_and(|&(first, _)| first == seq) {
+            self.entries.pop_front();
+        } else if let Ok(i) = self.entries.binary_search_by_key(&seq, |&(s, _)| s) {
             self.entries[i].1 = GONE;
             self.gone += 1;
             if self.gone > 64 && self.gone * 2 > self.entries.len() {
                 self.entries.retain(|&(_, slot)| slot != GONE);
                 self.gone = 0;
             }
+            return;
+        }
+        while self.entries.front().is_some_and(|&(_, slot)| slot == GONE) {
+            self.entries.pop_front();
+            self.gone -= 1;
         }
     }
 
     /// `(seq, slot)` from `first` on, in order.
     fn from(&self, first: u64) -> impl Iterator<Item = (u64, usize)> + '_ {
         let start = self.entries.partition_point(|&(s, _)| s < first);
-        self.entries[start..].iter().copied().filter(|&(_, slot)| slot != GONE)
+        self.entries.range(start..).copied().filter(|&(_, slot)| slot != GONE)
     }
 }
 
@@ -154,7 +166,12 @@ impl EventTable {
             return false;
         }
         let seq = next_seq();
-        let slot = self.lru.push_front(Entry { event: Arc::clone(event), status: Lifecycle::of(event), seq });
+        let slot = self.lru.push_front(Entry {
+            id: event.id,
+            event: Arc::clone(event),
+            status: Lifecycle::of(event),
+            seq,
+        });
         self.by_id.insert(event.id, slot);
         self.by_seq.push(seq, slot);
         self.by_status[status_index(event.status)] += 1;
@@ -168,14 +185,15 @@ impl EventTable {
         Some(self.lru.get(slot).to_event())
     }
 
-    /// Applies `update` when its event is stored, which then counts as used.
+    /// Applies `update` when its event is stored. It does not count as use: status updates are the
+    /// broker's bookkeeping, written by its workers while publishers store, and moving the entry in
+    /// the recency list would have every worker write the list head every publisher writes.
     pub(super) fn update(&mut self, update: &StatusUpdate) {
         let Some(&slot) = self.by_id.get(&update.id) else { return };
         let status = &mut self.lru.get_mut(slot).status;
         self.by_status[status_index(status.status)] -= 1;
         status.apply(update);
         self.by_status[status_index(status.status)] += 1;
-        self.lru.touch(slot);
     }
 
     pub(super) fn remove(&mut self, id: EventId) -> Option<Entry> {
@@ -189,7 +207,7 @@ impl EventTable {
     /// Evicts the least recently used event; `false` when there was none.
     pub(super) fn evict_least_recent(&mut self) -> bool {
         let Some(slot) = self.lru.back() else { return false };
-        let id = self.lru.get(slot).event.id;
+        let id = self.lru.get(slot).id;
         self.remove(id).is_some()
     }
 
