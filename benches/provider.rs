@@ -4,8 +4,9 @@
 //!   call per event, as publishers do), then its `processing` and `completed` updates in batches of
 //!   256 (a worker's batch). Elements are events: the cost per event of store plus statuses, at the
 //!   default bound (10 000 events, evicting from then on) and at 100 000.
-//! - `provider_lifecycle`: events per second through the broker with the full lifecycle (stored,
-//!   processing, completed), one shard:
+//! - then a table: events per second through the broker with the full lifecycle (stored,
+//!   processing, completed), one shard, the contenders in interleaved rounds (the machine is
+//!   shared and noisy), medians:
 //!   - `inline`: the default: publishers store and workers write statuses on their own threads;
 //!   - `writer`: the same memory provider written through the writer thread (as a network provider
 //!     is), batched up to 512 items or 1 ms;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput};
 use eventbroker::prelude::*;
 use eventbroker::{
     Broker, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, Distribution, Event, EventFilter,
@@ -161,40 +162,33 @@ fn memory_provider(c: &mut Criterion) {
     group.finish();
 }
 
-fn lifecycle(c: &mut Criterion) {
-    let mut group = c.benchmark_group("provider_lifecycle");
-    group.throughput(Throughput::Elements(1));
-    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
-    let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
+/// One way of running the lifecycle: publishes `n` events and waits until each is handled and
+/// its statuses are written.
+type Lifecycle = Box<dyn Fn(u64)>;
 
-    let contenders: [(&str, Arc<dyn Provider>, WriterConfig); 3] = [
-        ("inline", memory(), WriterConfig::default()),
-        ("writer", Arc::new(ThroughTheWriter(memory())), WriterConfig::default()),
-        (
-            "per-event writer",
-            Arc::new(ThroughTheWriter(memory())),
-            WriterConfig { max_batch: 1, max_delay: Duration::ZERO, ..WriterConfig::default() },
-        ),
-    ];
-    for (name, provider, writer) in contenders {
-        let (broker, handled) = broker(provider, writer);
-        group.bench_function(BenchmarkId::new(name, "memory"), |b| {
-            b.iter_custom(|iters| {
-                let target = handled.load(Ordering::Relaxed) + iters;
-                let started = Instant::now();
-                for _ in 0..iters {
-                    broker.publish(fresh(&template)).unwrap();
-                }
-                while handled.load(Ordering::Relaxed) < target {
-                    std::thread::yield_now();
-                }
-                broker.flush(Duration::from_secs(60)).unwrap();
-                started.elapsed()
-            });
-        });
-        assert!(broker.shutdown(Duration::from_secs(30)).is_clean());
-    }
+fn through_broker(
+    provider: Arc<dyn Provider>,
+    writer: WriterConfig,
+    template: &Event,
+) -> (Lifecycle, Broker) {
+    let (broker, handled) = broker(provider, writer);
+    let (b, template) = (broker.clone(), template.clone());
+    let run = Box::new(move |n: u64| {
+        let target = handled.load(Ordering::Relaxed) + n;
+        for _ in 0..n {
+            b.publish(fresh(&template)).unwrap();
+        }
+        while handled.load(Ordering::Relaxed) < target {
+            std::thread::yield_now();
+        }
+        b.flush(Duration::from_secs(60)).unwrap();
+    });
+    (run, broker)
+}
 
+/// The Go seed's flow, without the broker's help: the publisher stores each event before
+/// publishing it, and the handler writes its two statuses, one call each.
+fn seed_flow(template: &Event) -> (Lifecycle, Broker) {
     let seed = memory();
     let broker = Broker::builder().workers(1).track_status(false).build().unwrap();
     let handled = Arc::new(AtomicU64::new(0));
@@ -213,26 +207,93 @@ fn lifecycle(c: &mut Criterion) {
             Ok::<(), ProviderError>(())
         })
         .unwrap();
-    group.bench_function(BenchmarkId::new("seed flow", "memory"), |b| {
-        b.iter_custom(|iters| {
-            let target = handled.load(Ordering::Relaxed) + iters;
-            let started = Instant::now();
-            for _ in 0..iters {
-                let event = fresh(&template);
-                // The seed stores the event as published; the copy is the price of this
-                // crate's owned-event API for a baseline that stores outside the broker.
-                seed.store_batch(&[Arc::new(event.clone())], None).unwrap();
-                broker.publish(event).unwrap();
-            }
-            while handled.load(Ordering::Relaxed) < target {
-                std::thread::yield_now();
-            }
-            started.elapsed()
-        });
+    let (b, template) = (broker.clone(), template.clone());
+    let run = Box::new(move |n: u64| {
+        let target = handled.load(Ordering::Relaxed) + n;
+        for _ in 0..n {
+            let event = fresh(&template);
+            // The seed stores the event as published; the copy is the price of this crate's
+            // owned-event API for a baseline that stores outside the broker.
+            seed.store_batch(&[Arc::new(event.clone())], None).unwrap();
+            b.publish(event).unwrap();
+        }
+        while handled.load(Ordering::Relaxed) < target {
+            std::thread::yield_now();
+        }
     });
-    assert!(broker.shutdown(Duration::from_secs(30)).is_clean());
-    group.finish();
+    (run, broker)
 }
 
-criterion_group!(benches, memory_provider, lifecycle);
-criterion_main!(benches);
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The lifecycle contenders in interleaved rounds (the order rotating each round): each one's
+/// median events/s, and the median of the per-round ratios against the default.
+fn lifecycle_table(rounds: usize, events: u64) {
+    let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
+    let contenders: [(&str, (Lifecycle, Broker)); 4] = [
+        ("inline (the default)", through_broker(memory(), WriterConfig::default(), &template)),
+        (
+            "through the writer, batched (512 items or 1 ms)",
+            through_broker(Arc::new(ThroughTheWriter(memory())), WriterConfig::default(), &template),
+        ),
+        (
+            "through the writer, one item per write",
+            through_broker(
+                Arc::new(ThroughTheWriter(memory())),
+                WriterConfig { max_batch: 1, max_delay: Duration::ZERO, ..WriterConfig::default() },
+                &template,
+            ),
+        ),
+        ("the seed's flow", seed_flow(&template)),
+    ];
+    for (_, (run, _)) in &contenders {
+        run(events.min(20_000));
+    }
+    let mut rates: [Vec<f64>; 4] = Default::default();
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    for round in 0..rounds {
+        let mut this = [0.0; 4];
+        for k in 0..4 {
+            let i = (round + k) % 4;
+            let started = Instant::now();
+            (contenders[i].1.0)(events);
+            #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
+            let rate = events as f64 / started.elapsed().as_secs_f64() / 1e3;
+            this[i] = rate;
+            rates[i].push(rate);
+        }
+        for i in 0..4 {
+            ratios[i].push(this[0] / this[i]);
+        }
+    }
+    println!(
+        "\nfull lifecycle through the broker, memory provider (100 000 events bound), one shard: thousand events/s, median of {rounds} interleaved rounds of {events} events"
+    );
+    println!("| how | k events/s | inline ÷ this |");
+    println!("|---|---:|---:|");
+    for (i, (name, _)) in contenders.iter().enumerate() {
+        println!("| {name} | {:.0} | {:.2} |", median(&mut rates[i]), median(&mut ratios[i]));
+    }
+    for (_, (_, broker)) in contenders {
+        assert!(broker.shutdown(Duration::from_secs(30)).is_clean());
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut criterion = Criterion::default().configure_from_args();
+    memory_provider(&mut criterion);
+    criterion.final_summary();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    // `cargo bench` passes `--bench`; `cargo test --benches` (CI) does not: one short round.
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
+        lifecycle_table(7, 100_000);
+    } else {
+        lifecycle_table(1, 1_000);
+    }
+}
