@@ -354,13 +354,26 @@ fn flush_reports_writes_given_up_once() {
 // off, and workers left running.
 #[test]
 fn the_shutdown_report_counts_what_a_timed_out_shutdown_left() {
-    let gate = Gate::default();
+    let (hold, gate) = (Gate::default(), Gate::default());
+    let holding = Arc::new(AtomicBool::new(false));
     let broker = Broker::builder().workers(1).build().unwrap();
+    let (h, inside) = (hold.clone(), Arc::clone(&holding));
+    broker
+        .subscribe_infallible("hold", move |_| {
+            inside.store(true, Ordering::Release);
+            h.wait();
+        })
+        .unwrap();
     let g = gate.clone();
     broker.subscribe_infallible("slow", move |_| g.wait()).unwrap();
+    // The worker waits inside a first event while the five are published, so that it takes all
+    // five in its next batch rather than whichever were published when it woke.
+    broker.publish(event("hold")).unwrap();
+    wait_until("the worker to hold", WAIT, || holding.load(Ordering::Acquire));
     for _ in 0..5 {
         broker.publish(event("slow")).unwrap();
     }
+    hold.open();
     wait_until("the worker to take the batch", WAIT, || broker.stats().shards[0].in_hand == 4);
     let report = broker.shutdown(Duration::from_millis(200));
     assert!(report.timed_out, "{report:?}");
