@@ -382,12 +382,18 @@ fn the_shutdown_report_counts_what_a_timed_out_shutdown_left() {
     gate.open();
 
     let gate = Gate::default();
+    let entered = Arc::new(AtomicBool::new(false));
     let broker = Broker::builder().mode(Mode::Sync).build().unwrap();
-    let g = gate.clone();
-    broker.subscribe_infallible("sync.slow", move |_| g.wait()).unwrap();
+    let (g, inside) = (gate.clone(), Arc::clone(&entered));
+    broker
+        .subscribe_infallible("sync.slow", move |_| {
+            inside.store(true, Ordering::Release);
+            g.wait();
+        })
+        .unwrap();
     thread::scope(|s| {
         s.spawn(|| broker.publish(event("sync.slow")));
-        thread::sleep(Duration::from_millis(100));
+        wait_until("the synchronous publish in its handler", WAIT, || entered.load(Ordering::Acquire));
         let report = broker.shutdown(Duration::from_millis(200));
         assert_eq!(report.sync_in_flight, 1, "{report:?}");
         assert!(report.timed_out && !report.is_clean());
