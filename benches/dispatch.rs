@@ -30,6 +30,8 @@ use disruptor::{BusySpin, Producer as _};
 use eventbroker::{Backpressure, Broker, Event, EventSource, WaitStrategy};
 use hdrhistogram::Histogram;
 
+mod common;
+
 const TYPE: &str = "public.users.create";
 /// Patterns of the 8-subscriber case: all match `TYPE`, in the realistic forms.
 const PATTERNS: [&str; 8] = [
@@ -279,11 +281,6 @@ fn contender(name: &str, subscribers: usize) -> Box<dyn Pipeline> {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn throughput(rounds: usize, events: u64) {
     println!(
         "\ndispatch throughput, million events/s (median of {rounds} interleaved rounds of {events} events)"
@@ -293,26 +290,20 @@ fn throughput(rounds: usize, events: u64) {
     for publishers in [1u64, 2] {
         for subscribers in [1usize, 8] {
             for batch in [1usize, 64] {
-                let mut rates: [Vec<f64>; 4] = Default::default();
-                let mut ratios = Vec::new();
-                for round in 0..rounds {
-                    let mut this = [0.0; 4];
-                    for k in 0..CONTENDERS.len() {
-                        let i = (round + k) % CONTENDERS.len();
-                        let pipeline = contender(CONTENDERS[i], subscribers);
-                        run(pipeline.as_ref(), publishers, batch, events.min(10_000));
-                        let took = run(pipeline.as_ref(), publishers, batch, events);
-                        #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
-                        let rate = events as f64 / took.as_secs_f64() / 1e6;
-                        this[i] = rate;
-                        rates[i].push(rate);
-                    }
-                    ratios.push(this[0] / this[1]);
-                }
-                let [broker, crossbeam, broadcast, disruptor] = rates.map(|mut r| median(&mut r));
+                let by_round = common::interleaved(rounds, CONTENDERS.len(), |i| {
+                    let pipeline = contender(CONTENDERS[i], subscribers);
+                    run(pipeline.as_ref(), publishers, batch, events.min(10_000));
+                    let took = run(pipeline.as_ref(), publishers, batch, events);
+                    #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
+                    let rate = events as f64 / took.as_secs_f64() / 1e6;
+                    rate
+                });
+                let [broker, crossbeam, broadcast, disruptor] = common::medians(&by_round)[..] else {
+                    unreachable!("four contenders")
+                };
                 println!(
                     "| p{publishers} s{subscribers} b{batch} | {broker:.2} | {crossbeam:.2} | {broadcast:.2} | {disruptor:.2} | {:.2} |",
-                    median(&mut ratios)
+                    common::median_ratio(&by_round, 0, 1)
                 );
             }
         }

@@ -24,6 +24,8 @@ use criterion::{Criterion, Throughput};
 use eventbroker::metrics::MetricsConfig;
 use eventbroker::{Backpressure, Broker, Event, EventSource};
 
+mod common;
+
 const TYPES: usize = 2_000;
 const OPS: [&str; 4] = ["create", "update", "delete", "read"];
 
@@ -107,26 +109,18 @@ const ROUND: u64 = 20_000;
 /// Rounds per contender and phase.
 const ROUNDS: usize = 15;
 
-/// Runs `rigs` in turn, round after round, and returns each one's median ns per event: on a shared
-/// machine, load that comes and goes then hits every contender alike.
+/// Runs `rigs` in interleaved rounds, the order rotating, and returns each one's median ns per
+/// event: on a shared machine, load that comes and goes then hits every contender alike.
 fn interleaved(rigs: &mut [&mut Rig]) -> Vec<f64> {
-    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(ROUNDS); rigs.len()];
     for rig in rigs.iter_mut() {
         rig.run(ROUND); // warm the caches and the match tables
     }
-    for _ in 0..ROUNDS {
-        for (rig, samples) in rigs.iter_mut().zip(&mut samples) {
-            #[allow(clippy::cast_precision_loss, reason = "ns per event for a table")]
-            samples.push(rig.run(ROUND).as_nanos() as f64 / ROUND as f64);
-        }
-    }
-    samples
-        .into_iter()
-        .map(|mut s| {
-            s.sort_by(f64::total_cmp);
-            s[s.len() / 2]
-        })
-        .collect()
+    let by_round = common::interleaved(ROUNDS, rigs.len(), |i| {
+        #[allow(clippy::cast_precision_loss, reason = "ns per event for a table")]
+        let ns = rigs[i].run(ROUND).as_nanos() as f64 / ROUND as f64;
+        ns
+    });
+    common::medians(&by_round)
 }
 
 fn main() {

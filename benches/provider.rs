@@ -28,6 +28,8 @@ use eventbroker::{
     ReplayFrom, StatusUpdate, StoredEvent, WriterConfig,
 };
 
+mod common;
+
 const TYPE: &str = "public.users.create";
 
 /// A copy of `template` with its own id, so the provider stores (and evicts) distinct events.
@@ -224,11 +226,6 @@ fn seed_flow(template: &Event) -> (Lifecycle, Broker) {
     (run, broker)
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// The lifecycle contenders in interleaved rounds (the order rotating each round): each one's
 /// median events/s, and the median of the per-round ratios against the default.
 fn lifecycle_table(rounds: usize, events: u64) {
@@ -252,30 +249,21 @@ fn lifecycle_table(rounds: usize, events: u64) {
     for (_, (run, _)) in &contenders {
         run(events.min(20_000));
     }
-    let mut rates: [Vec<f64>; 4] = Default::default();
-    let mut ratios: [Vec<f64>; 4] = Default::default();
-    for round in 0..rounds {
-        let mut this = [0.0; 4];
-        for k in 0..4 {
-            let i = (round + k) % 4;
-            let started = Instant::now();
-            (contenders[i].1.0)(events);
-            #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
-            let rate = events as f64 / started.elapsed().as_secs_f64() / 1e3;
-            this[i] = rate;
-            rates[i].push(rate);
-        }
-        for i in 0..4 {
-            ratios[i].push(this[0] / this[i]);
-        }
-    }
+    let by_round = common::interleaved(rounds, contenders.len(), |i| {
+        let started = Instant::now();
+        (contenders[i].1.0)(events);
+        #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
+        let rate = events as f64 / started.elapsed().as_secs_f64() / 1e3;
+        rate
+    });
+    let rates = common::medians(&by_round);
     println!(
         "\nfull lifecycle through the broker, memory provider (100 000 events bound), one shard: thousand events/s, median of {rounds} interleaved rounds of {events} events"
     );
     println!("| how | k events/s | inline ÷ this |");
     println!("|---|---:|---:|");
     for (i, (name, _)) in contenders.iter().enumerate() {
-        println!("| {name} | {:.0} | {:.2} |", median(&mut rates[i]), median(&mut ratios[i]));
+        println!("| {name} | {:.0} | {:.2} |", rates[i], common::median_ratio(&by_round, 0, i));
     }
     for (_, (_, broker)) in contenders {
         assert!(broker.shutdown(Duration::from_secs(30)).is_clean());

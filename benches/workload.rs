@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 use eventbroker::{Backpressure, Broker, Event, EventSource, MatchCache, Pattern, PatternSet};
 use hdrhistogram::Histogram;
 
+mod common;
+
 const SCHEMAS: usize = 10;
 const ENTITIES: usize = 200;
 const OPERATIONS: [&str; 4] = ["create", "update", "delete", "read"];
@@ -233,11 +235,6 @@ fn run(
 const ROUNDS: usize = 7;
 const EVENTS_PER_ROUND: u64 = 200_000;
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 /// Publishers × shards: each contender's median events/s over interleaved rounds, and the median
 /// of the per-round ratios.
 fn throughput_table(workload: &Workload, rounds: usize, events: u64) {
@@ -256,28 +253,20 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64) {
             for contender in &contenders {
                 run(&**contender, workload, &schedule, publishers, events.min(20_000));
             }
-            let mut rates: [Vec<f64>; 3] = Default::default();
-            let (mut vs_untracked, mut vs_crossbeam) = (Vec::new(), Vec::new());
-            for round in 0..rounds {
-                let mut this = [0.0; 3];
-                for k in 0..3 {
-                    let i = (round + k) % 3;
-                    let took = run(&*contenders[i], workload, &schedule, publishers, events);
-                    #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
-                    let rate = events as f64 / took.as_secs_f64() / 1e6;
-                    this[i] = rate;
-                    rates[i].push(rate);
-                }
-                vs_untracked.push(this[0] / this[1]);
-                vs_crossbeam.push(this[0] / this[2]);
-            }
+            let by_round = common::interleaved(rounds, contenders.len(), |i| {
+                let took = run(&*contenders[i], workload, &schedule, publishers, events);
+                #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
+                let rate = events as f64 / took.as_secs_f64() / 1e6;
+                rate
+            });
+            let rates = common::medians(&by_round);
             println!(
                 "| p{publishers} s{shards} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                median(&mut rates[0]),
-                median(&mut rates[1]),
-                median(&mut rates[2]),
-                median(&mut vs_untracked),
-                median(&mut vs_crossbeam),
+                rates[0],
+                rates[1],
+                rates[2],
+                common::median_ratio(&by_round, 0, 1),
+                common::median_ratio(&by_round, 0, 2),
             );
         }
     }
@@ -356,7 +345,7 @@ fn latency_table(workload: &Workload, runs: usize, duration: Duration) {
         }
     }
     for (name, mut quantiles) in ["default", "untracked"].into_iter().zip(by_settings) {
-        let [p50, p90, p99, p999, max] = [0, 1, 2, 3, 4].map(|q| median(&mut quantiles[q]));
+        let [p50, p90, p99, p999, max] = [0, 1, 2, 3, 4].map(|q| common::median(&mut quantiles[q]));
         println!("| {name} | {p50:.1} | {p90:.1} | {p99:.1} | {p999:.1} | {max:.1} |");
     }
 }
