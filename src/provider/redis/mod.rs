@@ -492,42 +492,20 @@ impl EventStore for RedisProvider {
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
         let shared = &*self.shared;
         shared.check_open("list")?;
-        let limit = filter.limit.unwrap_or(usize::MAX);
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
         let keys = &shared.keys;
-        let mut skip = filter.offset;
-        let mut from = lex_from(filter.start_time);
         let to = lex_to(filter.end_time);
-        loop {
+        let page = |from: &str| {
             let mut call = shared.scripts.list_page.prepare_invoke();
-            call.key(&keys.time).key(&keys.stream).arg(&keys.status).arg(&from).arg(&to).arg(PAGE);
+            call.key(&keys.time).key(&keys.stream).arg(&keys.status).arg(from).arg(&to).arg(PAGE);
             let value: Value = shared.pool.run("list", &keys.time, |conn| call.invoke(conn))?;
-            let (time_keys, records) = list_page(value).map_err(|error| shared.malformed("list", &error))?;
-            for record in records {
-                let Some(event) = reply::record(record).map_err(|error| shared.malformed("list", &error))?
-                else {
-                    continue; // Expired or trimmed between the index and the record.
-                };
-                if !filter.matches(&event) {
-                    continue;
-                }
-                if skip > 0 {
-                    skip -= 1;
-                    continue;
-                }
-                out.push(event);
-                if out.len() == limit {
-                    return Ok(out);
-                }
-            }
-            match time_keys.last() {
-                Some(last) if time_keys.len() == PAGE => from = format!("({last}"),
-                _ => return Ok(out),
-            }
-        }
+            list_page(value).map_err(|error| shared.malformed("list", &error))
+        };
+        let select = |record| {
+            // `None`: expired or trimmed between the index and the record.
+            let event = reply::record(record).map_err(|error| shared.malformed("list", &error))?;
+            Ok(event.filter(|event| filter.matches(event)))
+        };
+        scan_pages(lex_from(filter.start_time), filter.offset, filter.limit, page, select)
     }
 
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
@@ -591,41 +569,22 @@ impl EventStore for RedisProvider {
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
         let shared = &*self.shared;
         shared.check_open("list_dead_letters")?;
-        let limit = filter.limit.unwrap_or(usize::MAX);
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
         let keys = &shared.keys;
-        let mut skip = filter.offset;
-        let mut from = lex_from(filter.start_time);
         let to = lex_to(filter.end_time);
-        loop {
+        let page = |from: &str| {
             let mut call = shared.scripts.dead_page.prepare_invoke();
-            call.key(&keys.dead_order).key(&keys.dead).arg(&from).arg(&to).arg(PAGE);
+            call.key(&keys.dead_order).key(&keys.dead).arg(from).arg(&to).arg(PAGE);
             let value: Value = shared.pool.run("list_dead_letters", &keys.dead, |conn| call.invoke(conn))?;
-            let (order_keys, values) =
-                dead_page(value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
-            for value in values.into_iter().flatten() {
-                let letter =
-                    dead_letter(&value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
-                if !filter.matches(&letter) {
-                    continue;
-                }
-                if skip > 0 {
-                    skip -= 1;
-                    continue;
-                }
-                out.push(letter);
-                if out.len() == limit {
-                    return Ok(out);
-                }
-            }
-            match order_keys.last() {
-                Some(last) if order_keys.len() == PAGE => from = format!("({last}"),
-                _ => return Ok(out),
-            }
-        }
+            dead_page(value).map_err(|error| shared.malformed("list_dead_letters", &error))
+        };
+        let select = |value: Option<Vec<u8>>| {
+            // `None`: deleted between the index and the letter.
+            let Some(value) = value else { return Ok(None) };
+            let letter =
+                dead_letter(&value).map_err(|error| shared.malformed("list_dead_letters", &error))?;
+            Ok(filter.matches(&letter).then_some(letter))
+        };
+        scan_pages(lex_from(filter.start_time), filter.offset, filter.limit, page, select)
     }
 
     fn get_dead_letter(&self, id: DeadLetterId) -> Result<Option<DeadLetter>, ProviderError> {
@@ -726,6 +685,41 @@ impl Provider for RedisProvider {
         }
         Ok(())
     }
+}
+
+/// Reads an index in pages of `PAGE` keys from `from` on (`page(from)` returns a page's keys and
+/// its raw items), turns each item into a kept value or `None` with `select`, skips the first
+/// `offset` kept and returns up to `limit`: the offset and limit of `list` and
+/// `list_dead_letters`. Items past the limit are never selected.
+fn scan_pages<R, T>(
+    mut from: String,
+    offset: usize,
+    limit: Option<usize>,
+    mut page: impl FnMut(&str) -> Result<(Vec<String>, Vec<R>), ProviderError>,
+    mut select: impl FnMut(R) -> Result<Option<T>, ProviderError>,
+) -> Result<Vec<T>, ProviderError> {
+    let limit = limit.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    let mut skip = offset;
+    while out.len() < limit {
+        let (index_keys, items) = page(&from)?;
+        for item in items {
+            let Some(kept) = select(item)? else { continue };
+            if skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            out.push(kept);
+            if out.len() == limit {
+                return Ok(out);
+            }
+        }
+        match index_keys.last() {
+            Some(last) if index_keys.len() == PAGE => from = format!("({last}"),
+            _ => break,
+        }
+    }
+    Ok(out)
 }
 
 /// `{time keys, records}` from the list script.
