@@ -244,6 +244,45 @@ fn the_stream_is_trimmed_with_its_events() {
     assert_eq!(stats.provider_specific["trimmed"], 350 - kept.len() as u64);
 }
 
+/// Trimming and expiry in one script call: a store that trims the oldest (pending) events and then
+/// purges the expired (completed) ones leaves exact counts, and indexes that hold exactly what is
+/// stored.
+#[test]
+fn trimming_and_expiry_in_one_call_count_each_event_once() {
+    let backend = RedisBackend::with(|c| {
+        c.max_len = 200;
+        c.status_ttl = Some(Duration::from_millis(1));
+    });
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let old: Vec<Event> = (0..150).map(|_| scope.event("trim-expire")).collect();
+    provider.store_batch(&shared(&old), None).expect("store");
+    let done: Vec<StatusUpdate> =
+        old[20..].iter().map(|e| StatusUpdate::new(e.id, EventStatus::Completed)).collect();
+    provider.update_status_batch(&done).expect("update");
+    std::thread::sleep(Duration::from_millis(20));
+    // 220 entries: the store trims the 20 oldest, still pending, then purges the 130 completed ones,
+    // all expired by now.
+    let new: Vec<Event> = (0..70).map(|_| scope.event("trim-expire")).collect();
+    provider.store_batch(&shared(&new), None).expect("store");
+
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.pending_events, stats.completed_events), (70, 70, 0), "{stats:?}");
+    let count = |name: &str| stats.provider_specific[name].as_u64().expect("a count");
+    let (trimmed, expired) = (count("trimmed"), count("expired"));
+    assert_eq!(trimmed + expired, 150, "trimmed {trimmed} + expired {expired}");
+    assert_eq!(trimmed, 20);
+    let listed: Vec<EventId> = scope.list(&provider).iter().map(|e| e.id).collect();
+    assert_eq!(listed, new.iter().map(|e| e.id).collect::<Vec<_>>());
+    let mut conn = raw();
+    let prefix = backend.prefix();
+    let time_index: usize =
+        redis::cmd("ZCARD").arg(format!("{prefix}:time")).query(&mut conn).expect("zcard");
+    let expiry_index: usize =
+        redis::cmd("ZCARD").arg(format!("{prefix}:expiry")).query(&mut conn).expect("zcard");
+    assert_eq!((time_index, expiry_index), (70, 0), "the indexes hold exactly the stored events");
+}
+
 /// Two key prefixes on one server are two worlds: nothing stored or published in one shows in the
 /// other.
 #[test]

@@ -29,9 +29,10 @@ local function server_ms()
   end
   return now_ms
 end
--- Sorted-set adds gathered into one ZADD per set at the end of the script; a removal of a
--- member added earlier in the same script cancels the add instead.
-local function later(key) return {key = key, add = {}, n = 0} end
+-- Sorted-set writes gathered into one ZREM and one ZADD per set at the end of the script, since
+-- every command a script runs costs more than the work it does. Removals are applied first, so an
+-- add gathered after a removal of the same member still lands; a removal cancels an earlier add.
+local function later(key) return {key = key, add = {}, n = 0, rem = {}, gone = {}} end
 local function zadd_later(set, score, member)
   if set.add[member] == nil then set.n = set.n + 1 end
   set.add[member] = score
@@ -40,18 +41,27 @@ local function zrem(set, member)
   if set.add[member] ~= nil then
     set.add[member] = nil
     set.n = set.n - 1
-  else
-    redis.call('ZREM', set.key, member)
+  end
+  if not set.gone[member] then
+    set.gone[member] = true
+    set.rem[#set.rem + 1] = member
+  end
+end
+-- Runs `cmd key <items>` over a list, at most 1000 items per command (Lua's stack bounds unpack).
+local function each_chunk(cmd, key, items)
+  for i = 1, #items, 1000 do
+    redis.call(cmd, key, unpack(items, i, math.min(i + 999, #items)))
   end
 end
 local function zflush(set)
+  each_chunk('ZREM', set.key, set.rem)
   if set.n == 0 then return end
-  local args = {'ZADD', set.key}
+  local args = {}
   for member, score in pairs(set.add) do
     args[#args + 1] = score
     args[#args + 1] = member
   end
-  redis.call(unpack(args))
+  each_chunk('ZADD', set.key, args)
 end
 local times, expiries = later(time), later(expiry)
 -- Keeps the expiry of one event in step with its status: `old` and `new` are statuses.
@@ -65,24 +75,37 @@ local function reschedule(key, entry, tk, old_tk, old, new, ttl)
     redis.call('PERSIST', key)
   end
 end
--- Removes up to `limit` finished events whose status expired, with exact bookkeeping.
+-- Removes a stored event from the indexes when its record goes: `status` is its last status.
+local function forget(entry, tk, status)
+  zrem(times, tk)
+  local f = flag(status)
+  if f then zrem(expiries, f .. entry .. ' ' .. tk) end
+  add(status, -1)
+  add('total', -1)
+end
+-- Removes one finished event whose status expired (expiry member `m`), with exact bookkeeping.
+local function purge_one(m)
+  local sp = string.find(m, ' ', 2, true)
+  local entry, tk = string.sub(m, 2, sp - 1), string.sub(m, sp + 1)
+  local key = prefix .. string.sub(tk, 23)
+  local h = redis.call('HMGET', key, 'entry', 'time')
+  if h[1] == entry then
+    redis.call('DEL', key)
+    zrem(times, tk)
+  elseif h[2] ~= tk then
+    zrem(times, tk)
+  end
+  zrem(expiries, m)
+  if string.sub(m, 1, 1) == 'c' then add('completed', -1) else add('failed', -1) end
+  add('total', -1)
+  add('expired', 1)
+end
+-- Removes up to `limit` finished events whose status expired.
 local function purge(limit)
   local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', server_ms(), 'LIMIT', 0, limit)
   for _, m in ipairs(due) do
-    local sp = string.find(m, ' ', 2, true)
-    local entry, tk = string.sub(m, 2, sp - 1), string.sub(m, sp + 1)
-    local key = prefix .. string.sub(tk, 23)
-    local h = redis.call('HMGET', key, 'entry', 'time')
-    if h[1] == entry then
-      redis.call('DEL', key)
-      zrem(times, tk)
-    elseif h[2] ~= tk then
-      zrem(times, tk)
-    end
-    zrem(expiries, m)
-    if string.sub(m, 1, 1) == 'c' then add('completed', -1) else add('failed', -1) end
-    add('total', -1)
-    add('expired', 1)
+    -- Members this script already removed (a trimmed or deleted event) are not counted again.
+    if not expiries.gone[m] then purge_one(m) end
   end
 end
 -- Applies what the script gathered: index adds and counter deltas.
@@ -153,6 +176,7 @@ if max_len > 0 then
   local excess = redis.call('XLEN', stream) - max_len
   if excess > slack then
     local olds = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(excess, chunk))
+    local doomed = {}
     for _, e in ipairs(olds) do
       local entry, f = e[1], e[2]
       for j = 1, #f, 2 do
@@ -160,17 +184,15 @@ if max_len > 0 then
           local key = prefix .. f[j + 1]
           local h = redis.call('HMGET', key, 'entry', 'status', 'time')
           if h[1] == entry then
-            redis.call('DEL', key)
-            zrem(times, h[3])
-            reschedule(key, entry, h[3], h[3], h[2], nil, 0)
-            add(h[2], -1)
-            add('total', -1)
+            doomed[#doomed + 1] = key
+            forget(entry, h[3], h[2])
             add('trimmed', 1)
           end
           break
         end
       end
     end
+    for i = 1, #doomed, 1000 do redis.call('DEL', unpack(doomed, i, math.min(i + 999, #doomed))) end
     if #olds > 0 then
       local last = olds[#olds][1]
       local dash = string.find(last, '-', 1, true)
@@ -217,11 +239,8 @@ local key = prefix .. ARGV[2]
 local h = redis.call('HMGET', key, 'entry', 'status', 'time')
 if not h[1] then return 0 end
 redis.call('DEL', key)
-zrem(times, h[3])
 redis.call('XDEL', stream, h[1])
-reschedule(key, h[1], h[3], h[3], h[2], nil, 0)
-add(h[2], -1)
-add('total', -1)
+forget(h[1], h[3], h[2])
 finish()
 return 1
 ";
