@@ -283,6 +283,63 @@ fn trimming_and_expiry_in_one_call_count_each_event_once() {
     assert_eq!((time_index, expiry_index), (70, 0), "the indexes hold exactly the stored events");
 }
 
+/// Trimming finds the oldest events through the order list, and reads the stream itself for the
+/// entries older than any the list names: another writer's (the Go seed's), or those of a stream
+/// written before the list existed. Either way the oldest go first, with exact counts.
+#[test]
+fn trimming_covers_entries_the_order_list_does_not_name() {
+    let backend = RedisBackend::with(|c| c.max_len = 100);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let mut conn = raw();
+    let order = format!("{}:order", backend.prefix());
+    let store = |events: &[Event]| {
+        for chunk in events.chunks(20) {
+            provider.store_batch(&shared(chunk), None).expect("store");
+        }
+    };
+    let batch = |n: usize| (0..n).map(|_| scope.event("order")).collect::<Vec<Event>>();
+
+    let first = batch(80);
+    store(&first);
+    redis::cmd("DEL").arg(&order).exec(&mut conn).expect("DEL"); // A stream from before the list.
+    for _ in 0..10 {
+        let id = EventId::new();
+        let json = format!(r#"{{"id":"{id}","source":"system","type":"seed.x","status":"pending"}}"#);
+        redis::cmd("XADD")
+            .arg(backend.stream())
+            .arg("*")
+            .arg("event")
+            .arg(json)
+            .arg("id")
+            .arg(id.to_string())
+            .arg("type")
+            .arg("seed.x")
+            .exec(&mut conn)
+            .expect("XADD");
+    }
+    let (second, third, fourth) = (batch(60), batch(40), batch(20));
+    store(&second); // Trims 50 of `first`, read from the stream: the list names none of them.
+    store(&third); // The other 30 of `first`, then the seed's 10.
+    store(&fourth); // 20 of `second`, named by the list.
+
+    let kept: Vec<EventId> = stream_ids(&backend).into_iter().map(|(_, id)| id).collect();
+    let expected: Vec<EventId> = second[20..].iter().chain(&third).chain(&fourth).map(|e| e.id).collect();
+    assert_eq!(kept, expected, "the oldest went first, the seed's entries with them");
+    let listed: Vec<EventId> = scope.list(&provider).iter().map(|e| e.id).collect();
+    assert_eq!(listed, expected);
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.total_events, 100);
+    assert_eq!(specific(&provider, "trimmed"), 100, "first's 80 and second's 20");
+    let elements: Vec<String> =
+        redis::cmd("LRANGE").arg(&order).arg(0).arg(-1).query(&mut conn).expect("LRANGE");
+    let named: Vec<EventId> = elements
+        .iter()
+        .map(|n| n.split_once(' ').expect("<entry> <id>").1.parse().expect("an event id"))
+        .collect();
+    assert_eq!(named, expected, "the list names exactly the entries left, in order");
+}
+
 /// Two key prefixes on one server are two worlds: nothing stored or published in one shows in the
 /// other.
 #[test]

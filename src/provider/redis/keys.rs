@@ -23,6 +23,9 @@ pub(super) struct Keys {
     pub(super) status: String,
     /// The `(created_at, id)` index of stored events.
     pub(super) time: String,
+    /// `<entry id> <event id>` of the entries the provider added, in stream order: what trimming
+    /// removes, named without reading the entries.
+    pub(super) order: String,
     /// Finished events by the time their status expires.
     pub(super) expiry: String,
     /// Counters: stored events per status, and the backend-wide figures in `provider_specific`.
@@ -40,6 +43,7 @@ impl Keys {
             stream: format!("{prefix}:{stream}"),
             status: format!("{prefix}:status:"),
             time: format!("{prefix}:time"),
+            order: format!("{prefix}:order"),
             expiry: format!("{prefix}:expiry"),
             counts: format!("{prefix}:counts"),
             dead: format!("{prefix}:dead"),

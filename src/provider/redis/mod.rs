@@ -18,6 +18,7 @@
 //! | `P:status:<event id>` | hash | the event's record: `entry` (its stream entry id), `time`, `status`, and whatever changed since it was stored (`error`, `retry_count`, `processed_at`, `completed_at`, or a whole re-stored `event`) |
 //! | `P:time` | sorted set | `<created_at as 21 digits>:<id>`, all scored 0: `(created_at, id)` order by `BYLEX`, exact to the nanosecond |
 //! | `P:expiry` | sorted set | finished events by the time their status expires |
+//! | `P:order` | list | `<entry id> <event id>` of each entry the provider added, in stream order, while `max_len` bounds the stream: what trimming removes next |
 //! | `P:counts` | hash | stored events in total and per status, and what was trimmed, expired or replaced |
 //! | `P:dead` | hash | dead letters by id, each `<order key> <JSON>` |
 //! | `P:dead:order` | sorted set | `<failed_at as 21 digits>:<dead letter id>`: `(failed_at, id)` order |
@@ -39,7 +40,10 @@
 //!   each run one Lua script over the whole batch (in chunks of 1024), so a batch is applied
 //!   atomically and costs one round trip. Inside Redis a new event costs two commands (`XADD`,
 //!   `HSET`) and a status update two (`HMGET`, `HSET`, plus `PEXPIRE` when it finishes the event);
-//!   a batch adds one `EXISTS` over all its ids and one `ZADD` per index.
+//!   a batch adds one `EXISTS` over all its ids, one `RPUSH` to the order list, and one `ZADD` and
+//!   one `ZREM` per index; trimming costs one `HMGET` per trimmed event and one `DEL` for all.
+//!   (Every command a script runs costs Redis a few microseconds beyond its own work, which is
+//!   why the scripts gather what they can into one command per batch.)
 //! - **Idempotent stores.** The script checks the events' status hashes before their `XADD`s (one
 //!   `EXISTS` for the batch, then a lookup per event only when some id is stored): an id already
 //!   stored is a re-store, which puts the new body in the hash and keeps the stream entry,
@@ -47,7 +51,10 @@
 //!   after a lost reply therefore never creates a second entry.
 //! - **Bounded stream.** Once the stream holds more than [`RedisConfig::max_len`] entries (100 000
 //!   by default) plus 1 % slack, the store script removes the oldest (up to 1024 per call) and
-//!   their events from every index: an approximate `MAXLEN` with exact counts. A consumer group
+//!   their events from every index: an approximate `MAXLEN` with exact counts. It finds their
+//!   events in `P:order` rather than by reading the entries (whose bodies a script would have to
+//!   copy in), and reads the stream itself only for entries the list does not name (another
+//!   writer's). A deleted event's name stays in the list until trimming reaches it. A consumer group
 //!   more than `max_len` entries behind loses the trimmed ones.
 //!
 //! ## Reads
@@ -405,7 +412,7 @@ impl EventSink for RedisProvider {
         let slack = shared.config.max_len / 100;
         for chunk in events.chunks(WRITE_CHUNK) {
             let mut call = shared.scripts.store.prepare_invoke();
-            call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry);
+            call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry).key(&keys.order);
             call.arg(&keys.status)
                 .arg(shared.config.max_len)
                 .arg(slack)

@@ -83,6 +83,12 @@ local function forget(entry, tk, status)
   add(status, -1)
   add('total', -1)
 end
+-- Whether stream entry id `a` comes before `b` (`<ms>-<n>`, compared as numbers).
+local function entry_before(a, b)
+  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+  local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
+  return am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1)))
+end
 -- Removes one finished event whose status expired (expiry member `m`), with exact bookkeeping.
 local function purge_one(m)
   local sp = string.find(m, ' ', 2, true)
@@ -118,12 +124,14 @@ local function finish()
 end
 ";
 
-/// `store_batch`. ARGV: status key prefix, `max_len` (0: none), trim slack, trim chunk, ttl ms (0:
-/// none), origin ('' for none), then per event: id, JSON, type, source, status, instance id, time
-/// key. Returns how many ids were new.
+/// `store_batch`. KEYS[5]: the order list. ARGV: status key prefix, `max_len` (0: none), trim
+/// slack, trim chunk, ttl ms (0: none), origin ('' for none), then per event: id, JSON, type,
+/// source, status, instance id, time key. Returns how many ids were new.
 const STORE: &str = r"
+local order = KEYS[5]
 local max_len, slack, chunk, ttl, origin =
   tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local appended = {}
 local next_id = '*'
 local fresh = 0
 -- One EXISTS for the batch: when none of its ids is stored (the usual case), no event needs its
@@ -163,6 +171,7 @@ for i = 7, #ARGV, 7 do
       next_id = '*'
     end
     redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
+    appended[#appended + 1] = entry .. ' ' .. id
     zadd_later(times, 0, tk)
     reschedule(key, entry, tk, tk, nil, st, ttl)
     add(st, 1)
@@ -170,34 +179,54 @@ for i = 7, #ARGV, 7 do
     fresh = fresh + 1
   end
 end
+if max_len > 0 then each_chunk('RPUSH', order, appended) end
 -- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
--- remove the oldest (up to `chunk`), and the events they hold from every index.
+-- remove the oldest (up to `chunk`), and the events they hold from every index. The order list
+-- names them without reading their bodies; entries older than any it names (another writer's, or
+-- a stream older than the list) are read from the stream itself.
 if max_len > 0 then
   local excess = redis.call('XLEN', stream) - max_len
   if excess > slack then
-    local olds = redis.call('XRANGE', stream, '-', '+', 'COUNT', math.min(excess, chunk))
-    local doomed = {}
-    for _, e in ipairs(olds) do
-      local entry, f = e[1], e[2]
-      for j = 1, #f, 2 do
-        if f[j] == 'id' then
-          local key = prefix .. f[j + 1]
-          local h = redis.call('HMGET', key, 'entry', 'status', 'time')
-          if h[1] == entry then
-            doomed[#doomed + 1] = key
-            forget(entry, h[3], h[2])
-            add('trimmed', 1)
-          end
-          break
+    local n = math.min(excess, chunk)
+    local olds, cut = {}, nil
+    local head = redis.call('LINDEX', order, 0)
+    local head_entry = head and string.sub(head, 1, string.find(head, ' ', 1, true) - 1)
+    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+    if head and first and not entry_before(first[1], head_entry) then
+      -- The list names the oldest entries (and perhaps some already deleted).
+      for _, o in ipairs(redis.call('LRANGE', order, 0, n - 1)) do
+        local sp = string.find(o, ' ', 1, true)
+        olds[#olds + 1] = {string.sub(o, 1, sp - 1), string.sub(o, sp + 1)}
+      end
+      redis.call('LTRIM', order, #olds, -1)
+      cut = olds[#olds][1]
+    else
+      -- Entries older than any the list names: read them from the stream.
+      local upto = head and ('(' .. head_entry) or '+'
+      for _, e in ipairs(redis.call('XRANGE', stream, '-', upto, 'COUNT', n)) do
+        local f = e[2]
+        for j = 1, #f, 2 do
+          if f[j] == 'id' then olds[#olds + 1] = {e[1], f[j + 1]} break end
         end
+        cut = e[1]
+      end
+    end
+    local doomed = {}
+    for _, o in ipairs(olds) do
+      local key = prefix .. o[2]
+      local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+      if h[1] == o[1] then
+        doomed[#doomed + 1] = key
+        forget(o[1], h[3], h[2])
+        add('trimmed', 1)
       end
     end
     for i = 1, #doomed, 1000 do redis.call('DEL', unpack(doomed, i, math.min(i + 999, #doomed))) end
-    if #olds > 0 then
-      local last = olds[#olds][1]
-      local dash = string.find(last, '-', 1, true)
-      local min_id = string.sub(last, 1, dash - 1) .. '-' ..
-        string.format('%.0f', tonumber(string.sub(last, dash + 1)) + 1)
+    if cut then
+      -- Everything up to and including `cut` goes: the entries named, and any older.
+      local dash = string.find(cut, '-', 1, true)
+      local min_id = string.sub(cut, 1, dash - 1) .. '-' ..
+        string.format('%.0f', tonumber(string.sub(cut, dash + 1)) + 1)
       redis.call('XTRIM', stream, 'MINID', min_id)
     end
   end
