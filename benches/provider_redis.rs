@@ -6,7 +6,10 @@
 //! - `store_one_at_a_time`: the same script, one call per event;
 //! - `xadd_pipelined` / `xadd_one_at_a_time`: bare `XADD`s of the same JSON, pipelined or one
 //!   round trip each (the Go seed's write): the floor and the baseline, without the provider's
-//!   indexes.
+//!   indexes;
+//! - `store_batch_full_stream` / `store_one_at_a_time_full_stream`: the provider's two ways again,
+//!   on a stream already at its `max_len` (20 000), as a long-running service's is: every store
+//!   then also trims as many old events as it adds.
 //!
 //! `redis_lifecycle` (events per second, stored pending and then completed):
 //! - `store+update batches`: `store_batch` then `update_status_batch` of 512;
@@ -27,6 +30,8 @@ use eventbroker::{
 
 const TYPE: &str = "public.users.create";
 const BATCH: usize = 512;
+/// `max_len` of the stream the `_full_stream` cases write to.
+const FULL: usize = 20_000;
 
 fn url() -> String {
     std::env::var("EVENTBROKER_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -136,9 +141,31 @@ fn writes(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         );
     });
-    group.finish();
+
+    let full = prefix("full");
     drop(provider);
     delete_prefix(&ns);
+    let provider = RedisProvider::connect(RedisConfig { max_len: FULL, ..config(&full) }).unwrap();
+    for chunk in events(FULL + FULL / 100 + 1).chunks(BATCH) {
+        provider.store_batch(chunk, None).unwrap();
+    }
+    group.bench_function(BenchmarkId::new("store_batch_full_stream", BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| provider.store_batch(&batch, None).unwrap(),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.bench_function(BenchmarkId::new("store_one_at_a_time_full_stream", BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| batch.iter().for_each(|e| provider.store_batch(std::slice::from_ref(e), None).unwrap()),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.finish();
+    drop(provider);
+    delete_prefix(&full);
 }
 
 fn lifecycle(c: &mut Criterion) {
