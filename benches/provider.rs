@@ -3,7 +3,9 @@
 //! - `memory_provider`: the provider alone, as the broker drives it for each event: store it (one
 //!   call per event, as publishers do), then its `processing` and `completed` updates in batches of
 //!   256 (a worker's batch). Elements are events: the cost per event of store plus statuses, at the
-//!   default bound (10 000 events, evicting from then on) and at 100 000.
+//!   default bound (10 000 events, evicting from then on) and at 100 000; and on either side of
+//!   the bound from which the provider shards (4 095 events in one shard, 4 096 in 16), which
+//!   shows what spreading events over shards costs a single thread.
 //! - then a table: events per second through the broker with the full lifecycle (stored,
 //!   processing, completed), one shard, the contenders in interleaved rounds (the machine is
 //!   shared and noisy), medians:
@@ -126,10 +128,13 @@ fn memory_provider(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
-    for max_events in [10_000, 100_000] {
+    for (max_events, name) in [
+        (4_095, "4095, one shard"),
+        (4_096, "4096, 16 shards"),
+        (MemoryConfig::default().max_events, "default bound"),
+        (100_000, "100k bound"),
+    ] {
         let provider = Arc::new(MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() }));
-        let name =
-            if max_events == MemoryConfig::default().max_events { "default bound" } else { "100k bound" };
         group.bench_function(BenchmarkId::new("store_and_two_statuses", name), |b| {
             b.iter_custom(|iters| {
                 let mut spent = Duration::ZERO;
