@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use eventbroker::{
     Broker, Distribution, Event, EventId, EventSink, EventSource, EventStatus, Provider, RedisConfig,
     RedisProvider, StatusUpdate,
@@ -84,6 +85,24 @@ fn prefix(name: &str) -> String {
     format!("ebbench:{name}:{}", EventId::new().as_uuid().simple())
 }
 
+/// The provider's two ways of storing: a batch in one script call, and one call per event.
+fn stores(group: &mut BenchmarkGroup<'_, WallTime>, provider: &RedisProvider, suffix: &str) {
+    group.bench_function(BenchmarkId::new(format!("store_batch{suffix}"), BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| provider.store_batch(&batch, None).unwrap(),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+    group.bench_function(BenchmarkId::new(format!("store_one_at_a_time{suffix}"), BATCH), |b| {
+        b.iter_batched(
+            || events(BATCH),
+            |batch| batch.iter().for_each(|e| provider.store_batch(std::slice::from_ref(e), None).unwrap()),
+            criterion::BatchSize::SmallInput,
+        );
+    });
+}
+
 fn writes(c: &mut Criterion) {
     let mut group = c.benchmark_group("redis_writes");
     group.throughput(Throughput::Elements(BATCH as u64));
@@ -91,20 +110,7 @@ fn writes(c: &mut Criterion) {
 
     let ns = prefix("writes");
     let provider = RedisProvider::connect(config(&ns)).unwrap();
-    group.bench_function(BenchmarkId::new("store_batch", BATCH), |b| {
-        b.iter_batched(
-            || events(BATCH),
-            |batch| provider.store_batch(&batch, None).unwrap(),
-            criterion::BatchSize::SmallInput,
-        );
-    });
-    group.bench_function(BenchmarkId::new("store_one_at_a_time", BATCH), |b| {
-        b.iter_batched(
-            || events(BATCH),
-            |batch| batch.iter().for_each(|e| provider.store_batch(std::slice::from_ref(e), None).unwrap()),
-            criterion::BatchSize::SmallInput,
-        );
-    });
+    stores(&mut group, &provider, "");
 
     let stream = format!("{ns}:raw");
     let mut conn = raw();
@@ -149,20 +155,7 @@ fn writes(c: &mut Criterion) {
     for chunk in events(FULL + FULL / 100 + 1).chunks(BATCH) {
         provider.store_batch(chunk, None).unwrap();
     }
-    group.bench_function(BenchmarkId::new("store_batch_full_stream", BATCH), |b| {
-        b.iter_batched(
-            || events(BATCH),
-            |batch| provider.store_batch(&batch, None).unwrap(),
-            criterion::BatchSize::SmallInput,
-        );
-    });
-    group.bench_function(BenchmarkId::new("store_one_at_a_time_full_stream", BATCH), |b| {
-        b.iter_batched(
-            || events(BATCH),
-            |batch| batch.iter().for_each(|e| provider.store_batch(std::slice::from_ref(e), None).unwrap()),
-            criterion::BatchSize::SmallInput,
-        );
-    });
+    stores(&mut group, &provider, "_full_stream");
     group.finish();
     drop(provider);
     delete_prefix(&full);
