@@ -47,10 +47,12 @@ local function zrem(set, member)
     set.rem[#set.rem + 1] = member
   end
 end
--- Runs `cmd key <items>` over a list, at most 1000 items per command (Lua's stack bounds unpack).
+-- Runs `cmd [key] <items>` over a list (no key when `key` is nil), at most 1000 items per
+-- command (Lua's stack bounds unpack).
 local function each_chunk(cmd, key, items)
   for i = 1, #items, 1000 do
-    redis.call(cmd, key, unpack(items, i, math.min(i + 999, #items)))
+    local j = math.min(i + 999, #items)
+    if key then redis.call(cmd, key, unpack(items, i, j)) else redis.call(cmd, unpack(items, i, j)) end
   end
 end
 local function zflush(set)
@@ -171,7 +173,7 @@ for i = 7, #ARGV, 7 do
       next_id = '*'
     end
     redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
-    appended[#appended + 1] = entry .. ' ' .. id
+    if max_len > 0 then appended[#appended + 1] = entry .. ' ' .. id end
     zadd_later(times, 0, tk)
     reschedule(key, entry, tk, tk, nil, st, ttl)
     add(st, 1)
@@ -179,7 +181,7 @@ for i = 7, #ARGV, 7 do
     fresh = fresh + 1
   end
 end
-if max_len > 0 then each_chunk('RPUSH', order, appended) end
+each_chunk('RPUSH', order, appended)
 -- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
 -- remove the oldest (up to `chunk`), and the events they hold from every index. The order list
 -- names them without reading their bodies; entries older than any it names (another writer's, or
@@ -221,7 +223,7 @@ if max_len > 0 then
         add('trimmed', 1)
       end
     end
-    for i = 1, #doomed, 1000 do redis.call('DEL', unpack(doomed, i, math.min(i + 999, #doomed))) end
+    each_chunk('DEL', nil, doomed)
     if cut then
       -- Everything up to and including `cut` goes: the entries named, and any older.
       local dash = string.find(cut, '-', 1, true)
