@@ -7,15 +7,24 @@
 //! |---|---|
 //! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append |
 //! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it |
+//! | a broker's status writes | O(1) per update, without the shard's lock: see below |
 //! | `get`, `delete` | O(1) (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
-//! | `stats` | O(shards): counters are kept on every change |
+//! | `stats` | O(shards): counters are kept on every change (per status: striped by thread) |
 //!
 //! The events are split into shards by id (16 of them from 4 096 events up, one below), each with
 //! its own lock, so publishers and workers writing at once rarely meet; the provider is cheap enough
 //! to be written inline by the threads that publish and handle events
 //! ([`Capabilities::inline_writes`]), without a writer thread in between.
+//!
+//! A broker writing to it inline goes further: each event's status lives in a cell of its own
+//! beside the shard, at a fixed address, which the store hands back to the broker with the event's
+//! slot. The broker's workers then write `processing` and `completed` into the cell with a few
+//! atomic stores, taking neither the shard's lock nor a lookup by id, so they never meet the
+//! publishers storing into the same shard. A slot that has since been given to another event is
+//! recognised by its generation and the late write dropped, as an update of an id no longer stored
+//! is. An update with an error text (a failed event) takes the shard's lock as before.
 //!
 //! ## Bounds
 //! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly. Storing one more
@@ -71,6 +80,8 @@ use jiff::Timestamp;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use self::bus::{Bell, Bus, SourceId};
+pub(crate) use self::cells::StatusSlot;
+use self::cells::{Cells, StatusCounts, Updated};
 use self::letters::LetterTable;
 use self::table::EventTable;
 use super::{
@@ -84,6 +95,7 @@ use crate::pattern::Pattern;
 use crate::sync::thread;
 
 mod bus;
+mod cells;
 mod letters;
 mod lru;
 mod table;
@@ -146,7 +158,9 @@ pub struct MemoryProvider {
 
 struct Shared {
     config: MemoryConfig,
-    shards: Box<[RwLock<Shard>]>,
+    shards: Box<[Part]>,
+    /// Stored events per status, kept by whoever changes one.
+    counts: Arc<StatusCounts>,
     letters: RwLock<Letters>,
     bus: Mutex<Bus>,
     /// Whether any consumer group exists: read on every store, without the bus's lock. Once true,
@@ -160,6 +174,13 @@ struct Shared {
     hub: StreamHub,
     /// Rung when events that some consumer group may want are stored.
     bell: Bell,
+}
+
+/// One shard: its events behind its lock, and their status cells beside it, which status updates
+/// through a [`StatusSlot`] write without the lock.
+struct Part {
+    lock: RwLock<Shard>,
+    cells: Arc<Cells>,
 }
 
 struct Shard {
@@ -191,22 +212,26 @@ impl MemoryProvider {
     pub fn new(config: MemoryConfig) -> Self {
         let interval = config.cleanup_interval.filter(|_| config.max_age.is_some());
         let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
+        let counts = Arc::new(StatusCounts::new());
         let shards = (0..count)
             .map(|i| {
                 let bound = config.max_events / count + usize::from(i < config.max_events % count);
-                RwLock::new(Shard {
+                let cells = Arc::new(Cells::new());
+                let lock = RwLock::new(Shard {
                     closed: false,
-                    events: EventTable::new(),
+                    events: EventTable::new(Arc::clone(&cells), Arc::clone(&counts)),
                     bound,
                     published: 0,
                     replaced: 0,
                     evicted: 0,
                     expired: 0,
-                })
+                });
+                Part { lock, cells }
             })
             .collect();
         let shared = Arc::new(Shared {
             shards,
+            counts,
             letters: RwLock::new(Letters { closed: false, table: LetterTable::new() }),
             bus: Mutex::new(Bus::new(config.max_events)),
             bus_active: AtomicBool::new(false),
@@ -282,7 +307,7 @@ impl Drop for MemoryProvider {
 
 impl std::fmt::Debug for MemoryProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let events: usize = self.shared.shards.iter().map(|s| s.read().events.len()).sum();
+        let events: usize = self.shared.shards.iter().map(|s| s.lock.read().events.len()).sum();
         f.debug_struct("MemoryProvider")
             .field("config", &self.shared.config)
             .field("shards", &self.shared.shards.len())
@@ -306,7 +331,7 @@ impl Shared {
         index: usize,
         operation: &'static str,
     ) -> Result<RwLockWriteGuard<'_, Shard>, ProviderError> {
-        let shard = self.shards[index].write();
+        let shard = self.shards[index].lock.write();
         if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(shard) }
     }
 
@@ -318,8 +343,8 @@ impl Shared {
     ) -> Result<Vec<T>, ProviderError> {
         self.shards
             .iter()
-            .map(|shard| {
-                let shard = shard.read();
+            .map(|part| {
+                let shard = part.lock.read();
                 if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(f(&shard)) }
             })
             .collect()
@@ -382,8 +407,15 @@ impl Cleaner {
     }
 }
 
-impl EventSink for MemoryProvider {
-    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
+impl MemoryProvider {
+    /// [`EventSink::store_batch`], telling `stored` where each event's status lives (`None` for
+    /// a slot beyond what a [`StatusSlot`] addresses), in slice order.
+    pub(crate) fn store_slotted(
+        &self,
+        events: &[Arc<Event>],
+        origin: Option<&str>,
+        mut stored: impl FnMut(Option<StatusSlot>),
+    ) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         shared.check_open("store_batch")?;
         let tailing = shared.hub.is_tailed();
@@ -401,7 +433,8 @@ impl EventSink for MemoryProvider {
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
             // Relaxed: the number only needs to be unique and increasing within the shard, whose
             // lock is held.
-            if held.events.upsert(event, || shared.next_seq.fetch_add(1, Ordering::Relaxed)) {
+            let placed = held.events.upsert(event, || shared.next_seq.fetch_add(1, Ordering::Relaxed));
+            if placed.new {
                 held.published += 1;
                 if tailing || logging {
                     fresh.push(event);
@@ -412,6 +445,12 @@ impl EventSink for MemoryProvider {
             while held.events.len() > held.bound && held.events.evict_least_recent() {
                 held.evicted += 1;
             }
+            let slot = u32::try_from(placed.slot).ok().map(|slot| StatusSlot {
+                shard: u32::try_from(index).expect("fewer than 2^32 shards"),
+                slot,
+                generation: placed.generation,
+            });
+            stored(slot);
         }
         drop(guard);
         if fresh.is_empty() {
@@ -427,6 +466,36 @@ impl EventSink for MemoryProvider {
             }
         }
         Ok(())
+    }
+
+    /// [`EventSink::update_status_batch`] through the slots [`store_slotted`](Self::store_slotted)
+    /// gave: no shard lock and no lookup by id, unless an update carries an error text. An update
+    /// of an event no longer stored changes nothing.
+    pub(crate) fn update_slotted(&self, updates: &[(StatusSlot, StatusUpdate)]) -> Result<(), ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("update_status_batch")?;
+        for (at, update) in updates {
+            let part = &shared.shards[at.shard as usize];
+            let slot = at.slot as usize;
+            match part.cells.get(slot).update(at.generation, update) {
+                Updated::Done { from } => shared.counts.moved(from, update.status),
+                Updated::Gone => {}
+                Updated::NeedsEntry => {
+                    shared.shard(at.shard as usize, "update_status_batch")?.events.update_slot(
+                        slot,
+                        Some(at.generation),
+                        update,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EventSink for MemoryProvider {
+    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
+        self.store_slotted(events, origin, |_| {})
     }
 
     fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
@@ -555,15 +624,16 @@ impl EventStore for MemoryProvider {
         shared.each_shard("stats", |shard| {
             let events = &shard.events;
             stats.total_events += events.len() as u64;
-            stats.pending_events += events.count(EventStatus::Pending);
-            stats.processing_events += events.count(EventStatus::Processing);
-            stats.completed_events += events.count(EventStatus::Completed);
-            stats.failed_events += events.count(EventStatus::Failed);
             stats.events_published += shard.published;
             evicted += shard.evicted;
             expired += shard.expired;
             replaced += shard.replaced;
         })?;
+        let counts = &shared.counts;
+        stats.pending_events = counts.count(EventStatus::Pending);
+        stats.processing_events = counts.count(EventStatus::Processing);
+        stats.completed_events = counts.count(EventStatus::Completed);
+        stats.failed_events = counts.count(EventStatus::Failed);
         let letters = shared.letters.read();
         if letters.closed {
             return Err(closed_error(NAME, "stats"));
@@ -631,10 +701,11 @@ impl Provider for MemoryProvider {
     fn close(&self) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         let mut released = Vec::with_capacity(shared.shards.len());
-        for lock in &*shared.shards {
-            let mut part = lock.write();
-            part.closed = true;
-            released.push(mem::replace(&mut part.events, EventTable::new()));
+        for part in &*shared.shards {
+            let mut held = part.lock.write();
+            held.closed = true;
+            let empty = EventTable::new(Arc::clone(&part.cells), Arc::clone(&shared.counts));
+            released.push(mem::replace(&mut held.events, empty));
         }
         let letters = {
             let mut letters = shared.letters.write();
@@ -741,5 +812,148 @@ impl Inbound for MemoryInbound {
             self.shared.bell.ring();
         }
         Ok(())
+    }
+}
+
+#[cfg(all(test, not(eventbroker_loom)))]
+mod tests {
+    use std::sync::Arc;
+
+    use jiff::Timestamp;
+
+    use super::{MemoryConfig, MemoryProvider, StatusSlot};
+    use crate::provider::{EventFilter, EventSink, EventStore, StatusUpdate};
+    use crate::{Event, EventSource, EventStatus};
+
+    fn provider(max_events: usize) -> MemoryProvider {
+        MemoryProvider::new(MemoryConfig { max_events, cleanup_interval: None, ..MemoryConfig::default() })
+    }
+
+    fn store(provider: &MemoryProvider, event: &Arc<Event>) -> StatusSlot {
+        let mut slot = None;
+        provider.store_slotted(std::slice::from_ref(event), None, |s| slot = s).unwrap();
+        slot.expect("a slot")
+    }
+
+    fn counts(provider: &MemoryProvider) -> [u64; 5] {
+        let s = provider.stats().unwrap();
+        [s.total_events, s.pending_events, s.processing_events, s.completed_events, s.failed_events]
+    }
+
+    #[test]
+    fn a_slotted_update_of_an_evicted_event_changes_nothing() {
+        let provider = provider(2);
+        let [a, b, c, d] = ["a.x", "b.x", "c.x", "d.x"].map(|t| Arc::new(Event::new(EventSource::System, t)));
+        let slot_a = store(&provider, &a);
+        let slot_b = store(&provider, &b);
+        let slot_c = store(&provider, &c); // Evicts `a`.
+        let slot_d = store(&provider, &d); // Takes `a`'s slot, evicts `b`.
+        assert_eq!((slot_d.shard, slot_d.slot), (slot_a.shard, slot_a.slot));
+        let done =
+            |e: &Event| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(Timestamp::now());
+        provider.update_slotted(&[(slot_a, done(&a)), (slot_b, done(&b)), (slot_c, done(&c))]).unwrap();
+        assert!(provider.get(a.id).unwrap().is_none());
+        assert_eq!(provider.get(c.id).unwrap().unwrap().status, EventStatus::Completed);
+        assert_eq!(provider.get(d.id).unwrap().unwrap().status, EventStatus::Pending, "a's update missed d");
+        assert_eq!(counts(&provider), [2, 1, 0, 1, 0]);
+    }
+
+    #[test]
+    fn slotted_updates_carry_errors_retries_and_times_as_updates_by_id_do() {
+        let provider = provider(10);
+        let event = Arc::new(Event::new(EventSource::System, "job.run"));
+        let slot = store(&provider, &event);
+        let started = Timestamp::now();
+        let processing = StatusUpdate::new(event.id, EventStatus::Processing).with_processed_at(started);
+        let failed = StatusUpdate::new(event.id, EventStatus::Failed)
+            .with_error("boom")
+            .with_retry_count(3)
+            .with_completed_at(Timestamp::now());
+        provider.update_slotted(&[(slot, processing)]).unwrap();
+        assert_eq!(counts(&provider), [1, 0, 1, 0, 0]);
+        provider.update_slotted(&[(slot, failed.clone())]).unwrap();
+        let stored = provider.get(event.id).unwrap().unwrap();
+        let mut expected = Event::clone(&event);
+        failed.apply_to(&mut expected);
+        expected.processed_at = Some(started);
+        assert_eq!(stored, expected);
+        assert_eq!(provider.list(&EventFilter::new().with_status(EventStatus::Failed)).unwrap(), [expected]);
+        // The error text moved the fields to the entry; later updates still land, by slot and by id.
+        provider.update_slotted(&[(slot, StatusUpdate::new(event.id, EventStatus::Completed))]).unwrap();
+        let stored = provider.get(event.id).unwrap().unwrap();
+        assert_eq!(
+            (stored.status, stored.error.as_str(), stored.processed_at),
+            (EventStatus::Completed, "", Some(started))
+        );
+        provider.update_status_batch(&[StatusUpdate::new(event.id, EventStatus::Pending)]).unwrap();
+        assert_eq!(counts(&provider), [1, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_re_store_keeps_the_slot_and_takes_the_new_status() {
+        let provider = provider(10);
+        let event = Arc::new(Event::new(EventSource::System, "job.run"));
+        let slot = store(&provider, &event);
+        provider.update_slotted(&[(slot, StatusUpdate::new(event.id, EventStatus::Processing))]).unwrap();
+        let mut again = Event::clone(&event);
+        again.status = EventStatus::Failed;
+        again.error = "from elsewhere".into();
+        assert_eq!(store(&provider, &Arc::new(again.clone())), slot);
+        assert_eq!(provider.get(event.id).unwrap().unwrap(), again);
+        assert_eq!(counts(&provider), [1, 0, 0, 0, 1]);
+    }
+
+    /// Publishers storing and workers updating through slots at once, with evictions: every event
+    /// left ends completed, and the per-status counts add up to exactly what is stored.
+    #[test]
+    fn concurrent_stores_and_slotted_updates_keep_the_counts_exact() {
+        const PER_THREAD: usize = 20_000;
+        for max_events in [1_000, 100_000] {
+            let provider = Arc::new(provider(max_events));
+            let (tx, rx) = crossbeam_channel::bounded::<(StatusSlot, crate::EventId)>(256);
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (provider, rx) = (Arc::clone(&provider), rx.clone());
+                    std::thread::spawn(move || {
+                        for (slot, id) in rx {
+                            let now = Timestamp::now();
+                            provider
+                                .update_slotted(&[
+                                    (
+                                        slot,
+                                        StatusUpdate::new(id, EventStatus::Processing).with_processed_at(now),
+                                    ),
+                                    (
+                                        slot,
+                                        StatusUpdate::new(id, EventStatus::Completed).with_completed_at(now),
+                                    ),
+                                ])
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            drop(rx);
+            let publishers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (provider, tx) = (Arc::clone(&provider), tx.clone());
+                    std::thread::spawn(move || {
+                        for _ in 0..PER_THREAD {
+                            let event = Arc::new(Event::new(EventSource::System, "load.x"));
+                            let slot = store(&provider, &event);
+                            tx.send((slot, event.id)).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            drop(tx);
+            for thread in publishers.into_iter().chain(workers) {
+                thread.join().unwrap();
+            }
+            let held = max_events.min(2 * PER_THREAD) as u64;
+            assert_eq!(counts(&provider), [held, 0, 0, held, 0], "bound {max_events}");
+            let listed = provider.list(&EventFilter::new()).unwrap();
+            assert!(listed.iter().all(|e| e.status == EventStatus::Completed && e.completed_at.is_some()));
+        }
     }
 }
