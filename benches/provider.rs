@@ -5,7 +5,10 @@
 //!   256 (a worker's batch). Elements are events: the cost per event of store plus statuses, at the
 //!   default bound (10 000 events, evicting from then on) and at 100 000; and on either side of
 //!   the bound from which the provider shards (4 095 events in one shard, 4 096 in 16), which
-//!   shows what spreading events over shards costs a single thread.
+//!   shows what spreading events over shards costs a single thread. Two ways of writing the
+//!   statuses: `store_and_two_statuses` by id (`update_status_batch`, what any user of the
+//!   provider calls), `store_and_two_statuses_slotted` through the slots the stores hand out, the
+//!   broker's default path.
 //! - then a table: events per second through the broker with the full lifecycle (stored,
 //!   processing, completed), one shard, the contenders in interleaved rounds (the machine is
 //!   shared and noisy), medians:
@@ -160,6 +163,21 @@ fn memory_provider(c: &mut Criterion) {
                         .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
                         .collect();
                     provider.update_status_batch(&completed).unwrap();
+                    spent += started.elapsed();
+                }
+                spent
+            });
+        });
+        group.bench_function(BenchmarkId::new("store_and_two_statuses_slotted", name), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(256);
+                    left -= n;
+                    let chunk: Vec<Arc<Event>> = (0..n).map(|_| Arc::new(fresh(&template))).collect();
+                    let started = Instant::now();
+                    eventbroker::__private::memory_lifecycle(&provider, &chunk).unwrap();
                     spent += started.elapsed();
                 }
                 spent

@@ -81,7 +81,7 @@ use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use self::bus::{Bell, Bus, SourceId};
 pub(crate) use self::cells::StatusSlot;
-use self::cells::{Cells, StatusCounts, Updated};
+use self::cells::{Cells, Moves, StatusCounts, Updated};
 use self::letters::LetterTable;
 use self::table::EventTable;
 use super::{
@@ -474,22 +474,26 @@ impl MemoryProvider {
     pub(crate) fn update_slotted(&self, updates: &[(StatusSlot, StatusUpdate)]) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
+        let mut moves = Moves::default();
+        let mut result = Ok(());
         for (at, update) in updates {
             let part = &shared.shards[at.shard as usize];
             let slot = at.slot as usize;
             match part.cells.get(slot).update(at.generation, update) {
-                Updated::Done { from } => shared.counts.moved(from, update.status),
+                Updated::Done { from } => moves.moved(from, update.status),
                 Updated::Gone => {}
-                Updated::NeedsEntry => {
-                    shared.shard(at.shard as usize, "update_status_batch")?.events.update_slot(
-                        slot,
-                        Some(at.generation),
-                        update,
-                    );
-                }
+                Updated::NeedsEntry => match shared.shard(at.shard as usize, "update_status_batch") {
+                    Ok(mut held) => held.events.update_slot(slot, Some(at.generation), update),
+                    Err(error) => {
+                        result = Err(error);
+                        break;
+                    }
+                },
             }
         }
-        Ok(())
+        // Also when a shard closed midway: what was written is counted.
+        shared.counts.apply(&moves);
+        result
     }
 }
 

@@ -322,6 +322,17 @@ impl StatusCounts {
         }
     }
 
+    /// Adds changes gathered over a batch (see [`Moves`]).
+    pub(super) fn apply(&self, moves: &Moves) {
+        if moves.0 != [0; 4] {
+            let stripe = &self.stripes[stripe()];
+            for (count, &delta) in stripe.iter().zip(&moves.0).filter(|&(_, &d)| d != 0) {
+                // Relaxed: see `add`.
+                count.fetch_add(delta, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Events with `status` now. Changes made while it sums may be half counted; a negative
     /// sum reads as 0.
     pub(super) fn count(&self, status: EventStatus) -> u64 {
@@ -331,6 +342,19 @@ impl StatusCounts {
         #[allow(clippy::cast_possible_wrap, reason = "a wrapping sum of signed changes")]
         let signed = sum as i64;
         u64::try_from(signed).unwrap_or(0)
+    }
+}
+
+/// Status changes gathered over a batch, added to [`StatusCounts`] at its end: one atomic add per
+/// status rather than two per update.
+#[derive(Default)]
+pub(super) struct Moves([u64; 4]);
+
+impl Moves {
+    pub(super) fn moved(&mut self, from: EventStatus, to: EventStatus) {
+        let [from, to] = [from, to].map(|s| usize::try_from(status_bits(s)).expect("two bits"));
+        self.0[from] = self.0[from].wrapping_sub(1);
+        self.0[to] = self.0[to].wrapping_add(1);
     }
 }
 
