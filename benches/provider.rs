@@ -126,6 +126,23 @@ fn broker(provider: Arc<dyn Provider>, writer: WriterConfig) -> (Broker, Arc<Ato
     (broker, handled)
 }
 
+/// Times `lifecycle` over `iters` events in chunks of 256, each built just before it is stored, as
+/// a publisher's are: the provider's cost is measured on events in cache, not on events built long
+/// before.
+fn in_chunks(iters: u64, template: &Event, lifecycle: impl Fn(&[Arc<Event>])) -> Duration {
+    let mut spent = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(256);
+        left -= n;
+        let chunk: Vec<Arc<Event>> = (0..n).map(|_| Arc::new(fresh(template))).collect();
+        let started = Instant::now();
+        lifecycle(&chunk);
+        spent += started.elapsed();
+    }
+    spent
+}
+
 fn memory_provider(c: &mut Criterion) {
     let mut group = c.benchmark_group("memory_provider");
     group.throughput(Throughput::Elements(1));
@@ -138,50 +155,29 @@ fn memory_provider(c: &mut Criterion) {
         (100_000, "100k bound"),
     ] {
         let provider = Arc::new(MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() }));
+        let by_id = |chunk: &[Arc<Event>]| {
+            for event in chunk {
+                provider.store_batch(std::slice::from_ref(event), None).unwrap();
+            }
+            let now = jiff::Timestamp::now();
+            let processing: Vec<StatusUpdate> = chunk
+                .iter()
+                .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
+                .collect();
+            provider.update_status_batch(&processing).unwrap();
+            let completed: Vec<StatusUpdate> = chunk
+                .iter()
+                .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
+                .collect();
+            provider.update_status_batch(&completed).unwrap();
+        };
+        let slotted =
+            |chunk: &[Arc<Event>]| eventbroker::__private::memory_lifecycle(&provider, chunk).unwrap();
         group.bench_function(BenchmarkId::new("store_and_two_statuses", name), |b| {
-            b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    // Built just before they are stored, as a publisher's are: the provider's cost
-                    // is measured on events in cache, not on events built long before.
-                    let n = left.min(256);
-                    left -= n;
-                    let chunk: Vec<Arc<Event>> = (0..n).map(|_| Arc::new(fresh(&template))).collect();
-                    let started = Instant::now();
-                    for event in &chunk {
-                        provider.store_batch(std::slice::from_ref(event), None).unwrap();
-                    }
-                    let now = jiff::Timestamp::now();
-                    let processing: Vec<StatusUpdate> = chunk
-                        .iter()
-                        .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
-                        .collect();
-                    provider.update_status_batch(&processing).unwrap();
-                    let completed: Vec<StatusUpdate> = chunk
-                        .iter()
-                        .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
-                        .collect();
-                    provider.update_status_batch(&completed).unwrap();
-                    spent += started.elapsed();
-                }
-                spent
-            });
+            b.iter_custom(|iters| in_chunks(iters, &template, by_id));
         });
         group.bench_function(BenchmarkId::new("store_and_two_statuses_slotted", name), |b| {
-            b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                let mut left = iters;
-                while left > 0 {
-                    let n = left.min(256);
-                    left -= n;
-                    let chunk: Vec<Arc<Event>> = (0..n).map(|_| Arc::new(fresh(&template))).collect();
-                    let started = Instant::now();
-                    eventbroker::__private::memory_lifecycle(&provider, &chunk).unwrap();
-                    spent += started.elapsed();
-                }
-                spent
-            });
+            b.iter_custom(|iters| in_chunks(iters, &template, slotted));
         });
     }
     group.finish();
