@@ -138,6 +138,9 @@ pub mod __private {
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::intake::{Entered, Intake};
 
+    #[cfg(eventbroker_loom)]
+    pub use crate::provider::memory::CellModel;
+
     /// The memory provider's share of a broker's default path, for `benches/provider.rs`: stores
     /// each of `events` with a call of its own, as publishers do, then writes their `processing`
     /// and their `completed` statuses through the slots the stores gave, a batch each, as a worker

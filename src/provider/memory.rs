@@ -80,6 +80,9 @@ use jiff::Timestamp;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use self::bus::{Bell, Bus, SourceId};
+#[cfg(eventbroker_loom)]
+#[doc(hidden)]
+pub use self::cells::CellModel;
 pub(crate) use self::cells::StatusSlot;
 use self::cells::{Cells, Moves, StatusCounts, Updated};
 use self::letters::LetterTable;

@@ -466,3 +466,48 @@ mod tests {
         assert_eq!(cell.lock_owned().fields(), (3, Some(at), Some(at)));
     }
 }
+
+/// One cell as its two sides use it, for the loom models in `loom-tests/tests/status_cell.rs`:
+/// the holder of the shard's lock (storing, retiring, reading) and a worker writing through a
+/// [`StatusSlot`]'s generation.
+#[cfg(eventbroker_loom)]
+pub struct CellModel(Cell);
+
+#[cfg(eventbroker_loom)]
+impl CellModel {
+    /// A cell never used.
+    #[allow(clippy::new_without_default, reason = "loom-tests only")]
+    pub fn new() -> Self {
+        Self(Cell::new())
+    }
+
+    /// Stores a new event with `status` and no times; returns the generation a slot carries.
+    pub fn store(&self, status: EventStatus) -> u64 {
+        let mut guard = self.0.lock_owned();
+        guard.store(&StatusUpdate::new(crate::EventId::new(), status));
+        guard.generation().get()
+    }
+
+    /// Removes the event: writes through its generation are dropped from now on.
+    pub fn retire(&self) {
+        self.0.lock_owned().retire();
+    }
+
+    /// A worker's write of `status` with `retry_count` and a completion time of `nanos` after the
+    /// epoch; `true` when it landed.
+    pub fn update(&self, generation: u64, status: EventStatus, retry_count: u32, nanos: i64) -> bool {
+        let at = Timestamp::from_nanosecond(i128::from(nanos)).expect("in range");
+        let update = StatusUpdate::new(crate::EventId::new(), status)
+            .with_retry_count(retry_count)
+            .with_completed_at(at);
+        let generation = NonZeroU64::new(generation).expect("generations start at 1");
+        matches!(self.0.update(generation, &update), Updated::Done { .. })
+    }
+
+    /// `(status, retry_count, completed_at as nanoseconds)`, read under the lock.
+    pub fn read(&self) -> (EventStatus, u32, Option<i128>) {
+        let guard = self.0.lock_owned();
+        let (retries, _, completed) = guard.fields();
+        (guard.status(), retries, completed.map(Timestamp::as_nanosecond))
+    }
+}
