@@ -13,9 +13,12 @@
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
 //! | `stats` | O(shards): counters are kept on every change (per status: striped by thread) |
 //!
-//! The events are split into shards by id (16 of them from 4 096 events up, one below), each with
-//! its own lock, so publishers and workers writing at once rarely meet; the provider is cheap enough
-//! to be written inline by the threads that publish and handle events
+//! The events are split into shards (16 of them from 4 096 events up, one below), each with its own
+//! lock, by the lane in the lowest 4 bits of their id: the ids this crate makes name the thread that
+//! made them (threads take the 16 lanes in turn), so the events one publisher makes go to one shard
+//! and two publishers rarely meet on a lock; other ids spread at random. One thread's stores then
+//! evict in the order it stored, which keeps the memory they touch in step. The provider is cheap
+//! enough to be written inline by the threads that publish and handle events
 //! ([`Capabilities::inline_writes`]), without a writer thread in between.
 //!
 //! A broker writing to it inline goes further: each event's status lives in a cell of its own
@@ -27,8 +30,11 @@
 //! is. An update with an error text (a failed event) takes the shard's lock as before.
 //!
 //! ## Bounds
-//! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly. Storing one more
-//!   evicts the least recently used of its shard (of all events, below 4 096): storing and `get`
+//! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly once the stores in
+//!   progress have returned, whichever shards they are in: one publisher alone fills the whole
+//!   bound. Storing one more evicts the least recently used event: of all events, below 4 096;
+//!   above, the storing shard's own unless another shard's is older by more than a sixteenth of the
+//!   bound, so one quiet publisher's events still leave when they are the oldest. Storing and `get`
 //!   count as use; status updates, `list`, `replay` and `stats` do not (in the broker's flow, events
 //!   leave in the order they were stored unless read). Eviction ignores status, so an
 //!   event still pending can be evicted; size the bound above the number of events in flight.
@@ -72,7 +78,7 @@
 
 use std::collections::BTreeMap;
 use std::mem;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -109,6 +115,8 @@ const NAME: &str = "memory";
 const SHARDS: usize = 16;
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
+/// How many evictions a shard makes before it looks at the other shards' oldest events again.
+const RESCAN_EVERY: u32 = 64;
 
 /// Settings of a [`MemoryProvider`].
 ///
@@ -169,9 +177,15 @@ struct Shared {
     /// Whether any consumer group exists: read on every store, without the bus's lock. Once true,
     /// always true (groups are durable).
     bus_active: AtomicBool,
-    /// The next sequence number. Taken under the lock of the shard the event goes to, so each
-    /// shard's numbers increase.
+    /// The provider's clock: the next sequence number, and the stamp of each use of an event
+    /// (stored, read). Taken under the lock of the shard the event is in, so each shard's numbers
+    /// increase.
     next_seq: AtomicU64,
+    /// Events stored, across shards: never above `max_events` once stores have returned.
+    total: AtomicUsize,
+    /// How much older another shard's least recently used event must be than the storing shard's
+    /// for a store to evict it rather than the storing shard's own.
+    slack: u64,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
     hub: StreamHub,
@@ -184,13 +198,18 @@ struct Shared {
 struct Part {
     lock: RwLock<Shard>,
     cells: Arc<Cells>,
+    /// When the shard's least recently used event was last used (`u64::MAX` when it is empty):
+    /// written under the lock, read without it by stores choosing what to evict.
+    oldest: AtomicU64,
 }
 
 struct Shard {
     closed: bool,
     events: EventTable,
-    /// Most events this shard keeps: its part of `max_events`.
-    bound: usize,
+    /// The oldest `oldest` of the other shards when last looked at (it only grows, but for a
+    /// shard that was empty), and how many evictions until the next look.
+    others_oldest: u64,
+    until_rescan: u32,
     published: u64,
     replaced: u64,
     evicted: u64,
@@ -217,19 +236,19 @@ impl MemoryProvider {
         let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
         let counts = Arc::new(StatusCounts::new());
         let shards = (0..count)
-            .map(|i| {
-                let bound = config.max_events / count + usize::from(i < config.max_events % count);
+            .map(|_| {
                 let cells = Arc::new(Cells::new());
                 let lock = RwLock::new(Shard {
                     closed: false,
                     events: EventTable::new(Arc::clone(&cells), Arc::clone(&counts)),
-                    bound,
+                    others_oldest: u64::MAX,
+                    until_rescan: 0,
                     published: 0,
                     replaced: 0,
                     evicted: 0,
                     expired: 0,
                 });
-                Part { lock, cells }
+                Part { lock, cells, oldest: AtomicU64::new(u64::MAX) }
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -239,6 +258,8 @@ impl MemoryProvider {
             bus: Mutex::new(Bus::new(config.max_events)),
             bus_active: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
+            total: AtomicUsize::new(0),
+            slack: u64::try_from(config.max_events / SHARDS).unwrap_or(u64::MAX),
             closed: AtomicBool::new(false),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
@@ -322,11 +343,72 @@ impl std::fmt::Debug for MemoryProvider {
 }
 
 impl Shared {
-    /// The shard an event id lives in: ids are random in their low bits (UUID v7 and v4 alike).
+    /// The shard an event id lives in: its lane, which for the ids this crate makes is the thread
+    /// that made it (see [`crate::id::lane_of`]), and random for others.
     fn shard_of(&self, id: EventId) -> usize {
-        #[allow(clippy::cast_possible_truncation, reason = "only the low bits pick the shard")]
-        let low = id.as_uuid().as_u128() as usize;
-        low % self.shards.len()
+        crate::id::lane_of(id.as_uuid()) % self.shards.len()
+    }
+
+    /// Publishes when shard `index`'s least recently used event was last used, for other stores
+    /// choosing what to evict.
+    fn publish_oldest(&self, index: usize, held: &Shard) {
+        // Relaxed: a hint; the evicting store checks under the shard's lock what it evicts.
+        self.shards[index].oldest.store(held.events.oldest().unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Takes room for one more event; `false` when the provider is full, and an event must go.
+    fn take_room(&self) -> bool {
+        // Relaxed: a count; the events themselves are published by the shard locks. When full,
+        // nothing is written, so stores that also evict share the line without moving it.
+        let max = self.config.max_events;
+        self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// Whether a store into shard `index`, which is full, evicts that shard's least recently
+    /// used event rather than another shard's: it does unless another's is older by more than
+    /// `slack`, or the storing shard holds nothing but the event just stored.
+    fn evicts_here(&self, index: usize, held: &mut Shard) -> bool {
+        if self.shards.len() == 1 {
+            return true;
+        }
+        if held.until_rescan == 0 {
+            held.others_oldest = self.oldest_except(index).map_or(u64::MAX, |(_, oldest)| oldest);
+            held.until_rescan = RESCAN_EVERY;
+        } else {
+            held.until_rescan -= 1;
+        }
+        let own = held.events.oldest().unwrap_or(u64::MAX);
+        held.others_oldest == u64::MAX
+            || (held.events.len() > 1 && own <= held.others_oldest.saturating_add(self.slack))
+    }
+
+    /// The shard other than `except` whose least recently used event is oldest, with its stamp.
+    fn oldest_except(&self, except: usize) -> Option<(usize, u64)> {
+        self.shards
+            .iter()
+            .enumerate()
+            .filter(|&(index, _)| index != except)
+            // Relaxed: see `publish_oldest`.
+            .map(|(index, part)| (index, part.oldest.load(Ordering::Relaxed)))
+            .filter(|&(_, oldest)| oldest != u64::MAX)
+            .min_by_key(|&(_, oldest)| oldest)
+    }
+
+    /// Evicts the least recently used event of the shard whose one is oldest: for a full store
+    /// that chose not to evict from its own shard. Called without any shard lock held.
+    fn evict_oldest(&self) {
+        for _ in 0..self.shards.len() {
+            let Some((index, _)) = self.oldest_except(usize::MAX) else { break };
+            let Ok(mut held) = self.shard(index, "store_batch") else { return };
+            let evicted = held.events.evict_least_recent();
+            self.publish_oldest(index, &held);
+            if evicted {
+                held.evicted += 1;
+                return;
+            }
+        }
+        // Events were deleted meanwhile: the store's event takes the room they left.
+        self.total.fetch_add(1, Ordering::Relaxed);
     }
 
     fn shard(
@@ -371,6 +453,8 @@ impl Shared {
                 shard.events.remove(id);
             }
             shard.expired += expired.len() as u64;
+            self.publish_oldest(index, &shard);
+            self.total.fetch_sub(expired.len(), Ordering::Relaxed);
             removed += expired.len();
         }
         if removed > 0 {
@@ -427,26 +511,38 @@ impl MemoryProvider {
         let logging = shared.bus_active.load(Ordering::Acquire);
         let mut fresh: Vec<&Arc<Event>> = Vec::new();
         let mut guard: Option<(usize, RwLockWriteGuard<'_, Shard>)> = None;
+        // Stores that found the provider full and leave another shard to evict from.
+        let mut evict_elsewhere = 0;
+        let release = |guard: Option<(usize, RwLockWriteGuard<'_, Shard>)>| {
+            if let Some((index, held)) = guard {
+                shared.publish_oldest(index, &held);
+            }
+        };
         for event in events {
             let index = shared.shard_of(event.id);
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
-                drop(guard.take()); // One shard lock at a time.
+                release(guard.take()); // One shard lock at a time.
                 guard = Some((index, shared.shard(index, "store_batch")?));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
             // Relaxed: the number only needs to be unique and increasing within the shard, whose
             // lock is held.
-            let placed = held.events.upsert(event, || shared.next_seq.fetch_add(1, Ordering::Relaxed));
+            let placed = held.events.upsert(event, shared.next_seq.fetch_add(1, Ordering::Relaxed));
             if placed.new {
                 held.published += 1;
                 if tailing || logging {
                     fresh.push(event);
                 }
+                if !shared.take_room() {
+                    if shared.evicts_here(index, held) {
+                        held.events.evict_least_recent();
+                        held.evicted += 1;
+                    } else {
+                        evict_elsewhere += 1;
+                    }
+                }
             } else {
                 held.replaced += 1;
-            }
-            while held.events.len() > held.bound && held.events.evict_least_recent() {
-                held.evicted += 1;
             }
             let slot = u32::try_from(placed.slot).ok().map(|slot| StatusSlot {
                 shard: u32::try_from(index).expect("fewer than 2^32 shards"),
@@ -455,7 +551,10 @@ impl MemoryProvider {
             });
             stored(slot);
         }
-        drop(guard);
+        release(guard);
+        for _ in 0..evict_elsewhere {
+            shared.evict_oldest();
+        }
         if fresh.is_empty() {
             return Ok(());
         }
@@ -558,7 +657,12 @@ impl EventSink for MemoryProvider {
 impl EventStore for MemoryProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let shared = &*self.shared;
-        Ok(shared.shard(shared.shard_of(id), "get")?.events.touch(id))
+        let index = shared.shard_of(id);
+        let mut held = shared.shard(index, "get")?;
+        // Relaxed: see `store_slotted`.
+        let event = held.events.touch(id, || shared.next_seq.fetch_add(1, Ordering::Relaxed));
+        shared.publish_oldest(index, &held);
+        Ok(event)
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
@@ -580,7 +684,14 @@ impl EventStore for MemoryProvider {
 
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
         let shared = &*self.shared;
-        Ok(shared.shard(shared.shard_of(id), "delete")?.events.remove(id).is_some())
+        let index = shared.shard_of(id);
+        let mut held = shared.shard(index, "delete")?;
+        let removed = held.events.remove(id).is_some();
+        if removed {
+            shared.publish_oldest(index, &held);
+            shared.total.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 
     fn replay(
@@ -908,6 +1019,74 @@ mod tests {
         assert_eq!(store(&provider, &Arc::new(again.clone())), slot);
         assert_eq!(provider.get(event.id).unwrap().unwrap(), again);
         assert_eq!(counts(&provider), [1, 0, 0, 0, 1]);
+    }
+
+    /// An event made on a thread of lane `lane`.
+    fn in_lane(lane: u128) -> Arc<Event> {
+        let mut event = Event::new(EventSource::System, "lane.x");
+        event.id =
+            crate::EventId::from_uuid(uuid::Uuid::from_u128((event.id.as_uuid().as_u128() & !0xF) | lane));
+        Arc::new(event)
+    }
+
+    #[test]
+    fn one_thread_fills_the_whole_bound_and_keeps_the_most_recent() {
+        let provider = provider(10_000);
+        let events: Vec<Arc<Event>> = (0..25_000).map(|_| in_lane(5)).collect();
+        for event in &events {
+            provider.store_batch(std::slice::from_ref(event), None).unwrap();
+        }
+        assert_eq!(counts(&provider), [10_000, 10_000, 0, 0, 0]);
+        assert!(events[..15_000].iter().all(|e| provider.get(e.id).unwrap().is_none()));
+        assert!(events[15_000..].iter().all(|e| provider.get(e.id).unwrap().is_some()));
+        assert_eq!(provider.stats().unwrap().provider_specific["evicted"], 15_000);
+    }
+
+    #[test]
+    fn a_quiet_lane_is_evicted_once_its_events_are_the_oldest() {
+        let provider = provider(10_000);
+        let quiet: Vec<Arc<Event>> = (0..100).map(|_| in_lane(1)).collect();
+        provider.store_batch(&quiet, None).unwrap();
+        let kept = in_lane(1);
+        provider.store_batch(std::slice::from_ref(&kept), None).unwrap();
+        for _ in 0..20_000 {
+            provider.store_batch(&[in_lane(2)], None).unwrap();
+            // Read now and then, `kept` stays among the most recently used.
+            if fastrand::u8(..) == 0 {
+                provider.get(kept.id).unwrap().expect("kept alive by use");
+            }
+        }
+        assert!(
+            quiet.iter().all(|e| provider.get(e.id).unwrap().is_none()),
+            "the quiet lane's events went first"
+        );
+        assert!(provider.get(kept.id).unwrap().is_some());
+        assert_eq!(counts(&provider)[0], 10_000);
+    }
+
+    #[test]
+    fn concurrent_stores_in_many_lanes_end_at_exactly_the_bound() {
+        let provider = Arc::new(provider(10_000));
+        std::thread::scope(|s| {
+            for lane in 0..4 {
+                let provider = Arc::clone(&provider);
+                s.spawn(move || {
+                    for _ in 0..10_000 {
+                        provider.store_batch(&[in_lane(lane)], None).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(counts(&provider), [10_000, 10_000, 0, 0, 0]);
+        assert_eq!(provider.list(&EventFilter::new()).unwrap().len(), 10_000);
+        assert_eq!(provider.stats().unwrap().provider_specific["evicted"], 30_000);
+        let deleted = provider.list(&EventFilter::new().with_limit(10)).unwrap();
+        for event in &deleted {
+            assert!(provider.delete(event.id).unwrap());
+        }
+        provider.store_batch(&(0..10).map(|_| in_lane(9)).collect::<Vec<_>>(), None).unwrap();
+        assert_eq!(counts(&provider)[0], 10_000, "deleted room is taken before anything is evicted");
+        assert_eq!(provider.stats().unwrap().provider_specific["evicted"], 30_000);
     }
 
     /// Publishers storing and workers updating through slots at once, with evictions: every event

@@ -49,6 +49,9 @@ pub(super) struct Entry {
     /// The status fields, when the cell marks them external.
     external: Lifecycle,
     pub(super) seq: u64,
+    /// When it was last used (stored or read), on the provider's clock: the recency that eviction
+    /// compares across shards.
+    stamp: u64,
 }
 
 /// Slot of a sequence index entry whose event is gone.
@@ -121,16 +124,17 @@ impl EventTable {
         self.lru.len()
     }
 
-    /// Stores `event` as the most recently used; a new id gets the sequence number `next_seq()`
-    /// gives (called only then). A re-store keeps its sequence number, its slot and its
+    /// Stores `event` as the most recently used, at `now` on the provider's clock, which a new id
+    /// also takes as its sequence number. A re-store keeps its sequence number, its slot and its
     /// generation, and takes the new event and its status.
-    pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> Stored {
+    pub(super) fn upsert(&mut self, event: &Arc<Event>, now: u64) -> Stored {
         let status = StatusUpdate::from_event(event);
         if let Some(&slot) = self.by_id.get(&event.id) {
             let entry = self.lru.get_mut(slot);
             let mut cell = self.cells.get(slot).lock_owned();
             self.counts.moved(cell.status(), event.status);
             entry.event = Arc::clone(event);
+            entry.stamp = now;
             if !cell.store(&status) {
                 entry.external = Lifecycle::default();
                 entry.external.apply(&status);
@@ -140,12 +144,13 @@ impl EventTable {
             self.lru.touch(slot);
             return Stored { new: false, slot, generation };
         }
-        let seq = next_seq();
+        let seq = now;
         let slot = self.lru.push_front(Entry {
             id: event.id,
             event: Arc::clone(event),
             external: Lifecycle::default(),
             seq,
+            stamp: now,
         });
         let mut cell = self.cells.ensure(slot).lock_owned();
         if !cell.store(&status) {
@@ -159,11 +164,18 @@ impl EventTable {
         Stored { new: true, slot, generation }
     }
 
-    /// The event with `id`, with its status, now the most recently used.
-    pub(super) fn touch(&mut self, id: EventId) -> Option<Event> {
+    /// The event with `id`, with its status, now the most recently used, at `now` on the
+    /// provider's clock (called only when the id is stored).
+    pub(super) fn touch(&mut self, id: EventId, now: impl FnOnce() -> u64) -> Option<Event> {
         let slot = *self.by_id.get(&id)?;
+        self.lru.get_mut(slot).stamp = now();
         self.lru.touch(slot);
         Some(self.to_event(slot))
+    }
+
+    /// When the least recently used event was last used; `None` when there is none.
+    pub(super) fn oldest(&self) -> Option<u64> {
+        self.lru.back().map(|slot| self.lru.get(slot).stamp)
     }
 
     /// An owned copy of the event in `slot` with its current status.
