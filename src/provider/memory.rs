@@ -82,6 +82,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use jiff::Timestamp;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
@@ -169,7 +170,10 @@ pub struct MemoryProvider {
 
 struct Shared {
     config: MemoryConfig,
-    shards: Box<[Part]>,
+    shards: Box<[CachePadded<Part>]>,
+    /// Each shard's status cells, which status updates through a [`StatusSlot`] write without the
+    /// shard's lock. Apart from the shards: workers read it, and nobody writes it.
+    cells: Box<[Arc<Cells>]>,
     /// Stored events per status, kept by whoever changes one.
     counts: Arc<StatusCounts>,
     letters: RwLock<Letters>,
@@ -193,11 +197,10 @@ struct Shared {
     bell: Bell,
 }
 
-/// One shard: its events behind its lock, and their status cells beside it, which status updates
-/// through a [`StatusSlot`] write without the lock.
+/// One shard: its events behind its lock. Padded to cache lines of its own: in the broker's flow
+/// one publisher writes it, and a neighbour's writes must not move its lock's line.
 struct Part {
     lock: RwLock<Shard>,
-    cells: Arc<Cells>,
     /// When the shard's least recently used event was last used (`u64::MAX` when it is empty):
     /// written under the lock, read without it by stores choosing what to evict.
     oldest: AtomicU64,
@@ -235,12 +238,13 @@ impl MemoryProvider {
         let interval = config.cleanup_interval.filter(|_| config.max_age.is_some());
         let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
         let counts = Arc::new(StatusCounts::new());
-        let shards = (0..count)
-            .map(|_| {
-                let cells = Arc::new(Cells::new());
+        let cells: Box<[Arc<Cells>]> = (0..count).map(|_| Arc::new(Cells::new())).collect();
+        let shards = cells
+            .iter()
+            .map(|cells| {
                 let lock = RwLock::new(Shard {
                     closed: false,
-                    events: EventTable::new(Arc::clone(&cells), Arc::clone(&counts)),
+                    events: EventTable::new(Arc::clone(cells), Arc::clone(&counts)),
                     others_oldest: u64::MAX,
                     until_rescan: 0,
                     published: 0,
@@ -248,11 +252,12 @@ impl MemoryProvider {
                     evicted: 0,
                     expired: 0,
                 });
-                Part { lock, cells, oldest: AtomicU64::new(u64::MAX) }
+                CachePadded::new(Part { lock, oldest: AtomicU64::new(u64::MAX) })
             })
             .collect();
         let shared = Arc::new(Shared {
             shards,
+            cells,
             counts,
             letters: RwLock::new(Letters { closed: false, table: LetterTable::new() }),
             bus: Mutex::new(Bus::new(config.max_events)),
@@ -579,9 +584,8 @@ impl MemoryProvider {
         let mut moves = Moves::default();
         let mut result = Ok(());
         for (at, update) in updates {
-            let part = &shared.shards[at.shard as usize];
             let slot = at.slot as usize;
-            match part.cells.get(slot).update(at.generation, update) {
+            match shared.cells[at.shard as usize].get(slot).update(at.generation, update) {
                 Updated::Done { from } => moves.moved(from, update.status),
                 Updated::Gone => {}
                 Updated::NeedsEntry => match shared.shard(at.shard as usize, "update_status_batch") {
@@ -819,10 +823,10 @@ impl Provider for MemoryProvider {
     fn close(&self) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         let mut released = Vec::with_capacity(shared.shards.len());
-        for part in &*shared.shards {
+        for (part, cells) in shared.shards.iter().zip(&shared.cells) {
             let mut held = part.lock.write();
             held.closed = true;
-            let empty = EventTable::new(Arc::clone(&part.cells), Arc::clone(&shared.counts));
+            let empty = EventTable::new(Arc::clone(cells), Arc::clone(&shared.counts));
             released.push(mem::replace(&mut held.events, empty));
         }
         let letters = {
