@@ -9,6 +9,9 @@
 //!   statuses: `store_and_two_statuses` by id (`update_status_batch`, what any user of the
 //!   provider calls), `store_and_two_statuses_slotted` through the slots the stores hand out, the
 //!   broker's default path.
+//! - then a table: the slotted path on one thread and on two threads at once, each with events
+//!   of its own (ns per event on each thread), at the default bound and at 100 000, the provider
+//!   filled first: how the provider scales with the publishers storing into it.
 //! - then a table: events per second through the broker with the full lifecycle (stored,
 //!   processing, completed), one shard, the contenders in interleaved rounds (the machine is
 //!   shared and noisy), medians:
@@ -247,6 +250,52 @@ fn seed_flow(template: &Event) -> (Lifecycle, Broker) {
 
 /// The lifecycle contenders in interleaved rounds (the order rotating each round): each one's
 /// median events/s, and the median of the per-round ratios against the default.
+/// The memory provider's share of the default path (stores, then statuses through slots) on one
+/// thread and on two at once, each storing its own events: ns per event on each thread, the median
+/// of `rounds`.
+fn threads_table(rounds: usize, events: u64) {
+    println!(
+        "\nmemory provider, store + two statuses through slots, threads at once (ns per event per thread, median of {rounds})"
+    );
+    println!("| bound | 1 thread | 2 threads | 2 threads ÷ 1 |");
+    println!("|---|---:|---:|---:|");
+    let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
+    for max_events in [MemoryConfig::default().max_events, 100_000] {
+        let per_event = |threads: u64| {
+            let mut runs: Vec<f64> = (0..rounds)
+                .map(|_| {
+                    let provider =
+                        MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() });
+                    // Filled first, so every store of the run evicts.
+                    let fill: Vec<Arc<Event>> = (0..max_events).map(|_| Arc::new(fresh(&template))).collect();
+                    provider.store_batch(&fill, None).unwrap();
+                    drop(fill);
+                    let spent: Duration = std::thread::scope(|s| {
+                        let handles: Vec<_> = (0..threads)
+                            .map(|_| {
+                                let (provider, template) = (&provider, &template);
+                                s.spawn(move || {
+                                    in_chunks(events, template, |chunk| {
+                                        eventbroker::__private::memory_lifecycle(provider, chunk).unwrap();
+                                    })
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().map(|h| h.join().unwrap()).sum()
+                    });
+                    #[allow(clippy::cast_precision_loss, reason = "a mean for a table")]
+                    let ns = spent.as_nanos() as f64 / (threads * events) as f64;
+                    ns
+                })
+                .collect();
+            runs.sort_by(f64::total_cmp);
+            runs[runs.len() / 2]
+        };
+        let (one, two) = (per_event(1), per_event(2));
+        println!("| {max_events} | {one:.0} | {two:.0} | {:.2} |", two / one);
+    }
+}
+
 fn lifecycle_table(rounds: usize, events: u64) {
     let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
     let contenders: [(&str, (Lifecycle, Broker)); 4] = [
@@ -299,8 +348,10 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; `cargo test --benches` (CI) does not: one short round.
     if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
+        threads_table(5, 500_000);
         lifecycle_table(7, 100_000);
     } else {
+        threads_table(1, 1_000);
         lifecycle_table(1, 1_000);
     }
 }
