@@ -181,15 +181,14 @@ struct Shared {
     /// Whether any consumer group exists: read on every store, without the bus's lock. Once true,
     /// always true (groups are durable).
     bus_active: AtomicBool,
-    /// The provider's clock: the next sequence number, and the stamp of each use of an event
-    /// (stored, read). Taken under the lock of the shard the event is in, so each shard's numbers
-    /// increase.
-    next_seq: AtomicU64,
+    /// The provider's clock starts here: nanoseconds since are the stamps of each use of an event
+    /// (stored, read), and the high bits of sequence numbers.
+    started: Instant,
+    /// No sequence number handed out from now on is at or below this one: raised by `replay` to
+    /// the highest it returned, so paging on from there includes every later-stored event.
+    floor: AtomicU64,
     /// Events stored, across shards: never above `max_events` once stores have returned.
     total: AtomicUsize,
-    /// How much older another shard's least recently used event must be than the storing shard's
-    /// for a store to evict it rather than the storing shard's own.
-    slack: u64,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
     hub: StreamHub,
@@ -209,6 +208,8 @@ struct Part {
 struct Shard {
     closed: bool,
     events: EventTable,
+    /// The clock reading in this shard's last sequence number: each new one is later.
+    last_tick: u64,
     /// The oldest `oldest` of the other shards when last looked at (it only grows, but for a
     /// shard that was empty), and how many evictions until the next look.
     others_oldest: u64,
@@ -245,6 +246,7 @@ impl MemoryProvider {
                 let lock = RwLock::new(Shard {
                     closed: false,
                     events: EventTable::new(Arc::clone(cells), Arc::clone(&counts)),
+                    last_tick: 0,
                     others_oldest: u64::MAX,
                     until_rescan: 0,
                     published: 0,
@@ -262,9 +264,9 @@ impl MemoryProvider {
             letters: RwLock::new(Letters { closed: false, table: LetterTable::new() }),
             bus: Mutex::new(Bus::new(config.max_events)),
             bus_active: AtomicBool::new(false),
-            next_seq: AtomicU64::new(1),
+            started: Instant::now(),
+            floor: AtomicU64::new(0),
             total: AtomicUsize::new(0),
-            slack: u64::try_from(config.max_events / SHARDS).unwrap_or(u64::MAX),
             closed: AtomicBool::new(false),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
@@ -369,10 +371,29 @@ impl Shared {
         self.total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
     }
 
-    /// Whether a store into shard `index`, which is full, evicts that shard's least recently
-    /// used event rather than another shard's: it does unless another's is older by more than
-    /// `slack`, or the storing shard holds nothing but the event just stored.
-    fn evicts_here(&self, index: usize, held: &mut Shard) -> bool {
+    /// The provider's clock: nanoseconds since it started (2^60 of them last 36 years).
+    fn now(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX).min(u64::MAX >> 4)
+    }
+
+    /// The next sequence number of shard `index`, at `now`: the clock reading, made later than
+    /// the shard's last and than the floor, above the shard's index in the low 4 bits. Unique
+    /// across shards and increasing within each, in store order across shards to the clock's
+    /// precision, with no counter that every store writes.
+    fn next_seq(&self, index: usize, last_tick: &mut u64, now: u64) -> u64 {
+        // Relaxed: `replay` raises the floor before it returns its page; a store that begins
+        // after that reads the raised value (the cache line is coherent), and nothing else is
+        // published through it.
+        let floor = self.floor.load(Ordering::Relaxed) >> 4;
+        *last_tick = now.max(*last_tick + 1).max(floor + 1);
+        (*last_tick << 4) | index as u64
+    }
+
+    /// Whether a store into shard `index` at `now`, with the provider full, evicts that shard's
+    /// least recently used event rather than another shard's: it does unless another's is older
+    /// by more than a sixteenth of the age of the storing shard's, or the storing shard holds
+    /// nothing but the event just stored.
+    fn evicts_here(&self, index: usize, held: &mut Shard, now: u64) -> bool {
         if self.shards.len() == 1 {
             return true;
         }
@@ -383,8 +404,9 @@ impl Shared {
             held.until_rescan -= 1;
         }
         let own = held.events.oldest().unwrap_or(u64::MAX);
+        let slack = now.saturating_sub(own) / 16;
         held.others_oldest == u64::MAX
-            || (held.events.len() > 1 && own <= held.others_oldest.saturating_add(self.slack))
+            || (held.events.len() > 1 && own <= held.others_oldest.saturating_add(slack))
     }
 
     /// The shard other than `except` whose least recently used event is oldest, with its stamp.
@@ -518,6 +540,9 @@ impl MemoryProvider {
         let mut guard: Option<(usize, RwLockWriteGuard<'_, Shard>)> = None;
         // Stores that found the provider full and leave another shard to evict from.
         let mut evict_elsewhere = 0;
+        // Read once per call, and moved on past each sequence number taken, so a batch's events
+        // number in slice order whichever shards they go to.
+        let mut now = shared.now();
         let release = |guard: Option<(usize, RwLockWriteGuard<'_, Shard>)>| {
             if let Some((index, held)) = guard {
                 shared.publish_oldest(index, &held);
@@ -530,16 +555,17 @@ impl MemoryProvider {
                 guard = Some((index, shared.shard(index, "store_batch")?));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
-            // Relaxed: the number only needs to be unique and increasing within the shard, whose
-            // lock is held.
-            let placed = held.events.upsert(event, shared.next_seq.fetch_add(1, Ordering::Relaxed));
+            let held: &mut Shard = held; // Its fields borrowed apart below.
+            let last_tick = &mut held.last_tick;
+            let placed = held.events.upsert(event, now, || shared.next_seq(index, last_tick, now));
+            now = now.max(held.last_tick + 1);
             if placed.new {
                 held.published += 1;
                 if tailing || logging {
                     fresh.push(event);
                 }
                 if !shared.take_room() {
-                    if shared.evicts_here(index, held) {
+                    if shared.evicts_here(index, held, now) {
                         held.events.evict_least_recent();
                         held.evicted += 1;
                     } else {
@@ -662,9 +688,9 @@ impl EventStore for MemoryProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let shared = &*self.shared;
         let index = shared.shard_of(id);
+        let now = shared.now();
         let mut held = shared.shard(index, "get")?;
-        // Relaxed: see `store_slotted`.
-        let event = held.events.touch(id, || shared.next_seq.fetch_add(1, Ordering::Relaxed));
+        let event = held.events.touch(id, now);
         shared.publish_oldest(index, &held);
         Ok(event)
     }
@@ -712,6 +738,10 @@ impl EventStore for MemoryProvider {
             .collect();
         found.sort_unstable_by_key(|(seq, _)| *seq);
         found.truncate(limit);
+        if let Some(&(last, _)) = found.last() {
+            // Relaxed: see `next_seq`.
+            self.shared.floor.fetch_max(last, Ordering::Relaxed);
+        }
         Ok(found.into_iter().map(|(seq, event)| StoredEvent { seq, event }).collect())
     }
 
@@ -1091,6 +1121,25 @@ mod tests {
         provider.store_batch(&(0..10).map(|_| in_lane(9)).collect::<Vec<_>>(), None).unwrap();
         assert_eq!(counts(&provider)[0], 10_000, "deleted room is taken before anything is evicted");
         assert_eq!(provider.stats().unwrap().provider_specific["evicted"], 30_000);
+    }
+
+    #[test]
+    fn replay_follows_store_order_across_lanes_and_paging_misses_no_later_store() {
+        use crate::provider::ReplayFrom;
+        let provider = provider(10_000);
+        let stored: Vec<Arc<Event>> = [3, 7, 3, 7, 12, 3].into_iter().map(in_lane).collect();
+        for event in &stored {
+            provider.store_batch(std::slice::from_ref(event), None).unwrap();
+        }
+        let ids = |page: &[crate::provider::StoredEvent]| page.iter().map(|s| s.event.id).collect::<Vec<_>>();
+        let all = provider.replay(ReplayFrom::Beginning, None, 100).unwrap();
+        assert_eq!(ids(&all), stored.iter().map(|e| e.id).collect::<Vec<_>>());
+        let page = provider.replay(ReplayFrom::Beginning, None, 4).unwrap();
+        let later: Vec<Arc<Event>> = [0, 15, 7].into_iter().map(in_lane).collect();
+        provider.store_batch(&later, None).unwrap();
+        let rest = provider.replay(ReplayFrom::Sequence(page[3].seq + 1), None, 100).unwrap();
+        let expected: Vec<_> = stored[4..].iter().chain(&later).map(|e| e.id).collect();
+        assert_eq!(ids(&rest), expected);
     }
 
     /// Publishers storing and workers updating through slots at once, with evictions: every event

@@ -124,10 +124,10 @@ impl EventTable {
         self.lru.len()
     }
 
-    /// Stores `event` as the most recently used, at `now` on the provider's clock, which a new id
-    /// also takes as its sequence number. A re-store keeps its sequence number, its slot and its
-    /// generation, and takes the new event and its status.
-    pub(super) fn upsert(&mut self, event: &Arc<Event>, now: u64) -> Stored {
+    /// Stores `event` as the most recently used, at `now` on the provider's clock; a new id gets
+    /// the sequence number `next_seq()` gives (called only then). A re-store keeps its sequence
+    /// number, its slot and its generation, and takes the new event and its status.
+    pub(super) fn upsert(&mut self, event: &Arc<Event>, now: u64, next_seq: impl FnOnce() -> u64) -> Stored {
         let status = StatusUpdate::from_event(event);
         if let Some(&slot) = self.by_id.get(&event.id) {
             let entry = self.lru.get_mut(slot);
@@ -144,7 +144,7 @@ impl EventTable {
             self.lru.touch(slot);
             return Stored { new: false, slot, generation };
         }
-        let seq = now;
+        let seq = next_seq();
         let slot = self.lru.push_front(Entry {
             id: event.id,
             event: Arc::clone(event),
@@ -165,10 +165,10 @@ impl EventTable {
     }
 
     /// The event with `id`, with its status, now the most recently used, at `now` on the
-    /// provider's clock (called only when the id is stored).
-    pub(super) fn touch(&mut self, id: EventId, now: impl FnOnce() -> u64) -> Option<Event> {
+    /// provider's clock.
+    pub(super) fn touch(&mut self, id: EventId, now: u64) -> Option<Event> {
         let slot = *self.by_id.get(&id)?;
-        self.lru.get_mut(slot).stamp = now();
+        self.lru.get_mut(slot).stamp = now;
         self.lru.touch(slot);
         Some(self.to_event(slot))
     }
