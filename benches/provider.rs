@@ -5,13 +5,10 @@
 //!   256 (a worker's batch). Elements are events: the cost per event of store plus statuses, at the
 //!   default bound (10 000 events, evicting from then on) and at 100 000; and on either side of
 //!   the bound from which the provider shards (4 095 events in one shard, 4 096 in 16), which
-//!   shows what spreading events over shards costs a single thread. Two ways of writing the
-//!   statuses: `store_and_two_statuses` by id (`update_status_batch`, what any user of the
-//!   provider calls), `store_and_two_statuses_slotted` through the slots the stores hand out, the
-//!   broker's default path.
-//! - then a table: the slotted path on one thread and on two threads at once, each with events
-//!   of its own (ns per event on each thread), at the default bound and at 100 000, the provider
-//!   filled first: how the provider scales with the publishers storing into it.
+//!   shows what spreading events over shards costs a single thread.
+//! - then a table: the same on one thread and on two threads at once, each with events of its own
+//!   (ns per event on each thread), at the default bound and at 100 000, the provider filled
+//!   first: how the provider scales with the publishers and workers writing into it.
 //! - then a table: events per second through the broker with the full lifecycle (stored,
 //!   processing, completed), one shard, the contenders in interleaved rounds (the machine is
 //!   shared and noisy), medians:
@@ -129,6 +126,25 @@ fn broker(provider: Arc<dyn Provider>, writer: WriterConfig) -> (Broker, Arc<Ato
     (broker, handled)
 }
 
+/// Stores each of `chunk` with a call of its own, as publishers do, then writes their `processing`
+/// and their `completed` statuses, a batch each, as a worker does.
+fn lifecycle_by_id(provider: &MemoryProvider, chunk: &[Arc<Event>]) {
+    for event in chunk {
+        provider.store_batch(std::slice::from_ref(event), None).unwrap();
+    }
+    let now = jiff::Timestamp::now();
+    let processing: Vec<StatusUpdate> = chunk
+        .iter()
+        .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
+        .collect();
+    provider.update_status_batch(&processing).unwrap();
+    let completed: Vec<StatusUpdate> = chunk
+        .iter()
+        .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
+        .collect();
+    provider.update_status_batch(&completed).unwrap();
+}
+
 /// Times `lifecycle` over `iters` events in chunks of 256, each built just before it is stored, as
 /// a publisher's are: the provider's cost is measured on events in cache, not on events built long
 /// before.
@@ -158,29 +174,8 @@ fn memory_provider(c: &mut Criterion) {
         (100_000, "100k bound"),
     ] {
         let provider = Arc::new(MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() }));
-        let by_id = |chunk: &[Arc<Event>]| {
-            for event in chunk {
-                provider.store_batch(std::slice::from_ref(event), None).unwrap();
-            }
-            let now = jiff::Timestamp::now();
-            let processing: Vec<StatusUpdate> = chunk
-                .iter()
-                .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
-                .collect();
-            provider.update_status_batch(&processing).unwrap();
-            let completed: Vec<StatusUpdate> = chunk
-                .iter()
-                .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
-                .collect();
-            provider.update_status_batch(&completed).unwrap();
-        };
-        let slotted =
-            |chunk: &[Arc<Event>]| eventbroker::__private::memory_lifecycle(&provider, chunk).unwrap();
         group.bench_function(BenchmarkId::new("store_and_two_statuses", name), |b| {
-            b.iter_custom(|iters| in_chunks(iters, &template, by_id));
-        });
-        group.bench_function(BenchmarkId::new("store_and_two_statuses_slotted", name), |b| {
-            b.iter_custom(|iters| in_chunks(iters, &template, slotted));
+            b.iter_custom(|iters| in_chunks(iters, &template, |chunk| lifecycle_by_id(&provider, chunk)));
         });
     }
     group.finish();
@@ -248,14 +243,12 @@ fn seed_flow(template: &Event) -> (Lifecycle, Broker) {
     (run, broker)
 }
 
-/// The lifecycle contenders in interleaved rounds (the order rotating each round): each one's
-/// median events/s, and the median of the per-round ratios against the default.
-/// The memory provider's share of the default path (stores, then statuses through slots) on one
-/// thread and on two at once, each storing its own events: ns per event on each thread, the median
-/// of `rounds`.
+/// The memory provider's share of the default path (stores, then statuses by id) on one thread
+/// and on two at once, each storing its own events: ns per event on each thread, the median of
+/// `rounds`.
 fn threads_table(rounds: usize, events: u64) {
     println!(
-        "\nmemory provider, store + two statuses through slots, threads at once (ns per event per thread, median of {rounds})"
+        "\nmemory provider, store + two statuses, threads at once (ns per event per thread, median of {rounds})"
     );
     println!("| bound | 1 thread | 2 threads | 2 threads ÷ 1 |");
     println!("|---|---:|---:|---:|");
@@ -275,9 +268,7 @@ fn threads_table(rounds: usize, events: u64) {
                             .map(|_| {
                                 let (provider, template) = (&provider, &template);
                                 s.spawn(move || {
-                                    in_chunks(events, template, |chunk| {
-                                        eventbroker::__private::memory_lifecycle(provider, chunk).unwrap();
-                                    })
+                                    in_chunks(events, template, |chunk| lifecycle_by_id(provider, chunk))
                                 })
                             })
                             .collect();
@@ -296,6 +287,8 @@ fn threads_table(rounds: usize, events: u64) {
     }
 }
 
+/// The lifecycle contenders in interleaved rounds (the order rotating each round): each one's
+/// median events/s, and the median of the per-round ratios against the default.
 fn lifecycle_table(rounds: usize, events: u64) {
     let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
     let contenders: [(&str, (Lifecycle, Broker)); 4] = [

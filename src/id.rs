@@ -54,9 +54,9 @@ pub(crate) use uuid_v7_id;
 
 /// A UUID v7 (RFC 9562) from this thread's generator: the Unix time in milliseconds, a 12-bit
 /// counter that keeps the ids of one thread increasing within a millisecond (and across a clock
-/// that steps back), 58 random bits from a generator seeded once per thread, and, in the lowest 4
-/// bits, the thread's lane (see [`lane_of`]). No system call and no shared state, so making ids
-/// scales with threads; uniqueness rests on the random bits (plus the counter), as v7's does.
+/// that steps back), and 62 random bits from a generator seeded once per thread. No system call
+/// and no shared state, so making ids scales with threads; uniqueness rests on the 62 random bits
+/// (plus the counter), as v7's does.
 pub(crate) fn next_v7() -> uuid::Uuid {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -73,18 +73,6 @@ pub(crate) fn next_v7_at(unix_millis: u64) -> uuid::Uuid {
     GENERATOR.with_borrow_mut(|generator| generator.next_at(unix_millis))
 }
 
-/// How many lanes there are: the values of an id's lowest 4 bits.
-pub(crate) const LANES: usize = 16;
-
-/// The lane of an id: its lowest 4 bits. An id this crate made names the thread that made it
-/// (threads take lanes in turn as they make their first id), so storage sharded by lane keeps one
-/// thread's events together; any other id's lane is random.
-pub(crate) fn lane_of(id: &uuid::Uuid) -> usize {
-    #[allow(clippy::cast_possible_truncation, reason = "4 bits")]
-    let lane = (id.as_u128() & 0xF) as usize;
-    lane
-}
-
 /// One thread's v7 state.
 struct V7 {
     /// The millisecond of the last id, which never goes down.
@@ -92,8 +80,6 @@ struct V7 {
     /// The 12-bit counter of the last id.
     counter: u16,
     rng: fastrand::Rng,
-    /// This thread's lane, below [`LANES`].
-    lane: u64,
 }
 
 /// The counter's range: 12 bits.
@@ -101,10 +87,7 @@ const COUNTER_MAX: u16 = 0x0FFF;
 
 impl V7 {
     fn seeded() -> Self {
-        static NEXT_LANE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        // Relaxed: a turn number; nothing is published through it.
-        let lane = NEXT_LANE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % LANES as u64;
-        Self { millis: 0, counter: 0, rng: fastrand::Rng::new(), lane }
+        Self { millis: 0, counter: 0, rng: fastrand::Rng::new() }
     }
 
     /// The next id at Unix time `now` (milliseconds); a `now` behind the last id's counts as the
@@ -122,7 +105,7 @@ impl V7 {
             self.counter = self.rng.u16(..=COUNTER_MAX / 2);
         }
         let millis = u128::from(self.millis & 0xFFFF_FFFF_FFFF);
-        let random = u128::from((self.rng.u64(..) & ((1 << 62) - 1) & !0xF) | self.lane);
+        let random = u128::from(self.rng.u64(..) & ((1 << 62) - 1));
         let bits = (millis << 80) | (0x7 << 76) | (u128::from(self.counter) << 64) | (0b10 << 62) | random;
         uuid::Uuid::from_u128(bits)
     }
@@ -149,12 +132,8 @@ mod tests {
 
     #[test]
     fn a_full_millisecond_borrows_the_next_one_and_keeps_the_order() {
-        let mut generator = V7 {
-            millis: u64::MAX >> 20,
-            counter: COUNTER_MAX - 1,
-            rng: fastrand::Rng::with_seed(1),
-            lane: 3,
-        };
+        let mut generator =
+            V7 { millis: u64::MAX >> 20, counter: COUNTER_MAX - 1, rng: fastrand::Rng::with_seed(1) };
         let now = generator.millis;
         let a = generator.next_at(now);
         let b = generator.next_at(now);
@@ -164,7 +143,7 @@ mod tests {
 
     #[test]
     fn a_clock_that_steps_back_keeps_the_order() {
-        let mut generator = V7 { millis: 0, counter: 0, rng: fastrand::Rng::with_seed(2), lane: 0 };
+        let mut generator = V7 { millis: 0, counter: 0, rng: fastrand::Rng::with_seed(2) };
         let ids: Vec<uuid::Uuid> =
             [1_000, 1_000, 999, 5, 1_000, 1_001].into_iter().map(|now| generator.next_at(now)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
@@ -182,20 +161,5 @@ mod tests {
         });
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len());
-    }
-
-    #[test]
-    fn an_id_names_the_lane_of_the_thread_that_made_it() {
-        let lanes: Vec<Vec<usize>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..LANES)
-                .map(|_| s.spawn(|| (0..100).map(|_| lane_of(&next_v7())).collect::<Vec<_>>()))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        for thread in &lanes {
-            assert!(thread.iter().all(|&lane| lane == thread[0] && lane < LANES), "{thread:?}");
-        }
-        let distinct: std::collections::HashSet<usize> = lanes.iter().map(|t| t[0]).collect();
-        assert!(distinct.len() > LANES / 2, "threads take lanes in turn: {distinct:?}");
     }
 }

@@ -138,44 +138,6 @@ pub mod __private {
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::intake::{Entered, Intake};
 
-    #[cfg(eventbroker_loom)]
-    pub use crate::provider::memory::CellModel;
-
-    /// The memory provider's share of a broker's default path, for `benches/provider.rs`: stores
-    /// each of `events` with a call of its own, as publishers do, then writes their `processing`
-    /// and their `completed` statuses through the slots the stores gave, a batch each, as a worker
-    /// does.
-    ///
-    /// # Errors
-    /// As the provider's writes: after `close`.
-    pub fn memory_lifecycle(
-        provider: &crate::MemoryProvider,
-        events: &[std::sync::Arc<crate::Event>],
-    ) -> Result<(), crate::ProviderError> {
-        use crate::{EventStatus, StatusUpdate};
-        let mut slots = Vec::with_capacity(events.len());
-        for event in events {
-            provider.store_slotted(std::slice::from_ref(event), None, |slot| slots.push(slot))?;
-        }
-        let now = jiff::Timestamp::now();
-        let slotted = |status: EventStatus| -> Vec<_> {
-            events
-                .iter()
-                .zip(&slots)
-                .filter_map(|(event, slot)| {
-                    let update = StatusUpdate::new(event.id, status);
-                    let update = match status {
-                        EventStatus::Processing => update.with_processed_at(now),
-                        _ => update.with_completed_at(now),
-                    };
-                    slot.map(|slot| (slot, update))
-                })
-                .collect()
-        };
-        provider.update_slotted(&slotted(EventStatus::Processing))?;
-        provider.update_slotted(&slotted(EventStatus::Completed))
-    }
-
     /// A broker's subscription table with handlers that do nothing: what the loom model of the
     /// snapshot swap needs, and no more.
     #[cfg(eventbroker_loom)]

@@ -307,7 +307,6 @@ impl BrokerBuilder {
             shutdown_deadline: parking_lot::Mutex::new(None),
             engine: id,
             inline: inline.then(|| Arc::clone(&provider)),
-            slots: inline.then(|| memory_provider(&provider)).flatten(),
             metrics: metrics.clone(),
         });
         let config = WorkerConfig {
@@ -412,12 +411,6 @@ fn check_capabilities(provider: &dyn Provider, group: &ConsumerGroup) -> Result<
         ));
     }
     Ok(())
-}
-
-/// `provider` as the memory provider, when it is one.
-fn memory_provider(provider: &Arc<dyn Provider>) -> Option<Arc<MemoryProvider>> {
-    let any: Arc<dyn std::any::Any + Send + Sync> = Arc::<dyn Provider>::clone(provider);
-    any.downcast().ok()
 }
 
 fn default_instance_id() -> String {

@@ -18,7 +18,7 @@ use crate::error::{
     BatchPublishError, BatchRejection, ConfirmError, HandlerFailures, PublishError, SyncPublishError,
 };
 use crate::metrics::EngineMetrics;
-use crate::provider::{Provider, StatusSlot};
+use crate::provider::Provider;
 use crate::subscription::SubscriptionTable;
 use crate::{Backpressure, Distribution, Event, Mode, validate_event_type};
 
@@ -115,7 +115,7 @@ impl Engine {
     /// the event, and an event refused for room is stored nowhere.
     pub(crate) fn enqueue(
         &self,
-        mut job: Job,
+        job: Job,
         patience: Option<Duration>,
         store: Store,
     ) -> Result<(), (ReserveError, Job)> {
@@ -128,13 +128,11 @@ impl Engine {
         match store {
             Store::No => {}
             Store::Yes if self.inline => {
-                job.slot = self.store_inline_one(&job.event).ok().flatten();
+                let _ = self.store_inline(std::slice::from_ref(&job.event));
             }
             Store::Yes => self.shared.writer.store(Arc::clone(&job.event)),
             Store::Confirmed(reply) if self.inline => {
-                let stored = self.store_inline_one(&job.event);
-                job.slot = stored.as_ref().ok().copied().flatten();
-                let _ = reply.send(stored.map(|_| ()));
+                let _ = reply.send(self.store_inline(std::slice::from_ref(&job.event)));
             }
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
         }
@@ -143,29 +141,10 @@ impl Engine {
     }
 
     /// Stores `events` on this thread: the inline path of a provider cheap enough for it. A failure
-    /// (a closed provider) is counted and reported by the next flush, like the writer's. `slots`
-    /// receives, in order, where the memory provider keeps each event's status (none for another
-    /// provider, or when status is not tracked).
-    fn store_inline(
-        &self,
-        events: &[Arc<Event>],
-        slots: impl FnMut(Option<StatusSlot>),
-    ) -> Result<(), crate::ProviderError> {
+    /// (a closed provider) is counted and reported by the next flush, like the writer's.
+    fn store_inline(&self, events: &[Arc<Event>]) -> Result<(), crate::ProviderError> {
         let origin = self.origin.as_deref();
-        let writer = &self.shared.writer;
-        match self.shared.slots.as_ref().filter(|_| self.track_status) {
-            Some(memory) => {
-                writer.inline("store_batch", events.len(), || memory.store_slotted(events, origin, slots))
-            }
-            None => writer.inline("store_batch", events.len(), || self.provider.store_batch(events, origin)),
-        }
-    }
-
-    /// [`store_inline`](Self::store_inline) of one event: where its status is kept, if in a slot.
-    fn store_inline_one(&self, event: &Arc<Event>) -> Result<Option<StatusSlot>, crate::ProviderError> {
-        let mut slot = None;
-        self.store_inline(std::slice::from_ref(event), |s| slot = s)?;
-        Ok(slot)
+        self.shared.writer.inline("store_batch", events.len(), || self.provider.store_batch(events, origin))
     }
 
     /// Reserves up to `want` consecutive slots of `shard` (at least one), with as much backlog room
@@ -291,9 +270,8 @@ impl Engine {
             });
         };
         let event = self.admit(event)?;
-        let mut slot = None;
         if self.store_events && self.inline {
-            slot = self.store_inline_one(&event).ok().flatten();
+            let _ = self.store_inline(std::slice::from_ref(&event));
         } else if self.store_events {
             if !self.admit_backlog(self.patience()) {
                 return Err(self.rejected(ReserveError::Full, event).into());
@@ -302,7 +280,7 @@ impl Engine {
         }
         self.sync.published.fetch_add(1, Ordering::Relaxed);
         let clock = self.metrics.as_ref().and_then(|m| m.sync_begin());
-        let job = Job { slot, ..Job::local(event) };
+        let job = Job::local(event);
         let mut outbox = Outbox::default();
         outbox.processing(&job, jiff::Timestamp::now(), self.track_status);
         let set = self.table().load();
@@ -358,21 +336,12 @@ impl Engine {
                         let taken: Vec<Arc<Event>> =
                             group.drain(..reservation.len()).map(|(_, e)| e).collect();
                         accepted += taken.len();
-                        let mut slots = Vec::new();
                         if self.store_events && self.inline {
-                            slots.reserve(taken.len());
-                            if self.store_inline(&taken, |slot| slots.push(slot)).is_err() {
-                                slots.clear();
-                            }
+                            let _ = self.store_inline(&taken);
                         } else if self.store_events {
                             self.shared.writer.store_many(taken.clone());
                         }
-                        let mut slots = slots.into_iter();
-                        reservation.commit(
-                            taken
-                                .into_iter()
-                                .map(|event| Some(Job { slot: slots.next().flatten(), ..Job::local(event) })),
-                        );
+                        reservation.commit(taken.into_iter().map(|event| Some(Job::local(event))));
                     }
                     Err(error) => {
                         reason.get_or_insert(match error {

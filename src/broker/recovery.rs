@@ -61,7 +61,7 @@ impl Engine {
         event.error.clear();
         event.retry_count = 0;
         event.metadata.insert("redriven_from".into(), letter.id.to_string().into());
-        let job = Job::unstored(Arc::new(event), Origin::Replayed);
+        let job = Job { event: Arc::new(event), origin: Origin::Replayed };
         let mut outbox = Outbox::default();
         let mut outcome = RedriveOutcome { delivered: 0, failed: Vec::new() };
         for subscription in &targets {
@@ -111,7 +111,7 @@ impl Engine {
                     }
                     Err(_) => return Err(BrokerError::Closed),
                 };
-                let job = Job::unstored(event, Origin::Replayed);
+                let job = Job { event, origin: Origin::Replayed };
                 match self.enqueue(job, patience, Store::No) {
                     Ok(()) => {}
                     Err((ReserveError::Closed, _)) => return Err(BrokerError::Closed),

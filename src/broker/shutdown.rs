@@ -164,8 +164,7 @@ impl Engine {
         }
         // Shared providers (the in-process bus, or one the application keeps) stay open for the
         // others; the last holder closes it.
-        let held_here =
-            1 + usize::from(self.shared.inline.is_some()) + usize::from(self.shared.slots.is_some());
+        let held_here = 1 + usize::from(self.shared.inline.is_some());
         let provider_close = if Arc::strong_count(&self.provider) == held_here {
             let provider = Arc::clone(&self.provider);
             close_bounded("eb-close-provider", deadline, move || provider.close().map_err(|e| e.to_string()))

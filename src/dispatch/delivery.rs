@@ -15,7 +15,7 @@ use jiff::Timestamp;
 
 use crate::dispatch::retry::RetryPolicy;
 use crate::error::DeliveryFailure;
-use crate::provider::{Ack, AckToken, DeadLetter, StatusSlot, StatusUpdate};
+use crate::provider::{Ack, AckToken, DeadLetter, StatusUpdate};
 use crate::subscription::{DeliveryError, Subscription, SubscriptionTable};
 use crate::{Event, EventStatus, SubscriptionId};
 
@@ -36,19 +36,11 @@ pub(crate) enum Origin {
 pub(crate) struct Job {
     pub(crate) event: Arc<Event>,
     pub(crate) origin: Origin,
-    /// Where the memory provider keeps the event's status, when it stored the event inline: its
-    /// status changes are written there.
-    pub(crate) slot: Option<StatusSlot>,
 }
 
 impl Job {
     pub(crate) fn local(event: Arc<Event>) -> Self {
-        Self { event, origin: Origin::Local, slot: None }
-    }
-
-    /// A job that is not stored by this broker.
-    pub(crate) fn unstored(event: Arc<Event>, origin: Origin) -> Self {
-        Self { event, origin, slot: None }
+        Self { event, origin: Origin::Local }
     }
 
     /// Whether this job's status changes are written (given that status tracking is on).
@@ -147,8 +139,6 @@ impl Tally {
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     pub(crate) statuses: Vec<StatusUpdate>,
-    /// Status changes of jobs with a [`Job::slot`], written through it.
-    pub(crate) slotted: Vec<(StatusSlot, StatusUpdate)>,
     pub(crate) dead_letters: Vec<DeadLetter>,
     /// Tokens of inbound jobs with a dead letter in `dead_letters`: if those letters cannot be
     /// stored, these jobs must not be acknowledged.
@@ -167,7 +157,6 @@ impl Outbox {
     /// Whether there is anything for the writer or the subscription table.
     pub(crate) fn has_work(&self) -> bool {
         !(self.statuses.is_empty()
-            && self.slotted.is_empty()
             && self.dead_letters.is_empty()
             && self.acks.is_empty()
             && self.naks.is_empty()
@@ -218,7 +207,7 @@ impl Outbox {
         }
         if track_status && job.tracked() {
             let error = if tally.failed { tally.error } else { String::new() };
-            self.status(job, finished(job.event.id, status, error, tally.retries));
+            self.statuses.push(finished(job.event.id, status, error, tally.retries));
         }
         if let Origin::Inbound(token) = job.origin {
             self.acks.push(if tally.failed { Ack::dead_lettered(token) } else { Ack::handled(token) });
@@ -234,15 +223,8 @@ impl Outbox {
     /// `job` is being processed: its `processing` status, when tracked.
     pub(crate) fn processing(&mut self, job: &Job, at: Timestamp, track_status: bool) {
         if track_status && job.tracked() {
-            self.status(job, StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(at));
-        }
-    }
-
-    /// Queues a status change of `job`: through its slot when it has one.
-    pub(crate) fn status(&mut self, job: &Job, update: StatusUpdate) {
-        match job.slot {
-            Some(slot) => self.slotted.push((slot, update)),
-            None => self.statuses.push(update),
+            self.statuses
+                .push(StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(at));
         }
     }
 }

@@ -234,7 +234,7 @@ impl InboundPump {
                 continue;
             }
             let token = inbound.token;
-            let mut job = Job::unstored(inbound.event, Origin::Inbound(token));
+            let mut job = Job { event: inbound.event, origin: Origin::Inbound(token) };
             loop {
                 match target.place(job, FETCH_WAIT) {
                     Ok(()) => {

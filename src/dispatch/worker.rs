@@ -32,7 +32,7 @@ use crate::dispatch::ring::Consumer;
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
 use crate::metrics::{EngineMetrics, WorkerMetrics};
-use crate::provider::{MemoryProvider, Provider, StatusUpdate};
+use crate::provider::{Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
 use crate::{EventId, EventStatus, MatchCache};
 
@@ -62,9 +62,6 @@ pub(crate) struct WorkerShared {
     /// [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)) rather than through
     /// the writer.
     pub(crate) inline: Option<Arc<dyn Provider>>,
-    /// The same provider when it is the memory provider: status changes of the jobs it gave a
-    /// [`StatusSlot`] are written through the slot, without its shard locks.
-    pub(crate) slots: Option<Arc<MemoryProvider>>,
 }
 
 impl WorkerShared {
@@ -269,10 +266,15 @@ impl Worker {
             return;
         }
         let now = Timestamp::now();
-        for job in self.batch.iter().flatten() {
-            self.outbox.processing(job, now, true);
-        }
-        write_statuses(&self.shared, &mut self.outbox);
+        let statuses = &mut self.outbox.statuses;
+        statuses.extend(
+            self.batch
+                .iter()
+                .flatten()
+                .filter(|job| job.origin == Origin::Local)
+                .map(|job| StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now)),
+        );
+        write_statuses(&self.shared, statuses);
     }
 
     fn dispatch_batch(&mut self) {
@@ -506,24 +508,9 @@ impl Worker {
     }
 }
 
-/// Writes the status changes in `outbox`: through their slots in the memory provider, inline when
-/// the provider is cheap enough, else through the writer. Takes the updates out of the outbox,
-/// keeping its buffers when they are written inline.
-fn write_statuses(shared: &WorkerShared, outbox: &mut Outbox) {
-    let slotted = &mut outbox.slotted;
-    if !slotted.is_empty() {
-        match &shared.slots {
-            Some(memory) => {
-                let _ = shared
-                    .writer
-                    .inline("update_status_batch", slotted.len(), || memory.update_slotted(slotted));
-            }
-            // Only a broker writing to the memory provider inline hands out slots.
-            None => outbox.statuses.extend(slotted.iter().map(|(_, update)| update.clone())),
-        }
-        slotted.clear();
-    }
-    let statuses = &mut outbox.statuses;
+/// Writes status changes: inline when the provider is cheap enough, else through the writer.
+/// Takes the updates out of `statuses`, keeping its buffer when they are written inline.
+fn write_statuses(shared: &WorkerShared, statuses: &mut Vec<StatusUpdate>) {
     if statuses.is_empty() {
         return;
     }
@@ -542,8 +529,8 @@ fn write_statuses(shared: &WorkerShared, outbox: &mut Outbox) {
 /// enough, the rest (dead letters and acknowledgements, which must keep their order) through the
 /// writer.
 pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
-    if shared.inline.is_some() || !outbox.slotted.is_empty() {
-        write_statuses(shared, outbox);
+    if shared.inline.is_some() {
+        write_statuses(shared, &mut outbox.statuses);
     }
     shared.writer.settle(outbox);
 }

@@ -103,7 +103,6 @@ mod stream;
 
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent};
-pub(crate) use self::memory::StatusSlot;
 pub use self::memory::{MemoryConfig, MemoryProvider};
 #[cfg(feature = "nats")]
 pub use self::nats::{NatsConfig, NatsProvider};
@@ -287,7 +286,7 @@ pub struct Capabilities {
 /// provider.close()?;
 /// # Ok::<(), eventbroker::ProviderError>(())
 /// ```
-pub trait Provider: EventSink + EventStore + std::any::Any {
+pub trait Provider: EventSink + EventStore + 'static {
     /// The backend's short name (`"memory"`, `"redis"`, `"nats"`, `"postgres"`), as it appears in
     /// [`ProviderError`]s and [`ProviderStats::provider_type`].
     fn name(&self) -> &'static str;

@@ -77,6 +77,11 @@ impl<T> Lru<T> {
         self.nodes[slot].value.as_ref().expect("reading an empty LRU slot")
     }
 
+    /// Every value, in slot order (not recency order).
+    pub(super) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.nodes.iter().filter_map(|node| node.value.as_ref())
+    }
+
     /// Every value with its slot, in slot order.
     pub(super) fn iter_slots(&self) -> impl Iterator<Item = (usize, &T)> {
         self.nodes.iter().enumerate().filter_map(|(slot, node)| node.value.as_ref().map(|v| (slot, v)))

@@ -5,30 +5,39 @@
 //! status update writes a few fields instead of copying an event that handlers may still share.
 
 use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::cells::{Cells, StatusCounts};
 use super::lru::Lru;
-use crate::event::{Event, EventId};
+use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
 use crate::provider::{EventFilter, ReplayFrom, StatusUpdate};
 
-/// The status fields of a stored event, when its cell cannot hold them (see [`cells`](super::cells)):
-/// an error text, or a time outside what the cell holds.
-#[derive(Debug, Clone, Default)]
+/// The status fields of a stored event, kept apart from the event itself.
+#[derive(Debug, Clone)]
 pub(super) struct Lifecycle {
-    error: String,
-    retry_count: u32,
-    processed_at: Option<Timestamp>,
-    completed_at: Option<Timestamp>,
+    pub(super) status: EventStatus,
+    pub(super) error: String,
+    pub(super) retry_count: u32,
+    pub(super) processed_at: Option<Timestamp>,
+    pub(super) completed_at: Option<Timestamp>,
 }
 
 impl Lifecycle {
-    /// The same semantics as [`StatusUpdate::apply_to`], the status aside (the cell holds it).
+    fn of(event: &Event) -> Self {
+        Self {
+            status: event.status,
+            error: event.error.clone(),
+            retry_count: event.retry_count,
+            processed_at: event.processed_at,
+            completed_at: event.completed_at,
+        }
+    }
+
+    /// The same semantics as [`StatusUpdate::apply_to`].
     fn apply(&mut self, update: &StatusUpdate) {
+        self.status = update.status;
         self.error.clone_from(&update.error);
         self.retry_count = update.retry_count;
         if let Some(at) = update.processed_at {
@@ -40,18 +49,32 @@ impl Lifecycle {
     }
 }
 
-/// One stored event: as stored, and its sequence number; its status is in its slot's cell.
+/// One stored event: as stored, its status now, and its sequence number.
 pub(super) struct Entry {
     /// The event's id, kept beside it: evicting reads it without touching the event itself,
     /// which by then is cold in cache.
     pub(super) id: EventId,
     pub(super) event: Arc<Event>,
-    /// The status fields, when the cell marks them external.
-    external: Lifecycle,
+    pub(super) status: Lifecycle,
     pub(super) seq: u64,
-    /// When it was last used (stored or read), on the provider's clock: the recency that eviction
-    /// compares across shards.
-    stamp: u64,
+}
+
+impl Entry {
+    /// An owned copy of the event with its current status.
+    pub(super) fn to_event(&self) -> Event {
+        let mut event = Event::clone(&self.event);
+        let s = &self.status;
+        event.status = s.status;
+        event.error.clone_from(&s.error);
+        event.retry_count = s.retry_count;
+        event.processed_at = s.processed_at;
+        event.completed_at = s.completed_at;
+        event
+    }
+
+    fn matches(&self, filter: &EventFilter) -> bool {
+        filter.matches_with_status(&self.event, self.status.status)
+    }
 }
 
 /// Slot of a sequence index entry whose event is gone.
@@ -103,97 +126,63 @@ pub(super) struct EventTable {
     lru: Lru<Entry>,
     by_id: HashMap<EventId, usize, foldhash::fast::RandomState>,
     by_seq: SeqIndex,
-    /// The status of the event in each slot of `lru`.
-    cells: Arc<Cells>,
-    counts: Arc<StatusCounts>,
+    /// Stored events per status, indexed by [`status_index`].
+    by_status: [u64; 4],
 }
 
-/// A newly stored event: where its status lives, and whether its id was new.
-pub(super) struct Stored {
-    pub(super) new: bool,
-    pub(super) slot: usize,
-    pub(super) generation: NonZeroU64,
+const fn status_index(status: EventStatus) -> usize {
+    match status {
+        EventStatus::Pending => 0,
+        EventStatus::Processing => 1,
+        EventStatus::Completed => 2,
+        EventStatus::Failed => 3,
+    }
 }
 
 impl EventTable {
-    pub(super) fn new(cells: Arc<Cells>, counts: Arc<StatusCounts>) -> Self {
-        Self { lru: Lru::new(), by_id: HashMap::default(), by_seq: SeqIndex::default(), cells, counts }
+    pub(super) fn new() -> Self {
+        Self { lru: Lru::new(), by_id: HashMap::default(), by_seq: SeqIndex::default(), by_status: [0; 4] }
     }
 
     pub(super) fn len(&self) -> usize {
         self.lru.len()
     }
 
-    /// Stores `event` as the most recently used, at `now` on the provider's clock; a new id gets
-    /// the sequence number `next_seq()` gives (called only then). A re-store keeps its sequence
-    /// number, its slot and its generation, and takes the new event and its status.
-    pub(super) fn upsert(&mut self, event: &Arc<Event>, now: u64, next_seq: impl FnOnce() -> u64) -> Stored {
-        let status = StatusUpdate::from_event(event);
+    pub(super) fn count(&self, status: EventStatus) -> u64 {
+        self.by_status[status_index(status)]
+    }
+
+    /// Stores `event` as the most recently used; a new id gets the sequence number `next_seq()`
+    /// gives (called only then). `true` when the id was not stored yet; a re-store keeps its
+    /// sequence number and takes the new event and its status.
+    pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
         if let Some(&slot) = self.by_id.get(&event.id) {
             let entry = self.lru.get_mut(slot);
-            let mut cell = self.cells.get(slot).lock_owned();
-            self.counts.moved(cell.status(), event.status);
+            self.by_status[status_index(entry.status.status)] -= 1;
             entry.event = Arc::clone(event);
-            entry.stamp = now;
-            if !cell.store(&status) {
-                entry.external = Lifecycle::default();
-                entry.external.apply(&status);
-            }
-            let generation = cell.generation();
-            drop(cell);
+            entry.status = Lifecycle::of(event);
+            self.by_status[status_index(event.status)] += 1;
             self.lru.touch(slot);
-            return Stored { new: false, slot, generation };
+            return false;
         }
         let seq = next_seq();
         let slot = self.lru.push_front(Entry {
             id: event.id,
             event: Arc::clone(event),
-            external: Lifecycle::default(),
+            status: Lifecycle::of(event),
             seq,
-            stamp: now,
         });
-        let mut cell = self.cells.ensure(slot).lock_owned();
-        if !cell.store(&status) {
-            self.lru.get_mut(slot).external.apply(&status);
-        }
-        let generation = cell.generation();
-        drop(cell);
-        self.counts.stored(event.status);
         self.by_id.insert(event.id, slot);
         self.by_seq.push(seq, slot);
-        Stored { new: true, slot, generation }
+        self.by_status[status_index(event.status)] += 1;
+        true
     }
 
-    /// The event with `id`, with its status, now the most recently used, at `now` on the
-    /// provider's clock.
-    pub(super) fn touch(&mut self, id: EventId, now: u64) -> Option<Event> {
+    /// The event with `id`, with its status, now the most recently used.
+    pub(super) fn touch(&mut self, id: EventId) -> Option<Event> {
         let slot = *self.by_id.get(&id)?;
-        self.lru.get_mut(slot).stamp = now;
         self.lru.touch(slot);
-        Some(self.to_event(slot))
-    }
-
-    /// When the least recently used event was last used; `None` when there is none.
-    pub(super) fn oldest(&self) -> Option<u64> {
-        self.lru.back().map(|slot| self.lru.get(slot).stamp)
-    }
-
-    /// An owned copy of the event in `slot` with its current status.
-    fn to_event(&self, slot: usize) -> Event {
-        let entry = self.lru.get(slot);
-        let mut event = Event::clone(&entry.event);
-        let cell = self.cells.get(slot).lock_owned();
-        event.status = cell.status();
-        if cell.is_external() {
-            let s = &entry.external;
-            event.error.clone_from(&s.error);
-            (event.retry_count, event.processed_at, event.completed_at) =
-                (s.retry_count, s.processed_at, s.completed_at);
-        } else {
-            event.error.clear();
-            (event.retry_count, event.processed_at, event.completed_at) = cell.fields();
-        }
-        event
+        Some(self.lru.get(slot).to_event())
     }
 
     /// Applies `update` when its event is stored. It does not count as use: status updates are the
@@ -201,40 +190,17 @@ impl EventTable {
     /// the recency list would have every worker write the list head every publisher writes.
     pub(super) fn update(&mut self, update: &StatusUpdate) {
         let Some(&slot) = self.by_id.get(&update.id) else { return };
-        self.update_slot(slot, None, update);
-    }
-
-    /// Applies `update` to the event in `slot`, if the slot still holds `generation` (when given).
-    pub(super) fn update_slot(&mut self, slot: usize, generation: Option<NonZeroU64>, update: &StatusUpdate) {
-        let mut cell = self.cells.get(slot).lock_owned();
-        if generation.is_some_and(|g| g != cell.generation()) {
-            return;
-        }
-        let from = cell.status();
-        if !cell.apply(update) {
-            let external = &mut self.lru.get_mut(slot).external;
-            if !cell.is_external() {
-                // The cell's fields move to the entry, which holds them from now on.
-                let (retry_count, processed_at, completed_at) = cell.fields();
-                *external = Lifecycle { error: String::new(), retry_count, processed_at, completed_at };
-                cell.set_external();
-            }
-            external.apply(update);
-            cell.set_status(update.status);
-        }
-        drop(cell);
-        self.counts.moved(from, update.status);
+        let status = &mut self.lru.get_mut(slot).status;
+        self.by_status[status_index(status.status)] -= 1;
+        status.apply(update);
+        self.by_status[status_index(status.status)] += 1;
     }
 
     pub(super) fn remove(&mut self, id: EventId) -> Option<Entry> {
         let slot = self.by_id.remove(&id)?;
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
-        let mut cell = self.cells.get(slot).lock_owned();
-        let status = cell.status();
-        cell.retire();
-        drop(cell);
-        self.counts.removed(status);
+        self.by_status[status_index(entry.status.status)] -= 1;
         Some(entry)
     }
 
@@ -248,11 +214,9 @@ impl EventTable {
     /// Ids of completed and failed events created before `cutoff`.
     pub(super) fn finished_before(&self, cutoff: Timestamp) -> Vec<EventId> {
         self.lru
-            .iter_slots()
-            .filter(|(slot, entry)| {
-                self.cells.get(*slot).status().is_terminal() && entry.event.created_at < cutoff
-            })
-            .map(|(_, entry)| entry.id)
+            .iter()
+            .filter(|entry| entry.status.status.is_terminal() && entry.event.created_at < cutoff)
+            .map(|entry| entry.event.id)
             .collect()
     }
 
@@ -262,11 +226,11 @@ impl EventTable {
         let mut keys: Vec<((Timestamp, EventId), usize)> = self
             .lru
             .iter_slots()
-            .filter(|(slot, entry)| filter.matches_with_status(&entry.event, self.cells.get(*slot).status()))
+            .filter(|(_, entry)| entry.matches(filter))
             .map(|(slot, entry)| ((entry.event.created_at, entry.event.id), slot))
             .collect();
         keys.sort_unstable_by_key(|(key, _)| *key);
-        keys.into_iter().take(take).map(|(key, slot)| (key, self.to_event(slot))).collect()
+        keys.into_iter().take(take).map(|(key, slot)| (key, self.lru.get(slot).to_event())).collect()
     }
 
     /// Up to `limit` events from `from` on, whose type matches `pattern`, in sequence order.
@@ -283,13 +247,11 @@ impl EventTable {
         };
         self.by_seq
             .from(first_seq)
-            .filter(|&(_, slot)| {
-                let event = &self.lru.get(slot).event;
-                not_before.is_none_or(|at| event.created_at >= at)
-                    && pattern.is_none_or(|p| p.matches(&event.event_type))
-            })
+            .map(|(seq, slot)| (seq, self.lru.get(slot)))
+            .filter(|(_, entry)| not_before.is_none_or(|at| entry.event.created_at >= at))
+            .filter(|(_, entry)| pattern.is_none_or(|p| p.matches(&entry.event.event_type)))
             .take(limit)
-            .map(|(seq, slot)| (seq, self.to_event(slot)))
+            .map(|(seq, entry)| (seq, entry.to_event()))
             .collect()
     }
 }
