@@ -128,6 +128,52 @@ fn a_retried_batch_adds_no_second_entry() {
     assert_eq!(stats.provider_specific["replaced"], 900);
 }
 
+/// A Redis that lost its scripts (`SCRIPT FLUSH`, or a restart without persistence) gets them
+/// loaded again by the first call that needs each, which then succeeds.
+#[test]
+fn scripts_are_loaded_again_when_the_server_forgot_them() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let first = scope.event("reload");
+    provider.store_batch(&shared(std::slice::from_ref(&first)), None).expect("store");
+    redis::cmd("SCRIPT").arg("FLUSH").exec(&mut raw()).expect("SCRIPT FLUSH");
+    let second = scope.event("reload");
+    provider.store_batch(&shared(std::slice::from_ref(&second)), None).expect("store after the flush");
+    redis::cmd("SCRIPT").arg("FLUSH").exec(&mut raw()).expect("SCRIPT FLUSH");
+    provider
+        .update_status_batch(&[StatusUpdate::new(first.id, EventStatus::Completed)])
+        .expect("update after the flush");
+    redis::cmd("SCRIPT").arg("FLUSH").exec(&mut raw()).expect("SCRIPT FLUSH");
+    assert_eq!(provider.get(second.id).expect("get").map(|e| e.id), Some(second.id));
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.completed_events, stats.pending_events), (2, 1, 1));
+}
+
+/// A call far larger than the buffer a thread keeps between calls (4 MiB) goes through whole, and
+/// the calls after it still do.
+#[test]
+fn a_batch_larger_than_the_kept_buffer_is_written_whole() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let text = "é".repeat(400_000);
+    let big: Vec<Event> = (0..6)
+        .map(|i| {
+            let mut event = scope.event("big");
+            event.set_payload_json(format!(r#"{{"n":{i},"text":"{text}"}}"#)).expect("payload");
+            event
+        })
+        .collect();
+    provider.store_batch(&shared(&big), None).expect("store the big batch");
+    let small: Vec<Event> = (0..3).map(|_| scope.event("small")).collect();
+    provider.store_batch(&shared(&small), None).expect("store after it");
+    for event in big.iter().chain(&small) {
+        let got = provider.get(event.id).expect("get").expect("stored");
+        assert_eq!(got.to_json(), event.to_json());
+    }
+}
+
 /// Replay's sequence numbers are the stream entry ids, packed: `ms << 20 | n`.
 #[test]
 fn sequence_numbers_are_the_entry_ids() {
@@ -144,6 +190,35 @@ fn sequence_numbers_are_the_entry_ids() {
         let packed = ms.parse::<u64>().expect("ms") << 20 | n.parse::<u64>().expect("n");
         assert_eq!((stored.seq, stored.event.id), (packed, *id));
     }
+}
+
+/// Entry ids map to sequence numbers only while their sequence part stays below 2²⁰, so the store
+/// script moves to the next millisecond once it reaches 2¹⁹. A foreign entry at a time ahead of
+/// the server's clock, with a sequence part past 2¹⁹, makes the next `XADD *` continue from it.
+#[test]
+fn entry_sequence_parts_move_to_the_next_millisecond_past_two_to_the_nineteen() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let ahead = jiff::Timestamp::now().as_millisecond() + 3_600_000;
+    redis::cmd("XADD")
+        .arg(backend.stream())
+        .arg(format!("{ahead}-524290"))
+        .arg("id")
+        .arg(EventId::new().to_string())
+        .exec(&mut raw())
+        .expect("XADD");
+    let events: Vec<Event> = (0..3).map(|_| scope.event("seq.wrap")).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    let entries: Vec<String> = stream_ids(&backend).into_iter().map(|(entry, _)| entry).collect();
+    let next = ahead + 1;
+    let expected =
+        [format!("{ahead}-524290"), format!("{ahead}-524291"), format!("{next}-0"), format!("{next}-1")];
+    assert_eq!(entries, expected);
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    let seqs: Vec<u64> = replayed.iter().map(|stored| stored.seq).collect();
+    let ahead = u64::try_from(ahead).expect("positive");
+    assert_eq!(seqs, [(ahead << 20) + 524_291, (ahead + 1) << 20, ((ahead + 1) << 20) + 1]);
 }
 
 /// Statuses live in hashes, never in the stream; finished ones carry the TTL, others none.

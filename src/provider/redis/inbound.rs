@@ -12,6 +12,7 @@ use redis::{Connection, RedisError, Value};
 use super::conn::{self, Backoff};
 use super::keys::{entry_of_seq, seq_of_entry, validate_member_name};
 use super::reply::{self, Entry};
+use super::scripts::Call;
 use super::{Counters, NAME, Shared};
 use crate::error::ProviderError;
 use crate::pattern::{Pattern, PatternSet};
@@ -161,8 +162,8 @@ impl RedisInbound {
 
         let (own, inherited) = self.state.lock().own_due(now, max);
         if !own.is_empty() {
-            let mut call = self.shared.scripts.claim_own.prepare_invoke();
-            call.key(stream).arg(&self.group).arg(&self.consumer);
+            let mut call = Call::new(&self.shared.scripts.claim_own, &[stream]);
+            call.arg(&self.group).arg(&self.consumer);
             for id in &own {
                 call.arg(id);
             }
@@ -178,9 +179,8 @@ impl RedisInbound {
             (got.len() < max && now >= state.next_claim_scan).then(|| state.claim_cursor.clone())
         };
         if let Some(cursor) = scan {
-            let mut call = self.shared.scripts.claim_abandoned.prepare_invoke();
-            call.key(stream)
-                .arg(&self.group)
+            let mut call = Call::new(&self.shared.scripts.claim_abandoned, &[stream]);
+            call.arg(&self.group)
                 .arg(&self.consumer)
                 .arg(Self::idle_ms(self.claim_idle))
                 .arg(cursor)
@@ -340,8 +340,8 @@ impl RedisInbound {
     ) -> Result<(), ProviderError> {
         let stream = &self.shared.keys.stream;
         for chunk in tokens.chunks(MAX_PER_CALL) {
-            let mut call = self.shared.scripts.touch.prepare_invoke();
-            call.key(stream).arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(idle));
+            let mut call = Call::new(&self.shared.scripts.touch, &[stream]);
+            call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(idle));
             for token in chunk {
                 call.arg(entry_of_seq(token.get()));
             }

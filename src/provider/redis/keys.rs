@@ -117,8 +117,12 @@ impl Display for TimeDigits {
 /// `<21 digits of at>:<id>`: members of a sorted set whose scores are all 0 sort by `(at, id)`
 /// under `ZRANGE … BYLEX`, exactly, at nanosecond precision (a score, a double, would not).
 /// Hyphenated lowercase UUIDs sort as the UUIDs do.
-pub(super) fn time_key(at: Timestamp, id: impl Display) -> String {
-    format!("{}:{id}", TimeDigits(at))
+pub(super) struct TimeKey<I>(pub(super) Timestamp, pub(super) I);
+
+impl<I: Display> Display for TimeKey<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", TimeDigits(self.0), self.1)
+    }
 }
 
 /// The lower end of a `BYLEX` range for `start` (inclusive), `-` for none.
@@ -179,7 +183,7 @@ mod tests {
             Timestamp::new(1_700_000_000, 1).expect("valid"),
             Timestamp::MAX,
         ];
-        let keys: Vec<String> = times.iter().map(|t| time_key(*t, id)).collect();
+        let keys: Vec<String> = times.iter().map(|t| TimeKey(*t, id).to_string()).collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
         assert!(keys.iter().all(|k| k.len() == TIME_DIGITS + 1 + id.len()));
         assert_eq!(&keys[2][TIME_DIGITS + 1..], id, "the scripts find the id at byte 23");

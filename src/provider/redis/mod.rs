@@ -129,8 +129,9 @@ use std::time::Duration;
 use redis::Value;
 
 use self::conn::{Dialer, Pool};
-use self::keys::{Keys, entry_of_seq, lex_from, lex_to, seq_of_entry, time_key};
+use self::keys::{Keys, TimeKey, entry_of_seq, lex_from, lex_to, seq_of_entry};
 use self::reply::{Entry, Malformed, StatusHash};
+use self::scripts::Call;
 use self::scripts::Scripts;
 use super::{
     Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink, EventStore, Inbound,
@@ -411,22 +412,24 @@ impl EventSink for RedisProvider {
         let keys = &shared.keys;
         let slack = shared.config.max_len / 100;
         for chunk in events.chunks(WRITE_CHUNK) {
-            let mut call = shared.scripts.store.prepare_invoke();
-            call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry).key(&keys.order);
+            let mut call = Call::new(
+                &shared.scripts.store,
+                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.order],
+            );
             call.arg(&keys.status)
                 .arg(shared.config.max_len)
                 .arg(slack)
                 .arg(TRIM_CHUNK)
-                .arg(shared.ttl_ms().to_string())
+                .arg(shared.ttl_ms())
                 .arg(origin.unwrap_or(""));
             for event in chunk {
-                call.arg(event.id.to_string())
-                    .arg(event.to_json())
+                call.arg(event.id)
+                    .arg_json(&**event)
                     .arg(event.event_type.as_str())
                     .arg(event.source.as_str())
                     .arg(event.status.as_str())
                     .arg(event.instance_id.as_str())
-                    .arg(time_key(event.created_at, event.id));
+                    .arg(TimeKey(event.created_at, event.id));
             }
             let fresh: usize = shared.pool.run("store_batch", &keys.stream, |conn| call.invoke(conn))?;
             Counters::add(&shared.counters.published, fresh);
@@ -440,11 +443,11 @@ impl EventSink for RedisProvider {
         let keys = &shared.keys;
         let stamp = |at: Option<jiff::Timestamp>| at.map(|at| at.to_string()).unwrap_or_default();
         for chunk in updates.chunks(WRITE_CHUNK) {
-            let mut call = shared.scripts.update.prepare_invoke();
-            call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry);
-            call.arg(&keys.status).arg(shared.ttl_ms().to_string());
+            let mut call =
+                Call::new(&shared.scripts.update, &[&keys.stream, &keys.counts, &keys.time, &keys.expiry]);
+            call.arg(&keys.status).arg(shared.ttl_ms());
             for update in chunk {
-                call.arg(update.id.to_string())
+                call.arg(update.id)
                     .arg(update.status.as_str())
                     .arg(&update.error)
                     .arg(update.retry_count)
@@ -461,8 +464,8 @@ impl EventSink for RedisProvider {
         shared.check_open("store_dead_letters")?;
         let keys = &shared.keys;
         for chunk in letters.chunks(WRITE_CHUNK) {
-            let mut call = shared.scripts.dead_store.prepare_invoke();
-            call.key(&keys.dead).key(&keys.dead_order).key(&keys.counts);
+            let mut call =
+                Call::new(&shared.scripts.dead_store, &[&keys.dead, &keys.dead_order, &keys.counts]);
             call.arg(shared.config.max_dead_letters);
             for letter in chunk {
                 let json = serde_json::to_string(letter).map_err(|error| {
@@ -472,7 +475,7 @@ impl EventSink for RedisProvider {
                         ProviderErrorKind::InvalidInput(format!("dead letter {}: {error}", letter.id)),
                     )
                 })?;
-                call.arg(letter.id.to_string()).arg(time_key(letter.failed_at, letter.id)).arg(json);
+                call.arg(letter.id).arg(TimeKey(letter.failed_at, letter.id)).arg(json);
             }
             shared.pool.run("store_dead_letters", &keys.dead, |conn| call.invoke::<()>(conn))?;
         }
@@ -490,8 +493,8 @@ impl EventStore for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("get")?;
         let key = shared.keys.status_of(id);
-        let mut call = shared.scripts.get.prepare_invoke();
-        call.key(&shared.keys.stream).arg(&key);
+        let mut call = Call::new(&shared.scripts.get, &[&shared.keys.stream]);
+        call.arg(&key);
         let value: Value = shared.pool.run("get", &key, |conn| call.invoke(conn))?;
         reply::record(value).map_err(|error| shared.malformed("get", &error))
     }
@@ -502,8 +505,8 @@ impl EventStore for RedisProvider {
         let keys = &shared.keys;
         let to = lex_to(filter.end_time);
         let page = |from: &str| {
-            let mut call = shared.scripts.list_page.prepare_invoke();
-            call.key(&keys.time).key(&keys.stream).arg(&keys.status).arg(from).arg(&to).arg(PAGE);
+            let mut call = Call::new(&shared.scripts.list_page, &[&keys.time, &keys.stream]);
+            call.arg(&keys.status).arg(from).arg(&to).arg(PAGE);
             let value: Value = shared.pool.run("list", &keys.time, |conn| call.invoke(conn))?;
             list_page(value).map_err(|error| shared.malformed("list", &error))
         };
@@ -519,9 +522,9 @@ impl EventStore for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("delete")?;
         let keys = &shared.keys;
-        let mut call = shared.scripts.delete.prepare_invoke();
-        call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry);
-        call.arg(&keys.status).arg(id.to_string());
+        let mut call =
+            Call::new(&shared.scripts.delete, &[&keys.stream, &keys.counts, &keys.time, &keys.expiry]);
+        call.arg(&keys.status).arg(id);
         let deleted: i64 = shared.pool.run("delete", &keys.status_of(id), |conn| call.invoke(conn))?;
         Ok(deleted == 1)
     }
@@ -545,8 +548,8 @@ impl EventStore for RedisProvider {
         };
         let keys = &shared.keys;
         loop {
-            let mut call = shared.scripts.replay_page.prepare_invoke();
-            call.key(&keys.stream).arg(&keys.status).arg(&start).arg(PAGE);
+            let mut call = Call::new(&shared.scripts.replay_page, &[&keys.stream]);
+            call.arg(&keys.status).arg(&start).arg(PAGE);
             let value: Value = shared.pool.run("replay", &keys.stream, |conn| call.invoke(conn))?;
             let page = reply::array(value)
                 .ok_or_else(|| shared.malformed("replay", &Malformed::new("not an array")))?;
@@ -579,8 +582,8 @@ impl EventStore for RedisProvider {
         let keys = &shared.keys;
         let to = lex_to(filter.end_time);
         let page = |from: &str| {
-            let mut call = shared.scripts.dead_page.prepare_invoke();
-            call.key(&keys.dead_order).key(&keys.dead).arg(from).arg(&to).arg(PAGE);
+            let mut call = Call::new(&shared.scripts.dead_page, &[&keys.dead_order, &keys.dead]);
+            call.arg(from).arg(&to).arg(PAGE);
             let value: Value = shared.pool.run("list_dead_letters", &keys.dead, |conn| call.invoke(conn))?;
             dead_page(value).map_err(|error| shared.malformed("list_dead_letters", &error))
         };
@@ -610,8 +613,8 @@ impl EventStore for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("delete_dead_letter")?;
         let keys = &shared.keys;
-        let mut call = shared.scripts.dead_delete.prepare_invoke();
-        call.key(&keys.dead).key(&keys.dead_order).arg(id.to_string());
+        let mut call = Call::new(&shared.scripts.dead_delete, &[&keys.dead, &keys.dead_order]);
+        call.arg(id);
         let deleted: i64 = shared.pool.run("delete_dead_letter", &keys.dead, |conn| call.invoke(conn))?;
         Ok(deleted == 1)
     }
@@ -620,8 +623,10 @@ impl EventStore for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("stats")?;
         let keys = &shared.keys;
-        let mut call = shared.scripts.stats.prepare_invoke();
-        call.key(&keys.stream).key(&keys.counts).key(&keys.time).key(&keys.expiry).key(&keys.dead);
+        let mut call = Call::new(
+            &shared.scripts.stats,
+            &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.dead],
+        );
         call.arg(&keys.status);
         let value: Value = shared.pool.run("stats", &keys.counts, |conn| call.invoke(conn))?;
         let (counts, stream_length, dead_letters) =

@@ -4,7 +4,14 @@
 //! Scripts touch keys derived from the namespace's status key prefix besides those passed in
 //! `KEYS`: fine on a standalone server or one shard, not across a cluster's slots.
 
-use redis::Script;
+use std::cell::Cell;
+use std::fmt::Display;
+use std::io::Write as _;
+
+use redis::{
+    Connection, ConnectionLike as _, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind,
+};
+use serde::Serialize;
 
 /// Helpers every write script starts with: status flags of finished events, server time, counter
 /// deltas (applied once at the end), and the expiry of finished statuses.
@@ -30,22 +37,19 @@ local function server_ms()
   return now_ms
 end
 -- Sorted-set writes gathered into one ZREM and one ZADD per set at the end of the script, since
--- every command a script runs costs more than the work it does. Removals are applied first, so an
--- add gathered after a removal of the same member still lands; a removal cancels an earlier add.
-local function later(key) return {key = key, add = {}, n = 0, rem = {}, gone = {}} end
+-- every command a script runs costs more than the work it does. Adds are kept in order in two
+-- arrays. Removals are applied first; a removal records how many adds came before it, and those
+-- of the same member are dropped, so it cancels earlier adds and an add made after it still lands.
+local function later(key) return {key = key, scores = {}, members = {}, n = 0, rem = {}, gone = {}} end
 local function zadd_later(set, score, member)
-  if set.add[member] == nil then set.n = set.n + 1 end
-  set.add[member] = score
+  local n = set.n + 1
+  set.n = n
+  set.scores[n] = score
+  set.members[n] = member
 end
 local function zrem(set, member)
-  if set.add[member] ~= nil then
-    set.add[member] = nil
-    set.n = set.n - 1
-  end
-  if not set.gone[member] then
-    set.gone[member] = true
-    set.rem[#set.rem + 1] = member
-  end
+  if not set.gone[member] then set.rem[#set.rem + 1] = member end
+  set.gone[member] = set.n
 end
 -- Runs `cmd [key] <items>` over a list (no key when `key` is nil), at most 1000 items per
 -- command (Lua's stack bounds unpack).
@@ -57,11 +61,15 @@ local function each_chunk(cmd, key, items)
 end
 local function zflush(set)
   each_chunk('ZREM', set.key, set.rem)
-  if set.n == 0 then return end
-  local args = {}
-  for member, score in pairs(set.add) do
-    args[#args + 1] = score
-    args[#args + 1] = member
+  local args, k, gone, scores, members = {}, 0, set.gone, set.scores, set.members
+  for i = 1, set.n do
+    local member = members[i]
+    local cut = gone[member]
+    if not cut or i > cut then
+      args[k + 1] = scores[i]
+      args[k + 2] = member
+      k = k + 2
+    end
   end
   each_chunk('ZADD', set.key, args)
 end
@@ -133,54 +141,64 @@ const STORE: &str = r"
 local order = KEYS[5]
 local max_len, slack, chunk, ttl, origin =
   tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+-- The events' status keys, and one EXISTS over them: when none is stored (the usual case), no
+-- event needs its own lookup; one stored earlier in this batch is looked up all the same.
+local keys = {}
+for i = 7, #ARGV, 7 do keys[#keys + 1] = prefix .. ARGV[i] end
+local stored = 0
+for i = 1, #keys, 1000 do stored = stored + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) end
 local appended = {}
 local next_id = '*'
-local fresh = 0
--- One EXISTS for the batch: when none of its ids is stored (the usual case), no event needs its
--- own lookup; one stored earlier in this batch is looked up all the same.
-local keys = {'EXISTS'}
-for i = 7, #ARGV, 7 do keys[#keys + 1] = prefix .. ARGV[i] end
-local any_stored = redis.call(unpack(keys)) > 0
+local fresh, fresh_by_status = 0, {}
 local seen = {}
 for i = 7, #ARGV, 7 do
-  local id, json, ty, src, st, inst, tk =
-    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-  local key = prefix .. id
-  local old = {false}
-  if any_stored or seen[id] then old = redis.call('HMGET', key, 'entry', 'status', 'time') end
+  local id, st, tk = ARGV[i], ARGV[i + 4], ARGV[i + 6]
+  local key = keys[(i - 7) / 7 + 1]
+  local entry, old_st, old_tk = false, nil, nil
+  if stored > 0 or seen[id] then
+    local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+    entry, old_st, old_tk = h[1], h[2], h[3]
+  end
   seen[id] = true
-  if old[1] then
+  if entry then
     -- A re-store: the body is replaced in the hash; the entry, its sequence number and its origin stay.
-    redis.call('HSET', key, 'event', json, 'status', st, 'time', tk)
+    redis.call('HSET', key, 'event', ARGV[i + 1], 'status', st, 'time', tk)
     redis.call('HDEL', key, 'error', 'retry_count', 'processed_at', 'completed_at')
-    if old[3] ~= tk then
-      zrem(times, old[3])
+    if old_tk ~= tk then
+      zrem(times, old_tk)
       zadd_later(times, 0, tk)
     end
-    reschedule(key, old[1], tk, old[3], old[2], st, ttl)
-    if old[2] ~= st then add(old[2], -1) add(st, 1) end
+    reschedule(key, entry, tk, old_tk, old_st, st, ttl)
+    if old_st ~= st then add(old_st, -1) add(st, 1) end
     add('replaced', 1)
   else
-    local args = {'XADD', stream, next_id, 'event', json, 'id', id, 'type', ty, 'source', src,
-      'status', st, 'instance_id', inst}
-    if origin ~= '' then args[#args + 1] = 'origin' args[#args + 1] = origin end
-    local entry = redis.call(unpack(args))
-    -- Keeps the sequence part of entry ids below 2^19, so every id maps to a sequence number.
-    local dash = string.find(entry, '-', 1, true)
-    if tonumber(string.sub(entry, dash + 1)) >= 524288 then
-      next_id = string.format('%.0f', tonumber(string.sub(entry, 1, dash - 1)) + 1) .. '-0'
+    if origin == '' then
+      entry = redis.call('XADD', stream, next_id, 'event', ARGV[i + 1], 'id', id, 'type', ARGV[i + 2],
+        'source', ARGV[i + 3], 'status', st, 'instance_id', ARGV[i + 5])
     else
-      next_id = '*'
+      entry = redis.call('XADD', stream, next_id, 'event', ARGV[i + 1], 'id', id, 'type', ARGV[i + 2],
+        'source', ARGV[i + 3], 'status', st, 'instance_id', ARGV[i + 5], 'origin', origin)
+    end
+    -- Keeps the sequence part of entry ids below 2^19, so every id maps to a sequence number. Only
+    -- an id `<ms>-<n>` whose n has six digits or more (no dash in its last six characters) is
+    -- parsed.
+    next_id = '*'
+    if not string.find(entry, '-', -6, true) then
+      local dash = string.find(entry, '-', 1, true)
+      if tonumber(string.sub(entry, dash + 1)) >= 524288 then
+        next_id = string.format('%.0f', tonumber(string.sub(entry, 1, dash - 1)) + 1) .. '-0'
+      end
     end
     redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
     if max_len > 0 then appended[#appended + 1] = entry .. ' ' .. id end
     zadd_later(times, 0, tk)
-    reschedule(key, entry, tk, tk, nil, st, ttl)
-    add(st, 1)
-    add('total', 1)
+    if flag(st) then reschedule(key, entry, tk, tk, nil, st, ttl) end
+    fresh_by_status[st] = (fresh_by_status[st] or 0) + 1
     fresh = fresh + 1
   end
 end
+for st, n in pairs(fresh_by_status) do add(st, n) end
+add('total', fresh)
 each_chunk('RPUSH', order, appended)
 -- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
 -- remove the oldest (up to `chunk`), and the events they hold from every index. The order list
@@ -190,39 +208,48 @@ if max_len > 0 then
   local excess = redis.call('XLEN', stream) - max_len
   if excess > slack then
     local n = math.min(excess, chunk)
-    local olds, cut = {}, nil
+    local old_entries, old_ids, cut = {}, {}, nil
     local head = redis.call('LINDEX', order, 0)
     local head_entry = head and string.sub(head, 1, string.find(head, ' ', 1, true) - 1)
     local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
     if head and first and not entry_before(first[1], head_entry) then
       -- The list names the oldest entries (and perhaps some already deleted).
-      for _, o in ipairs(redis.call('LRANGE', order, 0, n - 1)) do
+      local named = redis.call('LRANGE', order, 0, n - 1)
+      for j, o in ipairs(named) do
         local sp = string.find(o, ' ', 1, true)
-        olds[#olds + 1] = {string.sub(o, 1, sp - 1), string.sub(o, sp + 1)}
+        old_entries[j], old_ids[j] = string.sub(o, 1, sp - 1), string.sub(o, sp + 1)
       end
-      redis.call('LTRIM', order, #olds, -1)
-      cut = olds[#olds][1]
+      redis.call('LTRIM', order, #named, -1)
+      cut = old_entries[#named]
     else
       -- Entries older than any the list names: read them from the stream.
       local upto = head and ('(' .. head_entry) or '+'
       for _, e in ipairs(redis.call('XRANGE', stream, '-', upto, 'COUNT', n)) do
         local f = e[2]
         for j = 1, #f, 2 do
-          if f[j] == 'id' then olds[#olds + 1] = {e[1], f[j + 1]} break end
+          if f[j] == 'id' then
+            old_entries[#old_entries + 1], old_ids[#old_ids + 1] = e[1], f[j + 1]
+            break
+          end
         end
         cut = e[1]
       end
     end
-    local doomed = {}
-    for _, o in ipairs(olds) do
-      local key = prefix .. o[2]
+    local doomed, gone_by_status = {}, {}
+    for j, old_id in ipairs(old_ids) do
+      local key = prefix .. old_id
       local h = redis.call('HMGET', key, 'entry', 'status', 'time')
-      if h[1] == o[1] then
+      if h[1] == old_entries[j] then
         doomed[#doomed + 1] = key
-        forget(o[1], h[3], h[2])
-        add('trimmed', 1)
+        zrem(times, h[3])
+        local f = flag(h[2])
+        if f then zrem(expiries, f .. h[1] .. ' ' .. h[3]) end
+        gone_by_status[h[2]] = (gone_by_status[h[2]] or 0) + 1
       end
     end
+    for st, gone in pairs(gone_by_status) do add(st, -gone) end
+    add('total', -#doomed)
+    add('trimmed', #doomed)
     each_chunk('DEL', nil, doomed)
     if cut then
       -- Everything up to and including `cut` goes: the entries named, and any older.
@@ -243,19 +270,27 @@ return fresh
 const UPDATE: &str = r"
 local ttl = tonumber(ARGV[2])
 for i = 3, #ARGV, 6 do
-  local key, st = prefix .. ARGV[i], ARGV[i + 1]
+  local key, st, err, retries, processed, completed =
+    prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   local h = redis.call('HMGET', key, 'entry', 'status', 'time')
-  if h[1] then
-    local args = {'HSET', key, 'status', st, 'error', ARGV[i + 2], 'retry_count', ARGV[i + 3]}
-    if ARGV[i + 4] ~= '' then args[#args + 1] = 'processed_at' args[#args + 1] = ARGV[i + 4] end
-    if ARGV[i + 5] ~= '' then args[#args + 1] = 'completed_at' args[#args + 1] = ARGV[i + 5] end
-    redis.call(unpack(args))
-    if h[2] ~= st then
-      reschedule(key, h[1], h[3], h[3], h[2], st, ttl)
-      add(h[2], -1)
+  local entry, old, tk = h[1], h[2], h[3]
+  if entry then
+    if processed == '' and completed == '' then
+      redis.call('HSET', key, 'status', st, 'error', err, 'retry_count', retries)
+    elseif processed == '' then
+      redis.call('HSET', key, 'status', st, 'error', err, 'retry_count', retries, 'completed_at', completed)
+    elseif completed == '' then
+      redis.call('HSET', key, 'status', st, 'error', err, 'retry_count', retries, 'processed_at', processed)
+    else
+      redis.call('HSET', key, 'status', st, 'error', err, 'retry_count', retries,
+        'processed_at', processed, 'completed_at', completed)
+    end
+    if old ~= st then
+      reschedule(key, entry, tk, tk, old, st, ttl)
+      add(old, -1)
       add(st, 1)
     elseif flag(st) then
-      reschedule(key, h[1], h[3], h[3], h[2], st, ttl)
+      reschedule(key, entry, tk, tk, old, st, ttl)
     end
   end
 end
@@ -467,6 +502,96 @@ impl Scripts {
             claim_own: Script::new(CLAIM_OWN),
             claim_abandoned: Script::new(CLAIM_ABANDONED),
             touch: Script::new(TOUCH),
+        }
+    }
+}
+
+/// One call of a script, written in the protocol's own form (`EVALSHA <hash> <key count> <keys>
+/// <args>` as RESP) straight into a buffer its thread reuses: each argument is copied once, values
+/// are formatted and serialized in place, and a batch of a thousand events costs no allocation
+/// and no page faults. A server that does not know the script (a restarted Redis) gets it loaded
+/// and the call sent again.
+pub(super) struct Call<'a> {
+    script: &'a Script,
+    /// `HEADER` bytes of room for the argument count, then the arguments.
+    buf: Vec<u8>,
+    /// Where a value is formatted before it is written as an argument (its length goes first).
+    scratch: Vec<u8>,
+    args: usize,
+}
+
+/// Room at the start of a call's buffer for `*<argument count>\r\n`.
+const HEADER: usize = 24;
+/// Buffers larger than this are dropped after a call rather than kept for the next.
+const KEEP_BUFFER: usize = 4 << 20;
+
+thread_local! {
+    static BUFFERS: Cell<(Vec<u8>, Vec<u8>)> = const { Cell::new((Vec::new(), Vec::new())) };
+}
+
+impl<'a> Call<'a> {
+    pub(super) fn new(script: &'a Script, keys: &[&str]) -> Self {
+        let (mut buf, mut scratch) = BUFFERS.take();
+        buf.clear();
+        buf.resize(HEADER, 0);
+        scratch.clear();
+        let mut call = Self { script, buf, scratch, args: 0 };
+        call.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+        for key in keys {
+            call.arg(key);
+        }
+        call
+    }
+
+    /// An argument written as `value` displays itself (a string as it is).
+    pub(super) fn arg(&mut self, value: impl Display) -> &mut Self {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        // Writing to a Vec cannot fail.
+        let _ = write!(scratch, "{value}");
+        self.push(&scratch);
+        self.scratch = scratch;
+        self
+    }
+
+    /// An argument holding `value` as compact JSON.
+    pub(super) fn arg_json(&mut self, value: &impl Serialize) -> &mut Self {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        serde_json::to_writer(&mut scratch, value)
+            .expect("the values the scripts take always serialize: their map keys are strings");
+        self.push(&scratch);
+        self.scratch = scratch;
+        self
+    }
+
+    fn push(&mut self, arg: &[u8]) {
+        let _ = write!(self.buf, "${}\r\n", arg.len());
+        self.buf.extend_from_slice(arg);
+        self.buf.extend_from_slice(b"\r\n");
+        self.args += 1;
+    }
+
+    pub(super) fn invoke<T: FromRedisValue>(&mut self, conn: &mut Connection) -> RedisResult<T> {
+        let count = format!("*{}\r\n", self.args);
+        let start = HEADER - count.len();
+        self.buf[start..HEADER].copy_from_slice(count.as_bytes());
+        let command = &self.buf[start..];
+        let reply = match conn.req_packed_command(command)?.extract_error() {
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.script.prepare_invoke().load(conn)?;
+                conn.req_packed_command(command)?.extract_error()?
+            }
+            reply => reply?,
+        };
+        Ok(redis::from_redis_value(reply)?)
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if self.buf.capacity() <= KEEP_BUFFER && self.scratch.capacity() <= KEEP_BUFFER {
+            BUFFERS.set((std::mem::take(&mut self.buf), std::mem::take(&mut self.scratch)));
         }
     }
 }
