@@ -16,6 +16,10 @@
 //! - `broker local` / `broker fan-out`: a broker with the default writer, status tracking on, one
 //!   no-op handler; fan-out also reads its own events back from the stream to skip them (echo).
 //!
+//! Then, with `--bench`, a table of the same writes in interleaved rounds on a stream at its
+//! `max_len` (criterion runs its cases one after another, and this host's noise moves between
+//! them): batched and one-per-call events/s, and the median of the rounds' ratios.
+//!
 //! Run: `scripts/ensure-service redis && cargo bench --features redis --bench provider_redis`.
 
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group};
 use eventbroker::{
     Broker, Distribution, Event, EventId, EventSink, EventSource, EventStatus, Provider, RedisConfig,
     RedisProvider, StatusUpdate,
@@ -242,5 +246,135 @@ fn lifecycle(c: &mut Criterion) {
     group.finish();
 }
 
+/// The writes `ratio_table` times.
+#[derive(Clone, Copy)]
+enum Write {
+    /// `store_batch` of [`BATCH`] events, one script call each.
+    StoreBatch,
+    /// `store_batch` of one event per call.
+    StoreOne,
+    /// Bare `XADD`s, [`BATCH`] pipelined per round trip.
+    XaddPipelined,
+    /// One bare `XADD` per round trip (the Go seed's write).
+    XaddOne,
+}
+
+/// Microseconds Redis has spent in `EVALSHA` since its statistics were last reset.
+fn script_time(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:"))
+        .and_then(|stats| stats.split(',').find_map(|field| field.strip_prefix("usec=")))
+        .map_or(0, |usec| usec.parse().unwrap())
+}
+
+/// Batched against one call per event in interleaved rounds (the order alternating each round),
+/// on a stream at its `max_len`, so every case trims as much as it adds: the median events/s of
+/// each, and the median of the per-round ratios. The bare `XADD` floor runs in the same rounds.
+/// Redis' own time in the store script is read from its command statistics around each run.
+fn ratio_table(rounds: usize, batches_per_round: usize) {
+    let ns = prefix("ratio");
+    let provider = RedisProvider::connect(RedisConfig { max_len: FULL, ..config(&ns) }).unwrap();
+    for chunk in events(FULL + FULL / 100 + 1).chunks(BATCH) {
+        provider.store_batch(chunk, None).unwrap();
+    }
+    let stream = format!("{ns}:raw");
+    let mut conn = raw();
+    let xadd = |event: &Event| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream).arg("MAXLEN").arg("~").arg(FULL).arg("*");
+        cmd.arg("event").arg(event.to_json()).arg("id").arg(event.id.to_string());
+        cmd.arg("type").arg(event.event_type.as_str()).arg("source").arg(event.source.as_str());
+        cmd.arg("status").arg(event.status.as_str()).arg("instance_id").arg(event.instance_id.as_str());
+        cmd
+    };
+    let mut run = |write: Write| {
+        let all = events(match write {
+            Write::StoreBatch | Write::XaddPipelined => batches_per_round * BATCH,
+            Write::StoreOne | Write::XaddOne => BATCH,
+        });
+        let scripts_before = script_time(&mut conn);
+        let started = Instant::now();
+        match write {
+            Write::StoreBatch => {
+                for chunk in all.chunks(BATCH) {
+                    provider.store_batch(chunk, None).unwrap();
+                }
+            }
+            Write::StoreOne => {
+                for event in &all {
+                    provider.store_batch(std::slice::from_ref(event), None).unwrap();
+                }
+            }
+            Write::XaddPipelined => {
+                for chunk in all.chunks(BATCH) {
+                    let mut pipe = redis::pipe();
+                    for event in chunk {
+                        pipe.add_command(xadd(event)).ignore();
+                    }
+                    pipe.exec(&mut conn).unwrap();
+                }
+            }
+            Write::XaddOne => {
+                for event in &all {
+                    xadd(event).exec(&mut conn).unwrap();
+                }
+            }
+        }
+        let spent = started.elapsed();
+        let scripts = script_time(&mut conn) - scripts_before;
+        #[allow(clippy::cast_precision_loss, reason = "rates for a table")]
+        let (rate, script_us) = (all.len() as f64 / spent.as_secs_f64(), scripts as f64 / all.len() as f64);
+        (rate, script_us)
+    };
+    let writes = [Write::StoreBatch, Write::StoreOne, Write::XaddPipelined, Write::XaddOne];
+    let mut rates = [(); 4].map(|()| Vec::with_capacity(rounds));
+    let mut script_us = [(); 4].map(|()| Vec::with_capacity(rounds));
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1, 2, 3] } else { [1, 0, 3, 2] };
+        for i in order {
+            let (rate, us) = run(writes[i]);
+            rates[i].push(rate);
+            script_us[i].push(us);
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ratio = |a: usize, b: usize| median(rates[a].iter().zip(&rates[b]).map(|(x, y)| x / y).collect());
+    println!(
+        "\nRedis writes to a stream at its max_len ({FULL}), interleaved rounds (events/s, median of {rounds})"
+    );
+    println!("| write | batched | one per round trip | batched ÷ one (median of the rounds' ratios) |");
+    println!("|---|---:|---:|---:|");
+    for (name, a, b) in [("the provider's store script", 0, 1), ("bare XADD (the seed's write)", 2, 3)] {
+        let (batched, one) = (median(rates[a].clone()), median(rates[b].clone()));
+        println!("| {name} | {batched:.0} | {one:.0} | {:.1}× |", ratio(a, b));
+    }
+    println!("| the provider's batch ÷ one bare XADD | | | {:.1}× |", ratio(0, 3));
+    println!(
+        "Redis' time in the store script (INFO commandstats): {:.1} µs per event batched, {:.1} µs per call of one",
+        median(script_us[0].clone()),
+        median(script_us[1].clone())
+    );
+    drop(provider);
+    delete_prefix(&ns);
+}
+
 criterion_group!(benches, writes, lifecycle);
-criterion_main!(benches);
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    // `cargo bench` passes `--bench`; `cargo test --benches` (CI) does not: one short round.
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
+        ratio_table(7, 10);
+    } else {
+        ratio_table(1, 1);
+    }
+}
