@@ -508,9 +508,9 @@ impl Scripts {
 
 /// One call of a script, written in the protocol's own form (`EVALSHA <hash> <key count> <keys>
 /// <args>` as RESP) straight into a buffer its thread reuses: each argument is copied once, values
-/// are formatted and serialized in place, and a batch of a thousand events costs no allocation
-/// and no page faults. A server that does not know the script (a restarted Redis) gets it loaded
-/// and the call sent again.
+/// are formatted and serialized in place, and once the thread's buffer has grown to its calls'
+/// size, a batch of a thousand events costs no allocation. A server that does not know the script
+/// (a restarted Redis) gets it loaded and the call sent again.
 pub(super) struct Call<'a> {
     script: &'a Script,
     /// `HEADER` bytes of room for the argument count, then the arguments.
@@ -522,7 +522,8 @@ pub(super) struct Call<'a> {
 
 /// Room at the start of a call's buffer for `*<argument count>\r\n`.
 const HEADER: usize = 24;
-/// Buffers larger than this are dropped after a call rather than kept for the next.
+/// Buffers larger than this are dropped after a call rather than kept for the thread's next one,
+/// so a rare huge batch does not pin its memory to every thread that ever wrote one.
 const KEEP_BUFFER: usize = 4 << 20;
 
 thread_local! {
@@ -590,8 +591,8 @@ impl<'a> Call<'a> {
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        if self.buf.capacity() <= KEEP_BUFFER && self.scratch.capacity() <= KEEP_BUFFER {
-            BUFFERS.set((std::mem::take(&mut self.buf), std::mem::take(&mut self.scratch)));
-        }
+        let keep =
+            |buf: &mut Vec<u8>| if buf.capacity() <= KEEP_BUFFER { std::mem::take(buf) } else { Vec::new() };
+        BUFFERS.set((keep(&mut self.buf), keep(&mut self.scratch)));
     }
 }
