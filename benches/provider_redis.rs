@@ -89,6 +89,16 @@ fn prefix(name: &str) -> String {
     format!("ebbench:{name}:{}", EventId::new().as_uuid().simple())
 }
 
+/// A bare `XADD` of `event` with the seed's fields, as the Go seed wrote it, capped near `max_len`.
+fn seed_xadd(stream: &str, max_len: usize, event: &Event) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("MAXLEN").arg("~").arg(max_len).arg("*");
+    cmd.arg("event").arg(event.to_json()).arg("id").arg(event.id.to_string());
+    cmd.arg("type").arg(event.event_type.as_str()).arg("source").arg(event.source.as_str());
+    cmd.arg("status").arg(event.status.as_str()).arg("instance_id").arg(event.instance_id.as_str());
+    cmd
+}
+
 /// The provider's two ways of storing: a batch in one script call, and one call per event.
 fn stores(group: &mut BenchmarkGroup<'_, WallTime>, provider: &RedisProvider, suffix: &str) {
     group.bench_function(BenchmarkId::new(format!("store_batch{suffix}"), BATCH), |b| {
@@ -118,19 +128,7 @@ fn writes(c: &mut Criterion) {
 
     let stream = format!("{ns}:raw");
     let mut conn = raw();
-    let xadd = |event: &Event| {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&stream).arg("MAXLEN").arg("~").arg(100_000).arg("*");
-        cmd.arg("event")
-            .arg(event.to_json())
-            .arg("id")
-            .arg(event.id.to_string())
-            .arg("type")
-            .arg(event.event_type.as_str());
-        cmd.arg("source").arg(event.source.as_str()).arg("status").arg(event.status.as_str());
-        cmd.arg("instance_id").arg(event.instance_id.as_str());
-        cmd
-    };
+    let xadd = |event: &Event| seed_xadd(&stream, 100_000, event);
     group.bench_function(BenchmarkId::new("xadd_pipelined", BATCH), |b| {
         b.iter_batched(
             || events(BATCH),
@@ -280,14 +278,7 @@ fn ratio_table(rounds: usize, batches_per_round: usize) {
     }
     let stream = format!("{ns}:raw");
     let mut conn = raw();
-    let xadd = |event: &Event| {
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(&stream).arg("MAXLEN").arg("~").arg(FULL).arg("*");
-        cmd.arg("event").arg(event.to_json()).arg("id").arg(event.id.to_string());
-        cmd.arg("type").arg(event.event_type.as_str()).arg("source").arg(event.source.as_str());
-        cmd.arg("status").arg(event.status.as_str()).arg("instance_id").arg(event.instance_id.as_str());
-        cmd
-    };
+    let xadd = |event: &Event| seed_xadd(&stream, FULL, event);
     let mut run = |write: Write| {
         let all = events(match write {
             Write::StoreBatch | Write::XaddPipelined => batches_per_round * BATCH,

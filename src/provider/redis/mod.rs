@@ -131,8 +131,7 @@ use redis::Value;
 use self::conn::{Dialer, Pool};
 use self::keys::{Keys, TimeKey, entry_of_seq, lex_from, lex_to, seq_of_entry};
 use self::reply::{Entry, Malformed, StatusHash};
-use self::scripts::Call;
-use self::scripts::Scripts;
+use self::scripts::{Call, Scripts};
 use super::{
     Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink, EventStore, Inbound,
     InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, closed_error,
@@ -405,6 +404,15 @@ impl Shared {
     }
 }
 
+/// A timestamp as the update script takes it: RFC 3339, or empty for none (the stored value stays).
+struct Stamp(Option<jiff::Timestamp>);
+
+impl fmt::Display for Stamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.map_or(Ok(()), |at| fmt::Display::fmt(&at, f))
+    }
+}
+
 impl EventSink for RedisProvider {
     fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
         let shared = &*self.shared;
@@ -441,7 +449,6 @@ impl EventSink for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
         let keys = &shared.keys;
-        let stamp = |at: Option<jiff::Timestamp>| at.map(|at| at.to_string()).unwrap_or_default();
         for chunk in updates.chunks(WRITE_CHUNK) {
             let mut call =
                 Call::new(&shared.scripts.update, &[&keys.stream, &keys.counts, &keys.time, &keys.expiry]);
@@ -451,8 +458,8 @@ impl EventSink for RedisProvider {
                     .arg(update.status.as_str())
                     .arg(&update.error)
                     .arg(update.retry_count)
-                    .arg(stamp(update.processed_at))
-                    .arg(stamp(update.completed_at));
+                    .arg(Stamp(update.processed_at))
+                    .arg(Stamp(update.completed_at));
             }
             shared.pool.run("update_status_batch", &keys.status, |conn| call.invoke::<()>(conn))?;
         }

@@ -149,7 +149,7 @@ local stored = 0
 for i = 1, #keys, 1000 do stored = stored + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) end
 local appended = {}
 local next_id = '*'
-local fresh, fresh_by_status = 0, {}
+local fresh = 0
 local seen = {}
 for i = 7, #ARGV, 7 do
   local id, st, tk = ARGV[i], ARGV[i + 4], ARGV[i + 6]
@@ -192,13 +192,12 @@ for i = 7, #ARGV, 7 do
     redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
     if max_len > 0 then appended[#appended + 1] = entry .. ' ' .. id end
     zadd_later(times, 0, tk)
-    if flag(st) then reschedule(key, entry, tk, tk, nil, st, ttl) end
-    fresh_by_status[st] = (fresh_by_status[st] or 0) + 1
+    reschedule(key, entry, tk, tk, nil, st, ttl)
+    add(st, 1)
+    add('total', 1)
     fresh = fresh + 1
   end
 end
-for st, n in pairs(fresh_by_status) do add(st, n) end
-add('total', fresh)
 each_chunk('RPUSH', order, appended)
 -- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
 -- remove the oldest (up to `chunk`), and the events they hold from every index. The order list
@@ -235,20 +234,15 @@ if max_len > 0 then
         cut = e[1]
       end
     end
-    local doomed, gone_by_status = {}, {}
+    local doomed = {}
     for j, old_id in ipairs(old_ids) do
       local key = prefix .. old_id
       local h = redis.call('HMGET', key, 'entry', 'status', 'time')
       if h[1] == old_entries[j] then
         doomed[#doomed + 1] = key
-        zrem(times, h[3])
-        local f = flag(h[2])
-        if f then zrem(expiries, f .. h[1] .. ' ' .. h[3]) end
-        gone_by_status[h[2]] = (gone_by_status[h[2]] or 0) + 1
+        forget(h[1], h[3], h[2])
       end
     end
-    for st, gone in pairs(gone_by_status) do add(st, -gone) end
-    add('total', -#doomed)
     add('trimmed', #doomed)
     each_chunk('DEL', nil, doomed)
     if cut then
