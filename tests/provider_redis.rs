@@ -355,7 +355,91 @@ fn trimming_and_expiry_in_one_call_count_each_event_once() {
         redis::cmd("ZCARD").arg(format!("{prefix}:time")).query(&mut conn).expect("zcard");
     let expiry_index: usize =
         redis::cmd("ZCARD").arg(format!("{prefix}:expiry")).query(&mut conn).expect("zcard");
-    assert_eq!((time_index, expiry_index), (70, 0), "the indexes hold exactly the stored events");
+    let pending_index: usize =
+        redis::cmd("HLEN").arg(format!("{prefix}:pending")).query(&mut conn).expect("HLEN");
+    assert_eq!(
+        (time_index, expiry_index, pending_index),
+        (70, 0, 70),
+        "the indexes hold exactly the stored events"
+    );
+}
+
+/// A stored event still pending has no status hash: its record is a field of the pending index
+/// until its first status change, which moves it to a hash. Reads, deletes, re-stores and trimming
+/// find it in either place, and the index holds exactly the events pending without a hash.
+#[test]
+fn a_pending_event_has_no_status_hash_until_its_status_changes() {
+    let backend = RedisBackend::with(|c| c.max_len = 100);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let mut conn = raw();
+    let prefix = backend.prefix().to_owned();
+    let hashes = |conn: &mut redis::Connection, ids: &[EventId]| -> usize {
+        let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}:status:{id}")).collect();
+        redis::cmd("EXISTS").arg(keys).query(conn).expect("EXISTS")
+    };
+    let pending_index = |conn: &mut redis::Connection| -> usize {
+        redis::cmd("HLEN").arg(format!("{prefix}:pending")).query(conn).expect("HLEN")
+    };
+    let events: Vec<Event> = (0..4).map(|_| scope.event("pend")).collect();
+    let ids: Vec<EventId> = events.iter().map(|e| e.id).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    assert_eq!((hashes(&mut conn, &ids), pending_index(&mut conn)), (0, 4));
+    let got = provider.get(ids[0]).expect("get").expect("stored");
+    assert_eq!((got.status, got.processed_at), (EventStatus::Pending, None));
+    assert_eq!(scope.list(&provider).len(), 4);
+    assert_eq!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").len(), 4);
+
+    // The first status change makes the hash, with the entry and time the index held.
+    let at = jiff::Timestamp::now();
+    provider
+        .update_status_batch(&[
+            StatusUpdate::new(ids[0], EventStatus::Processing).with_processed_at(at),
+            StatusUpdate::new(ids[0], EventStatus::Completed).with_completed_at(at),
+        ])
+        .expect("update");
+    assert_eq!((hashes(&mut conn, &ids[..1]), pending_index(&mut conn)), (1, 3));
+    let got = provider.get(ids[0]).expect("get").expect("stored");
+    assert_eq!(
+        (got.status, got.processed_at, got.completed_at),
+        (EventStatus::Completed, Some(at), Some(at))
+    );
+    assert_eq!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay")[0].event.id, ids[0]);
+
+    // Deleting a pending event removes its index field and its entry.
+    assert!(provider.delete(ids[1]).expect("delete"));
+    assert!(!provider.delete(ids[1]).expect("delete"), "deleted once");
+    assert_eq!(provider.get(ids[1]).expect("get"), None);
+    assert_eq!(pending_index(&mut conn), 2);
+    assert_eq!(stream_ids(&backend).len(), 3);
+
+    // Re-storing a pending event puts its new body in a hash; the entry stays.
+    let changed = events[2].clone().with_payload_value(serde_json::json!({"changed": true}));
+    provider.store_batch(&[Arc::new(changed)], None).expect("re-store");
+    assert_eq!((hashes(&mut conn, &ids[2..3]), pending_index(&mut conn)), (1, 1));
+    let got = provider.get(ids[2]).expect("get").expect("stored");
+    assert_eq!(got.payload_json(), Some(r#"{"changed":true}"#));
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.pending_events, stats.completed_events), (3, 2, 1));
+    assert_eq!(stats.provider_specific["replaced"], 1);
+
+    // A store and a re-store of one id in one batch: one entry, one hash, no index field.
+    let twice = scope.event("pend");
+    provider.store_batch(&shared(&[twice.clone(), twice.clone()]), None).expect("store");
+    assert_eq!((hashes(&mut conn, &[twice.id]), pending_index(&mut conn)), (1, 1));
+    assert_eq!(stream_ids(&backend).len(), 4);
+
+    // Trimming takes pending events from the index and the others from their hashes.
+    let more: Vec<Event> = (0..150).map(|_| scope.event("pend")).collect();
+    for chunk in more.chunks(50) {
+        provider.store_batch(&shared(chunk), None).expect("store");
+    }
+    let kept: Vec<EventId> = stream_ids(&backend).into_iter().map(|(_, id)| id).collect();
+    assert!(!kept.contains(&ids[0]) && !kept.contains(&ids[3]), "the oldest went");
+    assert_eq!(hashes(&mut conn, &ids), 0, "trimmed events leave no hash");
+    assert_eq!(pending_index(&mut conn), kept.len(), "the index holds exactly the pending events kept");
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.pending_events), (kept.len() as u64, kept.len() as u64));
 }
 
 /// Trimming finds the oldest events through the order list, and reads the stream itself for the

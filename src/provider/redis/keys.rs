@@ -21,6 +21,9 @@ pub(super) struct Keys {
     pub(super) stream: String,
     /// What the status hash keys start with, `<prefix>:status:`; the event id follows.
     pub(super) status: String,
+    /// Events stored and still pending, which have no status hash yet: event id → `<entry id>
+    /// <time key>`.
+    pub(super) pending: String,
     /// The `(created_at, id)` index of stored events.
     pub(super) time: String,
     /// `<entry id> <event id>` of the entries the provider added, in stream order: what trimming
@@ -42,6 +45,7 @@ impl Keys {
             prefix: prefix.to_owned(),
             stream: format!("{prefix}:{stream}"),
             status: format!("{prefix}:status:"),
+            pending: format!("{prefix}:pending"),
             time: format!("{prefix}:time"),
             order: format!("{prefix}:order"),
             expiry: format!("{prefix}:expiry"),

@@ -15,7 +15,8 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `P:S` | stream | one entry per stored event: `event` (the seed's JSON), `id`, `type`, `source`, `status`, `instance_id` (the seed's fields) and `origin` (the publishing group's [`ConsumerGroup::key`], absent for none) |
-//! | `P:status:<event id>` | hash | the event's record: `entry` (its stream entry id), `time`, `status`, and whatever changed since it was stored (`error`, `retry_count`, `processed_at`, `completed_at`, or a whole re-stored `event`) |
+//! | `P:pending` | hash | the record of each event stored pending whose status has not changed since: event id → `<entry id> <time key>` |
+//! | `P:status:<event id>` | hash | the record of every other event, made at its first status change (or at its store, when stored with another status or stored again): `entry` (its stream entry id), `time`, `status`, and whatever changed since it was stored (`error`, `retry_count`, `processed_at`, `completed_at`, or a whole re-stored `event`) |
 //! | `P:time` | sorted set | `<created_at as 21 digits>:<id>`, all scored 0: `(created_at, id)` order by `BYLEX`, exact to the nanosecond |
 //! | `P:expiry` | sorted set | finished events by the time their status expires |
 //! | `P:order` | list | `<entry id> <event id>` of each entry the provider added, in stream order, while `max_len` bounds the stream: what trimming removes next |
@@ -24,29 +25,37 @@
 //! | `P:dead:order` | sorted set | `<failed_at as 21 digits>:<dead letter id>`: `(failed_at, id)` order |
 //!
 //! Statuses never become stream entries (SEED-PITFALLS 4): a status change is a write to the
-//! event's hash. Once an event is finished (completed or failed), its hash gets a TTL of
-//! [`RedisConfig::status_ttl`] (7 days by default, as the seed's), and the event is then gone from
-//! every query; pending and processing events never expire. The expiry is also recorded in
+//! event's hash. An event is in exactly one of `P:pending` and its own hash: a new pending event
+//! costs a field of one hash shared by the batch rather than a key of its own, and its first status
+//! change moves it to a hash of its own (a namespace written before `P:pending` existed, with a
+//! hash for every event, reads the same). Once an event is finished (completed or failed), its
+//! hash gets a TTL of [`RedisConfig::status_ttl`] (7 days by default, as the seed's), and the event
+//! is then gone from every query; pending and processing events never expire. The expiry is also recorded in
 //! `P:expiry`, so the scripts remove the event from every index with exact counts even when Redis
 //! expired the hash first. Dead letters live in a hash and a sorted set rather than a stream, since
 //! they are read, replaced and deleted by id and listed by `failed_at`, which is not store order.
 //!
 //! Entries written by something else (the Go seed, `redis-cli XADD` with the seed's fields) are
-//! delivered to inbound sources like any other; having no status hash, they are not part of the
+//! delivered to inbound sources like any other; having no record, they are not part of the
 //! store (`get`, `list`, `replay`, `stats`).
 //!
 //! ## Writes
 //! - **One round trip per batch.** `store_batch`, `update_status_batch` and `store_dead_letters`
 //!   each run one Lua script over the whole batch (in chunks of 1024), so a batch is applied
-//!   atomically and costs one round trip. Inside Redis a new event costs two commands (`XADD`,
-//!   `HSET`) and a status update two (`HMGET`, `HSET`, plus `PEXPIRE` when it finishes the event);
-//!   a batch adds one `EXISTS` over all its ids, one `RPUSH` to the order list, and one `ZADD` and
-//!   one `ZREM` per index; trimming costs one `HMGET` per trimmed event and one `DEL` for all.
+//!   atomically and costs one round trip. Inside Redis a new pending event costs one command
+//!   (`XADD`) and a field in each of the batch's gathered writes; a status update costs two
+//!   (`HMGET`, `HSET`, plus `PEXPIRE` when it finishes the event, and an `HGET` of `P:pending`
+//!   at the event's first change). A batch adds one `EXISTS` over its ids' hashes and one `HMGET`
+//!   of `P:pending`, one `HSET` to `P:pending`, one `RPUSH` to the order list, and one `ZADD` and
+//!   one `ZREM` per index. Trimming reads the trimmed events' pending records with one `HMGET`, and
+//!   each of the others' hashes with an `HMGET` of its own, then removes them with one `HDEL` and
+//!   one `DEL`.
 //!   (Every command a script runs costs Redis a few microseconds beyond its own work, which is
 //!   why the scripts gather what they can into one command per batch.)
-//! - **Idempotent stores.** The script checks the events' status hashes before their `XADD`s (one
-//!   `EXISTS` for the batch, then a lookup per event only when some id is stored): an id already
-//!   stored is a re-store, which puts the new body in the hash and keeps the stream entry,
+//! - **Idempotent stores.** The script looks the batch's ids up before their `XADD`s (one `EXISTS`
+//!   over their hashes and one `HMGET` of `P:pending`, then a lookup per event only when some hash
+//!   exists): an id already stored is a re-store, which puts the new body in the event's hash (made
+//!   now for a pending record) and keeps the stream entry,
 //!   so the event keeps its sequence number and origin and is not delivered again. A batch retried
 //!   after a lost reply therefore never creates a second entry.
 //! - **Bounded stream.** Once the stream holds more than [`RedisConfig::max_len`] entries (100 000
@@ -59,7 +68,7 @@
 //!
 //! ## Reads
 //! Nothing on a read path blocks (no `XREAD BLOCK`; SEED-PITFALLS 2). `get` is one script call
-//! (the hash, then the entry). `list` walks `P:time` in pages of 256 from the filter's
+//! (the record, from the event's hash or `P:pending`, then the entry). `list` walks `P:time` in pages of 256 from the filter's
 //! `start_time` to its `end_time` (`[start, end)`), applies every other filter, then the offset and
 //! the limit: O(events in the time window). `replay` walks the stream in pages of 256 from the
 //! requested entry; `ReplayFrom::Time` walks it from the beginning.
@@ -422,7 +431,7 @@ impl EventSink for RedisProvider {
         for chunk in events.chunks(WRITE_CHUNK) {
             let mut call = Call::new(
                 &shared.scripts.store,
-                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.order],
+                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.order, &keys.pending],
             );
             call.arg(&keys.status)
                 .arg(shared.config.max_len)
@@ -450,8 +459,10 @@ impl EventSink for RedisProvider {
         shared.check_open("update_status_batch")?;
         let keys = &shared.keys;
         for chunk in updates.chunks(WRITE_CHUNK) {
-            let mut call =
-                Call::new(&shared.scripts.update, &[&keys.stream, &keys.counts, &keys.time, &keys.expiry]);
+            let mut call = Call::new(
+                &shared.scripts.update,
+                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.pending],
+            );
             call.arg(&keys.status).arg(shared.ttl_ms());
             for update in chunk {
                 call.arg(update.id)
@@ -499,9 +510,10 @@ impl EventStore for RedisProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let shared = &*self.shared;
         shared.check_open("get")?;
-        let key = shared.keys.status_of(id);
-        let mut call = Call::new(&shared.scripts.get, &[&shared.keys.stream]);
-        call.arg(&key);
+        let keys = &shared.keys;
+        let key = keys.status_of(id);
+        let mut call = Call::new(&shared.scripts.get, &[&keys.stream, &keys.pending]);
+        call.arg(&keys.status).arg(id);
         let value: Value = shared.pool.run("get", &key, |conn| call.invoke(conn))?;
         reply::record(value).map_err(|error| shared.malformed("get", &error))
     }
@@ -512,7 +524,7 @@ impl EventStore for RedisProvider {
         let keys = &shared.keys;
         let to = lex_to(filter.end_time);
         let page = |from: &str| {
-            let mut call = Call::new(&shared.scripts.list_page, &[&keys.time, &keys.stream]);
+            let mut call = Call::new(&shared.scripts.list_page, &[&keys.time, &keys.stream, &keys.pending]);
             call.arg(&keys.status).arg(from).arg(&to).arg(PAGE);
             let value: Value = shared.pool.run("list", &keys.time, |conn| call.invoke(conn))?;
             list_page(value).map_err(|error| shared.malformed("list", &error))
@@ -529,8 +541,10 @@ impl EventStore for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("delete")?;
         let keys = &shared.keys;
-        let mut call =
-            Call::new(&shared.scripts.delete, &[&keys.stream, &keys.counts, &keys.time, &keys.expiry]);
+        let mut call = Call::new(
+            &shared.scripts.delete,
+            &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.pending],
+        );
         call.arg(&keys.status).arg(id);
         let deleted: i64 = shared.pool.run("delete", &keys.status_of(id), |conn| call.invoke(conn))?;
         Ok(deleted == 1)
@@ -555,7 +569,7 @@ impl EventStore for RedisProvider {
         };
         let keys = &shared.keys;
         loop {
-            let mut call = Call::new(&shared.scripts.replay_page, &[&keys.stream]);
+            let mut call = Call::new(&shared.scripts.replay_page, &[&keys.stream, &keys.pending]);
             call.arg(&keys.status).arg(&start).arg(PAGE);
             let value: Value = shared.pool.run("replay", &keys.stream, |conn| call.invoke(conn))?;
             let page = reply::array(value)

@@ -96,7 +96,9 @@ pub(super) fn decode_event(mut body: Vec<u8>) -> Result<Event, String> {
     Event::from_json_simd(&mut body).map_err(|error| error.to_string())
 }
 
-/// An event's status hash: the link to its stream entry, and what changed since it was stored.
+/// An event's record, as the read scripts give it: its status hash (the link to its stream entry,
+/// and what changed since it was stored), or for an event still pending without one, the link
+/// alone.
 #[derive(Debug, Default)]
 pub(super) struct StatusHash {
     pub(super) entry: Option<String>,

@@ -134,36 +134,65 @@ local function finish()
 end
 ";
 
-/// `store_batch`. KEYS[5]: the order list. ARGV: status key prefix, `max_len` (0: none), trim
-/// slack, trim chunk, ttl ms (0: none), origin ('' for none), then per event: id, JSON, type,
-/// source, status, instance id, time key. Returns how many ids were new.
+/// `store_batch`. KEYS[5]: the order list; KEYS[6]: the pending index. ARGV: status key prefix,
+/// `max_len` (0: none), trim slack, trim chunk, ttl ms (0: none), origin ('' for none), then per
+/// event: id, JSON, type, source, status, instance id, time key. Returns how many ids were new.
+///
+/// A new pending event gets no status hash: its record is a field of the pending index,
+/// `<entry> <time key>`, written with the batch's others in one `HSET`. Any other new event, and
+/// every re-store, gets a status hash.
 const STORE: &str = r"
-local order = KEYS[5]
+local order, pending = KEYS[5], KEYS[6]
 local max_len, slack, chunk, ttl, origin =
   tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
--- The events' status keys, and one EXISTS over them: when none is stored (the usual case), no
--- event needs its own lookup; one stored earlier in this batch is looked up all the same.
-local keys = {}
-for i = 7, #ARGV, 7 do keys[#keys + 1] = prefix .. ARGV[i] end
-local stored = 0
-for i = 1, #keys, 1000 do stored = stored + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) end
+-- Which ids are stored: one EXISTS over their status hashes and one HMGET of the pending index.
+-- When none is (the usual case), no event needs its own lookup.
+local ids, keys = {}, {}
+for i = 7, #ARGV, 7 do
+  ids[#ids + 1] = ARGV[i]
+  keys[#keys + 1] = prefix .. ARGV[i]
+end
+local hashed = 0
+for i = 1, #keys, 1000 do hashed = hashed + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) end
+-- `pend`: the pending records of this batch's ids, stored before it or by it.
+local pend = {}
+for i = 1, #ids, 1000 do
+  local got = redis.call('HMGET', pending, unpack(ids, i, math.min(i + 999, #ids)))
+  for j = 1, #got do
+    if got[j] then pend[ids[i + j - 1]] = got[j] end
+  end
+end
+-- The ids this batch adds to the pending index, in order; `added[id]` while still to be written.
+local added_ids, added = {}, {}
 local appended = {}
 local next_id = '*'
 local fresh = 0
 local seen = {}
 for i = 7, #ARGV, 7 do
-  local id, st, tk = ARGV[i], ARGV[i + 4], ARGV[i + 6]
-  local key = keys[(i - 7) / 7 + 1]
+  local n = (i - 7) / 7 + 1
+  local id, st, tk = ids[n], ARGV[i + 4], ARGV[i + 6]
+  local key = keys[n]
   local entry, old_st, old_tk = false, nil, nil
-  if stored > 0 or seen[id] then
+  local p = pend[id]
+  if p then
+    local sp = string.find(p, ' ', 1, true)
+    entry, old_st, old_tk = string.sub(p, 1, sp - 1), 'pending', string.sub(p, sp + 1)
+  elseif hashed > 0 or seen[id] then
     local h = redis.call('HMGET', key, 'entry', 'status', 'time')
     entry, old_st, old_tk = h[1], h[2], h[3]
   end
   seen[id] = true
   if entry then
-    -- A re-store: the body is replaced in the hash; the entry, its sequence number and its origin stay.
-    redis.call('HSET', key, 'event', ARGV[i + 1], 'status', st, 'time', tk)
-    redis.call('HDEL', key, 'error', 'retry_count', 'processed_at', 'completed_at')
+    -- A re-store: the body is replaced in the status hash (made now for a pending record); the
+    -- entry, its sequence number and its origin stay.
+    if p then
+      pend[id] = nil
+      if added[id] then added[id] = nil else redis.call('HDEL', pending, id) end
+      redis.call('HSET', key, 'entry', entry, 'event', ARGV[i + 1], 'status', st, 'time', tk)
+    else
+      redis.call('HSET', key, 'event', ARGV[i + 1], 'status', st, 'time', tk)
+      redis.call('HDEL', key, 'error', 'retry_count', 'processed_at', 'completed_at')
+    end
     if old_tk ~= tk then
       zrem(times, old_tk)
       zadd_later(times, 0, tk)
@@ -189,15 +218,29 @@ for i = 7, #ARGV, 7 do
         next_id = string.format('%.0f', tonumber(string.sub(entry, 1, dash - 1)) + 1) .. '-0'
       end
     end
-    redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
+    if st == 'pending' then
+      pend[id] = entry .. ' ' .. tk
+      added[id] = true
+      added_ids[#added_ids + 1] = id
+    else
+      redis.call('HSET', key, 'entry', entry, 'status', st, 'time', tk)
+      reschedule(key, entry, tk, tk, nil, st, ttl)
+    end
     if max_len > 0 then appended[#appended + 1] = entry .. ' ' .. id end
     zadd_later(times, 0, tk)
-    reschedule(key, entry, tk, tk, nil, st, ttl)
     add(st, 1)
     add('total', 1)
     fresh = fresh + 1
   end
 end
+local fields = {}
+for _, id in ipairs(added_ids) do
+  if added[id] then
+    fields[#fields + 1] = id
+    fields[#fields + 1] = pend[id]
+  end
+end
+each_chunk('HSET', pending, fields)
 each_chunk('RPUSH', order, appended)
 -- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
 -- remove the oldest (up to `chunk`), and the events they hold from every index. The order list
@@ -234,17 +277,33 @@ if max_len > 0 then
         cut = e[1]
       end
     end
-    local doomed = {}
+    -- Pending records are read for all at once; an event with a status hash is read on its own.
+    local records = {}
+    for i = 1, #old_ids, 1000 do
+      local got = redis.call('HMGET', pending, unpack(old_ids, i, math.min(i + 999, #old_ids)))
+      for j = 1, #got do records[i + j - 1] = got[j] end
+    end
+    local doomed, unpended = {}, {}
     for j, old_id in ipairs(old_ids) do
-      local key = prefix .. old_id
-      local h = redis.call('HMGET', key, 'entry', 'status', 'time')
-      if h[1] == old_entries[j] then
-        doomed[#doomed + 1] = key
-        forget(h[1], h[3], h[2])
+      local r = records[j]
+      if r then
+        local sp = string.find(r, ' ', 1, true)
+        if string.sub(r, 1, sp - 1) == old_entries[j] then
+          unpended[#unpended + 1] = old_id
+          forget(old_entries[j], string.sub(r, sp + 1), 'pending')
+        end
+      else
+        local key = prefix .. old_id
+        local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+        if h[1] == old_entries[j] then
+          doomed[#doomed + 1] = key
+          forget(h[1], h[3], h[2])
+        end
       end
     end
-    add('trimmed', #doomed)
+    add('trimmed', #doomed + #unpended)
     each_chunk('DEL', nil, doomed)
+    each_chunk('HDEL', pending, unpended)
     if cut then
       -- Everything up to and including `cut` goes: the entries named, and any older.
       local dash = string.find(cut, '-', 1, true)
@@ -259,13 +318,18 @@ finish()
 return fresh
 ";
 
-/// `update_status_batch`. ARGV: status key prefix, ttl ms (0: none), then per update: id, status,
-/// error, retry count, `processed_at`, `completed_at` ('' keeps the stored value).
+/// `update_status_batch`. KEYS[5]: the pending index. ARGV: status key prefix, ttl ms (0: none),
+/// then per update: id, status, error, retry count, `processed_at`, `completed_at` ('' keeps the
+/// stored value). An event's first status change moves its record from the pending index to a
+/// status hash.
 const UPDATE: &str = r"
+local pending = KEYS[5]
 local ttl = tonumber(ARGV[2])
+local unpended = {}
 for i = 3, #ARGV, 6 do
-  local key, st, err, retries, processed, completed =
-    prefix .. ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local id, st, err, retries, processed, completed =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  local key = prefix .. id
   local h = redis.call('HMGET', key, 'entry', 'status', 'time')
   local entry, old, tk = h[1], h[2], h[3]
   if entry then
@@ -279,6 +343,25 @@ for i = 3, #ARGV, 6 do
       redis.call('HSET', key, 'status', st, 'error', err, 'retry_count', retries,
         'processed_at', processed, 'completed_at', completed)
     end
+  else
+    local p = redis.call('HGET', pending, id)
+    if p then
+      local sp = string.find(p, ' ', 1, true)
+      entry, old, tk = string.sub(p, 1, sp - 1), 'pending', string.sub(p, sp + 1)
+      unpended[#unpended + 1] = id
+      local args = {key, 'entry', entry, 'time', tk, 'status', st, 'error', err, 'retry_count', retries}
+      if processed ~= '' then
+        args[#args + 1] = 'processed_at'
+        args[#args + 1] = processed
+      end
+      if completed ~= '' then
+        args[#args + 1] = 'completed_at'
+        args[#args + 1] = completed
+      end
+      redis.call('HSET', unpack(args))
+    end
+  end
+  if entry then
     if old ~= st then
       reschedule(key, entry, tk, tk, old, st, ttl)
       add(old, -1)
@@ -288,17 +371,27 @@ for i = 3, #ARGV, 6 do
     end
   end
 end
+each_chunk('HDEL', pending, unpended)
 purge(256)
 finish()
 return 0
 ";
 
-/// `delete`. ARGV: status key prefix, event id. Returns 1 when the event was stored.
+/// `delete`. KEYS[5]: the pending index. ARGV: status key prefix, event id. Returns 1 when the
+/// event was stored.
 const DELETE: &str = r"
-local key = prefix .. ARGV[2]
+local id = ARGV[2]
+local key = prefix .. id
 local h = redis.call('HMGET', key, 'entry', 'status', 'time')
-if not h[1] then return 0 end
-redis.call('DEL', key)
+if h[1] then
+  redis.call('DEL', key)
+else
+  local p = redis.call('HGET', KEYS[5], id)
+  if not p then return 0 end
+  local sp = string.find(p, ' ', 1, true)
+  h = {string.sub(p, 1, sp - 1), 'pending', string.sub(p, sp + 1)}
+  redis.call('HDEL', KEYS[5], id)
+end
 redis.call('XDEL', stream, h[1])
 forget(h[1], h[3], h[2])
 finish()
@@ -313,31 +406,46 @@ finish()
 return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[5])}
 ";
 
-/// Reads one event's record: its status hash and, unless a re-store put the body in the hash, its
-/// stream entry. KEYS: stream; ARGV: status key. `false` when not stored.
-const GET: &str = r"
-local h = redis.call('HGETALL', ARGV[1])
-if #h == 0 then return false end
-local entry, replaced = nil, false
-for j = 1, #h, 2 do
-  if h[j] == 'entry' then entry = h[j + 1] elseif h[j] == 'event' then replaced = true end
+/// The record of one event, for the read scripts: its status hash, or for a pending event without
+/// one, `{'entry', <entry id>}` from the pending index (the body's own status is then the
+/// event's); `nil` when not stored. `prefix`: status key prefix; `pending`: the pending index.
+const RECORD: &str = r"
+local function record(prefix, pending, id)
+  local h = redis.call('HGETALL', prefix .. id)
+  if #h > 0 then return h end
+  local p = redis.call('HGET', pending, id)
+  if not p then return nil end
+  return {'entry', string.sub(p, 1, string.find(p, ' ', 1, true) - 1)}
 end
+-- The entry id of record `h`, and whether a re-store put the body in it.
+local function entry_of(h)
+  local entry, replaced = nil, false
+  for j = 1, #h, 2 do
+    if h[j] == 'entry' then entry = h[j + 1] elseif h[j] == 'event' then replaced = true end
+  end
+  return entry, replaced
+end
+";
+
+/// Reads one event's record and, unless a re-store put the body in its hash, its stream entry.
+/// KEYS: stream, pending index; ARGV: status key prefix, event id. `false` when not stored.
+const GET: &str = r"
+local h = record(ARGV[1], KEYS[2], ARGV[2])
+if not h then return false end
+local entry, replaced = entry_of(h)
 if replaced or not entry then return {h, {}} end
 return {h, redis.call('XRANGE', KEYS[1], entry, entry)}
 ";
 
 /// One page of `list`: up to ARGV[4] time keys in `[ARGV[2], ARGV[3]]` (BYLEX bounds) with their
-/// records. KEYS: time index, stream; ARGV[1]: status key prefix. Returns the time keys and, for
-/// each, its status hash and its stream entry (empty when the body is in the hash).
+/// records. KEYS: time index, stream, pending index; ARGV[1]: status key prefix. Returns the time
+/// keys and, for each, its record and its stream entry (empty when the body is in the hash).
 const LIST_PAGE: &str = r"
 local keys = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[3], 'BYLEX', 'LIMIT', 0, ARGV[4])
 local records = {}
 for i, tk in ipairs(keys) do
-  local h = redis.call('HGETALL', ARGV[1] .. string.sub(tk, 23))
-  local entry, replaced = nil, false
-  for j = 1, #h, 2 do
-    if h[j] == 'entry' then entry = h[j + 1] elseif h[j] == 'event' then replaced = true end
-  end
+  local h = record(ARGV[1], KEYS[3], string.sub(tk, 23)) or {}
+  local entry, replaced = entry_of(h)
   local e = {}
   if entry and not replaced then e = redis.call('XRANGE', KEYS[2], entry, entry) end
   records[i] = {h, e}
@@ -346,7 +454,7 @@ return {keys, records}
 ";
 
 /// One page of `replay`: up to ARGV[3] stream entries from ARGV[2] (an XRANGE start), each with the
-/// status hash of the event it holds. KEYS: stream; ARGV[1]: status key prefix.
+/// record of the event it holds. KEYS: stream, pending index; ARGV[1]: status key prefix.
 const REPLAY_PAGE: &str = r"
 local entries = redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])
 local out = {}
@@ -354,7 +462,10 @@ for i, e in ipairs(entries) do
   local h = {}
   local f = e[2]
   for j = 1, #f, 2 do
-    if f[j] == 'id' then h = redis.call('HGETALL', ARGV[1] .. f[j + 1]) break end
+    if f[j] == 'id' then
+      h = record(ARGV[1], KEYS[2], f[j + 1]) or {}
+      break
+    end
   end
   out[i] = {e[1], f, h}
 end
@@ -482,14 +593,15 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let with_record = |body: &str| Script::new(&format!("{RECORD}{body}"));
         Self {
             store: with_prelude(STORE),
             update: with_prelude(UPDATE),
             delete: with_prelude(DELETE),
             stats: with_prelude(STATS),
-            get: Script::new(GET),
-            list_page: Script::new(LIST_PAGE),
-            replay_page: Script::new(REPLAY_PAGE),
+            get: with_record(GET),
+            list_page: with_record(LIST_PAGE),
+            replay_page: with_record(REPLAY_PAGE),
             dead_store: Script::new(DEAD_STORE),
             dead_delete: Script::new(DEAD_DELETE),
             dead_page: Script::new(DEAD_PAGE),
