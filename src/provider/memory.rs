@@ -86,6 +86,7 @@ use crate::sync::thread;
 mod bus;
 mod letters;
 mod lru;
+mod prefetch;
 mod table;
 
 const NAME: &str = "memory";
@@ -409,8 +410,11 @@ impl EventSink for MemoryProvider {
             } else {
                 held.replaced += 1;
             }
-            while held.events.len() > held.bound && held.events.evict_least_recent() {
-                held.evicted += 1;
+            if held.events.len() >= held.bound {
+                while held.events.len() > held.bound && held.events.evict_least_recent() {
+                    held.evicted += 1;
+                }
+                held.events.prefetch_evictions();
             }
         }
         drop(guard);

@@ -87,6 +87,19 @@ impl<T> Lru<T> {
         self.nodes.iter().enumerate().filter_map(|(slot, node)| node.value.as_ref().map(|v| (slot, v)))
     }
 
+    /// The slot used next more recently than `slot`: the one evicted after it.
+    pub(super) fn newer(&self, slot: usize) -> Option<usize> {
+        let prev = self.nodes[slot].prev;
+        (prev != NIL).then_some(prev)
+    }
+
+    /// Hints the CPU to bring `slot`'s node into cache.
+    pub(super) fn prefetch(&self, slot: usize) {
+        if let Some(node) = self.nodes.get(slot) {
+            super::prefetch::range(std::ptr::from_ref(node).cast(), size_of::<Node<T>>());
+        }
+    }
+
     pub(super) fn get_mut(&mut self, slot: usize) -> &mut T {
         self.nodes[slot].value.as_mut().expect("reading an empty LRU slot")
     }
