@@ -446,20 +446,33 @@ impl EventSink for MemoryProvider {
             return Ok(());
         }
         // Each shard's lock once, its updates in slice order (a later update of an id wins: an id
-        // is always in the same shard). A pass per shard over a byte per update is cheaper than
-        // sorting them.
+        // is always in the same shard), grouped by a counting sort: one pass to count, one to
+        // place.
         let shard_of: smallvec::SmallVec<[u8; 256]> = updates
             .iter()
             .map(|u| u8::try_from(shared.shard_of(u.id)).expect("fewer than 256 shards"))
             .collect();
-        let mut counts = [0usize; SHARDS];
+        let mut starts = [0usize; SHARDS + 1];
         for &index in &shard_of {
-            counts[usize::from(index)] += 1;
+            starts[usize::from(index) + 1] += 1;
         }
-        for (index, &count) in counts.iter().enumerate().filter(|&(_, &count)| count > 0) {
+        for index in 0..SHARDS {
+            starts[index + 1] += starts[index];
+        }
+        let mut next = starts;
+        let mut order: smallvec::SmallVec<[usize; 256]> = smallvec::smallvec![0; updates.len()];
+        for (i, &index) in shard_of.iter().enumerate() {
+            let at = &mut next[usize::from(index)];
+            order[*at] = i;
+            *at += 1;
+        }
+        for index in 0..SHARDS {
+            let group = &order[starts[index]..starts[index + 1]];
+            if group.is_empty() {
+                continue;
+            }
             let mut held = shared.shard(index, "update_status_batch")?;
-            let in_shard = shard_of.iter().enumerate().filter(|&(_, &of)| usize::from(of) == index);
-            for (i, _) in in_shard.take(count) {
+            for &i in group {
                 held.events.update(&updates[i]);
             }
         }
