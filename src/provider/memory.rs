@@ -93,6 +93,7 @@ const NAME: &str = "memory";
 
 /// Shards of a provider holding at least [`SHARDED_FROM`] events.
 const SHARDS: usize = 16;
+const _: () = assert!(SHARDS.is_power_of_two(), "`shard_of` masks the id's low bits");
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
 
@@ -299,7 +300,8 @@ impl Shared {
     fn shard_of(&self, id: EventId) -> usize {
         #[allow(clippy::cast_possible_truncation, reason = "only the low bits pick the shard")]
         let low = id.as_uuid().as_u128() as usize;
-        low % self.shards.len()
+        // A mask rather than `%`: the count is a power of two (1 or `SHARDS`).
+        low & (self.shards.len() - 1)
     }
 
     fn shard(
