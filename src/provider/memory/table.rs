@@ -4,6 +4,7 @@
 //! The event is kept as it was stored (shared, never copied) and its status fields beside it, so a
 //! status update writes a few fields instead of copying an event that handlers may still share.
 
+use std::collections::hash_map::Entry as IndexEntry;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -156,26 +157,32 @@ impl EventTable {
     /// gives (called only then). `true` when the id was not stored yet; a re-store keeps its
     /// sequence number and takes the new event and its status.
     pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
-        if let Some(&slot) = self.by_id.get(&event.id) {
-            let entry = self.lru.get_mut(slot);
-            self.by_status[status_index(entry.status.status)] -= 1;
-            entry.event = Arc::clone(event);
-            entry.status = Lifecycle::of(event);
-            self.by_status[status_index(event.status)] += 1;
-            self.lru.touch(slot);
-            return false;
-        }
-        let seq = next_seq();
-        let slot = self.lru.push_front(Entry {
-            id: event.id,
-            event: Arc::clone(event),
-            status: Lifecycle::of(event),
-            seq,
-        });
-        self.by_id.insert(event.id, slot);
-        self.by_seq.push(seq, slot);
+        // One probe of the index either way.
+        let new = match self.by_id.entry(event.id) {
+            IndexEntry::Occupied(stored) => {
+                let slot = *stored.get();
+                let entry = self.lru.get_mut(slot);
+                self.by_status[status_index(entry.status.status)] -= 1;
+                entry.event = Arc::clone(event);
+                entry.status = Lifecycle::of(event);
+                self.lru.touch(slot);
+                false
+            }
+            IndexEntry::Vacant(vacant) => {
+                let seq = next_seq();
+                let slot = self.lru.push_front(Entry {
+                    id: event.id,
+                    event: Arc::clone(event),
+                    status: Lifecycle::of(event),
+                    seq,
+                });
+                vacant.insert(slot);
+                self.by_seq.push(seq, slot);
+                true
+            }
+        };
         self.by_status[status_index(event.status)] += 1;
-        true
+        new
     }
 
     /// The event with `id`, with its status, now the most recently used.
