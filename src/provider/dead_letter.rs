@@ -71,7 +71,7 @@ impl DeadLetter {
     }
 }
 
-/// Which dead letters [`Provider::list_dead_letters`](super::Provider::list_dead_letters) returns;
+/// Which dead letters [`EventStore::list_dead_letters`](super::EventStore::list_dead_letters) returns;
 /// each `None` means "any", all combined with AND.
 ///
 /// Results come in `(failed_at, id)` order; [`offset`](Self::offset) results are skipped and at

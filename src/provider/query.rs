@@ -121,7 +121,7 @@ impl StatusUpdate {
     }
 }
 
-/// Which stored events [`Provider::list`] returns: the seed's filters plus a type pattern, each
+/// Which stored events [`EventStore::list`](super::EventStore::list) returns: the seed's filters plus a type pattern, each
 /// `None` meaning "any", all of them combined with AND.
 ///
 /// Results come in `(created_at, id)` order; [`offset`](Self::offset) results are skipped and at
@@ -287,7 +287,7 @@ impl EventFilter {
     }
 }
 
-/// Where [`Provider::replay`] starts.
+/// Where [`EventStore::replay`](super::EventStore::replay) starts.
 ///
 /// ```
 /// use eventbroker::{Event, EventSink, EventSource, EventStore, MemoryProvider, ReplayFrom};
@@ -321,7 +321,7 @@ pub enum ReplayFrom {
     Time(Timestamp),
 }
 
-/// A stored event with its sequence number, as [`Provider::replay`] returns it.
+/// A stored event with its sequence number, as [`EventStore::replay`](super::EventStore::replay) returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredEvent {
     /// The position in the provider's store order: assigned on the first store, starting at 1,
@@ -339,7 +339,7 @@ pub struct StoredEvent {
 /// since it was created.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProviderStats {
-    /// [`Provider::name`] of the provider.
+    /// [`Provider::name`](super::Provider::name) of the provider.
     pub provider_type: String,
     /// Events stored.
     pub total_events: u64,

@@ -82,7 +82,7 @@
 //! forever, 100 ms doubling to [`NatsConfig::reconnect_max_delay`]. Every call runs on the
 //! provider's own runtime ([`NatsConfig::runtime_threads`] threads named `eventbroker-nats`) and is
 //! bounded: a server that does not answer makes the call fail with
-//! [`ProviderErrorKind::Unavailable`](crate::ProviderErrorKind::Unavailable) after
+//! [`ProviderErrorKind::Unavailable`] after
 //! [`NatsConfig::request_timeout`] (a few of them for calls of several rounds), never hang. While
 //! the server is down every call fails that way, the broker's writer retries within its backlog,
 //! and local dispatch goes on.

@@ -1,4 +1,4 @@
-//! Brokers sharing one backend, end to end: what [`Distribution`](crate::Distribution) promises.
+//! Brokers sharing one backend, end to end: what [`Distribution`] promises.
 //!
 //! Each scenario builds brokers on handles from one [`TestBackend`] (two processes, as far as the
 //! backend can tell), subscribes to its [`Scope`] only, and waits for what must arrive with a

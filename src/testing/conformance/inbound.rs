@@ -1,5 +1,5 @@
 //! Consumer-group scenarios on the provider itself, without a broker: what
-//! [`Inbound`](crate::Inbound) promises about delivery, acks, redelivery and filters.
+//! [`Inbound`] promises about delivery, acks, redelivery and filters.
 //!
 //! Every source opened here filters to its scenario's [`Scope`], so events other tests store in a
 //! shared backend never reach it. Waits are bounded: a scenario fails, it never hangs.
