@@ -30,9 +30,9 @@
 //! change moves it to a hash of its own (a namespace written before `P:pending` existed, with a
 //! hash for every event, reads the same). Once an event is finished (completed or failed), its
 //! hash gets a TTL of [`RedisConfig::status_ttl`] (7 days by default, as the seed's), and the event
-//! is then gone from every query; pending and processing events never expire. The expiry is also recorded in
-//! `P:expiry`, so the scripts remove the event from every index with exact counts even when Redis
-//! expired the hash first. Dead letters live in a hash and a sorted set rather than a stream, since
+//! is then gone from every query; pending and processing events never expire. The expiry is also
+//! recorded in `P:expiry`, so the scripts remove the event from every index with exact counts even
+//! when Redis expired the hash first. Dead letters live in a hash and a sorted set rather than a stream, since
 //! they are read, replaced and deleted by id and listed by `failed_at`, which is not store order.
 //!
 //! Entries written by something else (the Go seed, `redis-cli XADD` with the seed's fields) are
@@ -55,9 +55,9 @@
 //! - **Idempotent stores.** The script looks the batch's ids up before their `XADD`s (one `EXISTS`
 //!   over their hashes and one `HMGET` of `P:pending`, then a lookup per event only when some hash
 //!   exists): an id already stored is a re-store, which puts the new body in the event's hash (made
-//!   now for a pending record) and keeps the stream entry,
-//!   so the event keeps its sequence number and origin and is not delivered again. A batch retried
-//!   after a lost reply therefore never creates a second entry.
+//!   now for a pending record) and keeps the stream entry, so the event keeps its sequence number
+//!   and origin and is not delivered again. A batch retried after a lost reply therefore never
+//!   creates a second entry.
 //! - **Bounded stream.** Once the stream holds more than [`RedisConfig::max_len`] entries (100 000
 //!   by default) plus 1 % slack, the store script removes the oldest (up to 1024 per call) and
 //!   their events from every index: an approximate `MAXLEN` with exact counts. It finds their
@@ -68,9 +68,9 @@
 //!
 //! ## Reads
 //! Nothing on a read path blocks (no `XREAD BLOCK`; SEED-PITFALLS 2). `get` is one script call
-//! (the record, from the event's hash or `P:pending`, then the entry). `list` walks `P:time` in pages of 256 from the filter's
-//! `start_time` to its `end_time` (`[start, end)`), applies every other filter, then the offset and
-//! the limit: O(events in the time window). `replay` walks the stream in pages of 256 from the
+//! (the record, from the event's hash or `P:pending`, then the entry). `list` walks `P:time` in
+//! pages of 256 from the filter's `start_time` to its `end_time` (`[start, end)`), applies every
+//! other filter, then the offset and the limit: O(events in the time window). `replay` walks the stream in pages of 256 from the
 //! requested entry; `ReplayFrom::Time` walks it from the beginning.
 //!
 //! **Sequence numbers** are stream entry ids packed into a `u64`: entry `ms-n` is

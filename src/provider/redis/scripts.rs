@@ -93,6 +93,12 @@ local function forget(entry, tk, status)
   add(status, -1)
   add('total', -1)
 end
+-- The two parts of `<a> <b>`: an order-list element (entry, event id) or a pending record (entry,
+-- time key).
+local function halves(s)
+  local sp = string.find(s, ' ', 1, true)
+  return string.sub(s, 1, sp - 1), string.sub(s, sp + 1)
+end
 -- Whether stream entry id `a` comes before `b` (`<ms>-<n>`, compared as numbers).
 local function entry_before(a, b)
   local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
@@ -152,15 +158,21 @@ for i = 7, #ARGV, 7 do
   ids[#ids + 1] = ARGV[i]
   keys[#keys + 1] = prefix .. ARGV[i]
 end
+-- The pending records of `list` (event ids), by position (false where none).
+local function pending_records(list)
+  local out = {}
+  for i = 1, #list, 1000 do
+    local got = redis.call('HMGET', pending, unpack(list, i, math.min(i + 999, #list)))
+    for j = 1, #got do out[i + j - 1] = got[j] end
+  end
+  return out
+end
 local hashed = 0
 for i = 1, #keys, 1000 do hashed = hashed + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) end
 -- `pend`: the pending records of this batch's ids, stored before it or by it.
 local pend = {}
-for i = 1, #ids, 1000 do
-  local got = redis.call('HMGET', pending, unpack(ids, i, math.min(i + 999, #ids)))
-  for j = 1, #got do
-    if got[j] then pend[ids[i + j - 1]] = got[j] end
-  end
+for n, record in ipairs(pending_records(ids)) do
+  if record then pend[ids[n]] = record end
 end
 -- The ids this batch adds to the pending index, in order; `added[id]` while still to be written.
 local added_ids, added = {}, {}
@@ -175,8 +187,8 @@ for i = 7, #ARGV, 7 do
   local entry, old_st, old_tk = false, nil, nil
   local p = pend[id]
   if p then
-    local sp = string.find(p, ' ', 1, true)
-    entry, old_st, old_tk = string.sub(p, 1, sp - 1), 'pending', string.sub(p, sp + 1)
+    entry, old_tk = halves(p)
+    old_st = 'pending'
   elseif hashed > 0 or seen[id] then
     local h = redis.call('HMGET', key, 'entry', 'status', 'time')
     entry, old_st, old_tk = h[1], h[2], h[3]
@@ -252,15 +264,12 @@ if max_len > 0 then
     local n = math.min(excess, chunk)
     local old_entries, old_ids, cut = {}, {}, nil
     local head = redis.call('LINDEX', order, 0)
-    local head_entry = head and string.sub(head, 1, string.find(head, ' ', 1, true) - 1)
+    local head_entry = head and (halves(head))
     local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
     if head and first and not entry_before(first[1], head_entry) then
       -- The list names the oldest entries (and perhaps some already deleted).
       local named = redis.call('LRANGE', order, 0, n - 1)
-      for j, o in ipairs(named) do
-        local sp = string.find(o, ' ', 1, true)
-        old_entries[j], old_ids[j] = string.sub(o, 1, sp - 1), string.sub(o, sp + 1)
-      end
+      for j, o in ipairs(named) do old_entries[j], old_ids[j] = halves(o) end
       redis.call('LTRIM', order, #named, -1)
       cut = old_entries[#named]
     else
@@ -278,19 +287,14 @@ if max_len > 0 then
       end
     end
     -- Pending records are read for all at once; an event with a status hash is read on its own.
-    local records = {}
-    for i = 1, #old_ids, 1000 do
-      local got = redis.call('HMGET', pending, unpack(old_ids, i, math.min(i + 999, #old_ids)))
-      for j = 1, #got do records[i + j - 1] = got[j] end
-    end
+    local records = pending_records(old_ids)
     local doomed, unpended = {}, {}
     for j, old_id in ipairs(old_ids) do
-      local r = records[j]
-      if r then
-        local sp = string.find(r, ' ', 1, true)
-        if string.sub(r, 1, sp - 1) == old_entries[j] then
+      if records[j] then
+        local entry, tk = halves(records[j])
+        if entry == old_entries[j] then
           unpended[#unpended + 1] = old_id
-          forget(old_entries[j], string.sub(r, sp + 1), 'pending')
+          forget(entry, tk, 'pending')
         end
       else
         local key = prefix .. old_id
@@ -346,8 +350,8 @@ for i = 3, #ARGV, 6 do
   else
     local p = redis.call('HGET', pending, id)
     if p then
-      local sp = string.find(p, ' ', 1, true)
-      entry, old, tk = string.sub(p, 1, sp - 1), 'pending', string.sub(p, sp + 1)
+      entry, tk = halves(p)
+      old = 'pending'
       unpended[#unpended + 1] = id
       local args = {key, 'entry', entry, 'time', tk, 'status', st, 'error', err, 'retry_count', retries}
       if processed ~= '' then
@@ -388,8 +392,8 @@ if h[1] then
 else
   local p = redis.call('HGET', KEYS[5], id)
   if not p then return 0 end
-  local sp = string.find(p, ' ', 1, true)
-  h = {string.sub(p, 1, sp - 1), 'pending', string.sub(p, sp + 1)}
+  local entry, tk = halves(p)
+  h = {entry, 'pending', tk}
   redis.call('HDEL', KEYS[5], id)
 end
 redis.call('XDEL', stream, h[1])
