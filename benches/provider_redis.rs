@@ -33,6 +33,8 @@ use eventbroker::{
     RedisProvider, StatusUpdate,
 };
 
+mod common;
+
 const TYPE: &str = "public.users.create";
 const BATCH: usize = 512;
 /// `max_len` of the stream the `_full_stream` cases write to.
@@ -266,7 +268,7 @@ fn script_time(conn: &mut redis::Connection) -> u64 {
         .map_or(0, |usec| usec.parse().unwrap())
 }
 
-/// Batched against one call per event in interleaved rounds (the order alternating each round),
+/// Batched against one call per event in interleaved rounds (the order rotating each round),
 /// on a stream at its `max_len`, so every case trims as much as it adds: the median events/s of
 /// each, and the median of the per-round ratios. The bare `XADD` floor runs in the same rounds.
 /// Redis' own time in the store script is read from its command statistics around each run.
@@ -279,7 +281,10 @@ fn ratio_table(rounds: usize, batches_per_round: usize) {
     let stream = format!("{ns}:raw");
     let mut conn = raw();
     let xadd = |event: &Event| seed_xadd(&stream, FULL, event);
-    let mut run = |write: Write| {
+    let writes = [Write::StoreBatch, Write::StoreOne, Write::XaddPipelined, Write::XaddOne];
+    let mut script_us = [(); 4].map(|()| Vec::with_capacity(rounds));
+    let by_round = common::interleaved(rounds, writes.len(), |i| {
+        let write = writes[i];
         let all = events(match write {
             Write::StoreBatch | Write::XaddPipelined => batches_per_round * BATCH,
             Write::StoreOne | Write::XaddOne => BATCH,
@@ -315,39 +320,25 @@ fn ratio_table(rounds: usize, batches_per_round: usize) {
         let spent = started.elapsed();
         let scripts = script_time(&mut conn) - scripts_before;
         #[allow(clippy::cast_precision_loss, reason = "rates for a table")]
-        let (rate, script_us) = (all.len() as f64 / spent.as_secs_f64(), scripts as f64 / all.len() as f64);
-        (rate, script_us)
-    };
-    let writes = [Write::StoreBatch, Write::StoreOne, Write::XaddPipelined, Write::XaddOne];
-    let mut rates = [(); 4].map(|()| Vec::with_capacity(rounds));
-    let mut script_us = [(); 4].map(|()| Vec::with_capacity(rounds));
-    for round in 0..rounds {
-        let order = if round % 2 == 0 { [0, 1, 2, 3] } else { [1, 0, 3, 2] };
-        for i in order {
-            let (rate, us) = run(writes[i]);
-            rates[i].push(rate);
-            script_us[i].push(us);
-        }
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let ratio = |a: usize, b: usize| median(rates[a].iter().zip(&rates[b]).map(|(x, y)| x / y).collect());
+        let (rate, us) = (all.len() as f64 / spent.as_secs_f64(), scripts as f64 / all.len() as f64);
+        script_us[i].push(us);
+        rate
+    });
+    let rates = common::medians(&by_round);
+    let ratio = |a: usize, b: usize| common::median_ratio(&by_round, a, b);
     println!(
         "\nRedis writes to a stream at its max_len ({FULL}), interleaved rounds (events/s, median of {rounds})"
     );
     println!("| write | batched | one per round trip | batched ÷ one (median of the rounds' ratios) |");
     println!("|---|---:|---:|---:|");
     for (name, a, b) in [("the provider's store script", 0, 1), ("bare XADD (the seed's write)", 2, 3)] {
-        let (batched, one) = (median(rates[a].clone()), median(rates[b].clone()));
-        println!("| {name} | {batched:.0} | {one:.0} | {:.1}× |", ratio(a, b));
+        println!("| {name} | {:.0} | {:.0} | {:.1}× |", rates[a], rates[b], ratio(a, b));
     }
     println!("| the provider's batch ÷ one bare XADD | | | {:.1}× |", ratio(0, 3));
     println!(
         "Redis' time in the store script (INFO commandstats): {:.1} µs per event batched, {:.1} µs per call of one",
-        median(script_us[0].clone()),
-        median(script_us[1].clone())
+        common::median(&mut script_us[0]),
+        common::median(&mut script_us[1])
     );
     drop(provider);
     delete_prefix(&ns);
