@@ -15,11 +15,12 @@ pub(super) fn range(start: *const u8, len: usize) {
 
 const LINE: usize = 64;
 
+/// One line, with `prefetcht0` on x86-64 (nothing elsewhere). The intrinsic is `unsafe` only for
+/// its target feature, SSE, which x86-64 always has.
 #[inline]
 fn one(address: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetcht0` never faults and changes nothing the program can observe, whatever the
-    // address; the intrinsic is `unsafe` only for its target feature (SSE, which x86-64 always has).
+    // SAFETY: a prefetch never faults and changes nothing observable, whatever the address.
     unsafe {
         std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address.cast());
     }
