@@ -38,47 +38,57 @@ fn stored(provider: &MemoryProvider, id: EventId) -> bool {
     provider.get(id).expect("get").is_some()
 }
 
-/// One status batch over many shards, with several updates of each event in it: every event ends
-/// with its last update's status, keeps a timestamp only an earlier one set, and the counts agree.
+/// One status batch with several updates of each event in it, over one shard and over many, with
+/// more updates per shard than the provider applies at once: every event ends with its last
+/// update's status, keeps a timestamp only an earlier one set, and the counts agree.
 #[test]
-fn a_status_batch_over_many_shards_applies_each_events_updates_in_order() {
-    let provider = provider(10_000); // 16 shards
-    let events: Vec<Arc<Event>> = (0..300).map(|_| event("batch.order")).collect();
-    provider.store_batch(&events, None).expect("store");
-    let at = Timestamp::now();
-    let mut rng = fastrand::Rng::with_seed(7);
-    let mut updates = Vec::new();
-    let mut last: HashMap<EventId, EventStatus> = HashMap::new();
-    for round in 0..3 {
-        for e in &events {
-            let status = EventStatus::ALL[rng.usize(..4)];
-            let mut update = StatusUpdate::new(e.id, status);
-            if round == 0 {
-                update = update.with_processed_at(at);
+fn a_status_batch_applies_each_events_updates_in_order() {
+    for max_events in [1_000, 10_000] {
+        // One shard below 4 096 events, 16 from there.
+        let provider = provider(max_events);
+        let events: Vec<Arc<Event>> = (0..600).map(|_| event("batch.order")).collect();
+        provider.store_batch(&events, None).expect("store");
+        let at = Timestamp::now();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut updates = Vec::new();
+        let mut last: HashMap<EventId, EventStatus> = HashMap::new();
+        for round in 0..3 {
+            for e in &events {
+                let status = EventStatus::ALL[rng.usize(..4)];
+                let mut update = StatusUpdate::new(e.id, status);
+                if round == 0 {
+                    update = update.with_processed_at(at);
+                }
+                last.insert(e.id, status);
+                updates.push(update);
             }
-            last.insert(e.id, status);
-            updates.push(update);
+            rng.shuffle(&mut updates[round * events.len()..]);
         }
-        rng.shuffle(&mut updates[round * events.len()..]);
+        provider.update_status_batch(&updates).expect("update");
+        let mut counts: HashMap<EventStatus, u64> = HashMap::new();
+        for e in &events {
+            let got = provider.get(e.id).expect("get").expect("stored");
+            assert_eq!(
+                (got.status, got.processed_at),
+                (last[&e.id], Some(at)),
+                "event {} ({max_events})",
+                e.id
+            );
+            *counts.entry(got.status).or_default() += 1;
+        }
+        let stats = provider.stats().expect("stats");
+        let count = |status| counts.get(&status).copied().unwrap_or(0);
+        assert_eq!(
+            (stats.pending_events, stats.processing_events, stats.completed_events, stats.failed_events),
+            (
+                count(EventStatus::Pending),
+                count(EventStatus::Processing),
+                count(EventStatus::Completed),
+                count(EventStatus::Failed)
+            ),
+            "{max_events}"
+        );
     }
-    provider.update_status_batch(&updates).expect("update");
-    let mut counts: HashMap<EventStatus, u64> = HashMap::new();
-    for e in &events {
-        let got = provider.get(e.id).expect("get").expect("stored");
-        assert_eq!((got.status, got.processed_at), (last[&e.id], Some(at)), "event {}", e.id);
-        *counts.entry(got.status).or_default() += 1;
-    }
-    let stats = provider.stats().expect("stats");
-    let count = |status| counts.get(&status).copied().unwrap_or(0);
-    assert_eq!(
-        (stats.pending_events, stats.processing_events, stats.completed_events, stats.failed_events),
-        (
-            count(EventStatus::Pending),
-            count(EventStatus::Processing),
-            count(EventStatus::Completed),
-            count(EventStatus::Failed)
-        )
-    );
 }
 
 #[test]

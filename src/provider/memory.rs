@@ -72,7 +72,7 @@ use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use self::bus::{Bell, Bus, SourceId};
 use self::letters::LetterTable;
-use self::table::EventTable;
+use self::table::{EventTable, UPDATES_AT_ONCE};
 use super::{
     Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
     EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
@@ -441,8 +441,8 @@ impl EventSink for MemoryProvider {
         if shared.shards.len() == 1 || updates.len() < 2 {
             if let Some(first) = updates.first() {
                 let mut held = shared.shard(shared.shard_of(first.id), "update_status_batch")?;
-                for update in updates {
-                    held.events.update(update);
+                for chunk in updates.chunks(UPDATES_AT_ONCE) {
+                    held.events.update(chunk.iter());
                 }
             }
             return Ok(());
@@ -474,8 +474,8 @@ impl EventSink for MemoryProvider {
                 continue;
             }
             let mut held = shared.shard(index, "update_status_batch")?;
-            for &i in group {
-                held.events.update(&updates[i]);
+            for chunk in group.chunks(UPDATES_AT_ONCE) {
+                held.events.update(chunk.iter().map(|&i| &updates[i]));
             }
         }
         Ok(())

@@ -78,6 +78,9 @@ impl Entry {
     }
 }
 
+/// Most updates [`EventTable::update`] takes at once.
+pub(super) const UPDATES_AT_ONCE: usize = 64;
+
 /// Slot of a sequence index entry whose event is gone.
 const GONE: usize = usize::MAX;
 
@@ -192,15 +195,31 @@ impl EventTable {
         Some(self.lru.get(slot).to_event())
     }
 
-    /// Applies `update` when its event is stored. It does not count as use: status updates are the
-    /// broker's bookkeeping, written by its workers while publishers store, and moving the entry in
-    /// the recency list would have every worker write the list head every publisher writes.
-    pub(super) fn update(&mut self, update: &StatusUpdate) {
-        let Some(&slot) = self.by_id.get(&update.id) else { return };
-        let status = &mut self.lru.get_mut(slot).status;
-        self.by_status[status_index(status.status)] -= 1;
-        status.apply(update);
-        self.by_status[status_index(status.status)] += 1;
+    /// Applies each of `updates` whose event is stored, in order (a later update of an id wins).
+    /// The index is probed for all of them, and their entries prefetched, before any is applied,
+    /// so the cache misses of a batch overlap instead of following one another. Callers pass at
+    /// most [`UPDATES_AT_ONCE`], which keeps what is prefetched in cache until it is used.
+    ///
+    /// Updates do not count as use: they are the broker's bookkeeping, written by its workers
+    /// while publishers store, and moving the entry in the recency list would have every worker
+    /// write the list head every publisher writes.
+    pub(super) fn update<'a>(&mut self, updates: impl Iterator<Item = &'a StatusUpdate> + Clone) {
+        const ABSENT: usize = usize::MAX;
+        let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> =
+            updates.clone().map(|update| self.by_id.get(&update.id).copied().unwrap_or(ABSENT)).collect();
+        for &slot in slots.iter().filter(|&&slot| slot != ABSENT) {
+            self.lru.prefetch(slot);
+        }
+        debug_assert!(slots.len() <= UPDATES_AT_ONCE, "callers pass at most UPDATES_AT_ONCE");
+        for (update, slot) in updates.zip(slots) {
+            if slot == ABSENT {
+                continue;
+            }
+            let status = &mut self.lru.get_mut(slot).status;
+            self.by_status[status_index(status.status)] -= 1;
+            status.apply(update);
+            self.by_status[status_index(status.status)] += 1;
+        }
     }
 
     pub(super) fn remove(&mut self, id: EventId) -> Option<Entry> {
