@@ -421,7 +421,7 @@ impl Event {
     #[allow(clippy::inline_always, reason = "inlined in both callers, the event is written in place")]
     fn pending(source: EventSource, event_type: CompactString, entity: [CompactString; 3]) -> Self {
         // One clock read serves both: the id takes the millisecond of `created_at`.
-        let created_at = Timestamp::now();
+        let created_at = crate::clock::now();
         let millis = u64::try_from(created_at.as_millisecond()).unwrap_or(0);
         let [schema, entity, operation] = entity;
         Self {

@@ -58,10 +58,7 @@ pub(crate) use uuid_v7_id;
 /// and no shared state, so making ids scales with threads; uniqueness rests on the 62 random bits
 /// (plus the counter), as v7's does.
 pub(crate) fn next_v7() -> uuid::Uuid {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-    next_v7_at(now)
+    next_v7_at(crate::clock::unix_millis())
 }
 
 /// [`next_v7`] for a caller that has read the clock already: `unix_millis` is the current Unix

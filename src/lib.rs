@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 mod broker;
+mod clock;
 pub mod config;
 mod deadline;
 mod dispatch;

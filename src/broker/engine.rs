@@ -282,7 +282,7 @@ impl Engine {
         let clock = self.metrics.as_ref().and_then(|m| m.sync_begin());
         let job = Job::local(event);
         let mut outbox = Outbox::default();
-        outbox.processing(&job, jiff::Timestamp::now(), self.track_status);
+        outbox.processing(&job, crate::clock::now(), self.track_status);
         let set = self.table().load();
         let failures = worker::deliver_on_caller(
             self.table(),

@@ -259,7 +259,7 @@ fn finished(id: crate::EventId, status: EventStatus, error: String, retries: u32
     StatusUpdate::new(id, status)
         .with_error(error)
         .with_retry_count(retries)
-        .with_completed_at(Timestamp::now())
+        .with_completed_at(crate::clock::now())
 }
 
 /// How a delivery made on the caller's thread ended.

@@ -208,7 +208,7 @@ impl InboundPump {
         let oldest = events.iter().map(|e| e.event.created_at).min();
         let lag = oldest.map_or(Duration::ZERO, |created| {
             // A publisher's clock ahead of ours reads as no lag.
-            Duration::try_from(jiff::Timestamp::now().duration_since(created)).unwrap_or(Duration::ZERO)
+            Duration::try_from(crate::clock::now().duration_since(created)).unwrap_or(Duration::ZERO)
         });
         let micros = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
         // Relaxed: a statistic.

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
-use jiff::Timestamp;
 use smallvec::SmallVec;
 
 use crate::dispatch::backpressure::SpaceWaiters;
@@ -265,7 +264,7 @@ impl Worker {
         if !self.config.track_status {
             return;
         }
-        let now = Timestamp::now();
+        let now = crate::clock::now();
         let statuses = &mut self.outbox.statuses;
         statuses.extend(
             self.batch
@@ -465,7 +464,7 @@ impl Worker {
             Origin::Local if self.config.track_status => self.outbox.statuses.push(
                 StatusUpdate::new(in_flight.id, EventStatus::Failed)
                     .with_error(format!("internal error: {message}"))
-                    .with_completed_at(Timestamp::now()),
+                    .with_completed_at(crate::clock::now()),
             ),
             Origin::Local | Origin::Replayed => {}
         }

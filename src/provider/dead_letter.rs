@@ -66,7 +66,7 @@ impl DeadLetter {
             pattern: pattern.into(),
             error: error.into(),
             attempts,
-            failed_at: Timestamp::now(),
+            failed_at: crate::clock::now(),
         }
     }
 }
