@@ -404,6 +404,19 @@ pub enum PublishError {
         /// What is wrong with its type.
         error: EventTypeError,
     },
+    /// A metadata value nests arrays and objects deeper than
+    /// [`Event::MAX_JSON_DEPTH`](crate::Event::MAX_JSON_DEPTH): the event could be written, but
+    /// no decoder would read it back, from a provider or from another instance.
+    #[error(
+        "metadata {key:?} nests arrays and objects deeper than {}, which no decoder reads back",
+        crate::Event::MAX_JSON_DEPTH
+    )]
+    InvalidMetadata {
+        /// The event, unchanged.
+        event: Box<Event>,
+        /// The metadata key whose value is too deep.
+        key: String,
+    },
     /// Published through [`eventbroker::publish`](crate::publish) (or its siblings) before
     /// [`eventbroker::init`](crate::init).
     #[error("no default broker: call eventbroker::init first; the event was not accepted")]
@@ -417,7 +430,8 @@ impl PublishError {
             Self::Full(event)
             | Self::Closed(event)
             | Self::NotInitialized(event)
-            | Self::InvalidType { event, .. } => *event,
+            | Self::InvalidType { event, .. }
+            | Self::InvalidMetadata { event, .. } => *event,
         }
     }
 
@@ -427,7 +441,8 @@ impl PublishError {
             Self::Full(event)
             | Self::Closed(event)
             | Self::NotInitialized(event)
-            | Self::InvalidType { event, .. } => event,
+            | Self::InvalidType { event, .. }
+            | Self::InvalidMetadata { event, .. } => event,
         }
     }
 }
@@ -557,6 +572,19 @@ pub enum BatchRejection {
         index: usize,
         /// What is wrong with its type.
         error: EventTypeError,
+    },
+    /// One event's metadata value nests deeper than
+    /// [`Event::MAX_JSON_DEPTH`](crate::Event::MAX_JSON_DEPTH); no event of the batch was
+    /// accepted.
+    #[error(
+        "event {index} of the batch: metadata {key:?} nests arrays and objects deeper than {}",
+        crate::Event::MAX_JSON_DEPTH
+    )]
+    InvalidMetadata {
+        /// Its position in the batch.
+        index: usize,
+        /// The metadata key whose value is too deep.
+        key: String,
     },
 }
 

@@ -330,6 +330,39 @@ fn entity_type(schema: &str, entity: &str, operation: &str) -> CompactString {
     CompactString::from(unsafe { std::str::from_utf8_unchecked(&joined[..len]) })
 }
 
+/// Whether `value` opens more than `limit` arrays and objects one inside another (a top-level
+/// array or object is at depth 1): the rule every decoder keeps, for a value already in memory.
+/// Walked without recursion, so a value of any depth is safe to ask about; a value with no nested
+/// array or object costs no allocation.
+pub(crate) fn nests_deeper_than(value: &serde_json::Value, limit: usize) -> bool {
+    use serde_json::Value;
+    /// The arrays and objects directly inside `value`.
+    fn containers(value: &Value) -> impl Iterator<Item = &Value> {
+        let (items, members) = match value {
+            Value::Array(items) => (items.as_slice(), None),
+            Value::Object(members) => (&[][..], Some(members)),
+            _ => (&[][..], None),
+        };
+        items
+            .iter()
+            .chain(members.into_iter().flat_map(serde_json::Map::values))
+            .filter(|v| v.is_array() || v.is_object())
+    }
+    if !(value.is_array() || value.is_object()) {
+        return false;
+    }
+    // The arrays and objects still to look into, each with its depth.
+    let mut pending = Vec::new();
+    let mut next = Some((value, 1));
+    while let Some((value, depth)) = next.take().or_else(|| pending.pop()) {
+        if depth > limit {
+            return true;
+        }
+        pending.extend(containers(value).map(|v| (v, depth + 1)));
+    }
+    false
+}
+
 /// An event. Fields are public and named as in the seed's JSON; the `with_*` methods build one
 /// up fluently. The broker validates `event_type` at publish and fills `instance_id` when empty.
 ///
@@ -447,6 +480,16 @@ impl Event {
             metadata: Metadata::new(),
             partition_key: None,
         }
+    }
+
+    /// The key of the first metadata value that nests arrays and objects deeper than
+    /// [`Event::MAX_JSON_DEPTH`]: an event holding one would be written, but no decoder would
+    /// read it back, so the broker does not accept it.
+    pub(crate) fn too_deep_metadata(&self) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(_, value)| nests_deeper_than(value, Self::MAX_JSON_DEPTH))
+            .map(|(key, _)| key.as_str())
     }
 
     /// The key that picks this event's shard: [`Event::partition_key`] when set, else the type.
@@ -578,10 +621,20 @@ impl Event {
     /// ```
     ///
     /// # Panics
-    /// Never: a `Value`'s map keys are strings and its numbers finite, so it always serializes.
+    /// When `value` nests arrays and objects deeper than [`Event::MAX_JSON_DEPTH`]: no decoder
+    /// would read such a payload back, and this builder has no error to return. A `Value` built in
+    /// code (`json!`) is far from it; for data from outside, [`Event::with_payload`] returns an
+    /// error instead. Otherwise never: a `Value`'s map keys are strings and its numbers finite, so
+    /// it always serializes.
     #[must_use]
     #[allow(clippy::needless_pass_by_value, reason = "a builder takes what `json!` makes, by value")]
     pub fn with_payload_value(mut self, value: serde_json::Value) -> Self {
+        assert!(
+            !nests_deeper_than(&value, Self::MAX_JSON_DEPTH),
+            "a payload value nests arrays and objects deeper than Event::MAX_JSON_DEPTH ({}), which no \
+             decoder reads back; Event::with_payload returns an error for it instead",
+            Self::MAX_JSON_DEPTH
+        );
         self.payload = Some(Payload(
             serde_json::value::to_raw_value(&value).expect("a serde_json::Value always serializes"),
         ))

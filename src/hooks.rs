@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::error::PublishError;
+use crate::event::nests_deeper_than;
 use crate::{Broker, Event, EventSource};
 
 /// Which operations [`CrudHooks`] publish.
@@ -154,8 +155,9 @@ pub enum HookOutcome {
     Full,
     /// Refused: the broker is shut down.
     Closed,
-    /// Not built: the record did not serialize, or `schema.entity.operation` is not a valid
-    /// event type. Counted and logged.
+    /// Not built: the record did not serialize or nests deeper than
+    /// [`Event::MAX_JSON_DEPTH`], or `schema.entity.operation` is not a valid event type. Counted
+    /// and logged.
     Invalid,
 }
 
@@ -327,11 +329,25 @@ impl CrudHooks {
             return HookOutcome::Disabled;
         }
         let payload = match payload() {
-            Ok(payload) => payload,
-            Err(error) => {
+            Ok(payload) if !nests_deeper_than(&payload, Event::MAX_JSON_DEPTH) => payload,
+            result => {
                 let n = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(%error, schema, entity, operation, refused = n, "a CRUD hook's record did not serialize; no event");
+                    match result {
+                        Err(error) => {
+                            tracing::warn!(%error, schema, entity, operation, refused = n, "a CRUD hook's record did not serialize; no event");
+                        }
+                        Ok(_) => {
+                            tracing::warn!(
+                                schema,
+                                entity,
+                                operation,
+                                refused = n,
+                                limit = Event::MAX_JSON_DEPTH,
+                                "a CRUD hook's record nests deeper than any decoder reads back; no event"
+                            );
+                        }
+                    }
                 }
                 return HookOutcome::Invalid;
             }
@@ -366,7 +382,9 @@ impl CrudHooks {
     fn refused(&self, error: &PublishError) -> HookOutcome {
         let (counter, outcome) = match error {
             PublishError::Full(_) => (&self.full, HookOutcome::Full),
-            PublishError::InvalidType { .. } => (&self.invalid, HookOutcome::Invalid),
+            PublishError::InvalidType { .. } | PublishError::InvalidMetadata { .. } => {
+                (&self.invalid, HookOutcome::Invalid)
+            }
             _ => (&self.closed, HookOutcome::Closed),
         };
         let n = counter.fetch_add(1, Ordering::Relaxed) + 1;

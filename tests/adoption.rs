@@ -300,6 +300,10 @@ fn hooks_count_what_cannot_become_an_event() {
     assert_eq!(hooks.after_create(&user, "public", "pairs", &record), HookOutcome::Invalid);
     assert_eq!(hooks.after_create(&user, "public", "bad table", &1), HookOutcome::Invalid);
     assert_eq!(hooks.after_create(&user, "", "users", &1), HookOutcome::Invalid);
-    assert_eq!(hooks.stats().invalid, 3);
+    // A record nested deeper than any decoder reads back.
+    let deep = (0..Event::MAX_JSON_DEPTH).fold(serde_json::json!([1]), |inner, _| serde_json::json!([inner]));
+    assert_eq!(hooks.after_create(&user, "public", "trees", &deep), HookOutcome::Invalid);
+    assert_eq!(hooks.stats().invalid, 4);
+    assert_eq!(hooks.stats().published, 0);
     assert!(broker.shutdown(WAIT).is_clean());
 }

@@ -11,6 +11,7 @@ use eventbroker::{
     Backpressure, BatchRejection, Broker, CloseOutcome, DeadLetterFilter, Event, EventFilter, EventStatus,
     MemoryConfig, MemoryProvider, Mode, PublishError, RetryPolicy, SubscribeError, SyncPublishError,
 };
+use serde_json::json;
 
 mod common;
 use common::{event, wait_until};
@@ -669,6 +670,41 @@ fn invalid_types_are_refused_with_the_event() {
     ));
     let report = broker.shutdown(Duration::from_secs(5));
     assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn metadata_too_deep_to_read_back_is_refused_with_the_event() {
+    let limit = Event::MAX_JSON_DEPTH;
+    let nested = |depth: usize| (1..depth).fold(json!([1]), |inner, _| json!([inner]));
+    for mode in [Mode::Async, Mode::Sync] {
+        let broker = Broker::builder().mode(mode).build().unwrap();
+        let seen = broker.subscribe_stream("a.>").unwrap();
+        let too_deep =
+            event("a.b").with_metadata("ok", "x").with_metadata("deep", json!({ "k": nested(limit) }));
+        let err = broker.publish(too_deep.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "metadata \"deep\" nests arrays and objects deeper than 100, which no decoder reads back"
+        );
+        assert_eq!(err.into_event().unwrap(), too_deep, "the event comes back unchanged");
+        let err = broker.try_publish(too_deep.clone()).unwrap_err();
+        assert!(matches!(&err, PublishError::InvalidMetadata { key, .. } if key == "deep"), "{err:?}");
+
+        let batch = broker.publish_batch(vec![event("a.c"), too_deep.clone(), event("a.d")]).unwrap_err();
+        assert_eq!((batch.accepted, batch.rejected.len()), (0, 3));
+        assert_eq!(batch.reason, BatchRejection::InvalidMetadata { index: 1, key: "deep".into() });
+
+        // At the limit the event is published, stored and read back.
+        let deepest = event("a.b").with_metadata("deep", nested(limit));
+        broker.publish(deepest.clone()).unwrap();
+        let delivered = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(delivered.metadata["deep"], deepest.metadata["deep"]);
+        assert!(seen.try_recv().is_err(), "nothing refused was delivered");
+        broker.drain(Duration::from_secs(5)).unwrap();
+        let stored = broker.provider().get(deepest.id).unwrap().expect("stored");
+        assert_eq!(Event::from_json(&stored.to_json()).unwrap().metadata["deep"], deepest.metadata["deep"]);
+        assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    }
 }
 
 #[test]

@@ -326,6 +326,23 @@ fn nesting_is_limited_to_max_json_depth_everywhere() {
     let too_deep: Value = (0..=limit).fold(json!(1), |inner, _| json!([inner]));
     assert!(matches!(event.set_payload(&too_deep), Err(PayloadError::Serialize(_))));
     assert_eq!(event.payload_json(), Some(nested(limit).as_str()), "a refused payload changes nothing");
+
+    // Values built in memory reach the limit and read back; one more level is refused where it is
+    // built (the payload) or published (metadata: see the broker's tests).
+    let deepest: Value = (1..limit).fold(json!([1]), |inner, _| json!([inner]));
+    let event = Event::new(EventSource::System, "a.b")
+        .with_payload_value(deepest.clone())
+        .with_metadata("k", deepest.clone())
+        .with_metadata("m", json!({ "inner": (2..limit).fold(json!([1]), |inner, _| json!([inner])) }));
+    let back = decode_both(&event.to_json()).expect("an event at the limit reads back");
+    assert_eq!((back.payload::<Value>().unwrap(), &back.metadata["k"]), (deepest.clone(), &deepest));
+}
+
+#[test]
+#[should_panic(expected = "deeper than Event::MAX_JSON_DEPTH (100)")]
+fn a_payload_value_too_deep_to_read_back_is_refused_where_it_is_built() {
+    let too_deep: Value = (0..Event::MAX_JSON_DEPTH).fold(json!([1]), |inner, _| json!([inner]));
+    let _ = Event::new(EventSource::System, "a.b").with_payload_value(too_deep);
 }
 
 #[test]

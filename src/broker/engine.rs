@@ -88,6 +88,10 @@ impl Engine {
         if let Err(error) = validate_event_type(&event.event_type) {
             return Err(PublishError::InvalidType { event: Box::new(event), error });
         }
+        if let Some(key) = event.too_deep_metadata() {
+            let key = key.to_owned();
+            return Err(PublishError::InvalidMetadata { event: Box::new(event), key });
+        }
         if self.intake.is_closed() {
             return Err(PublishError::Closed(Box::new(event)));
         }
@@ -307,16 +311,16 @@ impl Engine {
     }
 
     pub(crate) fn publish_batch(&self, events: Vec<Event>) -> Result<(), BatchPublishError> {
-        if let Some((index, error)) = events
-            .iter()
-            .enumerate()
-            .find_map(|(i, e)| validate_event_type(&e.event_type).err().map(|err| (i, err)))
-        {
-            return Err(BatchPublishError {
-                accepted: 0,
-                rejected: events,
-                reason: BatchRejection::InvalidType { index, error },
-            });
+        let invalid = events.iter().enumerate().find_map(|(index, event)| {
+            match validate_event_type(&event.event_type) {
+                Err(error) => Some(BatchRejection::InvalidType { index, error }),
+                Ok(()) => event
+                    .too_deep_metadata()
+                    .map(|key| BatchRejection::InvalidMetadata { index, key: key.to_owned() }),
+            }
+        });
+        if let Some(reason) = invalid {
+            return Err(BatchPublishError { accepted: 0, rejected: events, reason });
         }
         // Each event keeps its position in the batch, to hand rejected ones back in order.
         let mut by_shard: Vec<Vec<(usize, Arc<Event>)>> = vec![Vec::new(); self.shards.len()];

@@ -308,8 +308,8 @@ impl Broker {
     /// Queues the event on its shard and returns.
     ///
     /// # Errors
-    /// [`PublishError::InvalidType`], [`PublishError::Full`] (per the [`Backpressure`] policy) or
-    /// [`PublishError::Closed`], each handing the event back.
+    /// [`PublishError::InvalidType`] or [`PublishError::InvalidMetadata`], [`PublishError::Full`]
+    /// (per the [`Backpressure`] policy) or [`PublishError::Closed`], each handing the event back.
     #[inline]
     pub fn publish_async(&self, event: Event) -> Result<(), PublishError> {
         self.engine().publish_async(event)

@@ -105,8 +105,11 @@ impl Engine {
                 event.metadata.insert("replay".into(), true.into());
                 let event = match self.admit(event) {
                     Ok(event) => event,
-                    Err(crate::PublishError::InvalidType { error, .. }) => {
-                        tracing::warn!(%error, seq = stored.seq, "replay skips a stored event whose type cannot be published");
+                    Err(
+                        error @ (crate::PublishError::InvalidType { .. }
+                        | crate::PublishError::InvalidMetadata { .. }),
+                    ) => {
+                        tracing::warn!(%error, seq = stored.seq, "replay skips a stored event that cannot be published");
                         continue;
                     }
                     Err(_) => return Err(BrokerError::Closed),
