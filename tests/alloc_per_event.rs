@@ -1,12 +1,18 @@
-//! Heap allocations per event on the default path (before the short strings were inline and the
+//! Heap allocations per event on the default path, and which thread frees them, (before the short strings were inline and the
 //! memory provider was written inline: 7 to build, about 2 to publish and handle): an event built
 //! as a CRUD hook builds it,
 //! published with default settings (status tracking on, the memory provider, inline writes) and
 //! delivered to five handlers. Counted by a global allocator over every thread.
 //!
+//! With status tracking off, the worker holds an event's last reference once its handlers have
+//! run; it hands such events back, and the publisher builds its next events in their allocations,
+//! so that malloc's memory stays with the thread that allocates it (see `src/dispatch/spent.rs`).
+//!
 //! Run with `cargo test --test alloc_per_event -- --nocapture` to see the figures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,6 +21,15 @@ use eventbroker::{Broker, Event, EventSource};
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+static FREES: AtomicU64 = AtomicU64::new(0);
+
+/// The tests count over every thread: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    /// Frees on this thread (a const initialiser: counting never allocates).
+    static FREES_HERE: Cell<u64> = const { Cell::new(0) };
+}
 
 // SAFETY: forwards to the system allocator; the counter has no effect on the allocations.
 unsafe impl GlobalAlloc for Counting {
@@ -25,6 +40,9 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        FREES.fetch_add(1, Ordering::Relaxed);
+        // `try_with`: a thread's last frees may come after its locals are gone.
+        let _ = FREES_HERE.try_with(|n| n.set(n.get() + 1));
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -57,6 +75,7 @@ fn allocations_during(f: impl FnOnce()) -> u64 {
 
 #[test]
 fn the_default_path_allocates_a_bounded_few_times_per_event() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let n: u64 = 20_000;
     let built = allocations_during(|| {
         for i in 0..n {
@@ -104,4 +123,58 @@ fn the_default_path_allocates_a_bounded_few_times_per_event() {
     // inline). Publishing: the `Arc` the handlers share.
     assert!(per(built) <= 2.5, "building an event allocates {:.2} times", per(built));
     assert!(per(published) <= 1.1, "publishing and handling allocate {:.2} times per event", per(published));
+}
+
+#[test]
+fn untracked_events_reuse_spent_allocations_on_the_publishing_thread() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let broker = Broker::builder().workers(1).track_status(false).build().unwrap();
+    for pattern in ["public.customers.update", "public.*.update", "*.customers.*", "public.>", "*"] {
+        broker
+            .subscribe_infallible(pattern, |e: &Event| {
+                std::hint::black_box(e.entity.len());
+            })
+            .unwrap();
+    }
+    // Bursts smaller than the shard's ring, each handled before the next: the publisher never
+    // waits for room, and finds the previous burst's events handed back.
+    let burst = 256;
+    let mut published = 0;
+    let mut publish_bursts = |bursts: u64| {
+        let (mut allocations, mut all, mut here) = (0, 0, 0);
+        for _ in 0..bursts {
+            let events: Vec<Event> = (0..burst).map(crud_event).collect();
+            let before =
+                (ALLOCATIONS.load(Ordering::Relaxed), FREES.load(Ordering::Relaxed), FREES_HERE.get());
+            for event in events {
+                broker.publish(event).unwrap();
+            }
+            published += burst;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while broker.stats().processed < published {
+                assert!(Instant::now() < deadline, "events were not processed");
+                std::thread::yield_now();
+            }
+            allocations += ALLOCATIONS.load(Ordering::Relaxed) - before.0;
+            all += FREES.load(Ordering::Relaxed) - before.1;
+            here += FREES_HERE.get() - before.2;
+        }
+        (allocations, all, here)
+    };
+    publish_bursts(4);
+    let bursts = 40;
+    let (allocations, all, here) = publish_bursts(bursts);
+    assert!(broker.shutdown(Duration::from_secs(10)).is_clean());
+    let n = bursts * burst;
+    #[allow(clippy::cast_precision_loss, reason = "ratios for a report")]
+    let (per_event, share) = (allocations as f64 / n as f64, here as f64 / all as f64);
+    println!(
+        "untracked: {per_event:.2} allocations per event published and handled; {all} frees, {:.0} % on the publishing thread",
+        share * 100.0
+    );
+    // The `Arc` is a spent event's, and the event it held (its payload's text) is freed where it
+    // was allocated.
+    assert!(per_event <= 0.1, "publishing and handling allocate {per_event:.2} times per event");
+    assert!(all >= n, "{all} frees for {n} events");
+    assert!(share >= 0.9, "only {here} of {all} frees were on the publishing thread");
 }

@@ -820,3 +820,35 @@ fn shutdown_closes_a_provider_nobody_else_holds() {
     assert_eq!(report.provider_close, CloseOutcome::Closed);
     assert_eq!(broker.provider().stats().unwrap_err().kind(), &eventbroker::ProviderErrorKind::Closed);
 }
+
+#[test]
+fn events_held_by_a_subscriber_are_never_reused_while_held() {
+    // Without tracking, spent events go back to the publisher, which builds new events in them:
+    // only those nobody else holds.
+    let broker = Broker::builder().workers(2).track_status(false).build().unwrap();
+    let held = broker.subscribe_stream_bounded("held.>", 4096).unwrap();
+    broker.subscribe_infallible("held.>", |_: &Event| {}).unwrap();
+    broker.subscribe_infallible("spent.>", |_: &Event| {}).unwrap();
+    let mut sent = Vec::new();
+    for round in 0..20 {
+        for i in 0..100 {
+            let e = event("held.a")
+                .with_partition_key(format!("k{}", i % 7))
+                .with_payload_value(json!({ "round": round, "i": i }));
+            sent.push((e.id, e.payload_json().unwrap().to_owned()));
+            broker.publish(e).unwrap();
+            // Events nobody keeps, whose allocations are handed back and reused.
+            broker.publish(event("spent.b").with_payload_value(json!({ "filler": i }))).unwrap();
+        }
+    }
+    broker.drain(Duration::from_secs(10)).unwrap();
+    let received: Vec<Arc<Event>> = held.try_iter().collect();
+    assert_eq!(received.len(), sent.len());
+    let mut by_id: HashMap<_, _> =
+        received.iter().map(|e| (e.id, e.payload_json().unwrap().to_owned())).collect();
+    for (id, payload) in &sent {
+        assert_eq!(by_id.remove(id).as_deref(), Some(payload.as_str()), "event {id} changed while held");
+    }
+    assert!(received.iter().all(|e| e.event_type == "held.a"));
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}

@@ -12,6 +12,7 @@ use crate::dispatch::intake::Intake;
 use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::ring::{PushBatchError as ReserveError, Reservation};
 use crate::dispatch::shard::ShardSet;
+use crate::dispatch::spent;
 use crate::dispatch::worker::{self, WorkerShared};
 use crate::dispatch::writer::Reply;
 use crate::error::{
@@ -82,7 +83,8 @@ impl Engine {
     }
 
     /// Checks an event can be published and fills in the instance id. Moves the event to the
-    /// heap, once: it is 300-odd bytes, and the handlers share it.
+    /// heap, once: it is 300-odd bytes, and the handlers share it; the allocation is a spent
+    /// event's when this thread has one (see [`spent`](crate::dispatch::spent)).
     #[inline]
     pub(crate) fn admit(&self, mut event: Event) -> Result<Arc<Event>, PublishError> {
         if let Err(error) = validate_event_type(&event.event_type) {
@@ -98,7 +100,23 @@ impl Engine {
         if event.instance_id.is_empty() {
             event.instance_id.clone_from(&self.instance_id);
         }
-        Ok(Arc::new(event))
+        Ok(self.allocate(event))
+    }
+
+    /// `event` on the heap. Without status tracking the workers hand spent events back, and this
+    /// thread builds the event in one of their allocations when it has one; with tracking, the
+    /// provider keeps its events, and there are none.
+    #[inline]
+    fn allocate(&self, event: Event) -> Arc<Event> {
+        if self.track_status { Arc::new(event) } else { spent::reuse(event) }
+    }
+
+    /// After a publish to `shard`: takes the events its worker handed back, when they are due.
+    #[inline]
+    fn restock(&self, shard: usize) {
+        if !self.track_status {
+            self.shards.shard(shard).spent.restock();
+        }
     }
 
     /// How long a publish may wait for room, per the backpressure policy.
@@ -141,6 +159,7 @@ impl Engine {
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
         }
         reservation.commit(std::iter::once(Some(job)));
+        self.restock(shard);
         Ok(())
     }
 
@@ -328,7 +347,7 @@ impl Engine {
             if event.instance_id.is_empty() {
                 event.instance_id.clone_from(&self.instance_id);
             }
-            by_shard[self.shards.index_for(event.partition())].push((position, Arc::new(event)));
+            by_shard[self.shards.index_for(event.partition())].push((position, self.allocate(event)));
         }
         let mut accepted = 0;
         let mut rejected: Vec<(usize, Arc<Event>)> = Vec::new();
@@ -346,6 +365,7 @@ impl Engine {
                             self.shared.writer.store_many(taken.clone());
                         }
                         reservation.commit(taken.into_iter().map(|event| Some(Job::local(event))));
+                        self.restock(shard);
                     }
                     Err(error) => {
                         reason.get_or_insert(match error {

@@ -7,6 +7,7 @@
 //! - [`worker`]: the worker loop: batched draining, matching, delivery, retries.
 //! - [`retry`]: the retry policy and the delay queue retries wait in.
 //! - [`backpressure`]: what a publisher does when its shard is full, and how it is woken.
+//! - [`spent`]: events a worker has finished with, handed back for publishers to reuse.
 //! - [`intake`]: whether the broker accepts work, and the synchronous publishes in flight.
 //! - [`delivery`]: one handler call for one job, and the bookkeeping of a job's deliveries, shared
 //!   by the workers and the caller-thread paths.
@@ -20,6 +21,7 @@ pub(crate) mod intake;
 pub(crate) mod retry;
 pub(crate) mod ring;
 pub(crate) mod shard;
+pub(crate) mod spent;
 pub(crate) mod wait;
 pub(crate) mod worker;
 pub(crate) mod writer;

@@ -15,6 +15,7 @@ use crossbeam_channel::Receiver;
 use crate::dispatch::backpressure::SpaceWaiters;
 use crate::dispatch::delivery::Job;
 use crate::dispatch::ring::{self, Producer};
+use crate::dispatch::spent::SpentEvents;
 use crate::dispatch::worker::{ShardCounters, Worker, WorkerConfig, WorkerReport, WorkerShared};
 use crate::error::BuildError;
 
@@ -53,6 +54,8 @@ pub(crate) struct Shard {
     pub(crate) producer: Producer<Option<Job>>,
     /// Publishers parked on this shard while it is full.
     pub(crate) space: Arc<SpaceWaiters>,
+    /// Events its worker has finished with, for a publisher to free.
+    pub(crate) spent: Arc<SpentEvents>,
     counters: Arc<ShardCounters>,
 }
 
@@ -87,10 +90,12 @@ impl ShardSet {
             let (producer, consumer) = ring::ring::<Option<Job>>(capacity);
             let counters = Arc::new(ShardCounters::default());
             let space = Arc::new(SpaceWaiters::new());
+            let spent = Arc::new(SpentEvents::new(capacity));
             let worker = Worker::new(
                 Arc::clone(shared),
                 Arc::clone(&counters),
                 Arc::clone(&space),
+                Arc::clone(&spent),
                 config,
                 consumer,
                 index,
@@ -113,7 +118,7 @@ impl ShardSet {
                     return Err(BuildError::Spawn { thread: name, source });
                 }
             }
-            shards.push(Shard { producer, space, counters });
+            shards.push(Shard { producer, space, spent, counters });
         }
         Ok(Self {
             shards: shards.into_boxed_slice(),

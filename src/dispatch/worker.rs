@@ -28,12 +28,13 @@ use crate::dispatch::backpressure::SpaceWaiters;
 use crate::dispatch::delivery::{self, Counts, Job, Origin, Outbox, Tally};
 use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
+use crate::dispatch::spent::{self, SpentEvents};
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
 use crate::metrics::{EngineMetrics, WorkerMetrics};
 use crate::provider::{Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
-use crate::{EventId, EventStatus, MatchCache};
+use crate::{Event, EventId, EventStatus, MatchCache};
 
 /// Settings every worker shares.
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +142,10 @@ pub(crate) struct Worker {
     counters: Arc<ShardCounters>,
     /// Publishers waiting for this shard to have room; signalled after every drained batch.
     space: Arc<SpaceWaiters>,
+    /// Where the events this worker holds the last reference to go, for a publisher to free.
+    spent: Arc<SpentEvents>,
+    /// Such events, gathered until there is a group of them.
+    spent_group: Vec<Arc<Event>>,
     config: WorkerConfig,
     consumer: Consumer<Option<Job>>,
     index: usize,
@@ -177,6 +182,7 @@ impl Worker {
         shared: Arc<WorkerShared>,
         counters: Arc<ShardCounters>,
         space: Arc<SpaceWaiters>,
+        spent: Arc<SpentEvents>,
         config: WorkerConfig,
         consumer: Consumer<Option<Job>>,
         index: usize,
@@ -186,6 +192,8 @@ impl Worker {
             shared,
             counters,
             space,
+            spent,
+            spent_group: Vec::with_capacity(spent::GROUP),
             config,
             consumer,
             index,
@@ -308,6 +316,7 @@ impl Worker {
         let subscriptions = self.cache.get_or_match(set, &job.event.event_type);
         if subscriptions.is_empty() {
             self.outbox.unrouted(&job, track);
+            self.finished(job);
             return;
         }
         let mut tally = Tally::default();
@@ -324,6 +333,7 @@ impl Worker {
         }
         if retry_later.is_empty() {
             self.outbox.settle(&job, tally, track);
+            self.finished(job);
             return;
         }
         tally.outstanding = u32::try_from(retry_later.len()).unwrap_or(u32::MAX);
@@ -337,6 +347,20 @@ impl Worker {
             self.retries
                 .push(crate::deadline::after(now, delay), Retry { job: key, subscription, attempts: 1 });
             self.outbox.retry_scheduled();
+        }
+    }
+
+    /// Lets go of a job that is over: an event this worker holds the last reference to goes back
+    /// to the publishers, who reuse its allocation (see [`spent`]).
+    #[inline]
+    fn finished(&mut self, job: Job) {
+        // With status tracking on, the provider (or the writer, until it has written it) holds the
+        // event too: looking at the count first would only add a transfer of its cache line.
+        if !self.config.track_status && spent::is_last_reference(&job.event) {
+            self.spent_group.push(job.event);
+            if self.spent_group.len() >= spent::GROUP {
+                self.spent.hand_over(&mut self.spent_group);
+            }
         }
     }
 
