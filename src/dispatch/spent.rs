@@ -141,8 +141,9 @@ pub(crate) fn reuse(event: Event) -> Arc<Event> {
 /// Whether the worker's reference is the event's last: only then may it be handed over.
 #[inline]
 pub(crate) fn is_last_reference(event: &Arc<Event>) -> bool {
-    // No weak references are ever made to an event, and a strong one can only be made from
-    // another strong one: a count of 1 stays 1 while we hold it.
+    // The broker makes no weak references to events; a user may (from a stream subscriber's
+    // `Arc`), and upgrade it after this look. That only costs the reuse: a publisher reuses an
+    // event's allocation through `Arc::get_mut`, which finds it shared and leaves it alone.
     Arc::strong_count(event) == 1
 }
 
