@@ -334,7 +334,7 @@ fn entity_type(schema: &str, entity: &str, operation: &str) -> CompactString {
 /// array or object is at depth 1): the rule every decoder keeps, for a value already in memory.
 /// Walked without recursion, so a value of any depth is safe to ask about; a value with no nested
 /// array or object costs no allocation.
-pub(crate) fn nests_deeper_than(value: &serde_json::Value, limit: usize) -> bool {
+fn nests_deeper_than(value: &serde_json::Value, limit: usize) -> bool {
     use serde_json::Value;
     /// The arrays and objects directly inside `value`.
     fn containers(value: &Value) -> impl Iterator<Item = &Value> {
@@ -628,18 +628,27 @@ impl Event {
     /// it always serializes.
     #[must_use]
     #[allow(clippy::needless_pass_by_value, reason = "a builder takes what `json!` makes, by value")]
-    pub fn with_payload_value(mut self, value: serde_json::Value) -> Self {
-        assert!(
-            !nests_deeper_than(&value, Self::MAX_JSON_DEPTH),
-            "a payload value nests arrays and objects deeper than Event::MAX_JSON_DEPTH ({}), which no \
-             decoder reads back; Event::with_payload returns an error for it instead",
-            Self::MAX_JSON_DEPTH
-        );
+    pub fn with_payload_value(self, value: serde_json::Value) -> Self {
+        self.try_with_payload_value(&value).unwrap_or_else(|| {
+            panic!(
+                "a payload value nests arrays and objects deeper than Event::MAX_JSON_DEPTH ({}), which \
+                 no decoder reads back; Event::with_payload returns an error for it instead",
+                Self::MAX_JSON_DEPTH
+            )
+        })
+    }
+
+    /// [`Event::with_payload_value`] for callers that handle the one way it fails: `None` when
+    /// `value` nests deeper than [`Event::MAX_JSON_DEPTH`].
+    pub(crate) fn try_with_payload_value(mut self, value: &serde_json::Value) -> Option<Self> {
+        if nests_deeper_than(value, Self::MAX_JSON_DEPTH) {
+            return None;
+        }
         self.payload = Some(Payload(
-            serde_json::value::to_raw_value(&value).expect("a serde_json::Value always serializes"),
+            serde_json::value::to_raw_value(value).expect("a serde_json::Value always serializes"),
         ))
         .filter(Payload::is_value);
-        self
+        Some(self)
     }
 
     /// The event as compact JSON in the seed's format.

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::error::PublishError;
-use crate::event::nests_deeper_than;
 use crate::{Broker, Event, EventSource};
 
 /// Which operations [`CrudHooks`] publish.
@@ -329,30 +328,29 @@ impl CrudHooks {
             return HookOutcome::Disabled;
         }
         let payload = match payload() {
-            Ok(payload) if !nests_deeper_than(&payload, Event::MAX_JSON_DEPTH) => payload,
-            result => {
+            Ok(payload) => payload,
+            Err(error) => {
                 let n = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    match result {
-                        Err(error) => {
-                            tracing::warn!(%error, schema, entity, operation, refused = n, "a CRUD hook's record did not serialize; no event");
-                        }
-                        Ok(_) => {
-                            tracing::warn!(
-                                schema,
-                                entity,
-                                operation,
-                                refused = n,
-                                limit = Event::MAX_JSON_DEPTH,
-                                "a CRUD hook's record nests deeper than any decoder reads back; no event"
-                            );
-                        }
-                    }
+                    tracing::warn!(%error, schema, entity, operation, refused = n, "a CRUD hook's record did not serialize; no event");
                 }
                 return HookOutcome::Invalid;
             }
         };
-        let event = self.event(user, schema, entity, operation).with_payload_value(payload);
+        let Some(event) = self.event(user, schema, entity, operation).try_with_payload_value(&payload) else {
+            let n = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    schema,
+                    entity,
+                    operation,
+                    refused = n,
+                    limit = Event::MAX_JSON_DEPTH,
+                    "a CRUD hook's record nests deeper than any decoder reads back; no event"
+                );
+            }
+            return HookOutcome::Invalid;
+        };
         match self.broker.try_publish(event) {
             Ok(()) => {
                 self.published.fetch_add(1, Ordering::Relaxed);

@@ -54,7 +54,7 @@ pub(crate) struct Shard {
     pub(crate) producer: Producer<Option<Job>>,
     /// Publishers parked on this shard while it is full.
     pub(crate) space: Arc<SpaceWaiters>,
-    /// Events its worker has finished with, for a publisher to free.
+    /// Events its worker has finished with, for publishers to build new ones in.
     pub(crate) spent: Arc<SpentEvents>,
     counters: Arc<ShardCounters>,
 }

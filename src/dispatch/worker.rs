@@ -142,7 +142,7 @@ pub(crate) struct Worker {
     counters: Arc<ShardCounters>,
     /// Publishers waiting for this shard to have room; signalled after every drained batch.
     space: Arc<SpaceWaiters>,
-    /// Where the events this worker holds the last reference to go, for a publisher to free.
+    /// Where the events this worker holds the last reference to go, for publishers to reuse.
     spent: Arc<SpentEvents>,
     /// Such events, gathered until there is a group of them.
     spent_group: Vec<Arc<Event>>,
