@@ -22,6 +22,8 @@
 //! and one for the worker) and with two. Then RSS after a million events.
 //!
 //! Run: `cargo bench --bench workload` (`cargo test --benches` runs one short round of each case).
+//! To profile one contender alone: `cargo bench --bench workload -- profile default 1 1` (the
+//! contender, publishers, shards) under `perf record`.
 
 use std::hash::BuildHasher;
 use std::hint::black_box;
@@ -393,6 +395,30 @@ fn rss_table(workload: &Workload) {
     assert!(contender.broker.shutdown(Duration::from_secs(30)).is_clean());
 }
 
+/// `profile CONTENDER PUBLISHERS SHARDS` (`default`, `untracked` or `crossbeam`; 1 1 when left
+/// out): that contender alone, 20 rounds of [`EVENTS_PER_ROUND`] events, each round's rate printed:
+/// a steady load for `perf record` on the bench binary.
+fn profile(workload: &Workload, args: &[String]) {
+    let name = args.first().map_or("default", String::as_str);
+    let number = |i: usize| args.get(i).map_or(1, |n| n.parse().expect("publishers and shards are numbers"));
+    let (publishers, shards) = (number(1), number(2));
+    let contender: Box<dyn Contender> = match name {
+        "default" => Box::new(BrokerContender::new(workload, shards, true)),
+        "untracked" => Box::new(BrokerContender::new(workload, shards, false)),
+        "crossbeam" => Box::new(CrossbeamContender::new(workload, shards)),
+        other => panic!("no contender {other:?}: default, untracked or crossbeam"),
+    };
+    let schedule = workload.schedule(1 << 16, 1);
+    run(&*contender, workload, &schedule, publishers, 20_000);
+    println!("profile: {name}, p{publishers} s{shards}, million events/s per round");
+    for _ in 0..20 {
+        let took = run(&*contender, workload, &schedule, publishers, EVENTS_PER_ROUND);
+        #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
+        let rate = EVENTS_PER_ROUND as f64 / took.as_secs_f64() / 1e6;
+        println!("{rate:.2}");
+    }
+}
+
 fn main() {
     let workload = Workload::new();
     #[allow(clippy::cast_precision_loss, reason = "an average for a log line")]
@@ -407,7 +433,10 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return;
     }
-    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
+    if let Some(at) = args.iter().position(|a| a == "profile") {
+        let rest: Vec<String> = args[at + 1..].iter().filter(|a| !a.starts_with("--")).cloned().collect();
+        profile(&workload, &rest);
+    } else if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
         throughput_table(&workload, ROUNDS, EVENTS_PER_ROUND);
         for workers in [1, 2] {
             latency_table(&workload, workers, 3, Duration::from_secs(2));
