@@ -205,6 +205,19 @@ impl Drop for CrossbeamContender {
     }
 }
 
+/// The contenders, in the order of the throughput table's columns.
+const CONTENDERS: [&str; 3] = ["default", "untracked", "crossbeam"];
+
+/// The contender called `name` (one of [`CONTENDERS`]) with `shards` shards.
+fn contender(name: &str, workload: &Workload, shards: usize) -> Box<dyn Contender> {
+    match name {
+        "default" => Box::new(BrokerContender::new(workload, shards, true)),
+        "untracked" => Box::new(BrokerContender::new(workload, shards, false)),
+        "crossbeam" => Box::new(CrossbeamContender::new(workload, shards)),
+        other => unreachable!("no contender {other:?}"),
+    }
+}
+
 /// Publishes `iters` events from `publishers` threads and waits until every delivery is made.
 fn run(
     contender: &dyn Contender,
@@ -247,11 +260,7 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64) {
     println!("|---|---:|---:|---:|---:|---:|");
     for shards in [1, 2] {
         for publishers in [1, 2] {
-            let contenders: [Box<dyn Contender>; 3] = [
-                Box::new(BrokerContender::new(workload, shards, true)),
-                Box::new(BrokerContender::new(workload, shards, false)),
-                Box::new(CrossbeamContender::new(workload, shards)),
-            ];
+            let contenders = CONTENDERS.map(|name| contender(name, workload, shards));
             // A warm-up: caches filled, the provider at its bound.
             for contender in &contenders {
                 run(&**contender, workload, &schedule, publishers, events.min(20_000));
@@ -402,12 +411,8 @@ fn profile(workload: &Workload, args: &[String]) {
     let name = args.first().map_or("default", String::as_str);
     let number = |i: usize| args.get(i).map_or(1, |n| n.parse().expect("publishers and shards are numbers"));
     let (publishers, shards) = (number(1), number(2));
-    let contender: Box<dyn Contender> = match name {
-        "default" => Box::new(BrokerContender::new(workload, shards, true)),
-        "untracked" => Box::new(BrokerContender::new(workload, shards, false)),
-        "crossbeam" => Box::new(CrossbeamContender::new(workload, shards)),
-        other => panic!("no contender {other:?}: default, untracked or crossbeam"),
-    };
+    assert!(CONTENDERS.contains(&name), "no contender {name:?}: one of {CONTENDERS:?}");
+    let contender = contender(name, workload, shards);
     let schedule = workload.schedule(1 << 16, 1);
     run(&*contender, workload, &schedule, publishers, 20_000);
     println!("profile: {name}, p{publishers} s{shards}, million events/s per round");
