@@ -91,6 +91,92 @@ fn a_status_batch_applies_each_events_updates_in_order() {
     }
 }
 
+fn status_of(provider: &MemoryProvider, id: EventId) -> EventStatus {
+    provider.get(id).expect("get").expect("stored").status
+}
+
+fn write_status(provider: &MemoryProvider, id: EventId, status: EventStatus) {
+    provider.update_status_batch(&[StatusUpdate::new(id, status)]).expect("update");
+}
+
+/// Status updates written a few at a time may wait inside the provider before they are applied,
+/// but every read sees them, and they apply in the order written, also around a batch large
+/// enough to be applied at once.
+#[test]
+fn small_status_writes_are_seen_by_every_read_in_the_order_written() {
+    for max_events in [1_000, 10_000] {
+        let provider = provider(max_events);
+        let events: Vec<Arc<Event>> = (0..300).map(|_| event("small.writes")).collect();
+        provider.store_batch(&events, None).expect("store");
+        let (first, second) = (events[0].id, events[1].id);
+
+        write_status(&provider, first, EventStatus::Processing);
+        assert_eq!(status_of(&provider, first), EventStatus::Processing, "get ({max_events})");
+        write_status(&provider, first, EventStatus::Completed);
+        assert_eq!(provider.stats().expect("stats").completed_events, 1, "stats ({max_events})");
+        write_status(&provider, first, EventStatus::Failed);
+        let failed = provider.list(&EventFilter::new().with_status(EventStatus::Failed)).expect("list");
+        assert_eq!(failed.iter().map(|e| e.id).collect::<Vec<_>>(), [first], "list ({max_events})");
+        write_status(&provider, first, EventStatus::Processing);
+        let replayed = provider.replay(ReplayFrom::Beginning, None, 1).expect("replay");
+        assert_eq!(replayed[0].event.status, EventStatus::Processing, "replay ({max_events})");
+
+        // A small write, then a batch of every event (applied at once), then a small write again.
+        write_status(&provider, first, EventStatus::Failed);
+        let all: Vec<StatusUpdate> =
+            events.iter().map(|e| StatusUpdate::new(e.id, EventStatus::Completed)).collect();
+        provider.update_status_batch(&all).expect("update");
+        write_status(&provider, second, EventStatus::Failed);
+        assert_eq!(status_of(&provider, first), EventStatus::Completed, "{max_events}");
+        assert_eq!(status_of(&provider, second), EventStatus::Failed, "{max_events}");
+        let stats = provider.stats().expect("stats");
+        assert_eq!((stats.completed_events, stats.failed_events), (299, 1), "{max_events}");
+        assert_recount(&provider);
+    }
+}
+
+/// An update written before an event was stored, or before it was stored again, never applies to
+/// what was stored after it, however long it waited to be applied.
+#[test]
+fn a_status_write_never_applies_to_a_later_store() {
+    let provider = provider(100);
+    let e = event("later.store");
+    write_status(&provider, e.id, EventStatus::Completed);
+    provider.store_batch(&[Arc::clone(&e)], None).expect("store");
+    assert_eq!(status_of(&provider, e.id), EventStatus::Pending, "written before the first store");
+
+    write_status(&provider, e.id, EventStatus::Failed);
+    provider.store_batch(&[Arc::clone(&e)], None).expect("store again");
+    assert_eq!(status_of(&provider, e.id), EventStatus::Pending, "written before the second store");
+
+    write_status(&provider, e.id, EventStatus::Completed);
+    assert_eq!(status_of(&provider, e.id), EventStatus::Completed, "written after it");
+    assert_eq!(provider.stats().expect("stats").completed_events, 1);
+}
+
+/// A status written on one thread is seen by a read on another that learns of the write after it
+/// returned, as a worker's `completed` is by a caller polling `get`.
+#[test]
+fn a_status_written_on_one_thread_is_read_on_another() {
+    let provider = provider(10_000);
+    let (written, read) = std::sync::mpsc::sync_channel::<(EventId, EventStatus)>(0);
+    thread::scope(|s| {
+        let provider = &provider;
+        s.spawn(move || {
+            for i in 0..2_000 {
+                let e = event("cross.thread");
+                provider.store_batch(&[Arc::clone(&e)], None).expect("store");
+                let status = EventStatus::ALL[1 + i % 3];
+                write_status(provider, e.id, status);
+                written.send((e.id, status)).expect("reader alive");
+            }
+        });
+        for (id, status) in read {
+            assert_eq!(status_of(provider, id), status);
+        }
+    });
+}
+
 #[test]
 fn defaults_are_as_documented() {
     let config = MemoryConfig::default();
@@ -441,6 +527,9 @@ enum Op {
     Get(usize),
     Delete(usize),
     Cleanup,
+    /// Compares everything with the model. Only reads apply the status updates written before
+    /// them (the provider may keep small writes waiting), so between checks they pile up.
+    Check,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -451,6 +540,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..POOL).prop_map(Op::Get),
         1 => (0..POOL).prop_map(Op::Delete),
         1 => Just(Op::Cleanup),
+        2 => Just(Op::Check),
     ]
 }
 
@@ -460,7 +550,8 @@ const MAX_EVENTS: usize = 5;
 proptest! {
     /// Against a model (a recency-ordered list): after any sequence of operations the provider
     /// holds exactly the model's events with the model's statuses, evicts the model's least
-    /// recently used, expires what the model expires, and its stats equal a recount.
+    /// recently used, expires what the model expires, and its stats equal a recount. An update
+    /// of an event not stored is ignored, even when the event is stored before anything reads.
     #[test]
     fn matches_an_lru_model(ops in prop::collection::vec(op(), 1..60)) {
         let provider = MemoryProvider::new(MemoryConfig {
@@ -521,15 +612,26 @@ proptest! {
                     expired += removed as u64;
                     prop_assert_eq!(provider.cleanup_now().expect("cleanup"), removed);
                 }
+                Op::Check => check(&provider, &model, evicted, expired)?,
             }
-            let mut expected = model.clone();
-            expected.sort_by_key(|e| (e.created_at, e.id));
-            prop_assert_eq!(provider.list(&EventFilter::new()).expect("list"), expected);
-            assert_recount(&provider);
-            prop_assert_eq!(specific(&provider, "evicted"), evicted);
-            prop_assert_eq!(specific(&provider, "expired"), expired);
         }
+        check(&provider, &model, evicted, expired)?;
     }
+}
+
+fn check(
+    provider: &MemoryProvider,
+    model: &[Event],
+    evicted: u64,
+    expired: u64,
+) -> Result<(), TestCaseError> {
+    let mut expected = model.to_vec();
+    expected.sort_by_key(|e| (e.created_at, e.id));
+    prop_assert_eq!(provider.list(&EventFilter::new()).expect("list"), expected);
+    assert_recount(provider);
+    prop_assert_eq!(specific(provider, "evicted"), evicted);
+    prop_assert_eq!(specific(provider, "expired"), expired);
+    Ok(())
 }
 
 // Streams: local tailing of what this provider stores (`MemoryProvider::stream`).

@@ -6,8 +6,8 @@
 //! | operation | cost |
 //! |---|---|
 //! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append |
-//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it |
-//! | `get`, `delete` | O(1) (`delete`: O(log n) to mark its sequence number gone) |
+//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; fewer than 256 updates may wait to be applied with others, and every read applies them first |
+//! | `get`, `delete` | O(1), after applying the status updates waiting (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
 //! | `stats` | O(shards): counters are kept on every change |
@@ -72,7 +72,7 @@ use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use self::bus::{Bell, Bus, SourceId};
 use self::letters::LetterTable;
-use self::table::{EventTable, UPDATES_AT_ONCE};
+use self::table::{EventTable, Pending, UPDATES_AT_ONCE};
 use super::{
     Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
     EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
@@ -96,6 +96,8 @@ const SHARDS: usize = 16;
 const _: () = assert!(SHARDS.is_power_of_two(), "`shard_of` masks the id's low bits");
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
+/// Status updates written are applied once this many wait, or before anything reads statuses.
+const APPLY_FROM: usize = 256;
 
 /// Settings of a [`MemoryProvider`].
 ///
@@ -138,8 +140,9 @@ impl Default for MemoryConfig {
 /// The in-process [`Provider`]; see the [module docs](self) for its bounds and costs.
 ///
 /// Thread-safe: the events live in shards, each behind its own read-write lock held only for the
-/// index work itself; dead letters and the bus have locks of their own; events are copied out and
-/// streams fed after the locks are released. `close` (also run on drop) stops the cleanup thread
+/// index work itself; status updates written a few at a time wait in a queue of their own and are
+/// applied in batches, before anything reads; dead letters and the bus have locks of their own;
+/// events are copied out and streams fed after the locks are released. `close` (also run on drop) stops the cleanup thread
 /// and joins it; it never waits longer than one cleanup pass.
 pub struct MemoryProvider {
     shared: Arc<Shared>,
@@ -159,6 +162,7 @@ struct Shared {
     next_seq: AtomicU64,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
+    written: Written,
     hub: StreamHub,
     /// Rung when events that some consumer group may want are stored.
     bell: Bell,
@@ -173,6 +177,27 @@ struct Shard {
     replaced: u64,
     evicted: u64,
     expired: u64,
+}
+
+/// Status updates written and not applied yet.
+///
+/// A worker writes the `processing` and `completed` statuses of a few events at a time, moments
+/// after a publisher stored them. Applied at once, each such write would take shard locks the
+/// publisher is taking and fetch, one after another, the index and entry cache lines the
+/// publisher has just written on its own core; on two cores that halved the throughput of the
+/// default settings. So small writes wait here, in the order written, and are applied
+/// [`APPLY_FROM`] at a time (each shard's lock once, the entries' cache misses overlapped by
+/// prefetching), and before anything reads events or statuses: `get`, `list`, `replay`, `stats`,
+/// `delete`, cleanup and `flush` apply them first, so no caller can tell they waited.
+///
+/// Lock order: `applying`, then `waiting`, then a shard.
+#[derive(Default)]
+struct Written {
+    /// Updates not applied yet, in the order they were written.
+    waiting: Mutex<Vec<Pending>>,
+    /// Held while updates are applied, so batches apply in the order they were taken; keeps the
+    /// buffer the next batch is swapped into.
+    applying: Mutex<Vec<Pending>>,
 }
 
 struct Letters {
@@ -214,6 +239,7 @@ impl MemoryProvider {
             bus_active: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            written: Written::default(),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
             config,
@@ -328,6 +354,69 @@ impl Shared {
             .collect()
     }
 
+    /// Applies the status updates written so far, in the order they were written.
+    fn apply_written(&self, operation: &'static str) -> Result<(), ProviderError> {
+        self.apply_waiting(&mut self.written.applying.lock(), operation)
+    }
+
+    /// [`Shared::apply_written`] for a caller holding `written.applying`, whose `spare` buffer
+    /// takes the place of the one taken.
+    fn apply_waiting(&self, spare: &mut Vec<Pending>, operation: &'static str) -> Result<(), ProviderError> {
+        let mut batch = mem::take(spare);
+        mem::swap(&mut batch, &mut *self.written.waiting.lock());
+        let result = if batch.is_empty() {
+            Ok(())
+        } else {
+            let updates: Vec<_> = batch.iter().map(|p| (&p.update, p.written_at)).collect();
+            self.apply(&updates, operation)
+        };
+        batch.clear();
+        *spare = batch;
+        result
+    }
+
+    /// Applies `updates`, each with the `next_seq` of its writing: each shard's lock once, its
+    /// updates in order (a later update of an id wins: an id is always in the same shard), grouped
+    /// by a counting sort.
+    fn apply(&self, updates: &[(&StatusUpdate, u64)], operation: &'static str) -> Result<(), ProviderError> {
+        if self.shards.len() == 1 {
+            let mut held = self.shard(0, operation)?;
+            for chunk in updates.chunks(UPDATES_AT_ONCE) {
+                held.events.update(chunk.iter().copied());
+            }
+            return Ok(());
+        }
+        let shard_of: Vec<u8> = updates
+            .iter()
+            .map(|(update, _)| u8::try_from(self.shard_of(update.id)).expect("fewer than 256 shards"))
+            .collect();
+        let mut starts = [0usize; SHARDS + 1];
+        for &index in &shard_of {
+            starts[usize::from(index) + 1] += 1;
+        }
+        for index in 0..SHARDS {
+            starts[index + 1] += starts[index];
+        }
+        let mut next = starts;
+        let mut order = vec![0; updates.len()];
+        for (i, &index) in shard_of.iter().enumerate() {
+            let at = &mut next[usize::from(index)];
+            order[*at] = i;
+            *at += 1;
+        }
+        for index in 0..SHARDS {
+            let group = &order[starts[index]..starts[index + 1]];
+            if group.is_empty() {
+                continue;
+            }
+            let mut held = self.shard(index, operation)?;
+            for chunk in group.chunks(UPDATES_AT_ONCE) {
+                held.events.update(chunk.iter().map(|&i| updates[i]));
+            }
+        }
+        Ok(())
+    }
+
     fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
         // Acquire: pairs with the Release store in `close`.
         if self.closed.load(Ordering::Acquire) { Err(closed_error(NAME, operation)) } else { Ok(()) }
@@ -337,6 +426,7 @@ impl Shared {
         let Some(max_age) = self.config.max_age else {
             return self.check_open(operation).map(|()| 0);
         };
+        self.apply_written(operation)?;
         let cutoff = now.saturating_sub(max_age).unwrap_or(Timestamp::MIN);
         let mut removed = 0;
         for index in 0..self.shards.len() {
@@ -438,45 +528,26 @@ impl EventSink for MemoryProvider {
     fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
-        if shared.shards.len() == 1 || updates.len() < 2 {
-            if let Some(first) = updates.first() {
-                let mut held = shared.shard(shared.shard_of(first.id), "update_status_batch")?;
-                for chunk in updates.chunks(UPDATES_AT_ONCE) {
-                    held.events.update(chunk.iter());
-                }
-            }
+        if updates.is_empty() {
             return Ok(());
         }
-        // Each shard's lock once, its updates in slice order (a later update of an id wins: an id
-        // is always in the same shard), grouped by a counting sort: one pass to count, one to
-        // place.
-        let shard_of: smallvec::SmallVec<[u8; 256]> = updates
-            .iter()
-            .map(|u| u8::try_from(shared.shard_of(u.id)).expect("fewer than 256 shards"))
-            .collect();
-        let mut starts = [0usize; SHARDS + 1];
-        for &index in &shard_of {
-            starts[usize::from(index) + 1] += 1;
+        // Relaxed: a store that returned before this call took its number before it (the caller
+        // saw the store done), which coherence of this one counter orders; see `Pending`.
+        let written_at = shared.next_seq.load(Ordering::Relaxed);
+        if updates.len() >= APPLY_FROM {
+            // A batch this large is applied as it is, after those written before it.
+            let mut applying = shared.written.applying.lock();
+            shared.apply_waiting(&mut applying, "update_status_batch")?;
+            let updates: Vec<_> = updates.iter().map(|update| (update, written_at)).collect();
+            return shared.apply(&updates, "update_status_batch");
         }
-        for index in 0..SHARDS {
-            starts[index + 1] += starts[index];
-        }
-        let mut next = starts;
-        let mut order: smallvec::SmallVec<[usize; 256]> = smallvec::smallvec![0; updates.len()];
-        for (i, &index) in shard_of.iter().enumerate() {
-            let at = &mut next[usize::from(index)];
-            order[*at] = i;
-            *at += 1;
-        }
-        for index in 0..SHARDS {
-            let group = &order[starts[index]..starts[index + 1]];
-            if group.is_empty() {
-                continue;
-            }
-            let mut held = shared.shard(index, "update_status_batch")?;
-            for chunk in group.chunks(UPDATES_AT_ONCE) {
-                held.events.update(chunk.iter().map(|&i| &updates[i]));
-            }
+        let waiting = {
+            let mut waiting = shared.written.waiting.lock();
+            waiting.extend(updates.iter().map(|update| Pending { update: update.clone(), written_at }));
+            waiting.len()
+        };
+        if waiting >= APPLY_FROM {
+            shared.apply_written("update_status_batch")?;
         }
         Ok(())
     }
@@ -493,18 +564,21 @@ impl EventSink for MemoryProvider {
     }
 
     fn flush(&self) -> Result<(), ProviderError> {
-        // Writes are applied before they return; there is nothing buffered to wait for.
-        self.shared.check_open("flush")
+        // Stores are applied before they return; status updates may wait (see `Written`).
+        self.shared.check_open("flush")?;
+        self.shared.apply_written("flush")
     }
 }
 
 impl EventStore for MemoryProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let shared = &*self.shared;
+        shared.apply_written("get")?;
         Ok(shared.shard(shared.shard_of(id), "get")?.events.touch(id))
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
+        self.shared.apply_written("list")?;
         let take = filter.offset.saturating_add(filter.limit.unwrap_or(usize::MAX));
         let mut found: Vec<_> = self
             .shared
@@ -523,6 +597,7 @@ impl EventStore for MemoryProvider {
 
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
         let shared = &*self.shared;
+        shared.apply_written("delete")?;
         Ok(shared.shard(shared.shard_of(id), "delete")?.events.remove(id).is_some())
     }
 
@@ -532,6 +607,7 @@ impl EventStore for MemoryProvider {
         pattern: Option<&Pattern>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, ProviderError> {
+        self.shared.apply_written("replay")?;
         let mut found: Vec<_> = self
             .shared
             .each_shard("replay", |shard| shard.events.replay(from, pattern, limit))?
@@ -569,6 +645,7 @@ impl EventStore for MemoryProvider {
 
     fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &*self.shared;
+        shared.apply_written("stats")?;
         let mut stats = ProviderStats::new(NAME);
         let (mut evicted, mut expired, mut replaced) = (0_u64, 0_u64, 0_u64);
         shared.each_shard("stats", |shard| {

@@ -50,6 +50,15 @@ impl Lifecycle {
     }
 }
 
+/// A status update as the provider keeps it until it is applied: with the number `next_seq` had
+/// when the update was written, which tells the stores before it from those after it.
+pub(super) struct Pending {
+    pub(super) update: StatusUpdate,
+    /// `next_seq` when the update was written: an entry whose latest store took this number or a
+    /// later one was stored after the update and is not its target.
+    pub(super) written_at: u64,
+}
+
 /// One stored event: as stored, its status now, and its sequence number.
 pub(super) struct Entry {
     /// The event's id, kept beside it: evicting reads it without touching the event itself,
@@ -58,6 +67,9 @@ pub(super) struct Entry {
     pub(super) event: Arc<Event>,
     pub(super) status: Lifecycle,
     pub(super) seq: u64,
+    /// The number its latest store took: `seq` for its first store, a fresh one for a re-store.
+    /// Status updates written before it (see [`Pending::written_at`]) do not apply.
+    stored_at: u64,
 }
 
 impl Entry {
@@ -156,9 +168,9 @@ impl EventTable {
         self.by_status[status_index(status)]
     }
 
-    /// Stores `event` as the most recently used; a new id gets the sequence number `next_seq()`
-    /// gives (called only then). `true` when the id was not stored yet; a re-store keeps its
-    /// sequence number and takes the new event and its status.
+    /// Stores `event` as the most recently used, with the number `next_seq()` gives (called
+    /// once): a new id takes it as its sequence number. `true` when the id was not stored yet; a
+    /// re-store keeps its sequence number and takes the new event and its status.
     pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
         // One probe of the index either way.
         let new = match self.by_id.entry(event.id) {
@@ -168,6 +180,7 @@ impl EventTable {
                 self.by_status[status_index(entry.status.status)] -= 1;
                 entry.event = Arc::clone(event);
                 entry.status = Lifecycle::of(event);
+                entry.stored_at = next_seq();
                 self.lru.touch(slot);
                 false
             }
@@ -178,6 +191,7 @@ impl EventTable {
                     event: Arc::clone(event),
                     status: Lifecycle::of(event),
                     seq,
+                    stored_at: seq,
                 });
                 vacant.insert(slot);
                 self.by_seq.push(seq, slot);
@@ -195,7 +209,8 @@ impl EventTable {
         Some(self.lru.get(slot).to_event())
     }
 
-    /// Applies each of `updates` whose event is stored, in order (a later update of an id wins).
+    /// Applies each of `updates` whose event is stored and was stored before the update was
+    /// written, in order (a later update of an id wins).
     /// The index is probed for all of them, and their entries prefetched, before any is applied,
     /// so the cache misses of a batch overlap instead of following one another. Callers pass at
     /// most [`UPDATES_AT_ONCE`], which keeps what is prefetched in cache until it is used.
@@ -203,19 +218,25 @@ impl EventTable {
     /// Updates do not count as use: they are the broker's bookkeeping, written by its workers
     /// while publishers store, and moving the entry in the recency list would have every worker
     /// write the list head every publisher writes.
-    pub(super) fn update<'a>(&mut self, updates: impl Iterator<Item = &'a StatusUpdate> + Clone) {
+    pub(super) fn update<'a>(&mut self, updates: impl Iterator<Item = (&'a StatusUpdate, u64)> + Clone) {
         const ABSENT: usize = usize::MAX;
-        let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> =
-            updates.clone().map(|update| self.by_id.get(&update.id).copied().unwrap_or(ABSENT)).collect();
+        let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> = updates
+            .clone()
+            .map(|(update, _)| self.by_id.get(&update.id).copied().unwrap_or(ABSENT))
+            .collect();
         for &slot in slots.iter().filter(|&&slot| slot != ABSENT) {
             self.lru.prefetch(slot);
         }
         debug_assert!(slots.len() <= UPDATES_AT_ONCE, "callers pass at most UPDATES_AT_ONCE");
-        for (update, slot) in updates.zip(slots) {
+        for ((update, written_at), slot) in updates.zip(slots) {
             if slot == ABSENT {
                 continue;
             }
-            let status = &mut self.lru.get_mut(slot).status;
+            let entry = self.lru.get_mut(slot);
+            if entry.stored_at >= written_at {
+                continue;
+            }
+            let status = &mut entry.status;
             self.by_status[status_index(status.status)] -= 1;
             status.apply(update);
             self.by_status[status_index(status.status)] += 1;
