@@ -69,6 +69,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use smallvec::SmallVec;
 
 use self::bus::{Bell, Bus, SourceId};
 use self::letters::LetterTable;
@@ -364,31 +365,33 @@ impl Shared {
     fn apply_waiting(&self, spare: &mut Vec<Pending>, operation: &'static str) -> Result<(), ProviderError> {
         let mut batch = mem::take(spare);
         mem::swap(&mut batch, &mut *self.written.waiting.lock());
-        let result = if batch.is_empty() {
-            Ok(())
-        } else {
-            let updates: Vec<_> = batch.iter().map(|p| (&p.update, p.written_at)).collect();
-            self.apply(&updates, operation)
-        };
+        let result = self.apply(batch.len(), |i| (&batch[i].update, batch[i].written_at), operation);
         batch.clear();
         *spare = batch;
         result
     }
 
-    /// Applies `updates`, each with the `next_seq` of its writing: each shard's lock once, its
-    /// updates in order (a later update of an id wins: an id is always in the same shard), grouped
-    /// by a counting sort.
-    fn apply(&self, updates: &[(&StatusUpdate, u64)], operation: &'static str) -> Result<(), ProviderError> {
+    /// Applies `len` updates, the `i`th given by `update(i)` with the `next_seq` of its writing:
+    /// each shard's lock once, its updates in order (a later update of an id wins: an id is always
+    /// in the same shard), grouped by a counting sort.
+    fn apply<'a>(
+        &self,
+        len: usize,
+        update: impl Fn(usize) -> (&'a StatusUpdate, u64),
+        operation: &'static str,
+    ) -> Result<(), ProviderError> {
+        if len == 0 {
+            return Ok(());
+        }
         if self.shards.len() == 1 {
             let mut held = self.shard(0, operation)?;
-            for chunk in updates.chunks(UPDATES_AT_ONCE) {
-                held.events.update(chunk.iter().copied());
+            for start in (0..len).step_by(UPDATES_AT_ONCE) {
+                held.events.update((start..len.min(start + UPDATES_AT_ONCE)).map(&update));
             }
             return Ok(());
         }
-        let shard_of: Vec<u8> = updates
-            .iter()
-            .map(|(update, _)| u8::try_from(self.shard_of(update.id)).expect("fewer than 256 shards"))
+        let shard_of: SmallVec<[u8; APPLY_FROM]> = (0..len)
+            .map(|i| u8::try_from(self.shard_of(update(i).0.id)).expect("fewer than 256 shards"))
             .collect();
         let mut starts = [0usize; SHARDS + 1];
         for &index in &shard_of {
@@ -398,7 +401,7 @@ impl Shared {
             starts[index + 1] += starts[index];
         }
         let mut next = starts;
-        let mut order = vec![0; updates.len()];
+        let mut order: SmallVec<[usize; APPLY_FROM]> = smallvec::smallvec![0; len];
         for (i, &index) in shard_of.iter().enumerate() {
             let at = &mut next[usize::from(index)];
             order[*at] = i;
@@ -411,7 +414,7 @@ impl Shared {
             }
             let mut held = self.shard(index, operation)?;
             for chunk in group.chunks(UPDATES_AT_ONCE) {
-                held.events.update(chunk.iter().map(|&i| updates[i]));
+                held.events.update(chunk.iter().map(|&i| update(i)));
             }
         }
         Ok(())
@@ -535,11 +538,11 @@ impl EventSink for MemoryProvider {
         // saw the store done), which coherence of this one counter orders; see `Pending`.
         let written_at = shared.next_seq.load(Ordering::Relaxed);
         if updates.len() >= APPLY_FROM {
-            // A batch this large is applied as it is, after those written before it.
-            let mut applying = shared.written.applying.lock();
-            shared.apply_waiting(&mut applying, "update_status_batch")?;
-            let updates: Vec<_> = updates.iter().map(|update| (update, written_at)).collect();
-            return shared.apply(&updates, "update_status_batch");
+            // A batch this large is applied as it is, after those written before it. Updates
+            // written while it is applied are written concurrently with it, so it need not hold
+            // `applying` (which would keep two such writers from applying at once).
+            shared.apply_written("update_status_batch")?;
+            return shared.apply(updates.len(), |i| (&updates[i], written_at), "update_status_batch");
         }
         let waiting = {
             let mut waiting = shared.written.waiting.lock();
