@@ -4,9 +4,11 @@
 //! The event is kept as it was stored (shared, never copied) and its status fields beside it, so a
 //! status update writes a few fields instead of copying an event that handlers may still share.
 
-use std::collections::hash_map::Entry as IndexEntry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
+
+use hashbrown::hash_table::{Entry as IndexEntry, HashTable};
 
 use jiff::Timestamp;
 
@@ -67,6 +69,9 @@ pub(super) struct Entry {
     pub(super) event: Arc<Event>,
     pub(super) status: Lifecycle,
     pub(super) seq: u64,
+    /// Its id's hash in the index, kept here so that removing it finds its index entry by slot,
+    /// without comparing ids.
+    hash: u32,
     /// The number its latest store took: `seq` for its first store, a fresh one for a re-store.
     /// Status updates written before it (see [`Pending::written_at`]) do not apply.
     stored_at: u64,
@@ -137,10 +142,56 @@ impl SeqIndex {
     }
 }
 
+/// Slots by event id: a hash table of `(hash, slot)` pairs, eight bytes each; the ids live in the
+/// entries, where a match of the hash is confirmed. Small, so the index of every shard stays in
+/// cache while the events themselves stream through it (with the ids in it, it took three times
+/// the room, and evicting an event missed the cache on the index twice).
+struct IdIndex {
+    table: HashTable<(u32, u32)>,
+    state: foldhash::fast::RandomState,
+}
+
+impl IdIndex {
+    fn new() -> Self {
+        Self { table: HashTable::new(), state: foldhash::fast::RandomState::default() }
+    }
+
+    /// `id`'s hash: 32 bits of a seeded hash (ids come from outside; a fixed hash could be
+    /// flooded).
+    fn hash(&self, id: EventId) -> u32 {
+        #[allow(clippy::cast_possible_truncation, reason = "the high half of the hash")]
+        let high = (self.state.hash_one(id) >> 32) as u32;
+        high
+    }
+
+    /// The table's 64-bit hash of a 32-bit one: the table takes its buckets from the low bits and
+    /// its tags from the top seven, so both come from the 32 bits.
+    fn wide(hash: u32) -> u64 {
+        (u64::from(hash) << 32) | u64::from(hash)
+    }
+
+    /// The slot of the entry with `hash` for which `is` holds.
+    fn find(&self, hash: u32, mut is: impl FnMut(usize) -> bool) -> Option<usize> {
+        self.table
+            .find(Self::wide(hash), |&(h, slot)| h == hash && is(slot as usize))
+            .map(|&(_, slot)| slot as usize)
+    }
+
+    /// Removes `slot`'s entry, whose hash is `hash`.
+    fn remove(&mut self, hash: u32, slot: usize) {
+        if let Ok(found) = self.table.find_entry(Self::wide(hash), |&(h, s)| h == hash && s as usize == slot)
+        {
+            found.remove();
+        } else {
+            debug_assert!(false, "every slot in the recency list has its index entry");
+        }
+    }
+}
+
 /// One shard's events.
 pub(super) struct EventTable {
     lru: Lru<Entry>,
-    by_id: HashMap<EventId, usize, foldhash::fast::RandomState>,
+    by_id: IdIndex,
     by_seq: SeqIndex,
     /// Stored events per status, indexed by [`status_index`].
     by_status: [u64; 4],
@@ -157,7 +208,7 @@ const fn status_index(status: EventStatus) -> usize {
 
 impl EventTable {
     pub(super) fn new() -> Self {
-        Self { lru: Lru::new(), by_id: HashMap::default(), by_seq: SeqIndex::default(), by_status: [0; 4] }
+        Self { lru: Lru::new(), by_id: IdIndex::new(), by_seq: SeqIndex::default(), by_status: [0; 4] }
     }
 
     pub(super) fn len(&self) -> usize {
@@ -173,9 +224,16 @@ impl EventTable {
     /// re-store keeps its sequence number and takes the new event and its status.
     pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
         // One probe of the index either way.
-        let new = match self.by_id.entry(event.id) {
+        let hash = self.by_id.hash(event.id);
+        let lru = &self.lru;
+        let found = self.by_id.table.entry(
+            IdIndex::wide(hash),
+            |&(h, slot)| h == hash && lru.get(slot as usize).id == event.id,
+            |&(h, _)| IdIndex::wide(h),
+        );
+        let new = match found {
             IndexEntry::Occupied(stored) => {
-                let slot = *stored.get();
+                let slot = stored.get().1 as usize;
                 let entry = self.lru.get_mut(slot);
                 self.by_status[status_index(entry.status.status)] -= 1;
                 entry.event = Arc::clone(event);
@@ -191,9 +249,10 @@ impl EventTable {
                     event: Arc::clone(event),
                     status: Lifecycle::of(event),
                     seq,
+                    hash,
                     stored_at: seq,
                 });
-                vacant.insert(slot);
+                vacant.insert((hash, u32::try_from(slot).expect("fewer than 2^32 events in one shard")));
                 self.by_seq.push(seq, slot);
                 true
             }
@@ -204,7 +263,7 @@ impl EventTable {
 
     /// The event with `id`, with its status, now the most recently used.
     pub(super) fn touch(&mut self, id: EventId) -> Option<Event> {
-        let slot = *self.by_id.get(&id)?;
+        let slot = self.slot_of(id)?;
         self.lru.touch(slot);
         Some(self.lru.get(slot).to_event())
     }
@@ -220,15 +279,20 @@ impl EventTable {
     /// write the list head every publisher writes.
     pub(super) fn update<'a>(&mut self, updates: impl Iterator<Item = (&'a StatusUpdate, u64)> + Clone) {
         const ABSENT: usize = usize::MAX;
+        // Matched on the hash alone, so that no entry is read before all are prefetched; the id
+        // is confirmed below (a different id with the same hash is found again in full).
         let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> = updates
             .clone()
-            .map(|(update, _)| self.by_id.get(&update.id).copied().unwrap_or(ABSENT))
+            .map(|(update, _)| self.by_id.find(self.by_id.hash(update.id), |_| true).unwrap_or(ABSENT))
             .collect();
         for &slot in slots.iter().filter(|&&slot| slot != ABSENT) {
             self.lru.prefetch(slot);
         }
         debug_assert!(slots.len() <= UPDATES_AT_ONCE, "callers pass at most UPDATES_AT_ONCE");
-        for ((update, written_at), slot) in updates.zip(slots) {
+        for ((update, written_at), mut slot) in updates.zip(slots) {
+            if slot != ABSENT && self.lru.get(slot).id != update.id {
+                slot = self.slot_of(update.id).unwrap_or(ABSENT);
+            }
             if slot == ABSENT {
                 continue;
             }
@@ -243,19 +307,29 @@ impl EventTable {
         }
     }
 
+    /// The slot of the event with `id`.
+    fn slot_of(&self, id: EventId) -> Option<usize> {
+        self.by_id.find(self.by_id.hash(id), |slot| self.lru.get(slot).id == id)
+    }
+
     pub(super) fn remove(&mut self, id: EventId) -> Option<Entry> {
-        let slot = self.by_id.remove(&id)?;
+        let slot = self.slot_of(id)?;
+        Some(self.remove_slot(slot))
+    }
+
+    fn remove_slot(&mut self, slot: usize) -> Entry {
+        self.by_id.remove(self.lru.get(slot).hash, slot);
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
         self.by_status[status_index(entry.status.status)] -= 1;
-        Some(entry)
+        entry
     }
 
     /// Evicts the least recently used event; `false` when there was none.
     pub(super) fn evict_least_recent(&mut self) -> bool {
         let Some(slot) = self.lru.back() else { return false };
-        let id = self.lru.get(slot).id;
-        self.remove(id).is_some()
+        self.remove_slot(slot);
+        true
     }
 
     /// Brings what the next evictions touch into cache ahead of them: the least recently used
@@ -320,5 +394,52 @@ impl EventTable {
             .take(limit)
             .map(|(seq, entry)| (seq, entry.to_event()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::iter;
+
+    use super::*;
+    use crate::EventSource;
+
+    /// Two ids whose 32-bit hashes are equal share a probe sequence in the index; each is still
+    /// updated, read, removed and evicted as itself, whichever of them an update names.
+    #[test]
+    fn ids_with_the_same_hash_are_told_apart() {
+        let mut table = EventTable::new();
+        let mut seen = HashMap::new();
+        let (a, b) = loop {
+            let id = EventId::new();
+            if let Some(other) = seen.insert(table.by_id.hash(id), id) {
+                break (other, id);
+            }
+        };
+        let mut seq = 0;
+        for id in [a, b] {
+            let event = Arc::new(Event { id, ..Event::new(EventSource::System, "collide.x") });
+            assert!(table.upsert(&event, || {
+                seq += 1;
+                seq
+            }));
+        }
+        let later = seq + 1;
+        for (id, status) in [(b, EventStatus::Completed), (a, EventStatus::Failed)] {
+            let update = StatusUpdate::new(id, status);
+            table.update(iter::once((&update, later)));
+        }
+        let status = |table: &mut EventTable, id| table.touch(id).map(|e| (e.id, e.status));
+        assert_eq!(status(&mut table, a), Some((a, EventStatus::Failed)));
+        assert_eq!(status(&mut table, b), Some((b, EventStatus::Completed)));
+        assert_eq!((table.count(EventStatus::Failed), table.count(EventStatus::Completed)), (1, 1));
+
+        assert_eq!(table.remove(a).map(|e| e.id), Some(a));
+        assert_eq!(status(&mut table, a), None);
+        assert_eq!(status(&mut table, b), Some((b, EventStatus::Completed)));
+        assert!(table.evict_least_recent());
+        assert_eq!((table.len(), table.count(EventStatus::Completed)), (0, 0));
+        assert_eq!(status(&mut table, b), None);
     }
 }
