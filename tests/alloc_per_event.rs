@@ -186,6 +186,9 @@ fn untracked_events_reuse_spent_allocations_on_the_publishing_thread() {
     // The `Arc` is a spent event's, and the event it held (its payload's text) is freed where it
     // was allocated.
     assert!(per_event <= 0.1, "publishing and handling allocate {per_event:.2} times per event");
-    assert!(all >= n, "{all} frees for {n} events");
+    // Every event is freed once it is reused, but at either end of the window some are still in
+    // the worker's hands or waiting in the shard's list and the publisher's spares: those differ
+    // between the ends by far less than a burst (-50 to +170 seen), never by the events' count.
+    assert!(all + burst >= n, "{all} frees for {n} events");
     assert!(share >= 0.9, "only {here} of {all} frees were on the publishing thread");
 }
