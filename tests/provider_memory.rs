@@ -135,6 +135,47 @@ fn small_status_writes_are_seen_by_every_read_in_the_order_written() {
     }
 }
 
+/// Thousands of small status writes with no read between them, first interleaved with stores
+/// (which apply what waits), then with no store either (the writer applies what waits): at the
+/// end every event has its last status, on one shard and on many.
+#[test]
+fn small_status_writes_apply_in_order_with_no_read_between() {
+    for max_events in [3_000, 10_000] {
+        let provider = provider(max_events);
+        let events: Vec<Arc<Event>> = (0..2_000).map(|_| event("unread.writes")).collect();
+        let mut last = HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            provider.store_batch(std::slice::from_ref(e), None).expect("store");
+            write_status(&provider, e.id, EventStatus::Processing);
+            last.insert(e.id, EventStatus::Processing);
+            if i > 0 {
+                let before = events[i - 1].id;
+                let status = if i % 7 == 0 { EventStatus::Failed } else { EventStatus::Completed };
+                write_status(&provider, before, status);
+                last.insert(before, status);
+            }
+        }
+        // No stores now: 3 000 more writes, each event's status changing in turn.
+        for round in 0..3 {
+            for e in events.iter().skip(round * 500).take(1_000) {
+                let status = EventStatus::ALL[(round + 1) % 4];
+                write_status(&provider, e.id, status);
+                last.insert(e.id, status);
+            }
+        }
+        for e in &events {
+            assert_eq!(status_of(&provider, e.id), last[&e.id], "event {} ({max_events})", e.id);
+        }
+        let stats = provider.stats().expect("stats");
+        let count = |status| last.values().filter(|&&s| s == status).count() as u64;
+        assert_eq!(
+            [stats.pending_events, stats.processing_events, stats.completed_events, stats.failed_events],
+            EventStatus::ALL.map(count),
+            "{max_events}"
+        );
+    }
+}
+
 /// An update written before an event was stored, or before it was stored again, never applies to
 /// what was stored after it, however long it waited to be applied.
 #[test]

@@ -5,8 +5,8 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append |
-//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; fewer than 256 updates may wait to be applied with others, and every read applies them first |
+//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates wait, it applies them |
+//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 256 waits to be applied with others (by a store, a read, or the writer once 1 024 wait) |
 //! | `get`, `delete` | O(1), after applying the status updates waiting (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
@@ -63,7 +63,7 @@
 
 use std::collections::BTreeMap;
 use std::mem;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -97,8 +97,10 @@ const SHARDS: usize = 16;
 const _: () = assert!(SHARDS.is_power_of_two(), "`shard_of` masks the id's low bits");
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
-/// Status updates written are applied once this many wait, or before anything reads statuses.
+/// Status updates written are applied by the next store once this many wait (see [`Written`]).
 const APPLY_FROM: usize = 256;
+/// ... and by the thread writing them once this many wait.
+const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
 
 /// Settings of a [`MemoryProvider`].
 ///
@@ -183,19 +185,23 @@ struct Shard {
 /// Status updates written and not applied yet.
 ///
 /// A worker writes the `processing` and `completed` statuses of a few events at a time, moments
-/// after a publisher stored them. Applied at once, each such write would take shard locks the
-/// publisher is taking and fetch, one after another, the index and entry cache lines the
-/// publisher has just written on its own core; on two cores that halved the throughput of the
-/// default settings. So small writes wait here, in the order written, and are applied
-/// [`APPLY_FROM`] at a time (each shard's lock once, the entries' cache misses overlapped by
-/// prefetching), and before anything reads events or statuses: `get`, `list`, `replay`, `stats`,
-/// `delete`, cleanup and `flush` apply them first, so no caller can tell they waited.
+/// after a publisher stored them. Applied by the worker, each such write takes shard locks the
+/// publisher is taking, and reads index and entry cache lines the publisher has just written on
+/// its own core, which the publisher's next stores must then fetch back; on two cores that cost
+/// the default settings a third of their throughput. So small writes wait here, in the order
+/// written, and the first store that finds [`APPLY_FROM`] waiting applies them on the storing
+/// thread, where those lines are (each shard's lock once, its entries prefetched). The thread
+/// writing them applies them itself only once [`APPLY_BY_WRITER_FROM`] wait (when nothing is
+/// being stored), and every read of events or statuses (`get`, `list`, `replay`, `stats`,
+/// `delete`, cleanup, `flush`) applies them first, so no caller can tell they waited.
 ///
 /// Lock order: `applying`, then `waiting`, then a shard.
 #[derive(Default)]
 struct Written {
     /// Updates not applied yet, in the order they were written.
     waiting: Mutex<Vec<Pending>>,
+    /// How many wait: what a store reads before it takes any lock. Set under `waiting`.
+    count: AtomicUsize,
     /// Held while updates are applied, so batches apply in the order they were taken; keeps the
     /// buffer the next batch is swapped into.
     applying: Mutex<Vec<Pending>>,
@@ -364,7 +370,11 @@ impl Shared {
     /// takes the place of the one taken.
     fn apply_waiting(&self, spare: &mut Vec<Pending>, operation: &'static str) -> Result<(), ProviderError> {
         let mut batch = mem::take(spare);
-        mem::swap(&mut batch, &mut *self.written.waiting.lock());
+        {
+            let mut waiting = self.written.waiting.lock();
+            mem::swap(&mut batch, &mut *waiting);
+            self.written.count.store(0, Ordering::Relaxed);
+        }
         let result = self.apply(batch.len(), |i| (&batch[i].update, batch[i].written_at), operation);
         batch.clear();
         *spare = batch;
@@ -513,6 +523,13 @@ impl EventSink for MemoryProvider {
             }
         }
         drop(guard);
+        // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its lock.
+        if shared.written.count.load(Ordering::Relaxed) >= APPLY_FROM {
+            // A store never waits for another thread's apply, which takes these updates too.
+            if let Some(mut spare) = shared.written.applying.try_lock() {
+                shared.apply_waiting(&mut spare, "store_batch")?;
+            }
+        }
         if fresh.is_empty() {
             return Ok(());
         }
@@ -547,9 +564,11 @@ impl EventSink for MemoryProvider {
         let waiting = {
             let mut waiting = shared.written.waiting.lock();
             waiting.extend(updates.iter().map(|update| Pending { update: update.clone(), written_at }));
+            // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
+            shared.written.count.store(waiting.len(), Ordering::Relaxed);
             waiting.len()
         };
-        if waiting >= APPLY_FROM {
+        if waiting >= APPLY_BY_WRITER_FROM {
             shared.apply_written("update_status_batch")?;
         }
         Ok(())
