@@ -145,8 +145,8 @@ impl Default for MemoryConfig {
 /// Thread-safe: the events live in shards, each behind its own read-write lock held only for the
 /// index work itself; status updates written a few at a time wait in a queue of their own and are
 /// applied in batches, before anything reads; dead letters and the bus have locks of their own;
-/// events are copied out and streams fed after the locks are released. `close` (also run on drop) stops the cleanup thread
-/// and joins it; it never waits longer than one cleanup pass.
+/// events are copied out and streams fed after the locks are released. `close` (also run on drop)
+/// stops the cleanup thread and joins it; it never waits longer than one cleanup pass.
 pub struct MemoryProvider {
     shared: Arc<Shared>,
     cleaner: Mutex<Option<Cleaner>>,

@@ -9,7 +9,6 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use hashbrown::hash_table::{Entry as IndexEntry, HashTable};
-
 use jiff::Timestamp;
 
 use super::lru::Lru;
@@ -21,7 +20,8 @@ use crate::provider::{EventFilter, ReplayFrom, StatusUpdate};
 #[derive(Debug, Clone)]
 pub(super) struct Lifecycle {
     pub(super) status: EventStatus,
-    pub(super) error: String,
+    /// A box rather than a `String`: the entry is kept to two cache lines, and few events fail.
+    pub(super) error: Box<str>,
     pub(super) retry_count: u32,
     pub(super) processed_at: Option<Timestamp>,
     pub(super) completed_at: Option<Timestamp>,
@@ -31,7 +31,7 @@ impl Lifecycle {
     fn of(event: &Event) -> Self {
         Self {
             status: event.status,
-            error: event.error.clone(),
+            error: event.error.as_str().into(),
             retry_count: event.retry_count,
             processed_at: event.processed_at,
             completed_at: event.completed_at,
@@ -41,7 +41,9 @@ impl Lifecycle {
     /// The same semantics as [`StatusUpdate::apply_to`].
     fn apply(&mut self, update: &StatusUpdate) {
         self.status = update.status;
-        self.error.clone_from(&update.error);
+        if !(update.error.is_empty() && self.error.is_empty()) {
+            self.error = update.error.as_str().into();
+        }
         self.retry_count = update.retry_count;
         if let Some(at) = update.processed_at {
             self.processed_at = Some(at);
@@ -69,13 +71,15 @@ pub(super) struct Entry {
     pub(super) event: Arc<Event>,
     pub(super) status: Lifecycle,
     pub(super) seq: u64,
-    /// Its id's hash in the index, kept here so that removing it finds its index entry by slot,
-    /// without comparing ids.
-    hash: u32,
     /// The number its latest store took: `seq` for its first store, a fresh one for a re-store.
     /// Status updates written before it (see [`Pending::written_at`]) do not apply.
     stored_at: u64,
 }
+
+// With its two links, an entry's node in the recency list fills two cache lines, no more: eviction
+// prefetches it, and status updates write it.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(size_of::<Entry>() <= 112, "an entry and its two links fit in 128 bytes");
 
 impl Entry {
     /// An owned copy of the event with its current status.
@@ -83,7 +87,7 @@ impl Entry {
         let mut event = Event::clone(&self.event);
         let s = &self.status;
         event.status = s.status;
-        event.error.clone_from(&s.error);
+        (*s.error).clone_into(&mut event.error);
         event.retry_count = s.retry_count;
         event.processed_at = s.processed_at;
         event.completed_at = s.completed_at;
@@ -249,7 +253,6 @@ impl EventTable {
                     event: Arc::clone(event),
                     status: Lifecycle::of(event),
                     seq,
-                    hash,
                     stored_at: seq,
                 });
                 vacant.insert((hash, u32::try_from(slot).expect("fewer than 2^32 events in one shard")));
@@ -318,7 +321,8 @@ impl EventTable {
     }
 
     fn remove_slot(&mut self, slot: usize) -> Entry {
-        self.by_id.remove(self.lru.get(slot).hash, slot);
+        // By slot: no id is compared, and the entry's (read for its id) is in cache already.
+        self.by_id.remove(self.by_id.hash(self.lru.get(slot).id), slot);
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
         self.by_status[status_index(entry.status.status)] -= 1;
