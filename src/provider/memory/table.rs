@@ -183,11 +183,10 @@ impl IdIndex {
 
     /// Removes `slot`'s entry, whose hash is `hash`.
     fn remove(&mut self, hash: u32, slot: usize) {
-        if let Ok(found) = self.table.find_entry(Self::wide(hash), |&(h, s)| h == hash && s as usize == slot)
-        {
+        let found = self.table.find_entry(Self::wide(hash), |&(h, s)| h == hash && s as usize == slot);
+        debug_assert!(found.is_ok(), "every slot in the recency list has its index entry");
+        if let Ok(found) = found {
             found.remove();
-        } else {
-            debug_assert!(false, "every slot in the recency list has its index entry");
         }
     }
 }
@@ -321,7 +320,8 @@ impl EventTable {
     }
 
     fn remove_slot(&mut self, slot: usize) -> Entry {
-        // By slot: no id is compared, and the entry's (read for its id) is in cache already.
+        // Found by slot, so no id is compared; the hash is computed from the entry's id, and the
+        // entry is in cache already (eviction prefetched it; `remove` has just read it).
         self.by_id.remove(self.by_id.hash(self.lru.get(slot).id), slot);
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
