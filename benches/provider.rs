@@ -21,6 +21,7 @@
 //!
 //! Run: `cargo bench --bench provider`.
 
+use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -287,6 +288,71 @@ fn threads_table(rounds: usize, events: u64) {
     }
 }
 
+/// The lifecycle of `iters` events as the broker's default path has it: a publisher builds each
+/// event and stores it at once (so the event it evicts is freed between two built, where the
+/// allocator reuses its memory at once), and every 256 events their `processing` and `completed`
+/// statuses are written, a batch each. Without a provider, the harness's own cost: the same events
+/// and status changes built, each dropped at once.
+fn as_published(iters: u64, template: &Event, provider: Option<&MemoryProvider>) -> Duration {
+    let started = Instant::now();
+    let mut ids = Vec::with_capacity(256);
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(256);
+        left -= n;
+        for _ in 0..n {
+            let event = Arc::new(fresh(template));
+            ids.push(event.id);
+            if let Some(provider) = provider {
+                provider.store_batch(std::slice::from_ref(&event), None).unwrap();
+            }
+            black_box(event);
+        }
+        let now = jiff::Timestamp::now();
+        let processing: Vec<StatusUpdate> = ids
+            .iter()
+            .map(|&id| StatusUpdate::new(id, EventStatus::Processing).with_processed_at(now))
+            .collect();
+        let completed: Vec<StatusUpdate> = ids
+            .iter()
+            .map(|&id| StatusUpdate::new(id, EventStatus::Completed).with_completed_at(now))
+            .collect();
+        if let Some(provider) = provider {
+            provider.update_status_batch(&processing).unwrap();
+            provider.update_status_batch(&completed).unwrap();
+        }
+        black_box((processing, completed));
+        ids.clear();
+    }
+    started.elapsed()
+}
+
+/// The memory provider's cost per event on the default path's allocation pattern: the lifecycle
+/// [`as_published`] with the provider and without it, in interleaved rounds; the provider's cost
+/// is the median of the per-round differences.
+fn as_published_table(rounds: usize, events: u64) {
+    println!(
+        "\nmemory provider, store + two statuses, each event built just before its store (ns per event, median of {rounds} interleaved rounds of {events} events)"
+    );
+    println!("| bound | without the provider | with it | the provider's cost |");
+    println!("|---|---:|---:|---:|");
+    let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
+    for bound in [MemoryConfig::default().max_events, 100_000] {
+        let provider = MemoryProvider::new(MemoryConfig { max_events: bound, ..MemoryConfig::default() });
+        // Filled first, so every event of a round evicts one.
+        as_published(bound as u64, &template, Some(&provider));
+        let by_round = common::interleaved(rounds, 2, |i| {
+            let spent = as_published(events, &template, (i == 1).then_some(&provider));
+            #[allow(clippy::cast_precision_loss, reason = "a mean for a table")]
+            let ns = spent.as_nanos() as f64 / events as f64;
+            ns
+        });
+        let alone = common::medians(&by_round);
+        let cost = common::median(&mut by_round.iter().map(|round| round[1] - round[0]).collect::<Vec<_>>());
+        println!("| {bound} | {:.0} | {:.0} | {cost:.0} |", alone[0], alone[1]);
+    }
+}
+
 /// The lifecycle contenders in interleaved rounds (the order rotating each round): each one's
 /// median events/s, and the median of the per-round ratios against the default.
 fn lifecycle_table(rounds: usize, events: u64) {
@@ -341,9 +407,11 @@ fn main() {
     }
     // `cargo bench` passes `--bench`; `cargo test --benches` (CI) does not: one short round.
     if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
+        as_published_table(15, 500_000);
         threads_table(5, 500_000);
         lifecycle_table(7, 100_000);
     } else {
+        as_published_table(1, 1_000);
         threads_table(1, 1_000);
         lifecycle_table(1, 1_000);
     }

@@ -262,6 +262,28 @@ fn eviction_is_least_recently_used_not_first_stored() {
     assert_eq!(stats.events_published, 6);
 }
 
+/// The provider lets go of what it evicts by the time the store returns, over one shard and over
+/// many, one event per store and many (a batch evicting more than a store holds at once): it keeps
+/// a reference to exactly the events it holds.
+#[test]
+fn an_evicted_event_is_released_when_the_store_returns() {
+    for max_events in [3, 100, 5_000] {
+        let provider = provider(max_events);
+        let events: Vec<Arc<Event>> = (0..3 * max_events).map(|_| event("a.x")).collect();
+        let (singly, batched) = events.split_at(max_events);
+        for e in singly {
+            provider.store_batch(std::slice::from_ref(e), None).expect("store one");
+        }
+        provider.store_batch(batched, None).expect("store many");
+        let held = events.iter().filter(|e| Arc::strong_count(e) > 1).count();
+        assert!(events.iter().all(|e| Arc::strong_count(e) <= 2));
+        assert_eq!(held, max_events, "the provider holds its bound's worth");
+        assert_eq!(provider.stats().expect("stats").total_events, held as u64);
+        assert_eq!(specific(&provider, "evicted"), (events.len() - held) as u64, "each evicted one released");
+        assert!(events.iter().filter(|e| Arc::strong_count(e) > 1).all(|e| stored(&provider, e.id)));
+    }
+}
+
 #[test]
 fn list_and_replay_do_not_refresh_recency() {
     let provider = provider(2);

@@ -73,7 +73,7 @@ use smallvec::SmallVec;
 
 use self::bus::{Bell, Bus, SourceId};
 use self::letters::LetterTable;
-use self::table::{EventTable, Pending, UPDATES_AT_ONCE};
+use self::table::{Entry, EventTable, Pending, UPDATES_AT_ONCE};
 use super::{
     Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
     EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
@@ -101,6 +101,8 @@ const SHARDED_FROM: usize = 4096;
 const APPLY_FROM: usize = 256;
 /// ... and by the thread writing them once this many wait.
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
+/// Most evicted events a `store_batch` holds before it releases its shard and drops them.
+const EVICTED_HELD: usize = 64;
 
 /// Settings of a [`MemoryProvider`].
 ///
@@ -498,6 +500,10 @@ impl EventSink for MemoryProvider {
         let logging = shared.bus_active.load(Ordering::Acquire);
         let mut fresh: Vec<&Arc<Event>> = Vec::new();
         let mut guard: Option<(usize, RwLockWriteGuard<'_, Shard>)> = None;
+        // Evicted events are dropped with the shard's lock released: freeing one built on another
+        // thread can wait for that thread's allocator lock, and the shard's other stores should
+        // not wait with it. A batch lets go of them every `EVICTED_HELD`.
+        let mut evicted: SmallVec<[Entry; 1]> = SmallVec::new();
         for event in events {
             let index = shared.shard_of(event.id);
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
@@ -516,13 +522,20 @@ impl EventSink for MemoryProvider {
                 held.replaced += 1;
             }
             if held.events.len() >= held.bound {
-                while held.events.len() > held.bound && held.events.evict_least_recent() {
+                while held.events.len() > held.bound {
+                    let Some(entry) = held.events.evict_least_recent() else { break };
                     held.evicted += 1;
+                    evicted.push(entry);
                 }
                 held.events.prefetch_evictions();
+                if evicted.len() >= EVICTED_HELD {
+                    drop(guard.take());
+                    evicted.clear();
+                }
             }
         }
         drop(guard);
+        drop(evicted);
         // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its lock.
         if shared.written.count.load(Ordering::Relaxed) >= APPLY_FROM {
             // A store never waits for another thread's apply, which takes these updates too.

@@ -329,11 +329,10 @@ impl EventTable {
         entry
     }
 
-    /// Evicts the least recently used event; `false` when there was none.
-    pub(super) fn evict_least_recent(&mut self) -> bool {
-        let Some(slot) = self.lru.back() else { return false };
-        self.remove_slot(slot);
-        true
+    /// Evicts the least recently used event and returns it, `None` when there was none.
+    pub(super) fn evict_least_recent(&mut self) -> Option<Entry> {
+        let slot = self.lru.back()?;
+        Some(self.remove_slot(slot))
     }
 
     /// Brings what the next evictions touch into cache ahead of them: the least recently used
@@ -442,7 +441,7 @@ mod tests {
         assert_eq!(table.remove(a).map(|e| e.id), Some(a));
         assert_eq!(status(&mut table, a), None);
         assert_eq!(status(&mut table, b), Some((b, EventStatus::Completed)));
-        assert!(table.evict_least_recent());
+        assert_eq!(table.evict_least_recent().map(|e| e.id), Some(b));
         assert_eq!((table.len(), table.count(EventStatus::Completed)), (0, 0));
         assert_eq!(status(&mut table, b), None);
     }
