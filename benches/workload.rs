@@ -23,7 +23,9 @@
 //!
 //! Run: `cargo bench --bench workload` (`cargo test --benches` runs one short round of each case).
 //! To profile one contender alone: `cargo bench --bench workload -- profile default 1 1` (the
-//! contender, publishers, shards) under `perf record`.
+//! contender, publishers, shards) under `perf record`. On a machine with more cores,
+//! `cargo bench --bench workload -- scaling 8` gives the throughput table for publishers × shards
+//! of 1, 2, 4 and 8 (up to the number given).
 
 use std::hash::BuildHasher;
 use std::hint::black_box;
@@ -253,13 +255,13 @@ const EVENTS_PER_ROUND: u64 = 200_000;
 
 /// Publishers × shards: each contender's median events/s over interleaved rounds, and the median
 /// of the per-round ratios.
-fn throughput_table(workload: &Workload, rounds: usize, events: u64) {
+fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[usize]) {
     let schedule = workload.schedule(1 << 16, 1);
     println!("\nthroughput, million events/s (median of {rounds} interleaved rounds of {events} events)");
     println!("| case | default | untracked | crossbeam | default ÷ untracked | default ÷ crossbeam |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for shards in [1, 2] {
-        for publishers in [1, 2] {
+    for &shards in counts {
+        for &publishers in counts {
             let contenders = CONTENDERS.map(|name| contender(name, workload, shards));
             // A warm-up: caches filled, the provider at its bound.
             for contender in &contenders {
@@ -404,6 +406,11 @@ fn rss_table(workload: &Workload) {
     assert!(contender.broker.shutdown(Duration::from_secs(30)).is_clean());
 }
 
+/// The cores this process may run on.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
 /// `profile CONTENDER PUBLISHERS SHARDS` (`default`, `untracked` or `crossbeam`; 1 1 when left
 /// out): that contender alone, 20 rounds of [`EVENTS_PER_ROUND`] events, each round's rate printed:
 /// a steady load for `perf record` on the bench binary.
@@ -441,14 +448,20 @@ fn main() {
     if let Some(at) = args.iter().position(|a| a == "profile") {
         let rest: Vec<String> = args[at + 1..].iter().filter(|a| !a.starts_with("--")).cloned().collect();
         profile(&workload, &rest);
+    } else if let Some(at) = args.iter().position(|a| a == "scaling") {
+        let most =
+            args.get(at + 1).map_or(8, |n| n.parse().expect("the most publishers and shards is a number"));
+        let counts: Vec<usize> = [1, 2, 4, 8, 16].into_iter().filter(|&n| n <= most).collect();
+        println!("scaling: publishers × shards, each of {counts:?}, on {} cores", available_cores());
+        throughput_table(&workload, ROUNDS, EVENTS_PER_ROUND, &counts);
     } else if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--test") {
-        throughput_table(&workload, ROUNDS, EVENTS_PER_ROUND);
+        throughput_table(&workload, ROUNDS, EVENTS_PER_ROUND, &[1, 2]);
         for workers in [1, 2] {
             latency_table(&workload, workers, 3, Duration::from_secs(2));
         }
         rss_table(&workload);
     } else {
-        throughput_table(&workload, 1, 2_000);
+        throughput_table(&workload, 1, 2_000, &[1, 2]);
         for workers in [1, 2] {
             latency_table(&workload, workers, 1, Duration::from_millis(20));
         }
