@@ -326,8 +326,10 @@ fn cleanup_now_removes_only_old_finished_events() {
     provider.store_batch(&all, None).expect("store");
 
     assert_eq!(provider.cleanup_now().expect("cleanup"), 2);
-    for e in &old {
+    for (e, held) in old.iter().zip(&all) {
         assert_eq!(stored(&provider, e.id), !e.status.is_terminal(), "{}", e.status);
+        let references = if e.status.is_terminal() { 1 } else { 2 };
+        assert_eq!(Arc::strong_count(held), references, "an expired event is let go of");
     }
     assert!(fresh.iter().all(|e| stored(&provider, e.id)));
     let stats = provider.stats().expect("stats");
@@ -338,6 +340,11 @@ fn cleanup_now_removes_only_old_finished_events() {
     // An event finished later expires on the next pass.
     provider.update_status_batch(&[StatusUpdate::new(old[0].id, EventStatus::Completed)]).expect("update");
     assert_eq!(provider.cleanup_now().expect("cleanup"), 1);
+    assert_eq!(Arc::strong_count(&all[0]), 1);
+
+    // A deleted event is let go of too.
+    assert!(provider.delete(fresh[0].id).expect("delete"));
+    assert_eq!(Arc::strong_count(&all[old.len()]), 1);
 
     provider.close().expect("close");
     assert_eq!(provider.cleanup_now().expect_err("closed").kind(), &ProviderErrorKind::Closed);

@@ -447,11 +447,12 @@ impl Shared {
         for index in 0..self.shards.len() {
             let mut shard = self.shard(index, operation)?;
             let expired = shard.events.finished_before(cutoff);
-            for &id in &expired {
-                shard.events.remove(id);
-            }
-            shard.expired += expired.len() as u64;
-            removed += expired.len();
+            // Dropped with the shard's lock released, as `store_batch` drops what it evicts.
+            let gone: Vec<Entry> = expired.iter().filter_map(|&id| shard.events.remove(id)).collect();
+            shard.expired += gone.len() as u64;
+            removed += gone.len();
+            drop(shard);
+            drop(gone);
         }
         if removed > 0 {
             tracing::debug!(count = removed, %cutoff, "memory provider: expired finished events");
@@ -635,7 +636,9 @@ impl EventStore for MemoryProvider {
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
         let shared = &*self.shared;
         shared.apply_written("delete")?;
-        Ok(shared.shard(shared.shard_of(id), "delete")?.events.remove(id).is_some())
+        // The entry outlives the statement's lock: it is dropped with the shard released.
+        let removed = shared.shard(shared.shard_of(id), "delete")?.events.remove(id);
+        Ok(removed.is_some())
     }
 
     fn replay(
