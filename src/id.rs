@@ -11,7 +11,10 @@ macro_rules! uuid_v7_id {
 
         impl $name {
             /// A new time-ordered id: a UUID v7 from this thread's generator (no system call), in
-            /// increasing order among the ids this thread makes.
+            /// increasing order among the ids this thread makes. Its lowest four bits are the
+            /// thread's lane (three bits, the same in every id the thread makes; threads are dealt
+            /// into eight lanes) and one random bit: what partitions ids by those bits, as the
+            /// memory provider does, keeps each thread's ids apart from other threads'.
             #[allow(clippy::new_without_default)] // A default id that is fresh each time would surprise.
             pub fn new() -> Self {
                 Self($crate::id::next_v7())
@@ -54,9 +57,10 @@ pub(crate) use uuid_v7_id;
 
 /// A UUID v7 (RFC 9562) from this thread's generator: the Unix time in milliseconds, a 12-bit
 /// counter that keeps the ids of one thread increasing within a millisecond (and across a clock
-/// that steps back), and 62 random bits from a generator seeded once per thread. No system call
-/// and no shared state, so making ids scales with threads; uniqueness rests on the 62 random bits
-/// (plus the counter), as v7's does.
+/// that steps back), 59 random bits from a generator seeded once per thread, and the thread's
+/// lane in the lowest three bits but one (see [`LANES`]). No system call and no shared state, so
+/// making ids scales with threads; uniqueness rests on the 59 random bits (plus the counter and
+/// the lane).
 pub(crate) fn next_v7() -> uuid::Uuid {
     next_v7_at(crate::clock::unix_millis())
 }
@@ -70,8 +74,26 @@ pub(crate) fn next_v7_at(unix_millis: u64) -> uuid::Uuid {
     GENERATOR.with_borrow_mut(|generator| generator.next_at(unix_millis))
 }
 
+/// Lanes the threads making ids are dealt into, in the order they make their first: the lowest
+/// four bits of an id are its lane (three bits) and one random bit. What partitions ids by their
+/// low bits — the memory provider's 16 shards — thus keeps one thread's ids in two partitions, and
+/// the ids of up to eight threads apart: two publishers storing at once meet in no shard's lock or
+/// cache lines, and one publisher alone still spreads its events over two shards.
+const LANES: u64 = 8;
+const LANE_SHIFT: u32 = 1;
+const _: () = assert!((LANES << LANE_SHIFT) == 16, "a lane and its random bit are the low four bits");
+
+/// The next thread's lane.
+fn next_lane() -> u64 {
+    static THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // Relaxed: any spread will do; it orders nothing.
+    THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % LANES
+}
+
 /// One thread's v7 state.
 struct V7 {
+    /// This thread's lane, in place: `lane << LANE_SHIFT`.
+    lane: u64,
     /// The millisecond of the last id, which never goes down.
     millis: u64,
     /// The 12-bit counter of the last id.
@@ -84,7 +106,7 @@ const COUNTER_MAX: u16 = 0x0FFF;
 
 impl V7 {
     fn seeded() -> Self {
-        Self { millis: 0, counter: 0, rng: fastrand::Rng::new() }
+        Self { lane: next_lane() << LANE_SHIFT, millis: 0, counter: 0, rng: fastrand::Rng::new() }
     }
 
     /// The next id at Unix time `now` (milliseconds); a `now` behind the last id's counts as the
@@ -102,7 +124,8 @@ impl V7 {
             self.counter = self.rng.u16(..=COUNTER_MAX / 2);
         }
         let millis = u128::from(self.millis & 0xFFFF_FFFF_FFFF);
-        let random = u128::from(self.rng.u64(..) & ((1 << 62) - 1));
+        let random = (self.rng.u64(..) & ((1 << 62) - 1) & !((LANES - 1) << LANE_SHIFT)) | self.lane;
+        let random = u128::from(random);
         let bits = (millis << 80) | (0x7 << 76) | (u128::from(self.counter) << 64) | (0b10 << 62) | random;
         uuid::Uuid::from_u128(bits)
     }
@@ -129,8 +152,12 @@ mod tests {
 
     #[test]
     fn a_full_millisecond_borrows_the_next_one_and_keeps_the_order() {
-        let mut generator =
-            V7 { millis: u64::MAX >> 20, counter: COUNTER_MAX - 1, rng: fastrand::Rng::with_seed(1) };
+        let mut generator = V7 {
+            lane: 0,
+            millis: u64::MAX >> 20,
+            counter: COUNTER_MAX - 1,
+            rng: fastrand::Rng::with_seed(1),
+        };
         let now = generator.millis;
         let a = generator.next_at(now);
         let b = generator.next_at(now);
@@ -140,13 +167,26 @@ mod tests {
 
     #[test]
     fn a_clock_that_steps_back_keeps_the_order() {
-        let mut generator = V7 { millis: 0, counter: 0, rng: fastrand::Rng::with_seed(2) };
+        let mut generator = V7 { lane: 0, millis: 0, counter: 0, rng: fastrand::Rng::with_seed(2) };
         let ids: Vec<uuid::Uuid> =
             [1_000, 1_000, 999, 5, 1_000, 1_001].into_iter().map(|now| generator.next_at(now)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
         let millis = |id: &uuid::Uuid| id.get_timestamp().expect("v7 has a timestamp").to_unix();
         assert_eq!(millis(&ids[3]), (1, 0), "a step back keeps the last millisecond");
         assert_eq!(millis(&ids[5]), (1, 1_000_000));
+    }
+
+    #[test]
+    fn one_threads_ids_share_their_lane() {
+        let low: Vec<u128> = (0..1_000).map(|_| next_v7().as_u128() & 0xF).collect();
+        let lane = low[0] >> LANE_SHIFT;
+        assert!(low.iter().all(|bits| bits >> LANE_SHIFT == lane), "one lane: {low:?}");
+        assert!(
+            low.contains(&(lane << LANE_SHIFT)) && low.contains(&((lane << LANE_SHIFT) | 1)),
+            "and a random bit"
+        );
+        let other = std::thread::spawn(|| next_v7().as_u128() & 0xF).join().unwrap();
+        assert!(other >> LANE_SHIFT < u128::from(LANES));
     }
 
     #[test]

@@ -284,6 +284,104 @@ fn an_evicted_event_is_released_when_the_store_returns() {
     }
 }
 
+/// Stores `count` new events on a thread of their own, one per store; returns them.
+fn store_on_a_thread(provider: &MemoryProvider, count: usize) -> Vec<Arc<Event>> {
+    thread::scope(|s| {
+        s.spawn(|| {
+            (0..count)
+                .map(|_| {
+                    let e = event("lane.x");
+                    provider.store_batch(std::slice::from_ref(&e), None).expect("store");
+                    e
+                })
+                .collect()
+        })
+        .join()
+        .expect("storing thread")
+    })
+}
+
+/// Whether the provider holds `e`, told without a `get` (which would count as use).
+fn held(e: &Arc<Event>) -> bool {
+    Arc::strong_count(e) > 1
+}
+
+/// The ids one thread makes fall into two of the 16 shards, but the bound is the provider's: one
+/// thread alone keeps `max_events` of its events, the most recent; a second thread takes half the
+/// room while the first still counts as storing, and the rest once the first has stored nothing
+/// for `max_events` stores.
+#[test]
+fn the_bound_is_shared_by_the_shards_and_a_stopped_threads_events_go() {
+    let max_events = 10_000;
+    // Shards this close in size evict their own (a sixty-fourth of the bound); the split of one
+    // thread's events between its two shards is random, so allow a few times that.
+    let slack = 4 * (max_events / 64);
+    let provider = provider(max_events);
+    let held_of = |events: &[Arc<Event>]| events.iter().filter(|e| held(e)).count();
+    let total = || usize::try_from(provider.stats().expect("stats").total_events).expect("a count");
+
+    let first = store_on_a_thread(&provider, max_events + 4_000);
+    assert_full(total(), max_events);
+    assert_eq!(held_of(&first), total());
+    assert!(
+        first[first.len() - (max_events - slack)..].iter().all(held),
+        "one thread's most recent are kept"
+    );
+
+    let second = store_on_a_thread(&provider, max_events / 2);
+    assert_full(total(), max_events);
+    assert_eq!(held_of(&first) + held_of(&second), total());
+    assert!(held_of(&second) >= max_events / 2 - slack, "the second thread took half: {}", held_of(&second));
+
+    let more = store_on_a_thread(&provider, 2 * max_events);
+    assert_full(total(), max_events);
+    assert_eq!(held_of(&first), 0, "the first thread's events went once they were stale");
+    assert!(more[more.len() - (max_events - slack)..].iter().all(held), "the latest thread's are kept");
+    let evicted = first.len() + second.len() + more.len() - total();
+    assert_eq!(specific(&provider, "evicted"), evicted as u64);
+}
+
+/// A filled provider holds `max_events`, or up to 15 fewer just after a store took 16 events from
+/// another shard at once (the next stores fill that room without evicting).
+fn assert_full(total: usize, max_events: usize) {
+    assert!(
+        (max_events - 15..=max_events).contains(&total),
+        "{total} events held; the bound is {max_events}"
+    );
+}
+
+/// Threads storing at once never take the provider past its bound, and what deletes remove makes
+/// room that stores take before evicting anything.
+#[test]
+fn concurrent_stores_keep_the_bound_and_removals_make_room() {
+    let max_events = 8_000;
+    let provider = provider(max_events);
+    let total = || usize::try_from(provider.stats().expect("stats").total_events).expect("a count");
+    let stored: Vec<Arc<Event>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| store_on_a_thread(&provider, 5_000))).collect();
+        handles.into_iter().flat_map(|h| h.join().expect("storing thread")).collect()
+    });
+    let before = total();
+    assert_full(before, max_events);
+    assert_eq!(stored.iter().filter(|e| held(e)).count(), before);
+    let evicted = specific(&provider, "evicted");
+    assert_eq!(evicted, (stored.len() - before) as u64);
+
+    let deleted: Vec<EventId> = stored.iter().filter(|e| held(e)).take(100).map(|e| e.id).collect();
+    for &id in &deleted {
+        assert!(provider.delete(id).expect("delete"));
+    }
+    assert_eq!(total(), before - 100);
+    let more = store_on_a_thread(&provider, 100 + max_events - before);
+    assert!(more.iter().all(held));
+    assert_eq!(specific(&provider, "evicted"), evicted, "the deletes made room");
+    assert_eq!(total(), max_events);
+    store_on_a_thread(&provider, 1);
+    assert_full(total(), max_events);
+    let now_evicted = specific(&provider, "evicted");
+    assert!((evicted + 1..=evicted + 16).contains(&now_evicted), "full again: {now_evicted} evicted");
+}
+
 #[test]
 fn list_and_replay_do_not_refresh_recency() {
     let provider = provider(2);

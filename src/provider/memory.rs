@@ -12,17 +12,26 @@
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
 //! | `stats` | O(shards): counters are kept on every change |
 //!
-//! The events are split into shards by id (16 of them from 4 096 events up, one below), each with
-//! its own lock, so publishers and workers writing at once rarely meet; the provider is cheap enough
-//! to be written inline by the threads that publish and handle events
-//! ([`Capabilities::inline_writes`]), without a writer thread in between.
+//! The events are split into shards by the low bits of their ids (16 of them from 4 096 events up,
+//! one below), each with its own lock. The ids one thread makes fall into two shards of their own
+//! (see [`EventId::new`]), so threads publishing at once store into different shards and never
+//! meet on a lock or a cache line; the provider is cheap enough to be written inline by the threads
+//! that publish and handle events ([`Capabilities::inline_writes`]), without a writer thread in
+//! between.
 //!
 //! ## Bounds
-//! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly. Storing one more
-//!   evicts the least recently used of its shard (of all events, below 4 096): storing and `get`
+//! - At most [`MemoryConfig::max_events`] events (10 000 by default), exactly, shared by the
+//!   shards. Storing one more evicts the least recently used event of its shard: storing and `get`
 //!   count as use; status updates, `list`, `replay` and `stats` do not (in the broker's flow, events
-//!   leave in the order they were stored unless read). Eviction ignores status, so an
-//!   event still pending can be evicted; size the bound above the number of events in flight.
+//!   leave in the order they were stored unless read). Below 4 096 that is the least recently used
+//!   of all. From there, a store takes from another shard instead when that one holds more than a
+//!   sixty-fourth of the bound more events (a thread that starts storing takes room from those in
+//!   use until they hold about as many), or when nothing has been stored into it for `max_events`
+//!   stores (a thread that stopped storing gives its events up first); it takes up to 16 at once,
+//!   and the stores after it fill that room without evicting. So a thread alone keeps
+//!   `max_events` of its latest events, and threads storing at once share the bound evenly.
+//!   Eviction ignores status, so an event still pending can be evicted; size the bound above the
+//!   number of events in flight.
 //! - Completed and failed events created more than [`MemoryConfig::max_age`] ago (24 h by
 //!   default) are removed by a background thread, `eventbroker-memory-cleanup`, that wakes every
 //!   [`MemoryConfig::cleanup_interval`] (1 min by default), and by
@@ -67,6 +76,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use jiff::Timestamp;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use smallvec::SmallVec;
@@ -103,6 +113,10 @@ const APPLY_FROM: usize = 256;
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
 /// Most evicted events a `store_batch` holds before it releases its shard and drops them.
 const EVICTED_HELD: usize = 64;
+/// Evictions a shard makes before it looks again at the other shards ([`Shared::victim_shard`]).
+const LOOK_EVERY: u32 = 64;
+/// Most events a store evicts from another shard at once.
+const TAKE_AT_ONCE: usize = 16;
 
 /// Settings of a [`MemoryProvider`].
 ///
@@ -145,7 +159,7 @@ impl Default for MemoryConfig {
 /// The in-process [`Provider`]; see the [module docs](self) for its bounds and costs.
 ///
 /// Thread-safe: the events live in shards, each behind its own read-write lock held only for the
-/// index work itself; status updates written a few at a time wait in a queue of their own and are
+/// index work itself (a store that evicts from another shard only tries that shard's lock); status updates written a few at a time wait in a queue of their own and are
 /// applied in batches, before anything reads; dead letters and the bus have locks of their own;
 /// events are copied out and streams fed after the locks are released. `close` (also run on drop)
 /// stops the cleanup thread and joins it; it never waits longer than one cleanup pass.
@@ -165,6 +179,12 @@ struct Shared {
     /// The next sequence number. Taken under the lock of the shard the event goes to, so each
     /// shard's numbers increase.
     next_seq: AtomicU64,
+    /// Events held, in all shards: at most `max_events`. Only stores below the bound and removals
+    /// write it, so the stores of a full provider (each evicting one) only read it.
+    held: CachePadded<AtomicUsize>,
+    /// What each shard shows the others, to choose where a store evicts (see
+    /// [`Shared::victim_shard`]).
+    gauges: Box<[CachePadded<Gauge>]>,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
     written: Written,
@@ -176,8 +196,12 @@ struct Shared {
 struct Shard {
     closed: bool,
     events: EventTable,
-    /// Most events this shard keeps: its part of `max_events`.
-    bound: usize,
+    /// The sequence number of its latest store; 0 before the first.
+    newest: u64,
+    /// Where this shard's stores evict instead of their own shard, as of the last look.
+    victim: Option<Victim>,
+    /// Evictions until the next look.
+    look_in: u32,
     published: u64,
     replaced: u64,
     evicted: u64,
@@ -209,6 +233,23 @@ struct Written {
     applying: Mutex<Vec<Pending>>,
 }
 
+/// What a shard shows the others: written under its lock, read without it.
+#[derive(Default)]
+struct Gauge {
+    /// Events held.
+    len: AtomicUsize,
+    /// The sequence number of its latest store; 0 before the first.
+    newest: AtomicU64,
+}
+
+/// A shard that evicting stores take from instead of their own (see [`Shared::victim_shard`]).
+#[derive(Clone, Copy)]
+struct Victim {
+    index: usize,
+    /// Nothing has been stored into it for `max_events` stores.
+    stale: bool,
+}
+
 struct Letters {
     closed: bool,
     table: LetterTable,
@@ -228,12 +269,13 @@ impl MemoryProvider {
         let interval = config.cleanup_interval.filter(|_| config.max_age.is_some());
         let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
         let shards = (0..count)
-            .map(|i| {
-                let bound = config.max_events / count + usize::from(i < config.max_events % count);
+            .map(|_| {
                 RwLock::new(Shard {
                     closed: false,
                     events: EventTable::new(),
-                    bound,
+                    newest: 0,
+                    victim: None,
+                    look_in: 0,
                     published: 0,
                     replaced: 0,
                     evicted: 0,
@@ -247,6 +289,8 @@ impl MemoryProvider {
             bus: Mutex::new(Bus::new(config.max_events)),
             bus_active: AtomicBool::new(false),
             next_seq: AtomicU64::new(1),
+            held: CachePadded::new(AtomicUsize::new(0)),
+            gauges: (0..count).map(|_| CachePadded::new(Gauge::default())).collect(),
             closed: AtomicBool::new(false),
             written: Written::default(),
             hub: StreamHub::new(config.stream_capacity),
@@ -331,7 +375,8 @@ impl std::fmt::Debug for MemoryProvider {
 }
 
 impl Shared {
-    /// The shard an event id lives in: ids are random in their low bits (UUID v7 and v4 alike).
+    /// The shard an event id lives in, by its low bits: a lane of the thread that made it, for
+    /// ours (see [`crate::id`]), random for UUID v4 (the Go seed's).
     fn shard_of(&self, id: EventId) -> usize {
         #[allow(clippy::cast_possible_truncation, reason = "only the low bits pick the shard")]
         let low = id.as_uuid().as_u128() as usize;
@@ -432,6 +477,123 @@ impl Shared {
         Ok(())
     }
 
+    /// Counts one more event held, unless `max_events` are: then `false`, and the caller evicts
+    /// one for it.
+    fn take_room(&self) -> bool {
+        // Relaxed: a count changed only by read-modify-writes, which keep it exact; it orders no
+        // other memory. A full provider's stores only load it.
+        let max = self.config.max_events;
+        self.held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| (held < max).then_some(held + 1))
+            .is_ok()
+    }
+
+    /// Counts `count` events removed, not evicted for a store.
+    fn release_room(&self, count: usize) {
+        if count > 0 {
+            // Relaxed: see `take_room`.
+            self.held.fetch_sub(count, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes shard `index`'s gauge, as `shard` is now.
+    fn publish_gauge(&self, index: usize, shard: &Shard) {
+        // Relaxed: hints; an eviction that acts on them checks them again under that shard's lock.
+        self.gauges[index].len.store(shard.events.len(), Ordering::Relaxed);
+        self.gauges[index].newest.store(shard.newest, Ordering::Relaxed);
+    }
+
+    /// Whether a shard whose latest store took `newest` has had none for `max_events` stores, at
+    /// `now` (the latest number taken).
+    fn is_stale(&self, newest: u64, now: u64) -> bool {
+        newest.saturating_add(self.config.max_events as u64) < now
+    }
+
+    /// How many more events than the evicting shard another shard holds before the evicting shard
+    /// takes from it: shards a sixty-fourth of `max_events` apart (every shard, for random ids)
+    /// evict their own.
+    fn margin(&self) -> usize {
+        self.config.max_events / 64
+    }
+
+    /// Evicts one event for an event just stored, with number `now`, in shard `index`, held as
+    /// `own`: the least recently used of `own`, unless [`Shared::victim_shard`] names another shard,
+    /// free at once, that still qualifies under its lock (up to [`TAKE_AT_ONCE`] from it, the room
+    /// of all but one left to the next stores). What is evicted goes to `evicted`, to be
+    /// dropped with the locks released.
+    fn evict_for_store(&self, index: usize, own: &mut Shard, now: u64, evicted: &mut SmallVec<[Entry; 1]>) {
+        if let Some(victim) = self.victim_shard(index, own, now) {
+            // Never waits with a shard's lock held (two stores taking from each other's shards
+            // would deadlock): a busy shard is left to the next eviction.
+            if let Some(mut shard) = self.shards[victim.index].try_write() {
+                let own_len = own.events.len();
+                let mut taken = 0;
+                while taken < TAKE_AT_ONCE
+                    && if victim.stale {
+                        self.is_stale(shard.newest, now)
+                    } else {
+                        shard.events.len() > own_len + taken + self.margin()
+                    }
+                    && let Some(entry) = shard.events.evict_least_recent()
+                {
+                    evicted.push(entry);
+                    taken += 1;
+                }
+                if taken > 0 {
+                    shard.evicted += taken as u64;
+                    self.publish_gauge(victim.index, &shard);
+                    drop(shard);
+                    self.release_room(taken - 1);
+                    return;
+                }
+            }
+            own.look_in = 0; // Look again at the next eviction.
+        }
+        if let Some(entry) = own.events.evict_least_recent() {
+            own.evicted += 1;
+            evicted.push(entry);
+        } else {
+            debug_assert!(false, "the shard holds the event just stored");
+            // Relaxed: see `take_room`.
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The shard a store into shard `index` (held as `own`) evicts from instead of its own, as of
+    /// the last look, taken again every [`LOOK_EVERY`] evictions: the stale shard (see
+    /// [`Shared::is_stale`]) whose latest store is the oldest, else the shard holding the most
+    /// events if that is more than [`Shared::margin`] above `own`.
+    ///
+    /// Ids one thread makes fall into two of the 16 shards (see [`crate::id`]), so each publisher
+    /// stores into shards of its own, and each shard evicts its own least recently used: two
+    /// publishers never touch each other's shards. The bound is the provider's, though: a thread
+    /// that starts storing takes room from the shards in use until it holds as many, and the
+    /// events of a thread that stopped are the first to go once they are stale.
+    fn victim_shard(&self, index: usize, own: &mut Shard, now: u64) -> Option<Victim> {
+        if own.look_in > 0 {
+            own.look_in -= 1;
+            return own.victim;
+        }
+        own.look_in = LOOK_EVERY;
+        // Relaxed: hints (see `publish_gauge`).
+        let gauges =
+            self.gauges.iter().enumerate().filter(|&(other, _)| other != index).map(|(other, gauge)| {
+                (other, gauge.len.load(Ordering::Relaxed), gauge.newest.load(Ordering::Relaxed))
+            });
+        let stale = gauges
+            .clone()
+            .filter(|&(_, len, newest)| len > 0 && self.is_stale(newest, now))
+            .min_by_key(|&(_, _, newest)| newest)
+            .map(|(other, _, _)| Victim { index: other, stale: true });
+        own.victim = stale.or_else(|| {
+            gauges
+                .max_by_key(|&(_, len, _)| len)
+                .filter(|&(_, len, _)| len > own.events.len() + self.margin())
+                .map(|(other, _, _)| Victim { index: other, stale: false })
+        });
+        own.victim
+    }
+
     fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
         // Acquire: pairs with the Release store in `close`.
         if self.closed.load(Ordering::Acquire) { Err(closed_error(NAME, operation)) } else { Ok(()) }
@@ -450,6 +612,8 @@ impl Shared {
             // Dropped with the shard's lock released, as `store_batch` drops what it evicts.
             let gone: Vec<Entry> = expired.iter().filter_map(|&id| shard.events.remove(id)).collect();
             shard.expired += gone.len() as u64;
+            self.release_room(gone.len());
+            self.publish_gauge(index, &shard);
             removed += gone.len();
             drop(shard);
             drop(gone);
@@ -512,27 +676,30 @@ impl EventSink for MemoryProvider {
                 guard = Some((index, shared.shard(index, "store_batch")?));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
+            let mut number = 0;
             // Relaxed: the number only needs to be unique and increasing within the shard, whose
             // lock is held.
-            if held.events.upsert(event, || shared.next_seq.fetch_add(1, Ordering::Relaxed)) {
+            let new = held.events.upsert(event, || {
+                number = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+                number
+            });
+            held.newest = number;
+            if new {
                 held.published += 1;
                 if tailing || logging {
                     fresh.push(event);
                 }
+                if !shared.take_room() {
+                    shared.evict_for_store(index, held, number, &mut evicted);
+                    held.events.prefetch_evictions();
+                }
             } else {
                 held.replaced += 1;
             }
-            if held.events.len() >= held.bound {
-                while held.events.len() > held.bound {
-                    let Some(entry) = held.events.evict_least_recent() else { break };
-                    held.evicted += 1;
-                    evicted.push(entry);
-                }
-                held.events.prefetch_evictions();
-                if evicted.len() >= EVICTED_HELD {
-                    drop(guard.take());
-                    evicted.clear();
-                }
+            shared.publish_gauge(index, held);
+            if evicted.len() >= EVICTED_HELD {
+                drop(guard.take());
+                evicted.clear();
             }
         }
         drop(guard);
@@ -636,8 +803,14 @@ impl EventStore for MemoryProvider {
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
         let shared = &*self.shared;
         shared.apply_written("delete")?;
-        // The entry outlives the statement's lock: it is dropped with the shard released.
-        let removed = shared.shard(shared.shard_of(id), "delete")?.events.remove(id);
+        let index = shared.shard_of(id);
+        let mut part = shared.shard(index, "delete")?;
+        let removed = part.events.remove(id);
+        if removed.is_some() {
+            shared.release_room(1);
+            shared.publish_gauge(index, &part);
+        }
+        drop(part); // The entry is dropped with the shard released.
         Ok(removed.is_some())
     }
 
