@@ -541,8 +541,13 @@ impl Shared {
                 }
                 if taken > 0 {
                     shard.evicted += taken as u64;
+                    // A shard taken from until empty (its thread stopped storing) gives its
+                    // capacity back too: over time every lane's shards fill once.
+                    let emptied =
+                        (shard.events.len() == 0).then(|| mem::replace(&mut shard.events, EventTable::new()));
                     self.publish_gauge(victim.index, &shard);
                     drop(shard);
+                    drop(emptied);
                     self.release_room(taken - 1);
                     return;
                 }
