@@ -5,9 +5,9 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates wait, it applies them |
-//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 256 waits to be applied with others (by a store, a read, or the writer once 1 024 wait) |
-//! | `get`, `delete` | O(1), after applying the status updates waiting (`delete`: O(log n) to mark its sequence number gone) |
+//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait, it applies them |
+//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 256 waits in its shards' queues to be applied with others (by a store into the shard, a read, or the writer once 1 024 wait for one shard) |
+//! | `get`, `delete` | O(1), after applying the status updates waiting for the event's shard (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
 //! | `stats` | O(shards): counters are kept on every change |
@@ -107,10 +107,13 @@ const SHARDS: usize = 16;
 const _: () = assert!(SHARDS.is_power_of_two(), "`shard_of` masks the id's low bits");
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
-/// Status updates written are applied by the next store once this many wait (see [`Written`]).
+/// A shard's status updates written are applied by the next store into it once this many wait
+/// (see [`Written`]).
 const APPLY_FROM: usize = 256;
 /// ... and by the thread writing them once this many wait.
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
+/// A status batch this large is applied by the thread writing it, at once.
+const APPLY_AT_ONCE_FROM: usize = 256;
 /// Most evicted events a `store_batch` holds before it releases its shard and drops them.
 const EVICTED_HELD: usize = 64;
 /// Evictions a shard makes before it looks again at the other shards ([`Shared::victim_shard`]).
@@ -159,8 +162,9 @@ impl Default for MemoryConfig {
 /// The in-process [`Provider`]; see the [module docs](self) for its bounds and costs.
 ///
 /// Thread-safe: the events live in shards, each behind its own read-write lock held only for the
-/// index work itself (a store that evicts from another shard only tries that shard's lock); status updates written a few at a time wait in a queue of their own and are
-/// applied in batches, before anything reads; dead letters and the bus have locks of their own;
+/// index work itself (a store that evicts from another shard only tries that shard's lock);
+/// status updates written a few at a time wait in a queue per shard and are applied in batches,
+/// before anything reads; dead letters and the bus have locks of their own;
 /// events are copied out and streams fed after the locks are released. `close` (also run on drop)
 /// stops the cleanup thread and joins it; it never waits longer than one cleanup pass.
 pub struct MemoryProvider {
@@ -187,7 +191,8 @@ struct Shared {
     gauges: Box<[CachePadded<Gauge>]>,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
-    written: Written,
+    /// Each shard's status updates waiting to be applied.
+    written: Box<[CachePadded<Written>]>,
     hub: StreamHub,
     /// Rung when events that some consumer group may want are stored.
     bell: Bell,
@@ -202,35 +207,37 @@ struct Shard {
     victim: Option<Victim>,
     /// Evictions until the next look.
     look_in: u32,
+    /// The buffer the next batch of waiting status updates is swapped into.
+    spare: Vec<Pending>,
     published: u64,
     replaced: u64,
     evicted: u64,
     expired: u64,
 }
 
-/// Status updates written and not applied yet.
+/// Status updates written to one shard's events and not applied yet.
 ///
 /// A worker writes the `processing` and `completed` statuses of a few events at a time, moments
 /// after a publisher stored them. Applied by the worker, each such write takes shard locks the
 /// publisher is taking, and reads index and entry cache lines the publisher has just written on
 /// its own core, which the publisher's next stores must then fetch back; on two cores that cost
 /// the default settings a third of their throughput. So small writes wait here, in the order
-/// written, and the first store that finds [`APPLY_FROM`] waiting applies them on the storing
-/// thread, where those lines are (each shard's lock once, its entries prefetched). The thread
-/// writing them applies them itself only once [`APPLY_BY_WRITER_FROM`] wait (when nothing is
-/// being stored), and every read of events or statuses (`get`, `list`, `replay`, `stats`,
-/// `delete`, cleanup, `flush`) applies them first, so no caller can tell they waited.
+/// written, and the first store into the shard that finds [`APPLY_FROM`] waiting applies them
+/// under the shard lock it holds, on the thread whose events they are (a thread's events have
+/// shards of their own: see [`Shared::victim_shard`]), where those lines are, its entries
+/// prefetched. The thread writing them applies them itself only once [`APPLY_BY_WRITER_FROM`]
+/// wait (when nothing is being stored into the shard), and every read of events or statuses
+/// (`get`, `list`, `replay`, `stats`, `delete`, cleanup, `flush`) applies them first, so no
+/// caller can tell they waited.
 ///
-/// Lock order: `applying`, then `waiting`, then a shard.
+/// Updates are taken out of `waiting` only under the shard's lock, so batches of one shard apply
+/// in the order written. Lock order: the shard, then `waiting`.
 #[derive(Default)]
 struct Written {
     /// Updates not applied yet, in the order they were written.
     waiting: Mutex<Vec<Pending>>,
-    /// How many wait: what a store reads before it takes any lock. Set under `waiting`.
+    /// How many wait: what a store reads before it takes the lock. Set under `waiting`.
     count: AtomicUsize,
-    /// Held while updates are applied, so batches apply in the order they were taken; keeps the
-    /// buffer the next batch is swapped into.
-    applying: Mutex<Vec<Pending>>,
 }
 
 /// What a shard shows the others: written under its lock, read without it.
@@ -276,6 +283,7 @@ impl MemoryProvider {
                     newest: 0,
                     victim: None,
                     look_in: 0,
+                    spare: Vec::new(),
                     published: 0,
                     replaced: 0,
                     evicted: 0,
@@ -292,7 +300,7 @@ impl MemoryProvider {
             held: CachePadded::new(AtomicUsize::new(0)),
             gauges: (0..count).map(|_| CachePadded::new(Gauge::default())).collect(),
             closed: AtomicBool::new(false),
-            written: Written::default(),
+            written: (0..count).map(|_| CachePadded::new(Written::default())).collect(),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
             config,
@@ -410,45 +418,42 @@ impl Shared {
 
     /// Applies the status updates written so far, in the order they were written.
     fn apply_written(&self, operation: &'static str) -> Result<(), ProviderError> {
-        self.apply_waiting(&mut self.written.applying.lock(), operation)
-    }
-
-    /// [`Shared::apply_written`] for a caller holding `written.applying`, whose `spare` buffer
-    /// takes the place of the one taken.
-    fn apply_waiting(&self, spare: &mut Vec<Pending>, operation: &'static str) -> Result<(), ProviderError> {
-        let mut batch = mem::take(spare);
-        {
-            let mut waiting = self.written.waiting.lock();
-            mem::swap(&mut batch, &mut *waiting);
-            self.written.count.store(0, Ordering::Relaxed);
+        for index in 0..self.shards.len() {
+            self.apply_waiting(index, &mut *self.shard(index, operation)?);
         }
-        let result = self.apply(batch.len(), |i| (&batch[i].update, batch[i].written_at), operation);
-        batch.clear();
-        *spare = batch;
-        result
+        Ok(())
     }
 
-    /// Applies `len` updates, the `i`th given by `update(i)` with the `next_seq` of its writing:
-    /// each shard's lock once, its updates in order (a later update of an id wins: an id is always
-    /// in the same shard), grouped by a counting sort.
-    fn apply<'a>(
+    /// Applies the status updates waiting for shard `index`, held as `shard`, in the order written.
+    fn apply_waiting(&self, index: usize, shard: &mut Shard) {
+        let written = &self.written[index];
+        // Relaxed: a hint. Whoever took updates out held this shard's lock, as the caller does,
+        // and a reader that learned of a write after it returned sees its count.
+        if written.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut batch = mem::take(&mut shard.spare);
+        {
+            let mut waiting = written.waiting.lock();
+            mem::swap(&mut batch, &mut *waiting);
+            written.count.store(0, Ordering::Relaxed);
+        }
+        for chunk in batch.chunks(UPDATES_AT_ONCE) {
+            shard.events.update(chunk.iter().map(|pending| (&pending.update, pending.written_at)));
+        }
+        batch.clear();
+        shard.spare = batch;
+    }
+
+    /// The shard of each of `len` updates, the `i`th given by `update(i)`, and the order that
+    /// groups them by shard (a counting sort, stable), with each shard's range in it.
+    fn group_by_shard<'a>(
         &self,
         len: usize,
-        update: impl Fn(usize) -> (&'a StatusUpdate, u64),
-        operation: &'static str,
-    ) -> Result<(), ProviderError> {
-        if len == 0 {
-            return Ok(());
-        }
-        if self.shards.len() == 1 {
-            let mut held = self.shard(0, operation)?;
-            for start in (0..len).step_by(UPDATES_AT_ONCE) {
-                held.events.update((start..len.min(start + UPDATES_AT_ONCE)).map(&update));
-            }
-            return Ok(());
-        }
-        let shard_of: SmallVec<[u8; APPLY_FROM]> = (0..len)
-            .map(|i| u8::try_from(self.shard_of(update(i).0.id)).expect("fewer than 256 shards"))
+        update: impl Fn(usize) -> &'a StatusUpdate,
+    ) -> (SmallVec<[usize; APPLY_AT_ONCE_FROM]>, [usize; SHARDS + 1]) {
+        let shard_of: SmallVec<[u8; APPLY_AT_ONCE_FROM]> = (0..len)
+            .map(|i| u8::try_from(self.shard_of(update(i).id)).expect("fewer than 256 shards"))
             .collect();
         let mut starts = [0usize; SHARDS + 1];
         for &index in &shard_of {
@@ -458,18 +463,32 @@ impl Shared {
             starts[index + 1] += starts[index];
         }
         let mut next = starts;
-        let mut order: SmallVec<[usize; APPLY_FROM]> = smallvec::smallvec![0; len];
+        let mut order: SmallVec<[usize; APPLY_AT_ONCE_FROM]> = smallvec::smallvec![0; len];
         for (i, &index) in shard_of.iter().enumerate() {
             let at = &mut next[usize::from(index)];
             order[*at] = i;
             *at += 1;
         }
-        for index in 0..SHARDS {
+        (order, starts)
+    }
+
+    /// Applies `len` updates, the `i`th given by `update(i)` with the `next_seq` of its writing,
+    /// after those waiting: each shard's lock once, its updates in order (a later update of an id
+    /// wins: an id is always in the same shard).
+    fn apply<'a>(
+        &self,
+        len: usize,
+        update: impl Fn(usize) -> (&'a StatusUpdate, u64),
+        operation: &'static str,
+    ) -> Result<(), ProviderError> {
+        let (order, starts) = self.group_by_shard(len, |i| update(i).0);
+        for index in 0..self.shards.len() {
             let group = &order[starts[index]..starts[index + 1]];
             if group.is_empty() {
                 continue;
             }
             let mut held = self.shard(index, operation)?;
+            self.apply_waiting(index, &mut held);
             for chunk in group.chunks(UPDATES_AT_ONCE) {
                 held.events.update(chunk.iter().map(|&i| update(i)));
             }
@@ -678,7 +697,12 @@ impl EventSink for MemoryProvider {
             let index = shared.shard_of(event.id);
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
                 drop(guard.take()); // One shard lock at a time.
-                guard = Some((index, shared.shard(index, "store_batch")?));
+                let mut held = shared.shard(index, "store_batch")?;
+                // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its lock.
+                if shared.written[index].count.load(Ordering::Relaxed) >= APPLY_FROM {
+                    shared.apply_waiting(index, &mut held);
+                }
+                guard = Some((index, held));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
             let mut number = 0;
@@ -709,15 +733,6 @@ impl EventSink for MemoryProvider {
         }
         drop(guard);
         drop(evicted);
-        // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its lock.
-        if shared.written.count.load(Ordering::Relaxed) >= APPLY_FROM {
-            // A store never waits for another thread's apply, which takes these updates too.
-            if let Some(mut spare) = shared.written.applying.try_lock() {
-                // It fails only once the provider is closed, when what waited no longer matters;
-                // the events were stored, and the call says so.
-                let _ = shared.apply_waiting(&mut spare, "store_batch");
-            }
-        }
         if fresh.is_empty() {
             return Ok(());
         }
@@ -742,22 +757,28 @@ impl EventSink for MemoryProvider {
         // Relaxed: a store that returned before this call took its number before it (the caller
         // saw the store done), which coherence of this one counter orders; see `Pending`.
         let written_at = shared.next_seq.load(Ordering::Relaxed);
-        if updates.len() >= APPLY_FROM {
-            // A batch this large is applied as it is, after those written before it. Updates
-            // written while it is applied are written concurrently with it, so it need not hold
-            // `applying` (which would keep two such writers from applying at once).
-            shared.apply_written("update_status_batch")?;
+        if updates.len() >= APPLY_AT_ONCE_FROM {
+            // A batch this large is applied as it is, each shard's after the updates waiting for
+            // it. Updates written while it is applied are written concurrently with it.
             return shared.apply(updates.len(), |i| (&updates[i], written_at), "update_status_batch");
         }
-        let waiting = {
-            let mut waiting = shared.written.waiting.lock();
-            waiting.extend(updates.iter().map(|update| Pending { update: update.clone(), written_at }));
-            // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
-            shared.written.count.store(waiting.len(), Ordering::Relaxed);
-            waiting.len()
-        };
-        if waiting >= APPLY_BY_WRITER_FROM {
-            shared.apply_written("update_status_batch")?;
+        let (order, starts) = shared.group_by_shard(updates.len(), |i| &updates[i]);
+        for index in 0..shared.shards.len() {
+            let group = &order[starts[index]..starts[index + 1]];
+            if group.is_empty() {
+                continue;
+            }
+            let written = &shared.written[index];
+            let waiting = {
+                let mut waiting = written.waiting.lock();
+                waiting.extend(group.iter().map(|&i| Pending { update: updates[i].clone(), written_at }));
+                // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
+                written.count.store(waiting.len(), Ordering::Relaxed);
+                waiting.len()
+            };
+            if waiting >= APPLY_BY_WRITER_FROM {
+                shared.apply_waiting(index, &mut *shared.shard(index, "update_status_batch")?);
+            }
         }
         Ok(())
     }
@@ -783,8 +804,10 @@ impl EventSink for MemoryProvider {
 impl EventStore for MemoryProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let shared = &*self.shared;
-        shared.apply_written("get")?;
-        Ok(shared.shard(shared.shard_of(id), "get")?.events.touch(id))
+        let index = shared.shard_of(id);
+        let mut part = shared.shard(index, "get")?;
+        shared.apply_waiting(index, &mut part);
+        Ok(part.events.touch(id))
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
@@ -807,9 +830,9 @@ impl EventStore for MemoryProvider {
 
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
         let shared = &*self.shared;
-        shared.apply_written("delete")?;
         let index = shared.shard_of(id);
         let mut part = shared.shard(index, "delete")?;
+        shared.apply_waiting(index, &mut part);
         let removed = part.events.remove(id);
         if removed.is_some() {
             shared.release_room(1);
