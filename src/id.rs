@@ -55,6 +55,8 @@ macro_rules! uuid_v7_id {
 
 pub(crate) use uuid_v7_id;
 
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+
 /// A UUID v7 (RFC 9562) from this thread's generator: the Unix time in milliseconds, a 12-bit
 /// counter that keeps the ids of one thread increasing within a millisecond (and across a clock
 /// that steps back), 59 random bits from a generator seeded once per thread, and the thread's
@@ -71,29 +73,75 @@ pub(crate) fn next_v7_at(unix_millis: u64) -> uuid::Uuid {
     thread_local! {
         static GENERATOR: std::cell::RefCell<V7> = std::cell::RefCell::new(V7::seeded());
     }
-    GENERATOR.with_borrow_mut(|generator| generator.next_at(unix_millis))
+    GENERATOR
+        .try_with(|generator| generator.borrow_mut().next_at(unix_millis))
+        // Asked for from another thread-local's destructor, after this thread's generator is
+        // gone: an id from a generator of its own, in order with nothing.
+        .unwrap_or_else(|_| V7::seeded().next_at(unix_millis))
 }
 
-/// Lanes the threads making ids are dealt into, in the order they make their first: the lowest
-/// four bits of an id are its lane (three bits) and one random bit. What partitions ids by their
-/// low bits — the memory provider's 16 shards — thus keeps one thread's ids in two partitions, and
-/// the ids of up to eight threads apart: two publishers storing at once meet in no shard's lock or
-/// cache lines, and one publisher alone still spreads its events over two shards.
-const LANES: u64 = 8;
+/// Lanes the threads making ids are dealt into: the lowest four bits of an id are its lane (three
+/// bits) and one random bit. What partitions ids by their low bits — the memory provider's 16
+/// shards — thus keeps one thread's ids in two partitions, and the ids of up to eight threads
+/// apart: two publishers storing at once meet in no shard's lock or cache lines, and one
+/// publisher alone still spreads its events over two shards.
+const LANES: u32 = 8;
 const LANE_SHIFT: u32 = 1;
 const _: () = assert!((LANES << LANE_SHIFT) == 16, "a lane and its random bit are the low four bits");
 
-/// The next thread's lane.
-fn next_lane() -> u64 {
-    static THREADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    // Relaxed: any spread will do; it orders nothing.
-    THREADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % LANES
+/// Which lanes live threads hold, and the lanes they share once all are held.
+///
+/// A thread takes the lowest free lane with its first id and gives it back when it exits, so a
+/// thread that takes over from one that ended (a pool's next worker, a new publisher thread)
+/// stores into the shards its predecessor filled, rather than filling two more while the old
+/// ones wait to go stale. Past eight live threads, lanes are shared in turn.
+struct LaneTable {
+    /// Bit `i` set while a live thread holds lane `i`.
+    held: AtomicU8,
+    /// Turns of the lanes handed out shared.
+    shared: AtomicU32,
+}
+
+const _: () = assert!(LANES == u8::BITS, "one bit of `held` per lane");
+
+static LANE_TABLE: LaneTable = LaneTable::new();
+
+impl LaneTable {
+    const fn new() -> Self {
+        Self { held: AtomicU8::new(0), shared: AtomicU32::new(0) }
+    }
+
+    /// The lowest free lane, held until the returned `Lane` drops; a shared one if none is free.
+    fn take(&'static self) -> Lane {
+        // Relaxed: the bits order nothing else; a read-modify-write keeps each lane to one holder.
+        let taken = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            (held != u8::MAX).then(|| held | (1 << (!held).trailing_zeros()))
+        });
+        match taken {
+            Ok(before) => Lane { index: (!before).trailing_zeros(), table: Some(self) },
+            Err(_) => Lane { index: self.shared.fetch_add(1, Ordering::Relaxed) % LANES, table: None },
+        }
+    }
+}
+
+/// A thread's lane, given back to its table on drop when the thread held it alone.
+struct Lane {
+    index: u32,
+    table: Option<&'static LaneTable>,
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if let Some(table) = self.table {
+            // Relaxed: see `LaneTable::take`.
+            table.held.fetch_and(!(1 << self.index), Ordering::Relaxed);
+        }
+    }
 }
 
 /// One thread's v7 state.
 struct V7 {
-    /// This thread's lane, in place: `lane << LANE_SHIFT`.
-    lane: u64,
+    lane: Lane,
     /// The millisecond of the last id, which never goes down.
     millis: u64,
     /// The 12-bit counter of the last id.
@@ -106,7 +154,7 @@ const COUNTER_MAX: u16 = 0x0FFF;
 
 impl V7 {
     fn seeded() -> Self {
-        Self { lane: next_lane() << LANE_SHIFT, millis: 0, counter: 0, rng: fastrand::Rng::new() }
+        Self { lane: LANE_TABLE.take(), millis: 0, counter: 0, rng: fastrand::Rng::new() }
     }
 
     /// The next id at Unix time `now` (milliseconds); a `now` behind the last id's counts as the
@@ -124,7 +172,9 @@ impl V7 {
             self.counter = self.rng.u16(..=COUNTER_MAX / 2);
         }
         let millis = u128::from(self.millis & 0xFFFF_FFFF_FFFF);
-        let random = (self.rng.u64(..) & ((1 << 62) - 1) & !((LANES - 1) << LANE_SHIFT)) | self.lane;
+        let lane_bits = u64::from(LANES - 1) << LANE_SHIFT;
+        let random =
+            (self.rng.u64(..) & ((1 << 62) - 1) & !lane_bits) | (u64::from(self.lane.index) << LANE_SHIFT);
         let random = u128::from(random);
         let bits = (millis << 80) | (0x7 << 76) | (u128::from(self.counter) << 64) | (0b10 << 62) | random;
         uuid::Uuid::from_u128(bits)
@@ -153,7 +203,7 @@ mod tests {
     #[test]
     fn a_full_millisecond_borrows_the_next_one_and_keeps_the_order() {
         let mut generator = V7 {
-            lane: 0,
+            lane: Lane { index: 0, table: None },
             millis: u64::MAX >> 20,
             counter: COUNTER_MAX - 1,
             rng: fastrand::Rng::with_seed(1),
@@ -167,7 +217,12 @@ mod tests {
 
     #[test]
     fn a_clock_that_steps_back_keeps_the_order() {
-        let mut generator = V7 { lane: 0, millis: 0, counter: 0, rng: fastrand::Rng::with_seed(2) };
+        let mut generator = V7 {
+            lane: Lane { index: 0, table: None },
+            millis: 0,
+            counter: 0,
+            rng: fastrand::Rng::with_seed(2),
+        };
         let ids: Vec<uuid::Uuid> =
             [1_000, 1_000, 999, 5, 1_000, 1_001].into_iter().map(|now| generator.next_at(now)).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
@@ -187,6 +242,28 @@ mod tests {
         );
         let other = std::thread::spawn(|| next_v7().as_u128() & 0xF).join().unwrap();
         assert!(other >> LANE_SHIFT < u128::from(LANES));
+    }
+
+    #[test]
+    fn threads_take_the_lowest_free_lane_and_share_once_all_are_taken() {
+        static TABLE: LaneTable = LaneTable::new();
+        let lanes: Vec<Lane> = (0..LANES).map(|_| TABLE.take()).collect();
+        assert_eq!(lanes.iter().map(|lane| lane.index).collect::<Vec<_>>(), (0..LANES).collect::<Vec<_>>());
+        let shared = [TABLE.take(), TABLE.take()];
+        assert!(shared.iter().all(|lane| lane.table.is_none()), "shared once all are held");
+        assert_ne!(shared[0].index, shared[1].index, "in turn");
+        drop(shared);
+        assert_eq!(TABLE.held.load(Ordering::Relaxed), u8::MAX, "shared lanes are not given back");
+        let mut lanes = lanes;
+        drop(lanes.remove(5));
+        drop(lanes.remove(2));
+        let two = TABLE.take();
+        assert_eq!(two.index, 2, "the lowest free");
+        let five = TABLE.take();
+        assert_eq!(five.index, 5);
+        drop(lanes);
+        drop((two, five));
+        assert_eq!(TABLE.held.load(Ordering::Relaxed), 0);
     }
 
     #[test]

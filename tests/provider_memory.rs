@@ -328,37 +328,51 @@ fn held(e: &Arc<Event>) -> bool {
     Arc::strong_count(e) > 1
 }
 
+/// Stores `count` new events whose ids are in `lane` (the lane a thread's ids carry in their low
+/// bits, 0 to 7: two of the 16 shards), one per store; returns them.
+fn store_in_lane(provider: &MemoryProvider, lane: u128, count: usize) -> Vec<Arc<Event>> {
+    (0..count)
+        .map(|i| {
+            let id = EventId::new().as_uuid().as_u128() & !0xF | lane << 1 | (i as u128 & 1);
+            let e = Arc::new(Event {
+                id: EventId::from_uuid(uuid::Uuid::from_u128(id)),
+                ..Event::new(EventSource::System, "lane.x")
+            });
+            provider.store_batch(std::slice::from_ref(&e), None).expect("store");
+            e
+        })
+        .collect()
+}
+
 /// The ids one thread makes fall into two of the 16 shards, but the bound is the provider's: one
-/// thread alone keeps `max_events` of its events, the most recent; a second thread takes half the
+/// lane alone keeps `max_events` of its events, the most recent; a second lane takes half the
 /// room while the first still counts as storing, and the rest once the first has stored nothing
 /// for `max_events` stores.
 #[test]
-fn the_bound_is_shared_by_the_shards_and_a_stopped_threads_events_go() {
+fn the_bound_is_shared_by_the_shards_and_a_stopped_lanes_events_go() {
     let max_events = 10_000;
     // Shards this close in size evict their own (a sixty-fourth of the bound); the split of one
-    // thread's events between its two shards is random, so allow a few times that.
+    // lane's events between its two shards is random, so allow a few times that.
     let slack = 4 * (max_events / 64);
     let provider = provider(max_events);
     let held_of = |events: &[Arc<Event>]| events.iter().filter(|e| held(e)).count();
     let total = || usize::try_from(provider.stats().expect("stats").total_events).expect("a count");
 
-    let first = store_on_a_thread(&provider, max_events + 4_000);
+    let first = store_in_lane(&provider, 3, max_events + 4_000);
     assert_full(total(), max_events);
     assert_eq!(held_of(&first), total());
-    assert!(
-        first[first.len() - (max_events - slack)..].iter().all(held),
-        "one thread's most recent are kept"
-    );
+    assert!(first[first.len() - (max_events - slack)..].iter().all(held), "one lane's most recent are kept");
 
-    let second = store_on_a_thread(&provider, max_events / 2);
+    let second = store_in_lane(&provider, 6, max_events / 2);
     assert_full(total(), max_events);
     assert_eq!(held_of(&first) + held_of(&second), total());
-    assert!(held_of(&second) >= max_events / 2 - slack, "the second thread took half: {}", held_of(&second));
+    assert!(held_of(&second) >= max_events / 2 - slack, "the second lane took half: {}", held_of(&second));
+    assert!(held_of(&first) >= max_events / 2 - slack, "the first lane kept half: {}", held_of(&first));
 
-    let more = store_on_a_thread(&provider, 2 * max_events);
+    let more = store_in_lane(&provider, 6, 2 * max_events);
     assert_full(total(), max_events);
-    assert_eq!(held_of(&first), 0, "the first thread's events went once they were stale");
-    assert!(more[more.len() - (max_events - slack)..].iter().all(held), "the latest thread's are kept");
+    assert_eq!(held_of(&first), 0, "the first lane's events went once they were stale");
+    assert!(more[more.len() - (max_events - slack)..].iter().all(held), "the latest are kept");
     let evicted = first.len() + second.len() + more.len() - total();
     assert_eq!(specific(&provider, "evicted"), evicted as u64);
 }
