@@ -12,9 +12,10 @@ macro_rules! uuid_v7_id {
         impl $name {
             /// A new time-ordered id: a UUID v7 from this thread's generator (no system call), in
             /// increasing order among the ids this thread makes. Its lowest four bits are the
-            /// thread's lane (three bits, the same in every id the thread makes; threads are dealt
-            /// into eight lanes) and one random bit: what partitions ids by those bits, as the
-            /// memory provider does, keeps each thread's ids apart from other threads'.
+            /// thread's lane (three bits, the same in every id the thread makes: each of up to
+            /// eight live threads holds a lane of its own) and one random bit, so what partitions
+            /// ids by those bits, as the memory provider does, keeps each thread's ids apart from
+            /// other threads'.
             #[allow(clippy::new_without_default)] // A default id that is fresh each time would surprise.
             pub fn new() -> Self {
                 Self($crate::id::next_v7())
@@ -60,9 +61,9 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 /// A UUID v7 (RFC 9562) from this thread's generator: the Unix time in milliseconds, a 12-bit
 /// counter that keeps the ids of one thread increasing within a millisecond (and across a clock
 /// that steps back), 59 random bits from a generator seeded once per thread, and the thread's
-/// lane in the lowest three bits but one (see [`LANES`]). No system call and no shared state, so
-/// making ids scales with threads; uniqueness rests on the 59 random bits (plus the counter and
-/// the lane).
+/// lane in bits 1 to 3 (see [`LANES`]). No system call, and no shared state after a thread's
+/// first id (which takes its lane), so making ids scales with threads; uniqueness rests on the 59
+/// random bits (plus the counter and the lane).
 pub(crate) fn next_v7() -> uuid::Uuid {
     next_v7_at(crate::clock::unix_millis())
 }
@@ -141,6 +142,7 @@ impl Drop for Lane {
 
 /// One thread's v7 state.
 struct V7 {
+    /// This thread's lane, given back when the thread exits.
     lane: Lane,
     /// The millisecond of the last id, which never goes down.
     millis: u64,
