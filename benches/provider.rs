@@ -3,7 +3,9 @@
 //! - `memory_provider`: the provider alone, as the broker drives it for each event: store it (one
 //!   call per event, as publishers do), then its `processing` and `completed` updates in batches of
 //!   256 (a worker's batch). Elements are events: the cost per event of store plus statuses, at the
-//!   default bound (10 000 events, evicting from then on) and at 100 000; and on either side of
+//!   default bound (10 000 events, evicting from then on) and at 100 000; at the default bound
+//!   with statuses written 8 at a time (a worker that keeps up takes a few events a turn, and
+//!   writes each turn's statuses twice, so a cost per call shows here); and on either side of
 //!   the bound from which the provider shards (4 095 events in one shard, 4 096 in 16), which
 //!   shows what spreading events over shards costs a single thread.
 //! - then a table: the same on one thread and on two threads at once, each with events of its own
@@ -128,22 +130,25 @@ fn broker(provider: Arc<dyn Provider>, writer: WriterConfig) -> (Broker, Arc<Ato
 }
 
 /// Stores each of `chunk` with a call of its own, as publishers do, then writes their `processing`
-/// and their `completed` statuses, a batch each, as a worker does.
-fn lifecycle_by_id(provider: &MemoryProvider, chunk: &[Arc<Event>]) {
+/// and their `completed` statuses, a batch each of up to `statuses_at_once`, as a worker does (a
+/// full batch of 256 when it is behind, a few at a time when it keeps up).
+fn lifecycle_by_id(provider: &MemoryProvider, chunk: &[Arc<Event>], statuses_at_once: usize) {
     for event in chunk {
         provider.store_batch(std::slice::from_ref(event), None).unwrap();
     }
     let now = jiff::Timestamp::now();
-    let processing: Vec<StatusUpdate> = chunk
-        .iter()
-        .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
-        .collect();
-    provider.update_status_batch(&processing).unwrap();
-    let completed: Vec<StatusUpdate> = chunk
-        .iter()
-        .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
-        .collect();
-    provider.update_status_batch(&completed).unwrap();
+    for turn in chunk.chunks(statuses_at_once) {
+        let processing: Vec<StatusUpdate> = turn
+            .iter()
+            .map(|e| StatusUpdate::new(e.id, EventStatus::Processing).with_processed_at(now))
+            .collect();
+        provider.update_status_batch(&processing).unwrap();
+        let completed: Vec<StatusUpdate> = turn
+            .iter()
+            .map(|e| StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(now))
+            .collect();
+        provider.update_status_batch(&completed).unwrap();
+    }
 }
 
 /// Times `lifecycle` over `iters` events in chunks of 256, each built just before it is stored, as
@@ -168,15 +173,19 @@ fn memory_provider(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
     let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
-    for (max_events, name) in [
-        (4_095, "4095, one shard"),
-        (4_096, "4096, 16 shards"),
-        (MemoryConfig::default().max_events, "default bound"),
-        (100_000, "100k bound"),
+    let default_bound = MemoryConfig::default().max_events;
+    for (max_events, statuses_at_once, name) in [
+        (4_095, 256, "4095, one shard"),
+        (4_096, 256, "4096, 16 shards"),
+        (default_bound, 256, "default bound"),
+        (default_bound, 8, "default bound, statuses 8 at once"),
+        (100_000, 256, "100k bound"),
     ] {
         let provider = Arc::new(MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() }));
         group.bench_function(BenchmarkId::new("store_and_two_statuses", name), |b| {
-            b.iter_custom(|iters| in_chunks(iters, &template, |chunk| lifecycle_by_id(&provider, chunk)));
+            b.iter_custom(|iters| {
+                in_chunks(iters, &template, |chunk| lifecycle_by_id(&provider, chunk, statuses_at_once))
+            });
         });
     }
     group.finish();
@@ -269,7 +278,7 @@ fn threads_table(rounds: usize, events: u64) {
                             .map(|_| {
                                 let (provider, template) = (&provider, &template);
                                 s.spawn(move || {
-                                    in_chunks(events, template, |chunk| lifecycle_by_id(provider, chunk))
+                                    in_chunks(events, template, |chunk| lifecycle_by_id(provider, chunk, 256))
                                 })
                             })
                             .collect();

@@ -105,6 +105,7 @@ const NAME: &str = "memory";
 /// Shards of a provider holding at least [`SHARDED_FROM`] events.
 const SHARDS: usize = 16;
 const _: () = assert!(SHARDS.is_power_of_two(), "`shard_of` masks the id's low bits");
+const _: () = assert!(SHARDS <= 32, "a `u32` mask holds a bit per shard");
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
 /// A shard's status updates written are applied by the next store into it once this many wait
@@ -445,52 +446,46 @@ impl Shared {
         shard.spare = batch;
     }
 
-    /// The shard of each of `len` updates, the `i`th given by `update(i)`, and the order that
-    /// groups them by shard (a counting sort, stable), with each shard's range in it.
-    fn group_by_shard<'a>(
-        &self,
-        len: usize,
-        update: impl Fn(usize) -> &'a StatusUpdate,
-    ) -> (SmallVec<[usize; APPLY_AT_ONCE_FROM]>, [usize; SHARDS + 1]) {
-        let shard_of: SmallVec<[u8; APPLY_AT_ONCE_FROM]> = (0..len)
-            .map(|i| u8::try_from(self.shard_of(update(i).id)).expect("fewer than 256 shards"))
+    /// The shard of each update, and the shards among them as a mask (bit `i` for shard `i`).
+    ///
+    /// Kept to the bytes a worker's few updates need: a worker writes twice per batch it takes,
+    /// often a handful of updates each time, so this is built per call.
+    fn shards_of(&self, updates: &[StatusUpdate]) -> (SmallVec<[u8; APPLY_AT_ONCE_FROM]>, u32) {
+        let mut present = 0u32;
+        let shards = updates
+            .iter()
+            .map(|update| {
+                let index = self.shard_of(update.id);
+                present |= 1 << index;
+                u8::try_from(index).expect("at most 32 shards")
+            })
             .collect();
-        let mut starts = [0usize; SHARDS + 1];
-        for &index in &shard_of {
-            starts[usize::from(index) + 1] += 1;
-        }
-        for index in 0..SHARDS {
-            starts[index + 1] += starts[index];
-        }
-        let mut next = starts;
-        let mut order: SmallVec<[usize; APPLY_AT_ONCE_FROM]> = smallvec::smallvec![0; len];
-        for (i, &index) in shard_of.iter().enumerate() {
-            let at = &mut next[usize::from(index)];
-            order[*at] = i;
-            *at += 1;
-        }
-        (order, starts)
+        (shards, present)
     }
 
-    /// Applies `len` updates, the `i`th given by `update(i)` with the `next_seq` of its writing,
-    /// after those waiting: each shard's lock once, its updates in order (a later update of an id
-    /// wins: an id is always in the same shard).
-    fn apply<'a>(
+    /// Applies `updates`, written when `next_seq` was `written_at`, each after the updates waiting
+    /// for its shard: each shard's lock once, its updates in order (a later update of an id wins:
+    /// an id is always in the same shard).
+    fn apply(
         &self,
-        len: usize,
-        update: impl Fn(usize) -> (&'a StatusUpdate, u64),
+        updates: &[StatusUpdate],
+        written_at: u64,
         operation: &'static str,
     ) -> Result<(), ProviderError> {
-        let (order, starts) = self.group_by_shard(len, |i| update(i).0);
-        for index in 0..self.shards.len() {
-            let group = &order[starts[index]..starts[index + 1]];
-            if group.is_empty() {
-                continue;
-            }
+        let (shards, present) = self.shards_of(updates);
+        for index in each_shard_in(present) {
             let mut held = self.shard(index, operation)?;
             self.apply_waiting(index, &mut held);
-            for chunk in group.chunks(UPDATES_AT_ONCE) {
-                held.events.update(chunk.iter().map(|&i| update(i)));
+            let mut mine = updates
+                .iter()
+                .zip(&shards)
+                .filter(|&(_, &shard)| usize::from(shard) == index)
+                .map(|(update, _)| (update, written_at))
+                .peekable();
+            while mine.peek().is_some() {
+                let chunk: SmallVec<[(&StatusUpdate, u64); UPDATES_AT_ONCE]> =
+                    mine.by_ref().take(UPDATES_AT_ONCE).collect();
+                held.events.update(chunk.iter().copied());
             }
         }
         Ok(())
@@ -649,6 +644,15 @@ impl Shared {
     }
 }
 
+/// The shards whose bits are set in `mask`, in increasing order.
+fn each_shard_in(mut mask: u32) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let index = mask.trailing_zeros();
+        mask &= mask.wrapping_sub(1);
+        (index < u32::BITS).then_some(index as usize)
+    })
+}
+
 impl Cleaner {
     fn start(shared: Weak<Shared>, interval: Duration) -> Option<Self> {
         let (stop, stopped) = flume::bounded::<()>(0);
@@ -760,18 +764,19 @@ impl EventSink for MemoryProvider {
         if updates.len() >= APPLY_AT_ONCE_FROM {
             // A batch this large is applied as it is, each shard's after the updates waiting for
             // it. Updates written while it is applied are written concurrently with it.
-            return shared.apply(updates.len(), |i| (&updates[i], written_at), "update_status_batch");
+            return shared.apply(updates, written_at, "update_status_batch");
         }
-        let (order, starts) = shared.group_by_shard(updates.len(), |i| &updates[i]);
-        for index in 0..shared.shards.len() {
-            let group = &order[starts[index]..starts[index + 1]];
-            if group.is_empty() {
-                continue;
-            }
+        let (shards, present) = shared.shards_of(updates);
+        for index in each_shard_in(present) {
             let written = &shared.written[index];
             let waiting = {
                 let mut waiting = written.waiting.lock();
-                waiting.extend(group.iter().map(|&i| Pending { update: updates[i].clone(), written_at }));
+                waiting.reserve(updates.len());
+                for (update, _) in
+                    updates.iter().zip(&shards).filter(|&(_, &shard)| usize::from(shard) == index)
+                {
+                    waiting.push(Pending { update: update.clone(), written_at });
+                }
                 // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
                 written.count.store(waiting.len(), Ordering::Relaxed);
                 waiting.len()
@@ -1078,5 +1083,18 @@ impl Inbound for MemoryInbound {
             self.shared.bell.ring();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::each_shard_in;
+
+    #[test]
+    fn each_shard_in_a_mask_comes_once_in_increasing_order() {
+        assert_eq!(each_shard_in(0).count(), 0);
+        assert_eq!(each_shard_in(0b1).collect::<Vec<_>>(), [0]);
+        assert_eq!(each_shard_in(1 << 31 | 1 << 5 | 1 << 4).collect::<Vec<_>>(), [4, 5, 31]);
+        assert_eq!(each_shard_in(u32::MAX).collect::<Vec<_>>(), (0..32).collect::<Vec<_>>());
     }
 }
