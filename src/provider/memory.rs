@@ -182,8 +182,9 @@ struct Shared {
     /// always true (groups are durable).
     bus_active: AtomicBool,
     /// The next sequence number. Taken under the lock of the shard the event goes to, so each
-    /// shard's numbers increase.
-    next_seq: AtomicU64,
+    /// shard's numbers increase. A line of its own: every store writes it, and the fields every
+    /// call reads (`closed`, `bus_active`) would otherwise be fetched back after each store.
+    next_seq: CachePadded<AtomicU64>,
     /// Events held, in all shards: at most `max_events`. Only stores below the bound and removals
     /// write it, so the stores of a full provider (each evicting one) only read it.
     held: CachePadded<AtomicUsize>,
@@ -297,7 +298,7 @@ impl MemoryProvider {
             letters: RwLock::new(Letters { closed: false, table: LetterTable::new() }),
             bus: Mutex::new(Bus::new(config.max_events)),
             bus_active: AtomicBool::new(false),
-            next_seq: AtomicU64::new(1),
+            next_seq: CachePadded::new(AtomicU64::new(1)),
             held: CachePadded::new(AtomicUsize::new(0)),
             gauges: (0..count).map(|_| CachePadded::new(Gauge::default())).collect(),
             closed: AtomicBool::new(false),
