@@ -5,7 +5,7 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait, it applies them |
+//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait (it looks every 16 stores), it applies them |
 //! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 256 waits in its shards' queues to be applied with others (by a store into the shard, a read, or the writer once 1 024 wait for one shard) |
 //! | `get`, `delete` | O(1), after applying the status updates waiting for the event's shard (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
@@ -111,6 +111,8 @@ const SHARDED_FROM: usize = 4096;
 /// A shard's status updates written are applied by the next store into it once this many wait
 /// (see [`Written`]).
 const APPLY_FROM: usize = 256;
+/// Stores into a shard between two looks at how many status updates wait for it.
+const LOOK_AT_WRITTEN_EVERY: u32 = 16;
 /// ... and by the thread writing them once this many wait.
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
 /// A status batch this large is applied by the thread writing it, at once.
@@ -209,6 +211,8 @@ struct Shard {
     victim: Option<Victim>,
     /// Evictions until the next look.
     look_in: u32,
+    /// Stores until the next look at the status updates waiting for this shard.
+    look_at_written_in: u32,
     /// The buffer the next batch of waiting status updates is swapped into.
     spare: Vec<Pending>,
     published: u64,
@@ -224,8 +228,8 @@ struct Shard {
 /// publisher is taking, and reads index and entry cache lines the publisher has just written on
 /// its own core, which the publisher's next stores must then fetch back; on two cores that cost
 /// the default settings a third of their throughput. So small writes wait here, in the order
-/// written, and the first store into the shard that finds [`APPLY_FROM`] waiting applies them
-/// under the shard lock it holds, on the thread whose events they are (a thread's events have
+/// written, and the first store into the shard that finds [`APPLY_FROM`] waiting (stores look
+/// every [`LOOK_AT_WRITTEN_EVERY`]) applies them under the shard lock it holds, on the thread whose events they are (a thread's events have
 /// shards of their own: see [`Shared::victim_shard`]), where those lines are, its entries
 /// prefetched. The thread writing them applies them itself only once [`APPLY_BY_WRITER_FROM`]
 /// wait (when nothing is being stored into the shard), and every read of events or statuses
@@ -285,6 +289,7 @@ impl MemoryProvider {
                     newest: 0,
                     victim: None,
                     look_in: 0,
+                    look_at_written_in: 0,
                     spare: Vec::new(),
                     published: 0,
                     replaced: 0,
@@ -703,9 +708,17 @@ impl EventSink for MemoryProvider {
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
                 drop(guard.take()); // One shard lock at a time.
                 let mut held = shared.shard(index, "store_batch")?;
-                // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its lock.
-                if shared.written[index].count.load(Ordering::Relaxed) >= APPLY_FROM {
-                    shared.apply_waiting(index, &mut held);
+                // The count is written by the workers queueing updates: read at every store, its
+                // line would travel between their cores and this one each time.
+                if held.look_at_written_in == 0 {
+                    held.look_at_written_in = LOOK_AT_WRITTEN_EVERY;
+                    // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its
+                    // lock.
+                    if shared.written[index].count.load(Ordering::Relaxed) >= APPLY_FROM {
+                        shared.apply_waiting(index, &mut held);
+                    }
+                } else {
+                    held.look_at_written_in -= 1;
                 }
                 guard = Some((index, held));
             }
