@@ -198,6 +198,42 @@ fn waiting_updates_apply_before_a_large_batch_written_after_them() {
     }
 }
 
+/// Every field of an update survives its wait in the provider: error text, retry count and both
+/// timestamps, and an update without error text clears the one before it, as `apply_to` does.
+#[test]
+fn waiting_updates_keep_every_field() {
+    let provider = provider(100);
+    let e = event("fields.kept");
+    provider.store_batch(&[Arc::clone(&e)], None).expect("store");
+    let (processed, failed, completed) = (ago(30), ago(20), ago(10));
+    let first = StatusUpdate {
+        error: "handler `audit` failed: timeout".into(),
+        retry_count: 2,
+        processed_at: Some(processed),
+        completed_at: Some(failed),
+        ..StatusUpdate::new(e.id, EventStatus::Failed)
+    };
+    provider.update_status_batch(&[first]).expect("update");
+    let read = provider.get(e.id).expect("get").expect("stored");
+    assert_eq!(read.status, EventStatus::Failed);
+    assert_eq!(read.error, "handler `audit` failed: timeout");
+    assert_eq!((read.retry_count, read.processed_at, read.completed_at), (2, Some(processed), Some(failed)));
+
+    let second = StatusUpdate { retry_count: 3, ..StatusUpdate::new(e.id, EventStatus::Processing) };
+    let third = StatusUpdate::new(e.id, EventStatus::Completed).with_completed_at(completed);
+    provider.update_status_batch(&[second]).expect("update");
+    provider.update_status_batch(&[third]).expect("update");
+    let read = provider.get(e.id).expect("get").expect("stored");
+    assert_eq!(read.status, EventStatus::Completed);
+    assert_eq!(read.error, "", "an update without error text clears it");
+    assert_eq!(read.retry_count, 0, "the retry count is the latest update's");
+    assert_eq!(
+        (read.processed_at, read.completed_at),
+        (Some(processed), Some(completed)),
+        "absent times are kept"
+    );
+}
+
 /// An update written before an event was stored, or before it was stored again, never applies to
 /// what was stored after it, however long it waited to be applied.
 #[test]

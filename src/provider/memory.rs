@@ -446,7 +446,7 @@ impl Shared {
             written.count.store(0, Ordering::Relaxed);
         }
         for chunk in batch.chunks(UPDATES_AT_ONCE) {
-            shard.events.update(chunk.iter().map(|pending| (&pending.update, pending.written_at)));
+            shard.events.update(chunk.iter());
         }
         batch.clear();
         shard.spare = batch;
@@ -789,7 +789,7 @@ impl EventSink for MemoryProvider {
                 for (update, _) in
                     updates.iter().zip(&shards).filter(|&(_, &shard)| usize::from(shard) == index)
                 {
-                    waiting.push(Pending { update: update.clone(), written_at });
+                    waiting.push(Pending::new(update, written_at));
                 }
                 // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
                 written.count.store(waiting.len(), Ordering::Relaxed);

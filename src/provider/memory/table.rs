@@ -56,11 +56,104 @@ impl Lifecycle {
 
 /// A status update as the provider keeps it until it is applied: with the number `next_seq` had
 /// when the update was written, which tells the stores before it from those after it.
+///
+/// One cache line (a [`StatusUpdate`] with the number took 104 bytes): workers write these and the
+/// thread that applies them, usually a publisher on another core, reads them, so their size is
+/// what travels between the cores for every status change.
 pub(super) struct Pending {
-    pub(super) update: StatusUpdate,
+    id: EventId,
     /// `next_seq` when the update was written: an entry whose latest store took this number or a
     /// later one was stored after the update and is not its target.
-    pub(super) written_at: u64,
+    written_at: u64,
+    change: Change,
+}
+
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(size_of::<Pending>() <= 64, "a waiting update fills one cache line");
+
+/// What a waiting update changes.
+enum Change {
+    /// An update without error text, as the broker's own `processing` and `completed` ones are.
+    Plain {
+        /// `processed_at` and `completed_at`, each where its bit in `present` is set.
+        at: [Timestamp; 2],
+        present: u8,
+        retry_count: u32,
+        status: EventStatus,
+    },
+    /// Any other update, as written.
+    Full(Box<StatusUpdate>),
+}
+
+const PROCESSED: u8 = 1;
+const COMPLETED: u8 = 2;
+
+impl Pending {
+    pub(super) fn new(update: &StatusUpdate, written_at: u64) -> Self {
+        let change = if update.error.is_empty() {
+            let mut present = 0;
+            let mut at = [Timestamp::UNIX_EPOCH; 2];
+            for (i, (time, bit)) in
+                [(update.processed_at, PROCESSED), (update.completed_at, COMPLETED)].into_iter().enumerate()
+            {
+                if let Some(time) = time {
+                    at[i] = time;
+                    present |= bit;
+                }
+            }
+            Change::Plain { at, present, retry_count: update.retry_count, status: update.status }
+        } else {
+            Change::Full(Box::new(update.clone()))
+        };
+        Self { id: update.id, written_at, change }
+    }
+}
+
+/// A status update on its way into a table: its event, when it was written, and what it changes.
+pub(super) trait StatusChange {
+    fn id(&self) -> EventId;
+    /// `next_seq` when it was written (see [`Pending::written_at`]).
+    fn written_at(&self) -> u64;
+    fn apply_to(&self, status: &mut Lifecycle);
+}
+
+impl StatusChange for &Pending {
+    fn id(&self) -> EventId {
+        self.id
+    }
+    fn written_at(&self) -> u64 {
+        self.written_at
+    }
+    fn apply_to(&self, status: &mut Lifecycle) {
+        match &self.change {
+            Change::Plain { at, present, retry_count, status: new } => {
+                status.status = *new;
+                if !status.error.is_empty() {
+                    status.error = Box::default();
+                }
+                status.retry_count = *retry_count;
+                if present & PROCESSED != 0 {
+                    status.processed_at = Some(at[0]);
+                }
+                if present & COMPLETED != 0 {
+                    status.completed_at = Some(at[1]);
+                }
+            }
+            Change::Full(update) => status.apply(update),
+        }
+    }
+}
+
+impl StatusChange for (&StatusUpdate, u64) {
+    fn id(&self) -> EventId {
+        self.0.id
+    }
+    fn written_at(&self) -> u64 {
+        self.1
+    }
+    fn apply_to(&self, status: &mut Lifecycle) {
+        status.apply(self.0);
+    }
 }
 
 /// One stored event: as stored, its status now, and its sequence number.
@@ -279,32 +372,32 @@ impl EventTable {
     /// Updates do not count as use: they are the broker's bookkeeping, written by its workers
     /// while publishers store, and moving the entry in the recency list would have every worker
     /// write the list head every publisher writes.
-    pub(super) fn update<'a>(&mut self, updates: impl Iterator<Item = (&'a StatusUpdate, u64)> + Clone) {
+    pub(super) fn update<C: StatusChange>(&mut self, updates: impl Iterator<Item = C> + Clone) {
         const ABSENT: usize = usize::MAX;
         // Matched on the hash alone, so that no entry is read before all are prefetched; the id
         // is confirmed below (a different id with the same hash is found again in full).
         let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> = updates
             .clone()
-            .map(|(update, _)| self.by_id.find(self.by_id.hash(update.id), |_| true).unwrap_or(ABSENT))
+            .map(|change| self.by_id.find(self.by_id.hash(change.id()), |_| true).unwrap_or(ABSENT))
             .collect();
         for &slot in slots.iter().filter(|&&slot| slot != ABSENT) {
             self.lru.prefetch(slot);
         }
         debug_assert!(slots.len() <= UPDATES_AT_ONCE, "callers pass at most UPDATES_AT_ONCE");
-        for ((update, written_at), mut slot) in updates.zip(slots) {
-            if slot != ABSENT && self.lru.get(slot).id != update.id {
-                slot = self.slot_of(update.id).unwrap_or(ABSENT);
+        for (change, mut slot) in updates.zip(slots) {
+            if slot != ABSENT && self.lru.get(slot).id != change.id() {
+                slot = self.slot_of(change.id()).unwrap_or(ABSENT);
             }
             if slot == ABSENT {
                 continue;
             }
             let entry = self.lru.get_mut(slot);
-            if entry.stored_at >= written_at {
+            if entry.stored_at >= change.written_at() {
                 continue;
             }
             let status = &mut entry.status;
             self.by_status[status_index(status.status)] -= 1;
-            status.apply(update);
+            change.apply_to(status);
             self.by_status[status_index(status.status)] += 1;
         }
     }
