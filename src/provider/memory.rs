@@ -111,10 +111,10 @@ const SHARDED_FROM: usize = 4096;
 /// A shard's status updates written are applied by the next store into it once this many wait
 /// (see [`Written`]).
 const APPLY_FROM: usize = 256;
-/// Stores into a shard between two looks at how many status updates wait for it.
-const LOOK_AT_WRITTEN_EVERY: u32 = 16;
 /// ... and by the thread writing them once this many wait.
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
+/// Stores into a shard between two looks at how many status updates wait for it.
+const LOOK_AT_WRITTEN_EVERY: u32 = 16;
 /// A status batch this large is applied by the thread writing it, at once.
 const APPLY_AT_ONCE_FROM: usize = 256;
 /// Most evicted events a `store_batch` holds before it releases its shard and drops them.
@@ -229,10 +229,11 @@ struct Shard {
 /// its own core, which the publisher's next stores must then fetch back; on two cores that cost
 /// the default settings a third of their throughput. So small writes wait here, in the order
 /// written, and the first store into the shard that finds [`APPLY_FROM`] waiting (stores look
-/// every [`LOOK_AT_WRITTEN_EVERY`]) applies them under the shard lock it holds, on the thread whose events they are (a thread's events have
-/// shards of their own: see [`Shared::victim_shard`]), where those lines are, its entries
-/// prefetched. The thread writing them applies them itself only once [`APPLY_BY_WRITER_FROM`]
-/// wait (when nothing is being stored into the shard), and every read of events or statuses
+/// every [`LOOK_AT_WRITTEN_EVERY`]) applies them under the shard lock it holds, on the thread
+/// whose events they are (a thread's events have shards of their own: see
+/// [`Shared::victim_shard`]), where those lines are, its entries prefetched. The thread writing
+/// them applies them itself only once [`APPLY_BY_WRITER_FROM`] wait (when nothing is being stored
+/// into the shard), and every read of events or statuses
 /// (`get`, `list`, `replay`, `stats`, `delete`, cleanup, `flush`) applies them first, so no
 /// caller can tell they waited.
 ///
@@ -482,12 +483,7 @@ impl Shared {
         for index in each_shard_in(present) {
             let mut held = self.shard(index, operation)?;
             self.apply_waiting(index, &mut held);
-            let mut mine = updates
-                .iter()
-                .zip(&shards)
-                .filter(|&(_, &shard)| usize::from(shard) == index)
-                .map(|(update, _)| (update, written_at))
-                .peekable();
+            let mut mine = in_shard(updates, &shards, index).map(|update| (update, written_at)).peekable();
             while mine.peek().is_some() {
                 let chunk: SmallVec<[(&StatusUpdate, u64); UPDATES_AT_ONCE]> =
                     mine.by_ref().take(UPDATES_AT_ONCE).collect();
@@ -650,6 +646,20 @@ impl Shared {
     }
 }
 
+/// Those of `updates` in shard `index`, in order, given each one's shard as [`Shared::shards_of`]
+/// gives them.
+fn in_shard<'a>(
+    updates: &'a [StatusUpdate],
+    shards: &'a [u8],
+    index: usize,
+) -> impl Iterator<Item = &'a StatusUpdate> {
+    updates
+        .iter()
+        .zip(shards)
+        .filter(move |&(_, &shard)| usize::from(shard) == index)
+        .map(|(update, _)| update)
+}
+
 /// The shards whose bits are set in `mask`, in increasing order.
 fn each_shard_in(mut mask: u32) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
@@ -786,11 +796,8 @@ impl EventSink for MemoryProvider {
             let waiting = {
                 let mut waiting = written.waiting.lock();
                 waiting.reserve(updates.len());
-                for (update, _) in
-                    updates.iter().zip(&shards).filter(|&(_, &shard)| usize::from(shard) == index)
-                {
-                    waiting.push(Pending::new(update, written_at));
-                }
+                waiting
+                    .extend(in_shard(updates, &shards, index).map(|update| Pending::new(update, written_at)));
                 // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
                 written.count.store(waiting.len(), Ordering::Relaxed);
                 waiting.len()

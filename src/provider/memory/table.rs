@@ -91,17 +91,14 @@ const COMPLETED: u8 = 2;
 impl Pending {
     pub(super) fn new(update: &StatusUpdate, written_at: u64) -> Self {
         let change = if update.error.is_empty() {
-            let mut present = 0;
-            let mut at = [Timestamp::UNIX_EPOCH; 2];
-            for (i, (time, bit)) in
-                [(update.processed_at, PROCESSED), (update.completed_at, COMPLETED)].into_iter().enumerate()
-            {
-                if let Some(time) = time {
-                    at[i] = time;
-                    present |= bit;
-                }
+            let (processed, completed) = (update.processed_at, update.completed_at);
+            Change::Plain {
+                at: [processed, completed].map(|at| at.unwrap_or(Timestamp::UNIX_EPOCH)),
+                present: (u8::from(processed.is_some()) * PROCESSED)
+                    | (u8::from(completed.is_some()) * COMPLETED),
+                retry_count: update.retry_count,
+                status: update.status,
             }
-            Change::Plain { at, present, retry_count: update.retry_count, status: update.status }
         } else {
             Change::Full(Box::new(update.clone()))
         };
@@ -124,6 +121,7 @@ impl StatusChange for &Pending {
     fn written_at(&self) -> u64 {
         self.written_at
     }
+    /// The same semantics as [`Lifecycle::apply`], for an update without error text.
     fn apply_to(&self, status: &mut Lifecycle) {
         match &self.change {
             Change::Plain { at, present, retry_count, status: new } => {
