@@ -95,6 +95,7 @@ use crate::pattern::Pattern;
 use crate::sync::thread;
 
 mod bus;
+mod index;
 mod letters;
 mod lru;
 mod prefetch;

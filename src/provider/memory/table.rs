@@ -5,12 +5,11 @@
 //! status update writes a few fields instead of copying an event that handlers may still share.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use hashbrown::hash_table::{Entry as IndexEntry, HashTable};
 use jiff::Timestamp;
 
+use super::index::IdIndex;
 use super::lru::Lru;
 use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
@@ -230,55 +229,18 @@ impl SeqIndex {
         }
     }
 
+    /// Hints the CPU to bring the entries that evictions pop a few from now into cache (four
+    /// share a cache line; the oldest events were numbered long ago and are cold).
+    fn prefetch_front(&self) {
+        if let Some(ahead) = self.entries.get(8) {
+            super::prefetch::range(std::ptr::from_ref(ahead).cast(), size_of::<(u64, usize)>());
+        }
+    }
+
     /// `(seq, slot)` from `first` on, in order.
     fn from(&self, first: u64) -> impl Iterator<Item = (u64, usize)> + '_ {
         let start = self.entries.partition_point(|&(s, _)| s < first);
         self.entries.range(start..).copied().filter(|&(_, slot)| slot != GONE)
-    }
-}
-
-/// Slots by event id: a hash table of `(hash, slot)` pairs, eight bytes each; the ids live in the
-/// entries, where a match of the hash is confirmed. Small, so the index of every shard stays in
-/// cache while the events themselves stream through it (with the ids in it, it took three times
-/// the room, and evicting an event missed the cache on the index twice).
-struct IdIndex {
-    table: HashTable<(u32, u32)>,
-    state: foldhash::fast::RandomState,
-}
-
-impl IdIndex {
-    fn new() -> Self {
-        Self { table: HashTable::new(), state: foldhash::fast::RandomState::default() }
-    }
-
-    /// `id`'s hash: 32 bits of a seeded hash (ids come from outside; a fixed hash could be
-    /// flooded).
-    fn hash(&self, id: EventId) -> u32 {
-        #[allow(clippy::cast_possible_truncation, reason = "the high half of the hash")]
-        let high = (self.state.hash_one(id) >> 32) as u32;
-        high
-    }
-
-    /// The table's 64-bit hash of a 32-bit one: the table takes its buckets from the low bits and
-    /// its tags from the top seven, so both come from the 32 bits.
-    fn wide(hash: u32) -> u64 {
-        (u64::from(hash) << 32) | u64::from(hash)
-    }
-
-    /// The slot of the entry with `hash` for which `is` holds.
-    fn find(&self, hash: u32, mut is: impl FnMut(usize) -> bool) -> Option<usize> {
-        self.table
-            .find(Self::wide(hash), |&(h, slot)| h == hash && is(slot as usize))
-            .map(|&(_, slot)| slot as usize)
-    }
-
-    /// Removes `slot`'s entry, whose hash is `hash`.
-    fn remove(&mut self, hash: u32, slot: usize) {
-        let found = self.table.find_entry(Self::wide(hash), |&(h, s)| h == hash && s as usize == slot);
-        debug_assert!(found.is_ok(), "every slot in the recency list has its index entry");
-        if let Ok(found) = found {
-            found.remove();
-        }
     }
 }
 
@@ -317,27 +279,21 @@ impl EventTable {
     /// once): a new id takes it as its sequence number. `true` when the id was not stored yet; a
     /// re-store keeps its sequence number and takes the new event and its status.
     pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
+        let seq = next_seq();
         // One probe of the index either way.
         let hash = self.by_id.hash(event.id);
         let lru = &self.lru;
-        let found = self.by_id.table.entry(
-            IdIndex::wide(hash),
-            |&(h, slot)| h == hash && lru.get(slot as usize).id == event.id,
-            |&(h, _)| IdIndex::wide(h),
-        );
-        let new = match found {
-            IndexEntry::Occupied(stored) => {
-                let slot = stored.get().1 as usize;
+        let new = match self.by_id.find_or_vacant(hash, |slot| lru.get(slot).id == event.id) {
+            Ok(slot) => {
                 let entry = self.lru.get_mut(slot);
                 self.by_status[status_index(entry.status.status)] -= 1;
                 entry.event = Arc::clone(event);
                 entry.status = Lifecycle::of(event);
-                entry.stored_at = next_seq();
+                entry.stored_at = seq;
                 self.lru.touch(slot);
                 false
             }
-            IndexEntry::Vacant(vacant) => {
-                let seq = next_seq();
+            Err(vacant) => {
                 let slot = self.lru.push_front(Entry {
                     id: event.id,
                     event: Arc::clone(event),
@@ -345,7 +301,7 @@ impl EventTable {
                     seq,
                     stored_at: seq,
                 });
-                vacant.insert((hash, u32::try_from(slot).expect("fewer than 2^32 events in one shard")));
+                self.by_id.insert(vacant, slot);
                 self.by_seq.push(seq, slot);
                 true
             }
@@ -372,12 +328,15 @@ impl EventTable {
     /// write the list head every publisher writes.
     pub(super) fn update<C: StatusChange>(&mut self, updates: impl Iterator<Item = C> + Clone) {
         const ABSENT: usize = usize::MAX;
+        let hashes: smallvec::SmallVec<[u32; UPDATES_AT_ONCE]> =
+            updates.clone().map(|change| self.by_id.hash(change.id())).collect();
+        for &hash in &hashes {
+            self.by_id.prefetch(hash);
+        }
         // Matched on the hash alone, so that no entry is read before all are prefetched; the id
         // is confirmed below (a different id with the same hash is found again in full).
-        let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> = updates
-            .clone()
-            .map(|change| self.by_id.find(self.by_id.hash(change.id()), |_| true).unwrap_or(ABSENT))
-            .collect();
+        let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> =
+            hashes.iter().map(|&hash| self.by_id.find(hash, |_| true).unwrap_or(ABSENT)).collect();
         for &slot in slots.iter().filter(|&&slot| slot != ABSENT) {
             self.lru.prefetch(slot);
         }
@@ -413,7 +372,8 @@ impl EventTable {
     fn remove_slot(&mut self, slot: usize) -> Entry {
         // Found by slot, so no id is compared; the hash is computed from the entry's id, and the
         // entry is in cache already (eviction prefetched it; `remove` has just read it).
-        self.by_id.remove(self.by_id.hash(self.lru.get(slot).id), slot);
+        let removed = self.by_id.remove(self.by_id.hash(self.lru.get(slot).id), slot);
+        debug_assert!(removed, "every slot in the recency list has its index entry");
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
         self.by_status[status_index(entry.status.status)] -= 1;
@@ -427,12 +387,15 @@ impl EventTable {
     }
 
     /// Brings what the next evictions touch into cache ahead of them: the least recently used
-    /// event was stored a bound's worth of events ago and is cold by now, and dropping it reads
-    /// its list node, the whole event and its payload's allocation. Each call moves three
-    /// victims one stage on, so by its eviction each has had its node fetched two stores before,
-    /// its event one store before and its payload now.
+    /// event was stored a bound's worth of events ago and is cold by now, and evicting it reads
+    /// its list node and its index bucket, and dropping it the whole event and its payload's
+    /// allocation, and popping its sequence number reads the front of the sequence index. Each
+    /// call moves three victims one stage on, so by its eviction each has had its node fetched
+    /// two stores before, its event one store before and its index bucket and payload now.
     pub(super) fn prefetch_evictions(&self) {
         let Some(next) = self.lru.back() else { return };
+        self.by_id.prefetch(self.by_id.hash(self.lru.get(next).id));
+        self.by_seq.prefetch_front();
         if let Some(payload) = self.lru.get(next).event.payload_json() {
             // From the allocator's header just before the text.
             super::prefetch::range(payload.as_ptr().wrapping_sub(16), 16 + payload.len().min(48));
