@@ -4,8 +4,10 @@
 //!   call per event, as publishers do), then its `processing` and `completed` updates in batches of
 //!   256 (a worker's batch). Elements are events: the cost per event of store plus statuses, at the
 //!   default bound (10 000 events, evicting from then on) and at 100 000; at the default bound
-//!   with statuses written 8 at a time (a worker that keeps up takes a few events a turn, and
-//!   writes each turn's statuses twice, so a cost per call shows here); and on either side of
+//!   with statuses written 8 at a time (a worker that keeps up takes a few events a turn and
+//!   writes their statuses a few at a time, so a cost per call shows here; the bench writes each
+//!   turn's two statuses in calls of their own, where the worker writes one turn's completions
+//!   with the next turn's `processing`); and on either side of
 //!   the bound from which the provider shards (4 095 events in one shard, 4 096 in 16), which
 //!   shows what spreading events over shards costs a single thread.
 //! - then a table: the same on one thread and on two threads at once, each with events of its own

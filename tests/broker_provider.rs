@@ -279,3 +279,60 @@ fn replay_redelivers_stored_events_in_order() {
     let report = broker.shutdown(Duration::from_secs(5));
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// A batch shows as `processing` while its handlers run, and its events keep that time once
+/// completed: the batch a worker takes as it finishes another (its statuses written together with
+/// the completions) as much as the first.
+#[test]
+fn a_batch_shows_as_processing_while_it_is_handled() {
+    let memory = Arc::new(MemoryProvider::default());
+    let broker = Broker::builder().provider(memory.clone()).workers(1).build().unwrap();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let inside = Arc::new(AtomicU64::new(0));
+    let entered = Arc::clone(&inside);
+    broker
+        .subscribe_infallible("gated.*", move |_| {
+            entered.fetch_add(1, Ordering::SeqCst);
+            gate.lock().unwrap().recv_timeout(Duration::from_secs(10)).expect("released");
+        })
+        .unwrap();
+    let status = |id: EventId| {
+        let event = memory.get(id).unwrap().expect("stored");
+        (event.status, event.processed_at, event.completed_at)
+    };
+
+    let first = event("gated.first");
+    let first_id = first.id;
+    broker.publish(first).unwrap();
+    wait_until("the first handler", Duration::from_secs(5), || inside.load(Ordering::SeqCst) == 1);
+    let (now, processed_at, completed_at) = status(first_id);
+    assert_eq!((now, completed_at), (EventStatus::Processing, None));
+    assert!(processed_at.is_some());
+
+    // Two more wait while the first is held; the worker takes them as it finishes it.
+    let (second, third) = (event("gated.second"), event("gated.third"));
+    let ids = [second.id, third.id];
+    broker.publish(second).unwrap();
+    broker.publish(third).unwrap();
+    assert_eq!(status(ids[0]).0, EventStatus::Pending);
+    release.send(()).unwrap();
+    wait_until("the second handler", Duration::from_secs(5), || inside.load(Ordering::SeqCst) == 2);
+    let (now, _, completed_at) = status(first_id);
+    assert_eq!(now, EventStatus::Completed);
+    assert!(completed_at >= processed_at);
+    assert_eq!(status(first_id).1, processed_at, "completion keeps the time processing began");
+    for id in ids {
+        let (now, processed_at, completed_at) = status(id);
+        assert_eq!((now, completed_at), (EventStatus::Processing, None), "{id}");
+        assert!(processed_at.is_some());
+    }
+
+    release.send(()).unwrap();
+    release.send(()).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    for id in ids {
+        assert_eq!(status(id).0, EventStatus::Completed);
+    }
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}

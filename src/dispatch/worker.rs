@@ -236,17 +236,10 @@ impl Worker {
     /// retries due, hand the results over. `false` once the ring is closed and drained.
     fn turn(&mut self) -> bool {
         let mut took = false;
-        if self.next >= self.batch.len() {
-            self.batch.clear();
-            self.next = 0;
-            let taken = self.consumer.pop_batch(&mut self.batch, self.config.max_batch);
-            if taken > 0 {
-                took = true;
-                self.space.notify();
-                self.dispatched += taken as u64;
-                self.counters.dispatched.store(self.dispatched, Ordering::Relaxed);
-                self.mark_processing();
-            }
+        if self.next >= self.batch.len() && self.take_batch() {
+            took = true;
+            // Before any of it is handled, so that a slow batch shows as processing.
+            write_statuses(&self.shared, &mut self.outbox.statuses);
         }
         if self.next < self.batch.len() {
             took = true;
@@ -256,6 +249,12 @@ impl Worker {
             self.run_due_retries(Instant::now());
         }
         self.extend_waiting_inbound();
+        // A worker that keeps up takes its next batch here, before this turn's results go out:
+        // that batch's `processing` statuses and this turn's completions are then one write, one
+        // provider call, instead of two.
+        if self.next >= self.batch.len() {
+            took |= self.take_batch();
+        }
         self.end_turn();
         if took {
             return true;
@@ -266,22 +265,27 @@ impl Worker {
         }
     }
 
-    /// Sends the batch's `processing` statuses at once, not with the completions, so a slow batch
-    /// shows as processing.
-    fn mark_processing(&mut self) {
-        if !self.config.track_status {
-            return;
+    /// Takes the next batch from the ring, if any waits, and adds its `processing` statuses to the
+    /// outbox, for the caller to send before the batch is handled; `true` when it took one.
+    fn take_batch(&mut self) -> bool {
+        self.batch.clear();
+        self.next = 0;
+        let taken = self.consumer.pop_batch(&mut self.batch, self.config.max_batch);
+        if taken == 0 {
+            return false;
         }
-        let now = crate::clock::now();
-        let statuses = &mut self.outbox.statuses;
-        statuses.extend(
-            self.batch
-                .iter()
-                .flatten()
-                .filter(|job| job.origin == Origin::Local)
-                .map(|job| StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now)),
-        );
-        write_statuses(&self.shared, statuses);
+        self.space.notify();
+        self.dispatched += taken as u64;
+        self.counters.dispatched.store(self.dispatched, Ordering::Relaxed);
+        if self.config.track_status {
+            let now = crate::clock::now();
+            self.outbox.statuses.extend(
+                self.batch.iter().flatten().filter(|job| job.origin == Origin::Local).map(|job| {
+                    StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now)
+                }),
+            );
+        }
+        true
     }
 
     fn dispatch_batch(&mut self) {

@@ -456,8 +456,9 @@ impl Shared {
 
     /// The shard of each update, and the shards among them as a mask (bit `i` for shard `i`).
     ///
-    /// Kept to the bytes a worker's few updates need: a worker writes twice per batch it takes,
-    /// often a handful of updates each time, so this is built per call.
+    /// Kept to the bytes a worker's few updates need: a worker that keeps up writes once a turn
+    /// (one batch's completions with the next one's `processing`), often a handful of updates,
+    /// so this is built per call.
     fn shards_of(&self, updates: &[StatusUpdate]) -> (SmallVec<[u8; APPLY_AT_ONCE_FROM]>, u32) {
         let mut present = 0u32;
         let shards = updates
