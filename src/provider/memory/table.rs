@@ -279,6 +279,8 @@ impl EventTable {
     /// once): a new id takes it as its sequence number. `true` when the id was not stored yet; a
     /// re-store keeps its sequence number and takes the new event and its status.
     pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
+        // Before the probe: the counter's locked instruction waits for every earlier load, and the
+        // probe's is often a cache miss.
         let seq = next_seq();
         // One probe of the index either way.
         let hash = self.by_id.hash(event.id);
