@@ -183,9 +183,12 @@ impl FromStr for EventStatus {
 /// An event's payload: one JSON value, kept as the exact text it was given or decoded from.
 /// Equality compares the text.
 ///
-/// Every payload decodes as a [`serde_json::Value`]: besides being JSON, its strings hold no lone
-/// surrogate (`"\ud800"`), its numbers fit an `f64` (not `1e400`), and its arrays and objects nest
-/// at most [`Event::MAX_JSON_DEPTH`] (100) deep. Constructors and deserialization refuse the rest.
+/// Every payload decodes as a [`serde_json::Value`], and as the value its text says: besides being
+/// JSON, its strings hold no lone surrogate (`"\ud800"`), its numbers fit an `f64` (not `1e400`),
+/// its arrays and objects nest at most [`Event::MAX_JSON_DEPTH`] (100) deep, and no object in it
+/// has one of the keys `serde_json` reserves first (`$serde_json::private::RawValue`,
+/// `$serde_json::private::Number`): `serde_json`'s `Value` reads such an object as another value,
+/// or not at all. Constructors and deserialization refuse the rest.
 ///
 /// ```
 /// use eventbroker::Payload;
@@ -328,6 +331,46 @@ fn entity_type(schema: &str, entity: &str, operation: &str) -> CompactString {
     // SAFETY: the bytes are three `str`s joined by ASCII dots, which is UTF-8. (Checking it again
     // costs a tenth of `for_entity`.)
     CompactString::from(unsafe { std::str::from_utf8_unchecked(&joined[..len]) })
+}
+
+/// Why a payload value already in memory is refused: the rules [`Payload`] keeps that a
+/// `serde_json::Value` can break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ValueRefusal {
+    /// It nests arrays and objects deeper than [`Event::MAX_JSON_DEPTH`].
+    TooDeep,
+    /// An object in it has one of the keys `serde_json` reserves first.
+    ReservedKey,
+}
+
+impl fmt::Display for ValueRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooDeep => write!(
+                f,
+                "arrays and objects nest deeper than {}, which no decoder reads back",
+                Event::MAX_JSON_DEPTH
+            ),
+            Self::ReservedKey => f.write_str(
+                "an object's first key is one serde_json reserves, which its Value reads as another value",
+            ),
+        }
+    }
+}
+
+/// Whether an object in `value` has one of [`raw_json::RESERVED_KEYS`] first, where it serializes
+/// first (a `Map` iterates in the order it writes). Recursive: only for a value that
+/// [`nests_deeper_than`] has cleared.
+fn holds_reserved_first_key(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Array(items) => items.iter().any(holds_reserved_first_key),
+        Value::Object(members) => {
+            members.keys().next().is_some_and(|key| raw_json::RESERVED_KEYS.contains(&key.as_str()))
+                || members.values().any(holds_reserved_first_key)
+        }
+        _ => false,
+    }
 }
 
 /// Whether `value` opens more than `limit` arrays and objects one inside another (a top-level
@@ -624,31 +667,39 @@ impl Event {
     /// When `value` nests arrays and objects deeper than [`Event::MAX_JSON_DEPTH`]: no decoder
     /// would read such a payload back, and this builder has no error to return. A `Value` built in
     /// code (`json!`) is far from it; for data from outside, [`Event::with_payload`] returns an
-    /// error instead. Otherwise never: a `Value`'s map keys are strings and its numbers finite, so
-    /// it always serializes.
+    /// error instead. Likewise when an object in it has one of the keys `serde_json` reserves
+    /// first (`$serde_json::private::RawValue`, `$serde_json::private::Number`), which its `Value`
+    /// reads as another value (see [`Payload`]). Otherwise never: a `Value`'s map keys are strings
+    /// and its numbers finite, so it always serializes.
     #[must_use]
     #[allow(clippy::needless_pass_by_value, reason = "a builder takes what `json!` makes, by value")]
     pub fn with_payload_value(self, value: serde_json::Value) -> Self {
-        self.try_with_payload_value(&value).unwrap_or_else(|| {
-            panic!(
+        self.try_with_payload_value(&value).unwrap_or_else(|refusal| match refusal {
+            ValueRefusal::TooDeep => panic!(
                 "a payload value nests arrays and objects deeper than Event::MAX_JSON_DEPTH ({}), which \
                  no decoder reads back; Event::with_payload returns an error for it instead",
                 Self::MAX_JSON_DEPTH
-            )
+            ),
+            ValueRefusal::ReservedKey => panic!(
+                "a payload value holds an object whose first key is one serde_json reserves, which its \
+                 Value reads as another value; Event::with_payload returns an error for it instead"
+            ),
         })
     }
 
-    /// [`Event::with_payload_value`] for callers that handle the one way it fails: `None` when
-    /// `value` nests deeper than [`Event::MAX_JSON_DEPTH`].
-    pub(crate) fn try_with_payload_value(mut self, value: &serde_json::Value) -> Option<Self> {
+    /// [`Event::with_payload_value`] for callers that handle the ways it fails.
+    pub(crate) fn try_with_payload_value(mut self, value: &serde_json::Value) -> Result<Self, ValueRefusal> {
         if nests_deeper_than(value, Self::MAX_JSON_DEPTH) {
-            return None;
+            return Err(ValueRefusal::TooDeep);
+        }
+        if holds_reserved_first_key(value) {
+            return Err(ValueRefusal::ReservedKey);
         }
         self.payload = Some(Payload(
             serde_json::value::to_raw_value(value).expect("a serde_json::Value always serializes"),
         ))
         .filter(Payload::is_value);
-        Some(self)
+        Ok(self)
     }
 
     /// The event as compact JSON in the seed's format.
@@ -675,8 +726,9 @@ impl Event {
     /// - `-0` is the float `-0.0`, as `serde_json` reads it: refused for `retry_count` and
     ///   `user_id` (integers), kept as `-0.0` in metadata, kept as the text `-0` in the payload.
     ///
-    /// So every payload an event holds decodes with [`Event::payload`] as a
-    /// [`serde_json::Value`] at least.
+    /// The payload keeps one more, its own (see [`Payload`]): no object in it has one of the keys
+    /// `serde_json` reserves first. So every payload an event holds decodes with
+    /// [`Event::payload`] as a [`serde_json::Value`] at least, and as the value its text says.
     ///
     /// ```
     /// use eventbroker::Event;

@@ -154,8 +154,9 @@ pub enum HookOutcome {
     Full,
     /// Refused: the broker is shut down.
     Closed,
-    /// Not built: the record did not serialize or nests deeper than
-    /// [`Event::MAX_JSON_DEPTH`], or `schema.entity.operation` is not a valid event type. Counted
+    /// Not built: the record did not serialize, or nests deeper than
+    /// [`Event::MAX_JSON_DEPTH`], or holds an object that `serde_json`'s `Value` reads as another
+    /// value (see [`Payload`](crate::Payload)), or `schema.entity.operation` is not a valid event type. Counted
     /// and logged.
     Invalid,
 }
@@ -327,29 +328,20 @@ impl CrudHooks {
             self.disabled.fetch_add(1, Ordering::Relaxed);
             return HookOutcome::Disabled;
         }
-        let payload = match payload() {
-            Ok(payload) => payload,
-            Err(error) => {
+        // Why the record is no payload: it does not serialize, or breaks a payload's rules.
+        let event = payload().map_err(|error| error.to_string()).and_then(|payload| {
+            let event = self.event(user, schema, entity, operation);
+            event.try_with_payload_value(&payload).map_err(|refusal| refusal.to_string())
+        });
+        let event = match event {
+            Ok(event) => event,
+            Err(reason) => {
                 let n = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
-                    tracing::warn!(%error, schema, entity, operation, refused = n, "a CRUD hook's record did not serialize; no event");
+                    tracing::warn!(%reason, schema, entity, operation, refused = n, "a CRUD hook's record is no payload; no event");
                 }
                 return HookOutcome::Invalid;
             }
-        };
-        let Some(event) = self.event(user, schema, entity, operation).try_with_payload_value(&payload) else {
-            let n = self.invalid.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    schema,
-                    entity,
-                    operation,
-                    refused = n,
-                    limit = Event::MAX_JSON_DEPTH,
-                    "a CRUD hook's record nests deeper than any decoder reads back; no event"
-                );
-            }
-            return HookOutcome::Invalid;
         };
         match self.broker.try_publish(event) {
             Ok(()) => {

@@ -345,6 +345,49 @@ fn a_payload_value_too_deep_to_read_back_is_refused_where_it_is_built() {
     let _ = Event::new(EventSource::System, "a.b").with_payload_value(too_deep);
 }
 
+/// `serde_json`'s `Value` reads `{"$serde_json::private::RawValue": "[1]"}` as `[1]`, and fails on
+/// `{"$serde_json::private::RawValue": 1}`: a payload holding such an object would mean another
+/// thing to it than its text says, so no way of making a payload accepts one.
+#[test]
+fn a_payload_that_serde_jsons_value_reads_as_another_value_is_refused_everywhere() {
+    let smuggled = r#"{"$serde_json::private::RawValue": "{\"admin\": true}"}"#;
+    assert_eq!(serde_json::from_str::<Value>(smuggled).unwrap(), json!({"admin": true}), "the quirk itself");
+    let mut event = Event::new(EventSource::System, "a.b").with_payload_value(json!({"ok": 1}));
+    for text in [
+        smuggled.to_owned(),
+        r#"[{"$serde_json::private::RawValue": 1}]"#.to_owned(),
+        r#"{"a": {"\u0024serde_json::private::Number": "1"}}"#.to_owned(),
+    ] {
+        let message = event.set_payload_json(&text).unwrap_err().to_string();
+        assert!(message.contains("first key is one serde_json reserves"), "{message}");
+        assert!(Payload::from_json(text.clone()).is_err(), "{text}");
+        assert!(serde_json::from_str::<Payload>(&text).is_err(), "{text}");
+        assert!(decode_both(&doc_with(&format!(r#""payload":{text}"#))).is_none(), "{text}");
+    }
+    assert_eq!(event.payload_json(), Some(r#"{"ok":1}"#), "a refused payload changes nothing");
+
+    // A value built in memory: `json!` writes the key as a plain one.
+    let built = json!({"list": [{"$serde_json::private::RawValue": "[1]"}]});
+    assert!(matches!(event.set_payload(&built), Err(PayloadError::Serialize(_))));
+
+    // Only as serde_json reads it: the first key, the whole key; and metadata is not a payload.
+    for fine in
+        [r#"{"a": 1, "$serde_json::private::RawValue": 2}"#, r#"{"$serde_json::private::RawValues": 2}"#]
+    {
+        event.set_payload_json(fine).unwrap();
+        assert_eq!(event.payload::<Value>().unwrap(), serde_json::from_str::<Value>(fine).unwrap());
+    }
+    let doc = doc_with(r#""metadata":{"k":{"$serde_json::private::RawValue":1}}"#);
+    assert_eq!(decode_both(&doc).unwrap().metadata["k"], json!({"$serde_json::private::RawValue": 1}));
+}
+
+#[test]
+#[should_panic(expected = "first key is one serde_json reserves")]
+fn a_payload_value_that_serde_jsons_value_reads_as_another_is_refused_where_it_is_built() {
+    let _ = Event::new(EventSource::System, "a.b")
+        .with_payload_value(json!({"ok": [{"$serde_json::private::RawValue": "[1]"}]}));
+}
+
 #[test]
 fn an_event_is_a_json_object() {
     let array = r#"["3f8e9a1c-5b2d-4e7f-9a1b-2c3d4e5f6a7b","database","a","pending",0,"",null,0,"","","","","","2025-01-27T10:15:30Z",null,null,null,null]"#;

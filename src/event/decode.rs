@@ -374,7 +374,8 @@ impl Checked {
 }
 
 /// Checks JSON text against the rules, as one value with nothing after it, through the visitor:
-/// the reference `raw_json::check_payload` is tested against.
+/// the reference `raw_json::check_payload` is tested against, for all but the payload's own rule
+/// on reserved keys, which is tested on its own.
 #[cfg(test)]
 pub(super) fn check_json(text: &str) -> Result<(), serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);

@@ -40,10 +40,20 @@ pub(super) fn top_level_value(json: &[u8], key: &str) -> Option<Range<usize>> {
     None
 }
 
+/// The object keys `serde_json` keeps for itself. Its `Value` reads an object whose first key is one
+/// of them as another value: with its `raw_value` feature, which this crate turns on for every
+/// crate that builds with it, `{"$serde_json::private::RawValue": "[1]"}` is the array `[1]` and
+/// `{"$serde_json::private::RawValue": 1}` is an error; with `arbitrary_precision`,
+/// `{"$serde_json::private::Number": "1"}` is the number 1. A payload is to mean the same to every
+/// decoder, so it holds no such object.
+pub(super) const RESERVED_KEYS: [&str; 2] =
+    ["$serde_json::private::RawValue", "$serde_json::private::Number"];
+
 /// Checks that `text` is one payload: a JSON value, as `serde_json` reads JSON, that keeps the
 /// rules every value in an event keeps (see [`Event::from_json`]): strings hold no lone surrogate,
-/// numbers fit an `f64`, arrays and objects nest at most [`Event::MAX_JSON_DEPTH`] deep. Whitespace
-/// may surround the value; the range returned is the value's own text.
+/// numbers fit an `f64`, arrays and objects nest at most [`Event::MAX_JSON_DEPTH`] deep; and one
+/// of its own: no object's first key is one of [`RESERVED_KEYS`]. Whitespace may surround the
+/// value; the range returned is the value's own text.
 ///
 /// One pass over the bytes, nothing decoded or allocated: setting a payload costs this and no
 /// parse. Text it accepts is what `serde_json`'s `RawValue` accepts, less what breaks a rule (the
@@ -72,6 +82,8 @@ enum Refusal {
     OutOfRange(usize),
     /// An array or object that opens more than [`Event::MAX_JSON_DEPTH`] deep.
     TooDeep(usize),
+    /// An object's first key, one of [`RESERVED_KEYS`].
+    ReservedKey(usize),
 }
 
 /// The error for text [`validate`] refused. The grammar is checked first, as it was when
@@ -88,6 +100,11 @@ fn explain(text: &str, refusal: Refusal) -> serde_json::Error {
         Refusal::TooDeep(at) => refused(format_args!(
             "arrays and objects nest deeper than {} at byte {at}",
             Event::MAX_JSON_DEPTH
+        )),
+        Refusal::ReservedKey(at) => refused(format_args!(
+            "an object's first key is one serde_json reserves ({}) at byte {at}: serde_json's Value \
+             reads such an object as another value",
+            RESERVED_KEYS.join(", ")
         )),
         // Never: the fuzz target would have found it. Refusing is the safe side of a disagreement.
         Refusal::NotJson(at) => refused(format_args!("not JSON at byte {at}")),
@@ -121,7 +138,7 @@ fn validate(text: &str) -> Result<usize, Refusal> {
                 closer = open + 2;
                 let first = skip_ws(json, i + 1);
                 if json.get(first) != Some(&closer) {
-                    i = if closer == b'}' { member(json, first)? } else { first };
+                    i = if closer == b'}' { first_member(json, first)? } else { first };
                     continue;
                 }
                 depth -= 1;
@@ -160,14 +177,74 @@ fn validate(text: &str) -> Result<usize, Refusal> {
     reason = "once per string or member: the calls cost a fifth of the pass (callgrind)"
 )]
 fn member(json: &[u8], i: usize) -> Result<usize, Refusal> {
+    colon(json, key(json, i)?)
+}
+
+/// An object's first member, as [`member`], but its key must not be one of [`RESERVED_KEYS`].
+#[inline(always)]
+#[allow(
+    clippy::inline_always,
+    reason = "once per string or member: the calls cost a fifth of the pass (callgrind)"
+)]
+fn first_member(json: &[u8], i: usize) -> Result<usize, Refusal> {
+    let end = key(json, i)?;
+    // Any other first byte is the common case: one comparison.
+    if matches!(json[i + 1], b'$' | b'\\')
+        && RESERVED_KEYS.iter().any(|k| unescapes_to(&json[i + 1..end - 1], k))
+    {
+        return Err(Refusal::ReservedKey(i));
+    }
+    colon(json, end)
+}
+
+/// The key at `i`: returns the index past its closing quote.
+#[inline(always)]
+#[allow(
+    clippy::inline_always,
+    reason = "once per string or member: the calls cost a fifth of the pass (callgrind)"
+)]
+fn key(json: &[u8], i: usize) -> Result<usize, Refusal> {
     if json.get(i) != Some(&b'"') {
         return Err(Refusal::NotJson(i));
     }
-    let colon = skip_ws(json, string(json, i + 1)?);
+    string(json, i + 1)
+}
+
+/// The colon after a key that ends before `i`: returns the index of the member's value.
+#[inline(always)]
+#[allow(
+    clippy::inline_always,
+    reason = "once per string or member: the calls cost a fifth of the pass (callgrind)"
+)]
+fn colon(json: &[u8], i: usize) -> Result<usize, Refusal> {
+    let colon = skip_ws(json, i);
     if json.get(colon) != Some(&b':') {
         return Err(Refusal::NotJson(colon));
     }
     Ok(skip_ws(json, colon + 1))
+}
+
+/// Whether the contents of a valid JSON string, `raw`, decode to `word`: ASCII, and none of it a
+/// character that only a short escape (`\n`, `\"`, ...) writes, so that only a `\u00XX` escape
+/// can stand for one of its bytes. No allocation.
+fn unescapes_to(raw: &[u8], word: &str) -> bool {
+    let mut want = word.bytes();
+    let mut i = 0;
+    while let Some(&byte) = raw.get(i) {
+        let (byte, len) = match (byte, raw.get(i + 1)) {
+            (b'\\', Some(b'u')) => match hex4(raw, i + 2).map(u8::try_from) {
+                Some(Ok(byte)) if byte.is_ascii() => (byte, 6),
+                _ => return false,
+            },
+            (b'\\', _) => return false,
+            _ => (byte, 1),
+        };
+        if want.next() != Some(byte) {
+            return false;
+        }
+        i += len;
+    }
+    want.next().is_none()
 }
 
 /// The string whose contents start at `i`: returns the index past its closing quote.
@@ -427,6 +504,38 @@ mod tests {
             assert!(check_payload(fine).is_ok(), "{fine}");
         }
         assert!(check_payload(&"9".repeat(309)).is_err(), "10^309 - 1 overflows");
+    }
+
+    #[test]
+    fn an_object_that_serde_json_reads_as_another_value_is_refused() {
+        let message = |text: &str| check_payload(text).unwrap_err().to_string();
+        let refusal = |at: usize| {
+            format!(
+                "an object's first key is one serde_json reserves ($serde_json::private::RawValue, \
+                 $serde_json::private::Number) at byte {at}: serde_json's Value reads such an object as \
+                 another value"
+            )
+        };
+        assert_eq!(message(r#"{"$serde_json::private::RawValue": 24}"#), refusal(1));
+        assert_eq!(message(r#"[1, {"$serde_json::private::Number": "1"}]"#), refusal(5));
+        assert_eq!(message(r#"{"a": {"\u0024serde_json::private::R\u0061wValue": "[1]"}}"#), refusal(7));
+        // As serde_json's `Value` reads it: so for its first key only, and for the whole key only.
+        for fine in [
+            r#"{"a": 1, "$serde_json::private::RawValue": 2}"#,
+            r#"{"$serde_json::private::RawValu": 1}"#,
+            r#"{"$serde_json::private::RawValueX": 1}"#,
+            r#"{"\u0024serde_json::private::RawValu\u0065\n": 1}"#,
+            r#"{"$": 1}"#,
+            r#"{"\n": 1}"#,
+            r#"["$serde_json::private::RawValue"]"#,
+        ] {
+            assert!(check_payload(fine).is_ok(), "{fine}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(fine).unwrap().is_array() == fine.starts_with('[')
+            );
+        }
+        // Grammar first, as for every rule.
+        assert_eq!(message(r#"{"$serde_json::private::Number": }"#), "expected value at line 1 column 34");
     }
 
     #[test]
