@@ -333,46 +333,6 @@ fn entity_type(schema: &str, entity: &str, operation: &str) -> CompactString {
     CompactString::from(unsafe { std::str::from_utf8_unchecked(&joined[..len]) })
 }
 
-/// Why a payload value already in memory is refused: the rules [`Payload`] keeps that a
-/// `serde_json::Value` can break.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ValueRefusal {
-    /// It nests arrays and objects deeper than [`Event::MAX_JSON_DEPTH`].
-    TooDeep,
-    /// An object in it has one of the keys `serde_json` reserves first.
-    ReservedKey,
-}
-
-impl fmt::Display for ValueRefusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooDeep => write!(
-                f,
-                "arrays and objects nest deeper than {}, which no decoder reads back",
-                Event::MAX_JSON_DEPTH
-            ),
-            Self::ReservedKey => f.write_str(
-                "an object's first key is one serde_json reserves, which its Value reads as another value",
-            ),
-        }
-    }
-}
-
-/// Whether an object in `value` has one of [`raw_json::RESERVED_KEYS`] first, where it serializes
-/// first (a `Map` iterates in the order it writes). Recursive: only for a value that
-/// [`nests_deeper_than`] has cleared.
-fn holds_reserved_first_key(value: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    match value {
-        Value::Array(items) => items.iter().any(holds_reserved_first_key),
-        Value::Object(members) => {
-            members.keys().next().is_some_and(|key| raw_json::RESERVED_KEYS.contains(&key.as_str()))
-                || members.values().any(holds_reserved_first_key)
-        }
-        _ => false,
-    }
-}
-
 /// Whether `value` opens more than `limit` arrays and objects one inside another (a top-level
 /// array or object is at depth 1): the rule every decoder keeps, for a value already in memory.
 /// Walked without recursion, so a value of any depth is safe to ask about; a value with no nested
@@ -674,31 +634,22 @@ impl Event {
     #[must_use]
     #[allow(clippy::needless_pass_by_value, reason = "a builder takes what `json!` makes, by value")]
     pub fn with_payload_value(self, value: serde_json::Value) -> Self {
-        self.try_with_payload_value(&value).unwrap_or_else(|refusal| match refusal {
-            ValueRefusal::TooDeep => panic!(
-                "a payload value nests arrays and objects deeper than Event::MAX_JSON_DEPTH ({}), which \
-                 no decoder reads back; Event::with_payload returns an error for it instead",
-                Self::MAX_JSON_DEPTH
-            ),
-            ValueRefusal::ReservedKey => panic!(
-                "a payload value holds an object whose first key is one serde_json reserves, which its \
-                 Value reads as another value; Event::with_payload returns an error for it instead"
-            ),
-        })
+        self.try_with_payload_value(&value)
+            .unwrap_or_else(|error| panic!("{error}; Event::with_payload returns an error for it instead"))
     }
 
     /// [`Event::with_payload_value`] for callers that handle the ways it fails.
-    pub(crate) fn try_with_payload_value(mut self, value: &serde_json::Value) -> Result<Self, ValueRefusal> {
+    pub(crate) fn try_with_payload_value(mut self, value: &serde_json::Value) -> Result<Self, PayloadError> {
+        // Before serializing, which recurses as deep as the value nests.
         if nests_deeper_than(value, Self::MAX_JSON_DEPTH) {
-            return Err(ValueRefusal::TooDeep);
+            return Err(PayloadError::Serialize(serde::ser::Error::custom(format_args!(
+                "a payload value nests arrays and objects deeper than Event::MAX_JSON_DEPTH ({}), which \
+                 no decoder reads back",
+                Self::MAX_JSON_DEPTH
+            ))));
         }
-        if holds_reserved_first_key(value) {
-            return Err(ValueRefusal::ReservedKey);
-        }
-        self.payload = Some(Payload(
-            serde_json::value::to_raw_value(value).expect("a serde_json::Value always serializes"),
-        ))
-        .filter(Payload::is_value);
+        // The text's check then refuses what else a payload may not hold (see `Payload`).
+        self.payload = Some(Payload::from_value(value)?).filter(Payload::is_value);
         Ok(self)
     }
 

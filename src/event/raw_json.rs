@@ -46,8 +46,7 @@ pub(super) fn top_level_value(json: &[u8], key: &str) -> Option<Range<usize>> {
 /// `{"$serde_json::private::RawValue": 1}` is an error; with `arbitrary_precision`,
 /// `{"$serde_json::private::Number": "1"}` is the number 1. A payload is to mean the same to every
 /// decoder, so it holds no such object.
-pub(super) const RESERVED_KEYS: [&str; 2] =
-    ["$serde_json::private::RawValue", "$serde_json::private::Number"];
+const RESERVED_KEYS: [&str; 2] = ["$serde_json::private::RawValue", "$serde_json::private::Number"];
 
 /// Checks that `text` is one payload: a JSON value, as `serde_json` reads JSON, that keeps the
 /// rules every value in an event keeps (see [`Event::from_json`]): strings hold no lone surrogate,
