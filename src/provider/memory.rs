@@ -83,7 +83,7 @@ use smallvec::SmallVec;
 
 use self::bus::{Bell, Bus, SourceId};
 use self::letters::LetterTable;
-use self::table::{Entry, EventTable, Pending, UPDATES_AT_ONCE};
+use self::table::{EventTable, Pending, UPDATES_AT_ONCE};
 use super::{
     Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
     EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
@@ -539,7 +539,13 @@ impl Shared {
     /// free at once, that still qualifies under its lock (up to [`TAKE_AT_ONCE`] from it, the room
     /// of all but one left to the next stores). What is evicted goes to `evicted`, to be
     /// dropped with the locks released.
-    fn evict_for_store(&self, index: usize, own: &mut Shard, now: u64, evicted: &mut SmallVec<[Entry; 1]>) {
+    fn evict_for_store(
+        &self,
+        index: usize,
+        own: &mut Shard,
+        now: u64,
+        evicted: &mut SmallVec<[Arc<Event>; 1]>,
+    ) {
         if let Some(victim) = self.victim_shard(index, own, now) {
             // Never waits with a shard's lock held (two stores taking from each other's shards
             // would deadlock): a busy shard is left to the next eviction.
@@ -552,9 +558,9 @@ impl Shared {
                     } else {
                         shard.events.len() > own_len + taken + self.margin()
                     }
-                    && let Some(entry) = shard.events.evict_least_recent()
+                    && let Some(event) = shard.events.evict_least_recent()
                 {
-                    evicted.push(entry);
+                    evicted.push(event);
                     taken += 1;
                 }
                 if taken > 0 {
@@ -572,9 +578,9 @@ impl Shared {
             }
             own.look_in = 0; // Look again at the next eviction.
         }
-        if let Some(entry) = own.events.evict_least_recent() {
+        if let Some(event) = own.events.evict_least_recent() {
             own.evicted += 1;
-            evicted.push(entry);
+            evicted.push(event);
         } else {
             debug_assert!(false, "the shard holds the event just stored");
             // Relaxed: see `take_room`.
@@ -633,7 +639,7 @@ impl Shared {
             let mut shard = self.shard(index, operation)?;
             let expired = shard.events.finished_before(cutoff);
             // Dropped with the shard's lock released, as `store_batch` drops what it evicts.
-            let gone: Vec<Entry> = expired.iter().filter_map(|&id| shard.events.remove(id)).collect();
+            let gone: Vec<Arc<Event>> = expired.iter().filter_map(|&id| shard.events.remove(id)).collect();
             shard.expired += gone.len() as u64;
             self.release_room(gone.len());
             self.publish_gauge(index, &shard);
@@ -714,7 +720,7 @@ impl EventSink for MemoryProvider {
         // Evicted events are dropped with the shard's lock released: freeing one built on another
         // thread can wait for that thread's allocator lock, and the shard's other stores should
         // not wait with it. A batch lets go of them every `EVICTED_HELD`.
-        let mut evicted: SmallVec<[Entry; 1]> = SmallVec::new();
+        let mut evicted: SmallVec<[Arc<Event>; 1]> = SmallVec::new();
         for event in events {
             let index = shared.shard_of(event.id);
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {

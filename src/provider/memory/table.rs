@@ -366,12 +366,14 @@ impl EventTable {
         self.by_id.find(self.by_id.hash(id), |slot| self.lru.get(slot).id == id)
     }
 
-    pub(super) fn remove(&mut self, id: EventId) -> Option<Entry> {
+    /// Removes the event with `id` and returns it, for the caller to drop once it has released
+    /// the shard (the last reference frees the event, whose memory is cold by then).
+    pub(super) fn remove(&mut self, id: EventId) -> Option<Arc<Event>> {
         let slot = self.slot_of(id)?;
         Some(self.remove_slot(slot))
     }
 
-    fn remove_slot(&mut self, slot: usize) -> Entry {
+    fn remove_slot(&mut self, slot: usize) -> Arc<Event> {
         // Found by slot, so no id is compared; the hash is computed from the entry's id, and the
         // entry is in cache already (eviction prefetched it; `remove` has just read it).
         let removed = self.by_id.remove(self.by_id.hash(self.lru.get(slot).id), slot);
@@ -379,11 +381,12 @@ impl EventTable {
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
         self.by_status[status_index(entry.status.status)] -= 1;
-        entry
+        entry.event
     }
 
-    /// Evicts the least recently used event and returns it, `None` when there was none.
-    pub(super) fn evict_least_recent(&mut self) -> Option<Entry> {
+    /// Evicts the least recently used event and returns it (see [`EventTable::remove`]), `None`
+    /// when there was none.
+    pub(super) fn evict_least_recent(&mut self) -> Option<Arc<Event>> {
         let slot = self.lru.back()?;
         Some(self.remove_slot(slot))
     }
