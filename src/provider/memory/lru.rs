@@ -100,6 +100,12 @@ impl<T> Lru<T> {
         }
     }
 
+    /// Every value, least recently used first.
+    #[cfg(test)]
+    pub(super) fn oldest_first(&self) -> impl Iterator<Item = &T> {
+        std::iter::successors(self.back(), |&slot| self.newer(slot)).map(|slot| self.get(slot))
+    }
+
     pub(super) fn get_mut(&mut self, slot: usize) -> &mut T {
         self.nodes[slot].value.as_mut().expect("reading an empty LRU slot")
     }
