@@ -474,7 +474,8 @@ mod tests {
         Store,
         Restore(usize),
         Get(usize),
-        Update(usize),
+        /// `true`: an update written before the event's latest store, which must not apply.
+        Update(usize, bool),
         Remove(usize),
         Evict,
     }
@@ -484,21 +485,22 @@ mod tests {
             4 => Just(Op::Store),
             1 => any::<usize>().prop_map(Op::Restore),
             4 => any::<usize>().prop_map(Op::Get),
-            2 => any::<usize>().prop_map(Op::Update),
+            2 => (any::<usize>(), any::<bool>()).prop_map(|(i, stale)| Op::Update(i, stale)),
             1 => any::<usize>().prop_map(Op::Remove),
             2 => Just(Op::Evict),
         ]
     }
 
     proptest! {
-        /// The table agrees with a model (a `VecDeque` in recency order of id, sequence number
-        /// and status) after any mix of stores, re-stores, reads, status updates, removals and
-        /// evictions: recency order, each event's status, replay in sequence order, and the
-        /// counts per status.
+        /// The table agrees with a model (a `VecDeque` in recency order of id, sequence number,
+        /// status and the number its latest store took) after any mix of stores, re-stores, reads,
+        /// status updates (some written before the latest store of their event, which do not
+        /// apply), removals and evictions: recency order, each event's status, replay in sequence
+        /// order, and the counts per status.
         #[test]
         fn matches_a_recency_model(ops in prop::collection::vec(op(), 0..600)) {
             let mut table = EventTable::new();
-            let mut model: VecDeque<(EventId, u64, EventStatus)> = VecDeque::new();
+            let mut model: VecDeque<(EventId, u64, EventStatus, u64)> = VecDeque::new();
             let mut next_seq = 1;
             let mut take = || {
                 next_seq += 1;
@@ -514,41 +516,51 @@ mod tests {
                             seq
                         });
                         prop_assert!(new);
-                        model.push_back((event.id, seq, EventStatus::Pending));
+                        model.push_back((event.id, seq, EventStatus::Pending, seq));
                     }
                     Op::Restore(i) if !model.is_empty() => {
-                        let (id, seq, _) = model.remove(i % model.len()).unwrap();
+                        let (id, seq, _, _) = model.remove(i % model.len()).unwrap();
                         let event = Arc::new(Event { id, ..Event::new(EventSource::System, "model.y") });
-                        prop_assert!(!table.upsert(&event, &mut take));
-                        model.push_back((id, seq, EventStatus::Pending));
+                        let mut stored = 0;
+                        let new = table.upsert(&event, || {
+                            stored = take();
+                            stored
+                        });
+                        prop_assert!(!new);
+                        model.push_back((id, seq, EventStatus::Pending, stored));
                     }
                     Op::Get(i) if !model.is_empty() => {
                         let entry = model.remove(i % model.len()).unwrap();
                         prop_assert_eq!(table.touch(entry.0).map(|e| (e.id, e.status)), Some((entry.0, entry.2)));
                         model.push_back(entry);
                     }
-                    Op::Update(i) if !model.is_empty() => {
+                    Op::Update(i, stale) if !model.is_empty() => {
                         let at = i % model.len();
                         let status = [EventStatus::Processing, EventStatus::Completed, EventStatus::Failed][i % 3];
                         let update = StatusUpdate::new(model[at].0, status);
-                        table.update(iter::once((&update, take())));
-                        model[at].2 = status;
+                        if stale {
+                            // Written when `next_seq` was the number the latest store took.
+                            table.update(iter::once((&update, model[at].3)));
+                        } else {
+                            table.update(iter::once((&update, take())));
+                            model[at].2 = status;
+                        }
                     }
                     Op::Remove(i) if !model.is_empty() => {
-                        let (id, _, _) = model.remove(i % model.len()).unwrap();
+                        let (id, _, _, _) = model.remove(i % model.len()).unwrap();
                         prop_assert_eq!(table.remove(id).map(|e| e.id), Some(id));
                         prop_assert!(table.remove(id).is_none());
                     }
                     Op::Evict => {
                         let evicted = table.evict_least_recent().map(|e| e.id);
-                        prop_assert_eq!(evicted, model.pop_front().map(|(id, _, _)| id));
+                        prop_assert_eq!(evicted, model.pop_front().map(|(id, _, _, _)| id));
                     }
-                    Op::Restore(_) | Op::Get(_) | Op::Update(_) | Op::Remove(_) => {}
+                    Op::Restore(_) | Op::Get(_) | Op::Update(..) | Op::Remove(_) => {}
                 }
                 prop_assert_eq!(table.len(), model.len());
                 let held: Vec<_> = table.lru.oldest_first().map(|e| (e.id, e.seq, e.status.status)).collect();
-                prop_assert_eq!(&held, &model.iter().copied().collect::<Vec<_>>());
-                let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, _)| (seq, id)).collect();
+                prop_assert_eq!(held, model.iter().map(|&(id, seq, status, _)| (id, seq, status)).collect::<Vec<_>>());
+                let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, _, _)| (seq, id)).collect();
                 by_seq.sort_unstable();
                 let replayed: Vec<_> =
                     table.replay(ReplayFrom::Beginning, None, usize::MAX).into_iter().map(|(seq, e)| (seq, e.id)).collect();
