@@ -154,10 +154,10 @@ pub enum HookOutcome {
     Full,
     /// Refused: the broker is shut down.
     Closed,
-    /// Not built: the record did not serialize, or nests deeper than
-    /// [`Event::MAX_JSON_DEPTH`], or holds an object that `serde_json`'s `Value` reads as another
-    /// value (see [`Payload`](crate::Payload)), or `schema.entity.operation` is not a valid event type. Counted
-    /// and logged.
+    /// Not built: the record did not serialize, or nests deeper than [`Event::MAX_JSON_DEPTH`],
+    /// or holds an object that `serde_json`'s `Value` reads as another value (see
+    /// [`Payload`](crate::Payload)), or `schema.entity.operation` is not a valid event type.
+    /// Counted and logged.
     Invalid,
 }
 
