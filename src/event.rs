@@ -370,7 +370,13 @@ fn nests_deeper_than(value: &serde_json::Value, limit: usize) -> bool {
 /// up fluently. The broker validates `event_type` at publish and fills `instance_id` when empty.
 ///
 /// Its `Deserialize` is [`Event::from_json`]'s, with the rules listed there.
+// `repr(C)` keeps the fields in the order declared (the seed's JSON order), which puts what a
+// worker reads of every event it takes (the id, for its statuses, and the type, to match it) in
+// the event's first 48 bytes, beside the `Arc`'s two reference counts: a worker then fetches one
+// or two cache lines of an event from the publisher's core before its handlers run, where the
+// compiler's own order (id at byte 240, type at 72) made it three or four.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[repr(C)]
 pub struct Event {
     /// Unique id.
     pub id: EventId,
@@ -413,6 +419,11 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partition_key: Option<CompactString>,
 }
+
+const _: () = assert!(
+    std::mem::offset_of!(Event, event_type) + size_of::<CompactString>() <= 48,
+    "an event's id and type lie within the first 64 bytes of its `Arc`, with the reference counts"
+);
 
 impl Event {
     /// How deep arrays and objects may nest in an event's JSON: within the payload, within each
