@@ -37,7 +37,15 @@
 //! ```
 //!
 //! ## Reading
-//! - [`Config::from_yaml_str`] and [`Config::from_yaml_file`] (feature `yaml`) read the
+// Linked only where the feature compiles them; a plain name otherwise.
+#![cfg_attr(
+    feature = "yaml",
+    doc = "- [`Config::from_yaml_str`] and [`Config::from_yaml_file`] (feature `yaml`) read the"
+)]
+#![cfg_attr(
+    not(feature = "yaml"),
+    doc = "- `Config::from_yaml_str` and `Config::from_yaml_file` (feature `yaml`) read the"
+)]
 //!   `event_broker` mapping of a YAML document; the document's other keys are the application's
 //!   and are not looked at. [`Config::from_env`] reads the defaults and the overrides alone.
 //! - **Expansion**: in string values, `${VAR}` is the variable's value (empty when unset, as in a
