@@ -177,24 +177,26 @@ fn small_status_writes_apply_in_order_with_no_read_between() {
 }
 
 /// Small writes waiting to be applied in their shards' queues apply before a large batch written
-/// after them, which is applied at once: each event ends with the batch's status.
+/// after them, which is applied at once (from 1 024 updates): each event ends with the batch's
+/// status.
 #[test]
 fn waiting_updates_apply_before_a_large_batch_written_after_them() {
-    for max_events in [1_000, 10_000] {
+    const EVENTS: usize = 1_500;
+    for max_events in [2_000, 10_000] {
         let provider = provider(max_events);
-        let events: Vec<Arc<Event>> = (0..300).map(|_| event("queue.then.batch")).collect();
+        let events: Vec<Arc<Event>> = (0..EVENTS).map(|_| event("queue.then.batch")).collect();
         provider.store_batch(&events, None).expect("store");
         for e in &events {
             write_status(&provider, e.id, EventStatus::Failed);
         }
         let batch: Vec<StatusUpdate> =
             events.iter().map(|e| StatusUpdate::new(e.id, EventStatus::Completed)).collect();
-        provider.update_status_batch(&batch).expect("one batch of 300");
+        provider.update_status_batch(&batch).expect("one large batch");
         for e in &events {
             assert_eq!(status_of(&provider, e.id), EventStatus::Completed, "{max_events}");
         }
         let stats = provider.stats().expect("stats");
-        assert_eq!((stats.completed_events, stats.failed_events), (300, 0), "{max_events}");
+        assert_eq!((stats.completed_events, stats.failed_events), (EVENTS as u64, 0), "{max_events}");
     }
 }
 

@@ -6,7 +6,7 @@
 //! | operation | cost |
 //! |---|---|
 //! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait (it looks every 16 stores), it applies them |
-//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 256 waits in its shards' queues to be applied with others (by a store into the shard, a read, or the writer once 1 024 wait for one shard) |
+//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 1 024 waits in its shards' queues to be applied with others (by a store into the shard, a read, or the writer once 1 024 wait for one shard) |
 //! | `get`, `delete` | O(1), after applying the status updates waiting for the event's shard (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
@@ -116,8 +116,14 @@ const APPLY_FROM: usize = 256;
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
 /// Stores into a shard between two looks at how many status updates wait for it.
 const LOOK_AT_WRITTEN_EVERY: u32 = 16;
-/// A status batch this large is applied by the thread writing it, at once.
-const APPLY_AT_ONCE_FROM: usize = 256;
+/// A status batch this large is applied by the thread writing it, at once. Above what a worker
+/// writes in one call at the default settings (one batch's completions with the next one's
+/// `processing`, 2 × 256): a worker that cannot keep up writes full batches, and applying them
+/// itself took the shard locks its publishers store under, on their entries' cache lines.
+const APPLY_AT_ONCE_FROM: usize = APPLY_BY_WRITER_FROM;
+/// Updates per call whose shards [`Shared::shards_of`] keeps inline: a worker's largest write at
+/// the default settings.
+const SHARDS_INLINE: usize = 512;
 /// Most evicted events a `store_batch` holds before it releases its shard and drops them.
 const EVICTED_HELD: usize = 64;
 /// Evictions a shard makes before it looks again at the other shards ([`Shared::victim_shard`]).
@@ -459,17 +465,15 @@ impl Shared {
     /// Kept to the bytes a worker's few updates need: a worker that keeps up writes once a turn
     /// (one batch's completions with the next one's `processing`), often a handful of updates,
     /// so this is built per call.
-    fn shards_of(&self, updates: &[StatusUpdate]) -> (SmallVec<[u8; APPLY_AT_ONCE_FROM]>, u32) {
+    /// The caller owns `shards`, so that its inline bytes are never copied on return.
+    fn shards_of(&self, updates: &[StatusUpdate], shards: &mut SmallVec<[u8; SHARDS_INLINE]>) -> u32 {
         let mut present = 0u32;
-        let shards = updates
-            .iter()
-            .map(|update| {
-                let index = self.shard_of(update.id);
-                present |= 1 << index;
-                u8::try_from(index).expect("at most 32 shards")
-            })
-            .collect();
-        (shards, present)
+        shards.extend(updates.iter().map(|update| {
+            let index = self.shard_of(update.id);
+            present |= 1 << index;
+            u8::try_from(index).expect("at most 32 shards")
+        }));
+        present
     }
 
     /// Applies `updates`, written when `next_seq` was `written_at`, each after the updates waiting
@@ -481,7 +485,8 @@ impl Shared {
         written_at: u64,
         operation: &'static str,
     ) -> Result<(), ProviderError> {
-        let (shards, present) = self.shards_of(updates);
+        let mut shards = SmallVec::new();
+        let present = self.shards_of(updates, &mut shards);
         for index in each_shard_in(present) {
             let mut held = self.shard(index, operation)?;
             self.apply_waiting(index, &mut held);
@@ -798,7 +803,8 @@ impl EventSink for MemoryProvider {
             // it. Updates written while it is applied are written concurrently with it.
             return shared.apply(updates, written_at, "update_status_batch");
         }
-        let (shards, present) = shared.shards_of(updates);
+        let mut shards = SmallVec::new();
+        let present = shared.shards_of(updates, &mut shards);
         for index in each_shard_in(present) {
             let written = &shared.written[index];
             let waiting = {
