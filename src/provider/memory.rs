@@ -121,9 +121,9 @@ const LOOK_AT_WRITTEN_EVERY: u32 = 16;
 /// `processing`, 2 × 256): a worker that cannot keep up writes full batches, and applying them
 /// itself took the shard locks its publishers store under, on their entries' cache lines.
 const APPLY_AT_ONCE_FROM: usize = APPLY_BY_WRITER_FROM;
-/// Updates per call whose shards [`Shared::shards_of`] keeps inline: a worker's largest write at
-/// the default settings.
-const SHARDS_INLINE: usize = 512;
+/// Updates per call that [`Shared::group_by_shard`] groups without allocating: a worker's largest
+/// write at the default settings.
+const GROUPED_INLINE: usize = 512;
 /// Most evicted events a `store_batch` holds before it releases its shard and drops them.
 const EVICTED_HELD: usize = 64;
 /// Evictions a shard makes before it looks again at the other shards ([`Shared::victim_shard`]).
@@ -460,20 +460,39 @@ impl Shared {
         shard.spare = batch;
     }
 
-    /// The shard of each update, and the shards among them as a mask (bit `i` for shard `i`).
+    /// `updates` grouped by shard: their indices into `order`, shard 0's first, each shard's in
+    /// the order written; returns where each shard's run ends in `order` (it starts where the one
+    /// before ends).
     ///
-    /// Kept to the bytes a worker's few updates need: a worker that keeps up writes once a turn
-    /// (one batch's completions with the next one's `processing`), often a handful of updates,
-    /// so this is built per call.
-    /// The caller owns `shards`, so that its inline bytes are never copied on return.
-    fn shards_of(&self, updates: &[StatusUpdate], shards: &mut SmallVec<[u8; SHARDS_INLINE]>) -> u32 {
-        let mut present = 0u32;
-        shards.extend(updates.iter().map(|update| {
-            let index = self.shard_of(update.id);
-            present |= 1 << index;
-            u8::try_from(index).expect("at most 32 shards")
-        }));
-        present
+    /// One pass counts, one places: a worker's write spread over all 16 shards (8 publishers, two
+    /// lanes each) reads its updates twice, not once per shard. The caller owns `order`, so that
+    /// its inline bytes are never copied on return.
+    fn group_by_shard(
+        &self,
+        updates: &[StatusUpdate],
+        order: &mut SmallVec<[u32; GROUPED_INLINE]>,
+    ) -> [u32; SHARDS] {
+        let shards: SmallVec<[u8; GROUPED_INLINE]> = updates
+            .iter()
+            .map(|update| u8::try_from(self.shard_of(update.id)).expect("at most 32 shards"))
+            .collect();
+        let mut ends = [0u32; SHARDS];
+        for &shard in &shards {
+            ends[usize::from(shard)] += 1;
+        }
+        let mut next = [0u32; SHARDS];
+        let mut start = 0;
+        for (next, count) in next.iter_mut().zip(ends) {
+            *next = start;
+            start += count;
+        }
+        order.resize(updates.len(), 0);
+        for (at, &shard) in shards.iter().enumerate() {
+            let next = &mut next[usize::from(shard)];
+            order[*next as usize] = u32::try_from(at).expect("a status batch holds fewer than 2^32 updates");
+            *next += 1;
+        }
+        next
     }
 
     /// Applies `updates`, written when `next_seq` was `written_at`, each after the updates waiting
@@ -485,16 +504,13 @@ impl Shared {
         written_at: u64,
         operation: &'static str,
     ) -> Result<(), ProviderError> {
-        let mut shards = SmallVec::new();
-        let present = self.shards_of(updates, &mut shards);
-        for index in each_shard_in(present) {
+        let mut order = SmallVec::new();
+        let ends = self.group_by_shard(updates, &mut order);
+        for (index, mine) in each_shard_in(&order, &ends) {
             let mut held = self.shard(index, operation)?;
             self.apply_waiting(index, &mut held);
-            let mut mine = in_shard(updates, &shards, index).map(|update| (update, written_at)).peekable();
-            while mine.peek().is_some() {
-                let chunk: SmallVec<[(&StatusUpdate, u64); UPDATES_AT_ONCE]> =
-                    mine.by_ref().take(UPDATES_AT_ONCE).collect();
-                held.events.update(chunk.iter().copied());
+            for chunk in mine.chunks(UPDATES_AT_ONCE) {
+                held.events.update(chunk.iter().map(|&at| (&updates[at as usize], written_at)));
             }
         }
         Ok(())
@@ -659,26 +675,14 @@ impl Shared {
     }
 }
 
-/// Those of `updates` in shard `index`, in order, given each one's shard as [`Shared::shards_of`]
-/// gives them.
-fn in_shard<'a>(
-    updates: &'a [StatusUpdate],
-    shards: &'a [u8],
-    index: usize,
-) -> impl Iterator<Item = &'a StatusUpdate> {
-    updates
-        .iter()
-        .zip(shards)
-        .filter(move |&(_, &shard)| usize::from(shard) == index)
-        .map(|(update, _)| update)
-}
-
-/// The shards whose bits are set in `mask`, in increasing order.
-fn each_shard_in(mut mask: u32) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        let index = mask.trailing_zeros();
-        mask &= mask.wrapping_sub(1);
-        (index < u32::BITS).then_some(index as usize)
+/// Each shard with updates in a grouping by [`Shared::group_by_shard`], in increasing order, with
+/// its updates' indices.
+fn each_shard_in<'a>(order: &'a [u32], ends: &'a [u32; SHARDS]) -> impl Iterator<Item = (usize, &'a [u32])> {
+    let mut start = 0;
+    ends.iter().enumerate().filter_map(move |(index, &end)| {
+        let mine = &order[start as usize..end as usize];
+        start = end;
+        (!mine.is_empty()).then_some((index, mine))
     })
 }
 
@@ -803,15 +807,13 @@ impl EventSink for MemoryProvider {
             // it. Updates written while it is applied are written concurrently with it.
             return shared.apply(updates, written_at, "update_status_batch");
         }
-        let mut shards = SmallVec::new();
-        let present = shared.shards_of(updates, &mut shards);
-        for index in each_shard_in(present) {
+        let mut order = SmallVec::new();
+        let ends = shared.group_by_shard(updates, &mut order);
+        for (index, mine) in each_shard_in(&order, &ends) {
             let written = &shared.written[index];
             let waiting = {
                 let mut waiting = written.waiting.lock();
-                waiting.reserve(updates.len());
-                waiting
-                    .extend(in_shard(updates, &shards, index).map(|update| Pending::new(update, written_at)));
+                waiting.extend(mine.iter().map(|&at| Pending::new(&updates[at as usize], written_at)));
                 // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
                 written.count.store(waiting.len(), Ordering::Relaxed);
                 waiting.len()
@@ -1123,13 +1125,38 @@ impl Inbound for MemoryInbound {
 
 #[cfg(test)]
 mod tests {
-    use super::each_shard_in;
+    use smallvec::SmallVec;
 
+    use super::{MemoryConfig, MemoryProvider, SHARDED_FROM, each_shard_in};
+    use crate::EventStatus;
+    use crate::event::EventId;
+    use crate::provider::StatusUpdate;
+
+    /// Every update comes once, in its own shard's run, the runs in increasing shard order and
+    /// each in the order written; batches under and over the inline size, on one shard and on many.
     #[test]
-    fn each_shard_in_a_mask_comes_once_in_increasing_order() {
-        assert_eq!(each_shard_in(0).count(), 0);
-        assert_eq!(each_shard_in(0b1).collect::<Vec<_>>(), [0]);
-        assert_eq!(each_shard_in(1 << 31 | 1 << 5 | 1 << 4).collect::<Vec<_>>(), [4, 5, 31]);
-        assert_eq!(each_shard_in(u32::MAX).collect::<Vec<_>>(), (0..32).collect::<Vec<_>>());
+    fn updates_grouped_by_shard_keep_their_order_within_each() {
+        for max_events in [100, SHARDED_FROM, 100_000] {
+            let provider = MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() });
+            let shared = &*provider.shared;
+            for len in [0, 1, 7, 512, 513, 3_000] {
+                let updates: Vec<StatusUpdate> =
+                    (0..len).map(|_| StatusUpdate::new(EventId::new(), EventStatus::Completed)).collect();
+                let mut order = SmallVec::new();
+                let ends = shared.group_by_shard(&updates, &mut order);
+                let mut seen = vec![false; len];
+                let mut last_shard = None;
+                for (index, mine) in each_shard_in(&order, &ends) {
+                    assert!(last_shard < Some(index), "shards in increasing order, each once");
+                    last_shard = Some(index);
+                    assert!(mine.windows(2).all(|w| w[0] < w[1]), "written order within shard {index}");
+                    for &at in mine {
+                        assert_eq!(shared.shard_of(updates[at as usize].id), index);
+                        assert!(!std::mem::replace(&mut seen[at as usize], true), "update {at} twice");
+                    }
+                }
+                assert!(seen.iter().all(|&s| s), "every update grouped ({max_events}, {len})");
+            }
+        }
     }
 }
