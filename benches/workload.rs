@@ -25,7 +25,8 @@
 //! To profile one contender alone: `cargo bench --bench workload -- profile default 1 1` (the
 //! contender, publishers, shards) under `perf record`. On a machine with more cores,
 //! `cargo bench --bench workload -- scaling 8` gives the throughput table for publishers × shards
-//! of 1, 2, 4 and 8 (up to the number given).
+//! of 1, 2, 4 and 8 (up to the number given); `-- latency 1` gives the latency table alone, with
+//! the number of workers given.
 
 use std::hash::BuildHasher;
 use std::hint::black_box;
@@ -448,6 +449,9 @@ fn main() {
     if let Some(at) = args.iter().position(|a| a == "profile") {
         let rest: Vec<String> = args[at + 1..].iter().filter(|a| !a.starts_with("--")).cloned().collect();
         profile(&workload, &rest);
+    } else if let Some(at) = args.iter().position(|a| a == "latency") {
+        let workers = args.get(at + 1).map_or(1, |n| n.parse().expect("the number of workers is a number"));
+        latency_table(&workload, workers, 3, Duration::from_secs(2));
     } else if let Some(at) = args.iter().position(|a| a == "scaling") {
         let most =
             args.get(at + 1).map_or(8, |n| n.parse().expect("the most publishers and shards is a number"));

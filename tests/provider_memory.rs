@@ -176,6 +176,40 @@ fn small_status_writes_apply_in_order_with_no_read_between() {
     }
 }
 
+/// Updates a store took from the queue and has applied only in part (a store applies a few at a
+/// time) come before those written after them, and every read sees all of them: an event's
+/// `processing` taken with the first store, its `completed` written after, ends `completed`.
+#[test]
+fn updates_taken_by_a_store_and_applied_in_part_keep_their_order() {
+    for max_events in [2_000, 10_000] {
+        let provider = provider(max_events);
+        // 1 000 events: over 256 waiting on one shard and on each of a thread's two of sixteen.
+        let events: Vec<Arc<Event>> = (0..1_000).map(|_| event("backlog.order")).collect();
+        for e in &events {
+            provider.store_batch(std::slice::from_ref(e), None).expect("store");
+        }
+        for e in &events {
+            write_status(&provider, e.id, EventStatus::Processing);
+        }
+        // Stores now take what waits and apply a little of it each; more updates queue behind.
+        let later: Vec<Arc<Event>> = (0..40).map(|_| event("backlog.later")).collect();
+        for (i, e) in later.iter().enumerate() {
+            provider.store_batch(std::slice::from_ref(e), None).expect("store");
+            write_status(&provider, events[i].id, EventStatus::Completed);
+        }
+        for (i, e) in events.iter().enumerate() {
+            let expected = if i < later.len() { EventStatus::Completed } else { EventStatus::Processing };
+            assert_eq!(status_of(&provider, e.id), expected, "event {i} ({max_events})");
+        }
+        let stats = provider.stats().expect("stats");
+        assert_eq!(
+            [stats.pending_events, stats.processing_events, stats.completed_events],
+            [40, 960, 40],
+            "{max_events}"
+        );
+    }
+}
+
 /// Small writes waiting to be applied in their shards' queues apply before a large batch written
 /// after them, which is applied at once (from 1 024 updates): each event ends with the batch's
 /// status.

@@ -5,7 +5,7 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait (it looks every 16 stores), it applies them |
+//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait (it looks every 16 stores), it takes them, and it and the stores after it apply 32 each |
 //! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 1 024 waits in its shards' queues to be applied with others (by a store into the shard, a read, or the writer once 1 024 wait for one shard) |
 //! | `get`, `delete` | O(1), after applying the status updates waiting for the event's shard (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
@@ -114,6 +114,10 @@ const SHARDED_FROM: usize = 4096;
 const APPLY_FROM: usize = 256;
 /// ... and by the thread writing them once this many wait.
 const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
+/// Status updates a store applies at most, of those it or the stores before it took out of the
+/// queue: what one publish waits for beyond its own store, at sixteen times the rate the broker
+/// writes them (two per event).
+const APPLIED_PER_STORE: usize = 32;
 /// Stores into a shard between two looks at how many status updates wait for it.
 const LOOK_AT_WRITTEN_EVERY: u32 = 16;
 /// A status batch this large is applied by the thread writing it, at once. Above what a worker
@@ -220,12 +224,35 @@ struct Shard {
     look_in: u32,
     /// Stores until the next look at the status updates waiting for this shard.
     look_at_written_in: u32,
-    /// The buffer the next batch of waiting status updates is swapped into.
-    spare: Vec<Pending>,
+    /// Status updates a store took out of this shard's [`Written`] queue, in the order written;
+    /// those from `applied` on are not applied yet and precede any still in the queue. Empty, it
+    /// is the buffer the queue's updates are swapped into.
+    backlog: Vec<Pending>,
+    /// How many of `backlog` are applied.
+    applied: usize,
     published: u64,
     replaced: u64,
     evicted: u64,
     expired: u64,
+}
+
+impl Shard {
+    fn has_backlog(&self) -> bool {
+        self.applied < self.backlog.len()
+    }
+
+    /// Applies up to `most` of the backlog, in order; once all of it is, empties it.
+    fn apply_backlog(&mut self, most: usize) {
+        let end = self.backlog.len().min(self.applied.saturating_add(most));
+        for chunk in self.backlog[self.applied..end].chunks(UPDATES_AT_ONCE) {
+            self.events.update(chunk.iter());
+        }
+        self.applied = end;
+        if end == self.backlog.len() {
+            self.backlog.clear();
+            self.applied = 0;
+        }
+    }
 }
 
 /// Status updates written to one shard's events and not applied yet.
@@ -236,9 +263,11 @@ struct Shard {
 /// its own core, which the publisher's next stores must then fetch back; on two cores that cost
 /// the default settings a third of their throughput. So small writes wait here, in the order
 /// written, and the first store into the shard that finds [`APPLY_FROM`] waiting (stores look
-/// every [`LOOK_AT_WRITTEN_EVERY`]) applies them under the shard lock it holds, on the thread
+/// every [`LOOK_AT_WRITTEN_EVERY`]) takes them into the shard's backlog; it and the stores after
+/// it apply them [`APPLIED_PER_STORE`] at a time under the shard lock they hold, on the thread
 /// whose events they are (a thread's events have shards of their own: see
-/// [`Shared::victim_shard`]), where those lines are, its entries prefetched. The thread writing
+/// [`Shared::victim_shard`]), where those lines are, its entries prefetched. No publish waits
+/// for more than that many updates to be applied. The thread writing
 /// them applies them itself only once [`APPLY_BY_WRITER_FROM`] wait (when nothing is being stored
 /// into the shard), and every read of events or statuses
 /// (`get`, `list`, `replay`, `stats`, `delete`, cleanup, `flush`) applies them first, so no
@@ -298,7 +327,8 @@ impl MemoryProvider {
                     victim: None,
                     look_in: 0,
                     look_at_written_in: 0,
-                    spare: Vec::new(),
+                    backlog: Vec::new(),
+                    applied: 0,
                     published: 0,
                     replaced: 0,
                     evicted: 0,
@@ -439,25 +469,48 @@ impl Shared {
         Ok(())
     }
 
-    /// Applies the status updates waiting for shard `index`, held as `shard`, in the order written.
+    /// Applies every status update waiting for shard `index`, held as `shard`, in the order
+    /// written: its backlog, then its queue.
     fn apply_waiting(&self, index: usize, shard: &mut Shard) {
-        let written = &self.written[index];
+        shard.apply_backlog(usize::MAX);
         // Relaxed: a hint. Whoever took updates out held this shard's lock, as the caller does,
         // and a reader that learned of a write after it returned sees its count.
-        if written.count.load(Ordering::Relaxed) == 0 {
+        if self.written[index].count.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let mut batch = mem::take(&mut shard.spare);
-        {
-            let mut waiting = written.waiting.lock();
-            mem::swap(&mut batch, &mut *waiting);
-            written.count.store(0, Ordering::Relaxed);
+        self.take_waiting(index, shard);
+        shard.apply_backlog(usize::MAX);
+    }
+
+    /// A store's share of the status updates waiting for shard `index`, held as `shard`: up to
+    /// [`APPLIED_PER_STORE`] of its backlog; with none left, every [`LOOK_AT_WRITTEN_EVERY`]
+    /// stores a look at its queue, taken into the backlog once [`APPLY_FROM`] wait.
+    fn apply_for_store(&self, index: usize, shard: &mut Shard) {
+        if !shard.has_backlog() {
+            // The count is written by the workers queueing updates: read at every store, its line
+            // would travel between their cores and this one each time.
+            if shard.look_at_written_in > 0 {
+                shard.look_at_written_in -= 1;
+                return;
+            }
+            shard.look_at_written_in = LOOK_AT_WRITTEN_EVERY;
+            // Relaxed: a hint of when to take them; `take_waiting` takes what waits under its lock.
+            if self.written[index].count.load(Ordering::Relaxed) < APPLY_FROM {
+                return;
+            }
+            self.take_waiting(index, shard);
         }
-        for chunk in batch.chunks(UPDATES_AT_ONCE) {
-            shard.events.update(chunk.iter());
-        }
-        batch.clear();
-        shard.spare = batch;
+        shard.apply_backlog(APPLIED_PER_STORE);
+    }
+
+    /// Moves the updates waiting in shard `index`'s queue into `shard`'s backlog, all of which is
+    /// applied.
+    fn take_waiting(&self, index: usize, shard: &mut Shard) {
+        debug_assert!(!shard.has_backlog(), "the backlog's updates precede the queue's");
+        let written = &self.written[index];
+        let mut waiting = written.waiting.lock();
+        mem::swap(&mut shard.backlog, &mut *waiting);
+        written.count.store(0, Ordering::Relaxed);
     }
 
     /// `updates` grouped by shard: their indices into `order`, shard 0's first, each shard's in
@@ -735,18 +788,7 @@ impl EventSink for MemoryProvider {
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
                 drop(guard.take()); // One shard lock at a time.
                 let mut held = shared.shard(index, "store_batch")?;
-                // The count is written by the workers queueing updates: read at every store, its
-                // line would travel between their cores and this one each time.
-                if held.look_at_written_in == 0 {
-                    held.look_at_written_in = LOOK_AT_WRITTEN_EVERY;
-                    // Relaxed: a hint of when to apply; `apply_waiting` takes what waits under its
-                    // lock.
-                    if shared.written[index].count.load(Ordering::Relaxed) >= APPLY_FROM {
-                        shared.apply_waiting(index, &mut held);
-                    }
-                } else {
-                    held.look_at_written_in -= 1;
-                }
+                shared.apply_for_store(index, &mut held);
                 guard = Some((index, held));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
