@@ -529,13 +529,14 @@ impl Shared {
             .iter()
             .map(|update| u8::try_from(self.shard_of(update.id)).expect("at most 32 shards"))
             .collect();
-        let mut ends = [0u32; SHARDS];
+        let mut counts = [0u32; SHARDS];
         for &shard in &shards {
-            ends[usize::from(shard)] += 1;
+            counts[usize::from(shard)] += 1;
         }
+        // Where each shard's next index goes: its run's start, and once all are placed, its end.
         let mut next = [0u32; SHARDS];
         let mut start = 0;
-        for (next, count) in next.iter_mut().zip(ends) {
+        for (next, count) in next.iter_mut().zip(counts) {
             *next = start;
             start += count;
         }
