@@ -469,6 +469,58 @@ mod tests {
     use super::*;
     use crate::EventSource;
 
+    /// A waiting update, however it is kept, changes an entry exactly as the update itself does:
+    /// each timestamp alone, both, none, before 1970, past what 64 bits of nanoseconds hold, with
+    /// and without error text, over an entry that had an error.
+    #[test]
+    fn a_waiting_update_applies_as_the_update_does() {
+        let stamps = [
+            Timestamp::UNIX_EPOCH,
+            Timestamp::new(1_764_000_000, 123_456_789).unwrap(),
+            Timestamp::new(-1, 1).unwrap(),
+            Timestamp::new(-9_000_000_000, 999_999_999).unwrap(),
+            Timestamp::MAX,
+            Timestamp::MIN,
+        ];
+        let mut updates = Vec::new();
+        for &at in &stamps {
+            for (processed_at, completed_at) in
+                [(Some(at), None), (None, Some(at)), (Some(at), Some(stamps[1]))]
+            {
+                for error in ["", "handler failed"] {
+                    updates.push(StatusUpdate {
+                        error: error.into(),
+                        retry_count: 3,
+                        processed_at,
+                        completed_at,
+                        ..StatusUpdate::new(EventId::new(), EventStatus::Failed)
+                    });
+                }
+            }
+        }
+        updates.push(StatusUpdate::new(EventId::new(), EventStatus::Completed));
+        let mut event = Event::new(EventSource::System, "model.x");
+        event.error = "earlier".into();
+        event.processed_at = Some(stamps[1]);
+        for update in &updates {
+            let mut expected = Lifecycle::of(&event);
+            expected.apply(update);
+            let mut kept = Lifecycle::of(&event);
+            (&Pending::new(update, 7)).apply_to(&mut kept);
+            assert_eq!(
+                (kept.status, &*kept.error, kept.retry_count, kept.processed_at, kept.completed_at),
+                (
+                    expected.status,
+                    &*expected.error,
+                    expected.retry_count,
+                    expected.processed_at,
+                    expected.completed_at
+                ),
+                "{update:?}"
+            );
+        }
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Store,
