@@ -259,10 +259,13 @@ const EVENTS_PER_ROUND: u64 = 200_000;
 fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[usize]) {
     let schedule = workload.schedule(1 << 16, 1);
     println!("\nthroughput, million events/s (median of {rounds} interleaved rounds of {events} events)");
-    println!("| case | default | untracked | crossbeam | default ÷ untracked | default ÷ crossbeam |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| case | default | untracked | crossbeam | default ÷ untracked | default ÷ crossbeam | hop, ns |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for &shards in counts {
         for &publishers in counts {
+            let hop_before = common::core_hop();
             let contenders = CONTENDERS.map(|name| contender(name, workload, shards));
             // A warm-up: caches filled, the provider at its bound.
             for contender in &contenders {
@@ -276,12 +279,14 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[u
             });
             let rates = common::medians(&by_round);
             println!(
-                "| p{publishers} s{shards} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| p{publishers} s{shards} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {}/{} |",
                 rates[0],
                 rates[1],
                 rates[2],
                 common::median_ratio(&by_round, 0, 1),
                 common::median_ratio(&by_round, 0, 2),
+                hop_before.as_nanos(),
+                common::core_hop().as_nanos(),
             );
         }
     }
@@ -360,6 +365,7 @@ fn latency_table(workload: &Workload, workers: usize, runs: usize, duration: Dur
     );
     println!("| settings | p50 | p90 | p99 | p99.9 | max |");
     println!("|---|---:|---:|---:|---:|---:|");
+    let hop_before = common::core_hop();
     let mut by_settings: [Vec<Vec<f64>>; 2] = [vec![Vec::new(); 5], vec![Vec::new(); 5]];
     for _ in 0..runs {
         for (settings, tracked) in [true, false].into_iter().enumerate() {
@@ -374,6 +380,11 @@ fn latency_table(workload: &Workload, workers: usize, runs: usize, duration: Dur
         let [p50, p90, p99, p999, max] = [0, 1, 2, 3, 4].map(|q| common::median(&mut quantiles[q]));
         println!("| {name} | {p50:.1} | {p90:.1} | {p99:.1} | {p999:.1} | {max:.1} |");
     }
+    println!(
+        "core-to-core hop before and after: {}/{} ns",
+        hop_before.as_nanos(),
+        common::core_hop().as_nanos()
+    );
 }
 
 /// This process's resident set, in MiB (Linux).
@@ -423,6 +434,7 @@ fn profile(workload: &Workload, args: &[String]) {
     let contender = contender(name, workload, shards);
     let schedule = workload.schedule(1 << 16, 1);
     run(&*contender, workload, &schedule, publishers, 20_000);
+    let hop_before = common::core_hop();
     println!("profile: {name}, p{publishers} s{shards}, million events/s per round");
     for _ in 0..20 {
         let took = run(&*contender, workload, &schedule, publishers, EVENTS_PER_ROUND);
@@ -430,6 +442,11 @@ fn profile(workload: &Workload, args: &[String]) {
         let rate = EVENTS_PER_ROUND as f64 / took.as_secs_f64() / 1e6;
         println!("{rate:.2}");
     }
+    println!(
+        "core-to-core hop before and after: {}/{} ns",
+        hop_before.as_nanos(),
+        common::core_hop().as_nanos()
+    );
 }
 
 fn main() {

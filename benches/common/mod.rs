@@ -36,3 +36,91 @@ pub fn medians(by_round: &[Vec<f64>]) -> Vec<f64> {
 pub fn median_ratio(by_round: &[Vec<f64>], a: usize, b: usize) -> f64 {
     median(&mut by_round.iter().map(|round| round[a] / round[b]).collect::<Vec<_>>())
 }
+
+/// One way of a cache-line hand-off between two threads, on the first two cores this process may
+/// run on: the median of 9 runs of 20 000 round trips.
+///
+/// The figure tells which placement a run had: a 2-vCPU guest's two vCPUs are sometimes put on
+/// cores far apart (on the project's machine kind, 40–60 ns one way near, 190–200 ns far), and
+/// everything that passes events between threads then runs at half speed or less. Benches print it
+/// beside their figures so that runs are compared within one placement.
+pub fn core_hop() -> std::time::Duration {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TRIPS: u64 = 20_000;
+    let cores = first_two_cores();
+    // Both sides on threads of their own: a pinned thread's affinity passes to the threads it
+    // spawns, and the caller's go on to run the bench.
+    let mut runs: Vec<f64> = (0..9)
+        .map(|_| {
+            let flag = AtomicU64::new(0);
+            // Named, so that profiles of the bench tell them from its own threads.
+            let side = || std::thread::Builder::new().name("core-hop".into());
+            std::thread::scope(|s| {
+                side()
+                    .spawn_scoped(s, || {
+                        pin(cores.map(|c| c[1]));
+                        for i in 0..TRIPS {
+                            while flag.load(Ordering::Acquire) != 2 * i + 1 {
+                                std::hint::spin_loop();
+                            }
+                            flag.store(2 * i + 2, Ordering::Release);
+                        }
+                    })
+                    .expect("a thread starts");
+                side()
+                    .spawn_scoped(s, || {
+                        pin(cores.map(|c| c[0]));
+                        let start = std::time::Instant::now();
+                        for i in 0..TRIPS {
+                            flag.store(2 * i + 1, Ordering::Release);
+                            while flag.load(Ordering::Acquire) != 2 * i + 2 {
+                                std::hint::spin_loop();
+                            }
+                        }
+                        #[allow(clippy::cast_precision_loss, reason = "a duration in nanoseconds")]
+                        let one_way = start.elapsed().as_nanos() as f64 / (2 * TRIPS) as f64;
+                        one_way
+                    })
+                    .expect("a thread starts")
+                    .join()
+                    .expect("the timing side does not panic")
+            })
+        })
+        .collect();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a few hundred ns")]
+    std::time::Duration::from_nanos(median(&mut runs) as u64)
+}
+
+/// The first two CPUs in this process's affinity mask (Linux), for [`core_hop`] to pin to.
+#[cfg(target_os = "linux")]
+fn first_two_cores() -> Option<[usize; 2]> {
+    // SAFETY: `set` is a valid, writable `cpu_set_t`; the call writes nothing else.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pid 0 is this thread.
+    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &raw mut set) } != 0 {
+        return None;
+    }
+    // SAFETY: `set` was filled by `sched_getaffinity`.
+    let mut allowed = (0..libc::CPU_SETSIZE as usize).filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) });
+    Some([allowed.next()?, allowed.next()?])
+}
+
+#[cfg(not(target_os = "linux"))]
+fn first_two_cores() -> Option<[usize; 2]> {
+    None
+}
+
+/// Pins the calling thread to `cpu` (Linux); without one, leaves it where it may run.
+fn pin(cpu: Option<usize>) {
+    #[cfg(target_os = "linux")]
+    if let Some(cpu) = cpu {
+        // SAFETY: `set` is a valid `cpu_set_t`, zeroed then given one CPU below `CPU_SETSIZE`.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
+}
