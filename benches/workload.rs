@@ -21,6 +21,10 @@
 //! each, the median of each percentile: with one worker (on two cores, a core for the publisher
 //! and one for the worker) and with two. Then RSS after a million events.
 //!
+//! Every throughput row, latency table and profile run also gives the core-to-core hop before and
+//! after it ([`common::core_hop`]): a run whose hop is several times the usual had its threads on
+//! cores far apart, and compares only with runs that did too.
+//!
 //! Run: `cargo bench --bench workload` (`cargo test --benches` runs one short round of each case).
 //! To profile one contender alone: `cargo bench --bench workload -- profile default 1 1` (the
 //! contender, publishers, shards) under `perf record`. On a machine with more cores,
