@@ -18,8 +18,11 @@
 //! contenders of a case run in interleaved rounds (the order rotating each round), each built just
 //! before its run and dropped after it (the disruptor's busy-spinning consumer would otherwise take
 //! a core from the others); the table gives each one's median events/s and the median of the
-//! per-round ratios of the broker to crossbeam. The latency table (p50/p99/p99.9, hdrhistogram)
-//! follows. `cargo test --benches` runs one short round.
+//! per-round ratios of the broker to crossbeam, with the core-to-core hop before and after the
+//! case ([`common::core_hop`]). The latency table (p50/p99/p99.9, hdrhistogram) follows.
+//! `cargo test --benches` runs one short round. To profile one contender alone:
+//! `cargo bench --bench dispatch -- profile broker 1 1 1` (the contender, publishers, subscribers,
+//! batch) under `perf record`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -285,11 +288,14 @@ fn throughput(rounds: usize, events: u64) {
     println!(
         "\ndispatch throughput, million events/s (median of {rounds} interleaved rounds of {events} events)"
     );
-    println!("| case | broker | crossbeam | tokio broadcast | disruptor (busy-spin) | broker ÷ crossbeam |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| case | broker | crossbeam | tokio broadcast | disruptor (busy-spin) | broker ÷ crossbeam | hop, ns |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for publishers in [1u64, 2] {
         for subscribers in [1usize, 8] {
             for batch in [1usize, 64] {
+                let hop_before = common::core_hop();
                 let by_round = common::interleaved(rounds, CONTENDERS.len(), |i| {
                     let pipeline = contender(CONTENDERS[i], subscribers);
                     run(pipeline.as_ref(), publishers, batch, events.min(10_000));
@@ -302,12 +308,42 @@ fn throughput(rounds: usize, events: u64) {
                     unreachable!("four contenders")
                 };
                 println!(
-                    "| p{publishers} s{subscribers} b{batch} | {broker:.2} | {crossbeam:.2} | {broadcast:.2} | {disruptor:.2} | {:.2} |",
-                    common::median_ratio(&by_round, 0, 1)
+                    "| p{publishers} s{subscribers} b{batch} | {broker:.2} | {crossbeam:.2} | {broadcast:.2} | {disruptor:.2} | {:.2} | {}/{} |",
+                    common::median_ratio(&by_round, 0, 1),
+                    hop_before.as_nanos(),
+                    common::core_hop().as_nanos(),
                 );
             }
         }
     }
+}
+
+/// `profile CONTENDER PUBLISHERS SUBSCRIBERS BATCH` (`broker 1 1 1` when left out): that contender
+/// alone, 20 rounds of 1 000 000 events, each round's rate printed, then the core-to-core hop
+/// before and after: a steady load for `perf record` on the bench binary.
+fn profile(args: &[&str]) {
+    const EVENTS: u64 = 1_000_000;
+    let name = args.first().copied().unwrap_or("broker");
+    assert!(CONTENDERS.contains(&name), "no contender {name:?}: one of {CONTENDERS:?}");
+    let number = |i: usize| {
+        args.get(i).map_or(1, |n| n.parse::<usize>().expect("publishers, subscribers and batch are numbers"))
+    };
+    let (publishers, subscribers, batch) = (number(1) as u64, number(2), number(3));
+    let hop_before = common::core_hop();
+    let pipeline = contender(name, subscribers);
+    run(pipeline.as_ref(), publishers, batch, EVENTS / 10);
+    println!("profile: {name}, p{publishers} s{subscribers} b{batch}, million events/s per round");
+    for _ in 0..20 {
+        let took = run(pipeline.as_ref(), publishers, batch, EVENTS);
+        #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
+        let rate = EVENTS as f64 / took.as_secs_f64() / 1e6;
+        println!("{rate:.2}");
+    }
+    println!(
+        "core-to-core hop before and after: {}/{} ns",
+        hop_before.as_nanos(),
+        common::core_hop().as_nanos()
+    );
 }
 
 /// One publisher, one subscriber: publish, wait until handled, repeat (`gap` apart); the handler
@@ -413,6 +449,13 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` (CI) does not: a quick pass then.
     let test_mode = std::env::args().any(|a| a == "--test") || !std::env::args().any(|a| a == "--bench");
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "profile") {
+        let rest: Vec<&str> =
+            args[at + 1..].iter().filter(|a| !a.starts_with("--")).map(String::as_str).collect();
+        profile(&rest);
         return;
     }
     if test_mode {
