@@ -39,6 +39,7 @@ pub mod hooks;
 mod id;
 pub mod metrics;
 pub mod pattern;
+mod prefetch;
 pub mod provider;
 mod subscription;
 mod sync;

@@ -98,7 +98,6 @@ mod bus;
 mod index;
 mod letters;
 mod lru;
-mod prefetch;
 mod table;
 
 const NAME: &str = "memory";

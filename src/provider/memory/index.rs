@@ -46,7 +46,7 @@ impl IdIndex {
     pub(super) fn prefetch(&self, hash: u32) {
         if !self.buckets.is_empty() {
             let bucket = &self.buckets[self.home(hash)];
-            super::prefetch::range(std::ptr::from_ref(bucket).cast(), size_of::<u64>());
+            crate::prefetch::range(std::ptr::from_ref(bucket).cast(), size_of::<u64>());
         }
     }
 

@@ -96,7 +96,7 @@ impl<T> Lru<T> {
     /// Hints the CPU to bring `slot`'s node into cache.
     pub(super) fn prefetch(&self, slot: usize) {
         if let Some(node) = self.nodes.get(slot) {
-            super::prefetch::range(std::ptr::from_ref(node).cast(), size_of::<Node<T>>());
+            crate::prefetch::range(std::ptr::from_ref(node).cast(), size_of::<Node<T>>());
         }
     }
 

@@ -233,7 +233,7 @@ impl SeqIndex {
     /// share a cache line; the oldest events were numbered long ago and are cold).
     fn prefetch_front(&self) {
         if let Some(ahead) = self.entries.get(8) {
-            super::prefetch::range(std::ptr::from_ref(ahead).cast(), size_of::<(u64, usize)>());
+            crate::prefetch::range(std::ptr::from_ref(ahead).cast(), size_of::<(u64, usize)>());
         }
     }
 
@@ -403,12 +403,12 @@ impl EventTable {
         self.by_seq.prefetch_front();
         if let Some(payload) = self.lru.get(next).event.payload_json() {
             // From the allocator's header just before the text.
-            super::prefetch::range(payload.as_ptr().wrapping_sub(16), 16 + payload.len().min(48));
+            crate::prefetch::range(payload.as_ptr().wrapping_sub(16), 16 + payload.len().min(48));
         }
         let Some(after) = self.lru.newer(next) else { return };
         let event = Arc::as_ptr(&self.lru.get(after).event).cast::<u8>();
         // With the reference counts before the event.
-        super::prefetch::range(event.wrapping_sub(16), 16 + size_of::<Event>());
+        crate::prefetch::range(event.wrapping_sub(16), 16 + size_of::<Event>());
         if let Some(third) = self.lru.newer(after) {
             self.lru.prefetch(third);
         }
