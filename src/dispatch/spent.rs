@@ -24,8 +24,8 @@
 //! ([`prefetch::range_for_write`](crate::prefetch::range_for_write)): on the dispatch bench (one
 //! publisher, one subscriber, events one at a time, tracking off) 6.3–7.4 → 7.2–9.0 M events/s
 //! in alternating runs with both cores near; untracked on the workload bench (one publisher, one
-//! shard) 0.97–1.38 → 1.31–2.44 with the cores far apart, and within its noise (±10 %) near,
-//! where a publish does more besides.
+//! shard) 0.97–1.38 → 1.31–2.44 with the cores far apart, and no change its noise lets through
+//! near, where a publish does more besides.
 //!
 //! Both sides touch the shared list once per group; a publisher pays a thread-local access per
 //! event. Bounds: at most as many events wait per shard as its ring holds (at least
