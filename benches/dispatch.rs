@@ -319,8 +319,8 @@ fn throughput(rounds: usize, events: u64) {
 }
 
 /// `profile CONTENDER PUBLISHERS SUBSCRIBERS BATCH` (`broker 1 1 1` when left out): that contender
-/// alone, 20 rounds of 1 000 000 events, each round's rate printed, then the core-to-core hop
-/// before and after: a steady load for `perf record` on the bench binary.
+/// alone, 20 rounds of 1 000 000 events, each round's rate printed with the core-to-core hop just
+/// after it, then the hop before and after all of them: a steady load for `perf record`.
 fn profile(args: &[&str]) {
     const EVENTS: u64 = 1_000_000;
     let name = args.first().copied().unwrap_or("broker");
@@ -332,12 +332,14 @@ fn profile(args: &[&str]) {
     let hop_before = common::core_hop();
     let pipeline = contender(name, subscribers);
     run(pipeline.as_ref(), publishers, batch, EVENTS / 10);
-    println!("profile: {name}, p{publishers} s{subscribers} b{batch}, million events/s per round");
+    println!(
+        "profile: {name}, p{publishers} s{subscribers} b{batch}, per round: million events/s, then the hop after it in ns"
+    );
     for _ in 0..20 {
         let took = run(pipeline.as_ref(), publishers, batch, EVENTS);
         #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
         let rate = EVENTS as f64 / took.as_secs_f64() / 1e6;
-        println!("{rate:.2}");
+        println!("{rate:.2} {}", common::quick_core_hop().as_nanos());
     }
     println!(
         "core-to-core hop before and after: {}/{} ns",

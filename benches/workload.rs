@@ -428,8 +428,9 @@ fn available_cores() -> usize {
 }
 
 /// `profile CONTENDER PUBLISHERS SHARDS` (`default`, `untracked` or `crossbeam`; 1 1 when left
-/// out): that contender alone, 20 rounds of [`EVENTS_PER_ROUND`] events, each round's rate printed:
-/// a steady load for `perf record` on the bench binary.
+/// out): that contender alone, 20 rounds of [`EVENTS_PER_ROUND`] events, each round's rate printed
+/// with the core-to-core hop just after it (a round whose hop is far does not compare with near
+/// ones): a steady load for `perf record` on the bench binary.
 fn profile(workload: &Workload, args: &[String]) {
     let name = args.first().map_or("default", String::as_str);
     let number = |i: usize| args.get(i).map_or(1, |n| n.parse().expect("publishers and shards are numbers"));
@@ -439,12 +440,14 @@ fn profile(workload: &Workload, args: &[String]) {
     let schedule = workload.schedule(1 << 16, 1);
     run(&*contender, workload, &schedule, publishers, 20_000);
     let hop_before = common::core_hop();
-    println!("profile: {name}, p{publishers} s{shards}, million events/s per round");
+    println!(
+        "profile: {name}, p{publishers} s{shards}, per round: million events/s, then the hop after it in ns"
+    );
     for _ in 0..20 {
         let took = run(&*contender, workload, &schedule, publishers, EVENTS_PER_ROUND);
         #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
         let rate = EVENTS_PER_ROUND as f64 / took.as_secs_f64() / 1e6;
-        println!("{rate:.2}");
+        println!("{rate:.2} {}", common::quick_core_hop().as_nanos());
     }
     println!(
         "core-to-core hop before and after: {}/{} ns",

@@ -45,12 +45,21 @@ pub fn median_ratio(by_round: &[Vec<f64>], a: usize, b: usize) -> f64 {
 /// everything that passes events between threads then runs at half speed or less. Benches print it
 /// beside their figures so that runs are compared within one placement.
 pub fn core_hop() -> std::time::Duration {
+    hop(9, 20_000)
+}
+
+/// [`core_hop`] in a few milliseconds (the median of 3 runs of 5 000 round trips): cheap enough to
+/// take between the rounds of a profile run.
+pub fn quick_core_hop() -> std::time::Duration {
+    hop(3, 5_000)
+}
+
+fn hop(runs: usize, trips: u64) -> std::time::Duration {
     use std::sync::atomic::{AtomicU64, Ordering};
-    const TRIPS: u64 = 20_000;
     let cores = first_two_cores();
     // Both sides on threads of their own: a pinned thread's affinity passes to the threads it
     // spawns, and the caller's go on to run the bench.
-    let mut runs: Vec<f64> = (0..9)
+    let mut runs: Vec<f64> = (0..runs)
         .map(|_| {
             let flag = AtomicU64::new(0);
             // Named, so that profiles of the bench tell them from its own threads.
@@ -59,7 +68,7 @@ pub fn core_hop() -> std::time::Duration {
                 side()
                     .spawn_scoped(s, || {
                         pin(cores.map(|c| c[1]));
-                        for i in 0..TRIPS {
+                        for i in 0..trips {
                             while flag.load(Ordering::Acquire) != 2 * i + 1 {
                                 std::hint::spin_loop();
                             }
@@ -71,14 +80,14 @@ pub fn core_hop() -> std::time::Duration {
                     .spawn_scoped(s, || {
                         pin(cores.map(|c| c[0]));
                         let start = std::time::Instant::now();
-                        for i in 0..TRIPS {
+                        for i in 0..trips {
                             flag.store(2 * i + 1, Ordering::Release);
                             while flag.load(Ordering::Acquire) != 2 * i + 2 {
                                 std::hint::spin_loop();
                             }
                         }
                         #[allow(clippy::cast_precision_loss, reason = "a duration in nanoseconds")]
-                        let one_way = start.elapsed().as_nanos() as f64 / (2 * TRIPS) as f64;
+                        let one_way = start.elapsed().as_nanos() as f64 / (2 * trips) as f64;
                         one_way
                     })
                     .expect("a thread starts")
