@@ -18,8 +18,8 @@
 //! contenders of a case run in interleaved rounds (the order rotating each round), each built just
 //! before its run and dropped after it (the disruptor's busy-spinning consumer would otherwise take
 //! a core from the others); the table gives each one's median events/s and the median of the
-//! per-round ratios of the broker to crossbeam, with the core-to-core hop before and after the
-//! case ([`common::core_hop`]). The latency table (p50/p99/p99.9, hdrhistogram) follows.
+//! per-round ratios of the broker to crossbeam, over the rounds run on near cores when there are
+//! any ([`common::interleaved_near`]), with the core-to-core hop before and after the case. The latency table (p50/p99/p99.9, hdrhistogram) follows.
 //! `cargo test --benches` runs one short round. To profile one contender alone:
 //! `cargo bench --bench dispatch -- profile broker 1 1 1` (the contender, publishers, subscribers,
 //! batch) under `perf record`.
@@ -289,14 +289,14 @@ fn throughput(rounds: usize, events: u64) {
         "\ndispatch throughput, million events/s (median of {rounds} interleaved rounds of {events} events)"
     );
     println!(
-        "| case | broker | crossbeam | tokio broadcast | disruptor (busy-spin) | broker ÷ crossbeam | hop, ns |"
+        "| case | broker | crossbeam | tokio broadcast | disruptor (busy-spin) | broker ÷ crossbeam | hop, ns | near rounds |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for publishers in [1u64, 2] {
         for subscribers in [1usize, 8] {
             for batch in [1usize, 64] {
                 let hop_before = common::core_hop();
-                let by_round = common::interleaved(rounds, CONTENDERS.len(), |i| {
+                let (by_round, near) = common::interleaved_near(rounds, CONTENDERS.len(), |i| {
                     let pipeline = contender(CONTENDERS[i], subscribers);
                     run(pipeline.as_ref(), publishers, batch, events.min(10_000));
                     let took = run(pipeline.as_ref(), publishers, batch, events);
@@ -308,7 +308,7 @@ fn throughput(rounds: usize, events: u64) {
                     unreachable!("four contenders")
                 };
                 println!(
-                    "| p{publishers} s{subscribers} b{batch} | {broker:.2} | {crossbeam:.2} | {broadcast:.2} | {disruptor:.2} | {:.2} | {}/{} |",
+                    "| p{publishers} s{subscribers} b{batch} | {broker:.2} | {crossbeam:.2} | {broadcast:.2} | {disruptor:.2} | {:.2} | {}/{} | {near}/{rounds} |",
                     common::median_ratio(&by_round, 0, 1),
                     hop_before.as_nanos(),
                     common::core_hop().as_nanos(),

@@ -23,7 +23,9 @@
 //!
 //! Every throughput row, latency table and profile run also gives the core-to-core hop before and
 //! after it ([`common::core_hop`]): a run whose hop is several times the usual had its threads on
-//! cores far apart, and compares only with runs that did too.
+//! cores far apart, and compares only with runs that did too. A throughput row's medians are over
+//! its near rounds (each run of the round followed by a near hop; "near rounds" says how many),
+//! or over all of them when none was.
 //!
 //! Run: `cargo bench --bench workload` (`cargo test --benches` runs one short round of each case).
 //! To profile one contender alone: `cargo bench --bench workload -- profile default 1 1` (the
@@ -264,9 +266,9 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[u
     let schedule = workload.schedule(1 << 16, 1);
     println!("\nthroughput, million events/s (median of {rounds} interleaved rounds of {events} events)");
     println!(
-        "| case | default | untracked | crossbeam | default ÷ untracked | default ÷ crossbeam | hop, ns |"
+        "| case | default | untracked | crossbeam | default ÷ untracked | default ÷ crossbeam | hop, ns | near rounds |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for &shards in counts {
         for &publishers in counts {
             let hop_before = common::core_hop();
@@ -275,7 +277,7 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[u
             for contender in &contenders {
                 run(&**contender, workload, &schedule, publishers, events.min(20_000));
             }
-            let by_round = common::interleaved(rounds, contenders.len(), |i| {
+            let (by_round, near) = common::interleaved_near(rounds, contenders.len(), |i| {
                 let took = run(&*contenders[i], workload, &schedule, publishers, events);
                 #[allow(clippy::cast_precision_loss, reason = "a rate for a table")]
                 let rate = events as f64 / took.as_secs_f64() / 1e6;
@@ -283,7 +285,7 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[u
             });
             let rates = common::medians(&by_round);
             println!(
-                "| p{publishers} s{shards} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {}/{} |",
+                "| p{publishers} s{shards} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {}/{} | {near}/{rounds} |",
                 rates[0],
                 rates[1],
                 rates[2],

@@ -26,6 +26,40 @@ pub fn interleaved(rounds: usize, contenders: usize, mut run: impl FnMut(usize) 
         .collect()
 }
 
+/// [`interleaved`], keeping only the rounds whose every run was followed by a near core-to-core
+/// hop ([`quick_core_hop`] at most [`NEAR`]), as long as there are any: a round run partly on far
+/// cores does not compare with the others. Returns the rounds kept and how many of them were near
+/// (0: none was, and all are kept).
+pub fn interleaved_near(
+    rounds: usize,
+    contenders: usize,
+    mut run: impl FnMut(usize) -> f64,
+) -> (Vec<Vec<f64>>, usize) {
+    let mut near = vec![true; rounds];
+    let mut round = 0;
+    let mut runs = 0;
+    let by_round = interleaved(rounds, contenders, |i| {
+        let measure = run(i);
+        near[round] &= quick_core_hop() <= NEAR;
+        runs += 1;
+        if runs % contenders == 0 {
+            round += 1;
+        }
+        measure
+    });
+    let kept: Vec<Vec<f64>> =
+        by_round.iter().zip(&near).filter(|(_, near)| **near).map(|(measures, _)| measures.clone()).collect();
+    if kept.is_empty() {
+        (by_round, 0)
+    } else {
+        let count = kept.len();
+        (kept, count)
+    }
+}
+
+/// The most a hop may take for the run before it to count as near.
+pub const NEAR: std::time::Duration = std::time::Duration::from_nanos(50);
+
 /// Each contender's median measure over the rounds.
 pub fn medians(by_round: &[Vec<f64>]) -> Vec<f64> {
     let contenders = by_round.first().map_or(0, Vec::len);
