@@ -19,8 +19,9 @@
 //! before its run and dropped after it (the disruptor's busy-spinning consumer would otherwise take
 //! a core from the others); the table gives each one's median events/s and the median of the
 //! per-round ratios of the broker to crossbeam, over the rounds run on near cores when there are
-//! any ([`common::interleaved_near`]), with the core-to-core hop before and after the case. The latency table (p50/p99/p99.9, hdrhistogram) follows.
-//! `cargo test --benches` runs one short round. To profile one contender alone:
+//! any ([`common::interleaved_near`]), with the core-to-core hop before and after the case. The
+//! latency table (p50/p99/p99.9, hdrhistogram) follows. `cargo test --benches` runs one short
+//! round. To profile one contender alone:
 //! `cargo bench --bench dispatch -- profile broker 1 1 1` (the contender, publishers, subscribers,
 //! batch) under `perf record`.
 
@@ -329,23 +330,12 @@ fn profile(args: &[&str]) {
         args.get(i).map_or(1, |n| n.parse::<usize>().expect("publishers, subscribers and batch are numbers"))
     };
     let (publishers, subscribers, batch) = (number(1) as u64, number(2), number(3));
-    let hop_before = common::core_hop();
     let pipeline = contender(name, subscribers);
     run(pipeline.as_ref(), publishers, batch, EVENTS / 10);
     println!(
         "profile: {name}, p{publishers} s{subscribers} b{batch}, per round: million events/s, then the hop after it in ns"
     );
-    for _ in 0..20 {
-        let took = run(pipeline.as_ref(), publishers, batch, EVENTS);
-        #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
-        let rate = EVENTS as f64 / took.as_secs_f64() / 1e6;
-        println!("{rate:.2} {}", common::quick_core_hop().as_nanos());
-    }
-    println!(
-        "core-to-core hop before and after: {}/{} ns",
-        hop_before.as_nanos(),
-        common::core_hop().as_nanos()
-    );
+    common::profile_rounds(20, EVENTS, || run(pipeline.as_ref(), publishers, batch, EVENTS));
 }
 
 /// One publisher, one subscriber: publish, wait until handled, repeat (`gap` apart); the handler

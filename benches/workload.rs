@@ -441,21 +441,12 @@ fn profile(workload: &Workload, args: &[String]) {
     let contender = contender(name, workload, shards);
     let schedule = workload.schedule(1 << 16, 1);
     run(&*contender, workload, &schedule, publishers, 20_000);
-    let hop_before = common::core_hop();
     println!(
         "profile: {name}, p{publishers} s{shards}, per round: million events/s, then the hop after it in ns"
     );
-    for _ in 0..20 {
-        let took = run(&*contender, workload, &schedule, publishers, EVENTS_PER_ROUND);
-        #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
-        let rate = EVENTS_PER_ROUND as f64 / took.as_secs_f64() / 1e6;
-        println!("{rate:.2} {}", common::quick_core_hop().as_nanos());
-    }
-    println!(
-        "core-to-core hop before and after: {}/{} ns",
-        hop_before.as_nanos(),
-        common::core_hop().as_nanos()
-    );
+    common::profile_rounds(20, EVENTS_PER_ROUND, || {
+        run(&*contender, workload, &schedule, publishers, EVENTS_PER_ROUND)
+    });
 }
 
 fn main() {

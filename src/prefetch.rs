@@ -78,9 +78,9 @@ fn has_prefetchw() -> bool {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
             use std::arch::x86_64::__cpuid;
+            #[allow(unused_unsafe, reason = "`__cpuid` is an unsafe fn before Rust 1.87")]
             // SAFETY: `cpuid` exists on every x86-64 CPU; the extended leaf is read only when the
             // CPU reports it. (The intrinsic is safe from Rust 1.87 on, `unsafe` before.)
-            #[allow(unused_unsafe, reason = "`__cpuid` is an unsafe fn before Rust 1.87")]
             let (highest, features) = unsafe {
                 let highest = __cpuid(0x8000_0000).eax;
                 (highest, if highest >= 0x8000_0001 { __cpuid(0x8000_0001).ecx } else { 0 })

@@ -75,7 +75,7 @@ pub fn median_ratio(by_round: &[Vec<f64>], a: usize, b: usize) -> f64 {
 /// run on: the median of 9 runs of 20 000 round trips.
 ///
 /// The figure tells which placement a run had: a 2-vCPU guest's two vCPUs are sometimes put on
-/// cores far apart (on the project's machine kind, 40–60 ns one way near, 190–200 ns far), and
+/// cores far apart (on the project's machine kind, 21–25 ns one way near, 170–210 ns far), and
 /// everything that passes events between threads then runs at half speed or less. Benches print it
 /// beside their figures so that runs are compared within one placement.
 pub fn core_hop() -> std::time::Duration {
@@ -86,6 +86,20 @@ pub fn core_hop() -> std::time::Duration {
 /// take between the rounds of a profile run.
 pub fn quick_core_hop() -> std::time::Duration {
     hop(3, 5_000)
+}
+
+/// A profile run's rounds: `run` publishes `events` and returns how long it took; each round's
+/// rate (million events/s) is printed with a [`quick_core_hop`] after it, then the [`core_hop`]
+/// before and after all of them.
+pub fn profile_rounds(rounds: usize, events: u64, mut run: impl FnMut() -> std::time::Duration) {
+    let hop_before = core_hop();
+    for _ in 0..rounds {
+        let took = run();
+        #[allow(clippy::cast_precision_loss, reason = "a rate for a log line")]
+        let rate = events as f64 / took.as_secs_f64() / 1e6;
+        println!("{rate:.2} {}", quick_core_hop().as_nanos());
+    }
+    println!("core-to-core hop before and after: {}/{} ns", hop_before.as_nanos(), core_hop().as_nanos());
 }
 
 fn hop(runs: usize, trips: u64) -> std::time::Duration {
