@@ -1,9 +1,12 @@
 //! A bounded multi-producer, single-consumer ring buffer: one per shard.
 //!
 //! [`ring`] returns a cloneable [`Producer`] for publisher threads and the one [`Consumer`] for the
-//! shard's worker. The design is Dmitry Vyukov's bounded queue: each slot carries a *stamp* saying
-//! which position it waits for and whether it holds that position's value; producers claim
-//! positions with one CAS on a shared tail; the consumer claims nothing and needs no CAS.
+//! shard's worker. The design follows Dmitry Vyukov's bounded queue: each slot carries a *stamp*
+//! saying which position's value it holds; producers claim positions with one CAS on a shared
+//! tail; the consumer claims nothing and needs no CAS. Unlike Vyukov's queue, the consumer frees
+//! slots by publishing its head once per batch, not by writing each slot's stamp back: a consumer
+//! that keeps up reads the line a producer is writing the next value into, and a write of its own
+//! there would send that line back and forth between the two cores once more for every value.
 //!
 //! ## Guarantees
 //!
@@ -37,9 +40,14 @@
 //!
 //! - `tail` = `2 × next position to claim`, `| MARK` once closed;
 //! - `head` = `2 × next position to pop`;
-//! - a slot's stamp = `2p` while it is empty and waiting for position `p`'s value, `2p | FULL`
-//!   once that value is published; the consumer frees it by storing `2 × (p + capacity)`, the next
-//!   position that maps to the slot.
+//! - a slot's stamp = `2p | FULL` once position `p`'s value is published, and stays so after the
+//!   value is popped, until position `p + capacity`'s value replaces it (`2 × index`, without
+//!   `FULL`, before the slot's first value). The slot holds a value to pop exactly when its stamp
+//!   is `2p | FULL` with `p` at or past `head`.
+//! - producers may write position `p` once `p < head + capacity`; they read `head` through
+//!   `seen_head`, the newest value of it any producer has loaded, and load `head` itself only when
+//!   that says the ring is full, so a producer keeping up does not pull the consumer's line at
+//!   every claim.
 //!
 //! All arithmetic wraps; positions are compared by wrapping distance, which stays correct as long
 //! as no producer stalls for 2⁶² pushes (2³⁰ on 32-bit targets) between loading the tail and
@@ -54,14 +62,14 @@ use crossbeam_utils::CachePadded;
 
 use super::wait::{Poll, Pollable, Sleeper, SleepingConsumer, WaitOutcome, WaitStrategy};
 use crate::sync::Ordering::{Acquire, Relaxed, Release};
-use crate::sync::hint::spin_loop;
 use crate::sync::{Arc, AtomicUsize, UnsafeCell};
 
 /// One position, in the units `head`, `tail` and stamps count in.
 const ONE: usize = 2;
 /// Bit 0 of `tail`: set once, by `close`, never cleared.
 const MARK: usize = 1;
-/// Bit 0 of a slot's stamp: the slot holds the value of the position in the other bits.
+/// Bit 0 of a slot's stamp: the value of the position in the other bits was written there (and may
+/// have been popped since, if that position is below `head`).
 const FULL: usize = 1;
 
 /// Creates a ring of `capacity` slots and returns its two ends.
@@ -83,6 +91,7 @@ pub fn ring<T: Send>(capacity: usize) -> (Producer<T>, Consumer<T>) {
         .collect();
     let shared = Arc::new(Shared {
         head: CachePadded::new(AtomicUsize::new(0)),
+        seen_head: CachePadded::new(AtomicUsize::new(0)),
         tail: CachePadded::new(AtomicUsize::new(0)),
         sleeper: Sleeper::new(),
         slots,
@@ -132,9 +141,11 @@ pub enum PushBatchError {
 }
 
 struct Slot<T> {
-    /// `2p` while empty and waiting for position `p`, `2p | FULL` once `p`'s value is written.
+    /// `2p | FULL` once position `p`'s value is written, kept after it is popped until the next
+    /// lap's value replaces it; `2 × index` before the first.
     stamp: AtomicUsize,
-    /// Initialised exactly while `stamp` has `FULL` set.
+    /// Initialised exactly while `stamp` is `2p | FULL` for a position `p` at or past `head`
+    /// (a value published and not yet popped).
     value: UnsafeCell<MaybeUninit<T>>,
 }
 
@@ -143,12 +154,12 @@ impl<T> Slot<T> {
     ///
     /// # Safety
     ///
-    /// The caller claimed position `claimed` (won the tail CAS from or past it), and the slot's
-    /// stamp is `claimed`: the consumer has read the previous value and will not touch the slot
-    /// until the stamp below.
+    /// The caller claimed position `claimed` (won the tail CAS from or past it) and saw it below
+    /// `head + capacity` (loaded with Acquire, directly or through `seen_head`): the consumer has
+    /// read the slot's previous value and will not touch the slot until the stamp below.
     #[inline]
     unsafe fn publish(&self, claimed: usize, value: T) {
-        debug_assert_eq!(self.stamp.load(Relaxed), claimed, "publishing into a slot that is not free");
+        debug_assert_ne!(self.stamp.load(Relaxed), claimed | FULL, "publishing into a slot that is not free");
         // SAFETY: the caller's claim makes this the only access to the slot (see the contract).
         self.value.with_mut(|slot| unsafe { slot.write(MaybeUninit::new(value)) });
         // Release: pairs with the Acquire load in `Consumer::take`, which then reads the value.
@@ -158,9 +169,13 @@ impl<T> Slot<T> {
 
 /// The state both ends share.
 struct Shared<T> {
-    /// `2 × next position to pop`. Written only by the consumer, after freeing every slot below
-    /// it; read by batch pushes (free space), `Full` checks and `len`.
+    /// `2 × next position to pop`. Written only by the consumer, after reading every value below
+    /// it; read by producers when `seen_head` says the ring is full, and by `len`.
     head: CachePadded<AtomicUsize>,
+    /// A value `head` had, at most its current one: the newest a producer has loaded. Producers
+    /// check for room against it, so that they load `head` (the consumer's line, written once a
+    /// batch) only about once a lap.
+    seen_head: CachePadded<AtomicUsize>,
     /// `2 × next position to claim`, `| MARK` once closed. Producers CAS it to claim; `close`
     /// sets `MARK` with `fetch_or`, after which every claim's CAS fails.
     tail: CachePadded<AtomicUsize>,
@@ -191,12 +206,33 @@ impl<T> Shared<T> {
         &self.slots[(stamp / ONE) & self.mask]
     }
 
-    /// Whether `tail` (MARK cleared) is `capacity` positions ahead of the consumer.
-    fn is_full_at(&self, tail: usize) -> bool {
-        // Acquire: pairs with the Release store in `Consumer::publish_head`.
+    /// How many positions from `tail` (MARK cleared) on are free to claim, those below
+    /// `head + capacity`, or `None` if `tail` is stale (behind `head`). Counts from `seen_head`,
+    /// and loads `head` only when that leaves fewer than `want`.
+    fn free_from(&self, tail: usize, want: usize) -> Option<usize> {
+        // Acquire: pairs with the Release store below, made by a producer that loaded `head` with
+        // Acquire: the consumer's reads of the values below it happen before our writes.
+        let seen = self.seen_head.load(Acquire);
+        let free = self.free_between(tail, seen);
+        if free.is_some_and(|free| free >= want) {
+            return free;
+        }
+        // Acquire: pairs with the Release store in `Consumer::publish_head`: every value below
+        // `head` has been read, so positions up to `head + capacity` are free.
         let head = self.head.load(Acquire);
-        // Signed: a stale `tail` behind `head` is not full (the caller reloads it).
-        distance(tail, head) >= distance(self.lap(), 0)
+        if head != seen {
+            // Release: pairs with the Acquire load above. Racing producers may store an older
+            // value over a newer one; any value `head` had is a safe (if stale) bound.
+            self.seen_head.store(head, Release);
+        }
+        self.free_between(tail, head)
+    }
+
+    /// Free positions from `tail` on with the consumer at `head`; `None` if `tail` is behind it.
+    fn free_between(&self, tail: usize, head: usize) -> Option<usize> {
+        let used = distance(tail, head);
+        #[allow(clippy::cast_sign_loss, reason = "0 ≤ used")]
+        (used >= 0).then(|| self.lap().saturating_sub(used as usize) / ONE)
     }
 
     fn close(&self) -> bool {
@@ -216,14 +252,16 @@ impl<T> Drop for Shared<T> {
         // before this one.
         let head = self.head.load(Relaxed);
         // One lap from `head` visits every slot once, oldest value first. A slot is dropped only
-        // if its stamp says it holds a value: a position claimed and never written (a
-        // `Reservation` forgotten instead of dropped) holds nothing, or the bytes of a value
-        // popped a lap earlier, and is skipped.
+        // if its stamp says it holds that position's value: a position claimed and never written
+        // (a `Reservation` forgotten instead of dropped) holds nothing, or the bytes of a value
+        // popped a lap earlier, and its stamp is older.
         for offset in 0..self.capacity() {
-            let slot = self.slot(head.wrapping_add(offset * ONE));
-            if slot.stamp.load(Relaxed) & FULL != 0 {
-                // SAFETY: a FULL stamp means the value is initialised and was never popped
-                // (`Slot::value`'s invariant); `&mut self` makes this the last access.
+            let position = head.wrapping_add(offset * ONE);
+            let slot = self.slot(position);
+            if slot.stamp.load(Relaxed) == position | FULL {
+                // SAFETY: the stamp of a position at or past `head`, FULL, means the value is
+                // initialised and was never popped (`Slot::value`'s invariant); `&mut self` makes
+                // this the last access.
                 slot.value.with_mut(|value| unsafe { (*value).assume_init_drop() });
             }
         }
@@ -275,7 +313,7 @@ impl<T: Send> Producer<T> {
             Err(PushBatchError::Full) => return Err(PushError::Full(value)),
             Err(PushBatchError::Closed) => return Err(PushError::Closed(value)),
         };
-        // SAFETY: we claimed `claim.first`, and its slot's stamp said it is free.
+        // SAFETY: we claimed `claim.first`, below `head + capacity`.
         unsafe { self.shared.slot(claim.first).publish(claim.first, value) };
         if let Some(consumer) = claim.sleeping {
             consumer.unpark();
@@ -385,45 +423,9 @@ struct Claim<'a> {
 }
 
 impl<T> Shared<T> {
-    /// Claims one position. Unlike [`Shared::claim`] it reads the slot's stamp, not the
-    /// consumer's `head`, so a producer keeping up does not pull the consumer's cache line.
+    /// Claims one position.
     fn claim_one(&self) -> Result<Claim<'_>, PushBatchError> {
-        // Relaxed: a guess, checked against the slot's stamp and by the CAS.
-        let mut tail = self.tail.load(Relaxed);
-        loop {
-            if tail & MARK != 0 {
-                return Err(PushBatchError::Closed);
-            }
-            // Acquire: pairs with the Release store in `Consumer::take` that freed the slot, so
-            // the consumer's read of the previous value happens before our write.
-            let stamp = self.slot(tail).stamp.load(Acquire);
-            match distance(stamp, tail) {
-                0 => {
-                    // Relaxed: the claim needs only atomicity; the slot's contents are ordered by
-                    // its stamp, and the sleeping check by the fence in `check_after_claim`.
-                    match self.tail.compare_exchange_weak(tail, tail.wrapping_add(ONE), Relaxed, Relaxed) {
-                        Ok(_) => {
-                            let sleeping = self.sleeper.check_after_claim();
-                            return Ok(Claim { first: tail, count: 1, sleeping });
-                        }
-                        Err(current) => tail = current,
-                    }
-                }
-                // The slot still holds (or is being written with) the value one lap behind: full,
-                // unless `tail` is stale.
-                lag if lag < 0 => {
-                    if self.is_full_at(tail) {
-                        return Err(PushBatchError::Full);
-                    }
-                    spin_loop();
-                    // Relaxed: a guess, as above.
-                    tail = self.tail.load(Relaxed);
-                }
-                // Another producer claimed this position: `tail` is stale.
-                // Relaxed: a guess, as above.
-                _ => tail = self.tail.load(Relaxed),
-            }
-        }
+        self.claim(1)
     }
 
     /// Claims up to `want` (≥ 1) consecutive positions with one CAS on the tail.
@@ -434,24 +436,18 @@ impl<T> Shared<T> {
             if tail & MARK != 0 {
                 return Err(PushBatchError::Closed);
             }
-            // Acquire: pairs with the Release store in `Consumer::publish_head`: every slot below
-            // `head` is free and its old value read, so positions up to `head + capacity` are
-            // ours to write once claimed.
-            let head = self.head.load(Acquire);
-            let used = distance(tail, head);
-            if used < 0 {
+            let Some(free) = self.free_from(tail, want) else {
                 // The consumer is past our `tail`: it is stale.
                 // Relaxed: a guess, as above.
                 tail = self.tail.load(Relaxed);
                 continue;
-            }
-            #[allow(clippy::cast_sign_loss, reason = "0 ≤ used, and used ≤ lap since head ≤ tail")]
-            let free = (self.lap().saturating_sub(used as usize)) / ONE;
+            };
             let count = free.min(want);
             if count == 0 {
                 return Err(PushBatchError::Full);
             }
-            // Relaxed: as in `try_push`.
+            // Relaxed: the claim needs only atomicity; the slots' contents are ordered by their
+            // stamps and `head`, and the sleeping check by the fence in `check_after_claim`.
             match self.tail.compare_exchange_weak(tail, tail.wrapping_add(count * ONE), Relaxed, Relaxed) {
                 Ok(_) => {
                     let sleeping = self.sleeper.check_after_claim();
@@ -590,18 +586,15 @@ impl<T> Consumer<T> {
             return None;
         }
         // SAFETY: the stamp says the slot holds position `head`'s value; only the consumer takes,
-        // and no producer writes the slot until the store below frees it.
+        // and no producer writes the slot before `publish_head` shows it read.
         let value = slot.value.with(|value| unsafe { ptr::read(value).assume_init() });
-        // Release: pairs with the Acquire stamp load in `Producer::try_push`: our read happens
-        // before the next lap's write.
-        slot.stamp.store(self.head.wrapping_add(self.shared.lap()), Release);
         self.head = self.head.wrapping_add(ONE);
         Some(value)
     }
 
     fn publish_head(&self) {
-        // Release: pairs with the Acquire loads in `try_push_batch` and `is_full_at`: every slot
-        // below `head` is freed and its value read.
+        // Release: pairs with the Acquire load in `Shared::free_from`: every value below `head`
+        // has been read, and producers may write the next lap's values into their slots.
         self.shared.head.store(self.head, Release);
     }
 }
