@@ -87,6 +87,39 @@ fn two_producers_wrap_around_a_two_slot_ring() {
     });
 }
 
+/// A producer that finds room by another producer's look at the head writes its slot only after
+/// the consumer has read the value before it. Two slots, both full. The second producer starts
+/// first; the consumer takes both values on a thread of its own, which the first producer joins
+/// before it loads the head and claims a slot; the second can then claim the next by the first's
+/// look at the head alone (`seen_head`), without loading the head itself, and nothing else orders
+/// the consumer's read of that slot before its write. loom reports a data race on the slot unless
+/// the look carries the read over. One attempt each.
+#[test]
+fn room_found_by_another_producers_look_at_the_head() {
+    model(2, || {
+        let (producer, mut consumer) = ring::<u8>(2);
+        producer.try_push(0).unwrap();
+        producer.try_push(1).unwrap();
+        let other = producer.clone();
+        let second = thread::spawn(move || accepted(other.try_push(3)));
+        let taker = thread::spawn(move || {
+            let taken = pop_n(&mut consumer, 2, PARK_AT_ONCE);
+            (taken, consumer)
+        });
+        let (taken, mut consumer) = taker.join().unwrap();
+        assert_eq!(taken, [0, 1]);
+        let pushed_first = accepted(producer.try_push(2));
+
+        let pushed_second = second.join().unwrap();
+        assert!(producer.close());
+        let rest = drain(&mut consumer);
+        assert!(pushed_first || pushed_second, "two slots were free for two pushes");
+        assert_eq!(rest.contains(&2), pushed_first, "rest: {rest:?}");
+        assert_eq!(rest.contains(&3), pushed_second, "rest: {rest:?}");
+        assert_eq!(rest.len(), usize::from(pushed_first) + usize::from(pushed_second));
+    });
+}
+
 /// Whether a single push attempt was accepted; `Full` is the only acceptable refusal.
 fn accepted<T>(result: Result<(), PushError<T>>) -> bool {
     match result {
