@@ -385,6 +385,47 @@ mod tests {
         }
     }
 
+    /// A ring that is ready from its `ready_at`-th look on (counting from 0), and records which of
+    /// the looks were full ones.
+    struct Counted {
+        looks: std::cell::Cell<u64>,
+        ready_at: u64,
+        full: std::cell::RefCell<Vec<u64>>,
+    }
+
+    impl Counted {
+        fn look(&self) -> bool {
+            let look = self.looks.get();
+            self.looks.set(look + 1);
+            look >= self.ready_at
+        }
+    }
+
+    impl Pollable for Counted {
+        fn is_ready(&self) -> bool {
+            self.look()
+        }
+
+        fn poll(&self) -> Poll {
+            self.full.borrow_mut().push(self.looks.get());
+            if self.look() { Poll::Ready } else { Poll::Empty }
+        }
+    }
+
+    /// A consumer that keeps up waits after nearly every value; the first look of a wait must not
+    /// load the tail, which every producer's claim swaps (see the module docs).
+    #[test]
+    fn spinning_looks_in_full_at_every_eighth_poll_and_not_at_the_first() {
+        let ring = Counted { looks: 0.into(), ready_at: 20, full: Vec::new().into() };
+        let sleeper = Sleeper::new();
+        // SAFETY: `BusySpin` never parks, so the sleeper, which is no ring's, is never used; one
+        // thread.
+        let outcome = unsafe { WaitStrategy::BusySpin.wait(&sleeper, None, &ring) };
+        assert_eq!(outcome, WaitOutcome::Ready);
+        assert_eq!(ring.looks.get(), 21);
+        assert_eq!(*ring.full.borrow(), [7, 15]);
+    }
+
     #[test]
     fn times_out_on_an_empty_ring() {
         let (_producer, mut consumer) = ring::<u32>(2);
