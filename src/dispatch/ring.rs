@@ -259,9 +259,8 @@ impl<T> Drop for Shared<T> {
             let position = head.wrapping_add(offset * ONE);
             let slot = self.slot(position);
             if slot.stamp.load(Relaxed) == position | FULL {
-                // SAFETY: the stamp of a position at or past `head`, FULL, means the value is
-                // initialised and was never popped (`Slot::value`'s invariant); `&mut self` makes
-                // this the last access.
+                // `position` is at or past `head`, so the value was never popped (`Slot::value`).
+                // SAFETY: that value is initialised, and `&mut self` makes this the last access.
                 slot.value.with_mut(|value| unsafe { (*value).assume_init_drop() });
             }
         }
@@ -308,7 +307,7 @@ impl<T: Send> Producer<T> {
     /// [`PushError::Full`] if `capacity` values are waiting, [`PushError::Closed`] if the ring is
     /// closed; either carries `value` back.
     pub fn try_push(&self, value: T) -> Result<(), PushError<T>> {
-        let claim = match self.shared.claim_one() {
+        let claim = match self.shared.claim(1) {
             Ok(claim) => claim,
             Err(PushBatchError::Full) => return Err(PushError::Full(value)),
             Err(PushBatchError::Closed) => return Err(PushError::Closed(value)),
@@ -361,7 +360,7 @@ impl<T: Send + Default> Producer<T> {
     /// [`PushBatchError::Full`] if not one slot is free, [`PushBatchError::Closed`] if the ring is
     /// closed.
     pub(crate) fn try_reserve(&self, want: usize) -> Result<Reservation<'_, T>, PushBatchError> {
-        let claim = if want <= 1 { self.shared.claim_one()? } else { self.shared.claim(want)? };
+        let claim = self.shared.claim(want.max(1))?;
         let end = claim.first.wrapping_add(claim.count * ONE);
         Ok(Reservation { shared: &self.shared, next: claim.first, end, sleeping: claim.sleeping })
     }
@@ -423,11 +422,6 @@ struct Claim<'a> {
 }
 
 impl<T> Shared<T> {
-    /// Claims one position.
-    fn claim_one(&self) -> Result<Claim<'_>, PushBatchError> {
-        self.claim(1)
-    }
-
     /// Claims up to `want` (≥ 1) consecutive positions with one CAS on the tail.
     fn claim(&self, want: usize) -> Result<Claim<'_>, PushBatchError> {
         // Relaxed: a guess, checked by the CAS.
@@ -585,8 +579,8 @@ impl<T> Consumer<T> {
         if slot.stamp.load(Acquire) != self.head | FULL {
             return None;
         }
-        // SAFETY: the stamp says the slot holds position `head`'s value; only the consumer takes,
-        // and no producer writes the slot before `publish_head` shows it read.
+        // Only the consumer takes, and no producer writes the slot before `publish_head`.
+        // SAFETY: the stamp says the slot holds position `head`'s value, initialised.
         let value = slot.value.with(|value| unsafe { ptr::read(value).assume_init() });
         self.head = self.head.wrapping_add(ONE);
         Some(value)

@@ -418,8 +418,8 @@ mod tests {
     fn spinning_looks_in_full_at_every_eighth_poll_and_not_at_the_first() {
         let ring = Counted { looks: 0.into(), ready_at: 20, full: Vec::new().into() };
         let sleeper = Sleeper::new();
-        // SAFETY: `BusySpin` never parks, so the sleeper, which is no ring's, is never used; one
-        // thread.
+        // One thread; `BusySpin` never parks, so the sleeper (no ring's) is never used.
+        // SAFETY: the contract's sleeper and single consumer matter only to parking.
         let outcome = unsafe { WaitStrategy::BusySpin.wait(&sleeper, None, &ring) };
         assert_eq!(outcome, WaitOutcome::Ready);
         assert_eq!(ring.looks.get(), 21);
