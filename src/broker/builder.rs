@@ -13,7 +13,7 @@ use crate::dispatch::intake::Intake;
 use crate::dispatch::retry::RetryPolicy;
 use crate::dispatch::shard::ShardSet;
 use crate::dispatch::wait::WaitStrategy;
-use crate::dispatch::worker::{WorkerConfig, WorkerShared};
+use crate::dispatch::worker::{InlineSink, WorkerConfig, WorkerShared};
 use crate::dispatch::writer::{ProviderWriter, WriterConfig};
 use crate::error::{BuildError, ConfigError};
 use crate::metrics::{EngineMetrics, MetricsConfig};
@@ -306,7 +306,7 @@ impl BrokerBuilder {
             writer: Arc::new(writer),
             shutdown_deadline: parking_lot::Mutex::new(None),
             engine: id,
-            inline: inline.then(|| Arc::clone(&provider)),
+            inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),
         });
         let config = WorkerConfig {

@@ -137,7 +137,7 @@ impl Engine {
     /// the event, and an event refused for room is stored nowhere.
     pub(crate) fn enqueue(
         &self,
-        job: Job,
+        mut job: Job,
         patience: Option<Duration>,
         store: Store,
     ) -> Result<(), (ReserveError, Job)> {
@@ -150,11 +150,13 @@ impl Engine {
         match store {
             Store::No => {}
             Store::Yes if self.inline => {
-                let _ = self.store_inline(std::slice::from_ref(&job.event));
+                job.set_stored(self.store_inline(std::slice::from_ref(&job.event)).unwrap_or(0));
             }
             Store::Yes => self.shared.writer.store(Arc::clone(&job.event)),
             Store::Confirmed(reply) if self.inline => {
-                let _ = reply.send(self.store_inline(std::slice::from_ref(&job.event)));
+                let stored = self.store_inline(std::slice::from_ref(&job.event));
+                job.set_stored(*stored.as_ref().unwrap_or(&0));
+                let _ = reply.send(stored.map(|_| ()));
             }
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
         }
@@ -163,11 +165,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Stores `events` on this thread: the inline path of a provider cheap enough for it. A failure
-    /// (a closed provider) is counted and reported by the next flush, like the writer's.
-    fn store_inline(&self, events: &[Arc<Event>]) -> Result<(), crate::ProviderError> {
+    /// Stores `events` on this thread: the inline path of a provider cheap enough for it; returns
+    /// the number the last one's store took, for its job (0 when the provider does not tell). A
+    /// failure (a closed provider) is counted and reported by the next flush, like the writer's.
+    fn store_inline(&self, events: &[Arc<Event>]) -> Result<u64, crate::ProviderError> {
+        let Some(sink) = &self.shared.inline else {
+            unreachable!("stores are inline only with an inline provider");
+        };
         let origin = self.origin.as_deref();
-        self.shared.writer.inline("store_batch", events.len(), || self.provider.store_batch(events, origin))
+        self.shared.writer.inline("store_batch", events.len(), || sink.store(events, origin))
     }
 
     /// Reserves up to `want` consecutive slots of `shard` (at least one), with as much backlog room
@@ -321,7 +327,7 @@ impl Engine {
             metrics.sync_end(&job.event, &outbox.counts, clock);
         }
         self.sync.add(&outbox.counts);
-        worker::settle(&self.shared, &mut outbox);
+        worker::settle(&self.shared, &mut outbox, 0);
         if failures.is_empty() {
             Ok(())
         } else {
@@ -359,12 +365,14 @@ impl Engine {
                         let taken: Vec<Arc<Event>> =
                             group.drain(..reservation.len()).map(|(_, e)| e).collect();
                         accepted += taken.len();
+                        // Each job carries the last store's number: above its own.
+                        let mut stored = 0;
                         if self.store_events && self.inline {
-                            let _ = self.store_inline(&taken);
+                            stored = self.store_inline(&taken).unwrap_or(0);
                         } else if self.store_events {
                             self.shared.writer.store_many(taken.clone());
                         }
-                        reservation.commit(taken.into_iter().map(|event| Some(Job::local(event))));
+                        reservation.commit(taken.into_iter().map(|event| Some(Job::stored(event, stored))));
                         self.restock(shard);
                     }
                     Err(error) => {

@@ -23,7 +23,12 @@ use crate::{Event, EventStatus, SubscriptionId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
     /// Published on this broker: stored by the publisher, statuses tracked when configured.
-    Local,
+    Local {
+        /// The sequence number the memory provider's store of the event took, when the broker
+        /// stored it there inline (see [`MemoryProvider::store_numbered`](crate::MemoryProvider));
+        /// 0 otherwise. (Here rather than in [`Job`], whose size it would add to.)
+        stored: u64,
+    },
     /// Re-delivered from the store by `replay`: the stored event and its history stay untouched.
     Replayed,
     /// Fetched from another instance: acknowledged once every delivery has ended.
@@ -38,14 +43,29 @@ pub(crate) struct Job {
     pub(crate) origin: Origin,
 }
 
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(size_of::<Option<Job>>() <= 24, "a ring slot holds a job in three words");
+
 impl Job {
     pub(crate) fn local(event: Arc<Event>) -> Self {
-        Self { event, origin: Origin::Local }
+        Self { event, origin: Origin::Local { stored: 0 } }
+    }
+
+    /// A local job of an event whose store took `stored` (see [`Origin::Local`]).
+    pub(crate) fn stored(event: Arc<Event>, stored: u64) -> Self {
+        Self { event, origin: Origin::Local { stored } }
+    }
+
+    /// Records the number its event's store took, for a local job (only those are stored).
+    pub(crate) fn set_stored(&mut self, number: u64) {
+        if let Origin::Local { stored } = &mut self.origin {
+            *stored = number;
+        }
     }
 
     /// Whether this job's status changes are written (given that status tracking is on).
     fn tracked(&self) -> bool {
-        self.origin == Origin::Local
+        matches!(self.origin, Origin::Local { .. })
     }
 }
 

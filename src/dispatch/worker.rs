@@ -15,6 +15,7 @@
 //! counted in [`ShardStats::internal_errors`](crate::ShardStats::internal_errors) and logged, and
 //! the worker carries on with the next job.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -31,8 +32,9 @@ use crate::dispatch::ring::Consumer;
 use crate::dispatch::spent::{self, SpentEvents};
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
+use crate::error::ProviderError;
 use crate::metrics::{EngineMetrics, WorkerMetrics};
-use crate::provider::{Provider, StatusUpdate};
+use crate::provider::{EventSink, MemoryProvider, Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
 use crate::{Event, EventId, EventStatus, MatchCache};
 
@@ -61,7 +63,51 @@ pub(crate) struct WorkerShared {
     /// The provider, when status changes are written inline by the workers (a provider with
     /// [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)) rather than through
     /// the writer.
-    pub(crate) inline: Option<Arc<dyn Provider>>,
+    pub(crate) inline: Option<InlineSink>,
+}
+
+/// A provider written inline, on the threads that publish and handle events.
+pub(crate) enum InlineSink {
+    /// The memory provider: each store's sequence number travels with its event (in its [`Job`]'s
+    /// [`Origin::Local`])
+    /// to the worker, which writes the event's statuses with it (see
+    /// [`MemoryProvider::store_numbered`]).
+    Memory(Arc<MemoryProvider>),
+    /// Any other provider with [`Capabilities::inline_writes`](crate::Capabilities::inline_writes).
+    Other(Arc<dyn Provider>),
+}
+
+impl InlineSink {
+    pub(crate) fn new(provider: &Arc<dyn Provider>) -> Self {
+        let any: Arc<dyn Any + Send + Sync> = Arc::clone(provider) as _;
+        match any.downcast::<MemoryProvider>() {
+            Ok(memory) => Self::Memory(memory),
+            Err(_) => Self::Other(Arc::clone(provider)),
+        }
+    }
+
+    /// Stores `events`; returns the number the last one's store took, 0 when the provider does not
+    /// tell.
+    pub(crate) fn store(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<u64, ProviderError> {
+        match self {
+            Self::Memory(memory) => memory.store_numbered(events, origin),
+            Self::Other(provider) => provider.store_batch(events, origin).map(|()| 0),
+        }
+    }
+
+    /// Writes `updates`, each of an event whose store took a number up to `newest_store` (or whose
+    /// number is not known, when that is 0).
+    pub(crate) fn update_statuses(
+        &self,
+        updates: &[StatusUpdate],
+        newest_store: u64,
+    ) -> Result<(), ProviderError> {
+        match self {
+            Self::Memory(memory) if newest_store > 0 => memory.update_status_after(updates, newest_store + 1),
+            Self::Memory(memory) => memory.update_status_batch(updates),
+            Self::Other(provider) => provider.update_status_batch(updates),
+        }
+    }
 }
 
 impl WorkerShared {
@@ -159,6 +205,9 @@ pub(crate) struct Worker {
     next: usize,
     in_flight: Option<InFlight>,
     outbox: Outbox,
+    /// The highest store number among the jobs taken so far (see [`Origin::Local`]): above the
+    /// number of every event whose status this worker writes, and below the provider's counter.
+    newest_store: u64,
     dispatched: u64,
     started: u64,
     internal_errors: u64,
@@ -205,6 +254,7 @@ impl Worker {
             next: 0,
             in_flight: None,
             outbox: Outbox::default(),
+            newest_store: 0,
             dispatched: 0,
             started: 0,
             internal_errors: 0,
@@ -239,7 +289,7 @@ impl Worker {
         if self.next >= self.batch.len() && self.take_batch() {
             took = true;
             // Before any of it is handled, so that a slow batch shows as processing.
-            write_statuses(&self.shared, &mut self.outbox.statuses);
+            write_statuses(&self.shared, &mut self.outbox.statuses, self.newest_store);
         }
         if self.next < self.batch.len() {
             took = true;
@@ -279,11 +329,13 @@ impl Worker {
         self.counters.dispatched.store(self.dispatched, Ordering::Relaxed);
         if self.config.track_status {
             let now = crate::clock::now();
-            self.outbox.statuses.extend(
-                self.batch.iter().flatten().filter(|job| job.origin == Origin::Local).map(|job| {
-                    StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now)
-                }),
-            );
+            for job in self.batch.iter().flatten() {
+                let Origin::Local { stored } = job.origin else { continue };
+                self.newest_store = self.newest_store.max(stored);
+                self.outbox
+                    .statuses
+                    .push(StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now));
+            }
         }
         true
     }
@@ -442,7 +494,7 @@ impl Worker {
         self.last_extend = Instant::now();
         self.outbox.extends.extend(self.open.iter().filter_map(|open| match open.job.origin {
             Origin::Inbound(token) => Some(token),
-            Origin::Local | Origin::Replayed => None,
+            Origin::Local { .. } | Origin::Replayed => None,
         }));
     }
 
@@ -489,12 +541,12 @@ impl Worker {
         let Some(in_flight) = self.in_flight.take().filter(|f| !f.registered) else { return };
         match in_flight.origin {
             Origin::Inbound(token) => self.outbox.naks.push(token),
-            Origin::Local if self.config.track_status => self.outbox.statuses.push(
+            Origin::Local { .. } if self.config.track_status => self.outbox.statuses.push(
                 StatusUpdate::new(in_flight.id, EventStatus::Failed)
                     .with_error(format!("internal error: {message}"))
                     .with_completed_at(crate::clock::now()),
             ),
-            Origin::Local | Origin::Replayed => {}
+            Origin::Local { .. } | Origin::Replayed => {}
         }
         self.outbox.counts.failed += 1;
     }
@@ -506,7 +558,7 @@ impl Worker {
             for id in self.outbox.gone.drain(..) {
                 self.shared.table.unsubscribe(id);
             }
-            settle(&self.shared, &mut self.outbox);
+            settle(&self.shared, &mut self.outbox, self.newest_store);
         }
         self.metrics.end_turn();
         let now = Published {
@@ -537,15 +589,16 @@ impl Worker {
 
 /// Writes status changes: inline when the provider is cheap enough, else through the writer.
 /// Takes the updates out of `statuses`, keeping its buffer when they are written inline.
-fn write_statuses(shared: &WorkerShared, statuses: &mut Vec<StatusUpdate>) {
+/// `newest_store` is above the store number of each one's event (see [`InlineSink::update_statuses`]).
+fn write_statuses(shared: &WorkerShared, statuses: &mut Vec<StatusUpdate>, newest_store: u64) {
     if statuses.is_empty() {
         return;
     }
     match &shared.inline {
-        Some(provider) => {
-            let _ = shared
-                .writer
-                .inline("update_status_batch", statuses.len(), || provider.update_status_batch(statuses));
+        Some(sink) => {
+            let _ = shared.writer.inline("update_status_batch", statuses.len(), || {
+                sink.update_statuses(statuses, newest_store)
+            });
             statuses.clear();
         }
         None => shared.writer.status(std::mem::take(statuses)),
@@ -555,9 +608,9 @@ fn write_statuses(shared: &WorkerShared, statuses: &mut Vec<StatusUpdate>) {
 /// Hands what deliveries produced to the provider: statuses inline when the provider is cheap
 /// enough, the rest (dead letters and acknowledgements, which must keep their order) through the
 /// writer.
-pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
+pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox, newest_store: u64) {
     if shared.inline.is_some() {
-        write_statuses(shared, &mut outbox.statuses);
+        write_statuses(shared, &mut outbox.statuses, newest_store);
     }
     shared.writer.settle(outbox);
 }
@@ -644,4 +697,35 @@ pub(crate) fn deliver_on_caller(
     }
     outbox.settle(job, tally, track_status);
     failures
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::InlineSink;
+    use crate::provider::{MemoryProvider, Provider};
+
+    /// A broker writes the memory provider through its numbered path, found behind the
+    /// `Arc<dyn Provider>` it was given: the same provider, not a copy.
+    #[test]
+    fn the_memory_provider_is_written_through_its_numbered_path() {
+        let memory: Arc<dyn Provider> = Arc::new(MemoryProvider::default());
+        match InlineSink::new(&memory) {
+            InlineSink::Memory(found) => {
+                let found: Arc<dyn Provider> = found;
+                assert!(Arc::ptr_eq(&found, &memory));
+            }
+            InlineSink::Other(_) => panic!("the memory provider was not found"),
+        }
+    }
+
+    /// Any other provider is written through the trait, even one wrapping a memory provider.
+    #[cfg(feature = "test-util")]
+    #[test]
+    fn another_provider_is_written_through_the_trait() {
+        let memory: Arc<dyn Provider> = Arc::new(MemoryProvider::default());
+        let wrapped: Arc<dyn Provider> = crate::testing::FaultyProvider::new(memory);
+        assert!(matches!(InlineSink::new(&wrapped), InlineSink::Other(_)));
+    }
 }

@@ -221,7 +221,7 @@ impl WorkerMetrics {
         if self.slots[slot as usize].folds {
             self.folded_now += 1;
         }
-        if matches!(job.origin, Origin::Local | Origin::Replayed) {
+        if matches!(job.origin, Origin::Local { .. } | Origin::Replayed) {
             self.slot_mut(slot).published += 1;
         }
         self.countdown -= 1;

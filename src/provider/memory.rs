@@ -769,8 +769,19 @@ impl Cleaner {
     }
 }
 
-impl EventSink for MemoryProvider {
-    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
+impl MemoryProvider {
+    /// [`EventSink::store_batch`], returning the sequence number the last of `events` took (0 for
+    /// none): status updates of these events that a caller writes later, through
+    /// [`MemoryProvider::update_status_after`] with a number above it, apply to them.
+    ///
+    /// The broker stores each event it publishes through this, and carries the number to its
+    /// worker with the event: the worker then never reads the counter every store writes, whose
+    /// cache line would otherwise travel to the worker's core and back for every status write.
+    pub(crate) fn store_numbered(
+        &self,
+        events: &[Arc<Event>],
+        origin: Option<&str>,
+    ) -> Result<u64, ProviderError> {
         let shared = &*self.shared;
         shared.check_open("store_batch")?;
         let tailing = shared.hub.is_tailed();
@@ -783,6 +794,7 @@ impl EventSink for MemoryProvider {
         // thread can wait for that thread's allocator lock, and the shard's other stores should
         // not wait with it. A batch lets go of them every `EVICTED_HELD`.
         let mut evicted: SmallVec<[Arc<Event>; 1]> = SmallVec::new();
+        let mut last = 0;
         for event in events {
             let index = shared.shard_of(event.id);
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
@@ -800,6 +812,7 @@ impl EventSink for MemoryProvider {
                 number
             });
             held.newest = number;
+            last = number;
             if new {
                 held.published += 1;
                 if tailing || logging {
@@ -821,7 +834,7 @@ impl EventSink for MemoryProvider {
         drop(guard);
         drop(evicted);
         if fresh.is_empty() {
-            return Ok(());
+            return Ok(last);
         }
         if logging && shared.bus.lock().append(fresh.iter().copied(), origin) {
             shared.bell.ring();
@@ -832,10 +845,33 @@ impl EventSink for MemoryProvider {
                 delivery.send(event);
             }
         }
-        Ok(())
+        Ok(last)
     }
 
-    fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
+    /// [`EventSink::update_status_batch`] of updates written after every store of their events
+    /// numbered below `written_at` (see [`MemoryProvider::store_numbered`]): an update applies to
+    /// its event when the event's latest store took a number below `written_at`, as if it had been
+    /// written when the provider's counter stood there. Callers pass at most the counter now (one
+    /// above a number a store returned is) and more than the number of each update's event's store.
+    pub(crate) fn update_status_after(
+        &self,
+        updates: &[StatusUpdate],
+        written_at: u64,
+    ) -> Result<(), ProviderError> {
+        debug_assert!(
+            written_at <= self.shared.next_seq.load(Ordering::Relaxed),
+            "no store has taken the number yet"
+        );
+        self.update_statuses(updates, Some(written_at))
+    }
+
+    /// Queues (or, for a batch of [`APPLY_AT_ONCE_FROM`], applies) `updates`, written when
+    /// `next_seq` was `written_at`, read here when `None`.
+    fn update_statuses(
+        &self,
+        updates: &[StatusUpdate],
+        written_at: Option<u64>,
+    ) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
         if updates.is_empty() {
@@ -843,7 +879,7 @@ impl EventSink for MemoryProvider {
         }
         // Relaxed: a store that returned before this call took its number before it (the caller
         // saw the store done), which coherence of this one counter orders; see `Pending`.
-        let written_at = shared.next_seq.load(Ordering::Relaxed);
+        let written_at = written_at.unwrap_or_else(|| shared.next_seq.load(Ordering::Relaxed));
         if updates.len() >= APPLY_AT_ONCE_FROM {
             // A batch this large is applied as it is, each shard's after the updates waiting for
             // it. Updates written while it is applied are written concurrently with it.
@@ -865,6 +901,16 @@ impl EventSink for MemoryProvider {
             }
         }
         Ok(())
+    }
+}
+
+impl EventSink for MemoryProvider {
+    fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
+        self.store_numbered(events, origin).map(|_| ())
+    }
+
+    fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
+        self.update_statuses(updates, None)
     }
 
     fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
@@ -1167,12 +1213,14 @@ impl Inbound for MemoryInbound {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use smallvec::SmallVec;
 
-    use super::{MemoryConfig, MemoryProvider, SHARDED_FROM, each_shard_in};
-    use crate::EventStatus;
+    use super::{APPLY_AT_ONCE_FROM, MemoryConfig, MemoryProvider, SHARDED_FROM, each_shard_in};
     use crate::event::EventId;
     use crate::provider::StatusUpdate;
+    use crate::{Event, EventSource, EventStatus, EventStore};
 
     /// Every update comes once, in its own shard's run, the runs in increasing shard order and
     /// each in the order written; batches under and over the inline size, on one shard and on many.
@@ -1200,5 +1248,41 @@ mod tests {
                 assert!(seen.iter().all(|&s| s), "every update grouped ({max_events}, {len})");
             }
         }
+    }
+
+    /// A store's number tells the updates of its event written after it from those written
+    /// before: an update carrying a number above it applies, whether queued or applied at once;
+    /// one whose number is at most a later re-store's does not apply to the re-stored event.
+    #[test]
+    fn updates_after_a_numbered_store_apply_and_older_ones_do_not() {
+        let provider =
+            MemoryProvider::new(MemoryConfig { max_events: SHARDED_FROM, ..MemoryConfig::default() });
+        let status = |id| provider.get(id).unwrap().expect("stored").status;
+        let events: Vec<Arc<Event>> =
+            (0..3).map(|_| Arc::new(Event::new(EventSource::System, "numbered.x"))).collect();
+        let first = provider.store_numbered(&events[..1], None).unwrap();
+        let last = provider.store_numbered(&events[1..], None).unwrap();
+        assert!(first < last, "numbers increase, and a batch returns its last: {first} {last}");
+        assert_eq!(provider.store_numbered(&[], None).unwrap(), 0, "nothing stored");
+
+        // Queued (few) and applied at once (a batch of `APPLY_AT_ONCE_FROM`).
+        let mut many = vec![StatusUpdate::new(events[1].id, EventStatus::Completed)];
+        many.resize_with(APPLY_AT_ONCE_FROM, || StatusUpdate::new(EventId::new(), EventStatus::Completed));
+        provider
+            .update_status_after(&[StatusUpdate::new(events[0].id, EventStatus::Processing)], last + 1)
+            .unwrap();
+        provider.update_status_after(&many, last + 1).unwrap();
+        assert_eq!(status(events[0].id), EventStatus::Processing);
+        assert_eq!(status(events[1].id), EventStatus::Completed);
+
+        let again = Arc::new(Event { id: events[0].id, ..Event::new(EventSource::System, "numbered.y") });
+        let restored = provider.store_numbered(&[again], None).unwrap();
+        assert!(restored > last);
+        let done = [StatusUpdate::new(events[0].id, EventStatus::Completed)];
+        provider.update_status_after(&done, last + 1).unwrap();
+        assert_eq!(status(events[0].id), EventStatus::Pending, "written before the re-store");
+        provider.update_status_after(&done, restored + 1).unwrap();
+        assert_eq!(status(events[0].id), EventStatus::Completed, "written after it");
+        assert_eq!(provider.get(events[0].id).unwrap().unwrap().event_type, "numbered.y");
     }
 }

@@ -286,7 +286,11 @@ pub struct Capabilities {
 /// provider.close()?;
 /// # Ok::<(), eventbroker::ProviderError>(())
 /// ```
-pub trait Provider: EventSink + EventStore + 'static {
+///
+/// `Any` is a supertrait (every `'static` type is `Any`, so it asks nothing of an implementor): a
+/// broker finds the [`MemoryProvider`] behind its `Arc<dyn Provider>` by it, and writes to that
+/// one through a path that carries each store's sequence number to the event's status updates.
+pub trait Provider: EventSink + EventStore + std::any::Any {
     /// The backend's short name (`"memory"`, `"redis"`, `"nats"`, `"postgres"`), as it appears in
     /// [`ProviderError`]s and [`ProviderStats::provider_type`].
     fn name(&self) -> &'static str;

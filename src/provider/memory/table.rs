@@ -54,7 +54,9 @@ impl Lifecycle {
 }
 
 /// A status update as the provider keeps it until it is applied: with the number `next_seq` had
-/// when the update was written, which tells the stores before it from those after it.
+/// when the update was written, which tells the stores before it from those after it. (A broker's
+/// worker gives one above the store numbers of the events it writes statuses of, which its jobs
+/// carry, instead of reading `next_seq`: see `MemoryProvider::store_numbered`.)
 ///
 /// One cache line (a [`StatusUpdate`] with the number took 104 bytes): workers write these and the
 /// thread that applies them, usually a publisher on another core, reads them, so their size is
