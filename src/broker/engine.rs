@@ -160,7 +160,7 @@ impl Engine {
             }
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
         }
-        reservation.commit(std::iter::once(Some(job)));
+        reservation.commit_one(Some(job));
         self.restock(shard);
         Ok(())
     }

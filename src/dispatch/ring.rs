@@ -392,6 +392,16 @@ impl<T: Send + Default> Reservation<'_, T> {
             self.next = self.next.wrapping_add(ONE);
         }
     }
+
+    /// [`commit`](Self::commit) of one value: written straight into its slot, where an iterator's
+    /// state would carry it through the stack first.
+    pub fn commit_one(mut self, value: T) {
+        if self.next != self.end {
+            // SAFETY: as in `commit`.
+            unsafe { self.shared.slot(self.next).publish(self.next, value) };
+            self.next = self.next.wrapping_add(ONE);
+        }
+    }
 }
 
 impl<T: Send + Default> Drop for Reservation<'_, T> {
