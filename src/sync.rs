@@ -114,6 +114,7 @@ mod imp {
         }
 
         /// loom threads carry no OS name; the name is dropped.
+        #[allow(clippy::unnecessary_wraps, reason = "the signature of the std version, which can fail")]
         pub(crate) fn spawn_named<F, T>(_name: String, f: F) -> std::io::Result<JoinHandle<T>>
         where
             F: FnOnce() -> T + Send + 'static,
