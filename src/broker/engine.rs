@@ -155,7 +155,7 @@ impl Engine {
             Store::Yes => self.shared.writer.store(Arc::clone(&job.event)),
             Store::Confirmed(reply) if self.inline => {
                 let stored = self.store_inline(std::slice::from_ref(&job.event));
-                job.set_stored(*stored.as_ref().unwrap_or(&0));
+                job.set_stored(stored.as_ref().copied().unwrap_or(0));
                 let _ = reply.send(stored.map(|_| ()));
             }
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),

@@ -48,7 +48,7 @@ const _: () = assert!(size_of::<Option<Job>>() <= 24, "a ring slot holds a job i
 
 impl Job {
     pub(crate) fn local(event: Arc<Event>) -> Self {
-        Self { event, origin: Origin::Local { stored: 0 } }
+        Self::stored(event, 0)
     }
 
     /// A local job of an event whose store took `stored` (see [`Origin::Local`]).

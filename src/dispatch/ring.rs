@@ -387,9 +387,7 @@ impl<T: Send + Default> Reservation<'_, T> {
     /// [`len`](Self::len) are not taken; slots left over get `T::default()`.
     pub fn commit(mut self, values: impl IntoIterator<Item = T>) {
         for value in values.into_iter().take(self.len()) {
-            // SAFETY: `next` is a position this reservation claimed and has not written.
-            unsafe { self.shared.slot(self.next).publish(self.next, value) };
-            self.next = self.next.wrapping_add(ONE);
+            self.publish_next(value);
         }
     }
 
@@ -397,19 +395,23 @@ impl<T: Send + Default> Reservation<'_, T> {
     /// state would carry it through the stack first.
     pub fn commit_one(mut self, value: T) {
         if self.next != self.end {
-            // SAFETY: as in `commit`.
-            unsafe { self.shared.slot(self.next).publish(self.next, value) };
-            self.next = self.next.wrapping_add(ONE);
+            self.publish_next(value);
         }
+    }
+
+    /// Publishes `value` at the next reserved position, which the caller has checked is one.
+    fn publish_next(&mut self, value: T) {
+        debug_assert_ne!(self.next, self.end, "a reserved position is left");
+        // SAFETY: `next` is a position this reservation claimed and has not written.
+        unsafe { self.shared.slot(self.next).publish(self.next, value) };
+        self.next = self.next.wrapping_add(ONE);
     }
 }
 
 impl<T: Send + Default> Drop for Reservation<'_, T> {
     fn drop(&mut self) {
         while self.next != self.end {
-            // SAFETY: as in `commit`: a claimed, unwritten position.
-            unsafe { self.shared.slot(self.next).publish(self.next, T::default()) };
-            self.next = self.next.wrapping_add(ONE);
+            self.publish_next(T::default());
         }
         if let Some(consumer) = self.sleeping.take() {
             consumer.unpark();

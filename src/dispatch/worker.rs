@@ -69,8 +69,7 @@ pub(crate) struct WorkerShared {
 /// A provider written inline, on the threads that publish and handle events.
 pub(crate) enum InlineSink {
     /// The memory provider: each store's sequence number travels with its event (in its [`Job`]'s
-    /// [`Origin::Local`])
-    /// to the worker, which writes the event's statuses with it (see
+    /// [`Origin::Local`]) to the worker, which writes the event's statuses with it (see
     /// [`MemoryProvider::store_numbered`]).
     Memory(Arc<MemoryProvider>),
     /// Any other provider with [`Capabilities::inline_writes`](crate::Capabilities::inline_writes).
