@@ -20,6 +20,7 @@ use crate::error::{
 };
 use crate::metrics::EngineMetrics;
 use crate::provider::Provider;
+use crate::provider::memory::StoreTicket;
 use crate::subscription::SubscriptionTable;
 use crate::{Backpressure, Distribution, Event, Mode, validate_event_type};
 
@@ -150,13 +151,16 @@ impl Engine {
         match store {
             Store::No => {}
             Store::Yes if self.inline => {
-                job.set_stored(self.store_inline(std::slice::from_ref(&job.event)).unwrap_or(0));
+                let mut ticket = StoreTicket::NONE;
+                let _ = self.store_inline(std::slice::from_ref(&job.event), |t| ticket = t);
+                job.set_stored(ticket);
             }
             Store::Yes => self.shared.writer.store(Arc::clone(&job.event)),
             Store::Confirmed(reply) if self.inline => {
-                let stored = self.store_inline(std::slice::from_ref(&job.event));
-                job.set_stored(stored.as_ref().copied().unwrap_or(0));
-                let _ = reply.send(stored.map(|_| ()));
+                let mut ticket = StoreTicket::NONE;
+                let stored = self.store_inline(std::slice::from_ref(&job.event), |t| ticket = t);
+                job.set_stored(ticket);
+                let _ = reply.send(stored);
             }
             Store::Confirmed(reply) => self.shared.writer.store_confirmed(Arc::clone(&job.event), reply),
         }
@@ -165,15 +169,19 @@ impl Engine {
         Ok(())
     }
 
-    /// Stores `events` on this thread: the inline path of a provider cheap enough for it; returns
-    /// the number the last one's store took, for its job (0 when the provider does not tell). A
-    /// failure (a closed provider) is counted and reported by the next flush, like the writer's.
-    fn store_inline(&self, events: &[Arc<Event>]) -> Result<u64, crate::ProviderError> {
+    /// Stores `events` on this thread: the inline path of a provider cheap enough for it; hands
+    /// `ticket` each one's ticket in turn, for its job. A failure (a closed provider) is counted
+    /// and reported by the next flush, like the writer's.
+    fn store_inline(
+        &self,
+        events: &[Arc<Event>],
+        ticket: impl FnMut(StoreTicket),
+    ) -> Result<(), crate::ProviderError> {
         let Some(sink) = &self.shared.inline else {
             unreachable!("stores are inline only with an inline provider");
         };
         let origin = self.origin.as_deref();
-        self.shared.writer.inline("store_batch", events.len(), || sink.store(events, origin))
+        self.shared.writer.inline("store_batch", events.len(), || sink.store(events, origin, ticket))
     }
 
     /// Reserves up to `want` consecutive slots of `shard` (at least one), with as much backlog room
@@ -299,8 +307,9 @@ impl Engine {
             });
         };
         let event = self.admit(event)?;
+        let mut ticket = StoreTicket::NONE;
         if self.store_events && self.inline {
-            let _ = self.store_inline(std::slice::from_ref(&event));
+            let _ = self.store_inline(std::slice::from_ref(&event), |t| ticket = t);
         } else if self.store_events {
             if !self.admit_backlog(self.patience()) {
                 return Err(self.rejected(ReserveError::Full, event).into());
@@ -309,7 +318,7 @@ impl Engine {
         }
         self.sync.published.fetch_add(1, Ordering::Relaxed);
         let clock = self.metrics.as_ref().and_then(|m| m.sync_begin());
-        let job = Job::local(event);
+        let job = Job::stored(event, ticket);
         let mut outbox = Outbox::default();
         outbox.processing(&job, crate::clock::now(), self.track_status);
         let set = self.table().load();
@@ -327,7 +336,7 @@ impl Engine {
             metrics.sync_end(&job.event, &outbox.counts, clock);
         }
         self.sync.add(&outbox.counts);
-        worker::settle(&self.shared, &mut outbox, 0);
+        worker::settle(&self.shared, &mut outbox);
         if failures.is_empty() {
             Ok(())
         } else {
@@ -365,14 +374,20 @@ impl Engine {
                         let taken: Vec<Arc<Event>> =
                             group.drain(..reservation.len()).map(|(_, e)| e).collect();
                         accepted += taken.len();
-                        // Each job carries the last store's number: above its own.
-                        let mut stored = 0;
+                        let mut tickets = Vec::with_capacity(taken.len());
                         if self.store_events && self.inline {
-                            stored = self.store_inline(&taken).unwrap_or(0);
+                            let _ = self.store_inline(&taken, |ticket| tickets.push(ticket));
                         } else if self.store_events {
                             self.shared.writer.store_many(taken.clone());
                         }
-                        reservation.commit(taken.into_iter().map(|event| Some(Job::stored(event, stored))));
+                        // A store that failed part way (a closed provider) leaves the rest without.
+                        tickets.resize(taken.len(), StoreTicket::NONE);
+                        reservation.commit(
+                            taken
+                                .into_iter()
+                                .zip(tickets)
+                                .map(|(event, ticket)| Some(Job::stored(event, ticket))),
+                        );
                         self.restock(shard);
                     }
                     Err(error) => {

@@ -15,6 +15,7 @@ use jiff::Timestamp;
 
 use crate::dispatch::retry::RetryPolicy;
 use crate::error::DeliveryFailure;
+use crate::provider::memory::StoreTicket;
 use crate::provider::{Ack, AckToken, DeadLetter, StatusUpdate};
 use crate::subscription::{DeliveryError, Subscription, SubscriptionTable};
 use crate::{Event, EventStatus, SubscriptionId};
@@ -24,10 +25,12 @@ use crate::{Event, EventStatus, SubscriptionId};
 pub(crate) enum Origin {
     /// Published on this broker: stored by the publisher, statuses tracked when configured.
     Local {
-        /// The sequence number the memory provider's store of the event took, when the broker
-        /// stored it there inline (see [`MemoryProvider::store_numbered`](crate::MemoryProvider));
-        /// 0 otherwise. (Here rather than in [`Job`], whose size it would add to.)
+        /// The number the memory provider's store of the event took and the event's slot there,
+        /// when the broker stored it there inline: its [`StoreTicket`], whose status changes the
+        /// worker writes with it; [`StoreTicket::NONE`]'s otherwise. (Two fields here rather than
+        /// the ticket, or a field of [`Job`]: either would add a word to the job.)
         stored: u64,
+        slot: u32,
     },
     /// Re-delivered from the store by `replay`: the stored event and its history stay untouched.
     Replayed,
@@ -48,18 +51,26 @@ const _: () = assert!(size_of::<Option<Job>>() <= 24, "a ring slot holds a job i
 
 impl Job {
     pub(crate) fn local(event: Arc<Event>) -> Self {
-        Self::stored(event, 0)
+        Self::stored(event, StoreTicket::NONE)
     }
 
-    /// A local job of an event whose store took `stored` (see [`Origin::Local`]).
-    pub(crate) fn stored(event: Arc<Event>, stored: u64) -> Self {
-        Self { event, origin: Origin::Local { stored } }
+    /// A local job of an event stored with `ticket` (see [`Origin::Local`]).
+    pub(crate) fn stored(event: Arc<Event>, ticket: StoreTicket) -> Self {
+        Self { event, origin: Origin::Local { stored: ticket.number, slot: ticket.slot } }
     }
 
-    /// Records the number its event's store took, for a local job (only those are stored).
-    pub(crate) fn set_stored(&mut self, number: u64) {
-        if let Origin::Local { stored } = &mut self.origin {
-            *stored = number;
+    /// Records its event's store, for a local job (only those are stored).
+    pub(crate) fn set_stored(&mut self, ticket: StoreTicket) {
+        if let Origin::Local { stored, slot } = &mut self.origin {
+            (*stored, *slot) = (ticket.number, ticket.slot);
+        }
+    }
+
+    /// Its event's store ([`StoreTicket::NONE`] when not stored inline, or not local).
+    pub(crate) fn ticket(&self) -> StoreTicket {
+        match self.origin {
+            Origin::Local { stored, slot } => StoreTicket { number: stored, slot },
+            Origin::Replayed | Origin::Inbound(_) => StoreTicket::NONE,
         }
     }
 
@@ -159,6 +170,9 @@ impl Tally {
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     pub(crate) statuses: Vec<StatusUpdate>,
+    /// The ticket of each of `statuses`' events' store, in step with it (see
+    /// [`Outbox::push_status`]).
+    pub(crate) tickets: Vec<StoreTicket>,
     pub(crate) dead_letters: Vec<DeadLetter>,
     /// Tokens of inbound jobs with a dead letter in `dead_letters`: if those letters cannot be
     /// stored, these jobs must not be acknowledged.
@@ -174,6 +188,18 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    /// Adds `update`, of an event stored with `ticket`.
+    pub(crate) fn push_status(&mut self, update: StatusUpdate, ticket: StoreTicket) {
+        self.statuses.push(update);
+        self.tickets.push(ticket);
+    }
+
+    /// Takes the status updates out, dropping their tickets: for the writer, which writes by id.
+    pub(crate) fn take_statuses(&mut self) -> Vec<StatusUpdate> {
+        self.tickets.clear();
+        std::mem::take(&mut self.statuses)
+    }
+
     /// Whether there is anything for the writer or the subscription table.
     pub(crate) fn has_work(&self) -> bool {
         !(self.statuses.is_empty()
@@ -227,7 +253,7 @@ impl Outbox {
         }
         if track_status && job.tracked() {
             let error = if tally.failed { tally.error } else { String::new() };
-            self.statuses.push(finished(job.event.id, status, error, tally.retries));
+            self.push_status(finished(job.event.id, status, error, tally.retries), job.ticket());
         }
         if let Origin::Inbound(token) = job.origin {
             self.acks.push(if tally.failed { Ack::dead_lettered(token) } else { Ack::handled(token) });
@@ -243,8 +269,8 @@ impl Outbox {
     /// `job` is being processed: its `processing` status, when tracked.
     pub(crate) fn processing(&mut self, job: &Job, at: Timestamp, track_status: bool) {
         if track_status && job.tracked() {
-            self.statuses
-                .push(StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(at));
+            let update = StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(at);
+            self.push_status(update, job.ticket());
         }
     }
 }

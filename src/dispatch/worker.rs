@@ -34,7 +34,8 @@ use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
 use crate::error::ProviderError;
 use crate::metrics::{EngineMetrics, WorkerMetrics};
-use crate::provider::{EventSink, MemoryProvider, Provider, StatusUpdate};
+use crate::provider::memory::StoreTicket;
+use crate::provider::{MemoryProvider, Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
 use crate::{Event, EventId, EventStatus, MatchCache};
 
@@ -68,7 +69,7 @@ pub(crate) struct WorkerShared {
 
 /// A provider written inline, on the threads that publish and handle events.
 pub(crate) enum InlineSink {
-    /// The memory provider: each store's sequence number travels with its event (in its [`Job`]'s
+    /// The memory provider: each store's ticket travels with its event (in its [`Job`]'s
     /// [`Origin::Local`]) to the worker, which writes the event's statuses with it (see
     /// [`MemoryProvider::store_numbered`]).
     Memory(Arc<MemoryProvider>),
@@ -85,25 +86,34 @@ impl InlineSink {
         }
     }
 
-    /// Stores `events`; returns the number the last one's store took, 0 when the provider does not
-    /// tell.
-    pub(crate) fn store(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<u64, ProviderError> {
+    /// Stores `events`, handing `ticket` each one's ticket in turn ([`StoreTicket::NONE`] when the
+    /// provider gives none).
+    pub(crate) fn store(
+        &self,
+        events: &[Arc<Event>],
+        origin: Option<&str>,
+        mut ticket: impl FnMut(StoreTicket),
+    ) -> Result<(), ProviderError> {
         match self {
-            Self::Memory(memory) => memory.store_numbered(events, origin),
-            Self::Other(provider) => provider.store_batch(events, origin).map(|()| 0),
+            Self::Memory(memory) => memory.store_numbered(events, origin, ticket),
+            Self::Other(provider) => {
+                provider.store_batch(events, origin)?;
+                for _ in events {
+                    ticket(StoreTicket::NONE);
+                }
+                Ok(())
+            }
         }
     }
 
-    /// Writes `updates`, each of an event whose store took a number up to `newest_store` (or whose
-    /// number is not known, when that is 0).
+    /// Writes `updates`, each of an event stored with the ticket at its index in `tickets`.
     pub(crate) fn update_statuses(
         &self,
         updates: &[StatusUpdate],
-        newest_store: u64,
+        tickets: &[StoreTicket],
     ) -> Result<(), ProviderError> {
         match self {
-            Self::Memory(memory) if newest_store > 0 => memory.update_status_after(updates, newest_store + 1),
-            Self::Memory(memory) => memory.update_status_batch(updates),
+            Self::Memory(memory) => memory.update_ticketed(updates, tickets),
             Self::Other(provider) => provider.update_status_batch(updates),
         }
     }
@@ -204,9 +214,6 @@ pub(crate) struct Worker {
     next: usize,
     in_flight: Option<InFlight>,
     outbox: Outbox,
-    /// The highest store number among the jobs taken so far (see [`Origin::Local`]): above the
-    /// number of every event whose status this worker writes, and below the provider's counter.
-    newest_store: u64,
     dispatched: u64,
     started: u64,
     internal_errors: u64,
@@ -253,7 +260,6 @@ impl Worker {
             next: 0,
             in_flight: None,
             outbox: Outbox::default(),
-            newest_store: 0,
             dispatched: 0,
             started: 0,
             internal_errors: 0,
@@ -288,7 +294,7 @@ impl Worker {
         if self.next >= self.batch.len() && self.take_batch() {
             took = true;
             // Before any of it is handled, so that a slow batch shows as processing.
-            write_statuses(&self.shared, &mut self.outbox.statuses, self.newest_store);
+            write_statuses(&self.shared, &mut self.outbox);
         }
         if self.next < self.batch.len() {
             took = true;
@@ -329,11 +335,11 @@ impl Worker {
         if self.config.track_status {
             let now = crate::clock::now();
             for job in self.batch.iter().flatten() {
-                let Origin::Local { stored } = job.origin else { continue };
-                self.newest_store = self.newest_store.max(stored);
-                self.outbox
-                    .statuses
-                    .push(StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now));
+                if !matches!(job.origin, Origin::Local { .. }) {
+                    continue;
+                }
+                let update = StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now);
+                self.outbox.push_status(update, job.ticket());
             }
         }
         true
@@ -540,10 +546,11 @@ impl Worker {
         let Some(in_flight) = self.in_flight.take().filter(|f| !f.registered) else { return };
         match in_flight.origin {
             Origin::Inbound(token) => self.outbox.naks.push(token),
-            Origin::Local { .. } if self.config.track_status => self.outbox.statuses.push(
+            Origin::Local { stored, slot } if self.config.track_status => self.outbox.push_status(
                 StatusUpdate::new(in_flight.id, EventStatus::Failed)
                     .with_error(format!("internal error: {message}"))
                     .with_completed_at(crate::clock::now()),
+                StoreTicket { number: stored, slot },
             ),
             Origin::Local { .. } | Origin::Replayed => {}
         }
@@ -557,7 +564,7 @@ impl Worker {
             for id in self.outbox.gone.drain(..) {
                 self.shared.table.unsubscribe(id);
             }
-            settle(&self.shared, &mut self.outbox, self.newest_store);
+            settle(&self.shared, &mut self.outbox);
         }
         self.metrics.end_turn();
         let now = Published {
@@ -586,30 +593,30 @@ impl Worker {
     }
 }
 
-/// Writes status changes: inline when the provider is cheap enough, else through the writer.
-/// Takes the updates out of `statuses`, keeping its buffer when they are written inline.
-/// `newest_store` is above the store number of each one's event (see [`InlineSink::update_statuses`]).
-fn write_statuses(shared: &WorkerShared, statuses: &mut Vec<StatusUpdate>, newest_store: u64) {
-    if statuses.is_empty() {
+/// Writes the outbox's status changes: inline when the provider is cheap enough, else through the
+/// writer. Takes them out, keeping the buffers when they are written inline.
+fn write_statuses(shared: &WorkerShared, outbox: &mut Outbox) {
+    if outbox.statuses.is_empty() {
         return;
     }
     match &shared.inline {
         Some(sink) => {
-            let _ = shared.writer.inline("update_status_batch", statuses.len(), || {
-                sink.update_statuses(statuses, newest_store)
+            let _ = shared.writer.inline("update_status_batch", outbox.statuses.len(), || {
+                sink.update_statuses(&outbox.statuses, &outbox.tickets)
             });
-            statuses.clear();
+            outbox.statuses.clear();
+            outbox.tickets.clear();
         }
-        None => shared.writer.status(std::mem::take(statuses)),
+        None => shared.writer.status(outbox.take_statuses()),
     }
 }
 
 /// Hands what deliveries produced to the provider: statuses inline when the provider is cheap
 /// enough, the rest (dead letters and acknowledgements, which must keep their order) through the
 /// writer.
-pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox, newest_store: u64) {
+pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
     if shared.inline.is_some() {
-        write_statuses(shared, &mut outbox.statuses, newest_store);
+        write_statuses(shared, outbox);
     }
     shared.writer.settle(outbox);
 }

@@ -276,7 +276,7 @@ impl ProviderWriter {
             return;
         }
         let settlement = Settlement {
-            statuses: std::mem::take(&mut outbox.statuses),
+            statuses: outbox.take_statuses(),
             dead_letters: std::mem::take(&mut outbox.dead_letters),
             letter_tokens: std::mem::take(&mut outbox.letter_tokens),
             acks: std::mem::take(&mut outbox.acks),

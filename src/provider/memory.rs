@@ -5,12 +5,12 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append; once 256 status updates of the shard it stores into wait (it looks every 16 stores), it takes them, and it and the stores after it apply 32 each |
-//! | `update_status_batch` | O(1) per update: the status fields are kept beside the event, never a copy of it; a batch under 1 024 waits in its shards' queues to be applied with others (by a store into the shard, a read, or the writer once 1 024 wait for one shard) |
-//! | `get`, `delete` | O(1), after applying the status updates waiting for the event's shard (`delete`: O(log n) to mark its sequence number gone) |
+//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append |
+//! | `update_status_batch` | O(1) per update: an index probe under the shard's read lock, then a write of the event's status mark, a cache line of its own beside the table, never a copy of the event (the broker's workers skip the probe and the lock: they know each event's slot from its store) |
+//! | `get`, `delete` | O(1) (`delete`: O(log n) to mark its sequence number gone) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
 //! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
-//! | `stats` | O(shards): counters are kept on every change |
+//! | `stats` | O(n): a pass over the stored events' statuses |
 //!
 //! The events are split into shards by the low bits of their ids (16 of them from 4 096 events up,
 //! one below), each with its own lock. The ids one thread makes fall into two shards of their own
@@ -83,7 +83,8 @@ use smallvec::SmallVec;
 
 use self::bus::{Bell, Bus, SourceId};
 use self::letters::LetterTable;
-use self::table::{EventTable, Pending, UPDATES_AT_ONCE};
+use self::marks::Marks;
+use self::table::{EventTable, status_index};
 use super::{
     Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
     EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
@@ -98,6 +99,7 @@ mod bus;
 mod index;
 mod letters;
 mod lru;
+mod marks;
 mod table;
 
 const NAME: &str = "memory";
@@ -108,24 +110,9 @@ const _: () = assert!(SHARDS.is_power_of_two(), "`shard_of` masks the id's low b
 const _: () = assert!(SHARDS <= 32, "a `u32` mask holds a bit per shard");
 /// Below this bound, one shard: least-recently-used eviction is then exact over every event.
 const SHARDED_FROM: usize = 4096;
-/// A shard's status updates written are applied by the next store into it once this many wait
-/// (see [`Written`]).
-const APPLY_FROM: usize = 256;
-/// ... and by the thread writing them once this many wait.
-const APPLY_BY_WRITER_FROM: usize = 4 * APPLY_FROM;
-/// Status updates a store applies at most, of those it or the stores before it took out of the
-/// queue: what one publish waits for beyond its own store, at sixteen times the rate the broker
-/// writes them (two per event).
-const APPLIED_PER_STORE: usize = 32;
-/// Stores into a shard between two looks at how many status updates wait for it.
-const LOOK_AT_WRITTEN_EVERY: u32 = 16;
-/// A status batch this large is applied by the thread writing it, at once. Above what a worker
-/// writes in one call at the default settings (one batch's completions with the next one's
-/// `processing`, 2 × 256): a worker that cannot keep up writes full batches, and applying them
-/// itself took the shard locks its publishers store under, on their entries' cache lines.
-const APPLY_AT_ONCE_FROM: usize = APPLY_BY_WRITER_FROM;
 /// Updates per call that [`Shared::group_by_shard`] groups without allocating: a worker's largest
-/// write at the default settings.
+/// write at the default settings (one batch's completions with the next one's `processing`,
+/// 2 × 256).
 const GROUPED_INLINE: usize = 512;
 /// Most evicted events a `store_batch` holds before it releases its shard and drops them.
 const EVICTED_HELD: usize = 64;
@@ -176,8 +163,8 @@ impl Default for MemoryConfig {
 ///
 /// Thread-safe: the events live in shards, each behind its own read-write lock held only for the
 /// index work itself (a store that evicts from another shard only tries that shard's lock);
-/// status updates written a few at a time wait in a queue per shard and are applied in batches,
-/// before anything reads; dead letters and the bus have locks of their own;
+/// status updates go to a mark per event slot, each under a lock of its own, which reads apply
+/// (see `marks`); dead letters and the bus have locks of their own;
 /// events are copied out and streams fed after the locks are released. `close` (also run on drop)
 /// stops the cleanup thread and joins it; it never waits longer than one cleanup pass.
 pub struct MemoryProvider {
@@ -205,8 +192,8 @@ struct Shared {
     gauges: Box<[CachePadded<Gauge>]>,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
-    /// Each shard's status updates waiting to be applied.
-    written: Box<[CachePadded<Written>]>,
+    /// Each shard's status changes, by slot (see [`marks`]).
+    marks: Box<[Marks]>,
     hub: StreamHub,
     /// Rung when events that some consumer group may want are stored.
     bell: Bell,
@@ -221,65 +208,10 @@ struct Shard {
     victim: Option<Victim>,
     /// Evictions until the next look.
     look_in: u32,
-    /// Stores until the next look at the status updates waiting for this shard.
-    look_at_written_in: u32,
-    /// Status updates a store took out of this shard's [`Written`] queue, in the order written;
-    /// those from `applied` on are not applied yet and precede any still in the queue. Empty, it
-    /// is the buffer the queue's updates are swapped into.
-    backlog: Vec<Pending>,
-    /// How many of `backlog` are applied.
-    applied: usize,
     published: u64,
     replaced: u64,
     evicted: u64,
     expired: u64,
-}
-
-impl Shard {
-    fn has_backlog(&self) -> bool {
-        self.applied < self.backlog.len()
-    }
-
-    /// Applies up to `most` of the backlog, in order; once all of it is, empties it.
-    fn apply_backlog(&mut self, most: usize) {
-        let end = self.backlog.len().min(self.applied.saturating_add(most));
-        for chunk in self.backlog[self.applied..end].chunks(UPDATES_AT_ONCE) {
-            self.events.update(chunk.iter());
-        }
-        self.applied = end;
-        if end == self.backlog.len() {
-            self.backlog.clear();
-            self.applied = 0;
-        }
-    }
-}
-
-/// Status updates written to one shard's events and not applied yet.
-///
-/// A worker writes the `processing` and `completed` statuses of a few events at a time, moments
-/// after a publisher stored them. Applied by the worker, each such write takes shard locks the
-/// publisher is taking, and reads index and entry cache lines the publisher has just written on
-/// its own core, which the publisher's next stores must then fetch back; on two cores that cost
-/// the default settings a third of their throughput. So small writes wait here, in the order
-/// written, and the first store into the shard that finds [`APPLY_FROM`] waiting (stores look
-/// every [`LOOK_AT_WRITTEN_EVERY`]) takes them into the shard's backlog; it and the stores after
-/// it apply them [`APPLIED_PER_STORE`] at a time under the shard lock they hold, on the thread
-/// whose events they are (a thread's events have shards of their own: see
-/// [`Shared::victim_shard`]), where those lines are, its entries prefetched. No publish waits
-/// for more than that many updates to be applied. The thread writing
-/// them applies them itself only once [`APPLY_BY_WRITER_FROM`] wait (when nothing is being stored
-/// into the shard), and every read of events or statuses
-/// (`get`, `list`, `replay`, `stats`, `delete`, cleanup, `flush`) applies them first, so no
-/// caller can tell they waited.
-///
-/// Updates are taken out of `waiting` only under the shard's lock, so batches of one shard apply
-/// in the order written. Lock order: the shard, then `waiting`.
-#[derive(Default)]
-struct Written {
-    /// Updates not applied yet, in the order they were written.
-    waiting: Mutex<Vec<Pending>>,
-    /// How many wait: what a store reads before it takes the lock. Set under `waiting`.
-    count: AtomicUsize,
 }
 
 /// What a shard shows the others: written under its lock, read without it.
@@ -325,9 +257,6 @@ impl MemoryProvider {
                     newest: 0,
                     victim: None,
                     look_in: 0,
-                    look_at_written_in: 0,
-                    backlog: Vec::new(),
-                    applied: 0,
                     published: 0,
                     replaced: 0,
                     evicted: 0,
@@ -344,7 +273,9 @@ impl MemoryProvider {
             held: CachePadded::new(AtomicUsize::new(0)),
             gauges: (0..count).map(|_| CachePadded::new(Gauge::default())).collect(),
             closed: AtomicBool::new(false),
-            written: (0..count).map(|_| CachePadded::new(Written::default())).collect(),
+            // A shard holds at most `max_events` events at once, and one more while a store into
+            // it evicts, so its slots stay below that.
+            marks: (0..count).map(|_| Marks::new(config.max_events.saturating_add(1))).collect(),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
             config,
@@ -445,71 +376,20 @@ impl Shared {
         if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(shard) }
     }
 
-    /// Runs `f` on each shard under its read lock, unless closed.
+    /// Runs `f` on each shard (with its index) under its read lock, unless closed.
     fn each_shard<T>(
         &self,
         operation: &'static str,
-        mut f: impl FnMut(&Shard) -> T,
+        mut f: impl FnMut(usize, &Shard) -> T,
     ) -> Result<Vec<T>, ProviderError> {
         self.shards
             .iter()
-            .map(|shard| {
+            .enumerate()
+            .map(|(index, shard)| {
                 let shard = shard.read();
-                if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(f(&shard)) }
+                if shard.closed { Err(closed_error(NAME, operation)) } else { Ok(f(index, &shard)) }
             })
             .collect()
-    }
-
-    /// Applies the status updates written so far, in the order they were written.
-    fn apply_written(&self, operation: &'static str) -> Result<(), ProviderError> {
-        for index in 0..self.shards.len() {
-            self.apply_waiting(index, &mut *self.shard(index, operation)?);
-        }
-        Ok(())
-    }
-
-    /// Applies every status update waiting for shard `index`, held as `shard`, in the order
-    /// written: its backlog, then its queue.
-    fn apply_waiting(&self, index: usize, shard: &mut Shard) {
-        shard.apply_backlog(usize::MAX);
-        // Relaxed: a hint. Whoever took updates out held this shard's lock, as the caller does,
-        // and a reader that learned of a write after it returned sees its count.
-        if self.written[index].count.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        self.take_waiting(index, shard);
-        shard.apply_backlog(usize::MAX);
-    }
-
-    /// A store's share of the status updates waiting for shard `index`, held as `shard`: up to
-    /// [`APPLIED_PER_STORE`] of its backlog; with none left, every [`LOOK_AT_WRITTEN_EVERY`]
-    /// stores a look at its queue, taken into the backlog once [`APPLY_FROM`] wait.
-    fn apply_for_store(&self, index: usize, shard: &mut Shard) {
-        if !shard.has_backlog() {
-            // The count is written by the workers queueing updates: read at every store, its line
-            // would travel between their cores and this one each time.
-            if shard.look_at_written_in > 0 {
-                shard.look_at_written_in -= 1;
-                return;
-            }
-            shard.look_at_written_in = LOOK_AT_WRITTEN_EVERY;
-            // Relaxed: a hint of when to take them; `take_waiting` takes what waits under its lock.
-            if self.written[index].count.load(Ordering::Relaxed) < APPLY_FROM {
-                return;
-            }
-            self.take_waiting(index, shard);
-        }
-        shard.apply_backlog(APPLIED_PER_STORE);
-    }
-
-    /// Moves the updates waiting in shard `index`'s queue into `shard`'s backlog, all of which is
-    /// applied.
-    fn take_waiting(&self, index: usize, shard: &mut Shard) {
-        debug_assert!(!shard.has_backlog(), "the backlog's updates precede the queue's");
-        let written = &self.written[index];
-        let mut waiting = written.waiting.lock();
-        mem::swap(&mut shard.backlog, &mut *waiting);
-        written.count.store(0, Ordering::Relaxed);
     }
 
     /// `updates` grouped by shard: their indices into `order`, shard 0's first, each shard's in
@@ -548,10 +428,10 @@ impl Shared {
         next
     }
 
-    /// Applies `updates`, written when `next_seq` was `written_at`, each after the updates waiting
-    /// for its shard: each shard's lock once, its updates in order (a later update of an id wins:
-    /// an id is always in the same shard).
-    fn apply(
+    /// Writes `updates`, written when `next_seq` was `written_at`, each to its event's mark: each
+    /// shard's read lock once, to find them; an update of an event not stored, or stored again
+    /// since (at `written_at` or later), is dropped.
+    fn update_by_id(
         &self,
         updates: &[StatusUpdate],
         written_at: u64,
@@ -560,10 +440,16 @@ impl Shared {
         let mut order = SmallVec::new();
         let ends = self.group_by_shard(updates, &mut order);
         for (index, mine) in each_shard_in(&order, &ends) {
-            let mut held = self.shard(index, operation)?;
-            self.apply_waiting(index, &mut held);
-            for chunk in mine.chunks(UPDATES_AT_ONCE) {
-                held.events.update(chunk.iter().map(|&at| (&updates[at as usize], written_at)));
+            let shard = self.shards[index].read();
+            if shard.closed {
+                return Err(closed_error(NAME, operation));
+            }
+            for update in mine.iter().map(|&at| &updates[at as usize]) {
+                if let Some((slot, stored_at)) = shard.events.locate(update.id)
+                    && stored_at < written_at
+                {
+                    self.marks[index].write(slot, stored_at, update);
+                }
             }
         }
         Ok(())
@@ -706,12 +592,11 @@ impl Shared {
         let Some(max_age) = self.config.max_age else {
             return self.check_open(operation).map(|()| 0);
         };
-        self.apply_written(operation)?;
         let cutoff = now.saturating_sub(max_age).unwrap_or(Timestamp::MIN);
         let mut removed = 0;
         for index in 0..self.shards.len() {
             let mut shard = self.shard(index, operation)?;
-            let expired = shard.events.finished_before(cutoff);
+            let expired = shard.events.finished_before(cutoff, &self.marks[index]);
             // Dropped with the shard's lock released, as `store_batch` drops what it evicts.
             let gone: Vec<Arc<Event>> = expired.iter().filter_map(|&id| shard.events.remove(id)).collect();
             shard.expired += gone.len() as u64;
@@ -769,19 +654,34 @@ impl Cleaner {
     }
 }
 
+/// Where the memory provider stored an event: the number its store took and its slot in its
+/// shard, all that a status update of it needs to be written without the shard's lock (see
+/// [`MemoryProvider::update_ticketed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoreTicket {
+    pub(crate) number: u64,
+    pub(crate) slot: u32,
+}
+
+impl StoreTicket {
+    /// No store: an update with it is written by its event's id.
+    pub(crate) const NONE: Self = Self { number: 0, slot: u32::MAX };
+}
+
 impl MemoryProvider {
-    /// [`EventSink::store_batch`], returning the sequence number the last of `events` took (0 for
-    /// none): status updates of these events that a caller writes later, through
-    /// [`MemoryProvider::update_status_after`] with a number above it, apply to them.
+    /// [`EventSink::store_batch`], handing `ticket` the ticket of each of `events` in turn, as it
+    /// is stored: status updates of an event written through
+    /// [`MemoryProvider::update_ticketed`] with its ticket go straight to its mark.
     ///
-    /// The broker stores each event it publishes through this, and carries the number to its
-    /// worker with the event: the worker then never reads the counter every store writes, whose
-    /// cache line would otherwise travel to the worker's core and back for every status write.
+    /// The broker stores each event it publishes through this, and carries the ticket to its
+    /// worker with the event: the worker then writes the event's statuses without the shard's
+    /// lock, on lines no publisher writes.
     pub(crate) fn store_numbered(
         &self,
         events: &[Arc<Event>],
         origin: Option<&str>,
-    ) -> Result<u64, ProviderError> {
+        mut ticket: impl FnMut(StoreTicket),
+    ) -> Result<(), ProviderError> {
         let shared = &*self.shared;
         shared.check_open("store_batch")?;
         let tailing = shared.hub.is_tailed();
@@ -794,26 +694,31 @@ impl MemoryProvider {
         // thread can wait for that thread's allocator lock, and the shard's other stores should
         // not wait with it. A batch lets go of them every `EVICTED_HELD`.
         let mut evicted: SmallVec<[Arc<Event>; 1]> = SmallVec::new();
-        let mut last = 0;
         for event in events {
             let index = shared.shard_of(event.id);
             if guard.as_ref().is_none_or(|(held, _)| *held != index) {
                 drop(guard.take()); // One shard lock at a time.
-                let mut held = shared.shard(index, "store_batch")?;
-                shared.apply_for_store(index, &mut held);
-                guard = Some((index, held));
+                guard = Some((index, shared.shard(index, "store_batch")?));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
             let mut number = 0;
             // Relaxed: the number only needs to be unique and increasing within the shard, whose
             // lock is held.
-            let new = held.events.upsert(event, || {
-                number = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-                number
-            });
+            let stored = held.events.upsert(
+                event,
+                || {
+                    number = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+                    number
+                },
+                &shared.marks[index],
+            );
             held.newest = number;
-            last = number;
-            if new {
+            // A slot beyond `u32` (a bound above four billion events) is written by id.
+            ticket(match u32::try_from(stored.slot) {
+                Ok(slot) if slot != u32::MAX => StoreTicket { number, slot },
+                _ => StoreTicket::NONE,
+            });
+            if stored.new {
                 held.published += 1;
                 if tailing || logging {
                     fresh.push(event);
@@ -834,7 +739,7 @@ impl MemoryProvider {
         drop(guard);
         drop(evicted);
         if fresh.is_empty() {
-            return Ok(last);
+            return Ok(());
         }
         if logging && shared.bus.lock().append(fresh.iter().copied(), origin) {
             shared.bell.ring();
@@ -845,60 +750,37 @@ impl MemoryProvider {
                 delivery.send(event);
             }
         }
-        Ok(last)
+        Ok(())
     }
 
-    /// [`EventSink::update_status_batch`] of updates written after every store of their events
-    /// numbered below `written_at` (see [`MemoryProvider::store_numbered`]): an update applies to
-    /// its event when the event's latest store took a number below `written_at`, as if it had been
-    /// written when the provider's counter stood there. Callers pass at most the counter now (one
-    /// above a number a store returned is) and more than the number of each update's event's store.
-    pub(crate) fn update_status_after(
+    /// [`EventSink::update_status_batch`] of updates each with the ticket of its event's store,
+    /// from [`MemoryProvider::store_numbered`]: written to the event's mark, without its shard's
+    /// lock, unless the event was stored again since (or evicted, its slot reused). An update with
+    /// [`StoreTicket::NONE`] is written by its event's id, as `update_status_batch` writes it.
+    pub(crate) fn update_ticketed(
         &self,
         updates: &[StatusUpdate],
-        written_at: u64,
+        tickets: &[StoreTicket],
     ) -> Result<(), ProviderError> {
-        debug_assert!(
-            written_at <= self.shared.next_seq.load(Ordering::Relaxed),
-            "no store has taken the number yet"
-        );
-        self.update_statuses(updates, Some(written_at))
-    }
-
-    /// Queues (or, for a batch of [`APPLY_AT_ONCE_FROM`], applies) `updates`, written when
-    /// `next_seq` was `written_at`, read here when `None`.
-    fn update_statuses(
-        &self,
-        updates: &[StatusUpdate],
-        written_at: Option<u64>,
-    ) -> Result<(), ProviderError> {
+        debug_assert_eq!(updates.len(), tickets.len(), "a ticket for each update");
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
-        if updates.is_empty() {
-            return Ok(());
-        }
-        // Relaxed: a store that returned before this call took its number before it (the caller
-        // saw the store done), which coherence of this one counter orders; see `Pending`.
-        let written_at = written_at.unwrap_or_else(|| shared.next_seq.load(Ordering::Relaxed));
-        if updates.len() >= APPLY_AT_ONCE_FROM {
-            // A batch this large is applied as it is, each shard's after the updates waiting for
-            // it. Updates written while it is applied are written concurrently with it.
-            return shared.apply(updates, written_at, "update_status_batch");
-        }
-        let mut order = SmallVec::new();
-        let ends = shared.group_by_shard(updates, &mut order);
-        for (index, mine) in each_shard_in(&order, &ends) {
-            let written = &shared.written[index];
-            let waiting = {
-                let mut waiting = written.waiting.lock();
-                waiting.extend(mine.iter().map(|&at| Pending::new(&updates[at as usize], written_at)));
-                // Relaxed: a hint for stores (see `store_batch`); the lock orders the updates.
-                written.count.store(waiting.len(), Ordering::Relaxed);
-                waiting.len()
-            };
-            if waiting >= APPLY_BY_WRITER_FROM {
-                shared.apply_waiting(index, &mut *shared.shard(index, "update_status_batch")?);
+        let mut by_id = false;
+        for (update, ticket) in updates.iter().zip(tickets) {
+            if *ticket == StoreTicket::NONE {
+                by_id = true;
+            } else {
+                shared.marks[shared.shard_of(update.id)].write(ticket.slot as usize, ticket.number, update);
             }
+        }
+        if by_id {
+            let untracked: Vec<StatusUpdate> = updates
+                .iter()
+                .zip(tickets)
+                .filter(|(_, ticket)| **ticket == StoreTicket::NONE)
+                .map(|(update, _)| update.clone())
+                .collect();
+            self.update_status_batch(&untracked)?;
         }
         Ok(())
     }
@@ -906,11 +788,20 @@ impl MemoryProvider {
 
 impl EventSink for MemoryProvider {
     fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
-        self.store_numbered(events, origin).map(|_| ())
+        self.store_numbered(events, origin, |_| {})
     }
 
     fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {
-        self.update_statuses(updates, None)
+        let shared = &*self.shared;
+        shared.check_open("update_status_batch")?;
+        if updates.is_empty() {
+            return Ok(());
+        }
+        // Relaxed: a store that returned before this call took its number before it (the caller
+        // saw the store done), which coherence of this one counter orders; a store that has not
+        // returned yet is concurrent with the update, which may or may not apply to it.
+        let written_at = shared.next_seq.load(Ordering::Relaxed);
+        shared.update_by_id(updates, written_at, "update_status_batch")
     }
 
     fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
@@ -925,9 +816,8 @@ impl EventSink for MemoryProvider {
     }
 
     fn flush(&self) -> Result<(), ProviderError> {
-        // Stores are applied before they return; status updates may wait (see `Written`).
-        self.shared.check_open("flush")?;
-        self.shared.apply_written("flush")
+        // Stores and status updates are applied before they return.
+        self.shared.check_open("flush")
     }
 }
 
@@ -936,16 +826,14 @@ impl EventStore for MemoryProvider {
         let shared = &*self.shared;
         let index = shared.shard_of(id);
         let mut part = shared.shard(index, "get")?;
-        shared.apply_waiting(index, &mut part);
-        Ok(part.events.touch(id))
+        Ok(part.events.touch(id, &shared.marks[index]))
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
-        self.shared.apply_written("list")?;
+        let shared = &*self.shared;
         let take = filter.offset.saturating_add(filter.limit.unwrap_or(usize::MAX));
-        let mut found: Vec<_> = self
-            .shared
-            .each_shard("list", |shard| shard.events.list(filter, take))?
+        let mut found: Vec<_> = shared
+            .each_shard("list", |index, shard| shard.events.list(filter, take, &shared.marks[index]))?
             .into_iter()
             .flatten()
             .collect();
@@ -962,7 +850,6 @@ impl EventStore for MemoryProvider {
         let shared = &*self.shared;
         let index = shared.shard_of(id);
         let mut part = shared.shard(index, "delete")?;
-        shared.apply_waiting(index, &mut part);
         let removed = part.events.remove(id);
         if removed.is_some() {
             shared.release_room(1);
@@ -978,10 +865,11 @@ impl EventStore for MemoryProvider {
         pattern: Option<&Pattern>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, ProviderError> {
-        self.shared.apply_written("replay")?;
-        let mut found: Vec<_> = self
-            .shared
-            .each_shard("replay", |shard| shard.events.replay(from, pattern, limit))?
+        let shared = &*self.shared;
+        let mut found: Vec<_> = shared
+            .each_shard("replay", |index, shard| {
+                shard.events.replay(from, pattern, limit, &shared.marks[index])
+            })?
             .into_iter()
             .flatten()
             .collect();
@@ -1016,16 +904,17 @@ impl EventStore for MemoryProvider {
 
     fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &*self.shared;
-        shared.apply_written("stats")?;
         let mut stats = ProviderStats::new(NAME);
         let (mut evicted, mut expired, mut replaced) = (0_u64, 0_u64, 0_u64);
-        shared.each_shard("stats", |shard| {
+        shared.each_shard("stats", |index, shard| {
             let events = &shard.events;
+            let counts = events.counts(&shared.marks[index]);
+            let count = |status| counts[status_index(status)];
             stats.total_events += events.len() as u64;
-            stats.pending_events += events.count(EventStatus::Pending);
-            stats.processing_events += events.count(EventStatus::Processing);
-            stats.completed_events += events.count(EventStatus::Completed);
-            stats.failed_events += events.count(EventStatus::Failed);
+            stats.pending_events += count(EventStatus::Pending);
+            stats.processing_events += count(EventStatus::Processing);
+            stats.completed_events += count(EventStatus::Completed);
+            stats.failed_events += count(EventStatus::Failed);
             stats.events_published += shard.published;
             evicted += shard.evicted;
             expired += shard.expired;
@@ -1217,7 +1106,7 @@ mod tests {
 
     use smallvec::SmallVec;
 
-    use super::{APPLY_AT_ONCE_FROM, MemoryConfig, MemoryProvider, SHARDED_FROM, each_shard_in};
+    use super::{MemoryConfig, MemoryProvider, SHARDED_FROM, StoreTicket, each_shard_in};
     use crate::event::EventId;
     use crate::provider::StatusUpdate;
     use crate::{Event, EventSource, EventStatus, EventStore};
@@ -1250,39 +1139,74 @@ mod tests {
         }
     }
 
-    /// A store's number tells the updates of its event written after it from those written
-    /// before: an update carrying a number above it applies, whether queued or applied at once;
-    /// one whose number is at most a later re-store's does not apply to the re-stored event.
+    /// A store's ticket takes the updates of its event straight to its mark: they apply, in the
+    /// order written, until the event is stored again or evicted; a late update with an old ticket
+    /// changes neither the re-stored event nor the event that took over an evicted one's slot.
+    /// Updates without a ticket are written by id, in the same call.
     #[test]
-    fn updates_after_a_numbered_store_apply_and_older_ones_do_not() {
-        let provider =
-            MemoryProvider::new(MemoryConfig { max_events: SHARDED_FROM, ..MemoryConfig::default() });
-        let status = |id| provider.get(id).unwrap().expect("stored").status;
+    fn ticketed_updates_apply_until_their_event_is_stored_again_or_evicted() {
+        let provider = MemoryProvider::new(MemoryConfig { max_events: 2, ..MemoryConfig::default() });
+        let status = |id| provider.get(id).unwrap().map(|e| (e.status, e.retry_count, e.error));
+        let store = |event: &Arc<Event>| {
+            let mut tickets = Vec::new();
+            provider.store_numbered(std::slice::from_ref(event), None, |t| tickets.push(t)).unwrap();
+            assert_eq!(tickets.len(), 1, "a ticket for each event");
+            tickets[0]
+        };
         let events: Vec<Arc<Event>> =
-            (0..3).map(|_| Arc::new(Event::new(EventSource::System, "numbered.x"))).collect();
-        let first = provider.store_numbered(&events[..1], None).unwrap();
-        let last = provider.store_numbered(&events[1..], None).unwrap();
-        assert!(first < last, "numbers increase, and a batch returns its last: {first} {last}");
-        assert_eq!(provider.store_numbered(&[], None).unwrap(), 0, "nothing stored");
-
-        // Queued (few) and applied at once (a batch of `APPLY_AT_ONCE_FROM`).
-        let mut many = vec![StatusUpdate::new(events[1].id, EventStatus::Completed)];
-        many.resize_with(APPLY_AT_ONCE_FROM, || StatusUpdate::new(EventId::new(), EventStatus::Completed));
+            (0..3).map(|_| Arc::new(Event::new(EventSource::System, "ticket.x"))).collect();
+        let (a, b) = (store(&events[0]), store(&events[1]));
+        assert!(a.number < b.number && a != StoreTicket::NONE);
+        let update = |id, status: EventStatus, retries: u32| StatusUpdate {
+            retry_count: retries,
+            ..StatusUpdate::new(id, status)
+        };
         provider
-            .update_status_after(&[StatusUpdate::new(events[0].id, EventStatus::Processing)], last + 1)
+            .update_ticketed(
+                &[
+                    update(events[0].id, EventStatus::Processing, 0),
+                    update(events[1].id, EventStatus::Processing, 0),
+                    update(events[0].id, EventStatus::Failed, 2).with_error("no"),
+                ],
+                &[a, b, a],
+            )
             .unwrap();
-        provider.update_status_after(&many, last + 1).unwrap();
-        assert_eq!(status(events[0].id), EventStatus::Processing);
-        assert_eq!(status(events[1].id), EventStatus::Completed);
+        assert_eq!(status(events[0].id), Some((EventStatus::Failed, 2, "no".to_owned())));
+        assert_eq!(status(events[1].id), Some((EventStatus::Processing, 0, String::new())));
 
-        let again = Arc::new(Event { id: events[0].id, ..Event::new(EventSource::System, "numbered.y") });
-        let restored = provider.store_numbered(&[again], None).unwrap();
-        assert!(restored > last);
-        let done = [StatusUpdate::new(events[0].id, EventStatus::Completed)];
-        provider.update_status_after(&done, last + 1).unwrap();
-        assert_eq!(status(events[0].id), EventStatus::Pending, "written before the re-store");
-        provider.update_status_after(&done, restored + 1).unwrap();
-        assert_eq!(status(events[0].id), EventStatus::Completed, "written after it");
-        assert_eq!(provider.get(events[0].id).unwrap().unwrap().event_type, "numbered.y");
+        // Stored again: the old ticket no longer applies; the new one does.
+        let again = Arc::new(Event { id: events[0].id, ..Event::new(EventSource::System, "ticket.y") });
+        let restored = store(&again);
+        assert_eq!(status(events[0].id), Some((EventStatus::Pending, 0, String::new())), "as stored again");
+        provider.update_ticketed(&[update(events[0].id, EventStatus::Completed, 0)], &[a]).unwrap();
+        assert_eq!(status(events[0].id).unwrap().0, EventStatus::Pending, "written for the earlier store");
+        provider.update_ticketed(&[update(events[0].id, EventStatus::Completed, 0)], &[restored]).unwrap();
+        assert_eq!(status(events[0].id).unwrap().0, EventStatus::Completed);
+
+        // `events[1]` is now the least recently used: the third event evicts it, and the fourth
+        // takes its slot (a store takes a slot before it evicts).
+        store(&events[2]);
+        assert_eq!(status(events[1].id), None, "evicted");
+        let fourth = Arc::new(Event::new(EventSource::System, "ticket.z"));
+        let d = store(&fourth);
+        assert_eq!(d.slot, b.slot, "its slot reused");
+        provider.update_ticketed(&[update(events[1].id, EventStatus::Failed, 9)], &[b]).unwrap();
+        assert_eq!(status(fourth.id), Some((EventStatus::Pending, 0, String::new())), "a late update");
+
+        // Without a ticket: by id, beside ticketed ones.
+        provider
+            .update_ticketed(
+                &[
+                    update(fourth.id, EventStatus::Processing, 1),
+                    update(events[1].id, EventStatus::Failed, 3),
+                ],
+                &[StoreTicket::NONE, d],
+            )
+            .unwrap();
+        assert_eq!(status(fourth.id).unwrap().0, EventStatus::Processing);
+        assert_eq!(status(events[1].id), None, "gone, whichever way it is written");
+        let held = provider.stats().unwrap();
+        // The fourth event, and the third (the re-stored first was the least recently used).
+        assert_eq!((held.pending_events, held.processing_events, held.total_events), (1, 1, 2));
     }
 }

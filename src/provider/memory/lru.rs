@@ -77,11 +77,6 @@ impl<T> Lru<T> {
         self.nodes[slot].value.as_ref().expect("reading an empty LRU slot")
     }
 
-    /// Every value, in slot order (not recency order).
-    pub(super) fn iter(&self) -> impl Iterator<Item = &T> {
-        self.nodes.iter().filter_map(|node| node.value.as_ref())
-    }
-
     /// Every value with its slot, in slot order.
     pub(super) fn iter_slots(&self) -> impl Iterator<Item = (usize, &T)> {
         self.nodes.iter().enumerate().filter_map(|(slot, node)| node.value.as_ref().map(|v| (slot, v)))
@@ -98,12 +93,6 @@ impl<T> Lru<T> {
         if let Some(node) = self.nodes.get(slot) {
             crate::prefetch::range(std::ptr::from_ref(node).cast(), size_of::<Node<T>>());
         }
-    }
-
-    /// Every value, least recently used first.
-    #[cfg(test)]
-    pub(super) fn oldest_first(&self) -> impl Iterator<Item = &T> {
-        std::iter::successors(self.back(), |&slot| self.newer(slot)).map(|slot| self.get(slot))
     }
 
     pub(super) fn get_mut(&mut self, slot: usize) -> &mut T {

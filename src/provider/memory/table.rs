@@ -1,8 +1,9 @@
 //! One shard of the memory provider's events: a recency list holding them, an index by id and an
-//! index by sequence number, and the counts `stats` reports.
+//! index by sequence number.
 //!
-//! The event is kept as it was stored (shared, never copied) and its status fields beside it, so a
-//! status update writes a few fields instead of copying an event that handlers may still share.
+//! The event is kept as it was stored (shared, never copied) with its status fields as stored
+//! beside it; status changes are written to the shard's [`Marks`], by slot, and every read here
+//! applies them (see [`super::marks`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,9 +12,12 @@ use jiff::Timestamp;
 
 use super::index::IdIndex;
 use super::lru::Lru;
+use super::marks::Marks;
 use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
-use crate::provider::{EventFilter, ReplayFrom, StatusUpdate};
+#[cfg(test)]
+use crate::provider::StatusUpdate;
+use crate::provider::{EventFilter, ReplayFrom};
 
 /// The status fields of a stored event, kept apart from the event itself.
 #[derive(Debug, Clone)]
@@ -38,7 +42,8 @@ impl Lifecycle {
     }
 
     /// The same semantics as [`StatusUpdate::apply_to`].
-    fn apply(&mut self, update: &StatusUpdate) {
+    #[cfg(test)]
+    pub(super) fn apply(&mut self, update: &StatusUpdate) {
         self.status = update.status;
         if !(update.error.is_empty() && self.error.is_empty()) {
             self.error = update.error.as_str().into();
@@ -53,146 +58,45 @@ impl Lifecycle {
     }
 }
 
-/// A status update as the provider keeps it until it is applied: with the number `next_seq` had
-/// when the update was written, which tells the stores before it from those after it. (A broker's
-/// worker gives one above the store numbers of the events it writes statuses of, which its jobs
-/// carry, instead of reading `next_seq`: see `MemoryProvider::store_numbered`.)
-///
-/// One cache line (a [`StatusUpdate`] with the number took 104 bytes): workers write these and the
-/// thread that applies them, usually a publisher on another core, reads them, so their size is
-/// what travels between the cores for every status change.
-pub(super) struct Pending {
-    id: EventId,
-    /// `next_seq` when the update was written: an entry whose latest store took this number or a
-    /// later one was stored after the update and is not its target.
-    written_at: u64,
-    change: Change,
-}
-
-#[cfg(target_pointer_width = "64")]
-const _: () = assert!(size_of::<Pending>() <= 64, "a waiting update fills one cache line");
-
-/// What a waiting update changes.
-enum Change {
-    /// An update without error text, as the broker's own `processing` and `completed` ones are.
-    Plain {
-        /// `processed_at` and `completed_at`, each where its bit in `present` is set.
-        at: [Timestamp; 2],
-        present: u8,
-        retry_count: u32,
-        status: EventStatus,
-    },
-    /// Any other update, as written.
-    Full(Box<StatusUpdate>),
-}
-
-const PROCESSED: u8 = 1;
-const COMPLETED: u8 = 2;
-
-impl Pending {
-    pub(super) fn new(update: &StatusUpdate, written_at: u64) -> Self {
-        let change = if update.error.is_empty() {
-            let (processed, completed) = (update.processed_at, update.completed_at);
-            Change::Plain {
-                at: [processed, completed].map(|at| at.unwrap_or(Timestamp::UNIX_EPOCH)),
-                present: (u8::from(processed.is_some()) * PROCESSED)
-                    | (u8::from(completed.is_some()) * COMPLETED),
-                retry_count: update.retry_count,
-                status: update.status,
-            }
-        } else {
-            Change::Full(Box::new(update.clone()))
-        };
-        Self { id: update.id, written_at, change }
-    }
-}
-
-/// A status update on its way into a table: its event, when it was written, and what it changes.
-pub(super) trait StatusChange {
-    fn id(&self) -> EventId;
-    /// `next_seq` when it was written (see [`Pending::written_at`]).
-    fn written_at(&self) -> u64;
-    fn apply_to(&self, status: &mut Lifecycle);
-}
-
-impl StatusChange for &Pending {
-    fn id(&self) -> EventId {
-        self.id
-    }
-    fn written_at(&self) -> u64 {
-        self.written_at
-    }
-    /// The same semantics as [`Lifecycle::apply`], for an update without error text.
-    fn apply_to(&self, status: &mut Lifecycle) {
-        match &self.change {
-            Change::Plain { at, present, retry_count, status: new } => {
-                status.status = *new;
-                if !status.error.is_empty() {
-                    status.error = Box::default();
-                }
-                status.retry_count = *retry_count;
-                if present & PROCESSED != 0 {
-                    status.processed_at = Some(at[0]);
-                }
-                if present & COMPLETED != 0 {
-                    status.completed_at = Some(at[1]);
-                }
-            }
-            Change::Full(update) => status.apply(update),
-        }
-    }
-}
-
-impl StatusChange for (&StatusUpdate, u64) {
-    fn id(&self) -> EventId {
-        self.0.id
-    }
-    fn written_at(&self) -> u64 {
-        self.1
-    }
-    fn apply_to(&self, status: &mut Lifecycle) {
-        status.apply(self.0);
-    }
-}
-
-/// One stored event: as stored, its status now, and its sequence number.
+/// One stored event: as stored, with its status fields as stored and its sequence number.
 pub(super) struct Entry {
     /// The event's id, kept beside it: evicting reads it without touching the event itself,
     /// which by then is cold in cache.
     pub(super) id: EventId,
     pub(super) event: Arc<Event>,
-    pub(super) status: Lifecycle,
+    /// As stored; the status changes since are in the shard's marks.
+    status: Lifecycle,
     pub(super) seq: u64,
     /// The number its latest store took: `seq` for its first store, a fresh one for a re-store.
-    /// Status updates written before it (see [`Pending::written_at`]) do not apply.
-    stored_at: u64,
+    /// Only the marks written for this number apply to it.
+    pub(super) stored_at: u64,
 }
 
 // With its two links, an entry's node in the recency list fills two cache lines, no more: eviction
-// prefetches it, and status updates write it.
+// prefetches it.
 #[cfg(target_pointer_width = "64")]
 const _: () = assert!(size_of::<Entry>() <= 112, "an entry and its two links fit in 128 bytes");
 
 impl Entry {
+    /// Its status now: as stored, with what was marked for its latest store in `slot`.
+    fn status(&self, slot: usize, marks: &Marks) -> Lifecycle {
+        let mut status = self.status.clone();
+        marks.apply(slot, self.stored_at, &mut status);
+        status
+    }
+
     /// An owned copy of the event with its current status.
-    pub(super) fn to_event(&self) -> Event {
+    fn to_event(&self, slot: usize, marks: &Marks) -> Event {
         let mut event = Event::clone(&self.event);
-        let s = &self.status;
+        let s = self.status(slot, marks);
         event.status = s.status;
-        (*s.error).clone_into(&mut event.error);
+        event.error = s.error.into();
         event.retry_count = s.retry_count;
         event.processed_at = s.processed_at;
         event.completed_at = s.completed_at;
         event
     }
-
-    fn matches(&self, filter: &EventFilter) -> bool {
-        filter.matches_with_status(&self.event, self.status.status)
-    }
 }
-
-/// Most updates [`EventTable::update`] takes at once.
-pub(super) const UPDATES_AT_ONCE: usize = 64;
 
 /// Slot of a sequence index entry whose event is gone.
 const GONE: usize = usize::MAX;
@@ -251,11 +155,18 @@ pub(super) struct EventTable {
     lru: Lru<Entry>,
     by_id: IdIndex,
     by_seq: SeqIndex,
-    /// Stored events per status, indexed by [`status_index`].
-    by_status: [u64; 4],
 }
 
-const fn status_index(status: EventStatus) -> usize {
+/// Where a store put its event.
+pub(super) struct Stored {
+    /// Whether its id was not stored yet.
+    pub(super) new: bool,
+    /// Its slot, whose mark its status changes go to.
+    pub(super) slot: usize,
+}
+
+/// Where `status` is counted in [`EventTable::counts`].
+pub(super) const fn status_index(status: EventStatus) -> usize {
     match status {
         EventStatus::Pending => 0,
         EventStatus::Processing => 1,
@@ -266,36 +177,46 @@ const fn status_index(status: EventStatus) -> usize {
 
 impl EventTable {
     pub(super) fn new() -> Self {
-        Self { lru: Lru::new(), by_id: IdIndex::new(), by_seq: SeqIndex::default(), by_status: [0; 4] }
+        Self { lru: Lru::new(), by_id: IdIndex::new(), by_seq: SeqIndex::default() }
     }
 
     pub(super) fn len(&self) -> usize {
         self.lru.len()
     }
 
-    pub(super) fn count(&self, status: EventStatus) -> u64 {
-        self.by_status[status_index(status)]
+    /// Stored events per status, pending, processing, completed and failed: a pass over them.
+    pub(super) fn counts(&self, marks: &Marks) -> [u64; 4] {
+        let mut counts = [0; 4];
+        for (slot, entry) in self.lru.iter_slots() {
+            counts[status_index(entry.status(slot, marks).status)] += 1;
+        }
+        counts
     }
 
     /// Stores `event` as the most recently used, with the number `next_seq()` gives (called
-    /// once): a new id takes it as its sequence number. `true` when the id was not stored yet; a
-    /// re-store keeps its sequence number and takes the new event and its status.
-    pub(super) fn upsert(&mut self, event: &Arc<Event>, next_seq: impl FnOnce() -> u64) -> bool {
+    /// once): a new id takes it as its sequence number; a re-store keeps its sequence number and
+    /// takes the new event and its status (the marks of earlier stores no longer apply). Reserves
+    /// the slot's mark in `marks`.
+    pub(super) fn upsert(
+        &mut self,
+        event: &Arc<Event>,
+        next_seq: impl FnOnce() -> u64,
+        marks: &Marks,
+    ) -> Stored {
         // Before the probe: the counter's locked instruction waits for every earlier load, and the
         // probe's is often a cache miss.
         let seq = next_seq();
         // One probe of the index either way.
         let hash = self.by_id.hash(event.id);
         let lru = &self.lru;
-        let new = match self.by_id.find_or_vacant(hash, |slot| lru.get(slot).id == event.id) {
+        match self.by_id.find_or_vacant(hash, |slot| lru.get(slot).id == event.id) {
             Ok(slot) => {
                 let entry = self.lru.get_mut(slot);
-                self.by_status[status_index(entry.status.status)] -= 1;
                 entry.event = Arc::clone(event);
                 entry.status = Lifecycle::of(event);
                 entry.stored_at = seq;
                 self.lru.touch(slot);
-                false
+                Stored { new: false, slot }
             }
             Err(vacant) => {
                 let slot = self.lru.push_front(Entry {
@@ -305,62 +226,26 @@ impl EventTable {
                     seq,
                     stored_at: seq,
                 });
+                marks.reserve(slot);
                 self.by_id.insert(vacant, slot);
                 self.by_seq.push(seq, slot);
-                true
+                Stored { new: true, slot }
             }
-        };
-        self.by_status[status_index(event.status)] += 1;
-        new
+        }
     }
 
     /// The event with `id`, with its status, now the most recently used.
-    pub(super) fn touch(&mut self, id: EventId) -> Option<Event> {
+    pub(super) fn touch(&mut self, id: EventId, marks: &Marks) -> Option<Event> {
         let slot = self.slot_of(id)?;
         self.lru.touch(slot);
-        Some(self.lru.get(slot).to_event())
+        Some(self.lru.get(slot).to_event(slot, marks))
     }
 
-    /// Applies each of `updates` whose event is stored and was stored before the update was
-    /// written, in order (a later update of an id wins).
-    /// The index is probed for all of them, and their entries prefetched, before any is applied,
-    /// so the cache misses of a batch overlap instead of following one another. Callers pass at
-    /// most [`UPDATES_AT_ONCE`], which keeps what is prefetched in cache until it is used.
-    ///
-    /// Updates do not count as use: they are the broker's bookkeeping, written by its workers
-    /// while publishers store, and moving the entry in the recency list would have every worker
-    /// write the list head every publisher writes.
-    pub(super) fn update<C: StatusChange>(&mut self, updates: impl Iterator<Item = C> + Clone) {
-        const ABSENT: usize = usize::MAX;
-        let hashes: smallvec::SmallVec<[u32; UPDATES_AT_ONCE]> =
-            updates.clone().map(|change| self.by_id.hash(change.id())).collect();
-        for &hash in &hashes {
-            self.by_id.prefetch(hash);
-        }
-        // Matched on the hash alone, so that no entry is read before all are prefetched; the id
-        // is confirmed below (a different id with the same hash is found again in full).
-        let slots: smallvec::SmallVec<[usize; UPDATES_AT_ONCE]> =
-            hashes.iter().map(|&hash| self.by_id.find(hash, |_| true).unwrap_or(ABSENT)).collect();
-        for &slot in slots.iter().filter(|&&slot| slot != ABSENT) {
-            self.lru.prefetch(slot);
-        }
-        debug_assert!(slots.len() <= UPDATES_AT_ONCE, "callers pass at most UPDATES_AT_ONCE");
-        for (change, mut slot) in updates.zip(slots) {
-            if slot != ABSENT && self.lru.get(slot).id != change.id() {
-                slot = self.slot_of(change.id()).unwrap_or(ABSENT);
-            }
-            if slot == ABSENT {
-                continue;
-            }
-            let entry = self.lru.get_mut(slot);
-            if entry.stored_at >= change.written_at() {
-                continue;
-            }
-            let status = &mut entry.status;
-            self.by_status[status_index(status.status)] -= 1;
-            change.apply_to(status);
-            self.by_status[status_index(status.status)] += 1;
-        }
+    /// The slot of the event with `id` and the number its latest store took: where a status
+    /// update of it goes. Reading it does not count as use: status updates are the broker's
+    /// bookkeeping.
+    pub(super) fn locate(&self, id: EventId) -> Option<(usize, u64)> {
+        self.slot_of(id).map(|slot| (slot, self.lru.get(slot).stored_at))
     }
 
     /// The slot of the event with `id`.
@@ -382,7 +267,6 @@ impl EventTable {
         debug_assert!(removed, "every slot in the recency list has its index entry");
         let entry = self.lru.remove(slot);
         self.by_seq.remove(entry.seq);
-        self.by_status[status_index(entry.status.status)] -= 1;
         entry.event
     }
 
@@ -417,25 +301,39 @@ impl EventTable {
     }
 
     /// Ids of completed and failed events created before `cutoff`.
-    pub(super) fn finished_before(&self, cutoff: Timestamp) -> Vec<EventId> {
+    pub(super) fn finished_before(&self, cutoff: Timestamp, marks: &Marks) -> Vec<EventId> {
         self.lru
-            .iter()
-            .filter(|entry| entry.status.status.is_terminal() && entry.event.created_at < cutoff)
-            .map(|entry| entry.event.id)
+            .iter_slots()
+            .filter(|(slot, entry)| {
+                entry.event.created_at < cutoff && entry.status(*slot, marks).status.is_terminal()
+            })
+            .map(|(_, entry)| entry.id)
             .collect()
     }
 
     /// The first `take` events `filter` selects (offset and limit aside), in `(created_at, id)`
     /// order, with their keys: this shard's part of a `list`.
-    pub(super) fn list(&self, filter: &EventFilter, take: usize) -> Vec<((Timestamp, EventId), Event)> {
+    pub(super) fn list(
+        &self,
+        filter: &EventFilter,
+        take: usize,
+        marks: &Marks,
+    ) -> Vec<((Timestamp, EventId), Event)> {
         let mut keys: Vec<((Timestamp, EventId), usize)> = self
             .lru
             .iter_slots()
-            .filter(|(_, entry)| entry.matches(filter))
+            .filter(|&(slot, entry)| {
+                // The mark is read only when the filter asks for a status.
+                let status = filter.status.map_or(entry.status.status, |_| entry.status(slot, marks).status);
+                filter.matches_with_status(&entry.event, status)
+            })
             .map(|(slot, entry)| ((entry.event.created_at, entry.event.id), slot))
             .collect();
         keys.sort_unstable_by_key(|(key, _)| *key);
-        keys.into_iter().take(take).map(|(key, slot)| (key, self.lru.get(slot).to_event())).collect()
+        keys.into_iter()
+            .take(take)
+            .map(|(key, slot)| (key, self.lru.get(slot).to_event(slot, marks)))
+            .collect()
     }
 
     /// Up to `limit` events from `from` on, whose type matches `pattern`, in sequence order.
@@ -444,6 +342,7 @@ impl EventTable {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
+        marks: &Marks,
     ) -> Vec<(u64, Event)> {
         let (first_seq, not_before) = match from {
             ReplayFrom::Beginning => (0, None),
@@ -452,11 +351,11 @@ impl EventTable {
         };
         self.by_seq
             .from(first_seq)
-            .map(|(seq, slot)| (seq, self.lru.get(slot)))
-            .filter(|(_, entry)| not_before.is_none_or(|at| entry.event.created_at >= at))
-            .filter(|(_, entry)| pattern.is_none_or(|p| p.matches(&entry.event.event_type)))
+            .map(|(seq, slot)| (seq, slot, self.lru.get(slot)))
+            .filter(|(_, _, entry)| not_before.is_none_or(|at| entry.event.created_at >= at))
+            .filter(|(_, _, entry)| pattern.is_none_or(|p| p.matches(&entry.event.event_type)))
             .take(limit)
-            .map(|(seq, entry)| (seq, entry.to_event()))
+            .map(|(seq, slot, entry)| (seq, entry.to_event(slot, marks)))
             .collect()
     }
 }
@@ -464,18 +363,18 @@ impl EventTable {
 #[cfg(test)]
 mod tests {
     use std::collections::{HashMap, VecDeque};
-    use std::iter;
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::EventSource;
 
-    /// A waiting update, however it is kept, changes an entry exactly as the update itself does:
-    /// each timestamp alone, both, none, before 1970, past what 64 bits of nanoseconds hold, with
-    /// and without error text, over an entry that had an error.
+    /// The status updates of one store, written to a mark, change an entry exactly as the updates
+    /// themselves do, applied one by one: each timestamp alone, both, none, before 1970, the
+    /// largest and smallest there are, with and without error text, over an entry that had an
+    /// error, one update or two.
     #[test]
-    fn a_waiting_update_applies_as_the_update_does() {
+    fn a_mark_applies_as_its_updates_do() {
         let stamps = [
             Timestamp::UNIX_EPOCH,
             Timestamp::new(1_764_000_000, 123_456_789).unwrap(),
@@ -484,10 +383,10 @@ mod tests {
             Timestamp::MAX,
             Timestamp::MIN,
         ];
-        let mut updates = Vec::new();
+        let mut updates = vec![StatusUpdate::new(EventId::new(), EventStatus::Completed)];
         for &at in &stamps {
             for (processed_at, completed_at) in
-                [(Some(at), None), (None, Some(at)), (Some(at), Some(stamps[1]))]
+                [(Some(at), None), (None, Some(at)), (Some(at), Some(stamps[1])), (None, None)]
             {
                 for error in ["", "handler failed"] {
                     updates.push(StatusUpdate {
@@ -500,26 +399,28 @@ mod tests {
                 }
             }
         }
-        updates.push(StatusUpdate::new(EventId::new(), EventStatus::Completed));
         let mut event = Event::new(EventSource::System, "model.x");
         event.error = "earlier".into();
         event.processed_at = Some(stamps[1]);
-        for update in &updates {
-            let mut expected = Lifecycle::of(&event);
-            expected.apply(update);
-            let mut kept = Lifecycle::of(&event);
-            (&Pending::new(update, 7)).apply_to(&mut kept);
-            assert_eq!(
-                (kept.status, &*kept.error, kept.retry_count, kept.processed_at, kept.completed_at),
-                (
-                    expected.status,
-                    &*expected.error,
-                    expected.retry_count,
-                    expected.processed_at,
-                    expected.completed_at
-                ),
-                "{update:?}"
-            );
+        let seen = |s: &Lifecycle| (s.status, s.error.clone(), s.retry_count, s.processed_at, s.completed_at);
+        let mut store = 0;
+        for first in &updates {
+            for second in [None].into_iter().chain(updates.iter().step_by(5).map(Some)) {
+                let mut expected = Lifecycle::of(&event);
+                let marks = Marks::new(1);
+                marks.reserve(0);
+                store += 1;
+                for update in std::iter::once(first).chain(second) {
+                    expected.apply(update);
+                    marks.write(0, store, update);
+                }
+                let mut kept = Lifecycle::of(&event);
+                marks.apply(0, store, &mut kept);
+                assert_eq!(seen(&kept), seen(&expected), "{first:?} then {second:?}");
+                let mut other = Lifecycle::of(&event);
+                marks.apply(0, store + 1, &mut other);
+                assert_eq!(seen(&other), seen(&Lifecycle::of(&event)), "another store's mark does not apply");
+            }
         }
     }
 
@@ -528,8 +429,10 @@ mod tests {
         Store,
         Restore(usize),
         Get(usize),
-        /// `true`: an update written before the event's latest store, which must not apply.
-        Update(usize, bool),
+        Update(usize),
+        /// An update written for an earlier store of the event, or of an event gone since (its
+        /// slot maybe reused): it changes nothing.
+        Late(usize),
         Remove(usize),
         Evict,
     }
@@ -539,22 +442,26 @@ mod tests {
             4 => Just(Op::Store),
             1 => any::<usize>().prop_map(Op::Restore),
             4 => any::<usize>().prop_map(Op::Get),
-            2 => (any::<usize>(), any::<bool>()).prop_map(|(i, stale)| Op::Update(i, stale)),
+            2 => any::<usize>().prop_map(Op::Update),
+            2 => any::<usize>().prop_map(Op::Late),
             1 => any::<usize>().prop_map(Op::Remove),
             2 => Just(Op::Evict),
         ]
     }
 
     proptest! {
-        /// The table agrees with a model (a `VecDeque` in recency order of id, sequence number,
-        /// status and the number its latest store took) after any mix of stores, re-stores, reads,
-        /// status updates (some written before the latest store of their event, which do not
-        /// apply), removals and evictions: recency order, each event's status, replay in sequence
-        /// order, and the counts per status.
+        /// The table and its marks agree with a model (a `VecDeque` in recency order of id,
+        /// sequence number and status) after any mix of stores, re-stores, reads, status updates,
+        /// late updates (for an earlier store of an event, or for an event removed or evicted),
+        /// removals and evictions: recency order, each event's status, replay in sequence order,
+        /// and the counts per status.
         #[test]
         fn matches_a_recency_model(ops in prop::collection::vec(op(), 0..600)) {
             let mut table = EventTable::new();
-            let mut model: VecDeque<(EventId, u64, EventStatus, u64)> = VecDeque::new();
+            let marks = Marks::new(601);
+            let mut model: VecDeque<(EventId, u64, EventStatus)> = VecDeque::new();
+            // Tickets (slot, store number) of stores that no longer hold.
+            let mut late: Vec<(usize, u64)> = Vec::new();
             let mut next_seq = 1;
             let mut take = || {
                 next_seq += 1;
@@ -565,72 +472,83 @@ mod tests {
                     Op::Store => {
                         let event = Arc::new(Event::new(EventSource::System, "model.x"));
                         let mut seq = 0;
-                        let new = table.upsert(&event, || {
+                        let stored = table.upsert(&event, || {
                             seq = take();
                             seq
-                        });
-                        prop_assert!(new);
-                        model.push_back((event.id, seq, EventStatus::Pending, seq));
+                        }, &marks);
+                        prop_assert!(stored.new);
+                        prop_assert_eq!(table.locate(event.id), Some((stored.slot, seq)));
+                        model.push_back((event.id, seq, EventStatus::Pending));
                     }
                     Op::Restore(i) if !model.is_empty() => {
-                        let (id, seq, _, _) = model.remove(i % model.len()).unwrap();
+                        let (id, seq, _) = model.remove(i % model.len()).unwrap();
+                        late.push(table.locate(id).unwrap());
                         let event = Arc::new(Event { id, ..Event::new(EventSource::System, "model.y") });
-                        let mut stored = 0;
-                        let new = table.upsert(&event, || {
-                            stored = take();
-                            stored
-                        });
-                        prop_assert!(!new);
-                        model.push_back((id, seq, EventStatus::Pending, stored));
+                        let stored = table.upsert(&event, &mut take, &marks);
+                        prop_assert!(!stored.new);
+                        model.push_back((id, seq, EventStatus::Pending));
                     }
                     Op::Get(i) if !model.is_empty() => {
                         let entry = model.remove(i % model.len()).unwrap();
-                        prop_assert_eq!(table.touch(entry.0).map(|e| (e.id, e.status)), Some((entry.0, entry.2)));
+                        prop_assert_eq!(table.touch(entry.0, &marks).map(|e| (e.id, e.status)), Some((entry.0, entry.2)));
                         model.push_back(entry);
                     }
-                    Op::Update(i, stale) if !model.is_empty() => {
+                    Op::Update(i) if !model.is_empty() => {
                         let at = i % model.len();
                         let status = [EventStatus::Processing, EventStatus::Completed, EventStatus::Failed][i % 3];
-                        let update = StatusUpdate::new(model[at].0, status);
-                        if stale {
-                            // Written when `next_seq` was the number the latest store took.
-                            table.update(iter::once((&update, model[at].3)));
-                        } else {
-                            table.update(iter::once((&update, take())));
-                            model[at].2 = status;
-                        }
+                        let (slot, stored_at) = table.locate(model[at].0).unwrap();
+                        marks.write(slot, stored_at, &StatusUpdate::new(model[at].0, status));
+                        model[at].2 = status;
+                    }
+                    Op::Late(i) if !late.is_empty() => {
+                        let (slot, number) = late[i % late.len()];
+                        marks.write(slot, number, &StatusUpdate::new(EventId::new(), EventStatus::Failed));
                     }
                     Op::Remove(i) if !model.is_empty() => {
-                        let (id, _, _, _) = model.remove(i % model.len()).unwrap();
+                        let (id, _, _) = model.remove(i % model.len()).unwrap();
+                        late.push(table.locate(id).unwrap());
                         prop_assert_eq!(table.remove(id).map(|e| e.id), Some(id));
                         prop_assert!(table.remove(id).is_none());
                     }
                     Op::Evict => {
+                        if let Some(&(id, _, _)) = model.front() {
+                            late.push(table.locate(id).unwrap());
+                        }
                         let evicted = table.evict_least_recent().map(|e| e.id);
-                        prop_assert_eq!(evicted, model.pop_front().map(|(id, _, _, _)| id));
+                        prop_assert_eq!(evicted, model.pop_front().map(|(id, _, _)| id));
                     }
-                    Op::Restore(_) | Op::Get(_) | Op::Update(..) | Op::Remove(_) => {}
+                    Op::Restore(_) | Op::Get(_) | Op::Update(_) | Op::Late(_) | Op::Remove(_) => {}
                 }
                 prop_assert_eq!(table.len(), model.len());
-                let held: Vec<_> = table.lru.oldest_first().map(|e| (e.id, e.seq, e.status.status)).collect();
-                prop_assert_eq!(held, model.iter().map(|&(id, seq, status, _)| (id, seq, status)).collect::<Vec<_>>());
-                let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, _, _)| (seq, id)).collect();
-                by_seq.sort_unstable();
-                let replayed: Vec<_> =
-                    table.replay(ReplayFrom::Beginning, None, usize::MAX).into_iter().map(|(seq, e)| (seq, e.id)).collect();
+                let held: Vec<_> = std::iter::successors(table.lru.back(), |&slot| table.lru.newer(slot))
+                    .map(|slot| {
+                        let entry = table.lru.get(slot);
+                        (entry.id, entry.seq, entry.status(slot, &marks).status)
+                    })
+                    .collect();
+                prop_assert_eq!(held, model.iter().copied().collect::<Vec<_>>());
+                let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, status)| (seq, id, status)).collect();
+                by_seq.sort_unstable_by_key(|&(seq, _, _)| seq);
+                let replayed: Vec<_> = table
+                    .replay(ReplayFrom::Beginning, None, usize::MAX, &marks)
+                    .into_iter()
+                    .map(|(seq, e)| (seq, e.id, e.status))
+                    .collect();
                 prop_assert_eq!(replayed, by_seq);
+                let counts = table.counts(&marks);
                 for status in [EventStatus::Pending, EventStatus::Processing, EventStatus::Completed, EventStatus::Failed] {
-                    prop_assert_eq!(table.count(status), model.iter().filter(|e| e.2 == status).count() as u64);
+                    prop_assert_eq!(counts[status_index(status)], model.iter().filter(|e| e.2 == status).count() as u64);
                 }
             }
         }
     }
 
     /// Two ids whose 32-bit hashes are equal share a probe sequence in the index; each is still
-    /// updated, read, removed and evicted as itself, whichever of them an update names.
+    /// located, updated, read, removed and evicted as itself.
     #[test]
     fn ids_with_the_same_hash_are_told_apart() {
         let mut table = EventTable::new();
+        let marks = Marks::new(4);
         let mut seen = HashMap::new();
         let (a, b) = loop {
             let id = EventId::new();
@@ -641,26 +559,34 @@ mod tests {
         let mut seq = 0;
         for id in [a, b] {
             let event = Arc::new(Event { id, ..Event::new(EventSource::System, "collide.x") });
-            assert!(table.upsert(&event, || {
-                seq += 1;
-                seq
-            }));
+            let stored = table.upsert(
+                &event,
+                || {
+                    seq += 1;
+                    seq
+                },
+                &marks,
+            );
+            assert!(stored.new);
         }
-        let later = seq + 1;
         for (id, status) in [(b, EventStatus::Completed), (a, EventStatus::Failed)] {
-            let update = StatusUpdate::new(id, status);
-            table.update(iter::once((&update, later)));
+            let (slot, stored_at) = table.locate(id).unwrap();
+            marks.write(slot, stored_at, &StatusUpdate::new(id, status));
         }
-        let status = |table: &mut EventTable, id| table.touch(id).map(|e| (e.id, e.status));
+        let status = |table: &mut EventTable, id| table.touch(id, &marks).map(|e| (e.id, e.status));
         assert_eq!(status(&mut table, a), Some((a, EventStatus::Failed)));
         assert_eq!(status(&mut table, b), Some((b, EventStatus::Completed)));
-        assert_eq!((table.count(EventStatus::Failed), table.count(EventStatus::Completed)), (1, 1));
+        let counts = table.counts(&marks);
+        assert_eq!(
+            (counts[status_index(EventStatus::Failed)], counts[status_index(EventStatus::Completed)]),
+            (1, 1)
+        );
 
         assert_eq!(table.remove(a).map(|e| e.id), Some(a));
         assert_eq!(status(&mut table, a), None);
         assert_eq!(status(&mut table, b), Some((b, EventStatus::Completed)));
         assert_eq!(table.evict_least_recent().map(|e| e.id), Some(b));
-        assert_eq!((table.len(), table.count(EventStatus::Completed)), (0, 0));
+        assert_eq!((table.len(), table.counts(&marks)), (0, [0; 4]));
         assert_eq!(status(&mut table, b), None);
     }
 }
