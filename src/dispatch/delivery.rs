@@ -38,6 +38,17 @@ pub(crate) enum Origin {
     Inbound(AckToken),
 }
 
+impl Origin {
+    /// The ticket of a local job's store ([`StoreTicket::NONE`] when not stored inline, or not
+    /// local).
+    pub(crate) fn ticket(self) -> StoreTicket {
+        match self {
+            Self::Local { stored, slot } => StoreTicket { number: stored, slot },
+            Self::Replayed | Self::Inbound(_) => StoreTicket::NONE,
+        }
+    }
+}
+
 /// One event on its way to its handlers: the ring's item (`None` is a slot reserved and then
 /// abandoned).
 #[derive(Debug, Clone)]
@@ -68,10 +79,7 @@ impl Job {
 
     /// Its event's store ([`StoreTicket::NONE`] when not stored inline, or not local).
     pub(crate) fn ticket(&self) -> StoreTicket {
-        match self.origin {
-            Origin::Local { stored, slot } => StoreTicket { number: stored, slot },
-            Origin::Replayed | Origin::Inbound(_) => StoreTicket::NONE,
-        }
+        self.origin.ticket()
     }
 
     /// Whether this job's status changes are written (given that status tracking is on).

@@ -335,11 +335,7 @@ impl Worker {
         if self.config.track_status {
             let now = crate::clock::now();
             for job in self.batch.iter().flatten() {
-                if !matches!(job.origin, Origin::Local { .. }) {
-                    continue;
-                }
-                let update = StatusUpdate::new(job.event.id, EventStatus::Processing).with_processed_at(now);
-                self.outbox.push_status(update, job.ticket());
+                self.outbox.processing(job, now, true);
             }
         }
         true
@@ -546,11 +542,11 @@ impl Worker {
         let Some(in_flight) = self.in_flight.take().filter(|f| !f.registered) else { return };
         match in_flight.origin {
             Origin::Inbound(token) => self.outbox.naks.push(token),
-            Origin::Local { stored, slot } if self.config.track_status => self.outbox.push_status(
+            origin @ Origin::Local { .. } if self.config.track_status => self.outbox.push_status(
                 StatusUpdate::new(in_flight.id, EventStatus::Failed)
                     .with_error(format!("internal error: {message}"))
                     .with_completed_at(crate::clock::now()),
-                StoreTicket { number: stored, slot },
+                origin.ticket(),
             ),
             Origin::Local { .. } | Origin::Replayed => {}
         }

@@ -445,14 +445,21 @@ impl Shared {
                 return Err(closed_error(NAME, operation));
             }
             for update in mine.iter().map(|&at| &updates[at as usize]) {
-                if let Some((slot, stored_at)) = shard.events.locate(update.id)
-                    && stored_at < written_at
-                {
-                    self.marks[index].write(slot, stored_at, update);
-                }
+                self.write_located(index, &shard, update, written_at);
             }
         }
         Ok(())
+    }
+
+    /// Writes `update`, written when `next_seq` was `written_at`, to its event's mark, found in
+    /// shard `index`, held as `shard`; dropped when the event is not stored, or was stored again
+    /// since.
+    fn write_located(&self, index: usize, shard: &Shard, update: &StatusUpdate, written_at: u64) {
+        if let Some((slot, stored_at)) = shard.events.locate(update.id)
+            && stored_at < written_at
+        {
+            self.marks[index].write(slot, stored_at, update);
+        }
     }
 
     /// Counts one more event held, unless `max_events` are: then `false`, and the caller evicts
@@ -765,22 +772,20 @@ impl MemoryProvider {
         debug_assert_eq!(updates.len(), tickets.len(), "a ticket for each update");
         let shared = &*self.shared;
         shared.check_open("update_status_batch")?;
-        let mut by_id = false;
         for (update, ticket) in updates.iter().zip(tickets) {
-            if *ticket == StoreTicket::NONE {
-                by_id = true;
-            } else {
-                shared.marks[shared.shard_of(update.id)].write(ticket.slot as usize, ticket.number, update);
+            let index = shared.shard_of(update.id);
+            if *ticket != StoreTicket::NONE {
+                shared.marks[index].write(ticket.slot as usize, ticket.number, update);
+                continue;
             }
-        }
-        if by_id {
-            let untracked: Vec<StatusUpdate> = updates
-                .iter()
-                .zip(tickets)
-                .filter(|(_, ticket)| **ticket == StoreTicket::NONE)
-                .map(|(update, _)| update.clone())
-                .collect();
-            self.update_status_batch(&untracked)?;
+            // Rare (an event whose store failed): one shard's read lock for it alone.
+            // Relaxed: as in `update_status_batch`.
+            let written_at = shared.next_seq.load(Ordering::Relaxed);
+            let part = shared.shards[index].read();
+            if part.closed {
+                return Err(closed_error(NAME, "update_status_batch"));
+            }
+            shared.write_located(index, &part, update, written_at);
         }
         Ok(())
     }
@@ -1193,17 +1198,18 @@ mod tests {
         provider.update_ticketed(&[update(events[1].id, EventStatus::Failed, 9)], &[b]).unwrap();
         assert_eq!(status(fourth.id), Some((EventStatus::Pending, 0, String::new())), "a late update");
 
-        // Without a ticket: by id, beside ticketed ones.
+        // Without a ticket: by id, beside ticketed ones, in the order written.
         provider
             .update_ticketed(
                 &[
-                    update(fourth.id, EventStatus::Processing, 1),
+                    update(fourth.id, EventStatus::Failed, 1),
                     update(events[1].id, EventStatus::Failed, 3),
+                    update(fourth.id, EventStatus::Processing, 2),
                 ],
-                &[StoreTicket::NONE, d],
+                &[StoreTicket::NONE, StoreTicket::NONE, d],
             )
             .unwrap();
-        assert_eq!(status(fourth.id).unwrap().0, EventStatus::Processing);
+        assert_eq!(status(fourth.id), Some((EventStatus::Processing, 2, String::new())));
         assert_eq!(status(events[1].id), None, "gone, whichever way it is written");
         let held = provider.stats().unwrap();
         // The fourth event, and the third (the re-stored first was the least recently used).

@@ -59,6 +59,14 @@ impl Marks {
         }
     }
 
+    /// The status marked for the store numbered `store` into `slot`, if any.
+    pub(super) fn status(&self, slot: usize, store: u64) -> Option<EventStatus> {
+        self.get(slot).and_then(|mark| {
+            let marked = mark.0.lock();
+            (marked.store == store).then_some(marked.status)
+        })
+    }
+
     /// `status` (an entry's as stored, whose latest store took number `store`) with the change
     /// marked for that store, if any.
     pub(super) fn apply(&self, slot: usize, store: u64, status: &mut Lifecycle) {
@@ -131,7 +139,7 @@ impl Mark {
 
     fn apply(&self, store: u64, status: &mut Lifecycle) {
         let marked = self.0.lock();
-        if marked.store != store || store == 0 {
+        if marked.store != store {
             return;
         }
         // As `Lifecycle::apply` applies the same updates one by one.

@@ -78,6 +78,12 @@ pub(super) struct Entry {
 const _: () = assert!(size_of::<Entry>() <= 112, "an entry and its two links fit in 128 bytes");
 
 impl Entry {
+    /// Its status now, the status field alone: for counting and filtering, without copying the
+    /// rest (see [`Entry::status`]).
+    fn current_status(&self, slot: usize, marks: &Marks) -> EventStatus {
+        marks.status(slot, self.stored_at).unwrap_or(self.status.status)
+    }
+
     /// Its status now: as stored, with what was marked for its latest store in `slot`.
     fn status(&self, slot: usize, marks: &Marks) -> Lifecycle {
         let mut status = self.status.clone();
@@ -188,7 +194,7 @@ impl EventTable {
     pub(super) fn counts(&self, marks: &Marks) -> [u64; 4] {
         let mut counts = [0; 4];
         for (slot, entry) in self.lru.iter_slots() {
-            counts[status_index(entry.status(slot, marks).status)] += 1;
+            counts[status_index(entry.current_status(slot, marks))] += 1;
         }
         counts
     }
@@ -305,7 +311,7 @@ impl EventTable {
         self.lru
             .iter_slots()
             .filter(|(slot, entry)| {
-                entry.event.created_at < cutoff && entry.status(*slot, marks).status.is_terminal()
+                entry.event.created_at < cutoff && entry.current_status(*slot, marks).is_terminal()
             })
             .map(|(_, entry)| entry.id)
             .collect()
@@ -324,7 +330,7 @@ impl EventTable {
             .iter_slots()
             .filter(|&(slot, entry)| {
                 // The mark is read only when the filter asks for a status.
-                let status = filter.status.map_or(entry.status.status, |_| entry.status(slot, marks).status);
+                let status = filter.status.map_or(entry.status.status, |_| entry.current_status(slot, marks));
                 filter.matches_with_status(&entry.event, status)
             })
             .map(|(slot, entry)| ((entry.event.created_at, entry.event.id), slot))
