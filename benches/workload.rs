@@ -40,7 +40,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventbroker::{Backpressure, Broker, Event, EventSource, MatchCache, Pattern, PatternSet};
+use eventbroker::{
+    Backpressure, Broker, Distribution, Event, EventSource, MatchCache, MemoryConfig, MemoryProvider,
+    Pattern, PatternSet,
+};
 use hdrhistogram::Histogram;
 
 mod common;
@@ -135,13 +138,24 @@ struct BrokerContender {
 
 impl BrokerContender {
     fn new(workload: &Workload, shards: usize, tracked: bool) -> Self {
-        let broker = Broker::builder()
+        Self::with_provider(workload, shards, tracked, None)
+    }
+
+    /// With `own`, a memory provider of its bound given to the builder, with its distribution;
+    /// else the builder's default provider.
+    fn with_provider(workload: &Workload, shards: usize, tracked: bool, own: Option<&OwnProvider>) -> Self {
+        let mut builder = Broker::builder()
             .workers(shards)
             .buffer_size(CAPACITY)
             .track_status(tracked)
-            .backpressure(Backpressure::Block(Duration::from_secs(60)))
-            .build()
-            .unwrap();
+            .backpressure(Backpressure::Block(Duration::from_secs(60)));
+        if let Some(own) = own {
+            let config = MemoryConfig { max_events: own.max_events, ..MemoryConfig::default() };
+            builder = builder
+                .provider(Arc::new(MemoryProvider::new(config)))
+                .distribution(own.distribution.clone());
+        }
+        let broker = builder.build().unwrap();
         let delivered = Arc::new(AtomicU64::new(0));
         for pattern in &workload.patterns {
             let h = handler(&delivered);
@@ -214,14 +228,26 @@ impl Drop for CrossbeamContender {
     }
 }
 
+/// A memory provider a broker contender is given rather than the builder's default.
+struct OwnProvider {
+    max_events: usize,
+    distribution: Distribution,
+}
+
 /// The contenders, in the order of the throughput table's columns.
 const CONTENDERS: [&str; 3] = ["default", "untracked", "crossbeam"];
 
-/// The contender called `name` (one of [`CONTENDERS`]) with `shards` shards.
-fn contender(name: &str, workload: &Workload, shards: usize) -> Box<dyn Contender> {
+/// The contender called `name` (one of [`CONTENDERS`]) with `shards` shards; a broker's memory
+/// provider is `own` when given (see [`BrokerContender::with_provider`]).
+fn contender(
+    name: &str,
+    workload: &Workload,
+    shards: usize,
+    own: Option<&OwnProvider>,
+) -> Box<dyn Contender> {
     match name {
-        "default" => Box::new(BrokerContender::new(workload, shards, true)),
-        "untracked" => Box::new(BrokerContender::new(workload, shards, false)),
+        "default" => Box::new(BrokerContender::with_provider(workload, shards, true, own)),
+        "untracked" => Box::new(BrokerContender::with_provider(workload, shards, false, own)),
         "crossbeam" => Box::new(CrossbeamContender::new(workload, shards)),
         other => unreachable!("no contender {other:?}"),
     }
@@ -272,7 +298,7 @@ fn throughput_table(workload: &Workload, rounds: usize, events: u64, counts: &[u
     for &shards in counts {
         for &publishers in counts {
             let hop_before = common::core_hop();
-            let contenders = CONTENDERS.map(|name| contender(name, workload, shards));
+            let contenders = CONTENDERS.map(|name| contender(name, workload, shards, None));
             // A warm-up: caches filled, the provider at its bound.
             for contender in &contenders {
                 run(&**contender, workload, &schedule, publishers, events.min(20_000));
@@ -429,16 +455,26 @@ fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-/// `profile CONTENDER PUBLISHERS SHARDS` (`default`, `untracked` or `crossbeam`; 1 1 when left
-/// out): that contender alone, 20 rounds of [`EVENTS_PER_ROUND`] events, each round's rate printed
-/// with the core-to-core hop just after it (a round whose hop is far does not compare with near
-/// ones): a steady load for `perf record` on the bench binary.
+/// `profile CONTENDER PUBLISHERS SHARDS [MAX_EVENTS [local|fan-out]]` (`default`, `untracked` or
+/// `crossbeam`; 1 1 when left out; with a bound, a broker is given a memory provider of its own of
+/// that bound, local unless `fan-out` follows): that contender alone, 20 rounds of
+/// [`EVENTS_PER_ROUND`] events, each round's rate printed with the core-to-core hop just after it (a
+/// round whose hop is far does not compare with near ones): a steady load for `perf record` on the
+/// bench binary.
 fn profile(workload: &Workload, args: &[String]) {
     let name = args.first().map_or("default", String::as_str);
     let number = |i: usize| args.get(i).map_or(1, |n| n.parse().expect("publishers and shards are numbers"));
     let (publishers, shards) = (number(1), number(2));
+    let own = args.get(3).map(|n| OwnProvider {
+        max_events: n.parse().expect("the bound is a number of events"),
+        distribution: match args.get(4).map(String::as_str) {
+            None | Some("local") => Distribution::Local,
+            Some("fan-out") => Distribution::FanOut,
+            Some(other) => panic!("no distribution {other:?}: local or fan-out"),
+        },
+    });
     assert!(CONTENDERS.contains(&name), "no contender {name:?}: one of {CONTENDERS:?}");
-    let contender = contender(name, workload, shards);
+    let contender = contender(name, workload, shards, own.as_ref());
     let schedule = workload.schedule(1 << 16, 1);
     run(&*contender, workload, &schedule, publishers, 20_000);
     println!(

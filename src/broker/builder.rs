@@ -199,6 +199,22 @@ impl BrokerBuilder {
     /// Where events, statuses and dead letters are stored, and through which this broker meets the
     /// other instances. Default: a [`MemoryProvider`] of its own. Give several brokers the same
     /// provider (or providers on the same server) to connect them; see [`Distribution`].
+    ///
+    /// Setting a provider makes [`Distribution::FanOut`] the default, memory provider included:
+    /// every event this broker stores is then also logged for the other instances, and it reads
+    /// theirs. A broker that is given a memory provider only for its settings (its bounds, say) and
+    /// shares it with nobody should say so with [`Distribution::Local`], which skips that work: on
+    /// the workload bench, one publisher and one worker, a lone broker left at fan-out ran at about
+    /// 0.7 of the same broker local.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use eventbroker::{Broker, Distribution, MemoryConfig, MemoryProvider};
+    ///
+    /// let provider = Arc::new(MemoryProvider::new(MemoryConfig { max_events: 100_000, ..MemoryConfig::default() }));
+    /// let broker = Broker::builder().provider(provider).distribution(Distribution::Local).build()?;
+    /// # Ok::<(), eventbroker::BuildError>(())
+    /// ```
     pub fn provider(mut self, provider: Arc<dyn Provider>) -> Self {
         self.provider = Some(provider);
         self
