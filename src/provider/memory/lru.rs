@@ -3,6 +3,9 @@
 
 const NIL: usize = usize::MAX;
 
+/// A line each (the memory provider's entries are at most 48 bytes): a store writes one node and
+/// an eviction reads one, and neither then shares a line with a neighbour's.
+#[repr(align(64))]
 struct Node<T> {
     /// `None` while the slot is on the free list.
     value: Option<T>,

@@ -1,9 +1,9 @@
 //! One shard of the memory provider's events: a recency list holding them, an index by id and an
 //! index by sequence number.
 //!
-//! The event is kept as it was stored (shared, never copied) with its status fields as stored
-//! beside it; status changes are written to the shard's [`Marks`], by slot, and every read here
-//! applies them (see [`super::marks`]).
+//! The event is kept as it was stored (shared, never copied), its status fields as stored with
+//! it; status changes are written to the shard's [`Marks`], by slot, and every read here applies
+//! them (see [`super::marks`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,11 +19,11 @@ use crate::pattern::Pattern;
 use crate::provider::StatusUpdate;
 use crate::provider::{EventFilter, ReplayFrom};
 
-/// The status fields of a stored event, kept apart from the event itself.
+/// The status fields of a stored event: as stored, then with its marked changes applied.
 #[derive(Debug, Clone)]
 pub(super) struct Lifecycle {
     pub(super) status: EventStatus,
-    /// A box rather than a `String`: the entry is kept to two cache lines, and few events fail.
+    /// The error text, empty for none.
     pub(super) error: Box<str>,
     pub(super) retry_count: u32,
     pub(super) processed_at: Option<Timestamp>,
@@ -58,35 +58,34 @@ impl Lifecycle {
     }
 }
 
-/// One stored event: as stored, with its status fields as stored and its sequence number.
+/// One stored event: as stored (its status fields as stored with it; the changes since are in
+/// the shard's marks) and its sequence number.
 pub(super) struct Entry {
     /// The event's id, kept beside it: evicting reads it without touching the event itself,
     /// which by then is cold in cache.
     pub(super) id: EventId,
     pub(super) event: Arc<Event>,
-    /// As stored; the status changes since are in the shard's marks.
-    status: Lifecycle,
     pub(super) seq: u64,
     /// The number its latest store took: `seq` for its first store, a fresh one for a re-store.
     /// Only the marks written for this number apply to it.
     pub(super) stored_at: u64,
 }
 
-// With its two links, an entry's node in the recency list fills two cache lines, no more: eviction
-// prefetches it.
+// With its two links, an entry's node in the recency list fills one cache line: a store writes
+// it and an eviction reads it (prefetched), each one line.
 #[cfg(target_pointer_width = "64")]
-const _: () = assert!(size_of::<Entry>() <= 112, "an entry and its two links fit in 128 bytes");
+const _: () = assert!(size_of::<Entry>() <= 48, "an entry and its two links fit in 64 bytes");
 
 impl Entry {
     /// Its status now, the status field alone: for counting and filtering, without copying the
     /// rest (see [`Entry::status`]).
     fn current_status(&self, slot: usize, marks: &Marks) -> EventStatus {
-        marks.status(slot, self.stored_at).unwrap_or(self.status.status)
+        marks.status(slot, self.stored_at).unwrap_or(self.event.status)
     }
 
     /// Its status now: as stored, with what was marked for its latest store in `slot`.
     fn status(&self, slot: usize, marks: &Marks) -> Lifecycle {
-        let mut status = self.status.clone();
+        let mut status = Lifecycle::of(&self.event);
         marks.apply(slot, self.stored_at, &mut status);
         status
     }
@@ -219,7 +218,6 @@ impl EventTable {
             Ok(slot) => {
                 let entry = self.lru.get_mut(slot);
                 entry.event = Arc::clone(event);
-                entry.status = Lifecycle::of(event);
                 entry.stored_at = seq;
                 self.lru.touch(slot);
                 Stored { new: false, slot }
@@ -228,7 +226,6 @@ impl EventTable {
                 let slot = self.lru.push_front(Entry {
                     id: event.id,
                     event: Arc::clone(event),
-                    status: Lifecycle::of(event),
                     seq,
                     stored_at: seq,
                 });
@@ -330,7 +327,7 @@ impl EventTable {
             .iter_slots()
             .filter(|&(slot, entry)| {
                 // The mark is read only when the filter asks for a status.
-                let status = filter.status.map_or(entry.status.status, |_| entry.current_status(slot, marks));
+                let status = filter.status.map_or(entry.event.status, |_| entry.current_status(slot, marks));
                 filter.matches_with_status(&entry.event, status)
             })
             .map(|(slot, entry)| ((entry.event.created_at, entry.event.id), slot))
