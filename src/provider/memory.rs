@@ -5,12 +5,18 @@
 //!
 //! | operation | cost |
 //! |---|---|
-//! | `store_batch` | O(1) per event: a hash insert, a recency-list push, a sequence-index append |
-//! | `update_status_batch` | O(1) per update: an index probe under the shard's read lock, then a write of the event's status mark, a cache line of its own beside the table, never a copy of the event (the broker's workers skip the probe and the lock: they know each event's slot from its store) |
-//! | `get`, `delete` | O(1) (`delete`: O(log n) to mark its sequence number gone) |
+//! | `store_batch` | O(1) per event: a push into its shard's ring; an id not above every id the shard has held (another generator's, or one stored before) first looks in the shard's index by id |
+//! | `update_status_batch` | O(1) per update: an index probe under the shard's lock, then a write of the event's status mark, a cache line of its own beside the table, never a copy of the event (the broker's workers skip the probe and the lock: they write with the ticket of each event's store) |
+//! | `get`, `delete` | O(1) (`get` moves the event to the head of its shard's ring) |
 //! | `list` | O(n) scan of the stored events, then a sort of the matches |
-//! | `replay` | O(log n + events scanned from the start sequence); `Time` scans from the beginning |
+//! | `replay` | O(n) scan of the stored events, then a sort of the first `limit` selected |
 //! | `stats` | O(n): a pass over the stored events' statuses |
+//!
+//! A shard's index by id is filled lazily: what reads by id (`get`, `delete`, an update without a
+//! ticket, a store of an id not above all before) first puts in the events stored since the last
+//! such read, so its cost is O(1) per event stored, paid once; the broker's own flow never reads
+//! by id and never fills it. Each `get` moves its event to the head of the shard's ring, leaving a
+//! hole; a ring full of holes is compacted in one pass.
 //!
 //! The events are split into shards by the low bits of their ids (16 of them from 4 096 events up,
 //! one below), each with its own lock. The ids one thread makes fall into two shards of their own
@@ -104,7 +110,7 @@ mod bus;
 mod index;
 mod letters;
 mod linger;
-mod lru;
+mod log;
 mod marks;
 mod table;
 
@@ -206,6 +212,9 @@ struct Shared {
     gauges: Box<[CachePadded<Gauge>]>,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
+    /// Slots a shard's ring grows to at most, and the marks each shard has room for (see
+    /// [`table::max_capacity`]).
+    ring_capacity: usize,
     /// Each shard's status changes, by slot (see [`marks`]).
     marks: Box<[Marks]>,
     hub: StreamHub,
@@ -266,11 +275,12 @@ impl MemoryProvider {
     pub fn new(config: MemoryConfig) -> Self {
         let interval = config.cleanup_interval.filter(|_| config.max_age.is_some());
         let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
+        let ring_capacity = table::max_capacity(config.max_events);
         let shards = (0..count)
             .map(|_| {
                 RwLock::new(Shard {
                     closed: false,
-                    events: EventTable::new(),
+                    events: EventTable::new(ring_capacity),
                     newest: 0,
                     victim: None,
                     look_in: 0,
@@ -291,9 +301,8 @@ impl MemoryProvider {
             held: CachePadded::new(AtomicUsize::new(0)),
             gauges: (0..count).map(|_| CachePadded::new(Gauge::default())).collect(),
             closed: AtomicBool::new(false),
-            // A shard holds at most `max_events` events at once, and one more while a store into
-            // it evicts, so its slots stay below that.
-            marks: (0..count).map(|_| Marks::new(config.max_events.saturating_add(1))).collect(),
+            ring_capacity,
+            marks: (0..count).map(|_| Marks::new(ring_capacity)).collect(),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
             config,
@@ -447,8 +456,9 @@ impl Shared {
     }
 
     /// Writes `updates`, written when `next_seq` was `written_at`, each to its event's mark: each
-    /// shard's read lock once, to find them; an update of an event not stored, or stored again
-    /// since (at `written_at` or later), is dropped.
+    /// shard's lock once, to find them (a write lock: finding an event by id may first catch the
+    /// shard's index up, see [`table`]); an update of an event not stored, or stored again since
+    /// (at `written_at` or later), is dropped.
     fn update_by_id(
         &self,
         updates: &[StatusUpdate],
@@ -458,26 +468,16 @@ impl Shared {
         let mut order = SmallVec::new();
         let ends = self.group_by_shard(updates, &mut order);
         for (index, mine) in each_shard_in(&order, &ends) {
-            let shard = self.shards[index].read();
-            if shard.closed {
-                return Err(closed_error(NAME, operation));
-            }
+            let mut shard = self.shard(index, operation)?;
             for update in mine.iter().map(|&at| &updates[at as usize]) {
-                self.write_located(index, &shard, update, written_at);
+                if let Some(found) = shard.events.locate(update.id)
+                    && found.stored_at < written_at
+                {
+                    self.marks[index].claim(found.slot, found.marked, update);
+                }
             }
         }
         Ok(())
-    }
-
-    /// Writes `update`, written when `next_seq` was `written_at`, to its event's mark, found in
-    /// shard `index`, held as `shard`; dropped when the event is not stored, or was stored again
-    /// since.
-    fn write_located(&self, index: usize, shard: &Shard, update: &StatusUpdate, written_at: u64) {
-        if let Some((slot, stored_at)) = shard.events.locate(update.id)
-            && stored_at < written_at
-        {
-            self.marks[index].write(slot, stored_at, update);
-        }
     }
 
     /// Counts one more event held, unless `max_events` are: then `false`, and the caller evicts
@@ -553,8 +553,8 @@ impl Shared {
                     shard.evicted += taken as u64;
                     // A shard taken from until empty (its thread stopped storing) gives its
                     // capacity back too: over time every lane's shards fill once.
-                    let emptied =
-                        (shard.events.len() == 0).then(|| mem::replace(&mut shard.events, EventTable::new()));
+                    let emptied = (shard.events.len() == 0)
+                        .then(|| mem::replace(&mut shard.events, EventTable::new(self.ring_capacity)));
                     self.publish_gauge(victim.index, &shard);
                     drop(shard);
                     drop(emptied);
@@ -728,17 +728,8 @@ impl MemoryProvider {
                 guard = Some((index, shared.shard(index, "store_batch")?));
             }
             let Some((_, held)) = guard.as_mut() else { unreachable!("just locked") };
-            let mut number = 0;
-            // Relaxed: the number only needs to be unique and increasing within the shard, whose
-            // lock is held.
-            let stored = held.events.upsert(
-                event,
-                || {
-                    number = shared.next_seq.fetch_add(1, Ordering::Relaxed);
-                    number
-                },
-                &shared.marks[index],
-            );
+            let stored = held.events.upsert(event, &shared.next_seq, &shared.marks[index]);
+            let number = stored.number;
             held.newest = number;
             // A slot beyond `u32` (a bound above four billion events) is written by id.
             ticket(match u32::try_from(stored.slot) {
@@ -782,8 +773,9 @@ impl MemoryProvider {
 
     /// [`EventSink::update_status_batch`] of updates each with the ticket of its event's store,
     /// from [`MemoryProvider::store_numbered`]: written to the event's mark, without its shard's
-    /// lock, unless the event was stored again since (or evicted, its slot reused). An update with
-    /// [`StoreTicket::NONE`] is written by its event's id, as `update_status_batch` writes it.
+    /// lock, unless the event was stored again since, or evicted. An update whose event moved to
+    /// another slot since (a `get`, or its shard's ring placed again), or with
+    /// [`StoreTicket::NONE`], is written by its event's id, as `update_status_batch` writes it.
     pub(crate) fn update_ticketed(
         &self,
         updates: &[StatusUpdate],
@@ -794,18 +786,23 @@ impl MemoryProvider {
         shared.check_open("update_status_batch")?;
         for (update, ticket) in updates.iter().zip(tickets) {
             let index = shared.shard_of(update.id);
-            if *ticket != StoreTicket::NONE {
-                shared.marks[index].write(ticket.slot as usize, ticket.number, update);
+            let marks = &shared.marks[index];
+            if *ticket != StoreTicket::NONE && marks.write(ticket.slot as usize, ticket.number, update) {
                 continue;
             }
-            // Rare (an event whose store failed): one shard's read lock for it alone.
+            // Rare (an event whose store failed, or that moved): one shard's lock for it alone.
             // Relaxed: as in `update_status_batch`.
             let written_at = shared.next_seq.load(Ordering::Relaxed);
-            let part = shared.shards[index].read();
-            if part.closed {
-                return Err(closed_error(NAME, "update_status_batch"));
+            let mut part = shared.shard(index, "update_status_batch")?;
+            if let Some(found) = part.events.locate(update.id)
+                && if *ticket == StoreTicket::NONE {
+                    found.stored_at < written_at
+                } else {
+                    found.stored_at == ticket.number
+                }
+            {
+                marks.claim(found.slot, found.marked, update);
             }
-            shared.write_located(index, &part, update, written_at);
         }
         Ok(())
     }
@@ -851,7 +848,7 @@ impl EventStore for MemoryProvider {
         let shared = &*self.shared;
         let index = shared.shard_of(id);
         let mut part = shared.shard(index, "get")?;
-        Ok(part.events.touch(id, &shared.marks[index]))
+        Ok(part.events.touch(id, &shared.next_seq, &shared.marks[index]))
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
@@ -1015,8 +1012,10 @@ impl Provider for MemoryProvider {
         for lock in &*shared.shards {
             let mut part = lock.write();
             part.closed = true;
-            released
-                .push((mem::replace(&mut part.events, EventTable::new()), mem::take(&mut part.lingering)));
+            released.push((
+                mem::replace(&mut part.events, EventTable::new(shared.ring_capacity)),
+                mem::take(&mut part.lingering),
+            ));
         }
         let letters = {
             let mut letters = shared.letters.write();
@@ -1132,6 +1131,8 @@ mod tests {
 
     use smallvec::SmallVec;
 
+    use std::time::{Duration, Instant};
+
     use super::{MemoryConfig, MemoryProvider, SHARDED_FROM, StoreTicket, each_shard_in, linger};
     use crate::event::EventId;
     use crate::provider::StatusUpdate;
@@ -1209,13 +1210,18 @@ mod tests {
         provider.update_ticketed(&[update(events[0].id, EventStatus::Completed, 0)], &[restored]).unwrap();
         assert_eq!(status(events[0].id).unwrap().0, EventStatus::Completed);
 
-        // `events[1]` is now the least recently used: the third event evicts it, and the fourth
-        // takes its slot (a store takes a slot before it evicts).
+        // `events[1]` is now the least recently used: the third event evicts it, and a later one
+        // takes its slot.
         store(&events[2]);
         assert_eq!(status(events[1].id), None, "evicted");
-        let fourth = Arc::new(Event::new(EventSource::System, "ticket.z"));
-        let d = store(&fourth);
-        assert_eq!(d.slot, b.slot, "its slot reused");
+        let (fourth, d) = (0..64)
+            .map(|_| {
+                let event = Arc::new(Event::new(EventSource::System, "ticket.z"));
+                let ticket = store(&event);
+                (event, ticket)
+            })
+            .find(|(_, ticket)| ticket.slot == b.slot)
+            .expect("the ring comes round to the slot");
         provider.update_ticketed(&[update(events[1].id, EventStatus::Failed, 9)], &[b]).unwrap();
         assert_eq!(status(fourth.id), Some((EventStatus::Pending, 0, String::new())), "a late update");
 
@@ -1233,7 +1239,7 @@ mod tests {
         assert_eq!(status(fourth.id), Some((EventStatus::Processing, 2, String::new())));
         assert_eq!(status(events[1].id), None, "gone, whichever way it is written");
         let held = provider.stats().unwrap();
-        // The fourth event, and the third (the re-stored first was the least recently used).
+        // The fourth event, and the one stored before it.
         assert_eq!((held.pending_events, held.processing_events, held.total_events), (1, 1, 2));
     }
 
@@ -1270,6 +1276,82 @@ mod tests {
             assert_eq!(stats.provider_specific["evicted"], 4 * max_events as u64);
             provider.close().expect("close");
             assert!(parked(&provider).iter().all(|&n| n == 0), "{max_events}: let go of on close");
+        }
+    }
+
+    /// Statuses written with tickets, on another thread, while a third reads events back (each
+    /// read moving its event to the head of its shard's ring, which fills with holes and is placed
+    /// again): every status lands on its event, wherever the event is by then. One shard and many;
+    /// bounded in events and time.
+    #[test]
+    fn ticketed_statuses_follow_events_that_reads_move() {
+        for max_events in [1_000, SHARDED_FROM] {
+            let provider =
+                Arc::new(MemoryProvider::new(MemoryConfig { max_events, ..MemoryConfig::default() }));
+            let (to_worker, worker_gets) = flume::bounded::<(EventId, StoreTicket)>(256);
+            let stored_ids = Arc::new(parking_lot::Mutex::new(Vec::new()));
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let worker = {
+                let provider = Arc::clone(&provider);
+                std::thread::spawn(move || {
+                    for (id, ticket) in worker_gets {
+                        let updates = [
+                            StatusUpdate::new(id, EventStatus::Processing),
+                            StatusUpdate::new(id, EventStatus::Completed),
+                        ];
+                        provider.update_ticketed(&updates[..1], &[ticket]).unwrap();
+                        provider.update_ticketed(&updates[1..], &[ticket]).unwrap();
+                    }
+                })
+            };
+            let reader = {
+                let (provider, stored_ids, done) =
+                    (Arc::clone(&provider), Arc::clone(&stored_ids), Arc::clone(&done));
+                std::thread::spawn(move || {
+                    let mut reads = 0_u64;
+                    let mut pick: usize = 0x9E37_79B9;
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        let id = {
+                            let ids = stored_ids.lock();
+                            if ids.is_empty() {
+                                continue;
+                            }
+                            pick = pick.rotate_left(13).wrapping_mul(0x2545_F491);
+                            // One of the latest `max_events`: mostly still held.
+                            let recent = ids.len().min(max_events);
+                            ids[ids.len() - 1 - pick % recent]
+                        };
+                        provider.get(id).unwrap();
+                        reads += 1;
+                    }
+                    reads
+                })
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut events = 0;
+            while events < 30_000 && Instant::now() < deadline {
+                let event = Arc::new(Event::new(EventSource::System, "follow.x"));
+                let mut ticket = StoreTicket::NONE;
+                provider.store_numbered(std::slice::from_ref(&event), None, |t| ticket = t).unwrap();
+                stored_ids.lock().push(event.id);
+                to_worker.send((event.id, ticket)).unwrap();
+                events += 1;
+            }
+            drop(to_worker);
+            worker.join().unwrap();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let reads = reader.join().unwrap();
+            assert!(reads > 100, "{max_events}: the reader moved events ({reads} reads)");
+            let mut held = 0;
+            for &id in stored_ids.lock().iter() {
+                if let Some(event) = provider.get(id).unwrap() {
+                    assert_eq!(event.status, EventStatus::Completed, "{max_events}: event {id:?}");
+                    held += 1;
+                }
+            }
+            assert_eq!(held, max_events, "{max_events}: the bound is held");
+            let stats = provider.stats().unwrap();
+            assert_eq!((stats.completed_events, stats.total_events), (max_events as u64, max_events as u64));
         }
     }
 }

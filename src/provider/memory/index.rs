@@ -108,6 +108,29 @@ impl IdIndex {
         true
     }
 
+    /// Points `slot`'s entry, whose hash is `hash`, at `to` instead; `false` when there was none.
+    pub(super) fn relocate(&mut self, hash: u32, slot: usize, to: usize) -> bool {
+        let Ok((bucket, _)) = self.probe(hash, &mut |s| s == slot) else { return false };
+        let to = u32::try_from(to)
+            .ok()
+            .filter(|&s| s < u32::MAX)
+            .expect("fewer than 2^32 - 1 events in one shard");
+        self.buckets[bucket] = (u64::from(hash) << 32) | u64::from(to + 1);
+        true
+    }
+
+    /// Entries held.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Removes every entry, keeping the buckets.
+    pub(super) fn clear(&mut self) {
+        self.buckets.fill(EMPTY);
+        self.len = 0;
+    }
+
     /// `Ok((bucket, slot))` of the entry with `hash` for which `is` holds, else `Err` with the
     /// empty bucket that ended the probe (an index never fills, so one does).
     fn probe(&self, hash: u32, is: &mut impl FnMut(usize) -> bool) -> Result<(usize, usize), usize> {

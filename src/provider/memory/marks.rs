@@ -4,18 +4,25 @@
 //! publisher stored them. Written into the table, each would take the shard lock the publisher is
 //! storing under and write entry lines the publisher has just written on its own core, which its
 //! next stores must then fetch back. So a status change goes into the [`Mark`] of its entry's
-//! slot instead: a line of its own, that only status writers write, under a lock of its own. The
-//! mark carries the number of the store it belongs to; readers of the table (under the shard's
-//! lock) apply a mark to its entry only when the entry's latest store took that number. A mark
-//! left by an evicted or re-stored event is thus ignored, and a late write for it never overwrites
-//! the mark of a later store.
+//! slot instead: a line of its own, that only status writers write, under a lock of its own.
 //!
-//! Slots are the recency list's, which the table reuses after a removal; a mark of a slot whose
-//! entry changed is stale by its number, never wrong. The marks of a slot are allocated, in chunks
-//! of [`CHUNK`], by the first store into it, and kept until the provider is dropped: a shard's
-//! marks take 64 bytes for each event it has held at once.
+//! A mark carries a number: its entry's, taken from the provider's store counter under the shard's
+//! lock when the entry was stored or last moved (see [`super::table`]), so every entry that takes
+//! a slot has a higher number than those that held it before. Readers of the table (under the
+//! shard's lock) apply a mark to its entry only when the numbers agree. A worker writes with the
+//! ticket of the event's store, the slot and number it was stored with, and without the shard's
+//! lock ([`Marks::write`]): a mark with a lower number is its own, not yet written, and is taken
+//! over; one with a higher number, or closed because its entry moved, refuses the write, and the
+//! worker writes by id instead, under the shard's lock ([`Marks::claim`]), which finds the entry
+//! where it is now, or nowhere when it was evicted or stored again. A late write therefore never
+//! changes another event, and a write for an event that moved follows it.
+//!
+//! The marks of a slot are allocated, in chunks of [`CHUNK`], by the first store into it, and
+//! kept until the provider is dropped: a shard's marks take 64 bytes for each slot of its ring.
 
+use std::mem;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use jiff::Timestamp;
 use parking_lot::Mutex;
@@ -30,12 +37,18 @@ const CHUNK: usize = 256;
 /// The marks of one shard's slots.
 pub(super) struct Marks {
     chunks: Box<[OnceLock<Box<[Mark]>>]>,
+    /// The number of the latest entry moved to another slot (see [`Marks::moving`]), 0 for none:
+    /// an entry numbered above it has not moved since.
+    moved: AtomicU64,
 }
 
 impl Marks {
     /// Marks for up to `slots` slots, none allocated yet.
     pub(super) fn new(slots: usize) -> Self {
-        Self { chunks: (0..slots.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect() }
+        Self {
+            chunks: (0..slots.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
+            moved: AtomicU64::new(0),
+        }
     }
 
     /// Allocates the mark of `slot`, if it is not yet: called by a store into the slot, before
@@ -51,24 +64,84 @@ impl Marks {
         self.chunks.get(slot / CHUNK)?.get().map(|chunk| &chunk[slot % CHUNK])
     }
 
-    /// Writes `update` to the entry in `slot` whose latest store took number `store`; ignored
-    /// when the mark already holds a later store's status (the entry changed since).
-    pub(super) fn write(&self, slot: usize, store: u64, update: &StatusUpdate) {
+    /// Writes `update` for the entry numbered `number` in `slot`, without the shard's lock (a
+    /// ticket's write). `false` when the entry may have moved to another slot since: the caller
+    /// then writes by id. The mark takes the write when it is this entry's, or an earlier
+    /// entry's (this one's first write), or closed by an entry that moved out before this one
+    /// took its number. A mark closed since, or taken by a later entry, refuses it: when no entry
+    /// has moved since this one took its number, this one was evicted, removed or stored again,
+    /// and the write is dropped (`true`); else it may have moved.
+    pub(super) fn write(&self, slot: usize, number: u64, update: &StatusUpdate) -> bool {
+        // Relaxed: `moving` stores before the moves close any mark, under the mark's lock, which
+        // this write takes after (or finds the mark not closed by them).
+        let moved_since = || self.moved.load(Ordering::Relaxed) > number;
+        let Some(mark) = self.get(slot) else { return !moved_since() };
+        let mut marked = mark.0.lock();
+        if marked.store == MOVED {
+            if moved_since() {
+                return false;
+            }
+        } else if marked.store > number {
+            return !moved_since();
+        }
+        marked.record(number, update);
+        true
+    }
+
+    /// Notes that entries are about to move to other slots, the latest with number `number` (the
+    /// moves' numbers are fresh: above every entry's before them). Called under the shard's write
+    /// lock, before the moves close any mark.
+    pub(super) fn moving(&self, number: u64) {
+        // Relaxed: see `write`.
+        self.moved.store(number, Ordering::Relaxed);
+    }
+
+    /// Writes `update` for the entry numbered `number` in `slot`, found there under the shard's
+    /// lock (which keeps it there): the mark is its own, an earlier entry's, or closed by the
+    /// entry that held the slot before.
+    pub(super) fn claim(&self, slot: usize, number: u64, update: &StatusUpdate) {
         if let Some(mark) = self.get(slot) {
-            mark.write(store, update);
+            let mut marked = mark.0.lock();
+            debug_assert!(
+                marked.store <= number || marked.store == MOVED,
+                "no later entry's mark while this one holds the slot"
+            );
+            marked.record(number, update);
         }
     }
 
-    /// The status marked for the store numbered `store` into `slot`, if any.
+    /// Closes the mark of the entry numbered `number` as it moves out of `slot` (under the
+    /// shard's write lock): every ticketed write to it is refused from now on. Returns what was
+    /// written for the entry, for [`Marks::open`].
+    pub(super) fn close(&self, slot: usize, number: u64) -> Option<Marked> {
+        let mark = self.get(slot)?;
+        let mut marked = mark.0.lock();
+        let written = marked.holds(number).then(|| mem::take(&mut *marked));
+        marked.store = MOVED;
+        written
+    }
+
+    /// Opens the mark of `slot` for the entry moving in with number `number` (under the shard's
+    /// write lock), holding `written`: what [`Marks::close`] took from its former slot, or nothing
+    /// (the entry's status is as stored). The slot's mark must be reserved.
+    pub(super) fn open(&self, slot: usize, number: u64, written: Option<Marked>) {
+        if let Some(mark) = self.get(slot) {
+            let mut marked = mark.0.lock();
+            *marked = written.unwrap_or_default();
+            marked.store = number;
+        }
+    }
+
+    /// The status marked for the entry numbered `store` in `slot`, if any.
     pub(super) fn status(&self, slot: usize, store: u64) -> Option<EventStatus> {
         self.get(slot).and_then(|mark| {
             let marked = mark.0.lock();
-            (marked.store == store).then_some(marked.status)
+            marked.holds(store).then_some(marked.status)
         })
     }
 
-    /// `status` (an entry's as stored, whose latest store took number `store`) with the change
-    /// marked for that store, if any.
+    /// `status` (an entry's as stored, its mark numbered `store`) with the change marked for it,
+    /// if any.
     pub(super) fn apply(&self, slot: usize, store: u64, status: &mut Lifecycle) {
         if let Some(mark) = self.get(slot) {
             mark.apply(store, status);
@@ -84,10 +157,10 @@ pub(super) struct Mark(Mutex<Marked>);
 #[cfg(target_pointer_width = "64")]
 const _: () = assert!(size_of::<Mark>() == 64, "a mark fills one cache line");
 
-/// What the status updates of one store changed, as one update would: the latest status, error
+/// What the status updates of one entry changed, as one update would: the latest status, error
 /// text and retry count, and each timestamp that any of them set.
-struct Marked {
-    /// The number of the store the updates were written for; 0 for none.
+pub(super) struct Marked {
+    /// The number of the entry the updates were written for: 0 for none, [`MOVED`] once closed.
     store: u64,
     /// `processed_at` and `completed_at`, each where its bit in `present` is set.
     at: [Timestamp; 2],
@@ -113,19 +186,30 @@ impl Default for Marked {
     }
 }
 
+/// The number of a closed mark, whose entry moved out: above every entry's.
+const MOVED: u64 = u64::MAX;
+
 const PROCESSED: u8 = 1;
 const COMPLETED: u8 = 2;
+/// Set by the first write for the entry: a mark opened for an entry with nothing written for it
+/// changes nothing.
+const WRITTEN: u8 = 4;
 
-impl Mark {
-    fn write(&self, store: u64, update: &StatusUpdate) {
-        let mut marked = self.0.lock();
-        if marked.store > store {
-            return;
-        }
-        if marked.store < store {
+impl Marked {
+    /// Whether it holds a change written for the entry numbered `store`.
+    fn holds(&self, store: u64) -> bool {
+        self.store == store && self.present & WRITTEN != 0
+    }
+
+    /// Records `update` for the entry numbered `store`, what was recorded for another entry
+    /// forgotten.
+    fn record(&mut self, store: u64, update: &StatusUpdate) {
+        let marked = self;
+        if marked.store != store {
             marked.store = store;
             marked.present = 0;
         }
+        marked.present |= WRITTEN;
         marked.status = update.status;
         marked.retry_count = update.retry_count;
         marked.error = (!update.error.is_empty()).then(|| Box::new(update.error.clone()));
@@ -136,10 +220,12 @@ impl Mark {
             }
         }
     }
+}
 
+impl Mark {
     fn apply(&self, store: u64, status: &mut Lifecycle) {
         let marked = self.0.lock();
-        if marked.store != store {
+        if !marked.holds(store) {
             return;
         }
         // As `Lifecycle::apply` applies the same updates one by one.

@@ -1,18 +1,18 @@
-//! One shard of the memory provider's events: a recency list holding them, an index by id and an
-//! index by sequence number.
+//! One shard of the memory provider's events: a ring in recency order holding them, and an index
+//! by id filled lazily.
 //!
 //! The event is kept as it was stored (shared, never copied), its status fields as stored with
 //! it; status changes are written to the shard's [`Marks`], by slot, and every read here applies
 //! them (see [`super::marks`]).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use jiff::Timestamp;
 
 use super::index::IdIndex;
-use super::lru::Lru;
-use super::marks::Marks;
+use super::log::Log;
+use super::marks::{Marked, Marks};
 use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
 #[cfg(test)]
@@ -59,34 +59,36 @@ impl Lifecycle {
 }
 
 /// One stored event: as stored (its status fields as stored with it; the changes since are in
-/// the shard's marks) and its sequence number.
+/// the shard's marks) and its numbers.
 pub(super) struct Entry {
     /// The event's id, kept beside it: evicting reads it without touching the event itself,
     /// which by then is cold in cache.
     pub(super) id: EventId,
     pub(super) event: Arc<Event>,
+    /// Its sequence number: the number its first store took.
     pub(super) seq: u64,
     /// The number its latest store took: `seq` for its first store, a fresh one for a re-store.
-    /// Only the marks written for this number apply to it.
+    /// A ticket carries it; an update written for an earlier store does not apply.
     pub(super) stored_at: u64,
+    /// The number its mark carries (see [`super::marks`]): `stored_at`, or a fresh one each time
+    /// it moved to another slot since.
+    pub(super) marked: u64,
 }
 
-// With its two links, an entry's node in the recency list fills one cache line: a store writes
-// it and an eviction reads it (prefetched), each one line.
 #[cfg(target_pointer_width = "64")]
-const _: () = assert!(size_of::<Entry>() <= 48, "an entry and its two links fit in 64 bytes");
+const _: () = assert!(size_of::<Option<Entry>>() == 48, "a slot is an entry, its `None` a niche");
 
 impl Entry {
     /// Its status now, the status field alone: for counting and filtering, without copying the
     /// rest (see [`Entry::status`]).
     fn current_status(&self, slot: usize, marks: &Marks) -> EventStatus {
-        marks.status(slot, self.stored_at).unwrap_or(self.event.status)
+        marks.status(slot, self.marked).unwrap_or(self.event.status)
     }
 
-    /// Its status now: as stored, with what was marked for its latest store in `slot`.
+    /// Its status now: as stored, with what was marked for it in `slot`.
     fn status(&self, slot: usize, marks: &Marks) -> Lifecycle {
         let mut status = Lifecycle::of(&self.event);
-        marks.apply(slot, self.stored_at, &mut status);
+        marks.apply(slot, self.marked, &mut status);
         status
     }
 
@@ -103,63 +105,40 @@ impl Entry {
     }
 }
 
-/// Slot of a sequence index entry whose event is gone.
-const GONE: usize = usize::MAX;
+/// Slots of a shard's first ring: it doubles from there as the shard fills.
+const FIRST_CAPACITY: usize = 16;
 
-/// Sequence numbers of one shard, in increasing order (they are handed out under the shard's lock),
-/// with the recency-list slot of each; removed events leave a tombstone until compaction, except at
-/// the front, which is popped at once: eviction removes the oldest events, so in the broker's flow
-/// (store, then status updates soon after) removal is O(1).
-#[derive(Default)]
-struct SeqIndex {
-    entries: VecDeque<(u64, usize)>,
-    gone: usize,
+/// Slots a shard's ring may grow to for a provider bound of `max_events`, and the marks a shard
+/// keeps room for: twice what a shard holds at most (`max_events`, and one more while a store
+/// evicts), so a ring that fills at that size is at least half holes.
+pub(super) fn max_capacity(max_events: usize) -> usize {
+    max_events
+        .saturating_add(1)
+        .saturating_mul(2)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << (usize::BITS - 1))
+        .max(2)
 }
 
-impl SeqIndex {
-    fn push(&mut self, seq: u64, slot: usize) {
-        debug_assert!(self.entries.back().is_none_or(|&(last, _)| last < seq), "sequence numbers increase");
-        self.entries.push_back((seq, slot));
-    }
-
-    fn remove(&mut self, seq: u64) {
-        if self.entries.front().is_some_and(|&(first, _)| first == seq) {
-            self.entries.pop_front();
-        } else if let Ok(i) = self.entries.binary_search_by_key(&seq, |&(s, _)| s) {
-            self.entries[i].1 = GONE;
-            self.gone += 1;
-            if self.gone > 64 && self.gone * 2 > self.entries.len() {
-                self.entries.retain(|&(_, slot)| slot != GONE);
-                self.gone = 0;
-            }
-            return;
-        }
-        while self.entries.front().is_some_and(|&(_, slot)| slot == GONE) {
-            self.entries.pop_front();
-            self.gone -= 1;
-        }
-    }
-
-    /// Hints the CPU to bring the entries that evictions pop a few from now into cache (four
-    /// share a cache line; the oldest events were numbered long ago and are cold).
-    fn prefetch_front(&self) {
-        if let Some(ahead) = self.entries.get(8) {
-            crate::prefetch::range(std::ptr::from_ref(ahead).cast(), size_of::<(u64, usize)>());
-        }
-    }
-
-    /// `(seq, slot)` from `first` on, in order.
-    fn from(&self, first: u64) -> impl Iterator<Item = (u64, usize)> + '_ {
-        let start = self.entries.partition_point(|&(s, _)| s < first);
-        self.entries.range(start..).copied().filter(|&(_, slot)| slot != GONE)
-    }
-}
-
-/// One shard's events.
+/// One shard's events: a [`Log`] in recency order (store order, but for the uses that move an
+/// entry to the head), and an index by id that is filled lazily.
+///
+/// A store of an id greater than any this table has held (every store of the broker's own ids,
+/// which increase on each thread, and each thread's ids go to shards of their own) is new without
+/// a look at the index: it is pushed and nothing else. The index catches up (every entry pushed
+/// since its last catch-up inserted) when something needs an event by id: a `get`, a `delete`, a
+/// status update without a ticket, a store of an id not greater than all before. An eviction
+/// removes an entry from the index only when it was put there. So the broker's flow never touches
+/// the index, and what reads by id pays for the entries pushed since it last did, once.
 pub(super) struct EventTable {
-    lru: Lru<Entry>,
+    log: Log<Entry>,
     by_id: IdIndex,
-    by_seq: SeqIndex,
+    /// Entries at positions below it are in `by_id`; those from it on are not yet.
+    indexed_to: u64,
+    /// The greatest id this table has held, as a number: a store of a greater one is new.
+    greatest_id: u128,
+    /// Slots the ring may grow to (see [`max_capacity`]).
+    max_capacity: usize,
 }
 
 /// Where a store put its event.
@@ -168,6 +147,8 @@ pub(super) struct Stored {
     pub(super) new: bool,
     /// Its slot, whose mark its status changes go to.
     pub(super) slot: usize,
+    /// The number its store took (its ticket's, and its mark's).
+    pub(super) number: u64,
 }
 
 /// Where `status` is counted in [`EventTable::counts`].
@@ -181,136 +162,196 @@ pub(super) const fn status_index(status: EventStatus) -> usize {
 }
 
 impl EventTable {
-    pub(super) fn new() -> Self {
-        Self { lru: Lru::new(), by_id: IdIndex::new(), by_seq: SeqIndex::default() }
+    /// An empty table whose ring grows to `max_capacity` slots at most (see [`max_capacity`]).
+    pub(super) fn new(max_capacity: usize) -> Self {
+        debug_assert!(max_capacity.is_power_of_two() && max_capacity >= 2);
+        Self { log: Log::new(), by_id: IdIndex::new(), indexed_to: 0, greatest_id: 0, max_capacity }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.lru.len()
+        self.log.len()
     }
 
     /// Stored events per status, pending, processing, completed and failed: a pass over them.
     pub(super) fn counts(&self, marks: &Marks) -> [u64; 4] {
         let mut counts = [0; 4];
-        for (slot, entry) in self.lru.iter_slots() {
+        for (_, slot, entry) in self.log.iter() {
             counts[status_index(entry.current_status(slot, marks))] += 1;
         }
         counts
     }
 
-    /// Stores `event` as the most recently used, with the number `next_seq()` gives (called
-    /// once): a new id takes it as its sequence number; a re-store keeps its sequence number and
-    /// takes the new event and its status (the marks of earlier stores no longer apply). Reserves
-    /// the slot's mark in `marks`.
-    pub(super) fn upsert(
-        &mut self,
-        event: &Arc<Event>,
-        next_seq: impl FnOnce() -> u64,
-        marks: &Marks,
-    ) -> Stored {
-        // Before the probe: the counter's locked instruction waits for every earlier load, and the
-        // probe's is often a cache miss.
-        let seq = next_seq();
-        // One probe of the index either way.
+    /// Stores `event` as the most recently used, with the next number of `counter` (the
+    /// provider's store counter, taken under the shard's lock): a new id takes it as its sequence
+    /// number; a re-store keeps its sequence number and takes the new event and its status (what
+    /// was marked for earlier stores no longer applies). Reserves the slot's mark in `marks`.
+    pub(super) fn upsert(&mut self, event: &Arc<Event>, counter: &AtomicU64, marks: &Marks) -> Stored {
+        self.make_room(counter, marks);
+        // Relaxed: see `take_numbers`.
+        let number = counter.fetch_add(1, Ordering::Relaxed);
+        let id = event.id.as_uuid().as_u128();
+        if id > self.greatest_id {
+            // New, with no look at the index: the common case, and all of it.
+            self.greatest_id = id;
+            let slot = self.push(event, number);
+            marks.reserve(slot);
+            return Stored { new: true, slot, number };
+        }
+        self.catch_up();
         let hash = self.by_id.hash(event.id);
-        let lru = &self.lru;
-        match self.by_id.find_or_vacant(hash, |slot| lru.get(slot).id == event.id) {
+        let log = &self.log;
+        match self.by_id.find_or_vacant(hash, |slot| log.get(slot).id == event.id) {
             Ok(slot) => {
-                let entry = self.lru.get_mut(slot);
+                // Stored again: to the head, as stored now. Its old mark is left as it is: a late
+                // write for the earlier store, applied there, is read by nobody.
+                let mut entry = self.log.take(slot);
                 entry.event = Arc::clone(event);
-                entry.stored_at = seq;
-                self.lru.touch(slot);
-                Stored { new: false, slot }
+                entry.stored_at = number;
+                let moved = self.move_to_head(entry, (hash, slot), number, None, marks);
+                Stored { new: false, slot: moved, number }
             }
             Err(vacant) => {
-                let slot = self.lru.push_front(Entry {
-                    id: event.id,
-                    event: Arc::clone(event),
-                    seq,
-                    stored_at: seq,
-                });
+                let slot = self.push(event, number);
                 marks.reserve(slot);
                 self.by_id.insert(vacant, slot);
-                self.by_seq.push(seq, slot);
-                Stored { new: true, slot }
+                self.indexed_to = self.log.head();
+                Stored { new: true, slot, number }
             }
         }
     }
 
-    /// The event with `id`, with its status, now the most recently used.
-    pub(super) fn touch(&mut self, id: EventId, marks: &Marks) -> Option<Event> {
-        let slot = self.slot_of(id)?;
-        self.lru.touch(slot);
-        Some(self.lru.get(slot).to_event(slot, marks))
+    fn push(&mut self, event: &Arc<Event>, number: u64) -> usize {
+        self.log.push(Entry {
+            id: event.id,
+            event: Arc::clone(event),
+            seq: number,
+            stored_at: number,
+            marked: number,
+        })
     }
 
-    /// The slot of the event with `id` and the number its latest store took: where a status
-    /// update of it goes. Reading it does not count as use: status updates are the broker's
-    /// bookkeeping.
-    pub(super) fn locate(&self, id: EventId) -> Option<(usize, u64)> {
-        self.slot_of(id).map(|slot| (slot, self.lru.get(slot).stored_at))
+    /// The event with `id`, with its status, now the most recently used: moved to the head, its
+    /// mark with it, under a fresh number of `counter`.
+    pub(super) fn touch(&mut self, id: EventId, counter: &AtomicU64, marks: &Marks) -> Option<Event> {
+        self.make_room(counter, marks);
+        let (hash, slot) = self.find(id)?;
+        let slot = if self.log.is_newest(slot) {
+            slot
+        } else {
+            let number = take_numbers(counter, 1);
+            marks.moving(number);
+            let entry = self.log.take(slot);
+            let written = marks.close(slot, entry.marked);
+            self.move_to_head(entry, (hash, slot), number, written, marks)
+        };
+        Some(self.log.get(slot).to_event(slot, marks))
     }
 
-    /// The slot of the event with `id`.
-    fn slot_of(&self, id: EventId) -> Option<usize> {
-        self.by_id.find(self.by_id.hash(id), |slot| self.lru.get(slot).id == id)
+    /// Pushes `entry`, just taken from the indexed slot `from` (its id's hash, and the slot), to
+    /// the head with its mark opened under `number` holding `written`; returns its slot. The index
+    /// was caught up before the take, so it stays so.
+    fn move_to_head(
+        &mut self,
+        mut entry: Entry,
+        (hash, from): (u32, usize),
+        number: u64,
+        written: Option<Marked>,
+        marks: &Marks,
+    ) -> usize {
+        entry.marked = number;
+        let slot = self.log.push(entry);
+        marks.reserve(slot);
+        marks.open(slot, number, written);
+        self.by_id.relocate(hash, from, slot);
+        self.indexed_to = self.log.head();
+        slot
+    }
+
+    /// Where a status update of the event with `id` goes: its slot, its mark's number, and the
+    /// number its latest store took. Reading it does not count as use: status updates are the
+    /// broker's bookkeeping.
+    pub(super) fn locate(&mut self, id: EventId) -> Option<Located> {
+        let (_, slot) = self.find(id)?;
+        let entry = self.log.get(slot);
+        Some(Located { slot, marked: entry.marked, stored_at: entry.stored_at })
+    }
+
+    /// The hash and slot of the event with `id`, the index caught up first.
+    fn find(&mut self, id: EventId) -> Option<(u32, usize)> {
+        self.catch_up();
+        let hash = self.by_id.hash(id);
+        self.by_id.find(hash, |slot| self.log.get(slot).id == id).map(|slot| (hash, slot))
+    }
+
+    /// Puts every entry pushed since the last catch-up into the index.
+    fn catch_up(&mut self) {
+        let from = self.indexed_to;
+        let head = self.log.head();
+        if from == head {
+            return;
+        }
+        for (_, slot, entry) in self.log.iter_from(from) {
+            let hash = self.by_id.hash(entry.id);
+            let log = &self.log;
+            match self.by_id.find_or_vacant(hash, |s| log.get(s).id == entry.id) {
+                Err(vacant) => self.by_id.insert(vacant, slot),
+                // A store looks up every id not above all before it, so each is held once.
+                Ok(_) => debug_assert!(false, "an id held twice"),
+            }
+        }
+        self.indexed_to = head;
     }
 
     /// Removes the event with `id` and returns it, for the caller to drop once it has released
     /// the shard (the last reference frees the event, whose memory is cold by then).
     pub(super) fn remove(&mut self, id: EventId) -> Option<Arc<Event>> {
-        let slot = self.slot_of(id)?;
-        Some(self.remove_slot(slot))
-    }
-
-    fn remove_slot(&mut self, slot: usize) -> Arc<Event> {
-        // Found by slot, so no id is compared; the hash is computed from the entry's id, and the
-        // entry is in cache already (eviction prefetched it; `remove` has just read it).
-        let removed = self.by_id.remove(self.by_id.hash(self.lru.get(slot).id), slot);
-        debug_assert!(removed, "every slot in the recency list has its index entry");
-        let entry = self.lru.remove(slot);
-        self.by_seq.remove(entry.seq);
-        entry.event
+        let (hash, slot) = self.find(id)?;
+        let removed = self.by_id.remove(hash, slot);
+        debug_assert!(removed, "just found");
+        Some(self.log.take(slot).event)
     }
 
     /// Evicts the least recently used event and returns it (see [`EventTable::remove`]), `None`
     /// when there was none.
     pub(super) fn evict_least_recent(&mut self) -> Option<Arc<Event>> {
-        let slot = self.lru.back()?;
-        Some(self.remove_slot(slot))
+        let (position, slot) = self.log.oldest()?;
+        if position < self.indexed_to {
+            let removed = self.by_id.remove(self.by_id.hash(self.log.get(slot).id), slot);
+            debug_assert!(removed, "every entry below `indexed_to` is in the index");
+        }
+        Some(self.log.take(slot).event)
     }
 
     /// Brings what the next evictions touch into cache ahead of them: the least recently used
-    /// event was stored a bound's worth of events ago and is cold by now, and evicting it reads
-    /// its list node and its index bucket, and dropping it the whole event and its payload's
-    /// allocation, and popping its sequence number reads the front of the sequence index. Each
-    /// call moves three victims one stage on, so by its eviction each has had its node fetched
-    /// two stores before, its event one store before and its index bucket and payload now.
+    /// event was stored a bound's worth of events ago and is cold by now, and dropping it reads
+    /// the whole event and its payload's allocation (its slot in the ring, next to the one just
+    /// evicted, the hardware fetches on its own). Each call moves two victims one stage on, so
+    /// by its eviction each has had its event fetched one store before and its payload (and its
+    /// index bucket, when it is in the index) now.
     pub(super) fn prefetch_evictions(&self) {
-        let Some(next) = self.lru.back() else { return };
-        self.by_id.prefetch(self.by_id.hash(self.lru.get(next).id));
-        self.by_seq.prefetch_front();
-        if let Some(payload) = self.lru.get(next).event.payload_json() {
+        let Some((position, next)) = self.log.oldest() else { return };
+        let entry = self.log.get(next);
+        if position < self.indexed_to {
+            self.by_id.prefetch(self.by_id.hash(entry.id));
+        }
+        if let Some(payload) = entry.event.payload_json() {
             // From the allocator's header just before the text.
             crate::prefetch::range(payload.as_ptr().wrapping_sub(16), 16 + payload.len().min(48));
         }
-        let Some(after) = self.lru.newer(next) else { return };
-        let event = Arc::as_ptr(&self.lru.get(after).event).cast::<u8>();
+        let Some((_, after)) = self.log.after(position) else { return };
+        let event = Arc::as_ptr(&self.log.get(after).event).cast::<u8>();
         // With the reference counts before the event.
         crate::prefetch::range(event.wrapping_sub(16), 16 + size_of::<Event>());
-        if let Some(third) = self.lru.newer(after) {
-            self.lru.prefetch(third);
-        }
     }
 
     /// Ids of completed and failed events created before `cutoff`.
     pub(super) fn finished_before(&self, cutoff: Timestamp, marks: &Marks) -> Vec<EventId> {
-        self.lru
-            .iter_slots()
-            .filter(|(slot, entry)| {
-                entry.event.created_at < cutoff && entry.current_status(*slot, marks).is_terminal()
+        self.log
+            .iter()
+            .filter(|&(_, slot, entry)| {
+                entry.event.created_at < cutoff && entry.current_status(slot, marks).is_terminal()
             })
-            .map(|(_, entry)| entry.id)
+            .map(|(_, _, entry)| entry.id)
             .collect()
     }
 
@@ -323,23 +364,24 @@ impl EventTable {
         marks: &Marks,
     ) -> Vec<((Timestamp, EventId), Event)> {
         let mut keys: Vec<((Timestamp, EventId), usize)> = self
-            .lru
-            .iter_slots()
-            .filter(|&(slot, entry)| {
+            .log
+            .iter()
+            .filter(|&(_, slot, entry)| {
                 // The mark is read only when the filter asks for a status.
                 let status = filter.status.map_or(entry.event.status, |_| entry.current_status(slot, marks));
                 filter.matches_with_status(&entry.event, status)
             })
-            .map(|(slot, entry)| ((entry.event.created_at, entry.event.id), slot))
+            .map(|(_, slot, entry)| ((entry.event.created_at, entry.event.id), slot))
             .collect();
         keys.sort_unstable_by_key(|(key, _)| *key);
         keys.into_iter()
             .take(take)
-            .map(|(key, slot)| (key, self.lru.get(slot).to_event(slot, marks)))
+            .map(|(key, slot)| (key, self.log.get(slot).to_event(slot, marks)))
             .collect()
     }
 
-    /// Up to `limit` events from `from` on, whose type matches `pattern`, in sequence order.
+    /// Up to `limit` events from `from` on, whose type matches `pattern`, in sequence order: a
+    /// pass over the shard's events, then a sort of the first `limit` of those selected.
     pub(super) fn replay(
         &self,
         from: ReplayFrom,
@@ -352,15 +394,80 @@ impl EventTable {
             ReplayFrom::Sequence(seq) => (seq, None),
             ReplayFrom::Time(at) => (0, Some(at)),
         };
-        self.by_seq
-            .from(first_seq)
-            .map(|(seq, slot)| (seq, slot, self.lru.get(slot)))
+        let mut selected: Vec<(u64, usize)> = self
+            .log
+            .iter()
+            .filter(|(_, _, entry)| entry.seq >= first_seq)
             .filter(|(_, _, entry)| not_before.is_none_or(|at| entry.event.created_at >= at))
             .filter(|(_, _, entry)| pattern.is_none_or(|p| p.matches(&entry.event.event_type)))
-            .take(limit)
-            .map(|(seq, slot, entry)| (seq, entry.to_event(slot, marks)))
-            .collect()
+            .map(|(_, slot, entry)| (entry.seq, slot))
+            .collect();
+        if selected.len() > limit {
+            if limit == 0 {
+                return Vec::new();
+            }
+            selected.select_nth_unstable(limit - 1);
+            selected.truncate(limit);
+        }
+        selected.sort_unstable();
+        selected.into_iter().map(|(seq, slot)| (seq, self.log.get(slot).to_event(slot, marks))).collect()
     }
+
+    /// Makes room for a push when the ring is full: its entries placed again from its start, at
+    /// the same size when holes are at least half of it (always so at its largest), else twice
+    /// the size. Each entry moved takes a fresh number of `counter` and its mark moves with it;
+    /// ticketed writes to the marks they left are refused and go by id (see [`super::marks`]).
+    /// The index starts again empty, to be caught up when next needed.
+    #[cold]
+    fn make_room(&mut self, counter: &AtomicU64, marks: &Marks) {
+        if !self.log.is_full() {
+            return;
+        }
+        let capacity = match self.log.capacity() {
+            0 => FIRST_CAPACITY.min(self.max_capacity),
+            full if self.log.len() * 2 <= full => full,
+            full => full * 2,
+        };
+        // A shard holds at most `max_events + 1` events, half its largest ring: there, holes are
+        // always at least half of it.
+        debug_assert!(capacity <= self.max_capacity, "a shard holds at most half of its largest ring");
+        let moved = self.log.rebuild(capacity);
+        let first = take_numbers(counter, moved.len());
+        if !moved.is_empty() {
+            marks.moving(first + moved.len() as u64 - 1);
+        }
+        // Every mark closed before any is opened: an entry's new slot may be another's old one.
+        let written: Vec<Option<Marked>> = moved
+            .iter()
+            .enumerate()
+            .map(|(slot, &old)| marks.close(old, self.log.get(slot).marked))
+            .collect();
+        for (slot, (written, number)) in written.into_iter().zip(first..).enumerate() {
+            self.log.get_mut(slot).marked = number;
+            marks.reserve(slot);
+            marks.open(slot, number, written);
+        }
+        self.by_id.clear();
+        self.indexed_to = 0;
+    }
+}
+
+/// Takes `count` numbers of the provider's store counter, under the lock of the shard that uses
+/// them; returns the first.
+fn take_numbers(counter: &AtomicU64, count: usize) -> u64 {
+    // Relaxed: the numbers only need to be unique and increasing within the shard, whose lock is
+    // held.
+    counter.fetch_add(count as u64, Ordering::Relaxed)
+}
+
+/// Where a status update of a stored event goes (see [`EventTable::locate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Located {
+    pub(super) slot: usize,
+    /// Its mark's number.
+    pub(super) marked: u64,
+    /// The number its latest store took.
+    pub(super) stored_at: u64,
 }
 
 #[cfg(test)]
@@ -430,11 +537,13 @@ mod tests {
     #[derive(Debug, Clone)]
     enum Op {
         Store,
+        /// A store of an id from elsewhere: not above all before it (a re-store when held).
+        StoreForeign(u128),
         Restore(usize),
         Get(usize),
         Update(usize),
-        /// An update written for an earlier store of the event, or of an event gone since (its
-        /// slot maybe reused): it changes nothing.
+        /// An update written with the ticket of an earlier store of the event, or of an event
+        /// gone since (its slot maybe reused): it changes nothing.
         Late(usize),
         Remove(usize),
         Evict,
@@ -443,115 +552,228 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => Just(Op::Store),
+            1 => any::<u128>().prop_map(Op::StoreForeign),
             1 => any::<usize>().prop_map(Op::Restore),
             4 => any::<usize>().prop_map(Op::Get),
-            2 => any::<usize>().prop_map(Op::Update),
+            3 => any::<usize>().prop_map(Op::Update),
             2 => any::<usize>().prop_map(Op::Late),
             1 => any::<usize>().prop_map(Op::Remove),
             2 => Just(Op::Evict),
         ]
     }
 
+    /// A ticket: the slot and number of a store.
+    type Ticket = (usize, u64);
+
+    /// Writes `update` as the broker's worker does (see `MemoryProvider::update_ticketed`): with
+    /// its store's ticket, and by id when the mark refuses it and the event may have moved.
+    fn write(table: &mut EventTable, marks: &Marks, (slot, number): Ticket, update: &StatusUpdate) {
+        if !marks.write(slot, number, update)
+            && let Some(found) = table.locate(update.id)
+            && found.stored_at == number
+        {
+            marks.claim(found.slot, found.marked, update);
+        }
+    }
+
+    /// Most events the model holds: a store beyond evicts, as the provider's bound does.
+    const HELD: usize = 40;
+
     proptest! {
         /// The table and its marks agree with a model (a `VecDeque` in recency order of id,
-        /// sequence number and status) after any mix of stores, re-stores, reads, status updates,
-        /// late updates (for an earlier store of an event, or for an event removed or evicted),
-        /// removals and evictions: recency order, each event's status, replay in sequence order,
-        /// and the counts per status.
+        /// sequence number and status) after any mix of stores (of increasing ids and of others),
+        /// re-stores, reads, status updates written with their store's ticket (which follow an
+        /// event that moved), late updates (for an earlier store of an event, or for an event
+        /// removed or evicted), removals and evictions, in a ring small enough to be placed again
+        /// often: recency order, each event's status, replay in sequence order, and the counts
+        /// per status.
         #[test]
         fn matches_a_recency_model(ops in prop::collection::vec(op(), 0..600)) {
-            let mut table = EventTable::new();
-            let marks = Marks::new(601);
-            let mut model: VecDeque<(EventId, u64, EventStatus)> = VecDeque::new();
-            // Tickets (slot, store number) of stores that no longer hold.
-            let mut late: Vec<(usize, u64)> = Vec::new();
-            let mut next_seq = 1;
-            let mut take = || {
-                next_seq += 1;
-                next_seq - 1
+            let mut table = EventTable::new(max_capacity(HELD));
+            let marks = Marks::new(max_capacity(HELD));
+            let counter = AtomicU64::new(1);
+            // Recency order: (id, sequence number, status, ticket of its latest store).
+            let mut model: VecDeque<(EventId, u64, EventStatus, Ticket)> = VecDeque::new();
+            // (id, ticket) of stores that no longer hold.
+            let mut late: Vec<(EventId, Ticket)> = Vec::new();
+            // Events from elsewhere are stored as finished, as a writer stores an event whose
+            // statuses came before its store.
+            let store = |table: &mut EventTable, model: &mut VecDeque<_>, late: &mut Vec<_>, id, status| {
+                let held = model.iter().position(|e: &(EventId, u64, EventStatus, Ticket)| e.0 == id);
+                if held.is_none() && model.len() == HELD {
+                    let (gone, _, _, ticket) = model.pop_front().unwrap();
+                    prop_assert_eq!(table.evict_least_recent().map(|e| e.id), Some(gone));
+                    late.push((gone, ticket));
+                }
+                let event = Arc::new(Event { id, status, ..Event::new(EventSource::System, "model.x") });
+                let stored = table.upsert(&event, &counter, &marks);
+                prop_assert_eq!(stored.new, held.is_none());
+                let seq = match held {
+                    Some(at) => {
+                        let (_, seq, _, ticket) = model.remove(at).unwrap();
+                        late.push((id, ticket));
+                        seq
+                    }
+                    None => stored.number,
+                };
+                model.push_back((id, seq, status, (stored.slot, stored.number)));
+                let found = table.locate(id).unwrap();
+                prop_assert_eq!((found.slot, found.stored_at), (stored.slot, stored.number));
+                Ok(())
             };
             for op in ops {
                 match op {
-                    Op::Store => {
-                        let event = Arc::new(Event::new(EventSource::System, "model.x"));
-                        let mut seq = 0;
-                        let stored = table.upsert(&event, || {
-                            seq = take();
-                            seq
-                        }, &marks);
-                        prop_assert!(stored.new);
-                        prop_assert_eq!(table.locate(event.id), Some((stored.slot, seq)));
-                        model.push_back((event.id, seq, EventStatus::Pending));
+                    Op::Store => store(&mut table, &mut model, &mut late, EventId::new(), EventStatus::Pending)?,
+                    Op::StoreForeign(bits) => {
+                        let id = EventId::from_uuid(uuid::Uuid::from_u128(bits));
+                        store(&mut table, &mut model, &mut late, id, EventStatus::Completed)?;
                     }
                     Op::Restore(i) if !model.is_empty() => {
-                        let (id, seq, _) = model.remove(i % model.len()).unwrap();
-                        late.push(table.locate(id).unwrap());
-                        let event = Arc::new(Event { id, ..Event::new(EventSource::System, "model.y") });
-                        let stored = table.upsert(&event, &mut take, &marks);
-                        prop_assert!(!stored.new);
-                        model.push_back((id, seq, EventStatus::Pending));
+                        let id = model[i % model.len()].0;
+                        store(&mut table, &mut model, &mut late, id, EventStatus::Pending)?;
                     }
                     Op::Get(i) if !model.is_empty() => {
                         let entry = model.remove(i % model.len()).unwrap();
-                        prop_assert_eq!(table.touch(entry.0, &marks).map(|e| (e.id, e.status)), Some((entry.0, entry.2)));
+                        prop_assert_eq!(
+                            table.touch(entry.0, &counter, &marks).map(|e| (e.id, e.status)),
+                            Some((entry.0, entry.2))
+                        );
                         model.push_back(entry);
                     }
                     Op::Update(i) if !model.is_empty() => {
                         let at = i % model.len();
                         let status = [EventStatus::Processing, EventStatus::Completed, EventStatus::Failed][i % 3];
-                        let (slot, stored_at) = table.locate(model[at].0).unwrap();
-                        marks.write(slot, stored_at, &StatusUpdate::new(model[at].0, status));
+                        write(&mut table, &marks, model[at].3, &StatusUpdate::new(model[at].0, status));
                         model[at].2 = status;
                     }
                     Op::Late(i) if !late.is_empty() => {
-                        let (slot, number) = late[i % late.len()];
-                        marks.write(slot, number, &StatusUpdate::new(EventId::new(), EventStatus::Failed));
+                        let (id, ticket) = late[i % late.len()];
+                        write(&mut table, &marks, ticket, &StatusUpdate::new(id, EventStatus::Failed));
                     }
                     Op::Remove(i) if !model.is_empty() => {
-                        let (id, _, _) = model.remove(i % model.len()).unwrap();
-                        late.push(table.locate(id).unwrap());
+                        let (id, _, _, ticket) = model.remove(i % model.len()).unwrap();
+                        late.push((id, ticket));
                         prop_assert_eq!(table.remove(id).map(|e| e.id), Some(id));
                         prop_assert!(table.remove(id).is_none());
                     }
                     Op::Evict => {
-                        if let Some(&(id, _, _)) = model.front() {
-                            late.push(table.locate(id).unwrap());
-                        }
                         let evicted = table.evict_least_recent().map(|e| e.id);
-                        prop_assert_eq!(evicted, model.pop_front().map(|(id, _, _)| id));
+                        let front = model.pop_front();
+                        prop_assert_eq!(evicted, front.map(|e| e.0));
+                        late.extend(front.map(|(id, _, _, ticket)| (id, ticket)));
                     }
                     Op::Restore(_) | Op::Get(_) | Op::Update(_) | Op::Late(_) | Op::Remove(_) => {}
                 }
                 prop_assert_eq!(table.len(), model.len());
-                let held: Vec<_> = std::iter::successors(table.lru.back(), |&slot| table.lru.newer(slot))
-                    .map(|slot| {
-                        let entry = table.lru.get(slot);
-                        (entry.id, entry.seq, entry.status(slot, &marks).status)
-                    })
+                let held: Vec<_> = table
+                    .log
+                    .iter()
+                    .map(|(_, slot, entry)| (entry.id, entry.seq, entry.status(slot, &marks).status))
                     .collect();
-                prop_assert_eq!(held, model.iter().copied().collect::<Vec<_>>());
-                let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, status)| (seq, id, status)).collect();
+                prop_assert_eq!(held, model.iter().map(|&(id, seq, status, _)| (id, seq, status)).collect::<Vec<_>>());
+                let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, status, _)| (seq, id, status)).collect();
                 by_seq.sort_unstable_by_key(|&(seq, _, _)| seq);
                 let replayed: Vec<_> = table
                     .replay(ReplayFrom::Beginning, None, usize::MAX, &marks)
                     .into_iter()
                     .map(|(seq, e)| (seq, e.id, e.status))
                     .collect();
-                prop_assert_eq!(replayed, by_seq);
+                prop_assert_eq!(&replayed, &by_seq);
+                if by_seq.len() > 2 {
+                    let from = by_seq[1].0;
+                    let page: Vec<_> = table
+                        .replay(ReplayFrom::Sequence(from), None, 2, &marks)
+                        .into_iter()
+                        .map(|(seq, e)| (seq, e.id, e.status))
+                        .collect();
+                    prop_assert_eq!(&page[..], &by_seq[1..3]);
+                }
                 let counts = table.counts(&marks);
                 for status in [EventStatus::Pending, EventStatus::Processing, EventStatus::Completed, EventStatus::Failed] {
                     prop_assert_eq!(counts[status_index(status)], model.iter().filter(|e| e.2 == status).count() as u64);
                 }
+                prop_assert!(table.log.capacity() <= max_capacity(HELD));
             }
         }
+    }
+
+    /// A shard's broker flow (each store of an id above all before, evicting the oldest) never
+    /// fills the index; a `get` catches it up, and the evictions after it take out what it put in.
+    #[test]
+    fn the_index_is_filled_only_when_something_reads_by_id() {
+        let mut table = EventTable::new(max_capacity(100));
+        let marks = Marks::new(max_capacity(100));
+        let counter = AtomicU64::new(1);
+        let mut ids = VecDeque::new();
+        let store = |table: &mut EventTable, ids: &mut VecDeque<EventId>| {
+            let event = Arc::new(Event::new(EventSource::System, "flow.x"));
+            assert!(table.upsert(&event, &counter, &marks).new);
+            ids.push_back(event.id);
+            if ids.len() > 100 {
+                assert_eq!(table.evict_least_recent().map(|e| e.id), ids.pop_front());
+            }
+        };
+        for _ in 0..1_000 {
+            store(&mut table, &mut ids);
+        }
+        assert_eq!((table.by_id.len(), table.indexed_to), (0, 0), "no store looked at the index");
+        let held = *ids.front().unwrap();
+        assert!(table.locate(held).is_some());
+        assert_eq!(table.by_id.len(), 100, "caught up");
+        for _ in 0..100 {
+            store(&mut table, &mut ids);
+        }
+        assert_eq!(table.by_id.len(), 0, "each eviction took its entry out");
+        assert!(table.locate(held).is_none());
+    }
+
+    /// A ring filled with holes (every event read once, each read moving it to the head) is
+    /// placed again at the same size, and a ring filled with events doubles; either way a status
+    /// written with the ticket of an event's store, before or after, lands on that event, and
+    /// nowhere else.
+    #[test]
+    fn tickets_follow_events_the_ring_moves() {
+        let mut table = EventTable::new(max_capacity(1_000));
+        let marks = Marks::new(max_capacity(1_000));
+        let counter = AtomicU64::new(1);
+        let mut held = Vec::new();
+        for i in 0..300 {
+            let event = Arc::new(Event::new(EventSource::System, "move.x"));
+            let stored = table.upsert(&event, &counter, &marks);
+            let ticket = (stored.slot, stored.number);
+            held.push((event.id, ticket));
+            if i % 3 == 0 {
+                write(&mut table, &marks, ticket, &StatusUpdate::new(event.id, EventStatus::Processing));
+            }
+            if i % 2 == 0 {
+                let (id, _) = held[i / 2];
+                table.touch(id, &counter, &marks).unwrap();
+            }
+        }
+        assert!(table.log.capacity() >= 256, "grew");
+        for (i, &(id, ticket)) in held.iter().enumerate() {
+            if i % 5 == 0 {
+                write(&mut table, &marks, ticket, &StatusUpdate::new(id, EventStatus::Completed));
+            }
+        }
+        for (i, &(id, _)) in held.iter().enumerate() {
+            let expected = match (i % 5, i % 3) {
+                (0, _) => EventStatus::Completed,
+                (_, 0) => EventStatus::Processing,
+                _ => EventStatus::Pending,
+            };
+            assert_eq!(table.touch(id, &counter, &marks).map(|e| e.status), Some(expected), "event {i}");
+        }
+        assert_eq!(table.len(), 300);
     }
 
     /// Two ids whose 32-bit hashes are equal share a probe sequence in the index; each is still
     /// located, updated, read, removed and evicted as itself.
     #[test]
     fn ids_with_the_same_hash_are_told_apart() {
-        let mut table = EventTable::new();
-        let marks = Marks::new(4);
+        let mut table = EventTable::new(max_capacity(4));
+        let marks = Marks::new(max_capacity(4));
+        let counter = AtomicU64::new(1);
         let mut seen = HashMap::new();
         let (a, b) = loop {
             let id = EventId::new();
@@ -559,24 +781,15 @@ mod tests {
                 break (other, id);
             }
         };
-        let mut seq = 0;
         for id in [a, b] {
             let event = Arc::new(Event { id, ..Event::new(EventSource::System, "collide.x") });
-            let stored = table.upsert(
-                &event,
-                || {
-                    seq += 1;
-                    seq
-                },
-                &marks,
-            );
-            assert!(stored.new);
+            assert!(table.upsert(&event, &counter, &marks).new);
         }
         for (id, status) in [(b, EventStatus::Completed), (a, EventStatus::Failed)] {
-            let (slot, stored_at) = table.locate(id).unwrap();
-            marks.write(slot, stored_at, &StatusUpdate::new(id, status));
+            let found = table.locate(id).unwrap();
+            marks.claim(found.slot, found.marked, &StatusUpdate::new(id, status));
         }
-        let status = |table: &mut EventTable, id| table.touch(id, &marks).map(|e| (e.id, e.status));
+        let status = |table: &mut EventTable, id| table.touch(id, &counter, &marks).map(|e| (e.id, e.status));
         assert_eq!(status(&mut table, a), Some((a, EventStatus::Failed)));
         assert_eq!(status(&mut table, b), Some((b, EventStatus::Completed)));
         let counts = table.counts(&marks);
