@@ -7,12 +7,18 @@
 //!   with statuses written 8 at a time (a worker that keeps up takes a few events a turn and
 //!   writes their statuses a few at a time, so a cost per call shows here; the bench writes each
 //!   turn's two statuses in calls of their own, where the worker writes one turn's completions
-//!   with the next turn's `processing`); and on either side of
-//!   the bound from which the provider shards (4 095 events in one shard, 4 096 in 16), which
-//!   shows what spreading events over shards costs a single thread.
-//! - then a table: the same on one thread and on two threads at once, each with events of its own
-//!   (ns per event on each thread), at the default bound and at 100 000, the provider filled
-//!   first: how the provider scales with the publishers and workers writing into it.
+//!   with the next turn's `processing`); and on either side of the bound from which the provider
+//!   shards (4 095 events in one shard, 4 096 in 16), which shows what spreading events over
+//!   shards costs a single thread. Those write their statuses by id, as any caller of
+//!   `update_status_batch` does; `default bound, ticketed` writes them as the broker's workers
+//!   do, each with the ticket its event's store handed back, into the event's mark.
+//! - then a table: each event built just before its store, as a publisher builds it, with the
+//!   statuses written with tickets and by id, against the same work without the provider: the
+//!   provider's cost on the broker's path.
+//! - then a table: the criterion lines' lifecycle on one thread and on two threads at once, each
+//!   with events of its own (ns per event on each thread), at the default bound and at 100 000,
+//!   the provider filled first: how the provider scales with the publishers and workers writing
+//!   into it.
 //! - then a table: events per second through the broker with the full lifecycle (stored,
 //!   processing, completed), one shard, the contenders in interleaved rounds (the machine is
 //!   shared and noisy), medians:
@@ -31,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use eventbroker::__private::memory;
 use eventbroker::prelude::*;
 use eventbroker::{
     Broker, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, Distribution, Event, EventFilter,
@@ -153,6 +160,22 @@ fn lifecycle_by_id(provider: &MemoryProvider, chunk: &[Arc<Event>], statuses_at_
     }
 }
 
+/// [`lifecycle_by_id`] as the broker's own path writes it: each store hands back a ticket, and
+/// each status is written with its event's ticket, one call each.
+fn lifecycle_ticketed(provider: &MemoryProvider, chunk: &[Arc<Event>]) {
+    let tickets: Vec<memory::Ticket> =
+        chunk.iter().map(|event| memory::store(provider, event).unwrap()).collect();
+    let now = jiff::Timestamp::now();
+    for (event, &ticket) in chunk.iter().zip(&tickets) {
+        let update = StatusUpdate::new(event.id, EventStatus::Processing).with_processed_at(now);
+        memory::update(provider, &update, ticket).unwrap();
+    }
+    for (event, &ticket) in chunk.iter().zip(&tickets) {
+        let update = StatusUpdate::new(event.id, EventStatus::Completed).with_completed_at(now);
+        memory::update(provider, &update, ticket).unwrap();
+    }
+}
+
 /// Times `lifecycle` over `iters` events in chunks of 256, each built just before it is stored, as
 /// a publisher's are: the provider's cost is measured on events in cache, not on events built long
 /// before.
@@ -190,6 +213,10 @@ fn memory_provider(c: &mut Criterion) {
             });
         });
     }
+    let provider = MemoryProvider::new(MemoryConfig::default());
+    group.bench_function(BenchmarkId::new("store_and_two_statuses", "default bound, ticketed"), |b| {
+        b.iter_custom(|iters| in_chunks(iters, &template, |chunk| lifecycle_ticketed(&provider, chunk)));
+    });
     group.finish();
 }
 
@@ -299,14 +326,24 @@ fn threads_table(rounds: usize, events: u64) {
     }
 }
 
+/// How [`as_published`] writes its status changes, when it has a provider.
+#[derive(Clone, Copy)]
+enum Writes {
+    /// With each store's ticket, into its event's mark: as the broker's workers write them.
+    Ticketed,
+    /// By id, through `update_status_batch`: as any other caller writes them.
+    ById,
+}
+
 /// The lifecycle of `iters` events as the broker's default path has it: a publisher builds each
 /// event and stores it at once (so the event it evicts is freed between two built, where the
 /// allocator reuses its memory at once), and every 256 events their `processing` and `completed`
 /// statuses are written, a batch each. Without a provider, the harness's own cost: the same events
 /// and status changes built, each dropped at once.
-fn as_published(iters: u64, template: &Event, provider: Option<&MemoryProvider>) -> Duration {
+fn as_published(iters: u64, template: &Event, provider: Option<(&MemoryProvider, Writes)>) -> Duration {
     let started = Instant::now();
     let mut ids = Vec::with_capacity(256);
+    let mut tickets = Vec::with_capacity(256);
     let mut left = iters;
     while left > 0 {
         let n = left.min(256);
@@ -314,8 +351,12 @@ fn as_published(iters: u64, template: &Event, provider: Option<&MemoryProvider>)
         for _ in 0..n {
             let event = Arc::new(fresh(template));
             ids.push(event.id);
-            if let Some(provider) = provider {
-                provider.store_batch(std::slice::from_ref(&event), None).unwrap();
+            match provider {
+                Some((provider, Writes::Ticketed)) => tickets.push(memory::store(provider, &event).unwrap()),
+                Some((provider, Writes::ById)) => {
+                    provider.store_batch(std::slice::from_ref(&event), None).unwrap();
+                }
+                None => {}
             }
             black_box(event);
         }
@@ -328,39 +369,66 @@ fn as_published(iters: u64, template: &Event, provider: Option<&MemoryProvider>)
             .iter()
             .map(|&id| StatusUpdate::new(id, EventStatus::Completed).with_completed_at(now))
             .collect();
-        if let Some(provider) = provider {
-            provider.update_status_batch(&processing).unwrap();
-            provider.update_status_batch(&completed).unwrap();
+        match provider {
+            Some((provider, Writes::Ticketed)) => {
+                for updates in [&processing, &completed] {
+                    for (update, &ticket) in updates.iter().zip(&tickets) {
+                        memory::update(provider, update, ticket).unwrap();
+                    }
+                }
+            }
+            Some((provider, Writes::ById)) => {
+                provider.update_status_batch(&processing).unwrap();
+                provider.update_status_batch(&completed).unwrap();
+            }
+            None => {}
         }
         black_box((processing, completed));
         ids.clear();
+        tickets.clear();
     }
     started.elapsed()
 }
 
 /// The memory provider's cost per event on the default path's allocation pattern: the lifecycle
-/// [`as_published`] with the provider and without it, in interleaved rounds; the provider's cost
-/// is the median of the per-round differences.
+/// [`as_published`] without the provider, with it written as the broker writes it (tickets), and
+/// with its statuses written by id, in interleaved rounds; each cost is the median of the
+/// per-round differences.
 fn as_published_table(rounds: usize, events: u64) {
     println!(
         "\nmemory provider, store + two statuses, each event built just before its store (ns per event, median of {rounds} interleaved rounds of {events} events)"
     );
-    println!("| bound | without the provider | with it | the provider's cost |");
-    println!("|---|---:|---:|---:|");
+    println!(
+        "| bound | without the provider | with it, ticketed | the provider's cost, ticketed (the broker's path) | with it, by id | the provider's cost, by id |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     let template = Event::new(EventSource::Database, TYPE).with_instance_id("bench");
     for bound in [MemoryConfig::default().max_events, 100_000] {
-        let provider = MemoryProvider::new(MemoryConfig { max_events: bound, ..MemoryConfig::default() });
+        let config = MemoryConfig { max_events: bound, ..MemoryConfig::default() };
+        let (ticketed, by_id) = (MemoryProvider::new(config.clone()), MemoryProvider::new(config));
+        let contenders = [None, Some((&ticketed, Writes::Ticketed)), Some((&by_id, Writes::ById))];
         // Filled first, so every event of a round evicts one.
-        as_published(bound as u64, &template, Some(&provider));
-        let by_round = common::interleaved(rounds, 2, |i| {
-            let spent = as_published(events, &template, (i == 1).then_some(&provider));
+        for contender in &contenders[1..] {
+            as_published(bound as u64, &template, *contender);
+        }
+        let by_round = common::interleaved(rounds, contenders.len(), |i| {
+            let spent = as_published(events, &template, contenders[i]);
             #[allow(clippy::cast_precision_loss, reason = "a mean for a table")]
             let ns = spent.as_nanos() as f64 / events as f64;
             ns
         });
-        let alone = common::medians(&by_round);
-        let cost = common::median(&mut by_round.iter().map(|round| round[1] - round[0]).collect::<Vec<_>>());
-        println!("| {bound} | {:.0} | {:.0} | {cost:.0} |", alone[0], alone[1]);
+        let ns = common::medians(&by_round);
+        let cost = |i: usize| {
+            common::median(&mut by_round.iter().map(|round| round[i] - round[0]).collect::<Vec<_>>())
+        };
+        println!(
+            "| {bound} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            ns[0],
+            ns[1],
+            cost(1),
+            ns[2],
+            cost(2)
+        );
     }
 }
 

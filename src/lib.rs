@@ -123,6 +123,42 @@ pub mod __private {
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::ring::Reservation;
 
+    /// The memory provider's writes as the broker's own path makes them, for `benches/provider`:
+    /// a store hands back its event's ticket, and the event's status updates are written with it,
+    /// into the event's mark, without its shard's lock. `update_status_batch` writes by id instead.
+    pub mod memory {
+        use std::sync::Arc;
+
+        use crate::provider::memory::StoreTicket;
+        use crate::{Event, MemoryProvider, ProviderError, StatusUpdate};
+
+        /// Where a store put its event.
+        #[derive(Debug, Clone, Copy)]
+        pub struct Ticket(StoreTicket);
+
+        /// Stores `event` as a publisher's `publish` does, and returns its ticket.
+        ///
+        /// # Errors
+        /// As `store_batch`.
+        pub fn store(provider: &MemoryProvider, event: &Arc<Event>) -> Result<Ticket, ProviderError> {
+            let mut stored = StoreTicket::NONE;
+            provider.store_numbered(std::slice::from_ref(event), None, |ticket| stored = ticket)?;
+            Ok(Ticket(stored))
+        }
+
+        /// Writes `update` of the event stored with `ticket`, as a worker does.
+        ///
+        /// # Errors
+        /// As `update_status_batch`.
+        pub fn update(
+            provider: &MemoryProvider,
+            update: &StatusUpdate,
+            ticket: Ticket,
+        ) -> Result<(), ProviderError> {
+            provider.update_ticketed(std::slice::from_ref(update), &[ticket.0])
+        }
+    }
+
     /// [`Producer::try_reserve`](crate::dispatch::ring::Producer::try_reserve), for the loom
     /// models of the broker's two-phase publish.
     ///

@@ -10,6 +10,9 @@
 //! entries again, in order, at the start of a ring of the same size (when holes are at least half
 //! of it) or of twice the size; the caller moves whatever it keeps by slot.
 
+/// How far ahead of the head and the tail [`Log::prefetch_ahead`] reaches.
+const SLOTS_AHEAD: u64 = 8;
+
 /// A ring of `T` in the order pushed.
 pub(super) struct Log<T> {
     /// `capacity` slots, a power of two, or none before the first push; position `p` lives in slot
@@ -83,6 +86,20 @@ impl<T> Log<T> {
     /// The oldest value's position and slot.
     pub(super) fn oldest(&self) -> Option<(u64, usize)> {
         (self.len > 0).then(|| (self.tail, self.slot_of(self.tail)))
+    }
+
+    /// Brings into cache the slots the pushes and evictions a few steps on will touch: the head's
+    /// and the tail's, [`SLOTS_AHEAD`] positions on, each last touched a ring's length of pushes
+    /// ago. The hardware's own prefetcher does not follow a walk this slow.
+    pub(super) fn prefetch_ahead(&self) {
+        if self.slots.is_empty() {
+            return;
+        }
+        for position in [self.head, self.tail] {
+            let slot = self.slot_of(position + SLOTS_AHEAD);
+            let address = std::ptr::from_ref(&self.slots[slot]).cast::<u8>();
+            crate::prefetch::range(address, size_of::<Option<T>>());
+        }
     }
 
     /// The slot of the value pushed next after the one at `position`, looking past a few holes at

@@ -34,6 +34,9 @@ use crate::provider::StatusUpdate;
 /// Marks allocated at once.
 const CHUNK: usize = 256;
 
+/// Marks past the one written that a ticketed write prefetches (see [`Marks::write`]).
+const MARKS_AHEAD: usize = 2;
+
 /// The marks of one shard's slots.
 pub(super) struct Marks {
     chunks: Box<[OnceLock<Box<[Mark]>>]>,
@@ -76,6 +79,7 @@ impl Marks {
         // this write takes after (or finds the mark not closed by them).
         let moved_since = || self.moved.load(Ordering::Relaxed) > number;
         let Some(mark) = self.get(slot) else { return !moved_since() };
+        self.prefetch_after(slot);
         let mut marked = mark.0.lock();
         if marked.store == MOVED {
             if moved_since() {
@@ -86,6 +90,19 @@ impl Marks {
         }
         marked.record(number, update);
         true
+    }
+
+    /// Brings the marks of the slots after `slot` into cache: a shard's stores take its slots in
+    /// order, so the next tickets a worker writes with are mostly for the slots just after, whose
+    /// marks were last written a ring's length of stores ago and are cold by now. A read hint, not
+    /// a write one: with two workers, the next slot's event may be the other's, and a line only
+    /// read comes in exclusive when no other core holds it, so the write finds it ready anyway.
+    fn prefetch_after(&self, slot: usize) {
+        for next in slot + 1..=slot + MARKS_AHEAD {
+            if let Some(mark) = self.get(next) {
+                crate::prefetch::range(std::ptr::from_ref(mark).cast(), size_of::<Mark>());
+            }
+        }
     }
 
     /// Notes that entries are about to move to other slots, the latest with number `number` (the

@@ -324,11 +324,12 @@ impl EventTable {
 
     /// Brings what the next evictions touch into cache ahead of them: the least recently used
     /// event was stored a bound's worth of events ago and is cold by now, and dropping it reads
-    /// the whole event and its payload's allocation (its slot in the ring, next to the one just
-    /// evicted, the hardware fetches on its own). Each call moves two victims one stage on, so
+    /// the whole event and its payload's allocation. Each call moves two victims one stage on, so
     /// by its eviction each has had its event fetched one store before and its payload (and its
-    /// index bucket, when it is in the index) now.
+    /// index bucket, when it is in the index) now; and it fetches the ring's slots a few stores
+    /// ahead, at the tail and at the head (see [`Log::prefetch_ahead`]).
     pub(super) fn prefetch_evictions(&self) {
+        self.log.prefetch_ahead();
         let Some((position, next)) = self.log.oldest() else { return };
         let entry = self.log.get(next);
         if position < self.indexed_to {
