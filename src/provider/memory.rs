@@ -154,6 +154,8 @@ const TAKE_AT_ONCE: usize = 16;
 pub struct MemoryConfig {
     /// Most events kept; storing more evicts the least recently used. Default 10 000. With 0 an
     /// event is evicted as soon as it is stored (streams and consumer groups still receive it).
+    /// Nothing is allocated ahead for the bound: memory grows with the events held, so any number
+    /// may be given, up to `usize::MAX` for one that is never reached.
     pub max_events: usize,
     /// Completed and failed events created longer ago than this are removed by cleanup. Default
     /// 24 hours; `None` keeps them until evicted.
@@ -212,8 +214,7 @@ struct Shared {
     gauges: Box<[CachePadded<Gauge>]>,
     /// Set by `close`, after every shard and the letters are closed under their locks.
     closed: AtomicBool,
-    /// Slots a shard's ring grows to at most, and the marks each shard has room for (see
-    /// [`table::max_capacity`]).
+    /// Slots a shard's ring grows to at most (see [`table::max_capacity`]).
     ring_capacity: usize,
     /// Each shard's status changes, by slot (see [`marks`]).
     marks: Box<[Marks]>,
@@ -302,7 +303,7 @@ impl MemoryProvider {
             gauges: (0..count).map(|_| CachePadded::new(Gauge::default())).collect(),
             closed: AtomicBool::new(false),
             ring_capacity,
-            marks: (0..count).map(|_| Marks::new(ring_capacity)).collect(),
+            marks: (0..count).map(|_| Marks::new()).collect(),
             hub: StreamHub::new(config.stream_capacity),
             bell: Bell::default(),
             config,
@@ -1353,5 +1354,32 @@ mod tests {
             let stats = provider.stats().unwrap();
             assert_eq!((stats.completed_events, stats.total_events), (max_events as u64, max_events as u64));
         }
+    }
+
+    /// A bound as large as there is allocates nothing ahead for it (a configured `max_events` is
+    /// any number): the provider is made at once, and stores, ticketed and by-id status writes,
+    /// reads and stats work as at any bound.
+    #[test]
+    fn the_largest_bound_allocates_nothing_ahead() {
+        let provider =
+            MemoryProvider::new(MemoryConfig { max_events: usize::MAX, ..MemoryConfig::default() });
+        let events: Vec<Arc<Event>> =
+            (0..5_000).map(|_| Arc::new(Event::new(EventSource::System, "bound.x"))).collect();
+        let mut tickets = Vec::new();
+        provider.store_numbered(&events, None, |t| tickets.push(t)).unwrap();
+        let (ticketed, by_id) = events.split_at(2_500);
+        let processing: Vec<StatusUpdate> =
+            ticketed.iter().map(|e| StatusUpdate::new(e.id, EventStatus::Processing)).collect();
+        provider.update_ticketed(&processing, &tickets[..2_500]).unwrap();
+        let completed: Vec<StatusUpdate> =
+            by_id.iter().map(|e| StatusUpdate::new(e.id, EventStatus::Completed)).collect();
+        provider.update_status_batch(&completed).unwrap();
+        assert_eq!(provider.get(ticketed[7].id).unwrap().map(|e| e.status), Some(EventStatus::Processing));
+        assert_eq!(provider.get(by_id[7].id).unwrap().map(|e| e.status), Some(EventStatus::Completed));
+        let stats = provider.stats().unwrap();
+        assert_eq!(
+            (stats.total_events, stats.processing_events, stats.completed_events),
+            (5_000, 2_500, 2_500)
+        );
     }
 }

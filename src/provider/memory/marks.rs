@@ -18,7 +18,8 @@
 //! changes another event, and a write for an event that moved follows it.
 //!
 //! The marks of a slot are allocated, in chunks of [`CHUNK`], by the first store into it, and
-//! kept until the provider is dropped: a shard's marks take 64 bytes for each slot of its ring.
+//! kept until the provider is dropped: a shard's marks take 64 bytes for each slot its ring has
+//! reached, and nothing for a bound it never reaches.
 
 use std::mem;
 use std::sync::OnceLock;
@@ -37,34 +38,51 @@ const CHUNK: usize = 256;
 /// Marks past the one written that a ticketed write prefetches (see [`Marks::write`]).
 const MARKS_AHEAD: usize = 2;
 
-/// The marks of one shard's slots.
+/// Segments of a shard's chunk directory: segment `k` holds `2^k` chunks, so this many cover
+/// every chunk a `usize` slot can fall in (see [`chunk_of`]).
+const SEGMENTS: usize = (usize::BITS - CHUNK.trailing_zeros() + 1) as usize;
+
+/// A segment of the chunk directory: its chunks, each allocated by the first store into it.
+type Segment = Box<[OnceLock<Box<[Mark]>>]>;
+
+/// The marks of one shard's slots. Nothing is allocated ahead of the stores that reach a slot,
+/// whatever the bound: chunks of [`CHUNK`] marks, found through segments of doubling size (the
+/// chunk numbered `c` in segment `log2(c + 1)`), so the directory takes room in proportion to
+/// the highest slot stored into, and a lookup is two loads.
 pub(super) struct Marks {
-    chunks: Box<[OnceLock<Box<[Mark]>>]>,
+    segments: [OnceLock<Segment>; SEGMENTS],
     /// The number of the latest entry moved to another slot (see [`Marks::moving`]), 0 for none:
     /// an entry numbered above it has not moved since.
     moved: AtomicU64,
 }
 
+/// The segment of the chunk `slot` falls in, and the chunk's place in it.
+fn chunk_of(slot: usize) -> (usize, usize) {
+    // At most `usize::MAX / CHUNK + 1`: no overflow.
+    let n = slot / CHUNK + 1;
+    let segment = n.ilog2() as usize;
+    (segment, n - (1 << segment))
+}
+
 impl Marks {
-    /// Marks for up to `slots` slots, none allocated yet.
-    pub(super) fn new(slots: usize) -> Self {
-        Self {
-            chunks: (0..slots.div_ceil(CHUNK)).map(|_| OnceLock::new()).collect(),
-            moved: AtomicU64::new(0),
-        }
+    /// Marks for a shard, none allocated yet.
+    pub(super) fn new() -> Self {
+        Self { segments: std::array::from_fn(|_| OnceLock::new()), moved: AtomicU64::new(0) }
     }
 
     /// Allocates the mark of `slot`, if it is not yet: called by a store into the slot, before
     /// anybody is told of it.
     pub(super) fn reserve(&self, slot: usize) {
-        if let Some(chunk) = self.chunks.get(slot / CHUNK) {
-            chunk.get_or_init(|| (0..CHUNK).map(|_| Mark::default()).collect());
-        }
+        let (segment, chunk) = chunk_of(slot);
+        let chunks =
+            self.segments[segment].get_or_init(|| (0..1usize << segment).map(|_| OnceLock::new()).collect());
+        chunks[chunk].get_or_init(|| (0..CHUNK).map(|_| Mark::default()).collect());
     }
 
-    /// The mark of `slot`, `None` when no store into it ever reserved it (or beyond the bound).
+    /// The mark of `slot`, `None` when no store into it ever reserved it.
     pub(super) fn get(&self, slot: usize) -> Option<&Mark> {
-        self.chunks.get(slot / CHUNK)?.get().map(|chunk| &chunk[slot % CHUNK])
+        let (segment, chunk) = chunk_of(slot);
+        self.segments[segment].get()?[chunk].get().map(|chunk| &chunk[slot % CHUNK])
     }
 
     /// Writes `update` for the entry numbered `number` in `slot`, without the shard's lock (a
@@ -259,5 +277,48 @@ impl Mark {
         if marked.present & COMPLETED != 0 {
             status.completed_at = Some(marked.at[1]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The directory numbers chunks in order without gaps: each segment `k` holds chunks
+    /// `2^k - 1 ..= 2^(k+1) - 2`, and the last slot there is falls in the last segment.
+    #[test]
+    fn every_slot_has_one_place_in_the_directory() {
+        let mut expected = (0, 0);
+        for chunk in 0..5_000 {
+            for slot in [chunk * CHUNK, chunk * CHUNK + CHUNK - 1] {
+                assert_eq!(chunk_of(slot), expected, "slot {slot}");
+            }
+            expected = if expected.1 + 1 == 1 << expected.0 {
+                (expected.0 + 1, 0)
+            } else {
+                (expected.0, expected.1 + 1)
+            };
+        }
+        let (segment, chunk) = chunk_of(usize::MAX);
+        assert_eq!(segment, SEGMENTS - 1);
+        assert!(chunk < 1 << segment);
+    }
+
+    /// Only the chunks stores reach are allocated, however far apart: a mark far out is there
+    /// once reserved, and its neighbours in other chunks are not.
+    #[test]
+    fn marks_are_allocated_where_stores_reach() {
+        let marks = Marks::new();
+        let far = 3 << 20;
+        assert!(marks.get(far).is_none());
+        marks.reserve(far);
+        assert!(marks.get(far).is_some() && marks.get(far + 1).is_some());
+        assert!(
+            marks.get(far - CHUNK).is_none() && marks.get(far + CHUNK).is_none() && marks.get(0).is_none()
+        );
+        let update = StatusUpdate::new(crate::EventId::new(), EventStatus::Completed);
+        assert!(marks.write(far, 7, &update));
+        assert_eq!(marks.status(far, 7), Some(EventStatus::Completed));
+        assert_eq!(marks.status(far, 8), None, "another store's mark");
     }
 }

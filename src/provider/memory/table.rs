@@ -108,9 +108,9 @@ impl Entry {
 /// Slots of a shard's first ring: it doubles from there as the shard fills.
 const FIRST_CAPACITY: usize = 16;
 
-/// Slots a shard's ring may grow to for a provider bound of `max_events`, and the marks a shard
-/// keeps room for: twice what a shard holds at most (`max_events`, and one more while a store
-/// evicts), so a ring that fills at that size is at least half holes.
+/// Slots a shard's ring may grow to for a provider bound of `max_events`: twice what a shard holds
+/// at most (`max_events`, and one more while a store evicts), so a ring that fills at that size is
+/// at least half holes. Only a limit: the ring grows to it as the shard fills.
 pub(super) fn max_capacity(max_events: usize) -> usize {
     max_events
         .saturating_add(1)
@@ -518,7 +518,7 @@ mod tests {
         for first in &updates {
             for second in [None].into_iter().chain(updates.iter().step_by(5).map(Some)) {
                 let mut expected = Lifecycle::of(&event);
-                let marks = Marks::new(1);
+                let marks = Marks::new();
                 marks.reserve(0);
                 store += 1;
                 for update in std::iter::once(first).chain(second) {
@@ -591,7 +591,7 @@ mod tests {
         #[test]
         fn matches_a_recency_model(ops in prop::collection::vec(op(), 0..600)) {
             let mut table = EventTable::new(max_capacity(HELD));
-            let marks = Marks::new(max_capacity(HELD));
+            let marks = Marks::new();
             let counter = AtomicU64::new(1);
             // Recency order: (id, sequence number, status, ticket of its latest store).
             let mut model: VecDeque<(EventId, u64, EventStatus, Ticket)> = VecDeque::new();
@@ -703,7 +703,7 @@ mod tests {
     #[test]
     fn the_index_is_filled_only_when_something_reads_by_id() {
         let mut table = EventTable::new(max_capacity(100));
-        let marks = Marks::new(max_capacity(100));
+        let marks = Marks::new();
         let counter = AtomicU64::new(1);
         let mut ids = VecDeque::new();
         let store = |table: &mut EventTable, ids: &mut VecDeque<EventId>| {
@@ -735,7 +735,7 @@ mod tests {
     #[test]
     fn tickets_follow_events_the_ring_moves() {
         let mut table = EventTable::new(max_capacity(1_000));
-        let marks = Marks::new(max_capacity(1_000));
+        let marks = Marks::new();
         let counter = AtomicU64::new(1);
         let mut held = Vec::new();
         for i in 0..300 {
@@ -773,7 +773,7 @@ mod tests {
     #[test]
     fn ids_with_the_same_hash_are_told_apart() {
         let mut table = EventTable::new(max_capacity(4));
-        let marks = Marks::new(max_capacity(4));
+        let marks = Marks::new();
         let counter = AtomicU64::new(1);
         let mut seen = HashMap::new();
         let (a, b) = loop {
