@@ -48,7 +48,7 @@ pub mod testing;
 
 pub use crate::broker::{
     Backpressure, Broker, BrokerBuilder, BrokerStats, CloseOutcome, Distribution, MAX_BUFFER_SIZE,
-    MAX_WORKERS, Mode, RedriveOutcome, ReplayReport, ShutdownReport, WeakBroker,
+    MAX_MATCH_CACHE_CAPACITY, MAX_WORKERS, Mode, RedriveOutcome, ReplayReport, ShutdownReport, WeakBroker,
 };
 pub use crate::dispatch::inbound::InboundStats;
 pub use crate::dispatch::retry::RetryPolicy;

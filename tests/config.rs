@@ -270,6 +270,16 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
     ("event_broker:\n  worker_count: 0\n", "event_broker.worker_count", "must be between 1 and 1024, got 0"),
     ("event_broker:\n  buffer_size: 1\n", "event_broker.buffer_size", "must be between 2 and"),
     (
+        "event_broker:\n  match_cache_capacity: 0\n",
+        "event_broker.match_cache_capacity",
+        "must be between 1 and 1048576, got 0",
+    ),
+    (
+        "event_broker:\n  match_cache_capacity: 9223372036854775807\n",
+        "event_broker.match_cache_capacity",
+        "must be between 1 and 1048576, got 9223372036854775807",
+    ),
+    (
         "event_broker:\n  enabled: yes please\n",
         "event_broker.enabled",
         r#"expected true or false, got "yes please""#,
@@ -393,6 +403,20 @@ fn each_kind_of_bad_value_gets_its_error() {
         assert_eq!(err.key(), key, "{yaml}: {err}");
         assert!(err.reason().contains(reason), "{yaml}: {err}");
     }
+}
+
+/// A memory bound as large as there is means "never evict": it builds at once and works, since
+/// the provider allocates nothing ahead for its bound.
+#[test]
+fn the_largest_memory_bound_builds_a_broker_that_works() {
+    let config = load("event_broker:\n  memory:\n    max_events: 9223372036854775807\n");
+    assert_eq!(config.memory.max_events, usize::try_from(i64::MAX).unwrap());
+    let broker = config.build().unwrap();
+    for _ in 0..100 {
+        broker.publish(eventbroker::Event::new(eventbroker::EventSource::System, "bound.x")).unwrap();
+    }
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    assert_eq!(broker.stats().published, 100);
 }
 
 #[test]

@@ -84,6 +84,9 @@ impl Distribution {
 pub const MAX_WORKERS: usize = 1024;
 /// Largest ring, in events per shard.
 pub const MAX_BUFFER_SIZE: usize = 1 << 24;
+/// Most event types a worker's match cache may hold: the cache is allocated whole when the
+/// worker starts, some 64 bytes a type.
+pub const MAX_MATCH_CACHE_CAPACITY: usize = 1 << 20;
 
 /// Configures and starts a [`Broker`].
 ///
@@ -250,7 +253,8 @@ impl BrokerBuilder {
         self
     }
 
-    /// Distinct event types each worker's match cache holds. Default 4096.
+    /// Distinct event types each worker's match cache holds, from 1 to
+    /// [`MAX_MATCH_CACHE_CAPACITY`]. Default 4096.
     pub fn match_cache_capacity(mut self, types: usize) -> Self {
         self.cache_capacity = types;
         self
@@ -392,8 +396,11 @@ impl BrokerBuilder {
         if self.writer.max_backlog == 0 {
             return Err(ConfigError::new("writer.max_backlog", "must be at least 1"));
         }
-        if self.cache_capacity == 0 {
-            return Err(ConfigError::new("match_cache_capacity", "must be at least 1"));
+        if self.cache_capacity == 0 || self.cache_capacity > MAX_MATCH_CACHE_CAPACITY {
+            return Err(ConfigError::new(
+                "match_cache_capacity",
+                format!("must be between 1 and {MAX_MATCH_CACHE_CAPACITY}, got {}", self.cache_capacity),
+            ));
         }
         if self.claim_idle < Duration::from_millis(10) {
             return Err(ConfigError::new(

@@ -59,7 +59,9 @@ mod recovery;
 mod shutdown;
 mod stats;
 
-pub use self::builder::{BrokerBuilder, Distribution, MAX_BUFFER_SIZE, MAX_WORKERS, Mode};
+pub use self::builder::{
+    BrokerBuilder, Distribution, MAX_BUFFER_SIZE, MAX_MATCH_CACHE_CAPACITY, MAX_WORKERS, Mode,
+};
 pub use self::recovery::{RedriveOutcome, ReplayReport};
 pub use self::shutdown::{CloseOutcome, ShutdownReport};
 pub use self::stats::BrokerStats;

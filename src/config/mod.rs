@@ -92,7 +92,7 @@
 //! | `distribution.mode` | `local` with `memory`, else `fan_out` | `local`, `fan_out` or `work_queue` |
 //! | `distribution.group` | `redis.consumer_group` | the shared group of `work_queue` |
 //! | `claim_idle` | `30s` | unacknowledged inbound events are redelivered after this |
-//! | `match_cache_capacity` | `4096` | event types each worker's match cache holds |
+//! | `match_cache_capacity` | `4096` | event types each worker's match cache holds, 1 to 1 048 576 |
 //! | `drop_shutdown_timeout` | `30s` | bound of the shutdown that dropping the last handle runs |
 //! | `memory.max_events` | `10000` | events kept, least recently used evicted |
 //! | `memory.max_age` | `24h` | finished events older than this are removed (`none`: kept) |
