@@ -471,14 +471,27 @@ impl Shared {
         for (index, mine) in each_shard_in(&order, &ends) {
             let mut shard = self.shard(index, operation)?;
             for update in mine.iter().map(|&at| &updates[at as usize]) {
-                if let Some(found) = shard.events.locate(update.id)
-                    && found.stored_at < written_at
-                {
-                    self.marks[index].claim(found.slot, found.marked, update);
-                }
+                self.claim_by_id(index, &mut shard, update, |stored_at| stored_at < written_at);
             }
         }
         Ok(())
+    }
+
+    /// Writes `update` to the mark of its event, found by id in shard `index` (held as `shard`),
+    /// when `applies` accepts the number the event's latest store took; dropped when the event is
+    /// not stored, or `applies` refuses.
+    fn claim_by_id(
+        &self,
+        index: usize,
+        shard: &mut Shard,
+        update: &StatusUpdate,
+        applies: impl FnOnce(u64) -> bool,
+    ) {
+        if let Some(found) = shard.events.locate(update.id)
+            && applies(found.stored_at)
+        {
+            self.marks[index].claim(found.slot, found.marked, update);
+        }
     }
 
     /// Counts one more event held, unless `max_events` are: then `false`, and the caller evicts
@@ -795,15 +808,9 @@ impl MemoryProvider {
             // Relaxed: as in `update_status_batch`.
             let written_at = shared.next_seq.load(Ordering::Relaxed);
             let mut part = shared.shard(index, "update_status_batch")?;
-            if let Some(found) = part.events.locate(update.id)
-                && if *ticket == StoreTicket::NONE {
-                    found.stored_at < written_at
-                } else {
-                    found.stored_at == ticket.number
-                }
-            {
-                marks.claim(found.slot, found.marked, update);
-            }
+            shared.claim_by_id(index, &mut part, update, |stored_at| {
+                if *ticket == StoreTicket::NONE { stored_at < written_at } else { stored_at == ticket.number }
+            });
         }
         Ok(())
     }
