@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use eventbroker::prelude::*;
 use eventbroker::{
-    Backpressure, BatchRejection, Broker, CloseOutcome, DeadLetterFilter, Event, EventFilter, EventStatus,
-    MemoryConfig, MemoryProvider, Mode, PublishError, RetryPolicy, SubscribeError, SyncPublishError,
+    Backpressure, BatchRejection, Broker, CloseOutcome, DeadLetterFilter, Event, EventFilter, EventId,
+    EventStatus, MemoryConfig, MemoryProvider, Mode, PublishError, RetryPolicy, SubscribeError,
+    SyncPublishError,
 };
 use serde_json::json;
 
@@ -527,6 +528,75 @@ fn the_status_lifecycle_reaches_the_provider() {
         assert_eq!(e.instance_id, broker.instance_id(), "the broker fills instance_id");
     }
     assert_eq!(broker.stats().unrouted, 1);
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
+}
+
+/// Under load, with batches forming and retries running between them, each event's timestamps
+/// bracket its handling: `processed_at` is no later than its first handler call began, and
+/// `completed_at` no earlier than its last one returned.
+#[test]
+fn timestamps_bracket_each_events_handling_under_load() {
+    const EVENTS: i64 = 4_000;
+    let provider = Arc::new(MemoryProvider::default());
+    let broker = Broker::builder()
+        .provider(provider.clone())
+        .workers(1)
+        .retry_policy(RetryPolicy {
+            initial_delay: Duration::ZERO,
+            max_delay: Duration::ZERO,
+            ..quick_retries(1)
+        })
+        .build()
+        .unwrap();
+    // Per event: when its first call began, when its last call returned.
+    let seen: Arc<Mutex<HashMap<EventId, (jiff::Timestamp, jiff::Timestamp)>>> = Arc::default();
+    let record = |fail_first: bool| {
+        let seen = Arc::clone(&seen);
+        let failed = Mutex::new(std::collections::HashSet::new());
+        move |e: &Event| {
+            let began = jiff::Timestamp::now();
+            seen.lock().unwrap().entry(e.id).or_insert((began, began));
+            if fail_first && e.user_id % 7 == 0 && failed.lock().unwrap().insert(e.id) {
+                return Err("once".to_owned());
+            }
+            seen.lock().unwrap().get_mut(&e.id).unwrap().1 = jiff::Timestamp::now();
+            Ok::<(), String>(())
+        }
+    };
+    broker.subscribe("load.*", record(false)).unwrap();
+    broker.subscribe("load.flaky", record(true)).unwrap();
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        let e = event(if n % 3 == 0 { "load.flaky" } else { "load.steady" }).with_user_id(n);
+        ids.push(e.id);
+        broker.publish(e).unwrap();
+        if n % 500 == 499 {
+            // Lets the worker catch up, so that batches of every size form.
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    wait_until("handling", Duration::from_secs(20), || broker.stats().processed == EVENTS.unsigned_abs());
+    broker.flush(Duration::from_secs(5)).unwrap();
+    let seen = seen.lock().unwrap();
+    for id in ids {
+        let e = provider.get(id).unwrap().expect("stored");
+        assert_eq!(e.status, EventStatus::Completed, "{id}");
+        let (began, returned) = seen[&id];
+        let processed = e.processed_at.expect("processed_at set");
+        let completed = e.completed_at.expect("completed_at set");
+        assert!(
+            e.created_at <= processed,
+            "{id}: created {} after processing began {processed}",
+            e.created_at
+        );
+        assert!(processed <= began, "{id}: processing began {processed} after its first call {began}");
+        assert!(
+            returned <= completed,
+            "{id}: completed {completed} before its last call returned {returned}"
+        );
+    }
+    assert!(broker.stats().retries > 0, "some deliveries were retried");
     let report = broker.shutdown(Duration::from_secs(5));
     assert!(report.is_clean(), "{report:?}");
 }
