@@ -159,6 +159,31 @@ pub mod __private {
         }
     }
 
+    /// The memory provider's mark of one slot (its lock and what it holds), for the loom model of
+    /// the lock.
+    #[cfg(eventbroker_loom)]
+    pub struct Mark(crate::provider::memory::Mark);
+
+    #[cfg(eventbroker_loom)]
+    impl Mark {
+        /// A mark with nothing written.
+        #[allow(clippy::new_without_default, reason = "loom-tests only")]
+        pub fn new() -> Self {
+            Self(crate::provider::memory::Mark::default())
+        }
+
+        /// Adds one to what it holds (a read and a write) under its lock, if the lock is free;
+        /// `false` when it was not.
+        pub fn try_add_one(&self) -> bool {
+            self.0.try_add_one()
+        }
+
+        /// What it holds, read under its lock, if the lock is free.
+        pub fn try_count(&self) -> Option<u32> {
+            self.0.try_count()
+        }
+    }
+
     /// [`Producer::try_reserve`](crate::dispatch::ring::Producer::try_reserve), for the loom
     /// models of the broker's two-phase publish.
     ///

@@ -112,6 +112,8 @@ mod letters;
 mod linger;
 mod log;
 mod marks;
+#[cfg(eventbroker_loom)]
+pub(crate) use marks::Mark;
 mod table;
 
 const NAME: &str = "memory";

@@ -196,7 +196,7 @@ impl Marks {
 /// spins a moment, and letting go of it is a plain store. A `Mutex`'s unlock is a second locked
 /// instruction, which took as long as the lock itself: a third of a worker's status path.
 #[repr(align(64))]
-pub(super) struct Mark {
+pub(crate) struct Mark {
     locked: AtomicBool,
     marked: UnsafeCell<Marked>,
 }
@@ -295,9 +295,7 @@ impl Mark {
     /// Runs `f` on what the mark holds, under its lock.
     fn with<R>(&self, f: impl FnOnce(&mut Marked) -> R) -> R {
         let mut spins = 0;
-        // Acquire: pairs with the Release store in `Unlock::drop`; what the last holder wrote is
-        // seen.
-        while self.locked.swap(true, Ordering::Acquire) {
+        while !self.try_lock() {
             while self.locked.load(Ordering::Relaxed) {
                 if spins < SPINS {
                     spins += 1;
@@ -307,14 +305,44 @@ impl Mark {
                 }
             }
         }
+        self.holding(f)
+    }
+
+    /// Takes the lock if it is free.
+    fn try_lock(&self) -> bool {
+        // Acquire: pairs with the Release store in `Unlock::drop`; what the last holder wrote is
+        // seen. Relaxed on failure: nothing is read.
+        self.locked.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
+    }
+
+    /// Runs `f` on what the mark holds, and lets go of the lock after it. The caller holds it.
+    fn holding<R>(&self, f: impl FnOnce(&mut Marked) -> R) -> R {
         let _unlock = Unlock(&self.locked);
-        // SAFETY: this thread holds `locked`, so no other reference to `marked` exists until
-        // `_unlock` drops, after the last use of this one.
+        // SAFETY: this thread holds `locked` (the caller took it), so no other reference to
+        // `marked` exists until `_unlock` drops, after the last use of this one.
         self.marked.with_mut(|marked| f(unsafe { &mut *marked }))
     }
 
     fn apply(&self, store: u64, status: &mut Lifecycle) {
         self.with(|marked| marked.apply(store, status));
+    }
+
+    /// Adds one to the retry count it holds, if its lock is free: for the loom model of the lock,
+    /// whose threads try once rather than wait (loom cannot explore a wait that needs another
+    /// thread to make progress).
+    #[cfg(eventbroker_loom)]
+    pub(crate) fn try_add_one(&self) -> bool {
+        let locked = self.try_lock();
+        if locked {
+            self.holding(|marked| marked.retry_count += 1);
+        }
+        locked
+    }
+
+    /// The retry count it holds, if its lock is free: for the loom model of the lock.
+    #[cfg(eventbroker_loom)]
+    pub(crate) fn try_count(&self) -> Option<u32> {
+        self.try_lock().then(|| self.holding(|marked| marked.retry_count))
     }
 }
 
@@ -323,7 +351,7 @@ struct Unlock<'a>(&'a AtomicBool);
 
 impl Drop for Unlock<'_> {
     fn drop(&mut self) {
-        // Release: pairs with the Acquire swap in `Mark::with`.
+        // Release: pairs with the Acquire compare-and-swap in `Mark::try_lock`.
         self.0.store(false, Ordering::Release);
     }
 }
