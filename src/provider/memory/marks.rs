@@ -201,7 +201,7 @@ pub(crate) struct Mark {
     marked: UnsafeCell<Marked>,
 }
 
-// SAFETY: `marked` is reached only in `Mark::with`, by the one thread holding `locked`.
+// SAFETY: `marked` is reached only in `Mark::holding`, by the one thread holding `locked`.
 unsafe impl Sync for Mark {}
 
 impl Default for Mark {
@@ -305,7 +305,8 @@ impl Mark {
                 }
             }
         }
-        self.holding(f)
+        // SAFETY: `try_lock` returned `true`: this thread holds the lock.
+        unsafe { self.holding(f) }
     }
 
     /// Takes the lock if it is free.
@@ -315,10 +316,14 @@ impl Mark {
         self.locked.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok()
     }
 
-    /// Runs `f` on what the mark holds, and lets go of the lock after it. The caller holds it.
-    fn holding<R>(&self, f: impl FnOnce(&mut Marked) -> R) -> R {
+    /// Runs `f` on what the mark holds, and lets go of the lock after it.
+    ///
+    /// # Safety
+    /// The calling thread holds the lock: its [`Mark::try_lock`] returned `true`, and it has not
+    /// let go of it since.
+    unsafe fn holding<R>(&self, f: impl FnOnce(&mut Marked) -> R) -> R {
         let _unlock = Unlock(&self.locked);
-        // SAFETY: this thread holds `locked` (the caller took it), so no other reference to
+        // SAFETY: this thread holds `locked` (the caller's contract), so no other reference to
         // `marked` exists until `_unlock` drops, after the last use of this one.
         self.marked.with_mut(|marked| f(unsafe { &mut *marked }))
     }
@@ -334,7 +339,8 @@ impl Mark {
     pub(crate) fn try_add_one(&self) -> bool {
         let locked = self.try_lock();
         if locked {
-            self.holding(|marked| marked.retry_count += 1);
+            // SAFETY: `try_lock` returned `true`: this thread holds the lock.
+            unsafe { self.holding(|marked| marked.retry_count += 1) };
         }
         locked
     }
@@ -342,7 +348,8 @@ impl Mark {
     /// The retry count it holds, if its lock is free: for the loom model of the lock.
     #[cfg(eventbroker_loom)]
     pub(crate) fn try_count(&self) -> Option<u32> {
-        self.try_lock().then(|| self.holding(|marked| marked.retry_count))
+        // SAFETY: `holding` runs only when `try_lock` returned `true`: this thread holds the lock.
+        self.try_lock().then(|| unsafe { self.holding(|marked| marked.retry_count) })
     }
 }
 
