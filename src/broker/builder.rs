@@ -377,18 +377,8 @@ impl BrokerBuilder {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.workers == 0 || self.workers > MAX_WORKERS {
-            return Err(ConfigError::new(
-                "worker_count",
-                format!("must be between 1 and {MAX_WORKERS}, got {}", self.workers),
-            ));
-        }
-        if self.buffer_size < 2 || self.buffer_size > MAX_BUFFER_SIZE {
-            return Err(ConfigError::new(
-                "buffer_size",
-                format!("must be between 2 and {MAX_BUFFER_SIZE}, got {}", self.buffer_size),
-            ));
-        }
+        within("worker_count", self.workers, 1, MAX_WORKERS)?;
+        within("buffer_size", self.buffer_size, 2, MAX_BUFFER_SIZE)?;
         self.retry.validate()?;
         if self.writer.max_batch == 0 {
             return Err(ConfigError::new("writer.max_batch", "must be at least 1"));
@@ -396,12 +386,7 @@ impl BrokerBuilder {
         if self.writer.max_backlog == 0 {
             return Err(ConfigError::new("writer.max_backlog", "must be at least 1"));
         }
-        if self.cache_capacity == 0 || self.cache_capacity > MAX_MATCH_CACHE_CAPACITY {
-            return Err(ConfigError::new(
-                "match_cache_capacity",
-                format!("must be between 1 and {MAX_MATCH_CACHE_CAPACITY}, got {}", self.cache_capacity),
-            ));
-        }
+        within("match_cache_capacity", self.cache_capacity, 1, MAX_MATCH_CACHE_CAPACITY)?;
         if self.claim_idle < Duration::from_millis(10) {
             return Err(ConfigError::new(
                 "claim_idle",
@@ -443,4 +428,13 @@ fn default_instance_id() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("eventbroker-{}", std::process::id()))
+}
+
+/// `Ok` when `value`, the setting `key`, is from `min` to `max`; else the error that says so.
+fn within(key: &'static str, value: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(key, format!("must be between {min} and {max}, got {value}")))
+    }
 }

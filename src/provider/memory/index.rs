@@ -75,12 +75,8 @@ impl IdIndex {
     /// # Panics
     /// When `slot` is `u32::MAX` or more: a shard holds fewer than 2³² − 1 events.
     pub(super) fn insert(&mut self, vacant: Vacant, slot: usize) {
-        let slot = u32::try_from(slot)
-            .ok()
-            .filter(|&s| s < u32::MAX)
-            .expect("fewer than 2^32 - 1 events in one shard");
         debug_assert_eq!(self.buckets[vacant.bucket], EMPTY, "the vacant bucket is still empty");
-        self.buckets[vacant.bucket] = (u64::from(vacant.hash) << 32) | u64::from(slot + 1);
+        self.buckets[vacant.bucket] = bucket_of(vacant.hash, slot);
         self.len += 1;
     }
 
@@ -109,13 +105,12 @@ impl IdIndex {
     }
 
     /// Points `slot`'s entry, whose hash is `hash`, at `to` instead; `false` when there was none.
+    ///
+    /// # Panics
+    /// As [`IdIndex::insert`], when `to` is `u32::MAX` or more.
     pub(super) fn relocate(&mut self, hash: u32, slot: usize, to: usize) -> bool {
         let Ok((bucket, _)) = self.probe(hash, &mut |s| s == slot) else { return false };
-        let to = u32::try_from(to)
-            .ok()
-            .filter(|&s| s < u32::MAX)
-            .expect("fewer than 2^32 - 1 events in one shard");
-        self.buckets[bucket] = (u64::from(hash) << 32) | u64::from(to + 1);
+        self.buckets[bucket] = bucket_of(hash, to);
         true
     }
 
@@ -188,6 +183,16 @@ impl IdIndex {
         let slot = bucket as u32;
         slot as usize - 1
     }
+}
+
+/// The bucket of the entry of `slot` with `hash`.
+///
+/// # Panics
+/// When `slot` is `u32::MAX` or more: a shard holds fewer than 2³² − 1 events.
+fn bucket_of(hash: u32, slot: usize) -> u64 {
+    let slot =
+        u32::try_from(slot).ok().filter(|&s| s < u32::MAX).expect("fewer than 2^32 - 1 events in one shard");
+    (u64::from(hash) << 32) | u64::from(slot + 1)
 }
 
 /// Where [`IdIndex::find_or_vacant`] found room for an entry.

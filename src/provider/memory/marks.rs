@@ -323,8 +323,7 @@ impl Mark {
     /// let go of it since.
     unsafe fn holding<R>(&self, f: impl FnOnce(&mut Marked) -> R) -> R {
         let _unlock = Unlock(&self.locked);
-        // SAFETY: this thread holds `locked` (the caller's contract), so no other reference to
-        // `marked` exists until `_unlock` drops, after the last use of this one.
+        // SAFETY: the caller holds `locked`, which `_unlock` releases after this reference's last use.
         self.marked.with_mut(|marked| f(unsafe { &mut *marked }))
     }
 

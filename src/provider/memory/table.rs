@@ -187,8 +187,7 @@ impl EventTable {
     /// was marked for earlier stores no longer applies). Reserves the slot's mark in `marks`.
     pub(super) fn upsert(&mut self, event: &Arc<Event>, counter: &AtomicU64, marks: &Marks) -> Stored {
         self.make_room(counter, marks);
-        // Relaxed: see `take_numbers`.
-        let number = counter.fetch_add(1, Ordering::Relaxed);
+        let number = take_numbers(counter, 1);
         let id = event.id.as_uuid().as_u128();
         if id > self.greatest_id {
             // New, with no look at the index: the common case, and all of it.
