@@ -97,8 +97,45 @@ fn migrations_apply_once_however_often_providers_connect() {
     let versions = sql
         .numbers(&format!("SELECT version::bigint FROM {}", backend.qualified("events_migrations")), &[])
         .expect("versions");
-    assert_eq!(versions, vec![1]);
+    assert_eq!(versions, vec![1, 2]);
     drop(providers);
+}
+
+/// A schema an earlier release made (migration 1 alone) gets the later steps on the next connect:
+/// the index of dead letters by event, which a redrive's look-up uses.
+#[test]
+fn a_schema_at_an_earlier_version_is_migrated_on_connect() {
+    let backend = PostgresBackend::new();
+    drop(backend.provider());
+    let sql = Sql::connect().expect("connect");
+    let index = backend.qualified("events_dl_event");
+    sql.batch(&format!(
+        "DROP INDEX {index}; DELETE FROM {} WHERE version > 1;",
+        backend.qualified("events_migrations")
+    ))
+    .expect("back to version 1");
+    let indexes = |sql: &Sql| {
+        let query = format!(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = '{}' AND indexname = 'events_dl_event'",
+            backend.schema
+        );
+        sql.numbers(&query, &[]).expect("indexes")
+    };
+    assert_eq!(indexes(&sql), vec![0]);
+
+    let provider = backend.provider();
+    let versions = sql
+        .numbers(
+            &format!(
+                "SELECT version::bigint FROM {} ORDER BY version",
+                backend.qualified("events_migrations")
+            ),
+            &[],
+        )
+        .expect("versions");
+    assert_eq!(versions, vec![1, 2]);
+    assert_eq!(indexes(&sql), vec![1]);
+    drop(provider);
 }
 
 /// A batch stored again after a lost commit reply, alone or mixed with new events, adds no row,

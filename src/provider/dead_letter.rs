@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::event::Event;
+use crate::event::{Event, EventId};
 use crate::pattern::Pattern;
 use crate::subscription::SubscriptionId;
 
@@ -90,6 +90,8 @@ impl DeadLetter {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DeadLetterFilter {
+    /// Only letters of this event (each delivery of it that failed has one).
+    pub event_id: Option<EventId>,
     /// Only letters whose event type matches this pattern.
     pub event_type: Option<Pattern>,
     /// Only letters of this subscription.
@@ -108,6 +110,13 @@ impl DeadLetterFilter {
     /// A filter that matches every dead letter, with no limit.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps letters of the event `event_id`.
+    #[must_use]
+    pub fn with_event_id(mut self, event_id: EventId) -> Self {
+        self.event_id = Some(event_id);
+        self
     }
 
     /// Keeps letters whose event type matches `pattern`.
@@ -154,7 +163,8 @@ impl DeadLetterFilter {
 
     /// Whether `letter` passes every filter; limit and offset are not considered.
     pub fn matches(&self, letter: &DeadLetter) -> bool {
-        self.event_type.as_ref().is_none_or(|p| p.matches(&letter.event.event_type))
+        self.event_id.is_none_or(|id| id == letter.event.id)
+            && self.event_type.as_ref().is_none_or(|p| p.matches(&letter.event.event_type))
             && self.subscription_id.is_none_or(|s| s == letter.subscription_id)
             && self.start_time.is_none_or(|t| letter.failed_at >= t)
             && self.end_time.is_none_or(|t| letter.failed_at < t)

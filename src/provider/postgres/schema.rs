@@ -78,7 +78,7 @@ impl Names {
             schema = self.schema,
             migrations = self.migrations(),
         );
-        (bootstrap, vec![(1, self.version_1())])
+        (bootstrap, vec![(1, self.version_1()), (2, self.version_2())])
     }
 
     /// The current migration table name, for reading which versions are applied.
@@ -168,6 +168,15 @@ impl Names {
             by_time = index("_created"),
             by_type = index("_type"),
             letters_by_time = index("_dl_failed"),
+        )
+    }
+
+    /// Dead letters by event: what a redrive looks up to tell whether the event has any left.
+    fn version_2(&self) -> String {
+        format!(
+            "CREATE INDEX {letters_by_event} ON {dead_letters} (event_id);",
+            dead_letters = self.dead_letters(),
+            letters_by_event = self.table.with_suffix("_dl_event"),
         )
     }
 }

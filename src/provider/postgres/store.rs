@@ -238,6 +238,9 @@ pub(super) fn list_dead_letters(
         return backend.call(OP, async { Ok(Vec::new()) });
     }
     let mut query = Query::new();
+    if let Some(id) = filter.event_id {
+        query.and("event_id = $?", *id.as_uuid());
+    }
     if let Some(pattern) = &filter.event_type {
         query.and("event_type ~ $?", pattern_regex(pattern));
     }

@@ -491,14 +491,15 @@ pub fn delete_removes_everywhere(provider: &dyn Provider) {
     assert_eq!(provider.get(events[1].id).expect("get"), None, "and does not bring it back");
 }
 
-/// Dead letters: stored, listed with every filter in order, read, replaced and deleted.
+/// Dead letters: stored, listed with every filter in order (an event's letters among them), read,
+/// replaced and deleted.
 pub fn dead_letters_store_list_filter_get_delete(provider: &dyn Provider) {
     let _shared = EXCLUSIVE.read();
     let scope = Scope::new();
     let (sub_a, sub_b) = (random_subscription(), random_subscription());
     let base = Timestamp::now().checked_sub(secs(300)).expect("in range");
     let t = |s: i64| base.checked_add(secs(s)).expect("in range");
-    let letters: Vec<DeadLetter> = [
+    let mut letters: Vec<DeadLetter> = [
         (3, sub_a, "orders.create"),
         (1, sub_b, "users.create"),
         (4, sub_a, "orders.pay"),
@@ -514,6 +515,8 @@ pub fn dead_letters_store_list_filter_get_delete(provider: &dyn Provider) {
         letter
     })
     .collect();
+    // The first and the last are the same event, failed by two subscriptions.
+    letters[4].event = letters[0].event.clone();
     provider.store_dead_letters(&letters).expect("store dead letters");
 
     let list = |filter: DeadLetterFilter| provider.list_dead_letters(&filter).expect("list dead letters");
@@ -539,6 +542,15 @@ pub fn dead_letters_store_list_filter_get_delete(provider: &dyn Provider) {
         list(DeadLetterFilter::new().with_event_type(scope.pattern("orders.>"))),
         expect(&|l| l.event.event_type.contains(".orders."))
     );
+    let twice = letters[0].event.id;
+    assert_eq!(
+        list(DeadLetterFilter::new().with_event_id(twice)),
+        expect(&|l| l.event.id == twice),
+        "an event's letters, each subscription's"
+    );
+    assert_eq!(list(DeadLetterFilter::new().with_event_id(twice)).len(), 2);
+    assert_eq!(list(DeadLetterFilter::new().with_event_id(letters[1].event.id)).len(), 1);
+    assert_eq!(list(DeadLetterFilter::new().with_event_id(EventId::new())), Vec::new());
     assert_eq!(list(scoped().with_offset(1).with_limit(2)), all[1..3].to_vec());
     assert_eq!(list(scoped().with_offset(5)), Vec::new());
     assert_eq!(list(scoped().with_limit(0)), Vec::new());
