@@ -209,6 +209,103 @@ fn dead_letters_can_be_listed_and_redriven() {
     assert!(report.is_clean(), "{report:?}");
 }
 
+/// A redrive writes the event's status as its deliveries end, and counts them: `failed` with the
+/// new error while a delivery still fails (its new dead letter named in the outcome), nothing while
+/// another subscription's dead letter of the event waits, `completed` once none is left. Without
+/// status tracking it writes none.
+#[test]
+fn a_redrive_writes_the_events_status_and_counts_its_deliveries() {
+    let policy = RetryPolicy {
+        max_retries: 1,
+        initial_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(1),
+        ..RetryPolicy::none()
+    };
+    let broker = Broker::builder().retry_policy(policy).build().unwrap();
+    let healthy = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
+    for (name, healthy) in ["a", "b"].into_iter().zip(&healthy) {
+        let healthy = Arc::clone(healthy);
+        broker
+            .subscribe("orders.*", move |e: &Event| {
+                if healthy.load(Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(format!("{name} cannot take {}", e.id))
+                }
+            })
+            .unwrap();
+    }
+    let e = event("orders.paid");
+    let id = e.id;
+    broker.publish(e).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let provider = broker.provider();
+    let stored = || provider.get(id).unwrap().expect("stored");
+    assert_eq!((stored().status, stored().retry_count), (EventStatus::Failed, 1));
+    let letters = |filter: DeadLetterFilter| broker.dead_letters(&filter).unwrap();
+    let mine = letters(DeadLetterFilter::new().with_event_id(id));
+    assert_eq!(mine.len(), 2, "one for each subscription");
+    let before = broker.stats();
+
+    // Still failing: `failed` again, with this redrive's error and times, and a new letter.
+    let first = mine[0].clone();
+    let outcome = broker.redrive(first.id).unwrap();
+    assert_eq!((outcome.delivered, outcome.failed.len(), outcome.status), (0, 1, Some(EventStatus::Failed)));
+    let after = broker.stats();
+    assert_eq!(
+        (after.handler_failures - before.handler_failures, after.retries - before.retries),
+        (2, 1),
+        "the redrive's two attempts and its retry are counted"
+    );
+    assert_eq!(after.dead_letters - before.dead_letters, 1);
+    assert_eq!((after.completed, after.failed), (before.completed, before.failed), "the event counted once");
+    let replacement = outcome.dead_letters[0];
+    assert_eq!(outcome.dead_letters.len(), 1);
+    let replaced = broker.provider().get_dead_letter(replacement).unwrap().expect("the new letter is stored");
+    assert_eq!((replaced.event.id, replaced.subscription_id), (id, first.subscription_id));
+    let failed = stored();
+    assert_eq!(failed.status, EventStatus::Failed);
+    assert_eq!(failed.error, outcome.failed[0].error);
+    let (processed, completed) = (failed.processed_at.unwrap(), failed.completed_at.unwrap());
+    assert!(replaced.failed_at >= processed && completed >= processed, "this redrive's times");
+
+    // Delivered, but the other subscription's letter waits: the event stays `failed`.
+    healthy[0].store(true, Ordering::SeqCst);
+    healthy[1].store(true, Ordering::SeqCst);
+    let outcome = broker.redrive(replacement).unwrap();
+    assert_eq!((outcome.delivered, outcome.status), (1, None));
+    assert!(outcome.dead_letters.is_empty());
+    assert_eq!(stored().status, EventStatus::Failed);
+
+    // The last letter redriven: `completed`, the error cleared.
+    let last = letters(DeadLetterFilter::new().with_event_id(id));
+    assert_eq!(last.len(), 1);
+    let outcome = broker.redrive(last[0].id).unwrap();
+    assert_eq!((outcome.delivered, outcome.status), (1, Some(EventStatus::Completed)));
+    let done = stored();
+    assert_eq!((done.status, done.error.as_str(), done.retry_count), (EventStatus::Completed, "", 0));
+    assert!(done.completed_at.unwrap() >= done.processed_at.unwrap());
+    assert!(done.processed_at.unwrap() >= completed, "the last redrive's times");
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
+
+    // Untracked: the redrive delivers and writes no status.
+    let broker = Broker::builder().retry_policy(RetryPolicy::none()).track_status(false).build().unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&fixed);
+    broker
+        .subscribe("orders.*", move |_: &Event| if f.load(Ordering::SeqCst) { Ok(()) } else { Err("broken") })
+        .unwrap();
+    broker.publish(event("orders.paid")).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    fixed.store(true, Ordering::SeqCst);
+    let letter = broker.dead_letters(&DeadLetterFilter::new()).unwrap().remove(0);
+    let outcome = broker.redrive(letter.id).unwrap();
+    assert_eq!((outcome.delivered, outcome.status), (1, None));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
+}
+
 #[test]
 fn redrive_finds_a_new_subscription_with_the_same_pattern() {
     let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();

@@ -191,6 +191,28 @@ impl Broker {
     /// When the broker receives from other instances, the new pattern reaches the provider's
     /// filter before this returns, so events other instances publish from then on are delivered.
     ///
+    /// The handler's error is any type that converts into a [`BoxError`]: a `String`, a `&str`,
+    /// any `std::error::Error`. A handler that uses `?` on more than one error type, and so ends
+    /// in a bare `Ok(())` the compiler cannot type, names [`BoxError`] (or one error type of its
+    /// own) as its error:
+    ///
+    /// ```
+    /// use eventbroker::{BoxError, Broker, Event};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Order {
+    ///     id: u64,
+    /// }
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// broker.subscribe("public.orders.*", |event: &Event| {
+    ///     let order: Order = event.payload()?; // a `PayloadError`
+    ///     let _ = std::fs::metadata(format!("/tmp/order-{}", order.id))?; // an `io::Error`
+    ///     Ok::<(), BoxError>(())
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     /// [`SubscribeError::Pattern`] when the pattern does not parse; [`SubscribeError::Closed`]
     /// after shutdown.
@@ -455,6 +477,39 @@ impl Broker {
     /// restart). Retries follow the broker's policy. The dead letter is deleted only after the
     /// delivery ran and, when it failed again, after its new dead letter was stored: a failure in
     /// between keeps it (it may then be delivered twice, never lost).
+    ///
+    /// With status tracking on, the stored event's status then tells how its latest handling
+    /// went: `failed`, with the new error, when a delivery failed again; `completed` when none did
+    /// and the event has no dead letter left (when two subscriptions failed it, it stays `failed`
+    /// until both letters are redriven). Either way its `processed_at` and `completed_at` are this
+    /// redrive's and `retry_count` the retries it took; [`RedriveOutcome::status`] says what was
+    /// written. Handler failures, retries and new dead letters count in [`Broker::stats`] as any
+    /// delivery's; `completed` and `failed` count each event once, at its first handling.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, DeadLetterFilter, Event, EventSource, EventStatus, RetryPolicy};
+    ///
+    /// let broker = Broker::builder().retry_policy(RetryPolicy::none()).build()?;
+    /// let fixed = Arc::new(AtomicBool::new(false));
+    /// let handler_fixed = Arc::clone(&fixed);
+    /// broker.subscribe("orders.*", move |_| {
+    ///     if handler_fixed.load(Ordering::Relaxed) { Ok(()) } else { Err("the ledger is down") }
+    /// })?;
+    /// let event = Event::new(EventSource::Internal, "orders.paid");
+    /// let id = event.id;
+    /// broker.publish(event)?;
+    /// broker.drain(Duration::from_secs(5))?;
+    ///
+    /// fixed.store(true, Ordering::Relaxed);
+    /// let letter = broker.dead_letters(&DeadLetterFilter::new().with_event_id(id))?.remove(0);
+    /// let outcome = broker.redrive(letter.id)?;
+    /// assert_eq!((outcome.delivered, outcome.status), (1, Some(EventStatus::Completed)));
+    /// assert_eq!(broker.provider().get(id)?.unwrap().status, EventStatus::Completed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
     /// [`BrokerError::NoSuchDeadLetter`]; [`BrokerError::NoSubscriber`] when no subscription can

@@ -4,13 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::Timestamp;
+
 use super::engine::{Engine, Store};
-use crate::dispatch::delivery::{self, Inline, Job, Origin, Outbox};
+use crate::dispatch::delivery::{self, Inline, Job, Origin, Outbox, Tally};
 use crate::dispatch::ring::PushBatchError as ReserveError;
 use crate::dispatch::worker;
 use crate::error::{BrokerError, DeliveryFailure};
-use crate::provider::{DeadLetterId, ProviderExt, ReplayFrom};
-use crate::{EventStatus, Pattern};
+use crate::provider::{DeadLetterFilter, DeadLetterId, ProviderExt, ReplayFrom};
+use crate::{EventId, EventStatus, Pattern};
 
 /// How long broker operations that read through the provider wait for the writer to flush.
 pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,6 +29,12 @@ pub struct RedriveOutcome {
     pub delivered: usize,
     /// Deliveries that failed again (each is a new dead letter).
     pub failed: Vec<DeliveryFailure>,
+    /// The new dead letters, one for each of [`failed`](Self::failed), in the same order.
+    pub dead_letters: Vec<DeadLetterId>,
+    /// The event's status written to the provider: `completed` when the event has no dead letter
+    /// left, `failed` when a delivery failed again, `None` when nothing was written (status
+    /// tracking is off, or another delivery of the event still has a dead letter).
+    pub status: Option<EventStatus>,
 }
 
 /// What [`Broker::replay`](crate::Broker::replay) did.
@@ -62,8 +70,11 @@ impl Engine {
         event.retry_count = 0;
         event.metadata.insert("redriven_from".into(), letter.id.to_string().into());
         let job = Job { event: Arc::new(event), origin: Origin::Replayed };
+        let started = crate::clock::now();
         let mut outbox = Outbox::default();
-        let mut outcome = RedriveOutcome { delivered: 0, failed: Vec::new() };
+        let mut tally = Tally::default();
+        let mut outcome =
+            RedriveOutcome { delivered: 0, failed: Vec::new(), dead_letters: Vec::new(), status: None };
         for subscription in &targets {
             let inline = delivery::deliver_inline(
                 &self.shared.table,
@@ -74,18 +85,52 @@ impl Engine {
                 || self.shared.shutdown_deadline(),
             );
             match inline {
-                Inline::Delivered { .. } | Inline::Gone => outcome.delivered += 1,
-                Inline::Failed(failure) => outcome.failed.push(failure),
+                Inline::Delivered { attempts } => {
+                    tally.delivered(attempts);
+                    outcome.delivered += 1;
+                }
+                Inline::Gone => outcome.delivered += 1,
+                Inline::Failed(failure) => {
+                    outbox.give_up(&job, &failure, &mut tally);
+                    outcome.failed.push(failure);
+                }
             }
         }
+        // Handler failures, retries and new dead letters count as any delivery's do; the event
+        // was counted as processed when it was first handled, and is not again.
+        self.sync.add(&outbox.counts);
         // The letter goes only once what replaces it is stored: a failure in between keeps it.
-        if !outcome.failed.is_empty() {
-            let letters: Vec<_> =
-                outcome.failed.iter().map(|f| delivery::dead_letter(&job.event, f)).collect();
-            self.provider.store_dead_letters(&letters)?;
+        if !outbox.dead_letters.is_empty() {
+            self.provider.store_dead_letters(&outbox.dead_letters)?;
         }
+        outcome.dead_letters = outbox.dead_letters.iter().map(|letter| letter.id).collect();
         self.provider.delete_dead_letter(id)?;
+        if self.track_status {
+            outcome.status = self.write_redriven_status(job.event.id, tally, started)?;
+        }
         Ok(outcome)
+    }
+
+    /// Writes the status of an event a redrive delivered, as its deliveries ended (`tally`):
+    /// `failed` when one failed again; `completed` when none did and the event has no dead letter
+    /// left (another subscription's failure of it may still wait for its redrive, and the event
+    /// then stays `failed`). Returns the status written, if any.
+    fn write_redriven_status(
+        &self,
+        event: EventId,
+        tally: Tally,
+        started: Timestamp,
+    ) -> Result<Option<EventStatus>, BrokerError> {
+        if !tally.failed() {
+            let left = DeadLetterFilter::new().with_event_id(event).with_limit(1);
+            if !self.provider.list_dead_letters(&left)?.is_empty() {
+                return Ok(None);
+            }
+        }
+        let update = tally.finished(event).with_processed_at(started);
+        let status = update.status;
+        self.provider.update_status_batch(&[update])?;
+        Ok(Some(status))
     }
 
     pub(crate) fn replay(

@@ -171,6 +171,17 @@ impl Tally {
         self.retries = self.retries.max(attempts);
         error.clone_into(&mut self.error);
     }
+
+    /// The final status of the event whose deliveries ended so: `failed` with the last failure's
+    /// error when one gave up, else `completed`.
+    pub(crate) fn finished(self, id: crate::EventId) -> StatusUpdate {
+        let (status, error) = if self.failed {
+            (EventStatus::Failed, self.error)
+        } else {
+            (EventStatus::Completed, String::new())
+        };
+        finished(id, status, error, self.retries)
+    }
 }
 
 /// What deliveries produced for the writer (statuses, dead letters, acknowledgements) and for the
@@ -253,18 +264,17 @@ impl Outbox {
     /// Every delivery of `job` has ended: its final status (when tracked), its acknowledgement
     /// (when inbound) and the counts.
     pub(crate) fn settle(&mut self, job: &Job, tally: Tally, track_status: bool) {
-        let status = if tally.failed { EventStatus::Failed } else { EventStatus::Completed };
-        if tally.failed {
+        let failed = tally.failed;
+        if failed {
             self.counts.failed += 1;
         } else {
             self.counts.completed += 1;
         }
         if track_status && job.tracked() {
-            let error = if tally.failed { tally.error } else { String::new() };
-            self.push_status(finished(job.event.id, status, error, tally.retries), job.ticket());
+            self.push_status(tally.finished(job.event.id), job.ticket());
         }
         if let Origin::Inbound(token) = job.origin {
-            self.acks.push(if tally.failed { Ack::dead_lettered(token) } else { Ack::handled(token) });
+            self.acks.push(if failed { Ack::dead_lettered(token) } else { Ack::handled(token) });
         }
     }
 
