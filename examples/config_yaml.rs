@@ -30,6 +30,9 @@ event_broker:
     initial_delay: 1s
     max_delay: 30s
     backoff_factor: 2.0
+  memory:               # the memory provider's section; redis, nats and database have theirs
+    max_events: 100000
+    max_age: 1h
 "#;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -38,8 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => Config::from_yaml_str(CONFIG)?,
     };
     println!(
-        "provider {}, mode {:?}, {} workers, {} events per shard, retries {} from {:?}",
+        "provider {} (at most {} events), mode {:?}, {} workers, {} events per shard, retries {} from {:?}",
         config.provider.as_str(),
+        config.memory.max_events,
         config.mode,
         config.worker_count,
         config.buffer_size,

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use crate::Event;
 
-/// A boxed error from a dependency, kept as the `source` of one of ours.
+/// A boxed error: one from a dependency, kept as the `source` of one of ours, and the error type
+/// of a handler that fails in more than one way (see
+/// [`Broker::subscribe`](crate::Broker::subscribe)).
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// What is wrong with a pattern or an event type; shared by [`PatternError`] and

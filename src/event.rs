@@ -126,9 +126,14 @@ impl FromStr for EventSource {
     }
 }
 
-/// Where an event is in its life: `pending` on accept, `processing` when a worker takes it, then
-/// `completed` (every handler succeeded, or none matched) or `failed` (a handler gave up after
-/// its retries).
+/// Where an event is in its life: `pending` on accept, `processing` when a worker takes it into
+/// the batch it handles next, then `completed` (every handler succeeded, or none matched) or
+/// `failed` (a handler gave up after its retries).
+///
+/// A worker takes up to 256 events at once (fewer when it keeps up), and
+/// marks them all `processing` before it runs the first one's handlers: an event queued behind a
+/// slow handler may show `processing` before its own handlers start. [`Event::processed_at`] is
+/// when its batch was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventStatus {
@@ -385,9 +390,11 @@ pub struct Event {
     /// Dot-separated type that subscriptions match, e.g. `public.users.create`.
     #[serde(rename = "type")]
     pub event_type: CompactString,
-    /// Lifecycle status.
+    /// Lifecycle status, as stored: a handler sees the event as it was published (`pending`).
     pub status: EventStatus,
-    /// Retries spent on the delivery that failed last (0 until one is retried).
+    /// Retries spent on the delivery that failed last (0 until one is retried), as stored once
+    /// the event's handling ends. Handlers see the event as it was published, 0 on every attempt;
+    /// a handler that needs its attempt number counts its calls for the event's id.
     pub retry_count: u32,
     /// The last handler error, when it failed; empty otherwise.
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -447,7 +454,9 @@ impl Event {
         Self::pending(source, event_type.into(), [NONE; 3])
     }
 
-    /// A database-style event: type `schema.entity.operation`, with those three fields set.
+    /// A database-style event: type `schema.entity.operation`, with those three fields set. The
+    /// schema leads the type: subscribe with `public.users.*`, `*.users.*` or `public.>` to
+    /// receive it (`users.*` matches two-part types only).
     ///
     /// ```
     /// use eventbroker::{Event, EventSource};

@@ -5,7 +5,8 @@
 //! request handler or repository that performed it. Each call builds the event (type
 //! `schema.entity.operation`, source `database`, the user's id and session, metadata
 //! `user_name`, `user_email`, `user_roles` and `table_name`) and queues it with
-//! [`Broker::try_publish`]:
+//! [`Broker::try_publish`]. The schema is part of the type: `public.users.create` is matched by
+//! `public.users.*`, `*.users.*` or `public.>`, never by `users.*`.
 //!
 //! - **It never blocks**: whatever the broker's backpressure policy or mode (hooks always publish
 //!   asynchronously), a full broker refuses the event at once.
@@ -16,15 +17,21 @@
 //! - Reads are off by default ([`CrudHookConfig::read`]): they are the bulk of the traffic.
 //!
 //! ```
+//! use std::time::Duration;
 //! use eventbroker::Broker;
 //! use eventbroker::hooks::{CrudHookConfig, CrudHooks, HookOutcome, UserContext};
 //!
 //! let broker = Broker::builder().build()?;
+//! broker.subscribe_infallible("public.users.*", |event| println!("{}", event.event_type))?;
 //! let hooks = CrudHooks::new(&broker, CrudHookConfig::default());
 //! let user = UserContext::new(42).with_session_id("s-1").with_user_name("ada");
 //! let outcome = hooks.after_create(&user, "public", "users", &serde_json::json!({"id": 7, "name": "Bob"}));
-//! assert_eq!(outcome, HookOutcome::Published);
+//! let HookOutcome::Published(id) = outcome else { panic!("not published: {outcome:?}") };
 //! assert_eq!(hooks.after_read(&user, "public", "users", &[7]), HookOutcome::Disabled);
+//!
+//! // The event's status, once handled, by the id the hook returned.
+//! broker.drain(Duration::from_secs(5))?;
+//! assert_eq!(broker.provider().get(id)?.unwrap().event_type, "public.users.create");
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -33,7 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::Serialize;
 
 use crate::error::PublishError;
-use crate::{Broker, Event, EventSource};
+use crate::{Broker, Event, EventId, EventSource};
 
 /// Which operations [`CrudHooks`] publish.
 ///
@@ -146,8 +153,8 @@ impl UserContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum HookOutcome {
-    /// Queued for the subscribers.
-    Published,
+    /// Queued for the subscribers, as the event with this id: what its status is looked up by.
+    Published(EventId),
     /// The operation is switched off in the [`CrudHookConfig`].
     Disabled,
     /// Refused: the broker was full. Counted and logged; the event is lost.
@@ -343,10 +350,11 @@ impl CrudHooks {
                 return HookOutcome::Invalid;
             }
         };
+        let id = event.id;
         match self.broker.try_publish(event) {
             Ok(()) => {
                 self.published.fetch_add(1, Ordering::Relaxed);
-                HookOutcome::Published
+                HookOutcome::Published(id)
             }
             Err(error) => self.refused(&error),
         }

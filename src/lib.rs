@@ -90,12 +90,18 @@ pub use crate::subscription::SubscriptionId;
 pub use compact_str::CompactString;
 
 /// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
-/// `store_batch`, ...) are callable on any provider, `Arc<dyn Provider>` included, once the traits
-/// are in scope.
+/// `store_batch`, ...) are callable on a concrete provider ([`MemoryProvider`], a network one)
+/// and in code generic over providers once the traits are in scope. A `dyn Provider`, such as
+/// [`Broker::provider`]'s, needs no import: a trait object's methods are always in scope.
 ///
 /// ```
+/// use std::sync::Arc;
 /// use eventbroker::prelude::*;
-/// use eventbroker::{Broker, EventFilter};
+/// use eventbroker::{Broker, Event, EventFilter, EventSource, MemoryProvider};
+///
+/// let memory = Arc::new(MemoryProvider::default());
+/// memory.store_batch(&[Arc::new(Event::new(EventSource::Internal, "audit.login"))], None)?;
+/// assert_eq!(memory.list(&EventFilter::new())?.len(), 1);
 ///
 /// let broker = Broker::builder().build()?;
 /// assert!(broker.provider().list(&EventFilter::new())?.is_empty());

@@ -223,19 +223,24 @@ fn hooks_publish_create_update_and_delete_with_the_seeds_fields() {
     let events = broker.subscribe_stream("public.users.*").unwrap();
     let hooks = CrudHooks::new(&broker, CrudHookConfig::default());
     let user = user();
-    assert_eq!(
+    let outcomes = [
         hooks.after_create(&user, "public", "users", &json!({"id": 7, "name": "Bob"})),
-        HookOutcome::Published
-    );
-    assert_eq!(
         hooks.after_update(&user, "public", "users", &7, &json!({"name": "Rob"})),
-        HookOutcome::Published
-    );
-    assert_eq!(hooks.after_delete(&user, "public", "users", "7"), HookOutcome::Published);
+        hooks.after_delete(&user, "public", "users", "7"),
+    ];
     assert_eq!(hooks.after_read(&user, "public", "users", &[7]), HookOutcome::Disabled);
     broker.drain(WAIT).unwrap();
 
     let got: Vec<Arc<Event>> = events.try_iter().collect();
+    let published: Vec<HookOutcome> = got.iter().map(|e| HookOutcome::Published(e.id)).collect();
+    assert_eq!(outcomes[..], published[..], "each outcome names its event");
+    for e in &got {
+        let stored = broker.provider().get(e.id).unwrap().expect("stored under the id the hook returned");
+        assert_eq!(
+            (stored.event_type.as_str(), stored.status),
+            (e.event_type.as_str(), EventStatus::Completed)
+        );
+    }
     let types: Vec<&str> = got.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(types, ["public.users.create", "public.users.update", "public.users.delete"]);
     for e in &got {
@@ -262,7 +267,10 @@ fn hooks_publish_reads_when_asked() {
     let events = broker.subscribe_stream("*.*.read").unwrap();
     let hooks =
         CrudHooks::new(&broker, CrudHookConfig { read: true, create: false, ..CrudHookConfig::default() });
-    assert_eq!(hooks.after_read(&UserContext::new(1), "crm", "accounts", &[1, 2]), HookOutcome::Published);
+    assert!(matches!(
+        hooks.after_read(&UserContext::new(1), "crm", "accounts", &[1, 2]),
+        HookOutcome::Published(_)
+    ));
     assert_eq!(hooks.after_create(&UserContext::new(1), "crm", "accounts", &1), HookOutcome::Disabled);
     let read = events.recv_timeout(WAIT).unwrap();
     assert_eq!(read.event_type, "crm.accounts.read");

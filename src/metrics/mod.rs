@@ -43,7 +43,8 @@
 //!   reads each, so the histogram's count is about a sixteenth of the events processed: use
 //!   `eventbroker_events_processed_total` for counts, the histogram for their distribution.
 //!
-//! The `bench_metrics` bench measures the three against each other in one run.
+//! The `metrics` bench (`cargo bench --features metrics --bench metrics`) measures the three
+//! against each other in one run.
 //!
 //! ## Labels are bounded
 //! The first [`max_types`](MetricsConfig::max_types) event types seen (256 by default, across the
