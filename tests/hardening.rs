@@ -506,6 +506,45 @@ fn redrive_keeps_the_dead_letter_until_its_replacement_is_stored() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// ... nor until the event's status is written: a redrive that delivered, but could not write the
+// status (or look for the event's other letters), keeps the letter, and the next one completes.
+#[test]
+fn redrive_keeps_the_dead_letter_until_the_events_status_is_written() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .distribution(Distribution::Local)
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&fixed);
+    broker
+        .subscribe(
+            "orders.paid",
+            move |_: &Event| if f.load(Ordering::SeqCst) { Ok(()) } else { Err("broken") },
+        )
+        .unwrap();
+    let e = event("orders.paid");
+    let id = e.id;
+    broker.publish(e).unwrap();
+    wait_until("the dead letter", WAIT, || broker.stats().dead_letters == 1);
+    let letter = broker.dead_letters(&eventbroker::DeadLetterFilter::new()).unwrap().remove(0);
+    fixed.store(true, Ordering::SeqCst);
+    for operation in [Operation::ListDeadLetters, Operation::UpdateStatusBatch] {
+        faulty.inject(operation, Fault::permanent());
+        assert!(broker.redrive(letter.id).is_err(), "{operation:?}");
+        faulty.heal_all();
+        assert_eq!(faulty.get_dead_letter(letter.id).unwrap().map(|l| l.id), Some(letter.id), "kept");
+        assert_eq!(faulty.get(id).unwrap().unwrap().status, EventStatus::Failed);
+    }
+    let outcome = broker.redrive(letter.id).unwrap();
+    assert_eq!((outcome.delivered, outcome.status), (1, Some(EventStatus::Completed)));
+    assert!(faulty.get_dead_letter(letter.id).unwrap().is_none());
+    assert_eq!(faulty.get(id).unwrap().unwrap().status, EventStatus::Completed);
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
 // Replay delivers again without touching the stored events or their status history.
 #[test]
 fn replay_leaves_the_stored_history_alone() {

@@ -475,8 +475,8 @@ impl Broker {
     /// Delivers a dead letter again, on this thread, to the subscription that failed it, or, when
     /// that subscription is gone, to the live subscriptions with the same pattern (as after a
     /// restart). Retries follow the broker's policy. The dead letter is deleted only after the
-    /// delivery ran and, when it failed again, after its new dead letter was stored: a failure in
-    /// between keeps it (it may then be delivered twice, never lost).
+    /// delivery ran, its new dead letter (when it failed again) was stored and the event's status
+    /// written: a failure in between keeps it (it may then be delivered twice, never lost).
     ///
     /// With status tracking on, the stored event's status then tells how its latest handling
     /// went: `failed`, with the new error, when a delivery failed again; `completed` when none did

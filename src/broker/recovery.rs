@@ -99,31 +99,34 @@ impl Engine {
         // Handler failures, retries and new dead letters count as any delivery's do; the event
         // was counted as processed when it was first handled, and is not again.
         self.sync.add(&outbox.counts);
-        // The letter goes only once what replaces it is stored: a failure in between keeps it.
+        // The letter goes only once what replaces it and the event's status are written: a
+        // failure in between keeps it, and redriving it again delivers it again.
         if !outbox.dead_letters.is_empty() {
             self.provider.store_dead_letters(&outbox.dead_letters)?;
         }
         outcome.dead_letters = outbox.dead_letters.iter().map(|letter| letter.id).collect();
-        self.provider.delete_dead_letter(id)?;
         if self.track_status {
-            outcome.status = self.write_redriven_status(job.event.id, tally, started)?;
+            outcome.status = self.write_redriven_status(job.event.id, id, tally, started)?;
         }
+        self.provider.delete_dead_letter(id)?;
         Ok(outcome)
     }
 
-    /// Writes the status of an event a redrive delivered, as its deliveries ended (`tally`):
-    /// `failed` when one failed again; `completed` when none did and the event has no dead letter
-    /// left (another subscription's failure of it may still wait for its redrive, and the event
-    /// then stays `failed`). Returns the status written, if any.
+    /// Writes the status of an event the dead letter `redriven` delivered again, as its
+    /// deliveries ended (`tally`): `failed` when one failed again; `completed` when none did and
+    /// the event has no other dead letter (another subscription's failure of it may still wait
+    /// for its redrive, and the event then stays `failed`). Returns the status written, if any.
     fn write_redriven_status(
         &self,
         event: EventId,
+        redriven: DeadLetterId,
         tally: Tally,
         started: Timestamp,
     ) -> Result<Option<EventStatus>, BrokerError> {
         if !tally.failed() {
-            let left = DeadLetterFilter::new().with_event_id(event).with_limit(1);
-            if !self.provider.list_dead_letters(&left)?.is_empty() {
+            // The redriven letter is still stored; any other one keeps the event failed.
+            let letters = DeadLetterFilter::new().with_event_id(event).with_limit(2);
+            if self.provider.list_dead_letters(&letters)?.iter().any(|letter| letter.id != redriven) {
                 return Ok(None);
             }
         }
