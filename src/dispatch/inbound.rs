@@ -12,6 +12,16 @@
 //! A fetch error does not stop anything: local dispatch goes on, and fetching resumes with backoff
 //! (10 ms doubling to 1 s). At shutdown the thread stops fetching first and gives back (`nak`)
 //! whatever it fetched and could not place, so another member or the next incarnation gets it.
+//!
+//! ## When fetching starts
+//! A group's events that match none of the broker's patterns are passed over for good (the filter
+//! keeps them from being handed out, and the group moves past them). So the thread fetches nothing
+//! while the broker has no subscription: an instance that has not subscribed yet, or that dropped
+//! every subscription, leaves its group's events where they are, for its later subscriptions or,
+//! in a work queue, for the other members. And its first fetch waits until the subscriptions have
+//! not changed for [`SETTLE`] (at most [`SETTLE_MAX`] after the first): a service that subscribes
+//! its handlers one after another at start-up has them all in the filter before the backlog its
+//! group kept while it was down is fetched.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,6 +42,12 @@ pub(crate) const FETCH_MAX: usize = 256;
 pub(crate) const FETCH_WAIT: Duration = Duration::from_millis(100);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long the subscriptions stay unchanged before the first fetch (see the module docs).
+pub(crate) const SETTLE: Duration = Duration::from_millis(50);
+/// The longest the first fetch waits for the subscriptions to settle, from the first of them.
+pub(crate) const SETTLE_MAX: Duration = Duration::from_secs(1);
+/// How often the thread looks at the subscriptions while it waits for them.
+const SUBSCRIPTIONS_POLL: Duration = Duration::from_millis(5);
 
 /// What the inbound thread feeds: the broker's shards.
 pub(crate) trait Target: Send + Sync + 'static {
@@ -172,9 +188,15 @@ impl InboundPump {
     }
 
     fn run(&self, target: &impl Target) {
+        self.await_settled_subscriptions(target.table());
         let mut backoff = FIRST_BACKOFF;
         while !self.stopping() {
             self.sync_filter(target.table());
+            if target.table().len() == 0 {
+                // Nothing is wanted yet: fetching would pass the group's events over for good.
+                self.sleep_unless_stopped(SUBSCRIPTIONS_POLL);
+                continue;
+            }
             let room = target.room().min(FETCH_MAX);
             if room == 0 {
                 std::thread::sleep(Duration::from_millis(1));
@@ -199,6 +221,29 @@ impl InboundPump {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// Waits until `table` has subscriptions that have not changed for [`SETTLE`], or for
+    /// [`SETTLE_MAX`] since the first of them, or until the thread is stopped (see the module
+    /// docs).
+    fn await_settled_subscriptions(&self, table: &SubscriptionTable) {
+        let mut generation = table.load().generation();
+        let mut changed = Instant::now();
+        let mut first = None;
+        while !self.stopping() {
+            let now = Instant::now();
+            let current = table.load().generation();
+            if current != generation {
+                (generation, changed) = (current, now);
+            }
+            if table.len() > 0 {
+                let first = *first.get_or_insert(now);
+                if now.duration_since(changed) >= SETTLE || now.duration_since(first) >= SETTLE_MAX {
+                    return;
+                }
+            }
+            self.sleep_unless_stopped(SUBSCRIPTIONS_POLL);
         }
     }
 

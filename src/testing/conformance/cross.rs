@@ -255,6 +255,44 @@ pub fn per_key_order_holds_across_instances(backend: &dyn TestBackend) {
     assert_clean_shutdown(&receiver);
 }
 
+/// An instance restarted under the same id receives what its group kept while it was down, for
+/// every handler it subscribes at start-up, one after another; before it subscribes anything, it
+/// passes nothing over.
+pub fn a_restarted_instance_receives_what_it_missed_for_each_handler(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let Some(publisher) = broker(backend.connect(), &scope.name("p"), Distribution::FanOut) else { return };
+    let (id, orders, users) = (scope.name("r"), scope.pattern("orders.>"), scope.pattern("users.>"));
+    let first = broker(backend.connect(), &id, Distribution::FanOut).expect("a receiver");
+    let seen = Seen::default();
+    seen.subscribe(&first, orders.as_str());
+    seen.subscribe(&first, users.as_str());
+    let before = scope.event("orders.created");
+    publish_all(&publisher, std::slice::from_ref(&before));
+    wait_until("the first incarnation to receive", ARRIVE, || seen.len() == 1);
+    assert_clean_shutdown(&first);
+
+    // Down: both kinds published.
+    let missed: Vec<Event> =
+        (0..20).map(|i| scope.event(if i % 2 == 0 { "orders.paid" } else { "users.joined" })).collect();
+    publish_all(&publisher, &missed);
+    publisher.drain(ARRIVE).expect("the publisher's events stored");
+
+    // Up again: nothing subscribed for a while, then two handlers, a moment apart.
+    let second = broker(backend.connect(), &id, Distribution::FanOut).expect("the receiver again");
+    std::thread::sleep(QUIET);
+    let again = Seen::default();
+    again.subscribe(&second, orders.as_str());
+    std::thread::sleep(Duration::from_millis(10));
+    again.subscribe(&second, users.as_str());
+    let all = set(missed.iter().map(|e| e.id));
+    wait_until("the restarted instance to receive what it missed", ARRIVE, || set(again.ids()) == all);
+    std::thread::sleep(QUIET);
+    assert_eq!(again.len(), missed.len(), "each once: {:?}", again.ids());
+    assert_clean_shutdown(&second);
+    assert_clean_shutdown(&publisher);
+}
+
 /// Events no subscription wants never reach the handlers; a backend that filters at the source
 /// never even hands them to the broker.
 pub fn events_nobody_wants_never_reach_the_handlers(backend: &dyn TestBackend) {

@@ -118,6 +118,7 @@ macro_rules! conformance_suite {
                 cross::work_queue_each_event_is_handled_by_one_broker,
                 cross::a_broker_torn_down_loses_nothing_it_fetched,
                 cross::per_key_order_holds_across_instances,
+                cross::a_restarted_instance_receives_what_it_missed_for_each_handler,
                 cross::events_nobody_wants_never_reach_the_handlers,
                 cross::a_fetch_error_does_not_stop_local_dispatch,
             ],
