@@ -325,6 +325,7 @@ impl BrokerBuilder {
             table: Arc::new(SubscriptionTable::new()),
             writer: Arc::new(writer),
             shutdown_deadline: parking_lot::Mutex::new(None),
+            abandoned: std::sync::atomic::AtomicBool::new(false),
             engine: id,
             inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),

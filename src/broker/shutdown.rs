@@ -12,6 +12,7 @@
 //! marked [`ShutdownReport::deferred`], and a thread of its own completes the rest.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::Engine;
@@ -62,13 +63,16 @@ pub struct ShutdownReport {
     /// placed), to be redelivered to another member or this instance's next incarnation.
     pub returned: u64,
     /// Events accepted and never handled: in rings, or taken by a worker that had not begun them,
-    /// when the deadline passed (0 unless `timed_out`).
+    /// when the deadline passed (0 unless `timed_out`). A worker still running then (see
+    /// [`detached_workers`](Self::detached_workers)) begins none of them afterwards: those of other
+    /// instances are redelivered by their group after its claim idle time, local ones are lost
+    /// (their stored status stays `pending` or `processing`).
     pub undelivered: u64,
     /// Synchronous publishes still running at the deadline; their final statuses may be lost.
     pub sync_in_flight: u64,
-    /// Workers still running at the deadline (a handler that had not returned); they finish on
-    /// their own, and what they write after the writer stopped is counted as
-    /// [`WriterStats::late`](crate::WriterStats::late).
+    /// Workers still running at the deadline (a handler that had not returned); each ends once
+    /// that handler returns, without beginning another, and what it writes after the writer
+    /// stopped is counted as [`WriterStats::late`](crate::WriterStats::late).
     pub detached_workers: usize,
     /// Whether the deadline passed before every worker, synchronous publish and the inbound thread
     /// finished.
@@ -150,6 +154,11 @@ impl Engine {
         }
         let sync_in_flight = self.intake.in_flight() as u64;
         let (reports, detached_workers) = self.shards.join(deadline);
+        if detached_workers > 0 {
+            // What the workers still running have not begun stays unhandled: counted below as
+            // undelivered, it must not run after this report says so.
+            self.shared.abandoned.store(true, Ordering::Relaxed);
+        }
         let undelivered =
             if detached_workers == 0 { 0 } else { self.shards.queued() as u64 + self.shards.in_hand() };
         let flush = self.shared.writer.shutdown(deadline.saturating_duration_since(Instant::now()));

@@ -19,7 +19,7 @@ use std::any::Any;
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
@@ -57,6 +57,10 @@ pub(crate) struct WorkerShared {
     pub(crate) writer: Arc<ProviderWriter>,
     /// Set by shutdown: retries due before it still run; later ones are dead-lettered.
     pub(crate) shutdown_deadline: parking_lot::Mutex<Option<Instant>>,
+    /// Set by shutdown when its deadline passed with workers still running (a handler that has
+    /// not returned): they begin no further job, so the events the report counts as undelivered
+    /// stay so.
+    pub(crate) abandoned: AtomicBool,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
     /// The broker's metric state, when it records metrics.
@@ -122,6 +126,14 @@ impl InlineSink {
 impl WorkerShared {
     pub(crate) fn shutdown_deadline(&self) -> Option<Instant> {
         *self.shutdown_deadline.lock()
+    }
+
+    /// Whether shutdown gave up on the workers still running at its deadline (see `abandoned`).
+    #[inline]
+    fn is_abandoned(&self) -> bool {
+        // Relaxed: a worker that reads it late begins one job more, which the report then counts
+        // as undelivered though it runs; nothing else hangs on it.
+        self.abandoned.load(Ordering::Relaxed)
     }
 }
 
@@ -290,6 +302,9 @@ impl Worker {
     /// One turn: take a batch (or go on with the one a panic interrupted), handle it, run the
     /// retries due, hand the results over. `false` once the ring is closed and drained.
     fn turn(&mut self) -> bool {
+        if self.shared.is_abandoned() {
+            return false;
+        }
         let mut took = false;
         if self.next >= self.batch.len() && self.take_batch() {
             took = true;
@@ -299,6 +314,10 @@ impl Worker {
         if self.next < self.batch.len() {
             took = true;
             self.dispatch_batch();
+            if self.shared.is_abandoned() {
+                self.end_turn();
+                return false;
+            }
         }
         if !self.retries.is_empty() {
             self.run_due_retries(Instant::now());
@@ -350,6 +369,9 @@ impl Worker {
             self.cache_generation = set.generation();
         }
         while self.next < self.batch.len() {
+            if self.shared.is_abandoned() {
+                return;
+            }
             let job = self.batch[self.next].take();
             self.next += 1;
             self.started += 1;
