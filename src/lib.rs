@@ -88,6 +88,21 @@ pub use crate::subscription::SubscriptionId;
 /// instance ids): a `String` that keeps up to 24 bytes inline, without allocating. It dereferences
 /// to `&str` and converts from and into `String`.
 pub use compact_str::CompactString;
+/// The time type of an event's timestamps (`created_at`, `processed_at`, `completed_at`) and of
+/// what filters or replays by time (`EventFilter`, `DeadLetterFilter`, [`ReplayFrom::Time`]):
+/// `jiff`'s, re-exported so that using them takes no dependency of one's own. `Timestamp::now()`
+/// reads the clock; `Timestamp::try_from(system_time)` converts a `SystemTime`.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use eventbroker::{ReplayFrom, Timestamp};
+///
+/// let an_hour_ago = Timestamp::try_from(SystemTime::now() - Duration::from_secs(3600))?;
+/// assert!(an_hour_ago < Timestamp::now());
+/// let _from = ReplayFrom::Time(an_hour_ago);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub use jiff::Timestamp;
 
 /// The provider traits, for `use eventbroker::prelude::*;`: their methods (`get`, `list`,
 /// `store_batch`, ...) are callable on a concrete provider ([`MemoryProvider`], a network one)

@@ -316,8 +316,9 @@ pub enum ReplayFrom {
     Beginning,
     /// Events with a sequence number at or above this one.
     Sequence(u64),
-    /// Events created at or after this time, still in sequence order. Continue paging with
-    /// [`ReplayFrom::Sequence`], which from there on includes every later-stored event.
+    /// Events created at or after this time ([`Timestamp`](crate::Timestamp)), still in sequence
+    /// order. Continue paging with [`ReplayFrom::Sequence`], which from there on includes every
+    /// later-stored event.
     Time(Timestamp),
 }
 
