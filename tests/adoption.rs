@@ -318,3 +318,45 @@ fn hooks_count_what_cannot_become_an_event() {
     assert_eq!(hooks.stats().published, 0);
     assert!(broker.shutdown(WAIT).is_clean());
 }
+
+/// Two brokers of one process receiving from one provider under one id would share a group and
+/// skip each other's events as echoes: the second is refused, naming the setting; once the first
+/// has shut down, its next incarnation may take the id; another id, another provider or local
+/// distribution is no conflict.
+#[test]
+fn one_instance_id_receives_from_a_provider_once_per_process() {
+    let bus = Arc::new(MemoryProvider::default());
+    let receiving = |provider: &Arc<MemoryProvider>, id: &str| {
+        Broker::builder()
+            .provider(provider.clone())
+            .instance_id(id)
+            .distribution(Distribution::FanOut)
+            .build()
+    };
+    let first = receiving(&bus, "orders-1").unwrap();
+    let err = receiving(&bus, "orders-1").unwrap_err();
+    assert!(
+        matches!(&err, eventbroker::BuildError::Config(e) if e.key() == "instance_id" && e.reason().contains("orders-1")),
+        "{err}"
+    );
+    let other_id = receiving(&bus, "orders-2").unwrap();
+    let other_bus = receiving(&Arc::new(MemoryProvider::default()), "orders-1").unwrap();
+    let local = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("orders-1")
+        .distribution(Distribution::Local)
+        .build()
+        .unwrap();
+    assert!(first.shutdown(WAIT).is_clean());
+    let next = receiving(&bus, "orders-1").expect("the id is free once its broker shut down");
+    for broker in [next, other_id, other_bus, local] {
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+    drop(first);
+    let after_drop = {
+        let dropped = receiving(&bus, "orders-3").unwrap();
+        drop(dropped);
+        receiving(&bus, "orders-3")
+    };
+    assert!(after_drop.expect("a dropped broker frees its id").shutdown(WAIT).is_clean());
+}

@@ -176,6 +176,15 @@ impl BrokerBuilder {
 
     /// This instance's id, written into events published without one, and (fan-out) the name of
     /// its durable group. Default: the host name.
+    ///
+    /// It must be unique among the instances sharing a provider, and stable across restarts: an
+    /// instance restarted under its id resumes its group where it left off. Two brokers under one
+    /// id share one group and take each other's events for their own echoes, so neither receives
+    /// the other's: two processes on one host left on the default do that. Within one process,
+    /// building a broker that receives from a provider another live broker of this process
+    /// receives from under the same id fails with [`BuildError::Config`] on `instance_id`; across
+    /// processes nothing can tell, so give each process its own (a pod's name, or the host name
+    /// and the service's role).
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
@@ -301,6 +310,7 @@ impl BrokerBuilder {
         });
         let provider = self.provider.unwrap_or_else(|| Arc::new(MemoryProvider::default()));
         let group = distribution.group(&instance_id);
+        let claim = group.as_ref().map(|_| InstanceClaim::take(&provider, &instance_id)).transpose()?;
         let source = match &group {
             None => None,
             Some(group) => {
@@ -360,6 +370,7 @@ impl BrokerBuilder {
             intake: Intake::new(),
             sync: SyncCounters::default(),
             rejected: AtomicU64::new(0),
+            claim: parking_lot::Mutex::new(claim),
             shutdown: parking_lot::Mutex::new(false),
             drop_timeout: self.drop_timeout,
             metrics,
@@ -420,6 +431,45 @@ fn check_capabilities(provider: &dyn Provider, group: &ConsumerGroup) -> Result<
         ));
     }
     Ok(())
+}
+
+/// The brokers of this process that receive from a provider, by provider and instance id (see
+/// [`BrokerBuilder::instance_id`]).
+static RECEIVING: parking_lot::Mutex<Vec<(usize, String)>> = parking_lot::Mutex::new(Vec::new());
+
+/// A receiving broker's hold on its provider and instance id, from `build` to the end of its
+/// shutdown (or its drop).
+pub(crate) struct InstanceClaim {
+    /// The provider's address, and the instance id.
+    key: (usize, String),
+}
+
+impl InstanceClaim {
+    fn take(provider: &Arc<dyn Provider>, instance_id: &str) -> Result<Self, BuildError> {
+        let key = (Arc::as_ptr(provider).cast::<()>() as usize, instance_id.to_owned());
+        let mut receiving = RECEIVING.lock();
+        if receiving.contains(&key) {
+            return Err(BuildError::Config(ConfigError::new(
+                "instance_id",
+                format!(
+                    "{instance_id:?} is the id of another broker of this process receiving from the \
+                     same provider: two brokers of one id share its group and skip each other's \
+                     events as echoes; give each its own"
+                ),
+            )));
+        }
+        receiving.push(key.clone());
+        Ok(Self { key })
+    }
+}
+
+impl Drop for InstanceClaim {
+    fn drop(&mut self) {
+        let mut receiving = RECEIVING.lock();
+        if let Some(at) = receiving.iter().position(|key| *key == self.key) {
+            receiving.swap_remove(at);
+        }
+    }
 }
 
 fn default_instance_id() -> String {

@@ -54,6 +54,9 @@ pub(crate) struct Engine {
     pub(crate) intake: Intake,
     pub(crate) sync: SyncCounters,
     pub(crate) rejected: AtomicU64,
+    /// This broker's hold on its instance id for its provider, while it receives (released at
+    /// the end of shutdown).
+    pub(crate) claim: parking_lot::Mutex<Option<super::builder::InstanceClaim>>,
     /// Whether shutdown has begun; held while its synchronous part runs.
     pub(crate) shutdown: parking_lot::Mutex<bool>,
     /// How long dropping the last handle waits for shutdown.

@@ -182,6 +182,8 @@ impl Engine {
         };
         // Handlers (and whatever they captured, broker handles included) go now.
         self.shared.table.clear();
+        // Its id is free for the next incarnation in this process.
+        drop(self.claim.lock().take());
         if let Some(metrics) = &self.metrics {
             // One last report: the drained queue, no workers.
             metrics.stop_reporter(deadline);
