@@ -71,6 +71,26 @@ fn names_that_are_not_identifiers_are_refused_before_connecting() {
     }
 }
 
+/// A server that refuses the connection says why: its message and SQLSTATE, not the pool's
+/// "db error"; a port nobody listens on names the socket's error.
+#[test]
+fn a_refused_connection_carries_the_servers_words() {
+    let missing = PostgresConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..PostgresConfig::new("host=127.0.0.1 port=5432 user=postgres dbname=eb_no_such_database")
+    };
+    let err = PostgresProvider::connect(missing).expect_err("no such database");
+    let text = err.to_string();
+    assert!(text.contains("eb_no_such_database") && text.contains("SQLSTATE 3D000"), "{text}");
+
+    let closed = PostgresConfig {
+        connect_timeout: Duration::from_secs(5),
+        ..PostgresConfig::new("host=127.0.0.1 port=1 user=postgres dbname=test")
+    };
+    let err = PostgresProvider::connect(closed).expect_err("nobody listens on port 1");
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+}
+
 #[test]
 fn a_capture_target_must_be_an_identifier_and_not_a_table_of_the_provider() {
     let backend = PostgresBackend::new();

@@ -170,7 +170,13 @@ impl Backend {
             )),
             Err(PoolError::Closed) => Err(closed_error(NAME, operation)),
             Err(err) => {
-                let reason = format!("cannot connect: {err}");
+                // The server's refusal (too many connections, a role or database that does not
+                // exist) is in the driver's error, which the pool's text only calls "db error".
+                let detail = match &err {
+                    PoolError::Backend(pg) => describe(pg),
+                    other => other.to_string(),
+                };
+                let reason = format!("cannot connect: {detail}");
                 self.reconnect.lock().failed(Instant::now(), &reason);
                 Err(unavailable(operation, reason).with_source(err))
             }
@@ -211,10 +217,7 @@ impl Backend {
 
     /// The error for `err`, raised by `operation` on `table`.
     pub(super) fn error(operation: &'static str, table: &str, err: tokio_postgres::Error) -> ProviderError {
-        let message = match err.as_db_error() {
-            Some(db) => format!("{table}: {} (SQLSTATE {})", db.message(), db.code().code()),
-            None => format!("{table}: {err}"),
-        };
+        let message = format!("{table}: {}", describe(&err));
         let kind = if is_transient(&err) {
             ProviderErrorKind::Unavailable(message)
         } else {
@@ -351,6 +354,18 @@ pub(super) fn listener_backoff(attempt: u32) -> Duration {
 
 pub(super) fn unavailable(operation: &'static str, reason: String) -> ProviderError {
     ProviderError::new(NAME, operation, ProviderErrorKind::Unavailable(reason))
+}
+
+/// What went wrong, in words: the server's message and SQLSTATE when the server refused, else the
+/// driver's error with what it wraps (an I/O error's own words, say).
+fn describe(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(err) {
+        Some(cause) => format!("{err}: {cause}"),
+        None => err.to_string(),
+    }
 }
 
 /// Whether retrying may help: the connection failed, the server is shutting down or overloaded,
