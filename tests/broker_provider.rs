@@ -433,3 +433,48 @@ fn a_batch_shows_as_processing_while_it_is_handled() {
     }
     assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
 }
+
+/// A member holds at most its prefetch of other instances' events at a time: fetched, and not yet
+/// acknowledged. It fetches more as they end.
+#[test]
+fn a_member_holds_at_most_its_prefetch() {
+    let bus = Arc::new(MemoryProvider::default());
+    let group = eventbroker::Distribution::WorkQueue("prefetch-workers".into());
+    let member = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("m")
+        .distribution(group)
+        .prefetch(3)
+        .build()
+        .unwrap();
+    let publisher = Broker::builder().provider(bus.clone()).instance_id("p").build().unwrap();
+    let release = Arc::new(AtomicBool::new(false));
+    let handled = Arc::new(AtomicU64::new(0));
+    let (r, h) = (Arc::clone(&release), Arc::clone(&handled));
+    member
+        .subscribe_infallible("jobs.*", move |_: &Event| {
+            while !r.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            h.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    for _ in 0..20 {
+        publisher.publish(event("jobs.run")).unwrap();
+    }
+    wait_until("the member to hold its prefetch", Duration::from_secs(5), || {
+        member.stats().inbound.fetched == 3
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(member.stats().inbound.fetched, 3, "no more fetched while three are held");
+    release.store(true, Ordering::SeqCst);
+    wait_until("every job", Duration::from_secs(10), || handled.load(Ordering::SeqCst) == 20);
+    assert!(matches!(
+        Broker::builder().prefetch(0).build(),
+        Err(eventbroker::BuildError::Config(e)) if e.key() == "prefetch"
+    ));
+    for broker in [member, publisher] {
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
+    }
+}

@@ -167,6 +167,7 @@ fn an_empty_section_is_the_documented_defaults() {
     assert_eq!(config.wait_strategy, WaitStrategy::default());
     assert!(config.track_status);
     assert_eq!(config.claim_idle, Duration::from_secs(30));
+    assert_eq!(config.prefetch, None);
     assert_eq!(config.match_cache_capacity, 4096);
     assert_eq!(config.drop_shutdown_timeout, Duration::from_secs(30));
     assert_eq!(config.metrics.max_types, 256);
@@ -193,6 +194,7 @@ event_broker:
     mode: work_queue
     group: mailers
   claim_idle: 1m30s
+  prefetch: 8
   match_cache_capacity: 128
   drop_shutdown_timeout: 5s
   memory:
@@ -218,6 +220,7 @@ event_broker:
     );
     assert_eq!(config.distribution, Some(Distribution::WorkQueue("mailers".into())));
     assert_eq!(config.claim_idle, Duration::from_secs(90));
+    assert_eq!(config.prefetch, Some(8));
     assert_eq!(config.match_cache_capacity, 128);
     assert_eq!(config.drop_shutdown_timeout, Duration::from_secs(5));
     assert_eq!(
@@ -291,6 +294,7 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
     ),
     ("event_broker:\n  claim_idle: 5 parsecs\n", "event_broker.claim_idle", r#"got "5 parsecs""#),
     ("event_broker:\n  claim_idle: 1ms\n", "event_broker.claim_idle", "must be at least 10ms"),
+    ("event_broker:\n  prefetch: 0\n", "event_broker.prefetch", "must be at least 1"),
     (
         "event_broker:\n  retry_policy:\n    backoff_factor: 0.5\n",
         "event_broker.retry_policy.backoff_factor",

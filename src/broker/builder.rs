@@ -65,7 +65,8 @@ pub enum Distribution {
     /// Instances naming the same group share the events the others publish, each event to one of
     /// them. Members should subscribe alike: an event no subscription of the member that took it
     /// matches counts as handled. Events published by a member are handled by that member, never
-    /// by the rest of its group.
+    /// by the rest of its group. Each member holds at most its
+    /// [prefetch](BrokerBuilder::prefetch) of the group's events at a time, so a burst is shared.
     WorkQueue(String),
 }
 
@@ -119,6 +120,7 @@ pub struct BrokerBuilder {
     pub(crate) provider: Option<Arc<dyn Provider>>,
     pub(crate) distribution: Option<Distribution>,
     pub(crate) claim_idle: Duration,
+    pub(crate) prefetch: Option<usize>,
     pub(crate) track_status: bool,
     pub(crate) writer: WriterConfig,
     pub(crate) cache_capacity: usize,
@@ -142,6 +144,7 @@ impl Default for BrokerBuilder {
             provider: None,
             distribution: None,
             claim_idle: InboundConfig::DEFAULT_CLAIM_IDLE,
+            prefetch: None,
             track_status: true,
             writer: WriterConfig::default(),
             cache_capacity: 4096,
@@ -248,6 +251,20 @@ impl BrokerBuilder {
         self
     }
 
+    /// Most events from other instances this broker holds at once: fetched, and not yet
+    /// acknowledged or given back (waiting in its shards, being handled, or waiting for a retry).
+    /// It fetches more only as they end.
+    ///
+    /// Default: in a [work queue](Distribution::WorkQueue), 32 per worker, so that members share a
+    /// burst between them rather than the first to fetch taking it all into its shards; in
+    /// fan-out, as many as the shards hold. Raise it for handlers that take microseconds, where
+    /// each fetch's round trip to the server then carries more events; lower it for handlers that
+    /// take seconds. At least 1.
+    pub fn prefetch(mut self, events: usize) -> Self {
+        self.prefetch = Some(events);
+        self
+    }
+
     /// Whether every event's status changes are written to the provider (default `true`). With
     /// `false` the provider gets only dead letters, confirmed publishes and, when the broker
     /// shares events with other instances, the events themselves: the lowest-overhead setting.
@@ -336,6 +353,7 @@ impl BrokerBuilder {
             writer: Arc::new(writer),
             shutdown_deadline: parking_lot::Mutex::new(None),
             abandoned: std::sync::atomic::AtomicBool::new(false),
+            inbound_ended: AtomicU64::new(0),
             engine: id,
             inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),
@@ -350,7 +368,11 @@ impl BrokerBuilder {
         };
         let capacity = self.buffer_size.next_power_of_two();
         let shards = ShardSet::spawn(self.workers, capacity, &instance_id, &shared, config)?;
-        let inbound = source.map(|source| Arc::new(InboundPump::new(source)));
+        let prefetch = self.prefetch.unwrap_or(match distribution {
+            Distribution::WorkQueue(_) => WORK_QUEUE_PREFETCH_PER_WORKER.saturating_mul(self.workers),
+            Distribution::Local | Distribution::FanOut => usize::MAX,
+        });
+        let inbound = source.map(|source| Arc::new(InboundPump::new(source, prefetch)));
         let engine = Arc::new(Engine {
             id,
             store_events,
@@ -399,6 +421,9 @@ impl BrokerBuilder {
             return Err(ConfigError::new("writer.max_backlog", "must be at least 1"));
         }
         within("match_cache_capacity", self.cache_capacity, 1, MAX_MATCH_CACHE_CAPACITY)?;
+        if self.prefetch == Some(0) {
+            return Err(ConfigError::new("prefetch", "must be at least 1"));
+        }
         if self.claim_idle < Duration::from_millis(10) {
             return Err(ConfigError::new(
                 "claim_idle",
@@ -432,6 +457,9 @@ fn check_capabilities(provider: &dyn Provider, group: &ConsumerGroup) -> Result<
     }
     Ok(())
 }
+
+/// Default [`BrokerBuilder::prefetch`] of a work-queue member, per worker.
+const WORK_QUEUE_PREFETCH_PER_WORKER: usize = 32;
 
 /// The brokers of this process that receive from a provider, by provider and instance id (see
 /// [`BrokerBuilder::instance_id`]).

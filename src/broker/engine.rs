@@ -447,6 +447,11 @@ impl Target for Engine {
         &self.shared.table
     }
 
+    fn inbound_ended(&self) -> u64 {
+        // Relaxed: see `WorkerShared::inbound_ended`.
+        self.shared.inbound_ended.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn settle(&self, outbox: &mut Outbox) {
         self.shared.writer.settle(outbox);
     }

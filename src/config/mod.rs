@@ -92,6 +92,7 @@
 //! | `distribution.mode` | `local` with `memory`, else `fan_out` | `local`, `fan_out` or `work_queue` |
 //! | `distribution.group` | `redis.consumer_group` | the shared group of `work_queue` |
 //! | `claim_idle` | `30s` | unacknowledged inbound events are redelivered after this |
+//! | `prefetch` | 32 per worker in `work_queue`, else what the shards hold | most inbound events held at once |
 //! | `match_cache_capacity` | `4096` | event types each worker's match cache holds, 1 to 1 048 576 |
 //! | `drop_shutdown_timeout` | `30s` | bound of the shutdown that dropping the last handle runs |
 //! | `memory.max_events` | `10000` | events kept, least recently used evicted |
@@ -215,6 +216,8 @@ pub struct Config {
     pub distribution: Option<Distribution>,
     /// Default 30 s.
     pub claim_idle: Duration,
+    /// `None`: [`BrokerBuilder::prefetch`]'s default for the distribution.
+    pub prefetch: Option<usize>,
     /// Default 4096.
     pub match_cache_capacity: usize,
     /// Default 30 s.
@@ -248,6 +251,7 @@ impl Default for Config {
             writer: builder.writer,
             distribution: None,
             claim_idle: InboundConfig::DEFAULT_CLAIM_IDLE,
+            prefetch: None,
             match_cache_capacity: builder.cache_capacity,
             drop_shutdown_timeout: builder.drop_timeout,
             memory: MemoryConfig::default(),
@@ -403,6 +407,9 @@ impl Config {
             Ok(writer)
         })?;
         set(&mut c.claim_idle, s.duration("claim_idle")?);
+        if let Some(prefetch) = s.uint("prefetch")? {
+            c.prefetch = Some(prefetch);
+        }
         set(&mut c.match_cache_capacity, s.uint("match_cache_capacity")?);
         set(&mut c.drop_shutdown_timeout, s.duration("drop_shutdown_timeout")?);
         c.memory = read_section(s, "memory", |s| {
@@ -449,6 +456,9 @@ impl Config {
             .drop_shutdown_timeout(self.drop_shutdown_timeout);
         if !self.instance_id.is_empty() {
             builder = builder.instance_id(self.instance_id.clone());
+        }
+        if let Some(prefetch) = self.prefetch {
+            builder = builder.prefetch(prefetch);
         }
         if let Some(distribution) = &self.distribution {
             builder = builder.distribution(distribution.clone());

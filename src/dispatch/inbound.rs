@@ -61,6 +61,9 @@ pub(crate) trait Target: Send + Sync + 'static {
     /// The subscription table the filter is derived from.
     fn table(&self) -> &SubscriptionTable;
 
+    /// Inbound jobs the workers ended so far (acknowledged or given back).
+    fn inbound_ended(&self) -> u64;
+
     /// Hands dead letters and acknowledgements to the writer.
     fn settle(&self, outbox: &mut Outbox);
 }
@@ -99,6 +102,8 @@ struct Counters {
 /// A broker's inbound source and the thread that drains it.
 pub(crate) struct InboundPump {
     source: Arc<dyn Inbound>,
+    /// Most inbound events the broker holds at once (see `BrokerBuilder::prefetch`).
+    prefetch: usize,
     stop: AtomicBool,
     /// Generation of the subscription set last pushed as the filter; `u64::MAX` before the first.
     pushed: parking_lot::Mutex<u64>,
@@ -107,9 +112,10 @@ pub(crate) struct InboundPump {
 }
 
 impl InboundPump {
-    pub(crate) fn new(source: Arc<dyn Inbound>) -> Self {
+    pub(crate) fn new(source: Arc<dyn Inbound>, prefetch: usize) -> Self {
         Self {
             source,
+            prefetch,
             stop: AtomicBool::new(false),
             pushed: parking_lot::Mutex::new(u64::MAX),
             counters: Counters::default(),
@@ -197,7 +203,7 @@ impl InboundPump {
                 self.sleep_unless_stopped(SUBSCRIPTIONS_POLL);
                 continue;
             }
-            let room = target.room().min(FETCH_MAX);
+            let room = target.room().min(FETCH_MAX).min(self.prefetch.saturating_sub(self.held(target)));
             if room == 0 {
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
@@ -222,6 +228,14 @@ impl InboundPump {
                 }
             }
         }
+    }
+
+    /// Inbound events the broker holds: placed into its shards and not yet ended by a worker.
+    fn held(&self, target: &impl Target) -> usize {
+        // Relaxed, both: counts. A worker's count read ahead of its placement only holds a fetch
+        // back until the next look.
+        let placed = self.counters.fetched.load(Ordering::Relaxed);
+        usize::try_from(placed.saturating_sub(target.inbound_ended())).unwrap_or(usize::MAX)
     }
 
     /// Waits until `table` has subscriptions that have not changed for [`SETTLE`], or for

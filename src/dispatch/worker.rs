@@ -61,6 +61,9 @@ pub(crate) struct WorkerShared {
     /// not returned): they begin no further job, so the events the report counts as undelivered
     /// stay so.
     pub(crate) abandoned: AtomicBool,
+    /// Inbound jobs the workers ended, acknowledged or given back: with the inbound thread's
+    /// count of those it placed, how many the broker holds (see `InboundPump`'s prefetch).
+    pub(crate) inbound_ended: AtomicU64,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
     /// The broker's metric state, when it records metrics.
@@ -635,6 +638,11 @@ fn write_statuses(shared: &WorkerShared, outbox: &mut Outbox) {
 pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
     if shared.inline.is_some() {
         write_statuses(shared, outbox);
+    }
+    let ended = outbox.acks.len() + outbox.naks.len();
+    if ended > 0 {
+        // Relaxed: a count the inbound thread reads to pace its fetches; nothing hangs on it.
+        shared.inbound_ended.fetch_add(ended as u64, Ordering::Relaxed);
     }
     shared.writer.settle(outbox);
 }

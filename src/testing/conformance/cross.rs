@@ -169,6 +169,42 @@ pub fn work_queue_each_event_is_handled_by_one_broker(backend: &dyn TestBackend)
     }
 }
 
+/// Work-queue members at their default settings (rings far larger than the burst) share a burst
+/// of slow events: each holds only its prefetch at a time, so the first to fetch does not take
+/// them all.
+pub fn work_queue_members_share_a_burst(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let group = Distribution::WorkQueue(scope.name("workers"));
+    let Some(w1) = broker(backend.connect(), &scope.name("w1"), group.clone()) else { return };
+    let w2 = broker(backend.connect(), &scope.name("w2"), group).expect("a second member");
+    let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
+    let (seen1, seen2) = (Seen::default(), Seen::default());
+    for (broker, seen) in [(&w1, &seen1), (&w2, &seen2)] {
+        let seen = seen.clone();
+        broker
+            .subscribe_infallible(scope.all().as_str(), move |event| {
+                seen.0.lock().push(Arc::new(event.clone()));
+                std::thread::sleep(Duration::from_millis(3));
+            })
+            .expect("subscribe");
+    }
+    // Both members fetching before the burst.
+    std::thread::sleep(Duration::from_millis(200));
+    let burst: Vec<Event> = (0..400).map(|i| scope.event(&format!("job.t{}", i % 6))).collect();
+    publish_all(&publisher, &burst);
+    wait_until("the group to handle the burst", ARRIVE, || seen1.len() + seen2.len() >= burst.len());
+    let (one, two) = (seen1.len(), seen2.len());
+    assert_eq!(one + two, burst.len());
+    assert!(
+        one >= burst.len() / 4 && two >= burst.len() / 4,
+        "a member took most of the burst: {one} and {two}"
+    );
+    for broker in [&w1, &w2, &publisher] {
+        assert_clean_shutdown(broker);
+    }
+}
+
 /// A member that vanishes (its connection cut, as a crashed process) while holding fetched,
 /// unacknowledged events: the survivor gets every one of them after the claim idle time — none
 /// lost, and duplicates only of events the vanished member never acknowledged.

@@ -116,6 +116,7 @@ macro_rules! conformance_suite {
                 inbound::a_closed_source_refuses_every_call,
                 cross::fan_out_each_broker_handles_every_event_once,
                 cross::work_queue_each_event_is_handled_by_one_broker,
+                cross::work_queue_members_share_a_burst,
                 cross::a_broker_torn_down_loses_nothing_it_fetched,
                 cross::per_key_order_holds_across_instances,
                 cross::a_restarted_instance_receives_what_it_missed_for_each_handler,
