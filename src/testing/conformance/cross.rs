@@ -37,9 +37,19 @@ impl Seen {
     }
 
     fn subscribe(&self, broker: &Broker, pattern: &str) {
+        self.subscribe_slow(broker, pattern, Duration::ZERO);
+    }
+
+    /// [`Seen::subscribe`] with a handler that takes `pause` for each event.
+    fn subscribe_slow(&self, broker: &Broker, pattern: &str, pause: Duration) {
         let seen = self.clone();
         broker
-            .subscribe_infallible(pattern, move |event| seen.0.lock().push(Arc::new(event.clone())))
+            .subscribe_infallible(pattern, move |event| {
+                seen.0.lock().push(Arc::new(event.clone()));
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+            })
             .expect("subscribe");
     }
 }
@@ -140,13 +150,7 @@ pub fn work_queue_each_event_is_handled_by_one_broker(backend: &dyn TestBackend)
     let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
     let (seen1, seen2) = (Seen::default(), Seen::default());
     for (broker, seen) in [(&w1, &seen1), (&w2, &seen2)] {
-        let seen = seen.clone();
-        broker
-            .subscribe_infallible(scope.all().as_str(), move |event| {
-                seen.0.lock().push(Arc::new(event.clone()));
-                std::thread::sleep(Duration::from_millis(2));
-            })
-            .expect("subscribe");
+        seen.subscribe_slow(broker, scope.all().as_str(), Duration::from_millis(2));
     }
 
     let from_outside: Vec<Event> = (0..60).map(|i| scope.event(&format!("job.t{}", i % 6))).collect();
@@ -181,13 +185,7 @@ pub fn work_queue_members_share_a_burst(backend: &dyn TestBackend) {
     let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
     let (seen1, seen2) = (Seen::default(), Seen::default());
     for (broker, seen) in [(&w1, &seen1), (&w2, &seen2)] {
-        let seen = seen.clone();
-        broker
-            .subscribe_infallible(scope.all().as_str(), move |event| {
-                seen.0.lock().push(Arc::new(event.clone()));
-                std::thread::sleep(Duration::from_millis(3));
-            })
-            .expect("subscribe");
+        seen.subscribe_slow(broker, scope.all().as_str(), Duration::from_millis(3));
     }
     // Both members fetching before the burst.
     std::thread::sleep(Duration::from_millis(200));
