@@ -77,7 +77,8 @@ impl Default for WriterConfig {
 
 /// What the writer has done, as counted by the writer thread. Writes a provider takes inline (see
 /// the module docs) are not counted here, except when they fail: the provider's own stats count
-/// them.
+/// them. So with the memory provider, whose stores and status changes the publishing and worker
+/// threads write themselves, `stored` and `status_updates` stay 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriterStats {

@@ -354,9 +354,12 @@ pub struct ProviderStats {
     pub failed_events: u64,
     /// Events this handle stored for the first time (re-stores of an id are not counted).
     pub events_published: u64,
-    /// Events this handle delivered into streams (one per stream that received it).
+    /// Events this handle delivered into its own streams (one per stream that received it): the
+    /// [`EventStream`](super::EventStream)s of `MemoryProvider::stream` and its kin, not a
+    /// broker's subscriptions, nor what other instances fetch (see
+    /// [`BrokerStats::inbound`](crate::BrokerStats::inbound)).
     pub events_consumed: u64,
-    /// Streams open on this handle whose receiver is still alive.
+    /// This handle's streams whose receiver is still alive (see `events_consumed`).
     pub active_subscribers: u64,
     /// Dead letters stored.
     pub dead_letters: u64,

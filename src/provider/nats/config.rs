@@ -200,7 +200,7 @@ impl NatsConfig {
     /// Checks every setting, naming the first bad one by its key (`nats.stream_name`).
     ///
     /// ```
-    /// use eventbroker::provider::nats::NatsConfig;
+    /// use eventbroker::NatsConfig;
     ///
     /// let bad = NatsConfig { stream_name: "my.events".into(), ..NatsConfig::default() };
     /// let err = bad.validate().unwrap_err();

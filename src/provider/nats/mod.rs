@@ -89,7 +89,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use eventbroker::provider::nats::{NatsConfig, NatsProvider};
+//! use eventbroker::{NatsConfig, NatsProvider};
 //! use eventbroker::{Event, EventSink, EventSource, EventStore, Provider};
 //!
 //! let provider = NatsProvider::connect(NatsConfig::new("nats://127.0.0.1:4222"))?;
@@ -210,7 +210,7 @@ impl NatsProvider {
     /// staging namespaces; other providers on the same layout fail from then on.
     ///
     /// ```no_run
-    /// use eventbroker::provider::nats::{NatsConfig, NatsProvider};
+    /// use eventbroker::{NatsConfig, NatsProvider};
     ///
     /// let scratch = NatsConfig { stream_name: "SCRATCH".into(), subject_prefix: "scratch".into(), ..NatsConfig::default() };
     /// NatsProvider::connect(scratch)?.destroy()?;

@@ -17,7 +17,7 @@ use crate::error::{ConfigError, ProviderError, ProviderErrorKind};
 ///
 /// ```
 /// use std::time::Duration;
-/// use eventbroker::provider::postgres::PostgresConfig;
+/// use eventbroker::PostgresConfig;
 ///
 /// let config = PostgresConfig::new("host=127.0.0.1 user=postgres dbname=app")
 ///     .with_schema("broker")

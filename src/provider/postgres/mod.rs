@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+//! use eventbroker::{PostgresConfig, PostgresProvider};
 //! use eventbroker::{Event, EventSink, EventSource, EventStore};
 //!
 //! let provider = PostgresProvider::connect(
@@ -149,7 +149,7 @@ const NAME: &str = "postgres";
 ///
 /// ```no_run
 /// use std::sync::Arc;
-/// use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+/// use eventbroker::{PostgresConfig, PostgresProvider};
 /// use eventbroker::{Broker, ConsumerGroup, InboundConfig, Provider};
 ///
 /// let config = PostgresConfig::new("host=127.0.0.1 user=postgres dbname=app");
@@ -191,7 +191,7 @@ impl PostgresProvider {
     ///
     /// ```no_run
     /// use std::time::Duration;
-    /// use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+    /// use eventbroker::{PostgresConfig, PostgresProvider};
     ///
     /// let provider = PostgresProvider::connect(PostgresConfig {
     ///     pool_size: 8,
@@ -241,7 +241,7 @@ impl PostgresProvider {
     /// An [`Outbox`] writing to this provider's tables.
     ///
     /// ```no_run
-    /// # use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+    /// # use eventbroker::{PostgresConfig, PostgresProvider};
     /// let provider = PostgresProvider::connect(PostgresConfig::default())?;
     /// let outbox = provider.outbox();
     /// # Ok::<(), eventbroker::ProviderError>(())
@@ -257,7 +257,7 @@ impl PostgresProvider {
     /// for updates) in the same transaction. Installing again replaces the trigger.
     ///
     /// ```no_run
-    /// # use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+    /// # use eventbroker::{PostgresConfig, PostgresProvider};
     /// let provider = PostgresProvider::connect(PostgresConfig::default())?;
     /// provider.install_crud_capture("public.users")?;
     /// // `INSERT INTO users …` from psql now delivers `public.users.create` to every broker.
@@ -285,7 +285,7 @@ impl PostgresProvider {
     /// than at the next cleanup interval; returns how many were deleted (0 without a `max_age`).
     ///
     /// ```no_run
-    /// # use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+    /// # use eventbroker::{PostgresConfig, PostgresProvider};
     /// let provider = PostgresProvider::connect(PostgresConfig { cleanup_interval: None, ..PostgresConfig::default() })?;
     /// let deleted = provider.cleanup_now()?;
     /// println!("deleted {deleted} finished events older than a day");
