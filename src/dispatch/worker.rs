@@ -62,8 +62,10 @@ pub(crate) struct WorkerShared {
     /// stay so.
     pub(crate) abandoned: AtomicBool,
     /// Inbound jobs the workers ended, acknowledged or given back: with the inbound thread's
-    /// count of those it placed, how many the broker holds (see `InboundPump`'s prefetch).
-    pub(crate) inbound_ended: AtomicU64,
+    /// count of those it placed, how many the broker holds (see `InboundPump`'s prefetch). A line
+    /// of its own: every worker of a receiving broker adds to it each turn, and the fields beside
+    /// it are read on every job.
+    pub(crate) inbound_ended: CachePadded<AtomicU64>,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
     /// The broker's metric state, when it records metrics.
