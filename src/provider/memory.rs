@@ -97,9 +97,9 @@ use self::linger::Lingering;
 use self::marks::Marks;
 use self::table::{EventTable, status_index};
 use super::{
-    Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
-    StatusUpdate, StoredEvent, StreamHub, closed_error,
+    Ack, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter,
+    EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats,
+    ReplayFrom, StatusUpdate, StoredEvent, StreamHub, closed_error,
 };
 use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
@@ -1014,6 +1014,13 @@ impl Provider for MemoryProvider {
             source,
             closed: AtomicBool::new(false),
         }))
+    }
+
+    fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+        self.shared.check_open("delete_group")?;
+        self.shared.bus.lock().remove_group(&group.key()).map_err(|reason| {
+            ProviderError::new(NAME, "delete_group", crate::error::ProviderErrorKind::InvalidInput(reason))
+        })
     }
 
     fn close(&self) -> Result<(), ProviderError> {

@@ -313,6 +313,40 @@ pub trait Provider: EventSink + EventStore + std::any::Any {
         Err(ProviderError::not_supported(self.name(), "open_inbound"))
     }
 
+    /// Deletes `group` from the backend: where it stands in the events and what its members
+    /// fetched and left unacknowledged. A durable group outlives its brokers, so the group of an
+    /// instance id retired for good (a pod that will not come back under its name) stays, and
+    /// with some backends holds on to what it has not read; this lets it go. A broker that opens
+    /// the group later starts it afresh, at the current end of history. `Ok(true)` when the group
+    /// existed.
+    ///
+    /// No broker of the group should be running: a member that fetches after the deletion finds
+    /// the group made again at the end (Redis, PostgreSQL) or its source gone (NATS); the memory
+    /// provider refuses while a member is open.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, ConsumerGroup, MemoryProvider, Provider};
+    ///
+    /// let bus = Arc::new(MemoryProvider::default());
+    /// let retired = Broker::builder().provider(bus.clone()).instance_id("pod-7").build()?;
+    /// assert!(retired.shutdown(Duration::from_secs(5)).is_clean());
+    /// assert!(bus.delete_group(&ConsumerGroup::Instance("pod-7".into()))?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// The default returns [`ProviderErrorKind::NotSupported`]: a backend that only stores.
+    ///
+    /// # Errors
+    /// [`ProviderErrorKind::NotSupported`] without [`Capabilities::inbound`];
+    /// [`ProviderErrorKind::InvalidInput`] for a group name the backend cannot use, or (memory) a
+    /// group with an open member; otherwise as [`EventStore::get`].
+    fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+        let _ = group;
+        Err(ProviderError::not_supported(self.name(), "delete_group"))
+    }
+
     /// Flushes, ends every inbound source, stops background work and releases the backend. Every
     /// later call of any method returns [`ProviderErrorKind::Closed`], except `close` itself,
     /// which returns `Ok(())` again.

@@ -9,9 +9,9 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::{
-    Ack, AckToken, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom, StatusUpdate,
-    StoredEvent,
+    Ack, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter,
+    EventSink, EventStore, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
+    StatusUpdate, StoredEvent,
 };
 use crate::{Event, EventId, Pattern};
 
@@ -32,6 +32,7 @@ pub enum Operation {
     DeleteDeadLetter,
     Stats,
     OpenInbound,
+    DeleteGroup,
     Close,
     /// [`Inbound::fetch`] of a source the provider opened.
     Fetch,
@@ -49,7 +50,7 @@ pub enum Operation {
 
 impl Operation {
     /// Every operation.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 21] = [
         Self::StoreBatch,
         Self::UpdateStatusBatch,
         Self::StoreDeadLetters,
@@ -63,6 +64,7 @@ impl Operation {
         Self::DeleteDeadLetter,
         Self::Stats,
         Self::OpenInbound,
+        Self::DeleteGroup,
         Self::Close,
         Self::Fetch,
         Self::Ack,
@@ -87,6 +89,7 @@ impl Operation {
             Self::DeleteDeadLetter => "delete_dead_letter",
             Self::Stats => "stats",
             Self::OpenInbound => "open_inbound",
+            Self::DeleteGroup => "delete_group",
             Self::Close => "close",
             Self::Fetch => "fetch",
             Self::Ack => "ack",
@@ -363,6 +366,11 @@ impl Provider for FaultyProvider {
         self.check(Operation::OpenInbound)?;
         let inner = self.inner.open_inbound(config)?;
         Ok(Arc::new(FaultyInbound { inner, provider: self.inner.name(), faults: Arc::clone(&self.faults) }))
+    }
+
+    fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+        self.check(Operation::DeleteGroup)?;
+        self.inner.delete_group(group)
     }
 
     fn close(&self) -> Result<(), ProviderError> {

@@ -187,6 +187,19 @@ impl Bus {
         id
     }
 
+    /// Deletes the group `key`, with what its members left pending; `Ok(false)` when there is
+    /// none, and the reason when a member is open.
+    pub(super) fn remove_group(&mut self, key: &str) -> Result<bool, String> {
+        let Some(group) = self.groups.get(key) else { return Ok(false) };
+        if group.members.values().any(|member| member.open) {
+            return Err(format!("consumer group {key:?} has an open member: shut its broker down first"));
+        }
+        self.groups.remove(key);
+        // What only this group still needed goes.
+        self.trim();
+        Ok(true)
+    }
+
     /// Leaves a group: the member's unacknowledged events are due again at once.
     pub(super) fn leave(&mut self, group: &str, source: SourceId, now: Instant) {
         let Some(group) = self.groups.get_mut(group) else { return };

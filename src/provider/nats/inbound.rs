@@ -139,6 +139,27 @@ pub(super) struct InboundCounters {
     pub(super) held_redeliveries: AtomicU64,
 }
 
+/// Deletes `group`'s durable consumer, with what it had pending; `false` when there was none.
+pub(super) async fn delete(shared: Arc<Shared>, group: ConsumerGroup) -> Result<bool, ProviderError> {
+    const OPERATION: &str = "delete_group";
+    #[derive(serde::Deserialize)]
+    struct Deleted {}
+    let durable = durable_name(&group)?;
+    let stream = &shared.layout.events;
+    let deleted: Result<Deleted, _> = api(
+        &shared.conn.js,
+        OPERATION,
+        format!("CONSUMER.DELETE.{stream}.{durable}"),
+        &super::connection::Empty {},
+    )
+    .await?;
+    match deleted {
+        Ok(Deleted {}) => Ok(true),
+        Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => Ok(false),
+        Err(error) => Err(refused(OPERATION, &format!("consumer {durable} of stream {stream}"), &error)),
+    }
+}
+
 /// Opens the source of `config`'s group, creating its durable consumer or bringing an existing
 /// one's claim idle time and pending limit to this provider's.
 pub(super) async fn open(

@@ -113,8 +113,9 @@ use self::layout::Layout;
 use self::sink::WriteCounters;
 use self::status::RevisionCache;
 use super::{
-    Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink, EventStore, Inbound,
-    InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, closed_error,
+    Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
+    EventStore, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent,
+    closed_error,
 };
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventId};
@@ -445,6 +446,11 @@ impl Provider for NatsProvider {
     fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
         let shared = self.open("open_inbound")?;
         self.run("open_inbound", inbound::open(Arc::clone(shared), config.clone()))
+    }
+
+    fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+        let shared = self.open("delete_group")?;
+        self.run("delete_group", inbound::delete(Arc::clone(shared), group.clone()))
     }
 
     fn close(&self) -> Result<(), ProviderError> {

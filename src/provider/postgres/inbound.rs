@@ -58,7 +58,7 @@ use super::{NAME, Shared};
 use crate::error::ProviderError;
 use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
-use crate::provider::{Ack, AckToken, Inbound, InboundConfig, InboundEvent, closed_error};
+use crate::provider::{Ack, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent, closed_error};
 use crate::sync::{AtomicBool, Ordering};
 
 /// Most events one fetch hands out, whatever the caller asks for.
@@ -79,6 +79,7 @@ pub(super) struct InboundSql {
     nak: String,
     extend: String,
     leave: String,
+    delete_group: String,
 }
 
 impl InboundSql {
@@ -94,6 +95,11 @@ impl InboundSql {
                  ON CONFLICT (group_key) DO NOTHING"
             ),
             release_group: format!("UPDATE {claims} SET due_at = now() WHERE group_key = $1"),
+            // Its claims and its cursor, in one statement: a data-modifying WITH runs to completion.
+            delete_group: format!(
+                "WITH released AS (DELETE FROM {claims} WHERE group_key = $1)
+                 DELETE FROM {groups} WHERE group_key = $1"
+            ),
             take_due: format!(
                 "WITH due AS (
                      SELECT seq FROM {claims}
@@ -157,6 +163,15 @@ fn prefixed(alias: &str, columns: &str) -> String {
 
 /// Creates the group of `config` if it is new (at the current end of history), and, for a
 /// fan-out group, makes what a predecessor of this instance left unacknowledged due at once.
+/// Deletes `group`'s cursor and claims; `false` when it had none.
+pub(super) fn delete(shared: &Shared, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+    const OP: &str = "delete_group";
+    let (backend, sql) = (&shared.backend, &shared.inbound_sql);
+    let key = group.key();
+    let deleted = backend.call(OP, backend.execute(OP, &sql.claims, &sql.delete_group, &[&key]))?;
+    Ok(deleted > 0)
+}
+
 pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<PostgresInbound, ProviderError> {
     const OP: &str = "open_inbound";
     let backend = &shared.backend;

@@ -112,8 +112,9 @@ use self::retention::RetentionSql;
 use self::sink::SinkSql;
 use self::store::StoreSql;
 use super::{
-    Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink, EventStore, Inbound,
-    InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, closed_error,
+    Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
+    EventStore, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent,
+    closed_error,
 };
 use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
@@ -459,6 +460,13 @@ impl Provider for PostgresProvider {
             return Err(closed_error(NAME, "open_inbound"));
         }
         Ok(Arc::new(inbound::open(&self.shared, config)?))
+    }
+
+    fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+        if self.shared.backend.is_closed() {
+            return Err(closed_error(NAME, "delete_group"));
+        }
+        inbound::delete(&self.shared, group)
     }
 
     fn close(&self) -> Result<(), ProviderError> {

@@ -142,8 +142,9 @@ use self::keys::{Keys, TimeKey, entry_of_seq, lex_from, lex_to, seq_of_entry};
 use self::reply::{Entry, Malformed, StatusHash};
 use self::scripts::{Call, Scripts};
 use super::{
-    Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink, EventStore, Inbound,
-    InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent, closed_error,
+    Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
+    EventStore, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent,
+    closed_error,
 };
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventId};
@@ -709,6 +710,23 @@ impl Provider for RedisProvider {
     fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
         self.shared.check_open("open_inbound")?;
         Ok(Arc::new(inbound::RedisInbound::open(Arc::clone(&self.shared), config)?))
+    }
+
+    fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
+        const OPERATION: &str = "delete_group";
+        self.shared.check_open(OPERATION)?;
+        let group = group.key();
+        keys::validate_member_name("consumer group", &group)?;
+        let stream = &self.shared.keys.stream;
+        // The group and its pending entries list are one Redis object on the stream.
+        self.shared.pool.run(OPERATION, &group, |conn| {
+            let exists: bool = redis::cmd("EXISTS").arg(stream).query(conn)?;
+            if !exists {
+                return Ok(false);
+            }
+            let destroyed: i64 = redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(&group).query(conn)?;
+            Ok(destroyed > 0)
+        })
     }
 
     fn close(&self) -> Result<(), ProviderError> {

@@ -310,6 +310,38 @@ pub fn a_restarted_instance_resumes_where_it_left_off(backend: &dyn TestBackend)
     after.close().expect("close");
 }
 
+/// A deleted group is gone with what its member left: deleting it again finds nothing, and a
+/// source that opens it later starts at the end of history, without the old group's unacknowledged
+/// or unfetched events. A backend without inbound sources says it cannot delete groups.
+pub fn a_deleted_group_starts_afresh(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let provider = backend.connect();
+    let group = scope.instance("a");
+    let Some(first) = open(&*provider, &scope.name("a"), &group, &scope.all()) else {
+        assert_not_supported(provider.delete_group(&group).map(drop), "delete_group");
+        return;
+    };
+    let stored = events(&scope, "job", 4);
+    store(&*provider, &stored, None);
+    let fetched = take(&*first, 2);
+    ack_all(&*first, &fetched[..1]);
+    first.close().expect("close"); // One event unacknowledged, two never fetched.
+
+    assert!(provider.delete_group(&group).expect("delete_group"), "the group existed");
+    assert!(!provider.delete_group(&group).expect("delete_group again"), "and is gone");
+    assert!(!provider.delete_group(&scope.instance("never")).expect("delete_group of none"));
+
+    let again = open(&*provider, &scope.name("a"), &group, &scope.all()).expect("reopen");
+    let later = events(&scope, "later", 1);
+    store(&*provider, &later, None);
+    let got = take(&*again, 1);
+    assert_eq!(ids(&got), vec![later[0].id], "only what was stored after it was made again");
+    ack_all(&*again, &got);
+    assert_quiet(&*again, "the deleted group's events");
+    again.close().expect("close");
+}
+
 /// The filter keeps unwanted events back for good; widening it lets later ones through.
 pub fn the_filter_keeps_unwanted_events_back(backend: &dyn TestBackend) {
     let _shared = EXCLUSIVE.read();

@@ -111,6 +111,7 @@ macro_rules! conformance_suite {
                 inbound::extend_keeps_an_event_from_being_claimed,
                 inbound::a_nak_redelivers_after_its_delay,
                 inbound::a_restarted_instance_resumes_where_it_left_off,
+                inbound::a_deleted_group_starts_afresh,
                 inbound::the_filter_keeps_unwanted_events_back,
                 inbound::a_waiting_fetch_wakes_when_an_event_arrives,
                 inbound::a_closed_source_refuses_every_call,
