@@ -1002,7 +1002,8 @@ fn shared(events: &[Event]) -> Vec<Arc<Event>> {
 fn a_group_with_a_running_broker_is_not_deleted() {
     let bus = Arc::new(MemoryProvider::default());
     let group = eventbroker::ConsumerGroup::Instance("delete-me".into());
-    let broker = eventbroker::Broker::builder().provider(bus.clone()).instance_id("delete-me").build().unwrap();
+    let broker =
+        eventbroker::Broker::builder().provider(bus.clone()).instance_id("delete-me").build().unwrap();
     let err = bus.delete_group(&group).expect_err("a member is open");
     assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(m) if m.contains("delete-me")), "{err}");
     assert!(broker.shutdown(Duration::from_secs(5)).is_clean());

@@ -481,8 +481,8 @@ impl InstanceClaim {
                 "instance_id",
                 format!(
                     "{instance_id:?} is the id of another broker of this process receiving from the \
-                     same provider: two brokers of one id share its group and skip each other's \
-                     events as echoes; give each its own"
+                     same provider: two brokers of one id are one member to it (in fan-out they share \
+                     a group and skip each other's events as echoes); give each its own"
                 ),
             )));
         }
