@@ -42,10 +42,12 @@ pub(crate) const FETCH_MAX: usize = 256;
 pub(crate) const FETCH_WAIT: Duration = Duration::from_millis(100);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-/// How long the subscriptions stay unchanged before the first fetch (see the module docs).
-pub(crate) const SETTLE: Duration = Duration::from_millis(50);
+/// How long the subscriptions stay unchanged before the first fetch (see the module docs): long
+/// enough that a thread subscribing its handlers one after another on a loaded machine, descheduled
+/// between two of them, is not taken for done.
+pub(crate) const SETTLE: Duration = Duration::from_millis(200);
 /// The longest the first fetch waits for the subscriptions to settle, from the first of them.
-pub(crate) const SETTLE_MAX: Duration = Duration::from_secs(1);
+pub(crate) const SETTLE_MAX: Duration = Duration::from_secs(2);
 /// How often the thread looks at the subscriptions while it waits for them.
 const SUBSCRIPTIONS_POLL: Duration = Duration::from_millis(5);
 
