@@ -567,6 +567,26 @@ impl Event {
         self.payload.as_ref().filter(|p| p.is_value()).map(Payload::as_str)
     }
 
+    /// Whether this is a delivery of [`Broker::replay`](crate::Broker::replay): its metadata holds
+    /// `"replay": true`.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource};
+    ///
+    /// let event = Event::new(EventSource::System, "audit.login");
+    /// assert!(!event.is_replay());
+    /// assert!(event.with_metadata("replay", true).is_replay());
+    /// ```
+    pub fn is_replay(&self) -> bool {
+        self.metadata.get("replay").and_then(serde_json::Value::as_bool) == Some(true)
+    }
+
+    /// The dead letter a [`Broker::redrive`](crate::Broker::redrive) delivers this event from: its
+    /// metadata's `redriven_from`.
+    pub fn redriven_from(&self) -> Option<crate::DeadLetterId> {
+        self.metadata.get("redriven_from")?.as_str()?.parse().ok()
+    }
+
     /// Sets [`Event::user_id`].
     #[must_use]
     #[inline]

@@ -88,6 +88,9 @@ pub use crate::subscription::SubscriptionId;
 /// instance ids): a `String` that keeps up to 24 bytes inline, without allocating. It dereferences
 /// to `&str` and converts from and into `String`.
 pub use compact_str::CompactString;
+/// The channel crate of [`Broker::subscribe_stream`]'s receivers, re-exported so that a receiver
+/// can be named (`eventbroker::flume::Receiver<Arc<Event>>`) without a dependency of one's own.
+pub use flume;
 /// The time type of an event's timestamps (`created_at`, `processed_at`, `completed_at`) and of
 /// what filters or replays by time (`EventFilter`, `DeadLetterFilter`, [`ReplayFrom::Time`]):
 /// `jiff`'s, re-exported so that using them takes no dependency of one's own. `Timestamp::now()`

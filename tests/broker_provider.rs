@@ -330,6 +330,8 @@ fn redrive_finds_a_new_subscription_with_the_same_pattern() {
     let got = got.lock().unwrap();
     assert_eq!(got[0].id, letter.event.id, "the same event");
     assert_eq!(got[0].metadata["redriven_from"], letter.id.to_string());
+    assert_eq!(got[0].redriven_from(), Some(letter.id));
+    assert!(!got[0].is_replay());
     let report = broker.shutdown(Duration::from_secs(5));
     assert!(report.is_clean(), "{report:?}");
 }
@@ -368,7 +370,7 @@ fn replay_redelivers_stored_events_in_order() {
     let replayed = replayed.lock().unwrap();
     let expected: Vec<EventId> = published.iter().filter(|(_, t)| t == "r.a").map(|(id, _)| *id).collect();
     assert_eq!(replayed.iter().map(|e| e.id).collect::<Vec<_>>(), expected, "oldest first, r.a only");
-    assert!(replayed.iter().all(|e| e.metadata["replay"] == true));
+    assert!(replayed.iter().all(|e| e.metadata["replay"] == true && e.is_replay()));
 
     let resumed = broker.replay(ReplayFrom::Sequence(report.last_seq.unwrap() + 1), Some("r.a")).unwrap();
     assert_eq!(resumed.replayed, 0, "resuming after the last replayed sequence finds no more r.a");

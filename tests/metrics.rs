@@ -91,6 +91,9 @@ fn counters_carry_the_seeds_names_labels_and_values() {
         broker.publish(Event::new(EventSource::Frontend, "orders.paid")).unwrap();
     }
     broker.publish_sync(Event::for_entity(EventSource::Database, "public", "users", "create")).unwrap();
+    for _ in 0..2 {
+        broker.publish(Event::new(EventSource::Internal, "nobody.listens")).unwrap();
+    }
     broker.drain(WAIT).unwrap();
 
     let users = [("source", "database"), ("type", "public.users.create")];
@@ -121,6 +124,7 @@ fn counters_carry_the_seeds_names_labels_and_values() {
 
     // Engine-wide counters and gauges come with the next report.
     wait_for_value("seed_eventbroker_dead_letters_total", &[], 3.0);
+    wait_for_value("seed_eventbroker_events_unrouted_total", &[], 2.0);
     wait_for_value("seed_eventbroker_workers_active", &[], 2.0);
     wait_for_value("seed_eventbroker_queue_size", &[], 0.0);
     assert!(broker.shutdown(WAIT).is_clean());

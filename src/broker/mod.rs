@@ -250,9 +250,11 @@ impl Broker {
         self.subscribe_handler(pattern, handler)
     }
 
-    /// Subscribes a bounded channel: matching events arrive on the returned receiver, from sync
-    /// code (`recv`) or async code (`recv_async().await`). It holds as many events as one shard
-    /// ([`BrokerBuilder::buffer_size`]); see [`Broker::subscribe_stream_bounded`].
+    /// Subscribes a bounded channel: matching events arrive on the returned receiver (a
+    /// [`flume::Receiver`], the crate re-exported as `eventbroker::flume`), from sync code
+    /// (`recv`) or async code (`recv_async().await`). It holds as many events as one shard
+    /// ([`BrokerBuilder::buffer_size`]); a full receiver is a failed delivery, retried and then
+    /// dead-lettered, as [`Broker::subscribe_stream_bounded`] says.
     ///
     /// # Errors
     /// As [`Broker::subscribe`].
@@ -261,8 +263,12 @@ impl Broker {
     }
 
     /// Like [`Broker::subscribe_stream`] with a receiver of `capacity` events. A full receiver
-    /// is a failed delivery (retried, then dead-lettered), never a silent loss. Dropping the
-    /// receiver ends the subscription.
+    /// is a failed delivery (retried per the broker's policy, then dead-lettered, and the event's
+    /// status `failed`), never a silent loss: size the receiver for the bursts its consumer must
+    /// absorb, or subscribe a handler that decides itself what to drop. Dropping the receiver ends
+    /// the subscription when the next matching event finds it gone (until then it counts in
+    /// [`BrokerStats::subscriptions`](crate::BrokerStats::subscriptions) and in the filter other
+    /// instances' events are fetched by).
     ///
     /// ```
     /// use std::time::Duration;

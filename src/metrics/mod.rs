@@ -21,6 +21,7 @@
 //! | `eventbroker_retries_total` | counter | | retries scheduled |
 //! | `eventbroker_handler_failures_total` | counter | | failed handler calls, retries included |
 //! | `eventbroker_dead_letters_total` | counter | | deliveries dead-lettered |
+//! | `eventbroker_events_unrouted_total` | counter | | events that matched no subscription (they count as `completed` in `events_processed_total` too): a pattern that matches nothing shows here |
 //! | `eventbroker_internal_errors_total` | counter | | panics caught on workers outside any handler |
 //! | `eventbroker_writer_batches_total` | counter | | provider writes (batches) |
 //! | `eventbroker_writer_errors_total` | counter | | provider calls that failed |

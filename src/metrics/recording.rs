@@ -412,6 +412,11 @@ pub(super) fn describe(config: &MetricsConfig) {
     metrics::describe_counter!(name("handler_failures_total"), Unit::Count, "Failed handler calls.");
     metrics::describe_counter!(name("dead_letters_total"), Unit::Count, "Deliveries dead-lettered.");
     metrics::describe_counter!(
+        name("events_unrouted_total"),
+        Unit::Count,
+        "Events that matched no subscription (counted as completed too)."
+    );
+    metrics::describe_counter!(
         name("internal_errors_total"),
         Unit::Count,
         "Panics caught on workers outside handlers."

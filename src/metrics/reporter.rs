@@ -94,6 +94,7 @@ struct EngineHandles {
     retries: Counter,
     handler_failures: Counter,
     dead_letters: Counter,
+    unrouted: Counter,
     internal_errors: Counter,
     writer_batches: Counter,
     writer_errors: Counter,
@@ -118,6 +119,7 @@ impl EngineHandles {
             retries: counter("retries_total"),
             handler_failures: counter("handler_failures_total"),
             dead_letters: counter("dead_letters_total"),
+            unrouted: counter("events_unrouted_total"),
             internal_errors: counter("internal_errors_total"),
             writer_batches: counter("writer_batches_total"),
             writer_errors: counter("writer_errors_total"),
@@ -140,6 +142,7 @@ impl EngineHandles {
         self.retries.absolute(stats.retries);
         self.handler_failures.absolute(stats.handler_failures);
         self.dead_letters.absolute(stats.dead_letters);
+        self.unrouted.absolute(stats.unrouted);
         self.internal_errors.absolute(stats.internal_errors);
         self.writer_batches.absolute(stats.writer.batches);
         self.writer_errors.absolute(stats.writer.errors);

@@ -36,7 +36,9 @@ crate::id::uuid_v7_id! {
 pub struct DeadLetter {
     /// Unique id.
     pub id: DeadLetterId,
-    /// The event as it was when the delivery gave up.
+    /// The event as its handlers saw it (as published), with the failure written in: `status`
+    /// `failed`, `error`, and `retry_count` the retries this delivery took. Its `processed_at` and
+    /// `completed_at` are not set; the stored event's are.
     pub event: Event,
     /// The subscription whose handler failed.
     pub subscription_id: SubscriptionId,
