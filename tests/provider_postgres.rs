@@ -336,6 +336,64 @@ fn crud_capture_turns_psql_changes_into_events() {
     assert_quiet(&*source, Duration::from_millis(300), "changes after the capture was removed");
 }
 
+/// A captured change has no publishing broker to write its lifecycle: the broker that handles it
+/// does, so it ends `completed` or `failed` like a broker's own event, and retention can remove it.
+#[test]
+fn captured_changes_get_their_statuses_from_the_broker_that_handles_them() {
+    let backend = PostgresBackend::new();
+    let provider = Arc::new(postgres_support::connect(PostgresConfig {
+        max_age: Some(Duration::from_millis(1)),
+        ..backend.config()
+    }));
+    let sql = Sql::connect().expect("connect");
+    let orders = backend.qualified("orders");
+    sql.batch(&format!("CREATE TABLE {orders} (id bigint PRIMARY KEY, total numeric NOT NULL)"))
+        .expect("create");
+    provider.install_crud_capture(&orders).expect("install");
+    let broker = eventbroker::Broker::builder()
+        .provider(provider.clone())
+        .instance_id(format!("{}-svc", backend.schema))
+        .retry_policy(eventbroker::RetryPolicy::none())
+        .build()
+        .expect("broker");
+    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let h = Arc::clone(&handled);
+    broker
+        .subscribe(&format!("{orders}.*"), move |event: &Event| {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if event.operation == "delete" { Err("deletes are not allowed") } else { Ok(()) }
+        })
+        .expect("subscribe");
+    std::thread::sleep(Duration::from_millis(300)); // The subscriptions settle before the first fetch.
+    sql.batch(&format!(
+        "INSERT INTO {orders} VALUES (1, 9.50); UPDATE {orders} SET total = 10 WHERE id = 1;
+         DELETE FROM {orders} WHERE id = 1;"
+    ))
+    .expect("changes");
+    let deadline = Instant::now() + ARRIVE;
+    while handled.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the three changes were not handled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    broker.drain(ARRIVE).expect("drain");
+    let mut captured = provider.list(&eventbroker::EventFilter::new()).expect("list");
+    captured.sort_by_key(|e| e.created_at);
+    let seen: Vec<(&str, EventStatus)> = captured.iter().map(|e| (e.operation.as_str(), e.status)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("create", EventStatus::Completed),
+            ("update", EventStatus::Completed),
+            ("delete", EventStatus::Failed)
+        ]
+    );
+    assert!(captured.iter().all(|e| e.completed_at >= e.processed_at && e.processed_at.is_some()));
+    assert_eq!(captured[2].error, "deletes are not allowed");
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(provider.cleanup_now().expect("cleanup"), 3, "finished, so retention removes them");
+    assert!(broker.shutdown(ARRIVE).is_clean());
+}
+
 /// An event published through the outbox exists iff the caller's transaction commits.
 #[test]
 fn the_outbox_delivers_once_on_commit_and_never_on_rollback() {
@@ -363,6 +421,21 @@ fn the_outbox_delivers_once_on_commit_and_never_on_rollback() {
     assert_eq!(*got[0].event, committed, "every field, the payload byte for byte");
     assert_quiet(&*inbound, Duration::from_millis(400), "the rolled-back event, or a second delivery");
     assert_eq!(provider.get(rolled_back.id).expect("get"), None);
+
+    // What a broker would refuse is refused before anything is written.
+    let bad_type = scope.event("billing..debited");
+    let too_deep = scope
+        .event("billing.debited")
+        .with_metadata("deep", (0..200).fold(serde_json::json!(1), |v, _| serde_json::json!([v])));
+    for (event, needle) in [(&bad_type, "billing..debited"), (&too_deep, "\"deep\"")] {
+        let tx = runtime.block_on(client.transaction()).expect("begin");
+        let err =
+            runtime.block_on(outbox.publish(&tx, &[committed.clone(), event.clone()])).expect_err("refused");
+        assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains("event 1") && err.to_string().contains(needle), "{err}");
+        runtime.block_on(tx.rollback()).expect("rollback");
+        assert_eq!(provider.get(event.id).expect("get"), None);
+    }
 }
 
 /// Retention deletes finished events older than `max_age`, in bounded batches, and nothing else.

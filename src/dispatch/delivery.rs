@@ -82,9 +82,18 @@ impl Job {
         self.origin.ticket()
     }
 
-    /// Whether this job's status changes are written (given that status tracking is on).
+    /// Whether this job's status changes are written (given that status tracking is on): a local
+    /// job's, and an inbound one's whose publisher is no broker (an empty `instance_id`: a
+    /// database change a trigger captured, an outbox write, an application's own store). Nobody
+    /// else writes the lifecycle of such an event, so the brokers that handle it do (in fan-out
+    /// each of them, the last to end writing the final status); a broker's event has its
+    /// publisher for that.
     fn tracked(&self) -> bool {
-        matches!(self.origin, Origin::Local { .. })
+        match self.origin {
+            Origin::Local { .. } => true,
+            Origin::Inbound(_) => self.event.instance_id.is_empty(),
+            Origin::Replayed => false,
+        }
     }
 }
 

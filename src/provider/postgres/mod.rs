@@ -257,6 +257,14 @@ impl PostgresProvider {
     /// `<schema>.<table>.create|update|delete` with the row as its payload (`{"old": …, "new": …}`
     /// for updates) in the same transaction. Installing again replaces the trigger.
     ///
+    /// What a captured event holds: source `database`, the schema, table and operation, the row
+    /// (the new one for `INSERT`, the old one for `DELETE`, both for `UPDATE`, even one that
+    /// changed nothing), a UUID v7 id; no user, session, instance or metadata, as the database
+    /// knows none of them. `TRUNCATE` is not captured. Delivery is as for any event: a broker's
+    /// group sees the changes made from when it first existed on. No broker published it, so the
+    /// broker that handles it writes its statuses (`processing`, then `completed` or `failed`),
+    /// and retention removes it once finished.
+    ///
     /// ```no_run
     /// # use eventbroker::{PostgresConfig, PostgresProvider};
     /// let provider = PostgresProvider::connect(PostgresConfig::default())?;
