@@ -526,8 +526,13 @@ fn bad_overrides_name_the_variable() {
     let err = load_with(QUICK_START, &[("EVENTBROKER_RETRY_POLICY_MAX_RETRY", "0")]).unwrap_err();
     assert_eq!(err.key(), "EVENTBROKER_RETRY_POLICY_MAX_RETRY");
     assert!(err.reason().contains("no configuration key"), "{err}");
+    assert!(err.reason().contains("EVENTBROKER_RETRY_POLICY_MAX_RETRIES"), "names the valid ones: {err}");
+    assert!(!err.reason().contains("EVENTBROKER_REDIS_"), "of its own section only: {err}");
     let err = load_with(QUICK_START, &[("EVENTBROKER_REDIS_HOTS", "cache")]).unwrap_err();
     assert_eq!(err.key(), "EVENTBROKER_REDIS_HOTS");
+    assert!(err.reason().contains("EVENTBROKER_REDIS_HOST"), "{err}");
+    let err = load_with(QUICK_START, &[("EVENTBROKER_DATABASE_TABLENAME", "events")]).unwrap_err();
+    assert!(err.reason().contains("EVENTBROKER_DATABASE_TABLE_NAME"), "{err}");
     // Outside the sections the prefix is shared with other tools (this crate's tests use
     // EVENTBROKER_TEST_REDIS_URL): logged and ignored.
     let config =

@@ -90,7 +90,7 @@
 //! | `writer.max_delay` | `1ms` | longest a first item waits for its batch |
 //! | `writer.max_backlog` | `65536` | stored events unwritten before publishing reports `Full` |
 //! | `distribution.mode` | `local` with `memory`, else `fan_out` | `local`, `fan_out` or `work_queue` |
-//! | `distribution.group` | `redis.consumer_group` | the shared group of `work_queue` |
+//! | `distribution.group` | `redis.consumer_group` (whatever the provider), else required | the shared group of `work_queue` |
 //! | `claim_idle` | `30s` | unacknowledged inbound events are redelivered after this |
 //! | `prefetch` | 32 per worker in `work_queue`, else what the shards hold | most inbound events held at once |
 //! | `match_cache_capacity` | `4096` | event types each worker's match cache holds, 1 to 1 048 576 |

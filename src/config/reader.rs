@@ -43,13 +43,21 @@ impl fmt::Display for Node {
 pub(crate) struct Reader<'e> {
     env: &'e Env,
     used: RefCell<BTreeSet<String>>,
+    /// The override variable of every key the sections read, set or not: what an unknown one is
+    /// told it could have been.
+    offered: RefCell<BTreeSet<String>>,
     /// Override prefixes of the nested sections read (`EVENTBROKER_RETRY_POLICY_`, ...).
     sections: RefCell<Vec<String>>,
 }
 
 impl<'e> Reader<'e> {
     pub(crate) fn new(env: &'e Env) -> Self {
-        Self { env, used: RefCell::new(BTreeSet::new()), sections: RefCell::new(Vec::new()) }
+        Self {
+            env,
+            used: RefCell::new(BTreeSet::new()),
+            offered: RefCell::new(BTreeSet::new()),
+            sections: RefCell::new(Vec::new()),
+        }
     }
 
     /// The root section, `event_broker`, over `node` (`Null` when the document has none).
@@ -65,10 +73,16 @@ impl<'e> Reader<'e> {
         let used = self.used.borrow();
         let sections = self.sections.borrow();
         for name in self.env.override_names().into_iter().filter(|name| !used.contains(name)) {
-            if sections.iter().any(|prefix| name.starts_with(prefix.as_str())) {
+            // The longest section prefix it falls under: the section it names a key of.
+            if let Some(prefix) =
+                sections.iter().filter(|prefix| name.starts_with(prefix.as_str())).max_by_key(|p| p.len())
+            {
+                let offered = self.offered.borrow();
+                let valid: Vec<&str> =
+                    offered.iter().filter(|v| v.starts_with(prefix.as_str())).map(String::as_str).collect();
                 return Err(ConfigError::new(
                     name,
-                    "no configuration key has this name (see the table in `eventbroker::config`)",
+                    format!("no configuration key has this name; valid here: {}", valid.join(", ")),
                 ));
             }
             tracing::warn!(variable = %name, "an EVENTBROKER_ variable names no configuration key; ignored");
@@ -144,6 +158,7 @@ impl<'r, 'e> Section<'r, 'e> {
         let path = self.path_of(key);
         let from_doc = self.entries.iter().position(|(k, _)| k == key).map(|i| self.entries.remove(i).1);
         let var = env::override_name(&path);
+        self.reader.offered.borrow_mut().insert(var.clone());
         if let Some(text) = self.reader.env.get(&var) {
             self.reader.used.borrow_mut().insert(var.clone());
             return Ok(Some(Value { path, from: Some(var), node: Node::Str(text) }));

@@ -354,12 +354,12 @@ pub struct ProviderStats {
     pub failed_events: u64,
     /// Events this handle stored for the first time (re-stores of an id are not counted).
     pub events_published: u64,
-    /// Events this handle delivered into its own streams (one per stream that received it): the
-    /// [`EventStream`](super::EventStream)s of `MemoryProvider::stream` and its kin, not a
-    /// broker's subscriptions, nor what other instances fetch (see
-    /// [`BrokerStats::inbound`](crate::BrokerStats::inbound)).
+    /// Events this handle handed out: to the inbound sources opened on it (redeliveries
+    /// included), and into its own [`EventStream`](super::EventStream)s (one per stream that
+    /// received it). Not a broker's handler calls: see [`BrokerStats`](crate::BrokerStats).
     pub events_consumed: u64,
-    /// This handle's streams whose receiver is still alive (see `events_consumed`).
+    /// The inbound sources open on this handle (one per broker receiving through it) and its
+    /// streams whose receiver is still alive. Not a broker's subscriptions.
     pub active_subscribers: u64,
     /// Dead letters stored.
     pub dead_letters: u64,

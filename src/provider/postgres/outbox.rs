@@ -16,7 +16,9 @@ use crate::event::Event;
 /// Events written here have no origin: every consumer group receives them, the publishing
 /// instance's own included (its broker did not dispatch them locally). They become deliverable
 /// when the transaction commits, and are never seen if it rolls back. The
-/// [`tokio_postgres`] re-exported by this module is the version to use.
+/// [`tokio_postgres`] re-exported by this module is the version to use; `publish` is async, so a
+/// synchronous application runs it on a Tokio runtime of its own, with the connection's task
+/// spawned on it, as below.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -70,10 +72,11 @@ impl Outbox {
     /// stored are left as they are.
     ///
     /// # Errors
-    /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for an event whose timestamps do
-    /// not fit a row (before 1677 or after 2262) or whose metadata does not serialize; otherwise
-    /// the statement's error, as the provider reports it. The caller's transaction is then in an
-    /// error state, and rolls back.
+    /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput), before anything is written, for
+    /// an event a broker would refuse to publish (a type that is not a valid event type, metadata
+    /// nested deeper than [`Event::MAX_JSON_DEPTH`]) or whose timestamps do not fit a row (before
+    /// 1677 or after 2262); otherwise the statement's error, as the provider reports it. The
+    /// caller's transaction is then in an error state, and rolls back.
     pub async fn publish<C: GenericClient + Sync>(
         &self,
         client: &C,
@@ -82,6 +85,23 @@ impl Outbox {
         const OP: &str = "outbox_publish";
         if events.is_empty() {
             return Ok(());
+        }
+        for (index, event) in events.iter().enumerate() {
+            // What a broker refuses at publish: written here, it would reach every broker only to
+            // be dead-lettered there as invalid.
+            let refusal = match crate::validate_event_type(&event.event_type) {
+                Err(error) => Some(error.to_string()),
+                Ok(()) => event
+                    .too_deep_metadata()
+                    .map(|key| format!("metadata {key:?} nests deeper than {}", Event::MAX_JSON_DEPTH)),
+            };
+            if let Some(reason) = refusal {
+                return Err(ProviderError::new(
+                    NAME,
+                    OP,
+                    crate::ProviderErrorKind::InvalidInput(format!("event {index} ({}): {reason}", event.id)),
+                ));
+            }
         }
         let events: Vec<&Event> = events.iter().collect();
         let columns = EventColumns::of(&events, OP)?;
