@@ -254,7 +254,9 @@ impl Broker {
     /// [`flume::Receiver`], the crate re-exported as `eventbroker::flume`), from sync code
     /// (`recv`) or async code (`recv_async().await`). It holds as many events as one shard
     /// ([`BrokerBuilder::buffer_size`]); a full receiver is a failed delivery, retried and then
-    /// dead-lettered, as [`Broker::subscribe_stream_bounded`] says.
+    /// dead-lettered, as [`Broker::subscribe_stream_bounded`] says. A delivery ends once the event
+    /// is in the channel (an event from another instance is then acknowledged, when its other
+    /// deliveries ended too): what the consumer does with it afterwards is its own to retry.
     ///
     /// # Errors
     /// As [`Broker::subscribe`].
@@ -335,7 +337,10 @@ impl Broker {
         self.engine().publish(event)
     }
 
-    /// Queues the event on its shard and returns.
+    /// Queues the event on its shard and returns; the handlers run on the shard's worker. Not an
+    /// `async fn`: when the shard is full it blocks the calling thread for as long as the
+    /// [`Backpressure`] policy says (up to 1 s by default). From an async runtime's threads use
+    /// [`Broker::try_publish`], which never waits (see the README's "Using it from async code").
     ///
     /// # Errors
     /// [`PublishError::InvalidType`] or [`PublishError::InvalidMetadata`], [`PublishError::Full`]
@@ -358,6 +363,32 @@ impl Broker {
     ///     Err(PublishError::Full(event)) => eprintln!("busy; dropping {}", event.id),
     ///     Err(other) => return Err(other.into()),
     /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// On an async runtime, a publish that waits for room without blocking the runtime's thread:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource, PublishError};
+    ///
+    /// async fn publish_when_room(broker: &Broker, mut event: Event) -> Result<(), PublishError> {
+    ///     let mut pause = Duration::from_millis(1);
+    ///     loop {
+    ///         match broker.try_publish(event) {
+    ///             Err(PublishError::Full(back)) => {
+    ///                 event = *back;
+    ///                 tokio::time::sleep(pause).await;
+    ///                 pause = (pause * 2).min(Duration::from_millis(100));
+    ///             }
+    ///             done => return done,
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    /// runtime.block_on(publish_when_room(&broker, Event::new(EventSource::Internal, "cache.invalidated")))?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
@@ -408,7 +439,10 @@ impl Broker {
     /// ([`WriterConfig::max_delay`](crate::WriterConfig::max_delay), 1 ms by default) plus the write.
     ///
     /// The event is dispatched to local subscribers either way; this is for callers that must not
-    /// lose an event to a crash.
+    /// lose an event to a crash. It blocks the calling thread while it waits. The wait ends at the
+    /// first write that holds the event, whether it succeeded or failed: a transient failure is
+    /// reported at once as [`ConfirmError::NotPersisted`], not retried until `timeout`. The writer
+    /// goes on retrying it; a later [`Broker::flush`] that returns `Ok` says it got through.
     ///
     /// # Errors
     /// [`ConfirmError::Rejected`] before anything was accepted; after the event was accepted and

@@ -93,7 +93,10 @@ pub struct ShutdownReport {
 }
 
 impl ShutdownReport {
-    /// Whether shutdown finished by its deadline with nothing left unhandled or unwritten.
+    /// Whether shutdown finished by its deadline with nothing left unhandled or unwritten. An
+    /// event whose delivery failed and was dead-lettered counts as handled: its dead letter holds
+    /// it (see [`Broker::dead_letters`](crate::Broker::dead_letters) and
+    /// [`BrokerStats::dead_letters`](crate::BrokerStats::dead_letters)).
     pub fn is_clean(&self) -> bool {
         !self.timed_out
             && self.undelivered == 0
