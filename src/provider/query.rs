@@ -363,7 +363,16 @@ pub struct ProviderStats {
     pub active_subscribers: u64,
     /// Dead letters stored.
     pub dead_letters: u64,
-    /// Backend-specific figures, by name (for the memory provider: `evicted`, `expired`, ...).
+    /// Backend-specific figures, by name:
+    ///
+    /// | backend | keys |
+    /// |---|---|
+    /// | memory | `max_events`, `shards`, `evicted`, `expired`, `replaced`, `dead_letters_dropped`, `streams_missed`, `bus_pending`, `bus_logged`, `bus_redelivered`, `bus_echoes_skipped`, `bus_filtered`, `bus_lost` |
+    /// | Redis | `key_prefix`, `stream`, `stream_length`, `max_len`, `trimmed`, `expired`, `replaced`, `dead_letters_dropped`, `reconnects`, `inbound_redelivered`, `inbound_echoes_skipped`, `inbound_filtered`, `inbound_lost`, `inbound_malformed` |
+    /// | NATS | `server_version`, `stream_messages`, `stream_bytes`, `stream_first_seq`, `stream_last_seq`, `stream_consumers`, `dead_letter_bytes`, `replaced`, `echoes_skipped`, `filtered_after_fetch`, `undecodable`, `held_redeliveries`, `status_cache`, `disconnects`, `connects`, `multi_filter` |
+    /// | PostgreSQL | `table`, `replaced`, `expired`, `pool_size` (connections open now, at most the configured size), `pool_idle`, `listener_sessions`, `listener_failures`, `notifications` |
+    ///
+    /// Each provider's module docs say what its counts count.
     pub provider_specific: BTreeMap<String, serde_json::Value>,
 }
 
@@ -391,7 +400,21 @@ impl ProviderStats {
         }
     }
 
-    /// The stats as JSON, with the seed's field names.
+    /// The stats as JSON, with the seed's field names: every field above under its own name,
+    /// `provider_specific` as an object.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use eventbroker::{Event, EventSink, EventSource, EventStore, MemoryProvider};
+    ///
+    /// let provider = MemoryProvider::default();
+    /// provider.store_batch(&[Arc::new(Event::new(EventSource::System, "system.tick"))], None)?;
+    /// let json: serde_json::Value = serde_json::from_str(&provider.stats()?.to_json())?;
+    /// assert_eq!(json["provider_type"], "memory");
+    /// assert_eq!((json["total_events"].as_u64(), json["pending_events"].as_u64()), (Some(1), Some(1)));
+    /// assert_eq!(json["provider_specific"]["max_events"], 10_000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Panics
     /// Never: every map key is a string, so serialization cannot fail.
