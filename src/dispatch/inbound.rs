@@ -200,7 +200,7 @@ impl InboundPump {
         let mut backoff = FIRST_BACKOFF;
         while !self.stopping() {
             self.sync_filter(target.table());
-            if target.table().len() == 0 {
+            if target.table().load().is_empty() {
                 // Nothing is wanted yet: fetching would pass the group's events over for good.
                 self.sleep_unless_stopped(SUBSCRIPTIONS_POLL);
                 continue;
@@ -249,11 +249,12 @@ impl InboundPump {
         let mut first = None;
         while !self.stopping() {
             let now = Instant::now();
-            let current = table.load().generation();
-            if current != generation {
-                (generation, changed) = (current, now);
+            // One snapshot for both looks, taken without the table's lock.
+            let set = table.load();
+            if set.generation() != generation {
+                (generation, changed) = (set.generation(), now);
             }
-            if table.len() > 0 {
+            if !set.is_empty() {
                 let first = *first.get_or_insert(now);
                 if now.duration_since(changed) >= SETTLE || now.duration_since(first) >= SETTLE_MAX {
                     return;
