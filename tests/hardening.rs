@@ -496,10 +496,8 @@ fn an_empty_handler_failure_list_displays() {
     assert_eq!(err.to_string(), "no delivery failed");
 }
 
-// Recovery cannot lose what it starts from: a redrive whose replacement letter cannot be stored
-// keeps the original.
-#[test]
-fn redrive_keeps_the_dead_letter_until_its_replacement_is_stored() {
+/// A local broker, without retries, on a memory provider behind a fault injector.
+fn local_broker_on_faults() -> (Arc<FaultyProvider>, Broker) {
     let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
     let broker = Broker::builder()
         .provider(faulty.clone())
@@ -507,6 +505,14 @@ fn redrive_keeps_the_dead_letter_until_its_replacement_is_stored() {
         .retry_policy(RetryPolicy::none())
         .build()
         .unwrap();
+    (faulty, broker)
+}
+
+// Recovery cannot lose what it starts from: a redrive whose replacement letter cannot be stored
+// keeps the original.
+#[test]
+fn redrive_keeps_the_dead_letter_until_its_replacement_is_stored() {
+    let (faulty, broker) = local_broker_on_faults();
     broker.subscribe("orders.paid", |_: &Event| Err::<(), _>("still broken")).unwrap();
     broker.publish(event("orders.paid")).unwrap();
     wait_until("the dead letter", WAIT, || broker.stats().dead_letters == 1);
@@ -524,13 +530,7 @@ fn redrive_keeps_the_dead_letter_until_its_replacement_is_stored() {
 // status (or look for the event's other letters), keeps the letter, and the next one completes.
 #[test]
 fn redrive_keeps_the_dead_letter_until_the_events_status_is_written() {
-    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
-    let broker = Broker::builder()
-        .provider(faulty.clone())
-        .distribution(Distribution::Local)
-        .retry_policy(RetryPolicy::none())
-        .build()
-        .unwrap();
+    let (faulty, broker) = local_broker_on_faults();
     let fixed = Arc::new(AtomicBool::new(false));
     let f = Arc::clone(&fixed);
     broker
