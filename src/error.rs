@@ -703,10 +703,10 @@ pub enum BrokerError {
 #[non_exhaustive]
 pub enum DrainError {
     /// The timeout passed with events accepted before the call still queued or being handled, or
-    /// with deliveries waiting for a retry.
+    /// with deliveries waiting for a retry or an acknowledgement.
     #[error(
         "not drained within {timeout:?}: {unfinished} events accepted before the call are unfinished, \
-         {retrying} deliveries wait for a retry"
+         {retrying} deliveries wait for a retry or an acknowledgement"
     )]
     TimedOut {
         /// The timeout given.
@@ -714,7 +714,9 @@ pub enum DrainError {
         /// Events accepted before the call that had not ended (completed, or failed and
         /// dead-lettered).
         unfinished: u64,
-        /// Deliveries waiting for a retry at the timeout; each holds its event unfinished.
+        /// Deliveries waiting for a retry, or for their consumer to settle them (see
+        /// [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)), at the timeout; each
+        /// holds its event unfinished.
         retrying: u64,
     },
     /// Every event was handled, but the provider writer did not confirm their statuses, dead

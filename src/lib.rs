@@ -50,6 +50,7 @@ pub use crate::broker::{
     Backpressure, Broker, BrokerBuilder, BrokerStats, CloseOutcome, Distribution, MAX_BUFFER_SIZE,
     MAX_MATCH_CACHE_CAPACITY, MAX_WORKERS, Mode, RedriveOutcome, ReplayReport, ShutdownReport, WeakBroker,
 };
+pub use crate::dispatch::acked::Delivery;
 pub use crate::dispatch::inbound::InboundStats;
 pub use crate::dispatch::retry::RetryPolicy;
 pub use crate::dispatch::shard::ShardStats;
@@ -244,7 +245,7 @@ pub mod __private {
         /// If `pattern` does not parse.
         pub fn subscribe(&self, pattern: &str) -> crate::SubscriptionId {
             let pattern = crate::Pattern::parse(pattern).expect("a valid pattern");
-            self.0.subscribe(pattern, Box::new(|_| Ok(())))
+            self.0.subscribe(pattern, crate::subscription::Target::Handler(Box::new(|_| Ok(()))))
         }
 
         /// Removes a subscription.

@@ -44,11 +44,27 @@ pub(crate) enum DeliveryError {
 /// The handler as the broker stores it: user closures are wrapped to this shape.
 pub(crate) type Handler = dyn Fn(&std::sync::Arc<crate::Event>) -> Result<(), DeliveryError> + Send + Sync;
 
-/// One subscription: its pattern and handler. Shared by every snapshot that holds it.
+/// What a subscription delivers to.
+pub(crate) enum Target {
+    /// A handler, whose return ends the delivery.
+    Handler(Box<Handler>),
+    /// A channel of [`Delivery`](crate::Delivery) values, each ended when its consumer settles it
+    /// (see [`crate::dispatch::acked`]); the channel holds `capacity`.
+    Acked {
+        sender: flume::Sender<crate::Delivery>,
+        /// A receiver of the broker's own, never read but to empty the channel once the
+        /// consumer's receivers are gone: their deliveries then fail at once, rather than wait
+        /// for their timeout in a channel nobody reads.
+        own: flume::Receiver<crate::Delivery>,
+        capacity: usize,
+    },
+}
+
+/// One subscription: its pattern and what it delivers to. Shared by every snapshot that holds it.
 pub(crate) struct Subscription {
     pub(crate) id: SubscriptionId,
     pub(crate) pattern: crate::Pattern,
-    pub(crate) handler: Box<Handler>,
+    pub(crate) target: Target,
 }
 
 impl fmt::Debug for Subscription {
@@ -101,11 +117,11 @@ impl SubscriptionTable {
         self.current.load()
     }
 
-    pub(crate) fn subscribe(&self, pattern: crate::Pattern, handler: Box<Handler>) -> SubscriptionId {
+    pub(crate) fn subscribe(&self, pattern: crate::Pattern, target: Target) -> SubscriptionId {
         let mut master = self.master.lock();
         let id = SubscriptionId(master.next_id);
         master.next_id += 1;
-        let subscription = std::sync::Arc::new(Subscription { id, pattern, handler });
+        let subscription = std::sync::Arc::new(Subscription { id, pattern, target });
         let entry = master.set.insert(&subscription.pattern, std::sync::Arc::clone(&subscription));
         master.entries.insert(id, (subscription, entry));
         // Release (inside ArcCell::store): a reader that loads the new set sees the subscription.

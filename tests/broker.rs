@@ -15,17 +15,7 @@ use eventbroker::{
 use serde_json::json;
 
 mod common;
-use common::{event, wait_until};
-
-fn quick_retries(max_retries: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_retries,
-        initial_delay: Duration::from_millis(5),
-        max_delay: Duration::from_millis(20),
-        backoff_factor: 2.0,
-        jitter: 0.0,
-    }
-}
+use common::{event, quick_retries, wait_until};
 
 fn failing(message: &'static str) -> impl Fn(&Event) -> Result<(), String> + Send + Sync + 'static {
     move |_| Err(message.to_owned())

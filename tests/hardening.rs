@@ -17,19 +17,9 @@ use eventbroker::{
 };
 
 mod common;
-use common::{event, wait_until};
+use common::{event, quick_retries, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn quick_retries(max_retries: u32) -> RetryPolicy {
-    RetryPolicy {
-        max_retries,
-        initial_delay: Duration::from_millis(5),
-        max_delay: Duration::from_millis(20),
-        backoff_factor: 2.0,
-        jitter: 0.0,
-    }
-}
 
 /// A faulty memory provider held only through a weak reference, so a broker given it is its sole
 /// owner (and closes it at shutdown).

@@ -121,6 +121,7 @@ pub struct BrokerBuilder {
     pub(crate) distribution: Option<Distribution>,
     pub(crate) claim_idle: Duration,
     pub(crate) prefetch: Option<usize>,
+    pub(crate) ack_timeout: Duration,
     pub(crate) track_status: bool,
     pub(crate) writer: WriterConfig,
     pub(crate) cache_capacity: usize,
@@ -145,6 +146,7 @@ impl Default for BrokerBuilder {
             distribution: None,
             claim_idle: InboundConfig::DEFAULT_CLAIM_IDLE,
             prefetch: None,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
             track_status: true,
             writer: WriterConfig::default(),
             cache_capacity: 4096,
@@ -265,6 +267,16 @@ impl BrokerBuilder {
         self
     }
 
+    /// How long an [acknowledged delivery](Broker::subscribe_acked) may wait for its consumer's
+    /// [`ack`](crate::Delivery::ack) or [`fail`](crate::Delivery::fail) before it counts as failed
+    /// (and is retried, then dead-lettered, as a handler's failure is; a late settle is ignored).
+    /// Default 30 s; at least 1 ms. An event from another instance stays claimed by this one while
+    /// it waits: the broker extends its claim, as for a retry.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
     /// Whether every event's status changes are written to the provider (default `true`). With
     /// `false` the provider gets only dead letters, confirmed publishes and, when the broker
     /// shares events with other instances, the events themselves: the lowest-overhead setting.
@@ -365,6 +377,7 @@ impl BrokerBuilder {
             cache_capacity: self.cache_capacity,
             max_batch: self.max_batch,
             extend_every: source.as_ref().map(|_| self.claim_idle / 3),
+            ack_timeout: self.ack_timeout,
         };
         let capacity = self.buffer_size.next_power_of_two();
         let shards = ShardSet::spawn(self.workers, capacity, &instance_id, &shared, config)?;
@@ -395,6 +408,7 @@ impl BrokerBuilder {
             claim: parking_lot::Mutex::new(claim),
             shutdown: parking_lot::Mutex::new(false),
             drop_timeout: self.drop_timeout,
+            ack_timeout: self.ack_timeout,
             metrics,
         });
         let broker = Broker { handle: Arc::new(Handle { engine: Arc::clone(&engine) }) };
@@ -423,6 +437,12 @@ impl BrokerBuilder {
         within("match_cache_capacity", self.cache_capacity, 1, MAX_MATCH_CACHE_CAPACITY)?;
         if self.prefetch == Some(0) {
             return Err(ConfigError::new("prefetch", "must be at least 1"));
+        }
+        if self.ack_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "ack_timeout",
+                format!("must be at least 1ms, got {:?}", self.ack_timeout),
+            ));
         }
         if self.claim_idle < Duration::from_millis(10) {
             return Err(ConfigError::new(
@@ -457,6 +477,9 @@ fn check_capabilities(provider: &dyn Provider, group: &ConsumerGroup) -> Result<
     }
     Ok(())
 }
+
+/// Default [`BrokerBuilder::ack_timeout`].
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`BrokerBuilder::prefetch`] of a work-queue member, per worker.
 const WORK_QUEUE_PREFETCH_PER_WORKER: usize = 32;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::dispatch::backpressure::Backoff;
-use crate::dispatch::delivery::{Job, Outbox};
+use crate::dispatch::delivery::{InlineRules, Job, Outbox};
 use crate::dispatch::inbound::{InboundPump, Target};
 use crate::dispatch::intake::Intake;
 use crate::dispatch::retry::RetryPolicy;
@@ -61,6 +61,8 @@ pub(crate) struct Engine {
     pub(crate) shutdown: parking_lot::Mutex<bool>,
     /// How long dropping the last handle waits for shutdown.
     pub(crate) drop_timeout: Duration,
+    /// See [`BrokerBuilder::ack_timeout`](crate::BrokerBuilder::ack_timeout).
+    pub(crate) ack_timeout: Duration,
     /// The metric state, when the broker records metrics.
     pub(crate) metrics: Option<Arc<EngineMetrics>>,
 }
@@ -84,6 +86,11 @@ pub(crate) fn unwrap_event(event: Arc<Event>) -> Event {
 impl Engine {
     pub(crate) fn table(&self) -> &SubscriptionTable {
         &self.shared.table
+    }
+
+    /// How deliveries on a caller's thread (`publish_sync`, `redrive`) retry and wait.
+    pub(crate) fn inline_rules(&self) -> InlineRules {
+        InlineRules { retry: self.retry, ack_timeout: self.ack_timeout }
     }
 
     /// Checks an event can be published and fills in the instance id. Moves the event to the
@@ -329,7 +336,7 @@ impl Engine {
             self.table(),
             &set,
             &job,
-            &self.retry,
+            self.inline_rules(),
             self.track_status,
             &mut outbox,
             || self.shared.shutdown_deadline(),

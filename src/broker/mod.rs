@@ -49,8 +49,8 @@ use crate::error::{
     SyncPublishError,
 };
 use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, Provider, ReplayFrom};
-use crate::subscription::{DeliveryError, Handler};
-use crate::{Event, Pattern, SubscriptionId};
+use crate::subscription::{DeliveryError, Handler, Target};
+use crate::{Delivery, Event, Pattern, SubscriptionId};
 
 mod builder;
 mod drain;
@@ -304,17 +304,96 @@ impl Broker {
         Ok(rx)
     }
 
+    /// Subscribes a channel of [`Delivery`] values that each end when their consumer says so:
+    /// [`Delivery::ack`] when it is done, [`Delivery::fail`] when it could not be. The consumer may
+    /// be sync or async code (`recv_async().await` on the [`flume::Receiver`]), settle deliveries
+    /// in any order and hold many at once. Until a delivery is settled its event's handling has not
+    /// ended: the status stays `processing`, [`Broker::drain`] waits for it, and an event from
+    /// another instance is not acknowledged to the provider, so an instance that dies before its
+    /// consumer finished gets the event again. That is what [`Broker::subscribe_stream`], whose
+    /// delivery ends once the event is in the channel, cannot give async code.
+    ///
+    /// A failure, a delivery dropped unsettled, and one not settled within
+    /// [`BrokerBuilder::ack_timeout`] (30 s by default) are retried per the broker's retry policy
+    /// (a new [`Delivery`] with the next [`attempt`](Delivery::attempt) number), then
+    /// dead-lettered, as a handler's failure is; a settle that comes after the timeout is ignored.
+    /// The channel holds as many deliveries as one shard holds events; a full channel is a failed
+    /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver ends the subscription
+    /// when the next matching event finds it gone; deliveries still in the channel then fail and
+    /// are dead-lettered (their subscription is gone), not lost.
+    ///
+    /// Deliveries of one shard's events are made in order, but a consumer that settles them
+    /// concurrently ends them in any order, as retries do.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource, EventStatus};
+    ///
+    /// let broker = Broker::builder().build()?;
+    /// let (_id, deliveries) = broker.subscribe_acked("orders.>")?;
+    /// let consumer = std::thread::spawn(move || {
+    ///     // Or, in async code: `while let Ok(delivery) = deliveries.recv_async().await`.
+    ///     while let Ok(delivery) = deliveries.recv() {
+    ///         if delivery.event().payload_json().is_none() {
+    ///             delivery.fail("an order without a body");
+    ///         } else {
+    ///             delivery.ack();
+    ///         }
+    ///     }
+    /// });
+    ///
+    /// let event = Event::new(EventSource::System, "orders.created").with_payload(&serde_json::json!({"id": 1}))?;
+    /// let id = event.id;
+    /// broker.publish(event)?;
+    /// broker.drain(Duration::from_secs(5))?;
+    /// assert_eq!(broker.provider().get(id)?.map(|e| e.status), Some(EventStatus::Completed));
+    ///
+    /// broker.shutdown(Duration::from_secs(5));
+    /// consumer.join().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`].
+    pub fn subscribe_acked(
+        &self,
+        pattern: &str,
+    ) -> Result<(SubscriptionId, flume::Receiver<Delivery>), SubscribeError> {
+        self.subscribe_acked_bounded(pattern, self.engine().buffer_size)
+    }
+
+    /// Like [`Broker::subscribe_acked`] with a channel of `capacity` deliveries (at least 1). It
+    /// bounds the deliveries made and not yet received, not those received and not yet settled.
+    ///
+    /// # Errors
+    /// As [`Broker::subscribe`].
+    pub fn subscribe_acked_bounded(
+        &self,
+        pattern: &str,
+        capacity: usize,
+    ) -> Result<(SubscriptionId, flume::Receiver<Delivery>), SubscribeError> {
+        let capacity = capacity.max(1);
+        let (sender, receiver) = flume::bounded(capacity);
+        let own = receiver.clone();
+        let id = self.subscribe_target(pattern, Target::Acked { sender, own, capacity })?;
+        Ok((id, receiver))
+    }
+
     fn subscribe_handler(
         &self,
         pattern: &str,
         handler: Box<Handler>,
     ) -> Result<SubscriptionId, SubscribeError> {
+        self.subscribe_target(pattern, Target::Handler(handler))
+    }
+
+    fn subscribe_target(&self, pattern: &str, target: Target) -> Result<SubscriptionId, SubscribeError> {
         let pattern = Pattern::parse(pattern)?;
         let engine = self.engine();
         if engine.intake.is_closed() {
             return Err(SubscribeError::Closed);
         }
-        let id = engine.shared.table.subscribe(pattern, handler);
+        let id = engine.shared.table.subscribe(pattern, target);
         if let Some(pump) = &engine.inbound {
             pump.sync_filter(&engine.shared.table);
         }

@@ -80,7 +80,7 @@ impl Engine {
                 &self.shared.table,
                 subscription,
                 &job.event,
-                &self.retry,
+                self.inline_rules(),
                 &mut outbox,
                 || self.shared.shutdown_deadline(),
             );

@@ -77,6 +77,9 @@ pub struct BrokerStats {
     pub queued: usize,
     /// Deliveries waiting for a retry now.
     pub pending_retries: u64,
+    /// Acknowledged deliveries waiting for their consumer to settle them now (see
+    /// [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)).
+    pub awaiting_acks: u64,
     /// Panics caught on workers outside any handler.
     pub internal_errors: u64,
     /// The provider writer's counters.
@@ -116,6 +119,7 @@ impl Engine {
             rejected: load(&self.rejected),
             queued,
             pending_retries: sum(|s| s.pending_retries),
+            awaiting_acks: sum(|s| s.awaiting_acks),
             internal_errors: sum(|s| s.internal_errors),
             writer: self.shared.writer.stats(),
             inbound,

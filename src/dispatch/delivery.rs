@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 
+use crate::dispatch::acked::{Delivery, Outcome, Reply};
 use crate::dispatch::retry::RetryPolicy;
 use crate::error::DeliveryFailure;
 use crate::provider::memory::StoreTicket;
 use crate::provider::{Ack, AckToken, DeadLetter, StatusUpdate};
-use crate::subscription::{DeliveryError, Subscription, SubscriptionTable};
+use crate::subscription::{DeliveryError, Subscription, SubscriptionTable, Target};
 use crate::{Event, EventStatus, SubscriptionId};
 
 /// How a job entered the engine, which decides what its bookkeeping writes.
@@ -104,12 +105,44 @@ pub(crate) enum Attempt {
     Gone,
     /// The handler returned an error or panicked.
     Failed(String),
+    /// Handed to an acknowledged subscription's consumer: its outcome comes through the reply
+    /// the attempt was made with.
+    Awaiting,
 }
 
-/// Runs one handler once. A panic is caught and becomes a failure; a panic payload whose own drop
-/// panics is contained too, so nothing a handler does can unwind into its caller.
-pub(crate) fn attempt(subscription: &Subscription, event: &Arc<Event>) -> Attempt {
-    match catch_unwind(AssertUnwindSafe(|| (subscription.handler)(event))) {
+/// Makes attempt number `attempts` of one delivery: runs the handler once, or hands the event to
+/// an acknowledged subscription's channel with the reply `reply` makes. A panic is caught and
+/// becomes a failure; a panic payload whose own drop panics is contained too, so nothing a
+/// handler does can unwind into its caller.
+pub(crate) fn attempt(
+    subscription: &Subscription,
+    event: &Arc<Event>,
+    attempts: u32,
+    reply: impl FnOnce() -> Reply,
+) -> Attempt {
+    let handler = match &subscription.target {
+        Target::Handler(handler) => handler,
+        Target::Acked { sender, own, capacity } => {
+            if sender.receiver_count() <= 1 {
+                // Only `own` is left: the consumer is gone. What it left unread fails now (each
+                // delivery's drop reports it).
+                own.drain().for_each(drop);
+                return Attempt::Gone;
+            }
+            return match sender.try_send(Delivery::new(Arc::clone(event), attempts, reply())) {
+                Ok(()) => Attempt::Awaiting,
+                Err(flume::TrySendError::Full(delivery)) => {
+                    delivery.defuse();
+                    Attempt::Failed(format!("acknowledged stream is full ({capacity} deliveries)"))
+                }
+                Err(flume::TrySendError::Disconnected(delivery)) => {
+                    delivery.defuse();
+                    Attempt::Gone
+                }
+            };
+        }
+    };
+    match catch_unwind(AssertUnwindSafe(|| handler(event))) {
         Ok(Ok(())) => Attempt::Delivered,
         Ok(Err(DeliveryError::Gone)) => Attempt::Gone,
         Ok(Err(DeliveryError::Failed(error))) => Attempt::Failed(error),
@@ -241,7 +274,8 @@ impl Outbox {
     /// Records one attempt's outcome for `subscription`; `Some(error)` when it failed.
     pub(crate) fn record(&mut self, subscription: &Subscription, outcome: Attempt) -> Option<String> {
         match outcome {
-            Attempt::Delivered => None,
+            // An awaited one's caller records its outcome when it comes (see `Outbox::outcome`).
+            Attempt::Delivered | Attempt::Awaiting => None,
             Attempt::Gone => {
                 self.gone.push(subscription.id);
                 None
@@ -251,6 +285,13 @@ impl Outbox {
                 Some(error)
             }
         }
+    }
+
+    /// An acknowledged delivery's outcome came; `Some(error)` when it failed.
+    pub(crate) fn outcome(&mut self, outcome: Outcome) -> Option<String> {
+        let error = outcome.err()?;
+        self.counts.handler_failures += 1;
+        Some(error)
     }
 
     /// A retry was scheduled.
@@ -335,6 +376,14 @@ fn finished(id: crate::EventId, status: EventStatus, error: String, retries: u32
         .with_completed_at(crate::clock::now())
 }
 
+/// How deliveries made on the caller's thread retry, and how long they wait for an
+/// acknowledgement.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InlineRules {
+    pub(crate) retry: RetryPolicy,
+    pub(crate) ack_timeout: Duration,
+}
+
 /// How a delivery made on the caller's thread ended.
 pub(crate) enum Inline {
     /// The handler succeeded, after this many attempts.
@@ -348,18 +397,27 @@ pub(crate) enum Inline {
 /// Delivers on the caller's thread (`publish_sync`, `redrive`), retrying per `policy` with the
 /// backoff slept between attempts. A retry not due before `shutdown()` (the broker's shutdown
 /// deadline, once shutdown began) is not made: the delivery fails, as a worker's would.
+///
+/// An acknowledged delivery is waited for on the caller's thread, up to the rules' `ack_timeout`
+/// (or the shutdown deadline, when that comes first).
 pub(crate) fn deliver_inline(
     table: &SubscriptionTable,
     subscription: &Subscription,
     event: &Arc<Event>,
-    policy: &RetryPolicy,
+    rules: InlineRules,
     outbox: &mut Outbox,
     shutdown: impl Fn() -> Option<Instant>,
 ) -> Inline {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let error = match attempt(subscription, event) {
+        let mut waiting = None;
+        let outcome = attempt(subscription, event, attempts, || {
+            let (reply, outcome) = flume::bounded(1);
+            waiting = Some(outcome);
+            Reply::Caller(reply)
+        });
+        let error = match outcome {
             Attempt::Delivered => return Inline::Delivered { attempts },
             Attempt::Gone => {
                 table.unsubscribe(subscription.id);
@@ -369,11 +427,18 @@ pub(crate) fn deliver_inline(
                 outbox.counts.handler_failures += 1;
                 error
             }
+            Attempt::Awaiting => {
+                let Some(waiting) = waiting else { unreachable!("an acknowledged delivery has its reply") };
+                match outbox.outcome(wait_for_outcome(&waiting, rules.ack_timeout, &shutdown)) {
+                    None => return Inline::Delivered { attempts },
+                    Some(error) => error,
+                }
+            }
         };
-        if attempts > policy.max_retries {
+        if attempts > rules.retry.max_retries {
             return Inline::Failed(failure(subscription, error, attempts));
         }
-        let due = crate::deadline::from_now(policy.delay_for_retry(attempts, fastrand::f64()));
+        let due = crate::deadline::from_now(rules.retry.delay_for_retry(attempts, fastrand::f64()));
         if !sleep_until(due, &shutdown) {
             let error = format!("the broker shut down before retry {attempts} was due (last error: {error})");
             return Inline::Failed(failure(subscription, error, attempts));
@@ -382,10 +447,36 @@ pub(crate) fn deliver_inline(
     }
 }
 
+/// Waits for an acknowledged delivery's outcome on `waiting`, up to `timeout`, in slices so a
+/// shutdown is noticed: a delivery not settled by the shutdown deadline fails.
+fn wait_for_outcome(
+    waiting: &flume::Receiver<Outcome>,
+    timeout: Duration,
+    shutdown: &impl Fn() -> Option<Instant>,
+) -> Outcome {
+    let due = crate::deadline::from_now(timeout);
+    loop {
+        let now = Instant::now();
+        if shutdown().is_some_and(|deadline| now >= deadline) {
+            return Err("the broker shut down before the delivery was acknowledged".to_owned());
+        }
+        if now >= due {
+            return Err(format!("not acknowledged within {timeout:?}"));
+        }
+        match waiting.recv_timeout((due - now).min(SLICE)) {
+            Ok(outcome) => return outcome,
+            Err(flume::RecvTimeoutError::Timeout) => {}
+            Err(flume::RecvTimeoutError::Disconnected) => return Err(super::acked::DROPPED.to_owned()),
+        }
+    }
+}
+
+/// How long a caller-thread wait sleeps before it looks at the shutdown deadline again.
+const SLICE: Duration = Duration::from_millis(20);
+
 /// Sleeps until `due`, in slices so a shutdown is noticed; `false` when the shutdown deadline
 /// comes before `due`.
 fn sleep_until(due: Instant, shutdown: &impl Fn() -> Option<Instant>) -> bool {
-    const SLICE: Duration = Duration::from_millis(20);
     loop {
         if shutdown().is_some_and(|deadline| due > deadline) {
             return false;

@@ -14,6 +14,7 @@
 //! - [`inbound`]: the thread that feeds other instances' events into the shards.
 //! - [`writer`]: the thread that batches stores, statuses, dead letters and acks to the provider.
 
+pub(crate) mod acked;
 pub(crate) mod backpressure;
 pub(crate) mod delivery;
 pub(crate) mod inbound;

@@ -567,6 +567,26 @@ impl<T> Consumer<T> {
         unsafe { strategy.wait(&self.shared.sleeper, deadline, &*self) }
     }
 
+    /// Waits as [`Consumer::wait`] does, and also returns [`WaitOutcome::Ready`] once `also()`
+    /// holds: for a consumer with work that does not come through the ring, whose makers make
+    /// `also()` hold and then wake it with a [`Nudge`] (`also` is the consumer's Dekker read for
+    /// them, as the tail is for producers).
+    pub(crate) fn wait_or(
+        &mut self,
+        strategy: WaitStrategy,
+        deadline: Option<Instant>,
+        also: impl Fn() -> bool,
+    ) -> WaitOutcome {
+        let either = Either { ring: &*self, also };
+        // SAFETY: as in `wait`.
+        unsafe { strategy.wait(&self.shared.sleeper, deadline, &either) }
+    }
+
+    /// A handle that wakes this consumer from [`Consumer::wait_or`].
+    pub(crate) fn nudge(&self) -> Nudge<T> {
+        Nudge(Arc::clone(&self.shared))
+    }
+
     /// Closes the ring, as [`Producer::close`] does.
     pub fn close(&self) -> bool {
         self.shared.close()
@@ -630,6 +650,38 @@ impl<T> Pollable for Consumer<T> {
 impl<T> Drop for Consumer<T> {
     fn drop(&mut self) {
         self.shared.close();
+    }
+}
+
+/// The ring seen by [`Consumer::wait_or`]: ready when a value is, or when `also()` holds.
+struct Either<'a, T, F> {
+    ring: &'a Consumer<T>,
+    also: F,
+}
+
+impl<T, F: Fn() -> bool> Pollable for Either<'_, T, F> {
+    fn is_ready(&self) -> bool {
+        self.ring.is_ready() || (self.also)()
+    }
+
+    fn poll(&self) -> Poll {
+        if (self.also)() { Poll::Ready } else { self.ring.poll() }
+    }
+}
+
+/// Wakes a ring's consumer waiting in [`Consumer::wait_or`], for work that does not come through
+/// the ring. Make the consumer's `also()` hold first, then call [`Nudge::wake`].
+pub(crate) struct Nudge<T>(Arc<Shared<T>>);
+
+impl<T> Nudge<T> {
+    /// Unparks the consumer if it announced a sleep. Its `SeqCst` fence, after the caller's store
+    /// that makes `also()` hold, is the producer half of the park handshake (see
+    /// [`Sleeper::check_after_claim`]): either the consumer's last look sees that store, or this
+    /// sees it sleeping.
+    pub(crate) fn wake(&self) {
+        if let Some(consumer) = self.0.sleeper.check_after_claim() {
+            consumer.unpark();
+        }
     }
 }
 

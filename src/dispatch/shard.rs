@@ -41,6 +41,9 @@ pub struct ShardStats {
     pub dead_letters: u64,
     /// Deliveries waiting in the delay queue now.
     pub pending_retries: u64,
+    /// Acknowledged deliveries (see [`Broker::subscribe_acked`](crate::Broker::subscribe_acked))
+    /// waiting for their consumer to settle them now.
+    pub awaiting_acks: u64,
     /// Panics the worker caught outside any handler (each ended the job it hit as failed, or gave
     /// an inbound one back); it carried on.
     pub internal_errors: u64,
@@ -197,17 +200,19 @@ impl ShardSet {
     }
 
     /// How far shard `index` is from having ended its first `target` jobs: the jobs short of it,
-    /// and the deliveries waiting for a retry (one of which may belong to an earlier job).
+    /// and the deliveries waiting for a retry or an acknowledgement (one of which may belong to an
+    /// earlier job).
     pub(crate) fn shortfall(&self, index: usize, target: u64) -> (u64, u64) {
         let c = &self.shards[index].counters;
         // Acquire, the three: pair with the Release stores that end `Worker::end_turn`, so the
-        // `pending_retries` read after them is from the same turn or a later one. Jobs end in ring
-        // order except those waiting for retries, so "`target` ended and no retry pending" in one
-        // turn means the first `target` all ended.
+        // `pending_retries` and `awaiting_acks` read after them are from the same turn or a later
+        // one. Jobs end in ring order except those waiting for retries or acknowledgements, so
+        // "`target` ended and none waiting" in one turn means the first `target` all ended.
         let ended = c.completed.load(Ordering::Acquire)
             + c.failed.load(Ordering::Acquire)
             + c.abandoned.load(Ordering::Acquire);
-        (target.saturating_sub(ended), c.pending_retries.load(Ordering::Relaxed))
+        let waiting = c.pending_retries.load(Ordering::Relaxed) + c.awaiting_acks.load(Ordering::Relaxed);
+        (target.saturating_sub(ended), waiting)
     }
 
     /// Free slots over every ring (a snapshot).
@@ -231,6 +236,7 @@ impl ShardSet {
                     retries: c.retries.load(Ordering::Relaxed),
                     dead_letters: c.dead_letters.load(Ordering::Relaxed),
                     pending_retries: c.pending_retries.load(Ordering::Relaxed),
+                    awaiting_acks: c.awaiting_acks.load(Ordering::Relaxed),
                     internal_errors: c.internal_errors.load(Ordering::Relaxed),
                     queued: shard.producer.len(),
                     capacity: shard.producer.capacity(),

@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use smallvec::SmallVec;
 
+use crate::dispatch::acked::{AckQueue, Awaited, Awaiting, Outcome};
 use crate::dispatch::backpressure::SpaceWaiters;
-use crate::dispatch::delivery::{self, Counts, Job, Origin, Outbox, Tally};
+use crate::dispatch::delivery::{self, Attempt, Counts, InlineRules, Job, Origin, Outbox, Tally};
 use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
 use crate::dispatch::spent::{self, SpentEvents};
@@ -49,6 +50,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) max_batch: usize,
     /// How often inbound jobs waiting for retries have their claim extended (`None`: no inbound).
     pub(crate) extend_every: Option<Duration>,
+    /// How long an acknowledged delivery may go unsettled before it counts as failed.
+    pub(crate) ack_timeout: Duration,
 }
 
 /// What workers share with the broker.
@@ -168,6 +171,7 @@ pub(crate) struct ShardCounters {
     pub(crate) retries: AtomicU64,
     pub(crate) dead_letters: AtomicU64,
     pub(crate) pending_retries: AtomicU64,
+    pub(crate) awaiting_acks: AtomicU64,
     pub(crate) internal_errors: AtomicU64,
     pub(crate) abandoned: AtomicU64,
 }
@@ -177,12 +181,25 @@ pub(crate) struct ShardCounters {
 pub(crate) struct WorkerReport {
     pub(crate) retries_run: u64,
     pub(crate) dead_lettered_at_shutdown: u64,
-    /// Inbound jobs with retries still pending, given back for redelivery instead.
+    /// Inbound jobs with retries or acknowledgements still pending, given back for redelivery
+    /// instead.
     pub(crate) returned_at_shutdown: u64,
 }
 
 /// How long before the shutdown deadline a worker stops running retries and dead-letters the rest.
 const FINISH_MARGIN: Duration = Duration::from_millis(20);
+
+/// How often a worker whose ring is closed looks for the outcomes of acknowledged deliveries.
+const ACK_POLL: Duration = Duration::from_millis(1);
+
+/// The earlier of two optional instants.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
 
 /// A delivery waiting for its next attempt.
 struct Retry {
@@ -193,7 +210,7 @@ struct Retry {
     attempts: u32,
 }
 
-/// A job with deliveries waiting for retries.
+/// A job with deliveries waiting for retries or acknowledgements.
 struct Open {
     job: Job,
     tally: Tally,
@@ -225,6 +242,10 @@ pub(crate) struct Worker {
     /// Generation of the set the cache was last used with.
     cache_generation: u64,
     retries: DelayQueue<Retry>,
+    /// Acknowledged deliveries waiting for their outcome.
+    awaiting: Awaiting,
+    /// Those whose outcome came this turn, or whose time ran out.
+    settled: Vec<(Awaited, Outcome)>,
     open: Slab<Open>,
     /// The jobs taken this turn; `next` is the first not yet handled.
     batch: Vec<Option<Job>>,
@@ -246,6 +267,7 @@ struct Published {
     counts: Counts,
     started: u64,
     pending_retries: usize,
+    awaiting_acks: usize,
     internal_errors: u64,
 }
 
@@ -260,6 +282,7 @@ impl Worker {
         index: usize,
     ) -> Self {
         let metrics = WorkerMetrics::new(shared.metrics.as_ref());
+        let acks = Arc::new(AckQueue::new(consumer.nudge()));
         Self {
             shared,
             counters,
@@ -272,6 +295,8 @@ impl Worker {
             cache: MatchCache::new(config.cache_capacity),
             cache_generation: 0,
             retries: DelayQueue::new(),
+            awaiting: Awaiting::new(acks, config.ack_timeout),
+            settled: Vec::new(),
             open: Slab::default(),
             batch: Vec::with_capacity(config.max_batch),
             next: 0,
@@ -310,7 +335,7 @@ impl Worker {
         if self.shared.is_abandoned() {
             return false;
         }
-        let mut took = false;
+        let mut took = self.take_outcomes();
         if self.next >= self.batch.len() && self.take_batch() {
             took = true;
             // Before any of it is handled, so that a slow batch shows as processing.
@@ -338,10 +363,31 @@ impl Worker {
         if took {
             return true;
         }
-        match self.consumer.wait(self.config.wait, self.retries.next_due()) {
+        let due = earliest(self.retries.next_due(), self.awaiting.next_deadline());
+        match self.consumer.wait_or(self.config.wait, due, || self.awaiting.has_outcomes()) {
             WaitOutcome::Ready | WaitOutcome::TimedOut => true,
             WaitOutcome::Closed => false,
         }
+    }
+
+    /// Ends the acknowledged deliveries whose outcome came, or whose time ran out; `true` when
+    /// any did. One load when none waits.
+    fn take_outcomes(&mut self) -> bool {
+        self.awaiting.settle(&mut self.settled);
+        if self.settled.is_empty() {
+            return false;
+        }
+        let mut settled = std::mem::take(&mut self.settled);
+        for (awaited, outcome) in settled.drain(..) {
+            match self.outbox.outcome(outcome) {
+                None => self.resolve(awaited.job, awaited.attempts),
+                Some(error) => {
+                    self.failed_attempt(awaited.job, awaited.subscription, awaited.attempts, error);
+                }
+            }
+        }
+        self.settled = settled;
+        true
     }
 
     /// Takes the next batch from the ring, if any waits, and adds its `processing` statuses to the
@@ -405,8 +451,18 @@ impl Worker {
         }
         let mut tally = Tally::default();
         let mut retry_later: SmallVec<[Arc<Subscription>; 2]> = SmallVec::new();
+        let mut awaiting: SmallVec<[(Arc<Subscription>, u64); 1]> = SmallVec::new();
         for subscription in subscriptions {
-            let outcome = delivery::attempt(subscription, &job.event);
+            let mut token = 0;
+            let outcome = delivery::attempt(subscription, &job.event, 1, || {
+                let (reply, made) = self.awaiting.reply();
+                token = made;
+                reply
+            });
+            if let Attempt::Awaiting = outcome {
+                awaiting.push((Arc::clone(subscription), token));
+                continue;
+            }
             let Some(error) = self.outbox.record(subscription, outcome) else { continue };
             if self.config.retry.max_retries == 0 {
                 self.outbox.give_up(&job, &delivery::failure(subscription, error, 1), &mut tally);
@@ -415,17 +471,20 @@ impl Worker {
                 retry_later.push(Arc::clone(subscription));
             }
         }
-        if retry_later.is_empty() {
+        if retry_later.is_empty() && awaiting.is_empty() {
             self.outbox.settle(&job, tally, track);
             self.finished(job);
             return;
         }
-        tally.outstanding = u32::try_from(retry_later.len()).unwrap_or(u32::MAX);
+        tally.outstanding = u32::try_from(retry_later.len() + awaiting.len()).unwrap_or(u32::MAX);
         let key = self.open.insert(Open { job, tally });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
         }
         let now = Instant::now();
+        for (subscription, token) in awaiting {
+            self.awaiting.insert(token, key, subscription, 1, now);
+        }
         for subscription in retry_later {
             let delay = self.config.retry.delay_for_retry(1, self.rng.f64());
             self.retries
@@ -472,23 +531,36 @@ impl Worker {
             self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
             return;
         }
-        let outcome = delivery::attempt(&retry.subscription, &event);
+        let attempts = retry.attempts + 1;
+        let mut token = 0;
+        let outcome = delivery::attempt(&retry.subscription, &event, attempts, || {
+            let (reply, made) = self.awaiting.reply();
+            token = made;
+            reply
+        });
+        if let Attempt::Awaiting = outcome {
+            self.awaiting.insert(token, retry.job, retry.subscription, attempts, Instant::now());
+            return;
+        }
         match self.outbox.record(&retry.subscription, outcome) {
-            None => self.resolve(retry.job, retry.attempts + 1),
-            Some(error) => {
-                let attempts = retry.attempts + 1;
-                if attempts <= self.config.retry.max_retries {
-                    if let Some(open) = self.open.get_mut(retry.job) {
-                        open.tally.retrying(attempts, &error);
-                    }
-                    let delay = self.config.retry.delay_for_retry(attempts, self.rng.f64());
-                    let due = crate::deadline::from_now(delay);
-                    self.retries.push(due, Retry { attempts, ..retry });
-                    self.outbox.retry_scheduled();
-                } else {
-                    self.give_up(retry.job, &delivery::failure(&retry.subscription, error, attempts));
-                }
+            None => self.resolve(retry.job, attempts),
+            Some(error) => self.failed_attempt(retry.job, retry.subscription, attempts, error),
+        }
+    }
+
+    /// Attempt `attempts` of a delivery of open job `key` failed with `error`: the delivery waits
+    /// for its next attempt, or gives up after the last.
+    fn failed_attempt(&mut self, key: usize, subscription: Arc<Subscription>, attempts: u32, error: String) {
+        if attempts <= self.config.retry.max_retries {
+            if let Some(open) = self.open.get_mut(key) {
+                open.tally.retrying(attempts, &error);
             }
+            let delay = self.config.retry.delay_for_retry(attempts, self.rng.f64());
+            let due = crate::deadline::from_now(delay);
+            self.retries.push(due, Retry { job: key, subscription, attempts });
+            self.outbox.retry_scheduled();
+        } else {
+            self.give_up(key, &delivery::failure(&subscription, error, attempts));
         }
     }
 
@@ -533,31 +605,58 @@ impl Worker {
         // Retries stop a little before the deadline, so what is left is dead-lettered (and the
         // worker gone) by then: retries that keep coming due at once would otherwise run up to it.
         let last_start = deadline.checked_sub(FINISH_MARGIN).unwrap_or(deadline);
-        while let Some(due) = self.retries.next_due() {
-            if due > deadline || Instant::now() >= last_start {
+        loop {
+            self.take_outcomes();
+            let now = Instant::now();
+            let retry_due = self.retries.next_due().filter(|due| *due <= deadline);
+            if now >= last_start || (retry_due.is_none() && self.awaiting.is_empty()) {
                 break;
             }
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
+            if retry_due.is_some_and(|due| due <= now) {
+                report.retries_run += self.run_due_retries(now);
+            } else {
+                // With the ring closed, nothing wakes this thread for an outcome: while one is
+                // awaited, look again every `ACK_POLL`.
+                let mut wake = retry_due.map_or(last_start, |due| due.min(last_start));
+                if !self.awaiting.is_empty() {
+                    wake = wake.min(crate::deadline::after(now, ACK_POLL));
+                }
+                std::thread::sleep(wake.saturating_duration_since(now));
             }
-            report.retries_run += self.run_due_retries(Instant::now());
             self.end_turn();
         }
+        for awaited in self.awaiting.drain() {
+            let error = || "the broker shut down before the delivery was acknowledged".to_owned();
+            self.end_at_shutdown(awaited.job, &awaited.subscription, awaited.attempts, error, report);
+        }
         for retry in self.retries.drain_in_order() {
-            let Some(open) = self.open.get(retry.job) else { continue };
-            if let Origin::Inbound(token) = open.job.origin {
-                // Another member, or this instance's next incarnation, gets it again.
-                self.open.remove(retry.job);
-                self.outbox.naks.push(token);
-                report.returned_at_shutdown += 1;
-                continue;
-            }
-            let error = format!("the broker shut down before retry {} was due", retry.attempts);
-            self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
-            report.dead_lettered_at_shutdown += 1;
+            let error = || format!("the broker shut down before retry {} was due", retry.attempts);
+            self.end_at_shutdown(retry.job, &retry.subscription, retry.attempts, error, report);
         }
         self.end_turn();
+    }
+
+    /// Ends a delivery of open job `key` that shutdown left unfinished after `attempts`: an
+    /// inbound job is given back for redelivery (once, whatever else of it was unfinished), a
+    /// local one's delivery dead-lettered with `error`.
+    fn end_at_shutdown(
+        &mut self,
+        key: usize,
+        subscription: &Subscription,
+        attempts: u32,
+        error: impl FnOnce() -> String,
+        report: &mut WorkerReport,
+    ) {
+        let Some(open) = self.open.get(key) else { return };
+        if let Origin::Inbound(token) = open.job.origin {
+            // Another member, or this instance's next incarnation, gets it again.
+            self.open.remove(key);
+            self.outbox.naks.push(token);
+            report.returned_at_shutdown += 1;
+            return;
+        }
+        self.give_up(key, &delivery::failure(subscription, error(), attempts));
+        report.dead_lettered_at_shutdown += 1;
     }
 
     /// A panic escaped a turn outside any handler: count it, log it, and settle the job it hit.
@@ -594,6 +693,7 @@ impl Worker {
             counts: self.outbox.counts,
             started: self.started,
             pending_retries: self.retries.len(),
+            awaiting_acks: self.awaiting.len(),
             internal_errors: self.internal_errors,
         };
         if now == self.published {
@@ -602,6 +702,7 @@ impl Worker {
         let c = &self.counters;
         let n = now.counts;
         c.pending_retries.store(now.pending_retries as u64, Ordering::Relaxed);
+        c.awaiting_acks.store(now.awaiting_acks as u64, Ordering::Relaxed);
         c.unrouted.store(n.unrouted, Ordering::Relaxed);
         c.handler_failures.store(n.handler_failures, Ordering::Relaxed);
         c.retries.store(n.retries, Ordering::Relaxed);
@@ -706,7 +807,7 @@ pub(crate) fn deliver_on_caller(
     table: &SubscriptionTable,
     set: &SubscriptionSet,
     job: &Job,
-    policy: &RetryPolicy,
+    rules: InlineRules,
     track_status: bool,
     outbox: &mut Outbox,
     shutdown: impl Fn() -> Option<Instant>,
@@ -720,7 +821,7 @@ pub(crate) fn deliver_on_caller(
     let mut tally = Tally::default();
     let mut failures = Vec::new();
     for subscription in &subscriptions {
-        match delivery::deliver_inline(table, subscription, &job.event, policy, outbox, &shutdown) {
+        match delivery::deliver_inline(table, subscription, &job.event, rules, outbox, &shutdown) {
             delivery::Inline::Delivered { attempts } => tally.delivered(attempts),
             delivery::Inline::Gone => {}
             delivery::Inline::Failed(failure) => {

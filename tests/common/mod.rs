@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use eventbroker::{Event, EventSource};
+use eventbroker::{Event, EventSource, RetryPolicy};
 
 /// An internal event of `event_type`.
 pub fn event(event_type: &str) -> Event {
@@ -15,5 +15,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Retries 5 ms apart, doubling up to 20 ms, without jitter: a test's retries end in milliseconds.
+#[allow(dead_code)] // Not every test binary retries.
+pub fn quick_retries(max_retries: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_retries,
+        initial_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(20),
+        backoff_factor: 2.0,
+        jitter: 0.0,
     }
 }

@@ -1,0 +1,281 @@
+//! Acknowledged deliveries: events handed to a consumer that says when it is done with each
+//! ([`Broker::subscribe_acked`](crate::Broker::subscribe_acked)).
+//!
+//! A handler's delivery ends when the handler returns; a stream's when the event is in its
+//! channel. An acknowledged delivery ends when its consumer calls [`Delivery::ack`] or
+//! [`Delivery::fail`], from any thread, sync or async, in any order: until then the event's job
+//! stays open, as one waiting for a retry does. Its status is not yet final, `drain` waits for it,
+//! and an event from another instance is not acknowledged to the provider, so an instance that
+//! dies with it unfinished gets it again. A failure, a [`Delivery`] dropped unsettled, and a
+//! delivery not settled within the broker's
+//! [`ack_timeout`](crate::BrokerBuilder::ack_timeout) are retried per the broker's policy and then
+//! dead-lettered, as a handler's failure is.
+//!
+//! The worker that made a delivery gets its outcome through its [`AckQueue`]: the consumer pushes
+//! it there and wakes the worker if it sleeps; the worker takes what is queued at the start of
+//! each turn. `publish_sync` and `redrive`, which deliver on the caller's thread, wait on a
+//! channel of their own for it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::dispatch::delivery::Job;
+use crate::dispatch::ring::Nudge;
+use crate::subscription::Subscription;
+use crate::sync::{AtomicBool, Ordering};
+use crate::{BoxError, Event};
+
+/// The error of a delivery dropped without [`Delivery::ack`] or [`Delivery::fail`].
+pub(crate) const DROPPED: &str = "the delivery was dropped without being acknowledged";
+
+/// One event delivered to an acknowledged subscription, to be settled with [`Delivery::ack`] or
+/// [`Delivery::fail`]. Dropping it unsettled fails it (it is then retried, as a failure is).
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbroker::{Broker, Event, EventSource};
+///
+/// let broker = Broker::builder().build()?;
+/// let (_id, deliveries) = broker.subscribe_acked("orders.>")?;
+/// broker.publish(Event::new(EventSource::System, "orders.created"))?;
+///
+/// let delivery = deliveries.recv_timeout(Duration::from_secs(5))?;
+/// assert_eq!(delivery.event().event_type, "orders.created");
+/// assert_eq!(delivery.attempt(), 1);
+/// delivery.ack(); // the event's status becomes `completed`
+///
+/// broker.drain(Duration::from_secs(5))?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "a delivery dropped unsettled counts as a failure; call `ack` or `fail`"]
+pub struct Delivery {
+    event: Arc<Event>,
+    attempt: u32,
+    /// Where the outcome goes; `None` once settled.
+    reply: Option<Reply>,
+}
+
+impl Delivery {
+    pub(crate) fn new(event: Arc<Event>, attempt: u32, reply: Reply) -> Self {
+        Self { event, attempt, reply: Some(reply) }
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Arc<Event> {
+        &self.event
+    }
+
+    /// Which attempt of this delivery this is: 1 for the first, 2 for the first retry, and so on.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The delivery succeeded.
+    pub fn ack(mut self) {
+        if let Some(reply) = self.reply.take() {
+            reply.send(Ok(()));
+        }
+    }
+
+    /// The delivery failed with `error`: it is retried per the broker's retry policy (as a new
+    /// [`Delivery`] with the next [`attempt`](Delivery::attempt) number), then dead-lettered with
+    /// this error, as a handler's failure is.
+    pub fn fail(mut self, error: impl Into<BoxError>) {
+        if let Some(reply) = self.reply.take() {
+            reply.send(Err(error.into().to_string()));
+        }
+    }
+
+    /// Settles nothing: for a delivery the broker made and takes back (its channel was full or
+    /// gone), whose outcome the broker knows without it.
+    pub(crate) fn defuse(mut self) {
+        self.reply = None;
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            reply.send(Err(DROPPED.to_owned()));
+        }
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event", &self.event.id)
+            .field("type", &self.event.event_type)
+            .field("attempt", &self.attempt)
+            .field("settled", &self.reply.is_none())
+            .finish()
+    }
+}
+
+/// How a delivery ended, as its consumer reported it.
+pub(crate) type Outcome = Result<(), String>;
+
+/// Where a [`Delivery`]'s outcome goes.
+pub(crate) enum Reply {
+    /// To the worker that made it, which knows it by `token`.
+    Worker { queue: Arc<AckQueue>, token: u64 },
+    /// To the caller's thread waiting on the other end (`publish_sync`, `redrive`); nobody, once
+    /// it stopped waiting.
+    Caller(flume::Sender<Outcome>),
+}
+
+impl Reply {
+    fn send(self, outcome: Outcome) {
+        match self {
+            Self::Worker { queue, token } => queue.push(token, outcome),
+            Self::Caller(waiting) => {
+                // A full or closed channel: the caller stopped waiting (or has this outcome).
+                let _ = waiting.try_send(outcome);
+            }
+        }
+    }
+}
+
+/// Outcomes of one worker's deliveries, as their consumers settle them.
+pub(crate) struct AckQueue {
+    /// Set after an outcome is queued, cleared by the worker before it takes them: while set, the
+    /// worker does not sleep. A line of its own: consumers write it, the worker reads it each turn.
+    ready: CachePadded<AtomicBool>,
+    outcomes: parking_lot::Mutex<Vec<(u64, Outcome)>>,
+    nudge: Nudge<Option<Job>>,
+}
+
+impl AckQueue {
+    pub(crate) fn new(nudge: Nudge<Option<Job>>) -> Self {
+        Self {
+            ready: CachePadded::new(AtomicBool::new(false)),
+            outcomes: parking_lot::Mutex::new(Vec::new()),
+            nudge,
+        }
+    }
+
+    fn push(&self, token: u64, outcome: Outcome) {
+        self.outcomes.lock().push((token, outcome));
+        // Release: pairs with the AcqRel swap in `take`; the outcome pushed above is there to take.
+        self.ready.store(true, Ordering::Release);
+        // After the store: the worker's last look before it parks sees it, or the nudge sees the
+        // worker sleeping (see `Nudge::wake`).
+        self.nudge.wake();
+    }
+
+    /// Whether outcomes wait (the worker's look before it sleeps).
+    pub(crate) fn has_outcomes(&self) -> bool {
+        // Relaxed: in the park handshake the SeqCst fences order it; else a peek, and `take`
+        // looks again.
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Moves the queued outcomes onto `into`.
+    fn take(&self, into: &mut Vec<(u64, Outcome)>) {
+        // AcqRel: the clear happens before the lock below (an outcome queued after the clear sets
+        // `ready` again, for the next turn), and pairs with the Release store in `push`.
+        if self.ready.swap(false, Ordering::AcqRel) {
+            into.append(&mut self.outcomes.lock());
+        }
+    }
+}
+
+/// A worker's deliveries waiting for their outcome.
+pub(crate) struct Awaiting {
+    queue: Arc<AckQueue>,
+    timeout: Duration,
+    next_token: u64,
+    /// By token, which grows with the time each was made: the first entry has the earliest
+    /// deadline.
+    open: BTreeMap<u64, Awaited>,
+    taken: Vec<(u64, Outcome)>,
+}
+
+/// One delivery waiting for its outcome.
+pub(crate) struct Awaited {
+    /// Its job's key among the worker's open jobs.
+    pub(crate) job: usize,
+    pub(crate) subscription: Arc<Subscription>,
+    /// The attempt it is.
+    pub(crate) attempts: u32,
+    deadline: Instant,
+}
+
+impl Awaiting {
+    pub(crate) fn new(queue: Arc<AckQueue>, timeout: Duration) -> Self {
+        Self { queue, timeout, next_token: 0, open: BTreeMap::new(), taken: Vec::new() }
+    }
+
+    /// The reply of a new delivery, and its token.
+    pub(crate) fn reply(&mut self) -> (Reply, u64) {
+        self.next_token += 1;
+        let token = self.next_token;
+        (Reply::Worker { queue: Arc::clone(&self.queue), token }, token)
+    }
+
+    /// Waits for the outcome of the delivery `token`, made at `now`, the `attempts`-th to
+    /// `subscription` of open job `job`.
+    pub(crate) fn insert(
+        &mut self,
+        token: u64,
+        job: usize,
+        subscription: Arc<Subscription>,
+        attempts: u32,
+        now: Instant,
+    ) {
+        let deadline = crate::deadline::after(now, self.timeout);
+        self.open.insert(token, Awaited { job, subscription, attempts, deadline });
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// Whether outcomes are queued (see [`AckQueue::has_outcomes`]).
+    pub(crate) fn has_outcomes(&self) -> bool {
+        self.queue.has_outcomes()
+    }
+
+    /// When the earliest delivery waiting times out.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.open.first_key_value().map(|(_, awaited)| awaited.deadline)
+    }
+
+    /// Moves onto `into` the deliveries whose outcome came, with it, then those that timed out,
+    /// with a timeout error. Outcomes of deliveries no longer waiting (timed out, or given
+    /// up at shutdown) are dropped. Costs one load when nothing waits.
+    pub(crate) fn settle(&mut self, into: &mut Vec<(Awaited, Outcome)>) {
+        if self.queue.has_outcomes() {
+            self.queue.take(&mut self.taken);
+            for (token, outcome) in self.taken.drain(..) {
+                if let Some(awaited) = self.open.remove(&token) {
+                    into.push((awaited, outcome));
+                }
+            }
+        }
+        if self.open.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        while let Some(entry) = self.open.first_entry() {
+            if entry.get().deadline > now {
+                break;
+            }
+            let error = format!("not acknowledged within {:?}", self.timeout);
+            into.push((entry.remove(), Err(error)));
+        }
+    }
+
+    /// Removes every delivery still waiting, in the order they were made.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = Awaited> + use<> {
+        std::mem::take(&mut self.open).into_values()
+    }
+}

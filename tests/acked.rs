@@ -1,0 +1,339 @@
+//! Acknowledged deliveries (`Broker::subscribe_acked`): a delivery ends when its consumer settles
+//! it, on any thread, and until then the event's handling has not ended.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use eventbroker::{
+    Broker, DeadLetterFilter, Delivery, DrainError, Event, EventStatus, MemoryProvider, Mode,
+    SyncPublishError,
+};
+
+mod common;
+use common::{event, quick_retries, wait_until};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn status(broker: &Broker, event: &Event) -> Option<EventStatus> {
+    broker.provider().get(event.id).unwrap().map(|stored| stored.status)
+}
+
+fn next(deliveries: &flume::Receiver<Delivery>) -> Delivery {
+    deliveries.recv_timeout(WAIT).expect("a delivery within the wait")
+}
+
+#[test]
+fn an_event_is_processing_until_its_delivery_is_acknowledged() {
+    let broker = Broker::builder().workers(1).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let published = event("orders.created");
+    broker.publish(published.clone()).unwrap();
+
+    let delivery = next(&deliveries);
+    assert_eq!(delivery.event().id, published.id);
+    assert_eq!(delivery.attempt(), 1);
+    // The drain cannot end while the delivery is open, and the event stays `processing`.
+    assert!(matches!(broker.drain(Duration::from_millis(100)), Err(DrainError::TimedOut { .. })));
+    assert_eq!(status(&broker, &published), Some(EventStatus::Processing));
+    assert_eq!(broker.stats().awaiting_acks, 1);
+
+    delivery.ack();
+    broker.drain(WAIT).unwrap();
+    let stored = broker.provider().get(published.id).unwrap().unwrap();
+    assert_eq!(stored.status, EventStatus::Completed);
+    assert!(stored.completed_at.is_some());
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.failed, stats.awaiting_acks), (1, 0, 0));
+}
+
+#[test]
+fn a_failed_delivery_is_retried_with_the_next_attempt_number_then_dead_lettered() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(2)).build().unwrap();
+    let (id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let published = event("orders.created");
+    broker.publish(published.clone()).unwrap();
+
+    for attempt in 1..=3 {
+        let delivery = next(&deliveries);
+        assert_eq!(delivery.event().id, published.id);
+        assert_eq!(delivery.attempt(), attempt);
+        delivery.fail(format!("attempt {attempt} failed"));
+    }
+    broker.drain(WAIT).unwrap();
+    assert!(deliveries.try_recv().is_err(), "no fourth attempt");
+
+    let stored = broker.provider().get(published.id).unwrap().unwrap();
+    assert_eq!(stored.status, EventStatus::Failed);
+    assert_eq!(stored.error, "attempt 3 failed");
+    assert_eq!(stored.retry_count, 2);
+    let letters = broker.dead_letters(&DeadLetterFilter::default().with_event_id(published.id)).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].subscription_id, id);
+    assert_eq!(letters[0].attempts, 3);
+    let stats = broker.stats();
+    assert_eq!((stats.failed, stats.handler_failures, stats.retries, stats.dead_letters), (1, 3, 2, 1));
+}
+
+#[test]
+fn a_delivery_dropped_unsettled_fails_and_a_retry_can_succeed() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let published = event("orders.created");
+    broker.publish(published.clone()).unwrap();
+
+    drop(next(&deliveries));
+    let retried = next(&deliveries);
+    assert_eq!(retried.attempt(), 2);
+    retried.ack();
+    broker.drain(WAIT).unwrap();
+    assert_eq!(status(&broker, &published), Some(EventStatus::Completed));
+    assert_eq!(broker.stats().handler_failures, 1);
+}
+
+#[test]
+fn a_delivery_not_settled_in_time_fails_and_its_late_settle_is_ignored() {
+    let broker = Broker::builder()
+        .workers(1)
+        .retry_policy(quick_retries(0))
+        .ack_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let published = event("orders.created");
+    broker.publish(published.clone()).unwrap();
+
+    let late = next(&deliveries);
+    broker.drain(WAIT).unwrap();
+    let stored = broker.provider().get(published.id).unwrap().unwrap();
+    assert_eq!(stored.status, EventStatus::Failed);
+    assert!(stored.error.starts_with("not acknowledged within"), "{}", stored.error);
+    late.ack();
+    thread::sleep(Duration::from_millis(50));
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.failed, stats.dead_letters, stats.awaiting_acks), (0, 1, 1, 0));
+    assert_eq!(status(&broker, &published), Some(EventStatus::Failed));
+}
+
+#[test]
+fn a_full_channel_is_a_failed_attempt() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(0)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked_bounded("orders.>", 1).unwrap();
+    let first = event("orders.created");
+    let second = event("orders.created");
+    broker.publish(first.clone()).unwrap();
+    broker.publish(second.clone()).unwrap();
+    wait_until("the second event to fail", WAIT, || broker.stats().failed == 1);
+
+    next(&deliveries).ack();
+    broker.drain(WAIT).unwrap();
+    assert_eq!(status(&broker, &first), Some(EventStatus::Completed));
+    let failed = broker.provider().get(second.id).unwrap().unwrap();
+    assert_eq!(failed.status, EventStatus::Failed);
+    assert_eq!(failed.error, "acknowledged stream is full (1 deliveries)");
+}
+
+#[test]
+fn deliveries_settled_out_of_order_from_many_threads_all_end() {
+    const EVENTS: usize = 2_000;
+    let broker = Broker::builder().workers(2).retry_policy(quick_retries(1)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked_bounded("load.>", EVENTS).unwrap();
+    // Each consumer holds a handful before it settles them, newest first; every seventh fails once.
+    // They run until shutdown ends the subscription.
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let deliveries = deliveries.clone();
+            thread::spawn(move || {
+                let mut held: Vec<Delivery> = Vec::new();
+                let mut settled = 0;
+                loop {
+                    match deliveries.recv_timeout(Duration::from_millis(5)) {
+                        Ok(delivery) => held.push(delivery),
+                        Err(flume::RecvTimeoutError::Timeout) => {}
+                        Err(flume::RecvTimeoutError::Disconnected) => return settled,
+                    }
+                    if held.len() >= 5 || deliveries.is_empty() {
+                        while let Some(delivery) = held.pop() {
+                            settled += 1;
+                            let number: u64 = delivery.event().payload().unwrap();
+                            if number % 7 == 0 && delivery.attempt() == 1 {
+                                delivery.fail("the first try of every seventh");
+                            } else {
+                                delivery.ack();
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(deliveries);
+    let mut ids = HashSet::new();
+    for number in 0..EVENTS as u64 {
+        let event = event(&format!("load.type{}", number % 13)).with_payload(&number).unwrap();
+        ids.insert(event.id);
+        broker.publish(event).unwrap();
+    }
+    broker.drain(WAIT).unwrap();
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.failed, stats.awaiting_acks), (EVENTS as u64, 0, 0));
+    assert_eq!(stats.handler_failures, EVENTS.div_ceil(7) as u64);
+    for id in ids {
+        assert_eq!(broker.provider().get(id).unwrap().map(|e| e.status), Some(EventStatus::Completed));
+    }
+    assert!(broker.shutdown(WAIT).is_clean());
+    let settled: usize = consumers.into_iter().map(|c| c.join().unwrap()).sum();
+    assert_eq!(settled, EVENTS + EVENTS.div_ceil(7));
+}
+
+#[test]
+fn publish_sync_waits_for_the_acknowledgement_on_the_callers_thread() {
+    let broker = Broker::builder().mode(Mode::Sync).retry_policy(quick_retries(1)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let consumer = thread::spawn(move || {
+        let first = next(&deliveries);
+        assert_eq!(first.attempt(), 1);
+        first.fail("not yet");
+        let second = next(&deliveries);
+        assert_eq!(second.attempt(), 2);
+        second.ack();
+        // The second event: failed twice, so publish_sync reports it.
+        next(&deliveries).fail("no");
+        next(&deliveries).fail("still no");
+    });
+    let ok = event("orders.created");
+    broker.publish(ok.clone()).unwrap();
+    assert_eq!(status(&broker, &ok), Some(EventStatus::Completed));
+    let error = broker.publish(event("orders.created")).unwrap_err();
+    let SyncPublishError::HandlerFailed(failures) = error else { panic!("{error:?}") };
+    let failures = failures.failures();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].error, "still no");
+    assert_eq!(failures[0].attempts, 2);
+    consumer.join().unwrap();
+}
+
+#[test]
+fn publish_sync_gives_up_on_an_acknowledgement_after_the_timeout() {
+    let broker = Broker::builder()
+        .mode(Mode::Sync)
+        .retry_policy(quick_retries(0))
+        .ack_timeout(Duration::from_millis(30))
+        .build()
+        .unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let error = broker.publish(event("orders.created")).unwrap_err();
+    let SyncPublishError::HandlerFailed(failures) = error else { panic!("{error:?}") };
+    let failures = failures.failures();
+    assert!(failures[0].error.starts_with("not acknowledged within"), "{}", failures[0].error);
+    // The late acknowledgement goes nowhere, harmlessly.
+    next(&deliveries).ack();
+}
+
+#[test]
+fn shutdown_dead_letters_what_is_still_unsettled_at_its_deadline() {
+    let broker = Broker::builder().workers(1).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let acked = event("orders.created");
+    let unsettled = event("orders.created");
+    broker.publish(acked.clone()).unwrap();
+    broker.publish(unsettled.clone()).unwrap();
+    let first = next(&deliveries);
+    let _kept = next(&deliveries);
+    // Settled while shutdown waits: it completes.
+    let settle = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(50));
+        first.ack();
+    });
+    let report = broker.shutdown(Duration::from_millis(400));
+    settle.join().unwrap();
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.failed, stats.dead_letters, stats.awaiting_acks), (1, 1, 1, 0));
+}
+
+#[test]
+fn a_dropped_receiver_ends_the_subscription_and_its_queued_deliveries_are_dead_lettered() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let queued = event("orders.created");
+    broker.publish(queued.clone()).unwrap();
+    wait_until("the delivery to be queued", WAIT, || deliveries.len() == 1);
+    drop(deliveries);
+    // The next matching event finds the receiver gone and ends the subscription.
+    broker.publish(event("orders.created")).unwrap();
+    broker.drain(WAIT).unwrap();
+    assert_eq!(broker.stats().subscriptions, 0);
+    let failed = broker.provider().get(queued.id).unwrap().unwrap();
+    assert_eq!(failed.status, EventStatus::Failed);
+    assert_eq!(failed.error, "unsubscribed before the retry was due");
+    assert_eq!(broker.dead_letters(&DeadLetterFilter::default().with_event_id(queued.id)).unwrap().len(), 1);
+}
+
+#[test]
+fn async_code_receives_and_settles_deliveries() {
+    let broker = Broker::builder().workers(2).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let consumer = runtime.spawn(async move {
+        let mut settled = 0;
+        while let Ok(delivery) = deliveries.recv_async().await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            delivery.ack();
+            settled += 1;
+        }
+        settled
+    });
+    let publisher = broker.clone();
+    let publishing = thread::spawn(move || {
+        for _ in 0..100 {
+            publisher.publish(event("orders.created")).unwrap();
+        }
+        publisher.drain(WAIT).unwrap();
+        publisher.shutdown(WAIT)
+    });
+    let settled = runtime.block_on(consumer).unwrap();
+    let report = publishing.join().unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(settled, 100);
+    assert_eq!(broker.stats().completed, 100);
+}
+
+/// Across instances: an inbound event is acknowledged to the provider only once its delivery is
+/// settled, so an instance that stops before its consumer settled gets it again under its id.
+#[test]
+fn an_inbound_event_left_unsettled_at_shutdown_is_received_again_by_the_next_incarnation() {
+    let bus = Arc::new(MemoryProvider::default());
+    let publisher = Broker::builder().provider(bus.clone()).instance_id("acked-publisher").build().unwrap();
+    let receiving = |bus: &Arc<MemoryProvider>| {
+        Broker::builder().provider(bus.clone()).instance_id("acked-receiver").workers(1).build().unwrap()
+    };
+    let receiver = receiving(&bus);
+    let (_id, deliveries) = receiver.subscribe_acked("orders.>").unwrap();
+    thread::sleep(Duration::from_millis(300)); // The inbound thread's first fetch.
+    let acked = event("orders.created");
+    let unsettled = event("orders.created");
+    publisher.publish(acked.clone()).unwrap();
+    publisher.publish(unsettled.clone()).unwrap();
+    let first = next(&deliveries);
+    let second = next(&deliveries);
+    let (ack, keep) = if first.event().id == acked.id { (first, second) } else { (second, first) };
+    assert_eq!(keep.event().id, unsettled.id);
+    ack.ack();
+    wait_until("the acknowledgement", WAIT, || receiver.stats().completed == 1);
+    let report = receiver.shutdown(Duration::from_millis(300));
+    assert_eq!(report.returned, 1, "{report:?}");
+    drop(keep); // Too late: its incarnation is gone.
+    drop(receiver);
+
+    let again = receiving(&bus);
+    let (_id, deliveries) = again.subscribe_acked("orders.>").unwrap();
+    let redelivered = next(&deliveries);
+    assert_eq!(redelivered.event().id, unsettled.id);
+    redelivered.ack();
+    again.drain(WAIT).unwrap();
+    assert!(deliveries.recv_timeout(Duration::from_millis(300)).is_err(), "the acknowledged event came back");
+    assert!(again.shutdown(WAIT).is_clean());
+    assert!(publisher.shutdown(WAIT).is_clean());
+}
