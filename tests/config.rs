@@ -167,6 +167,7 @@ fn an_empty_section_is_the_documented_defaults() {
     assert_eq!(config.wait_strategy, WaitStrategy::default());
     assert!(config.track_status);
     assert_eq!(config.claim_idle, Duration::from_secs(30));
+    assert_eq!(config.ack_timeout, Duration::from_secs(30));
     assert_eq!(config.prefetch, None);
     assert_eq!(config.match_cache_capacity, 4096);
     assert_eq!(config.drop_shutdown_timeout, Duration::from_secs(30));
@@ -195,6 +196,7 @@ event_broker:
     group: mailers
   claim_idle: 1m30s
   prefetch: 8
+  ack_timeout: 2m
   match_cache_capacity: 128
   drop_shutdown_timeout: 5s
   memory:
@@ -221,6 +223,7 @@ event_broker:
     assert_eq!(config.distribution, Some(Distribution::WorkQueue("mailers".into())));
     assert_eq!(config.claim_idle, Duration::from_secs(90));
     assert_eq!(config.prefetch, Some(8));
+    assert_eq!(config.ack_timeout, Duration::from_secs(120));
     assert_eq!(config.match_cache_capacity, 128);
     assert_eq!(config.drop_shutdown_timeout, Duration::from_secs(5));
     assert_eq!(
@@ -295,6 +298,7 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
     ("event_broker:\n  claim_idle: 5 parsecs\n", "event_broker.claim_idle", r#"got "5 parsecs""#),
     ("event_broker:\n  claim_idle: 1ms\n", "event_broker.claim_idle", "must be at least 10ms"),
     ("event_broker:\n  prefetch: 0\n", "event_broker.prefetch", "must be at least 1"),
+    ("event_broker:\n  ack_timeout: 0s\n", "event_broker.ack_timeout", "must be at least 1ms"),
     (
         "event_broker:\n  retry_policy:\n    backoff_factor: 0.5\n",
         "event_broker.retry_policy.backoff_factor",

@@ -155,6 +155,21 @@ fn gauges_follow_the_queue_both_ways() {
 }
 
 #[test]
+fn acknowledged_deliveries_waiting_show_in_their_gauge() {
+    let broker = broker("acked", |c| c);
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    for _ in 0..3 {
+        broker.publish(event("orders.created")).unwrap();
+    }
+    let held: Vec<_> = (0..3).map(|_| deliveries.recv_timeout(WAIT).unwrap()).collect();
+    wait_for_value("acked_eventbroker_awaiting_acks", &[], 3.0);
+    held.into_iter().for_each(eventbroker::Delivery::ack);
+    broker.drain(WAIT).unwrap();
+    wait_for_value("acked_eventbroker_awaiting_acks", &[], 0.0);
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+#[test]
 fn types_beyond_the_limit_fold_into_other_and_are_counted() {
     let broker = broker("fold", |c| MetricsConfig { max_types: 3, timing_sample: 1, ..c });
     broker.subscribe_infallible(">", |_| {}).unwrap();

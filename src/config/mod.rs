@@ -93,6 +93,7 @@
 //! | `distribution.group` | `redis.consumer_group` (whatever the provider), else required | the shared group of `work_queue` |
 //! | `claim_idle` | `30s` | unacknowledged inbound events are redelivered after this |
 //! | `prefetch` | 32 per worker in `work_queue`, else what the shards hold | most inbound events held at once |
+//! | `ack_timeout` | `30s` | an acknowledged delivery not settled by then fails (at least `1ms`) |
 //! | `match_cache_capacity` | `4096` | event types each worker's match cache holds, 1 to 1 048 576 |
 //! | `drop_shutdown_timeout` | `30s` | bound of the shutdown that dropping the last handle runs |
 //! | `memory.max_events` | `10000` | events kept, least recently used evicted |
@@ -218,6 +219,8 @@ pub struct Config {
     pub claim_idle: Duration,
     /// `None`: [`BrokerBuilder::prefetch`]'s default for the distribution.
     pub prefetch: Option<usize>,
+    /// Default 30 s; see [`BrokerBuilder::ack_timeout`].
+    pub ack_timeout: Duration,
     /// Default 4096.
     pub match_cache_capacity: usize,
     /// Default 30 s.
@@ -252,6 +255,7 @@ impl Default for Config {
             distribution: None,
             claim_idle: InboundConfig::DEFAULT_CLAIM_IDLE,
             prefetch: None,
+            ack_timeout: builder.ack_timeout,
             match_cache_capacity: builder.cache_capacity,
             drop_shutdown_timeout: builder.drop_timeout,
             memory: MemoryConfig::default(),
@@ -410,6 +414,7 @@ impl Config {
         if let Some(prefetch) = s.uint("prefetch")? {
             c.prefetch = Some(prefetch);
         }
+        set(&mut c.ack_timeout, s.duration("ack_timeout")?);
         set(&mut c.match_cache_capacity, s.uint("match_cache_capacity")?);
         set(&mut c.drop_shutdown_timeout, s.duration("drop_shutdown_timeout")?);
         c.memory = read_section(s, "memory", |s| {
@@ -452,6 +457,7 @@ impl Config {
             .track_status(self.track_status)
             .writer(self.writer)
             .claim_idle(self.claim_idle)
+            .ack_timeout(self.ack_timeout)
             .match_cache_capacity(self.match_cache_capacity)
             .drop_shutdown_timeout(self.drop_shutdown_timeout);
         if !self.instance_id.is_empty() {

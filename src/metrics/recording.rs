@@ -394,6 +394,11 @@ pub(super) fn describe(config: &MetricsConfig) {
     metrics::describe_gauge!(name("workers_active"), Unit::Count, "Worker threads running.");
     metrics::describe_gauge!(name("pending_retries"), Unit::Count, "Deliveries waiting for a retry.");
     metrics::describe_gauge!(
+        name("awaiting_acks"),
+        Unit::Count,
+        "Acknowledged deliveries waiting for their consumer to settle them."
+    );
+    metrics::describe_gauge!(
         name("writer_backlog"),
         Unit::Count,
         "Stored events not yet written to the provider."

@@ -87,6 +87,7 @@ struct EngineHandles {
     queue_size: Gauge,
     workers_active: Gauge,
     pending_retries: Gauge,
+    awaiting_acks: Gauge,
     writer_backlog: Gauge,
     inbound_lag: Gauge,
     folded: Counter,
@@ -112,6 +113,7 @@ impl EngineHandles {
             queue_size: gauge("queue_size"),
             workers_active: gauge("workers_active"),
             pending_retries: gauge("pending_retries"),
+            awaiting_acks: gauge("awaiting_acks"),
             writer_backlog: gauge("writer_backlog"),
             inbound_lag: gauge("inbound_lag_seconds"),
             folded: counter("events_folded_total"),
@@ -135,6 +137,7 @@ impl EngineHandles {
         self.queue_size.set(stats.queued as f64 + in_hand as f64);
         self.workers_active.set(if closed { 0.0 } else { stats.workers as f64 });
         self.pending_retries.set(stats.pending_retries as f64);
+        self.awaiting_acks.set(stats.awaiting_acks as f64);
         self.writer_backlog.set(stats.writer.backlog as f64);
         self.inbound_lag.set(seconds(stats.inbound.lag));
         self.folded.increment(folded);

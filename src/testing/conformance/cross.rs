@@ -342,6 +342,49 @@ pub fn a_restarted_instance_receives_what_it_missed_for_each_handler(backend: &d
     assert_clean_shutdown(&publisher);
 }
 
+/// Acknowledged deliveries across instances: an event is acknowledged to the backend only once its
+/// delivery is settled, so what an instance's consumer left unsettled when it stopped comes back
+/// to its next incarnation, and what it settled does not.
+pub fn an_unsettled_delivery_comes_back_to_the_restarted_instance(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let Some(publisher) = broker(backend.connect(), &scope.name("p"), Distribution::FanOut) else { return };
+    let (id, pattern) = (scope.name("r"), scope.all());
+    let first = broker(backend.connect(), &id, Distribution::FanOut).expect("a receiver");
+    let (_, deliveries) = first.subscribe_acked(pattern.as_str()).expect("subscribe");
+    std::thread::sleep(QUIET); // The first fetch, once the subscription settled.
+    let events: Vec<Event> = (0..10).map(|i| scope.event(&format!("orders.t{i}"))).collect();
+    publish_all(&publisher, &events);
+    let mut kept = Vec::new();
+    let mut unsettled = HashSet::new();
+    for _ in 0..events.len() {
+        let delivery = deliveries.recv_timeout(ARRIVE).expect("every event delivered");
+        if kept.len() < 4 {
+            unsettled.insert(delivery.event().id);
+            kept.push(delivery);
+        } else {
+            delivery.ack();
+        }
+    }
+    wait_until("the settled six to complete", ARRIVE, || first.stats().completed == 6);
+    let report = first.shutdown(Duration::from_secs(2));
+    assert_eq!(report.returned, 4, "the unsettled four given back: {report:?}");
+    drop(kept); // Settled too late: their incarnation is gone.
+
+    let second = broker(backend.connect(), &id, Distribution::FanOut).expect("the receiver again");
+    let (_, deliveries) = second.subscribe_acked(pattern.as_str()).expect("subscribe");
+    let mut again = HashSet::new();
+    while again.len() < unsettled.len() {
+        let delivery = deliveries.recv_timeout(ARRIVE).expect("the unsettled events again");
+        assert!(unsettled.contains(&delivery.event().id), "a settled event came back");
+        again.insert(delivery.event().id);
+        delivery.ack();
+    }
+    assert!(deliveries.recv_timeout(QUIET).is_err(), "nothing more comes back");
+    assert_clean_shutdown(&second);
+    assert_clean_shutdown(&publisher);
+}
+
 /// Events no subscription wants never reach the handlers; a backend that filters at the source
 /// never even hands them to the broker.
 pub fn events_nobody_wants_never_reach_the_handlers(backend: &dyn TestBackend) {
