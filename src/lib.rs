@@ -226,6 +226,35 @@ pub mod __private {
     #[cfg(eventbroker_loom)]
     pub use crate::dispatch::intake::{Entered, Intake};
 
+    /// [`Consumer::wait_or`](crate::dispatch::ring::Consumer::wait_or) without a deadline, for the
+    /// loom model of a worker woken for work that does not come through its ring.
+    #[cfg(eventbroker_loom)]
+    pub fn wait_or<T>(
+        consumer: &mut Consumer<T>,
+        strategy: crate::WaitStrategy,
+        also: impl Fn() -> bool,
+    ) -> WaitOutcome {
+        consumer.wait_or(strategy, None, also)
+    }
+
+    /// Wakes a consumer waiting in [`wait_or`], as an acknowledged delivery's outcome wakes its
+    /// worker.
+    #[cfg(eventbroker_loom)]
+    pub struct Nudge<T>(crate::dispatch::ring::Nudge<T>);
+
+    #[cfg(eventbroker_loom)]
+    impl<T> Nudge<T> {
+        /// A nudge for `consumer`.
+        pub fn new(consumer: &Consumer<T>) -> Self {
+            Self(consumer.nudge())
+        }
+
+        /// Wakes the consumer if it sleeps: call after making its `also()` hold.
+        pub fn wake(&self) {
+            self.0.wake();
+        }
+    }
+
     /// A broker's subscription table with handlers that do nothing: what the loom model of the
     /// snapshot swap needs, and no more.
     #[cfg(eventbroker_loom)]

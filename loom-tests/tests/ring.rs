@@ -17,9 +17,12 @@
 
 use std::collections::VecDeque;
 
-use eventbroker::__private::{Consumer, PushBatchError, PushError, WaitOutcome, ring, try_reserve};
+use eventbroker::__private::{
+    Consumer, Nudge, PushBatchError, PushError, WaitOutcome, ring, try_reserve, wait_or,
+};
 use eventbroker::WaitStrategy;
 use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 
 mod common;
@@ -234,6 +237,29 @@ fn a_forgotten_reservation_is_skipped_when_the_ring_drops() {
         };
         drop(consumer);
         pusher.join().unwrap();
+        drop(producer);
+    });
+}
+
+/// Work that does not come through the ring (an acknowledged delivery's outcome): the maker sets
+/// a flag and nudges; the consumer, waiting with the flag as its `also`, wakes whichever comes
+/// first, its last look before it parks or the nudge. A lost wake-up deadlocks the model.
+#[test]
+fn a_nudge_wakes_a_consumer_waiting_for_other_work() {
+    model(3, || {
+        let (producer, mut consumer) = ring::<u32>(2);
+        let nudge = Nudge::new(&consumer);
+        let ready = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&ready);
+        let waiter = thread::spawn(move || {
+            while !seen.load(Ordering::Relaxed) {
+                let outcome = wait_or(&mut consumer, PARK_AT_ONCE, || seen.load(Ordering::Relaxed));
+                assert_eq!(outcome, WaitOutcome::Ready);
+            }
+        });
+        ready.store(true, Ordering::Release);
+        nudge.wake();
+        waiter.join().unwrap();
         drop(producer);
     });
 }
