@@ -15,6 +15,11 @@
 //!   [`provider`] for the contract every backend keeps.
 //! - [`WaitStrategy`]: how an idle shard worker waits (spin, yield, park), trading latency for CPU.
 //!
+//! Subscribers: a handler ([`Broker::subscribe`]), whose return ends its delivery; a channel of
+//! events ([`Broker::subscribe_stream`]), whose delivery ends in the channel; a channel of
+//! [`Delivery`] values ([`Broker::subscribe_acked`]), each ended when its consumer, sync or async,
+//! settles it.
+//!
 //! Around the engine, for adopting it:
 //! - [`config`]: the seed's `event_broker:` YAML (feature `yaml`), `${VAR}` expansion,
 //!   `EVENTBROKER_*` overrides, and the factory that builds a broker and its provider.
@@ -89,8 +94,9 @@ pub use crate::subscription::SubscriptionId;
 /// instance ids): a `String` that keeps up to 24 bytes inline, without allocating. It dereferences
 /// to `&str` and converts from and into `String`.
 pub use compact_str::CompactString;
-/// The channel crate of [`Broker::subscribe_stream`]'s receivers, re-exported so that a receiver
-/// can be named (`eventbroker::flume::Receiver<Arc<Event>>`) without a dependency of one's own.
+/// The channel crate of [`Broker::subscribe_stream`]'s and [`Broker::subscribe_acked`]'s
+/// receivers, re-exported so that a receiver can be named
+/// (`eventbroker::flume::Receiver<Arc<Event>>`) without a dependency of one's own.
 pub use flume;
 /// The time type of an event's timestamps (`created_at`, `processed_at`, `completed_at`) and of
 /// what filters or replays by time (`EventFilter`, `DeadLetterFilter`, [`ReplayFrom::Time`]):

@@ -320,6 +320,11 @@ fn crud_capture_turns_psql_changes_into_events() {
         serde_json::json!({"old": {"id": 1, "name": "Zoë"}, "new": {"id": 1, "name": "Zoe"}})
     );
     assert_eq!(payload(2), serde_json::json!({"id": 1, "name": "Zoe"}));
+    assert_eq!(
+        got[1].event.payload_json(),
+        Some(r#"{"old":{"id":1,"name":"Zoë"},"new":{"id":1,"name":"Zoe"}}"#),
+        "an update's payload as compact as its rows"
+    );
     for (event, operation) in got.iter().zip(["create", "update", "delete"]) {
         let e = &event.event;
         assert_eq!(
