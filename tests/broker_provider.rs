@@ -480,3 +480,34 @@ fn a_member_holds_at_most_its_prefetch() {
         assert!(report.is_clean(), "{report:?}");
     }
 }
+
+/// An instance that only publishes, as `Distribution::Local`, reaches the instances that receive,
+/// and opens no consumer group of its own.
+#[test]
+fn a_local_broker_that_only_publishes_reaches_the_receivers_without_a_group() {
+    let bus = Arc::new(MemoryProvider::default());
+    let receiver = Broker::builder().provider(bus.clone()).instance_id("receiver").build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&handled);
+    receiver
+        .subscribe_infallible("orders.>", move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        })
+        .unwrap();
+    let publisher = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("publisher")
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    assert_eq!(bus.stats().unwrap().active_subscribers, 1, "the receiver's group alone");
+    thread::sleep(Duration::from_millis(300)); // The receiver's first fetch.
+    for _ in 0..5 {
+        publisher.publish(event("orders.created")).unwrap();
+    }
+    wait_until("the receiver to get all five", Duration::from_secs(10), || {
+        handled.load(Ordering::Relaxed) == 5
+    });
+    assert!(publisher.shutdown(Duration::from_secs(5)).is_clean());
+    assert!(receiver.shutdown(Duration::from_secs(5)).is_clean());
+}

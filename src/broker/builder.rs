@@ -57,6 +57,11 @@ pub enum Distribution {
     /// This broker neither receives other brokers' events nor tags its own for them; its events
     /// are written to the provider only when status tracking is on. The default of a broker with
     /// its own memory provider, which nobody else shares.
+    ///
+    /// It is also how an instance that only publishes joins instances that receive: with status
+    /// tracking on, its events are written, and the others receive them, while it creates no
+    /// consumer group of its own (in fan-out every instance id makes a durable one on the server,
+    /// kept after the instance is gone until [`Provider::delete_group`](crate::Provider::delete_group)).
     Local,
     /// Every instance receives every event the others publish, once, under a durable group named
     /// by its instance id: an instance restarted under the same id resumes where it left off. The
