@@ -323,7 +323,10 @@ impl Broker {
     /// are dead-lettered (their subscription is gone), not lost.
     ///
     /// Deliveries of one shard's events are made in order, but a consumer that settles them
-    /// concurrently ends them in any order, as retries do.
+    /// concurrently ends them in any order, as retries do. [`Broker::publish_sync`] and
+    /// [`Broker::redrive`] deliver on the caller's thread and wait there for the settle (up to
+    /// the timeout): call them from a thread the consumer does not need, never from the one
+    /// thread of a current-thread runtime the consumer runs on.
     ///
     /// ```
     /// use std::time::Duration;
