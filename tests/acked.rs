@@ -7,7 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use eventbroker::{
-    Broker, DeadLetterFilter, Delivery, DrainError, Event, EventStatus, MemoryProvider, Mode,
+    Broker, DeadLetterFilter, Delivery, DrainError, Event, EventStatus, MemoryProvider, Mode, RetryPolicy,
     SyncPublishError,
 };
 
@@ -232,6 +232,23 @@ fn publish_sync_gives_up_on_an_acknowledgement_after_the_timeout() {
 }
 
 #[test]
+fn publish_sync_fails_a_delivery_whose_receiver_went_away_before_its_retry() {
+    let broker = Broker::builder().mode(Mode::Sync).retry_policy(quick_retries(2)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let consumer = thread::spawn(move || {
+        let delivery = next(&deliveries);
+        drop(deliveries);
+        delivery.fail("no");
+    });
+    let error = broker.publish(event("orders.created")).unwrap_err();
+    consumer.join().unwrap();
+    let SyncPublishError::HandlerFailed(failures) = error else { panic!("{error:?}") };
+    let failures = failures.failures();
+    assert_eq!(failures[0].error, "the subscriber went away before retry 1 (last error: no)");
+    assert_eq!((failures[0].attempts, broker.stats().subscriptions), (1, 0));
+}
+
+#[test]
 fn shutdown_dead_letters_what_is_still_unsettled_at_its_deadline() {
     let broker = Broker::builder().workers(1).build().unwrap();
     let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
@@ -267,8 +284,101 @@ fn a_dropped_receiver_ends_the_subscription_and_its_queued_deliveries_are_dead_l
     assert_eq!(broker.stats().subscriptions, 0);
     let failed = broker.provider().get(queued.id).unwrap().unwrap();
     assert_eq!(failed.status, EventStatus::Failed);
-    assert_eq!(failed.error, "unsubscribed before the retry was due");
+    assert_eq!(
+        failed.error,
+        "unsubscribed before retry 1 was due (last error: the consumer's receiver was dropped with the \
+         delivery unread)"
+    );
     assert_eq!(broker.dead_letters(&DeadLetterFilter::default().with_event_id(queued.id)).unwrap().len(), 1);
+}
+
+/// Deliveries a consumer still held when its receiver went away: failed or dropped, each is
+/// dead-lettered once its retry finds nobody to deliver to, never counted as delivered.
+#[test]
+fn deliveries_held_when_the_receiver_goes_are_dead_lettered_not_completed() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(2)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let (first, second) = (event("orders.created"), event("orders.created"));
+    broker.publish(first.clone()).unwrap();
+    broker.publish(second.clone()).unwrap();
+    let (failed, dropped) = (next(&deliveries), next(&deliveries));
+    drop(deliveries);
+    failed.fail("downstream refused it");
+    drop(dropped);
+    broker.drain(WAIT).unwrap();
+    for (published, last) in
+        [(&first, "downstream refused it"), (&second, "the delivery was dropped without being acknowledged")]
+    {
+        let stored = broker.provider().get(published.id).unwrap().unwrap();
+        assert_eq!(stored.status, EventStatus::Failed);
+        assert_eq!(stored.error, format!("the subscriber went away before retry 1 (last error: {last})"));
+    }
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.failed, stats.dead_letters, stats.subscriptions), (0, 2, 2, 0));
+}
+
+/// While a delivery of another instance's event waits for its consumer, or for a retry, the
+/// worker keeps the event's claim alive, idle or not: no other member of the group gets it.
+#[test]
+fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member() {
+    let bus = Arc::new(MemoryProvider::default());
+    let group = eventbroker::Distribution::WorkQueue("acked-claims".into());
+    let member = |name: &str| {
+        Broker::builder()
+            .provider(bus.clone())
+            .instance_id(name)
+            .distribution(group.clone())
+            .workers(1)
+            .claim_idle(Duration::from_millis(60))
+            .retry_policy(RetryPolicy {
+                max_retries: 1,
+                initial_delay: Duration::from_millis(400),
+                max_delay: Duration::from_millis(400),
+                backoff_factor: 1.0,
+                jitter: 0.0,
+            })
+            .build()
+            .unwrap()
+    };
+    let (one, two) = (member("acked-claims-1"), member("acked-claims-2"));
+    let (_, first) = one.subscribe_acked("orders.>").unwrap();
+    let (_, second) = two.subscribe_acked("orders.>").unwrap();
+    let publisher = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("acked-claims-publisher")
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300)); // The members' first fetches.
+    publisher.publish(event("orders.created")).unwrap();
+
+    let receive = || {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            for channel in [&first, &second] {
+                if let Ok(delivery) = channel.try_recv() {
+                    return delivery;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no delivery");
+            thread::sleep(Duration::from_millis(2));
+        }
+    };
+    // Held for many claim idle times, then failed: its retry waits as long again.
+    let held = receive();
+    let id = held.event().id;
+    thread::sleep(Duration::from_millis(400));
+    held.fail("not yet");
+    let retried = receive();
+    assert_eq!((retried.event().id, retried.attempt()), (id, 2));
+    retried.ack();
+    thread::sleep(Duration::from_millis(300));
+    assert!(first.is_empty() && second.is_empty(), "another member got the event too");
+    let completed = one.stats().completed + two.stats().completed;
+    assert_eq!(completed, 1);
+    for broker in [one, two, publisher] {
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
 }
 
 #[test]

@@ -308,9 +308,11 @@ impl Broker {
     /// [`Delivery::ack`] when it is done, [`Delivery::fail`] when it could not be. The consumer may
     /// be sync or async code (`recv_async().await` on the [`flume::Receiver`]), settle deliveries
     /// in any order and hold many at once. Until a delivery is settled its event's handling has not
-    /// ended: the status stays `processing`, [`Broker::drain`] waits for it, and an event from
-    /// another instance is not acknowledged to the provider, so an instance that dies before its
-    /// consumer finished gets the event again. That is what [`Broker::subscribe_stream`], whose
+    /// ended: [`Broker::drain`] waits for it, the status this broker writes stays `processing`
+    /// (it writes those of its own events, and of events no broker published, such as captured
+    /// database changes; another instance's event has its statuses from its publisher), and an
+    /// event from another instance is not acknowledged to the provider, so an instance that dies
+    /// before its consumer finished gets the event again. That is what [`Broker::subscribe_stream`], whose
     /// delivery ends once the event is in the channel, cannot give async code.
     ///
     /// A failure, a delivery dropped unsettled, and one not settled within
@@ -319,8 +321,10 @@ impl Broker {
     /// dead-lettered, as a handler's failure is; a settle that comes after the timeout is ignored.
     /// The channel holds as many deliveries as one shard holds events; a full channel is a failed
     /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver ends the subscription
-    /// when the next matching event finds it gone; deliveries still in the channel then fail and
-    /// are dead-lettered (their subscription is gone), not lost.
+    /// when the next matching event finds it gone (that event is not delivered to it, as after
+    /// [`Broker::unsubscribe`]); the deliveries still in the channel then fail, and those held
+    /// unsettled fail when settled or dropped, each dead-lettered at its retry, not lost. Until
+    /// such an event comes, the deliveries in the channel wait for their timeout.
     ///
     /// Deliveries of one shard's events are made in order, but a consumer that settles them
     /// concurrently ends them in any order, as retries do. [`Broker::publish_sync`] and
@@ -659,7 +663,8 @@ impl Broker {
     }
 
     /// Stops fetching and accepting events, drains every shard, runs retries that come due before
-    /// `timeout` (dead-lettering the rest, or giving inbound ones back to their group), flushes the
+    /// `timeout` and waits as long for [acknowledged deliveries](Broker::subscribe_acked) to be
+    /// settled (dead-lettering the rest, or giving inbound ones back to their group), flushes the
     /// provider writer and closes the provider (unless others still hold it: see
     /// [`CloseOutcome::LeftOpen`]). Bounded by `timeout`, whatever the provider or the
     /// handlers do; a second call returns at once with [`ShutdownReport::already_shut_down`].

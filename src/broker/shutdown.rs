@@ -57,10 +57,12 @@ pub struct ShutdownReport {
     pub drained: u64,
     /// Retries that ran during shutdown.
     pub retries_run: u64,
-    /// Retries not due before the deadline, dead-lettered instead.
+    /// Retries not due before the deadline, and acknowledged deliveries not settled by it,
+    /// dead-lettered instead.
     pub dead_lettered: u64,
-    /// Inbound events given back to their group (unfinished retries, or fetched and not yet
-    /// placed), to be redelivered to another member or this instance's next incarnation.
+    /// Inbound events given back to their group (unfinished retries or unsettled acknowledged
+    /// deliveries, or fetched and not yet placed), to be redelivered to another member or this
+    /// instance's next incarnation.
     pub returned: u64,
     /// Events accepted and never handled: in rings, or taken by a worker that had not begun them,
     /// when the deadline passed (0 unless `timed_out`). A worker still running then (see

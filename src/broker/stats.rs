@@ -77,8 +77,9 @@ pub struct BrokerStats {
     pub queued: usize,
     /// Deliveries waiting for a retry now.
     pub pending_retries: u64,
-    /// Acknowledged deliveries waiting for their consumer to settle them now (see
-    /// [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)).
+    /// Acknowledged deliveries the workers made that wait for their consumer to settle them now
+    /// (see [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)); those `publish_sync`
+    /// and `redrive` make wait on their caller's thread, uncounted.
     pub awaiting_acks: u64,
     /// Panics caught on workers outside any handler.
     pub internal_errors: u64,

@@ -5,8 +5,8 @@
 //! channel. An acknowledged delivery ends when its consumer calls [`Delivery::ack`] or
 //! [`Delivery::fail`], from any thread, sync or async, in any order: until then the event's job
 //! stays open, as one waiting for a retry does. Its status is not yet final, `drain` waits for it,
-//! and an event from another instance is not acknowledged to the provider, so an instance that
-//! dies with it unfinished gets it again. A failure, a [`Delivery`] dropped unsettled, and a
+//! another instance's event keeps its claim (the worker extends it, awake or idle) and is not
+//! acknowledged to the provider, so an instance that dies with it unfinished gets it again. A failure, a [`Delivery`] dropped unsettled, and a
 //! delivery not settled within the broker's
 //! [`ack_timeout`](crate::BrokerBuilder::ack_timeout) are retried per the broker's policy and then
 //! dead-lettered, as a handler's failure is.
@@ -74,7 +74,9 @@ impl Delivery {
         self.attempt
     }
 
-    /// The delivery succeeded.
+    /// The delivery succeeded. Does nothing when the broker stopped waiting for it (its
+    /// [`ack_timeout`](crate::BrokerBuilder::ack_timeout) passed, or shutdown's deadline did): it
+    /// was then retried as a new delivery, or dead-lettered.
     pub fn ack(mut self) {
         if let Some(reply) = self.reply.take() {
             reply.send(Ok(()));

@@ -124,9 +124,10 @@ pub(crate) fn attempt(
         Target::Handler(handler) => handler,
         Target::Acked { sender, own, capacity } => {
             if sender.receiver_count() <= 1 {
-                // Only `own` is left: the consumer is gone. What it left unread fails now (each
-                // delivery's drop reports it).
-                own.drain().for_each(drop);
+                // Only `own` is left: the consumer is gone. What it left unread fails now.
+                for unread in own.drain() {
+                    unread.fail("the consumer's receiver was dropped with the delivery unread");
+                }
                 return Attempt::Gone;
             }
             return match sender.try_send(Delivery::new(Arc::clone(event), attempts, reply())) {
@@ -206,6 +207,11 @@ impl Tally {
     /// Whether a delivery of the job failed for good.
     pub(crate) fn failed(&self) -> bool {
         self.failed
+    }
+
+    /// The last failure's error, of a delivery retried or given up.
+    pub(crate) fn last_error(&self) -> &str {
+        &self.error
     }
 
     /// A delivery will be retried; `attempts` made so far.
@@ -409,6 +415,7 @@ pub(crate) fn deliver_inline(
     shutdown: impl Fn() -> Option<Instant>,
 ) -> Inline {
     let mut attempts = 0;
+    let mut last_error = String::new();
     loop {
         attempts += 1;
         let mut waiting = None;
@@ -421,7 +428,11 @@ pub(crate) fn deliver_inline(
             Attempt::Delivered => return Inline::Delivered { attempts },
             Attempt::Gone => {
                 table.unsubscribe(subscription.id);
-                return Inline::Gone;
+                if attempts == 1 {
+                    return Inline::Gone;
+                }
+                let error = gone_before_retry(attempts - 1, &last_error);
+                return Inline::Failed(failure(subscription, error, attempts - 1));
             }
             Attempt::Failed(error) => {
                 outbox.counts.handler_failures += 1;
@@ -438,6 +449,7 @@ pub(crate) fn deliver_inline(
         if attempts > rules.retry.max_retries {
             return Inline::Failed(failure(subscription, error, attempts));
         }
+        last_error.clone_from(&error);
         let due = crate::deadline::from_now(rules.retry.delay_for_retry(attempts, fastrand::f64()));
         if !sleep_until(due, &shutdown) {
             let error = format!("the broker shut down before retry {attempts} was due (last error: {error})");
@@ -445,6 +457,18 @@ pub(crate) fn deliver_inline(
         }
         outbox.retry_scheduled();
     }
+}
+
+/// The error of a delivery whose subscriber went away (a dropped receiver) while retry `retry`
+/// waited, after `last_error`.
+pub(crate) fn gone_before_retry(retry: u32, last_error: &str) -> String {
+    format!("the subscriber went away before retry {retry} (last error: {last_error})")
+}
+
+/// The error of a delivery whose subscription ended while retry `retry` waited, after
+/// `last_error`.
+pub(crate) fn unsubscribed_before_retry(retry: u32, last_error: &str) -> String {
+    format!("unsubscribed before retry {retry} was due (last error: {last_error})")
 }
 
 /// Waits for an acknowledged delivery's outcome on `waiting`, up to `timeout`, in slices so a

@@ -42,7 +42,7 @@ pub struct ShardStats {
     /// Deliveries waiting in the delay queue now.
     pub pending_retries: u64,
     /// Acknowledged deliveries (see [`Broker::subscribe_acked`](crate::Broker::subscribe_acked))
-    /// waiting for their consumer to settle them now.
+    /// this shard's worker made that wait for their consumer to settle them now.
     pub awaiting_acks: u64,
     /// Panics the worker caught outside any handler (each ended the job it hit as failed, or gave
     /// an inbound one back); it carried on.

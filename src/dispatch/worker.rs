@@ -363,7 +363,8 @@ impl Worker {
         if took {
             return true;
         }
-        let due = earliest(self.retries.next_due(), self.awaiting.next_deadline());
+        let due =
+            earliest(earliest(self.retries.next_due(), self.awaiting.next_deadline()), self.next_extend());
         match self.consumer.wait_or(self.config.wait, due, || self.awaiting.has_outcomes()) {
             WaitOutcome::Ready | WaitOutcome::TimedOut => true,
             WaitOutcome::Closed => false,
@@ -527,7 +528,7 @@ impl Worker {
         let event = Arc::clone(&open.job.event);
         if self.shared.table.get(retry.subscription.id).is_none() {
             // Unsubscribed while waiting: the event is kept as a dead letter, not dropped.
-            let error = "unsubscribed before the retry was due".to_owned();
+            let error = delivery::unsubscribed_before_retry(retry.attempts, open.tally.last_error());
             self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
             return;
         }
@@ -538,9 +539,20 @@ impl Worker {
             token = made;
             reply
         });
-        if let Attempt::Awaiting = outcome {
-            self.awaiting.insert(token, retry.job, retry.subscription, attempts, Instant::now());
-            return;
+        match outcome {
+            Attempt::Awaiting => {
+                self.awaiting.insert(token, retry.job, retry.subscription, attempts, Instant::now());
+                return;
+            }
+            Attempt::Gone => {
+                // Gone while the retry waited (a dropped receiver): like an unsubscribe then.
+                self.outbox.gone.push(retry.subscription.id);
+                let last = self.open.get(retry.job).map_or("", |open| open.tally.last_error());
+                let error = delivery::gone_before_retry(retry.attempts, last);
+                self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
+                return;
+            }
+            Attempt::Delivered | Attempt::Failed(_) => {}
         }
         match self.outbox.record(&retry.subscription, outcome) {
             None => self.resolve(retry.job, attempts),
@@ -584,8 +596,15 @@ impl Worker {
         }
     }
 
-    /// Restarts the claim idle time of inbound jobs waiting for retries, so the group does not hand
-    /// them to another member meanwhile.
+    /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a
+    /// worker with nothing else to do must still wake for it.
+    fn next_extend(&self) -> Option<Instant> {
+        let every = self.config.extend_every?;
+        (self.open.len() > 0).then(|| crate::deadline::after(self.last_extend, every))
+    }
+
+    /// Restarts the claim idle time of inbound jobs waiting for retries or acknowledgements, so the
+    /// group does not hand them to another member meanwhile.
     fn extend_waiting_inbound(&mut self) {
         let Some(every) = self.config.extend_every else { return };
         if self.open.len() == 0 || self.last_extend.elapsed() < every {
@@ -607,6 +626,7 @@ impl Worker {
         let last_start = deadline.checked_sub(FINISH_MARGIN).unwrap_or(deadline);
         loop {
             self.take_outcomes();
+            self.extend_waiting_inbound();
             let now = Instant::now();
             let retry_due = self.retries.next_due().filter(|due| *due <= deadline);
             if now >= last_start || (retry_due.is_none() && self.awaiting.is_empty()) {
@@ -618,6 +638,9 @@ impl Worker {
                 // With the ring closed, nothing wakes this thread for an outcome: while one is
                 // awaited, look again every `ACK_POLL`.
                 let mut wake = retry_due.map_or(last_start, |due| due.min(last_start));
+                if let Some(extend) = self.next_extend() {
+                    wake = wake.min(extend);
+                }
                 if !self.awaiting.is_empty() {
                     wake = wake.min(crate::deadline::after(now, ACK_POLL));
                 }

@@ -385,6 +385,45 @@ pub fn an_unsettled_delivery_comes_back_to_the_restarted_instance(backend: &dyn 
     assert_clean_shutdown(&publisher);
 }
 
+/// A work-queue member that holds an event for several claim idle times, its worker idle
+/// meanwhile, keeps it: the worker extends the claim, and no other member gets the event.
+pub fn a_member_holding_an_event_keeps_its_claim(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let group = Distribution::WorkQueue(scope.name("holders"));
+    let Some(one) = broker(backend.connect(), &scope.name("m1"), group.clone()) else { return };
+    let two = broker(backend.connect(), &scope.name("m2"), group).expect("a second member");
+    let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
+    let pattern = scope.all();
+    let (_, first) = one.subscribe_acked(pattern.as_str()).expect("subscribe");
+    let (_, second) = two.subscribe_acked(pattern.as_str()).expect("subscribe");
+    std::thread::sleep(QUIET); // The members' first fetches.
+    let event = scope.event("orders.created");
+    publish_all(&publisher, std::slice::from_ref(&event));
+
+    let deadline = Instant::now() + ARRIVE;
+    let (held, other) = loop {
+        if let Ok(delivery) = first.try_recv() {
+            break (delivery, &second);
+        }
+        if let Ok(delivery) = second.try_recv() {
+            break (delivery, &first);
+        }
+        assert!(Instant::now() < deadline, "the event reached no member within {ARRIVE:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(held.event().id, event.id);
+    let holding_for = CLAIM_IDLE * 3 + CLAIM_IDLE / 2;
+    assert!(other.recv_timeout(holding_for).is_err(), "the other member got the event while it was held");
+    held.ack();
+    std::thread::sleep(QUIET);
+    assert!(first.is_empty() && second.is_empty(), "the event came back after its acknowledgement");
+    assert_eq!(one.stats().completed + two.stats().completed, 1);
+    assert_clean_shutdown(&one);
+    assert_clean_shutdown(&two);
+    assert_clean_shutdown(&publisher);
+}
+
 /// Events no subscription wants never reach the handlers; a backend that filters at the source
 /// never even hands them to the broker.
 pub fn events_nobody_wants_never_reach_the_handlers(backend: &dyn TestBackend) {
