@@ -249,6 +249,26 @@ fn publish_sync_fails_a_delivery_whose_receiver_went_away_before_its_retry() {
 }
 
 #[test]
+fn publish_sync_notices_a_receiver_dropped_with_its_delivery_unread() {
+    let broker = Broker::builder().mode(Mode::Sync).retry_policy(quick_retries(1)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let dropping = thread::spawn(move || {
+        wait_until("the delivery to be queued", WAIT, || deliveries.len() == 1);
+        drop(deliveries);
+    });
+    let started = std::time::Instant::now();
+    let error = broker.publish(event("orders.created")).unwrap_err();
+    dropping.join().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5), "waited for the timeout");
+    let SyncPublishError::HandlerFailed(failures) = error else { panic!("{error:?}") };
+    assert_eq!(
+        failures.failures()[0].error,
+        "the subscriber went away before retry 1 (last error: the consumer's receiver was dropped \
+         with the delivery unread)"
+    );
+}
+
+#[test]
 fn shutdown_dead_letters_what_is_still_unsettled_at_its_deadline() {
     let broker = Broker::builder().workers(1).build().unwrap();
     let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
@@ -292,6 +312,27 @@ fn a_dropped_receiver_ends_the_subscription_and_its_queued_deliveries_are_dead_l
     assert_eq!(broker.dead_letters(&DeadLetterFilter::default().with_event_id(queued.id)).unwrap().len(), 1);
 }
 
+/// A receiver dropped with deliveries unread, and no event after: the worker notices within a
+/// sweep, long before the deliveries' timeout.
+#[test]
+fn deliveries_left_unread_fail_soon_after_their_receiver_is_dropped() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let events: Vec<Event> = (0..3).map(|_| event("orders.created")).collect();
+    for event in &events {
+        broker.publish(event.clone()).unwrap();
+    }
+    wait_until("the deliveries to be queued", WAIT, || deliveries.len() == 3);
+    drop(deliveries);
+    broker.drain(Duration::from_secs(2)).unwrap();
+    for event in &events {
+        let stored = broker.provider().get(event.id).unwrap().unwrap();
+        assert_eq!(stored.status, EventStatus::Failed);
+        assert!(stored.error.contains("receiver was dropped with the delivery unread"), "{}", stored.error);
+    }
+    assert_eq!(broker.stats().subscriptions, 0);
+}
+
 /// Deliveries a consumer still held when its receiver went away: failed or dropped, each is
 /// dead-lettered once its retry finds nobody to deliver to, never counted as delivered.
 #[test]
@@ -311,7 +352,11 @@ fn deliveries_held_when_the_receiver_goes_are_dead_lettered_not_completed() {
     {
         let stored = broker.provider().get(published.id).unwrap().unwrap();
         assert_eq!(stored.status, EventStatus::Failed);
-        assert_eq!(stored.error, format!("the subscriber went away before retry 1 (last error: {last})"));
+        // Whichever noticed first: the retry (the subscriber went away), or the worker's sweep
+        // (which ends the subscription, so the retry finds it unsubscribed).
+        let went_away = format!("the subscriber went away before retry 1 (last error: {last})");
+        let unsubscribed = format!("unsubscribed before retry 1 was due (last error: {last})");
+        assert!(stored.error == went_away || stored.error == unsubscribed, "{}", stored.error);
     }
     let stats = broker.stats();
     assert_eq!((stats.completed, stats.failed, stats.dead_letters, stats.subscriptions), (0, 2, 2, 0));

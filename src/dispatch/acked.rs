@@ -16,16 +16,17 @@
 //! each turn. `publish_sync` and `redrive`, which deliver on the caller's thread, wait on a
 //! channel of their own for it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
+use crate::SubscriptionId;
 use crate::dispatch::delivery::Job;
 use crate::dispatch::ring::Nudge;
-use crate::subscription::Subscription;
+use crate::subscription::{Subscription, Target};
 use crate::sync::{AtomicBool, Ordering};
 use crate::{BoxError, Event};
 
@@ -118,6 +119,21 @@ impl fmt::Debug for Delivery {
     }
 }
 
+/// Whether the consumer of an acknowledged subscription is gone: only the broker's `own` receiver
+/// of its channel is left. Then what it left unread fails now, rather than at its timeout.
+pub(crate) fn abandoned(sender: &flume::Sender<Delivery>, own: &flume::Receiver<Delivery>) -> bool {
+    if sender.receiver_count() > 1 {
+        return false;
+    }
+    for unread in own.drain() {
+        unread.fail("the consumer's receiver was dropped with the delivery unread");
+    }
+    true
+}
+
+/// How often a worker with deliveries waiting looks whether their consumers are still there.
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
 /// How a delivery ended, as its consumer reported it.
 pub(crate) type Outcome = Result<(), String>;
 
@@ -194,6 +210,11 @@ pub(crate) struct Awaiting {
     /// By token, which grows with the time each was made: the first entry has the earliest
     /// deadline.
     open: BTreeMap<u64, Awaited>,
+    /// The subscriptions of `open`'s deliveries, with how many each has there: those
+    /// [`Awaiting::sweep`] looks at.
+    subscriptions: HashMap<SubscriptionId, (Arc<Subscription>, usize)>,
+    /// When [`Awaiting::sweep`] next looks.
+    next_sweep: Instant,
     taken: Vec<(u64, Outcome)>,
 }
 
@@ -209,7 +230,15 @@ pub(crate) struct Awaited {
 
 impl Awaiting {
     pub(crate) fn new(queue: Arc<AckQueue>, timeout: Duration) -> Self {
-        Self { queue, timeout, next_token: 0, open: BTreeMap::new(), taken: Vec::new() }
+        Self {
+            queue,
+            timeout,
+            next_token: 0,
+            open: BTreeMap::new(),
+            subscriptions: HashMap::new(),
+            next_sweep: Instant::now(),
+            taken: Vec::new(),
+        }
     }
 
     /// The reply of a new delivery, and its token.
@@ -230,7 +259,54 @@ impl Awaiting {
         now: Instant,
     ) {
         let deadline = crate::deadline::after(now, self.timeout);
+        let counted =
+            self.subscriptions.entry(subscription.id).or_insert_with(|| (Arc::clone(&subscription), 0));
+        counted.1 += 1;
         self.open.insert(token, Awaited { job, subscription, attempts, deadline });
+    }
+
+    /// Takes delivery `token` out of those waiting, if it still waits.
+    fn remove(&mut self, token: u64) -> Option<Awaited> {
+        let awaited = self.open.remove(&token)?;
+        self.uncount(&awaited);
+        Some(awaited)
+    }
+
+    fn uncount(&mut self, awaited: &Awaited) {
+        let id = awaited.subscription.id;
+        if let Some(counted) = self.subscriptions.get_mut(&id) {
+            counted.1 -= 1;
+            if counted.1 == 0 {
+                self.subscriptions.remove(&id);
+            }
+        }
+    }
+
+    /// When the earliest delivery waiting times out, or the next sweep is due, whichever comes
+    /// first; `None` when none waits.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        self.next_deadline().map(|deadline| deadline.min(self.next_sweep))
+    }
+
+    /// Every [`SWEEP_EVERY`] while deliveries wait: fails the unread deliveries of consumers that
+    /// are gone (their receivers dropped), so that they are retried, and then dead-lettered, now
+    /// rather than at their timeout; pushes those subscriptions onto `gone`, to end.
+    pub(crate) fn sweep(&mut self, gone: &mut Vec<SubscriptionId>) {
+        if self.open.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = crate::deadline::after(now, SWEEP_EVERY);
+        for (id, (subscription, _)) in &self.subscriptions {
+            if let Target::Acked { sender, own, .. } = &subscription.target
+                && abandoned(sender, own)
+            {
+                gone.push(*id);
+            }
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -257,11 +333,13 @@ impl Awaiting {
     pub(crate) fn settle(&mut self, into: &mut Vec<(Awaited, Outcome)>) {
         if self.queue.has_outcomes() {
             self.queue.take(&mut self.taken);
-            for (token, outcome) in self.taken.drain(..) {
-                if let Some(awaited) = self.open.remove(&token) {
+            let mut taken = std::mem::take(&mut self.taken);
+            for (token, outcome) in taken.drain(..) {
+                if let Some(awaited) = self.remove(token) {
                     into.push((awaited, outcome));
                 }
             }
+            self.taken = taken;
         }
         if self.open.is_empty() {
             return;
@@ -272,12 +350,15 @@ impl Awaiting {
                 break;
             }
             let error = format!("not acknowledged within {:?}", self.timeout);
-            into.push((entry.remove(), Err(error)));
+            let awaited = entry.remove();
+            self.uncount(&awaited);
+            into.push((awaited, Err(error)));
         }
     }
 
     /// Removes every delivery still waiting, in the order they were made.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Awaited> + use<> {
+        self.subscriptions.clear();
         std::mem::take(&mut self.open).into_values()
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 
-use crate::dispatch::acked::{Delivery, Outcome, Reply};
+use crate::dispatch::acked::{self, Delivery, Outcome, Reply};
 use crate::dispatch::retry::RetryPolicy;
 use crate::error::DeliveryFailure;
 use crate::provider::memory::StoreTicket;
@@ -123,11 +123,7 @@ pub(crate) fn attempt(
     let handler = match &subscription.target {
         Target::Handler(handler) => handler,
         Target::Acked { sender, own, capacity } => {
-            if sender.receiver_count() <= 1 {
-                // Only `own` is left: the consumer is gone. What it left unread fails now.
-                for unread in own.drain() {
-                    unread.fail("the consumer's receiver was dropped with the delivery unread");
-                }
+            if acked::abandoned(sender, own) {
                 return Attempt::Gone;
             }
             return match sender.try_send(Delivery::new(Arc::clone(event), attempts, reply())) {
@@ -440,7 +436,7 @@ pub(crate) fn deliver_inline(
             }
             Attempt::Awaiting => {
                 let Some(waiting) = waiting else { unreachable!("an acknowledged delivery has its reply") };
-                match outbox.outcome(wait_for_outcome(&waiting, rules.ack_timeout, &shutdown)) {
+                match outbox.outcome(wait_for_outcome(subscription, &waiting, rules.ack_timeout, &shutdown)) {
                     None => return Inline::Delivered { attempts },
                     Some(error) => error,
                 }
@@ -472,14 +468,20 @@ pub(crate) fn unsubscribed_before_retry(retry: u32, last_error: &str) -> String 
 }
 
 /// Waits for an acknowledged delivery's outcome on `waiting`, up to `timeout`, in slices so a
-/// shutdown is noticed: a delivery not settled by the shutdown deadline fails.
+/// shutdown, or the consumer going away, is noticed: a delivery not settled by the shutdown
+/// deadline fails.
 fn wait_for_outcome(
+    subscription: &Subscription,
     waiting: &flume::Receiver<Outcome>,
     timeout: Duration,
     shutdown: &impl Fn() -> Option<Instant>,
 ) -> Outcome {
     let due = crate::deadline::from_now(timeout);
     loop {
+        if let Target::Acked { sender, own, .. } = &subscription.target {
+            // A consumer gone with the delivery unread: it fails now, and comes on `waiting`.
+            acked::abandoned(sender, own);
+        }
         let now = Instant::now();
         if shutdown().is_some_and(|deadline| now >= deadline) {
             return Err("the broker shut down before the delivery was acknowledged".to_owned());

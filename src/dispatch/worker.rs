@@ -363,8 +363,7 @@ impl Worker {
         if took {
             return true;
         }
-        let due =
-            earliest(earliest(self.retries.next_due(), self.awaiting.next_deadline()), self.next_extend());
+        let due = earliest(earliest(self.retries.next_due(), self.awaiting.next_wake()), self.next_extend());
         match self.consumer.wait_or(self.config.wait, due, || self.awaiting.has_outcomes()) {
             WaitOutcome::Ready | WaitOutcome::TimedOut => true,
             WaitOutcome::Closed => false,
@@ -374,6 +373,7 @@ impl Worker {
     /// Ends the acknowledged deliveries whose outcome came, or whose time ran out; `true` when
     /// any did. One load when none waits.
     fn take_outcomes(&mut self) -> bool {
+        self.awaiting.sweep(&mut self.outbox.gone);
         self.awaiting.settle(&mut self.settled);
         if self.settled.is_empty() {
             return false;
