@@ -259,7 +259,8 @@ impl BrokerBuilder {
     }
 
     /// Most events from other instances this broker holds at once: fetched, and not yet
-    /// acknowledged or given back (waiting in its shards, being handled, or waiting for a retry).
+    /// acknowledged or given back (waiting in its shards, being handled, waiting for a retry, or
+    /// waiting for the consumer of an [acknowledged delivery](Broker::subscribe_acked) to settle it).
     /// It fetches more only as they end.
     ///
     /// Default: in a [work queue](Distribution::WorkQueue), 32 per worker, so that members share a
