@@ -6,6 +6,8 @@
 //!   backend. Each backend of this crate runs it, and a provider of your own can too.
 //! - [`FaultyProvider`]: wraps any provider and makes chosen calls fail, hang, panic or slow down,
 //!   to test what a broker does when its backend misbehaves.
+//! - [`Recorder`]: a subscriber that records what it receives, and waits with a bound until a
+//!   test's expected number of events has arrived.
 //!
 //! ```toml
 //! [dev-dependencies]
@@ -14,5 +16,7 @@
 
 pub mod conformance;
 mod fault;
+mod recorder;
 
 pub use self::fault::{Fault, FaultyProvider, Operation};
+pub use self::recorder::{Recorder, WaitTimedOut};
