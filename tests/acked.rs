@@ -290,6 +290,24 @@ fn shutdown_dead_letters_what_is_still_unsettled_at_its_deadline() {
     assert_eq!((stats.completed, stats.failed, stats.dead_letters, stats.awaiting_acks), (1, 1, 1, 0));
 }
 
+/// Many deliveries left unsettled: shutdown stops waiting for them early enough to dead-letter
+/// every one and write the letters by its deadline, and its report counts them.
+#[test]
+fn shutdown_has_time_to_dead_letter_many_unsettled_deliveries() {
+    const HELD: usize = 5_000;
+    let broker = Broker::builder().workers(2).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked_bounded("orders.>", HELD).unwrap();
+    for number in 0..HELD {
+        broker.publish(event(&format!("orders.t{}", number % 16))).unwrap();
+    }
+    wait_until("every delivery made", WAIT, || broker.stats().awaiting_acks == HELD as u64);
+    let report = broker.shutdown(Duration::from_secs(2));
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!((report.dead_lettered, report.detached_workers), (HELD as u64, 0));
+    assert_eq!(broker.stats().writer.dead_letters, HELD as u64);
+    drop(deliveries);
+}
+
 #[test]
 fn a_dropped_receiver_ends_the_subscription_and_its_queued_deliveries_are_dead_lettered() {
     let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();

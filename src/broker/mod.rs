@@ -664,7 +664,9 @@ impl Broker {
 
     /// Stops fetching and accepting events, drains every shard, runs retries that come due before
     /// `timeout` and waits as long for [acknowledged deliveries](Broker::subscribe_acked) to be
-    /// settled (dead-lettering the rest, or giving inbound ones back to their group), flushes the
+    /// settled (dead-lettering the rest, or giving inbound ones back to their group: both stop
+    /// early enough for that to be done and written by the deadline, 20 ms before it plus 20 µs
+    /// for each delivery left, at most half of `timeout`), flushes the
     /// provider writer and closes the provider (unless others still hold it: see
     /// [`CloseOutcome::LeftOpen`]). Bounded by `timeout`, whatever the provider or the
     /// handlers do; a second call returns at once with [`ShutdownReport::already_shut_down`].

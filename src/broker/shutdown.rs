@@ -72,9 +72,10 @@ pub struct ShutdownReport {
     pub undelivered: u64,
     /// Synchronous publishes still running at the deadline; their final statuses may be lost.
     pub sync_in_flight: u64,
-    /// Workers still running at the deadline (a handler that had not returned); each ends once
-    /// that handler returns, without beginning another, and what it writes after the writer
-    /// stopped is counted as [`WriterStats::late`](crate::WriterStats::late).
+    /// Workers still running at the deadline: in a handler that had not returned, or, after a
+    /// timeout too short for what was left, still dead-lettering it. Each ends once that handler
+    /// returns, without beginning another, and what it writes after the writer stopped is counted
+    /// as [`WriterStats::late`](crate::WriterStats::late).
     pub detached_workers: usize,
     /// Whether the deadline passed before every worker, synchronous publish and the inbound thread
     /// finished.
