@@ -444,6 +444,53 @@ fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member(
     }
 }
 
+/// A work-queue member whose consumer dropped its receiver gives the events it fetched for it
+/// back to the group, where the member still consuming handles them: none is acknowledged
+/// unhandled.
+#[test]
+fn a_member_whose_receiver_is_gone_gives_the_groups_events_back() {
+    const EVENTS: usize = 300;
+    let bus = Arc::new(MemoryProvider::default());
+    let group = eventbroker::Distribution::WorkQueue("acked-gone".into());
+    let member = |name: &str| {
+        Broker::builder()
+            .provider(bus.clone())
+            .instance_id(name)
+            .distribution(group.clone())
+            .workers(1)
+            .build()
+            .unwrap()
+    };
+    let (live, gone) = (member("acked-gone-live"), member("acked-gone-dropped"));
+    let (_, deliveries) = live.subscribe_acked("orders.>").unwrap();
+    let (_, dropped) = gone.subscribe_acked("orders.>").unwrap();
+    drop(dropped);
+    let publisher = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("acked-gone-publisher")
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    let mut sent = HashSet::new();
+    for _ in 0..EVENTS {
+        let event = event("orders.created");
+        sent.insert(event.id);
+        publisher.publish(event).unwrap();
+    }
+    let mut handled = HashSet::new();
+    while handled.len() < EVENTS {
+        let delivery = next(&deliveries);
+        handled.insert(delivery.event().id);
+        delivery.ack();
+    }
+    assert_eq!(handled, sent);
+    let stats = gone.stats();
+    assert_eq!(stats.completed + stats.failed, 0, "the dropped member handled some: {stats:?}");
+    for broker in [live, gone, publisher] {
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+}
+
 #[test]
 fn async_code_receives_and_settles_deliveries() {
     let broker = Broker::builder().workers(2).build().unwrap();

@@ -320,11 +320,14 @@ impl Broker {
     /// (a new [`Delivery`] with the next [`attempt`](Delivery::attempt) number), then
     /// dead-lettered, as a handler's failure is; a settle that comes after the timeout is ignored.
     /// The channel holds as many deliveries as one shard holds events; a full channel is a failed
-    /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver ends the subscription
-    /// when the next matching event finds it gone (that event is not delivered to it, as after
-    /// [`Broker::unsubscribe`]); the deliveries still in the channel then fail, and those held
-    /// unsettled fail when settled or dropped, each dead-lettered at its retry, not lost. Until
-    /// such an event comes, the deliveries in the channel wait for their timeout.
+    /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver (every clone of it)
+    /// ends the subscription within about 100 ms while deliveries wait, or when the next matching
+    /// event finds it gone: a local event is then not delivered to it, as after
+    /// [`Broker::unsubscribe`]; another instance's event, fetched for it and wanted by no other
+    /// subscriber here, goes back to its group ([`BrokerStats::returned`](crate::BrokerStats::returned)),
+    /// for another member or this instance's next subscriber. The deliveries left in the channel
+    /// fail and are dead-lettered, not lost; those the consumer still holds count when acked, and
+    /// are dead-lettered when failed or dropped, with no retry (nobody is left to make it).
     ///
     /// Deliveries of one shard's events are made in order, but a consumer that settles them
     /// concurrently ends them in any order, as retries do. [`Broker::publish_sync`] and

@@ -75,6 +75,9 @@ pub struct BrokerStats {
     pub rejected: u64,
     /// Events waiting in rings now.
     pub queued: usize,
+    /// Events from other instances given back to their group unhandled, every subscriber they
+    /// matched gone (see [`ShardStats::returned`]).
+    pub returned: u64,
     /// Deliveries waiting for a retry now.
     pub pending_retries: u64,
     /// Acknowledged deliveries the workers made that wait for their consumer to settle them now
@@ -119,6 +122,7 @@ impl Engine {
             dead_letters: sum(|s| s.dead_letters) + load(&s.dead_letters),
             rejected: load(&self.rejected),
             queued,
+            returned: sum(|s| s.returned),
             pending_retries: sum(|s| s.pending_retries),
             awaiting_acks: sum(|s| s.awaiting_acks),
             internal_errors: sum(|s| s.internal_errors),

@@ -180,6 +180,9 @@ pub(crate) struct Counts {
     /// Ring slots a publisher reserved and abandoned (taken as `None`): no event, but taken, so
     /// `Broker::drain` counts them as ended.
     pub(crate) abandoned: u64,
+    /// Inbound jobs given back to their group unhandled, every subscriber they matched gone:
+    /// ended here, so `Broker::drain` counts them.
+    pub(crate) returned: u64,
 }
 
 /// The deliveries of one job still in flight, and how those that ended went.

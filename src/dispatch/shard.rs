@@ -39,6 +39,10 @@ pub struct ShardStats {
     pub retries: u64,
     /// Deliveries dead-lettered.
     pub dead_letters: u64,
+    /// Events from other instances given back to their group unhandled: every subscriber they
+    /// matched was gone (a dropped receiver), so another member, or this instance's next
+    /// subscriber, gets them.
+    pub returned: u64,
     /// Deliveries waiting in the delay queue now.
     pub pending_retries: u64,
     /// Acknowledged deliveries (see [`Broker::subscribe_acked`](crate::Broker::subscribe_acked))
@@ -204,13 +208,14 @@ impl ShardSet {
     /// earlier job).
     pub(crate) fn shortfall(&self, index: usize, target: u64) -> (u64, u64) {
         let c = &self.shards[index].counters;
-        // Acquire, the three: pair with the Release stores that end `Worker::end_turn`, so the
+        // Acquire, the four: pair with the Release stores that end `Worker::end_turn`, so the
         // `pending_retries` and `awaiting_acks` read after them are from the same turn or a later
         // one. Jobs end in ring order except those waiting for retries or acknowledgements, so
         // "`target` ended and none waiting" in one turn means the first `target` all ended.
         let ended = c.completed.load(Ordering::Acquire)
             + c.failed.load(Ordering::Acquire)
-            + c.abandoned.load(Ordering::Acquire);
+            + c.abandoned.load(Ordering::Acquire)
+            + c.returned.load(Ordering::Acquire);
         let waiting = c.pending_retries.load(Ordering::Relaxed) + c.awaiting_acks.load(Ordering::Relaxed);
         (target.saturating_sub(ended), waiting)
     }
@@ -235,6 +240,7 @@ impl ShardSet {
                     handler_failures: c.handler_failures.load(Ordering::Relaxed),
                     retries: c.retries.load(Ordering::Relaxed),
                     dead_letters: c.dead_letters.load(Ordering::Relaxed),
+                    returned: c.returned.load(Ordering::Relaxed),
                     pending_retries: c.pending_retries.load(Ordering::Relaxed),
                     awaiting_acks: c.awaiting_acks.load(Ordering::Relaxed),
                     internal_errors: c.internal_errors.load(Ordering::Relaxed),

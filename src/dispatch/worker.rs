@@ -174,6 +174,7 @@ pub(crate) struct ShardCounters {
     pub(crate) awaiting_acks: AtomicU64,
     pub(crate) internal_errors: AtomicU64,
     pub(crate) abandoned: AtomicU64,
+    pub(crate) returned: AtomicU64,
 }
 
 /// What a worker did after shutdown began.
@@ -458,6 +459,7 @@ impl Worker {
         let mut tally = Tally::default();
         let mut retry_later: SmallVec<[Arc<Subscription>; 2]> = SmallVec::new();
         let mut awaiting: SmallVec<[(Arc<Subscription>, u64); 1]> = SmallVec::new();
+        let mut gone = 0;
         for subscription in subscriptions {
             let mut token = 0;
             let outcome = delivery::attempt(subscription, &job.event, 1, || {
@@ -465,9 +467,13 @@ impl Worker {
                 token = made;
                 reply
             });
-            if let Attempt::Awaiting = outcome {
-                awaiting.push((Arc::clone(subscription), token));
-                continue;
+            match outcome {
+                Attempt::Awaiting => {
+                    awaiting.push((Arc::clone(subscription), token));
+                    continue;
+                }
+                Attempt::Gone => gone += 1,
+                Attempt::Delivered | Attempt::Failed(_) => {}
             }
             let Some(error) = self.outbox.record(subscription, outcome) else { continue };
             if self.config.retry.max_retries == 0 {
@@ -478,6 +484,16 @@ impl Worker {
             }
         }
         if retry_later.is_empty() && awaiting.is_empty() {
+            if let Origin::Inbound(token) = job.origin
+                && gone == subscriptions.len()
+            {
+                // Fetched for subscribers that are all gone (dropped receivers): back to the
+                // group, for a member, or this instance's next subscriber, that still wants it.
+                self.outbox.naks.push(token);
+                self.outbox.counts.returned += 1;
+                self.finished(job);
+                return;
+            }
             self.outbox.settle(&job, tally, track);
             self.finished(job);
             return;
@@ -741,9 +757,10 @@ impl Worker {
         c.retries.store(n.retries, Ordering::Relaxed);
         c.dead_letters.store(n.dead_letters, Ordering::Relaxed);
         c.internal_errors.store(now.internal_errors, Ordering::Relaxed);
-        // Release, the three that count ended jobs, after `pending_retries`: pairs with the Acquire
+        // Release, the four that count ended jobs, after `pending_retries`: pairs with the Acquire
         // loads in `Engine::drain`, which then reads a `pending_retries` at least this current.
         c.abandoned.store(n.abandoned, Ordering::Release);
+        c.returned.store(n.returned, Ordering::Release);
         c.completed.store(n.completed, Ordering::Release);
         c.failed.store(n.failed, Ordering::Release);
         self.published = now;
