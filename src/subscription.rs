@@ -49,15 +49,8 @@ pub(crate) enum Target {
     /// A handler, whose return ends the delivery.
     Handler(Box<Handler>),
     /// A channel of [`Delivery`](crate::Delivery) values, each ended when its consumer settles it
-    /// (see [`crate::dispatch::acked`]); the channel holds `capacity`.
-    Acked {
-        sender: flume::Sender<crate::Delivery>,
-        /// A receiver of the broker's own, never read but to empty the channel once the
-        /// consumer's receivers are gone: their deliveries then fail at once, rather than wait
-        /// for their timeout in a channel nobody reads.
-        own: flume::Receiver<crate::Delivery>,
-        capacity: usize,
-    },
+    /// (see [`crate::dispatch::acked`]).
+    Acked(crate::dispatch::acked::AckedChannel),
 }
 
 /// One subscription: its pattern and what it delivers to. Shared by every snapshot that holds it.
@@ -65,6 +58,17 @@ pub(crate) struct Subscription {
     pub(crate) id: SubscriptionId,
     pub(crate) pattern: crate::Pattern,
     pub(crate) target: Target,
+}
+
+impl Subscription {
+    /// It was unsubscribed: a channel's receivers disconnect now, not when the last snapshot or
+    /// match cache holding the subscription lets go of it. Called outside the table's lock: what
+    /// it fails may be dropped, and drops may take it.
+    fn end(&self) {
+        if let Target::Acked(channel) = &self.target {
+            channel.close();
+        }
+    }
 }
 
 impl fmt::Debug for Subscription {
@@ -135,6 +139,8 @@ impl SubscriptionTable {
         let Some((subscription, entry)) = master.entries.remove(&id) else { return false };
         master.set.remove(&subscription.pattern, entry);
         self.current.store(crate::sync::Arc::new(master.set.clone()));
+        drop(master);
+        subscription.end();
         true
     }
 
@@ -180,6 +186,9 @@ impl SubscriptionTable {
         }
         self.current.store(crate::sync::Arc::new(master.set.clone()));
         drop(master);
+        for (subscription, _) in removed.values() {
+            subscription.end();
+        }
         drop(removed); // Handlers are dropped outside the lock: their drops may take it.
     }
 }

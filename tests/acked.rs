@@ -330,6 +330,46 @@ fn a_dropped_receiver_ends_the_subscription_and_its_queued_deliveries_are_dead_l
     assert_eq!(broker.dead_letters(&DeadLetterFilter::default().with_event_id(queued.id)).unwrap().len(), 1);
 }
 
+/// `unsubscribe` disconnects the consumer's receiver at once, on an idle broker too: what is left
+/// in the channel fails and is dead-lettered, and what the consumer holds still counts when acked.
+#[test]
+fn unsubscribe_disconnects_the_receiver_and_fails_what_it_left_unread() {
+    let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
+    let (id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let (held, unread) = (event("orders.created"), event("orders.created"));
+    broker.publish(held.clone()).unwrap();
+    broker.publish(unread.clone()).unwrap();
+    let holding = next(&deliveries);
+    assert_eq!(holding.event().id, held.id);
+    wait_until("the second delivery to be queued", WAIT, || deliveries.len() == 1);
+    assert!(broker.unsubscribe(id));
+    assert!(matches!(
+        deliveries.recv_timeout(Duration::from_secs(1)),
+        Err(flume::RecvTimeoutError::Disconnected)
+    ));
+    holding.ack();
+    broker.drain(WAIT).unwrap();
+    assert_eq!(status(&broker, &held), Some(EventStatus::Completed));
+    let failed = broker.provider().get(unread.id).unwrap().unwrap();
+    assert_eq!(failed.status, EventStatus::Failed);
+    assert!(failed.error.contains("the subscription ended with the delivery unread"), "{}", failed.error);
+}
+
+/// After shutdown the consumer's receiver disconnects, without handing out the deliveries
+/// shutdown gave up on.
+#[test]
+fn after_shutdown_the_receiver_disconnects_without_stale_deliveries() {
+    let broker = Broker::builder().workers(1).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    for _ in 0..3 {
+        broker.publish(event("orders.created")).unwrap();
+    }
+    wait_until("the deliveries to be queued", WAIT, || deliveries.len() == 3);
+    let report = broker.shutdown(Duration::from_millis(200));
+    assert_eq!(report.dead_lettered, 3, "{report:?}");
+    assert!(matches!(deliveries.try_recv(), Err(flume::TryRecvError::Disconnected)));
+}
+
 /// A receiver dropped with deliveries unread, and no event after: the worker notices within a
 /// sweep, long before the deliveries' timeout.
 #[test]

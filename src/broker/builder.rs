@@ -277,7 +277,10 @@ impl BrokerBuilder {
     /// [`ack`](crate::Delivery::ack) or [`fail`](crate::Delivery::fail) before it counts as failed
     /// (and is retried, then dead-lettered, as a handler's failure is; a late settle is ignored).
     /// Default 30 s; at least 1 ms. An event from another instance stays claimed by this one while
-    /// it waits: the broker extends its claim, as for a retry.
+    /// it waits: the broker extends its claim, as for a retry. The time runs from when the
+    /// delivery is made, in the channel or not: a delivery that timed out unread is still handed
+    /// to the consumer, whose settle is then ignored (its retry is a delivery of its own), so set
+    /// it well above what the consumer takes behind a full channel.
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
         self.ack_timeout = timeout;
         self

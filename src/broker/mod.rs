@@ -44,6 +44,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::dispatch::acked::AckedChannel;
 use crate::error::{
     BatchPublishError, BoxError, BrokerError, ConfirmError, DrainError, PublishError, SubscribeError,
     SyncPublishError,
@@ -382,10 +383,8 @@ impl Broker {
         pattern: &str,
         capacity: usize,
     ) -> Result<(SubscriptionId, flume::Receiver<Delivery>), SubscribeError> {
-        let capacity = capacity.max(1);
-        let (sender, receiver) = flume::bounded(capacity);
-        let own = receiver.clone();
-        let id = self.subscribe_target(pattern, Target::Acked { sender, own, capacity })?;
+        let (channel, receiver) = AckedChannel::new(capacity);
+        let id = self.subscribe_target(pattern, Target::Acked(channel))?;
         Ok((id, receiver))
     }
 
@@ -411,7 +410,10 @@ impl Broker {
     }
 
     /// Ends a subscription; `false` when there was none with this id. Events published after this
-    /// returns never reach it; events already in flight may.
+    /// returns never reach it; events already in flight may. An acknowledged subscription's
+    /// receiver disconnects at once: the deliveries left in its channel fail and are
+    /// dead-lettered; those its consumer holds still count when acked, and are dead-lettered when
+    /// failed or dropped.
     pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
         self.engine().shared.table.unsubscribe(id)
     }

@@ -21,6 +21,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use crossbeam_utils::CachePadded;
 
 use crate::SubscriptionId;
@@ -119,16 +120,89 @@ impl fmt::Debug for Delivery {
     }
 }
 
-/// Whether the consumer of an acknowledged subscription is gone: only the broker's `own` receiver
-/// of its channel is left. Then what it left unread fails now, rather than at its timeout.
-pub(crate) fn abandoned(sender: &flume::Sender<Delivery>, own: &flume::Receiver<Delivery>) -> bool {
-    if sender.receiver_count() > 1 {
-        return false;
+/// The channel of an acknowledged subscription, as the broker holds it.
+pub(crate) struct AckedChannel {
+    /// `None` once the subscription ended: the consumer's receivers then disconnect as soon as
+    /// they have read what is left (nothing: see `close`), even while a worker's match cache
+    /// still holds the subscription.
+    sender: ArcSwapOption<flume::Sender<Delivery>>,
+    /// A receiver of the broker's own, never read but to empty the channel once the consumer's
+    /// receivers are gone, or the subscription ended: its deliveries then fail at once, rather
+    /// than wait for their timeout in a channel nobody reads.
+    own: flume::Receiver<Delivery>,
+    capacity: usize,
+}
+
+/// How handing a delivery to an acknowledged subscription's channel went.
+pub(crate) enum Handed {
+    Queued,
+    /// The channel holds its capacity; the delivery is taken back.
+    Full,
+    /// The consumer is gone, or the subscription ended.
+    Gone,
+}
+
+impl AckedChannel {
+    /// A channel of `capacity` deliveries (at least 1), and the consumer's receiver.
+    pub(crate) fn new(capacity: usize) -> (Self, flume::Receiver<Delivery>) {
+        let capacity = capacity.max(1);
+        let (sender, receiver) = flume::bounded(capacity);
+        let channel = Self { sender: ArcSwapOption::from_pointee(sender), own: receiver.clone(), capacity };
+        (channel, receiver)
     }
-    for unread in own.drain() {
-        unread.fail("the consumer's receiver was dropped with the delivery unread");
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
-    true
+
+    /// Hands `delivery` to the consumer.
+    pub(crate) fn send(&self, delivery: Delivery) -> Handed {
+        if self.abandoned() {
+            delivery.defuse();
+            return Handed::Gone;
+        }
+        let sender = self.sender.load();
+        let Some(sender) = sender.as_deref() else {
+            delivery.defuse();
+            return Handed::Gone;
+        };
+        match sender.try_send(delivery) {
+            Ok(()) => Handed::Queued,
+            Err(flume::TrySendError::Full(delivery)) => {
+                delivery.defuse();
+                Handed::Full
+            }
+            Err(flume::TrySendError::Disconnected(delivery)) => {
+                delivery.defuse();
+                Handed::Gone
+            }
+        }
+    }
+
+    /// Whether the consumer is gone (only `own` is left of the channel's receivers) or the
+    /// subscription ended. Then what is left unread fails now, rather than at its timeout.
+    pub(crate) fn abandoned(&self) -> bool {
+        let consumer_gone = self.own.receiver_count() <= 1;
+        if consumer_gone || self.sender.load().is_none() {
+            let error = if consumer_gone {
+                "the consumer's receiver was dropped with the delivery unread"
+            } else {
+                "the subscription ended with the delivery unread"
+            };
+            for unread in self.own.drain() {
+                unread.fail(error);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The subscription ended: the consumer's receivers disconnect, and what they left unread
+    /// fails (each is dead-lettered, its subscription gone).
+    pub(crate) fn close(&self) {
+        self.sender.store(None);
+        self.abandoned();
+    }
 }
 
 /// How often a worker with deliveries waiting looks whether their consumers are still there.
@@ -301,8 +375,8 @@ impl Awaiting {
         }
         self.next_sweep = crate::deadline::after(now, SWEEP_EVERY);
         for (id, (subscription, _)) in &self.subscriptions {
-            if let Target::Acked { sender, own, .. } = &subscription.target
-                && abandoned(sender, own)
+            if let Target::Acked(channel) = &subscription.target
+                && channel.abandoned()
             {
                 gone.push(*id);
             }

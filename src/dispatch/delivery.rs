@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 
-use crate::dispatch::acked::{self, Delivery, Outcome, Reply};
+use crate::dispatch::acked::{Delivery, Handed, Outcome, Reply};
 use crate::dispatch::retry::RetryPolicy;
 use crate::error::DeliveryFailure;
 use crate::provider::memory::StoreTicket;
@@ -122,20 +122,14 @@ pub(crate) fn attempt(
 ) -> Attempt {
     let handler = match &subscription.target {
         Target::Handler(handler) => handler,
-        Target::Acked { sender, own, capacity } => {
-            if acked::abandoned(sender, own) {
-                return Attempt::Gone;
-            }
-            return match sender.try_send(Delivery::new(Arc::clone(event), attempts, reply())) {
-                Ok(()) => Attempt::Awaiting,
-                Err(flume::TrySendError::Full(delivery)) => {
-                    delivery.defuse();
-                    Attempt::Failed(format!("acknowledged stream is full ({capacity} deliveries)"))
-                }
-                Err(flume::TrySendError::Disconnected(delivery)) => {
-                    delivery.defuse();
-                    Attempt::Gone
-                }
+        Target::Acked(channel) => {
+            return match channel.send(Delivery::new(Arc::clone(event), attempts, reply())) {
+                Handed::Queued => Attempt::Awaiting,
+                Handed::Full => Attempt::Failed(format!(
+                    "acknowledged stream is full ({} deliveries)",
+                    channel.capacity()
+                )),
+                Handed::Gone => Attempt::Gone,
             };
         }
     };
@@ -481,9 +475,9 @@ fn wait_for_outcome(
 ) -> Outcome {
     let due = crate::deadline::from_now(timeout);
     loop {
-        if let Target::Acked { sender, own, .. } = &subscription.target {
+        if let Target::Acked(channel) = &subscription.target {
             // A consumer gone with the delivery unread: it fails now, and comes on `waiting`.
-            acked::abandoned(sender, own);
+            channel.abandoned();
         }
         let now = Instant::now();
         if shutdown().is_some_and(|deadline| now >= deadline) {
