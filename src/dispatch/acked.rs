@@ -6,10 +6,15 @@
 //! [`Delivery::fail`], from any thread, sync or async, in any order: until then the event's job
 //! stays open, as one waiting for a retry does. Its status is not yet final, `drain` waits for it,
 //! another instance's event keeps its claim (the worker extends it, awake or idle) and is not
-//! acknowledged to the provider, so an instance that dies with it unfinished gets it again. A failure, a [`Delivery`] dropped unsettled, and a
-//! delivery not settled within the broker's
+//! acknowledged to the provider, so an instance that dies with it unfinished gets it again. A
+//! failure, a [`Delivery`] dropped unsettled, and a delivery not settled within the broker's
 //! [`ack_timeout`](crate::BrokerBuilder::ack_timeout) are retried per the broker's policy and then
 //! dead-lettered, as a handler's failure is.
+//!
+//! The channel ([`AckedChannel`]) keeps a receiver of the broker's own, never read but to empty
+//! it: when the consumer's receivers are gone (a worker looks every [`SWEEP_EVERY`] while
+//! deliveries wait, and before each delivery) or the subscription ends, what is left unread fails
+//! at once instead of waiting for its timeout.
 //!
 //! The worker that made a delivery gets its outcome through its [`AckQueue`]: the consumer pushes
 //! it there and wakes the worker if it sleeps; the worker takes what is queued at the start of
