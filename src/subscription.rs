@@ -96,7 +96,16 @@ pub(crate) type SubscriptionSet = crate::PatternSet<std::sync::Arc<Subscription>
 pub(crate) struct SubscriptionTable {
     current: crate::sync::ArcCell<SubscriptionSet>,
     master: parking_lot::Mutex<Master>,
+    /// The patterns of subscriptions ended in the last [`REMOVED_WINDOW`], oldest first, with
+    /// when (see [`SubscriptionTable::recently_wanted`]).
+    removed: parking_lot::Mutex<std::collections::VecDeque<(crate::Pattern, std::time::Instant)>>,
+    /// Whether `removed` holds any; written under its lock, looked at by workers without it.
+    any_removed: crate::sync::AtomicBool,
 }
+
+/// How long after a subscription ends an event from another instance may still arrive that was
+/// fetched for it: a fetch in flight when it ended, placed after.
+const REMOVED_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Master {
     set: SubscriptionSet,
@@ -113,6 +122,8 @@ impl SubscriptionTable {
                 entries: std::collections::HashMap::new(),
                 next_id: 1,
             }),
+            removed: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+            any_removed: crate::sync::AtomicBool::new(false),
         }
     }
 
@@ -140,8 +151,35 @@ impl SubscriptionTable {
         master.set.remove(&subscription.pattern, entry);
         self.current.store(crate::sync::Arc::new(master.set.clone()));
         drop(master);
+        let mut removed = self.removed.lock();
+        removed.push_back((subscription.pattern.clone(), std::time::Instant::now()));
+        // Release: pairs with the Acquire load in `recently_wanted` (the lock orders the rest).
+        self.any_removed.store(true, crate::sync::Ordering::Release);
+        drop(removed);
         subscription.end();
         true
+    }
+
+    /// Whether a subscription that ended in the last [`REMOVED_WINDOW`] matched `event_type`:
+    /// then an event from another instance of that type may have been fetched for it, and a
+    /// work-queue member gives it back to its group rather than count it handled. One load while
+    /// no subscription ended lately.
+    pub(crate) fn recently_wanted(&self, event_type: &str) -> bool {
+        // Acquire: see `unsubscribe`. A stale `false` just after an unsubscribe counts one event
+        // handled, as before the window existed.
+        if !self.any_removed.load(crate::sync::Ordering::Acquire) {
+            return false;
+        }
+        let mut removed = self.removed.lock();
+        let now = std::time::Instant::now();
+        while removed.front().is_some_and(|(_, at)| now.saturating_duration_since(*at) > REMOVED_WINDOW) {
+            removed.pop_front();
+        }
+        if removed.is_empty() {
+            self.any_removed.store(false, crate::sync::Ordering::Relaxed);
+            return false;
+        }
+        removed.iter().any(|(pattern, _)| pattern.matches(event_type))
     }
 
     /// The live subscription with this id.

@@ -511,3 +511,63 @@ fn a_local_broker_that_only_publishes_reaches_the_receivers_without_a_group() {
     assert!(publisher.shutdown(Duration::from_secs(5)).is_clean());
     assert!(receiver.shutdown(Duration::from_secs(5)).is_clean());
 }
+
+/// A work-queue member that unsubscribes while events fetched for it wait in its shard gives them
+/// back to the group, where a member still subscribed handles them: none counts as handled here.
+#[test]
+fn a_member_that_unsubscribes_gives_back_what_it_fetched_for_the_subscription() {
+    let bus = Arc::new(MemoryProvider::default());
+    let group = eventbroker::Distribution::WorkQueue("unsubscribing-workers".into());
+    let member = |name: &str, prefetch: usize| {
+        Broker::builder()
+            .provider(bus.clone())
+            .instance_id(name)
+            .distribution(group.clone())
+            .workers(1)
+            .prefetch(prefetch)
+            .build()
+            .unwrap()
+    };
+    let leaving = member("leaving", 8);
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Arc::new(AtomicU64::new(0));
+    let (r, h) = (Arc::clone(&release), Arc::clone(&held));
+    let id = leaving
+        .subscribe_infallible("jobs.*", move |_: &Event| {
+            h.fetch_add(1, Ordering::SeqCst);
+            while !r.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(1));
+            }
+        })
+        .unwrap();
+    let publisher = Broker::builder().provider(bus.clone()).instance_id("publisher").build().unwrap();
+    // The leaving member's worker is in its handler with the first event while the next seven
+    // of its prefetch wait in its shard; then it unsubscribes.
+    publisher.publish(event("jobs.run")).unwrap();
+    wait_until("the first event's handler", Duration::from_secs(5), || held.load(Ordering::SeqCst) == 1);
+    for _ in 0..19 {
+        publisher.publish(event("jobs.run")).unwrap();
+    }
+    wait_until("the leaving member to hold its prefetch", Duration::from_secs(5), || {
+        leaving.stats().inbound.fetched == 8
+    });
+    assert!(leaving.unsubscribe(id));
+    release.store(true, Ordering::SeqCst);
+    wait_until("the leaving member to end what it fetched", Duration::from_secs(10), || {
+        let stats = leaving.stats();
+        stats.completed + stats.returned == 8
+    });
+    assert_eq!(leaving.stats().returned, 7, "the seven it had not begun go back");
+
+    let staying = member("staying", 32);
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&handled);
+    staying.subscribe_infallible("jobs.*", move |event: &Event| seen.lock().unwrap().push(event.id)).unwrap();
+    wait_until("the staying member to handle the rest", Duration::from_secs(10), || {
+        handled.lock().unwrap().len() == 19
+    });
+    for broker in [leaving, staying, publisher] {
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
+    }
+}

@@ -69,8 +69,11 @@ pub enum Distribution {
     FanOut,
     /// Instances naming the same group share the events the others publish, each event to one of
     /// them. Members should subscribe alike: an event no subscription of the member that took it
-    /// matches counts as handled. Events published by a member are handled by that member, never
-    /// by the rest of its group. Each member holds at most its
+    /// matches counts as handled, except one that a subscription ended in the last 2 s (an
+    /// `unsubscribe`, or a stream's or acknowledged subscription's receiver dropped) matched: it
+    /// was fetched for that subscription, and goes back to the group for a member that still
+    /// wants it ([`BrokerStats::returned`](crate::BrokerStats::returned)). Events published by a
+    /// member are handled by that member, never by the rest of its group. Each member holds at most its
     /// [prefetch](BrokerBuilder::prefetch) of the group's events at a time, so a burst is shared.
     WorkQueue(String),
 }
@@ -387,6 +390,7 @@ impl BrokerBuilder {
             max_batch: self.max_batch,
             extend_every: source.as_ref().map(|_| self.claim_idle / 3),
             ack_timeout: self.ack_timeout,
+            give_back_unwanted: matches!(distribution, Distribution::WorkQueue(_)),
         };
         let capacity = self.buffer_size.next_power_of_two();
         let shards = ShardSet::spawn(self.workers, capacity, &instance_id, &shared, config)?;

@@ -75,8 +75,9 @@ pub struct BrokerStats {
     pub rejected: u64,
     /// Events waiting in rings now.
     pub queued: usize,
-    /// Events from other instances given back to their group unhandled, every subscriber they
-    /// matched gone (see [`ShardStats::returned`]).
+    /// Events from other instances given back to their group unhandled: every subscriber they
+    /// matched was gone, or (in a work queue) they were fetched for a subscription that ended
+    /// (see [`ShardStats::returned`]).
     pub returned: u64,
     /// Deliveries waiting for a retry now.
     pub pending_retries: u64,

@@ -40,7 +40,8 @@ pub struct ShardStats {
     /// Deliveries dead-lettered.
     pub dead_letters: u64,
     /// Events from other instances given back to their group unhandled: every subscriber they
-    /// matched was gone (a dropped receiver), so another member, or this instance's next
+    /// matched was gone (a dropped receiver), or, in a work queue, they matched nothing but a
+    /// subscription that ended in the last 2 s; another member, or this instance's next
     /// subscriber, gets them.
     pub returned: u64,
     /// Deliveries waiting in the delay queue now.

@@ -36,7 +36,7 @@ use crate::dispatch::writer::ProviderWriter;
 use crate::error::ProviderError;
 use crate::metrics::{EngineMetrics, WorkerMetrics};
 use crate::provider::memory::StoreTicket;
-use crate::provider::{MemoryProvider, Provider, StatusUpdate};
+use crate::provider::{AckToken, MemoryProvider, Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
 use crate::{Event, EventId, EventStatus, MatchCache};
 
@@ -52,6 +52,9 @@ pub(crate) struct WorkerConfig {
     pub(crate) extend_every: Option<Duration>,
     /// How long an acknowledged delivery may go unsettled before it counts as failed.
     pub(crate) ack_timeout: Duration,
+    /// Whether an inbound event that matches nothing, but matched a subscription that just ended,
+    /// goes back to its group (a work-queue member) rather than count as handled.
+    pub(crate) give_back_unwanted: bool,
 }
 
 /// What workers share with the broker.
@@ -452,6 +455,15 @@ impl Worker {
         let track = self.config.track_status;
         let subscriptions = self.cache.get_or_match(set, &job.event.event_type);
         if subscriptions.is_empty() {
+            if let Origin::Inbound(token) = job.origin
+                && self.config.give_back_unwanted
+                && self.shared.table.recently_wanted(&job.event.event_type)
+            {
+                // Fetched, most likely, for a subscription that ended since: another member may
+                // want it.
+                self.give_back(job, token);
+                return;
+            }
             self.outbox.unrouted(&job, track);
             self.finished(job);
             return;
@@ -489,9 +501,7 @@ impl Worker {
             {
                 // Fetched for subscribers that are all gone (dropped receivers): back to the
                 // group, for a member, or this instance's next subscriber, that still wants it.
-                self.outbox.naks.push(token);
-                self.outbox.counts.returned += 1;
-                self.finished(job);
+                self.give_back(job, token);
                 return;
             }
             self.outbox.settle(&job, tally, track);
@@ -513,6 +523,13 @@ impl Worker {
                 .push(crate::deadline::after(now, delay), Retry { job: key, subscription, attempts: 1 });
             self.outbox.retry_scheduled();
         }
+    }
+
+    /// Gives inbound `job`, whose ack token is `token`, back to its group unhandled.
+    fn give_back(&mut self, job: Job, token: AckToken) {
+        self.outbox.naks.push(token);
+        self.outbox.counts.returned += 1;
+        self.finished(job);
     }
 
     /// Lets go of a job that is over: an event this worker holds the last reference to goes back
