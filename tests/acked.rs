@@ -421,7 +421,8 @@ fn deliveries_held_when_the_receiver_goes_are_dead_lettered_not_completed() {
 }
 
 /// While a delivery of another instance's event waits for its consumer, or for a retry, the
-/// worker keeps the event's claim alive, idle or not: no other member of the group gets it.
+/// worker keeps the event's claim alive, idle or not: no other member of the group gets it. Each
+/// wait lasts three claim idle times.
 #[test]
 fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member() {
     let bus = Arc::new(MemoryProvider::default());
@@ -432,11 +433,11 @@ fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member(
             .instance_id(name)
             .distribution(group.clone())
             .workers(1)
-            .claim_idle(Duration::from_millis(60))
+            .claim_idle(Duration::from_millis(250))
             .retry_policy(RetryPolicy {
                 max_retries: 1,
-                initial_delay: Duration::from_millis(400),
-                max_delay: Duration::from_millis(400),
+                initial_delay: Duration::from_millis(800),
+                max_delay: Duration::from_millis(800),
                 backoff_factor: 1.0,
                 jitter: 0.0,
             })
@@ -470,7 +471,7 @@ fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member(
     // Held for many claim idle times, then failed: its retry waits as long again.
     let held = receive();
     let id = held.event().id;
-    thread::sleep(Duration::from_millis(400));
+    thread::sleep(Duration::from_millis(800));
     held.fail("not yet");
     let retried = receive();
     assert_eq!((retried.event().id, retried.attempt()), (id, 2));
