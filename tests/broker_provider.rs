@@ -553,11 +553,14 @@ fn a_member_that_unsubscribes_gives_back_what_it_fetched_for_the_subscription() 
     });
     assert!(leaving.unsubscribe(id));
     release.store(true, Ordering::SeqCst);
+    // A fetch in flight at the unsubscribe may bring some back once more: they go back again.
     wait_until("the leaving member to end what it fetched", Duration::from_secs(10), || {
         let stats = leaving.stats();
-        stats.completed + stats.returned == 8
+        stats.completed + stats.returned == stats.inbound.fetched
     });
-    assert_eq!(leaving.stats().returned, 7, "the seven it had not begun go back");
+    let stats = leaving.stats();
+    assert_eq!(stats.completed, 1, "only the first handled: {stats:?}");
+    assert!(stats.returned >= 7, "the seven it had not begun go back: {stats:?}");
 
     let staying = member("staying", 32);
     let handled = Arc::new(Mutex::new(Vec::new()));

@@ -424,6 +424,58 @@ pub fn a_member_holding_an_event_keeps_its_claim(backend: &dyn TestBackend) {
     assert_clean_shutdown(&publisher);
 }
 
+/// A work-queue member that unsubscribes while events fetched for the subscription wait in its
+/// shard gives them back to the group, and a member still subscribed handles them.
+pub fn a_member_that_unsubscribes_gives_back_what_it_fetched(backend: &dyn TestBackend) {
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let group = Distribution::WorkQueue(scope.name("leavers"));
+    let Some(leaving) = broker(backend.connect(), &scope.name("leaving"), group.clone()) else { return };
+    let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
+    let release = Arc::new(AtomicBool::new(false));
+    let held = Seen::default();
+    let id = {
+        let (release, held) = (Arc::clone(&release), held.clone());
+        leaving
+            .subscribe_infallible(scope.all().as_str(), move |event| {
+                held.0.lock().push(Arc::new(event.clone()));
+                let until = Instant::now() + ARRIVE;
+                while !release.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+            .expect("subscribe")
+    };
+    // One type, so one shard: its worker holds the first event while the rest wait behind it.
+    let first = scope.event("jobs.run");
+    publish_all(&publisher, std::slice::from_ref(&first));
+    wait_until("the first event's handler", ARRIVE, || held.len() == 1);
+    let rest: Vec<Event> = (0..12).map(|_| scope.event("jobs.run")).collect();
+    publish_all(&publisher, &rest);
+    wait_until("the leaving member to fetch the rest", ARRIVE, || leaving.stats().inbound.fetched == 13);
+    assert!(leaving.unsubscribe(id));
+    release.store(true, Ordering::Relaxed);
+    // A fetch in flight at the unsubscribe may bring some of them back once more: they go back
+    // again.
+    wait_until("the leaving member to end what it fetched", ARRIVE, || {
+        let stats = leaving.stats();
+        stats.completed + stats.returned == stats.inbound.fetched
+    });
+    let stats = leaving.stats();
+    assert_eq!(stats.completed, 1, "only the first handled: {stats:?}");
+    assert!(stats.returned >= 12, "the twelve it had not begun go back: {stats:?}");
+
+    let staying = broker(backend.connect(), &scope.name("staying"), group).expect("a second member");
+    let handled = Seen::default();
+    handled.subscribe(&staying, scope.all().as_str());
+    let all = set(rest.iter().map(|e| e.id));
+    wait_until("the staying member to handle the rest", ARRIVE, || set(handled.ids()) == all);
+    assert_eq!(held.ids(), [first.id], "the leaving member handled only the first");
+    assert_clean_shutdown(&leaving);
+    assert_clean_shutdown(&staying);
+    assert_clean_shutdown(&publisher);
+}
+
 /// Events no subscription wants never reach the handlers; a backend that filters at the source
 /// never even hands them to the broker.
 pub fn events_nobody_wants_never_reach_the_handlers(backend: &dyn TestBackend) {

@@ -123,6 +123,7 @@ macro_rules! conformance_suite {
                 cross::a_restarted_instance_receives_what_it_missed_for_each_handler,
                 cross::an_unsettled_delivery_comes_back_to_the_restarted_instance,
                 cross::a_member_holding_an_event_keeps_its_claim,
+                cross::a_member_that_unsubscribes_gives_back_what_it_fetched,
                 cross::events_nobody_wants_never_reach_the_handlers,
                 cross::a_fetch_error_does_not_stop_local_dispatch,
             ],
