@@ -537,6 +537,61 @@ fn a_member_whose_receiver_is_gone_gives_the_groups_events_back() {
     }
 }
 
+/// A work-queue member whose consumer goes away holding deliveries, and with more unread in its
+/// channel, gives those events back to the group too: the member still consuming handles every
+/// event, and nothing is dead-lettered.
+#[test]
+fn a_member_whose_consumer_leaves_holding_deliveries_gives_them_back() {
+    const EVENTS: usize = 60;
+    let bus = Arc::new(MemoryProvider::default());
+    let group = eventbroker::Distribution::WorkQueue("acked-leaving".into());
+    let member = |name: &str| {
+        Broker::builder()
+            .provider(bus.clone())
+            .instance_id(name)
+            .distribution(group.clone())
+            .workers(1)
+            .retry_policy(quick_retries(3))
+            .build()
+            .unwrap()
+    };
+    let (staying, leaving) = (member("acked-leaving-stays"), member("acked-leaving-goes"));
+    let (_, kept) = staying.subscribe_acked("orders.>").unwrap();
+    let (_, left) = leaving.subscribe_acked("orders.>").unwrap();
+    let publisher = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("acked-leaving-publisher")
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    let consumer = thread::spawn(move || {
+        let mut handled = HashSet::new();
+        while let Ok(delivery) = kept.recv_timeout(Duration::from_secs(3)) {
+            handled.insert(delivery.event().id);
+            delivery.ack();
+        }
+        handled
+    });
+    let mut sent = HashSet::new();
+    for _ in 0..EVENTS {
+        let event = event("orders.created");
+        sent.insert(event.id);
+        publisher.publish(event).unwrap();
+    }
+    wait_until("the leaving member to hold some", WAIT, || left.len() >= 3);
+    let held: Vec<Delivery> = (0..2).map(|_| next(&left)).collect();
+    drop(left);
+    drop(held);
+    let handled = consumer.join().unwrap();
+    assert!(handled == sent, "the member that stayed handled {} of {}", handled.len(), sent.len());
+    let stats = leaving.stats();
+    assert_eq!((stats.completed, stats.dead_letters), (0, 0), "{stats:?}");
+    assert!(stats.returned >= 3, "{stats:?}");
+    for broker in [staying, leaving, publisher] {
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+}
+
 #[test]
 fn async_code_receives_and_settles_deliveries() {
     let broker = Broker::builder().workers(2).build().unwrap();

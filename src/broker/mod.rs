@@ -327,8 +327,9 @@ impl Broker {
     /// [`Broker::unsubscribe`]; another instance's event, fetched for it and wanted by no other
     /// subscriber here, goes back to its group ([`BrokerStats::returned`](crate::BrokerStats::returned)),
     /// for another member or this instance's next subscriber. The deliveries left in the channel
-    /// fail and are dead-lettered, not lost; those the consumer still holds count when acked, and
-    /// are dead-lettered when failed or dropped, with no retry (nobody is left to make it).
+    /// fail, and those the consumer still holds count when acked and fail when failed or
+    /// dropped: with no retry (nobody is left to make it), a local event is dead-lettered, and,
+    /// in a work queue, another instance's event goes back to its group.
     ///
     /// Deliveries of one shard's events are made in order, but a consumer that settles them
     /// concurrently ends them in any order, as retries do. [`Broker::publish_sync`] and
@@ -411,9 +412,9 @@ impl Broker {
 
     /// Ends a subscription; `false` when there was none with this id. Events published after this
     /// returns never reach it; events already in flight may. An acknowledged subscription's
-    /// receiver disconnects at once: the deliveries left in its channel fail and are
-    /// dead-lettered; those its consumer holds still count when acked, and are dead-lettered when
-    /// failed or dropped.
+    /// receiver disconnects at once: the deliveries left in its channel fail; those its consumer
+    /// holds still count when acked, and fail when failed or dropped. A failed one is
+    /// dead-lettered, or, in a work queue, given back to its group if it is another instance's.
     pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
         self.engine().shared.table.unsubscribe(id)
     }
@@ -670,7 +671,7 @@ impl Broker {
     /// Stops fetching and accepting events, drains every shard, runs retries that come due before
     /// `timeout` and waits as long for [acknowledged deliveries](Broker::subscribe_acked) to be
     /// settled (dead-lettering the rest, or giving inbound ones back to their group: both stop
-    /// early enough for that to be done and written by the deadline, 20 ms before it plus 20 µs
+    /// early enough for that to be done and written by the deadline, 20 ms before it plus 100 µs
     /// for each delivery left, at most half of `timeout`), flushes the
     /// provider writer and closes the provider (unless others still hold it: see
     /// [`CloseOutcome::LeftOpen`]). Bounded by `timeout`, whatever the provider or the

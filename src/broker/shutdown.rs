@@ -30,7 +30,8 @@ pub enum CloseOutcome {
     /// It had not returned by the deadline; it was left to finish on its own thread.
     TimedOut,
     /// Not closed: someone else still holds the provider (other brokers sharing it, or the
-    /// application), and closes it when done with it.
+    /// application), and closes it when done with it; or the writer was still writing at the
+    /// deadline ([`ShutdownReport::flush_error`] says so) and holds it until it is done.
     LeftOpen,
     /// Not attempted: shutdown completes in the background ([`ShutdownReport::deferred`]).
     Deferred,

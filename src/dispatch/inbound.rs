@@ -152,6 +152,13 @@ impl InboundPump {
             return;
         }
         let (patterns, generation) = table.patterns();
+        if patterns.is_empty() {
+            // Nothing is fetched while nothing is subscribed (see `run`), so the filter stays as
+            // it was: in a work queue whose members share one consumer (NATS), an empty filter
+            // would hold the group's events back from every member.
+            *pushed = generation;
+            return;
+        }
         match self.source.set_filter(&patterns) {
             Ok(()) => *pushed = generation,
             Err(error) => {

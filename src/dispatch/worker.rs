@@ -195,8 +195,9 @@ const FINISH_MARGIN: Duration = Duration::from_millis(20);
 
 /// What ending one delivery that shutdown left unfinished takes, its dead letter written, as
 /// [`Worker::finish`] budgets it: generous (a release build takes about 2 µs with the memory
-/// provider, a network provider's batched write a few more; a debug build several times that).
-const FINISH_PER_DELIVERY: Duration = Duration::from_micros(20);
+/// provider and Redis; PostgreSQL and NATS writes of dead letters took 25 µs each; a debug build
+/// several times that).
+const FINISH_PER_DELIVERY: Duration = Duration::from_micros(100);
 
 /// How often a worker whose ring is closed looks for the outcomes of acknowledged deliveries.
 const ACK_POLL: Duration = Duration::from_millis(1);
@@ -223,6 +224,9 @@ struct Retry {
 struct Open {
     job: Job,
     tally: Tally,
+    /// A delivery of this inbound job found its subscription ended: once its other deliveries
+    /// end, the job goes back to its group rather than settle (see [`Worker::hands_back`]).
+    give_back: bool,
 }
 
 /// The job being handled, by id and origin only (no reference count to move on the hot path),
@@ -509,7 +513,7 @@ impl Worker {
             return;
         }
         tally.outstanding = u32::try_from(retry_later.len() + awaiting.len()).unwrap_or(u32::MAX);
-        let key = self.open.insert(Open { job, tally });
+        let key = self.open.insert(Open { job, tally, give_back: false });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
         }
@@ -565,8 +569,12 @@ impl Worker {
         let Some(open) = self.open.get(retry.job) else { return };
         let event = Arc::clone(&open.job.event);
         if self.shared.table.get(retry.subscription.id).is_none() {
+            if self.hands_back(retry.job) {
+                return;
+            }
             // Unsubscribed while waiting: the event is kept as a dead letter, not dropped.
-            let error = delivery::unsubscribed_before_retry(retry.attempts, open.tally.last_error());
+            let last = self.open.get(retry.job).map_or("", |open| open.tally.last_error());
+            let error = delivery::unsubscribed_before_retry(retry.attempts, last);
             self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
             return;
         }
@@ -585,6 +593,9 @@ impl Worker {
             Attempt::Gone => {
                 // Gone while the retry waited (a dropped receiver): like an unsubscribe then.
                 self.outbox.gone.push(retry.subscription.id);
+                if self.hands_back(retry.job) {
+                    return;
+                }
                 let last = self.open.get(retry.job).map_or("", |open| open.tally.last_error());
                 let error = delivery::gone_before_retry(retry.attempts, last);
                 self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
@@ -628,10 +639,43 @@ impl Worker {
         open.tally.delivered(attempts);
         open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
         if open.tally.outstanding == 0 {
-            let open = self.open.remove(key);
-            self.metrics.settled_late(&open.job.event, open.tally.failed());
-            self.outbox.settle(&open.job, open.tally, self.config.track_status);
+            self.end_open(key);
         }
+    }
+
+    /// Open job `key`'s last delivery ended: it settles, or goes back to its group.
+    fn end_open(&mut self, key: usize) {
+        let open = self.open.remove(key);
+        match open.job.origin {
+            Origin::Inbound(token) if open.give_back => {
+                self.outbox.naks.push(token);
+                self.outbox.counts.returned += 1;
+            }
+            _ => {
+                self.metrics.settled_late(&open.job.event, open.tally.failed());
+                self.outbox.settle(&open.job, open.tally, self.config.track_status);
+            }
+        }
+    }
+
+    /// A delivery of open job `key` found its subscription ended (unsubscribed, or its receiver
+    /// gone) before its next attempt. In a work queue, an inbound job then goes back to its group,
+    /// for a member still subscribed, once its other deliveries end: `true`. Otherwise `false`,
+    /// and the caller dead-letters the delivery.
+    fn hands_back(&mut self, key: usize) -> bool {
+        if !self.config.give_back_unwanted {
+            return false;
+        }
+        let Some(open) = self.open.get_mut(key) else { return false };
+        if !matches!(open.job.origin, Origin::Inbound(_)) {
+            return false;
+        }
+        open.give_back = true;
+        open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
+        if open.tally.outstanding == 0 {
+            self.end_open(key);
+        }
+        true
     }
 
     /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a
