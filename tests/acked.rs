@@ -7,8 +7,8 @@ use std::thread;
 use std::time::Duration;
 
 use eventbroker::{
-    Broker, DeadLetterFilter, Delivery, DrainError, Event, EventStatus, MemoryProvider, Mode, RetryPolicy,
-    SyncPublishError,
+    Broker, BrokerBuilder, DeadLetterFilter, Delivery, Distribution, DrainError, Event, EventStatus,
+    MemoryProvider, Mode, RetryPolicy, SyncPublishError,
 };
 
 mod common;
@@ -22,6 +22,28 @@ fn status(broker: &Broker, event: &Event) -> Option<EventStatus> {
 
 fn next(deliveries: &flume::Receiver<Delivery>) -> Delivery {
     deliveries.recv_timeout(WAIT).expect("a delivery within the wait")
+}
+
+/// A member of work queue `group` on the in-process `bus`, with one worker; `configure` adds the
+/// rest of its settings.
+fn member(
+    bus: &Arc<MemoryProvider>,
+    group: &str,
+    name: &str,
+    configure: impl FnOnce(BrokerBuilder) -> BrokerBuilder,
+) -> Broker {
+    let builder = Broker::builder()
+        .provider(bus.clone())
+        .instance_id(name)
+        .distribution(Distribution::WorkQueue(group.into()))
+        .workers(1);
+    configure(builder).build().unwrap()
+}
+
+/// A broker on `bus` that only publishes: no group of its own.
+fn publisher(bus: &Arc<MemoryProvider>, name: &str) -> Broker {
+    let builder = Broker::builder().provider(bus.clone()).instance_id(name);
+    builder.distribution(Distribution::Local).build().unwrap()
 }
 
 #[test]
@@ -426,33 +448,21 @@ fn deliveries_held_when_the_receiver_goes_are_dead_lettered_not_completed() {
 #[test]
 fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member() {
     let bus = Arc::new(MemoryProvider::default());
-    let group = eventbroker::Distribution::WorkQueue("acked-claims".into());
-    let member = |name: &str| {
-        Broker::builder()
-            .provider(bus.clone())
-            .instance_id(name)
-            .distribution(group.clone())
-            .workers(1)
-            .claim_idle(Duration::from_millis(250))
-            .retry_policy(RetryPolicy {
+    let claiming = |name: &str| {
+        member(&bus, "acked-claims", name, |builder| {
+            builder.claim_idle(Duration::from_millis(250)).retry_policy(RetryPolicy {
                 max_retries: 1,
                 initial_delay: Duration::from_millis(800),
                 max_delay: Duration::from_millis(800),
                 backoff_factor: 1.0,
                 jitter: 0.0,
             })
-            .build()
-            .unwrap()
+        })
     };
-    let (one, two) = (member("acked-claims-1"), member("acked-claims-2"));
+    let (one, two) = (claiming("acked-claims-1"), claiming("acked-claims-2"));
     let (_, first) = one.subscribe_acked("orders.>").unwrap();
     let (_, second) = two.subscribe_acked("orders.>").unwrap();
-    let publisher = Broker::builder()
-        .provider(bus.clone())
-        .instance_id("acked-claims-publisher")
-        .distribution(eventbroker::Distribution::Local)
-        .build()
-        .unwrap();
+    let publisher = publisher(&bus, "acked-claims-publisher");
     thread::sleep(Duration::from_millis(300)); // The members' first fetches.
     publisher.publish(event("orders.created")).unwrap();
 
@@ -492,26 +502,12 @@ fn a_work_queue_event_waiting_for_its_consumer_or_a_retry_stays_with_its_member(
 fn a_member_whose_receiver_is_gone_gives_the_groups_events_back() {
     const EVENTS: usize = 300;
     let bus = Arc::new(MemoryProvider::default());
-    let group = eventbroker::Distribution::WorkQueue("acked-gone".into());
-    let member = |name: &str| {
-        Broker::builder()
-            .provider(bus.clone())
-            .instance_id(name)
-            .distribution(group.clone())
-            .workers(1)
-            .build()
-            .unwrap()
-    };
-    let (live, gone) = (member("acked-gone-live"), member("acked-gone-dropped"));
+    let live = member(&bus, "acked-gone", "acked-gone-live", |builder| builder);
+    let gone = member(&bus, "acked-gone", "acked-gone-dropped", |builder| builder);
     let (_, deliveries) = live.subscribe_acked("orders.>").unwrap();
     let (_, dropped) = gone.subscribe_acked("orders.>").unwrap();
     drop(dropped);
-    let publisher = Broker::builder()
-        .provider(bus.clone())
-        .instance_id("acked-gone-publisher")
-        .distribution(eventbroker::Distribution::Local)
-        .build()
-        .unwrap();
+    let publisher = publisher(&bus, "acked-gone-publisher");
     // In bursts, so that the dropped member fetches them over several batches: the first finds
     // the receiver gone, the later ones find the subscription ended.
     let mut sent = HashSet::new();
@@ -544,26 +540,20 @@ fn a_member_whose_receiver_is_gone_gives_the_groups_events_back() {
 fn a_member_whose_consumer_leaves_holding_deliveries_gives_them_back() {
     const EVENTS: usize = 60;
     let bus = Arc::new(MemoryProvider::default());
-    let group = eventbroker::Distribution::WorkQueue("acked-leaving".into());
-    let member = |name: &str| {
-        Broker::builder()
-            .provider(bus.clone())
-            .instance_id(name)
-            .distribution(group.clone())
-            .workers(1)
-            .retry_policy(quick_retries(3))
-            .build()
-            .unwrap()
-    };
-    let (staying, leaving) = (member("acked-leaving-stays"), member("acked-leaving-goes"));
-    let (_, kept) = staying.subscribe_acked("orders.>").unwrap();
+    let retrying =
+        |name: &str| member(&bus, "acked-leaving", name, |builder| builder.retry_policy(quick_retries(3)));
+    let (staying, leaving) = (retrying("acked-leaving-stays"), retrying("acked-leaving-goes"));
     let (_, left) = leaving.subscribe_acked("orders.>").unwrap();
-    let publisher = Broker::builder()
-        .provider(bus.clone())
-        .instance_id("acked-leaving-publisher")
-        .distribution(eventbroker::Distribution::Local)
-        .build()
-        .unwrap();
+    let publisher = publisher(&bus, "acked-leaving-publisher");
+    let mut sent = HashSet::new();
+    for _ in 0..EVENTS {
+        let event = event("orders.created");
+        sent.insert(event.id);
+        publisher.publish(event).unwrap();
+    }
+    // The leaving member alone in the group fetches its prefetch; then the other subscribes.
+    wait_until("the leaving member to hold some", WAIT, || left.len() >= 3);
+    let (_, kept) = staying.subscribe_acked("orders.>").unwrap();
     let consumer = thread::spawn(move || {
         let mut handled = HashSet::new();
         while let Ok(delivery) = kept.recv_timeout(Duration::from_secs(3)) {
@@ -572,13 +562,6 @@ fn a_member_whose_consumer_leaves_holding_deliveries_gives_them_back() {
         }
         handled
     });
-    let mut sent = HashSet::new();
-    for _ in 0..EVENTS {
-        let event = event("orders.created");
-        sent.insert(event.id);
-        publisher.publish(event).unwrap();
-    }
-    wait_until("the leaving member to hold some", WAIT, || left.len() >= 3);
     let held: Vec<Delivery> = (0..2).map(|_| next(&left)).collect();
     drop(left);
     drop(held);
