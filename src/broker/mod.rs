@@ -323,10 +323,10 @@ impl Broker {
     /// The channel holds as many deliveries as one shard holds events; a full channel is a failed
     /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver (every clone of it)
     /// ends the subscription within about 100 ms while deliveries wait, or when the next matching
-    /// event finds it gone: a local event is then not delivered to it, as after
-    /// [`Broker::unsubscribe`]; another instance's event, fetched for it and wanted by no other
-    /// subscriber here, goes back to its group ([`BrokerStats::returned`](crate::BrokerStats::returned)),
-    /// for another member or this instance's next subscriber. The deliveries left in the channel
+    /// event finds it gone: that event is not delivered to it, as after [`Broker::unsubscribe`]
+    /// (in a work queue, another instance's event fetched for it and wanted by no other
+    /// subscriber here goes back to its group for another member:
+    /// [`BrokerStats::returned`](crate::BrokerStats::returned)). The deliveries left in the channel
     /// fail, and those the consumer still holds count when acked and fail when failed or
     /// dropped: with no retry (nobody is left to make it), a local event is dead-lettered, and,
     /// in a work queue, another instance's event goes back to its group.

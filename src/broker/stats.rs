@@ -75,9 +75,8 @@ pub struct BrokerStats {
     pub rejected: u64,
     /// Events waiting in rings now.
     pub queued: usize,
-    /// Events from other instances given back to their group unhandled: every subscriber they
-    /// matched was gone, or (in a work queue) they were fetched for a subscription that ended
-    /// (see [`ShardStats::returned`]).
+    /// Events from other instances a work-queue member gave back to its group unhandled, fetched
+    /// for a subscription that ended (see [`ShardStats::returned`]).
     pub returned: u64,
     /// Deliveries waiting for a retry now.
     pub pending_retries: u64,

@@ -162,14 +162,15 @@ impl AckedChannel {
 
     /// Hands `delivery` to the consumer.
     pub(crate) fn send(&self, delivery: Delivery) -> Handed {
-        if self.abandoned() {
-            delivery.defuse();
-            return Handed::Gone;
-        }
         let sender = self.sender.load();
-        let Some(sender) = sender.as_deref() else {
-            delivery.defuse();
-            return Handed::Gone;
+        let sender = match sender.as_deref() {
+            Some(sender) if self.own.receiver_count() > 1 => sender,
+            // Open, so its receivers are gone; or ended.
+            sender => {
+                self.fail_unread(sender.is_some());
+                delivery.defuse();
+                return Handed::Gone;
+            }
         };
         match sender.try_send(delivery) {
             Ok(()) => Handed::Queued,
@@ -189,17 +190,23 @@ impl AckedChannel {
     pub(crate) fn abandoned(&self) -> bool {
         let consumer_gone = self.own.receiver_count() <= 1;
         if consumer_gone || self.sender.load().is_none() {
-            let error = if consumer_gone {
-                "the consumer's receiver was dropped with the delivery unread"
-            } else {
-                "the subscription ended with the delivery unread"
-            };
-            for unread in self.own.drain() {
-                unread.fail(error);
-            }
+            self.fail_unread(consumer_gone);
             return true;
         }
         false
+    }
+
+    /// Fails what is left unread in the channel: its consumer is gone, or (`false`) the
+    /// subscription ended.
+    fn fail_unread(&self, consumer_gone: bool) {
+        let error = if consumer_gone {
+            "the consumer's receiver was dropped with the delivery unread"
+        } else {
+            "the subscription ended with the delivery unread"
+        };
+        for unread in self.own.drain() {
+            unread.fail(error);
+        }
     }
 
     /// The subscription ended: the consumer's receivers disconnect, and what they left unread
@@ -320,11 +327,15 @@ impl Awaiting {
         }
     }
 
-    /// The reply of a new delivery, and its token.
-    pub(crate) fn reply(&mut self) -> (Reply, u64) {
+    /// The reply of a new delivery; [`Awaiting::last_token`] is its token.
+    pub(crate) fn reply(&mut self) -> Reply {
         self.next_token += 1;
-        let token = self.next_token;
-        (Reply::Worker { queue: Arc::clone(&self.queue), token }, token)
+        Reply::Worker { queue: Arc::clone(&self.queue), token: self.next_token }
+    }
+
+    /// The token of the reply [`Awaiting::reply`] made last.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.next_token
     }
 
     /// Waits for the outcome of the delivery `token`, made at `now`, the `attempts`-th to

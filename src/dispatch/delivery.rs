@@ -174,7 +174,7 @@ pub(crate) struct Counts {
     /// Ring slots a publisher reserved and abandoned (taken as `None`): no event, but taken, so
     /// `Broker::drain` counts them as ended.
     pub(crate) abandoned: u64,
-    /// Inbound jobs given back to their group unhandled, every subscriber they matched gone:
+    /// Inbound jobs given back to their group unhandled (see `ShardStats::returned`):
     /// ended here, so `Broker::drain` counts them.
     pub(crate) returned: u64,
 }

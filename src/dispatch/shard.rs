@@ -39,10 +39,10 @@ pub struct ShardStats {
     pub retries: u64,
     /// Deliveries dead-lettered.
     pub dead_letters: u64,
-    /// Events from other instances given back to their group unhandled: every subscriber they
-    /// matched was gone (a dropped receiver), or, in a work queue, they matched nothing but a
-    /// subscription that ended in the last 2 s; another member, or this instance's next
-    /// subscriber, gets them.
+    /// Events from other instances a work-queue member gave back to its group unhandled: fetched
+    /// for a subscription that ended before they were handled (unsubscribed, or its receiver
+    /// dropped: a match for nothing else within 2 s of the end, or a pending delivery to it);
+    /// another member gets them.
     pub returned: u64,
     /// Deliveries waiting in the delay queue now.
     pub pending_retries: u64,

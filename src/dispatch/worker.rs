@@ -202,15 +202,6 @@ const FINISH_PER_DELIVERY: Duration = Duration::from_micros(100);
 /// How often a worker whose ring is closed looks for the outcomes of acknowledged deliveries.
 const ACK_POLL: Duration = Duration::from_millis(1);
 
-/// The earlier of two optional instants.
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
-    }
-}
-
 /// A delivery waiting for its next attempt.
 struct Retry {
     /// The job's entry in [`Worker::open`].
@@ -225,7 +216,7 @@ struct Open {
     job: Job,
     tally: Tally,
     /// A delivery of this inbound job found its subscription ended: once its other deliveries
-    /// end, the job goes back to its group rather than settle (see [`Worker::hands_back`]).
+    /// end, the job goes back to its group rather than settle (see [`Worker::subscription_ended`]).
     give_back: bool,
 }
 
@@ -376,7 +367,10 @@ impl Worker {
         if took {
             return true;
         }
-        let due = earliest(earliest(self.retries.next_due(), self.awaiting.next_wake()), self.next_extend());
+        let due = [self.retries.next_due(), self.awaiting.next_wake(), self.next_extend()]
+            .into_iter()
+            .flatten()
+            .min();
         match self.consumer.wait_or(self.config.wait, due, || self.awaiting.has_outcomes()) {
             WaitOutcome::Ready | WaitOutcome::TimedOut => true,
             WaitOutcome::Closed => false,
@@ -459,17 +453,8 @@ impl Worker {
         let track = self.config.track_status;
         let subscriptions = self.cache.get_or_match(set, &job.event.event_type);
         if subscriptions.is_empty() {
-            if let Origin::Inbound(token) = job.origin
-                && self.config.give_back_unwanted
-                && self.shared.table.recently_wanted(&job.event.event_type)
-            {
-                // Fetched, most likely, for a subscription that ended since: another member may
-                // want it.
-                self.give_back(job, token);
-                return;
-            }
-            self.outbox.unrouted(&job, track);
-            self.finished(job);
+            // Fetched, most likely, for a subscription that ended since: another member may want it.
+            self.unrouted(job, SubscriptionTable::recently_wanted);
             return;
         }
         let mut tally = Tally::default();
@@ -477,15 +462,10 @@ impl Worker {
         let mut awaiting: SmallVec<[(Arc<Subscription>, u64); 1]> = SmallVec::new();
         let mut gone = 0;
         for subscription in subscriptions {
-            let mut token = 0;
-            let outcome = delivery::attempt(subscription, &job.event, 1, || {
-                let (reply, made) = self.awaiting.reply();
-                token = made;
-                reply
-            });
+            let outcome = delivery::attempt(subscription, &job.event, 1, || self.awaiting.reply());
             match outcome {
                 Attempt::Awaiting => {
-                    awaiting.push((Arc::clone(subscription), token));
+                    awaiting.push((Arc::clone(subscription), self.awaiting.last_token()));
                     continue;
                 }
                 Attempt::Gone => gone += 1,
@@ -500,12 +480,10 @@ impl Worker {
             }
         }
         if retry_later.is_empty() && awaiting.is_empty() {
-            if let Origin::Inbound(token) = job.origin
-                && gone == subscriptions.len()
-            {
-                // Fetched for subscribers that are all gone (dropped receivers): back to the
-                // group, for a member, or this instance's next subscriber, that still wants it.
-                self.give_back(job, token);
+            if gone == subscriptions.len() {
+                // Every subscriber it matched is gone (dropped receivers), each ending its
+                // subscription at this turn's end: as if it had matched nothing after they ended.
+                self.unrouted(job, |_, _| true);
                 return;
             }
             self.outbox.settle(&job, tally, track);
@@ -529,11 +507,25 @@ impl Worker {
         }
     }
 
-    /// Gives inbound `job`, whose ack token is `token`, back to its group unhandled.
-    fn give_back(&mut self, job: Job, token: AckToken) {
+    /// `job` matched no live subscription. In a work queue, an inbound one that `ended` says (given
+    /// the table and the event's type) was fetched for a subscription that has since ended goes
+    /// back to its group, for a member still subscribed; any other completes, unrouted.
+    fn unrouted(&mut self, job: Job, ended: fn(&SubscriptionTable, &str) -> bool) {
+        match job.origin {
+            Origin::Inbound(token)
+                if self.config.give_back_unwanted && ended(&self.shared.table, &job.event.event_type) =>
+            {
+                self.give_back(token);
+            }
+            _ => self.outbox.unrouted(&job, self.config.track_status),
+        }
+        self.finished(job);
+    }
+
+    /// Gives the inbound job with ack token `token` back to its group, unhandled.
+    fn give_back(&mut self, token: AckToken) {
         self.outbox.naks.push(token);
         self.outbox.counts.returned += 1;
-        self.finished(job);
     }
 
     /// Lets go of a job that is over: an event this worker holds the last reference to goes back
@@ -569,36 +561,21 @@ impl Worker {
         let Some(open) = self.open.get(retry.job) else { return };
         let event = Arc::clone(&open.job.event);
         if self.shared.table.get(retry.subscription.id).is_none() {
-            if self.hands_back(retry.job) {
-                return;
-            }
-            // Unsubscribed while waiting: the event is kept as a dead letter, not dropped.
-            let last = self.open.get(retry.job).map_or("", |open| open.tally.last_error());
-            let error = delivery::unsubscribed_before_retry(retry.attempts, last);
-            self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
+            self.subscription_ended(&retry, delivery::unsubscribed_before_retry);
             return;
         }
         let attempts = retry.attempts + 1;
-        let mut token = 0;
-        let outcome = delivery::attempt(&retry.subscription, &event, attempts, || {
-            let (reply, made) = self.awaiting.reply();
-            token = made;
-            reply
-        });
+        let outcome = delivery::attempt(&retry.subscription, &event, attempts, || self.awaiting.reply());
         match outcome {
             Attempt::Awaiting => {
+                let token = self.awaiting.last_token();
                 self.awaiting.insert(token, retry.job, retry.subscription, attempts, Instant::now());
                 return;
             }
             Attempt::Gone => {
                 // Gone while the retry waited (a dropped receiver): like an unsubscribe then.
                 self.outbox.gone.push(retry.subscription.id);
-                if self.hands_back(retry.job) {
-                    return;
-                }
-                let last = self.open.get(retry.job).map_or("", |open| open.tally.last_error());
-                let error = delivery::gone_before_retry(retry.attempts, last);
-                self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
+                self.subscription_ended(&retry, delivery::gone_before_retry);
                 return;
             }
             Attempt::Delivered | Attempt::Failed(_) => {}
@@ -647,10 +624,7 @@ impl Worker {
     fn end_open(&mut self, key: usize) {
         let open = self.open.remove(key);
         match open.job.origin {
-            Origin::Inbound(token) if open.give_back => {
-                self.outbox.naks.push(token);
-                self.outbox.counts.returned += 1;
-            }
+            Origin::Inbound(token) if open.give_back => self.give_back(token),
             _ => {
                 self.metrics.settled_late(&open.job.event, open.tally.failed());
                 self.outbox.settle(&open.job, open.tally, self.config.track_status);
@@ -658,24 +632,22 @@ impl Worker {
         }
     }
 
-    /// A delivery of open job `key` found its subscription ended (unsubscribed, or its receiver
-    /// gone) before its next attempt. In a work queue, an inbound job then goes back to its group,
-    /// for a member still subscribed, once its other deliveries end: `true`. Otherwise `false`,
-    /// and the caller dead-letters the delivery.
-    fn hands_back(&mut self, key: usize) -> bool {
-        if !self.config.give_back_unwanted {
-            return false;
+    /// `retry`'s subscription ended (unsubscribed, or its receiver gone) before the attempt was
+    /// due. In a work queue, an inbound job then goes back to its group, for a member still
+    /// subscribed, once its other deliveries end; otherwise the delivery is dead-lettered, with
+    /// the error `error` makes of the retry's number and the job's last error.
+    fn subscription_ended(&mut self, retry: &Retry, error: fn(u32, &str) -> String) {
+        let Some(open) = self.open.get_mut(retry.job) else { return };
+        if self.config.give_back_unwanted && matches!(open.job.origin, Origin::Inbound(_)) {
+            open.give_back = true;
+            open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
+            if open.tally.outstanding == 0 {
+                self.end_open(retry.job);
+            }
+            return;
         }
-        let Some(open) = self.open.get_mut(key) else { return false };
-        if !matches!(open.job.origin, Origin::Inbound(_)) {
-            return false;
-        }
-        open.give_back = true;
-        open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
-        if open.tally.outstanding == 0 {
-            self.end_open(key);
-        }
-        true
+        let error = error(retry.attempts, open.tally.last_error());
+        self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
     }
 
     /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a

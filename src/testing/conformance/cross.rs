@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use super::{EXCLUSIVE, Scope, TestBackend, wait_until};
 use crate::testing::{Fault, FaultyProvider, Operation};
-use crate::{Broker, BuildError, Distribution, Event, EventId, Provider, RetryPolicy};
+use crate::{Broker, BuildError, Distribution, Event, EventId, Provider, RetryPolicy, SubscriptionId};
 
 /// How long a scenario waits for what must arrive.
 const ARRIVE: Duration = Duration::from_secs(20);
@@ -38,6 +38,21 @@ impl Seen {
 
     fn subscribe(&self, broker: &Broker, pattern: &str) {
         self.subscribe_slow(broker, pattern, Duration::ZERO);
+    }
+
+    /// [`Seen::subscribe`] with a handler that holds each event until `release` is set (at most
+    /// [`ARRIVE`]).
+    fn subscribe_held(&self, broker: &Broker, pattern: &str, release: &Arc<AtomicBool>) -> SubscriptionId {
+        let (seen, release) = (self.clone(), Arc::clone(release));
+        broker
+            .subscribe_infallible(pattern, move |event| {
+                seen.0.lock().push(Arc::new(event.clone()));
+                let until = Instant::now() + ARRIVE;
+                while !release.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+            .expect("subscribe")
     }
 
     /// [`Seen::subscribe`] with a handler that takes `pause` for each event.
@@ -217,18 +232,7 @@ pub fn a_broker_torn_down_loses_nothing_it_fetched(backend: &dyn TestBackend) {
     // The doomed member's handler holds on to whatever it gets until released.
     let release = Arc::new(AtomicBool::new(false));
     let held = Seen::default();
-    {
-        let (release, held) = (Arc::clone(&release), held.clone());
-        doomed
-            .subscribe_infallible(scope.all().as_str(), move |event| {
-                held.0.lock().push(Arc::new(event.clone()));
-                let until = Instant::now() + ARRIVE;
-                while !release.load(Ordering::Relaxed) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-            .expect("subscribe");
-    }
+    held.subscribe_held(&doomed, scope.all().as_str(), &release);
     let events: Vec<Event> = (0..40).map(|i| scope.event(&format!("job.t{}", i % 8))).collect();
     publish_all(&publisher, &events);
     wait_until("the doomed member to hold events", ARRIVE, || held.len() > 0);
@@ -434,18 +438,7 @@ pub fn a_member_that_unsubscribes_gives_back_what_it_fetched(backend: &dyn TestB
     let publisher = broker(backend.connect(), &scope.name("p"), Distribution::FanOut).expect("a publisher");
     let release = Arc::new(AtomicBool::new(false));
     let held = Seen::default();
-    let id = {
-        let (release, held) = (Arc::clone(&release), held.clone());
-        leaving
-            .subscribe_infallible(scope.all().as_str(), move |event| {
-                held.0.lock().push(Arc::new(event.clone()));
-                let until = Instant::now() + ARRIVE;
-                while !release.load(Ordering::Relaxed) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-            .expect("subscribe")
-    };
+    let id = held.subscribe_held(&leaving, scope.all().as_str(), &release);
     // One type, so one shard: its worker holds the first event while the rest wait behind it.
     let first = scope.event("jobs.run");
     publish_all(&publisher, std::slice::from_ref(&first));
