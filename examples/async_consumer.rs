@@ -3,8 +3,8 @@
 //! `subscribe_acked` hands out deliveries that end only when the consumer settles them, so the
 //! event stays `processing` (and an event from another instance unacknowledged) while an async
 //! task works on it: a failure is retried by the broker, and nothing is lost if the process stops
-//! half-way. Publishing uses `try_publish`, which never blocks the runtime; the calls that wait
-//! (`drain`, `shutdown`) run under `spawn_blocking`.
+//! half-way. Publishing uses `publish_when_room`, which waits for room without blocking the
+//! runtime; the calls that wait on their thread (`drain`, `shutdown`) run under `spawn_blocking`.
 //!
 //! ```sh
 //! cargo run --example async_consumer
@@ -14,22 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use eventbroker::{Broker, Delivery, Event, EventSource, PublishError, RetryPolicy};
-
-/// Publishes `event`, waiting for room without blocking the runtime.
-async fn publish_when_room(broker: &Broker, mut event: Event) -> Result<(), PublishError> {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match broker.try_publish(event) {
-            Err(PublishError::Full(back)) => {
-                event = *back;
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(100));
-            }
-            done => return done,
-        }
-    }
-}
+use eventbroker::{Broker, Delivery, Event, EventSource, RetryPolicy};
 
 /// Handles one order: async work, then `ack`, or `fail` to have the broker retry it. Every fifth
 /// order fails its first attempt, as a flaky downstream service would.
@@ -67,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     for order in 0..200u32 {
         let event = Event::new(EventSource::Internal, "orders.created").with_payload(&order)?;
-        publish_when_room(&broker, event).await?;
+        broker.publish_when_room(event).await?;
     }
 
     let waiting = broker.clone();

@@ -478,6 +478,42 @@ fn sync_and_batch_publishes_respect_the_writer_backlog() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// 14, for async code: `publish_when_room` waits for room in the writer's backlog too, and gets in
+// once the provider recovers.
+#[test]
+fn an_async_publish_waits_for_the_writer_backlog() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .backpressure(Backpressure::Block(Duration::from_secs(60)))
+        .writer(WriterConfig { max_backlog: 10, ..WriterConfig::default() })
+        .build()
+        .unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    let mut accepted = 0;
+    while broker.try_publish(event("async.backlog")).is_ok() {
+        accepted += 1;
+        assert!(accepted <= 10, "the backlog holds 10");
+    }
+    assert_eq!(accepted, 10);
+    let waiting = event("async.backlog");
+    let id = waiting.id;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    runtime.block_on(async {
+        let publish = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.publish_when_room(waiting).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!publish.is_finished(), "the backlog is still full");
+        faulty.heal_all();
+        tokio::time::timeout(WAIT, publish).await.expect("in once the writer catches up").unwrap().unwrap();
+    });
+    broker.flush(WAIT).unwrap();
+    assert!(broker.provider().get(id).unwrap().is_some());
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
 // 16. An empty list of handler failures displays without panicking.
 #[test]
 fn an_empty_handler_failure_list_displays() {

@@ -26,6 +26,11 @@ use crate::{Backpressure, Distribution, Event, Mode, validate_event_type};
 
 use super::stats::SyncCounters;
 
+/// How long a task waiting for room in the writer's backlog first waits before it looks again; the
+/// wait doubles each time, up to [`BACKLOG_POLL_LAST`].
+const BACKLOG_POLL_FIRST: Duration = Duration::from_micros(10);
+const BACKLOG_POLL_LAST: Duration = Duration::from_millis(1);
+
 /// Everything a broker runs: shared by its handles, its inbound thread and, after a shutdown
 /// begun on one of its own workers, the thread that completes it.
 pub(crate) struct Engine {
@@ -305,6 +310,43 @@ impl Engine {
         match self.enqueue(Job::local(event), patience, self.store_for_publish()) {
             Ok(()) => Ok(()),
             Err((error, job)) => Err(self.rejected(error, job.event)),
+        }
+    }
+
+    /// Queues the event, waiting as the backpressure policy allows without blocking the thread:
+    /// for room on the shard through its [`SpaceWaiters`](crate::dispatch::backpressure::SpaceWaiters),
+    /// for room in the writer's backlog on a growing timer (the writer signals nobody).
+    pub(crate) async fn publish_when_room(&self, event: Event) -> Result<(), PublishError> {
+        let event = self.admit(event)?;
+        let mut job = Job::local(event);
+        let index = self.shards.index_for(job.event.partition());
+        // Not on the shard's own worker: only it could make room (as in `reserve`).
+        let patience = self.patience().filter(|_| worker::current(self.id) != Some(index));
+        let shard = self.shards.shard(index);
+        let producer = &shard.producer;
+        let mut deadline = None;
+        let mut backlog_pause = BACKLOG_POLL_FIRST;
+        loop {
+            match self.enqueue(job, None, self.store_for_publish()) {
+                Ok(()) => return Ok(()),
+                Err((ReserveError::Full, back)) => job = back,
+                Err((error, back)) => return Err(self.rejected(error, back.event)),
+            }
+            let Some(patience) = patience else {
+                return Err(self.rejected(ReserveError::Full, job.event));
+            };
+            let deadline = *deadline.get_or_insert_with(|| crate::deadline::from_now(patience));
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(self.rejected(ReserveError::Full, job.event));
+            }
+            if producer.is_full() {
+                shard.space.room(left, || !producer.is_full() || producer.is_closed()).await;
+            } else {
+                // The ring has room, so the writer's backlog was full.
+                futures_timer::Delay::new(backlog_pause.min(left)).await;
+                backlog_pause = (backlog_pause * 2).min(BACKLOG_POLL_LAST);
+            }
         }
     }
 

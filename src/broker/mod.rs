@@ -431,8 +431,9 @@ impl Broker {
 
     /// Queues the event on its shard and returns; the handlers run on the shard's worker. Not an
     /// `async fn`: when the shard is full it blocks the calling thread for as long as the
-    /// [`Backpressure`] policy says (up to 1 s by default). From an async runtime's threads use
-    /// [`Broker::try_publish`], which never waits (see the README's "Using it from async code").
+    /// [`Backpressure`] policy says (up to 1 s by default). On an async runtime's threads use
+    /// [`Broker::publish_when_room`], which waits without blocking, or [`Broker::try_publish`],
+    /// which never waits.
     ///
     /// # Errors
     /// [`PublishError::InvalidType`] or [`PublishError::InvalidMetadata`], [`PublishError::Full`]
@@ -442,9 +443,41 @@ impl Broker {
         self.engine().publish_async(event)
     }
 
+    /// Queues the event like [`Broker::publish_async`], for async code: where that blocks its
+    /// thread while the shard is full, this future is pending, and the task is woken as soon as
+    /// the shard's worker frees a slot. It waits as long as the [`Backpressure`] policy says (up to
+    /// 1 s by default; not at all under [`Backpressure::Reject`]), timed without any particular
+    /// runtime: Tokio, async-std, smol or a plain executor. When there is room it queues the event
+    /// before its first `.await` returns, as `publish_async` would. Dropping the future before it
+    /// is ready leaves the event unpublished.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = Broker::builder().build()?;
+    /// let events = broker.subscribe_stream("orders.>")?;
+    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    /// runtime.block_on(async {
+    ///     broker.publish_when_room(Event::new(EventSource::Internal, "orders.created")).await?;
+    ///     let event = events.recv_async().await?;
+    ///     assert_eq!(event.event_type, "orders.created");
+    ///     Ok::<_, Box<dyn std::error::Error>>(())
+    /// })?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Broker::publish_async`]: the event is handed back.
+    pub async fn publish_when_room(&self, event: Event) -> Result<(), PublishError> {
+        self.engine().publish_when_room(event).await
+    }
+
     /// Queues the event on its shard without waiting for room, whatever the [`Backpressure`]
     /// policy: a full shard (or writer backlog) hands it back at once. For callers that must never
-    /// block, such as the [CRUD hooks](crate::hooks) or code on an async runtime's threads.
+    /// wait, such as the [CRUD hooks](crate::hooks).
     ///
     /// ```
     /// use eventbroker::{Broker, Event, EventSource, PublishError};
@@ -455,32 +488,6 @@ impl Broker {
     ///     Err(PublishError::Full(event)) => eprintln!("busy; dropping {}", event.id),
     ///     Err(other) => return Err(other.into()),
     /// }
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    ///
-    /// On an async runtime, a publish that waits for room without blocking the runtime's thread:
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use eventbroker::{Broker, Event, EventSource, PublishError};
-    ///
-    /// async fn publish_when_room(broker: &Broker, mut event: Event) -> Result<(), PublishError> {
-    ///     let mut pause = Duration::from_millis(1);
-    ///     loop {
-    ///         match broker.try_publish(event) {
-    ///             Err(PublishError::Full(back)) => {
-    ///                 event = *back;
-    ///                 tokio::time::sleep(pause).await;
-    ///                 pause = (pause * 2).min(Duration::from_millis(100));
-    ///             }
-    ///             done => return done,
-    ///         }
-    ///     }
-    /// }
-    ///
-    /// let broker = Broker::builder().build()?;
-    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-    /// runtime.block_on(publish_when_room(&broker, Event::new(EventSource::Internal, "cache.invalidated")))?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///

@@ -7,7 +7,15 @@
 //! fence and one load when nobody waits. So a full shard hands its space to the publisher as soon
 //! as there is some, instead of the publisher sleeping on a timer while the worker runs dry and
 //! parks: the two would otherwise take turns sleeping.
+//!
+//! A task of an async runtime waits the same way without a thread of its own
+//! ([`Broker::publish_when_room`](crate::Broker::publish_when_room)): [`SpaceWaiters::room`] is a
+//! future that leaves its waker where the parked publishers are counted, and the same signal wakes
+//! it. Its deadline is a timer on [`futures_timer`]'s thread, so it needs no particular runtime.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::sync::Ordering::{Relaxed, SeqCst};
@@ -34,10 +42,18 @@ impl Default for Backpressure {
 /// The mutex and condvar are `parking_lot`'s and outside the loom shim: they only ever guard the
 /// condvar's wait, and the lost-wake-up argument rests on the atomic handshake below.
 pub(crate) struct SpaceWaiters {
-    /// Publishers inside `wait_until`.
+    /// Publishers inside `wait_until`, and tasks with a waker in `tasks`.
     waiting: AtomicUsize,
     lock: parking_lot::Mutex<()>,
     freed: parking_lot::Condvar,
+    tasks: parking_lot::Mutex<Tasks>,
+}
+
+/// The wakers of tasks waiting for room, each under the key its [`Room`] future holds.
+#[derive(Default)]
+struct Tasks {
+    next_key: u64,
+    wakers: Vec<(u64, Waker)>,
 }
 
 impl SpaceWaiters {
@@ -46,6 +62,41 @@ impl SpaceWaiters {
             waiting: AtomicUsize::new(0),
             lock: parking_lot::Mutex::new(()),
             freed: parking_lot::Condvar::new(),
+            tasks: parking_lot::Mutex::new(Tasks::default()),
+        }
+    }
+
+    /// A future that is ready when `has_room()` holds (checked after every signal), or after
+    /// `patience`; like [`SpaceWaiters::wait_until`], the caller re-checks which it was.
+    pub(crate) fn room<F: Fn() -> bool>(&self, patience: Duration, has_room: F) -> Room<'_, F> {
+        Room { waiters: self, ready: has_room, key: None, timer: futures_timer::Delay::new(patience) }
+    }
+
+    /// Leaves `waker` to be woken by the next [`SpaceWaiters::notify`], under `key` (which it
+    /// replaces the waker of, if it is still there; else a new key is taken).
+    fn register(&self, key: &mut Option<u64>, waker: &Waker) {
+        let mut tasks = self.tasks.lock();
+        if let Some(key) = *key
+            && let Some((_, registered)) = tasks.wakers.iter_mut().find(|(k, _)| *k == key)
+        {
+            registered.clone_from(waker);
+            return;
+        }
+        tasks.next_key += 1;
+        let new = tasks.next_key;
+        tasks.wakers.push((new, waker.clone()));
+        *key = Some(new);
+        // Inside the lock, as in `wait_until`: a worker that sees this count takes the lock after
+        // it is released, and finds the waker.
+        self.waiting.fetch_add(1, Relaxed);
+    }
+
+    /// Takes the waker under `key` back, if `notify` has not taken it.
+    fn deregister(&self, key: u64) {
+        let mut tasks = self.tasks.lock();
+        if let Some(at) = tasks.wakers.iter().position(|(k, _)| *k == key) {
+            tasks.wakers.swap_remove(at);
+            self.waiting.fetch_sub(1, Relaxed);
         }
     }
 
@@ -73,8 +124,58 @@ impl SpaceWaiters {
         // See `wait_until`: the slots were freed (or the ring closed) before this fence.
         fence(SeqCst);
         if self.waiting.load(Relaxed) > 0 {
-            let _guard = self.lock.lock();
-            self.freed.notify_all();
+            {
+                let _guard = self.lock.lock();
+                self.freed.notify_all();
+            }
+            let woken = {
+                let mut tasks = self.tasks.lock();
+                self.waiting.fetch_sub(tasks.wakers.len(), Relaxed);
+                std::mem::take(&mut tasks.wakers)
+            };
+            // Outside the lock: a waker may run its task's code (some executors poll inline).
+            for (_, waker) in woken {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// What [`SpaceWaiters::room`] returns: ready once there is room (or the ring closed), or the
+/// patience it was given ran out; its waker waits among the shard's parked publishers meanwhile.
+pub(crate) struct Room<'a, F> {
+    waiters: &'a SpaceWaiters,
+    /// Whether there is room, or the ring closed.
+    ready: F,
+    /// The key of the waker left with `waiters`, while one is there.
+    key: Option<u64>,
+    timer: futures_timer::Delay,
+}
+
+impl<F: Fn() -> bool + Unpin> Future for Room<'_, F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // `Room` is `Unpin` (a `Delay` is, and so is a closure of references), so it may be taken
+        // out of its pin.
+        let this = self.get_mut();
+        if (this.ready)() {
+            return Poll::Ready(());
+        }
+        this.waiters.register(&mut this.key, cx.waker());
+        // Dekker with `notify`, as in `wait_until`: counted (in `register`), fence, look.
+        fence(SeqCst);
+        if (this.ready)() || Pin::new(&mut this.timer).poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+impl<F> Drop for Room<'_, F> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key {
+            self.waiters.deregister(key);
         }
     }
 }
@@ -151,6 +252,85 @@ mod tests {
         waiters.wait_until(started + Duration::from_millis(20), || false);
         assert!(started.elapsed() >= Duration::from_millis(20));
         assert_eq!(waiters.waiting.load(Relaxed), 0);
+    }
+
+    /// Runs `future` to completion on this thread, parking between polls.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return output;
+            }
+            std::thread::park();
+        }
+    }
+
+    #[test]
+    fn a_waiting_task_is_woken_by_notify_not_by_its_patience() {
+        // Many rounds, the room made at a different moment of the task's poll each time: a lost
+        // wake-up would leave a round waiting its 30 s.
+        for round in 0..2_000u32 {
+            let waiters = Arc::new(SpaceWaiters::new());
+            let room = Arc::new(AtomicBool::new(false));
+            let maker = {
+                let (waiters, room) = (Arc::clone(&waiters), Arc::clone(&room));
+                std::thread::spawn(move || {
+                    for _ in 0..(round % 64) * 16 {
+                        std::hint::spin_loop();
+                    }
+                    room.store(true, Relaxed);
+                    waiters.notify();
+                })
+            };
+            let started = Instant::now();
+            block_on(waiters.room(Duration::from_secs(30), || room.load(Relaxed)));
+            assert!(started.elapsed() < Duration::from_secs(10), "round {round} waited for its patience");
+            maker.join().unwrap();
+            assert_eq!(waiters.waiting.load(Relaxed), 0, "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_task_wait_ends_at_its_patience() {
+        let waiters = SpaceWaiters::new();
+        let started = Instant::now();
+        block_on(waiters.room(Duration::from_millis(20), || false));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert_eq!(waiters.waiting.load(Relaxed), 0, "the finished wait took its waker back");
+    }
+
+    #[test]
+    fn a_task_counts_once_however_often_it_is_polled_and_not_after_it_is_dropped() {
+        struct Noop;
+        impl std::task::Wake for Noop {
+            fn wake(self: Arc<Self>) {}
+        }
+        let waker = Waker::from(Arc::new(Noop));
+        let mut cx = Context::from_waker(&waker);
+        let waiters = SpaceWaiters::new();
+        {
+            let mut first = std::pin::pin!(waiters.room(Duration::from_secs(30), || false));
+            let mut second = std::pin::pin!(waiters.room(Duration::from_secs(30), || false));
+            for _ in 0..3 {
+                assert!(first.as_mut().poll(&mut cx).is_pending());
+                assert!(second.as_mut().poll(&mut cx).is_pending());
+            }
+            assert_eq!(waiters.waiting.load(Relaxed), 2);
+            waiters.notify();
+            assert_eq!(waiters.waiting.load(Relaxed), 0, "notify took both wakers");
+            assert!(first.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(waiters.waiting.load(Relaxed), 1, "polled again, it waits again");
+        }
+        assert_eq!(waiters.waiting.load(Relaxed), 0, "dropped, it took its waker back");
+        assert!(waiters.tasks.lock().wakers.is_empty());
     }
 
     #[test]
