@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eventbroker::{
     Broker, BrokerBuilder, DeadLetterFilter, Delivery, Distribution, DrainError, Event, EventStatus,
@@ -136,6 +136,55 @@ fn a_delivery_not_settled_in_time_fails_and_its_late_settle_is_ignored() {
     let stats = broker.stats();
     assert_eq!((stats.completed, stats.failed, stats.dead_letters, stats.awaiting_acks), (0, 1, 1, 0));
     assert_eq!(status(&broker, &published), Some(EventStatus::Failed));
+}
+
+#[test]
+fn a_delivery_tells_its_deadline_and_one_read_after_it_is_expired() {
+    // Long enough that neither delivery expires before this thread looks at it, however loaded
+    // the machine.
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let broker =
+        Broker::builder().workers(1).retry_policy(quick_retries(1)).ack_timeout(TIMEOUT).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let published = event("orders.created");
+    let before = Instant::now();
+    broker.publish(published.clone()).unwrap();
+    let first = next(&deliveries);
+    let read = Instant::now();
+    assert!(first.deadline() >= before + TIMEOUT && first.deadline() <= read + TIMEOUT, "{first:?}");
+    assert!(!first.is_expired());
+
+    // The consumer falls behind: the delivery expires unsettled, and its retry waits unread.
+    thread::sleep(first.deadline().saturating_duration_since(Instant::now()) + Duration::from_millis(20));
+    assert!(first.is_expired());
+    let retry = next(&deliveries);
+    assert_eq!(retry.attempt(), 2);
+    assert!(retry.deadline() > first.deadline());
+    first.ack(); // Too late: ignored, as its expiry said.
+    assert_eq!(status(&broker, &published), Some(EventStatus::Processing));
+    retry.ack();
+    broker.drain(WAIT).unwrap();
+    assert_eq!(status(&broker, &published), Some(EventStatus::Completed));
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.failed, stats.retries), (1, 0, 1));
+}
+
+#[test]
+fn a_delivery_made_on_the_callers_thread_tells_its_deadline_too() {
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let broker = Broker::builder().mode(Mode::Sync).ack_timeout(TIMEOUT).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let consumer = thread::spawn(move || {
+        let delivery = next(&deliveries);
+        let deadline = delivery.deadline();
+        delivery.ack();
+        deadline
+    });
+    let before = Instant::now();
+    broker.publish(event("orders.created")).unwrap();
+    let after = Instant::now();
+    let deadline = consumer.join().unwrap();
+    assert!(deadline >= before + TIMEOUT && deadline <= after + TIMEOUT);
 }
 
 #[test]

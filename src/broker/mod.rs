@@ -319,7 +319,8 @@ impl Broker {
     /// A failure, a delivery dropped unsettled, and one not settled within
     /// [`BrokerBuilder::ack_timeout`] (30 s by default) are retried per the broker's retry policy
     /// (a new [`Delivery`] with the next [`attempt`](Delivery::attempt) number), then
-    /// dead-lettered, as a handler's failure is; a settle that comes after the timeout is ignored.
+    /// dead-lettered, as a handler's failure is; a settle that comes after the timeout is ignored
+    /// (a consumer that fell behind can tell such a delivery by [`Delivery::is_expired`]).
     /// The channel holds as many deliveries as one shard holds events; a full channel is a failed
     /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver (every clone of it)
     /// ends the subscription within about 100 ms while deliveries wait, or when the next matching

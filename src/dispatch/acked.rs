@@ -62,13 +62,14 @@ pub(crate) const DROPPED: &str = "the delivery was dropped without being acknowl
 pub struct Delivery {
     event: Arc<Event>,
     attempt: u32,
+    deadline: Instant,
     /// Where the outcome goes; `None` once settled.
     reply: Option<Reply>,
 }
 
 impl Delivery {
-    pub(crate) fn new(event: Arc<Event>, attempt: u32, reply: Reply) -> Self {
-        Self { event, attempt, reply: Some(reply) }
+    pub(crate) fn new(event: Arc<Event>, attempt: u32, reply: Reply, deadline: Instant) -> Self {
+        Self { event, attempt, deadline, reply: Some(reply) }
     }
 
     /// The event.
@@ -79,6 +80,44 @@ impl Delivery {
     /// Which attempt of this delivery this is: 1 for the first, 2 for the first retry, and so on.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// When the broker stops waiting for this delivery: the moment it was made plus the
+    /// broker's [`ack_timeout`](crate::BrokerBuilder::ack_timeout). A settle after it is ignored,
+    /// the delivery having been retried (as a new [`Delivery`]) or dead-lettered by then; so is one
+    /// after a shutdown's deadline, which can come first.
+    ///
+    /// A delivery waits in its channel until the consumer reads it, and the time it waited there
+    /// counts: a consumer that falls behind by more than the timeout receives deliveries that
+    /// have already expired. Skipping those ([`Delivery::is_expired`]) saves doing work twice,
+    /// once for the expired delivery and once for its retry:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource};
+    ///
+    /// let broker = Broker::builder().ack_timeout(Duration::from_millis(200)).build()?;
+    /// let (_id, deliveries) = broker.subscribe_acked("orders.>")?;
+    /// broker.publish(Event::new(EventSource::System, "orders.created"))?;
+    /// std::thread::sleep(Duration::from_millis(300)); // the consumer is busy elsewhere
+    ///
+    /// let late = deliveries.recv_timeout(Duration::from_secs(5))?;
+    /// assert!(late.is_expired());
+    /// drop(late); // its retry is on its way
+    /// let retry = deliveries.recv_timeout(Duration::from_secs(5))?;
+    /// assert_eq!(retry.attempt(), 2);
+    /// retry.ack();
+    /// broker.drain(Duration::from_secs(5))?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Whether [`Delivery::deadline`] has passed: the broker no longer waits for this delivery,
+    /// and settling it does nothing.
+    pub fn is_expired(&self) -> bool {
+        Instant::now() >= self.deadline
     }
 
     /// The delivery succeeded. Does nothing when the broker stopped waiting for it (its
@@ -120,6 +159,7 @@ impl fmt::Debug for Delivery {
             .field("event", &self.event.id)
             .field("type", &self.event.event_type)
             .field("attempt", &self.attempt)
+            .field("deadline", &self.deadline)
             .field("settled", &self.reply.is_none())
             .finish()
     }
@@ -220,6 +260,9 @@ impl AckedChannel {
 /// How often a worker with deliveries waiting looks whether their consumers are still there.
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
+/// A delivery made by a worker: its token, and its deadline.
+pub(crate) type Made = (u64, Instant);
+
 /// How a delivery ended, as its consumer reported it.
 pub(crate) type Outcome = Result<(), String>;
 
@@ -293,6 +336,8 @@ pub(crate) struct Awaiting {
     queue: Arc<AckQueue>,
     timeout: Duration,
     next_token: u64,
+    /// The deadline of the delivery [`Awaiting::reply`] made last.
+    last_deadline: Instant,
     /// By token, which grows with the time each was made: the first entry has the earliest
     /// deadline.
     open: BTreeMap<u64, Awaited>,
@@ -320,6 +365,7 @@ impl Awaiting {
             queue,
             timeout,
             next_token: 0,
+            last_deadline: Instant::now(),
             open: BTreeMap::new(),
             subscriptions: HashMap::new(),
             next_sweep: Instant::now(),
@@ -327,28 +373,27 @@ impl Awaiting {
         }
     }
 
-    /// The reply of a new delivery; [`Awaiting::last_token`] is its token.
-    pub(crate) fn reply(&mut self) -> Reply {
+    /// The reply of a new delivery made now, and its deadline; [`Awaiting::last`] has its token.
+    pub(crate) fn reply(&mut self) -> (Reply, Instant) {
         self.next_token += 1;
-        Reply::Worker { queue: Arc::clone(&self.queue), token: self.next_token }
+        self.last_deadline = crate::deadline::from_now(self.timeout);
+        (Reply::Worker { queue: Arc::clone(&self.queue), token: self.next_token }, self.last_deadline)
     }
 
-    /// The token of the reply [`Awaiting::reply`] made last.
-    pub(crate) fn last_token(&self) -> u64 {
-        self.next_token
+    /// The token and deadline of the reply [`Awaiting::reply`] made last.
+    pub(crate) fn last(&self) -> Made {
+        (self.next_token, self.last_deadline)
     }
 
-    /// Waits for the outcome of the delivery `token`, made at `now`, the `attempts`-th to
+    /// Waits, until `deadline`, for the outcome of the delivery `token`, the `attempts`-th to
     /// `subscription` of open job `job`.
     pub(crate) fn insert(
         &mut self,
-        token: u64,
+        (token, deadline): Made,
         job: usize,
         subscription: Arc<Subscription>,
         attempts: u32,
-        now: Instant,
     ) {
-        let deadline = crate::deadline::after(now, self.timeout);
         let counted =
             self.subscriptions.entry(subscription.id).or_insert_with(|| (Arc::clone(&subscription), 0));
         counted.1 += 1;

@@ -118,12 +118,13 @@ pub(crate) fn attempt(
     subscription: &Subscription,
     event: &Arc<Event>,
     attempts: u32,
-    reply: impl FnOnce() -> Reply,
+    reply: impl FnOnce() -> (Reply, Instant),
 ) -> Attempt {
     let handler = match &subscription.target {
         Target::Handler(handler) => handler,
         Target::Acked(channel) => {
-            return match channel.send(Delivery::new(Arc::clone(event), attempts, reply())) {
+            let (reply, deadline) = reply();
+            return match channel.send(Delivery::new(Arc::clone(event), attempts, reply, deadline)) {
                 Handed::Queued => Attempt::Awaiting,
                 Handed::Full => Attempt::Failed(format!(
                     "acknowledged stream is full ({} deliveries)",
@@ -414,8 +415,9 @@ pub(crate) fn deliver_inline(
         let mut waiting = None;
         let outcome = attempt(subscription, event, attempts, || {
             let (reply, outcome) = flume::bounded(1);
-            waiting = Some(outcome);
-            Reply::Caller(reply)
+            let due = crate::deadline::from_now(rules.ack_timeout);
+            waiting = Some((outcome, due));
+            (Reply::Caller(reply), due)
         });
         let error = match outcome {
             Attempt::Delivered => return Inline::Delivered { attempts },
@@ -432,8 +434,11 @@ pub(crate) fn deliver_inline(
                 error
             }
             Attempt::Awaiting => {
-                let Some(waiting) = waiting else { unreachable!("an acknowledged delivery has its reply") };
-                match outbox.outcome(wait_for_outcome(subscription, &waiting, rules.ack_timeout, &shutdown)) {
+                let Some((waiting, due)) = waiting else {
+                    unreachable!("an acknowledged delivery has its reply")
+                };
+                let outcome = wait_for_outcome(subscription, &waiting, (due, rules.ack_timeout), &shutdown);
+                match outbox.outcome(outcome) {
                     None => return Inline::Delivered { attempts },
                     Some(error) => error,
                 }
@@ -464,16 +469,16 @@ pub(crate) fn unsubscribed_before_retry(retry: u32, last_error: &str) -> String 
     format!("unsubscribed before retry {retry} was due (last error: {last_error})")
 }
 
-/// Waits for an acknowledged delivery's outcome on `waiting`, up to `timeout`, in slices so a
+/// Waits for an acknowledged delivery's outcome on `waiting`, up to `due` (its deadline, `timeout`
+/// after it was made), in slices so a
 /// shutdown, or the consumer going away, is noticed: a delivery not settled by the shutdown
 /// deadline fails.
 fn wait_for_outcome(
     subscription: &Subscription,
     waiting: &flume::Receiver<Outcome>,
-    timeout: Duration,
+    (due, timeout): (Instant, Duration),
     shutdown: &impl Fn() -> Option<Instant>,
 ) -> Outcome {
-    let due = crate::deadline::from_now(timeout);
     loop {
         if let Target::Acked(channel) = &subscription.target {
             // A consumer gone with the delivery unread: it fails now, and comes on `waiting`.

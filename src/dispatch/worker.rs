@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 use smallvec::SmallVec;
 
-use crate::dispatch::acked::{AckQueue, Awaited, Awaiting, Outcome};
+use crate::dispatch::acked::{AckQueue, Awaited, Awaiting, Made, Outcome};
 use crate::dispatch::backpressure::SpaceWaiters;
 use crate::dispatch::delivery::{self, Attempt, Counts, InlineRules, Job, Origin, Outbox, Tally};
 use crate::dispatch::retry::{DelayQueue, RetryPolicy};
@@ -459,13 +459,13 @@ impl Worker {
         }
         let mut tally = Tally::default();
         let mut retry_later: SmallVec<[Arc<Subscription>; 2]> = SmallVec::new();
-        let mut awaiting: SmallVec<[(Arc<Subscription>, u64); 1]> = SmallVec::new();
+        let mut awaiting: SmallVec<[(Arc<Subscription>, Made); 1]> = SmallVec::new();
         let mut gone = 0;
         for subscription in subscriptions {
             let outcome = delivery::attempt(subscription, &job.event, 1, || self.awaiting.reply());
             match outcome {
                 Attempt::Awaiting => {
-                    awaiting.push((Arc::clone(subscription), self.awaiting.last_token()));
+                    awaiting.push((Arc::clone(subscription), self.awaiting.last()));
                     continue;
                 }
                 Attempt::Gone => gone += 1,
@@ -496,8 +496,8 @@ impl Worker {
             in_flight.registered = true;
         }
         let now = Instant::now();
-        for (subscription, token) in awaiting {
-            self.awaiting.insert(token, key, subscription, 1, now);
+        for (subscription, made) in awaiting {
+            self.awaiting.insert(made, key, subscription, 1);
         }
         for subscription in retry_later {
             let delay = self.config.retry.delay_for_retry(1, self.rng.f64());
@@ -568,8 +568,7 @@ impl Worker {
         let outcome = delivery::attempt(&retry.subscription, &event, attempts, || self.awaiting.reply());
         match outcome {
             Attempt::Awaiting => {
-                let token = self.awaiting.last_token();
-                self.awaiting.insert(token, retry.job, retry.subscription, attempts, Instant::now());
+                self.awaiting.insert(self.awaiting.last(), retry.job, retry.subscription, attempts);
                 return;
             }
             Attempt::Gone => {
