@@ -48,6 +48,8 @@ pub(crate) type Handler = dyn Fn(&std::sync::Arc<crate::Event>) -> Result<(), De
 pub(crate) enum Target {
     /// A handler, whose return ends the delivery.
     Handler(Box<Handler>),
+    /// A channel of events, whose delivery ends once the event is in it.
+    Stream(StreamChannel),
     /// A channel of [`Delivery`](crate::Delivery) values, each ended when its consumer settles it
     /// (see [`crate::dispatch::acked`]).
     Acked(crate::dispatch::acked::AckedChannel),
@@ -60,13 +62,51 @@ pub(crate) struct Subscription {
     pub(crate) target: Target,
 }
 
+/// The channel of a stream subscription ([`Broker::subscribe_stream`](crate::Broker::subscribe_stream)),
+/// as the broker holds it.
+pub(crate) struct StreamChannel {
+    /// `None` once the subscription ended: the consumer's receivers then disconnect as soon as
+    /// they have read what is left, even while a worker's match cache still holds the
+    /// subscription.
+    sender: arc_swap::ArcSwapOption<flume::Sender<std::sync::Arc<crate::Event>>>,
+    capacity: usize,
+}
+
+impl StreamChannel {
+    /// A channel of `capacity` events (at least 1), and the consumer's receiver.
+    pub(crate) fn new(capacity: usize) -> (Self, flume::Receiver<std::sync::Arc<crate::Event>>) {
+        let capacity = capacity.max(1);
+        let (sender, receiver) = flume::bounded(capacity);
+        (Self { sender: arc_swap::ArcSwapOption::from_pointee(sender), capacity }, receiver)
+    }
+
+    /// Puts `event` in the channel: a full channel is a failed delivery, a channel whose
+    /// receivers are gone (or whose subscription ended) a subscriber gone.
+    pub(crate) fn send(&self, event: &std::sync::Arc<crate::Event>) -> Result<(), DeliveryError> {
+        let Some(sender) = &*self.sender.load() else { return Err(DeliveryError::Gone) };
+        match sender.try_send(std::sync::Arc::clone(event)) {
+            Ok(()) => Ok(()),
+            Err(flume::TrySendError::Full(_)) => {
+                Err(DeliveryError::Failed(format!("stream receiver is full ({} events)", self.capacity)))
+            }
+            Err(flume::TrySendError::Disconnected(_)) => Err(DeliveryError::Gone),
+        }
+    }
+
+    fn close(&self) {
+        self.sender.store(None);
+    }
+}
+
 impl Subscription {
-    /// It was unsubscribed: a channel's receivers disconnect now, not when the last snapshot or
-    /// match cache holding the subscription lets go of it. Called outside the table's lock: what
-    /// it fails may be dropped, and drops may take it.
+    /// It was unsubscribed: a channel's receivers disconnect now (once they have read what it
+    /// holds), not when the last snapshot or match cache holding the subscription lets go of it.
+    /// Called outside the table's lock: what it fails may be dropped, and drops may take it.
     fn end(&self) {
-        if let Target::Acked(channel) = &self.target {
-            channel.close();
+        match &self.target {
+            Target::Acked(channel) => channel.close(),
+            Target::Stream(channel) => channel.close(),
+            Target::Handler(_) => {}
         }
     }
 }

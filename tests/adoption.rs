@@ -220,7 +220,7 @@ fn user() -> UserContext {
 #[test]
 fn hooks_publish_create_update_and_delete_with_the_seeds_fields() {
     let broker = Broker::builder().workers(1).build().unwrap();
-    let events = broker.subscribe_stream("public.users.*").unwrap();
+    let (_, events) = broker.subscribe_stream("public.users.*").unwrap();
     let hooks = CrudHooks::new(&broker, CrudHookConfig::default());
     let user = user();
     let outcomes = [
@@ -264,7 +264,7 @@ fn hooks_publish_create_update_and_delete_with_the_seeds_fields() {
 #[test]
 fn hooks_publish_reads_when_asked() {
     let broker = Broker::builder().workers(1).build().unwrap();
-    let events = broker.subscribe_stream("*.*.read").unwrap();
+    let (_, events) = broker.subscribe_stream("*.*.read").unwrap();
     let hooks =
         CrudHooks::new(&broker, CrudHookConfig { read: true, create: false, ..CrudHookConfig::default() });
     assert!(matches!(

@@ -738,7 +738,7 @@ fn metadata_too_deep_to_read_back_is_refused_with_the_event() {
     let nested = |depth: usize| (1..depth).fold(json!([1]), |inner, _| json!([inner]));
     for mode in [Mode::Async, Mode::Sync] {
         let broker = Broker::builder().mode(mode).build().unwrap();
-        let seen = broker.subscribe_stream("a.>").unwrap();
+        let (_, seen) = broker.subscribe_stream("a.>").unwrap();
         let too_deep =
             event("a.b").with_metadata("ok", "x").with_metadata("deep", json!({ "k": nested(limit) }));
         let err = broker.publish(too_deep.clone()).unwrap_err();
@@ -799,8 +799,8 @@ fn a_partly_full_batch_hands_back_each_keys_suffix_in_order() {
 fn streams_deliver_to_sync_and_async_receivers() {
     // One shard: the two types are then handled in publish order.
     let broker = Broker::builder().workers(1).build().unwrap();
-    let sync_rx = broker.subscribe_stream("st.*").unwrap();
-    let async_rx = broker.subscribe_stream_bounded("st.b", 8).unwrap();
+    let (_, sync_rx) = broker.subscribe_stream("st.*").unwrap();
+    let (_, async_rx) = broker.subscribe_stream_bounded("st.b", 8).unwrap();
     broker.publish(event("st.a")).unwrap();
     broker.publish(event("st.b")).unwrap();
     let a = sync_rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -818,7 +818,7 @@ fn streams_deliver_to_sync_and_async_receivers() {
 #[test]
 fn a_full_stream_is_a_failed_delivery_and_a_dropped_one_unsubscribes() {
     let broker = Broker::builder().workers(1).retry_policy(RetryPolicy::none()).build().unwrap();
-    let rx = broker.subscribe_stream_bounded("full", 2).unwrap();
+    let (_, rx) = broker.subscribe_stream_bounded("full", 2).unwrap();
     for _ in 0..5 {
         broker.publish(event("full")).unwrap();
     }
@@ -836,6 +836,29 @@ fn a_full_stream_is_a_failed_delivery_and_a_dropped_one_unsubscribes() {
     });
     let report = broker.shutdown(Duration::from_secs(5));
     assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn unsubscribing_a_stream_disconnects_its_receiver_after_what_it_holds() {
+    let broker = Broker::builder().workers(1).build().unwrap();
+    let (id, rx) = broker.subscribe_stream("st.>").unwrap();
+    broker.publish(event("st.one")).unwrap();
+    broker.publish(event("st.two")).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    // The broker is idle now, its worker's match cache still holding the subscription.
+    assert!(broker.unsubscribe(id));
+    broker.publish(event("st.three")).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let types: Vec<_> = rx.try_iter().map(|e| e.event_type.to_string()).collect();
+    assert_eq!(types, ["st.one", "st.two"], "what was delivered before, nothing after");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)),
+        Err(flume::RecvTimeoutError::Disconnected),
+        "a consumer's loop over the receiver ends"
+    );
+    assert_eq!(broker.stats().subscriptions, 0);
+    let stats = broker.stats();
+    assert_eq!((stats.completed, stats.unrouted), (3, 1));
 }
 
 #[test]
@@ -886,7 +909,7 @@ fn events_held_by_a_subscriber_are_never_reused_while_held() {
     // Without tracking, spent events go back to the publisher, which builds new events in them:
     // only those nobody else holds.
     let broker = Broker::builder().workers(2).track_status(false).build().unwrap();
-    let held = broker.subscribe_stream_bounded("held.>", 4096).unwrap();
+    let (_, held) = broker.subscribe_stream_bounded("held.>", 4096).unwrap();
     broker.subscribe_infallible("held.>", |_: &Event| {}).unwrap();
     broker.subscribe_infallible("spent.>", |_: &Event| {}).unwrap();
     let mut sent = Vec::new();

@@ -568,7 +568,7 @@ fn a_disabled_configuration_builds_no_broker() {
 fn a_configured_broker_delivers() {
     let config = load("event_broker:\n  worker_count: 2\n  retry_policy:\n    max_retries: 0\n");
     let broker = config.build().unwrap();
-    let events = broker.subscribe_stream("public.users.*").unwrap();
+    let (_, events) = broker.subscribe_stream("public.users.*").unwrap();
     broker
         .publish(eventbroker::Event::for_entity(
             eventbroker::EventSource::Database,
@@ -617,7 +617,7 @@ mod postgres_support;
 fn delivers_and_stores(yaml: &str) {
     let config = load(yaml);
     let broker = config.build().unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-    let events = broker.subscribe_stream("public.users.*").unwrap();
+    let (_, events) = broker.subscribe_stream("public.users.*").unwrap();
     let event =
         eventbroker::Event::for_entity(eventbroker::EventSource::Database, "public", "users", "create");
     let id = event.id;

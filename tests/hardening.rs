@@ -211,7 +211,7 @@ fn endless_zero_delay_retries_do_not_starve_the_shard() {
         .build()
         .unwrap();
     broker.subscribe("always.fails", |_: &Event| Err::<(), _>("no")).unwrap();
-    let good = broker.subscribe_stream("then.good").unwrap();
+    let (_, good) = broker.subscribe_stream("then.good").unwrap();
     broker.publish(event("always.fails")).unwrap();
     broker.publish(event("then.good")).unwrap();
     assert!(good.recv_timeout(Duration::from_secs(5)).is_ok(), "the good event starved behind the retries");
@@ -274,7 +274,7 @@ fn no_input_kills_a_worker() {
         .unwrap();
     broker.subscribe("far.retry", |_: &Event| Err::<(), _>("later")).unwrap();
     broker.subscribe_infallible("evil.payload", |_| panic_any(PanicsOnDrop)).unwrap();
-    let good = broker.subscribe_stream("still.good").unwrap();
+    let (_, good) = broker.subscribe_stream("still.good").unwrap();
     broker.publish(event("far.retry")).unwrap();
     broker.publish(event("evil.payload")).unwrap();
     broker.publish(event("still.good")).unwrap();

@@ -50,7 +50,7 @@ use crate::error::{
     SyncPublishError,
 };
 use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, Provider, ReplayFrom};
-use crate::subscription::{DeliveryError, Handler, Target};
+use crate::subscription::{DeliveryError, Handler, StreamChannel, Target};
 use crate::{Delivery, Event, Pattern, SubscriptionId};
 
 mod builder;
@@ -125,7 +125,7 @@ impl Drop for Handle {
 ///         let _ = broker.publish(Event::new(EventSource::Internal, "orders.audited"));
 ///     }
 /// })?;
-/// let audited = broker.subscribe_stream("orders.audited")?;
+/// let (_, audited) = broker.subscribe_stream("orders.audited")?;
 /// broker.publish(Event::new(EventSource::Internal, "orders.created"))?;
 /// assert!(audited.recv_timeout(Duration::from_secs(5)).is_ok());
 /// drop(broker); // the handler's weak handle does not keep it alive
@@ -253,7 +253,9 @@ impl Broker {
 
     /// Subscribes a bounded channel: matching events arrive on the returned receiver (a
     /// [`flume::Receiver`], the crate re-exported as `eventbroker::flume`), from sync code
-    /// (`recv`) or async code (`recv_async().await`). It holds as many events as one shard
+    /// (`recv`) or async code (`recv_async().await`); the id ends the subscription with
+    /// [`Broker::unsubscribe`], which disconnects the receiver once it has read what the channel
+    /// holds. The channel holds as many events as one shard
     /// ([`BrokerBuilder::buffer_size`]); a full receiver is a failed delivery, retried and then
     /// dead-lettered, as [`Broker::subscribe_stream_bounded`] says. A delivery ends once the event
     /// is in the channel (an event from another instance is then acknowledged, when its other
@@ -261,7 +263,10 @@ impl Broker {
     ///
     /// # Errors
     /// As [`Broker::subscribe`].
-    pub fn subscribe_stream(&self, pattern: &str) -> Result<flume::Receiver<Arc<Event>>, SubscribeError> {
+    pub fn subscribe_stream(
+        &self,
+        pattern: &str,
+    ) -> Result<(SubscriptionId, flume::Receiver<Arc<Event>>), SubscribeError> {
         self.subscribe_stream_bounded(pattern, self.engine().buffer_size)
     }
 
@@ -278,10 +283,13 @@ impl Broker {
     /// use eventbroker::{Broker, Event, EventSource};
     ///
     /// let broker = Broker::builder().build()?;
-    /// let events = broker.subscribe_stream_bounded("audit.>", 16)?;
+    /// let (id, events) = broker.subscribe_stream_bounded("audit.>", 16)?;
     /// broker.publish(Event::new(EventSource::System, "audit.login"))?;
     /// let event = events.recv_timeout(Duration::from_secs(5))?;
     /// assert_eq!(event.event_type, "audit.login");
+    ///
+    /// broker.unsubscribe(id);
+    /// assert_eq!(events.recv_timeout(Duration::from_secs(5)), Err(eventbroker::flume::RecvTimeoutError::Disconnected));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     ///
@@ -291,18 +299,10 @@ impl Broker {
         &self,
         pattern: &str,
         capacity: usize,
-    ) -> Result<flume::Receiver<Arc<Event>>, SubscribeError> {
-        let (tx, rx) = flume::bounded(capacity.max(1));
-        let handler: Box<Handler> =
-            Box::new(move |event: &Arc<Event>| match tx.try_send(Arc::clone(event)) {
-                Ok(()) => Ok(()),
-                Err(flume::TrySendError::Full(_)) => {
-                    Err(DeliveryError::Failed(format!("stream receiver is full ({capacity} events)")))
-                }
-                Err(flume::TrySendError::Disconnected(_)) => Err(DeliveryError::Gone),
-            });
-        self.subscribe_handler(pattern, handler)?;
-        Ok(rx)
+    ) -> Result<(SubscriptionId, flume::Receiver<Arc<Event>>), SubscribeError> {
+        let (channel, receiver) = StreamChannel::new(capacity);
+        let id = self.subscribe_target(pattern, Target::Stream(channel))?;
+        Ok((id, receiver))
     }
 
     /// Subscribes a channel of [`Delivery`] values that each end when their consumer says so:
@@ -458,7 +458,7 @@ impl Broker {
     ///
     /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let broker = Broker::builder().build()?;
-    /// let events = broker.subscribe_stream("orders.>")?;
+    /// let (_, events) = broker.subscribe_stream("orders.>")?;
     /// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
     /// runtime.block_on(async {
     ///     broker.publish_when_room(Event::new(EventSource::Internal, "orders.created")).await?;

@@ -122,6 +122,13 @@ pub(crate) fn attempt(
 ) -> Attempt {
     let handler = match &subscription.target {
         Target::Handler(handler) => handler,
+        Target::Stream(channel) => {
+            return match channel.send(event) {
+                Ok(()) => Attempt::Delivered,
+                Err(DeliveryError::Gone) => Attempt::Gone,
+                Err(DeliveryError::Failed(error)) => Attempt::Failed(error),
+            };
+        }
         Target::Acked(channel) => {
             let (reply, deadline) = reply();
             return match channel.send(Delivery::new(Arc::clone(event), attempts, reply, deadline)) {
