@@ -209,6 +209,9 @@ event_broker:
     max_types: 10
     timing_sample: 1
     report_interval: 100ms
+    labels:
+      broker: orders
+      zone: ${HOSTNAME}
   retry_policy:
     jitter: 0
 ",
@@ -233,6 +236,10 @@ event_broker:
     assert!(!config.metrics.enabled);
     assert_eq!(config.metrics.namespace.as_deref(), Some("orders"));
     assert_eq!((config.metrics.max_types, config.metrics.timing_sample), (10, 1));
+    assert_eq!(
+        config.metrics.labels,
+        [("broker".to_owned(), "orders".to_owned()), ("zone".to_owned(), "host-1".to_owned())]
+    );
     assert_eq!(config.retry_policy.jitter.to_bits(), 0.0_f64.to_bits());
 
     let spin =
@@ -345,6 +352,21 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
         "event_broker:\n  metrics:\n    namespace: 9lives\n",
         "event_broker.metrics.namespace",
         "is not a metric name prefix",
+    ),
+    (
+        "event_broker:\n  metrics:\n    labels:\n      9lives: x\n",
+        "event_broker.metrics.labels",
+        r#""9lives" is not a label name"#,
+    ),
+    (
+        "event_broker:\n  metrics:\n    labels:\n      type: x\n",
+        "event_broker.metrics.labels",
+        r#""type" is a label the broker sets itself"#,
+    ),
+    (
+        "event_broker:\n  metrics:\n    labels:\n      zone: [eu, us]\n",
+        "event_broker.metrics.labels.zone",
+        "expected a single value, got a list",
     ),
     (
         "event_broker:\n  metrics:\n    timing_sample: 0\n",
@@ -507,6 +529,7 @@ fn overrides_replace_keys_at_any_depth() {
         ("EVENTBROKER_REDIS_HOST", "cache.internal"),
         ("EVENTBROKER_NATS_STORAGE", "memory"),
         ("EVENTBROKER_METRICS_ENABLED", "false"),
+        ("EVENTBROKER_METRICS_LABELS", "broker=orders, zone = eu,"),
         ("HOSTNAME", "h"),
     ];
     let config = load_with(QUICK_START, &vars).unwrap();
@@ -516,6 +539,10 @@ fn overrides_replace_keys_at_any_depth() {
     assert_eq!(config.redis.host.as_deref(), Some("cache.internal"));
     assert_eq!(config.nats.storage, Some(NatsStorageKind::Memory));
     assert!(!config.metrics.enabled);
+    assert_eq!(
+        config.metrics.labels,
+        [("broker".to_owned(), "orders".to_owned()), ("zone".to_owned(), "eu".to_owned())]
+    );
     assert_eq!(config.buffer_size, 1000, "keys without an override keep the file's value");
 
     let from_env = Config::from_env_with(&Env::from_vars([("EVENTBROKER_BUFFER_SIZE", "64")])).unwrap();
@@ -524,6 +551,12 @@ fn overrides_replace_keys_at_any_depth() {
 
 #[test]
 fn bad_overrides_name_the_variable() {
+    let err = load_with(QUICK_START, &[("EVENTBROKER_METRICS_LABELS", "broker")]).unwrap_err();
+    assert_eq!(err.key(), "event_broker.metrics.labels");
+    assert_eq!(
+        err.reason(),
+        r#"expected name=value pairs separated by commas, got "broker" (from EVENTBROKER_METRICS_LABELS)"#
+    );
     let err = load_with(QUICK_START, &[("EVENTBROKER_MODE", "asnyc")]).unwrap_err();
     assert_eq!(err.key(), "event_broker.mode");
     assert_eq!(err.reason(), r#"expected sync or async, got "asnyc" (from EVENTBROKER_MODE)"#);

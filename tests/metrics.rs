@@ -132,6 +132,33 @@ fn counters_carry_the_seeds_names_labels_and_values() {
 }
 
 #[test]
+fn brokers_of_one_process_are_told_apart_by_their_labels() {
+    let labelled = |name: &'static str| {
+        move |c: MetricsConfig| MetricsConfig { labels: vec![("broker".into(), name.into())], ..c }
+    };
+    let orders = broker("two", labelled("orders"));
+    let audit = broker("two", labelled("audit"));
+    for (broker, count) in [(&orders, 3), (&audit, 5)] {
+        broker.subscribe("work.*", |_| Err::<(), _>("declined")).unwrap();
+        for _ in 0..count {
+            broker.publish(event("work.item")).unwrap();
+        }
+        broker.drain(WAIT).unwrap();
+    }
+    // Each broker's engine-wide counters and gauges are its own series, not one overwriting
+    // the other's.
+    wait_for_value("two_eventbroker_dead_letters_total", &[("broker", "orders")], 3.0);
+    wait_for_value("two_eventbroker_dead_letters_total", &[("broker", "audit")], 5.0);
+    wait_for_value("two_eventbroker_workers_active", &[("broker", "audit")], 2.0);
+    let failed = [("broker", "orders"), ("type", "work.item"), ("status", "failed")];
+    assert_eq!(value(&scrape(), "two_eventbroker_events_processed_total", &failed), Some(3.0));
+    assert!(orders.shutdown(WAIT).is_clean());
+    wait_for_value("two_eventbroker_workers_active", &[("broker", "orders")], 0.0);
+    wait_for_value("two_eventbroker_workers_active", &[("broker", "audit")], 2.0);
+    assert!(audit.shutdown(WAIT).is_clean());
+}
+
+#[test]
 fn gauges_follow_the_queue_both_ways() {
     let broker = broker("gauges", |c| c);
     let (release, gate) = crossbeam_channel::bounded::<()>(0);

@@ -106,6 +106,7 @@
 //! | `metrics.max_types` | `256` | event types with labels of their own; the rest are `other` |
 //! | `metrics.timing_sample` | `16` | one event in this many per worker is timed for the duration histogram |
 //! | `metrics.report_interval` | `1s` | how often gauges and engine counters are set |
+//! | `metrics.labels` | none | labels added to every metric, a mapping (`broker: orders`); from the environment `broker=orders,zone=eu` |
 //! | `redis.*` | | [`RedisSection`] |
 //! | `nats.*` | | [`NatsSection`] |
 //! | `database.*` | | [`DatabaseSection`] |
@@ -439,6 +440,7 @@ impl Config {
             set(&mut metrics.max_types, s.uint("max_types")?);
             set(&mut metrics.timing_sample, s.uint("timing_sample")?);
             set(&mut metrics.report_interval, s.duration("report_interval")?);
+            set(&mut metrics.labels, s.string_map("labels")?);
             Ok(metrics)
         })?;
         c.metrics.validate().map_err(|e| e.within("event_broker"))?;

@@ -252,6 +252,51 @@ impl<'r, 'e> Section<'r, 'e> {
         parsed.map(Some).ok_or_else(|| value.expected("a duration like 250ms, 1s or 1m30s, or none"))
     }
 
+    /// A mapping of names to values (`broker: orders`), in document order; written as one string
+    /// (as an override variable is), `name=value` pairs separated by commas. Values are taken as
+    /// strings, as [`Section::string`] takes them.
+    pub(crate) fn string_map(
+        &mut self,
+        key: &'static str,
+    ) -> Result<Option<Vec<(String, String)>>, ConfigError> {
+        let Some(value) = self.value(key)? else { return Ok(None) };
+        let pairs = match &value.node {
+            Node::Null => return Ok(None),
+            Node::Map(entries) => {
+                let mut pairs = Vec::with_capacity(entries.len());
+                for (name, node) in entries {
+                    let path = format!("{}.{name}", value.path);
+                    let text = match node {
+                        Node::Str(text) => env::expand(&path, text, self.reader.env)?,
+                        Node::Bool(_) | Node::Int(_) | Node::Float(_) => node.to_string(),
+                        other => {
+                            return Err(ConfigError::new(
+                                path,
+                                format!("expected a single value, got {other}"),
+                            ));
+                        }
+                    };
+                    pairs.push((name.clone(), text));
+                }
+                pairs
+            }
+            Node::Str(text) => {
+                let mut pairs = Vec::new();
+                for item in text.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+                    let Some((name, text)) = item.split_once('=') else {
+                        return Err(value.error(format_args!(
+                            "expected name=value pairs separated by commas, got {item:?}"
+                        )));
+                    };
+                    pairs.push((name.trim().to_owned(), text.trim().to_owned()));
+                }
+                pairs
+            }
+            _ => return Err(value.expected("a mapping of names to values")),
+        };
+        Ok(Some(pairs))
+    }
+
     /// One of `choices`, as written.
     pub(crate) fn choice(
         &mut self,

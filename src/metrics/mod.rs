@@ -6,6 +6,8 @@
 //! Names start with `eventbroker_`, or `<namespace>_eventbroker_` with
 //! [`MetricsConfig::namespace`].
 //!
+//! Every metric also carries the labels of [`MetricsConfig::labels`], when set.
+//!
 //! | name | kind | labels | |
 //! |---|---|---|---|
 //! | `eventbroker_events_published_total` | counter | `source`, `type` | events published here, counted when a worker takes them (synchronous publishes at once) |
@@ -58,8 +60,20 @@
 //! per broker (`eb-metrics-<instance id>`) every [`report_interval`](MetricsConfig::report_interval)
 //! (1 s by default), and once more when the broker shuts down, so a scrape is at most one
 //! interval behind and never stuck at a value from the last enqueue (the seed's queue gauge
-//! was set before each enqueue and never after). Brokers in one process should use different
-//! namespaces, or their gauges overwrite each other.
+//! was set before each enqueue and never after).
+//!
+//! ## Brokers in one process
+//! The metrics of brokers with the same names and labels are the same series: their gauges and
+//! engine-wide counters overwrite each other. Give each broker a label of its own
+//! ([`MetricsConfig::labels`], added to every metric) or a namespace of its own:
+//!
+//! ```
+//! use eventbroker::metrics::MetricsConfig;
+//!
+//! let orders = MetricsConfig { labels: vec![("broker".into(), "orders".into())], ..MetricsConfig::default() };
+//! let audit = MetricsConfig { labels: vec![("broker".into(), "audit".into())], ..MetricsConfig::default() };
+//! # assert!(orders.validate().is_ok() && audit.validate().is_ok());
+//! ```
 
 use std::time::Duration;
 
@@ -79,6 +93,16 @@ pub(crate) use self::recording::{EngineMetrics, WorkerMetrics};
 
 /// The label value of event types beyond [`MetricsConfig::max_types`].
 pub const OTHER_TYPE: &str = "other";
+
+/// The labels the broker sets on the metrics that have them.
+const BROKER_LABELS: [&str; 3] = ["source", "type", "status"];
+
+/// Letters, digits and `_`, not first a digit: a metric name (prefix) or a label name.
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
 
 /// How a broker records metrics.
 ///
@@ -108,6 +132,11 @@ pub struct MetricsConfig {
     /// How often gauges and engine-wide counters are set, and a recorder looked for. Default 1 s;
     /// at least 10 ms.
     pub report_interval: Duration,
+    /// Labels added to every metric, as `(name, value)`: what tells the brokers of one process
+    /// apart (`broker="orders"`), whose gauges and engine-wide counters would otherwise overwrite
+    /// each other. Names are letters, digits and `_`, not first a digit nor `__`, and not
+    /// `source`, `type` or `status`, which the broker sets. Default none.
+    pub labels: Vec<(String, String)>,
 }
 
 impl Default for MetricsConfig {
@@ -118,6 +147,7 @@ impl Default for MetricsConfig {
             max_types: 256,
             timing_sample: 16,
             report_interval: Duration::from_secs(1),
+            labels: Vec::new(),
         }
     }
 }
@@ -134,13 +164,11 @@ impl MetricsConfig {
     ///
     /// # Errors
     /// [`ConfigError`] naming the field: a namespace that is not a metric name, `max_types` or
-    /// `timing_sample` of 0, a `report_interval` under 10 ms.
+    /// `timing_sample` of 0, a `report_interval` under 10 ms, a label name that is not one (or
+    /// is the broker's own, or given twice).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(namespace) = &self.namespace {
-            let mut chars = namespace.chars();
-            let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !valid {
+            if !is_metric_name(namespace) {
                 return Err(ConfigError::new(
                     "metrics.namespace",
                     format!(
@@ -160,6 +188,18 @@ impl MetricsConfig {
                 "metrics.report_interval",
                 format!("must be at least 10ms, got {:?}", self.report_interval),
             ));
+        }
+        for (at, (label, _)) in self.labels.iter().enumerate() {
+            let reason = if !is_metric_name(label) || label.starts_with("__") {
+                "is not a label name (letters, digits and _, not first a digit nor __)"
+            } else if BROKER_LABELS.contains(&label.as_str()) {
+                "is a label the broker sets itself"
+            } else if self.labels[..at].iter().any(|(earlier, _)| earlier == label) {
+                "is given twice"
+            } else {
+                continue;
+            };
+            return Err(ConfigError::new("metrics.labels", format!("{label:?} {reason}")));
         }
         Ok(())
     }

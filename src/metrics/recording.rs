@@ -20,6 +20,13 @@ pub(super) fn recorder_installed() -> bool {
     metrics::with_recorder(|recorder| std::mem::size_of_val(recorder) != 0)
 }
 
+impl MetricsConfig {
+    /// [`MetricsConfig::labels`], as every metric of the broker carries them.
+    pub(super) fn constant_labels(&self) -> Vec<Label> {
+        self.labels.iter().map(|(name, value)| Label::new(name.clone(), value.clone())).collect()
+    }
+}
+
 /// A broker's metric state, shared by its workers, its synchronous publishes and its reporter.
 pub(crate) struct EngineMetrics {
     pub(super) config: MetricsConfig,
@@ -90,18 +97,20 @@ impl EngineMetrics {
     }
 
     fn handles(&self, source: EventSource, label: &str) -> Handles {
-        let labels = [Label::new("source", source.as_str()), Label::new("type", label.to_owned())];
+        let mut labels = self.config.constant_labels();
+        labels.push(Label::new("source", source.as_str()));
+        labels.push(Label::new("type", label.to_owned()));
         let name = |n: &str| self.config.name(n);
         let processed = |status: &'static str| {
-            let mut labels = labels.to_vec();
+            let mut labels = labels.clone();
             labels.push(Label::new("status", status));
             metrics::counter!(name("events_processed_total"), labels)
         };
         Handles {
-            published: metrics::counter!(name("events_published_total"), labels.to_vec()),
+            published: metrics::counter!(name("events_published_total"), labels.clone()),
             completed: processed("completed"),
             failed: processed("failed"),
-            duration: metrics::histogram!(name("event_processing_duration_seconds"), labels.to_vec()),
+            duration: metrics::histogram!(name("event_processing_duration_seconds"), labels),
         }
     }
 

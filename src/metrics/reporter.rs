@@ -107,8 +107,9 @@ struct EngineHandles {
 impl EngineHandles {
     fn new(config: &MetricsConfig) -> Self {
         describe(config);
-        let gauge = |n: &str| metrics::gauge!(config.name(n));
-        let counter = |n: &str| metrics::counter!(config.name(n));
+        let labels = config.constant_labels();
+        let gauge = |n: &str| metrics::gauge!(config.name(n), labels.clone());
+        let counter = |n: &str| metrics::counter!(config.name(n), labels.clone());
         Self {
             queue_size: gauge("queue_size"),
             workers_active: gauge("workers_active"),
