@@ -325,6 +325,9 @@ impl Engine {
         let shard = self.shards.shard(index);
         let producer = &shard.producer;
         let mut deadline = None;
+        // Set once, at the first wait, and kept for the next ones: a task that loses the race for
+        // freed slots waits again without arming a new timer.
+        let mut timer = None;
         let mut backlog_pause = BACKLOG_POLL_FIRST;
         loop {
             match self.enqueue(job, None, self.store_for_publish()) {
@@ -341,7 +344,8 @@ impl Engine {
                 return Err(self.rejected(ReserveError::Full, job.event));
             }
             if producer.is_full() {
-                shard.space.room(left, || !producer.is_full() || producer.is_closed()).await;
+                let timer = timer.get_or_insert_with(|| futures_timer::Delay::new(left));
+                shard.space.room(timer, || !producer.is_full() || producer.is_closed()).await;
             } else {
                 // The ring has room, so the writer's backlog was full.
                 futures_timer::Delay::new(backlog_pause.min(left)).await;

@@ -450,7 +450,8 @@ impl Broker {
     /// 1 s by default; not at all under [`Backpressure::Reject`]), timed without any particular
     /// runtime: Tokio, async-std, smol or a plain executor. When there is room it queues the event
     /// before its first `.await` returns, as `publish_async` would. Dropping the future before it
-    /// is ready leaves the event unpublished.
+    /// is ready leaves the event unpublished. Always asynchronous, whatever the [`Mode`], as
+    /// `publish_async` is: the handlers run on the shard's worker.
     ///
     /// ```
     /// use std::time::Duration;

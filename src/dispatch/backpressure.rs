@@ -13,6 +13,7 @@
 //! future that leaves its waker where the parked publishers are counted, and the same signal wakes
 //! it. Its deadline is a timer on [`futures_timer`]'s thread, so it needs no particular runtime.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -49,11 +50,12 @@ pub(crate) struct SpaceWaiters {
     tasks: parking_lot::Mutex<Tasks>,
 }
 
-/// The wakers of tasks waiting for room, each under the key its [`Room`] future holds.
+/// The wakers of tasks waiting for room, each under the key its [`Room`] future holds: a task
+/// polled again, or dropped, finds its own in constant time, however many wait.
 #[derive(Default)]
 struct Tasks {
     next_key: u64,
-    wakers: Vec<(u64, Waker)>,
+    wakers: HashMap<u64, Waker, foldhash::fast::RandomState>,
 }
 
 impl SpaceWaiters {
@@ -66,10 +68,16 @@ impl SpaceWaiters {
         }
     }
 
-    /// A future that is ready when `has_room()` holds (checked after every signal), or after
-    /// `patience`; like [`SpaceWaiters::wait_until`], the caller re-checks which it was.
-    pub(crate) fn room<F: Fn() -> bool>(&self, patience: Duration, has_room: F) -> Room<'_, F> {
-        Room { waiters: self, ready: has_room, key: None, timer: futures_timer::Delay::new(patience) }
+    /// A future that is ready when `has_room()` holds (checked after every signal), or when
+    /// `deadline` fires; like [`SpaceWaiters::wait_until`], the caller re-checks which it was. The
+    /// caller keeps the timer across waits, so a task that loses the race for a freed slot does not
+    /// set a new one each time.
+    pub(crate) fn room<'a, F: Fn() -> bool>(
+        &'a self,
+        deadline: &'a mut futures_timer::Delay,
+        has_room: F,
+    ) -> Room<'a, F> {
+        Room { waiters: self, ready: has_room, key: None, deadline }
     }
 
     /// Leaves `waker` to be woken by the next [`SpaceWaiters::notify`], under `key` (which it
@@ -77,14 +85,14 @@ impl SpaceWaiters {
     fn register(&self, key: &mut Option<u64>, waker: &Waker) {
         let mut tasks = self.tasks.lock();
         if let Some(key) = *key
-            && let Some((_, registered)) = tasks.wakers.iter_mut().find(|(k, _)| *k == key)
+            && let Some(registered) = tasks.wakers.get_mut(&key)
         {
             registered.clone_from(waker);
             return;
         }
         tasks.next_key += 1;
         let new = tasks.next_key;
-        tasks.wakers.push((new, waker.clone()));
+        tasks.wakers.insert(new, waker.clone());
         *key = Some(new);
         // Inside the lock, as in `wait_until`: a worker that sees this count takes the lock after
         // it is released, and finds the waker.
@@ -93,9 +101,7 @@ impl SpaceWaiters {
 
     /// Takes the waker under `key` back, if `notify` has not taken it.
     fn deregister(&self, key: u64) {
-        let mut tasks = self.tasks.lock();
-        if let Some(at) = tasks.wakers.iter().position(|(k, _)| *k == key) {
-            tasks.wakers.swap_remove(at);
+        if self.tasks.lock().wakers.remove(&key).is_some() {
             self.waiting.fetch_sub(1, Relaxed);
         }
     }
@@ -128,36 +134,38 @@ impl SpaceWaiters {
                 let _guard = self.lock.lock();
                 self.freed.notify_all();
             }
-            let woken = {
+            let woken: Vec<Waker> = {
                 let mut tasks = self.tasks.lock();
                 self.waiting.fetch_sub(tasks.wakers.len(), Relaxed);
-                std::mem::take(&mut tasks.wakers)
+                tasks.wakers.drain().map(|(_, waker)| waker).collect()
             };
             // Outside the lock: a waker may run its task's code (some executors poll inline).
-            for (_, waker) in woken {
+            // Every waiting task is woken, as every parked thread is: those that lose the race
+            // for the freed slots wait again.
+            for waker in woken {
                 waker.wake();
             }
         }
     }
 }
 
-/// What [`SpaceWaiters::room`] returns: ready once there is room (or the ring closed), or the
-/// patience it was given ran out; its waker waits among the shard's parked publishers meanwhile.
+/// What [`SpaceWaiters::room`] returns: ready once there is room (or the ring closed), or its
+/// deadline fired; its waker waits among the shard's parked publishers meanwhile.
 pub(crate) struct Room<'a, F> {
     waiters: &'a SpaceWaiters,
     /// Whether there is room, or the ring closed.
     ready: F,
     /// The key of the waker left with `waiters`, while one is there.
     key: Option<u64>,
-    timer: futures_timer::Delay,
+    deadline: &'a mut futures_timer::Delay,
 }
 
 impl<F: Fn() -> bool + Unpin> Future for Room<'_, F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // `Room` is `Unpin` (a `Delay` is, and so is a closure of references), so it may be taken
-        // out of its pin.
+        // `Room` is `Unpin` (references are, and so is a closure of them), so it may be taken out
+        // of its pin.
         let this = self.get_mut();
         if (this.ready)() {
             return Poll::Ready(());
@@ -165,7 +173,7 @@ impl<F: Fn() -> bool + Unpin> Future for Room<'_, F> {
         this.waiters.register(&mut this.key, cx.waker());
         // Dekker with `notify`, as in `wait_until`: counted (in `register`), fence, look.
         fence(SeqCst);
-        if (this.ready)() || Pin::new(&mut this.timer).poll(cx).is_ready() {
+        if (this.ready)() || Pin::new(&mut *this.deadline).poll(cx).is_ready() {
             return Poll::Ready(());
         }
         Poll::Pending
@@ -291,7 +299,8 @@ mod tests {
                 })
             };
             let started = Instant::now();
-            block_on(waiters.room(Duration::from_secs(30), || room.load(Relaxed)));
+            let mut deadline = futures_timer::Delay::new(Duration::from_secs(30));
+            block_on(waiters.room(&mut deadline, || room.load(Relaxed)));
             assert!(started.elapsed() < Duration::from_secs(10), "round {round} waited for its patience");
             maker.join().unwrap();
             assert_eq!(waiters.waiting.load(Relaxed), 0, "round {round}");
@@ -302,7 +311,7 @@ mod tests {
     fn a_task_wait_ends_at_its_patience() {
         let waiters = SpaceWaiters::new();
         let started = Instant::now();
-        block_on(waiters.room(Duration::from_millis(20), || false));
+        block_on(waiters.room(&mut futures_timer::Delay::new(Duration::from_millis(20)), || false));
         assert!(started.elapsed() >= Duration::from_millis(20));
         assert_eq!(waiters.waiting.load(Relaxed), 0, "the finished wait took its waker back");
     }
@@ -317,8 +326,12 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let waiters = SpaceWaiters::new();
         {
-            let mut first = std::pin::pin!(waiters.room(Duration::from_secs(30), || false));
-            let mut second = std::pin::pin!(waiters.room(Duration::from_secs(30), || false));
+            let (mut one, mut two) = (
+                futures_timer::Delay::new(Duration::from_secs(30)),
+                futures_timer::Delay::new(Duration::from_secs(30)),
+            );
+            let mut first = std::pin::pin!(waiters.room(&mut one, || false));
+            let mut second = std::pin::pin!(waiters.room(&mut two, || false));
             for _ in 0..3 {
                 assert!(first.as_mut().poll(&mut cx).is_pending());
                 assert!(second.as_mut().poll(&mut cx).is_pending());
