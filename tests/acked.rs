@@ -170,6 +170,58 @@ fn a_delivery_tells_its_deadline_and_one_read_after_it_is_expired() {
 }
 
 #[test]
+fn a_settle_after_the_deadline_is_ignored_even_when_the_worker_looks_late() {
+    let broker = Broker::builder()
+        .workers(1)
+        .retry_policy(quick_retries(1))
+        .ack_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    // Keeps the one worker busy well past the delivery's deadline.
+    broker.subscribe_infallible("slow.>", |_| thread::sleep(Duration::from_millis(600))).unwrap();
+    let published = event("orders.created");
+    broker.publish(published.clone()).unwrap();
+    let first = next(&deliveries);
+    broker.publish(event("slow.job")).unwrap();
+    wait_until("the delivery expires", WAIT, || first.is_expired());
+    first.ack(); // Made after the deadline: the worker, busy until now, must not count it.
+
+    let retry = next(&deliveries);
+    assert_eq!(retry.attempt(), 2, "the expired delivery was retried");
+    assert_eq!(status(&broker, &published), Some(EventStatus::Processing));
+    retry.ack();
+    broker.drain(WAIT).unwrap();
+    assert_eq!(status(&broker, &published), Some(EventStatus::Completed));
+    assert_eq!(broker.stats().retries, 1);
+}
+
+#[test]
+fn publish_sync_counts_a_settle_by_when_it_was_made() {
+    // `publish_sync` waits on the caller's thread in slices; an ack made in time counts however
+    // late the thread gets to it, and one made after the deadline does not (the unit of both is
+    // the settle's own time, as on a worker).
+    let broker = Broker::builder()
+        .mode(Mode::Sync)
+        .retry_policy(RetryPolicy::none())
+        .ack_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let consumer = thread::spawn(move || {
+        next(&deliveries).ack();
+        let late = next(&deliveries);
+        thread::sleep(late.deadline().saturating_duration_since(Instant::now()) + Duration::from_millis(10));
+        late.ack();
+    });
+    broker.publish(event("orders.created")).unwrap();
+    let error = broker.publish(event("orders.created")).unwrap_err();
+    let SyncPublishError::HandlerFailed(failures) = error else { panic!("{error:?}") };
+    assert!(failures.failures()[0].error.starts_with("not acknowledged within"), "{failures:?}");
+    consumer.join().unwrap();
+}
+
+#[test]
 fn a_delivery_made_on_the_callers_thread_tells_its_deadline_too() {
     const TIMEOUT: Duration = Duration::from_secs(5);
     let broker = Broker::builder().mode(Mode::Sync).ack_timeout(TIMEOUT).build().unwrap();

@@ -115,7 +115,8 @@ impl Delivery {
     }
 
     /// Whether [`Delivery::deadline`] has passed: the broker no longer waits for this delivery,
-    /// and settling it does nothing.
+    /// and settling it does nothing (a settle counts by when it is made, not by when the broker
+    /// gets to it).
     pub fn is_expired(&self) -> bool {
         Instant::now() >= self.deadline
     }
@@ -270,9 +271,9 @@ pub(crate) type Outcome = Result<(), String>;
 pub(crate) enum Reply {
     /// To the worker that made it, which knows it by `token`.
     Worker { queue: Arc<AckQueue>, token: u64 },
-    /// To the caller's thread waiting on the other end (`publish_sync`, `redrive`); nobody, once
-    /// it stopped waiting.
-    Caller(flume::Sender<Outcome>),
+    /// To the caller's thread waiting on the other end (`publish_sync`, `redrive`), with when it
+    /// came; nobody, once it stopped waiting.
+    Caller(flume::Sender<(Outcome, Instant)>),
 }
 
 impl Reply {
@@ -281,7 +282,7 @@ impl Reply {
             Self::Worker { queue, token } => queue.push(token, outcome),
             Self::Caller(waiting) => {
                 // A full or closed channel: the caller stopped waiting (or has this outcome).
-                let _ = waiting.try_send(outcome);
+                let _ = waiting.try_send((outcome, Instant::now()));
             }
         }
     }
@@ -292,9 +293,13 @@ pub(crate) struct AckQueue {
     /// Set after an outcome is queued, cleared by the worker before it takes them: while set, the
     /// worker does not sleep. A line of its own: consumers write it, the worker reads it each turn.
     ready: CachePadded<AtomicBool>,
-    outcomes: parking_lot::Mutex<Vec<(u64, Outcome)>>,
+    outcomes: parking_lot::Mutex<Vec<Settled>>,
     nudge: Nudge<Option<Job>>,
 }
+
+/// An outcome as its consumer settled it: the delivery's token, the outcome, and when it came
+/// (a settle after the delivery's deadline is ignored, however soon the worker looks).
+type Settled = (u64, Outcome, Instant);
 
 impl AckQueue {
     pub(crate) fn new(nudge: Nudge<Option<Job>>) -> Self {
@@ -306,7 +311,8 @@ impl AckQueue {
     }
 
     fn push(&self, token: u64, outcome: Outcome) {
-        self.outcomes.lock().push((token, outcome));
+        let settled = (token, outcome, Instant::now());
+        self.outcomes.lock().push(settled);
         // Release: pairs with the AcqRel swap in `take`; the outcome pushed above is there to take.
         self.ready.store(true, Ordering::Release);
         // After the store: the worker's last look before it parks sees it, or the nudge sees the
@@ -322,7 +328,7 @@ impl AckQueue {
     }
 
     /// Moves the queued outcomes onto `into`.
-    fn take(&self, into: &mut Vec<(u64, Outcome)>) {
+    fn take(&self, into: &mut Vec<Settled>) {
         // AcqRel: the clear happens before the lock below (an outcome queued after the clear sets
         // `ready` again, for the next turn), and pairs with the Release store in `push`.
         if self.ready.swap(false, Ordering::AcqRel) {
@@ -346,7 +352,7 @@ pub(crate) struct Awaiting {
     subscriptions: HashMap<SubscriptionId, (Arc<Subscription>, usize)>,
     /// When [`Awaiting::sweep`] next looks.
     next_sweep: Instant,
-    taken: Vec<(u64, Outcome)>,
+    taken: Vec<Settled>,
 }
 
 /// One delivery waiting for its outcome.
@@ -463,14 +469,17 @@ impl Awaiting {
     }
 
     /// Moves onto `into` the deliveries whose outcome came, with it, then those that timed out,
-    /// with a timeout error. Outcomes of deliveries no longer waiting (timed out, or given
-    /// up at shutdown) are dropped. Costs one load when nothing waits.
+    /// with a timeout error: a delivery settled at or after its deadline timed out too, however
+    /// soon this looks (a busy worker may look late), as [`Delivery::is_expired`] told its
+    /// consumer. Outcomes of deliveries no longer waiting (timed out, or given up at shutdown)
+    /// are dropped. Costs one load when nothing waits.
     pub(crate) fn settle(&mut self, into: &mut Vec<(Awaited, Outcome)>) {
         if self.queue.has_outcomes() {
             self.queue.take(&mut self.taken);
             let mut taken = std::mem::take(&mut self.taken);
-            for (token, outcome) in taken.drain(..) {
+            for (token, outcome, settled_at) in taken.drain(..) {
                 if let Some(awaited) = self.remove(token) {
+                    let outcome = if settled_at < awaited.deadline { outcome } else { Err(self.timed_out()) };
                     into.push((awaited, outcome));
                 }
             }
@@ -484,11 +493,15 @@ impl Awaiting {
             if entry.get().deadline > now {
                 break;
             }
-            let error = format!("not acknowledged within {:?}", self.timeout);
             let awaited = entry.remove();
             self.uncount(&awaited);
-            into.push((awaited, Err(error)));
+            into.push((awaited, Err(self.timed_out())));
         }
+    }
+
+    /// The error of a delivery not settled by its deadline.
+    fn timed_out(&self) -> String {
+        format!("not acknowledged within {:?}", self.timeout)
     }
 
     /// Removes every delivery still waiting, in the order they were made.

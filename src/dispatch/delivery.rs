@@ -482,24 +482,31 @@ pub(crate) fn unsubscribed_before_retry(retry: u32, last_error: &str) -> String 
 /// deadline fails.
 fn wait_for_outcome(
     subscription: &Subscription,
-    waiting: &flume::Receiver<Outcome>,
+    waiting: &flume::Receiver<(Outcome, Instant)>,
     (due, timeout): (Instant, Duration),
     shutdown: &impl Fn() -> Option<Instant>,
 ) -> Outcome {
+    let timed_out = || Err(format!("not acknowledged within {timeout:?}"));
     loop {
         if let Target::Acked(channel) = &subscription.target {
             // A consumer gone with the delivery unread: it fails now, and comes on `waiting`.
             channel.abandoned();
+        }
+        // A settle counts by when it was made, however late this thread looks (as on a worker).
+        match waiting.try_recv() {
+            Ok((outcome, settled_at)) => return if settled_at < due { outcome } else { timed_out() },
+            Err(flume::TryRecvError::Disconnected) => return Err(super::acked::DROPPED.to_owned()),
+            Err(flume::TryRecvError::Empty) => {}
         }
         let now = Instant::now();
         if shutdown().is_some_and(|deadline| now >= deadline) {
             return Err("the broker shut down before the delivery was acknowledged".to_owned());
         }
         if now >= due {
-            return Err(format!("not acknowledged within {timeout:?}"));
+            return timed_out();
         }
         match waiting.recv_timeout((due - now).min(SLICE)) {
-            Ok(outcome) => return outcome,
+            Ok((outcome, settled_at)) => return if settled_at < due { outcome } else { timed_out() },
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => return Err(super::acked::DROPPED.to_owned()),
         }
