@@ -361,7 +361,17 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
     (
         "event_broker:\n  metrics:\n    labels:\n      type: x\n",
         "event_broker.metrics.labels",
-        r#""type" is a label the broker sets itself"#,
+        r#""type" is a label the broker or the exporter sets itself"#,
+    ),
+    (
+        "event_broker:\n  metrics:\n    labels:\n      quantile: x\n",
+        "event_broker.metrics.labels",
+        r#""quantile" is a label the broker or the exporter sets itself"#,
+    ),
+    (
+        "event_broker:\n  metrics:\n    labels:\n      broker: ${UNSET_BROKER_NAME}\n",
+        "event_broker.metrics.labels",
+        r#""broker" has an empty value"#,
     ),
     (
         "event_broker:\n  metrics:\n    labels:\n      zone: [eu, us]\n",

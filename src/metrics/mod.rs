@@ -94,8 +94,9 @@ pub(crate) use self::recording::{EngineMetrics, WorkerMetrics};
 /// The label value of event types beyond [`MetricsConfig::max_types`].
 pub const OTHER_TYPE: &str = "other";
 
-/// The labels the broker sets on the metrics that have them.
-const BROKER_LABELS: [&str; 3] = ["source", "type", "status"];
+/// The labels the broker sets on the metrics that have them, and those exporters add to
+/// histograms and summaries (Prometheus' `le` and `quantile`).
+const RESERVED_LABELS: [&str; 5] = ["source", "type", "status", "le", "quantile"];
 
 /// Letters, digits and `_`, not first a digit: a metric name (prefix) or a label name.
 fn is_metric_name(name: &str) -> bool {
@@ -135,7 +136,8 @@ pub struct MetricsConfig {
     /// Labels added to every metric, as `(name, value)`: what tells the brokers of one process
     /// apart (`broker="orders"`), whose gauges and engine-wide counters would otherwise overwrite
     /// each other. Names are letters, digits and `_`, not first a digit nor `__`, and not
-    /// `source`, `type` or `status`, which the broker sets. Default none.
+    /// `source`, `type` or `status`, which the broker sets, nor `le` or `quantile`, which
+    /// exporters set; values are not empty. Default none.
     pub labels: Vec<(String, String)>,
 }
 
@@ -189,13 +191,16 @@ impl MetricsConfig {
                 format!("must be at least 10ms, got {:?}", self.report_interval),
             ));
         }
-        for (at, (label, _)) in self.labels.iter().enumerate() {
+        for (at, (label, value)) in self.labels.iter().enumerate() {
             let reason = if !is_metric_name(label) || label.starts_with("__") {
                 "is not a label name (letters, digits and _, not first a digit nor __)"
-            } else if BROKER_LABELS.contains(&label.as_str()) {
-                "is a label the broker sets itself"
+            } else if RESERVED_LABELS.contains(&label.as_str()) {
+                "is a label the broker or the exporter sets itself"
             } else if self.labels[..at].iter().any(|(earlier, _)| earlier == label) {
                 "is given twice"
+            } else if value.is_empty() {
+                // Prometheus reads an empty value as no label: the series would be shared again.
+                "has an empty value"
             } else {
                 continue;
             };
