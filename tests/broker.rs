@@ -839,6 +839,19 @@ fn a_full_stream_is_a_failed_delivery_and_a_dropped_one_unsubscribes() {
 }
 
 #[test]
+fn an_event_whose_only_stream_is_gone_counts_as_unrouted_in_either_mode() {
+    for mode in [Mode::Async, Mode::Sync] {
+        let broker = Broker::builder().mode(mode).workers(1).build().unwrap();
+        let (_, rx) = broker.subscribe_stream("gone.>").unwrap();
+        drop(rx);
+        broker.publish(event("gone.away")).unwrap();
+        broker.drain(Duration::from_secs(5)).unwrap();
+        let stats = broker.stats();
+        assert_eq!((stats.completed, stats.unrouted, stats.subscriptions), (1, 1, 0), "{mode:?}");
+    }
+}
+
+#[test]
 fn unsubscribing_a_stream_disconnects_its_receiver_after_what_it_holds() {
     let broker = Broker::builder().workers(1).build().unwrap();
     let (id, rx) = broker.subscribe_stream("st.>").unwrap();

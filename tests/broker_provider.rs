@@ -307,6 +307,30 @@ fn a_redrive_writes_the_events_status_and_counts_its_deliveries() {
 }
 
 #[test]
+fn a_redrive_that_finds_its_stream_gone_keeps_the_dead_letter() {
+    let broker = Broker::builder().workers(1).retry_policy(RetryPolicy::none()).build().unwrap();
+    let (_, events) = broker.subscribe_stream_bounded("audit.>", 1).unwrap();
+    broker.publish(event("audit.login")).unwrap();
+    broker.publish(event("audit.logout")).unwrap();
+    wait_until("the full stream's dead letter", Duration::from_secs(5), || broker.stats().dead_letters == 1);
+    // The consumer goes away without reading; the subscription has not noticed yet.
+    drop(events);
+    assert_eq!(broker.stats().subscriptions, 1);
+    let letter = broker.dead_letters(&DeadLetterFilter::default()).unwrap().remove(0);
+    let err = broker.redrive(letter.id).unwrap_err();
+    assert!(matches!(err, BrokerError::NoSubscriber { ref pattern } if pattern == "audit.>"), "{err}");
+    assert_eq!(
+        broker.dead_letters(&DeadLetterFilter::default()).unwrap().len(),
+        1,
+        "kept, not counted delivered"
+    );
+    assert_eq!(broker.stats().subscriptions, 0, "the redrive found the receiver gone");
+    assert_eq!(broker.provider().get(letter.event.id).unwrap().map(|e| e.status), Some(EventStatus::Failed));
+    let report = broker.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
 fn redrive_finds_a_new_subscription_with_the_same_pattern() {
     let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();
     let old = broker.subscribe("audit.>", |_: &Event| Err::<(), _>("old handler broken")).unwrap();

@@ -412,10 +412,13 @@ impl Broker {
     }
 
     /// Ends a subscription; `false` when there was none with this id. Events published after this
-    /// returns never reach it; events already in flight may. An acknowledged subscription's
-    /// receiver disconnects at once: the deliveries left in its channel fail; those its consumer
-    /// holds still count when acked, and fail when failed or dropped. A failed one is
-    /// dead-lettered, or, in a work queue, given back to its group if it is another instance's.
+    /// returns never reach it; events already in flight may, except through a channel: a
+    /// stream's receiver ([`Broker::subscribe_stream`]) disconnects at once, once it has read the
+    /// events its channel holds, and an event in flight is not put in it any more (as when its
+    /// receiver is dropped). An acknowledged subscription's receiver disconnects at once too: the
+    /// deliveries left in its channel fail; those its consumer holds still count when acked, and
+    /// fail when failed or dropped. A failed one is dead-lettered, or, in a work queue, given back
+    /// to its group if it is another instance's.
     pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
         self.engine().shared.table.unsubscribe(id)
     }

@@ -75,6 +75,7 @@ impl Engine {
         let mut tally = Tally::default();
         let mut outcome =
             RedriveOutcome { delivered: 0, failed: Vec::new(), dead_letters: Vec::new(), status: None };
+        let mut gone = 0;
         for subscription in &targets {
             let inline = delivery::deliver_inline(
                 &self.shared.table,
@@ -89,12 +90,19 @@ impl Engine {
                     tally.delivered(attempts);
                     outcome.delivered += 1;
                 }
-                Inline::Gone => outcome.delivered += 1,
+                // A stream or acknowledged channel whose receiver was dropped: the subscription
+                // ended now; the event reached nobody through it.
+                Inline::Gone => gone += 1,
                 Inline::Failed(failure) => {
                     outbox.give_up(&job, &failure, &mut tally);
                     outcome.failed.push(failure);
                 }
             }
+        }
+        if gone == targets.len() {
+            // Every subscriber it found was gone: nothing was delivered or written, and the letter
+            // stays for a redrive once there is one again.
+            return Err(BrokerError::NoSubscriber { pattern: letter.pattern });
         }
         // Handler failures, retries and new dead letters count as any delivery's do; the event
         // was counted as processed when it was first handled, and is not again.

@@ -902,17 +902,24 @@ pub(crate) fn deliver_on_caller(
     }
     let mut tally = Tally::default();
     let mut failures = Vec::new();
+    let mut gone = 0;
     for subscription in &subscriptions {
         match delivery::deliver_inline(table, subscription, &job.event, rules, outbox, &shutdown) {
             delivery::Inline::Delivered { attempts } => tally.delivered(attempts),
-            delivery::Inline::Gone => {}
+            delivery::Inline::Gone => gone += 1,
             delivery::Inline::Failed(failure) => {
                 outbox.give_up(job, &failure, &mut tally);
                 failures.push(failure);
             }
         }
     }
-    outbox.settle(job, tally, track_status);
+    if gone == subscriptions.len() {
+        // Every subscriber it matched was gone (dropped receivers), their subscriptions ended
+        // now: as if it had matched nothing, as on a worker.
+        outbox.unrouted(job, track_status);
+    } else {
+        outbox.settle(job, tally, track_status);
+    }
     failures
 }
 
