@@ -451,7 +451,8 @@ impl Broker {
     /// thread while the shard is full, this future is pending, and the task is woken as soon as
     /// the shard's worker frees a slot. It waits as long as the [`Backpressure`] policy says (up to
     /// 1 s by default; not at all under [`Backpressure::Reject`]), timed without any particular
-    /// runtime: Tokio, async-std, smol or a plain executor. When there is room it queues the event
+    /// runtime (by `futures-timer`'s one thread per process, started at the first wait): Tokio,
+    /// async-std, smol or a plain executor. When there is room it queues the event
     /// before its first `.await` returns, as `publish_async` would. Dropping the future before it
     /// is ready leaves the event unpublished. Always asynchronous, whatever the [`Mode`], as
     /// `publish_async` is: the handlers run on the shard's worker.
