@@ -338,6 +338,21 @@ fn publish_sync_waits_for_the_acknowledgement_on_the_callers_thread() {
 }
 
 #[test]
+fn a_delivery_waited_for_on_the_callers_thread_counts_as_awaiting() {
+    let broker = Broker::builder().mode(Mode::Sync).build().unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let publisher = {
+        let broker = broker.clone();
+        thread::spawn(move || broker.publish(event("orders.created")))
+    };
+    let delivery = next(&deliveries);
+    wait_until("the caller's wait counted", WAIT, || broker.stats().awaiting_acks == 1);
+    delivery.ack();
+    publisher.join().unwrap().unwrap();
+    assert_eq!(broker.stats().awaiting_acks, 0);
+}
+
+#[test]
 fn publish_sync_gives_up_on_an_acknowledgement_after_the_timeout() {
     let broker = Broker::builder()
         .mode(Mode::Sync)

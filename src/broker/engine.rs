@@ -94,8 +94,8 @@ impl Engine {
     }
 
     /// How deliveries on a caller's thread (`publish_sync`, `redrive`) retry and wait.
-    pub(crate) fn inline_rules(&self) -> InlineRules {
-        InlineRules { retry: self.retry, ack_timeout: self.ack_timeout }
+    pub(crate) fn inline_rules(&self) -> InlineRules<'_> {
+        InlineRules { retry: self.retry, ack_timeout: self.ack_timeout, awaiting: &self.sync.awaiting_acks }
     }
 
     /// Checks an event can be published and fills in the instance id. Moves the event to the

@@ -19,6 +19,8 @@ pub(crate) struct SyncCounters {
     handler_failures: AtomicU64,
     retries: AtomicU64,
     dead_letters: AtomicU64,
+    /// Acknowledged deliveries `publish_sync` and `redrive` wait for on their callers' threads.
+    pub(crate) awaiting_acks: AtomicU64,
 }
 
 impl SyncCounters {
@@ -80,9 +82,9 @@ pub struct BrokerStats {
     pub returned: u64,
     /// Deliveries waiting for a retry now.
     pub pending_retries: u64,
-    /// Acknowledged deliveries the workers made that wait for their consumer to settle them now
-    /// (see [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)); those `publish_sync`
-    /// and `redrive` make wait on their caller's thread, uncounted.
+    /// Acknowledged deliveries that wait for their consumer to settle them now (see
+    /// [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)): those the workers made, and
+    /// those `publish_sync` and `redrive` wait for on their callers' threads.
     pub awaiting_acks: u64,
     /// Panics caught on workers outside any handler.
     pub internal_errors: u64,
@@ -124,7 +126,7 @@ impl Engine {
             queued,
             returned: sum(|s| s.returned),
             pending_retries: sum(|s| s.pending_retries),
-            awaiting_acks: sum(|s| s.awaiting_acks),
+            awaiting_acks: sum(|s| s.awaiting_acks) + load(&s.awaiting_acks),
             internal_errors: sum(|s| s.internal_errors),
             writer: self.shared.writer.stats(),
             inbound,

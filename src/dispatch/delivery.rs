@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -383,12 +384,13 @@ fn finished(id: crate::EventId, status: EventStatus, error: String, retries: u32
         .with_completed_at(crate::clock::now())
 }
 
-/// How deliveries made on the caller's thread retry, and how long they wait for an
-/// acknowledgement.
+/// How deliveries made on the caller's thread retry, how long they wait for an acknowledgement,
+/// and where they count while they wait (the broker's `awaiting_acks`).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct InlineRules {
+pub(crate) struct InlineRules<'a> {
     pub(crate) retry: RetryPolicy,
     pub(crate) ack_timeout: Duration,
+    pub(crate) awaiting: &'a AtomicU64,
 }
 
 /// How a delivery made on the caller's thread ended.
@@ -444,7 +446,10 @@ pub(crate) fn deliver_inline(
                 let Some((waiting, due)) = waiting else {
                     unreachable!("an acknowledged delivery has its reply")
                 };
+                // Relaxed: a count for statistics.
+                rules.awaiting.fetch_add(1, Ordering::Relaxed);
                 let outcome = wait_for_outcome(subscription, &waiting, (due, rules.ack_timeout), &shutdown);
+                rules.awaiting.fetch_sub(1, Ordering::Relaxed);
                 match outbox.outcome(outcome) {
                     None => return Inline::Delivered { attempts },
                     Some(error) => error,
