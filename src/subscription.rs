@@ -96,6 +96,22 @@ impl StreamChannel {
     fn close(&self) {
         self.sender.store(None);
     }
+
+    /// Whether every receiver was dropped (or the subscription ended).
+    fn abandoned(&self) -> bool {
+        self.sender.load().as_ref().is_none_or(|sender| sender.receiver_count() == 0)
+    }
+}
+
+impl Target {
+    /// Whether it is a channel whose consumer dropped every receiver: nobody can take its events.
+    fn abandoned(&self) -> bool {
+        match self {
+            Self::Handler(_) => false,
+            Self::Stream(channel) => channel.abandoned(),
+            Self::Acked(channel) => channel.consumer_gone(),
+        }
+    }
 }
 
 impl Subscription {
@@ -242,6 +258,17 @@ impl SubscriptionTable {
 
     pub(crate) fn len(&self) -> usize {
         self.master.lock().entries.len()
+    }
+
+    /// Ends the subscriptions whose channel's consumer dropped every receiver (streams and
+    /// acknowledged channels), and returns how many. Otherwise each ends only when a matching event
+    /// finds it gone, and until then stays in the filter other instances' events are fetched by.
+    pub(crate) fn end_abandoned(&self) -> usize {
+        let abandoned: Vec<SubscriptionId> = {
+            let master = self.master.lock();
+            master.entries.iter().filter(|(_, (s, _))| s.target.abandoned()).map(|(id, _)| *id).collect()
+        };
+        abandoned.into_iter().filter(|id| self.unsubscribe(*id)).count()
     }
 
     /// The distinct patterns of the live subscriptions, and the generation of the set they are

@@ -598,3 +598,49 @@ fn a_member_that_unsubscribes_gives_back_what_it_fetched_for_the_subscription() 
         assert!(report.is_clean(), "{report:?}");
     }
 }
+
+#[test]
+fn a_member_whose_stream_receiver_is_dropped_leaves_the_group_without_a_matching_event() {
+    let bus = Arc::new(MemoryProvider::default());
+    let group = eventbroker::Distribution::WorkQueue("abandoning-workers".into());
+    let member = |name: &str| {
+        Broker::builder().provider(bus.clone()).instance_id(name).distribution(group.clone()).build().unwrap()
+    };
+    let leaving = member("leaving");
+    let (_, events) = leaving.subscribe_stream("jobs.*").unwrap();
+    let staying = member("staying");
+    let handled = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&handled);
+    staying
+        .subscribe_infallible("jobs.*", move |_: &Event| {
+            count.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+
+    // The consumer goes away. No event of its pattern comes; its inbound thread notices anyway,
+    // and the member stops taking the group's events.
+    drop(events);
+    wait_until("the abandoned stream to end", Duration::from_secs(5), || leaving.stats().subscriptions == 0);
+    let publisher = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("publisher")
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    for _ in 0..20 {
+        publisher.publish(event("jobs.run")).unwrap();
+    }
+    wait_until("the staying member to handle all", Duration::from_secs(10), || {
+        handled.load(Ordering::SeqCst) == 20
+    });
+    let stats = leaving.stats();
+    assert_eq!(
+        (stats.inbound.fetched, stats.returned),
+        (0, 0),
+        "nothing fetched, nothing given back: {stats:?}"
+    );
+    for broker in [leaving, staying, publisher] {
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
+    }
+}

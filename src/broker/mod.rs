@@ -274,9 +274,10 @@ impl Broker {
     /// is a failed delivery (retried per the broker's policy, then dead-lettered, and the event's
     /// status `failed`), never a silent loss: size the receiver for the bursts its consumer must
     /// absorb, or subscribe a handler that decides itself what to drop. Dropping the receiver ends
-    /// the subscription when the next matching event finds it gone (until then it counts in
-    /// [`BrokerStats::subscriptions`](crate::BrokerStats::subscriptions) and in the filter other
-    /// instances' events are fetched by).
+    /// the subscription when the next matching event finds it gone, or, on a broker that receives
+    /// other instances' events, within about a second, whichever comes first (until then it counts
+    /// in [`BrokerStats::subscriptions`](crate::BrokerStats::subscriptions), and its pattern stays
+    /// in the filter other instances' events are fetched by).
     ///
     /// ```
     /// use std::time::Duration;
@@ -323,8 +324,9 @@ impl Broker {
     /// (a consumer that fell behind can tell such a delivery by [`Delivery::is_expired`]).
     /// The channel holds as many deliveries as one shard holds events; a full channel is a failed
     /// attempt, as for [`Broker::subscribe_stream`]. Dropping the receiver (every clone of it)
-    /// ends the subscription within about 100 ms while deliveries wait, or when the next matching
-    /// event finds it gone: that event is not delivered to it, as after [`Broker::unsubscribe`]
+    /// ends the subscription within about 100 ms while deliveries wait, within about a second on a
+    /// broker that receives other instances' events, or when the next matching event finds it
+    /// gone: that event is not delivered to it, as after [`Broker::unsubscribe`]
     /// (in a work queue, another instance's event fetched for it and wanted by no other
     /// subscriber here goes back to its group for another member:
     /// [`BrokerStats::returned`](crate::BrokerStats::returned)). The deliveries left in the channel

@@ -226,10 +226,15 @@ impl AckedChannel {
         }
     }
 
+    /// Whether the consumer dropped every receiver it had (only `own` is left of them).
+    pub(crate) fn consumer_gone(&self) -> bool {
+        self.own.receiver_count() <= 1
+    }
+
     /// Whether the consumer is gone (only `own` is left of the channel's receivers) or the
     /// subscription ended. Then what is left unread fails now, rather than at its timeout.
     pub(crate) fn abandoned(&self) -> bool {
-        let consumer_gone = self.own.receiver_count() <= 1;
+        let consumer_gone = self.consumer_gone();
         if consumer_gone || self.sender.load().is_none() {
             self.fail_unread(consumer_gone);
             return true;

@@ -2,7 +2,8 @@
 //! placed into the shards like local ones.
 //!
 //! One named thread per broker (`eventbroker-inbound`) loops: push the subscription patterns to
-//! the source when they changed, ask for as many events as the shards have free slots (at most
+//! the source when they changed (having ended, once a second, the subscriptions whose channel's
+//! receivers were all dropped), ask for as many events as the shards have free slots (at most
 //! [`FETCH_MAX`]), wait for them up to [`FETCH_WAIT`], and place each into its partition's shard,
 //! waiting for room there if need be. Nothing is buffered beyond the one batch being placed, so a
 //! slow broker leaves events on the server: backpressure reaches the provider. Each event travels
@@ -50,6 +51,9 @@ pub(crate) const SETTLE: Duration = Duration::from_millis(200);
 pub(crate) const SETTLE_MAX: Duration = Duration::from_secs(2);
 /// How often the thread looks at the subscriptions while it waits for them.
 const SUBSCRIPTIONS_POLL: Duration = Duration::from_millis(5);
+/// How often the thread ends subscriptions whose channel's receivers were all dropped, so that
+/// their patterns leave the filter without waiting for a matching event to find them gone.
+const ABANDONED_SWEEP: Duration = Duration::from_secs(1);
 
 /// What the inbound thread feeds: the broker's shards.
 pub(crate) trait Target: Send + Sync + 'static {
@@ -205,7 +209,12 @@ impl InboundPump {
     fn run(&self, target: &impl Target) {
         self.await_settled_subscriptions(target.table());
         let mut backoff = FIRST_BACKOFF;
+        let mut next_sweep = Instant::now();
         while !self.stopping() {
+            if Instant::now() >= next_sweep {
+                target.table().end_abandoned();
+                next_sweep = crate::deadline::from_now(ABANDONED_SWEEP);
+            }
             self.sync_filter(target.table());
             if target.table().load().is_empty() {
                 // Nothing is wanted yet: fetching would pass the group's events over for good.
