@@ -35,6 +35,12 @@ fn recover(faulty: &FaultyProvider) {
     faulty.heal_all();
 }
 
+/// A broker on `bus` that only publishes: no group of its own.
+fn local_publisher(bus: &Arc<MemoryProvider>) -> Broker {
+    let builder = Broker::builder().provider(bus.clone()).instance_id("publisher");
+    builder.distribution(eventbroker::Distribution::Local).build().unwrap()
+}
+
 fn stored_events(memory: &MemoryProvider) -> u64 {
     memory.stats().unwrap().events_published
 }
@@ -518,12 +524,7 @@ fn a_local_broker_that_only_publishes_reaches_the_receivers_without_a_group() {
             counter.fetch_add(1, Ordering::Relaxed);
         })
         .unwrap();
-    let publisher = Broker::builder()
-        .provider(bus.clone())
-        .instance_id("publisher")
-        .distribution(eventbroker::Distribution::Local)
-        .build()
-        .unwrap();
+    let publisher = local_publisher(&bus);
     assert_eq!(bus.stats().unwrap().active_subscribers, 1, "the receiver's group alone");
     thread::sleep(Duration::from_millis(300)); // The receiver's first fetch.
     for _ in 0..5 {
@@ -621,12 +622,7 @@ fn a_member_whose_stream_receiver_is_dropped_leaves_the_group_without_a_matching
     // and the member stops taking the group's events.
     drop(events);
     wait_until("the abandoned stream to end", Duration::from_secs(5), || leaving.stats().subscriptions == 0);
-    let publisher = Broker::builder()
-        .provider(bus.clone())
-        .instance_id("publisher")
-        .distribution(eventbroker::Distribution::Local)
-        .build()
-        .unwrap();
+    let publisher = local_publisher(&bus);
     for _ in 0..20 {
         publisher.publish(event("jobs.run")).unwrap();
     }
