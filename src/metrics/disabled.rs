@@ -50,5 +50,8 @@ impl WorkerMetrics {
     pub(crate) fn settled_late(&mut self, _: &Event, _: bool) {}
 
     #[inline]
+    pub(crate) fn begin_turn(&mut self) {}
+
+    #[inline]
     pub(crate) fn end_turn(&mut self) {}
 }

@@ -345,7 +345,17 @@ impl WorkerMetrics {
         slot
     }
 
-    /// Hands the turn's counts to the recorder, and picks up the shared switch for the next turn.
+    /// Picks up the shared switch: a worker that slept through the reporter's finding a recorder
+    /// counts its first turn after, not only the turns after that one.
+    #[inline]
+    pub(crate) fn begin_turn(&mut self) {
+        if let Some(shared) = &self.shared {
+            self.active = shared.is_active();
+        }
+    }
+
+    /// Hands the turn's counts to the recorder, and picks up the shared switch for the next turn
+    /// (the turns of a shutdown's last loop begin without [`WorkerMetrics::begin_turn`]).
     pub(crate) fn end_turn(&mut self) {
         let Some(shared) = &self.shared else { return };
         self.active = shared.is_active();
