@@ -181,7 +181,10 @@ impl BrokerBuilder {
         self
     }
 
-    /// Events each shard's ring holds, rounded up to a power of two. Default 1024.
+    /// Events each shard's ring holds, rounded up to a power of two: 2 to [`MAX_BUFFER_SIZE`] (16
+    /// Mi). Default 1024. A worker takes a batch of events out of its ring before it handles
+    /// them (up to 256, at most the ring's size), so a shard accepts up to one more batch than
+    /// the ring holds, and frees slots a batch at a time.
     pub fn buffer_size(mut self, events: usize) -> Self {
         self.buffer_size = events;
         self

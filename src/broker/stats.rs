@@ -67,7 +67,8 @@ pub struct BrokerStats {
     pub failed: u64,
     /// Events that matched no subscription.
     pub unrouted: u64,
-    /// Failed handler calls, retries included.
+    /// Failed handler calls, retries included; for an acknowledged subscription, failed attempts:
+    /// deliveries failed, dropped unsettled, or not settled in time.
     pub handler_failures: u64,
     /// Retries scheduled (async) or made (sync).
     pub retries: u64,

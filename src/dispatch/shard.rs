@@ -33,7 +33,8 @@ pub struct ShardStats {
     pub failed: u64,
     /// Events no subscription matched (also counted as completed).
     pub unrouted: u64,
-    /// Failed handler calls, retries included.
+    /// Failed handler calls, retries included; for an acknowledged subscription, failed attempts:
+    /// deliveries failed, dropped unsettled, or not settled in time.
     pub handler_failures: u64,
     /// Retries scheduled.
     pub retries: u64,

@@ -339,6 +339,7 @@ impl Worker {
         if self.shared.is_abandoned() {
             return false;
         }
+        self.metrics.begin_turn();
         let mut took = self.take_outcomes();
         if self.next >= self.batch.len() && self.take_batch() {
             took = true;
@@ -561,7 +562,10 @@ impl Worker {
         let Some(open) = self.open.get(retry.job) else { return };
         let event = Arc::clone(&open.job.event);
         if self.shared.table.get(retry.subscription.id).is_none() {
-            self.subscription_ended(&retry, delivery::unsubscribed_before_retry);
+            let attempts = retry.attempts;
+            self.subscription_ended(retry.job, &retry.subscription, attempts, |last| {
+                delivery::unsubscribed_before_retry(attempts, last)
+            });
             return;
         }
         let attempts = retry.attempts + 1;
@@ -574,7 +578,9 @@ impl Worker {
             Attempt::Gone => {
                 // Gone while the retry waited (a dropped receiver): like an unsubscribe then.
                 self.outbox.gone.push(retry.subscription.id);
-                self.subscription_ended(&retry, delivery::gone_before_retry);
+                self.subscription_ended(retry.job, &retry.subscription, retry.attempts, |last| {
+                    delivery::gone_before_retry(retry.attempts, last)
+                });
                 return;
             }
             Attempt::Delivered | Attempt::Failed(_) => {}
@@ -586,9 +592,13 @@ impl Worker {
     }
 
     /// Attempt `attempts` of a delivery of open job `key` failed with `error`: the delivery waits
-    /// for its next attempt, or gives up after the last.
+    /// for its next attempt, or gives up after the last, or, when its subscription ended meanwhile
+    /// (an acknowledged delivery's outcome can come long after it was made), ends as the
+    /// subscription's end says, with this error.
     fn failed_attempt(&mut self, key: usize, subscription: Arc<Subscription>, attempts: u32, error: String) {
-        if attempts <= self.config.retry.max_retries {
+        if self.shared.table.get(subscription.id).is_none() {
+            self.subscription_ended(key, &subscription, attempts, |_| error);
+        } else if attempts <= self.config.retry.max_retries {
             if let Some(open) = self.open.get_mut(key) {
                 open.tally.retrying(attempts, &error);
             }
@@ -631,22 +641,29 @@ impl Worker {
         }
     }
 
-    /// `retry`'s subscription ended (unsubscribed, or its receiver gone) before the attempt was
-    /// due. In a work queue, an inbound job then goes back to its group, for a member still
-    /// subscribed, once its other deliveries end; otherwise the delivery is dead-lettered, with
-    /// the error `error` makes of the retry's number and the job's last error.
-    fn subscription_ended(&mut self, retry: &Retry, error: fn(u32, &str) -> String) {
-        let Some(open) = self.open.get_mut(retry.job) else { return };
+    /// The subscription of a delivery of open job `key`, made `attempts` times, ended
+    /// (unsubscribed, or its receiver gone) before its next attempt. In a work queue, an inbound
+    /// job then goes back to its group, for a member still subscribed, once its other deliveries
+    /// end; otherwise the delivery is dead-lettered, with the error `error` makes of the job's
+    /// last error.
+    fn subscription_ended(
+        &mut self,
+        key: usize,
+        subscription: &Arc<Subscription>,
+        attempts: u32,
+        error: impl FnOnce(&str) -> String,
+    ) {
+        let Some(open) = self.open.get_mut(key) else { return };
         if self.config.give_back_unwanted && matches!(open.job.origin, Origin::Inbound(_)) {
             open.give_back = true;
             open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
             if open.tally.outstanding == 0 {
-                self.end_open(retry.job);
+                self.end_open(key);
             }
             return;
         }
-        let error = error(retry.attempts, open.tally.last_error());
-        self.give_up(retry.job, &delivery::failure(&retry.subscription, error, retry.attempts));
+        let error = error(open.tally.last_error());
+        self.give_up(key, &delivery::failure(subscription, error, attempts));
     }
 
     /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a
