@@ -106,7 +106,7 @@
 //! | `metrics.max_types` | `256` | event types with labels of their own; the rest are `other` |
 //! | `metrics.timing_sample` | `16` | one event in this many per worker is timed for the duration histogram |
 //! | `metrics.report_interval` | `1s` | how often gauges and engine counters are set |
-//! | `metrics.labels` | none | labels added to every metric, a mapping (`broker: orders`); from the environment `broker=orders,zone=eu` |
+//! | `metrics.labels` | none | labels added to every metric, a mapping (`broker: orders`; values are taken as text); also written `broker=orders,zone=eu`, as the environment variable gives them (which replaces the file's labels, as any override replaces its key) |
 //! | `redis.*` | | [`RedisSection`] |
 //! | `nats.*` | | [`NatsSection`] |
 //! | `database.*` | | [`DatabaseSection`] |
