@@ -446,24 +446,31 @@ fn shutdown_has_time_to_dead_letter_many_unsettled_deliveries() {
     drop(deliveries);
 }
 
+/// A receiver dropped with a delivery unread: the next matching event finds it gone, or, when
+/// none comes, the worker's sweep does. Either way the subscription ends, and the delivery is
+/// dead-lettered with what happened to it, at once: no retry is scheduled for a subscription that
+/// ended.
 #[test]
 fn a_dropped_receiver_ends_the_subscription_and_its_queued_deliveries_are_dead_lettered() {
-    let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
-    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
-    let queued = event("orders.created");
-    broker.publish(queued.clone()).unwrap();
-    wait_until("the delivery to be queued", WAIT, || deliveries.len() == 1);
-    drop(deliveries);
-    // The next matching event finds the receiver gone and ends the subscription.
-    broker.publish(event("orders.created")).unwrap();
-    broker.drain(WAIT).unwrap();
-    assert_eq!(broker.stats().subscriptions, 0);
-    let failed = broker.provider().get(queued.id).unwrap().unwrap();
-    assert_eq!(failed.status, EventStatus::Failed);
-    // Dead-lettered with what happened to it: no retry is scheduled for a subscription that ended.
-    assert_eq!(failed.error, "the consumer's receiver was dropped with the delivery unread");
-    assert_eq!(broker.stats().retries, 0);
-    assert_eq!(broker.dead_letters(&DeadLetterFilter::default().with_event_id(queued.id)).unwrap().len(), 1);
+    for another_event_comes in [true, false] {
+        let broker = Broker::builder().workers(1).retry_policy(quick_retries(1)).build().unwrap();
+        let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+        let queued = event("orders.created");
+        broker.publish(queued.clone()).unwrap();
+        wait_until("the delivery to be queued", WAIT, || deliveries.len() == 1);
+        drop(deliveries);
+        if another_event_comes {
+            broker.publish(event("orders.created")).unwrap();
+        }
+        broker.drain(WAIT).unwrap();
+        let failed = broker.provider().get(queued.id).unwrap().unwrap();
+        assert_eq!(failed.status, EventStatus::Failed);
+        assert_eq!(failed.error, "the consumer's receiver was dropped with the delivery unread");
+        let stats = broker.stats();
+        assert_eq!((stats.subscriptions, stats.retries), (0, 0), "another event: {another_event_comes}");
+        let letters = broker.dead_letters(&DeadLetterFilter::default().with_event_id(queued.id)).unwrap();
+        assert_eq!(letters.len(), 1);
+    }
 }
 
 /// `unsubscribe` disconnects the consumer's receiver at once, on an idle broker too: what is left

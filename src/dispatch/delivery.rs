@@ -393,6 +393,23 @@ pub(crate) struct InlineRules<'a> {
     pub(crate) awaiting: &'a AtomicU64,
 }
 
+/// One in a count while it lives (a caller-thread wait in `awaiting_acks`), even through a panic.
+struct Counted<'a>(&'a AtomicU64);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        // Relaxed, here and in `drop`: a count for statistics.
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// How a delivery made on the caller's thread ended.
 pub(crate) enum Inline {
     /// The handler succeeded, after this many attempts.
@@ -446,10 +463,10 @@ pub(crate) fn deliver_inline(
                 let Some((waiting, due)) = waiting else {
                     unreachable!("an acknowledged delivery has its reply")
                 };
-                // Relaxed: a count for statistics.
-                rules.awaiting.fetch_add(1, Ordering::Relaxed);
-                let outcome = wait_for_outcome(subscription, &waiting, (due, rules.ack_timeout), &shutdown);
-                rules.awaiting.fetch_sub(1, Ordering::Relaxed);
+                let outcome = {
+                    let _counted = Counted::new(rules.awaiting);
+                    wait_for_outcome(subscription, &waiting, (due, rules.ack_timeout), &shutdown)
+                };
                 match outbox.outcome(outcome) {
                     None => return Inline::Delivered { attempts },
                     Some(error) => error,

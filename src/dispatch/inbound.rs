@@ -2,8 +2,9 @@
 //! placed into the shards like local ones.
 //!
 //! One named thread per broker (`eventbroker-inbound`) loops: push the subscription patterns to
-//! the source when they changed (having ended, once a second, the subscriptions whose channel's
-//! receivers were all dropped), ask for as many events as the shards have free slots (at most
+//! the source when they changed (having ended, once a second while it holds no event, the
+//! subscriptions whose channel's receivers were all dropped), ask for as many events as the shards
+//! have free slots (at most
 //! [`FETCH_MAX`]), wait for them up to [`FETCH_WAIT`], and place each into its partition's shard,
 //! waiting for room there if need be. Nothing is buffered beyond the one batch being placed, so a
 //! slow broker leaves events on the server: backpressure reaches the provider. Each event travels
@@ -211,7 +212,10 @@ impl InboundPump {
         let mut backoff = FIRST_BACKOFF;
         let mut next_sweep = Instant::now();
         while !self.stopping() {
-            if Instant::now() >= next_sweep {
+            // Only while no event from other instances is held: one waiting in a shard for an
+            // abandoned subscription must find it there, gone, and so go back to its group in a
+            // work queue, however long it waited (an unsubscribe's give-back window is 2 s).
+            if Instant::now() >= next_sweep && self.held(target) == 0 {
                 target.table().end_abandoned();
                 next_sweep = crate::deadline::from_now(ABANDONED_SWEEP);
             }

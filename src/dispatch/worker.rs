@@ -381,7 +381,13 @@ impl Worker {
     /// Ends the acknowledged deliveries whose outcome came, or whose time ran out; `true` when
     /// any did. One load when none waits.
     fn take_outcomes(&mut self) -> bool {
+        let known = self.outbox.gone.len();
         self.awaiting.sweep(&mut self.outbox.gone);
+        // The swept subscriptions end now, before the deliveries their sweep failed are looked
+        // at below: a delivery of an ended subscription is not retried (see `failed_attempt`).
+        for &id in &self.outbox.gone[known..] {
+            self.shared.table.unsubscribe(id);
+        }
         self.awaiting.settle(&mut self.settled);
         if self.settled.is_empty() {
             return false;
