@@ -1,6 +1,9 @@
 //! Deadline arithmetic that cannot overflow: no setting or input (`Duration::MAX` included) may
 //! make a thread panic computing when to stop waiting.
 
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 /// About a century: what "no deadline" saturates to. Far enough to never be reached, near enough
@@ -15,6 +18,23 @@ pub(crate) fn after(start: Instant, wait: Duration) -> Instant {
 /// `after(Instant::now(), wait)`.
 pub(crate) fn from_now(wait: Duration) -> Instant {
     after(Instant::now(), wait)
+}
+
+/// `future`'s output, or `None` when `timeout` passes first: a bounded wait for async code, timed
+/// by `futures-timer`'s thread rather than any particular runtime.
+pub(crate) async fn within<F: Future>(timeout: Duration, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    let mut timer = futures_timer::Delay::new(timeout);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        if Pin::new(&mut timer).poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -170,19 +170,64 @@ fn confirmed_publishes_share_provider_writes() {
 }
 
 #[test]
-fn a_confirmed_publish_during_an_outage_reports_it_and_is_written_later() {
+fn async_confirmed_publishes_share_provider_writes() {
     let (_memory, provider) = flaky();
     let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
-    outage(&provider, &Fault::unavailable());
-    let e = event("confirm.later");
-    let id = e.id;
-    let err = broker.publish_confirmed(e, Duration::from_secs(10)).unwrap_err();
-    assert!(matches!(&err, ConfirmError::NotPersisted(e) if e.is_transient()), "{err}");
-    recover(&provider);
-    broker.flush(Duration::from_secs(10)).unwrap();
-    assert!(provider.get(id).unwrap().is_some(), "the writer kept retrying");
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+    let ids: Vec<EventId> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    let e = event("confirmed.async").with_user_id(i);
+                    let id = e.id;
+                    broker.publish_confirmed_when_room(e, Duration::from_secs(10)).await.map(|()| id)
+                })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for task in tasks {
+            ids.push(task.await.unwrap().unwrap());
+        }
+        ids
+    });
+    let writes = provider.calls(Operation::StoreBatch);
+    assert!(writes < 200, "{writes} provider writes for 200 confirmed events: no group commit");
+    for id in &ids {
+        assert!(provider.get(*id).unwrap().is_some(), "a confirmed event is readable at once");
+    }
     let report = broker.shutdown(Duration::from_secs(5));
     assert!(report.is_clean(), "{report:?}");
+}
+
+/// A way to publish an event and wait for its write.
+type ConfirmedPublish<'a> = dyn Fn(&Broker, Event) -> Result<(), ConfirmError> + 'a;
+
+/// Blocking and awaited alike: the confirmed publish reports the outage, and the writer keeps
+/// retrying the event until it is written.
+#[test]
+fn a_confirmed_publish_during_an_outage_reports_it_and_is_written_later() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let blocking = |broker: &Broker, e: Event| broker.publish_confirmed(e, Duration::from_secs(10));
+    let awaited = |broker: &Broker, e: Event| {
+        runtime.block_on(broker.publish_confirmed_when_room(e, Duration::from_secs(10)))
+    };
+    let publishes: [&ConfirmedPublish; 2] = [&blocking, &awaited];
+    for publish in publishes {
+        let (_memory, provider) = flaky();
+        let broker = Broker::builder().provider(provider.clone()).track_status(false).build().unwrap();
+        outage(&provider, &Fault::unavailable());
+        let e = event("confirm.later");
+        let id = e.id;
+        let err = publish(&broker, e).unwrap_err();
+        assert!(matches!(&err, ConfirmError::NotPersisted(e) if e.is_transient()), "{err}");
+        recover(&provider);
+        broker.flush(Duration::from_secs(10)).unwrap();
+        assert!(provider.get(id).unwrap().is_some(), "the writer kept retrying");
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
+    }
 }
 
 #[test]

@@ -99,6 +99,37 @@ fn a_confirmed_publish_is_bounded_when_the_provider_hangs() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// 2, for async code: the wait for the write is bounded too, and leaves the runtime's thread free.
+#[test]
+fn an_async_confirmed_publish_is_bounded_when_the_provider_hangs() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder().provider(faulty.clone()).build().unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::Hang { at_most: Duration::from_secs(60) });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let started = Instant::now();
+    let (outcome, ticks) = runtime.block_on(async {
+        let publish = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                broker.publish_confirmed_when_room(event("confirm.hang"), Duration::from_millis(300)).await
+            }
+        });
+        let mut ticks = 0;
+        while !publish.is_finished() && started.elapsed() < WAIT {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            ticks += 1;
+        }
+        (publish.await.unwrap(), ticks)
+    });
+    let err = outcome.unwrap_err();
+    assert!(matches!(err, ConfirmError::TimedOut(t) if t == Duration::from_millis(300)), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(ticks >= 10, "the runtime's one thread ran {ticks} ticks while the write hung");
+    faulty.heal_all();
+    broker.flush(WAIT).unwrap();
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
 /// What a handler publishing into its own shard saw: how long it took, how many publishes were
 /// refused, and how its replay ended.
 type SelfPublish = (Duration, usize, Result<u64, BrokerError>);

@@ -318,7 +318,49 @@ impl Engine {
     /// for room in the writer's backlog on a growing timer (the writer signals nobody).
     pub(crate) async fn publish_when_room(&self, event: Event) -> Result<(), PublishError> {
         let event = self.admit(event)?;
-        let mut job = Job::local(event);
+        self.enqueue_when_room(Job::local(event), || self.store_for_publish()).await
+    }
+
+    /// [`Engine::publish_confirmed`] for async code: waits for room as
+    /// [`Engine::publish_when_room`] does, then for the write without blocking the thread.
+    pub(crate) async fn publish_confirmed_when_room(
+        &self,
+        event: Event,
+        timeout: Duration,
+    ) -> Result<(), ConfirmError> {
+        let event = self.admit(event)?;
+        let (reply, outcome) = flume::bounded(1);
+        self.enqueue_when_room(Job::local(event), || Store::Confirmed(reply.clone())).await?;
+        // Only the writer's copy is left: a writer gone without answering disconnects it.
+        drop(reply);
+        let answer = match crate::deadline::within(timeout, outcome.recv_async()).await {
+            Some(received) => {
+                received.map_err(|flume::RecvError::Disconnected| flume::RecvTimeoutError::Disconnected)
+            }
+            None => Err(flume::RecvTimeoutError::Timeout),
+        };
+        self.confirmed(answer, timeout)
+    }
+
+    /// What a confirmed publish tells its caller of the write's answer.
+    fn confirmed(
+        &self,
+        answer: Result<Result<(), crate::ProviderError>, flume::RecvTimeoutError>,
+        timeout: Duration,
+    ) -> Result<(), ConfirmError> {
+        match answer {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(ConfirmError::NotPersisted(error)),
+            Err(flume::RecvTimeoutError::Timeout) => Err(ConfirmError::TimedOut(timeout)),
+            Err(flume::RecvTimeoutError::Disconnected) => Err(ConfirmError::NotPersisted(
+                crate::provider::closed_error(self.provider.name(), "store_batch"),
+            )),
+        }
+    }
+
+    /// Queues `job`, storing it as `store` says (asked once per attempt), waiting for room as
+    /// the backpressure policy allows without blocking the thread.
+    async fn enqueue_when_room(&self, mut job: Job, store: impl Fn() -> Store) -> Result<(), PublishError> {
         let index = self.shards.index_for(job.event.partition());
         // Not on the shard's own worker: only it could make room (as in `reserve`).
         let patience = self.patience().filter(|_| worker::current(self.id) != Some(index));
@@ -330,7 +372,7 @@ impl Engine {
         let mut timer = None;
         let mut backlog_pause = BACKLOG_POLL_FIRST;
         loop {
-            match self.enqueue(job, None, self.store_for_publish()) {
+            match self.enqueue(job, None, store()) {
                 Ok(()) => return Ok(()),
                 Err((ReserveError::Full, back)) => job = back,
                 Err((error, back)) => return Err(self.rejected(error, back.event)),
@@ -471,18 +513,11 @@ impl Engine {
 
     pub(crate) fn publish_confirmed(&self, event: Event, timeout: Duration) -> Result<(), ConfirmError> {
         let event = self.admit(event)?;
-        let (reply, outcome) = crossbeam_channel::bounded(1);
+        let (reply, outcome) = flume::bounded(1);
         if let Err((error, job)) = self.enqueue(Job::local(event), self.patience(), Store::Confirmed(reply)) {
             return Err(self.rejected(error, job.event).into());
         }
-        match outcome.recv_deadline(crate::deadline::from_now(timeout)) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(ConfirmError::NotPersisted(error)),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(ConfirmError::TimedOut(timeout)),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(ConfirmError::NotPersisted(
-                crate::provider::closed_error(self.provider.name(), "store_batch"),
-            )),
-        }
+        self.confirmed(outcome.recv_deadline(crate::deadline::from_now(timeout)), timeout)
     }
 }
 

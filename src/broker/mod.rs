@@ -559,6 +559,40 @@ impl Broker {
         self.engine().publish_confirmed(event, timeout)
     }
 
+    /// [`Broker::publish_confirmed`] for async code: waits for room as
+    /// [`Broker::publish_when_room`] does, then up to `timeout` for the provider's write, both
+    /// without blocking the thread (the future is pending while it waits). For a request handler
+    /// that must not answer before its event is durable: the write is shared with the other
+    /// confirmed publishes of the moment, about one writer period
+    /// ([`WriterConfig::max_delay`](crate::WriterConfig::max_delay), 1 ms by default) plus the
+    /// write. Dropping the future once the event is queued does not take it back: it is
+    /// dispatched and written all the same, unconfirmed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use eventbroker::{Broker, Event, EventSource};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let broker = Broker::builder().build()?;
+    /// let order = Event::new(EventSource::Frontend, "orders.placed");
+    /// let id = order.id;
+    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
+    /// runtime.block_on(broker.publish_confirmed_when_room(order, Duration::from_secs(5)))?;
+    /// assert!(broker.provider().get(id)?.is_some(), "stored before the future was ready");
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Broker::publish_confirmed`].
+    pub async fn publish_confirmed_when_room(
+        &self,
+        event: Event,
+        timeout: Duration,
+    ) -> Result<(), ConfirmError> {
+        self.engine().publish_confirmed_when_room(event, timeout).await
+    }
+
     /// Writes everything handed to the provider writer so far and waits up to `timeout` for it.
     /// Reads through the provider see every event and status accepted before this call.
     ///

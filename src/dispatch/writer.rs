@@ -109,8 +109,9 @@ pub struct WriterStats {
     pub backlog: usize,
 }
 
-/// A waiting caller's answer channel.
-pub(crate) type Reply = Sender<Result<(), ProviderError>>;
+/// A waiting caller's answer channel: flume's, which async callers can await
+/// (`Broker::publish_confirmed_when_room`).
+pub(crate) type Reply = flume::Sender<Result<(), ProviderError>>;
 
 /// What workers and caller-thread deliveries settle in one go: it lands in one batch, so an
 /// event's acknowledgement is never written before its dead letters.
