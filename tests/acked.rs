@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use eventbroker::{
     Broker, BrokerBuilder, DeadLetterFilter, Delivery, Distribution, DrainError, Event, EventStatus,
-    MemoryProvider, Mode, RetryPolicy, SyncPublishError,
+    EventStore, MemoryProvider, Mode, RetryPolicy, SyncPublishError,
 };
 
 mod common;
@@ -695,6 +695,66 @@ fn a_member_whose_consumer_leaves_holding_deliveries_gives_them_back() {
     for broker in [staying, leaving, publisher] {
         assert!(broker.shutdown(WAIT).is_clean());
     }
+}
+
+/// A work-queue member that dead-lettered one delivery of an event keeps the event when another
+/// delivery's subscription ends: that delivery is dead-lettered beside it, rather than the event
+/// going back to the group, where it would be handled again while its letter waits for a redrive.
+#[test]
+fn a_member_that_dead_lettered_a_delivery_keeps_the_event_when_another_subscription_ends() {
+    let bus = Arc::new(MemoryProvider::default());
+    let leaving =
+        member(&bus, "acked-kept", "acked-kept-member", |builder| builder.retry_policy(RetryPolicy::none()));
+    leaving.subscribe("orders.*", |_: &Event| Err("the ledger is down")).unwrap();
+    let (acked, deliveries) = leaving.subscribe_acked("orders.*").unwrap();
+    let publisher = publisher(&bus, "acked-kept-publisher");
+    let sent = event("orders.created");
+    publisher.publish(sent.clone()).unwrap();
+    let held = next(&deliveries);
+    assert_eq!(held.event().id, sent.id);
+    wait_until("the failing delivery's dead letter", WAIT, || leaving.stats().dead_letters == 1);
+    assert!(leaving.unsubscribe(acked));
+    held.fail("the consumer is leaving");
+    wait_until("the event to end at the member", WAIT, || {
+        let stats = leaving.stats();
+        stats.failed + stats.returned > 0
+    });
+    let stats = leaving.stats();
+    assert_eq!((stats.failed, stats.returned, stats.dead_letters), (1, 0, 2), "{stats:?}");
+    let letters = leaving.dead_letters(&DeadLetterFilter::new().with_event_id(sent.id)).unwrap();
+    let mut errors: Vec<&str> = letters.iter().map(|letter| letter.error.as_str()).collect();
+    errors.sort_unstable();
+    assert_eq!(errors, ["the consumer is leaving", "the ledger is down"]);
+    for broker in [leaving, publisher] {
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+}
+
+/// Shutdown gives an inbound event it did not finish back for redelivery, unless a delivery of it
+/// was dead-lettered already: the unfinished one is then dead-lettered too.
+#[test]
+fn shutdown_dead_letters_the_rest_of_an_inbound_event_it_dead_lettered_a_delivery_of() {
+    let bus = Arc::new(MemoryProvider::default());
+    let receiver = member(&bus, "acked-ending", "acked-ending-member", |builder| {
+        builder.retry_policy(RetryPolicy::none())
+    });
+    receiver.subscribe("orders.*", |_: &Event| Err("the ledger is down")).unwrap();
+    let (_, deliveries) = receiver.subscribe_acked("orders.*").unwrap();
+    let publisher = publisher(&bus, "acked-ending-publisher");
+    let sent = event("orders.created");
+    publisher.publish(sent.clone()).unwrap();
+    let held = next(&deliveries);
+    wait_until("the failing delivery's dead letter", WAIT, || receiver.stats().dead_letters == 1);
+    let report = receiver.shutdown(Duration::from_millis(300));
+    assert_eq!((report.returned, report.dead_lettered), (0, 1), "{report:?}");
+    drop(held);
+    let letters = bus.list_dead_letters(&DeadLetterFilter::new().with_event_id(sent.id)).unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(
+        letters.iter().any(|letter| letter.error.contains("shut down before the delivery was acknowledged")),
+        "{letters:?}"
+    );
+    assert!(publisher.shutdown(WAIT).is_clean());
 }
 
 #[test]

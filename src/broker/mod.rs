@@ -332,7 +332,8 @@ impl Broker {
     /// [`BrokerStats::returned`](crate::BrokerStats::returned)). The deliveries left in the channel
     /// fail, and those the consumer still holds count when acked and fail when failed or
     /// dropped: with no retry (nobody is left to make it), a local event is dead-lettered, and,
-    /// in a work queue, another instance's event goes back to its group.
+    /// in a work queue, another instance's event goes back to its group, unless another of its
+    /// deliveries was dead-lettered here (then it is dead-lettered too).
     ///
     /// Deliveries of one shard's events are made in order, but a consumer that settles them
     /// concurrently ends them in any order, as retries do. [`Broker::publish_sync`] and
@@ -420,7 +421,8 @@ impl Broker {
     /// receiver is dropped). An acknowledged subscription's receiver disconnects at once too: the
     /// deliveries left in its channel fail; those its consumer holds still count when acked, and
     /// fail when failed or dropped. A failed one is dead-lettered, or, in a work queue, given back
-    /// to its group if it is another instance's.
+    /// to its group if it is another instance's and no other delivery of it was dead-lettered
+    /// here (an event this member holds a dead letter of stays with it, its other letters beside).
     pub fn unsubscribe(&self, id: SubscriptionId) -> bool {
         self.engine().shared.table.unsubscribe(id)
     }

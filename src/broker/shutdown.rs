@@ -59,7 +59,8 @@ pub struct ShutdownReport {
     /// Retries that ran during shutdown.
     pub retries_run: u64,
     /// Retries not due before the deadline, and acknowledged deliveries not settled by it,
-    /// dead-lettered instead.
+    /// dead-lettered instead: all of a local event's, and an inbound event's when another of its
+    /// deliveries was dead-lettered already (it is not given back then).
     pub dead_lettered: u64,
     /// Inbound events given back to their group (unfinished retries or unsettled acknowledged
     /// deliveries, or fetched and not yet placed), to be redelivered to another member or this

@@ -215,9 +215,10 @@ struct Retry {
 struct Open {
     job: Job,
     tally: Tally,
-    /// A delivery of this inbound job found its subscription ended: once its other deliveries
-    /// end, the job goes back to its group rather than settle (see [`Worker::subscription_ended`]).
-    give_back: bool,
+    /// Deliveries of this work-queue inbound job whose subscription ended before they did, each
+    /// as it would be dead-lettered: once the job's other deliveries end, it goes back to its
+    /// group, unless one of them was dead-lettered (see [`Worker::end_open`]).
+    ended: Vec<crate::DeliveryFailure>,
 }
 
 /// The job being handled, by id and origin only (no reference count to move on the hot path),
@@ -498,7 +499,7 @@ impl Worker {
             return;
         }
         tally.outstanding = u32::try_from(retry_later.len() + awaiting.len()).unwrap_or(u32::MAX);
-        let key = self.open.insert(Open { job, tally, give_back: false });
+        let key = self.open.insert(Open { job, tally, ended: Vec::new() });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
         }
@@ -636,11 +637,19 @@ impl Worker {
     }
 
     /// Open job `key`'s last delivery ended: it settles, or goes back to its group.
+    ///
+    /// A work-queue job some of whose subscriptions ended goes back whole, for a member still
+    /// subscribed, unless a delivery of it was dead-lettered here: an event this member holds a
+    /// dead letter of is never handled by the group too (a redrive would then handle it twice),
+    /// so the deliveries whose subscription ended are dead-lettered beside it and the job settles.
     fn end_open(&mut self, key: usize) {
-        let open = self.open.remove(key);
+        let mut open = self.open.remove(key);
         match open.job.origin {
-            Origin::Inbound(token) if open.give_back => self.give_back(token),
+            Origin::Inbound(token) if !open.ended.is_empty() && !open.tally.failed() => self.give_back(token),
             _ => {
+                for failure in &open.ended {
+                    self.outbox.give_up(&open.job, failure, &mut open.tally);
+                }
                 self.metrics.settled_late(&open.job.event, open.tally.failed());
                 self.outbox.settle(&open.job, open.tally, self.config.track_status);
             }
@@ -650,8 +659,8 @@ impl Worker {
     /// The subscription of a delivery of open job `key`, made `attempts` times, ended
     /// (unsubscribed, or its receiver gone) before its next attempt. In a work queue, an inbound
     /// job then goes back to its group, for a member still subscribed, once its other deliveries
-    /// end; otherwise the delivery is dead-lettered, with the error `error` makes of the job's
-    /// last error.
+    /// end (see [`Worker::end_open`]); otherwise the delivery is dead-lettered, with the error
+    /// `error` makes of the job's last error.
     fn subscription_ended(
         &mut self,
         key: usize,
@@ -660,16 +669,16 @@ impl Worker {
         error: impl FnOnce(&str) -> String,
     ) {
         let Some(open) = self.open.get_mut(key) else { return };
+        let failure = delivery::failure(subscription, error(open.tally.last_error()), attempts);
         if self.config.give_back_unwanted && matches!(open.job.origin, Origin::Inbound(_)) {
-            open.give_back = true;
+            open.ended.push(failure);
             open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
             if open.tally.outstanding == 0 {
                 self.end_open(key);
             }
             return;
         }
-        let error = error(open.tally.last_error());
-        self.give_up(key, &delivery::failure(subscription, error, attempts));
+        self.give_up(key, &failure);
     }
 
     /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a
@@ -742,7 +751,9 @@ impl Worker {
 
     /// Ends a delivery of open job `key` that shutdown left unfinished after `attempts`: an
     /// inbound job is given back for redelivery (once, whatever else of it was unfinished), a
-    /// local one's delivery dead-lettered with `error`.
+    /// local one's delivery dead-lettered with `error`, as is an inbound one's when a delivery of
+    /// the job was dead-lettered already (the event is then this member's, as in
+    /// [`Worker::end_open`]).
     fn end_at_shutdown(
         &mut self,
         key: usize,
@@ -752,7 +763,7 @@ impl Worker {
         report: &mut WorkerReport,
     ) {
         let Some(open) = self.open.get(key) else { return };
-        if let Origin::Inbound(token) = open.job.origin {
+        if let (Origin::Inbound(token), false) = (open.job.origin, open.tally.failed()) {
             // Another member, or this instance's next incarnation, gets it again.
             self.open.remove(key);
             self.outbox.naks.push(token);
