@@ -526,8 +526,9 @@ impl SyncPublishError {
     }
 }
 
-/// Why [`Broker::publish_confirmed`](crate::Broker::publish_confirmed) could not confirm the event
-/// durable.
+/// Why [`Broker::publish_confirmed`](crate::Broker::publish_confirmed) or
+/// [`Broker::publish_confirmed_when_room`](crate::Broker::publish_confirmed_when_room) could not
+/// confirm the event durable.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfirmError {

@@ -570,6 +570,14 @@ impl Broker {
     /// write. Dropping the future once the event is queued does not take it back: it is
     /// dispatched and written all the same, unconfirmed.
     ///
+    /// `timeout` bounds the wait for the write alone: the wait for room comes first, up to the
+    /// [`Backpressure`](crate::Backpressure) patience, so the whole call takes at most that plus
+    /// `timeout`. With the memory provider the write is
+    /// made at once, on the calling thread, and the future is ready at its first poll; "durable"
+    /// then means the process's memory. As for the blocking call, a
+    /// [`ConfirmError::NotPersisted`] event was accepted, and the writer keeps retrying a
+    /// transient failure: publishing it again would store and dispatch it twice.
+    ///
     /// ```
     /// use std::time::Duration;
     /// use eventbroker::{Broker, Event, EventSource};
