@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use eventbroker::prelude::*;
 use eventbroker::testing::{Fault, FaultyProvider, Operation};
 use eventbroker::{
-    Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, Distribution, Event, EventStatus,
-    HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom, RetryPolicy, SyncPublishError,
-    WriterConfig,
+    Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, DeadLetterFilter, Distribution, Event,
+    EventStatus, HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom, RetryPolicy,
+    SyncPublishError, WriterConfig,
 };
 
 mod common;
@@ -225,6 +225,148 @@ fn the_last_handle_dropped_in_a_handler_or_held_weakly_shuts_the_broker_down() {
     broker.publish(event("x")).unwrap();
     drop(broker);
     wait_until("the workers to exit", WAIT, || !thread_names().iter().any(|n| n.contains("weak-cap")));
+}
+
+// 4c. A handler that calls `shutdown` while another thread's shutdown waits for its worker
+// returns at once; the running shutdown drains everything and reports it clean.
+#[test]
+fn a_handler_shutting_down_during_a_shutdown_neither_waits_nor_strands_the_shard() {
+    let broker = Broker::builder().workers(1).instance_id("stop-during-stop").build().unwrap();
+    let (in_handler, go) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let got = Arc::new(Mutex::new(None));
+    let (weak, entered, proceed, g) = (broker.downgrade(), in_handler.clone(), go.clone(), got.clone());
+    broker
+        .subscribe_infallible("stop", move |_| {
+            entered.store(true, Ordering::SeqCst);
+            while !proceed.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            thread::sleep(Duration::from_millis(50)); // the other shutdown is waiting for this worker
+            let started = Instant::now();
+            let report = weak.upgrade().expect("alive").shutdown(Duration::from_secs(30));
+            *g.lock().unwrap() = Some((report, started.elapsed()));
+        })
+        .unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    broker
+        .subscribe_infallible("work", move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    broker.publish(event("stop")).unwrap();
+    for _ in 0..10 {
+        broker.publish(event("work")).unwrap();
+    }
+    wait_until("the stopping handler", WAIT, || in_handler.load(Ordering::SeqCst));
+    go.store(true, Ordering::SeqCst);
+    let report = broker.shutdown(WAIT);
+    assert!(report.is_clean() && report.drained == 10, "{report:?}");
+    assert_eq!(handled.load(Ordering::SeqCst), 10);
+    let (in_handler_report, took) = got.lock().unwrap().take().expect("the handler's shutdown returned");
+    assert!(in_handler_report.already_shut_down && in_handler_report.deferred, "{in_handler_report:?}");
+    assert!(!in_handler_report.is_clean(), "it did not see the shutdown end: {in_handler_report:?}");
+    assert!(took < Duration::from_secs(1), "the handler's shutdown waited {took:?}");
+}
+
+// 4d. After a handler's shutdown was deferred, a later `shutdown`, and the last handle's drop,
+// wait for it to complete and report what it did; neither says clean while events wait.
+#[test]
+fn calls_after_a_deferred_shutdown_wait_for_it() {
+    for by_drop in [false, true] {
+        let broker = Broker::builder().workers(1).instance_id("after-deferred").build().unwrap();
+        let (deferred, published) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (weak, d, all_in) = (broker.downgrade(), deferred.clone(), published.clone());
+        broker
+            .subscribe_infallible("stop", move |_| {
+                while !all_in.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                let report = weak.upgrade().expect("alive").shutdown(WAIT);
+                d.store(report.deferred, Ordering::SeqCst);
+            })
+            .unwrap();
+        let handled = Arc::new(AtomicU64::new(0));
+        let h = handled.clone();
+        broker
+            .subscribe_infallible("work", move |_| {
+                thread::sleep(Duration::from_millis(5));
+                h.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        broker.publish(event("stop")).unwrap();
+        for _ in 0..40 {
+            broker.publish(event("work")).unwrap();
+        }
+        published.store(true, Ordering::SeqCst);
+        wait_until("the handler's shutdown", WAIT, || deferred.load(Ordering::SeqCst));
+        if by_drop {
+            drop(broker);
+        } else {
+            let report = broker.shutdown(WAIT);
+            assert!(report.already_shut_down && report.is_clean() && report.drained == 40, "{report:?}");
+        }
+        assert_eq!(handled.load(Ordering::SeqCst), 40, "returned before the shard drained (drop: {by_drop})");
+    }
+}
+
+// 4e. A handler that `publish_sync` runs on the caller's thread, calling `shutdown` (with no
+// bound at all), does not wait for the publish it is inside of.
+#[test]
+fn shutdown_from_a_handler_run_by_publish_sync_is_deferred() {
+    let broker = Broker::builder().mode(Mode::Sync).workers(1).build().unwrap();
+    let got = Arc::new(Mutex::new(None));
+    let (weak, g) = (broker.downgrade(), got.clone());
+    broker
+        .subscribe_infallible("stop", move |_| {
+            let started = Instant::now();
+            let report = weak.upgrade().expect("alive").shutdown(Duration::MAX);
+            *g.lock().unwrap() = Some((report, started.elapsed()));
+        })
+        .unwrap();
+    let caller = broker.clone();
+    let published = thread::spawn(move || caller.publish(event("stop")));
+    wait_until("the handler's shutdown", WAIT, || got.lock().unwrap().is_some());
+    let (report, took) = got.lock().unwrap().take().unwrap();
+    assert!(report.deferred && !report.timed_out, "{report:?}");
+    assert!(took < Duration::from_secs(1), "waited {took:?} for its own publish");
+    published.join().unwrap().unwrap();
+    let last = broker.shutdown(WAIT);
+    assert!(last.already_shut_down && last.is_clean(), "{last:?}");
+}
+
+// 4f. Shutdown waits for a redrive running its handlers on the caller's thread, as for a
+// synchronous publish, and closes the provider only after the redrive wrote what it did.
+#[test]
+fn shutdown_waits_for_a_redrive_in_progress() {
+    let broker = Broker::builder().workers(1).retry_policy(RetryPolicy::none()).build().unwrap();
+    let (fixed, inside) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let finished = Arc::new(AtomicBool::new(false));
+    let (f, i, done) = (fixed.clone(), inside.clone(), finished.clone());
+    broker
+        .subscribe("orders.*", move |_: &Event| {
+            if !f.load(Ordering::SeqCst) {
+                return Err("the ledger is down");
+            }
+            i.store(true, Ordering::SeqCst);
+            thread::sleep(Duration::from_millis(300));
+            done.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    let failed = event("orders.paid");
+    broker.publish(failed.clone()).unwrap();
+    broker.drain(WAIT).unwrap();
+    fixed.store(true, Ordering::SeqCst);
+    let letter = broker.dead_letters(&DeadLetterFilter::new()).unwrap().remove(0);
+    let redriver = broker.clone();
+    let redrive = thread::spawn(move || redriver.redrive(letter.id));
+    wait_until("the redriven handler", WAIT, || inside.load(Ordering::SeqCst));
+    let report = broker.shutdown(WAIT);
+    assert!(finished.load(Ordering::SeqCst), "shutdown returned while the redrive ran: {report:?}");
+    assert!(report.is_clean(), "{report:?}");
+    let outcome = redrive.join().unwrap().expect("the redrive completed before the provider closed");
+    assert_eq!(outcome.status, Some(EventStatus::Completed));
 }
 
 // 5. Endless zero-delay retries run once per turn, so the rest of the shard goes on.

@@ -422,7 +422,7 @@ impl BrokerBuilder {
             sync: SyncCounters::default(),
             rejected: AtomicU64::new(0),
             claim: parking_lot::Mutex::new(claim),
-            shutdown: parking_lot::Mutex::new(false),
+            shutdown: super::shutdown::Stopping::new(),
             drop_timeout: self.drop_timeout,
             ack_timeout: self.ack_timeout,
             metrics,

@@ -55,15 +55,15 @@ pub(crate) struct Engine {
     pub(crate) shared: Arc<WorkerShared>,
     pub(crate) shards: ShardSet,
     pub(crate) inbound: Option<Arc<InboundPump>>,
-    /// Closed once by shutdown; `publish_sync` runs inside it.
+    /// Closed once by shutdown; `publish_sync` and `redrive` run inside it.
     pub(crate) intake: Intake,
     pub(crate) sync: SyncCounters,
     pub(crate) rejected: AtomicU64,
     /// This broker's hold on its instance id for its provider, while it receives (released at
     /// the end of shutdown).
     pub(crate) claim: parking_lot::Mutex<Option<super::builder::InstanceClaim>>,
-    /// Whether shutdown has begun; held while its synchronous part runs.
-    pub(crate) shutdown: parking_lot::Mutex<bool>,
+    /// Whether shutdown has begun, and its report once it ended.
+    pub(crate) shutdown: super::shutdown::Stopping,
     /// How long dropping the last handle waits for shutdown.
     pub(crate) drop_timeout: Duration,
     /// See [`BrokerBuilder::ack_timeout`](crate::BrokerBuilder::ack_timeout).
@@ -404,6 +404,8 @@ impl Engine {
                 Ok(event) => PublishError::Closed(Box::new(unwrap_event(event))).into(),
             });
         };
+        // Its handlers run on this thread: a shutdown one of them calls must not wait for it.
+        let _busy = super::shutdown::Busy::mark(self.id);
         let event = self.admit(event)?;
         let mut ticket = StoreTicket::NONE;
         if self.store_events && self.inline {

@@ -734,8 +734,10 @@ impl Broker {
     /// for each delivery left, at most half of `timeout`), flushes the
     /// provider writer and closes the provider (unless others still hold it: see
     /// [`CloseOutcome::LeftOpen`]). Bounded by `timeout`, whatever the provider or the
-    /// handlers do; a second call returns at once with [`ShutdownReport::already_shut_down`].
-    /// Called from a handler of this broker, it does not wait for its own worker: see
+    /// handlers do. One shutdown runs: a call while it runs waits for it (up to its own `timeout`),
+    /// and any later call returns its report, marked [`ShutdownReport::already_shut_down`].
+    /// Called from a handler of this broker, it does not wait for the thread the handler runs on
+    /// (a worker, or the caller of [`Broker::publish_sync`] or [`Broker::redrive`]): see
     /// [`ShutdownReport::deferred`].
     pub fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         self.engine().shutdown(timeout)

@@ -49,9 +49,10 @@ pub struct ReplayReport {
 
 impl Engine {
     pub(crate) fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
-        if self.intake.is_closed() {
-            return Err(BrokerError::Closed);
-        }
+        // Inside the intake, as a synchronous publish is: shutdown waits for the redrive (its
+        // handlers, its writes) before it closes the provider, and counts it while it runs.
+        let Some(_entered) = self.intake.enter() else { return Err(BrokerError::Closed) };
+        let _busy = super::shutdown::Busy::mark(self.id);
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         let letter = self
             .provider

@@ -8,9 +8,16 @@
 //! thread of its own and reported, never waited for past the deadline.
 //!
 //! Called from one of the broker's own workers (a handler calling `shutdown`, or dropping the last
-//! handle), shutdown cannot wait for that worker: it does what does not wait, returns a report
-//! marked [`ShutdownReport::deferred`], and a thread of its own completes the rest.
+//! handle), or from a handler that a synchronous publish or a redrive runs on the caller's thread,
+//! shutdown cannot wait for that thread: it does what does not wait, returns a report marked
+//! [`ShutdownReport::deferred`], and a thread of its own completes the rest.
+//!
+//! One shutdown runs; a call while it runs waits for it (up to the call's own deadline) without
+//! holding anything the running one needs, and returns its report, marked
+//! [`ShutdownReport::already_shut_down`]. A call from a thread the running shutdown waits for (a
+//! handler again) returns at once.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -72,7 +79,8 @@ pub struct ShutdownReport {
     /// instances are redelivered by their group after its claim idle time, local ones are lost
     /// (their stored status stays `pending` or `processing`).
     pub undelivered: u64,
-    /// Synchronous publishes still running at the deadline; their final statuses may be lost.
+    /// Synchronous publishes and redrives still running at the deadline; their final statuses may
+    /// be lost.
     pub sync_in_flight: u64,
     /// Workers still running at the deadline: in a handler that had not returned, or, after a
     /// timeout too short for what was left, still dead-lettering it. Each ends once that handler
@@ -89,11 +97,17 @@ pub struct ShutdownReport {
     pub provider_close: CloseOutcome,
     /// How long shutdown took.
     pub elapsed: Duration,
-    /// `true` when the broker was already shut down and this call did nothing.
+    /// `true` when another call shut the broker down, or was doing so, and this one did nothing.
+    /// The report is then that shutdown's, once it ended; when it had not ended by this call's
+    /// deadline, the report is not clean (`timed_out`), nor when this call came from a thread the
+    /// running shutdown waits for (a handler: `deferred`, returned at once).
     pub already_shut_down: bool,
-    /// `true` when shutdown was called on one of the broker's own workers: intake and fetching are
-    /// stopped and the rings closed; draining, flushing and closing complete on a background thread
-    /// (bounded by the same deadline), and the counts above are zero.
+    /// `true` when shutdown was called on a thread it would wait for: one of the broker's own
+    /// workers (a handler), or a handler that [`Broker::publish_sync`](crate::Broker::publish_sync)
+    /// or [`Broker::redrive`](crate::Broker::redrive) runs on the caller's thread. Intake and
+    /// fetching are stopped and the rings closed; draining, flushing and closing complete on a
+    /// background thread (bounded by the same deadline), and the counts above are zero. A later
+    /// call of `shutdown` (or the last handle's drop) waits for that thread and returns its report.
     pub deferred: bool,
 }
 
@@ -112,15 +126,107 @@ impl ShutdownReport {
     }
 }
 
+/// Whether shutdown has begun, and how it ended: one shutdown runs, and every other call returns
+/// its report.
+pub(crate) struct Stopping {
+    phase: parking_lot::Mutex<Phase>,
+    /// Signalled when the phase becomes [`Phase::Ended`].
+    ended: parking_lot::Condvar,
+}
+
+enum Phase {
+    Running,
+    Begun,
+    Ended(ShutdownReport),
+}
+
+impl Stopping {
+    pub(crate) fn new() -> Self {
+        Self { phase: parking_lot::Mutex::new(Phase::Running), ended: parking_lot::Condvar::new() }
+    }
+
+    fn end(&self, report: ShutdownReport) {
+        *self.phase.lock() = Phase::Ended(report);
+        self.ended.notify_all();
+    }
+}
+
+thread_local! {
+    /// The brokers whose calls this thread is inside of that shutdown waits for (see [`Busy`]).
+    static BUSY: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Marks the current thread, while held, as one that a shutdown of broker `engine` waits for: a
+/// synchronous publish or a redrive running handlers on it, or shutdown's own completion (which
+/// drops the handlers, and with them perhaps the last handle). A shutdown called on such a thread
+/// (by a handler) never waits for it.
+pub(crate) struct Busy {
+    engine: u64,
+}
+
+impl Busy {
+    pub(crate) fn mark(engine: u64) -> Self {
+        BUSY.with_borrow_mut(|busy| busy.push(engine));
+        Self { engine }
+    }
+
+    fn here(engine: u64) -> bool {
+        BUSY.with_borrow(|busy| busy.contains(&engine))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // `try_with`: nothing to unmark once the thread's locals are gone.
+        let _ = BUSY.try_with(|busy| {
+            let mut busy = busy.borrow_mut();
+            if let Some(at) = busy.iter().rposition(|engine| *engine == self.engine) {
+                busy.swap_remove(at);
+            }
+        });
+    }
+}
+
 impl Engine {
     pub(crate) fn shutdown(self: &Arc<Self>, timeout: Duration) -> ShutdownReport {
         let started = Instant::now();
         let deadline = crate::deadline::after(started, timeout);
-        let mut done = self.shutdown.lock();
-        if *done {
-            return ShutdownReport { already_shut_down: true, ..ShutdownReport::default() };
+        let on_waited_thread = worker::current(self.id).is_some() || Busy::here(self.id);
+        {
+            let mut phase = self.shutdown.phase.lock();
+            loop {
+                match &*phase {
+                    Phase::Running => break,
+                    Phase::Ended(report) => {
+                        return ShutdownReport { already_shut_down: true, ..report.clone() };
+                    }
+                    Phase::Begun if on_waited_thread => {
+                        // The running shutdown waits for this thread: waiting for it would stall both.
+                        return ShutdownReport {
+                            already_shut_down: true,
+                            deferred: true,
+                            provider_close: CloseOutcome::Deferred,
+                            elapsed: started.elapsed(),
+                            ..ShutdownReport::default()
+                        };
+                    }
+                    Phase::Begun => {
+                        if self.shutdown.ended.wait_until(&mut phase, deadline).timed_out()
+                            && !matches!(*phase, Phase::Ended(_))
+                        {
+                            return ShutdownReport {
+                                already_shut_down: true,
+                                timed_out: true,
+                                provider_close: CloseOutcome::Deferred,
+                                elapsed: started.elapsed(),
+                                ..ShutdownReport::default()
+                            };
+                        }
+                    }
+                }
+            }
+            *phase = Phase::Begun;
         }
-        *done = true;
         if let Some(pump) = &self.inbound {
             pump.stop();
         }
@@ -128,31 +234,39 @@ impl Engine {
         let queued_at_start = self.shards.queued() as u64 + self.shards.in_hand();
         *self.shared.shutdown_deadline.lock() = Some(deadline);
         self.shards.close();
-        if worker::current(self.id).is_some() {
+        if on_waited_thread {
             let engine = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
-                .name(format!("eb-stop-{}", self.instance_id))
-                .spawn(move || engine.complete_shutdown(started, deadline, queued_at_start));
-            if let Err(error) = spawned {
-                tracing::error!(%error, "cannot start the thread that completes a shutdown begun in a handler");
-            }
+            let spawned =
+                std::thread::Builder::new().name(format!("eb-stop-{}", self.instance_id)).spawn(move || {
+                    let report = engine.complete_shutdown(started, deadline, queued_at_start);
+                    engine.shutdown.end(report);
+                });
             let report = ShutdownReport {
                 deferred: true,
                 provider_close: CloseOutcome::Deferred,
                 elapsed: started.elapsed(),
                 ..ShutdownReport::default()
             };
-            tracing::info!(?report, "event broker shutting down from one of its own handlers");
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start the thread that completes a shutdown begun in a handler");
+                // Nothing completes it: later calls must not take it for done.
+                self.shutdown.end(ShutdownReport { timed_out: true, ..report.clone() });
+            } else {
+                tracing::info!(?report, "event broker shutting down from one of its own handlers");
+            }
             return report;
         }
         let report = self.complete_shutdown(started, deadline, queued_at_start);
-        drop(done);
+        self.shutdown.end(report.clone());
         report
     }
 
     /// The part of shutdown that waits: for the inbound thread, synchronous publishes, workers,
     /// the writer, the source and the provider, each until `deadline` at most.
     fn complete_shutdown(&self, started: Instant, deadline: Instant, queued_at_start: u64) -> ShutdownReport {
+        // Dropping the handlers below may drop the last handle, whose shutdown must not wait for
+        // this one.
+        let _busy = Busy::mark(self.id);
         let inbound_exited = self.inbound.as_ref().is_none_or(|pump| pump.join(deadline));
         let mut backoff = crate::dispatch::backpressure::Backoff::new();
         while !self.intake.is_idle() && Instant::now() < deadline {
