@@ -369,6 +369,32 @@ fn shutdown_waits_for_a_redrive_in_progress() {
     assert_eq!(outcome.status, Some(EventStatus::Completed));
 }
 
+// 4g. The last handle kept in a thread-local, dropped as its thread exits after the thread made a
+// synchronous publish (whose bookkeeping is a thread-local too, destroyed first): the broker shuts
+// down, and the process does not abort.
+#[test]
+fn the_last_handle_dropped_with_its_threads_locals_shuts_down() {
+    thread_local! {
+        static HELD: std::cell::RefCell<Option<Broker>> = const { std::cell::RefCell::new(None) };
+    }
+    let broker = Broker::builder().workers(1).instance_id("tls-held").build().unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = handled.clone();
+    broker
+        .subscribe_infallible("x", move |_| {
+            h.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    thread::spawn(move || {
+        HELD.with(|held| *held.borrow_mut() = Some(broker));
+        HELD.with(|held| held.borrow().as_ref().expect("held").publish_sync(event("x")).unwrap());
+    })
+    .join()
+    .expect("the thread and its locals ended cleanly");
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+    wait_until("the workers to exit", WAIT, || !thread_names().iter().any(|n| n.contains("tls-held")));
+}
+
 // 5. Endless zero-delay retries run once per turn, so the rest of the shard goes on.
 #[test]
 fn endless_zero_delay_retries_do_not_starve_the_shard() {

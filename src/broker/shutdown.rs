@@ -165,19 +165,21 @@ pub(crate) struct Busy {
 }
 
 impl Busy {
+    // `try_with` throughout: the list is a thread-local with a destructor, and a handle kept in
+    // another thread-local can be dropped, and shut its broker down, after the list is gone (a
+    // panic there would abort the process). A thread whose locals are gone runs no handler.
     pub(crate) fn mark(engine: u64) -> Self {
-        BUSY.with_borrow_mut(|busy| busy.push(engine));
+        let _ = BUSY.try_with(|busy| busy.borrow_mut().push(engine));
         Self { engine }
     }
 
     fn here(engine: u64) -> bool {
-        BUSY.with_borrow(|busy| busy.contains(&engine))
+        BUSY.try_with(|busy| busy.borrow().contains(&engine)).unwrap_or(false)
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        // `try_with`: nothing to unmark once the thread's locals are gone.
         let _ = BUSY.try_with(|busy| {
             let mut busy = busy.borrow_mut();
             if let Some(at) = busy.iter().rposition(|engine| *engine == self.engine) {
