@@ -713,7 +713,8 @@ pub enum DrainError {
         /// The timeout given.
         timeout: Duration,
         /// Events accepted before the call that had not ended (completed, or failed and
-        /// dead-lettered).
+        /// dead-lettered), synchronous publishes and redrives begun before it still running
+        /// included.
         unfinished: u64,
         /// Deliveries waiting for a retry, or for their consumer to settle them (see
         /// [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)), at the timeout; each
@@ -724,7 +725,8 @@ pub enum DrainError {
     /// letters and acknowledgements: see the inner error.
     #[error("every event was handled, but their writes were not confirmed: {0}")]
     Write(#[source] BrokerError),
-    /// Called from a handler of this broker: the handler's own worker could never finish.
+    /// Called from a handler of this broker: the handler's own worker, or the synchronous publish
+    /// or redrive running it, could never finish.
     #[error("drain was called from a handler of the same broker, which would wait for itself")]
     InHandler,
     /// The broker is shut down, or shut down while draining.

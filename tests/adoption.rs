@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{event, wait_until};
@@ -122,8 +122,50 @@ fn drain_from_a_handler_and_after_shutdown_is_refused() {
         .unwrap();
     broker.publish(event("drain.inside")).unwrap();
     assert!(matches!(rx.recv_timeout(WAIT).unwrap(), Err(DrainError::InHandler)));
+    // Run by a synchronous publish on this thread, it would wait for that publish.
+    broker.publish_sync(event("drain.inside")).unwrap();
+    assert!(matches!(rx.recv_timeout(WAIT).unwrap(), Err(DrainError::InHandler)));
     assert!(broker.shutdown(WAIT).is_clean());
     assert!(matches!(broker.drain(WAIT), Err(DrainError::Closed)));
+}
+
+/// A synchronous publish or a redrive running on another thread when `drain` is called holds it
+/// until it returns, with its status written; one begun after the call does not.
+#[test]
+fn drain_waits_for_synchronous_publishes_and_redrives_on_other_threads() {
+    let broker = Broker::builder().workers(1).retry_policy(RetryPolicy::none()).build().unwrap();
+    let (fail, inside) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
+    let (f, i) = (Arc::clone(&fail), Arc::clone(&inside));
+    broker
+        .subscribe("drain.sync", move |_: &Event| {
+            i.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            if f.load(Ordering::SeqCst) { Err("the ledger is down") } else { Ok(()) }
+        })
+        .unwrap();
+    // A synchronous publish, failing: drain returns once it ended, dead-lettered.
+    let failing = event("drain.sync");
+    let caller = broker.clone();
+    let publishing = std::thread::spawn(move || caller.publish_sync(failing));
+    wait_until("the synchronous publish's handler", WAIT, || inside.load(Ordering::SeqCst) == 1);
+    let timed_out = broker.drain(Duration::from_millis(50));
+    assert!(matches!(timed_out, Err(DrainError::TimedOut { unfinished: 1, .. })), "{timed_out:?}");
+    broker.drain(WAIT).unwrap();
+    assert!(publishing.is_finished(), "drain returned before the publish did");
+    assert!(publishing.join().unwrap().is_err());
+    let letter = broker.dead_letters(&eventbroker::DeadLetterFilter::new()).unwrap().remove(0);
+
+    // A redrive: drain returns once its handler ran and the letter is gone.
+    fail.store(false, Ordering::SeqCst);
+    let redriver = broker.clone();
+    let redriving = std::thread::spawn(move || redriver.redrive(letter.id));
+    wait_until("the redriven handler", WAIT, || inside.load(Ordering::SeqCst) == 2);
+    broker.drain(WAIT).unwrap();
+    assert!(redriving.is_finished(), "drain returned before the redrive did");
+    assert_eq!(broker.provider().get(letter.event.id).unwrap().unwrap().status, EventStatus::Completed);
+    assert!(broker.dead_letters(&eventbroker::DeadLetterFilter::new()).unwrap().is_empty());
+    redriving.join().unwrap().unwrap();
+    assert!(broker.shutdown(WAIT).is_clean());
 }
 
 #[test]

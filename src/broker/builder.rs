@@ -420,6 +420,7 @@ impl BrokerBuilder {
             inbound: inbound.clone(),
             intake: Intake::new(),
             sync: SyncCounters::default(),
+            sync_calls: super::drain::SyncCalls::default(),
             rejected: AtomicU64::new(0),
             claim: parking_lot::Mutex::new(claim),
             shutdown: super::shutdown::Stopping::new(),

@@ -6,32 +6,82 @@
 //! end of each turn until each shard has ended that many jobs with no delivery waiting for a
 //! retry, and finally flushes the provider writer, which by then holds every status, dead letter
 //! and acknowledgement those jobs produced (a worker hands them over before it publishes its
-//! counters).
+//! counters). Synchronous publishes and redrives, which handle their event on the caller's thread,
+//! take a ticket as they begin ([`SyncCalls`]): drain also waits for those begun before it.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use super::engine::Engine;
+use super::shutdown::Busy;
 use crate::dispatch::backpressure::Backoff;
 use crate::dispatch::worker;
 use crate::error::DrainError;
+
+/// The synchronous calls in progress (`publish_sync`, `redrive`), by ticket in the order they
+/// began. They are the slow path (handlers run on the caller's thread), so a lock suffices.
+#[derive(Default)]
+pub(crate) struct SyncCalls {
+    state: parking_lot::Mutex<Calls>,
+}
+
+#[derive(Default)]
+struct Calls {
+    next: u64,
+    open: BTreeSet<u64>,
+}
+
+/// A synchronous call in progress; it ends when dropped, panics included.
+pub(crate) struct SyncCall<'a> {
+    calls: &'a SyncCalls,
+    ticket: u64,
+}
+
+impl SyncCalls {
+    pub(crate) fn begin(&self) -> SyncCall<'_> {
+        let mut state = self.state.lock();
+        let ticket = state.next;
+        state.next += 1;
+        state.open.insert(ticket);
+        SyncCall { calls: self, ticket }
+    }
+
+    /// The ticket the next call will take: every call begun before now has a lower one.
+    fn next(&self) -> u64 {
+        self.state.lock().next
+    }
+
+    /// How many calls with a ticket below `ticket` are still in progress.
+    fn open_before(&self, ticket: u64) -> u64 {
+        self.state.lock().open.range(..ticket).count() as u64
+    }
+}
+
+impl Drop for SyncCall<'_> {
+    fn drop(&mut self) {
+        self.calls.state.lock().open.remove(&self.ticket);
+    }
+}
 
 impl Engine {
     pub(crate) fn drain(&self, timeout: Duration) -> Result<(), DrainError> {
         if self.intake.is_closed() {
             return Err(DrainError::Closed);
         }
-        if worker::current(self.id).is_some() {
+        if worker::current(self.id).is_some() || Busy::here(self.id) {
             return Err(DrainError::InHandler);
         }
         let deadline = crate::deadline::from_now(timeout);
+        let sync_target = self.sync_calls.next();
         let targets = self.shards.claimed();
         let mut backoff = Backoff::new();
         loop {
-            let (unfinished, retrying) = targets
+            let (in_rings, retrying) = targets
                 .iter()
                 .enumerate()
                 .map(|(shard, &target)| self.shards.shortfall(shard, target))
                 .fold((0, 0), |(u, r), (su, sr)| (u + su, r + sr));
+            let unfinished = in_rings + self.sync_calls.open_before(sync_target);
             if unfinished == 0 && retrying == 0 {
                 break;
             }

@@ -58,6 +58,8 @@ pub(crate) struct Engine {
     /// Closed once by shutdown; `publish_sync` and `redrive` run inside it.
     pub(crate) intake: Intake,
     pub(crate) sync: SyncCounters,
+    /// `publish_sync` and `redrive` calls in progress, for `drain`.
+    pub(crate) sync_calls: super::drain::SyncCalls,
     pub(crate) rejected: AtomicU64,
     /// This broker's hold on its instance id for its provider, while it receives (released at
     /// the end of shutdown).
@@ -404,8 +406,10 @@ impl Engine {
                 Ok(event) => PublishError::Closed(Box::new(unwrap_event(event))).into(),
             });
         };
-        // Its handlers run on this thread: a shutdown one of them calls must not wait for it.
+        // Its handlers run on this thread: a shutdown one of them calls must not wait for it. A
+        // drain begun from now on waits for it.
         let _busy = super::shutdown::Busy::mark(self.id);
+        let _call = self.sync_calls.begin();
         let event = self.admit(event)?;
         let mut ticket = StoreTicket::NONE;
         if self.store_events && self.inline {

@@ -615,9 +615,11 @@ impl Broker {
         self.engine().shared.writer.flush(timeout)
     }
 
-    /// Waits until every event accepted before this call — published here, or fetched from other
-    /// instances and placed into a shard — has been handled (completed, or failed and
-    /// dead-lettered, retries included), and the statuses, dead letters and acknowledgements this
+    /// Waits until every event accepted before this call — published here (by
+    /// [`Broker::publish_sync`] and [`Broker::redrive`] on other threads too, which it waits for to
+    /// return), or fetched from other instances and placed into a shard — has been handled
+    /// (completed, or failed and dead-lettered, retries included), and the statuses, dead letters
+    /// and acknowledgements this
     /// produced are written to the provider. The broker keeps running: what tests and graceful
     /// handovers need. Events published while it waits are not waited for, though a delivery of
     /// theirs waiting for a retry holds it up (it waits until no retry is pending). Costs publishing
@@ -646,7 +648,8 @@ impl Broker {
     /// # Errors
     /// [`DrainError::TimedOut`] with what was left; [`DrainError::Write`] when the provider
     /// writer did not confirm the writes (as [`Broker::flush`]); [`DrainError::InHandler`] from a
-    /// handler of this broker; [`DrainError::Closed`] after shutdown.
+    /// handler of this broker (on a worker, or run by `publish_sync` or `redrive` on the caller's
+    /// thread: it would wait for itself); [`DrainError::Closed`] after shutdown.
     pub fn drain(&self, timeout: Duration) -> Result<(), DrainError> {
         self.engine().drain(timeout)
     }

@@ -53,6 +53,7 @@ impl Engine {
         // handlers, its writes) before it closes the provider, and counts it while it runs.
         let Some(_entered) = self.intake.enter() else { return Err(BrokerError::Closed) };
         let _busy = super::shutdown::Busy::mark(self.id);
+        let _call = self.sync_calls.begin();
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         let letter = self
             .provider

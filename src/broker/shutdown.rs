@@ -173,7 +173,7 @@ impl Busy {
         Self { engine }
     }
 
-    fn here(engine: u64) -> bool {
+    pub(crate) fn here(engine: u64) -> bool {
         BUSY.try_with(|busy| busy.borrow().contains(&engine)).unwrap_or(false)
     }
 }
