@@ -1010,3 +1010,33 @@ fn a_group_with_a_running_broker_is_not_deleted() {
     assert!(bus.delete_group(&group).unwrap());
     assert!(!bus.delete_group(&group).unwrap());
 }
+
+/// Pages of a replay from a time hold the events created at or after it on every page, not only
+/// on the first: an event created earlier but stored later is left out whatever the page size.
+#[test]
+fn replay_pages_from_a_time_filter_every_page() {
+    use eventbroker::provider::ProviderExt;
+
+    let provider = MemoryProvider::default();
+    let at = Timestamp::now();
+    let recent = |n: i64| Event {
+        created_at: at + SignedDuration::from_secs(n),
+        ..Event::new(EventSource::System, "paged.x")
+    };
+    let old = Event {
+        created_at: at - SignedDuration::from_secs(60),
+        ..Event::new(EventSource::System, "paged.x")
+    };
+    for event in [recent(1), recent(2), old.clone(), recent(3)] {
+        provider.store_one(&event).unwrap();
+    }
+    for page_size in [1, 2, 3, 10] {
+        let replayed: Vec<Event> = provider
+            .replay_pages(ReplayFrom::Time(at), None, page_size)
+            .flat_map(|page| page.unwrap())
+            .map(|stored| stored.event)
+            .collect();
+        assert_eq!(replayed.len(), 3, "page size {page_size}: {replayed:?}");
+        assert!(replayed.iter().all(|event| event.id != old.id), "page size {page_size}");
+    }
+}

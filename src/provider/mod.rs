@@ -386,14 +386,21 @@ pub trait ProviderExt: Provider {
     }
 
     /// Pages of [`EventStore::replay`] from `from` on, `page_size` events each (at least 1), until
-    /// history is exhausted or a call fails (the error is the last item).
+    /// history is exhausted or a call fails (the error is the last item). From
+    /// [`ReplayFrom::Time`], every page holds only events created at or after that time (the pages
+    /// after the first continue by sequence, and are filtered here), so which events come does
+    /// not depend on the page size; a page may then hold fewer events than `page_size`, or none.
     fn replay_pages<'a>(
         &'a self,
         from: ReplayFrom,
         pattern: Option<&'a Pattern>,
         page_size: usize,
     ) -> ReplayPages<'a, Self> {
-        ReplayPages { provider: self, next: Some(from), pattern, page_size: page_size.max(1) }
+        let not_before = match from {
+            ReplayFrom::Time(at) => Some(at),
+            ReplayFrom::Beginning | ReplayFrom::Sequence(_) => None,
+        };
+        ReplayPages { provider: self, next: Some(from), pattern, page_size: page_size.max(1), not_before }
     }
 }
 
@@ -406,6 +413,8 @@ pub struct ReplayPages<'a, P: ?Sized> {
     next: Option<ReplayFrom>,
     pattern: Option<&'a Pattern>,
     page_size: usize,
+    /// Of a replay from a time: the events created before it are left out of every page.
+    not_before: Option<crate::Timestamp>,
 }
 
 impl<P: Provider + ?Sized> Iterator for ReplayPages<'_, P> {
@@ -415,9 +424,12 @@ impl<P: Provider + ?Sized> Iterator for ReplayPages<'_, P> {
         let from = self.next.take()?;
         match self.provider.replay(from, self.pattern, self.page_size) {
             Ok(page) if page.is_empty() => None,
-            Ok(page) => {
+            Ok(mut page) => {
                 if page.len() == self.page_size {
                     self.next = page.last().map(|last| ReplayFrom::Sequence(last.seq + 1));
+                }
+                if let Some(at) = self.not_before {
+                    page.retain(|stored| stored.event.created_at >= at);
                 }
                 Some(Ok(page))
             }
