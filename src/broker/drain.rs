@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::engine::Engine;
 use super::shutdown::Busy;
 use crate::dispatch::backpressure::Backoff;
+use crate::dispatch::intake::Entered;
 use crate::dispatch::worker;
 use crate::error::DrainError;
 
@@ -31,19 +32,22 @@ struct Calls {
     open: BTreeSet<u64>,
 }
 
-/// A synchronous call in progress; it ends when dropped, panics included.
+/// A synchronous call in progress ([`Engine::begin_sync_call`]); it ends when dropped, panics
+/// included.
 pub(crate) struct SyncCall<'a> {
     calls: &'a SyncCalls,
     ticket: u64,
+    _busy: Busy,
+    _entered: Entered<'a>,
 }
 
 impl SyncCalls {
-    pub(crate) fn begin(&self) -> SyncCall<'_> {
+    fn take_ticket(&self) -> u64 {
         let mut state = self.state.lock();
         let ticket = state.next;
         state.next += 1;
         state.open.insert(ticket);
-        SyncCall { calls: self, ticket }
+        ticket
     }
 
     /// The ticket the next call will take: every call begun before now has a lower one.
@@ -64,11 +68,28 @@ impl Drop for SyncCall<'_> {
 }
 
 impl Engine {
+    /// Begins a synchronous call (`publish_sync`, `redrive`), whose handlers run on this thread:
+    /// inside the intake, so shutdown waits for it; with a ticket, so a drain begun from now on
+    /// does; and with the thread marked, so that neither, called by one of its handlers, waits for
+    /// it. `None` once shutdown has begun.
+    pub(crate) fn begin_sync_call(&self) -> Option<SyncCall<'_>> {
+        let entered = self.intake.enter()?;
+        let busy = Busy::mark(self.id);
+        let ticket = self.sync_calls.take_ticket();
+        Some(SyncCall { calls: &self.sync_calls, ticket, _busy: busy, _entered: entered })
+    }
+
+    /// Whether this thread is one the broker's drain or shutdown would wait for: one of its
+    /// workers, or inside one of its synchronous calls (a handler calling back).
+    pub(crate) fn on_waited_thread(&self) -> bool {
+        worker::current(self.id).is_some() || Busy::here(self.id)
+    }
+
     pub(crate) fn drain(&self, timeout: Duration) -> Result<(), DrainError> {
         if self.intake.is_closed() {
             return Err(DrainError::Closed);
         }
-        if worker::current(self.id).is_some() || Busy::here(self.id) {
+        if self.on_waited_thread() {
             return Err(DrainError::InHandler);
         }
         let deadline = crate::deadline::from_now(timeout);

@@ -399,17 +399,13 @@ impl Engine {
     }
 
     pub(crate) fn publish_sync(&self, event: Event) -> Result<(), SyncPublishError> {
-        let Some(_entered) = self.intake.enter() else {
+        let Some(_call) = self.begin_sync_call() else {
             // Closed: `admit` reports it (or an invalid type, which takes precedence).
             return Err(match self.admit(event) {
                 Err(error) => error.into(),
                 Ok(event) => PublishError::Closed(Box::new(unwrap_event(event))).into(),
             });
         };
-        // Its handlers run on this thread: a shutdown one of them calls must not wait for it. A
-        // drain begun from now on waits for it.
-        let _busy = super::shutdown::Busy::mark(self.id);
-        let _call = self.sync_calls.begin();
         let event = self.admit(event)?;
         let mut ticket = StoreTicket::NONE;
         if self.store_events && self.inline {

@@ -49,11 +49,9 @@ pub struct ReplayReport {
 
 impl Engine {
     pub(crate) fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
-        // Inside the intake, as a synchronous publish is: shutdown waits for the redrive (its
-        // handlers, its writes) before it closes the provider, and counts it while it runs.
-        let Some(_entered) = self.intake.enter() else { return Err(BrokerError::Closed) };
-        let _busy = super::shutdown::Busy::mark(self.id);
-        let _call = self.sync_calls.begin();
+        // A synchronous call, as `publish_sync` is: shutdown waits for the redrive (its handlers,
+        // its writes) before it closes the provider, and counts it while it runs; so does drain.
+        let Some(_call) = self.begin_sync_call() else { return Err(BrokerError::Closed) };
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         let letter = self
             .provider

@@ -23,7 +23,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::engine::Engine;
-use crate::dispatch::worker;
 
 /// How closing the provider (or the inbound source) went.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,7 +192,13 @@ impl Engine {
     pub(crate) fn shutdown(self: &Arc<Self>, timeout: Duration) -> ShutdownReport {
         let started = Instant::now();
         let deadline = crate::deadline::after(started, timeout);
-        let on_waited_thread = worker::current(self.id).is_some() || Busy::here(self.id);
+        let on_waited_thread = self.on_waited_thread();
+        // What a call returns that does not complete a shutdown itself.
+        let unfinished = || ShutdownReport {
+            provider_close: CloseOutcome::Deferred,
+            elapsed: started.elapsed(),
+            ..ShutdownReport::default()
+        };
         {
             let mut phase = self.shutdown.phase.lock();
             loop {
@@ -204,13 +209,7 @@ impl Engine {
                     }
                     Phase::Begun if on_waited_thread => {
                         // The running shutdown waits for this thread: waiting for it would stall both.
-                        return ShutdownReport {
-                            already_shut_down: true,
-                            deferred: true,
-                            provider_close: CloseOutcome::Deferred,
-                            elapsed: started.elapsed(),
-                            ..ShutdownReport::default()
-                        };
+                        return ShutdownReport { already_shut_down: true, deferred: true, ..unfinished() };
                     }
                     Phase::Begun => {
                         if self.shutdown.ended.wait_until(&mut phase, deadline).timed_out()
@@ -219,9 +218,7 @@ impl Engine {
                             return ShutdownReport {
                                 already_shut_down: true,
                                 timed_out: true,
-                                provider_close: CloseOutcome::Deferred,
-                                elapsed: started.elapsed(),
-                                ..ShutdownReport::default()
+                                ..unfinished()
                             };
                         }
                     }
@@ -243,12 +240,7 @@ impl Engine {
                     let report = engine.complete_shutdown(started, deadline, queued_at_start);
                     engine.shutdown.end(report);
                 });
-            let report = ShutdownReport {
-                deferred: true,
-                provider_close: CloseOutcome::Deferred,
-                elapsed: started.elapsed(),
-                ..ShutdownReport::default()
-            };
+            let report = ShutdownReport { deferred: true, ..unfinished() };
             if let Err(error) = spawned {
                 tracing::error!(%error, "cannot start the thread that completes a shutdown begun in a handler");
                 // Nothing completes it: later calls must not take it for done.
