@@ -671,14 +671,15 @@ pub enum BrokerError {
         pattern: String,
     },
     /// A replay could not place an event: its shard stayed full (at once when the replay runs in
-    /// a handler on that shard's own worker, which alone could make room). Resume from
-    /// `resume_from` once there is room.
+    /// a handler on that shard's own worker, which alone could make room). Once there is room,
+    /// [`Broker::replay`](crate::Broker::replay) from `resume_from` goes on with the same replay,
+    /// from that event on (a replay from a time still leaves out the events created before it).
     #[error("replay stopped after {replayed} events: a shard stayed full")]
     ReplayFull {
         /// Events replayed before it stopped.
         replayed: u64,
         /// Where to resume.
-        resume_from: crate::ReplayFrom,
+        resume_from: crate::ReplayCursor,
     },
     /// The pattern given does not parse.
     #[error(transparent)]

@@ -3,7 +3,10 @@
 use std::fmt;
 
 /// Identifies one subscription of one broker. Ids increase in subscription order, which is the
-/// order handlers run in.
+/// order handlers run in. Each broker draws its own random range of ids when it is built, so an
+/// id read back from a dead letter names the subscription of the broker (and of the run of it)
+/// that wrote the letter, never another broker's, or the same service's after a restart, that
+/// happens to have subscribed as many times.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(transparent)]
 pub struct SubscriptionId(pub(crate) u64);
@@ -20,9 +23,26 @@ impl SubscriptionId {
     }
 }
 
+/// Bits of an id that count a broker's subscriptions; those above are its random range.
+const COUNT_BITS: u32 = 40;
+
+impl SubscriptionId {
+    /// The first id of a new broker: a random range (never zero, the id of no subscription), then
+    /// a count from 1.
+    fn first_of_a_range() -> Self {
+        let range = fastrand::u64(1..1 << (64 - COUNT_BITS));
+        Self(range << COUNT_BITS | 1)
+    }
+}
+
 impl fmt::Display for SubscriptionId {
+    /// `sub-N.RANGE`: the broker's count of subscriptions at this one, then its range in hex.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sub-{}", self.0)
+        let count = self.0 & ((1 << COUNT_BITS) - 1);
+        match self.0 >> COUNT_BITS {
+            0 => write!(f, "sub-{count}"),
+            range => write!(f, "sub-{count}.{range:x}"),
+        }
     }
 }
 
@@ -176,7 +196,7 @@ impl SubscriptionTable {
             master: parking_lot::Mutex::new(Master {
                 set: SubscriptionSet::new(),
                 entries: std::collections::HashMap::new(),
-                next_id: 1,
+                next_id: SubscriptionId::first_of_a_range().0,
             }),
             removed: parking_lot::Mutex::new(std::collections::VecDeque::new()),
             any_removed: crate::sync::AtomicBool::new(false),

@@ -36,6 +36,65 @@ fn recover(faulty: &FaultyProvider) {
 }
 
 /// A broker on `bus` that only publishes: no group of its own.
+/// Subscription ids are counts per broker: the letter's id names another subscription in every
+/// broker but the run that wrote it, and a redrive elsewhere goes by the letter's pattern.
+#[test]
+fn a_redrive_never_takes_another_brokers_subscription_with_the_same_id_for_the_one_that_failed() {
+    let provider = Arc::new(MemoryProvider::default());
+    let first = Broker::builder()
+        .provider(provider.clone())
+        .distribution(eventbroker::Distribution::Local)
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    first.subscribe("users.signed_up", |_: &Event| Err::<(), _>("smtp down")).unwrap();
+    first.publish(event("users.signed_up")).unwrap();
+    wait_until("the dead letter", Duration::from_secs(5), || first.stats().dead_letters == 1);
+    first.drain(Duration::from_secs(5)).unwrap();
+    let letter = first.dead_letters(&DeadLetterFilter::default()).unwrap().remove(0);
+
+    // The next run subscribes in another order: its first subscription is not the one that failed.
+    let report = first.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
+    let next = Broker::builder()
+        .provider(provider.clone())
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    let audited = count_handled(&next, "audit.>");
+    let err = next.redrive(letter.id).unwrap_err();
+    assert!(
+        matches!(err, BrokerError::NoSubscriber { ref pattern } if pattern == "users.signed_up"),
+        "{err}"
+    );
+    assert_eq!(audited.load(Ordering::SeqCst), 0, "not the other pattern's handler");
+    assert_eq!(next.dead_letters(&DeadLetterFilter::default()).unwrap().len(), 1, "kept");
+
+    let mailed = count_handled(&next, "users.signed_up");
+    let outcome = next.redrive(letter.id).unwrap();
+    assert_eq!((outcome.delivered, outcome.status), (1, Some(EventStatus::Completed)));
+    assert_eq!((audited.load(Ordering::SeqCst), mailed.load(Ordering::SeqCst)), (0, 1));
+    assert!(next.dead_letters(&DeadLetterFilter::default()).unwrap().is_empty());
+    let report = next.shutdown(Duration::from_secs(5));
+    assert!(report.is_clean(), "{report:?}");
+}
+
+#[test]
+fn brokers_draw_subscription_ids_from_ranges_of_their_own() {
+    let (a, b) = (Broker::builder().build().unwrap(), Broker::builder().build().unwrap());
+    let ids: Vec<_> = [&a, &b, &a, &b]
+        .iter()
+        .map(|broker| broker.subscribe_infallible("x.y", |_: &Event| {}).unwrap())
+        .collect();
+    assert!(ids[0] < ids[2] && ids[1] < ids[3], "in subscription order within a broker: {ids:?}");
+    assert_ne!(ids[0], ids[1], "the first subscription of each broker: {ids:?}");
+    assert!(ids[0].to_string().starts_with("sub-1."), "{}", ids[0]);
+    assert!(ids[3].to_string().starts_with("sub-2."), "{}", ids[3]);
+    for broker in [a, b] {
+        assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    }
+}
+
 fn local_publisher(bus: &Arc<MemoryProvider>) -> Broker {
     let builder = Broker::builder().provider(bus.clone()).instance_id("publisher");
     builder.distribution(eventbroker::Distribution::Local).build().unwrap()

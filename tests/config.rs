@@ -5,10 +5,14 @@
 //! run in parallel without touching each other (the one test of the process environment only
 //! reads `PATH`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use eventbroker::config::{Config, Env, NatsStorageKind, ProviderKind};
-use eventbroker::{Backpressure, BuildError, ConfigError, Distribution, Mode, RetryPolicy, WaitStrategy};
+use eventbroker::{
+    Backpressure, Broker, BuildError, ConfigError, Distribution, Event, EventSource, MemoryProvider, Mode,
+    RetryPolicy, WaitStrategy,
+};
 
 fn load(yaml: &str) -> Config {
     Config::from_yaml_str_with(yaml, &Env::from_vars([("HOSTNAME", "host-1")]))
@@ -51,6 +55,31 @@ fn the_seed_quick_start_loads_and_builds() {
     assert_eq!((stats.workers, stats.distribution), (10, Distribution::Local));
     assert_eq!(stats.shards[0].capacity, 1024, "1000 rounds up to a power of two");
     assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// A configured broker given a provider to share joins the other brokers on it as any broker
+/// given a provider does; only the memory provider the configuration makes is its own.
+#[test]
+fn a_configured_broker_given_a_shared_provider_joins_its_bus() {
+    let bus = Arc::new(MemoryProvider::default());
+    let config = load(QUICK_START);
+    let receiver = config.builder().unwrap().provider(bus.clone()).instance_id("receiver").build().unwrap();
+    assert_eq!(receiver.stats().distribution, Distribution::FanOut);
+    let (tx, rx) = std::sync::mpsc::channel();
+    receiver
+        .subscribe_infallible("users.*", move |event: &Event| {
+            let _ = tx.send(event.instance_id.to_string());
+        })
+        .unwrap();
+    let sender = Broker::builder().provider(bus.clone()).instance_id("sender").build().unwrap();
+    sender.publish(Event::new(EventSource::Internal, "users.create")).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "sender");
+    for broker in [sender, receiver] {
+        assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    }
+    let own = config.builder().unwrap().instance_id("alone").build().unwrap();
+    assert_eq!(own.stats().distribution, Distribution::Local, "its own memory provider");
+    assert!(own.shutdown(Duration::from_secs(5)).is_clean());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use eventbroker::testing::{Fault, FaultyProvider, Operation};
 use eventbroker::{
     Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, DeadLetterFilter, Distribution, Event,
     EventStatus, HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom, RetryPolicy,
-    SyncPublishError, WriterConfig,
+    SyncPublishError, Timestamp, WriterConfig,
 };
 
 mod common;
@@ -130,6 +130,12 @@ fn an_async_confirmed_publish_is_bounded_when_the_provider_hangs() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+/// A broker with one worker whose shard holds two events, blocking up to 5 s when full.
+fn one_two_slot_shard() -> Broker {
+    let broker = Broker::builder().workers(1).buffer_size(2);
+    broker.backpressure(Backpressure::Block(Duration::from_secs(5))).build().unwrap()
+}
+
 /// What a handler publishing into its own shard saw: how long it took, how many publishes were
 /// refused, and how its replay ended.
 type SelfPublish = (Duration, usize, Result<u64, BrokerError>);
@@ -138,12 +144,7 @@ type SelfPublish = (Duration, usize, Result<u64, BrokerError>);
 // itself.
 #[test]
 fn a_handler_never_waits_on_its_own_full_shard() {
-    let broker = Broker::builder()
-        .workers(1)
-        .buffer_size(2)
-        .backpressure(Backpressure::Block(Duration::from_secs(5)))
-        .build()
-        .unwrap();
+    let broker = one_two_slot_shard();
     for i in 0..20 {
         broker.publish(event("history.x").with_user_id(i)).unwrap();
     }
@@ -172,6 +173,60 @@ fn a_handler_never_waits_on_its_own_full_shard() {
     assert!(took < Duration::from_secs(2), "the handler waited {took:?} on its own shard");
     assert!(full >= 8, "a 2-slot shard takes 2 of 10; the rest are handed back at once ({full})");
     assert!(matches!(replay, Err(BrokerError::ReplayFull { .. })), "{replay:?}");
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 3b. A replay from a time that a full shard interrupts resumes as the same replay: the events
+// stored after the point it stopped at but created before its time stay left out.
+#[test]
+fn a_time_replay_resumed_after_a_full_shard_keeps_its_time() {
+    let broker = one_two_slot_shard();
+    let since = Timestamp::now();
+    let an_hour_before = since - Duration::from_secs(3600);
+    // Store order: four new, two created an hour before `since`, two new.
+    let types =
+        ["when.new", "when.new", "when.new", "when.new", "when.old", "when.old", "when.new", "when.new"];
+    for event_type in types {
+        let mut e = event(event_type);
+        if event_type == "when.old" {
+            e.created_at = an_hour_before;
+        }
+        broker.publish(e).unwrap();
+    }
+    wait_until("history", WAIT, || broker.stats().processed == 8);
+
+    let replayed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let r = Arc::clone(&replayed);
+    broker
+        .subscribe_infallible("when.>", move |e: &Event| {
+            if e.is_replay() {
+                r.lock().unwrap().push(e.event_type.to_string());
+            }
+        })
+        .unwrap();
+    let stopped: Arc<Mutex<Option<Result<u64, BrokerError>>>> = Arc::default();
+    let (weak, out) = (broker.downgrade(), Arc::clone(&stopped));
+    broker
+        .subscribe_infallible("replay.trigger", move |_| {
+            let broker = weak.upgrade().expect("alive");
+            let outcome = broker.replay(ReplayFrom::Time(since), Some("when.>")).map(|r| r.replayed);
+            *out.lock().unwrap() = Some(outcome);
+        })
+        .unwrap();
+    broker.publish(event("replay.trigger")).unwrap();
+    wait_until("the handler", WAIT, || stopped.lock().unwrap().is_some());
+    let Some(Err(BrokerError::ReplayFull { replayed: placed, resume_from })) = stopped.lock().unwrap().take()
+    else {
+        panic!("a 2-slot shard cannot take six events from its own handler");
+    };
+    assert!(placed < 4, "it stops among the first four new events ({placed})");
+    assert_eq!(resume_from.not_before(), Some(since), "the cursor keeps the replay's time");
+
+    let resumed = broker.replay(resume_from, Some("when.>")).unwrap();
+    assert_eq!(placed + resumed.replayed, 6, "every new event once, the old ones never");
+    wait_until("the replays", WAIT, || replayed.lock().unwrap().len() == 6);
+    broker.drain(WAIT).unwrap();
+    assert_eq!(*replayed.lock().unwrap(), vec!["when.new"; 6]);
     assert!(broker.shutdown(WAIT).is_clean());
 }
 

@@ -126,6 +126,9 @@ pub struct BrokerBuilder {
     pub(crate) backpressure: Backpressure,
     pub(crate) wait: WaitStrategy,
     pub(crate) provider: Option<Arc<dyn Provider>>,
+    /// Whether `provider` is one the builder made for this broker alone (from a configuration's
+    /// memory section), which nobody else shares: the default distribution stays local.
+    pub(crate) provider_of_its_own: bool,
     pub(crate) distribution: Option<Distribution>,
     pub(crate) claim_idle: Duration,
     pub(crate) prefetch: Option<usize>,
@@ -151,6 +154,7 @@ impl Default for BrokerBuilder {
             backpressure: Backpressure::default(),
             wait: WaitStrategy::default(),
             provider: None,
+            provider_of_its_own: false,
             distribution: None,
             claim_idle: InboundConfig::DEFAULT_CLAIM_IDLE,
             prefetch: None,
@@ -245,6 +249,16 @@ impl BrokerBuilder {
     /// ```
     pub fn provider(mut self, provider: Arc<dyn Provider>) -> Self {
         self.provider = Some(provider);
+        self.provider_of_its_own = false;
+        self
+    }
+
+    /// A provider made for this broker alone, as [`Config::builder`](crate::config::Config::builder)
+    /// makes a memory provider with the configuration's bounds: unlike one given with
+    /// [`provider`](Self::provider), it leaves the default distribution local.
+    pub(crate) fn provider_of_its_own(mut self, provider: Arc<dyn Provider>) -> Self {
+        self.provider = Some(provider);
+        self.provider_of_its_own = true;
         self
     }
 
@@ -347,11 +361,12 @@ impl BrokerBuilder {
     pub fn build(self) -> Result<Broker, BuildError> {
         self.validate()?;
         let instance_id = self.instance_id.filter(|id| !id.is_empty()).unwrap_or_else(default_instance_id);
-        let distribution = self.distribution.unwrap_or(if self.provider.is_some() {
-            Distribution::FanOut
-        } else {
-            Distribution::Local
-        });
+        let distribution =
+            self.distribution.unwrap_or(if self.provider.is_some() && !self.provider_of_its_own {
+                Distribution::FanOut
+            } else {
+                Distribution::Local
+            });
         let provider = self.provider.unwrap_or_else(|| Arc::new(MemoryProvider::default()));
         let group = distribution.group(&instance_id);
         let claim = group.as_ref().map(|_| InstanceClaim::take(&provider, &instance_id)).transpose()?;

@@ -49,7 +49,7 @@ use crate::error::{
     BatchPublishError, BoxError, BrokerError, ConfirmError, DrainError, PublishError, SubscribeError,
     SyncPublishError,
 };
-use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, Provider, ReplayFrom};
+use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, Provider, ReplayCursor};
 use crate::subscription::{DeliveryError, Handler, StreamChannel, Target};
 use crate::{Delivery, Event, Pattern, SubscriptionId};
 
@@ -667,8 +667,9 @@ impl Broker {
     }
 
     /// Delivers a dead letter again, on this thread, to the subscription that failed it, or, when
-    /// that subscription is gone, to the live subscriptions with the same pattern (as after a
-    /// restart). Retries follow the broker's policy. The dead letter is deleted only after the
+    /// that subscription is gone or was another broker's (a letter of another instance sharing the
+    /// provider, or of this service before a restart), to this broker's live subscriptions with the
+    /// same pattern. Retries follow the broker's policy. The dead letter is deleted only after the
     /// delivery ran, its new dead letter (when it failed again) was stored and the event's status
     /// written: a failure in between keeps it (it may then be delivered twice, never lost).
     ///
@@ -713,7 +714,8 @@ impl Broker {
     }
 
     /// Re-delivers stored events, oldest first, to the current subscribers: every event from
-    /// `from` on whose type matches `pattern` (all when `None`) goes through the shards again with
+    /// `from` on (a [`ReplayFrom`](crate::ReplayFrom), or the [`ReplayCursor`] of a replay that
+    /// stopped with [`BrokerError::ReplayFull`]) whose type matches `pattern` (all when `None`) goes through the shards again with
     /// `"replay": true` in its metadata. The stored events and their status history are left as
     /// they are. Waits for room as needed (from a handler, only as long as the backpressure policy
     /// allows, and never for its own worker's shard).
@@ -721,8 +723,12 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::Pattern`]; [`BrokerError::Provider`]; [`BrokerError::ReplayFull`] with where
     /// to resume; [`BrokerError::Closed`] when shutdown interrupts the replay.
-    pub fn replay(&self, from: ReplayFrom, pattern: Option<&str>) -> Result<ReplayReport, BrokerError> {
-        self.engine().replay(from, pattern)
+    pub fn replay(
+        &self,
+        from: impl Into<ReplayCursor>,
+        pattern: Option<&str>,
+    ) -> Result<ReplayReport, BrokerError> {
+        self.engine().replay(from.into(), pattern)
     }
 
     /// Counters of the whole broker, each shard, the writer and the inbound thread.

@@ -11,7 +11,7 @@ use crate::dispatch::delivery::{self, Inline, Job, Origin, Outbox, Tally};
 use crate::dispatch::ring::PushBatchError as ReserveError;
 use crate::dispatch::worker;
 use crate::error::{BrokerError, DeliveryFailure};
-use crate::provider::{DeadLetterFilter, DeadLetterId, ProviderExt, ReplayFrom};
+use crate::provider::{DeadLetterFilter, DeadLetterId, ProviderExt, ReplayCursor};
 use crate::{EventId, EventStatus, Pattern};
 
 /// How long broker operations that read through the provider wait for the writer to flush.
@@ -57,9 +57,11 @@ impl Engine {
             .provider
             .get_dead_letter(id)?
             .ok_or_else(|| BrokerError::NoSuchDeadLetter(id.to_string()))?;
+        // The id is of this broker's subscription only if it is this broker's run that wrote the
+        // letter (ids are drawn from a random range per broker); the pattern must agree too.
         let targets = match self.shared.table.get(letter.subscription_id) {
-            Some(subscription) => vec![subscription],
-            None => self.shared.table.live_with_pattern(&letter.pattern),
+            Some(subscription) if subscription.pattern.as_str() == letter.pattern => vec![subscription],
+            _ => self.shared.table.live_with_pattern(&letter.pattern),
         };
         if targets.is_empty() {
             return Err(BrokerError::NoSubscriber { pattern: letter.pattern });
@@ -146,7 +148,7 @@ impl Engine {
 
     pub(crate) fn replay(
         &self,
-        from: ReplayFrom,
+        from: ReplayCursor,
         pattern: Option<&str>,
     ) -> Result<ReplayReport, BrokerError> {
         let pattern = pattern.map(Pattern::parse).transpose()?;
@@ -177,7 +179,7 @@ impl Engine {
                     Err((ReserveError::Full, _)) => {
                         return Err(BrokerError::ReplayFull {
                             replayed: report.replayed,
-                            resume_from: ReplayFrom::Sequence(stored.seq),
+                            resume_from: from.at_sequence(stored.seq),
                         });
                     }
                 }

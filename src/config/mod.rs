@@ -475,7 +475,10 @@ impl Config {
     }
 
     /// A builder with every setting of this configuration and its provider, made by the factory;
-    /// add what only code can give, then [`build`](BrokerBuilder::build).
+    /// add what only code can give, then [`build`](BrokerBuilder::build). The memory provider it
+    /// makes is the broker's alone (the distribution stays [`Distribution::Local`] unless
+    /// configured); a provider given afterwards with [`BrokerBuilder::provider`] replaces it and
+    /// is shared as any provider given that way is.
     ///
     /// ```
     /// use eventbroker::config::Config;
@@ -497,11 +500,12 @@ impl Config {
         let mut builder = self.builder_settings();
         builder = factory::with_metrics(builder, &self.metrics)?;
         let provider = factory::provider(self)?;
-        builder = builder.provider(provider);
-        if self.distribution.is_none() && self.provider == ProviderKind::Memory {
-            // A memory provider of its own: nobody else shares it.
-            builder = builder.distribution(Distribution::Local);
-        }
+        // A memory provider made here is this broker's alone: its default distribution stays
+        // local, unless the caller gives the builder a provider to share after all.
+        builder = match self.provider {
+            ProviderKind::Memory => builder.provider_of_its_own(provider),
+            _ => builder.provider(provider),
+        };
         Ok(builder)
     }
 

@@ -108,7 +108,7 @@ pub use self::memory::{MemoryConfig, MemoryProvider};
 pub use self::nats::{NatsConfig, NatsProvider};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresConfig, PostgresProvider};
-pub use self::query::{EventFilter, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent};
+pub use self::query::{EventFilter, ProviderStats, ReplayCursor, ReplayFrom, StatusUpdate, StoredEvent};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
@@ -385,22 +385,20 @@ pub trait ProviderExt: Provider {
         Ok(event)
     }
 
-    /// Pages of [`EventStore::replay`] from `from` on, `page_size` events each (at least 1), until
+    /// Pages of [`EventStore::replay`] from `from` on (a [`ReplayFrom`], or the
+    /// [`ReplayCursor`] an earlier replay stopped at), `page_size` events each (at least 1), until
     /// history is exhausted or a call fails (the error is the last item). From
     /// [`ReplayFrom::Time`], every page holds only events created at or after that time (the pages
     /// after the first continue by sequence, and are filtered here), so which events come does
     /// not depend on the page size; a page may then hold fewer events than `page_size`, or none.
+    /// [`ReplayPages::cursor`] says where the next page starts.
     fn replay_pages<'a>(
         &'a self,
-        from: ReplayFrom,
+        from: impl Into<ReplayCursor>,
         pattern: Option<&'a Pattern>,
         page_size: usize,
     ) -> ReplayPages<'a, Self> {
-        let not_before = match from {
-            ReplayFrom::Time(at) => Some(at),
-            ReplayFrom::Beginning | ReplayFrom::Sequence(_) => None,
-        };
-        ReplayPages { provider: self, next: Some(from), pattern, page_size: page_size.max(1), not_before }
+        ReplayPages { provider: self, next: Some(from.into()), pattern, page_size: page_size.max(1) }
     }
 }
 
@@ -410,27 +408,33 @@ impl<P: Provider + ?Sized> ProviderExt for P {}
 #[derive(Debug)]
 pub struct ReplayPages<'a, P: ?Sized> {
     provider: &'a P,
-    next: Option<ReplayFrom>,
+    /// Where the next page starts; `None` once history is exhausted or a call failed.
+    next: Option<ReplayCursor>,
     pattern: Option<&'a Pattern>,
     page_size: usize,
-    /// Of a replay from a time: the events created before it are left out of every page.
-    not_before: Option<crate::Timestamp>,
+}
+
+impl<P: ?Sized> ReplayPages<'_, P> {
+    /// Where the next page starts: `None` once history is exhausted or a call failed. Passed to
+    /// [`ProviderExt::replay_pages`] or [`Broker::replay`](crate::Broker::replay), it goes on with
+    /// the same replay (its time included).
+    pub fn cursor(&self) -> Option<ReplayCursor> {
+        self.next
+    }
 }
 
 impl<P: Provider + ?Sized> Iterator for ReplayPages<'_, P> {
     type Item = Result<Vec<StoredEvent>, ProviderError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let from = self.next.take()?;
-        match self.provider.replay(from, self.pattern, self.page_size) {
+        let cursor = self.next.take()?;
+        match self.provider.replay(cursor.position(), self.pattern, self.page_size) {
             Ok(page) if page.is_empty() => None,
             Ok(mut page) => {
                 if page.len() == self.page_size {
-                    self.next = page.last().map(|last| ReplayFrom::Sequence(last.seq + 1));
+                    self.next = page.last().map(|last| cursor.at_sequence(last.seq + 1));
                 }
-                if let Some(at) = self.not_before {
-                    page.retain(|stored| stored.event.created_at >= at);
-                }
+                page.retain(|stored| cursor.admits(&stored.event));
                 Some(Ok(page))
             }
             Err(error) => Some(Err(error)),

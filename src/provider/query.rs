@@ -317,9 +317,67 @@ pub enum ReplayFrom {
     /// Events with a sequence number at or above this one.
     Sequence(u64),
     /// Events created at or after this time ([`Timestamp`](crate::Timestamp)), still in sequence
-    /// order. Continue paging with [`ReplayFrom::Sequence`], which from there on includes every
-    /// later-stored event.
+    /// order. Paging on with [`ReplayFrom::Sequence`] includes every later-stored event, whenever
+    /// it was created; a [`ReplayCursor`] (what [`ProviderExt::replay_pages`](super::ProviderExt::replay_pages)
+    /// and [`Broker::replay`](crate::Broker::replay) page with) keeps the time.
     Time(Timestamp),
+}
+
+/// Where a paged replay goes on: the next position in sequence order, and for a replay that began
+/// at a time, that time, since the pages after the first continue by sequence and must still leave
+/// out the events created before it. [`ProviderExt::replay_pages`](super::ProviderExt::replay_pages)
+/// and [`Broker::replay`](crate::Broker::replay) take one (a [`ReplayFrom`] converts into the
+/// cursor that starts there), and [`BrokerError::ReplayFull`](crate::BrokerError::ReplayFull)
+/// gives one to resume an interrupted replay with.
+///
+/// ```
+/// use eventbroker::{ReplayCursor, ReplayFrom, Timestamp};
+///
+/// let an_hour_ago = Timestamp::now() - std::time::Duration::from_secs(3600);
+/// let cursor = ReplayCursor::from(ReplayFrom::Time(an_hour_ago));
+/// assert_eq!(cursor.not_before(), Some(an_hour_ago));
+/// // Going on after sequence number 41 keeps the time.
+/// let later = cursor.at_sequence(42);
+/// assert_eq!((later.position(), later.not_before()), (ReplayFrom::Sequence(42), Some(an_hour_ago)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayCursor {
+    position: ReplayFrom,
+    not_before: Option<Timestamp>,
+}
+
+impl ReplayCursor {
+    /// Where the next page starts.
+    pub fn position(&self) -> ReplayFrom {
+        self.position
+    }
+
+    /// Of a replay that began at a time: that time; events created before it are left out.
+    pub fn not_before(&self) -> Option<Timestamp> {
+        self.not_before
+    }
+
+    /// The same replay, going on from sequence number `seq` (the one after the last event it
+    /// returned).
+    #[must_use]
+    pub fn at_sequence(self, seq: u64) -> Self {
+        Self { position: ReplayFrom::Sequence(seq), ..self }
+    }
+
+    /// Whether `event` belongs to this replay: created at or after its time, if it has one.
+    pub(crate) fn admits(&self, event: &Event) -> bool {
+        self.not_before.is_none_or(|at| event.created_at >= at)
+    }
+}
+
+impl From<ReplayFrom> for ReplayCursor {
+    fn from(position: ReplayFrom) -> Self {
+        let not_before = match position {
+            ReplayFrom::Time(at) => Some(at),
+            ReplayFrom::Beginning | ReplayFrom::Sequence(_) => None,
+        };
+        Self { position, not_before }
+    }
 }
 
 /// A stored event with its sequence number, as [`EventStore::replay`](super::EventStore::replay) returns it.
