@@ -1040,3 +1040,92 @@ fn replay_pages_from_a_time_filter_every_page() {
         assert!(replayed.iter().all(|event| event.id != old.id), "page size {page_size}");
     }
 }
+
+/// An event of type `ty` whose id puts it in shard `shard` (of 16, from 4 096 events up).
+fn in_shard(shard: u128, ty: &str) -> Arc<Event> {
+    let id = EventId::new().as_uuid().as_u128() & !0xF | shard;
+    Arc::new(Event {
+        id: EventId::from_uuid(uuid::Uuid::from_u128(id)),
+        ..Event::new(EventSource::System, ty)
+    })
+}
+
+/// Paging by sequence while another thread stores never steps over an event: the shards are read
+/// one after another, and a store into shard 0, read already, takes a lower number than the one
+/// into shard 15 stored just after it and read later.
+#[test]
+fn replay_paging_while_events_are_stored_returns_every_event() {
+    let provider = Arc::new(provider(1_000_000));
+    // Events in a middle shard of another type, which the reader scans between shards 0 and 15.
+    let filler: Vec<_> = (0..20_000).map(|_| in_shard(7, "b.x")).collect();
+    provider.store_batch(&filler, None).unwrap();
+    let pattern = Pattern::parse("a.x").unwrap();
+    let writer = {
+        let provider = Arc::clone(&provider);
+        thread::spawn(move || {
+            for _ in 0..3_000 {
+                provider.store_batch(&[in_shard(0, "a.x"), in_shard(15, "a.x")], None).unwrap();
+            }
+        })
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut from = ReplayFrom::Beginning;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let finished = writer.is_finished();
+        let page = provider.replay(from, Some(&pattern), 64).unwrap();
+        if let Some(last) = page.last() {
+            from = ReplayFrom::Sequence(last.seq + 1);
+        }
+        let short = page.len() < 64;
+        seen.extend(page.into_iter().map(|stored| stored.event.id));
+        if finished && short {
+            break;
+        }
+        assert!(Instant::now() < deadline, "paging did not catch up with 6 000 stores");
+    }
+    writer.join().unwrap();
+    let all = provider.replay(ReplayFrom::Beginning, Some(&pattern), usize::MAX).unwrap();
+    assert_eq!(all.len(), 6_000);
+    let missed: Vec<u64> = all.iter().filter(|s| !seen.contains(&s.event.id)).map(|s| s.seq).collect();
+    assert!(
+        missed.is_empty(),
+        "{} events never came in a page, at {:?}",
+        missed.len(),
+        &missed[..missed.len().min(8)]
+    );
+}
+
+/// A list by status returns each event with the status it was selected by, while the broker's
+/// workers write statuses (without the shard's lock) as it reads.
+#[test]
+fn a_list_by_status_returns_only_events_of_that_status_while_workers_write() {
+    let memory = Arc::new(MemoryProvider::default());
+    let broker = eventbroker::Broker::builder().provider(memory.clone()).build().unwrap();
+    broker.subscribe_infallible("load.>", |_: &Event| {}).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (broker, stop) = (broker.clone(), Arc::clone(&stop));
+        thread::spawn(move || {
+            for _ in 0..200_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let _ = broker.publish(Event::new(EventSource::Internal, "load.x"));
+            }
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(2);
+    let (mut wrong, mut lists) = (0, 0);
+    while Instant::now() < until && wrong == 0 {
+        for status in [EventStatus::Pending, EventStatus::Processing] {
+            let listed = memory.list(&EventFilter::new().with_status(status)).unwrap();
+            wrong += listed.iter().filter(|e| e.status != status).count();
+            lists += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.join().unwrap();
+    assert_eq!(wrong, 0, "events listed under a status they did not have ({lists} lists)");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}

@@ -898,9 +898,15 @@ impl EventStore for MemoryProvider {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, ProviderError> {
         let shared = &*self.shared;
+        // Shards are read one after another while stores go on, and a store into a shard read
+        // already can take a lower number than one read later: a page holding the later one
+        // would step over it for good. Every number below the counter read first belongs to a
+        // store that has finished, or holds its shard's lock until it has (see `take_numbers`),
+        // so the page stops there; what was stored since comes with the next page.
+        let before = shared.next_seq.load(Ordering::Acquire);
         let mut found: Vec<_> = shared
             .each_shard("replay", |index, shard| {
-                shard.events.replay(from, pattern, limit, &shared.marks[index])
+                shard.events.replay(from, before, pattern, limit, &shared.marks[index])
             })?
             .into_iter()
             .flatten()

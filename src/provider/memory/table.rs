@@ -94,8 +94,12 @@ impl Entry {
 
     /// An owned copy of the event with its current status.
     fn to_event(&self, slot: usize, marks: &Marks) -> Event {
+        self.to_event_as(self.status(slot, marks))
+    }
+
+    /// An owned copy of the event with the status fields `s` (read once, and used for a filter).
+    fn to_event_as(&self, s: Lifecycle) -> Event {
         let mut event = Event::clone(&self.event);
-        let s = self.status(slot, marks);
         event.status = s.status;
         event.error = s.error.into();
         event.retry_count = s.retry_count;
@@ -363,28 +367,37 @@ impl EventTable {
         take: usize,
         marks: &Marks,
     ) -> Vec<((Timestamp, EventId), Event)> {
-        let mut keys: Vec<((Timestamp, EventId), usize)> = self
+        // The marks are read only when the filter asks for a status, and then once: workers
+        // write them without the shard's lock, and an event must come back with the status it
+        // was selected by.
+        let mut keys: Vec<((Timestamp, EventId), usize, Option<Lifecycle>)> = self
             .log
             .iter()
-            .filter(|&(_, slot, entry)| {
-                // The mark is read only when the filter asks for a status.
-                let status = filter.status.map_or(entry.event.status, |_| entry.current_status(slot, marks));
-                filter.matches_with_status(&entry.event, status)
+            .filter_map(|(_, slot, entry)| {
+                let lifecycle = filter.status.map(|_| entry.status(slot, marks));
+                let status = lifecycle.as_ref().map_or(entry.event.status, |l| l.status);
+                filter
+                    .matches_with_status(&entry.event, status)
+                    .then(|| ((entry.event.created_at, entry.event.id), slot, lifecycle))
             })
-            .map(|(_, slot, entry)| ((entry.event.created_at, entry.event.id), slot))
             .collect();
-        keys.sort_unstable_by_key(|(key, _)| *key);
+        keys.sort_unstable_by_key(|(key, _, _)| *key);
         keys.into_iter()
             .take(take)
-            .map(|(key, slot)| (key, self.log.get(slot).to_event(slot, marks)))
+            .map(|(key, slot, lifecycle)| {
+                let entry = self.log.get(slot);
+                (key, lifecycle.map_or_else(|| entry.to_event(slot, marks), |l| entry.to_event_as(l)))
+            })
             .collect()
     }
 
     /// Up to `limit` events from `from` on, whose type matches `pattern`, in sequence order: a
     /// pass over the shard's events, then a sort of the first `limit` of those selected.
+    /// Up to `limit` entries from `from` on whose numbers are below `before`, in number order.
     pub(super) fn replay(
         &self,
         from: ReplayFrom,
+        before: u64,
         pattern: Option<&Pattern>,
         limit: usize,
         marks: &Marks,
@@ -397,7 +410,7 @@ impl EventTable {
         let mut selected: Vec<(u64, usize)> = self
             .log
             .iter()
-            .filter(|(_, _, entry)| entry.seq >= first_seq)
+            .filter(|(_, _, entry)| (first_seq..before).contains(&entry.seq))
             .filter(|(_, _, entry)| not_before.is_none_or(|at| entry.event.created_at >= at))
             .filter(|(_, _, entry)| pattern.is_none_or(|p| p.matches(&entry.event.event_type)))
             .map(|(_, slot, entry)| (entry.seq, slot))
@@ -455,9 +468,10 @@ impl EventTable {
 /// Takes `count` numbers of the provider's store counter, under the lock of the shard that uses
 /// them; returns the first.
 fn take_numbers(counter: &AtomicU64, count: usize) -> u64 {
-    // Relaxed: the numbers only need to be unique and increasing within the shard, whose lock is
-    // held.
-    counter.fetch_add(count as u64, Ordering::Relaxed)
+    // Release: the numbers need only be unique and increasing within the shard, whose lock is
+    // held; but a reader that sees the counter past them (Acquire, in `replay`) must then find
+    // the shard's lock taken by this store, so that it waits for the store to finish.
+    counter.fetch_add(count as u64, Ordering::Release)
 }
 
 /// Where a status update of a stored event goes (see [`EventTable::locate`]).
@@ -674,7 +688,7 @@ mod tests {
                 let mut by_seq: Vec<_> = model.iter().map(|&(id, seq, status, _)| (seq, id, status)).collect();
                 by_seq.sort_unstable_by_key(|&(seq, _, _)| seq);
                 let replayed: Vec<_> = table
-                    .replay(ReplayFrom::Beginning, None, usize::MAX, &marks)
+                    .replay(ReplayFrom::Beginning, u64::MAX, None, usize::MAX, &marks)
                     .into_iter()
                     .map(|(seq, e)| (seq, e.id, e.status))
                     .collect();
@@ -682,7 +696,7 @@ mod tests {
                 if by_seq.len() > 2 {
                     let from = by_seq[1].0;
                     let page: Vec<_> = table
-                        .replay(ReplayFrom::Sequence(from), None, 2, &marks)
+                        .replay(ReplayFrom::Sequence(from), u64::MAX, None, 2, &marks)
                         .into_iter()
                         .map(|(seq, e)| (seq, e.id, e.status))
                         .collect();
