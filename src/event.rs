@@ -515,6 +515,17 @@ impl Event {
             .map(|(key, _)| key.as_str())
     }
 
+    /// Clears what a handling wrote into the event (status back to `pending`, no error, no
+    /// retries, no processing times), so that a stored or dead-lettered copy delivered again
+    /// reaches its handlers as it was published.
+    pub(crate) fn clear_lifecycle(&mut self) {
+        self.status = EventStatus::Pending;
+        self.error.clear();
+        self.retry_count = 0;
+        self.processed_at = None;
+        self.completed_at = None;
+    }
+
     /// The key that picks this event's shard: [`Event::partition_key`] when set, else the type.
     pub fn partition(&self) -> &str {
         self.partition_key.as_deref().unwrap_or(&self.event_type)

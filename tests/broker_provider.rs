@@ -10,7 +10,7 @@ use eventbroker::prelude::*;
 use eventbroker::testing::{Fault, FaultyProvider, Operation};
 use eventbroker::{
     Broker, BrokerError, ConfirmError, DeadLetterFilter, Event, EventId, EventStatus, MemoryProvider,
-    ProviderErrorKind, PublishError, ReplayFrom, RetryPolicy,
+    ProviderErrorKind, PublishError, ReplayFrom, RetryPolicy, SubscriptionId,
 };
 
 mod common;
@@ -790,4 +790,146 @@ fn an_event_waiting_for_an_abandoned_stream_goes_back_to_the_group_however_long_
         let report = broker.shutdown(Duration::from_secs(5));
         assert!(report.is_clean(), "{report:?}");
     }
+}
+
+/// A broker on `memory` whose one handler of `jobs.run` always fails with "boom", retried after
+/// `delay` (three times at most), and one such event published and handled once; with the count
+/// of handler calls and the event's id.
+fn a_failing_job(
+    memory: &Arc<MemoryProvider>,
+    delay: Duration,
+) -> (Broker, SubscriptionId, Arc<AtomicU64>, EventId) {
+    let policy = RetryPolicy {
+        max_retries: 3,
+        initial_delay: delay,
+        max_delay: delay,
+        backoff_factor: 1.0,
+        jitter: 0.0,
+    };
+    let broker = Broker::builder().provider(memory.clone()).retry_policy(policy).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&calls);
+    let subscription = broker
+        .subscribe("jobs.run", move |_: &Event| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Err("boom")
+        })
+        .unwrap();
+    let job = event("jobs.run");
+    let id = job.id;
+    broker.publish(job).unwrap();
+    wait_until("the first attempt", Duration::from_secs(5), || calls.load(Ordering::SeqCst) >= 1);
+    (broker, subscription, calls, id)
+}
+
+/// A delivery ended while its first retry waited (its subscription ended, or shutdown came
+/// first) made no retry and failed with the handler's error: the letter and the stored event say
+/// so alike.
+#[test]
+fn a_delivery_ended_before_its_retry_keeps_the_handlers_error_and_no_retry() {
+    for shutdown in [false, true] {
+        let memory = Arc::new(MemoryProvider::default());
+        let delay = if shutdown { Duration::from_secs(10) } else { Duration::from_millis(300) };
+        let (broker, subscription, calls, id) = a_failing_job(&memory, delay);
+        if shutdown {
+            let report = broker.shutdown(Duration::from_millis(300));
+            assert_eq!(report.dead_lettered, 1, "{report:?}");
+        } else {
+            broker.unsubscribe(subscription);
+            broker.drain(Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no retry was made");
+        let letter = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap().remove(0);
+        let stored = memory.get(id).unwrap().unwrap();
+        assert_eq!((letter.attempts, letter.event.retry_count), (1, 0), "shutdown: {shutdown}");
+        assert_eq!((stored.status, stored.retry_count), (EventStatus::Failed, 0), "shutdown: {shutdown}");
+        assert!(letter.error.contains("(last error: boom)"), "{}", letter.error);
+        assert_eq!(stored.error, letter.error);
+        if !shutdown {
+            assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+        }
+    }
+}
+
+/// A replayed event reaches its handlers as it was published: its first handling's status,
+/// error, retries and times stay in the store.
+#[test]
+fn a_replayed_event_reaches_its_handlers_as_published() {
+    let memory = Arc::new(MemoryProvider::default());
+    let (broker, subscription, _, id) = a_failing_job(&memory, Duration::from_millis(1));
+    broker.drain(Duration::from_secs(5)).unwrap();
+    broker.unsubscribe(subscription);
+    let seen: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    broker.subscribe_infallible("jobs.run", move |e: &Event| s.lock().unwrap().push(e.clone())).unwrap();
+    assert_eq!(broker.replay(ReplayFrom::Beginning, None).unwrap().replayed, 1);
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let seen = seen.lock().unwrap();
+    let replayed = &seen[0];
+    assert_eq!(replayed.id, id);
+    assert_eq!(
+        (replayed.status, replayed.error.as_str(), replayed.retry_count),
+        (EventStatus::Pending, "", 0)
+    );
+    assert_eq!((replayed.processed_at, replayed.completed_at), (None, None));
+    assert_eq!(memory.get(id).unwrap().unwrap().retry_count, 3, "the store keeps the first handling's");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// A broker on a memory provider of the test's, with no retries, whose handler of `orders.*`
+/// fails ("down") until the flag returned is set.
+fn a_handler_to_fix() -> (Arc<MemoryProvider>, Broker, Arc<AtomicBool>) {
+    let memory = Arc::new(MemoryProvider::default());
+    let broker =
+        Broker::builder().provider(memory.clone()).retry_policy(RetryPolicy::none()).build().unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&fixed);
+    broker
+        .subscribe("orders.*", move |_: &Event| if f.load(Ordering::SeqCst) { Ok(()) } else { Err("down") })
+        .unwrap();
+    (memory, broker, fixed)
+}
+
+/// A redrive of an event the provider no longer holds writes no status, and says so.
+#[test]
+fn a_redrive_of_an_event_no_longer_stored_reports_no_status() {
+    let (memory, broker, fixed) = a_handler_to_fix();
+    let paid = event("orders.paid");
+    let id = paid.id;
+    broker.publish(paid).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    assert!(memory.delete(id).unwrap());
+    fixed.store(true, Ordering::SeqCst);
+    let letter = broker.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap().remove(0);
+    let outcome = broker.redrive(letter.id).unwrap();
+    assert_eq!((outcome.delivered, outcome.status), (1, None));
+    assert!(memory.get(id).unwrap().is_none(), "no status of an event it does not hold");
+    assert!(broker.dead_letters(&DeadLetterFilter::new()).unwrap().is_empty());
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// A delivery's dead letter is stored once the event's other deliveries end (here an
+/// acknowledged one): a redrive then cannot run beside the event's own handling, whose final
+/// status would overwrite the redrive's.
+#[test]
+fn a_dead_letter_waits_for_its_events_other_deliveries() {
+    let (memory, broker, fixed) = a_handler_to_fix();
+    let (_acked, deliveries) = broker.subscribe_acked("orders.*").unwrap();
+    let paid = event("orders.paid");
+    let id = paid.id;
+    broker.publish(paid).unwrap();
+    let delivery = deliveries.recv_timeout(Duration::from_secs(5)).unwrap();
+    wait_until("the failure", Duration::from_secs(5), || broker.stats().handler_failures == 1);
+    let letters = || broker.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
+    assert!(letters().is_empty(), "the letter waits for the acknowledged delivery");
+    delivery.ack();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let letter = letters().remove(0);
+    assert_eq!(memory.get(id).unwrap().unwrap().status, EventStatus::Failed);
+    fixed.store(true, Ordering::SeqCst);
+    assert_eq!(broker.redrive(letter.id).unwrap().status, Some(EventStatus::Completed));
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let stored = memory.get(id).unwrap().unwrap();
+    assert_eq!((stored.status, stored.error.as_str()), (EventStatus::Completed, ""));
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
 }

@@ -655,6 +655,10 @@ impl Broker {
     }
 
     /// Dead letters in the provider, after flushing the writer so recent failures are included.
+    /// A delivery's dead letter is stored when its event's handling ends: while another delivery
+    /// of the event still waits for a retry or an acknowledgement, the letter waits with it, so
+    /// that a redrive never runs beside the event's own handling (whose final status would
+    /// overwrite the redrive's).
     ///
     /// # Errors
     /// [`BrokerError::Provider`] when the provider fails.

@@ -10,7 +10,7 @@ use super::engine::{Engine, Store};
 use crate::dispatch::delivery::{self, Inline, Job, Origin, Outbox, Tally};
 use crate::dispatch::ring::PushBatchError as ReserveError;
 use crate::dispatch::worker;
-use crate::error::{BrokerError, DeliveryFailure};
+use crate::error::{BrokerError, DeliveryFailure, ProviderErrorKind};
 use crate::provider::{DeadLetterFilter, DeadLetterId, ProviderExt, ReplayCursor};
 use crate::{EventId, EventStatus, Pattern};
 
@@ -33,7 +33,8 @@ pub struct RedriveOutcome {
     pub dead_letters: Vec<DeadLetterId>,
     /// The event's status written to the provider: `completed` when the event has no dead letter
     /// left, `failed` when a delivery failed again, `None` when nothing was written (status
-    /// tracking is off, or another delivery of the event still has a dead letter).
+    /// tracking is off, another delivery of the event still has a dead letter, or the provider no
+    /// longer holds the event: deleted, evicted or expired).
     pub status: Option<EventStatus>,
 }
 
@@ -67,9 +68,7 @@ impl Engine {
             return Err(BrokerError::NoSubscriber { pattern: letter.pattern });
         }
         let mut event = letter.event.clone();
-        event.status = EventStatus::Pending;
-        event.error.clear();
-        event.retry_count = 0;
+        event.clear_lifecycle();
         event.metadata.insert("redriven_from".into(), letter.id.to_string().into());
         let job = Job { event: Arc::new(event), origin: Origin::Replayed };
         let started = crate::clock::now();
@@ -140,6 +139,14 @@ impl Engine {
                 return Ok(None);
             }
         }
+        // An event no longer stored (deleted, evicted, expired) has no status to write: a
+        // provider would skip the update, or keep a status of an event it does not hold.
+        match self.provider.get(event) {
+            Ok(None) => return Ok(None),
+            Ok(Some(_)) => {}
+            Err(error) if error.kind() == &ProviderErrorKind::NotSupported => {}
+            Err(error) => return Err(error.into()),
+        }
         let update = tally.finished(event).with_processed_at(started);
         let status = update.status;
         self.provider.update_status_batch(&[update])?;
@@ -159,7 +166,7 @@ impl Engine {
         for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
             for stored in page? {
                 let mut event = stored.event;
-                event.status = EventStatus::Pending;
+                event.clear_lifecycle();
                 event.metadata.insert("replay".into(), true.into());
                 let event = match self.admit(event) {
                     Ok(event) => event,

@@ -194,9 +194,9 @@ pub(crate) struct Tally {
     /// Deliveries not yet ended (waiting for a retry).
     pub(crate) outstanding: u32,
     failed: bool,
-    /// The last failure's error.
+    /// The error of the last delivery that gave up.
     error: String,
-    /// Most retries any delivery of the job took.
+    /// Most retries any ended delivery of the job made.
     retries: u32,
 }
 
@@ -206,20 +206,16 @@ impl Tally {
         self.retries = self.retries.max(attempts.saturating_sub(1));
     }
 
+    /// A delivery gave up with `failure`: the job has failed.
+    fn gave_up(&mut self, failure: &DeliveryFailure) {
+        self.failed = true;
+        failure.error.clone_into(&mut self.error);
+        self.retries = self.retries.max(failure.attempts.saturating_sub(1));
+    }
+
     /// Whether a delivery of the job failed for good.
     pub(crate) fn failed(&self) -> bool {
         self.failed
-    }
-
-    /// The last failure's error, of a delivery retried or given up.
-    pub(crate) fn last_error(&self) -> &str {
-        &self.error
-    }
-
-    /// A delivery will be retried; `attempts` made so far.
-    pub(crate) fn retrying(&mut self, attempts: u32, error: &str) {
-        self.retries = self.retries.max(attempts);
-        error.clone_into(&mut self.error);
     }
 
     /// The final status of the event whose deliveries ended so: `failed` with the last failure's
@@ -309,14 +305,23 @@ impl Outbox {
 
     /// A delivery gave up: its dead letter goes to the writer, and its job is marked failed.
     pub(crate) fn give_up(&mut self, job: &Job, failure: &DeliveryFailure, tally: &mut Tally) {
+        self.give_up_later(failure, tally);
+        self.dead_letter(job, failure);
+    }
+
+    /// A delivery gave up, and its dead letter waits for the rest of its job (see
+    /// [`Outbox::dead_letter`]): counted now, and its job is marked failed.
+    pub(crate) fn give_up_later(&mut self, failure: &DeliveryFailure, tally: &mut Tally) {
+        tally.gave_up(failure);
+        self.counts.dead_letters += 1;
+    }
+
+    /// The dead letter of a delivery of `job` that gave up with `failure` goes to the writer.
+    pub(crate) fn dead_letter(&mut self, job: &Job, failure: &DeliveryFailure) {
         self.dead_letters.push(dead_letter(&job.event, failure));
         if let Origin::Inbound(token) = job.origin {
             self.letter_tokens.push(token);
         }
-        self.counts.dead_letters += 1;
-        tally.failed = true;
-        failure.error.clone_into(&mut tally.error);
-        tally.retries = tally.retries.max(failure.attempts.saturating_sub(1));
     }
 
     /// Every delivery of `job` has ended: its final status (when tracked), its acknowledgement
@@ -479,8 +484,7 @@ pub(crate) fn deliver_inline(
         last_error.clone_from(&error);
         let due = crate::deadline::from_now(rules.retry.delay_for_retry(attempts, fastrand::f64()));
         if !sleep_until(due, &shutdown) {
-            let error = format!("the broker shut down before retry {attempts} was due (last error: {error})");
-            return Inline::Failed(failure(subscription, error, attempts));
+            return Inline::Failed(failure(subscription, shut_down_before_retry(attempts, &error), attempts));
         }
         outbox.retry_scheduled();
     }
@@ -490,6 +494,11 @@ pub(crate) fn deliver_inline(
 /// waited, after `last_error`.
 pub(crate) fn gone_before_retry(retry: u32, last_error: &str) -> String {
     format!("the subscriber went away before retry {retry} (last error: {last_error})")
+}
+
+/// The error of a delivery that shutdown ended while retry `retry` waited, after `last_error`.
+pub(crate) fn shut_down_before_retry(retry: u32, last_error: &str) -> String {
+    format!("the broker shut down before retry {retry} was due (last error: {last_error})")
 }
 
 /// The error of a delivery whose subscription ended while retry `retry` waited, after

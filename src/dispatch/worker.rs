@@ -209,6 +209,8 @@ struct Retry {
     subscription: Arc<Subscription>,
     /// Attempts made so far.
     attempts: u32,
+    /// The last attempt's error: what the delivery ends with if the retry is never made.
+    last_error: String,
 }
 
 /// A job with deliveries waiting for retries or acknowledgements.
@@ -219,6 +221,10 @@ struct Open {
     /// as it would be dead-lettered: once the job's other deliveries end, it goes back to its
     /// group, unless one of them was dead-lettered (see [`Worker::end_open`]).
     ended: Vec<crate::DeliveryFailure>,
+    /// Deliveries that gave up: their dead letters are written when the job settles, so that no
+    /// redrive of one runs while the event's other deliveries are still under way (the job's
+    /// final status would then overwrite the redrive's).
+    given_up: Vec<crate::DeliveryFailure>,
 }
 
 /// The job being handled, by id and origin only (no reference count to move on the hot path),
@@ -466,8 +472,9 @@ impl Worker {
             return;
         }
         let mut tally = Tally::default();
-        let mut retry_later: SmallVec<[Arc<Subscription>; 2]> = SmallVec::new();
+        let mut retry_later: SmallVec<[(Arc<Subscription>, String); 2]> = SmallVec::new();
         let mut awaiting: SmallVec<[(Arc<Subscription>, Made); 1]> = SmallVec::new();
+        let mut given_up: Vec<crate::DeliveryFailure> = Vec::new();
         let mut gone = 0;
         for subscription in subscriptions {
             let outcome = delivery::attempt(subscription, &job.event, 1, || self.awaiting.reply());
@@ -481,10 +488,11 @@ impl Worker {
             }
             let Some(error) = self.outbox.record(subscription, outcome) else { continue };
             if self.config.retry.max_retries == 0 {
-                self.outbox.give_up(&job, &delivery::failure(subscription, error, 1), &mut tally);
+                let failure = delivery::failure(subscription, error, 1);
+                self.outbox.give_up_later(&failure, &mut tally);
+                given_up.push(failure);
             } else {
-                tally.retrying(1, &error);
-                retry_later.push(Arc::clone(subscription));
+                retry_later.push((Arc::clone(subscription), error));
             }
         }
         if retry_later.is_empty() && awaiting.is_empty() {
@@ -494,12 +502,15 @@ impl Worker {
                 self.unrouted(job, |_, _| true);
                 return;
             }
+            for failure in &given_up {
+                self.outbox.dead_letter(&job, failure);
+            }
             self.outbox.settle(&job, tally, track);
             self.finished(job);
             return;
         }
         tally.outstanding = u32::try_from(retry_later.len() + awaiting.len()).unwrap_or(u32::MAX);
-        let key = self.open.insert(Open { job, tally, ended: Vec::new() });
+        let key = self.open.insert(Open { job, tally, ended: Vec::new(), given_up });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
         }
@@ -507,10 +518,10 @@ impl Worker {
         for (subscription, made) in awaiting {
             self.awaiting.insert(made, key, subscription, 1);
         }
-        for subscription in retry_later {
+        for (subscription, last_error) in retry_later {
             let delay = self.config.retry.delay_for_retry(1, self.rng.f64());
-            self.retries
-                .push(crate::deadline::after(now, delay), Retry { job: key, subscription, attempts: 1 });
+            let retry = Retry { job: key, subscription, attempts: 1, last_error };
+            self.retries.push(crate::deadline::after(now, delay), retry);
             self.outbox.retry_scheduled();
         }
     }
@@ -569,10 +580,8 @@ impl Worker {
         let Some(open) = self.open.get(retry.job) else { return };
         let event = Arc::clone(&open.job.event);
         if self.shared.table.get(retry.subscription.id).is_none() {
-            let attempts = retry.attempts;
-            self.subscription_ended(retry.job, &retry.subscription, attempts, |last| {
-                delivery::unsubscribed_before_retry(attempts, last)
-            });
+            let error = delivery::unsubscribed_before_retry(retry.attempts, &retry.last_error);
+            self.subscription_ended(retry.job, &retry.subscription, retry.attempts, error);
             return;
         }
         let attempts = retry.attempts + 1;
@@ -585,9 +594,8 @@ impl Worker {
             Attempt::Gone => {
                 // Gone while the retry waited (a dropped receiver): like an unsubscribe then.
                 self.outbox.gone.push(retry.subscription.id);
-                self.subscription_ended(retry.job, &retry.subscription, retry.attempts, |last| {
-                    delivery::gone_before_retry(retry.attempts, last)
-                });
+                let error = delivery::gone_before_retry(retry.attempts, &retry.last_error);
+                self.subscription_ended(retry.job, &retry.subscription, retry.attempts, error);
                 return;
             }
             Attempt::Delivered | Attempt::Failed(_) => {}
@@ -604,25 +612,25 @@ impl Worker {
     /// subscription's end says, with this error.
     fn failed_attempt(&mut self, key: usize, subscription: Arc<Subscription>, attempts: u32, error: String) {
         if self.shared.table.get(subscription.id).is_none() {
-            self.subscription_ended(key, &subscription, attempts, |_| error);
+            self.subscription_ended(key, &subscription, attempts, error);
         } else if attempts <= self.config.retry.max_retries {
-            if let Some(open) = self.open.get_mut(key) {
-                open.tally.retrying(attempts, &error);
-            }
             let delay = self.config.retry.delay_for_retry(attempts, self.rng.f64());
             let due = crate::deadline::from_now(delay);
-            self.retries.push(due, Retry { job: key, subscription, attempts });
+            self.retries.push(due, Retry { job: key, subscription, attempts, last_error: error });
             self.outbox.retry_scheduled();
         } else {
-            self.give_up(key, &delivery::failure(&subscription, error, attempts));
+            self.give_up(key, delivery::failure(&subscription, error, attempts));
         }
     }
 
-    /// Dead-letters a delivery of open job `key` and settles the job if it was its last.
-    fn give_up(&mut self, key: usize, failure: &crate::DeliveryFailure) {
+    /// Dead-letters a delivery of open job `key` (the letter is written as the job settles) and
+    /// settles the job if it was its last.
+    fn give_up(&mut self, key: usize, failure: crate::DeliveryFailure) {
         if let Some(open) = self.open.get_mut(key) {
-            self.outbox.give_up(&open.job, failure, &mut open.tally);
-            self.resolve(key, failure.attempts);
+            self.outbox.give_up_later(&failure, &mut open.tally);
+            let attempts = failure.attempts;
+            open.given_up.push(failure);
+            self.resolve(key, attempts);
         }
     }
 
@@ -650,6 +658,9 @@ impl Worker {
                 for failure in &open.ended {
                     self.outbox.give_up(&open.job, failure, &mut open.tally);
                 }
+                for failure in &open.given_up {
+                    self.outbox.dead_letter(&open.job, failure);
+                }
                 self.metrics.settled_late(&open.job.event, open.tally.failed());
                 self.outbox.settle(&open.job, open.tally, self.config.track_status);
             }
@@ -666,10 +677,10 @@ impl Worker {
         key: usize,
         subscription: &Arc<Subscription>,
         attempts: u32,
-        error: impl FnOnce(&str) -> String,
+        error: String,
     ) {
         let Some(open) = self.open.get_mut(key) else { return };
-        let failure = delivery::failure(subscription, error(open.tally.last_error()), attempts);
+        let failure = delivery::failure(subscription, error, attempts);
         if self.config.give_back_unwanted && matches!(open.job.origin, Origin::Inbound(_)) {
             open.ended.push(failure);
             open.tally.outstanding = open.tally.outstanding.saturating_sub(1);
@@ -678,7 +689,7 @@ impl Worker {
             }
             return;
         }
-        self.give_up(key, &failure);
+        self.give_up(key, failure);
     }
 
     /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a
@@ -743,7 +754,7 @@ impl Worker {
             self.end_at_shutdown(awaited.job, &awaited.subscription, awaited.attempts, error, report);
         }
         for retry in self.retries.drain_in_order() {
-            let error = || format!("the broker shut down before retry {} was due", retry.attempts);
+            let error = || delivery::shut_down_before_retry(retry.attempts, &retry.last_error);
             self.end_at_shutdown(retry.job, &retry.subscription, retry.attempts, error, report);
         }
         self.end_turn();
@@ -770,7 +781,7 @@ impl Worker {
             report.returned_at_shutdown += 1;
             return;
         }
-        self.give_up(key, &delivery::failure(subscription, error(), attempts));
+        self.give_up(key, delivery::failure(subscription, error(), attempts));
         report.dead_lettered_at_shutdown += 1;
     }
 
