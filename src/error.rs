@@ -658,11 +658,11 @@ pub enum BrokerError {
         error: ProviderError,
     },
     /// The writer did not confirm within the time allowed.
-    #[error("the provider writer did not finish within {0:?}")]
+    #[error("{}", writer_timeout(*.0))]
     Timeout(Duration),
     /// No dead letter has this id.
     #[error("no dead letter with id {0}")]
-    NoSuchDeadLetter(String),
+    NoSuchDeadLetter(crate::DeadLetterId),
     /// The dead letter's subscription is gone and no current subscription has its pattern; the
     /// dead letter was kept.
     #[error("no subscription for pattern {pattern:?} to redrive to; the dead letter was kept")]
@@ -737,4 +737,13 @@ pub enum DrainError {
     /// [`eventbroker::init`](crate::init).
     #[error("no default broker: call eventbroker::init first")]
     NotInitialized,
+}
+
+/// What [`BrokerError::Timeout`] says: a wait of no time at all is a deadline already passed.
+fn writer_timeout(waited: Duration) -> String {
+    if waited.is_zero() {
+        "the provider writer was not flushed: the deadline had passed".to_owned()
+    } else {
+        format!("the provider writer did not finish within {waited:?}")
+    }
 }

@@ -54,10 +54,7 @@ impl Engine {
         // its writes) before it closes the provider, and counts it while it runs; so does drain.
         let Some(_call) = self.begin_sync_call() else { return Err(BrokerError::Closed) };
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
-        let letter = self
-            .provider
-            .get_dead_letter(id)?
-            .ok_or_else(|| BrokerError::NoSuchDeadLetter(id.to_string()))?;
+        let letter = self.provider.get_dead_letter(id)?.ok_or(BrokerError::NoSuchDeadLetter(id))?;
         // The id is of this broker's subscription only if it is this broker's run that wrote the
         // letter (ids are drawn from a random range per broker); the pattern must agree too.
         let targets = match self.shared.table.get(letter.subscription_id) {

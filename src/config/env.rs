@@ -31,6 +31,11 @@ impl Env {
         Self { vars: None }
     }
 
+    /// No variables at all: every override and `${VAR}` is unset.
+    pub fn empty() -> Self {
+        Self { vars: Some(HashMap::new()) }
+    }
+
     /// Exactly these variables, and no others.
     pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Self
     where

@@ -48,16 +48,17 @@
 )]
 //!   `event_broker` mapping of a YAML document; the document's other keys are the application's
 //!   and are not looked at. [`Config::from_env`] reads the defaults and the overrides alone.
-//! - **Expansion**: in string values, `${VAR}` is the variable's value (empty when unset, as in a
-//!   shell), `${VAR:-default}` the default when it is unset or empty, and `$$` a literal `$`.
-//!   Expansion happens after parsing, so a value cannot inject YAML.
+//! - **Expansion**: in the document's string values, `${VAR}` is the variable's value (empty when
+//!   unset, as in a shell), `${VAR:-default}` the default when it is unset or empty, and `$$` a
+//!   literal `$`. Expansion happens after parsing, so a value cannot inject YAML. An override's
+//!   value (below) is taken as it is, never expanded: the environment already holds what it says.
 //! - **Overrides**: `EVENTBROKER_` followed by a key's path in capitals, dots as underscores,
 //!   replaces that key: `EVENTBROKER_WORKER_COUNT=4`, `EVENTBROKER_RETRY_POLICY_MAX_RETRIES=0`,
 //!   `EVENTBROKER_REDIS_HOST=cache`. A variable under a section's prefix that names no key
 //!   (`EVENTBROKER_RETRY_POLICY_MAX_RETRY`) is an error; other `EVENTBROKER_` variables that name
 //!   no key are logged and ignored, as other tools use the prefix too.
 //!   [`Env::from_vars`] replaces the process environment for both (tests, secrets loaded from
-//!   elsewhere).
+//!   elsewhere), and [`Env::empty`] leaves both out.
 //! - **Errors** name the key and the bad value (`event_broker.mode: expected sync or async, got
 //!   "asnyc"`), and a key nobody reads is an error naming it and the keys that are valid there,
 //!   never silently ignored.
