@@ -660,6 +660,17 @@ pub enum BrokerError {
     /// The writer did not confirm within the time allowed.
     #[error("{}", writer_timeout(*.0))]
     Timeout(Duration),
+    /// The dead letter's event is still being handled by this broker: another delivery of it
+    /// waits for a retry or an acknowledgement, and the status written when it ends would
+    /// overwrite the redrive's. Redrive it once the event's handling has ended
+    /// ([`Broker::drain`](crate::Broker::drain) waits for that); the dead letter was kept.
+    #[error(
+        "event {event} is still being handled (a delivery of it waits for a retry or an acknowledgement); the dead letter was kept"
+    )]
+    StillHandling {
+        /// The dead letter's event.
+        event: crate::EventId,
+    },
     /// No dead letter has this id.
     #[error("no dead letter with id {0}")]
     NoSuchDeadLetter(crate::DeadLetterId),

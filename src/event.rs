@@ -392,8 +392,9 @@ pub struct Event {
     pub event_type: CompactString,
     /// Lifecycle status, as stored: a handler sees the event as it was published (`pending`).
     pub status: EventStatus,
-    /// Retries spent on the delivery that failed last (0 until one is retried), as stored once
-    /// the event's handling ends. Handlers see the event as it was published, 0 on every attempt;
+    /// Retries made, as stored once the event's handling ends: of a failed event, those of the
+    /// delivery that failed last; of a completed one, the most any delivery needed (0 when none
+    /// was retried). Handlers see the event as it was published, 0 on every attempt;
     /// a handler that needs its attempt number counts its calls for the event's id.
     pub retry_count: u32,
     /// The last handler error, when it failed; empty otherwise.

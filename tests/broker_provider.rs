@@ -792,6 +792,11 @@ fn an_event_waiting_for_an_abandoned_stream_goes_back_to_the_group_however_long_
     }
 }
 
+/// `max_retries` retries, each `delay` after the attempt before it.
+fn fixed_retries(max_retries: u32, delay: Duration) -> RetryPolicy {
+    RetryPolicy { max_retries, initial_delay: delay, max_delay: delay, backoff_factor: 1.0, jitter: 0.0 }
+}
+
 /// A broker on `memory` whose one handler of `jobs.run` always fails with "boom", retried after
 /// `delay` (three times at most), and one such event published and handled once; with the count
 /// of handler calls and the event's id.
@@ -799,13 +804,7 @@ fn a_failing_job(
     memory: &Arc<MemoryProvider>,
     delay: Duration,
 ) -> (Broker, SubscriptionId, Arc<AtomicU64>, EventId) {
-    let policy = RetryPolicy {
-        max_retries: 3,
-        initial_delay: delay,
-        max_delay: delay,
-        backoff_factor: 1.0,
-        jitter: 0.0,
-    };
+    let policy = fixed_retries(3, delay);
     let broker = Broker::builder().provider(memory.clone()).retry_policy(policy).build().unwrap();
     let calls = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&calls);
@@ -908,28 +907,102 @@ fn a_redrive_of_an_event_no_longer_stored_reports_no_status() {
     assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
 }
 
-/// A delivery's dead letter is stored once the event's other deliveries end (here an
-/// acknowledged one): a redrive then cannot run beside the event's own handling, whose final
-/// status would overwrite the redrive's.
+/// A redrive of a letter whose event is still being handled (another delivery of it waits, here
+/// for an acknowledgement) is refused, the letter kept: the status written as the event's handling
+/// ends would overwrite the redrive's. Once it has ended, the redrive goes through and its status
+/// stays. The letter itself is stored at once, dated when its delivery gave up.
 #[test]
-fn a_dead_letter_waits_for_its_events_other_deliveries() {
+fn a_redrive_waits_until_its_events_other_deliveries_end() {
     let (memory, broker, fixed) = a_handler_to_fix();
     let (_acked, deliveries) = broker.subscribe_acked("orders.*").unwrap();
     let paid = event("orders.paid");
     let id = paid.id;
+    let published = eventbroker::Timestamp::now();
     broker.publish(paid).unwrap();
     let delivery = deliveries.recv_timeout(Duration::from_secs(5)).unwrap();
-    wait_until("the failure", Duration::from_secs(5), || broker.stats().handler_failures == 1);
-    let letters = || broker.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
-    assert!(letters().is_empty(), "the letter waits for the acknowledged delivery");
+    let mut letters = Vec::new();
+    wait_until("the dead letter", Duration::from_secs(5), || {
+        letters = broker.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
+        !letters.is_empty()
+    });
+    let letter = letters.remove(0);
+    assert!(letter.failed_at >= published && letter.failed_at <= eventbroker::Timestamp::now());
+    fixed.store(true, Ordering::SeqCst);
+    let err = broker.redrive(letter.id).unwrap_err();
+    assert!(matches!(err, BrokerError::StillHandling { event } if event == id), "{err}");
     delivery.ack();
     broker.drain(Duration::from_secs(5)).unwrap();
-    let letter = letters().remove(0);
     assert_eq!(memory.get(id).unwrap().unwrap().status, EventStatus::Failed);
-    fixed.store(true, Ordering::SeqCst);
     assert_eq!(broker.redrive(letter.id).unwrap().status, Some(EventStatus::Completed));
     broker.drain(Duration::from_secs(5)).unwrap();
     let stored = memory.get(id).unwrap().unwrap();
     assert_eq!((stored.status, stored.error.as_str()), (EventStatus::Completed, ""));
+    assert!(broker.dead_letters(&DeadLetterFilter::new()).unwrap().is_empty());
     assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// A failed event's stored retries and error are those of its delivery that failed, not of
+/// another that succeeded after a retry.
+#[test]
+fn a_failed_events_retry_count_is_its_failed_deliverys() {
+    let memory = Arc::new(MemoryProvider::default());
+    let delay = Duration::from_millis(200);
+    let policy = fixed_retries(3, delay);
+    let broker = Broker::builder().provider(memory.clone()).workers(1).retry_policy(policy).build().unwrap();
+    let flaky_calls = Arc::new(AtomicU64::new(0));
+    let calls = Arc::clone(&flaky_calls);
+    broker
+        .subscribe(
+            "jobs.run",
+            move |_: &Event| if calls.fetch_add(1, Ordering::SeqCst) == 0 { Err("flaky") } else { Ok(()) },
+        )
+        .unwrap();
+    let failing = broker.subscribe("jobs.run", |_: &Event| Err::<(), _>("boom")).unwrap();
+    let job = event("jobs.run");
+    let id = job.id;
+    broker.publish(job).unwrap();
+    wait_until("both first attempts", Duration::from_secs(5), || broker.stats().handler_failures == 2);
+    assert!(broker.unsubscribe(failing));
+    broker.drain(Duration::from_secs(5)).unwrap();
+    assert_eq!(flaky_calls.load(Ordering::SeqCst), 2, "the flaky one succeeded on its retry");
+    let letter = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap().remove(0);
+    let stored = memory.get(id).unwrap().unwrap();
+    assert_eq!((letter.attempts, letter.event.retry_count), (1, 0));
+    assert_eq!((stored.status, stored.retry_count), (EventStatus::Failed, 0));
+    assert_eq!(stored.error, letter.error);
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// A delivery that gave up before shutdown has its letter stored even when the shutdown detaches
+/// its worker (busy in another handler) while another delivery of the event still waits.
+#[test]
+fn a_dead_letter_made_before_shutdown_is_stored_when_its_worker_is_detached() {
+    let memory = Arc::new(MemoryProvider::default());
+    let broker = Broker::builder()
+        .provider(memory.clone())
+        .workers(1)
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    broker.subscribe("orders.*", |_: &Event| Err::<(), _>("down")).unwrap();
+    let (_acked, deliveries) = broker.subscribe_acked("orders.*").unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let entered_tx = Mutex::new(entered_tx);
+    broker
+        .subscribe_infallible("slow.job", move |_| {
+            let _ = entered_tx.lock().unwrap().send(());
+            thread::sleep(Duration::from_millis(600));
+        })
+        .unwrap();
+    let paid = event("orders.paid");
+    let id = paid.id;
+    broker.publish(paid).unwrap();
+    let _delivery = deliveries.recv_timeout(Duration::from_secs(5)).unwrap();
+    wait_until("the failure", Duration::from_secs(5), || broker.stats().dead_letters == 1);
+    broker.publish(event("slow.job")).unwrap();
+    entered.recv_timeout(Duration::from_secs(5)).unwrap();
+    let report = broker.shutdown(Duration::from_millis(200));
+    assert_eq!(report.detached_workers, 1, "{report:?}");
+    let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
+    assert_eq!(letters.len(), 1, "{report:?}");
 }

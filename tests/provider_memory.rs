@@ -1129,3 +1129,16 @@ fn a_list_by_status_returns_only_events_of_that_status_while_workers_write() {
     assert_eq!(wrong, 0, "events listed under a status they did not have ({lists} lists)");
     assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
 }
+
+/// A replay cursor kept as JSON reads back the same, and one read from a time keeps that time
+/// even when the text leaves it out.
+#[test]
+fn a_replay_cursor_read_back_keeps_its_time() {
+    let since = ago(60);
+    let cursor = eventbroker::ReplayCursor::from(ReplayFrom::Time(since)).at_sequence(42);
+    let json = serde_json::to_string(&cursor).unwrap();
+    assert_eq!(serde_json::from_str::<eventbroker::ReplayCursor>(&json).unwrap(), cursor);
+    let bare = serde_json::json!({ "position": { "time": since }, "not_before": null });
+    let read: eventbroker::ReplayCursor = serde_json::from_value(bare).unwrap();
+    assert_eq!((read.position(), read.not_before()), (ReplayFrom::Time(since), Some(since)));
+}

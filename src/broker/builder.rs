@@ -399,6 +399,7 @@ impl BrokerBuilder {
             engine: id,
             inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),
+            failing: crate::dispatch::worker::Failing::default(),
         });
         let config = WorkerConfig {
             retry: self.retry,

@@ -655,10 +655,6 @@ impl Broker {
     }
 
     /// Dead letters in the provider, after flushing the writer so recent failures are included.
-    /// A delivery's dead letter is stored when its event's handling ends: while another delivery
-    /// of the event still waits for a retry or an acknowledgement, the letter waits with it, so
-    /// that a redrive never runs beside the event's own handling (whose final status would
-    /// overwrite the redrive's).
     ///
     /// # Errors
     /// [`BrokerError::Provider`] when the provider fails.
@@ -712,7 +708,8 @@ impl Broker {
     ///
     /// # Errors
     /// [`BrokerError::NoSuchDeadLetter`]; [`BrokerError::NoSubscriber`] when no subscription can
-    /// take it (the dead letter is kept); [`BrokerError::Provider`]; [`BrokerError::Closed`].
+    /// take it (the dead letter is kept); [`BrokerError::StillHandling`] while another delivery of
+    /// the event waits for a retry or an acknowledgement (the dead letter is kept); [`BrokerError::Provider`]; [`BrokerError::Closed`].
     pub fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
         self.engine().redrive(id)
     }

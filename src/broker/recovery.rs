@@ -55,6 +55,12 @@ impl Engine {
         let Some(_call) = self.begin_sync_call() else { return Err(BrokerError::Closed) };
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         let letter = self.provider.get_dead_letter(id)?.ok_or(BrokerError::NoSuchDeadLetter(id))?;
+        if self.shared.failing.contains(letter.event.id) {
+            return Err(BrokerError::StillHandling { event: letter.event.id });
+        }
+        // The event's final status, if it just settled, was handed to the writer before it left
+        // `failing`: written before this redrive's.
+        self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         // The id is of this broker's subscription only if it is this broker's run that wrote the
         // letter (ids are drawn from a random range per broker); the pattern must agree too.
         let targets = match self.shared.table.get(letter.subscription_id) {

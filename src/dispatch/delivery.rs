@@ -196,7 +196,9 @@ pub(crate) struct Tally {
     failed: bool,
     /// The error of the last delivery that gave up.
     error: String,
-    /// Most retries any ended delivery of the job made.
+    /// The retries that delivery made.
+    failed_retries: u32,
+    /// Most retries a delivery that ended well made.
     retries: u32,
 }
 
@@ -210,7 +212,7 @@ impl Tally {
     fn gave_up(&mut self, failure: &DeliveryFailure) {
         self.failed = true;
         failure.error.clone_into(&mut self.error);
-        self.retries = self.retries.max(failure.attempts.saturating_sub(1));
+        self.failed_retries = failure.attempts.saturating_sub(1);
     }
 
     /// Whether a delivery of the job failed for good.
@@ -218,15 +220,15 @@ impl Tally {
         self.failed
     }
 
-    /// The final status of the event whose deliveries ended so: `failed` with the last failure's
-    /// error when one gave up, else `completed`.
+    /// The final status of the event whose deliveries ended so: `failed` with the error and the
+    /// retries of the delivery that gave up last when one did, else `completed` with the most
+    /// retries a delivery took.
     pub(crate) fn finished(self, id: crate::EventId) -> StatusUpdate {
-        let (status, error) = if self.failed {
-            (EventStatus::Failed, self.error)
+        if self.failed {
+            finished(id, EventStatus::Failed, self.error, self.failed_retries)
         } else {
-            (EventStatus::Completed, String::new())
-        };
-        finished(id, status, error, self.retries)
+            finished(id, EventStatus::Completed, String::new(), self.retries)
+        }
     }
 }
 
@@ -305,23 +307,12 @@ impl Outbox {
 
     /// A delivery gave up: its dead letter goes to the writer, and its job is marked failed.
     pub(crate) fn give_up(&mut self, job: &Job, failure: &DeliveryFailure, tally: &mut Tally) {
-        self.give_up_later(failure, tally);
-        self.dead_letter(job, failure);
-    }
-
-    /// A delivery gave up, and its dead letter waits for the rest of its job (see
-    /// [`Outbox::dead_letter`]): counted now, and its job is marked failed.
-    pub(crate) fn give_up_later(&mut self, failure: &DeliveryFailure, tally: &mut Tally) {
-        tally.gave_up(failure);
-        self.counts.dead_letters += 1;
-    }
-
-    /// The dead letter of a delivery of `job` that gave up with `failure` goes to the writer.
-    pub(crate) fn dead_letter(&mut self, job: &Job, failure: &DeliveryFailure) {
         self.dead_letters.push(dead_letter(&job.event, failure));
         if let Origin::Inbound(token) = job.origin {
             self.letter_tokens.push(token);
         }
+        self.counts.dead_letters += 1;
+        tally.gave_up(failure);
     }
 
     /// Every delivery of `job` has ended: its final status (when tracked), its acknowledgement

@@ -80,6 +80,41 @@ pub(crate) struct WorkerShared {
     /// [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)) rather than through
     /// the writer.
     pub(crate) inline: Option<InlineSink>,
+    /// Events whose handling goes on with a delivery of them dead-lettered already.
+    pub(crate) failing: Failing,
+}
+
+/// The events of open jobs a delivery of which was dead-lettered while others were still under
+/// way (waiting for a retry or an acknowledgement), each with how many such jobs it has. A
+/// redrive of such a letter would run beside the event's handling, and the final status written
+/// as the job settles would overwrite the redrive's: [`Broker::redrive`](crate::Broker::redrive)
+/// refuses them until then. An event leaves once its final status was handed to the writer (or
+/// written inline), so a redrive that finds it gone and then flushes the writer comes after it.
+/// Only jobs with a dead letter and deliveries still open enter: the lock is off the common path.
+#[derive(Debug, Default)]
+pub(crate) struct Failing(parking_lot::Mutex<std::collections::HashMap<EventId, u32>>);
+
+impl Failing {
+    fn begin(&self, id: EventId) {
+        *self.0.lock().entry(id).or_default() += 1;
+    }
+
+    fn end(&self, ids: impl Iterator<Item = EventId>) {
+        let mut failing = self.0.lock();
+        for id in ids {
+            if let std::collections::hash_map::Entry::Occupied(mut entry) = failing.entry(id) {
+                *entry.get_mut() -= 1;
+                if *entry.get() == 0 {
+                    entry.remove();
+                }
+            }
+        }
+    }
+
+    /// Whether an open job of event `id` has a delivery dead-lettered and others under way.
+    pub(crate) fn contains(&self, id: EventId) -> bool {
+        self.0.lock().contains_key(&id)
+    }
 }
 
 /// A provider written inline, on the threads that publish and handle events.
@@ -221,10 +256,9 @@ struct Open {
     /// as it would be dead-lettered: once the job's other deliveries end, it goes back to its
     /// group, unless one of them was dead-lettered (see [`Worker::end_open`]).
     ended: Vec<crate::DeliveryFailure>,
-    /// Deliveries that gave up: their dead letters are written when the job settles, so that no
-    /// redrive of one runs while the event's other deliveries are still under way (the job's
-    /// final status would then overwrite the redrive's).
-    given_up: Vec<crate::DeliveryFailure>,
+    /// Whether the event is in [`WorkerShared::failing`]: a delivery of it was dead-lettered
+    /// while others were still under way.
+    failing: bool,
 }
 
 /// The job being handled, by id and origin only (no reference count to move on the hot path),
@@ -258,6 +292,8 @@ pub(crate) struct Worker {
     /// Those whose outcome came this turn, or whose time ran out.
     settled: Vec<(Awaited, Outcome)>,
     open: Slab<Open>,
+    /// Events leaving [`WorkerShared::failing`] once this turn's final statuses are on their way.
+    settled_failing: Vec<EventId>,
     /// The jobs taken this turn; `next` is the first not yet handled.
     batch: Vec<Option<Job>>,
     next: usize,
@@ -309,6 +345,7 @@ impl Worker {
             awaiting: Awaiting::new(acks, config.ack_timeout),
             settled: Vec::new(),
             open: Slab::default(),
+            settled_failing: Vec::new(),
             batch: Vec::with_capacity(config.max_batch),
             next: 0,
             in_flight: None,
@@ -474,7 +511,6 @@ impl Worker {
         let mut tally = Tally::default();
         let mut retry_later: SmallVec<[(Arc<Subscription>, String); 2]> = SmallVec::new();
         let mut awaiting: SmallVec<[(Arc<Subscription>, Made); 1]> = SmallVec::new();
-        let mut given_up: Vec<crate::DeliveryFailure> = Vec::new();
         let mut gone = 0;
         for subscription in subscriptions {
             let outcome = delivery::attempt(subscription, &job.event, 1, || self.awaiting.reply());
@@ -488,9 +524,7 @@ impl Worker {
             }
             let Some(error) = self.outbox.record(subscription, outcome) else { continue };
             if self.config.retry.max_retries == 0 {
-                let failure = delivery::failure(subscription, error, 1);
-                self.outbox.give_up_later(&failure, &mut tally);
-                given_up.push(failure);
+                self.outbox.give_up(&job, &delivery::failure(subscription, error, 1), &mut tally);
             } else {
                 retry_later.push((Arc::clone(subscription), error));
             }
@@ -502,15 +536,16 @@ impl Worker {
                 self.unrouted(job, |_, _| true);
                 return;
             }
-            for failure in &given_up {
-                self.outbox.dead_letter(&job, failure);
-            }
             self.outbox.settle(&job, tally, track);
             self.finished(job);
             return;
         }
         tally.outstanding = u32::try_from(retry_later.len() + awaiting.len()).unwrap_or(u32::MAX);
-        let key = self.open.insert(Open { job, tally, ended: Vec::new(), given_up });
+        let failing = tally.failed();
+        if failing {
+            self.shared.failing.begin(job.event.id);
+        }
+        let key = self.open.insert(Open { job, tally, ended: Vec::new(), failing });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
         }
@@ -619,18 +654,19 @@ impl Worker {
             self.retries.push(due, Retry { job: key, subscription, attempts, last_error: error });
             self.outbox.retry_scheduled();
         } else {
-            self.give_up(key, delivery::failure(&subscription, error, attempts));
+            self.give_up(key, &delivery::failure(&subscription, error, attempts));
         }
     }
 
-    /// Dead-letters a delivery of open job `key` (the letter is written as the job settles) and
-    /// settles the job if it was its last.
-    fn give_up(&mut self, key: usize, failure: crate::DeliveryFailure) {
+    /// Dead-letters a delivery of open job `key` and settles the job if it was its last.
+    fn give_up(&mut self, key: usize, failure: &crate::DeliveryFailure) {
         if let Some(open) = self.open.get_mut(key) {
-            self.outbox.give_up_later(&failure, &mut open.tally);
-            let attempts = failure.attempts;
-            open.given_up.push(failure);
-            self.resolve(key, attempts);
+            self.outbox.give_up(&open.job, failure, &mut open.tally);
+            if !open.failing && open.tally.outstanding > 1 {
+                open.failing = true;
+                self.shared.failing.begin(open.job.event.id);
+            }
+            self.resolve(key, failure.attempts);
         }
     }
 
@@ -652,14 +688,15 @@ impl Worker {
     /// so the deliveries whose subscription ended are dead-lettered beside it and the job settles.
     fn end_open(&mut self, key: usize) {
         let mut open = self.open.remove(key);
+        if open.failing {
+            // Once the final status is on its way (see `end_turn`).
+            self.settled_failing.push(open.job.event.id);
+        }
         match open.job.origin {
             Origin::Inbound(token) if !open.ended.is_empty() && !open.tally.failed() => self.give_back(token),
             _ => {
                 for failure in &open.ended {
                     self.outbox.give_up(&open.job, failure, &mut open.tally);
-                }
-                for failure in &open.given_up {
-                    self.outbox.dead_letter(&open.job, failure);
                 }
                 self.metrics.settled_late(&open.job.event, open.tally.failed());
                 self.outbox.settle(&open.job, open.tally, self.config.track_status);
@@ -689,7 +726,7 @@ impl Worker {
             }
             return;
         }
-        self.give_up(key, failure);
+        self.give_up(key, &failure);
     }
 
     /// When the claims of waiting inbound jobs are next due for an extension, if any may wait: a
@@ -781,7 +818,7 @@ impl Worker {
             report.returned_at_shutdown += 1;
             return;
         }
-        self.give_up(key, delivery::failure(subscription, error(), attempts));
+        self.give_up(key, &delivery::failure(subscription, error(), attempts));
         report.dead_lettered_at_shutdown += 1;
     }
 
@@ -813,6 +850,9 @@ impl Worker {
                 self.shared.table.unsubscribe(id);
             }
             settle(&self.shared, &mut self.outbox);
+        }
+        if !self.settled_failing.is_empty() {
+            self.shared.failing.end(self.settled_failing.drain(..));
         }
         self.metrics.end_turn();
         let now = Published {

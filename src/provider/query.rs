@@ -341,9 +341,24 @@ pub enum ReplayFrom {
 /// assert_eq!((later.position(), later.not_before()), (ReplayFrom::Sequence(42), Some(an_hour_ago)));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "CursorFields")]
 pub struct ReplayCursor {
     position: ReplayFrom,
     not_before: Option<Timestamp>,
+}
+
+/// A [`ReplayCursor`] as read: one at a time keeps that time, whatever `not_before` says.
+#[derive(Deserialize)]
+struct CursorFields {
+    position: ReplayFrom,
+    not_before: Option<Timestamp>,
+}
+
+impl From<CursorFields> for ReplayCursor {
+    fn from(fields: CursorFields) -> Self {
+        let start = Self::from(fields.position);
+        Self { position: fields.position, not_before: fields.not_before.or(start.not_before) }
+    }
 }
 
 impl ReplayCursor {
