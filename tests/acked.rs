@@ -823,3 +823,33 @@ fn an_inbound_event_left_unsettled_at_shutdown_is_received_again_by_the_next_inc
     assert!(again.shutdown(WAIT).is_clean());
     assert!(publisher.shutdown(WAIT).is_clean());
 }
+
+/// A delivery `publish_sync` waits for on its caller's thread stops waiting early enough before
+/// shutdown's deadline for its dead letter to be written, as a worker's does: the event is failed
+/// with a letter to redrive, and the shutdown is clean.
+#[test]
+fn shutdown_stops_waiting_for_a_synchronous_publishs_settle_in_time_to_write_its_letter() {
+    let memory = Arc::new(MemoryProvider::default());
+    let broker = Broker::builder()
+        .provider(memory.clone())
+        .distribution(eventbroker::Distribution::Local)
+        .retry_policy(quick_retries(0))
+        .build()
+        .unwrap();
+    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
+    let sent = event("orders.created");
+    let id = sent.id;
+    let publisher = {
+        let broker = broker.clone();
+        thread::spawn(move || broker.publish_sync(sent))
+    };
+    let held = next(&deliveries);
+    let report = broker.shutdown(Duration::from_millis(500));
+    let outcome = publisher.join().unwrap();
+    drop(held);
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(memory.get(id).unwrap().unwrap().status, EventStatus::Failed);
+    let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
+    assert_eq!(letters.len(), 1, "{report:?}");
+}

@@ -429,7 +429,7 @@ impl Engine {
             self.inline_rules(),
             self.track_status,
             &mut outbox,
-            || self.shared.shutdown_deadline(),
+            || self.shared.caller_stop(),
         );
         drop(set);
         if let Some(metrics) = &self.metrics {

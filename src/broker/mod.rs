@@ -408,6 +408,12 @@ impl Broker {
             return Err(SubscribeError::Closed);
         }
         let id = engine.shared.table.subscribe(pattern, target);
+        if engine.intake.is_closed() {
+            // Shutdown may have ended every subscription just before this one came in, and
+            // would leave this one's channel open for good: end it here.
+            engine.shared.table.unsubscribe(id);
+            return Err(SubscribeError::Closed);
+        }
         if let Some(pump) = &engine.inbound {
             pump.sync_filter(&engine.shared.table);
         }
@@ -572,9 +578,10 @@ impl Broker {
     ///
     /// `timeout` bounds the wait for the write alone: the wait for room comes first, up to the
     /// [`Backpressure`](crate::Backpressure) patience, so the whole call takes at most that plus
-    /// `timeout`. With the memory provider the write is
-    /// made at once, on the calling thread, and the future is ready at its first poll; "durable"
-    /// then means the process's memory. As for the blocking call, a
+    /// `timeout`. With the memory provider and status tracking on (the defaults) the write is
+    /// made at once, on the calling thread, and the future is ready at its first poll (with
+    /// tracking off it goes through the writer, as with other providers); "durable" then means
+    /// the process's memory. As for the blocking call, a
     /// [`ConfirmError::NotPersisted`] event was accepted, and the writer keeps retrying a
     /// transient failure: publishing it again would store and dispatch it twice.
     ///

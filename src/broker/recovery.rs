@@ -87,7 +87,7 @@ impl Engine {
                 &job.event,
                 self.inline_rules(),
                 &mut outbox,
-                || self.shared.shutdown_deadline(),
+                || self.shared.caller_stop(),
             );
             match inline {
                 Inline::Delivered { attempts } => {

@@ -116,14 +116,15 @@ impl Delivery {
 
     /// Whether [`Delivery::deadline`] has passed: the broker no longer waits for this delivery,
     /// and settling it does nothing (a settle counts by when it is made, not by when the broker
-    /// gets to it).
+    /// gets to it). A shutdown can end the wait sooner; see [`Delivery::ack`].
     pub fn is_expired(&self) -> bool {
         Instant::now() >= self.deadline
     }
 
     /// The delivery succeeded. Does nothing when the broker stopped waiting for it (its
-    /// [`ack_timeout`](crate::BrokerBuilder::ack_timeout) passed, or shutdown's deadline did): it
-    /// was then retried as a new delivery, or dead-lettered.
+    /// [`ack_timeout`](crate::BrokerBuilder::ack_timeout) passed, or a shutdown ended the wait,
+    /// which it does a little before its own deadline, so that what it ends is written by then):
+    /// it was then retried as a new delivery, or dead-lettered.
     pub fn ack(mut self) {
         if let Some(reply) = self.reply.take() {
             reply.send(Ok(()));

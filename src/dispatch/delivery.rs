@@ -417,11 +417,13 @@ pub(crate) enum Inline {
 }
 
 /// Delivers on the caller's thread (`publish_sync`, `redrive`), retrying per `policy` with the
-/// backoff slept between attempts. A retry not due before `shutdown()` (the broker's shutdown
-/// deadline, once shutdown began) is not made: the delivery fails, as a worker's would.
+/// backoff slept between attempts. A retry not due before `shutdown()` (once shutdown began, a
+/// little before its deadline: [`WorkerShared::caller_stop`](super::worker::WorkerShared::caller_stop))
+/// is not made: the delivery fails, as a worker's would, in time for its dead letter to be
+/// written.
 ///
 /// An acknowledged delivery is waited for on the caller's thread, up to the rules' `ack_timeout`
-/// (or the shutdown deadline, when that comes first).
+/// (or `shutdown()`, when that comes first).
 pub(crate) fn deliver_inline(
     table: &SubscriptionTable,
     subscription: &Subscription,
@@ -500,8 +502,7 @@ pub(crate) fn unsubscribed_before_retry(retry: u32, last_error: &str) -> String 
 
 /// Waits for an acknowledged delivery's outcome on `waiting`, up to `due` (its deadline, `timeout`
 /// after it was made), in slices so a
-/// shutdown, or the consumer going away, is noticed: a delivery not settled by the shutdown
-/// deadline fails.
+/// shutdown, or the consumer going away, is noticed: a delivery not settled by `shutdown()` fails.
 fn wait_for_outcome(
     subscription: &Subscription,
     waiting: &flume::Receiver<(Outcome, Instant)>,
@@ -527,7 +528,8 @@ fn wait_for_outcome(
         if now >= due {
             return timed_out();
         }
-        match waiting.recv_timeout((due - now).min(SLICE)) {
+        let until = shutdown().map_or(due, |stop| stop.min(due));
+        match waiting.recv_timeout(until.saturating_duration_since(now).min(SLICE)) {
             Ok((outcome, settled_at)) => return if settled_at < due { outcome } else { timed_out() },
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => return Err(super::acked::DROPPED.to_owned()),
@@ -535,11 +537,11 @@ fn wait_for_outcome(
     }
 }
 
-/// How long a caller-thread wait sleeps before it looks at the shutdown deadline again.
+/// How long a caller-thread wait sleeps before it looks again whether shutdown has begun.
 const SLICE: Duration = Duration::from_millis(20);
 
-/// Sleeps until `due`, in slices so a shutdown is noticed; `false` when the shutdown deadline
-/// comes before `due`.
+/// Sleeps until `due`, in slices so a shutdown is noticed; `false` when `shutdown()` comes
+/// before `due`.
 fn sleep_until(due: Instant, shutdown: &impl Fn() -> Option<Instant>) -> bool {
     loop {
         if shutdown().is_some_and(|deadline| due > deadline) {

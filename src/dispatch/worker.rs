@@ -61,8 +61,9 @@ pub(crate) struct WorkerConfig {
 pub(crate) struct WorkerShared {
     pub(crate) table: Arc<SubscriptionTable>,
     pub(crate) writer: Arc<ProviderWriter>,
-    /// Set by shutdown: retries due before it still run; later ones are dead-lettered.
-    pub(crate) shutdown_deadline: parking_lot::Mutex<Option<Instant>>,
+    /// Set by shutdown, when it began and its deadline: retries due before it still run; later
+    /// ones are dead-lettered.
+    pub(crate) shutdown_deadline: parking_lot::Mutex<Option<(Instant, Instant)>>,
     /// Set by shutdown when its deadline passed with workers still running (a handler that has
     /// not returned): they begin no further job, so the events the report counts as undelivered
     /// stay so.
@@ -171,7 +172,18 @@ impl InlineSink {
 
 impl WorkerShared {
     pub(crate) fn shutdown_deadline(&self) -> Option<Instant> {
-        *self.shutdown_deadline.lock()
+        self.shutdown_deadline.lock().map(|(_, deadline)| deadline)
+    }
+
+    /// When a delivery made on a caller's thread (`publish_sync`, `redrive`) stops waiting for a
+    /// retry or a settle once shutdown has begun: early enough before the deadline for its dead
+    /// letter to be written by then, as a worker's (see [`Worker::finish`]).
+    pub(crate) fn caller_stop(&self) -> Option<Instant> {
+        let (began, deadline) = (*self.shutdown_deadline.lock())?;
+        let margin = FINISH_MARGIN
+            .saturating_add(FINISH_PER_DELIVERY)
+            .min(deadline.saturating_duration_since(began) / 2);
+        Some(deadline.checked_sub(margin).unwrap_or(deadline))
     }
 
     /// Whether shutdown gave up on the workers still running at its deadline (see `abandoned`).
