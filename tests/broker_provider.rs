@@ -518,7 +518,8 @@ fn replay_redelivers_stored_events_in_order() {
     assert_eq!(replayed.iter().map(|e| e.id).collect::<Vec<_>>(), expected, "oldest first, r.a only");
     assert!(replayed.iter().all(|e| e.metadata["replay"] == true && e.is_replay()));
 
-    let resumed = broker.replay(ReplayFrom::Sequence(report.last_seq.unwrap() + 1), Some("r.a")).unwrap();
+    assert_eq!(report.resume_from().position(), ReplayFrom::Sequence(report.last_seq.unwrap() + 1));
+    let resumed = broker.replay(report.resume_from(), Some("r.a")).unwrap();
     assert_eq!(resumed.replayed, 0, "resuming after the last replayed sequence finds no more r.a");
     assert!(matches!(broker.replay(ReplayFrom::Beginning, Some("r..")), Err(BrokerError::Pattern(_))));
     let report = broker.shutdown(Duration::from_secs(5));

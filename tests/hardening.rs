@@ -224,6 +224,7 @@ fn a_time_replay_resumed_after_a_full_shard_keeps_its_time() {
 
     let resumed = broker.replay(resume_from, Some("when.>")).unwrap();
     assert_eq!(placed + resumed.replayed, 6, "every new event once, the old ones never");
+    assert_eq!(resumed.resume_from().not_before(), Some(since), "a later replay keeps the time too");
     wait_until("the replays", WAIT, || replayed.lock().unwrap().len() == 6);
     broker.drain(WAIT).unwrap();
     assert_eq!(*replayed.lock().unwrap(), vec!["when.new"; 6]);

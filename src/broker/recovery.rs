@@ -44,8 +44,19 @@ pub struct RedriveOutcome {
 pub struct ReplayReport {
     /// Events published again.
     pub replayed: u64,
-    /// Sequence of the last event replayed; resume from the next one.
+    /// Sequence of the last event replayed.
     pub last_seq: Option<u64>,
+    /// Where a later replay goes on with this one (see [`ReplayReport::resume_from`]).
+    resume: Option<ReplayCursor>,
+}
+
+impl ReplayReport {
+    /// Where a later [`Broker::replay`](crate::Broker::replay) goes on with this one, to replay
+    /// what has been stored since: after the last event it looked at, a replay from a time
+    /// keeping its time (resuming from `last_seq + 1` by sequence would not).
+    pub fn resume_from(&self) -> ReplayCursor {
+        self.resume.unwrap_or_else(|| crate::ReplayFrom::Beginning.into())
+    }
 }
 
 impl Engine {
@@ -165,9 +176,10 @@ impl Engine {
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         // A handler's worker must not wait a day on a shard whose worker may be waiting on it.
         let patience = if worker::current(self.id).is_some() { self.patience() } else { Some(REPLAY_WAIT) };
-        let mut report = ReplayReport::default();
+        let mut report = ReplayReport { resume: Some(from), ..ReplayReport::default() };
         for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
             for stored in page? {
+                let next = from.at_sequence(stored.seq + 1);
                 let mut event = stored.event;
                 event.clear_lifecycle();
                 event.metadata.insert("replay".into(), true.into());
@@ -178,6 +190,7 @@ impl Engine {
                         | crate::PublishError::InvalidMetadata { .. }),
                     ) => {
                         tracing::warn!(%error, seq = stored.seq, "replay skips a stored event that cannot be published");
+                        report.resume = Some(next);
                         continue;
                     }
                     Err(_) => return Err(BrokerError::Closed),
@@ -195,6 +208,7 @@ impl Engine {
                 }
                 report.replayed += 1;
                 report.last_seq = Some(stored.seq);
+                report.resume = Some(next);
             }
         }
         Ok(report)
