@@ -1007,3 +1007,33 @@ fn a_dead_letter_made_before_shutdown_is_stored_when_its_worker_is_detached() {
     let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
     assert_eq!(letters.len(), 1, "{report:?}");
 }
+
+/// A receiving instance's redrive of its dead letter of another instance's event leaves the
+/// event's stored status alone: it is the publisher's handling, as a receiver's worker leaves it.
+#[test]
+fn a_redrive_of_another_instances_event_leaves_its_status_to_the_publisher() {
+    let bus = Arc::new(MemoryProvider::default());
+    let receiver = Broker::builder()
+        .provider(bus.clone())
+        .instance_id("redriving-receiver")
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    receiver.subscribe("orders.>", |_: &Event| Err::<(), _>("the ledger is down")).unwrap();
+    let publisher = local_publisher(&bus);
+    thread::sleep(Duration::from_millis(300)); // The receiver's first fetch.
+    let sent = event("orders.created");
+    let id = sent.id;
+    publisher.publish(sent).unwrap();
+    wait_until("the receiver's dead letter", Duration::from_secs(10), || receiver.stats().dead_letters == 1);
+    publisher.drain(Duration::from_secs(5)).unwrap();
+    receiver.drain(Duration::from_secs(5)).unwrap();
+    assert_eq!(bus.get(id).unwrap().unwrap().status, EventStatus::Completed, "the publisher's: unrouted");
+    let letter = receiver.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap().remove(0);
+    let outcome = receiver.redrive(letter.id).unwrap();
+    assert_eq!((outcome.failed.len(), outcome.status), (1, None));
+    assert_eq!(bus.get(id).unwrap().unwrap().status, EventStatus::Completed, "still the publisher's");
+    for broker in [publisher, receiver] {
+        assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    }
+}

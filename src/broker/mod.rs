@@ -680,8 +680,9 @@ impl Broker {
     /// delivery ran, its new dead letter (when it failed again) was stored and the event's status
     /// written: a failure in between keeps it (it may then be delivered twice, never lost).
     ///
-    /// With status tracking on, the stored event's status then tells how its latest handling
-    /// went: `failed`, with the new error, when a delivery failed again; `completed` when none did
+    /// With status tracking on, the stored status of an event of this broker's (or of one no
+    /// broker published, a captured row say; another instance's event's status is its
+    /// publisher's) then tells how its latest handling went: `failed`, with the new error, when a delivery failed again; `completed` when none did
     /// and the event has no dead letter left (when two subscriptions failed it, it stays `failed`
     /// until both letters are redriven). Either way its `processed_at` and `completed_at` are this
     /// redrive's and `retry_count` the retries it took; [`RedriveOutcome::status`] says what was

@@ -33,8 +33,9 @@ pub struct RedriveOutcome {
     pub dead_letters: Vec<DeadLetterId>,
     /// The event's status written to the provider: `completed` when the event has no dead letter
     /// left, `failed` when a delivery failed again, `None` when nothing was written (status
-    /// tracking is off, another delivery of the event still has a dead letter, or the provider no
-    /// longer holds the event: deleted, evicted or expired).
+    /// tracking is off, another delivery of the event still has a dead letter, the provider no
+    /// longer holds the event (deleted, evicted or expired), or the event is another instance's,
+    /// whose status is its publisher's).
     pub status: Option<EventStatus>,
 }
 
@@ -128,7 +129,11 @@ impl Engine {
             self.provider.store_dead_letters(&outbox.dead_letters)?;
         }
         outcome.dead_letters = outbox.dead_letters.iter().map(|letter| letter.id).collect();
-        if self.track_status {
+        // The stored status is the publishing broker's (as a worker leaves another instance's
+        // event's status alone); an event no broker published, a captured row say, is its
+        // receivers'.
+        let ours = letter.event.instance_id.is_empty() || letter.event.instance_id == self.instance_id;
+        if self.track_status && ours {
             outcome.status = self.write_redriven_status(job.event.id, id, tally, started)?;
         }
         self.provider.delete_dead_letter(id)?;
