@@ -1037,3 +1037,115 @@ fn a_redrive_of_another_instances_event_leaves_its_status_to_the_publisher() {
         assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
     }
 }
+
+/// A write given up is reported by a flush that someone receives: one whose caller timed out and
+/// left does not use the report up, and the next flush returns it.
+#[test]
+fn a_flush_that_timed_out_leaves_the_report_of_a_dropped_write_to_the_next() {
+    let (memory, faulty) = flaky();
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .distribution(eventbroker::Distribution::Local)
+        .build()
+        .unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::permanent());
+    let lost = event("orders.lost");
+    let lost_id = lost.id;
+    broker.publish(lost).unwrap();
+    wait_until("the store given up", Duration::from_secs(5), || broker.stats().writer.dropped >= 1);
+    // The provider stops answering: the writer sits in a store call, and a flush times out.
+    faulty.inject(Operation::StoreBatch, Fault::Hang { at_most: Duration::from_secs(5) });
+    let calls = faulty.calls(Operation::StoreBatch);
+    broker.publish(event("orders.slow")).unwrap();
+    wait_until("the writer in the hung call", Duration::from_secs(5), || {
+        faulty.calls(Operation::StoreBatch) > calls
+    });
+    let first = broker.flush(Duration::from_millis(100));
+    assert!(matches!(first, Err(BrokerError::Timeout(_))), "{first:?}");
+    recover(&faulty);
+    // A read through the writer waits for it to catch up, answering the abandoned flush first.
+    broker.dead_letters(&DeadLetterFilter::new()).unwrap();
+    let second = broker.flush(Duration::from_secs(5));
+    assert!(matches!(second, Err(BrokerError::WritesDropped { dropped: 1, .. })), "{second:?}");
+    assert!(memory.get(lost_id).unwrap().is_none());
+    assert!(broker.flush(Duration::from_secs(5)).is_ok(), "reported once");
+    let _ = broker.shutdown(Duration::from_secs(5));
+}
+
+/// A stopping writer keeps retrying a failing write while its next try comes by the shutdown's
+/// deadline: a provider back half-way through the shutdown gets the write.
+#[test]
+fn shutdown_retries_a_failing_write_while_the_next_try_comes_by_its_deadline() {
+    let (memory, faulty) = flaky();
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .distribution(eventbroker::Distribution::Local)
+        .workers(1)
+        .build()
+        .unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    let kept = event("orders.kept");
+    let id = kept.id;
+    broker.publish(kept).unwrap();
+    wait_until("the first failed store", Duration::from_secs(5), || faulty.calls(Operation::StoreBatch) >= 1);
+    let healer = {
+        let faulty = Arc::clone(&faulty);
+        // Tries at about 0, 10, 30, 70, 150 and 310 ms fail; the next, at about 630, comes by the
+        // deadline and finds the provider back.
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(450));
+            recover(&faulty);
+        })
+    };
+    let report = broker.shutdown(Duration::from_millis(900));
+    healer.join().unwrap();
+    assert!(memory.get(id).unwrap().is_some(), "{report:?}");
+    assert!(report.flush_error.is_none(), "{report:?}");
+}
+
+/// `stats().published` never goes back while events are published and taken, and a broker
+/// that only receives never counts another instance's events as its own, even for a moment.
+#[test]
+fn stats_published_only_grows_and_counts_only_this_brokers_events() {
+    let bus = Arc::new(MemoryProvider::default());
+    let service = |id: &str| {
+        Broker::builder().provider(bus.clone()).instance_id(id).workers(2).buffer_size(64).build().unwrap()
+    };
+    let (sender, receiver) = (service("stats-sender"), service("stats-receiver"));
+    receiver.subscribe_infallible("orders.>", |_| {}).unwrap();
+    sender.subscribe_infallible("orders.>", |_| {}).unwrap();
+    thread::sleep(Duration::from_millis(300)); // The receiver's first fetch.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (sender, stop) = (sender.clone(), Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut sent = 0_u64;
+            while !stop.load(Ordering::Relaxed) && sent < 500_000 {
+                sent += u64::from(sender.publish(event("orders.created")).is_ok());
+            }
+            sent
+        })
+    };
+    let (mut last, mut backwards, mut received_as_published) = (0, Vec::new(), Vec::new());
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until && backwards.len() + received_as_published.len() < 5 {
+        let now = sender.stats().published;
+        if now < last {
+            backwards.push((last, now));
+        }
+        last = last.max(now);
+        let at_receiver = receiver.stats();
+        if at_receiver.published != 0 {
+            received_as_published.push((at_receiver.published, at_receiver.inbound.fetched));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = publisher.join().unwrap();
+    assert!(backwards.is_empty(), "(before, after): {backwards:?}");
+    assert!(received_as_published.is_empty(), "(published, fetched): {received_as_published:?}");
+    sender.drain(Duration::from_secs(10)).unwrap();
+    assert_eq!(sender.stats().published, sent);
+    for broker in [sender, receiver] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+}

@@ -230,3 +230,23 @@ fn a_broker_without_metrics_records_nothing() {
     assert!(!scrape().contains("off_eventbroker_"));
     assert!(broker.shutdown(WAIT).is_clean());
 }
+
+/// Brokers built one after another under one name (a restart after a configuration reload) add
+/// to the same series: the engine-wide counters count the second broker's dead letters and
+/// failures on top of the first's, as the per-type counters do.
+#[test]
+fn the_engine_wide_counters_of_a_rebuilt_broker_add_to_its_predecessors() {
+    for failing in [3, 2] {
+        let broker = broker("rebuilt", |c| c);
+        broker.subscribe("pay.*", |_: &Event| Err::<(), _>("declined")).unwrap();
+        for _ in 0..failing {
+            broker.publish(Event::new(EventSource::Internal, "pay.failed")).unwrap();
+        }
+        broker.drain(WAIT).unwrap();
+        assert_eq!(broker.stats().dead_letters, failing);
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+    wait_for_value("rebuilt_eventbroker_events_processed_total", &[("status", "failed")], 5.0);
+    wait_for_value("rebuilt_eventbroker_dead_letters_total", &[], 5.0);
+    wait_for_value("rebuilt_eventbroker_handler_failures_total", &[], 5.0);
+}

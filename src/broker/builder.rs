@@ -438,6 +438,7 @@ impl BrokerBuilder {
             sync: SyncCounters::default(),
             sync_calls: super::drain::SyncCalls::default(),
             rejected: AtomicU64::new(0),
+            published_reported: AtomicU64::new(0),
             claim: parking_lot::Mutex::new(claim),
             shutdown: super::shutdown::Stopping::new(),
             drop_timeout: self.drop_timeout,

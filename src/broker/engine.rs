@@ -61,6 +61,10 @@ pub(crate) struct Engine {
     /// `publish_sync` and `redrive` calls in progress, for `drain`.
     pub(crate) sync_calls: super::drain::SyncCalls,
     pub(crate) rejected: AtomicU64,
+    /// The highest `published` reported: the counts it is made of are read one after another
+    /// while events move, and may add up to less for a moment (never more); reports never go
+    /// back.
+    pub(crate) published_reported: AtomicU64,
     /// This broker's hold on its instance id for its provider, while it receives (released at
     /// the end of shutdown).
     pub(crate) claim: parking_lot::Mutex<Option<super::builder::InstanceClaim>>,

@@ -106,23 +106,28 @@ impl Engine {
         let queued: usize = shards.iter().map(|s| s.queued).sum();
         let completed = sum(|s| s.completed) + load(&s.completed);
         let failed = sum(|s| s.failed) + load(&s.failed);
+        // Acquire: an inbound job the rings' counts above include was counted as fetched before
+        // it was placed (Release there), so `fetched` below includes it too.
+        std::sync::atomic::fence(Ordering::Acquire);
         let inbound = self.inbound.as_ref().map(|pump| pump.stats()).unwrap_or_default();
         // Inbound jobs pass through the rings too; they are not this broker's publishes.
         let through_rings = sum(|s| s.dispatched) + queued as u64;
+        let published = through_rings.saturating_sub(inbound.fetched) + load(&s.published);
+        let published = self.published_reported.fetch_max(published, Ordering::Relaxed).max(published);
         BrokerStats {
             instance_id: self.instance_id.to_string(),
             mode: self.mode,
             distribution: self.distribution.clone(),
             workers: self.shards.len(),
             subscriptions: self.shared.table.len(),
-            published: through_rings.saturating_sub(inbound.fetched) + load(&s.published),
+            published,
             processed: completed + failed,
             completed,
             failed,
             unrouted: sum(|s| s.unrouted) + load(&s.unrouted),
             handler_failures: sum(|s| s.handler_failures) + load(&s.handler_failures),
             retries: sum(|s| s.retries) + load(&s.retries),
-            dead_letters: sum(|s| s.dead_letters) + load(&s.dead_letters),
+            dead_letters: sum(|s| s.dead_letters) + load(&s.dead_letters) + inbound.invalid,
             rejected: load(&self.rejected),
             queued,
             returned: sum(|s| s.returned),

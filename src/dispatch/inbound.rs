@@ -317,13 +317,15 @@ impl InboundPump {
             }
             let token = inbound.token;
             let mut job = Job { event: inbound.event, origin: Origin::Inbound(token) };
+            // Counted before it is placed, so that a broker's `published` (what its rings took
+            // less what this placed) never counts an inbound event, even for a moment. Release:
+            // see `Engine::stats`.
+            self.counters.fetched.fetch_add(1, Ordering::Release);
             loop {
                 match target.place(job, FETCH_WAIT) {
-                    Ok(()) => {
-                        self.counters.fetched.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
+                    Ok(()) => break,
                     Err((_, closed)) if closed || self.stopping() => {
+                        self.counters.fetched.fetch_sub(1, Ordering::Relaxed);
                         let mut tokens = vec![token];
                         tokens.extend(events.by_ref().map(|e| e.token));
                         self.give_back(&tokens);

@@ -232,7 +232,10 @@ impl ShardSet {
             .iter()
             .map(|shard| {
                 let c = &shard.counters;
-                let dispatched = c.dispatched.load(Ordering::Relaxed);
+                // Acquire: pairs with the worker's Release store, made after the ring's head moved,
+                // so the length read below leaves out what this counts (it may leave out more:
+                // `published` is then low for a moment, never high).
+                let dispatched = c.dispatched.load(Ordering::Acquire);
                 ShardStats {
                     dispatched,
                     in_hand: dispatched.saturating_sub(c.started.load(Ordering::Relaxed)),

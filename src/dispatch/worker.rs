@@ -472,7 +472,9 @@ impl Worker {
         }
         self.space.notify();
         self.dispatched += taken as u64;
-        self.counters.dispatched.store(self.dispatched, Ordering::Relaxed);
+        // Release: after the ring's head moved on, so that `ShardSet::stats`, reading this with
+        // Acquire and then the ring's length, never counts a taken job twice.
+        self.counters.dispatched.store(self.dispatched, Ordering::Release);
         if self.config.track_status {
             let now = crate::clock::now();
             for job in self.batch.iter().flatten() {

@@ -541,9 +541,10 @@ impl WriterThread {
                     for (reply, _) in self.batch.flush_replies.drain(..) {
                         let _ = reply.send(Err(BrokerError::Provider(error.clone())));
                     }
-                    self.retry_at = Some(crate::deadline::after(now, self.backoff));
-                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                     let next_try = crate::deadline::after(now, self.backoff);
+                    self.retry_at = Some(next_try);
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                    // A stopping writer tries again as long as the next try comes by its deadline.
                     if let Some((reply, until)) = self.stopping.take_if(|(_, until)| next_try > *until) {
                         tracing::error!(%error, ?until, "provider writer stopped with writes unwritten");
                         let _ = reply.send(Err(BrokerError::Provider(error)));
@@ -559,16 +560,34 @@ impl WriterThread {
             if !replies.is_empty() || stop.is_some() {
                 let reporting = stop.is_some() || replies.iter().any(|(_, report)| *report);
                 let outcome = if reporting { self.report() } else { Ok(()) };
+                // A report goes once, to whoever still waits: callers whose flush timed out have
+                // gone, and if none is left it stays for the next flush.
+                let mut reported = false;
                 for (reply, report) in replies {
-                    let _ = reply.send(if report { outcome.clone() } else { Ok(()) });
+                    let sent = reply.send(if report { outcome.clone() } else { Ok(()) }).is_ok();
+                    reported |= report && sent;
                 }
-                if let Some((reply, _)) = stop {
-                    let _ = reply.send(outcome);
+                if let Some((reply, _)) = &stop {
+                    reported |= reply.send(outcome.clone()).is_ok();
+                }
+                if let (false, Err(BrokerError::WritesDropped { dropped, error })) = (reported, outcome) {
+                    self.keep_report(dropped, error);
+                }
+                if stop.is_some() {
                     return Step::Stop;
                 }
             }
         }
         Step::Continue
+    }
+
+    /// Puts back a report nobody received, merged with what was given up since.
+    fn keep_report(&self, dropped: u64, error: ProviderError) {
+        let mut unreported = self.unreported.lock();
+        *unreported = Some(match unreported.take() {
+            Some((since, latest)) => (dropped + since, latest),
+            None => (dropped, error),
+        });
     }
 
     /// A flush's answer: the writes given up since a flush last reported them, once.

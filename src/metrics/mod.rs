@@ -12,7 +12,7 @@
 //! |---|---|---|---|
 //! | `eventbroker_events_published_total` | counter | `source`, `type` | events published here, counted when a worker takes them (synchronous publishes at once) |
 //! | `eventbroker_events_processed_total` | counter | `source`, `type`, `status` | events whose handling ended: `status` is `completed` or `failed`; local and inbound alike |
-//! | `eventbroker_event_processing_duration_seconds` | histogram | `source`, `type` | the handler calls of one event, first attempt; sampled, see below |
+//! | `eventbroker_event_processing_duration_seconds` | histogram | `source`, `type` | the handler calls of one event, first attempt (of a `publish_sync`, its whole delivery, retries and their backoff included); sampled, see below |
 //! | `eventbroker_events_folded_total` | counter | | events recorded under `type="other"`: their type came after [`MetricsConfig::max_types`] others |
 //! | `eventbroker_queue_size` | gauge | | events accepted and not yet begun: in the shard rings, or taken by a worker that has not reached them |
 //! | `eventbroker_workers_active` | gauge | | worker threads running (0 once shut down) |
@@ -26,7 +26,7 @@
 //! | `eventbroker_dead_letters_total` | counter | | deliveries dead-lettered |
 //! | `eventbroker_events_unrouted_total` | counter | | events that matched no subscription (they count as `completed` in `events_processed_total` too): a pattern that matches nothing shows here |
 //! | `eventbroker_internal_errors_total` | counter | | panics caught on workers outside any handler |
-//! | `eventbroker_writer_batches_total` | counter | | provider writes (batches) |
+//! | `eventbroker_writer_batches_total` | counter | | provider writes (batches) by the writer thread; the memory provider's inline writes are not counted |
 //! | `eventbroker_writer_errors_total` | counter | | provider calls that failed |
 //! | `eventbroker_writer_dropped_total` | counter | | writes given up after permanent provider errors |
 //! | `eventbroker_inbound_events_total` | counter | | events fetched from other instances |

@@ -1,6 +1,7 @@
 //! The reporter: one thread per broker that sets the gauges and engine-wide counters from the
 //! broker's own counters every `report_interval`, and looks for a recorder.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -91,17 +92,17 @@ struct EngineHandles {
     writer_backlog: Gauge,
     inbound_lag: Gauge,
     folded: Counter,
-    rejected: Counter,
-    retries: Counter,
-    handler_failures: Counter,
-    dead_letters: Counter,
-    unrouted: Counter,
-    internal_errors: Counter,
-    writer_batches: Counter,
-    writer_errors: Counter,
-    writer_dropped: Counter,
-    inbound_events: Counter,
-    inbound_fetch_errors: Counter,
+    rejected: Total,
+    retries: Total,
+    handler_failures: Total,
+    dead_letters: Total,
+    unrouted: Total,
+    internal_errors: Total,
+    writer_batches: Total,
+    writer_errors: Total,
+    writer_dropped: Total,
+    inbound_events: Total,
+    inbound_fetch_errors: Total,
 }
 
 impl EngineHandles {
@@ -110,6 +111,7 @@ impl EngineHandles {
         let labels = config.constant_labels();
         let gauge = |n: &str| metrics::gauge!(config.name(n), labels.clone());
         let counter = |n: &str| metrics::counter!(config.name(n), labels.clone());
+        let total = |n: &str| Total { counter: counter(n), reported: Cell::new(0) };
         Self {
             queue_size: gauge("queue_size"),
             workers_active: gauge("workers_active"),
@@ -118,17 +120,17 @@ impl EngineHandles {
             writer_backlog: gauge("writer_backlog"),
             inbound_lag: gauge("inbound_lag_seconds"),
             folded: counter("events_folded_total"),
-            rejected: counter("events_rejected_total"),
-            retries: counter("retries_total"),
-            handler_failures: counter("handler_failures_total"),
-            dead_letters: counter("dead_letters_total"),
-            unrouted: counter("events_unrouted_total"),
-            internal_errors: counter("internal_errors_total"),
-            writer_batches: counter("writer_batches_total"),
-            writer_errors: counter("writer_errors_total"),
-            writer_dropped: counter("writer_dropped_total"),
-            inbound_events: counter("inbound_events_total"),
-            inbound_fetch_errors: counter("inbound_fetch_errors_total"),
+            rejected: total("events_rejected_total"),
+            retries: total("retries_total"),
+            handler_failures: total("handler_failures_total"),
+            dead_letters: total("dead_letters_total"),
+            unrouted: total("events_unrouted_total"),
+            internal_errors: total("internal_errors_total"),
+            writer_batches: total("writer_batches_total"),
+            writer_errors: total("writer_errors_total"),
+            writer_dropped: total("writer_dropped_total"),
+            inbound_events: total("inbound_events_total"),
+            inbound_fetch_errors: total("inbound_fetch_errors_total"),
         }
     }
 
@@ -142,16 +144,36 @@ impl EngineHandles {
         self.writer_backlog.set(stats.writer.backlog as f64);
         self.inbound_lag.set(seconds(stats.inbound.lag));
         self.folded.increment(folded);
-        self.rejected.absolute(stats.rejected);
-        self.retries.absolute(stats.retries);
-        self.handler_failures.absolute(stats.handler_failures);
-        self.dead_letters.absolute(stats.dead_letters);
-        self.unrouted.absolute(stats.unrouted);
-        self.internal_errors.absolute(stats.internal_errors);
-        self.writer_batches.absolute(stats.writer.batches);
-        self.writer_errors.absolute(stats.writer.errors);
-        self.writer_dropped.absolute(stats.writer.dropped);
-        self.inbound_events.absolute(stats.inbound.fetched);
-        self.inbound_fetch_errors.absolute(stats.inbound.fetch_errors);
+        self.rejected.to(stats.rejected);
+        self.retries.to(stats.retries);
+        self.handler_failures.to(stats.handler_failures);
+        self.dead_letters.to(stats.dead_letters);
+        self.unrouted.to(stats.unrouted);
+        self.internal_errors.to(stats.internal_errors);
+        self.writer_batches.to(stats.writer.batches);
+        self.writer_errors.to(stats.writer.errors);
+        self.writer_dropped.to(stats.writer.dropped);
+        self.inbound_events.to(stats.inbound.fetched);
+        self.inbound_fetch_errors.to(stats.inbound.fetch_errors);
+    }
+}
+
+/// An engine-wide counter reported from the broker's running total: by increments, so that the
+/// counters of brokers sharing a name and labels (one built after another, or side by side) add
+/// up, as the per-type counters do, rather than the largest total hiding the others (an absolute
+/// value is kept as a maximum).
+struct Total {
+    counter: Counter,
+    /// The total reported so far.
+    reported: Cell<u64>,
+}
+
+impl Total {
+    fn to(&self, total: u64) {
+        let reported = self.reported.get();
+        if total > reported {
+            self.counter.increment(total - reported);
+            self.reported.set(total);
+        }
     }
 }
