@@ -853,3 +853,40 @@ fn shutdown_stops_waiting_for_a_synchronous_publishs_settle_in_time_to_write_its
     let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
     assert_eq!(letters.len(), 1, "{report:?}");
 }
+
+/// Shutdown's count of the deliveries it dead-lettered includes those of an inbound event whose
+/// subscription had ended, written beside the one it ended (the event had a delivery
+/// dead-lettered already, so it is not given back).
+#[test]
+fn shutdown_counts_the_letters_of_ended_deliveries_it_writes() {
+    let bus = Arc::new(MemoryProvider::default());
+    let receiver = member(&bus, "acked-counted", "acked-counted-member", |builder| {
+        builder.retry_policy(RetryPolicy {
+            max_retries: 1,
+            initial_delay: Duration::from_millis(300),
+            max_delay: Duration::from_millis(300),
+            backoff_factor: 1.0,
+            jitter: 0.0,
+        })
+    });
+    receiver.subscribe("orders.*", |_: &Event| Err("the ledger is down")).unwrap();
+    let leaving = receiver.subscribe("orders.*", |_: &Event| Err("the mailer is down")).unwrap();
+    let (_, deliveries) = receiver.subscribe_acked("orders.*").unwrap();
+    let publisher = publisher(&bus, "acked-counted-publisher");
+    let sent = event("orders.created");
+    publisher.publish(sent.clone()).unwrap();
+    let held = next(&deliveries);
+    wait_until("both first attempts", WAIT, || receiver.stats().handler_failures == 2);
+    assert!(receiver.unsubscribe(leaving));
+    // The first handler's retry fails for good; the second's finds its subscription ended.
+    wait_until("the retries", WAIT, || {
+        let stats = receiver.stats();
+        stats.dead_letters == 1 && stats.pending_retries == 0
+    });
+    let report = receiver.shutdown(Duration::from_millis(500));
+    drop(held);
+    let letters = bus.list_dead_letters(&DeadLetterFilter::new().with_event_id(sent.id)).unwrap();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert_eq!((report.returned, report.dead_lettered), (0, 2), "{report:?}");
+    assert!(publisher.shutdown(WAIT).is_clean());
+}

@@ -1149,3 +1149,23 @@ fn stats_published_only_grows_and_counts_only_this_brokers_events() {
         let _ = broker.shutdown(Duration::from_secs(10));
     }
 }
+
+/// Dead letters can be read after shutdown from a provider others still hold; once shutdown has
+/// closed the broker's own provider, the call says the broker is shut down.
+#[test]
+fn dead_letters_after_shutdown_read_a_shared_provider_and_say_closed_for_its_own() {
+    let (memory, broker, _) = a_handler_to_fix();
+    broker.publish(event("orders.paid")).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    assert_eq!(
+        broker.dead_letters(&DeadLetterFilter::new()).unwrap().len(),
+        1,
+        "left open: the test holds it"
+    );
+    drop(memory);
+    let own = Broker::builder().build().unwrap();
+    assert!(own.shutdown(Duration::from_secs(5)).is_clean());
+    let err = own.dead_letters(&DeadLetterFilter::new()).unwrap_err();
+    assert!(matches!(err, BrokerError::Closed), "{err}");
+}

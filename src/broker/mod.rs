@@ -662,15 +662,24 @@ impl Broker {
     }
 
     /// Dead letters in the provider, after flushing the writer so recent failures are included.
+    /// After shutdown they can still be read from a provider others hold (left open).
     ///
     /// # Errors
-    /// [`BrokerError::Provider`] when the provider fails.
+    /// [`BrokerError::Provider`] when the provider fails; [`BrokerError::Closed`] once shutdown
+    /// has closed the provider.
     pub fn dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, BrokerError> {
         let engine = self.engine();
-        if !engine.intake.is_closed() {
+        let shut_down = engine.intake.is_closed();
+        if !shut_down {
             engine.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         }
-        Ok(engine.provider.list_dead_letters(filter)?)
+        engine.provider.list_dead_letters(filter).map_err(|error| {
+            if shut_down && error.kind() == &crate::ProviderErrorKind::Closed {
+                BrokerError::Closed
+            } else {
+                error.into()
+            }
+        })
     }
 
     /// Delivers a dead letter again, on this thread, to the subscription that failed it, or, when

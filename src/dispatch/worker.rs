@@ -832,8 +832,11 @@ impl Worker {
             report.returned_at_shutdown += 1;
             return;
         }
+        // The last of the job's deliveries brings the letters of those whose subscription ended
+        // (kept for a give-back that a dead-lettered delivery rules out): counted here too.
+        let with_ended = if open.tally.outstanding <= 1 { open.ended.len() as u64 } else { 0 };
         self.give_up(key, &delivery::failure(subscription, error(), attempts));
-        report.dead_lettered_at_shutdown += 1;
+        report.dead_lettered_at_shutdown += 1 + with_ended;
     }
 
     /// A panic escaped a turn outside any handler: count it, log it, and settle the job it hit.
