@@ -180,10 +180,7 @@ impl WorkerShared {
     /// letter to be written by then, as a worker's (see [`Worker::finish`]).
     pub(crate) fn caller_stop(&self) -> Option<Instant> {
         let (began, deadline) = (*self.shutdown_deadline.lock())?;
-        let margin = FINISH_MARGIN
-            .saturating_add(FINISH_PER_DELIVERY)
-            .min(deadline.saturating_duration_since(began) / 2);
-        Some(deadline.checked_sub(margin).unwrap_or(deadline))
+        Some(last_start(deadline, 1, deadline.saturating_duration_since(began)))
     }
 
     /// Whether shutdown gave up on the workers still running at its deadline (see `abandoned`).
@@ -245,6 +242,14 @@ const FINISH_MARGIN: Duration = Duration::from_millis(20);
 /// provider and Redis; PostgreSQL and NATS writes of dead letters took 25 µs each; a debug build
 /// several times that).
 const FINISH_PER_DELIVERY: Duration = Duration::from_micros(100);
+
+/// When deliveries stop being retried or waited for, `left` of them still open, so that they
+/// are dead-lettered and written by `deadline`: a margin that grows with what is left, at most
+/// half of `window`, the time shutdown gave.
+fn last_start(deadline: Instant, left: u32, window: Duration) -> Instant {
+    let margin = FINISH_MARGIN.saturating_add(FINISH_PER_DELIVERY.saturating_mul(left)).min(window / 2);
+    deadline.checked_sub(margin).unwrap_or(deadline)
+}
 
 /// How often a worker whose ring is closed looks for the outcomes of acknowledged deliveries.
 const ACK_POLL: Duration = Duration::from_millis(1);
@@ -773,12 +778,9 @@ impl Worker {
             self.take_outcomes();
             self.extend_waiting_inbound();
             // Retries stop, and deliveries stop waiting for their settle, early enough before the
-            // deadline for what is left to be dead-lettered and written by then: a margin that
-            // grows with what is left, at most half the time shutdown gave.
+            // deadline for what is left to be dead-lettered and written by then.
             let left = u32::try_from(self.retries.len() + self.awaiting.len()).unwrap_or(u32::MAX);
-            let margin =
-                FINISH_MARGIN.saturating_add(FINISH_PER_DELIVERY.saturating_mul(left)).min(window / 2);
-            let last_start = deadline.checked_sub(margin).unwrap_or(deadline);
+            let last_start = last_start(deadline, left, window);
             let now = Instant::now();
             let retry_due = self.retries.next_due().filter(|due| *due <= deadline);
             if now >= last_start || (retry_due.is_none() && self.awaiting.is_empty()) {
