@@ -182,6 +182,131 @@ fn a_long_outage_turns_into_backpressure_not_loss() {
     assert!(report.is_clean(), "{report:?}");
 }
 
+/// Dead letters the provider keeps refusing for a while are held in a bounded backlog: past it the
+/// worker takes no new events, its ring fills and publishing reports `Full`, instead of letters
+/// piling up in memory for as long as the outage lasts. When it ends, every letter is written.
+#[test]
+fn unwritten_dead_letters_hold_the_workers_back_instead_of_piling_up() {
+    const BACKLOG: usize = 64;
+    const RING: usize = 64;
+    let (memory, provider) = flaky();
+    let broker = Broker::builder()
+        .provider(provider.clone())
+        .workers(1)
+        .buffer_size(RING)
+        .retry_policy(RetryPolicy { max_retries: 0, ..RetryPolicy::default() })
+        .backpressure(eventbroker::Backpressure::Block(Duration::from_millis(500)))
+        .writer(eventbroker::WriterConfig { max_backlog: BACKLOG, ..eventbroker::WriterConfig::default() })
+        .build()
+        .unwrap();
+    broker.subscribe("fails.>", |_: &Event| Err::<(), _>("refused")).unwrap();
+    provider.inject(Operation::StoreDeadLetters, Fault::unavailable());
+    let mut accepted = 0_u64;
+    let rejected = loop {
+        match broker.publish_async(event("fails.now")) {
+            Ok(()) => accepted += 1,
+            Err(PublishError::Full(e)) => break e,
+            Err(other) => panic!("unexpected {other}"),
+        }
+        assert!(accepted < 5_000, "publishing never met the bound");
+    };
+    let writer = broker.stats().writer;
+    // Past the bound a worker hands over what it has in hand: two ring batches of events, each
+    // with its two statuses and its letter.
+    let in_hand = 2 * RING * 3;
+    assert!(writer.settle_backlog <= BACKLOG + in_hand, "{writer:?}");
+    assert!(writer.settle_backlog >= BACKLOG, "the letters are what fills it: {writer:?}");
+    assert!(writer.errors > 0 && writer.dead_letters == 0, "{writer:?}");
+
+    recover(&provider);
+    broker.flush(Duration::from_secs(10)).unwrap();
+    broker.publish(*rejected).unwrap();
+    broker.drain(Duration::from_secs(10)).unwrap();
+    broker.flush(Duration::from_secs(10)).unwrap();
+    let letters = memory.list_dead_letters(&DeadLetterFilter::default()).unwrap();
+    assert_eq!(letters.len() as u64, accepted + 1, "every failed event has its letter");
+    let writer = broker.stats().writer;
+    assert_eq!((writer.settle_backlog, writer.backlog, writer.dropped), (0, 0, 0), "{writer:?}");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// Acknowledgements of other instances' events the provider keeps refusing for a while: the
+/// receiver stops fetching once its writer holds a backlog of them, rather than fetching (and
+/// holding acks for) everything the others publish; when the outage ends, every event is
+/// acknowledged once, and none is handled twice.
+#[test]
+fn unwritten_acks_stop_the_receiver_fetching() {
+    const BACKLOG: usize = 64;
+    const RING: usize = 64;
+    const EVENTS: u64 = 3_000;
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let receiver = Broker::builder()
+        .provider(faulty.clone())
+        .instance_id("acks-receiver")
+        .workers(1)
+        .buffer_size(RING)
+        .writer(eventbroker::WriterConfig { max_backlog: BACKLOG, ..eventbroker::WriterConfig::default() })
+        .build()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(std::collections::HashSet::new()));
+    let handled = Arc::new(AtomicU64::new(0));
+    let (s, h) = (Arc::clone(&seen), Arc::clone(&handled));
+    receiver
+        .subscribe_infallible("acks.>", move |event: &Event| {
+            s.lock().unwrap().insert(event.id);
+            h.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+    let publisher = local_publisher(&bus);
+    thread::sleep(Duration::from_millis(300)); // The receiver's first fetch.
+    faulty.inject(Operation::Ack, Fault::unavailable());
+    for _ in 0..EVENTS {
+        publisher.publish(event("acks.made")).unwrap();
+    }
+    wait_until("the receiver to hold back", Duration::from_secs(10), || {
+        receiver.stats().writer.settle_backlog >= BACKLOG
+    });
+    let fetched = receiver.stats().inbound.fetched;
+    thread::sleep(Duration::from_millis(300));
+    let stats = receiver.stats();
+    // The workers hand over what they have in hand (two ring batches), and the rings and the
+    // fetch in flight hold the rest of what was fetched.
+    assert!(stats.writer.settle_backlog <= BACKLOG + 2 * RING, "{:?}", stats.writer);
+    assert!(stats.inbound.fetched < EVENTS / 2, "fetching stopped: {:?}", stats.inbound);
+    assert!(stats.inbound.fetched <= fetched + RING as u64 * 2, "{fetched} then {:?}", stats.inbound);
+
+    faulty.heal_all();
+    wait_until("every event handled", Duration::from_secs(20), || handled.load(Ordering::SeqCst) >= EVENTS);
+    receiver.flush(Duration::from_secs(10)).unwrap();
+    let stats = receiver.stats();
+    assert_eq!(handled.load(Ordering::SeqCst), EVENTS, "none handled twice");
+    assert_eq!(seen.lock().unwrap().len() as u64, EVENTS);
+    assert_eq!((stats.writer.acks, stats.writer.settle_backlog), (EVENTS, 0), "{:?}", stats.writer);
+    for broker in [receiver, publisher] {
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
+    }
+}
+
+/// After a long outage the writer's next try is a second away; a shutdown with a shorter deadline
+/// does not wait for it: it tries at once, and the provider, back by then, gets every write.
+#[test]
+fn a_shutdown_after_a_long_outage_does_not_wait_out_the_backoff() {
+    let (memory, provider) = flaky();
+    let broker = Broker::builder().provider(provider.clone()).build().unwrap();
+    outage(&provider, &Fault::unavailable());
+    for _ in 0..10 {
+        broker.publish(event("outage.long")).unwrap();
+    }
+    // Tries 10, 20, … 640 ms apart: after the eighth failure the next is a second away.
+    wait_until("the backoff to grow", Duration::from_secs(10), || broker.stats().writer.errors >= 8);
+    recover(&provider);
+    let report = broker.shutdown(Duration::from_millis(400));
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(stored_events(&memory), 10);
+}
+
 #[test]
 fn permanent_write_errors_are_counted_and_reported() {
     let (_memory, provider) = flaky();

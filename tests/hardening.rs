@@ -701,7 +701,9 @@ fn duplicate_ids_are_tracked_per_job() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
-// 14. The writer's backlog bound holds for `publish_sync` and `publish_batch` too.
+// 14. The writer's backlog bound holds for `publish_sync` and `publish_batch` too. A synchronous
+// publish also needs room for its statuses, which wait in the writer with its store: it may be
+// refused before ten stores are held.
 #[test]
 fn sync_and_batch_publishes_respect_the_writer_backlog() {
     let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
@@ -712,7 +714,7 @@ fn sync_and_batch_publishes_respect_the_writer_backlog() {
         .build()
         .unwrap();
     faulty.inject(Operation::StoreBatch, Fault::unavailable());
-    let mut accepted = 0;
+    let mut accepted = 0_usize;
     for _ in 0..20 {
         match broker.publish_sync(event("sync.backlog")) {
             Ok(()) => accepted += 1,
@@ -720,9 +722,13 @@ fn sync_and_batch_publishes_respect_the_writer_backlog() {
             Err(other) => panic!("unexpected {other}"),
         }
     }
-    assert_eq!(accepted, 10);
-    let err = broker.publish_batch((0..20).map(|_| event("batch.backlog")).collect()).unwrap_err();
-    assert_eq!(err.accepted, 0, "the backlog is full");
+    let writer = broker.stats().writer;
+    assert!((1..=10).contains(&accepted), "{accepted} accepted");
+    assert!(writer.backlog <= 10 && writer.settle_backlog <= 10 + 2, "{writer:?}");
+    assert!(writer.backlog == 10 || writer.settle_backlog >= 10, "refused only when full: {writer:?}");
+    let batch = (0..20).map(|_| event("batch.backlog")).collect();
+    let err = broker.publish_batch(batch).unwrap_err();
+    assert_eq!(err.accepted, 10 - accepted, "the backlog fills");
     assert!(broker.stats().writer.backlog <= 10);
     faulty.heal_all();
     broker.flush(WAIT).unwrap();

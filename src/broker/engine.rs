@@ -262,14 +262,14 @@ impl Engine {
         }
     }
 
-    /// Waits up to `patience` for room for one stored event in the writer's backlog (for
-    /// `publish_sync`, which takes no ring slot).
-    fn admit_backlog(&self, patience: Option<Duration>) -> bool {
+    /// Waits up to `patience` for room in the writer for what a `publish_sync` hands it, which
+    /// takes no ring slot: its statuses, dead letters and, when `store`, one stored event.
+    fn admit_backlog(&self, patience: Option<Duration>, store: bool) -> bool {
         let writer = &self.shared.writer;
         let mut deadline = None;
         let mut backoff = Backoff::new();
         loop {
-            if writer.try_admit(1) == 1 {
+            if writer.has_settle_room() && (!store || writer.try_admit(1) == 1) {
                 return true;
             }
             let Some(patience) = patience else { return false };
@@ -411,14 +411,15 @@ impl Engine {
             });
         };
         let event = self.admit(event)?;
+        let by_writer = self.store_events && !self.inline;
+        if !self.admit_backlog(self.patience(), by_writer) {
+            return Err(self.rejected(ReserveError::Full, event).into());
+        }
         let mut ticket = StoreTicket::NONE;
-        if self.store_events && self.inline {
-            let _ = self.store_inline(std::slice::from_ref(&event), |t| ticket = t);
-        } else if self.store_events {
-            if !self.admit_backlog(self.patience()) {
-                return Err(self.rejected(ReserveError::Full, event).into());
-            }
+        if by_writer {
             self.shared.writer.store(Arc::clone(&event));
+        } else if self.store_events {
+            let _ = self.store_inline(std::slice::from_ref(&event), |t| ticket = t);
         }
         self.sync.published.fetch_add(1, Ordering::Relaxed);
         let clock = self.metrics.as_ref().and_then(|m| m.sync_begin());
@@ -529,7 +530,8 @@ impl Engine {
 
 impl Target for Engine {
     fn room(&self) -> usize {
-        self.shards.free_slots()
+        // Nothing fetched while the writer is behind on settling: the workers hold back too.
+        if self.shared.writer.has_settle_room() { self.shards.free_slots() } else { 0 }
     }
 
     fn place(&self, job: Job, patience: Duration) -> Result<(), (Job, bool)> {

@@ -89,7 +89,7 @@
 //! | `track_status` | `true` | write every status change to the provider |
 //! | `writer.max_batch` | `512` | items per provider write |
 //! | `writer.max_delay` | `1ms` | longest a first item waits for its batch |
-//! | `writer.max_backlog` | `65536` | stored events unwritten before publishing reports `Full` |
+//! | `writer.max_backlog` | `65536` | stored events unwritten before publishing reports `Full`; as many status changes, dead letters and acknowledgements unwritten before workers take no new events |
 //! | `distribution.mode` | `local` with `memory`, else `fan_out` | `local`, `fan_out` or `work_queue` |
 //! | `distribution.group` | `redis.consumer_group` (whatever the provider), else required | the shared group of `work_queue` |
 //! | `claim_idle` | `30s` | unacknowledged inbound events are redelivered after this |

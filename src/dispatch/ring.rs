@@ -592,6 +592,12 @@ impl<T> Consumer<T> {
         self.shared.close()
     }
 
+    /// Whether the ring is closed (a snapshot; once `true`, always `true`), drained or not.
+    pub fn is_closed(&self) -> bool {
+        // Relaxed: a snapshot; MARK is never cleared.
+        self.shared.tail.load(Relaxed) & MARK != 0
+    }
+
     /// Whether the ring is closed and every value it accepted has been popped.
     pub fn is_drained(&self) -> bool {
         self.poll() == Poll::Closed

@@ -254,6 +254,9 @@ fn last_start(deadline: Instant, left: u32, window: Duration) -> Instant {
 /// How often a worker whose ring is closed looks for the outcomes of acknowledged deliveries.
 const ACK_POLL: Duration = Duration::from_millis(1);
 
+/// How often a worker holding back for the writer's settle backlog looks whether it has room.
+const WRITER_POLL: Duration = Duration::from_millis(1);
+
 /// A delivery waiting for its next attempt.
 struct Retry {
     /// The job's entry in [`Worker::open`].
@@ -402,7 +405,7 @@ impl Worker {
         }
         self.metrics.begin_turn();
         let mut took = self.take_outcomes();
-        if self.next >= self.batch.len() && self.take_batch() {
+        if self.next >= self.batch.len() && self.may_take() && self.take_batch() {
             took = true;
             // Before any of it is handled, so that a slow batch shows as processing.
             write_statuses(&self.shared, &mut self.outbox);
@@ -422,7 +425,7 @@ impl Worker {
         // A worker that keeps up takes its next batch here, before this turn's results go out:
         // that batch's `processing` statuses and this turn's completions are then one write, one
         // provider call, instead of two.
-        if self.next >= self.batch.len() {
+        if self.next >= self.batch.len() && self.may_take() {
             took |= self.take_batch();
         }
         self.end_turn();
@@ -433,6 +436,15 @@ impl Worker {
             .into_iter()
             .flatten()
             .min();
+        if !self.may_take() {
+            // The writer is behind and the ring may hold events this worker must leave there: a
+            // wait on the ring would return at once. The writer signals nobody when it catches
+            // up, so look again in a moment (or when something else is due).
+            let now = Instant::now();
+            let wake = due.map_or(WRITER_POLL, |due| due.saturating_duration_since(now).min(WRITER_POLL));
+            std::thread::sleep(wake);
+            return true;
+        }
         match self.consumer.wait_or(self.config.wait, due, || self.awaiting.has_outcomes()) {
             WaitOutcome::Ready | WaitOutcome::TimedOut => true,
             WaitOutcome::Closed => false,
@@ -464,6 +476,15 @@ impl Worker {
         }
         self.settled = settled;
         true
+    }
+
+    /// Whether this worker may take new events from its ring: while the writer has room for what
+    /// they will produce (statuses, dead letters, acknowledgements), and always once the ring is
+    /// closed, so that shutdown drains it whatever the provider does (what a closed ring holds is
+    /// bounded by its capacity).
+    #[inline]
+    fn may_take(&self) -> bool {
+        self.shared.writer.has_settle_room() || self.consumer.is_closed()
     }
 
     /// Takes the next batch from the ring, if any waits, and adds its `processing` statuses to the

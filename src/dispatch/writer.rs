@@ -26,9 +26,13 @@
 //! ## Failures
 //! A transient provider error ([`ProviderError::is_transient`]) keeps the batch and retries it
 //! with exponential backoff (10 ms doubling to 1 s) while new work keeps arriving; nothing is
-//! dropped. Memory stays bounded because publishers are admitted only while fewer than
-//! [`WriterConfig::max_backlog`] stored events are unwritten; past that, publishing reports
-//! `Full`. A permanent error (invalid input, a closed provider, a panic inside the provider)
+//! dropped. A shutdown tries again at once, and from then on as often as at an outage's start,
+//! until its deadline. Memory stays bounded: publishers are admitted only while fewer than
+//! [`WriterConfig::max_backlog`] stored events are unwritten (past that, publishing reports
+//! `Full`), and workers take new events from their rings only while fewer than as many status
+//! changes, dead letters and acknowledgements are unwritten (past that, the rings fill and
+//! publishing reports `Full` too; the inbound thread stops fetching). A worker may hand over what
+//! it has in hand past the bound, so it holds within a batch per worker. A permanent error (invalid input, a closed provider, a panic inside the provider)
 //! cannot be fixed by retrying: the affected writes are logged, counted in
 //! [`WriterStats::dropped`], reported to any confirmed publisher waiting on them, and reported by
 //! the next flush. A provider that panics is caught; the writer thread never dies of it. A provider
@@ -64,7 +68,9 @@ pub struct WriterConfig {
     pub max_batch: usize,
     /// Longest time the first item of a batch waits before the batch is written.
     pub max_delay: Duration,
-    /// Most stored events accepted but not yet written; publishing past it reports `Full`.
+    /// Most stored events accepted but not yet written; publishing past it reports `Full`. Also
+    /// the most status changes, dead letters and acknowledgements unwritten before workers stop
+    /// taking new events (see [`WriterStats::settle_backlog`]).
     pub max_backlog: usize,
 }
 
@@ -107,6 +113,11 @@ pub struct WriterStats {
     pub late: u64,
     /// Stored events accepted but not yet written.
     pub backlog: usize,
+    /// Status changes, dead letters and acknowledgements (acks, naks, extensions) handed to the
+    /// writer and not yet written. While it is at [`WriterConfig::max_backlog`], workers take no
+    /// new events (a worker hands over what it has in hand, so it can pass the bound by a batch
+    /// per worker).
+    pub settle_backlog: usize,
 }
 
 /// A waiting caller's answer channel: flume's, which async callers can await
@@ -122,6 +133,13 @@ struct Settlement {
     acks: Vec<Ack>,
     naks: Vec<AckToken>,
     extends: Vec<AckToken>,
+}
+
+impl Settlement {
+    /// Its items, as counted in the writer's settle backlog.
+    fn len(&self) -> usize {
+        self.statuses.len() + self.dead_letters.len() + self.acks.len() + self.naks.len() + self.extends.len()
+    }
 }
 
 enum WriteOp {
@@ -166,6 +184,10 @@ pub(crate) struct ProviderWriter {
     /// count; no memory is published through it.
     backlog: Arc<AtomicUsize>,
     counters: Arc<Counters>,
+    /// Status changes, dead letters and acknowledgements handed over and not yet written: raised
+    /// by the threads that hand them over, lowered by the writer as each part of a batch settles.
+    /// Relaxed, like `backlog`.
+    settle_backlog: Arc<AtomicUsize>,
     max_backlog: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -181,6 +203,7 @@ impl ProviderWriter {
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let backlog = Arc::new(AtomicUsize::new(0));
+        let settle_backlog = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(Counters::default());
         let unreported = Unreported::default();
         let provider_name = provider.name();
@@ -191,6 +214,7 @@ impl ProviderWriter {
             rx,
             config,
             backlog: Arc::clone(&backlog),
+            settle_backlog: Arc::clone(&settle_backlog),
             counters: Arc::clone(&counters),
             batch: Batch::default(),
             poisoned: HashSet::new(),
@@ -207,6 +231,7 @@ impl ProviderWriter {
             unreported,
             backlog,
             counters,
+            settle_backlog,
             max_backlog: config.max_backlog,
             thread: Mutex::new(Some(handle)),
         })
@@ -241,27 +266,36 @@ impl ProviderWriter {
         }
     }
 
+    /// Whether the writer has room for more status changes, dead letters and acknowledgements:
+    /// workers (and the inbound thread) take new events only while it has.
+    #[inline]
+    pub(crate) fn has_settle_room(&self) -> bool {
+        // Relaxed: see `settle_backlog`.
+        self.settle_backlog.load(Ordering::Relaxed) < self.max_backlog
+    }
+
     /// Queues an admitted event to store.
     pub(crate) fn store(&self, event: Arc<Event>) {
-        self.send(WriteOp::StoreOne(event, None), 1);
+        self.send(WriteOp::StoreOne(event, None), 1, 0);
     }
 
     /// Queues admitted events to store.
     pub(crate) fn store_many(&self, events: Vec<Arc<Event>>) {
         let n = events.len();
         if n > 0 {
-            self.send(WriteOp::Store(events), n);
+            self.send(WriteOp::Store(events), n, 0);
         }
     }
 
     /// Queues an admitted event to store; the write's outcome is sent to `reply`.
     pub(crate) fn store_confirmed(&self, event: Arc<Event>, reply: Reply) {
-        self.send(WriteOp::StoreOne(event, Some(reply)), 1);
+        self.send(WriteOp::StoreOne(event, Some(reply)), 1, 0);
     }
 
     pub(crate) fn status(&self, updates: Vec<StatusUpdate>) {
         if !updates.is_empty() {
-            self.send(WriteOp::Status(updates), 0);
+            let n = updates.len();
+            self.send(WriteOp::Status(updates), 0, n);
         }
     }
 
@@ -285,7 +319,8 @@ impl ProviderWriter {
             naks: std::mem::take(&mut outbox.naks),
             extends: std::mem::take(&mut outbox.extends),
         };
-        self.send(WriteOp::Settle(settlement), 0);
+        let n = settlement.len();
+        self.send(WriteOp::Settle(settlement), 0, n);
     }
 
     /// Writes everything queued so far and waits up to `timeout` for the outcome.
@@ -352,6 +387,7 @@ impl ProviderWriter {
             panics: load(&c.panics),
             late: load(&c.late),
             backlog: self.backlog.load(Ordering::Relaxed),
+            settle_backlog: self.settle_backlog.load(Ordering::Relaxed),
         }
     }
 
@@ -373,12 +409,20 @@ impl ProviderWriter {
         result
     }
 
-    /// Sends `op`, which carries `stores` admitted events.
-    fn send(&self, op: WriteOp, stores: usize) {
+    /// Sends `op`, which carries `stores` admitted events and `settles` status changes, dead letters
+    /// and acknowledgements.
+    fn send(&self, op: WriteOp, stores: usize, settles: usize) {
+        if settles > 0 {
+            // Before the send: the writer lowers it once it has written them.
+            self.settle_backlog.fetch_add(settles, Ordering::Relaxed);
+        }
         // The writer outlives every sender except after a timed-out shutdown, when late work from
         // a worker still draining has nowhere to go: it is counted, and the report says so.
         if self.tx.send(op).is_err() {
             self.release(stores);
+            if settles > 0 {
+                self.settle_backlog.fetch_sub(settles, Ordering::Relaxed);
+            }
             self.counters.late.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("provider writer is stopped; a late write was discarded");
         }
@@ -418,12 +462,18 @@ impl Batch {
         self.len() > 0
     }
 
-    fn add_status(&mut self, update: StatusUpdate) {
+    /// Adds a status change, merged into an earlier one of the same event; `true` when merged,
+    /// so that it holds no room of its own.
+    fn add_status(&mut self, update: StatusUpdate) -> bool {
         match self.statuses.entry(update.id) {
-            std::collections::hash_map::Entry::Occupied(mut merged) => merge(merged.get_mut(), update),
+            std::collections::hash_map::Entry::Occupied(mut merged) => {
+                merge(merged.get_mut(), update);
+                true
+            }
             std::collections::hash_map::Entry::Vacant(slot) => {
                 self.order.push(update.id);
                 slot.insert(update);
+                false
             }
         }
     }
@@ -452,6 +502,7 @@ struct WriterThread {
     rx: Receiver<WriteOp>,
     config: WriterConfig,
     backlog: Arc<AtomicUsize>,
+    settle_backlog: Arc<AtomicUsize>,
     counters: Arc<Counters>,
     batch: Batch,
     /// Inbound events whose dead letters were given up: their acks become naks.
@@ -602,6 +653,8 @@ impl WriterThread {
     fn take(&mut self, op: WriteOp) -> bool {
         self.batch.opened.get_or_insert_with(Instant::now);
         let batch = &mut self.batch;
+        // Status changes merged into one already held take no room of their own.
+        let mut merged = 0;
         match op {
             WriteOp::StoreOne(event, reply) => {
                 batch.stores.push(event);
@@ -610,12 +663,12 @@ impl WriterThread {
             WriteOp::Store(events) => batch.stores.extend(events),
             WriteOp::Status(updates) => {
                 for update in updates {
-                    batch.add_status(update);
+                    merged += usize::from(batch.add_status(update));
                 }
             }
             WriteOp::Settle(settlement) => {
                 for update in settlement.statuses {
-                    batch.add_status(update);
+                    merged += usize::from(batch.add_status(update));
                 }
                 batch.dead_letters.extend(settlement.dead_letters);
                 batch.letter_tokens.extend(settlement.letter_tokens);
@@ -629,9 +682,17 @@ impl WriterThread {
             }
             WriteOp::Shutdown(reply, until) => {
                 self.stopping = Some((reply, until));
+                // A failing batch's next try may lie past the deadline, after a long outage: a
+                // stop tries at once, and then as often as at the outage's start, so that a
+                // provider back by now gets every write before the broker stops.
+                if self.retry_at.is_some() {
+                    self.retry_at = Some(Instant::now());
+                    self.backoff = FIRST_BACKOFF;
+                }
                 return true;
             }
         }
+        self.settled_items(merged);
         false
     }
 
@@ -708,6 +769,7 @@ impl WriterThread {
                 Settled::Dropped(_) => {}
                 Settled::Retry(error) => return Err(error),
             }
+            self.settled_items(self.batch.statuses.len());
             self.batch.statuses.clear();
             self.batch.order.clear();
         }
@@ -724,6 +786,7 @@ impl WriterThread {
                 Settled::Retry(error) => return Err(error),
             }
             self.batch.dead_letters.clear();
+            self.settled_items(n);
         }
         self.batch.letter_tokens.clear();
         wrote |= self.write_acknowledgements()?;
@@ -738,6 +801,7 @@ impl WriterThread {
     /// than being lost.
     fn write_acknowledgements(&mut self) -> Result<bool, ProviderError> {
         let Some(inbound) = self.inbound.clone() else {
+            self.settled_items(self.batch.acks.len() + self.batch.naks.len() + self.batch.extends.len());
             self.batch.acks.clear();
             self.batch.naks.clear();
             self.batch.extends.clear();
@@ -763,6 +827,7 @@ impl WriterThread {
                 if let Settled::Written = self.settle(result, "nak", withheld.len()) {
                     self.counters.naks.fetch_add(withheld.len() as u64, Ordering::Relaxed);
                 }
+                self.settled_items(withheld.len());
             }
         }
         if !self.batch.acks.is_empty() {
@@ -777,6 +842,7 @@ impl WriterThread {
                 Settled::Retry(error) => return Err(error),
             }
             self.batch.acks.clear();
+            self.settled_items(n);
         }
         if !self.batch.naks.is_empty() {
             let n = self.batch.naks.len();
@@ -790,6 +856,7 @@ impl WriterThread {
                 Settled::Retry(error) => return Err(error),
             }
             self.batch.naks.clear();
+            self.settled_items(n);
         }
         if !self.batch.extends.is_empty() {
             let n = self.batch.extends.len();
@@ -803,8 +870,16 @@ impl WriterThread {
                 Settled::Dropped(_) | Settled::Retry(_) => {}
             }
             self.batch.extends.clear();
+            self.settled_items(n);
         }
         Ok(wrote)
+    }
+
+    /// Lowers the settle backlog by `n` items written or given up.
+    fn settled_items(&self, n: usize) {
+        if n > 0 {
+            self.settle_backlog.fetch_sub(n, Ordering::Relaxed);
+        }
     }
 
     /// An event stored and updated within one batch is stored once, already updated: one
@@ -814,11 +889,15 @@ impl WriterThread {
         if self.batch.statuses.is_empty() {
             return;
         }
+        let mut folded = 0;
         for event in &mut self.batch.stores {
             if let Some(update) = self.batch.statuses.remove(&event.id) {
                 update.apply_to(Arc::make_mut(event));
+                folded += 1;
             }
         }
+        // They live on in their events' stores, which the backlog counts.
+        self.settled_items(folded);
     }
 }
 

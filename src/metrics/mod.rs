@@ -18,7 +18,7 @@
 //! | `eventbroker_workers_active` | gauge | | worker threads running (0 once shut down) |
 //! | `eventbroker_pending_retries` | gauge | | deliveries waiting for a retry |
 //! | `eventbroker_awaiting_acks` | gauge | | acknowledged deliveries waiting for their consumer to settle them ([`Broker::subscribe_acked`](crate::Broker::subscribe_acked)) |
-//! | `eventbroker_writer_backlog` | gauge | | stored events accepted, not yet written to the provider |
+//! | `eventbroker_writer_backlog` | gauge | | writes handed to the writer thread, not yet written to the provider: stored events, status changes, dead letters, acknowledgements |
 //! | `eventbroker_inbound_lag_seconds` | gauge | | how long before its fetch the oldest event of the last batch from other instances was created (0 when caught up) |
 //! | `eventbroker_events_rejected_total` | counter | | publishes refused with `Full` |
 //! | `eventbroker_retries_total` | counter | | retries scheduled |

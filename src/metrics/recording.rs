@@ -420,7 +420,7 @@ pub(super) fn describe(config: &MetricsConfig) {
     metrics::describe_gauge!(
         name("writer_backlog"),
         Unit::Count,
-        "Stored events not yet written to the provider."
+        "Stores, status changes, dead letters and acknowledgements not yet written to the provider."
     );
     metrics::describe_gauge!(
         name("inbound_lag_seconds"),

@@ -141,7 +141,7 @@ impl EngineHandles {
         self.workers_active.set(if closed { 0.0 } else { stats.workers as f64 });
         self.pending_retries.set(stats.pending_retries as f64);
         self.awaiting_acks.set(stats.awaiting_acks as f64);
-        self.writer_backlog.set(stats.writer.backlog as f64);
+        self.writer_backlog.set(stats.writer.backlog as f64 + stats.writer.settle_backlog as f64);
         self.inbound_lag.set(seconds(stats.inbound.lag));
         self.folded.increment(folded);
         self.rejected.to(stats.rejected);
