@@ -542,3 +542,221 @@ fn a_broker_persists_the_lifecycle_of_what_it_publishes() {
     let report = broker.shutdown(Duration::from_secs(10));
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// A source on `provider` of its own group, filtered to `pattern`.
+fn capture_source(provider: &PostgresProvider, pattern: &str) -> Arc<dyn Inbound> {
+    let name = format!("cap{}", fastrand::u32(..));
+    let source = provider
+        .open_inbound(&InboundConfig::new(&name, ConsumerGroup::Instance(name.clone())))
+        .expect("open");
+    source.set_filter(&[eventbroker::Pattern::parse(pattern).expect("pattern")]).expect("filter");
+    source
+}
+
+fn event_types(got: &[InboundEvent]) -> Vec<String> {
+    got.iter().map(|e| e.event.event_type.to_string()).collect()
+}
+
+/// A captured row whose JSON the payload rules refuse (a `numeric` too large for an `f64`; a
+/// lone surrogate or nesting past the depth limit do the same) is passed over, logged and counted:
+/// it does not fail every later fetch of every group that wants the table's events.
+#[test]
+fn a_captured_row_that_holds_no_valid_event_is_passed_over() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let t = backend.qualified("measures");
+    sql.batch(&format!("CREATE TABLE {t} (id bigint PRIMARY KEY, v numeric)")).expect("create");
+    provider.install_crud_capture(&t).expect("install");
+    let source = capture_source(&provider, &format!("{t}.*"));
+    sql.batch(&format!(
+        "INSERT INTO {t} VALUES (1, 1); INSERT INTO {t} VALUES (2, 10::numeric ^ 400); INSERT INTO {t} VALUES (3, 3);"
+    ))
+    .expect("three inserts by another client");
+    let deadline = Instant::now() + ARRIVE;
+    let mut rows = Vec::new();
+    while !rows.contains(&Some(3)) {
+        assert!(Instant::now() < deadline, "row 3 never arrived (got {rows:?})");
+        let batch = source.fetch(10, Duration::from_millis(200)).expect("no fetch fails");
+        source.ack(&batch.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
+        rows.extend(
+            batch.iter().map(|e| e.event.payload::<serde_json::Value>().expect("payload")["id"].as_i64()),
+        );
+    }
+    assert_eq!(rows, [Some(1), Some(3)]);
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.provider_specific.get("inbound_malformed"), Some(&serde_json::json!(1)));
+}
+
+/// A fetch whose transaction commits on the server while its reply never reaches the client (a
+/// timeout, here a slow commit) leaves its events claimed by this member, past its cursor; the
+/// next fetch makes them due again, so they come back instead of staying claimed for as long as
+/// the instance lives.
+#[test]
+fn events_claimed_by_a_fetch_whose_reply_was_lost_are_fetched_again() {
+    let backend = PostgresBackend::new();
+    let provider = postgres_support::connect(PostgresConfig {
+        operation_timeout: Duration::from_millis(1500),
+        ..backend.config()
+    });
+    let scope = Scope::new();
+    let source = provider
+        .open_inbound(
+            &InboundConfig::new("a", scope.instance("a")).with_claim_idle(Duration::from_millis(500)),
+        )
+        .expect("open");
+    source.set_filter(&[scope.all()]).expect("filter");
+    let sql = Sql::connect().expect("connect");
+    let claims = backend.qualified("events_claims");
+    // A slow server, once: the claim statement and the commit take a second each, within the
+    // server's statement timeout, together past the client's 1.5 s.
+    sql.batch(&format!(
+        "CREATE TABLE {s}.slow (armed boolean);
+         INSERT INTO {s}.slow VALUES (true);
+         CREATE FUNCTION {s}.slow_once() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF (SELECT armed FROM {s}.slow) THEN PERFORM pg_sleep(1); END IF;
+             RETURN NULL;
+         END $$;
+         CREATE FUNCTION {s}.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF (SELECT armed FROM {s}.slow) THEN UPDATE {s}.slow SET armed = false; PERFORM pg_sleep(1); END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER a_slow AFTER INSERT ON {claims} FOR EACH STATEMENT EXECUTE FUNCTION {s}.slow_once();
+         CREATE CONSTRAINT TRIGGER b_slow_commit AFTER INSERT ON {claims} DEFERRABLE INITIALLY DEFERRED
+             FOR EACH ROW EXECUTE FUNCTION {s}.slow_commit();",
+        s = backend.schema,
+    ))
+    .expect("slow triggers");
+    let event = scope.event("lost");
+    provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+    // Other sessions' transactions on the shared server may hold the event back for a moment.
+    let deadline = Instant::now() + ARRIVE;
+    loop {
+        assert!(Instant::now() < deadline, "the event never became deliverable");
+        match source.fetch(10, Duration::ZERO) {
+            Ok(batch) if batch.is_empty() => std::thread::sleep(Duration::from_millis(50)),
+            Ok(batch) => panic!("handed out without the slow commit: {}", batch.len()),
+            Err(error) => {
+                assert!(matches!(error.kind(), ProviderErrorKind::Unavailable(_)), "{error}");
+                break;
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // The server finishes the commit.
+    assert_eq!(sql.numbers(&format!("SELECT count(*) FROM {claims}"), &[]).expect("count"), vec![1]);
+    let got = take(&*source, 1);
+    assert_eq!(ids(&got), vec![event.id], "the event claimed by the lost fetch comes again");
+}
+
+/// Capture of a partitioned table names the table in its events, not the partition a row lies in.
+#[test]
+fn capture_of_a_partitioned_table_names_the_table() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let s = &backend.schema;
+    sql.batch(&format!(
+        "CREATE TABLE {s}.orders (id int, region int) PARTITION BY RANGE (region);
+         CREATE TABLE {s}.orders_a PARTITION OF {s}.orders FOR VALUES FROM (0) TO (10);
+         CREATE TABLE {s}.orders_b PARTITION OF {s}.orders FOR VALUES FROM (10) TO (20);"
+    ))
+    .expect("create");
+    provider.install_crud_capture(&format!("{s}.orders")).expect("install");
+    let all = capture_source(&provider, &format!("{s}.>"));
+    sql.batch(&format!("INSERT INTO {s}.orders VALUES (1, 1)")).expect("insert");
+    sql.batch(&format!("UPDATE {s}.orders SET region = 2")).expect("update within a partition");
+    let got = event_types(&take(&*all, 2));
+    assert_eq!(got, [format!("{s}.orders.create"), format!("{s}.orders.update")]);
+    assert_quiet(&*all, Duration::from_millis(300), "events of the partitions");
+}
+
+/// Two providers in different schemas whose tables share a name (`events`, the default) capture
+/// one table: each has a trigger of its own, and removing one leaves the other.
+#[test]
+fn two_providers_capture_one_table_side_by_side() {
+    let (b1, b2) = (PostgresBackend::new(), PostgresBackend::new());
+    let (p1, p2) = (b1.provider(), b2.provider());
+    let sql = Sql::connect().expect("connect");
+    let users = b1.qualified("users");
+    sql.batch(&format!("CREATE TABLE {users} (id int)")).expect("create");
+    p1.install_crud_capture(&users).expect("install 1");
+    p2.install_crud_capture(&users).expect("install 2");
+    let (s1, s2) = (capture_source(&p1, &format!("{users}.*")), capture_source(&p2, &format!("{users}.*")));
+    sql.batch(&format!("INSERT INTO {users} VALUES (1)")).expect("insert");
+    let (first, second) = (take(&*s1, 1), take(&*s2, 1));
+    assert_eq!(event_types(&first), event_types(&second));
+    assert!(p2.remove_crud_capture(&users).expect("remove 2"));
+    sql.batch(&format!("INSERT INTO {users} VALUES (2)")).expect("insert");
+    assert_eq!(take(&*s1, 1).len(), 1);
+    assert_quiet(&*s2, Duration::from_millis(300), "changes after the second provider's capture was removed");
+    assert_quiet(&*s1, Duration::from_millis(300), "a second copy");
+}
+
+/// A trigger installed under the name earlier versions gave it (`<table>_capture`) is replaced
+/// by installing again, not doubled, and removed by `remove_crud_capture`.
+#[test]
+fn capture_installed_under_an_earlier_name_is_replaced_not_doubled() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let users = backend.qualified("users");
+    sql.batch(&format!("CREATE TABLE {users} (id int)")).expect("create");
+    provider.install_crud_capture(&users).expect("install");
+    assert!(provider.remove_crud_capture(&users).expect("remove"));
+    let function = backend.qualified("events_capture");
+    sql.batch(&format!(
+        "CREATE TRIGGER events_capture AFTER INSERT OR UPDATE OR DELETE ON {users}
+         FOR EACH ROW EXECUTE FUNCTION {function}()"
+    ))
+    .expect("a trigger as an earlier version installed it");
+    provider.install_crud_capture(&users).expect("install again");
+    let source = capture_source(&provider, &format!("{users}.*"));
+    sql.batch(&format!("INSERT INTO {users} VALUES (1)")).expect("insert");
+    assert_eq!(take(&*source, 1).len(), 1);
+    assert_quiet(&*source, Duration::from_millis(300), "a second copy of the change");
+    provider.install_crud_capture(&users).expect("install once more");
+    sql.batch(&format!(
+        "CREATE TRIGGER events_capture AFTER INSERT ON {users} FOR EACH ROW EXECUTE FUNCTION {function}()"
+    ))
+    .expect("the earlier trigger again");
+    assert!(provider.remove_crud_capture(&users).expect("remove both"));
+    sql.batch(&format!("INSERT INTO {users} VALUES (2)")).expect("insert");
+    assert_quiet(&*source, Duration::from_millis(500), "changes after the capture was removed");
+}
+
+/// The trigger writes the provider's tables with the provider's rights: a client allowed to
+/// write the captured table, and nothing in the provider's schema, still can. (The predefined
+/// role `pg_read_all_data`, given INSERT on the captured table only, plays that client.)
+#[test]
+fn a_client_without_rights_on_the_provider_schema_writes_a_captured_table() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let t = backend.qualified("audited");
+    sql.batch(&format!("CREATE TABLE {t} (id int); GRANT INSERT ON {t} TO pg_read_all_data;"))
+        .expect("create");
+    provider.install_crud_capture(&t).expect("install");
+    let source = capture_source(&provider, &format!("{t}.*"));
+    let result =
+        sql.batch(&format!("BEGIN; SET LOCAL ROLE pg_read_all_data; INSERT INTO {t} VALUES (1); COMMIT;"));
+    let _ = sql.batch("ROLLBACK");
+    assert!(result.is_ok(), "the client's own insert failed: {:?}", result.err());
+    assert_eq!(event_types(&take(&*source, 1)), [format!("{t}.create")]);
+}
+
+/// A user's table in the provider's schema whose name begins with the provider's table name
+/// (`events_archive` beside `events`) can be captured; the provider's own tables cannot.
+#[test]
+fn a_user_table_named_like_the_providers_can_be_captured() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let archive = backend.qualified("events_archive");
+    sql.batch(&format!("CREATE TABLE {archive} (id int)")).expect("create");
+    provider.install_crud_capture(&archive).expect("a user table, not the provider's");
+    for own in ["events", "events_claims", "events_groups", "events_dead_letters", "events_migrations"] {
+        assert!(provider.install_crud_capture(&backend.qualified(own)).is_err(), "{own} is refused");
+    }
+}

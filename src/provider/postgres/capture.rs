@@ -25,8 +25,13 @@ const UUID_V7: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid(
 /// The trigger function's definition.
 fn function_sql(names: &Names) -> String {
     format!(
-        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $capture$
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+             -- The writes to the events table are the provider's, whoever changed the captured row.
+             SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $capture$
          DECLARE
+             -- The table the trigger was installed on (its arguments), not a partition of it.
+             sch text := coalesce(TG_ARGV[0], TG_TABLE_SCHEMA);
+             tbl text := coalesce(TG_ARGV[1], TG_TABLE_NAME);
              op text := CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'update' ELSE 'delete' END;
              body json := CASE TG_OP
                  WHEN 'INSERT' THEN row_to_json(NEW)
@@ -35,13 +40,15 @@ fn function_sql(names: &Names) -> String {
              END;
          BEGIN
              INSERT INTO {events} (id, source, \"type\", status, payload, \"schema\", entity, operation, created_at_ns)
-             VALUES ({UUID_V7}, 'database', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME || '.' || op, 'pending',
-                     body, TG_TABLE_SCHEMA, TG_TABLE_NAME, op,
+             VALUES ({UUID_V7}, 'database', sch || '.' || tbl || '.' || op, 'pending',
+                     body, sch, tbl, op,
                      (extract(epoch FROM clock_timestamp()) * 1000000000)::bigint);
              PERFORM pg_notify('{channel}', '');
              RETURN NULL;
          END
-         $capture$",
+         $capture$;
+         -- Only as a trigger installed here: anyone else attaching it would write events.
+         REVOKE EXECUTE ON FUNCTION {function}() FROM PUBLIC",
         function = names.capture_function(),
         events = names.events(),
         // A validated identifier: letters, digits and '_' only, so safe inside the literal.
@@ -51,7 +58,10 @@ fn function_sql(names: &Names) -> String {
 
 fn target(names: &Names, table: &str, operation: &'static str) -> Result<QualifiedTable, ProviderError> {
     let target = QualifiedTable::parse(table).map_err(|e: IdentError| e.into_provider_error(operation))?;
-    if target.schema == names.schema && target.table.as_str().starts_with(names.table.as_str()) {
+    let own = ["", "_dead_letters", "_groups", "_claims", "_migrations"]
+        .iter()
+        .any(|suffix| target.table.as_str().strip_prefix(names.table.as_str()) == Some(suffix));
+    if target.schema == names.schema && own {
         return Err(ProviderError::new(
             NAME,
             operation,
@@ -71,9 +81,12 @@ pub(super) fn install(shared: &Shared, table: &str) -> Result<(), ProviderError>
     let function = function_sql(names);
     let trigger = format!(
         "CREATE OR REPLACE TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON {target}
-         FOR EACH ROW EXECUTE FUNCTION {function}()",
+         FOR EACH ROW EXECUTE FUNCTION {function}('{schema}', '{table}')",
         trigger = names.capture_trigger(),
         function = names.capture_function(),
+        // Validated identifiers: letters, digits and '_' only, so safe inside the literals.
+        schema = target.schema.as_str(),
+        table = target.table.as_str(),
     );
     let backend = &shared.backend;
     let context = target.to_string();
@@ -82,6 +95,14 @@ pub(super) fn install(shared: &Shared, table: &str) -> Result<(), ProviderError>
         let mut conn = backend.conn(OP).await?;
         let tx = conn.transaction().await.map_err(fail)?;
         tx.batch_execute(&function).await.map_err(fail)?;
+        // One trigger of this provider's per table: one installed under an earlier name would
+        // capture every change a second time.
+        let current = names.capture_trigger();
+        for name in installed_triggers(&tx, names, &target).await.map_err(fail)? {
+            if name != current.as_str() {
+                tx.batch_execute(&drop_trigger_sql(&name, &target)).await.map_err(fail)?;
+            }
+        }
         tx.batch_execute(&trigger).await.map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         conn.release();
@@ -89,36 +110,45 @@ pub(super) fn install(shared: &Shared, table: &str) -> Result<(), ProviderError>
     })
 }
 
+/// The triggers on `target` that run this provider's capture function, whatever their names
+/// (earlier versions named them after the provider's table).
+async fn installed_triggers(
+    tx: &tokio_postgres::Transaction<'_>,
+    names: &Names,
+    target: &QualifiedTable,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            "SELECT t.tgname::text FROM pg_trigger t
+             WHERE t.tgrelid = to_regclass($1) AND t.tgfoid = to_regprocedure($2) AND NOT t.tgisinternal",
+            &[&target.to_string(), &format!("{}()", names.capture_function())],
+        )
+        .await?;
+    rows.iter().map(|row| row.try_get(0)).collect()
+}
+
+/// `DROP TRIGGER` of a trigger named as the catalog has it, quoted.
+fn drop_trigger_sql(name: &str, target: &QualifiedTable) -> String {
+    format!("DROP TRIGGER IF EXISTS \"{}\" ON {target}", name.replace('"', "\"\""))
+}
+
 /// Removes the capture trigger from `table`; `true` when it was installed.
 pub(super) fn remove(shared: &Shared, table: &str) -> Result<bool, ProviderError> {
     const OP: &str = "remove_crud_capture";
     let names = &shared.backend.names;
     let target = target(names, table, OP)?;
-    let trigger_name = names.capture_trigger();
-    let drop_trigger = format!("DROP TRIGGER IF EXISTS {trigger_name} ON {target}");
     let backend = &shared.backend;
     let context = target.to_string();
     backend.call(OP, async {
         let fail = |err| Backend::error(OP, &context, err);
         let mut conn = backend.conn(OP).await?;
         let tx = conn.transaction().await.map_err(fail)?;
-        let installed: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_trigger t
-                     JOIN pg_class c ON c.oid = t.tgrelid
-                     JOIN pg_namespace n ON n.oid = c.relnamespace
-                     WHERE t.tgname = $1 AND c.relname = $2 AND n.nspname = $3)",
-                &[&trigger_name.as_str(), &target.table.as_str(), &target.schema.as_str()],
-            )
-            .await
-            .map_err(fail)?
-            .try_get(0)
-            .map_err(fail)?;
-        if installed {
-            tx.batch_execute(&drop_trigger).await.map_err(fail)?;
+        let installed = installed_triggers(&tx, names, &target).await.map_err(fail)?;
+        for name in &installed {
+            tx.batch_execute(&drop_trigger_sql(name, &target)).await.map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         conn.release();
-        Ok(installed)
+        Ok(!installed.is_empty())
     })
 }

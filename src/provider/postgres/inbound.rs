@@ -79,6 +79,7 @@ pub(super) struct InboundSql {
     nak: String,
     extend: String,
     leave: String,
+    release_unheld: String,
     delete_group: String,
 }
 
@@ -151,6 +152,12 @@ impl InboundSql {
                 "UPDATE {claims} SET claimed_at = now() WHERE group_key = $1 AND owner = $2 AND seq = ANY($3)"
             ),
             leave: format!("UPDATE {claims} SET due_at = now() WHERE group_key = $1 AND owner = $2"),
+            // After a fetch whose outcome is unknown: what it may have claimed for this member
+            // without handing it out is due again at once.
+            release_unheld: format!(
+                "UPDATE {claims} SET due_at = now()
+                 WHERE group_key = $1 AND owner = $2 AND due_at IS NULL AND NOT (seq = ANY($3))"
+            ),
             claims,
         }
     }
@@ -198,6 +205,8 @@ pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<Postg
         group,
         claim_idle_ms: i64::try_from(config.claim_idle().as_millis()).unwrap_or(i64::MAX),
         filter: Mutex::new(Filter::Everything),
+        held: Mutex::new(std::collections::HashSet::new()),
+        unsure: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     })
 }
@@ -222,6 +231,11 @@ pub(super) struct PostgresInbound {
     owner: String,
     claim_idle_ms: i64,
     filter: Mutex<Filter>,
+    /// The seqs handed out by this source and not yet acknowledged or given back.
+    held: Mutex<std::collections::HashSet<i64>>,
+    /// Set while a fetch runs and left set when it did not return its events (an error, a
+    /// timeout): its transaction may have committed claims nobody was handed.
+    unsure: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -240,6 +254,13 @@ impl PostgresInbound {
         let tx = conn.transaction().await.map_err(fail)?;
         let mut fetched = Vec::new();
 
+        // Relaxed: read and written by the fetching thread only.
+        if self.unsure.load(Ordering::Relaxed) {
+            let held: Vec<i64> = self.held.lock().iter().copied().collect();
+            let release = tx.prepare_cached(&sql.release_unheld).await.map_err(fail)?;
+            tx.execute(&release, &[&self.group, &self.owner, &held]).await.map_err(fail)?;
+        }
+
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let take_due = tx.prepare_cached(&sql.take_due).await.map_err(fail)?;
         let due = tx
@@ -254,9 +275,12 @@ impl PostgresInbound {
                 continue;
             }
             let deliveries: i32 = row.try_get(1).map_err(fail)?;
-            let event = as_published(codec::decode_event(row, 3, OP)?);
+            let Some(event) = self.decodable(row, 3, seq) else {
+                lost.push(seq); // It can never be handed out: its claim goes.
+                continue;
+            };
             fetched.push(InboundEvent {
-                event: Arc::new(event),
+                event: Arc::new(as_published(event)),
                 token: AckToken::new(seq.unsigned_abs()),
                 deliveries: deliveries.unsigned_abs(),
             });
@@ -321,9 +345,12 @@ impl PostgresInbound {
         for row in &rows {
             let seq: i64 = row.try_get(0).map_err(fail)?;
             last = (row.try_get(1).map_err(fail)?, seq);
+            // A row no event can be made of is passed over (the cursor moves past it), not
+            // allowed to fail this fetch and every one after it.
+            let Some(event) = self.decodable(row, 2, seq) else { continue };
             seqs.push(seq);
             fetched.push(InboundEvent {
-                event: Arc::new(as_published(codec::decode_event(row, 2, OP)?)),
+                event: Arc::new(as_published(event)),
                 token: AckToken::new(seq.unsigned_abs()),
                 deliveries: 1,
             });
@@ -339,6 +366,28 @@ impl PostgresInbound {
             tx.execute(&advance, &[&self.group, &next.0, &next.1]).await.map_err(fail)?;
         }
         Ok(())
+    }
+
+    /// The event in `row` from column `at`, or `None`, logged and counted, for a row that holds no
+    /// valid event (a captured row whose JSON breaks the payload rules, a row written by hand).
+    fn decodable(&self, row: &tokio_postgres::Row, at: usize, seq: i64) -> Option<Event> {
+        match codec::decode_event(row, at, "fetch") {
+            Ok(event) => Some(event),
+            Err(error) => {
+                // Relaxed: a counter, read for stats only.
+                self.shared.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(seq, group = %self.group, %error, "{NAME} provider: skipping a row that holds no valid event");
+                None
+            }
+        }
+    }
+
+    /// No longer held: acknowledged or given back.
+    fn forget(&self, seqs: &[i64]) {
+        let mut held = self.held.lock();
+        for seq in seqs {
+            held.remove(seq);
+        }
     }
 
     /// Runs `statement` with the group, then `extra` parameters, as one call of `operation`.
@@ -406,7 +455,13 @@ impl Inbound for PostgresInbound {
                 if backend.is_closed() {
                     return Err(closed_error(NAME, OP));
                 }
+                // Relaxed: see `fetch_once`.
+                self.unsure.store(true, Ordering::Relaxed);
                 let fetched = self.fetch_once(max).await?;
+                self.held
+                    .lock()
+                    .extend(fetched.iter().map(|e| i64::try_from(e.token.get()).unwrap_or(i64::MAX)));
+                self.unsure.store(false, Ordering::Relaxed);
                 // Relaxed: a counter, read for stats only.
                 self.shared.consumed.fetch_add(fetched.len() as u64, Ordering::Relaxed);
                 if !fetched.is_empty() || max == 0 {
@@ -428,7 +483,9 @@ impl Inbound for PostgresInbound {
             return self.check_open("ack");
         }
         let seqs = tokens(acks.iter().map(|a| a.token));
-        self.update_claims("ack", &self.shared.inbound_sql.ack, &[&seqs])
+        self.update_claims("ack", &self.shared.inbound_sql.ack, &[&seqs])?;
+        self.forget(&seqs);
+        Ok(())
     }
 
     fn nak(&self, tokens_: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
@@ -438,6 +495,7 @@ impl Inbound for PostgresInbound {
         let seqs = tokens(tokens_.iter().copied());
         let delay = millis(delay);
         self.update_claims("nak", &self.shared.inbound_sql.nak, &[&seqs, &delay])?;
+        self.forget(&seqs);
         self.shared.backend.wake_all(); // A nak without delay is due at once.
         Ok(())
     }

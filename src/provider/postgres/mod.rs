@@ -182,6 +182,8 @@ struct Shared {
     open_sources: AtomicU64,
     replaced: AtomicU64,
     expired: AtomicU64,
+    /// Rows inbound sources passed over because they hold no valid event.
+    malformed: AtomicU64,
     /// Serialises starting the background tasks with closing.
     lifecycle: Mutex<()>,
 }
@@ -225,6 +227,7 @@ impl PostgresProvider {
             open_sources: AtomicU64::new(0),
             replaced: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
             lifecycle: Mutex::new(()),
         });
         let config = &shared.backend.config;
@@ -264,6 +267,16 @@ impl PostgresProvider {
     /// group sees the changes made from when it first existed on. No broker published it, so the
     /// broker that handles it writes its statuses (`processing`, then `completed` or `failed`),
     /// and retention removes it once finished.
+    ///
+    /// The trigger writes the provider's tables with the rights of the role that installed it (a
+    /// `SECURITY DEFINER` function no other role may call directly), so a client that may write
+    /// the captured table needs no rights on the provider's schema. On a partitioned table the
+    /// events name the partitioned table; an `UPDATE` that moves a row to another partition is,
+    /// to PostgreSQL and so to capture, a `delete` and a `create`. Providers of different schemas
+    /// may capture one table side by side, each with its own trigger. A row whose JSON breaks the
+    /// payload rules (a number beyond an `f64`, a lone surrogate escape, nesting past the depth
+    /// limit) cannot become an event: inbound sources pass over it, log it and count it in the
+    /// provider's stats (`inbound_malformed`).
     ///
     /// ```no_run
     /// # use eventbroker::{PostgresConfig, PostgresProvider};
@@ -434,6 +447,7 @@ impl EventStore for PostgresProvider {
                 ("table".to_owned(), shared.backend.names.events().into()),
                 ("replaced".to_owned(), read(&shared.replaced)),
                 ("expired".to_owned(), read(&shared.expired)),
+                ("inbound_malformed".to_owned(), read(&shared.malformed)),
                 ("pool_size".to_owned(), pool_size.into()),
                 ("pool_idle".to_owned(), pool_idle.into()),
                 ("listener_sessions".to_owned(), read(&listener.sessions)),
