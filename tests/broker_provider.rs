@@ -289,6 +289,135 @@ fn unwritten_acks_stop_the_receiver_fetching() {
     }
 }
 
+/// Claim extensions of inbound jobs waiting for a retry come again every `claim_idle / 3`; while
+/// an earlier part of the writer's batch (an ack) is refused, each job's asks merge into one
+/// rather than piling up for as long as the outage lasts.
+#[test]
+fn extensions_do_not_pile_up_while_acks_are_refused() {
+    const BACKLOG: usize = 64;
+    const RING: usize = 64;
+    const WAITING: u64 = 100;
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let receiver = Broker::builder()
+        .provider(faulty.clone())
+        .instance_id("extends-receiver")
+        .workers(1)
+        .buffer_size(RING)
+        .claim_idle(Duration::from_millis(300))
+        .retry_policy(RetryPolicy {
+            max_retries: 1,
+            initial_delay: Duration::from_secs(60),
+            max_delay: Duration::from_secs(60),
+            backoff_factor: 1.0,
+            jitter: 0.0,
+        })
+        .writer(eventbroker::WriterConfig { max_backlog: BACKLOG, ..eventbroker::WriterConfig::default() })
+        .build()
+        .unwrap();
+    receiver.subscribe("later.>", |_: &Event| Err::<(), _>("not yet")).unwrap();
+    let ok = count_handled(&receiver, "ok.>");
+    let publisher = local_publisher(&bus);
+    thread::sleep(Duration::from_millis(300)); // The receiver's first fetch.
+    for _ in 0..WAITING {
+        publisher.publish(event("later.made")).unwrap();
+    }
+    wait_until("the retries to be scheduled", Duration::from_secs(10), || {
+        receiver.stats().pending_retries == WAITING
+    });
+    faulty.inject(Operation::Ack, Fault::unavailable());
+    publisher.publish(event("ok.made")).unwrap();
+    wait_until("the ok event", Duration::from_secs(10), || ok.load(Ordering::SeqCst) == 1);
+    thread::sleep(Duration::from_secs(3));
+    let writer = receiver.stats().writer;
+    faulty.heal_all();
+    // The ack, one ask a waiting job in the batch, and perhaps a worker's next asks on their way.
+    assert!(writer.settle_backlog as u64 <= 1 + 2 * WAITING, "bounded: {writer:?}");
+    for broker in [receiver, publisher] {
+        let report = broker.shutdown(Duration::from_secs(5));
+        assert!(report.is_clean(), "{report:?}");
+    }
+}
+
+/// Status updates refused for a while: what waits for them stays bounded, and every status lands
+/// once the provider is back.
+#[test]
+fn refused_status_updates_stay_bounded_and_land_once_healed() {
+    const BACKLOG: usize = 64;
+    const RING: usize = 64;
+    let (memory, provider) = flaky();
+    let broker = Broker::builder()
+        .provider(provider.clone())
+        .workers(1)
+        .buffer_size(RING)
+        .backpressure(eventbroker::Backpressure::Reject)
+        .writer(eventbroker::WriterConfig { max_backlog: BACKLOG, ..eventbroker::WriterConfig::default() })
+        .build()
+        .unwrap();
+    let handled = count_handled(&broker, "st.>");
+    provider.inject(Operation::UpdateStatusBatch, Fault::unavailable());
+    let mut ids = Vec::new();
+    for round in 0..5 {
+        loop {
+            let e = event("st.x");
+            let id = e.id;
+            match broker.publish_async(e) {
+                Ok(()) => ids.push(id),
+                Err(PublishError::Full(_)) => break,
+                Err(other) => panic!("unexpected {other}"),
+            }
+            assert!(ids.len() < 5_000, "never full");
+        }
+        thread::sleep(Duration::from_millis(100));
+        let w = broker.stats().writer;
+        assert!(w.settle_backlog <= BACKLOG + 2 * RING * 2, "round {round}: {w:?}");
+        assert!(w.backlog <= BACKLOG, "{w:?}");
+    }
+    provider.heal_all();
+    broker.drain(Duration::from_secs(10)).unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), ids.len() as u64);
+    for id in &ids {
+        assert_eq!(memory.get(*id).unwrap().expect("stored").status, EventStatus::Completed);
+    }
+    let w = broker.stats().writer;
+    assert_eq!((w.settle_backlog, w.backlog, w.dropped), (0, 0, 0), "{w:?}");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
+/// An event's first status folded into its store while another event's status waits for a
+/// retry, and its later status arriving before that retry: the retry writes one merged update for
+/// it, not two.
+#[test]
+fn a_status_after_one_folded_into_the_store_is_written_once() {
+    let (memory, provider) = flaky();
+    let broker = Broker::builder().provider(provider.clone()).workers(1).build().unwrap();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    broker
+        .subscribe("fold.slow", move |_: &Event| {
+            released.lock().unwrap().recv_timeout(Duration::from_secs(10)).map_err(|e| e.to_string())
+        })
+        .unwrap();
+    provider.inject(Operation::UpdateStatusBatch, Fault::unavailable());
+    let (first, second) = (event("fold.slow"), event("fold.slow"));
+    broker.publish(first.clone()).unwrap();
+    // Its `processing` folds into its store; its `completed` then waits, failing.
+    wait_until("the first store", Duration::from_secs(10), || broker.stats().writer.stored == 1);
+    release.send(()).unwrap();
+    wait_until("the first handled", Duration::from_secs(10), || broker.stats().completed == 1);
+    broker.publish(second.clone()).unwrap();
+    wait_until("the second store", Duration::from_secs(10), || broker.stats().writer.stored == 2);
+    release.send(()).unwrap();
+    wait_until("the second handled", Duration::from_secs(10), || broker.stats().completed == 2);
+    provider.heal_all();
+    broker.flush(Duration::from_secs(10)).unwrap();
+    assert_eq!(broker.stats().writer.status_updates, 2, "one update an event");
+    for id in [first.id, second.id] {
+        assert_eq!(memory.get(id).unwrap().unwrap().status, EventStatus::Completed);
+    }
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
 /// After a long outage the writer's next try is a second away; a shutdown with a shorter deadline
 /// does not wait for it: it tries at once, and the provider, back by then, gets every write.
 #[test]

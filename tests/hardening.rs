@@ -739,6 +739,31 @@ fn sync_and_batch_publishes_respect_the_writer_backlog() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// 14: a `publish_sync` waiting for room in the writer's backlog when shutdown begins is told the
+// broker closed, not that it was full.
+#[test]
+fn a_sync_publish_waiting_for_the_writer_backlog_is_closed_by_shutdown() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .backpressure(Backpressure::Block(Duration::from_secs(30)))
+        .writer(WriterConfig { max_backlog: 1, ..WriterConfig::default() })
+        .build()
+        .unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    broker.publish_sync(event("sync.first")).unwrap();
+    let waiting = thread::spawn({
+        let broker = broker.clone();
+        move || broker.publish_sync(event("sync.second"))
+    });
+    thread::sleep(Duration::from_millis(100));
+    assert!(!waiting.is_finished(), "it waits for room");
+    let _ = broker.shutdown(Duration::from_millis(500));
+    let outcome = waiting.join().unwrap();
+    assert!(matches!(outcome, Err(SyncPublishError::Rejected(PublishError::Closed(_)))), "{outcome:?}");
+    assert_eq!(broker.stats().rejected, 0, "not counted as refused for room");
+}
+
 // 14, for async code: `publish_when_room` waits for room in the writer's backlog too, and gets in
 // once the provider recovers.
 #[test]

@@ -413,7 +413,9 @@ impl Engine {
         let event = self.admit(event)?;
         let by_writer = self.store_events && !self.inline;
         if !self.admit_backlog(self.patience(), by_writer) {
-            return Err(self.rejected(ReserveError::Full, event).into());
+            // A shutdown begun while it waited for room ends the wait: the broker is closed.
+            let error = if self.intake.is_closed() { ReserveError::Closed } else { ReserveError::Full };
+            return Err(self.rejected(error, event).into());
         }
         let mut ticket = StoreTicket::NONE;
         if by_writer {

@@ -442,6 +442,9 @@ struct Batch {
     acks: Vec<Ack>,
     naks: Vec<AckToken>,
     extends: Vec<AckToken>,
+    /// The tokens in `extends`: a worker asks again every `claim_idle / 3` for each job it still
+    /// holds, and while an earlier part of the batch is refused its asks would pile up.
+    extending: HashSet<AckToken>,
     /// Flushes waiting, and whether each wants writes given up reported.
     flush_replies: Vec<(Sender<Result<(), BrokerError>>, bool)>,
     /// When the first item arrived.
@@ -653,7 +656,8 @@ impl WriterThread {
     fn take(&mut self, op: WriteOp) -> bool {
         self.batch.opened.get_or_insert_with(Instant::now);
         let batch = &mut self.batch;
-        // Status changes merged into one already held take no room of their own.
+        // Status changes merged into one already held, and extensions already asked for, take no
+        // room of their own.
         let mut merged = 0;
         match op {
             WriteOp::StoreOne(event, reply) => {
@@ -674,7 +678,14 @@ impl WriterThread {
                 batch.letter_tokens.extend(settlement.letter_tokens);
                 batch.acks.extend(settlement.acks);
                 batch.naks.extend(settlement.naks);
-                batch.extends.extend(settlement.extends);
+                for token in settlement.extends {
+                    if batch.extending.insert(token) {
+                        batch.extends.push(token);
+                    } else {
+                        // Already asked for in this batch: it takes no room of its own.
+                        merged += 1;
+                    }
+                }
             }
             WriteOp::Flush(reply, report) => {
                 batch.flush_replies.push((reply, report));
@@ -805,6 +816,7 @@ impl WriterThread {
             self.batch.acks.clear();
             self.batch.naks.clear();
             self.batch.extends.clear();
+            self.batch.extending.clear();
             return Ok(false);
         };
         let mut wrote = false;
@@ -870,6 +882,7 @@ impl WriterThread {
                 Settled::Dropped(_) | Settled::Retry(_) => {}
             }
             self.batch.extends.clear();
+            self.batch.extending.clear();
             self.settled_items(n);
         }
         Ok(wrote)
@@ -895,6 +908,11 @@ impl WriterThread {
                 update.apply_to(Arc::make_mut(event));
                 folded += 1;
             }
+        }
+        if folded > 0 {
+            // Out of the order too: a later change of a folded event comes as a new entry.
+            let statuses = &self.batch.statuses;
+            self.batch.order.retain(|id| statuses.contains_key(id));
         }
         // They live on in their events' stores, which the backlog counts.
         self.settled_items(folded);
