@@ -701,19 +701,25 @@ fn duplicate_ids_are_tracked_per_job() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+/// A broker whose provider refuses every store until healed, with a writer backlog of `backlog`.
+fn storeless_broker(backpressure: Backpressure, backlog: usize) -> (Arc<FaultyProvider>, Broker) {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .backpressure(backpressure)
+        .writer(WriterConfig { max_backlog: backlog, ..WriterConfig::default() })
+        .build()
+        .unwrap();
+    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    (faulty, broker)
+}
+
 // 14. The writer's backlog bound holds for `publish_sync` and `publish_batch` too. A synchronous
 // publish also needs room for its statuses, which wait in the writer with its store: it may be
 // refused before ten stores are held.
 #[test]
 fn sync_and_batch_publishes_respect_the_writer_backlog() {
-    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
-    let broker = Broker::builder()
-        .provider(faulty.clone())
-        .backpressure(Backpressure::Reject)
-        .writer(WriterConfig { max_backlog: 10, ..WriterConfig::default() })
-        .build()
-        .unwrap();
-    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    let (faulty, broker) = storeless_broker(Backpressure::Reject, 10);
     let mut accepted = 0_usize;
     for _ in 0..20 {
         match broker.publish_sync(event("sync.backlog")) {
@@ -743,14 +749,7 @@ fn sync_and_batch_publishes_respect_the_writer_backlog() {
 // broker closed, not that it was full.
 #[test]
 fn a_sync_publish_waiting_for_the_writer_backlog_is_closed_by_shutdown() {
-    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
-    let broker = Broker::builder()
-        .provider(faulty.clone())
-        .backpressure(Backpressure::Block(Duration::from_secs(30)))
-        .writer(WriterConfig { max_backlog: 1, ..WriterConfig::default() })
-        .build()
-        .unwrap();
-    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    let (_faulty, broker) = storeless_broker(Backpressure::Block(Duration::from_secs(30)), 1);
     broker.publish_sync(event("sync.first")).unwrap();
     let waiting = thread::spawn({
         let broker = broker.clone();
@@ -768,14 +767,7 @@ fn a_sync_publish_waiting_for_the_writer_backlog_is_closed_by_shutdown() {
 // once the provider recovers.
 #[test]
 fn an_async_publish_waits_for_the_writer_backlog() {
-    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
-    let broker = Broker::builder()
-        .provider(faulty.clone())
-        .backpressure(Backpressure::Block(Duration::from_secs(60)))
-        .writer(WriterConfig { max_backlog: 10, ..WriterConfig::default() })
-        .build()
-        .unwrap();
-    faulty.inject(Operation::StoreBatch, Fault::unavailable());
+    let (faulty, broker) = storeless_broker(Backpressure::Block(Duration::from_secs(60)), 10);
     let mut accepted = 0;
     while broker.try_publish(event("async.backlog")).is_ok() {
         accepted += 1;
