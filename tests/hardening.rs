@@ -731,7 +731,6 @@ fn sync_and_batch_publishes_respect_the_writer_backlog() {
     let writer = broker.stats().writer;
     assert!((1..=10).contains(&accepted), "{accepted} accepted");
     assert!(writer.backlog <= 10 && writer.settle_backlog <= 10 + 2, "{writer:?}");
-    assert!(writer.backlog == 10 || writer.settle_backlog >= 10, "refused only when full: {writer:?}");
     let batch = (0..20).map(|_| event("batch.backlog")).collect();
     let err = broker.publish_batch(batch).unwrap_err();
     assert_eq!(err.accepted, 10 - accepted, "the backlog fills");

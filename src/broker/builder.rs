@@ -395,7 +395,7 @@ impl BrokerBuilder {
             writer: Arc::new(writer),
             shutdown_deadline: parking_lot::Mutex::new(None),
             abandoned: std::sync::atomic::AtomicBool::new(false),
-            inbound_ended: crossbeam_utils::CachePadded::new(AtomicU64::new(0)),
+            inbound_ended: crossbeam_utils::CachePadded::default(),
             engine: id,
             inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),

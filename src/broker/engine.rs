@@ -546,8 +546,11 @@ impl Target for Engine {
     }
 
     fn inbound_ended(&self) -> u64 {
-        // Relaxed: see `WorkerShared::inbound_ended`.
-        self.shared.inbound_ended.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.inbound_ended.get()
+    }
+
+    fn wait_for_ends(&self, seen: u64, timeout: Duration) {
+        self.shared.inbound_ended.wait_past(seen, timeout);
     }
 
     fn settle(&self, outbox: &mut Outbox) {

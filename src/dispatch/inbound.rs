@@ -55,6 +55,55 @@ const SUBSCRIPTIONS_POLL: Duration = Duration::from_millis(5);
 /// How often the thread ends subscriptions whose channel's receivers were all dropped, so that
 /// their patterns leave the filter without waiting for a matching event to find them gone.
 const ABANDONED_SWEEP: Duration = Duration::from_secs(1);
+/// The longest the thread waits, holding its prefetch, for the workers to end a job; they wake it
+/// when they do, so this only bounds how late it notices a shutdown.
+const HELD_WAIT: Duration = Duration::from_millis(5);
+
+/// The inbound jobs the workers ended (acknowledged or given back), counted by the workers; the
+/// inbound thread, holding its whole prefetch, waits for the count to move, and the worker that
+/// moves it wakes the thread.
+#[derive(Default)]
+pub(crate) struct Ends {
+    count: AtomicU64,
+    /// Set by the inbound thread while it waits.
+    waiting: AtomicBool,
+    /// The inbound thread, set by its first wait.
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Ends {
+    /// Counts `n` more jobs ended, waking the inbound thread if it waits.
+    pub(crate) fn add(&self, n: u64) {
+        // SeqCst, the count's add and the flag's load here, the flag's store and the count's load
+        // in `wait_past`: of the two orders, one sees the other's first step, so either this
+        // wakes the thread or the thread sees the new count and does not sleep.
+        self.count.fetch_add(n, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst)
+            && self.waiting.swap(false, Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+    }
+
+    /// The jobs ended so far.
+    pub(crate) fn get(&self) -> u64 {
+        // Relaxed: a count the inbound thread reads to pace its fetches; `wait_past` orders its
+        // own read.
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` while the count is still `seen`. On the inbound thread only.
+    pub(crate) fn wait_past(&self, seen: u64, timeout: Duration) {
+        let _ = self.thread.set(std::thread::current());
+        self.waiting.store(true, Ordering::SeqCst);
+        if self.count.load(Ordering::SeqCst) == seen {
+            // A wake-up left from an earlier wait returns at once: the caller looks again.
+            std::thread::park_timeout(timeout);
+        }
+        self.waiting.store(false, Ordering::Relaxed);
+    }
+}
 
 /// What the inbound thread feeds: the broker's shards.
 pub(crate) trait Target: Send + Sync + 'static {
@@ -70,6 +119,9 @@ pub(crate) trait Target: Send + Sync + 'static {
 
     /// Inbound jobs the workers ended so far (acknowledged or given back).
     fn inbound_ended(&self) -> u64;
+
+    /// Waits up to `timeout` while [`inbound_ended`](Self::inbound_ended) is still `seen`.
+    fn wait_for_ends(&self, seen: u64, timeout: Duration);
 
     /// Hands dead letters and acknowledgements to the writer.
     fn settle(&self, outbox: &mut Outbox);
@@ -215,7 +267,7 @@ impl InboundPump {
             // Only while no event from other instances is held: one waiting in a shard for an
             // abandoned subscription must find it there, gone, and so go back to its group in a
             // work queue, however long it waited (an unsubscribe's give-back window is 2 s).
-            if Instant::now() >= next_sweep && self.held(target) == 0 {
+            if Instant::now() >= next_sweep && self.held(target.inbound_ended()) == 0 {
                 target.table().end_abandoned();
                 next_sweep = crate::deadline::from_now(ABANDONED_SWEEP);
             }
@@ -225,9 +277,18 @@ impl InboundPump {
                 self.sleep_unless_stopped(SUBSCRIPTIONS_POLL);
                 continue;
             }
-            let room = target.room().min(FETCH_MAX).min(self.prefetch.saturating_sub(self.held(target)));
+            let ended = target.inbound_ended();
+            let held = self.held(ended);
+            let room = target.room().min(FETCH_MAX).min(self.prefetch.saturating_sub(held));
             if room == 0 {
-                std::thread::sleep(Duration::from_millis(1));
+                if held >= self.prefetch {
+                    // The worker that ends one of them wakes this thread: with a small prefetch
+                    // (a work queue's) and fast handlers, a timer would leave the workers idle.
+                    target.wait_for_ends(ended, HELD_WAIT);
+                } else {
+                    // The shards, or the writer's settle backlog, are full.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 continue;
             }
             match self.source.fetch(room, FETCH_WAIT) {
@@ -252,12 +313,13 @@ impl InboundPump {
         }
     }
 
-    /// Inbound events the broker holds: placed into its shards and not yet ended by a worker.
-    fn held(&self, target: &impl Target) -> usize {
-        // Relaxed, both: counts. A worker's count read ahead of its placement only holds a fetch
-        // back until the next look.
+    /// Inbound events the broker holds: placed into its shards and not yet ended by a worker,
+    /// of which `ended` were.
+    fn held(&self, ended: u64) -> usize {
+        // Relaxed: a count. A worker's count read ahead of its placement only holds a fetch back
+        // until the next look.
         let placed = self.counters.fetched.load(Ordering::Relaxed);
-        usize::try_from(placed.saturating_sub(target.inbound_ended())).unwrap_or(usize::MAX)
+        usize::try_from(placed.saturating_sub(ended)).unwrap_or(usize::MAX)
     }
 
     /// Waits until `table` has subscriptions that have not changed for [`SETTLE`], or for

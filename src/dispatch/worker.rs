@@ -28,6 +28,7 @@ use smallvec::SmallVec;
 use crate::dispatch::acked::{AckQueue, Awaited, Awaiting, Made, Outcome};
 use crate::dispatch::backpressure::SpaceWaiters;
 use crate::dispatch::delivery::{self, Attempt, Counts, InlineRules, Job, Origin, Outbox, Tally};
+use crate::dispatch::inbound::Ends;
 use crate::dispatch::retry::{DelayQueue, RetryPolicy};
 use crate::dispatch::ring::Consumer;
 use crate::dispatch::spent::{self, SpentEvents};
@@ -72,7 +73,7 @@ pub(crate) struct WorkerShared {
     /// count of those it placed, how many the broker holds (see `InboundPump`'s prefetch). A line
     /// of its own: every worker of a receiving broker adds to it each turn, and the fields beside
     /// it are read on every job.
-    pub(crate) inbound_ended: CachePadded<AtomicU64>,
+    pub(crate) inbound_ended: CachePadded<Ends>,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
     /// The broker's metric state, when it records metrics.
@@ -951,8 +952,7 @@ pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
     }
     let ended = outbox.acks.len() + outbox.naks.len();
     if ended > 0 {
-        // Relaxed: a count the inbound thread reads to pace its fetches; nothing hangs on it.
-        shared.inbound_ended.fetch_add(ended as u64, Ordering::Relaxed);
+        shared.inbound_ended.add(ended as u64);
     }
     shared.writer.settle(outbox);
 }
