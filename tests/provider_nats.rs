@@ -2,6 +2,8 @@
 //! this backend promises. Needs NATS with JetStream on 127.0.0.1:4222 (or `EVENTBROKER_NATS_URL`);
 //! `scripts/ensure-service nats` starts it.
 
+mod work_queue_support;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,8 +11,8 @@ use std::time::{Duration, Instant};
 use eventbroker::provider::nats::{NatsBackend, NatsConfig, NatsProvider};
 use eventbroker::testing::conformance::{Scope, TestBackend};
 use eventbroker::{
-    Ack, ConsumerGroup, Event, EventFilter, EventId, EventStatus, Inbound, InboundConfig, InboundEvent,
-    Pattern, Provider, ProviderErrorKind, ReplayFrom, StatusUpdate,
+    Ack, ConsumerGroup, Event, EventFilter, EventId, EventSink, EventSource, EventStatus, EventStore,
+    Inbound, InboundConfig, InboundEvent, Pattern, Provider, ProviderErrorKind, ReplayFrom, StatusUpdate,
 };
 
 eventbroker::conformance_suite!(nats, eventbroker::provider::nats::NatsBackend::new);
@@ -423,4 +425,79 @@ fn an_unreachable_server_fails_as_unavailable_within_the_timeout() {
     let error = NatsProvider::connect(config).expect_err("nothing listens on port 1");
     assert!(error.is_transient(), "{error}");
     assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+}
+
+/// A work-queue member that unsubscribes one of its patterns gives what it fetched for it back to
+/// the group: the other member gets every one (see `work_queue_support`).
+#[test]
+fn a_partial_unsubscribe_gives_back_to_the_group() {
+    let backend = NatsBackend::new();
+    let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
+    work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
+}
+
+/// An event larger than the server's `max_payload` (1 MiB by default) cannot be stored, and is
+/// no transient failure: storing it fails at once as invalid input, and it does not hold up the
+/// publishing broker's writer, whose later events still reach the other instance.
+#[test]
+fn an_event_over_the_servers_max_payload_is_refused_without_holding_up_the_writer() {
+    let backend = NatsBackend::new();
+    let provider = backend.provider();
+    let big = Event::new(EventSource::System, "big.one").with_payload(&"x".repeat(2 << 20)).expect("JSON");
+    let small = Event::new(EventSource::System, "big.small");
+    let started = Instant::now();
+    let error = provider.store_batch(&shared(&[big.clone(), small.clone()]), None).expect_err("too big");
+    assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused at once");
+    assert!(provider.get(small.id).expect("get").is_some(), "the rest of the batch is stored");
+
+    let broker = |id: &str| {
+        eventbroker::Broker::builder()
+            .provider(Arc::new(backend.provider()))
+            .instance_id(id)
+            .build()
+            .expect("broker")
+    };
+    let (publisher, receiver) = (broker("big-publisher"), broker("big-receiver"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let tx = parking_lot::Mutex::new(tx);
+    receiver
+        .subscribe_infallible("big.>", move |event: &Event| {
+            let _ = tx.lock().send(event.id);
+        })
+        .expect("subscribe");
+    std::thread::sleep(Duration::from_millis(500)); // The receiver's first fetch.
+    let later = Event::new(EventSource::System, "big.later");
+    publisher.publish_async(big).expect("publish");
+    publisher.publish_async(later.clone()).expect("publish");
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(later.id), "the later event arrives");
+    for broker in [publisher, receiver] {
+        let _ = broker.shutdown(Duration::from_secs(5));
+    }
+}
+
+/// An instance id with a line break (valid JSON, from `with_instance_id` or a foreign event) does
+/// not end the message's headers early, which left the group's delivery stuck on it, nor add a
+/// header of its own, such as a forged origin that made the receiver drop the event as its echo.
+#[test]
+fn an_instance_id_with_line_breaks_is_delivered_as_it_is() {
+    let backend = NatsBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let source = open(&provider, "receiver", scope.instance("receiver"), &[scope.all()]);
+    let odd = scope.event("odd").with_instance_id("legacy\nsecond-line");
+    let forged = scope.event("forged").with_instance_id("legacy\r\nEventbroker-Origin: instance:receiver");
+    let normal = scope.event("normal");
+    provider
+        .store_batch(&shared(&[odd.clone(), forged.clone(), normal.clone()]), Some("instance:p"))
+        .expect("store");
+    let got = take_and_ack(&*source, 3);
+    let mut got_ids = ids(&got);
+    got_ids.sort();
+    let mut want = vec![odd.id, forged.id, normal.id];
+    want.sort();
+    assert_eq!(got_ids, want);
+    let odd_back = got.iter().find(|e| e.event.id == odd.id).expect("odd");
+    assert_eq!(odd_back.event.instance_id, "legacy\nsecond-line");
+    assert_eq!(specific(&provider, "echoes_skipped"), 0);
 }

@@ -2,6 +2,7 @@
 //! (single-provider, consumer groups and two brokers), then what only this backend promises.
 
 mod redis_support;
+mod work_queue_support;
 
 eventbroker::conformance_suite!(conformance, crate::redis_support::RedisBackend::new);
 
@@ -690,4 +691,13 @@ fn invalid_settings_are_refused() {
     let group = ConsumerGroup::Shared("has space".into());
     let error = provider.open_inbound(&InboundConfig::new("m", group)).map(drop).expect_err("invalid group");
     assert!(error.to_string().contains("has space"), "{error}");
+}
+
+/// A work-queue member that unsubscribes one of its patterns gives what it fetched for it back to
+/// the group: the other member gets every one (see `work_queue_support`).
+#[test]
+fn a_partial_unsubscribe_gives_back_to_the_group() {
+    let backend = RedisBackend::new();
+    let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
+    work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
 }

@@ -395,6 +395,25 @@ pub(super) struct Publish {
     pub(super) payload: Bytes,
 }
 
+impl Publish {
+    /// What the server counts against its `max_payload`: the header block and the body.
+    pub(super) fn size(&self) -> usize {
+        if self.headers.is_empty() {
+            return self.payload.len();
+        }
+        // `NATS/1.0\r\n`, `<name>: <value>\r\n` per value, `\r\n`.
+        let fields: usize = self
+            .headers
+            .iter()
+            .map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values.iter().map(|value| name.len() + value.as_str().len() + 4).sum::<usize>()
+            })
+            .sum();
+        10 + fields + 2 + self.payload.len()
+    }
+}
+
 /// How one publish of a window ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Published {
@@ -417,7 +436,20 @@ pub(super) async fn publish_all(
 ) -> Result<Vec<Published>, ProviderError> {
     let mut outcomes = Vec::with_capacity(messages.len());
     let mut in_flight = FuturesOrdered::new();
+    let max_payload = js.client().server_info().max_payload;
     for message in messages {
+        if max_payload > 0 && message.size() > max_payload {
+            // The server would close the connection on it, and the publish would time out: not a
+            // failure a retry can fix.
+            return Err(ProviderError::new(
+                NAME,
+                operation,
+                ProviderErrorKind::InvalidInput(format!(
+                    "a message of {} bytes to stream {stream} exceeds the server's max_payload of {max_payload}",
+                    message.size()
+                )),
+            ));
+        }
         if in_flight.len() >= max_in_flight {
             if let Some(outcome) = in_flight.next().await {
                 outcomes.push(acknowledged(operation, stream, outcome)?);

@@ -71,6 +71,13 @@ pub(super) fn durable_name(group: &ConsumerGroup) -> Result<String, ProviderErro
     if name.is_empty() {
         return Err(invalid("open_inbound", "the consumer group name is empty".to_owned()));
     }
+    if name.chars().any(char::is_control) {
+        // The group key is every stored event's origin header, which cannot carry one.
+        return Err(invalid(
+            "open_inbound",
+            format!("the consumer group name {name:?} has a control character"),
+        ));
+    }
     let mut durable = String::from(tag);
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' {
@@ -211,6 +218,9 @@ pub(super) async fn open(
         inner: Arc::new(Source {
             shared,
             group_key: config.group().key(),
+            shared_group: config.group().is_shared(),
+            claim_idle: config.claim_idle(),
+            given_back: Mutex::new(BTreeMap::new()),
             durable,
             consumer: Mutex::new(desired),
             wanted: Mutex::new(None),
@@ -245,6 +255,13 @@ struct NatsInbound {
 struct Source {
     shared: Arc<Shared>,
     group_key: String,
+    /// Whether other brokers share the group (work-queue).
+    shared_group: bool,
+    claim_idle: Duration,
+    /// In a shared group, events this member gave back (`nak`), by stream sequence, with when:
+    /// one it no longer wants is given back again, for another member, rather than acknowledged
+    /// as unwanted, for [`GIVE_BACK_WINDOW`].
+    given_back: Mutex<BTreeMap<u64, std::time::Instant>>,
     durable: String,
     /// The consumer's settings as this source last wrote them.
     consumer: Mutex<DurableConfig>,
@@ -275,6 +292,7 @@ impl Source {
         let client = &self.shared.conn.client;
         let prefix = &self.shared.layout.prefix;
         let mut events = Vec::with_capacity(pulled.len());
+        let mut replies = Vec::with_capacity(pulled.len());
         for delivered in pulled {
             if delivered.header(ORIGIN) == Some(self.group_key.as_str()) {
                 counters.echoes_skipped.fetch_add(1, Ordering::Relaxed);
@@ -288,6 +306,10 @@ impl Source {
                 .or_else(|| event_type_of(prefix, &delivered.message.subject));
             if let (Some(set), Some(event_type)) = (wanted, &event_type) {
                 if !set.is_match(event_type) {
+                    if self.still_given_back(delivered.seq) {
+                        publish_nak(client, &delivered.reply, self.claim_idle.min(GIVE_BACK_PAUSE)).await?;
+                        continue;
+                    }
                     counters.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
                     publish_ack(client, "fetch", &delivered.reply, ACK).await?;
                     continue;
@@ -304,6 +326,10 @@ impl Source {
                 }
             };
             if event_type.is_none() && wanted.is_some_and(|set| !set.is_match(&event.event_type)) {
+                if self.still_given_back(delivered.seq) {
+                    publish_nak(client, &delivered.reply, self.claim_idle.min(GIVE_BACK_PAUSE)).await?;
+                    continue;
+                }
                 counters.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
                 publish_ack(client, "fetch", &delivered.reply, ACK).await?;
                 continue;
@@ -317,19 +343,38 @@ impl Source {
                 counters.held_redeliveries.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            tokens.insert(delivered.seq, delivered.reply);
-            while tokens.len() > MAX_TOKENS {
-                tokens.pop_first();
-            }
             drop(tokens);
+            replies.push((delivered.seq, delivered.reply));
             events.push(InboundEvent {
                 event: Arc::new(event),
                 token: AckToken::new(delivered.seq),
                 deliveries: delivered.count,
             });
         }
+        // Recorded only now, with nothing awaited after: a sort that fails or is dropped part way
+        // (an acknowledgement above that errs or outlives the call's bound) hands its events to
+        // no one, and must not leave their tokens here, where every later redelivery of them
+        // would be taken for one to a member still holding them, and never handed out.
+        let mut tokens = self.tokens.lock();
+        tokens.extend(replies);
+        while tokens.len() > MAX_TOKENS {
+            tokens.pop_first();
+        }
+        drop(tokens);
         counters.handed_out.fetch_add(events.len() as u64, Ordering::Relaxed);
         Ok(events)
+    }
+
+    /// Whether `seq` is an event this member gave back lately, in a shared group: then it goes
+    /// back again rather than being acknowledged as unwanted.
+    fn still_given_back(&self, seq: u64) -> bool {
+        if !self.shared_group {
+            return false;
+        }
+        let mut given_back = self.given_back.lock();
+        let now = std::time::Instant::now();
+        given_back.retain(|_, at| now.duration_since(*at) < GIVE_BACK_WINDOW);
+        given_back.contains_key(&seq)
     }
 
     async fn fetch(self: Arc<Self>, max: usize, wait: Duration) -> Result<Vec<InboundEvent>, ProviderError> {
@@ -409,6 +454,19 @@ impl Source {
     }
 }
 
+/// How long an event this member gave back, and no longer wants, keeps going back to the group.
+const GIVE_BACK_WINDOW: Duration = Duration::from_secs(10);
+/// The delay of such a give-back: long enough that another member's poll comes first.
+const GIVE_BACK_PAUSE: Duration = Duration::from_millis(100);
+
+async fn publish_nak(client: &async_nats::Client, reply: &str, delay: Duration) -> Result<(), ProviderError> {
+    let body = format!("-NAK {{\"delay\":{}}}", nanos(delay));
+    client
+        .publish(reply.to_owned(), body.into())
+        .await
+        .map_err(|error| unavailable("fetch", format!("acknowledgement: {error}")))
+}
+
 const ACK: &[u8] = b"+ACK";
 const TERM: &[u8] = b"+TERM";
 const NAK: &[u8] = b"-NAK";
@@ -454,6 +512,14 @@ impl Inbound for NatsInbound {
     }
 
     fn nak(&self, tokens: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
+        if self.inner.shared_group {
+            let now = std::time::Instant::now();
+            let mut given_back = self.inner.given_back.lock();
+            given_back.extend(tokens.iter().map(|token| (token.get(), now)));
+            while given_back.len() > MAX_TOKENS {
+                given_back.pop_first();
+            }
+        }
         let extra = (!delay.is_zero()).then(|| format!("{{\"delay\":{}}}", nanos(delay)).into_bytes());
         self.inner.acknowledge("nak", tokens.iter().map(|&t| (t, NAK)).collect(), extra.as_deref(), false)
     }

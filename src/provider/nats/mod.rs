@@ -85,7 +85,10 @@
 //! [`ProviderErrorKind::Unavailable`] after
 //! [`NatsConfig::request_timeout`] (a few of them for calls of several rounds), never hang. While
 //! the server is down every call fails that way, the broker's writer retries within its backlog,
-//! and local dispatch goes on.
+//! and local dispatch goes on. An event whose message exceeds the server's `max_payload` (1 MiB by
+//! default) can never be stored: `store_batch` stores the rest of its batch and fails with
+//! [`ProviderErrorKind::InvalidInput`], which the writer counts as dropped (the whole batch: its
+//! report does not tell the stored ones apart).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -305,8 +308,39 @@ impl EventSink for NatsProvider {
                 )),
             ));
         }
+        if let Some(origin) = origin.filter(|o| o.chars().any(char::is_control)) {
+            return Err(ProviderError::new(
+                NAME,
+                OPERATION,
+                ProviderErrorKind::InvalidInput(format!(
+                    "origin {origin:?} has a control character, which a header value cannot carry"
+                )),
+            ));
+        }
         let batch = sink::prepare(shared, events, origin);
-        self.run(OPERATION, sink::store(Arc::clone(shared), batch))
+        // A message over the server's `max_payload` makes the server close the connection and
+        // its publish time out: no retry can store it. The rest of the batch is stored; the
+        // oversized events are reported as invalid input.
+        let max_payload = shared.conn.client.server_info().max_payload;
+        let (batch, oversized): (Vec<_>, Vec<_>) =
+            batch.into_iter().partition(|item| max_payload == 0 || item.size() <= max_payload);
+        if !batch.is_empty() {
+            self.run(OPERATION, sink::store(Arc::clone(shared), batch))?;
+        }
+        match oversized.first() {
+            None => Ok(()),
+            Some(first) => Err(ProviderError::new(
+                NAME,
+                OPERATION,
+                ProviderErrorKind::InvalidInput(format!(
+                    "{} event(s) exceed the server's max_payload of {max_payload} bytes (event {}: {} \
+                     bytes) and were not stored; the rest of the batch was",
+                    oversized.len(),
+                    first.id(),
+                    first.size()
+                )),
+            )),
+        }
     }
 
     fn update_status_batch(&self, updates: &[StatusUpdate]) -> Result<(), ProviderError> {

@@ -33,6 +33,18 @@ pub(super) struct Outgoing {
     young: bool,
 }
 
+impl Outgoing {
+    /// The event's id.
+    pub(super) fn id(&self) -> EventId {
+        self.event.id
+    }
+
+    /// What the server counts of its message against `max_payload`.
+    pub(super) fn size(&self) -> usize {
+        self.message.size()
+    }
+}
+
 /// Turns `events` into messages: one per distinct id, at the place of its first occurrence, with
 /// the content of its last (a later element for the same id wins).
 pub(super) fn prepare(shared: &Shared, events: &[Arc<Event>], origin: Option<&str>) -> Vec<Outgoing> {

@@ -38,7 +38,10 @@ pub(super) fn event_message(layout: &Layout, event: &Event, origin: Option<&str>
     headers.insert(ID, event.id.to_string());
     headers.insert(TYPE, event.event_type.as_str());
     headers.insert(SOURCE, event.source.as_str());
-    if !event.instance_id.is_empty() {
+    // A header value cannot carry a line break: written as it is, it would end the header early
+    // (the client cannot parse the message) or add a header of its own (a forged origin). The
+    // header is informational; the body keeps the instance id.
+    if !event.instance_id.is_empty() && !event.instance_id.chars().any(char::is_control) {
         headers.insert(INSTANCE, event.instance_id.as_str());
     }
     if let Some(origin) = origin {

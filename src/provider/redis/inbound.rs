@@ -161,6 +161,8 @@ impl RedisInbound {
         let mut got: Vec<(Entry, u32)> = Vec::new();
 
         let (own, inherited) = self.state.lock().own_due(now, max);
+        // Entries this member gave back (a nak), as opposed to ones its predecessor left.
+        let given_back: HashSet<String> = own[..own.len() - inherited].iter().cloned().collect();
         if !own.is_empty() {
             let mut call = Call::new(&self.shared.scripts.claim_own, &[stream]);
             call.arg(&self.group).arg(&self.consumer);
@@ -216,20 +218,26 @@ impl RedisInbound {
             let value: Value = read.query(conn)?;
             got.extend(new_entries(value).map_err(malformed_reply)?.into_iter().map(|entry| (entry, 1)));
         }
-        self.sort_out(conn, got)
+        self.sort_out(conn, got, &given_back)
     }
 
     /// Turns fetched entries into events for the member; acknowledges echoes, unwanted and
     /// malformed entries.
+    ///
+    /// In a shared group, an entry this member gave back (`given_back`) and no longer wants is not
+    /// acknowledged but released to the other members (its idle time set to the claim idle time,
+    /// so their next claim scan takes it): it was given back for a member that still wants it.
     fn sort_out(
         &self,
         conn: &mut Connection,
         got: Vec<(Entry, u32)>,
+        given_back: &HashSet<String>,
     ) -> Result<Vec<InboundEvent>, RedisError> {
         let counters = &self.shared.counters;
         let filter = self.filter.lock().clone();
         let mut out = Vec::with_capacity(got.len());
         let mut done = Vec::new();
+        let mut release = Vec::new();
         for (mut entry, deliveries) in got {
             if entry.field("origin") == Some(self.group.as_bytes()) {
                 Counters::add(&counters.echoes_skipped, 1);
@@ -250,8 +258,12 @@ impl RedisInbound {
                 }
             };
             if filter.as_ref().is_some_and(|set| !set.is_match(&event.event_type)) {
-                Counters::add(&counters.filtered, 1);
-                done.push(entry.id);
+                if self.shared_group && given_back.contains(&entry.id) {
+                    release.push(entry.id);
+                } else {
+                    Counters::add(&counters.filtered, 1);
+                    done.push(entry.id);
+                }
                 continue;
             }
             let Some(seq) = seq_of_entry(&entry.id) else {
@@ -271,6 +283,14 @@ impl RedisInbound {
         }
         if !done.is_empty() {
             redis::cmd("XACK").arg(&self.shared.keys.stream).arg(&self.group).arg(&done).exec(conn)?;
+        }
+        if !release.is_empty() {
+            let mut call = Call::new(&self.shared.scripts.touch, &[&self.shared.keys.stream]);
+            call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(self.claim_idle));
+            for id in &release {
+                call.arg(id);
+            }
+            call.invoke::<i64>(conn)?;
         }
         self.state.lock().outstanding.extend(out.iter().map(|e| entry_of_seq(e.token.get())));
         Counters::add(&counters.consumed, out.len());
@@ -420,7 +440,13 @@ impl crate::provider::Inbound for RedisInbound {
 
     fn extend(&self, tokens: &[AckToken]) -> Result<(), ProviderError> {
         self.check_open("extend")?;
-        self.touch("extend", tokens, Duration::ZERO)
+        // Only what the member still holds: an entry given back (nak) keeps the idle time the
+        // nak gave it, so the other members may take it.
+        let held: Vec<AckToken> = {
+            let state = self.state.lock();
+            tokens.iter().copied().filter(|t| state.outstanding.contains(&entry_of_seq(t.get()))).collect()
+        };
+        self.touch("extend", &held, Duration::ZERO)
     }
 
     fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
