@@ -14,6 +14,7 @@ use eventbroker::{
 };
 
 mod common;
+mod work_queue_support;
 use common::{event, wait_until};
 
 /// A memory provider behind a fault injector: the memory provider to look at what was stored, the
@@ -1423,4 +1424,15 @@ fn dead_letters_after_shutdown_read_a_shared_provider_and_say_closed_for_its_own
     assert!(own.shutdown(Duration::from_secs(5)).is_clean());
     let err = own.dead_letters(&DeadLetterFilter::new()).unwrap_err();
     assert!(matches!(err, BrokerError::Closed), "{err}");
+}
+
+/// On the in-process bus too: events waiting in a work-queue member's shard behind slow handlers
+/// keep their claims, and a partial unsubscribe gives back to the group (see
+/// `work_queue_support`).
+#[test]
+fn work_queue_members_on_the_bus_keep_and_give_back_as_on_a_server() {
+    let bus = Arc::new(MemoryProvider::default());
+    let connect = || -> Arc<dyn eventbroker::Provider> { bus.clone() };
+    work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
+    work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
 }

@@ -501,3 +501,12 @@ fn an_instance_id_with_line_breaks_is_delivered_as_it_is() {
     assert_eq!(odd_back.event.instance_id, "legacy\nsecond-line");
     assert_eq!(specific(&provider, "echoes_skipped"), 0);
 }
+
+/// Events waiting in a work-queue member's shard behind slow handlers keep their claims: no other
+/// member takes them, and none is handled twice (see `work_queue_support`).
+#[test]
+fn events_waiting_in_a_shard_keep_their_claims() {
+    let backend = NatsBackend::new();
+    let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
+    work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
+}

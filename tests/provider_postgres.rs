@@ -4,6 +4,7 @@
 //! `psql`, the transactional outbox, retention and migrations. Each test works in its own schema.
 
 mod postgres_support;
+mod work_queue_support;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -759,4 +760,14 @@ fn a_user_table_named_like_the_providers_can_be_captured() {
     for own in ["events", "events_claims", "events_groups", "events_dead_letters", "events_migrations"] {
         assert!(provider.install_crud_capture(&backend.qualified(own)).is_err(), "{own} is refused");
     }
+}
+
+/// Events waiting in a work-queue member's shard behind slow handlers keep their claims, and a
+/// partial unsubscribe gives back to the group (see `work_queue_support`).
+#[test]
+fn work_queue_members_keep_what_waits_and_give_back_what_they_no_longer_want() {
+    let backend = PostgresBackend::new();
+    let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
+    work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
+    work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
 }

@@ -701,3 +701,12 @@ fn a_partial_unsubscribe_gives_back_to_the_group() {
     let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
     work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
 }
+
+/// Events waiting in a work-queue member's shard behind slow handlers keep their claims: no other
+/// member takes them, and none is handled twice (see `work_queue_support`).
+#[test]
+fn events_waiting_in_a_shard_keep_their_claims() {
+    let backend = RedisBackend::new();
+    let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
+    work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
+}

@@ -271,8 +271,10 @@ impl BrokerBuilder {
 
     /// How long an event fetched from another instance may stay unacknowledged before the group
     /// redelivers it (to another member, or to this instance's next incarnation). Deliveries waiting
-    /// for a retry are extended meanwhile; a single handler call that runs longer than this may see
-    /// its event redelivered. Default 30 s.
+    /// for a retry or an acknowledgement are extended meanwhile, every third of it, and in a
+    /// [work queue](Distribution::WorkQueue) so is every event the broker holds, waiting in a
+    /// shard or being handled: another member takes an event only from a member that stopped
+    /// extending it (one that died, or shut down past its deadline). Default 30 s.
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
         self
@@ -396,6 +398,8 @@ impl BrokerBuilder {
             shutdown_deadline: parking_lot::Mutex::new(None),
             abandoned: std::sync::atomic::AtomicBool::new(false),
             inbound_ended: crossbeam_utils::CachePadded::default(),
+            held_inbound: (source.is_some() && matches!(distribution, Distribution::WorkQueue(_)))
+                .then(parking_lot::Mutex::default),
             engine: id,
             inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),
@@ -417,7 +421,7 @@ impl BrokerBuilder {
             Distribution::WorkQueue(_) => WORK_QUEUE_PREFETCH_PER_WORKER.saturating_mul(self.workers),
             Distribution::Local | Distribution::FanOut => usize::MAX,
         });
-        let inbound = source.map(|source| Arc::new(InboundPump::new(source, prefetch)));
+        let inbound = source.map(|source| Arc::new(InboundPump::new(source, prefetch, self.claim_idle / 3)));
         let engine = Arc::new(Engine {
             id,
             store_events,

@@ -553,6 +553,29 @@ impl Target for Engine {
         self.shared.inbound_ended.wait_past(seen, timeout);
     }
 
+    fn hold(&self, token: crate::AckToken) {
+        if let Some(held) = &self.shared.held_inbound {
+            held.lock().insert(token);
+        }
+    }
+
+    fn release(&self, tokens: &[crate::AckToken]) {
+        if let Some(held) = &self.shared.held_inbound {
+            let mut held = held.lock();
+            for token in tokens {
+                held.remove(token);
+            }
+        }
+    }
+
+    fn held_tokens(&self) -> Vec<crate::AckToken> {
+        self.shared
+            .held_inbound
+            .as_ref()
+            .map(|held| held.lock().iter().copied().collect())
+            .unwrap_or_default()
+    }
+
     fn settle(&self, outbox: &mut Outbox) {
         self.shared.writer.settle(outbox);
     }

@@ -125,6 +125,16 @@ pub(crate) trait Target: Send + Sync + 'static {
 
     /// Hands dead letters and acknowledgements to the writer.
     fn settle(&self, outbox: &mut Outbox);
+
+    /// Notes that the event of `token` is about to be placed: held until a worker ends it (kept
+    /// only where held events' claims are extended, in a work queue).
+    fn hold(&self, token: AckToken);
+
+    /// Forgets `tokens`, given back without being placed.
+    fn release(&self, tokens: &[AckToken]);
+
+    /// The tokens of the inbound events held now, whose claims the thread extends.
+    fn held_tokens(&self) -> Vec<AckToken>;
 }
 
 /// Counts of the inbound thread, for [`BrokerStats`](crate::BrokerStats).
@@ -163,6 +173,8 @@ pub(crate) struct InboundPump {
     source: Arc<dyn Inbound>,
     /// Most inbound events the broker holds at once (see `BrokerBuilder::prefetch`).
     prefetch: usize,
+    /// How often the claims of the events held are extended (a third of the claim idle time).
+    extend_every: Duration,
     stop: AtomicBool,
     /// Generation of the subscription set last pushed as the filter; `u64::MAX` before the first.
     pushed: parking_lot::Mutex<u64>,
@@ -171,10 +183,11 @@ pub(crate) struct InboundPump {
 }
 
 impl InboundPump {
-    pub(crate) fn new(source: Arc<dyn Inbound>, prefetch: usize) -> Self {
+    pub(crate) fn new(source: Arc<dyn Inbound>, prefetch: usize, extend_every: Duration) -> Self {
         Self {
             source,
             prefetch,
+            extend_every,
             stop: AtomicBool::new(false),
             pushed: parking_lot::Mutex::new(u64::MAX),
             counters: Counters::default(),
@@ -263,7 +276,9 @@ impl InboundPump {
         self.await_settled_subscriptions(target.table());
         let mut backoff = FIRST_BACKOFF;
         let mut next_sweep = Instant::now();
+        let mut next_extend = crate::deadline::from_now(self.extend_every);
         while !self.stopping() {
+            self.extend_held(target, &mut next_extend);
             // Only while no event from other instances is held: one waiting in a shard for an
             // abandoned subscription must find it there, gone, and so go back to its group in a
             // work queue, however long it waited (an unsubscribe's give-back window is 2 s).
@@ -295,7 +310,7 @@ impl InboundPump {
                 Ok(events) => {
                     backoff = FIRST_BACKOFF;
                     self.note_lag(&events);
-                    self.place_all(target, events);
+                    self.place_all(target, events, &mut next_extend);
                 }
                 Err(error) if matches!(error.kind(), ProviderErrorKind::Closed) => {
                     tracing::warn!(%error, "the inbound source is closed; no more events from other instances");
@@ -359,7 +374,22 @@ impl InboundPump {
         self.counters.lag_micros.store(micros, Ordering::Relaxed);
     }
 
-    fn place_all(&self, target: &impl Target, events: Vec<InboundEvent>) {
+    /// Extends the claims of the events held, when `next` has come: events waiting in the shards
+    /// (behind slow handlers, say) keep their claims, where another member of a work queue would
+    /// take them after the claim idle time, and both handle them.
+    fn extend_held(&self, target: &impl Target, next: &mut Instant) {
+        if Instant::now() < *next {
+            return;
+        }
+        let held = target.held_tokens();
+        if !held.is_empty() {
+            let mut outbox = Outbox { extends: held, ..Outbox::default() };
+            target.settle(&mut outbox);
+        }
+        *next = crate::deadline::from_now(self.extend_every);
+    }
+
+    fn place_all(&self, target: &impl Target, events: Vec<InboundEvent>, next_extend: &mut Instant) {
         let mut events = events.into_iter();
         let mut invalid = Outbox::default();
         while let Some(inbound) = events.next() {
@@ -379,6 +409,7 @@ impl InboundPump {
             }
             let token = inbound.token;
             let mut job = Job { event: inbound.event, origin: Origin::Inbound(token) };
+            target.hold(token);
             // Counted before it is placed, so that a broker's `published` (what its rings took
             // less what this placed) never counts an inbound event, even for a moment. Release:
             // see `Engine::stats`.
@@ -390,11 +421,16 @@ impl InboundPump {
                         self.counters.fetched.fetch_sub(1, Ordering::Relaxed);
                         let mut tokens = vec![token];
                         tokens.extend(events.by_ref().map(|e| e.token));
+                        target.release(&tokens);
                         self.give_back(&tokens);
                         target.settle(&mut invalid);
                         return;
                     }
-                    Err((back, _)) => job = back,
+                    Err((back, _)) => {
+                        job = back;
+                        // Waiting for room can take long behind slow handlers.
+                        self.extend_held(target, next_extend);
+                    }
                 }
             }
         }

@@ -74,6 +74,11 @@ pub(crate) struct WorkerShared {
     /// of its own: every worker of a receiving broker adds to it each turn, and the fields beside
     /// it are read on every job.
     pub(crate) inbound_ended: CachePadded<Ends>,
+    /// In a work queue, the tokens of the inbound events the broker holds (placed into its shards,
+    /// not yet acknowledged or given back): the inbound thread extends their claims, so that events
+    /// waiting in a shard behind slow handlers are not taken by another member meanwhile. `None`
+    /// otherwise: no other member claims a fan-out group's events.
+    pub(crate) held_inbound: Option<parking_lot::Mutex<std::collections::HashSet<AckToken>>>,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
     /// The broker's metric state, when it records metrics.
@@ -952,6 +957,12 @@ pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
     }
     let ended = outbox.acks.len() + outbox.naks.len();
     if ended > 0 {
+        if let Some(held) = &shared.held_inbound {
+            let mut held = held.lock();
+            for token in outbox.acks.iter().map(|ack| ack.token).chain(outbox.naks.iter().copied()) {
+                held.remove(&token);
+            }
+        }
         shared.inbound_ended.add(ended as u64);
     }
     shared.writer.settle(outbox);

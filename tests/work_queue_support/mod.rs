@@ -87,3 +87,43 @@ pub fn a_partial_unsubscribe_gives_back_to_the_group(connect: &dyn Fn() -> Arc<d
     }
     assert!(arrived, "the staying member handled {got} of the {} given-back events", all.len());
 }
+
+/// A member fetches a burst for a handler that takes 150 ms an event, all of one type (one shard),
+/// with a claim idle time of 1 s; a second member joins. No handler call outlives the claim idle
+/// time, so no event is handled twice: the events waiting in the first member's shard keep their
+/// claims, and the second member does not take them.
+pub fn events_waiting_in_a_shard_keep_their_claims(connect: &dyn Fn() -> Arc<dyn Provider>, tag: &str) {
+    let group = Distribution::WorkQueue(format!("{tag}-slow"));
+    let first = broker(connect(), &format!("{tag}-first"), group.clone());
+    let publisher = broker(connect(), &format!("{tag}-p"), Distribution::FanOut);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let slow = |broker: &Broker| {
+        let handled = Arc::clone(&handled);
+        broker
+            .subscribe_infallible(&format!("{tag}.jobs.>"), move |event: &Event| {
+                handled.lock().push(event.id);
+                std::thread::sleep(Duration::from_millis(150));
+            })
+            .expect("subscribe");
+    };
+    slow(&first);
+    std::thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    let events: Vec<Event> =
+        (0..20).map(|_| Event::new(EventSource::System, format!("{tag}.jobs.run"))).collect();
+    for event in &events {
+        publisher.publish_async(event.clone()).expect("publish");
+    }
+    assert!(wait_for(ARRIVE, || first.stats().inbound.fetched == 20), "the first member fetched the burst");
+    let second = broker(connect(), &format!("{tag}-second"), group);
+    slow(&second);
+    let all: HashSet<EventId> = events.iter().map(|e| e.id).collect();
+    let arrived = wait_for(ARRIVE, || handled.lock().iter().copied().collect::<HashSet<_>>() == all);
+    // Past a claim idle time more, for a member that took an event away to handle it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let times = handled.lock().len();
+    for broker in [first, second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(5));
+    }
+    assert!(arrived, "every event handled");
+    assert_eq!(times, all.len(), "handled {times} times for {} events", all.len());
+}
