@@ -1436,3 +1436,289 @@ fn work_queue_members_on_the_bus_keep_and_give_back_as_on_a_server() {
     work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
     work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
 }
+
+// ---- Held inbound events and their claims (work queue, in-process bus) ----
+
+/// A work-queue member of `group` on `provider`.
+fn member(
+    provider: Arc<dyn eventbroker::Provider>,
+    instance: &str,
+    group: &str,
+    workers: usize,
+    buffer: usize,
+    claim_idle: Duration,
+) -> Broker {
+    Broker::builder()
+        .provider(provider)
+        .instance_id(instance)
+        .distribution(eventbroker::Distribution::WorkQueue(group.to_owned()))
+        .workers(workers)
+        .buffer_size(buffer)
+        .claim_idle(claim_idle)
+        .build()
+        .expect("member")
+}
+
+/// Subscribes a handler to `pattern` on `broker` that notes each event it handles and then takes
+/// `takes`.
+fn slow_handler(broker: &Broker, pattern: &str, takes: Duration, handled: &Arc<Mutex<Vec<EventId>>>) {
+    let handled = Arc::clone(handled);
+    broker
+        .subscribe_infallible(pattern, move |event: &Event| {
+            handled.lock().unwrap().push(event.id);
+            thread::sleep(takes);
+        })
+        .expect("subscribe");
+}
+
+/// Publishes `n` events of `event_type` from a fan-out broker on `bus` and waits until the bus
+/// holds them; returns their ids.
+fn publish_burst(bus: &Arc<MemoryProvider>, tag: &str, event_type: &str, n: usize) -> (Broker, Vec<EventId>) {
+    let publisher = Broker::builder()
+        .provider(bus.clone())
+        .instance_id(format!("{tag}-publisher"))
+        .distribution(eventbroker::Distribution::FanOut)
+        .build()
+        .unwrap();
+    let events: Vec<Event> = (0..n).map(|_| event(event_type)).collect();
+    for e in &events {
+        publisher.publish_async(e.clone()).unwrap();
+    }
+    publisher.flush(Duration::from_secs(5)).unwrap();
+    (publisher, events.iter().map(|e| e.id).collect())
+}
+
+/// Waits until every one of `ids` was handled, then a claim idle time and a half more (for a
+/// member that took one away to handle it again); returns how many handlings there were.
+fn handlings_once_all_handled(
+    handled: &Arc<Mutex<Vec<EventId>>>,
+    ids: &[EventId],
+    claim_idle: Duration,
+) -> usize {
+    let all: std::collections::HashSet<EventId> = ids.iter().copied().collect();
+    wait_until("every event handled", Duration::from_secs(30), || {
+        handled.lock().unwrap().iter().copied().collect::<std::collections::HashSet<_>>() == all
+    });
+    thread::sleep(claim_idle + claim_idle / 2);
+    handled.lock().unwrap().len()
+}
+
+/// One fetch can bring more events of one shard than its ring takes at once (`room` counts every
+/// shard's free slots): the inbound thread then waits to place the rest. Those fetched and not
+/// yet placed are held as much as the placed ones, and must keep their claims too; else another
+/// member takes them after the claim idle time and both handle them.
+#[test]
+fn events_of_a_fetch_waiting_to_be_placed_keep_their_claims() {
+    let bus = Arc::new(MemoryProvider::default());
+    let claim_idle = Duration::from_secs(1);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    // 4 shards of 4 slots: a fetch asks for up to 16, all of one type and so of one shard.
+    let first = member(bus.clone(), "unplaced-first", "unplaced", 4, 4, claim_idle);
+    let (publisher, ids) = publish_burst(&bus, "unplaced", "unplaced.jobs.run", 16);
+    slow_handler(&first, "unplaced.jobs.>", Duration::from_millis(250), &handled);
+    wait_until("the first member's first events", Duration::from_secs(5), || {
+        !handled.lock().unwrap().is_empty()
+    });
+    let second = member(bus.clone(), "unplaced-second", "unplaced", 2, 1024, claim_idle);
+    slow_handler(&second, "unplaced.jobs.>", Duration::from_millis(250), &handled);
+    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
+    for broker in [first, second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+}
+
+/// Shutdown drains the shards through the workers, by its deadline: the events queued there are
+/// still this member's, handled and acknowledged by it, and must keep their claims meanwhile (the
+/// inbound thread, which extended them, stopped first). Another member takes a member's events
+/// only once it stopped extending them: one that died, or shut down past its deadline.
+#[test]
+fn events_drained_at_shutdown_keep_their_claims() {
+    let bus = Arc::new(MemoryProvider::default());
+    let claim_idle = Duration::from_secs(1);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let first = member(bus.clone(), "drained-first", "drained", 2, 1024, claim_idle);
+    slow_handler(&first, "drained.jobs.>", Duration::from_millis(150), &handled);
+    thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    let (publisher, ids) = publish_burst(&bus, "drained", "drained.jobs.run", 20);
+    wait_until("the first member fetched the burst", Duration::from_secs(5), || {
+        first.stats().inbound.fetched == 20
+    });
+    let second = member(bus.clone(), "drained-second", "drained", 2, 1024, claim_idle);
+    slow_handler(&second, "drained.jobs.>", Duration::from_millis(150), &handled);
+    thread::sleep(Duration::from_millis(500)); // The second member fetches (nothing, yet).
+    let report = first.shutdown(Duration::from_secs(10));
+    assert!(report.is_clean(), "{report:?}");
+    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
+    for broker in [second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+}
+
+/// Fetching fails for a while (backing off up to 1 s): local dispatch goes on, and so does the
+/// handling of the events the member holds, whose claims must go on being extended meanwhile.
+#[test]
+fn held_events_keep_their_claims_while_fetching_fails() {
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let claim_idle = Duration::from_millis(300);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let first = member(faulty.clone(), "fetchfail-first", "fetchfail", 1, 1024, claim_idle);
+    slow_handler(&first, "fetchfail.jobs.>", Duration::from_millis(100), &handled);
+    thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    let (publisher, ids) = publish_burst(&bus, "fetchfail", "fetchfail.jobs.run", 20);
+    wait_until("the first member fetched the burst", Duration::from_secs(5), || {
+        first.stats().inbound.fetched == 20
+    });
+    faulty.inject(Operation::Fetch, Fault::unavailable());
+    let second = member(bus.clone(), "fetchfail-second", "fetchfail", 1, 1024, claim_idle);
+    slow_handler(&second, "fetchfail.jobs.>", Duration::from_millis(100), &handled);
+    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
+    faulty.heal_all();
+    for broker in [first, second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+}
+
+/// The provider refuses the writer's stores for a while (the writer keeps its batch and retries,
+/// backing off up to 1 s) while its inbound side works: the claims of the events a member holds,
+/// none of them handled yet, must still be extended every third of the claim idle time, or
+/// another member takes and handles them too.
+#[test]
+fn held_events_keep_their_claims_while_the_writer_retries() {
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let claim_idle = Duration::from_millis(500);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let gate = Arc::new(AtomicBool::new(false));
+    let first = member(faulty.clone(), "writerfail-first", "writerfail", 1, 1024, claim_idle);
+    {
+        let (handled, gate) = (Arc::clone(&handled), Arc::clone(&gate));
+        first
+            .subscribe_infallible("writerfail.jobs.>", move |event: &Event| {
+                let until = std::time::Instant::now() + Duration::from_secs(10);
+                while !gate.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    thread::sleep(Duration::from_millis(2));
+                }
+                handled.lock().unwrap().push(event.id);
+                thread::sleep(Duration::from_millis(10));
+            })
+            .unwrap();
+    }
+    thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    let (publisher, ids) = publish_burst(&bus, "writerfail", "writerfail.jobs.run", 20);
+    wait_until("the first member fetched the burst", Duration::from_secs(5), || {
+        first.stats().inbound.fetched == 20
+    });
+    // The provider refuses the first member's writes; it publishes one event of its own.
+    outage(&faulty, &Fault::unavailable());
+    first.publish(event("writerfail.local")).unwrap();
+    let second = member(bus.clone(), "writerfail-second", "writerfail", 1, 1024, claim_idle);
+    slow_handler(&second, "writerfail.jobs.>", Duration::from_millis(10), &handled);
+    thread::sleep(claim_idle * 4);
+    recover(&faulty);
+    gate.store(true, Ordering::SeqCst);
+    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
+    for broker in [first, second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+}
+
+/// A short claim idle time (at least 10 ms is allowed): the inbound thread, waiting up to 100 ms
+/// in a fetch that finds nothing new, must still extend the claims of what it holds every third
+/// of it.
+#[test]
+fn held_events_keep_a_short_claim_idle_time() {
+    let bus = Arc::new(MemoryProvider::default());
+    let claim_idle = Duration::from_millis(60);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let first = member(bus.clone(), "short-first", "short", 1, 1024, claim_idle);
+    slow_handler(&first, "short.jobs.>", Duration::from_millis(30), &handled);
+    thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    let (publisher, ids) = publish_burst(&bus, "short", "short.jobs.run", 20);
+    wait_until("the first member fetched the burst", Duration::from_secs(5), || {
+        first.stats().inbound.fetched == 20
+    });
+    let second = member(bus.clone(), "short-second", "short", 1, 1024, claim_idle);
+    slow_handler(&second, "short.jobs.>", Duration::from_millis(30), &handled);
+    let times = handlings_once_all_handled(&handled, &ids, Duration::from_secs(1));
+    for broker in [first, second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+}
+
+/// A member whose shutdown gives up on a handler at its deadline stops extending what its shards
+/// still hold: the group redelivers those events to another member after the claim idle time.
+#[test]
+fn events_abandoned_at_a_shutdown_deadline_go_to_another_member() {
+    let bus = Arc::new(MemoryProvider::default());
+    let claim_idle = Duration::from_millis(500);
+    let gate = Arc::new(AtomicBool::new(false));
+    let first = member(bus.clone(), "abandon-first", "abandon", 1, 1024, claim_idle);
+    {
+        let gate = Arc::clone(&gate);
+        first
+            .subscribe_infallible("abandon.jobs.>", move |_: &Event| {
+                let until = std::time::Instant::now() + Duration::from_secs(20);
+                while !gate.load(Ordering::SeqCst) && std::time::Instant::now() < until {
+                    thread::sleep(Duration::from_millis(2));
+                }
+            })
+            .unwrap();
+    }
+    thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    let (publisher, ids) = publish_burst(&bus, "abandon", "abandon.jobs.run", 5);
+    wait_until("the first member fetched the burst", Duration::from_secs(5), || {
+        first.stats().inbound.fetched == 5
+    });
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let second = member(bus.clone(), "abandon-second", "abandon", 1, 1024, claim_idle);
+    slow_handler(&second, "abandon.jobs.>", Duration::from_millis(1), &handled);
+    let report = first.shutdown(Duration::from_millis(300));
+    assert!(report.timed_out && report.detached_workers == 1, "{report:?}");
+    // All five (the one in the handler too) come back to the group, and only the second member
+    // is left to take them.
+    let all: std::collections::HashSet<EventId> = ids.iter().copied().collect();
+    wait_until("the second member handled the abandoned events", Duration::from_secs(10), || {
+        handled.lock().unwrap().iter().copied().collect::<std::collections::HashSet<_>>() == all
+    });
+    gate.store(true, Ordering::SeqCst);
+    for broker in [second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+}
+
+/// The provider refuses the writer's stores for a while, its inbound side working: the events a
+/// member handled meanwhile wait for their acknowledgements behind the refused store, still this
+/// member's; their claims must be extended until the acknowledgements are written, or another
+/// member takes and handles them again.
+#[test]
+fn handled_events_keep_their_claims_until_acknowledged() {
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let claim_idle = Duration::from_millis(500);
+    let handled: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let first = member(faulty.clone(), "unacked-first", "unacked", 1, 1024, claim_idle);
+    slow_handler(&first, "unacked.jobs.>", Duration::from_millis(1), &handled);
+    thread::sleep(Duration::from_millis(500)); // The first member's first fetch.
+    // The provider refuses the first member's writes; it publishes one event of its own.
+    outage(&faulty, &Fault::unavailable());
+    first.publish(event("unacked.local")).unwrap();
+    let (publisher, ids) = publish_burst(&bus, "unacked", "unacked.jobs.run", 20);
+    wait_until("the first member handled the burst", Duration::from_secs(5), || {
+        handled.lock().unwrap().len() >= 20
+    });
+    let second = member(bus.clone(), "unacked-second", "unacked", 1, 1024, claim_idle);
+    slow_handler(&second, "unacked.jobs.>", Duration::from_millis(1), &handled);
+    thread::sleep(claim_idle * 4);
+    recover(&faulty);
+    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
+    for broker in [first, second, publisher] {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+}

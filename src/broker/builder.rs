@@ -381,11 +381,14 @@ impl BrokerBuilder {
                 Some(provider.open_inbound(&config).map_err(BuildError::Provider)?)
             }
         };
+        let held_inbound = (source.is_some() && matches!(distribution, Distribution::WorkQueue(_)))
+            .then(crate::dispatch::writer::HeldInbound::default);
         let writer = ProviderWriter::spawn(
             Arc::clone(&provider),
             source.clone(),
             group.as_ref().map(ConsumerGroup::key),
             self.writer,
+            held_inbound.clone(),
         )
         .map_err(|source| BuildError::Spawn { thread: "eventbroker-writer".into(), source })?;
         let id = NEXT_ENGINE.fetch_add(1, Ordering::Relaxed);
@@ -398,8 +401,7 @@ impl BrokerBuilder {
             shutdown_deadline: parking_lot::Mutex::new(None),
             abandoned: std::sync::atomic::AtomicBool::new(false),
             inbound_ended: crossbeam_utils::CachePadded::default(),
-            held_inbound: (source.is_some() && matches!(distribution, Distribution::WorkQueue(_)))
-                .then(parking_lot::Mutex::default),
+            held_inbound,
             engine: id,
             inline: inline.then(|| InlineSink::new(&provider)),
             metrics: metrics.clone(),

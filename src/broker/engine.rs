@@ -553,9 +553,9 @@ impl Target for Engine {
         self.shared.inbound_ended.wait_past(seen, timeout);
     }
 
-    fn hold(&self, token: crate::AckToken) {
+    fn hold(&self, tokens: &[crate::AckToken]) {
         if let Some(held) = &self.shared.held_inbound {
-            held.lock().insert(token);
+            held.lock().extend(tokens.iter().copied());
         }
     }
 

@@ -1,8 +1,10 @@
 //! Shutdown: stop fetching and accepting, drain, flush, acknowledge, close — all by a deadline.
 //!
-//! The order matters for "nothing lost": the inbound thread stops first (what it holds goes back to
-//! the group), then intake closes and the rings drain through the workers (retries due before the
-//! deadline run; later ones are dead-lettered, or given back when inbound), then the writer writes
+//! The order matters for "nothing lost": the inbound thread stops fetching first (what it holds
+//! unplaced goes back to the group; in a work queue it goes on extending the claims of what the
+//! shards hold until the workers are done), then intake closes and the rings drain through the
+//! workers (retries due before the deadline run; later ones are dead-lettered, or given back when
+//! inbound), then the writer writes
 //! every store, status, dead letter and acknowledgement, then the inbound source and the provider
 //! close. Each wait is bounded by the one deadline; a provider that hangs is left behind on a
 //! thread of its own and reported, never waited for past the deadline.
@@ -244,6 +246,9 @@ impl Engine {
             if let Err(error) = spawned {
                 tracing::error!(%error, "cannot start the thread that completes a shutdown begun in a handler");
                 // Nothing completes it: later calls must not take it for done.
+                if let Some(pump) = &self.inbound {
+                    pump.drained();
+                }
                 self.shutdown.end(ShutdownReport { timed_out: true, ..report.clone() });
             } else {
                 tracing::info!(?report, "event broker shutting down from one of its own handlers");
@@ -261,7 +266,6 @@ impl Engine {
         // Dropping the handlers below may drop the last handle, whose shutdown must not wait for
         // this one.
         let _busy = Busy::mark(self.id);
-        let inbound_exited = self.inbound.as_ref().is_none_or(|pump| pump.join(deadline));
         let mut backoff = crate::dispatch::backpressure::Backoff::new();
         while !self.intake.is_idle() && Instant::now() < deadline {
             if !backoff.snooze() {
@@ -270,6 +274,11 @@ impl Engine {
         }
         let sync_in_flight = self.intake.in_flight() as u64;
         let (reports, detached_workers) = self.shards.join(deadline);
+        // The inbound thread, stopped, extended the claims of what the shards held until now.
+        let inbound_exited = self.inbound.as_ref().is_none_or(|pump| {
+            pump.drained();
+            pump.join(deadline)
+        });
         if detached_workers > 0 {
             // What the workers still running have not begun stays unhandled: counted below as
             // undelivered, it must not run after this report says so.

@@ -126,9 +126,9 @@ pub(crate) trait Target: Send + Sync + 'static {
     /// Hands dead letters and acknowledgements to the writer.
     fn settle(&self, outbox: &mut Outbox);
 
-    /// Notes that the event of `token` is about to be placed: held until a worker ends it (kept
-    /// only where held events' claims are extended, in a work queue).
-    fn hold(&self, token: AckToken);
+    /// Notes that the events of `tokens`, fetched, are about to be placed: held until a worker
+    /// ends them (kept only where held events' claims are extended, in a work queue).
+    fn hold(&self, tokens: &[AckToken]);
 
     /// Forgets `tokens`, given back without being placed.
     fn release(&self, tokens: &[AckToken]);
@@ -176,6 +176,9 @@ pub(crate) struct InboundPump {
     /// How often the claims of the events held are extended (a third of the claim idle time).
     extend_every: Duration,
     stop: AtomicBool,
+    /// Set by shutdown once the workers ended (or it gave up on them at its deadline): the thread,
+    /// stopped, extends the claims of the events the shards held until then.
+    drained: AtomicBool,
     /// Generation of the subscription set last pushed as the filter; `u64::MAX` before the first.
     pushed: parking_lot::Mutex<u64>,
     counters: Counters,
@@ -189,6 +192,7 @@ impl InboundPump {
             prefetch,
             extend_every,
             stop: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
             pushed: parking_lot::Mutex::new(u64::MAX),
             counters: Counters::default(),
             thread: parking_lot::Mutex::new(None),
@@ -242,6 +246,13 @@ impl InboundPump {
     pub(crate) fn stop(&self) {
         // Relaxed: a request; the thread reads it between fetches, and the join orders the rest.
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Tells the stopped thread that the shards are drained (or abandoned): it stops extending
+    /// the claims of what they held, and exits.
+    pub(crate) fn drained(&self) {
+        // Relaxed: a request, as `stop`.
+        self.drained.store(true, Ordering::Relaxed);
     }
 
     fn stopping(&self) -> bool {
@@ -306,7 +317,7 @@ impl InboundPump {
                 }
                 continue;
             }
-            match self.source.fetch(room, FETCH_WAIT) {
+            match self.source.fetch(room, Self::patience(next_extend)) {
                 Ok(events) => {
                     backoff = FIRST_BACKOFF;
                     self.note_lag(&events);
@@ -321,10 +332,40 @@ impl InboundPump {
                     if errors.is_power_of_two() {
                         tracing::warn!(%error, errors, retry_in = ?backoff, "fetching from other instances failed; local dispatch goes on");
                     }
-                    self.sleep_unless_stopped(backoff);
+                    self.sleep_extending(target, backoff, &mut next_extend);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+        // Shutdown drains the shards through the workers: what they hold is still this member's,
+        // handled and acknowledged by it, and keeps its claims until then.
+        // Relaxed: see `drained`.
+        while !self.drained.load(Ordering::Relaxed) && !target.held_tokens().is_empty() {
+            self.extend_held(target, &mut next_extend);
+            std::thread::sleep(
+                next_extend.saturating_duration_since(Instant::now()).min(Duration::from_millis(10)),
+            );
+        }
+    }
+
+    /// How long a fetch, or a placement, may wait: [`FETCH_WAIT`], but no later than the next
+    /// extension of the claims held (a claim idle time under 300 ms extends more often).
+    fn patience(next_extend: Instant) -> Duration {
+        FETCH_WAIT.min(next_extend.saturating_duration_since(Instant::now())).max(Duration::from_millis(1))
+    }
+
+    /// Sleeps `wait` unless stopped, extending the claims of the events held meanwhile.
+    fn sleep_extending(&self, target: &impl Target, wait: Duration, next_extend: &mut Instant) {
+        let until = crate::deadline::from_now(wait);
+        while !self.stopping() {
+            self.extend_held(target, next_extend);
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep(
+                (until - now).min(next_extend.saturating_duration_since(now)).min(Duration::from_millis(10)),
+            );
         }
     }
 
@@ -382,17 +423,20 @@ impl InboundPump {
             return;
         }
         let held = target.held_tokens();
-        if !held.is_empty() {
-            let mut outbox = Outbox { extends: held, ..Outbox::default() };
-            target.settle(&mut outbox);
+        // Straight to the source, not through the writer: a batch the writer keeps retrying (a
+        // store the provider refuses) must not hold the claims back past the claim idle time.
+        if !held.is_empty()
+            && let Err(error) = self.source.extend(&held)
+        {
+            tracing::warn!(%error, events = held.len(), "extending the claims of held inbound events failed; retrying");
         }
         *next = crate::deadline::from_now(self.extend_every);
     }
 
     fn place_all(&self, target: &impl Target, events: Vec<InboundEvent>, next_extend: &mut Instant) {
-        let mut events = events.into_iter();
         let mut invalid = Outbox::default();
-        while let Some(inbound) = events.next() {
+        let mut valid = Vec::with_capacity(events.len());
+        for inbound in events {
             if let Err(error) = validate_event_type(&inbound.event.event_type) {
                 // It can never match a subscription; kept as a dead letter, not dropped.
                 let failure = DeliveryFailure {
@@ -407,15 +451,22 @@ impl InboundPump {
                 self.counters.invalid.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            valid.push(inbound);
+        }
+        // All of them at once: those waiting for room while the first are placed keep their
+        // claims too.
+        let tokens: Vec<AckToken> = valid.iter().map(|inbound| inbound.token).collect();
+        target.hold(&tokens);
+        let mut events = valid.into_iter();
+        while let Some(inbound) = events.next() {
             let token = inbound.token;
             let mut job = Job { event: inbound.event, origin: Origin::Inbound(token) };
-            target.hold(token);
             // Counted before it is placed, so that a broker's `published` (what its rings took
             // less what this placed) never counts an inbound event, even for a moment. Release:
             // see `Engine::stats`.
             self.counters.fetched.fetch_add(1, Ordering::Release);
             loop {
-                match target.place(job, FETCH_WAIT) {
+                match target.place(job, Self::patience(*next_extend)) {
                     Ok(()) => break,
                     Err((_, closed)) if closed || self.stopping() => {
                         self.counters.fetched.fetch_sub(1, Ordering::Relaxed);

@@ -75,10 +75,11 @@ pub(crate) struct WorkerShared {
     /// it are read on every job.
     pub(crate) inbound_ended: CachePadded<Ends>,
     /// In a work queue, the tokens of the inbound events the broker holds (placed into its shards,
-    /// not yet acknowledged or given back): the inbound thread extends their claims, so that events
-    /// waiting in a shard behind slow handlers are not taken by another member meanwhile. `None`
-    /// otherwise: no other member claims a fan-out group's events.
-    pub(crate) held_inbound: Option<parking_lot::Mutex<std::collections::HashSet<AckToken>>>,
+    /// not yet given back, or acknowledged with the acknowledgement not yet written): the inbound
+    /// thread extends their claims, so that events waiting in a shard behind slow handlers are
+    /// not taken by another member meanwhile. `None` otherwise: no other member claims a fan-out
+    /// group's events.
+    pub(crate) held_inbound: Option<crate::dispatch::writer::HeldInbound>,
     /// Which broker the workers belong to, for [`current`].
     pub(crate) engine: u64,
     /// The broker's metric state, when it records metrics.
@@ -957,10 +958,12 @@ pub(crate) fn settle(shared: &WorkerShared, outbox: &mut Outbox) {
     }
     let ended = outbox.acks.len() + outbox.naks.len();
     if ended > 0 {
-        if let Some(held) = &shared.held_inbound {
+        // Given back: no longer this member's. Acknowledged ones stay until the writer has
+        // written their acknowledgements (see `HeldInbound`).
+        if let Some(held) = shared.held_inbound.as_ref().filter(|_| !outbox.naks.is_empty()) {
             let mut held = held.lock();
-            for token in outbox.acks.iter().map(|ack| ack.token).chain(outbox.naks.iter().copied()) {
-                held.remove(&token);
+            for token in &outbox.naks {
+                held.remove(token);
             }
         }
         shared.inbound_ended.add(ended as u64);

@@ -200,6 +200,7 @@ impl ProviderWriter {
         inbound: Option<Arc<dyn Inbound>>,
         origin: Option<String>,
         config: WriterConfig,
+        held: Option<HeldInbound>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let backlog = Arc::new(AtomicUsize::new(0));
@@ -210,6 +211,7 @@ impl ProviderWriter {
         let thread = WriterThread {
             provider,
             inbound,
+            held,
             origin,
             rx,
             config,
@@ -429,6 +431,12 @@ impl ProviderWriter {
     }
 }
 
+/// In a work queue, the tokens of the inbound events a broker holds: fetched and not yet given
+/// back, or acknowledged and the acknowledgement not yet written. The inbound thread extends their
+/// claims (see `InboundPump`); the writer lets go of each once its acknowledgement is written, as
+/// the event is this member's until then.
+pub(crate) type HeldInbound = Arc<parking_lot::Mutex<HashSet<AckToken>>>;
+
 /// Work gathered for the next write.
 #[derive(Default)]
 struct Batch {
@@ -500,6 +508,9 @@ const WITHHELD_ACK_REDELIVERY: Duration = Duration::from_secs(1);
 struct WriterThread {
     provider: Arc<dyn Provider>,
     inbound: Option<Arc<dyn Inbound>>,
+    /// The tokens whose claims the inbound thread extends, in a work queue: an acknowledged one
+    /// leaves once its acknowledgement is written (or given up).
+    held: Option<HeldInbound>,
     /// The consumer group key stores are tagged with, when the broker takes part in delivery.
     origin: Option<String>,
     rx: Receiver<WriteOp>,
@@ -835,6 +846,7 @@ impl WriterThread {
                     events = withheld.len(),
                     "inbound events whose dead letters were lost are given back"
                 );
+                self.let_go(&withheld);
                 let result = self.call("nak", || inbound.nak(&withheld, WITHHELD_ACK_REDELIVERY));
                 if let Settled::Written = self.settle(result, "nak", withheld.len()) {
                     self.counters.naks.fetch_add(withheld.len() as u64, Ordering::Relaxed);
@@ -853,6 +865,8 @@ impl WriterThread {
                 Settled::Dropped(_) => {}
                 Settled::Retry(error) => return Err(error),
             }
+            let acked: Vec<AckToken> = self.batch.acks.iter().map(|ack| ack.token).collect();
+            self.let_go(&acked);
             self.batch.acks.clear();
             self.settled_items(n);
         }
@@ -886,6 +900,16 @@ impl WriterThread {
             self.settled_items(n);
         }
         Ok(wrote)
+    }
+
+    /// Stops extending the claims of `tokens`, whose acknowledgements are written or given up.
+    fn let_go(&self, tokens: &[AckToken]) {
+        if let Some(held) = &self.held {
+            let mut held = held.lock();
+            for token in tokens {
+                held.remove(token);
+            }
+        }
     }
 
     /// Lowers the settle backlog by `n` items written or given up.
