@@ -101,14 +101,20 @@ impl InboundSql {
                 "WITH released AS (DELETE FROM {claims} WHERE group_key = $1)
                  DELETE FROM {groups} WHERE group_key = $1"
             ),
+            // A claim this member gave back whose event it no longer wants (it unsubscribed the
+            // pattern) is left for the other members: taken back, it would be acknowledged as
+            // unwanted, and a work queue's event goes to a member that wants it.
             take_due: format!(
                 "WITH due AS (
-                     SELECT seq FROM {claims}
-                     WHERE group_key = $1
-                       AND (due_at <= now()
-                            OR (due_at IS NULL AND owner <> $2
-                                AND claimed_at <= now() - $3::bigint * interval '1 millisecond'))
-                     ORDER BY seq
+                     SELECT c.seq FROM {claims} AS c
+                     WHERE c.group_key = $1
+                       AND (c.due_at <= now()
+                            OR (c.due_at IS NULL AND c.owner <> $2
+                                AND c.claimed_at <= now() - $3::bigint * interval '1 millisecond'))
+                       AND (c.owner <> $2 OR $5
+                            OR NOT EXISTS (SELECT 1 FROM {events} AS w
+                                           WHERE w.seq = c.seq AND NOT (w.\"type\" ~ ANY($6))))
+                     ORDER BY c.seq
                      LIMIT $4
                      FOR UPDATE SKIP LOCKED
                  ), taken AS (
@@ -246,6 +252,14 @@ impl PostgresInbound {
     }
 
     /// One pass: due claims, then new events; one transaction.
+    /// The filter as query parameters: whether every type passes, else the patterns' regexes.
+    fn filter_params(&self) -> (bool, Vec<String>) {
+        match &*self.filter.lock() {
+            Filter::Everything => (true, Vec::new()),
+            Filter::Matching(regexes) => (false, regexes.clone()),
+        }
+    }
+
     async fn fetch_once(&self, max: usize) -> Result<Vec<InboundEvent>, ProviderError> {
         const OP: &str = "fetch";
         let sql = &self.shared.inbound_sql;
@@ -262,9 +276,10 @@ impl PostgresInbound {
         }
 
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let (everything, regexes) = self.filter_params();
         let take_due = tx.prepare_cached(&sql.take_due).await.map_err(fail)?;
         let due = tx
-            .query(&take_due, &[&self.group, &self.owner, &self.claim_idle_ms, &limit])
+            .query(&take_due, &[&self.group, &self.owner, &self.claim_idle_ms, &limit, &everything, &regexes])
             .await
             .map_err(fail)?;
         let mut lost = Vec::new();
@@ -317,10 +332,7 @@ impl PostgresInbound {
         let start_xmax: i64 = group.try_get(2).map_err(fail)?;
         let start_xip: Vec<i64> = group.try_get(3).map_err(fail)?;
         let horizon: i64 = group.try_get(4).map_err(fail)?;
-        let (everything, regexes) = match &*self.filter.lock() {
-            Filter::Everything => (true, Vec::new()),
-            Filter::Matching(regexes) => (false, regexes.clone()),
-        };
+        let (everything, regexes) = self.filter_params();
         let limit = i64::try_from(room).unwrap_or(i64::MAX);
         let read = tx.prepare_cached(&sql.read_new).await.map_err(fail)?;
         let rows = tx
