@@ -61,8 +61,23 @@ impl NatsBackend {
     /// # Panics
     /// If the server cannot be reached.
     pub fn provider(&self) -> NatsProvider {
-        NatsProvider::connect(self.config.clone())
-            .unwrap_or_else(|error| panic!("cannot connect to NATS at {}: {error}", self.config.url))
+        // A server shared by tests that create and delete streams side by side can fail a create
+        // while another test deletes the last stream (the server removes the account's stream
+        // directory, and the create finds it gone: "could not create storage directory", seen on
+        // nats-server 2.9): tried again, the create makes the directory anew.
+        let mut attempts = 0;
+        loop {
+            match NatsProvider::connect(self.config.clone()) {
+                Ok(provider) => return provider,
+                Err(error)
+                    if attempts < 3 && error.to_string().contains("error creating store for stream") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => panic!("cannot connect to NATS at {}: {error}", self.config.url),
+            }
+        }
     }
 }
 
