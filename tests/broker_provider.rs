@@ -1489,18 +1489,24 @@ fn publish_burst(bus: &Arc<MemoryProvider>, tag: &str, event_type: &str, n: usiz
 }
 
 /// Waits until every one of `ids` was handled, then a claim idle time and a half more (for a
-/// member that took one away to handle it again); returns how many handlings there were.
-fn handlings_once_all_handled(
+/// member that took one away to handle it again), shuts `brokers` down, and asserts that each
+/// event was handled once.
+fn assert_each_handled_once(
     handled: &Arc<Mutex<Vec<EventId>>>,
     ids: &[EventId],
     claim_idle: Duration,
-) -> usize {
+    brokers: impl IntoIterator<Item = Broker>,
+) {
     let all: std::collections::HashSet<EventId> = ids.iter().copied().collect();
     wait_until("every event handled", Duration::from_secs(30), || {
         handled.lock().unwrap().iter().copied().collect::<std::collections::HashSet<_>>() == all
     });
     thread::sleep(claim_idle + claim_idle / 2);
-    handled.lock().unwrap().len()
+    let times = handled.lock().unwrap().len();
+    for broker in brokers {
+        let _ = broker.shutdown(Duration::from_secs(10));
+    }
+    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
 }
 
 /// One fetch can bring more events of one shard than its ring takes at once (`room` counts every
@@ -1521,11 +1527,7 @@ fn events_of_a_fetch_waiting_to_be_placed_keep_their_claims() {
     });
     let second = member(bus.clone(), "unplaced-second", "unplaced", 2, 1024, claim_idle);
     slow_handler(&second, "unplaced.jobs.>", Duration::from_millis(250), &handled);
-    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
-    for broker in [first, second, publisher] {
-        let _ = broker.shutdown(Duration::from_secs(10));
-    }
-    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+    assert_each_handled_once(&handled, &ids, claim_idle, [first, second, publisher]);
 }
 
 /// Shutdown drains the shards through the workers, by its deadline: the events queued there are
@@ -1549,11 +1551,7 @@ fn events_drained_at_shutdown_keep_their_claims() {
     thread::sleep(Duration::from_millis(500)); // The second member fetches (nothing, yet).
     let report = first.shutdown(Duration::from_secs(10));
     assert!(report.is_clean(), "{report:?}");
-    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
-    for broker in [second, publisher] {
-        let _ = broker.shutdown(Duration::from_secs(10));
-    }
-    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+    assert_each_handled_once(&handled, &ids, claim_idle, [second, publisher]);
 }
 
 /// Fetching fails for a while (backing off up to 1 s): local dispatch goes on, and so does the
@@ -1574,12 +1572,8 @@ fn held_events_keep_their_claims_while_fetching_fails() {
     faulty.inject(Operation::Fetch, Fault::unavailable());
     let second = member(bus.clone(), "fetchfail-second", "fetchfail", 1, 1024, claim_idle);
     slow_handler(&second, "fetchfail.jobs.>", Duration::from_millis(100), &handled);
-    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
+    assert_each_handled_once(&handled, &ids, claim_idle, [first, second, publisher]);
     faulty.heal_all();
-    for broker in [first, second, publisher] {
-        let _ = broker.shutdown(Duration::from_secs(10));
-    }
-    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
 }
 
 /// The provider refuses the writer's stores for a while (the writer keeps its batch and retries,
@@ -1620,11 +1614,7 @@ fn held_events_keep_their_claims_while_the_writer_retries() {
     thread::sleep(claim_idle * 4);
     recover(&faulty);
     gate.store(true, Ordering::SeqCst);
-    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
-    for broker in [first, second, publisher] {
-        let _ = broker.shutdown(Duration::from_secs(10));
-    }
-    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+    assert_each_handled_once(&handled, &ids, claim_idle, [first, second, publisher]);
 }
 
 /// A short claim idle time (at least 10 ms is allowed): the inbound thread, waiting up to 100 ms
@@ -1644,11 +1634,7 @@ fn held_events_keep_a_short_claim_idle_time() {
     });
     let second = member(bus.clone(), "short-second", "short", 1, 1024, claim_idle);
     slow_handler(&second, "short.jobs.>", Duration::from_millis(30), &handled);
-    let times = handlings_once_all_handled(&handled, &ids, Duration::from_secs(1));
-    for broker in [first, second, publisher] {
-        let _ = broker.shutdown(Duration::from_secs(10));
-    }
-    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+    assert_each_handled_once(&handled, &ids, Duration::from_secs(1), [first, second, publisher]);
 }
 
 /// A member whose shutdown gives up on a handler at its deadline stops extending what its shards
@@ -1716,9 +1702,5 @@ fn handled_events_keep_their_claims_until_acknowledged() {
     slow_handler(&second, "unacked.jobs.>", Duration::from_millis(1), &handled);
     thread::sleep(claim_idle * 4);
     recover(&faulty);
-    let times = handlings_once_all_handled(&handled, &ids, claim_idle);
-    for broker in [first, second, publisher] {
-        let _ = broker.shutdown(Duration::from_secs(10));
-    }
-    assert_eq!(times, ids.len(), "handled {times} times for {} events", ids.len());
+    assert_each_handled_once(&handled, &ids, claim_idle, [first, second, publisher]);
 }

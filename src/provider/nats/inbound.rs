@@ -306,12 +306,7 @@ impl Source {
                 .or_else(|| event_type_of(prefix, &delivered.message.subject));
             if let (Some(set), Some(event_type)) = (wanted, &event_type) {
                 if !set.is_match(event_type) {
-                    if self.still_given_back(delivered.seq) {
-                        publish_nak(client, &delivered.reply, self.claim_idle.min(GIVE_BACK_PAUSE)).await?;
-                        continue;
-                    }
-                    counters.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
-                    publish_ack(client, "fetch", &delivered.reply, ACK).await?;
+                    self.pass_over_unwanted(&delivered).await?;
                     continue;
                 }
             }
@@ -326,12 +321,7 @@ impl Source {
                 }
             };
             if event_type.is_none() && wanted.is_some_and(|set| !set.is_match(&event.event_type)) {
-                if self.still_given_back(delivered.seq) {
-                    publish_nak(client, &delivered.reply, self.claim_idle.min(GIVE_BACK_PAUSE)).await?;
-                    continue;
-                }
-                counters.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
-                publish_ack(client, "fetch", &delivered.reply, ACK).await?;
+                self.pass_over_unwanted(&delivered).await?;
                 continue;
             }
             let mut tokens = self.tokens.lock();
@@ -363,6 +353,19 @@ impl Source {
         drop(tokens);
         counters.handed_out.fetch_add(events.len() as u64, Ordering::Relaxed);
         Ok(events)
+    }
+
+    /// Settles a pulled message this member does not want: acknowledged for the group (counted as
+    /// filtered), unless this member gave it back lately, in a shared group, for a member that
+    /// wants it: then it goes back again, after a pause that lets another member's poll come first.
+    async fn pass_over_unwanted(&self, delivered: &Delivered) -> Result<(), ProviderError> {
+        let client = &self.shared.conn.client;
+        if self.still_given_back(delivered.seq) {
+            let nak = nak_body(self.claim_idle.min(GIVE_BACK_PAUSE));
+            return publish_ack(client, "fetch", &delivered.reply, nak).await;
+        }
+        self.shared.inbound.filtered_after_fetch.fetch_add(1, Ordering::Relaxed);
+        publish_ack(client, "fetch", &delivered.reply, ACK).await
     }
 
     /// Whether `seq` is an event this member gave back lately, in a shared group: then it goes
@@ -459,12 +462,17 @@ const GIVE_BACK_WINDOW: Duration = Duration::from_secs(10);
 /// The delay of such a give-back: long enough that another member's poll comes first.
 const GIVE_BACK_PAUSE: Duration = Duration::from_millis(100);
 
-async fn publish_nak(client: &async_nats::Client, reply: &str, delay: Duration) -> Result<(), ProviderError> {
-    let body = format!("-NAK {{\"delay\":{}}}", nanos(delay));
-    client
-        .publish(reply.to_owned(), body.into())
-        .await
-        .map_err(|error| unavailable("fetch", format!("acknowledgement: {error}")))
+/// A `-NAK` that asks for redelivery after `delay`.
+fn nak_body(delay: Duration) -> Vec<u8> {
+    let mut body = NAK.to_vec();
+    body.push(b' ');
+    body.extend_from_slice(&nak_delay(delay));
+    body
+}
+
+/// The `{"delay":…}` a nak carries after its `-NAK`.
+fn nak_delay(delay: Duration) -> Vec<u8> {
+    format!("{{\"delay\":{}}}", nanos(delay)).into_bytes()
 }
 
 const ACK: &[u8] = b"+ACK";
@@ -476,10 +484,10 @@ async fn publish_ack(
     client: &async_nats::Client,
     operation: &'static str,
     reply: &str,
-    body: &'static [u8],
+    body: impl Into<bytes::Bytes>,
 ) -> Result<(), ProviderError> {
     client
-        .publish(reply.to_owned(), bytes::Bytes::from_static(body))
+        .publish(reply.to_owned(), body.into())
         .await
         .map_err(|error| unavailable(operation, format!("acknowledgement: {error}")))
 }
@@ -520,7 +528,7 @@ impl Inbound for NatsInbound {
                 given_back.pop_first();
             }
         }
-        let extra = (!delay.is_zero()).then(|| format!("{{\"delay\":{}}}", nanos(delay)).into_bytes());
+        let extra = (!delay.is_zero()).then(|| nak_delay(delay));
         self.inner.acknowledge("nak", tokens.iter().map(|&t| (t, NAK)).collect(), extra.as_deref(), false)
     }
 
