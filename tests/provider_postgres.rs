@@ -560,7 +560,9 @@ fn event_types(got: &[InboundEvent]) -> Vec<String> {
 
 /// A captured row whose JSON the payload rules refuse (a `numeric` too large for an `f64`; a
 /// lone surrogate or nesting past the depth limit do the same) is passed over, logged and counted:
-/// it does not fail every later fetch of every group that wants the table's events.
+/// it does not fail every later fetch of every group that wants the table's events. The fetch
+/// marks it failed, with the reason, so stats count it and retention removes it; `list` and
+/// `replay` pass over it too, and a replay page is still full while history lasts.
 #[test]
 fn a_captured_row_that_holds_no_valid_event_is_passed_over() {
     let backend = PostgresBackend::new();
@@ -587,6 +589,27 @@ fn a_captured_row_that_holds_no_valid_event_is_passed_over() {
     assert_eq!(rows, [Some(1), Some(3)]);
     let stats = provider.stats().expect("stats");
     assert_eq!(stats.provider_specific.get("inbound_malformed"), Some(&serde_json::json!(1)));
+    assert_eq!((stats.pending_events, stats.failed_events), (2, 1), "{stats:?}");
+
+    let row_id = |event: &Event| event.payload::<serde_json::Value>().expect("payload")["id"].as_i64();
+    let listed = provider.list(&eventbroker::EventFilter::default()).expect("list passes over the row");
+    assert_eq!(listed.iter().map(row_id).collect::<Vec<_>>(), [Some(1), Some(3)]);
+    let page = provider.replay(ReplayFrom::Beginning, None, 2).expect("replay passes over the row");
+    assert_eq!(page.iter().map(|stored| row_id(&stored.event)).collect::<Vec<_>>(), [Some(1), Some(3)]);
+    let after_first = ReplayFrom::Sequence(page[0].seq + 1);
+    let rest = provider.replay(after_first, None, 1).expect("replay");
+    assert_eq!(rest.iter().map(|stored| row_id(&stored.event)).collect::<Vec<_>>(), [Some(3)]);
+    let passed_over = provider.stats().expect("stats").provider_specific["query_malformed"].clone();
+    assert_eq!(passed_over, serde_json::json!(3), "one list and two replays each passed over it");
+
+    let events = stats.provider_specific["table"].as_str().expect("the events table").to_owned();
+    let failed = sql
+        .numbers(
+            &format!("SELECT count(*) FROM {events} WHERE status = 'failed' AND error LIKE 'holds no valid event: %payload%'"),
+            &[],
+        )
+        .expect("count");
+    assert_eq!(failed, [1]);
 }
 
 /// A fetch whose transaction commits on the server while its reply never reaches the client (a

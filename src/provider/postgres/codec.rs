@@ -261,41 +261,64 @@ impl<'a> EventColumns<'a> {
     }
 }
 
-/// Reads the event in `row`'s columns `at..` (laid out as [`EVENT_COLUMNS`]).
-pub(super) fn decode_event(row: &Row, at: usize, operation: &'static str) -> Result<Event, ProviderError> {
+/// The event a row holds, or why it holds none (a captured row whose JSON breaks the payload
+/// rules, a status or source no event has): what a reader may pass over.
+pub(super) type Decoded = Result<Event, ProviderError>;
+
+/// Reads the event in `row`'s columns `at..` (laid out as [`EVENT_COLUMNS`]). The outer error is
+/// a row without those columns (the table is not the provider's): no row of it can be read.
+pub(super) fn decode_event(row: &Row, at: usize, operation: &'static str) -> Result<Decoded, ProviderError> {
     let fail = |err: tokio_postgres::Error| corrupt(operation, format!("unexpected event row: {err}"));
     let id: Uuid = row.try_get(at).map_err(fail)?;
     let source: &str = row.try_get(at + 1).map_err(fail)?;
+    let event_type: &str = row.try_get(at + 2).map_err(fail)?;
     let status: &str = row.try_get(at + 3).map_err(fail)?;
     let retry_count: i64 = row.try_get(at + 4).map_err(fail)?;
+    let error: String = row.try_get(at + 5).map_err(fail)?;
     let payload: Option<&str> = row.try_get(at + 6).map_err(fail)?;
+    let user_id: i64 = row.try_get(at + 7).map_err(fail)?;
+    let strings: [&str; 5] = [
+        row.try_get(at + 8).map_err(fail)?,
+        row.try_get(at + 9).map_err(fail)?,
+        row.try_get(at + 10).map_err(fail)?,
+        row.try_get(at + 11).map_err(fail)?,
+        row.try_get(at + 12).map_err(fail)?,
+    ];
+    let created_at: i64 = row.try_get(at + 13).map_err(fail)?;
+    let processed_at: Option<i64> = row.try_get(at + 14).map_err(fail)?;
+    let completed_at: Option<i64> = row.try_get(at + 15).map_err(fail)?;
     let metadata: &str = row.try_get(at + 16).map_err(fail)?;
+    let partition_key: Option<&str> = row.try_get(at + 17).map_err(fail)?;
+    let [session_id, instance_id, schema, entity, operation_name] = strings;
     let bad =
         |what: &str, err: &dyn std::fmt::Display| corrupt(operation, format!("event {id}: {what}: {err}"));
-    let mut event = Event {
-        id: EventId::from_uuid(id),
-        source: source.parse::<EventSource>().map_err(|e| bad("source", &e))?,
-        event_type: row.try_get::<_, &str>(at + 2).map_err(fail)?.into(),
-        status: status.parse::<EventStatus>().map_err(|e| bad("status", &e))?,
-        retry_count: u32::try_from(retry_count).map_err(|e| bad("retry_count", &e))?,
-        error: row.try_get(at + 5).map_err(fail)?,
-        payload: None,
-        user_id: row.try_get(at + 7).map_err(fail)?,
-        session_id: row.try_get::<_, &str>(at + 8).map_err(fail)?.into(),
-        instance_id: row.try_get::<_, &str>(at + 9).map_err(fail)?.into(),
-        schema: row.try_get::<_, &str>(at + 10).map_err(fail)?.into(),
-        entity: row.try_get::<_, &str>(at + 11).map_err(fail)?.into(),
-        operation: row.try_get::<_, &str>(at + 12).map_err(fail)?.into(),
-        created_at: from_nanos(row.try_get(at + 13).map_err(fail)?),
-        processed_at: row.try_get::<_, Option<i64>>(at + 14).map_err(fail)?.map(from_nanos),
-        completed_at: row.try_get::<_, Option<i64>>(at + 15).map_err(fail)?.map(from_nanos),
-        metadata: serde_json::from_str::<Metadata>(metadata).map_err(|e| bad("metadata", &e))?,
-        partition_key: row.try_get::<_, Option<&str>>(at + 17).map_err(fail)?.map(Into::into),
-    };
-    if let Some(json) = payload {
-        event.set_payload_json(json).map_err(|e| bad("payload", &e))?;
-    }
-    Ok(event)
+    let decoded = (|| {
+        let mut event = Event {
+            id: EventId::from_uuid(id),
+            source: source.parse::<EventSource>().map_err(|e| bad("source", &e))?,
+            event_type: event_type.into(),
+            status: status.parse::<EventStatus>().map_err(|e| bad("status", &e))?,
+            retry_count: u32::try_from(retry_count).map_err(|e| bad("retry_count", &e))?,
+            error,
+            payload: None,
+            user_id,
+            session_id: session_id.into(),
+            instance_id: instance_id.into(),
+            schema: schema.into(),
+            entity: entity.into(),
+            operation: operation_name.into(),
+            created_at: from_nanos(created_at),
+            processed_at: processed_at.map(from_nanos),
+            completed_at: completed_at.map(from_nanos),
+            metadata: serde_json::from_str::<Metadata>(metadata).map_err(|e| bad("metadata", &e))?,
+            partition_key: partition_key.map(Into::into),
+        };
+        if let Some(json) = payload {
+            event.set_payload_json(json).map_err(|e| bad("payload", &e))?;
+        }
+        Ok(event)
+    })();
+    Ok(decoded)
 }
 
 /// A PostgreSQL regular expression (`~`) that matches exactly the types `pattern` matches, as

@@ -80,6 +80,7 @@ pub(super) struct InboundSql {
     extend: String,
     leave: String,
     release_unheld: String,
+    fail_malformed: String,
     delete_group: String,
 }
 
@@ -164,6 +165,13 @@ impl InboundSql {
                 "UPDATE {claims} SET due_at = now()
                  WHERE group_key = $1 AND owner = $2 AND due_at IS NULL AND NOT (seq = ANY($3))"
             ),
+            // A row no event can be made of can never be handled: it is marked failed, with the
+            // reason, so stats count it and retention removes it in time.
+            fail_malformed: format!(
+                "UPDATE {events} AS e SET status = 'failed', error = m.error
+                 FROM unnest($1::bigint[], $2::text[]) AS m(seq, error)
+                 WHERE e.seq = m.seq AND e.status = 'pending'"
+            ),
             claims,
         }
     }
@@ -215,6 +223,13 @@ pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<Postg
         unsure: AtomicBool::new(false),
         closed: AtomicBool::new(false),
     })
+}
+
+/// The rows one fetch passed over because they hold no valid event, with why, to be marked failed.
+#[derive(Default)]
+struct Malformed {
+    seqs: Vec<i64>,
+    errors: Vec<String>,
 }
 
 /// What a member wants.
@@ -283,6 +298,7 @@ impl PostgresInbound {
             .await
             .map_err(fail)?;
         let mut lost = Vec::new();
+        let mut malformed = Malformed::default();
         for row in &due {
             let seq: i64 = row.try_get(0).map_err(fail)?;
             if !row.try_get::<_, bool>(2).map_err(fail)? {
@@ -290,7 +306,7 @@ impl PostgresInbound {
                 continue;
             }
             let deliveries: i32 = row.try_get(1).map_err(fail)?;
-            let Some(event) = self.decodable(row, 3, seq) else {
+            let Some(event) = self.decodable(row, 3, seq, &mut malformed)? else {
                 lost.push(seq); // It can never be handed out: its claim goes.
                 continue;
             };
@@ -307,7 +323,11 @@ impl PostgresInbound {
 
         let room = max - fetched.len();
         if room > 0 {
-            self.take_new(&tx, room, &mut fetched).await?;
+            self.take_new(&tx, room, &mut fetched, &mut malformed).await?;
+        }
+        if !malformed.seqs.is_empty() {
+            let mark = tx.prepare_cached(&sql.fail_malformed).await.map_err(fail)?;
+            tx.execute(&mark, &[&malformed.seqs, &malformed.errors]).await.map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         conn.release();
@@ -320,6 +340,7 @@ impl PostgresInbound {
         tx: &deadpool_postgres::Transaction<'_>,
         room: usize,
         fetched: &mut Vec<InboundEvent>,
+        malformed: &mut Malformed,
     ) -> Result<(), ProviderError> {
         const OP: &str = "fetch";
         let sql = &self.shared.inbound_sql;
@@ -359,7 +380,7 @@ impl PostgresInbound {
             last = (row.try_get(1).map_err(fail)?, seq);
             // A row no event can be made of is passed over (the cursor moves past it), not
             // allowed to fail this fetch and every one after it.
-            let Some(event) = self.decodable(row, 2, seq) else { continue };
+            let Some(event) = self.decodable(row, 2, seq, malformed)? else { continue };
             seqs.push(seq);
             fetched.push(InboundEvent {
                 event: Arc::new(as_published(event)),
@@ -380,16 +401,28 @@ impl PostgresInbound {
         Ok(())
     }
 
-    /// The event in `row` from column `at`, or `None`, logged and counted, for a row that holds no
-    /// valid event (a captured row whose JSON breaks the payload rules, a row written by hand).
-    fn decodable(&self, row: &tokio_postgres::Row, at: usize, seq: i64) -> Option<Event> {
-        match codec::decode_event(row, at, "fetch") {
-            Ok(event) => Some(event),
+    /// The event in `row` from column `at`, or `None`, logged, counted and added to `malformed`,
+    /// for a row that holds no valid event (a captured row whose JSON breaks the payload rules, a
+    /// row written by hand).
+    ///
+    /// # Errors
+    /// A row without the event columns: the table is not the provider's.
+    fn decodable(
+        &self,
+        row: &tokio_postgres::Row,
+        at: usize,
+        seq: i64,
+        malformed: &mut Malformed,
+    ) -> Result<Option<Event>, ProviderError> {
+        match codec::decode_event(row, at, "fetch")? {
+            Ok(event) => Ok(Some(event)),
             Err(error) => {
                 // Relaxed: a counter, read for stats only.
                 self.shared.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(seq, group = %self.group, %error, "{NAME} provider: skipping a row that holds no valid event");
-                None
+                malformed.seqs.push(seq);
+                malformed.errors.push(format!("holds no valid event: {error}"));
+                Ok(None)
             }
         }
     }

@@ -184,6 +184,8 @@ struct Shared {
     expired: AtomicU64,
     /// Rows inbound sources passed over because they hold no valid event.
     malformed: AtomicU64,
+    /// Rows `list` and `replay` passed over because they hold no valid event.
+    query_malformed: AtomicU64,
     /// Serialises starting the background tasks with closing.
     lifecycle: Mutex<()>,
 }
@@ -228,6 +230,7 @@ impl PostgresProvider {
             replaced: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            query_malformed: AtomicU64::new(0),
             lifecycle: Mutex::new(()),
         });
         let config = &shared.backend.config;
@@ -275,8 +278,11 @@ impl PostgresProvider {
     /// to PostgreSQL and so to capture, a `delete` and a `create`. Providers of different schemas
     /// may capture one table side by side, each with its own trigger. A row whose JSON breaks the
     /// payload rules (a number beyond an `f64`, a lone surrogate escape, nesting past the depth
-    /// limit) cannot become an event: inbound sources pass over it, log it and count it in the
-    /// provider's stats (`inbound_malformed`).
+    /// limit) cannot become an event: inbound sources pass over it, log it, count it in the
+    /// provider's stats (`inbound_malformed`) and mark it `failed` with the reason, so retention
+    /// removes it in time; `list` and `replay` pass over it too (counted as `query_malformed`; a
+    /// `list` page may then hold fewer events than its limit, a replay page does not), and `get`
+    /// of its id returns an error naming what is wrong with it.
     ///
     /// ```no_run
     /// # use eventbroker::{PostgresConfig, PostgresProvider};
@@ -396,7 +402,7 @@ impl EventStore for PostgresProvider {
     }
 
     fn list(&self, filter: &EventFilter) -> Result<Vec<Event>, ProviderError> {
-        store::list(&self.shared.backend, &self.shared.store_sql, filter)
+        store::list(&self.shared.backend, &self.shared.store_sql, filter, &self.shared.query_malformed)
     }
 
     fn delete(&self, id: EventId) -> Result<bool, ProviderError> {
@@ -409,7 +415,8 @@ impl EventStore for PostgresProvider {
         pattern: Option<&Pattern>,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, ProviderError> {
-        store::replay(&self.shared.backend, &self.shared.store_sql, from, pattern, limit)
+        let shared = &self.shared;
+        store::replay(&shared.backend, &shared.store_sql, from, pattern, limit, &shared.query_malformed)
     }
 
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
@@ -448,6 +455,7 @@ impl EventStore for PostgresProvider {
                 ("replaced".to_owned(), read(&shared.replaced)),
                 ("expired".to_owned(), read(&shared.expired)),
                 ("inbound_malformed".to_owned(), read(&shared.malformed)),
+                ("query_malformed".to_owned(), read(&shared.query_malformed)),
                 ("pool_size".to_owned(), pool_size.into()),
                 ("pool_idle".to_owned(), pool_idle.into()),
                 ("listener_sessions".to_owned(), read(&listener.sessions)),

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use super::NAME;
 use super::backend::Backend;
 use super::codec::{self, EVENT_COLUMNS, pattern_regex};
 use super::schema::Names;
@@ -17,6 +18,7 @@ use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
 use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, ReplayFrom, StoredEvent};
+use crate::sync::{AtomicU64, Ordering};
 
 /// The statements of the store, built once from the validated names.
 pub(super) struct StoreSql {
@@ -101,13 +103,29 @@ pub(super) fn get(backend: &Backend, sql: &StoreSql, id: EventId) -> Result<Opti
     const OP: &str = "get";
     let id = *id.as_uuid();
     let rows = backend.call(OP, backend.query(OP, &sql.events, &sql.get, &[&id]))?;
-    rows.first().map(|row| codec::decode_event(row, 0, OP)).transpose()
+    rows.first().map(|row| codec::decode_event(row, 0, OP).and_then(|decoded| decoded)).transpose()
+}
+
+/// `event`, or `None` for a row that holds no valid event, logged and counted in `passed_over`:
+/// one such row (a captured row whose JSON breaks the payload rules) must not fail every `list`
+/// and `replay` that covers it.
+fn readable(decoded: codec::Decoded, passed_over: &AtomicU64, operation: &'static str) -> Option<Event> {
+    match decoded {
+        Ok(event) => Some(event),
+        Err(error) => {
+            // Relaxed: a counter, read for stats only.
+            passed_over.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(operation, %error, "{NAME} provider: passing over a row that holds no valid event");
+            None
+        }
+    }
 }
 
 pub(super) fn list(
     backend: &Backend,
     sql: &StoreSql,
     filter: &EventFilter,
+    passed_over: &AtomicU64,
 ) -> Result<Vec<Event>, ProviderError> {
     const OP: &str = "list";
     if filter.limit == Some(0) {
@@ -149,7 +167,11 @@ pub(super) fn list(
         query.where_clause()
     );
     let rows = backend.call(OP, backend.query(OP, &sql.events, &statement, &query.params()))?;
-    rows.iter().map(|row| codec::decode_event(row, 0, OP)).collect()
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        events.extend(readable(codec::decode_event(row, 0, OP)?, passed_over, OP));
+    }
+    Ok(events)
 }
 
 pub(super) fn delete(backend: &Backend, sql: &StoreSql, id: EventId) -> Result<bool, ProviderError> {
@@ -175,33 +197,48 @@ pub(super) fn replay(
     from: ReplayFrom,
     pattern: Option<&Pattern>,
     limit: usize,
+    passed_over: &AtomicU64,
 ) -> Result<Vec<StoredEvent>, ProviderError> {
     const OP: &str = "replay";
     if limit == 0 {
         return backend.call(OP, async { Ok(Vec::new()) });
     }
-    let mut query = Query::new();
-    match from {
-        ReplayFrom::Beginning => {}
-        ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
-        ReplayFrom::Time(at) => query.and("created_at_ns >= $?", codec::to_nanos(at, "from", OP)?),
+    let mut replayed = Vec::new();
+    // A page short of `limit` says history is exhausted, so rows passed over are made up for by
+    // reading on past the last row read, until the page is full or the rows run out.
+    let mut past = None;
+    loop {
+        let want = limit - replayed.len();
+        let mut query = Query::new();
+        match from {
+            ReplayFrom::Beginning => {}
+            ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
+            ReplayFrom::Time(at) => query.and("created_at_ns >= $?", codec::to_nanos(at, "from", OP)?),
+        }
+        if let Some(seq) = past {
+            query.and("seq > $?", seq);
+        }
+        if let Some(pattern) = pattern {
+            query.and("\"type\" ~ $?", pattern_regex(pattern));
+        }
+        let page_limit = query.bind(bigint(want));
+        let statement = format!(
+            "SELECT seq, {EVENT_COLUMNS} FROM {} {} ORDER BY seq LIMIT {page_limit}",
+            sql.events,
+            query.where_clause()
+        );
+        let rows = backend.call(OP, backend.query(OP, &sql.events, &statement, &query.params()))?;
+        for row in &rows {
+            let seq: i64 = row.try_get(0).map_err(|err| Backend::error(OP, &sql.events, err))?;
+            past = Some(seq);
+            if let Some(event) = readable(codec::decode_event(row, 1, OP)?, passed_over, OP) {
+                replayed.push(StoredEvent { seq: seq.unsigned_abs(), event });
+            }
+        }
+        if rows.len() < want || replayed.len() == limit {
+            return Ok(replayed);
+        }
     }
-    if let Some(pattern) = pattern {
-        query.and("\"type\" ~ $?", pattern_regex(pattern));
-    }
-    let limit = query.bind(bigint(limit));
-    let statement = format!(
-        "SELECT seq, {EVENT_COLUMNS} FROM {} {} ORDER BY seq LIMIT {limit}",
-        sql.events,
-        query.where_clause()
-    );
-    let rows = backend.call(OP, backend.query(OP, &sql.events, &statement, &query.params()))?;
-    rows.iter()
-        .map(|row| {
-            let seq: i64 = row.get(0);
-            Ok(StoredEvent { seq: seq.unsigned_abs(), event: codec::decode_event(row, 1, OP)? })
-        })
-        .collect()
 }
 
 /// The columns of a dead letter, as `get_letter` and `list_dead_letters` select them.
