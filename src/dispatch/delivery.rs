@@ -479,6 +479,11 @@ pub(crate) fn deliver_inline(
         if !sleep_until(due, &shutdown) {
             return Inline::Failed(failure(subscription, shut_down_before_retry(attempts, &error), attempts));
         }
+        if table.get(subscription.id).is_none() {
+            // Unsubscribed while the retry waited: not made, as on a worker.
+            let error = unsubscribed_before_retry(attempts, &error);
+            return Inline::Failed(failure(subscription, error, attempts));
+        }
         outbox.retry_scheduled();
     }
 }
