@@ -428,6 +428,8 @@ impl Engine {
         let job = Job::stored(event, ticket);
         let mut outbox = Outbox::default();
         outbox.processing(&job, crate::clock::now(), self.track_status);
+        // Before the handlers run, as a worker does: while they do, the event is `processing`.
+        worker::write_statuses(&self.shared, &mut outbox);
         let set = self.table().load();
         let failures = worker::deliver_on_caller(
             self.table(),
