@@ -110,6 +110,12 @@ impl Engine {
                 return Err(DrainError::Closed);
             }
             if Instant::now() >= deadline {
+                let in_rings: u64 = targets
+                    .iter()
+                    .enumerate()
+                    .map(|(shard, &target)| self.shards.unfinished(shard, target))
+                    .sum();
+                let unfinished = in_rings + self.sync_calls.open_before(sync_target);
                 return Err(DrainError::TimedOut { timeout, unfinished, retrying });
             }
             if !backoff.snooze() {

@@ -515,7 +515,9 @@ impl Broker {
     }
 
     /// Runs the matched handlers on this thread, in subscription order, retrying failures per the
-    /// retry policy (sleeping between attempts), and returns once every delivery has ended.
+    /// retry policy (sleeping between attempts), and returns once every delivery has ended. The
+    /// event's status is `processing` while the handlers run; a retry whose subscription was
+    /// ended ([`Broker::unsubscribe`]) while it waited is not made, and its delivery fails.
     ///
     /// # Errors
     /// [`SyncPublishError::HandlerFailed`] listing the deliveries that failed after their retries

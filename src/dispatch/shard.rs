@@ -222,6 +222,20 @@ impl ShardSet {
         (target.saturating_sub(ended), waiting)
     }
 
+    /// How many of shard `index`'s first `target` jobs have not ended (a snapshot, for a report):
+    /// those not begun, those waiting for a retry or an acknowledgement, and the one in a handler.
+    /// Jobs after the first `target` that ended do not hide those before them still open.
+    pub(crate) fn unfinished(&self, index: usize, target: u64) -> u64 {
+        let c = &self.shards[index].counters;
+        let (short, _) = self.shortfall(index, target);
+        // Relaxed: statistics (see `ShardCounters`).
+        let not_begun = target.saturating_sub(c.started.load(Ordering::Relaxed));
+        let open = c.open_starts.lock().iter().filter(|&&start| start <= target).count() as u64;
+        // Both count only unfinished jobs; the first misses open ones when later jobs ended, the
+        // second the one in a handler.
+        short.max(not_begun + open)
+    }
+
     /// Free slots over every ring (a snapshot).
     pub(crate) fn free_slots(&self) -> usize {
         self.shards.iter().map(|s| s.producer.capacity().saturating_sub(s.producer.len())).sum()

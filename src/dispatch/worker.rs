@@ -229,6 +229,11 @@ pub(crate) struct ShardCounters {
     pub(crate) internal_errors: AtomicU64,
     pub(crate) abandoned: AtomicU64,
     pub(crate) returned: AtomicU64,
+    /// The place in the shard's order (its `started` count when it began) of each job with
+    /// deliveries waiting for a retry or an acknowledgement, as of the end of the worker's last
+    /// turn that changed them: for `Broker::drain` to tell which of them it waits for. Written
+    /// only by turns that open or end such a job, off the common path.
+    pub(crate) open_starts: parking_lot::Mutex<Vec<u64>>,
 }
 
 /// What a worker did after shutdown began.
@@ -286,6 +291,8 @@ struct Open {
     /// Whether the event is in [`WorkerShared::failing`]: a delivery of it was dead-lettered
     /// while others were still under way.
     failing: bool,
+    /// Its place in the shard's order: the worker's `started` count when it began.
+    start: u64,
 }
 
 /// The job being handled, by id and origin only (no reference count to move on the hot path),
@@ -331,6 +338,8 @@ pub(crate) struct Worker {
     internal_errors: u64,
     /// What was last stored into `counters`.
     published: Published,
+    /// `open.changes` when `counters.open_starts` was last written.
+    published_open_changes: u64,
     last_extend: Instant,
     rng: fastrand::Rng,
     metrics: WorkerMetrics,
@@ -381,6 +390,7 @@ impl Worker {
             started: 0,
             internal_errors: 0,
             published: Published::default(),
+            published_open_changes: 0,
             last_extend: Instant::now(),
             rng: fastrand::Rng::new(),
             metrics,
@@ -592,7 +602,7 @@ impl Worker {
         if failing {
             self.shared.failing.begin(job.event.id);
         }
-        let key = self.open.insert(Open { job, tally, ended: Vec::new(), failing });
+        let key = self.open.insert(Open { job, tally, ended: Vec::new(), failing, start: self.started });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
         }
@@ -902,6 +912,12 @@ impl Worker {
             self.shared.failing.end(self.settled_failing.drain(..));
         }
         self.metrics.end_turn();
+        if self.open.changes != self.published_open_changes {
+            self.published_open_changes = self.open.changes;
+            let mut starts = self.counters.open_starts.lock();
+            starts.clear();
+            starts.extend(self.open.iter().map(|open| open.start));
+        }
         let now = Published {
             counts: self.outbox.counts,
             started: self.started,
@@ -933,7 +949,7 @@ impl Worker {
 
 /// Writes the outbox's status changes: inline when the provider is cheap enough, else through the
 /// writer. Takes them out, keeping the buffers when they are written inline.
-fn write_statuses(shared: &WorkerShared, outbox: &mut Outbox) {
+pub(crate) fn write_statuses(shared: &WorkerShared, outbox: &mut Outbox) {
     if outbox.statuses.is_empty() {
         return;
     }
@@ -976,17 +992,20 @@ struct Slab<T> {
     entries: Vec<Option<T>>,
     free: Vec<usize>,
     len: usize,
+    /// Inserts and removals so far.
+    changes: u64,
 }
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Self { entries: Vec::new(), free: Vec::new(), len: 0 }
+        Self { entries: Vec::new(), free: Vec::new(), len: 0, changes: 0 }
     }
 }
 
 impl<T> Slab<T> {
     fn insert(&mut self, value: T) -> usize {
         self.len += 1;
+        self.changes += 1;
         if let Some(key) = self.free.pop() {
             self.entries[key] = Some(value);
             key
@@ -1010,6 +1029,7 @@ impl<T> Slab<T> {
         let value = self.entries[key].take().expect("removing an empty slab entry");
         self.free.push(key);
         self.len -= 1;
+        self.changes += 1;
         value
     }
 
