@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use eventbroker::prelude::*;
 use eventbroker::testing::{Fault, FaultyProvider, Operation};
 use eventbroker::{
-    Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, DeadLetterFilter, Distribution, Event,
-    EventStatus, HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom, RetryPolicy,
-    SyncPublishError, Timestamp, WriterConfig,
+    Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, DeadLetterFilter, Distribution,
+    DrainError, Event, EventStatus, HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom,
+    RetryPolicy, SyncPublishError, Timestamp, WriterConfig,
 };
 
 mod common;
@@ -889,4 +889,99 @@ fn replay_leaves_the_stored_history_alone() {
     assert_eq!(memory.get(id).unwrap().unwrap(), before, "status, timestamps and payload untouched");
     assert_eq!(memory.stats().unwrap().events_published, stored_before, "nothing stored again");
     assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 18. A synchronous publish's retry waiting when its subscription ends is not made: the delivery
+// fails with a dead letter saying so, as a worker's does, and the handler is not called again.
+#[test]
+fn a_sync_retry_is_not_made_after_unsubscribe() {
+    let delay = Duration::from_millis(500);
+    let broker = Broker::builder()
+        .retry_policy(RetryPolicy { initial_delay: delay, max_delay: delay, ..quick_retries(3) })
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let id = broker
+        .subscribe("sync.unsubscribed", move |_: &Event| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>("down")
+        })
+        .unwrap();
+    let published = event("sync.unsubscribed");
+    let event_id = published.id;
+    let outcome = thread::scope(|s| {
+        let publish = s.spawn(|| broker.publish_sync(published));
+        wait_until("the first attempt", WAIT, || calls.load(Ordering::SeqCst) == 1);
+        assert!(broker.unsubscribe(id));
+        publish.join().unwrap()
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "a retry was made after the unsubscribe");
+    let Err(SyncPublishError::HandlerFailed(failures)) = outcome else { panic!("{outcome:?}") };
+    let failure = &failures.failures()[0];
+    assert_eq!(failure.attempts, 1);
+    assert!(failure.error.contains("unsubscribed before retry 1"), "{}", failure.error);
+    let letters = broker.dead_letters(&DeadLetterFilter::new().with_event_id(event_id)).unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(broker.stats().retries, 0, "no retry was made");
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 19. While `publish_sync` runs the handlers, the event's stored status is `processing`, as on a
+// worker, not `pending`.
+#[test]
+fn a_synchronous_events_status_is_processing_while_its_handlers_run() {
+    for mode in [Mode::Sync, Mode::Async] {
+        let broker = Broker::builder().mode(mode).build().unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let (status, provider) = (Arc::clone(&seen), Arc::clone(broker.provider()));
+        broker
+            .subscribe_infallible("status.seen", move |e: &Event| {
+                *status.lock().unwrap() = provider.get(e.id).unwrap().map(|e| e.status);
+            })
+            .unwrap();
+        let published = event("status.seen");
+        let id = published.id;
+        broker.publish(published).unwrap();
+        broker.drain(WAIT).unwrap();
+        assert_eq!(*seen.lock().unwrap(), Some(EventStatus::Processing), "{mode:?}");
+        let stored = broker.provider().get(id).unwrap().unwrap();
+        assert_eq!(stored.status, EventStatus::Completed, "{mode:?}");
+        assert!(stored.processed_at.is_some() && stored.completed_at.is_some(), "{mode:?}");
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+}
+
+// 20. A drain that times out counts an event accepted before it and waiting for a retry as
+// unfinished, however many events published after the call ended meanwhile.
+#[test]
+fn a_timed_out_drain_counts_an_event_waiting_behind_later_ones() {
+    let far = Duration::from_secs(30);
+    let broker = Broker::builder()
+        .workers(1)
+        .retry_policy(RetryPolicy { initial_delay: far, max_delay: far, ..quick_retries(1) })
+        .build()
+        .unwrap();
+    broker.subscribe("drain.stuck", |_: &Event| Err::<(), _>("down")).unwrap();
+    broker.subscribe_infallible("drain.fine", |_| {}).unwrap();
+    broker.publish(event("drain.stuck")).unwrap();
+    wait_until("the retry to wait", WAIT, || broker.stats().pending_retries == 1);
+    let outcome = thread::scope(|s| {
+        let drain = s.spawn(|| broker.drain(Duration::from_millis(500)));
+        // Meant to come after the drain began; should they come before, the count is the same.
+        thread::sleep(Duration::from_millis(50));
+        for _ in 0..5 {
+            broker.publish(event("drain.fine")).unwrap();
+        }
+        drain.join().unwrap()
+    });
+    match outcome {
+        Err(DrainError::TimedOut { unfinished, retrying, .. }) => {
+            assert_eq!((unfinished, retrying), (1, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(broker.stats().completed, 5);
+    let report = broker.shutdown(Duration::from_millis(200));
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
 }
