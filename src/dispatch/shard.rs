@@ -230,7 +230,7 @@ impl ShardSet {
         let (short, _) = self.shortfall(index, target);
         // Relaxed: statistics (see `ShardCounters`).
         let not_begun = target.saturating_sub(c.started.load(Ordering::Relaxed));
-        let open = c.open_starts.lock().iter().filter(|&&start| start <= target).count() as u64;
+        let open = c.open_starts.lock().range(..=target).count() as u64;
         // Both count only unfinished jobs; the first misses open ones when later jobs ended, the
         // second the one in a handler.
         short.max(not_begun + open)

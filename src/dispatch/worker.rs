@@ -232,8 +232,8 @@ pub(crate) struct ShardCounters {
     /// The place in the shard's order (its `started` count when it began) of each job with
     /// deliveries waiting for a retry or an acknowledgement, as of the end of the worker's last
     /// turn that changed them: for `Broker::drain` to tell which of them it waits for. Written
-    /// only by turns that open or end such a job, off the common path.
-    pub(crate) open_starts: parking_lot::Mutex<Vec<u64>>,
+    /// only by turns that open or end such a job, with that turn's changes alone.
+    pub(crate) open_starts: parking_lot::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// What a worker did after shutdown began.
@@ -338,8 +338,8 @@ pub(crate) struct Worker {
     internal_errors: u64,
     /// What was last stored into `counters`.
     published: Published,
-    /// `open.changes` when `counters.open_starts` was last written.
-    published_open_changes: u64,
+    /// Jobs opened (`true`) and ended (`false`) this turn, by start, for `counters.open_starts`.
+    open_changes: Vec<(u64, bool)>,
     last_extend: Instant,
     rng: fastrand::Rng,
     metrics: WorkerMetrics,
@@ -390,7 +390,7 @@ impl Worker {
             started: 0,
             internal_errors: 0,
             published: Published::default(),
-            published_open_changes: 0,
+            open_changes: Vec::new(),
             last_extend: Instant::now(),
             rng: fastrand::Rng::new(),
             metrics,
@@ -602,6 +602,7 @@ impl Worker {
         if failing {
             self.shared.failing.begin(job.event.id);
         }
+        self.open_changes.push((self.started, true));
         let key = self.open.insert(Open { job, tally, ended: Vec::new(), failing, start: self.started });
         if let Some(in_flight) = &mut self.in_flight {
             in_flight.registered = true;
@@ -745,6 +746,7 @@ impl Worker {
     /// so the deliveries whose subscription ended are dead-lettered beside it and the job settles.
     fn end_open(&mut self, key: usize) {
         let mut open = self.open.remove(key);
+        self.open_changes.push((open.start, false));
         if open.failing {
             // Once the final status is on its way (see `end_turn`).
             self.settled_failing.push(open.job.event.id);
@@ -867,7 +869,8 @@ impl Worker {
         let Some(open) = self.open.get(key) else { return };
         if let (Origin::Inbound(token), false) = (open.job.origin, open.tally.failed()) {
             // Another member, or this instance's next incarnation, gets it again.
-            self.open.remove(key);
+            let start = self.open.remove(key).start;
+            self.open_changes.push((start, false));
             self.outbox.naks.push(token);
             report.returned_at_shutdown += 1;
             return;
@@ -912,11 +915,15 @@ impl Worker {
             self.shared.failing.end(self.settled_failing.drain(..));
         }
         self.metrics.end_turn();
-        if self.open.changes != self.published_open_changes {
-            self.published_open_changes = self.open.changes;
+        if !self.open_changes.is_empty() {
             let mut starts = self.counters.open_starts.lock();
-            starts.clear();
-            starts.extend(self.open.iter().map(|open| open.start));
+            for (start, opened) in self.open_changes.drain(..) {
+                if opened {
+                    starts.insert(start);
+                } else {
+                    starts.remove(&start);
+                }
+            }
         }
         let now = Published {
             counts: self.outbox.counts,
@@ -992,20 +999,17 @@ struct Slab<T> {
     entries: Vec<Option<T>>,
     free: Vec<usize>,
     len: usize,
-    /// Inserts and removals so far.
-    changes: u64,
 }
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Self { entries: Vec::new(), free: Vec::new(), len: 0, changes: 0 }
+        Self { entries: Vec::new(), free: Vec::new(), len: 0 }
     }
 }
 
 impl<T> Slab<T> {
     fn insert(&mut self, value: T) -> usize {
         self.len += 1;
-        self.changes += 1;
         if let Some(key) = self.free.pop() {
             self.entries[key] = Some(value);
             key
@@ -1029,7 +1033,6 @@ impl<T> Slab<T> {
         let value = self.entries[key].take().expect("removing an empty slab entry");
         self.free.push(key);
         self.len -= 1;
-        self.changes += 1;
         value
     }
 
