@@ -511,6 +511,13 @@ fn max_events_zero_keeps_nothing_but_streams_still_see_events() {
     assert!(!stored(&provider, e.id));
     assert_eq!(stream.try_recv().expect("delivered").id, e.id);
     assert_eq!(provider.stats().expect("stats").total_events, 0);
+
+    // The bus's log shares the bound, as `MemoryConfig::max_events` says: groups get nothing.
+    let group = eventbroker::ConsumerGroup::Instance("zero".into());
+    let source = provider.open_inbound(&eventbroker::InboundConfig::new("zero", group)).expect("open");
+    provider.store_batch(&[event("gone.for.groups")], None).expect("store");
+    assert!(source.fetch(8, Duration::ZERO).expect("fetch").is_empty());
+    assert_eq!(specific(&provider, "bus_lost"), 1);
 }
 
 #[test]
@@ -1141,4 +1148,68 @@ fn a_replay_cursor_read_back_keeps_its_time() {
     let bare = serde_json::json!({ "position": { "time": since }, "not_before": null });
     let read: eventbroker::ReplayCursor = serde_json::from_value(bare).unwrap();
     assert_eq!((read.position(), read.not_before()), (ReplayFrom::Time(since), Some(since)));
+}
+
+/// A work-queue member that gives an event back for a pattern it no longer wants (it unsubscribed)
+/// leaves it to the other members: its own fetches pass it over, another member's takes it, as a
+/// redelivery. Taken back, it would be acknowledged as unwanted and lost to the group.
+#[test]
+fn a_work_queue_member_leaves_what_it_gave_back_unwanted_to_the_others() {
+    use eventbroker::{ConsumerGroup, InboundConfig};
+    let provider = provider(1_000);
+    let group = ConsumerGroup::Shared("give-back".into());
+    let open = |name: &str, patterns: &[&str]| {
+        let source = provider.open_inbound(&InboundConfig::new(name, group.clone())).expect("open");
+        let patterns: Vec<Pattern> = patterns.iter().map(|p| Pattern::parse(p).expect("pattern")).collect();
+        source.set_filter(&patterns).expect("set_filter");
+        source
+    };
+    let leaving = open("leaving", &["jobs.>", "other.>"]);
+    let staying = open("staying", &["jobs.>"]);
+    let job = event("jobs.run");
+    provider.store_batch(std::slice::from_ref(&job), None).expect("store");
+    let fetched = leaving.fetch(8, Duration::from_secs(5)).expect("fetch");
+    assert_eq!(fetched.iter().map(|e| e.event.id).collect::<Vec<_>>(), [job.id]);
+
+    leaving.set_filter(&[Pattern::parse("other.>").expect("pattern")]).expect("narrow");
+    leaving.nak(&[fetched[0].token], Duration::ZERO).expect("give back");
+    let again = leaving.fetch(8, Duration::from_millis(100)).expect("fetch");
+    assert!(again.is_empty(), "the member that gave it back took it again: {again:?}");
+    let taken = staying.fetch(8, Duration::from_secs(5)).expect("fetch");
+    assert_eq!(taken.iter().map(|e| (e.event.id, e.deliveries)).collect::<Vec<_>>(), [(job.id, 2)]);
+    staying.ack(&[eventbroker::Ack::handled(taken[0].token)]).expect("ack");
+
+    // Still wanted: a give-back comes back to the member itself.
+    let other = event("other.thing");
+    provider.store_batch(std::slice::from_ref(&other), None).expect("store");
+    let mine = leaving.fetch(8, Duration::from_secs(5)).expect("fetch");
+    leaving.nak(&[mine[0].token], Duration::ZERO).expect("give back");
+    let back = leaving.fetch(8, Duration::from_secs(5)).expect("fetch");
+    assert_eq!(back.iter().map(|e| (e.event.id, e.deliveries)).collect::<Vec<_>>(), [(other.id, 2)]);
+}
+
+/// A group that falls more than the bound behind counts as lost only what it would have been
+/// handed: its own events are echoes and those none of its members wants are filtered, as a fetch
+/// counts them; what is left of the log still comes, in order.
+#[test]
+fn a_group_left_behind_counts_only_what_it_would_have_received_as_lost() {
+    use eventbroker::{ConsumerGroup, InboundConfig};
+    let provider = provider(10);
+    let group = ConsumerGroup::Instance("behind".into());
+    let source = provider.open_inbound(&InboundConfig::new("behind", group.clone())).expect("open");
+    source.set_filter(&[Pattern::parse("wanted.>").expect("pattern")]).expect("set_filter");
+    let own: Vec<Arc<Event>> = (0..20).map(|_| event("wanted.mine")).collect();
+    let unwanted: Vec<Arc<Event>> = (0..20).map(|_| event("other.x")).collect();
+    let wanted: Vec<Arc<Event>> = (0..20).map(|_| event("wanted.x")).collect();
+    provider.store_batch(&own, Some(&group.key())).expect("store");
+    provider.store_batch(&unwanted, None).expect("store");
+    provider.store_batch(&wanted, None).expect("store");
+
+    assert_eq!(specific(&provider, "bus_lost"), 10, "the wanted events the log dropped");
+    assert_eq!(specific(&provider, "bus_echoes_skipped"), 20);
+    assert_eq!(specific(&provider, "bus_filtered"), 20);
+    let got = source.fetch(64, Duration::ZERO).expect("fetch");
+    let ids = |events: &[Arc<Event>]| events.iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(got.iter().map(|e| e.event.id).collect::<Vec<_>>(), ids(&wanted[10..]));
+    assert_eq!(specific(&provider, "bus_lost"), 10);
 }

@@ -75,10 +75,12 @@
 //! [`InboundConfig::claim_idle`], filters applied before anything is handed out. Once a first group
 //! exists, every newly stored event is also appended to the bus's log (a shared reference, not a
 //! copy), which keeps what some group still has to read, at most [`MemoryConfig::max_events`]
-//! entries: a group that falls further behind loses the oldest, counted as `bus_lost`. Hand-outs,
-//! redeliveries, skipped echoes and filtered events are counted as `bus_redelivered`,
-//! `bus_echoes_skipped` and `bus_filtered`, next to `bus_pending` and `bus_logged`. Without groups
-//! (a broker alone with its own provider) nothing of the bus costs anything.
+//! entries: a group that falls further behind loses the oldest, counted as `bus_lost` (its own
+//! events among them as `bus_echoes_skipped`, those none of its members wants as `bus_filtered`,
+//! as a fetch would have counted them). Redeliveries, skipped echoes and filtered events are
+//! counted as `bus_redelivered`, `bus_echoes_skipped` and `bus_filtered`, next to `bus_pending` and
+//! `bus_logged`; hand-outs in [`ProviderStats::events_consumed`]. Without groups (a broker alone
+//! with its own provider) nothing of the bus costs anything.
 
 use std::collections::BTreeMap;
 use std::mem;
@@ -155,7 +157,9 @@ const TAKE_AT_ONCE: usize = 16;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// Most events kept; storing more evicts the least recently used. Default 10 000. With 0 an
-    /// event is evicted as soon as it is stored (streams and consumer groups still receive it).
+    /// event is evicted as soon as it is stored (streams still receive it). The bus's log shares
+    /// the bound (see the [module docs](self)): with 0, consumer groups receive nothing, each
+    /// event counted as `bus_lost`, so brokers that share the provider need a bound above 0.
     /// Nothing is allocated ahead for the bound: memory grows with the events held, so any number
     /// may be given, up to `usize::MAX` for one that is never reached.
     pub max_events: usize,

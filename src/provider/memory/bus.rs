@@ -78,6 +78,15 @@ struct Member {
     claim_idle: Duration,
 }
 
+impl Group {
+    /// Whether an open member wants events of `event_type`; with no member open (an instance
+    /// that shut down, to come back later), every type is.
+    fn wants(&self, event_type: &str) -> bool {
+        let mut open = self.members.values().filter(|m| m.open).peekable();
+        open.peek().is_none() || open.any(|m| m.wants(event_type))
+    }
+}
+
 impl Member {
     fn wants(&self, event_type: &str) -> bool {
         self.filter.as_ref().is_none_or(|set| set.is_match(event_type))
@@ -147,15 +156,30 @@ impl Bus {
         while self.base < needed && self.log.pop_front().is_some() {
             self.base += 1;
         }
-        while self.log.len() > self.max_log && self.log.pop_front().is_some() {
+        while self.log.len() > self.max_log
+            && let Some(dropped) = self.log.pop_front()
+        {
+            let position = self.base;
             self.base += 1;
+            // Counted as the groups that had not looked at it yet would have: their own events
+            // are echoes and those no member wants are filtered, not lost.
+            for (key, group) in &mut self.groups {
+                if group.cursor > position {
+                    continue;
+                }
+                group.cursor = self.base;
+                if dropped.origin.as_deref() == Some(key.as_str()) {
+                    self.echoes_skipped += 1;
+                } else if group.wants(&dropped.event.event_type) {
+                    self.lost += 1;
+                } else {
+                    self.filtered += 1;
+                }
+            }
         }
         let base = self.base;
         for group in self.groups.values_mut() {
-            if group.cursor < base {
-                self.lost += base - group.cursor;
-                group.cursor = base;
-            }
+            debug_assert!(group.cursor >= base, "a cursor behind the log is moved on as it is trimmed");
             let kept = group.pending.split_off(&base);
             self.lost += group.pending.len() as u64;
             group.pending = kept;
@@ -223,7 +247,7 @@ impl Bus {
         let mut fetched = Fetched { events: Vec::new(), next_due: None };
         let base = self.base;
         let Some(group) = self.groups.get_mut(group_key) else { return fetched };
-        let Some(claim_idle) = group.members.get(&source).map(|m| m.claim_idle) else { return fetched };
+        let Some(member) = group.members.get(&source) else { return fetched };
 
         for (&position, pending) in &mut group.pending {
             if fetched.events.len() >= max {
@@ -232,7 +256,7 @@ impl Bus {
             let due = match pending.available_at {
                 Some(at) => at,
                 None if pending.owner == source => continue,
-                None => crate::deadline::after(pending.handed_at, claim_idle),
+                None => crate::deadline::after(pending.handed_at, member.claim_idle),
             };
             if due > now {
                 fetched.next_due = Some(fetched.next_due.map_or(due, |d: Instant| d.min(due)));
@@ -241,6 +265,11 @@ impl Bus {
             let Some(logged) = usize::try_from(position - base).ok().and_then(|i| self.log.get(i)) else {
                 continue; // Trimmed: counted as lost by `trim`.
             };
+            if group.shared && pending.owner == source && !member.wants(&logged.event.event_type) {
+                // Given back by this member for a pattern it no longer wants: left to the other
+                // members (taken back, it would be acknowledged as unwanted), as PostgreSQL does.
+                continue;
+            }
             pending.owner = source;
             pending.handed_at = now;
             pending.available_at = None;
@@ -265,7 +294,7 @@ impl Bus {
                 self.echoes_skipped += 1;
                 continue;
             }
-            let wanted = group.members.values().filter(|m| m.open).any(|m| m.wants(&logged.event.event_type));
+            let wanted = group.wants(&logged.event.event_type);
             if !wanted {
                 self.filtered += 1;
                 continue;
