@@ -1704,3 +1704,35 @@ fn handled_events_keep_their_claims_until_acknowledged() {
     recover(&faulty);
     assert_each_handled_once(&handled, &ids, claim_idle, [first, second, publisher]);
 }
+
+/// A broker that falls more than the bus's bound behind its group's events sees what its group
+/// lost in its own stats (`inbound.lost`), not only in the provider's `bus_lost`; a broker that
+/// keeps up loses nothing, and its own events are never counted as lost to it.
+#[test]
+fn a_broker_left_behind_on_the_bus_sees_what_its_group_lost() {
+    let bus = Arc::new(MemoryProvider::new(eventbroker::MemoryConfig {
+        max_events: 16,
+        cleanup_interval: None,
+        ..eventbroker::MemoryConfig::default()
+    }));
+    // No subscription yet: its inbound thread fetches nothing, so its group falls behind.
+    let behind = Broker::builder().provider(bus.clone()).instance_id("behind").build().unwrap();
+    let publisher = Broker::builder().provider(bus.clone()).instance_id("publisher").build().unwrap();
+    let handled = count_handled(&publisher, "never.>");
+    for _ in 0..40 {
+        publisher.publish(event("jobs.run")).unwrap();
+        behind.publish(event("jobs.own")).unwrap();
+    }
+    publisher.drain(Duration::from_secs(5)).unwrap();
+    behind.drain(Duration::from_secs(5)).unwrap();
+
+    let lost = bus.stats().unwrap().provider_specific["bus_lost"].as_u64().unwrap();
+    assert_eq!(behind.stats().inbound.lost, lost, "the behind broker's group is the only one that lost");
+    // The log's last 16 hold 8 of the publisher's: 32 of them dropped before `behind` read them.
+    assert_eq!(lost, 32);
+    assert_eq!(publisher.stats().inbound.lost, 0, "its own events are not lost to it");
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    for broker in [behind, publisher] {
+        assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+    }
+}

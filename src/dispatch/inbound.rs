@@ -151,6 +151,10 @@ pub struct InboundStats {
     pub invalid: u64,
     /// Fetched events given back at shutdown, unplaced.
     pub returned: u64,
+    /// Events this broker's group lost before any member was handed them (see
+    /// [`Inbound::lost`]): with the memory provider's bus, those its log dropped at the bound
+    /// while the group lagged behind; 0 for backends that do not count them.
+    pub lost: u64,
     /// How long before its fetch the oldest event of the last non-empty fetch was created (by its
     /// publisher's clock); zero after a fetch that found nothing, when this instance has caught
     /// up. How far behind the other instances this one runs.
@@ -279,6 +283,7 @@ impl InboundPump {
             filter_errors: load(&c.filter_errors),
             invalid: load(&c.invalid),
             returned: load(&c.returned),
+            lost: self.source.lost(),
             lag: Duration::from_micros(load(&c.lag_micros)),
         }
     }

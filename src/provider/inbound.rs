@@ -248,6 +248,13 @@ pub trait Inbound: Send + Sync {
     /// As [`Inbound::ack`].
     fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError>;
 
+    /// Events this source's group lost before any of its members was handed them (a bounded log
+    /// that dropped them first), as far as the backend counts them: 0 where it does not. Read for
+    /// [`InboundStats::lost`](crate::InboundStats::lost); the memory provider's bus counts them.
+    fn lost(&self) -> u64 {
+        0
+    }
+
     /// Stops fetching and releases the source. Unacknowledged events stay with the group, to be
     /// redelivered. Later calls return `Closed`; a second `close` returns `Ok(())`.
     ///

@@ -1140,6 +1140,10 @@ impl Inbound for MemoryInbound {
         Ok(())
     }
 
+    fn lost(&self) -> u64 {
+        self.shared.bus.lock().lost_by(&self.group)
+    }
+
     fn close(&self) -> Result<(), ProviderError> {
         let mut bus = self.shared.bus.lock();
         // Relaxed: see `bus`.

@@ -412,6 +412,10 @@ impl Inbound for FaultyInbound {
         self.inner.set_filter(patterns)
     }
 
+    fn lost(&self) -> u64 {
+        self.inner.lost()
+    }
+
     fn close(&self) -> Result<(), ProviderError> {
         self.faults.check(self.provider, Operation::CloseInbound)?;
         self.inner.close()

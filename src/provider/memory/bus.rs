@@ -61,6 +61,8 @@ struct Group {
     cursor: u64,
     pending: BTreeMap<u64, Pending>,
     members: HashMap<SourceId, Member>,
+    /// Its part of [`Bus::lost`].
+    lost: u64,
 }
 
 struct Pending {
@@ -172,6 +174,7 @@ impl Bus {
                     self.echoes_skipped += 1;
                 } else if group.wants(&dropped.event.event_type) {
                     self.lost += 1;
+                    group.lost += 1;
                 } else {
                     self.filtered += 1;
                 }
@@ -182,6 +185,7 @@ impl Bus {
             debug_assert!(group.cursor >= base, "a cursor behind the log is moved on as it is trimmed");
             let kept = group.pending.split_off(&base);
             self.lost += group.pending.len() as u64;
+            group.lost += group.pending.len() as u64;
             group.pending = kept;
         }
     }
@@ -197,6 +201,7 @@ impl Bus {
             cursor: end,
             pending: BTreeMap::new(),
             members: HashMap::new(),
+            lost: 0,
         });
         if !group.shared {
             // A fan-out group has one live member: a new one is the instance restarted.
@@ -344,6 +349,11 @@ impl Bus {
     /// Events handed out and not yet acknowledged, over every group.
     pub(super) fn pending(&self) -> usize {
         self.groups.values().map(|g| g.pending.len()).sum()
+    }
+
+    /// What the group `key` lost (see [`Bus::lost`]); 0 for no such group.
+    pub(super) fn lost_by(&self, key: &str) -> u64 {
+        self.groups.get(key).map_or(0, |g| g.lost)
     }
 
     /// Entries in the log now.
