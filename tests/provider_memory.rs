@@ -1188,6 +1188,37 @@ fn a_work_queue_member_leaves_what_it_gave_back_unwanted_to_the_others() {
     assert_eq!(back.iter().map(|e| (e.event.id, e.deliveries)).collect::<Vec<_>>(), [(other.id, 2)]);
 }
 
+/// A member whose claim lapsed, and was taken over by another member, gives the event back: the
+/// give-back is not honoured, since the other member is handling it now and a redelivery would
+/// have it handled twice at once.
+#[test]
+fn a_give_back_after_another_member_took_the_event_over_leaves_it_with_that_member() {
+    use eventbroker::{ConsumerGroup, InboundConfig};
+    let provider = provider(1_000);
+    let group = ConsumerGroup::Shared("taken-over".into());
+    let open = |name: &str| {
+        let config = InboundConfig::new(name, group.clone()).with_claim_idle(Duration::from_millis(200));
+        provider.open_inbound(&config).expect("open")
+    };
+    let (slow, other) = (open("slow"), open("other"));
+    let job = event("jobs.run");
+    provider.store_batch(std::slice::from_ref(&job), None).expect("store");
+    let first = slow.fetch(8, Duration::from_secs(5)).expect("fetch");
+    assert_eq!(first.len(), 1);
+    let taken = other.fetch(8, Duration::from_secs(5)).expect("fetch after the claim lapsed");
+    assert_eq!(taken.iter().map(|e| (e.event.id, e.deliveries)).collect::<Vec<_>>(), [(job.id, 2)]);
+
+    slow.nak(&[first[0].token], Duration::ZERO).expect("a late give-back");
+    for source in [&slow, &other] {
+        // Kept by its new owner, so only the give-back could make it due.
+        other.extend(&[taken[0].token]).expect("extend");
+        let again = source.fetch(8, Duration::ZERO).expect("fetch");
+        assert!(again.is_empty(), "handed out again while its new owner handles it: {again:?}");
+    }
+    other.ack(&[eventbroker::Ack::handled(taken[0].token)]).expect("ack");
+    assert_eq!(specific(&provider, "bus_pending"), 0);
+}
+
 /// A group that falls more than the bound behind counts as lost only what it would have been
 /// handed: its own events are echoes and those none of its members wants are filtered, as a fetch
 /// counts them; what is left of the log still comes, in order.

@@ -1125,7 +1125,7 @@ impl Inbound for MemoryInbound {
 
     fn nak(&self, tokens: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
         let due = crate::deadline::from_now(delay);
-        self.bus("nak")?.nak(&self.group, tokens, due);
+        self.bus("nak")?.nak(&self.group, self.source, tokens, due);
         self.shared.bell.ring();
         Ok(())
     }

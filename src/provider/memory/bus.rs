@@ -323,10 +323,12 @@ impl Bus {
         self.trim();
     }
 
-    pub(super) fn nak(&mut self, group: &str, tokens: &[AckToken], due: Instant) {
+    /// Gives `source`'s events back, due at `due`. One another member has taken since (its claim
+    /// lapsed) is left to that member: made due again, it would be handled twice at once.
+    pub(super) fn nak(&mut self, group: &str, source: SourceId, tokens: &[AckToken], due: Instant) {
         let Some(group) = self.groups.get_mut(group) else { return };
         for token in tokens {
-            if let Some(pending) = group.pending.get_mut(&token.get()) {
+            if let Some(pending) = group.pending.get_mut(&token.get()).filter(|p| p.owner == source) {
                 pending.available_at = Some(due);
             }
         }
