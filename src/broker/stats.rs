@@ -81,7 +81,8 @@ pub struct BrokerStats {
     /// Events from other instances a work-queue member gave back to its group unhandled, fetched
     /// for a subscription that ended (see [`ShardStats::returned`]).
     pub returned: u64,
-    /// Deliveries waiting for a retry now.
+    /// Deliveries waiting for a retry on a worker now (those `publish_sync` and `redrive` retry
+    /// sleep on their callers' threads and are not counted).
     pub pending_retries: u64,
     /// Acknowledged deliveries that wait for their consumer to settle them now (see
     /// [`Broker::subscribe_acked`](crate::Broker::subscribe_acked)): those the workers made, and

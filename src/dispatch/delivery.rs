@@ -432,10 +432,10 @@ pub(crate) fn deliver_inline(
     outbox: &mut Outbox,
     shutdown: impl Fn() -> Option<Instant>,
 ) -> Inline {
-    let mut attempts = 0;
+    let mut attempts: u32 = 0;
     let mut last_error = String::new();
     loop {
-        attempts += 1;
+        attempts = attempts.saturating_add(1);
         let mut waiting = None;
         let outcome = attempt(subscription, event, attempts, || {
             let (reply, outcome) = flume::bounded(1);

@@ -677,7 +677,7 @@ impl Worker {
             self.subscription_ended(retry.job, &retry.subscription, retry.attempts, error);
             return;
         }
-        let attempts = retry.attempts + 1;
+        let attempts = retry.attempts.saturating_add(1);
         let outcome = delivery::attempt(&retry.subscription, &event, attempts, || self.awaiting.reply());
         match outcome {
             Attempt::Awaiting => {
