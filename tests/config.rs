@@ -377,6 +377,17 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
         "only applies to mode work_queue",
     ),
     ("event_broker:\n  writer:\n    max_batch: 0\n", "event_broker.writer.max_batch", "must be at least 1"),
+    // A zero interval would spin the memory provider's cleanup thread on a core of its own.
+    (
+        "event_broker:\n  memory:\n    cleanup_interval: 0s\n",
+        "event_broker.memory.cleanup_interval",
+        "must be above zero (none: no cleanup thread)",
+    ),
+    (
+        "event_broker:\n  memory:\n    stream_capacity: 0\n",
+        "event_broker.memory.stream_capacity",
+        "must be at least 1",
+    ),
     (
         "event_broker:\n  metrics:\n    namespace: 9lives\n",
         "event_broker.metrics.namespace",

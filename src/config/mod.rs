@@ -99,8 +99,8 @@
 //! | `drop_shutdown_timeout` | `30s` | bound of the shutdown that dropping the last handle runs |
 //! | `memory.max_events` | `10000` | events kept, least recently used evicted |
 //! | `memory.max_age` | `24h` | finished events older than this are removed (`none`: kept) |
-//! | `memory.cleanup_interval` | `1m` | (`none`: no cleanup thread) |
-//! | `memory.stream_capacity` | `1024` | |
+//! | `memory.cleanup_interval` | `1m` | above zero (`none`: no cleanup thread) |
+//! | `memory.stream_capacity` | `1024` | at least 1 |
 //! | `memory.max_dead_letters` | `10000` | |
 //! | `metrics.enabled` | with feature `metrics` | record metrics; `true` without the feature is a build error |
 //! | `metrics.namespace` | none | prefix of every metric name: `<namespace>_eventbroker_…` |
@@ -426,6 +426,13 @@ impl Config {
             set(&mut memory.cleanup_interval, s.duration_or_none("cleanup_interval")?);
             set(&mut memory.stream_capacity, s.uint("stream_capacity")?);
             set(&mut memory.max_dead_letters, s.uint("max_dead_letters")?);
+            // A zero interval would have the cleanup thread spin without pause.
+            if memory.cleanup_interval == Some(Duration::ZERO) {
+                return Err(s.invalid("cleanup_interval", "must be above zero (none: no cleanup thread)"));
+            }
+            if memory.stream_capacity == 0 {
+                return Err(s.invalid("stream_capacity", "must be at least 1"));
+            }
             Ok(memory)
         })?;
         c.redis = read_section(s, "redis", RedisSection::read)?;
