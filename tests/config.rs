@@ -748,3 +748,19 @@ fn the_factory_builds_the_nats_provider_from_its_section() {
         layout.subject_prefix,
     ));
 }
+
+/// A password holds whatever characters it likes: built into a URL, each part is percent-encoded
+/// (the clients decode it), so `/`, `#`, `?` and `@` neither end the password nor move the host.
+#[test]
+fn url_parts_with_reserved_characters_are_encoded() {
+    let config = load(concat!(
+        "event_broker:\n",
+        "  redis:\n    username: app\n    password: \"p/ss#w?rd@x%\"\n    host: \"::1\"\n",
+        "  database:\n    user: \"svc@eu\"\n    password: \"a:b/c\"\n    host: /var/run/postgresql\n",
+    ));
+    assert_eq!(config.redis.url().as_deref(), Some("redis://app:p%2Fss%23w%3Frd%40x%25@[::1]:6379/0"));
+    assert_eq!(
+        config.database.url().as_deref(),
+        Some("postgres://svc%40eu:a%3Ab%2Fc@%2Fvar%2Frun%2Fpostgresql:5432/postgres")
+    );
+}

@@ -62,7 +62,8 @@ pub struct RedisSection {
 
 impl RedisSection {
     /// The URL to connect to: `url`, or one built from `host`, `port`, `username`, `password`,
-    /// `db` and `tls` when any is set; `None` leaves the provider's default.
+    /// `db` and `tls` when any is set (the user name and password percent-encoded, an IPv6 host
+    /// in brackets); `None` leaves the provider's default.
     pub fn url(&self) -> Option<String> {
         if let Some(url) = &self.url {
             return Some(url.clone());
@@ -75,11 +76,11 @@ impl RedisSection {
             (None, None) => String::new(),
             (user, password) => format!(
                 "{}{}@",
-                user.as_deref().unwrap_or(""),
-                password.as_deref().map(|p| format!(":{p}")).unwrap_or_default()
+                user.as_deref().map(percent_encode).unwrap_or_default(),
+                password.as_deref().map(|p| format!(":{}", percent_encode(p))).unwrap_or_default()
             ),
         };
-        let host = self.host.as_deref().unwrap_or("localhost");
+        let host = url_host(self.host.as_deref().unwrap_or("localhost"));
         Some(format!("{scheme}://{auth}{host}:{}/{}", self.port.unwrap_or(6379), self.db.unwrap_or(0)))
     }
 
@@ -342,7 +343,8 @@ pub struct DatabaseSection {
 
 impl DatabaseSection {
     /// The URL to connect to: `url`, or one built from `host`, `port`, `user`, `password` and
-    /// `dbname` when any is set; `None` leaves the provider's default.
+    /// `dbname` when any is set (percent-encoded, an IPv6 host in brackets, a socket directory
+    /// as PostgreSQL reads it); `None` leaves the provider's default.
     ///
     /// ```
     /// use eventbroker::config::DatabaseSection;
@@ -359,13 +361,14 @@ impl DatabaseSection {
         if !self.has_address_parts() {
             return None;
         }
-        let password = self.password.as_deref().map(|p| format!(":{p}")).unwrap_or_default();
+        let password =
+            self.password.as_deref().map(|p| format!(":{}", percent_encode(p))).unwrap_or_default();
         Some(format!(
             "postgres://{}{password}@{}:{}/{}",
-            self.user.as_deref().unwrap_or("postgres"),
-            self.host.as_deref().unwrap_or("localhost"),
+            percent_encode(self.user.as_deref().unwrap_or("postgres")),
+            url_host(self.host.as_deref().unwrap_or("localhost")),
             self.port.unwrap_or(5432),
-            self.dbname.as_deref().unwrap_or("postgres"),
+            percent_encode(self.dbname.as_deref().unwrap_or("postgres")),
         ))
     }
 
@@ -420,6 +423,37 @@ impl DatabaseSection {
             return Err(s.invalid("pool_size", "must be at least 1"));
         }
         Ok(section)
+    }
+}
+
+/// `text` with every byte but the URL-safe ones (letters, digits, `-`, `.`, `_`, `~`)
+/// percent-encoded, as a user name, password, database name or socket path goes into a URL: the
+/// Redis and PostgreSQL clients decode them, so `p@ss/w#rd` arrives as it was written.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+        }
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// A host as a URL writes it: an IPv6 address in brackets, a Unix socket directory
+/// (PostgreSQL's `/var/run/postgresql`) percent-encoded, a name as it is.
+fn url_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else if host.contains('/') {
+        percent_encode(host)
+    } else {
+        host.to_owned()
     }
 }
 
