@@ -78,7 +78,8 @@ pub(crate) fn override_name(path: &str) -> String {
 }
 
 /// Expands `${VAR}` (empty when unset, as a shell does), `${VAR:-default}` (the default when unset
-/// or empty) and `$$` (a literal `$`) in the value of the key at `path`. Any other `$` is kept.
+/// or empty, itself expanded) and `$$` (a literal `$`) in the value of the key at `path`. Any other
+/// `$` is kept.
 pub(crate) fn expand(path: &str, text: &str, env: &Env) -> Result<String, ConfigError> {
     if !text.contains('$') {
         return Ok(text.to_owned());
@@ -92,7 +93,7 @@ pub(crate) fn expand(path: &str, text: &str, env: &Env) -> Result<String, Config
             out.push('$');
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
-            let Some(end) = body.find('}') else {
+            let Some(end) = closing_brace(body) else {
                 return Err(ConfigError::new(path, format!("unterminated ${{ in {text:?}")));
             };
             let (name, default) = match body[..end].split_once(":-") {
@@ -107,8 +108,12 @@ pub(crate) fn expand(path: &str, text: &str, env: &Env) -> Result<String, Config
                     ),
                 ));
             }
-            let value = env.get(name).filter(|v| default.is_none() || !v.is_empty());
-            out.push_str(&value.unwrap_or_else(|| default.unwrap_or_default().to_owned()));
+            match (env.get(name).filter(|v| default.is_none() || !v.is_empty()), default) {
+                (Some(value), _) => out.push_str(&value),
+                // Expanded only when used, as a shell does: `${A:-${B}}` is B's value.
+                (None, Some(default)) => out.push_str(&expand(path, default, env)?),
+                (None, None) => {}
+            }
             rest = &body[end + 1..];
         } else {
             out.push('$');
@@ -117,6 +122,28 @@ pub(crate) fn expand(path: &str, text: &str, env: &Env) -> Result<String, Config
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Where the `}` that closes a `${` is in `body` (the text after the `${`): past any `${…}` in
+/// its default, and past `$$`.
+fn closing_brace(body: &str) -> Option<usize> {
+    let bytes = body.as_bytes();
+    let mut depth = 0_usize;
+    let mut at = 0;
+    while at < bytes.len() {
+        match (bytes[at], bytes.get(at + 1)) {
+            (b'$', Some(b'$')) => at += 1,
+            (b'$', Some(b'{')) => {
+                depth += 1;
+                at += 1;
+            }
+            (b'}', _) if depth == 0 => return Some(at),
+            (b'}', _) => depth -= 1,
+            _ => {}
+        }
+        at += 1;
+    }
+    None
 }
 
 fn is_variable_name(name: &str) -> bool {
@@ -148,6 +175,17 @@ mod tests {
         assert_eq!(ok("${MISSING:-}"), "");
         assert_eq!(ok("cost: $$5 and $x"), "cost: $5 and $x");
         assert_eq!(ok("no variables"), "no variables");
+    }
+
+    #[test]
+    fn a_default_may_hold_variables_of_its_own() {
+        assert_eq!(ok("${MISSING:-${HOST}}"), "db1");
+        assert_eq!(ok("${MISSING:-${EMPTY:-${PORT}}}:x"), "5432:x");
+        assert_eq!(ok("${HOST:-${MISSING}}"), "db1");
+        assert_eq!(ok("${MISSING:-$${HOST}}"), "${HOST}");
+        assert_eq!(ok("${MISSING:-a}}"), "a}");
+        let err = expand("k", "${MISSING:-${HOST}", &env()).unwrap_err();
+        assert!(err.reason().contains("unterminated"), "{err}");
     }
 
     #[test]

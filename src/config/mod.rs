@@ -49,8 +49,9 @@
 //!   `event_broker` mapping of a YAML document; the document's other keys are the application's
 //!   and are not looked at. [`Config::from_env`] reads the defaults and the overrides alone.
 //! - **Expansion**: in the document's string values, `${VAR}` is the variable's value (empty when
-//!   unset, as in a shell), `${VAR:-default}` the default when it is unset or empty, and `$$` a
-//!   literal `$`. Expansion happens after parsing, so a value cannot inject YAML. An override's
+//!   unset, as in a shell), `${VAR:-default}` the default when it is unset or empty (a default
+//!   may hold `${…}` too: `${REDIS_HOST:-${HOSTNAME}}`), and `$$` a literal `$`. Expansion
+//!   happens after parsing, so a value cannot inject YAML. An override's
 //!   value (below) is taken as it is, never expanded: the environment already holds what it says.
 //! - **Overrides**: `EVENTBROKER_` followed by a key's path in capitals, dots as underscores,
 //!   replaces that key: `EVENTBROKER_WORKER_COUNT=4`, `EVENTBROKER_RETRY_POLICY_MAX_RETRIES=0`,
