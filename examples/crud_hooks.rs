@@ -37,7 +37,8 @@ impl App {
         let mut users = self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match (method, url, id) {
             (tiny_http::Method::Post, "/users", _) => {
-                let Ok(mut record) = serde_json::from_str::<Value>(body) else {
+                // An object only: a list or a string has no "id" to set.
+                let Ok(mut record @ Value::Object(_)) = serde_json::from_str::<Value>(body) else {
                     return (400, json!({"error": "expected a JSON object"}));
                 };
                 let mut next_id = self.next_id.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -141,6 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     };
     for (method, path, body) in [
         ("POST", "/users", r#"{"name":"Ada"}"#),
+        ("POST", "/users", r#"["not", "a", "user"]"#),
         ("PUT", "/users/1", r#"{"name":"Ada L."}"#),
         ("GET", "/users/1", ""),
         ("DELETE", "/users/1", ""),
