@@ -167,7 +167,8 @@ pub struct MemoryConfig {
     /// 24 hours; `None` keeps them until evicted.
     pub max_age: Option<Duration>,
     /// How often the background cleanup runs. Default 1 minute; `None` runs no background thread
-    /// (call [`MemoryProvider::cleanup_now`] instead).
+    /// (call [`MemoryProvider::cleanup_now`] instead). An interval under a millisecond is taken as
+    /// one, so the thread never runs without pause.
     pub cleanup_interval: Option<Duration>,
     /// Events each [`EventStream`] buffers before it lags. Default 1024; at least 1.
     pub stream_capacity: usize,
@@ -269,6 +270,9 @@ struct Letters {
     table: LetterTable,
 }
 
+/// The shortest pause between background cleanups, whatever the config says.
+const MIN_CLEANUP_INTERVAL: Duration = Duration::from_millis(1);
+
 /// The background cleanup thread and the channel that stops it.
 struct Cleaner {
     /// Dropping it wakes the thread, which then exits.
@@ -280,7 +284,10 @@ impl MemoryProvider {
     /// A provider with `config`; starts the cleanup thread when both `max_age` and
     /// `cleanup_interval` are set.
     pub fn new(config: MemoryConfig) -> Self {
-        let interval = config.cleanup_interval.filter(|_| config.max_age.is_some());
+        let interval = config
+            .cleanup_interval
+            .filter(|_| config.max_age.is_some())
+            .map(|interval| interval.max(MIN_CLEANUP_INTERVAL));
         let count = if config.max_events < SHARDED_FROM { 1 } else { SHARDS };
         let ring_capacity = table::max_capacity(config.max_events);
         let shards = (0..count)

@@ -534,7 +534,7 @@ pub(super) async fn pull(
         .await
         .map_err(|error| unavailable(operation, format!("{}: {error}", where_())))?;
 
-    let deadline = tokio::time::Instant::now() + request_timeout;
+    let deadline = tokio::time::Instant::from_std(crate::deadline::from_now(request_timeout));
     let mut delivered = Vec::new();
     while delivered.len() < batch {
         let Ok(next) = tokio::time::timeout_at(deadline, subscriber.next()).await else {

@@ -384,7 +384,7 @@ impl Source {
         const OPERATION: &str = "fetch";
         let conn = &self.shared.conn;
         let stream = &self.shared.layout.events;
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = tokio::time::Instant::from_std(crate::deadline::from_now(wait));
         let mut pause = FIRST_POLL;
         loop {
             let pulled =
