@@ -891,6 +891,53 @@ fn replay_leaves_the_stored_history_alone() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// A replay while publishers store faster than it replays ends: it looks at no more events than
+// the store held when it began, and says where a later replay picks up.
+#[test]
+fn a_replay_under_steady_publishing_ends() {
+    const HELD: usize = 1_000;
+    let config = eventbroker::MemoryConfig { max_events: HELD, ..Default::default() };
+    let memory = Arc::new(MemoryProvider::new(config));
+    let faulty = FaultyProvider::new(memory);
+    let broker = Broker::builder().provider(faulty.clone()).build().unwrap();
+    broker.subscribe_infallible("steady.>", |_| {}).unwrap();
+    for _ in 0..HELD {
+        broker.publish(event("steady.before")).unwrap();
+    }
+    broker.flush(WAIT).unwrap();
+    // Each page read takes a while, and the publisher stores more than a page meanwhile.
+    faulty.inject(Operation::Replay, Fault::Delay(Duration::from_millis(20)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (broker, stop) = (broker.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let (mut published, started) = (0u64, Instant::now());
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(20) {
+                if broker.publish(event("steady.during")).is_ok() {
+                    published += 1;
+                }
+                if published % 64 == 0 {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+            published
+        })
+    };
+    let started = Instant::now();
+    let report = broker.replay(ReplayFrom::Beginning, None).unwrap();
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let during = publisher.join().unwrap();
+    assert!(report.replayed <= HELD as u64, "replayed {} of a store of {HELD}", report.replayed);
+    assert!(took < Duration::from_secs(15), "took {took:?} while {during} events were published");
+    let resume = report.resume_from();
+    assert!(
+        !faulty.inner().replay(resume.position(), None, 1).unwrap().is_empty(),
+        "what was stored since is left for a later replay from {resume:?}"
+    );
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
 // 18. A synchronous publish's retry waiting when its subscription ends is not made: the delivery
 // fails with a dead letter saying so, as a worker's does, and the handler is not called again.
 #[test]

@@ -738,8 +738,9 @@ impl Broker {
     /// stopped with [`BrokerError::ReplayFull`]) whose type matches `pattern` (all when `None`) goes through the shards again with
     /// `"replay": true` in its metadata. The stored events and their status history are left as
     /// they are. Waits for room as needed (from a handler, only as long as the backpressure policy
-    /// allows, and never for its own worker's shard). Events stored while it runs are replayed
-    /// too: it returns once it has caught up with the store, and
+    /// allows, and never for its own worker's shard). Events stored while it runs may be replayed
+    /// too: it returns once it has caught up with the store, or once it has looked at as many
+    /// events as the store held when it began (so steady publishing cannot keep it running), and
     /// [`ReplayReport::resume_from`] says where a later replay picks up what came after.
     ///
     /// # Errors

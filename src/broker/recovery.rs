@@ -181,9 +181,24 @@ impl Engine {
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         // A handler's worker must not wait a day on a shard whose worker may be waiting on it.
         let patience = if worker::current(self.id).is_some() { self.patience() } else { Some(REPLAY_WAIT) };
+        // Catching up with the store may never happen while publishers store faster than this
+        // replays: it looks at no more events than the store held when it began.
+        let budget = match self.provider.stats() {
+            Ok(stats) => stats.total_events,
+            Err(error) => {
+                tracing::warn!(%error, "replay cannot read how many events are stored; it runs until it catches up");
+                u64::MAX
+            }
+        };
+        let mut looked_at = 0u64;
         let mut report = ReplayReport { resume: Some(from), ..ReplayReport::default() };
         for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
             for stored in page? {
+                if looked_at == budget {
+                    report.resume = Some(from.at_sequence(stored.seq));
+                    return Ok(report);
+                }
+                looked_at += 1;
                 let next = from.at_sequence(stored.seq + 1);
                 let mut event = stored.event;
                 event.clear_lifecycle();
