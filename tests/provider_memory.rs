@@ -1219,6 +1219,29 @@ fn a_give_back_after_another_member_took_the_event_over_leaves_it_with_that_memb
     assert_eq!(specific(&provider, "bus_pending"), 0);
 }
 
+/// A fan-out instance that joins its group again replaces its predecessor: the source it replaced
+/// is handed nothing more, and the group can be deleted once the new one closes.
+#[test]
+fn a_fan_out_source_replaced_by_its_instance_joining_again_is_handed_nothing() {
+    use eventbroker::{ConsumerGroup, InboundConfig};
+    let provider = provider(1_000);
+    let group = ConsumerGroup::Instance("rejoined".into());
+    let config = InboundConfig::new("rejoined", group.clone());
+    let before = provider.open_inbound(&config).expect("open");
+    let after = provider.open_inbound(&config).expect("open again");
+    let news = event("news.x");
+    provider.store_batch(std::slice::from_ref(&news), None).expect("store");
+    let stale = before.fetch(8, Duration::ZERO).expect("fetch");
+    assert!(stale.is_empty(), "the replaced source was handed {stale:?}");
+    let got = after.fetch(8, Duration::from_secs(5)).expect("fetch");
+    assert_eq!(got.iter().map(|e| e.event.id).collect::<Vec<_>>(), [news.id]);
+    after.ack(&[eventbroker::Ack::handled(got[0].token)]).expect("ack");
+    let open = provider.stats().expect("stats").active_subscribers;
+    assert_eq!(open, 1, "the replaced source is not counted");
+    after.close().expect("close");
+    assert!(provider.delete_group(&group).expect("no open member is left"));
+}
+
 /// A group that falls more than the bound behind counts as lost only what it would have been
 /// handed: its own events are echoes and those none of its members wants are filtered, as a fetch
 /// counts them; what is left of the log still comes, in order.

@@ -60,6 +60,7 @@ struct Group {
     /// The next log position the group has not looked at.
     cursor: u64,
     pending: BTreeMap<u64, Pending>,
+    /// The open sources: one leaves when it closes, or when a fan-out instance joins again.
     members: HashMap<SourceId, Member>,
     /// Its part of [`Bus::lost`].
     lost: u64,
@@ -76,16 +77,14 @@ struct Pending {
 struct Member {
     /// `None` until the first `set_filter`: everything is wanted.
     filter: Option<PatternSet<()>>,
-    open: bool,
     claim_idle: Duration,
 }
 
 impl Group {
-    /// Whether an open member wants events of `event_type`; with no member open (an instance
-    /// that shut down, to come back later), every type is.
+    /// Whether a member wants events of `event_type`; with no member open (an instance that
+    /// shut down, to come back later), every type is.
     fn wants(&self, event_type: &str) -> bool {
-        let mut open = self.members.values().filter(|m| m.open).peekable();
-        open.peek().is_none() || open.any(|m| m.wants(event_type))
+        self.members.is_empty() || self.members.values().any(|m| m.wants(event_type))
     }
 }
 
@@ -205,14 +204,13 @@ impl Bus {
         });
         if !group.shared {
             // A fan-out group has one live member: a new one is the instance restarted.
-            for member in group.members.values_mut() {
-                member.open = false;
-            }
+            // The one it replaces fetches nothing more.
+            group.members.clear();
             for pending in group.pending.values_mut() {
                 pending.available_at = Some(now);
             }
         }
-        group.members.insert(id, Member { filter: None, open: true, claim_idle: config.claim_idle() });
+        group.members.insert(id, Member { filter: None, claim_idle: config.claim_idle() });
         id
     }
 
@@ -220,7 +218,7 @@ impl Bus {
     /// none, and the reason when a member is open.
     pub(super) fn remove_group(&mut self, key: &str) -> Result<bool, String> {
         let Some(group) = self.groups.get(key) else { return Ok(false) };
-        if group.members.values().any(|member| member.open) {
+        if !group.members.is_empty() {
             return Err(format!("consumer group {key:?} has an open member: shut its broker down first"));
         }
         self.groups.remove(key);
@@ -232,9 +230,7 @@ impl Bus {
     /// Leaves a group: the member's unacknowledged events are due again at once.
     pub(super) fn leave(&mut self, group: &str, source: SourceId, now: Instant) {
         let Some(group) = self.groups.get_mut(group) else { return };
-        if let Some(member) = group.members.get_mut(&source) {
-            member.open = false;
-        }
+        group.members.remove(&source);
         for pending in group.pending.values_mut().filter(|p| p.owner == source) {
             pending.available_at = Some(now);
         }
@@ -345,7 +341,7 @@ impl Bus {
 
     /// Open sources, over every group.
     pub(super) fn open_sources(&self) -> usize {
-        self.groups.values().flat_map(|g| g.members.values()).filter(|m| m.open).count()
+        self.groups.values().map(|g| g.members.len()).sum()
     }
 
     /// Events handed out and not yet acknowledged, over every group.
