@@ -739,8 +739,9 @@ impl Broker {
     /// `"replay": true` in its metadata. The stored events and their status history are left as
     /// they are. Waits for room as needed (from a handler, only as long as the backpressure policy
     /// allows, and never for its own worker's shard). Events stored while it runs may be replayed
-    /// too: it returns once it has caught up with the store, or once it has looked at as many
-    /// events as the store held when it began (so steady publishing cannot keep it running), and
+    /// too: it returns once it has caught up with the store, or once it has looked at about twice
+    /// as many events as the store held when it began (so steady publishing cannot keep it
+    /// running), and
     /// [`ReplayReport::resume_from`] says where a later replay picks up what came after.
     ///
     /// # Errors

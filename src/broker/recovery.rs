@@ -182,9 +182,10 @@ impl Engine {
         // A handler's worker must not wait a day on a shard whose worker may be waiting on it.
         let patience = if worker::current(self.id).is_some() { self.patience() } else { Some(REPLAY_WAIT) };
         // Catching up with the store may never happen while publishers store faster than this
-        // replays: it looks at no more events than the store held when it began.
+        // replays: it looks at no more than about twice the events the store held when it began
+        // (twice, so a count that lags the store never cuts a replay on a quiet one short).
         let budget = match self.provider.stats() {
-            Ok(stats) => stats.total_events,
+            Ok(stats) => stats.total_events.saturating_mul(2).saturating_add(REPLAY_PAGE as u64),
             Err(error) => {
                 tracing::warn!(%error, "replay cannot read how many events are stored; it runs until it catches up");
                 u64::MAX
