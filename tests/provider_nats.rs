@@ -510,3 +510,52 @@ fn events_waiting_in_a_shard_keep_their_claims() {
     let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
     work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
 }
+
+/// A message another client published for an event id before the provider stored that id (no
+/// `Nats-Msg-Id`, so the server kept both) leaves the event listed once, as the provider stored
+/// it: the first message of the id is the one the record does not name.
+#[test]
+fn an_id_with_an_earlier_foreign_message_is_listed_once() {
+    let backend = NatsBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let event = scope.event("orders.create").with_user_id(7);
+    let subject = format!("{}.{}", backend.config().subject_prefix, event.event_type);
+    let json = event.to_json();
+    with_client(async |js| {
+        js.publish(subject, json.into()).await.expect("publish").await.expect("stored");
+    });
+    provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+
+    assert_eq!(provider.get(event.id).expect("get"), Some(event.clone()));
+    assert_eq!(scope.list(&provider), vec![event.clone()], "listed once");
+    let replayed = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
+    assert_eq!(replayed.iter().map(|s| s.event.id).collect::<Vec<_>>(), vec![event.id]);
+}
+
+/// Events whose messages the stream discarded to stay within `max_bytes` are gone from every
+/// query, stats included, and an id stored again after that is stored anew.
+#[test]
+fn events_the_stream_discarded_for_max_bytes_are_gone_from_every_query() {
+    let backend = NatsBackend::with(|config| config.max_bytes = Some(4096));
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> =
+        (0..20).map(|_| scope.event("bulk").with_payload(&"x".repeat(400)).expect("JSON")).collect();
+    for event in &events {
+        provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+    }
+    let kept = scope.list(&provider);
+    assert!(!kept.is_empty() && kept.len() < events.len(), "{} of {} kept", kept.len(), events.len());
+    assert_eq!(provider.get(events[0].id).expect("get"), None, "the oldest went");
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.total_events, kept.len() as u64, "stats count what is stored");
+    assert_eq!(stats.pending_events, kept.len() as u64);
+
+    // Stored again, the first event is stored anew (its record named a discarded message).
+    let mut again = events[0].clone();
+    again.status = EventStatus::Completed;
+    provider.store_batch(&[Arc::new(again.clone())], None).expect("store again");
+    assert_eq!(provider.get(again.id).expect("get"), Some(again.clone()));
+    assert!(scope.list(&provider).contains(&again));
+}

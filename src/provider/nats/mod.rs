@@ -40,6 +40,9 @@
 //!   record was never written stores a second message (`list` still shows the event once).
 //! - A **second store** of an id writes the new event into the record (`replaced_by`): the
 //!   message in the stream stays as first stored, `get`, `list` and `replay` show the new one.
+//!   The message also stays on the subject of the type it was first stored with, so a `replay`
+//!   with a pattern finds an event stored again under another type only when the pattern matches
+//!   both types (`list` finds it by its new type: it reads every record anyway).
 //! - **`update_status_batch`**: one compare-and-set per event on the record's revision, all in
 //!   one round. The revision comes from a cache of the last [`NatsConfig::status_cache`] records
 //!   this handle wrote, or from a read; a lost compare-and-set re-reads and retries (5 rounds at
@@ -422,7 +425,8 @@ impl EventStore for NatsProvider {
         self.run(OPERATION, async move {
             let events = store::stream_state(&shared, OPERATION, &shared.layout.events).await?;
             let letters = store::stream_state(&shared, OPERATION, &shared.layout.letters).await?;
-            let [pending, processing, completed, failed] = store::status_counts(&shared).await?;
+            let [pending, processing, completed, failed] =
+                store::status_counts(&shared, events.first_sequence).await?;
             let relaxed = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
             let (writes, inbound, events_seen) = (&shared.writes, &shared.inbound, &shared.conn.events);
             Ok(ProviderStats {

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use jiff::Timestamp;
 
 use super::Shared;
-use super::connection::{Publish, Published, api, publish_all, unavailable};
+use super::connection::{DirectGet, Publish, Published, api, direct_get, publish_all, unavailable};
 use super::status::read_slots;
-use super::wire::{Record, Slot, delete_marker, event_message, letter_message, record_message};
+use super::wire::{Record, Slot, delete_marker, event_id_of, event_message, letter_message, record_message};
 use crate::error::ProviderError;
 use crate::event::{Event, EventId};
 use crate::provider::{DeadLetter, StatusUpdate};
@@ -105,9 +105,33 @@ pub(super) async fn store(shared: Arc<Shared>, batch: Vec<Outgoing>) -> Result<(
     let old_ids: Vec<EventId> = old.iter().map(|&i| batch[i].event.id).collect();
     let old_slots = read_slots(&conn.client, layout, OPERATION, conn.max_in_flight, &old_ids).await?;
     let mut steps: Vec<Step> = batch.iter().map(|_| Step::Publish { expected: 0 }).collect();
-    for (&i, slot) in old.iter().zip(old_slots) {
+    // A live record whose message the stream's limits removed describes nothing stored.
+    let mut stored = Vec::with_capacity(old.len());
+    let mut checks = FuturesOrdered::new();
+    for (&i, slot) in old.iter().zip(&old_slots) {
+        if checks.len() >= conn.max_in_flight {
+            if let Some(check) = checks.next().await {
+                stored.push(check?);
+            }
+        }
+        let live = match slot {
+            Slot::Live { record, .. } => Some((record.seq, batch[i].id())),
+            Slot::Deleted { .. } | Slot::Empty => None,
+        };
+        let shared = &*shared;
+        checks.push_back(async move {
+            match live {
+                Some((seq, id)) => message_stored(shared, seq, id).await,
+                None => Ok(false),
+            }
+        });
+    }
+    while let Some(check) = checks.next().await {
+        stored.push(check?);
+    }
+    for ((&i, slot), stored) in old.iter().zip(old_slots).zip(stored) {
         steps[i] = match slot {
-            Slot::Live { revision, record } => Step::Replace { revision, seq: record.seq },
+            Slot::Live { revision, record } if stored => Step::Replace { revision, seq: record.seq },
             other => Step::Publish { expected: other.revision() },
         };
     }
@@ -183,8 +207,12 @@ async fn settle_one(
     let id = item.event.id;
     for _ in 0..CAS_ROUNDS {
         let slot = read_slots(&conn.client, layout, OPERATION, 1, &[id]).await?.remove(0);
+        let stored = match &slot {
+            Slot::Live { record, .. } => message_stored(shared, record.seq, id).await?,
+            Slot::Deleted { .. } | Slot::Empty => false,
+        };
         let (record, fresh) = match &slot {
-            Slot::Live { record, .. } => {
+            Slot::Live { record, .. } if stored => {
                 if let Some((seq, _)) = published.take().filter(|&(seq, _)| seq != record.seq) {
                     // Stored again after the duplicate window: the server took it as new. The
                     // record names the first message; the second must go.
@@ -192,9 +220,10 @@ async fn settle_one(
                 }
                 (Record::replacing(record.seq, &item.event), false)
             }
-            Slot::Deleted { revision } => {
-                // Stored, deleted, stored again: the duplicate's sequence names the deleted
-                // message, so it is published anew under a message id of its own.
+            Slot::Deleted { revision } | Slot::Live { revision, .. } => {
+                // Stored, deleted (or removed by the stream's limits, its record left behind),
+                // stored again: the duplicate's sequence names the removed message, so it is
+                // published anew under a message id of its own.
                 let seq = if let Some((seq, false)) = published {
                     seq
                 } else {
@@ -235,6 +264,14 @@ async fn settle_one(
         }
     }
     Err(unavailable(OPERATION, format!("the record of event {id} kept changing under other writers")))
+}
+
+/// Whether the event message at `seq` is still there and stores `id`: the stream's limits
+/// (`max_age`, `max_bytes`) remove messages and leave their records.
+async fn message_stored(shared: &Shared, seq: u64, id: EventId) -> Result<bool, ProviderError> {
+    let message =
+        direct_get(&shared.conn.client, "store_batch", &shared.layout.events, &DirectGet::seq(seq)).await?;
+    Ok(message.is_some_and(|m| event_id_of(&m) == Some(id)))
 }
 
 /// Removes the event message at `seq`; a message already gone is fine.

@@ -112,16 +112,48 @@ pub(super) async fn list(shared: Arc<Shared>, filter: EventFilter) -> Result<Vec
         .iter()
         .filter_map(|message| {
             let id = event_id_of(message)?;
+            let event = current(message, slots.get(&id))?;
             // One event per id, even if a store after the duplicate window left a second message.
-            if !seen.insert(id) {
-                return None;
-            }
-            current(message, slots.get(&id))
+            // Counted once `current` takes the message: of an id with a record, only the message
+            // the record names, which need not be the id's first.
+            seen.insert(id).then_some(event)
         })
         .filter(|event| filter.matches(event))
         .collect();
+    if filter.event_type.as_ref().is_some_and(|pattern| !pattern.is_match_all()) {
+        // A second store that changed the type left the message on its first type's subject,
+        // which the pattern's subject may not cover.
+        events.extend(retyped(&shared, &slots, &seen, &filter).await?);
+    }
     events.sort_by_key(|event| (event.created_at, event.id));
     Ok(events.into_iter().skip(filter.offset).take(filter.limit.unwrap_or(usize::MAX)).collect())
+}
+
+/// The events `filter` selects among those stored again under another type whose message the
+/// scan of the pattern's subject did not hold (`seen`: the ids it found): their records carry them.
+async fn retyped(
+    shared: &Shared,
+    slots: &HashMap<EventId, Slot>,
+    seen: &std::collections::HashSet<EventId>,
+    filter: &EventFilter,
+) -> Result<Vec<Event>, ProviderError> {
+    const OPERATION: &str = "list";
+    let mut found = Vec::new();
+    for (&id, slot) in slots {
+        let Slot::Live { record, .. } = slot else { continue };
+        let Some(event) = record.replacement().filter(|event| !seen.contains(&id) && filter.matches(event))
+        else {
+            continue;
+        };
+        // Only while its message is stored: a record may outlive a message the stream removed.
+        let message =
+            direct_get(&shared.conn.client, OPERATION, &shared.layout.events, &DirectGet::seq(record.seq))
+                .await?;
+        if message.is_some_and(|m| event_id_of(&m) == Some(id)) {
+            found.push(event);
+        }
+    }
+    Ok(found)
 }
 
 /// Up to `limit` stored events from `from`, matching `pattern`, in sequence order.
@@ -147,7 +179,7 @@ pub(super) async fn replay(
     };
     let subject = pattern.as_ref().map_or_else(Filter::all, Filter::of).subject(&layout.prefix);
     let mut scan = Scan::open(&shared, OPERATION, &layout.events, &subject, start).await?;
-    let page = replay_pages(&shared, &mut scan, not_before, limit).await;
+    let page = replay_pages(&shared, &mut scan, not_before, pattern.as_ref(), limit).await;
     scan.close().await;
     page
 }
@@ -156,6 +188,7 @@ async fn replay_pages(
     shared: &Shared,
     scan: &mut Scan<'_>,
     not_before: Option<jiff::Timestamp>,
+    pattern: Option<&Pattern>,
     limit: usize,
 ) -> Result<Vec<StoredEvent>, ProviderError> {
     const OPERATION: &str = "replay";
@@ -174,7 +207,11 @@ async fn replay_pages(
         for (message, id) in messages.iter().zip(ids) {
             let slot = id.and_then(|_| slots.next());
             let Some(event) = current(message, slot.as_ref()) else { continue };
-            if not_before.is_some_and(|at| event.created_at < at) {
+            // The subject is the type the message was first stored with; a second store may have
+            // changed it.
+            if not_before.is_some_and(|at| event.created_at < at)
+                || pattern.is_some_and(|p| !p.matches(&event.event_type))
+            {
                 continue;
             }
             found.push(StoredEvent { seq: message.seq, event });
@@ -257,11 +294,15 @@ pub(super) async fn stream_state(
     info.map(|info| info.state).map_err(|error| refused(operation, &format!("stream {name} info"), &error))
 }
 
-/// What the status records say: live records per status.
-pub(super) async fn status_counts(shared: &Shared) -> Result<[u64; 4], ProviderError> {
+/// What the status records say: live records per status, of messages at or after `first_seq`, the
+/// event stream's first. The stream's limits (`max_age`, `max_bytes`) remove its oldest messages
+/// and leave their records, which a later status change keeps alive longer still.
+pub(super) async fn status_counts(shared: &Shared, first_seq: u64) -> Result<[u64; 4], ProviderError> {
     let mut counts = [0; 4];
     for slot in all_slots(shared, "stats").await?.values() {
-        if let Slot::Live { record, .. } = slot {
+        if let Slot::Live { record, .. } = slot
+            && record.seq >= first_seq
+        {
             let i = EventStatus::ALL.iter().position(|s| *s == record.status).unwrap_or(0);
             counts[i] += 1;
         }

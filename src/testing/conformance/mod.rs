@@ -87,6 +87,7 @@ macro_rules! conformance_suite {
                 get_unknown_id_is_none,
                 empty_batches_are_no_ops,
                 store_again_replaces_without_double_count,
+                a_re_store_with_another_type_is_found_by_that_type,
                 store_batch_of_1000,
                 list_each_filter_alone_and_combined,
                 list_order_limit_and_offset,

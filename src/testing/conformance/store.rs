@@ -174,6 +174,36 @@ pub fn store_again_replaces_without_double_count(provider: &dyn Provider) {
     assert_eq!(delta(before.events_published, after.events_published), 2);
 }
 
+/// A re-store that changes the event's type is listed by its new type, and no longer by its old
+/// one in `list` or `replay`; it keeps its sequence number. (NATS replays it only with a pattern
+/// that also covers its first type, which the module docs say.)
+pub fn a_re_store_with_another_type_is_found_by_that_type(provider: &dyn Provider) {
+    if !(can_list(provider) && can_replay(provider)) {
+        return;
+    }
+    let _shared = EXCLUSIVE.read();
+    let scope = Scope::new();
+    let original = scope.event("orders.create");
+    provider.store_batch(&[Arc::new(original.clone())], None).expect("store");
+    let seq = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay")[0].seq;
+    let mut renamed = original.clone();
+    renamed.event_type = scope.ty("orders.cancel").into();
+    provider.store_batch(&[Arc::new(renamed.clone())], None).expect("store again");
+
+    assert_eq!(provider.get(original.id).expect("get"), Some(renamed.clone()));
+    let list = |rest: &str| {
+        ids(&provider.list(&EventFilter::new().with_event_type(scope.pattern(rest))).expect("list"))
+    };
+    assert_eq!(list("orders.cancel"), vec![renamed.id], "listed by its new type");
+    assert_eq!(list("orders.create"), Vec::<EventId>::new(), "not by its old one");
+    assert_eq!(list("orders.*"), vec![renamed.id]);
+    let replay =
+        |rest: &str| provider.replay(ReplayFrom::Beginning, Some(&scope.pattern(rest)), 10).expect("replay");
+    assert_eq!(replay("orders.create"), Vec::new(), "the old type no longer matches");
+    let by_scope = replay(">");
+    assert_eq!(by_scope.iter().map(|s| (s.seq, &s.event)).collect::<Vec<_>>(), vec![(seq, &renamed)]);
+}
+
 /// A batch of 1000 is stored whole, in slice (sequence) order.
 pub fn store_batch_of_1000(provider: &dyn Provider) {
     if !(can_list(provider) && can_replay(provider)) {
