@@ -63,7 +63,10 @@ fn the_future_can_be_spawned_on_a_multi_threaded_runtime() {
     let future = broker.publish_when_room(event("any.type"));
     assert_send(&future);
     drop(future);
-    // Dropped before its first poll: nothing was published.
+    let confirmed = broker.publish_confirmed_when_room(event("any.type"), WAIT);
+    assert_send(&confirmed);
+    drop(confirmed);
+    // Dropped before their first poll: nothing was published.
     broker.drain(WAIT).unwrap();
     assert_eq!(broker.stats().published, 0);
 }
@@ -195,5 +198,33 @@ fn many_tasks_waiting_on_one_shard_all_get_through_in_time() {
     });
     wait_until("every event handled", WAIT, || handled.load(Ordering::Relaxed) == accepted + TASKS);
     broker.drain(WAIT).unwrap();
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+#[test]
+fn a_confirmed_publish_dropped_while_it_waits_for_room_publishes_nothing() {
+    let (broker, open, handled) = held_broker(Backpressure::Block(Duration::from_secs(60)));
+    let accepted = fill(&broker, &handled);
+    let waiting = event("slow");
+    let id = waiting.id;
+    let runtime = current_thread_runtime();
+    runtime.block_on(async {
+        let publish = broker.publish_confirmed_when_room(waiting, WAIT);
+        // Cancelled mid-wait, as a `select!` or a `timeout` does.
+        let outcome = tokio::time::timeout(Duration::from_millis(50), publish).await;
+        assert!(outcome.is_err(), "the shard is still full: {outcome:?}");
+    });
+    open.store(true, Ordering::Release);
+    broker.drain(WAIT).unwrap();
+    assert_eq!(handled.load(Ordering::Relaxed), accepted, "the dropped publish queued nothing");
+    assert!(broker.provider().get(id).unwrap().is_none(), "nor stored anything");
+    // The shard's waiters were left clean: a later publish waits and gets through as usual.
+    let (first, then) = (event("slow"), event("slow"));
+    runtime.block_on(async {
+        broker.publish_confirmed_when_room(first, WAIT).await.unwrap();
+        broker.publish_confirmed_when_room(then, WAIT).await.unwrap();
+    });
+    broker.drain(WAIT).unwrap();
+    assert_eq!(handled.load(Ordering::Relaxed), accepted + 2);
     assert!(broker.shutdown(WAIT).is_clean());
 }
