@@ -465,7 +465,9 @@ impl Broker {
     /// async-std, smol or a plain executor. When there is room it queues the event
     /// before its first `.await` returns, as `publish_async` would. Dropping the future before it
     /// is ready leaves the event unpublished. Always asynchronous, whatever the [`Mode`], as
-    /// `publish_async` is: the handlers run on the shard's worker.
+    /// `publish_async` is: the handlers run on the shard's worker. The future borrows the broker:
+    /// to spawn it as a task of its own, move a clone of the handle in
+    /// (`let b = broker.clone(); tokio::spawn(async move { b.publish_when_room(event).await })`).
     ///
     /// ```
     /// use std::time::Duration;
