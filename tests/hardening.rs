@@ -892,7 +892,7 @@ fn replay_leaves_the_stored_history_alone() {
 }
 
 // A replay while publishers store faster than it replays ends: it looks at no more than about
-// twice the events the store held when it began, and says where a later replay picks up.
+// twice the events the store holds, and says where a later replay picks up.
 #[test]
 fn a_replay_under_steady_publishing_ends() {
     const HELD: usize = 1_000;

@@ -742,8 +742,8 @@ impl Broker {
     /// they are. Waits for room as needed (from a handler, only as long as the backpressure policy
     /// allows, and never for its own worker's shard). Events stored while it runs may be replayed
     /// too: it returns once it has caught up with the store, or once it has looked at about twice
-    /// as many events as the store held when it began (so steady publishing cannot keep it
-    /// running), and
+    /// as many events as the store holds (counted once, after its first 2 048 events), so steady
+    /// publishing cannot keep it running; and
     /// [`ReplayReport::resume_from`] says where a later replay picks up what came after.
     ///
     /// # Errors

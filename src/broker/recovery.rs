@@ -20,6 +20,8 @@ pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 const REPLAY_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// Events fetched from the provider per replay call.
 const REPLAY_PAGE: usize = 512;
+/// Events a replay looks at before it reads how many the store holds, to bound itself by that.
+const COUNT_STORE_AFTER: u64 = 4 * REPLAY_PAGE as u64;
 
 /// What [`Broker::redrive`](crate::Broker::redrive) did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,18 @@ impl ReplayReport {
 }
 
 impl Engine {
+    /// How many events a replay looks at, at most: about twice what the store holds now, or no
+    /// bound when the provider cannot say.
+    fn replay_budget(&self) -> u64 {
+        match self.provider.stats() {
+            Ok(stats) => stats.total_events.saturating_mul(2).saturating_add(REPLAY_PAGE as u64),
+            Err(error) => {
+                tracing::warn!(%error, "replay cannot read how many events are stored; it runs until it catches up");
+                u64::MAX
+            }
+        }
+    }
+
     pub(crate) fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
         // A synchronous call, as `publish_sync` is: shutdown waits for the redrive (its handlers,
         // its writes) before it closes the provider, and counts it while it runs; so does drain.
@@ -182,19 +196,17 @@ impl Engine {
         // A handler's worker must not wait a day on a shard whose worker may be waiting on it.
         let patience = if worker::current(self.id).is_some() { self.patience() } else { Some(REPLAY_WAIT) };
         // Catching up with the store may never happen while publishers store faster than this
-        // replays: it looks at no more than about twice the events the store held when it began
-        // (twice, so a count that lags the store never cuts a replay on a quiet one short).
-        let budget = match self.provider.stats() {
-            Ok(stats) => stats.total_events.saturating_mul(2).saturating_add(REPLAY_PAGE as u64),
-            Err(error) => {
-                tracing::warn!(%error, "replay cannot read how many events are stored; it runs until it catches up");
-                u64::MAX
-            }
-        };
+        // replays. Past its first pages it reads how many events the store holds (once, as
+        // counting may scan the store), and looks at no more than about twice that: twice, so a
+        // count that lags the store never cuts a replay on a quiet one short.
+        let mut budget = u64::MAX;
         let mut looked_at = 0u64;
         let mut report = ReplayReport { resume: Some(from), ..ReplayReport::default() };
         for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
             for stored in page? {
+                if looked_at == COUNT_STORE_AFTER {
+                    budget = self.replay_budget().max(looked_at);
+                }
                 if looked_at == budget {
                     report.resume = Some(from.at_sequence(stored.seq));
                     return Ok(report);
