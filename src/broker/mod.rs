@@ -424,7 +424,8 @@ impl Broker {
     /// returns never reach it; events already in flight may, except through a channel: a
     /// stream's receiver ([`Broker::subscribe_stream`]) disconnects at once, once it has read the
     /// events its channel holds, and an event in flight is not put in it any more (as when its
-    /// receiver is dropped). An acknowledged subscription's receiver disconnects at once too: the
+    /// receiver is dropped), but for one a worker was putting in as this call ran, which may
+    /// still arrive. An acknowledged subscription's receiver disconnects at once too: the
     /// deliveries left in its channel fail; those its consumer holds still count when acked, and
     /// fail when failed or dropped. A failed one is dead-lettered, or, in a work queue, given back
     /// to its group if it is another instance's and no other delivery of it was dead-lettered
