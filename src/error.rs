@@ -662,10 +662,11 @@ pub enum BrokerError {
     Timeout(Duration),
     /// The dead letter's event is still being handled by this broker: another delivery of it
     /// waits for a retry or an acknowledgement, and the status written when it ends would
-    /// overwrite the redrive's. Redrive it once the event's handling has ended
+    /// overwrite the redrive's; or another redrive of it (of this letter or another of the
+    /// event's) runs. Redrive it once the event's handling has ended
     /// ([`Broker::drain`](crate::Broker::drain) waits for that); the dead letter was kept.
     #[error(
-        "event {event} is still being handled (a delivery of it waits for a retry or an acknowledgement); the dead letter was kept"
+        "event {event} is still being handled (a delivery of it waits for a retry or an acknowledgement, or another redrive of it runs); the dead letter was kept"
     )]
     StillHandling {
         /// The dead letter's event.

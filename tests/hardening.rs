@@ -862,6 +862,102 @@ fn redrive_keeps_the_dead_letter_until_the_events_status_is_written() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// Two redrives of one dead letter at once deliver it once: the second is refused while the first
+// runs (and the letter is kept until the first has replaced or deleted it).
+#[test]
+fn concurrent_redrives_of_one_dead_letter_deliver_it_once() {
+    let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let (entered, second_returned) = (Gate::default(), Gate::default());
+    let (c, e, r) = (Arc::clone(&calls), entered.clone(), second_returned.clone());
+    broker
+        .subscribe("orders.paid", move |_: &Event| match c.fetch_add(1, Ordering::SeqCst) {
+            0 => Err("the ledger is down"),
+            1 => {
+                // The first redrive's delivery: it waits for the second redrive to return.
+                e.open();
+                r.wait();
+                Ok(())
+            }
+            _ => Ok(()),
+        })
+        .unwrap();
+    broker.publish(event("orders.paid")).unwrap();
+    broker.drain(WAIT).unwrap();
+    let letter = broker.dead_letters(&DeadLetterFilter::new()).unwrap().remove(0);
+
+    let first = {
+        let broker = broker.clone();
+        thread::spawn(move || broker.redrive(letter.id))
+    };
+    entered.wait();
+    let second = broker.redrive(letter.id);
+    second_returned.open();
+    let first = first.join().unwrap().unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the first handling and one redrive; the second got {second:?}"
+    );
+    assert!(matches!(second, Err(BrokerError::StillHandling { .. })), "{second:?}");
+    assert_eq!((first.delivered, first.status), (1, Some(EventStatus::Completed)));
+    assert!(broker.dead_letters(&DeadLetterFilter::new()).unwrap().is_empty());
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// Two redrives at once of an event's two dead letters (two subscriptions failed it) leave it
+// `completed` once both delivered: neither may read the other's letter as still waiting while
+// that one is deleting it.
+#[test]
+fn concurrent_redrives_of_an_events_two_dead_letters_complete_it() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .distribution(Distribution::Local)
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let fixed = Arc::new(AtomicBool::new(false));
+    for pattern in ["orders.paid", "orders.*"] {
+        let f = Arc::clone(&fixed);
+        broker
+            .subscribe(pattern, move |_: &Event| if f.load(Ordering::SeqCst) { Ok(()) } else { Err("down") })
+            .unwrap();
+    }
+    let e = event("orders.paid");
+    let id = e.id;
+    broker.publish(e).unwrap();
+    broker.drain(WAIT).unwrap();
+    let letters = broker.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
+    assert_eq!(letters.len(), 2);
+    fixed.store(true, Ordering::SeqCst);
+    // Each redrive reads the other's letter, then takes a while to delete its own.
+    faulty.inject(Operation::DeleteDeadLetter, Fault::Delay(Duration::from_millis(300)));
+    let first = {
+        let (broker, letter) = (broker.clone(), letters[0].id);
+        thread::spawn(move || broker.redrive(letter))
+    };
+    thread::sleep(Duration::from_millis(100));
+    let second = broker.redrive(letters[1].id);
+    let first = first.join().unwrap();
+    faulty.heal_all();
+    for (letter, outcome) in letters.iter().zip([&first, &second]) {
+        match outcome {
+            Ok(_) => {}
+            // Refused while the other ran: the letter was kept, and goes now.
+            Err(BrokerError::StillHandling { .. }) => _ = broker.redrive(letter.id).unwrap(),
+            Err(error) => panic!("{error}"),
+        }
+    }
+    assert!(broker.dead_letters(&DeadLetterFilter::new()).unwrap().is_empty());
+    assert_eq!(
+        faulty.get(id).unwrap().unwrap().status,
+        EventStatus::Completed,
+        "first {first:?}, second {second:?}"
+    );
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
 // Replay delivers again without touching the stored events or their status history.
 #[test]
 fn replay_leaves_the_stored_history_alone() {
@@ -936,6 +1032,59 @@ fn a_replay_under_steady_publishing_ends() {
         !faulty.inner().replay(resume.position(), None, 1).unwrap().is_empty(),
         "what was stored since is left for a later replay from {resume:?}"
     );
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// ... and on a quiet store it replays everything asked for, whatever it counts past its first
+// pages: with a pattern, from a time, and going on from an earlier replay's cursor.
+#[test]
+fn a_replay_of_a_quiet_store_past_its_count_replays_everything() {
+    let broker = Broker::builder().build().unwrap();
+    let replayed = Arc::new(AtomicU64::new(0));
+    let r = Arc::clone(&replayed);
+    broker
+        .subscribe_infallible(">", move |e: &Event| {
+            if e.is_replay() {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+    let since = Timestamp::now();
+    let old = since - Duration::from_secs(3600);
+    // 5 000 events, a third `quiet.b`, a fifth created before `since`.
+    let (mut a, mut a_new) = (0u64, 0u64);
+    for i in 0..5_000u32 {
+        let mut e = event(if i % 3 == 0 { "quiet.b" } else { "quiet.a" });
+        if i % 5 == 0 {
+            e.created_at = old;
+        }
+        if i % 3 != 0 {
+            a += 1;
+            a_new += u64::from(i % 5 != 0);
+        }
+        broker.publish(e).unwrap();
+    }
+    broker.drain(WAIT).unwrap();
+    let mut expected = 0;
+    let all = broker.replay(ReplayFrom::Beginning, None).unwrap();
+    assert_eq!(all.replayed, 5_000);
+    expected += 5_000;
+    assert_eq!(broker.replay(ReplayFrom::Beginning, Some("quiet.a")).unwrap().replayed, a);
+    expected += a;
+    let timed = broker.replay(ReplayFrom::Time(since), Some("quiet.a")).unwrap();
+    assert_eq!(timed.replayed, a_new);
+    expected += a_new;
+    assert_eq!(broker.replay(timed.resume_from(), Some("quiet.a")).unwrap().replayed, 0, "caught up");
+    for _ in 0..3_000 {
+        broker.publish(event("quiet.a")).unwrap();
+    }
+    broker.drain(WAIT).unwrap();
+    let resumed = broker.replay(timed.resume_from(), Some("quiet.a")).unwrap();
+    assert_eq!(resumed.replayed, 3_000, "what was stored since, from the earlier replay's cursor");
+    expected += 3_000;
+    assert_eq!(broker.replay(all.resume_from(), None).unwrap().replayed, 3_000);
+    expected += 3_000;
+    wait_until("the replays", WAIT, || replayed.load(Ordering::Relaxed) == expected);
     assert!(broker.shutdown(WAIT).is_clean());
 }
 

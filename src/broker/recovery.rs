@@ -81,9 +81,10 @@ impl Engine {
         let Some(_call) = self.begin_sync_call() else { return Err(BrokerError::Closed) };
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;
         let letter = self.provider.get_dead_letter(id)?.ok_or(BrokerError::NoSuchDeadLetter(id))?;
-        if self.shared.failing.contains(letter.event.id) {
+        // Held until the letter is replaced or deleted: a concurrent redrive of the event is refused.
+        let Some(_claim) = self.shared.failing.claim(letter.event.id) else {
             return Err(BrokerError::StillHandling { event: letter.event.id });
-        }
+        };
         // The event's final status, if it just settled, was handed to the writer before it left
         // `failing`: written before this redrive's.
         self.shared.writer.flush_for_read(FLUSH_TIMEOUT)?;

@@ -93,10 +93,10 @@ pub(crate) struct WorkerShared {
 }
 
 /// The events of open jobs a delivery of which was dead-lettered while others were still under
-/// way (waiting for a retry or an acknowledgement), each with how many such jobs it has. A
-/// redrive of such a letter would run beside the event's handling, and the final status written
-/// as the job settles would overwrite the redrive's: [`Broker::redrive`](crate::Broker::redrive)
-/// refuses them until then. An event leaves once its final status was handed to the writer (or
+/// way (waiting for a retry or an acknowledgement), each with how many such jobs it has, and of
+/// redrives running. A redrive of such a letter would run beside the event's handling (or the
+/// other redrive), and the final status written as the job settles would overwrite the redrive's:
+/// [`Broker::redrive`](crate::Broker::redrive) refuses them until then. An event leaves once its final status was handed to the writer (or
 /// written inline), so a redrive that finds it gone and then flushes the writer comes after it.
 /// Only jobs with a dead letter and deliveries still open enter: the lock is off the common path.
 #[derive(Debug, Default)]
@@ -119,9 +119,29 @@ impl Failing {
         }
     }
 
-    /// Whether an open job of event `id` has a delivery dead-lettered and others under way.
-    pub(crate) fn contains(&self, id: EventId) -> bool {
-        self.0.lock().contains_key(&id)
+    /// Enters event `id` for a redrive of one of its dead letters, unless an open job of it has a
+    /// delivery dead-lettered and others under way, or another redrive of it runs: two redrives at
+    /// once would deliver one letter twice, or each read the other's letter as still waiting and
+    /// leave the event `failed`. The guard takes it out again.
+    pub(crate) fn claim(&self, id: EventId) -> Option<FailingClaim<'_>> {
+        let mut failing = self.0.lock();
+        if failing.contains_key(&id) {
+            return None;
+        }
+        failing.insert(id, 1);
+        Some(FailingClaim { failing: self, id })
+    }
+}
+
+/// A redrive's entry in [`Failing`], taken out on drop.
+pub(crate) struct FailingClaim<'a> {
+    failing: &'a Failing,
+    id: EventId,
+}
+
+impl Drop for FailingClaim<'_> {
+    fn drop(&mut self) {
+        self.failing.end(std::iter::once(self.id));
     }
 }
 
