@@ -1088,6 +1088,29 @@ fn a_replay_of_a_quiet_store_past_its_count_replays_everything() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// A replay that shutdown interrupts while it reads a page says `Closed`, as documented, not that
+// the provider (closed by that shutdown) failed.
+#[test]
+fn a_replay_interrupted_by_shutdown_while_reading_says_closed() {
+    let (faulty, weak) = sole_faulty();
+    let broker = Broker::builder().provider(faulty).build().unwrap();
+    broker.subscribe_infallible("closing.>", |_| {}).unwrap();
+    for _ in 0..10 {
+        broker.publish(event("closing.x")).unwrap();
+    }
+    broker.flush(WAIT).unwrap();
+    weak.upgrade().unwrap().inject(Operation::Replay, Fault::Delay(Duration::from_millis(500)));
+    let replay = {
+        let broker = broker.clone();
+        thread::spawn(move || broker.replay(ReplayFrom::Beginning, None))
+    };
+    thread::sleep(Duration::from_millis(100));
+    let report = broker.shutdown(WAIT);
+    assert_eq!(report.provider_close, CloseOutcome::Closed, "{report:?}");
+    let replay = replay.join().unwrap();
+    assert!(matches!(replay, Err(BrokerError::Closed)), "{replay:?}");
+}
+
 // 18. A synchronous publish's retry waiting when its subscription ends is not made: the delivery
 // fails with a dead letter saying so, as a worker's does, and the handler is not called again.
 #[test]

@@ -204,7 +204,15 @@ impl Engine {
         let mut looked_at = 0u64;
         let mut report = ReplayReport { resume: Some(from), ..ReplayReport::default() };
         for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
-            for stored in page? {
+            // Shutdown does not wait for a replay, and may close the provider while it reads.
+            let page = page.map_err(|error| {
+                if self.intake.is_closed() && error.kind() == &ProviderErrorKind::Closed {
+                    BrokerError::Closed
+                } else {
+                    error.into()
+                }
+            })?;
+            for stored in page {
                 if looked_at == COUNT_STORE_AFTER {
                     budget = self.replay_budget().max(looked_at);
                 }
