@@ -732,7 +732,8 @@ impl Broker {
     /// [`BrokerError::NoSuchDeadLetter`]; [`BrokerError::NoSubscriber`] when no subscription can
     /// take it (the dead letter is kept); [`BrokerError::StillHandling`] while another delivery of
     /// the event waits for a retry or an acknowledgement, or another redrive of the event (of this
-    /// letter or another of its) runs on another thread (the dead letter is kept); [`BrokerError::Provider`]; [`BrokerError::Closed`].
+    /// letter or another of its) runs on another thread (the dead letter is kept);
+    /// [`BrokerError::Provider`]; [`BrokerError::Closed`].
     pub fn redrive(&self, id: DeadLetterId) -> Result<RedriveOutcome, BrokerError> {
         self.engine().redrive(id)
     }

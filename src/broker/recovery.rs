@@ -64,9 +64,11 @@ impl ReplayReport {
 
 impl Engine {
     /// How many events a replay looks at, at most: about twice what the store holds now, or no
-    /// bound when the provider cannot say.
+    /// bound when the provider cannot say (an error, or a count of 0 from one that counts nothing
+    /// while its replay returned events).
     fn replay_budget(&self) -> u64 {
         match self.provider.stats() {
+            Ok(stats) if stats.total_events == 0 => u64::MAX,
             Ok(stats) => stats.total_events.saturating_mul(2).saturating_add(REPLAY_PAGE as u64),
             Err(error) => {
                 tracing::warn!(%error, "replay cannot read how many events are stored; it runs until it catches up");

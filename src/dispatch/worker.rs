@@ -95,9 +95,10 @@ pub(crate) struct WorkerShared {
 /// The events of open jobs a delivery of which was dead-lettered while others were still under
 /// way (waiting for a retry or an acknowledgement), each with how many such jobs it has, and of
 /// redrives running. A redrive of such a letter would run beside the event's handling (or the
-/// other redrive), and the final status written as the job settles would overwrite the redrive's:
-/// [`Broker::redrive`](crate::Broker::redrive) refuses them until then. An event leaves once its final status was handed to the writer (or
-/// written inline), so a redrive that finds it gone and then flushes the writer comes after it.
+/// other redrive), and the final status written as the job settles would overwrite the
+/// redrive's: [`Broker::redrive`](crate::Broker::redrive) refuses them until then. An event
+/// leaves once its final status was handed to the writer (or written inline), so a redrive that
+/// finds it gone and then flushes the writer comes after it.
 /// Only jobs with a dead letter and deliveries still open enter: the lock is off the common path.
 #[derive(Debug, Default)]
 pub(crate) struct Failing(parking_lot::Mutex<std::collections::HashMap<EventId, u32>>);
