@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
 use eventbroker::testing::conformance::Scope;
 use eventbroker::{
-    Ack, ConsumerGroup, Event, EventId, EventSink, EventSource, EventStatus, EventStore, Inbound,
-    InboundConfig, InboundEvent, Provider, ProviderErrorKind, ProviderExt, ReplayFrom, StatusUpdate,
+    Ack, ConsumerGroup, DeadLetter, DeadLetterFilter, Event, EventFilter, EventId, EventSink, EventSource,
+    EventStatus, EventStore, Inbound, InboundConfig, InboundEvent, MemoryProvider, Provider,
+    ProviderErrorKind, ProviderExt, ReplayFrom, StatusUpdate, SubscriptionId,
 };
 use jiff::{SignedDuration, Timestamp};
 use postgres_support::{PostgresBackend, Sql, shared, source};
@@ -512,6 +513,47 @@ fn status_updates_fold_like_apply_to() {
         update.apply_to(&mut expected);
     }
     assert_eq!(provider.get(event.id).expect("get"), Some(expected));
+}
+
+/// Time bounds outside the years a row holds (1677 to 2262), such as `Timestamp::MIN` for "from
+/// the beginning", keep every row or none, as in memory, rather than failing the query.
+#[test]
+fn time_bounds_beyond_the_rows_range_keep_all_or_nothing_like_memory() {
+    let backend = PostgresBackend::new();
+    let postgres = backend.provider();
+    let memory = MemoryProvider::default();
+    let scope = Scope::new();
+    let event = scope.event("jobs.run");
+    let letter = DeadLetter::new(event.clone(), SubscriptionId::from_raw(7), scope.all().as_str(), "boom", 1);
+    let providers: [&dyn Provider; 2] = [&postgres, &memory];
+    let answers: Vec<Vec<usize>> = providers
+        .iter()
+        .map(|provider| {
+            provider.store_batch(&shared(std::slice::from_ref(&event)), None).expect("store");
+            provider.store_dead_letters(std::slice::from_ref(&letter)).expect("store letter");
+            let list = |filter: EventFilter| provider.list(&filter).expect("list").len();
+            let letters =
+                |filter: DeadLetterFilter| provider.list_dead_letters(&filter).expect("letters").len();
+            let replay = |at: Timestamp| {
+                provider.replay(ReplayFrom::Time(at), Some(&scope.all()), 10).expect("replay").len()
+            };
+            vec![
+                list(scope.filter().with_start_time(Timestamp::MIN)),
+                list(scope.filter().with_start_time(Timestamp::MAX)),
+                list(scope.filter().with_end_time(Timestamp::MAX)),
+                list(scope.filter().with_end_time(Timestamp::MIN)),
+                letters(
+                    DeadLetterFilter::new().with_start_time(Timestamp::MIN).with_end_time(Timestamp::MAX),
+                ),
+                letters(DeadLetterFilter::new().with_start_time(Timestamp::MAX)),
+                letters(DeadLetterFilter::new().with_end_time(Timestamp::MIN)),
+                replay(Timestamp::MIN),
+                replay(Timestamp::MAX),
+            ]
+        })
+        .collect();
+    assert_eq!(answers[0], vec![1, 0, 1, 0, 1, 0, 0, 1, 0], "postgres");
+    assert_eq!(answers[0], answers[1], "postgres and memory agree");
 }
 
 /// A broker on the provider: what it publishes is stored through its batched writer and ends

@@ -44,6 +44,13 @@ pub(super) fn to_nanos(at: Timestamp, field: &str, operation: &'static str) -> R
     })
 }
 
+/// `at` as nanoseconds since the Unix epoch, or whether it lies before (`Less`) or after
+/// (`Greater`) every time a row holds: what a time bound of a query compares with.
+pub(super) fn nanos_bound(at: Timestamp) -> Result<i64, std::cmp::Ordering> {
+    let nanos = at.as_nanosecond();
+    i64::try_from(nanos).map_err(|_| nanos.cmp(&0))
+}
+
 /// The timestamp `nanos` nanoseconds after the Unix epoch.
 pub(super) fn from_nanos(nanos: i64) -> Timestamp {
     // Every i64 of nanoseconds is within jiff's range (years -9999 to 9999).

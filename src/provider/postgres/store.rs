@@ -3,10 +3,12 @@
 //!
 //! `list` builds its `WHERE` from the filter's fields that are set (a type pattern becomes an
 //! anchored regular expression, so a literal prefix uses the `type` index), then orders by
-//! `(created_at_ns, id)` and applies `OFFSET` and `LIMIT`. `replay` reads in `seq` order.
+//! `(created_at_ns, id)` and applies `OFFSET` and `LIMIT`. `replay` reads in `seq` order. A time
+//! bound outside the years a row holds (1677 to 2262) keeps every row or none.
 
 use std::collections::BTreeMap;
 
+use jiff::Timestamp;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
@@ -64,6 +66,25 @@ impl<'a> Query<'a> {
     fn and(&mut self, condition: &str, value: impl ToSql + Sync + Send + 'a) {
         self.params.push(Box::new(value));
         self.conditions.push(condition.replace("$?", &format!("${}", self.params.len())));
+    }
+
+    /// Adds `column >= at`. A time outside the range a row holds (1677 to 2262) is before every
+    /// row or after every row, so it keeps all of them or none, as it does in memory.
+    fn at_or_after(&mut self, column: &str, at: Timestamp) {
+        match codec::nanos_bound(at) {
+            Ok(nanos) => self.and(&format!("{column} >= $?"), nanos),
+            Err(std::cmp::Ordering::Less) => {}
+            Err(_) => self.conditions.push("false".to_owned()),
+        }
+    }
+
+    /// Adds `column < at`, a time outside the range a row holds as for [`Query::at_or_after`].
+    fn before(&mut self, column: &str, at: Timestamp) {
+        match codec::nanos_bound(at) {
+            Ok(nanos) => self.and(&format!("{column} < $?"), nanos),
+            Err(std::cmp::Ordering::Greater) => {}
+            Err(_) => self.conditions.push("false".to_owned()),
+        }
     }
 
     /// A placeholder for `value`, for `LIMIT` and `OFFSET`.
@@ -155,10 +176,10 @@ pub(super) fn list(
         query.and("\"type\" ~ $?", pattern_regex(pattern));
     }
     if let Some(start) = filter.start_time {
-        query.and("created_at_ns >= $?", codec::to_nanos(start, "start_time", OP)?);
+        query.at_or_after("created_at_ns", start);
     }
     if let Some(end) = filter.end_time {
-        query.and("created_at_ns < $?", codec::to_nanos(end, "end_time", OP)?);
+        query.before("created_at_ns", end);
     }
     let page = query.page(filter.offset, filter.limit);
     let statement = format!(
@@ -213,7 +234,7 @@ pub(super) fn replay(
         match from {
             ReplayFrom::Beginning => {}
             ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
-            ReplayFrom::Time(at) => query.and("created_at_ns >= $?", codec::to_nanos(at, "from", OP)?),
+            ReplayFrom::Time(at) => query.at_or_after("created_at_ns", at),
         }
         if let Some(seq) = past {
             query.and("seq > $?", seq);
@@ -285,10 +306,10 @@ pub(super) fn list_dead_letters(
         query.and("subscription_id = $?", i64::from_ne_bytes(subscription.get().to_ne_bytes()));
     }
     if let Some(start) = filter.start_time {
-        query.and("failed_at_ns >= $?", codec::to_nanos(start, "start_time", OP)?);
+        query.at_or_after("failed_at_ns", start);
     }
     if let Some(end) = filter.end_time {
-        query.and("failed_at_ns < $?", codec::to_nanos(end, "end_time", OP)?);
+        query.before("failed_at_ns", end);
     }
     let page = query.page(filter.offset, filter.limit);
     let statement = format!(
