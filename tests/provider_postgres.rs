@@ -556,6 +556,48 @@ fn time_bounds_beyond_the_rows_range_keep_all_or_nothing_like_memory() {
     assert_eq!(answers[0], answers[1], "postgres and memory agree");
 }
 
+/// PostgreSQL text cannot hold NUL. One in a field (a handler's error message, say) is stored as
+/// U+FFFD rather than failing the whole batch, and with it the other events' writes.
+#[test]
+fn a_nul_in_a_text_field_fails_no_batch() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let plain = scope.event("jobs.run");
+    let mut odd = scope.event("jobs.run").with_partition_key("k\0");
+    odd.session_id = "s\0".into();
+    odd.error = "e\0".into();
+    provider.store_batch(&shared(&[plain.clone(), odd.clone()]), None).expect("store");
+    let stored = provider.get(odd.id).expect("get").expect("stored");
+    assert_eq!((stored.session_id.as_str(), stored.error.as_str()), ("s\u{FFFD}", "e\u{FFFD}"));
+    assert_eq!(stored.partition_key.as_deref(), Some("k\u{FFFD}"));
+    // A batch large enough to be copied rather than inserted.
+    let mut copied: Vec<Event> = (0..40).map(|_| scope.event("jobs.copy")).collect();
+    copied[20].instance_id = "i\0".into();
+    provider.store_batch(&shared(&copied), None).expect("store by COPY");
+    assert_eq!(
+        provider.list(&EventFilter::new().with_event_type(scope.pattern("jobs.copy"))).expect("list").len(),
+        40
+    );
+
+    provider
+        .update_status_batch(&[
+            StatusUpdate::new(plain.id, EventStatus::Completed),
+            StatusUpdate::new(odd.id, EventStatus::Failed).with_error("bad byte \0 here"),
+        ])
+        .expect("update");
+    let plain_status = provider.get(plain.id).expect("get").expect("stored").status;
+    let odd_now = provider.get(odd.id).expect("get").expect("stored");
+    assert_eq!(plain_status, EventStatus::Completed);
+    assert_eq!((odd_now.status, odd_now.error.as_str()), (EventStatus::Failed, "bad byte \u{FFFD} here"));
+
+    let letter = DeadLetter::new(odd.clone(), SubscriptionId::from_raw(1), scope.all().as_str(), "x\0", 3);
+    provider.store_dead_letters(std::slice::from_ref(&letter)).expect("store letter");
+    let stored = provider.get_dead_letter(letter.id).expect("get letter").expect("stored");
+    assert_eq!(stored.error, "x\u{FFFD}");
+    assert_eq!(stored.event.session_id, "s\0", "the event keeps its JSON escape");
+}
+
 /// A broker on the provider: what it publishes is stored through its batched writer and ends
 /// completed, with the timestamps of its lifecycle.
 #[test]

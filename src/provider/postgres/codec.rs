@@ -1,6 +1,8 @@
 //! Between events and rows: the binary `COPY` encoding of a batch, decoding rows back into events,
 //! nanosecond timestamps, and type patterns as PostgreSQL regular expressions.
 
+use std::borrow::Cow;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use jiff::Timestamp;
 use tokio_postgres::Row;
@@ -55,6 +57,13 @@ pub(super) fn nanos_bound(at: Timestamp) -> Result<i64, std::cmp::Ordering> {
 pub(super) fn from_nanos(nanos: i64) -> Timestamp {
     // Every i64 of nanoseconds is within jiff's range (years -9999 to 9999).
     Timestamp::from_nanosecond(i128::from(nanos)).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// `value` as a `text` column holds it: PostgreSQL refuses the NUL character in text, and one in
+/// any field (a handler's error message, say) would fail the whole batch it is written in, so each
+/// is written as U+FFFD. Borrows when there is none, the usual case.
+pub(super) fn text(value: &str) -> Cow<'_, str> {
+    if value.contains('\0') { Cow::Owned(value.replace('\0', "\u{FFFD}")) } else { Cow::Borrowed(value) }
 }
 
 /// The event's metadata as JSON text, for a `json` column.
@@ -131,7 +140,7 @@ fn put_bytes(buf: &mut BytesMut, value: &[u8]) {
 }
 
 fn put_text(buf: &mut BytesMut, value: &str) {
-    put_bytes(buf, value.as_bytes());
+    put_bytes(buf, text(value).as_bytes());
 }
 
 fn put_opt_text(buf: &mut BytesMut, value: Option<&str>) {
@@ -178,22 +187,22 @@ pub(super) fn insert_from_arrays(table: &str, origin: &str, tail: &str) -> Strin
 pub(super) struct EventColumns<'a> {
     ids: Vec<Uuid>,
     sources: Vec<&'static str>,
-    types: Vec<&'a str>,
+    types: Vec<Cow<'a, str>>,
     statuses: Vec<&'static str>,
     retries: Vec<i64>,
-    errors: Vec<&'a str>,
+    errors: Vec<Cow<'a, str>>,
     payloads: Vec<Option<&'a str>>,
     users: Vec<i64>,
-    sessions: Vec<&'a str>,
-    instances: Vec<&'a str>,
-    schemas: Vec<&'a str>,
-    entities: Vec<&'a str>,
-    operations: Vec<&'a str>,
+    sessions: Vec<Cow<'a, str>>,
+    instances: Vec<Cow<'a, str>>,
+    schemas: Vec<Cow<'a, str>>,
+    entities: Vec<Cow<'a, str>>,
+    operations: Vec<Cow<'a, str>>,
     created: Vec<i64>,
     processed: Vec<Option<i64>>,
     completed: Vec<Option<i64>>,
     metadata: Vec<String>,
-    partition_keys: Vec<Option<&'a str>>,
+    partition_keys: Vec<Option<Cow<'a, str>>>,
 }
 
 impl<'a> EventColumns<'a> {
@@ -223,22 +232,22 @@ impl<'a> EventColumns<'a> {
         for &event in events {
             c.ids.push(*event.id.as_uuid());
             c.sources.push(event.source.as_str());
-            c.types.push(&event.event_type);
+            c.types.push(text(&event.event_type));
             c.statuses.push(event.status.as_str());
             c.retries.push(i64::from(event.retry_count));
-            c.errors.push(&event.error);
+            c.errors.push(text(&event.error));
             c.payloads.push(event.payload_json());
             c.users.push(event.user_id);
-            c.sessions.push(&event.session_id);
-            c.instances.push(&event.instance_id);
-            c.schemas.push(&event.schema);
-            c.entities.push(&event.entity);
-            c.operations.push(&event.operation);
+            c.sessions.push(text(&event.session_id));
+            c.instances.push(text(&event.instance_id));
+            c.schemas.push(text(&event.schema));
+            c.entities.push(text(&event.entity));
+            c.operations.push(text(&event.operation));
             c.created.push(to_nanos(event.created_at, "created_at", operation)?);
             c.processed.push(nanos(event.processed_at, "processed_at")?);
             c.completed.push(nanos(event.completed_at, "completed_at")?);
             c.metadata.push(metadata_json(event, operation)?);
-            c.partition_keys.push(event.partition_key.as_deref());
+            c.partition_keys.push(event.partition_key.as_deref().map(text));
         }
         Ok(c)
     }

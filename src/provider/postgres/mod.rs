@@ -44,6 +44,8 @@
 //! through a staging table and `INSERT … ON CONFLICT (id) DO UPDATE`, which keeps the row's `seq`
 //! and origin: a batch retried after a lost commit reply duplicates nothing and is not delivered
 //! again. Status updates are one `UPDATE … FROM unnest(…)` per batch. See the `sink` module.
+//! PostgreSQL text cannot hold the NUL character: one in a text field (an error message, a session
+//! id) is stored as U+FFFD, where refusing it would fail every other write of its batch.
 //!
 //! ## Delivery across instances
 //! Each provider holds one extra connection that `LISTEN`s on the channel and wakes its inbound

@@ -14,6 +14,7 @@
 //! Ids repeated inside one batch are folded first (the later element's fields at the earlier
 //! element's place), as a statement cannot touch a row twice.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
@@ -292,7 +293,7 @@ pub(super) fn update_status_batch(
     for update in &folded {
         columns.ids.push(*update.id.as_uuid());
         columns.statuses.push(update.status.as_str());
-        columns.errors.push(&update.error);
+        columns.errors.push(codec::text(&update.error));
         columns.retries.push(i64::from(update.retry_count));
         columns.processed.push(nanos(update.processed_at, "processed_at")?);
         columns.completed.push(nanos(update.completed_at, "completed_at")?);
@@ -307,7 +308,7 @@ pub(super) fn update_status_batch(
 struct StatusColumns<'a> {
     ids: Vec<Uuid>,
     statuses: Vec<&'static str>,
-    errors: Vec<&'a str>,
+    errors: Vec<Cow<'a, str>>,
     retries: Vec<i64>,
     processed: Vec<Option<i64>>,
     completed: Vec<Option<i64>>,
@@ -343,12 +344,12 @@ pub(super) fn store_dead_letters(
     for (id, letter) in last {
         ids.push(id);
         event_ids.push(*letter.event.id.as_uuid());
-        types.push(letter.event.event_type.as_str());
+        types.push(codec::text(&letter.event.event_type));
         events.push(letter.event.to_json());
         // Stored as the same 64 bits, signed: only compared for equality.
         subscriptions.push(i64::from_ne_bytes(letter.subscription_id.get().to_ne_bytes()));
-        patterns.push(letter.pattern.as_str());
-        errors.push(letter.error.as_str());
+        patterns.push(codec::text(&letter.pattern));
+        errors.push(codec::text(&letter.error));
         attempts.push(i64::from(letter.attempts));
         failed.push(codec::to_nanos(letter.failed_at, "failed_at", OP)?);
     }

@@ -169,7 +169,7 @@ pub(super) fn list(
         ("instance_id", &filter.instance_id),
     ] {
         if let Some(value) = value {
-            query.and(&format!("{column} = $?"), value.as_str());
+            query.and(&format!("{column} = $?"), codec::text(value));
         }
     }
     if let Some(pattern) = &filter.event_type {
