@@ -878,3 +878,46 @@ fn work_queue_members_keep_what_waits_and_give_back_what_they_no_longer_want() {
     work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
     work_queue_support::a_partial_unsubscribe_gives_back_to_the_group(&connect, "partial");
 }
+
+/// A role of its own for one test, dropped (with the rights granted to it) when the test ends.
+struct Role(String);
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let sql = Sql::connect().expect("connect");
+        if let Err(error) = sql.batch(&format!("DROP OWNED BY {0}; DROP ROLE {0}", self.0)) {
+            eprintln!("could not drop test role {}: {error}", self.0);
+        }
+    }
+}
+
+/// A service whose role may only read and write the provider's tables (the owner role migrated
+/// them) connects, stores and reads: a schema already current is not touched, since PostgreSQL
+/// refuses even `CREATE SCHEMA IF NOT EXISTS` to a role without the right to create.
+#[test]
+fn a_role_with_only_data_rights_connects_to_a_current_schema() {
+    let backend = PostgresBackend::new();
+    backend.provider().close().expect("migrated by the owner");
+    let role = Role(format!("eb_test_role_{:016x}", fastrand::u64(..)));
+    let schema = &backend.schema;
+    Sql::connect()
+        .expect("connect")
+        .batch(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT USAGE ON SCHEMA {schema} TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {role};",
+            role = role.0
+        ))
+        .expect("a role with data rights only");
+    let url = postgres_support::url();
+    assert!(!url.contains("://"), "this test names its role in a key=value connection string, not {url}");
+    let service = postgres_support::connect(PostgresConfig {
+        url: format!("{url} user={}", role.0),
+        ..backend.config()
+    });
+    let event = Arc::new(Event::new(EventSource::System, "roles.checked"));
+    service.store_batch(std::slice::from_ref(&event), None).expect("store");
+    assert_eq!(service.get(event.id).expect("get").map(|e| e.id), Some(event.id));
+    service.close().expect("close");
+}

@@ -2,6 +2,11 @@
 //! [`Names::migrations_sql`](super::schema::Names::migrations_sql) not yet recorded in
 //! `<table>_migrations` is applied, in one transaction under an advisory lock on the
 //! schema, so providers connecting at once neither race nor apply a step twice.
+//!
+//! A schema already current is only read: PostgreSQL checks the right to create before it
+//! looks whether the object exists, so even `CREATE SCHEMA IF NOT EXISTS` fails for a role that
+//! may only read and write the provider's tables (the usual split: migrations by an owner role,
+//! the service by one with data rights). Such a role connects once the owner has migrated.
 
 use super::NAME;
 use super::backend::Backend;
@@ -15,6 +20,29 @@ pub(super) fn migrate(backend: &Backend) -> Result<(), ProviderError> {
     let migrations = names.migrations_table();
     let record = format!("INSERT INTO {migrations} (version) VALUES ($1)");
     let read_applied = format!("SELECT version FROM {migrations}");
+    let current = backend.call(OP, async {
+        let fail = |err| Backend::error(OP, &migrations, err);
+        let conn = backend.conn(OP).await?;
+        let exists =
+            conn.query_one("SELECT to_regclass($1) IS NOT NULL", &[&migrations]).await.map_err(fail)?;
+        let applied: Option<Vec<i32>> = if exists.try_get(0).map_err(fail)? {
+            // A role without the right to read it goes on to the steps, and fails there, saying
+            // why.
+            match conn.query(&read_applied, &[]).await {
+                Ok(rows) => {
+                    Some(rows.iter().map(|row| row.try_get(0)).collect::<Result<_, _>>().map_err(fail)?)
+                }
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        conn.release();
+        Ok(applied.is_some_and(|applied| steps.iter().all(|(version, _)| applied.contains(version))))
+    })?;
+    if current {
+        return Ok(());
+    }
     backend.call(OP, async {
         let fail = |err| Backend::error(OP, &migrations, err);
         let mut conn = backend.conn(OP).await?;

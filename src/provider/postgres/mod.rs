@@ -194,7 +194,9 @@ struct Shared {
 
 impl PostgresProvider {
     /// Validates `config`, starts the runtime, connects and migrates the schema to the current
-    /// version, and starts the retention task.
+    /// version, and starts the retention task. A schema already at the current version is only
+    /// read, so a role with no more than data rights on its tables (`SELECT`, `INSERT`, `UPDATE`,
+    /// `DELETE`, and its sequences) connects once a role that may create has migrated it.
     ///
     /// ```no_run
     /// use std::time::Duration;
