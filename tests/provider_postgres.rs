@@ -921,3 +921,23 @@ fn a_role_with_only_data_rights_connects_to_a_current_schema() {
     assert_eq!(service.get(event.id).expect("get").map(|e| e.id), Some(event.id));
     service.close().expect("close");
 }
+
+/// A row whose status no event has (written by hand) is left out of stats and passed over by
+/// `list`, instead of failing every call that reads it.
+#[test]
+fn a_row_with_no_valid_status_fails_neither_stats_nor_list() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let events =
+        shared(&[Event::new(EventSource::System, "odd.status"), Event::new(EventSource::System, "odd.fine")]);
+    provider.store_batch(&events, None).expect("store");
+    let table =
+        provider.stats().expect("stats").provider_specific["table"].as_str().expect("table").to_owned();
+    sql.batch(&format!("UPDATE {table} SET status = 'bogus' WHERE \"type\" = 'odd.status'"))
+        .expect("update by hand");
+    let stats = provider.stats().expect("stats leave the row out");
+    assert_eq!((stats.total_events, stats.pending_events), (1, 1), "{stats:?}");
+    let listed = provider.list(&eventbroker::EventFilter::default()).expect("list passes the row over");
+    assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), [events[1].id]);
+}

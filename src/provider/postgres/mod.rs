@@ -305,10 +305,12 @@ impl PostgresProvider {
         capture::install(&self.shared, table)
     }
 
-    /// Removes the CRUD capture trigger from `table`; `true` when it was installed.
+    /// Removes the CRUD capture trigger from `table`; `true` when it was installed, `false` when
+    /// it was not (a table that does not exist included).
     ///
     /// # Errors
-    /// As [`PostgresProvider::install_crud_capture`].
+    /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
+    /// identifier or names one of the provider's own tables; a backend failure otherwise.
     pub fn remove_crud_capture(&self, table: &str) -> Result<bool, ProviderError> {
         capture::remove(&self.shared, table)
     }
