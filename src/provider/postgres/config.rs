@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::NAME;
-use super::ident::Ident;
+use super::ident::{Ident, MAX_IDENT_LEN};
 use super::schema::{Names, SUFFIX_RESERVE};
 use crate::error::{ConfigError, ProviderError, ProviderErrorKind};
 
@@ -109,9 +109,20 @@ impl PostgresConfig {
         self
     }
 
-    /// The channel in use: [`channel`](Self::channel), or `<schema>_<table>`.
+    /// The channel in use: [`channel`](Self::channel), or `<schema>_<table>`; where that is
+    /// longer than an identifier may be (63 bytes), its first 46 bytes, `_` and 16 hex digits of a
+    /// hash of the whole, the same in every instance.
     pub fn channel_name(&self) -> String {
-        self.channel.clone().unwrap_or_else(|| format!("{}_{}", self.schema, self.table))
+        if let Some(channel) = &self.channel {
+            return channel.clone();
+        }
+        let name = format!("{}_{}", self.schema, self.table);
+        if name.len() <= MAX_IDENT_LEN {
+            return name;
+        }
+        let hash = super::schema::stable_hash(&name);
+        let keep = (0..=MAX_IDENT_LEN - 17).rev().find(|&at| name.is_char_boundary(at)).unwrap_or(0);
+        format!("{}_{hash:016x}", &name[..keep])
     }
 
     /// Validates the names and numbers, giving the names the provider builds its SQL from.
@@ -162,4 +173,24 @@ impl Default for PostgresConfig {
 /// A configuration error as the provider reports it.
 pub(super) fn invalid_config(operation: &'static str, error: ConfigError) -> ProviderError {
     ProviderError::new(NAME, operation, ProviderErrorKind::InvalidInput(error.to_string())).with_source(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A schema and table whose `<schema>_<table>` passes the identifier limit get a default
+    /// channel that fits, the same for every instance, and apart for tables sharing a prefix.
+    #[test]
+    fn a_default_channel_too_long_for_an_identifier_is_shortened_stably() {
+        let schema = "s".repeat(40);
+        let config =
+            |table: &str| PostgresConfig::new("host=127.0.0.1").with_schema(&schema).with_table(table);
+        let (a, b) = (config(&format!("{}a", "t".repeat(29))), config(&format!("{}b", "t".repeat(29))));
+        assert_eq!(a.channel_name().len(), MAX_IDENT_LEN);
+        assert_eq!(a.channel_name(), a.clone().channel_name(), "stable");
+        assert_ne!(a.channel_name(), b.channel_name(), "a hash of the whole name");
+        assert!(a.validate().is_ok(), "{:?}", a.validate().err());
+        assert_eq!(config("events").channel_name(), format!("{schema}_events"), "short names as they are");
+    }
 }

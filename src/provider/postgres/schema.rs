@@ -54,11 +54,7 @@ impl Names {
     /// The name of the capture trigger on a captured table: one per provider configuration, as
     /// providers in different schemas may have tables of one name capturing the same table.
     pub(super) fn capture_trigger(&self) -> Ident {
-        // FNV-1a: stable across builds and versions, unlike the standard library's hasher.
-        let key = format!("{}.{}", self.schema.as_str(), self.table.as_str());
-        let hash = key
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        let hash = stable_hash(&format!("{}.{}", self.schema.as_str(), self.table.as_str()));
         Ident::parse("trigger", &format!("eventbroker_capture_{hash:016x}"), 0).expect("a valid identifier")
     }
 
@@ -185,4 +181,10 @@ impl Names {
             letters_by_event = self.table.with_suffix("_dl_event"),
         )
     }
+}
+
+/// FNV-1a of `text`: stable across builds and versions, unlike the standard library's hasher, so
+/// every instance derives the same name from it.
+pub(super) fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
