@@ -227,7 +227,9 @@ impl Payload {
         Ok(Self::checked(json, value))
     }
 
-    /// Serializes `value` to compact JSON.
+    /// Serializes `value` to compact JSON, as `serde_json` writes it: a non-finite float (`NaN`,
+    /// an infinity) is written as `null`, not refused (the Go seed's `json.Marshal` refuses it), so
+    /// it does not decode back as a float.
     ///
     /// # Errors
     /// [`PayloadError::Serialize`] when `value` cannot be written as JSON, or nests deeper than
@@ -532,7 +534,20 @@ impl Event {
         self.partition_key.as_deref().unwrap_or(&self.event_type)
     }
 
-    /// Serializes `value` as the payload. A value that serializes to `null` clears it.
+    /// Serializes `value` as the payload. A value that serializes to `null` clears it; so does a
+    /// bare non-finite float, which `serde_json` writes as `null` (inside a struct or a list it
+    /// becomes `null` there, and [`Event::payload`] as the original type then fails). Check floats
+    /// first where they may be `NaN` or infinite.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource};
+    ///
+    /// let mut e = Event::new(EventSource::System, "sensor.read");
+    /// e.set_payload(&[1.5, f64::NAN])?;
+    /// assert_eq!(e.payload_json(), Some("[1.5,null]"));
+    /// assert!(e.payload::<Vec<f64>>().is_err());
+    /// # Ok::<(), eventbroker::PayloadError>(())
+    /// ```
     ///
     /// # Errors
     /// [`PayloadError::Serialize`] when `value` cannot be written as JSON (a map with non-string
