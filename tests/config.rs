@@ -474,6 +474,8 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
         "must be at least 1",
     ),
     ("event_broker:\n  instance_id: \"${HOST\"\n", "event_broker.instance_id", "unterminated ${"),
+    ("event_broker:\n  instance_id: \"api\\0one\"\n", "event_broker.instance_id", "control character"),
+    ("event_broker:\n  instance_id: \"api-1\\n\"\n", "event_broker.instance_id", "control character"),
 ];
 
 #[test]
@@ -639,6 +641,19 @@ fn files_load_and_an_unreadable_one_names_its_path() {
     let err = Config::from_yaml_file(&path).unwrap_err();
     assert_eq!(err.key(), path.display().to_string());
     assert!(err.reason().starts_with("cannot read the file"), "{err}");
+}
+
+/// The instance id names the worker threads: one with a NUL, given in code, is refused as a bad
+/// setting rather than panicking in the thread spawn.
+#[test]
+fn an_instance_id_with_a_control_character_is_refused_not_a_panic() {
+    let mut config = Config::default();
+    config.worker_count = 1;
+    config.instance_id = "api\0one".into();
+    match config.build() {
+        Err(BuildError::Config(err)) => assert_eq!(err.key(), "instance_id", "{err}"),
+        other => panic!("expected a config error on instance_id, got {other:?}"),
+    }
 }
 
 #[test]

@@ -204,7 +204,8 @@ impl BrokerBuilder {
     /// building a broker that receives from a provider another live broker of this process
     /// receives from under the same id fails with [`BuildError::Config`] on `instance_id`; across
     /// processes nothing can tell, so give each process its own (a pod's name, or the host name
-    /// and the service's role).
+    /// and the service's role). An id with a control character fails the build with
+    /// [`BuildError::Config`] on `instance_id`.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
@@ -465,6 +466,11 @@ impl BrokerBuilder {
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        // The id names the worker threads (a NUL makes spawning panic) and is stored as text (which
+        // PostgreSQL refuses with a NUL); a control character in it is a mistake either way.
+        if let Some(id) = self.instance_id.as_deref().filter(|id| id.contains(char::is_control)) {
+            return Err(ConfigError::new("instance_id", format!("{id:?} contains a control character")));
+        }
         within("worker_count", self.workers, 1, MAX_WORKERS)?;
         within("buffer_size", self.buffer_size, 2, MAX_BUFFER_SIZE)?;
         self.retry.validate()?;
