@@ -739,6 +739,23 @@ fn the_factory_builds_the_redis_provider_from_its_section() {
     ));
 }
 
+/// The factory connects as the NATS and PostgreSQL ones do: a publish-only instance (`local`, no
+/// inbound source to open) pointed at no server fails to build, within the section's timeout,
+/// rather than building and failing at its first write.
+#[cfg(feature = "redis")]
+#[test]
+fn a_redis_section_that_cannot_connect_fails_the_build() {
+    let config = load(
+        "event_broker:\n  provider: redis\n  worker_count: 1\n  distribution:\n    mode: local\n  redis:\n    host: 127.0.0.1\n    port: 1\n    timeout: 1s\n",
+    );
+    let started = std::time::Instant::now();
+    match config.build() {
+        Err(BuildError::Provider(err)) => assert_eq!(err.provider(), "redis", "{err}"),
+        other => panic!("expected a provider error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
 #[cfg(all(feature = "postgres", feature = "test-util"))]
 #[test]
 fn the_factory_builds_the_postgres_provider_from_its_section() {

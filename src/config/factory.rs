@@ -34,7 +34,9 @@ fn redis(_: &Config) -> Result<Arc<dyn Provider>, BuildError> {
 }
 
 /// The Redis Streams provider from the `redis` section; unset fields keep the provider's
-/// defaults. Connects (bounded by the section's `timeout`).
+/// defaults. Connects (bounded by the section's `timeout`): the provider itself connects on first
+/// use, so without this ping a broker that only publishes (`distribution: local`) would build
+/// against a wrong address or password and fail at its first write, as the others never do.
 #[cfg(feature = "redis")]
 fn redis(config: &Config) -> Result<Arc<dyn Provider>, BuildError> {
     use crate::provider::redis::{RedisConfig, RedisProvider};
@@ -48,7 +50,9 @@ fn redis(config: &Config) -> Result<Arc<dyn Provider>, BuildError> {
     set(&mut redis.max_dead_letters, section.max_dead_letters);
     set(&mut redis.timeout, section.timeout);
     set(&mut redis.client_name, section.client_name.clone());
-    Ok(Arc::new(RedisProvider::connect(redis).map_err(BuildError::Provider)?))
+    let provider = RedisProvider::connect(redis).map_err(BuildError::Provider)?;
+    provider.ping().map_err(BuildError::Provider)?;
+    Ok(Arc::new(provider))
 }
 
 #[cfg(not(feature = "nats"))]
