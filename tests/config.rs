@@ -352,6 +352,16 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
     ),
     ("event_broker:\n  retry_policy: 3\n", "event_broker.retry_policy", "expected a mapping of keys, got 3"),
     (
+        "event_broker:\n  instance_id: \" api-1\"\n",
+        "event_broker.instance_id",
+        "leading or trailing whitespace",
+    ),
+    (
+        "event_broker:\n  provider: database\n  database:\n    table_name: tttttttttttttttttttttttttttttttttttttttttttttttttttt\n",
+        "event_broker.database.table_name",
+        "at most 50 bytes",
+    ),
+    (
         "event_broker:\n  instance_id: [a, b]\n",
         "event_broker.instance_id",
         "expected a single value, got a list",

@@ -204,8 +204,8 @@ impl BrokerBuilder {
     /// building a broker that receives from a provider another live broker of this process
     /// receives from under the same id fails with [`BuildError::Config`] on `instance_id`; across
     /// processes nothing can tell, so give each process its own (a pod's name, or the host name
-    /// and the service's role). An id with a control character fails the build with
-    /// [`BuildError::Config`] on `instance_id`.
+    /// and the service's role). An id with a control character, or with leading or trailing
+    /// whitespace, fails the build with [`BuildError::Config`] on `instance_id`.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
@@ -470,6 +470,13 @@ impl BrokerBuilder {
         // PostgreSQL refuses with a NUL); a control character in it is a mistake either way.
         if let Some(id) = self.instance_id.as_deref().filter(|id| id.contains(char::is_control)) {
             return Err(ConfigError::new("instance_id", format!("{id:?} contains a control character")));
+        }
+        // " api-1" would name another consumer group than "api-1", unseen in most logs.
+        if let Some(id) = self.instance_id.as_deref().filter(|id| id.trim() != *id) {
+            return Err(ConfigError::new(
+                "instance_id",
+                format!("{id:?} has leading or trailing whitespace"),
+            ));
         }
         within("worker_count", self.workers, 1, MAX_WORKERS)?;
         within("buffer_size", self.buffer_size, 2, MAX_BUFFER_SIZE)?;

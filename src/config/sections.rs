@@ -412,11 +412,15 @@ impl DatabaseSection {
         if url.is_none() && section.url.is_some() && section.has_address_parts() {
             return Err(s.invalid("host", "set either url or its parts (host, port, ...), not both"));
         }
-        for (key, value) in
-            [("schema", &section.schema), ("table_name", &section.table_name), ("channel", &section.channel)]
-        {
+        // The provider names its other tables after the events table, adding up to 13 bytes
+        // (`_dead_letters`) within PostgreSQL's 63.
+        for (key, value, max) in [
+            ("schema", &section.schema, 63),
+            ("table_name", &section.table_name, 50),
+            ("channel", &section.channel, 63),
+        ] {
             if let Some(value) = value {
-                check_identifier(s, key, value)?;
+                check_identifier(s, key, value, max)?;
             }
         }
         if section.pool_size == Some(0) {
@@ -503,9 +507,9 @@ fn check_chars(
 
 /// A PostgreSQL identifier the provider can use unquoted: a letter or `_`, then letters, digits
 /// or `_`, at most 63 bytes.
-fn check_identifier(s: &Section<'_, '_>, key: &str, value: &str) -> Result<(), ConfigError> {
+fn check_identifier(s: &Section<'_, '_>, key: &str, value: &str, max: usize) -> Result<(), ConfigError> {
     let mut chars = value.chars();
-    let valid = value.len() <= 63
+    let valid = value.len() <= max
         && chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if valid {
@@ -514,7 +518,7 @@ fn check_identifier(s: &Section<'_, '_>, key: &str, value: &str) -> Result<(), C
         Err(s.invalid(
             key,
             format!(
-                "{value:?} is not an identifier (a letter or _, then letters, digits or _, at most 63 bytes)"
+                "{value:?} is not an identifier (a letter or _, then letters, digits or _, at most {max} bytes)"
             ),
         ))
     }
