@@ -555,9 +555,9 @@ impl Target for Engine {
         self.shared.inbound_ended.wait_past(seen, timeout);
     }
 
-    fn hold(&self, tokens: &[crate::AckToken]) {
+    fn hold(&self, tokens: impl IntoIterator<Item = crate::AckToken>) {
         if let Some(held) = &self.shared.held_inbound {
-            held.lock().extend(tokens.iter().copied());
+            held.lock().extend(tokens);
         }
     }
 

@@ -128,7 +128,7 @@ pub(crate) trait Target: Send + Sync + 'static {
 
     /// Notes that the events of `tokens`, fetched, are about to be placed: held until a worker
     /// ends them (kept only where held events' claims are extended, in a work queue).
-    fn hold(&self, tokens: &[AckToken]);
+    fn hold(&self, tokens: impl IntoIterator<Item = AckToken>);
 
     /// Forgets `tokens`, given back without being placed.
     fn release(&self, tokens: &[AckToken]);
@@ -462,8 +462,7 @@ impl InboundPump {
         }
         // All of them at once: those waiting for room while the first are placed keep their
         // claims too.
-        let tokens: Vec<AckToken> = valid.iter().map(|inbound| inbound.token).collect();
-        target.hold(&tokens);
+        target.hold(valid.iter().map(|inbound| inbound.token));
         let mut events = valid.into_iter();
         while let Some(inbound) = events.next() {
             let token = inbound.token;

@@ -846,7 +846,7 @@ impl WriterThread {
                     events = withheld.len(),
                     "inbound events whose dead letters were lost are given back"
                 );
-                self.let_go(&withheld);
+                self.let_go(withheld.iter().copied());
                 let result = self.call("nak", || inbound.nak(&withheld, WITHHELD_ACK_REDELIVERY));
                 if let Settled::Written = self.settle(result, "nak", withheld.len()) {
                     self.counters.naks.fetch_add(withheld.len() as u64, Ordering::Relaxed);
@@ -865,8 +865,7 @@ impl WriterThread {
                 Settled::Dropped(_) => {}
                 Settled::Retry(error) => return Err(error),
             }
-            let acked: Vec<AckToken> = self.batch.acks.iter().map(|ack| ack.token).collect();
-            self.let_go(&acked);
+            self.let_go(self.batch.acks.iter().map(|ack| ack.token));
             self.batch.acks.clear();
             self.settled_items(n);
         }
@@ -903,11 +902,11 @@ impl WriterThread {
     }
 
     /// Stops extending the claims of `tokens`, whose acknowledgements are written or given up.
-    fn let_go(&self, tokens: &[AckToken]) {
+    fn let_go(&self, tokens: impl IntoIterator<Item = AckToken>) {
         if let Some(held) = &self.held {
             let mut held = held.lock();
             for token in tokens {
-                held.remove(token);
+                held.remove(&token);
             }
         }
     }
