@@ -910,13 +910,7 @@ fn concurrent_redrives_of_one_dead_letter_deliver_it_once() {
 // that one is deleting it.
 #[test]
 fn concurrent_redrives_of_an_events_two_dead_letters_complete_it() {
-    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
-    let broker = Broker::builder()
-        .provider(faulty.clone())
-        .distribution(Distribution::Local)
-        .retry_policy(RetryPolicy::none())
-        .build()
-        .unwrap();
+    let (faulty, broker) = local_broker_on_faults();
     let fixed = Arc::new(AtomicBool::new(false));
     for pattern in ["orders.paid", "orders.*"] {
         let f = Arc::clone(&fixed);

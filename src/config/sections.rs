@@ -506,7 +506,7 @@ fn check_chars(
 }
 
 /// A PostgreSQL identifier the provider can use unquoted: a letter or `_`, then letters, digits
-/// or `_`, at most 63 bytes.
+/// or `_`, at most `max` bytes.
 fn check_identifier(s: &Section<'_, '_>, key: &str, value: &str, max: usize) -> Result<(), ConfigError> {
     let mut chars = value.chars();
     let valid = value.len() <= max
