@@ -693,6 +693,20 @@ pub enum BrokerError {
         /// Where to resume.
         resume_from: crate::ReplayCursor,
     },
+    /// A replay stopped on a provider error while reading the stored events (a server that went
+    /// away, say). The events before `resume_from` were placed in the shards, and are handled as
+    /// any are; [`Broker::replay`](crate::Broker::replay) from `resume_from` goes on with the
+    /// same replay once the provider answers again, without placing any of them twice.
+    #[error("replay stopped after {replayed} events on a provider error: {error}")]
+    ReplayInterrupted {
+        /// Events replayed before it stopped.
+        replayed: u64,
+        /// Where to resume.
+        resume_from: crate::ReplayCursor,
+        /// The provider's error (boxed: it would double the size of every `BrokerError`).
+        #[source]
+        error: Box<ProviderError>,
+    },
     /// The pattern given does not parse.
     #[error(transparent)]
     Pattern(#[from] PatternError),

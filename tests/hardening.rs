@@ -12,8 +12,8 @@ use eventbroker::prelude::*;
 use eventbroker::testing::{Fault, FaultyProvider, Operation};
 use eventbroker::{
     Backpressure, Broker, BrokerError, CloseOutcome, ConfirmError, DeadLetterFilter, Distribution,
-    DrainError, Event, EventStatus, HandlerFailures, MemoryProvider, Mode, PublishError, ReplayFrom,
-    RetryPolicy, SyncPublishError, Timestamp, WriterConfig,
+    DrainError, Event, EventStatus, HandlerFailures, MemoryProvider, Mode, ProviderErrorKind, PublishError,
+    ReplayFrom, RetryPolicy, SyncPublishError, Timestamp, WriterConfig,
 };
 
 mod common;
@@ -228,6 +228,49 @@ fn a_time_replay_resumed_after_a_full_shard_keeps_its_time() {
     wait_until("the replays", WAIT, || replayed.lock().unwrap().len() == 6);
     broker.drain(WAIT).unwrap();
     assert_eq!(*replayed.lock().unwrap(), vec!["when.new"; 6]);
+    assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 3c. A replay that a provider error stops says how far it got and where to go on: resumed there
+// once the provider answers, it places every remaining event once.
+#[test]
+fn a_replay_stopped_by_a_provider_error_resumes_where_it_stopped() {
+    const STORED: u64 = 600; // more than one page of 512
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let broker = Broker::builder().workers(1).buffer_size(64).provider(faulty.clone()).build().unwrap();
+    for i in 0..STORED {
+        broker.publish(event("page.x").with_user_id(i64::try_from(i).unwrap())).unwrap();
+    }
+    broker.drain(WAIT).unwrap();
+
+    // The worker handles the first replayed event while the replay still places its first page
+    // (the shard takes 64 of 512): the next page's read fails.
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let (s, f) = (Arc::clone(&seen), faulty.clone());
+    broker
+        .subscribe_infallible("page.>", move |e: &Event| {
+            let mut seen = s.lock().unwrap();
+            if seen.is_empty() {
+                f.inject(Operation::Replay, Fault::unavailable());
+            }
+            seen.push(e.user_id);
+        })
+        .unwrap();
+    let stopped = broker.replay(ReplayFrom::Beginning, Some("page.>"));
+    let Err(BrokerError::ReplayInterrupted { replayed, resume_from, error }) = stopped else {
+        panic!("the second page's read failed: {stopped:?}");
+    };
+    assert_eq!(replayed, 512, "the first page was placed");
+    assert!(matches!(error.kind(), ProviderErrorKind::Unavailable(_)), "{error}");
+
+    faulty.heal(Operation::Replay);
+    let resumed = broker.replay(resume_from, Some("page.>")).unwrap();
+    assert_eq!(resumed.replayed, STORED - replayed, "the rest, and nothing twice");
+    broker.drain(WAIT).unwrap();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort_unstable();
+    let every: Vec<i64> = (0..STORED).map(|i| i64::try_from(i).unwrap()).collect();
+    assert_eq!(seen, every, "every stored event once");
     assert!(broker.shutdown(WAIT).is_clean());
 }
 

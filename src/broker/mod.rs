@@ -739,9 +739,11 @@ impl Broker {
     }
 
     /// Re-delivers stored events, oldest first, to the current subscribers: every event from
-    /// `from` on (a [`ReplayFrom`](crate::ReplayFrom), or the [`ReplayCursor`] of a replay that
-    /// stopped with [`BrokerError::ReplayFull`]) whose type matches `pattern` (all when `None`) goes through the shards again with
-    /// `"replay": true` in its metadata. The stored events and their status history are left as
+    /// `from` on (a [`ReplayFrom`](crate::ReplayFrom), or the [`ReplayCursor`] of an earlier
+    /// replay: [`ReplayReport::resume_from`], or the `resume_from` of a replay that stopped with
+    /// [`BrokerError::ReplayFull`] or [`BrokerError::ReplayInterrupted`]) whose type matches
+    /// `pattern` (all when `None`) goes through the shards again with `"replay": true` in its
+    /// metadata. The stored events and their status history are left as
     /// they are. Waits for room as needed (from a handler, only as long as the backpressure policy
     /// allows, and never for its own worker's shard). Events stored while it runs may be replayed
     /// too: it returns once it has caught up with the store, or once it has looked at about twice
@@ -750,8 +752,10 @@ impl Broker {
     /// [`ReplayReport::resume_from`] says where a later replay picks up what came after.
     ///
     /// # Errors
-    /// [`BrokerError::Pattern`]; [`BrokerError::Provider`]; [`BrokerError::ReplayFull`] with where
-    /// to resume; [`BrokerError::Closed`] when shutdown interrupts the replay.
+    /// [`BrokerError::Pattern`]; [`BrokerError::Provider`] or [`BrokerError::Timeout`] when the
+    /// writer's flush before it fails (nothing was replayed); [`BrokerError::ReplayFull`] and
+    /// [`BrokerError::ReplayInterrupted`] (a provider error while reading the stored events), each
+    /// with where to resume; [`BrokerError::Closed`] when shutdown interrupts the replay.
     pub fn replay(
         &self,
         from: impl Into<ReplayCursor>,

@@ -211,7 +211,11 @@ impl Engine {
                 if self.intake.is_closed() && error.kind() == &ProviderErrorKind::Closed {
                     BrokerError::Closed
                 } else {
-                    error.into()
+                    BrokerError::ReplayInterrupted {
+                        replayed: report.replayed,
+                        resume_from: report.resume_from(),
+                        error: Box::new(error),
+                    }
                 }
             })?;
             for stored in page {
