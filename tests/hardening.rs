@@ -517,34 +517,91 @@ fn endless_zero_delay_retries_do_not_starve_the_shard() {
     assert_eq!(report.dead_lettered, 1, "the endless retry is dead-lettered at shutdown: {report:?}");
 }
 
-// 6. A provider that panics does not kill the writer: the write is dropped and counted, the writer
-// goes on, and the next flush says so.
+// 6. A provider that panics does not kill the writer: a batch it panicked on once is narrowed down
+// and written; writes it keeps panicking on are dropped and counted, the writer goes on, and the
+// next flush says so.
 #[test]
 fn a_panicking_provider_does_not_kill_the_writer() {
     let memory = Arc::new(MemoryProvider::default());
     let faulty = FaultyProvider::new(memory.clone());
     let broker = Broker::builder().provider(faulty.clone()).build().unwrap();
+    let stored = |event_type: &str| {
+        let filter = eventbroker::EventFilter::new().with_event_type(event_type.parse().unwrap());
+        memory.list(&filter).unwrap().len()
+    };
     faulty.inject(Operation::StoreBatch, Fault::Panic { times: Some(1) });
+    for _ in 0..10 {
+        broker.publish(event("panicky.once")).unwrap();
+    }
+    broker.flush(WAIT).expect("the writes it panicked on once were written again");
+    assert_eq!(broker.stats().writer.panics, 1);
+    assert_eq!(stored("panicky.once"), 10);
+
+    let calls_before = faulty.calls(Operation::StoreBatch);
+    faulty.inject(Operation::StoreBatch, Fault::Panic { times: None });
     for _ in 0..10 {
         broker.publish(event("panicky")).unwrap();
     }
     let err = broker.flush(WAIT).unwrap_err();
-    assert!(matches!(err, BrokerError::WritesDropped { .. }), "{err}");
+    let BrokerError::WritesDropped { dropped, .. } = err else { panic!("expected WritesDropped, got {err}") };
+    assert_eq!(dropped, 10, "each event given up once");
     let stats = broker.stats().writer;
-    assert_eq!(stats.panics, 1);
-    assert!(stats.dropped >= 1 && stats.errors >= 1, "{stats:?}");
+    assert_eq!(stats.panics, 1 + faulty.calls(Operation::StoreBatch) - calls_before, "{stats:?}");
+    assert!(stats.dropped == 10 && stats.errors >= 1, "{stats:?}");
+
+    faulty.heal(Operation::StoreBatch);
     for _ in 0..10 {
         broker.publish(event("after")).unwrap();
     }
     broker.flush(WAIT).unwrap();
-    assert_eq!(
-        memory
-            .list(&eventbroker::EventFilter::new().with_event_type("after".parse().unwrap()))
-            .unwrap()
-            .len(),
-        10
-    );
+    assert_eq!(stored("after"), 10);
     assert!(broker.shutdown(WAIT).is_clean());
+}
+
+// 6b. An event the provider cannot hold is given up alone, not with the batch it was written in:
+// its neighbours are stored, a confirmed publisher among them is told so, and dead letters
+// written beside one that cannot be held are kept.
+#[test]
+fn an_event_the_provider_refuses_drops_alone() {
+    let memory = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(memory.clone());
+    faulty.refuse_events(|e| e.event_type.starts_with("poison."));
+    // Everything published within 50 ms is written in one batch.
+    let writer = WriterConfig { max_delay: Duration::from_millis(50), ..WriterConfig::default() };
+    let broker = Broker::builder()
+        .provider(faulty.clone())
+        .writer(writer)
+        .retry_policy(RetryPolicy::none())
+        .build()
+        .unwrap();
+    let mut events: Vec<Event> = (0..99).map(|_| event("neighbour.x")).collect();
+    events.insert(40, event("poison.x"));
+    let poison = events[40].id;
+    broker.publish_batch(events).unwrap();
+    broker.publish_confirmed(event("confirmed.x"), WAIT).expect("stored beside the refused event");
+    let err = broker.flush(WAIT).unwrap_err();
+    let BrokerError::WritesDropped { dropped, .. } = err else { panic!("expected WritesDropped, got {err}") };
+    assert_eq!(dropped, 1, "the refused event alone");
+    assert_eq!(memory.list(&eventbroker::EventFilter::new()).unwrap().len(), 100);
+    assert!(memory.get(poison).unwrap().is_none());
+
+    broker.subscribe("failing.>", |_: &Event| Err::<(), _>("no")).unwrap();
+    broker.subscribe("poison.>", |_: &Event| Err::<(), _>("no")).unwrap();
+    faulty.refuse_events(|e| e.event_type == "poison.letter");
+    broker.publish(event("failing.one")).unwrap();
+    broker.publish(event("poison.letter")).unwrap();
+    broker.publish(event("failing.two")).unwrap();
+    // The refused event's store and its dead letter.
+    let drained = broker.drain(WAIT);
+    assert!(
+        matches!(drained, Err(DrainError::Write(BrokerError::WritesDropped { dropped: 2, .. }))),
+        "{drained:?}"
+    );
+    let letters = memory.list_dead_letters(&DeadLetterFilter::new()).unwrap();
+    let mut kept: Vec<&str> = letters.iter().map(|letter| letter.event.event_type.as_str()).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, ["failing.one", "failing.two"], "the letters written beside the refused one");
+    assert!(broker.shutdown(WAIT).flush_error.is_none(), "reported by the flush before");
 }
 
 struct PanicsOnDrop;

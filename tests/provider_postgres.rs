@@ -628,6 +628,28 @@ fn a_broker_persists_the_lifecycle_of_what_it_publishes() {
     assert!(report.is_clean(), "{report:?}");
 }
 
+/// An event whose time a row cannot hold (before 1677) is given up alone: the broker's writer
+/// narrows the refused batch down, and the events written with it are stored.
+#[test]
+fn an_event_a_row_cannot_hold_drops_alone() {
+    let backend = PostgresBackend::new();
+    let provider = Arc::new(backend.provider());
+    let broker = eventbroker::Broker::builder().provider(provider.clone()).build().expect("broker");
+    let scope = Scope::new();
+    let mut events: Vec<Event> = (0..60).map(|_| scope.event("old.neighbour")).collect();
+    events[30].created_at = "1500-01-01T00:00:00Z".parse().expect("a time");
+    let old = events[30].id;
+    broker.publish_batch(events).expect("publish");
+    let err = broker.flush(Duration::from_secs(30)).expect_err("one store was refused");
+    let eventbroker::BrokerError::WritesDropped { dropped, error } = err else { panic!("{err}") };
+    assert_eq!(dropped, 1, "the old event alone: {error}");
+    assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
+    let stored = scope.list(&*provider);
+    assert_eq!(stored.len(), 59);
+    assert!(stored.iter().all(|e| e.id != old));
+    assert!(broker.shutdown(Duration::from_secs(10)).flush_error.is_none(), "reported by the flush before");
+}
+
 /// A source on `provider` of its own group, filtered to `pattern`.
 fn capture_source(provider: &PostgresProvider, pattern: &str) -> Arc<dyn Inbound> {
     let name = format!("cap{}", fastrand::u32(..));

@@ -18,7 +18,7 @@ use crate::dispatch::acked::{Delivery, Handed, Outcome, Reply};
 use crate::dispatch::retry::RetryPolicy;
 use crate::error::DeliveryFailure;
 use crate::provider::memory::StoreTicket;
-use crate::provider::{Ack, AckToken, DeadLetter, StatusUpdate};
+use crate::provider::{Ack, AckToken, DeadLetter, DeadLetterId, StatusUpdate};
 use crate::subscription::{DeliveryError, Subscription, SubscriptionTable, Target};
 use crate::{Event, EventStatus, SubscriptionId};
 
@@ -241,9 +241,9 @@ pub(crate) struct Outbox {
     /// [`Outbox::push_status`]).
     pub(crate) tickets: Vec<StoreTicket>,
     pub(crate) dead_letters: Vec<DeadLetter>,
-    /// Tokens of inbound jobs with a dead letter in `dead_letters`: if those letters cannot be
-    /// stored, these jobs must not be acknowledged.
-    pub(crate) letter_tokens: Vec<AckToken>,
+    /// The inbound jobs with a dead letter in `dead_letters`, by letter: a job whose letter cannot
+    /// be stored must not be acknowledged.
+    pub(crate) letter_tokens: Vec<(DeadLetterId, AckToken)>,
     pub(crate) acks: Vec<Ack>,
     /// Inbound jobs given back unfinished (shutdown), redelivered at once.
     pub(crate) naks: Vec<AckToken>,
@@ -307,10 +307,11 @@ impl Outbox {
 
     /// A delivery gave up: its dead letter goes to the writer, and its job is marked failed.
     pub(crate) fn give_up(&mut self, job: &Job, failure: &DeliveryFailure, tally: &mut Tally) {
-        self.dead_letters.push(dead_letter(&job.event, failure));
+        let letter = dead_letter(&job.event, failure);
         if let Origin::Inbound(token) = job.origin {
-            self.letter_tokens.push(token);
+            self.letter_tokens.push((letter.id, token));
         }
+        self.dead_letters.push(letter);
         self.counts.dead_letters += 1;
         tally.gave_up(failure);
     }

@@ -452,8 +452,9 @@ impl InboundPump {
                     error: error.to_string(),
                     attempts: 0,
                 };
-                invalid.dead_letters.push(dead_letter(&inbound.event, &failure));
-                invalid.letter_tokens.push(inbound.token);
+                let letter = dead_letter(&inbound.event, &failure);
+                invalid.letter_tokens.push((letter.id, inbound.token));
+                invalid.dead_letters.push(letter);
                 invalid.acks.push(crate::Ack::dead_lettered(inbound.token));
                 self.counters.invalid.fetch_add(1, Ordering::Relaxed);
                 continue;

@@ -27,19 +27,23 @@
 //! A transient provider error ([`ProviderError::is_transient`]) keeps the batch and retries it
 //! with exponential backoff (10 ms doubling to 1 s) while new work keeps arriving; nothing is
 //! dropped. A shutdown tries again at once, and from then on as often as at an outage's start,
-//! until its deadline. Memory stays bounded: publishers are admitted only while fewer than
+//! until its deadline. A permanent refusal of a batch that may be one item's (an event a backend
+//! cannot hold, say a PostgreSQL row's timestamp before 1677) is narrowed down by writing each
+//! half again, so that the bad items are given up alone, not the up to `max_batch` others written
+//! with them; at most 64 calls more a batch part. Memory stays bounded: publishers are admitted only while fewer than
 //! [`WriterConfig::max_backlog`] stored events are unwritten (past that, publishing reports
 //! `Full`), and workers take new events from their rings only while fewer than as many status
 //! changes, dead letters and acknowledgements are unwritten (past that, the rings fill and
 //! publishing reports `Full` too; the inbound thread stops fetching). A worker may hand over what
 //! it has in hand past the bound, so it holds within a batch per worker. A permanent error (invalid input, a closed provider, a panic inside the provider)
-//! cannot be fixed by retrying: the affected writes are logged, counted in
+//! cannot be fixed by retrying: the writes it still affects once narrowed down are logged, counted in
 //! [`WriterStats::dropped`], reported to any confirmed publisher waiting on them, and reported by
 //! the next flush. A provider that panics is caught; the writer thread never dies of it. A provider
 //! that hangs holds the writer, but not the broker: the backlog bound turns into `Full` for
 //! publishers, and shutdown stops waiting at its deadline.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,7 +54,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::dispatch::delivery::{self, Outbox};
 use crate::error::{BrokerError, ProviderError, ProviderErrorKind};
-use crate::provider::{Ack, AckToken, DeadLetter, Inbound, Provider, StatusUpdate};
+use crate::provider::{Ack, AckToken, DeadLetter, DeadLetterId, Inbound, Provider, StatusUpdate};
 use crate::{Event, EventId};
 
 /// How the writer batches.
@@ -129,7 +133,7 @@ pub(crate) type Reply = flume::Sender<Result<(), ProviderError>>;
 struct Settlement {
     statuses: Vec<StatusUpdate>,
     dead_letters: Vec<DeadLetter>,
-    letter_tokens: Vec<AckToken>,
+    letter_tokens: Vec<(DeadLetterId, AckToken)>,
     acks: Vec<Ack>,
     naks: Vec<AckToken>,
     extends: Vec<AckToken>,
@@ -441,12 +445,13 @@ pub(crate) type HeldInbound = Arc<parking_lot::Mutex<HashSet<AckToken>>>;
 #[derive(Default)]
 struct Batch {
     stores: Vec<Arc<Event>>,
-    store_replies: Vec<Reply>,
+    /// Confirmed publishers waiting, each on its event's store.
+    store_replies: Vec<(EventId, Reply)>,
     /// Status changes merged per event; `order` keeps first-seen order for the provider call.
     statuses: HashMap<EventId, StatusUpdate>,
     order: Vec<EventId>,
     dead_letters: Vec<DeadLetter>,
-    letter_tokens: Vec<AckToken>,
+    letter_tokens: Vec<(DeadLetterId, AckToken)>,
     acks: Vec<Ack>,
     naks: Vec<AckToken>,
     extends: Vec<AckToken>,
@@ -672,8 +677,8 @@ impl WriterThread {
         let mut merged = 0;
         match op {
             WriteOp::StoreOne(event, reply) => {
+                batch.store_replies.extend(reply.map(|reply| (event.id, reply)));
                 batch.stores.push(event);
-                batch.store_replies.extend(reply);
             }
             WriteOp::Store(events) => batch.stores.extend(events),
             WriteOp::Status(updates) => {
@@ -734,14 +739,38 @@ impl WriterThread {
             Ok(()) => Settled::Written,
             Err(error) if error.is_transient() => Settled::Retry(error),
             Err(error) => {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
-                let closed = matches!(error.kind(), ProviderErrorKind::Closed);
-                tracing::error!(%error, what, items = n, closed, "provider write failed permanently; the items are dropped");
-                record_drop(&self.unreported, n, &error);
-                Settled::Dropped(error)
+                self.give_up(&error, what, n);
+                Settled::Dropped
             }
         }
+    }
+
+    /// Counts, logs and remembers for the next flush `n` items of `what` given up with `error`.
+    fn give_up(&self, error: &ProviderError, what: &'static str, n: usize) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.counters.dropped.fetch_add(n as u64, Ordering::Relaxed);
+        let closed = matches!(error.kind(), ProviderErrorKind::Closed);
+        tracing::error!(%error, what, items = n, closed, "provider write failed permanently; the items are dropped");
+        record_drop(&self.unreported, n, error);
+    }
+
+    /// Writes a part of the batch with `write`, isolating what the provider refuses (see
+    /// [`isolate`]): gives up only the items refused alone, and returns them, each run of them
+    /// with its error. A transient error leaves the whole part for the next attempt, with nothing
+    /// given up or counted yet.
+    fn write_part<T>(
+        &self,
+        what: &'static str,
+        items: &[T],
+        write: impl Fn(&[T]) -> Result<(), ProviderError>,
+    ) -> Result<Vec<Refused>, ProviderError> {
+        let (mut refused, mut budget) = (Vec::new(), ISOLATION_CALLS);
+        let mut call = |part: &[T]| self.call(what, || write(part));
+        isolate(items, 0, &mut call, &mut budget, &mut refused)?;
+        for (range, error) in &refused {
+            self.give_up(error, what, range.len());
+        }
+        Ok(refused)
     }
 
     /// Writes the batch part by part; a part that succeeds is cleared, so a retry redoes only
@@ -751,45 +780,49 @@ impl WriterThread {
         self.fold_statuses_into_stores();
         if !self.batch.stores.is_empty() {
             let n = self.batch.stores.len();
-            let result = {
-                let (provider, stores, origin) = (&self.provider, &self.batch.stores, self.origin.as_deref());
-                self.call("store_batch", || provider.store_batch(stores, origin))
-            };
-            let outcome = match self.settle(result, "store_batch", n) {
-                Settled::Retry(error) => {
+            let written = self.write_part("store_batch", &self.batch.stores, |part| {
+                self.provider.store_batch(part, self.origin.as_deref())
+            });
+            let refused = match written {
+                Ok(refused) => refused,
+                Err(error) => {
                     // Waiters learn of the failure now; the stores stay for the next attempt.
-                    for reply in self.batch.store_replies.drain(..) {
+                    for (_, reply) in self.batch.store_replies.drain(..) {
                         let _ = reply.send(Err(error.clone()));
                     }
                     return Err(error);
                 }
-                Settled::Written => {
-                    self.counters.stored.fetch_add(n as u64, Ordering::Relaxed);
-                    wrote = true;
-                    Ok(())
-                }
-                Settled::Dropped(error) => Err(error),
             };
+            let stored = n - refused.iter().map(|(range, _)| range.len()).sum::<usize>();
+            if stored > 0 {
+                self.counters.stored.fetch_add(stored as u64, Ordering::Relaxed);
+                wrote = true;
+            }
+            let errors: HashMap<EventId, &ProviderError> = refused
+                .iter()
+                .flat_map(|(range, error)| {
+                    self.batch.stores[range.clone()].iter().map(move |e| (e.id, error))
+                })
+                .collect();
             // Counters settle before anyone waiting is answered, so they see them current.
             self.backlog.fetch_sub(n, Ordering::Relaxed);
-            self.batch.stores.clear();
-            for reply in self.batch.store_replies.drain(..) {
-                let _ = reply.send(outcome.clone());
+            for (id, reply) in self.batch.store_replies.drain(..) {
+                let _ = reply.send(errors.get(&id).map_or(Ok(()), |error| Err((*error).clone())));
             }
+            self.batch.stores.clear();
         }
         if self.batch.statuses.is_empty() {
             self.batch.order.clear();
         } else {
             let updates: Vec<StatusUpdate> =
                 self.batch.order.iter().filter_map(|id| self.batch.statuses.get(id).cloned()).collect();
-            let result = self.call("update_status_batch", || self.provider.update_status_batch(&updates));
-            match self.settle(result, "update_status_batch", updates.len()) {
-                Settled::Written => {
-                    self.counters.status_updates.fetch_add(updates.len() as u64, Ordering::Relaxed);
-                    wrote = true;
-                }
-                Settled::Dropped(_) => {}
-                Settled::Retry(error) => return Err(error),
+            let refused = self.write_part("update_status_batch", &updates, |part| {
+                self.provider.update_status_batch(part)
+            })?;
+            let written = updates.len() - refused.iter().map(|(range, _)| range.len()).sum::<usize>();
+            if written > 0 {
+                self.counters.status_updates.fetch_add(written as u64, Ordering::Relaxed);
+                wrote = true;
             }
             self.settled_items(self.batch.statuses.len());
             self.batch.statuses.clear();
@@ -797,16 +830,19 @@ impl WriterThread {
         }
         if !self.batch.dead_letters.is_empty() {
             let n = self.batch.dead_letters.len();
-            let result = self
-                .call("store_dead_letters", || self.provider.store_dead_letters(&self.batch.dead_letters));
-            match self.settle(result, "store_dead_letters", n) {
-                Settled::Written => {
-                    self.counters.dead_letters.fetch_add(n as u64, Ordering::Relaxed);
-                    wrote = true;
-                }
-                Settled::Dropped(_) => self.poisoned.extend(self.batch.letter_tokens.iter().copied()),
-                Settled::Retry(error) => return Err(error),
+            let refused = self.write_part("store_dead_letters", &self.batch.dead_letters, |part| {
+                self.provider.store_dead_letters(part)
+            })?;
+            let lost: HashSet<DeadLetterId> = refused
+                .iter()
+                .flat_map(|(range, _)| self.batch.dead_letters[range.clone()].iter().map(|letter| letter.id))
+                .collect();
+            if lost.len() < n {
+                self.counters.dead_letters.fetch_add((n - lost.len()) as u64, Ordering::Relaxed);
+                wrote = true;
             }
+            let poisoned = self.batch.letter_tokens.iter().filter(|(letter, _)| lost.contains(letter));
+            self.poisoned.extend(poisoned.map(|(_, token)| *token));
             self.batch.dead_letters.clear();
             self.settled_items(n);
         }
@@ -862,7 +898,7 @@ impl WriterThread {
                     self.counters.acks.fetch_add(n as u64, Ordering::Relaxed);
                     wrote = true;
                 }
-                Settled::Dropped(_) => {}
+                Settled::Dropped => {}
                 Settled::Retry(error) => return Err(error),
             }
             self.let_go(self.batch.acks.iter().map(|ack| ack.token));
@@ -877,7 +913,7 @@ impl WriterThread {
                     self.counters.naks.fetch_add(n as u64, Ordering::Relaxed);
                     wrote = true;
                 }
-                Settled::Dropped(_) => {}
+                Settled::Dropped => {}
                 Settled::Retry(error) => return Err(error),
             }
             self.batch.naks.clear();
@@ -892,7 +928,7 @@ impl WriterThread {
                     wrote = true;
                 }
                 // An extension is only worth its moment: a failed one is not retried.
-                Settled::Dropped(_) | Settled::Retry(_) => {}
+                Settled::Dropped | Settled::Retry(_) => {}
             }
             self.batch.extends.clear();
             self.batch.extending.clear();
@@ -960,6 +996,45 @@ fn guarded<T>(
     }
 }
 
+/// Items of one part of a batch given up together, by position, with the provider's error.
+type Refused = (Range<usize>, ProviderError);
+
+/// Calls a part's isolation may make beyond its first: enough to single out 3 bad items among
+/// 512, and a bound on what a provider refusing everything (a dropped table) costs per batch.
+const ISOLATION_CALLS: u32 = 64;
+
+/// Writes `items` (at `offset` in their part) in one `call`. When the provider refuses them for
+/// good, and the refusal may be one item's (invalid input, a backend's refusal, a panic; not a
+/// closed provider or an unsupported call), writes each half again, down to single items: one bad
+/// event drops alone, not with the up to [`WriterConfig::max_batch`] others of its batch. `k` bad
+/// items among `n` cost at most `2·k·log2(n)` calls more, and never more than `budget`: past it,
+/// what still fails is given up as it is. Writing a written item again is harmless (providers take
+/// a re-store, as after a transient error). Returns the first transient error, which leaves the
+/// whole part to be retried.
+fn isolate<T>(
+    items: &[T],
+    offset: usize,
+    call: &mut impl FnMut(&[T]) -> Result<(), ProviderError>,
+    budget: &mut u32,
+    refused: &mut Vec<Refused>,
+) -> Result<(), ProviderError> {
+    let error = match call(items) {
+        Ok(()) => return Ok(()),
+        Err(error) if error.is_transient() => return Err(error),
+        Err(error) => error,
+    };
+    let may_be_one_items =
+        !matches!(error.kind(), ProviderErrorKind::Closed | ProviderErrorKind::NotSupported);
+    if items.len() == 1 || !may_be_one_items || *budget < 2 {
+        refused.push((offset..offset + items.len(), error));
+        return Ok(());
+    }
+    *budget -= 2;
+    let (first, second) = items.split_at(items.len() / 2);
+    isolate(first, offset, call, budget, refused)?;
+    isolate(second, offset + first.len(), call, budget, refused)
+}
+
 /// Remembers `items` writes given up with `error`, for the next flush to report.
 fn record_drop(unreported: &Unreported, items: usize, error: &ProviderError) {
     let mut unreported = unreported.lock();
@@ -975,5 +1050,88 @@ fn orphan_stop() -> (Sender<Result<(), BrokerError>>, Instant) {
 enum Settled {
     Written,
     Retry(ProviderError),
-    Dropped(ProviderError),
+    Dropped,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusing(bad: &[usize]) -> impl FnMut(&[usize]) -> Result<(), ProviderError> + '_ {
+        move |part: &[usize]| match part.iter().find(|item| bad.contains(item)) {
+            Some(item) => Err(ProviderError::new(
+                "test",
+                "store_batch",
+                ProviderErrorKind::InvalidInput(format!("item {item}")),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn isolated(
+        items: &[usize],
+        call: &mut impl FnMut(&[usize]) -> Result<(), ProviderError>,
+    ) -> (Vec<Range<usize>>, u32) {
+        let (mut refused, mut budget) = (Vec::new(), ISOLATION_CALLS);
+        isolate(items, 0, call, &mut budget, &mut refused).expect("no transient error");
+        (refused.into_iter().map(|(range, _)| range).collect(), ISOLATION_CALLS - budget)
+    }
+
+    #[test]
+    fn bad_items_are_given_up_alone() {
+        let items: Vec<usize> = (0..512).collect();
+        let mut calls = 0;
+        let mut call = |part: &[usize]| {
+            calls += 1;
+            refusing(&[7, 300, 301])(part)
+        };
+        let (refused, extra) = isolated(&items, &mut call);
+        assert_eq!(refused, vec![7..8, 300..301, 301..302]);
+        assert!(extra <= ISOLATION_CALLS && calls <= 1 + 2 * 3 * 9, "{calls} calls");
+    }
+
+    #[test]
+    fn a_provider_refusing_everything_costs_a_bounded_number_of_calls() {
+        let items: Vec<usize> = (0..512).collect();
+        let mut calls = 0u32;
+        let mut call = |_: &[usize]| {
+            calls += 1;
+            Err(ProviderError::new(
+                "test",
+                "store_batch",
+                ProviderErrorKind::Backend("the table is gone".into()),
+            ))
+        };
+        let (refused, _) = isolated(&items, &mut call);
+        assert_eq!(calls, 1 + ISOLATION_CALLS);
+        let mut covered: Vec<usize> = refused.into_iter().flatten().collect();
+        covered.sort_unstable();
+        assert_eq!(covered, items, "every item given up, once");
+    }
+
+    #[test]
+    fn a_closed_provider_or_a_transient_error_is_not_narrowed_down() {
+        let items: Vec<usize> = (0..64).collect();
+        let mut calls = 0;
+        let mut closed = |_: &[usize]| {
+            calls += 1;
+            Err(ProviderError::new("test", "store_batch", ProviderErrorKind::Closed))
+        };
+        assert_eq!(isolated(&items, &mut closed).0, vec![0..64]);
+        assert_eq!(calls, 1);
+
+        // A transient error met while narrowing down leaves the whole part for a retry.
+        let mut first = true;
+        let mut flaky = |_: &[usize]| {
+            let kind = if std::mem::take(&mut first) {
+                ProviderErrorKind::InvalidInput("one bad".into())
+            } else {
+                ProviderErrorKind::Unavailable("gone".into())
+            };
+            Err(ProviderError::new("test", "store_batch", kind))
+        };
+        let (mut refused, mut budget) = (Vec::new(), ISOLATION_CALLS);
+        let outcome = isolate(&items, 0, &mut flaky, &mut budget, &mut refused);
+        assert!(outcome.is_err_and(|error| error.is_transient()));
+    }
 }

@@ -165,7 +165,11 @@ impl Fault {
 pub struct FaultyProvider {
     inner: Arc<dyn Provider>,
     faults: Arc<Faults>,
+    /// Events no write can hold (see [`FaultyProvider::refuse_events`]).
+    refused: Mutex<Option<Arc<EventPredicate>>>,
 }
+
+type EventPredicate = dyn Fn(&Event) -> bool + Send + Sync;
 
 #[derive(Default)]
 struct Faults {
@@ -229,7 +233,53 @@ impl Faults {
 impl FaultyProvider {
     /// Wraps `inner`, with no fault injected.
     pub fn new(inner: Arc<dyn Provider>) -> Arc<Self> {
-        Arc::new(Self { inner, faults: Arc::new(Faults::new()) })
+        Arc::new(Self { inner, faults: Arc::new(Faults::new()), refused: Mutex::new(None) })
+    }
+
+    /// Makes `store_batch` and `store_dead_letters` refuse, storing nothing, any call that holds an
+    /// event `refuse` picks out, with [`ProviderErrorKind::InvalidInput`] naming it: a backend
+    /// that cannot hold that event, as a PostgreSQL row cannot hold a time before 1677. Replaces
+    /// any earlier choice; `heal_all` does not end it, `accept_all_events` does.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use eventbroker::testing::FaultyProvider;
+    /// use eventbroker::{Event, EventSink, EventSource, MemoryProvider};
+    ///
+    /// let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    /// faulty.refuse_events(|event| event.event_type == "bad.one");
+    /// let (good, bad) = (Event::new(EventSource::System, "good.one"), Event::new(EventSource::System, "bad.one"));
+    /// assert!(faulty.store_batch(&[Arc::new(good.clone()), Arc::new(bad)], None).is_err());
+    /// faulty.store_batch(&[Arc::new(good)], None)?;
+    /// # Ok::<(), eventbroker::ProviderError>(())
+    /// ```
+    pub fn refuse_events(&self, refuse: impl Fn(&Event) -> bool + Send + Sync + 'static) {
+        *self.refused.lock() = Some(Arc::new(refuse));
+    }
+
+    /// Ends [`refuse_events`](Self::refuse_events).
+    pub fn accept_all_events(&self) {
+        *self.refused.lock() = None;
+    }
+
+    /// The refusal of a write holding `events`, if `refuse_events` picks one out.
+    fn refuse<'e>(
+        &self,
+        op: Operation,
+        mut events: impl Iterator<Item = &'e Event>,
+    ) -> Result<(), ProviderError> {
+        let Some(refuse) = self.refused.lock().clone() else { return Ok(()) };
+        match events.find(|event| refuse(event)) {
+            None => Ok(()),
+            Some(event) => Err(ProviderError::new(
+                self.inner.name(),
+                op.name(),
+                ProviderErrorKind::InvalidInput(format!(
+                    "event {} cannot be stored; nothing of the batch was",
+                    event.id
+                )),
+            )),
+        }
     }
 
     /// Makes `op` misbehave as `fault` says, replacing any fault it had.
@@ -279,6 +329,7 @@ impl std::fmt::Debug for FaultyProvider {
         f.debug_struct("FaultyProvider")
             .field("inner", &self.inner.name())
             .field("faults", &*self.faults.active.lock())
+            .field("refuses_events", &self.refused.lock().is_some())
             .finish()
     }
 }
@@ -286,6 +337,7 @@ impl std::fmt::Debug for FaultyProvider {
 impl EventSink for FaultyProvider {
     fn store_batch(&self, events: &[Arc<Event>], origin: Option<&str>) -> Result<(), ProviderError> {
         self.check(Operation::StoreBatch)?;
+        self.refuse(Operation::StoreBatch, events.iter().map(|event| &**event))?;
         self.inner.store_batch(events, origin)
     }
 
@@ -296,6 +348,7 @@ impl EventSink for FaultyProvider {
 
     fn store_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), ProviderError> {
         self.check(Operation::StoreDeadLetters)?;
+        self.refuse(Operation::StoreDeadLetters, letters.iter().map(|letter| &letter.event))?;
         self.inner.store_dead_letters(letters)
     }
 

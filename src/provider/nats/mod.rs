@@ -90,8 +90,8 @@
 //! the server is down every call fails that way, the broker's writer retries within its backlog,
 //! and local dispatch goes on. An event whose message exceeds the server's `max_payload` (1 MiB by
 //! default) can never be stored: `store_batch` stores the rest of its batch and fails with
-//! [`ProviderErrorKind::InvalidInput`], which the writer counts as dropped (the whole batch: its
-//! report does not tell the stored ones apart).
+//! [`ProviderErrorKind::InvalidInput`]; the broker's writer narrows the batch down (the server
+//! drops the re-stored messages as duplicates by their ids) and gives up that event alone.
 //!
 //! ```no_run
 //! use std::sync::Arc;
