@@ -283,6 +283,37 @@ fn concurrent_writers_committing_out_of_seq_order_lose_nothing() {
     assert_quiet(&*inbound, Duration::from_millis(300), "each once");
 }
 
+/// Passing over rows that hold no valid event keeps to one operation timeout for the whole replay
+/// call, however many pages of them it reads.
+#[test]
+fn a_replay_passing_over_unreadable_rows_keeps_to_one_operation_timeout() {
+    let backend = PostgresBackend::with_prefix("revpg");
+    let migrated = backend.provider();
+    let timeout = Duration::from_millis(300);
+    let provider =
+        postgres_support::connect(PostgresConfig { operation_timeout: timeout, ..backend.config() });
+    // 20 000 rows with a status no event has, each passed over by its own page of one.
+    Sql::connect()
+        .expect("connect")
+        .batch(&format!(
+            "INSERT INTO {} (id, source, \"type\", status, created_at_ns)
+             SELECT gen_random_uuid(), 'system', 'rows.bad', 'nope', 0 FROM generate_series(1, 20000)",
+            backend.qualified("events")
+        ))
+        .expect("insert unreadable rows");
+    let started = Instant::now();
+    let result = provider.replay(ReplayFrom::Beginning, None, 1);
+    let took = started.elapsed();
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "replay took {took:?}; the operation timeout is {timeout:?}"
+    );
+    if let Err(error) = result {
+        assert!(matches!(error.kind(), ProviderErrorKind::Unavailable(_)), "{error}");
+    }
+    drop(migrated);
+}
+
 /// `psql`, a client that knows nothing of the broker, inserts, updates and deletes rows of a
 /// captured table; the inbound source hands out the three events with their types and payloads.
 #[test]

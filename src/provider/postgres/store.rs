@@ -224,42 +224,50 @@ pub(super) fn replay(
     if limit == 0 {
         return backend.call(OP, async { Ok(Vec::new()) });
     }
-    let mut replayed = Vec::new();
-    // A page short of `limit` says history is exhausted, so rows passed over are made up for by
-    // reading on past the last row read, until the page is full or the rows run out.
-    let mut past = None;
-    loop {
-        let want = limit - replayed.len();
-        let mut query = Query::new();
-        match from {
-            ReplayFrom::Beginning => {}
-            ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
-            ReplayFrom::Time(at) => query.at_or_after("created_at_ns", at),
-        }
-        if let Some(seq) = past {
-            query.and("seq > $?", seq);
-        }
-        if let Some(pattern) = pattern {
-            query.and("\"type\" ~ $?", pattern_regex(pattern));
-        }
-        let page_limit = query.bind(bigint(want));
-        let statement = format!(
-            "SELECT seq, {EVENT_COLUMNS} FROM {} {} ORDER BY seq LIMIT {page_limit}",
-            sql.events,
-            query.where_clause()
-        );
-        let rows = backend.call(OP, backend.query(OP, &sql.events, &statement, &query.params()))?;
-        for row in &rows {
-            let seq: i64 = row.try_get(0).map_err(|err| Backend::error(OP, &sql.events, err))?;
-            past = Some(seq);
-            if let Some(event) = readable(codec::decode_event(row, 1, OP)?, passed_over, OP) {
-                replayed.push(StoredEvent { seq: seq.unsigned_abs(), event });
+    let fail = |err| Backend::error(OP, &sql.events, err);
+    // One call, so one operation timeout bounds every page read below, not one timeout each.
+    backend.call(OP, async {
+        let conn = backend.conn(OP).await?;
+        let mut replayed = Vec::new();
+        // A page short of `limit` says history is exhausted, so rows passed over are made up for
+        // by reading on past the last row read, until the page is full or the rows run out; the
+        // call's timeout bounds how many rows that may pass over.
+        let mut past = None;
+        loop {
+            let want = limit - replayed.len();
+            let mut query = Query::new();
+            match from {
+                ReplayFrom::Beginning => {}
+                ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
+                ReplayFrom::Time(at) => query.at_or_after("created_at_ns", at),
+            }
+            if let Some(seq) = past {
+                query.and("seq > $?", seq);
+            }
+            if let Some(pattern) = pattern {
+                query.and("\"type\" ~ $?", pattern_regex(pattern));
+            }
+            let page_limit = query.bind(bigint(want));
+            let statement = format!(
+                "SELECT seq, {EVENT_COLUMNS} FROM {} {} ORDER BY seq LIMIT {page_limit}",
+                sql.events,
+                query.where_clause()
+            );
+            let prepared = conn.prepare_cached(&statement).await.map_err(fail)?;
+            let rows = conn.query(&prepared, &query.params()).await.map_err(fail)?;
+            for row in &rows {
+                let seq: i64 = row.try_get(0).map_err(fail)?;
+                past = Some(seq);
+                if let Some(event) = readable(codec::decode_event(row, 1, OP)?, passed_over, OP) {
+                    replayed.push(StoredEvent { seq: seq.unsigned_abs(), event });
+                }
+            }
+            if rows.len() < want || replayed.len() == limit {
+                conn.release();
+                return Ok(replayed);
             }
         }
-        if rows.len() < want || replayed.len() == limit {
-            return Ok(replayed);
-        }
-    }
+    })
 }
 
 /// The columns of a dead letter, as `get_letter` and `list_dead_letters` select them.
