@@ -96,10 +96,15 @@
 //! one event costs a commit (an fsync) whatever is done around it.
 //!
 //! ## Replay and concurrent writers
-//! [`EventStore::replay`] returns what is committed, in `seq` order. A page read while another
-//! transaction holding a lower `seq` is still open does not contain that event, and paging on from
-//! the page's last `seq` will not either: replay is for history, the inbound source is for
-//! following along.
+//! [`EventStore::replay`] returns what is committed, in `seq` order, and never steps over an
+//! event that commits later: a call reads no further than the highest `seq` below which no
+//! transaction can still commit a row. It finds that by waiting for the transactions that were
+//! writing the table when it began, up to 1 s (or half the operation timeout); one still open then
+//! holds the replay back: the call returns no events, and the next one from the same position
+//! reads what it committed. Paging on from `last.seq + 1` therefore misses nothing, and neither
+//! does a [`ReplayCursor`](crate::ReplayCursor) or
+//! [`ReplayReport::resume_from`](crate::ReplayReport::resume_from). The store module documents
+//! why the inbound source's horizon does not serve here.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

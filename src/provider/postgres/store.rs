@@ -3,17 +3,40 @@
 //!
 //! `list` builds its `WHERE` from the filter's fields that are set (a type pattern becomes an
 //! anchored regular expression, so a literal prefix uses the `type` index), then orders by
-//! `(created_at_ns, id)` and applies `OFFSET` and `LIMIT`. `replay` reads in `seq` order. A time
-//! bound outside the years a row holds (1677 to 2262) keeps every row or none.
+//! `(created_at_ns, id)` and applies `OFFSET` and `LIMIT`. `replay` reads in `seq` order, only as
+//! far as every `seq` is settled (below). A time bound outside the years a row holds (1677 to
+//! 2262) keeps every row or none.
+//!
+//! ## Why a replay page waits for writers
+//! `seq` is drawn when a row is inserted, but the row appears when its transaction commits, and
+//! transactions commit in any order: a page read while a transaction holding `seq` 10 is open may
+//! hold 11, and a replay resumed from 12 would never see 10. The inbound source's horizon (rows
+//! whose `tx` is below the oldest running transaction) does not settle `seq` order: a batch, an
+//! outbox or a captured transaction that took its transaction id early and draws its `seq`s late
+//! commits rows with an old `tx` above the `seq` of a younger transaction still open.
+//!
+//! What does settle it: every transaction that draws a `seq` holds a `RowExclusiveLock` on the
+//! events table from before its first insert until it ends, and the sequence hands out increasing
+//! numbers (`bigserial` caches 1). So a replay call first reads, in one statement, the highest
+//! committed `seq` and the transactions holding that lock (from `pg_locks`, read after the
+//! statement's snapshot was taken). Once those have ended, every row at or below that `seq` has
+//! either committed or never will, and the pages of the call read no further than it. Writes take
+//! milliseconds, so the wait is short; it is bounded by [`WRITERS_WAIT`] (1 s, or half the
+//! operation timeout when that is shorter). A writer still open then (idle in transaction, a
+//! prepared transaction) holds the replay back: the call returns no events, as history is not yet
+//! settled past its start, and logs the writers' process ids. The next replay from the same
+//! position reads what they committed. `idle_in_transaction_session_timeout` bounds such a wait on
+//! the server's side, as it bounds the inbound source's.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::NAME;
-use super::backend::Backend;
+use super::backend::{Backend, Conn};
 use super::codec::{self, EVENT_COLUMNS, pattern_regex};
 use super::schema::Names;
 use crate::error::ProviderError;
@@ -32,7 +55,27 @@ pub(super) struct StoreSql {
     delete_letter: String,
     count_by_status: String,
     count_letters: String,
+    settled: String,
+    writers_left: String,
 }
+
+/// Most a replay call waits for the transactions writing the events table when it began to end;
+/// half the operation timeout when that is shorter, so the pages are read within it.
+const WRITERS_WAIT: Duration = Duration::from_secs(1);
+
+/// First pause between two looks at whether those writers ended; doubled after each look.
+const WRITERS_FIRST_POLL: Duration = Duration::from_millis(2);
+
+/// Longest pause between two looks.
+const WRITERS_MAX_POLL: Duration = Duration::from_millis(50);
+
+/// The granted `RowExclusiveLock`s other sessions (prepared transactions included) hold on the
+/// events table (`$1`): the transactions that may hold a `seq` not yet committed.
+const WRITER_LOCKS: &str = "FROM pg_locks
+     WHERE locktype = 'relation' AND mode = 'RowExclusiveLock' AND granted
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND relation = $1::text::regclass
+       AND pid IS DISTINCT FROM pg_backend_pid()";
 
 impl StoreSql {
     pub(super) fn new(names: &Names) -> Self {
@@ -45,6 +88,13 @@ impl StoreSql {
             delete_letter: format!("DELETE FROM {dead_letters} WHERE id = $1"),
             count_by_status: format!("SELECT status, count(*) FROM {events} GROUP BY status"),
             count_letters: format!("SELECT count(*) FROM {dead_letters}"),
+            // The snapshot is taken before `pg_locks` is read: a writer in flight then that drew a
+            // `seq` below the highest one seen is either listed or has ended by the read.
+            settled: format!(
+                "SELECT (SELECT max(seq) FROM {events}),
+                        ARRAY(SELECT DISTINCT virtualtransaction {WRITER_LOCKS})"
+            ),
+            writers_left: format!("SELECT pid {WRITER_LOCKS} AND virtualtransaction = ANY($2)"),
             events,
             dead_letters,
         }
@@ -225,17 +275,23 @@ pub(super) fn replay(
         return backend.call(OP, async { Ok(Vec::new()) });
     }
     let fail = |err| Backend::error(OP, &sql.events, err);
-    // One call, so one operation timeout bounds every page read below, not one timeout each.
+    // One call, so one operation timeout bounds the wait for writers and every page read below.
     backend.call(OP, async {
         let conn = backend.conn(OP).await?;
+        let patience = WRITERS_WAIT.min(backend.config.operation_timeout / 2);
+        let Some(settled) = settled_seq(&conn, sql, patience).await? else {
+            conn.release();
+            return Ok(Vec::new());
+        };
         let mut replayed = Vec::new();
         // A page short of `limit` says history is exhausted, so rows passed over are made up for
-        // by reading on past the last row read, until the page is full or the rows run out; the
-        // call's timeout bounds how many rows that may pass over.
+        // by reading on past the last row read, until the page is full or the settled rows run
+        // out; the call's timeout bounds how many rows that may pass over.
         let mut past = None;
         loop {
             let want = limit - replayed.len();
             let mut query = Query::new();
+            query.and("seq <= $?", settled);
             match from {
                 ReplayFrom::Beginning => {}
                 ReplayFrom::Sequence(seq) => query.and("seq >= $?", i64::try_from(seq).unwrap_or(i64::MAX)),
@@ -268,6 +324,49 @@ pub(super) fn replay(
             }
         }
     })
+}
+
+/// The highest `seq` at or below which every row has committed or never will (see the module
+/// docs), or `None` when there is none yet: the table is empty, or a writer that was open when
+/// this began is still open after `wait`.
+async fn settled_seq(conn: &Conn, sql: &StoreSql, wait: Duration) -> Result<Option<i64>, ProviderError> {
+    const OP: &str = "replay";
+    let fail = |err| Backend::error(OP, &sql.events, err);
+    let settled = conn.prepare_cached(&sql.settled).await.map_err(fail)?;
+    let row = conn.query_one(&settled, &[&sql.events]).await.map_err(fail)?;
+    let Some(highest) = row.try_get::<_, Option<i64>>(0).map_err(fail)? else { return Ok(None) };
+    let writers: Vec<String> = row.try_get(1).map_err(fail)?;
+    if writers.is_empty() {
+        return Ok(Some(highest));
+    }
+    let writers_left = conn.prepare_cached(&sql.writers_left).await.map_err(fail)?;
+    let deadline = crate::deadline::from_now(wait);
+    let mut pause = WRITERS_FIRST_POLL;
+    loop {
+        let left = conn.query(&writers_left, &[&sql.events, &writers]).await.map_err(fail)?;
+        if left.is_empty() {
+            return Ok(Some(highest));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // A prepared transaction has no process: 0 stands for it.
+            let pids = left
+                .iter()
+                .map(|row| row.try_get::<_, Option<i32>>(0).map(Option::unwrap_or_default))
+                .collect::<Result<Vec<i32>, _>>()
+                .map_err(fail)?;
+            tracing::warn!(
+                table = %sql.events,
+                ?pids,
+                "{NAME} provider: replay returns no events: {} of the {} transactions writing the table when it began are still open after {wait:?}, and one may hold an event before the rest",
+                left.len(),
+                writers.len(),
+            );
+            return Ok(None);
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = pause.saturating_mul(2).min(WRITERS_MAX_POLL);
+    }
 }
 
 /// The columns of a dead letter, as `get_letter` and `list_dead_letters` select them.
