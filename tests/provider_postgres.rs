@@ -613,6 +613,54 @@ fn retention_deletes_old_finished_events_in_bounded_batches() {
     assert_eq!(provider.stats().expect("stats").provider_specific["expired"], finished_and_old);
 }
 
+/// One `cleanup_now` keeps to one operation timeout, however many deletes a backlog needs: here
+/// each delete takes 0.3 s and 20 are needed, against a timeout of 1 s. It deletes what it can
+/// and the next call continues.
+#[test]
+fn cleanup_now_keeps_to_one_operation_timeout() {
+    let backend = PostgresBackend::with_prefix("revpg");
+    let timeout = Duration::from_secs(1);
+    let provider = postgres_support::connect(PostgresConfig {
+        max_age: Some(Duration::from_secs(3600)),
+        cleanup_batch: 1,
+        operation_timeout: timeout,
+        ..backend.config()
+    });
+    let scope = Scope::new();
+    let old = Timestamp::now().checked_sub(SignedDuration::from_hours(2)).expect("in range");
+    let events: Vec<Event> = (0..20)
+        .map(|_| {
+            let mut event = scope.event("jobs.done");
+            event.status = EventStatus::Completed;
+            event.created_at = old;
+            event
+        })
+        .collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    let (slow, events_table) = (backend.qualified("slow_delete"), backend.qualified("events"));
+    Sql::connect()
+        .expect("connect")
+        .batch(&format!(
+            "CREATE FUNCTION {slow}() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
+             CREATE TRIGGER slow_delete BEFORE DELETE ON {events_table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION {slow}();"
+        ))
+        .expect("make every delete slow");
+
+    let started = Instant::now();
+    let deleted = provider.cleanup_now().expect("cleanup ends cleanly, with what it deleted");
+    let took = started.elapsed();
+    assert!(
+        took < timeout + Duration::from_millis(500),
+        "cleanup_now took {took:?}; the operation timeout is {timeout:?}"
+    );
+    assert!((1..20).contains(&deleted), "{deleted} of 20 deleted in the time one call has");
+    let again = provider.cleanup_now().expect("the next call continues");
+    assert!(again >= 1, "the next call deletes more");
+    assert_eq!(scope.list(&provider).len() as u64, 20 - deleted - again);
+}
+
 /// Status updates of one batch fold per id, and the stored event follows `StatusUpdate::apply_to`.
 #[test]
 fn status_updates_fold_like_apply_to() {

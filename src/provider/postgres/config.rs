@@ -58,8 +58,9 @@ pub struct PostgresConfig {
     /// How often the background cleanup runs. Default 1 minute; `None` runs none (call
     /// [`PostgresProvider::cleanup_now`](super::PostgresProvider::cleanup_now) instead).
     pub cleanup_interval: Option<Duration>,
-    /// Most events one cleanup statement deletes; cleanup repeats until fewer are left, so no
-    /// statement holds locks on more rows than this. Default 5 000.
+    /// Most events one cleanup statement deletes; cleanup repeats until fewer are left (or half
+    /// the operation timeout has passed: a run, as a whole, takes no longer than that timeout), so
+    /// no statement holds locks on more rows than this. Default 5 000.
     pub cleanup_batch: usize,
     /// The `application_name` of every connection, as `pg_stat_activity` shows it. Default
     /// `eventbroker`.

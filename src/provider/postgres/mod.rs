@@ -323,6 +323,10 @@ impl PostgresProvider {
     /// Deletes completed and failed events older than [`PostgresConfig::max_age`] now, rather
     /// than at the next cleanup interval; returns how many were deleted (0 without a `max_age`).
     ///
+    /// The call is bounded by one [`PostgresConfig::operation_timeout`] (10 s) as a whole: it
+    /// starts deletes (of [`PostgresConfig::cleanup_batch`] rows each) during the first half of
+    /// it, so a large backlog may take more than one call, or the next interval, to clear.
+    ///
     /// ```no_run
     /// # use eventbroker::{PostgresConfig, PostgresProvider};
     /// let provider = PostgresProvider::connect(PostgresConfig { cleanup_interval: None, ..PostgresConfig::default() })?;
@@ -332,11 +336,17 @@ impl PostgresProvider {
     /// ```
     ///
     /// # Errors
-    /// [`Closed`](crate::ProviderErrorKind::Closed) after `close`; a backend failure otherwise.
+    /// [`Closed`](crate::ProviderErrorKind::Closed) after `close`;
+    /// [`Unavailable`](crate::ProviderErrorKind::Unavailable) when a delete has not ended by the
+    /// end of the operation timeout (its message counts what the call deleted before); a backend
+    /// failure otherwise.
     pub fn cleanup_now(&self) -> Result<u64, ProviderError> {
+        const OP: &str = "cleanup_now";
         let backend = &self.shared.backend;
-        let limit = backend.config.operation_timeout.saturating_mul(4);
-        backend.run("cleanup_now", limit, retention::cleanup(&self.shared, Timestamp::now(), "cleanup_now"))
+        let (started, limit) = (std::time::Instant::now(), backend.config.operation_timeout);
+        // The run's deadline comes first, so its error, which counts what it deleted, is the one
+        // returned when the two would fire together.
+        backend.run(OP, limit, retention::cleanup(&self.shared, Timestamp::now(), OP, started, limit))
     }
 }
 
