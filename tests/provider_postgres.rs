@@ -240,11 +240,10 @@ fn concurrent_writers_committing_out_of_seq_order_lose_nothing() {
         .expect("publish in the open transaction");
     writer.store_batch(&[Arc::new(fast.clone())], None).expect("the fast writer commits");
 
-    let committed = writer.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
-    assert_eq!(
-        committed.iter().map(|s| s.event.id).collect::<Vec<_>>(),
-        Vec::<EventId>::new(),
-        "fast is committed, but a replay that returned it would step over slow's lower seq"
+    let open = writer.replay(ReplayFrom::Beginning, Some(&scope.all()), 10);
+    assert!(
+        open.as_ref().is_err_and(eventbroker::ProviderError::is_transient),
+        "fast is committed, but a replay that returned it would step over slow's lower seq: {open:?}"
     );
     assert_quiet(&*inbound, Duration::from_millis(300), "fast, while a lower seq is still in flight");
 
@@ -284,11 +283,11 @@ fn concurrent_writers_committing_out_of_seq_order_lose_nothing() {
 }
 
 /// An event whose transaction took the lower seq and commits after a replay read past its place
-/// is not stepped over: the replay waits for the open writer (1 s at most), then ends without
-/// replaying what comes after it, and a replay resumed from `resume_from` replays both.
+/// is not stepped over: the replay waits for the open writer (1 s at most), then stops with where
+/// to resume, and a replay resumed from there replays both.
 #[test]
 fn a_replay_resumed_from_its_cursor_sees_an_event_that_committed_late() {
-    let backend = PostgresBackend::with_prefix("revpg");
+    let backend = PostgresBackend::new();
     let provider = Arc::new(backend.provider());
     let broker = eventbroker::Broker::builder().provider(provider.clone()).build().expect("broker");
     let scope = Scope::new();
@@ -313,16 +312,18 @@ fn a_replay_resumed_from_its_cursor_sees_an_event_that_committed_late() {
 
     let pattern = scope.ty(">");
     let started = Instant::now();
-    let first = broker.replay(ReplayFrom::Beginning, Some(&pattern)).expect("replay");
+    let first = broker.replay(ReplayFrom::Beginning, Some(&pattern));
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(5), "a replay waits for an open writer 1 s at most, not {waited:?}");
+    let Err(eventbroker::BrokerError::ReplayInterrupted { replayed: placed, resume_from, error }) = first
+    else {
+        panic!("the first replay may not replay early while late's lower seq is open: {first:?}");
+    };
+    assert_eq!(placed, 0);
+    assert!(error.is_transient(), "{error}");
     runtime.block_on(tx.commit()).expect("late commits after the replay");
-    let second = broker.replay(first.resume_from(), Some(&pattern)).expect("resumed replay");
-    assert_eq!(
-        (first.replayed, second.replayed),
-        (0, 2),
-        "the first replay may not replay early while late's lower seq is open, the resumed one replays both"
-    );
+    let second = broker.replay(resume_from, Some(&pattern)).expect("resumed replay");
+    assert_eq!(second.replayed, 2, "the resumed replay replays both");
 
     let deadline = Instant::now() + ARRIVE;
     while replayed.lock().expect("not poisoned").len() < 2 {
@@ -344,7 +345,7 @@ fn a_replay_resumed_from_its_cursor_sees_an_event_that_committed_late() {
 /// nothing past the younger one's seq while it is open.
 #[test]
 fn a_replay_waits_for_a_younger_writer_under_an_older_ones_seq() {
-    let backend = PostgresBackend::with_prefix("revpg");
+    let backend = PostgresBackend::new();
     let provider = backend.provider();
     let scope = Scope::new();
     let (mut older, mut younger) = (Sql::connect().expect("connect"), Sql::connect().expect("connect"));
@@ -359,11 +360,10 @@ fn a_replay_waits_for_a_younger_writer_under_an_older_ones_seq() {
     older_rt.block_on(outbox.publish(&old_tx, std::slice::from_ref(&high))).expect("the higher seq");
     older_rt.block_on(old_tx.commit()).expect("the older transaction commits first");
 
-    let page = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
-    assert_eq!(
-        page.iter().map(|s| s.event.id).collect::<Vec<_>>(),
-        Vec::<EventId>::new(),
-        "high is committed with an old tx, but the lower seq is still open"
+    let open = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10);
+    assert!(
+        open.as_ref().is_err_and(eventbroker::ProviderError::is_transient),
+        "high is committed with an old tx, but the lower seq is still open: {open:?}"
     );
     younger_rt.block_on(young_tx.commit()).expect("the younger transaction commits");
     let page = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
@@ -374,7 +374,7 @@ fn a_replay_waits_for_a_younger_writer_under_an_older_ones_seq() {
 /// call, however many pages of them it reads.
 #[test]
 fn a_replay_passing_over_unreadable_rows_keeps_to_one_operation_timeout() {
-    let backend = PostgresBackend::with_prefix("revpg");
+    let backend = PostgresBackend::new();
     let migrated = backend.provider();
     let timeout = Duration::from_millis(300);
     let provider =
@@ -618,7 +618,7 @@ fn retention_deletes_old_finished_events_in_bounded_batches() {
 /// and the next call continues.
 #[test]
 fn cleanup_now_keeps_to_one_operation_timeout() {
-    let backend = PostgresBackend::with_prefix("revpg");
+    let backend = PostgresBackend::new();
     let timeout = Duration::from_secs(1);
     let provider = postgres_support::connect(PostgresConfig {
         max_age: Some(Duration::from_secs(3600)),

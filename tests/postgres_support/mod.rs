@@ -50,13 +50,8 @@ pub struct PostgresBackend {
 
 impl PostgresBackend {
     pub fn new() -> Self {
-        Self::with_prefix("eb_test")
-    }
-
-    /// A schema named `<prefix>_<random tag>`, for tests that keep theirs apart from the rest.
-    pub fn with_prefix(prefix: &str) -> Self {
         let tag = format!("{:016x}", fastrand::u64(..));
-        Self { schema: format!("{prefix}_{tag}"), application_name: format!("{prefix}-{tag}") }
+        Self { schema: format!("eb_test_{tag}"), application_name: format!("eb-test-{tag}") }
     }
 
     /// Settings for a provider on this backend's schema: background cleanup off (tests run it

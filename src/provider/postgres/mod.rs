@@ -100,8 +100,10 @@
 //! event that commits later: a call reads no further than the highest `seq` below which no
 //! transaction can still commit a row. It finds that by waiting for the transactions that were
 //! writing the table when it began, up to 1 s (or half the operation timeout); one still open then
-//! holds the replay back: the call returns no events, and the next one from the same position
-//! reads what it committed. Paging on from `last.seq + 1` therefore misses nothing, and neither
+//! holds the replay back: the call fails with [`ProviderErrorKind::Unavailable`](crate::ProviderErrorKind::Unavailable)
+//! naming it, and a call from the same position once it ends reads what it committed
+//! ([`Broker::replay`](crate::Broker::replay) stops with
+//! [`BrokerError::ReplayInterrupted`](crate::BrokerError::ReplayInterrupted) and where to resume). Paging on from `last.seq + 1` therefore misses nothing, and neither
 //! does a [`ReplayCursor`](crate::ReplayCursor) or
 //! [`ReplayReport::resume_from`](crate::ReplayReport::resume_from). The store module documents
 //! why the inbound source's horizon does not serve here.

@@ -23,9 +23,10 @@
 //! either committed or never will, and the pages of the call read no further than it. Writes take
 //! milliseconds, so the wait is short; it is bounded by [`WRITERS_WAIT`] (1 s, or half the
 //! operation timeout when that is shorter). A writer still open then (idle in transaction, a
-//! prepared transaction) holds the replay back: the call returns no events, as history is not yet
-//! settled past its start, and logs the writers' process ids. The next replay from the same
-//! position reads what they committed. `idle_in_transaction_session_timeout` bounds such a wait on
+//! prepared transaction) holds the replay back: the call fails with `Unavailable`, naming the
+//! writers' process ids, as history is not yet settled past its position; a replay from the same
+//! position once they end reads what they committed (`Broker::replay` stops with
+//! `ReplayInterrupted` and where to resume). `idle_in_transaction_session_timeout` bounds such a wait on
 //! the server's side, as it bounds the inbound source's.
 
 use std::collections::BTreeMap;
@@ -279,9 +280,17 @@ pub(super) fn replay(
     backend.call(OP, async {
         let conn = backend.conn(OP).await?;
         let patience = WRITERS_WAIT.min(backend.config.operation_timeout / 2);
-        let Some(settled) = settled_seq(&conn, sql, patience).await? else {
-            conn.release();
-            return Ok(Vec::new());
+        let settled = match settled_seq(&conn, sql, patience).await? {
+            Settled::UpTo(seq) => seq,
+            Settled::Empty => {
+                conn.release();
+                return Ok(Vec::new());
+            }
+            // The connection is sound: another session's transaction keeps history open.
+            Settled::Open(error) => {
+                conn.release();
+                return Err(error);
+            }
         };
         let mut replayed = Vec::new();
         // A page short of `limit` says history is exhausted, so rows passed over are made up for
@@ -326,18 +335,29 @@ pub(super) fn replay(
     })
 }
 
-/// The highest `seq` at or below which every row has committed or never will (see the module
-/// docs), or `None` when there is none yet: the table is empty, or a writer that was open when
-/// this began is still open after `wait`.
-async fn settled_seq(conn: &Conn, sql: &StoreSql, wait: Duration) -> Result<Option<i64>, ProviderError> {
+/// How far a replay may read.
+enum Settled {
+    /// Every row at or below this `seq` has committed or never will.
+    UpTo(i64),
+    /// The table holds no row.
+    Empty,
+    /// A writer that was open when the replay began is still open after its wait: history past
+    /// the replay's position is not settled yet, and a later call from the same position may
+    /// read on. An [`Unavailable`](crate::ProviderErrorKind::Unavailable) error that says so.
+    Open(ProviderError),
+}
+
+/// How far a replay may read (see the module docs), waiting up to `wait` for the writers open
+/// when it began.
+async fn settled_seq(conn: &Conn, sql: &StoreSql, wait: Duration) -> Result<Settled, ProviderError> {
     const OP: &str = "replay";
     let fail = |err| Backend::error(OP, &sql.events, err);
     let settled = conn.prepare_cached(&sql.settled).await.map_err(fail)?;
     let row = conn.query_one(&settled, &[&sql.events]).await.map_err(fail)?;
-    let Some(highest) = row.try_get::<_, Option<i64>>(0).map_err(fail)? else { return Ok(None) };
+    let Some(highest) = row.try_get::<_, Option<i64>>(0).map_err(fail)? else { return Ok(Settled::Empty) };
     let writers: Vec<String> = row.try_get(1).map_err(fail)?;
     if writers.is_empty() {
-        return Ok(Some(highest));
+        return Ok(Settled::UpTo(highest));
     }
     let writers_left = conn.prepare_cached(&sql.writers_left).await.map_err(fail)?;
     let deadline = crate::deadline::from_now(wait);
@@ -345,7 +365,7 @@ async fn settled_seq(conn: &Conn, sql: &StoreSql, wait: Duration) -> Result<Opti
     loop {
         let left = conn.query(&writers_left, &[&sql.events, &writers]).await.map_err(fail)?;
         if left.is_empty() {
-            return Ok(Some(highest));
+            return Ok(Settled::UpTo(highest));
         }
         let now = Instant::now();
         if now >= deadline {
@@ -355,14 +375,17 @@ async fn settled_seq(conn: &Conn, sql: &StoreSql, wait: Duration) -> Result<Opti
                 .map(|row| row.try_get::<_, Option<i32>>(0).map(Option::unwrap_or_default))
                 .collect::<Result<Vec<i32>, _>>()
                 .map_err(fail)?;
-            tracing::warn!(
-                table = %sql.events,
-                ?pids,
-                "{NAME} provider: replay returns no events: {} of the {} transactions writing the table when it began are still open after {wait:?}, and one may hold an event before the rest",
-                left.len(),
-                writers.len(),
-            );
-            return Ok(None);
+            return Ok(Settled::Open(super::backend::unavailable(
+                OP,
+                format!(
+                    "{} of the {} transactions writing {} when the replay began are still open after {wait:?} \
+                     (process ids {pids:?}, 0 for a prepared transaction), and one may hold an event \
+                     before the rest: replay again from the same position once they end",
+                    left.len(),
+                    writers.len(),
+                    sql.events,
+                ),
+            )));
         }
         tokio::time::sleep(pause.min(deadline - now)).await;
         pause = pause.saturating_mul(2).min(WRITERS_MAX_POLL);
