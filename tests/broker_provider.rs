@@ -587,6 +587,35 @@ fn dead_letters_can_be_listed_and_redriven() {
     assert!(report.is_clean(), "{report:?}");
 }
 
+/// A replay leaves the stored event's status alone, and so does the redrive of a dead letter a
+/// replayed delivery left: the event's history stays what its first handling wrote.
+#[test]
+fn a_redrive_of_a_replays_dead_letter_writes_no_status() {
+    let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();
+    broker
+        .subscribe("orders.*", |e: &Event| if e.is_replay() { Err("replays fail") } else { Ok(()) })
+        .unwrap();
+    let e = event("orders.paid");
+    let id = e.id;
+    broker.publish(e).unwrap();
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let provider = broker.provider();
+    let stored = || provider.get(id).unwrap().expect("stored");
+    assert_eq!(stored().status, EventStatus::Completed);
+    let first = stored();
+
+    assert_eq!(broker.replay(ReplayFrom::Beginning, Some("orders.*")).unwrap().replayed, 1);
+    broker.drain(Duration::from_secs(5)).unwrap();
+    let letter = broker.dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap().remove(0);
+    assert!(letter.event.is_replay());
+    assert_eq!(stored(), first, "the replay wrote nothing over the stored event");
+
+    let outcome = broker.redrive(letter.id).unwrap();
+    assert_eq!((outcome.failed.len(), outcome.status), (1, None), "the redriven replay failed again");
+    assert_eq!(stored(), first, "nor did its redrive");
+    assert!(broker.shutdown(Duration::from_secs(5)).is_clean());
+}
+
 /// A redrive writes the event's status as its deliveries end, and counts them: `failed` with the
 /// new error while a delivery still fails (its new dead letter named in the outcome), nothing while
 /// another subscription's dead letter of the event waits, `completed` once none is left. Without

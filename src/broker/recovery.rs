@@ -36,8 +36,9 @@ pub struct RedriveOutcome {
     /// The event's status written to the provider: `completed` when the event has no dead letter
     /// left, `failed` when a delivery failed again, `None` when nothing was written (status
     /// tracking is off, another delivery of the event still has a dead letter, the provider no
-    /// longer holds the event (deleted, evicted or expired), or the event is another instance's,
-    /// whose status is its publisher's).
+    /// longer holds the event (deleted, evicted or expired), the event is another instance's,
+    /// whose status is its publisher's, or the letter is a replayed delivery's, which, as the
+    /// replay, leaves the stored event's history alone).
     pub status: Option<EventStatus>,
 }
 
@@ -148,9 +149,10 @@ impl Engine {
         outcome.dead_letters = outbox.dead_letters.iter().map(|letter| letter.id).collect();
         // The stored status is the publishing broker's (as a worker leaves another instance's
         // event's status alone); an event no broker published, a captured row say, is its
-        // receivers'.
+        // receivers'. A replayed delivery's letter is history's: the replay wrote no status, and
+        // neither does its redrive.
         let ours = letter.event.instance_id.is_empty() || letter.event.instance_id == self.instance_id;
-        if self.track_status && ours {
+        if self.track_status && ours && !letter.event.is_replay() {
             outcome.status = self.write_redriven_status(job.event.id, id, tally, started)?;
         }
         self.provider.delete_dead_letter(id)?;
