@@ -80,9 +80,9 @@ pub use crate::pattern::{
 };
 pub use crate::provider::{
     Ack, AckOutcome, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId,
-    EventFilter, EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, MemoryConfig,
-    MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayCursor, ReplayFrom, StatusUpdate,
-    StoredEvent, StreamError,
+    EventFilter, EventSink, EventStore, EventStream, GroupNamespace, Inbound, InboundConfig, InboundEvent,
+    MemoryConfig, MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayCursor, ReplayFrom,
+    StatusUpdate, StoredEvent, StreamError,
 };
 #[cfg(feature = "nats")]
 pub use crate::provider::{NatsConfig, NatsProvider};

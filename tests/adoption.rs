@@ -402,3 +402,27 @@ fn one_instance_id_receives_from_a_provider_once_per_process() {
     };
     assert!(after_drop.expect("a dropped broker frees its id").shutdown(WAIT).is_clean());
 }
+
+/// A provider that wraps another opens the inner one's groups: a broker on the wrapper and one on
+/// the bus it wraps, under one id, would share a group, and the second is refused as on the bus
+/// itself, naming where they meet.
+#[test]
+fn one_instance_id_receives_once_through_a_wrapping_provider() {
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let receiving = |provider: Arc<dyn eventbroker::Provider>, id: &str| {
+        Broker::builder().provider(provider).instance_id(id).distribution(Distribution::FanOut).build()
+    };
+    let direct = receiving(bus.clone(), "orders-1").unwrap();
+    let err = receiving(faulty.clone(), "orders-1").map(drop).unwrap_err();
+    assert!(
+        matches!(&err, eventbroker::BuildError::Config(e) if e.key() == "instance_id"
+            && e.reason().contains("orders-1")
+            && e.reason().contains("memory provider object")),
+        "{err}"
+    );
+    let wrapped = receiving(faulty, "orders-2").unwrap();
+    for broker in [direct, wrapped] {
+        assert!(broker.shutdown(WAIT).is_clean());
+    }
+}

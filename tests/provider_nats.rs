@@ -2,6 +2,7 @@
 //! this backend promises. Needs NATS with JetStream on 127.0.0.1:4222 (or `EVENTBROKER_NATS_URL`);
 //! `scripts/ensure-service nats` starts it.
 
+mod instance_id_support;
 mod work_queue_support;
 
 use std::collections::{HashMap, HashSet};
@@ -558,4 +559,53 @@ fn events_the_stream_discarded_for_max_bytes_are_gone_from_every_query() {
     provider.store_batch(&[Arc::new(again.clone())], None).expect("store again");
     assert_eq!(provider.get(again.id).expect("get"), Some(again.clone()));
     assert!(scope.list(&provider).contains(&again));
+}
+
+/// Two brokers of this process built from one configuration (a connection each) under one
+/// instance id would share one durable consumer on the stream: the second is refused, naming the
+/// stream (see `instance_id_support`); another stream on the server is another namespace.
+#[test]
+fn one_instance_id_receives_from_a_nats_stream_once_per_process() {
+    let named = |tag: &str| {
+        let unique = format!("revid_{tag}{}", EventId::new().as_uuid().simple());
+        NatsBackend::with(|c| {
+            c.stream_name.clone_from(&unique);
+            c.subject_prefix = unique;
+        })
+    };
+    let (backend, other) = (named("a"), named("b"));
+    let config_of = |backend: &NatsBackend| {
+        let mut config = eventbroker::config::Config::default();
+        config.provider = eventbroker::config::ProviderKind::Nats;
+        config.nats.url = Some(NatsBackend::url());
+        config.nats.stream_name = Some(backend.config().stream_name.clone());
+        config.nats.subject_prefix = Some(backend.config().subject_prefix.clone());
+        config
+    };
+    instance_id_support::one_instance_id_receives_from_a_namespace_once(
+        &config_of(&backend),
+        &backend.config().stream_name,
+        &config_of(&other),
+    );
+}
+
+/// A provider's group namespace is its servers as the URL names them (defaults filled in, in any
+/// order) and the stream.
+#[test]
+fn the_group_namespace_names_the_servers_and_stream() {
+    let unique = format!("revid_{}", EventId::new().as_uuid().simple());
+    let backend = NatsBackend::with(|c| {
+        c.stream_name.clone_from(&unique);
+        c.subject_prefix.clone_from(&unique);
+    });
+    let namespace = |url: &str| {
+        let config = NatsConfig { url: url.into(), ..backend.config().clone() };
+        NatsProvider::connect(config).expect("connect").group_namespace()
+    };
+    let one = namespace("nats://127.0.0.1:4222");
+    assert_eq!(one, namespace("127.0.0.1"));
+    assert!(one.to_string().ends_with(&format!(" 127.0.0.1:4222, stream {unique}")), "{one}");
+    let two = namespace("nats://127.0.0.1:4222, nats://localhost:4222");
+    assert_eq!(two, namespace("localhost,127.0.0.1:4222"), "one cluster, named in any order");
+    assert_ne!(one, two, "addresses are compared as written, never resolved");
 }

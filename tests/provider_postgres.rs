@@ -3,6 +3,7 @@
 //! idempotent re-stores, delivery that survives out-of-order commits, CRUD capture seen from
 //! `psql`, the transactional outbox, retention and migrations. Each test works in its own schema.
 
+mod instance_id_support;
 mod postgres_support;
 mod work_queue_support;
 
@@ -1131,4 +1132,43 @@ fn a_row_with_no_valid_status_fails_neither_stats_nor_list() {
     assert_eq!((stats.total_events, stats.pending_events), (1, 1), "{stats:?}");
     let listed = provider.list(&eventbroker::EventFilter::default()).expect("list passes the row over");
     assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), [events[1].id]);
+}
+
+/// Two brokers of this process built from one configuration (a pool each) under one instance id
+/// would share one cursor in the table's groups: the second is refused, naming the table (see
+/// `instance_id_support`); another table in the schema is another namespace.
+#[test]
+fn one_instance_id_receives_from_a_postgres_table_once_per_process() {
+    let tag = format!("{:016x}", fastrand::u64(..));
+    let backend =
+        PostgresBackend { schema: format!("revid_{tag}"), application_name: format!("revid-{tag}") };
+    let mut config = eventbroker::config::Config::default();
+    config.provider = eventbroker::config::ProviderKind::Database;
+    config.database.host = Some("127.0.0.1".into());
+    config.database.port = Some(5432);
+    config.database.user = Some("postgres".into());
+    config.database.dbname = Some("test".into());
+    config.database.schema = Some(backend.schema.clone());
+    config.database.application_name = Some(backend.application_name.clone());
+    let mut elsewhere = config.clone();
+    elsewhere.database.table_name = Some("other_events".into());
+    instance_id_support::one_instance_id_receives_from_a_namespace_once(&config, &backend.schema, &elsewhere);
+}
+
+/// A provider's group namespace is its servers and database as the connection string names them
+/// (defaults filled in, either syntax), and the events table.
+#[test]
+fn the_group_namespace_names_the_server_database_and_table() {
+    let tag = format!("{:016x}", fastrand::u64(..));
+    let backend =
+        PostgresBackend { schema: format!("revid_{tag}"), application_name: format!("revid-{tag}") };
+    let namespace = |url: &str, table: &str| {
+        let config = PostgresConfig { url: url.into(), table: table.into(), ..backend.config() };
+        postgres_support::connect(config).group_namespace()
+    };
+    let words = namespace("host=127.0.0.1 user=postgres dbname=test", "events");
+    assert_eq!(words, namespace("postgresql://postgres:hunter2@127.0.0.1:5432/test", "events"));
+    let expected = format!(" 127.0.0.1:5432 database test, table \"revid_{tag}\".\"events\"");
+    assert!(words.to_string().ends_with(&expected), "{words}");
+    assert_ne!(words, namespace("host=127.0.0.1 user=postgres dbname=test", "other_events"));
 }

@@ -1,6 +1,7 @@
 //! The Redis provider against the real server on 127.0.0.1:6379: the whole conformance suite
 //! (single-provider, consumer groups and two brokers), then what only this backend promises.
 
+mod instance_id_support;
 mod redis_support;
 mod work_queue_support;
 
@@ -709,4 +710,45 @@ fn events_waiting_in_a_shard_keep_their_claims() {
     let backend = RedisBackend::new();
     let connect = || -> Arc<dyn Provider> { Arc::new(backend.provider()) };
     work_queue_support::events_waiting_in_a_shard_keep_their_claims(&connect, "waiting");
+}
+
+/// Two brokers of this process built from one configuration (a provider object each) under one
+/// instance id would be one consumer of one group on the stream: the second is refused, naming the
+/// stream (see `instance_id_support`); another stream under the prefix is another namespace.
+#[test]
+fn one_instance_id_receives_from_a_redis_stream_once_per_process() {
+    let backend =
+        RedisBackend::with(|c| c.key_prefix = format!("revid_{}", EventId::new().as_uuid().simple()));
+    let mut config = eventbroker::config::Config::default();
+    config.provider = eventbroker::config::ProviderKind::Redis;
+    config.redis.url = Some(redis_support::url());
+    config.redis.key_prefix = Some(backend.prefix().to_owned());
+    let mut elsewhere = config.clone();
+    elsewhere.redis.stream_name = Some("other".into());
+    instance_id_support::one_instance_id_receives_from_a_namespace_once(
+        &config,
+        &backend.stream(),
+        &elsewhere,
+    );
+}
+
+/// A provider's group namespace is the server as its URL names it (defaults filled in, no
+/// password), the database and the stream's key, however prefix and name split it.
+#[test]
+fn the_group_namespace_names_the_server_database_and_stream() {
+    let namespace = |url: &str, prefix: &str, stream: &str| {
+        let config =
+            RedisConfig { key_prefix: prefix.into(), stream: stream.into(), ..RedisConfig::new(url) };
+        RedisProvider::connect(config).expect("a valid configuration").group_namespace()
+    };
+    let plain = namespace("redis://127.0.0.1", "revid_a:b", "c");
+    assert_eq!(plain, namespace("redis://:hunter2@127.0.0.1:6379/0", "revid_a", "b:c"));
+    assert!(plain.to_string().contains("127.0.0.1:6379 db 0, stream revid_a:b:c"), "{plain}");
+    assert!(
+        !format!("{:?}", namespace("redis://:hunter2@127.0.0.1:6379/0", "revid_a", "b:c"))
+            .contains("hunter2")
+    );
+    assert_ne!(plain, namespace("redis://127.0.0.1/1", "revid_a:b", "c"), "another database");
+    assert_ne!(plain, namespace("redis://127.0.0.1:6380", "revid_a:b", "c"), "another server");
+    assert_ne!(plain, namespace("redis://127.0.0.1", "revid_a", "c"), "another stream");
 }

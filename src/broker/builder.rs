@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::claim::InstanceClaim;
 use super::engine::Engine;
 use super::stats::SyncCounters;
 use super::{Broker, Handle};
@@ -201,11 +202,16 @@ impl BrokerBuilder {
     /// instance restarted under its id resumes its group where it left off. Two brokers under one
     /// id share one group and take each other's events for their own echoes, so neither receives
     /// the other's: two processes on one host left on the default do that. Within one process,
-    /// building a broker that receives from a provider another live broker of this process
-    /// receives from under the same id fails with [`BuildError::Config`] on `instance_id`; across
-    /// processes nothing can tell, so give each process its own (a pod's name, or the host name
-    /// and the service's role). An id with a control character, or with leading or trailing
-    /// whitespace, fails the build with [`BuildError::Config`] on `instance_id`.
+    /// building a broker that would receive under the id of another live broker of this process
+    /// in the same [group namespace](crate::Provider::group_namespace) fails with
+    /// [`BuildError::Config`] on `instance_id`, naming the namespace: the same server (its
+    /// address as written, never resolved) and the same Redis stream, NATS stream or PostgreSQL
+    /// table, through one provider object or two (two brokers built from one
+    /// [`Config`](crate::config::Config) have one each), in fan-out or in a work queue (where two
+    /// members of one id are one consumer). Across processes nothing can tell, so give each
+    /// process its own (a pod's name, or the host name and the service's role). An id with a
+    /// control character, or with leading or trailing whitespace, fails the build with
+    /// [`BuildError::Config`] on `instance_id`.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
@@ -372,7 +378,7 @@ impl BrokerBuilder {
             });
         let provider = self.provider.unwrap_or_else(|| Arc::new(MemoryProvider::default()));
         let group = distribution.group(&instance_id);
-        let claim = group.as_ref().map(|_| InstanceClaim::take(&provider, &instance_id)).transpose()?;
+        let claim = group.as_ref().map(|g| InstanceClaim::take(&*provider, &instance_id, g)).transpose()?;
         let source = match &group {
             None => None,
             Some(group) => {
@@ -536,45 +542,6 @@ const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`BrokerBuilder::prefetch`] of a work-queue member, per worker.
 const WORK_QUEUE_PREFETCH_PER_WORKER: usize = 32;
-
-/// The brokers of this process that receive from a provider, by provider and instance id (see
-/// [`BrokerBuilder::instance_id`]).
-static RECEIVING: parking_lot::Mutex<Vec<(usize, String)>> = parking_lot::Mutex::new(Vec::new());
-
-/// A receiving broker's hold on its provider and instance id, from `build` to the end of its
-/// shutdown (or its drop).
-pub(crate) struct InstanceClaim {
-    /// The provider's address, and the instance id.
-    key: (usize, String),
-}
-
-impl InstanceClaim {
-    fn take(provider: &Arc<dyn Provider>, instance_id: &str) -> Result<Self, BuildError> {
-        let key = (Arc::as_ptr(provider).cast::<()>() as usize, instance_id.to_owned());
-        let mut receiving = RECEIVING.lock();
-        if receiving.contains(&key) {
-            return Err(BuildError::Config(ConfigError::new(
-                "instance_id",
-                format!(
-                    "{instance_id:?} is the id of another broker of this process receiving from the \
-                     same provider: two brokers of one id are one member to it (in fan-out they share \
-                     a group and skip each other's events as echoes); give each its own"
-                ),
-            )));
-        }
-        receiving.push(key.clone());
-        Ok(Self { key })
-    }
-}
-
-impl Drop for InstanceClaim {
-    fn drop(&mut self) {
-        let mut receiving = RECEIVING.lock();
-        if let Some(at) = receiving.iter().position(|key| *key == self.key) {
-            receiving.swap_remove(at);
-        }
-    }
-}
 
 fn default_instance_id() -> String {
     std::env::var("HOSTNAME")

@@ -67,7 +67,7 @@ pub(crate) struct Engine {
     pub(crate) published_reported: AtomicU64,
     /// This broker's hold on its instance id for its provider, while it receives (released at
     /// the end of shutdown).
-    pub(crate) claim: parking_lot::Mutex<Option<super::builder::InstanceClaim>>,
+    pub(crate) claim: parking_lot::Mutex<Option<super::claim::InstanceClaim>>,
     /// Whether shutdown has begun, and its report once it ended.
     pub(crate) shutdown: super::shutdown::Stopping,
     /// How long dropping the last handle waits for shutdown.

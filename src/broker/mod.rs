@@ -54,6 +54,7 @@ use crate::subscription::{DeliveryError, Handler, StreamChannel, Target};
 use crate::{Delivery, Event, Pattern, SubscriptionId};
 
 mod builder;
+mod claim;
 mod drain;
 mod engine;
 mod recovery;

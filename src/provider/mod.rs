@@ -62,6 +62,8 @@
 //! and its [`ConsumerGroup`] — its own (fan-out: every instance receives every event) or one it
 //! shares with others (work-queue: each event goes to one member). See [`Inbound`] for fetching,
 //! acks, redelivery, filters, echo suppression and the numbers.
+//! [`Provider::group_namespace`] says where a provider's groups live, so that two providers made
+//! apart for one server and place (one stream, one table) are known to share them.
 //!
 //! ## Closing
 //! [`close`] flushes what the provider buffers, ends its inbound sources and stops its background
@@ -92,6 +94,7 @@ use crate::pattern::Pattern;
 mod dead_letter;
 mod inbound;
 pub mod memory;
+mod namespace;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]
@@ -104,6 +107,7 @@ mod stream;
 pub use self::dead_letter::{DeadLetter, DeadLetterFilter, DeadLetterId};
 pub use self::inbound::{Ack, AckOutcome, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent};
 pub use self::memory::{MemoryConfig, MemoryProvider};
+pub use self::namespace::GroupNamespace;
 #[cfg(feature = "nats")]
 pub use self::nats::{NatsConfig, NatsProvider};
 #[cfg(feature = "postgres")]
@@ -311,6 +315,30 @@ pub trait Provider: EventSink + EventStore + std::any::Any {
     fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
         let _ = config;
         Err(ProviderError::not_supported(self.name(), "open_inbound"))
+    }
+
+    /// Where this provider's consumer groups live: providers of one [`GroupNamespace`] share
+    /// their groups (their server and their place on it), so a group opened through either is one.
+    /// A broker refuses to be built under an instance id another broker of this process receives
+    /// under in the same namespace (see
+    /// [`BrokerBuilder::instance_id`](crate::BrokerBuilder::instance_id)).
+    ///
+    /// The default is [`GroupNamespace::of_object`]: this provider object's groups are its own,
+    /// which is right for a backend in the process (as the [`MemoryProvider`]'s bus). A backend on
+    /// a server returns [`GroupNamespace::new`] with what names its groups there, so that
+    /// providers made apart (two from one configuration) are found to share them; a provider that
+    /// wraps another returns the inner one's.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use eventbroker::{MemoryProvider, Provider};
+    ///
+    /// let bus: Arc<dyn Provider> = Arc::new(MemoryProvider::default());
+    /// let again = Arc::clone(&bus);
+    /// assert_eq!(bus.group_namespace(), again.group_namespace(), "one object, one bus");
+    /// ```
+    fn group_namespace(&self) -> GroupNamespace {
+        GroupNamespace::of_object(self.name(), self)
     }
 
     /// Deletes `group` from the backend: where it stands in the events and what its members

@@ -10,8 +10,8 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::{
     Ack, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter,
-    EventSink, EventStore, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats, ReplayFrom,
-    StatusUpdate, StoredEvent,
+    EventSink, EventStore, GroupNamespace, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats,
+    ReplayFrom, StatusUpdate, StoredEvent,
 };
 use crate::{Event, EventId, Pattern};
 
@@ -424,6 +424,12 @@ impl Provider for FaultyProvider {
     fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
         self.check(Operation::DeleteGroup)?;
         self.inner.delete_group(group)
+    }
+
+    /// The inner provider's: its groups are the ones opened through this one. Never a fault, as
+    /// it asks the backend nothing.
+    fn group_namespace(&self) -> GroupNamespace {
+        self.inner.group_namespace()
     }
 
     fn close(&self) -> Result<(), ProviderError> {

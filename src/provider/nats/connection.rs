@@ -224,6 +224,11 @@ impl Connection {
     }
 }
 
+/// The servers of `url`, a URL or several separated by commas.
+pub(super) fn servers(url: &str) -> std::io::Result<Vec<async_nats::ServerAddr>> {
+    url.split(',').map(|url| url.trim().parse::<async_nats::ServerAddr>()).collect()
+}
+
 /// Connects with `config`'s credentials, TLS and reconnection policy; counts disconnections and
 /// reconnections into `events`.
 async fn connect(
@@ -278,11 +283,7 @@ async fn connect(
             options = options.tls_first();
         }
     }
-    let servers: Vec<async_nats::ServerAddr> = config
-        .url
-        .split(',')
-        .map(|url| url.trim().parse::<async_nats::ServerAddr>())
-        .collect::<Result<_, _>>()
+    let servers = servers(&config.url)
         .map_err(|error| backend(OPERATION, format!("invalid server URL in {:?}: {error}", config.url)))?;
     options.connect(servers).await.map_err(|error| {
         use async_nats::ConnectErrorKind as Kind;

@@ -120,8 +120,8 @@ use self::sink::WriteCounters;
 use self::status::RevisionCache;
 use super::{
     Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent,
-    closed_error,
+    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate,
+    StoredEvent, closed_error,
 };
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventId};
@@ -159,6 +159,8 @@ pub struct NatsProvider {
 struct Shared {
     conn: Connection,
     config: NatsConfig,
+    /// The servers and the event stream: where the durable consumers live.
+    namespace: GroupNamespace,
     layout: Layout,
     closed: AtomicBool,
     cache: Mutex<RevisionCache>,
@@ -182,6 +184,7 @@ impl NatsProvider {
         let conn = Connection::open(&config)?;
         let layout = Layout::new(&config);
         let shared = Arc::new(Shared {
+            namespace: group_namespace(&config),
             cache: Mutex::new(RevisionCache::new(config.status_cache)),
             conn,
             config,
@@ -463,6 +466,18 @@ impl EventStore for NatsProvider {
     }
 }
 
+/// The servers of `config` (`host:port`, credentials left out, sorted: a list names one cluster
+/// whatever its order) and its event stream, on which the durable consumers live.
+fn group_namespace(config: &NatsConfig) -> GroupNamespace {
+    let mut servers: Vec<String> = connection::servers(&config.url)
+        .map(|servers| servers.iter().map(|server| format!("{}:{}", server.host(), server.port())).collect())
+        // Unreachable: the connection was made with these servers.
+        .unwrap_or_default();
+    servers.sort();
+    servers.dedup();
+    GroupNamespace::new(NAME, format!("{}, stream {}", servers.join(" "), config.stream_name))
+}
+
 impl Provider for NatsProvider {
     fn name(&self) -> &'static str {
         NAME
@@ -489,6 +504,11 @@ impl Provider for NatsProvider {
     fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
         let shared = self.open("delete_group")?;
         self.run("delete_group", inbound::delete(Arc::clone(shared), group.clone()))
+    }
+
+    /// `nats <host>:<port>…, stream <name>`: the servers as the URL names them, in order.
+    fn group_namespace(&self) -> GroupNamespace {
+        self.shared.namespace.clone()
     }
 
     fn close(&self) -> Result<(), ProviderError> {

@@ -122,8 +122,8 @@ use self::sink::SinkSql;
 use self::store::StoreSql;
 use super::{
     Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent,
-    closed_error,
+    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate,
+    StoredEvent, closed_error,
 };
 use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
@@ -489,6 +489,35 @@ impl EventStore for PostgresProvider {
     }
 }
 
+/// The servers and database of `pg` (credentials left out) and the events table of `names`: the
+/// groups' cursors and claims live in tables named after it, in that database.
+fn group_namespace(pg: &tokio_postgres::Config, names: &schema::Names) -> GroupNamespace {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = if pg.get_hosts().is_empty() {
+        pg.get_hostaddrs().iter().map(ToString::to_string).collect()
+    } else {
+        pg.get_hosts()
+            .iter()
+            .map(|host| match host {
+                Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                Host::Unix(directory) => directory.display().to_string(),
+            })
+            .collect()
+    };
+    // One port for every host, or one each; 5432 when none is given.
+    let port = |at: usize| match pg.get_ports() {
+        [] => 5432,
+        [port] => *port,
+        ports => ports.get(at).copied().unwrap_or(5432),
+    };
+    let servers: Vec<String> =
+        hosts.iter().enumerate().map(|(at, host)| format!("{host}:{}", port(at))).collect();
+    // Without a database name, the server takes the user's.
+    let database = pg.get_dbname().or(pg.get_user()).unwrap_or_default();
+    GroupNamespace::new(NAME, format!("{} database {database}, table {}", servers.join(" "), names.events()))
+}
+
 impl Provider for PostgresProvider {
     fn name(&self) -> &'static str {
         NAME
@@ -520,6 +549,12 @@ impl Provider for PostgresProvider {
             return Err(closed_error(NAME, "delete_group"));
         }
         inbound::delete(&self.shared, group)
+    }
+
+    /// `postgres <host>:<port>… database <name>, table "<schema>"."<table>"`: the servers as the
+    /// connection string names them.
+    fn group_namespace(&self) -> GroupNamespace {
+        group_namespace(&self.shared.backend.pg_config, &self.shared.backend.names)
     }
 
     fn close(&self) -> Result<(), ProviderError> {

@@ -66,6 +66,13 @@ impl Dialer {
     pub(super) fn timeout(&self) -> Duration {
         self.timeout
     }
+
+    /// The server and database as the URL names them, credentials left out: `127.0.0.1:6379 db 0`
+    /// (the port and database filled in when the URL leaves them to their defaults).
+    pub(super) fn server(&self) -> String {
+        let info = self.client.get_connection_info();
+        format!("{} db {}", info.addr(), info.redis_settings().db())
+    }
 }
 
 /// When the next connect may be tried.

@@ -143,8 +143,8 @@ use self::reply::{Entry, Malformed, StatusHash};
 use self::scripts::{Call, Scripts};
 use super::{
     Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate, StoredEvent,
-    closed_error,
+    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate,
+    StoredEvent, closed_error,
 };
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventId};
@@ -289,6 +289,8 @@ pub struct RedisProvider {
 /// What the provider and its inbound sources share.
 struct Shared {
     config: RedisConfig,
+    /// The server, database and stream: where the consumer groups live.
+    namespace: GroupNamespace,
     keys: Keys,
     pool: Pool,
     scripts: Scripts,
@@ -345,9 +347,13 @@ impl RedisProvider {
     pub fn connect(config: RedisConfig) -> Result<Self, ProviderError> {
         config.validate()?;
         let dialer = Dialer::new(&config)?;
+        let keys = Keys::new(&config.key_prefix, &config.stream);
+        // The groups live on the stream's key: `a:b` + `c` and `a` + `b:c` are one stream.
+        let namespace = GroupNamespace::new(NAME, format!("{}, stream {}", dialer.server(), keys.stream));
         Ok(Self {
             shared: Arc::new(Shared {
-                keys: Keys::new(&config.key_prefix, &config.stream),
+                namespace,
+                keys,
                 pool: Pool::new(dialer),
                 scripts: Scripts::new(),
                 closed: AtomicBool::new(false),
@@ -710,6 +716,11 @@ impl Provider for RedisProvider {
     fn open_inbound(&self, config: &InboundConfig) -> Result<Arc<dyn Inbound>, ProviderError> {
         self.shared.check_open("open_inbound")?;
         Ok(Arc::new(inbound::RedisInbound::open(Arc::clone(&self.shared), config)?))
+    }
+
+    /// `redis <host>:<port> db <n>, stream <prefix>:<stream>`, the address as the URL names it.
+    fn group_namespace(&self) -> GroupNamespace {
+        self.shared.namespace.clone()
     }
 
     fn delete_group(&self, group: &ConsumerGroup) -> Result<bool, ProviderError> {
