@@ -751,4 +751,29 @@ fn the_group_namespace_names_the_server_database_and_stream() {
     assert_ne!(plain, namespace("redis://127.0.0.1/1", "revid_a:b", "c"), "another database");
     assert_ne!(plain, namespace("redis://127.0.0.1:6380", "revid_a:b", "c"), "another server");
     assert_ne!(plain, namespace("redis://127.0.0.1", "revid_a", "c"), "another stream");
+/// A backend on a key prefix of its own for the tests below (`revrd_<uuid>`), deleted when dropped.
+fn revrd_backend(adjust: impl FnOnce(&mut RedisConfig)) -> RedisBackend {
+    RedisBackend::with(|c| {
+        c.key_prefix = format!("revrd_{}", EventId::new().as_uuid().simple());
+        adjust(c);
+    })
+}
+
+/// An event re-stored after its status hash expired, before anything purged the expiry, is a new
+/// event: `list` finds it like `get` does, and the counts hold it once.
+#[test]
+fn an_event_stored_again_after_its_status_expired_is_listed() {
+    let backend = revrd_backend(|c| c.status_ttl = Some(Duration::from_millis(200)));
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let event = scope.event("expired.again");
+    provider.store_batch(&shared(std::slice::from_ref(&event)), None).expect("store");
+    provider.update_status_batch(&[StatusUpdate::new(event.id, EventStatus::Completed)]).expect("update");
+    std::thread::sleep(Duration::from_millis(400));
+    // The hash is gone (Redis expired it); nothing has purged the expiry yet.
+    provider.store_batch(&shared(std::slice::from_ref(&event)), None).expect("store again");
+    assert_eq!(provider.get(event.id).expect("get").map(|e| e.status), Some(EventStatus::Pending));
+    assert_eq!(scope.list(&provider).iter().map(|e| e.id).collect::<Vec<_>>(), vec![event.id]);
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.pending_events, stats.completed_events), (1, 1, 0));
 }

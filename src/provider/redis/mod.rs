@@ -438,7 +438,7 @@ impl EventSink for RedisProvider {
         for chunk in events.chunks(WRITE_CHUNK) {
             let mut call = Call::new(
                 &shared.scripts.store,
-                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.order, &keys.pending],
+                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.pending, &keys.order],
             );
             call.arg(&keys.status)
                 .arg(shared.config.max_len)
@@ -653,7 +653,7 @@ impl EventStore for RedisProvider {
         let keys = &shared.keys;
         let mut call = Call::new(
             &shared.scripts.stats,
-            &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.dead],
+            &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.pending, &keys.dead],
         );
         call.arg(&keys.status);
         let value: Value = shared.pool.run("stats", &keys.counts, |conn| call.invoke(conn))?;

@@ -14,13 +14,14 @@ use redis::{
 use serde::Serialize;
 
 /// Helpers every write script starts with: status flags of finished events, server time, counter
-/// deltas (applied once at the end), and the expiry of finished statuses.
+/// deltas (applied once at the end), and the expiry of finished statuses. KEYS[1..5]: stream,
+/// counts, time index, expiry index, pending index.
 ///
 /// An expiry member is `<c|f><entry id> <time key>`: whether the event completed or failed, and
 /// enough to remove it from every index even after Redis expired its status hash. Adds to the two
 /// sorted sets are gathered into one `ZADD` each at the end of a script.
 const PRELUDE: &str = r"
-local stream, counts, time, expiry = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stream, counts, time, expiry, pending = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix = ARGV[1]
 local delta = {}
 local function add(field, n) delta[field] = (delta[field] or 0) + n end
@@ -99,22 +100,39 @@ local function halves(s)
   local sp = string.find(s, ' ', 1, true)
   return string.sub(s, 1, sp - 1), string.sub(s, sp + 1)
 end
+-- The pending records of `list` (event ids), by position (false where none).
+local function pending_records(list)
+  local out = {}
+  for i = 1, #list, 1000 do
+    local got = redis.call('HMGET', pending, unpack(list, i, math.min(i + 999, #list)))
+    for j = 1, #got do out[i + j - 1] = got[j] end
+  end
+  return out
+end
 -- Whether stream entry id `a` comes before `b` (`<ms>-<n>`, compared as numbers).
 local function entry_before(a, b)
   local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
   local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
   return am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1)))
 end
+-- The time key of expiry member `m`.
+local function expiry_time_key(m)
+  return string.sub(m, string.find(m, ' ', 2, true) + 1)
+end
 -- Removes one finished event whose status expired (expiry member `m`), with exact bookkeeping.
-local function purge_one(m)
-  local sp = string.find(m, ' ', 2, true)
-  local entry, tk = string.sub(m, 2, sp - 1), string.sub(m, sp + 1)
+-- `p` is the event id's pending record, if any: when Redis expired the hash first, the id may
+-- have been stored again since, as a new event whose record holds the time key now.
+local function purge_one(m, p)
+  local tk = expiry_time_key(m)
+  local entry = string.sub(m, 2, #m - #tk - 1)
   local key = prefix .. string.sub(tk, 23)
   local h = redis.call('HMGET', key, 'entry', 'time')
+  local live_tk = h[2]
+  if not h[1] and p then live_tk = select(2, halves(p)) end
   if h[1] == entry then
     redis.call('DEL', key)
     zrem(times, tk)
-  elseif h[2] ~= tk then
+  elseif live_tk ~= tk then
     zrem(times, tk)
   end
   zrem(expiries, m)
@@ -125,10 +143,16 @@ end
 -- Removes up to `limit` finished events whose status expired.
 local function purge(limit)
   local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', server_ms(), 'LIMIT', 0, limit)
+  -- Members this script already removed (a trimmed or deleted event) are not counted again.
+  local todo, ids = {}, {}
   for _, m in ipairs(due) do
-    -- Members this script already removed (a trimmed or deleted event) are not counted again.
-    if not expiries.gone[m] then purge_one(m) end
+    if not expiries.gone[m] then
+      todo[#todo + 1] = m
+      ids[#ids + 1] = string.sub(expiry_time_key(m), 23)
+    end
   end
+  local records = pending_records(ids)
+  for j, m in ipairs(todo) do purge_one(m, records[j]) end
 end
 -- Applies what the script gathered: index adds and counter deltas.
 local function finish()
@@ -140,15 +164,15 @@ local function finish()
 end
 ";
 
-/// `store_batch`. KEYS[5]: the order list; KEYS[6]: the pending index. ARGV: status key prefix,
-/// `max_len` (0: none), trim slack, trim chunk, ttl ms (0: none), origin ('' for none), then per
-/// event: id, JSON, type, source, status, instance id, time key. Returns how many ids were new.
+/// `store_batch`. KEYS[6]: the order list. ARGV: status key prefix, `max_len` (0: none), trim
+/// slack, trim chunk, ttl ms (0: none), origin ('' for none), then per event: id, JSON, type,
+/// source, status, instance id, time key. Returns how many ids were new.
 ///
 /// A new pending event gets no status hash: its record is a field of the pending index,
 /// `<entry> <time key>`, written with the batch's others in one `HSET`. Any other new event, and
 /// every re-store, gets a status hash.
 const STORE: &str = r"
-local order, pending = KEYS[5], KEYS[6]
+local order = KEYS[6]
 local max_len, slack, chunk, ttl, origin =
   tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 -- Which ids are stored: one EXISTS over their status hashes and one HMGET of the pending index.
@@ -157,15 +181,6 @@ local ids, keys = {}, {}
 for i = 7, #ARGV, 7 do
   ids[#ids + 1] = ARGV[i]
   keys[#keys + 1] = prefix .. ARGV[i]
-end
--- The pending records of `list` (event ids), by position (false where none).
-local function pending_records(list)
-  local out = {}
-  for i = 1, #list, 1000 do
-    local got = redis.call('HMGET', pending, unpack(list, i, math.min(i + 999, #list)))
-    for j = 1, #got do out[i + j - 1] = got[j] end
-  end
-  return out
 end
 local hashed = 0
 for i = 1, #keys, 1000 do hashed = hashed + redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys))) end
@@ -322,12 +337,10 @@ finish()
 return fresh
 ";
 
-/// `update_status_batch`. KEYS[5]: the pending index. ARGV: status key prefix, ttl ms (0: none),
-/// then per update: id, status, error, retry count, `processed_at`, `completed_at` ('' keeps the
-/// stored value). An event's first status change moves its record from the pending index to a
-/// status hash.
+/// `update_status_batch`. ARGV: status key prefix, ttl ms (0: none), then per update: id, status,
+/// error, retry count, `processed_at`, `completed_at` ('' keeps the stored value). An event's
+/// first status change moves its record from the pending index to a status hash.
 const UPDATE: &str = r"
-local pending = KEYS[5]
 local ttl = tonumber(ARGV[2])
 local unpended = {}
 for i = 3, #ARGV, 6 do
@@ -381,8 +394,7 @@ finish()
 return 0
 ";
 
-/// `delete`. KEYS[5]: the pending index. ARGV: status key prefix, event id. Returns 1 when the
-/// event was stored.
+/// `delete`. ARGV: status key prefix, event id. Returns 1 when the event was stored.
 const DELETE: &str = r"
 local id = ARGV[2]
 local key = prefix .. id
@@ -390,11 +402,11 @@ local h = redis.call('HMGET', key, 'entry', 'status', 'time')
 if h[1] then
   redis.call('DEL', key)
 else
-  local p = redis.call('HGET', KEYS[5], id)
+  local p = redis.call('HGET', pending, id)
   if not p then return 0 end
   local entry, tk = halves(p)
   h = {entry, 'pending', tk}
-  redis.call('HDEL', KEYS[5], id)
+  redis.call('HDEL', pending, id)
 end
 redis.call('XDEL', stream, h[1])
 forget(h[1], h[3], h[2])
@@ -403,11 +415,11 @@ return 1
 ";
 
 /// `stats`: purges what expired, then returns the counters, the stream's length and the number of
-/// dead letters (KEYS[5]).
+/// dead letters (KEYS[6]).
 const STATS: &str = r"
 purge(1024)
 finish()
-return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[5])}
+return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[6])}
 ";
 
 /// The record of one event, for the read scripts: its status hash, or for a pending event without
