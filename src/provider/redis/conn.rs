@@ -229,6 +229,11 @@ pub(super) fn keeps_connection(error: &RedisError) -> bool {
     matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::UnexpectedReturnType)
 }
 
+/// Error codes of refusals that pass without anyone changing the request: memory freed (`OOM`), a
+/// script that ended (`BUSY`), replicas caught up (`NOREPLICAS`, under `min-replicas-to-write`), a
+/// snapshot that succeeded again (`MISCONF`, under `stop-writes-on-bgsave-error`).
+const TRANSIENT_CODES: [&str; 4] = ["OOM", "BUSY", "NOREPLICAS", "MISCONF"];
+
 /// Our error for a failed Redis call: `Unavailable` (transient) when the server cannot be reached,
 /// did not answer in time or says to try later; `Backend` otherwise.
 pub(super) fn map_error(operation: &'static str, what: &str, error: &RedisError) -> ProviderError {
@@ -246,7 +251,7 @@ pub(super) fn map_error(operation: &'static str, what: &str, error: &RedisError)
                     | ServerErrorKind::ReadOnly
             )
         )
-        || error.code().is_some_and(|code| code == "OOM" || code == "BUSY");
+        || error.code().is_some_and(|code| TRANSIENT_CODES.contains(&code));
     let text = format!("{what}: {}", redact(&error.to_string()));
     let kind =
         if transient { ProviderErrorKind::Unavailable(text) } else { ProviderErrorKind::Backend(text) };
@@ -283,6 +288,35 @@ mod tests {
         assert_eq!(backoff.check(t0), Err(Duration::from_millis(300)), "bounded");
         backoff.succeeded();
         assert!(backoff.check(t0).is_ok());
+    }
+
+    /// The error a server's reply line makes, as a call returns it.
+    fn server_error(line: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn refusals_that_pass_are_transient_and_the_others_are_not() {
+        for line in [
+            "LOADING Redis is loading the dataset in memory",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "BUSY Redis is busy running a script.",
+            "NOREPLICAS Not enough good replicas to write.",
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+            "READONLY You can't write against a read only replica.",
+        ] {
+            assert!(map_error("store_batch", "k", &server_error(line)).is_transient(), "{line}");
+        }
+        for line in [
+            "ERR Error running script",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOPERM this user has no permissions to run the 'evalsha' command",
+            "BUSYGROUP Consumer Group name already exists",
+        ] {
+            assert!(!map_error("store_batch", "k", &server_error(line)).is_transient(), "{line}");
+        }
     }
 
     #[test]
