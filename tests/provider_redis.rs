@@ -777,3 +777,32 @@ fn an_event_stored_again_after_its_status_expired_is_listed() {
     let stats = provider.stats().expect("stats");
     assert_eq!((stats.total_events, stats.pending_events, stats.completed_events), (1, 1, 0));
 }
+
+/// Providers on one namespace with different `max_len` (a rolling change of the setting): the
+/// entries of one that keeps everything are not in the order list, and trimming, when it takes
+/// the named entries around them, takes their events from every index too.
+#[test]
+fn trimming_past_entries_the_order_list_does_not_name_forgets_their_events() {
+    let trimming = revrd_backend(|c| c.max_len = 100);
+    let keeping = RedisProvider::connect(RedisConfig { max_len: 0, ..trimming.config() }).expect("connect");
+    let provider = trimming.provider();
+    let scope = Scope::new();
+    for _ in 0..4 {
+        let named: Vec<Event> = (0..20).map(|_| scope.event("mixed")).collect();
+        provider.store_batch(&shared(&named), None).expect("store");
+        let unnamed: Vec<Event> = (0..20).map(|_| scope.event("mixed")).collect();
+        keeping.store_batch(&shared(&unnamed), None).expect("store");
+    }
+    let more: Vec<Event> = (0..100).map(|_| scope.event("mixed")).collect();
+    for chunk in more.chunks(20) {
+        provider.store_batch(&shared(chunk), None).expect("store");
+    }
+    let kept: Vec<EventId> = stream_ids(&trimming).into_iter().map(|(_, id)| id).collect();
+    let listed: Vec<EventId> = scope.list(&provider).iter().map(|e| e.id).collect();
+    assert_eq!(listed, kept, "list holds exactly the events still in the stream");
+    let stats = provider.stats().expect("stats");
+    assert_eq!(stats.total_events, kept.len() as u64, "{stats:?}");
+    let pending_index: usize =
+        redis::cmd("HLEN").arg(format!("{}:pending", trimming.prefix())).query(&mut raw()).expect("HLEN");
+    assert_eq!(pending_index, kept.len());
+}

@@ -49,7 +49,7 @@
 //!   of `P:pending`, one `HSET` to `P:pending`, one `RPUSH` to the order list, and one `ZADD` and
 //!   one `ZREM` per index. Trimming reads the trimmed events' pending records with one `HMGET`, and
 //!   each of the others' hashes with an `HMGET` of its own, then removes them with one `HDEL` and
-//!   one `DEL`.
+//!   one `DEL`, and their entries with one `XDEL`.
 //!   (Every command a script runs costs Redis a few microseconds beyond its own work, which is
 //!   why the scripts gather what they can into one command per batch.)
 //! - **Idempotent stores.** The script looks the batch's ids up before their `XADD`s (one `EXISTS`
@@ -62,8 +62,10 @@
 //!   by default) plus 1 % slack, the store script removes the oldest (up to 1024 per call) and
 //!   their events from every index: an approximate `MAXLEN` with exact counts. It finds their
 //!   events in `P:order` rather than by reading the entries (whose bodies a script would have to
-//!   copy in), and reads the stream itself only for entries the list does not name (another
-//!   writer's). A deleted event's name stays in the list until trimming reaches it. A consumer group
+//!   copy in), and deletes exactly the entries it names; the stream itself is read only for
+//!   entries older than any the list names (another writer's, or those of a provider on the same
+//!   prefix whose `max_len` is 0, once they are the oldest). A deleted event's name stays in the
+//!   list until trimming reaches it. A consumer group
 //!   more than `max_len` entries behind loses the trimmed ones.
 //!
 //! ## Reads

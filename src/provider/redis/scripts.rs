@@ -277,7 +277,7 @@ if max_len > 0 then
   local excess = redis.call('XLEN', stream) - max_len
   if excess > slack then
     local n = math.min(excess, chunk)
-    local old_entries, old_ids, cut = {}, {}, nil
+    local old_entries, old_ids, cut, named_path = {}, {}, nil, false
     local head = redis.call('LINDEX', order, 0)
     local head_entry = head and (halves(head))
     local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
@@ -286,7 +286,7 @@ if max_len > 0 then
       local named = redis.call('LRANGE', order, 0, n - 1)
       for j, o in ipairs(named) do old_entries[j], old_ids[j] = halves(o) end
       redis.call('LTRIM', order, #named, -1)
-      cut = old_entries[#named]
+      named_path = true
     else
       -- Entries older than any the list names: read them from the stream.
       local upto = head and ('(' .. head_entry) or '+'
@@ -323,8 +323,12 @@ if max_len > 0 then
     add('trimmed', #doomed + #unpended)
     each_chunk('DEL', nil, doomed)
     each_chunk('HDEL', pending, unpended)
-    if cut then
-      -- Everything up to and including `cut` goes: the entries named, and any older.
+    if named_path then
+      -- Exactly the entries named: others among them (written by a provider that keeps the whole
+      -- stream, `max_len` 0) are left for a later call to read, once they are the oldest.
+      each_chunk('XDEL', stream, old_entries)
+    elseif cut then
+      -- Everything up to and including `cut` goes: every entry read.
       local dash = string.find(cut, '-', 1, true)
       local min_id = string.sub(cut, 1, dash - 1) .. '-' ..
         string.format('%.0f', tonumber(string.sub(cut, dash + 1)) + 1)
