@@ -806,3 +806,43 @@ fn trimming_past_entries_the_order_list_does_not_name_forgets_their_events() {
         redis::cmd("HLEN").arg(format!("{}:pending", trimming.prefix())).query(&mut raw()).expect("HLEN");
     assert_eq!(pending_index, kept.len());
 }
+
+/// Another writer that trims the stream (the Go seed's `XADD … MAXLEN ~ 10000`, shorter than our
+/// `max_len`) removes entries of ours: their events leave every index and count with them, at the
+/// next store, though the stream never grows past `max_len`.
+#[test]
+fn entries_another_writer_trimmed_take_their_events_with_them() {
+    let backend = revrd_backend(|c| c.max_len = 1000);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let old: Vec<Event> = (0..50).map(|_| scope.event("foreign.trim")).collect();
+    provider.store_batch(&shared(&old), None).expect("store");
+    provider.update_status_batch(&[StatusUpdate::new(old[0].id, EventStatus::Processing)]).expect("update");
+    let _: i64 =
+        redis::cmd("XTRIM").arg(backend.stream()).arg("MAXLEN").arg(10).query(&mut raw()).expect("XTRIM");
+    let new: Vec<Event> = (0..5).map(|_| scope.event("foreign.trim")).collect();
+    provider.store_batch(&shared(&new), None).expect("store");
+
+    let kept: Vec<EventId> = stream_ids(&backend).into_iter().map(|(_, id)| id).collect();
+    let expected: Vec<EventId> = old[40..].iter().chain(&new).map(|e| e.id).collect();
+    assert_eq!(kept, expected);
+    assert_eq!(scope.list(&provider).iter().map(|e| e.id).collect::<Vec<_>>(), expected);
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.pending_events, stats.processing_events), (15, 15, 0), "{stats:?}");
+    assert_eq!(specific(&provider, "trimmed"), 40);
+    let mut conn = raw();
+    let prefix = backend.prefix();
+    let time_index: usize =
+        redis::cmd("ZCARD").arg(format!("{prefix}:time")).query(&mut conn).expect("ZCARD");
+    let pending_index: usize =
+        redis::cmd("HLEN").arg(format!("{prefix}:pending")).query(&mut conn).expect("HLEN");
+    let order: usize = redis::cmd("LLEN").arg(format!("{prefix}:order")).query(&mut conn).expect("LLEN");
+    assert_eq!(
+        (time_index, pending_index, order),
+        (15, 15, 15),
+        "the indexes hold exactly the stored events"
+    );
+    let hash: bool =
+        redis::cmd("EXISTS").arg(format!("{prefix}:status:{}", old[0].id)).query(&mut conn).expect("EXISTS");
+    assert!(!hash, "the trimmed event's status hash went too");
+}

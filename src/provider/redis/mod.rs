@@ -46,8 +46,9 @@
 //!   (`XADD`) and a field in each of the batch's gathered writes; a status update costs two
 //!   (`HMGET`, `HSET`, plus `PEXPIRE` when it finishes the event, and an `HGET` of `P:pending`
 //!   at the event's first change). A batch adds one `EXISTS` over its ids' hashes and one `HMGET`
-//!   of `P:pending`, one `HSET` to `P:pending`, one `RPUSH` to the order list, and one `ZADD` and
-//!   one `ZREM` per index. Trimming reads the trimmed events' pending records with one `HMGET`, and
+//!   of `P:pending`, one `HSET` to `P:pending`, one `RPUSH` to the order list, one `LINDEX` of it
+//!   and one `XRANGE` of the stream's first entry (the last three while `max_len` bounds the
+//!   stream), and one `ZADD` and one `ZREM` per index. Trimming reads the trimmed events' pending records with one `HMGET`, and
 //!   each of the others' hashes with an `HMGET` of its own, then removes them with one `HDEL` and
 //!   one `DEL`, and their entries with one `XDEL`.
 //!   (Every command a script runs costs Redis a few microseconds beyond its own work, which is
@@ -64,9 +65,12 @@
 //!   events in `P:order` rather than by reading the entries (whose bodies a script would have to
 //!   copy in), and deletes exactly the entries it names; the stream itself is read only for
 //!   entries older than any the list names (another writer's, or those of a provider on the same
-//!   prefix whose `max_len` is 0, once they are the oldest). A deleted event's name stays in the
-//!   list until trimming reaches it. A consumer group
-//!   more than `max_len` entries behind loses the trimmed ones.
+//!   prefix whose `max_len` is 0, once they are the oldest). Entries of ours that another writer
+//!   removed from the head of the stream (the seed's `XADD … MAXLEN ~`, shorter than `max_len`)
+//!   take their events with them at the next store, counted as trimmed; with `max_len` 0 there
+//!   is no list, and such events stay counted. A deleted event's name stays in the list until
+//!   trimming reaches it. A consumer group more than `max_len` entries behind loses the trimmed
+//!   ones.
 //!
 //! ## Reads
 //! Nothing on a read path blocks (no `XREAD BLOCK`; SEED-PITFALLS 2). `get` is one script call

@@ -269,18 +269,58 @@ for _, id in ipairs(added_ids) do
 end
 each_chunk('HSET', pending, fields)
 each_chunk('RPUSH', order, appended)
+-- Removes the events of the stream entries `entries` (ids in `ids`, by position) from every index,
+-- counted as trimmed: those whose record still names that entry.
+local function forget_entries(entries, ids)
+  -- Pending records are read for all at once; an event with a status hash is read on its own.
+  local records = pending_records(ids)
+  local doomed, unpended = {}, {}
+  for j, old_id in ipairs(ids) do
+    if records[j] then
+      local entry, tk = halves(records[j])
+      if entry == entries[j] then
+        unpended[#unpended + 1] = old_id
+        forget(entry, tk, 'pending')
+      end
+    else
+      local key = prefix .. old_id
+      local h = redis.call('HMGET', key, 'entry', 'status', 'time')
+      if h[1] == entries[j] then
+        doomed[#doomed + 1] = key
+        forget(h[1], h[3], h[2])
+      end
+    end
+  end
+  add('trimmed', #doomed + #unpended)
+  each_chunk('DEL', nil, doomed)
+  each_chunk('HDEL', pending, unpended)
+end
 -- Approximate MAXLEN with exact bookkeeping: once the stream is `slack` entries past max_len,
 -- remove the oldest (up to `chunk`), and the events they hold from every index. The order list
 -- names them without reading their bodies; entries older than any it names (another writer's, or
 -- a stream older than the list) are read from the stream itself.
 if max_len > 0 then
+  local head = redis.call('LINDEX', order, 0)
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+  if head and not (first and not entry_before(halves(head), first[1])) then
+    -- The list names entries older than the stream's first: another writer trimmed them (the
+    -- seed's `XADD … MAXLEN ~`), or deleted the stream. Their events go with them, though the
+    -- stream may never reach max_len.
+    local gone_entries, gone_ids = {}, {}
+    for _, o in ipairs(redis.call('LRANGE', order, 0, chunk - 1)) do
+      local entry, id = halves(o)
+      if first and not entry_before(entry, first[1]) then break end
+      gone_entries[#gone_entries + 1], gone_ids[#gone_ids + 1] = entry, id
+    end
+    redis.call('LTRIM', order, #gone_entries, -1)
+    forget_entries(gone_entries, gone_ids)
+    head = redis.call('LINDEX', order, 0)
+  end
   local excess = redis.call('XLEN', stream) - max_len
   if excess > slack then
     local n = math.min(excess, chunk)
     local old_entries, old_ids, cut, named_path = {}, {}, nil, false
-    local head = redis.call('LINDEX', order, 0)
     local head_entry = head and (halves(head))
-    local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
     if head and first and not entry_before(first[1], head_entry) then
       -- The list names the oldest entries (and perhaps some already deleted).
       local named = redis.call('LRANGE', order, 0, n - 1)
@@ -301,28 +341,7 @@ if max_len > 0 then
         cut = e[1]
       end
     end
-    -- Pending records are read for all at once; an event with a status hash is read on its own.
-    local records = pending_records(old_ids)
-    local doomed, unpended = {}, {}
-    for j, old_id in ipairs(old_ids) do
-      if records[j] then
-        local entry, tk = halves(records[j])
-        if entry == old_entries[j] then
-          unpended[#unpended + 1] = old_id
-          forget(entry, tk, 'pending')
-        end
-      else
-        local key = prefix .. old_id
-        local h = redis.call('HMGET', key, 'entry', 'status', 'time')
-        if h[1] == old_entries[j] then
-          doomed[#doomed + 1] = key
-          forget(h[1], h[3], h[2])
-        end
-      end
-    end
-    add('trimmed', #doomed + #unpended)
-    each_chunk('DEL', nil, doomed)
-    each_chunk('HDEL', pending, unpended)
+    forget_entries(old_entries, old_ids)
     if named_path then
       -- Exactly the entries named: others among them (written by a provider that keeps the whole
       -- stream, `max_len` 0) are left for a later call to read, once they are the oldest.
