@@ -846,3 +846,21 @@ fn entries_another_writer_trimmed_take_their_events_with_them() {
         redis::cmd("EXISTS").arg(format!("{prefix}:status:{}", old[0].id)).query(&mut conn).expect("EXISTS");
     assert!(!hash, "the trimmed event's status hash went too");
 }
+
+/// `stats` counts what is stored when it is called, however many finished events expired since
+/// the last write: more than one script call purges.
+#[test]
+fn stats_purge_every_expired_event_first() {
+    let backend = revrd_backend(|c| c.status_ttl = Some(Duration::from_millis(300)));
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events: Vec<Event> = (0..3000).map(|_| scope.event("expire.many")).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    let done: Vec<StatusUpdate> =
+        events.iter().map(|e| StatusUpdate::new(e.id, EventStatus::Completed)).collect();
+    provider.update_status_batch(&done).expect("update");
+    std::thread::sleep(Duration::from_millis(600));
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.completed_events), (0, 0), "{stats:?}");
+    assert_eq!(stats.provider_specific["expired"], 3000);
+}

@@ -32,7 +32,9 @@
 //! hash gets a TTL of [`RedisConfig::status_ttl`] (7 days by default, as the seed's), and the event
 //! is then gone from every query; pending and processing events never expire. The expiry is also
 //! recorded in `P:expiry`, so the scripts remove the event from every index with exact counts even
-//! when Redis expired the hash first. Dead letters live in a hash and a sorted set rather than a stream, since
+//! when Redis expired the hash first: each write script purges up to 256 expired events, and
+//! `stats` purges every one due (1024 per round trip, up to 256 round trips) before it counts.
+//! Dead letters live in a hash and a sorted set rather than a stream, since
 //! they are read, replaced and deleted by id and listed by `failed_at`, which is not store order.
 //!
 //! Entries written by something else (the Go seed, `redis-cli XADD` with the seed's fields) are
@@ -171,6 +173,11 @@ const TRIM_CHUNK: usize = 1024;
 /// Time keys, entries or dead letters read per round trip by `list`, `replay` and
 /// `list_dead_letters`.
 const PAGE: usize = 256;
+/// Expired events `stats` purges per round trip, before it counts.
+const STATS_PURGE: usize = 1024;
+/// Most round trips `stats` purges in (a backlog of about 256 000 expired events): a bound on the
+/// call, however fast events finish meanwhile.
+const STATS_PURGE_ROUNDS: usize = 256;
 
 /// Settings of a [`RedisProvider`].
 ///
@@ -657,14 +664,22 @@ impl EventStore for RedisProvider {
         let shared = &*self.shared;
         shared.check_open("stats")?;
         let keys = &shared.keys;
-        let mut call = Call::new(
-            &shared.scripts.stats,
-            &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.pending, &keys.dead],
-        );
-        call.arg(&keys.status);
-        let value: Value = shared.pool.run("stats", &keys.counts, |conn| call.invoke(conn))?;
-        let (counts, stream_length, dead_letters) =
-            stats_reply(value).map_err(|error| shared.malformed("stats", &error))?;
+        // Each call purges part of what expired; the counts are read once nothing more is due.
+        let mut round = 0;
+        let (counts, stream_length, dead_letters) = loop {
+            let mut call = Call::new(
+                &shared.scripts.stats,
+                &[&keys.stream, &keys.counts, &keys.time, &keys.expiry, &keys.pending, &keys.dead],
+            );
+            call.arg(&keys.status).arg(STATS_PURGE);
+            let value: Value = shared.pool.run("stats", &keys.counts, |conn| call.invoke(conn))?;
+            let (counts, stream_length, dead_letters, more) =
+                stats_reply(value).map_err(|error| shared.malformed("stats", &error))?;
+            round += 1;
+            if !more || round == STATS_PURGE_ROUNDS {
+                break (counts, stream_length, dead_letters);
+            }
+        };
         let count = |name: &str| counts.get(name).copied().unwrap_or(0);
         let c = &shared.counters;
         let mut specific = BTreeMap::new();
@@ -853,8 +868,12 @@ fn dead_letter(value: &[u8]) -> Result<DeadLetter, Malformed> {
         .map_err(|error| Malformed::new(format!("a dead letter: {error}")))
 }
 
-/// `{counts, stream length, dead letters}` from the stats script.
-fn stats_reply(value: Value) -> Result<(BTreeMap<String, u64>, u64, u64), Malformed> {
+/// What the stats script returns: counters, stream length, dead letters, and whether more expired
+/// events may be due for purging.
+type StatsReply = (BTreeMap<String, u64>, u64, u64, bool);
+
+/// `{counts, stream length, dead letters, more}` from the stats script.
+fn stats_reply(value: Value) -> Result<StatsReply, Malformed> {
     let mut parts = reply::array(value).ok_or_else(|| Malformed::new("stats are not an array"))?.into_iter();
     let counts = parts
         .next()
@@ -870,5 +889,6 @@ fn stats_reply(value: Value) -> Result<(BTreeMap<String, u64>, u64, u64), Malfor
         || parts.next().as_ref().and_then(reply::int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
     let stream_length = number();
     let dead_letters = number();
-    Ok((counts, stream_length, dead_letters))
+    let more = number() == 1;
+    Ok((counts, stream_length, dead_letters, more))
 }

@@ -140,7 +140,8 @@ local function purge_one(m, p)
   add('total', -1)
   add('expired', 1)
 end
--- Removes up to `limit` finished events whose status expired.
+-- Removes up to `limit` finished events whose status expired; true when `limit` were due (more
+-- may be).
 local function purge(limit)
   local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', server_ms(), 'LIMIT', 0, limit)
   -- Members this script already removed (a trimmed or deleted event) are not counted again.
@@ -153,6 +154,7 @@ local function purge(limit)
   end
   local records = pending_records(ids)
   for j, m in ipairs(todo) do purge_one(m, records[j]) end
+  return #due == limit
 end
 -- Applies what the script gathered: index adds and counter deltas.
 local function finish()
@@ -437,12 +439,13 @@ finish()
 return 1
 ";
 
-/// `stats`: purges what expired, then returns the counters, the stream's length and the number of
-/// dead letters (KEYS[6]).
+/// `stats`: purges up to ARGV[2] events that expired, then returns the counters, the stream's
+/// length, the number of dead letters (KEYS[6]) and 1 when more may have expired (0 otherwise).
 const STATS: &str = r"
-purge(1024)
+local more = purge(tonumber(ARGV[2]))
 finish()
-return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[6])}
+return {redis.call('HGETALL', counts), redis.call('XLEN', stream), redis.call('HLEN', KEYS[6]),
+  more and 1 or 0}
 ";
 
 /// The record of one event, for the read scripts: its status hash, or for a pending event without
