@@ -864,3 +864,25 @@ fn stats_purge_every_expired_event_first() {
     assert_eq!((stats.total_events, stats.completed_events), (0, 0), "{stats:?}");
     assert_eq!(stats.provider_specific["expired"], 3000);
 }
+
+/// Redis restarted without persistence: the stream and every group are gone, and other instances'
+/// writers store what they held (their retried batches) as soon as it answers, typically before a
+/// member's next fetch. The member's group, made again, starts where the member was, so those
+/// events reach it: the new stream holds nothing it has seen.
+#[test]
+fn a_group_made_again_receives_what_was_stored_after_its_stream_vanished() {
+    let backend = revrd_backend(|_| {});
+    let (receiver, publisher) = (backend.provider(), backend.provider());
+    let scope = Scope::new();
+    let source = open(&receiver, "a", ConsumerGroup::Instance("a".into()), &scope);
+    let b = ConsumerGroup::Instance("b".into()).key();
+    publisher.store_batch(&[Arc::new(scope.event("before"))], Some(&b)).expect("store");
+    take_acked(&*source, 1);
+    let _: i64 = redis::cmd("DEL").arg(backend.stream()).query(&mut raw()).expect("DEL");
+    let during = scope.event("during");
+    publisher.store_batch(&[Arc::new(during.clone())], Some(&b)).expect("store after the loss");
+    let got = take_acked(&*source, 1);
+    assert_eq!(got[0].event.id, during.id);
+    assert!(source.fetch(16, Duration::from_millis(200)).expect("fetch").is_empty(), "nothing twice");
+    source.close().expect("close");
+}

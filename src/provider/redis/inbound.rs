@@ -61,6 +61,9 @@ struct FetchState {
     delayed: Vec<(Instant, String)>,
     /// Where the next scan of the pending list starts (`-` or `(<id>`).
     claim_cursor: String,
+    /// The last entry the group is known to have read: its position when the source opened, then
+    /// the last new entry this member read. A group that vanished is made again from here.
+    position: String,
     next_claim_scan: Instant,
 }
 
@@ -99,7 +102,9 @@ impl RedisInbound {
         validate_member_name("consumer group", &group)?;
         validate_member_name("consumer", config.consumer())?;
         let stream = shared.keys.stream.clone();
-        shared.pool.run("open_inbound", &group, |conn| create_group(conn, &stream, &group))?;
+        let position = shared
+            .pool
+            .run("open_inbound", &group, |conn| create_group(conn, &shared, &stream, &group, "$"))?;
         let inherited = inherited_entries(&shared, "open_inbound", &group, config.consumer())?;
         if !inherited.is_empty() {
             tracing::info!(
@@ -126,6 +131,7 @@ impl RedisInbound {
                 delayed: Vec::new(),
                 claim_cursor: "-".to_owned(),
                 next_claim_scan: Instant::now(),
+                position,
             }),
             filter: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -216,7 +222,11 @@ impl RedisInbound {
             }
             read.arg("STREAMS").arg(stream).arg(">");
             let value: Value = read.query(conn)?;
-            got.extend(new_entries(value).map_err(malformed_reply)?.into_iter().map(|entry| (entry, 1)));
+            let new = new_entries(value).map_err(malformed_reply)?;
+            if let Some(last) = new.last() {
+                self.state.lock().position.clone_from(&last.id);
+            }
+            got.extend(new.into_iter().map(|entry| (entry, 1)));
         }
         self.sort_out(conn, got, &given_back)
     }
@@ -311,20 +321,26 @@ impl RedisInbound {
     }
 
     /// The group is gone (its stream was deleted, or Redis restarted without persistence): create
-    /// it again at the end of the stream, forgetting what the old one had pending.
+    /// it again where this member last knew it to be, forgetting what the old one had pending. What
+    /// other instances stored since the loss (their writers' retried batches land as soon as Redis
+    /// answers, often before this fetch) is then delivered, and nothing the member already read.
     fn recreate_group(&self, conn: &mut Connection) -> Result<(), RedisError> {
+        let mut state = self.state.lock();
         tracing::warn!(
             group = self.group,
             stream = self.shared.keys.stream,
-            "redis provider: the consumer group is gone; creating it again at the end of the stream"
+            position = state.position,
+            "redis provider: the consumer group is gone; creating it again after the last entry it read"
         );
-        let mut state = self.state.lock();
         state.inherited.clear();
         state.outstanding.clear();
         state.delayed.clear();
         "-".clone_into(&mut state.claim_cursor);
+        let start = state.position.clone();
         drop(state);
-        create_group(conn, &self.shared.keys.stream, &self.group)
+        let position = create_group(conn, &self.shared, &self.shared.keys.stream, &self.group, &start)?;
+        self.state.lock().position = position;
+        Ok(())
     }
 
     /// After a failed fetch: queues this member's pending entries that it neither handed out nor
@@ -484,15 +500,19 @@ impl Drop for RedisInbound {
     }
 }
 
-/// Creates `group` at the stream's current end (and the stream, if need be); an existing group is
-/// kept as it is.
-fn create_group(conn: &mut Connection, stream: &str, group: &str) -> Result<(), RedisError> {
-    let created =
-        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("$").arg("MKSTREAM").exec(conn);
-    match created {
-        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
-    }
+/// Creates `group` after entry `start` (`$`: the stream's current end), and the stream if need be;
+/// an existing group is kept as it is. Returns the group's last delivered entry (see the
+/// `CREATE_GROUP` script).
+fn create_group(
+    conn: &mut Connection,
+    shared: &Shared,
+    stream: &str,
+    group: &str,
+    start: &str,
+) -> Result<String, RedisError> {
+    let mut call = Call::new(&shared.scripts.create_group, &[stream]);
+    call.arg(group).arg(start);
+    call.invoke(conn)
 }
 
 /// Up to `count` ids pending in `consumer`, from `start` on.

@@ -109,8 +109,10 @@
 //! has passed. Closing a source of a shared group releases its pending entries to the other
 //! members at once. A fetch that fails after Redis may have moved entries into the member's
 //! pending list (a read whose reply was lost) makes the next fetch hand out the ones the member
-//! neither holds nor gave back. A group whose stream vanished (a Redis restarted without
-//! persistence) is created again at the end of the new stream.
+//! neither holds nor gave back. A group that vanished (its stream deleted, or a Redis restarted
+//! without persistence) is created again after the last entry the member read, so what other
+//! instances stored since (their writers retry their batches as soon as Redis answers) still
+//! reaches it; on a stream that never reached that entry, from the stream's beginning.
 //!
 //! The stream carries every group's events, so a member reads, and acknowledges unseen, the events
 //! its own group published (echoes) and those its filter does not want

@@ -597,6 +597,37 @@ for _, e in ipairs(claimed) do out[#out + 1] = {e[1], e[2], counts[e[1]] + 1} en
 return out
 ";
 
+/// Creates consumer group ARGV[1] on stream KEYS[1] (made if need be) after entry ARGV[2]: `$` (the
+/// stream's end), or where a group that vanished had read to, unless the stream has never reached
+/// that entry (a new stream on a server whose clock went back): then from its beginning. A group
+/// that exists is kept as it is. Returns the group's last delivered entry id.
+const CREATE_GROUP: &str = r"
+local start = ARGV[2]
+if start ~= '$' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local a, b = info[i + 1], start
+      local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+      local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
+      if am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1))) then
+        start = '0'
+      end
+    end
+  end
+end
+local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
+if type(made) == 'table' and made.err and string.sub(made.err, 1, 9) ~= 'BUSYGROUP' then return made end
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if name == ARGV[1] then return last end
+end
+return '0-0'
+";
+
 /// Sets the idle time of entries this member still owns to ARGV[3] ms, without counting a
 /// delivery: 0 is `extend`; `claim_idle - delay` is a nak (another member may take the entry once
 /// the delay has passed). KEYS: stream; ARGV: group, consumer, idle ms, entry ids.
@@ -630,6 +661,7 @@ pub(super) struct Scripts {
     pub(super) claim_own: Script,
     pub(super) claim_abandoned: Script,
     pub(super) touch: Script,
+    pub(super) create_group: Script,
 }
 
 impl Scripts {
@@ -650,6 +682,7 @@ impl Scripts {
             claim_own: Script::new(CLAIM_OWN),
             claim_abandoned: Script::new(CLAIM_ABANDONED),
             touch: Script::new(TOUCH),
+            create_group: Script::new(CREATE_GROUP),
         }
     }
 }
