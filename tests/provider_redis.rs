@@ -886,3 +886,42 @@ fn a_group_made_again_receives_what_was_stored_after_its_stream_vanished() {
     assert!(source.fetch(16, Duration::from_millis(200)).expect("fetch").is_empty(), "nothing twice");
     source.close().expect("close");
 }
+
+/// Durations at their maximum mean "never" and work as such, or are refused when the provider is
+/// built: a `timeout` of `Duration::MAX` does not make a fetch panic, a claim idle time of
+/// `Duration::MAX` does not make every fetch fail, and a `status_ttl` longer than the scripts can
+/// compute with is refused rather than failing every status update that finishes an event.
+#[test]
+fn durations_at_their_maximum_neither_panic_nor_fail_every_call() {
+    let scope = Scope::new();
+    let backend = revrd_backend(|c| c.timeout = Duration::MAX);
+    let provider = backend.provider();
+    let source = provider
+        .open_inbound(
+            &InboundConfig::new("a", ConsumerGroup::Shared(scope.name("q"))).with_claim_idle(Duration::MAX),
+        )
+        .expect("open_inbound");
+    let event = scope.event("never");
+    provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+    let got = take_acked(&*source, 1);
+    assert_eq!(got[0].event.id, event.id);
+    let again = scope.event("never");
+    provider.store_batch(&[Arc::new(again.clone())], None).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let batch = source.fetch(1, Duration::from_millis(200)).expect("fetch");
+        if let Some(first) = batch.into_iter().next() {
+            break first;
+        }
+        assert!(Instant::now() < deadline, "the second event never came");
+    };
+    source.nak(&[held.token], Duration::ZERO).expect("nak");
+    source.extend(&[held.token]).expect("extend");
+    assert_eq!(take_acked(&*source, 1)[0].event.id, again.id, "handed out again after the nak");
+    source.close().expect("close");
+
+    let config = RedisConfig { status_ttl: Some(Duration::MAX), ..backend.config() };
+    let error = RedisProvider::connect(config).expect_err("a TTL Redis cannot express");
+    assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
+    assert!(error.to_string().contains("status_ttl"), "{error}");
+}

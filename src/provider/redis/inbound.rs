@@ -150,8 +150,10 @@ impl RedisInbound {
         (self.claim_idle / 4).clamp(MIN_CLAIM_INTERVAL, MAX_CLAIM_INTERVAL)
     }
 
-    fn idle_ms(idle: Duration) -> u64 {
-        u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)
+    /// `idle` in milliseconds as Redis takes an idle time: a signed 64-bit number, so a claim idle
+    /// time of `Duration::MAX` (never claim) means about 292 million years, not an error.
+    fn idle_ms(idle: Duration) -> i64 {
+        i64::try_from(idle.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// One pass: own due entries, abandoned ones, then new ones (blocking until `deadline` when
@@ -313,7 +315,7 @@ impl RedisInbound {
             let conn =
                 conn::connect(dialer, &self.backoff, &self.lost, &self.shared.pool.reconnects, "fetch")?;
             // Blocking reads last up to MAX_BLOCK on top of the usual bound.
-            conn.set_read_timeout(Some(self.shared.pool.dialer().timeout() + MAX_BLOCK))
+            conn.set_read_timeout(Some(self.shared.pool.dialer().timeout().saturating_add(MAX_BLOCK)))
                 .map_err(|error| conn::map_error("fetch", &self.group, &error))?;
             *slot = Some(conn);
         }

@@ -175,6 +175,9 @@ const TRIM_CHUNK: usize = 1024;
 /// Time keys, entries or dead letters read per round trip by `list`, `replay` and
 /// `list_dead_letters`.
 const PAGE: usize = 256;
+/// Longest status TTL: 2⁵³ ms, the integers a script's numbers hold exactly (and far below what
+/// `PEXPIRE` refuses).
+const MAX_STATUS_TTL_MS: u128 = 1 << 53;
 /// Expired events `stats` purges per round trip, before it counts.
 const STATS_PURGE: usize = 1024;
 /// Most round trips `stats` purges in (a backlog of about 256 000 expired events): a bound on the
@@ -210,7 +213,8 @@ pub struct RedisConfig {
     /// events. 0 keeps everything. Default 100 000.
     pub max_len: usize,
     /// How long a finished (completed or failed) event is kept after its last status change;
-    /// `None` keeps it until trimmed. Default 7 days.
+    /// `None` keeps it until trimmed. At most 2⁵³ ms (about 285 000 years), what the scripts
+    /// compute with exactly. Default 7 days.
     pub status_ttl: Option<Duration>,
     /// Most dead letters kept; beyond that the one that failed earliest is dropped. Default 100 000.
     pub max_dead_letters: usize,
@@ -238,6 +242,14 @@ impl RedisConfig {
         }
         if self.status_ttl.is_some_and(|ttl| ttl.as_millis() == 0) {
             return Err(keys::invalid("configure", "status_ttl must be at least 1 ms, or None".into()));
+        }
+        if let Some(ttl) = self.status_ttl.filter(|ttl| ttl.as_millis() > MAX_STATUS_TTL_MS) {
+            return Err(keys::invalid(
+                "configure",
+                format!(
+                    "status_ttl must be at most {MAX_STATUS_TTL_MS} ms (2^53), or None to keep finished events; got {ttl:?}"
+                ),
+            ));
         }
         Ok(())
     }
