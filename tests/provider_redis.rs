@@ -925,3 +925,29 @@ fn durations_at_their_maximum_neither_panic_nor_fail_every_call() {
     assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}");
     assert!(error.to_string().contains("status_ttl"), "{error}");
 }
+
+/// A closing queue member releases everything it held, however much: more than one call's worth
+/// (1024 entries) included.
+#[test]
+fn a_closing_queue_member_releases_more_than_a_thousand_events() {
+    let backend = revrd_backend(|_| {});
+    let (p1, p2) = (backend.provider(), backend.provider());
+    let scope = Scope::new();
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let leaving = open(&p1, "m1", queue.clone(), &scope);
+    let staying = open(&p2, "m2", queue, &scope);
+    let events: Vec<Event> = (0..1100).map(|_| scope.event("job")).collect();
+    p1.store_batch(&shared(&events), None).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = 0;
+    while held < events.len() {
+        assert!(Instant::now() < deadline, "the first member got only {held}");
+        held += leaving.fetch(256, Duration::from_millis(100)).expect("fetch").len();
+    }
+    leaving.close().expect("close");
+    let started = Instant::now();
+    let got = take_acked(&*staying, events.len());
+    assert!(started.elapsed() < Duration::from_secs(10), "released after {:?}", started.elapsed());
+    assert_eq!(got.len(), events.len());
+    staying.close().expect("close");
+}

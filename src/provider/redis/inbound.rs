@@ -484,11 +484,18 @@ impl crate::provider::Inbound for RedisInbound {
             return Ok(());
         }
         // Members of a shared group hand what they hold to the others at once, rather than after
-        // the claim idle time.
-        let held = pending_of(&self.shared, "close", &self.group, &self.consumer, "-", MAX_PER_CALL)?;
-        let tokens: Vec<AckToken> =
-            held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
-        self.touch("close", &tokens, self.claim_idle)
+        // the claim idle time: all of it, a page of the pending list at a time.
+        let mut start = "-".to_owned();
+        loop {
+            let held = pending_of(&self.shared, "close", &self.group, &self.consumer, &start, MAX_PER_CALL)?;
+            let tokens: Vec<AckToken> =
+                held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
+            self.touch("close", &tokens, self.claim_idle)?;
+            match held.last() {
+                Some(last) if held.len() == MAX_PER_CALL => start = format!("({last}"),
+                _ => return Ok(()),
+            }
+        }
     }
 }
 
