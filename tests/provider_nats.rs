@@ -566,14 +566,7 @@ fn events_the_stream_discarded_for_max_bytes_are_gone_from_every_query() {
 /// stream (see `instance_id_support`); another stream on the server is another namespace.
 #[test]
 fn one_instance_id_receives_from_a_nats_stream_once_per_process() {
-    let named = |tag: &str| {
-        let unique = format!("revid_{tag}{}", EventId::new().as_uuid().simple());
-        NatsBackend::with(|c| {
-            c.stream_name.clone_from(&unique);
-            c.subject_prefix = unique;
-        })
-    };
-    let (backend, other) = (named("a"), named("b"));
+    let (backend, other) = (NatsBackend::new(), NatsBackend::new());
     let config_of = |backend: &NatsBackend| {
         let mut config = eventbroker::config::Config::default();
         config.provider = eventbroker::config::ProviderKind::Nats;
@@ -593,11 +586,8 @@ fn one_instance_id_receives_from_a_nats_stream_once_per_process() {
 /// order) and the stream.
 #[test]
 fn the_group_namespace_names_the_servers_and_stream() {
-    let unique = format!("revid_{}", EventId::new().as_uuid().simple());
-    let backend = NatsBackend::with(|c| {
-        c.stream_name.clone_from(&unique);
-        c.subject_prefix.clone_from(&unique);
-    });
+    let backend = NatsBackend::new();
+    let unique = backend.config().stream_name.clone();
     let namespace = |url: &str| {
         let config = NatsConfig { url: url.into(), ..backend.config().clone() };
         NatsProvider::connect(config).expect("connect").group_namespace()

@@ -1139,9 +1139,7 @@ fn a_row_with_no_valid_status_fails_neither_stats_nor_list() {
 /// `instance_id_support`); another table in the schema is another namespace.
 #[test]
 fn one_instance_id_receives_from_a_postgres_table_once_per_process() {
-    let tag = format!("{:016x}", fastrand::u64(..));
-    let backend =
-        PostgresBackend { schema: format!("revid_{tag}"), application_name: format!("revid-{tag}") };
+    let backend = PostgresBackend::new();
     let mut config = eventbroker::config::Config::default();
     config.provider = eventbroker::config::ProviderKind::Database;
     config.database.host = Some("127.0.0.1".into());
@@ -1159,16 +1157,14 @@ fn one_instance_id_receives_from_a_postgres_table_once_per_process() {
 /// (defaults filled in, either syntax), and the events table.
 #[test]
 fn the_group_namespace_names_the_server_database_and_table() {
-    let tag = format!("{:016x}", fastrand::u64(..));
-    let backend =
-        PostgresBackend { schema: format!("revid_{tag}"), application_name: format!("revid-{tag}") };
+    let backend = PostgresBackend::new();
     let namespace = |url: &str, table: &str| {
         let config = PostgresConfig { url: url.into(), table: table.into(), ..backend.config() };
         postgres_support::connect(config).group_namespace()
     };
     let words = namespace("host=127.0.0.1 user=postgres dbname=test", "events");
     assert_eq!(words, namespace("postgresql://postgres:hunter2@127.0.0.1:5432/test", "events"));
-    let expected = format!(" 127.0.0.1:5432 database test, table \"revid_{tag}\".\"events\"");
+    let expected = format!(" 127.0.0.1:5432 database test, table \"{}\".\"events\"", backend.schema);
     assert!(words.to_string().ends_with(&expected), "{words}");
     assert_ne!(words, namespace("host=127.0.0.1 user=postgres dbname=test", "other_events"));
 }

@@ -717,8 +717,7 @@ fn events_waiting_in_a_shard_keep_their_claims() {
 /// stream (see `instance_id_support`); another stream under the prefix is another namespace.
 #[test]
 fn one_instance_id_receives_from_a_redis_stream_once_per_process() {
-    let backend =
-        RedisBackend::with(|c| c.key_prefix = format!("revid_{}", EventId::new().as_uuid().simple()));
+    let backend = RedisBackend::new();
     let mut config = eventbroker::config::Config::default();
     config.provider = eventbroker::config::ProviderKind::Redis;
     config.redis.url = Some(redis_support::url());
@@ -741,29 +740,22 @@ fn the_group_namespace_names_the_server_database_and_stream() {
             RedisConfig { key_prefix: prefix.into(), stream: stream.into(), ..RedisConfig::new(url) };
         RedisProvider::connect(config).expect("a valid configuration").group_namespace()
     };
-    let plain = namespace("redis://127.0.0.1", "revid_a:b", "c");
-    assert_eq!(plain, namespace("redis://:hunter2@127.0.0.1:6379/0", "revid_a", "b:c"));
-    assert!(plain.to_string().contains("127.0.0.1:6379 db 0, stream revid_a:b:c"), "{plain}");
+    let plain = namespace("redis://127.0.0.1", "ns_a:b", "c");
+    assert_eq!(plain, namespace("redis://:hunter2@127.0.0.1:6379/0", "ns_a", "b:c"));
+    assert!(plain.to_string().contains("127.0.0.1:6379 db 0, stream ns_a:b:c"), "{plain}");
     assert!(
-        !format!("{:?}", namespace("redis://:hunter2@127.0.0.1:6379/0", "revid_a", "b:c"))
-            .contains("hunter2")
+        !format!("{:?}", namespace("redis://:hunter2@127.0.0.1:6379/0", "ns_a", "b:c")).contains("hunter2")
     );
-    assert_ne!(plain, namespace("redis://127.0.0.1/1", "revid_a:b", "c"), "another database");
-    assert_ne!(plain, namespace("redis://127.0.0.1:6380", "revid_a:b", "c"), "another server");
-    assert_ne!(plain, namespace("redis://127.0.0.1", "revid_a", "c"), "another stream");
-/// A backend on a key prefix of its own for the tests below (`revrd_<uuid>`), deleted when dropped.
-fn revrd_backend(adjust: impl FnOnce(&mut RedisConfig)) -> RedisBackend {
-    RedisBackend::with(|c| {
-        c.key_prefix = format!("revrd_{}", EventId::new().as_uuid().simple());
-        adjust(c);
-    })
+    assert_ne!(plain, namespace("redis://127.0.0.1/1", "ns_a:b", "c"), "another database");
+    assert_ne!(plain, namespace("redis://127.0.0.1:6380", "ns_a:b", "c"), "another server");
+    assert_ne!(plain, namespace("redis://127.0.0.1", "ns_a", "c"), "another stream");
 }
 
 /// An event re-stored after its status hash expired, before anything purged the expiry, is a new
 /// event: `list` finds it like `get` does, and the counts hold it once.
 #[test]
 fn an_event_stored_again_after_its_status_expired_is_listed() {
-    let backend = revrd_backend(|c| c.status_ttl = Some(Duration::from_millis(200)));
+    let backend = RedisBackend::with(|c| c.status_ttl = Some(Duration::from_millis(200)));
     let provider = backend.provider();
     let scope = Scope::new();
     let event = scope.event("expired.again");
@@ -783,7 +775,7 @@ fn an_event_stored_again_after_its_status_expired_is_listed() {
 /// the named entries around them, takes their events from every index too.
 #[test]
 fn trimming_past_entries_the_order_list_does_not_name_forgets_their_events() {
-    let trimming = revrd_backend(|c| c.max_len = 100);
+    let trimming = RedisBackend::with(|c| c.max_len = 100);
     let keeping = RedisProvider::connect(RedisConfig { max_len: 0, ..trimming.config() }).expect("connect");
     let provider = trimming.provider();
     let scope = Scope::new();
@@ -812,7 +804,7 @@ fn trimming_past_entries_the_order_list_does_not_name_forgets_their_events() {
 /// next store, though the stream never grows past `max_len`.
 #[test]
 fn entries_another_writer_trimmed_take_their_events_with_them() {
-    let backend = revrd_backend(|c| c.max_len = 1000);
+    let backend = RedisBackend::with(|c| c.max_len = 1000);
     let provider = backend.provider();
     let scope = Scope::new();
     let old: Vec<Event> = (0..50).map(|_| scope.event("foreign.trim")).collect();
@@ -851,7 +843,7 @@ fn entries_another_writer_trimmed_take_their_events_with_them() {
 /// the last write: more than one script call purges.
 #[test]
 fn stats_purge_every_expired_event_first() {
-    let backend = revrd_backend(|c| c.status_ttl = Some(Duration::from_millis(300)));
+    let backend = RedisBackend::with(|c| c.status_ttl = Some(Duration::from_millis(300)));
     let provider = backend.provider();
     let scope = Scope::new();
     let events: Vec<Event> = (0..3000).map(|_| scope.event("expire.many")).collect();
@@ -871,7 +863,7 @@ fn stats_purge_every_expired_event_first() {
 /// events reach it: the new stream holds nothing it has seen.
 #[test]
 fn a_group_made_again_receives_what_was_stored_after_its_stream_vanished() {
-    let backend = revrd_backend(|_| {});
+    let backend = RedisBackend::with(|_| {});
     let (receiver, publisher) = (backend.provider(), backend.provider());
     let scope = Scope::new();
     let source = open(&receiver, "a", ConsumerGroup::Instance("a".into()), &scope);
@@ -894,7 +886,7 @@ fn a_group_made_again_receives_what_was_stored_after_its_stream_vanished() {
 #[test]
 fn durations_at_their_maximum_neither_panic_nor_fail_every_call() {
     let scope = Scope::new();
-    let backend = revrd_backend(|c| c.timeout = Duration::MAX);
+    let backend = RedisBackend::with(|c| c.timeout = Duration::MAX);
     let provider = backend.provider();
     let source = provider
         .open_inbound(
@@ -930,7 +922,7 @@ fn durations_at_their_maximum_neither_panic_nor_fail_every_call() {
 /// (1024 entries) included.
 #[test]
 fn a_closing_queue_member_releases_more_than_a_thousand_events() {
-    let backend = revrd_backend(|_| {});
+    let backend = RedisBackend::with(|_| {});
     let (p1, p2) = (backend.provider(), backend.provider());
     let scope = Scope::new();
     let queue = ConsumerGroup::Shared(scope.name("q"));

@@ -36,28 +36,27 @@ fn assert_refused(result: Result<Broker, BuildError>, id: &str, namespace: &str)
 /// (local), or the same id on `elsewhere` (the same server, another namespace) is no conflict;
 /// once the first has shut down, or been dropped, the id may be taken again.
 pub fn one_instance_id_receives_from_a_namespace_once(config: &Config, namespace: &str, elsewhere: &Config) {
-    let first = build(config, "revid-orders-1", None).expect("the first broker");
-    assert_refused(build(config, "revid-orders-1", None), "revid-orders-1", namespace);
+    let first = build(config, "dup-orders-1", None).expect("the first broker");
+    assert_refused(build(config, "dup-orders-1", None), "dup-orders-1", namespace);
 
-    let other_id = build(config, "revid-orders-2", None).expect("another id");
-    let local = build(config, "revid-orders-1", Some(Distribution::Local)).expect("a local broker");
-    let other_namespace = build(elsewhere, "revid-orders-1", None).expect("the same id elsewhere");
+    let other_id = build(config, "dup-orders-2", None).expect("another id");
+    let local = build(config, "dup-orders-1", Some(Distribution::Local)).expect("a local broker");
+    let other_namespace = build(elsewhere, "dup-orders-1", None).expect("the same id elsewhere");
 
-    let workers = Some(Distribution::WorkQueue("revid-workers".into()));
-    let member = build(config, "revid-worker-1", workers.clone()).expect("a work-queue member");
-    assert_refused(build(config, "revid-worker-1", workers.clone()), "revid-worker-1", namespace);
-    let second_member =
-        build(config, "revid-worker-2", workers.clone()).expect("a second member, its own id");
-    assert_refused(build(config, "revid-orders-1", workers), "revid-orders-1", namespace);
+    let workers = Some(Distribution::WorkQueue("dup-workers".into()));
+    let member = build(config, "dup-worker-1", workers.clone()).expect("a work-queue member");
+    assert_refused(build(config, "dup-worker-1", workers.clone()), "dup-worker-1", namespace);
+    let second_member = build(config, "dup-worker-2", workers.clone()).expect("a second member, its own id");
+    assert_refused(build(config, "dup-orders-1", workers), "dup-orders-1", namespace);
 
     assert!(first.shutdown(WAIT).is_clean());
-    let next = build(config, "revid-orders-1", None).expect("the id is free once its broker shut down");
+    let next = build(config, "dup-orders-1", None).expect("the id is free once its broker shut down");
     for broker in [next, other_id, local, other_namespace, member, second_member] {
         assert!(broker.shutdown(WAIT).is_clean());
     }
 
-    let dropped = build(config, "revid-orders-3", None).expect("a broker to drop");
+    let dropped = build(config, "dup-orders-3", None).expect("a broker to drop");
     drop(dropped);
-    let again = build(config, "revid-orders-3", None).expect("a dropped broker frees its id");
+    let again = build(config, "dup-orders-3", None).expect("a dropped broker frees its id");
     assert!(again.shutdown(WAIT).is_clean());
 }
