@@ -24,23 +24,24 @@
 //! the event is given back (`nak`) instead, to be redelivered — nothing is lost.
 //!
 //! ## Failures
-//! A transient provider error ([`ProviderError::is_transient`]) keeps the batch and retries it
-//! with exponential backoff (10 ms doubling to 1 s) while new work keeps arriving; nothing is
-//! dropped. A shutdown tries again at once, and from then on as often as at an outage's start,
-//! until its deadline. A permanent refusal of a batch that may be one item's (an event a backend
-//! cannot hold, say a PostgreSQL row's timestamp before 1677) is narrowed down by writing each
-//! half again, so that the bad items are given up alone, not the up to `max_batch` others written
-//! with them; at most 64 calls more a batch part. Memory stays bounded: publishers are admitted only while fewer than
-//! [`WriterConfig::max_backlog`] stored events are unwritten (past that, publishing reports
+//! A transient provider error ([`ProviderError::is_transient`]) keeps the batch and retries it with
+//! exponential backoff (10 ms doubling to 1 s) while new work keeps arriving; nothing is dropped. A
+//! shutdown tries again at once, and from then on as often as at an outage's start, until its
+//! deadline. A permanent refusal of a batch that may be one item's (an event a backend cannot hold,
+//! say a PostgreSQL row's timestamp before 1677) is narrowed down by writing each half again, so
+//! that the bad items are given up alone, not the up to `max_batch` others written with them; at
+//! most 64 calls more a batch part. Memory stays bounded: publishers are admitted only while fewer
+//! than [`WriterConfig::max_backlog`] stored events are unwritten (past that, publishing reports
 //! `Full`), and workers take new events from their rings only while fewer than as many status
 //! changes, dead letters and acknowledgements are unwritten (past that, the rings fill and
 //! publishing reports `Full` too; the inbound thread stops fetching). A worker may hand over what
-//! it has in hand past the bound, so it holds within a batch per worker. A permanent error (invalid input, a closed provider, a panic inside the provider)
-//! cannot be fixed by retrying: the writes it still affects once narrowed down are logged, counted in
-//! [`WriterStats::dropped`], reported to any confirmed publisher waiting on them, and reported by
-//! the next flush. A provider that panics is caught; the writer thread never dies of it. A provider
-//! that hangs holds the writer, but not the broker: the backlog bound turns into `Full` for
-//! publishers, and shutdown stops waiting at its deadline.
+//! it has in hand past the bound, so it holds within a batch per worker. A permanent error (invalid
+//! input, a closed provider, a panic inside the provider) cannot be fixed by retrying: the writes
+//! it still affects once narrowed down are logged, counted in [`WriterStats::dropped`], reported to
+//! any confirmed publisher waiting on them, and reported by the next flush. A provider that panics
+//! is caught; the writer thread never dies of it. A provider that hangs holds the writer, but not
+//! the broker: the backlog bound turns into `Full` for publishers, and shutdown stops waiting at
+//! its deadline.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
