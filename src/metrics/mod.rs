@@ -62,6 +62,14 @@
 //! interval behind and never stuck at a value from the last enqueue (the seed's queue gauge
 //! was set before each enqueue and never after).
 //!
+//! ## Recorders that drop idle series
+//! A recorder may forget a series nothing updated for a while (Prometheus' exporter does, with
+//! `PrometheusBuilder::idle_timeout`), and a handle to it held from before then updates nothing
+//! it exports. The broker registers each series again at its first update in every
+//! `report_interval` (a lookup in the recorder, no allocation), so one that was dropped comes
+//! back, from zero, when it next moves: a dead letter an hour after the last one is counted.
+//! Keep the idle timeout longer than `report_interval`.
+//!
 //! ## Brokers in one process
 //! The metrics of brokers with the same names and labels are the same series: their gauges and
 //! engine-wide counters overwrite each other. Give each broker a label of its own

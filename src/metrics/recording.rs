@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{Counter, Histogram, Label, Unit};
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Unit};
 
 use super::{MetricsConfig, OTHER_TYPE};
 use crate::dispatch::delivery::{Counts, Job, Origin};
@@ -27,6 +27,60 @@ impl MetricsConfig {
     }
 }
 
+/// What the `metrics` macros pass the recorder when they register a metric of this module.
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// A kind of recorder handle, registered by its key.
+pub(super) trait Register {
+    fn register(key: &Key) -> Self;
+}
+
+impl Register for Counter {
+    fn register(key: &Key) -> Self {
+        metrics::with_recorder(|recorder| recorder.register_counter(key, &METADATA))
+    }
+}
+
+impl Register for Gauge {
+    fn register(key: &Key) -> Self {
+        metrics::with_recorder(|recorder| recorder.register_gauge(key, &METADATA))
+    }
+}
+
+impl Register for Histogram {
+    fn register(key: &Key) -> Self {
+        metrics::with_recorder(|recorder| recorder.register_histogram(key, &METADATA))
+    }
+}
+
+/// One series' handle, registered again at its first use in each report epoch (see
+/// [`EngineMetrics::epoch`]). A recorder may forget a series: Prometheus' drops one idle for its
+/// `idle_timeout`, and a handle held from before then updates nothing it exports, for good; a
+/// handle registered (and updated) within the last report interval is one the recorder still
+/// exports, as long as its idle timeout is longer than that interval.
+pub(super) struct Series<H> {
+    key: Key,
+    handle: H,
+    epoch: u64,
+}
+
+impl<H: Register> Series<H> {
+    /// Registers the series now, so that it is exported (at zero) before anything is recorded.
+    pub(super) fn new(key: Key, epoch: u64) -> Self {
+        let handle = H::register(&key);
+        Self { key, handle, epoch }
+    }
+
+    /// The handle, to be updated in report epoch `epoch`.
+    pub(super) fn at(&mut self, epoch: u64) -> &H {
+        if self.epoch != epoch {
+            self.handle = H::register(&self.key);
+            self.epoch = epoch;
+        }
+        &self.handle
+    }
+}
+
 /// A broker's metric state, shared by its workers, its synchronous publishes and its reporter.
 pub(crate) struct EngineMetrics {
     pub(super) config: MetricsConfig,
@@ -39,6 +93,10 @@ pub(crate) struct EngineMetrics {
     frozen: OnceLock<TypeSet>,
     /// Events recorded as `other`, not yet added to their counter (Relaxed: a count).
     folded: AtomicU64,
+    /// Report epoch: advanced by the reporter every `report_interval`; a [`Series`] registers
+    /// its handle again at its first use in a new one. Relaxed: a handle renewed an epoch late
+    /// is still one used (so not idle) within the last interval.
+    epoch: AtomicU64,
     /// Handles of synchronous publishes, which have no worker table.
     sync_handles: parking_lot::Mutex<FastMap<(EventSource, Box<str>), Handles>>,
     pub(super) instance_id: String,
@@ -57,6 +115,7 @@ impl EngineMetrics {
             admitted: parking_lot::Mutex::new(TypeSet::default()),
             frozen: OnceLock::new(),
             folded: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             sync_handles: parking_lot::Mutex::new(FastMap::default()),
             instance_id: instance_id.to_owned(),
             reporter: super::reporter::Reporter::default(),
@@ -69,6 +128,16 @@ impl EngineMetrics {
 
     pub(super) fn set_active(&self, active: bool) {
         self.active.store(active, Ordering::Relaxed);
+    }
+
+    /// The report epoch (see [`Series`]).
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Begins the next report epoch, and returns it.
+    pub(super) fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Events folded into `other` since the last call.
@@ -96,7 +165,8 @@ impl EngineMetrics {
         None
     }
 
-    fn handles(&self, source: EventSource, label: &str) -> Handles {
+    /// The series of `(source, label)`, registered in report epoch `epoch`.
+    fn handles(&self, source: EventSource, label: &str, epoch: u64) -> Handles {
         let mut labels = self.config.constant_labels();
         labels.push(Label::new("source", source.as_str()));
         labels.push(Label::new("type", label.to_owned()));
@@ -104,13 +174,13 @@ impl EngineMetrics {
         let processed = |status: &'static str| {
             let mut labels = labels.clone();
             labels.push(Label::new("status", status));
-            metrics::counter!(name("events_processed_total"), labels)
+            Series::new(Key::from_parts(name("events_processed_total"), labels), epoch)
         };
         Handles {
-            published: metrics::counter!(name("events_published_total"), labels.clone()),
+            published: Series::new(Key::from_parts(name("events_published_total"), labels.clone()), epoch),
             completed: processed("completed"),
             failed: processed("failed"),
-            duration: metrics::histogram!(name("event_processing_duration_seconds"), labels),
+            duration: Series::new(Key::from_parts(name("event_processing_duration_seconds"), labels), epoch),
         }
     }
 
@@ -128,23 +198,28 @@ impl EngineMetrics {
             self.folded.fetch_add(1, Ordering::Relaxed);
         }
         let label = label.unwrap_or_else(|| OTHER_TYPE.into());
+        let epoch = self.epoch();
         let mut cache = self.sync_handles.lock();
         let handles = cache
             .entry((event.source, label))
-            .or_insert_with_key(|(source, label)| self.handles(*source, label));
-        handles.published.increment(1);
-        handles.completed.increment(counts.completed);
-        handles.failed.increment(counts.failed);
-        handles.duration.record(elapsed.as_secs_f64());
+            .or_insert_with_key(|(source, label)| self.handles(*source, label, epoch));
+        handles.published.at(epoch).increment(1);
+        if counts.completed > 0 {
+            handles.completed.at(epoch).increment(counts.completed);
+        }
+        if counts.failed > 0 {
+            handles.failed.at(epoch).increment(counts.failed);
+        }
+        handles.duration.at(epoch).record(elapsed.as_secs_f64());
     }
 }
 
-/// The recorder's handles of one `(source, type)`.
+/// The recorder's series of one `(source, type)`.
 struct Handles {
-    published: Counter,
-    completed: Counter,
-    failed: Counter,
-    duration: Histogram,
+    published: Series<Counter>,
+    completed: Series<Counter>,
+    failed: Series<Counter>,
+    duration: Series<Histogram>,
 }
 
 /// What one `(source, type)` gathered this turn, and its handles once resolved.
@@ -362,21 +437,28 @@ impl WorkerMetrics {
         if self.folded_now > 0 {
             shared.folded.fetch_add(std::mem::take(&mut self.folded_now), Ordering::Relaxed);
         }
+        if self.touched.is_empty() {
+            return;
+        }
+        let epoch = shared.epoch();
         for slot in self.touched.drain(..) {
             let slot = &mut self.slots[slot as usize];
             slot.touched = false;
-            let handles = slot.handles.get_or_insert_with(|| shared.handles(slot.source, &slot.label));
+            let handles = slot.handles.get_or_insert_with(|| shared.handles(slot.source, &slot.label, epoch));
             if slot.published > 0 {
-                handles.published.increment(std::mem::take(&mut slot.published));
+                handles.published.at(epoch).increment(std::mem::take(&mut slot.published));
             }
             if slot.completed > 0 {
-                handles.completed.increment(std::mem::take(&mut slot.completed));
+                handles.completed.at(epoch).increment(std::mem::take(&mut slot.completed));
             }
             if slot.failed > 0 {
-                handles.failed.increment(std::mem::take(&mut slot.failed));
+                handles.failed.at(epoch).increment(std::mem::take(&mut slot.failed));
             }
-            for sample in slot.samples.drain(..) {
-                handles.duration.record(sample);
+            if !slot.samples.is_empty() {
+                let duration = handles.duration.at(epoch);
+                for sample in slot.samples.drain(..) {
+                    duration.record(sample);
+                }
             }
         }
     }

@@ -1,16 +1,15 @@
 //! The reporter: one thread per broker that sets the gauges and engine-wide counters from the
 //! broker's own counters every `report_interval`, and looks for a recorder.
 
-use std::cell::Cell;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use metrics::{Counter, Gauge};
+use metrics::{Counter, Gauge, Key};
 
 use super::MetricsConfig;
-use super::recording::{EngineMetrics, describe, recorder_installed, seconds};
+use super::recording::{EngineMetrics, Series, describe, recorder_installed, seconds};
 use crate::BrokerStats;
 
 /// What the reporter reads each time: the broker's counters and whether it is shut down, or
@@ -60,11 +59,13 @@ impl EngineMetrics {
     fn run_reporter(&self, source: &Source, stop: &Receiver<()>) {
         let mut handles: Option<EngineHandles> = None;
         loop {
+            let epoch = self.next_epoch();
             let installed = recorder_installed();
             self.set_active(installed);
             if installed {
                 let Some((stats, closed)) = source() else { return };
-                handles.get_or_insert_with(|| EngineHandles::new(&self.config)).report(
+                handles.get_or_insert_with(|| EngineHandles::new(&self.config, epoch)).report(
+                    epoch,
                     &stats,
                     closed,
                     self.take_folded(),
@@ -73,8 +74,8 @@ impl EngineMetrics {
             match stop.recv_timeout(self.config.report_interval) {
                 Err(RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                    if let (Some(handles), Some((stats, closed))) = (&handles, source()) {
-                        handles.report(&stats, closed, self.take_folded());
+                    if let (Some(handles), Some((stats, closed))) = (&mut handles, source()) {
+                        handles.report(self.next_epoch(), &stats, closed, self.take_folded());
                     }
                     return;
                 }
@@ -83,15 +84,15 @@ impl EngineMetrics {
     }
 }
 
-/// The engine-wide metrics' handles, registered once.
+/// The engine-wide metrics' series, registered (at zero) with the first report.
 struct EngineHandles {
-    queue_size: Gauge,
-    workers_active: Gauge,
-    pending_retries: Gauge,
-    awaiting_acks: Gauge,
-    writer_backlog: Gauge,
-    inbound_lag: Gauge,
-    folded: Counter,
+    queue_size: Series<Gauge>,
+    workers_active: Series<Gauge>,
+    pending_retries: Series<Gauge>,
+    awaiting_acks: Series<Gauge>,
+    writer_backlog: Series<Gauge>,
+    inbound_lag: Series<Gauge>,
+    folded: Series<Counter>,
     rejected: Total,
     retries: Total,
     handler_failures: Total,
@@ -106,12 +107,13 @@ struct EngineHandles {
 }
 
 impl EngineHandles {
-    fn new(config: &MetricsConfig) -> Self {
+    fn new(config: &MetricsConfig, epoch: u64) -> Self {
         describe(config);
         let labels = config.constant_labels();
-        let gauge = |n: &str| metrics::gauge!(config.name(n), labels.clone());
-        let counter = |n: &str| metrics::counter!(config.name(n), labels.clone());
-        let total = |n: &str| Total { counter: counter(n), reported: Cell::new(0) };
+        let key = |n: &str| Key::from_parts(config.name(n), labels.clone());
+        let gauge = |n: &str| Series::new(key(n), epoch);
+        let counter = |n: &str| Series::new(key(n), epoch);
+        let total = |n: &str| Total { counter: counter(n), reported: 0 };
         Self {
             queue_size: gauge("queue_size"),
             workers_active: gauge("workers_active"),
@@ -135,26 +137,30 @@ impl EngineHandles {
     }
 
     #[allow(clippy::cast_precision_loss, reason = "gauge values, exact below 2^53")]
-    fn report(&self, stats: &BrokerStats, closed: bool, folded: u64) {
+    /// Sets every metric from `stats`, in report epoch `epoch`: each series is registered again
+    /// as it is updated (see [`Series`]).
+    fn report(&mut self, epoch: u64, stats: &BrokerStats, closed: bool, folded: u64) {
         let in_hand: u64 = stats.shards.iter().map(|s| s.in_hand).sum();
-        self.queue_size.set(stats.queued as f64 + in_hand as f64);
-        self.workers_active.set(if closed { 0.0 } else { stats.workers as f64 });
-        self.pending_retries.set(stats.pending_retries as f64);
-        self.awaiting_acks.set(stats.awaiting_acks as f64);
-        self.writer_backlog.set(stats.writer.backlog as f64 + stats.writer.settle_backlog as f64);
-        self.inbound_lag.set(seconds(stats.inbound.lag));
-        self.folded.increment(folded);
-        self.rejected.to(stats.rejected);
-        self.retries.to(stats.retries);
-        self.handler_failures.to(stats.handler_failures);
-        self.dead_letters.to(stats.dead_letters);
-        self.unrouted.to(stats.unrouted);
-        self.internal_errors.to(stats.internal_errors);
-        self.writer_batches.to(stats.writer.batches);
-        self.writer_errors.to(stats.writer.errors);
-        self.writer_dropped.to(stats.writer.dropped);
-        self.inbound_events.to(stats.inbound.fetched);
-        self.inbound_fetch_errors.to(stats.inbound.fetch_errors);
+        self.queue_size.at(epoch).set(stats.queued as f64 + in_hand as f64);
+        self.workers_active.at(epoch).set(if closed { 0.0 } else { stats.workers as f64 });
+        self.pending_retries.at(epoch).set(stats.pending_retries as f64);
+        self.awaiting_acks.at(epoch).set(stats.awaiting_acks as f64);
+        self.writer_backlog.at(epoch).set(stats.writer.backlog as f64 + stats.writer.settle_backlog as f64);
+        self.inbound_lag.at(epoch).set(seconds(stats.inbound.lag));
+        if folded > 0 {
+            self.folded.at(epoch).increment(folded);
+        }
+        self.rejected.to(epoch, stats.rejected);
+        self.retries.to(epoch, stats.retries);
+        self.handler_failures.to(epoch, stats.handler_failures);
+        self.dead_letters.to(epoch, stats.dead_letters);
+        self.unrouted.to(epoch, stats.unrouted);
+        self.internal_errors.to(epoch, stats.internal_errors);
+        self.writer_batches.to(epoch, stats.writer.batches);
+        self.writer_errors.to(epoch, stats.writer.errors);
+        self.writer_dropped.to(epoch, stats.writer.dropped);
+        self.inbound_events.to(epoch, stats.inbound.fetched);
+        self.inbound_fetch_errors.to(epoch, stats.inbound.fetch_errors);
     }
 }
 
@@ -163,17 +169,16 @@ impl EngineHandles {
 /// up, as the per-type counters do, rather than the largest total hiding the others (an absolute
 /// value is kept as a maximum).
 struct Total {
-    counter: Counter,
+    counter: Series<Counter>,
     /// The total reported so far.
-    reported: Cell<u64>,
+    reported: u64,
 }
 
 impl Total {
-    fn to(&self, total: u64) {
-        let reported = self.reported.get();
-        if total > reported {
-            self.counter.increment(total - reported);
-            self.reported.set(total);
+    fn to(&mut self, epoch: u64, total: u64) {
+        if total > self.reported {
+            self.counter.at(epoch).increment(total - self.reported);
+            self.reported = total;
         }
     }
 }
