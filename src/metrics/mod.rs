@@ -71,8 +71,10 @@
 //! Keep the idle timeout longer than `report_interval`.
 //!
 //! ## Brokers in one process
-//! The metrics of brokers with the same names and labels are the same series: their gauges and
-//! engine-wide counters overwrite each other. Give each broker a label of its own
+//! The metrics of brokers with the same names and labels are the same series: their counters add
+//! up (the process' total), and their gauges overwrite each other, each reading whichever broker
+//! reported last (one shut down sets `workers_active` to 0 under a running one). Give each broker
+//! a label of its own
 //! ([`MetricsConfig::labels`], added to every metric) or a namespace of its own:
 //!
 //! ```
@@ -142,8 +144,8 @@ pub struct MetricsConfig {
     /// at least 10 ms.
     pub report_interval: Duration,
     /// Labels added to every metric, as `(name, value)`: what tells the brokers of one process
-    /// apart (`broker="orders"`), whose gauges and engine-wide counters would otherwise overwrite
-    /// each other. Names are letters, digits and `_`, not first a digit nor `__`, and not
+    /// apart (`broker="orders"`), whose gauges would otherwise overwrite each other (and counters
+    /// add up). Names are letters, digits and `_`, not first a digit nor `__`, and not
     /// `source`, `type` or `status`, which the broker sets, nor `le` or `quantile`, which
     /// exporters set; values are not empty. Default none.
     pub labels: Vec<(String, String)>,
