@@ -849,6 +849,7 @@ fn shutdown_stops_waiting_for_a_synchronous_publishs_settle_in_time_to_write_its
     drop(held);
     assert!(outcome.is_err(), "{outcome:?}");
     assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.dead_lettered, 1, "counted as a worker's would be: {report:?}");
     assert_eq!(memory.get(id).unwrap().unwrap().status, EventStatus::Failed);
     let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
     assert_eq!(letters.len(), 1, "{report:?}");

@@ -364,6 +364,44 @@ fn retries_due_before_the_deadline_run_during_shutdown() {
     assert_eq!((stats.completed, stats.failed, stats.retries), (1, 0, 2));
 }
 
+/// A `publish_sync` retrying on its caller's thread when shutdown begins: the report counts the
+/// retries it made meanwhile, and the delivery whose retry shutdown did not wait for, as it counts
+/// a worker's.
+#[test]
+fn the_shutdown_report_counts_what_a_synchronous_publish_did_meanwhile() {
+    let failing_twice = |calls: &Arc<AtomicU64>| {
+        let c = Arc::clone(calls);
+        move |_: &Event| if c.fetch_add(1, Ordering::Relaxed) < 2 { Err("not yet") } else { Ok(()) }
+    };
+    // Retries due 50 ms and 100 ms after the first attempt: both run while shutdown waits.
+    let soon = RetryPolicy {
+        initial_delay: Duration::from_millis(50),
+        max_delay: Duration::from_millis(50),
+        ..quick_retries(2)
+    };
+    // A retry due in a minute: shutdown does not wait for it.
+    let late = RetryPolicy {
+        initial_delay: Duration::from_secs(60),
+        max_delay: Duration::from_secs(60),
+        ..quick_retries(2)
+    };
+    for (policy, counted) in [(soon, (2, 0)), (late, (0, 1))] {
+        let broker = Broker::builder().retry_policy(policy).build().unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        broker.subscribe("eventually", failing_twice(&calls)).unwrap();
+        thread::scope(|s| {
+            let publish = s.spawn(|| broker.publish_sync(event("eventually")));
+            wait_until("the first attempt", Duration::from_secs(5), || calls.load(Ordering::Relaxed) > 0);
+            let report = broker.shutdown(Duration::from_secs(1));
+            let outcome = publish.join().unwrap();
+            assert!(report.is_clean(), "{report:?}");
+            assert_eq!((report.retries_run, report.dead_lettered), counted, "{report:?}, {outcome:?}");
+            assert_eq!(outcome.is_ok(), counted.1 == 0, "{outcome:?}");
+        });
+        assert_eq!(broker.stats().dead_letters, counted.1);
+    }
+}
+
 #[test]
 fn max_retries_zero_turns_retries_off() {
     let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();

@@ -101,7 +101,12 @@ impl Engine {
 
     /// How deliveries on a caller's thread (`publish_sync`, `redrive`) retry and wait.
     pub(crate) fn inline_rules(&self) -> InlineRules<'_> {
-        InlineRules { retry: self.retry, ack_timeout: self.ack_timeout, awaiting: &self.sync.awaiting_acks }
+        InlineRules {
+            retry: self.retry,
+            ack_timeout: self.ack_timeout,
+            awaiting: &self.sync.awaiting_acks,
+            at_shutdown: &self.sync.at_shutdown,
+        }
     }
 
     /// Checks an event can be published and fills in the instance id. Moves the event to the

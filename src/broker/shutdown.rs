@@ -64,10 +64,12 @@ pub enum CloseOutcome {
 pub struct ShutdownReport {
     /// Events that were waiting in rings when shutdown began and were then handled.
     pub drained: u64,
-    /// Retries that ran during shutdown.
+    /// Retries that ran during shutdown: on workers, and on the threads of synchronous publishes
+    /// and redrives.
     pub retries_run: u64,
     /// Retries not due before the deadline, and acknowledged deliveries not settled by it,
-    /// dead-lettered instead: all of a local event's, and an inbound event's when another of its
+    /// dead-lettered instead (on workers, and on the threads of synchronous publishes and
+    /// redrives): all of a local event's, and an inbound event's when another of its
     /// deliveries was dead-lettered already (it is not given back then).
     pub dead_lettered: u64,
     /// Inbound events given back to their group (unfinished retries or unsettled acknowledged
@@ -315,10 +317,15 @@ impl Engine {
         }
         let returned = reports.iter().map(|r| r.returned_at_shutdown).sum::<u64>()
             + self.inbound.as_ref().map_or(0, |pump| pump.stats().returned);
+        // Synchronous publishes and redrives count theirs as workers do; those still running at
+        // the deadline are `sync_in_flight`.
+        let on_callers = &self.sync.at_shutdown;
         let report = ShutdownReport {
             drained: queued_at_start.saturating_sub(undelivered),
-            retries_run: reports.iter().map(|r| r.retries_run).sum(),
-            dead_lettered: reports.iter().map(|r| r.dead_lettered_at_shutdown).sum(),
+            retries_run: reports.iter().map(|r| r.retries_run).sum::<u64>()
+                + on_callers.retries_run.load(Ordering::Relaxed),
+            dead_lettered: reports.iter().map(|r| r.dead_lettered_at_shutdown).sum::<u64>()
+                + on_callers.dead_lettered.load(Ordering::Relaxed),
             returned,
             undelivered,
             sync_in_flight,

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::engine::Engine;
-use crate::dispatch::delivery::Counts;
+use crate::dispatch::delivery::{AtShutdown, Counts};
 use crate::dispatch::inbound::InboundStats;
 use crate::dispatch::shard::ShardStats;
 use crate::{Distribution, Mode, WriterStats};
@@ -21,6 +21,8 @@ pub(crate) struct SyncCounters {
     dead_letters: AtomicU64,
     /// Acknowledged deliveries `publish_sync` and `redrive` wait for on their callers' threads.
     pub(crate) awaiting_acks: AtomicU64,
+    /// What their deliveries did after shutdown began, for its report.
+    pub(crate) at_shutdown: AtShutdown,
 }
 
 impl SyncCounters {

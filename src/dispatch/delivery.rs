@@ -382,12 +382,36 @@ fn finished(id: crate::EventId, status: EventStatus, error: String, retries: u32
 }
 
 /// How deliveries made on the caller's thread retry, how long they wait for an acknowledgement,
-/// and where they count while they wait (the broker's `awaiting_acks`).
+/// where they count while they wait (the broker's `awaiting_acks`), and where they count what
+/// they did once shutdown began (for its report).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct InlineRules<'a> {
     pub(crate) retry: RetryPolicy,
     pub(crate) ack_timeout: Duration,
     pub(crate) awaiting: &'a AtomicU64,
+    pub(crate) at_shutdown: &'a AtShutdown,
+}
+
+/// What deliveries made on callers' threads (`publish_sync`, `redrive`) did after shutdown began,
+/// counted as a worker's `WorkerReport` counts its own, for the shutdown report: shutdown waits
+/// for those calls to return before it reads these. Relaxed: counts.
+#[derive(Debug, Default)]
+pub(crate) struct AtShutdown {
+    /// Retries made.
+    pub(crate) retries_run: AtomicU64,
+    /// Deliveries that shutdown ended, each dead-lettered: a retry not due before it, or an
+    /// acknowledgement not settled by it.
+    pub(crate) dead_lettered: AtomicU64,
+}
+
+impl AtShutdown {
+    fn retry_made(&self) {
+        self.retries_run.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ended(&self) {
+        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// One in a count while it lives (a caller-thread wait in `awaiting_acks`), even through a panic.
@@ -437,6 +461,8 @@ pub(crate) fn deliver_inline(
     let mut last_error = String::new();
     loop {
         attempts = attempts.saturating_add(1);
+        // Whether shutdown stopped waiting for this attempt's acknowledgement.
+        let mut ended_by_shutdown = false;
         let mut waiting = None;
         let outcome = attempt(subscription, event, attempts, || {
             let (reply, outcome) = flume::bounded(1);
@@ -462,9 +488,16 @@ pub(crate) fn deliver_inline(
                 let Some((waiting, due)) = waiting else {
                     unreachable!("an acknowledged delivery has its reply")
                 };
-                let outcome = {
+                let waited = {
                     let _counted = Counted::new(rules.awaiting);
                     wait_for_outcome(subscription, &waiting, (due, rules.ack_timeout), &shutdown)
+                };
+                let outcome = match waited {
+                    Waited::Outcome(outcome) => outcome,
+                    Waited::ShutDown(error) => {
+                        ended_by_shutdown = true;
+                        Err(error)
+                    }
                 };
                 match outbox.outcome(outcome) {
                     None => return Inline::Delivered { attempts },
@@ -473,17 +506,24 @@ pub(crate) fn deliver_inline(
             }
         };
         if attempts > rules.retry.max_retries {
+            if ended_by_shutdown {
+                rules.at_shutdown.ended();
+            }
             return Inline::Failed(failure(subscription, error, attempts));
         }
         last_error.clone_from(&error);
         let due = crate::deadline::from_now(rules.retry.delay_for_retry(attempts, fastrand::f64()));
         if !sleep_until(due, &shutdown) {
+            rules.at_shutdown.ended();
             return Inline::Failed(failure(subscription, shut_down_before_retry(attempts, &error), attempts));
         }
         if table.get(subscription.id).is_none() {
             // Unsubscribed while the retry waited: not made, as on a worker.
             let error = unsubscribed_before_retry(attempts, &error);
             return Inline::Failed(failure(subscription, error, attempts));
+        }
+        if shutdown().is_some() {
+            rules.at_shutdown.retry_made();
         }
         outbox.retry_scheduled();
     }
@@ -506,6 +546,14 @@ pub(crate) fn unsubscribed_before_retry(retry: u32, last_error: &str) -> String 
     format!("unsubscribed before retry {retry} was due (last error: {last_error})")
 }
 
+/// How a caller-thread wait for an acknowledged delivery's outcome ended.
+enum Waited {
+    /// The consumer settled it (or dropped it), or its time ran out.
+    Outcome(Outcome),
+    /// Shutdown stopped waiting for it; the error it fails with.
+    ShutDown(String),
+}
+
 /// Waits for an acknowledged delivery's outcome on `waiting`, up to `due` (its deadline, `timeout`
 /// after it was made), in slices so a
 /// shutdown, or the consumer going away, is noticed: a delivery not settled by `shutdown()` fails.
@@ -514,8 +562,12 @@ fn wait_for_outcome(
     waiting: &flume::Receiver<(Outcome, Instant)>,
     (due, timeout): (Instant, Duration),
     shutdown: &impl Fn() -> Option<Instant>,
-) -> Outcome {
-    let timed_out = || Err(format!("not acknowledged within {timeout:?}"));
+) -> Waited {
+    let timed_out = || Waited::Outcome(Err(format!("not acknowledged within {timeout:?}")));
+    let settled = |(outcome, settled_at): (Outcome, Instant)| {
+        if settled_at < due { Waited::Outcome(outcome) } else { timed_out() }
+    };
+    let dropped = || Waited::Outcome(Err(super::acked::DROPPED.to_owned()));
     loop {
         if let Target::Acked(channel) = &subscription.target {
             // A consumer gone with the delivery unread: it fails now, and comes on `waiting`.
@@ -523,22 +575,22 @@ fn wait_for_outcome(
         }
         // A settle counts by when it was made, however late this thread looks (as on a worker).
         match waiting.try_recv() {
-            Ok((outcome, settled_at)) => return if settled_at < due { outcome } else { timed_out() },
-            Err(flume::TryRecvError::Disconnected) => return Err(super::acked::DROPPED.to_owned()),
+            Ok(received) => return settled(received),
+            Err(flume::TryRecvError::Disconnected) => return dropped(),
             Err(flume::TryRecvError::Empty) => {}
         }
         let now = Instant::now();
         if shutdown().is_some_and(|deadline| now >= deadline) {
-            return Err("the broker shut down before the delivery was acknowledged".to_owned());
+            return Waited::ShutDown("the broker shut down before the delivery was acknowledged".to_owned());
         }
         if now >= due {
             return timed_out();
         }
         let until = shutdown().map_or(due, |stop| stop.min(due));
         match waiting.recv_timeout(until.saturating_duration_since(now).min(SLICE)) {
-            Ok((outcome, settled_at)) => return if settled_at < due { outcome } else { timed_out() },
+            Ok(received) => return settled(received),
             Err(flume::RecvTimeoutError::Timeout) => {}
-            Err(flume::RecvTimeoutError::Disconnected) => return Err(super::acked::DROPPED.to_owned()),
+            Err(flume::RecvTimeoutError::Disconnected) => return dropped(),
         }
     }
 }
