@@ -402,6 +402,39 @@ fn the_shutdown_report_counts_what_a_synchronous_publish_did_meanwhile() {
     }
 }
 
+/// A `publish_sync` waiting for a retry sees shutdown begin at once, as a worker does: however
+/// short the shutdown, the delivery is dead-lettered and its letter written by the deadline.
+#[test]
+fn a_short_shutdown_ends_a_synchronous_publishs_wait_for_a_retry_at_once() {
+    let memory = Arc::new(MemoryProvider::default());
+    let policy = RetryPolicy {
+        initial_delay: Duration::from_secs(60),
+        max_delay: Duration::from_secs(60),
+        ..quick_retries(1)
+    };
+    let broker = Broker::builder().provider(memory.clone()).retry_policy(policy).build().unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&calls);
+    broker
+        .subscribe("later", move |_: &Event| {
+            c.fetch_add(1, Ordering::Relaxed);
+            Err::<(), _>("not now")
+        })
+        .unwrap();
+    let sent = event("later");
+    thread::scope(|s| {
+        let publish = s.spawn(|| broker.publish_sync(sent.clone()));
+        wait_until("the first attempt", Duration::from_secs(5), || calls.load(Ordering::Relaxed) > 0);
+        // Shorter than the 20 ms a caller's thread used to sleep before it looked for a shutdown.
+        let report = broker.shutdown(Duration::from_millis(15));
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.dead_lettered, 1, "{report:?}");
+        assert!(publish.join().unwrap().is_err());
+    });
+    let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(sent.id)).unwrap();
+    assert_eq!(letters.len(), 1);
+}
+
 #[test]
 fn max_retries_zero_turns_retries_off() {
     let broker = Broker::builder().retry_policy(RetryPolicy::none()).build().unwrap();

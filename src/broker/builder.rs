@@ -405,7 +405,7 @@ impl BrokerBuilder {
         let shared = Arc::new(WorkerShared {
             table: Arc::new(SubscriptionTable::new()),
             writer: Arc::new(writer),
-            shutdown_deadline: parking_lot::Mutex::new(None),
+            shutdown: crate::dispatch::worker::ShutdownSignal::default(),
             abandoned: std::sync::atomic::AtomicBool::new(false),
             inbound_ended: crossbeam_utils::CachePadded::default(),
             held_inbound,

@@ -106,6 +106,7 @@ impl Engine {
             ack_timeout: self.ack_timeout,
             awaiting: &self.sync.awaiting_acks,
             at_shutdown: &self.sync.at_shutdown,
+            shutdown_begun: self.shared.shutdown.receiver(),
         }
     }
 

@@ -235,7 +235,7 @@ impl Engine {
         }
         self.intake.close();
         let queued_at_start = self.shards.queued() as u64 + self.shards.in_hand();
-        *self.shared.shutdown_deadline.lock() = Some((started, deadline));
+        self.shared.shutdown.begin(started, deadline);
         self.shards.close();
         if on_waited_thread {
             let engine = Arc::clone(self);

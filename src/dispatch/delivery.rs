@@ -390,6 +390,8 @@ pub(crate) struct InlineRules<'a> {
     pub(crate) ack_timeout: Duration,
     pub(crate) awaiting: &'a AtomicU64,
     pub(crate) at_shutdown: &'a AtShutdown,
+    /// Disconnected once shutdown has begun (see `ShutdownSignal::begin`).
+    pub(crate) shutdown_begun: &'a flume::Receiver<()>,
 }
 
 /// What deliveries made on callers' threads (`publish_sync`, `redrive`) did after shutdown began,
@@ -490,7 +492,8 @@ pub(crate) fn deliver_inline(
                 };
                 let waited = {
                     let _counted = Counted::new(rules.awaiting);
-                    wait_for_outcome(subscription, &waiting, (due, rules.ack_timeout), &shutdown)
+                    let until = (due, rules.ack_timeout);
+                    wait_for_outcome(subscription, &waiting, until, (&shutdown, rules.shutdown_begun))
                 };
                 let outcome = match waited {
                     Waited::Outcome(outcome) => outcome,
@@ -513,7 +516,7 @@ pub(crate) fn deliver_inline(
         }
         last_error.clone_from(&error);
         let due = crate::deadline::from_now(rules.retry.delay_for_retry(attempts, fastrand::f64()));
-        if !sleep_until(due, &shutdown) {
+        if !sleep_until(due, &shutdown, rules.shutdown_begun) {
             rules.at_shutdown.ended();
             return Inline::Failed(failure(subscription, shut_down_before_retry(attempts, &error), attempts));
         }
@@ -555,13 +558,13 @@ enum Waited {
 }
 
 /// Waits for an acknowledged delivery's outcome on `waiting`, up to `due` (its deadline, `timeout`
-/// after it was made), in slices so a
-/// shutdown, or the consumer going away, is noticed: a delivery not settled by `shutdown()` fails.
+/// after it was made): a delivery not settled by `shutdown()` fails. Looks every [`SLICE`]
+/// whether the consumer went away, and wakes as soon as shutdown begins (`begun` disconnects).
 fn wait_for_outcome(
     subscription: &Subscription,
     waiting: &flume::Receiver<(Outcome, Instant)>,
     (due, timeout): (Instant, Duration),
-    shutdown: &impl Fn() -> Option<Instant>,
+    (shutdown, begun): (&impl Fn() -> Option<Instant>, &flume::Receiver<()>),
 ) -> Waited {
     let timed_out = || Waited::Outcome(Err(format!("not acknowledged within {timeout:?}")));
     let settled = |(outcome, settled_at): (Outcome, Instant)| {
@@ -580,14 +583,25 @@ fn wait_for_outcome(
             Err(flume::TryRecvError::Empty) => {}
         }
         let now = Instant::now();
-        if shutdown().is_some_and(|deadline| now >= deadline) {
+        let stop = shutdown();
+        if stop.is_some_and(|deadline| now >= deadline) {
             return Waited::ShutDown("the broker shut down before the delivery was acknowledged".to_owned());
         }
         if now >= due {
             return timed_out();
         }
-        let until = shutdown().map_or(due, |stop| stop.min(due));
-        match waiting.recv_timeout(until.saturating_duration_since(now).min(SLICE)) {
+        let until = stop.map_or(due, |stop| stop.min(due)).min(crate::deadline::after(now, SLICE));
+        let received = if stop.is_some() {
+            waiting.recv_deadline(until)
+        } else {
+            // Until shutdown begins: `begun` then disconnects, and the next look sees it.
+            flume::Selector::new()
+                .recv(waiting, |received| received.map_err(|_| flume::RecvTimeoutError::Disconnected))
+                .recv(begun, |_| Err(flume::RecvTimeoutError::Timeout))
+                .wait_deadline(until)
+                .unwrap_or(Err(flume::RecvTimeoutError::Timeout))
+        };
+        match received {
             Ok(received) => return settled(received),
             Err(flume::RecvTimeoutError::Timeout) => {}
             Err(flume::RecvTimeoutError::Disconnected) => return dropped(),
@@ -595,20 +609,28 @@ fn wait_for_outcome(
     }
 }
 
-/// How long a caller-thread wait sleeps before it looks again whether shutdown has begun.
+/// How long a caller-thread wait for an acknowledgement waits before it looks again whether the
+/// consumer went away.
 const SLICE: Duration = Duration::from_millis(20);
 
-/// Sleeps until `due`, in slices so a shutdown is noticed; `false` when `shutdown()` comes
-/// before `due`.
-fn sleep_until(due: Instant, shutdown: &impl Fn() -> Option<Instant>) -> bool {
+/// Sleeps until `due`; `false` when `shutdown()` comes before `due`. Wakes as soon as shutdown
+/// begins (`begun` disconnects) to see when it stops.
+fn sleep_until(due: Instant, shutdown: &impl Fn() -> Option<Instant>, begun: &flume::Receiver<()>) -> bool {
     loop {
-        if shutdown().is_some_and(|deadline| due > deadline) {
+        let stop = shutdown();
+        if stop.is_some_and(|deadline| due > deadline) {
             return false;
         }
         let now = Instant::now();
         if now >= due {
             return true;
         }
-        std::thread::sleep((due - now).min(SLICE));
+        if stop.is_some() {
+            // Due before shutdown stops waiting: nothing else ends the sleep.
+            std::thread::sleep(due - now);
+        } else {
+            // Nothing is sent on `begun`: this returns at `due`, or as shutdown begins.
+            let _ = begun.recv_deadline(due);
+        }
     }
 }

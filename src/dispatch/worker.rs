@@ -64,7 +64,7 @@ pub(crate) struct WorkerShared {
     pub(crate) writer: Arc<ProviderWriter>,
     /// Set by shutdown, when it began and its deadline: retries due before it still run; later
     /// ones are dead-lettered.
-    pub(crate) shutdown_deadline: parking_lot::Mutex<Option<(Instant, Instant)>>,
+    pub(crate) shutdown: ShutdownSignal,
     /// Set by shutdown when its deadline passed with workers still running (a handler that has
     /// not returned): they begin no further job, so the events the report counts as undelivered
     /// stay so.
@@ -198,16 +198,46 @@ impl InlineSink {
     }
 }
 
+/// When shutdown began and its deadline, once it has; and a channel nothing is ever sent on,
+/// disconnected then: a delivery waiting on a caller's thread waits on its receiver beside its
+/// own wait, so that it sees shutdown begin at once.
+pub(crate) struct ShutdownSignal {
+    began: parking_lot::Mutex<Option<(Instant, Instant)>>,
+    sender: parking_lot::Mutex<Option<flume::Sender<()>>>,
+    receiver: flume::Receiver<()>,
+}
+
+impl Default for ShutdownSignal {
+    fn default() -> Self {
+        let (sender, receiver) = flume::bounded(0);
+        Self { began: parking_lot::Mutex::new(None), sender: parking_lot::Mutex::new(Some(sender)), receiver }
+    }
+}
+
+impl ShutdownSignal {
+    /// Shutdown began at `began`, to end by `deadline`: waits on the receiver end.
+    pub(crate) fn begin(&self, began: Instant, deadline: Instant) {
+        *self.began.lock() = Some((began, deadline));
+        // After it is set: a wait this ends finds it.
+        drop(self.sender.lock().take());
+    }
+
+    /// The receiver to wait on: disconnected once shutdown has begun.
+    pub(crate) fn receiver(&self) -> &flume::Receiver<()> {
+        &self.receiver
+    }
+}
+
 impl WorkerShared {
     pub(crate) fn shutdown_deadline(&self) -> Option<Instant> {
-        self.shutdown_deadline.lock().map(|(_, deadline)| deadline)
+        self.shutdown.began.lock().map(|(_, deadline)| deadline)
     }
 
     /// When a delivery made on a caller's thread (`publish_sync`, `redrive`) stops waiting for a
     /// retry or a settle once shutdown has begun: early enough before the deadline for its dead
     /// letter to be written by then, as a worker's (see [`Worker::finish`]).
     pub(crate) fn caller_stop(&self) -> Option<Instant> {
-        let (began, deadline) = (*self.shutdown_deadline.lock())?;
+        let (began, deadline) = (*self.shutdown.began.lock())?;
         Some(last_start(deadline, 1, deadline.saturating_duration_since(began)))
     }
 
