@@ -69,8 +69,9 @@ pub struct BrokerStats {
     pub failed: u64,
     /// Events that matched no subscription.
     pub unrouted: u64,
-    /// Failed handler calls, retries included; for an acknowledged subscription, failed attempts:
-    /// deliveries failed, dropped unsettled, or not settled in time.
+    /// Failed delivery attempts, retries included: handler calls that returned an error or
+    /// panicked; for a stream subscription, deliveries its full channel refused; for an
+    /// acknowledged subscription, deliveries failed, dropped unsettled, or not settled in time.
     pub handler_failures: u64,
     /// Retries scheduled (async) or made (sync).
     pub retries: u64,
