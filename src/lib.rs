@@ -46,6 +46,7 @@ pub mod metrics;
 pub mod pattern;
 mod prefetch;
 pub mod provider;
+mod redact;
 mod subscription;
 mod sync;
 #[cfg(feature = "test-util")]

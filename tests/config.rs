@@ -806,3 +806,93 @@ fn url_parts_with_reserved_characters_are_encoded() {
         Some("postgres://svc%40eu:a%3Ab%2Fc@%2Fvar%2Frun%2Fpostgresql:5432/postgres")
     );
 }
+
+/// Asserts that `secret` is nowhere in `error`'s `Display` or `Debug`, nor in its source chain's.
+fn assert_hidden(error: &(dyn std::error::Error + 'static), secret: &str) {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        assert!(!error.to_string().contains(secret), "{secret:?} is in the error: {error}");
+        assert!(!format!("{error:?}").contains(secret), "{secret:?} is in the error's Debug: {error:?}");
+        next = error.source();
+    }
+}
+
+/// `Debug` of a configuration shows every setting but the secrets: passwords, the NATS token and
+/// `NKey` seed as `***`, and the credentials in URLs blanked.
+#[test]
+fn debug_shows_no_secret() {
+    let with_parts = load(concat!(
+        "event_broker:\n",
+        "  redis:\n    username: app\n    password: hunter2\n    host: cache\n",
+        "  nats:\n    url: \"nats://u:hunter2@n1:4222, nats://hunter2@n2:4222\"\n    user: svc\n    password: hunter2\n",
+        "  database:\n    user: svc\n    password: hunter2\n    host: db\n",
+    ));
+    let with_urls = load(concat!(
+        "event_broker:\n",
+        "  redis:\n    url: \"rediss://app:hunter2@cache:6380/2\"\n",
+        "  nats:\n    token: hunter2\n",
+        "  database:\n    url: \"host=db user=svc password='hunter2' dbname=app\"\n",
+    ));
+    let with_nkey = load("event_broker:\n  nats:\n    nkey: SUAhunter2\n");
+    for config in [&with_parts, &with_urls, &with_nkey] {
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("password: None") || shown.contains("password: Some(\"***\")"), "{shown}");
+    }
+    let shown = format!("{:?}", with_parts.nats);
+    assert!(shown.contains("user: Some(\"svc\"), password: Some(\"***\"), token: None"), "{shown}");
+    assert!(shown.contains("n1:4222") && shown.contains("n2:4222"), "the servers are shown: {shown}");
+    let shown = format!("{:?}", with_urls.database);
+    assert!(shown.contains("host=db user=svc password=*** dbname=app"), "{shown}");
+    assert!(format!("{:?}", with_urls.redis).contains("rediss://app:***@cache:6380/2"));
+}
+
+/// A value that is refused is quoted in the error with its credentials blanked, whether it comes
+/// from the document or an override variable; a secret's own value is not quoted at all.
+#[test]
+fn errors_quote_no_secret() {
+    for yaml in [
+        "event_broker:\n  redis:\n    url: \"http://app:hunter2@cache\"\n",
+        "event_broker:\n  redis:\n    url: \"app:hunter2@cache:6379\"\n",
+        "event_broker:\n  redis: \"redis://app:hunter2@cache\"\n",
+        "event_broker:\n  nats:\n    url: \"nats://a:4222,http://hunter2@b:4222\"\n",
+        "event_broker:\n  database:\n    url: \"mysql://svc:hunter2@db/app\"\n",
+        "event_broker:\n  redis:\n    password: \"hunter2${oops\"\n",
+        "event_broker:\n  nats:\n    token: \"hunter2${no-name}\"\n",
+        "event_broker:\n  redis:\n    url: \"redis://app:hunter2@cache/${DB\"\n",
+    ] {
+        assert_hidden(&error(yaml), "hunter2");
+    }
+    let err =
+        load_with("event_broker:\n", &[("EVENTBROKER_REDIS_URL", "http://app:hunter2@cache")]).unwrap_err();
+    assert_eq!(err.key(), "event_broker.redis.url");
+    assert!(err.reason().contains("\"http://app:***@cache\""), "{err}");
+    assert_hidden(&err, "hunter2");
+}
+
+/// A build that cannot reach its server (nothing listens on port 1) fails without showing the
+/// credentials it was given.
+#[cfg(any(feature = "redis", feature = "nats", feature = "postgres"))]
+#[test]
+fn a_build_that_cannot_connect_shows_no_secret() {
+    let sections = [
+        #[cfg(feature = "redis")]
+        "provider: redis\n  redis:\n    url: \"redis://app:hunter2@127.0.0.1:1/0\"\n    timeout: 1s\n",
+        #[cfg(feature = "nats")]
+        "provider: nats\n  nats:\n    url: \"nats://svc:hunter2@127.0.0.1:1\"\n    connect_timeout: 1s\n",
+        #[cfg(feature = "nats")]
+        "provider: nats\n  nats:\n    url: \"nats://hunter2@127.0.0.1:1\"\n    connect_timeout: 1s\n",
+        #[cfg(feature = "postgres")]
+        "provider: database\n  database:\n    url: \"postgresql://svc:hunter2@127.0.0.1:1/test\"\n    connect_timeout: 1s\n",
+        #[cfg(feature = "postgres")]
+        "provider: database\n  database:\n    password: hunter2\n    host: 127.0.0.1\n    port: 1\n",
+    ];
+    for section in sections {
+        let config =
+            load(&format!("event_broker:\n  worker_count: 1\n  distribution:\n    mode: local\n  {section}"));
+        match config.build() {
+            Err(err @ BuildError::Provider(_)) => assert_hidden(&err, "hunter2"),
+            other => panic!("expected a provider error, got {other:?}"),
+        }
+    }
+}

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 
+use super::sections::SECRET_KEYS;
 use crate::error::ConfigError;
+use crate::redact::redact;
 
 /// The prefix of the variables that override configuration keys.
 pub(crate) const OVERRIDE_PREFIX: &str = "EVENTBROKER_";
@@ -94,19 +96,21 @@ pub(crate) fn expand(path: &str, text: &str, env: &Env) -> Result<String, Config
             rest = tail;
         } else if let Some(body) = after.strip_prefix('{') {
             let Some(end) = closing_brace(body) else {
-                return Err(ConfigError::new(path, format!("unterminated ${{ in {text:?}")));
+                return Err(ConfigError::new(path, format!("unterminated ${{ in {}", quoted(path, text))));
             };
             let (name, default) = match body[..end].split_once(":-") {
                 Some((name, default)) => (name, Some(default)),
                 None => (&body[..end], None),
             };
             if !is_variable_name(name) {
-                return Err(ConfigError::new(
-                    path,
-                    format!(
-                        "{name:?} is not a variable name (letters, digits and _, not first a digit) in {text:?}"
-                    ),
-                ));
+                let reason = "is not a variable name (letters, digits and _, not first a digit)";
+                // The name is part of the value, and so as secret as the rest of it.
+                let reason = if is_secret(path) {
+                    format!("a ${{…}} {reason} in {}", quoted(path, text))
+                } else {
+                    format!("{name:?} {reason} in {}", quoted(path, text))
+                };
+                return Err(ConfigError::new(path, reason));
             }
             match (env.get(name).filter(|v| default.is_none() || !v.is_empty()), default) {
                 (Some(value), _) => out.push_str(&value),
@@ -122,6 +126,17 @@ pub(crate) fn expand(path: &str, text: &str, env: &Env) -> Result<String, Config
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// `text`, the value of the key at `path`, as an error quotes it: with any URL credentials
+/// blanked, or not at all when the key holds a secret.
+fn quoted(path: &str, text: &str) -> String {
+    if is_secret(path) { "the value (a secret, not shown)".to_owned() } else { format!("{:?}", redact(text)) }
+}
+
+/// Whether the key at `path` holds a secret.
+fn is_secret(path: &str) -> bool {
+    path.rsplit('.').next().is_some_and(|key| SECRET_KEYS.contains(&key))
 }
 
 /// Where the `}` that closes a `${` is in `body` (the text after the `${`): past any `${…}` in
@@ -155,6 +170,7 @@ fn is_variable_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redact::assert_hidden;
 
     fn env() -> Env {
         Env::from_vars([("HOST", "db1"), ("EMPTY", ""), ("PORT", "5432")])
@@ -195,6 +211,21 @@ mod tests {
         assert!(err.reason().contains("unterminated"), "{err}");
         let err = expand("k", "${1X}", &env()).unwrap_err();
         assert!(err.reason().contains("\"1X\" is not a variable name"), "{err}");
+    }
+
+    /// A password's value is not quoted in an error at all; a URL's is, its credentials blanked.
+    #[test]
+    fn bad_references_keep_secrets_out() {
+        for text in ["hunter2${oops", "hunter2${no-name}"] {
+            for path in ["event_broker.redis.password", "event_broker.nats.token", "event_broker.nats.nkey"] {
+                let err = expand(path, text, &env()).unwrap_err();
+                assert_hidden(&err, "hunter2");
+                assert_hidden(&err, "no-name");
+            }
+        }
+        let err = expand("event_broker.redis.url", "redis://app:hunter2@h/${DB", &env()).unwrap_err();
+        assert!(err.reason().contains("\"redis://app:***@h/${DB\""), "{err}");
+        assert_hidden(&err, "hunter2");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::env::{self, Env};
 use crate::error::ConfigError;
+use crate::redact::redact;
 
 /// A loaded configuration value: what the YAML loader produces, whatever the YAML crate.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +32,8 @@ impl fmt::Display for Node {
             Self::Bool(b) => write!(f, "{b}"),
             Self::Int(i) => write!(f, "{i}"),
             Self::Float(x) => write!(f, "{x}"),
-            Self::Str(s) => write!(f, "{s:?}"),
+            // A URL given where a mapping or a number belongs is quoted with its credentials blanked.
+            Self::Str(s) => write!(f, "{:?}", redact(s)),
             Self::Seq(_) => f.write_str("a list"),
             Self::Map(_) => f.write_str("a mapping"),
         }

@@ -1,11 +1,17 @@
 //! The provider sections of the configuration (`redis`, `nats`, `database`), parsed and checked
 //! whatever provider features are compiled. Unset fields mean the provider's own default.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::reader::Section;
 use crate::error::ConfigError;
+use crate::redact::{mask, redact_url, redact_url_list};
+
+/// The keys of the sections that hold a secret as a whole (`redis.password`, `nats.token`, ...):
+/// errors do not quote their values, `Debug` shows `***` for them.
+pub(super) const SECRET_KEYS: [&str; 3] = ["password", "token", "nkey"];
 
 /// The `redis` section: the seed's keys (`host`, `port`, `stream_name`, `consumer_group`) and the
 /// Redis Streams provider's settings. Unset fields take the provider's defaults.
@@ -21,7 +27,7 @@ use crate::error::ConfigError;
 /// # }
 /// # Ok::<(), eventbroker::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisSection {
     /// `redis://[user][:password@]host[:port][/db]` or `rediss://…`; when set, `host`, `port`,
@@ -143,6 +149,47 @@ impl RedisSection {
     }
 }
 
+/// Every field as it is but `password` (`Some("***")` when set) and `url` (its credentials blanked).
+impl fmt::Debug for RedisSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a field added later cannot be left out (or shown) unnoticed.
+        let Self {
+            url,
+            host,
+            port,
+            username,
+            password,
+            db,
+            tls,
+            stream_name,
+            key_prefix,
+            consumer_group,
+            max_len,
+            status_ttl,
+            max_dead_letters,
+            timeout,
+            client_name,
+        } = self;
+        f.debug_struct("RedisSection")
+            .field("url", &url.as_deref().map(redact_url))
+            .field("host", host)
+            .field("port", port)
+            .field("username", username)
+            .field("password", &mask(password.as_deref()))
+            .field("db", db)
+            .field("tls", tls)
+            .field("stream_name", stream_name)
+            .field("key_prefix", key_prefix)
+            .field("consumer_group", consumer_group)
+            .field("max_len", max_len)
+            .field("status_ttl", status_ttl)
+            .field("max_dead_letters", max_dead_letters)
+            .field("timeout", timeout)
+            .field("client_name", client_name)
+            .finish()
+    }
+}
+
 /// Where NATS streams keep their messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -167,7 +214,7 @@ pub enum NatsStorageKind {
 /// # }
 /// # Ok::<(), eventbroker::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NatsSection {
     /// Server URL, or several separated by commas; the provider's default is
@@ -289,6 +336,58 @@ impl NatsSection {
     }
 }
 
+/// Every field as it is but `password`, `token` and `nkey` (`Some("***")` when set) and `url` (the
+/// credentials of each server blanked).
+impl fmt::Debug for NatsSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a field added later cannot be left out (or shown) unnoticed.
+        let Self {
+            url,
+            stream_name,
+            subject_prefix,
+            user,
+            password,
+            token,
+            nkey,
+            credentials_file,
+            tls,
+            ca_file,
+            cert_file,
+            key_file,
+            storage,
+            replicas,
+            max_age,
+            max_bytes,
+            duplicate_window,
+            connect_timeout,
+            request_timeout,
+            client_name,
+        } = self;
+        f.debug_struct("NatsSection")
+            .field("url", &url.as_deref().map(redact_url_list))
+            .field("stream_name", stream_name)
+            .field("subject_prefix", subject_prefix)
+            .field("user", user)
+            .field("password", &mask(password.as_deref()))
+            .field("token", &mask(token.as_deref()))
+            .field("nkey", &mask(nkey.as_deref()))
+            .field("credentials_file", credentials_file)
+            .field("tls", tls)
+            .field("ca_file", ca_file)
+            .field("cert_file", cert_file)
+            .field("key_file", key_file)
+            .field("storage", storage)
+            .field("replicas", replicas)
+            .field("max_age", max_age)
+            .field("max_bytes", max_bytes)
+            .field("duplicate_window", duplicate_window)
+            .field("connect_timeout", connect_timeout)
+            .field("request_timeout", request_timeout)
+            .field("client_name", client_name)
+            .finish()
+    }
+}
+
 /// The `database` section: the seed's keys (`table_name`, `channel`) and the PostgreSQL
 /// provider's settings. Unset fields take the provider's defaults.
 ///
@@ -303,7 +402,7 @@ impl NatsSection {
 /// # }
 /// # Ok::<(), eventbroker::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DatabaseSection {
     /// `postgres://user:password@host:port/dbname?...`, or libpq's `host=… port=… dbname=…`;
@@ -430,6 +529,48 @@ impl DatabaseSection {
     }
 }
 
+/// Every field as it is but `password` (`Some("***")` when set) and `url` (its password blanked, in
+/// either form).
+impl fmt::Debug for DatabaseSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a field added later cannot be left out (or shown) unnoticed.
+        let Self {
+            url,
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            schema,
+            table_name,
+            channel,
+            pool_size,
+            poll_interval,
+            max_age,
+            connect_timeout,
+            operation_timeout,
+            application_name,
+        } = self;
+        f.debug_struct("DatabaseSection")
+            .field("url", &url.as_deref().map(redact_url))
+            .field("host", host)
+            .field("port", port)
+            .field("user", user)
+            .field("password", &mask(password.as_deref()))
+            .field("dbname", dbname)
+            .field("schema", schema)
+            .field("table_name", table_name)
+            .field("channel", channel)
+            .field("pool_size", pool_size)
+            .field("poll_interval", poll_interval)
+            .field("max_age", max_age)
+            .field("connect_timeout", connect_timeout)
+            .field("operation_timeout", operation_timeout)
+            .field("application_name", application_name)
+            .finish()
+    }
+}
+
 /// `text` with every byte but the URL-safe ones (letters, digits, `-`, `.`, `_`, `~`)
 /// percent-encoded, as a user name, password, database name or socket path goes into a URL: the
 /// Redis and PostgreSQL clients decode them, so `p@ss/w#rd` arrives as it was written.
@@ -488,6 +629,7 @@ fn check_scheme(s: &Section<'_, '_>, key: &str, url: &str, schemes: &[&str]) -> 
         return Ok(());
     }
     let expected: Vec<String> = schemes.iter().map(|s| format!("{s}://")).collect();
+    let url = redact_url(url);
     Err(s.invalid(key, format!("expected a URL starting with {}, got {url:?}", expected.join(" or "))))
 }
 

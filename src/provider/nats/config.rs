@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::redact::{MASK, redact_url_list};
 
 /// How the provider authenticates to the server.
 ///
@@ -42,10 +43,10 @@ impl fmt::Debug for NatsAuth {
         match self {
             Self::None => f.write_str("None"),
             Self::UserPassword { user, .. } => {
-                f.debug_struct("UserPassword").field("user", user).field("password", &"<redacted>").finish()
+                f.debug_struct("UserPassword").field("user", user).field("password", &MASK).finish()
             }
-            Self::Token(_) => f.write_str("Token(<redacted>)"),
-            Self::NKey(_) => f.write_str("NKey(<redacted>)"),
+            Self::Token(_) => f.debug_tuple("Token").field(&MASK).finish(),
+            Self::NKey(_) => f.debug_tuple("NKey").field(&MASK).finish(),
             Self::CredentialsFile(path) => f.debug_tuple("CredentialsFile").field(path).finish(),
         }
     }
@@ -120,9 +121,11 @@ pub enum NatsStorage {
 /// # Ok::<(), eventbroker::ConfigError>(())
 /// ```
 ///
+/// `Debug` never shows a secret: neither [`auth`](NatsConfig::auth)'s nor one in the URL.
+///
 /// [`stream_name`]: NatsConfig::stream_name
 /// [`subject_prefix`]: NatsConfig::subject_prefix
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct NatsConfig {
     /// Server URL, or several separated by commas (`nats://a:4222,nats://b:4222`). Default
     /// `nats://127.0.0.1:4222`.
@@ -289,6 +292,56 @@ impl Default for NatsConfig {
     }
 }
 
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a field added later cannot be left out (or shown) unnoticed.
+        let Self {
+            url,
+            auth,
+            tls,
+            client_name,
+            stream_name,
+            subject_prefix,
+            storage,
+            replicas,
+            max_age,
+            max_bytes,
+            duplicate_window,
+            connect_timeout,
+            request_timeout,
+            reconnect_max_delay,
+            max_in_flight,
+            max_ack_pending,
+            replay_time_slack,
+            fetch_poll_interval,
+            status_cache,
+            runtime_threads,
+        } = self;
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url_list(url))
+            .field("auth", auth)
+            .field("tls", tls)
+            .field("client_name", client_name)
+            .field("stream_name", stream_name)
+            .field("subject_prefix", subject_prefix)
+            .field("storage", storage)
+            .field("replicas", replicas)
+            .field("max_age", max_age)
+            .field("max_bytes", max_bytes)
+            .field("duplicate_window", duplicate_window)
+            .field("connect_timeout", connect_timeout)
+            .field("request_timeout", request_timeout)
+            .field("reconnect_max_delay", reconnect_max_delay)
+            .field("max_in_flight", max_in_flight)
+            .field("max_ack_pending", max_ack_pending)
+            .field("replay_time_slack", replay_time_slack)
+            .field("fetch_poll_interval", fetch_poll_interval)
+            .field("status_cache", status_cache)
+            .field("runtime_threads", runtime_threads)
+            .finish()
+    }
+}
+
 /// Longest stream name accepted: the server stores streams in directories of that name, with room
 /// left for the `_STATUS` / `_DLQ` suffixes and the `KV_` prefix.
 const MAX_NAME: usize = 200;
@@ -389,6 +442,21 @@ mod tests {
         ] {
             let config = NatsConfig { auth, ..NatsConfig::default() };
             assert!(!format!("{config:?}").contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn url_credentials_stay_out_of_debug() {
+        for url in [
+            "nats://u:hunter2@127.0.0.1:4222",
+            "nats://hunter2@127.0.0.1:4222",
+            "nats://a:4222,tls://u:hunter2@b:4222",
+            "hunter2@127.0.0.1:4222",
+        ] {
+            let shown = format!("{:?}", NatsConfig::new(url));
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("127.0.0.1:4222") || shown.contains("b:4222"), "{shown}");
+            assert!(shown.contains("stream_name: \"EVENTS\""), "other fields as before: {shown}");
         }
     }
 }

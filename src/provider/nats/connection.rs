@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use super::config::{NatsAuth, NatsConfig};
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::closed_error;
+use crate::redact::redact_url_list;
 
 /// The provider's name in errors and stats.
 pub(super) const NAME: &str = "nats";
@@ -147,7 +148,10 @@ impl Connection {
         let limit = config.connect_timeout.saturating_add(config.request_timeout);
         let client =
             runtime.block_on(async { tokio::time::timeout(limit, connect).await }).map_err(|_| {
-                unavailable(OPERATION, format!("no connection to {} within {limit:?}", config.url))
+                unavailable(
+                    OPERATION,
+                    format!("no connection to {} within {limit:?}", redact_url_list(&config.url)),
+                )
             })??;
         let version = parse_version(&client.server_info().version);
         let js = {
@@ -283,11 +287,13 @@ async fn connect(
             options = options.tls_first();
         }
     }
-    let servers = servers(&config.url)
-        .map_err(|error| backend(OPERATION, format!("invalid server URL in {:?}: {error}", config.url)))?;
+    // Errors quote the URL with its credentials blanked; the client's own errors name no server.
+    let servers = servers(&config.url).map_err(|error| {
+        backend(OPERATION, format!("invalid server URL in {:?}: {error}", redact_url_list(&config.url)))
+    })?;
     options.connect(servers).await.map_err(|error| {
         use async_nats::ConnectErrorKind as Kind;
-        let message = format!("{}: {error}", config.url);
+        let message = format!("{}: {error}", redact_url_list(&config.url));
         match error.kind() {
             Kind::TimedOut | Kind::Io | Kind::Dns | Kind::MaxReconnects => unavailable(OPERATION, message),
             Kind::ServerParse | Kind::Authentication | Kind::AuthorizationViolation | Kind::Tls => {
@@ -567,6 +573,7 @@ pub(super) async fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::redact::assert_hidden;
 
     #[test]
     fn ack_subjects_in_both_layouts() {
@@ -584,6 +591,43 @@ mod tests {
         assert_eq!(parse_version("2.9.10"), (2, 9, 10));
         assert!(parse_version("2.10.0-beta.1") >= (2, 10, 0));
         assert!(parse_version("2.9.25") < (2, 10, 0));
+    }
+
+    /// The error of a connection that failed with `url` (the password `hunter2` in it).
+    fn connect_error(url: &str, connect_timeout: Duration) -> ProviderError {
+        let config = NatsConfig {
+            connect_timeout,
+            request_timeout: Duration::from_millis(100),
+            ..NatsConfig::new(url)
+        };
+        let Err(error) = Connection::open(&config) else { panic!("{url} connected") };
+        error
+    }
+
+    /// Refused (nothing listens on port 1), an unreadable URL, or no answer in time: none of the
+    /// errors shows the password or token of the URL, whatever form it is written in.
+    #[test]
+    fn connect_errors_keep_credentials_out() {
+        for url in [
+            "nats://u:hunter2@127.0.0.1:1",
+            "nats://hunter2@127.0.0.1:1",
+            "u:hunter2@127.0.0.1:1",
+            "nats://127.0.0.1:1,nats://u:hunter2@127.0.0.1:1",
+        ] {
+            let error = connect_error(url, Duration::from_secs(2));
+            assert!(error.to_string().contains("127.0.0.1:1"), "the server is named: {error}");
+            assert_hidden(&error, "hunter2");
+        }
+        let error = connect_error("nats://u:hunter2@127.0.0.1:port", Duration::from_secs(2));
+        assert!(error.to_string().contains("invalid server URL"), "{error}");
+        assert_hidden(&error, "hunter2");
+        // A server that accepts the connection and never says hello: the client waits for it
+        // past any bound of its own.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = silent.local_addr().expect("its address").port();
+        let error = connect_error(&format!("nats://u:hunter2@127.0.0.1:{port}"), Duration::from_millis(200));
+        assert!(error.to_string().contains("no connection to"), "{error}");
+        assert_hidden(&error, "hunter2");
     }
 
     #[test]

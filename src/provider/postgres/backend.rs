@@ -402,3 +402,39 @@ fn statement_timeout_option(existing: Option<&str>, timeout: Duration) -> String
         _ => timeout,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::postgres::PostgresProvider;
+    use crate::redact::assert_hidden;
+
+    /// A connection string the driver refuses, and a server that cannot be reached (nothing
+    /// listens on port 1), in both forms: no error shows the password.
+    #[test]
+    fn connect_errors_keep_the_password_out() {
+        let connect = |url: &str| {
+            let config =
+                PostgresConfig { connect_timeout: Duration::from_secs(2), ..PostgresConfig::new(url) };
+            PostgresProvider::connect(config).expect_err(url)
+        };
+        for url in [
+            "postgresql://app:s3cret@127.0.0.1:port/test",
+            "host=127.0.0.1 user=app password=s3cret dbname=test bogus=1",
+            "host=127.0.0.1 user=app password='s3cret",
+        ] {
+            let error = connect(url);
+            assert!(error.to_string().contains("not a PostgreSQL connection string"), "{error}");
+            assert_hidden(&error, "s3cret");
+        }
+        for url in [
+            "postgresql://app:s3cret@127.0.0.1:1/test",
+            "postgresql://s3cret@127.0.0.1:1/test",
+            "host=127.0.0.1 port=1 user=app password=s3cret dbname=test",
+        ] {
+            let error = connect(url);
+            assert!(error.to_string().contains("cannot connect"), "{error}");
+            assert_hidden(&error, "s3cret");
+        }
+    }
+}

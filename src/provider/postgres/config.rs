@@ -1,12 +1,14 @@
 //! [`PostgresConfig`]: where the server is, which schema and table the provider owns, and its
 //! timeouts, pool, polling and retention.
 
+use std::fmt;
 use std::time::Duration;
 
 use super::NAME;
 use super::ident::{Ident, MAX_IDENT_LEN};
 use super::schema::{Names, SUFFIX_RESERVE};
 use crate::error::{ConfigError, ProviderError, ProviderErrorKind};
+use crate::redact::redact_url;
 
 /// Settings of a [`PostgresProvider`](super::PostgresProvider).
 ///
@@ -25,7 +27,16 @@ use crate::error::{ConfigError, ProviderError, ProviderErrorKind};
 /// assert_eq!(config.table, "events");
 /// assert_eq!(config.channel_name(), "broker_events");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` shows the URL with its password blanked, in either form:
+///
+/// ```
+/// use eventbroker::PostgresConfig;
+///
+/// let config = PostgresConfig::new("host=127.0.0.1 user=app password=s3cret dbname=app");
+/// assert!(format!("{config:?}").contains("user=app password=*** dbname=app"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
 pub struct PostgresConfig {
     /// A libpq-style connection string (`host=127.0.0.1 user=postgres dbname=app`) or URL
     /// (`postgresql://user:secret@127.0.0.1:5432/app`). Default:
@@ -171,6 +182,42 @@ impl Default for PostgresConfig {
     }
 }
 
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured, so a field added later cannot be left out (or shown) unnoticed.
+        let Self {
+            url,
+            schema,
+            table,
+            channel,
+            pool_size,
+            connect_timeout,
+            operation_timeout,
+            poll_interval,
+            max_age,
+            cleanup_interval,
+            cleanup_batch,
+            application_name,
+            runtime_threads,
+        } = self;
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(url))
+            .field("schema", schema)
+            .field("table", table)
+            .field("channel", channel)
+            .field("pool_size", pool_size)
+            .field("connect_timeout", connect_timeout)
+            .field("operation_timeout", operation_timeout)
+            .field("poll_interval", poll_interval)
+            .field("max_age", max_age)
+            .field("cleanup_interval", cleanup_interval)
+            .field("cleanup_batch", cleanup_batch)
+            .field("application_name", application_name)
+            .field("runtime_threads", runtime_threads)
+            .finish()
+    }
+}
+
 /// A configuration error as the provider reports it.
 pub(super) fn invalid_config(operation: &'static str, error: ConfigError) -> ProviderError {
     ProviderError::new(NAME, operation, ProviderErrorKind::InvalidInput(error.to_string())).with_source(error)
@@ -193,5 +240,21 @@ mod tests {
         assert_ne!(a.channel_name(), b.channel_name(), "a hash of the whole name");
         assert!(a.validate().is_ok(), "{:?}", a.validate().err());
         assert_eq!(config("events").channel_name(), format!("{schema}_events"), "short names as they are");
+    }
+
+    #[test]
+    fn debug_hides_the_password_in_either_form() {
+        for url in [
+            "postgresql://app:s3cret@127.0.0.1:5432/app",
+            "postgres://s3cret@127.0.0.1/app",
+            "postgresql://app@127.0.0.1/app?password=s3cret&sslmode=disable",
+            "host=127.0.0.1 user=app password=s3cret dbname=app",
+            "host=127.0.0.1 password = 'it\\'s s3cret' dbname=app",
+        ] {
+            let shown = format!("{:?}", PostgresConfig::new(url));
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("127.0.0.1") && shown.contains("app"), "{shown}");
+            assert!(shown.contains("schema: \"eventbroker\""), "other fields as before: {shown}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use redis::{Client, Connection, ErrorKind, RedisError, ServerErrorKind};
 
 use super::{NAME, RedisConfig};
 use crate::error::{ProviderError, ProviderErrorKind};
+use crate::redact::redact;
 
 /// The first wait after a failed connect.
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -258,18 +259,6 @@ pub(super) fn map_error(operation: &'static str, what: &str, error: &RedisError)
     ProviderError::new(NAME, operation, kind).with_source(error.clone())
 }
 
-/// `text` with anything that looks like the password of a URL (`//user:secret@`) blanked.
-pub(super) fn redact(text: &str) -> String {
-    let Some(scheme_end) = text.find("://") else { return text.to_owned() };
-    let rest = &text[scheme_end + 3..];
-    match (rest.find('@'), rest.find(':')) {
-        (Some(at), Some(colon)) if colon < at => {
-            format!("{}{}:***{}", &text[..scheme_end + 3], &rest[..colon], &rest[at..])
-        }
-        _ => text.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,13 +306,5 @@ mod tests {
         ] {
             assert!(!map_error("store_batch", "k", &server_error(line)).is_transient(), "{line}");
         }
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("redis://app:s3cret@10.0.0.1:6379/0"), "redis://app:***@10.0.0.1:6379/0");
-        assert_eq!(redact("rediss://:s3cret@host"), "rediss://:***@host");
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
-        assert_eq!(redact("no url here"), "no url here");
     }
 }

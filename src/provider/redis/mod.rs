@@ -274,7 +274,7 @@ impl Default for RedisConfig {
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &conn::redact(&self.url))
+            .field("url", &crate::redact::redact_url(&self.url))
             .field("key_prefix", &self.key_prefix)
             .field("stream", &self.stream)
             .field("max_len", &self.max_len)
@@ -905,4 +905,34 @@ fn stats_reply(value: Value) -> Result<StatsReply, Malformed> {
     let dead_letters = number();
     let more = number() == 1;
     Ok((counts, stream_length, dead_letters, more))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::redact::assert_hidden;
+
+    #[test]
+    fn debug_hides_every_form_of_credentials() {
+        for url in ["redis://app:s3cret@cache:6379/0", "rediss://s3cret@cache", "app:s3cret@cache:6379"] {
+            let shown = format!("{:?}", RedisConfig::new(url));
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("cache") && shown.contains("client_name"), "{shown}");
+        }
+    }
+
+    /// Neither a URL Redis refuses nor a server that cannot be reached puts the password in the
+    /// error (no server is needed: nothing listens on port 1).
+    #[test]
+    fn connect_errors_keep_the_password_out() {
+        let error = RedisProvider::connect(RedisConfig::new("redis://app:s3cret@127.0.0.1:port/0"))
+            .expect_err("bad URL");
+        assert_hidden(&error, "s3cret");
+        for url in ["redis://app:s3cret@127.0.0.1:1/0", "redis://s3cret@127.0.0.1:1/0"] {
+            let config = RedisConfig { timeout: Duration::from_millis(200), ..RedisConfig::new(url) };
+            let provider = RedisProvider::connect(config).expect("connects on first use");
+            assert_hidden(&provider.ping().expect_err("nothing listens"), "s3cret");
+            assert!(!format!("{provider:?}").contains("s3cret"));
+        }
+    }
 }
