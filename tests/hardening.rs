@@ -274,6 +274,27 @@ fn a_replay_stopped_by_a_provider_error_resumes_where_it_stopped() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+// 3d. Replay pages that a provider error ends say where to try again: the failed page's start.
+#[test]
+fn replay_pages_ended_by_an_error_resume_at_the_failed_page() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    for i in 0..5 {
+        faulty.store_one(&event("paged.x").with_user_id(i)).unwrap();
+    }
+    let mut pages = faulty.replay_pages(ReplayFrom::Beginning, None, 2);
+    let first = pages.next().unwrap().unwrap();
+    faulty.inject(Operation::Replay, Fault::unavailable_times(1));
+    assert!(pages.next().unwrap().is_err());
+    assert!(pages.next().is_none(), "the error ends the pages");
+    let rest: Vec<i64> = faulty
+        .replay_pages(pages.cursor(), None, 2)
+        .flat_map(|page| page.unwrap())
+        .map(|stored| stored.event.user_id)
+        .collect();
+    assert_eq!(first.iter().map(|stored| stored.event.user_id).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(rest, [2, 3, 4], "from the page that failed");
+}
+
 // 4a. A handler that calls `shutdown` does not wait for its own worker.
 #[test]
 fn shutdown_from_a_handler_is_deferred_not_deadlocked() {

@@ -419,14 +419,21 @@ pub trait ProviderExt: Provider {
     /// [`ReplayFrom::Time`], every page holds only events created at or after that time (the pages
     /// after the first continue by sequence, and are filtered here), so which events come does
     /// not depend on the page size; a page may then hold fewer events than `page_size`, or none.
-    /// [`ReplayPages::cursor`] says where the next page starts.
+    /// [`ReplayPages::cursor`] says where the next page starts, and once the pages end, where a
+    /// later replay goes on.
     fn replay_pages<'a>(
         &'a self,
         from: impl Into<ReplayCursor>,
         pattern: Option<&'a Pattern>,
         page_size: usize,
     ) -> ReplayPages<'a, Self> {
-        ReplayPages { provider: self, next: Some(from.into()), pattern, page_size: page_size.max(1) }
+        ReplayPages {
+            provider: self,
+            cursor: from.into(),
+            ended: false,
+            pattern,
+            page_size: page_size.max(1),
+        }
     }
 }
 
@@ -436,18 +443,36 @@ impl<P: Provider + ?Sized> ProviderExt for P {}
 #[derive(Debug)]
 pub struct ReplayPages<'a, P: ?Sized> {
     provider: &'a P,
-    /// Where the next page starts; `None` once history is exhausted or a call failed.
-    next: Option<ReplayCursor>,
+    /// Where the next page starts, or a later replay goes on once `ended`.
+    cursor: ReplayCursor,
+    /// History was exhausted, or a call failed.
+    ended: bool,
     pattern: Option<&'a Pattern>,
     page_size: usize,
 }
 
 impl<P: ?Sized> ReplayPages<'_, P> {
-    /// Where the next page starts: `None` once history is exhausted or a call failed. Passed to
+    /// Where the next page starts; once the pages have ended, where a later replay goes on: after
+    /// the last event returned when history was exhausted (to pick up what is stored since), at
+    /// the page that failed when a call failed (to try it again). Passed to
     /// [`ProviderExt::replay_pages`] or [`Broker::replay`](crate::Broker::replay), it goes on with
     /// the same replay (its time included).
-    pub fn cursor(&self) -> Option<ReplayCursor> {
-        self.next
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource, MemoryProvider, ProviderExt, ReplayFrom};
+    ///
+    /// let provider = MemoryProvider::default();
+    /// provider.store_one(&Event::new(EventSource::System, "system.tick"))?;
+    /// let mut pages = provider.replay_pages(ReplayFrom::Beginning, None, 10);
+    /// assert_eq!(pages.by_ref().map(|page| page.map(|p| p.len())).sum::<Result<usize, _>>()?, 1);
+    ///
+    /// provider.store_one(&Event::new(EventSource::System, "system.tock"))?;
+    /// let since: Vec<_> = provider.replay_pages(pages.cursor(), None, 10).collect::<Result<_, _>>()?;
+    /// assert_eq!(since.concat()[0].event.event_type, "system.tock");
+    /// # Ok::<(), eventbroker::ProviderError>(())
+    /// ```
+    pub fn cursor(&self) -> ReplayCursor {
+        self.cursor
     }
 }
 
@@ -455,17 +480,28 @@ impl<P: Provider + ?Sized> Iterator for ReplayPages<'_, P> {
     type Item = Result<Vec<StoredEvent>, ProviderError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let cursor = self.next.take()?;
+        if self.ended {
+            return None;
+        }
+        let cursor = self.cursor;
         match self.provider.replay(cursor.position(), self.pattern, self.page_size) {
-            Ok(page) if page.is_empty() => None,
+            Ok(page) if page.is_empty() => {
+                self.ended = true;
+                None
+            }
             Ok(mut page) => {
-                if page.len() == self.page_size {
-                    self.next = page.last().map(|last| cursor.at_sequence(last.seq + 1));
+                if let Some(last) = page.last() {
+                    self.cursor = cursor.at_sequence(last.seq + 1);
                 }
+                // A short page is the end of history.
+                self.ended = page.len() < self.page_size;
                 page.retain(|stored| cursor.admits(&stored.event));
                 Some(Ok(page))
             }
-            Err(error) => Some(Err(error)),
+            Err(error) => {
+                self.ended = true;
+                Some(Err(error))
+            }
         }
     }
 }
