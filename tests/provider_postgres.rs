@@ -991,6 +991,45 @@ fn two_providers_capture_one_table_side_by_side() {
     assert_quiet(&*s1, Duration::from_millis(300), "a second copy");
 }
 
+/// Instances of a service starting together each install capture on the same tables (and on
+/// others, through the same trigger function): every install succeeds, and each change is
+/// captured once. PostgreSQL refuses concurrent replacements of one function ("tuple concurrently
+/// updated", a unique violation on its first creation) unless they take turns.
+#[test]
+fn capture_installs_racing_from_several_instances_all_succeed() {
+    let backend = PostgresBackend::new();
+    let providers: Vec<PostgresProvider> = (0..4).map(|_| backend.provider()).collect();
+    let sql = Sql::connect().expect("connect");
+    let tables: Vec<String> = (0..4).map(|i| backend.qualified(&format!("t{i}"))).collect();
+    for table in &tables {
+        sql.batch(&format!("CREATE TABLE {table} (id int)")).expect("create");
+    }
+    for round in 0..6 {
+        std::thread::scope(|s| {
+            let installs: Vec<_> = providers
+                .iter()
+                .enumerate()
+                .map(|(i, provider)| {
+                    // Even rounds: all on one table; odd rounds: each on its own.
+                    let table = &tables[if round % 2 == 0 { 0 } else { i }];
+                    s.spawn(move || provider.install_crud_capture(table))
+                })
+                .collect();
+            for install in installs {
+                install.join().expect("no panic").expect("every racing install succeeds");
+            }
+        });
+    }
+    let source = capture_source(&providers[0], &format!("{}.>", backend.schema));
+    for table in &tables {
+        sql.batch(&format!("INSERT INTO {table} VALUES (1)")).expect("insert");
+    }
+    let mut got = event_types(&take(&*source, tables.len()));
+    got.sort_unstable();
+    assert_eq!(got, tables.iter().map(|t| format!("{t}.create")).collect::<Vec<_>>());
+    assert_quiet(&*source, Duration::from_millis(300), "a second copy of a change");
+}
+
 /// A trigger installed under the name earlier versions gave it (`<table>_capture`) is replaced
 /// by installing again, not doubled, and removed by `remove_crud_capture`.
 #[test]

@@ -94,6 +94,7 @@ pub(super) fn install(shared: &Shared, table: &str) -> Result<(), ProviderError>
         let fail = |err| Backend::error(OP, &context, err);
         let mut conn = backend.conn(OP).await?;
         let tx = conn.transaction().await.map_err(fail)?;
+        take_turns(&tx, names).await.map_err(fail)?;
         tx.batch_execute(&function).await.map_err(fail)?;
         // One trigger of this provider's per table: one installed under an earlier name would
         // capture every change a second time.
@@ -108,6 +109,17 @@ pub(super) fn install(shared: &Shared, table: &str) -> Result<(), ProviderError>
         conn.release();
         Ok(())
     })
+}
+
+/// Waits, within the statement timeout, for any other install or removal of this provider's
+/// capture to end: instances starting together each install it, and PostgreSQL fails concurrent
+/// replacements of one function ("tuple concurrently updated", or a unique violation when they
+/// create it) instead of making one wait for the other. The lock ends with the transaction.
+async fn take_turns(
+    tx: &tokio_postgres::Transaction<'_>,
+    names: &Names,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&names.capture_lock_key()]).await.map(drop)
 }
 
 /// The triggers on `target` that run this provider's capture function, whatever their names
@@ -143,6 +155,7 @@ pub(super) fn remove(shared: &Shared, table: &str) -> Result<bool, ProviderError
         let fail = |err| Backend::error(OP, &context, err);
         let mut conn = backend.conn(OP).await?;
         let tx = conn.transaction().await.map_err(fail)?;
+        take_turns(&tx, names).await.map_err(fail)?;
         let installed = installed_triggers(&tx, names, &target).await.map_err(fail)?;
         for name in &installed {
             tx.batch_execute(&drop_trigger_sql(name, &target)).await.map_err(fail)?;

@@ -272,7 +272,8 @@ impl PostgresProvider {
     /// schema is given; names are case-sensitive identifiers): from now on every `INSERT`,
     /// `UPDATE` and `DELETE` on it, by any client, stores an event
     /// `<schema>.<table>.create|update|delete` with the row as its payload (`{"old": …, "new": …}`
-    /// for updates) in the same transaction. Installing again replaces the trigger.
+    /// for updates) in the same transaction. Installing again replaces the trigger; instances
+    /// installing at once (a service's replicas starting together) take turns.
     ///
     /// What a captured event holds: source `database`, the schema, table and operation, the row
     /// (the new one for `INSERT`, the old one for `DELETE`, both for `UPDATE`, even one that

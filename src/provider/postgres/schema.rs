@@ -68,6 +68,13 @@ impl Names {
         format!("eventbroker:{}", self.schema.as_str())
     }
 
+    /// The key of the advisory lock that installing and removing this provider's CRUD capture
+    /// take, as SQL text for `hashtext`: they replace one trigger function, which PostgreSQL
+    /// refuses to do from two transactions at once.
+    pub(super) fn capture_lock_key(&self) -> String {
+        format!("eventbroker-capture:{}.{}", self.schema.as_str(), self.table.as_str())
+    }
+
     /// Every migration step, in version order. A step is applied once, in one transaction with
     /// its version row; steps are never edited once released, only appended.
     pub(super) fn migrations_sql(&self) -> (String, Vec<(i32, String)>) {
