@@ -1030,6 +1030,84 @@ fn capture_installs_racing_from_several_instances_all_succeed() {
     assert_quiet(&*source, Duration::from_millis(300), "a second copy of a change");
 }
 
+/// Installing capture takes a lock on the table that every writer conflicts with, and while it
+/// waits for one writer's open transaction every later writer queues behind it. Installing again
+/// (what each start of a service does) finds the trigger in place and takes no such lock; a first
+/// install waits for the lock 1 s at most, then fails as transient, so writers are held up for no
+/// longer than that.
+#[test]
+fn installing_capture_does_not_hold_the_tables_writers_back() {
+    let backend = PostgresBackend::new();
+    let provider = postgres_support::connect(PostgresConfig {
+        operation_timeout: Duration::from_secs(4),
+        ..backend.config()
+    });
+    let orders = backend.qualified("orders");
+    let mut long = Sql::connect().expect("connect");
+    long.batch(&format!("CREATE TABLE {orders} (id int)")).expect("create");
+    provider.install_crud_capture(&orders).expect("install");
+    let source = capture_source(&provider, &format!("{orders}.*"));
+
+    // A writer whose transaction stays open, and a second writer that must not wait on the
+    // install: with the install queued for the table's lock, it would wait for the first.
+    let open_writer = |long: &mut Sql| {
+        let runtime = long.runtime().handle().clone();
+        runtime.block_on(long.client().batch_execute(&format!("BEGIN; INSERT INTO {orders} VALUES (1)")))
+    };
+    let second_writer = |id: i32| {
+        let other = Sql::connect().expect("connect");
+        let started = Instant::now();
+        other
+            .batch(&format!("SET statement_timeout = '2s'; INSERT INTO {orders} VALUES ({id})"))
+            .expect("a writer is not held up behind the install");
+        started.elapsed()
+    };
+    open_writer(&mut long).expect("an open writer");
+    std::thread::scope(|s| {
+        let install = s.spawn(|| {
+            let started = Instant::now();
+            (provider.install_crud_capture(&orders), started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let waited = second_writer(2);
+        let (installed, took) = install.join().expect("no panic");
+        installed.expect("installing again while a writer is open");
+        assert!(took < Duration::from_secs(1), "installing again took {took:?}");
+        assert!(waited < Duration::from_secs(1), "the second writer waited {waited:?}");
+    });
+    long.batch("COMMIT").expect("the open writer commits");
+    assert_eq!(event_types(&take(&*source, 2)), [format!("{orders}.create"), format!("{orders}.create")]);
+
+    // A first install (after a removal) waits 1 s at most for the open writer, then fails as
+    // transient; writers wait no longer than that, and the install succeeds once the table is free.
+    assert!(provider.remove_crud_capture(&orders).expect("remove"));
+    open_writer(&mut long).expect("an open writer");
+    std::thread::scope(|s| {
+        let install = s.spawn(|| {
+            let started = Instant::now();
+            (provider.install_crud_capture(&orders), started.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let waited = second_writer(4);
+        let (installed, took) = install.join().expect("no panic");
+        let error = installed.expect_err("the table is locked by the open writer");
+        assert!(error.is_transient(), "{error}");
+        assert!(took < Duration::from_secs(2), "the failed install took {took:?}");
+        assert!(waited < Duration::from_secs(2), "the second writer waited {waited:?}");
+    });
+    long.batch("ROLLBACK").expect("the open writer ends");
+    provider.install_crud_capture(&orders).expect("install once the table is free");
+    let sql = Sql::connect().expect("connect");
+    sql.batch(&format!("INSERT INTO {orders} VALUES (5)")).expect("insert");
+    assert_eq!(event_types(&take(&*source, 1)), [format!("{orders}.create")]);
+
+    // A trigger that is in place but not as installing makes it (disabled by hand) is replaced.
+    sql.batch(&format!("ALTER TABLE {orders} DISABLE TRIGGER USER")).expect("disable");
+    provider.install_crud_capture(&orders).expect("install again");
+    sql.batch(&format!("INSERT INTO {orders} VALUES (6)")).expect("insert");
+    assert_eq!(event_types(&take(&*source, 1)), [format!("{orders}.create")]);
+}
+
 /// A trigger installed under the name earlier versions gave it (`<table>_capture`) is replaced
 /// by installing again, not doubled, and removed by `remove_crud_capture`.
 #[test]

@@ -10,12 +10,29 @@
 //! `json_build_object` would put spaces around its colons). It then sends one wake-up on the
 //! channel, which PostgreSQL folds to one per transaction however many rows change. The event is
 //! stored if and only if the change commits.
+//!
+//! ## Locks
+//! Creating or dropping a trigger locks the table against every writer, and while that lock waits
+//! for a writer's open transaction, every later writer queues behind it. So installing again
+//! (what each start of a service does) leaves a trigger that is already in place, exactly as it
+//! would create it, alone, and replaces only the function; and a change to the table's triggers
+//! waits [`TABLE_LOCK_WAIT`] (1 s) at most for the lock, then fails as transient
+//! ([`Unavailable`](crate::ProviderErrorKind::Unavailable)), to be tried again. Installs and
+//! removals of one provider's capture take turns (an advisory lock), as PostgreSQL fails
+//! concurrent replacements of one function.
 
 use super::backend::Backend;
 use super::ident::{IdentError, QualifiedTable};
 use super::schema::Names;
 use super::{NAME, Shared};
 use crate::error::{ProviderError, ProviderErrorKind};
+
+/// Most a change to a captured table's triggers waits for the table's lock (see the module docs).
+const TABLE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `pg_trigger.tgtype` of `AFTER INSERT OR UPDATE OR DELETE … FOR EACH ROW`: the row, insert,
+/// delete and update bits (1, 4, 8, 16), neither `BEFORE` (2) nor `INSTEAD OF` (64).
+const CAPTURE_TRIGGER_TYPE: i16 = 1 | 4 | 8 | 16;
 
 /// A UUID v7 from SQL: 48 bits of Unix milliseconds over a random v4 UUID, version bits set to 7.
 const UUID_V7: &str = "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) \
@@ -96,15 +113,18 @@ pub(super) fn install(shared: &Shared, table: &str) -> Result<(), ProviderError>
         let tx = conn.transaction().await.map_err(fail)?;
         take_turns(&tx, names).await.map_err(fail)?;
         tx.batch_execute(&function).await.map_err(fail)?;
-        // One trigger of this provider's per table: one installed under an earlier name would
-        // capture every change a second time.
         let current = names.capture_trigger();
-        for name in installed_triggers(&tx, names, &target).await.map_err(fail)? {
-            if name != current.as_str() {
-                tx.batch_execute(&drop_trigger_sql(&name, &target)).await.map_err(fail)?;
+        let installed = installed_triggers(&tx, names, &target).await.map_err(fail)?;
+        let in_place = matches!(&installed[..], [only] if only.name == current.as_str() && only.as_installed);
+        if !in_place {
+            tx.batch_execute(&lock_wait_sql()).await.map_err(fail)?;
+            // One trigger of this provider's per table: one installed under an earlier name would
+            // capture every change a second time.
+            for trigger in installed.iter().filter(|t| t.name != current.as_str()) {
+                tx.batch_execute(&drop_trigger_sql(&trigger.name, &target)).await.map_err(fail)?;
             }
+            tx.batch_execute(&trigger).await.map_err(fail)?;
         }
-        tx.batch_execute(&trigger).await.map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         conn.release();
         Ok(())
@@ -122,21 +142,47 @@ async fn take_turns(
     tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&names.capture_lock_key()]).await.map(drop)
 }
 
+/// `SET LOCAL lock_timeout` to [`TABLE_LOCK_WAIT`], for the statements that lock the table.
+fn lock_wait_sql() -> String {
+    format!("SET LOCAL lock_timeout = {}", TABLE_LOCK_WAIT.as_millis())
+}
+
+/// A trigger on a captured table that runs this provider's capture function.
+struct Installed {
+    /// Its name, as the catalog has it.
+    name: String,
+    /// Whether it is what installing creates: row-level, after every insert, update and delete,
+    /// enabled, with no condition, column list or transition table, and the table's own schema
+    /// and name as its arguments.
+    as_installed: bool,
+}
+
 /// The triggers on `target` that run this provider's capture function, whatever their names
 /// (earlier versions named them after the provider's table).
 async fn installed_triggers(
     tx: &tokio_postgres::Transaction<'_>,
     names: &Names,
     target: &QualifiedTable,
-) -> Result<Vec<String>, tokio_postgres::Error> {
+) -> Result<Vec<Installed>, tokio_postgres::Error> {
+    // How `tgargs` holds the trigger's arguments: each followed by a NUL byte.
+    let arguments = format!("{}\0{}\0", target.schema.as_str(), target.table.as_str()).into_bytes();
     let rows = tx
         .query(
-            "SELECT t.tgname::text FROM pg_trigger t
+            "SELECT t.tgname::text,
+                    t.tgtype = $3 AND t.tgenabled = 'O' AND t.tgqual IS NULL AND cardinality(t.tgattr::int2[]) = 0
+                    AND t.tgconstraint = 0 AND t.tgoldtable IS NULL AND t.tgnewtable IS NULL
+                    AND t.tgargs = $4
+             FROM pg_trigger t
              WHERE t.tgrelid = to_regclass($1) AND t.tgfoid = to_regprocedure($2) AND NOT t.tgisinternal",
-            &[&target.to_string(), &format!("{}()", names.capture_function())],
+            &[
+                &target.to_string(),
+                &format!("{}()", names.capture_function()),
+                &CAPTURE_TRIGGER_TYPE,
+                &arguments,
+            ],
         )
         .await?;
-    rows.iter().map(|row| row.try_get(0)).collect()
+    rows.iter().map(|row| Ok(Installed { name: row.try_get(0)?, as_installed: row.try_get(1)? })).collect()
 }
 
 /// `DROP TRIGGER` of a trigger named as the catalog has it, quoted.
@@ -157,8 +203,11 @@ pub(super) fn remove(shared: &Shared, table: &str) -> Result<bool, ProviderError
         let tx = conn.transaction().await.map_err(fail)?;
         take_turns(&tx, names).await.map_err(fail)?;
         let installed = installed_triggers(&tx, names, &target).await.map_err(fail)?;
-        for name in &installed {
-            tx.batch_execute(&drop_trigger_sql(name, &target)).await.map_err(fail)?;
+        if !installed.is_empty() {
+            tx.batch_execute(&lock_wait_sql()).await.map_err(fail)?;
+        }
+        for trigger in &installed {
+            tx.batch_execute(&drop_trigger_sql(&trigger.name, &target)).await.map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         conn.release();

@@ -272,8 +272,12 @@ impl PostgresProvider {
     /// schema is given; names are case-sensitive identifiers): from now on every `INSERT`,
     /// `UPDATE` and `DELETE` on it, by any client, stores an event
     /// `<schema>.<table>.create|update|delete` with the row as its payload (`{"old": …, "new": …}`
-    /// for updates) in the same transaction. Installing again replaces the trigger; instances
-    /// installing at once (a service's replicas starting together) take turns.
+    /// for updates) in the same transaction. Installing again replaces the trigger, and leaves one
+    /// already in place as it would create it alone, so that calling this at every start of a
+    /// service takes no lock on a busy table; instances installing at once (a service's replicas
+    /// starting together) take turns. Creating or removing a trigger locks the table against its
+    /// writers, which queue behind the lock while it waits: it waits 1 s at most for a writer's
+    /// open transaction, then fails as transient, to be tried again.
     ///
     /// What a captured event holds: source `database`, the schema, table and operation, the row
     /// (the new one for `INSERT`, the old one for `DELETE`, both for `UPDATE`, even one that
@@ -307,8 +311,9 @@ impl PostgresProvider {
     ///
     /// # Errors
     /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
-    /// identifier or names one of the provider's own tables; a backend error when the table does
-    /// not exist.
+    /// identifier or names one of the provider's own tables;
+    /// [`Unavailable`](crate::ProviderErrorKind::Unavailable) when a transaction writing the table
+    /// held its lock for longer than 1 s; a backend error when the table does not exist.
     pub fn install_crud_capture(&self, table: &str) -> Result<(), ProviderError> {
         capture::install(&self.shared, table)
     }
@@ -318,7 +323,9 @@ impl PostgresProvider {
     ///
     /// # Errors
     /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
-    /// identifier or names one of the provider's own tables; a backend failure otherwise.
+    /// identifier or names one of the provider's own tables;
+    /// [`Unavailable`](crate::ProviderErrorKind::Unavailable) when a transaction writing the table
+    /// held its lock for longer than 1 s; a backend failure otherwise.
     pub fn remove_crud_capture(&self, table: &str) -> Result<bool, ProviderError> {
         capture::remove(&self.shared, table)
     }
