@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// About a century: what "no deadline" saturates to. Far enough to never be reached, near enough
 /// that every platform's `Instant` can represent it.
-const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+pub(crate) const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// `start + wait`, or a point about a century away when that overflows.
 pub(crate) fn after(start: Instant, wait: Duration) -> Instant {

@@ -947,6 +947,33 @@ fn events_claimed_by_a_fetch_whose_reply_was_lost_are_fetched_again() {
     assert_eq!(ids(&got), vec![event.id], "the event claimed by the lost fetch comes again");
 }
 
+/// A claim idle time or a nak delay of `Duration::MAX` ("never", which `BrokerBuilder::claim_idle`
+/// accepts) means about a century, as every other wait of the crate does: it fails no fetch and no
+/// nak with an interval PostgreSQL cannot hold.
+#[test]
+fn durations_as_long_as_duration_max_fail_no_fetch_and_no_nak() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let config = InboundConfig::new(scope.name("a"), scope.instance("a")).with_claim_idle(Duration::MAX);
+    let source = provider.open_inbound(&config).expect("open");
+    source.set_filter(&[scope.all()]).expect("filter");
+    let event = scope.event("never.reclaimed");
+    provider.store_batch(&shared(std::slice::from_ref(&event)), None).expect("store");
+    let deadline = Instant::now() + ARRIVE;
+    let got = loop {
+        let batch =
+            source.fetch(10, Duration::from_millis(200)).expect("a fetch with claim idle Duration::MAX");
+        if !batch.is_empty() {
+            break batch;
+        }
+        assert!(Instant::now() < deadline, "the event never arrived");
+    };
+    assert_eq!(ids(&got), vec![event.id]);
+    source.nak(&[got[0].token], Duration::MAX).expect("a nak for Duration::MAX");
+    assert_quiet(&*source, Duration::from_millis(300), "an event given back for about a century");
+}
+
 /// Capture of a partitioned table names the table in its events, not the partition a row lies in.
 #[test]
 fn capture_of_a_partitioned_table_names_the_table() {

@@ -217,7 +217,7 @@ pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<Postg
         shared: Arc::clone(shared),
         owner: format!("{}/{:016x}", config.consumer(), fastrand::u64(..)),
         group,
-        claim_idle_ms: i64::try_from(config.claim_idle().as_millis()).unwrap_or(i64::MAX),
+        claim_idle_ms: millis(config.claim_idle()),
         filter: Mutex::new(Filter::Everything),
         held: Mutex::new(std::collections::HashSet::new()),
         unsure: AtomicBool::new(false),
@@ -478,8 +478,11 @@ fn tokens(tokens: impl Iterator<Item = AckToken>) -> Vec<i64> {
     tokens.map(|t| i64::try_from(t.get()).unwrap_or(i64::MAX)).collect()
 }
 
+/// `duration` in milliseconds, for an interval: at most about a century (what "no deadline"
+/// saturates to everywhere), as PostgreSQL refuses an interval past about 292 000 years and would
+/// fail every statement given `Duration::MAX`.
 fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+    i64::try_from(duration.min(crate::deadline::FAR).as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Inbound for PostgresInbound {
