@@ -974,6 +974,44 @@ fn durations_as_long_as_duration_max_fail_no_fetch_and_no_nak() {
     assert_quiet(&*source, Duration::from_millis(300), "an event given back for about a century");
 }
 
+/// A member subscribed to many patterns (a service with a handler per event type) passes over
+/// events of other types at the rate of one pattern: PostgreSQL keeps 32 compiled regular
+/// expressions per session, and with one per pattern past that, every row recompiled each of them,
+/// so a fetch over 20 000 unwanted events outlasted the operation timeout, every time: the member
+/// never received anything again.
+#[test]
+fn a_member_with_many_patterns_passes_over_unwanted_events_quickly() {
+    let backend = PostgresBackend::new();
+    let provider = postgres_support::connect(PostgresConfig {
+        operation_timeout: Duration::from_secs(2),
+        ..backend.config()
+    });
+    let scope = Scope::new();
+    let source =
+        provider.open_inbound(&InboundConfig::new(scope.name("a"), scope.instance("a"))).expect("open");
+    let mut patterns: Vec<eventbroker::Pattern> =
+        (0..64).map(|i| scope.pattern(&format!("handler{i}.*"))).collect();
+    patterns.push(scope.pattern("wanted"));
+    source.set_filter(&patterns).expect("filter");
+    Sql::connect()
+        .expect("connect")
+        .batch(&format!(
+            "INSERT INTO {} (id, source, \"type\", status, created_at_ns)
+             SELECT gen_random_uuid(), 'system', 'metrics.tick', 'pending', 0 FROM generate_series(1, 20000)",
+            backend.qualified("events")
+        ))
+        .expect("events nobody here wants");
+    let (wanted, matched) = (scope.event("wanted"), scope.event("handler63.x"));
+    provider.store_batch(&shared(&[wanted.clone(), matched.clone()]), None).expect("store");
+    let deadline = Instant::now() + ARRIVE;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        assert!(Instant::now() < deadline, "only {} of 2 events arrived", got.len());
+        got.extend(source.fetch(10, Duration::from_millis(200)).expect("no fetch fails"));
+    }
+    assert_eq!(ids(&got), vec![wanted.id, matched.id]);
+}
+
 /// Capture of a partitioned table names the table in its events, not the partition a row lies in.
 #[test]
 fn capture_of_a_partitioned_table_names_the_table() {

@@ -373,6 +373,25 @@ pub(super) fn pattern_regex(pattern: &Pattern) -> String {
     regex
 }
 
+/// One PostgreSQL regular expression that matches exactly the types one of `patterns` matches, or
+/// `None` for no pattern (what matches nothing). One, not one per pattern: PostgreSQL keeps 32
+/// compiled expressions per session, and a filter of more, each tried on every row, would compile
+/// all of them again for every row it reads.
+pub(super) fn patterns_regex(patterns: &[Pattern]) -> Option<String> {
+    if patterns.iter().any(Pattern::is_match_all) {
+        return Some("^".to_owned());
+    }
+    let mut alternatives: Vec<String> = patterns.iter().map(pattern_regex).collect();
+    alternatives.sort_unstable();
+    alternatives.dedup();
+    match &alternatives[..] {
+        [] => None,
+        [one] => Some(one.clone()),
+        // Each alternative anchored as `pattern_regex` anchors it, its leading `^` shared.
+        many => Some(format!("^(?:{})", many.iter().map(|regex| &regex[1..]).collect::<Vec<_>>().join("|"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,6 +410,20 @@ mod tests {
         for (pattern, regex) in cases {
             assert_eq!(pattern_regex(&Pattern::parse(pattern).expect("valid")), regex, "{pattern}");
         }
+    }
+
+    #[test]
+    fn one_regex_for_many_patterns_matches_what_any_of_them_matches() {
+        let parse = |patterns: &[&str]| -> Vec<Pattern> {
+            patterns.iter().map(|p| Pattern::parse(p).expect("valid")).collect()
+        };
+        assert_eq!(patterns_regex(&[]), None);
+        assert_eq!(patterns_regex(&parse(&["a.b"])), Some("^a\\.b$".to_owned()));
+        assert_eq!(patterns_regex(&parse(&["a.b", "*", "c.>"])), Some("^".to_owned()));
+        assert_eq!(
+            patterns_regex(&parse(&["a.*.c", "a.>", "a.b", "a.b"])),
+            Some("^(?:a\\..*|a\\.[^.]*\\.c$|a\\.b$)".to_owned())
+        );
     }
 
     #[test]

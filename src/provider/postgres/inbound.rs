@@ -52,7 +52,7 @@ use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
 
 use super::backend::Backend;
-use super::codec::{self, EVENT_COLUMNS, pattern_regex};
+use super::codec::{self, EVENT_COLUMNS, patterns_regex};
 use super::schema::Names;
 use super::{NAME, Shared};
 use crate::error::ProviderError;
@@ -237,7 +237,8 @@ struct Malformed {
 enum Filter {
     /// Before the first `set_filter`: every type.
     Everything,
-    /// The types matching one of these regular expressions (none: nothing).
+    /// The types matching one of these regular expressions (none: nothing): one, made of every
+    /// pattern, or none.
     Matching(Vec<String>),
 }
 
@@ -558,7 +559,7 @@ impl Inbound for PostgresInbound {
 
     fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
         self.check_open("set_filter")?;
-        *self.filter.lock() = Filter::Matching(patterns.iter().map(pattern_regex).collect());
+        *self.filter.lock() = Filter::Matching(patterns_regex(patterns).into_iter().collect());
         Ok(())
     }
 
