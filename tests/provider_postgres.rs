@@ -1012,6 +1012,47 @@ fn a_member_with_many_patterns_passes_over_unwanted_events_quickly() {
     assert_eq!(ids(&got), vec![wanted.id, matched.id]);
 }
 
+/// However long the stretch of unwanted events behind a group's cursor, and however costly its
+/// filter, a fetch looks at a bounded number of rows and moves the cursor past them: a read that
+/// had to pass them all in one statement outlasted the operation timeout, failed, and was tried
+/// again from the same cursor, for ever. (300 wildcard patterns cost PostgreSQL tens of
+/// microseconds a row, so 100 000 rows stand here for the millions a cheaper filter takes.)
+#[test]
+fn a_group_far_behind_unwanted_events_catches_up_in_bounded_steps() {
+    let backend = PostgresBackend::new();
+    let provider = postgres_support::connect(PostgresConfig {
+        operation_timeout: Duration::from_secs(1),
+        ..backend.config()
+    });
+    let scope = Scope::new();
+    let source =
+        provider.open_inbound(&InboundConfig::new(scope.name("a"), scope.instance("a"))).expect("open");
+    let mut patterns: Vec<eventbroker::Pattern> =
+        (0..300).map(|i| scope.pattern(&format!("handler{i}.*.done"))).collect();
+    patterns.push(scope.pattern("wanted"));
+    source.set_filter(&patterns).expect("filter");
+    Sql::connect()
+        .expect("connect")
+        .batch(&format!(
+            "INSERT INTO {} (id, source, \"type\", status, created_at_ns)
+             SELECT gen_random_uuid(), 'system', 'metrics.tick', 'pending', 0 FROM generate_series(1, 100000)",
+            backend.qualified("events")
+        ))
+        .expect("events nobody here wants");
+    let wanted = scope.event("wanted");
+    provider.store_batch(&shared(std::slice::from_ref(&wanted)), None).expect("store");
+    // Progress, not speed, is the point: a loaded host may take a while over 25 steps.
+    let deadline = Instant::now() + 3 * ARRIVE;
+    let got = loop {
+        assert!(Instant::now() < deadline, "the wanted event never arrived");
+        let batch = source.fetch(10, Duration::from_millis(200)).expect("no fetch fails");
+        if !batch.is_empty() {
+            break batch;
+        }
+    };
+    assert_eq!(ids(&got), vec![wanted.id]);
+}
+
 /// Capture of a partitioned table names the table in its events, not the partition a row lies in.
 #[test]
 fn capture_of_a_partitioned_table_names_the_table() {

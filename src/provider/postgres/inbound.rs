@@ -29,8 +29,15 @@
 //! (`pg_snapshot_xmin(pg_current_snapshot())`, the technique Watermill's SQL adapter uses): no
 //! such row can still appear, since every transaction below that horizon has ended. Rows are read
 //! in `(tx, seq)` order and the cursor is that pair, so it only ever passes rows that are final.
-//! When a read returns fewer rows than asked, everything below the horizon has been seen and the
-//! cursor jumps to `(horizon - 1, max)`, so skipped rows are never scanned twice.
+//!
+//! A read looks at [`MAX_SCAN`] (4096) rows past the cursor at most, wanted or not: a group far
+//! behind a long stretch of events its filter passes over (an instance back from hours away, a
+//! narrow filter on a busy table) then moves through it in bounded steps, where one statement
+//! passing it all could outlast the operation timeout, fail, and be tried again from the same
+//! cursor for ever. When a read returns fewer rows than asked, every row up to the end of what it
+//! looked at has been seen, and the cursor jumps there (to `(horizon - 1, max)` when it looked
+//! at everything below the horizon), so skipped rows are never scanned twice; a waiting fetch
+//! then reads on at once.
 //!
 //! The price: an event becomes deliverable only once every transaction that started before it
 //! committed has ended. A transaction left open anywhere on the server (idle in transaction)
@@ -64,6 +71,9 @@ use crate::sync::{AtomicBool, Ordering};
 /// Most events one fetch hands out, whatever the caller asks for.
 const MAX_PER_FETCH: usize = 4096;
 
+/// Most rows past the group's cursor one read looks at (see the module docs).
+const MAX_SCAN: i64 = 4096;
+
 /// The statements of the inbound sources, built once from the validated names.
 pub(super) struct InboundSql {
     claims: String,
@@ -72,6 +82,7 @@ pub(super) struct InboundSql {
     take_due: String,
     drop_lost: String,
     lock_group: String,
+    scan_end: String,
     read_new: String,
     claim_new: String,
     move_cursor: String,
@@ -135,14 +146,22 @@ impl InboundSql {
                         pg_snapshot_xmin(pg_current_snapshot())::text::bigint
                  FROM {groups} WHERE group_key = $1 FOR UPDATE"
             ),
+            // The row that ends a read's window: the last of the first `$4 + 1` past the cursor
+            // and below the horizon; none when there are no more.
+            scan_end: format!(
+                "SELECT tx, seq FROM {events}
+                 WHERE (tx, seq) > ($1, $2) AND tx < $3
+                 ORDER BY tx, seq
+                 OFFSET $4 LIMIT 1"
+            ),
             read_new: format!(
                 "SELECT seq, tx, {EVENT_COLUMNS} FROM {events}
-                 WHERE (tx, seq) > ($1, $2) AND tx < $3
-                   AND (tx >= $4 OR tx = ANY($5))
-                   AND origin IS DISTINCT FROM $6
-                   AND ($7 OR \"type\" ~ ANY($8))
+                 WHERE (tx, seq) > ($1, $2) AND (tx, seq) <= ($3, $4)
+                   AND (tx >= $5 OR tx = ANY($6))
+                   AND origin IS DISTINCT FROM $7
+                   AND ($8 OR \"type\" ~ ANY($9))
                  ORDER BY tx, seq
-                 LIMIT $9"
+                 LIMIT $10"
             ),
             claim_new: format!(
                 "INSERT INTO {claims} (group_key, seq, owner, claimed_at)
@@ -276,7 +295,9 @@ impl PostgresInbound {
         }
     }
 
-    async fn fetch_once(&self, max: usize) -> Result<Vec<InboundEvent>, ProviderError> {
+    /// The events fetched, and whether the read of new events stopped at the end of its window
+    /// with more rows past it (see the module docs).
+    async fn fetch_once(&self, max: usize) -> Result<(Vec<InboundEvent>, bool), ProviderError> {
         const OP: &str = "fetch";
         let sql = &self.shared.inbound_sql;
         let fail = |err| Backend::error(OP, &sql.claims, err);
@@ -323,37 +344,45 @@ impl PostgresInbound {
         }
 
         let room = max - fetched.len();
-        if room > 0 {
-            self.take_new(&tx, room, &mut fetched, &mut malformed).await?;
-        }
+        let more = room > 0 && self.take_new(&tx, room, &mut fetched, &mut malformed).await?;
         if !malformed.seqs.is_empty() {
             let mark = tx.prepare_cached(&sql.fail_malformed).await.map_err(fail)?;
             tx.execute(&mark, &[&malformed.seqs, &malformed.errors]).await.map_err(fail)?;
         }
         tx.commit().await.map_err(fail)?;
         conn.release();
-        Ok(fetched)
+        Ok((fetched, more))
     }
 
     /// Reads up to `room` new events past the group's cursor, claims them and moves the cursor.
+    /// Returns whether the read stopped short at the end of its window, with rows past it.
     async fn take_new(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         room: usize,
         fetched: &mut Vec<InboundEvent>,
         malformed: &mut Malformed,
-    ) -> Result<(), ProviderError> {
+    ) -> Result<bool, ProviderError> {
         const OP: &str = "fetch";
         let sql = &self.shared.inbound_sql;
         let fail = |err| Backend::error(OP, &sql.claims, err);
         let lock = tx.prepare_cached(&sql.lock_group).await.map_err(fail)?;
         let Some(group) = tx.query_opt(&lock, &[&self.group]).await.map_err(fail)? else {
-            return Ok(()); // The group is gone: its tables were emptied under it.
+            return Ok(false); // The group is gone: its tables were emptied under it.
         };
         let cursor: (i64, i64) = (group.try_get(0).map_err(fail)?, group.try_get(1).map_err(fail)?);
         let start_xmax: i64 = group.try_get(2).map_err(fail)?;
         let start_xip: Vec<i64> = group.try_get(3).map_err(fail)?;
         let horizon: i64 = group.try_get(4).map_err(fail)?;
+        let scan_end = tx.prepare_cached(&sql.scan_end).await.map_err(fail)?;
+        let window = tx
+            .query_opt(&scan_end, &[&cursor.0, &cursor.1, &horizon, &(MAX_SCAN - 1)])
+            .await
+            .map_err(fail)?;
+        let end: (i64, i64) = match &window {
+            Some(row) => (row.try_get(0).map_err(fail)?, row.try_get(1).map_err(fail)?),
+            None => (horizon - 1, i64::MAX), // Everything below the horizon.
+        };
         let (everything, regexes) = self.filter_params();
         let limit = i64::try_from(room).unwrap_or(i64::MAX);
         let read = tx.prepare_cached(&sql.read_new).await.map_err(fail)?;
@@ -363,7 +392,8 @@ impl PostgresInbound {
                 &[
                     &cursor.0,
                     &cursor.1,
-                    &horizon,
+                    &end.0,
+                    &end.1,
                     &start_xmax,
                     &start_xip,
                     &self.group,
@@ -389,8 +419,9 @@ impl PostgresInbound {
                 deliveries: 1,
             });
         }
-        // A short read saw everything below the horizon: the cursor may pass all of it.
-        let next = if rows.len() < room { last.max((horizon - 1, i64::MAX)) } else { last };
+        // A short read saw everything in its window: the cursor may pass all of it.
+        let short = rows.len() < room;
+        let next = if short { last.max(end) } else { last };
         if !seqs.is_empty() {
             let claim = tx.prepare_cached(&sql.claim_new).await.map_err(fail)?;
             tx.execute(&claim, &[&self.group, &self.owner, &seqs]).await.map_err(fail)?;
@@ -399,7 +430,7 @@ impl PostgresInbound {
             let advance = tx.prepare_cached(&sql.move_cursor).await.map_err(fail)?;
             tx.execute(&advance, &[&self.group, &next.0, &next.1]).await.map_err(fail)?;
         }
-        Ok(())
+        Ok(short && window.is_some())
     }
 
     /// The event in `row` from column `at`, or `None`, logged, counted and added to `malformed`,
@@ -506,7 +537,7 @@ impl Inbound for PostgresInbound {
                 }
                 // Relaxed: see `fetch_once`.
                 self.unsure.store(true, Ordering::Relaxed);
-                let fetched = self.fetch_once(max).await?;
+                let (fetched, more) = self.fetch_once(max).await?;
                 self.held
                     .lock()
                     .extend(fetched.iter().map(|e| i64::try_from(e.token.get()).unwrap_or(i64::MAX)));
@@ -519,6 +550,9 @@ impl Inbound for PostgresInbound {
                 let now = Instant::now();
                 if now >= deadline {
                     return Ok(Vec::new());
+                }
+                if more {
+                    continue; // The cursor moved through a stretch of unwanted rows: read on.
                 }
                 let nap = (deadline - now).min(backend.config.poll_interval);
                 // Woken by a notification, a reconnected listener or `close`; else the poll.
