@@ -214,6 +214,44 @@ fn a_filter_keeps_other_types_on_the_server() {
     assert_eq!(specific(&*provider, "filtered_after_fetch"), 0);
 }
 
+/// A live instance's consumer removed under it (`delete_group` run for a group still in use, or an
+/// operator removing it) is made again by its next fetch, after the last message the source saw:
+/// what was stored since arrives, filtered as before, and nothing acknowledged comes back. The
+/// consumer made again takes later filters, and a restart with another claim idle time keeps it.
+#[test]
+fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
+    let backend = NatsBackend::new();
+    let provider = backend.connect();
+    let scope = Scope::new();
+    let group = scope.instance("a");
+    let source = open(&*provider, &scope.name("a"), group.clone(), &[scope.pattern("billing.>")]);
+    let before = scope.event("billing.paid");
+    provider.store_batch(&shared(std::slice::from_ref(&before)), None).expect("store");
+    assert_eq!(ids(&take_and_ack(&*source, 1)), vec![before.id]);
+
+    assert!(provider.delete_group(&group).expect("delete_group"), "the consumer existed");
+    let since = [scope.event("billing.refund"), scope.event("users.created"), scope.event("billing.paid")];
+    provider.store_batch(&shared(&since), None).expect("store while the consumer is gone");
+    let got = take_and_ack(&*source, 2);
+    assert_eq!(ids(&got), vec![since[0].id, since[2].id], "what was stored since, filtered");
+    assert!(got.iter().all(|e| e.deliveries == 1), "{got:?}");
+    assert_quiet(&*source, "after the consumer was made again");
+
+    source.set_filter(&[scope.all()]).expect("set_filter on the consumer made again");
+    let later = scope.event("users.deleted");
+    provider.store_batch(&shared(std::slice::from_ref(&later)), None).expect("store");
+    assert_eq!(ids(&take_and_ack(&*source, 1)), vec![later.id]);
+    source.close().expect("close");
+
+    let config = InboundConfig::new(scope.name("a"), group).with_claim_idle(Duration::from_secs(2));
+    let restarted = provider.open_inbound(&config).expect("reopen with another claim idle time");
+    restarted.set_filter(&[scope.all()]).expect("set_filter");
+    let last = scope.event("orders.placed");
+    provider.store_batch(&shared(std::slice::from_ref(&last)), None).expect("store");
+    assert_eq!(ids(&take_and_ack(&*restarted, 1)), vec![last.id]);
+    assert_quiet(&*restarted, "after the restart");
+}
+
 /// Two patterns: a 2.10+ server filters each exactly; a 2.9 server takes one covering subject, and
 /// what it lets through is dropped after fetching. Delivery is exact either way.
 #[test]

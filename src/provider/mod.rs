@@ -349,8 +349,8 @@ pub trait Provider: EventSink + EventStore + std::any::Any {
     /// existed.
     ///
     /// No broker of the group should be running: a member that fetches after the deletion finds
-    /// the group made again, after the last event it read (Redis) or at the end (PostgreSQL), or
-    /// its source gone (NATS); the memory provider refuses while a member is open.
+    /// the group made again, after the last event it read (Redis, NATS) or at the end
+    /// (PostgreSQL); the memory provider refuses while a member is open.
     ///
     /// ```
     /// use std::sync::Arc;

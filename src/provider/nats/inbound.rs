@@ -23,6 +23,12 @@
 //! - Echoes — events whose `Eventbroker-Origin` header is this group — are fetched (a filter cannot
 //!   select on headers) and acknowledged at once, never handed out.
 //! - A message whose body is not an event is terminated (`+TERM`) and counted as `undecodable`.
+//! - A consumer that is gone while its source lives (`delete_group`, or an operator, removed it) no
+//!   longer answers pulls: the first fetch that gets no answer within
+//!   [`NatsConfig::request_timeout`](super::NatsConfig::request_timeout) finds it gone and makes it
+//!   again, with the source's filter, starting after the last message the source saw (deliver
+//!   policy `by_start_sequence`). What the old consumer had handed out and not seen acknowledged is
+//!   forgotten with it; what was stored since is delivered, and nothing the source already saw.
 //! - The server hands an unacknowledged event out again once the claim idle time has passed, to
 //!   whichever member pulls first. When that is the member still holding it (its broker is still
 //!   working on it), the redelivery is held, not handed out twice, and counted as
@@ -116,6 +122,9 @@ struct DurableConfig {
     ack_policy: String,
     ack_wait: u64,
     max_deliver: i64,
+    /// Where a consumer made again after it was lost starts (deliver policy `by_start_sequence`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    opt_start_seq: Option<u64>,
     #[serde(skip_serializing_if = "String::is_empty")]
     filter_subject: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -133,6 +142,16 @@ struct CreateDurable<'a> {
 #[derive(Deserialize)]
 struct ConsumerInfo {
     config: DurableConfig,
+    #[serde(default)]
+    delivered: DeliveredUpTo,
+}
+
+/// How far a consumer has gone through the stream.
+#[derive(Debug, Default, Deserialize)]
+struct DeliveredUpTo {
+    /// The stream sequence it has passed: handed out, or skipped by its filter.
+    #[serde(default)]
+    stream_seq: u64,
 }
 
 /// Counts of what this handle's sources did.
@@ -182,6 +201,7 @@ pub(super) async fn open(
         ack_policy: "explicit".to_owned(),
         ack_wait: nanos(config.claim_idle().max(Duration::from_millis(1))),
         max_deliver: -1,
+        opt_start_seq: None,
         filter_subject: Filter::all().subject(&shared.layout.prefix),
         filter_subjects: Vec::new(),
         replay_policy: "instant".to_owned(),
@@ -194,12 +214,15 @@ pub(super) async fn open(
         &super::connection::Empty {},
     )
     .await?;
+    let mut position = 0;
     let current = match existing {
         Ok(info) => {
             // Keep where it stands and what it filters; members that come back set their filter.
             desired.deliver_policy.clone_from(&info.config.deliver_policy);
+            desired.opt_start_seq = info.config.opt_start_seq;
             desired.filter_subject.clone_from(&info.config.filter_subject);
             desired.filter_subjects.clone_from(&info.config.filter_subjects);
+            position = info.delivered.stream_seq;
             Some(info.config)
         }
         Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => None,
@@ -211,7 +234,7 @@ pub(super) async fn open(
         current.ack_wait != desired.ack_wait || current.max_ack_pending != desired.max_ack_pending
     });
     if needs_write {
-        write_consumer(&shared, OPERATION, &desired).await?;
+        position = write_consumer(&shared, OPERATION, &desired).await?.delivered.stream_seq;
     }
     shared.inbound.open.fetch_add(1, Ordering::Relaxed);
     Ok(Arc::new(NatsInbound {
@@ -223,6 +246,7 @@ pub(super) async fn open(
             given_back: Mutex::new(BTreeMap::new()),
             durable,
             consumer: Mutex::new(desired),
+            position: AtomicU64::new(position),
             wanted: Mutex::new(None),
             tokens: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
@@ -230,19 +254,18 @@ pub(super) async fn open(
     }))
 }
 
-/// Creates the durable consumer `config` describes, or updates it to `config`.
+/// Creates the durable consumer `config` describes, or updates it to `config`; what the server
+/// says the consumer is now.
 async fn write_consumer(
     shared: &Shared,
     operation: &'static str,
     config: &DurableConfig,
-) -> Result<(), ProviderError> {
-    #[derive(Deserialize)]
-    struct Written {}
+) -> Result<ConsumerInfo, ProviderError> {
     let stream = &shared.layout.events;
     let subject = format!("CONSUMER.DURABLE.CREATE.{stream}.{}", config.durable_name);
-    let written: Result<Written, _> =
+    let written: Result<ConsumerInfo, _> =
         api(&shared.conn.js, operation, subject, &CreateDurable { stream_name: stream, config }).await?;
-    written.map(drop).map_err(|error| {
+    written.map_err(|error| {
         refused(operation, &format!("write consumer {} of stream {stream}", config.durable_name), &error)
     })
 }
@@ -265,6 +288,9 @@ struct Source {
     durable: String,
     /// The consumer's settings as this source last wrote them.
     consumer: Mutex<DurableConfig>,
+    /// The highest stream sequence the consumer had passed, as this source saw it: where the
+    /// consumer starts again if it is lost.
+    position: AtomicU64,
     /// The patterns of the last `set_filter`; `None` before the first: everything is wanted.
     wanted: Mutex<Option<Arc<PatternSet<()>>>>,
     /// Acknowledgement subjects of the events handed out, by stream sequence (the token).
@@ -388,7 +414,20 @@ impl Source {
         let mut pause = FIRST_POLL;
         loop {
             let pulled =
-                pull(&conn.client, OPERATION, stream, &self.durable, max, conn.request_timeout).await?;
+                match pull(&conn.client, OPERATION, stream, &self.durable, max, conn.request_timeout).await {
+                    Ok(pulled) => pulled,
+                    Err(error) => {
+                        if self.make_again_if_gone().await? {
+                            continue;
+                        }
+                        return Err(error);
+                    }
+                };
+            if let Some(last) = pulled.iter().map(|delivered| delivered.seq).max() {
+                // Relaxed: read only by this source's own fetches, which the inbound thread runs
+                // one at a time.
+                self.position.fetch_max(last, Ordering::Relaxed);
+            }
             if !pulled.is_empty() {
                 let events = self.sort(pulled).await?;
                 if !events.is_empty() {
@@ -404,6 +443,38 @@ impl Source {
             tokio::time::sleep(pause.min(left)).await;
             pause = pause.saturating_mul(2).min(self.shared.config.fetch_poll_interval);
         }
+    }
+
+    /// After a pull that failed: whether the group's consumer is gone (a consumer that does not
+    /// exist answers no pull, so the pull timed out), in which case it is made again, starting
+    /// after the last message this source saw; see the module docs.
+    async fn make_again_if_gone(&self) -> Result<bool, ProviderError> {
+        const OPERATION: &str = "fetch";
+        if self.shared.conn.client.connection_state() != async_nats::connection::State::Connected {
+            return Ok(false);
+        }
+        let stream = &self.shared.layout.events;
+        let info: Result<ConsumerInfo, _> = api(
+            &self.shared.conn.js,
+            OPERATION,
+            format!("CONSUMER.INFO.{stream}.{}", self.durable),
+            &super::connection::Empty {},
+        )
+        .await?;
+        match info {
+            Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => {}
+            Ok(_) | Err(_) => return Ok(false),
+        }
+        // Relaxed: see `fetch`.
+        let start = self.position.load(Ordering::Relaxed).saturating_add(1);
+        let mut config = self.consumer.lock().clone();
+        "by_start_sequence".clone_into(&mut config.deliver_policy);
+        config.opt_start_seq = Some(start);
+        tracing::warn!(consumer = %self.durable, %stream, start,
+            "nats provider: the consumer group's consumer is gone; making it again after the last message seen");
+        write_consumer(&self.shared, OPERATION, &config).await?;
+        *self.consumer.lock() = config;
+        Ok(true)
     }
 
     /// Sends `body` to the acknowledgement subject of each token still known, then flushes; the
@@ -564,7 +635,7 @@ impl Inbound for NatsInbound {
             let written = config.clone();
             let limit = shared.conn.request_timeout;
             shared.conn.call(OPERATION, limit, async move {
-                write_consumer(&shared_for_call, OPERATION, &written).await
+                write_consumer(&shared_for_call, OPERATION, &written).await.map(drop)
             })?;
             *source.consumer.lock() = config;
         }
