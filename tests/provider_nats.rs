@@ -252,6 +252,41 @@ fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
     assert_quiet(&*restarted, "after the restart");
 }
 
+/// A claim idle time or a nak delay longer than the server's durations hold (`i64::MAX`
+/// nanoseconds, about 292 years; `Duration::MAX` for "never") is taken as the longest they hold:
+/// the source opens and delivers, and the event given back stays back. The server refused such a
+/// claim idle time as invalid JSON, failing `open_inbound`, and took such a nak for one without a
+/// delay.
+#[test]
+fn durations_past_the_servers_range_are_taken_as_its_longest() {
+    let backend = NatsBackend::new();
+    let provider = backend.connect();
+    let scope = Scope::new();
+    let config = InboundConfig::new(scope.name("a"), scope.instance("a")).with_claim_idle(Duration::MAX);
+    let patient =
+        provider.open_inbound(&config).expect("open_inbound with a claim idle time of Duration::MAX");
+    patient.set_filter(&[scope.pattern("patient.>")]).expect("set_filter");
+    let source = open(&*provider, &scope.name("b"), scope.instance("b"), &[scope.pattern("naked.>")]);
+    let (waiting, naked) = (scope.event("patient.job"), scope.event("naked.job"));
+    provider.store_batch(&shared(&[waiting.clone(), naked.clone()]), None).expect("store");
+    assert_eq!(ids(&take_and_ack(&*patient, 1)), vec![waiting.id]);
+
+    let deadline = Instant::now() + ARRIVE;
+    let mut got = Vec::new();
+    while got.is_empty() {
+        assert!(Instant::now() < deadline, "the event did not arrive");
+        got = source.fetch(1, Duration::from_millis(200)).expect("fetch");
+    }
+    assert_eq!(ids(&got), vec![naked.id]);
+    source.nak(&[got[0].token], Duration::MAX).expect("nak");
+    // Past the source's claim idle time (1 s) too.
+    let watch = Instant::now() + Duration::from_millis(1500);
+    while let Some(left) = watch.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        let back = source.fetch(4, left).expect("fetch");
+        assert!(back.is_empty(), "given back for ever, it came again: {back:?}");
+    }
+}
+
 /// Two patterns: a 2.10+ server filters each exactly; a 2.9 server takes one covering subject, and
 /// what it lets through is dropped after fetching. Delivery is exact either way.
 #[test]

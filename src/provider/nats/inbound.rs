@@ -109,8 +109,11 @@ fn invalid(operation: &'static str, message: String) -> ProviderError {
     ProviderError::new(NAME, operation, ProviderErrorKind::InvalidInput(message))
 }
 
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+/// `duration` in nanoseconds, as the server reads a duration: a Go `time.Duration`, at most
+/// `i64::MAX` (about 292 years). Longer ones are taken as that; written as they are, the server
+/// refuses a consumer's `ack_wait` as invalid JSON and takes a nak's delay for none.
+fn nanos(duration: Duration) -> i64 {
+    i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// The settings of a group's durable consumer that the provider manages.
@@ -120,7 +123,7 @@ struct DurableConfig {
     durable_name: String,
     deliver_policy: String,
     ack_policy: String,
-    ack_wait: u64,
+    ack_wait: i64,
     max_deliver: i64,
     /// Where a consumer made again after it was lost starts (deliver policy `by_start_sequence`).
     #[serde(skip_serializing_if = "Option::is_none")]
