@@ -287,6 +287,26 @@ fn durations_past_the_servers_range_are_taken_as_its_longest() {
     }
 }
 
+/// A fetch for as many events as there are (`usize::MAX`) hands out what is there. The pull
+/// request carried the number as it was, which the server refused (a batch is a signed 64-bit
+/// number), and the refusal read as "nothing now": the source handed out nothing, ever.
+#[test]
+fn a_fetch_for_as_many_as_there_are_hands_them_out() {
+    let backend = NatsBackend::new();
+    let provider = backend.connect();
+    let scope = Scope::new();
+    let source = open(&*provider, &scope.name("a"), scope.instance("a"), &[scope.all()]);
+    let stored: Vec<Event> = (0..3).map(|_| scope.event("job")).collect();
+    provider.store_batch(&shared(&stored), None).expect("store");
+    let deadline = Instant::now() + ARRIVE;
+    let mut got = Vec::new();
+    while got.len() < stored.len() {
+        assert!(Instant::now() < deadline, "{} of {} events arrived", got.len(), stored.len());
+        got.extend(source.fetch(usize::MAX, Duration::from_millis(200)).expect("fetch"));
+    }
+    assert_eq!(ids(&got), stored.iter().map(|e| e.id).collect::<Vec<_>>());
+}
+
 /// Two patterns: a 2.10+ server filters each exactly; a 2.9 server takes one covering subject, and
 /// what it lets through is dropped after fetching. Delivery is exact either way.
 #[test]

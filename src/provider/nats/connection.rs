@@ -558,6 +558,14 @@ pub(super) async fn pull(
         match message.status {
             None | Some(StatusCode::OK) => {}
             Some(StatusCode::IDLE_HEARTBEAT) => continue,
+            // A request the server cannot read is no "nothing now": said so, it is not retried
+            // in silence for ever.
+            Some(status) if status.as_u16() == 400 => {
+                return Err(backend(
+                    operation,
+                    format!("{}: {status} {}", where_(), message.description.unwrap_or_default()),
+                ));
+            }
             // 404 nothing more now, 408 expired, 409 a limit: the request is over.
             Some(_) => break,
         }

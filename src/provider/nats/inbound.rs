@@ -573,6 +573,9 @@ impl Inbound for NatsInbound {
         if max == 0 {
             return Ok(Vec::new());
         }
+        // The group hands out no more than this at once. The server reads a pull's batch as a
+        // signed 64-bit number and refuses a larger one (`usize::MAX`, for "all there is").
+        let max = max.min(self.inner.shared.config.max_ack_pending);
         let conn = &self.inner.shared.conn;
         let limit = wait.saturating_add(conn.request_timeout.saturating_mul(3));
         conn.call(OPERATION, limit, Arc::clone(&self.inner).fetch(max, wait))
