@@ -307,6 +307,38 @@ fn a_fetch_for_as_many_as_there_are_hands_them_out() {
     assert_eq!(ids(&got), stored.iter().map(|e| e.id).collect::<Vec<_>>());
 }
 
+/// A group name ending in whitespace (`Distribution::WorkQueue("mailers ")`) cannot be told by
+/// the origin header its events carry, which is read back trimmed: such a group is refused, and
+/// so is storing with such an origin. Before, the group received its own events (no echo broke),
+/// and the group named without the whitespace took them for its own and never received them.
+#[test]
+fn a_group_name_ending_in_whitespace_keeps_no_echo() {
+    let backend = NatsBackend::new();
+    let provider = backend.connect();
+    let scope = Scope::new();
+    let trailing = ConsumerGroup::Shared(format!("{} ", scope.name("q")));
+    let config =
+        InboundConfig::new(scope.name("m1"), trailing.clone()).with_claim_idle(Duration::from_secs(1));
+    match provider.open_inbound(&config) {
+        Err(error) => assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}"),
+        Ok(source) => {
+            source.set_filter(&[scope.all()]).expect("set_filter");
+            let own = scope.event("own");
+            provider.store_batch(&shared(&[own]), Some(&trailing.key())).expect("store");
+            assert_quiet(&*source, "the group's own event");
+        }
+    }
+
+    let plain = ConsumerGroup::Shared(scope.name("q"));
+    let source = open(&*provider, &scope.name("m2"), plain, &[scope.all()]);
+    let other = scope.event("other");
+    match provider.store_batch(&shared(std::slice::from_ref(&other)), Some(&trailing.key())) {
+        Err(error) => assert!(matches!(error.kind(), ProviderErrorKind::InvalidInput(_)), "{error}"),
+        Ok(()) => assert_eq!(ids(&take_and_ack(&*source, 1)), vec![other.id], "another group's event"),
+    }
+    assert_eq!(specific(&*provider, "echoes_skipped"), 0);
+}
+
 /// Two patterns: a 2.10+ server filters each exactly; a 2.9 server takes one covering subject, and
 /// what it lets through is dropped after fetching. Delivery is exact either way.
 #[test]

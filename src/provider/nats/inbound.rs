@@ -84,6 +84,17 @@ pub(super) fn durable_name(group: &ConsumerGroup) -> Result<String, ProviderErro
             format!("the consumer group name {name:?} has a control character"),
         ));
     }
+    if name.ends_with(char::is_whitespace) {
+        // A header value is read back without its trailing whitespace: the group's own events
+        // would not read as its echoes, and would read as those of the group named without it.
+        return Err(invalid(
+            "open_inbound",
+            format!(
+                "the consumer group name {name:?} ends with whitespace, which the origin header of \
+                 its events cannot carry"
+            ),
+        ));
+    }
     let mut durable = String::from(tag);
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' {
@@ -681,5 +692,7 @@ mod tests {
         let err = durable_name(&ConsumerGroup::Shared("x".repeat(300))).expect_err("too long");
         assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(_)), "{err}");
         assert!(durable_name(&ConsumerGroup::Shared(String::new())).is_err());
+        assert!(durable_name(&ConsumerGroup::Shared("q\u{a0}".into())).is_err(), "read back trimmed");
+        assert_eq!(name(ConsumerGroup::Shared(" q r".into())), "eb-s-_20q_20r");
     }
 }

@@ -323,6 +323,17 @@ impl EventSink for NatsProvider {
                 )),
             ));
         }
+        // Read back without it, the origin would name another group: that group would take the
+        // events for its own and never receive them.
+        if let Some(origin) = origin.filter(|o| o.ends_with(char::is_whitespace)) {
+            return Err(ProviderError::new(
+                NAME,
+                OPERATION,
+                ProviderErrorKind::InvalidInput(format!(
+                    "origin {origin:?} ends with whitespace, which a header value loses"
+                )),
+            ));
+        }
         let batch = sink::prepare(shared, events, origin);
         // A message over the server's `max_payload` makes the server close the connection and
         // its publish time out: no retry can store it. The rest of the batch is stored; the
