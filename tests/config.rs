@@ -357,6 +357,11 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
         "leading or trailing whitespace",
     ),
     (
+        "event_broker:\n  provider: redis\n  distribution:\n    mode: work_queue\n    group: \"mailers \"\n",
+        "event_broker.distribution",
+        "leading or trailing whitespace",
+    ),
+    (
         "event_broker:\n  provider: database\n  database:\n    table_name: tttttttttttttttttttttttttttttttttttttttttttttttttttt\n",
         "event_broker.database.table_name",
         "at most 50 bytes",

@@ -76,6 +76,8 @@ pub enum Distribution {
     /// wants it ([`BrokerStats::returned`](crate::BrokerStats::returned)). Events published by a
     /// member are handled by that member, never by the rest of its group. Each member holds at most its
     /// [prefetch](BrokerBuilder::prefetch) of the group's events at a time, so a burst is shared.
+    /// A name that is empty, holds a control character, or has leading or trailing whitespace
+    /// fails the build with [`BuildError::Config`](crate::BuildError::Config) on `distribution`.
     WorkQueue(String),
 }
 
@@ -509,8 +511,20 @@ impl BrokerBuilder {
                 format!("must be at least 10ms, got {:?}", self.claim_idle),
             ));
         }
-        if matches!(&self.distribution, Some(Distribution::WorkQueue(group)) if group.is_empty()) {
-            return Err(ConfigError::new("distribution", "a work-queue group needs a name"));
+        if let Some(Distribution::WorkQueue(group)) = &self.distribution {
+            if group.is_empty() {
+                return Err(ConfigError::new("distribution", "a work-queue group needs a name"));
+            }
+            // As an instance id: "mailers " is another group than "mailers", unseen in most
+            // logs, and headers that carry it lose trailing whitespace (NATS).
+            if group.trim() != group || group.contains(char::is_control) {
+                return Err(ConfigError::new(
+                    "distribution",
+                    format!(
+                        "work-queue group {group:?} has a control character or leading or trailing whitespace"
+                    ),
+                ));
+            }
         }
         self.metrics.validate()
     }
