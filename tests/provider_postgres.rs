@@ -817,6 +817,46 @@ fn an_event_a_row_cannot_hold_drops_alone() {
     assert!(broker.shutdown(Duration::from_secs(10)).flush_error.is_none(), "reported by the flush before");
 }
 
+/// A member whose claim lapsed and was taken over gives nothing back with a late `nak`: the event
+/// stays the new owner's, not due again while that member handles it.
+#[test]
+fn a_late_nak_from_a_former_owner_leaves_the_new_owners_claim() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let group = ConsumerGroup::Shared(scope.name("queue"));
+    let member = |name: &str| {
+        let config =
+            InboundConfig::new(scope.name(name), group.clone()).with_claim_idle(Duration::from_secs(1));
+        let source = provider.open_inbound(&config).expect("open");
+        source.set_filter(&[scope.all()]).expect("filter");
+        source
+    };
+    // Fetches without acknowledging, until one event comes.
+    let hold = |source: &dyn Inbound| {
+        let deadline = Instant::now() + ARRIVE;
+        loop {
+            let batch = source.fetch(1, Duration::from_millis(200)).expect("fetch");
+            if !batch.is_empty() {
+                return batch;
+            }
+            assert!(Instant::now() < deadline, "nothing arrived within {ARRIVE:?}");
+        }
+    };
+    let (former, taker) = (member("former"), member("taker"));
+    let event = scope.event("lapsed");
+    provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
+    let first = hold(&*former);
+    assert_eq!(ids(&first), vec![event.id]);
+    std::thread::sleep(Duration::from_millis(1100)); // The former member's claim lapses.
+    assert_eq!(ids(&hold(&*taker)), vec![event.id], "taken over");
+
+    former.nak(&[first[0].token], Duration::ZERO).expect("nak");
+    // Within the taker's claim idle time (1 s from the takeover).
+    assert_quiet(&*taker, Duration::from_millis(300), "the event the taker holds");
+    assert_quiet(&*former, Duration::from_millis(300), "the event the taker holds");
+}
+
 /// A source on `provider` of its own group, filtered to `pattern`.
 fn capture_source(provider: &PostgresProvider, pattern: &str) -> Arc<dyn Inbound> {
     let name = format!("cap{}", fastrand::u32(..));

@@ -228,7 +228,9 @@ pub trait Inbound: Send + Sync {
     fn ack(&self, acks: &[Ack]) -> Result<(), ProviderError>;
 
     /// Gives events back unhandled: the group hands them out again after `delay`, to this member or
-    /// another. The broker naks what it fetched and could not finish before shutting down.
+    /// another. The broker naks what it fetched and could not finish before shutting down. A token
+    /// the group has since handed to another member (this member's claim lapsed) is left to that
+    /// member: giving it back would hand it out again while that member handles it.
     ///
     /// # Errors
     /// As [`Inbound::ack`].

@@ -170,9 +170,11 @@ impl InboundSql {
             ),
             move_cursor: format!("UPDATE {groups} SET cursor_tx = $2, cursor_seq = $3 WHERE group_key = $1"),
             ack: format!("DELETE FROM {claims} WHERE group_key = $1 AND seq = ANY($2)"),
+            // Only the member's own claims: one that lapsed and was taken over is the new
+            // owner's, and a late nak would hand it out again while that member handles it.
             nak: format!(
                 "UPDATE {claims} SET due_at = now() + $3::bigint * interval '1 millisecond'
-                 WHERE group_key = $1 AND seq = ANY($2)"
+                 WHERE group_key = $1 AND seq = ANY($2) AND owner = $4"
             ),
             extend: format!(
                 "UPDATE {claims} SET claimed_at = now() WHERE group_key = $1 AND owner = $2 AND seq = ANY($3)"
@@ -577,7 +579,7 @@ impl Inbound for PostgresInbound {
         }
         let seqs = tokens(tokens_.iter().copied());
         let delay = millis(delay);
-        self.update_claims("nak", &self.shared.inbound_sql.nak, &[&seqs, &delay])?;
+        self.update_claims("nak", &self.shared.inbound_sql.nak, &[&seqs, &delay, &self.owner])?;
         self.forget(&seqs);
         self.shared.backend.wake_all(); // A nak without delay is due at once.
         Ok(())
