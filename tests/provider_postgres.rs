@@ -39,6 +39,18 @@ fn take(source: &dyn Inbound, n: usize) -> Vec<InboundEvent> {
     got
 }
 
+/// Fetches without acknowledging until a batch comes; fails after `within`.
+fn first_batch(source: &dyn Inbound, within: Duration) -> Vec<InboundEvent> {
+    let deadline = Instant::now() + within;
+    loop {
+        let batch = source.fetch(10, Duration::from_millis(200)).expect("fetch");
+        if !batch.is_empty() {
+            return batch;
+        }
+        assert!(Instant::now() < deadline, "nothing arrived within {within:?}");
+    }
+}
+
 /// Fetches for `quiet` and asserts nothing came.
 fn assert_quiet(source: &dyn Inbound, quiet: Duration, what: &str) {
     let got = source.fetch(16, quiet).expect("fetch");
@@ -832,24 +844,13 @@ fn a_late_nak_from_a_former_owner_leaves_the_new_owners_claim() {
         source.set_filter(&[scope.all()]).expect("filter");
         source
     };
-    // Fetches without acknowledging, until one event comes.
-    let hold = |source: &dyn Inbound| {
-        let deadline = Instant::now() + ARRIVE;
-        loop {
-            let batch = source.fetch(1, Duration::from_millis(200)).expect("fetch");
-            if !batch.is_empty() {
-                return batch;
-            }
-            assert!(Instant::now() < deadline, "nothing arrived within {ARRIVE:?}");
-        }
-    };
     let (former, taker) = (member("former"), member("taker"));
     let event = scope.event("lapsed");
     provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
-    let first = hold(&*former);
+    let first = first_batch(&*former, ARRIVE);
     assert_eq!(ids(&first), vec![event.id]);
     std::thread::sleep(Duration::from_millis(1100)); // The former member's claim lapses.
-    assert_eq!(ids(&hold(&*taker)), vec![event.id], "taken over");
+    assert_eq!(ids(&first_batch(&*taker, ARRIVE)), vec![event.id], "taken over");
 
     former.nak(&[first[0].token], Duration::ZERO).expect("nak");
     // Within the taker's claim idle time (1 s from the takeover).
@@ -1000,18 +1001,44 @@ fn durations_as_long_as_duration_max_fail_no_fetch_and_no_nak() {
     source.set_filter(&[scope.all()]).expect("filter");
     let event = scope.event("never.reclaimed");
     provider.store_batch(&shared(std::slice::from_ref(&event)), None).expect("store");
-    let deadline = Instant::now() + ARRIVE;
-    let got = loop {
-        let batch =
-            source.fetch(10, Duration::from_millis(200)).expect("a fetch with claim idle Duration::MAX");
-        if !batch.is_empty() {
-            break batch;
-        }
-        assert!(Instant::now() < deadline, "the event never arrived");
-    };
+    let got = first_batch(&*source, ARRIVE);
     assert_eq!(ids(&got), vec![event.id]);
     source.nak(&[got[0].token], Duration::MAX).expect("a nak for Duration::MAX");
     assert_quiet(&*source, Duration::from_millis(300), "an event given back for about a century");
+}
+
+/// A member filtered to `patterns` patterns made by `pattern` and to `wanted`, whose group has
+/// `unwanted` events of another type to pass over, on a provider whose calls time out after
+/// `timeout`.
+struct Behind {
+    _backend: PostgresBackend,
+    provider: PostgresProvider,
+    scope: Scope,
+    source: Arc<dyn Inbound>,
+}
+
+impl Behind {
+    fn new(timeout: Duration, unwanted: u32, pattern: impl Fn(usize) -> String, patterns: usize) -> Self {
+        let backend = PostgresBackend::new();
+        let provider =
+            postgres_support::connect(PostgresConfig { operation_timeout: timeout, ..backend.config() });
+        let scope = Scope::new();
+        let source =
+            provider.open_inbound(&InboundConfig::new(scope.name("a"), scope.instance("a"))).expect("open");
+        let mut filter: Vec<eventbroker::Pattern> =
+            (0..patterns).map(|i| scope.pattern(&pattern(i))).collect();
+        filter.push(scope.pattern("wanted"));
+        source.set_filter(&filter).expect("filter");
+        Sql::connect()
+            .expect("connect")
+            .batch(&format!(
+                "INSERT INTO {} (id, source, \"type\", status, created_at_ns)
+                 SELECT gen_random_uuid(), 'system', 'metrics.tick', 'pending', 0 FROM generate_series(1, {unwanted})",
+                backend.qualified("events")
+            ))
+            .expect("events nobody here wants");
+        Self { _backend: backend, provider, scope, source }
+    }
 }
 
 /// A member subscribed to many patterns (a service with a handler per event type) passes over
@@ -1021,26 +1048,8 @@ fn durations_as_long_as_duration_max_fail_no_fetch_and_no_nak() {
 /// never received anything again.
 #[test]
 fn a_member_with_many_patterns_passes_over_unwanted_events_quickly() {
-    let backend = PostgresBackend::new();
-    let provider = postgres_support::connect(PostgresConfig {
-        operation_timeout: Duration::from_secs(2),
-        ..backend.config()
-    });
-    let scope = Scope::new();
-    let source =
-        provider.open_inbound(&InboundConfig::new(scope.name("a"), scope.instance("a"))).expect("open");
-    let mut patterns: Vec<eventbroker::Pattern> =
-        (0..64).map(|i| scope.pattern(&format!("handler{i}.*"))).collect();
-    patterns.push(scope.pattern("wanted"));
-    source.set_filter(&patterns).expect("filter");
-    Sql::connect()
-        .expect("connect")
-        .batch(&format!(
-            "INSERT INTO {} (id, source, \"type\", status, created_at_ns)
-             SELECT gen_random_uuid(), 'system', 'metrics.tick', 'pending', 0 FROM generate_series(1, 20000)",
-            backend.qualified("events")
-        ))
-        .expect("events nobody here wants");
+    let behind = Behind::new(Duration::from_secs(2), 20_000, |i| format!("handler{i}.*"), 64);
+    let (provider, scope, source) = (&behind.provider, &behind.scope, &*behind.source);
     let (wanted, matched) = (scope.event("wanted"), scope.event("handler63.x"));
     provider.store_batch(&shared(&[wanted.clone(), matched.clone()]), None).expect("store");
     let deadline = Instant::now() + ARRIVE;
@@ -1059,37 +1068,12 @@ fn a_member_with_many_patterns_passes_over_unwanted_events_quickly() {
 /// microseconds a row, so 100 000 rows stand here for the millions a cheaper filter takes.)
 #[test]
 fn a_group_far_behind_unwanted_events_catches_up_in_bounded_steps() {
-    let backend = PostgresBackend::new();
-    let provider = postgres_support::connect(PostgresConfig {
-        operation_timeout: Duration::from_secs(1),
-        ..backend.config()
-    });
-    let scope = Scope::new();
-    let source =
-        provider.open_inbound(&InboundConfig::new(scope.name("a"), scope.instance("a"))).expect("open");
-    let mut patterns: Vec<eventbroker::Pattern> =
-        (0..300).map(|i| scope.pattern(&format!("handler{i}.*.done"))).collect();
-    patterns.push(scope.pattern("wanted"));
-    source.set_filter(&patterns).expect("filter");
-    Sql::connect()
-        .expect("connect")
-        .batch(&format!(
-            "INSERT INTO {} (id, source, \"type\", status, created_at_ns)
-             SELECT gen_random_uuid(), 'system', 'metrics.tick', 'pending', 0 FROM generate_series(1, 100000)",
-            backend.qualified("events")
-        ))
-        .expect("events nobody here wants");
+    let behind = Behind::new(Duration::from_secs(1), 100_000, |i| format!("handler{i}.*.done"), 300);
+    let (provider, scope, source) = (&behind.provider, &behind.scope, &*behind.source);
     let wanted = scope.event("wanted");
     provider.store_batch(&shared(std::slice::from_ref(&wanted)), None).expect("store");
     // Progress, not speed, is the point: a loaded host may take a while over 25 steps.
-    let deadline = Instant::now() + 3 * ARRIVE;
-    let got = loop {
-        assert!(Instant::now() < deadline, "the wanted event never arrived");
-        let batch = source.fetch(10, Duration::from_millis(200)).expect("no fetch fails");
-        if !batch.is_empty() {
-            break batch;
-        }
-    };
+    let got = first_batch(source, 3 * ARRIVE);
     assert_eq!(ids(&got), vec![wanted.id]);
 }
 
