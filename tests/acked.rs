@@ -855,30 +855,6 @@ fn shutdown_stops_waiting_for_a_synchronous_publishs_settle_in_time_to_write_its
     assert_eq!(letters.len(), 1, "{report:?}");
 }
 
-/// A delivery `publish_sync` waits for sees shutdown begin, and its wait ends in time for its
-/// letter to be written and counted in the report. (It wakes at once; the test allows a loaded
-/// host 100 ms, so it would pass with the 20 ms looks of before too.)
-#[test]
-fn a_short_shutdown_ends_a_synchronous_publishs_wait_for_a_settle_in_time() {
-    let memory = Arc::new(MemoryProvider::default());
-    let broker = Broker::builder().provider(memory.clone()).retry_policy(quick_retries(0)).build().unwrap();
-    let (_id, deliveries) = broker.subscribe_acked("orders.>").unwrap();
-    let sent = event("orders.created");
-    let id = sent.id;
-    let publisher = {
-        let broker = broker.clone();
-        thread::spawn(move || broker.publish_sync(sent))
-    };
-    let held = next(&deliveries);
-    let report = broker.shutdown(Duration::from_millis(100));
-    assert!(publisher.join().unwrap().is_err());
-    drop(held);
-    assert!(report.is_clean(), "{report:?}");
-    assert_eq!(report.dead_lettered, 1, "{report:?}");
-    let letters = memory.list_dead_letters(&DeadLetterFilter::new().with_event_id(id)).unwrap();
-    assert_eq!(letters.len(), 1, "{report:?}");
-}
-
 /// Shutdown's count of the deliveries it dead-lettered includes those of an inbound event whose
 /// subscription had ended, written beside the one it ended (the event had a delivery
 /// dead-lettered already, so it is not given back).
