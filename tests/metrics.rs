@@ -13,7 +13,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::{event, wait_until};
+use common::{event, prometheus_value, wait_until};
 use eventbroker::metrics::MetricsConfig;
 use eventbroker::{Broker, Event, EventSource, RetryPolicy};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -49,22 +49,11 @@ fn scrape() -> String {
     body.to_owned()
 }
 
-/// The value of the series `name` whose labels include every one of `labels`.
-fn value(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    body.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
-        let matches =
-            series_name == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-        matches.then(|| value.parse().ok()).flatten()
-    })
-}
-
 /// Scrapes until `name{labels}` reads `expected`, or fails after `WAIT`.
 fn wait_for_value(name: &str, labels: &[(&str, &str)], expected: f64) {
     let mut last = None;
     wait_until(&format!("{name}{labels:?} to read {expected}"), WAIT, || {
-        last = value(&scrape(), name, labels);
+        last = prometheus_value(&scrape(), name, labels);
         last == Some(expected)
     });
 }
@@ -99,9 +88,13 @@ fn counters_carry_the_seeds_names_labels_and_values() {
     let users = [("source", "database"), ("type", "public.users.create")];
     let orders = [("source", "frontend"), ("type", "orders.paid")];
     let body = scrape();
-    assert_eq!(value(&body, "seed_eventbroker_events_published_total", &users), Some(26.0), "{body}");
     assert_eq!(
-        value(
+        prometheus_value(&body, "seed_eventbroker_events_published_total", &users),
+        Some(26.0),
+        "{body}"
+    );
+    assert_eq!(
+        prometheus_value(
             &body,
             "seed_eventbroker_events_processed_total",
             &[users[0], users[1], ("status", "completed")]
@@ -109,16 +102,16 @@ fn counters_carry_the_seeds_names_labels_and_values() {
         Some(26.0)
     );
     assert_eq!(
-        value(
+        prometheus_value(
             &body,
             "seed_eventbroker_events_processed_total",
             &[orders[0], orders[1], ("status", "failed")]
         ),
         Some(3.0)
     );
-    assert_eq!(value(&body, "seed_eventbroker_events_published_total", &orders), Some(3.0));
-    let timed =
-        value(&body, "seed_eventbroker_event_processing_duration_seconds_count", &users).unwrap_or(0.0);
+    assert_eq!(prometheus_value(&body, "seed_eventbroker_events_published_total", &orders), Some(3.0));
+    let timed = prometheus_value(&body, "seed_eventbroker_event_processing_duration_seconds_count", &users)
+        .unwrap_or(0.0);
     assert!((1.0..=26.0).contains(&timed), "sampled durations: {timed}\n{body}");
     assert!(body.contains("# TYPE seed_eventbroker_events_published_total counter"), "{body}");
 
@@ -151,7 +144,7 @@ fn brokers_of_one_process_are_told_apart_by_their_labels() {
     wait_for_value("two_eventbroker_dead_letters_total", &[("broker", "audit")], 5.0);
     wait_for_value("two_eventbroker_workers_active", &[("broker", "audit")], 2.0);
     let failed = [("broker", "orders"), ("type", "work.item"), ("status", "failed")];
-    assert_eq!(value(&scrape(), "two_eventbroker_events_processed_total", &failed), Some(3.0));
+    assert_eq!(prometheus_value(&scrape(), "two_eventbroker_events_processed_total", &failed), Some(3.0));
     assert!(orders.shutdown(WAIT).is_clean());
     wait_for_value("two_eventbroker_workers_active", &[("broker", "orders")], 0.0);
     wait_for_value("two_eventbroker_workers_active", &[("broker", "audit")], 2.0);
@@ -207,7 +200,8 @@ fn types_beyond_the_limit_fold_into_other_and_are_counted() {
     }
     broker.drain(WAIT).unwrap();
     let body = scrape();
-    let published = |t: &str| value(&body, "fold_eventbroker_events_published_total", &[("type", t)]);
+    let published =
+        |t: &str| prometheus_value(&body, "fold_eventbroker_events_published_total", &[("type", t)]);
     let own: Vec<&str> = ["fold.a", "fold.b", "fold.c", "fold.d", "fold.e"]
         .into_iter()
         .filter(|t| published(t).is_some())

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{event, wait_until};
+use common::{event, prometheus_value, wait_until};
 use eventbroker::metrics::MetricsConfig;
 use eventbroker::{Broker, RetryPolicy};
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -15,15 +15,6 @@ use metrics_util::MetricKindMask;
 
 const WAIT: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_millis(300);
-
-/// The value of the series `name` whose labels include `label`, in Prometheus' text format.
-fn value(body: &str, name: &str, label: &str) -> Option<f64> {
-    body.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, labels) = series.split_once('{').unwrap_or((series, ""));
-        (series_name == name && labels.contains(label)).then(|| value.parse().ok()).flatten()
-    })
-}
 
 #[test]
 fn series_the_recorder_dropped_while_idle_come_back_when_they_move() {
@@ -39,9 +30,13 @@ fn series_the_recorder_dropped_while_idle_come_back_when_they_move() {
         Broker::builder().workers(1).retry_policy(RetryPolicy::none()).metrics(config).build().unwrap();
     broker.subscribe("pay.>", |_| Err::<(), _>("declined")).unwrap();
 
-    let dead_letters = |body: &str| value(body, "idle_eventbroker_dead_letters_total", "");
+    let dead_letters = |body: &str| prometheus_value(body, "idle_eventbroker_dead_letters_total", &[]);
     let failed = |body: &str, t: &str| {
-        value(body, "idle_eventbroker_events_processed_total", &format!(r#"type="{t}",status="failed""#))
+        prometheus_value(
+            body,
+            "idle_eventbroker_events_processed_total",
+            &[("type", t), ("status", "failed")],
+        )
     };
     let all_there = |body: &str| {
         dead_letters(body).is_some()
@@ -64,7 +59,7 @@ fn series_the_recorder_dropped_while_idle_come_back_when_they_move() {
             dead_letters(&body).is_none() && failed(&body, "pay.async").is_none()
         });
         assert!(
-            value(&body, "idle_eventbroker_workers_active", "").is_some(),
+            prometheus_value(&body, "idle_eventbroker_workers_active", &[]).is_some(),
             "a gauge set every report never idles\n{body}"
         );
     }

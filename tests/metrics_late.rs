@@ -5,21 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{event, wait_until};
+use common::{event, prometheus_value, wait_until};
 use eventbroker::Broker;
 use eventbroker::metrics::MetricsConfig;
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// The value of the series `name` whose labels include `label`, in Prometheus' text format.
-fn value(body: &str, name: &str, label: &str) -> Option<f64> {
-    body.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, labels) = series.split_once('{').unwrap_or((series, ""));
-        (series_name == name && labels.contains(label)).then(|| value.parse().ok()).flatten()
-    })
-}
 
 #[test]
 fn a_broker_built_before_the_recorder_counts_every_event_after_it_finds_one() {
@@ -41,20 +32,24 @@ fn a_broker_built_before_the_recorder_counts_every_event_after_it_finds_one() {
     // The reporter finds the recorder within an interval, while the worker sleeps: nothing wakes
     // it until the next events come.
     wait_until("the reporter to find the recorder", WAIT, || {
-        value(&handle.render(), "late_eventbroker_workers_active", "").is_some()
+        prometheus_value(&handle.render(), "late_eventbroker_workers_active", &[]).is_some()
     });
     for _ in 0..10 {
         broker.publish(event("late.after")).unwrap();
     }
     broker.drain(WAIT).unwrap();
-    let published =
-        |body: &str| value(body, "late_eventbroker_events_published_total", r#"type="late.after""#);
+    let published = |body: &str| {
+        prometheus_value(body, "late_eventbroker_events_published_total", &[("type", "late.after")])
+    };
     let mut body = String::new();
     wait_until("the worker's counts to reach the recorder", WAIT, || {
         body = handle.render();
         published(&body) == Some(10.0)
     });
     assert_eq!(published(&body), Some(10.0), "{body}");
-    assert_eq!(value(&body, "late_eventbroker_events_published_total", r#"type="late.before""#), None);
+    assert_eq!(
+        prometheus_value(&body, "late_eventbroker_events_published_total", &[("type", "late.before")]),
+        None
+    );
     assert!(broker.shutdown(WAIT).is_clean());
 }

@@ -29,3 +29,16 @@ pub fn quick_retries(max_retries: u32) -> RetryPolicy {
         jitter: 0.0,
     }
 }
+
+/// The value of the series `name` whose labels include every one of `labels`, in Prometheus'
+/// text format.
+#[allow(dead_code)] // Only the metrics test binaries scrape.
+pub fn prometheus_value(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    body.lines().filter(|line| !line.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+        let matches =
+            series_name == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        matches.then(|| value.parse().ok()).flatten()
+    })
+}
