@@ -1605,6 +1605,41 @@ fn held_events_keep_their_claims_while_fetching_fails() {
     faulty.heal_all();
 }
 
+/// While fetching fails, the inbound lag grows with the time since the last fetch that succeeded:
+/// an outage must not read as caught up (0) on a dashboard. It is back near 0 once a fetch
+/// succeeds again.
+#[test]
+fn inbound_lag_grows_while_fetching_fails() {
+    let bus = Arc::new(MemoryProvider::default());
+    let faulty = FaultyProvider::new(bus.clone());
+    let receiver =
+        Broker::builder().provider(faulty.clone()).instance_id("lagging-receiver").build().unwrap();
+    receiver.subscribe_infallible("lagging.>", |_: &Event| {}).unwrap();
+    let (publisher, _) = publish_burst(&bus, "lagging", "lagging.jobs.run", 3);
+    wait_until("the receiver fetched the events", Duration::from_secs(5), || {
+        receiver.stats().inbound.fetched == 3
+    });
+    wait_until("the receiver caught up", Duration::from_secs(5), || {
+        receiver.stats().inbound.lag < Duration::from_millis(100)
+    });
+
+    faulty.inject(Operation::Fetch, Fault::unavailable());
+    wait_until("a fetch failed", Duration::from_secs(5), || receiver.stats().inbound.fetch_errors > 0);
+    let early = receiver.stats().inbound.lag;
+    thread::sleep(Duration::from_millis(400));
+    let late = receiver.stats().inbound.lag;
+    assert!(
+        late >= early + Duration::from_millis(400),
+        "the lag grows during the outage: {early:?}, then {late:?}"
+    );
+
+    faulty.heal_all();
+    wait_until("the lag is back near zero", Duration::from_secs(5), || {
+        receiver.stats().inbound.lag < Duration::from_millis(100)
+    });
+    drop(publisher);
+}
+
 /// The provider refuses the writer's stores for a while (the writer keeps its batch and retries,
 /// backing off up to 1 s) while its inbound side works: the claims of the events a member holds,
 /// none of them handled yet, must still be extended every third of the claim idle time, or

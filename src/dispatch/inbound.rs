@@ -159,19 +159,60 @@ pub struct InboundStats {
     pub lost: u64,
     /// How long before its fetch the oldest event of the last non-empty fetch was created (by its
     /// publisher's clock); zero after a fetch that found nothing, when this instance has caught
-    /// up. How far behind the other instances this one runs.
+    /// up. How far behind the other instances this one runs. While fetches fail (the server
+    /// down, say), the time since the last fetch that succeeded is added, and the lag grows until
+    /// one succeeds again: an outage never reads as caught up.
     pub lag: Duration,
 }
 
-#[derive(Default)]
 struct Counters {
     fetched: AtomicU64,
     fetch_errors: AtomicU64,
     filter_errors: AtomicU64,
     invalid: AtomicU64,
     returned: AtomicU64,
-    /// `InboundStats::lag`, in microseconds.
+    /// `InboundStats::lag` as of the last fetch that succeeded, in microseconds.
     lag_micros: AtomicU64,
+    /// When the last fetch succeeded, in microseconds since `since`.
+    fetched_at_micros: AtomicU64,
+    /// Whether the last fetch failed: the lag then grows from `fetched_at_micros`.
+    failing: AtomicBool,
+    /// The origin of `fetched_at_micros`.
+    since: Instant,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            fetched: AtomicU64::new(0),
+            fetch_errors: AtomicU64::new(0),
+            filter_errors: AtomicU64::new(0),
+            invalid: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+            lag_micros: AtomicU64::new(0),
+            fetched_at_micros: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            since: Instant::now(),
+        }
+    }
+}
+
+impl Counters {
+    fn micros_since_start(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.since).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// `InboundStats::lag` at `now`.
+    fn lag(&self, now: Instant) -> Duration {
+        // Relaxed: statistics. A reader between a fetch's two stores sees the old lag, or the
+        // new one grown by at most one fetch's time.
+        let lag = Duration::from_micros(self.lag_micros.load(Ordering::Relaxed));
+        if !self.failing.load(Ordering::Relaxed) {
+            return lag;
+        }
+        let fetched_at = self.fetched_at_micros.load(Ordering::Relaxed);
+        lag.saturating_add(Duration::from_micros(self.micros_since_start(now).saturating_sub(fetched_at)))
+    }
 }
 
 /// A broker's inbound source and the thread that drains it.
@@ -286,7 +327,7 @@ impl InboundPump {
             invalid: load(&c.invalid),
             returned: load(&c.returned),
             lost: self.source.lost(),
-            lag: Duration::from_micros(load(&c.lag_micros)),
+            lag: c.lag(Instant::now()),
         }
     }
 
@@ -328,6 +369,8 @@ impl InboundPump {
                 Ok(events) => {
                     backoff = FIRST_BACKOFF;
                     self.note_lag(&events);
+                    // Relaxed: a statistic.
+                    self.counters.failing.store(false, Ordering::Relaxed);
                     self.place_all(target, events, &mut next_extend);
                 }
                 Err(error) if matches!(error.kind(), ProviderErrorKind::Closed) => {
@@ -335,6 +378,8 @@ impl InboundPump {
                     return;
                 }
                 Err(error) => {
+                    // Relaxed: a statistic.
+                    self.counters.failing.store(true, Ordering::Relaxed);
                     let errors = self.counters.fetch_errors.fetch_add(1, Ordering::Relaxed) + 1;
                     if errors.is_power_of_two() {
                         tracing::warn!(%error, errors, retry_in = ?backoff, "fetching from other instances failed; local dispatch goes on");
@@ -418,8 +463,10 @@ impl InboundPump {
             Duration::try_from(crate::clock::now().duration_since(created)).unwrap_or(Duration::ZERO)
         });
         let micros = u64::try_from(lag.as_micros()).unwrap_or(u64::MAX);
-        // Relaxed: a statistic.
+        // Relaxed: statistics.
         self.counters.lag_micros.store(micros, Ordering::Relaxed);
+        let now = self.counters.micros_since_start(Instant::now());
+        self.counters.fetched_at_micros.store(now, Ordering::Relaxed);
     }
 
     /// Extends the claims of the events held, when `next` has come: events waiting in the shards

@@ -19,7 +19,7 @@
 //! | `eventbroker_pending_retries` | gauge | | deliveries waiting for a retry |
 //! | `eventbroker_awaiting_acks` | gauge | | acknowledged deliveries waiting for their consumer to settle them ([`Broker::subscribe_acked`](crate::Broker::subscribe_acked)) |
 //! | `eventbroker_writer_backlog` | gauge | | writes handed to the writer thread, not yet written to the provider: stored events, status changes, dead letters, acknowledgements |
-//! | `eventbroker_inbound_lag_seconds` | gauge | | how long before its fetch the oldest event of the last batch from other instances was created (0 when caught up) |
+//! | `eventbroker_inbound_lag_seconds` | gauge | | how long before its fetch the oldest event of the last batch from other instances was created (0 when caught up); while fetches fail, plus the time since the last that succeeded |
 //! | `eventbroker_events_rejected_total` | counter | | publishes refused with `Full` |
 //! | `eventbroker_retries_total` | counter | | retries scheduled |
 //! | `eventbroker_handler_failures_total` | counter | | failed handler calls, retries included |
@@ -97,9 +97,9 @@ mod recording;
 mod reporter;
 
 #[cfg(not(feature = "metrics"))]
-pub(crate) use self::disabled::{EngineMetrics, WorkerMetrics};
+pub(crate) use self::disabled::{EngineMetrics, Probe, WorkerMetrics};
 #[cfg(feature = "metrics")]
-pub(crate) use self::recording::{EngineMetrics, WorkerMetrics};
+pub(crate) use self::recording::{EngineMetrics, Probe, WorkerMetrics};
 
 /// The label value of event types beyond [`MetricsConfig::max_types`].
 pub const OTHER_TYPE: &str = "other";
