@@ -35,7 +35,7 @@ use crate::dispatch::spent::{self, SpentEvents};
 use crate::dispatch::wait::{WaitOutcome, WaitStrategy};
 use crate::dispatch::writer::ProviderWriter;
 use crate::error::ProviderError;
-use crate::metrics::{EngineMetrics, WorkerMetrics};
+use crate::metrics::{EngineMetrics, Probe, WorkerMetrics};
 use crate::provider::memory::StoreTicket;
 use crate::provider::{AckToken, MemoryProvider, Provider, StatusUpdate};
 use crate::subscription::{Subscription, SubscriptionSet, SubscriptionTable};
@@ -354,6 +354,8 @@ struct InFlight {
     origin: Origin,
     /// Whether it has an entry in `open` (then its retries settle it).
     registered: bool,
+    /// Its metrics, begun: a panic ends them with the job's outcome.
+    probe: Probe,
 }
 
 pub(crate) struct Worker {
@@ -597,8 +599,9 @@ impl Worker {
             // jobs in hand apart from those begun.
             self.counters.started.store(self.started, Ordering::Relaxed);
             if let Some(job) = job {
-                self.in_flight = Some(InFlight { id: job.event.id, origin: job.origin, registered: false });
                 let probe = self.metrics.begin(&job, &self.outbox.counts);
+                self.in_flight =
+                    Some(InFlight { id: job.event.id, origin: job.origin, registered: false, probe });
                 self.dispatch_one(&set, job);
                 self.metrics.end(probe, &self.outbox.counts);
                 self.in_flight = None;
@@ -939,7 +942,12 @@ impl Worker {
         delivery::drop_contained(payload);
         self.internal_errors += 1;
         tracing::error!(shard = self.index, %message, "a worker caught a panic outside any handler; it carries on");
-        let Some(in_flight) = self.in_flight.take().filter(|f| !f.registered) else { return };
+        let Some(in_flight) = self.in_flight.take() else { return };
+        if in_flight.registered {
+            // Its retries settle it, and `settled_late` counts it then.
+            self.metrics.end(in_flight.probe, &self.outbox.counts);
+            return;
+        }
         match in_flight.origin {
             Origin::Inbound(token) => self.outbox.naks.push(token),
             origin @ Origin::Local { .. } if self.config.track_status => self.outbox.push_status(
@@ -951,6 +959,7 @@ impl Worker {
             Origin::Local { .. } | Origin::Replayed => {}
         }
         self.outbox.counts.failed += 1;
+        self.metrics.end(in_flight.probe, &self.outbox.counts);
     }
 
     /// Hands this turn's results to the writer, ends gone subscriptions, and publishes the
