@@ -403,6 +403,43 @@ fn one_instance_id_receives_from_a_provider_once_per_process() {
     assert!(after_drop.expect("a dropped broker frees its id").shutdown(WAIT).is_clean());
 }
 
+/// A shutdown that gives up on an inbound thread stuck in a fetch (a provider that stopped
+/// answering) keeps the broker's id until that fetch returns: a next incarnation built meanwhile
+/// would fetch from the same group beside it, each skipping what the other took.
+#[test]
+fn an_id_stays_taken_while_a_shut_down_brokers_fetch_hangs() {
+    let faulty = FaultyProvider::new(Arc::new(MemoryProvider::default()));
+    let receiving = || {
+        Broker::builder()
+            .provider(faulty.clone())
+            .instance_id("hung-1")
+            .distribution(Distribution::FanOut)
+            .build()
+    };
+    let first = receiving().unwrap();
+    first.subscribe_infallible("hung.>", |_| {}).unwrap();
+    wait_until("the first fetch", WAIT, || faulty.calls(Operation::Fetch) > 0);
+    faulty.inject(Operation::Fetch, Fault::Hang { at_most: Duration::from_secs(30) });
+    let before = faulty.calls(Operation::Fetch);
+    wait_until("a fetch hangs", WAIT, || faulty.calls(Operation::Fetch) > before);
+
+    let report = first.shutdown(Duration::from_millis(200));
+    assert!(report.timed_out, "the inbound thread is still in its fetch: {report:?}");
+    let err = receiving().map(drop).unwrap_err();
+    assert!(
+        matches!(&err, eventbroker::BuildError::Config(e) if e.key() == "instance_id" && e.reason().contains("hung-1")),
+        "{err}"
+    );
+
+    faulty.heal(Operation::Fetch);
+    let mut next = None;
+    wait_until("the id is free once the fetch returned", WAIT, || {
+        next = receiving().ok();
+        next.is_some()
+    });
+    assert!(next.unwrap().shutdown(WAIT).is_clean());
+}
+
 /// A provider that wraps another opens the inner one's groups: a broker on the wrapper and one on
 /// the bus it wraps, under one id, would share a group, and the second is refused as on the bus
 /// itself, naming where they meet.

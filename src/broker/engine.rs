@@ -66,7 +66,7 @@ pub(crate) struct Engine {
     /// back.
     pub(crate) published_reported: AtomicU64,
     /// This broker's hold on its instance id for its provider, while it receives (released at
-    /// the end of shutdown).
+    /// the end of shutdown, or when an inbound thread that outlived it exits).
     pub(crate) claim: parking_lot::Mutex<Option<super::claim::InstanceClaim>>,
     /// Whether shutdown has begun, and its report once it ended.
     pub(crate) shutdown: super::shutdown::Stopping,

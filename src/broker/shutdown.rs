@@ -309,8 +309,14 @@ impl Engine {
         };
         // Handlers (and whatever they captured, broker handles included) go now.
         self.shared.table.clear();
-        // Its id is free for the next incarnation in this process.
-        drop(self.claim.lock().take());
+        // Its id is free for the next incarnation in this process, once nothing fetches under it:
+        // an inbound thread left in a hung fetch keeps it until it returns.
+        if let Some(claim) = self.claim.lock().take() {
+            match &self.inbound {
+                Some(pump) if !inbound_exited => pump.keep_until_exit(Box::new(claim)),
+                _ => drop(claim),
+            }
+        }
         if let Some(metrics) = &self.metrics {
             // One last report: the drained queue, no workers.
             metrics.stop_reporter(deadline);

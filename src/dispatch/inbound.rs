@@ -230,6 +230,9 @@ pub(crate) struct InboundPump {
     pushed: parking_lot::Mutex<u64>,
     counters: Counters,
     thread: parking_lot::Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
+    /// What must live as long as the thread (see [`keep_until_exit`](Self::keep_until_exit)),
+    /// and whether the thread runs.
+    kept: parking_lot::Mutex<(Vec<Box<dyn Send>>, bool)>,
 }
 
 impl InboundPump {
@@ -243,6 +246,7 @@ impl InboundPump {
             pushed: parking_lot::Mutex::new(u64::MAX),
             counters: Counters::default(),
             thread: parking_lot::Mutex::new(None),
+            kept: parking_lot::Mutex::new((Vec::new(), false)),
         }
     }
 
@@ -254,11 +258,20 @@ impl InboundPump {
     pub(crate) fn start<T: Target>(self: &Arc<Self>, target: Arc<T>, name: String) -> std::io::Result<()> {
         let (exited_tx, exited) = crossbeam_channel::bounded(1);
         let pump = Arc::clone(self);
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
+        // Running from before the spawn: the thread may exit before `spawn` returns.
+        self.kept.lock().1 = true;
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
             pump.run(&*target);
             drop(target);
+            let kept = {
+                let mut kept = pump.kept.lock();
+                kept.1 = false;
+                std::mem::take(&mut kept.0)
+            };
+            drop(kept);
             let _ = exited_tx.send(());
-        })?;
+        });
+        let handle = spawned.inspect_err(|_| self.kept.lock().1 = false)?;
         *self.thread.lock() = Some((handle, exited));
         Ok(())
     }
@@ -315,6 +328,19 @@ impl InboundPump {
         }
         let _ = handle.join();
         true
+    }
+
+    /// Keeps `value` until the thread exits, or drops it now if it did (or never started): what a
+    /// shutdown that gave up on the thread (see [`join`](Self::join)) must not release while it
+    /// may still fetch, the broker's hold on its instance id above all.
+    pub(crate) fn keep_until_exit(&self, value: Box<dyn Send>) {
+        let mut kept = self.kept.lock();
+        if kept.1 {
+            kept.0.push(value);
+        } else {
+            drop(kept);
+            drop(value);
+        }
     }
 
     pub(crate) fn stats(&self) -> InboundStats {
