@@ -317,8 +317,12 @@ impl AckQueue {
     }
 
     fn push(&self, token: u64, outcome: Outcome) {
-        let settled = (token, outcome, Instant::now());
-        self.outcomes.lock().push(settled);
+        // Stamped under the lock: an outcome stamped before a worker's `now` is in the queue by
+        // the time the worker's `take` gets the lock (see `Awaiting::settle`).
+        {
+            let mut outcomes = self.outcomes.lock();
+            outcomes.push((token, outcome, Instant::now()));
+        }
         // Release: pairs with the AcqRel swap in `take`; the outcome pushed above is there to take.
         self.ready.store(true, Ordering::Release);
         // After the store: the worker's last look before it parks sees it, or the nudge sees the
@@ -333,11 +337,12 @@ impl AckQueue {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Moves the queued outcomes onto `into`.
-    fn take(&self, into: &mut Vec<Settled>) {
+    /// Moves the queued outcomes onto `into`: when `ready` says some wait, or `always` (an
+    /// outcome pushed and not yet flagged is taken too).
+    fn take(&self, into: &mut Vec<Settled>, always: bool) {
         // AcqRel: the clear happens before the lock below (an outcome queued after the clear sets
         // `ready` again, for the next turn), and pairs with the Release store in `push`.
-        if self.ready.swap(false, Ordering::AcqRel) {
+        if self.ready.swap(false, Ordering::AcqRel) || always {
             into.append(&mut self.outcomes.lock());
         }
     }
@@ -480,8 +485,13 @@ impl Awaiting {
     /// consumer. Outcomes of deliveries no longer waiting (timed out, or given up at shutdown)
     /// are dropped. Costs one load when nothing waits.
     pub(crate) fn settle(&mut self, into: &mut Vec<(Awaited, Outcome)>) {
-        if self.queue.has_outcomes() {
-            self.queue.take(&mut self.taken);
+        // Read before the outcomes are taken, under the queue's lock, where each is stamped: a
+        // settle made before `now` is among them, even one not yet flagged, so no delivery times
+        // out below whose consumer settled it in time.
+        let now = (!self.open.is_empty()).then(Instant::now);
+        let expiring = now.is_some_and(|now| self.next_deadline().is_some_and(|first| first <= now));
+        if expiring || self.queue.has_outcomes() {
+            self.queue.take(&mut self.taken, expiring);
             let mut taken = std::mem::take(&mut self.taken);
             for (token, outcome, settled_at) in taken.drain(..) {
                 if let Some(awaited) = self.remove(token) {
@@ -491,10 +501,7 @@ impl Awaiting {
             }
             self.taken = taken;
         }
-        if self.open.is_empty() {
-            return;
-        }
-        let now = Instant::now();
+        let Some(now) = now else { return };
         while let Some(entry) = self.open.first_entry() {
             if entry.get().deadline > now {
                 break;
@@ -514,5 +521,43 @@ impl Awaiting {
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Awaited> + use<> {
         self.subscriptions.clear();
         std::mem::take(&mut self.open).into_values()
+    }
+}
+
+#[cfg(all(test, not(eventbroker_loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{AckQueue, Awaiting, Reply};
+    use crate::dispatch::ring::ring;
+    use crate::subscription::{Subscription, Target};
+    use crate::{Pattern, SubscriptionId};
+
+    /// A consumer settles just before its delivery's deadline, and the worker looks just after it,
+    /// while the settle is queued but not yet flagged: the settle counts, the delivery does not
+    /// time out.
+    #[test]
+    fn a_settle_made_in_time_counts_however_late_the_worker_looks() {
+        let (_producer, consumer) = ring::<Option<crate::dispatch::delivery::Job>>(2);
+        let queue = Arc::new(AckQueue::new(consumer.nudge()));
+        let mut awaiting = Awaiting::new(Arc::clone(&queue), Duration::from_millis(20));
+        let (reply, _deadline) = awaiting.reply();
+        let subscription = Arc::new(Subscription {
+            id: SubscriptionId(1),
+            pattern: Pattern::parse("a.b").unwrap(),
+            target: Target::Handler(Box::new(|_| Ok(()))),
+        });
+        awaiting.insert(awaiting.last(), 0, subscription, 1);
+        let Reply::Worker { token, .. } = reply else { unreachable!() };
+        // Pushed as `AckQueue::push` does, up to the flag it sets afterwards.
+        queue.outcomes.lock().push((token, Ok(()), Instant::now()));
+        std::thread::sleep(Duration::from_millis(30));
+
+        let mut settled = Vec::new();
+        awaiting.settle(&mut settled);
+        assert_eq!(settled.len(), 1);
+        assert_eq!(settled[0].1, Ok(()), "settled before its deadline");
+        assert!(awaiting.is_empty());
     }
 }
