@@ -1018,6 +1018,36 @@ fn a_group_with_a_running_broker_is_not_deleted() {
     assert!(!bus.delete_group(&group).unwrap());
 }
 
+/// A member whose source was dropped without being closed vanished, as a crashed process does:
+/// what it was handed stays its own until the claim lapses, and then goes to the next member,
+/// but it no longer counts as open, and the group can be deleted.
+#[test]
+fn a_member_dropped_unclosed_no_longer_holds_its_group() {
+    use eventbroker::{ConsumerGroup, InboundConfig};
+    let provider = provider(1_000);
+    let group = ConsumerGroup::Shared("vanishing".into());
+    let config = InboundConfig::new("vanishing-1", group.clone()).with_claim_idle(Duration::from_millis(100));
+    let vanished = provider.open_inbound(&config).expect("open");
+    let news = event("news.x");
+    provider.store_batch(std::slice::from_ref(&news), None).expect("store");
+    assert_eq!(vanished.fetch(8, Duration::from_secs(5)).expect("fetch").len(), 1);
+    drop(vanished);
+    assert_eq!(provider.stats().expect("stats").active_subscribers, 0);
+
+    let next = provider
+        .open_inbound(
+            &InboundConfig::new("vanishing-2", group.clone()).with_claim_idle(Duration::from_millis(100)),
+        )
+        .expect("open");
+    let started = std::time::Instant::now();
+    let got = next.fetch(8, Duration::from_secs(5)).expect("fetch");
+    assert_eq!(got.iter().map(|e| e.event.id).collect::<Vec<_>>(), [news.id]);
+    assert!(started.elapsed() >= Duration::from_millis(50), "taken over only once its claim lapsed");
+    next.ack(&[eventbroker::Ack::handled(got[0].token)]).expect("ack");
+    next.close().expect("close");
+    assert!(provider.delete_group(&group).expect("no open member is left"));
+}
+
 /// Pages of a replay from a time hold the events created at or after it on every page, not only
 /// on the first: an event created earlier but stored later is left out whatever the page size.
 #[test]

@@ -1077,7 +1077,8 @@ impl Provider for MemoryProvider {
 /// One broker's membership of a consumer group of the in-process bus.
 ///
 /// Dropped without [`Inbound::close`], it is a broker that vanished: its unacknowledged events
-/// stay owned until the claim idle time passes, as they would for a crashed process.
+/// stay owned until the claim idle time passes, as they would for a crashed process, and it is no
+/// longer a member (the group can be deleted, and is not counted among the subscribers).
 struct MemoryInbound {
     shared: Arc<Shared>,
     /// The group's key.
@@ -1160,6 +1161,15 @@ impl Inbound for MemoryInbound {
             self.shared.bell.ring();
         }
         Ok(())
+    }
+}
+
+impl Drop for MemoryInbound {
+    fn drop(&mut self) {
+        // Relaxed: see `bus`; `&mut self` is the only reference left.
+        if !self.closed.load(Ordering::Relaxed) {
+            self.shared.bus.lock().vanish(&self.group, self.source);
+        }
     }
 }
 

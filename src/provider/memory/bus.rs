@@ -236,6 +236,15 @@ impl Bus {
         }
     }
 
+    /// A member that vanished without leaving (its source dropped unclosed, as a process that
+    /// crashed): no longer a member, while its unacknowledged events stay its own until their
+    /// claims lapse.
+    pub(super) fn vanish(&mut self, group: &str, source: SourceId) {
+        if let Some(group) = self.groups.get_mut(group) {
+            group.members.remove(&source);
+        }
+    }
+
     pub(super) fn set_filter(&mut self, group: &str, source: SourceId, patterns: &[Pattern]) {
         let Some(member) = self.groups.get_mut(group).and_then(|g| g.members.get_mut(&source)) else {
             return;
