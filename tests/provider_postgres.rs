@@ -576,6 +576,41 @@ fn the_outbox_delivers_once_on_commit_and_never_on_rollback() {
     }
 }
 
+/// The blocking outbox, through the `postgres` client's own transaction: the same guarantee,
+/// and the same refusals, for a synchronous application.
+#[test]
+fn the_blocking_outbox_delivers_once_on_commit_and_never_on_rollback() {
+    use eventbroker::provider::postgres::postgres;
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let inbound = source(&provider, &scope, "reader");
+    let outbox = provider.outbox();
+    let mut client = postgres::Client::connect(&backend.config().url, postgres::NoTls).expect("connect");
+
+    let rolled_back = scope.event("billing.debited");
+    let mut tx = client.transaction().expect("begin");
+    outbox.publish_blocking(&mut tx, std::slice::from_ref(&rolled_back)).expect("publish");
+    tx.rollback().expect("rollback");
+
+    let committed = scope.event("billing.debited");
+    let mut tx = client.transaction().expect("begin");
+    outbox.publish_blocking(&mut tx, std::slice::from_ref(&committed)).expect("publish");
+    tx.commit().expect("commit");
+
+    let got = take(&*inbound, 1);
+    assert_eq!(*got[0].event, committed);
+    assert_quiet(&*inbound, Duration::from_millis(400), "the rolled-back event, or a second delivery");
+    assert_eq!(provider.get(rolled_back.id).expect("get"), None);
+
+    let bad_type = scope.event("billing..debited");
+    let mut tx = client.transaction().expect("begin");
+    let err = outbox.publish_blocking(&mut tx, &[committed.clone(), bad_type]).expect_err("refused");
+    assert!(matches!(err.kind(), ProviderErrorKind::InvalidInput(_)), "{err}");
+    assert!(err.to_string().contains("event 1"), "{err}");
+    outbox.publish_blocking(&mut tx, &[]).expect("nothing to publish");
+}
+
 /// Retention deletes finished events older than `max_age`, in bounded batches, and nothing else.
 #[test]
 fn retention_deletes_old_finished_events_in_bounded_batches() {

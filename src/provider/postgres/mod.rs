@@ -65,6 +65,7 @@
 //!   and `DELETE` on a table, by any client, an event `<schema>.<table>.create|update|delete`.
 //! - **Transactional outbox**: [`Outbox::publish`] stores events in the caller's own
 //!   transaction; they exist, and are delivered, if and only if it commits.
+//!   [`Outbox::publish_blocking`] does the same through the blocking `postgres` client.
 //! - **Retention**: completed and failed events older than [`PostgresConfig::max_age`] (24 h)
 //!   are deleted every [`PostgresConfig::cleanup_interval`] (1 min) in statements of at most
 //!   [`PostgresConfig::cleanup_batch`] (5 000) rows.
@@ -146,6 +147,8 @@ mod store;
 
 pub use self::config::PostgresConfig;
 pub use self::outbox::Outbox;
+/// The blocking client over that tokio-postgres, for [`Outbox::publish_blocking`]'s transactions.
+pub use postgres;
 /// The tokio-postgres this provider is built on, for [`Outbox::publish`]'s transactions.
 pub use tokio_postgres;
 

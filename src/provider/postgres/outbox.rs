@@ -9,6 +9,8 @@ use super::{NAME, backend::Backend};
 use crate::error::ProviderError;
 use crate::event::Event;
 
+const OP: &str = "outbox_publish";
+
 /// Publishes events through the caller's own PostgreSQL transaction, so an event exists if and only
 /// if that transaction commits: the classic transactional outbox, without the relay, as the events
 /// table is what every broker's inbound source reads.
@@ -82,9 +84,57 @@ impl Outbox {
         client: &C,
         events: &[Event],
     ) -> Result<(), ProviderError> {
-        const OP: &str = "outbox_publish";
+        let Some(columns) = Self::columns(events)? else { return Ok(()) };
+        let fail = |err| Backend::error(OP, &self.table, err);
+        client.execute(&self.insert, &columns.params()).await.map_err(fail)?;
+        client.execute(&self.notify, &[&self.channel, &self.table]).await.map_err(fail)?;
+        self.published(events.len());
+        Ok(())
+    }
+
+    /// [`Outbox::publish`] for a synchronous application: through the blocking
+    /// [`postgres`](::postgres) client's `Transaction` (or `Client`), re-exported as
+    /// [`postgres`](super::postgres). It blocks as that client's calls do, up to the
+    /// connection's own timeouts (`statement_timeout`, the socket's).
+    ///
+    /// ```no_run
+    /// # fn example() -> Result<(), Box<dyn std::error::Error>> {
+    /// use eventbroker::provider::postgres::{Outbox, PostgresConfig, postgres};
+    /// use eventbroker::{Event, EventSource};
+    ///
+    /// let config = PostgresConfig::new("host=127.0.0.1 user=postgres dbname=app");
+    /// let outbox = Outbox::new(&config)?;
+    /// let mut client = postgres::Client::connect(&config.url, postgres::NoTls)?;
+    ///
+    /// let mut tx = client.transaction()?;
+    /// tx.execute("UPDATE accounts SET balance = balance - 10 WHERE id = $1", &[&7_i64])?;
+    /// let event = Event::new(EventSource::Database, "billing.account.debited").with_user_id(7);
+    /// outbox.publish_blocking(&mut tx, &[event])?;
+    /// tx.commit()?; // The event is delivered now; with a rollback it would never be.
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Outbox::publish`].
+    pub fn publish_blocking<C: ::postgres::GenericClient>(
+        &self,
+        client: &mut C,
+        events: &[Event],
+    ) -> Result<(), ProviderError> {
+        let Some(columns) = Self::columns(events)? else { return Ok(()) };
+        let fail = |err| Backend::error(OP, &self.table, err);
+        client.execute(&self.insert, &columns.params()).map_err(fail)?;
+        client.execute(&self.notify, &[&self.channel, &self.table]).map_err(fail)?;
+        self.published(events.len());
+        Ok(())
+    }
+
+    /// The statement's columns of `events`, checked as a broker checks an event it publishes;
+    /// `None` when there are none.
+    fn columns(events: &[Event]) -> Result<Option<EventColumns<'_>>, ProviderError> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         for (index, event) in events.iter().enumerate() {
             // What a broker refuses at publish: written here, it would reach every broker only to
@@ -104,11 +154,10 @@ impl Outbox {
             }
         }
         let events: Vec<&Event> = events.iter().collect();
-        let columns = EventColumns::of(&events, OP)?;
-        let fail = |err| Backend::error(OP, &self.table, err);
-        client.execute(&self.insert, &columns.params()).await.map_err(fail)?;
-        client.execute(&self.notify, &[&self.channel, &self.table]).await.map_err(fail)?;
-        tracing::trace!(count = events.len(), table = %self.table, "{NAME} provider: outbox stored events");
-        Ok(())
+        EventColumns::of(&events, OP).map(Some)
+    }
+
+    fn published(&self, count: usize) {
+        tracing::trace!(count, table = %self.table, "{NAME} provider: outbox stored events");
     }
 }
