@@ -943,3 +943,86 @@ fn a_closing_queue_member_releases_more_than_a_thousand_events() {
     assert_eq!(got.len(), events.len());
     staying.close().expect("close");
 }
+
+/// The consumers of `group` on the backend's stream, each with how many entries it holds.
+fn consumers(backend: &RedisBackend, group: &ConsumerGroup) -> Vec<(String, u64)> {
+    let rows: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(backend.stream())
+        .arg(group.key())
+        .query(&mut raw())
+        .expect("XINFO CONSUMERS");
+    rows.into_iter()
+        .map(|row| {
+            let name: String = redis::from_redis_value(row["name"].clone()).expect("a name");
+            let pending: u64 = redis::from_redis_value(row["pending"].clone()).expect("a count");
+            (name, pending)
+        })
+        .collect()
+}
+
+/// A source that closes holding nothing removes its consumer from the group, so instances that
+/// come and go leave no trace there; one that closes holding entries stays, for its next
+/// incarnation to take them over, and leaves once that one closes holding nothing.
+#[test]
+fn a_member_that_closes_holding_nothing_leaves_its_group() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let other = ConsumerGroup::Instance(scope.name("other")).key();
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let member = open(&provider, "m1", queue.clone(), &scope);
+    provider.store_batch(&[Arc::new(scope.event("job"))], Some(&other)).expect("store");
+    take_acked(&*member, 1);
+    assert_eq!(consumers(&backend, &queue), [("m1".to_owned(), 0)]);
+    member.close().expect("close");
+    assert_eq!(consumers(&backend, &queue), [], "a queue member holding nothing leaves");
+
+    let group = ConsumerGroup::Instance(scope.name("a"));
+    let instance = open(&provider, "a", group.clone(), &scope);
+    provider.store_batch(&[Arc::new(scope.event("held"))], Some(&other)).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while instance.fetch(1, Duration::from_millis(100)).expect("fetch").is_empty() {
+        assert!(Instant::now() < deadline, "the event never came");
+    }
+    instance.close().expect("close");
+    assert_eq!(consumers(&backend, &group), [("a".to_owned(), 1)], "one holding an entry stays");
+    let next = open(&provider, "a", group.clone(), &scope);
+    assert_eq!(take_acked(&*next, 1)[0].deliveries, 2, "its next incarnation takes it over");
+    next.close().expect("close");
+    assert_eq!(consumers(&backend, &group), [], "and leaves holding nothing");
+}
+
+/// A member that vanished (dropped without closing, as a crashed process) stays a consumer until
+/// the others have claimed what it held and it has been idle for `max(10 × claim_idle, 1 s)`; then
+/// a sweep of a live member removes it. The sweeping member stays.
+#[test]
+fn members_sweep_away_consumers_that_are_gone() {
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let config =
+        |name: &str| InboundConfig::new(name, queue.clone()).with_claim_idle(Duration::from_millis(100));
+    let crashed = provider.open_inbound(&config("gone")).expect("open_inbound");
+    provider.store_batch(&[Arc::new(scope.event("job"))], None).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crashed.fetch(1, Duration::from_millis(100)).expect("fetch").is_empty() {
+        assert!(Instant::now() < deadline, "the event never came");
+    }
+    drop(crashed);
+    let went = Instant::now();
+    let alive = provider.open_inbound(&config("alive")).expect("open_inbound");
+    assert_eq!(take_acked(&*alive, 1)[0].deliveries, 2, "claimed from the member that vanished");
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let names: Vec<String> = consumers(&backend, &queue).into_iter().map(|(name, _)| name).collect();
+        if names == ["alive"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still consumers after {:?}: {names:?}", went.elapsed());
+        assert!(alive.fetch(16, Duration::from_millis(100)).expect("fetch").is_empty());
+    }
+    assert!(went.elapsed() >= Duration::from_secs(1), "removed after only {:?}", went.elapsed());
+    alive.close().expect("close");
+}

@@ -28,6 +28,14 @@ const MIN_CLAIM_INTERVAL: Duration = Duration::from_millis(10);
 const PENDING_PAGE: usize = 256;
 /// Most entries asked for, claimed or acknowledged per call (Lua's argument limit is 8000).
 const MAX_PER_CALL: usize = 1024;
+/// A consumer that holds no pending entry and was handed nothing for this many claim idle times
+/// is removed from its group by the other members' sweeps: a member that is gone.
+const CONSUMER_IDLE_FACTOR: u32 = 10;
+/// The least idle time before such a removal, whatever the claim idle time: a sweep reads the
+/// group's whole consumer list, so a member sweeps at most once a second.
+const MIN_CONSUMER_IDLE: Duration = Duration::from_secs(1);
+/// Most consumers one sweep removes, so a sweep of a list that grew long for years stays short.
+const SWEEP_MAX: usize = 1000;
 
 /// One broker's source: a consumer named by its instance id in the group named by its group's key.
 pub(super) struct RedisInbound {
@@ -65,6 +73,8 @@ struct FetchState {
     /// the last new entry this member read. A group that vanished is made again from here.
     position: String,
     next_claim_scan: Instant,
+    /// When this member next looks for consumers that are gone (shared groups only).
+    next_sweep: Instant,
 }
 
 impl FetchState {
@@ -131,6 +141,7 @@ impl RedisInbound {
                 delayed: Vec::new(),
                 claim_cursor: "-".to_owned(),
                 next_claim_scan: Instant::now(),
+                next_sweep: Instant::now(),
                 position,
             }),
             filter: Mutex::new(None),
@@ -148,6 +159,31 @@ impl RedisInbound {
 
     fn claim_interval(&self) -> Duration {
         (self.claim_idle / 4).clamp(MIN_CLAIM_INTERVAL, MAX_CLAIM_INTERVAL)
+    }
+
+    /// How long a consumer that holds nothing must have been handed nothing before a sweep removes
+    /// it: `CONSUMER_IDLE_FACTOR` claim idle times, at least `MIN_CONSUMER_IDLE`.
+    fn consumer_idle(&self) -> Duration {
+        self.claim_idle.saturating_mul(CONSUMER_IDLE_FACTOR).max(MIN_CONSUMER_IDLE)
+    }
+
+    /// Removes the group's consumers that are gone (see the `SWEEP_CONSUMERS` script); then rests
+    /// for one consumer idle time.
+    fn sweep_consumers(&self, conn: &mut Connection, now: Instant) -> Result<(), RedisError> {
+        let idle = self.consumer_idle();
+        let mut call = Call::new(&self.shared.scripts.sweep_consumers, &[&self.shared.keys.stream]);
+        call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(idle)).arg(SWEEP_MAX);
+        let removed: i64 = call.invoke(conn)?;
+        if removed > 0 {
+            tracing::info!(
+                group = self.group,
+                count = removed,
+                idle_ms = Self::idle_ms(idle),
+                "redis provider: removed consumers that held nothing and were handed nothing for the idle time"
+            );
+        }
+        self.state.lock().next_sweep = now.checked_add(idle).unwrap_or(now + Duration::from_secs(86_400));
+        Ok(())
     }
 
     /// `idle` in milliseconds as Redis takes an idle time: a signed 64-bit number, so a claim idle
@@ -204,6 +240,10 @@ impl RedisInbound {
             // A scan that went through the whole list rests; one cut short continues at once.
             state.next_claim_scan = if next == "-" { now + self.claim_interval() } else { now };
             state.claim_cursor = next;
+        }
+
+        if self.shared_group && now >= self.state.lock().next_sweep {
+            self.sweep_consumers(conn, now)?;
         }
 
         if got.len() < max {
@@ -369,6 +409,22 @@ impl RedisInbound {
         Ok(())
     }
 
+    /// Hands what a closing member of a shared group holds to the others at once, rather than
+    /// after the claim idle time: all of it, a page of the pending list at a time.
+    fn release_held(&self) -> Result<(), ProviderError> {
+        let mut start = "-".to_owned();
+        loop {
+            let held = pending_of(&self.shared, "close", &self.group, &self.consumer, &start, MAX_PER_CALL)?;
+            let tokens: Vec<AckToken> =
+                held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
+            self.touch("close", &tokens, self.claim_idle)?;
+            match held.last() {
+                Some(last) if held.len() == MAX_PER_CALL => start = format!("({last}"),
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Sets the idle time of `tokens` this member still owns (see the `TOUCH` script).
     fn touch(
         &self,
@@ -480,22 +536,20 @@ impl crate::provider::Inbound for RedisInbound {
             return Ok(());
         }
         Counters::sub_one(&self.shared.counters.open_sources);
-        if !self.shared_group || self.shared.check_open("close").is_err() {
+        if self.shared.check_open("close").is_err() {
             return Ok(());
         }
-        // Members of a shared group hand what they hold to the others at once, rather than after
-        // the claim idle time: all of it, a page of the pending list at a time.
-        let mut start = "-".to_owned();
-        loop {
-            let held = pending_of(&self.shared, "close", &self.group, &self.consumer, &start, MAX_PER_CALL)?;
-            let tokens: Vec<AckToken> =
-                held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
-            self.touch("close", &tokens, self.claim_idle)?;
-            match held.last() {
-                Some(last) if held.len() == MAX_PER_CALL => start = format!("({last}"),
-                _ => return Ok(()),
-            }
+        if self.shared_group {
+            self.release_held()?;
         }
+        // A member that holds nothing leaves the group, so members that come and go (generated
+        // names) do not pile up in it. One that holds entries stays: its next incarnation (fan-out)
+        // or the other members (shared, once they claimed what it released) need them, and the
+        // sweeps remove it once it holds nothing.
+        let mut call = Call::new(&self.shared.scripts.delete_consumer, &[&self.shared.keys.stream]);
+        call.arg(&self.group).arg(&self.consumer);
+        self.shared.pool.run("close", &self.group, |conn| call.invoke::<i64>(conn))?;
+        Ok(())
     }
 }
 

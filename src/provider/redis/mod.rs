@@ -107,7 +107,20 @@
 //! redelivery, so a `nak` with delay `d` sets the entries' idle time to `claim_idle - d` (another
 //! member may take them once `d` has passed) and the source itself hands them out again when `d`
 //! has passed. Closing a source of a shared group releases its pending entries to the other
-//! members at once. A fetch that fails after Redis may have moved entries into the member's
+//! members at once.
+//!
+//! **Consumers leave their group**, so members that come and go (containers with generated
+//! names) do not pile up in `XINFO CONSUMERS`: a source that closes holding no pending entry
+//! removes its consumer (`XGROUP DELCONSUMER`, in a script that checks its `XPENDING` first, since
+//! removing a consumer drops what it holds). Every member of a shared group also sweeps the
+//! group's consumer list at most once per `max(10 × claim_idle, 1 s)` (5 min with the default
+//! 30 s), on a fetch, removing up to 1000 consumers other than itself that hold no pending entry
+//! and were handed nothing for that long: crashed members, and closed ones once the others
+//! claimed what they left. Redis 7.0 counts a consumer's idle time from the last read that handed
+//! it something, so a live member with nothing to do may be removed too; it held nothing, loses
+//! nothing, and its next read adds it again. A consumer holding entries is never removed.
+//!
+//! A fetch that fails after Redis may have moved entries into the member's
 //! pending list (a read whose reply was lost) makes the next fetch hand out the ones the member
 //! neither holds nor gave back. A group that vanished (its stream deleted, or a Redis restarted
 //! without persistence) is created again after the last entry the member read, so what other

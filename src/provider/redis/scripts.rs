@@ -646,6 +646,37 @@ redis.call(unpack(args))
 return n
 ";
 
+/// Removes consumer ARGV[2] from group ARGV[1] of stream KEYS[1] when it holds no pending entry:
+/// `XGROUP DELCONSUMER` drops the consumer's pending entries with it, so the check and the removal
+/// must be one step. Returns 1 when it was removed, 0 when it holds entries (or the group is gone).
+const DELETE_CONSUMER: &str = r"
+-- A group that vanished (NOGROUP) has no consumer left to remove.
+local held = redis.pcall('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if held.err or #held > 0 then return 0 end
+return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) >= 0 and 1 or 0
+";
+
+/// Removes up to ARGV[4] consumers of group ARGV[1] of stream KEYS[1], other than ARGV[2], that hold
+/// no pending entry and were handed nothing for at least ARGV[3] ms: members that are gone. (One
+/// still alive loses nothing, holding nothing; its next read adds it again.) Returns how many went.
+const SWEEP_CONSUMERS: &str = r"
+local min_idle, max, gone = tonumber(ARGV[3]), tonumber(ARGV[4]), 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  if gone >= max then break end
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name ~= ARGV[2] and pending == 0 and idle >= min_idle then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    gone = gone + 1
+  end
+end
+return gone
+";
+
 /// The provider's scripts, hashed once.
 pub(super) struct Scripts {
     pub(super) store: Script,
@@ -662,6 +693,8 @@ pub(super) struct Scripts {
     pub(super) claim_abandoned: Script,
     pub(super) touch: Script,
     pub(super) create_group: Script,
+    pub(super) delete_consumer: Script,
+    pub(super) sweep_consumers: Script,
 }
 
 impl Scripts {
@@ -683,6 +716,8 @@ impl Scripts {
             claim_abandoned: Script::new(CLAIM_ABANDONED),
             touch: Script::new(TOUCH),
             create_group: Script::new(CREATE_GROUP),
+            delete_consumer: Script::new(DELETE_CONSUMER),
+            sweep_consumers: Script::new(SWEEP_CONSUMERS),
         }
     }
 }
