@@ -1026,3 +1026,56 @@ fn members_sweep_away_consumers_that_are_gone() {
     assert!(went.elapsed() >= Duration::from_secs(1), "removed after only {:?}", went.elapsed());
     alive.close().expect("close");
 }
+
+/// A nak longer than the claim idle time holds: neither another member's claim scan, nor the next
+/// incarnation of an instance taking over what its predecessor left, hands the event out before the
+/// delay has passed (Redis' idle times cannot go below 0, so the delay is recorded beside them).
+#[test]
+fn a_nak_longer_than_the_claim_idle_time_holds_for_every_member() {
+    const DELAY: Duration = Duration::from_millis(1200);
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let config = |name: &str, group: &ConsumerGroup| {
+        InboundConfig::new(name, group.clone()).with_claim_idle(Duration::from_millis(100))
+    };
+    let fetch_one = |source: &dyn Inbound| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(event) = source.fetch(1, Duration::from_millis(50)).expect("fetch").pop() {
+                return event;
+            }
+            assert!(Instant::now() < deadline, "the event never came");
+        }
+    };
+
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let first = provider.open_inbound(&config("m1", &queue)).expect("open_inbound");
+    let second = provider.open_inbound(&config("m2", &queue)).expect("open_inbound");
+    provider.store_batch(&[Arc::new(scope.event("job"))], None).expect("store");
+    let held = fetch_one(&*first);
+    first.nak(&[held.token], DELAY).expect("nak");
+    let naked = Instant::now();
+    // Only the other member fetches: its claim scans run every 25 ms.
+    let again = fetch_one(&*second);
+    assert!(naked.elapsed() >= DELAY, "taken over {:?} after a nak of {DELAY:?}", naked.elapsed());
+    assert_eq!((again.event.id, again.deliveries), (held.event.id, 2));
+    second.ack(&[Ack::handled(again.token)]).expect("ack");
+    for source in [first, second] {
+        source.close().expect("close");
+    }
+
+    let group = ConsumerGroup::Instance(scope.name("a"));
+    let instance = provider.open_inbound(&config("a", &group)).expect("open_inbound");
+    provider.store_batch(&[Arc::new(scope.event("job"))], None).expect("store");
+    let held = fetch_one(&*instance);
+    instance.nak(&[held.token], DELAY).expect("nak");
+    let naked = Instant::now();
+    instance.close().expect("close");
+    let next = provider.open_inbound(&config("a", &group)).expect("open_inbound");
+    let again = fetch_one(&*next);
+    assert!(naked.elapsed() >= DELAY, "redelivered {:?} after a nak of {DELAY:?}", naked.elapsed());
+    assert_eq!(again.event.id, held.event.id);
+    next.ack(&[Ack::handled(again.token)]).expect("ack");
+    next.close().expect("close");
+}

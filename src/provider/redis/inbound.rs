@@ -42,6 +42,8 @@ pub(super) struct RedisInbound {
     shared: Arc<Shared>,
     group: String,
     consumer: String,
+    /// The group's naks longer than the claim idle time (see `Keys::naks_of`).
+    naks: String,
     shared_group: bool,
     claim_idle: Duration,
     /// The connection blocking reads run on; only `fetch` uses it.
@@ -127,6 +129,7 @@ impl RedisInbound {
         Counters::add(&shared.counters.open_sources, 1);
         Ok(Self {
             backoff: Mutex::new(Backoff::new(shared.config.max_backoff)),
+            naks: shared.keys.naks_of(&group),
             shared,
             group,
             consumer: config.consumer().to_owned(),
@@ -208,16 +211,21 @@ impl RedisInbound {
         // Entries this member gave back (a nak), as opposed to ones its predecessor left.
         let given_back: HashSet<String> = own[..own.len() - inherited].iter().cloned().collect();
         if !own.is_empty() {
-            let mut call = Call::new(&self.shared.scripts.claim_own, &[stream]);
+            let mut call = Call::new(&self.shared.scripts.claim_own, &[stream, &self.naks]);
             call.arg(&self.group).arg(&self.consumer);
             for id in &own {
                 call.arg(id);
             }
             let value: Value = call.invoke(conn)?;
-            let (lost, claimed) = claimed_entries(value).map_err(malformed_reply)?;
+            let (lost, held, claimed) = claimed_entries(value).map_err(malformed_reply)?;
             Counters::add(&self.shared.counters.lost, lost);
             got.extend(claimed);
-            self.state.lock().forget(&own, inherited);
+            let mut state = self.state.lock();
+            state.forget(&own, inherited);
+            // A predecessor's nak still running: handed out when it comes due.
+            for (id, wait) in held {
+                state.delayed.push((now.checked_add(wait).unwrap_or(now + Duration::from_secs(86_400)), id));
+            }
         }
 
         let scan = {
@@ -225,7 +233,7 @@ impl RedisInbound {
             (got.len() < max && now >= state.next_claim_scan).then(|| state.claim_cursor.clone())
         };
         if let Some(cursor) = scan {
-            let mut call = Call::new(&self.shared.scripts.claim_abandoned, &[stream]);
+            let mut call = Call::new(&self.shared.scripts.claim_abandoned, &[stream, &self.naks]);
             call.arg(&self.group)
                 .arg(&self.consumer)
                 .arg(Self::idle_ms(self.claim_idle))
@@ -337,8 +345,8 @@ impl RedisInbound {
             redis::cmd("XACK").arg(&self.shared.keys.stream).arg(&self.group).arg(&done).exec(conn)?;
         }
         if !release.is_empty() {
-            let mut call = Call::new(&self.shared.scripts.touch, &[&self.shared.keys.stream]);
-            call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(self.claim_idle));
+            let mut call = Call::new(&self.shared.scripts.touch, &[&self.shared.keys.stream, &self.naks]);
+            call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(self.claim_idle)).arg("");
             for id in &release {
                 call.arg(id);
             }
@@ -417,7 +425,7 @@ impl RedisInbound {
             let held = pending_of(&self.shared, "close", &self.group, &self.consumer, &start, MAX_PER_CALL)?;
             let tokens: Vec<AckToken> =
                 held.iter().filter_map(|id| seq_of_entry(id)).map(AckToken::new).collect();
-            self.touch("close", &tokens, self.claim_idle)?;
+            self.touch("close", &tokens, self.claim_idle, None)?;
             match held.last() {
                 Some(last) if held.len() == MAX_PER_CALL => start = format!("({last}"),
                 _ => return Ok(()),
@@ -425,17 +433,22 @@ impl RedisInbound {
         }
     }
 
-    /// Sets the idle time of `tokens` this member still owns (see the `TOUCH` script).
+    /// Sets the idle time of `tokens` this member still owns (see the `TOUCH` script); with
+    /// `hold`, also records them as held back by a nak for that long (`Duration::ZERO`: drops
+    /// their records).
     fn touch(
         &self,
         operation: &'static str,
         tokens: &[AckToken],
         idle: Duration,
+        hold: Option<Duration>,
     ) -> Result<(), ProviderError> {
         let stream = &self.shared.keys.stream;
+        // At most 2⁵³ ms (285 000 years, "never"): the due time stays exact in a script's numbers.
+        let record = hold.map_or_else(String::new, |hold| Self::idle_ms(hold).min(1 << 53).to_string());
         for chunk in tokens.chunks(MAX_PER_CALL) {
-            let mut call = Call::new(&self.shared.scripts.touch, &[stream]);
-            call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(idle));
+            let mut call = Call::new(&self.shared.scripts.touch, &[stream, &self.naks]);
+            call.arg(&self.group).arg(&self.consumer).arg(Self::idle_ms(idle)).arg(&record);
             for token in chunk {
                 call.arg(entry_of_seq(token.get()));
             }
@@ -499,7 +512,16 @@ impl crate::provider::Inbound for RedisInbound {
 
     fn nak(&self, tokens: &[AckToken], delay: Duration) -> Result<(), ProviderError> {
         self.check_open("nak")?;
-        self.touch("nak", tokens, self.claim_idle.saturating_sub(delay))?;
+        // Redis has no delayed redelivery. A nak within the claim idle time sets the entries' idle
+        // time so that the others' claim scans take them once the delay has passed; a longer one
+        // (an idle time below 0) is recorded, and the claim scans skip entries until it is due.
+        // Capping the delay at the claim idle time would keep at-least-once too, but hand a retry
+        // out before the backoff the caller asked for.
+        if delay > self.claim_idle {
+            self.touch("nak", tokens, Duration::ZERO, Some(delay))?;
+        } else {
+            self.touch("nak", tokens, self.claim_idle.saturating_sub(delay), Some(Duration::ZERO))?;
+        }
         let now = Instant::now();
         let due = now.checked_add(delay).unwrap_or(now + Duration::from_secs(86_400));
         let mut state = self.state.lock();
@@ -520,7 +542,7 @@ impl crate::provider::Inbound for RedisInbound {
             let state = self.state.lock();
             tokens.iter().copied().filter(|t| state.outstanding.contains(&entry_of_seq(t.get()))).collect()
         };
-        self.touch("extend", &held, Duration::ZERO)
+        self.touch("extend", &held, Duration::ZERO, None)
     }
 
     fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {
@@ -627,17 +649,28 @@ fn malformed_reply(error: reply::Malformed) -> RedisError {
     RedisError::from((redis::ErrorKind::UnexpectedReturnType, "unexpected reply", error.0))
 }
 
-/// `{lost, {id, fields, deliveries}…}` from the claim script.
-fn claimed_entries(value: Value) -> Result<(usize, Claimed), reply::Malformed> {
+/// `{lost, {id, ms until due…}, {id, fields, deliveries}…}` from the claim script: entries found
+/// deleted, entries a nak holds back still, and the entries handed out again.
+fn claimed_entries(value: Value) -> Result<(usize, HeldBack, Claimed), reply::Malformed> {
     let mut items =
         reply::array(value).ok_or_else(|| reply::Malformed::new("claims are not an array"))?.into_iter();
     let lost = items.next().as_ref().and_then(reply::int).unwrap_or(0);
+    let mut held = Vec::new();
+    let mut pairs = items.next().and_then(reply::array).unwrap_or_default().into_iter();
+    while let (Some(id), Some(wait)) = (pairs.next(), pairs.next()) {
+        let id = reply::string(id).ok_or_else(|| reply::Malformed::new("a held claim has no id"))?;
+        let wait = reply::int(&wait).and_then(|ms| u64::try_from(ms).ok()).unwrap_or(0);
+        held.push((id, Duration::from_millis(wait)));
+    }
     let claimed = items.map(claimed_entry).collect::<Result<Vec<_>, _>>()?;
-    Ok((usize::try_from(lost).unwrap_or(0), claimed))
+    Ok((usize::try_from(lost).unwrap_or(0), held, claimed))
 }
 
 /// Entries handed out again, each with its delivery count.
 type Claimed = Vec<(Entry, u32)>;
+
+/// Entries a nak still holds back, each with how long until it is due.
+type HeldBack = Vec<(String, Duration)>;
 
 /// `{cursor, lost, {id, fields, deliveries}…}` from the abandoned-claim script.
 fn abandoned_entries(value: Value) -> Result<(String, usize, Claimed), reply::Malformed> {

@@ -55,6 +55,12 @@ impl Keys {
         }
     }
 
+    /// The naks of consumer group `group` that hold entries back longer than its claim idle time:
+    /// entry id scored by when it is due again (server time, ms).
+    pub(super) fn naks_of(&self, group: &str) -> String {
+        format!("{}:naks:{group}", self.stream)
+    }
+
     /// The status hash of event `id`.
     pub(super) fn status_of(&self, id: impl Display) -> String {
         format!("{}{id}", self.status)

@@ -23,6 +23,7 @@
 //! | `P:counts` | hash | stored events in total and per status, and what was trimmed, expired or replaced |
 //! | `P:dead` | hash | dead letters by id, each `<order key> <JSON>` |
 //! | `P:dead:order` | sorted set | `<failed_at as 21 digits>:<dead letter id>`: `(failed_at, id)` order |
+//! | `P:S:naks:<group>` | sorted set | entries of consumer group `<group>` given back with a nak longer than its claim idle time, scored by when they are due again (server time, ms); a record goes once due |
 //!
 //! Statuses never become stream entries (SEED-PITFALLS 4): a status change is a write to the
 //! event's hash. An event is in exactly one of `P:pending` and its own hash: a new pending event
@@ -104,9 +105,14 @@
 //! want are acknowledged (`XACK`, for this group only) without being delivered; so are entries
 //! that hold no event (counted as `inbound_malformed`). `ack` is one `XACK`. `extend` resets the
 //! idle time of the entries the member still owns (`XCLAIM … JUSTID`). Redis has no delayed
-//! redelivery, so a `nak` with delay `d` sets the entries' idle time to `claim_idle - d` (another
-//! member may take them once `d` has passed) and the source itself hands them out again when `d`
-//! has passed. Closing a source of a shared group releases its pending entries to the other
+//! redelivery, so a `nak` with delay `d` up to the claim idle time sets the entries' idle time to
+//! `claim_idle - d` (another member may take them once `d` has passed); a longer one, which an
+//! idle time cannot express, sets it to 0 and records the entries as due at `now + d` (server
+//! time) in `P:S:naks:<group>`, and every claim (other members' scans, and a next incarnation's
+//! takeover of what its predecessor left) skips an entry until its record is due. Either way the
+//! source itself hands them out again when `d` has passed, and nobody takes them earlier, to the
+//! millisecond of Redis' clock (a claim scan runs at most every `min(claim_idle / 4, 1 s)`, so
+//! another member takes them within that much after `d`). Closing a source of a shared group releases its pending entries to the other
 //! members at once.
 //!
 //! **Consumers leave their group**, so members that come and go (containers with generated
@@ -784,6 +790,7 @@ impl Provider for RedisProvider {
                 return Ok(false);
             }
             let destroyed: i64 = redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(&group).query(conn)?;
+            redis::cmd("DEL").arg(self.shared.keys.naks_of(&group)).exec(conn)?;
             Ok(destroyed > 0)
         })
     }

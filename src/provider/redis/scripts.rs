@@ -551,31 +551,56 @@ for i, k in ipairs(keys) do args[i + 2] = string.sub(k, 23) end
 return {keys, redis.call(unpack(args))}
 ";
 
+/// Helpers of the claim scripts: the group's record of entries given back with a nak longer than
+/// the claim idle time (KEYS[2], a sorted set: entry id scored by the server time in ms when it is
+/// due again). Records that came due are dropped first, so the set holds only naks still running.
+const NAKS: &str = r"
+local naks = KEYS[2]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', naks, '-inf', now_ms)
+local any_nak = redis.call('ZCARD', naks) > 0
+-- How long until entry `id` is due again, in ms; nil when it is due.
+local function not_due(id)
+  if not any_nak then return nil end
+  local due = redis.call('ZSCORE', naks, id)
+  if due then return tonumber(due) - now_ms end
+  return nil
+end
+";
+
 /// Hands this member's own pending entries to it again (its predecessor's, or ones it gave back
-/// with a nak), skipping any another member has claimed since. KEYS: stream; ARGV: group,
-/// consumer, entry ids. Returns the number of entries found deleted, then `{id, fields,
-/// deliveries}` per entry.
+/// with a nak), skipping any another member has claimed since, and any a nak holds back still (a
+/// predecessor's nak longer than the claim idle time). KEYS: stream, naks; ARGV: group, consumer,
+/// entry ids. Returns the number of entries found deleted, `{id, ms until due…}` of those held
+/// back, then `{id, fields, deliveries}` per entry.
 const CLAIM_OWN: &str = r"
-local ids, counts = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}
+local ids, counts, held = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}, {}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
   if p[1] and p[1][2] == ARGV[2] then
-    ids[#ids + 1] = ARGV[i]
-    counts[ARGV[i]] = p[1][4]
+    local wait = not_due(ARGV[i])
+    if wait then
+      held[#held + 1] = ARGV[i]
+      held[#held + 1] = wait
+    else
+      ids[#ids + 1] = ARGV[i]
+      counts[ARGV[i]] = p[1][4]
+    end
   end
 end
-if #ids == 5 then return {0} end
+if #ids == 5 then return {0, held} end
 local claimed = redis.call(unpack(ids))
-local out = {#ids - 5 - #claimed}
+local out = {#ids - 5 - #claimed, held}
 for _, e in ipairs(claimed) do out[#out + 1] = {e[1], e[2], counts[e[1]] + 1} end
 return out
 ";
 
 /// Takes over entries other members of the group left pending for at least ARGV[3] ms: scans the
 /// pending list from cursor ARGV[4] (`-` or `(<id>`) over up to ARGV[5] entries, and claims up to
-/// ARGV[6] that belong to someone else. (`XAUTOCLAIM` would also take back this member's own idle
-/// entries, which a live member must not hand out to itself twice.) KEYS: stream; ARGV[1..2]:
-/// group, consumer. Returns the next cursor, the number of entries found deleted, then `{id,
+/// ARGV[6] that belong to someone else and that no nak holds back. (`XAUTOCLAIM` would also take
+/// back this member's own idle entries, which a live member must not hand out to itself twice, and
+/// those a nak holds back.) KEYS: stream, naks; ARGV[1..2]: group, consumer. Returns the next cursor, the number of entries found deleted, then `{id,
 /// fields, deliveries}` per claimed entry.
 const CLAIM_ABANDONED: &str = r"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
@@ -584,7 +609,7 @@ local max, cursor, stopped = tonumber(ARGV[6]), '-', false
 for _, x in ipairs(p) do
   if #ids - 5 >= max then stopped = true break end
   cursor = '(' .. x[1]
-  if x[2] ~= ARGV[2] then
+  if x[2] ~= ARGV[2] and not not_due(x[1]) then
     ids[#ids + 1] = x[1]
     counts[x[1]] = x[4]
   end
@@ -629,16 +654,35 @@ return '0-0'
 ";
 
 /// Sets the idle time of entries this member still owns to ARGV[3] ms, without counting a
-/// delivery: 0 is `extend`; `claim_idle - delay` is a nak (another member may take the entry once
-/// the delay has passed). KEYS: stream; ARGV: group, consumer, idle ms, entry ids.
+/// delivery: 0 is `extend`; `claim_idle - delay` is a nak no longer than the claim idle time
+/// (another member may take the entry once the delay has passed). ARGV[4] is what happens to the
+/// naks record (KEYS[2], see `NAKS`): empty leaves it, 0 drops the entries' records (an earlier
+/// longer nak), and `d` > 0 records them as due in `d` ms: a nak longer than the claim idle time,
+/// which Redis' idle times cannot express (`XCLAIM` takes no idle time below 0). KEYS: stream,
+/// naks; ARGV: group, consumer, idle ms, record, entry ids.
 const TOUCH: &str = r"
-local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-for i = 4, #ARGV do
+local args, owned = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for i = 5, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then args[#args + 1] = ARGV[i] end
+  if p[1] and p[1][2] == ARGV[2] then
+    args[#args + 1] = ARGV[i]
+    owned[#owned + 1] = ARGV[i]
+  end
 end
 if #args == 5 then return 0 end
 local n = #args - 5
+if ARGV[4] == '0' then
+  redis.call('ZREM', KEYS[2], unpack(owned))
+elseif ARGV[4] ~= '' then
+  local t = redis.call('TIME')
+  local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+  local scored = {}
+  for j, id in ipairs(owned) do
+    scored[2 * j - 1] = due
+    scored[2 * j] = id
+  end
+  redis.call('ZADD', KEYS[2], unpack(scored))
+end
 args[#args + 1] = 'IDLE'
 args[#args + 1] = ARGV[3]
 args[#args + 1] = 'JUSTID'
@@ -712,8 +756,8 @@ impl Scripts {
             dead_store: Script::new(DEAD_STORE),
             dead_delete: Script::new(DEAD_DELETE),
             dead_page: Script::new(DEAD_PAGE),
-            claim_own: Script::new(CLAIM_OWN),
-            claim_abandoned: Script::new(CLAIM_ABANDONED),
+            claim_own: Script::new(&format!("{NAKS}{CLAIM_OWN}")),
+            claim_abandoned: Script::new(&format!("{NAKS}{CLAIM_ABANDONED}")),
             touch: Script::new(TOUCH),
             create_group: Script::new(CREATE_GROUP),
             delete_consumer: Script::new(DELETE_CONSUMER),
