@@ -1079,3 +1079,38 @@ fn a_nak_longer_than_the_claim_idle_time_holds_for_every_member() {
     next.ack(&[Ack::handled(again.token)]).expect("ack");
     next.close().expect("close");
 }
+
+/// Entries trimmed before a lagging group read them are lost to it, and `Inbound::lost` says how
+/// many, exactly (counted from Redis' `entries-added` and the group's `entries-read`), once; every
+/// member of the group reports the group's count.
+#[test]
+fn entries_trimmed_before_a_group_read_them_are_counted_lost() {
+    let backend = RedisBackend::with(|c| c.max_len = 10);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let other = ConsumerGroup::Instance(scope.name("other")).key();
+    let store = |n: usize| {
+        let events: Vec<Event> = (0..n).map(|_| scope.event("job")).collect();
+        provider.store_batch(&shared(&events), Some(&other)).expect("store");
+        events
+    };
+    let queue = ConsumerGroup::Shared(scope.name("q"));
+    let member = open(&provider, "m1", queue.clone(), &scope);
+    let idle = open(&provider, "m2", queue, &scope);
+    store(5);
+    take_acked(&*member, 5);
+    assert_eq!(member.lost(), 0);
+    // 30 more, while the group reads nothing: the stream keeps the last 10 of the 35.
+    let kept: Vec<EventId> = store(30).into_iter().skip(20).map(|e| e.id).collect();
+    let got: Vec<EventId> = take_acked(&*member, 10).into_iter().map(|e| e.event.id).collect();
+    assert_eq!(got, kept, "what the stream still held, in order");
+    assert_eq!(member.lost(), 20, "the 20 unread entries trimmed");
+    store(3);
+    take_acked(&*member, 3);
+    assert_eq!(member.lost(), 20, "counted once");
+    assert!(idle.fetch(16, Duration::from_millis(50)).expect("fetch").is_empty());
+    assert_eq!(idle.lost(), 20, "the group's count, as every member reports it");
+    for source in [member, idle] {
+        source.close().expect("close");
+    }
+}

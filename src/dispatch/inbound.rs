@@ -153,7 +153,8 @@ pub struct InboundStats {
     pub returned: u64,
     /// Events this broker's group lost before any member was handed them (see
     /// [`Inbound::lost`]): with the memory provider's bus, those its log dropped at the bound
-    /// while the group lagged behind; 0 for backends that do not count them. A broker fetches
+    /// while the group lagged behind; with Redis, those trimmed from the stream before the group
+    /// read them; 0 for backends that do not count them. A broker fetches
     /// nothing while it has no subscription, so one that only publishes counts, past the bound,
     /// what the others publish: it would have received them had it subscribed then.
     pub lost: u64,

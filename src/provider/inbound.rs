@@ -252,7 +252,8 @@ pub trait Inbound: Send + Sync {
 
     /// Events this source's group lost before any of its members was handed them (a bounded log
     /// that dropped them first), as far as the backend counts them: 0 where it does not. Read for
-    /// [`InboundStats::lost`](crate::InboundStats::lost); the memory provider's bus counts them.
+    /// [`InboundStats::lost`](crate::InboundStats::lost); the memory provider's bus and the Redis
+    /// provider (its stream trimmed past them) count them.
     fn lost(&self) -> u64 {
         0
     }

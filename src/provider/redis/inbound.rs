@@ -3,7 +3,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -44,6 +44,8 @@ pub(super) struct RedisInbound {
     consumer: String,
     /// The group's naks longer than the claim idle time (see `Keys::naks_of`).
     naks: String,
+    /// What the group lost, as the last read found it (see the `READ_NEW` script).
+    group_lost: AtomicU64,
     shared_group: bool,
     claim_idle: Duration,
     /// The connection blocking reads run on; only `fetch` uses it.
@@ -130,6 +132,7 @@ impl RedisInbound {
         Ok(Self {
             backoff: Mutex::new(Backoff::new(shared.config.max_backoff)),
             naks: shared.keys.naks_of(&group),
+            group_lost: AtomicU64::new(0),
             shared,
             group,
             consumer: config.consumer().to_owned(),
@@ -162,6 +165,32 @@ impl RedisInbound {
 
     fn claim_interval(&self) -> Duration {
         (self.claim_idle / 4).clamp(MIN_CLAIM_INTERVAL, MAX_CLAIM_INTERVAL)
+    }
+
+    /// New entries, at most `count`, without blocking, having counted what the group lost to
+    /// trimming (see the `READ_NEW` script); `audit`: look even when the member's last read entry
+    /// is still in the stream (after a claim scan, so at most every `claim_interval`).
+    fn read_new(&self, conn: &mut Connection, count: usize, audit: bool) -> Result<Vec<Entry>, RedisError> {
+        let keys = &self.shared.keys;
+        let mut call = Call::new(&self.shared.scripts.read_new, &[&keys.stream, &keys.group_lost()]);
+        let position = self.state.lock().position.clone();
+        call.arg(&self.group).arg(&self.consumer).arg(count).arg(position).arg(u8::from(audit));
+        let value: Value = call.invoke(conn)?;
+        let mut parts = reply::array(value)
+            .ok_or_else(|| malformed_reply(reply::Malformed::new("a read is not an array")))?
+            .into_iter();
+        let read = parts.next().unwrap_or(Value::Nil);
+        let lost =
+            parts.next().as_ref().and_then(reply::int).and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        let before = self.group_lost.swap(lost, Ordering::Relaxed);
+        if lost > before {
+            tracing::warn!(
+                group = self.group,
+                count = lost - before,
+                "redis provider: the stream was trimmed past entries the group had not read; they are lost to it"
+            );
+        }
+        new_entries(read).map_err(malformed_reply)
     }
 
     /// How long a consumer that holds nothing must have been handed nothing before a sweep removes
@@ -232,6 +261,7 @@ impl RedisInbound {
             let state = self.state.lock();
             (got.len() < max && now >= state.next_claim_scan).then(|| state.claim_cursor.clone())
         };
+        let scanned = scan.is_some();
         if let Some(cursor) = scan {
             let mut call = Call::new(&self.shared.scripts.claim_abandoned, &[stream, &self.naks]);
             call.arg(&self.group)
@@ -255,24 +285,33 @@ impl RedisInbound {
         }
 
         if got.len() < max {
-            let block = if got.is_empty() {
+            let count = (max - got.len()).min(MAX_PER_CALL);
+            let mut new = self.read_new(conn, count, scanned)?;
+            let block = if got.is_empty() && new.is_empty() {
                 let until = self.state.lock().next_wake().min(deadline);
                 until.checked_duration_since(Instant::now()).map(|left| left.min(MAX_BLOCK))
             } else {
                 None
             };
-            let mut read = redis::cmd("XREADGROUP");
-            read.arg("GROUP")
-                .arg(&self.group)
-                .arg(&self.consumer)
-                .arg("COUNT")
-                .arg((max - got.len()).min(MAX_PER_CALL));
+            // Nothing came: wait for new entries. The script cannot block, and this read does not
+            // look for losses; the next script call does, before anything trimmed unread could
+            // be read past (a store call would have to add more than `max_len` entries meanwhile,
+            // which the periodic look of `read_new` then finds, once the group has caught up).
             if let Some(block) = block.filter(|b| b.as_millis() > 0) {
-                read.arg("BLOCK").arg(Self::idle_ms(block));
+                let value: Value = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&self.group)
+                    .arg(&self.consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("BLOCK")
+                    .arg(Self::idle_ms(block))
+                    .arg("STREAMS")
+                    .arg(stream)
+                    .arg(">")
+                    .query(conn)?;
+                new = new_entries(value).map_err(malformed_reply)?;
             }
-            read.arg("STREAMS").arg(stream).arg(">");
-            let value: Value = read.query(conn)?;
-            let new = new_entries(value).map_err(malformed_reply)?;
             if let Some(last) = new.last() {
                 self.state.lock().position.clone_from(&last.id);
             }
@@ -543,6 +582,11 @@ impl crate::provider::Inbound for RedisInbound {
             tokens.iter().copied().filter(|t| state.outstanding.contains(&entry_of_seq(t.get()))).collect()
         };
         self.touch("extend", &held, Duration::ZERO, None)
+    }
+
+    fn lost(&self) -> u64 {
+        // Relaxed: a statistic, read alone.
+        self.group_lost.load(Ordering::Relaxed)
     }
 
     fn set_filter(&self, patterns: &[Pattern]) -> Result<(), ProviderError> {

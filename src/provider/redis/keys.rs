@@ -55,6 +55,11 @@ impl Keys {
         }
     }
 
+    /// Entries each consumer group lost (trimmed before it read them): group key → count.
+    pub(super) fn group_lost(&self) -> String {
+        format!("{}:lost", self.stream)
+    }
+
     /// The naks of consumer group `group` that hold entries back longer than its claim idle time:
     /// entry id scored by when it is due again (server time, ms).
     pub(super) fn naks_of(&self, group: &str) -> String {

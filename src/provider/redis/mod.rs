@@ -23,6 +23,7 @@
 //! | `P:counts` | hash | stored events in total and per status, and what was trimmed, expired or replaced |
 //! | `P:dead` | hash | dead letters by id, each `<order key> <JSON>` |
 //! | `P:dead:order` | sorted set | `<failed_at as 21 digits>:<dead letter id>`: `(failed_at, id)` order |
+//! | `P:S:lost` | hash | consumer group key → entries the group lost, trimmed before it read them |
 //! | `P:S:naks:<group>` | sorted set | entries of consumer group `<group>` given back with a nak longer than its claim idle time, scored by when they are due again (server time, ms); a record goes once due |
 //!
 //! Statuses never become stream entries (SEED-PITFALLS 4): a status change is a write to the
@@ -73,7 +74,7 @@
 //!   take their events with them at the next store, counted as trimmed; with `max_len` 0 there
 //!   is no list, and such events stay counted. A deleted event's name stays in the list until
 //!   trimming reaches it. A consumer group more than `max_len` entries behind loses the trimmed
-//!   ones.
+//!   ones, counted by [`Inbound::lost`] (see Inbound delivery).
 //!
 //! ## Reads
 //! Nothing on a read path blocks (no `XREAD BLOCK`; SEED-PITFALLS 2). `get` is one script call
@@ -99,7 +100,26 @@
 //!    pending list at most every `min(claim_idle / 4, 1 s)` (`XPENDING … IDLE` then `XCLAIM`, in one
 //!    script; `XAUTOCLAIM` cannot leave out the member's own entries, which it must not hand
 //!    itself twice while a handler still runs);
-//! 3. reads new entries with `XREADGROUP … >`, blocking at most 500 ms at a time within `wait`.
+//! 3. reads new entries with `XREADGROUP … >` in a script that first counts what the group lost
+//!    (below), then, when nothing came, waits for new entries with a blocking `XREADGROUP`, at most
+//!    500 ms at a time within `wait`.
+//!
+//! **Lost entries.** A group more than `max_len` entries behind loses the trimmed ones, and
+//! [`Inbound::lost`] (every member's) reports how many the group lost, kept per group in `P:S:lost`
+//! so it survives restarts. Redis 7 keeps how many entries a stream ever had (`entries-added`) and
+//! how many a group read (`entries-read`); the read script compares them, atomically, before it
+//! reads, when the stream's first entry is past the member's last read entry (one `XRANGE … COUNT
+//! 1` a read; `XINFO GROUPS` and `XINFO STREAM` only then), and after each claim scan (at most
+//! every `min(claim_idle / 4, 1 s)`), when the group has read the last entry: the unread entries
+//! before the first are `entries-added - length`, and all of them once it has read the last. What
+//! the group's counter falls short of is lost; it is counted once, and the counter set right
+//! (`XGROUP SETID … ENTRIESREAD`). Exact, with three limits: trimmed entries the group would have
+//! skipped (its own echoes, types its members' filter refuses) count too, their bodies being gone;
+//! nothing is counted while the group's counter is unknown to Redis (a group made before this
+//! counting, by Redis 7.0 at `$` without `ENTRIESREAD`, until it first reads the stream's last
+//! entry) or while the stream holds entries deleted by id past its first; and an entry deleted by
+//! id (`delete`, `XDEL`) that the group had not read counts as lost too, since Redis 7.0's counter
+//! skips it when the group reads past it.
 //!
 //! Entries the group published itself (echo) and entries whose type the member's filter does not
 //! want are acknowledged (`XACK`, for this group only) without being delivered; so are entries
@@ -138,8 +158,9 @@
 //! ([`Capabilities::filter_at_source`] is false): fan-out costs each instance one read of every
 //! event. Counted in [`ProviderStats::provider_specific`]: `inbound_echoes_skipped`,
 //! `inbound_filtered`, `inbound_redelivered`, `inbound_lost` (pending entries found deleted or
-//! trimmed) and `inbound_malformed`, next to `stream_length`, `trimmed`, `expired`, `replaced`,
-//! `dead_letters_dropped` and `reconnects`.
+//! trimmed, which [`Inbound::lost`] leaves out: they were handed out) and `inbound_malformed`,
+//! next to `stream_length`, `trimmed`, `expired`, `replaced`, `dead_letters_dropped` and
+//! `reconnects`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -157,6 +178,7 @@
 //!
 //! [`ConsumerGroup::key`]: crate::ConsumerGroup::key
 //! [`ConsumerGroup`]: crate::ConsumerGroup
+//! [`Inbound::lost`]: crate::Inbound::lost
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -791,6 +813,7 @@ impl Provider for RedisProvider {
             }
             let destroyed: i64 = redis::cmd("XGROUP").arg("DESTROY").arg(stream).arg(&group).query(conn)?;
             redis::cmd("DEL").arg(self.shared.keys.naks_of(&group)).exec(conn)?;
+            redis::cmd("HDEL").arg(self.shared.keys.group_lost()).arg(&group).exec(conn)?;
             Ok(destroyed > 0)
         })
     }

@@ -641,7 +641,21 @@ if start ~= '$' and redis.call('EXISTS', KEYS[1]) == 1 then
     end
   end
 end
-local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
+-- A group made at the end is told how many entries the stream ever had (Redis 7.0 leaves its read
+-- counter unknown), so `READ_NEW` can count what trimming takes from it before it reads.
+local made
+if start == '$' then
+  local added = 0
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    local info = redis.call('XINFO', 'STREAM', KEYS[1])
+    for i = 1, #info, 2 do
+      if info[i] == 'entries-added' then added = info[i + 1] end
+    end
+  end
+  made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM', 'ENTRIESREAD', added)
+else
+  made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
+end
 if type(made) == 'table' and made.err and string.sub(made.err, 1, 9) ~= 'BUSYGROUP' then return made end
 for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local name, last
@@ -688,6 +702,64 @@ args[#args + 1] = ARGV[3]
 args[#args + 1] = 'JUSTID'
 redis.call(unpack(args))
 return n
+";
+
+/// Reads up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] (`XREADGROUP … >`, not
+/// blocking), having first counted what the group lost: entries trimmed before it read them.
+/// KEYS: stream, lost counts (a hash, group → entries lost). ARGV[4]: an entry the group is known
+/// to have read up to (the member's last read), ARGV[5]: 1 to look even when that entry is in the
+/// stream still. Returns the `XREADGROUP` reply (false for none) and the group's lost count.
+///
+/// Redis keeps, per stream, how many entries were ever added and, per group, how many it read
+/// (`entries-read`, exact while nothing was deleted by id ahead of the group). Two moments tell how
+/// many the group will never read: when its last-delivered id is before the stream's first entry
+/// (the ones before that first entry are `entries-added - length`, while every deletion by id lies
+/// before it too), and when it has read the last entry (`entries-added`). What the counter falls
+/// short of then is lost; it is counted and the counter set right (`XGROUP SETID … ENTRIESREAD`),
+/// so the next look counts nothing twice.
+const READ_NEW: &str = r"
+local stream, group = KEYS[1], ARGV[1]
+local function before(a, b)
+  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+  local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
+  return am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1)))
+end
+local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+if (first and before(ARGV[4], first[1])) or ARGV[5] == '1' then
+  local last, read
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, l, r
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1]
+      elseif g[i] == 'last-delivered-id' then l = g[i + 1]
+      elseif g[i] == 'entries-read' then r = g[i + 1] end
+    end
+    if name == group then last, read = l, r end
+  end
+  if last and type(read) == 'number' then
+    local added, length, deleted, newest
+    local info = redis.call('XINFO', 'STREAM', stream)
+    for i = 1, #info, 2 do
+      local k = info[i]
+      if k == 'entries-added' then added = info[i + 1]
+      elseif k == 'length' then length = info[i + 1]
+      elseif k == 'max-deleted-entry-id' then deleted = info[i + 1]
+      elseif k == 'last-generated-id' then newest = info[i + 1] end
+    end
+    local expected
+    if first and before(last, first[1]) and before(deleted, first[1]) then
+      expected = added - length
+    elseif last == newest then
+      expected = added
+    end
+    if expected and expected > read then
+      redis.call('HINCRBY', KEYS[2], group, expected - read)
+      redis.call('XGROUP', 'SETID', stream, group, last, 'ENTRIESREAD', expected)
+    end
+  end
+end
+local got = redis.call('XREADGROUP', 'GROUP', group, ARGV[2], 'COUNT', ARGV[3], 'STREAMS', stream, '>')
+return {got, tonumber(redis.call('HGET', KEYS[2], group) or 0)}
 ";
 
 /// Removes consumer ARGV[2] from group ARGV[1] of stream KEYS[1] when it holds no pending entry:
@@ -738,6 +810,7 @@ pub(super) struct Scripts {
     pub(super) touch: Script,
     pub(super) create_group: Script,
     pub(super) delete_consumer: Script,
+    pub(super) read_new: Script,
     pub(super) sweep_consumers: Script,
 }
 
@@ -761,6 +834,7 @@ impl Scripts {
             touch: Script::new(TOUCH),
             create_group: Script::new(CREATE_GROUP),
             delete_consumer: Script::new(DELETE_CONSUMER),
+            read_new: Script::new(READ_NEW),
             sweep_consumers: Script::new(SWEEP_CONSUMERS),
         }
     }
