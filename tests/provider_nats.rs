@@ -252,6 +252,33 @@ fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
     assert_quiet(&*restarted, "after the restart");
 }
 
+/// A consumer deleted under a live source and then given a new filter before any fetch is made
+/// again by `set_filter` where it stood, not at the stream's end: the events stored while it was
+/// gone, before and after the new filter, all arrive. The filter's write made the missing consumer
+/// with deliver policy `new`, passing over everything stored since the deletion.
+#[test]
+fn a_consumer_deleted_and_then_filtered_is_made_again_where_it_stood() {
+    let backend = NatsBackend::new();
+    let provider = backend.connect();
+    let scope = Scope::new();
+    let group = scope.instance("a");
+    let source = open(&*provider, &scope.name("a"), group.clone(), &[scope.pattern("billing.>")]);
+    let before = scope.event("billing.paid");
+    provider.store_batch(&shared(std::slice::from_ref(&before)), None).expect("store");
+    assert_eq!(ids(&take_and_ack(&*source, 1)), vec![before.id]);
+
+    assert!(provider.delete_group(&group).expect("delete_group"), "the consumer existed");
+    let gone = [scope.event("billing.refund"), scope.event("users.created")];
+    provider.store_batch(&shared(&gone), None).expect("store while the consumer is gone");
+    source.set_filter(&[scope.pattern("billing.>"), scope.pattern("users.>")]).expect("set_filter");
+    let after = scope.event("users.deleted");
+    provider.store_batch(&shared(std::slice::from_ref(&after)), None).expect("store after the filter");
+    let got = take_and_ack(&*source, 3);
+    assert_eq!(ids(&got), vec![gone[0].id, gone[1].id, after.id], "nothing stored since was passed over");
+    assert!(got.iter().all(|e| e.deliveries == 1), "{got:?}");
+    assert_quiet(&*source, "after the consumer was made again");
+}
+
 /// A claim idle time or a nak delay longer than the server's durations hold (`i64::MAX`
 /// nanoseconds, about 292 years; `Duration::MAX` for "never") is taken as the longest they hold:
 /// the source opens and delivers, and the event given back stays back. The server refused such a

@@ -25,10 +25,16 @@
 //! - A message whose body is not an event is terminated (`+TERM`) and counted as `undecodable`.
 //! - A consumer that is gone while its source lives (`delete_group`, or an operator, removed it) no
 //!   longer answers pulls: the first fetch that gets no answer within
-//!   [`NatsConfig::request_timeout`](super::NatsConfig::request_timeout) finds it gone and makes it
-//!   again, with the source's filter, starting after the last message the source saw (deliver
-//!   policy `by_start_sequence`). What the old consumer had handed out and not seen acknowledged is
+//!   [`NatsConfig::request_timeout`](super::NatsConfig::request_timeout), or the next
+//!   [`set_filter`](Inbound::set_filter), whichever comes first, finds it gone and makes it again,
+//!   with the source's filter, starting after the last message the source saw (deliver policy
+//!   `by_start_sequence`). What the old consumer had handed out and not seen acknowledged is
 //!   forgotten with it; what was stored since is delivered, and nothing the source already saw.
+//!   A filter is written to a consumer only after a look that it still exists (one round trip
+//!   more), keeping the deliver policy it has: a plain write would make a missing consumer at the
+//!   stream's end. A 2.10 server refuses the write itself when the consumer went after that look;
+//!   on a 2.9 server a consumer removed within that one round trip is made anew with the deliver
+//!   policy it had (`new`: at the stream's end).
 //! - The server hands an unacknowledged event out again once the claim idle time has passed, to
 //!   whichever member pulls first. When that is the member still holding it (its broker is still
 //!   working on it), the redelivery is held, not handed out twice, and counted as
@@ -151,6 +157,10 @@ struct DurableConfig {
 struct CreateDurable<'a> {
     stream_name: &'a str,
     config: &'a DurableConfig,
+    /// `update` for a write that must not make the consumer: a 2.10 server refuses it when the
+    /// consumer does not exist (a 2.9 server ignores the field and makes it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'static str>,
 }
 
 #[derive(Deserialize)]
@@ -275,13 +285,34 @@ async fn write_consumer(
     operation: &'static str,
     config: &DurableConfig,
 ) -> Result<ConsumerInfo, ProviderError> {
-    let stream = &shared.layout.events;
-    let subject = format!("CONSUMER.DURABLE.CREATE.{stream}.{}", config.durable_name);
-    let written: Result<ConsumerInfo, _> =
-        api(&shared.conn.js, operation, subject, &CreateDurable { stream_name: stream, config }).await?;
-    written.map_err(|error| {
+    write_consumer_as(shared, operation, config, None).await?.map_err(|error| {
+        let stream = &shared.layout.events;
         refused(operation, &format!("write consumer {} of stream {stream}", config.durable_name), &error)
     })
+}
+
+/// Sends the write of `config` with `action`; the server's refusal as it came.
+async fn write_consumer_as(
+    shared: &Shared,
+    operation: &'static str,
+    config: &DurableConfig,
+    action: Option<&'static str>,
+) -> Result<Result<ConsumerInfo, async_nats::jetstream::Error>, ProviderError> {
+    let stream = &shared.layout.events;
+    let subject = format!("CONSUMER.DURABLE.CREATE.{stream}.{}", config.durable_name);
+    api(&shared.conn.js, operation, subject, &CreateDurable { stream_name: stream, config, action }).await
+}
+
+/// What the server says of `durable`: its settings and where it stands, or its refusal
+/// (`CONSUMER_NOT_FOUND` when it is gone).
+async fn consumer_info(
+    shared: &Shared,
+    operation: &'static str,
+    durable: &str,
+) -> Result<Result<ConsumerInfo, async_nats::jetstream::Error>, ProviderError> {
+    let stream = &shared.layout.events;
+    api(&shared.conn.js, operation, format!("CONSUMER.INFO.{stream}.{durable}"), &super::connection::Empty {})
+        .await
 }
 
 /// One broker's source; see the module docs.
@@ -467,28 +498,76 @@ impl Source {
         if self.shared.conn.client.connection_state() != async_nats::connection::State::Connected {
             return Ok(false);
         }
-        let stream = &self.shared.layout.events;
-        let info: Result<ConsumerInfo, _> = api(
-            &self.shared.conn.js,
-            OPERATION,
-            format!("CONSUMER.INFO.{stream}.{}", self.durable),
-            &super::connection::Empty {},
-        )
-        .await?;
-        match info {
+        match consumer_info(&self.shared, OPERATION, &self.durable).await? {
             Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => {}
             Ok(_) | Err(_) => return Ok(false),
         }
+        let config = self.consumer.lock().clone();
+        let made = self.make_again(OPERATION, config).await?;
+        *self.consumer.lock() = made;
+        Ok(true)
+    }
+
+    /// Writes `config`'s filter to the group's consumer. The consumer keeps its deliver policy
+    /// (the server refuses to change it, and another member may have made the consumer again);
+    /// a consumer that is gone is made again where this source stood, never at the stream's end,
+    /// which is where a plain write would make it (deliver policy `new`) and so pass over every
+    /// event stored since it went. What the server has now.
+    async fn write_filter(
+        &self,
+        operation: &'static str,
+        config: DurableConfig,
+    ) -> Result<DurableConfig, ProviderError> {
+        let stream = &self.shared.layout.events;
+        let current = match consumer_info(&self.shared, operation, &self.durable).await? {
+            Ok(info) => info,
+            Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => {
+                return self.make_again(operation, config).await;
+            }
+            Err(error) => {
+                return Err(refused(
+                    operation,
+                    &format!("consumer {} of stream {stream}", self.durable),
+                    &error,
+                ));
+            }
+        };
+        // Relaxed: see `fetch`.
+        self.position.fetch_max(current.delivered.stream_seq, Ordering::Relaxed);
+        let mut update = config;
+        update.deliver_policy = current.config.deliver_policy;
+        update.opt_start_seq = current.config.opt_start_seq;
+        // From 2.10 the write is refused, not a consumer made at the stream's end, when the
+        // consumer went between the two requests; a 2.9 server leaves that one round trip open.
+        let action = self.shared.conn.multi_filter().then_some("update");
+        match write_consumer_as(&self.shared, operation, &update, action).await? {
+            Ok(_) => Ok(update),
+            Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_DOES_NOT_EXIST => {
+                self.make_again(operation, update).await
+            }
+            Err(error) => Err(refused(
+                operation,
+                &format!("write consumer {} of stream {stream}", self.durable),
+                &error,
+            )),
+        }
+    }
+
+    /// Makes the group's consumer, gone, again with `config`'s filter, starting after the last
+    /// message this source saw (deliver policy `by_start_sequence`); what the server has now.
+    async fn make_again(
+        &self,
+        operation: &'static str,
+        mut config: DurableConfig,
+    ) -> Result<DurableConfig, ProviderError> {
         // Relaxed: see `fetch`.
         let start = self.position.load(Ordering::Relaxed).saturating_add(1);
-        let mut config = self.consumer.lock().clone();
         "by_start_sequence".clone_into(&mut config.deliver_policy);
         config.opt_start_seq = Some(start);
-        tracing::warn!(consumer = %self.durable, %stream, start,
+        tracing::warn!(consumer = %self.durable, stream = %self.shared.layout.events, start,
             "nats provider: the consumer group's consumer is gone; making it again after the last message seen");
-        write_consumer(&self.shared, OPERATION, &config).await?;
-        *self.consumer.lock() = config;
-        Ok(true)
+        write_consumer(&self.shared, operation, &config).await?;
+        Ok(config)
     }
 
     /// Sends `body` to the acknowledgement subject of each token still known, then flushes; the
@@ -648,13 +727,13 @@ impl Inbound for NatsInbound {
         let set: PatternSet<()> = patterns.iter().map(|p| (p.clone(), ())).collect();
         *source.wanted.lock() = Some(Arc::new(set));
         if config != *source.consumer.lock() {
-            let shared_for_call = Arc::clone(shared);
-            let written = config.clone();
-            let limit = shared.conn.request_timeout;
-            shared.conn.call(OPERATION, limit, async move {
-                write_consumer(&shared_for_call, OPERATION, &written).await.map(drop)
-            })?;
-            *source.consumer.lock() = config;
+            let writer = Arc::clone(source);
+            // The check, the write, and a consumer made again: three round trips at most.
+            let limit = shared.conn.request_timeout.saturating_mul(3);
+            let written = shared
+                .conn
+                .call(OPERATION, limit, async move { writer.write_filter(OPERATION, config).await })?;
+            *source.consumer.lock() = written;
         }
         Ok(())
     }
