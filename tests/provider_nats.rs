@@ -252,6 +252,75 @@ fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
     assert_quiet(&*restarted, "after the restart");
 }
 
+/// Fetches and acknowledges until `last` arrives, or [`ARRIVE`] passed; everything that came.
+fn take_until(source: &dyn Inbound, last: EventId) -> Vec<EventId> {
+    let deadline = Instant::now() + ARRIVE;
+    let mut got = Vec::new();
+    while !got.contains(&last) {
+        assert!(Instant::now() < deadline, "{last} did not arrive within {ARRIVE:?}; came {got:?}");
+        let batch = source.fetch(16, Duration::from_millis(200)).expect("fetch");
+        source.ack(&batch.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
+        got.extend(ids(&batch));
+    }
+    got
+}
+
+/// A filter the server refuses for a while (here: the stream's subjects moved elsewhere, so a
+/// new filter is no subset of them) is not left to the filter before it: the consumer goes on
+/// without one, the patterns checked after fetching, so neither the event stored before the
+/// change nor those stored after it are passed over; later the consumer gets its filter. Before,
+/// the refused write left the old filter in place, the fetches went on with it, and every `users`
+/// event was passed over for good.
+#[test]
+fn a_filter_the_server_refuses_for_a_while_passes_over_no_wanted_event() {
+    let backend = NatsBackend::new();
+    let provider = backend.connect();
+    let scope = Scope::new();
+    let instance = scope.name("a");
+    let source =
+        open(&*provider, &instance, ConsumerGroup::Instance(instance.clone()), &[scope.pattern("billing.>")]);
+    let (stream, prefix) = (backend.config().stream_name.clone(), backend.config().subject_prefix.clone());
+    let durable = format!("eb-i-{instance}");
+    let set_subjects = |subject: String| {
+        let stream = stream.clone();
+        with_client(async move |js| {
+            let mut config = js.get_stream(&stream).await.expect("stream").cached_info().config.clone();
+            config.subjects = vec![subject];
+            js.update_stream(config).await.expect("update the stream's subjects");
+        });
+    };
+    let filter_on_server = || {
+        let (stream, durable) = (stream.clone(), durable.clone());
+        with_client(async move |js| {
+            let info =
+                js.get_stream(&stream).await.expect("stream").consumer_info(&durable).await.expect("info");
+            let mut filters = info.config.filter_subjects.clone();
+            filters
+                .extend((!info.config.filter_subject.is_empty()).then(|| info.config.filter_subject.clone()));
+            filters
+        })
+    };
+
+    let early = scope.event("users.created");
+    provider.store_batch(&shared(std::slice::from_ref(&early)), None).expect("store under the old filter");
+    set_subjects(format!("{prefix}_elsewhere"));
+    let pushed = source.set_filter(&[scope.pattern("billing.>"), scope.pattern("users.>")]);
+    let while_refused = filter_on_server();
+    set_subjects(format!("{prefix}.>"));
+
+    let after = ["billing.paid", "users.deleted", "audit.login", "billing.refund"].map(|t| scope.event(t));
+    provider.store_batch(&shared(&after), None).expect("store");
+    let got = take_until(&*source, after[3].id);
+    assert_eq!(got, vec![early.id, after[0].id, after[1].id, after[3].id], "set_filter: {pushed:?}");
+    assert_quiet(&*source, "audit");
+    assert_eq!(while_refused, Vec::<String>::new(), "refused, the filter gave way to none");
+    let deadline = Instant::now() + ARRIVE;
+    while filter_on_server().is_empty() {
+        assert!(Instant::now() < deadline, "the filter was not written again");
+        source.fetch(1, Duration::from_millis(100)).expect("fetch");
+    }
+}
+
 /// A consumer deleted under a live source and then given a new filter before any fetch is made
 /// again by `set_filter` where it stood, not at the stream's end: the events stored while it was
 /// gone, before and after the new filter, all arrive. The filter's write made the missing consumer

@@ -13,6 +13,13 @@
 //!   pattern wants stay on the server (see the `subject` module for how patterns become
 //!   filters); the exact patterns are checked again after fetching, which only matters when a
 //!   2.9 server's single filter had to be widened. Members of a shared group share its filter.
+//!   A write of the filter that fails never leaves the consumer pulling with the filter before
+//!   it, which would pass over, for good, the events only the new patterns want: after a write
+//!   that got no answer (the server's filter is then unknown) nothing is pulled until a write
+//!   takes, each fetch trying it first and failing with its error; a filter the server refuses
+//!   is replaced by none, the patterns checked after fetching, and written again once a second
+//!   (`FILTER_RETRY`) at the next fetch, until it takes. Either way the consumer stands where it
+//!   stood, and the events stored meanwhile meet the new patterns.
 //! - [`fetch`](Inbound::fetch) polls: a pull request for what is available now, and when nothing
 //!   is, another after a pause that doubles from 1 ms up to
 //!   [`NatsConfig::fetch_poll_interval`](super::NatsConfig::fetch_poll_interval) (20 ms by default),
@@ -269,7 +276,7 @@ pub(super) async fn open(
             claim_idle: config.claim_idle(),
             given_back: Mutex::new(BTreeMap::new()),
             durable,
-            consumer: Mutex::new(desired),
+            consumer: tokio::sync::Mutex::new(ConsumerState { wanted: desired, applied: Applied::Exact }),
             position: AtomicU64::new(position),
             wanted: Mutex::new(None),
             tokens: Mutex::new(BTreeMap::new()),
@@ -331,8 +338,9 @@ struct Source {
     /// as unwanted, for [`GIVE_BACK_WINDOW`].
     given_back: Mutex<BTreeMap<u64, std::time::Instant>>,
     durable: String,
-    /// The consumer's settings as this source last wrote them.
-    consumer: Mutex<DurableConfig>,
+    /// The consumer as this source wants it and as the server has it. Async: held across the
+    /// writes, so that two writes of different filters never cross on their way to the server.
+    consumer: tokio::sync::Mutex<ConsumerState>,
     /// The highest stream sequence the consumer had passed, as this source saw it: where the
     /// consumer starts again if it is lost.
     position: AtomicU64,
@@ -342,6 +350,32 @@ struct Source {
     tokens: Mutex<BTreeMap<u64, String>>,
     closed: AtomicBool,
 }
+
+/// The group's consumer as a source wants it, and what the server has of it.
+#[derive(Debug)]
+struct ConsumerState {
+    /// The settings with the filter of the last `set_filter`, and the deliver policy the server
+    /// last said the consumer has.
+    wanted: DurableConfig,
+    applied: Applied,
+}
+
+/// What the server has of [`ConsumerState::wanted`]'s filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Applied {
+    /// That filter.
+    Exact,
+    /// Not known: a write failed or was cut short, and the consumer may still have the filter
+    /// before. Nothing is pulled until a write takes: pulled under the old filter, the consumer
+    /// would move past the events only the new one wants, for good.
+    Pending,
+    /// None: the server refused the filter and took the consumer without one. Pulls go on, the
+    /// patterns are checked after fetching, and the filter is written again from `retry_at` on.
+    Unfiltered { retry_at: tokio::time::Instant },
+}
+
+/// How long a source whose filter the server refused fetches unfiltered before writing it again.
+const FILTER_RETRY: Duration = Duration::from_secs(1);
 
 impl Source {
     fn check_open(&self, operation: &'static str) -> Result<(), ProviderError> {
@@ -458,6 +492,7 @@ impl Source {
         let deadline = tokio::time::Instant::from_std(crate::deadline::from_now(wait));
         let mut pause = FIRST_POLL;
         loop {
+            self.settle_filter(OPERATION).await?;
             let pulled =
                 match pull(&conn.client, OPERATION, stream, &self.durable, max, conn.request_timeout).await {
                     Ok(pulled) => pulled,
@@ -502,10 +537,59 @@ impl Source {
             Err(error) if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND => {}
             Ok(_) | Err(_) => return Ok(false),
         }
-        let config = self.consumer.lock().clone();
-        let made = self.make_again(OPERATION, config).await?;
-        *self.consumer.lock() = made;
+        // The next pull's `settle_filter` makes it again.
+        self.consumer.lock().await.applied = Applied::Pending;
         Ok(true)
+    }
+
+    /// Before a pull: writes the wanted filter unless the server has it, or has the consumer
+    /// unfiltered and the next try is not due. Fails, and nothing is pulled, while neither holds.
+    async fn settle_filter(&self, operation: &'static str) -> Result<(), ProviderError> {
+        let mut state = self.consumer.lock().await;
+        match state.applied {
+            Applied::Exact => Ok(()),
+            Applied::Unfiltered { retry_at } if tokio::time::Instant::now() < retry_at => Ok(()),
+            Applied::Pending | Applied::Unfiltered { .. } => self.apply_filter(operation, &mut state).await,
+        }
+    }
+
+    /// Writes `state.wanted`'s filter. A filter the server refuses is not left to the one before:
+    /// the consumer is written without one instead, so no wanted event is passed over while the
+    /// filter is tried again (see [`Applied`]). The error when neither write took.
+    async fn apply_filter(
+        &self,
+        operation: &'static str,
+        state: &mut ConsumerState,
+    ) -> Result<(), ProviderError> {
+        let before = state.applied;
+        // What a write cut short leaves.
+        state.applied = Applied::Pending;
+        let refusal = match self.write_filter(operation, state.wanted.clone()).await {
+            Ok(written) => {
+                state.wanted = written;
+                state.applied = Applied::Exact;
+                return Ok(());
+            }
+            Err(error) if matches!(error.kind(), ProviderErrorKind::Backend(_)) => error,
+            Err(error) => return Err(error),
+        };
+        let retry_at = tokio::time::Instant::from_std(crate::deadline::from_now(FILTER_RETRY));
+        if matches!(before, Applied::Unfiltered { .. }) {
+            // Refused again: the consumer still has no filter.
+            state.applied = Applied::Unfiltered { retry_at };
+            return Ok(());
+        }
+        let mut unfiltered = state.wanted.clone();
+        unfiltered.filter_subject.clear();
+        unfiltered.filter_subjects.clear();
+        let Ok(written) = self.write_filter(operation, unfiltered).await else { return Err(refusal) };
+        tracing::warn!(consumer = %self.durable, error = %refusal,
+            "nats provider: the server refused the consumer's filter; fetching unfiltered, the \
+             patterns checked after fetching, until it takes it");
+        state.wanted.deliver_policy = written.deliver_policy;
+        state.wanted.opt_start_seq = written.opt_start_seq;
+        state.applied = Applied::Unfiltered { retry_at };
+        Ok(())
     }
 
     /// Writes `config`'s filter to the group's consumer. The consumer keeps its deliver policy
@@ -667,7 +751,9 @@ impl Inbound for NatsInbound {
         // signed 64-bit number and refuses a larger one (`usize::MAX`, for "all there is").
         let max = max.min(self.inner.shared.config.max_ack_pending);
         let conn = &self.inner.shared.conn;
-        let limit = wait.saturating_add(conn.request_timeout.saturating_mul(3));
+        // A pull, a look whether the consumer is gone, and the writes of its filter; a write cut
+        // short leaves the filter to the next fetch (see `Applied::Pending`).
+        let limit = wait.saturating_add(conn.request_timeout.saturating_mul(super::ROUNDS + 1));
         conn.call(OPERATION, limit, Arc::clone(&self.inner).fetch(max, wait))
     }
 
@@ -709,33 +795,31 @@ impl Inbound for NatsInbound {
         source.check_open(OPERATION)?;
         let shared = &source.shared;
         let prefix = &shared.layout.prefix;
-        let mut config = source.consumer.lock().clone();
-        if shared.conn.multi_filter() {
+        let (subject, subjects) = if shared.conn.multi_filter() {
             let subjects = disjoint_cover(prefix, patterns);
-            if subjects.len() == 1 {
-                config.filter_subject.clone_from(&subjects[0]);
-                config.filter_subjects.clear();
-            } else {
-                config.filter_subject.clear();
-                config.filter_subjects = subjects;
-            }
+            if subjects.len() == 1 { (subjects[0].clone(), Vec::new()) } else { (String::new(), subjects) }
         } else {
-            config.filter_subject = cover(prefix, patterns);
-            config.filter_subjects.clear();
-        }
+            (cover(prefix, patterns), Vec::new())
+        };
         // The patterns first, the server's filter second: see `Source::sort`.
         let set: PatternSet<()> = patterns.iter().map(|p| (p.clone(), ())).collect();
         *source.wanted.lock() = Some(Arc::new(set));
-        if config != *source.consumer.lock() {
-            let writer = Arc::clone(source);
-            // The check, the write, and a consumer made again: three round trips at most.
-            let limit = shared.conn.request_timeout.saturating_mul(3);
-            let written = shared
-                .conn
-                .call(OPERATION, limit, async move { writer.write_filter(OPERATION, config).await })?;
-            *source.consumer.lock() = written;
-        }
-        Ok(())
+        let writer = Arc::clone(source);
+        // Two writes (the filter, then none when it is refused) of three round trips at most
+        // each: the look, the write, and a consumer made again.
+        let limit = shared.conn.request_timeout.saturating_mul(6);
+        shared.conn.call(OPERATION, limit, async move {
+            let mut state = writer.consumer.lock().await;
+            let same = state.wanted.filter_subject == subject && state.wanted.filter_subjects == subjects;
+            // Unfiltered, the consumer passes over nothing this filter wants: the fetches write the
+            // filter again when it is due.
+            if same && state.applied != Applied::Pending {
+                return Ok(());
+            }
+            state.wanted.filter_subject = subject;
+            state.wanted.filter_subjects = subjects;
+            writer.apply_filter(OPERATION, &mut state).await
+        })
     }
 
     fn close(&self) -> Result<(), ProviderError> {
