@@ -20,7 +20,8 @@ use crate::redact::{MASK, redact_url_list};
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub enum NatsAuth {
-    /// No credentials (or credentials in the URL, `nats://user:pass@host`).
+    /// No credentials, or those in the URL: `nats://user:password@host`, `nats://token@host`
+    /// (percent-encoded), the same for every server of the list.
     #[default]
     None,
     /// A user name and password.

@@ -233,6 +233,71 @@ pub(super) fn servers(url: &str) -> std::io::Result<Vec<async_nats::ServerAddr>>
     url.split(',').map(|url| url.trim().parse::<async_nats::ServerAddr>()).collect()
 }
 
+/// The servers of `url` with their userinfo taken out, and the credentials it held:
+/// `user:password@` or `token@`, percent-decoded. async-nats 0.46 logs every server it dials at
+/// debug level as `Debug` of its URL, password or token included, and never sends a URL's
+/// credentials to the server: they go in the connect options instead. Errors name no secret.
+pub(super) fn split_credentials(
+    url: &str,
+) -> Result<(Vec<async_nats::ServerAddr>, Option<NatsAuth>), String> {
+    let mut credentials: Option<NatsAuth> = None;
+    let mut stripped = Vec::new();
+    for server in servers(url).map_err(|error| error.to_string())? {
+        let (user, password) = (server.username(), server.password());
+        if user.is_none() && password.is_none() {
+            stripped.push(server);
+            continue;
+        }
+        let decoded = |part: &str| {
+            percent_decoded(part).ok_or_else(|| {
+                format!(
+                    "the credentials of server {}:{} are not valid percent-encoded UTF-8",
+                    server.host(),
+                    server.port()
+                )
+            })
+        };
+        let auth = match password {
+            Some(password) => NatsAuth::UserPassword {
+                user: decoded(user.unwrap_or_default())?,
+                password: decoded(password)?,
+            },
+            None => NatsAuth::Token(decoded(user.unwrap_or_default())?),
+        };
+        if credentials.as_ref().is_some_and(|first| *first != auth) {
+            // One connection authenticates one way, whichever server it reaches.
+            return Err("the servers of the list carry different credentials; give them once".to_owned());
+        }
+        credentials = Some(auth);
+        // The serialized URL percent-encodes an `@` of the userinfo: its first `@` ends it.
+        let text = server.as_url_str();
+        let host = text.find("://").map_or(0, |scheme| scheme + 3);
+        let at = text[host..].find('@').map_or(host, |at| host + at + 1);
+        let without = format!("{}{}", &text[..host], &text[at..]);
+        stripped.push(without.parse().map_err(|error: std::io::Error| error.to_string())?);
+    }
+    Ok((stripped, credentials))
+}
+
+/// `text` with its `%XX` escapes decoded; `None` for a broken escape or bytes that are not UTF-8.
+fn percent_decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        if byte == b'%' {
+            let hex = bytes.get(at + 1..at + 3).filter(|hex| hex.iter().all(u8::is_ascii_hexdigit))?;
+            // Two hex digits: always a byte.
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            at += 3;
+        } else {
+            out.push(byte);
+            at += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Connects with `config`'s credentials, TLS and reconnection policy; counts disconnections and
 /// reconnections into `events`.
 async fn connect(
@@ -264,7 +329,26 @@ async fn connect(
                 }
             }
         });
-    options = match &config.auth {
+    // Errors quote the URL with its credentials blanked; the client's own errors name no server.
+    let (servers, url_auth) = split_credentials(&config.url).map_err(|error| {
+        let message = format!("invalid server URL in {:?}: {error}", redact_url_list(&config.url));
+        ProviderError::new(NAME, OPERATION, ProviderErrorKind::InvalidInput(message))
+    })?;
+    let auth = match (url_auth, &config.auth) {
+        (None, auth) => auth.clone(),
+        (Some(url_auth), NatsAuth::None) => url_auth,
+        (Some(_), _) => {
+            return Err(ProviderError::new(
+                NAME,
+                OPERATION,
+                ProviderErrorKind::InvalidInput(format!(
+                    "{:?} carries credentials and so does the auth setting; give them one way",
+                    redact_url_list(&config.url)
+                )),
+            ));
+        }
+    };
+    options = match &auth {
         NatsAuth::None => options,
         NatsAuth::UserPassword { user, password } => {
             options.user_and_password(user.clone(), password.clone())
@@ -287,10 +371,6 @@ async fn connect(
             options = options.tls_first();
         }
     }
-    // Errors quote the URL with its credentials blanked; the client's own errors name no server.
-    let servers = servers(&config.url).map_err(|error| {
-        backend(OPERATION, format!("invalid server URL in {:?}: {error}", redact_url_list(&config.url)))
-    })?;
     options.connect(servers).await.map_err(|error| {
         use async_nats::ConnectErrorKind as Kind;
         let message = format!("{}: {error}", redact_url_list(&config.url));
@@ -636,6 +716,124 @@ mod tests {
         let error = connect_error(&format!("nats://u:hunter2@127.0.0.1:{port}"), Duration::from_millis(200));
         assert!(error.to_string().contains("no connection to"), "{error}");
         assert_hidden(&error, "hunter2");
+    }
+
+    #[test]
+    fn url_credentials_are_split_from_the_servers() {
+        let split = |url: &str| split_credentials(url).expect("valid");
+        let urls = |servers: &[async_nats::ServerAddr]| {
+            servers.iter().map(async_nats::ServerAddr::as_url_str).collect::<Vec<_>>().join(",")
+        };
+        let user = |user: &str, password: &str| NatsAuth::UserPassword {
+            user: user.into(),
+            password: password.into(),
+        };
+
+        let (servers, auth) = split("nats://svc:p%40ss%2Fw%C3%B6rd@127.0.0.1:4333");
+        assert_eq!(urls(&servers), "nats://127.0.0.1:4333");
+        assert_eq!(auth, Some(user("svc", "p@ss/wörd")));
+        let (servers, auth) = split("hunter2@localhost");
+        assert_eq!(urls(&servers), "nats://localhost");
+        assert_eq!(auth, Some(NatsAuth::Token("hunter2".into())));
+        let (servers, auth) = split("tls://u:hunter2@a:1, nats://b:2 ,u:hunter2@[::1]:3");
+        assert_eq!(urls(&servers), "tls://a:1,nats://b:2,nats://[::1]:3");
+        assert_eq!(auth, Some(user("u", "hunter2")));
+        assert!(servers.iter().all(|s| s.username().is_none() && s.password().is_none()));
+        assert!(!format!("{servers:?}").contains("hunter2"), "{servers:?}");
+        let (servers, auth) = split("nats://127.0.0.1:4222");
+        assert_eq!((urls(&servers).as_str(), auth), ("nats://127.0.0.1:4222", None));
+
+        let error = split_credentials("nats://u:hunter2@a,nats://u:other@b").expect_err("two sets");
+        assert!(error.contains("different credentials") && !error.contains("hunter2"), "{error}");
+        let error = split_credentials("nats://u:%FFhunter2@a").expect_err("not UTF-8");
+        assert!(error.contains("server a:4222") && !error.contains("hunter2"), "{error}");
+        let both = NatsConfig {
+            auth: NatsAuth::Token("t".into()),
+            ..NatsConfig::new("nats://u:hunter2@127.0.0.1:1")
+        };
+        let Err(error) = Connection::open(&both) else { panic!("connected") };
+        assert!(
+            matches!(error.kind(), ProviderErrorKind::InvalidInput(m) if m.contains("one way")),
+            "{error}"
+        );
+        assert_hidden(&error, "hunter2");
+    }
+
+    /// What a tracing subscriber at debug level receives from async-nats while it dials.
+    #[derive(Default)]
+    struct Recorder(Mutex<String>);
+
+    /// Writes every field of what it visits as `name=Debug `.
+    struct Fields<'a>(&'a mut String);
+
+    impl tracing::field::Visit for Fields<'_> {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            use std::fmt::Write as _;
+            let _ = write!(self.0, "{}={value:?} ", field.name());
+        }
+    }
+
+    impl tracing::Subscriber for &'static Recorder {
+        fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+            metadata.target().starts_with("async_nats") && *metadata.level() <= tracing::Level::DEBUG
+        }
+        fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            span.record(&mut Fields(&mut self.0.lock()));
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+            values.record(&mut Fields(&mut self.0.lock()));
+        }
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            event.record(&mut Fields(&mut self.0.lock()));
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A server that asks for credentials, reads the client's `CONNECT`, and refuses it.
+    fn refusing_server() -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead as _, Write as _};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+        let port = listener.local_addr().expect("its address").port();
+        let server = std::thread::spawn(move || {
+            let mut connects = Vec::new();
+            for _ in 0..2 {
+                let (mut socket, _) = listener.accept().expect("a client");
+                socket.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                let info = r#"{"server_id":"fake","version":"2.10.0","proto":1,"max_payload":1048576,"headers":true,"auth_required":true}"#;
+                socket.write_all(format!("INFO {info}\r\n").as_bytes()).expect("INFO");
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&socket).read_line(&mut line);
+                let _ = socket.write_all(b"-ERR 'Authorization Violation'\r\n");
+                connects.push(line);
+            }
+            connects
+        });
+        (port, server)
+    }
+
+    /// Credentials in the URL reach the server in `CONNECT` (async-nats 0.46 dropped them), and
+    /// async-nats, which logs each server it dials at debug level with its URL whole, never sees
+    /// them in a URL.
+    #[test]
+    fn url_credentials_reach_the_server_and_stay_out_of_the_clients_logs() {
+        static RECORDER: std::sync::LazyLock<Recorder> = std::sync::LazyLock::new(Recorder::default);
+        tracing::subscriber::set_global_default(&*RECORDER).expect("the only subscriber of these tests");
+        let (port, server) = refusing_server();
+        for url in
+            [format!("nats://svc:hunter2@127.0.0.1:{port}"), format!("nats://hunter2@127.0.0.1:{port}")]
+        {
+            let error = connect_error(&url, Duration::from_secs(2));
+            assert!(matches!(error.kind(), ProviderErrorKind::Backend(_)), "refused: {error}");
+        }
+        let connects = server.join().expect("the server");
+        assert!(connects[0].contains(r#""user":"svc","pass":"hunter2""#), "{}", connects[0]);
+        assert!(connects[1].contains(r#""auth_token":"hunter2""#), "{}", connects[1]);
+        let logged = RECORDER.0.lock().clone();
+        assert!(logged.contains(&format!("port: Some({port})")), "the servers dialled are logged: {logged}");
+        assert!(!logged.contains("hunter2"), "{logged}");
     }
 
     #[test]

@@ -81,7 +81,13 @@
 //!
 //! ## Connection and failures
 //! URL (several, comma-separated), user and password, token, `NKey` seed or credentials file, TLS
-//! with custom roots and client certificates ([`NatsAuth`], [`NatsTls`]). The client reconnects
+//! with custom roots and client certificates ([`NatsAuth`], [`NatsTls`]). Credentials in the URL
+//! (`nats://user:password@host`, `nats://token@host`, percent-encoded) are taken out of it and
+//! given to the client as [`NatsAuth`] would be, once for every server of the list (servers with
+//! different ones, or URL credentials and [`NatsConfig::auth`] both, are refused): async-nats
+//! logs each server it dials at debug level with its URL whole, and sends no URL's credentials.
+//! It still logs its `CONNECT` message, password or token included, at trace level (target
+//! `async_nats::connection`): keep that target at debug or below where logs are kept. The client reconnects
 //! forever, 100 ms doubling to [`NatsConfig::reconnect_max_delay`]. Every call runs on the
 //! provider's own runtime ([`NatsConfig::runtime_threads`] threads named `eventbroker-nats`) and is
 //! bounded: a server that does not answer makes the call fail with
