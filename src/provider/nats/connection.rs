@@ -279,6 +279,51 @@ pub(super) fn split_credentials(
     Ok((stripped, credentials))
 }
 
+/// The servers of `config` without the credentials of their URLs, and the credentials the
+/// connection uses: [`NatsConfig::auth`], or those of the URLs.
+pub(super) fn credentials(
+    config: &NatsConfig,
+) -> Result<(Vec<async_nats::ServerAddr>, NatsAuth), ProviderError> {
+    const OPERATION: &str = "connect";
+    // Errors quote the URL with its credentials blanked; the client's own errors name no server.
+    let invalid =
+        |message: String| ProviderError::new(NAME, OPERATION, ProviderErrorKind::InvalidInput(message));
+    let (servers, url_auth) = split_credentials(&config.url).map_err(|error| {
+        invalid(format!("invalid server URL in {:?}: {error}", redact_url_list(&config.url)))
+    })?;
+    match (url_auth, &config.auth) {
+        (None, auth) => Ok((servers, auth.clone())),
+        (Some(url_auth), NatsAuth::None) => Ok((servers, url_auth)),
+        (Some(_), _) => Err(invalid(format!(
+            "{:?} carries credentials and so does the auth setting; give them one way",
+            redact_url_list(&config.url)
+        ))),
+    }
+}
+
+/// The account the connection is bound to, as the server names it (an account's name, or its
+/// public key in operator mode): the answer to `$SYS.REQ.USER.INFO`, which servers from 2.10 on
+/// give any client. `None` from an older server (no responder), or when no answer comes within
+/// the client's request timeout.
+pub(super) async fn account(client: &async_nats::Client) -> Option<String> {
+    let message = client.request("$SYS.REQ.USER.INFO", Bytes::new()).await.ok()?;
+    account_of(&message.payload)
+}
+
+/// The account a `$SYS.REQ.USER.INFO` answer names: `{"data":{"user":…,"account":…}}`.
+fn account_of(answer: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        data: Option<UserInfo>,
+    }
+    #[derive(serde::Deserialize)]
+    struct UserInfo {
+        account: String,
+    }
+    let answer: Answer = serde_json::from_slice(answer).ok()?;
+    answer.data.map(|info| info.account).filter(|account| !account.is_empty())
+}
+
 /// `text` with its `%XX` escapes decoded; `None` for a broken escape or bytes that are not UTF-8.
 fn percent_decoded(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
@@ -329,25 +374,7 @@ async fn connect(
                 }
             }
         });
-    // Errors quote the URL with its credentials blanked; the client's own errors name no server.
-    let (servers, url_auth) = split_credentials(&config.url).map_err(|error| {
-        let message = format!("invalid server URL in {:?}: {error}", redact_url_list(&config.url));
-        ProviderError::new(NAME, OPERATION, ProviderErrorKind::InvalidInput(message))
-    })?;
-    let auth = match (url_auth, &config.auth) {
-        (None, auth) => auth.clone(),
-        (Some(url_auth), NatsAuth::None) => url_auth,
-        (Some(_), _) => {
-            return Err(ProviderError::new(
-                NAME,
-                OPERATION,
-                ProviderErrorKind::InvalidInput(format!(
-                    "{:?} carries credentials and so does the auth setting; give them one way",
-                    redact_url_list(&config.url)
-                )),
-            ));
-        }
-    };
+    let (servers, auth) = credentials(&config)?;
     options = match &auth {
         NatsAuth::None => options,
         NatsAuth::UserPassword { user, password } => {
@@ -757,6 +784,14 @@ mod tests {
             "{error}"
         );
         assert_hidden(&error, "hunter2");
+    }
+
+    #[test]
+    fn the_account_is_read_from_the_user_info_answer() {
+        let answer = br#"{"server":{"name":"n1","id":"NA56"},"data":{"user":"alice","account":"ORDERS","permissions":{}}}"#;
+        assert_eq!(account_of(answer).as_deref(), Some("ORDERS"));
+        assert_eq!(account_of(br#"{"error":{"code":503}}"#), None);
+        assert_eq!(account_of(b""), None, "no responder: an empty status message");
     }
 
     /// What a tracing subscriber at debug level receives from async-nats while it dials.

@@ -79,6 +79,14 @@
 //! fetching (`filtered_after_fetch` counts what crossed the network for nothing); 2.10 and later
 //! get one filter per pattern, overlapping ones joined.
 //!
+//! The group namespace ([`Provider::group_namespace`]) is the servers, the account and the event
+//! stream: accounts on one server have separate JetStream namespaces, so two connections under
+//! different accounts never share a consumer. The account is the one the server names on connect
+//! (`account <name>`: servers from 2.10 on answer `$SYS.REQ.USER.INFO`); from an older server,
+//! what the credentials tell, secrets left out: `user <name>`, `nkey <public key>` or
+//! `credentials <path>` (a token or no credentials: nothing, the server has one account for
+//! them). Told by credentials, two users of one account are two namespaces.
+//!
 //! ## Connection and failures
 //! URL (several, comma-separated), user and password, token, `NKey` seed or credentials file, TLS
 //! with custom roots and client certificates ([`NatsAuth`], [`NatsTls`]). Credentials in the URL
@@ -165,7 +173,7 @@ pub struct NatsProvider {
 struct Shared {
     conn: Connection,
     config: NatsConfig,
-    /// The servers and the event stream: where the durable consumers live.
+    /// The servers, the account and the event stream: where the durable consumers live.
     namespace: GroupNamespace,
     layout: Layout,
     closed: AtomicBool,
@@ -188,9 +196,16 @@ impl NatsProvider {
             ProviderError::new(NAME, "connect", ProviderErrorKind::InvalidInput(error.to_string()))
         })?;
         let conn = Connection::open(&config)?;
+        let client = conn.client.clone();
+        // An old server does not answer (no responder, at once); one that does not answer in time
+        // leaves the account to what the credentials say.
+        let account = conn
+            .call("connect", config.request_timeout, async move { Ok(connection::account(&client).await) })
+            .ok()
+            .flatten();
         let layout = Layout::new(&config);
         let shared = Arc::new(Shared {
-            namespace: group_namespace(&config),
+            namespace: group_namespace(&config, account.as_deref()),
             cache: Mutex::new(RevisionCache::new(config.status_cache)),
             conn,
             config,
@@ -484,15 +499,32 @@ impl EventStore for NatsProvider {
 }
 
 /// The servers of `config` (`host:port`, credentials left out, sorted: a list names one cluster
-/// whatever its order) and its event stream, on which the durable consumers live.
-fn group_namespace(config: &NatsConfig) -> GroupNamespace {
-    let mut servers: Vec<String> = connection::servers(&config.url)
-        .map(|servers| servers.iter().map(|server| format!("{}:{}", server.host(), server.port())).collect())
-        // Unreachable: the connection was made with these servers.
+/// whatever its order), the account, and its event stream, on which the durable consumers live.
+///
+/// Accounts on one server are separate JetStream namespaces: a stream name in two is two streams.
+/// The account is `account` as the server named it (2.10 and later), else what tells it apart in
+/// the credentials, secrets left out: the user name, the `NKey`'s public key, the credentials
+/// file. A token, or no credentials, names none: the server has one account for those. Told by
+/// credentials, two users of one account are two namespaces, where they share the consumers.
+fn group_namespace(config: &NatsConfig, account: Option<&str>) -> GroupNamespace {
+    let (servers, auth) = connection::credentials(config)
+        // Unreachable: the connection was made with these servers and credentials.
         .unwrap_or_default();
+    let mut servers: Vec<String> =
+        servers.iter().map(|server| format!("{}:{}", server.host(), server.port())).collect();
     servers.sort();
     servers.dedup();
-    GroupNamespace::new(NAME, format!("{}, stream {}", servers.join(" "), config.stream_name))
+    let account = match (account, auth) {
+        (Some(account), _) => format!(", account {account}"),
+        (None, NatsAuth::UserPassword { user, .. }) => format!(", user {user}"),
+        (None, NatsAuth::NKey(seed)) => nkeys::KeyPair::from_seed(&seed)
+            .map(|pair| format!(", nkey {}", pair.public_key()))
+            // Unreachable: the client signed with it.
+            .unwrap_or_default(),
+        (None, NatsAuth::CredentialsFile(path)) => format!(", credentials {}", path.display()),
+        (None, NatsAuth::Token(_) | NatsAuth::None) => String::new(),
+    };
+    GroupNamespace::new(NAME, format!("{}{account}, stream {}", servers.join(" "), config.stream_name))
 }
 
 impl Provider for NatsProvider {
@@ -523,7 +555,8 @@ impl Provider for NatsProvider {
         self.run("delete_group", inbound::delete(Arc::clone(shared), group.clone()))
     }
 
-    /// `nats <host>:<port>…, stream <name>`: the servers as the URL names them, in order.
+    /// `nats <host>:<port>…[, <account>], stream <name>`: the servers as the URL names them, sorted,
+    /// and what tells the account apart, when anything does (see the module docs).
     fn group_namespace(&self) -> GroupNamespace {
         self.shared.namespace.clone()
     }
@@ -532,5 +565,45 @@ impl Provider for NatsProvider {
         // Relaxed: `shutdown` is idempotent and serialises itself.
         self.shared.closed.store(true, Ordering::Relaxed);
         self.shared.conn.shutdown(self.shared.config.request_timeout.min(Duration::from_secs(2)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn namespace(url: &str, auth: NatsAuth, account: Option<&str>) -> String {
+        let config = NatsConfig { auth, stream_name: "EV".into(), ..NatsConfig::new(url) };
+        group_namespace(&config, account).to_string()
+    }
+
+    /// Two accounts on one server are two namespaces, told by the account the server names, else
+    /// by the credentials; no secret shows.
+    #[test]
+    fn the_group_namespace_tells_accounts_apart_without_secrets() {
+        let user = |user: &str| NatsAuth::UserPassword { user: user.into(), password: "hunter2".into() };
+        let plain = namespace("nats://h:4222", NatsAuth::None, None);
+        assert!(plain.ends_with(" h:4222, stream EV"), "{plain}");
+        assert_eq!(namespace("nats://hunter2@h", NatsAuth::None, None), plain, "a token names no account");
+
+        let alice = namespace("nats://h", user("alice"), None);
+        assert!(alice.ends_with(" h:4222, user alice, stream EV"), "{alice}");
+        assert_eq!(namespace("nats://alice:hunter2@h", NatsAuth::None, None), alice, "the URL's user");
+        assert_ne!(namespace("nats://h", user("bob"), None), alice);
+
+        let named = namespace("nats://h", user("alice"), Some("ORDERS"));
+        assert!(named.ends_with(" h:4222, account ORDERS, stream EV"), "{named}");
+        assert_eq!(namespace("nats://h", user("bob"), Some("ORDERS")), named, "one account, two users");
+        assert_ne!(namespace("nats://h", user("alice"), Some("BILLING")), named);
+
+        let pair = nkeys::KeyPair::new_user();
+        let seed = pair.seed().expect("a seed");
+        let keyed = namespace("nats://h", NatsAuth::NKey(seed.clone()), None);
+        assert!(keyed.contains(&format!(", nkey {}, ", pair.public_key())), "{keyed}");
+        let creds = namespace("nats://h", NatsAuth::CredentialsFile("/etc/nats/a.creds".into()), None);
+        assert!(creds.contains(", credentials /etc/nats/a.creds, "), "{creds}");
+        for shown in [alice, named, keyed, creds] {
+            assert!(!shown.contains("hunter2") && !shown.contains(&seed), "{shown}");
+        }
     }
 }
