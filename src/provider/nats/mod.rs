@@ -92,20 +92,20 @@
 //! with custom roots and client certificates ([`NatsAuth`], [`NatsTls`]). Credentials in the URL
 //! (`nats://user:password@host`, `nats://token@host`, percent-encoded) are taken out of it and
 //! given to the client as [`NatsAuth`] would be, once for every server of the list (servers with
-//! different ones, or URL credentials and [`NatsConfig::auth`] both, are refused): async-nats
-//! logs each server it dials at debug level with its URL whole, and sends no URL's credentials.
-//! It still logs its `CONNECT` message, password or token included, at trace level (target
-//! `async_nats::connection`): keep that target at debug or below where logs are kept. The client reconnects
-//! forever, 100 ms doubling to [`NatsConfig::reconnect_max_delay`]. Every call runs on the
-//! provider's own runtime ([`NatsConfig::runtime_threads`] threads named `eventbroker-nats`) and is
-//! bounded: a server that does not answer makes the call fail with
-//! [`ProviderErrorKind::Unavailable`] after
-//! [`NatsConfig::request_timeout`] (a few of them for calls of several rounds), never hang. While
-//! the server is down every call fails that way, the broker's writer retries within its backlog,
-//! and local dispatch goes on. An event whose message exceeds the server's `max_payload` (1 MiB by
-//! default) can never be stored: `store_batch` stores the rest of its batch and fails with
-//! [`ProviderErrorKind::InvalidInput`]; the broker's writer narrows the batch down (the server
-//! drops the re-stored messages as duplicates by their ids) and gives up that event alone.
+//! different ones, or URL credentials and [`NatsConfig::auth`] both, are refused): async-nats logs
+//! each server it dials at debug level with its URL whole, and sends no URL's credentials. It still
+//! logs its `CONNECT` message, password or token included, at trace level (target
+//! `async_nats::connection`): keep that target at debug or below where logs are kept. The client
+//! reconnects forever, 100 ms doubling to [`NatsConfig::reconnect_max_delay`]. Every call runs on
+//! the provider's own runtime ([`NatsConfig::runtime_threads`] threads named `eventbroker-nats`)
+//! and is bounded: a server that does not answer makes the call fail with
+//! [`ProviderErrorKind::Unavailable`] after [`NatsConfig::request_timeout`] (a few of them for
+//! calls of several rounds), never hang. While the server is down every call fails that way, the
+//! broker's writer retries within its backlog, and local dispatch goes on. An event whose message
+//! exceeds the server's `max_payload` (1 MiB by default) can never be stored: `store_batch` stores
+//! the rest of its batch and fails with [`ProviderErrorKind::InvalidInput`]; the broker's writer
+//! narrows the batch down (the server drops the re-stored messages as duplicates by their ids) and
+//! gives up that event alone.
 //!
 //! ```no_run
 //! use std::sync::Arc;

@@ -122,18 +122,18 @@
 //! skips it when the group reads past it.
 //!
 //! Entries the group published itself (echo) and entries whose type the member's filter does not
-//! want are acknowledged (`XACK`, for this group only) without being delivered; so are entries
-//! that hold no event (counted as `inbound_malformed`). `ack` is one `XACK`. `extend` resets the
-//! idle time of the entries the member still owns (`XCLAIM … JUSTID`). Redis has no delayed
-//! redelivery, so a `nak` with delay `d` up to the claim idle time sets the entries' idle time to
-//! `claim_idle - d` (another member may take them once `d` has passed); a longer one, which an
-//! idle time cannot express, sets it to 0 and records the entries as due at `now + d` (server
-//! time) in `P:S:naks:<group>`, and every claim (other members' scans, and a next incarnation's
-//! takeover of what its predecessor left) skips an entry until its record is due. Either way the
-//! source itself hands them out again when `d` has passed, and nobody takes them earlier, to the
-//! millisecond of Redis' clock (a claim scan runs at most every `min(claim_idle / 4, 1 s)`, so
-//! another member takes them within that much after `d`). Closing a source of a shared group releases its pending entries to the other
-//! members at once.
+//! want are acknowledged (`XACK`, for this group only) without being delivered; so are entries that
+//! hold no event (counted as `inbound_malformed`). `ack` is one `XACK`. `extend` resets the idle
+//! time of the entries the member still owns (`XCLAIM … JUSTID`). Redis has no delayed redelivery,
+//! so a `nak` with delay `d` up to the claim idle time sets the entries' idle time to `claim_idle -
+//! d` (another member may take them once `d` has passed); a longer one, which an idle time cannot
+//! express, sets it to 0 and records the entries as due at `now + d` (server time) in
+//! `P:S:naks:<group>`, and every claim (other members' scans, and a next incarnation's takeover of
+//! what its predecessor left) skips an entry until its record is due. Either way the source itself
+//! hands them out again when `d` has passed, and nobody takes them earlier, to the millisecond of
+//! Redis' clock (a claim scan runs at most every `min(claim_idle / 4, 1 s)`, so another member
+//! takes them within that much after `d`). Closing a source of a shared group releases its pending
+//! entries to the other members at once.
 //!
 //! **Consumers leave their group**, so members that come and go (containers with generated
 //! names) do not pile up in `XINFO CONSUMERS`: a source that closes holding no pending entry

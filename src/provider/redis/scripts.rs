@@ -600,8 +600,8 @@ return out
 /// pending list from cursor ARGV[4] (`-` or `(<id>`) over up to ARGV[5] entries, and claims up to
 /// ARGV[6] that belong to someone else and that no nak holds back. (`XAUTOCLAIM` would also take
 /// back this member's own idle entries, which a live member must not hand out to itself twice, and
-/// those a nak holds back.) KEYS: stream, naks; ARGV[1..2]: group, consumer. Returns the next cursor, the number of entries found deleted, then `{id,
-/// fields, deliveries}` per claimed entry.
+/// those a nak holds back.) KEYS: stream, naks; ARGV[1..2]: group, consumer. Returns the next
+/// cursor, the number of entries found deleted, then `{id, fields, deliveries}` per claimed entry.
 const CLAIM_ABANDONED: &str = r"
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], ARGV[4], '+', ARGV[5])
 local ids, counts = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3]}, {}
