@@ -516,6 +516,28 @@ fn the_largest_memory_bound_builds_a_broker_that_works() {
     assert_eq!(broker.stats().published, 100);
 }
 
+/// A string key given a value YAML reads as a number or a boolean takes the value as written:
+/// `0123`, `0x1F`, `1e3` and `True` are passwords and ids, not 123, 31, 1000 and `true`.
+#[test]
+fn strings_that_look_like_numbers_are_taken_as_written() {
+    for written in ["0123", "0x1F", "0o17", "1e3", "1.10", "+5", "True", "FALSE", "-0"] {
+        let yaml = format!(
+            "event_broker:\n  instance_id: {written}\n  redis:\n    password: {written}\n  metrics:\n    labels:\n      zone: {written}\n"
+        );
+        let config = load(&yaml);
+        assert_eq!(config.instance_id, written);
+        assert_eq!(config.redis.password.as_deref(), Some(written));
+        assert_eq!(config.metrics.labels, [("zone".to_owned(), written.to_owned())]);
+    }
+    // Numbers still read as numbers where a number belongs, and an error quotes what was written.
+    assert_eq!(
+        load("event_broker:\n  worker_count: 0x10\n  retry_policy:\n    backoff_factor: 1e0\n").worker_count,
+        16
+    );
+    let err = error("event_broker:\n  worker_count: 4.0\n");
+    assert_eq!(err.reason(), "expected a whole number, got 4.0");
+}
+
 #[test]
 fn unknown_keys_are_reported_with_their_path() {
     let err = error("event_broker:\n  worker_cuont: 3\n");

@@ -10,14 +10,16 @@ use super::env::{self, Env};
 use crate::error::ConfigError;
 use crate::redact::redact;
 
-/// A loaded configuration value: what the YAML loader produces, whatever the YAML crate.
+/// A loaded configuration value: what the YAML loader produces, whatever the YAML crate. A
+/// boolean or a number keeps its text as the document wrote it (`0x1F`, `True`): a key that
+/// takes a string takes that text.
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(not(feature = "yaml"), allow(dead_code, reason = "the YAML loader makes the rest"))]
 pub(crate) enum Node {
     Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
+    Bool(bool, String),
+    Int(i64, String),
+    Float(f64, String),
     Str(String),
     Seq(Vec<Node>),
     /// Entries in document order.
@@ -29,9 +31,7 @@ impl fmt::Display for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Null => f.write_str("nothing"),
-            Self::Bool(b) => write!(f, "{b}"),
-            Self::Int(i) => write!(f, "{i}"),
-            Self::Float(x) => write!(f, "{x}"),
+            Self::Bool(_, written) | Self::Int(_, written) | Self::Float(_, written) => f.write_str(written),
             // A URL given where a mapping or a number belongs is quoted with its credentials blanked.
             Self::Str(s) => write!(f, "{:?}", redact(s)),
             Self::Seq(_) => f.write_str("a list"),
@@ -117,10 +117,7 @@ impl Value {
     fn text(&self) -> Result<Option<String>, ConfigError> {
         Ok(Some(match &self.node {
             Node::Null => return Ok(None),
-            Node::Str(s) => s.clone(),
-            Node::Bool(b) => b.to_string(),
-            Node::Int(i) => i.to_string(),
-            Node::Float(x) => x.to_string(),
+            Node::Str(s) | Node::Bool(_, s) | Node::Int(_, s) | Node::Float(_, s) => s.clone(),
             Node::Seq(_) | Node::Map(_) => return Err(self.expected("a single value")),
         }))
     }
@@ -194,7 +191,7 @@ impl<'r, 'e> Section<'r, 'e> {
     pub(crate) fn bool(&mut self, key: &'static str) -> Result<Option<bool>, ConfigError> {
         let Some(value) = self.value(key)? else { return Ok(None) };
         match &value.node {
-            Node::Bool(b) => Ok(Some(*b)),
+            Node::Bool(b, _) => Ok(Some(*b)),
             Node::Str(s) if s.eq_ignore_ascii_case("true") => Ok(Some(true)),
             Node::Str(s) if s.eq_ignore_ascii_case("false") => Ok(Some(false)),
             _ => Err(value.expected("true or false")),
@@ -205,7 +202,7 @@ impl<'r, 'e> Section<'r, 'e> {
     pub(crate) fn uint<T: TryFrom<u64>>(&mut self, key: &'static str) -> Result<Option<T>, ConfigError> {
         let Some(value) = self.value(key)? else { return Ok(None) };
         let parsed = match &value.node {
-            Node::Int(i) => u64::try_from(*i).ok(),
+            Node::Int(i, _) => u64::try_from(*i).ok(),
             Node::Str(s) => s.trim().replace('_', "").parse::<u64>().ok(),
             _ => None,
         };
@@ -218,8 +215,8 @@ impl<'r, 'e> Section<'r, 'e> {
         let Some(value) = self.value(key)? else { return Ok(None) };
         #[allow(clippy::cast_precision_loss, reason = "a configured number, exact below 2^53")]
         let parsed = match &value.node {
-            Node::Int(i) => Some(*i as f64),
-            Node::Float(x) => Some(*x),
+            Node::Int(i, _) => Some(*i as f64),
+            Node::Float(x, _) => Some(*x),
             Node::Str(s) => s.trim().parse::<f64>().ok(),
             _ => None,
         };
@@ -230,7 +227,7 @@ impl<'r, 'e> Section<'r, 'e> {
     pub(crate) fn duration(&mut self, key: &'static str) -> Result<Option<Duration>, ConfigError> {
         let Some(value) = self.value(key)? else { return Ok(None) };
         let parsed = match &value.node {
-            Node::Int(0) => Some(Duration::ZERO),
+            Node::Int(0, _) => Some(Duration::ZERO),
             Node::Str(s) => parse_duration(s),
             _ => None,
         };
@@ -247,7 +244,7 @@ impl<'r, 'e> Section<'r, 'e> {
         let parsed = match &value.node {
             Node::Null => Some(None),
             Node::Str(s) if s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("off") => Some(None),
-            Node::Int(0) => Some(Some(Duration::ZERO)),
+            Node::Int(0, _) => Some(Some(Duration::ZERO)),
             Node::Str(s) => parse_duration(s).map(Some),
             _ => None,
         };
@@ -270,7 +267,9 @@ impl<'r, 'e> Section<'r, 'e> {
                     let path = format!("{}.{name}", value.path);
                     let text = match node {
                         Node::Str(text) => env::expand(&path, text, self.reader.env)?,
-                        Node::Bool(_) | Node::Int(_) | Node::Float(_) => node.to_string(),
+                        Node::Bool(_, written) | Node::Int(_, written) | Node::Float(_, written) => {
+                            written.clone()
+                        }
                         other => {
                             return Err(ConfigError::new(
                                 path,
