@@ -666,6 +666,27 @@ fn bad_overrides_name_the_variable() {
     assert_eq!(config.unwrap().worker_count, 10);
 }
 
+/// A value that converts but is out of range names the variable it came from as a value that
+/// does not convert does: the file may say `worker_count: 4`.
+#[test]
+fn an_override_out_of_range_names_its_variable() {
+    let err = load_with(QUICK_START, &[("EVENTBROKER_WORKER_COUNT", "0")]).unwrap_err();
+    assert_eq!(err.key(), "event_broker.worker_count");
+    assert_eq!(err.reason(), "must be between 1 and 1024, got 0 (from EVENTBROKER_WORKER_COUNT)");
+    let err = load_with(QUICK_START, &[("EVENTBROKER_MEMORY_CLEANUP_INTERVAL", "0")]).unwrap_err();
+    assert_eq!(err.key(), "event_broker.memory.cleanup_interval");
+    assert!(err.reason().ends_with("(from EVENTBROKER_MEMORY_CLEANUP_INTERVAL)"), "{err}");
+    let err = Config::from_env_with(&Env::from_vars([("EVENTBROKER_RETRY_POLICY_JITTER", "2")])).unwrap_err();
+    assert_eq!(err.key(), "event_broker.retry_policy.jitter");
+    assert!(err.reason().ends_with("(from EVENTBROKER_RETRY_POLICY_JITTER)"), "{err}");
+    // Named once, and only for the variable's own key.
+    let err = load_with(QUICK_START, &[("EVENTBROKER_WORKER_COUNT", "many")]).unwrap_err();
+    assert_eq!(err.reason().matches("(from ").count(), 1, "{err}");
+    let err =
+        load_with("event_broker:\n  worker_count: 0\n", &[("EVENTBROKER_BUFFER_SIZE", "8")]).unwrap_err();
+    assert!(!err.reason().contains("(from "), "{err}");
+}
+
 #[test]
 fn files_load_and_an_unreadable_one_names_its_path() {
     let dir = std::env::temp_dir().join(format!("eventbroker-config-{}", std::process::id()));

@@ -377,6 +377,12 @@ impl Config {
 
     fn read(node: Node, env: &Env) -> Result<Self, ConfigError> {
         let reader = Reader::new(env);
+        // A value out of range is found after it was read: its error names the variable it came
+        // from here, as an error found while reading it does.
+        Self::read_with(&reader, node).map_err(|error| reader.with_source(error))
+    }
+
+    fn read_with(reader: &Reader<'_>, node: Node) -> Result<Self, ConfigError> {
         let mut root = reader.root(node)?;
         let config = Self::read_root(&mut root)?;
         root.finish()?;

@@ -93,6 +93,21 @@ impl<'e> Reader<'e> {
     }
 }
 
+impl Reader<'_> {
+    /// `error` with the override variable its key was read from, when it was and the error does
+    /// not say so yet: a check made after reading (`worker_count` out of range) names the variable
+    /// as a conversion error does, rather than send its reader to the file.
+    pub(crate) fn with_source(&self, error: ConfigError) -> ConfigError {
+        let var = env::override_name(error.key());
+        let from = format!("(from {var})");
+        if !self.used.borrow().contains(&var) || error.reason().ends_with(&from) {
+            return error;
+        }
+        let reason = format!("{} {from}", error.reason());
+        ConfigError::new(error.key(), reason)
+    }
+}
+
 /// One value to convert: where it is, where it came from, and what it is.
 struct Value {
     path: String,
