@@ -15,6 +15,11 @@
 //!   a flood does not flood the log). An event refused is lost; use
 //!   [`Broker::publish_confirmed`] directly where that is not acceptable.
 //! - Reads are off by default ([`CrudHookConfig::read`]): they are the bulk of the traffic.
+//! - **One table's events are handled in the order the hooks published them**: their partition
+//!   key is `schema.entity`, so a record's `create`, `update` and `delete` go to one shard and
+//!   are handled one after another, where the default key (the type) would put each operation
+//!   on its own shard and let a record's `delete` be handled before its `create`. Tables spread
+//!   over the shards; a single very busy table is handled by one worker.
 //!
 //! ```
 //! use std::time::Duration;
@@ -362,6 +367,7 @@ impl CrudHooks {
 
     fn event(&self, user: &UserContext, schema: &str, entity: &str, operation: &str) -> Event {
         let mut event = Event::for_entity(self.config.source, schema, entity, operation)
+            .with_partition_key(format!("{schema}.{entity}"))
             .with_user_id(user.user_id)
             .with_session_id(user.session_id.clone())
             .with_metadata("table_name", entity);

@@ -303,6 +303,44 @@ fn hooks_publish_create_update_and_delete_with_the_seeds_fields() {
     assert!(broker.shutdown(WAIT).is_clean());
 }
 
+/// A record's create, update and delete are handled in that order, whatever the number of
+/// workers: one table's events share a shard.
+#[test]
+fn hooks_keep_each_records_operations_in_order() {
+    // Room for every event: the hooks never wait for any.
+    let broker = Broker::builder().workers(4).buffer_size(2048).build().unwrap();
+    let seen: Arc<parking_lot::Mutex<HashMap<i64, Vec<String>>>> = Arc::default();
+    {
+        let seen = Arc::clone(&seen);
+        broker
+            .subscribe_infallible("public.*.*", move |event: &Event| {
+                let payload: serde_json::Value = event.payload().unwrap();
+                let id = payload["id"].as_i64().unwrap();
+                seen.lock().entry(id).or_default().push(event.operation.to_string());
+            })
+            .unwrap();
+    }
+    let hooks = CrudHooks::new(&broker, CrudHookConfig::default());
+    let user = user();
+    for (id, table) in (0..500_i64).zip(["users", "orders", "posts"].into_iter().cycle()) {
+        assert!(matches!(
+            hooks.after_create(&user, "public", table, &json!({ "id": id })),
+            HookOutcome::Published(_)
+        ));
+        assert!(matches!(
+            hooks.after_update(&user, "public", table, &id, &json!({})),
+            HookOutcome::Published(_)
+        ));
+        assert!(matches!(hooks.after_delete(&user, "public", table, &id), HookOutcome::Published(_)));
+    }
+    broker.drain(WAIT).unwrap();
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 500);
+    for (id, operations) in seen.iter() {
+        assert_eq!(operations, &["create", "update", "delete"], "record {id}");
+    }
+}
+
 #[test]
 fn hooks_publish_reads_when_asked() {
     let broker = Broker::builder().workers(1).build().unwrap();
