@@ -1450,3 +1450,32 @@ fn the_group_namespace_names_the_server_database_and_table() {
     assert!(words.to_string().ends_with(&expected), "{words}");
     assert_ne!(words, namespace("host=127.0.0.1 user=postgres dbname=test", "other_events"));
 }
+
+/// A group with nothing to fetch costs the server no transaction ids: an idle broker polls all
+/// day, and each pass that took a row lock used one up (864 000 a day per broker at the default
+/// poll), hastening the freezing that keeps the server clear of wraparound. Other tests on the
+/// server use ids meanwhile, so the fewest of three runs counts.
+#[test]
+fn idle_fetches_use_no_transaction_ids() {
+    const FETCHES: i64 = 200;
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let source = source(&provider, &scope, "a");
+    provider.store_batch(&shared(&[scope.event("first")]), None).expect("store");
+    take(&*source, 1);
+    let sql = Sql::connect().expect("connect");
+    // Each call is a transaction of its own, and uses one id itself.
+    let next_xid = || sql.numbers("SELECT pg_current_xact_id()::text::bigint", &[]).expect("xid")[0];
+    let used = (0..3)
+        .map(|_| {
+            let before = next_xid();
+            for _ in 0..FETCHES {
+                assert!(source.fetch(16, Duration::ZERO).expect("fetch").is_empty());
+            }
+            next_xid() - before - 1
+        })
+        .min()
+        .expect("three runs");
+    assert!(used < FETCHES / 4, "{FETCHES} idle fetches used {used} transaction ids");
+}
