@@ -1479,3 +1479,96 @@ fn idle_fetches_use_no_transaction_ids() {
         .expect("three runs");
     assert!(used < FETCHES / 4, "{FETCHES} idle fetches used {used} transaction ids");
 }
+
+/// A work-queue member that stalls inside its fetch, holding the group's row (its process
+/// paused, or a network partition its TCP connection outlives), holds the other members back for
+/// a bounded time: their fetches stop waiting for the row after 1 s (half the operation timeout
+/// here) and return, without an error; the server ends the stalled session once it has been idle
+/// in its transaction for the operation timeout (2 s), which undoes what it had claimed; the other
+/// member then receives that event and the ones stored meanwhile. Before, the stalled member's
+/// transaction stayed open for as long as its connection did, every other member's fetch failed
+/// at its statement timeout, and no member of any group received anything newer.
+#[test]
+fn a_member_stalled_inside_a_fetch_holds_the_group_back_for_a_bounded_time() {
+    let timeout = Duration::from_secs(2);
+    let backend = PostgresBackend::new();
+    let proxy = postgres_support::StallingProxy::start();
+    let stalling_app = format!("{}-stalls", backend.application_name);
+    let stalling = postgres_support::connect(PostgresConfig {
+        url: proxy.url(),
+        operation_timeout: timeout,
+        application_name: stalling_app.clone(),
+        ..backend.config()
+    });
+    let healthy =
+        postgres_support::connect(PostgresConfig { operation_timeout: timeout, ..backend.config() });
+    let scope = Scope::new();
+    let group = ConsumerGroup::Shared(scope.name("queue"));
+    let member = |provider: &PostgresProvider, name: &str| {
+        let source =
+            provider.open_inbound(&InboundConfig::new(scope.name(name), group.clone())).expect("open");
+        source.set_filter(&[scope.all()]).expect("filter");
+        source
+    };
+    let (stalled, other) = (member(&stalling, "stalled"), member(&healthy, "other"));
+    // The stalling member's claim statement takes a while, so the test can cut it off while its
+    // transaction holds the group's row.
+    let sql = Sql::connect().expect("connect");
+    sql.batch(&format!(
+        "CREATE FUNCTION {s}.slow_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_setting('application_name') = '{stalling_app}' THEN PERFORM pg_sleep(1.5); END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER slow_claims AFTER INSERT ON {claims} FOR EACH STATEMENT EXECUTE FUNCTION {s}.slow_claims();",
+        s = backend.schema,
+        claims = backend.qualified("events_claims"),
+    ))
+    .expect("slow claims");
+    let first = scope.event("first");
+    healthy.store_batch(&shared(std::slice::from_ref(&first)), None).expect("store");
+    let fetching = std::thread::spawn(move || {
+        let deadline = Instant::now() + ARRIVE;
+        // Until the stall cuts a fetch off (other sessions may hold the event back a moment).
+        while Instant::now() < deadline {
+            match stalled.fetch(10, Duration::from_millis(100)) {
+                Ok(batch) => assert!(batch.is_empty(), "the stalling member received {} events", batch.len()),
+                Err(_) => break,
+            }
+        }
+    });
+    let deadline = Instant::now() + ARRIVE;
+    while sql
+        .numbers(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event = 'PgSleep'",
+            &[&stalling_app],
+        )
+        .expect("activity")
+        != [1]
+    {
+        assert!(Instant::now() < deadline, "the stalling member never claimed the event");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    proxy.stall(true);
+    let stalled_at = Instant::now();
+
+    let second = scope.event("second");
+    healthy.store_batch(&shared(std::slice::from_ref(&second)), None).expect("store");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let started = Instant::now();
+        let batch = other.fetch(10, Duration::from_millis(100)).expect("the other member's fetch");
+        assert!(started.elapsed() < timeout, "one fetch took {:?}", started.elapsed());
+        other.ack(&batch.iter().map(|e| Ack::handled(e.token)).collect::<Vec<_>>()).expect("ack");
+        got.extend(batch);
+        // The stalled statement (1.5 s), the session idle in its transaction (2 s), and room.
+        assert!(stalled_at.elapsed() < Duration::from_secs(7), "only {} of 2 events arrived", got.len());
+    }
+    let mut expected = vec![first.id, second.id];
+    let mut got = ids(&got);
+    expected.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(got, expected, "the event the stalled member had claimed, and the one after");
+    proxy.stall(false);
+    fetching.join().expect("the stalling member's fetch");
+}

@@ -155,3 +155,87 @@ impl Sql {
         &mut self.client
     }
 }
+
+/// A TCP proxy to the test server that can stop passing bytes while every connection through it
+/// stays open: a client process stalled, or a network partition its TCP connections outlive.
+/// Stopped when dropped (connections through it end when their clients close them).
+pub struct StallingProxy {
+    port: u16,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingProxy {
+    pub fn start() -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let server: tokio_postgres::Config = url().parse().expect("the test server's connection string");
+        let host = match server.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            other => panic!("the proxy needs a TCP host, not {other:?}"),
+        };
+        let server = format!("{host}:{}", server.get_ports().first().copied().unwrap_or(5432));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("address").port();
+        let (stalled, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (stalled_, stop_) = (Arc::clone(&stalled), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop_.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                client.set_nonblocking(false).expect("blocking");
+                let Ok(upstream) = std::net::TcpStream::connect(&server) else { continue };
+                for (from, to) in [
+                    (client.try_clone().expect("clone"), upstream.try_clone().expect("clone")),
+                    (upstream, client),
+                ] {
+                    let stalled = Arc::clone(&stalled_);
+                    std::thread::spawn(move || pipe(from, to, &stalled));
+                }
+            }
+        });
+        Self { port, stalled, stop }
+    }
+
+    /// A connection string to the server through this proxy.
+    pub fn url(&self) -> String {
+        let server: tokio_postgres::Config = url().parse().expect("the test server's connection string");
+        let user = server.get_user().map(|user| format!(" user={user}")).unwrap_or_default();
+        let dbname = server.get_dbname().map(|dbname| format!(" dbname={dbname}")).unwrap_or_default();
+        format!("host=127.0.0.1 port={}{user}{dbname}", self.port)
+    }
+
+    /// Stops (`true`) or resumes passing bytes, both ways, on every connection.
+    pub fn stall(&self, stalled: bool) {
+        self.stalled.store(stalled, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.stall(false);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to`, holding what it read while `stalled`, until either side closes.
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream, stalled: &std::sync::atomic::AtomicBool) {
+    use std::io::{Read, Write};
+    let mut buf = [0_u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        while stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}

@@ -73,8 +73,7 @@ impl Backend {
                 .with_source(err)
             })?;
         let mut pool_config = pg_config.clone();
-        // The server gives up on a statement when the caller does, instead of running it on.
-        pool_config.options(statement_timeout_option(pg_config.get_options(), config.operation_timeout));
+        pool_config.options(session_options(pg_config.get_options(), config.operation_timeout));
         let manager = Manager::from_config(
             pool_config,
             tokio_postgres::NoTls,
@@ -394,12 +393,21 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, ConfigEr
     Ok(pg)
 }
 
-/// `existing` connection options plus a server-side `statement_timeout` of `timeout`.
-fn statement_timeout_option(existing: Option<&str>, timeout: Duration) -> String {
-    let timeout = format!("-c statement_timeout={}", timeout.as_millis().max(1));
+/// `existing` connection options plus the server-side bounds of the pool's sessions, both the
+/// operation timeout `timeout`:
+/// - `statement_timeout`: the server gives up on a statement when the caller does, instead of
+///   running it on.
+/// - `idle_in_transaction_session_timeout`: the server ends a session left idle inside a
+///   transaction, so a provider that stalls mid-transaction (a process paused, a network
+///   partition its TCP connection outlives) holds its locks, and the horizon every inbound
+///   source reads below, for no longer than that. A call that stays healthy never leaves a
+///   transaction idle so long: it gives up after `timeout` and closes its connection.
+fn session_options(existing: Option<&str>, timeout: Duration) -> String {
+    let millis = timeout.as_millis().max(1);
+    let bounds = format!("-c statement_timeout={millis} -c idle_in_transaction_session_timeout={millis}");
     match existing {
-        Some(options) if !options.is_empty() => format!("{options} {timeout}"),
-        _ => timeout,
+        Some(options) if !options.is_empty() => format!("{options} {bounds}"),
+        _ => bounds,
     }
 }
 

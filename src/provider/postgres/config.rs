@@ -57,7 +57,9 @@ pub struct PostgresConfig {
     pub connect_timeout: Duration,
     /// How long any one call may take, waiting for a pooled connection included; past it the call
     /// fails as [`Unavailable`](crate::ProviderErrorKind::Unavailable) and the server cancels the
-    /// statement (`statement_timeout`). Default 10 s.
+    /// statement (`statement_timeout`). The server also ends a provider session left idle inside a
+    /// transaction this long (`idle_in_transaction_session_timeout`): a stalled provider's locks
+    /// go with it. Default 10 s.
     pub operation_timeout: Duration,
     /// How often a waiting inbound fetch looks for events without a notification: the safety net
     /// for wake-ups lost while the listener reconnects, and when naks and claims fall due. Default

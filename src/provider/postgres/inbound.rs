@@ -12,13 +12,32 @@
 //! One transaction: first the claims that are due (`FOR UPDATE SKIP LOCKED`, so two members
 //! never take the same one and neither waits for the other), given to this member; then, if
 //! there is room, the group's row is locked (`FOR UPDATE`: members of a shared group take turns,
-//! each waiting at most for the other's short transaction, then reading on from where it left
-//! the cursor) and new events past the cursor are read, claimed and the cursor advanced. A member
-//! takes only as many as it has room for, so members with room share the stream. The type filter, and the origin check that keeps a group's own events from it, run
-//! in the server: unwanted events never cross the network, and the cursor passes them, so they
-//! count as handled for the group. The filter applied is the fetching member's own: members of a
+//! each waiting for the other's short transaction, then reading on from where it left the
+//! cursor; see below for one that does not end) and new events past the cursor are read, claimed
+//! and the cursor advanced. A member takes only as many as it has room for, so members with room
+//! share the stream. The type filter, and the origin check that keeps a group's own events from
+//! it, run in the server: unwanted events never cross the network, and the cursor passes them, so
+//! they count as handled for the group. The filter applied is the fetching member's own: members of a
 //! shared group are expected to subscribe alike, and an event only another member would want is
 //! passed over when this member reads it.
+//!
+//! ## A member that stalls inside a fetch
+//! A member can stop half-way through its pass, holding the group's row: its process paused, or
+//! a network partition its TCP connection outlives. Two bounds keep the group going:
+//! - A pass waits for the group's row at most 1 s (`lock_timeout`; half the operation timeout
+//!   when that is under 2 s). It then takes nothing (its transaction is rolled back, so the due
+//!   claims it took are due again at once), a pass for due claims alone follows at once, and the
+//!   fetch goes on as one that found nothing: the others' fetches keep returning, without an
+//!   error, within their wait plus about 1 s.
+//! - The server ends a provider session idle inside a transaction for the operation timeout (10 s
+//!   by default; `idle_in_transaction_session_timeout` on every pooled connection): the stalled
+//!   member's transaction rolls back, so its claims and its cursor move vanish, and the events it
+//!   had read go to the next member that reads, none skipped.
+//!
+//! Until then the stalled transaction is also the oldest running one, so no group on the server
+//! receives anything newer (see the horizon below): new events flow again within the operation
+//! timeout of the stall, plus the poll interval. The test measures 3.5 s from a stall in a
+//! 1.5 s statement to the other member holding both events, with a 2 s operation timeout.
 //!
 //! ## An idle group costs no transaction ids
 //! A row lock assigns the transaction an id even when nothing comes of it, so a pass that locks
@@ -67,6 +86,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::watch;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::backend::Backend;
@@ -84,6 +104,22 @@ const MAX_PER_FETCH: usize = 4096;
 
 /// Most rows past the group's cursor one read looks at (see the module docs).
 const MAX_SCAN: i64 = 4096;
+
+/// Longest a pass waits for the group's row, held by another member's pass (see the module
+/// docs); at most half the operation timeout, so the wait ends before the statement's.
+const GROUP_LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// It read everything it could.
+    Done,
+    /// Its read of new events stopped at the end of its window, with rows past it.
+    More,
+    /// Another member's pass held the group's row past [`GROUP_LOCK_WAIT`]; this one was rolled
+    /// back and took nothing.
+    Busy,
+}
 
 /// The statements of the inbound sources, built once from the validated names.
 pub(super) struct InboundSql {
@@ -281,6 +317,10 @@ pub(super) fn open(shared: &Arc<Shared>, config: &InboundConfig) -> Result<Postg
         held: Mutex::new(std::collections::HashSet::new()),
         unsure: AtomicBool::new(false),
         idle: AtomicBool::new(true),
+        lock_wait: format!(
+            "SET LOCAL lock_timeout = {}",
+            GROUP_LOCK_WAIT.min(backend.config.operation_timeout / 2).as_millis().max(1)
+        ),
         closed: AtomicBool::new(false),
     })
 }
@@ -321,6 +361,8 @@ pub(super) struct PostgresInbound {
     /// Whether this source's last pass found nothing to do: its next pass asks first, without a
     /// lock, whether there is anything (see [`PostgresInbound::fetch_once`]).
     idle: AtomicBool,
+    /// Bounds the wait for the group's row: `SET LOCAL lock_timeout` to [`GROUP_LOCK_WAIT`].
+    lock_wait: String,
     closed: AtomicBool,
 }
 
@@ -338,14 +380,19 @@ impl PostgresInbound {
         }
     }
 
-    /// One pass: due claims, then new events; one transaction. The events fetched, and whether
-    /// the read of new events stopped at the end of its window with more rows past it (see the
-    /// module docs). `unsure`: whether the previous pass did not return its events.
+    /// One pass: due claims, then, when `read_new`, new events; one transaction. The events
+    /// fetched, and how the pass ended. `unsure`: whether the previous pass did not return its
+    /// events.
     ///
     /// After a pass that found nothing, this one first asks without a lock whether there is
     /// anything to do, and ends there when there is not: the locks of a pass would assign its
     /// transaction an id even when nothing comes of it (see the module docs).
-    async fn fetch_once(&self, max: usize, unsure: bool) -> Result<(Vec<InboundEvent>, bool), ProviderError> {
+    async fn fetch_once(
+        &self,
+        max: usize,
+        unsure: bool,
+        read_new: bool,
+    ) -> Result<(Vec<InboundEvent>, Pass), ProviderError> {
         const OP: &str = "fetch";
         let sql = &self.shared.inbound_sql;
         let fail = |err| Backend::error(OP, &sql.claims, err);
@@ -362,7 +409,7 @@ impl PostgresInbound {
             // No row: the group is gone, with its claims.
             if !row.map(|row| row.try_get::<_, bool>(0)).transpose().map_err(fail)?.unwrap_or(false) {
                 conn.release();
-                return Ok((Vec::new(), false));
+                return Ok((Vec::new(), Pass::Done));
             }
         }
         let tx = conn.transaction().await.map_err(fail)?;
@@ -404,7 +451,17 @@ impl PostgresInbound {
         }
 
         let room = max - fetched.len();
-        let more = room > 0 && self.take_new(&tx, room, &mut fetched, &mut malformed).await?;
+        let pass = if room > 0 && read_new {
+            self.take_new(&tx, room, &mut fetched, &mut malformed).await?
+        } else {
+            Pass::Done
+        };
+        if pass == Pass::Busy {
+            // Nothing of this pass stays: the due claims it took are due again.
+            tx.rollback().await.map_err(fail)?;
+            conn.release();
+            return Ok((Vec::new(), Pass::Busy));
+        }
         if !malformed.seqs.is_empty() {
             let mark = tx.prepare_cached(&sql.fail_malformed).await.map_err(fail)?;
             tx.execute(&mark, &[&malformed.seqs, &malformed.errors]).await.map_err(fail)?;
@@ -412,25 +469,33 @@ impl PostgresInbound {
         tx.commit().await.map_err(fail)?;
         conn.release();
         // Relaxed: see above.
-        self.idle.store(fetched.is_empty() && !more, Ordering::Relaxed);
-        Ok((fetched, more))
+        self.idle.store(fetched.is_empty() && pass == Pass::Done, Ordering::Relaxed);
+        Ok((fetched, pass))
     }
 
     /// Reads up to `room` new events past the group's cursor, claims them and moves the cursor.
-    /// Returns whether the read stopped short at the end of its window, with rows past it.
+    /// Returns [`Pass::More`] when the read stopped short at the end of its window, with rows
+    /// past it, and [`Pass::Busy`], having taken nothing and left `tx` failed, when another
+    /// member held the group's row past [`GROUP_LOCK_WAIT`].
     async fn take_new(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         room: usize,
         fetched: &mut Vec<InboundEvent>,
         malformed: &mut Malformed,
-    ) -> Result<bool, ProviderError> {
+    ) -> Result<Pass, ProviderError> {
         const OP: &str = "fetch";
         let sql = &self.shared.inbound_sql;
         let fail = |err| Backend::error(OP, &sql.claims, err);
+        // A member stalled inside its pass holds the row until the server ends its session (the
+        // pool's `idle_in_transaction_session_timeout`): the others stop waiting for it sooner.
+        tx.batch_execute(&self.lock_wait).await.map_err(fail)?;
         let lock = tx.prepare_cached(&sql.lock_group).await.map_err(fail)?;
-        let Some(group) = tx.query_opt(&lock, &[&self.group]).await.map_err(fail)? else {
-            return Ok(false); // The group is gone: its tables were emptied under it.
+        let group = match tx.query_opt(&lock, &[&self.group]).await {
+            Ok(Some(group)) => group,
+            Ok(None) => return Ok(Pass::Done), // The group is gone: its tables were emptied under it.
+            Err(err) if err.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => return Ok(Pass::Busy),
+            Err(err) => return Err(fail(err)),
         };
         let cursor: (i64, i64) = (group.try_get(0).map_err(fail)?, group.try_get(1).map_err(fail)?);
         let start_xmax: i64 = group.try_get(2).map_err(fail)?;
@@ -492,7 +557,7 @@ impl PostgresInbound {
             let advance = tx.prepare_cached(&sql.move_cursor).await.map_err(fail)?;
             tx.execute(&advance, &[&self.group, &next.0, &next.1]).await.map_err(fail)?;
         }
-        Ok(short && window.is_some())
+        Ok(if short && window.is_some() { Pass::More } else { Pass::Done })
     }
 
     /// The event in `row` from column `at`, or `None`, logged, counted and added to `malformed`,
@@ -589,6 +654,7 @@ impl Inbound for PostgresInbound {
         backend.run(OP, limit, async {
             let started = Instant::now();
             let deadline = started.checked_add(wait).unwrap_or(started + Duration::from_secs(86_400));
+            let mut read_new = true;
             loop {
                 // Subscribed before looking, so a wake-up that comes during the query is not lost.
                 let mut wake: watch::Receiver<u64> = backend.wake_ups();
@@ -599,7 +665,7 @@ impl Inbound for PostgresInbound {
                 }
                 // Relaxed: read and written by the fetching thread only.
                 let unsure = self.unsure.swap(true, Ordering::Relaxed);
-                let (fetched, more) = self.fetch_once(max, unsure).await?;
+                let (fetched, pass) = self.fetch_once(max, unsure, read_new).await?;
                 self.held
                     .lock()
                     .extend(fetched.iter().map(|e| i64::try_from(e.token.get()).unwrap_or(i64::MAX)));
@@ -609,11 +675,17 @@ impl Inbound for PostgresInbound {
                 if !fetched.is_empty() || max == 0 {
                     return Ok(fetched);
                 }
+                // Kept from the new events by a member holding the group's row: the next pass
+                // takes what fell due without them, at once; the one after tries them again.
+                read_new = pass != Pass::Busy;
+                if !read_new {
+                    continue;
+                }
                 let now = Instant::now();
                 if now >= deadline {
                     return Ok(Vec::new());
                 }
-                if more {
+                if pass == Pass::More {
                     continue; // The cursor moved through a stretch of unwanted rows: read on.
                 }
                 let nap = (deadline - now).min(backend.config.poll_interval);

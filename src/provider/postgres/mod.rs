@@ -74,8 +74,10 @@
 //! The provider owns a tokio runtime with [`PostgresConfig::runtime_threads`] (1) worker thread,
 //! `eventbroker-postgres`, and a pool of up to [`PostgresConfig::pool_size`] (4) connections. Every
 //! call is bounded by [`PostgresConfig::operation_timeout`] (10 s; a fetch by its wait plus that),
-//! enforced on both sides: the call returns and the server cancels the statement. A connection an
-//! operation leaves mid-way (an error, a timeout) is closed, never reused. While the server is
+//! enforced on both sides: the call returns and the server cancels the statement; the server also
+//! ends a provider session left idle inside a transaction that long, so a provider stalled
+//! mid-transaction releases its locks. A connection an operation leaves mid-way (an error, a
+//! timeout) is closed, never reused. While the server is
 //! unreachable calls fail with [`Unavailable`](crate::ProviderErrorKind::Unavailable) (the
 //! transient kind the broker's writer retries), reconnection attempts backing off from 50 ms to 2 s.
 //! Errors name the table and carry PostgreSQL's SQLSTATE.
