@@ -1572,3 +1572,59 @@ fn a_member_stalled_inside_a_fetch_holds_the_group_back_for_a_bounded_time() {
     proxy.stall(false);
     fetching.join().expect("the stalling member's fetch");
 }
+
+/// A database restored into another cluster keeps the old cluster's transaction ids in its
+/// groups and events, past every id the new server assigns: a group would receive nothing,
+/// silently. A fetch fails instead, naming the group and the numbers, with or without a pass
+/// before it, until the groups are re-based as the provider's docs say; then the group receives
+/// what it had not looked at, and what comes after.
+#[test]
+fn a_group_restored_from_another_cluster_fails_loudly_until_rebased() {
+    const OLD_CLUSTER: i64 = 1_000_000_000_000; // Ids the old cluster had reached.
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let member = source(&provider, &scope, "a");
+    let (seen, unseen, later) = (scope.event("seen"), scope.event("unseen"), scope.event("later"));
+    provider.store_batch(&shared(std::slice::from_ref(&seen)), None).expect("store");
+    take(&*member, 1);
+    provider.store_batch(&shared(std::slice::from_ref(&unseen)), None).expect("store");
+    let sql = Sql::connect().expect("connect");
+    let (events, groups) = (backend.qualified("events"), backend.qualified("events_groups"));
+    sql.batch(&format!(
+        "UPDATE {events} SET tx = tx + {OLD_CLUSTER};
+         UPDATE {groups} SET cursor_tx = cursor_tx + {OLD_CLUSTER}, start_xmax = start_xmax + {OLD_CLUSTER},
+                             start_xip = ARRAY(SELECT x + {OLD_CLUSTER} FROM unnest(start_xip) AS x);"
+    ))
+    .expect("the old cluster's ids");
+    let cursor = sql.numbers(&format!("SELECT cursor_tx FROM {groups}"), &[]).expect("cursor")[0];
+    // One source after a pass that returned events, one fresh (it asks first whether there is work).
+    let fresh = source(&provider, &scope, "a");
+    for source in [&member, &fresh] {
+        let error = source.fetch(10, Duration::from_millis(200)).expect_err("a cursor past the server's ids");
+        assert!(matches!(error.kind(), ProviderErrorKind::Backend(_)), "{error}");
+        let message = error.to_string();
+        let at = format!("cursor at transaction {cursor}");
+        for needle in [&scope.name("a"), &at, "restored into another cluster", "next transaction id is"] {
+            assert!(message.contains(needle), "{needle:?} in {message}");
+        }
+    }
+
+    // The re-base of the provider's docs.
+    sql.batch(&format!(
+        "BEGIN;
+         UPDATE {groups} AS g
+         SET cursor_tx = 0,
+             cursor_seq = COALESCE((SELECT min(e.seq) - 1 FROM {events} AS e
+                                    WHERE (e.tx, e.seq) > (g.cursor_tx, g.cursor_seq)),
+                                   (SELECT max(seq) FROM {events}), 0),
+             start_xmax = 0, start_xip = '{{}}';
+         UPDATE {events} SET tx = 0;
+         COMMIT;"
+    ))
+    .expect("re-base");
+    assert_eq!(ids(&take(&*fresh, 1)), vec![unseen.id], "what the group had not looked at, alone");
+    provider.store_batch(&shared(std::slice::from_ref(&later)), None).expect("store");
+    assert_eq!(ids(&take(&*fresh, 1)), vec![later.id]);
+    assert_quiet(&*member, Duration::from_millis(300), "nothing twice");
+}

@@ -73,6 +73,38 @@
 //! committed has ended. A transaction left open anywhere on the server (idle in transaction)
 //! holds delivery back until it ends; `idle_in_transaction_session_timeout` bounds that.
 //!
+//! ## Restored into another cluster
+//! Cursors, creation snapshots and every event's `tx` are transaction ids of the server that
+//! assigned them. A dump restored into another cluster (or a server whose ids were otherwise
+//! reset) assigns ids from a lower count, so each group's cursor lies past every new event, and
+//! the group would receive nothing, silently, until the new server caught up with the old ids.
+//! A fetch therefore checks the cursor it reads: one at or past the server's next transaction id
+//! (or a group created after it) fails the fetch with
+//! [`ProviderErrorKind::Backend`](crate::ProviderErrorKind::Backend), naming the groups table,
+//! the group and the three numbers; the broker counts and logs it and tries again with backoff,
+//! so the group stays stopped, loudly, until re-based. Nothing can re-base it safely on its own:
+//! the restored rows' `tx` are in the old count too, and would be delivered again once the new
+//! count passed them. After such a restore, before any broker publishes to the database, re-base
+//! every group and event once (names as in the provider's layout):
+//!
+//! ```sql
+//! BEGIN;
+//! -- Each group keeps its place by seq: just before the first event it had not looked at.
+//! UPDATE "schema"."events_groups" AS g
+//! SET cursor_tx = 0,
+//!     cursor_seq = COALESCE((SELECT min(e.seq) - 1 FROM "schema"."events" AS e
+//!                            WHERE (e.tx, e.seq) > (g.cursor_tx, g.cursor_seq)),
+//!                           (SELECT max(seq) FROM "schema"."events"), 0),
+//!     start_xmax = 0, start_xip = '{}';
+//! -- Every restored event had committed before the dump.
+//! UPDATE "schema"."events" SET tx = 0;
+//! COMMIT;
+//! ```
+//!
+//! Events written since then get the new server's ids, all past `(0, cursor_seq)`: each group
+//! receives what it had not looked at before the dump (and, at worst, a few events it had, that
+//! committed out of `seq` order then) and everything after.
+//!
 //! ## Where a new group starts
 //! A group is created with its cursor at `(xmin - 1, max)` of the creating snapshot and that
 //! snapshot's `xmax` and in-progress list: of the rows above the cursor, only those the snapshot
@@ -93,7 +125,7 @@ use super::backend::Backend;
 use super::codec::{self, EVENT_COLUMNS, patterns_regex};
 use super::schema::Names;
 use super::{NAME, Shared};
-use crate::error::ProviderError;
+use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventStatus};
 use crate::pattern::Pattern;
 use crate::provider::{Ack, AckToken, ConsumerGroup, Inbound, InboundConfig, InboundEvent, closed_error};
@@ -124,6 +156,7 @@ enum Pass {
 /// The statements of the inbound sources, built once from the validated names.
 pub(super) struct InboundSql {
     claims: String,
+    groups: String,
     create_group: String,
     release_group: String,
     has_work: String,
@@ -181,13 +214,15 @@ impl InboundSql {
                 due = due_claim(&events, "$5", "$6"),
             ),
             // Whether a pass would find anything to do: a claim `take_due` would take, or a row
-            // past the cursor below the horizon. Read without a lock, so it assigns no
-            // transaction id; a cursor moved on meanwhile makes it answer yes needlessly, never no
-            // wrongly, as the cursor only moves forward and the horizon too. The first row past
-            // the cursor is asked for in index order, not with EXISTS: the planner strips an
-            // EXISTS of its order and, expecting many rows, scans the whole table for none.
+            // past the cursor below the horizon; and what `check_cursor` checks. Read without a
+            // lock, so it assigns no transaction id; a cursor moved on meanwhile makes it answer
+            // yes needlessly, never no wrongly, as the cursor only moves forward and the horizon
+            // too. The first row past the cursor is asked for in index order, not with EXISTS:
+            // the planner strips an EXISTS of its order and, expecting many rows, scans the whole
+            // table for none.
             has_work: format!(
-                "SELECT EXISTS (SELECT 1 FROM {claims} AS c WHERE {due})
+                "SELECT g.cursor_tx, g.start_xmax, pg_snapshot_xmax(now.snap)::text::bigint,
+                        EXISTS (SELECT 1 FROM {claims} AS c WHERE {due})
                         OR (SELECT e.seq FROM {events} AS e
                             WHERE (e.tx, e.seq) > (g.cursor_tx, g.cursor_seq)
                               AND e.tx < pg_snapshot_xmin(now.snap)::text::bigint
@@ -198,9 +233,10 @@ impl InboundSql {
             ),
             drop_lost: format!("DELETE FROM {claims} WHERE group_key = $1 AND seq = ANY($2)"),
             lock_group: format!(
-                "SELECT cursor_tx, cursor_seq, start_xmax, start_xip,
-                        pg_snapshot_xmin(pg_current_snapshot())::text::bigint
-                 FROM {groups} WHERE group_key = $1 FOR UPDATE"
+                "SELECT g.cursor_tx, g.cursor_seq, g.start_xmax, g.start_xip,
+                        pg_snapshot_xmin(now.snap)::text::bigint, pg_snapshot_xmax(now.snap)::text::bigint
+                 FROM {groups} AS g, (SELECT pg_current_snapshot() AS snap) AS now
+                 WHERE g.group_key = $1 FOR UPDATE OF g"
             ),
             // The row that ends a read's window: the last of the first `$4 + 1` past the cursor
             // and below the horizon; none when there are no more.
@@ -250,6 +286,7 @@ impl InboundSql {
                  WHERE e.seq = m.seq AND e.status = 'pending'"
             ),
             claims,
+            groups,
         }
     }
 }
@@ -406,8 +443,16 @@ impl PostgresInbound {
                 .query_opt(&has_work, &[&self.group, &self.owner, &self.claim_idle_ms, &everything, &regexes])
                 .await
                 .map_err(fail)?;
-            // No row: the group is gone, with its claims.
-            if !row.map(|row| row.try_get::<_, bool>(0)).transpose().map_err(fail)?.unwrap_or(false) {
+            let Some(row) = row else {
+                conn.release();
+                return Ok((Vec::new(), Pass::Done)); // The group is gone, with its claims.
+            };
+            self.check_cursor(
+                row.try_get(0).map_err(fail)?,
+                row.try_get(1).map_err(fail)?,
+                row.try_get(2).map_err(fail)?,
+            )?;
+            if !row.try_get::<_, bool>(3).map_err(fail)? {
                 conn.release();
                 return Ok((Vec::new(), Pass::Done));
             }
@@ -501,6 +546,7 @@ impl PostgresInbound {
         let start_xmax: i64 = group.try_get(2).map_err(fail)?;
         let start_xip: Vec<i64> = group.try_get(3).map_err(fail)?;
         let horizon: i64 = group.try_get(4).map_err(fail)?;
+        self.check_cursor(cursor.0, start_xmax, group.try_get(5).map_err(fail)?)?;
         let scan_end = tx.prepare_cached(&sql.scan_end).await.map_err(fail)?;
         let window = tx
             .query_opt(&scan_end, &[&cursor.0, &cursor.1, &horizon, &(MAX_SCAN - 1)])
@@ -558,6 +604,26 @@ impl PostgresInbound {
             tx.execute(&advance, &[&self.group, &next.0, &next.1]).await.map_err(fail)?;
         }
         Ok(if short && window.is_some() { Pass::More } else { Pass::Done })
+    }
+
+    /// Fails when the group's cursor (`cursor_tx`) or creation snapshot (`start_xmax`) lies past
+    /// `next_xid`, the server's next transaction id: both are taken from transaction ids this
+    /// server assigned, so the database was restored into another cluster (or its ids otherwise
+    /// reset), and reading on would deliver nothing for as long as it takes the server to catch
+    /// up with the old ids (see the module docs).
+    fn check_cursor(&self, cursor_tx: i64, start_xmax: i64, next_xid: i64) -> Result<(), ProviderError> {
+        if cursor_tx < next_xid && start_xmax <= next_xid {
+            return Ok(());
+        }
+        let message = format!(
+            "{}: group {:?} has its cursor at transaction {cursor_tx} and was created when the next was \
+             {start_xmax}, but the server's next transaction id is {next_xid}: the database was \
+             restored into another cluster, or its transaction ids were reset, and the group would \
+             receive nothing; re-base the groups as the postgres provider's docs say (\"Restored \
+             into another cluster\")",
+            self.shared.inbound_sql.groups, self.group
+        );
+        Err(ProviderError::new(NAME, "fetch", ProviderErrorKind::Backend(message)))
     }
 
     /// The event in `row` from column `at`, or `None`, logged, counted and added to `malformed`,
