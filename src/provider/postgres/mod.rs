@@ -15,6 +15,12 @@
 //! # Ok::<(), eventbroker::ProviderError>(())
 //! ```
 //!
+//! ## Server version
+//! PostgreSQL 14 or later: the inbound horizon reads `pg_current_xact_id` and `pg_snapshot`
+//! (13), and CRUD capture installs with `CREATE OR REPLACE TRIGGER` (14). Connecting to an older
+//! server fails at once with [`Backend`](crate::ProviderErrorKind::Backend), naming the version
+//! found and the one needed. Tested on 15.
+//!
 //! ## Layout
 //! [`PostgresProvider::connect`] creates the schema and tables when missing, by a versioned
 //! migration (`<table>_migrations` records each step; concurrent first connections serialise on an
@@ -227,7 +233,8 @@ impl PostgresProvider {
     /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
     /// identifier, an unparsable URL or a zero timeout;
     /// [`Unavailable`](crate::ProviderErrorKind::Unavailable) when the server cannot be reached;
-    /// [`Backend`](crate::ProviderErrorKind::Backend) when the migration fails.
+    /// [`Backend`](crate::ProviderErrorKind::Backend) when the server is older than PostgreSQL 14
+    /// (the message names both versions) or the migration fails.
     pub fn connect(config: PostgresConfig) -> Result<Self, ProviderError> {
         let names = config.validate()?;
         let backend = Backend::start(names.clone(), config)?;
