@@ -168,8 +168,9 @@ pub enum HookOutcome {
     Closed,
     /// Not built: the record did not serialize, or nests deeper than [`Event::MAX_JSON_DEPTH`],
     /// or holds an object that `serde_json`'s `Value` reads as another value (see
-    /// [`Payload`](crate::Payload)), or `schema.entity.operation` is not a valid event type.
-    /// Counted and logged.
+    /// [`Payload`](crate::Payload)), or `schema.entity.operation` is not a valid event type, or
+    /// the schema or entity holds a `.` (which would shift the type's segments: `public.a.b.create`
+    /// is matched by no `public.*.create`). Counted and logged.
     Invalid,
 }
 
@@ -349,8 +350,16 @@ impl CrudHooks {
             self.disabled.fetch_add(1, Ordering::Relaxed);
             return HookOutcome::Disabled;
         }
-        // Why the record is no payload: it does not serialize, or breaks a payload's rules.
-        let event = payload().map_err(|error| error.to_string()).and_then(|payload| {
+        // Why there is no event: a name would shift the type's segments, or the record does not
+        // serialize, or breaks a payload's rules.
+        let names =
+            match [("schema", schema), ("entity", entity)].into_iter().find(|(_, name)| name.contains('.')) {
+                Some((what, name)) => {
+                    Err(format!("the {what} {name:?} holds a '.', which would add a segment to the type"))
+                }
+                None => Ok(()),
+            };
+        let event = names.and_then(|()| payload().map_err(|error| error.to_string())).and_then(|payload| {
             let event = self.event(user, schema, entity, operation);
             event.try_with_payload_value(&payload).map_err(|refusal| refusal.to_string())
         });

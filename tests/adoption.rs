@@ -388,13 +388,16 @@ fn hooks_count_what_cannot_become_an_event() {
     assert_eq!(hooks.after_create(&user, "public", "pairs", &record), HookOutcome::Invalid);
     assert_eq!(hooks.after_create(&user, "public", "bad table", &1), HookOutcome::Invalid);
     assert_eq!(hooks.after_create(&user, "", "users", &1), HookOutcome::Invalid);
+    // A dot would shift the type's segments: `public.*.delete` would not match.
+    assert_eq!(hooks.after_delete(&user, "public", "audit.log", &1), HookOutcome::Invalid);
+    assert_eq!(hooks.after_update(&user, "crm.eu", "accounts", &1, &2), HookOutcome::Invalid);
     // A record nested deeper than any decoder reads back.
     let deep = (0..Event::MAX_JSON_DEPTH).fold(serde_json::json!([1]), |inner, _| serde_json::json!([inner]));
     assert_eq!(hooks.after_create(&user, "public", "trees", &deep), HookOutcome::Invalid);
     // A record that serde_json's `Value` would read as another value.
     let reserved = serde_json::json!({"$serde_json::private::RawValue": "{}"});
     assert_eq!(hooks.after_create(&user, "public", "raw", &reserved), HookOutcome::Invalid);
-    assert_eq!(hooks.stats().invalid, 5);
+    assert_eq!(hooks.stats().invalid, 7);
     assert_eq!(hooks.stats().published, 0);
     assert!(broker.shutdown(WAIT).is_clean());
 }
