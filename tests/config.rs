@@ -86,6 +86,10 @@ fn a_configured_broker_given_a_shared_provider_joins_its_bus() {
 fn the_seed_provider_examples_load() {
     let memory = load("event_broker:\n  provider: memory\n");
     assert_eq!(memory.provider, ProviderKind::Memory);
+    // The cargo feature's name, read as the seed's `database`.
+    for name in ["postgres", "PostgreSQL"] {
+        assert_eq!(load(&format!("event_broker:\n  provider: {name}\n")).provider, ProviderKind::Database);
+    }
 
     let redis = load(
         r#"
@@ -301,7 +305,7 @@ const BAD_VALUES: &[(&str, &str, &str)] = &[
     (
         "event_broker:\n  provider: kafka\n",
         "event_broker.provider",
-        r#"expected memory, redis, nats or database, got "kafka""#,
+        r#"expected memory, redis, nats, database, postgres or postgresql, got "kafka""#,
     ),
     (
         "event_broker:\n  worker_count: ten\n",

@@ -72,7 +72,7 @@
 //! | key | default | |
 //! |---|---|---|
 //! | `enabled` | `true` | `false`: [`Config::build`] refuses with [`BuildError::Disabled`]. (The seed defaulted to `false`; here a configuration that is read is meant to be used.) |
-//! | `provider` | `memory` | `memory`, `redis`, `nats` or `database` (PostgreSQL); each but `memory` needs its cargo feature |
+//! | `provider` | `memory` | `memory`, `redis`, `nats` or `database` (PostgreSQL; `postgres` and `postgresql` are read as `database`); each but `memory` needs its cargo feature |
 //! | `mode` | `async` | `sync` or `async`: what [`Broker::publish`](crate::Broker::publish) does |
 //! | `worker_count` | CPUs | shards, one worker thread each, 1 to 1024 (the seed's default was 10) |
 //! | `buffer_size` | `1024` | events per shard, rounded up to a power of two (the seed's 1000 becomes 1024) |
@@ -394,11 +394,14 @@ impl Config {
     fn read_root(s: &mut Section<'_, '_>) -> Result<Self, ConfigError> {
         let mut c = Self::default();
         set(&mut c.enabled, s.bool("enabled")?);
-        if let Some(kind) = s.choice("provider", &["memory", "redis", "nats", "database"])? {
+        // `postgres` and `postgresql` as well as the seed's `database`: the cargo feature's name.
+        if let Some(kind) =
+            s.choice("provider", &["memory", "redis", "nats", "database", "postgres", "postgresql"])?
+        {
             c.provider = match kind {
                 "redis" => ProviderKind::Redis,
                 "nats" => ProviderKind::Nats,
-                "database" => ProviderKind::Database,
+                "database" | "postgres" | "postgresql" => ProviderKind::Database,
                 _ => ProviderKind::Memory,
             };
         }
