@@ -288,7 +288,7 @@ impl ProviderError {
 }
 
 /// A configuration value that is out of range or inconsistent, named by its key as in the YAML
-/// configuration (`retry_policy.jitter`, `buffer_size`).
+/// configuration (`retry_policy.jitter`, `buffer_size`), and by the file it was read from, if any.
 ///
 /// ```
 /// use eventbroker::ConfigError;
@@ -297,16 +297,31 @@ impl ProviderError {
 /// assert_eq!(err.to_string(), "invalid configuration: worker_count: must be at least 1, got 0");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration: {key}: {reason}")]
+#[error("invalid configuration{}: {key}: {reason}", .file.as_deref().map(|f| format!(" in {f}")).unwrap_or_default())]
 pub struct ConfigError {
     key: String,
     reason: String,
+    file: Option<String>,
 }
 
 impl ConfigError {
     /// An error about `key`.
     pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { key: key.into(), reason: reason.into() }
+        Self { key: key.into(), reason: reason.into(), file: None }
+    }
+
+    /// The file the configuration was read from ([`Config::from_yaml_file`]), if any.
+    ///
+    /// [`Config::from_yaml_file`]: crate::config::Config::from_yaml_file
+    pub fn file(&self) -> Option<&str> {
+        self.file.as_deref()
+    }
+
+    /// The same error, read from the file at `path`.
+    #[cfg(feature = "yaml")]
+    pub(crate) fn in_file(mut self, path: &std::path::Path) -> Self {
+        self.file = Some(path.display().to_string());
+        self
     }
 
     /// The configuration key at fault.

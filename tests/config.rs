@@ -692,13 +692,22 @@ fn an_override_out_of_range_names_its_variable() {
 }
 
 #[test]
-fn files_load_and_an_unreadable_one_names_its_path() {
+fn files_load_and_their_errors_name_them() {
     let dir = std::env::temp_dir().join(format!("eventbroker-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.yaml");
     std::fs::write(&path, "event_broker:\n  mode: sync\n").unwrap();
     let config = Config::from_yaml_file(&path).unwrap();
     assert_eq!(config.mode, Mode::Sync);
+    // What is wrong inside a file names the file: a service may read several.
+    let shown = path.display().to_string();
+    for (yaml, key) in [("event_broker:\n  mode: later\n", "event_broker.mode"), ("event_broker: [\n", "")] {
+        std::fs::write(&path, yaml).unwrap();
+        let err = Config::from_yaml_file(&path).unwrap_err();
+        assert_eq!(err.file(), Some(shown.as_str()), "{err}");
+        assert!(err.to_string().contains(&format!(" in {shown}: ")), "{err}");
+        assert!(err.key().starts_with(key), "{err}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
     let err = Config::from_yaml_file(&path).unwrap_err();
     assert_eq!(err.key(), path.display().to_string());

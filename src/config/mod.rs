@@ -328,15 +328,38 @@ impl Config {
     /// ```
     ///
     /// # Errors
-    /// As [`Config::from_yaml_str`]; when the file cannot be read, a [`ConfigError`] whose key is
-    /// the path.
+    /// As [`Config::from_yaml_str`], naming the file ([`ConfigError::file`]); when the file cannot
+    /// be read, a [`ConfigError`] whose key is the path.
     #[cfg(feature = "yaml")]
     pub fn from_yaml_file(path: impl AsRef<std::path::Path>) -> Result<Self, ConfigError> {
+        Self::from_yaml_file_with(path, &Env::process())
+    }
+
+    /// As [`Config::from_yaml_file`], reading variables from `env`.
+    ///
+    /// ```
+    /// use eventbroker::config::{Config, Env};
+    ///
+    /// let path = std::env::temp_dir().join(format!("eventbroker-doc-{}.yaml", std::process::id()));
+    /// std::fs::write(&path, "event_broker:\n  worker_count: ${WORKERS}\n")?;
+    /// let config = Config::from_yaml_file_with(&path, &Env::from_vars([("WORKERS", "3")]))?;
+    /// assert_eq!(config.worker_count, 3);
+    ///
+    /// let err = Config::from_yaml_file_with(&path, &Env::from_vars([("WORKERS", "0")])).unwrap_err();
+    /// assert_eq!(err.file(), Some(path.display().to_string().as_str()));
+    /// std::fs::remove_file(&path)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Config::from_yaml_file`].
+    #[cfg(feature = "yaml")]
+    pub fn from_yaml_file_with(path: impl AsRef<std::path::Path>, env: &Env) -> Result<Self, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|error| {
             ConfigError::new(path.display().to_string(), format!("cannot read the file: {error}"))
         })?;
-        Self::from_yaml_str(&text)
+        Self::from_yaml_str_with(&text, env).map_err(|error| error.in_file(path))
     }
 
     /// The defaults with the `EVENTBROKER_*` overrides of the process environment.
