@@ -42,7 +42,7 @@ use eventbroker::prelude::*;
 use eventbroker::{
     Broker, Capabilities, DeadLetter, DeadLetterFilter, DeadLetterId, Distribution, Event, EventFilter,
     EventId, EventSource, EventStatus, MemoryConfig, MemoryProvider, Pattern, ProviderError, ProviderStats,
-    ReplayFrom, StatusUpdate, StoredEvent, WriterConfig,
+    ReplayFrom, ReplayPage, StatusUpdate, WriterConfig,
 };
 
 mod common;
@@ -91,7 +91,7 @@ impl EventStore for ThroughTheWriter {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError> {
+    ) -> Result<ReplayPage, ProviderError> {
         self.0.replay(from, pattern, limit)
     }
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {

@@ -82,7 +82,7 @@ pub use crate::pattern::{
 pub use crate::provider::{
     Ack, AckOutcome, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId,
     EventFilter, EventSink, EventStore, EventStream, GroupNamespace, Inbound, InboundConfig, InboundEvent,
-    MemoryConfig, MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayCursor, ReplayFrom,
+    MemoryConfig, MemoryProvider, Provider, ProviderExt, ProviderStats, ReplayCursor, ReplayFrom, ReplayPage,
     StatusUpdate, StoredEvent, StreamError,
 };
 #[cfg(feature = "nats")]

@@ -68,8 +68,10 @@ fn store_until_stored(provider: &dyn Provider, batch: &[Arc<Event>]) -> usize {
 /// Replays every event of `scope` and asserts each id of `accepted` is stored exactly once, and
 /// nothing else is.
 fn assert_stored_once(provider: &dyn Provider, scope: &Scope, accepted: &[EventId]) {
-    let replayed =
-        provider.replay(ReplayFrom::Beginning, Some(&scope.all()), accepted.len() * 2 + 10).expect("replay");
+    let replayed = provider
+        .replay(ReplayFrom::Beginning, Some(&scope.all()), accepted.len() * 2 + 10)
+        .expect("replay")
+        .events;
     let mut counts: HashMap<EventId, usize> = HashMap::new();
     for stored in &replayed {
         *counts.entry(stored.event.id).or_default() += 1;

@@ -1144,7 +1144,7 @@ fn a_replay_under_steady_publishing_ends() {
     assert!(took < Duration::from_secs(15), "took {took:?} while {during} events were published");
     let resume = report.resume_from();
     assert!(
-        !faulty.inner().replay(resume.position(), None, 1).unwrap().is_empty(),
+        !faulty.inner().replay(resume.position(), None, 1).unwrap().events.is_empty(),
         "what was stored since is left for a later replay from {resume:?}"
     );
     assert!(broker.shutdown(WAIT).is_clean());

@@ -118,7 +118,7 @@ fn small_status_writes_are_seen_by_every_read_in_the_order_written() {
         let failed = provider.list(&EventFilter::new().with_status(EventStatus::Failed)).expect("list");
         assert_eq!(failed.iter().map(|e| e.id).collect::<Vec<_>>(), [first], "list ({max_events})");
         write_status(&provider, first, EventStatus::Processing);
-        let replayed = provider.replay(ReplayFrom::Beginning, None, 1).expect("replay");
+        let replayed = provider.replay(ReplayFrom::Beginning, None, 1).expect("replay").events;
         assert_eq!(replayed[0].event.status, EventStatus::Processing, "replay ({max_events})");
 
         // A small write, then a batch of every event (applied at once), then a small write again.
@@ -781,6 +781,7 @@ fn threads_storing_updating_and_reading_at_once_stay_consistent() {
     let seqs: HashMap<EventId, u64> = provider
         .replay(ReplayFrom::Beginning, None, usize::MAX)
         .expect("replay")
+        .events
         .into_iter()
         .map(|s| (s.event.id, s.seq))
         .collect();
@@ -1111,18 +1112,17 @@ fn replay_paging_while_events_are_stored_returns_every_event() {
     loop {
         let finished = writer.is_finished();
         let page = provider.replay(from, Some(&pattern), 64).unwrap();
-        if let Some(last) = page.last() {
-            from = ReplayFrom::Sequence(last.seq + 1);
+        if let Some(next) = page.next {
+            from = ReplayFrom::Sequence(next);
         }
-        let short = page.len() < 64;
-        seen.extend(page.into_iter().map(|stored| stored.event.id));
-        if finished && short {
+        seen.extend(page.events.into_iter().map(|stored| stored.event.id));
+        if finished && page.end {
             break;
         }
         assert!(Instant::now() < deadline, "paging did not catch up with 6 000 stores");
     }
     writer.join().unwrap();
-    let all = provider.replay(ReplayFrom::Beginning, Some(&pattern), usize::MAX).unwrap();
+    let all = provider.replay(ReplayFrom::Beginning, Some(&pattern), usize::MAX).unwrap().events;
     assert_eq!(all.len(), 6_000);
     let missed: Vec<u64> = all.iter().filter(|s| !seen.contains(&s.event.id)).map(|s| s.seq).collect();
     assert!(

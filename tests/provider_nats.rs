@@ -475,7 +475,7 @@ fn a_store_after_the_duplicate_window_keeps_its_sequence_and_is_not_delivered_ag
     let original = scope.event("orders.create");
     provider.store_batch(&[Arc::new(original.clone())], None).expect("store");
     assert_eq!(ids(&take_and_ack(&*source, 1)), vec![original.id]);
-    let seq = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay")[0].seq;
+    let seq = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events[0].seq;
 
     // The window is a time the server measures: let it pass.
     std::thread::sleep(Duration::from_millis(1500));
@@ -485,7 +485,7 @@ fn a_store_after_the_duplicate_window_keeps_its_sequence_and_is_not_delivered_ag
     provider.store_batch(&[Arc::new(replacement.clone())], None).expect("store again");
 
     assert_quiet(&*source, "a second store");
-    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events;
     assert_eq!(replayed.len(), 1);
     assert_eq!((replayed[0].seq, &replayed[0].event), (seq, &replacement));
     assert_eq!(provider.get(original.id).expect("get"), Some(replacement));
@@ -503,13 +503,13 @@ fn an_event_deleted_and_stored_again_is_a_new_store() {
     let event = scope.event("orders.create");
     provider.store_batch(&[Arc::new(event.clone())], None).expect("store");
     let first = take_and_ack(&*source, 1);
-    let seq = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay")[0].seq;
+    let seq = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events[0].seq;
     assert!(provider.delete(event.id).expect("delete"));
     assert_eq!(provider.get(event.id).expect("get"), None);
 
     provider.store_batch(&[Arc::new(event.clone())], None).expect("store again, inside the duplicate window");
     assert_eq!(provider.get(event.id).expect("get"), Some(event.clone()));
-    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events;
     assert_eq!(replayed.len(), 1);
     assert!(replayed[0].seq > seq, "a new message");
     let second = take_and_ack(&*source, 1);
@@ -751,7 +751,7 @@ fn an_id_with_an_earlier_foreign_message_is_listed_once() {
 
     assert_eq!(provider.get(event.id).expect("get"), Some(event.clone()));
     assert_eq!(scope.list(&provider), vec![event.clone()], "listed once");
-    let replayed = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay");
+    let replayed = provider.replay(ReplayFrom::Beginning, Some(&scope.all()), 10).expect("replay").events;
     assert_eq!(replayed.iter().map(|s| s.event.id).collect::<Vec<_>>(), vec![event.id]);
 }
 

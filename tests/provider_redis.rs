@@ -184,7 +184,7 @@ fn sequence_numbers_are_the_entry_ids() {
     let scope = Scope::new();
     let events: Vec<Event> = (0..50).map(|_| scope.event("seq")).collect();
     provider.store_batch(&shared(&events), None).expect("store");
-    let replayed = provider.replay(ReplayFrom::Beginning, None, 100).expect("replay");
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 100).expect("replay").events;
     let entries = stream_ids(&backend);
     assert_eq!(replayed.len(), entries.len());
     for (stored, (entry, id)) in replayed.iter().zip(&entries) {
@@ -217,7 +217,7 @@ fn entry_sequence_parts_move_to_the_next_millisecond_past_two_to_the_nineteen() 
     let expected =
         [format!("{ahead}-524290"), format!("{ahead}-524291"), format!("{next}-0"), format!("{next}-1")];
     assert_eq!(entries, expected);
-    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events;
     let seqs: Vec<u64> = replayed.iter().map(|stored| stored.seq).collect();
     let ahead = u64::try_from(ahead).expect("positive");
     assert_eq!(seqs, [(ahead << 20) + 524_291, (ahead + 1) << 20, ((ahead + 1) << 20) + 1]);
@@ -291,7 +291,7 @@ fn finished_events_expire_with_exact_counts() {
         vec![events[2].id, events[3].id]
     );
     assert_eq!(provider.get(events[0].id).expect("get"), None);
-    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay");
+    let replayed = provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events;
     assert_eq!(replayed.len(), 2, "expired events leave replay too");
 }
 
@@ -390,7 +390,7 @@ fn a_pending_event_has_no_status_hash_until_its_status_changes() {
     let got = provider.get(ids[0]).expect("get").expect("stored");
     assert_eq!((got.status, got.processed_at), (EventStatus::Pending, None));
     assert_eq!(scope.list(&provider).len(), 4);
-    assert_eq!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").len(), 4);
+    assert_eq!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events.len(), 4);
 
     // The first status change makes the hash, with the entry and time the index held.
     let at = jiff::Timestamp::now();
@@ -406,7 +406,7 @@ fn a_pending_event_has_no_status_hash_until_its_status_changes() {
         (got.status, got.processed_at, got.completed_at),
         (EventStatus::Completed, Some(at), Some(at))
     );
-    assert_eq!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay")[0].event.id, ids[0]);
+    assert_eq!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events[0].event.id, ids[0]);
 
     // Deleting a pending event removes its index field and its entry.
     assert!(provider.delete(ids[1]).expect("delete"));
@@ -527,8 +527,8 @@ fn reads_never_block() {
     let started = Instant::now();
     assert_eq!(provider.get(EventId::new()).expect("get"), None);
     assert!(provider.list(&EventFilter::new()).expect("list").is_empty());
-    assert!(provider.replay(ReplayFrom::Sequence(1 << 60), None, 10).expect("replay").is_empty());
-    assert!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").is_empty());
+    assert!(provider.replay(ReplayFrom::Sequence(1 << 60), None, 10).expect("replay").events.is_empty());
+    assert!(provider.replay(ReplayFrom::Beginning, None, 10).expect("replay").events.is_empty());
     assert!(started.elapsed() < Duration::from_secs(2), "reads took {:?}", started.elapsed());
 }
 

@@ -207,7 +207,8 @@ impl Engine {
         let mut budget = u64::MAX;
         let mut looked_at = 0u64;
         let mut report = ReplayReport { resume: Some(from), ..ReplayReport::default() };
-        for page in self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE) {
+        let mut pages = self.provider.replay_pages(from, pattern.as_ref(), REPLAY_PAGE);
+        while let Some(page) = pages.next() {
             // Shutdown does not wait for a replay, and may close the provider while it reads.
             let page = page.map_err(|error| {
                 if self.intake.is_closed() && error.kind() == &ProviderErrorKind::Closed {
@@ -260,7 +261,10 @@ impl Engine {
                 report.last_seq = Some(stored.seq);
                 report.resume = Some(next);
             }
+            // Past the rows the provider passed over after the page's last event, if any.
+            report.resume = Some(pages.cursor());
         }
+        report.resume = Some(pages.cursor());
         Ok(report)
     }
 }

@@ -101,7 +101,7 @@ use self::table::{EventTable, status_index};
 use super::{
     Ack, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter,
     EventSink, EventStore, EventStream, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats,
-    ReplayFrom, StatusUpdate, StoredEvent, StreamHub, closed_error,
+    ReplayFrom, ReplayPage, StatusUpdate, StoredEvent, StreamHub, closed_error,
 };
 use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
@@ -907,7 +907,7 @@ impl EventStore for MemoryProvider {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError> {
+    ) -> Result<ReplayPage, ProviderError> {
         let shared = &*self.shared;
         // Shards are read one after another while stores go on, and a store into a shard read
         // already can take a lower number than one read later: a page holding the later one
@@ -924,7 +924,8 @@ impl EventStore for MemoryProvider {
             .collect();
         found.sort_unstable_by_key(|(seq, _)| *seq);
         found.truncate(limit);
-        Ok(found.into_iter().map(|(seq, event)| StoredEvent { seq, event }).collect())
+        let events = found.into_iter().map(|(seq, event)| StoredEvent { seq, event }).collect();
+        Ok(ReplayPage::from_events(events, limit))
     }
 
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {

@@ -52,7 +52,10 @@
 //! - [`replay`] returns events in sequence order. Each stored event gets a sequence number on its
 //!   first store; numbers start at 1, strictly increase in store order (a batch in slice order) and
 //!   may have gaps (a deleted or evicted event leaves one). Page through history with
-//!   [`ReplayFrom::Sequence`]`(last.seq + 1)`, or let [`ProviderExt::replay_pages`] do it.
+//!   [`ReplayFrom::Sequence`]`(page.next)` until [`ReplayPage::end`], or let
+//!   [`ProviderExt::replay_pages`] do it. A page shorter than its limit is not the end: a
+//!   backend bounds the rows it passes over in one call (rows that hold no valid event), so a
+//!   replay always moves on, in bounded time, past any number of them.
 //! - [`get`], [`list`] and [`replay`] return owned copies; changing one changes nothing stored.
 //! - A query a backend cannot serve fails with [`ProviderErrorKind::NotSupported`], never with a
 //!   wrong answer; [`Capabilities`] says in advance which ones those are.
@@ -112,7 +115,9 @@ pub use self::namespace::GroupNamespace;
 pub use self::nats::{NatsConfig, NatsProvider};
 #[cfg(feature = "postgres")]
 pub use self::postgres::{PostgresConfig, PostgresProvider};
-pub use self::query::{EventFilter, ProviderStats, ReplayCursor, ReplayFrom, StatusUpdate, StoredEvent};
+pub use self::query::{
+    EventFilter, ProviderStats, ReplayCursor, ReplayFrom, ReplayPage, StatusUpdate, StoredEvent,
+};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisConfig, RedisProvider};
 pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
@@ -186,8 +191,13 @@ pub trait EventStore: Send + Sync {
     fn delete(&self, id: EventId) -> Result<bool, ProviderError>;
 
     /// Up to `limit` stored events from `from` on, whose type matches `pattern` when one is given,
-    /// in sequence order. Continue with [`ReplayFrom::Sequence`]`(last.seq + 1)` for the next page;
-    /// fewer than `limit` events means history is exhausted for now.
+    /// in sequence order, as a [`ReplayPage`]. Continue with
+    /// [`ReplayFrom::Sequence`]`(page.next)` for the next page, until [`ReplayPage::end`] says
+    /// history is exhausted for now. A page may hold fewer than `limit` events, or none, before
+    /// the end: a backend that passes over rows holding no valid event bounds how many it reads
+    /// per call, so every call returns within its timeout and the next one starts past them
+    /// (PostgreSQL; see its module docs for the numbers). A backend that reads every row as an
+    /// event returns [`ReplayPage::from_events`].
     ///
     /// # Errors
     /// [`ProviderErrorKind::NotSupported`] when [`Capabilities::replay`] is false; otherwise as
@@ -197,7 +207,7 @@ pub trait EventStore: Send + Sync {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError>;
+    ) -> Result<ReplayPage, ProviderError>;
 
     /// The stored dead letters that match `filter`, in `(failed_at, id)` order, with the filter's
     /// offset and then its limit applied after filtering.
@@ -414,11 +424,13 @@ pub trait ProviderExt: Provider {
     }
 
     /// Pages of [`EventStore::replay`] from `from` on (a [`ReplayFrom`], or the
-    /// [`ReplayCursor`] an earlier replay stopped at), `page_size` events each (at least 1), until
-    /// history is exhausted or a call fails (the error is the last item). From
-    /// [`ReplayFrom::Time`], every page holds only events created at or after that time (the pages
-    /// after the first continue by sequence, and are filtered here), so which events come does
-    /// not depend on the page size; a page may then hold fewer events than `page_size`, or none.
+    /// [`ReplayCursor`] an earlier replay stopped at), up to `page_size` events each (at least 1),
+    /// one provider call per page, until [`ReplayPage::end`] says history is exhausted or a call
+    /// fails (the error is the last item). A page may hold fewer events than `page_size`, or none,
+    /// where the provider passed over rows holding no valid event. From [`ReplayFrom::Time`],
+    /// every page holds only events created at or after that time (the pages after the first
+    /// continue by sequence, and are filtered here), so which events come does not depend on the
+    /// page size; this too may leave a page short, or empty.
     /// [`ReplayPages::cursor`] says where the next page starts, and once the pages end, where a
     /// later replay goes on.
     fn replay_pages<'a>(
@@ -485,18 +497,23 @@ impl<P: Provider + ?Sized> Iterator for ReplayPages<'_, P> {
         }
         let cursor = self.cursor;
         match self.provider.replay(cursor.position(), self.pattern, self.page_size) {
-            Ok(page) if page.is_empty() => {
+            Ok(page) if page.end && page.events.is_empty() => {
                 self.ended = true;
+                if let Some(next) = page.next {
+                    self.cursor = cursor.at_sequence(next);
+                }
                 None
             }
-            Ok(mut page) => {
-                if let Some(last) = page.last() {
-                    self.cursor = cursor.at_sequence(last.seq + 1);
+            Ok(page) => {
+                if let Some(next) = page.next {
+                    self.cursor = cursor.at_sequence(next);
                 }
-                // A short page is the end of history.
-                self.ended = page.len() < self.page_size;
-                page.retain(|stored| cursor.admits(&stored.event));
-                Some(Ok(page))
+                // Not the page's length: a page may be short, or empty, past rows passed over. A
+                // page that read nothing cannot say where to go on: going on would ask again.
+                self.ended = page.end || page.next.is_none();
+                let mut events = page.events;
+                events.retain(|stored| cursor.admits(&stored.event));
+                Some(Ok(events))
             }
             Err(error) => {
                 self.ended = true;

@@ -302,9 +302,11 @@ impl EventFilter {
 /// let mut seen = Vec::new();
 /// loop {
 ///     let page = provider.replay(from, None, 2)?;
-///     let Some(last) = page.last() else { break };
-///     from = ReplayFrom::Sequence(last.seq + 1);
-///     seen.extend(page.into_iter().map(|stored| stored.event.id));
+///     seen.extend(page.events.into_iter().map(|stored| stored.event.id));
+///     match page.next {
+///         Some(next) if !page.end => from = ReplayFrom::Sequence(next),
+///         _ => break,
+///     }
 /// }
 /// assert_eq!(seen, events.iter().map(|e| e.id).collect::<Vec<_>>());
 /// # Ok::<(), eventbroker::ProviderError>(())
@@ -403,6 +405,75 @@ pub struct StoredEvent {
     pub seq: u64,
     /// The event as stored now, status included.
     pub event: Event,
+}
+
+/// One page of [`EventStore::replay`](super::EventStore::replay): the events, where the next page
+/// starts, and whether history went on past this page.
+///
+/// `next` can be past the last event returned: a backend that passes over rows holding no valid
+/// event (PostgreSQL: a captured row whose JSON breaks the payload rules, a row written by hand)
+/// reads at most so many of them per call, and a page can then hold fewer events than asked for,
+/// or none, while history goes on. So the end of history is [`ReplayPage::end`], never the
+/// page's length.
+///
+/// ```
+/// use eventbroker::{Event, EventSource, MemoryProvider, EventStore, ProviderExt, ReplayFrom};
+///
+/// let provider = MemoryProvider::default();
+/// for _ in 0..3 {
+///     provider.store_one(&Event::new(EventSource::System, "system.tick"))?;
+/// }
+/// let mut from = ReplayFrom::Beginning;
+/// let mut seen = 0;
+/// loop {
+///     let page = provider.replay(from, None, 2)?;
+///     seen += page.events.len();
+///     if let Some(next) = page.next {
+///         from = ReplayFrom::Sequence(next);
+///     }
+///     if page.end {
+///         break;
+///     }
+/// }
+/// assert_eq!(seen, 3);
+/// # Ok::<(), eventbroker::ProviderError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ReplayPage {
+    /// At most the `limit` asked for, in sequence order.
+    pub events: Vec<StoredEvent>,
+    /// The sequence number the next page starts at: past every row this page read, the events it
+    /// returns and the rows it passed over. `None` when it read none.
+    pub next: Option<u64>,
+    /// This page reached the end of history, for now: what is stored later comes at or after
+    /// `next` (after the position asked for, when `next` is `None`).
+    pub end: bool,
+}
+
+impl ReplayPage {
+    /// The page of a backend that reads every row it steps over as an event: history goes on
+    /// after the last event when the page holds `limit` of them, and has ended when it holds
+    /// fewer.
+    ///
+    /// ```
+    /// use eventbroker::{Event, EventSource, ReplayPage, StoredEvent};
+    ///
+    /// let one = StoredEvent { seq: 7, event: Event::new(EventSource::System, "system.tick") };
+    /// let page = ReplayPage::from_events(vec![one], 2);
+    /// assert_eq!((page.next, page.end), (Some(8), true));
+    /// ```
+    pub fn from_events(events: Vec<StoredEvent>, limit: usize) -> Self {
+        let next = events.last().map(|last| last.seq.saturating_add(1));
+        let end = events.len() < limit;
+        Self { events, next, end }
+    }
+
+    /// A page that read up to (not including) sequence number `next`, passing over rows that
+    /// hold no valid event, and stopped there with history going on.
+    pub fn continues_at(events: Vec<StoredEvent>, next: u64) -> Self {
+        Self { events, next: Some(next), end: false }
+    }
 }
 
 /// Counts a provider reports; [`ProviderStats::to_json`] gives the seed's JSON shape.

@@ -11,7 +11,7 @@ use crate::error::{ProviderError, ProviderErrorKind};
 use crate::provider::{
     Ack, AckToken, Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter,
     EventSink, EventStore, GroupNamespace, Inbound, InboundConfig, InboundEvent, Provider, ProviderStats,
-    ReplayFrom, StatusUpdate, StoredEvent,
+    ReplayFrom, ReplayPage, StatusUpdate,
 };
 use crate::{Event, EventId, Pattern};
 
@@ -379,7 +379,7 @@ impl EventStore for FaultyProvider {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError> {
+    ) -> Result<ReplayPage, ProviderError> {
         self.check(Operation::Replay)?;
         self.inner.replay(from, pattern, limit)
     }

@@ -134,8 +134,8 @@ use self::sink::WriteCounters;
 use self::status::RevisionCache;
 use super::{
     Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate,
-    StoredEvent, closed_error,
+    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, ReplayPage,
+    StatusUpdate, closed_error,
 };
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventId};
@@ -434,9 +434,10 @@ impl EventStore for NatsProvider {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError> {
+    ) -> Result<ReplayPage, ProviderError> {
         let shared = self.open("replay")?;
-        self.run("replay", store::replay(Arc::clone(shared), from, pattern.cloned(), limit))
+        let events = self.run("replay", store::replay(Arc::clone(shared), from, pattern.cloned(), limit))?;
+        Ok(ReplayPage::from_events(events, limit))
     }
 
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {

@@ -4,8 +4,11 @@
 //! `list` builds its `WHERE` from the filter's fields that are set (a type pattern becomes an
 //! anchored regular expression, so a literal prefix uses the `type` index), then orders by
 //! `(created_at_ns, id)` and applies `OFFSET` and `LIMIT`. `replay` reads in `seq` order, only as
-//! far as every `seq` is settled (below). A time bound outside the years a row holds (1677 to
-//! 2262) keeps every row or none.
+//! far as every `seq` is settled (below), and passes over at most [`PASS_OVER_MAX`] (5 000) rows
+//! that hold no valid event per call, before three quarters of the operation timeout are gone:
+//! the page then says where the next one starts, past them, rather than reading on until it is
+//! full and timing out at the same place on every call. A time bound outside the years a row
+//! holds (1677 to 2262) keeps every row or none.
 //!
 //! ## Why a replay page waits for writers
 //! `seq` is drawn when a row is inserted, but the row appears when its transaction commits, and
@@ -43,7 +46,9 @@ use super::schema::Names;
 use crate::error::ProviderError;
 use crate::event::{Event, EventId, EventStatus};
 use crate::pattern::Pattern;
-use crate::provider::{DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, ReplayFrom, StoredEvent};
+use crate::provider::{
+    DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, ReplayFrom, ReplayPage, StoredEvent,
+};
 use crate::sync::{AtomicU64, Ordering};
 
 /// The statements of the store, built once from the validated names.
@@ -69,6 +74,15 @@ const WRITERS_FIRST_POLL: Duration = Duration::from_millis(2);
 
 /// Longest pause between two looks.
 const WRITERS_MAX_POLL: Duration = Duration::from_millis(50);
+
+/// Most rows one replay call passes over (rows holding no valid event) before it returns the page
+/// it has, with where the next one starts: a run of them of any length takes calls of bounded
+/// time, never one that times out at the same place again and again.
+const PASS_OVER_MAX: u64 = 5_000;
+
+/// Rows read per round trip while passing over: 500 of a few hundred bytes each are a fraction of
+/// a millisecond to decode.
+const PASS_OVER_CHUNK: usize = 500;
 
 /// The granted `RowExclusiveLock`s other sessions (prepared transactions included) hold on the
 /// events table (`$1`): the transactions that may hold a `seq` not yet committed.
@@ -270,12 +284,15 @@ pub(super) fn replay(
     pattern: Option<&Pattern>,
     limit: usize,
     passed_over: &AtomicU64,
-) -> Result<Vec<StoredEvent>, ProviderError> {
+) -> Result<ReplayPage, ProviderError> {
     const OP: &str = "replay";
     if limit == 0 {
-        return backend.call(OP, async { Ok(Vec::new()) });
+        return backend.call(OP, async { Ok(ReplayPage { events: Vec::new(), next: None, end: false }) });
     }
     let fail = |err| Backend::error(OP, &sql.events, err);
+    // Reads stop starting once three quarters of the timeout are gone (the wait for writers takes
+    // half at most), so the last one, of at most `PASS_OVER_CHUNK` rows past the page, ends within it.
+    let read_until = crate::deadline::from_now(backend.config.operation_timeout / 4 * 3);
     // One call, so one operation timeout bounds the wait for writers and every page read below.
     backend.call(OP, async {
         let conn = backend.conn(OP).await?;
@@ -284,7 +301,7 @@ pub(super) fn replay(
             Settled::UpTo(seq) => seq,
             Settled::Empty => {
                 conn.release();
-                return Ok(Vec::new());
+                return Ok(ReplayPage { events: Vec::new(), next: None, end: true });
             }
             // The connection is sound: another session's transaction keeps history open.
             Settled::Open(error) => {
@@ -292,13 +309,16 @@ pub(super) fn replay(
                 return Err(error);
             }
         };
-        let mut replayed = Vec::new();
-        // A page short of `limit` says history is exhausted, so rows passed over are made up for
-        // by reading on past the last row read, until the page is full or the settled rows run
-        // out; the call's timeout bounds how many rows that may pass over.
+        let mut events = Vec::new();
+        let mut skipped = Skipped::default();
+        // The last row read, returned or passed over: the next page starts after it.
         let mut past = None;
         loop {
-            let want = limit - replayed.len();
+            let want = limit - events.len();
+            // Rows passed over are made up for by reading on, in larger reads once some were
+            // found: a run of them is usually long (a table's captured rows), and one round trip
+            // per row would pass over a few thousand a second.
+            let chunk = if skipped.rows == 0 { want } else { want.max(PASS_OVER_CHUNK) };
             let mut query = Query::new();
             query.and("seq <= $?", settled);
             match from {
@@ -312,7 +332,7 @@ pub(super) fn replay(
             if let Some(pattern) = pattern {
                 query.and("\"type\" ~ $?", pattern_regex(pattern));
             }
-            let page_limit = query.bind(bigint(want));
+            let page_limit = query.bind(bigint(chunk));
             let statement = format!(
                 "SELECT seq, {EVENT_COLUMNS} FROM {} {} ORDER BY seq LIMIT {page_limit}",
                 sql.events,
@@ -323,16 +343,58 @@ pub(super) fn replay(
             for row in &rows {
                 let seq: i64 = row.try_get(0).map_err(fail)?;
                 past = Some(seq);
-                if let Some(event) = readable(codec::decode_event(row, 1, OP)?, passed_over, OP) {
-                    replayed.push(StoredEvent { seq: seq.unsigned_abs(), event });
+                match codec::decode_event(row, 1, OP)? {
+                    Ok(event) => events.push(StoredEvent { seq: seq.unsigned_abs(), event }),
+                    Err(error) => skipped.add(seq, error),
+                }
+                if events.len() == limit {
+                    break;
                 }
             }
-            if rows.len() < want || replayed.len() == limit {
+            // Fewer rows than asked for: the settled rows ran out.
+            let end = rows.len() < chunk && events.len() < limit;
+            let bounded = skipped.rows >= PASS_OVER_MAX || Instant::now() >= read_until;
+            if end || events.len() == limit || bounded {
                 conn.release();
-                return Ok(replayed);
+                skipped.report(passed_over, &sql.events);
+                let next = past.map(|seq| seq.unsigned_abs().saturating_add(1));
+                return Ok(ReplayPage { events, next, end });
             }
         }
     })
+}
+
+/// Rows a replay call passed over because they hold no valid event: counted and logged once per
+/// call, as a run of them may be thousands long.
+#[derive(Default)]
+struct Skipped {
+    rows: u64,
+    /// The first and last `seq` passed over.
+    span: Option<(i64, i64)>,
+    first_error: Option<ProviderError>,
+}
+
+impl Skipped {
+    fn add(&mut self, seq: i64, error: ProviderError) {
+        self.rows += 1;
+        self.span = Some(self.span.map_or((seq, seq), |(first, _)| (first, seq)));
+        self.first_error.get_or_insert(error);
+    }
+
+    fn report(self, passed_over: &AtomicU64, table: &str) {
+        let (Some((first, last)), Some(error)) = (self.span, self.first_error) else { return };
+        // Relaxed: a counter, read for stats only.
+        passed_over.fetch_add(self.rows, Ordering::Relaxed);
+        tracing::warn!(
+            operation = "replay",
+            rows = self.rows,
+            first_seq = first,
+            last_seq = last,
+            %table,
+            %error,
+            "{NAME} provider: passing over rows that hold no valid event (the error is the first one's)"
+        );
+    }
 }
 
 /// How far a replay may read.

@@ -194,8 +194,8 @@ use self::reply::{Entry, Malformed, StatusHash};
 use self::scripts::{Call, Scripts};
 use super::{
     Capabilities, ConsumerGroup, DeadLetter, DeadLetterFilter, DeadLetterId, EventFilter, EventSink,
-    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, StatusUpdate,
-    StoredEvent, closed_error,
+    EventStore, GroupNamespace, Inbound, InboundConfig, Provider, ProviderStats, ReplayFrom, ReplayPage,
+    StatusUpdate, StoredEvent, closed_error,
 };
 use crate::error::{ProviderError, ProviderErrorKind};
 use crate::event::{Event, EventId};
@@ -581,6 +581,57 @@ impl EventSink for RedisProvider {
     }
 }
 
+impl RedisProvider {
+    /// Up to `limit` stored events from `from` on, as [`EventStore::replay`] pages them: every
+    /// entry of the stream it steps over is read, so a short page is the end of history.
+    fn replay_events(
+        &self,
+        from: ReplayFrom,
+        pattern: Option<&Pattern>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, ProviderError> {
+        let shared = &*self.shared;
+        shared.check_open("replay")?;
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let (mut start, not_before) = match from {
+            ReplayFrom::Beginning | ReplayFrom::Sequence(0) => ("-".to_owned(), None),
+            ReplayFrom::Sequence(seq) => (entry_of_seq(seq), None),
+            ReplayFrom::Time(at) => ("-".to_owned(), Some(at)),
+        };
+        let keys = &shared.keys;
+        loop {
+            let mut call = Call::new(&shared.scripts.replay_page, &[&keys.stream, &keys.pending]);
+            call.arg(&keys.status).arg(&start).arg(PAGE);
+            let value: Value = shared.pool.run("replay", &keys.stream, |conn| call.invoke(conn))?;
+            let page = reply::array(value)
+                .ok_or_else(|| shared.malformed("replay", &Malformed::new("not an array")))?;
+            let read = page.len();
+            let mut last = None;
+            for item in page {
+                let (entry_id, found) =
+                    replay_item(item).map_err(|error| shared.malformed("replay", &error))?;
+                last = Some(entry_id);
+                let Some((seq, event)) = found else { continue };
+                let wanted = not_before.is_none_or(|at| event.created_at >= at)
+                    && pattern.is_none_or(|p| p.matches(&event.event_type));
+                if wanted {
+                    out.push(StoredEvent { seq, event });
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            match last {
+                Some(last) if read == PAGE => start = format!("({last}"),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
 impl EventStore for RedisProvider {
     fn get(&self, id: EventId) -> Result<Option<Event>, ProviderError> {
         let shared = &*self.shared;
@@ -630,46 +681,9 @@ impl EventStore for RedisProvider {
         from: ReplayFrom,
         pattern: Option<&Pattern>,
         limit: usize,
-    ) -> Result<Vec<StoredEvent>, ProviderError> {
-        let shared = &*self.shared;
-        shared.check_open("replay")?;
-        let mut out = Vec::new();
-        if limit == 0 {
-            return Ok(out);
-        }
-        let (mut start, not_before) = match from {
-            ReplayFrom::Beginning | ReplayFrom::Sequence(0) => ("-".to_owned(), None),
-            ReplayFrom::Sequence(seq) => (entry_of_seq(seq), None),
-            ReplayFrom::Time(at) => ("-".to_owned(), Some(at)),
-        };
-        let keys = &shared.keys;
-        loop {
-            let mut call = Call::new(&shared.scripts.replay_page, &[&keys.stream, &keys.pending]);
-            call.arg(&keys.status).arg(&start).arg(PAGE);
-            let value: Value = shared.pool.run("replay", &keys.stream, |conn| call.invoke(conn))?;
-            let page = reply::array(value)
-                .ok_or_else(|| shared.malformed("replay", &Malformed::new("not an array")))?;
-            let read = page.len();
-            let mut last = None;
-            for item in page {
-                let (entry_id, found) =
-                    replay_item(item).map_err(|error| shared.malformed("replay", &error))?;
-                last = Some(entry_id);
-                let Some((seq, event)) = found else { continue };
-                let wanted = not_before.is_none_or(|at| event.created_at >= at)
-                    && pattern.is_none_or(|p| p.matches(&event.event_type));
-                if wanted {
-                    out.push(StoredEvent { seq, event });
-                    if out.len() == limit {
-                        return Ok(out);
-                    }
-                }
-            }
-            match last {
-                Some(last) if read == PAGE => start = format!("({last}"),
-                _ => return Ok(out),
-            }
-        }
+    ) -> Result<ReplayPage, ProviderError> {
+        let events = self.replay_events(from, pattern, limit)?;
+        Ok(ReplayPage::from_events(events, limit))
     }
 
     fn list_dead_letters(&self, filter: &DeadLetterFilter) -> Result<Vec<DeadLetter>, ProviderError> {
