@@ -1449,6 +1449,64 @@ fn a_row_with_no_valid_status_fails_neither_stats_nor_list() {
     assert_eq!(listed.iter().map(|e| e.id).collect::<Vec<_>>(), [events[1].id]);
 }
 
+/// `stats` counts a small events table exactly; a large one it estimates from a sample, near the
+/// truth, reading a bounded share of its rows where a count read every one of them (what the
+/// server's statistics count as read by sequential and sample scans shows which).
+#[test]
+fn stats_count_a_small_table_and_estimate_a_large_one_from_a_sample() {
+    const ROWS: i64 = 40_000;
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let events: Vec<Event> = (0..3).map(|_| Event::new(EventSource::System, "stats.small")).collect();
+    provider.store_batch(&shared(&events), None).expect("store");
+    provider.update_status_batch(&[StatusUpdate::new(events[0].id, EventStatus::Completed)]).expect("update");
+    let stats = provider.stats().expect("stats");
+    assert_eq!((stats.total_events, stats.pending_events, stats.completed_events), (3, 2, 1), "{stats:?}");
+    assert_eq!(stats.provider_specific["event_counts_exact"], serde_json::json!(true));
+    assert_eq!(stats.provider_specific["dead_letters_exact"], serde_json::json!(true));
+    let table = stats.provider_specific["table"].as_str().expect("the events table").to_owned();
+    drop(provider);
+
+    // 1.5 KB rows, five to an 8 KiB block: 8 000 blocks, 62 MiB; the statuses in turn.
+    let sql = Sql::connect().expect("connect");
+    sql.batch(&format!(
+        "INSERT INTO {table} (id, source, \"type\", status, error, created_at_ns)
+         SELECT gen_random_uuid(), 'system', 'stats.big',
+                (ARRAY['pending', 'processing', 'completed', 'failed'])[g % 4 + 1], repeat('x', 1500), 0
+         FROM generate_series(1, {ROWS}) AS g"
+    ))
+    .expect("insert");
+    // A server process writes what it read to the statistics by the time it exits.
+    let rows_read = || {
+        let deadline = Instant::now() + ARRIVE;
+        let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+        while sql.numbers(sessions, &[&backend.application_name]).expect("sessions") != [0] {
+            assert!(Instant::now() < deadline, "the provider's sessions did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        sql.numbers(
+            "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
+            &[&table],
+        )
+        .expect("statistics")[0]
+    };
+    let before = rows_read();
+    let provider = backend.provider();
+    let stats = provider.stats().expect("stats");
+    drop(provider);
+    let read = rows_read() - before;
+    assert!(read < ROWS / 4, "stats read {read} of the table's {ROWS} rows");
+    assert_eq!(stats.provider_specific["event_counts_exact"], serde_json::json!(false), "{stats:?}");
+    let near =
+        |estimate: u64, truth: i64| estimate.abs_diff(truth.unsigned_abs()) <= truth.unsigned_abs() / 5;
+    assert!(near(stats.total_events, ROWS + 3), "{stats:?}");
+    for status in [EventStatus::Pending, EventStatus::Processing, EventStatus::Completed, EventStatus::Failed]
+    {
+        assert!(near(stats.count(status), ROWS / 4), "{status:?}: {stats:?}");
+    }
+}
+
 /// Two brokers of this process built from one configuration (a pool each) under one instance id
 /// would share one cursor in the table's groups: the second is refused, naming the table (see
 /// `instance_id_support`); another table in the schema is another namespace.

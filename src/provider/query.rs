@@ -479,7 +479,8 @@ impl ReplayPage {
 /// Counts a provider reports; [`ProviderStats::to_json`] gives the seed's JSON shape.
 ///
 /// The stored-event counts (`total_events` and the four per status) and `dead_letters` describe
-/// what the backend holds now, for every instance sharing it. The activity counts
+/// what the backend holds now, for every instance sharing it: exact, except where a backend says
+/// they are estimates (PostgreSQL, on a large table, in `provider_specific`). The activity counts
 /// (`events_published`, `events_consumed`, `active_subscribers`) describe this provider handle
 /// since it was created.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -514,7 +515,7 @@ pub struct ProviderStats {
     /// | memory | `max_events`, `shards`, `evicted`, `expired`, `replaced`, `dead_letters_dropped`, `streams_missed`, `bus_pending`, `bus_logged`, `bus_redelivered`, `bus_echoes_skipped`, `bus_filtered`, `bus_lost` |
     /// | Redis | `key_prefix`, `stream`, `stream_length`, `max_len`, `trimmed`, `expired`, `replaced`, `dead_letters_dropped`, `reconnects`, `inbound_redelivered`, `inbound_echoes_skipped`, `inbound_filtered`, `inbound_lost`, `inbound_malformed` |
     /// | NATS | `server_version`, `stream_messages`, `stream_bytes`, `stream_first_seq`, `stream_last_seq`, `stream_consumers`, `dead_letter_bytes`, `replaced`, `echoes_skipped`, `filtered_after_fetch`, `undecodable`, `held_redeliveries`, `status_cache`, `disconnects`, `connects`, `multi_filter` |
-    /// | PostgreSQL | `table`, `replaced`, `expired`, `pool_size` (connections open now, at most the configured size), `pool_idle`, `listener_sessions`, `listener_failures`, `notifications` |
+    /// | PostgreSQL | `table`, `event_counts_exact` and `dead_letters_exact` (`false`: the count is an estimate from a sample, as on a table over 10 MiB), `replaced`, `expired`, `inbound_malformed`, `query_malformed`, `pool_size` (connections open now, at most the configured size), `pool_idle`, `listener_sessions`, `listener_failures`, `notifications` |
     ///
     /// Each provider's module docs say what its counts count.
     pub provider_specific: BTreeMap<String, serde_json::Value>,

@@ -76,6 +76,17 @@
 //!   are deleted every [`PostgresConfig::cleanup_interval`] (1 min) in statements of at most
 //!   [`PostgresConfig::cleanup_batch`] (5 000) rows.
 //!
+//! ## Stats
+//! [`EventStore::stats`] reads no more of a table than 10 MiB, however large it grows (a metrics
+//! reporter may call it every few seconds): the counts per status, and their total, are exact on
+//! an events table of at most 10 MiB (1 280 blocks of 8 KiB; some 30 000 events of a few hundred
+//! bytes) and estimated beyond, from a `TABLESAMPLE SYSTEM` sample of about 1 280 of its blocks,
+//! each count scaled up by the share sampled (off by about 3 % when each status spreads over many
+//! blocks); the dead letters alike. `provider_specific` says which: `event_counts_exact` and
+//! `dead_letters_exact`. An exact count would read every row, as the status has no index (see
+//! Layout). The activity counts (`events_published`, `query_malformed`, …) are this handle's
+//! own counters, always exact.
+//!
 //! ## Threads, bounds and failures
 //! The provider owns a tokio runtime with [`PostgresConfig::runtime_threads`] (1) worker thread,
 //! `eventbroker-postgres`, and a pool of up to [`PostgresConfig::pool_size`] (4) connections. Every
@@ -489,7 +500,8 @@ impl EventStore for PostgresProvider {
 
     fn stats(&self) -> Result<ProviderStats, ProviderError> {
         let shared = &self.shared;
-        let (by_status, dead_letters) = store::counts(&shared.backend, &shared.store_sql)?;
+        let counts = store::counts(&shared.backend, &shared.store_sql)?;
+        let by_status = &counts.by_status;
         let count = |status| by_status.get(&status).copied().unwrap_or(0);
         let (pool_size, pool_idle) = shared.backend.pool_status();
         // Relaxed: counters, read for stats only.
@@ -505,9 +517,11 @@ impl EventStore for PostgresProvider {
             events_published: shared.published.load(Ordering::Relaxed),
             events_consumed: shared.consumed.load(Ordering::Relaxed),
             active_subscribers: shared.open_sources.load(Ordering::Relaxed),
-            dead_letters,
+            dead_letters: counts.dead_letters,
             provider_specific: BTreeMap::from([
                 ("table".to_owned(), shared.backend.names.events().into()),
+                ("event_counts_exact".to_owned(), counts.events_exact.into()),
+                ("dead_letters_exact".to_owned(), counts.dead_letters_exact.into()),
                 ("replaced".to_owned(), read(&shared.replaced)),
                 ("expired".to_owned(), read(&shared.expired)),
                 ("inbound_malformed".to_owned(), read(&shared.malformed)),

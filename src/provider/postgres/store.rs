@@ -59,8 +59,11 @@ pub(super) struct StoreSql {
     delete: String,
     get_letter: String,
     delete_letter: String,
+    table_blocks: String,
     count_by_status: String,
+    sample_by_status: String,
     count_letters: String,
+    sample_letters: String,
     settled: String,
     writers_left: String,
 }
@@ -101,8 +104,17 @@ impl StoreSql {
             delete: format!("DELETE FROM {events} WHERE id = $1"),
             get_letter: format!("SELECT {LETTER_COLUMNS} FROM {dead_letters} WHERE id = $1"),
             delete_letter: format!("DELETE FROM {dead_letters} WHERE id = $1"),
+            // The size of the tables' files: no row is read.
+            table_blocks:
+                "SELECT pg_relation_size($1::text::regclass) / b, pg_relation_size($2::text::regclass) / b
+                           FROM (SELECT current_setting('block_size')::bigint AS b) AS size"
+                    .to_owned(),
             count_by_status: format!("SELECT status, count(*) FROM {events} GROUP BY status"),
+            sample_by_status: format!(
+                "SELECT status, count(*) FROM {events} TABLESAMPLE SYSTEM ($1) GROUP BY status"
+            ),
             count_letters: format!("SELECT count(*) FROM {dead_letters}"),
+            sample_letters: format!("SELECT count(*) FROM {dead_letters} TABLESAMPLE SYSTEM ($1)"),
             // The snapshot is taken before `pg_locks` is read: a writer in flight then that drew a
             // `seq` below the highest one seen is either listed or has ended by the read.
             settled: format!(
@@ -533,17 +545,80 @@ pub(super) fn delete_dead_letter(
     execute(backend, OP, &sql.dead_letters, &sql.delete_letter, *id.as_uuid()).map(|n| n > 0)
 }
 
-/// Stored events per status, and stored dead letters.
-pub(super) fn counts(
-    backend: &Backend,
-    sql: &StoreSql,
-) -> Result<(BTreeMap<EventStatus, u64>, u64), ProviderError> {
+/// A table `stats` counts whole up to this many blocks (10 MiB at PostgreSQL's usual 8 KiB): a
+/// scan of that takes milliseconds. A larger one is sampled.
+const EXACT_COUNT_BLOCKS: i64 = 1_280;
+
+/// Blocks a sample of a larger table reads, about: `TABLESAMPLE SYSTEM` picks each block with the
+/// probability this over the table's blocks, so the work stays the same however large the table,
+/// and the counts (each scaled by the inverse of that probability) are off by about
+/// `1 / sqrt(1280)`, 3 %, when rows of each status spread over many blocks.
+const SAMPLE_BLOCKS: f64 = 1_280.0;
+
+/// What `stats` reports of the tables: events per status and dead letters, each exact or an
+/// estimate from a sample.
+pub(super) struct Counts {
+    pub(super) by_status: BTreeMap<EventStatus, u64>,
+    pub(super) dead_letters: u64,
+    /// The per-status counts (and so their total) were counted, not estimated.
+    pub(super) events_exact: bool,
+    pub(super) dead_letters_exact: bool,
+}
+
+/// How `stats` reads a table of `blocks` blocks: `None` to count it whole, or the percentage of
+/// its blocks to sample, as `TABLESAMPLE SYSTEM` takes it.
+fn sample_percent(blocks: i64) -> Option<f32> {
+    if blocks <= EXACT_COUNT_BLOCKS {
+        return None;
+    }
+    // Precision: a share of a table of more than 1 280 blocks, so between 0 and 100.
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        reason = "a share, kept to f32's precision"
+    )]
+    let percent = (SAMPLE_BLOCKS * 100.0 / blocks as f64) as f32;
+    Some(percent)
+}
+
+/// `count` rows of a sample of `percent` of the blocks, as the table's estimate.
+fn scale(count: i64, percent: f32) -> u64 {
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "an estimate, rounded; counts are never negative"
+    )]
+    let estimate = (count as f64 * 100.0 / f64::from(percent)).round() as u64;
+    estimate
+}
+
+/// Stored events per status, and stored dead letters: counted on a table of at most
+/// [`EXACT_COUNT_BLOCKS`] (10 MiB), estimated from a sample of about [`SAMPLE_BLOCKS`] blocks on
+/// a larger one, so a call costs the same on a table of millions of rows, where a count would
+/// read all of them (the status column has no index, on purpose: see the module docs of the
+/// provider).
+pub(super) fn counts(backend: &Backend, sql: &StoreSql) -> Result<Counts, ProviderError> {
     const OP: &str = "stats";
-    let (by_status, letters) = backend.call(OP, async {
-        let by_status = backend.query(OP, &sql.events, &sql.count_by_status, &[]).await?;
-        let letters = backend.query(OP, &sql.dead_letters, &sql.count_letters, &[]).await?;
-        Ok((by_status, letters))
+    let (by_status, letters, events_sample, letters_sample) = backend.call(OP, async {
+        let blocks =
+            backend.query(OP, &sql.events, &sql.table_blocks, &[&sql.events, &sql.dead_letters]).await?;
+        let blocks = |at| blocks.first().map_or(0, |row| row.get::<_, i64>(at));
+        let (events_sample, letters_sample) = (sample_percent(blocks(0)), sample_percent(blocks(1)));
+        let by_status = match events_sample {
+            None => backend.query(OP, &sql.events, &sql.count_by_status, &[]).await?,
+            Some(percent) => backend.query(OP, &sql.events, &sql.sample_by_status, &[&percent]).await?,
+        };
+        let letters = match letters_sample {
+            None => backend.query(OP, &sql.dead_letters, &sql.count_letters, &[]).await?,
+            Some(percent) => backend.query(OP, &sql.dead_letters, &sql.sample_letters, &[&percent]).await?,
+        };
+        Ok((by_status, letters, events_sample, letters_sample))
     })?;
+    let estimate = |count: i64, sample: Option<f32>| match sample {
+        None => count.unsigned_abs(),
+        Some(percent) => scale(count, percent),
+    };
     let mut counts = BTreeMap::new();
     for row in &by_status {
         let status: &str = row.get(0);
@@ -552,7 +627,7 @@ pub(super) fn counts(
         // row over, rather than failing every stats call.
         match status.parse::<EventStatus>() {
             Ok(status) => {
-                counts.insert(status, count.unsigned_abs());
+                counts.insert(status, estimate(count, events_sample));
             }
             Err(error) => {
                 tracing::warn!(%error, rows = count, table = %sql.events, "{NAME} provider: stats leave out rows with no valid status");
@@ -560,5 +635,10 @@ pub(super) fn counts(
         }
     }
     let letters: i64 = letters.first().map_or(0, |row| row.get(0));
-    Ok((counts, letters.unsigned_abs()))
+    Ok(Counts {
+        by_status: counts,
+        dead_letters: estimate(letters, letters_sample),
+        events_exact: events_sample.is_none(),
+        dead_letters_exact: letters_sample.is_none(),
+    })
 }
