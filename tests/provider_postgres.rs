@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbroker::provider::postgres::{PostgresConfig, PostgresProvider};
+use eventbroker::provider::postgres::{CaptureStatus, PostgresConfig, PostgresProvider};
 use eventbroker::testing::conformance::Scope;
 use eventbroker::{
     Ack, ConsumerGroup, DeadLetter, DeadLetterFilter, Event, EventFilter, EventId, EventSink, EventSource,
@@ -940,6 +940,51 @@ fn event_types(got: &[InboundEvent]) -> Vec<String> {
     got.iter().map(|e| e.event.event_type.to_string()).collect()
 }
 
+/// Capture belongs to the table, not to its name. A table a migration drops and creates again
+/// is not captured, and the status says so, until capture is installed again; a renamed one is
+/// still captured, under its old name, and the status of that name gives the new one, and
+/// removing by the old name removes it; a disabled trigger reads as altered.
+#[test]
+fn capture_status_finds_a_table_dropped_and_created_again_or_renamed() {
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let sql = Sql::connect().expect("connect");
+    let (t, renamed) = (backend.qualified("orders"), backend.qualified("orders_old"));
+    let status = |table: &str| provider.crud_capture_status(table).expect("status");
+    let create = format!("CREATE TABLE {t} (id bigint PRIMARY KEY)");
+    sql.batch(&create).expect("create");
+    assert_eq!(status(&t), CaptureStatus::NotInstalled);
+    provider.install_crud_capture(&t).expect("install");
+    assert_eq!(status(&t), CaptureStatus::Capturing);
+    let source = capture_source(&provider, &format!("{t}.*"));
+
+    sql.batch(&format!("DROP TABLE {t}")).expect("drop");
+    assert_eq!(status(&t), CaptureStatus::NoTable);
+    sql.batch(&create).expect("create again");
+    assert_eq!(status(&t), CaptureStatus::NotInstalled, "the trigger went with the dropped table");
+    sql.batch(&format!("INSERT INTO {t} VALUES (1)")).expect("insert");
+    assert_quiet(&*source, Duration::from_millis(300), "a change to the table created again");
+    provider.install_crud_capture(&t).expect("install again");
+    assert_eq!(status(&t), CaptureStatus::Capturing);
+    sql.batch(&format!("INSERT INTO {t} VALUES (2)")).expect("insert");
+    assert_eq!(event_types(&take(&*source, 1)), [format!("{t}.create")]);
+
+    sql.batch(&format!("ALTER TABLE {t} RENAME TO orders_old")).expect("rename");
+    assert_eq!(status(&t), CaptureStatus::Renamed { now: renamed.clone() });
+    assert_eq!(status(&renamed), CaptureStatus::Altered, "captured under another name");
+    sql.batch(&format!("INSERT INTO {renamed} VALUES (3)")).expect("insert");
+    assert_eq!(event_types(&take(&*source, 1)), [format!("{t}.create")], "named after the old name");
+    assert!(provider.remove_crud_capture(&t).expect("remove by the old name"));
+    assert_eq!(status(&renamed), CaptureStatus::NotInstalled);
+    assert_eq!(status(&t), CaptureStatus::NoTable);
+
+    provider.install_crud_capture(&renamed).expect("install under the new name");
+    sql.batch(&format!("ALTER TABLE {renamed} DISABLE TRIGGER ALL")).expect("disable");
+    assert_eq!(status(&renamed), CaptureStatus::Altered);
+    provider.install_crud_capture(&renamed).expect("install puts it back");
+    assert_eq!(status(&renamed), CaptureStatus::Capturing);
+}
+
 /// A captured row whose JSON the payload rules refuse (a `numeric` too large for an `f64`; a
 /// lone surrogate or nesting past the depth limit do the same) is passed over, logged and counted:
 /// it does not fail every later fetch of every group that wants the table's events. The fetch
@@ -1159,6 +1204,11 @@ fn capture_of_a_partitioned_table_names_the_table() {
     ))
     .expect("create");
     provider.install_crud_capture(&format!("{s}.orders")).expect("install");
+    assert_eq!(
+        provider.crud_capture_status(&format!("{s}.orders")).expect("status"),
+        CaptureStatus::Capturing,
+        "the partitions' copies of the trigger are not captures of their own"
+    );
     let all = capture_source(&provider, &format!("{s}.>"));
     sql.batch(&format!("INSERT INTO {s}.orders VALUES (1, 1)")).expect("insert");
     sql.batch(&format!("UPDATE {s}.orders SET region = 2")).expect("update within a partition");

@@ -69,6 +69,9 @@
 //! ## Beyond the broker
 //! - **CRUD capture**: [`PostgresProvider::install_crud_capture`] makes every `INSERT`, `UPDATE`
 //!   and `DELETE` on a table, by any client, an event `<schema>.<table>.create|update|delete`.
+//!   The trigger belongs to the table, not to its name: a table dropped and created again (a
+//!   migration) is no longer captured, a renamed one still is, under its old name, until capture
+//!   is installed again; [`PostgresProvider::crud_capture_status`] says which.
 //! - **Transactional outbox**: [`Outbox::publish`] stores events in the caller's own
 //!   transaction; they exist, and are delivered, if and only if it commits.
 //!   [`Outbox::publish_blocking`] does the same through the blocking `postgres` client.
@@ -176,6 +179,7 @@ mod schema;
 mod sink;
 mod store;
 
+pub use self::capture::CaptureStatus;
 pub use self::config::PostgresConfig;
 pub use self::outbox::Outbox;
 /// The blocking client over that tokio-postgres, for [`Outbox::publish_blocking`]'s transactions.
@@ -309,8 +313,10 @@ impl PostgresProvider {
     /// `<schema>.<table>.create|update|delete` with the row as its payload (`{"old": …, "new": …}`
     /// for updates) in the same transaction. Installing again replaces the trigger, and leaves one
     /// already in place as it would create it alone, so that calling this at every start of a
-    /// service takes no lock on a busy table; instances installing at once (a service's replicas
-    /// starting together) take turns. Creating or removing a trigger locks the table against its
+    /// service takes no lock on a busy table, and puts capture back on a table a migration dropped
+    /// and created again, or renamed (see [`crud_capture_status`](Self::crud_capture_status) for
+    /// what capture follows, and how to find a table whose capture was lost); instances
+    /// installing at once (a service's replicas starting together) take turns. Creating or removing a trigger locks the table against its
     /// writers, which queue behind the lock while it waits: it waits 1 s at most for a writer's
     /// open transaction, then fails as transient, to be tried again.
     ///
@@ -354,8 +360,43 @@ impl PostgresProvider {
         capture::install(&self.shared, table)
     }
 
-    /// Removes the CRUD capture trigger from `table`; `true` when it was installed, `false` when
-    /// it was not (a table that does not exist included).
+    /// Whether changes to `table` (as [`install_crud_capture`](Self::install_crud_capture) names
+    /// it) are being captured now, and if not, why: capture belongs to the table, not its name,
+    /// and PostgreSQL tells no one when a migration drops the table (and its trigger with it) and
+    /// creates it again, or renames it. One catalog query, no lock on the table.
+    ///
+    /// | what happened to the table | status | its changes |
+    /// |---|---|---|
+    /// | nothing since install | [`Capturing`](CaptureStatus::Capturing) | captured |
+    /// | dropped and created again | [`NotInstalled`](CaptureStatus::NotInstalled) | not captured until installed again |
+    /// | dropped | [`NoTable`](CaptureStatus::NoTable) | — |
+    /// | renamed, or moved to another schema | [`Renamed { now }`](CaptureStatus::Renamed) | captured, named after the old name, until installed under `now` |
+    /// | trigger disabled or changed by hand | [`Altered`](CaptureStatus::Altered) | as the trigger now says |
+    ///
+    /// ```no_run
+    /// # use eventbroker::{PostgresConfig, PostgresProvider};
+    /// use eventbroker::provider::postgres::CaptureStatus;
+    ///
+    /// let provider = PostgresProvider::connect(PostgresConfig::default())?;
+    /// provider.install_crud_capture("public.users")?;
+    /// // Later, say from a health check:
+    /// match provider.crud_capture_status("public.users")? {
+    ///     CaptureStatus::Capturing => {}
+    ///     lost => eprintln!("changes to public.users are not captured as installed: {lost:?}"),
+    /// }
+    /// # Ok::<(), eventbroker::ProviderError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
+    /// identifier or names one of the provider's own tables; a backend failure otherwise.
+    pub fn crud_capture_status(&self, table: &str) -> Result<CaptureStatus, ProviderError> {
+        capture::status(&self.shared, table)
+    }
+
+    /// Removes the CRUD capture trigger from `table`, and from a table renamed from it that still
+    /// captures under its name; `true` when there was one, `false` when there was none (a table
+    /// that does not exist included).
     ///
     /// # Errors
     /// [`InvalidInput`](crate::ProviderErrorKind::InvalidInput) for a name that is not an
