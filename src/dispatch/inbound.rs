@@ -1,15 +1,15 @@
 //! The inbound thread: other instances' events, fetched from the provider's [`Inbound`] source and
 //! placed into the shards like local ones.
 //!
-//! One named thread per broker (`eventbroker-inbound`) loops: push the subscription patterns to
-//! the source when they changed (having ended, once a second while it holds no event, the
-//! subscriptions whose channel's receivers were all dropped), ask for as many events as the shards
-//! have free slots (at most
-//! [`FETCH_MAX`]), wait for them up to [`FETCH_WAIT`], and place each into its partition's shard,
-//! waiting for room there if need be. Nothing is buffered beyond the one batch being placed, so a
-//! slow broker leaves events on the server: backpressure reaches the provider. Each event travels
-//! with its ack token; the worker that handles it settles it, and the writer acknowledges it after
-//! its dead letters (see [`writer`](super::writer)).
+//! One named thread per broker (`eb-in-<instance id>`) loops: push the subscription patterns to the
+//! source when they changed (having ended, once a second while it holds no event, the subscriptions
+//! whose channel's receivers were all dropped), ask for as many events as the shards have free
+//! slots and the broker's prefetch leaves room for (at most [`FETCH_MAX`]), wait for them up to
+//! [`FETCH_WAIT`], and place each into its partition's shard, waiting for room there if need be.
+//! Nothing is buffered beyond the one batch being placed, so a slow broker leaves events on the
+//! server: backpressure reaches the provider. Each event travels with its ack token; the worker
+//! that handles it settles it, and the writer acknowledges it after its dead letters (see
+//! [`writer`](super::writer)).
 //!
 //! A fetch error does not stop anything: local dispatch goes on, and fetching resumes with backoff
 //! (10 ms doubling to 1 s). At shutdown the thread stops fetching first and gives back (`nak`)

@@ -9,6 +9,7 @@
 //! - [`backpressure`]: what a publisher does when its shard is full, and how it is woken.
 //! - [`spent`]: events a worker has finished with, handed back for publishers to reuse.
 //! - [`intake`]: whether the broker accepts work, and the synchronous publishes in flight.
+//! - [`acked`]: acknowledged deliveries, settled by their consumer with `ack` or `fail`.
 //! - [`delivery`]: one handler call for one job, and the bookkeeping of a job's deliveries, shared
 //!   by the workers and the caller-thread paths.
 //! - [`inbound`]: the thread that feeds other instances' events into the shards.

@@ -5,8 +5,10 @@
 //! subscription order, matching through its own [`MatchCache`]. A handler's failure or panic is
 //! contained to its delivery: the delivery waits in the worker's [`DelayQueue`] for its retry and
 //! the worker moves on, so a failing subscriber never stalls the jobs behind it. Status changes,
-//! dead letters and acknowledgements are handed to the provider writer once per turn, not once per
-//! event.
+//! dead letters and acknowledgements go to the provider once per turn, not once per event: status
+//! changes written by the worker itself when the provider takes inline writes (the memory
+//! provider, [`Capabilities::inline_writes`](crate::Capabilities::inline_writes)), everything else
+//! through the provider writer.
 //!
 //! ## Nothing kills a worker
 //! Handler panics are caught per delivery. Anything else that panics on a worker — there is nothing

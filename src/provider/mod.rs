@@ -8,7 +8,7 @@
 //!
 //! | part | trait | who calls it |
 //! |---|---|---|
-//! | the **sink** | [`EventSink`] | the broker's writer thread only, in batches |
+//! | the **sink** | [`EventSink`] | the broker's writer thread, in batches; with [`Capabilities::inline_writes`] (the memory provider), its publishing and worker threads store events and write statuses themselves |
 //! | the **store** | [`EventStore`] | users, through [`Broker::provider`](crate::Broker::provider) or directly |
 //! | the **source** | [`Inbound`], opened by [`Provider::open_inbound`] | the broker's inbound thread, and its writer for acks |
 //!
@@ -124,8 +124,10 @@ pub use self::stream::{EventStream, StreamDelivery, StreamError, StreamHub};
 
 /// The writes a broker's writer thread makes, in batches: the minimum every backend implements.
 ///
-/// Methods are blocking and may be called from any thread, though a broker calls them from its
-/// one writer thread. See the [module docs](self) for ordering, idempotence and retries.
+/// Methods are blocking and may be called from any thread. A broker calls them from its one
+/// writer thread, except for a provider with [`Capabilities::inline_writes`], whose stores and
+/// status updates its publishing and worker threads make themselves. See the
+/// [module docs](self) for ordering, idempotence and retries.
 pub trait EventSink: Send + Sync {
     /// Stores `events`, in slice order.
     ///
