@@ -3,10 +3,12 @@
 //!
 //! Call [`CrudHooks::after_create`] (and its siblings) after the operation succeeded, from the
 //! request handler or repository that performed it. Each call builds the event (type
-//! `schema.entity.operation`, source `database`, the user's id and session, metadata
-//! `user_name`, `user_email`, `user_roles` and `table_name`) and queues it with
-//! [`Broker::try_publish`]. The schema is part of the type: `public.users.create` is matched by
-//! `public.users.*`, `*.users.*` or `public.>`, never by `users.*`.
+//! `schema.entity.operation`, source `database` unless [`CrudHookConfig::source`] says otherwise,
+//! the user's id and session, metadata `user_name`, `user_email`, `user_roles` and `table_name`)
+//! and queues it with [`Broker::try_publish`]. The schema is part of the type:
+//! `public.users.create` is matched by `public.users.*`, `*.users.*` or `public.>`, never by
+//! `users.*`. A schema or entity holding a `.` would add a segment to the type, so it is refused
+//! ([`HookOutcome::Invalid`]).
 //!
 //! - **It never blocks**: whatever the broker's backpressure policy or mode (hooks always publish
 //!   asynchronously), a full broker refuses the event at once.
@@ -197,7 +199,8 @@ pub struct CrudHookStats {
     pub full: u64,
     /// Events refused because the broker was shut down.
     pub closed: u64,
-    /// Events not built (a record that did not serialize, an invalid type).
+    /// Events not built (a record that did not serialize, an invalid type, a schema or entity
+    /// holding a `.`).
     pub invalid: u64,
 }
 

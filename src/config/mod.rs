@@ -4,7 +4,7 @@
 //! ```yaml
 //! event_broker:
 //!   enabled: true
-//!   provider: memory  # memory, redis, nats, database
+//!   provider: memory  # memory, redis, nats, database (or postgres)
 //!   mode: async       # sync, async
 //!   worker_count: 10
 //!   buffer_size: 1000
@@ -61,8 +61,9 @@
 //!   [`Env::from_vars`] replaces the process environment for both (tests, secrets loaded from
 //!   elsewhere), and [`Env::empty`] leaves both out.
 //! - **Errors** name the key and the bad value (`event_broker.mode: expected sync or async, got
-//!   "asnyc"`), and a key nobody reads is an error naming it and the keys that are valid there,
-//!   never silently ignored.
+//!   "asnyc"`), the file it was read from ([`ConfigError::file`]: `invalid configuration in
+//!   /etc/app.yaml: …`), and the variable of an override (`… (from EVENTBROKER_MODE)`); a key
+//!   nobody reads is an error naming it and the keys that are valid there, never silently ignored.
 //! - **Durations** are written as Go writes them: `250ms`, `1s`, `1m30s`, `1.5h` (units `ns`,
 //!   `us`, `ms`, `s`, `m`, `h`, and `d` for days); `0` alone is zero. Limits that may be turned off
 //!   (`max_age`, `status_ttl`) also take `none`.

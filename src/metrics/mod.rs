@@ -22,7 +22,7 @@
 //! | `eventbroker_inbound_lag_seconds` | gauge | | how long before its fetch the oldest event of the last batch from other instances was created (0 when caught up); while fetches fail, plus the time since the last that succeeded |
 //! | `eventbroker_events_rejected_total` | counter | | publishes refused with `Full` |
 //! | `eventbroker_retries_total` | counter | | retries scheduled |
-//! | `eventbroker_handler_failures_total` | counter | | failed handler calls, retries included |
+//! | `eventbroker_handler_failures_total` | counter | | failed delivery attempts, retries included: handler calls that failed or panicked, deliveries a stream's full channel refused, acknowledged deliveries failed, dropped unsettled or not settled in time ([`BrokerStats::handler_failures`](crate::BrokerStats::handler_failures)) |
 //! | `eventbroker_dead_letters_total` | counter | | deliveries dead-lettered |
 //! | `eventbroker_events_unrouted_total` | counter | | events that matched no subscription (they count as `completed` in `events_processed_total` too): a pattern that matches nothing shows here |
 //! | `eventbroker_internal_errors_total` | counter | | panics caught on workers outside any handler |

@@ -515,7 +515,11 @@ pub(super) fn describe(config: &MetricsConfig) {
         "Publishes refused because the broker was full."
     );
     metrics::describe_counter!(name("retries_total"), Unit::Count, "Retries scheduled.");
-    metrics::describe_counter!(name("handler_failures_total"), Unit::Count, "Failed handler calls.");
+    metrics::describe_counter!(
+        name("handler_failures_total"),
+        Unit::Count,
+        "Failed delivery attempts: handler calls, full streams, acknowledged deliveries."
+    );
     metrics::describe_counter!(name("dead_letters_total"), Unit::Count, "Deliveries dead-lettered.");
     metrics::describe_counter!(
         name("events_unrouted_total"),
