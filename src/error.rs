@@ -310,9 +310,8 @@ impl ConfigError {
         Self { key: key.into(), reason: reason.into(), file: None }
     }
 
-    /// The file the configuration was read from ([`Config::from_yaml_file`]), if any.
-    ///
-    /// [`Config::from_yaml_file`]: crate::config::Config::from_yaml_file
+    /// The file the configuration was read from (`Config::from_yaml_file`, feature `yaml`), if
+    /// any.
     pub fn file(&self) -> Option<&str> {
         self.file.as_deref()
     }
