@@ -499,6 +499,7 @@ fn crud_capture_turns_psql_changes_into_events() {
         );
         assert_eq!(e.operation, operation);
         assert_eq!(e.id.as_uuid().get_version_num(), 7, "capture ids are UUID v7");
+        assert_eq!(e.partition(), users, "one table's changes share a shard, in order");
     }
 
     assert!(provider.remove_crud_capture(&users).expect("remove"));

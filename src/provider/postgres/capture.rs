@@ -4,7 +4,9 @@
 //! The trigger function (`<schema>.<table>_capture`, one per provider configuration) inserts an
 //! event with source `database`, type `<schema>.<table>.create|update|delete`, `schema`, `entity`
 //! and `operation` set, status `pending`, a UUID v7 id, `created_at` from the clock (microsecond
-//! precision) and no origin, so every consumer group receives it. The payload is the row as JSON
+//! precision), the partition key `<schema>.<table>` (so a receiving broker handles one table's
+//! changes in the order they were made, as it does the CRUD hooks' events) and no origin, so
+//! every consumer group receives it. The payload is the row as JSON
 //! (`row_to_json`): the new row for `create`, the old row for `delete`, and
 //! `{"old":…,"new":…}` for `update`, as compact as `row_to_json` writes a row (where
 //! `json_build_object` would put spaces around its colons). It then sends one wake-up on the
@@ -108,10 +110,13 @@ fn function_sql(names: &Names) -> String {
                  ELSE row_to_json(OLD)
              END;
          BEGIN
-             INSERT INTO {events} (id, source, \"type\", status, payload, \"schema\", entity, operation, created_at_ns)
+             -- Partitioned by table, as the CRUD hooks' events are: a row's changes are handled
+             -- in the order they were made.
+             INSERT INTO {events} (id, source, \"type\", status, payload, \"schema\", entity, operation,
+                                   created_at_ns, partition_key)
              VALUES ({UUID_V7}, 'database', sch || '.' || tbl || '.' || op, 'pending',
                      body, sch, tbl, op,
-                     (extract(epoch FROM clock_timestamp()) * 1000000000)::bigint);
+                     (extract(epoch FROM clock_timestamp()) * 1000000000)::bigint, sch || '.' || tbl);
              PERFORM pg_notify('{channel}', '');
              RETURN NULL;
          END
