@@ -214,12 +214,10 @@ fn a_filter_keeps_other_types_on_the_server() {
     assert_eq!(specific(&*provider, "filtered_after_fetch"), 0);
 }
 
-/// A live instance's consumer removed under it (`delete_group` run for a group still in use, or an
-/// operator removing it) is made again by its next fetch, after the last message the source saw:
-/// what was stored since arrives, filtered as before, and nothing acknowledged comes back. The
-/// consumer made again takes later filters, and a restart with another claim idle time keeps it.
-#[test]
-fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
+/// A source of fan-out group `a` filtered on `billing.>`, handed and acknowledging one event,
+/// whose consumer is then deleted under it; the backend is kept for its stream's lifetime.
+fn consumer_deleted_after_one_event()
+-> (NatsBackend, Arc<dyn Provider>, Scope, ConsumerGroup, Arc<dyn Inbound>) {
     let backend = NatsBackend::new();
     let provider = backend.connect();
     let scope = Scope::new();
@@ -228,8 +226,17 @@ fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
     let before = scope.event("billing.paid");
     provider.store_batch(&shared(std::slice::from_ref(&before)), None).expect("store");
     assert_eq!(ids(&take_and_ack(&*source, 1)), vec![before.id]);
-
     assert!(provider.delete_group(&group).expect("delete_group"), "the consumer existed");
+    (backend, provider, scope, group, source)
+}
+
+/// A live instance's consumer removed under it (`delete_group` run for a group still in use, or an
+/// operator removing it) is made again by its next fetch, after the last message the source saw:
+/// what was stored since arrives, filtered as before, and nothing acknowledged comes back. The
+/// consumer made again takes later filters, and a restart with another claim idle time keeps it.
+#[test]
+fn a_consumer_deleted_under_a_live_source_is_made_again_where_it_stood() {
+    let (_backend, provider, scope, group, source) = consumer_deleted_after_one_event();
     let since = [scope.event("billing.refund"), scope.event("users.created"), scope.event("billing.paid")];
     provider.store_batch(&shared(&since), None).expect("store while the consumer is gone");
     let got = take_and_ack(&*source, 2);
@@ -327,16 +334,7 @@ fn a_filter_the_server_refuses_for_a_while_passes_over_no_wanted_event() {
 /// with deliver policy `new`, passing over everything stored since the deletion.
 #[test]
 fn a_consumer_deleted_and_then_filtered_is_made_again_where_it_stood() {
-    let backend = NatsBackend::new();
-    let provider = backend.connect();
-    let scope = Scope::new();
-    let group = scope.instance("a");
-    let source = open(&*provider, &scope.name("a"), group.clone(), &[scope.pattern("billing.>")]);
-    let before = scope.event("billing.paid");
-    provider.store_batch(&shared(std::slice::from_ref(&before)), None).expect("store");
-    assert_eq!(ids(&take_and_ack(&*source, 1)), vec![before.id]);
-
-    assert!(provider.delete_group(&group).expect("delete_group"), "the consumer existed");
+    let (_backend, provider, scope, _group, source) = consumer_deleted_after_one_event();
     let gone = [scope.event("billing.refund"), scope.event("users.created")];
     provider.store_batch(&shared(&gone), None).expect("store while the consumer is gone");
     source.set_filter(&[scope.pattern("billing.>"), scope.pattern("users.>")]).expect("set_filter");
