@@ -194,6 +194,48 @@ fn sequence_numbers_are_the_entry_ids() {
     }
 }
 
+/// One replay call looks at no more than 4096 stream entries (16 round trips of 256): a rare
+/// pattern over a long run of other types gets a short page, not the end, whose `next` lies past
+/// the entries it passed over, and paging on reaches the rare event after them.
+#[test]
+fn a_replay_call_looks_at_a_bounded_number_of_entries() {
+    const NOISE: usize = 10_000;
+    let backend = RedisBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let noise: Vec<Event> = (0..NOISE).map(|_| scope.event("noise")).collect();
+    provider.store_batch(&shared(&noise), None).expect("store the noise");
+    let rare = scope.event("rare");
+    provider.store_batch(&shared(std::slice::from_ref(&rare)), None).expect("store the rare one");
+    let seqs: Vec<u64> = stream_ids(&backend)
+        .into_iter()
+        .map(|(entry, _)| {
+            let (ms, n) = entry.split_once('-').expect("ms-n");
+            ms.parse::<u64>().expect("ms") << 20 | n.parse::<u64>().expect("n")
+        })
+        .collect();
+    let pattern = scope.pattern("rare");
+    let first = provider.replay(ReplayFrom::Beginning, Some(&pattern), 10).expect("replay");
+    assert!(first.events.is_empty() && !first.end, "one call read on to the rare event: {first:?}");
+    let next = first.next.expect("a call that looked at entries says where to go on");
+    assert!(next > seqs[0] && next <= seqs[4095] + 1, "looked at more than 4096 entries: next {next}");
+    let (mut from, mut calls, mut found) = (ReplayFrom::Sequence(next), 1, Vec::new());
+    loop {
+        let page = provider.replay(from, Some(&pattern), 10).expect("replay");
+        calls += 1;
+        found.extend(page.events.iter().map(|stored| stored.event.id));
+        from = ReplayFrom::Sequence(page.next.expect("a page that read entries"));
+        if page.end {
+            break;
+        }
+        assert!(calls <= NOISE, "the pages do not move on");
+    }
+    assert_eq!(found, [rare.id]);
+    assert!(calls >= NOISE.div_ceil(4096), "{} entries in {calls} calls", NOISE + 1);
+    let after = provider.replay(from, Some(&pattern), 10).expect("replay after the end");
+    assert!(after.events.is_empty() && after.end, "{after:?}");
+}
+
 /// Entry ids map to sequence numbers only while their sequence part stays below 2²⁰, so the store
 /// script moves to the next millisecond once it reaches 2¹⁹. A foreign entry at a time ahead of
 /// the server's clock, with a sequence part past 2¹⁹, makes the next `XADD *` continue from it.

@@ -165,6 +165,17 @@ pub(super) fn seq_of_entry(entry: &str) -> Option<u64> {
     (n <= SEQ_MASK && ms < (1 << (64 - SEQ_BITS))).then_some(ms << SEQ_BITS | n)
 }
 
+/// The first sequence number after stream entry `entry`: where a replay goes on past it. For an
+/// entry whose `n` is 2²⁰ or more (written by something else, as no entry of the store is), the
+/// next millisecond's first: the entries in between cannot be the store's either. `None` past the
+/// last millisecond a sequence number holds (the year 2527), or for a malformed id.
+pub(super) fn seq_after_entry(entry: &str) -> Option<u64> {
+    let (ms, n) = entry.split_once('-')?;
+    let (ms, n): (u64, u64) = (ms.parse().ok()?, n.parse().ok()?);
+    let (ms, n) = if n < SEQ_MASK { (ms, n + 1) } else { (ms.checked_add(1)?, 0) };
+    (ms < (1 << (64 - SEQ_BITS))).then_some(ms << SEQ_BITS | n)
+}
+
 /// The stream entry id of sequence number `seq`; the inverse of [`seq_of_entry`].
 pub(super) fn entry_of_seq(seq: u64) -> String {
     format!("{}-{}", seq >> SEQ_BITS, seq & SEQ_MASK)
@@ -183,6 +194,14 @@ mod tests {
             assert_eq!(entry_of_seq(*seq), *id);
         }
         assert_eq!(seq_of_entry("0-1"), Some(1));
+        assert_eq!(seq_after_entry("1796060295647-7"), seq_of_entry("1796060295647-8"));
+        assert_eq!(seq_after_entry("5-1048575"), seq_of_entry("6-0"), "n at 2²⁰ - 1");
+        assert_eq!(seq_after_entry("5-2000000"), seq_of_entry("6-0"), "another writer's n past 2²⁰");
+        assert_eq!(seq_after_entry("17592186044415-1048575"), None, "past the last millisecond");
+        assert_eq!(
+            seq_after_entry("17592186044415-7").map(entry_of_seq).as_deref(),
+            Some("17592186044415-8")
+        );
         assert_eq!(seq_of_entry("5-1048576"), None, "n past 2^20 does not fit");
         assert_eq!(seq_of_entry("17592186044416-0"), None, "ms past 2^44 does not fit");
         assert_eq!(seq_of_entry("12"), None);
