@@ -1156,3 +1156,50 @@ fn entries_trimmed_before_a_group_read_them_are_counted_lost() {
         source.close().expect("close");
     }
 }
+
+/// Deleting an event a group has not read yet loses the group nothing: `delete` credits the
+/// group's read counter, so `Inbound::lost` stays 0 when the group reads past the gap, and once
+/// trimming takes entries around a deleted one, only the unread trimmed ones count.
+#[test]
+fn an_entry_deleted_before_a_group_read_it_is_not_counted_lost() {
+    let backend = RedisBackend::with(|c| c.max_len = 10);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let other = ConsumerGroup::Instance(scope.name("other")).key();
+    let store = |n: usize| {
+        let events: Vec<Event> = (0..n).map(|_| scope.event("job")).collect();
+        provider.store_batch(&shared(&events), Some(&other)).expect("store");
+        events
+    };
+    let ids =
+        |events: Vec<InboundEvent>| -> Vec<EventId> { events.into_iter().map(|e| e.event.id).collect() };
+    // A claim scan every 100 ms: each one looks for lost entries once the group read the last.
+    let member = provider
+        .open_inbound(
+            &InboundConfig::new("m1", ConsumerGroup::Shared(scope.name("q")))
+                .with_claim_idle(Duration::from_millis(400)),
+        )
+        .expect("open_inbound");
+    member.set_filter(&[scope.all()]).expect("set_filter");
+    store(3);
+    take_acked(&*member, 3);
+    let behind = store(3);
+    assert!(provider.delete(behind[0].id).expect("delete"), "the next entry the group reads");
+    assert_eq!(ids(take_acked(&*member, 2)), [behind[1].id, behind[2].id]);
+    let looking = Instant::now();
+    while looking.elapsed() < Duration::from_millis(500) {
+        assert!(member.fetch(16, Duration::from_millis(50)).expect("fetch").is_empty());
+    }
+    assert_eq!(member.lost(), 0, "a deleted entry is no loss");
+    // 4 more, the first deleted, then 30, while the group reads nothing: trimming keeps about
+    // the last 10, and the group lost the other 33 it had not read.
+    let ahead = store(4);
+    assert!(provider.delete(ahead[0].id).expect("delete"));
+    let unread: Vec<EventId> = ahead[1..].iter().chain(&store(30)).map(|e| e.id).collect();
+    let held: HashSet<EventId> = stream_ids(&backend).into_iter().map(|(_, id)| id).collect();
+    let kept: Vec<EventId> = unread.iter().copied().filter(|id| held.contains(id)).collect();
+    assert!((10..20).contains(&kept.len()), "trimmed to {} entries", kept.len());
+    assert_eq!(ids(take_acked(&*member, kept.len())), kept, "what the stream still held, in order");
+    assert_eq!(member.lost(), (unread.len() - kept.len()) as u64, "the unread entries trimmed");
+    member.close().expect("close");
+}

@@ -123,9 +123,11 @@
 //! skipped (its own echoes, types its members' filter refuses) count too, their bodies being gone;
 //! nothing is counted while the group's counter is unknown to Redis (a group made before this
 //! counting, by Redis 7.0 at `$` without `ENTRIESREAD`, until it first reads the stream's last
-//! entry) or while the stream holds entries deleted by id past its first; and an entry deleted by
-//! id (`delete`, `XDEL`) that the group had not read counts as lost too, since Redis 7.0's counter
-//! skips it when the group reads past it.
+//! entry) or while the stream holds entries deleted by id past its first; and an entry another
+//! client deletes by id (`XDEL`) before the group read it counts as lost too, since Redis 7.0's
+//! counter skips it when the group reads past it. [`EventStore::delete`] is no loss: its script
+//! credits the entry to every group that had not read it (one `XINFO GROUPS`, and one `XGROUP
+//! SETID … ENTRIESREAD` per such group whose counter Redis knows), so the counter stays exact.
 //!
 //! Entries the group published itself (echo) and entries whose type the member's filter does not
 //! want are acknowledged (`XACK`, for this group only) without being delivered; so are entries that

@@ -420,6 +420,12 @@ return 0
 ";
 
 /// `delete`. ARGV: status key prefix, event id. Returns 1 when the event was stored.
+///
+/// Redis counts the entry in the stream's `entries-added` for good, but a group that had not read
+/// it never reads it now, and its `entries-read` would fall one short once it reads past the gap:
+/// the read script would count the entry lost. Each such group is credited it here, one
+/// `XGROUP SETID … ENTRIESREAD` each (a group whose counter Redis does not know needs none: Redis
+/// sets it from `entries-added` later).
 const DELETE: &str = r"
 local id = ARGV[2]
 local key = prefix .. id
@@ -433,7 +439,19 @@ else
   h = {entry, 'pending', tk}
   redis.call('HDEL', pending, id)
 end
-redis.call('XDEL', stream, h[1])
+if redis.call('XDEL', stream, h[1]) == 1 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local name, last, read
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1]
+      elseif g[i] == 'last-delivered-id' then last = g[i + 1]
+      elseif g[i] == 'entries-read' then read = g[i + 1] end
+    end
+    if type(read) == 'number' and entry_before(last, h[1]) then
+      redis.call('XGROUP', 'SETID', stream, name, last, 'ENTRIESREAD', read + 1)
+    end
+  end
+end
 forget(h[1], h[3], h[2])
 finish()
 return 1
@@ -711,10 +729,11 @@ return n
 /// stream still. Returns the `XREADGROUP` reply (false for none) and the group's lost count.
 ///
 /// Redis keeps, per stream, how many entries were ever added and, per group, how many it read
-/// (`entries-read`, exact while nothing was deleted by id ahead of the group). Two moments tell how
-/// many the group will never read: when its last-delivered id is before the stream's first entry
-/// (the ones before that first entry are `entries-added - length`, while every deletion by id lies
-/// before it too), and when it has read the last entry (`entries-added`). What the counter falls
+/// (`entries-read`, exact while nothing was deleted by id ahead of the group but by `delete`, which
+/// credits the groups). Two moments tell how many the group will never read: when its
+/// last-delivered id is before the stream's first entry (the ones before that first entry are
+/// `entries-added - length`, while every deletion by id lies before it too), and when it has read
+/// the last entry (`entries-added`). What the counter falls
 /// short of then is lost; it is counted and the counter set right (`XGROUP SETID … ENTRIESREAD`),
 /// so the next look counts nothing twice.
 const READ_NEW: &str = r"
