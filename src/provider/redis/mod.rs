@@ -409,10 +409,9 @@ impl Counters {
 }
 
 impl RedisProvider {
-    /// A provider with `config`, as [`NatsProvider::connect`](crate::provider::nats::NatsProvider::connect)
-    /// and [`PostgresProvider::connect`](crate::provider::postgres::PostgresProvider::connect) make
-    /// theirs. The settings are checked now; the connection is made on first use, so Redis need not
-    /// be up yet (see [`RedisProvider::ping`]).
+    /// A provider with `config`, as `NatsProvider::connect` and `PostgresProvider::connect` make
+    /// theirs (features `nats` and `postgres`). The settings are checked now; the connection is
+    /// made on first use, so Redis need not be up yet (see [`RedisProvider::ping`]).
     ///
     /// ```
     /// use eventbroker::{ProviderErrorKind, RedisConfig, RedisProvider};
