@@ -13,6 +13,30 @@ use redis::{
 };
 use serde::Serialize;
 
+/// What the scripts that look at streams and their groups share: a flat `XINFO` reply (field,
+/// value, field, value …) as a table, and the order of entry ids.
+const STREAMS: &str = r"
+local function fields(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+-- Whether stream entry id `a` comes before `b` (`<ms>-<n>`, compared as numbers).
+local function entry_before(a, b)
+  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
+  local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
+  return am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1)))
+end
+-- Group `name` of stream `key`, as fields; nil when there is none.
+local function group_info(key, name)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local f = fields(g)
+    if f['name'] == name then return f end
+  end
+  return nil
+end
+";
+
 /// Helpers every write script starts with: status flags of finished events, server time, counter
 /// deltas (applied once at the end), and the expiry of finished statuses. KEYS[1..5]: stream,
 /// counts, time index, expiry index, pending index.
@@ -108,12 +132,6 @@ local function pending_records(list)
     for j = 1, #got do out[i + j - 1] = got[j] end
   end
   return out
-end
--- Whether stream entry id `a` comes before `b` (`<ms>-<n>`, compared as numbers).
-local function entry_before(a, b)
-  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
-  local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
-  return am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1)))
 end
 -- The time key of expiry member `m`.
 local function expiry_time_key(m)
@@ -441,14 +459,10 @@ else
 end
 if redis.call('XDEL', stream, h[1]) == 1 then
   for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local name, last, read
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1]
-      elseif g[i] == 'last-delivered-id' then last = g[i + 1]
-      elseif g[i] == 'entries-read' then read = g[i + 1] end
-    end
+    local f = fields(g)
+    local last, read = f['last-delivered-id'], f['entries-read']
     if type(read) == 'number' and entry_before(last, h[1]) then
-      redis.call('XGROUP', 'SETID', stream, name, last, 'ENTRIESREAD', read + 1)
+      redis.call('XGROUP', 'SETID', stream, f['name'], last, 'ENTRIESREAD', read + 1)
     end
   end
 end
@@ -646,18 +660,9 @@ return out
 /// that exists is kept as it is. Returns the group's last delivered entry id.
 const CREATE_GROUP: &str = r"
 local start = ARGV[2]
-if start ~= '$' and redis.call('EXISTS', KEYS[1]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[1])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      local a, b = info[i + 1], start
-      local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
-      local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
-      if am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1))) then
-        start = '0'
-      end
-    end
-  end
+if start ~= '$' and redis.call('EXISTS', KEYS[1]) == 1
+    and entry_before(fields(redis.call('XINFO', 'STREAM', KEYS[1]))['last-generated-id'], start) then
+  start = '0'
 end
 -- A group made at the end is told how many entries the stream ever had (Redis 7.0 leaves its read
 -- counter unknown), so `READ_NEW` can count what trimming takes from it before it reads.
@@ -665,24 +670,15 @@ local made
 if start == '$' then
   local added = 0
   if redis.call('EXISTS', KEYS[1]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[1])
-    for i = 1, #info, 2 do
-      if info[i] == 'entries-added' then added = info[i + 1] end
-    end
+    added = fields(redis.call('XINFO', 'STREAM', KEYS[1]))['entries-added']
   end
   made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM', 'ENTRIESREAD', added)
 else
   made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
 end
 if type(made) == 'table' and made.err and string.sub(made.err, 1, 9) ~= 'BUSYGROUP' then return made end
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local name, last
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
-  end
-  if name == ARGV[1] then return last end
-end
-return '0-0'
+local group = group_info(KEYS[1], ARGV[1])
+return group and group['last-delivered-id'] or '0-0'
 ";
 
 /// Sets the idle time of entries this member still owns to ARGV[3] ms, without counting a
@@ -738,35 +734,16 @@ return n
 /// so the next look counts nothing twice.
 const READ_NEW: &str = r"
 local stream, group = KEYS[1], ARGV[1]
-local function before(a, b)
-  local da, db = string.find(a, '-', 1, true), string.find(b, '-', 1, true)
-  local am, bm = tonumber(string.sub(a, 1, da - 1)), tonumber(string.sub(b, 1, db - 1))
-  return am < bm or (am == bm and tonumber(string.sub(a, da + 1)) < tonumber(string.sub(b, db + 1)))
-end
 local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
-if (first and before(ARGV[4], first[1])) or ARGV[5] == '1' then
-  local last, read
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    local name, l, r
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1]
-      elseif g[i] == 'last-delivered-id' then l = g[i + 1]
-      elseif g[i] == 'entries-read' then r = g[i + 1] end
-    end
-    if name == group then last, read = l, r end
-  end
+if (first and entry_before(ARGV[4], first[1])) or ARGV[5] == '1' then
+  local g = group_info(stream, group) or {}
+  local last, read = g['last-delivered-id'], g['entries-read']
   if last and type(read) == 'number' then
-    local added, length, deleted, newest
-    local info = redis.call('XINFO', 'STREAM', stream)
-    for i = 1, #info, 2 do
-      local k = info[i]
-      if k == 'entries-added' then added = info[i + 1]
-      elseif k == 'length' then length = info[i + 1]
-      elseif k == 'max-deleted-entry-id' then deleted = info[i + 1]
-      elseif k == 'last-generated-id' then newest = info[i + 1] end
-    end
+    local info = fields(redis.call('XINFO', 'STREAM', stream))
+    local added, length = info['entries-added'], info['length']
+    local deleted, newest = info['max-deleted-entry-id'], info['last-generated-id']
     local expected
-    if first and before(last, first[1]) and before(deleted, first[1]) then
+    if first and entry_before(last, first[1]) and entry_before(deleted, first[1]) then
       expected = added - length
     elseif last == newest then
       expected = added
@@ -798,13 +775,9 @@ const SWEEP_CONSUMERS: &str = r"
 local min_idle, max, gone = tonumber(ARGV[3]), tonumber(ARGV[4]), 0
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   if gone >= max then break end
-  local name, pending, idle
-  for i = 1, #c, 2 do
-    if c[i] == 'name' then name = c[i + 1]
-    elseif c[i] == 'pending' then pending = c[i + 1]
-    elseif c[i] == 'idle' then idle = c[i + 1] end
-  end
-  if name ~= ARGV[2] and pending == 0 and idle >= min_idle then
+  local f = fields(c)
+  local name = f['name']
+  if name ~= ARGV[2] and f['pending'] == 0 and f['idle'] >= min_idle then
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
     gone = gone + 1
   end
@@ -835,7 +808,8 @@ pub(super) struct Scripts {
 
 impl Scripts {
     pub(super) fn new() -> Self {
-        let with_prelude = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let with_prelude = |body: &str| Script::new(&format!("{STREAMS}{PRELUDE}{body}"));
+        let with_streams = |body: &str| Script::new(&format!("{STREAMS}{body}"));
         let with_record = |body: &str| Script::new(&format!("{RECORD}{body}"));
         Self {
             store: with_prelude(STORE),
@@ -851,10 +825,10 @@ impl Scripts {
             claim_own: Script::new(&format!("{NAKS}{CLAIM_OWN}")),
             claim_abandoned: Script::new(&format!("{NAKS}{CLAIM_ABANDONED}")),
             touch: Script::new(TOUCH),
-            create_group: Script::new(CREATE_GROUP),
+            create_group: with_streams(CREATE_GROUP),
             delete_consumer: Script::new(DELETE_CONSUMER),
-            read_new: Script::new(READ_NEW),
-            sweep_consumers: Script::new(SWEEP_CONSUMERS),
+            read_new: with_streams(READ_NEW),
+            sweep_consumers: with_streams(SWEEP_CONSUMERS),
         }
     }
 }
