@@ -21,6 +21,19 @@ fn a_broker_built_before_the_recorder_counts_every_event_after_it_finds_one() {
     };
     let broker = Broker::builder().workers(1).metrics(config).build().unwrap();
     broker.subscribe_infallible("late.>", |_| {}).unwrap();
+    // A broker whose reporter looks only once an hour: it finds the recorder at shutdown, and
+    // still makes its final report there.
+    let hourly = MetricsConfig {
+        namespace: Some("hourly".into()),
+        report_interval: Duration::from_secs(3600),
+        ..MetricsConfig::default()
+    };
+    let quiet = Broker::builder().workers(1).metrics(hourly).build().unwrap();
+    quiet.subscribe_infallible("hourly.>", |_| {}).unwrap();
+    for _ in 0..3 {
+        quiet.publish(event("hourly.tick")).unwrap();
+    }
+    quiet.drain(WAIT).unwrap();
     for _ in 0..5 {
         broker.publish(event("late.before")).unwrap();
     }
@@ -52,4 +65,9 @@ fn a_broker_built_before_the_recorder_counts_every_event_after_it_finds_one() {
         None
     );
     assert!(broker.shutdown(WAIT).is_clean());
+
+    assert!(quiet.shutdown(WAIT).is_clean());
+    let body = handle.render();
+    assert_eq!(prometheus_value(&body, "hourly_eventbroker_workers_active", &[]), Some(0.0), "{body}");
+    assert_eq!(prometheus_value(&body, "hourly_eventbroker_queue_size", &[]), Some(0.0), "{body}");
 }

@@ -74,8 +74,18 @@ impl EngineMetrics {
             match stop.recv_timeout(self.config.report_interval) {
                 Err(RecvTimeoutError::Timeout) => {}
                 Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                    if let (Some(handles), Some((stats, closed))) = (&mut handles, source()) {
-                        handles.report(self.next_epoch(), &stats, closed, self.take_folded());
+                    // Looked for again: a recorder installed since the last report (its interval
+                    // can be long) still gets the final one.
+                    if (handles.is_some() || recorder_installed())
+                        && let Some((stats, closed)) = source()
+                    {
+                        let epoch = self.next_epoch();
+                        handles.get_or_insert_with(|| EngineHandles::new(&self.config, epoch)).report(
+                            epoch,
+                            &stats,
+                            closed,
+                            self.take_folded(),
+                        );
                     }
                     return;
                 }
