@@ -151,12 +151,12 @@ pub struct InboundStats {
     pub invalid: u64,
     /// Fetched events given back at shutdown, unplaced.
     pub returned: u64,
-    /// Events this broker's group lost before any member was handed them (see
-    /// [`Inbound::lost`]): with the memory provider's bus, those its log dropped at the bound
-    /// while the group lagged behind; with Redis, those trimmed from the stream before the group
-    /// read them; 0 for backends that do not count them. A broker fetches
-    /// nothing while it has no subscription, so one that only publishes counts, past the bound,
-    /// what the others publish: it would have received them had it subscribed then.
+    /// Events this broker's group lost before any member was handed them (see [`Inbound::lost`]):
+    /// with the memory provider's bus, those its log dropped at the bound while the group lagged
+    /// behind; with Redis, those trimmed from the stream before the group read them; 0 for backends
+    /// that do not count them. A broker fetches nothing while it has no subscription, so one that
+    /// only publishes counts, past the bound, what the others publish: it would have received them
+    /// had it subscribed then.
     pub lost: u64,
     /// How long before its fetch the oldest event of the last non-empty fetch was created (by its
     /// publisher's clock); zero after a fetch that found nothing, when this instance has caught
