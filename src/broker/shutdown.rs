@@ -4,10 +4,9 @@
 //! unplaced goes back to the group; in a work queue it goes on extending the claims of what the
 //! shards hold until the workers are done), then intake closes and the rings drain through the
 //! workers (retries due before the deadline run; later ones are dead-lettered, or given back when
-//! inbound), then the writer writes
-//! every store, status, dead letter and acknowledgement, then the inbound source and the provider
-//! close. Each wait is bounded by the one deadline; a provider that hangs is left behind on a
-//! thread of its own and reported, never waited for past the deadline.
+//! inbound), then the writer writes every store, status, dead letter and acknowledgement, then the
+//! inbound source and the provider close. Each wait is bounded by the one deadline; a provider that
+//! hangs is left behind on a thread of its own and reported, never waited for past the deadline.
 //!
 //! Called from one of the broker's own workers (a handler calling `shutdown`, or dropping the last
 //! handle), or from a handler that a synchronous publish or a redrive runs on the caller's thread,

@@ -71,11 +71,10 @@
 //! Keep the idle timeout longer than `report_interval`.
 //!
 //! ## Brokers in one process
-//! The metrics of brokers with the same names and labels are the same series: their counters add
-//! up (the process' total), and their gauges overwrite each other, each reading whichever broker
-//! reported last (one shut down sets `workers_active` to 0 under a running one). Give each broker
-//! a label of its own
-//! ([`MetricsConfig::labels`], added to every metric) or a namespace of its own:
+//! The metrics of brokers with the same names and labels are the same series: their counters add up
+//! (the process' total), and their gauges overwrite each other, each reading whichever broker
+//! reported last (one shut down sets `workers_active` to 0 under a running one). Give each broker a
+//! label of its own ([`MetricsConfig::labels`], added to every metric) or a namespace of its own:
 //!
 //! ```
 //! use eventbroker::metrics::MetricsConfig;

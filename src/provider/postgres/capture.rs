@@ -5,13 +5,12 @@
 //! event with source `database`, type `<schema>.<table>.create|update|delete`, `schema`, `entity`
 //! and `operation` set, status `pending`, a UUID v7 id, `created_at` from the clock (microsecond
 //! precision), the partition key `<schema>.<table>` (so a receiving broker handles one table's
-//! changes in the order they were made, as it does the CRUD hooks' events) and no origin, so
-//! every consumer group receives it. The payload is the row as JSON
-//! (`row_to_json`): the new row for `create`, the old row for `delete`, and
-//! `{"old":…,"new":…}` for `update`, as compact as `row_to_json` writes a row (where
-//! `json_build_object` would put spaces around its colons). It then sends one wake-up on the
-//! channel, which PostgreSQL folds to one per transaction however many rows change. The event is
-//! stored if and only if the change commits.
+//! changes in the order they were made, as it does the CRUD hooks' events) and no origin, so every
+//! consumer group receives it. The payload is the row as JSON (`row_to_json`): the new row for
+//! `create`, the old row for `delete`, and `{"old":…,"new":…}` for `update`, as compact as
+//! `row_to_json` writes a row (where `json_build_object` would put spaces around its colons). It
+//! then sends one wake-up on the channel, which PostgreSQL folds to one per transaction however
+//! many rows change. The event is stored if and only if the change commits.
 //!
 //! ## Locks
 //! Creating or dropping a trigger locks the table against every writer, and while that lock waits

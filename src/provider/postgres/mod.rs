@@ -97,10 +97,10 @@
 //! enforced on both sides: the call returns and the server cancels the statement; the server also
 //! ends a provider session left idle inside a transaction that long, so a provider stalled
 //! mid-transaction releases its locks. A connection an operation leaves mid-way (an error, a
-//! timeout) is closed, never reused. While the server is
-//! unreachable calls fail with [`Unavailable`](crate::ProviderErrorKind::Unavailable) (the
-//! transient kind the broker's writer retries), reconnection attempts backing off from 50 ms to 2 s.
-//! Errors name the table and carry PostgreSQL's SQLSTATE.
+//! timeout) is closed, never reused. While the server is unreachable calls fail with
+//! [`Unavailable`](crate::ProviderErrorKind::Unavailable) (the transient kind the broker's writer
+//! retries), reconnection attempts backing off from 50 ms to 2 s. Errors name the table and carry
+//! PostgreSQL's SQLSTATE.
 //!
 //! ## Measured
 //! `cargo bench --features postgres --bench provider_postgres`, PostgreSQL 15 on the same 2-vCPU

@@ -154,12 +154,12 @@
 //! it something, so a live member with nothing to do may be removed too; it held nothing, loses
 //! nothing, and its next read adds it again. A consumer holding entries is never removed.
 //!
-//! A fetch that fails after Redis may have moved entries into the member's
-//! pending list (a read whose reply was lost) makes the next fetch hand out the ones the member
-//! neither holds nor gave back. A group that vanished (its stream deleted, or a Redis restarted
-//! without persistence) is created again after the last entry the member read, so what other
-//! instances stored since (their writers retry their batches as soon as Redis answers) still
-//! reaches it; on a stream that never reached that entry, from the stream's beginning.
+//! A fetch that fails after Redis may have moved entries into the member's pending list (a read
+//! whose reply was lost) makes the next fetch hand out the ones the member neither holds nor gave
+//! back. A group that vanished (its stream deleted, or a Redis restarted without persistence) is
+//! created again after the last entry the member read, so what other instances stored since (their
+//! writers retry their batches as soon as Redis answers) still reaches it; on a stream that never
+//! reached that entry, from the stream's beginning.
 //!
 //! The stream carries every group's events, so a member reads, and acknowledges unseen, the events
 //! its own group published (echoes) and those its filter does not want

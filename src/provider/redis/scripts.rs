@@ -729,9 +729,8 @@ return n
 /// credits the groups). Two moments tell how many the group will never read: when its
 /// last-delivered id is before the stream's first entry (the ones before that first entry are
 /// `entries-added - length`, while every deletion by id lies before it too), and when it has read
-/// the last entry (`entries-added`). What the counter falls
-/// short of then is lost; it is counted and the counter set right (`XGROUP SETID … ENTRIESREAD`),
-/// so the next look counts nothing twice.
+/// the last entry (`entries-added`). What the counter falls short of then is lost; it is counted
+/// and the counter set right (`XGROUP SETID … ENTRIESREAD`), so the next look counts nothing twice.
 const READ_NEW: &str = r"
 local stream, group = KEYS[1], ARGV[1]
 local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
