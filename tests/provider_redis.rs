@@ -1203,3 +1203,42 @@ fn an_entry_deleted_before_a_group_read_it_is_not_counted_lost() {
     assert_eq!(member.lost(), (unread.len() - kept.len()) as u64, "the unread entries trimmed");
     member.close().expect("close");
 }
+
+/// A replay from a late time over a long stream starts where the events created since are,
+/// found from the time index, rather than reading the stream from its first entry (4096 entries a
+/// call, so 5 calls of empty pages here, hundreds over a production stream): one call returns
+/// them all, an event stored earlier than the others but created after the time included.
+#[test]
+fn a_replay_from_a_late_time_starts_where_the_time_is() {
+    let backend = RedisBackend::with(|c| c.max_len = 0);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let base = jiff::Timestamp::now();
+    let at = |i: u64| base + Duration::from_millis(i);
+    let mut events: Vec<Event> = (0..20_000)
+        .map(|i| {
+            let mut event = scope.event("tick");
+            event.created_at = at(i);
+            event
+        })
+        .collect();
+    // Stored at position 19 000 but created after the replay's time: out of creation order.
+    events[19_000].created_at = at(19_950) + Duration::from_nanos(1);
+    for batch in events.chunks(1000) {
+        provider.store_batch(&shared(batch), None).expect("store");
+    }
+    let from = at(19_900);
+    let page = provider.replay(ReplayFrom::Time(from), None, 500).expect("replay");
+    let got: Vec<EventId> = page.events.iter().map(|e| e.event.id).collect();
+    let want: Vec<EventId> = events.iter().filter(|e| e.created_at >= from).map(|e| e.id).collect();
+    assert_eq!(want.len(), 101);
+    assert_eq!(got, want, "every event created since, in stream order, in one call");
+    assert!(page.end, "the stream's end, in the same call");
+    // Nothing created since: one call, ending past the last entry.
+    let later = provider.replay(ReplayFrom::Time(at(30_000)), None, 500).expect("replay");
+    assert!(later.events.is_empty() && later.end);
+    let last = stream_ids(&backend).last().map(|(entry, _)| entry.clone()).expect("entries");
+    let (ms, n) = last.split_once('-').expect("an entry id");
+    let after = (ms.parse::<u64>().expect("ms") << 20) | (n.parse::<u64>().expect("n") + 1);
+    assert_eq!(later.next, Some(after), "a later replay goes on past the last entry");
+}

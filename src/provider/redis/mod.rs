@@ -81,13 +81,25 @@
 //! (the record, from the event's hash or `P:pending`, then the entry). `list` walks `P:time` in
 //! pages of 256 from the filter's `start_time` to its `end_time` (`[start, end)`), applies every
 //! other filter, then the offset and the limit: O(events in the time window). `replay` walks the stream in pages of 256 from the
-//! requested entry (`ReplayFrom::Time` from the beginning), reading each entry's record, and looks
+//! requested entry, reading each entry's record, and looks
 //! at no more than 4096 entries a call (16 round trips, about 60 ms on a loopback server), nor
 //! starts a round trip once half of [`RedisConfig::timeout`] is gone. A page that passes over
 //! entries it does not return (other types, events deleted or expired, other writers' entries) may
 //! then hold fewer events than asked for, or none, with `end` false and `next` past the last entry
 //! it looked at: a rare pattern over hundreds of thousands of entries (14 µs each, so about
 //! 350 000 fill the 5 s default timeout) moves on call by call instead of failing at one place.
+//!
+//! **A replay from a time** starts at the earliest entry that can hold an event created at or
+//! after it, found without reading the stream (one script call: a `BYLEX` range of `P:time` and
+//! each event's record): exact, with no clock involved, while at most 4096 stored events were
+//! created since (the earliest of their entries; the stream's last entry when there is none, so
+//! the call ends at once). Beyond 4096, an event not read may sit earlier in the stream (created
+//! out of order), and the start is also no later than entry `<t − 60 s>-0`: the rule is that a
+//! publisher's clock (`created_at`) runs at most 60 s ahead of Redis' (entry ids are Redis' clock
+//! at `XADD`, never going back, and an event is stored after it is created). An event created more
+//! than 60 s ahead of Redis' clock, or re-stored with a `created_at` over 60 s past its entry, can
+//! be missed then, and only then; the scan passes over the 60 s of entries before `t` (60 000 at
+//! 1 000 events/s, 15 calls of empty pages).
 //!
 //! **Sequence numbers** are stream entry ids packed into a `u64`: entry `ms-n` is
 //! `ms << 20 | n`. Entry ids strictly increase, so these do too, and the mapping is exact while `n`
@@ -194,6 +206,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use jiff::Timestamp;
 use redis::Value;
 
 use self::conn::{Dialer, Pool};
@@ -229,6 +242,13 @@ const PAGE: usize = 256;
 /// 350 000 would outlast the 5 s default timeout); a page that passes over a long run of entries
 /// it does not return ends far within it.
 const REPLAY_LOOK_MAX: usize = 16 * PAGE;
+/// Most time keys a replay from a time reads to find where in the stream it starts: as many as one
+/// call's entries ([`REPLAY_LOOK_MAX`]), one script call of a few milliseconds.
+const REPLAY_START_KEYS: usize = REPLAY_LOOK_MAX;
+/// How far a publisher's clock (an event's `created_at`) may run ahead of Redis' (its entry id) for
+/// a replay from a time to find the event when more than [`REPLAY_START_KEYS`] events were created
+/// since that time: the scan then starts this long before it (60 s, in ms).
+const PUBLISHER_AHEAD_MAX_MS: i64 = 60_000;
 /// Longest status TTL: 2⁵³ ms, the integers a script's numbers hold exactly (and far below what
 /// `PEXPIRE` refuses).
 const MAX_STATUS_TTL_MS: u128 = 1 << 53;
@@ -614,7 +634,7 @@ impl RedisProvider {
         let (mut start, not_before) = match from {
             ReplayFrom::Beginning | ReplayFrom::Sequence(0) => ("-".to_owned(), None),
             ReplayFrom::Sequence(seq) => (entry_of_seq(seq), None),
-            ReplayFrom::Time(at) => ("-".to_owned(), Some(at)),
+            ReplayFrom::Time(at) => (self.replay_start(at)?, Some(at)),
         };
         // Each round trip is bounded by the socket timeout; this bounds how many start.
         let read_until = crate::deadline::from_now(shared.config.timeout / 2);
@@ -660,6 +680,28 @@ impl RedisProvider {
             }
             start = format!("({last}");
         }
+    }
+}
+
+impl RedisProvider {
+    /// Where a replay from `at` starts reading the stream (an XRANGE start): no later than the
+    /// entry of any event created at or after `at`. Exact, from the time index, while at most
+    /// [`REPLAY_START_KEYS`] stored events were created since; beyond that no later than
+    /// [`PUBLISHER_AHEAD_MAX_MS`] before `at` by the entry ids' clock too.
+    fn replay_start(&self, at: Timestamp) -> Result<String, ProviderError> {
+        let shared = &*self.shared;
+        let keys = &shared.keys;
+        // An entry id is Redis' clock at its `XADD` (or later: ids never go back), so an event
+        // created at `at` by a publisher at most `PUBLISHER_AHEAD_MAX_MS` ahead of Redis sits at or
+        // after this millisecond. Before the epoch, the stream's first entry.
+        let bound = at.as_millisecond().saturating_sub(PUBLISHER_AHEAD_MAX_MS).max(0);
+        let mut call = Call::new(&shared.scripts.replay_start, &[&keys.time, &keys.stream, &keys.pending]);
+        call.arg(&keys.status).arg(lex_from(Some(at))).arg(REPLAY_START_KEYS).arg(format_args!("{bound}-0"));
+        let value: Value = shared.pool.run("replay", &keys.time, |conn| call.invoke(conn))?;
+        let start = reply::string(value)
+            .ok_or_else(|| shared.malformed("replay", &Malformed::new("the start is not an entry id")))?;
+        // The start is inclusive: the entry found is one to return.
+        Ok(start)
     }
 }
 

@@ -546,6 +546,28 @@ end
 return out
 ";
 
+/// Where a replay from a time starts: the earliest stream entry that holds an event created at or
+/// after it, found from the time index rather than by reading the stream. KEYS: time index, stream,
+/// pending index; ARGV: status key prefix, BYLEX start of the time, most time keys to read, and the
+/// entry id to start at no later than when there are more (the clock rule, see `replay_page`).
+/// Returns an XRANGE start: the earliest entry of the events found; the stream's last entry when
+/// none was created since (the scan then ends at once, past it); `-` for an empty stream.
+const REPLAY_START: &str = r"
+local keys = redis.call('ZRANGE', KEYS[1], ARGV[2], '+', 'BYLEX', 'LIMIT', 0, ARGV[3])
+local start = nil
+for _, tk in ipairs(keys) do
+  local h = record(ARGV[1], KEYS[3], string.sub(tk, 23))
+  -- An event whose status expired (not yet purged) has no record, and no replay returns it.
+  local entry = h and entry_of(h)
+  if entry and (not start or entry_before(entry, start)) then start = entry end
+end
+-- More events than were read: one not read may sit earlier in the stream (created out of order).
+if #keys == tonumber(ARGV[3]) and (not start or entry_before(ARGV[4], start)) then start = ARGV[4] end
+if start then return start end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
+return last and last[1] or '-'
+";
+
 /// `store_dead_letters`. KEYS: letters, order index, counts; ARGV: most kept, then per letter: id,
 /// order key, JSON. A letter is stored as `<order key> <JSON>`.
 const DEAD_STORE: &str = r"
@@ -793,6 +815,7 @@ pub(super) struct Scripts {
     pub(super) get: Script,
     pub(super) list_page: Script,
     pub(super) replay_page: Script,
+    pub(super) replay_start: Script,
     pub(super) dead_store: Script,
     pub(super) dead_delete: Script,
     pub(super) dead_page: Script,
@@ -818,6 +841,7 @@ impl Scripts {
             get: with_record(GET),
             list_page: with_record(LIST_PAGE),
             replay_page: with_record(REPLAY_PAGE),
+            replay_start: Script::new(&format!("{STREAMS}{RECORD}{REPLAY_START}")),
             dead_store: Script::new(DEAD_STORE),
             dead_delete: Script::new(DEAD_DELETE),
             dead_page: Script::new(DEAD_PAGE),
