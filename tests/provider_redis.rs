@@ -1242,3 +1242,34 @@ fn a_replay_from_a_late_time_starts_where_the_time_is() {
     let after = (ms.parse::<u64>().expect("ms") << 20) | (n.parse::<u64>().expect("n") + 1);
     assert_eq!(later.next, Some(after), "a later replay goes on past the last entry");
 }
+
+/// Deleted events' names stay in the order list until trimming reaches them, and count towards
+/// nothing: a store trims the stream to `max_len` exactly (with `max_len` 10 there is no slack),
+/// taking further names when some it took were deleted. (A deleted name at the list's head is
+/// dropped before trimming, as one older than the stream's first entry; one behind a live name
+/// was counted as trimmed, and the stream kept 11.)
+#[test]
+fn trimming_after_deletes_keeps_max_len_exactly() {
+    let backend = RedisBackend::with(|c| c.max_len = 10);
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let store = |n: usize| {
+        let events: Vec<Event> = (0..n).map(|_| scope.event("job")).collect();
+        provider.store_batch(&shared(&events), None).expect("store");
+        events
+    };
+    let len = || -> usize { redis::cmd("XLEN").arg(backend.stream()).query(&mut raw()).expect("XLEN") };
+    let stored = store(20);
+    assert_eq!(len(), 10, "the last 10 of 20");
+    // The second and third oldest kept.
+    for event in &stored[11..13] {
+        assert!(provider.delete(event.id).expect("delete"));
+    }
+    store(4);
+    assert_eq!(len(), 10, "8 + 4, trimmed past the deleted names");
+    for n in 0..5 {
+        store(1);
+        assert_eq!(len(), 10, "after store {n}");
+    }
+    assert_eq!(provider.stats().expect("stats").total_events, 10, "counts stay exact");
+}

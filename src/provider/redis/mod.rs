@@ -73,7 +73,9 @@
 //!   removed from the head of the stream (the seed's `XADD … MAXLEN ~`, shorter than `max_len`)
 //!   take their events with them at the next store, counted as trimmed; with `max_len` 0 there
 //!   is no list, and such events stay counted. A deleted event's name stays in the list until
-//!   trimming reaches it. A consumer group more than `max_len` entries behind loses the trimmed
+//!   trimming reaches it, and removes nothing: trimming takes further names until the stream is
+//!   back at `max_len` plus slack, reading at most 2048 names a call (more deleted names among the
+//!   oldest than that leave the stream longer until the next stores). A consumer group more than `max_len` entries behind loses the trimmed
 //!   ones, counted by [`Inbound::lost`] (see Inbound delivery).
 //!
 //! ## Reads

@@ -339,14 +339,27 @@ if max_len > 0 then
   local excess = redis.call('XLEN', stream) - max_len
   if excess > slack then
     local n = math.min(excess, chunk)
-    local old_entries, old_ids, cut, named_path = {}, {}, nil, false
+    local old_entries, old_ids, cut = {}, {}, nil
     local head_entry = head and (halves(head))
     if head and first and not entry_before(first[1], head_entry) then
-      -- The list names the oldest entries (and perhaps some already deleted).
-      local named = redis.call('LRANGE', order, 0, n - 1)
-      for j, o in ipairs(named) do old_entries[j], old_ids[j] = halves(o) end
-      redis.call('LTRIM', order, #named, -1)
-      named_path = true
+      -- The list names the oldest entries, and perhaps some already deleted: those take nothing
+      -- from the stream, so names are taken until `n` entries went (at most 2 × chunk names, a
+      -- bound on the call; more deleted names than that leave the rest to the next store).
+      local removed, taken = 0, 0
+      while removed < n and taken < 2 * chunk do
+        local named = redis.call('LRANGE', order, 0, math.min(n - removed, 2 * chunk - taken) - 1)
+        if #named == 0 then break end
+        local entries, ids = {}, {}
+        for j, o in ipairs(named) do entries[j], ids[j] = halves(o) end
+        redis.call('LTRIM', order, #named, -1)
+        taken = taken + #named
+        forget_entries(entries, ids)
+        -- Exactly the entries named: others among them (written by a provider that keeps the
+        -- whole stream, `max_len` 0) are left for a later call to read, once they are the oldest.
+        for k = 1, #entries, 1000 do
+          removed = removed + redis.call('XDEL', stream, unpack(entries, k, math.min(k + 999, #entries)))
+        end
+      end
     else
       -- Entries older than any the list names: read them from the stream.
       local upto = head and ('(' .. head_entry) or '+'
@@ -362,11 +375,7 @@ if max_len > 0 then
       end
     end
     forget_entries(old_entries, old_ids)
-    if named_path then
-      -- Exactly the entries named: others among them (written by a provider that keeps the whole
-      -- stream, `max_len` 0) are left for a later call to read, once they are the oldest.
-      each_chunk('XDEL', stream, old_entries)
-    elseif cut then
+    if cut then
       -- Everything up to and including `cut` goes: every entry read.
       local dash = string.find(cut, '-', 1, true)
       local min_id = string.sub(cut, 1, dash - 1) .. '-' ..
