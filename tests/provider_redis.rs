@@ -1075,6 +1075,8 @@ fn members_sweep_away_consumers_that_are_gone() {
 #[test]
 fn a_nak_longer_than_the_claim_idle_time_holds_for_every_member() {
     const DELAY: Duration = Duration::from_millis(1200);
+    // Redis keeps the due time in whole milliseconds of its clock.
+    const EARLIEST: Duration = DELAY.saturating_sub(Duration::from_millis(2));
     let backend = RedisBackend::new();
     let provider = backend.provider();
     let scope = Scope::new();
@@ -1096,11 +1098,12 @@ fn a_nak_longer_than_the_claim_idle_time_holds_for_every_member() {
     let second = provider.open_inbound(&config("m2", &queue)).expect("open_inbound");
     provider.store_batch(&[Arc::new(scope.event("job"))], None).expect("store");
     let held = fetch_one(&*first);
-    first.nak(&[held.token], DELAY).expect("nak");
+    // Stamped before the nak: Redis stamps it on arrival, to its clock's millisecond.
     let naked = Instant::now();
+    first.nak(&[held.token], DELAY).expect("nak");
     // Only the other member fetches: its claim scans run every 25 ms.
     let again = fetch_one(&*second);
-    assert!(naked.elapsed() >= DELAY, "taken over {:?} after a nak of {DELAY:?}", naked.elapsed());
+    assert!(naked.elapsed() >= EARLIEST, "taken over {:?} after a nak of {DELAY:?}", naked.elapsed());
     assert_eq!((again.event.id, again.deliveries), (held.event.id, 2));
     second.ack(&[Ack::handled(again.token)]).expect("ack");
     for source in [first, second] {
@@ -1111,12 +1114,12 @@ fn a_nak_longer_than_the_claim_idle_time_holds_for_every_member() {
     let instance = provider.open_inbound(&config("a", &group)).expect("open_inbound");
     provider.store_batch(&[Arc::new(scope.event("job"))], None).expect("store");
     let held = fetch_one(&*instance);
-    instance.nak(&[held.token], DELAY).expect("nak");
     let naked = Instant::now();
+    instance.nak(&[held.token], DELAY).expect("nak");
     instance.close().expect("close");
     let next = provider.open_inbound(&config("a", &group)).expect("open_inbound");
     let again = fetch_one(&*next);
-    assert!(naked.elapsed() >= DELAY, "redelivered {:?} after a nak of {DELAY:?}", naked.elapsed());
+    assert!(naked.elapsed() >= EARLIEST, "redelivered {:?} after a nak of {DELAY:?}", naked.elapsed());
     assert_eq!(again.event.id, held.event.id);
     next.ack(&[Ack::handled(again.token)]).expect("ack");
     next.close().expect("close");
