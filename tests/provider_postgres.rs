@@ -15,7 +15,7 @@ use eventbroker::provider::postgres::{CaptureStatus, PostgresConfig, PostgresPro
 use eventbroker::testing::conformance::Scope;
 use eventbroker::{
     Ack, ConsumerGroup, DeadLetter, DeadLetterFilter, Event, EventFilter, EventId, EventSink, EventSource,
-    EventStatus, EventStore, Inbound, InboundConfig, InboundEvent, MemoryProvider, Provider,
+    EventStatus, EventStore, Inbound, InboundConfig, InboundEvent, MemoryProvider, Pattern, Provider,
     ProviderErrorKind, ProviderExt, ReplayFrom, StatusUpdate, SubscriptionId,
 };
 use jiff::{SignedDuration, Timestamp};
@@ -447,6 +447,120 @@ fn a_replay_moves_on_past_any_run_of_unreadable_rows_in_bounded_calls() {
     assert_eq!(paged, [first.id, last.id]);
 }
 
+/// Replays `pattern` from the beginning in pages of `page_size`, each call within `bound`: the
+/// `seq`s returned, in order, and the sizes of the pages before the one that ended history.
+fn replay_seqs(
+    provider: &PostgresProvider,
+    pattern: &Pattern,
+    page_size: usize,
+    bound: Duration,
+) -> (Vec<i64>, Vec<usize>) {
+    let (mut from, mut seen, mut sizes) = (ReplayFrom::Beginning, Vec::new(), Vec::new());
+    loop {
+        assert!(sizes.len() < 1_000, "paging must end; {} events seen", seen.len());
+        let started = Instant::now();
+        let page = provider.replay(from, Some(pattern), page_size).expect("no call times out");
+        let took = started.elapsed();
+        assert!(took < bound, "a call took {took:?}");
+        seen.extend(page.events.iter().map(|stored| i64::try_from(stored.seq).expect("a seq")));
+        if page.end {
+            return (seen, sizes);
+        }
+        sizes.push(page.events.len());
+        from = ReplayFrom::Sequence(page.next.expect("a page that is not the end read rows"));
+    }
+}
+
+/// 200 000 rows, one in 1 000 of a sparse type and one in 2 of a dense one: every replay call
+/// returns within a bound, a dense pattern fills every page before the last, and the pages
+/// together hold exactly the matching rows, in order, the end coming only after the last.
+#[test]
+fn a_replay_with_a_pattern_over_a_long_table_returns_every_match_in_bounded_calls() {
+    const ROWS: i64 = 200_000;
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let (sparse, dense) = (scope.pattern("sparse.hit"), scope.pattern("dense.hit"));
+    let events = backend.qualified("events");
+    let sql = Sql::connect().expect("connect");
+    sql.batch(&format!(
+        "INSERT INTO {events} (id, source, \"type\", status, created_at_ns)
+         SELECT gen_random_uuid(), 'system',
+                CASE WHEN g % 1000 = 0 THEN '{sparse}' WHEN g % 2 = 1 THEN '{dense}' ELSE 'filler.tick' END,
+                'pending', g
+         FROM generate_series(1, {ROWS}) AS g;
+         ANALYZE {events}",
+        sparse = sparse.as_str(),
+        dense = dense.as_str(),
+    ))
+    .expect("insert");
+    let matching = |pattern: &Pattern| {
+        let query = format!("SELECT seq FROM {events} WHERE \"type\" = $1 ORDER BY seq");
+        sql.numbers(&query, &[&pattern.as_str()]).expect("matching rows")
+    };
+    let bound = Duration::from_secs(2);
+
+    let (seen, _) = replay_seqs(&provider, &sparse, 100, bound);
+    assert_eq!(seen, matching(&sparse), "the sparse pattern's rows, once each, in order");
+
+    let (seen, sizes) = replay_seqs(&provider, &dense, 5_000, bound);
+    assert_eq!(seen, matching(&dense), "the dense pattern's rows, once each, in order");
+    assert!(sizes.iter().all(|&size| size == 5_000), "a dense pattern fills its pages: {sizes:?}");
+}
+
+/// Rows of the events table the server read since it was created, by any scan, as its statistics
+/// count them once the provider's sessions (named `application_name`) have ended.
+fn rows_read(sql: &Sql, backend: &PostgresBackend, table: &str) -> i64 {
+    let deadline = Instant::now() + ARRIVE;
+    let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
+    while sql.numbers(sessions, &[&backend.application_name]).expect("sessions") != [0] {
+        assert!(Instant::now() < deadline, "the provider's sessions did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A server process writes what it read to the statistics by the time it exits.
+    std::thread::sleep(Duration::from_millis(200));
+    sql.numbers(
+        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
+          WHERE relid = $1::text::regclass",
+        &[&table],
+    )
+    .expect("statistics")[0]
+}
+
+/// 150 000 rows of other types, then 150 000 of the replay's: one replay call reads at most the
+/// windows' 110 000 rows, where one query for the page read either every row up to the first
+/// match (through the primary key) or every match past the position, to sort them (through the
+/// `type` index), 150 000 either way.
+#[test]
+fn one_replay_call_with_a_pattern_reads_a_bounded_number_of_rows() {
+    const ROWS: i64 = 150_000;
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let wanted = Scope::new().pattern("wanted.hit");
+    let events = backend.qualified("events");
+    let sql = Sql::connect().expect("connect");
+    // Vacuumed, so the windows' bounds come from the primary key's entries alone and the count is
+    // of the rows whose columns were read.
+    sql.batch(&format!(
+        "INSERT INTO {events} (id, source, \"type\", status, created_at_ns)
+         SELECT gen_random_uuid(), 'system', CASE WHEN g <= {ROWS} THEN 'other.tick' ELSE '{wanted}' END,
+                'pending', g
+         FROM generate_series(1, 2 * {ROWS}) AS g",
+        wanted = wanted.as_str(),
+    ))
+    .expect("insert");
+    sql.batch(&format!("VACUUM ANALYZE {events}")).expect("vacuum");
+    drop(provider);
+    let before = rows_read(&sql, &backend, &events);
+    let provider = backend.provider();
+    let page = provider.replay(ReplayFrom::Beginning, Some(&wanted), 100).expect("replay");
+    drop(provider);
+    let read = rows_read(&sql, &backend, &events) - before;
+    assert!(read <= 110_000, "one call read {read} rows");
+    // 100 000 rows of other types, and then the call's budget is spent.
+    assert_eq!((page.events.len(), page.end), (0, false), "the page goes on from {:?}", page.next);
+}
+
 /// `psql`, a client that knows nothing of the broker, inserts, updates and deletes rows of a
 /// captured table; the inbound source hands out the three events with their types and payloads.
 #[test]
@@ -462,9 +576,7 @@ fn crud_capture_turns_psql_changes_into_events() {
     let source = provider
         .open_inbound(&InboundConfig::new("capture", ConsumerGroup::Instance("capture".into())))
         .expect("open");
-    source
-        .set_filter(&[eventbroker::Pattern::parse(&format!("{users}.*")).expect("pattern")])
-        .expect("filter");
+    source.set_filter(&[Pattern::parse(&format!("{users}.*")).expect("pattern")]).expect("filter");
     let script = format!(
         "INSERT INTO {users} VALUES (1, 'Zoë');
          UPDATE {users} SET name = 'Zoe' WHERE id = 1;
@@ -933,7 +1045,7 @@ fn capture_source(provider: &PostgresProvider, pattern: &str) -> Arc<dyn Inbound
     let source = provider
         .open_inbound(&InboundConfig::new(&name, ConsumerGroup::Instance(name.clone())))
         .expect("open");
-    source.set_filter(&[eventbroker::Pattern::parse(pattern).expect("pattern")]).expect("filter");
+    source.set_filter(&[Pattern::parse(pattern).expect("pattern")]).expect("filter");
     source
 }
 
@@ -1139,8 +1251,7 @@ impl Behind {
         let scope = Scope::new();
         let source =
             provider.open_inbound(&InboundConfig::new(scope.name("a"), scope.instance("a"))).expect("open");
-        let mut filter: Vec<eventbroker::Pattern> =
-            (0..patterns).map(|i| scope.pattern(&pattern(i))).collect();
+        let mut filter: Vec<Pattern> = (0..patterns).map(|i| scope.pattern(&pattern(i))).collect();
         filter.push(scope.pattern("wanted"));
         source.set_filter(&filter).expect("filter");
         Sql::connect()

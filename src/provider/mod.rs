@@ -196,10 +196,10 @@ pub trait EventStore: Send + Sync {
     /// in sequence order, as a [`ReplayPage`]. Continue with
     /// [`ReplayFrom::Sequence`]`(page.next)` for the next page, until [`ReplayPage::end`] says
     /// history is exhausted for now. A page may hold fewer than `limit` events, or none, before
-    /// the end: a backend that passes over rows holding no valid event bounds how many it reads
-    /// per call, so every call returns within its timeout and the next one starts past them
-    /// (PostgreSQL; see its module docs for the numbers). A backend that reads every row as an
-    /// event returns [`ReplayPage::from_events`].
+    /// the end: a backend that passes over rows (holding no valid event, or of other types)
+    /// bounds how many it reads per call, so every call returns within its timeout and the next
+    /// one starts past them (PostgreSQL; see its module docs for the numbers). A backend that
+    /// reads every row as an event returns [`ReplayPage::from_events`].
     ///
     /// # Errors
     /// [`ProviderErrorKind::NotSupported`] when [`Capabilities::replay`] is false; otherwise as
