@@ -561,6 +561,43 @@ fn one_replay_call_with_a_pattern_reads_a_bounded_number_of_rows() {
     assert_eq!((page.events.len(), page.end), (0, false), "the page goes on from {:?}", page.next);
 }
 
+/// A replay from a recent time over a long table starts at the rows created since, found in the
+/// time index, instead of walking the table from its first row in bounded calls: the first call
+/// returns the recent events, and says it reached the end; a time after every row ends at once.
+#[test]
+fn a_replay_from_a_recent_time_starts_at_the_rows_created_since() {
+    const OLD: i64 = 120_000;
+    let backend = PostgresBackend::new();
+    let provider = backend.provider();
+    let scope = Scope::new();
+    let events = backend.qualified("events");
+    let sql = Sql::connect().expect("connect");
+    // More old rows than one call looks at (100 000), created at the epoch's first nanoseconds.
+    sql.batch(&format!(
+        "INSERT INTO {events} (id, source, \"type\", status, created_at_ns)
+         SELECT gen_random_uuid(), 'system', 'old.tick', 'pending', g FROM generate_series(1, {OLD}) AS g"
+    ))
+    .expect("insert");
+    let since = Timestamp::now();
+    let recent: Vec<Event> = (0..10).map(|_| scope.event("recent.tick")).collect();
+    provider.store_batch(&shared(&recent), None).expect("store");
+
+    let page = provider.replay(ReplayFrom::Time(since), None, 100).expect("replay");
+    let got: Vec<EventId> = page.events.iter().map(|stored| stored.event.id).collect();
+    assert_eq!(got, recent.iter().map(|e| e.id).collect::<Vec<_>>(), "the recent events, in one call");
+    assert!(page.end, "and the end of history");
+
+    let later = Timestamp::now().checked_add(SignedDuration::from_hours(1)).expect("in range");
+    let page = provider.replay(ReplayFrom::Time(later), None, 100).expect("replay");
+    assert!(page.events.is_empty() && page.end, "{page:?}");
+    let after = page.next.expect("where a later replay goes on");
+    let mut newest = scope.event("recent.tick");
+    newest.created_at = later;
+    provider.store_batch(&shared(std::slice::from_ref(&newest)), None).expect("store");
+    let page = provider.replay(ReplayFrom::Sequence(after), None, 100).expect("replay");
+    assert_eq!(page.events.iter().map(|stored| stored.event.id).collect::<Vec<_>>(), [newest.id]);
+}
+
 /// `psql`, a client that knows nothing of the broker, inserts, updates and deletes rows of a
 /// captured table; the inbound source hands out the three events with their types and payloads.
 #[test]

@@ -33,6 +33,12 @@
 //! other types read 102 700, where the single query read 150 100 (and would read a million on a
 //! table of a million).
 //!
+//! A replay from a time starts its windows at the first `seq` among the rows created since, read
+//! from the time index, when there are at most [`TIME_START_MAX`] (4 096) of them: a replay of
+//! the last hour of a long table reads the last hour, and one from a time after every row ends at
+//! once. With more, the windows start at the table's first row, as `seq` order and creation times
+//! need not agree (a publisher's clock, an event stored again later).
+//!
 //! ## Why a replay page waits for writers
 //! `seq` is drawn when a row is inserted, but the row appears when its transaction commits, and
 //! transactions commit in any order: a page read while a transaction holding `seq` 10 is open may
@@ -90,6 +96,7 @@ pub(super) struct StoreSql {
     settled: String,
     writers_left: String,
     window_end: String,
+    time_start: String,
 }
 
 /// Most a replay call waits for the transactions writing the events table when it began to end;
@@ -118,6 +125,12 @@ const WINDOW_MAX: usize = 10_000;
 /// matches one row in 1 000 still fills a page of 100 per call, and one that matches none moves
 /// on by 100 000 rows per call.
 const LOOK_MAX: u64 = 100_000;
+
+/// Most rows created since a replay's time that its first call reads from the time index to find
+/// the first `seq` among them: when there are fewer, the windows start there, exactly, instead of
+/// at the table's first row (a replay of the last hour of a long table reads the last hour); when
+/// there are more, they start at the first row, as `seq` and creation times need not agree.
+const TIME_START_MAX: i64 = 4_096;
 
 /// Rows read per round trip while passing over: 500 of a few hundred bytes each are a fraction of
 /// a millisecond to decode.
@@ -165,6 +178,13 @@ impl StoreSql {
                 "SELECT max(seq), count(*)
                    FROM (SELECT seq FROM {events} WHERE seq >= $1 AND seq <= $2 ORDER BY seq LIMIT $3)
                         AS next_window"
+            ),
+            // The first `seq` among the first `$3` rows created at or after `$1` up to the settled
+            // `$2`, and how many those are: the time index's entries, bounded by the limit.
+            time_start: format!(
+                "SELECT min(seq), count(*)
+                   FROM (SELECT seq FROM {events} WHERE created_at_ns >= $1 AND seq <= $2
+                         ORDER BY created_at_ns, id LIMIT $3) AS since"
             ),
             events,
             dead_letters,
@@ -387,6 +407,13 @@ pub(super) fn replay(
                 return Err(error);
             }
         };
+        let Some(first) = start(&conn, sql, from, first, settled).await? else {
+            // Nothing created since the replay's time, up to the settled `seq`: what comes later
+            // is past it.
+            conn.release();
+            let next = settled.saturating_add(1).max(0).unsigned_abs();
+            return Ok(ReplayPage { events: Vec::new(), next: Some(next), end: true });
+        };
         let window_end = conn.prepare_cached(&sql.window_end).await.map_err(fail)?;
         let mut events = Vec::new();
         let mut skipped = Skipped::default();
@@ -482,6 +509,31 @@ impl Skipped {
             "{NAME} provider: passing over rows that hold no valid event (the error is the first one's)"
         );
     }
+}
+
+/// The first `seq` a replay from `from` reads, `first` unless it is from a time: then, from the
+/// time index, the first `seq` among the rows created since up to `settled` when they are few
+/// enough to tell (see [`TIME_START_MAX`]), or `None` when there are none.
+async fn start(
+    conn: &Conn,
+    sql: &StoreSql,
+    from: ReplayFrom,
+    first: i64,
+    settled: i64,
+) -> Result<Option<i64>, ProviderError> {
+    let ReplayFrom::Time(at) = from else { return Ok(Some(first)) };
+    // A time outside the years a row holds keeps every row or none, as the windows' filter does.
+    let at = match codec::nanos_bound(at) {
+        Ok(nanos) => nanos,
+        Err(std::cmp::Ordering::Less) => return Ok(Some(first)),
+        Err(_) => return Ok(None),
+    };
+    let fail = |err| Backend::error("replay", &sql.events, err);
+    let time_start = conn.prepare_cached(&sql.time_start).await.map_err(fail)?;
+    let since = conn.query_one(&time_start, &[&at, &settled, &TIME_START_MAX]).await.map_err(fail)?;
+    let (lowest, rows): (Option<i64>, i64) =
+        (since.try_get(0).map_err(fail)?, since.try_get(1).map_err(fail)?);
+    Ok(if rows < TIME_START_MAX { lowest } else { Some(first) })
 }
 
 /// How far a replay may read.
