@@ -511,17 +511,22 @@ fn a_replay_with_a_pattern_over_a_long_table_returns_every_match_in_bounded_call
 /// Rows of the events table the server read since it was created, by any scan, as its statistics
 /// count them once the provider's sessions (named `application_name`) have ended.
 fn rows_read(sql: &Sql, backend: &PostgresBackend, table: &str) -> i64 {
+    table_reads(sql, backend, table, "seq_tup_read + coalesce(idx_tup_fetch, 0)")
+}
+
+/// `counted` (columns of `pg_stat_user_tables`) of `table`, once the provider's sessions (named
+/// `application_name`) have ended: a server process writes what it read to the statistics by the
+/// time it exits.
+fn table_reads(sql: &Sql, backend: &PostgresBackend, table: &str, counted: &str) -> i64 {
     let deadline = Instant::now() + ARRIVE;
     let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
     while sql.numbers(sessions, &[&backend.application_name]).expect("sessions") != [0] {
         assert!(Instant::now() < deadline, "the provider's sessions did not end");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // A server process writes what it read to the statistics by the time it exits.
     std::thread::sleep(Duration::from_millis(200));
     sql.numbers(
-        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables
-          WHERE relid = $1::text::regclass",
+        &format!("SELECT {counted} FROM pg_stat_user_tables WHERE relid = $1::text::regclass"),
         &[&table],
     )
     .expect("statistics")[0]
@@ -1675,21 +1680,7 @@ fn stats_count_a_small_table_and_estimate_a_large_one_from_a_sample() {
          FROM generate_series(1, {ROWS}) AS g"
     ))
     .expect("insert");
-    // A server process writes what it read to the statistics by the time it exits.
-    let rows_read = || {
-        let deadline = Instant::now() + ARRIVE;
-        let sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1";
-        while sql.numbers(sessions, &[&backend.application_name]).expect("sessions") != [0] {
-            assert!(Instant::now() < deadline, "the provider's sessions did not end");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        sql.numbers(
-            "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relid = $1::text::regclass",
-            &[&table],
-        )
-        .expect("statistics")[0]
-    };
+    let rows_read = || table_reads(&sql, &backend, &table, "seq_tup_read");
     let before = rows_read();
     let provider = backend.provider();
     let stats = provider.stats().expect("stats");
